@@ -1,0 +1,133 @@
+"""Catalog engines: URL to async engine, schema revision checks, migrations.
+
+`open_engine` is the one way in: it creates a fresh catalog on first use, refuses one that is
+behind the code (naming `datamover db upgrade`) or ahead of it, and tunes SQLite for one
+writer process with concurrent readers (WAL, busy timeout).
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event, inspect
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from datamover.errors import CatalogError, InvalidInput
+
+_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
+
+
+def _alembic_config() -> AlembicConfig:
+    cfg = AlembicConfig()
+    location = resources.files("datamover.migrations")
+    cfg.set_main_option("script_location", str(location))
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest schema revision this code knows."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+def create_engine_for(url: str) -> AsyncEngine:
+    """An async engine for a catalog URL (`sqlite:///path` or `postgresql://...`)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise InvalidInput(f"catalog URL {url!r} is not a valid database URL") from None
+    backend = parsed.get_backend_name()
+    if backend not in _DRIVERS:
+        raise InvalidInput(f"catalog URL {url!r}: only sqlite and postgresql are supported")
+    if "+" not in parsed.drivername:
+        parsed = parsed.set(drivername=_DRIVERS[backend])
+    if backend == "sqlite":
+        database = parsed.database
+        if database and database != ":memory:":
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(parsed, connect_args={"timeout": 30})
+
+        @event.listens_for(engine.sync_engine, "connect")
+        def _pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.close()
+
+        return engine
+    return create_async_engine(parsed, pool_size=10, max_overflow=10, pool_pre_ping=True)
+
+
+def _describe(url: str) -> str:
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return url
+
+
+def _state(connection: Connection) -> tuple[str | None, bool]:
+    current = MigrationContext.configure(connection).get_current_revision()
+    has_tables = bool(inspect(connection).get_table_names())
+    return current, has_tables
+
+
+def _upgrade(connection: Connection, revision: str) -> None:
+    cfg = _alembic_config()
+    cfg.attributes["connection"] = connection
+    command.upgrade(cfg, revision)
+
+
+async def catalog_revision(engine: AsyncEngine) -> tuple[str | None, bool]:
+    """`(current revision, has any table)` of the catalog behind `engine`."""
+    async with engine.connect() as conn:
+        return await conn.run_sync(_state)
+
+
+async def upgrade(engine: AsyncEngine, revision: str = "head") -> tuple[str | None, str]:
+    """Migrate the catalog to `revision`; return `(before, after)` revisions."""
+    async with engine.begin() as conn:
+        before, _ = await conn.run_sync(_state)
+        await conn.run_sync(_upgrade, revision)
+        after, _ = await conn.run_sync(_state)
+    assert after is not None
+    return before, after
+
+
+async def open_engine(url: str) -> AsyncEngine:
+    """Open the catalog at `url`, creating it if empty; raise `CatalogError` if unusable."""
+    engine = create_engine_for(url)
+    try:
+        current, has_tables = await catalog_revision(engine)
+        head = head_revision()
+        if current is None and not has_tables:
+            await upgrade(engine)
+            return engine
+        if current == head:
+            return engine
+        script = ScriptDirectory.from_config(_alembic_config())
+        known = {rev.revision for rev in script.walk_revisions()}
+        if current in known:
+            raise CatalogError(
+                f"catalog {_describe(url)} is at schema revision {current}, this datamover needs "
+                f"{head}: run `datamover db upgrade`"
+            )
+        raise CatalogError(
+            f"catalog {_describe(url)} has schema revision {current!r}, unknown to this "
+            "datamover (is it newer?); refusing to touch it"
+        )
+    except CatalogError:
+        await engine.dispose()
+        raise
+    except (SQLAlchemyError, DBAPIError, OSError) as exc:
+        await engine.dispose()
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise CatalogError(f"catalog {_describe(url)} cannot be opened: {reason}") from None

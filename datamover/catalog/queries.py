@@ -1,0 +1,289 @@
+"""Catalog queries. Every write is bulk (one statement for many rows), never a row per commit.
+
+`Catalog` wraps an `AsyncEngine`; each method runs in its own short transaction. Inserts use
+the dialect's ON CONFLICT DO NOTHING so concurrent writers of the same chunk or version, and
+reruns after a crash, are harmless.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from datamover.catalog.models import Chunk, Pack, PushCheckpoint, PushSegment, Replica, Version
+from datamover.domain.manifest import ChunkRef
+from datamover.repo.layout import VersionDoc
+from datamover.repo.manifest import SegmentRef
+
+_LOOKUP_BATCH = 900  # stays below every engine's bound-parameter limit
+_INSERT_BATCH = 5000
+
+
+def owner_id() -> str:
+    """`host:pid` of this process, recorded on work it owns."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def owner_alive(owner: str | None) -> bool:
+    """False when `owner` names a process on this host that no longer exists."""
+    if not owner:
+        return False
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname():
+        return True  # cannot tell; assume alive (leases handle remote owners)
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class ReplicaRow:
+    """A replica as the catalog records it."""
+
+    dataset: str
+    root: str
+    version: str
+    base_version: str | None
+    state: str
+    files: int
+    bytes: int
+    owner: str | None
+
+
+class Catalog:
+    """Queries over one catalog engine."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    def _insert(self, table: Any) -> Any:
+        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+
+    async def close(self) -> None:
+        """Dispose of the engine's connections."""
+        await self.engine.dispose()
+
+    async def _insert_ignore(self, conn: AsyncConnection, table: Any, rows: list[dict]) -> None:
+        for start in range(0, len(rows), _INSERT_BATCH):
+            stmt = self._insert(table).on_conflict_do_nothing()
+            await conn.execute(stmt, rows[start : start + _INSERT_BATCH])
+
+    # -- chunk index ---------------------------------------------------------------------
+
+    async def lookup_chunks(self, digests: Sequence[bytes]) -> dict[bytes, ChunkRef]:
+        """Known locations of `digests` (absent digests are simply missing from the result)."""
+        found: dict[bytes, ChunkRef] = {}
+        if not digests:
+            return found
+        table = Chunk.__table__
+        async with self.engine.connect() as conn:
+            for start in range(0, len(digests), _LOOKUP_BATCH):
+                batch = list(digests[start : start + _LOOKUP_BATCH])
+                rows = await conn.execute(select(table).where(table.c.digest.in_(batch)))
+                for r in rows:
+                    found[r.digest] = ChunkRef(
+                        r.digest, r.pack, r.offset, r.stored_length, r.raw_length, r.codec
+                    )
+        return found
+
+    async def add_pack(self, pack_id: bytes, size: int, chunks: Iterable[ChunkRef]) -> None:
+        """Record a pack that is complete in the store, and index its chunks."""
+        rows = [c._asdict() for c in chunks]
+        async with self.engine.begin() as conn:
+            await self._insert_ignore(
+                conn,
+                Pack.__table__,
+                [{"id": pack_id, "size": size, "chunks": len(rows), "created_at": _now()}],
+            )
+            await self._insert_ignore(conn, Chunk.__table__, rows)
+
+    async def count_chunks(self) -> int:
+        """Number of indexed chunks (for reports and tests)."""
+        from sqlalchemy import func
+
+        async with self.engine.connect() as conn:
+            return (await conn.execute(select(func.count()).select_from(Chunk))).scalar_one()
+
+    # -- versions (a cache of immutable documents) --------------------------------------
+
+    async def record_versions(self, docs: Iterable[VersionDoc]) -> None:
+        """Cache version documents (idempotent)."""
+        rows = [
+            {
+                "id": d.version,
+                "dataset": d.dataset,
+                "parent": d.parent,
+                "site": d.site,
+                "created": d.created,
+                "manifest": d.manifest,
+                "manifest_size": d.manifest_size,
+                "segments": d.segments,
+                "files": d.files,
+                "dirs": d.dirs,
+                "symlinks": d.symlinks,
+                "bytes": d.bytes,
+            }
+            for d in docs
+        ]
+        if rows:
+            async with self.engine.begin() as conn:
+                await self._insert_ignore(conn, Version.__table__, rows)
+
+    async def cached_versions(self, ids: Sequence[str]) -> dict[str, VersionDoc]:
+        """Cached documents for the given version ids."""
+        found: dict[str, VersionDoc] = {}
+        table = Version.__table__
+        async with self.engine.connect() as conn:
+            for start in range(0, len(ids), _LOOKUP_BATCH):
+                batch = list(ids[start : start + _LOOKUP_BATCH])
+                for r in await conn.execute(select(table).where(table.c.id.in_(batch))):
+                    found[r.id] = VersionDoc(
+                        dataset=r.dataset,
+                        version=r.id,
+                        parent=r.parent,
+                        site=r.site,
+                        created=r.created,
+                        manifest=r.manifest,
+                        manifest_size=r.manifest_size,
+                        segments=r.segments,
+                        files=r.files,
+                        dirs=r.dirs,
+                        symlinks=r.symlinks,
+                        bytes=r.bytes,
+                    )
+        return found
+
+    # -- replicas ------------------------------------------------------------------------
+
+    async def replica(self, dataset: str) -> ReplicaRow | None:
+        """The replica record of `dataset` at this site, if any."""
+        table = Replica.__table__
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(select(table).where(table.c.dataset == dataset))).first()
+        if r is None:
+            return None
+        return ReplicaRow(
+            r.dataset, r.root, r.version, r.base_version, r.state, r.files, r.bytes, r.owner
+        )
+
+    async def begin_replica(
+        self, dataset: str, root: str, version: str, base_version: str | None, owner: str
+    ) -> None:
+        """Mark `dataset` as being staged to `version` by `owner` (upsert)."""
+        now = _now()
+        values = {
+            "dataset": dataset,
+            "root": root,
+            "version": version,
+            "base_version": base_version,
+            "state": "staging",
+            "files": 0,
+            "bytes": 0,
+            "owner": owner,
+            "updated_at": now,
+            "last_access": now,
+        }
+        stmt = self._insert(Replica.__table__).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["dataset"],
+            set_={k: v for k, v in values.items() if k != "dataset"},
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
+
+    async def finish_replica(
+        self, dataset: str, version: str, state: str, files: int, nbytes: int
+    ) -> None:
+        """Record the outcome of a stage (`ready` makes `version` the new base)."""
+        values: dict[str, Any] = {
+            "state": state,
+            "files": files,
+            "bytes": nbytes,
+            "owner": None,
+            "updated_at": _now(),
+        }
+        if state == "ready":
+            values["base_version"] = version
+        table = Replica.__table__
+        async with self.engine.begin() as conn:
+            await conn.execute(update(table).where(table.c.dataset == dataset).values(**values))
+
+    # -- push checkpoints ----------------------------------------------------------------
+
+    async def checkpoint(self, dataset: str) -> tuple[bool, str | None, str | None]:
+        """`(exists, parent, owner)` of an unfinished push of `dataset`."""
+        table = PushCheckpoint.__table__
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(select(table).where(table.c.dataset == dataset))).first()
+        if r is None:
+            return False, None, None
+        return True, r.parent, r.owner
+
+    async def checkpoint_segments(self, dataset: str) -> list[SegmentRef]:
+        """Segments an unfinished push of `dataset` uploaded, in order."""
+        table = PushSegment.__table__
+        query = select(table).where(table.c.dataset == dataset).order_by(table.c.seq)
+        async with self.engine.connect() as conn:
+            return [
+                SegmentRef(r.digest, r.stored_size, r.entries, r.first_path, r.last_path, r.bytes)
+                for r in await conn.execute(query)
+            ]
+
+    async def start_checkpoint(
+        self, dataset: str, parent: str | None, owner: str, keep_segments: bool
+    ) -> None:
+        """Claim the push of `dataset` for `owner`; keep or drop earlier segments."""
+        values = {"dataset": dataset, "parent": parent, "owner": owner, "updated_at": _now()}
+        stmt = self._insert(PushCheckpoint.__table__).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["dataset"], set_={k: v for k, v in values.items() if k != "dataset"}
+        )
+        segs = PushSegment.__table__
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
+            if not keep_segments:
+                await conn.execute(delete(segs).where(segs.c.dataset == dataset))
+
+    async def add_checkpoint_segment(self, dataset: str, seq: int, ref: SegmentRef) -> None:
+        """Record that segment number `seq` of the running push is uploaded."""
+        row = {
+            "dataset": dataset,
+            "seq": seq,
+            "digest": ref.digest,
+            "stored_size": ref.stored_size,
+            "entries": ref.entries,
+            "first_path": ref.first_path,
+            "last_path": ref.last_path,
+            "bytes": ref.bytes,
+        }
+        stmt = self._insert(PushSegment.__table__).values(**row)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["dataset", "seq"],
+            set_={k: v for k, v in row.items() if k not in ("dataset", "seq")},
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
+
+    async def clear_checkpoint(self, dataset: str) -> None:
+        """Forget the checkpoint once the version is published."""
+        cps, segs = PushCheckpoint.__table__, PushSegment.__table__
+        async with self.engine.begin() as conn:
+            await conn.execute(delete(segs).where(segs.c.dataset == dataset))
+            await conn.execute(delete(cps).where(cps.c.dataset == dataset))

@@ -1,0 +1,1 @@
+"""Content-defined chunking, BLAKE3 digests, chunk codecs and the pack format."""

@@ -1,0 +1,132 @@
+"""The pack format (docs/format.md, "Packs"): building and strict parsing.
+
+A pack is many stored chunks followed by an index and a fixed trailer, named by the BLAKE3 of
+its bytes. Parsers treat their input as hostile: every length and offset is checked before
+use and any violation raises `Corrupt` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import blake3
+
+from datamover.domain.manifest import Codec
+from datamover.errors import Corrupt
+
+MAGIC = b"DMPACK01"
+_ENTRY = struct.Struct("<32sQIIB")
+_TRAILER = struct.Struct("<32sII8s")
+ENTRY_SIZE = _ENTRY.size  # 49
+TRAILER_SIZE = _TRAILER.size  # 48
+MAX_ENTRIES = 1 << 24
+
+
+@dataclass(frozen=True, slots=True)
+class PackEntry:
+    """One chunk's place in a pack."""
+
+    digest: bytes
+    offset: int
+    stored_length: int
+    raw_length: int
+    codec: int
+
+
+def pack_key(pack_id: bytes) -> str:
+    """Store key of a pack (see docs/format.md)."""
+    h = pack_id.hex()
+    return f"packs/{h[:2]}/{h}"
+
+
+class PackBuilder:
+    """Accumulates stored chunks into one pack. Not thread-safe; one per open pack."""
+
+    def __init__(self) -> None:
+        self._data = bytearray()
+        self.entries: list[PackEntry] = []
+
+    @property
+    def size(self) -> int:
+        """Bytes of blobs so far (the finished pack adds the index and trailer)."""
+        return len(self._data)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def add(self, digest: bytes, stored: bytes | memoryview, raw_length: int, codec: int) -> int:
+        """Append a stored chunk; return its offset in the pack."""
+        offset = len(self._data)
+        self._data += stored
+        self.entries.append(PackEntry(digest, offset, len(stored), raw_length, codec))
+        return offset
+
+    def finish(self) -> tuple[bytes, bytearray]:
+        """Return `(pack_id, pack_bytes)`. The builder must not be used afterwards."""
+        if not self.entries:
+            raise ValueError("an empty pack cannot be finished")
+        index = b"".join(
+            _ENTRY.pack(e.digest, e.offset, e.stored_length, e.raw_length, e.codec)
+            for e in self.entries
+        )
+        self._data += index
+        self._data += _TRAILER.pack(blake3.blake3(index).digest(), len(self.entries), 0, MAGIC)
+        data = self._data
+        self._data = bytearray()
+        return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest(), data
+
+
+def parse_trailer(tail: bytes | memoryview) -> tuple[bytes, int]:
+    """Parse the last 48 bytes of a pack; return `(index_digest, count)`."""
+    if len(tail) != TRAILER_SIZE:
+        raise Corrupt(f"pack trailer is {len(tail)} bytes, expected {TRAILER_SIZE}")
+    index_digest, count, reserved, magic = _TRAILER.unpack(tail)
+    if magic != MAGIC:
+        raise Corrupt("pack trailer has a wrong magic number (not a datamover pack)")
+    if reserved != 0 or not 1 <= count <= MAX_ENTRIES:
+        raise Corrupt(f"pack trailer is malformed (count={count}, reserved={reserved})")
+    return index_digest, count
+
+
+def parse_index(
+    index: bytes | memoryview, index_digest: bytes, count: int, data_size: int
+) -> list[PackEntry]:
+    """Parse and check a pack index against its trailer and the data area's size."""
+    if len(index) != count * ENTRY_SIZE:
+        raise Corrupt(f"pack index is {len(index)} bytes, expected {count * ENTRY_SIZE}")
+    if blake3.blake3(index).digest() != index_digest:
+        raise Corrupt("pack index digest mismatch")
+    entries: list[PackEntry] = []
+    seen: set[bytes] = set()
+    expected_offset = 0
+    for digest, offset, stored, raw, codec in _ENTRY.iter_unpack(index):
+        if offset != expected_offset:
+            raise Corrupt(f"pack index entry at offset {offset} does not follow the previous one")
+        if codec not in (Codec.RAW, Codec.ZSTD):
+            raise Corrupt(f"pack index entry has unknown codec {codec}")
+        if codec == Codec.RAW and stored != raw:
+            raise Corrupt("pack index entry is raw but its stored and raw lengths differ")
+        if digest in seen:
+            raise Corrupt("pack index lists one digest twice")
+        seen.add(digest)
+        expected_offset = offset + stored
+        entries.append(PackEntry(digest, offset, stored, raw, codec))
+    if expected_offset != data_size:
+        raise Corrupt(f"pack blobs end at {expected_offset} but the data area is {data_size} bytes")
+    return entries
+
+
+def parse_pack(data: bytes | memoryview, pack_id: bytes | None = None) -> list[PackEntry]:
+    """Parse a whole pack, checking its id when given; return its index entries."""
+    if pack_id is not None and blake3.blake3(data).digest() != pack_id:
+        raise Corrupt(f"pack {pack_id.hex()[:16]}… does not match its name")
+    if len(data) < TRAILER_SIZE:
+        raise Corrupt(f"pack is {len(data)} bytes, too short for a trailer")
+    view = memoryview(data)
+    index_digest, count = parse_trailer(view[-TRAILER_SIZE:])
+    index_size = count * ENTRY_SIZE
+    if index_size + TRAILER_SIZE > len(data):
+        raise Corrupt(f"pack index of {count} entries does not fit in {len(data)} bytes")
+    data_size = len(data) - TRAILER_SIZE - index_size
+    return parse_index(view[data_size : len(data) - TRAILER_SIZE], index_digest, count, data_size)

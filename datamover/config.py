@@ -1,0 +1,238 @@
+"""Site configuration: frozen settings from a TOML file, overridable from the environment.
+
+Every scalar key `[section] key` can be overridden by `DATAMOVER_<SECTION>_<KEY>` (upper
+case), e.g. `DATAMOVER_STORE_ENDPOINT`. The namespace map can be replaced as a whole with
+`DATAMOVER_NAMESPACE="/proj=/data/proj,/scratch=/tmp/scratch"`. Store credentials fall back to
+the usual `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` when absent from both.
+
+A bad file or value raises `InvalidInput` with one line naming the file, the key and what is
+wrong; unknown keys are errors too, because a typo silently ignored is a setting not applied.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from datamover.domain.ids import check_site_name
+from datamover.domain.namespace import Namespace
+from datamover.errors import InvalidInput
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """`[site]`: who we are and where our state lives."""
+
+    name: str = ""
+    catalog: str = ""  # SQLAlchemy URL; default: sqlite file in state_dir
+    state_dir: str = ""  # manifest cache, trash, partial files; default: XDG state dir
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    """`[store]`: the shared S3-compatible bucket."""
+
+    endpoint: str = ""  # empty: AWS default endpoint resolution
+    bucket: str = ""
+    region: str = "us-east-1"
+    access_key: str = ""
+    secret_key: str = ""
+    max_connections: int = 64
+    retry_attempts: int = 5
+    connect_timeout: float = 5.0
+    read_timeout: float = 120.0
+
+
+@dataclass(frozen=True)
+class TransferSettings:
+    """`[transfer]`: tuning knobs; the defaults suit a 2-core client on a fast network."""
+
+    pack_size: int = 32 * MiB
+    upload_concurrency: int = 4
+    download_concurrency: int = 8
+    zstd_level: int = 3
+    compression: str = "auto"  # auto: zstd when it saves space; never: store raw
+    segment_entries: int = 32768
+    coalesce_gap: int = 256 * 1024
+    max_request: int = 16 * MiB
+    batch_bytes: int = 64 * MiB
+    fsync: bool = False  # stage: syncfs() the cache before a replica is marked ready
+
+
+@dataclass(frozen=True)
+class ApiSettings:
+    """`[api]`: the site daemon's HTTP listener (used by `datamover serve`)."""
+
+    listen: str = ""
+    token_file: str = ""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole site configuration. Build it with `load_config`."""
+
+    site: SiteSettings
+    store: StoreSettings
+    namespace: Namespace
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+    api: ApiSettings = field(default_factory=ApiSettings)
+    source: str = "<defaults>"
+
+    @property
+    def state_dir(self) -> Path:
+        """Absolute path of the site's state directory."""
+        return Path(self.site.state_dir)
+
+    @property
+    def catalog_url(self) -> str:
+        """SQLAlchemy URL of the catalog (an async driver is chosen by `catalog.engine`)."""
+        return self.site.catalog
+
+
+_SECTIONS: dict[str, type] = {
+    "site": SiteSettings,
+    "store": StoreSettings,
+    "transfer": TransferSettings,
+    "api": ApiSettings,
+}
+
+
+def _coerce(source: str, where: str, raw: Any, kind: Any) -> Any:
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on", "0", "false"):
+                return raw.lower() in ("1", "true", "yes", "on")
+            raise ValueError
+        if kind is int:
+            if isinstance(raw, bool):
+                raise ValueError
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is str:
+            if not isinstance(raw, str):
+                raise ValueError
+            return raw
+    except (TypeError, ValueError):
+        pass
+    raise InvalidInput(f"{source}: {where} = {raw!r} is not a valid {kind.__name__}")
+
+
+def _section(source: str, name: str, table: Mapping[str, Any], env: Mapping[str, str]) -> Any:
+    cls = _SECTIONS[name]
+    hints = get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(table) - known)
+    if unknown:
+        raise InvalidInput(f"{source}: unknown key [{name}] {unknown[0]!r}")
+    values: dict[str, Any] = {}
+    for key in known:
+        env_name = f"DATAMOVER_{name.upper()}_{key.upper()}"
+        if env_name in env:
+            values[key] = _coerce("environment", env_name, env[env_name], hints[key])
+        elif key in table:
+            values[key] = _coerce(source, f"[{name}] {key}", table[key], hints[key])
+    return cls(**values)
+
+
+def _namespace(source: str, table: Mapping[str, Any], env: Mapping[str, str]) -> Namespace:
+    mapping: dict[str, str] = {}
+    if "DATAMOVER_NAMESPACE" in env:
+        source = "environment DATAMOVER_NAMESPACE"
+        for item in filter(None, (i.strip() for i in env["DATAMOVER_NAMESPACE"].split(","))):
+            logical, sep, local = item.partition("=")
+            if not sep:
+                raise InvalidInput(f"{source}: {item!r} is not of the form /logical=/local/dir")
+            mapping[logical.strip()] = local.strip()
+    else:
+        for logical, local in table.items():
+            if not isinstance(local, str):
+                raise InvalidInput(f"{source}: [namespace] {logical!r} must map to a path string")
+            mapping[logical] = local
+    return Namespace.from_mapping(mapping, source)
+
+
+def _default_state_dir(site: str, env: Mapping[str, str]) -> str:
+    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "datamover" / site)
+
+
+def parse_config(
+    data: Mapping[str, Any], source: str, env: Mapping[str, str] | None = None
+) -> Config:
+    """Validate a parsed TOML document (plus environment overrides) into a `Config`."""
+    env = os.environ if env is None else env
+    unknown = sorted(set(data) - {*_SECTIONS, "namespace"})
+    if unknown:
+        raise InvalidInput(f"{source}: unknown section [{unknown[0]}]")
+    for name in (*_SECTIONS, "namespace"):
+        if name in data and not isinstance(data[name], Mapping):
+            raise InvalidInput(f"{source}: [{name}] must be a table")
+    sections = {name: _section(source, name, data.get(name, {}), env) for name in _SECTIONS}
+    site: SiteSettings = sections["site"]
+    if not site.name:
+        raise InvalidInput(f"{source}: [site] name is required")
+    try:
+        check_site_name(site.name)
+    except InvalidInput as exc:
+        raise InvalidInput(f"{source}: [site] name: {exc}") from None
+    state_dir = site.state_dir or _default_state_dir(site.name, env)
+    if not Path(state_dir).is_absolute():
+        state_dir = str(Path(state_dir).resolve())
+    catalog = site.catalog or f"sqlite:///{Path(state_dir) / 'catalog.db'}"
+    site = dataclasses.replace(site, state_dir=state_dir, catalog=catalog)
+
+    store: StoreSettings = sections["store"]
+    if not store.bucket:
+        raise InvalidInput(f"{source}: [store] bucket is required")
+    store = dataclasses.replace(
+        store,
+        access_key=store.access_key or env.get("AWS_ACCESS_KEY_ID", ""),
+        secret_key=store.secret_key or env.get("AWS_SECRET_ACCESS_KEY", ""),
+    )
+    transfer: TransferSettings = sections["transfer"]
+    if transfer.compression not in ("auto", "never"):
+        raise InvalidInput(f"{source}: [transfer] compression must be 'auto' or 'never'")
+    if not 1 * MiB <= transfer.pack_size <= 1024 * MiB:
+        raise InvalidInput(f"{source}: [transfer] pack_size must be between 1 MiB and 1 GiB")
+    for key in ("upload_concurrency", "download_concurrency", "segment_entries", "max_request"):
+        if getattr(transfer, key) < 1:
+            raise InvalidInput(f"{source}: [transfer] {key} must be at least 1")
+    return Config(
+        site=site,
+        store=store,
+        namespace=_namespace(source, data.get("namespace", {}), env),
+        transfer=transfer,
+        api=sections["api"],
+        source=source,
+    )
+
+
+def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
+    """Load the config named by `path`, else by `DATAMOVER_CONFIG`; raise `InvalidInput`."""
+    env = os.environ if env is None else env
+    chosen = path or env.get("DATAMOVER_CONFIG")
+    if not chosen:
+        raise InvalidInput("no configuration: pass --config FILE or set DATAMOVER_CONFIG")
+    file = Path(chosen)
+    try:
+        with file.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise InvalidInput(f"config file {str(file)!r} does not exist") from None
+    except IsADirectoryError:
+        raise InvalidInput(f"config file {str(file)!r} is a directory") from None
+    except PermissionError:
+        raise InvalidInput(f"config file {str(file)!r} is not readable") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidInput(f"config file {str(file)!r} is not valid TOML: {exc}") from None
+    return parse_config(data, str(file), env)

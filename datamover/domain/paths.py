@@ -1,0 +1,134 @@
+"""Logical paths, tree-relative paths and names: validation and ordering. Pure, no I/O.
+
+A *logical path* names a dataset the same way at every site (`/proj/docking/run42`). A
+*relative path* names an entry inside a dataset's tree (`d001/lig0001.pdbqt`), always with `/`
+separators, never absolute, never containing `.` or `..`. Everything that comes from a user
+or from the store passes through these checks before it touches a file system.
+
+Trees are ordered by path *components*, not by the joined string: `a` < `a/b` < `a.b`, which is
+exactly the order of a depth-first walk that visits each directory's names sorted. Push and
+stage rely on that to merge sorted streams without holding a tree in memory.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+
+from datamover.errors import InvalidInput
+
+NAME_MAX_BYTES = 255
+
+
+def _bad_char(text: str) -> str | None:
+    for ch in text:
+        o = ord(ch)
+        if o < 0x20 or o == 0x7F or 0x80 <= o < 0xA0:
+            return f"control character U+{o:04X}"
+        if 0xD800 <= o <= 0xDFFF:
+            return "bytes that are not valid UTF-8"
+    return None
+
+
+def check_name(name: str, where: str = "") -> str:
+    """Return `name` if it is a valid single path component, else raise `InvalidInput`.
+
+    Valid: non-empty, not `.`/`..`, no `/`, no control characters, valid UTF-8 (no surrogate
+    escapes from undecodable bytes), at most 255 bytes encoded.
+    """
+    context = f" in {where!r}" if where else ""
+    if name in ("", ".", ".."):
+        raise InvalidInput(f"invalid name {name!r}{context}: empty, '.' or '..'")
+    if "/" in name:
+        raise InvalidInput(f"invalid name {name!r}{context}: contains '/'")
+    problem = _bad_char(name)
+    if problem:
+        raise InvalidInput(f"invalid name {name!r}{context}: {problem}")
+    if len(name.encode("utf-8")) > NAME_MAX_BYTES:
+        raise InvalidInput(f"invalid name {name[:40]!r}...{context}: longer than 255 bytes")
+    return name
+
+
+def check_relpath(rel: str) -> str:
+    """Return `rel` if it is a valid tree-relative path, else raise `InvalidInput`."""
+    if not rel:
+        raise InvalidInput("invalid relative path: empty")
+    if rel.startswith("/"):
+        raise InvalidInput(f"invalid relative path {rel!r}: absolute")
+    for part in rel.split("/"):
+        if part == "..":
+            raise InvalidInput(f"invalid relative path {rel!r}: contains '..'")
+        check_name(part, rel)
+    return rel
+
+
+def check_logical_path(path: str) -> str:
+    """Return the canonical form of a logical dataset path, else raise `InvalidInput`.
+
+    Canonical: starts with `/`, no trailing `/`, no empty, `.` or `..` components. A single
+    trailing slash is forgiven (`/proj/x/` is `/proj/x`); anything else is an error, because
+    silently rewriting `..` would make a typo address a different dataset.
+    """
+    if not isinstance(path, str) or not path:
+        raise InvalidInput("invalid logical path: empty")
+    if not path.startswith("/"):
+        raise InvalidInput(f"invalid logical path {path!r}: must start with '/'")
+    if len(path) > 1 and path.endswith("/"):
+        path = path[:-1]
+    if path == "/":
+        raise InvalidInput("invalid logical path '/': the root is not a dataset")
+    for part in path[1:].split("/"):
+        if part in ("", ".", ".."):
+            raise InvalidInput(f"invalid logical path {path!r}: empty, '.' or '..' component")
+        check_name(part, path)
+    return path
+
+
+def is_under(path: str, prefix: str) -> bool:
+    """True when logical `path` equals `prefix` or lies below it (component-wise)."""
+    if prefix == "/":
+        return True
+    return path == prefix or path.startswith(prefix + "/")
+
+
+def sort_key(rel: str) -> tuple[str, ...]:
+    """The ordering key of a relative path: its components (see the module docstring)."""
+    return tuple(rel.split("/"))
+
+
+def nfc(name: str) -> str:
+    """NFC form of `name`; two names in one directory with equal NFC forms collide."""
+    return unicodedata.normalize("NFC", name)
+
+
+def check_symlink_target(link: str, target: str) -> str:
+    """Return `target` if the symlink at relative path `link` stays inside the tree.
+
+    Absolute targets and relative ones that climb above the dataset root are rejected: the
+    same tree appears at different local paths on every site, so such a link would point at
+    something else, or outside the namespace, after staging.
+    """
+    if not target:
+        raise InvalidInput(f"symlink {link!r} has an empty target")
+    problem = _bad_char(target)
+    if problem:
+        raise InvalidInput(f"symlink {link!r} has a target with a {problem}")
+    if target.startswith("/"):
+        raise InvalidInput(
+            f"symlink {link!r} -> {target!r} is absolute: it would leave the dataset "
+            "(only relative links inside the tree can be moved between sites)"
+        )
+    parts = target.split("/")
+    climbs = 0
+    while climbs < len(parts) and parts[climbs] == "..":
+        climbs += 1
+    rest = parts[climbs:]
+    if any(p in ("", "..") for p in rest):
+        # `..` after a normal component could climb out of a symlinked directory; a
+        # lexical check cannot see that, so only leading `..` are allowed.
+        raise InvalidInput(
+            f"symlink {link!r} -> {target!r}: only leading '..' and no empty components allowed"
+        )
+    depth = link.count("/")
+    if climbs > depth:
+        raise InvalidInput(f"symlink {link!r} -> {target!r} points outside the dataset")
+    return target

@@ -1,0 +1,101 @@
+"""One error hierarchy, sorted by what the caller should do.
+
+Every error a user can cause is a `DatamoverError` whose message is one clear line naming
+what was wrong. The CLI prints that line and exits with `exit_code`; the API maps `code` to an
+HTTP status in one place. Only `TransientError` is worth retrying: everything else fails at
+once, because doing the same thing again will give the same answer.
+"""
+
+from __future__ import annotations
+
+
+class DatamoverError(Exception):
+    """Base of every expected failure. `code` is stable and machine-readable."""
+
+    code = "error"
+    exit_code = 1
+    retryable = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class InvalidInput(DatamoverError):
+    """The request itself is wrong (bad path, bad name, bad option); nothing was changed."""
+
+    code = "invalid_input"
+    exit_code = 2
+
+
+class NotFound(DatamoverError):
+    """A dataset, version or object named by the caller does not exist."""
+
+    code = "not_found"
+    exit_code = 3
+
+
+class Conflict(DatamoverError):
+    """The world changed under us (a source file changed while read, another run holds a lock)."""
+
+    code = "conflict"
+    exit_code = 4
+
+
+class Corrupt(DatamoverError):
+    """Data or metadata failed verification: a digest mismatch, a malformed pack or manifest."""
+
+    code = "corrupt"
+    exit_code = 5
+
+
+class TransientError(DatamoverError):
+    """A failure that may go away by itself (connection refused, timeout, 5xx, throttling)."""
+
+    code = "unavailable"
+    exit_code = 6
+    retryable = True
+
+
+class PermanentError(DatamoverError):
+    """A failure that will not go away by retrying (access denied, missing bucket)."""
+
+    code = "permanent"
+    exit_code = 7
+
+
+class CatalogError(DatamoverError):
+    """The catalog cannot be used as it is (schema too old or too new, unreachable)."""
+
+    code = "catalog"
+    exit_code = 8
+
+
+# Store-level refinements: drivers raise these so wrappers can decide without parsing text.
+
+
+class ObjectNotFound(NotFound):
+    """The store has no object under the requested key (a normal answer, not a fault)."""
+
+    code = "object_not_found"
+
+
+class StoreUnavailable(TransientError):
+    """The store could not be reached or answered with a retryable fault."""
+
+    code = "store_unavailable"
+
+
+class StoreAccessDenied(PermanentError):
+    """The store refused the credentials or the operation."""
+
+    code = "store_access_denied"
+
+
+class BucketNotFound(PermanentError):
+    """The configured bucket does not exist at the configured endpoint."""
+
+    code = "bucket_not_found"

@@ -1,0 +1,240 @@
+"""Manifest segments and manifest lists (docs/format.md, "Manifests"): encode, decode, check.
+
+Decoding is strict because the store is not trusted: a segment is parsed with bounded
+msgpack limits, every entry is type-checked, and `EntryChecker` enforces the cross-segment
+rules (strict component order, parents are earlier directories, names valid and not colliding
+under Unicode normalisation, symlinks stay inside the tree). All failures raise `Corrupt`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+import zstandard
+
+from datamover.domain.manifest import ChunkRef, Codec, Entry, Kind
+from datamover.domain.paths import check_relpath, check_symlink_target, nfc, sort_key
+from datamover.errors import Corrupt, InvalidInput
+
+FORMAT_VERSION = 1
+MAX_RAW_CHUNK = 16 << 20
+MAX_DECODED = 1 << 30  # a segment or list larger than this decoded is refused
+_I64 = 1 << 63
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentRef:
+    """One line of a manifest list."""
+
+    digest: bytes
+    stored_size: int
+    entries: int
+    first_path: str
+    last_path: str
+    bytes: int
+
+
+def _frame(header: dict[str, Any], items: Iterable[Any], level: int = 3) -> bytes:
+    packer = msgpack.Packer(use_bin_type=True)
+    body = b"".join([packer.pack(header), *(packer.pack(item) for item in items)])
+    return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body)
+
+
+def encode_entry(entry: Entry) -> list[Any]:
+    """The wire array of one entry."""
+    return [
+        entry.path,
+        int(entry.kind),
+        entry.mode,
+        entry.mtime_ns,
+        entry.size,
+        entry.target,
+        [list(c) for c in entry.chunks],
+    ]
+
+
+def encode_segment(entries: list[Entry]) -> bytes:
+    """Encode a segment (the caller guarantees order; decoding checks it again)."""
+    return _frame(
+        {"t": "segment", "v": FORMAT_VERSION, "n": len(entries)}, map(encode_entry, entries)
+    )
+
+
+def encode_list(segments: list[SegmentRef]) -> bytes:
+    """Encode a manifest list."""
+    return _frame(
+        {"t": "manifest", "v": FORMAT_VERSION, "n": len(segments)},
+        (
+            [s.digest, s.stored_size, s.entries, s.first_path, s.last_path, s.bytes]
+            for s in segments
+        ),
+    )
+
+
+def _unframe(data: bytes | memoryview, kind: str, what: str) -> Iterator[Any]:
+    try:
+        declared = zstandard.frame_content_size(data)
+        if declared < 0 or declared > MAX_DECODED:
+            raise Corrupt(f"{what} is malformed: bad or missing zstd content size")
+        body = zstandard.ZstdDecompressor().decompress(data, max_output_size=declared)
+    except zstandard.ZstdError as exc:
+        raise Corrupt(f"{what} is malformed: {exc}") from None
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        strict_map_key=True,
+        max_buffer_size=len(body) + 1,
+        max_str_len=1 << 16,
+        max_bin_len=64,
+        max_array_len=1 << 24,
+        max_map_len=16,
+    )
+    unpacker.feed(body)
+    try:
+        header = unpacker.unpack()
+    except (msgpack.OutOfData, ValueError, TypeError) as exc:
+        raise Corrupt(f"{what} is malformed: no header ({exc})") from None
+    if (
+        not isinstance(header, dict)
+        or header.get("t") != kind
+        or header.get("v") != FORMAT_VERSION
+        or not isinstance(header.get("n"), int)
+        or header["n"] < 0
+    ):
+        raise Corrupt(f"{what} is malformed: bad header {str(header)[:80]!r}")
+    count = header["n"]
+    seen = 0
+    try:
+        for item in unpacker:
+            if seen == count:
+                raise Corrupt(f"{what} is malformed: more items than its header says")
+            seen += 1
+            yield item
+    except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError, ValueError) as exc:
+        raise Corrupt(f"{what} is malformed: {exc}") from None
+    if seen != count:
+        raise Corrupt(f"{what} is truncated: {seen} of {count} items")
+
+
+def _int(value: Any, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value < high:
+        raise ValueError
+    return value
+
+
+def _chunk(raw: Any) -> ChunkRef:
+    if type(raw) is not list or len(raw) != 6:
+        raise ValueError
+    digest, pack, offset, stored, length, codec = raw
+    if type(digest) is not bytes or len(digest) != 32 or type(pack) is not bytes or len(pack) != 32:
+        raise ValueError
+    _int(offset, 0, _I64)
+    _int(stored, 1, MAX_RAW_CHUNK + 1024)
+    _int(length, 1, MAX_RAW_CHUNK + 1)
+    if codec not in (Codec.RAW, Codec.ZSTD) or type(codec) is not int:
+        raise ValueError
+    if codec == Codec.RAW and stored != length:
+        raise ValueError
+    return ChunkRef(digest, pack, offset, stored, length, codec)
+
+
+def decode_entry(raw: Any) -> Entry:
+    """Type-check one wire entry (not its place in the tree); raise `ValueError` if bad."""
+    if type(raw) is not list or len(raw) != 7:
+        raise ValueError
+    path, kind, mode, mtime, size, target, chunks = raw
+    if type(path) is not str or type(chunks) is not list:
+        raise ValueError
+    kind = Kind(_int(kind, 0, 3))
+    _int(mode, 0, 0o10000)
+    _int(mtime, -_I64, _I64)
+    _int(size, 0, _I64)
+    if target is not None and type(target) is not str:
+        raise ValueError
+    refs = tuple(map(_chunk, chunks))
+    if kind == Kind.FILE:
+        valid = target is None and sum(c.raw_length for c in refs) == size
+    elif kind == Kind.DIR:
+        valid = not refs and size == 0 and target is None
+    else:
+        valid = not refs and target is not None and size == len(target.encode("utf-8"))
+    if not valid:
+        raise ValueError
+    return Entry(path, kind, mode, mtime, size, target, refs)
+
+
+def decode_segment(data: bytes | memoryview, what: str = "manifest segment") -> Iterator[Entry]:
+    """Yield the type-checked entries of a stored segment; raise `Corrupt` on any defect."""
+    for index, raw in enumerate(_unframe(data, "segment", what)):
+        try:
+            yield decode_entry(raw)
+        except ValueError:
+            raise Corrupt(f"{what} is malformed: entry {index} is invalid") from None
+
+
+def decode_list(data: bytes | memoryview, what: str = "manifest list") -> Iterator[SegmentRef]:
+    """Yield the segment references of a stored manifest list; raise `Corrupt` if bad."""
+    for index, raw in enumerate(_unframe(data, "manifest", what)):
+        try:
+            if type(raw) is not list or len(raw) != 6:
+                raise ValueError
+            digest, stored, entries, first, last, size = raw
+            if type(digest) is not bytes or len(digest) != 32:
+                raise ValueError
+            if type(first) is not str or type(last) is not str:
+                raise ValueError
+            yield SegmentRef(
+                digest,
+                _int(stored, 1, _I64),
+                _int(entries, 1, _I64),
+                first,
+                last,
+                _int(size, 0, _I64),
+            )
+        except ValueError:
+            raise Corrupt(f"{what} is malformed: segment reference {index} is invalid") from None
+
+
+class EntryChecker:
+    """Enforces the tree rules of docs/format.md over a stream of entries, in bounded memory.
+
+    Keeps the chain of open directories (the current entry's ancestors) and, for each, the
+    NFC forms of names seen in it, so memory is bounded by depth times directory width.
+    """
+
+    def __init__(self, what: str = "manifest") -> None:
+        self.what = what
+        self._last: tuple[str, ...] = ()
+        self._dirs: list[tuple[tuple[str, ...], set[str]]] = [((), set())]
+
+    def check(self, entry: Entry) -> tuple[str, ...]:
+        """Check `entry` follows the previous ones; return its sort key or raise `Corrupt`."""
+        try:
+            check_relpath(entry.path)
+            if entry.kind == Kind.SYMLINK:
+                check_symlink_target(entry.path, entry.target or "")
+        except InvalidInput as exc:
+            raise Corrupt(f"{self.what} is malformed: {exc}") from None
+        key = sort_key(entry.path)
+        if key <= self._last:
+            raise Corrupt(f"{self.what} is malformed: {entry.path!r} is out of order or repeated")
+        self._last = key
+        parent = key[:-1]
+        dirs = self._dirs
+        while dirs[-1][0] != parent[: len(dirs[-1][0])] or len(dirs[-1][0]) > len(parent):
+            dirs.pop()
+        if dirs[-1][0] != parent:
+            raise Corrupt(f"{self.what} is malformed: {entry.path!r} has no parent directory entry")
+        folded = nfc(key[-1])
+        names = dirs[-1][1]
+        if folded in names:
+            raise Corrupt(
+                f"{self.what} is malformed: {entry.path!r} collides with another name "
+                "under Unicode normalisation"
+            )
+        names.add(folded)
+        if entry.kind == Kind.DIR:
+            dirs.append((key, set()))
+        return key

@@ -1,0 +1,221 @@
+"""The repository: the self-describing layout of docs/format.md on top of a Store.
+
+Owns the bucket's `config`, version documents (publish, list, resolve "latest") and manifest
+objects, which it caches on local disk by digest: they are immutable, a stage reads them
+twice (check, then apply) and the next push reads them again as its parent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import blake3
+
+from datamover.chunking.chunker import ChunkerParams
+from datamover.domain.manifest import Entry
+from datamover.domain.paths import check_logical_path, is_under
+from datamover.errors import Corrupt, NotFound, ObjectNotFound, PermanentError
+from datamover.repo.layout import (
+    CONFIG_KEY,
+    FORMAT_VERSION,
+    VersionDoc,
+    dataset_prefix,
+    manifest_key,
+    parse_version_key,
+    version_key,
+    versions_prefix,
+)
+from datamover.repo.manifest import EntryChecker, SegmentRef, decode_list, decode_segment
+from datamover.storage.base import Store
+
+
+def utc_now() -> str:
+    """Current UTC time in the format used by stored documents."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Repository:
+    """Repository operations over `store`, with a manifest cache under `cache_dir`."""
+
+    def __init__(self, store: Store, cache_dir: Path, fetch_concurrency: int = 8) -> None:
+        self.store = store
+        self.cache_dir = cache_dir
+        self._fetch_limit = asyncio.Semaphore(fetch_concurrency)
+        self.fetched_bytes = 0  # manifest bytes read from the store (not the cache)
+
+    # -- repository config ---------------------------------------------------------------
+
+    async def chunker_params(self, create: bool) -> ChunkerParams:
+        """The repository's chunker parameters; with `create`, write defaults if absent."""
+        try:
+            raw = await self.store.get(CONFIG_KEY)
+        except ObjectNotFound:
+            if not create:
+                return ChunkerParams()
+            params = ChunkerParams()
+            doc = {
+                "format": FORMAT_VERSION,
+                "hash": "blake3",
+                "created": utc_now(),
+                "chunker": params.to_json(),
+            }
+            await self.store.put(CONFIG_KEY, json.dumps(doc, sort_keys=True).encode())
+            # Two first writers may race; both wrote the same defaults, so reading back
+            # below settles on whatever is there.
+            raw = await self.store.get(CONFIG_KEY)
+        try:
+            doc = json.loads(raw)
+            fmt = doc["format"]
+        except (ValueError, KeyError, TypeError):
+            raise Corrupt(f"repository config in {self.store.description} is malformed") from None
+        if fmt != FORMAT_VERSION:
+            raise PermanentError(
+                f"repository in {self.store.description} has format {fmt!r}; this datamover "
+                f"understands format {FORMAT_VERSION}"
+            )
+        return ChunkerParams.from_json(doc.get("chunker"))
+
+    # -- versions ------------------------------------------------------------------------
+
+    async def version_ids(self, dataset: str) -> list[str]:
+        """All version ids of `dataset`, ascending (oldest first)."""
+        ids = []
+        async for info in self.store.list(versions_prefix(dataset)):
+            parsed = parse_version_key(info.key)
+            if parsed and parsed[0] == dataset:
+                ids.append(parsed[1])
+        ids.sort()
+        return ids
+
+    async def latest(self, dataset: str) -> str | None:
+        """The greatest version id of `dataset`, or None if it has none."""
+        ids = await self.version_ids(dataset)
+        return ids[-1] if ids else None
+
+    async def read_version(self, dataset: str, version: str) -> VersionDoc:
+        """Read a version document; raise `NotFound` if the dataset has no such version."""
+        key = version_key(dataset, version)
+        try:
+            data = await self.store.get(key)
+        except ObjectNotFound:
+            raise NotFound(f"dataset {dataset!r} has no version {version!r}") from None
+        doc = VersionDoc.from_bytes(data, f"version document {key}")
+        if doc.dataset != dataset or doc.version != version:
+            raise Corrupt(f"version document {key} describes {doc.dataset!r} {doc.version!r}")
+        return doc
+
+    async def resolve(self, dataset: str, version: str | None) -> VersionDoc:
+        """The named version, or the latest; raise `NotFound` naming what is missing."""
+        if version is None:
+            version = await self.latest(dataset)
+            if version is None:
+                raise NotFound(f"dataset {dataset!r} has no published version in the store")
+        return await self.read_version(dataset, version)
+
+    async def publish(self, doc: VersionDoc) -> None:
+        """Write the version document: the single act that makes a version visible."""
+        await self.store.put(version_key(doc.dataset, doc.version), doc.to_bytes())
+
+    async def datasets(self, prefix: str = "/") -> AsyncIterator[tuple[str, str]]:
+        """Yield `(dataset, version)` for every version under logical `prefix`, sorted by key."""
+        prefix = "/" if prefix == "/" else check_logical_path(prefix)
+        key_prefix = dataset_prefix("" if prefix == "/" else prefix)
+        async for info in self.store.list(key_prefix):
+            parsed = parse_version_key(info.key)
+            if parsed and is_under(parsed[0], prefix):
+                yield parsed
+
+    # -- manifest objects ----------------------------------------------------------------
+
+    def _cache_path(self, digest: bytes) -> Path:
+        h = digest.hex()
+        return self.cache_dir / "manifests" / h[:2] / h
+
+    def _write_cache(self, digest: bytes, data: bytes) -> None:
+        path = self._cache_path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    async def put_manifest_object(self, data: bytes) -> bytes:
+        """Store a manifest segment or list by digest (and cache it); return the digest."""
+        digest = blake3.blake3(data).digest()
+        await self.store.put(manifest_key(digest), data)
+        await asyncio.to_thread(self._write_cache, digest, data)
+        return digest
+
+    def read_cached(self, digest: bytes) -> bytes | None:
+        """A verified manifest object from the local cache, or None (blocking I/O)."""
+        path = self._cache_path(digest)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        if blake3.blake3(data).digest() != digest:
+            path.unlink(missing_ok=True)  # local damage: drop it and fetch again
+            return None
+        return data
+
+    async def manifest_object(self, digest: bytes) -> bytes:
+        """A manifest object by digest: from the cache, else fetched, verified and cached."""
+        data = await asyncio.to_thread(self.read_cached, digest)
+        if data is not None:
+            return data
+        key = manifest_key(digest)
+        async with self._fetch_limit:
+            try:
+                data = await self.store.get(key)
+            except ObjectNotFound:
+                raise Corrupt(f"manifest object {key} is missing from the store") from None
+        self.fetched_bytes += len(data)
+        if blake3.blake3(data).digest() != digest:
+            raise Corrupt(f"manifest object {key} does not match its digest: the data is corrupt")
+        await asyncio.to_thread(self._write_cache, digest, data)
+        return data
+
+    async def segments(self, doc: VersionDoc) -> list[SegmentRef]:
+        """The manifest list of a version (small: one line per segment)."""
+        data = await self.manifest_object(doc.manifest_digest)
+        what = f"manifest list {manifest_key(doc.manifest_digest)}"
+        refs = await asyncio.to_thread(lambda: list(decode_list(data, what)))
+        if len(refs) != doc.segments:
+            raise Corrupt(f"{what} lists {len(refs)} segments, its version says {doc.segments}")
+        return refs
+
+    async def prefetch(self, doc: VersionDoc) -> list[SegmentRef]:
+        """Bring every segment of `doc` into the local cache; return the manifest list."""
+        refs = await self.segments(doc)
+        await asyncio.gather(*(self.manifest_object(ref.digest) for ref in refs))
+        return refs
+
+    def iter_cached(self, refs: list[SegmentRef], check: bool = True) -> Iterator[Entry]:
+        """Entries of a prefetched manifest, from the cache, one segment in memory at a time.
+
+        With `check`, every tree rule is enforced (`EntryChecker`) and the segment's own
+        count and path bounds are compared with the list. Blocking: run it in a thread.
+        """
+        checker = EntryChecker()
+        for ref in refs:
+            data = self.read_cached(ref.digest)
+            if data is None:
+                raise Corrupt(f"manifest segment {ref.digest.hex()} vanished from the cache")
+            what = f"manifest segment {manifest_key(ref.digest)}"
+            count = 0
+            first = last = None
+            for entry in decode_segment(data, what):
+                if check:
+                    checker.check(entry)
+                count += 1
+                if first is None:
+                    first = entry.path
+                last = entry.path
+                yield entry
+            if count != ref.entries or first != ref.first_path or last != ref.last_path:
+                raise Corrupt(f"{what} does not match its line in the manifest list")

@@ -1,0 +1,96 @@
+"""The Store interface: a flat key space of immutable-by-convention objects.
+
+Every backend (S3, POSIX directory, memory) implements exactly this, and one conformance
+suite (`tests/test_store_conformance.py`) runs against all of them. Cross-cutting behaviour
+(retries, concurrency limits) wraps a Store and is itself a Store; drivers stay plain.
+
+Contract, for every implementation:
+
+- Keys are non-empty strings of `/`-separated parts, each part non-empty, none `.` or `..`,
+  no NUL or other control character. Drivers may rely on that (`check_key` enforces it).
+- `put` replaces the whole object atomically: a reader sees the old object or the new one,
+  never a mix. `put` of the same key and bytes twice is harmless (idempotent).
+- `get` with `offset`/`length` returns exactly that range; a range that runs past the end is
+  cut at the end. A missing key raises `ObjectNotFound`, never returns empty bytes.
+- `list(prefix)` yields every object whose key starts with `prefix`, in ascending order of the
+  key's UTF-8 bytes (S3's order), streaming: it never holds the whole listing.
+- `delete` of a missing key is not an error (idempotent).
+- Transient faults raise `StoreUnavailable` (safe to retry every call above, all of which are
+  idempotent); refusals raise `StoreAccessDenied` or `BucketNotFound` (never retry).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from datamover.errors import InvalidInput
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What a listing or `head` tells about one object."""
+
+    key: str
+    size: int
+
+
+@runtime_checkable
+class Store(Protocol):
+    """A bucket-like object store. See the module docstring for the contract."""
+
+    #: A short human name for messages, e.g. ``s3://bucket@http://host:port``.
+    description: str
+
+    async def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """Store `data` under `key`, replacing any previous object atomically."""
+        ...
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        """Return the object's bytes (or the range `[offset, offset+length)`)."""
+        ...
+
+    async def head(self, key: str) -> ObjectInfo:
+        """Return the object's size; raise `ObjectNotFound` if it does not exist."""
+        ...
+
+    def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Yield objects under `prefix`, sorted by key, streaming."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Remove the object; a missing key is fine."""
+        ...
+
+    async def check(self) -> None:
+        """Prove the store is reachable and usable with the configured credentials.
+
+        Raises `StoreUnavailable`, `StoreAccessDenied` or `BucketNotFound` with a message
+        that names the endpoint and bucket.
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release connections. Idempotent."""
+        ...
+
+
+def check_key(key: str) -> str:
+    """Return `key` if it is a well-formed store key, else raise `InvalidInput`."""
+    if not key or key.startswith("/") or key.endswith("/"):
+        raise InvalidInput(
+            f"bad store key {key!r}: must be non-empty and not start or end with '/'"
+        )
+    for part in key.split("/"):
+        if part in ("", ".", ".."):
+            raise InvalidInput(f"bad store key {key!r}: empty, '.' or '..' part")
+    if any(ord(c) < 32 or c == "\x7f" for c in key):
+        raise InvalidInput(f"bad store key {key!r}: control character")
+    return key
+
+
+def check_range(offset: int, length: int | None) -> None:
+    """Reject negative ranges with `InvalidInput` (a programming or input error, never I/O)."""
+    if offset < 0 or (length is not None and length < 0):
+        raise InvalidInput(f"bad range offset={offset} length={length}")

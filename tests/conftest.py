@@ -1,0 +1,3 @@
+"""Shared fixtures: a real SeaweedFS per session, fresh buckets, catalogs on both engines."""
+
+from tests.fixtures_catalog import *  # noqa: F403

@@ -1,0 +1,134 @@
+"""The catalog on both engines: creation, migration checks, bulk chunk index, records."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from sqlalchemy import text
+
+from datamover.catalog.engine import (
+    catalog_revision,
+    create_engine_for,
+    head_revision,
+    open_engine,
+    upgrade,
+)
+from datamover.catalog.queries import Catalog
+from datamover.domain.manifest import ChunkRef
+from datamover.errors import CatalogError, InvalidInput
+from datamover.repo.layout import VersionDoc
+from datamover.repo.manifest import SegmentRef
+
+
+async def test_fresh_catalog_is_created_on_first_use(catalog_url: str) -> None:
+    engine = await open_engine(catalog_url)
+    try:
+        current, has_tables = await catalog_revision(engine)
+        assert current == head_revision()
+        assert has_tables
+    finally:
+        await engine.dispose()
+    engine = await open_engine(catalog_url)  # and opened again as it is
+    await engine.dispose()
+
+
+async def test_catalog_behind_the_code_names_db_upgrade(catalog_url: str) -> None:
+    engine = create_engine_for(catalog_url)
+    await upgrade(engine, "0001")
+    await engine.dispose()
+    with pytest.raises(CatalogError, match="datamover db upgrade"):
+        await open_engine(catalog_url)
+    engine = create_engine_for(catalog_url)
+    before, after = await upgrade(engine)
+    await engine.dispose()
+    assert (before, after) == ("0001", head_revision())
+    engine = await open_engine(catalog_url)
+    await engine.dispose()
+
+
+async def test_catalog_from_a_newer_datamover_is_refused(catalog_url: str) -> None:
+    engine = await open_engine(catalog_url)
+    async with engine.begin() as conn:
+        await conn.execute(text("UPDATE alembic_version SET version_num = 'zz99'"))
+    await engine.dispose()
+    with pytest.raises(CatalogError, match="unknown to this datamover"):
+        await open_engine(catalog_url)
+
+
+async def test_bad_catalog_urls() -> None:
+    with pytest.raises(InvalidInput, match="only sqlite and postgresql"):
+        create_engine_for("mysql://x/y")
+    with pytest.raises(InvalidInput, match="not a valid database URL"):
+        create_engine_for("::nonsense::")
+    with pytest.raises(CatalogError, match="cannot be opened"):
+        await open_engine("postgresql://nobody@127.0.0.1:1/none")
+
+
+async def test_chunk_index_bulk_insert_and_lookup(catalog_url: str) -> None:
+    catalog = Catalog(await open_engine(catalog_url))
+    try:
+        pack = os.urandom(32)
+        refs = [ChunkRef(os.urandom(32), pack, i * 10, 10, 20, 1) for i in range(12_000)]
+        await catalog.add_pack(pack, 120_000, refs)
+        await catalog.add_pack(pack, 120_000, refs[:10])  # a rerun is harmless
+        assert await catalog.count_chunks() == 12_000
+        wanted = [r.digest for r in refs[::7]] + [os.urandom(32)]
+        found = await catalog.lookup_chunks(wanted)
+        assert len(found) == len(refs[::7])
+        assert found[refs[7].digest] == refs[7]
+    finally:
+        await catalog.close()
+
+
+async def test_replica_and_checkpoint_records(catalog_url: str) -> None:
+    catalog = Catalog(await open_engine(catalog_url))
+    try:
+        assert await catalog.replica("/p/x") is None
+        await catalog.begin_replica("/p/x", "/data/x", "v2", "v1", "host:1")
+        row = await catalog.replica("/p/x")
+        assert row is not None and (row.state, row.version, row.base_version) == (
+            "staging",
+            "v2",
+            "v1",
+        )
+        await catalog.finish_replica("/p/x", "v2", "ready", 3, 30)
+        row = await catalog.replica("/p/x")
+        assert row is not None and (row.state, row.base_version, row.files) == ("ready", "v2", 3)
+
+        assert await catalog.checkpoint("/p/x") == (False, None, None)
+        await catalog.start_checkpoint("/p/x", "v1", "host:2", keep_segments=False)
+        seg = SegmentRef(os.urandom(32), 100, 5, "a", "e", 50)
+        await catalog.add_checkpoint_segment("/p/x", 0, seg)
+        await catalog.add_checkpoint_segment("/p/x", 0, seg)  # idempotent
+        assert await catalog.checkpoint("/p/x") == (True, "v1", "host:2")
+        assert await catalog.checkpoint_segments("/p/x") == [seg]
+        await catalog.start_checkpoint("/p/x", "v1", "host:3", keep_segments=False)
+        assert await catalog.checkpoint_segments("/p/x") == []
+        await catalog.clear_checkpoint("/p/x")
+        assert await catalog.checkpoint("/p/x") == (False, None, None)
+    finally:
+        await catalog.close()
+
+
+async def test_version_cache(catalog_url: str) -> None:
+    catalog = Catalog(await open_engine(catalog_url))
+    doc = VersionDoc(
+        "/p/x",
+        "20261129T181500.000001Z-a-00000000",
+        None,
+        "a",
+        "2026-11-29T18:15:00.000001Z",
+        "00" * 32,
+        10,
+        1,
+        2,
+        3,
+        0,
+        4,
+    )
+    try:
+        await catalog.record_versions([doc, doc])
+        assert await catalog.cached_versions([doc.version, "nope"]) == {doc.version: doc}
+    finally:
+        await catalog.close()

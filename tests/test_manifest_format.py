@@ -1,0 +1,138 @@
+"""Manifest segments and lists: round trips, tree rules, and fuzzed hostile input."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from datamover.domain.manifest import ChunkRef, Entry, Kind
+from datamover.errors import Corrupt
+from datamover.repo.manifest import (
+    EntryChecker,
+    SegmentRef,
+    decode_list,
+    decode_segment,
+    encode_list,
+    encode_segment,
+)
+
+D = bytes(range(32))
+P = bytes(range(1, 33))
+
+
+def tree() -> list[Entry]:
+    return [
+        Entry("a", Kind.DIR, 0o755, 1),
+        Entry("a/f", Kind.FILE, 0o644, 2, 10, None, (ChunkRef(D, P, 0, 10, 10, 0),)),
+        Entry("a/l", Kind.SYMLINK, 0o777, 3, 1, "f"),
+        Entry("a.b", Kind.FILE, 0o600, 4, 0),
+    ]
+
+
+def check_all(entries: list[Entry]) -> None:
+    checker = EntryChecker()
+    for e in entries:
+        checker.check(e)
+
+
+def test_segment_round_trip() -> None:
+    entries = tree()
+    decoded = list(decode_segment(encode_segment(entries)))
+    assert decoded == entries
+    check_all(decoded)
+
+
+def test_list_round_trip() -> None:
+    refs = [SegmentRef(D, 100, 4, "a", "a.b", 10)]
+    assert list(decode_list(encode_list(refs))) == refs
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([Entry("../etc", Kind.FILE, 0o644, 0)], "'..'"),
+        ([Entry("/etc", Kind.FILE, 0o644, 0)], "absolute"),
+        ([Entry("x/y", Kind.FILE, 0o644, 0)], "no parent directory"),
+        ([Entry("b", Kind.FILE, 0o644, 0), Entry("a", Kind.FILE, 0o644, 0)], "out of order"),
+        ([Entry("a", Kind.FILE, 0o644, 0), Entry("a", Kind.FILE, 0o644, 0)], "out of order"),
+        (
+            [Entry("l", Kind.SYMLINK, 0o777, 0, 1, "d"), Entry("l/x", Kind.FILE, 0o644, 0)],
+            "no parent directory",
+        ),
+        ([Entry("l", Kind.SYMLINK, 0o777, 0, 6, "../etc")], "outside"),
+        ([Entry("l", Kind.SYMLINK, 0o777, 0, 4, "/etc")], "absolute"),
+        (
+            [Entry("e\u0301", Kind.FILE, 0o644, 0), Entry("\u00e9", Kind.FILE, 0o644, 0)],
+            "Unicode normalisation",
+        ),
+        ([Entry("bad\nname", Kind.FILE, 0o644, 0)], "control character"),
+    ],
+)
+def test_tree_rules(entries: list[Entry], message: str) -> None:
+    with pytest.raises(Corrupt, match=message):
+        check_all(entries)
+
+
+def test_type_rules_are_enforced_on_decode() -> None:
+    bad = [
+        Entry("f", Kind.FILE, 0o644, 0, 11, None, (ChunkRef(D, P, 0, 10, 10, 0),)),  # size
+        Entry("d", Kind.DIR, 0o755, 0, 5),  # dir with a size
+        Entry("f", Kind.FILE, 0o644, 0, 10, None, (ChunkRef(D[:5], P, 0, 10, 10, 0),)),
+        Entry("f", Kind.FILE, 0o644, 0, 10, None, (ChunkRef(D, P, 0, 9, 10, 0),)),  # raw != stored
+        Entry("f", Kind.FILE, 0o7777 + 1, 0),
+    ]
+    for entry in bad:
+        with pytest.raises(Corrupt, match="entry 0 is invalid"):
+            list(decode_segment(encode_segment([entry])))
+
+
+SAMPLE = encode_segment(tree())
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_random_bytes_are_corrupt(blob: bytes) -> None:
+    with pytest.raises(Corrupt):
+        list(decode_segment(blob))
+    with pytest.raises(Corrupt):
+        list(decode_list(blob))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(0, len(SAMPLE) - 1), st.integers(1, 255), st.integers(0, len(SAMPLE) - 1))
+def test_mutated_or_truncated_segments(pos: int, flip: int, cut: int) -> None:
+    mutated = bytearray(SAMPLE)
+    mutated[pos] ^= flip
+    for candidate in (bytes(mutated), SAMPLE[:cut]):
+        try:
+            entries = list(decode_segment(candidate))
+            check_all(entries)
+        except Corrupt:
+            continue
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.text(min_size=0, max_size=8),
+            st.integers(-1, 3),
+            st.integers(-5, 0o20000),
+            st.one_of(st.none(), st.text(max_size=5)),
+        ),
+        max_size=6,
+    )
+)
+def test_structured_garbage_is_corrupt_or_valid(items: list[tuple]) -> None:
+    import msgpack
+    import zstandard
+
+    body = msgpack.packb({"t": "segment", "v": 1, "n": len(items)}) + b"".join(
+        msgpack.packb([path, kind, mode, 0, 0, target, []]) for path, kind, mode, target in items
+    )
+    blob = zstandard.ZstdCompressor().compress(body)
+    with contextlib.suppress(Corrupt):
+        check_all(list(decode_segment(blob)))

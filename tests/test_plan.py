@@ -1,0 +1,116 @@
+"""Stage planning: the three-way merge of local tree, target version and base version."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from datamover.domain.manifest import ChunkRef, Entry, Kind
+from datamover.transfer.fetch import plan_ranges
+from datamover.transfer.plan import Op, StagePlanner
+from datamover.transfer.walk import Walker
+
+D = bytes(32)
+
+
+def file_entry(path: str, size: int, mtime: int, mode: int = 0o644) -> Entry:
+    chunks = (ChunkRef(D, D, 0, size, size, 0),) if size else ()
+    return Entry(path, Kind.FILE, mode, mtime, size, None, chunks)
+
+
+def write(root: Path, rel: str, data: bytes, mtime: int, mode: int = 0o644) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    path.chmod(mode)
+    os.utime(path, ns=(mtime, mtime))
+
+
+def plan(root: Path, target: list[Entry], base: list[Entry] | None = None, delete: bool = False):
+    planner = StagePlanner(
+        Walker(str(root), strict=False),
+        iter(target),
+        iter(base) if base is not None else None,
+        delete,
+    )
+    return [(a.op, a.path) for a in planner if a.op is not Op.KEEP or a.entry.kind != Kind.DIR]
+
+
+def test_empty_target_directory_creates_everything(tmp_path: Path) -> None:
+    target = [
+        Entry("d", Kind.DIR, 0o755, 1),
+        file_entry("d/f", 3, 5),
+        Entry("d/l", Kind.SYMLINK, 0o777, 1, 1, "f"),
+    ]
+    assert plan(tmp_path, target) == [(Op.MKDIR, "d"), (Op.FETCH, "d/f"), (Op.LINK, "d/l")]
+
+
+def test_unchanged_and_mode_only_changes(tmp_path: Path) -> None:
+    write(tmp_path, "a", b"abc", 5)
+    write(tmp_path, "b", b"abc", 5, mode=0o600)
+    target = [file_entry("a", 3, 5), file_entry("b", 3, 5)]
+    assert plan(tmp_path, target) == [(Op.KEEP, "a"), (Op.ATTR, "b")]
+
+
+def test_file_written_by_us_is_replaced_and_user_change_is_trashed(tmp_path: Path) -> None:
+    write(tmp_path, "ours", b"old", 5)
+    write(tmp_path, "theirs", b"edited!", 9)
+    base = [file_entry("ours", 3, 5), file_entry("theirs", 3, 5)]
+    target = [file_entry("ours", 4, 7), file_entry("theirs", 4, 7)]
+    assert plan(tmp_path, target, base) == [
+        (Op.FETCH, "ours"),
+        (Op.TRASH, "theirs"),
+        (Op.FETCH, "theirs"),
+    ]
+
+
+def test_directory_in_the_way_is_trashed_whole_and_not_walked(tmp_path: Path) -> None:
+    write(tmp_path, "x/inner/deep", b"keep me", 1)
+    target = [file_entry("x", 3, 5), file_entry("y", 1, 1)]
+    assert plan(tmp_path, target) == [(Op.TRASH, "x"), (Op.FETCH, "x"), (Op.FETCH, "y")]
+
+
+def test_planted_symlink_where_a_directory_belongs(tmp_path: Path) -> None:
+    (tmp_path / "lig0000").symlink_to("/etc")
+    target = [Entry("lig0000", Kind.DIR, 0o755, 1), file_entry("lig0000/passwd", 3, 1)]
+    assert plan(tmp_path, target) == [
+        (Op.TRASH, "lig0000"),
+        (Op.MKDIR, "lig0000"),
+        (Op.FETCH, "lig0000/passwd"),
+    ]
+
+
+def test_local_only_entries_and_delete(tmp_path: Path) -> None:
+    write(tmp_path, "extra_ours", b"1", 1)
+    write(tmp_path, "extra_user", b"2", 2)
+    write(tmp_path, "extra_dir/f", b"3", 3)
+    write(tmp_path, ".dm-0123456789abcdef.part", b"partial", 4)
+    base = [file_entry("extra_ours", 1, 1)]
+    assert plan(tmp_path, [], base) == [(Op.STALE, ".dm-0123456789abcdef.part")]
+    assert plan(tmp_path, [], base, delete=True) == [
+        (Op.STALE, ".dm-0123456789abcdef.part"),
+        (Op.TRASH, "extra_dir"),
+        (Op.REMOVE, "extra_ours"),
+        (Op.TRASH, "extra_user"),
+    ]
+
+
+def test_ranges_are_coalesced_per_pack_and_deduplicated() -> None:
+    p1, p2 = b"\x01" * 32, b"\x02" * 32
+
+    def ref(pack: bytes, off: int, n: int) -> ChunkRef:
+        return ChunkRef(off.to_bytes(32, "big"), pack, off, n, n, 0)
+
+    refs = [
+        ref(p1, 0, 100),
+        ref(p1, 100, 50),
+        ref(p1, 100, 50),
+        ref(p1, 1000, 10),
+        ref(p1, 5000, 10),
+        ref(p2, 0, 10),
+    ]
+    ranges = plan_ranges(refs, gap=900, max_request=2000)
+    got = sorted((r.pack, r.start, r.end, len(r.refs)) for r in ranges)
+    assert got == [(p1, 0, 1010, 3), (p1, 5000, 5010, 1), (p2, 0, 10, 1)]
+    capped = plan_ranges(refs, gap=10_000, max_request=150)
+    assert all(r.end - r.start <= 150 or len(r.refs) == 1 for r in capped)
