@@ -1,0 +1,175 @@
+"""Stage planning: a three-way merge of the local tree, the target version and the base.
+
+Pure decisions over sorted streams (the local walk is the only I/O, and it is read-only):
+
+- *target*: the version being staged; afterwards the tree must equal it.
+- *base*: the version this site last completed here, i.e. what datamover itself wrote.
+- *local*: what is on disk now.
+
+A local file that differs from the target is replaced directly when it still equals the base
+(datamover wrote it and nobody touched it since); otherwise somebody changed it, and it is
+moved to the trash, never destroyed (DESIGN.md, "Stage has sync semantics"). Local entries the
+target lacks are left alone unless `delete` is set. Memory stays bounded by the walk.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from datamover.domain.manifest import Entry, Kind
+from datamover.domain.paths import sort_key
+from datamover.transfer.walk import PARTIAL_RE, LocalEntry, Walker
+
+
+class Op(enum.Enum):
+    """What to do with one path."""
+
+    MKDIR = "mkdir"  # create a directory
+    FETCH = "fetch"  # write a file's content (replacing whatever is there)
+    LINK = "link"  # create or replace a symlink
+    ATTR = "attr"  # content is right; fix mode/mtime
+    TRASH = "trash"  # move a user's data out of the way, into the trash
+    REMOVE = "remove"  # unlink a file or symlink datamover wrote
+    STALE = "stale"  # a leftover temporary file of an interrupted stage
+    KEEP = "keep"  # already right
+
+
+@dataclass(slots=True)
+class Action:
+    """One step of a stage, in tree order."""
+
+    op: Op
+    path: str
+    entry: Entry | None = None
+
+
+class _Cursor:
+    """Advances a sorted entry stream to a key (for the base version)."""
+
+    def __init__(self, entries: Iterator[Entry] | None) -> None:
+        self._it = entries
+        self._cur: Entry | None = None
+        self._key: tuple[str, ...] = ()
+
+    def at(self, key: tuple[str, ...]) -> Entry | None:
+        while self._it is not None:
+            if self._cur is None:
+                self._cur = next(self._it, None)
+                if self._cur is None:
+                    self._it = None
+                    return None
+                self._key = sort_key(self._cur.path)
+            if self._key < key:
+                self._cur = None
+                continue
+            return self._cur if self._key == key else None
+        return None
+
+
+def _same_stat(local: LocalEntry, entry: Entry | None) -> bool:
+    if entry is None or local.kind != entry.kind:
+        return False
+    if local.kind == Kind.SYMLINK:
+        return local.target == entry.target
+    if local.kind == Kind.FILE:
+        return local.size == entry.size and local.mtime_ns == entry.mtime_ns
+    return True
+
+
+class StagePlanner:
+    """Yields `Action`s; see the module docstring.
+
+    `content_ok(local, entry)`, when given, is consulted for files whose size and mtime match
+    (the `--checksum` mode) and must return True only if the bytes match the entry's digests.
+    """
+
+    def __init__(
+        self,
+        walker: Walker,
+        target: Iterator[Entry],
+        base: Iterator[Entry] | None,
+        delete: bool = False,
+        content_ok: Callable[[LocalEntry, Entry], bool] | None = None,
+    ) -> None:
+        self.walker = walker
+        self.target = target
+        self.base = _Cursor(base)
+        self.delete = delete
+        self.content_ok = content_ok
+
+    def _clear(self, local: LocalEntry, key: tuple[str, ...]) -> Action | None:
+        """Get `local` out of the way of a different kind of entry."""
+        if local.kind == Kind.DIR:
+            self.walker.prune()
+            return Action(Op.TRASH, local.path)
+        if _same_stat(local, self.base.at(key)):
+            return Action(Op.REMOVE, local.path)
+        return Action(Op.TRASH, local.path)
+
+    def _create(self, entry: Entry) -> Action:
+        if entry.kind == Kind.DIR:
+            return Action(Op.MKDIR, entry.path, entry)
+        if entry.kind == Kind.SYMLINK:
+            return Action(Op.LINK, entry.path, entry)
+        return Action(Op.FETCH, entry.path, entry)
+
+    def _both(self, local: LocalEntry, entry: Entry, key: tuple[str, ...]) -> Iterator[Action]:
+        if local.kind == entry.kind == Kind.DIR:
+            yield Action(Op.KEEP, entry.path, entry)
+            return
+        if local.kind == entry.kind == Kind.SYMLINK and local.target == entry.target:
+            yield Action(Op.KEEP, entry.path, entry)
+            return
+        if local.kind == entry.kind == Kind.FILE and _same_stat(local, entry):
+            if self.content_ok is None or self.content_ok(local, entry):
+                op = Op.KEEP if local.mode == entry.mode else Op.ATTR
+                yield Action(op, entry.path, entry)
+                return
+        # Different: replace in place when datamover wrote what is there, else trash it.
+        replaceable = (
+            local.kind in (Kind.FILE, Kind.SYMLINK)
+            and entry.kind in (Kind.FILE, Kind.SYMLINK)
+            and _same_stat(local, self.base.at(key))
+        )
+        if not replaceable:
+            action = self._clear(local, key)
+            if action is not None:
+                yield action
+        yield self._create(entry)
+
+    def _local_only(self, local: LocalEntry, key: tuple[str, ...]) -> Iterator[Action]:
+        name = local.path.rpartition("/")[2]
+        if local.kind == Kind.FILE and PARTIAL_RE.match(name):
+            yield Action(Op.STALE, local.path)
+            return
+        if not self.delete:
+            if local.kind == Kind.DIR:
+                self.walker.prune()  # nothing of ours below it
+            return
+        action = self._clear(local, key)
+        if action is not None:
+            yield action
+
+    def __iter__(self) -> Iterator[Action]:
+        local = next(self.walker, None)
+        entry = next(self.target, None)
+        lkey = sort_key(local.path) if local else ()
+        ekey = sort_key(entry.path) if entry else ()
+        while local is not None or entry is not None:
+            if entry is not None and (local is None or ekey < lkey):
+                yield self._create(entry)
+                entry = next(self.target, None)
+                ekey = sort_key(entry.path) if entry else ()
+            elif local is not None and (entry is None or lkey < ekey):
+                yield from self._local_only(local, lkey)
+                local = next(self.walker, None)
+                lkey = sort_key(local.path) if local else ()
+            else:
+                assert local is not None and entry is not None
+                yield from self._both(local, entry, ekey)
+                local = next(self.walker, None)
+                lkey = sort_key(local.path) if local else ()
+                entry = next(self.target, None)
+                ekey = sort_key(entry.path) if entry else ()
