@@ -56,6 +56,7 @@ class TransferSettings:
 
     pack_size: int = 32 * MiB
     upload_concurrency: int = 4
+    read_workers: int = 0  # processes reading and hashing small files on push; 0: one per core
     download_concurrency: int = 8
     zstd_level: int = 3
     compression: str = "auto"  # auto: zstd when it saves space; never: store raw
@@ -63,6 +64,7 @@ class TransferSettings:
     coalesce_gap: int = 256 * 1024
     max_request: int = 16 * MiB
     batch_bytes: int = 64 * MiB
+    bandwidth_limit: int = 0  # bytes per second, each direction; 0: unlimited
     fsync: bool = False  # stage: syncfs() the cache before a replica is marked ready
 
 

@@ -1,22 +1,24 @@
 """Catalog fixtures: every catalog test runs on SQLite and on PostgreSQL.
 
 PostgreSQL runs need `DATAMOVER_TEST_POSTGRES_URL` (e.g.
-`postgresql://postgres@127.0.0.1:5432/test`, which `.ci/run` sets); each test gets a fresh
-database created from that server and dropped afterwards. Without the variable the
-PostgreSQL runs are reported as skipped, never silently passed.
+`postgresql://postgres@127.0.0.1:5432/test`, which `.ci/run` sets); each catalog a test asks
+for is a fresh database created on that server and dropped afterwards. Without the variable
+the PostgreSQL runs are reported as skipped, never silently passed.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 from sqlalchemy.engine import make_url
 
 PG_ENV = "DATAMOVER_TEST_POSTGRES_URL"
+
+NewCatalog = Callable[[], Awaitable[str]]
 
 
 async def _pg_admin(url: str, sql: str) -> None:
@@ -37,17 +39,29 @@ async def _pg_admin(url: str, sql: str) -> None:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-async def catalog_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    """A URL of an empty catalog database on each engine."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'catalog.db'}"
-        return
+async def new_catalog(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[NewCatalog]:
+    """A factory of URLs of fresh, empty catalogs on the parametrized engine."""
+    created: list[str] = []
     server = os.environ.get(PG_ENV)
-    if not server:
+    if request.param == "postgresql" and not server:
         pytest.skip(f"PostgreSQL run: set {PG_ENV} to a server URL to run it")
-    name = f"dm_test_{secrets.token_hex(6)}"
-    await _pg_admin(server, f'CREATE DATABASE "{name}"')
-    try:
-        yield make_url(server).set(database=name).render_as_string(hide_password=False)
-    finally:
+
+    async def make() -> str:
+        name = f"dm_test_{secrets.token_hex(6)}"
+        if request.param == "sqlite":
+            return f"sqlite:///{tmp_path / (name + '.db')}"
+        assert server is not None
+        await _pg_admin(server, f'CREATE DATABASE "{name}"')
+        created.append(name)
+        return make_url(server).set(database=name).render_as_string(hide_password=False)
+
+    yield make
+    for name in created:
+        assert server is not None
         await _pg_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+async def catalog_url(new_catalog: NewCatalog) -> str:
+    """The URL of one fresh, empty catalog on each engine."""
+    return await new_catalog()

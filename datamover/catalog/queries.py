@@ -24,6 +24,14 @@ from datamover.repo.layout import VersionDoc
 from datamover.repo.manifest import SegmentRef
 
 _LOOKUP_BATCH = 900  # stays below every engine's bound-parameter limit
+_COLUMNS = 'digest, pack, "offset", stored_length, raw_length, codec'
+_SQLITE_LOOKUP = f"SELECT {_COLUMNS} FROM chunks WHERE digest IN (%s)"
+_SQLITE_INSERT = f"INSERT OR IGNORE INTO chunks ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?)"
+_PG_LOOKUP = f"SELECT {_COLUMNS} FROM chunks WHERE digest = ANY($1::bytea[])"
+_PG_TEMP = "CREATE TEMPORARY TABLE IF NOT EXISTS chunks_in (LIKE chunks) ON COMMIT DELETE ROWS"
+_PG_MERGE = (
+    f"INSERT INTO chunks ({_COLUMNS}) SELECT {_COLUMNS} FROM chunks_in ON CONFLICT DO NOTHING"
+)
 _INSERT_BATCH = 5000
 
 
@@ -88,31 +96,50 @@ class Catalog:
     # -- chunk index ---------------------------------------------------------------------
 
     async def lookup_chunks(self, digests: Sequence[bytes]) -> dict[bytes, ChunkRef]:
-        """Known locations of `digests` (absent digests are simply missing from the result)."""
+        """Known locations of `digests` (absent digests are simply missing from the result).
+
+        The chunk index is the hottest table (one probe per chunk pushed), so this goes to the
+        driver directly: SQLAlchemy's compilation of a 900-value IN list costs more than the
+        query itself.
+        """
         found: dict[bytes, ChunkRef] = {}
         if not digests:
             return found
-        table = Chunk.__table__
         async with self.engine.connect() as conn:
             for start in range(0, len(digests), _LOOKUP_BATCH):
                 batch = list(digests[start : start + _LOOKUP_BATCH])
-                rows = await conn.execute(select(table).where(table.c.digest.in_(batch)))
-                for r in rows:
-                    found[r.digest] = ChunkRef(
-                        r.digest, r.pack, r.offset, r.stored_length, r.raw_length, r.codec
-                    )
+                if self.dialect == "postgresql":
+                    result = await conn.exec_driver_sql(_PG_LOOKUP, (batch,))
+                else:
+                    marks = ",".join("?" * len(batch))
+                    result = await conn.exec_driver_sql(_SQLITE_LOOKUP % marks, tuple(batch))
+                for row in result:
+                    ref = ChunkRef(*row)
+                    found[ref.digest] = ref
         return found
 
     async def add_pack(self, pack_id: bytes, size: int, chunks: Iterable[ChunkRef]) -> None:
-        """Record a pack that is complete in the store, and index its chunks."""
-        rows = [c._asdict() for c in chunks]
+        """Record a pack that is complete in the store, and index its chunks (idempotent).
+
+        Bulk at the driver: COPY into a temporary table on PostgreSQL, one executemany of
+        INSERT OR IGNORE on SQLite.
+        """
+        rows = [tuple(c) for c in chunks]
         async with self.engine.begin() as conn:
             await self._insert_ignore(
                 conn,
                 Pack.__table__,
                 [{"id": pack_id, "size": size, "chunks": len(rows), "created_at": _now()}],
             )
-            await self._insert_ignore(conn, Chunk.__table__, rows)
+            if self.dialect == "postgresql":
+                raw = await conn.get_raw_connection()
+                driver = raw.driver_connection
+                assert driver is not None
+                await driver.execute(_PG_TEMP)
+                await driver.copy_records_to_table("chunks_in", records=rows)
+                await driver.execute(_PG_MERGE)
+            else:
+                await conn.exec_driver_sql(_SQLITE_INSERT, rows)
 
     async def count_chunks(self) -> int:
         """Number of indexed chunks (for reports and tests)."""

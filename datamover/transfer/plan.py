@@ -122,11 +122,13 @@ class StagePlanner:
         if local.kind == entry.kind == Kind.SYMLINK and local.target == entry.target:
             yield Action(Op.KEEP, entry.path, entry)
             return
-        if local.kind == entry.kind == Kind.FILE and _same_stat(local, entry):
-            if self.content_ok is None or self.content_ok(local, entry):
-                op = Op.KEEP if local.mode == entry.mode else Op.ATTR
-                yield Action(op, entry.path, entry)
-                return
+        if (
+            local.kind == entry.kind == Kind.FILE
+            and _same_stat(local, entry)
+            and (self.content_ok is None or self.content_ok(local, entry))
+        ):
+            yield Action(Op.KEEP if local.mode == entry.mode else Op.ATTR, entry.path, entry)
+            return
         # Different: replace in place when datamover wrote what is there, else trash it.
         replaceable = (
             local.kind in (Kind.FILE, Kind.SYMLINK)

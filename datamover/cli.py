@@ -1,0 +1,281 @@
+"""The `datamover` command: parse, load config, call a service, print. No logic lives here.
+
+Every command takes `--config FILE` (or `DATAMOVER_CONFIG`) and `--json`. Anything a user
+can cause ends as one line on stderr (`datamover: error: ...`) and the error's exit code;
+with `--json` the same error is also printed as `{"error": {"code", "message"}}` on stdout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import click
+
+from datamover.console import Bar, emit_json, error_line, human_bytes
+from datamover.errors import DatamoverError
+
+T = TypeVar("T")
+
+
+def common(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Add `--config` and `--json` to a command."""
+    fn = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")(
+        fn
+    )
+    return click.option(
+        "--config",
+        "config_path",
+        envvar="DATAMOVER_CONFIG",
+        metavar="FILE",
+        help="Site configuration (TOML). Default: $DATAMOVER_CONFIG.",
+    )(fn)
+
+
+def run_with_site(config_path: str | None, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Load the config, open the site, run `work(site)`, close the site."""
+    from datamover.config import load_config
+    from datamover.site import Site
+
+    config = load_config(config_path)
+
+    async def main() -> T:
+        site = await Site.open(config)
+        try:
+            return await work(site)
+        finally:
+            await site.close()
+
+    return asyncio.run(main())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="datamover")
+def cli() -> None:
+    """Deduplicated, packed, path-preserving data movement between sites and one S3 store."""
+
+
+@cli.command()
+@click.argument("logical_path")
+@click.option("--checksum", is_flag=True, help="Re-read every file instead of trusting size+mtime.")
+@common
+def push(logical_path: str, checksum: bool, config_path: str | None, as_json: bool) -> None:
+    """Publish the local tree of LOGICAL_PATH as a new version."""
+    from datamover.transfer.push import push as do_push
+
+    with Bar(f"push {logical_path}", not as_json) as bar:
+        result = run_with_site(
+            config_path, lambda site: do_push(site, logical_path, checksum=checksum, progress=bar)
+        )
+    if as_json:
+        emit_json(result.to_json())
+        return
+    state = "unchanged, still" if result.unchanged else "published"
+    click.echo(
+        f"{result.dataset}: {state} version {result.version}: {result.files} files, "
+        f"{human_bytes(result.bytes)}; read {result.files_read} files, uploaded "
+        f"{human_bytes(result.uploaded_bytes)} in {result.seconds:.2f} s"
+    )
+    for path in result.skipped_special[:10]:
+        click.echo(f"  skipped special file {path}", err=True)
+
+
+@cli.command()
+@click.argument("logical_path")
+@click.option("--version", "version", metavar="ID", help="Version to stage (default: latest).")
+@click.option("--delete", is_flag=True, help="Remove local files the version does not have.")
+@click.option(
+    "--checksum", is_flag=True, help="Re-hash local files instead of trusting size+mtime."
+)
+@common
+def stage(
+    logical_path: str,
+    version: str | None,
+    delete: bool,
+    checksum: bool,
+    config_path: str | None,
+    as_json: bool,
+) -> None:
+    """Materialise a version of LOGICAL_PATH at this site's mapped path."""
+    from datamover.domain.ids import check_version_id
+    from datamover.transfer.stage import stage as do_stage
+
+    if version is not None:
+        check_version_id(version)
+    with Bar(f"stage {logical_path}", not as_json) as bar:
+        result = run_with_site(
+            config_path,
+            lambda site: do_stage(
+                site,
+                logical_path,
+                version=version,
+                delete=delete,
+                checksum=checksum,
+                progress=bar,
+            ),
+        )
+    if as_json:
+        emit_json(result.to_json())
+        return
+    click.echo(
+        f"{result.dataset}: version {result.version} ready: {result.files} files, "
+        f"{human_bytes(result.bytes)}; fetched {result.fetched_files} files, downloaded "
+        f"{human_bytes(result.downloaded_bytes)} in {result.seconds:.2f} s"
+    )
+    if result.trashed:
+        click.echo(
+            f"  moved {len(result.trashed)} locally changed entries to {result.trash_dir}",
+            err=True,
+        )
+
+
+@cli.command()
+@click.argument("logical_path")
+@click.option("--version", "version", metavar="ID", help="Version to compare with.")
+@click.option("--allow-extra", is_flag=True, help="Ignore local files the version lacks.")
+@common
+def verify(
+    logical_path: str,
+    version: str | None,
+    allow_extra: bool,
+    config_path: str | None,
+    as_json: bool,
+) -> None:
+    """Exit 0 only if the local tree of LOGICAL_PATH matches the version exactly."""
+    from datamover.domain.ids import check_version_id
+    from datamover.transfer.verify import verify as do_verify
+
+    if version is not None:
+        check_version_id(version)
+    result = run_with_site(
+        config_path,
+        lambda site: do_verify(site, logical_path, version=version, allow_extra=allow_extra),
+    )
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        verdict = "matches" if result.ok else f"differs ({result.problem_count} problems)"
+        click.echo(
+            f"{result.dataset}: local tree {verdict} version {result.version} "
+            f"({result.files_checked} files, {human_bytes(result.bytes_checked)} checked)"
+        )
+        for problem in result.problems:
+            click.echo(f"  {problem}")
+    if not result.ok:
+        sys.exit(1)
+
+
+@cli.command(name="ls")
+@click.argument("prefix", default="/")
+@common
+def ls(prefix: str, config_path: str | None, as_json: bool) -> None:
+    """List datasets under PREFIX and their versions."""
+    from datamover.datasets import list_datasets
+
+    infos = run_with_site(config_path, lambda site: list_datasets(site, prefix))
+    if as_json:
+        emit_json({"prefix": prefix, "datasets": [i.to_json() for i in infos]})
+        return
+    for info in infos:
+        click.echo(info.path)
+        for v in info.versions:
+            click.echo(
+                f"  {v.version}  {v.files:>10} files  {human_bytes(v.bytes):>10}  from {v.site}"
+            )
+
+
+@cli.group()
+def db() -> None:
+    """Catalog maintenance."""
+
+
+@db.command()
+@common
+def upgrade(config_path: str | None, as_json: bool) -> None:
+    """Migrate the catalog to the newest schema."""
+    from datamover.catalog.engine import create_engine_for
+    from datamover.catalog.engine import upgrade as do_upgrade
+    from datamover.config import load_config
+
+    config = load_config(config_path)
+
+    async def main() -> tuple[str | None, str]:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        engine = create_engine_for(config.catalog_url)
+        try:
+            return await do_upgrade(engine)
+        finally:
+            await engine.dispose()
+
+    before, after = _catalog_call(config.catalog_url, lambda: asyncio.run(main()))
+    if as_json:
+        emit_json({"before": before, "after": after})
+    else:
+        click.echo(f"catalog at schema revision {after} (was {before or 'empty'})")
+
+
+def _catalog_call(url: str, call: Callable[[], T]) -> T:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from datamover.errors import CatalogError
+
+    try:
+        return call()
+    except (SQLAlchemyError, OSError) as exc:
+        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
+        raise CatalogError(f"catalog cannot be upgraded: {reason}") from None
+
+
+@cli.command()
+@click.option("--files", default=2000, show_default=True, help="Small files to generate.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+def demo(files: int, as_json: bool) -> None:
+    """Push a generated tree at site A and stage it at site B through an embedded SeaweedFS."""
+    from datamover.demo import run_demo
+
+    summary = run_demo(files, quiet=as_json)
+    if as_json:
+        emit_json(summary)
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning every expected failure into one line and an exit code."""
+    as_json = "--json" in sys.argv[1:]
+    logging.basicConfig(
+        level=logging.DEBUG if os.environ.get("DATAMOVER_DEBUG") else logging.WARNING,
+        format="datamover: %(levelname)s: %(message)s",
+    )
+    try:
+        cli.main(standalone_mode=False)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        error_line(exc.format_message())
+        if as_json:
+            emit_json({"error": {"code": "usage", "message": exc.format_message()}})
+        sys.exit(2)
+    except click.exceptions.Abort:
+        error_line("interrupted")
+        sys.exit(130)
+    except DatamoverError as exc:
+        error_line(exc.message)
+        if as_json:
+            emit_json({"error": {"code": exc.code, "message": exc.message}})
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        error_line("interrupted")
+        sys.exit(130)
+    except Exception as exc:  # the last line of defence: no tracebacks
+        if os.environ.get("DATAMOVER_DEBUG"):
+            raise
+        error_line(
+            f"internal error ({type(exc).__name__}: {exc}); "
+            "set DATAMOVER_DEBUG=1 for a traceback and report it"
+        )
+        if as_json:
+            emit_json({"error": {"code": "internal", "message": str(exc)}})
+        sys.exit(70)

@@ -1,0 +1,76 @@
+"""A site's live resources: config, store (with retries), repository and catalog.
+
+The composition root for one process: the CLI opens a `Site`, calls a transfer function with
+it, and closes it. Nothing here decides anything; it only wires the pieces together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from datamover.catalog.engine import open_engine
+from datamover.catalog.queries import Catalog
+from datamover.config import Config
+from datamover.repo.repository import Repository
+from datamover.storage.bandwidth import ThrottledStore
+from datamover.storage.base import Store
+from datamover.storage.retry import RetryingStore
+
+
+def make_store(config: Config) -> Store:
+    """The configured S3 store, with retries on transient faults and the bandwidth budget."""
+    from datamover.storage.s3 import S3Store
+
+    s = config.store
+    inner = S3Store(
+        s.endpoint or None,
+        s.bucket,
+        s.region,
+        s.access_key or None,
+        s.secret_key or None,
+        max_connections=s.max_connections,
+        connect_timeout=s.connect_timeout,
+        read_timeout=s.read_timeout,
+    )
+    store: Store = RetryingStore(inner, attempts=s.retry_attempts)
+    limit = config.transfer.bandwidth_limit
+    if limit > 0:
+        store = ThrottledStore(store, upload=limit, download=limit)
+    return store
+
+
+@dataclass
+class Site:
+    """Everything a transfer needs at one site."""
+
+    config: Config
+    store: Store
+    repo: Repository
+    catalog: Catalog
+
+    @property
+    def name(self) -> str:
+        """The site's name."""
+        return self.config.site.name
+
+    @property
+    def state_dir(self) -> Path:
+        """The site's state directory (manifest cache, trash)."""
+        return self.config.state_dir
+
+    @classmethod
+    async def open(cls, config: Config, store: Store | None = None) -> Site:
+        """Open the catalog (creating it on first use) and the store."""
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        engine = await open_engine(config.catalog_url)
+        store = store or make_store(config)
+        repo = Repository(store, config.state_dir, config.transfer.download_concurrency)
+        return cls(config, store, repo, Catalog(engine))
+
+    async def close(self) -> None:
+        """Release the store's connections and the catalog's engine."""
+        try:
+            await self.store.close()
+        finally:
+            await self.catalog.close()

@@ -1,0 +1,205 @@
+"""Wrappers that are themselves Stores: `RetryingStore` (retries) and `LimitedStore` (a bound
+on concurrent calls). Drivers never retry or throttle; these do, the same way for every driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from datamover.errors import InvalidInput, TransientError
+from datamover.storage.base import ObjectInfo, Store
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class RetryingStore:
+    """Retries every call that fails with a `TransientError`, up to `attempts` tries in all,
+    sleeping a random time up to `initial * 2**n` (at most `maximum`) seconds between tries
+    ("full jitter", so many clients hitting one overloaded server spread out). Any other error
+    is raised at once. Every Store call is idempotent, which is what makes this safe.
+
+    `list` restarts the listing after a failure and skips keys it already yielded, so a long
+    listing survives faults without duplicates; its try counter starts again whenever the
+    listing made progress since the previous failure.
+    """
+
+    def __init__(
+        self, inner: Store, attempts: int = 5, initial: float = 0.2, maximum: float = 5.0
+    ) -> None:
+        if attempts < 1 or initial < 0 or maximum < 0:
+            raise InvalidInput(f"bad retry settings attempts={attempts} initial={initial}")
+        self.inner = inner
+        self.attempts = attempts
+        self.initial = initial
+        self.maximum = maximum
+
+    @property
+    def description(self) -> str:
+        """The wrapped store's description."""
+        return self.inner.description
+
+    async def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """`inner.put`, retried."""
+        await self._retry(self.inner.put, key, data)
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        """`inner.get`, retried."""
+        return await self._retry(self.inner.get, key, offset, length)
+
+    async def head(self, key: str) -> ObjectInfo:
+        """`inner.head`, retried."""
+        return await self._retry(self.inner.head, key)
+
+    async def delete(self, key: str) -> None:
+        """`inner.delete`, retried."""
+        await self._retry(self.inner.delete, key)
+
+    async def check(self) -> None:
+        """`inner.check`, retried (a store still starting up answers after a moment)."""
+        await self._retry(self.inner.check)
+
+    async def close(self) -> None:
+        """`inner.close`; never retried (closing twice is harmless, closing later pointless)."""
+        await self.inner.close()
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """`inner.list`, resumed after transient failures without repeating a key."""
+        last: bytes | None = None  # UTF-8 of the last key yielded
+        failures = 0
+        while True:
+            progressed = False
+            try:
+                async with _closing(self.inner.list(prefix)) as it:
+                    async for info in it:
+                        this = info.key.encode()
+                        if last is not None and this <= last:
+                            continue  # yielded before the failure
+                        last, progressed = this, True
+                        yield info
+                return
+            except TransientError as exc:
+                failures = 1 if progressed else failures + 1
+                if failures >= self.attempts:
+                    raise
+                delay = self._wait(failures)
+                log.warning(
+                    "listing %r of %s failed (%s); resuming in %.2f s",
+                    prefix,
+                    self.description,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+
+    def _wait(self, failures: int) -> float:
+        """The same full-jitter schedule as tenacity's `wait_random_exponential`."""
+        return random.uniform(0, min(self.maximum, self.initial * 2 ** (failures - 1)))
+
+    async def _retry(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.attempts),
+            wait=wait_random_exponential(multiplier=self.initial, max=self.maximum),
+            retry=retry_if_exception_type(TransientError),
+            reraise=True,
+            before_sleep=self._log_retry,
+        )
+        return await retrying(fn, *args)
+
+    def _log_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        name = getattr(state.fn, "__name__", "call")
+        log.warning(
+            "%s on %s failed (attempt %d of %d): %s",
+            name,
+            self.description,
+            state.attempt_number,
+            self.attempts,
+            exc,
+        )
+
+
+class LimitedStore:
+    """Lets at most `max_concurrency` calls into `inner` at once; the others wait their turn.
+
+    A listing holds a slot only while it fetches its next item, never while the caller works
+    on the item, so a caller that lists and gets in a loop cannot deadlock itself.
+    """
+
+    def __init__(self, inner: Store, max_concurrency: int) -> None:
+        if max_concurrency < 1:
+            raise InvalidInput(f"max_concurrency must be >= 1, not {max_concurrency}")
+        self.inner = inner
+        self.max_concurrency = max_concurrency
+        self._slots = asyncio.Semaphore(max_concurrency)
+
+    @property
+    def description(self) -> str:
+        """The wrapped store's description."""
+        return self.inner.description
+
+    async def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """`inner.put` within a slot."""
+        async with self._slots:
+            await self.inner.put(key, data)
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        """`inner.get` within a slot."""
+        async with self._slots:
+            return await self.inner.get(key, offset, length)
+
+    async def head(self, key: str) -> ObjectInfo:
+        """`inner.head` within a slot."""
+        async with self._slots:
+            return await self.inner.head(key)
+
+    async def delete(self, key: str) -> None:
+        """`inner.delete` within a slot."""
+        async with self._slots:
+            await self.inner.delete(key)
+
+    async def check(self) -> None:
+        """`inner.check` within a slot."""
+        async with self._slots:
+            await self.inner.check()
+
+    async def close(self) -> None:
+        """`inner.close`, without waiting for a slot."""
+        await self.inner.close()
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """`inner.list`, each step within a slot."""
+        async with _closing(self.inner.list(prefix)) as it:
+            while True:
+                async with self._slots:
+                    try:
+                        info = await anext(it)
+                    except StopAsyncIteration:
+                        return
+                yield info
+
+
+@contextlib.asynccontextmanager
+async def _closing(it: AsyncIterator[T]) -> AsyncIterator[AsyncIterator[T]]:
+    """Close an inner listing we stop early (async generators have `aclose`; the Store
+    protocol only promises an async iterator, so it is optional)."""
+    try:
+        yield it
+    finally:
+        aclose = getattr(it, "aclose", None)
+        if aclose is not None:
+            await aclose()

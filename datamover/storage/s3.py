@@ -1,0 +1,432 @@
+"""`S3Store`: the Store on an S3-compatible server (AWS, SeaweedFS, MinIO, Ceph) via aiobotocore.
+
+The driver stays plain: one request per call (no retries here; `RetryingStore` wraps it), and
+every failure goes through one function, `_map_error`, that turns it into the error the caller
+acts on (`ObjectNotFound`, `BucketNotFound`, `StoreAccessDenied`, `StoreUnavailable`).
+
+Two things it does that a naive driver would not:
+
+- Listing walks the key space one `/`-level at a time (`Delimiter="/"`) and merges each
+  level's objects and sub-prefixes into UTF-8 byte order itself. SeaweedFS lists in directory
+  order (`a`, `a/b`, `a-b`, `a.b`), not S3's byte order (`a`, `a-b`, `a.b`, `a/b`); the walk
+  gives byte order on both kinds of server, streaming, at the cost of one request per prefix.
+- Uploads send `Content-MD5`, so the server rejects a body damaged in transit instead of
+  storing it. Flexible checksums (CRC trailers) are off: not every S3 clone handles them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import heapq
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, NoReturn
+
+import aiohttp
+import botocore.exceptions as bce
+from aiobotocore.session import AioSession
+from botocore.config import Config as BotoConfig
+
+from datamover.errors import (
+    BucketNotFound,
+    DatamoverError,
+    InvalidInput,
+    ObjectNotFound,
+    PermanentError,
+    StoreAccessDenied,
+    StoreUnavailable,
+)
+from datamover.storage.base import ObjectInfo, check_key, check_range
+
+MiB = 1 << 20
+MIN_PART = 5 * MiB  # S3's smallest part (all but the last); SeaweedFS enforces it too
+MAX_PARTS = 10_000  # S3's most parts per upload
+
+_DENIED = {
+    "AccessDenied",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "AllAccessDisabled",
+    "403",
+}
+_TRANSIENT = {
+    "SlowDown",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+    "TooManyRequestsException",
+    # The body arrived damaged (checked against Content-MD5): sending it again is the fix.
+    "BadDigest",
+    "XAmzContentSHA256Mismatch",
+}
+_CONNECTION = (
+    bce.ConnectionError,  # refused, DNS, connect timeout, proxy
+    bce.HTTPClientError,  # read timeout, connection closed, broken stream
+    bce.IncompleteReadError,
+    aiohttp.ClientError,
+    asyncio.TimeoutError,
+    ConnectionError,
+)
+
+
+class S3Store:
+    """A Store on one bucket of an S3-compatible server.
+
+    `endpoint` is the server's URL (`http://127.0.0.1:8333`), or None for AWS itself. With
+    `access_key`/`secret_key` None, botocore's usual sources apply (`AWS_*` variables, config
+    files, instance roles). Objects of `multipart_threshold` bytes or more are uploaded in parts
+    of `multipart_chunk` bytes (at least 5 MiB), `multipart_concurrency` parts at a time.
+    The client is created on first use inside the running event loop; `close` releases it.
+    """
+
+    def __init__(
+        self,
+        endpoint: str | None,
+        bucket: str,
+        region: str = "us-east-1",
+        access_key: str | None = None,
+        secret_key: str | None = None,
+        *,
+        max_connections: int = 64,
+        multipart_threshold: int = 16 * MiB,
+        multipart_chunk: int = 8 * MiB,
+        multipart_concurrency: int = 4,
+        connect_timeout: float = 5,
+        read_timeout: float = 60,
+    ) -> None:
+        if not bucket:
+            raise InvalidInput("S3 store needs a bucket name")
+        if multipart_chunk < MIN_PART:
+            raise InvalidInput(
+                f"multipart_chunk {multipart_chunk} is below S3's minimum {MIN_PART}"
+            )
+        if multipart_threshold < 1 or max_connections < 1 or multipart_concurrency < 1:
+            raise InvalidInput("multipart_threshold, max_connections and concurrency must be >= 1")
+        self.endpoint = endpoint
+        self.bucket = bucket
+        self.region = region
+        self.where = endpoint or f"AWS {region}"
+        self.description = f"s3://{bucket} at {self.where}"
+        self._access_key = access_key
+        self._secret_key = secret_key
+        self._threshold = multipart_threshold
+        self._chunk = multipart_chunk
+        self._part_concurrency = multipart_concurrency
+        self._config = BotoConfig(
+            s3={"addressing_style": "path"},
+            # One attempt per call: retrying is RetryingStore's job, and botocore's own
+            # retries would multiply with it. (`max_attempts` counts retries, not attempts.)
+            retries={"total_max_attempts": 1, "mode": "standard"},
+            max_pool_connections=max_connections,
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        self._client: Any = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._lock = asyncio.Lock()
+
+    # -- the Store interface -------------------------------------------------------------
+
+    async def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        """PutObject below the multipart threshold, else a multipart upload (aborted on any
+        failure, so no parts are left behind to be billed)."""
+        check_key(key)
+        view = memoryview(data).cast("B")
+        if len(view) < self._threshold:
+            body = data if isinstance(data, bytes) else bytes(view)
+            md5 = await _md5(body)
+            await self._call("PutObject", key, Key=key, Body=body, ContentMD5=md5)
+        else:
+            await self._put_multipart(key, view)
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        """GetObject, with a `Range` header for a range. `length=0` returns b"" without a
+        request (so even for a missing key); a range starting at or after the end returns b""
+        (S3 answers 416 InvalidRange there)."""
+        check_key(key)
+        check_range(offset, length)
+        if length == 0:
+            return b""
+        extra: dict[str, str] = {}
+        if offset or length is not None:
+            end = "" if length is None else str(offset + length - 1)
+            extra["Range"] = f"bytes={offset}-{end}"
+        async with self._errors("GetObject", key):
+            client = await self._get_client()
+            try:
+                resp = await client.get_object(Bucket=self.bucket, Key=key, **extra)
+            except bce.ClientError as exc:
+                if _code(exc) == "InvalidRange" or _status(exc) == 416:
+                    return b""
+                raise
+            async with resp["Body"] as body:
+                data: bytes = await body.read()
+        if extra and "ContentRange" not in resp:
+            # The server ignored the Range header and sent the whole object.
+            data = data[offset:] if length is None else data[offset : offset + length]
+        return data
+
+    async def head(self, key: str) -> ObjectInfo:
+        """HeadObject. A HEAD has no body, so a missing bucket also reads as `ObjectNotFound`
+        here; `check` tells the two apart."""
+        check_key(key)
+        resp = await self._call("HeadObject", key, Key=key)
+        return ObjectInfo(key, int(resp["ContentLength"]))
+
+    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        """Yield objects under `prefix` in UTF-8 byte order of their keys, page by page.
+
+        Holds at most one page (1000 entries) per level of `/` depth, plus the few
+        sub-prefixes of a level still waiting for their place in the order.
+        """
+        last = b""
+        async with contextlib.aclosing(self._walk(prefix)) as walk:
+            async for info in walk:
+                # The walk's ordering relies on the server sorting each level; refuse to hand
+                # out a wrong order (callers merge listings with sorted sequences).
+                this = info.key.encode()
+                if this <= last:
+                    raise PermanentError(
+                        f"{self.description} listed {info.key!r} out of order; cannot list it"
+                    )
+                last = this
+                yield info
+
+    async def delete(self, key: str) -> None:
+        """DeleteObject; S3 answers a missing key with success."""
+        check_key(key)
+        await self._call("DeleteObject", key, Key=key)
+
+    async def check(self) -> None:
+        """HeadBucket: proves the endpoint answers, the credentials work and the bucket exists."""
+        await self._call("HeadBucket", None)
+
+    async def close(self) -> None:
+        """Close the client and its connections. Idempotent; a later call reopens lazily."""
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            await stack.aclose()
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def _get_client(self) -> Any:
+        if self._client is None:
+            async with self._lock:
+                if self._client is None:
+                    stack = contextlib.AsyncExitStack()
+                    self._client = await stack.enter_async_context(
+                        AioSession().create_client(
+                            "s3",
+                            endpoint_url=self.endpoint,
+                            region_name=self.region,
+                            aws_access_key_id=self._access_key,
+                            aws_secret_access_key=self._secret_key,
+                            config=self._config,
+                        )
+                    )
+                    self._stack = stack
+        return self._client
+
+    async def _call(self, op: str, key: str | None, **kwargs: Any) -> dict[str, Any]:
+        """One request: `op` is the S3 operation name (`PutObject`), used in messages."""
+        async with self._errors(op, key):
+            client = await self._get_client()
+            method: Callable[..., Awaitable[dict[str, Any]]] = getattr(client, _snake(op))
+            return await method(Bucket=self.bucket, **kwargs)
+        raise AssertionError("unreachable")  # _errors always raises or returns above
+
+    @contextlib.asynccontextmanager
+    async def _errors(self, op: str, key: str | None) -> AsyncIterator[None]:
+        try:
+            yield
+        except DatamoverError:
+            raise
+        except Exception as exc:
+            self._map_error(exc, op, key)
+
+    def _map_error(self, exc: Exception, op: str, key: str | None) -> NoReturn:
+        """The one place that decides what a failed request means for the caller."""
+        where = f"at {self.where}"
+        if isinstance(exc, bce.ClientError):
+            code, status = _code(exc), _status(exc)
+            if code == "NoSuchUpload":
+                # The multipart upload vanished (aborted elsewhere): a new put starts afresh.
+                raise StoreUnavailable(
+                    f"S3 endpoint {self.where} lost the upload of {key!r} during {op}"
+                ) from exc
+            if code == "NoSuchBucket" or (status == 404 and key is None):
+                raise BucketNotFound(f"bucket {self.bucket!r} does not exist {where}") from exc
+            if code in ("NoSuchKey", "404", "NotFound") or status == 404:
+                raise ObjectNotFound(f"object {key!r} not found in {self.description}") from exc
+            if code in _DENIED or status in (401, 403):
+                raise StoreAccessDenied(
+                    f"access to bucket {self.bucket!r} {where} refused: the credentials were "
+                    f"refused or lack permission for {op} ({code})"
+                ) from exc
+            if code in _TRANSIENT or status in (408, 429) or (status or 0) >= 500:
+                raise StoreUnavailable(
+                    f"S3 endpoint {self.where} failed {op} on {key or self.bucket!r}: "
+                    f"{code} (HTTP {status})"
+                ) from exc
+            message = exc.response.get("Error", {}).get("Message", "")
+            raise PermanentError(
+                f"S3 endpoint {self.where} rejected {op} on {key or self.bucket!r}: "
+                f"{code} (HTTP {status}) {message}".rstrip()
+            ) from exc
+        if isinstance(exc, bce.SSLError):
+            # A certificate problem does not heal by itself.
+            raise PermanentError(f"TLS with S3 endpoint {self.where} failed: {exc}") from exc
+        if isinstance(exc, _CONNECTION):
+            raise StoreUnavailable(
+                f"S3 endpoint {self.where} unavailable during {op}: {exc or type(exc).__name__}"
+            ) from exc
+        if isinstance(exc, bce.NoCredentialsError | bce.PartialCredentialsError):
+            raise StoreAccessDenied(
+                f"no usable credentials for bucket {self.bucket!r} {where}: set access_key and "
+                f"secret_key or the AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY variables"
+            ) from exc
+        raise exc
+
+    # -- multipart ----------------------------------------------------------------------
+
+    async def _put_multipart(self, key: str, view: memoryview) -> None:
+        size = len(view)
+        part_size = max(self._chunk, -(-size // MAX_PARTS))
+        created = await self._call("CreateMultipartUpload", key, Key=key)
+        upload_id: str = created["UploadId"]
+        try:
+            slots = asyncio.Semaphore(self._part_concurrency)
+
+            async def upload(number: int, start: int) -> dict[str, Any]:
+                async with slots:
+                    # Copy the part only while it is in flight: memory stays bounded by
+                    # concurrency x part size however large the object.
+                    body = bytes(view[start : start + part_size])
+                    md5 = await _md5(body)
+                    resp = await self._call(
+                        "UploadPart",
+                        key,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=body,
+                        ContentMD5=md5,
+                    )
+                    return {"PartNumber": number, "ETag": resp["ETag"]}
+
+            parts = await _gather_or_cancel(
+                upload(n, start) for n, start in enumerate(range(0, size, part_size), start=1)
+            )
+            await self._call(
+                "CompleteMultipartUpload",
+                key,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+            )
+        except BaseException:
+            # Shielded so a cancelled put still cleans up; if the abort fails too, a bucket
+            # lifecycle rule (AbortIncompleteMultipartUpload) is the backstop.
+            with contextlib.suppress(Exception):
+                await asyncio.shield(
+                    self._call("AbortMultipartUpload", key, Key=key, UploadId=upload_id)
+                )
+            raise
+
+    # -- listing ------------------------------------------------------------------------
+
+    async def _walk(self, prefix: str) -> AsyncIterator[ObjectInfo]:
+        """Objects under `prefix` at this `/` level and, recursively, below it, in key order.
+
+        Within a level the server returns objects and sub-prefixes sorted either by key (S3)
+        or by name without the trailing `/` (SeaweedFS). In both, a sub-prefix `d/` can be
+        entered once an entry sorting after it has arrived, or the level has ended; until
+        then it waits in a heap, because siblings like `d-x` and `d.x` come before `d/`.
+        """
+        waiting: list[str] = []
+        async for entries in self._level_pages(prefix):
+            for sort_key, name, size in entries:
+                while waiting and waiting[0].encode() < sort_key:
+                    async with contextlib.aclosing(self._walk(heapq.heappop(waiting))) as sub:
+                        async for info in sub:
+                            yield info
+                if size is None:
+                    heapq.heappush(waiting, name)
+                else:
+                    yield ObjectInfo(name, size)
+        while waiting:
+            async with contextlib.aclosing(self._walk(heapq.heappop(waiting))) as sub:
+                async for info in sub:
+                    yield info
+
+    async def _level_pages(self, prefix: str) -> AsyncIterator[list[tuple[bytes, str, int | None]]]:
+        """ListObjectsV2 pages of one level as sorted `(sort key, key, size or None)` lists;
+        size None marks a sub-prefix (which ends with `/`)."""
+        token: str | None = None
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page = await self._call("ListObjectsV2", None, Prefix=prefix, Delimiter="/", **extra)
+            entries: list[tuple[bytes, str, int | None]] = []
+            for obj in page.get("Contents", ()):
+                k: str = obj["Key"]
+                if not k.endswith("/"):  # folder markers made by other tools are not objects
+                    entries.append((k.encode(), k, int(obj["Size"])))
+            for cp in page.get("CommonPrefixes", ()):
+                p: str = cp["Prefix"]
+                if p == prefix:
+                    raise PermanentError(f"{self.description} returned prefix {p!r} for itself")
+                entries.append((p.encode(), p, None))
+            entries.sort()
+            yield entries
+            if not page.get("IsTruncated"):
+                return
+            token = page.get("NextContinuationToken")
+            if not token:
+                raise PermanentError(f"{self.description} truncated a listing without a token")
+
+
+async def _md5(body: bytes) -> str:
+    """Base64 MD5 for Content-MD5; big bodies hash in a thread (hashlib releases the GIL)."""
+    if len(body) < MiB:
+        return base64.b64encode(hashlib.md5(body).digest()).decode()
+    digest = await asyncio.to_thread(lambda: hashlib.md5(body).digest())
+    return base64.b64encode(digest).decode()
+
+
+async def _gather_or_cancel(coros: Iterator[Awaitable[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Run all, return results in order; on the first failure cancel the rest and raise it
+    (plain `gather` would let the other parts keep uploading into an upload being aborted)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for t in done:
+            if t.exception() is not None:
+                raise t.exception()  # type: ignore[misc]
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _code(exc: bce.ClientError) -> str:
+    return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _status(exc: bce.ClientError) -> int | None:
+    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return int(status) if status is not None else None
+
+
+def _snake(op: str) -> str:
+    """`PutObject` -> `put_object` (botocore's method names)."""
+    return "".join("_" + c.lower() if c.isupper() else c for c in op).lstrip("_")

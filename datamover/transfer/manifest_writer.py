@@ -1,0 +1,113 @@
+"""The push manifest writer: cut entries into segments, upload each after its packs.
+
+Segments are cut every `segment_entries` entries, so equal trees give equal segments: a
+segment whose digest the store already has (the parent's, or one a killed run uploaded) is
+not uploaded again. Each segment is recorded in the push checkpoint, in order, as soon as it
+is safely stored, which is what lets a rerun skip the files it covers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import blake3
+
+from datamover.domain.manifest import Entry
+from datamover.repo.manifest import SegmentRef, encode_segment
+from datamover.repo.repository import Repository
+from datamover.transfer.packer import OpenPack, Packer, PendingChunk
+
+OnSegment = Callable[[int, SegmentRef], Awaitable[None]]
+
+
+def _resolve(entries: list[Entry]) -> list[Entry]:
+    for e in entries:
+        if e.chunks and any(isinstance(c, PendingChunk) for c in e.chunks):
+            e.chunks = tuple(c.resolve() if isinstance(c, PendingChunk) else c for c in e.chunks)
+    return entries
+
+
+class ManifestWriter:
+    """Collects entries (whose chunks may still be pending) into uploaded segments."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        packer: Packer,
+        segment_entries: int,
+        known: set[bytes],
+        on_segment: OnSegment,
+    ) -> None:
+        self.repo = repo
+        self.packer = packer
+        self.segment_entries = segment_entries
+        self.known = known
+        self.on_segment = on_segment
+        self.uploaded_bytes = 0
+        self._entries: list[Entry] = []
+        self._packs: set[OpenPack] = set()
+        self._refs: list[SegmentRef] = []
+        self._last: asyncio.Task[None] | None = None
+        self._inflight = asyncio.Semaphore(2)
+
+    def add(self, entry: Entry) -> None:
+        """Append an entry (the caller keeps order). Pending chunks are resolved later."""
+        self._entries.append(entry)
+        for c in entry.chunks:
+            if isinstance(c, PendingChunk):
+                self._packs.add(c.pack)
+
+    def full(self) -> bool:
+        """True when the current segment should be cut."""
+        return len(self._entries) >= self.segment_entries
+
+    async def cut(self) -> None:
+        """Close the current segment and upload it in the background (in order)."""
+        if not self._entries:
+            return
+        entries, self._entries = self._entries, []
+        packs, self._packs = self._packs, set()
+        if any(p.pack_id is None for p in packs):
+            # The open pack holds chunks of this segment: seal it now, or the segment would
+            # wait for a pack that only fills when later segments bring new chunks.
+            await self.packer.flush()
+        await self._inflight.acquire()
+        self._last = asyncio.create_task(self._finish(entries, packs, self._last))
+
+    async def _finish(
+        self,
+        entries: list[Entry],
+        packs: set[OpenPack],
+        previous: asyncio.Task[None] | None,
+    ) -> None:
+        try:
+            if packs:
+                await asyncio.gather(*(p.done for p in packs))
+            data = await asyncio.to_thread(lambda: encode_segment(_resolve(entries)))
+            digest = blake3.blake3(data).digest()
+            if digest not in self.known:
+                await self.repo.put_manifest_object(data)
+                self.uploaded_bytes += len(data)
+            size = sum(e.size for e in entries if e.chunks)
+            ref = SegmentRef(
+                digest, len(data), len(entries), entries[0].path, entries[-1].path, size
+            )
+            if previous is not None:
+                await previous
+            self._refs.append(ref)
+            await self.on_segment(len(self._refs) - 1, ref)
+        finally:
+            self._inflight.release()
+
+    async def finish(self) -> list[SegmentRef]:
+        """Cut the last segment, wait for all uploads, return the manifest list in order."""
+        await self.cut()
+        if self._last is not None:
+            await self._last
+        return self._refs
+
+    async def abort(self) -> None:
+        """Wait out segment tasks after a failure elsewhere, ignoring their errors."""
+        if self._last is not None:
+            await asyncio.gather(self._last, return_exceptions=True)

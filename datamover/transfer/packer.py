@@ -1,0 +1,188 @@
+"""The push packer: dedup lookup, pack building and bounded concurrent upload.
+
+A chunk goes into a pack only if neither the catalog nor a pack still in flight already has
+it. A sealed pack is uploaded in the background (at most `concurrency` at once, which also
+bounds memory); when its upload succeeds its chunks are indexed in the catalog, and only then
+is the pack's `done` future resolved. Manifest segments wait on those futures, so nothing in
+the store ever refers to a pack that is not complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from datamover.catalog.queries import Catalog
+from datamover.chunking.pack import PackBuilder, pack_key
+from datamover.domain.manifest import ChunkRef
+from datamover.storage.base import Store
+from datamover.transfer.scan import NewChunk
+
+
+class OpenPack:
+    """A pack being filled or uploaded. `pack_id` is known once sealed."""
+
+    def __init__(self) -> None:
+        self.builder = PackBuilder()
+        self.pack_id: bytes | None = None
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+
+@dataclass(slots=True, frozen=True)
+class PendingChunk:
+    """A chunk placed in a pack whose id may not be known yet."""
+
+    digest: bytes
+    pack: OpenPack
+    offset: int
+    stored_length: int
+    raw_length: int
+    codec: int
+
+    def resolve(self) -> ChunkRef:
+        """The final reference; valid once the pack is sealed."""
+        assert self.pack.pack_id is not None, "pack not sealed"
+        return ChunkRef(
+            self.digest,
+            self.pack.pack_id,
+            self.offset,
+            self.stored_length,
+            self.raw_length,
+            self.codec,
+        )
+
+
+Ref = ChunkRef | PendingChunk
+
+
+@dataclass
+class PackerStats:
+    """Counters for the push summary."""
+
+    packs: int = 0
+    pack_bytes: int = 0
+    new_chunks: int = 0
+    new_chunk_bytes: int = 0
+    dedup_chunks: int = 0
+
+
+class Packer:
+    """Places new chunks into packs and uploads them; see the module docstring."""
+
+    def __init__(
+        self,
+        store: Store,
+        catalog: Catalog,
+        pack_size: int,
+        concurrency: int,
+    ) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.pack_size = pack_size
+        self.stats = PackerStats()
+        self._slots = asyncio.Semaphore(concurrency)
+        self._pending: dict[bytes, PendingChunk] = {}
+        self._open: OpenPack | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._error: BaseException | None = None
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    async def lookup(self, digests: Sequence[bytes]) -> dict[bytes, Ref]:
+        """Where each already-stored (or in-flight) digest lives; unknown ones are absent."""
+        self._check()
+        found: dict[bytes, Ref] = {}
+        missing = []
+        for d in digests:
+            p = self._pending.get(d)
+            if p is not None:
+                found[d] = p
+            else:
+                missing.append(d)
+        if missing:
+            found.update(await self.catalog.lookup_chunks(missing))
+        self.stats.dedup_chunks += len(found)
+        return found
+
+    async def add(self, chunks: Sequence[NewChunk]) -> dict[bytes, PendingChunk]:
+        """Place new encoded chunks; return where each went (duplicates placed once)."""
+        self._check()
+        placed: dict[bytes, PendingChunk] = {}
+        for chunk in chunks:
+            d = chunk.digest
+            known = self._pending.get(d)
+            if known is not None:
+                placed[d] = known
+                continue
+            if self._open is None:
+                self._open = OpenPack()
+            pack = self._open
+            offset = pack.builder.add(d, chunk.stored, chunk.raw_length, chunk.codec)
+            ref = PendingChunk(d, pack, offset, len(chunk.stored), chunk.raw_length, chunk.codec)
+            self._pending[d] = placed[d] = ref
+            self.stats.new_chunks += 1
+            self.stats.new_chunk_bytes += chunk.raw_length
+            if pack.builder.size >= self.pack_size:
+                await self._seal()
+        return placed
+
+    async def _seal(self) -> None:
+        pack, self._open = self._open, None
+        if pack is None:
+            return
+        await self._slots.acquire()  # backpressure: at most `concurrency` packs in memory
+        try:
+            entries = pack.builder.entries
+            pack_id, data = await asyncio.to_thread(pack.builder.finish)
+        except BaseException:
+            self._slots.release()
+            raise
+        pack.pack_id = pack_id
+        task = asyncio.create_task(self._upload(pack, data, entries))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _upload(self, pack: OpenPack, data: bytearray, entries: list) -> None:
+        assert pack.pack_id is not None
+        try:
+            await self.store.put(pack_key(pack.pack_id), data)
+            refs = [
+                ChunkRef(e.digest, pack.pack_id, e.offset, e.stored_length, e.raw_length, e.codec)
+                for e in entries
+            ]
+            await self.catalog.add_pack(pack.pack_id, len(data), refs)
+            self.stats.packs += 1
+            self.stats.pack_bytes += len(data)
+            for e in entries:
+                if self._pending.get(e.digest) is not None and self._pending[e.digest].pack is pack:
+                    del self._pending[e.digest]
+            pack.done.set_result(None)
+        except BaseException as exc:
+            if self._error is None:
+                self._error = exc
+            pack.done.set_exception(exc)
+            pack.done.exception()  # mark retrieved; the error surfaces through _check/close
+        finally:
+            self._slots.release()
+
+    async def flush(self) -> None:
+        """Seal the open pack, if any."""
+        self._check()
+        await self._seal()
+
+    async def close(self) -> None:
+        """Seal and wait for every upload; raise the first upload error."""
+        await self.flush()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._check()
+
+    async def abort(self) -> None:
+        """Cancel uploads in flight (after a failure elsewhere)."""
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)

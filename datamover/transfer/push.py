@@ -1,0 +1,207 @@
+"""Push: publish the site's local tree of a dataset as a new version.
+
+Flow (DESIGN.md "push"): resolve the local directory, stream the sorted walk merged with the
+parent version's manifest (and with the segments an interrupted run already uploaded), read
+and chunk only what changed, upload only chunks the store lacks, write manifest segments,
+then the manifest list, then the version document — the single act that publishes.
+
+Crash safety: packs are indexed in the catalog only after they are stored, and segments are
+checkpointed only after theirs are; a rerun after SIGKILL finds both and sends neither again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from datamover.catalog.queries import owner_alive, owner_id
+from datamover.domain.ids import new_version_id
+from datamover.domain.manifest import Entry, Kind
+from datamover.domain.paths import check_logical_path, sort_key
+from datamover.errors import Conflict, Corrupt, NotFound
+from datamover.repo.layout import VersionDoc
+from datamover.repo.manifest import SegmentRef, encode_list
+from datamover.repo.repository import Repository, utc_now
+from datamover.site import Site
+from datamover.transfer.manifest_writer import ManifestWriter
+from datamover.transfer.packer import Packer, Ref
+from datamover.transfer.progress import NoProgress, Progress
+from datamover.transfer.scan import Done, NewChunk, Scanner
+
+
+@dataclass
+class PushResult:
+    """The summary of a push (`--json` prints it)."""
+
+    dataset: str
+    version: str
+    parent: str | None
+    unchanged: bool
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    bytes: int = 0
+    uploaded_bytes: int = 0
+    files_read: int = 0
+    bytes_read: int = 0
+    new_chunks: int = 0
+    new_chunk_bytes: int = 0
+    packs: int = 0
+    seconds: float = 0.0
+    skipped_special: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def _previous(
+    repo: Repository, resumed: list[SegmentRef], parent: list[SegmentRef]
+) -> Iterator[Entry]:
+    """Sorted entries to compare the walk with: what an interrupted run already stored, then
+    the parent's entries beyond it."""
+    cutoff: tuple[str, ...] | None = None
+    if resumed:
+        yield from repo.iter_cached(resumed, check=False)
+        cutoff = sort_key(resumed[-1].last_path)
+    for entry in repo.iter_cached(parent, check=False):
+        if cutoff is None or sort_key(entry.path) > cutoff:
+            yield entry
+
+
+async def _resumable_segments(site: Site, dataset: str) -> list[SegmentRef]:
+    me = owner_id()
+    exists, _parent, owner = await site.catalog.checkpoint(dataset)
+    if not exists:
+        return []
+    if owner and owner != me and owner_alive(owner):
+        raise Conflict(f"a push of {dataset!r} is already running ({owner})")
+    segments = await site.catalog.checkpoint_segments(dataset)
+    try:
+        for ref in segments:
+            await site.repo.manifest_object(ref.digest)
+    except Corrupt:
+        return []  # the interrupted run's segments are gone: start over, packs still dedup
+    return segments
+
+
+async def push(
+    site: Site, logical: str, *, checksum: bool = False, progress: Progress | None = None
+) -> PushResult:
+    """Push the local tree of `logical` as a new version; see the module docstring."""
+    started = time.monotonic()
+    progress = progress or NoProgress()
+    dataset = check_logical_path(logical)
+    root = site.config.namespace.resolve(dataset)
+    if not root.is_dir():
+        raise NotFound(f"local directory {str(root)!r} of {dataset!r} does not exist")
+    params = await site.repo.chunker_params(create=True)
+    parent_id = await site.repo.latest(dataset)
+    parent = await site.repo.read_version(dataset, parent_id) if parent_id else None
+    resumed = await _resumable_segments(site, dataset)
+    await site.catalog.start_checkpoint(dataset, parent_id, owner_id(), bool(resumed))
+    parent_refs = await site.repo.prefetch(parent) if parent else []
+
+    t = site.config.transfer
+    level = None if t.compression == "never" else t.zstd_level
+    previous = _previous(site.repo, resumed, parent_refs)
+    workers = t.read_workers if t.read_workers > 0 else (os.cpu_count() or 1)
+    scanner = Scanner(str(root), previous, params, checksum, level, workers)
+    packer = Packer(site.store, site.catalog, t.pack_size, t.upload_concurrency)
+
+    async def on_segment(seq: int, ref: SegmentRef) -> None:
+        await site.catalog.add_checkpoint_segment(dataset, seq, ref)
+
+    known = {r.digest for r in parent_refs} | {r.digest for r in resumed}
+    writer = ManifestWriter(site.repo, packer, t.segment_entries, known, on_segment)
+    result = PushResult(dataset, "", parent_id, False)
+    current: dict[bytes, Ref] = {}  # where the chunks of files being assembled went
+    reading: asyncio.Future[list[object]] = asyncio.ensure_future(
+        asyncio.to_thread(scanner.next_batch)
+    )
+    try:
+        while batch := await reading:
+            reading = asyncio.ensure_future(asyncio.to_thread(scanner.next_batch))
+            new = [p for p in batch if isinstance(p, NewChunk)]
+            if new:
+                refs = await packer.lookup([c.digest for c in new])
+                missing = [c for c in new if c.digest not in refs]
+                if missing:
+                    refs.update(await packer.add(missing))
+                current.update(refs)
+            files = nbytes = 0
+            for piece in batch:
+                if not isinstance(piece, Done):
+                    continue
+                entry = piece.entry
+                if piece.digests is not None:
+                    entry.chunks = tuple(current[d] for d in piece.digests)
+                if entry.kind == Kind.FILE:
+                    result.files += 1
+                    result.bytes += entry.size
+                    files += 1
+                    nbytes += entry.size
+                elif entry.kind == Kind.DIR:
+                    result.dirs += 1
+                else:
+                    result.symlinks += 1
+                writer.add(entry)
+                if writer.full():
+                    await writer.cut()
+            if isinstance(batch[-1], Done):
+                current.clear()  # no file is half-assembled across the batch boundary
+            progress.advance(files, nbytes)
+        await packer.close()
+        segments = await writer.finish()
+    except BaseException:
+        await asyncio.gather(reading, return_exceptions=True)  # the thread must stop first
+        await packer.abort()
+        await writer.abort()
+        raise
+    finally:
+        await asyncio.to_thread(scanner.close)
+
+    stats = scanner.stats
+    result.files_read, result.bytes_read = stats.files_read, stats.bytes_read
+    result.skipped_special = stats.skipped_special
+    result.new_chunks, result.new_chunk_bytes = (
+        packer.stats.new_chunks,
+        packer.stats.new_chunk_bytes,
+    )
+    result.packs = packer.stats.packs
+    result.uploaded_bytes = packer.stats.pack_bytes + writer.uploaded_bytes
+
+    if parent is not None and [r.digest for r in segments] == [r.digest for r in parent_refs]:
+        await site.catalog.clear_checkpoint(dataset)
+        result.version, result.unchanged = parent.version, True
+        result.seconds = round(time.monotonic() - started, 3)
+        return result
+
+    listing = encode_list(segments)
+    list_digest = await site.repo.put_manifest_object(listing)
+    doc = VersionDoc(
+        dataset=dataset,
+        version=new_version_id(site.name, after=parent_id),
+        parent=parent_id,
+        site=site.name,
+        created=utc_now(),
+        manifest=list_digest.hex(),
+        manifest_size=len(listing),
+        segments=len(segments),
+        files=result.files,
+        dirs=result.dirs,
+        symlinks=result.symlinks,
+        bytes=result.bytes,
+    )
+    body = doc.to_bytes()
+    await site.repo.publish(doc)
+    result.uploaded_bytes += len(listing) + len(body)
+    result.version = doc.version
+    await site.catalog.record_versions([doc])
+    await site.catalog.clear_checkpoint(dataset)
+    result.seconds = round(time.monotonic() - started, 3)
+    return result

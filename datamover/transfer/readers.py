@@ -1,0 +1,156 @@
+"""Reading files into encoded chunks: the CPU-heavy part of push.
+
+Runs in the scanner's thread for a few files or a large one (streaming), and in worker
+processes for many small files (`read_batch`), because reading, hashing and compressing
+thousands of 4 KiB files per second is Python-bound and the GIL would serialise threads.
+This module imports only what that needs, so a worker starts fast.
+
+A file is read between two `fstat`s; if size, mtime or ctime differ, or the bytes read do
+not add up to the size, the read is torn and retried (twice at most), then reported: a torn
+file is never published. Failures travel as `ReadProblem` values, which pickle cleanly.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import blake3
+
+from datamover.chunking.chunker import Chunker, ChunkerParams
+from datamover.chunking.codec import encode
+
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+ATTEMPTS = 3
+
+
+class NewChunk(NamedTuple):
+    """One chunk of a file, already encoded for a pack. (Tuples: they cross process
+    boundaries by the ten thousand, and pickle several times faster than dataclasses.)"""
+
+    digest: bytes
+    raw_length: int
+    codec: int
+    stored: bytes | memoryview
+
+
+class FileRead(NamedTuple):
+    """A file read completely and consistently (stat values from the open file)."""
+
+    mode: int
+    mtime_ns: int
+    size: int
+    chunks: list[NewChunk]
+
+
+@dataclass(slots=True, frozen=True)
+class ReadProblem:
+    """Why a file could not be read: `vanished`, `changed`, `denied` or `type`."""
+
+    kind: str
+    path: str
+    detail: str = ""
+
+
+class Torn(Exception):
+    """The file changed while it was read."""
+
+
+def open_file(root: str, rel: str) -> int | ReadProblem:
+    """Open `root/rel` for reading without following a final symlink."""
+    try:
+        return os.open(os.path.join(root, rel), _OPEN_FLAGS)
+    except FileNotFoundError:
+        return ReadProblem("vanished", rel)
+    except PermissionError:
+        return ReadProblem("denied", rel, os.path.join(root, rel))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return ReadProblem("type", rel)
+        raise
+
+
+def read_open(
+    fd: int, chunker: Chunker, level: int | None, digests: list[bytes]
+) -> Iterator[NewChunk]:
+    """Yield the encoded chunks of open file `fd`, appending digests; return its stat values.
+
+    Raises `Torn` if the file changed meanwhile (then `digests` is cleared).
+    """
+    before = os.fstat(fd)
+    if not stat.S_ISREG(before.st_mode):
+        raise Torn
+    total = 0
+    for data in chunker.chunks(fd, before.st_size):
+        digest = blake3.blake3(data).digest()
+        digests.append(digest)
+        total += len(data)
+        yield NewChunk(digest, len(data), *encode(data, level))
+    after = os.fstat(fd)
+    if (
+        total != before.st_size
+        or after.st_size != before.st_size
+        or after.st_mtime_ns != before.st_mtime_ns
+        or after.st_ctime_ns != before.st_ctime_ns
+    ):
+        digests.clear()
+        raise Torn
+    return stat.S_IMODE(before.st_mode), before.st_mtime_ns, total
+
+
+def read_whole(root: str, rel: str, chunker: Chunker, level: int | None) -> FileRead | ReadProblem:
+    """Read a (small) file completely, retrying torn reads; never raises for file problems."""
+    for _ in range(ATTEMPTS):
+        fd = open_file(root, rel)
+        if isinstance(fd, ReadProblem):
+            return fd
+        try:
+            digests: list[bytes] = []
+            reader = read_open(fd, chunker, level, digests)
+            chunks = []
+            while True:
+                try:
+                    chunks.append(next(reader))
+                except StopIteration as done:
+                    mode, mtime_ns, size = done.value
+                    return FileRead(mode, mtime_ns, size, chunks)
+        except Torn:
+            continue
+        finally:
+            os.close(fd)
+    return ReadProblem("changed", rel)
+
+
+_chunkers: dict[ChunkerParams, Chunker] = {}
+
+
+def read_batch(
+    root: str, paths: list[str], params: ChunkerParams, level: int | None
+) -> list[tuple[Any, ...] | ReadProblem]:
+    """Worker-process entry point: read many small files; results in `paths` order.
+
+    A result is a `FileRead` flattened to plain tuples (what pickles fastest); the caller
+    rebuilds it with `FileRead.from_wire`.
+    """
+    chunker = _chunkers.get(params)
+    if chunker is None:
+        chunker = _chunkers[params] = Chunker(params)
+    out: list[tuple[Any, ...] | ReadProblem] = []
+    for rel in paths:
+        r = read_whole(root, rel, chunker, level)
+        out.append(
+            r if isinstance(r, ReadProblem) else (r[0], r[1], r[2], [tuple(c) for c in r[3]])
+        )
+    return out
+
+
+def from_wire(item: tuple[Any, ...] | ReadProblem) -> FileRead | ReadProblem:
+    """Rebuild what `read_batch` flattened."""
+    if isinstance(item, ReadProblem):
+        return item
+    mode, mtime_ns, size, chunks = item
+    return FileRead(mode, mtime_ns, size, [NewChunk._make(c) for c in chunks])

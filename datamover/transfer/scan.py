@@ -1,0 +1,268 @@
+"""The push scanner: walk the local tree, merge it with the previous manifest, read what changed.
+
+Runs in a worker thread. Produces a stream of *pieces* in tree order: `NewChunk` carries one
+encoded chunk of the file being read, `Done` closes an entry. A file's `NewChunk`s come
+before its `Done`, so a multi-GiB file flows through in chunk-sized pieces.
+
+A file is "unchanged" when size and mtime equal the previous entry's (unless `checksum`), and
+is then not opened at all. Files to read are batched; once a push has read enough of them to
+be worth it, batches go to a pool of worker processes (`readers.read_batch`) while the walk
+goes on, and results are consumed in order. Large files are read here, streaming.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from datamover.chunking.chunker import Chunker, ChunkerParams
+from datamover.domain.manifest import Entry, Kind
+from datamover.domain.paths import check_symlink_target, sort_key
+from datamover.errors import Conflict, InvalidInput
+from datamover.transfer import readers
+from datamover.transfer.readers import FileRead, NewChunk, ReadProblem
+from datamover.transfer.walk import LocalEntry, Walker
+
+__all__ = ["Done", "NewChunk", "ScanStats", "Scanner"]
+
+_BATCH_FILES = 256
+_BATCH_BYTES = 4 << 20
+_POOL_AFTER = 1024  # files read before worker processes are worth starting
+
+
+@dataclass(slots=True)
+class Done:
+    """An entry is complete. `digests` lists a read file's chunks in order; for anything
+    else (and for unchanged files, whose `entry.chunks` are reused) it is None."""
+
+    entry: Entry
+    digests: list[bytes] | None = None
+
+
+@dataclass
+class ScanStats:
+    """What the scanner did, for the push summary."""
+
+    files_read: int = 0
+    bytes_read: int = 0
+    files_unchanged: int = 0
+    skipped_special: list[str] = field(default_factory=list)
+
+
+def _problem(p: ReadProblem) -> Exception:
+    if p.kind == "denied":
+        return InvalidInput(f"cannot read {p.detail!r}: permission denied")
+    if p.kind == "vanished":
+        what = "vanished"
+    elif p.kind == "type":
+        what = "changed type"
+    else:
+        what = f"changed while it was read ({readers.ATTEMPTS} attempts)"
+    return Conflict(
+        f"{p.path!r} {what}; nothing was published (run push again once the tree is quiet)"
+    )
+
+
+class Scanner:
+    """Produces pieces for the tree at `root`, merged with `previous` (sorted entries).
+
+    `workers` is the number of reader processes to use for many small files (0: none).
+    Call `close` when done.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        previous: Iterator[Entry],
+        params: ChunkerParams,
+        checksum: bool = False,
+        zstd_level: int | None = 3,
+        workers: int = 0,
+    ) -> None:
+        self.root = root
+        self.walker = Walker(root, strict=True)
+        self.previous = previous
+        self.params = params
+        self.checksum = checksum
+        self.level = zstd_level
+        self.workers = workers
+        self.chunker = Chunker(params)
+        self.stats = ScanStats()
+        self._prev: Entry | None = None
+        self._prev_key: tuple[str, ...] = ()
+        self._pool: ProcessPoolExecutor | None = None
+        self._queued_reads = 0
+        self._pieces = self._generate()
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def next_batch(self, max_pieces: int = 4096, max_bytes: int = 16 << 20) -> list[object]:
+        """Up to `max_pieces` pieces or about `max_bytes` of chunk data; [] at the end."""
+        batch: list[object] = []
+        size = 0
+        for piece in self._pieces:
+            batch.append(piece)
+            if isinstance(piece, NewChunk):
+                size += piece.raw_length
+            if len(batch) >= max_pieces or size >= max_bytes:
+                break
+        self.stats.skipped_special = self.walker.skipped_special
+        return batch
+
+    # -- merge ------------------------------------------------------------------------
+
+    def _previous_for(self, key: tuple[str, ...]) -> Entry | None:
+        while True:
+            if self._prev is None:
+                self._prev = next(self.previous, None)
+                if self._prev is None:
+                    return None
+                self._prev_key = sort_key(self._prev.path)
+            if self._prev_key < key:
+                self._prev = None
+                continue
+            return self._prev if self._prev_key == key else None
+
+    def _plan(self) -> Iterator[Done | LocalEntry]:
+        """Entries needing no read as `Done`, files to read as their `LocalEntry`."""
+        for local in self.walker:
+            if local.kind == Kind.DIR:
+                yield Done(Entry(local.path, Kind.DIR, local.mode, local.mtime_ns))
+                continue
+            if local.kind == Kind.SYMLINK:
+                target = local.target or ""
+                check_symlink_target(local.path, target)
+                entry = Entry(
+                    local.path,
+                    Kind.SYMLINK,
+                    local.mode,
+                    local.mtime_ns,
+                    len(target.encode()),
+                    target,
+                )
+                yield Done(entry)
+                continue
+            prev = self._previous_for(sort_key(local.path))
+            if (
+                prev is not None
+                and not self.checksum
+                and prev.kind == Kind.FILE
+                and prev.size == local.size
+                and prev.mtime_ns == local.mtime_ns
+            ):
+                self.stats.files_unchanged += 1
+                yield Done(
+                    Entry(
+                        local.path,
+                        Kind.FILE,
+                        local.mode,
+                        local.mtime_ns,
+                        local.size,
+                        None,
+                        prev.chunks,
+                    )
+                )
+            else:
+                yield local
+
+    # -- reading ----------------------------------------------------------------------
+
+    def _submit(self, items: list[Any]) -> tuple[str, list[Any], Future[Any] | None]:
+        jobs = [i.path for i in items if isinstance(i, LocalEntry)]
+        self._queued_reads += len(jobs)
+        if self.workers and jobs and self._queued_reads > _POOL_AFTER:
+            if self._pool is None:
+                ctx = multiprocessing.get_context("forkserver")
+                ctx.set_forkserver_preload(["datamover.transfer.readers"])
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+            future = self._pool.submit(readers.read_batch, self.root, jobs, self.params, self.level)
+            return ("pool", items, future)
+        return ("here", items, None)
+
+    def _emit(self, item: Any, result: FileRead | ReadProblem) -> Iterator[object]:
+        if isinstance(result, ReadProblem):
+            raise _problem(result)
+        yield from result.chunks
+        self.stats.files_read += 1
+        self.stats.bytes_read += result.size
+        entry = Entry(item.path, Kind.FILE, result.mode, result.mtime_ns, result.size)
+        yield Done(entry, [c.digest for c in result.chunks])
+
+    def _consume(self, slot: tuple[str, Any, Any]) -> Iterator[object]:
+        kind, items, future = slot
+        if kind == "large":
+            yield from self._read_large(items)
+            return
+        results = iter(future.result()) if future is not None else None
+        for item in items:
+            if isinstance(item, Done):
+                yield item
+            elif results is not None:
+                yield from self._emit(item, readers.from_wire(next(results)))
+            else:
+                yield from self._emit(
+                    item, readers.read_whole(self.root, item.path, self.chunker, self.level)
+                )
+
+    def _read_large(self, local: LocalEntry) -> Iterator[object]:
+        for _ in range(readers.ATTEMPTS):
+            fd = readers.open_file(self.root, local.path)
+            if isinstance(fd, ReadProblem):
+                raise _problem(fd)
+            try:
+                digests: list[bytes] = []
+                mode, mtime_ns, size = yield from readers.read_open(
+                    fd, self.chunker, self.level, digests
+                )
+            except readers.Torn:
+                continue  # chunks already sent are harmless: unreferenced or deduplicated
+            finally:
+                os.close(fd)
+            self.stats.files_read += 1
+            self.stats.bytes_read += size
+            yield Done(Entry(local.path, Kind.FILE, mode, mtime_ns, size), digests)
+            return
+        raise _problem(ReadProblem("changed", local.path))
+
+    def _generate(self) -> Iterator[object]:
+        queue: deque[tuple[str, Any, Any]] = deque()
+        items: list[Any] = []
+        jobs = nbytes = 0
+        window = 2 * self.workers + 1
+        small = self.params.small_file_limit
+
+        def ready() -> bool:
+            head = queue[0][2]
+            pooled = sum(1 for s in queue if s[2] is not None)
+            return head is None or head.done() or pooled >= window or len(queue) > 4 * window
+
+        for item in self._plan():
+            if isinstance(item, LocalEntry) and item.size > small:
+                if items:
+                    queue.append(self._submit(items))
+                    items, jobs, nbytes = [], 0, 0
+                queue.append(("large", item, None))
+            else:
+                items.append(item)
+                if isinstance(item, LocalEntry):
+                    jobs += 1
+                    nbytes += item.size
+                if jobs >= _BATCH_FILES or nbytes >= _BATCH_BYTES or len(items) >= 4096:
+                    queue.append(self._submit(items))
+                    items, jobs, nbytes = [], 0, 0
+            # Keep the pool busy: wait on the head only when enough batches are in flight.
+            while queue and ready():
+                yield from self._consume(queue.popleft())
+        if items:
+            queue.append(self._submit(items))
+        while queue:
+            yield from self._consume(queue.popleft())

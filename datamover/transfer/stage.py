@@ -1,0 +1,396 @@
+"""Stage: materialise a version at the site's mapped path, fetching only what is missing.
+
+Flow (DESIGN.md "stage"): resolve the version, bring its manifest into the local cache and
+check every entry *before* touching the disk (the store is not trusted), then merge the
+local tree with it (`plan.StagePlanner`), fetch missing chunks with coalesced ranged GETs,
+verify each against its digest, and write each file under a temporary name renamed into
+place with its mode and mtime. Directory modes and mtimes are set last.
+
+Concurrency: the planner walks in one thread, fetches run on the event loop, decoding runs
+in another thread and every file-system change goes through one writer thread, in order.
+Crash safety: a file appears at its final path only complete and verified; large files keep
+a stable partial name so a rerun resumes them after re-checking what is already there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from datamover.catalog.queries import owner_alive, owner_id
+from datamover.domain.manifest import Entry, Kind
+from datamover.domain.paths import check_logical_path
+from datamover.errors import Conflict, Corrupt, NotFound
+from datamover.repo.layout import VersionDoc, encode_dataset
+from datamover.repo.manifest import SegmentRef
+from datamover.site import Site
+from datamover.transfer import fsops
+from datamover.transfer.fetch import Fetcher, decode_ranges, plan_ranges
+from datamover.transfer.plan import Op, StagePlanner
+from datamover.transfer.progress import NoProgress, Progress
+from datamover.transfer.walk import Walker
+
+_PLAN_BATCH = 2048
+_BATCH_FILES = 4096
+_MAX_DIRS_IN_MEMORY = 1 << 16
+
+
+@dataclass
+class StageResult:
+    """The summary of a stage (`--json` prints it)."""
+
+    dataset: str
+    version: str
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    bytes: int = 0
+    fetched_files: int = 0
+    fetched_bytes: int = 0
+    downloaded_bytes: int = 0
+    kept_files: int = 0
+    removed: int = 0
+    trashed: list[str] = field(default_factory=list)
+    trash_dir: str | None = None
+    seconds: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (the trashed list is capped at 100 names)."""
+        data = asdict(self)
+        data["trashed_count"] = len(self.trashed)
+        data["trashed"] = self.trashed[:100]
+        return data
+
+
+def _check_manifest(site: Site, refs: list[SegmentRef]) -> None:
+    for _ in site.repo.iter_cached(refs, check=True):
+        pass
+
+
+class _Stager:
+    """One stage run; see the module docstring."""
+
+    def __init__(
+        self,
+        site: Site,
+        doc: VersionDoc,
+        refs: list[SegmentRef],
+        base_refs: list[SegmentRef] | None,
+        root: Path,
+        base_path: Path,
+        parts: tuple[str, ...],
+        delete: bool,
+        checksum: bool,
+        progress: Progress,
+    ) -> None:
+        t = site.config.transfer
+        self.site, self.doc, self.refs, self.base_refs = site, doc, refs, base_refs
+        self.root, self.base_path, self.parts = root, base_path, parts
+        self.delete, self.checksum, self.progress = delete, checksum, progress
+        self.gap, self.max_request, self.batch_bytes = t.coalesce_gap, t.max_request, t.batch_bytes
+        self.large = max(t.batch_bytes // 4, 1 << 20)
+        self.fetcher = Fetcher(site.store, t.download_concurrency)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        self.trash_dir = (
+            site.state_dir
+            / "trash"
+            / f"{stamp}-{secrets.token_hex(3)}"
+            / encode_dataset(doc.dataset)
+        )
+        self.result = StageResult(
+            doc.dataset,
+            doc.version,
+            files=doc.files,
+            dirs=doc.dirs,
+            symlinks=doc.symlinks,
+            bytes=doc.bytes,
+        )
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="dm-writer")
+        self._ops: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self._pending: list[asyncio.Future[Any]] = []
+        self._batch: list[Entry] = []
+        self._batch_size = 0
+        self._slots = asyncio.Semaphore(2)
+        self._dirs: list[Entry] = []
+        self._dirs_overflow = False
+        self._stale: list[str] = []
+        self.writer: fsops.TreeWriter | None = None
+
+    # -- writer thread ----------------------------------------------------------------------
+
+    def _on_writer(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def _submit_ops(self) -> None:
+        """Send queued small operations to the writer thread without waiting for them."""
+        if not self._ops:
+            return
+        ops, self._ops = self._ops, []
+
+        def run() -> None:
+            for fn, args in ops:
+                fn(*args)
+
+        self._pending.append(self._on_writer(run))
+        if len(self._pending) > 64:
+            self._pending = [f for f in self._pending if not f.done() or f.exception()]
+
+    def _write_batch(self, batch: list[Entry], decoded: dict) -> None:
+        assert self.writer is not None
+        for entry in batch:
+            self.writer.write_file(entry, [decoded[(c.pack, c.offset)] for c in entry.chunks])
+
+    # -- fetching ---------------------------------------------------------------------------
+
+    async def _process(self, batch: list[Entry], nbytes: int) -> None:
+        try:
+            ranges = plan_ranges((c for e in batch for c in e.chunks), self.gap, self.max_request)
+            blobs = await self.fetcher.fetch(ranges)
+            owners = {c.digest: e.path for e in batch for c in e.chunks}
+            decoded = await asyncio.to_thread(decode_ranges, ranges, blobs, owners)
+            del blobs
+            await self._on_writer(self._write_batch, batch, decoded)
+            self.result.fetched_files += len(batch)
+            self.result.fetched_bytes += nbytes
+            self.progress.advance(len(batch), nbytes)
+        finally:
+            self._slots.release()
+
+    async def _flush(self) -> None:
+        if not self._batch:
+            return
+        self._submit_ops()  # directories and removals first: the writer thread keeps order
+        batch, nbytes = self._batch, self._batch_size
+        self._batch, self._batch_size = [], 0
+        await self._slots.acquire()
+        self._pending.append(asyncio.ensure_future(self._process(batch, nbytes)))
+
+    async def _large(self, entry: Entry) -> None:
+        """Stream one large file into its stable partial file, window by window."""
+        self._submit_ops()
+        assert self.writer is not None
+        fd, good = await self._on_writer(self.writer.open_partial, entry)
+        try:
+            offsets = list(itertools.accumulate((c.raw_length for c in entry.chunks), initial=0))
+            start = good
+            done_bytes = offsets[good]
+            while start < len(entry.chunks):
+                end = start
+                size = 0
+                while end < len(entry.chunks) and (end == start or size < self.batch_bytes):
+                    size += entry.chunks[end].raw_length
+                    end += 1
+                window = entry.chunks[start:end]
+                ranges = plan_ranges(window, self.gap, self.max_request)
+                blobs = await self.fetcher.fetch(ranges)
+                decoded = await asyncio.to_thread(
+                    decode_ranges, ranges, blobs, {c.digest: entry.path for c in window}
+                )
+                del blobs
+                writes = [
+                    (decoded[(c.pack, c.offset)], offsets[i]) for i, c in enumerate(window, start)
+                ]
+                await self._on_writer(_pwrite_all, fd, writes)
+                done_bytes += size
+                self.progress.advance(0, size)
+                start = end
+            await self._on_writer(self.writer.finish_partial, entry, fd)
+            fd = -1
+        finally:
+            if fd >= 0:
+                await self._on_writer(os.close, fd)
+        self.result.fetched_files += 1
+        self.result.fetched_bytes += entry.size - offsets[good]
+        self.progress.advance(1, 0)
+
+    # -- the run ----------------------------------------------------------------------------
+
+    def _planner(self) -> Iterator[Any]:
+        repo = self.site.repo
+        base = repo.iter_cached(self.base_refs, check=False) if self.base_refs else None
+        root = str(self.root)
+        content_ok = (lambda _local, e: fsops.content_matches(root, e)) if self.checksum else None
+        planner = StagePlanner(
+            Walker(root, strict=False),
+            repo.iter_cached(self.refs, check=False),
+            base,
+            self.delete,
+            content_ok,
+        )
+        return iter(planner)
+
+    def _keep_dir(self, entry: Entry) -> None:
+        if len(self._dirs) < _MAX_DIRS_IN_MEMORY:
+            self._dirs.append(entry)
+        else:
+            self._dirs_overflow = True
+
+    async def _dispatch(self, actions: list[Any]) -> None:
+        w = self.writer
+        assert w is not None
+        kept = kept_bytes = 0
+        for action in actions:
+            op, entry = action.op, action.entry
+            if op is Op.FETCH:
+                if entry.size > self.large:
+                    await self._large(entry)
+                    continue
+                self._batch.append(entry)
+                self._batch_size += entry.size
+                if self._batch_size >= self.batch_bytes or len(self._batch) >= _BATCH_FILES:
+                    await self._flush()
+            elif op is Op.KEEP or op is Op.ATTR:
+                if entry.kind == Kind.DIR:
+                    self._keep_dir(entry)
+                elif entry.kind == Kind.FILE:
+                    kept += 1
+                    kept_bytes += entry.size
+                    if op is Op.ATTR:
+                        self._ops.append((w.set_attrs, (entry,)))
+            elif op is Op.MKDIR:
+                self._ops.append((w.mkdir, (action.path,)))
+                self._keep_dir(entry)
+            elif op is Op.LINK:
+                self._ops.append((w.symlink, (entry,)))
+            elif op is Op.TRASH:
+                self._ops.append((w.trash, (action.path,)))
+            elif op is Op.REMOVE:
+                self._ops.append((w.remove, (action.path,)))
+                self.result.removed += 1
+            elif op is Op.STALE:
+                self._stale.append(action.path)
+        self.result.kept_files += kept
+        if kept:
+            self.progress.advance(kept, kept_bytes)
+        self._submit_ops()
+
+    def _finish_tree(self) -> None:
+        """Directory attributes (after every write below them) and leftover partial files."""
+        w = self.writer
+        assert w is not None
+        dirs: Iterator[Entry] = iter(self._dirs)
+        if self._dirs_overflow:
+            dirs = (
+                e for e in self.site.repo.iter_cached(self.refs, check=False) if e.kind == Kind.DIR
+            )
+        for entry in dirs:
+            w.set_attrs(entry)
+        for rel in self._stale:
+            w.remove(rel)
+        if self.site.config.transfer.fsync:
+            _syncfs(w.root_fd)
+
+    async def run(self) -> StageResult:
+        root_fd = await self._on_writer(fsops.open_root, self.base_path, self.parts)
+        self.writer = fsops.TreeWriter(root_fd, self.root, self.trash_dir)
+        plan = self._planner()
+        reading = asyncio.ensure_future(
+            asyncio.to_thread(lambda: list(itertools.islice(plan, _PLAN_BATCH)))
+        )
+        try:
+            while actions := await reading:
+                reading = asyncio.ensure_future(
+                    asyncio.to_thread(lambda: list(itertools.islice(plan, _PLAN_BATCH)))
+                )
+                await self._dispatch(actions)
+            await self._flush()
+            self._submit_ops()
+            await asyncio.gather(*self._pending)
+            await self._on_writer(self._finish_tree)
+        except BaseException:
+            await asyncio.gather(reading, return_exceptions=True)
+            for fut in self._pending:
+                fut.cancel()
+            await asyncio.gather(*self._pending, return_exceptions=True)
+            raise
+        finally:
+            await self._on_writer(self.writer.close)
+            await self._on_writer(os.close, root_fd)
+            self._pool.shutdown(wait=True)
+        self.result.trashed = self.writer.trashed
+        if self.writer.trashed:
+            self.result.trash_dir = str(self.trash_dir)
+        self.result.downloaded_bytes += self.fetcher.downloaded
+        return self.result
+
+
+def _pwrite_all(fd: int, writes: list[tuple[bytes | memoryview, int]]) -> None:
+    for data, offset in writes:
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(fd, view, offset)
+            view, offset = view[n:], offset + n
+
+
+def _syncfs(fd: int) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.syncfs(fd) != 0:
+        os.sync()
+
+
+async def stage(
+    site: Site,
+    logical: str,
+    *,
+    version: str | None = None,
+    delete: bool = False,
+    checksum: bool = False,
+    progress: Progress | None = None,
+) -> StageResult:
+    """Stage `logical` (the latest version, or `version`) at this site's mapped path."""
+    started = time.monotonic()
+    progress = progress or NoProgress()
+    dataset = check_logical_path(logical)
+    base_path, parts = site.config.namespace.split(dataset)
+    root = base_path.joinpath(*parts)
+    fetched_before = site.repo.fetched_bytes
+    doc = await site.repo.resolve(dataset, version)
+    refs = await site.repo.prefetch(doc)
+    await asyncio.to_thread(_check_manifest, site, refs)
+
+    me = owner_id()
+    replica = await site.catalog.replica(dataset)
+    if (
+        replica is not None
+        and replica.state == "staging"
+        and replica.owner not in (None, me)
+        and owner_alive(replica.owner)
+    ):
+        raise Conflict(f"a stage of {dataset!r} is already running ({replica.owner})")
+    base_version = replica.base_version if replica and replica.root == str(root) else None
+    base_refs = None
+    if base_version and base_version != doc.version:
+        try:
+            base_refs = await site.repo.prefetch(
+                await site.repo.read_version(dataset, base_version)
+            )
+        except (NotFound, Corrupt):
+            base_refs = None  # unknown base: every differing file is treated as the user's
+    elif base_version == doc.version:
+        base_refs = refs
+    await site.catalog.begin_replica(dataset, str(root), doc.version, base_version, me)
+    progress.total(doc.files, doc.bytes)
+    stager = _Stager(site, doc, refs, base_refs, root, base_path, parts, delete, checksum, progress)
+    try:
+        result = await stager.run()
+    except BaseException:
+        try:
+            await asyncio.shield(site.catalog.finish_replica(dataset, doc.version, "failed", 0, 0))
+        except Exception:  # the original error is the one to report
+            pass
+        raise
+    await site.catalog.finish_replica(dataset, doc.version, "ready", doc.files, doc.bytes)
+    result.downloaded_bytes += site.repo.fetched_bytes - fetched_before
+    result.seconds = round(time.monotonic() - started, 3)
+    return result

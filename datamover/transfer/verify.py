@@ -1,0 +1,125 @@
+"""Verify: does the local tree match a version's manifest, byte for byte?
+
+Checks every entry's presence, kind, mode, symlink target, file size, mtime and content (each
+chunk re-hashed with BLAKE3 at its manifest offset); local entries the version does not have
+count as differences unless `allow_extra`. Read-only; streams both sides.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from datamover.domain.manifest import Entry, Kind
+from datamover.domain.paths import check_logical_path, sort_key
+from datamover.repo.manifest import SegmentRef
+from datamover.site import Site
+from datamover.transfer.fsops import content_matches
+from datamover.transfer.walk import LocalEntry, Walker
+
+_MAX_LISTED = 100
+
+
+@dataclass
+class VerifyResult:
+    """The outcome of a verify (`--json` prints it)."""
+
+    dataset: str
+    version: str
+    ok: bool = True
+    files_checked: int = 0
+    bytes_checked: int = 0
+    problem_count: int = 0
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, problem: str) -> None:
+        """Record one difference (only the first 100 are kept verbatim)."""
+        self.ok = False
+        self.problem_count += 1
+        if len(self.problems) < _MAX_LISTED:
+            self.problems.append(problem)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        return asdict(self)
+
+
+def _compare(root: str, local: LocalEntry, entry: Entry, result: VerifyResult) -> None:
+    path = entry.path
+    if local.kind != entry.kind:
+        want = entry.kind.name.lower()
+        have = local.kind.name.lower() if local.kind is not None else "special file"
+        result.add(f"{path}: is a {have}, expected a {want}")
+        return
+    if entry.kind == Kind.SYMLINK:
+        if local.target != entry.target:
+            result.add(f"{path}: symlink points to {local.target!r}, expected {entry.target!r}")
+        return
+    if local.mode != entry.mode:
+        result.add(f"{path}: mode {local.mode:o}, expected {entry.mode:o}")
+    if entry.kind == Kind.DIR:
+        return
+    result.files_checked += 1
+    result.bytes_checked += entry.size
+    if local.size != entry.size:
+        result.add(f"{path}: size {local.size}, expected {entry.size}")
+        return
+    if not content_matches(root, entry):
+        result.add(f"{path}: content differs from the version (digest mismatch)")
+        return
+    if local.mtime_ns != entry.mtime_ns:
+        result.add(f"{path}: modification time differs from the version")
+
+
+def _verify(
+    site: Site, root: str, refs: list[SegmentRef], allow_extra: bool, result: VerifyResult
+) -> None:
+    walker = Walker(root, strict=False)
+    target = site.repo.iter_cached(refs, check=True)
+    local = next(walker, None)
+    entry = next(target, None)
+    while local is not None or entry is not None:
+        lkey = sort_key(local.path) if local else None
+        ekey = sort_key(entry.path) if entry else None
+        if entry is not None and (lkey is None or (ekey is not None and ekey < lkey)):
+            result.add(f"{entry.path}: missing")
+            entry = next(target, None)
+        elif local is not None and (ekey is None or (lkey is not None and lkey < ekey)):
+            if not allow_extra:
+                result.add(f"{local.path}: not in the version")
+            if local.kind == Kind.DIR:
+                walker.prune()
+            local = next(walker, None)
+        else:
+            assert local is not None and entry is not None
+            _compare(root, local, entry, result)
+            if local.kind == Kind.DIR and entry.kind != Kind.DIR:
+                walker.prune()
+            local = next(walker, None)
+            entry = next(target, None)
+
+
+async def verify(
+    site: Site, logical: str, *, version: str | None = None, allow_extra: bool = False
+) -> VerifyResult:
+    """Compare the local tree of `logical` with `version` (default: the version staged here,
+    else the latest)."""
+    started = time.monotonic()
+    dataset = check_logical_path(logical)
+    root = site.config.namespace.resolve(dataset)
+    if version is None:
+        replica = await site.catalog.replica(dataset)
+        if replica is not None and replica.state == "ready":
+            version = replica.version
+    doc = await site.repo.resolve(dataset, version)
+    refs = await site.repo.prefetch(doc)
+    result = VerifyResult(dataset, doc.version)
+    if not root.is_dir():
+        result.add(f"{root}: the dataset's local directory does not exist")
+    else:
+        await asyncio.to_thread(_verify, site, str(root), refs, allow_extra, result)
+    result.seconds = round(time.monotonic() - started, 3)
+    return result

@@ -1,0 +1,164 @@
+"""Push at one site, stage at another: two catalogs, one real SeaweedFS bucket."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from datamover.transfer.push import push
+from datamover.transfer.stage import stage
+from datamover.transfer.verify import verify
+from tests.fixtures_sites import MakeSite
+from tests.treegen import make_tree, snapshot
+
+
+async def test_push_then_stage_at_another_site_is_identical(make_site: MakeSite) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "run1"
+    make_tree(src)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        pushed = await push(site_a, "/proj/run1")
+        assert pushed.files == 34 and pushed.symlinks == 2 and not pushed.unchanged
+        assert pushed.files_read == 34
+        assert pushed.uploaded_bytes > 0
+        staged = await stage(site_b, "/proj/run1")
+        assert staged.version == pushed.version
+        assert staged.fetched_files == 34
+        assert snapshot(b.data / "run1") == snapshot(src)
+        checked = await verify(site_b, "/proj/run1")
+        assert checked.ok, checked.problems
+        assert checked.files_checked == 34
+
+        again = await stage(site_b, "/proj/run1")  # nothing missing: nothing fetched
+        assert again.fetched_files == 0 and again.downloaded_bytes == 0
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_incremental_push_reads_and_uploads_only_changes(make_site: MakeSite) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "run1"
+    make_tree(src, files=40)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        first = await push(site_a, "/proj/run1")
+        await stage(site_b, "/proj/run1")
+
+        noop = await push(site_a, "/proj/run1")
+        assert noop.unchanged and noop.version == first.version
+        assert noop.files_read == 0 and noop.uploaded_bytes == 0
+
+        (src / "d01" / "lig0011.pdbqt").write_text("changed\n")
+        (src / "d02" / "new.pdbqt").write_text("new file\n")
+        (src / "d03" / "lig0030.pdbqt").unlink()
+        second = await push(site_a, "/proj/run1")
+        assert second.parent == first.version and second.version > first.version
+        assert second.files_read == 2 and second.new_chunks == 2
+        assert second.uploaded_bytes < first.uploaded_bytes / 4
+
+        staged = await stage(site_b, "/proj/run1")
+        assert staged.fetched_files == 2
+        # Without --delete a file the new version lacks stays; with it, it goes.
+        assert (b.data / "run1" / "d03" / "lig0030.pdbqt").exists()
+        await stage(site_b, "/proj/run1", delete=True)
+        assert snapshot(b.data / "run1") == snapshot(src)
+
+        old = await stage(site_b, "/proj/run1", version=first.version)
+        assert old.version == first.version
+        assert (b.data / "run1" / "d03" / "lig0030.pdbqt").exists()
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_same_tree_under_another_path_uploads_no_chunks(make_site: MakeSite) -> None:
+    a = await make_site("site-a")
+    make_tree(a.data / "one")
+    shutil.copytree(a.data / "one", a.data / "two", symlinks=True)
+    site = await a.open()
+    try:
+        first = await push(site, "/proj/one")
+        second = await push(site, "/proj/two")
+        assert second.new_chunks == 0 and second.files_read == second.files
+        assert second.uploaded_bytes < first.uploaded_bytes * 0.05
+    finally:
+        await site.close()
+
+
+async def test_user_changes_are_trashed_not_destroyed(make_site: MakeSite) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    make_tree(a.data / "run1")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/run1")
+        await stage(site_b, "/proj/run1")
+        edited = b.data / "run1" / "d00" / "lig0001.pdbqt"
+        edited.write_text("my analysis notes\n")
+        staged = await stage(site_b, "/proj/run1")
+        assert staged.trashed == ["d00/lig0001.pdbqt"]
+        assert staged.trash_dir is not None
+        kept = Path(staged.trash_dir) / "d00" / "lig0001.pdbqt"
+        assert kept.read_text() == "my analysis notes\n"
+        assert snapshot(b.data / "run1") == snapshot(a.data / "run1")
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_stage_never_writes_through_a_planted_symlink(
+    make_site: MakeSite, tmp_path: Path
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    make_tree(a.data / "run1")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (b.data / "run1").mkdir()
+    (b.data / "run1" / "d00").symlink_to(outside)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/run1")
+        staged = await stage(site_b, "/proj/run1")
+        assert list(outside.iterdir()) == []
+        assert "d00" in staged.trashed
+        assert snapshot(b.data / "run1") == snapshot(a.data / "run1")
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+@pytest.mark.parametrize("size", [0, 1, 4096, (1 << 20) + 1, 9 << 20])
+async def test_file_sizes_around_the_chunking_limits(make_site: MakeSite, size: int) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "x").mkdir()
+    (a.data / "x" / "f").write_bytes(os.urandom(size))
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/x")
+        await stage(site_b, "/proj/x")
+        assert (b.data / "x" / "f").read_bytes() == (a.data / "x" / "f").read_bytes()
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_many_files_go_through_the_reader_processes(make_site: MakeSite) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "many"
+    for d in range(12):
+        (src / f"d{d}").mkdir(parents=True)
+        for f in range(150):
+            (src / f"d{d}" / f"f{f}").write_text(f"{d}/{f}\n" * (f % 7))
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        pushed = await push(site_a, "/proj/many")
+        assert pushed.files == 1800 and pushed.files_read == 1800
+        await stage(site_b, "/proj/many")
+        assert snapshot(b.data / "many") == snapshot(src)
+    finally:
+        await site_a.close()
+        await site_b.close()
