@@ -30,6 +30,9 @@ def make_store(config: Config) -> Store:
         s.access_key or None,
         s.secret_key or None,
         max_connections=s.max_connections,
+        # Packs (tens of MiB) go up in one PUT each, several at once; parts would only add
+        # copies and requests. Larger objects still use multipart.
+        multipart_threshold=64 << 20,
         connect_timeout=s.connect_timeout,
         read_timeout=s.read_timeout,
     )

@@ -44,36 +44,42 @@ class PackBuilder:
     """Accumulates stored chunks into one pack. Not thread-safe; one per open pack."""
 
     def __init__(self) -> None:
-        self._data = bytearray()
+        self._blobs: list[bytes | memoryview] = []
+        self._size = 0
         self.entries: list[PackEntry] = []
 
     @property
     def size(self) -> int:
         """Bytes of blobs so far (the finished pack adds the index and trailer)."""
-        return len(self._data)
+        return self._size
 
     def __len__(self) -> int:
         return len(self.entries)
 
     def add(self, digest: bytes, stored: bytes | memoryview, raw_length: int, codec: int) -> int:
         """Append a stored chunk; return its offset in the pack."""
-        offset = len(self._data)
-        self._data += stored
+        offset = self._size
+        self._blobs.append(stored)
+        self._size += len(stored)
         self.entries.append(PackEntry(digest, offset, len(stored), raw_length, codec))
         return offset
 
-    def finish(self) -> tuple[bytes, bytearray]:
-        """Return `(pack_id, pack_bytes)`. The builder must not be used afterwards."""
+    def finish(self) -> tuple[bytes, bytes]:
+        """Return `(pack_id, pack_bytes)`. The builder must not be used afterwards.
+
+        The pack is joined once, into exactly its size, so a driver can send it without
+        copying it again.
+        """
         if not self.entries:
             raise ValueError("an empty pack cannot be finished")
         index = b"".join(
             _ENTRY.pack(e.digest, e.offset, e.stored_length, e.raw_length, e.codec)
             for e in self.entries
         )
-        self._data += index
-        self._data += _TRAILER.pack(blake3.blake3(index).digest(), len(self.entries), 0, MAGIC)
-        data = self._data
-        self._data = bytearray()
+        trailer = _TRAILER.pack(blake3.blake3(index).digest(), len(self.entries), 0, MAGIC)
+        blobs, self._blobs = self._blobs, []
+        data = b"".join([*blobs, index, trailer])
+        del blobs
         return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest(), data
 
 

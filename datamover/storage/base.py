@@ -11,7 +11,11 @@ Contract, for every implementation:
 - `put` replaces the whole object atomically: a reader sees the old object or the new one,
   never a mix. `put` of the same key and bytes twice is harmless (idempotent).
 - `get` with `offset`/`length` returns exactly that range; a range that runs past the end is
-  cut at the end. A missing key raises `ObjectNotFound`, never returns empty bytes.
+  cut at the end, one that starts at or after it is empty. A missing key raises
+  `ObjectNotFound`, never returns empty bytes, except for `length=0`, which returns `b""`
+  without a request.
+- A key is never also a "directory" of other keys (`a/b` and `a/b/c`): the POSIX store
+  cannot hold both, and the repository layout never needs it.
 - `list(prefix)` yields every object whose key starts with `prefix`, in ascending order of the
   key's UTF-8 bytes (S3's order), streaming: it never holds the whole listing.
 - `delete` of a missing key is not an error (idempotent).

@@ -9,6 +9,7 @@ and mtime, and renamed into place. `TreeWriter` is used from one thread only.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
 import secrets
 import shutil
@@ -32,9 +33,14 @@ def split(rel: str) -> tuple[str, str]:
     return parent, name
 
 
+_TEMP_PREFIX = secrets.randbits(32)
+_temp_counter = itertools.count()
+
+
 def temp_name() -> str:
-    """A fresh temporary name matching `walk.PARTIAL_RE`."""
-    return f".dm-{secrets.token_hex(8)}.part"
+    """A fresh temporary name matching `walk.PARTIAL_RE` (random per process, then counted:
+    a system call per file for randomness would be measurable)."""
+    return f".dm-{_TEMP_PREFIX:08x}{next(_temp_counter) & 0xFFFFFFFF:08x}.part"
 
 
 def partial_name(entry: Entry) -> str:

@@ -145,7 +145,7 @@ class Packer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _upload(self, pack: OpenPack, data: bytearray, entries: list) -> None:
+    async def _upload(self, pack: OpenPack, data: bytes, entries: list) -> None:
         assert pack.pack_id is not None
         try:
             await self.store.put(pack_key(pack.pack_id), data)

@@ -105,7 +105,7 @@ class Scanner:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
-    def next_batch(self, max_pieces: int = 4096, max_bytes: int = 16 << 20) -> list[object]:
+    def next_batch(self, max_pieces: int = 4096, max_bytes: int = 8 << 20) -> list[object]:
         """Up to `max_pieces` pieces or about `max_bytes` of chunk data; [] at the end."""
         batch: list[object] = []
         size = 0

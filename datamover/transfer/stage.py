@@ -34,7 +34,7 @@ from datamover.repo.layout import VersionDoc, encode_dataset
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
 from datamover.transfer import fsops
-from datamover.transfer.fetch import Fetcher, decode_ranges, plan_ranges
+from datamover.transfer.fetch import Fetcher, Range, decode_ranges, plan_ranges
 from datamover.transfer.plan import Op, StagePlanner
 from datamover.transfer.progress import NoProgress, Progress
 from datamover.transfer.walk import Walker
@@ -144,10 +144,17 @@ class _Stager:
         if len(self._pending) > 64:
             self._pending = [f for f in self._pending if not f.done() or f.exception()]
 
-    def _write_batch(self, batch: list[Entry], decoded: dict) -> None:
-        assert self.writer is not None
+    def _write_batch(
+        self, batch: list[Entry], ranges: list[Range], blobs: list[bytes]
+    ) -> None:
+        """Verify and write a batch, on the writer thread: decoding there too saves a thread
+        hop per batch and GIL contention between a decoder and the writer."""
+        owners = {c.digest: e.path for e in batch for c in e.chunks}
+        decoded = decode_ranges(ranges, blobs, owners)
+        blobs.clear()
+        write = self.writer.write_file  # type: ignore[union-attr]
         for entry in batch:
-            self.writer.write_file(entry, [decoded[(c.pack, c.offset)] for c in entry.chunks])
+            write(entry, [decoded[(c.pack, c.offset)] for c in entry.chunks])
 
     # -- fetching ---------------------------------------------------------------------------
 
@@ -155,10 +162,7 @@ class _Stager:
         try:
             ranges = plan_ranges((c for e in batch for c in e.chunks), self.gap, self.max_request)
             blobs = await self.fetcher.fetch(ranges)
-            owners = {c.digest: e.path for e in batch for c in e.chunks}
-            decoded = await asyncio.to_thread(decode_ranges, ranges, blobs, owners)
-            del blobs
-            await self._on_writer(self._write_batch, batch, decoded)
+            await self._on_writer(self._write_batch, batch, ranges, blobs)
             self.result.fetched_files += len(batch)
             self.result.fetched_bytes += nbytes
             self.progress.advance(len(batch), nbytes)
