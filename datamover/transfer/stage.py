@@ -144,9 +144,7 @@ class _Stager:
         if len(self._pending) > 64:
             self._pending = [f for f in self._pending if not f.done() or f.exception()]
 
-    def _write_batch(
-        self, batch: list[Entry], ranges: list[Range], blobs: list[bytes]
-    ) -> None:
+    def _write_batch(self, batch: list[Entry], ranges: list[Range], blobs: list[bytes]) -> None:
         """Verify and write a batch, on the writer thread: decoding there too saves a thread
         hop per batch and GIL contention between a decoder and the writer."""
         owners = {c.digest: e.path for e in batch for c in e.chunks}
