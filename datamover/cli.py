@@ -36,12 +36,13 @@ def common(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
-def run_with_site(config_path: str | None, work: Callable[[Any], Awaitable[T]]) -> T:
-    """Load the config, open the site, run `work(site)`, close the site."""
+def run_with_site(config: Any, work: Callable[[Any], Awaitable[T]]) -> T:
+    """Open the site of `config` (a `Config`, or a path to load), run `work(site)`, close it."""
     from datamover.config import load_config
     from datamover.site import Site
 
-    config = load_config(config_path)
+    if config is None or isinstance(config, str):
+        config = load_config(config)
 
     async def main() -> T:
         site = await Site.open(config)
@@ -59,28 +60,65 @@ def cli() -> None:
     """Deduplicated, packed, path-preserving data movement between sites and one S3 store."""
 
 
+def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Options of commands that the site daemon can run for us."""
+    fn = click.option(
+        "--local", is_flag=True, help="Run in this process even if a site daemon is configured."
+    )(fn)
+    fn = click.option(
+        "--no-wait", is_flag=True, help="Submit to the daemon and return the transfer id."
+    )(fn)
+    return click.option(
+        "--priority",
+        type=click.Choice(["job", "interactive", "bulk"]),
+        default="interactive",
+        show_default=True,
+        help="Queue priority (daemon only).",
+    )(fn)
+
+
 @cli.command()
 @click.argument("logical_path")
 @click.option("--checksum", is_flag=True, help="Re-read every file instead of trusting size+mtime.")
+@daemon_options
 @common
-def push(logical_path: str, checksum: bool, config_path: str | None, as_json: bool) -> None:
+def push(
+    logical_path: str,
+    checksum: bool,
+    local: bool,
+    no_wait: bool,
+    priority: str,
+    config_path: str | None,
+    as_json: bool,
+) -> None:
     """Publish the local tree of LOGICAL_PATH as a new version."""
+    from datamover.cli_daemon import through_daemon
+    from datamover.config import load_config
     from datamover.transfer.push import push as do_push
 
-    with Bar(f"push {logical_path}", not as_json) as bar:
-        result = run_with_site(
-            config_path, lambda site: do_push(site, logical_path, checksum=checksum, progress=bar)
-        )
+    config = load_config(config_path)
+    request = {"kind": "push", "path": logical_path, "priority": priority}
+    if checksum:
+        request["checksum"] = True
+    result = None if local else through_daemon(config, request, not no_wait, as_json)
+    if result is None:
+        with Bar(f"push {logical_path}", not as_json) as bar:
+            result = run_with_site(
+                config, lambda site: do_push(site, logical_path, checksum=checksum, progress=bar)
+            ).to_json()
     if as_json:
-        emit_json(result.to_json())
+        emit_json(result)
         return
-    state = "unchanged, still" if result.unchanged else "published"
+    if "version" not in result:  # submitted without waiting
+        click.echo(f"submitted transfer {result['transfer']}")
+        return
+    state = "unchanged, still" if result["unchanged"] else "published"
     click.echo(
-        f"{result.dataset}: {state} version {result.version}: {result.files} files, "
-        f"{human_bytes(result.bytes)}; read {result.files_read} files, uploaded "
-        f"{human_bytes(result.uploaded_bytes)} in {result.seconds:.2f} s"
+        f"{result['dataset']}: {state} version {result['version']}: {result['files']} files, "
+        f"{human_bytes(result['bytes'])}; read {result['files_read']} files, uploaded "
+        f"{human_bytes(result['uploaded_bytes'])} in {result['seconds']:.2f} s"
     )
-    for path in result.skipped_special[:10]:
+    for path in result.get("skipped_special", [])[:10]:
         click.echo(f"  skipped special file {path}", err=True)
 
 
@@ -91,44 +129,64 @@ def push(logical_path: str, checksum: bool, config_path: str | None, as_json: bo
 @click.option(
     "--checksum", is_flag=True, help="Re-hash local files instead of trusting size+mtime."
 )
+@click.option("--pin", metavar="ID", help="Pin the replica under ID once ready (a job id).")
+@click.option("--deadline", metavar="TIME", help="When the data is needed (RFC 3339).")
+@click.option("--wait", is_flag=True, help="Wait until the replica is ready (the default).")
+@daemon_options
 @common
 def stage(
     logical_path: str,
     version: str | None,
     delete: bool,
     checksum: bool,
+    pin: str | None,
+    deadline: str | None,
+    wait: bool,
+    local: bool,
+    no_wait: bool,
+    priority: str,
     config_path: str | None,
     as_json: bool,
 ) -> None:
-    """Materialise a version of LOGICAL_PATH at this site's mapped path."""
+    """Materialise a version of LOGICAL_PATH at this site's mapped path.
+
+    Exits 0 only when the replica is complete and every chunk verified. With a site daemon
+    configured and reachable, the daemon does the work (the CLI waits and shows progress).
+    """
+    from datamover.cli_daemon import stage_locally, through_daemon
+    from datamover.config import load_config
     from datamover.domain.ids import check_version_id
-    from datamover.transfer.stage import stage as do_stage
 
     if version is not None:
         check_version_id(version)
-    with Bar(f"stage {logical_path}", not as_json) as bar:
-        result = run_with_site(
-            config_path,
-            lambda site: do_stage(
-                site,
-                logical_path,
-                version=version,
-                delete=delete,
-                checksum=checksum,
-                progress=bar,
-            ),
-        )
+    if wait and no_wait:
+        raise click.UsageError("--wait and --no-wait contradict each other")
+    config = load_config(config_path)
+    request: dict[str, Any] = {"kind": "stage", "path": logical_path, "priority": priority}
+    for key, value in (("version", version), ("pin", pin), ("deadline", deadline)):
+        if value is not None:
+            request[key] = value
+    for key, on in (("delete", delete), ("checksum", checksum)):
+        if on:
+            request[key] = True
+    result = None if local else through_daemon(config, request, not no_wait, as_json)
+    if result is None:
+        result = stage_locally(config, request, as_json)
     if as_json:
-        emit_json(result.to_json())
+        emit_json(result)
+        return
+    if "version" not in result:
+        click.echo(f"submitted transfer {result['transfer']}")
         return
     click.echo(
-        f"{result.dataset}: version {result.version} ready: {result.files} files, "
-        f"{human_bytes(result.bytes)}; fetched {result.fetched_files} files, downloaded "
-        f"{human_bytes(result.downloaded_bytes)} in {result.seconds:.2f} s"
+        f"{result['dataset']}: version {result['version']} ready: {result['files']} files, "
+        f"{human_bytes(result['bytes'])}; fetched {result['fetched_files']} files, downloaded "
+        f"{human_bytes(result['downloaded_bytes'])} in {result['seconds']:.2f} s"
+        + (f"; pinned as {pin}" if pin else "")
     )
-    if result.trashed:
+    if result.get("trashed_count"):
         click.echo(
-            f"  moved {len(result.trashed)} locally changed entries to {result.trash_dir}",
+            f"  moved {result['trashed_count']} locally changed entries to {result['trash_dir']}",
             err=True,
         )
 
@@ -240,6 +298,9 @@ def demo(files: int, as_json: bool) -> None:
     summary = run_demo(files, quiet=as_json)
     if as_json:
         emit_json(summary)
+
+
+import datamover.cli_daemon  # noqa: E402, F401  (registers the daemon commands)
 
 
 def main() -> None:

@@ -70,10 +70,15 @@ class TransferSettings:
 
 @dataclass(frozen=True)
 class ApiSettings:
-    """`[api]`: the site daemon's HTTP listener (used by `datamover serve`)."""
+    """`[api]`: the site daemon (`datamover serve`) and how the CLI reaches it."""
 
-    listen: str = ""
-    token_file: str = ""
+    listen: str = ""  # host:port; empty: no daemon, the CLI works directly
+    url: str = ""  # how clients reach the daemon; default http://<listen>
+    token_file: str = ""  # the CLI's token (else DATAMOVER_TOKEN)
+    workers: int = 2  # transfers run at once by one serve process
+    lease_seconds: float = 30.0  # a dead worker's transfer is taken over after this
+    max_attempts: int = 5  # tries for transient failures before a transfer fails
+    open_metrics: bool = True  # /metrics without a token (/healthz, /readyz always open)
 
 
 @dataclass(frozen=True)
@@ -91,6 +96,13 @@ class Config:
     def state_dir(self) -> Path:
         """Absolute path of the site's state directory."""
         return Path(self.site.state_dir)
+
+    @property
+    def api_url(self) -> str | None:
+        """Where the site daemon answers, or None when no daemon is configured."""
+        if self.api.url:
+            return self.api.url.rstrip("/")
+        return f"http://{self.api.listen}" if self.api.listen else None
 
     @property
     def catalog_url(self) -> str:
@@ -209,12 +221,19 @@ def parse_config(
     for key in ("upload_concurrency", "download_concurrency", "segment_entries", "max_request"):
         if getattr(transfer, key) < 1:
             raise InvalidInput(f"{source}: [transfer] {key} must be at least 1")
+    api: ApiSettings = sections["api"]
+    if api.listen:
+        host, sep, port = api.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InvalidInput(f"{source}: [api] listen must be host:port, not {api.listen!r}")
+    if api.workers < 1 or api.lease_seconds < 1 or api.max_attempts < 1:
+        raise InvalidInput(f"{source}: [api] workers, lease_seconds, max_attempts must be >= 1")
     return Config(
         site=site,
         store=store,
         namespace=_namespace(source, data.get("namespace", {}), env),
         transfer=transfer,
-        api=sections["api"],
+        api=api,
         source=source,
     )
 

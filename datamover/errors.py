@@ -10,15 +10,17 @@ from __future__ import annotations
 
 
 class DatamoverError(Exception):
-    """Base of every expected failure. `code` is stable and machine-readable."""
+    """Base of every expected failure. `code` is stable and machine-readable; `paths` names
+    the files concerned (relative to the dataset), when there are any."""
 
     code = "error"
     exit_code = 1
     retryable = False
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, paths: list[str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.paths = paths or []
 
     def __str__(self) -> str:
         return self.message
@@ -99,3 +101,20 @@ class BucketNotFound(PermanentError):
     """The configured bucket does not exist at the configured endpoint."""
 
     code = "bucket_not_found"
+
+
+# API-level refusals.
+
+
+class Unauthorized(DatamoverError):
+    """No valid bearer token was presented."""
+
+    code = "unauthorized"
+    exit_code = 9
+
+
+class Forbidden(DatamoverError):
+    """The token is valid but does not grant this scope or path."""
+
+    code = "forbidden"
+    exit_code = 9

@@ -10,7 +10,19 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, LargeBinary, SmallInteger, String, Text
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    SmallInteger,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -109,3 +121,76 @@ class PushSegment(Base):
     first_path: Mapped[str] = mapped_column(Text)
     last_path: Mapped[str] = mapped_column(Text)
     bytes: Mapped[int] = mapped_column(BigInteger)
+
+
+class Transfer(Base):
+    """A durable push or stage job. `state` changes only through `transfers.transition`.
+
+    `rank_time` orders the queue (see `domain.transfers.rank_time`); `not_before` delays a
+    retry; `lease_owner`/`lease_expires` say which worker runs it and until when, renewed by
+    heartbeats, so a dead worker's transfer is taken over once its lease lapses.
+    """
+
+    __tablename__ = "transfers"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(Text)
+    version: Mapped[str | None] = mapped_column(String(128))
+    priority: Mapped[str] = mapped_column(String(16))
+    deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    pin: Mapped[str | None] = mapped_column(String(256))
+    options: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))
+    rank_time: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    not_before: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    attempts: Mapped[int] = mapped_column(Integer)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_expires: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    files_done: Mapped[int] = mapped_column(BigInteger)
+    files_total: Mapped[int | None] = mapped_column(BigInteger)
+    bytes_done: Mapped[int] = mapped_column(BigInteger)
+    bytes_total: Mapped[int | None] = mapped_column(BigInteger)
+    bytes_moved: Mapped[int] = mapped_column(BigInteger)
+    rate: Mapped[float] = mapped_column(Float)
+    result: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(String(64))
+    error_message: Mapped[str | None] = mapped_column(Text)
+    error_paths: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(String(256))
+
+    __table_args__ = (
+        UniqueConstraint("tenant", "idempotency_key", name="uq_transfers_idempotency"),
+        Index("ix_transfers_queue", "state", "rank_time"),
+        Index("ix_transfers_path", "path"),
+    )
+
+
+class Token(Base):
+    """An API bearer token, stored as its SHA-256 (tokens are random, 256 bits)."""
+
+    __tablename__ = "tokens"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    prefixes: Mapped[str] = mapped_column(Text)  # JSON list of logical prefixes
+    scopes: Mapped[str] = mapped_column(Text)  # JSON list of read/write/admin
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Pin(Base):
+    """A hold on a dataset's replica at this site (a Slurm job, a pod): eviction skips it."""
+
+    __tablename__ = "pins"
+    pin: Mapped[str] = mapped_column(String(256), primary_key=True)
+    dataset: Mapped[str] = mapped_column(Text, primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(128))
+    version: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))

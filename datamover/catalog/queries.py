@@ -41,10 +41,11 @@ def owner_id() -> str:
 
 
 def owner_alive(owner: str | None) -> bool:
-    """False when `owner` names a process on this host that no longer exists."""
+    """False when `owner` (`host:pid`, maybe `/worker` after it) names a process on this
+    host that no longer exists."""
     if not owner:
         return False
-    host, _, pid = owner.rpartition(":")
+    host, _, pid = owner.partition("/")[0].rpartition(":")
     if host != socket.gethostname():
         return True  # cannot tell; assume alive (leases handle remote owners)
     try:
@@ -209,6 +210,18 @@ class Catalog:
         return ReplicaRow(
             r.dataset, r.root, r.version, r.base_version, r.state, r.files, r.bytes, r.owner
         )
+
+    async def replicas(self) -> list[ReplicaRow]:
+        """Every replica record of this site, by dataset."""
+        table = Replica.__table__
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(table).order_by(table.c.dataset))
+            return [
+                ReplicaRow(
+                    r.dataset, r.root, r.version, r.base_version, r.state, r.files, r.bytes, r.owner
+                )
+                for r in rows
+            ]
 
     async def begin_replica(
         self, dataset: str, root: str, version: str, base_version: str | None, owner: str

@@ -104,6 +104,7 @@ def decode_ranges(
                 name = owners.get(ref.digest, "?")
                 raise Corrupt(
                     f"{name!r}: chunk at {pack_key(ref.pack)} offset {ref.offset} failed "
-                    f"verification ({exc}): the data is corrupt"
+                    f"verification ({exc}): the data is corrupt",
+                    [name],
                 ) from None
     return out

@@ -56,7 +56,7 @@ class ScanStats:
 
 def _problem(p: ReadProblem) -> Exception:
     if p.kind == "denied":
-        return InvalidInput(f"cannot read {p.detail!r}: permission denied")
+        return InvalidInput(f"cannot read {p.detail!r}: permission denied", [p.path])
     if p.kind == "vanished":
         what = "vanished"
     elif p.kind == "type":
@@ -64,7 +64,8 @@ def _problem(p: ReadProblem) -> Exception:
     else:
         what = f"changed while it was read ({readers.ATTEMPTS} attempts)"
     return Conflict(
-        f"{p.path!r} {what}; nothing was published (run push again once the tree is quiet)"
+        f"{p.path!r} {what}; nothing was published (run push again once the tree is quiet)",
+        [p.path],
     )
 
 

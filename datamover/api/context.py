@@ -1,0 +1,48 @@
+"""What every handler needs: the application context and the caller's identity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from datamover.catalog.access import Access, Identity
+from datamover.catalog.transfers import Transfers
+from datamover.errors import Forbidden
+from datamover.metrics import Metrics
+from datamover.site import Site
+
+
+@dataclass
+class Context:
+    """What handlers work with."""
+
+    site: Site
+    transfers: Transfers
+    access: Access
+    metrics: Metrics
+    open_paths: frozenset[str]
+
+
+CONTEXT = web.AppKey("context", Context)
+IDENTITY = "identity"
+
+
+def context(request: web.Request) -> Context:
+    """The application's context."""
+    return request.app[CONTEXT]
+
+
+def identity(request: web.Request) -> Identity:
+    """The caller's identity (set by the auth middleware)."""
+    return request[IDENTITY]
+
+
+def require(request: web.Request, scope: str, path: str | None = None) -> Identity:
+    """The caller's identity, if it grants `scope` (and `path`), else `Forbidden`."""
+    who = identity(request)
+    if not who.allows(scope):
+        raise Forbidden(f"this token does not have the {scope!r} scope")
+    if path is not None and not who.allows("admin") and not who.covers(path):
+        raise Forbidden(f"this token does not cover {path!r}")
+    return who

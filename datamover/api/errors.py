@@ -1,0 +1,83 @@
+"""The one place that turns an exception into an HTTP status and a JSON error body.
+
+Every error response is `{"error": {"code", "message", "paths"?}}` with a stable `code`.
+Unexpected exceptions are logged with their traceback and answered 500 with code
+`internal`; the API's tests (schemathesis included) treat any 500 as a bug.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from datamover.errors import (
+    CatalogError,
+    Conflict,
+    Corrupt,
+    DatamoverError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    PermanentError,
+    TransientError,
+    Unauthorized,
+)
+
+log = logging.getLogger(__name__)
+
+_STATUS: list[tuple[type[DatamoverError], int]] = [
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (InvalidInput, 400),
+    (NotFound, 404),
+    (Conflict, 409),
+    (Corrupt, 502),  # the store handed back bad data
+    (PermanentError, 502),  # the store refused us (credentials, bucket)
+    (TransientError, 503),
+    (CatalogError, 503),
+]
+
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
+
+
+def status_of(exc: DatamoverError) -> int:
+    """HTTP status of an expected error."""
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def error_response(status: int, code: str, message: str, paths: list[str] | None = None):
+    """A JSON error response."""
+    body: dict = {"error": {"code": code, "message": message}}
+    if paths:
+        body["error"]["paths"] = paths
+    headers = {"WWW-Authenticate": 'Bearer realm="datamover"'} if status == 401 else None
+    return web.json_response(body, status=status, headers=headers)
+
+
+@web.middleware
+async def errors_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Map every failure of a handler to a JSON error."""
+    try:
+        return await handler(request)
+    except DatamoverError as exc:
+        return error_response(status_of(exc), exc.code, exc.message, exc.paths)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, f"http_{exc.status}")
+        return error_response(exc.status, code, exc.reason)
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path)
+        return error_response(500, "internal", "internal error; see the daemon's log")

@@ -1,0 +1,239 @@
+"""Route handlers. Each parses its input, checks scope and path, calls the catalog or the
+repository, and returns JSON; errors are raised and mapped in `api.errors`."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+from aiohttp import web
+
+from datamover.api.context import context, identity, require
+from datamover.api.validate import (
+    choice,
+    flag,
+    json_body,
+    logical_path,
+    query_choice,
+    query_int,
+    string,
+    timestamp,
+    version,
+)
+from datamover.catalog.transfers import Submission, TransferRow
+from datamover.datasets import list_datasets as collect_datasets
+from datamover.domain.paths import check_logical_path
+from datamover.errors import DatamoverError, Forbidden, InvalidInput, NotFound
+from datamover.metrics import CONTENT_TYPE
+
+_OPENAPI = json.loads(resources.files("datamover.api").joinpath("openapi.json").read_text())
+_TRANSFER_FIELDS = {"kind", "path", "version", "priority", "deadline", "pin", "delete", "checksum"}
+_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+
+
+def _json(data: object, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status)
+
+
+# -- open routes --------------------------------------------------------------------------
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process answers."""
+    return _json({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Catalog and store reachable: 200, else 503 naming what failed."""
+    ctx = context(request)
+    checks: dict[str, str] = {}
+    try:
+        await ctx.transfers.depth()
+        checks["catalog"] = "ok"
+    except Exception as exc:
+        checks["catalog"] = f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    try:
+        await ctx.site.store.check()
+        checks["store"] = "ok"
+    except DatamoverError as exc:
+        checks["store"] = f"error: {exc.message}"
+    ok = all(v == "ok" for v in checks.values())
+    return _json({"status": "ready" if ok else "not ready", "checks": checks}, 200 if ok else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition."""
+    body = context(request).metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """The OpenAPI document."""
+    return _json(_OPENAPI)
+
+
+# -- transfers ----------------------------------------------------------------------------
+
+
+def _visible(request: web.Request, row: TransferRow) -> TransferRow:
+    who = identity(request)
+    if who.allows("admin"):
+        return row
+    if row.tenant != who.tenant or not who.covers(row.path):
+        raise NotFound(f"no transfer {row.id!r}")  # do not reveal other tenants' work
+    return row
+
+
+async def submit_transfer(request: web.Request) -> web.Response:
+    """POST /v1/transfers."""
+    ctx = context(request)
+    body = await json_body(request, _TRANSFER_FIELDS, {"kind", "path"})
+    kind = choice(body, "kind", ("push", "stage"))
+    path = logical_path(body.get("path"))
+    who = require(request, "write", path)
+    ctx.site.config.namespace.resolve(path)  # a path this site cannot map is a bad request
+    pin = string(body, "pin", optional=True, max_len=200)
+    requested = version(body.get("version"))
+    if kind == "push" and (requested or pin or body.get("delete")):
+        raise InvalidInput("'version', 'pin' and 'delete' apply to stage transfers only")
+    options = {k: True for k in ("delete", "checksum") if flag(body, k)}
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and (
+        not 0 < len(key) <= 200 or any(not 0x21 <= ord(c) <= 0x7E for c in key)
+    ):
+        raise InvalidInput("Idempotency-Key must be 1-200 printable ASCII characters")
+    submission = Submission(
+        tenant=who.tenant,
+        kind=kind,
+        path=path,
+        version=requested,
+        priority=choice(body, "priority", ("job", "interactive", "bulk"), "interactive"),
+        deadline=timestamp(body.get("deadline"), "deadline"),
+        pin=pin,
+        options=options,
+        idempotency_key=key,
+    )
+    row, created = await ctx.transfers.submit(submission)
+    return _json(row.to_json(), 201 if created else 200)
+
+
+async def list_transfers(request: web.Request) -> web.Response:
+    """GET /v1/transfers."""
+    ctx = context(request)
+    who = require(request, "read")
+    prefix = request.query.get("prefix")
+    if prefix is not None and prefix != "/":
+        prefix = check_logical_path(prefix)
+    limit = query_int(request, "limit", 100, 1, 1000)
+    admin = who.allows("admin")
+    rows = await ctx.transfers.list(
+        tenant=None if admin else who.tenant,
+        prefixes=None if admin else list(who.prefixes),
+        state=query_choice(request, "state", _STATES),
+        kind=query_choice(request, "kind", ("push", "stage")),
+        path_prefix=prefix,
+        after=request.query.get("after"),
+        limit=limit,
+    )
+    next_cursor = rows[-1].id if len(rows) == limit else None
+    return _json({"transfers": [r.to_json() for r in rows], "next": next_cursor})
+
+
+async def get_transfer(request: web.Request) -> web.Response:
+    """GET /v1/transfers/{id}."""
+    require(request, "read")
+    row = await context(request).transfers.get(request.match_info["id"])
+    return _json(_visible(request, row).to_json())
+
+
+async def cancel_transfer(request: web.Request) -> web.Response:
+    """DELETE /v1/transfers/{id}."""
+    ctx = context(request)
+    row = _visible(request, await ctx.transfers.get(request.match_info["id"]))
+    require(request, "write", row.path)
+    return _json((await ctx.transfers.cancel(row.id)).to_json())
+
+
+# -- datasets, replicas, pins -------------------------------------------------------------
+
+
+async def list_datasets(request: web.Request) -> web.Response:
+    """GET /v1/datasets?prefix=."""
+    ctx = context(request)
+    who = require(request, "read")
+    raw = request.query.get("prefix", "/")
+    prefix = "/" if raw == "/" else check_logical_path(raw)
+    infos = await collect_datasets(ctx.site, prefix)
+    visible = [i for i in infos if who.allows("admin") or who.covers(i.path)]
+    return _json(
+        {
+            "datasets": [
+                {"path": i.path, "versions": len(i.versions), "latest": i.to_json()["versions"][-1]}
+                for i in visible
+            ]
+        }
+    )
+
+
+async def list_versions(request: web.Request) -> web.Response:
+    """GET /v1/datasets/{path}/versions."""
+    ctx = context(request)
+    path = logical_path("/" + request.match_info["path"].strip("/"), "path")
+    require(request, "read", path)
+    infos = [i for i in await collect_datasets(ctx.site, path) if i.path == path]
+    if not infos:
+        raise NotFound(f"dataset {path!r} has no published version")
+    return _json({"path": path, "versions": infos[0].to_json()["versions"]})
+
+
+async def list_replicas(request: web.Request) -> web.Response:
+    """GET /v1/replicas."""
+    ctx = context(request)
+    who = require(request, "read")
+    pins: dict[str, list[str]] = {}
+    for p in await ctx.access.pins():
+        pins.setdefault(p.dataset, []).append(p.pin)
+    replicas = [
+        {
+            "dataset": r.dataset,
+            "root": r.root,
+            "version": r.version,
+            "base_version": r.base_version,
+            "state": r.state,
+            "files": r.files,
+            "bytes": r.bytes,
+            "pins": pins.get(r.dataset, []),
+        }
+        for r in await ctx.site.catalog.replicas()
+        if who.allows("admin") or who.covers(r.dataset)
+    ]
+    return _json({"replicas": replicas})
+
+
+async def add_pin(request: web.Request) -> web.Response:
+    """POST /v1/pins."""
+    ctx = context(request)
+    body = await json_body(request, {"pin", "path", "version"}, {"pin", "path"})
+    path = logical_path(body.get("path"))
+    who = require(request, "write", path)
+    pin = string(body, "pin", max_len=200)
+    assert pin is not None
+    row = await ctx.access.add_pin(pin, path, who.tenant, version(body.get("version")))
+    return _json(row.__dict__, 201)
+
+
+async def release_pin(request: web.Request) -> web.Response:
+    """DELETE /v1/pins/{pin}: release the caller's datasets held by this pin."""
+    ctx = context(request)
+    who = require(request, "write")
+    pin = request.match_info["pin"]
+    if not pin or len(pin) > 200:
+        raise InvalidInput("pin must be 1-200 characters")
+    held = await ctx.access.pins(pin=pin)
+    mine = [
+        p for p in held if who.allows("admin") or (p.tenant == who.tenant and who.covers(p.dataset))
+    ]
+    if held and not mine:
+        raise Forbidden(f"pin {pin!r} holds no dataset this token may release")
+    released = await ctx.access.release(pin, None if who.allows("admin") else who.tenant)
+    return _json({"pin": pin, "released": released})

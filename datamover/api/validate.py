@@ -1,0 +1,127 @@
+"""Request parsing: JSON bodies and query parameters into checked values, or `InvalidInput`.
+
+Each check names the field and what was wrong; unknown fields are rejected, because a typo
+silently ignored (`"prioirty": "job"`) is a request not honoured.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from datamover.domain.ids import check_version_id
+from datamover.domain.paths import check_logical_path
+from datamover.errors import InvalidInput
+
+MAX_BODY = 64 * 1024
+
+
+async def json_body(request: web.Request, allowed: set[str], required: set[str]) -> dict:
+    """The request's JSON object, with only `allowed` keys and every `required` one."""
+    if request.content_type != "application/json":
+        raise web.HTTPUnsupportedMediaType(reason="send the request body as application/json")
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInput("request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("request body must be a JSON object")
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        raise InvalidInput(f"unknown field {unknown[0]!r}")
+    missing = sorted(required - set(body))
+    if missing:
+        raise InvalidInput(f"missing field {missing[0]!r}")
+    return body
+
+
+def string(body: dict, name: str, *, optional: bool = False, max_len: int = 4096) -> str | None:
+    """A string field (None allowed when `optional`)."""
+    value = body.get(name)
+    if value is None and optional:
+        return None
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"field {name!r} must be a non-empty string")
+    if len(value) > max_len:
+        raise InvalidInput(f"field {name!r} is longer than {max_len} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidInput(f"field {name!r} contains a control character")
+    return value
+
+
+def choice(body: dict, name: str, options: tuple[str, ...], default: str | None = None) -> str:
+    """A string field restricted to `options`."""
+    value = body.get(name, default)
+    if value not in options:
+        raise InvalidInput(f"field {name!r} must be one of {', '.join(options)}")
+    return value
+
+
+def flag(body: dict, name: str) -> bool:
+    """A boolean field (default false)."""
+    value = body.get(name, False)
+    if not isinstance(value, bool):
+        raise InvalidInput(f"field {name!r} must be true or false")
+    return value
+
+
+def logical_path(value: Any, name: str = "path") -> str:
+    """A logical dataset path."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"field {name!r} must be a logical path string")
+    try:
+        return check_logical_path(value)
+    except InvalidInput as exc:
+        raise InvalidInput(f"field {name!r}: {exc}") from None
+
+
+def version(value: Any) -> str | None:
+    """An optional version id."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput("field 'version' must be a version id string")
+    return check_version_id(value)
+
+
+def timestamp(value: Any, name: str) -> datetime | None:
+    """An optional RFC 3339 time (naive times are taken as UTC)."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidInput(f"field {name!r} must be an RFC 3339 date-time string")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise InvalidInput(f"field {name!r} is not an RFC 3339 date-time: {value!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    return parsed
+
+
+def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    """An integer query parameter within `[low, high]`."""
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidInput(f"query parameter {name!r} must be an integer") from None
+    if not low <= value <= high:
+        raise InvalidInput(f"query parameter {name!r} must be between {low} and {high}")
+    return value
+
+
+def query_choice(request: web.Request, name: str, options: tuple[str, ...]) -> str | None:
+    """An optional query parameter restricted to `options`."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    if raw not in options:
+        raise InvalidInput(f"query parameter {name!r} must be one of {', '.join(options)}")
+    return raw

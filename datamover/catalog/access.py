@@ -1,0 +1,151 @@
+"""API tokens and pins in the catalog.
+
+Tokens are random 256-bit strings shown once at creation and stored only as their SHA-256:
+high-entropy secrets need no slow password hash, and a lookup stays one indexed query.
+A pin holds a dataset's replica at this site for a job; eviction must skip pinned replicas.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from datamover.catalog.models import Pin, Token
+
+SCOPES = ("read", "write", "admin")
+TOKEN_PREFIX = "dm_"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def token_hash(token: str) -> str:
+    """The stored form of a token."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a valid token speaks for: a tenant, its logical prefixes and its scopes."""
+
+    token_id: str
+    tenant: str
+    prefixes: tuple[str, ...]
+    scopes: frozenset[str]
+
+    def allows(self, scope: str) -> bool:
+        """`admin` implies `write`, which implies `read`."""
+        rank = SCOPES.index(scope)
+        return any(SCOPES.index(s) >= rank for s in self.scopes)
+
+    def covers(self, path: str) -> bool:
+        """True when logical `path` lies under one of the token's prefixes."""
+        return any(p == "/" or path == p or path.startswith(p + "/") for p in self.prefixes)
+
+
+@dataclass(frozen=True)
+class PinRow:
+    """One pin on one dataset."""
+
+    pin: str
+    dataset: str
+    tenant: str
+    version: str | None
+    created_at: str
+
+
+class Access:
+    """Token and pin queries."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+
+    async def create_token(
+        self, tenant: str, prefixes: list[str], scopes: list[str]
+    ) -> tuple[str, Identity]:
+        """Create a token; return the secret (shown once) and what it grants."""
+        secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
+        token_id = "tok-" + secrets.token_hex(6)
+        async with self.engine.begin() as conn:
+            await conn.execute(
+                Token.__table__.insert().values(
+                    id=token_id,
+                    hash=token_hash(secret),
+                    tenant=tenant,
+                    prefixes=json.dumps(sorted(set(prefixes))),
+                    scopes=json.dumps(sorted(set(scopes))),
+                    created_at=_now(),
+                )
+            )
+        return secret, Identity(token_id, tenant, tuple(sorted(set(prefixes))), frozenset(scopes))
+
+    async def identify(self, secret: str) -> Identity | None:
+        """The identity of a valid, unrevoked token, or None."""
+        t = Token.__table__
+        query = select(t).where(t.c.hash == token_hash(secret), t.c.revoked_at.is_(None))
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(query)).first()
+        if r is None:
+            return None
+        return Identity(
+            r.id, r.tenant, tuple(json.loads(r.prefixes)), frozenset(json.loads(r.scopes))
+        )
+
+    async def revoke_token(self, token_id: str) -> bool:
+        """Revoke a token by id; False if there was no such active token."""
+        t = Token.__table__
+        stmt = update(t).where(t.c.id == token_id, t.c.revoked_at.is_(None))
+        async with self.engine.begin() as conn:
+            return bool((await conn.execute(stmt.values(revoked_at=_now()))).rowcount)
+
+    async def add_pin(self, pin: str, dataset: str, tenant: str, version: str | None) -> PinRow:
+        """Pin `dataset` under `pin` (idempotent; the latest version pinned wins)."""
+        at = _now()
+        values = {
+            "pin": pin,
+            "dataset": dataset,
+            "tenant": tenant,
+            "version": version,
+            "created_at": at,
+        }
+        insert = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(
+            Pin.__table__
+        )
+        stmt = insert.values(**values).on_conflict_do_update(
+            index_elements=["pin", "dataset"], set_={"version": version}
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
+        return PinRow(pin, dataset, tenant, version, at.isoformat())
+
+    async def pins(self, pin: str | None = None, dataset: str | None = None) -> list[PinRow]:
+        """Pins, optionally only one pin id or one dataset."""
+        p = Pin.__table__
+        query = select(p).order_by(p.c.pin, p.c.dataset)
+        if pin is not None:
+            query = query.where(p.c.pin == pin)
+        if dataset is not None:
+            query = query.where(p.c.dataset == dataset)
+        async with self.engine.connect() as conn:
+            return [
+                PinRow(r.pin, r.dataset, r.tenant, r.version, r.created_at.isoformat())
+                for r in await conn.execute(query)
+            ]
+
+    async def release(self, pin: str, tenant: str | None = None) -> int:
+        """Drop every dataset held by `pin` (of `tenant`, when given); return how many."""
+        p = Pin.__table__
+        stmt = delete(p).where(p.c.pin == pin)
+        if tenant is not None:
+            stmt = stmt.where(p.c.tenant == tenant)
+        async with self.engine.begin() as conn:
+            return (await conn.execute(stmt)).rowcount

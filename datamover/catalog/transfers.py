@@ -1,0 +1,393 @@
+"""The transfer queue in the catalog: submit, claim with leases, heartbeat, transition.
+
+Every state change goes through `Transfers.transition`: one UPDATE whose WHERE clause holds
+the allowed source states (from `domain.transfers.ALLOWED`) and, for a running transfer, the
+lease owner. If another worker got there first the UPDATE changes no row and the caller gets
+a `Conflict`, so no transfer can be run, finished or cancelled twice.
+
+Claiming takes the first queued transfer in `rank_time` order whose `not_before` has passed,
+with `FOR UPDATE SKIP LOCKED` on PostgreSQL so several processes never wait on each other;
+the guarded UPDATE makes it safe on SQLite too. A running transfer whose lease lapsed (its
+worker died) is put back in the queue first and resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, false, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from datamover.catalog.models import Transfer
+from datamover.domain.transfers import State, rank_time, sources
+from datamover.errors import Conflict, NotFound
+
+T = Transfer.__table__
+
+
+def now() -> datetime:
+    """The current UTC time (the catalog stores aware datetimes)."""
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; they were written as UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+def new_transfer_id(at: datetime | None = None) -> str:
+    """`tr-<UTC time>-<random>`: sortable by creation, unique without coordination."""
+    stamp = (at or now()).strftime("%Y%m%dT%H%M%S%f")
+    return f"tr-{stamp}-{secrets.token_hex(4)}"
+
+
+def _iso(value: datetime | None) -> str | None:
+    value = _aware(value)
+    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if value is not None else None
+
+
+@dataclass(frozen=True)
+class TransferRow:
+    """A transfer as the API shows it."""
+
+    id: str
+    tenant: str
+    kind: str
+    path: str
+    version: str | None
+    priority: str
+    deadline: str | None
+    pin: str | None
+    options: dict[str, Any]
+    state: str
+    attempts: int
+    cancel_requested: bool
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    updated_at: str
+    files_done: int
+    files_total: int | None
+    bytes_done: int
+    bytes_total: int | None
+    bytes_moved: int
+    rate: float
+    eta_seconds: float | None
+    result: dict[str, Any] | None
+    error: dict[str, Any] | None
+    lease_owner: str | None
+
+    @classmethod
+    def from_row(cls, r: Any) -> TransferRow:
+        """Build from a `transfers` row."""
+        eta = None
+        if r.state == State.RUNNING and r.rate > 0 and r.bytes_total is not None:
+            eta = round(max(r.bytes_total - r.bytes_done, 0) / r.rate, 1)
+        error = None
+        if r.error_code:
+            error = {
+                "code": r.error_code,
+                "message": r.error_message,
+                "paths": json.loads(r.error_paths or "[]"),
+            }
+        return cls(
+            id=r.id,
+            tenant=r.tenant,
+            kind=r.kind,
+            path=r.path,
+            version=r.version,
+            priority=r.priority,
+            deadline=_iso(r.deadline),
+            pin=r.pin,
+            options=json.loads(r.options),
+            state=r.state,
+            attempts=r.attempts,
+            cancel_requested=bool(r.cancel_requested),
+            created_at=_iso(r.created_at) or "",
+            started_at=_iso(r.started_at),
+            finished_at=_iso(r.finished_at),
+            updated_at=_iso(r.updated_at) or "",
+            files_done=r.files_done,
+            files_total=r.files_total,
+            bytes_done=r.bytes_done,
+            bytes_total=r.bytes_total,
+            bytes_moved=r.bytes_moved,
+            rate=round(r.rate, 1),
+            eta_seconds=eta,
+            result=json.loads(r.result) if r.result else None,
+            error=error,
+            lease_owner=r.lease_owner,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """The API representation (the lease owner is internal)."""
+        data = asdict(self)
+        del data["lease_owner"]
+        return data
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What a client asks for (validated by the API before it gets here)."""
+
+    tenant: str
+    kind: str
+    path: str
+    version: str | None = None
+    priority: str = "interactive"
+    deadline: datetime | None = None
+    pin: str | None = None
+    options: dict[str, Any] | None = None
+    idempotency_key: str | None = None
+
+    def same_request(self, row: TransferRow) -> bool:
+        """True when `row` was created by an equal request (for idempotent retries)."""
+        return (
+            row.kind == self.kind
+            and row.path == self.path
+            and row.version == self.version
+            and row.priority == self.priority
+            and row.pin == self.pin
+            and row.options == (self.options or {})
+        )
+
+
+class Transfers:
+    """Queries over the `transfers` table."""
+
+    def __init__(self, engine: AsyncEngine, max_attempts: int = 5) -> None:
+        self.engine = engine
+        self.dialect = engine.dialect.name
+        self.max_attempts = max_attempts
+
+    async def get(self, transfer_id: str) -> TransferRow:
+        """One transfer; `NotFound` if there is none with that id."""
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(select(T).where(T.c.id == transfer_id))).first()
+        if r is None:
+            raise NotFound(f"no transfer {transfer_id!r}")
+        return TransferRow.from_row(r)
+
+    async def _by_key(self, tenant: str, key: str) -> TransferRow | None:
+        query = select(T).where(T.c.tenant == tenant, T.c.idempotency_key == key)
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(query)).first()
+        return TransferRow.from_row(r) if r is not None else None
+
+    async def submit(self, sub: Submission) -> tuple[TransferRow, bool]:
+        """Queue a transfer; return it and whether it is new.
+
+        With an idempotency key, a repeated submission returns the first transfer; reusing a
+        key for a different request is a `Conflict`.
+        """
+        if sub.idempotency_key:
+            existing = await self._by_key(sub.tenant, sub.idempotency_key)
+            if existing is not None:
+                return self._check_same(sub, existing), False
+        at = now()
+        values = {
+            "id": new_transfer_id(at),
+            "tenant": sub.tenant,
+            "kind": sub.kind,
+            "path": sub.path,
+            "version": sub.version,
+            "priority": sub.priority,
+            "deadline": sub.deadline,
+            "pin": sub.pin,
+            "options": json.dumps(sub.options or {}, sort_keys=True),
+            "state": State.QUEUED.value,
+            "rank_time": rank_time(at, sub.priority, sub.deadline),  # type: ignore[arg-type]
+            "not_before": at,
+            "attempts": 0,
+            "max_attempts": self.max_attempts,
+            "cancel_requested": False,
+            "created_at": at,
+            "updated_at": at,
+            "files_done": 0,
+            "bytes_done": 0,
+            "bytes_moved": 0,
+            "rate": 0.0,
+            "idempotency_key": sub.idempotency_key,
+        }
+        try:
+            async with self.engine.begin() as conn:
+                await conn.execute(T.insert().values(**values))
+        except IntegrityError:
+            # Two retries of one request raced; the other insert won.
+            existing = await self._by_key(sub.tenant, sub.idempotency_key or "")
+            if existing is None:
+                raise
+            return self._check_same(sub, existing), False
+        return await self.get(values["id"]), True
+
+    @staticmethod
+    def _check_same(sub: Submission, row: TransferRow) -> TransferRow:
+        if not sub.same_request(row):
+            raise Conflict(
+                f"idempotency key {sub.idempotency_key!r} was used for a different request "
+                f"(transfer {row.id})"
+            )
+        return row
+
+    async def list(
+        self,
+        *,
+        tenant: str | None = None,
+        prefixes: list[str] | None = None,
+        state: str | None = None,
+        kind: str | None = None,
+        path_prefix: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[TransferRow]:
+        """Transfers in id (creation) order, newest last, filtered; `after` is the cursor."""
+        query = select(T)
+        if tenant is not None:
+            query = query.where(T.c.tenant == tenant)
+        if prefixes is not None:
+            query = query.where(or_(*(_under(p) for p in prefixes)) if prefixes else false())
+        if state:
+            query = query.where(T.c.state == state)
+        if kind:
+            query = query.where(T.c.kind == kind)
+        if path_prefix:
+            query = query.where(_under(path_prefix))
+        if after:
+            query = query.where(T.c.id > after)
+        query = query.order_by(T.c.id).limit(limit)
+        async with self.engine.connect() as conn:
+            return [TransferRow.from_row(r) for r in await conn.execute(query)]
+
+    async def transition(
+        self, transfer_id: str, target: State, *, owner: str | None = None, **values: Any
+    ) -> TransferRow:
+        """The one way to change a transfer's state; see the module docstring."""
+        allowed = [s.value for s in sources(target)]
+        at = now()
+        stmt = update(T).where(T.c.id == transfer_id, T.c.state.in_(allowed))
+        if owner is not None:
+            stmt = stmt.where(T.c.lease_owner == owner)
+        fields: dict[str, Any] = {"state": target.value, "updated_at": at, **values}
+        if target in (State.SUCCEEDED, State.FAILED, State.CANCELLED):
+            fields.setdefault("finished_at", at)
+            fields.setdefault("lease_owner", None)
+            fields.setdefault("lease_expires", None)
+        async with self.engine.begin() as conn:
+            changed = (await conn.execute(stmt.values(**fields))).rowcount
+        current = await self.get(transfer_id)
+        if not changed:
+            raise Conflict(
+                f"transfer {transfer_id} is {current.state}"
+                + (f" (held by {current.lease_owner})" if current.lease_owner else "")
+                + f"; it cannot become {target.value}"
+            )
+        return current
+
+    async def requeue_expired(self, also_owners: Sequence[str] = ()) -> int:
+        """Put running transfers whose lease lapsed (or whose owner is known dead) back in
+        the queue; return how many."""
+        at = now()
+        lapsed = or_(T.c.lease_expires < at, T.c.lease_owner.in_(list(also_owners)))
+        stmt = (
+            update(T)
+            .where(T.c.state == State.RUNNING.value, lapsed)
+            .values(
+                state=State.QUEUED.value,
+                lease_owner=None,
+                lease_expires=None,
+                updated_at=at,
+                not_before=at,
+            )
+        )
+        async with self.engine.begin() as conn:
+            return (await conn.execute(stmt)).rowcount
+
+    async def claim(self, owner: str, lease: float) -> TransferRow | None:
+        """Take the next runnable transfer for `owner`, with a lease of `lease` seconds."""
+        at = now()
+        ready = and_(T.c.state == State.QUEUED.value, T.c.not_before <= at, ~T.c.cancel_requested)
+        candidates = select(T.c.id).where(ready).order_by(T.c.rank_time, T.c.id).limit(1)
+        if self.dialect == "postgresql":
+            candidates = candidates.with_for_update(skip_locked=True)
+        for _ in range(8):
+            async with self.engine.begin() as conn:
+                picked = (await conn.execute(candidates)).scalar()
+                if picked is None:
+                    return None
+                stmt = (
+                    update(T)
+                    .where(T.c.id == picked, T.c.state == State.QUEUED.value)
+                    .values(
+                        state=State.RUNNING.value,
+                        lease_owner=owner,
+                        lease_expires=at + timedelta(seconds=lease),
+                        attempts=T.c.attempts + 1,
+                        started_at=func.coalesce(T.c.started_at, at),
+                        updated_at=at,
+                    )
+                )
+                if (await conn.execute(stmt)).rowcount:
+                    break
+        else:
+            return None
+        return await self.get(picked)
+
+    async def heartbeat(
+        self, transfer_id: str, owner: str, lease: float, **progress: Any
+    ) -> tuple[bool, bool]:
+        """Renew the lease and record progress; return `(still ours, cancel requested)`."""
+        at = now()
+        stmt = (
+            update(T)
+            .where(
+                T.c.id == transfer_id, T.c.lease_owner == owner, T.c.state == State.RUNNING.value
+            )
+            .values(lease_expires=at + timedelta(seconds=lease), updated_at=at, **progress)
+        )
+        async with self.engine.begin() as conn:
+            ours = bool((await conn.execute(stmt)).rowcount)
+            flag = (
+                await conn.execute(select(T.c.cancel_requested).where(T.c.id == transfer_id))
+            ).scalar()
+        return ours, bool(flag)
+
+    async def cancel(self, transfer_id: str) -> TransferRow:
+        """Cancel: a queued transfer at once, a running one at its next heartbeat."""
+        row = await self.get(transfer_id)
+        if row.state == State.QUEUED:
+            try:
+                return await self.transition(transfer_id, State.CANCELLED)
+            except Conflict:
+                row = await self.get(transfer_id)  # claimed meanwhile: ask the worker
+        if row.state == State.RUNNING:
+            async with self.engine.begin() as conn:
+                await conn.execute(
+                    update(T)
+                    .where(T.c.id == transfer_id, T.c.state == State.RUNNING.value)
+                    .values(cancel_requested=True, updated_at=now())
+                )
+            return await self.get(transfer_id)
+        if row.state == State.CANCELLED:
+            return row
+        raise Conflict(f"transfer {transfer_id} already {row.state}; it cannot be cancelled")
+
+    async def depth(self) -> dict[tuple[str, str], int]:
+        """Number of transfers per (state, priority), for metrics."""
+        query = select(T.c.state, T.c.priority, func.count()).group_by(T.c.state, T.c.priority)
+        async with self.engine.connect() as conn:
+            return {(s, p): n for s, p, n in await conn.execute(query)}
+
+
+def _under(prefix: str) -> Any:
+    if prefix == "/":
+        return T.c.path.like("/%")
+    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return or_(T.c.path == prefix, T.c.path.like(escaped + "/%", escape="\\"))

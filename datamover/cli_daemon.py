@@ -1,0 +1,342 @@
+"""CLI commands around the site daemon: `serve`, `token`, `transfer ...`, `release`, and
+the path by which `push`/`stage` hand their work to a configured, reachable daemon."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from typing import Any
+
+import click
+
+from datamover.cli import Bar, cli, common, emit_json, human_bytes, run_with_site
+from datamover.config import Config, load_config
+from datamover.errors import InvalidInput, TransientError
+
+
+def _client(config: Config) -> Any:
+    from datamover.client import DaemonClient, load_token
+
+    url = config.api_url
+    if url is None:
+        raise InvalidInput(f"{config.source}: no [api] listen or url: there is no daemon to ask")
+    return DaemonClient(url, load_token(config))
+
+
+async def _follow(client: Any, transfer: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    """Wait for a transfer, with a progress bar on a terminal; return its final state."""
+    with Bar(f"{transfer['kind']} {transfer['path']}", not as_json) as bar:
+        seen = {"files": 0, "bytes": 0}
+
+        def update(t: dict[str, Any]) -> None:
+            bar.total(t.get("files_total"), t.get("bytes_total"))
+            bar.advance(t["files_done"] - seen["files"], t["bytes_done"] - seen["bytes"])
+            seen.update(files=t["files_done"], bytes=t["bytes_done"])
+
+        return await client.wait(transfer["id"], update)
+
+
+def through_daemon(
+    config: Config, request: dict[str, Any], wait: bool, as_json: bool
+) -> dict[str, Any] | None:
+    """Run `request` on the site daemon; None when no daemon is configured or reachable.
+
+    Returns the transfer's result (as the local command would print it, plus `transfer`),
+    or `{"transfer": id, "state": ...}` without `wait`; a failed transfer raises its error.
+    """
+    from datamover.client import transfer_error
+
+    if config.api_url is None:
+        return None
+
+    async def go() -> dict[str, Any] | None:
+        async with _client(config) as client:
+            if not await client.reachable():
+                if not wait:
+                    raise TransientError(f"datamover daemon at {config.api_url} unreachable")
+                return None
+            transfer = await client.submit(request)
+            if not wait:
+                return {"transfer": transfer["id"], "state": transfer["state"]}
+            final = await _follow(client, transfer, as_json)
+            if final["state"] != "succeeded":
+                raise transfer_error(final)
+            return {**(final.get("result") or {}), "transfer": final["id"]}
+
+    return asyncio.run(go())
+
+
+def stage_locally(config: Config, request: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    """Stage in this process (no daemon); record the pin in the catalog if one is asked."""
+    from datamover.catalog.access import Access
+    from datamover.transfer.stage import stage
+
+    async def work(site: Any) -> dict[str, Any]:
+        with Bar(f"stage {request['path']}", not as_json) as bar:
+            result = await stage(
+                site,
+                request["path"],
+                version=request.get("version"),
+                delete=bool(request.get("delete")),
+                checksum=bool(request.get("checksum")),
+                progress=bar,
+            )
+        if request.get("pin"):
+            await Access(site.catalog.engine).add_pin(
+                request["pin"], result.dataset, "local", result.version
+            )
+        return result.to_json()
+
+    return run_with_site(config, work)
+
+
+@cli.command()
+@common
+def serve(config_path: str | None, as_json: bool) -> None:
+    """Run the site daemon: REST API, transfer workers, metrics (until SIGTERM)."""
+    from datamover.daemon import serve as run_daemon
+    from datamover.logs import setup_json_logging
+
+    config = load_config(config_path)
+    setup_json_logging()
+    asyncio.run(run_daemon(config))
+
+
+@cli.group()
+def token() -> None:
+    """API tokens (run on the daemon's host, against its catalog)."""
+
+
+@token.command("create")
+@click.option("--tenant", required=True, help="Tenant the token acts for.")
+@click.option("--prefix", "prefixes", multiple=True, required=True, help="Logical prefix (repeat).")
+@click.option(
+    "--scope",
+    "scopes",
+    multiple=True,
+    required=True,
+    type=click.Choice(["read", "write", "admin"]),
+    help="Scope (repeat).",
+)
+@common
+def token_create(
+    tenant: str,
+    prefixes: tuple[str, ...],
+    scopes: tuple[str, ...],
+    config_path: str | None,
+    as_json: bool,
+) -> None:
+    """Create a bearer token; the secret is printed once and stored only hashed."""
+    from datamover.catalog.access import Access
+    from datamover.domain.paths import check_logical_path
+
+    checked = ["/" if p == "/" else check_logical_path(p) for p in prefixes]
+    if not tenant.strip() or len(tenant) > 128:
+        raise InvalidInput("--tenant must be 1-128 characters")
+
+    async def work(site: Any) -> tuple[str, Any]:
+        return await Access(site.catalog.engine).create_token(tenant, checked, list(scopes))
+
+    secret, who = run_with_site(config_path, work)
+    info = {
+        "token": secret,
+        "id": who.token_id,
+        "tenant": who.tenant,
+        "prefixes": list(who.prefixes),
+        "scopes": sorted(who.scopes),
+    }
+    if as_json:
+        emit_json(info)
+    else:
+        click.echo(secret)
+        click.echo(
+            f"(token {who.token_id} for tenant {tenant}: {', '.join(sorted(who.scopes))} "
+            f"on {', '.join(who.prefixes)}; shown once)",
+            err=True,
+        )
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@common
+def token_revoke(token_id: str, config_path: str | None, as_json: bool) -> None:
+    """Revoke a token by its id."""
+    from datamover.catalog.access import Access
+    from datamover.errors import NotFound
+
+    async def work(site: Any) -> bool:
+        return await Access(site.catalog.engine).revoke_token(token_id)
+
+    if not run_with_site(config_path, work):
+        raise NotFound(f"no active token {token_id!r}")
+    if as_json:
+        emit_json({"revoked": token_id})
+    else:
+        click.echo(f"revoked {token_id}")
+
+
+@cli.group()
+def transfer() -> None:
+    """Transfers on the site daemon."""
+
+
+def _call(config_path: str | None, method: str, path: str, **kw: Any) -> Any:
+    config = load_config(config_path)
+
+    async def go() -> Any:
+        async with _client(config) as client:
+            return await client.call(method, path, **kw)
+
+    return asyncio.run(go())
+
+
+def _describe(t: dict[str, Any]) -> str:
+    total = t.get("bytes_total")
+    progress = f"{human_bytes(t['bytes_done'])}" + (f"/{human_bytes(total)}" if total else "")
+    line = f"{t['id']}  {t['state']:<9} {t['kind']:<5} {t['path']}  {progress}"
+    if t.get("error"):
+        line += f"  ({t['error']['code']}: {t['error']['message']})"
+    return line
+
+
+@transfer.command("submit")
+@click.argument("kind", type=click.Choice(["push", "stage"]))
+@click.argument("logical_path")
+@click.option("--version", "version", metavar="ID")
+@click.option(
+    "--priority",
+    type=click.Choice(["job", "interactive", "bulk"]),
+    default="interactive",
+    show_default=True,
+)
+@click.option("--deadline", metavar="TIME", help="RFC 3339")
+@click.option("--pin", metavar="ID")
+@click.option("--delete", is_flag=True)
+@click.option("--checksum", is_flag=True)
+@click.option(
+    "--idempotency-key", metavar="KEY", help="Makes a retried submit return the same transfer."
+)
+@common
+def transfer_submit(
+    kind: str,
+    logical_path: str,
+    version: str | None,
+    priority: str,
+    deadline: str | None,
+    pin: str | None,
+    delete: bool,
+    checksum: bool,
+    idempotency_key: str | None,
+    config_path: str | None,
+    as_json: bool,
+) -> None:
+    """Queue a push or stage on the daemon; print the transfer."""
+    body: dict[str, Any] = {"kind": kind, "path": logical_path, "priority": priority}
+    for key, value in (("version", version), ("deadline", deadline), ("pin", pin)):
+        if value is not None:
+            body[key] = value
+    for key, on in (("delete", delete), ("checksum", checksum)):
+        if on:
+            body[key] = True
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
+    t = _call(config_path, "POST", "/v1/transfers", body=body, headers=headers)
+    emit_json(t) if as_json else click.echo(_describe(t))
+
+
+@transfer.command("list")
+@click.option(
+    "--state", type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"])
+)
+@click.option("--kind", type=click.Choice(["push", "stage"]))
+@click.option("--prefix", metavar="PATH")
+@click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@common
+def transfer_list(
+    state: str | None,
+    kind: str | None,
+    prefix: str | None,
+    limit: int,
+    config_path: str | None,
+    as_json: bool,
+) -> None:
+    """List transfers."""
+    params = {k: v for k, v in (("state", state), ("kind", kind), ("prefix", prefix)) if v}
+    params["limit"] = str(limit)
+    page = _call(config_path, "GET", "/v1/transfers", params=params)
+    if as_json:
+        emit_json(page)
+        return
+    for t in page["transfers"]:
+        click.echo(_describe(t))
+
+
+@transfer.command("show")
+@click.argument("transfer_id")
+@common
+def transfer_show(transfer_id: str, config_path: str | None, as_json: bool) -> None:
+    """Show one transfer."""
+    t = _call(config_path, "GET", f"/v1/transfers/{transfer_id}")
+    emit_json(t) if as_json else click.echo(_describe(t))
+
+
+@transfer.command("cancel")
+@click.argument("transfer_id")
+@common
+def transfer_cancel(transfer_id: str, config_path: str | None, as_json: bool) -> None:
+    """Cancel a transfer."""
+    t = _call(config_path, "DELETE", f"/v1/transfers/{transfer_id}")
+    emit_json(t) if as_json else click.echo(_describe(t))
+
+
+@transfer.command("watch")
+@click.argument("transfer_id")
+@common
+def transfer_watch(transfer_id: str, config_path: str | None, as_json: bool) -> None:
+    """Follow a transfer with a progress bar; exit 0 only if it succeeds."""
+    from datamover.client import transfer_error
+
+    config = load_config(config_path)
+
+    async def go() -> dict[str, Any]:
+        async with _client(config) as client:
+            return await _follow(client, await client.get(transfer_id), as_json)
+
+    final = asyncio.run(go())
+    emit_json(final) if as_json else click.echo(_describe(final))
+    if final["state"] != "succeeded":
+        exc = transfer_error(final)
+        if not as_json:
+            click.echo(f"datamover: error: {exc.message}", err=True)
+        sys.exit(exc.exit_code)
+
+
+@cli.command()
+@click.option("--pin", required=True, metavar="ID", help="The pin to release (a job id).")
+@click.option("--local", is_flag=True, help="Release in this site's catalog, not via the daemon.")
+@common
+def release(pin: str, local: bool, config_path: str | None, as_json: bool) -> None:
+    """Release every replica held by a pin (the Slurm epilog half of the hook pair)."""
+    from datamover.catalog.access import Access
+
+    config = load_config(config_path)
+    released = None
+    if not local and config.api_url is not None:
+
+        async def go() -> int | None:
+            async with _client(config) as client:
+                if not await client.reachable():
+                    return None
+                answer = await client.call("DELETE", f"/v1/pins/{pin}")
+                return int(answer["released"])
+
+        released = asyncio.run(go())
+    if released is None:
+
+        async def work(site: Any) -> int:
+            return await Access(site.catalog.engine).release(pin)
+
+        released = run_with_site(config, work)
+    if as_json:
+        emit_json({"pin": pin, "released": released})
+    else:
+        click.echo(f"released {released} replicas held by {pin}")

@@ -1,0 +1,180 @@
+"""A client of the site daemon's REST API, for the CLI and the job-staging hooks.
+
+Error responses become the same `DatamoverError` classes the library raises, so the CLI
+prints one line and exits with the same code whether it worked locally or via the daemon.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from datamover.config import Config
+from datamover.errors import (
+    CatalogError,
+    Conflict,
+    Corrupt,
+    DatamoverError,
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    PermanentError,
+    TransientError,
+    Unauthorized,
+)
+
+_BY_CODE: dict[str, type[DatamoverError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidInput,
+        NotFound,
+        Conflict,
+        Corrupt,
+        TransientError,
+        PermanentError,
+        CatalogError,
+        Unauthorized,
+        Forbidden,
+    )
+}
+_BY_STATUS = {
+    400: InvalidInput,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    413: InvalidInput,
+    415: InvalidInput,
+    502: PermanentError,
+    503: TransientError,
+}
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def load_token(config: Config) -> str | None:
+    """The CLI's token: `DATAMOVER_TOKEN`, else the file named by `[api] token_file`."""
+    token = os.environ.get("DATAMOVER_TOKEN")
+    if token:
+        return token.strip()
+    if config.api.token_file:
+        try:
+            return Path(config.api.token_file).read_text().strip() or None
+        except OSError as exc:
+            raise InvalidInput(
+                f"cannot read the token file {config.api.token_file!r}: {exc.strerror}"
+            ) from None
+    return None
+
+
+def error_from(status: int, body: Any) -> DatamoverError:
+    """The library error for an API error response."""
+    error = body.get("error", {}) if isinstance(body, dict) else {}
+    message = error.get("message") or f"daemon answered HTTP {status}"
+    code = error.get("code", "")
+    cls = _BY_CODE.get(code) or _BY_STATUS.get(status) or DatamoverError
+    for known in ("store_unavailable", "unavailable"):
+        if code == known:
+            cls = TransientError
+    exc = cls(message, error.get("paths"))
+    exc.code = code or exc.code
+    return exc
+
+
+def transfer_error(transfer: dict[str, Any]) -> DatamoverError:
+    """The error a failed or cancelled transfer ended with."""
+    if transfer["state"] == "cancelled":
+        return Conflict(f"transfer {transfer['id']} was cancelled")
+    error = transfer.get("error") or {}
+    cls = _BY_CODE.get(error.get("code", ""), DatamoverError)
+    if error.get("code") in ("store_unavailable", "unavailable"):
+        cls = TransientError
+    exc = cls(
+        f"transfer {transfer['id']} failed: {error.get('message', 'unknown reason')}",
+        error.get("paths"),
+    )
+    return exc
+
+
+class DaemonClient:
+    """Talks to one daemon at `base_url` with `token`. Use as an async context manager."""
+
+    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=3)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> DaemonClient:
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        self._session = aiohttp.ClientSession(headers=headers, timeout=self._timeout)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    async def reachable(self) -> bool:
+        """True when the daemon answers `/healthz` within a second."""
+        assert self._session is not None
+        try:
+            async with self._session.get(
+                self.base_url + "/healthz", timeout=aiohttp.ClientTimeout(total=1)
+            ) as resp:
+                return resp.status == 200
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            return False
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        """One request; the decoded JSON answer, or the mapped error."""
+        assert self._session is not None
+        try:
+            async with self._session.request(
+                method, self.base_url + path, json=body, params=params, headers=headers
+            ) as resp:
+                try:
+                    data = await resp.json(content_type=None)
+                except (ValueError, aiohttp.ContentTypeError):
+                    data = None
+                if resp.status >= 400:
+                    raise error_from(resp.status, data)
+                return data
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise TransientError(
+                f"datamover daemon at {self.base_url} unreachable: {exc or type(exc).__name__}"
+            ) from None
+
+    async def submit(self, request: dict[str, Any], key: str | None = None) -> dict[str, Any]:
+        """POST /v1/transfers."""
+        headers = {"Idempotency-Key": key} if key else None
+        return await self.call("POST", "/v1/transfers", request, headers=headers)
+
+    async def get(self, transfer_id: str) -> dict[str, Any]:
+        """GET /v1/transfers/{id}."""
+        return await self.call("GET", f"/v1/transfers/{transfer_id}")
+
+    async def wait(
+        self,
+        transfer_id: str,
+        on_update: Callable[[dict[str, Any]], None] | None = None,
+        interval: float = 0.25,
+    ) -> dict[str, Any]:
+        """Poll until the transfer ends; return its final state."""
+        while True:
+            transfer = await self.get(transfer_id)
+            if on_update is not None:
+                on_update(transfer)
+            if transfer["state"] in TERMINAL:
+                return transfer
+            await asyncio.sleep(interval)

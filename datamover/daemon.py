@@ -1,0 +1,123 @@
+"""`datamover serve`: the site daemon. Composition root of API, workers and metrics.
+
+Start-up puts back in the queue the transfers that a dead process on this host still held
+(their checkpoints let them resume), then serves the API and runs `[api] workers` transfer
+workers. SIGTERM or SIGINT drains: the API stops, running transfers are stopped and returned
+to the queue (push and stage are resumable), and the process exits. Several processes may
+share a PostgreSQL catalog; on SQLite a lock file keeps it to one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import socket
+from pathlib import Path
+
+from aiohttp import web
+
+from datamover.api.app import Context, make_app
+from datamover.catalog.access import Access
+from datamover.catalog.queries import owner_alive
+from datamover.catalog.transfers import Transfers
+from datamover.config import Config
+from datamover.errors import Conflict, InvalidInput
+from datamover.metrics import Metrics
+from datamover.scheduler.runner import run_loop
+from datamover.scheduler.worker import Worker
+from datamover.site import Site
+
+log = logging.getLogger(__name__)
+
+
+def _single_process_lock(config: Config) -> int | None:
+    if not config.catalog_url.startswith("sqlite"):
+        return None
+    path = Path(config.state_dir) / "serve.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise Conflict(
+            f"another datamover serve already uses the SQLite catalog of {config.site.name!r}; "
+            "use PostgreSQL for several processes"
+        ) from None
+    return fd
+
+
+async def _reclaim_dead(transfers: Transfers) -> None:
+    running = await transfers.list(state="running", limit=10_000)
+    dead = sorted(
+        {r.lease_owner for r in running if r.lease_owner and not owner_alive(r.lease_owner)}
+    )
+    if dead:
+        n = await transfers.requeue_expired(dead)
+        log.info("put %d transfers of dead workers back in the queue", n)
+
+
+async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
+    """Run the daemon until SIGTERM/SIGINT."""
+    if not config.api.listen:
+        raise InvalidInput(f"{config.source}: [api] listen is not set; nothing to serve on")
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    lock = _single_process_lock(config)
+    site = await Site.open(config)
+    engine = site.catalog.engine
+    transfers = Transfers(engine, config.api.max_attempts)
+    access = Access(engine)
+    metrics = Metrics(config.site.name)
+    open_paths = {"/healthz", "/readyz", "/v1/openapi.json"}
+    if config.api.open_metrics:
+        open_paths.add("/metrics")
+    app = make_app(Context(site, transfers, access, metrics, frozenset(open_paths)))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    base = f"{socket.gethostname()}:{os.getpid()}"
+    workers = [
+        Worker(site, transfers, access, f"{base}/w{i}", metrics, config.api.lease_seconds)
+        for i in range(config.api.workers)
+    ]
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    host, _, port = config.api.listen.rpartition(":")
+    try:
+        await _reclaim_dead(transfers)
+        await web.TCPSite(runner, host, int(port), reuse_address=True).start()
+        log.info(
+            "serving %s on %s with %d workers", config.site.name, config.api.listen, len(workers)
+        )
+
+        async def refresh() -> bool:
+            metrics.set_queue(await transfers.depth())
+            replicas = await site.catalog.replicas()
+            metrics.cache.labels(config.site.name).set(sum(r.bytes for r in replicas))
+            await transfers.requeue_expired()
+            return False
+
+        tasks = [
+            asyncio.create_task(run_loop(f"worker {i}", w.run_once, stop))
+            for i, w in enumerate(workers)
+        ]
+        tasks.append(asyncio.create_task(run_loop("metrics", refresh, stop, idle=5.0)))
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        log.info("draining: stopping running transfers so they resume later")
+        for w in workers:
+            w.drain()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        await runner.cleanup()
+        await site.close()
+        if lock is not None:
+            with contextlib.suppress(OSError):
+                os.close(lock)
+    log.info("stopped")

@@ -1,0 +1,57 @@
+"""Structured logs: one JSON object per line, carrying the transfer id being worked on.
+
+The transfer id travels in a context variable, so every log line emitted while a worker
+runs a transfer (in the worker, the store wrappers, push or stage) names it without being
+passed around.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import sys
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+_transfer: contextvars.ContextVar[str | None] = contextvars.ContextVar("transfer", default=None)
+
+
+@contextlib.contextmanager
+def transfer_context(transfer_id: str) -> Iterator[None]:
+    """Log lines inside this block carry `transfer_id`."""
+    token = _transfer.set(transfer_id)
+    try:
+        yield
+    finally:
+        _transfer.reset(token)
+
+
+class JsonFormatter(logging.Formatter):
+    """`{"time", "level", "logger", "message", "transfer"?, "error"?}` per line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        transfer = _transfer.get()
+        if transfer:
+            entry["transfer"] = transfer
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def setup_json_logging(level: int = logging.INFO) -> None:
+    """Send every log record to stderr as JSON lines (the daemon's log format)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("aiobotocore", "botocore", "aiohttp.access", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

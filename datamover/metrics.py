@@ -1,0 +1,109 @@
+"""Prometheus metrics of a site daemon, on a registry of its own.
+
+Counters move as work finishes (bytes and files by direction, durations, retries, errors);
+gauges that describe the catalog (queue depth, cache bytes, dedup ratio) are refreshed by
+`refresh`, which the daemon runs periodically, so a scrape never waits on the database.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["CONTENT_TYPE", "Metrics"]
+
+_DIRECTION = {"push": "up", "stage": "down"}
+
+
+class Metrics:
+    """The daemon's collectors."""
+
+    def __init__(self, site: str) -> None:
+        self.site = site
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.bytes = Counter(
+            "datamover_bytes_moved",
+            "Bytes sent to or fetched from the store",
+            ["direction", "site"],
+            registry=r,
+        )
+        self.files = Counter(
+            "datamover_files_moved", "Files pushed or staged", ["direction", "site"], registry=r
+        )
+        self.duration = Histogram(
+            "datamover_transfer_duration_seconds",
+            "Wall time of finished transfers",
+            ["kind", "site"],
+            registry=r,
+            buckets=(0.1, 0.5, 1, 5, 15, 60, 300, 900, 3600, 14400, float("inf")),
+        )
+        self.outcomes = Counter(
+            "datamover_transfers_finished",
+            "Transfers by final state",
+            ["kind", "state", "site"],
+            registry=r,
+        )
+        self.retries = Counter(
+            "datamover_retries", "Transfer attempts retried", ["kind", "site"], registry=r
+        )
+        self.errors = Counter(
+            "datamover_errors",
+            "Transfer attempts failed, by error code",
+            ["kind", "code", "site"],
+            registry=r,
+        )
+        self.queue = Gauge(
+            "datamover_queue_depth",
+            "Transfers by state and priority",
+            ["state", "priority", "site"],
+            registry=r,
+        )
+        self.dedup = Gauge(
+            "datamover_dedup_ratio",
+            "Logical bytes pushed per byte uploaded, over this daemon's pushes",
+            ["site"],
+            registry=r,
+        )
+        self.cache = Gauge(
+            "datamover_cache_bytes", "Bytes of replicas in this site's cache", ["site"], registry=r
+        )
+        self._logical = 0
+        self._uploaded = 0
+
+    def finished(self, kind: str, state: str, seconds: float, result: dict[str, Any]) -> None:
+        """Count a transfer that ended."""
+        self.outcomes.labels(kind, state, self.site).inc()
+        if state != "succeeded":
+            return
+        self.duration.labels(kind, self.site).observe(seconds)
+        direction = _DIRECTION.get(kind, kind)
+        moved = result.get("uploaded_bytes", result.get("downloaded_bytes", 0))
+        self.bytes.labels(direction, self.site).inc(moved)
+        files = result.get("files_read", result.get("fetched_files", 0))
+        self.files.labels(direction, self.site).inc(files)
+        if kind == "push":
+            self._logical += result.get("bytes_read", 0)
+            self._uploaded += moved
+            if self._uploaded:
+                self.dedup.labels(self.site).set(self._logical / self._uploaded)
+
+    def retry(self, kind: str) -> None:
+        """Count a retried attempt."""
+        self.retries.labels(kind, self.site).inc()
+
+    def error(self, kind: str, code: str) -> None:
+        """Count a failed attempt."""
+        self.errors.labels(kind, code, self.site).inc()
+
+    def set_queue(self, depth: dict[tuple[str, str], int]) -> None:
+        """Replace the queue-depth gauge with fresh counts."""
+        self.queue.clear()
+        for (state, priority), n in depth.items():
+            self.queue.labels(state, priority, self.site).set(n)
+
+    def render(self) -> bytes:
+        """The exposition text."""
+        return generate_latest(self.registry)

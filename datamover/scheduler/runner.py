@@ -1,0 +1,38 @@
+"""The generic daemon loop: call `run_once` until told to stop, sleeping when idle.
+
+Every daemon activity (a transfer worker, a metrics refresher) is a `run_once()` coroutine
+returning whether it did something; tests drive `run_once` directly, and this runner owns the
+sleeping, stopping and error containment for all of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+
+async def run_loop(
+    name: str,
+    run_once: Callable[[], Awaitable[bool]],
+    stop: asyncio.Event,
+    idle: float = 0.5,
+    backoff: float = 5.0,
+) -> None:
+    """Run `run_once` until `stop` is set; wait `idle` seconds when it found nothing to do
+    and `backoff` seconds after an unexpected error (which is logged, never fatal)."""
+    while not stop.is_set():
+        try:
+            worked = await run_once()
+            delay = 0.0 if worked else idle
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: unexpected error; retrying in %.0f s", name, backoff)
+            delay = backoff
+        if delay:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), delay)

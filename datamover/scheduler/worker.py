@@ -1,0 +1,252 @@
+"""The transfer worker: claim one transfer, run it under a lease, record how it ended.
+
+While a transfer runs, a heartbeat renews its lease and records progress every
+`lease / 3` seconds. If the lease was lost (another worker took over after a stall) the run
+is abandoned without touching the transfer; if a cancel was requested, the run is stopped
+and the transfer cancelled; if the worker is draining (SIGTERM), the run is stopped and the
+transfer goes back to the queue, to resume from its checkpoint elsewhere or after restart.
+
+Transient failures are retried with backoff up to `max_attempts`; anything else fails the
+transfer at once with its reason and the files concerned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from datamover.catalog.access import Access
+from datamover.catalog.transfers import TransferRow, Transfers, now
+from datamover.domain.transfers import Kind, State, retry_delay
+from datamover.errors import DatamoverError
+from datamover.logs import transfer_context
+from datamover.metrics import Metrics
+from datamover.site import Site
+
+log = logging.getLogger(__name__)
+
+
+class TransferProgress:
+    """A `Progress` that the heartbeat reads: totals, counts done, and a smoothed rate."""
+
+    def __init__(self) -> None:
+        self.files_total: int | None = None
+        self.bytes_total: int | None = None
+        self.files_done = 0
+        self.bytes_done = 0
+        self._started = time.monotonic()
+
+    def total(self, files: int | None, nbytes: int | None) -> None:
+        """Record the totals."""
+        self.files_total, self.bytes_total = files, nbytes
+
+    def advance(self, files: int, nbytes: int) -> None:
+        """Count work done."""
+        self.files_done += files
+        self.bytes_done += nbytes
+
+    def fields(self) -> dict[str, Any]:
+        """Columns for the heartbeat."""
+        elapsed = max(time.monotonic() - self._started, 1e-3)
+        return {
+            "files_done": self.files_done,
+            "bytes_done": self.bytes_done,
+            "files_total": self.files_total,
+            "bytes_total": self.bytes_total,
+            "rate": self.bytes_done / elapsed,
+        }
+
+
+@dataclass
+class _Stop:
+    reason: str | None = None  # "cancel", "lost", "drain"
+
+
+class Worker:
+    """Runs transfers for one site; `run_once` is one claim-and-run step."""
+
+    def __init__(
+        self,
+        site: Site,
+        transfers: Transfers,
+        access: Access,
+        owner: str,
+        metrics: Metrics,
+        lease: float = 30.0,
+    ) -> None:
+        self.site = site
+        self.transfers = transfers
+        self.access = access
+        self.owner = owner
+        self.metrics = metrics
+        self.lease = lease
+        self._draining = False
+        self._current: asyncio.Task[Any] | None = None
+        self._stop = _Stop()
+
+    def drain(self) -> None:
+        """Stop the running transfer (it goes back to the queue) and claim nothing more."""
+        self._draining = True
+        if self._current is not None:
+            self._stop.reason = "drain"
+            self._current.cancel()
+
+    async def run_once(self) -> bool:
+        """Claim and run one transfer; False when there was nothing to run (or draining)."""
+        if self._draining:
+            return False
+        row = await self.transfers.claim(self.owner, self.lease)
+        if row is None:
+            return False
+        with transfer_context(row.id):
+            await self._execute(row)
+        return True
+
+    async def _execute(self, row: TransferRow) -> None:
+        log.info("running %s %s (attempt %d)", row.kind, row.path, row.attempts)
+        progress = TransferProgress()
+        self._stop = _Stop()
+        started = time.monotonic()
+        runner = asyncio.create_task(self._run(row, progress))
+        self._current = runner
+        beat = asyncio.create_task(self._heartbeat(row, progress, runner))
+        try:
+            result = await runner
+        except asyncio.CancelledError:
+            await self._stopped(row, progress)
+            if self._stop.reason is None:
+                raise  # cancelled from outside (daemon shutting down hard)
+            return
+        except DatamoverError as exc:
+            await self._failed(row, progress, exc)
+            return
+        except Exception as exc:
+            log.exception("transfer %s failed unexpectedly", row.id)
+            await self._failed(row, progress, DatamoverError(f"internal error: {exc}"))
+            return
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+            self._current = None
+        fields = progress.fields()
+        moved = result.get("uploaded_bytes", result.get("downloaded_bytes", 0))
+        fields.update(
+            files_done=result.get("files", fields["files_done"]),
+            bytes_done=result.get("bytes", fields["bytes_done"]),
+            files_total=result.get("files"),
+            bytes_total=result.get("bytes"),
+            bytes_moved=moved,
+            result=json.dumps(result, sort_keys=True),
+        )
+        if row.kind == Kind.STAGE and row.pin:
+            await self.access.add_pin(row.pin, row.path, row.tenant, result.get("version"))
+        await self.transfers.transition(row.id, State.SUCCEEDED, owner=self.owner, **fields)
+        self.metrics.finished(row.kind, "succeeded", time.monotonic() - started, result)
+        log.info("succeeded %s %s: %s", row.kind, row.path, result.get("version"))
+
+    async def _run(self, row: TransferRow, progress: TransferProgress) -> dict[str, Any]:
+        from datamover.transfer.push import push
+        from datamover.transfer.stage import stage
+
+        options = row.options
+        if row.kind == Kind.PUSH:
+            pushed = await push(
+                self.site, row.path, checksum=bool(options.get("checksum")), progress=progress
+            )
+            return pushed.to_json()
+        staged = await stage(
+            self.site,
+            row.path,
+            version=row.version,
+            delete=bool(options.get("delete")),
+            checksum=bool(options.get("checksum")),
+            progress=progress,
+        )
+        return staged.to_json()
+
+    async def _heartbeat(
+        self, row: TransferRow, progress: TransferProgress, runner: asyncio.Task[Any]
+    ) -> None:
+        interval = max(min(self.lease / 3, 2.0), 0.2)
+        while not runner.done():
+            await asyncio.sleep(interval)
+            try:
+                ours, cancel = await self.transfers.heartbeat(
+                    row.id, self.owner, self.lease, **progress.fields()
+                )
+            except DatamoverError as exc:
+                log.warning("heartbeat failed: %s", exc)
+                continue
+            if not ours:
+                self._stop.reason = "lost"
+                runner.cancel()
+                return
+            if cancel:
+                self._stop.reason = "cancel"
+                runner.cancel()
+                return
+
+    async def _stopped(self, row: TransferRow, progress: TransferProgress) -> None:
+        reason = self._stop.reason or "drain"
+        if reason == "lost":
+            log.warning("lease on %s was lost; another worker has it", row.id)
+            return
+        with contextlib.suppress(DatamoverError):
+            if reason == "cancel":
+                await self.transfers.transition(
+                    row.id, State.CANCELLED, owner=self.owner, **progress.fields()
+                )
+                self.metrics.finished(row.kind, "cancelled", 0, {})
+                log.info("cancelled %s %s", row.kind, row.path)
+            else:
+                await self.transfers.transition(
+                    row.id,
+                    State.QUEUED,
+                    owner=self.owner,
+                    lease_owner=None,
+                    lease_expires=None,
+                    **progress.fields(),
+                )
+                log.info("released %s %s for a later run (draining)", row.kind, row.path)
+
+    async def _failed(
+        self, row: TransferRow, progress: TransferProgress, exc: DatamoverError
+    ) -> None:
+        fields = progress.fields()
+        error = {
+            "error_code": exc.code,
+            "error_message": exc.message,
+            "error_paths": json.dumps(exc.paths[:100]),
+        }
+        self.metrics.error(row.kind, exc.code)
+        if exc.retryable and row.attempts < self.transfers.max_attempts:
+            delay = retry_delay(row.attempts)
+            self.metrics.retry(row.kind)
+            log.warning(
+                "attempt %d of %s failed (%s); retrying in %.0f s",
+                row.attempts,
+                row.id,
+                exc.message,
+                delay,
+            )
+            await self.transfers.transition(
+                row.id,
+                State.QUEUED,
+                owner=self.owner,
+                lease_owner=None,
+                lease_expires=None,
+                not_before=now() + timedelta(seconds=delay),
+                **error,
+                **fields,
+            )
+            return
+        log.error("failed %s %s: %s", row.kind, row.path, exc.message)
+        await self.transfers.transition(row.id, State.FAILED, owner=self.owner, **error, **fields)
+        self.metrics.finished(row.kind, "failed", 0, {})
