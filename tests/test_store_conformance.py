@@ -428,8 +428,8 @@ async def test_s3_failed_multipart_upload_is_aborted(
 async def test_s3_body_damaged_in_transit_is_refused(
     store_factory: StoreFactory, size: int
 ) -> None:
-    # Uploads carry Content-MD5: a body changed after it was hashed must not be stored, and the
-    # failure is transient (sending it again is the cure).
+    # Over HTTP the payload's SHA-256 is signed: a body changed after it was signed must not
+    # be stored, and the failure is transient (sending it again is the cure).
     store = store_factory(multipart_threshold=6 * MiB, multipart_chunk=PART)
     await store.check()
     client: Any = store._client
@@ -440,7 +440,7 @@ async def test_s3_body_damaged_in_transit_is_refused(
 
     for op in ("PutObject", "UploadPart"):
         client.meta.events.register(f"before-send.s3.{op}", damage)
-    with pytest.raises(StoreUnavailable, match="BadDigest"):
+    with pytest.raises(StoreUnavailable, match="XAmzContentSHA256Mismatch|BadDigest"):
         await store.put("k", os.urandom(size))
     with pytest.raises(ObjectNotFound):
         await store.head("k")
