@@ -440,7 +440,7 @@ async def test_s3_body_damaged_in_transit_is_refused(
 
     for op in ("PutObject", "UploadPart"):
         client.meta.events.register(f"before-send.s3.{op}", damage)
-    with pytest.raises(StoreUnavailable, match="XAmzContentSHA256Mismatch|BadDigest"):
+    with pytest.raises(StoreUnavailable, match=r"XAmzContentSHA256Mismatch|BadDigest"):
         await store.put("k", os.urandom(size))
     with pytest.raises(ObjectNotFound):
         await store.head("k")
