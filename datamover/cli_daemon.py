@@ -44,10 +44,9 @@ def through_daemon(
     Returns the transfer's result (as the local command would print it, plus `transfer`),
     or `{"transfer": id, "state": ...}` without `wait`; a failed transfer raises its error.
     """
-    from datamover.client import transfer_error
-
     if config.api_url is None:
         return None
+    from datamover.client import transfer_error
 
     async def go() -> dict[str, Any] | None:
         async with _client(config) as client:

@@ -83,12 +83,15 @@ class Fetcher:
 
 
 def decode_ranges(
-    ranges: Sequence[Range], blobs: Sequence[bytes], owners: dict[bytes, str]
+    ranges: Sequence[Range],
+    blobs: Sequence[bytes],
+    owners: dict[bytes, str],
+    default_owner: str = "?",
 ) -> dict[tuple[bytes, int], bytes | memoryview]:
     """Decode and verify every chunk of fetched ranges; key: `(pack, offset)`.
 
-    `owners` maps a chunk digest to a file that needs it, for the error message. Blocking
-    (zstd and BLAKE3): run it in a thread.
+    `owners` maps a chunk digest to a file that needs it (else `default_owner`), for the
+    error message. Blocking (zstd and BLAKE3): run it off the event loop.
     """
     out: dict[tuple[bytes, int], bytes | memoryview] = {}
     for rng, blob in zip(ranges, blobs, strict=True):
@@ -101,7 +104,7 @@ def decode_ranges(
                     stored, ref.codec, ref.raw_length, ref.digest
                 )
             except Corrupt as exc:
-                name = owners.get(ref.digest, "?")
+                name = owners.get(ref.digest, default_owner)
                 raise Corrupt(
                     f"{name!r}: chunk at {pack_key(ref.pack)} offset {ref.offset} failed "
                     f"verification ({exc}): the data is corrupt",

@@ -177,36 +177,54 @@ class _Stager:
         self._pending.append(asyncio.ensure_future(self._process(batch, nbytes)))
 
     async def _large(self, entry: Entry) -> None:
-        """Stream one large file into its stable partial file, window by window."""
+        """Stream one large file into its stable partial file.
+
+        Ranges are fetched `download_concurrency` at a time and each is verified and written
+        (`pwrite` at its file offsets, so arrival order does not matter) as soon as it
+        arrives, keeping the network busy while the disk writes. Memory: the ranges in flight.
+        """
         self._submit_ops()
         assert self.writer is not None
         fd, good = await self._on_writer(self.writer.open_partial, entry)
+        slots = asyncio.Semaphore(self.site.config.transfer.download_concurrency)
+        tasks: set[asyncio.Task[None]] = set()
+        offsets = list(itertools.accumulate((c.raw_length for c in entry.chunks), initial=0))
+
+        async def one(rng: Range, positions: dict[tuple[bytes, int], list[int]]) -> None:
+            try:
+                [blob] = await self.fetcher.fetch([rng])
+                written = await self._on_writer(_verify_and_pwrite, fd, rng, blob, positions,
+                                                entry.path)
+                self.progress.advance(0, written)
+            finally:
+                slots.release()
+
         try:
-            offsets = list(itertools.accumulate((c.raw_length for c in entry.chunks), initial=0))
             start = good
-            done_bytes = offsets[good]
             while start < len(entry.chunks):
-                end = start
-                size = 0
+                end, size = start, 0
                 while end < len(entry.chunks) and (end == start or size < self.batch_bytes):
                     size += entry.chunks[end].raw_length
                     end += 1
-                window = entry.chunks[start:end]
-                ranges = plan_ranges(window, self.gap, self.max_request)
-                blobs = await self.fetcher.fetch(ranges)
-                decoded = await asyncio.to_thread(
-                    decode_ranges, ranges, blobs, {c.digest: entry.path for c in window}
-                )
-                del blobs
-                writes = [
-                    (decoded[(c.pack, c.offset)], offsets[i]) for i, c in enumerate(window, start)
-                ]
-                await self._on_writer(_pwrite_all, fd, writes)
-                done_bytes += size
-                self.progress.advance(0, size)
+                positions: dict[tuple[bytes, int], list[int]] = {}
+                for i in range(start, end):
+                    c = entry.chunks[i]
+                    positions.setdefault((c.pack, c.offset), []).append(offsets[i])
+                for rng in plan_ranges(entry.chunks[start:end], self.gap, self.max_request):
+                    await slots.acquire()
+                    for done in [t for t in tasks if t.done()]:
+                        tasks.discard(done)
+                        done.result()  # surface a failure now, not after the whole file
+                    tasks.add(asyncio.create_task(one(rng, positions)))
                 start = end
+            await asyncio.gather(*tasks)
             await self._on_writer(self.writer.finish_partial, entry, fd)
             fd = -1
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
         finally:
             if fd >= 0:
                 await self._on_writer(os.close, fd)
@@ -325,12 +343,24 @@ class _Stager:
         return self.result
 
 
-def _pwrite_all(fd: int, writes: list[tuple[bytes | memoryview, int]]) -> None:
-    for data, offset in writes:
-        view = memoryview(data)
-        while view:
-            n = os.pwrite(fd, view, offset)
-            view, offset = view[n:], offset + n
+def _verify_and_pwrite(
+    fd: int,
+    rng: Range,
+    blob: bytes,
+    positions: dict[tuple[bytes, int], list[int]],
+    path: str,
+) -> int:
+    """Verify every chunk of a fetched range and write it wherever the file has it; return
+    the bytes written."""
+    written = 0
+    for (pack, offset), data in decode_ranges([rng], [blob], {}, path).items():
+        for at in positions[(pack, offset)]:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(fd, view, at)
+                view, at = view[n:], at + n
+                written += n
+    return written
 
 
 def _syncfs(fd: int) -> None:
