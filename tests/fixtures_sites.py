@@ -67,14 +67,20 @@ def _toml(value: Any) -> str:
 async def make_site(tmp_path: Path, seaweed: Any, bucket: str, new_catalog: Any) -> MakeSite:
     """Factory of sites on the shared bucket; keyword arguments go to `[transfer]`."""
 
-    async def make(name: str, bucket_name: str | None = None, **transfer: Any) -> SiteEnv:
+    async def make(
+        name: str,
+        bucket_name: str | None = None,
+        api: dict[str, Any] | None = None,
+        catalog: str | None = None,
+        **transfer: Any,
+    ) -> SiteEnv:
         root = tmp_path / name
         env = SiteEnv(name, root / "data", root / "state", root / "site.toml")
         env.data.mkdir(parents=True)
         lines = [
             "[site]",
             f"name = {_toml(name)}",
-            f"catalog = {_toml(await new_catalog())}",
+            f"catalog = {_toml(catalog or await new_catalog())}",
             f"state_dir = {_toml(str(env.state))}",
             "[store]",
             f"endpoint = {_toml(seaweed.endpoint)}",
@@ -86,6 +92,8 @@ async def make_site(tmp_path: Path, seaweed: Any, bucket: str, new_catalog: Any)
             f'"/proj" = {_toml(str(env.data))}',
             "[transfer]",
             *(f"{k} = {_toml(v)}" for k, v in transfer.items()),
+            "[api]",
+            *(f"{k} = {_toml(v)}" for k, v in (api or {}).items()),
         ]
         env.config_path.parent.mkdir(parents=True, exist_ok=True)
         env.config_path.write_text("\n".join(lines) + "\n")

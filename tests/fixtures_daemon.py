@@ -1,0 +1,151 @@
+"""Daemon fixtures: `datamover serve` as a real subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from tests.fixtures_sites import MakeSite, SiteEnv
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Daemon:
+    """A running `datamover serve` for one site."""
+
+    env: SiteEnv
+    url: str
+    proc: subprocess.Popen[str]
+    log_path: str
+
+    def token(self, tenant: str = "t1", prefix: str = "/proj", *scopes: str) -> str:
+        proc = self.env.cli(
+            "token",
+            "create",
+            "--tenant",
+            tenant,
+            "--prefix",
+            prefix,
+            *[a for s in (scopes or ("write",)) for a in ("--scope", s)],
+            "--json",
+        )
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)["token"]
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        token: str | None = None,
+        body: Any = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[int, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        for k, v in (headers or {}).items():
+            req.add_header(k, v)
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                raw = resp.read()
+                status = resp.status
+        except urllib.error.HTTPError as exc:
+            raw, status = exc.read(), exc.code
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, raw.decode()
+
+    def wait(self, transfer_id: str, token: str, timeout: float = 120) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, t = self.request("GET", f"/v1/transfers/{transfer_id}", token)
+            assert status == 200, t
+            if t["state"] in ("succeeded", "failed", "cancelled"):
+                return t
+            time.sleep(0.1)
+        raise AssertionError(f"transfer {transfer_id} did not finish: {t}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(timeout)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        with open(self.log_path) as f:
+            return f.read()
+
+
+def start_daemon(env: SiteEnv, timeout: float = 60) -> Daemon:
+    """Start `datamover serve` for `env` (whose config has [api] listen) and wait for it."""
+    listen = next(
+        line.split("=", 1)[1].strip().strip('"')
+        for line in env.config_path.read_text().splitlines()
+        if line.startswith("listen")
+    )
+    log_path = str(env.state.parent / f"serve-{time.monotonic_ns()}.log")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "datamover", "serve", "--config", str(env.config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=environ,
+        )
+    daemon = Daemon(env, f"http://{listen}", proc, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited {proc.returncode}: {daemon.log()}")
+        try:
+            status, _ = daemon.request("GET", "/healthz")
+            if status == 200:
+                return daemon
+        except OSError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"serve did not answer: {daemon.log()}")
+
+
+StartSite = Callable[..., Awaitable[Daemon]]
+
+
+@pytest.fixture
+async def served_site(make_site: MakeSite) -> AsyncIterator[StartSite]:
+    """`await served_site(name, **transfer)` -> a site with a running daemon (stopped after)."""
+    daemons: list[Daemon] = []
+
+    async def start(name: str, api: dict[str, Any] | None = None, **kw: Any) -> Daemon:
+        settings = {"listen": f"127.0.0.1:{free_port()}", "lease_seconds": 3, **(api or {})}
+        env = await make_site(name, api=settings, **kw)
+        daemon = start_daemon(env)
+        daemons.append(daemon)
+        return daemon
+
+    yield start
+    for d in daemons:
+        if d.proc.poll() is None:
+            d.proc.kill()
+            d.proc.wait()

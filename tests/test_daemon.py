@@ -1,0 +1,304 @@
+"""The site daemon as a real subprocess: REST submit and wait, auth, cancel, idempotency,
+hooks, metrics, and a SIGKILL in the middle of a stage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+from tests.fixtures_daemon import StartSite, start_daemon
+from tests.fixtures_sites import MakeSite
+from tests.treegen import make_tree, snapshot
+
+MiB = 1 << 20
+
+
+async def test_submit_over_http_and_wait(served_site: StartSite, make_site: MakeSite) -> None:
+    a = await make_site("site-a")
+    make_tree(a.data / "run1")
+    a.cli_json("push", "/proj/run1")
+    b = await served_site("site-b")
+    token = b.token("t1", "/proj", "write")
+
+    status, t = b.request(
+        "POST", "/v1/transfers", token, {"kind": "stage", "path": "/proj/run1", "priority": "job"}
+    )
+    assert status == 201 and t["state"] == "queued" and t["priority"] == "job"
+    done = b.wait(t["id"], token)
+    assert done["state"] == "succeeded", done
+    assert done["files_done"] == done["files_total"] == 34
+    assert done["result"]["version"] and done["result"]["downloaded_bytes"] > 0
+    assert snapshot(b.env.data / "run1") == snapshot(a.data / "run1")
+
+    status, page = b.request("GET", "/v1/transfers?state=succeeded&kind=stage", token)
+    assert status == 200 and [x["id"] for x in page["transfers"]] == [t["id"]]
+    status, page = b.request("GET", "/v1/transfers?prefix=/proj/other", token)
+    assert status == 200 and page["transfers"] == []
+    status, versions = b.request("GET", "/v1/datasets/proj/run1/versions", token)
+    assert status == 200 and versions["versions"][0]["version"] == done["result"]["version"]
+    status, datasets = b.request("GET", "/v1/datasets?prefix=/proj", token)
+    assert status == 200 and [d["path"] for d in datasets["datasets"]] == ["/proj/run1"]
+    status, replicas = b.request("GET", "/v1/replicas", token)
+    assert status == 200 and replicas["replicas"][0]["state"] == "ready"
+
+    status, metrics = b.request("GET", "/metrics")
+    assert status == 200
+    assert (
+        'datamover_transfers_finished_total{kind="stage",site="site-b",state="succeeded"} 1.0'
+        in metrics
+    )
+    assert "datamover_bytes_moved_total" in metrics
+    assert '"transfer": "' + t["id"] in b.log()  # structured logs carry the transfer id
+
+
+async def test_auth_matrix(served_site: StartSite) -> None:
+    d = await served_site("site-b")
+    writer = d.token("t1", "/proj/a", "write")
+    reader = d.token("t1", "/proj/a", "read")
+    body = {"kind": "push", "path": "/proj/a/x"}
+
+    status, err = d.request("POST", "/v1/transfers", None, body)
+    assert status == 401 and err["error"]["code"] == "unauthorized"
+    status, err = d.request("POST", "/v1/transfers", "dm_not-a-real-token", body)
+    assert status == 401
+    status, err = d.request("POST", "/v1/transfers", writer, {"kind": "push", "path": "/proj/b"})
+    assert status == 403 and err["error"]["code"] == "forbidden"
+    status, err = d.request("POST", "/v1/transfers", reader, body)
+    assert status == 403 and "write" in err["error"]["message"]
+    status, t = d.request("POST", "/v1/transfers", writer, body)
+    assert status == 201
+    assert d.request("GET", f"/v1/transfers/{t['id']}", reader)[0] == 200
+    other = d.token("t2", "/proj", "read")
+    assert d.request("GET", f"/v1/transfers/{t['id']}", other)[0] == 404  # other tenant
+    assert d.request("GET", "/healthz")[0] == 200
+    assert d.request("GET", "/metrics")[0] == 200
+    assert d.request("GET", "/v1/openapi.json")[0] == 200
+    assert d.request("GET", "/v1/replicas")[0] == 401
+
+
+async def test_bad_requests_are_4xx_json(served_site: StartSite) -> None:
+    d = await served_site("site-b")
+    token = d.token("t1", "/", "admin")
+    cases = [
+        ({"kind": "copy", "path": "/proj/x"}, 400, "kind"),
+        ({"kind": "stage", "path": "proj/x"}, 400, "must start with"),
+        ({"kind": "stage", "path": "/proj/../etc"}, 400, "'..'"),
+        ({"kind": "stage", "path": "/elsewhere/x"}, 400, "outside every namespace"),
+        ({"kind": "stage", "path": "/proj/x", "version": "v1"}, 400, "invalid version"),
+        ({"kind": "stage", "path": "/proj/x", "deadline": "tomorrow"}, 400, "RFC 3339"),
+        ({"kind": "stage", "path": "/proj/x", "prioirty": "job"}, 400, "unknown field"),
+        ({"kind": "push", "path": "/proj/x", "pin": "j1"}, 400, "stage transfers only"),
+        ([1, 2], 400, "JSON object"),
+    ]
+    for body, status, says in cases:
+        got, err = d.request("POST", "/v1/transfers", token, body)
+        assert got == status and says in err["error"]["message"], (body, got, err)
+    assert d.request("GET", "/v1/transfers/tr-nope", token)[0] == 404
+    assert d.request("GET", "/v1/transfers?limit=0", token)[0] == 400
+    assert d.request("GET", "/v1/transfers?state=bogus", token)[0] == 400
+    assert d.request("GET", "/v1/nowhere", token)[0] == 404
+    assert d.request("PUT", "/v1/transfers", token, {})[0] == 405
+    got, err = d.request("GET", "/v1/datasets/proj/none/versions", token)
+    assert got == 404 and err["error"]["code"] == "not_found"
+
+
+async def test_idempotent_post(served_site: StartSite) -> None:
+    d = await served_site("site-b")
+    token = d.token("t1", "/proj", "write")
+    body = {"kind": "push", "path": "/proj/x"}
+    key = {"Idempotency-Key": "job-42-push"}
+    s1, first = d.request("POST", "/v1/transfers", token, body, key)
+    s2, again = d.request("POST", "/v1/transfers", token, body, key)
+    assert (s1, s2) == (201, 200) and first["id"] == again["id"]
+    s3, err = d.request("POST", "/v1/transfers", token, {"kind": "push", "path": "/proj/y"}, key)
+    assert s3 == 409 and "different request" in err["error"]["message"]
+    s4, other = d.request("POST", "/v1/transfers", token, body)
+    assert s4 == 201 and other["id"] != first["id"]
+
+
+async def test_cancel_queued_and_running(served_site: StartSite, make_site: MakeSite) -> None:
+    a = await make_site("site-a", pack_size=MiB)
+    (a.data / "slow").mkdir()
+    for i in range(12):
+        (a.data / "slow" / f"f{i}").write_bytes(os.urandom(MiB))
+    a.cli_json("push", "/proj/slow")
+    d = await served_site("site-b", api={"workers": 1}, bandwidth_limit=2 * MiB)
+    token = d.token("t1", "/proj", "write")
+    _, running = d.request("POST", "/v1/transfers", token, {"kind": "stage", "path": "/proj/slow"})
+    _, queued = d.request("POST", "/v1/transfers", token, {"kind": "push", "path": "/proj/other"})
+    deadline = time.monotonic() + 30
+    while d.request("GET", f"/v1/transfers/{running['id']}", token)[1]["state"] != "running":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    status, t = d.request("DELETE", f"/v1/transfers/{queued['id']}", token)
+    assert status == 200 and t["state"] == "cancelled"
+    status, t = d.request("DELETE", f"/v1/transfers/{running['id']}", token)
+    assert status == 200 and t["cancel_requested"]
+    final = d.wait(running["id"], token)
+    assert final["state"] == "cancelled"
+    status, _ = d.request("DELETE", f"/v1/transfers/{running['id']}", token)
+    assert status == 200  # cancelling a cancelled transfer is harmless
+    _, done = d.request("POST", "/v1/transfers", token, {"kind": "push", "path": "/proj/slow"})
+    d.wait(done["id"], token)
+    status, _ = d.request("DELETE", f"/v1/transfers/{done['id']}", token)
+    assert status == 409
+
+
+async def test_failure_reports_reason_and_is_not_retried(served_site: StartSite) -> None:
+    d = await served_site("site-b")
+    token = d.token("t1", "/proj", "write")
+    _, t = d.request("POST", "/v1/transfers", token, {"kind": "stage", "path": "/proj/absent"})
+    final = d.wait(t["id"], token)
+    assert final["state"] == "failed" and final["attempts"] == 1
+    assert final["error"]["code"] == "not_found"
+    assert "no published version" in final["error"]["message"]
+
+
+async def test_hook_pair_end_to_end(served_site: StartSite, make_site: MakeSite) -> None:
+    a = await make_site("site-a")
+    make_tree(a.data / "run1", files=10)
+    a.cli_json("push", "/proj/run1")
+    d = await served_site("site-b")
+    token_file = d.env.state / "token"
+    token_file.write_text(d.token("t1", "/proj", "write"))
+    text = d.env.config_path.read_text().replace("[api]\n", f'[api]\ntoken_file = "{token_file}"\n')
+    d.env.config_path.write_text(text)
+
+    staged = d.env.cli("stage", "/proj/run1", "--wait", "--pin", "slurm-1234", "--json")
+    assert staged.returncode == 0, staged.stderr
+    result = json.loads(staged.stdout)
+    assert result["transfer"].startswith("tr-") and result["files"] == 14
+    assert snapshot(d.env.data / "run1") == snapshot(a.data / "run1")
+    _, replicas = d.request("GET", "/v1/replicas", token_file.read_text())
+    assert replicas["replicas"][0]["pins"] == ["slurm-1234"]
+
+    missing = d.env.cli("stage", "/proj/absent", "--wait", "--pin", "slurm-1235")
+    assert missing.returncode == 3 and "no published version" in missing.stderr
+
+    released = d.env.cli("release", "--pin", "slurm-1234", "--json")
+    assert released.returncode == 0 and json.loads(released.stdout)["released"] == 1
+    _, replicas = d.request("GET", "/v1/replicas", token_file.read_text())
+    assert replicas["replicas"][0]["pins"] == []
+
+    listed = d.env.cli("transfer", "list", "--json")
+    assert listed.returncode == 0 and len(json.loads(listed.stdout)["transfers"]) == 2
+
+
+async def test_sigkill_mid_stage_then_restart_resumes(
+    served_site: StartSite, make_site: MakeSite
+) -> None:
+    a = await make_site("site-a", pack_size=MiB)
+    src = a.data / "x"
+    src.mkdir()
+    for i in range(30):
+        (src / f"f{i:02d}").write_bytes(os.urandom(MiB // 2))
+    pushed = a.cli_json("push", "/proj/x")
+    d = await served_site("site-b", bandwidth_limit=4 * MiB, batch_bytes=MiB)
+    token = d.token("t1", "/proj", "write")
+    _, t = d.request("POST", "/v1/transfers", token, {"kind": "stage", "path": "/proj/x"})
+    target = d.env.data / "x"
+    deadline = time.monotonic() + 60
+    while not (target.exists() and len([p for p in target.iterdir() if p.name[0] != "."]) >= 8):
+        assert time.monotonic() < deadline, d.log()
+        await asyncio.sleep(0.05)
+    d.stop(signal.SIGKILL)
+    done_before = {p.name for p in target.iterdir() if p.name[0] != "."}
+    for name in done_before:  # whatever reached a final path is complete and right
+        assert (target / name).read_bytes() == (src / name).read_bytes()
+
+    again = start_daemon(d.env)
+    try:
+        final = again.wait(t["id"], token)
+    finally:
+        again.stop()
+    assert final["state"] == "succeeded" and final["attempts"] == 2
+    assert final["result"]["fetched_files"] == 30 - len(done_before)
+    assert final["result"]["downloaded_bytes"] < pushed["uploaded_bytes"]
+    assert snapshot(target) == snapshot(src)
+
+
+async def test_sigterm_drains_and_the_transfer_resumes(
+    served_site: StartSite, make_site: MakeSite
+) -> None:
+    a = await make_site("site-a", pack_size=MiB)
+    (a.data / "x").mkdir()
+    for i in range(16):
+        (a.data / "x" / f"f{i:02d}").write_bytes(os.urandom(MiB // 2))
+    a.cli_json("push", "/proj/x")
+    d = await served_site("site-b", bandwidth_limit=2 * MiB, batch_bytes=MiB)
+    token = d.token("t1", "/proj", "write")
+    _, t = d.request("POST", "/v1/transfers", token, {"kind": "stage", "path": "/proj/x"})
+    while d.request("GET", f"/v1/transfers/{t['id']}", token)[1]["bytes_done"] == 0:
+        await asyncio.sleep(0.05)
+    assert d.stop(signal.SIGTERM) == 0
+    assert "draining" in d.log()
+    gone = d.env.cli("transfer", "show", t["id"], "--json")
+    assert gone.returncode == 6 and json.loads(gone.stdout)["error"]["code"] == "unavailable"
+    again = start_daemon(d.env)
+    try:
+        final = again.wait(t["id"], token)
+    finally:
+        again.stop()
+    assert final["state"] == "succeeded" and final["attempts"] == 2
+    assert snapshot(d.env.data / "x") == snapshot(a.data / "x")
+
+
+async def test_several_processes_share_one_catalog(make_site: MakeSite) -> None:
+    """On PostgreSQL two serve processes split one queue and never run a transfer twice;
+    on SQLite a second process is refused with a clear error."""
+    from tests.fixtures_daemon import free_port
+
+    one = await make_site(
+        "site-b", api={"listen": f"127.0.0.1:{free_port()}", "lease_seconds": 3, "workers": 2}
+    )
+    text = one.config_path.read_text()
+    two_config = one.config_path.with_name("second.toml")
+    two_state = one.state.with_name("state-2")
+    old_listen = next(line for line in text.splitlines() if line.startswith("listen"))
+    two_config.write_text(
+        text.replace(old_listen, f'listen = "127.0.0.1:{free_port()}"').replace(
+            f'state_dir = "{one.state}"', f'state_dir = "{two_state}"'
+        )
+    )
+    first = start_daemon(one)
+    try:
+        if one.config.catalog_url.startswith("sqlite"):
+            two_config.write_text(
+                two_config.read_text().replace(f'"{two_state}"', f'"{one.state}"')
+            )
+            refused = one.cli("serve", "--config", str(two_config))
+            assert refused.returncode == 4 and "use PostgreSQL" in refused.stderr
+            return
+        two_env = type(one)(one.name, one.data, two_state, two_config)
+        second = start_daemon(two_env)
+        try:
+            token = first.token("t1", "/proj", "write")
+            for i in range(24):
+                (one.data / f"p{i:02d}").mkdir()
+                for f in range(3):
+                    (one.data / f"p{i:02d}" / f"f{f}").write_text(f"{i}-{f}\n" * 100)
+            ids = [
+                first.request(
+                    "POST", "/v1/transfers", token, {"kind": "push", "path": f"/proj/p{i:02d}"}
+                )[1]["id"]
+                for i in range(24)
+            ]
+            finals = [second.wait(i, token) for i in ids]
+        finally:
+            second.stop()
+        logs = first.log() + second.log()
+    finally:
+        first.stop()
+    assert all(t["state"] == "succeeded" and t["attempts"] == 1 for t in finals), finals
+    for transfer_id in ids:
+        runs = [
+            line
+            for line in logs.splitlines()
+            if transfer_id in line and '"message": "running push' in line
+        ]
+        assert len(runs) == 1, (transfer_id, runs)
+    assert first.log().count('"message": "running push') > 0
+    assert second.log().count('"message": "running push') > 0  # both processes took work
