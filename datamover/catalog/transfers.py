@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, false, func, or_, select, update
+from sqlalchemy import and_, exists, false, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -29,6 +29,7 @@ from datamover.domain.transfers import State, rank_time, sources
 from datamover.errors import Conflict, NotFound
 
 T = Transfer.__table__
+_OTHER = T.alias("other")
 
 
 def now() -> datetime:
@@ -311,20 +312,41 @@ class Transfers:
             return (await conn.execute(stmt)).rowcount
 
     async def claim(self, owner: str, lease: float) -> TransferRow | None:
-        """Take the next runnable transfer for `owner`, with a lease of `lease` seconds."""
+        """Take the next runnable transfer for `owner`, with a lease of `lease` seconds.
+
+        A transfer whose path already has a running transfer waits: two runs writing one
+        tree at once would fight over it. On PostgreSQL an advisory lock on the path makes
+        that check and the claim one step across processes; SQLite has one writer anyway.
+        """
         at = now()
-        ready = and_(T.c.state == State.QUEUED.value, T.c.not_before <= at, ~T.c.cancel_requested)
-        candidates = select(T.c.id).where(ready).order_by(T.c.rank_time, T.c.id).limit(1)
+        busy = select(T.c.path).where(T.c.state == State.RUNNING.value)
+        ready = and_(
+            T.c.state == State.QUEUED.value,
+            T.c.not_before <= at,
+            ~T.c.cancel_requested,
+            T.c.path.not_in(busy),
+        )
+        candidates = select(T.c.id, T.c.path).where(ready).order_by(T.c.rank_time, T.c.id)
+        candidates = candidates.limit(1)
         if self.dialect == "postgresql":
             candidates = candidates.with_for_update(skip_locked=True)
         for _ in range(8):
             async with self.engine.begin() as conn:
-                picked = (await conn.execute(candidates)).scalar()
-                if picked is None:
+                row = (await conn.execute(candidates)).first()
+                if row is None:
                     return None
+                picked, path = row
+                if self.dialect == "postgresql":
+                    await conn.execute(
+                        text("SELECT pg_advisory_xact_lock(hashtext(:p))"), {"p": path}
+                    )
                 stmt = (
                     update(T)
-                    .where(T.c.id == picked, T.c.state == State.QUEUED.value)
+                    .where(
+                        T.c.id == picked,
+                        T.c.state == State.QUEUED.value,
+                        ~exists().where(_OTHER.c.path == path, _OTHER.c.state == State.RUNNING),
+                    )
                     .values(
                         state=State.RUNNING.value,
                         lease_owner=owner,

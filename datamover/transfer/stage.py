@@ -193,8 +193,9 @@ class _Stager:
         async def one(rng: Range, positions: dict[tuple[bytes, int], list[int]]) -> None:
             try:
                 [blob] = await self.fetcher.fetch([rng])
-                written = await self._on_writer(_verify_and_pwrite, fd, rng, blob, positions,
-                                                entry.path)
+                written = await self._on_writer(
+                    _verify_and_pwrite, fd, rng, blob, positions, entry.path
+                )
                 self.progress.advance(0, written)
             finally:
                 slots.release()

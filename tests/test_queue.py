@@ -1,0 +1,104 @@
+"""The transfer queue on both engines: ordering, path exclusion, guarded transitions,
+leases, idempotency and cancel, driven step by step (no daemon, no sleeping)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+
+from datamover.catalog.engine import open_engine
+from datamover.catalog.transfers import Submission, Transfers, now
+from datamover.domain.transfers import ALLOWED, State, rank_time
+from datamover.errors import Conflict, NotFound
+
+
+@pytest.fixture
+async def queue(catalog_url: str):
+    engine = await open_engine(catalog_url)
+    yield Transfers(engine, max_attempts=3)
+    await engine.dispose()
+
+
+def sub(path: str, **kw) -> Submission:
+    return Submission(tenant="t1", kind=kw.pop("kind", "stage"), path=path, **kw)
+
+
+async def test_priority_deadline_and_aging_order(queue: Transfers) -> None:
+    bulk, _ = await queue.submit(sub("/p/bulk", priority="bulk"))
+    inter, _ = await queue.submit(sub("/p/inter", priority="interactive"))
+    job, _ = await queue.submit(sub("/p/job", priority="job"))
+    due, _ = await queue.submit(
+        sub("/p/due", priority="bulk", deadline=now() + timedelta(minutes=1))
+    )
+    order = [(await queue.claim("w", 30)).path for _ in range(4)]
+    assert order == ["/p/job", "/p/due", "/p/inter", "/p/bulk"]
+    assert await queue.claim("w", 30) is None
+    created = now()
+    old_bulk = rank_time(created - timedelta(hours=3), "bulk", None)
+    assert old_bulk < rank_time(created, "job", None)  # aging: nothing starves
+
+
+async def test_one_run_per_path_and_guarded_transitions(queue: Transfers) -> None:
+    first, _ = await queue.submit(sub("/p/x"))
+    second, _ = await queue.submit(sub("/p/x"))
+    claimed = await queue.claim("w1", 30)
+    assert claimed is not None and claimed.id == first.id
+    assert await queue.claim("w2", 30) is None  # same path is busy
+    with pytest.raises(Conflict):
+        await queue.transition(first.id, State.SUCCEEDED, owner="someone-else")
+    done = await queue.transition(first.id, State.SUCCEEDED, owner="w1")
+    assert done.state == "succeeded" and done.finished_at
+    with pytest.raises(Conflict, match="cannot become succeeded"):
+        await queue.transition(first.id, State.SUCCEEDED, owner="w1")
+    assert (await queue.claim("w2", 30)).id == second.id
+    assert ALLOWED[State.SUCCEEDED] == frozenset()
+
+
+async def test_lapsed_lease_is_taken_over(queue: Transfers) -> None:
+    t, _ = await queue.submit(sub("/p/x"))
+    await queue.claim("dead", 0.01)
+    ours, _ = await queue.heartbeat(t.id, "dead", 0.01)
+    assert ours  # lapsed or not, still ours until someone notices
+    await asyncio.sleep(0.05)
+    assert await queue.requeue_expired() == 1
+    again = await queue.claim("alive", 30)
+    assert again is not None and again.id == t.id and again.attempts == 2
+    ours, _ = await queue.heartbeat(t.id, "dead", 30)
+    assert not ours  # the old worker learns it lost the lease
+    assert await queue.requeue_expired(["alive"]) == 1  # a known-dead owner, at once
+
+
+async def test_idempotency_and_cancel(queue: Transfers) -> None:
+    a, new = await queue.submit(sub("/p/x", idempotency_key="k1"))
+    b, again = await queue.submit(sub("/p/x", idempotency_key="k1"))
+    assert new and not again and a.id == b.id
+    with pytest.raises(Conflict, match="different request"):
+        await queue.submit(sub("/p/y", idempotency_key="k1"))
+    other_tenant, new = await queue.submit(
+        Submission(tenant="t2", kind="stage", path="/p/x", idempotency_key="k1")
+    )
+    assert new and other_tenant.id != a.id
+    assert (await queue.cancel(a.id)).state == "cancelled"
+    assert (await queue.cancel(other_tenant.id)).state == "cancelled"
+    running, _ = await queue.submit(sub("/p/z"))
+    await queue.claim("w", 30)
+    flagged = await queue.cancel(running.id)
+    assert flagged.state == "running" and flagged.cancel_requested
+    assert await queue.heartbeat(running.id, "w", 30) == (True, True)
+    with pytest.raises(NotFound):
+        await queue.get("tr-missing")
+
+
+async def test_listing_filters_and_pages(queue: Transfers) -> None:
+    ids = [(await queue.submit(sub(f"/p/d{i}", kind="push")))[0].id for i in range(5)]
+    await queue.submit(sub("/q/other"))
+    page = await queue.list(prefixes=["/p"], limit=3)
+    assert [r.id for r in page] == ids[:3]
+    rest = await queue.list(prefixes=["/p"], after=page[-1].id, limit=3)
+    assert [r.id for r in rest] == ids[3:]
+    assert [r.path for r in await queue.list(path_prefix="/q")] == ["/q/other"]
+    assert await queue.list(prefixes=[]) == []
+    depth = await queue.depth()
+    assert depth[("queued", "interactive")] == 6
