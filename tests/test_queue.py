@@ -26,12 +26,10 @@ def sub(path: str, **kw) -> Submission:
 
 
 async def test_priority_deadline_and_aging_order(queue: Transfers) -> None:
-    bulk, _ = await queue.submit(sub("/p/bulk", priority="bulk"))
-    inter, _ = await queue.submit(sub("/p/inter", priority="interactive"))
-    job, _ = await queue.submit(sub("/p/job", priority="job"))
-    due, _ = await queue.submit(
-        sub("/p/due", priority="bulk", deadline=now() + timedelta(minutes=1))
-    )
+    await queue.submit(sub("/p/bulk", priority="bulk"))
+    await queue.submit(sub("/p/inter", priority="interactive"))
+    await queue.submit(sub("/p/job", priority="job"))
+    await queue.submit(sub("/p/due", priority="bulk", deadline=now() + timedelta(minutes=1)))
     order = [(await queue.claim("w", 30)).path for _ in range(4)]
     assert order == ["/p/job", "/p/due", "/p/inter", "/p/bulk"]
     assert await queue.claim("w", 30) is None
