@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import text
 
 from datamover.catalog.engine import (
+    HEAD,
     catalog_revision,
     create_engine_for,
     head_revision,
@@ -19,6 +20,10 @@ from datamover.domain.manifest import ChunkRef
 from datamover.errors import CatalogError, InvalidInput
 from datamover.repo.layout import VersionDoc
 from datamover.repo.manifest import SegmentRef
+
+
+def test_head_constant_matches_the_migration_scripts() -> None:
+    assert head_revision() == HEAD
 
 
 async def test_fresh_catalog_is_created_on_first_use(catalog_url: str) -> None:

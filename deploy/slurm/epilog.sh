@@ -1,0 +1,78 @@
+#!/bin/bash
+# Slurm epilog: release the pin the prolog took (`datamover release --pin slurm-$SLURM_JOB_ID`),
+# so the job's replicas become evictable again. Install it beside prolog.sh, in the same
+# place (Epilog= with Prolog=, EpilogSlurmctld= with PrologSlurmctld=); it reads the same
+# settings file, /etc/datamover/slurm-hooks.conf (see prolog.sh).
+#
+# This script never fails: a failing Epilog drains the node, and a pin that was not released
+# costs only cache space (the replica is kept from eviction) until an operator runs
+#   datamover release --pin slurm-<job id>
+# Every failure is logged to syslog (tag datamover-epilog) and to stderr, and it exits 0.
+# Releasing is idempotent: releasing a pin that holds nothing (a job that asked for no data,
+# a second node, a second run) succeeds and releases 0 replicas.
+
+set -euo pipefail
+trap 'exit 0' EXIT  # whatever happens below, the node is not drained because of us
+
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+
+DM_HOOK_CONF=${DM_HOOK_CONF:-/etc/datamover/slurm-hooks.conf}
+if [[ -r $DM_HOOK_CONF ]]; then
+    # shellcheck source=/dev/null
+    . "$DM_HOOK_CONF" || true
+fi
+DM_HOOK_BIN=${DM_HOOK_BIN:-/opt/datamover/bin/datamover}
+DM_HOOK_CONFIG=${DM_HOOK_CONFIG:-/etc/datamover/site.toml}
+DM_HOOK_RUN_AS=${DM_HOOK_RUN_AS-datamover}
+DM_HOOK_NODES=${DM_HOOK_NODES:-first}
+DM_HOOK_RELEASE_TIMEOUT=${DM_HOOK_RELEASE_TIMEOUT:-60}
+
+TAG=datamover-epilog
+JOB=${SLURM_JOB_ID:-}
+if [[ -z $JOB ]]; then
+    echo "$TAG: SLURM_JOB_ID is not set: not started by Slurm" >&2
+    exit 0
+fi
+PIN="slurm-$JOB"
+
+log() {  # log PRIORITY MESSAGE...
+    local prio=$1
+    shift
+    logger -t "$TAG" -p "user.$prio" -- "job $JOB: $*" 2>/dev/null || true
+    printf '%s: job %s: %s\n' "$TAG" "$JOB" "$*" >&2
+}
+
+# Nothing to do when the comment is known and asks for no data. When Slurm does not pass
+# the comment (older releases), release anyway: one cheap request, and no query to slurmctld.
+if [[ -n ${SLURM_JOB_COMMENT+set} && $SLURM_JOB_COMMENT != *datamover:* ]]; then
+    exit 0
+fi
+
+# Mirror the prolog: with DM_HOOK_NODES=first only the job's first node staged and pinned.
+if [[ -n ${SLURMD_NODENAME:-} && $DM_HOOK_NODES == first && -n ${SLURM_JOB_NODELIST:-} ]]; then
+    mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null || true)
+    if ((${#nodes[@]} > 0)) && [[ ${nodes[0]} != "$SLURMD_NODENAME" ]]; then
+        exit 0
+    fi
+fi
+
+as_user=()
+if ((EUID == 0)) && [[ -n $DM_HOOK_RUN_AS ]]; then
+    if ! id -u "$DM_HOOK_RUN_AS" >/dev/null 2>&1; then
+        log err "DM_HOOK_RUN_AS user '$DM_HOOK_RUN_AS' does not exist; pin $PIN not released"
+        exit 0
+    fi
+    as_user=(runuser -u "$DM_HOOK_RUN_AS" --)
+fi
+
+rc=0
+out=$(timeout --kill-after=10 "$DM_HOOK_RELEASE_TIMEOUT" ${as_user[@]+"${as_user[@]}"} \
+    "$DM_HOOK_BIN" release --config "$DM_HOOK_CONFIG" --pin "$PIN" --json 2>&1) || rc=$?
+out=${out//$'\n'/ }
+if ((rc == 0)); then
+    log info "released pin $PIN: ${out:0:300}"
+else
+    log err "release of pin $PIN failed (exit $rc), release it by hand: ${out:0:300}"
+fi
+exit 0

@@ -1,0 +1,235 @@
+#!/bin/bash
+# Slurm prolog: stage the datasets a job declares, pinned to the job, before it starts.
+#
+# slurm.conf, either (a) on the compute nodes, as root:
+#   Prolog=/etc/slurm/datamover-prolog.sh
+#   PrologFlags=Alloc        # run on all nodes at allocation; the job waits for all of them
+# or (b) once per job on the controller, as SlurmUser (a failure drains no node):
+#   PrologSlurmctld=/etc/slurm/datamover-prolog.sh
+# If PrologEpilogTimeout is set, make it more than DM_HOOK_STAGE_TIMEOUT + 120 s (the
+# staging budget plus a few bounded clean-up calls). See deploy/README.md for the trade-off.
+#
+# How a job declares its data: in the job comment, one word starting with "datamover:"
+# followed by comma-separated logical paths, each optionally "@<version id>":
+#   sbatch --comment="datamover:/proj/docking/run42,/ref/pdb@20261129T181500.123456Z-hpc-a-3f9a1c0b" job.sh
+# Other words in the comment are ignored, so it can carry other notes too. Paths cannot
+# contain whitespace, ',' or ';'.
+# Why the comment: a prolog runs without the job's environment, so `--export=DATAMOVER_...`
+# never reaches it, and a SPANK plugin would be compiled code on every node. The comment is
+# stored with the job, survives requeue, is shown by squeue/sacct, and reaches the prolog as
+# SLURM_JOB_COMMENT (recent Slurm) or, failing that, through one `squeue` query.
+#
+# For each path:  datamover stage PATH --wait --pin slurm-$SLURM_JOB_ID --priority job --json
+# exit 0 only when every replica is verified ready at its mapped local path.
+#
+# On failure the prolog exits 1 and Slurm does NOT start the job. As `Prolog` that drains the
+# node and requeues the job held ("launch failed requeued held"; not held with
+# SchedulerParameters=nohold_on_prolog_fail); as `PrologSlurmctld` a batch job is requeued and
+# an interactive one (salloc/srun) cancelled, and no node is drained. The reason goes to
+# syslog (tag datamover-prolog), to the prolog's stderr (slurmd/slurmctld log) and, by
+# default, into the job's AdminComment (`scontrol show job`), where the user can read it, fix
+# the comment (`scontrol update job=ID comment=...`) and `scontrol release ID`.
+#
+# Idempotent: a requeued job keeps its id, stage only fetches what is missing or wrong, and
+# pinning the same pin again is a no-op. Transient failures (exit 6: store or daemon
+# unavailable; exit 4: another stage of the same dataset is running) are retried with backoff
+# until DM_HOOK_STAGE_TIMEOUT seconds have passed in total. If the limit is hit, the CLI is
+# killed but a transfer already submitted keeps running in the daemon, so a requeued job
+# usually finds its data ready. A failing prolog releases the pins it took, so a held job
+# does not keep data from eviction.
+#
+# Settings: optional shell file /etc/datamover/slurm-hooks.conf (root-owned), e.g.
+#   DM_HOOK_BIN=/opt/datamover/bin/datamover
+#   DM_HOOK_CONFIG=/etc/datamover/site.toml   # [api] url + token_file of the site daemon
+#   DM_HOOK_RUN_AS=datamover                  # run the CLI as this user when started as root
+#   DM_HOOK_STAGE_TIMEOUT=3600                # seconds for all datasets of the job
+#   DM_HOOK_NODES=first                       # first: stage on the job's first node only
+#                                             # (shared cache); all: on every node (node-local)
+#   DM_HOOK_COMMENT_SOURCE=auto               # auto | env | squeue
+#   DM_HOOK_MAX_PATHS=16
+#   DM_HOOK_ADMIN_COMMENT=1                   # write the failure reason to AdminComment
+#   PATH=/opt/slurm/bin:$PATH                 # where squeue/scontrol live, if not in /usr/bin
+
+set -euo pipefail
+
+# Slurm runs prologs with no search path.
+PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PATH
+
+DM_HOOK_CONF=${DM_HOOK_CONF:-/etc/datamover/slurm-hooks.conf}
+if [[ -r $DM_HOOK_CONF ]]; then
+    # shellcheck source=/dev/null
+    . "$DM_HOOK_CONF"
+fi
+DM_HOOK_BIN=${DM_HOOK_BIN:-/opt/datamover/bin/datamover}
+DM_HOOK_CONFIG=${DM_HOOK_CONFIG:-/etc/datamover/site.toml}
+DM_HOOK_RUN_AS=${DM_HOOK_RUN_AS-datamover}
+DM_HOOK_STAGE_TIMEOUT=${DM_HOOK_STAGE_TIMEOUT:-3600}
+DM_HOOK_NODES=${DM_HOOK_NODES:-first}
+DM_HOOK_COMMENT_SOURCE=${DM_HOOK_COMMENT_SOURCE:-auto}
+DM_HOOK_MAX_PATHS=${DM_HOOK_MAX_PATHS:-16}
+DM_HOOK_ADMIN_COMMENT=${DM_HOOK_ADMIN_COMMENT:-1}
+
+TAG=datamover-prolog
+as_user=()  # the command prefix that runs the CLI as DM_HOOK_RUN_AS (set below)
+JOB=${SLURM_JOB_ID:?SLURM_JOB_ID is not set: not started by Slurm}
+PIN="slurm-$JOB"
+
+log() {  # log PRIORITY MESSAGE...
+    local prio=$1
+    shift
+    logger -t "$TAG" -p "user.$prio" -- "job $JOB: $*" 2>/dev/null || true
+    printf '%s: job %s: %s\n' "$TAG" "$JOB" "$*" >&2
+}
+
+pinned=0  # set once a stage has run: a failure then releases what this run pinned
+
+fail() {  # fail MESSAGE: report and refuse to start the job
+    local msg=$*
+    log err "$msg; the job is not started"
+    # A held job may wait for days: do not keep its datasets from eviction meanwhile.
+    # (The epilog releases too; a requeued job pins again.)
+    if ((pinned)); then
+        timeout --kill-after=5 30 ${as_user[@]+"${as_user[@]}"} "$DM_HOOK_BIN" release \
+            --config "$DM_HOOK_CONFIG" --pin "$PIN" --json >/dev/null 2>&1 || true
+    fi
+    if [[ $DM_HOOK_ADMIN_COMMENT == 1 ]]; then
+        timeout --kill-after=5 15 scontrol update "JobId=$JOB" "AdminComment=datamover prolog: ${msg:0:400}" \
+            >/dev/null 2>&1 || true
+    fi
+    exit 1
+}
+
+# --- which datasets ------------------------------------------------------------------------
+
+# SLURM_JOB_COMMENT reaches prologs in recent Slurm releases; older ones need a query to
+# slurmctld (squeue prints the comment alone with %k; "(null)" when there is none).
+case $DM_HOOK_COMMENT_SOURCE in
+    env) comment=${SLURM_JOB_COMMENT:-} ;;
+    auto | squeue)
+        if [[ $DM_HOOK_COMMENT_SOURCE == auto && -n ${SLURM_JOB_COMMENT+set} ]]; then
+            comment=$SLURM_JOB_COMMENT
+        else
+            comment=$(timeout --kill-after=5 30 squeue --noheader --jobs="$JOB" --format=%k) ||
+                fail "cannot read the job comment: squeue failed"
+        fi
+        ;;
+    *) fail "DM_HOOK_COMMENT_SOURCE must be auto, env or squeue, not '$DM_HOOK_COMMENT_SOURCE'" ;;
+esac
+[[ $comment != "(null)" ]] || comment=""
+
+spec=""
+words=()
+read -r -d '' -a words < <(printf '%s' "$comment" | tr ';\n\t' '   ') || true
+for word in "${words[@]}"; do
+    if [[ $word == datamover:* ]]; then
+        spec+="${word#datamover:},"
+    fi
+done
+if [[ -z ${spec//,/} ]]; then
+    exit 0  # the job asked for nothing
+fi
+
+# Settings are checked only now, so a mistake in them affects only jobs that ask for data.
+for n in DM_HOOK_STAGE_TIMEOUT DM_HOOK_MAX_PATHS; do
+    [[ ${!n} =~ ^[1-9][0-9]*$ ]] || fail "$n must be a positive integer, not '${!n}'"
+done
+case $DM_HOOK_NODES in first | all) ;; *) fail "DM_HOOK_NODES must be first or all" ;; esac
+
+paths=()
+versions=()
+items=()
+declare -A seen=()
+IFS=, read -r -a items <<<"$spec"
+for item in "${items[@]}"; do
+    [[ -n $item ]] || continue
+    version=""
+    if [[ $item =~ ^(/.+)@([0-9]{8}T[^@/]+)$ ]]; then
+        item=${BASH_REMATCH[1]}
+        version=${BASH_REMATCH[2]}
+    fi
+    # A logical path is absolute; datamover itself rejects '..', bad names and unmapped
+    # prefixes. Starting with '/' also means it can never be taken for an option.
+    [[ $item == /* ]] || fail "'$item' in the job comment is not a logical path (must start with /)"
+    [[ -z ${seen[$item]+x} ]] || continue
+    seen[$item]=1
+    paths+=("$item")
+    versions+=("$version")
+done
+if ((${#paths[@]} > DM_HOOK_MAX_PATHS)); then
+    fail "the job comment names ${#paths[@]} datasets; at most $DM_HOOK_MAX_PATHS are allowed"
+fi
+
+# --- where and as whom ----------------------------------------------------------------------
+
+# As `Prolog` this runs on every node of the job. On a shared cache (Lustre, GPFS, JuiceFS)
+# one stage is enough and N concurrent ones would only conflict: stage on the job's first
+# node only. This relies on PrologFlags=Alloc, under which the job starts only after the
+# prolog has finished on every node, so the other nodes need not wait for it here.
+if [[ -n ${SLURMD_NODENAME:-} && $DM_HOOK_NODES == first && -n ${SLURM_JOB_NODELIST:-} ]]; then
+    mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null || true)
+    if ((${#nodes[@]} > 0)) && [[ ${nodes[0]} != "$SLURMD_NODENAME" ]]; then
+        exit 0
+    fi
+fi
+
+# Run the CLI as the daemon's user, never as root: if the daemon is unreachable the CLI
+# stages in-process, and those files and catalog writes must have the daemon's ownership.
+if ((EUID == 0)) && [[ -n $DM_HOOK_RUN_AS ]]; then
+    id -u "$DM_HOOK_RUN_AS" >/dev/null 2>&1 ||
+        fail "DM_HOOK_RUN_AS user '$DM_HOOK_RUN_AS' does not exist on ${HOSTNAME}"
+    as_user=(runuser -u "$DM_HOOK_RUN_AS" --)
+fi
+[[ -x $DM_HOOK_BIN ]] || fail "$DM_HOOK_BIN is not installed on ${HOSTNAME}"
+
+# --- stage ----------------------------------------------------------------------------------
+
+deadline=$((SECONDS + DM_HOOK_STAGE_TIMEOUT))
+
+stage_one() {  # stage_one PATH VERSION: returns 0, or fails the prolog
+    local path=$1 version=$2 delay=15 rc out left
+    local args=(stage --config "$DM_HOOK_CONFIG" --wait --pin "$PIN" --priority job --json)
+    [[ -z $version ]] || args+=(--version "$version")
+    args+=(-- "$path")
+    while :; do
+        left=$((deadline - SECONDS))
+        ((left > 0)) || fail "stage $path: gave up after ${DM_HOOK_STAGE_TIMEOUT}s"
+        rc=0
+        pinned=1
+        out=$(timeout --kill-after=15 "$left" ${as_user[@]+"${as_user[@]}"} "$DM_HOOK_BIN" "${args[@]}" 2>&1) ||
+            rc=$?
+        # On failure keep the one-line reason ("datamover: error: ...") rather than the JSON.
+        if ((rc != 0)) && [[ $out == *"datamover: error:"* ]]; then
+            out=$(grep -m 1 -- 'datamover: error:' <<<"$out" || true)
+        fi
+        out=${out//$'\n'/ }
+        case $rc in
+            0)
+                log info "staged $path (pin $PIN): ${out:0:300}"
+                return 0
+                ;;
+            124 | 137)
+                fail "stage $path: not ready within ${DM_HOOK_STAGE_TIMEOUT}s (the daemon may still finish it)"
+                ;;
+            4 | 6)
+                if ((SECONDS + delay >= deadline)); then
+                    fail "stage $path failed (exit $rc) and no time is left to retry: ${out:0:300}"
+                fi
+                log warning "stage $path: exit $rc, retrying in ${delay}s: ${out:0:300}"
+                sleep "$delay"
+                delay=$((delay * 2 > 120 ? 120 : delay * 2))
+                ;;
+            *)
+                # 2 invalid input, 3 no such dataset/version, 5 corrupt, 7 store refused,
+                # 8 catalog, 9 token refused, 70 internal: retrying gives the same answer.
+                fail "stage $path failed (exit $rc): ${out:0:300}"
+                ;;
+        esac
+    done
+}
+
+log info "staging ${#paths[@]} dataset(s) as pin $PIN (restart count ${SLURM_JOB_RESTART_COUNT:-0})"
+for i in "${!paths[@]}"; do
+    stage_one "${paths[$i]}" "${versions[$i]}"
+done
+exit 0
