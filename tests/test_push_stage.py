@@ -162,3 +162,21 @@ async def test_many_files_go_through_the_reader_processes(make_site: MakeSite) -
     finally:
         await site_a.close()
         await site_b.close()
+
+
+async def test_index_pointing_at_vanished_packs_is_not_trusted(make_site: MakeSite) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    make_tree(a.data / "one", files=5)
+    shutil.copytree(a.data / "one", a.data / "two", symlinks=True)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        first = await push(site_a, "/proj/one")
+        for key in [o.key async for o in site_a.store.list("packs/")]:
+            await site_a.store.delete(key)  # e.g. a bucket restored from an older copy
+        second = await push(site_a, "/proj/two")
+        assert second.new_chunks == first.new_chunks  # uploaded again, not assumed present
+        await stage(site_b, "/proj/two")
+        assert snapshot(b.data / "two") == snapshot(a.data / "two")
+    finally:
+        await site_a.close()
+        await site_b.close()

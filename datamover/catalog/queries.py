@@ -142,6 +142,14 @@ class Catalog:
             else:
                 await conn.exec_driver_sql(_SQLITE_INSERT, rows)
 
+    async def forget_chunks(self, digests: Sequence[bytes]) -> None:
+        """Drop index rows of chunks whose pack is gone from the store."""
+        table = Chunk.__table__
+        async with self.engine.begin() as conn:
+            for start in range(0, len(digests), _LOOKUP_BATCH):
+                batch = list(digests[start : start + _LOOKUP_BATCH])
+                await conn.execute(delete(table).where(table.c.digest.in_(batch)))
+
     async def count_chunks(self) -> int:
         """Number of indexed chunks (for reports and tests)."""
         from sqlalchemy import func

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datamover.catalog.queries import Catalog
 from datamover.chunking.pack import PackBuilder, pack_key
 from datamover.domain.manifest import ChunkRef
+from datamover.errors import ObjectNotFound
 from datamover.storage.base import Store
 from datamover.transfer.scan import NewChunk
 
@@ -86,6 +87,8 @@ class Packer:
         self._open: OpenPack | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._error: BaseException | None = None
+        self._verified: set[bytes] = set()  # packs seen in the store during this push
+        self._gone: set[bytes] = set()  # packs the index names but the store lacks
 
     def _check(self) -> None:
         if self._error is not None:
@@ -103,9 +106,40 @@ class Packer:
             else:
                 missing.append(d)
         if missing:
-            found.update(await self.catalog.lookup_chunks(missing))
+            known = await self.catalog.lookup_chunks(missing)
+            gone = await self._packs_gone({ref.pack for ref in known.values()})
+            if gone:
+                stale = [d for d, ref in known.items() if ref.pack in gone]
+                await self.catalog.forget_chunks(stale)
+                for d in stale:
+                    del known[d]
+            found.update(known)
         self.stats.dedup_chunks += len(found)
         return found
+
+    async def _packs_gone(self, packs: set[bytes]) -> set[bytes]:
+        """Which of `packs` the store no longer has (checked once per pack per push).
+
+        The chunk index is a cache: if packs vanished behind its back (a bucket restored
+        from an older copy, objects deleted by hand), a version must not be published
+        pointing into them; their chunks are uploaded again instead.
+        """
+        unknown = packs - self._verified - self._gone
+        if unknown:
+
+            async def exists(pack: bytes) -> bool:
+                try:
+                    await self.store.head(pack_key(pack))
+                    return True
+                except ObjectNotFound:
+                    return False
+
+            checked = list(unknown)
+            for pack, present in zip(
+                checked, await asyncio.gather(*map(exists, checked)), strict=True
+            ):
+                (self._verified if present else self._gone).add(pack)
+        return packs & self._gone
 
     async def add(self, chunks: Sequence[NewChunk]) -> dict[bytes, PendingChunk]:
         """Place new encoded chunks; return where each went (duplicates placed once)."""
@@ -154,6 +188,7 @@ class Packer:
                 for e in entries
             ]
             await self.catalog.add_pack(pack.pack_id, len(data), refs)
+            self._verified.add(pack.pack_id)
             self.stats.packs += 1
             self.stats.pack_bytes += len(data)
             for e in entries:

@@ -160,6 +160,8 @@ class StagePlanner:
         lkey = sort_key(local.path) if local else ()
         ekey = sort_key(entry.path) if entry else ()
         while local is not None or entry is not None:
+            if local is not None and entry is not None and local.path == entry.path:
+                ekey = lkey  # equal paths: skip comparing keys (the common case on restage)
             if entry is not None and (local is None or ekey < lkey):
                 yield self._create(entry)
                 entry = next(self.target, None)

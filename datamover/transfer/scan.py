@@ -121,17 +121,23 @@ class Scanner:
 
     # -- merge ------------------------------------------------------------------------
 
-    def _previous_for(self, key: tuple[str, ...]) -> Entry | None:
+    def _previous_for(self, path: str) -> Entry | None:
+        """The previous entry at `path`, advancing the sorted previous stream to it."""
         while True:
-            if self._prev is None:
-                self._prev = next(self.previous, None)
-                if self._prev is None:
+            prev = self._prev
+            if prev is None:
+                prev = self._prev = next(self.previous, None)
+                if prev is None:
                     return None
-                self._prev_key = sort_key(self._prev.path)
-            if self._prev_key < key:
+                self._prev_key = ()
+            if prev.path == path:  # the common case in a re-push: no sort keys needed
+                return prev
+            if not self._prev_key:
+                self._prev_key = sort_key(prev.path)
+            if self._prev_key < sort_key(path):
                 self._prev = None
                 continue
-            return self._prev if self._prev_key == key else None
+            return None
 
     def _plan(self) -> Iterator[Done | LocalEntry]:
         """Entries needing no read as `Done`, files to read as their `LocalEntry`."""
@@ -152,7 +158,7 @@ class Scanner:
                 )
                 yield Done(entry)
                 continue
-            prev = self._previous_for(sort_key(local.path))
+            prev = self._previous_for(local.path)
             if (
                 prev is not None
                 and not self.checksum

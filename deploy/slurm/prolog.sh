@@ -28,12 +28,14 @@
 # an interactive one (salloc/srun) cancelled, and no node is drained. The reason goes to
 # syslog (tag datamover-prolog), to the prolog's stderr (slurmd/slurmctld log) and, by
 # default, into the job's AdminComment (`scontrol show job`), where the user can read it, fix
-# the comment (`scontrol update job=ID comment=...`) and `scontrol release ID`.
+# the comment (`scontrol update job=ID comment=...`) and, if held, `scontrol release ID`.
+# (Not held under PrologSlurmctld: a permanent error recurs each time the job is scheduled.)
 #
 # Idempotent: a requeued job keeps its id, stage only fetches what is missing or wrong, and
 # pinning the same pin again is a no-op. Transient failures (exit 6: store or daemon
-# unavailable; exit 4: another stage of the same dataset is running) are retried with backoff
-# until DM_HOOK_STAGE_TIMEOUT seconds have passed in total. If the limit is hit, the CLI is
+# unavailable; exit 4: a stage of the same dataset is running outside the daemon's queue,
+# which itself runs one transfer per path at a time) are retried with backoff until
+# DM_HOOK_STAGE_TIMEOUT seconds have passed in total. If the limit is hit, the CLI is
 # killed but a transfer already submitted keeps running in the daemon, so a requeued job
 # usually finds its data ready. A failing prolog releases the pins it took, so a held job
 # does not keep data from eviction.
@@ -48,6 +50,7 @@
 #   DM_HOOK_COMMENT_SOURCE=auto               # auto | env | squeue
 #   DM_HOOK_MAX_PATHS=16
 #   DM_HOOK_ADMIN_COMMENT=1                   # write the failure reason to AdminComment
+#   DM_HOOK_RELEASE_TIMEOUT=60                # epilog: seconds for the release
 #   PATH=/opt/slurm/bin:$PATH                 # where squeue/scontrol live, if not in /usr/bin
 
 set -euo pipefail
@@ -94,8 +97,8 @@ fail() {  # fail MESSAGE: report and refuse to start the job
             --config "$DM_HOOK_CONFIG" --pin "$PIN" --json >/dev/null 2>&1 || true
     fi
     if [[ $DM_HOOK_ADMIN_COMMENT == 1 ]]; then
-        timeout --kill-after=5 15 scontrol update "JobId=$JOB" "AdminComment=datamover prolog: ${msg:0:400}" \
-            >/dev/null 2>&1 || true
+        timeout --kill-after=5 15 scontrol update "JobId=$JOB" \
+            "AdminComment=datamover prolog: ${msg:0:400}" >/dev/null 2>&1 || true
     fi
     exit 1
 }
@@ -150,7 +153,8 @@ for item in "${items[@]}"; do
     fi
     # A logical path is absolute; datamover itself rejects '..', bad names and unmapped
     # prefixes. Starting with '/' also means it can never be taken for an option.
-    [[ $item == /* ]] || fail "'$item' in the job comment is not a logical path (must start with /)"
+    [[ $item == /?* ]] || fail "'$item' in the job comment is not a dataset path (/prefix/...)"
+    item=${item%/}  # /proj/a/ is /proj/a (as datamover reads it), so stage it once
     [[ -z ${seen[$item]+x} ]] || continue
     seen[$item]=1
     paths+=("$item")
@@ -163,9 +167,10 @@ fi
 # --- where and as whom ----------------------------------------------------------------------
 
 # As `Prolog` this runs on every node of the job. On a shared cache (Lustre, GPFS, JuiceFS)
-# one stage is enough and N concurrent ones would only conflict: stage on the job's first
-# node only. This relies on PrologFlags=Alloc, under which the job starts only after the
-# prolog has finished on every node, so the other nodes need not wait for it here.
+# one stage is enough; N of them would queue behind each other and each re-check the whole
+# tree. So stage on the job's first node only. This relies on PrologFlags=Alloc, under
+# which the job starts only after the prolog has finished on every node, so the other nodes
+# need not wait for it here.
 if [[ -n ${SLURMD_NODENAME:-} && $DM_HOOK_NODES == first && -n ${SLURM_JOB_NODELIST:-} ]]; then
     mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null || true)
     if ((${#nodes[@]} > 0)) && [[ ${nodes[0]} != "$SLURMD_NODENAME" ]]; then
@@ -196,8 +201,8 @@ stage_one() {  # stage_one PATH VERSION: returns 0, or fails the prolog
         ((left > 0)) || fail "stage $path: gave up after ${DM_HOOK_STAGE_TIMEOUT}s"
         rc=0
         pinned=1
-        out=$(timeout --kill-after=15 "$left" ${as_user[@]+"${as_user[@]}"} "$DM_HOOK_BIN" "${args[@]}" 2>&1) ||
-            rc=$?
+        out=$(timeout --kill-after=15 "$left" ${as_user[@]+"${as_user[@]}"} \
+            "$DM_HOOK_BIN" "${args[@]}" 2>&1) || rc=$?
         # On failure keep the one-line reason ("datamover: error: ...") rather than the JSON.
         if ((rc != 0)) && [[ $out == *"datamover: error:"* ]]; then
             out=$(grep -m 1 -- 'datamover: error:' <<<"$out" || true)
@@ -209,7 +214,8 @@ stage_one() {  # stage_one PATH VERSION: returns 0, or fails the prolog
                 return 0
                 ;;
             124 | 137)
-                fail "stage $path: not ready within ${DM_HOOK_STAGE_TIMEOUT}s (the daemon may still finish it)"
+                fail "stage $path: not ready within ${DM_HOOK_STAGE_TIMEOUT}s" \
+                    "(the daemon may still finish it)"
                 ;;
             4 | 6)
                 if ((SECONDS + delay >= deadline)); then
