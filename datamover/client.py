@@ -169,10 +169,26 @@ class DaemonClient:
         transfer_id: str,
         on_update: Callable[[dict[str, Any]], None] | None = None,
         interval: float = 0.25,
+        patience: float = 180.0,
     ) -> dict[str, Any]:
-        """Poll until the transfer ends; return its final state."""
+        """Poll until the transfer ends; return its final state.
+
+        The transfer is durable, so a daemon restart (an upgrade, a crash) does not end it:
+        while the daemon is unreachable this keeps trying for up to `patience` seconds.
+        """
+        loop = asyncio.get_running_loop()
+        unreachable_since: float | None = None
         while True:
-            transfer = await self.get(transfer_id)
+            try:
+                transfer = await self.get(transfer_id)
+            except TransientError:
+                now = loop.time()
+                unreachable_since = unreachable_since or now
+                if now - unreachable_since > patience:
+                    raise
+                await asyncio.sleep(min(2.0, interval * 4))
+                continue
+            unreachable_since = None
             if on_update is not None:
                 on_update(transfer)
             if transfer["state"] in TERMINAL:

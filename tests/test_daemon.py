@@ -302,3 +302,53 @@ async def test_several_processes_share_one_catalog(make_site: MakeSite) -> None:
         assert len(runs) == 1, (transfer_id, runs)
     assert first.log().count('"message": "running push') > 0
     assert second.log().count('"message": "running push') > 0  # both processes took work
+
+
+async def test_waiting_hook_survives_a_daemon_restart(
+    served_site: StartSite, make_site: MakeSite
+) -> None:
+    import subprocess
+    import sys
+
+    a = await make_site("site-a", pack_size=MiB)
+    (a.data / "x").mkdir()
+    for i in range(12):
+        (a.data / "x" / f"f{i:02d}").write_bytes(os.urandom(MiB // 2))
+    a.cli_json("push", "/proj/x")
+    d = await served_site("site-b", bandwidth_limit=2 * MiB, batch_bytes=MiB)
+    token = d.token("t1", "/proj", "write")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    hook = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "datamover",
+            "stage",
+            "/proj/x",
+            "--wait",
+            "--pin",
+            "job-7",
+            "--json",
+            "--config",
+            str(d.env.config_path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**environ, "DATAMOVER_TOKEN": token},
+    )
+    target = d.env.data / "x"
+    deadline = time.monotonic() + 60
+    while not (target.exists() and any(target.glob("f*"))):  # the stage is under way
+        assert time.monotonic() < deadline and hook.poll() is None, hook.communicate()
+        await asyncio.sleep(0.05)
+    d.stop(signal.SIGTERM)
+    await asyncio.sleep(1.0)
+    again = start_daemon(d.env)
+    try:
+        out, err = hook.communicate(timeout=120)
+    finally:
+        again.stop()
+    assert hook.returncode == 0, err
+    assert json.loads(out)["files"] == 12
+    assert snapshot(d.env.data / "x") == snapshot(a.data / "x")
