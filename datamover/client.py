@@ -16,43 +16,15 @@ import aiohttp
 
 from datamover.config import Config
 from datamover.errors import (
-    CatalogError,
+    HTTP_STATUS,
     Conflict,
-    Corrupt,
     DatamoverError,
-    Forbidden,
     InvalidInput,
-    NotFound,
-    PermanentError,
     TransientError,
-    Unauthorized,
+    error_class,
 )
 
-_BY_CODE: dict[str, type[DatamoverError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidInput,
-        NotFound,
-        Conflict,
-        Corrupt,
-        TransientError,
-        PermanentError,
-        CatalogError,
-        Unauthorized,
-        Forbidden,
-    )
-}
-_BY_STATUS = {
-    400: InvalidInput,
-    401: Unauthorized,
-    403: Forbidden,
-    404: NotFound,
-    409: Conflict,
-    413: InvalidInput,
-    415: InvalidInput,
-    502: PermanentError,
-    503: TransientError,
-}
+_BY_STATUS = {status: cls for cls, status in reversed(HTTP_STATUS)}
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -76,10 +48,7 @@ def error_from(status: int, body: Any) -> DatamoverError:
     error = body.get("error", {}) if isinstance(body, dict) else {}
     message = error.get("message") or f"daemon answered HTTP {status}"
     code = error.get("code", "")
-    cls = _BY_CODE.get(code) or _BY_STATUS.get(status) or DatamoverError
-    for known in ("store_unavailable", "unavailable"):
-        if code == known:
-            cls = TransientError
+    cls = error_class(code) or _BY_STATUS.get(status) or DatamoverError
     exc = cls(message, error.get("paths"))
     exc.code = code or exc.code
     return exc
@@ -90,9 +59,7 @@ def transfer_error(transfer: dict[str, Any]) -> DatamoverError:
     if transfer["state"] == "cancelled":
         return Conflict(f"transfer {transfer['id']} was cancelled")
     error = transfer.get("error") or {}
-    cls = _BY_CODE.get(error.get("code", ""), DatamoverError)
-    if error.get("code") in ("store_unavailable", "unavailable"):
-        cls = TransientError
+    cls = error_class(error.get("code", "")) or DatamoverError
     exc = cls(
         f"transfer {transfer['id']} failed: {error.get('message', 'unknown reason')}",
         error.get("paths"),

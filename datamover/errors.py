@@ -118,3 +118,37 @@ class Forbidden(DatamoverError):
 
     code = "forbidden"
     exit_code = 9
+
+
+#: HTTP status of each error class, most specific first: the API answers with it and its
+#: client maps a status back to a class when a body names no known code.
+HTTP_STATUS: tuple[tuple[type[DatamoverError], int], ...] = (
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (InvalidInput, 400),
+    (NotFound, 404),
+    (Conflict, 409),
+    (Corrupt, 502),  # the store handed back bad data
+    (PermanentError, 502),  # the store refused us (credentials, bucket)
+    (TransientError, 503),
+    (CatalogError, 503),
+)
+
+
+def http_status(exc: DatamoverError) -> int:
+    """The HTTP status for an expected error (500 if unclassified)."""
+    for cls, status in HTTP_STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def error_class(code: str) -> type[DatamoverError] | None:
+    """The error class whose stable `code` this is, if any."""
+    pending: list[type[DatamoverError]] = [DatamoverError]
+    while pending:
+        cls = pending.pop()
+        if cls.code == code:
+            return cls
+        pending.extend(cls.__subclasses__())
+    return None

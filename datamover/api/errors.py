@@ -1,6 +1,7 @@
 """The one place that turns an exception into an HTTP status and a JSON error body.
 
-Every error response is `{"error": {"code", "message", "paths"?}}` with a stable `code`.
+Every error response is `{"error": {"code", "message", "paths"?}}` with a stable `code`;
+the status of each error class is `datamover.errors.HTTP_STATUS`.
 Unexpected exceptions are logged with their traceback and answered 500 with code
 `internal`; the API's tests (schemathesis included) treat any 500 as a bug.
 """
@@ -12,32 +13,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from datamover.errors import (
-    CatalogError,
-    Conflict,
-    Corrupt,
-    DatamoverError,
-    Forbidden,
-    InvalidInput,
-    NotFound,
-    PermanentError,
-    TransientError,
-    Unauthorized,
-)
+from datamover.errors import DatamoverError, http_status
 
 log = logging.getLogger(__name__)
-
-_STATUS: list[tuple[type[DatamoverError], int]] = [
-    (Unauthorized, 401),
-    (Forbidden, 403),
-    (InvalidInput, 400),
-    (NotFound, 404),
-    (Conflict, 409),
-    (Corrupt, 502),  # the store handed back bad data
-    (PermanentError, 502),  # the store refused us (credentials, bucket)
-    (TransientError, 503),
-    (CatalogError, 503),
-]
 
 _HTTP_CODES = {
     404: "not_found",
@@ -47,15 +25,9 @@ _HTTP_CODES = {
 }
 
 
-def status_of(exc: DatamoverError) -> int:
-    """HTTP status of an expected error."""
-    for cls, status in _STATUS:
-        if isinstance(exc, cls):
-            return status
-    return 500
-
-
-def error_response(status: int, code: str, message: str, paths: list[str] | None = None):
+def error_response(
+    status: int, code: str, message: str, paths: list[str] | None = None
+) -> web.Response:
     """A JSON error response."""
     body: dict = {"error": {"code": code, "message": message}}
     if paths:
@@ -72,7 +44,7 @@ async def errors_middleware(
     try:
         return await handler(request)
     except DatamoverError as exc:
-        return error_response(status_of(exc), exc.code, exc.message, exc.paths)
+        return error_response(http_status(exc), exc.code, exc.message, exc.paths)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

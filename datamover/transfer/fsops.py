@@ -51,6 +51,19 @@ def partial_name(entry: Entry) -> str:
     return f".dm-{h.hexdigest()[:16]}.part"
 
 
+def _open_dir(name: str, parent_fd: int, shown: str) -> int:
+    """Open directory `name` below `parent_fd` without following a symlink."""
+    try:
+        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise Conflict(
+                f"{shown!r} is not a directory (a symlink or a file is in the way); refusing "
+                "to write through it"
+            ) from None
+        raise
+
+
 def open_root(base: Path, components: Sequence[str]) -> int:
     """Open (creating as needed) `base/components...` without following symlinks below `base`.
 
@@ -65,15 +78,7 @@ def open_root(base: Path, components: Sequence[str]) -> int:
                 os.mkdir(name, 0o755, dir_fd=fd)
             except FileExistsError:
                 pass
-            try:
-                child = os.open(name, _DIR_FLAGS, dir_fd=fd)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise Conflict(
-                        f"{str(base / name)!r} is not a directory (a symlink or file is in the "
-                        "way); refusing to write through it"
-                    ) from None
-                raise
+            child = _open_dir(name, fd, str(base / name))
             os.close(fd)
             fd = child
     except BaseException:
@@ -107,16 +112,7 @@ class TreeWriter:
             self._fds.move_to_end(rel)
             return fd
         parent, name = split(rel)
-        parent_fd = self.dir_fd(parent)
-        try:
-            fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise Conflict(
-                    f"{rel!r} is no longer a directory (replaced while staging); refusing to "
-                    "write through it"
-                ) from None
-            raise
+        fd = _open_dir(name, self.dir_fd(parent), rel)
         self._fds[rel] = fd
         if len(self._fds) > _MAX_DIR_FDS:
             _, old = self._fds.popitem(last=False)
