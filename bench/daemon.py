@@ -161,7 +161,8 @@ class Context:
 
 def run_api(ctx: Context) -> None:
     """Push the small tree at site A once; then, per repetition and each from a fresh
-    site B, time the CLI's in-process stage and a stage submitted over REST."""
+    site B, time the CLI's in-process stage and a stage submitted over REST. The staged
+    trees are all deleted at the end, so no deletion runs between timed steps."""
     b = ctx.bench
     data = small_tree(b)
     run = b.fresh_dir(b.work / "runs" / "daemon-api")
@@ -200,13 +201,18 @@ def run_api(ctx: Context) -> None:
     )
 
 
-def _fresh_site_b(b: Bench, run: Path, bucket: str) -> tuple[SiteFiles, Path, str]:
-    """Site B with an empty target, empty state dir and `[api]` on a free port."""
-    remove_tree(run / "site-b-state")
-    remove_tree(run / "site-b-data")
-    site = b.dm.write_site("site-b", run, bucket)
+def _site_b(b: Bench, run: Path, bucket: str, tag: str) -> tuple[SiteFiles, Path, str]:
+    """A new site B under `run/<tag>`: empty target, empty state dir, `[api]` on a free port.
+
+    Every measurement gets directories that never existed: on ext4 (seen here with online
+    `discard`), creating 20,000 files where 20,000 were just deleted is several times slower
+    than in a new directory, which would make whichever step runs first look fast.
+    """
+    root = run / tag
+    root.mkdir()
+    site = b.dm.write_site("site-b", root, bucket)
     listen = free_listens(1)[0]
-    return site, daemon_config(site, run / "site-b-api.toml", listen=listen), listen
+    return site, daemon_config(site, root / "site-b-api.toml", listen=listen), listen
 
 
 def _verify(b: Bench, record: Step, config: Path) -> bool:
@@ -225,7 +231,7 @@ def _verify(b: Bench, record: Step, config: Path) -> bool:
 def _direct(ctx: Context, run: Path, bucket: str, rep: int) -> None:
     """Time `datamover stage --local` as a whole command (no daemon running)."""
     b, shape = ctx.bench, ctx.bench.sizes.small
-    site, config, _ = _fresh_site_b(b, run, bucket)
+    site, config, _ = _site_b(b, run, bucket, f"r{rep}-direct")
     try:
         create_catalog(b.dm, config)  # a site's catalog exists before anyone stages
     except BenchError as exc:
@@ -268,7 +274,7 @@ def _rest(ctx: Context, run: Path, bucket: str, rep: int) -> None:
     b, shape = ctx.bench, ctx.bench.sizes.small
     label = f"  {REST}"
     record = b.results.step(API, STAGE, REST, files=shape.files, nbytes=shape.bytes)
-    site, config, listen = _fresh_site_b(b, run, bucket)
+    site, config, listen = _site_b(b, run, bucket, f"r{rep}-rest")
     log_path = ctx.logs / f"api-r{rep}-serve.log"
     try:
         token = create_token(b.dm, config)
@@ -572,7 +578,8 @@ API_LEGEND = (
     "direct: `datamover stage --local --json` timed as a whole command (Python start-up "
     "included), no daemon running. REST: POST /v1/transfers to the moment a GET (every "
     f"{STAGE_POLL * 1000:.0f} ms) shows `succeeded`, daemon already running, client already "
-    "connected. Both from a fresh site-B state dir and an empty target, order alternating. "
+    "connected. Each run from a new site-B state dir into a new, empty target directory "
+    "(nothing is deleted between timed steps); which way goes first alternates. "
     "Self-reported: the `seconds` of the stage's own JSON result."
 )
 QUEUE_LEGEND = (
@@ -700,7 +707,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="default: bench/work")
-    p.add_argument("--repeat", type=int, default=3, help="API-overhead runs of each way (median)")
+    p.add_argument(
+        "--repeat", type=int, default=5, help="API-overhead runs of each way (median; default 5)"
+    )
     p.add_argument("--transfers", type=int, default=None, help="queue size (default 1000)")
     p.add_argument("--queue-repeat", type=int, default=1, help="runs of each queue setting")
     p.add_argument(

@@ -232,6 +232,11 @@ class ServeProcess:
         return scan_log(self.log_text())
 
 
+def _first_line(text: str, default: str = "") -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else default
+
+
 @dataclass(frozen=True)
 class Postgres:
     """A PostgreSQL server for throwaway catalogs, driven with `psql`."""
@@ -255,21 +260,21 @@ class Postgres:
             out = self._psql("SELECT 1")
         except (BenchError, OSError, subprocess.TimeoutExpired) as exc:
             return str(exc)
-        return None if out.returncode == 0 else (out.stderr.strip() or "psql failed")
+        return None if out.returncode == 0 else _first_line(out.stderr, "psql failed")
 
     def create(self, name: str) -> str:
         """Create database `name` (dropping a leftover of that name); its catalog URL."""
         self.drop(name)
         out = self._psql(f'CREATE DATABASE "{name}"')
         if out.returncode != 0:
-            raise BenchError(f"CREATE DATABASE {name}: {out.stderr.strip()}")
+            raise BenchError(f"CREATE DATABASE {name}: {_first_line(out.stderr)}")
         return f"{self.server}/{name}"
 
     def drop(self, name: str) -> None:
         """Drop database `name`, ending any session still on it."""
         out = self._psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         if out.returncode != 0:
-            raise BenchError(f"DROP DATABASE {name}: {out.stderr.strip()}")
+            raise BenchError(f"DROP DATABASE {name}: {_first_line(out.stderr)}")
 
 
 class RestError(Exception):
