@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,8 +96,14 @@ class Bench:
                 log(f"  warning: could not drop bucket {name}: {exc}")
 
     def rep_dir(self, workload: str, rep: int) -> Path:
-        """A fresh, empty directory for one repetition of a workload."""
-        path = self.work / "runs" / workload / f"r{rep}"
+        """A directory that never existed, for one repetition of a workload.
+
+        Nothing is deleted between the timed steps of a repetition: on this kind of VM (ext4
+        with online discard) creating files where many were just deleted runs several times
+        slower, which would penalise whichever tool came after a deletion. Repetitions remove
+        their directory when all their steps are done.
+        """
+        path = self.work / "runs" / workload / f"{time.strftime('%H%M%S')}-r{rep}"
         remove_tree(path)
         path.mkdir(parents=True)
         return path

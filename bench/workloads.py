@@ -286,7 +286,6 @@ def _round(
             files=files,
             nbytes=nbytes,
         )
-        remove_tree(dst)
     if pushed is not None:
         site_b = b.dm.write_site("site-b", run, site_a.bucket)
         staged = b.run(
@@ -300,7 +299,6 @@ def _round(
         )
         if staged is not None and rep == 0:
             _verify(b, wl, logical, site_b)
-        remove_tree(site_b.data_dir)
     else:
         b.skip((wl, DOWN, DATAMOVER), "push failed")
     tarball = b.tarball(name)
