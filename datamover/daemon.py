@@ -74,7 +74,8 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     open_paths = {"/healthz", "/readyz", "/v1/openapi.json"}
     if config.api.open_metrics:
         open_paths.add("/metrics")
-    app = make_app(Context(site, transfers, access, metrics, frozenset(open_paths)))
+    wake = asyncio.Event()
+    app = make_app(Context(site, transfers, access, metrics, frozenset(open_paths), wake))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -103,7 +104,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
             return False
 
         tasks = [
-            asyncio.create_task(run_loop(f"worker {i}", w.run_once, stop))
+            asyncio.create_task(run_loop(f"worker {i}", w.run_once, stop, wake=wake))
             for i, w in enumerate(workers)
         ]
         tasks.append(asyncio.create_task(run_loop("metrics", refresh, stop, idle=5.0)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from aiohttp import web
@@ -22,6 +23,7 @@ class Context:
     access: Access
     metrics: Metrics
     open_paths: frozenset[str]
+    wake: asyncio.Event | None = None  # set on each submission: idle workers claim at once
 
 
 CONTEXT = web.AppKey("context", Context)

@@ -114,6 +114,8 @@ async def submit_transfer(request: web.Request) -> web.Response:
         idempotency_key=key,
     )
     row, created = await ctx.transfers.submit(submission)
+    if created and ctx.wake is not None:
+        ctx.wake.set()
     return _json(row.to_json(), 201 if created else 200)
 
 

@@ -8,11 +8,22 @@ sleeping, stopping and error containment for all of them.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
+
+
+async def _pause(stop: asyncio.Event, wake: asyncio.Event | None, seconds: float) -> None:
+    events = [stop] if wake is None else [stop, wake]
+    waiters = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waiters:
+            w.cancel()
+    if wake is not None:
+        wake.clear()
 
 
 async def run_loop(
@@ -21,9 +32,11 @@ async def run_loop(
     stop: asyncio.Event,
     idle: float = 0.5,
     backoff: float = 5.0,
+    wake: asyncio.Event | None = None,
 ) -> None:
-    """Run `run_once` until `stop` is set; wait `idle` seconds when it found nothing to do
-    and `backoff` seconds after an unexpected error (which is logged, never fatal)."""
+    """Run `run_once` until `stop` is set; wait `idle` seconds (or until `wake` is set, e.g.
+    by a new submission) when it found nothing to do, and `backoff` seconds after an
+    unexpected error (which is logged, never fatal)."""
     while not stop.is_set():
         try:
             worked = await run_once()
@@ -34,5 +47,4 @@ async def run_loop(
             log.exception("%s: unexpected error; retrying in %.0f s", name, backoff)
             delay = backoff
         if delay:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), delay)
+            await _pause(stop, wake if delay == idle else None, delay)
