@@ -109,7 +109,8 @@ async def push(
     t = site.config.transfer
     level = None if t.compression == "never" else t.zstd_level
     previous = _previous(site.repo, resumed, parent_refs)
-    workers = t.read_workers if t.read_workers > 0 else (os.cpu_count() or 1)
+    # Two readers per core: reading a cold tree waits on the disk as much as it computes.
+    workers = t.read_workers if t.read_workers > 0 else 2 * (os.cpu_count() or 1)
     scanner = Scanner(str(root), previous, params, checksum, level, workers)
     packer = Packer(site.store, site.catalog, t.pack_size, t.upload_concurrency)
 

@@ -32,7 +32,7 @@ __all__ = ["Done", "NewChunk", "ScanStats", "Scanner"]
 
 _BATCH_FILES = 256
 _BATCH_BYTES = 4 << 20
-_POOL_AFTER = 1024  # files read before worker processes are worth starting
+_POOL_AFTER = 256  # files read in-process before reader processes are worth starting
 
 
 @dataclass(slots=True)
@@ -191,6 +191,11 @@ class Scanner:
                 ctx = multiprocessing.get_context("forkserver")
                 ctx.set_forkserver_preload(["datamover.transfer.readers"])
                 self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+                # The pool starts a process only when none is idle; with fast batches one
+                # would do all the work. Start them all now: reads of a cold tree wait on
+                # the disk, and several in flight is what keeps it busy.
+                for _ in range(self.workers):
+                    self._pool.submit(readers.read_batch, self.root, [], self.params, self.level)
             future = self._pool.submit(readers.read_batch, self.root, jobs, self.params, self.level)
             return ("pool", items, future)
         return ("here", items, None)
