@@ -153,10 +153,17 @@ async def test_many_files_go_through_the_reader_processes(make_site: MakeSite) -
         (src / f"d{d}").mkdir(parents=True)
         for f in range(150):
             (src / f"d{d}" / f"f{f}").write_text(f"{d}/{f}\n" * (f % 7))
+    # A multi-chunk file far into the walk reaches a reader process, which hands it back
+    # to be streamed rather than reading it whole.
+    (src / "d9" / "large.bin").write_bytes(os.urandom(5 << 20))
     site_a, site_b = await a.open(), await b.open()
     try:
         pushed = await push(site_a, "/proj/many")
-        assert pushed.files == 1800 and pushed.files_read == 1800
+        assert pushed.files == 1801 and pushed.files_read == 1801
+        doc = await site_a.repo.resolve("/proj/many", pushed.version)
+        refs = await site_a.repo.prefetch(doc)
+        [large] = [e for e in site_a.repo.iter_cached(refs) if e.path == "d9/large.bin"]
+        assert len(large.chunks) > 1  # streamed and cut by FastCDC, not read whole
         await stage(site_b, "/proj/many")
         assert snapshot(b.data / "many") == snapshot(src)
     finally:

@@ -49,7 +49,8 @@ class FileRead(NamedTuple):
 
 @dataclass(slots=True, frozen=True)
 class ReadProblem:
-    """Why a file could not be read: `vanished`, `changed`, `denied` or `type`."""
+    """Why a file could not be read: `vanished`, `changed`, `denied` or `type`; or `large`,
+    which is no failure: the file is to be streamed by the caller."""
 
     kind: str
     path: str
@@ -103,12 +104,18 @@ def read_open(
 
 
 def read_whole(root: str, rel: str, chunker: Chunker, level: int | None) -> FileRead | ReadProblem:
-    """Read a (small) file completely, retrying torn reads; never raises for file problems."""
+    """Read a small file completely, retrying torn reads; never raises for file problems.
+
+    A file larger than the chunker's small-file limit is not read here (it would be held in
+    memory whole): the answer is `ReadProblem("large")`, and the caller streams it instead.
+    """
     for _ in range(ATTEMPTS):
         fd = open_file(root, rel)
         if isinstance(fd, ReadProblem):
             return fd
         try:
+            if os.fstat(fd).st_size > chunker.params.small_file_limit:
+                return ReadProblem("large", rel)
             digests: list[bytes] = []
             reader = read_open(fd, chunker, level, digests)
             chunks = []

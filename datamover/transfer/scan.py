@@ -86,7 +86,7 @@ class Scanner:
         workers: int = 0,
     ) -> None:
         self.root = root
-        self.walker = Walker(root, strict=True)
+        self.walker = Walker(root, strict=True, stat_files=False)
         self.previous = previous
         self.params = params
         self.checksum = checksum
@@ -163,6 +163,7 @@ class Scanner:
                 prev is not None
                 and not self.checksum
                 and prev.kind == Kind.FILE
+                and self.walker.fill(local)
                 and prev.size == local.size
                 and prev.mtime_ns == local.mtime_ns
             ):
@@ -202,6 +203,9 @@ class Scanner:
 
     def _emit(self, item: Any, result: FileRead | ReadProblem) -> Iterator[object]:
         if isinstance(result, ReadProblem):
+            if result.kind == "large":
+                yield from self._read_large(item)
+                return
             raise _problem(result)
         yield from result.chunks
         self.stats.files_read += 1
@@ -267,7 +271,7 @@ class Scanner:
                 items.append(item)
                 if isinstance(item, LocalEntry):
                     jobs += 1
-                    nbytes += item.size
+                    nbytes += max(item.size, 0)
                 if jobs >= _BATCH_FILES or nbytes >= _BATCH_BYTES or len(items) >= 4096:
                     queue.append(self._submit(items))
                     items, jobs, nbytes = [], 0, 0

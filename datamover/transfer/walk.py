@@ -22,9 +22,13 @@ from datamover.errors import InvalidInput
 PARTIAL_RE = re.compile(r"^\.dm-[0-9a-f]{16}\.part$")
 
 
+UNKNOWN = -1  # a stat field not read yet (see `Walker(stat_files=False)`)
+
+
 @dataclass(slots=True)
 class LocalEntry:
-    """A node found on disk. `size` and `mtime_ns` come from `lstat`."""
+    """A node found on disk. `mode`, `size` and `mtime_ns` come from `lstat`, or are
+    `UNKNOWN` for a regular file walked with `stat_files=False` until `Walker.fill`."""
 
     path: str
     kind: Kind | None  # None: a special file (fifo, socket, device)
@@ -36,11 +40,17 @@ class LocalEntry:
 
 
 class Walker:
-    """Iterator over a tree below `root`. Strict mode (push) rejects bad names."""
+    """Iterator over a tree below `root`. Strict mode (push) rejects bad names.
 
-    def __init__(self, root: str, strict: bool) -> None:
+    With `stat_files=False`, regular files are recognised from the directory listing alone
+    (no `lstat` each): a first push opens and `fstat`s every file anyway, in parallel reader
+    processes, and on a cold tree a serial `lstat` per file is what the walk would wait on.
+    """
+
+    def __init__(self, root: str, strict: bool, stat_files: bool = True) -> None:
         self.root = root
         self.strict = strict
+        self.stat_files = stat_files
         self.skipped_special: list[str] = []
         self._stack: list[Iterator[LocalEntry]] = []
         self._pending_dir: str | None = None
@@ -89,6 +99,9 @@ class Walker:
         for item in items:
             if PARTIAL_RE.match(item.name) and self.strict:
                 continue
+            if not self.stat_files and item.is_file(follow_symlinks=False):
+                yield LocalEntry(prefix + item.name, Kind.FILE, UNKNOWN, UNKNOWN, UNKNOWN, 0)
+                continue
             try:
                 st = item.stat(follow_symlinks=False)
             except FileNotFoundError:
@@ -120,6 +133,23 @@ class Walker:
                 st.st_ino,
                 target,
             )
+
+    def fill(self, entry: LocalEntry) -> bool:
+        """Read the stat fields of a file walked without them; False if it is gone or no
+        longer a regular file (the reader will then report what happened)."""
+        try:
+            st = os.lstat(os.path.join(self.root, entry.path))
+        except FileNotFoundError:
+            return False
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        entry.mode, entry.mtime_ns, entry.size = (
+            stat.S_IMODE(st.st_mode),
+            st.st_mtime_ns,
+            st.st_size,
+        )
+        entry.ino = st.st_ino
+        return True
 
     def __next__(self) -> LocalEntry:
         if not self._started:
