@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -303,6 +303,22 @@ def demo(files: int, as_json: bool) -> None:
 import datamover.cli_daemon  # noqa: E402, F401  (registers the daemon commands)
 
 
+def _leave(status: int) -> NoReturn:
+    """Flush what was printed and end the process at once.
+
+    Everything the command owns (store connections, the catalog, worker processes) is closed
+    by the time this runs; skipping the interpreter's teardown of every imported module saves
+    about a tenth of a second per command, which scripts calling datamover in loops notice.
+    """
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe: nothing more can be said
+        status = status or 1
+    logging.shutdown()
+    os._exit(status)
+
+
 def main() -> None:
     """Entry point: run the CLI, turning every expected failure into one line and an exit code."""
     as_json = "--json" in sys.argv[1:]
@@ -311,25 +327,26 @@ def main() -> None:
         format="datamover: %(levelname)s: %(message)s",
     )
     try:
-        cli.main(standalone_mode=False)
+        status = cli.main(standalone_mode=False)
+        _leave(status if isinstance(status, int) else 0)
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        _leave(exc.exit_code)
     except click.ClickException as exc:
         error_line(exc.format_message())
         if as_json:
             emit_json({"error": {"code": "usage", "message": exc.format_message()}})
-        sys.exit(2)
+        _leave(2)
     except click.exceptions.Abort:
         error_line("interrupted")
-        sys.exit(130)
+        _leave(130)
     except DatamoverError as exc:
         error_line(exc.message)
         if as_json:
             emit_json({"error": {"code": exc.code, "message": exc.message}})
-        sys.exit(exc.exit_code)
+        _leave(exc.exit_code)
     except KeyboardInterrupt:
         error_line("interrupted")
-        sys.exit(130)
+        _leave(130)
     except Exception as exc:  # the last line of defence: no tracebacks
         if os.environ.get("DATAMOVER_DEBUG"):
             raise
@@ -339,4 +356,4 @@ def main() -> None:
         )
         if as_json:
             emit_json({"error": {"code": "internal", "message": str(exc)}})
-        sys.exit(70)
+        _leave(70)
