@@ -93,6 +93,38 @@ def rss_method() -> str:
     return GNU_TIME + " -f %M" if os.access(GNU_TIME, os.X_OK) else "getrusage wrapper"
 
 
+SETTLE_IDLE = 0.85  # fraction of all CPUs idle over one window
+SETTLE_WINDOW = 0.25
+SETTLE_MAX = 15.0
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies over all CPUs, from /proc/stat; (0, 0) where it does not exist."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])
+
+
+def settle(max_wait: float = SETTLE_MAX) -> float:
+    """Wait until the machine is nearly idle; return the seconds waited.
+
+    The previous step's aftermath (the S3 server compacting deleted buckets, writeback of
+    removed trees) otherwise lands in whichever tool runs next. Gives up after `max_wait`.
+    """
+    start = time.monotonic()
+    idle0, total0 = _cpu_times()
+    while time.monotonic() - start < max_wait:
+        time.sleep(SETTLE_WINDOW)
+        idle1, total1 = _cpu_times()
+        if total1 == total0 or (idle1 - idle0) / (total1 - total0) >= SETTLE_IDLE:
+            break
+        idle0, total0 = idle1, total1
+    return time.monotonic() - start
+
+
 def run_measured(
     argv: Sequence[str],
     env: Mapping[str, str] | None = None,
@@ -103,6 +135,7 @@ def run_measured(
     """Run `argv` once, timing the whole command; never raises for a failing command."""
     if sync_first:
         os.sync()
+        settle()
     with tempfile.NamedTemporaryFile("r", prefix="bench-rss-", suffix=".txt") as rss_file:
         if os.access(GNU_TIME, os.X_OK):
             wrapped = [GNU_TIME, "-f", "%M", "-o", rss_file.name, *argv]
