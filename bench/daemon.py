@@ -30,7 +30,7 @@ from types import FrameType
 from typing import Any
 
 import aiohttp
-from harness import FULL, QUICK, Bench, log, remove_tree
+from harness import FULL, QUICK, Bench, forget_deleted, log, remove_tree
 from measure import Sample, run_measured
 from report import TARGET_COLUMNS, markdown_table, raw_json, target_rows, text_table
 from results import Step, Target
@@ -166,6 +166,7 @@ def run_api(ctx: Context) -> None:
     b = ctx.bench
     data = small_tree(b)
     run = b.fresh_dir(b.work / "runs" / "daemon-api")
+    forget_deleted([data / "small"])
     bucket = b.bucket("dmapi")
     try:
         site_a = b.dm.write_site("site-a", run, bucket, data_dir=data)

@@ -119,7 +119,7 @@ def run_incremental(b: Bench) -> None:
 
 def _incremental_rep(b: Bench, data: Path, rep: int) -> None:
     shape, wl = b.sizes.small, "incremental"
-    run = b.rep_dir(wl, rep)
+    run = b.rep_dir(wl, rep, [data / "small"])
     a_data = run / "site-a-data"
     a_data.mkdir()
     tree = a_data / "small"
@@ -249,7 +249,8 @@ def _round(
     b: Bench, wl: str, data: Path, name: str, rep: int, files: int, nbytes: int, *, peers: bool
 ) -> None:
     """One repetition of upload then download by every tool; `data/name` is the tree."""
-    run = b.rep_dir(wl, rep)
+    tarball = b.tarball(name)
+    run = b.rep_dir(wl, rep, [data / name, *([tarball] if tarball else [])])
     src, logical = data / name, f"/bench/{name}"
     got: dict[str, str] = {}
     if peers and b.s5 is not None:
@@ -301,7 +302,6 @@ def _round(
             _verify(b, wl, logical, site_b)
     else:
         b.skip((wl, DOWN, DATAMOVER), "push failed")
-    tarball = b.tarball(name)
     if b.tar is not None and tarball is not None:
         dst = b.fresh_dir(run / "tar-down")
         b.run(
