@@ -1,0 +1,96 @@
+"""Upload bodies that reach the socket without being copied.
+
+A 32 MiB pack handed to botocore as `bytes` is copied three to four times on its way out
+(botocore's `BytesIO` wrapper, aiohttp's `Content-Length` slice, asyncio's send buffer on
+Python 3.11), about a second of CPU per GiB on the event loop, the one thread every transfer
+shares. `Body` wraps the buffer; `BodyPayload` (registered with aiohttp) writes it in 1 MiB
+memoryview slices, so only what the socket does not take at once is ever copied, and
+aiohttp's flow control keeps that small. `crc32` is the upload checksum, computed off the
+loop by the caller and sent as `ChecksumCRC32`, so botocore does not read the body either.
+"""
+
+from __future__ import annotations
+
+import base64
+import zlib
+from typing import Any
+
+import aiohttp.payload
+from aiohttp.abc import AbstractStreamWriter
+
+SLICE = 1 << 20
+
+
+class Body:
+    """A read-only request body over `data` (kept, not copied: do not modify it meanwhile).
+
+    File-like enough for botocore (`read`, `seek`, `tell`, `len`); aiohttp sends it through
+    `BodyPayload` without calling those.
+    """
+
+    __slots__ = ("_pos", "view")
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self.view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def read(self, size: int = -1) -> bytes:
+        """Up to `size` bytes from the current position (all that is left if negative)."""
+        end = len(self.view) if size is None or size < 0 else min(self._pos + size, len(self.view))
+        data = bytes(self.view[self._pos : end])
+        self._pos = end
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Move the read position (`whence` as for files)."""
+        base = (0, self._pos, len(self.view))[whence]
+        self._pos = max(0, min(base + offset, len(self.view)))
+        return self._pos
+
+    def tell(self) -> int:
+        """The read position."""
+        return self._pos
+
+
+def crc32(data: bytes | bytearray | memoryview) -> str:
+    """The `x-amz-checksum-crc32` value of `data` (base64 of the big-endian CRC32)."""
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+class BodyPayload(aiohttp.payload.Payload):
+    """aiohttp's way of sending a `Body`: slices of the buffer, never the whole copied."""
+
+    _value: Body
+
+    def __init__(self, value: Body, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("content_type", "application/octet-stream")
+        super().__init__(value, *args, **kwargs)
+        self._size = len(value)
+
+    def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
+        """The body as text (aiohttp's interface; unused for uploads)."""
+        return bytes(self._value.view).decode(encoding, errors)
+
+    async def as_bytes(self, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        """The body as bytes (a copy; aiohttp calls this only for debugging output)."""
+        return bytes(self._value.view)
+
+    async def write(self, writer: AbstractStreamWriter) -> None:
+        """Write the whole body."""
+        await self.write_with_length(writer, None)
+
+    async def write_with_length(
+        self, writer: AbstractStreamWriter, content_length: int | None
+    ) -> None:
+        """Write at most `content_length` bytes of the body, a slice at a time."""
+        view = self._value.view
+        if content_length is not None:
+            view = view[:content_length]
+        for start in range(0, len(view), SLICE):
+            await writer.write(view[start : start + SLICE])
+
+
+aiohttp.payload.PAYLOAD_REGISTRY.register(BodyPayload, Body)
