@@ -167,6 +167,7 @@ def run_api(ctx: Context) -> None:
     data = small_tree(b)
     run = b.fresh_dir(b.work / "runs" / "daemon-api")
     forget_deleted([data / "small"])
+    b.warm_tools()
     bucket = b.bucket("dmapi")
     try:
         site_a = b.dm.write_site("site-a", run, bucket, data_dir=data)

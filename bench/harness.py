@@ -134,13 +134,24 @@ class Bench:
         with online discard) creating files where many were just deleted runs several times
         slower, which would penalise whichever tool came after a deletion. Repetitions remove
         their directory when all their steps are done, and each starts with `forget_deleted`
-        (re-reading `warm`, the trees and tarballs it will use).
+        (re-reading `warm`, the trees and tarballs it will use) and `warm_tools`.
         """
         path = self.work / "runs" / workload / f"{time.strftime('%H%M%S')}-r{rep}"
         remove_tree(path)
         forget_deleted(warm)
+        self.warm_tools()
         path.mkdir(parents=True)
         return path
+
+    def warm_tools(self) -> None:
+        """Run every tool once, untimed, so none starts from a cold page cache (datamover:
+        its interpreter importing the modules a transfer needs)."""
+        commands = [self.dm.warm_command()]
+        commands += [[t.binary, "version"] for t in (self.s5, self.rclone) if t is not None]
+        if self.tar is not None:
+            commands.append([self.tar.binary, "--version"])
+        for argv in commands:
+            subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
     def fresh_dir(self, path: Path) -> Path:
         """`path`, emptied and created."""

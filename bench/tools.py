@@ -161,6 +161,12 @@ class SiteFiles:
     data_dir: Path
 
 
+_WARM_IMPORTS = (
+    "import datamover.cli, datamover.site, datamover.storage.s3, "
+    "datamover.transfer.push, datamover.transfer.stage"
+)
+
+
 @dataclass(frozen=True)
 class Datamover:
     """The `datamover` CLI; one process per command, one config file per site."""
@@ -178,6 +184,15 @@ class Datamover:
     def env(self) -> dict[str, str]:
         """No `DATAMOVER_*` overrides from the caller's shell."""
         return _base_env()
+
+    def warm_command(self) -> list[str]:
+        """A command that loads what a datamover transfer loads (interpreter and modules)."""
+        python = self.argv0[0]
+        if len(self.argv0) == 1:  # the console script: its interpreter is on the #! line
+            with open(python, "rb") as f:
+                first = f.readline().decode(errors="replace")
+            python = first[2:].strip() if first.startswith("#!") else sys.executable
+        return [python, "-c", _WARM_IMPORTS]
 
     def write_site(
         self, name: str, root: Path, bucket: str, data_dir: Path | None = None
