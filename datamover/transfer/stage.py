@@ -42,6 +42,7 @@ from datamover.transfer.walk import Walker
 _PLAN_BATCH = 2048
 _BATCH_FILES = 4096
 _MAX_DIRS_IN_MEMORY = 1 << 16
+_RANGE_WRITERS = 4
 
 
 @dataclass
@@ -115,6 +116,9 @@ class _Stager:
             bytes=doc.bytes,
         )
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dm-writer")
+        # Ranges of large files are verified and written at their own offsets, so several
+        # can go at once: hashing and copying into the page cache both release the GIL.
+        self._range_pool = ThreadPoolExecutor(_RANGE_WRITERS, thread_name_prefix="dm-range")
         self._ops: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         self._pending: list[asyncio.Future[Any]] = []
         self._batch: list[Entry] = []
@@ -181,7 +185,8 @@ class _Stager:
 
         Ranges are fetched `download_concurrency` at a time and each is verified and written
         (`pwrite` at its file offsets, so arrival order does not matter) as soon as it
-        arrives, keeping the network busy while the disk writes. Memory: the ranges in flight.
+        arrives, by one of `_RANGE_WRITERS` threads, keeping the network busy while the disk
+        writes. Memory: the ranges in flight.
         """
         self._submit_ops()
         assert self.writer is not None
@@ -193,8 +198,8 @@ class _Stager:
         async def one(rng: Range, positions: dict[tuple[bytes, int], list[int]]) -> None:
             try:
                 [blob] = await self.fetcher.fetch([rng])
-                written = await self._on_writer(
-                    _verify_and_pwrite, fd, rng, blob, positions, entry.path
+                written = await asyncio.get_running_loop().run_in_executor(
+                    self._range_pool, _verify_and_pwrite, fd, rng, blob, positions, entry.path
                 )
                 self.progress.advance(0, written)
             finally:
@@ -337,6 +342,7 @@ class _Stager:
             await self._on_writer(self.writer.close)
             await self._on_writer(os.close, root_fd)
             self._pool.shutdown(wait=True)
+            self._range_pool.shutdown(wait=True)
         self.result.trashed = self.writer.trashed
         if self.writer.trashed:
             self.result.trash_dir = str(self.trash_dir)
