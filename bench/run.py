@@ -9,6 +9,7 @@ Exit status: 0 when every target passes, 1 when one fails, 2 when the store cann
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shlex
@@ -24,6 +25,7 @@ from harness import FULL, QUICK, Bench, log, remove_tree
 from measure import rss_method
 from report import raw_json, render_markdown, render_text
 from s3admin import S3Target
+from vmtune import settled_memory
 from workloads import run_big, run_incremental, run_scale, run_small
 
 WORKLOADS: dict[str, Callable[[Bench], None]] = {
@@ -64,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="tiny sizes to smoke-test the harness (targets are then meaningless)",
     )
+    p.add_argument(
+        "--no-vm-tune",
+        action="store_true",
+        help="leave a VM's free page reporting as it is (see bench/vmtune.py)",
+    )
     p.add_argument("--markdown", type=Path, metavar="FILE", help="also write the report here")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every sample as JSON here")
     args = p.parse_args(argv)
@@ -100,6 +107,21 @@ def header(args: argparse.Namespace, bench: Bench, server_label: str) -> list[st
     ]
 
 
+def _run_workloads(args: argparse.Namespace, bench: Bench) -> None:
+    for name in selected(args):
+        log(f"== {name}")
+        try:
+            WORKLOADS[name](bench)
+        except KeyboardInterrupt:
+            bench.results.problems.append(f"interrupted during {name}: results are partial")
+            break
+        except Exception as exc:  # one broken workload must not hide the others
+            bench.results.problems.append(f"{name}: aborted: {type(exc).__name__}: {exc}")
+            log(f"{name}: aborted: {exc!r}")
+        finally:
+            bench.drop_buckets()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the selected workloads and print the report; return the exit status."""
     args = parse_args(argv)
@@ -126,22 +148,11 @@ def main(argv: list[str] | None = None) -> int:
     bench = Bench(work, target, args.repeat, args.scale_repeat or args.repeat, sizes)
     lines = header(args, bench, "datamover.embedded")
     load_before = os.getloadavg()
-    try:
-        for name in selected(args):
-            log(f"== {name}")
-            try:
-                WORKLOADS[name](bench)
-            except KeyboardInterrupt:
-                bench.results.problems.append(f"interrupted during {name}: results are partial")
-                break
-            except Exception as exc:  # one broken workload must not hide the others
-                bench.results.problems.append(f"{name}: aborted: {type(exc).__name__}: {exc}")
-                log(f"{name}: aborted: {exc!r}")
-            finally:
-                bench.drop_buckets()
-    finally:
-        server.stop()
-        remove_tree(store_dir)
+    with contextlib.ExitStack() as stack:
+        lines.append(stack.enter_context(settled_memory(not args.no_vm_tune)))
+        stack.callback(remove_tree, store_dir)
+        stack.callback(server.stop)  # callbacks run last-in first-out: stop, then remove
+        _run_workloads(args, bench)
 
     lines.append(
         "load average (1 min) at start / end: "
