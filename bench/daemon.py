@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import platform
@@ -30,7 +31,7 @@ from types import FrameType
 from typing import Any
 
 import aiohttp
-from harness import FULL, QUICK, Bench, forget_deleted, log, remove_tree
+from harness import FULL, QUICK, Bench, forget_deleted, log, remove_tree, run_parts
 from measure import Sample, run_measured
 from report import TARGET_COLUMNS, markdown_table, raw_json, target_rows, text_table
 from results import Step, Target
@@ -823,20 +824,11 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     started = time.monotonic()
     try:
-        for part, fn in (("api", run_api), ("queue", run_queues)):
-            if args.only not in (None, part):
-                continue
-            log(f"== {part}")
-            try:
-                fn(ctx)
-            except KeyboardInterrupt:
-                bench.results.problems.append(f"interrupted during {part}: results are partial")
-                break
-            except Exception as exc:  # one broken part must not hide the other
-                bench.results.problems.append(f"{part}: aborted: {type(exc).__name__}: {exc}")
-                log(f"{part}: aborted: {exc!r}")
-            finally:
-                bench.drop_buckets()
+        parts = (("api", run_api), ("queue", run_queues))
+        run_parts(
+            bench,
+            [(n, functools.partial(fn, ctx)) for n, fn in parts if args.only in (None, n)],
+        )
     finally:
         server.stop()
         remove_tree(store_dir)

@@ -267,3 +267,20 @@ class Bench:
         except (OSError, subprocess.TimeoutExpired, IndexError):
             lines.append("weed: version unknown")
         return lines
+
+
+def run_parts(bench: Bench, parts: Sequence[tuple[str, Callable[[], None]]]) -> None:
+    """Run each named part in turn. One that fails is recorded as a problem and the others
+    still run; ^C ends the run with partial results. Buckets are dropped after each part."""
+    for name, run in parts:
+        log(f"== {name}")
+        try:
+            run()
+        except KeyboardInterrupt:
+            bench.results.problems.append(f"interrupted during {name}: results are partial")
+            break
+        except Exception as exc:  # one broken part must not hide the others
+            bench.results.problems.append(f"{name}: aborted: {type(exc).__name__}: {exc}")
+            log(f"{name}: aborted: {exc!r}")
+        finally:
+            bench.drop_buckets()

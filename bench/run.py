@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import platform
 import shlex
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
-from harness import FULL, QUICK, Bench, log, remove_tree
+from harness import FULL, QUICK, Bench, log, remove_tree, run_parts
 from measure import rss_method
 from report import raw_json, render_markdown, render_text
 from s3admin import S3Target
@@ -107,21 +108,6 @@ def header(args: argparse.Namespace, bench: Bench, server_label: str) -> list[st
     ]
 
 
-def _run_workloads(args: argparse.Namespace, bench: Bench) -> None:
-    for name in selected(args):
-        log(f"== {name}")
-        try:
-            WORKLOADS[name](bench)
-        except KeyboardInterrupt:
-            bench.results.problems.append(f"interrupted during {name}: results are partial")
-            break
-        except Exception as exc:  # one broken workload must not hide the others
-            bench.results.problems.append(f"{name}: aborted: {type(exc).__name__}: {exc}")
-            log(f"{name}: aborted: {exc!r}")
-        finally:
-            bench.drop_buckets()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the selected workloads and print the report; return the exit status."""
     args = parse_args(argv)
@@ -152,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(stack.enter_context(settled_memory(not args.no_vm_tune)))
         stack.callback(remove_tree, store_dir)
         stack.callback(server.stop)  # callbacks run last-in first-out: stop, then remove
-        _run_workloads(args, bench)
+        run_parts(bench, [(n, functools.partial(WORKLOADS[n], bench)) for n in selected(args)])
 
     lines.append(
         "load average (1 min) at start / end: "
