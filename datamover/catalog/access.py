@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from datamover.catalog.engine import upsert_for
 from datamover.catalog.models import Pin, Token
 
 SCOPES = ("read", "write", "admin")
@@ -117,9 +117,7 @@ class Access:
             "version": version,
             "created_at": at,
         }
-        insert = (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(
-            Pin.__table__
-        )
+        insert = upsert_for(self.dialect, Pin.__table__)
         stmt = insert.values(**values).on_conflict_do_update(
             index_elements=["pin", "dataset"], set_={"version": version}
         )

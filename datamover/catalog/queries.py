@@ -15,9 +15,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from datamover.catalog.engine import upsert_for
 from datamover.catalog.models import Chunk, Pack, PushCheckpoint, PushSegment, Replica, Version
 from datamover.domain.manifest import ChunkRef
 from datamover.repo.layout import VersionDoc
@@ -83,7 +83,7 @@ class Catalog:
         self.dialect = engine.dialect.name
 
     def _insert(self, table: Any) -> Any:
-        return (postgresql.insert if self.dialect == "postgresql" else sqlite.insert)(table)
+        return upsert_for(self.dialect, table)
 
     async def close(self) -> None:
         """Dispose of the engine's connections."""
