@@ -21,6 +21,8 @@ from datamover.transfer.push import push
 from tests.fixtures_sites import MakeSite, SiteEnv
 from tests.treegen import make_tree
 
+MiB = 1 << 20
+
 
 def fails(env: SiteEnv, *args: str, code: int, says: str) -> dict:
     """Run a CLI command expected to fail; check the one-line error and the JSON error."""
@@ -183,6 +185,26 @@ async def test_corrupt_pack_is_detected_and_names_the_file(make_site: MakeSite) 
     assert not (b.data / "x" / "precious.dat").exists()
     leftovers = [p.name for p in (b.data / "x").iterdir()] if (b.data / "x").exists() else []
     assert leftovers == []
+
+
+async def test_corrupt_pack_under_a_large_file_is_detected(make_site: MakeSite) -> None:
+    # batch_bytes=1 MiB makes the 8 MiB file "large": its ranges are verified and written by
+    # the range threads, and the failure must stop them all before anything is renamed.
+    a, b = await make_site("site-a"), await make_site("site-b", batch_bytes=MiB)
+    src = a.data / "x"
+    src.mkdir()
+    (src / "big.dat").write_bytes(os.urandom(8 * MiB))
+    a.cli_json("push", "/proj/x")
+    site = await a.open()
+    try:
+        [pack_key] = [k async for k in (o.key async for o in site.store.list("packs/"))]
+        data = bytearray(await site.store.get(pack_key))
+        data[5 * MiB] ^= 0xFF
+        await site.store.put(pack_key, bytes(data))
+    finally:
+        await site.close()
+    fails(b, "stage", "/proj/x", code=5, says="'big.dat'")
+    assert not (b.data / "x" / "big.dat").exists()
 
 
 async def test_tampered_manifest_object_is_detected(make_site: MakeSite) -> None:

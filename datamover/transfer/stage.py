@@ -20,7 +20,8 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -193,14 +194,17 @@ class _Stager:
         fd, good = await self._on_writer(self.writer.open_partial, entry)
         slots = asyncio.Semaphore(self.site.config.transfer.download_concurrency)
         tasks: set[asyncio.Task[None]] = set()
+        writes: list[Future[int]] = []  # every pwrite job, so none outlives the fd
         offsets = list(itertools.accumulate((c.raw_length for c in entry.chunks), initial=0))
 
         async def one(rng: Range, positions: dict[tuple[bytes, int], list[int]]) -> None:
             try:
                 [blob] = await self.fetcher.fetch([rng])
-                written = await asyncio.get_running_loop().run_in_executor(
-                    self._range_pool, _verify_and_pwrite, fd, rng, blob, positions, entry.path
+                job = self._range_pool.submit(
+                    _verify_and_pwrite, fd, rng, blob, positions, entry.path
                 )
+                writes.append(job)
+                written = await asyncio.wrap_future(job)
                 self.progress.advance(0, written)
             finally:
                 slots.release()
@@ -233,6 +237,10 @@ class _Stager:
             raise
         finally:
             if fd >= 0:
+                # A cancelled task does not stop its thread: wait for every pwrite before the
+                # fd is closed, or a write could land in whatever file reuses its number.
+                # (Blocking the loop here is short: one range per writer thread at most.)
+                wait_futures(writes)
                 await self._on_writer(os.close, fd)
         self.result.fetched_files += 1
         self.result.fetched_bytes += entry.size - offsets[good]
