@@ -31,7 +31,7 @@ from types import FrameType
 from typing import Any
 
 import aiohttp
-from harness import FULL, QUICK, Bench, forget_deleted, log, remove_tree, run_parts
+from harness import FULL, QUICK, Bench, log, remove_tree, run_parts
 from measure import Sample, run_measured
 from report import TARGET_COLUMNS, markdown_table, raw_json, target_rows, text_table
 from results import Step, Target
@@ -167,8 +167,7 @@ def run_api(ctx: Context) -> None:
     b = ctx.bench
     data = small_tree(b)
     run = b.fresh_dir(b.work / "runs" / "daemon-api")
-    forget_deleted([data / "small"])
-    b.warm_tools()
+    b.settle_caches([data / "small"])
     bucket = b.bucket("dmapi")
     try:
         site_a = b.dm.write_site("site-a", run, bucket, data_dir=data)
@@ -207,9 +206,9 @@ def run_api(ctx: Context) -> None:
 def _site_b(b: Bench, run: Path, bucket: str, tag: str) -> tuple[SiteFiles, Path, str]:
     """A new site B under `run/<tag>`: empty target, empty state dir, `[api]` on a free port.
 
-    Every measurement gets directories that never existed: on ext4 (seen here with online
-    `discard`), creating 20,000 files where 20,000 were just deleted is several times slower
-    than in a new directory, which would make whichever step runs first look fast.
+    Every measurement gets directories that never existed: creating 20,000 files right after
+    20,000 were deleted is several times slower (ext4's recently-deleted inode scan, see
+    `harness.forget_deleted`), which would make whichever step runs first look fast.
     """
     root = run / tag
     root.mkdir()

@@ -130,18 +130,21 @@ class Bench:
     def rep_dir(self, workload: str, rep: int, warm: Sequence[Path] = ()) -> Path:
         """A directory that never existed, for one repetition of a workload.
 
-        Nothing is deleted between the timed steps of a repetition: on this kind of VM (ext4
-        with online discard) creating files where many were just deleted runs several times
-        slower, which would penalise whichever tool came after a deletion. Repetitions remove
-        their directory when all their steps are done, and each starts with `forget_deleted`
-        (re-reading `warm`, the trees and tarballs it will use) and `warm_tools`.
+        Nothing is deleted between the timed steps of a repetition (creating files right
+        after a large deletion is slow: `forget_deleted`). Repetitions remove their directory
+        when all their steps are done, and each starts with `settle_caches(warm)`, `warm`
+        being the trees and tarballs it will use.
         """
         path = self.work / "runs" / workload / f"{time.strftime('%H%M%S')}-r{rep}"
         remove_tree(path)
-        forget_deleted(warm)
-        self.warm_tools()
+        self.settle_caches(warm)
         path.mkdir(parents=True)
         return path
+
+    def settle_caches(self, warm: Sequence[Path] = ()) -> None:
+        """Before timed steps: `forget_deleted(warm)`, then `warm_tools`."""
+        forget_deleted(warm)
+        self.warm_tools()
 
     def warm_tools(self) -> None:
         """Run every tool once, untimed, so none starts from a cold page cache (datamover:
