@@ -238,7 +238,7 @@ class S3Store:
                         )
                     )
                     self._stack = stack
-                    _send_bodies_as_bytes(self._client)
+                    _pass_bodies_through(self._client)
         return self._client
 
     async def _call(self, op: str, key: str | None, **kwargs: Any) -> dict[str, Any]:
@@ -419,7 +419,7 @@ async def _checksum(view: memoryview) -> str:
     return crc32(view)
 
 
-def _send_bodies_as_bytes(client: Any) -> None:
+def _pass_bodies_through(client: Any) -> None:
     """Stop botocore from wrapping PutObject and UploadPart bodies in `BytesIO` (a copy that
     aiohttp would then send in 64 KiB reads): `Body` goes to aiohttp as it is (body.py)."""
     for op in ("PutObject", "UploadPart"):
