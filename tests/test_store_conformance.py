@@ -37,7 +37,7 @@ from tests.fixtures_store import StoreFactory
 MiB = 1 << 20
 PART = 5 * MiB  # the S3 store below uploads parts of this size
 
-BACKENDS = ["memory", "posix", "s3"]
+BACKENDS = ["memory", "posix", "s3", "s3-direct"]
 
 
 @pytest.fixture(params=BACKENDS)
@@ -56,6 +56,8 @@ def store(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Store
         (tmp_path / "store").mkdir()
         return PosixStore(tmp_path / "store")
     factory: StoreFactory = request.getfixturevalue("store_factory")
+    if backend == "s3-direct":  # every ranged GET on the threaded HTTP path (direct.py)
+        return factory(multipart_threshold=6 * MiB, multipart_chunk=PART, direct_min=1)
     return factory(multipart_threshold=6 * MiB, multipart_chunk=PART)
 
 
@@ -265,7 +267,7 @@ async def test_large_object_and_range_across_part_boundary(
     assert (
         await store.get("big/object", 3 * PART + 1, 2 * PART) == data[3 * PART + 1 : 5 * PART + 1]
     )
-    if backend == "s3":
+    if backend.startswith("s3"):
         seaweed: EmbeddedSeaweed = request.getfixturevalue("seaweed")
         bucket: str = request.getfixturevalue("bucket")
         client = seaweed.client()
@@ -357,10 +359,11 @@ async def test_s3_wrong_credentials_raise_access_denied(
     good = store_factory()
     await good.put("k", b"x")
     for overrides in ({"secret_key": "wrong-secret"}, {"access_key": "unknown-key"}):
-        bad = store_factory(**overrides)
+        bad = store_factory(**overrides, direct_min=1)
         calls: list[Callable[[], Awaitable[object]]] = [
             bad.check,
             lambda bad=bad: bad.get("k"),
+            lambda bad=bad: bad.get("k", 0, 1),  # the threaded path (direct.py)
             lambda bad=bad: bad.head("k"),
             lambda bad=bad: bad.put("k2", b"y"),
             lambda bad=bad: keys_of(bad),
@@ -380,10 +383,11 @@ def closed_port() -> int:
 
 async def test_s3_unreachable_endpoint_raises_unavailable(store_factory: StoreFactory) -> None:
     endpoint = f"http://127.0.0.1:{closed_port()}"
-    store = store_factory(endpoint=endpoint, connect_timeout=2)
+    store = store_factory(endpoint=endpoint, connect_timeout=2, direct_min=1)
     calls: list[Callable[[], Awaitable[object]]] = [
         store.check,
         lambda: store.get("k"),
+        lambda: store.get("k", 0, 1),  # the threaded path (direct.py)
         lambda: store.head("k"),
         lambda: store.put("k", b"x"),
         lambda: store.delete("k"),

@@ -16,6 +16,9 @@ Two things it does that a naive driver would not:
   (`UNSIGNED-PAYLOAD`): SeaweedFS does not verify the signed SHA-256, and hashing every byte
   with SHA-256 (or MD5 for Content-MD5, ~300 MB/s here) would cost more CPU than the upload;
   CRC32 runs at GB/s. Every chunk is verified end to end against its BLAKE3 digest on stage.
+- Large ranged GETs (`direct_min` bytes and up) do not go through aiohttp: they run as plain
+  HTTP requests of presigned URLs on threads (direct.py), because one event loop cannot
+  receive faster than about 500 MB/s.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, NoReturn
 
@@ -43,10 +47,14 @@ from datamover.errors import (
 )
 from datamover.storage.base import ObjectInfo, check_key, check_range
 from datamover.storage.body import Body, crc32
+from datamover.storage.direct import DirectGetter, proxied
 
 MiB = 1 << 20
 MIN_PART = 5 * MiB  # S3's smallest part (all but the last); SeaweedFS enforces it too
 MAX_PARTS = 10_000  # S3's most parts per upload
+_URL_EXPIRY = 900  # seconds a presigned URL for a direct GET is valid
+_URL_REUSE = 600  # seconds one is reused: a GET waiting for a thread still has time to start
+_URL_CACHE = 256
 
 _DENIED = {
     "AccessDenied",
@@ -87,6 +95,8 @@ class S3Store:
     `access_key`/`secret_key` None, botocore's usual sources apply (`AWS_*` variables, config
     files, instance roles). Objects of `multipart_threshold` bytes or more are uploaded in parts
     of `multipart_chunk` bytes (at least 5 MiB), `multipart_concurrency` parts at a time.
+    Ranged GETs of `direct_min` bytes or more run on `direct_threads` threads with plain
+    HTTP (direct.py), not on the event loop; `direct_threads=0` keeps every GET on aiohttp.
     The client is created on first use inside the running event loop; `close` releases it.
     """
 
@@ -104,6 +114,8 @@ class S3Store:
         multipart_concurrency: int = 4,
         connect_timeout: float = 5,
         read_timeout: float = 60,
+        direct_min: int = 4 * MiB,
+        direct_threads: int = 8,
     ) -> None:
         if not bucket:
             raise InvalidInput("S3 store needs a bucket name")
@@ -125,6 +137,7 @@ class S3Store:
         self._part_concurrency = multipart_concurrency
         self._config = BotoConfig(
             s3={"addressing_style": "path", "payload_signing_enabled": False},
+            signature_version="s3v4",  # presigned URLs too (botocore would sign those with V2)
             # One attempt per call: retrying is RetryingStore's job, and botocore's own
             # retries would multiply with it. (`max_attempts` counts retries, not attempts.)
             retries={"total_max_attempts": 1, "mode": "standard"},
@@ -134,6 +147,12 @@ class S3Store:
             request_checksum_calculation="when_supported",
             response_checksum_validation="when_required",
         )
+        self._timeouts = (connect_timeout, read_timeout)
+        self._direct_min = direct_min
+        self._direct_threads = direct_threads
+        self._direct: DirectGetter | None = None
+        self._ca_bundle: str | None = None
+        self._urls: dict[str, tuple[str, float]] = {}
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._lock = asyncio.Lock()
@@ -160,6 +179,11 @@ class S3Store:
         check_range(offset, length)
         if length == 0:
             return b""
+        if length is not None and length >= self._direct_min:
+            async with self._errors("GetObject", key):
+                direct = await self._get_direct()
+                if direct is not None:
+                    return await direct.get(await self._presigned(key), offset, length)
         extra: dict[str, str] = {}
         if offset or length is not None:
             end = "" if length is None else str(offset + length - 1)
@@ -217,6 +241,9 @@ class S3Store:
     async def close(self) -> None:
         """Close the client and its connections. Idempotent; a later call reopens lazily."""
         stack, self._stack, self._client = self._stack, None, None
+        direct, self._direct = self._direct, None
+        if direct is not None:
+            await asyncio.to_thread(direct.close)
         if stack is not None:
             await stack.aclose()
 
@@ -227,8 +254,10 @@ class S3Store:
             async with self._lock:
                 if self._client is None:
                     stack = contextlib.AsyncExitStack()
+                    session = AioSession()
+                    self._ca_bundle = session.get_config_variable("ca_bundle")
                     self._client = await stack.enter_async_context(
-                        AioSession().create_client(
+                        session.create_client(
                             "s3",
                             endpoint_url=self.endpoint,
                             region_name=self.region,
@@ -240,6 +269,38 @@ class S3Store:
                     self._stack = stack
                     _pass_bodies_through(self._client)
         return self._client
+
+    async def _get_direct(self) -> DirectGetter | None:
+        """The threaded getter for large ranges (direct.py), or None where the environment
+        routes the endpoint through a proxy (botocore's stack honours proxies)."""
+        client = await self._get_client()
+        if self._direct is None and self._direct_threads > 0:
+            if not proxied(client.meta.endpoint_url):
+                self._direct = DirectGetter(
+                    self._direct_threads,
+                    ca_bundle=self._ca_bundle,
+                    connect_timeout=self._timeouts[0],
+                    read_timeout=self._timeouts[1],
+                )
+            else:
+                self._direct_threads = 0
+        return self._direct
+
+    async def _presigned(self, key: str) -> str:
+        """A presigned GetObject URL for `key`. Ranges are not part of the signature, so one
+        URL serves every range of an object: URLs are kept for `_URL_REUSE` seconds (of
+        `_URL_EXPIRY`), the most recent `_URL_CACHE` keys."""
+        now = time.monotonic()
+        hit = self._urls.get(key)
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        url: str = await self._client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=_URL_EXPIRY
+        )
+        if len(self._urls) >= _URL_CACHE:
+            self._urls.pop(next(iter(self._urls)))
+        self._urls[key] = (url, now + _URL_REUSE)
+        return url
 
     async def _call(self, op: str, key: str | None, **kwargs: Any) -> dict[str, Any]:
         """One request: `op` is the S3 operation name (`PutObject`), used in messages."""

@@ -1,0 +1,201 @@
+"""Large ranged GETs on worker threads, off the event loop.
+
+One event loop receives at most about 500 MB/s here: every byte passes through aiohttp's
+protocol callbacks, its stream reader and a join, all under the GIL. A multi-GiB file staged
+in 16 MiB ranges is bound by that, while the receiving itself (`recv` into a buffer) needs no
+GIL at all. `DirectGetter` therefore fetches large ranges with plain blocking HTTP
+(`http.client`) on a small thread pool: each GET reads its whole body with one buffered read
+straight into the result (one kernel copy, no Python per packet), and several run at once on
+several cores.
+
+Requests are authorised by a presigned URL (SigV4 query signing, made by the botocore client
+on the event loop just before the request), so signing and credentials stay botocore's.
+TLS uses the CA bundle botocore would (`ca_bundle` / `AWS_CA_BUNDLE`, else certifi's).
+
+Contract of `get`: exactly `length` bytes from `offset`, or b"" if the range starts at or
+beyond the end (HTTP 416); an S3 error answer is raised as `botocore.exceptions.ClientError`
+(so the store maps it like any other), a broken connection or timeout as
+`StoreUnavailable`. Connections are kept alive and reused; a reused connection that turns out
+to be closed by the server is replaced once, transparently.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import re
+import ssl
+import threading
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from urllib.parse import urlsplit
+
+import botocore.exceptions as bce
+
+from datamover.errors import StoreUnavailable
+
+_CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
+_MESSAGE = re.compile(rb"<Message>([^<]{0,300})</Message>")
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+def proxied(url: str) -> bool:
+    """True if the environment routes `url` through a proxy (then the caller keeps to
+    botocore's own HTTP stack, which honours it)."""
+    parts = urlsplit(url)
+    proxies = urllib.request.getproxies_environment()
+    if parts.scheme not in proxies:
+        return False
+    return not urllib.request.proxy_bypass_environment(parts.hostname or "", proxies)
+
+
+class DirectGetter:
+    """Blocking ranged GETs of presigned URLs on `threads` threads; see the module docstring.
+
+    `ca_bundle` is a CA file for https (None: certifi's), `connect_timeout` and `read_timeout`
+    are in seconds (the read timeout applies to each wait for data). `close` drops idle
+    connections and stops the threads.
+    """
+
+    def __init__(
+        self,
+        threads: int,
+        *,
+        ca_bundle: str | None = None,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+    ) -> None:
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="dm-get")
+        self._idle: list[http.client.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._ca_bundle = ca_bundle
+        self._ssl: ssl.SSLContext | None = None
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+
+    async def get(self, url: str, offset: int, length: int) -> bytes:
+        """The `length` bytes at `offset` of the object at presigned `url`."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._get, url, offset, length)
+
+    def close(self) -> None:
+        """Close idle connections and stop the threads (waits for running GETs)."""
+        self._pool.shutdown(wait=True)
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
+    # -- on a worker thread --------------------------------------------------------------
+
+    def _get(self, url: str, offset: int, length: int) -> bytes:
+        parts = urlsplit(url)
+        target = f"{parts.path}?{parts.query}" if parts.query else parts.path
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+        conn, reused = self._connection(parts.scheme, parts.netloc)
+        try:
+            try:
+                resp = self._request(conn, target, headers)
+            except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
+                if not reused:
+                    raise
+                conn.close()  # the server closed an idle keep-alive connection: once more
+                conn, reused = self._connection(parts.scheme, parts.netloc, fresh=True)
+                resp = self._request(conn, target, headers)
+            data = self._body(resp, url, offset, length)
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            what = str(exc) or type(exc).__name__
+            raise StoreUnavailable(
+                f"S3 endpoint {parts.scheme}://{parts.netloc} unavailable during GetObject "
+                f"of {parts.path!r}: {what}"
+            ) from exc
+        except BaseException:
+            conn.close()
+            raise
+        if resp.will_close:
+            conn.close()
+        else:
+            with self._lock:
+                self._idle.append(conn)
+        return data
+
+    def _request(
+        self, conn: http.client.HTTPConnection, target: str, headers: dict[str, str]
+    ) -> http.client.HTTPResponse:
+        conn.request("GET", target, headers=headers)
+        return conn.getresponse()
+
+    def _body(self, resp: http.client.HTTPResponse, url: str, offset: int, length: int) -> bytes:
+        status = resp.status
+        if status == 206:
+            data = resp.read()
+            got = _CONTENT_RANGE.fullmatch(resp.getheader("Content-Range") or "")
+            if got is None or int(got.group(1)) != offset:
+                raise http.client.HTTPException(
+                    f"answered a range request with Content-Range "
+                    f"{resp.getheader('Content-Range')!r}"
+                )
+        elif status == 200:  # the server ignored Range and sends the whole object
+            data = resp.read()[offset : offset + length]
+        elif status == 416:
+            resp.read()
+            return b""
+        else:
+            _raise_error(resp, urlsplit(url).path)
+        if len(data) > length:
+            raise http.client.HTTPException(f"sent {len(data)} bytes for a {length}-byte range")
+        return data
+
+    def _connection(
+        self, scheme: str, netloc: str, *, fresh: bool = False
+    ) -> tuple[http.client.HTTPConnection, bool]:
+        if not fresh:
+            with self._lock:
+                for i in range(len(self._idle) - 1, -1, -1):
+                    conn = self._idle[i]
+                    if (conn.host, conn.port) == _host_port(scheme, netloc):
+                        del self._idle[i]
+                        return conn, True
+        host, port = _host_port(scheme, netloc)
+        conn: http.client.HTTPConnection
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(
+                host, port, timeout=self._connect_timeout, context=self._context()
+            )
+        else:
+            conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
+        conn.connect()
+        assert conn.sock is not None
+        conn.sock.settimeout(self._read_timeout)
+        return conn, False
+
+    def _context(self) -> ssl.SSLContext:
+        with self._lock:
+            if self._ssl is None:
+                if self._ca_bundle is None:
+                    from botocore.httpsession import where
+
+                    self._ca_bundle = where()
+                self._ssl = ssl.create_default_context(cafile=self._ca_bundle)
+            return self._ssl
+
+
+def _host_port(scheme: str, netloc: str) -> tuple[str, int]:
+    parts = urlsplit(f"{scheme}://{netloc}")
+    return parts.hostname or "", parts.port or (443 if scheme == "https" else 80)
+
+
+def _raise_error(resp: http.client.HTTPResponse, path: str) -> None:
+    """Raise an S3 error answer as botocore would."""
+    body = resp.read(65536)
+    code = _CODE.search(body)
+    message = _MESSAGE.search(body)
+    error = {
+        "Code": code.group(1).decode(errors="replace") if code else str(resp.status),
+        "Message": message.group(1).decode(errors="replace") if message else resp.reason,
+    }
+    raise bce.ClientError(
+        {"Error": error, "ResponseMetadata": {"HTTPStatusCode": resp.status}},  # type: ignore[typeddict-item]
+        "GetObject",
+    )

@@ -1,0 +1,185 @@
+"""`DirectGetter` against HTTP servers misbehaving in ways a healthy SeaweedFS never does.
+
+The S3 behaviour of the threaded GET path (ranges, missing keys, refused credentials, an
+unreachable endpoint) runs in the store conformance suite against SeaweedFS (backend
+`s3-direct`); these tests cover what only a misbehaving server or network shows: a kept-alive
+connection closed by the server, a short body, a wrong `Content-Range`, a server that ignores
+`Range`, and proxy detection.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import botocore.exceptions as bce
+import pytest
+
+from datamover.errors import StoreUnavailable
+from datamover.storage.direct import DirectGetter, proxied
+
+DATA = bytes(range(256)) * 64  # 16 KiB
+
+Behaviour = Callable[[BaseHTTPRequestHandler, int, int], None]
+
+
+def _range(handler: BaseHTTPRequestHandler) -> tuple[int, int]:
+    spec = handler.headers["Range"].removeprefix("bytes=")
+    first, last = spec.split("-")
+    return int(first), int(last)
+
+
+def partial(handler: BaseHTTPRequestHandler, first: int, last: int) -> None:
+    body = DATA[first : last + 1]
+    handler.send_response(206)
+    handler.send_header("Content-Range", f"bytes {first}-{first + len(body) - 1}/{len(DATA)}")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, dict[str, object]]]:
+    """A local HTTP/1.1 server; `state["behaviour"]` answers each request, `state["served"]`
+    counts requests and `state["connections"]` the connections they came on."""
+    state: dict[str, object] = {"behaviour": partial, "served": 0, "connections": set()}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            state["served"] = int(state["served"]) + 1  # type: ignore[call-overload]
+            state["connections"].add(self.client_address)  # type: ignore[attr-defined]
+            first, last = _range(self)
+            state["behaviour"](self, first, last)  # type: ignore[operator]
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/bucket/key?X-Amz-Signature=x", state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def getter() -> Iterator[DirectGetter]:
+    g = DirectGetter(2, connect_timeout=2, read_timeout=2)
+    yield g
+    g.close()
+
+
+async def test_ranges_come_back_on_one_kept_alive_connection(
+    server: tuple[str, dict[str, object]], getter: DirectGetter
+) -> None:
+    url, state = server
+    assert await getter.get(url, 0, 10) == DATA[:10]
+    assert await getter.get(url, 1000, 5000) == DATA[1000:6000]
+    assert await getter.get(url, 16000, 1000) == DATA[16000:]  # cut at the end
+    assert state["served"] == 3
+    assert len(state["connections"]) == 1  # type: ignore[arg-type]
+
+
+async def test_a_connection_closed_by_the_server_is_replaced_once(
+    server: tuple[str, dict[str, object]], getter: DirectGetter
+) -> None:
+    url, state = server
+
+    def then_close(handler: BaseHTTPRequestHandler, first: int, last: int) -> None:
+        partial(handler, first, last)
+        handler.close_connection = True  # without saying so: the client finds out next time
+
+    state["behaviour"] = then_close
+    for i in range(4):
+        assert await getter.get(url, i, 100) == DATA[i : i + 100]
+    assert state["served"] == 4
+    assert len(state["connections"]) == 4  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("name", "behaviour", "match"),
+    [
+        (
+            "short body",
+            lambda h, first, last: (
+                h.send_response(206),
+                h.send_header("Content-Range", f"bytes {first}-{last}/{len(DATA)}"),
+                h.send_header("Content-Length", str(last - first + 1)),
+                h.end_headers(),
+                h.wfile.write(DATA[first:last]),  # one byte short, then the connection ends
+                setattr(h, "close_connection", True),
+            ),
+            "IncompleteRead",
+        ),
+        (
+            "wrong range",
+            lambda h, first, last: partial(h, first + 1, last + 1),
+            "Content-Range",
+        ),
+        (
+            "too long",
+            lambda h, first, last: partial(h, first, last + 10),
+            "bytes for a",
+        ),
+    ],
+)
+async def test_a_bad_answer_is_store_unavailable(
+    server: tuple[str, dict[str, object]],
+    getter: DirectGetter,
+    name: str,
+    behaviour: Behaviour,
+    match: str,
+) -> None:
+    url, state = server
+    state["behaviour"] = behaviour
+    with pytest.raises(StoreUnavailable, match=match) as err:
+        await getter.get(url, 100, 50)
+    assert "GetObject" in str(err.value) and "/bucket/key" in str(err.value), name
+
+
+async def test_a_server_ignoring_range_still_gives_the_range(
+    server: tuple[str, dict[str, object]], getter: DirectGetter
+) -> None:
+    url, state = server
+
+    def whole(handler: BaseHTTPRequestHandler, first: int, last: int) -> None:
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(DATA)))
+        handler.end_headers()
+        handler.wfile.write(DATA)
+
+    state["behaviour"] = whole
+    assert await getter.get(url, 300, 20) == DATA[300:320]
+
+
+async def test_an_s3_error_answer_is_a_client_error(
+    server: tuple[str, dict[str, object]], getter: DirectGetter
+) -> None:
+    url, state = server
+
+    def denied(handler: BaseHTTPRequestHandler, first: int, last: int) -> None:
+        body = b"<Error><Code>AccessDenied</Code><Message>no way</Message></Error>"
+        handler.send_response(403)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    state["behaviour"] = denied
+    with pytest.raises(bce.ClientError) as err:
+        await getter.get(url, 0, 10)
+    assert err.value.response["Error"] == {"Code": "AccessDenied", "Message": "no way"}
+    assert err.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+
+
+def test_proxied_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    assert not proxied("http://s3.example.org:8333")
+    monkeypatch.setenv("http_proxy", "http://proxy.example.org:3128")
+    assert proxied("http://s3.example.org:8333")
+    assert not proxied("https://s3.example.org")  # no https proxy set
+    monkeypatch.setenv("no_proxy", "example.org")
+    assert not proxied("http://s3.example.org:8333")
