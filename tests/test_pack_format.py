@@ -38,6 +38,25 @@ def test_round_trip_and_verified_decoding() -> None:
         assert codec.decode_verified(stored, entry.codec, entry.raw_length, entry.digest) == raw
 
 
+def test_a_reused_buffer_gives_the_same_pack() -> None:
+    packs = [[b"A" * 4096, os.urandom(5000)], [os.urandom(70_000)], [b"z" * 10]]
+    buffer = bytearray(b"\xee" * 50)  # too small at first, then larger than needed: stale bytes
+    for chunks in packs:
+        joined = PackBuilder()
+        reused = PackBuilder()
+        for raw in chunks:
+            c, stored = codec.encode(raw, 3)
+            for b in (joined, reused):
+                b.add(blake3.blake3(raw).digest(), stored, len(raw), c)
+        want_id, want = joined.finish()
+        got_id, got = reused.finish(buffer)
+        assert isinstance(got, memoryview) and got.obj is buffer
+        assert (got_id, bytes(got)) == (want_id, want)
+        assert len(parse_pack(got, got_id)) == len(chunks)
+        got.release()
+    assert len(buffer) >= 70_000  # grown once, kept
+
+
 def test_wrong_name_and_bad_chunk_are_corrupt() -> None:
     _pack_id, data = build([b"hello world" * 100])
     with pytest.raises(Corrupt, match="does not match its name"):

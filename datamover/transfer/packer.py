@@ -88,6 +88,9 @@ class Packer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._error: BaseException | None = None
         self._verified: set[bytes] = set()  # packs seen in the store during this push
+        # Buffers packs are assembled in, reused once a pack is stored (pack.py: finish).
+        # At most `concurrency` are in use, as packs in memory are bounded by the slots.
+        self._buffers: list[bytearray] = []
         self._gone: set[bytes] = set()  # packs the index names but the store lacks
 
     def _check(self) -> None:
@@ -168,29 +171,35 @@ class Packer:
         if pack is None:
             return
         await self._slots.acquire()  # backpressure: at most `concurrency` packs in memory
+        buffer = self._buffers.pop() if self._buffers else bytearray()
         try:
             entries = pack.builder.entries
-            pack_id, data = await asyncio.to_thread(pack.builder.finish)
+            pack_id, data = await asyncio.to_thread(pack.builder.finish, buffer)
         except BaseException:
             self._slots.release()
             raise
         pack.pack_id = pack_id
-        task = asyncio.create_task(self._upload(pack, data, entries))
+        task = asyncio.create_task(self._upload(pack, data, entries, buffer))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _upload(self, pack: OpenPack, data: bytes, entries: list) -> None:
+    async def _upload(
+        self, pack: OpenPack, data: bytes | memoryview, entries: list, buffer: bytearray
+    ) -> None:
         assert pack.pack_id is not None
+        size = len(data)
         try:
             await self.store.put(pack_key(pack.pack_id), data)
+            del data
+            self._buffers.append(buffer)  # only after a completed put: nothing reads it now
             refs = [
                 ChunkRef(e.digest, pack.pack_id, e.offset, e.stored_length, e.raw_length, e.codec)
                 for e in entries
             ]
-            await self.catalog.add_pack(pack.pack_id, len(data), refs)
+            await self.catalog.add_pack(pack.pack_id, size, refs)
             self._verified.add(pack.pack_id)
             self.stats.packs += 1
-            self.stats.pack_bytes += len(data)
+            self.stats.pack_bytes += size
             for e in entries:
                 if self._pending.get(e.digest) is not None and self._pending[e.digest].pack is pack:
                     del self._pending[e.digest]
