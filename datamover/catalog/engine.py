@@ -115,6 +115,29 @@ async def catalog_revision(engine: AsyncEngine) -> tuple[str | None, bool]:
         return await conn.run_sync(_state)
 
 
+def _create_fresh(connection: Connection) -> None:
+    """Create the newest schema in an empty catalog straight from the models and stamp it
+    with `HEAD`, as alembic's cookbook suggests for new databases: running every migration
+    (and loading alembic) costs 0.15-0.2 s, paid by the first command of every new site.
+    `tests/test_catalog.py` checks the migrations and the models give the same schema."""
+    from datamover.catalog.models import Base
+
+    Base.metadata.create_all(connection)
+    connection.execute(
+        text(
+            "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "
+            "CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num))"
+        )
+    )
+    connection.execute(text("INSERT INTO alembic_version (version_num) VALUES (:v)"), {"v": HEAD})
+
+
+async def create_fresh(engine: AsyncEngine) -> None:
+    """Create the schema of an empty catalog (`_create_fresh`), in one transaction."""
+    async with engine.begin() as conn:
+        await conn.run_sync(_create_fresh)
+
+
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> tuple[str | None, str]:
     """Migrate the catalog to `revision`; return `(before, after)` revisions."""
     async with engine.begin() as conn:
@@ -132,7 +155,7 @@ async def open_engine(url: str) -> AsyncEngine:
         current, has_tables = await catalog_revision(engine)
         head = HEAD
         if current is None and not has_tables:
-            await upgrade(engine)
+            await create_fresh(engine)
             return engine
         if current == head:
             return engine
