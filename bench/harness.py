@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import vmtune
 from measure import Sample, last_json, run_measured
 from results import Results
 from s3admin import S3Admin, S3Target
@@ -211,6 +212,7 @@ class Bench:
         `want_json`, or left `expect_tree` without exactly `files` files of `nbytes` bytes.
         """
         record = self.results.step(*where, files=files, nbytes=nbytes)
+        vmtune.refresh()
         sample = run_measured(argv, env)
         label = " ".join(where)
         if not sample.ok:
