@@ -16,6 +16,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from datamover import gctune
 from datamover.console import Bar, emit_json, error_line, human_bytes
 from datamover.errors import DatamoverError
 
@@ -321,6 +322,7 @@ def _leave(status: int) -> NoReturn:
 
 def main() -> None:
     """Entry point: run the CLI, turning every expected failure into one line and an exit code."""
+    gctune.tune()
     as_json = "--json" in sys.argv[1:]
     logging.basicConfig(
         level=logging.DEBUG if os.environ.get("DATAMOVER_DEBUG") else logging.WARNING,

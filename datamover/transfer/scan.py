@@ -20,6 +20,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from datamover import gctune
 from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import check_symlink_target, sort_key
@@ -191,7 +192,9 @@ class Scanner:
             if self._pool is None:
                 ctx = multiprocessing.get_context("forkserver")
                 ctx.set_forkserver_preload(["datamover.transfer.readers"])
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=ctx)
+                self._pool = ProcessPoolExecutor(
+                    self.workers, mp_context=ctx, initializer=gctune.tune
+                )
                 # The pool starts a process only when none is idle; with fast batches one
                 # would do all the work. Start them all now: reads of a cold tree wait on
                 # the disk, and several in flight is what keeps it busy.
