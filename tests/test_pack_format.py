@@ -68,6 +68,17 @@ def test_wrong_name_and_bad_chunk_are_corrupt() -> None:
         codec.decode_verified(bytes(stored), entry.codec, entry.raw_length, entry.digest)
 
 
+def test_large_chunks_are_sampled_before_compressing() -> None:
+    text = b"ATOM      1  C   LIG     1      10.000  20.000  30.000 " * 20_000
+    noise = os.urandom(codec.SAMPLE)
+    assert codec.encode(text, 3)[0] == Codec.ZSTD
+    assert codec.encode(noise + text, 3)[0] == Codec.RAW  # the sample decides for the chunk
+    assert codec.encode(text[:10_000] + noise, 3)[0] == Codec.ZSTD  # too small to sample
+    assert codec.encode(os.urandom(1 << 20), 3)[0] == Codec.RAW
+    c, stored = codec.encode(text, 3)
+    assert codec.decode(stored, c, len(text)) == text
+
+
 def test_zstd_frame_declaring_a_huge_size_is_refused() -> None:
     frame = codec.encode(b"x" * 10_000, 3)[1]
     with pytest.raises(Corrupt, match="declares"):
