@@ -14,7 +14,7 @@ from pathlib import Path
 from harness import Bench, log, remove_tree
 from measure import run_measured
 from results import DATAMOVER, Step, Target
-from tools import SiteFiles
+from tools import Rclone, S5cmd, SiteFiles
 from treegen import make_big_file, make_pooled_tree, make_small_tree, rewrite_files
 
 UP, DOWN = "upload (push)", "download (stage)"
@@ -245,49 +245,64 @@ def _push(
     return payload
 
 
+def _rotated(steps: list[Callable[[], None]], rep: int) -> list[Callable[[], None]]:
+    """`steps` starting at the `rep`-th: repetitions rotate which tool goes first.
+
+    Whoever runs right after another tool's bulk upload finds the S3 server still digesting
+    it, and whoever writes a tree last finds the file system fuller; rotating spreads both
+    over every tool instead of charging them to the same one each time.
+    """
+    k = rep % len(steps) if steps else 0
+    return steps[k:] + steps[:k]
+
+
 def _round(
     b: Bench, wl: str, data: Path, name: str, rep: int, files: int, nbytes: int, *, peers: bool
 ) -> None:
-    """One repetition of upload then download by every tool; `data/name` is the tree."""
+    """One repetition of upload then download by every tool; `data/name` is the tree.
+
+    Uploads all run before downloads; within each phase the tools' order rotates per
+    repetition (`_rotated`)."""
     tarball = b.tarball(name)
     run = b.rep_dir(wl, rep, [data / name, *([tarball] if tarball else [])])
     src, logical = data / name, f"/bench/{name}"
     got: dict[str, str] = {}
-    if peers and b.s5 is not None:
-        bucket = b.bucket("s5cmd")
-        if b.run(
-            (wl, UP, S5), b.s5.upload(src, bucket, name), b.s5.env(), files=files, nbytes=nbytes
-        ):
-            got[S5] = bucket
-    if peers and b.rclone is not None:
-        bucket = b.bucket("rclone")
-        if b.run(
-            (wl, UP, RC),
-            b.rclone.upload(src, bucket, name),
-            b.rclone.env(),
-            files=files,
-            nbytes=nbytes,
-        ):
-            got[RC] = bucket
     site_a = b.dm.write_site("site-a", run, b.bucket("dm"), data_dir=data)
-    pushed = _push(b, wl, UP, logical, site_a, files, nbytes)
+    pushed: list[dict[str, object] | None] = [None]
 
-    for tool, peer in ((S5, b.s5), (RC, b.rclone)):
-        if not peers or peer is None:
-            continue
-        if tool not in got:
-            b.skip((wl, DOWN, tool), "upload failed")
-            continue
-        dst = b.fresh_dir(run / f"{tool}-down")
-        b.run(
-            (wl, DOWN, tool),
-            peer.download(got[tool], name, dst),
-            peer.env(),
-            expect_tree=dst,
-            files=files,
-            nbytes=nbytes,
-        )
-    if pushed is not None:
+    def upload(tool: str, peer: S5cmd | Rclone) -> Callable[[], None]:
+        def go() -> None:
+            bucket = b.bucket(tool)
+            argv = peer.upload(src, bucket, name)
+            if b.run((wl, UP, tool), argv, peer.env(), files=files, nbytes=nbytes):
+                got[tool] = bucket
+
+        return go
+
+    def push() -> None:
+        pushed[0] = _push(b, wl, UP, logical, site_a, files, nbytes)
+
+    def download(tool: str, peer: S5cmd | Rclone) -> Callable[[], None]:
+        def go() -> None:
+            if tool not in got:
+                b.skip((wl, DOWN, tool), "upload failed")
+                return
+            dst = b.fresh_dir(run / f"{tool}-down")
+            b.run(
+                (wl, DOWN, tool),
+                peer.download(got[tool], name, dst),
+                peer.env(),
+                expect_tree=dst,
+                files=files,
+                nbytes=nbytes,
+            )
+
+        return go
+
+    def stage() -> None:
+        if pushed[0] is None:
+            b.skip((wl, DOWN, DATAMOVER), "push failed")
+            return
         site_b = b.dm.write_site("site-b", run, site_a.bucket)
         staged = b.run(
             (wl, DOWN, DATAMOVER),
@@ -300,9 +315,9 @@ def _round(
         )
         if staged is not None and rep == 0:
             _verify(b, wl, logical, site_b)
-    else:
-        b.skip((wl, DOWN, DATAMOVER), "push failed")
-    if b.tar is not None and tarball is not None:
+
+    def untar() -> None:
+        assert b.tar is not None and tarball is not None
         dst = b.fresh_dir(run / "tar-down")
         b.run(
             (wl, DOWN, TAR),
@@ -312,6 +327,17 @@ def _round(
             files=files,
             nbytes=nbytes,
         )
+
+    peer_tools: list[tuple[str, S5cmd | Rclone]] = []
+    if peers:
+        peer_tools += [(S5, b.s5)] if b.s5 is not None else []
+        peer_tools += [(RC, b.rclone)] if b.rclone is not None else []
+    uploads = [upload(t, p) for t, p in peer_tools] + [push]
+    downloads = [download(t, p) for t, p in peer_tools] + [stage]
+    if b.tar is not None and tarball is not None:
+        downloads.append(untar)
+    for step in _rotated(uploads, rep) + _rotated(downloads, rep):
+        step()
     b.drop_buckets()
     remove_tree(run)
 

@@ -175,11 +175,16 @@ async def test_an_s3_error_answer_is_a_client_error(
 
 
 def test_proxied_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "no_proxy", "NO_PROXY"):
-        monkeypatch.delenv(name, raising=False)
+    for scheme in ("http", "https", "all", "no"):
+        monkeypatch.delenv(f"{scheme}_proxy", raising=False)
+        monkeypatch.delenv(f"{scheme.upper()}_PROXY", raising=False)
     assert not proxied("http://s3.example.org:8333")
     monkeypatch.setenv("http_proxy", "http://proxy.example.org:3128")
     assert proxied("http://s3.example.org:8333")
     assert not proxied("https://s3.example.org")  # no https proxy set
     monkeypatch.setenv("no_proxy", "example.org")
     assert not proxied("http://s3.example.org:8333")
+    monkeypatch.delenv("http_proxy")
+    monkeypatch.delenv("no_proxy")
+    monkeypatch.setenv("ALL_PROXY", "socks5://proxy.example.org:1080")
+    assert proxied("https://s3.example.org")

@@ -44,7 +44,7 @@ def proxied(url: str) -> bool:
     botocore's own HTTP stack, which honours it)."""
     parts = urlsplit(url)
     proxies = urllib.request.getproxies_environment()
-    if parts.scheme not in proxies:
+    if parts.scheme not in proxies and "all" not in proxies:
         return False
     return not urllib.request.proxy_bypass_environment(parts.hostname or "", proxies)
 
