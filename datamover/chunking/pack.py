@@ -70,8 +70,8 @@ class PackBuilder:
         The pack is assembled once, into exactly its size, so a driver can send it without
         copying it again. With `buffer`, it is assembled there (grown if too small) and the
         bytes returned are a view of it: reusing one buffer for pack after pack spares the
-        kernel from mapping and zeroing fresh memory for every pack (a third of a 1 GiB
-        push's system time). The caller must not touch `buffer` while the view is in use.
+        kernel from mapping and zeroing fresh memory for every pack (about a quarter of a
+        1 GiB push's system time). The caller must not touch `buffer` while the view is in use.
         """
         if not self.entries:
             raise ValueError("an empty pack cannot be finished")

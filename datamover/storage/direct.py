@@ -8,8 +8,9 @@ GIL at all. `DirectGetter` therefore fetches large ranges with plain blocking HT
 straight into the result (one kernel copy, no Python per packet), and several run at once on
 several cores.
 
-Requests are authorised by a presigned URL (SigV4 query signing, made by the botocore client
-on the event loop just before the request), so signing and credentials stay botocore's.
+Requests are authorised by a presigned URL (SigV4 query signing by the botocore client, on
+the event loop; `S3Store` reuses one per object for a while, as a range is not part of the
+signature), so signing and credentials stay botocore's.
 TLS uses the CA bundle botocore would (`ca_bundle` / `AWS_CA_BUNDLE`, else certifi's).
 
 Contract of `get`: exactly `length` bytes from `offset`, or b"" if the range starts at or
@@ -28,6 +29,7 @@ import ssl
 import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from typing import NoReturn
 from urllib.parse import urlsplit
 
 import botocore.exceptions as bce
@@ -102,7 +104,7 @@ class DirectGetter:
                 conn.close()  # the server closed an idle keep-alive connection: once more
                 conn, reused = self._connection(parts.scheme, parts.netloc, fresh=True)
                 resp = self._request(conn, target, headers)
-            data = self._body(resp, url, offset, length)
+            data = self._body(resp, offset, length)
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             what = str(exc) or type(exc).__name__
@@ -126,7 +128,7 @@ class DirectGetter:
         conn.request("GET", target, headers=headers)
         return conn.getresponse()
 
-    def _body(self, resp: http.client.HTTPResponse, url: str, offset: int, length: int) -> bytes:
+    def _body(self, resp: http.client.HTTPResponse, offset: int, length: int) -> bytes:
         status = resp.status
         if status == 206:
             data = resp.read()
@@ -142,7 +144,7 @@ class DirectGetter:
             resp.read()
             return b""
         else:
-            _raise_error(resp, urlsplit(url).path)
+            _raise_error(resp)
         if len(data) > length:
             raise http.client.HTTPException(f"sent {len(data)} bytes for a {length}-byte range")
         return data
@@ -186,7 +188,7 @@ def _host_port(scheme: str, netloc: str) -> tuple[str, int]:
     return parts.hostname or "", parts.port or (443 if scheme == "https" else 80)
 
 
-def _raise_error(resp: http.client.HTTPResponse, path: str) -> None:
+def _raise_error(resp: http.client.HTTPResponse) -> NoReturn:
     """Raise an S3 error answer as botocore would."""
     body = resp.read(65536)
     code = _CODE.search(body)
