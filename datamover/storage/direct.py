@@ -92,9 +92,11 @@ class DirectGetter:
 
     def _get(self, url: str, offset: int, length: int) -> bytes:
         parts = urlsplit(url)
+        https = parts.scheme == "https"
+        host, port = parts.hostname or "", parts.port or (443 if https else 80)
         target = f"{parts.path}?{parts.query}" if parts.query else parts.path
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
-        conn, reused = self._connection(parts.scheme, parts.netloc)
+        conn, reused = self._connection(https, host, port)
         try:
             try:
                 resp = self._request(conn, target, headers)
@@ -102,7 +104,7 @@ class DirectGetter:
                 if not reused:
                     raise
                 conn.close()  # the server closed an idle keep-alive connection: once more
-                conn, reused = self._connection(parts.scheme, parts.netloc, fresh=True)
+                conn, reused = self._connection(https, host, port, fresh=True)
                 resp = self._request(conn, target, headers)
             data = self._body(resp, offset, length)
         except (OSError, http.client.HTTPException) as exc:
@@ -150,18 +152,18 @@ class DirectGetter:
         return data
 
     def _connection(
-        self, scheme: str, netloc: str, *, fresh: bool = False
+        self, https: bool, host: str, port: int, *, fresh: bool = False
     ) -> tuple[http.client.HTTPConnection, bool]:
+        """An idle kept-alive connection to `host:port` (reused=True), else a new one."""
+        conn: http.client.HTTPConnection
         if not fresh:
             with self._lock:
                 for i in range(len(self._idle) - 1, -1, -1):
                     conn = self._idle[i]
-                    if (conn.host, conn.port) == _host_port(scheme, netloc):
+                    if (conn.host, conn.port) == (host, port):
                         del self._idle[i]
                         return conn, True
-        host, port = _host_port(scheme, netloc)
-        conn: http.client.HTTPConnection
-        if scheme == "https":
+        if https:
             conn = http.client.HTTPSConnection(
                 host, port, timeout=self._connect_timeout, context=self._context()
             )
@@ -181,11 +183,6 @@ class DirectGetter:
                     self._ca_bundle = where()
                 self._ssl = ssl.create_default_context(cafile=self._ca_bundle)
             return self._ssl
-
-
-def _host_port(scheme: str, netloc: str) -> tuple[str, int]:
-    parts = urlsplit(f"{scheme}://{netloc}")
-    return parts.hostname or "", parts.port or (443 if scheme == "https" else 80)
 
 
 def _raise_error(resp: http.client.HTTPResponse) -> NoReturn:

@@ -147,11 +147,9 @@ class S3Store:
             request_checksum_calculation="when_supported",
             response_checksum_validation="when_required",
         )
-        self._timeouts = (connect_timeout, read_timeout)
         self._direct_min = direct_min
         self._direct_threads = direct_threads
-        self._direct: DirectGetter | None = None
-        self._ca_bundle: str | None = None
+        self._direct: DirectGetter | None = None  # made with the client, unless proxied
         self._urls: dict[str, tuple[str, float]] = {}
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
@@ -181,9 +179,9 @@ class S3Store:
             return b""
         if length is not None and length >= self._direct_min:
             async with self._errors("GetObject", key):
-                direct = await self._get_direct()
-                if direct is not None:
-                    return await direct.get(await self._presigned(key), offset, length)
+                await self._get_client()
+                if self._direct is not None:
+                    return await self._direct.get(await self._presigned(key), offset, length)
         extra: dict[str, str] = {}
         if offset or length is not None:
             end = "" if length is None else str(offset + length - 1)
@@ -255,7 +253,6 @@ class S3Store:
                 if self._client is None:
                     stack = contextlib.AsyncExitStack()
                     session = AioSession()
-                    self._ca_bundle = session.get_config_variable("ca_bundle")
                     self._client = await stack.enter_async_context(
                         session.create_client(
                             "s3",
@@ -268,23 +265,16 @@ class S3Store:
                     )
                     self._stack = stack
                     _pass_bodies_through(self._client)
+                    # Large ranges go to threads (direct.py), except where the environment
+                    # routes the endpoint through a proxy: botocore's stack honours that.
+                    if self._direct_threads and not proxied(self._client.meta.endpoint_url):
+                        self._direct = DirectGetter(
+                            self._direct_threads,
+                            ca_bundle=session.get_config_variable("ca_bundle"),
+                            connect_timeout=self._config.connect_timeout,
+                            read_timeout=self._config.read_timeout,
+                        )
         return self._client
-
-    async def _get_direct(self) -> DirectGetter | None:
-        """The threaded getter for large ranges (direct.py), or None where the environment
-        routes the endpoint through a proxy (botocore's stack honours proxies)."""
-        client = await self._get_client()
-        if self._direct is None and self._direct_threads > 0:
-            if not proxied(client.meta.endpoint_url):
-                self._direct = DirectGetter(
-                    self._direct_threads,
-                    ca_bundle=self._ca_bundle,
-                    connect_timeout=self._timeouts[0],
-                    read_timeout=self._timeouts[1],
-                )
-            else:
-                self._direct_threads = 0
-        return self._direct
 
     async def _presigned(self, key: str) -> str:
         """A presigned GetObject URL for `key`. Ranges are not part of the signature, so one
