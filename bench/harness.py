@@ -71,13 +71,13 @@ def forget_deleted(warm: Sequence[Path] = ()) -> None:
     ext4 skips recently deleted inodes when it allocates new ones, checking each candidate
     against the inode table blocks it has cached: after `rm -rf` of 20,000 files, the next
     20,000 creates spent 5-13 s of kernel time here (`perf`: `recently_deleted`), where
-    0.5 s is normal. Dropping the clean page cache (root only) removes those blocks, but the
-    first tool's creates read them back, and every later tool in the repetition paid again
-    (datamover's small stage 1.85 s against 1.2 s in the first repetition, `tar -x` 0.4 s
-    to 0.8 s). An inode counts as recently deleted for the writeback expiry
-    (`vm.dirty_expire_centisecs`, 30 s), so this first waits that long after the last
-    removal, then drops the cache; `warm` (the inputs of the coming steps) is read back so
-    no tool pays for a cold source tree.
+    0.5 s is normal. Dropping the clean page cache (root only) removes those blocks, but a
+    tool's creates read them back, and within the window in which ext4 counts an inode as
+    recently deleted (the writeback expiry, `vm.dirty_expire_centisecs`, 30 s) the checks
+    bite again. So this first waits out that window after the last removal, then drops the
+    cache; `warm` (the inputs of the coming steps) is read back so no tool pays for a cold
+    source tree. (Later repetitions were still slower for whichever tool followed the bulk
+    uploads; that is the S3 server, which the rotating order in workloads.py spreads.)
     """
     wait = _last_removal + _deletion_window() + 1 - time.monotonic()
     if _last_removal and wait > 0:

@@ -268,7 +268,7 @@ def _round(
     src, logical = data / name, f"/bench/{name}"
     got: dict[str, str] = {}
     site_a = b.dm.write_site("site-a", run, b.bucket("dm"), data_dir=data)
-    pushed: list[dict[str, object] | None] = [None]
+    pushed: dict[str, object] | None = None
 
     def upload(tool: str, peer: S5cmd | Rclone) -> Callable[[], None]:
         def go() -> None:
@@ -280,7 +280,8 @@ def _round(
         return go
 
     def push() -> None:
-        pushed[0] = _push(b, wl, UP, logical, site_a, files, nbytes)
+        nonlocal pushed
+        pushed = _push(b, wl, UP, logical, site_a, files, nbytes)
 
     def download(tool: str, peer: S5cmd | Rclone) -> Callable[[], None]:
         def go() -> None:
@@ -300,7 +301,7 @@ def _round(
         return go
 
     def stage() -> None:
-        if pushed[0] is None:
+        if pushed is None:
             b.skip((wl, DOWN, DATAMOVER), "push failed")
             return
         site_b = b.dm.write_site("site-b", run, site_a.bucket)
