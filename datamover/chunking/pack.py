@@ -64,14 +64,14 @@ class PackBuilder:
         self.entries.append(PackEntry(digest, offset, len(stored), raw_length, codec))
         return offset
 
-    def finish(self, buffer: bytearray | None = None) -> tuple[bytes, bytes | memoryview]:
+    def finish(self, buffer: bytearray | None = None) -> tuple[bytes, memoryview]:
         """Return `(pack_id, pack_bytes)`. The builder must not be used afterwards.
 
-        The pack is assembled once, into exactly its size, so a driver can send it without
-        copying it again. With `buffer`, it is assembled there (grown if too small) and the
-        bytes returned are a view of it: reusing one buffer for pack after pack spares the
-        kernel from mapping and zeroing fresh memory for every pack (about a quarter of a
-        1 GiB push's system time). The caller must not touch `buffer` while the view is in use.
+        The pack is assembled once, and a view of exactly its size is returned, so a driver can
+        send it without copying it again. With `buffer`, it is assembled there (grown if too
+        small): reusing one buffer for pack after pack spares the kernel from mapping and
+        zeroing fresh memory for every pack (about a quarter of a 1 GiB push's system time).
+        The caller must not touch `buffer` while the view is in use.
         """
         if not self.entries:
             raise ValueError("an empty pack cannot be finished")
@@ -81,21 +81,19 @@ class PackBuilder:
         )
         trailer = _TRAILER.pack(blake3.blake3(index).digest(), len(self.entries), 0, MAGIC)
         blobs, self._blobs = self._blobs, []
-        data: bytes | memoryview
+        size = self._size + len(index) + len(trailer)
         if buffer is None:
-            data = b"".join([*blobs, index, trailer])
-        else:
-            size = self._size + len(index) + len(trailer)
-            if len(buffer) < size:
-                try:
-                    buffer.extend(bytes(size - len(buffer)))
-                except BufferError:  # a view of it is still alive somewhere: use a new one
-                    buffer = bytearray(size)
-            data = memoryview(buffer)[:size]
-            at = 0
-            for blob in (*blobs, index, trailer):
-                data[at : at + len(blob)] = blob
-                at += len(blob)
+            buffer = bytearray(size)
+        elif len(buffer) < size:
+            try:
+                buffer.extend(bytes(size - len(buffer)))
+            except BufferError:  # a view of it is still alive somewhere: use a new one
+                buffer = bytearray(size)
+        data = memoryview(buffer)[:size]
+        at = 0
+        for blob in (*blobs, index, trailer):
+            data[at : at + len(blob)] = blob
+            at += len(blob)
         del blobs
         return blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest(), data
 

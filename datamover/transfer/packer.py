@@ -184,7 +184,7 @@ class Packer:
         task.add_done_callback(self._tasks.discard)
 
     async def _upload(
-        self, pack: OpenPack, data: bytes | memoryview, entries: list, buffer: bytearray
+        self, pack: OpenPack, data: memoryview, entries: list, buffer: bytearray
     ) -> None:
         assert pack.pack_id is not None
         size = len(data)
