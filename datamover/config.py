@@ -57,6 +57,7 @@ class TransferSettings:
     pack_size: int = 32 * MiB
     upload_concurrency: int = 4
     read_workers: int = 0  # processes reading and hashing small files on push; 0: two per core
+    write_workers: int = 0  # processes writing small files on stage; 0: one per core; -1: none
     download_concurrency: int = 8
     zstd_level: int = 3
     compression: str = "auto"  # auto: zstd when it saves space; never: store raw

@@ -25,6 +25,10 @@ class DatamoverError(Exception):
     def __str__(self) -> str:
         return self.message
 
+    def __reduce__(self) -> tuple[type[DatamoverError], tuple[str, list[str]]]:
+        # Errors cross process boundaries (worker pools): keep the paths, not just the text.
+        return (type(self), (self.message, self.paths))
+
 
 class InvalidInput(DatamoverError):
     """The request itself is wrong (bad path, bad name, bad option); nothing was changed."""

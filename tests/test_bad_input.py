@@ -187,6 +187,35 @@ async def test_corrupt_pack_is_detected_and_names_the_file(make_site: MakeSite) 
     assert leftovers == []
 
 
+async def test_corrupt_pack_is_detected_by_a_writer_process(make_site: MakeSite) -> None:
+    # Enough files for stage to hand batches to worker processes: the failure crosses the
+    # process boundary as the same one-line error, and no file is at its final path torn.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "x"
+    for d in range(3):
+        (src / f"d{d}").mkdir(parents=True)
+        for f in range(700):
+            (src / f"d{d}" / f"f{f:03d}").write_bytes(os.urandom(64))
+    a.cli_json("push", "/proj/x")
+    site = await a.open()
+    try:
+        [pack_key] = [k async for k in (o.key async for o in site.store.list("packs/"))]
+        data = bytearray(await site.store.get(pack_key))
+        data[100_000] ^= 0xFF
+        await site.store.put(pack_key, bytes(data))
+    finally:
+        await site.close()
+    error = fails(b, "stage", "/proj/x", code=5, says="the data is corrupt")
+    named = error["message"].split("'")[1]
+    assert (src / named).is_file()  # the file whose chunk is damaged
+    assert not (b.data / "x" / named).exists()
+    staged = b.data / "x"
+    for path in staged.rglob("*"):
+        assert not path.name.startswith(".dm-"), path
+        if path.is_file():
+            assert path.read_bytes() == (src / path.relative_to(staged)).read_bytes()
+
+
 async def test_corrupt_pack_under_a_large_file_is_detected(make_site: MakeSite) -> None:
     # batch_bytes=1 MiB makes the 8 MiB file "large": its ranges are verified and written by
     # the range threads, and the failure must stop them all before anything is renamed.

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from datamover.transfer import procpool
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from datamover.transfer.verify import verify
@@ -146,26 +148,69 @@ async def test_file_sizes_around_the_chunking_limits(make_site: MakeSite, size: 
         await site_b.close()
 
 
-async def test_many_files_go_through_the_reader_processes(make_site: MakeSite) -> None:
-    a, b = await make_site("site-a"), await make_site("site-b")
-    src = a.data / "many"
-    for d in range(12):
+def _many_files(src: Path, dirs: int = 12, per_dir: int = 180) -> None:
+    for d in range(dirs):
         (src / f"d{d}").mkdir(parents=True)
-        for f in range(150):
+        for f in range(per_dir):
             (src / f"d{d}" / f"f{f}").write_text(f"{d}/{f}\n" * (f % 7))
+        os.chmod(src / f"d{d}" / "f1", 0o600)
+
+
+async def test_many_files_go_through_the_worker_processes(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[int] = []
+    real_start = procpool.start
+
+    def counting_start(workers: int) -> Any:
+        started.append(workers)
+        return real_start(workers)
+
+    monkeypatch.setattr(procpool, "start", counting_start)
+    a, b = await make_site("site-a"), await make_site("site-b", write_workers=2)
+    src = a.data / "many"
+    _many_files(src)
     # A multi-chunk file far into the walk reaches a reader process, which hands it back
     # to be streamed rather than reading it whole.
     (src / "d9" / "large.bin").write_bytes(os.urandom(5 << 20))
     site_a, site_b = await a.open(), await b.open()
     try:
         pushed = await push(site_a, "/proj/many")
-        assert pushed.files == 1801 and pushed.files_read == 1801
+        assert pushed.files == 2161 and pushed.files_read == 2161
+        assert started, "push read without reader processes"
         doc = await site_a.repo.resolve("/proj/many", pushed.version)
         refs = await site_a.repo.prefetch(doc)
         [large] = [e for e in site_a.repo.iter_cached(refs) if e.path == "d9/large.bin"]
         assert len(large.chunks) > 1  # streamed and cut by FastCDC, not read whole
-        await stage(site_b, "/proj/many")
+        started.clear()
+        staged = await stage(site_b, "/proj/many")
+        assert started == [2]  # written by two worker processes
+        assert staged.fetched_files == 2161
         assert snapshot(b.data / "many") == snapshot(src)
+        assert not [p for p in (b.data / "many").rglob(".dm-*")]
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_stage_writes_in_process_when_workers_cannot_start(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "many"
+    _many_files(src, dirs=3, per_dir=700)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/many")
+
+        def refuse(workers: int) -> Any:
+            raise PermissionError(13, "Permission denied", "/dev/shm")
+
+        monkeypatch.setattr(procpool, "start", refuse)
+        staged = await stage(site_b, "/proj/many")
+        assert staged.fetched_files == 2100
+        assert snapshot(b.data / "many") == snapshot(src)
+        assert "cannot start writer processes" in caplog.text
     finally:
         await site_a.close()
         await site_b.close()

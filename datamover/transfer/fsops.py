@@ -51,7 +51,7 @@ def partial_name(entry: Entry) -> str:
     return f".dm-{h.hexdigest()[:16]}.part"
 
 
-def _open_dir(name: str, parent_fd: int, shown: str) -> int:
+def open_dir(name: str, parent_fd: int, shown: str) -> int:
     """Open directory `name` below `parent_fd` without following a symlink."""
     try:
         return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
@@ -78,7 +78,7 @@ def open_root(base: Path, components: Sequence[str]) -> int:
                 os.mkdir(name, 0o755, dir_fd=fd)
             except FileExistsError:
                 pass
-            child = _open_dir(name, fd, str(base / name))
+            child = open_dir(name, fd, str(base / name))
             os.close(fd)
             fd = child
     except BaseException:
@@ -90,7 +90,7 @@ def open_root(base: Path, components: Sequence[str]) -> int:
 class TreeWriter:
     """Writes below one root directory fd. See the module docstring."""
 
-    def __init__(self, root_fd: int, root_path: Path, trash_dir: Path) -> None:
+    def __init__(self, root_fd: int, root_path: Path, trash_dir: Path | None = None) -> None:
         self.root_fd = root_fd
         self.root_path = root_path
         self.trash_dir = trash_dir
@@ -112,7 +112,7 @@ class TreeWriter:
             self._fds.move_to_end(rel)
             return fd
         parent, name = split(rel)
-        fd = _open_dir(name, self.dir_fd(parent), rel)
+        fd = open_dir(name, self.dir_fd(parent), rel)
         self._fds[rel] = fd
         if len(self._fds) > _MAX_DIR_FDS:
             _, old = self._fds.popitem(last=False)
@@ -141,6 +141,8 @@ class TreeWriter:
 
     def trash(self, rel: str) -> None:
         """Move `rel` (any kind, a whole directory included) into the trash, never delete it."""
+        if self.trash_dir is None:
+            raise ValueError("this TreeWriter has no trash directory")
         parent, name = split(rel)
         self._forget(rel)
         dest = self.trash_dir / rel

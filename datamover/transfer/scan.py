@@ -12,7 +12,6 @@ goes on, and results are consumed in order. Large files are read here, streaming
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from collections import deque
 from collections.abc import Iterator
@@ -20,12 +19,11 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from datamover import gctune
 from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import check_symlink_target, sort_key
 from datamover.errors import Conflict, InvalidInput
-from datamover.transfer import readers
+from datamover.transfer import procpool, readers
 from datamover.transfer.readers import FileRead, NewChunk, ReadProblem
 from datamover.transfer.walk import LocalEntry, Walker
 
@@ -190,16 +188,9 @@ class Scanner:
         self._queued_reads += len(jobs)
         if self.workers and jobs and self._queued_reads > _POOL_AFTER:
             if self._pool is None:
-                ctx = multiprocessing.get_context("forkserver")
-                ctx.set_forkserver_preload(["datamover.transfer.readers"])
-                self._pool = ProcessPoolExecutor(
-                    self.workers, mp_context=ctx, initializer=gctune.tune
-                )
-                # The pool starts a process only when none is idle; with fast batches one
-                # would do all the work. Start them all now: reads of a cold tree wait on
-                # the disk, and several in flight is what keeps it busy.
-                for _ in range(self.workers):
-                    self._pool.submit(readers.read_batch, self.root, [], self.params, self.level)
+                # All started at once: reads of a cold tree wait on the disk, and several in
+                # flight is what keeps it busy.
+                self._pool = procpool.start(self.workers)
             future = self._pool.submit(readers.read_batch, self.root, jobs, self.params, self.level)
             return ("pool", items, future)
         return ("here", items, None)

@@ -1,0 +1,68 @@
+"""Stage's worker-process writer, called in this process: the parts a stage cannot show."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+
+from datamover.chunking import codec
+from datamover.domain.manifest import ChunkRef
+from datamover.errors import Conflict, Corrupt
+from datamover.transfer.fetch import plan_ranges
+from datamover.transfer.writers import open_existing_root, write_batch
+
+PACK = bytes(32)
+
+
+def _batch(files: dict[str, bytes]) -> tuple[list, list[bytes], list]:
+    """One pack holding `files` raw, the ranges covering it, and the wire files."""
+    blob = bytearray()
+    wire = []
+    for path, data in files.items():
+        ref = ChunkRef(codec.digest(data), PACK, len(blob), len(data), len(data), codec.Codec.RAW)
+        blob += data
+        wire.append((path, 0o640, 1_600_000_000_123_456_789, (ref,)))
+    ranges = plan_ranges([w[3][0] for w in wire], 1 << 20, 1 << 30)
+    return ranges, [bytes(blob[r.start : r.end]) for r in ranges], wire
+
+
+def test_writes_files_with_mode_and_mtime(tmp_path: Path) -> None:
+    (tmp_path / "ds" / "d").mkdir(parents=True)
+    ranges, blobs, wire = _batch({"d/a": b"alpha", "d/b": b"", "top": b"x" * 5000})
+    assert write_batch(str(tmp_path), ("ds",), ranges, blobs, wire) == 3
+    st = os.stat(tmp_path / "ds" / "d" / "a")
+    assert (tmp_path / "ds" / "d" / "a").read_bytes() == b"alpha"
+    assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o640, 1_600_000_000_123_456_789)
+    assert (tmp_path / "ds" / "top").read_bytes() == b"x" * 5000
+    assert sorted(p.name for p in (tmp_path / "ds").rglob("*")) == ["a", "b", "d", "top"]
+
+
+def test_a_bad_chunk_names_its_file_and_writes_nothing_torn(tmp_path: Path) -> None:
+    (tmp_path / "ds").mkdir()
+    ranges, blobs, wire = _batch({"good": b"fine", "bad": b"precious"})
+    blobs[0] = blobs[0][:-1] + b"X"
+    with pytest.raises(Corrupt, match=r"'bad'.*corrupt"):
+        write_batch(str(tmp_path), ("ds",), ranges, blobs, wire)
+    assert list((tmp_path / "ds").iterdir()) == []  # verified before anything is written
+
+
+def test_refuses_a_symlink_in_the_root_path(tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "ds").symlink_to(elsewhere)
+    with pytest.raises(Conflict, match="refusing to write through it"):
+        open_existing_root(str(tmp_path / "base"), ("ds",))
+    ranges, blobs, wire = _batch({"f": b"data"})
+    with pytest.raises(Conflict):
+        write_batch(str(tmp_path / "base"), ("ds",), ranges, blobs, wire)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_errors_keep_their_paths_across_processes() -> None:
+    err = pickle.loads(pickle.dumps(Corrupt("'x/y': the data is corrupt", ["x/y"])))
+    assert type(err) is Corrupt and err.message == "'x/y': the data is corrupt"
+    assert err.paths == ["x/y"] and str(err) == err.message
