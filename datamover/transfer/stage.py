@@ -54,6 +54,10 @@ _POOL_FILES = 2048
 _POOL_BATCH_FILES = 1024
 _MAX_DIRS_IN_MEMORY = 1 << 16
 _RANGE_WRITERS = 4
+#: Manifests of at most this many entries are decoded once, not twice: at most about 20 MiB
+#: of entries held for the run (measured: 640 bytes per entry of a docking tree; decoding
+#: 20,000 entries takes 0.07-0.14 s).
+_KEEP_CHECKED = 1 << 15
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +89,14 @@ class StageResult:
         return data
 
 
-def _check_manifest(site: Site, refs: list[SegmentRef]) -> None:
-    for _ in site.repo.iter_cached(refs, check=True):
-        pass
+def _check_manifest(site: Site, refs: list[SegmentRef]) -> list[Entry] | None:
+    """Check every entry of the manifest; return them all if there are at most `_KEEP_CHECKED`
+    (the planner then reads the list instead of decoding the manifest a second time)."""
+    kept: list[Entry] | None = [] if sum(r.entries for r in refs) <= _KEEP_CHECKED else None
+    for entry in site.repo.iter_cached(refs, check=True):
+        if kept is not None:
+            kept.append(entry)
+    return kept
 
 
 class _Stager:
@@ -106,6 +115,7 @@ class _Stager:
         checksum: bool,
         progress: Progress,
         procs: Procs | None,
+        checked: list[Entry] | None,
     ) -> None:
         t = site.config.transfer
         self.site, self.doc, self.refs, self.base_refs = site, doc, refs, base_refs
@@ -144,6 +154,7 @@ class _Stager:
         self._batch_size = 0
         self._slots = asyncio.Semaphore(self.workers + 1 if self.workers else 2)
         self._procs = procs
+        self.checked = checked
         self._last_ops: asyncio.Future[Any] | None = None
         self._dirs: list[Entry] = []
         self._dirs_overflow = False
@@ -288,15 +299,20 @@ class _Stager:
 
     # -- the run ----------------------------------------------------------------------------
 
+    def _entries(self, refs: list[SegmentRef]) -> Iterator[Entry]:
+        """The entries of `refs`: from the check pass's list when it kept them (entries are
+        never modified, so the target and the base may share it), else decoded again."""
+        if refs is self.refs and self.checked is not None:
+            return iter(self.checked)
+        return self.site.repo.iter_cached(refs, check=False)
+
     def _planner(self) -> Iterator[Any]:
-        repo = self.site.repo
-        base = repo.iter_cached(self.base_refs, check=False) if self.base_refs else None
         root = str(self.root)
         content_ok = (lambda _local, e: fsops.content_matches(root, e)) if self.checksum else None
         planner = StagePlanner(
             Walker(root, strict=False),
-            repo.iter_cached(self.refs, check=False),
-            base,
+            self._entries(self.refs),
+            self._entries(self.base_refs) if self.base_refs else None,
             self.delete,
             content_ok,
         )
@@ -497,7 +513,7 @@ async def _stage(
     """`stage` once the version is known: check its manifest, plan, fetch and write."""
     dataset = doc.dataset
     refs = await site.repo.prefetch(doc)
-    await asyncio.to_thread(_check_manifest, site, refs)
+    checked = await asyncio.to_thread(_check_manifest, site, refs)
 
     me = owner_id()
     replica = await site.catalog.replica(dataset)
@@ -522,7 +538,18 @@ async def _stage(
     await site.catalog.begin_replica(dataset, str(root), doc.version, base_version, me)
     progress.total(doc.files, doc.bytes)
     stager = _Stager(
-        site, doc, refs, base_refs, root, base_path, parts, delete, checksum, progress, procs
+        site,
+        doc,
+        refs,
+        base_refs,
+        root,
+        base_path,
+        parts,
+        delete,
+        checksum,
+        progress,
+        procs,
+        checked,
     )
     try:
         result = await stager.run()
