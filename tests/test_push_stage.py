@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from datamover.errors import TransientError
 from datamover.transfer import procpool
 from datamover.transfer import stage as stage_module
 from datamover.transfer.push import push
@@ -217,6 +221,39 @@ async def test_stage_writes_in_process_when_workers_cannot_start(
         assert staged.fetched_files == 2100
         assert snapshot(b.data / "many") == snapshot(src)
         assert "cannot start writer processes" in caplog.text
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+def _dying_pool(workers: int) -> ProcessPoolExecutor:
+    """A real pool whose worker processes die as they start (as if killed, or OOM)."""
+    ctx = multiprocessing.get_context("forkserver")
+    return ProcessPoolExecutor(workers, mp_context=ctx, initializer=functools.partial(os._exit, 9))
+
+
+async def test_a_dead_worker_process_is_a_clear_retryable_error(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "many"
+    _many_files(src, dirs=3, per_dir=700)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(procpool, "start", _dying_pool)
+            with pytest.raises(TransientError, match="a reader process died"):
+                await push(site_a, "/proj/many")
+        assert await site_a.repo.latest("/proj/many") is None  # nothing was published
+        await push(site_a, "/proj/many")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(procpool, "start", _dying_pool)
+            with pytest.raises(TransientError, match="a stage writer process died"):
+                await stage(site_b, "/proj/many")
+        staged = await stage(site_b, "/proj/many")  # run again: completes
+        assert snapshot(b.data / "many") == snapshot(src)
+        assert staged.fetched_files + staged.kept_files == 2100
     finally:
         await site_a.close()
         await site_b.close()

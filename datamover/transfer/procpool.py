@@ -13,6 +13,7 @@ import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 
 from datamover import gctune
+from datamover.errors import TransientError
 
 #: Imported once by the fork server, so a worker starts with them loaded.
 PRELOAD = ["datamover.transfer.readers", "datamover.transfer.writers"]
@@ -34,3 +35,11 @@ def start(workers: int) -> ProcessPoolExecutor:
     for _ in range(workers):
         pool.submit(_ready)
     return pool
+
+
+def lost(role: str) -> TransientError:
+    """The error for a worker process that died under a job (killed, or out of memory): the
+    run stops, and running it again carries on from what was done."""
+    return TransientError(
+        f"a {role} process died (killed, or out of memory?); run the command again"
+    )

@@ -16,6 +16,7 @@ import os
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,12 +110,15 @@ class Scanner:
         """Up to `max_pieces` pieces or about `max_bytes` of chunk data; [] at the end."""
         batch: list[object] = []
         size = 0
-        for piece in self._pieces:
-            batch.append(piece)
-            if isinstance(piece, NewChunk):
-                size += piece.raw_length
-            if len(batch) >= max_pieces or size >= max_bytes:
-                break
+        try:
+            for piece in self._pieces:
+                batch.append(piece)
+                if isinstance(piece, NewChunk):
+                    size += piece.raw_length
+                if len(batch) >= max_pieces or size >= max_bytes:
+                    break
+        except BrokenProcessPool:
+            raise procpool.lost("reader") from None
         self.stats.skipped_special = self.walker.skipped_special
         return batch
 

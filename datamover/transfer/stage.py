@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -191,12 +192,14 @@ class _Stager:
         for entry in batch:
             write(entry, [decoded[(c.pack, c.offset)] for c in entry.chunks])
 
-    # -- fetching ---------------------------------------------------------------------------
-
     # -- worker processes -------------------------------------------------------------------
 
     async def _write_elsewhere(
-        self, batch: list[Entry], ranges: list[Range], blobs: list[bytes], ops: Any
+        self,
+        batch: list[Entry],
+        ranges: list[Range],
+        blobs: list[bytes],
+        ops: asyncio.Future[Any] | None,
     ) -> bool:
         """Have a worker process write the batch; False if there are no workers."""
         procs = await self._procs if self._procs is not None else None
@@ -205,13 +208,20 @@ class _Stager:
         if ops is not None:
             await ops  # the batch's directories exist (the writer thread runs ops in order)
         files = [(e.path, e.mode, e.mtime_ns, e.chunks) for e in batch]
-        job = procs.submit(
-            writers.write_batch, str(self.base_path), self.parts, ranges, blobs, files
-        )
-        await asyncio.wrap_future(job)
+        try:
+            job = procs.submit(
+                writers.write_batch, str(self.base_path), self.parts, ranges, blobs, files
+            )
+            await asyncio.wrap_future(job)
+        except BrokenProcessPool:
+            raise procpool.lost("stage writer") from None
         return True
 
-    async def _process(self, batch: list[Entry], nbytes: int, ops: Any) -> None:
+    # -- fetching ---------------------------------------------------------------------------
+
+    async def _process(
+        self, batch: list[Entry], nbytes: int, ops: asyncio.Future[Any] | None
+    ) -> None:
         try:
             ranges = plan_ranges((c for e in batch for c in e.chunks), self.gap, self.max_request)
             blobs = await self.fetcher.fetch(ranges)
