@@ -13,9 +13,10 @@ from typing import Any
 import pytest
 
 from datamover.errors import TransientError
-from datamover.transfer import procpool
+from datamover.repo.manifest import SegmentRef
+from datamover.transfer import manifest_writer, procpool
 from datamover.transfer import stage as stage_module
-from datamover.transfer.push import push
+from datamover.transfer.push import _reusable, push
 from datamover.transfer.stage import stage
 from datamover.transfer.verify import verify
 from tests.fixtures_sites import MakeSite
@@ -100,6 +101,57 @@ async def test_same_tree_under_another_path_uploads_no_chunks(make_site: MakeSit
         assert second.uploaded_bytes < first.uploaded_bytes * 0.05
     finally:
         await site.close()
+
+
+async def test_unchanged_segments_are_reused_not_encoded(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encoded: list[int] = []
+    real_encode = manifest_writer.encode_segment
+
+    def counting_encode(entries: list[Any]) -> bytes:
+        encoded.append(len(entries))
+        return real_encode(entries)
+
+    monkeypatch.setattr(manifest_writer, "encode_segment", counting_encode)
+    a, b = await make_site("site-a", segment_entries=8), await make_site("site-b")
+    src = a.data / "run1"
+    make_tree(src, files=40)  # 51 entries: 7 segments of at most 8
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        first = await push(site_a, "/proj/run1")
+        assert len(encoded) == 7 and sum(encoded) == 51
+
+        encoded.clear()
+        noop = await push(site_a, "/proj/run1")
+        assert noop.unchanged and noop.version == first.version
+        assert encoded == []  # every segment reused as it was
+
+        # A changed file, a changed mode and a touched directory: only their segments
+        # are encoded again, and the published tree carries all three changes.
+        (src / "d01" / "lig0011.pdbqt").write_text("changed\n")
+        os.chmod(src / "d03" / "lig0031.pdbqt", 0o600)
+        os.utime(src / "d02", ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
+        encoded.clear()
+        second = await push(site_a, "/proj/run1")
+        assert not second.unchanged and 1 <= len(encoded) <= 3
+        await stage(site_b, "/proj/run1")
+        assert snapshot(b.data / "run1") == snapshot(src)
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+def test_only_segments_the_previous_stream_holds_whole_are_reusable() -> None:
+    def ref(first: str, last: str) -> SegmentRef:
+        return SegmentRef(first.encode().ljust(32, b"."), 1, 2, first, last, 0)
+
+    parent = [ref("a", "c"), ref("d", "k"), ref("m", "z")]
+    assert _reusable([], parent) == parent
+    resumed = [ref("a", "b"), ref("c", "f")]  # an interrupted run stopped after "f"
+    # "d".."k" straddles the cut-off: the stream held the resumed "d".."f" and the parent's
+    # "g".."k", so equal bounds would not mean equal entries.
+    assert _reusable(resumed, parent) == [*resumed, parent[2]]
 
 
 async def test_user_changes_are_trashed_not_destroyed(make_site: MakeSite) -> None:

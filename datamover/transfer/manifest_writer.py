@@ -2,8 +2,13 @@
 
 Segments are cut every `segment_entries` entries, so equal trees give equal segments: a
 segment whose digest the store already has (the parent's, or one a killed run uploaded) is
-not uploaded again. Each segment is recorded in the push checkpoint, in order, as soon as it
-is safely stored, which is what lets a rerun skip the files it covers.
+not uploaded again. A segment whose every entry the scanner found equal to the previous
+manifest's, and whose first path, last path and length are those of a previous segment, *is*
+that segment (the previous stream is sorted and has no duplicates, so the same bounds and
+count over equal entries leave no room for a difference): its reference is reused without
+encoding it, which is most of the CPU of a re-push that changed little. Each segment is
+recorded in the push checkpoint, in order, as soon as it is safely stored, which is what
+lets a rerun skip the files it covers.
 """
 
 from __future__ import annotations
@@ -29,7 +34,12 @@ def _resolve(entries: list[Entry]) -> list[Entry]:
 
 
 class ManifestWriter:
-    """Collects entries (whose chunks may still be pending) into uploaded segments."""
+    """Collects entries (whose chunks may still be pending) into uploaded segments.
+
+    `known`: digests of segments the store has. `reusable`: segments whose entries are, over
+    their whole path range, exactly what the scanner compared the walk with (the caller
+    must not pass a segment that only partly fed that stream).
+    """
 
     def __init__(
         self,
@@ -37,23 +47,29 @@ class ManifestWriter:
         packer: Packer,
         segment_entries: int,
         known: set[bytes],
+        reusable: list[SegmentRef],
         on_segment: OnSegment,
     ) -> None:
         self.repo = repo
         self.packer = packer
         self.segment_entries = segment_entries
         self.known = known
+        self._reusable = {(r.first_path, r.last_path, r.entries): r for r in reusable}
         self.on_segment = on_segment
         self.uploaded_bytes = 0
+        self.reused = 0
         self._entries: list[Entry] = []
+        self._same = True
         self._packs: set[OpenPack] = set()
         self._refs: list[SegmentRef] = []
         self._last: asyncio.Task[None] | None = None
         self._inflight = asyncio.Semaphore(2)
 
-    def add(self, entry: Entry) -> None:
-        """Append an entry (the caller keeps order). Pending chunks are resolved later."""
+    def add(self, entry: Entry, same: bool = False) -> None:
+        """Append an entry (the caller keeps order); `same`: it equals the previous manifest's
+        entry at its path. Pending chunks are resolved later."""
         self._entries.append(entry)
+        self._same = self._same and same
         for c in entry.chunks:
             if isinstance(c, PendingChunk):
                 self._packs.add(c.pack)
@@ -68,6 +84,14 @@ class ManifestWriter:
             return
         entries, self._entries = self._entries, []
         packs, self._packs = self._packs, set()
+        same, self._same = self._same, True
+        if same:
+            ref = self._reusable.get((entries[0].path, entries[-1].path, len(entries)))
+            if ref is not None:
+                self.reused += 1
+                await self._inflight.acquire()
+                self._last = asyncio.create_task(self._record(ref, self._last))
+                return
         if any(p.pack_id is None for p in packs):
             # The open pack holds chunks of this segment: seal it now, or the segment would
             # wait for a pack that only fills when later segments bring new chunks.
@@ -93,6 +117,14 @@ class ManifestWriter:
             ref = SegmentRef(
                 digest, len(data), len(entries), entries[0].path, entries[-1].path, size
             )
+        except BaseException:
+            self._inflight.release()
+            raise
+        await self._record(ref, previous)
+
+    async def _record(self, ref: SegmentRef, previous: asyncio.Task[None] | None) -> None:
+        """Append `ref` to the list and the checkpoint after the segments before it."""
+        try:
             if previous is not None:
                 await previous
             self._refs.append(ref)

@@ -73,6 +73,16 @@ def _previous(
             yield entry
 
 
+def _reusable(resumed: list[SegmentRef], parent: list[SegmentRef]) -> list[SegmentRef]:
+    """The segments `_previous` streams whole: every resumed one, and the parent's that lie
+    entirely beyond the resumed ones (a parent segment straddling the cut-off fed only part
+    of the stream, so equal bounds would not mean equal entries)."""
+    if not resumed:
+        return parent
+    cutoff = sort_key(resumed[-1].last_path)
+    return [*resumed, *(r for r in parent if sort_key(r.first_path) > cutoff)]
+
+
 async def _resumable_segments(site: Site, dataset: str) -> list[SegmentRef]:
     me = owner_id()
     exists, _parent, owner = await site.catalog.checkpoint(dataset)
@@ -118,7 +128,9 @@ async def push(
         await site.catalog.add_checkpoint_segment(dataset, seq, ref)
 
     known = {r.digest for r in parent_refs} | {r.digest for r in resumed}
-    writer = ManifestWriter(site.repo, packer, t.segment_entries, known, on_segment)
+    writer = ManifestWriter(
+        site.repo, packer, t.segment_entries, known, _reusable(resumed, parent_refs), on_segment
+    )
     result = PushResult(dataset, "", parent_id, False)
     current: dict[bytes, Ref] = {}  # where the chunks of files being assembled went
     reading: asyncio.Future[list[object]] = asyncio.ensure_future(
@@ -150,7 +162,7 @@ async def push(
                     result.dirs += 1
                 else:
                     result.symlinks += 1
-                writer.add(entry)
+                writer.add(entry, piece.same)
                 if writer.full():
                     await writer.cut()
             if isinstance(batch[-1], Done):

@@ -38,10 +38,12 @@ _POOL_AFTER = 256  # files read in-process before reader processes are worth sta
 @dataclass(slots=True)
 class Done:
     """An entry is complete. `digests` lists a read file's chunks in order; for anything
-    else (and for unchanged files, whose `entry.chunks` are reused) it is None."""
+    else (and for unchanged files, whose `entry.chunks` are reused) it is None. `same` is
+    True when the entry equals the previous manifest's entry at its path in every field."""
 
     entry: Entry
     digests: list[bytes] | None = None
+    same: bool = False
 
 
 @dataclass
@@ -146,7 +148,8 @@ class Scanner:
         """Entries needing no read as `Done`, files to read as their `LocalEntry`."""
         for local in self.walker:
             if local.kind == Kind.DIR:
-                yield Done(Entry(local.path, Kind.DIR, local.mode, local.mtime_ns))
+                entry = Entry(local.path, Kind.DIR, local.mode, local.mtime_ns)
+                yield Done(entry, None, entry == self._previous_for(local.path))
                 continue
             if local.kind == Kind.SYMLINK:
                 target = local.target or ""
@@ -159,7 +162,7 @@ class Scanner:
                     len(target.encode()),
                     target,
                 )
-                yield Done(entry)
+                yield Done(entry, None, entry == self._previous_for(local.path))
                 continue
             prev = self._previous_for(local.path)
             if (
@@ -180,7 +183,9 @@ class Scanner:
                         local.size,
                         None,
                         prev.chunks,
-                    )
+                    ),
+                    None,
+                    local.mode == prev.mode,
                 )
             else:
                 yield local
