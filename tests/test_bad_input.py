@@ -167,20 +167,25 @@ async def test_hostile_manifest_is_rejected_before_any_write(
     assert not (b.data / "etc").exists() and not (b.data.parent / "evil").exists()
 
 
+async def flip_pack_byte(env: SiteEnv, offset: int) -> None:
+    """Damage one byte of the only pack in the bucket, as a faulty store or disk would."""
+    site = await env.open()
+    try:
+        [pack_key] = [k async for k in (o.key async for o in site.store.list("packs/"))]
+        data = bytearray(await site.store.get(pack_key))
+        data[offset] ^= 0xFF
+        await site.store.put(pack_key, bytes(data))
+    finally:
+        await site.close()
+
+
 async def test_corrupt_pack_is_detected_and_names_the_file(make_site: MakeSite) -> None:
     a, b = await make_site("site-a"), await make_site("site-b")
     src = a.data / "x"
     src.mkdir()
     (src / "precious.dat").write_bytes(os.urandom(50_000))
     a.cli_json("push", "/proj/x")
-    site = await a.open()
-    try:
-        [pack_key] = [k async for k in (o.key async for o in site.store.list("packs/"))]
-        data = bytearray(await site.store.get(pack_key))
-        data[100] ^= 0xFF
-        await site.store.put(pack_key, bytes(data))
-    finally:
-        await site.close()
+    await flip_pack_byte(a, 100)
     fails(b, "stage", "/proj/x", code=5, says="'precious.dat'")
     assert not (b.data / "x" / "precious.dat").exists()
     leftovers = [p.name for p in (b.data / "x").iterdir()] if (b.data / "x").exists() else []
@@ -197,14 +202,7 @@ async def test_corrupt_pack_is_detected_by_a_writer_process(make_site: MakeSite)
         for f in range(700):
             (src / f"d{d}" / f"f{f:03d}").write_bytes(os.urandom(64))
     a.cli_json("push", "/proj/x")
-    site = await a.open()
-    try:
-        [pack_key] = [k async for k in (o.key async for o in site.store.list("packs/"))]
-        data = bytearray(await site.store.get(pack_key))
-        data[100_000] ^= 0xFF
-        await site.store.put(pack_key, bytes(data))
-    finally:
-        await site.close()
+    await flip_pack_byte(a, 100_000)
     error = fails(b, "stage", "/proj/x", code=5, says="the data is corrupt")
     named = error["message"].split("'")[1]
     assert (src / named).is_file()  # the file whose chunk is damaged
@@ -224,14 +222,7 @@ async def test_corrupt_pack_under_a_large_file_is_detected(make_site: MakeSite) 
     src.mkdir()
     (src / "big.dat").write_bytes(os.urandom(8 * MiB))
     a.cli_json("push", "/proj/x")
-    site = await a.open()
-    try:
-        [pack_key] = [k async for k in (o.key async for o in site.store.list("packs/"))]
-        data = bytearray(await site.store.get(pack_key))
-        data[5 * MiB] ^= 0xFF
-        await site.store.put(pack_key, bytes(data))
-    finally:
-        await site.close()
+    await flip_pack_byte(a, 5 * MiB)
     fails(b, "stage", "/proj/x", code=5, says="'big.dat'")
     assert not (b.data / "x" / "big.dat").exists()
 

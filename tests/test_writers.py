@@ -12,7 +12,8 @@ from datamover.chunking import codec
 from datamover.domain.manifest import ChunkRef
 from datamover.errors import Conflict, Corrupt
 from datamover.transfer.fetch import plan_ranges
-from datamover.transfer.writers import open_existing_root, write_batch
+from datamover.transfer.fsops import open_root
+from datamover.transfer.writers import write_batch
 
 PACK = bytes(32)
 
@@ -55,7 +56,7 @@ def test_refuses_a_symlink_in_the_root_path(tmp_path: Path) -> None:
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "ds").symlink_to(elsewhere)
     with pytest.raises(Conflict, match="refusing to write through it"):
-        open_existing_root(str(tmp_path / "base"), ("ds",))
+        open_root(tmp_path / "base", ("ds",), create=False)
     ranges, blobs, wire = _batch({"f": b"data"})
     with pytest.raises(Conflict):
         write_batch(str(tmp_path / "base"), ("ds",), ranges, blobs, wire)

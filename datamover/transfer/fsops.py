@@ -8,6 +8,7 @@ and mtime, and renamed into place. `TreeWriter` is used from one thread only.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -64,20 +65,21 @@ def open_dir(name: str, parent_fd: int, shown: str) -> int:
         raise
 
 
-def open_root(base: Path, components: Sequence[str]) -> int:
-    """Open (creating as needed) `base/components...` without following symlinks below `base`.
+def open_root(base: Path, components: Sequence[str], create: bool = True) -> int:
+    """Open (with `create`, creating as needed) `base/components...` without following
+    symlinks below `base`.
 
     `base` is the namespace's configured local directory (trusted, site configuration);
     every component below it comes from a logical path and is opened with `O_NOFOLLOW`.
     """
-    base.mkdir(parents=True, exist_ok=True)
+    if create:
+        base.mkdir(parents=True, exist_ok=True)
     fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for name in components:
-            try:
-                os.mkdir(name, 0o755, dir_fd=fd)
-            except FileExistsError:
-                pass
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(name, 0o755, dir_fd=fd)
             child = open_dir(name, fd, str(base / name))
             os.close(fd)
             fd = child

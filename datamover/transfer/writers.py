@@ -15,7 +15,6 @@ manifest's `ChunkRef`s, the same objects as in `ranges`, so each is pickled once
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from pathlib import Path
 
 from datamover.domain.manifest import ChunkRef, Entry, Kind
@@ -23,21 +22,6 @@ from datamover.transfer import fsops
 from datamover.transfer.fetch import Range, decode_ranges
 
 WireFile = tuple[str, int, int, tuple[ChunkRef, ...]]
-
-
-def open_existing_root(base: str, parts: Sequence[str]) -> int:
-    """Open `base/parts...`, which the stage process created, without following symlinks
-    below `base` (see `fsops.open_root`); never creates anything."""
-    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        for i, name in enumerate(parts):
-            child = fsops.open_dir(name, fd, str(Path(base, *parts[: i + 1])))
-            os.close(fd)
-            fd = child
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 def write_batch(
@@ -56,7 +40,8 @@ def write_batch(
     owners = {c.digest: path for path, _, _, chunks in files for c in chunks}
     decoded = decode_ranges(ranges, blobs, owners)
     blobs.clear()
-    root_fd = open_existing_root(base, parts)
+    # The stage process created the root; opened again here, never created.
+    root_fd = fsops.open_root(Path(base), parts, create=False)
     writer = fsops.TreeWriter(root_fd, Path(base, *parts))
     try:
         for path, mode, mtime_ns, chunks in files:
