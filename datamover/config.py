@@ -219,9 +219,22 @@ def parse_config(
         raise InvalidInput(f"{source}: [transfer] compression must be 'auto' or 'never'")
     if not 1 * MiB <= transfer.pack_size <= 1024 * MiB:
         raise InvalidInput(f"{source}: [transfer] pack_size must be between 1 MiB and 1 GiB")
-    for key in ("upload_concurrency", "download_concurrency", "segment_entries", "max_request"):
+    for key in (
+        "upload_concurrency",
+        "download_concurrency",
+        "segment_entries",
+        "max_request",
+        "batch_bytes",
+    ):
         if getattr(transfer, key) < 1:
             raise InvalidInput(f"{source}: [transfer] {key} must be at least 1")
+    for key in ("read_workers", "coalesce_gap", "bandwidth_limit"):
+        if getattr(transfer, key) < 0:
+            raise InvalidInput(f"{source}: [transfer] {key} must not be negative")
+    if transfer.write_workers < -1:
+        raise InvalidInput(f"{source}: [transfer] write_workers must be -1 (none), 0 or more")
+    if not 1 <= transfer.zstd_level <= 22:
+        raise InvalidInput(f"{source}: [transfer] zstd_level must be between 1 and 22")
     api: ApiSettings = sections["api"]
     if api.listen:
         host, sep, port = api.listen.rpartition(":")

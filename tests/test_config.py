@@ -60,6 +60,9 @@ def test_credentials_fall_back_to_aws_environment(tmp_path: Path) -> None:
     assert (cfg.store.access_key, cfg.store.secret_key) == ("AK", "SK")
 
 
+_T = "[site]\nname='a'\n[store]\nbucket='b'\n[transfer]\n"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -73,6 +76,12 @@ def test_credentials_fall_back_to_aws_environment(tmp_path: Path) -> None:
         ("[site]\nname='a'\n[store]\nbucket='b'\n[transfer]\npack_size='big'\n", "not a valid int"),
         ("[site]\nname='a'\n[store]\nbucket='b'\n[namespace]\n'proj'='/x'\n", "must start with"),
         ("[site\n", "not valid TOML"),
+        (_T + "zstd_level = 23\n", "zstd_level must be between 1 and 22"),
+        (_T + "write_workers = -2\n", "write_workers must be -1"),
+        (_T + "read_workers = -1\n", "read_workers must not be negative"),
+        (_T + "bandwidth_limit = -5\n", "bandwidth_limit must not be negative"),
+        (_T + "batch_bytes = 0\n", "batch_bytes must be at least 1"),
+        (_T + "pack_size = 1024\n", "pack_size must be between 1 MiB and 1 GiB"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, text: str, message: str) -> None:
