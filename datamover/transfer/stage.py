@@ -501,7 +501,37 @@ async def stage(
     # Started now, they boot while the manifest is fetched and checked (0.15-0.2 s).
     procs = asyncio.ensure_future(asyncio.to_thread(_start_procs, workers)) if workers else None
     try:
-        result = await _stage(site, doc, root, base_path, parts, delete, checksum, progress, procs)
+        refs = await site.repo.prefetch(doc)
+        checked = await asyncio.to_thread(_check_manifest, site, refs)
+        me = owner_id()
+        base_version, base_refs = await _base(site, doc, root, refs, me)
+        await site.catalog.begin_replica(dataset, str(root), doc.version, base_version, me)
+        progress.total(doc.files, doc.bytes)
+        stager = _Stager(
+            site,
+            doc,
+            refs,
+            base_refs,
+            root,
+            base_path,
+            parts,
+            delete,
+            checksum,
+            progress,
+            procs,
+            checked,
+        )
+        try:
+            result = await stager.run()
+        except BaseException:
+            try:
+                await asyncio.shield(
+                    site.catalog.finish_replica(dataset, doc.version, "failed", 0, 0)
+                )
+            except Exception:  # the original error is the one to report
+                pass
+            raise
+        await site.catalog.finish_replica(dataset, doc.version, "ready", doc.files, doc.bytes)
     finally:
         await _stop_procs(procs)
     result.downloaded_bytes += site.repo.fetched_bytes - fetched_before
@@ -509,65 +539,27 @@ async def stage(
     return result
 
 
-async def _stage(
-    site: Site,
-    doc: VersionDoc,
-    root: Path,
-    base_path: Path,
-    parts: tuple[str, ...],
-    delete: bool,
-    checksum: bool,
-    progress: Progress,
-    procs: Procs | None,
-) -> StageResult:
-    """`stage` once the version is known: check its manifest, plan, fetch and write."""
-    dataset = doc.dataset
-    refs = await site.repo.prefetch(doc)
-    checked = await asyncio.to_thread(_check_manifest, site, refs)
-
-    me = owner_id()
-    replica = await site.catalog.replica(dataset)
+async def _base(
+    site: Site, doc: VersionDoc, root: Path, refs: list[SegmentRef], me: str
+) -> tuple[str | None, list[SegmentRef] | None]:
+    """The version this site last completed at `root` and its segments: the base of the
+    three-way merge (None when unknown). Raises `Conflict` if a live stage holds the dataset."""
+    replica = await site.catalog.replica(doc.dataset)
     if (
         replica is not None
         and replica.state == "staging"
         and replica.owner not in (None, me)
         and owner_alive(replica.owner)
     ):
-        raise Conflict(f"a stage of {dataset!r} is already running ({replica.owner})")
+        raise Conflict(f"a stage of {doc.dataset!r} is already running ({replica.owner})")
     base_version = replica.base_version if replica and replica.root == str(root) else None
-    base_refs = None
-    if base_version and base_version != doc.version:
+    if base_version == doc.version:
+        return base_version, refs
+    if base_version:
         try:
-            base_refs = await site.repo.prefetch(
-                await site.repo.read_version(dataset, base_version)
+            return base_version, await site.repo.prefetch(
+                await site.repo.read_version(doc.dataset, base_version)
             )
         except (NotFound, Corrupt):
-            base_refs = None  # unknown base: every differing file is treated as the user's
-    elif base_version == doc.version:
-        base_refs = refs
-    await site.catalog.begin_replica(dataset, str(root), doc.version, base_version, me)
-    progress.total(doc.files, doc.bytes)
-    stager = _Stager(
-        site,
-        doc,
-        refs,
-        base_refs,
-        root,
-        base_path,
-        parts,
-        delete,
-        checksum,
-        progress,
-        procs,
-        checked,
-    )
-    try:
-        result = await stager.run()
-    except BaseException:
-        try:
-            await asyncio.shield(site.catalog.finish_replica(dataset, doc.version, "failed", 0, 0))
-        except Exception:  # the original error is the one to report
-            pass
-        raise
-    await site.catalog.finish_replica(dataset, doc.version, "ready", doc.files, doc.bytes)
-    return result
+            pass  # unknown base: every differing file is treated as the user's
+    return base_version, None
