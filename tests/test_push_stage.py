@@ -278,10 +278,24 @@ async def test_stage_writes_in_process_when_workers_cannot_start(
         await site_b.close()
 
 
+_dying_queues: list[Any] = []  # each pool's job queue (the pool drops it on shutdown)
+
+
 def _dying_pool(workers: int) -> ProcessPoolExecutor:
     """A real pool whose worker process dies as it starts (as if killed, or OOM)."""
     ctx = multiprocessing.get_context("forkserver")
-    return ProcessPoolExecutor(1, mp_context=ctx, initializer=functools.partial(os._exit, 9))
+    pool = ProcessPoolExecutor(1, mp_context=ctx, initializer=functools.partial(os._exit, 9))
+    _dying_queues.append(pool._call_queue)  # type: ignore[attr-defined]
+    return pool
+
+
+def _unblock(queues: list[Any]) -> None:
+    """Close the read end of each dying pool's job pipe, as CPython's own teardown means to
+    (cpython#94777) but skips when its race (below) hits: a job too large for the pipe would
+    otherwise hold the queue's feeder thread, and the test process would hang at exit."""
+    for queue in queues:
+        queue._reader.close()
+    queues.clear()
 
 
 # CPython 3.11's executor manager thread can trip over its own process table while it tears
@@ -312,6 +326,7 @@ async def test_a_dead_worker_process_is_a_clear_retryable_error(
         assert snapshot(b.data / "many") == snapshot(src)
         assert staged.fetched_files + staged.kept_files == 2100
     finally:
+        _unblock(_dying_queues)
         await site_a.close()
         await site_b.close()
 
