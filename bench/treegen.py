@@ -138,6 +138,19 @@ def rewrite_files(root: Path, shape: TreeShape, count: int, seed: int = 1234) ->
     return paths
 
 
+def add_files(root: Path, shape: TreeShape, count: int, seed: int = 4321) -> list[Path]:
+    """Add `count` new files of the tree's size to its third directory (new results of a
+    run landing in one place, early in path order, so every later manifest entry follows)."""
+    rng = random.Random(seed)
+    where = root / f"batch_{min(2, shape.dirs - 1):04d}"
+    paths = []
+    for i in range(count):
+        path = where / f"lig_{i:07d}_add{seed}.pdbqt"
+        _write(path, pdbqt_body(rng, shape.size, f"REMARK  Name = ADD{seed:04d}{i:09d}\n"))
+        paths.append(path)
+    return paths
+
+
 def make_big_file(path: Path, size: int, seed: int = 99) -> None:
     """`size` bytes of seeded random data (incompressible, no repeats)."""
     rng = random.Random(seed)

@@ -15,10 +15,11 @@ from harness import Bench, log, remove_tree
 from measure import run_measured
 from results import DATAMOVER, Step, Target
 from tools import Rclone, S5cmd, SiteFiles
-from treegen import make_big_file, make_pooled_tree, make_small_tree, rewrite_files
+from treegen import add_files, make_big_file, make_pooled_tree, make_small_tree, rewrite_files
 
 UP, DOWN = "upload (push)", "download (stage)"
 FIRST, NOOP, CHANGED, COPY = "first push", "no-op re-push", "1% changed", "same tree, new path"
+ADDED = "1% added in one directory"
 S5, RC, TAR = "s5cmd", "rclone", "tar -x"
 
 
@@ -109,7 +110,8 @@ def run_scale(b: Bench) -> None:
 
 
 def run_incremental(b: Bench) -> None:
-    """On a copy of the small tree: no-op re-push, 1% changed, the same tree at a new path."""
+    """On a copy of the small tree: no-op re-push, 1% changed, 1% added in one directory, the
+    same tree at a new path."""
     data = small_tree(b)
     for rep in range(b.repeat):
         log(f"incremental: repetition {rep + 1}/{b.repeat}")
@@ -143,6 +145,8 @@ def _incremental_rep(b: Bench, data: Path, rep: int) -> None:
     step(NOOP)
     rewrite_files(tree, shape, b.sizes.changed, seed=1000 + rep)
     step(CHANGED)
+    add_files(tree, shape, b.sizes.changed, seed=2000 + rep)
+    step(ADDED)
     # `cp -a` keeps the mtimes: the copy is the same tree, so nearly nothing may be uploaded.
     subprocess.run(["cp", "-a", str(tree), str(a_data / "small2")], check=True)
     step(COPY, "/bench/small2")
@@ -157,6 +161,7 @@ def _incremental_targets(b: Bench) -> None:
         noop.note("push did not report unchanged=true")
     for step, goal, name in (
         (CHANGED, 0.03, "1% changed: uploaded / dataset bytes"),
+        (ADDED, 0.03, "1% added in one directory: uploaded / dataset bytes"),
         (COPY, 0.02, "copy at /bench/small2: uploaded / dataset bytes"),
     ):
         s = r.get(wl, step, DATAMOVER)

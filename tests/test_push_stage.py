@@ -16,6 +16,7 @@ from datamover.errors import TransientError
 from datamover.repo.manifest import SegmentRef
 from datamover.transfer import manifest_writer, procpool
 from datamover.transfer import stage as stage_module
+from datamover.transfer.manifest_writer import SegmentCuts
 from datamover.transfer.push import _reusable, push
 from datamover.transfer.stage import stage
 from datamover.transfer.verify import verify
@@ -116,11 +117,12 @@ async def test_unchanged_segments_are_reused_not_encoded(
     monkeypatch.setattr(manifest_writer, "encode_segment", counting_encode)
     a, b = await make_site("site-a", segment_entries=8), await make_site("site-b")
     src = a.data / "run1"
-    make_tree(src, files=40)  # 51 entries: 7 segments of at most 8
+    make_tree(src, files=200)  # 227 entries in 20 directories
     site_a, site_b = await a.open(), await b.open()
     try:
         first = await push(site_a, "/proj/run1")
-        assert len(encoded) == 7 and sum(encoded) == 51
+        assert sum(encoded) == 227 and max(encoded) <= 8 and len(encoded) >= 40
+        segments = len(encoded)
 
         encoded.clear()
         noop = await push(site_a, "/proj/run1")
@@ -137,9 +139,53 @@ async def test_unchanged_segments_are_reused_not_encoded(
         assert not second.unchanged and 1 <= len(encoded) <= 3
         await stage(site_b, "/proj/run1")
         assert snapshot(b.data / "run1") == snapshot(src)
+
+        # Cuts depend on paths, not on counts: a file added near the start and one removed
+        # shift no later boundary, so only the segments holding them and their (touched)
+        # directories are encoded (now and then a neighbour), not the ~40 that follow.
+        (src / "d00" / "lig0000b.pdbqt").write_text("inserted\n")
+        (src / "d02" / "lig0025.pdbqt").unlink()
+        encoded.clear()
+        third = await push(site_a, "/proj/run1")
+        assert not third.unchanged and 2 <= len(encoded) <= 7 < segments // 5
+        assert sum(encoded) <= 7 * 8
+        await stage(site_b, "/proj/run1", delete=True)
+        assert snapshot(b.data / "run1") == snapshot(src)
     finally:
         await site_a.close()
         await site_b.close()
+
+
+def test_segment_cuts_follow_paths_not_counts() -> None:
+    cuts = SegmentCuts(64)
+
+    def segments(paths: list[str]) -> list[tuple[str, str, int]]:
+        out, start = [], 0
+        for i, path in enumerate(paths):
+            if cuts(i - start + 1, path):
+                out.append((paths[start], path, i - start + 1))
+                start = i + 1
+        if start < len(paths):
+            out.append((paths[start], paths[-1], len(paths) - start))
+        return out
+
+    paths = [f"d{i // 100:03d}/f{i % 100:03d}" for i in range(20_000)]
+    before = segments(paths)
+    assert all(cuts.min_entries <= n <= 64 for _, _, n in before[:-1])
+    full = sum(1 for _, _, n in before if n == 64)
+    assert full < len(before) / 10  # few cuts are forced by the maximum
+    assert 20_000 / 48 < len(before) < 20_000 / 24  # about half the maximum on average
+    assert segments(paths) == before  # deterministic
+    inserted, removed = [], []
+    for where in range(7, 20_000, 397):
+        grown = set(segments([*paths[: where + 1], paths[where] + "a", *paths[where + 1 :]]))
+        inserted.append(len(set(before) - grown))
+        shrunk = set(segments(paths[:where] + paths[where + 1 :]))
+        removed.append(len(set(before) - shrunk))
+    # One entry in or out replaces its own segment, now and then the next one or two; with
+    # cuts every 64 entries each would replace all ~300 segments after it.
+    assert max(inserted) <= 4 and sum(inserted) <= 1.5 * len(inserted)
+    assert max(removed) <= 4 and sum(removed) <= 1.5 * len(removed)
 
 
 def test_only_segments_the_previous_stream_holds_whole_are_reusable() -> None:
