@@ -61,7 +61,7 @@ class TransferSettings:
     download_concurrency: int = 8
     zstd_level: int = 3
     compression: str = "auto"  # auto: zstd when it saves space; never: store raw
-    segment_entries: int = 8192  # measured: 16384 added ~70 MiB to a 200,000-file push
+    segment_entries: int = 8192  # most entries in a manifest segment (cuts are content-defined)
     coalesce_gap: int = 256 * 1024
     max_request: int = 16 * MiB
     batch_bytes: int = 64 * MiB
