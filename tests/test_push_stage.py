@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import multiprocessing
 import os
@@ -150,6 +151,28 @@ async def test_unchanged_segments_are_reused_not_encoded(
         assert not third.unchanged and 2 <= len(encoded) <= 7 < segments // 5
         assert sum(encoded) <= 7 * 8
         await stage(site_b, "/proj/run1", delete=True)
+        assert snapshot(b.data / "run1") == snapshot(src)
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_packs_stay_open_across_segment_cuts(make_site: MakeSite) -> None:
+    a, b = await make_site("site-a", segment_entries=8), await make_site("site-b")
+    src = a.data / "run1"
+    make_tree(src, files=200, big=0)  # ~50 segments, 13 KiB of compressed files
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        # More segments wait for the one open pack than there are slots in flight, which must
+        # seal it rather than wait for ever (hence the time limits).
+        first = await asyncio.wait_for(push(site_a, "/proj/run1"), 120)
+        assert first.packs == 1  # not one per segment cut
+        # The same with new data in segments between reused ones.
+        for d in range(0, 20, 2):
+            (src / f"d{d:02d}" / f"lig{d * 10 + 3:04d}.pdbqt").write_text(f"changed {d}\n")
+        second = await asyncio.wait_for(push(site_a, "/proj/run1"), 120)
+        assert second.new_chunks == 10 and 1 <= second.packs <= 3
+        await stage(site_b, "/proj/run1")
         assert snapshot(b.data / "run1") == snapshot(src)
     finally:
         await site_a.close()
