@@ -147,7 +147,7 @@ class ManifestWriter:
         fills from later segments, that pack is sealed first so the slots can drain. Packs
         otherwise stay open across cuts and fill to `pack_size` (sealing at every cut made
         the packs of a small-file tree a segment's worth: 3.7 MB on average for the bench's
-        20,000 files, 7 packs where 1 does).
+        20,000 files, 7 packs where 2 now do).
         """
         self._awaited = {p for p in self._awaited if p.pack_id is None}  # at most one
         if self._inflight.locked() and self._awaited:
