@@ -46,9 +46,8 @@ class SegmentCuts:
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max(1, max_entries)
-        self.min_entries = max(1, self.max_entries // 4)
-        spacing = max(1, self.max_entries // 4)
-        self.mask = (1 << (spacing.bit_length() - 1)) - 1
+        self.min_entries = max(1, self.max_entries // 4)  # also the spacing of cut points
+        self.mask = (1 << (self.min_entries.bit_length() - 1)) - 1
 
     def __call__(self, count: int, path: str) -> bool:
         """True if a segment of `count` entries ending at `path` should end there."""
@@ -98,7 +97,8 @@ class ManifestWriter:
         self._refs: list[SegmentRef] = []
         self._last: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._awaited: set[OpenPack] = set()  # unsealed packs a segment in flight waits for
+        # The open (unsealed) pack a segment in flight waits for; there is one open pack.
+        self._awaited: OpenPack | None = None
         # Segments cut but not yet recorded (waiting for packs or being encoded): each holds
         # at most `segment_entries` entries, ~5 MiB at the default.
         self._inflight = asyncio.Semaphore(_IN_FLIGHT)
@@ -132,7 +132,7 @@ class ManifestWriter:
                 self._start(self._record(ref, self._last))
                 return
         await self._take_slot()
-        self._awaited.update(p for p in packs if p.pack_id is None)
+        self._awaited = next((p for p in packs if p.pack_id is None), self._awaited)
         self._start(self._finish(entries, packs, self._last))
 
     def _start(self, work: Coroutine[Any, Any, None]) -> None:
@@ -149,8 +149,8 @@ class ManifestWriter:
         the packs of a small-file tree a segment's worth: 3.7 MB on average for the bench's
         20,000 files, 7 packs where 2 now do).
         """
-        self._awaited = {p for p in self._awaited if p.pack_id is None}  # at most one
-        if self._inflight.locked() and self._awaited:
+        waited = self._awaited
+        if self._inflight.locked() and waited is not None and waited.pack_id is None:
             await self.packer.flush()
         await self._inflight.acquire()
 
