@@ -63,7 +63,8 @@ def test_list_round_trip() -> None:
             "no parent directory",
         ),
         ([Entry("l", Kind.SYMLINK, 0o777, 0, 6, "../etc")], "outside"),
-        ([Entry("l", Kind.SYMLINK, 0o777, 0, 4, "/etc")], "absolute"),
+        ([Entry("l", Kind.SYMLINK, 0o777, 0, 4, "/\x7fetc")], "control character"),
+        ([Entry("l", Kind.SYMLINK, 0o777, 0, 4096, "/" + "x" * 4095)], "longer than 4095"),
         (
             [Entry("e\u0301", Kind.FILE, 0o644, 0), Entry("\u00e9", Kind.FILE, 0o644, 0)],
             "Unicode normalisation",

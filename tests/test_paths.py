@@ -56,7 +56,11 @@ def test_logical_paths() -> None:
         ("d/e/a", "../../b/c", True),
         ("a", "../b", False),
         ("d/a", "../../b", False),
-        ("a", "/etc/passwd", False),
+        ("a", "/etc/passwd", True),
+        ("d/a", "/usr/bin/python3", True),
+        ("a", "/x/\x01", False),
+        ("a", "/" + "x" * 4094, True),
+        ("a", "/" + "x" * 4095, False),
         ("a", "b/../../x", False),
         ("a", "r/..", False),
         ("a", ".", True),
@@ -109,3 +113,52 @@ def test_version_ids_sort_after_their_parent() -> None:
         check_version_id("20261129T181500Z-../etc")
     with pytest.raises(InvalidInput):
         new_version_id("Bad_Site")
+
+
+SITE_A = Namespace.from_mapping(
+    {
+        "/proj": "/public/home/dp/proj",
+        "/proj/big": "/scratch/big",
+        "/ref": "/public/home/dp/proj/ref",
+    }
+)
+SITE_B = Namespace.from_mapping({"/proj": "/gpfs/proj", "/ref": "/data/ref"})
+
+
+@pytest.mark.parametrize(
+    ("local_a", "stored", "local_b"),
+    [
+        # into a mapped directory: stored logical, written as each site's local path
+        ("/public/home/dp/proj/run5/out", "/proj/run5/out", "/gpfs/proj/run5/out"),
+        ("/public/home/dp/proj", "/proj", "/gpfs/proj"),
+        ("/public/home/dp/proj/run5/", "/proj/run5/", "/gpfs/proj/run5/"),
+        ("/scratch/big/traj.bin", "/proj/big/traj.bin", "/gpfs/proj/big/traj.bin"),
+        # the deepest mapped local directory wins (/ref's lies inside /proj's)
+        ("/public/home/dp/proj/ref/x", "/ref/x", "/data/ref/x"),
+        # outside every mapped directory, or not a plain path below one: verbatim
+        ("/usr/bin/python3", "/usr/bin/python3", "/usr/bin/python3"),
+        ("/public/home/dp/project", "/public/home/dp/project", "/public/home/dp/project"),
+        (
+            "/public/home/dp/proj/../etc",
+            "/public/home/dp/proj/../etc",
+            "/public/home/dp/proj/../etc",
+        ),
+        ("/public/home/dp/proj//x", "/public/home/dp/proj//x", "/public/home/dp/proj//x"),
+        # relative targets are never rewritten
+        ("../run5", "../run5", "../run5"),
+    ],
+)
+def test_symlink_targets_follow_the_namespace(local_a: str, stored: str, local_b: str) -> None:
+    assert SITE_A.link_to_logical(local_a) == stored
+    assert SITE_B.link_to_local(stored) == local_b
+    assert SITE_A.link_to_local(stored) == local_a  # back where it came from
+    assert SITE_B.link_to_logical(local_b) == (stored if local_b != local_a else local_a)
+
+
+def test_a_logical_absolute_target_is_mapped_even_if_written_logically() -> None:
+    # `/proj/x` is not under a local directory of site A, but it is a logical path: stored
+    # as is and read as logical everywhere.
+    assert SITE_A.link_to_logical("/proj/x") == "/proj/x"
+    assert SITE_B.link_to_local("/proj/x") == "/gpfs/proj/x"
+    # a logical prefix of another site's namespace that this site lacks stays verbatim
+    assert Namespace.from_mapping({"/other": "/o"}).link_to_local("/proj/x") == "/proj/x"

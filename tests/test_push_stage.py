@@ -264,6 +264,55 @@ async def test_stage_never_writes_through_a_planted_symlink(
         await site_b.close()
 
 
+async def test_absolute_symlinks_follow_the_namespace(make_site: MakeSite) -> None:
+    """A link into the namespace points at the same data at every site; others are verbatim."""
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "links"
+    (src / "run5").mkdir(parents=True)
+    (src / "run5" / "out.txt").write_text("result\n")
+    (a.data / "ref").mkdir()
+    (a.data / "ref" / "table.csv").write_text("1,2\n")
+    (src / "latest").symlink_to(src / "run5")  # into this dataset
+    (src / "table").symlink_to(a.data / "ref" / "table.csv")  # into another dataset
+    (src / "python").symlink_to("/usr/bin/python3")  # outside the namespace: verbatim
+    (src / "rel").symlink_to("run5/out.txt")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        pushed = await push(site_a, "/proj/links")
+        assert pushed.symlinks == 4
+        await push(site_a, "/proj/ref")
+        await stage(site_b, "/proj/ref")
+        await stage(site_b, "/proj/links")
+        dst = b.data / "links"
+        assert os.readlink(dst / "latest") == str(dst / "run5")
+        assert os.readlink(dst / "table") == str(b.data / "ref" / "table.csv")
+        assert os.readlink(dst / "python") == "/usr/bin/python3"
+        assert os.readlink(dst / "rel") == "run5/out.txt"
+        assert (dst / "latest" / "out.txt").read_text() == "result\n"  # resolves at site B
+        assert (dst / "table").read_text() == "1,2\n"
+        for site in (site_a, site_b):
+            checked = await verify(site, "/proj/links")
+            assert checked.ok, checked.problems
+        assert (await push(site_a, "/proj/links")).unchanged  # stored form is stable
+
+        inode = os.lstat(dst / "latest").st_ino
+        again = await stage(site_b, "/proj/links")
+        assert again.trashed == [] and os.lstat(dst / "latest").st_ino == inode  # kept
+
+        (dst / "latest").unlink()
+        (dst / "latest").symlink_to(a.data / "links" / "run5")  # site A's path: wrong here
+        checked = await verify(site_b, "/proj/links")
+        assert not checked.ok
+        assert any(p.startswith("latest: symlink points to") for p in checked.problems)
+        fixed = await stage(site_b, "/proj/links")
+        assert "latest" in fixed.trashed  # somebody changed it: kept in the trash
+        assert os.readlink(dst / "latest") == str(dst / "run5")
+        assert (await verify(site_b, "/proj/links")).ok
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
 @pytest.mark.parametrize("size", [0, 1, 4096, (1 << 20) + 1, 9 << 20])
 async def test_file_sizes_around_the_chunking_limits(make_site: MakeSite, size: int) -> None:
     a, b = await make_site("site-a"), await make_site("site-b")

@@ -63,3 +63,61 @@ class Namespace:
         raise InvalidInput(
             f"logical path {path!r} is outside every namespace prefix of this site ({known})"
         )
+
+    # -- symlink targets --------------------------------------------------------------------
+    #
+    # An absolute symlink target that points into a mapped local directory is stored as the
+    # logical path it points at, and written at every site as that site's local path for it,
+    # so a link into the namespace keeps pointing at the same data wherever it is staged. Any
+    # other absolute target (`/usr/bin/python3`, a site's software tree) is kept verbatim,
+    # as tar and rsync keep it; relative targets are never rewritten. A target whose part
+    # below the prefix is not a plain path (`.`, `..` or empty components) is kept verbatim
+    # too: lexically, it may leave the prefix.
+
+    def link_to_logical(self, target: str) -> str:
+        """The stored form of a symlink target read at this site (see the comment above)."""
+        if not target.startswith("/"):
+            return target
+        found = [
+            (len(str(local)), prefix, rest)
+            for prefix, local in self.prefixes
+            if (rest := _below(target, str(local))) is not None
+        ]
+        if not found:
+            return target
+        _, prefix, rest = max(found)  # the deepest local directory holding it
+        return _join(prefix, rest)
+
+    def link_to_local(self, target: str) -> str:
+        """The target to write at this site for a stored symlink target: a logical path under
+        a prefix becomes this site's local path; anything else is returned unchanged."""
+        if not target.startswith("/"):
+            return target
+        for prefix, local in self.prefixes:  # longest prefix first
+            rest = _below(target, prefix)
+            if rest is not None:
+                return _join(str(local), rest)
+        return target
+
+
+def _below(path: str, base: str) -> str | None:
+    """The plain relative path of `path` below directory `base` ("" for `base` itself; a
+    trailing slash is kept), or None if it is not below it or the remainder is not plain."""
+    if base == "/":
+        rest = path[1:]
+    elif path == base:
+        return ""
+    elif path.startswith(base + "/"):
+        rest = path[len(base) + 1 :]
+    else:
+        return None
+    plain = rest[:-1] if rest.endswith("/") else rest
+    if plain and any(part in ("", ".", "..") for part in plain.split("/")):
+        return None
+    return rest
+
+
+def _join(base: str, rest: str) -> str:
+    if not rest:
+        return base
+    return base.rstrip("/") + "/" + rest

@@ -106,23 +106,28 @@ def nfc(name: str) -> str:
     return unicodedata.normalize("NFC", name)
 
 
-def check_symlink_target(link: str, target: str) -> str:
-    """Return `target` if the symlink at relative path `link` stays inside the tree.
+#: The longest symlink target Linux stores (PATH_MAX less the terminating NUL).
+MAX_LINK_TARGET = 4095
 
-    Absolute targets and relative ones that climb above the dataset root are rejected: the
-    same tree appears at different local paths on every site, so such a link would point at
-    something else, or outside the namespace, after staging.
+
+def check_symlink_target(link: str, target: str) -> str:
+    """Return `target` if it is an acceptable target for the symlink at relative path `link`.
+
+    Any target: not empty, no control characters, at most `MAX_LINK_TARGET` bytes. Absolute
+    targets are accepted (a logical one is mapped to each site's local path when staged, see
+    `Namespace.link_to_local`); relative ones must stay inside the tree, because the same
+    tree appears at different local paths on every site, so a link climbing out of it would
+    point at something else after staging.
     """
     if not target:
         raise InvalidInput(f"symlink {link!r} has an empty target")
     problem = _bad_char(target)
     if problem:
         raise InvalidInput(f"symlink {link!r} has a target with a {problem}")
+    if len(target.encode()) > MAX_LINK_TARGET:
+        raise InvalidInput(f"symlink {link!r} has a target longer than {MAX_LINK_TARGET} bytes")
     if target.startswith("/"):
-        raise InvalidInput(
-            f"symlink {link!r} -> {target!r} is absolute: it would leave the dataset "
-            "(only relative links inside the tree can be moved between sites)"
-        )
+        return target
     parts = target.split("/")
     climbs = 0
     while climbs < len(parts) and parts[climbs] == "..":
@@ -136,5 +141,8 @@ def check_symlink_target(link: str, target: str) -> str:
         )
     depth = link.count("/")
     if climbs > depth:
-        raise InvalidInput(f"symlink {link!r} -> {target!r} points outside the dataset")
+        raise InvalidInput(
+            f"symlink {link!r} -> {target!r} points outside the dataset (a relative link must "
+            "stay inside it; an absolute one into the namespace is mapped at every site)"
+        )
     return target

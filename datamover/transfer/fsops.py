@@ -224,13 +224,13 @@ class TreeWriter:
             os.close(fd)
         os.rename(partial_name(entry), name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
-    def symlink(self, entry: Entry) -> None:
-        """Create (or atomically replace) a symlink."""
+    def symlink(self, entry: Entry, target: str) -> None:
+        """Create (or atomically replace) the symlink of `entry`, pointing at `target` (the
+        entry's target as this site writes it)."""
         parent, name = split(entry.path)
         dfd = self.dir_fd(parent)
         tmp = temp_name()
-        assert entry.target is not None
-        os.symlink(entry.target, tmp, dir_fd=dfd)
+        os.symlink(target, tmp, dir_fd=dfd)
         try:
             os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=dfd, follow_symlinks=False)
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)

@@ -121,7 +121,8 @@ async def push(
     previous = _previous(site.repo, resumed, parent_refs)
     # Two readers per core: reading a cold tree waits on the disk as much as it computes.
     workers = t.read_workers if t.read_workers > 0 else 2 * (os.cpu_count() or 1)
-    scanner = Scanner(str(root), previous, params, checksum, level, workers)
+    links = site.config.namespace.link_to_logical
+    scanner = Scanner(str(root), previous, params, checksum, level, workers, links)
     packer = Packer(site.store, site.catalog, t.pack_size, t.upload_concurrency)
 
     async def on_segment(seq: int, ref: SegmentRef) -> None:

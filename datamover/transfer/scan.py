@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -75,7 +75,8 @@ class Scanner:
     """Produces pieces for the tree at `root`, merged with `previous` (sorted entries).
 
     `workers` is the number of reader processes to use for many small files (0: none).
-    Call `close` when done.
+    `links` turns a symlink target read from disk into its stored form
+    (`Namespace.link_to_logical`). Call `close` when done.
     """
 
     def __init__(
@@ -86,8 +87,10 @@ class Scanner:
         checksum: bool = False,
         zstd_level: int | None = 3,
         workers: int = 0,
+        links: Callable[[str], str] = str,
     ) -> None:
         self.root = root
+        self.links = links
         self.walker = Walker(root, strict=True, stat_files=False)
         self.previous = previous
         self.params = params
@@ -152,7 +155,7 @@ class Scanner:
                 yield Done(entry, None, entry == self._previous_for(local.path))
                 continue
             if local.kind == Kind.SYMLINK:
-                target = local.target or ""
+                target = self.links(local.target or "")
                 check_symlink_target(local.path, target)
                 entry = Entry(
                     local.path,

@@ -331,6 +331,7 @@ class _Stager:
             self._entries(self.base_refs) if self.base_refs else None,
             self.delete,
             content_ok,
+            self.site.config.namespace.link_to_local,
         )
         return iter(planner)
 
@@ -366,7 +367,8 @@ class _Stager:
                 self._ops.append((w.mkdir, (action.path,)))
                 self._keep_dir(entry)
             elif op is Op.LINK:
-                self._ops.append((w.symlink, (entry,)))
+                target = self.site.config.namespace.link_to_local(entry.target or "")
+                self._ops.append((w.symlink, (entry, target)))
             elif op is Op.TRASH:
                 self._ops.append((w.trash, (action.path,)))
             elif op is Op.REMOVE:

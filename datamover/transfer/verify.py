@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -47,7 +48,13 @@ class VerifyResult:
         return asdict(self)
 
 
-def _compare(root: str, local: LocalEntry, entry: Entry, result: VerifyResult) -> None:
+def _compare(
+    root: str,
+    local: LocalEntry,
+    entry: Entry,
+    result: VerifyResult,
+    link_local: Callable[[str], str],
+) -> None:
     path = entry.path
     if local.kind != entry.kind:
         want = entry.kind.name.lower()
@@ -55,8 +62,9 @@ def _compare(root: str, local: LocalEntry, entry: Entry, result: VerifyResult) -
         result.add(f"{path}: is a {have}, expected a {want}")
         return
     if entry.kind == Kind.SYMLINK:
-        if local.target != entry.target:
-            result.add(f"{path}: symlink points to {local.target!r}, expected {entry.target!r}")
+        want = link_local(entry.target or "")
+        if local.target != want:
+            result.add(f"{path}: symlink points to {local.target!r}, expected {want!r}")
         return
     if local.mode != entry.mode:
         result.add(f"{path}: mode {local.mode:o}, expected {entry.mode:o}")
@@ -95,7 +103,7 @@ def _verify(
             local = next(walker, None)
         else:
             assert local is not None and entry is not None
-            _compare(root, local, entry, result)
+            _compare(root, local, entry, result, site.config.namespace.link_to_local)
             if local.kind == Kind.DIR and entry.kind != Kind.DIR:
                 walker.prune()
             local = next(walker, None)
