@@ -54,6 +54,24 @@ async def test_one_run_per_path_and_guarded_transitions(queue: Transfers) -> Non
     assert ALLOWED[State.SUCCEEDED] == frozenset()
 
 
+async def test_nested_paths_do_not_run_at_once(queue: Transfers) -> None:
+    outer, _ = await queue.submit(sub("/p/a"))
+    inner, _ = await queue.submit(sub("/p/a/b"))
+    sibling, _ = await queue.submit(sub("/p/a_b"))  # `_` is no wildcard here
+    other, _ = await queue.submit(sub("/p/ab"))
+    assert (await queue.claim("w1", 30)).id == outer.id
+    # /p/a/b lies inside the running /p/a: the claims skip it
+    assert (await queue.claim("w2", 30)).id == sibling.id
+    assert (await queue.claim("w3", 30)).id == other.id
+    assert await queue.claim("w4", 30) is None
+    await queue.transition(outer.id, State.SUCCEEDED, owner="w1")
+    assert (await queue.claim("w4", 30)).id == inner.id
+    again, _ = await queue.submit(sub("/p/a"))
+    assert await queue.claim("w5", 30) is None  # and /p/a waits for /p/a/b
+    await queue.transition(inner.id, State.SUCCEEDED, owner="w4")
+    assert (await queue.claim("w5", 30)).id == again.id
+
+
 async def test_lapsed_lease_is_taken_over(queue: Transfers) -> None:
     t, _ = await queue.submit(sub("/p/x"))
     await queue.claim("dead", 0.01)

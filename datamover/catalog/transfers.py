@@ -314,17 +314,20 @@ class Transfers:
     async def claim(self, owner: str, lease: float) -> TransferRow | None:
         """Take the next runnable transfer for `owner`, with a lease of `lease` seconds.
 
-        A transfer whose path already has a running transfer waits: two runs writing one
-        tree at once would fight over it. On PostgreSQL an advisory lock on the path makes
-        that check and the claim one step across processes; SQLite has one writer anyway.
+        A transfer waits while a running one has its path, or a path above or below it
+        (nested datasets share a tree): two runs writing one tree at once would fight over
+        it. On PostgreSQL an advisory lock on the path's first component makes that check
+        and the claim one step across processes (claims under one top-level prefix take
+        turns, for the milliseconds a claim lasts); SQLite has one writer anyway.
         """
         at = now()
-        busy = select(T.c.path).where(T.c.state == State.RUNNING.value)
         ready = and_(
             T.c.state == State.QUEUED.value,
             T.c.not_before <= at,
             ~T.c.cancel_requested,
-            T.c.path.not_in(busy),
+            ~exists().where(
+                _OTHER.c.state == State.RUNNING.value, _overlaps(_OTHER.c.path, T.c.path)
+            ),
         )
         candidates = select(T.c.id, T.c.path).where(ready).order_by(T.c.rank_time, T.c.id)
         candidates = candidates.limit(1)
@@ -338,14 +341,16 @@ class Transfers:
                 picked, path = row
                 if self.dialect == "postgresql":
                     await conn.execute(
-                        text("SELECT pg_advisory_xact_lock(hashtext(:p))"), {"p": path}
+                        text("SELECT pg_advisory_xact_lock(hashtext(:p))"), {"p": _top(path)}
                     )
                 stmt = (
                     update(T)
                     .where(
                         T.c.id == picked,
                         T.c.state == State.QUEUED.value,
-                        ~exists().where(_OTHER.c.path == path, _OTHER.c.state == State.RUNNING),
+                        ~exists().where(
+                            _OTHER.c.state == State.RUNNING.value, _overlaps(_OTHER.c.path, path)
+                        ),
                     )
                     .values(
                         state=State.RUNNING.value,
@@ -406,6 +411,21 @@ class Transfers:
         query = select(T.c.state, T.c.priority, func.count()).group_by(T.c.state, T.c.priority)
         async with self.engine.connect() as conn:
             return {(s, p): n for s, p, n in await conn.execute(query)}
+
+
+def _overlaps(a: Any, b: Any) -> Any:
+    """SQL: paths `a` and `b` are equal or one lies below the other (component-wise; plain
+    string functions, so `%` and `_` in names need no escaping)."""
+    return or_(
+        a == b,
+        func.substr(b, 1, func.length(a) + 1) == a + "/",
+        func.substr(a, 1, func.length(b) + 1) == b + "/",
+    )
+
+
+def _top(path: str) -> str:
+    """The first component of a logical path (`/proj` of `/proj/a/b`): the claim lock's key."""
+    return "/" + path.split("/")[1]
 
 
 def _under(prefix: str) -> Any:
