@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.errors import Corrupt
+from datamover.repo import manifest as manifest_module
 from datamover.repo.manifest import (
     EntryChecker,
     SegmentRef,
@@ -88,6 +89,61 @@ def test_type_rules_are_enforced_on_decode() -> None:
     for entry in bad:
         with pytest.raises(Corrupt, match="entry 0 is invalid"):
             list(decode_segment(encode_segment([entry])))
+
+
+def _wire(entry: list[object]) -> bytes:
+    return manifest_module._frame({"t": "segment", "v": 1, "n": 1}, [entry])
+
+
+GOOD_CHUNK = [D, P, 0, 10, 10, 0]
+GOOD_FILE = ["f", 0, 0o644, 5, 10, None, [GOOD_CHUNK]]
+
+
+def _with(base: list[object], index: int, value: object) -> list[object]:
+    changed = list(base)
+    changed[index] = value
+    return changed
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        GOOD_FILE[:6],  # too short
+        _with(GOOD_FILE, 0, b"f"),  # path not a str
+        _with(GOOD_FILE, 1, 3),  # unknown kind
+        _with(GOOD_FILE, 1, True),  # a bool is not an int here
+        _with(GOOD_FILE, 2, -1),
+        _with(GOOD_FILE, 3, 1 << 63),
+        _with(GOOD_FILE, 3, 1.5),
+        _with(GOOD_FILE, 4, -1),
+        _with(GOOD_FILE, 5, "t"),  # a file with a target
+        _with(GOOD_FILE, 6, [GOOD_CHUNK[:5]]),
+        _with(GOOD_FILE, 6, [_with(GOOD_CHUNK, 1, P[:31])]),
+        _with(GOOD_FILE, 6, [_with(GOOD_CHUNK, 2, -1)]),
+        _with(GOOD_FILE, 6, [_with(GOOD_CHUNK, 4, 0)]),
+        _with(GOOD_FILE, 6, [_with(GOOD_CHUNK, 5, 2)]),  # unknown codec
+        _with(GOOD_FILE, 6, [_with(GOOD_CHUNK, 5, False)]),
+        _with(GOOD_FILE, 6, [[D, P, 0, (16 << 20) + 1024, 10, 1]]),  # zstd frame too large
+        _with(GOOD_FILE, 6, [[D, P, 0, 11, (16 << 20) + 1, 1]]),  # chunk too large
+        ["d", 1, 0o755, 5, 0, None, [GOOD_CHUNK]],  # a directory with chunks
+        ["d", 1, 0o755, 5, 0, "x", []],  # a directory with a target
+        ["l", 2, 0o777, 5, 2, "x", []],  # size is not the target's length
+        ["l", 2, 0o777, 5, 0, None, []],  # a symlink without a target
+    ],
+)
+def test_each_wire_field_is_checked(raw: list[object]) -> None:
+    with pytest.raises(Corrupt, match="entry 0 is invalid"):
+        list(decode_segment(_wire(raw)))
+
+
+def test_good_wire_entries_decode() -> None:
+    [f] = decode_segment(_wire(GOOD_FILE))
+    assert f == Entry("f", Kind.FILE, 0o644, 5, 10, None, (ChunkRef(D, P, 0, 10, 10, 0),))
+    assert type(f.chunks[0]) is ChunkRef and f.chunks[0].raw_length == 10
+    [z] = decode_segment(_wire(_with(GOOD_FILE, 6, [[D, P, 0, 12, 10, 1]])))
+    assert z.chunks[0].codec == 1
+    [link] = decode_segment(_wire(["l", 2, 0o777, 5, 3, "/é", []]))
+    assert link == Entry("l", Kind.SYMLINK, 0o777, 5, 3, "/é")
 
 
 SAMPLE = encode_segment(tree())
