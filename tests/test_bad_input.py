@@ -109,6 +109,27 @@ async def test_bad_names_in_the_source_tree(make_site: MakeSite, make_bad, says:
     assert not [k for k in await store_keys(a, "datasets/")]
 
 
+async def test_a_link_too_long_for_this_site_is_refused_before_anything_is_written(
+    make_site: MakeSite,
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b-whose-directories-are-longer")
+    src = a.data / "links"
+    src.mkdir()
+    # A link into the namespace whose target is 4,095 bytes at site A: at site B, whose data
+    # directory has a longer path, the same logical target would be longer than Linux allows.
+    rest = ""
+    while len(str(a.data)) + len(rest) + 201 <= 4095:
+        rest += "/" + "x" * 200
+    rest += "/" + "y" * (4095 - len(str(a.data)) - len(rest) - 1)
+    target = str(a.data) + rest
+    assert len(target) == 4095
+    (src / "deep").symlink_to(target)
+    (src / "f").write_text("data")
+    assert a.cli_json("push", "/proj/links")["symlinks"] == 1
+    fails(b, "stage", "/proj/links", code=2, says="longer than 4095 bytes")
+    assert not (b.data / "links").exists()
+
+
 async def test_non_utf8_name_is_rejected(make_site: MakeSite) -> None:
     a = await make_site("site-a")
     src = a.data / "x"

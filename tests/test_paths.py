@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -118,11 +120,11 @@ def test_version_ids_sort_after_their_parent() -> None:
 SITE_A = Namespace.from_mapping(
     {
         "/proj": "/public/home/dp/proj",
-        "/proj/big": "/scratch/big",
-        "/ref": "/public/home/dp/proj/ref",
+        "/proj/big": "/scratch/big",  # elsewhere: shadows /public/home/dp/proj/big
+        "/proj/ref": "/public/home/dp/proj/ref",  # nested where /proj has it anyway
     }
 )
-SITE_B = Namespace.from_mapping({"/proj": "/gpfs/proj", "/ref": "/data/ref"})
+SITE_B = Namespace.from_mapping({"/proj": "/gpfs/proj"})
 
 
 @pytest.mark.parametrize(
@@ -131,11 +133,12 @@ SITE_B = Namespace.from_mapping({"/proj": "/gpfs/proj", "/ref": "/data/ref"})
         # into a mapped directory: stored logical, written as each site's local path
         ("/public/home/dp/proj/run5/out", "/proj/run5/out", "/gpfs/proj/run5/out"),
         ("/public/home/dp/proj", "/proj", "/gpfs/proj"),
+        ("/public/home/dp/proj/", "/proj/", "/gpfs/proj/"),
         ("/public/home/dp/proj/run5/", "/proj/run5/", "/gpfs/proj/run5/"),
         ("/scratch/big/traj.bin", "/proj/big/traj.bin", "/gpfs/proj/big/traj.bin"),
-        # the deepest mapped local directory wins (/ref's lies inside /proj's)
-        ("/public/home/dp/proj/ref/x", "/ref/x", "/data/ref/x"),
-        # outside every mapped directory, or not a plain path below one: verbatim
+        ("/public/home/dp/proj/ref/x", "/proj/ref/x", "/gpfs/proj/ref/x"),
+        # outside every mapped directory, not a plain path below one, or in a directory a
+        # deeper prefix shadows (site A would write /proj/big/x as /scratch/big/x): verbatim
         ("/usr/bin/python3", "/usr/bin/python3", "/usr/bin/python3"),
         ("/public/home/dp/project", "/public/home/dp/project", "/public/home/dp/project"),
         (
@@ -144,6 +147,7 @@ SITE_B = Namespace.from_mapping({"/proj": "/gpfs/proj", "/ref": "/data/ref"})
             "/public/home/dp/proj/../etc",
         ),
         ("/public/home/dp/proj//x", "/public/home/dp/proj//x", "/public/home/dp/proj//x"),
+        ("/public/home/dp/proj/big/x", "/public/home/dp/proj/big/x", "/public/home/dp/proj/big/x"),
         # relative targets are never rewritten
         ("../run5", "../run5", "../run5"),
     ],
@@ -162,3 +166,23 @@ def test_a_logical_absolute_target_is_mapped_even_if_written_logically() -> None
     assert SITE_B.link_to_local("/proj/x") == "/gpfs/proj/x"
     # a logical prefix of another site's namespace that this site lacks stays verbatim
     assert Namespace.from_mapping({"/other": "/o"}).link_to_local("/proj/x") == "/proj/x"
+
+
+@pytest.mark.parametrize(
+    "mapping",
+    [
+        {"/proj": "/d", "/alias": "/d"},
+        {"/proj": "/public/home/dp/proj", "/ref": "/public/home/dp/proj/ref"},
+        {"/proj": "/", "/ref": "/data/ref"},
+    ],
+)
+def test_one_local_directory_cannot_have_two_logical_paths(mapping: dict[str, str]) -> None:
+    with pytest.raises(InvalidInput, match="cannot have two logical paths"):
+        Namespace.from_mapping(mapping)
+
+
+def test_nested_directories_where_the_outer_prefix_has_them_are_fine() -> None:
+    ns = Namespace.from_mapping({"/proj": "/gpfs/proj", "/proj/a": "/gpfs/proj/a"})
+    assert ns.resolve("/proj/a/x") == Path("/gpfs/proj/a/x")
+    assert ns.link_to_logical("/gpfs/proj/a/x") == "/proj/a/x"
+    assert Namespace.from_mapping({"/proj": "/"}).link_to_logical("/") == "/proj"

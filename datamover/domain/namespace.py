@@ -36,6 +36,7 @@ class Namespace:
                     "which is not an absolute path"
                 )
             items.append((prefix, path))
+        _check_aliases(items, source)
         # Longest prefix first, so `/proj/a` wins over `/proj` for `/proj/a/x`.
         items.sort(key=lambda item: -item[0].count("/"))
         return cls(tuple(items))
@@ -70,9 +71,11 @@ class Namespace:
     # logical path it points at, and written at every site as that site's local path for it,
     # so a link into the namespace keeps pointing at the same data wherever it is staged. Any
     # other absolute target (`/usr/bin/python3`, a site's software tree) is kept verbatim,
-    # as tar and rsync keep it; relative targets are never rewritten. A target whose part
-    # below the prefix is not a plain path (`.`, `..` or empty components) is kept verbatim
-    # too: lexically, it may leave the prefix.
+    # as tar and rsync keep it; relative targets are never rewritten. Kept verbatim too: a
+    # target whose part below the directory is not a plain path (`.`, `..` or empty
+    # components: lexically, it may leave it), and one this site would not write back as it
+    # is (a directory shadowed by a deeper prefix mapped elsewhere), so a push followed by a
+    # stage at the same site always gives the link back unchanged.
 
     def link_to_logical(self, target: str) -> str:
         """The stored form of a symlink target read at this site (see the comment above)."""
@@ -86,7 +89,8 @@ class Namespace:
         if not found:
             return target
         _, prefix, rest = max(found)  # the deepest local directory holding it
-        return _join(prefix, rest)
+        logical = _join(prefix, rest)
+        return logical if self.link_to_local(logical) == target else target
 
     def link_to_local(self, target: str) -> str:
         """The target to write at this site for a stored symlink target: a logical path under
@@ -100,24 +104,46 @@ class Namespace:
         return target
 
 
+def _check_aliases(items: list[tuple[str, Path]], source: str) -> None:
+    """Refuse a map that gives one local directory two logical paths.
+
+    A prefix's directory may lie inside another's only where the outer prefix would put it
+    anyway (`/proj` -> `/gpfs/proj` with `/proj/a` -> `/gpfs/proj/a`). Otherwise the same
+    files would be two datasets' trees at once: transfers of both could run together, and
+    a symlink into them would have no single logical path.
+    """
+    for outer, outer_dir in items:
+        for inner, inner_dir in items:
+            if inner == outer or not inner_dir.is_relative_to(outer_dir):
+                continue
+            rel = inner_dir.relative_to(outer_dir).as_posix()
+            expected = outer if rel == "." else f"{outer}/{rel}"
+            if inner != expected:
+                raise InvalidInput(
+                    f"{source}: [namespace] {inner!r} maps to {str(inner_dir)!r}, which "
+                    f"{outer!r} already maps as {expected!r} (one local directory cannot have "
+                    "two logical paths)"
+                )
+
+
 def _below(path: str, base: str) -> str | None:
-    """The plain relative path of `path` below directory `base` ("" for `base` itself; a
-    trailing slash is kept), or None if it is not below it or the remainder is not plain."""
-    if base == "/":
-        rest = path[1:]
-    elif path == base:
+    """What follows directory `base` in `path`: "" for `base` itself, else the rest with its
+    leading slash (a trailing slash is kept); None if `path` is not below `base` or the rest
+    is not a plain path."""
+    if path == base:
         return ""
+    if base == "/":
+        rest = path
     elif path.startswith(base + "/"):
-        rest = path[len(base) + 1 :]
+        rest = path[len(base) :]
     else:
         return None
-    plain = rest[:-1] if rest.endswith("/") else rest
+    plain = rest[1:-1] if rest.endswith("/") else rest[1:]
     if plain and any(part in ("", ".", "..") for part in plain.split("/")):
         return None
     return rest
 
 
 def _join(base: str, rest: str) -> str:
-    if not rest:
-        return base
-    return base.rstrip("/") + "/" + rest
+    """`base` followed by a `_below` remainder."""
+    return (base.rstrip("/") + rest) or "/"

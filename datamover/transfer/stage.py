@@ -36,8 +36,8 @@ from typing import Any
 from datamover.catalog.queries import owner_alive, owner_id
 from datamover.config import TransferSettings
 from datamover.domain.manifest import Entry, Kind
-from datamover.domain.paths import check_logical_path
-from datamover.errors import Conflict, Corrupt, NotFound
+from datamover.domain.paths import MAX_LINK_TARGET, check_logical_path
+from datamover.errors import Conflict, Corrupt, InvalidInput, NotFound
 from datamover.repo.layout import VersionDoc, encode_dataset
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
@@ -92,13 +92,30 @@ class StageResult:
 
 
 def _check_manifest(site: Site, refs: list[SegmentRef]) -> list[Entry] | None:
-    """Check every entry of the manifest; return them all if there are at most `_KEEP_CHECKED`
-    (the planner then reads the list instead of decoding the manifest a second time)."""
+    """Check every entry of the manifest, and that this site can write every symlink's
+    target, before anything is written; return the entries if there are at most
+    `_KEEP_CHECKED` (the planner then reads the list instead of decoding the manifest a
+    second time)."""
     kept: list[Entry] | None = [] if sum(r.entries for r in refs) <= _KEEP_CHECKED else None
     for entry in site.repo.iter_cached(refs, check=True):
+        if entry.kind == Kind.SYMLINK:
+            _link_target(site, entry)
         if kept is not None:
             kept.append(entry)
     return kept
+
+
+def _link_target(site: Site, entry: Entry) -> str:
+    """The target this site writes for a symlink entry (a logical one mapped here)."""
+    target = site.config.namespace.link_to_local(entry.target or "")
+    if len(target.encode()) > MAX_LINK_TARGET:
+        raise InvalidInput(
+            f"symlink {entry.path!r} cannot be created at this site: its target, mapped to "
+            f"this site's directories, is longer than {MAX_LINK_TARGET} bytes "
+            f"({target[:60]}...)",
+            [entry.path],
+        )
+    return target
 
 
 class _Stager:
@@ -367,8 +384,7 @@ class _Stager:
                 self._ops.append((w.mkdir, (action.path,)))
                 self._keep_dir(entry)
             elif op is Op.LINK:
-                target = self.site.config.namespace.link_to_local(entry.target or "")
-                self._ops.append((w.symlink, (entry, target)))
+                self._ops.append((w.symlink, (entry, _link_target(self.site, entry))))
             elif op is Op.TRASH:
                 self._ops.append((w.trash, (action.path,)))
             elif op is Op.REMOVE:
