@@ -113,13 +113,21 @@ def _with(base: list[object], index: int, value: object) -> list[object]:
         _with(GOOD_FILE, 1, 3),  # unknown kind
         _with(GOOD_FILE, 1, True),  # a bool is not an int here
         _with(GOOD_FILE, 2, -1),
+        _with(GOOD_FILE, 2, 0o10000),
+        _with(GOOD_FILE, 2, True),
         _with(GOOD_FILE, 3, 1 << 63),
         _with(GOOD_FILE, 3, 1.5),
         _with(GOOD_FILE, 4, -1),
+        _with(GOOD_FILE, 4, 11),  # the chunks add up to 10
+        _with(GOOD_FILE, 4, True),
         _with(GOOD_FILE, 5, "t"),  # a file with a target
         _with(GOOD_FILE, 6, [GOOD_CHUNK[:5]]),
         _with(GOOD_FILE, 6, [_with(GOOD_CHUNK, 1, P[:31])]),
         _with(GOOD_FILE, 6, [_with(GOOD_CHUNK, 2, -1)]),
+        _with(GOOD_FILE, 6, [_with(GOOD_CHUNK, 2, 1 << 63)]),
+        _with(GOOD_FILE, 6, [_with(GOOD_CHUNK, 2, False)]),
+        _with(GOOD_FILE, 6, [_with(GOOD_CHUNK, 3, 9)]),  # raw: stored must equal raw length
+        _with(GOOD_FILE, 6, [[D, P, 0, 0, 10, 1]]),  # an empty zstd frame
         _with(GOOD_FILE, 6, [_with(GOOD_CHUNK, 4, 0)]),
         _with(GOOD_FILE, 6, [_with(GOOD_CHUNK, 5, 2)]),  # unknown codec
         _with(GOOD_FILE, 6, [_with(GOOD_CHUNK, 5, False)]),

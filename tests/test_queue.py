@@ -59,10 +59,12 @@ async def test_nested_paths_do_not_run_at_once(queue: Transfers) -> None:
     inner, _ = await queue.submit(sub("/p/a/b"))
     sibling, _ = await queue.submit(sub("/p/a_b"))  # `_` is no wildcard here
     other, _ = await queue.submit(sub("/p/ab"))
+    percent, _ = await queue.submit(sub("/p/a%"))  # nor is `%`
     assert (await queue.claim("w1", 30)).id == outer.id
     # /p/a/b lies inside the running /p/a: the claims skip it
     assert (await queue.claim("w2", 30)).id == sibling.id
     assert (await queue.claim("w3", 30)).id == other.id
+    assert (await queue.claim("w3", 30)).id == percent.id
     assert await queue.claim("w4", 30) is None
     await queue.transition(outer.id, State.SUCCEEDED, owner="w1")
     assert (await queue.claim("w4", 30)).id == inner.id
