@@ -3,6 +3,7 @@ twice, and no final path ever holds a partial or wrong file."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -118,8 +119,16 @@ async def test_stage_killed_and_rerun(make_site: MakeSite) -> None:
 
     proc = start(b, "stage", "/proj/x")
     target = b.data / "x"
-    partial = lambda: [p for p in target.glob(".dm-*.part") if p.stat().st_size > 4 * MiB]  # noqa: E731
-    kill_when(proc, lambda: target.exists() and len(final_files(target)) >= 6 and bool(partial()))
+
+    def partial() -> bool:
+        """A large partial file is under way (small files' temporary names come and go)."""
+        for p in target.glob(".dm-*.part"):
+            with contextlib.suppress(FileNotFoundError):
+                if p.stat().st_size > 4 * MiB:
+                    return True
+        return False
+
+    kill_when(proc, lambda: target.exists() and len(final_files(target)) >= 6 and partial())
 
     # Every file at a final path is complete and right; the large one is only a partial.
     originals = {p.name: p.read_bytes() for p in src.iterdir()}
