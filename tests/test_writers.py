@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,7 @@ from datamover.chunking import codec
 from datamover.domain.manifest import ChunkRef
 from datamover.errors import Conflict, Corrupt
 from datamover.transfer.fetch import plan_ranges
-from datamover.transfer.fsops import open_root
+from datamover.transfer.fsops import TreeWriter, open_root
 from datamover.transfer.writers import write_batch
 
 PACK = bytes(32)
@@ -67,3 +69,45 @@ def test_errors_keep_their_paths_across_processes() -> None:
     err = pickle.loads(pickle.dumps(Corrupt("'x/y': the data is corrupt", ["x/y"])))
     assert type(err) is Corrupt and err.message == "'x/y': the data is corrupt"
     assert err.paths == ["x/y"] and str(err) == err.message
+
+
+def _other_file_system(tmp_path: Path) -> Path:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a file system other than the test's temporary directory")
+    return shm
+
+
+def test_trash_on_another_file_system_copies_and_never_follows_a_swapped_symlink(
+    tmp_path: Path,
+) -> None:
+    shm = _other_file_system(tmp_path)
+    trash = Path(tempfile.mkdtemp(dir=shm, prefix="dm-trash-test-"))
+    try:
+        root = tmp_path / "ds"
+        (root / "d" / "sub").mkdir(parents=True)
+        (root / "d" / "x").write_text("mine")
+        (root / "d" / "sub" / "y").write_text("deep")
+        (root / "d" / "link").symlink_to("x")
+        outside = tmp_path / "outside"
+        outside.mkdir()
+        (outside / "x").write_text("not ours")
+        writer = TreeWriter(open_root(tmp_path, ("ds",)), root, trash)
+        try:
+            writer.trash("d/sub")  # a directory: copied whole, then removed
+            writer.trash("d/link")  # a symlink stays a symlink
+            writer.dir_fd("d")  # the writer holds `d` open ...
+            (root / "d").rename(root / "d-moved")  # ... when `d` is swapped for a symlink
+            (root / "d").symlink_to(outside)
+            writer.trash("d/x")
+        finally:
+            writer.close()
+            os.close(writer.root_fd)
+        assert (trash / "d" / "sub" / "y").read_text() == "deep"
+        assert os.readlink(trash / "d" / "link") == "x"
+        assert (trash / "d" / "x").read_text() == "mine"
+        assert (outside / "x").read_text() == "not ours"  # never reached through the symlink
+        assert sorted(p.name for p in (root / "d-moved").iterdir()) == []
+        assert writer.trashed == ["d/sub", "d/link", "d/x"]
+    finally:
+        shutil.rmtree(trash)

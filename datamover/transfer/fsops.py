@@ -149,15 +149,20 @@ class TreeWriter:
         self._forget(rel)
         dest = self.trash_dir / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
+        dfd = self.dir_fd(parent)
         try:
-            os.rename(name, dest, src_dir_fd=self.dir_fd(parent))
+            os.rename(name, dest, src_dir_fd=dfd)
         except FileNotFoundError:
             return
         except OSError as exc:
             if exc.errno != errno.EXDEV:
                 raise
-            # Trash on another file system: copy, then remove the original.
-            source = self.root_path / rel
+            # Trash on another file system (state on local disk, data on a parallel file
+            # system): copy, then remove the original. Reached through the parent's
+            # descriptor, as every other write is, so a symlink swapped into the path
+            # meanwhile cannot send the copy and the removal elsewhere.
+            via_fd = f"/proc/self/fd/{dfd}"
+            source = f"{via_fd}/{name}" if os.path.isdir(via_fd) else str(self.root_path / rel)
             shutil.move(source, dest)
         self.trashed.append(rel)
 
