@@ -9,15 +9,18 @@ connection closed by the server, a short body, a wrong `Content-Range`, a server
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import botocore.exceptions as bce
 import pytest
 
 from datamover.errors import StoreUnavailable
 from datamover.storage.direct import DirectGetter, proxied
+from datamover.storage.s3 import S3Store, _verify
 
 DATA = bytes(range(256)) * 64  # 16 KiB
 
@@ -188,3 +191,38 @@ def test_proxied_follows_the_environment(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.delenv("no_proxy")
     monkeypatch.setenv("ALL_PROXY", "socks5://proxy.example.org:1080")
     assert proxied("https://s3.example.org")
+
+
+def test_plain_http_endpoints_load_no_ca_bundle(monkeypatch: pytest.MonkeyPatch) -> None:
+    for scheme in ("http", "https", "all", "no"):
+        monkeypatch.delenv(f"{scheme}_proxy", raising=False)
+        monkeypatch.delenv(f"{scheme.upper()}_PROXY", raising=False)
+    assert _verify("http://127.0.0.1:8333") is False
+    assert _verify("HTTP://s3.example.org") is False
+    assert _verify("https://s3.example.org") is None  # botocore's configured verification
+    assert _verify(None) is None  # AWS itself: https
+    monkeypatch.setenv("HTTP_PROXY", "https://proxy.example.org:3128")
+    assert _verify("http://s3.example.org") is None  # the proxy may speak TLS
+
+
+async def test_a_plain_http_client_builds_its_pool_without_the_ca_bundle(
+    seaweed: Any, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The real client, against SeaweedFS: its first request works, with no CA file read."""
+    loaded: list[object] = []
+    original = ssl.SSLContext.load_verify_locations
+
+    def spy(self: ssl.SSLContext, *args: Any, **kwargs: Any) -> None:
+        loaded.append(args or kwargs)
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_verify_locations", spy)
+    store = S3Store(
+        seaweed.endpoint, bucket, access_key=seaweed.access_key, secret_key=seaweed.secret_key
+    )
+    try:
+        await store.put("probe", b"x")
+        assert await store.get("probe") == b"x"
+    finally:
+        await store.close()
+    assert loaded == []
