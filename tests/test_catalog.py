@@ -139,10 +139,16 @@ async def test_replica_and_checkpoint_records(catalog_url: str) -> None:
         assert await catalog.checkpoint("/p/x") == (False, None, None)
         await catalog.start_checkpoint("/p/x", "v1", "host:2", keep_segments=False)
         seg = SegmentRef(os.urandom(32), 100, 5, "a", "e", 50)
-        await catalog.add_checkpoint_segment("/p/x", 0, seg)
-        await catalog.add_checkpoint_segment("/p/x", 0, seg)  # idempotent
+        more = [SegmentRef(os.urandom(32), 90, 4, f"f{i}", f"g{i}", 40) for i in range(3)]
+        await catalog.add_checkpoint_segments("/p/x", [(0, seg)])
+        await catalog.add_checkpoint_segments("/p/x", [(0, seg)])  # idempotent
+        await catalog.add_checkpoint_segments("/p/x", [])
         assert await catalog.checkpoint("/p/x") == (True, "v1", "host:2")
         assert await catalog.checkpoint_segments("/p/x") == [seg]
+        await catalog.add_checkpoint_segments("/p/x", [(2, more[1]), (1, more[0]), (3, more[2])])
+        assert await catalog.checkpoint_segments("/p/x") == [seg, *more]
+        await catalog.add_checkpoint_segments("/p/x", [(1, more[2])])  # a rerun's segment 1
+        assert (await catalog.checkpoint_segments("/p/x"))[1] == more[2]
         await catalog.start_checkpoint("/p/x", "v1", "host:3", keep_segments=False)
         assert await catalog.checkpoint_segments("/p/x") == []
         await catalog.clear_checkpoint("/p/x")

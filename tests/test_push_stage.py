@@ -157,6 +157,52 @@ async def test_unchanged_segments_are_reused_not_encoded(
         await site_b.close()
 
 
+async def test_reused_segments_are_checkpointed_with_the_next_new_one(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await make_site("site-a", segment_entries=8)
+    src = a.data / "run1"
+    make_tree(src, files=200)  # 227 entries, >= 40 segments
+    site_a = await a.open()
+    calls: list[list[int]] = []
+    record = site_a.catalog.add_checkpoint_segments
+
+    async def spy(dataset: str, rows: list[tuple[int, SegmentRef]]) -> None:
+        calls.append([seq for seq, _ in rows])
+        await record(dataset, rows)
+
+    monkeypatch.setattr(site_a.catalog, "add_checkpoint_segments", spy)
+    try:
+        await push(site_a, "/proj/run1")
+        flat = [seq for call in calls for seq in call]
+        assert len(flat) >= 40 and flat == list(range(len(flat)))
+        assert all(len(call) == 1 for call in calls)  # every segment new: a row each, at once
+
+        calls.clear()
+        assert (await push(site_a, "/proj/run1")).unchanged
+        assert calls == []  # nothing uploaded, nothing to checkpoint
+
+        # A change late in the tree: the reused segments before it get their rows in the
+        # new segment's transaction, so the checkpoint is always a prefix of the list.
+        (src / "d19" / "lig0195.pdbqt").write_text("changed\n")
+        calls.clear()
+        await push(site_a, "/proj/run1")
+        flat = [seq for call in calls for seq in call]
+        assert flat == list(range(len(flat))) and len(flat) >= 35
+        assert len(calls) <= 3
+
+        # ... or in batches, so a rerun after a crash compares few of them again.
+        monkeypatch.setattr("datamover.transfer.push._CHECKPOINT_BATCH", 5)
+        (src / "d19" / "lig0195.pdbqt").write_text("changed again\n")
+        calls.clear()
+        await push(site_a, "/proj/run1")
+        flat = [seq for call in calls for seq in call]
+        assert flat == list(range(len(flat))) and len(flat) >= 35
+        assert max(len(call) for call in calls) <= 5 and len(calls) >= 7
+    finally:
+        await site_a.close()
+
+
 async def test_packs_stay_open_across_segment_cuts(make_site: MakeSite) -> None:
     a, b = await make_site("site-a", segment_entries=8), await make_site("site-b")
     src = a.data / "run1"

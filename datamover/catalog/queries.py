@@ -309,22 +309,30 @@ class Catalog:
             if not keep_segments:
                 await conn.execute(delete(segs).where(segs.c.dataset == dataset))
 
-    async def add_checkpoint_segment(self, dataset: str, seq: int, ref: SegmentRef) -> None:
-        """Record that segment number `seq` of the running push is uploaded."""
-        row = {
-            "dataset": dataset,
-            "seq": seq,
-            "digest": ref.digest,
-            "stored_size": ref.stored_size,
-            "entries": ref.entries,
-            "first_path": ref.first_path,
-            "last_path": ref.last_path,
-            "bytes": ref.bytes,
-        }
-        stmt = self._insert(PushSegment.__table__).values(**row)
+    async def add_checkpoint_segments(
+        self, dataset: str, segments: Sequence[tuple[int, SegmentRef]]
+    ) -> None:
+        """Record that segments `(seq, ref)` of the running push are uploaded, in one
+        transaction (a segment recorded again replaces its row)."""
+        if not segments:
+            return
+        rows = [
+            {
+                "dataset": dataset,
+                "seq": seq,
+                "digest": ref.digest,
+                "stored_size": ref.stored_size,
+                "entries": ref.entries,
+                "first_path": ref.first_path,
+                "last_path": ref.last_path,
+                "bytes": ref.bytes,
+            }
+            for seq, ref in segments
+        ]
+        stmt = self._insert(PushSegment.__table__).values(rows)
         stmt = stmt.on_conflict_do_update(
             index_elements=["dataset", "seq"],
-            set_={k: v for k, v in row.items() if k not in ("dataset", "seq")},
+            set_={k: stmt.excluded[k] for k in rows[0] if k not in ("dataset", "seq")},
         )
         async with self.engine.begin() as conn:
             await conn.execute(stmt)

@@ -26,7 +26,7 @@ from datamover.repo.manifest import SegmentRef, encode_segment
 from datamover.repo.repository import Repository
 from datamover.transfer.packer import OpenPack, Packer, PendingChunk
 
-OnSegment = Callable[[int, SegmentRef], Awaitable[None]]
+OnSegment = Callable[[int, SegmentRef, bool], Awaitable[None]]  # (seq, ref, reused)
 
 _IN_FLIGHT = 4
 
@@ -129,7 +129,7 @@ class ManifestWriter:
             if ref is not None:
                 self.reused += 1
                 await self._take_slot()
-                self._start(self._record(ref, self._last))
+                self._start(self._record(ref, self._last, reused=True))
                 return
         await self._take_slot()
         self._awaited = next((p for p in packs if p.pack_id is None), self._awaited)
@@ -177,13 +177,16 @@ class ManifestWriter:
             raise
         await self._record(ref, previous)
 
-    async def _record(self, ref: SegmentRef, previous: asyncio.Task[None] | None) -> None:
-        """Append `ref` to the list and the checkpoint after the segments before it."""
+    async def _record(
+        self, ref: SegmentRef, previous: asyncio.Task[None] | None, reused: bool = False
+    ) -> None:
+        """Append `ref` to the list and report it (`on_segment`) after the segments before
+        it; `reused`: the parent's segment, taken whole."""
         try:
             if previous is not None:
                 await previous
             self._refs.append(ref)
-            await self.on_segment(len(self._refs) - 1, ref)
+            await self.on_segment(len(self._refs) - 1, ref, reused)
         finally:
             self._inflight.release()
 

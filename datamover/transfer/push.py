@@ -32,6 +32,10 @@ from datamover.transfer.packer import Packer, Ref
 from datamover.transfer.progress import NoProgress, Progress
 from datamover.transfer.scan import Done, NewChunk, Scanner
 
+#: Reused segments whose checkpoint rows are written together (see `on_segment` in `push`);
+#: a rerun after a crash compares at most this many segments again.
+_CHECKPOINT_BATCH = 256
+
 
 @dataclass
 class PushResult:
@@ -125,8 +129,19 @@ async def push(
     scanner = Scanner(str(root), previous, params, checksum, level, workers, links)
     packer = Packer(site.store, site.catalog, t.pack_size, t.upload_concurrency)
 
-    async def on_segment(seq: int, ref: SegmentRef) -> None:
-        await site.catalog.add_checkpoint_segment(dataset, seq, ref)
+    # Checkpoint rows let a rerun skip what this run uploaded. A reused segment uploaded
+    # nothing, so its row waits for the next new segment's (one transaction for both, so the
+    # rows stay a prefix of the list) or for `_CHECKPOINT_BATCH` of them: a no-op push of
+    # a 600-million-file tree would otherwise commit a row for each of ~150,000 segments.
+    unrecorded: list[tuple[int, SegmentRef]] = []
+
+    async def on_segment(seq: int, ref: SegmentRef, reused: bool) -> None:
+        unrecorded.append((seq, ref))
+        if reused and len(unrecorded) < _CHECKPOINT_BATCH:
+            return
+        rows = unrecorded.copy()
+        unrecorded.clear()
+        await site.catalog.add_checkpoint_segments(dataset, rows)
 
     known = {r.digest for r in parent_refs} | {r.digest for r in resumed}
     writer = ManifestWriter(
