@@ -132,12 +132,9 @@ def _below(path: str, base: str) -> str | None:
     is not a plain path."""
     if path == base:
         return ""
-    if base == "/":
-        rest = path
-    elif path.startswith(base + "/"):
-        rest = path[len(base) :]
-    else:
+    if not is_under(path, base):
         return None
+    rest = path if base == "/" else path[len(base) :]
     plain = rest[1:-1] if rest.endswith("/") else rest[1:]
     if plain and any(part in ("", ".", "..") for part in plain.split("/")):
         return None

@@ -86,6 +86,7 @@ def _verify(
     site: Site, root: str, refs: list[SegmentRef], allow_extra: bool, result: VerifyResult
 ) -> None:
     walker = Walker(root, strict=False)
+    link_local = site.config.namespace.link_to_local
     target = site.repo.iter_cached(refs, check=True)
     local = next(walker, None)
     entry = next(target, None)
@@ -103,7 +104,7 @@ def _verify(
             local = next(walker, None)
         else:
             assert local is not None and entry is not None
-            _compare(root, local, entry, result, site.config.namespace.link_to_local)
+            _compare(root, local, entry, result, link_local)
             if local.kind == Kind.DIR and entry.kind != Kind.DIR:
                 walker.prune()
             local = next(walker, None)
