@@ -187,7 +187,7 @@ def run_api(ctx: Context) -> None:
                     measure_one(ctx, run, bucket, rep)
     finally:
         b.drop_buckets()
-        remove_tree(run)
+        b.retire(run)
     r = b.results
     keys = ((STAGE, REST), (STAGE, DIRECT))
     r.target(
@@ -208,7 +208,7 @@ def _site_b(b: Bench, run: Path, bucket: str, tag: str) -> tuple[SiteFiles, Path
 
     Every measurement gets directories that never existed: creating 20,000 files right after
     20,000 were deleted is several times slower (ext4's recently-deleted inode scan, see
-    `harness.forget_deleted`), which would make whichever step runs first look fast.
+    `harness.RECENTLY_DELETED`), which would make whichever step runs first look fast.
     """
     root = run / tag
     root.mkdir()
@@ -479,7 +479,7 @@ def run_queue(ctx: Context, qc: QueueConfig, rep: int) -> QueueRun:
             except BenchError as exc:
                 b.results.problems.append(str(exc))
         b.drop_buckets()
-        remove_tree(run)
+        b.retire(run)
     return out
 
 
@@ -786,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # Not work/seaweed: bench/run.py owns (and wipes) that one.
     store_dir = work / "seaweed-daemon"
-    remove_tree(store_dir)
+    remove_tree(store_dir, many_files=False)
     server = EmbeddedSeaweed(data_dir=store_dir)
     log("starting SeaweedFS ...")
     try:
@@ -830,7 +830,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     finally:
         server.stop()
-        remove_tree(store_dir)
+        remove_tree(store_dir, many_files=False)
+        bench.bury()
 
     lines += ctx.setup_notes
     lines.append(

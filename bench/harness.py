@@ -47,48 +47,68 @@ def log(line: str) -> None:
     sys.stderr.flush()
 
 
-_last_removal = 0.0  # time.monotonic() of the last remove_tree that removed something
+RECENTLY_DELETED = 361.0
+"""Seconds after which ext4 no longer treats a deleted inode as recently deleted.
+
+On ext4 without a journal (the development VM's root file system) inode allocation skips
+free inodes deleted less than 60 s ago, or 360 s ago while their inode table block is dirty
+(`recently_deleted` in fs/ext4/ialloc.c), checking each candidate against the cached inode
+table: after `rm -rf` of 20,000 files the next 20,000 creates took 5-13 s of kernel time
+here instead of 0.5 s. A create dirties its inode table block, so in practice the window is
+the 360 s one.
+"""
+
+_last_removal = 0.0  # time.monotonic() of the last removal that freed many inodes
+_STAMP = ".last-removal"  # under the work directory: wall-clock time of the last such removal
 
 
-def remove_tree(path: Path) -> None:
-    """`rm -rf path` (faster than shutil.rmtree on 200,000 files, and untimed anyway)."""
+def remove_tree(path: Path, *, many_files: bool = True) -> None:
+    """`rm -rf path` (faster than shutil.rmtree on 200,000 files, and untimed anyway).
+
+    `many_files` says whether the tree may hold many files, so that creating files soon
+    after must wait (`forget_deleted`); False for trees of a few large files.
+    """
     global _last_removal
     if path.exists() or path.is_symlink():
         subprocess.run(["rm", "-rf", "--", str(path)], check=True)
-        _last_removal = time.monotonic()
+        if many_files:
+            _last_removal = time.monotonic()
 
 
-def _deletion_window() -> float:
-    """Seconds ext4 treats a deleted inode as recently deleted: the writeback expiry."""
+def note_removal(work: Path) -> None:
+    """Record in `work` when many inodes were last freed, for the next run's `recall_removal`."""
+    if _last_removal:
+        ago = time.monotonic() - _last_removal
+        (work / _STAMP).write_text(f"{time.time() - ago:.3f}\n")
+
+
+def recall_removal(work: Path) -> None:
+    """Take over an earlier run's last removal (`note_removal`) if it is still recent."""
+    global _last_removal
     try:
-        return int(Path("/proc/sys/vm/dirty_expire_centisecs").read_text()) / 100
+        when = float((work / _STAMP).read_text())
     except (OSError, ValueError):
-        return 30.0
+        return
+    ago = time.time() - when
+    if 0 <= ago < RECENTLY_DELETED:
+        _last_removal = max(_last_removal, time.monotonic() - ago)
 
 
 def forget_deleted(warm: Sequence[Path] = ()) -> None:
-    """Make file creation fast again after a large deletion, then re-read `warm` trees.
+    """Before timed steps: wait until no inode freed by this run (or the previous one, see
+    `recall_removal`) counts as recently deleted (`RECENTLY_DELETED`), then read `warm` (the
+    inputs of the coming steps) so no tool pays for a cold source tree.
 
-    ext4 skips recently deleted inodes when it allocates new ones, checking each candidate
-    against the inode table blocks it has cached: after `rm -rf` of 20,000 files, the next
-    20,000 creates spent 5-13 s of kernel time here (`perf`: `recently_deleted`), where
-    0.5 s is normal. Dropping the clean page cache (root only) removes those blocks, but a
-    tool's creates read them back, and within the window in which ext4 counts an inode as
-    recently deleted (the writeback expiry, `vm.dirty_expire_centisecs`, 30 s) the checks
-    bite again. So this first waits out that window after the last removal, then drops the
-    cache; `warm` (the inputs of the coming steps) is read back so no tool pays for a cold
-    source tree. (Later repetitions were still slower for whichever tool followed the bulk
-    uploads; that is the S3 server, which the rotating order in workloads.py spreads.)
+    Runs retire their trees into a graveyard (`Bench.retire`) instead of deleting them, so
+    the wait happens only when a run starts soon after another one ended, or after a cached
+    input tree had to be generated again.
     """
-    wait = _last_removal + _deletion_window() + 1 - time.monotonic()
+    global _last_removal
+    wait = _last_removal + RECENTLY_DELETED - time.monotonic()
     if _last_removal and wait > 0:
         log(f"waiting {wait:.0f} s for deleted inodes to stop counting as recently deleted")
         time.sleep(wait)
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("1\n")
-    except OSError:
-        return  # not root: the effect stays, and shows as noise in the ranges
+    _last_removal = 0.0
     for root in warm:
         if root.is_file():
             _read_through(root)
@@ -127,6 +147,10 @@ class Bench:
         (work / "rclone.conf").touch()
         self._seq = 0
         self._buckets: list[str] = []
+        self.graveyard = work / "graveyard"
+        self._retired = 0
+        recall_removal(work)
+        remove_tree(self.graveyard)  # left by an interrupted run
         for name, found in (("s5cmd", s5), ("rclone", rc), ("tar", tar)):
             if not found:
                 self.results.problems.append(f"{name} not found: its columns are empty")
@@ -151,15 +175,10 @@ class Bench:
                 log(f"  warning: could not drop bucket {name}: {exc}")
 
     def rep_dir(self, workload: str, rep: int, warm: Sequence[Path] = ()) -> Path:
-        """A directory that never existed, for one repetition of a workload.
-
-        Nothing is deleted between the timed steps of a repetition (creating files right
-        after a large deletion is slow: `forget_deleted`). Repetitions remove their directory
-        when all their steps are done, and each starts with `settle_caches(warm)`, `warm`
-        being the trees and tarballs it will use.
-        """
+        """A directory that never existed, for one repetition of a workload, after
+        `settle_caches(warm)`, `warm` being the trees and tarballs it will use."""
         path = self.work / "runs" / workload / f"{time.strftime('%H%M%S')}-r{rep}"
-        remove_tree(path)
+        self.retire(path)
         self.settle_caches(warm)
         path.mkdir(parents=True)
         return path
@@ -190,10 +209,30 @@ class Bench:
             subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
 
     def fresh_dir(self, path: Path) -> Path:
-        """`path`, emptied and created."""
-        remove_tree(path)
+        """`path`, emptied (its old content retired) and created."""
+        self.retire(path)
         path.mkdir(parents=True)
         return path
+
+    def retire(self, path: Path) -> None:
+        """Move `path` (if it exists) into the graveyard, which `bury` empties at the end.
+
+        Deleting a staged tree during the run would make the next tool's file creation
+        several times slower (`RECENTLY_DELETED`); a rename frees no inode.
+        """
+        if not (path.exists() or path.is_symlink()):
+            return
+        self.graveyard.mkdir(exist_ok=True)
+        self._retired += 1
+        path.rename(self.graveyard / f"{self._retired:05d}-{path.name}")
+
+    def bury(self) -> None:
+        """Delete the graveyard (untimed, at the end of a run) and note when, so a run
+        started soon after waits before its first timed step (`recall_removal`)."""
+        if self.graveyard.exists():
+            log("deleting retired trees ...")
+            remove_tree(self.graveyard)
+        note_removal(self.work)
 
     # -- cached inputs --------------------------------------------------------------------
 

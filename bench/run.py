@@ -115,13 +115,13 @@ def main(argv: list[str] | None = None) -> int:
     work = args.workdir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(work).free / (1 << 30)
-    if free < 15 and not args.quick:
-        log(f"warning: only {free:.0f} GiB free under {work}; the full run needs about 15 GiB")
+    if free < 30 and not args.quick:
+        log(f"warning: only {free:.0f} GiB free under {work}; the full run needs about 30 GiB")
 
     from datamover.embedded import EmbeddedSeaweed
 
     store_dir = work / "seaweed"
-    remove_tree(store_dir)
+    remove_tree(store_dir, many_files=False)
     server = EmbeddedSeaweed(data_dir=store_dir)
     log("starting SeaweedFS ...")
     try:
@@ -136,8 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     load_before = os.getloadavg()
     with contextlib.ExitStack() as stack:
         lines.append(stack.enter_context(settled_memory(not args.no_vm_tune)))
-        stack.callback(remove_tree, store_dir)
+        stack.callback(remove_tree, store_dir, many_files=False)
         stack.callback(server.stop)  # callbacks run last-in first-out: stop, then remove
+        stack.callback(bench.bury)
         run_parts(bench, [(n, functools.partial(WORKLOADS[n], bench)) for n in selected(args)])
 
     lines.append(

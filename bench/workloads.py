@@ -11,7 +11,7 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from harness import Bench, log, remove_tree
+from harness import Bench, log
 from measure import run_measured
 from results import DATAMOVER, Step, Target
 from tools import Rclone, S5cmd, SiteFiles
@@ -151,7 +151,7 @@ def _incremental_rep(b: Bench, data: Path, rep: int) -> None:
     subprocess.run(["cp", "-a", str(tree), str(a_data / "small2")], check=True)
     step(COPY, "/bench/small2")
     b.drop_buckets()
-    remove_tree(run)
+    b.retire(run)
 
 
 def _incremental_targets(b: Bench) -> None:
@@ -345,7 +345,7 @@ def _round(
     for step in _rotated(uploads, rep) + _rotated(downloads, rep):
         step()
     b.drop_buckets()
-    remove_tree(run)
+    b.retire(run)
 
 
 def _verify(b: Bench, wl: str, logical: str, site: SiteFiles) -> None:
