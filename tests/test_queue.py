@@ -4,14 +4,21 @@ leases, idempotency and cancel, driven step by step (no daemon, no sleeping)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from datamover.catalog.engine import open_engine
 from datamover.catalog.transfers import Submission, Transfers, now
 from datamover.domain.transfers import ALLOWED, State, rank_time
 from datamover.errors import Conflict, NotFound
+from datamover.metrics import Metrics
+from datamover.scheduler.worker import TransferProgress, Worker
 
 
 @pytest.fixture
@@ -72,6 +79,101 @@ async def test_nested_paths_do_not_run_at_once(queue: Transfers) -> None:
     assert await queue.claim("w5", 30) is None  # and /p/a waits for /p/a/b
     await queue.transition(inner.id, State.SUCCEEDED, owner="w4")
     assert (await queue.claim("w5", 30)).id == again.id
+
+
+async def test_a_waiting_parent_is_not_overtaken_by_later_children(queue: Transfers) -> None:
+    child, _ = await queue.submit(sub("/p/a/x"))
+    assert (await queue.claim("w1", 30)).id == child.id
+    parent, _ = await queue.submit(sub("/p"))
+    later, _ = await queue.submit(sub("/p/a/y"))
+    other, _ = await queue.submit(sub("/q"))
+    # /p waits for the running /p/a/x, and /p/a/y waits behind /p; /q is free
+    assert (await queue.claim("w2", 30)).id == other.id
+    assert await queue.claim("w2", 30) is None
+    await queue.transition(child.id, State.SUCCEEDED, owner="w1")
+    assert (await queue.claim("w2", 30)).id == parent.id
+    assert await queue.claim("w3", 30) is None
+    # a transfer in retry backoff keeps its place too
+    backoff = now() + timedelta(minutes=5)
+    await queue.transition(
+        parent.id,
+        State.QUEUED,
+        owner="w2",
+        lease_owner=None,
+        lease_expires=None,
+        not_before=backoff,
+    )
+    assert await queue.claim("w3", 30) is None
+    await queue.transition(parent.id, State.CANCELLED)
+    assert (await queue.claim("w3", 30)).id == later.id
+
+
+async def test_a_cancel_asked_while_running_wins_over_a_requeue(queue: Transfers) -> None:
+    lapsed, _ = await queue.submit(sub("/p/x"))
+    await queue.claim("w1", 30)
+    await queue.cancel(lapsed.id)
+    assert await queue.requeue_expired(["w1"]) == 1  # its worker died
+    row = await queue.get(lapsed.id)
+    assert row.state == "cancelled" and row.finished_at and row.lease_owner is None
+    released, _ = await queue.submit(sub("/p/y"))
+    await queue.claim("w2", 30)
+    await queue.cancel(released.id)
+    # a draining worker, or a retryable failure, puts it back: cancelled instead
+    again = await queue.transition(
+        released.id, State.QUEUED, owner="w2", lease_owner=None, lease_expires=None
+    )
+    assert again.state == "cancelled" and again.finished_at
+    fresh, _ = await queue.submit(sub("/p/x"))
+    assert (await queue.claim("w3", 30)).id == fresh.id  # nothing left to block its path
+
+
+@contextlib.asynccontextmanager
+async def _catalog_locked(url: str, transfer_id: str) -> AsyncIterator[None]:
+    """Hold what a heartbeat's UPDATE of `transfer_id` waits for, from another connection."""
+    u = make_url(url)
+    if u.get_backend_name() == "sqlite":
+        con = sqlite3.connect(u.database or "", isolation_level=None, timeout=0)
+        con.execute("BEGIN EXCLUSIVE")
+        try:
+            yield
+        finally:
+            con.rollback()
+            con.close()
+        return
+    import asyncpg
+
+    conn = await asyncpg.connect(
+        host=u.host, port=u.port, user=u.username, password=u.password, database=u.database
+    )
+    try:
+        async with conn.transaction():
+            await conn.execute("SELECT 1 FROM transfers WHERE id = $1 FOR UPDATE", transfer_id)
+            yield
+    finally:
+        await conn.close()
+
+
+async def test_a_run_whose_lease_cannot_be_renewed_is_stopped(
+    queue: Transfers, catalog_url: str
+) -> None:
+    t, _ = await queue.submit(sub("/p/x"))
+    row = await queue.claim("w1", 1.5)
+    worker = Worker(None, queue, None, "w1", Metrics("s"), lease=1.5)  # type: ignore[arg-type]
+    runner = asyncio.ensure_future(asyncio.sleep(60))  # stands in for the transfer
+    started = time.monotonic()
+    async with _catalog_locked(catalog_url, t.id):
+        beat = asyncio.ensure_future(worker._heartbeat(row, TransferProgress(), runner))
+        await asyncio.wait({runner}, timeout=10)
+        stopped_after = time.monotonic() - started
+        assert runner.cancelled() and worker._stop.reason == "lapsed"
+        assert stopped_after < 1.5  # before the lease lapsed: no second run can overlap
+        await beat
+    # the heartbeat that waited goes through once the catalog answers again
+    for _ in range(100):
+        if (await queue.get(t.id)).updated_at != row.updated_at:
+            break
+        await asyncio.sleep(0.05)
+    assert (await queue.get(t.id)).updated_at != row.updated_at
 
 
 async def test_lapsed_lease_is_taken_over(queue: Transfers) -> None:

@@ -83,7 +83,16 @@ def create_engine_for(url: str) -> AsyncEngine:
             cursor.close()
 
         return engine
-    return create_async_engine(parsed, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    # READ COMMITTED whatever the server's default: the queue's claim (catalog/transfers.py)
+    # relies on its UPDATE seeing rows committed after the advisory lock was taken, which a
+    # REPEATABLE READ snapshot, taken at the transaction's first query, would not.
+    return create_async_engine(
+        parsed,
+        pool_size=10,
+        max_overflow=10,
+        pool_pre_ping=True,
+        isolation_level="READ COMMITTED",
+    )
 
 
 def _describe(url: str) -> str:

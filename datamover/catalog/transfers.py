@@ -5,10 +5,12 @@ the allowed source states (from `domain.transfers.ALLOWED`) and, for a running t
 lease owner. If another worker got there first the UPDATE changes no row and the caller gets
 a `Conflict`, so no transfer can be run, finished or cancelled twice.
 
-Claiming takes the first queued transfer in `rank_time` order whose `not_before` has passed,
-with `FOR UPDATE SKIP LOCKED` on PostgreSQL so several processes never wait on each other;
-the guarded UPDATE makes it safe on SQLite too. A running transfer whose lease lapsed (its
-worker died) is put back in the queue first and resumes from its checkpoint.
+Claiming takes the first queued transfer in `rank_time` order whose `not_before` has passed
+and whose tree is free (`_blocked`), with `FOR UPDATE SKIP LOCKED` on PostgreSQL so several
+processes never wait on each other; the guarded UPDATE makes it safe on SQLite too. A
+running transfer whose lease lapsed (its worker died) is put back in the queue first and
+resumes from its checkpoint; one whose cancel was requested while it ran is cancelled
+instead of queued again.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, false, func, or_, select, text, update
+from sqlalchemy import and_, case, exists, false, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -277,6 +279,8 @@ class Transfers:
         if owner is not None:
             stmt = stmt.where(T.c.lease_owner == owner)
         fields: dict[str, Any] = {"state": target.value, "updated_at": at, **values}
+        if target == State.QUEUED:
+            fields.update(_requeued(at))
         if target in (State.SUCCEEDED, State.FAILED, State.CANCELLED):
             fields.setdefault("finished_at", at)
             fields.setdefault("lease_owner", None)
@@ -294,18 +298,18 @@ class Transfers:
 
     async def requeue_expired(self, also_owners: Sequence[str] = ()) -> int:
         """Put running transfers whose lease lapsed (or whose owner is known dead) back in
-        the queue; return how many."""
+        the queue (or cancel them, if that was asked meanwhile); return how many."""
         at = now()
         lapsed = or_(T.c.lease_expires < at, T.c.lease_owner.in_(list(also_owners)))
         stmt = (
             update(T)
             .where(T.c.state == State.RUNNING.value, lapsed)
             .values(
-                state=State.QUEUED.value,
                 lease_owner=None,
                 lease_expires=None,
                 updated_at=at,
                 not_before=at,
+                **_requeued(at),
             )
         )
         async with self.engine.begin() as conn:
@@ -314,22 +318,20 @@ class Transfers:
     async def claim(self, owner: str, lease: float) -> TransferRow | None:
         """Take the next runnable transfer for `owner`, with a lease of `lease` seconds.
 
-        A transfer waits while a running one has its path, or a path above or below it
-        (nested datasets share a tree): two runs writing one tree at once would fight over
-        it. On PostgreSQL an advisory lock on the path's first component makes that check
-        and the claim one step across processes (claims under one top-level prefix take
-        turns, for the milliseconds a claim lasts); SQLite has one writer anyway.
+        A transfer waits while its tree is busy or spoken for (`_blocked`). On PostgreSQL an
+        advisory lock on the path's first component makes that check and the claim one step
+        across processes (claims under one top-level prefix take turns, for the milliseconds
+        a claim lasts); SQLite has one writer anyway.
         """
         at = now()
         ready = and_(
             T.c.state == State.QUEUED.value,
             T.c.not_before <= at,
             ~T.c.cancel_requested,
-            ~exists().where(
-                _OTHER.c.state == State.RUNNING.value, _overlaps(_OTHER.c.path, T.c.path)
-            ),
+            ~_blocked(T.c.path, T.c.rank_time, T.c.id),
         )
-        candidates = select(T.c.id, T.c.path).where(ready).order_by(T.c.rank_time, T.c.id)
+        candidates = select(T.c.id, T.c.path, T.c.rank_time)
+        candidates = candidates.where(ready).order_by(T.c.rank_time, T.c.id)
         candidates = candidates.limit(1)
         if self.dialect == "postgresql":
             candidates = candidates.with_for_update(skip_locked=True)
@@ -338,7 +340,7 @@ class Transfers:
                 row = (await conn.execute(candidates)).first()
                 if row is None:
                     return None
-                picked, path = row
+                picked, path, rank = row
                 if self.dialect == "postgresql":
                     await conn.execute(
                         text("SELECT pg_advisory_xact_lock(hashtext(:p))"), {"p": _top(path)}
@@ -348,9 +350,7 @@ class Transfers:
                     .where(
                         T.c.id == picked,
                         T.c.state == State.QUEUED.value,
-                        ~exists().where(
-                            _OTHER.c.state == State.RUNNING.value, _overlaps(_OTHER.c.path, path)
-                        ),
+                        ~_blocked(path, rank, picked),
                     )
                     .values(
                         state=State.RUNNING.value,
@@ -411,6 +411,35 @@ class Transfers:
         query = select(T.c.state, T.c.priority, func.count()).group_by(T.c.state, T.c.priority)
         async with self.engine.connect() as conn:
             return {(s, p): n for s, p, n in await conn.execute(query)}
+
+
+def _requeued(at: datetime) -> dict[str, Any]:
+    """UPDATE values that put a running transfer back in the queue, or cancel it when a
+    cancel was requested while it ran (a queued transfer with that flag is never claimed)."""
+    return {
+        "state": case((T.c.cancel_requested, State.CANCELLED.value), else_=State.QUEUED.value),
+        "finished_at": case((T.c.cancel_requested, at), else_=T.c.finished_at),
+    }
+
+
+def _blocked(path: Any, rank: Any, transfer_id: Any) -> Any:
+    """SQL: the tree of the queued transfer (`path`, `rank`, `transfer_id`) is not free.
+
+    It is not while another transfer runs on its path or a path above or below it (nested
+    datasets share a tree: two runs writing one tree at once would fight over it), nor while
+    such a transfer is queued ahead of it (earlier in `rank_time`, then id; in retry backoff
+    too), so a later `/p/a/x` cannot overtake a waiting `/p` forever. A queued transfer
+    whose cancel is pending blocks nothing.
+    """
+    ahead = and_(
+        _OTHER.c.state == State.QUEUED.value,
+        _OTHER.c.rank_time <= rank,
+        or_(_OTHER.c.rank_time < rank, _OTHER.c.id < transfer_id),
+        ~_OTHER.c.cancel_requested,
+    )
+    return exists().where(
+        or_(_OTHER.c.state == State.RUNNING.value, ahead), _overlaps(_OTHER.c.path, path)
+    )
 
 
 def _overlaps(a: Any, b: Any) -> Any:

@@ -65,7 +65,7 @@ class TransferProgress:
 
 @dataclass
 class _Stop:
-    reason: str | None = None  # "cancel", "lost", "drain"
+    reason: str | None = None  # "cancel", "lost", "lapsed", "drain"
 
 
 class Worker:
@@ -174,16 +174,31 @@ class Worker:
     async def _heartbeat(
         self, row: TransferRow, progress: TransferProgress, runner: asyncio.Task[Any]
     ) -> None:
+        """Renew the lease every `interval` s; stop the run when the lease is lost, when a
+        cancel is requested, or when the catalog has not renewed it (failing or hanging) for
+        all but two intervals of a lease: it may lapse any moment and another worker take
+        the transfer, and two runs on one tree must not happen."""
         interval = max(min(self.lease / 3, 2.0), 0.2)
+        deadline = time.monotonic() + self.lease - 2 * interval
         while not runner.done():
             await asyncio.sleep(interval)
+            call = asyncio.ensure_future(
+                self.transfers.heartbeat(row.id, self.owner, self.lease, **progress.fields())
+            )
+            call.add_done_callback(_consume)  # it may outlive this loop (a hanging catalog)
+            await asyncio.wait({call}, timeout=max(deadline - time.monotonic(), 0.0))
             try:
-                ours, cancel = await self.transfers.heartbeat(
-                    row.id, self.owner, self.lease, **progress.fields()
-                )
-            except DatamoverError as exc:
+                if not call.done():
+                    raise TimeoutError("no answer from the catalog")
+                ours, cancel = call.result()
+            except Exception as exc:  # failed, or still waiting on a locked catalog
                 log.warning("heartbeat failed: %s", exc)
+                if time.monotonic() >= deadline:
+                    self._stop.reason = "lapsed"
+                    runner.cancel()
+                    return
                 continue
+            deadline = time.monotonic() + self.lease - 2 * interval
             if not ours:
                 self._stop.reason = "lost"
                 runner.cancel()
@@ -197,6 +212,13 @@ class Worker:
         reason = self._stop.reason or "drain"
         if reason == "lost":
             log.warning("lease on %s was lost; another worker has it", row.id)
+            return
+        if reason == "lapsed":
+            log.error(
+                "stopped %s: its lease could not be renewed (catalog unavailable); it goes "
+                "back in the queue when the lease lapses",
+                row.id,
+            )
             return
         with contextlib.suppress(DatamoverError):
             if reason == "cancel":
@@ -250,3 +272,9 @@ class Worker:
         log.error("failed %s %s: %s", row.kind, row.path, exc.message)
         await self.transfers.transition(row.id, State.FAILED, owner=self.owner, **error, **fields)
         self.metrics.finished(row.kind, "failed", 0, {})
+
+
+def _consume(call: asyncio.Future[Any]) -> None:
+    """Retrieve a finished heartbeat's exception, so none is reported as never retrieved."""
+    if not call.cancelled():
+        call.exception()
