@@ -168,6 +168,36 @@ def test_a_logical_absolute_target_is_mapped_even_if_written_logically() -> None
     assert Namespace.from_mapping({"/other": "/o"}).link_to_local("/proj/x") == "/proj/x"
 
 
+def test_a_link_to_a_logical_path_is_the_same_link_in_either_form() -> None:
+    # site A has a link to `/proj/x` itself (say /proj is an alias of its local directory):
+    # stored as is, staged as each site's local path, and either form counts as that link
+    stored = SITE_A.link_to_logical("/proj/x")
+    assert SITE_A.same_link("/proj/x", stored)  # the pushing site's own link is kept
+    assert SITE_A.same_link(SITE_A.link_to_local(stored), stored)  # and what stage writes
+    assert SITE_B.same_link("/gpfs/proj/x", stored) and SITE_B.same_link("/proj/x", stored)
+    assert not SITE_A.same_link("/proj/y", stored)
+    assert not SITE_B.same_link("/public/home/dp/proj/x", stored)  # site A's local path
+    assert SITE_B.same_link("/usr/bin/python3", "/usr/bin/python3")
+    assert not SITE_B.same_link("/usr/bin/python", "/usr/bin/python3")
+    assert SITE_B.same_link("../run5", "../run5") and not SITE_B.same_link("run5", "../run5")
+
+
+def test_a_link_whose_logical_form_would_be_too_long_is_kept_verbatim() -> None:
+    ns = Namespace.from_mapping({"/a/very/long/logical/prefix": "/g"})
+    target = "/g/" + "x" * 4090  # a target Linux stores; its logical form would not fit
+    assert ns.link_to_logical(target) == target
+    check_symlink_target("l", ns.link_to_logical(target))
+    assert ns.link_to_logical("/g/x") == "/a/very/long/logical/prefix/x"
+
+
+def test_namespace_directories_with_dot_components_are_refused() -> None:
+    # `/gpfs/x/../a/b` would give the files below /gpfs/a/b a second logical path
+    with pytest.raises(InvalidInput, match="without '\\.' or"):
+        Namespace.from_mapping({"/a": "/gpfs/a", "/b": "/gpfs/x/../a/b"})
+    with pytest.raises(InvalidInput, match="without '\\.' or"):
+        Namespace.from_mapping({"/a": "/gpfs/./a"})
+
+
 @pytest.mark.parametrize(
     "mapping",
     [

@@ -322,10 +322,11 @@ async def test_absolute_symlinks_follow_the_namespace(make_site: MakeSite) -> No
     (src / "table").symlink_to(a.data / "ref" / "table.csv")  # into another dataset
     (src / "python").symlink_to("/usr/bin/python3")  # outside the namespace: verbatim
     (src / "rel").symlink_to("run5/out.txt")
+    (src / "logical").symlink_to("/proj/links/run5")  # the logical path itself
     site_a, site_b = await a.open(), await b.open()
     try:
         pushed = await push(site_a, "/proj/links")
-        assert pushed.symlinks == 4
+        assert pushed.symlinks == 5
         await push(site_a, "/proj/ref")
         await stage(site_b, "/proj/ref")
         await stage(site_b, "/proj/links")
@@ -334,6 +335,8 @@ async def test_absolute_symlinks_follow_the_namespace(make_site: MakeSite) -> No
         assert os.readlink(dst / "table") == str(b.data / "ref" / "table.csv")
         assert os.readlink(dst / "python") == "/usr/bin/python3"
         assert os.readlink(dst / "rel") == "run5/out.txt"
+        assert os.readlink(dst / "logical") == str(dst / "run5")  # read as logical
+        assert os.readlink(src / "logical") == "/proj/links/run5"
         assert (dst / "latest" / "out.txt").read_text() == "result\n"  # resolves at site B
         assert (dst / "table").read_text() == "1,2\n"
         for site in (site_a, site_b):

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from datamover.domain.paths import check_logical_path, is_under
+from datamover.domain.paths import MAX_LINK_TARGET, check_logical_path, is_under
 from datamover.errors import InvalidInput
 
 
@@ -34,6 +34,11 @@ class Namespace:
                 raise InvalidInput(
                     f"{source}: [namespace] {logical!r} maps to {str(local)!r}, "
                     "which is not an absolute path"
+                )
+            if any(part in (".", "..") for part in str(local).split("/")):
+                raise InvalidInput(
+                    f"{source}: [namespace] {logical!r} maps to {str(local)!r}: write the "
+                    "directory without '.' or '..' components"
                 )
             items.append((prefix, path))
         _check_aliases(items, source)
@@ -73,9 +78,14 @@ class Namespace:
     # other absolute target (`/usr/bin/python3`, a site's software tree) is kept verbatim,
     # as tar and rsync keep it; relative targets are never rewritten. Kept verbatim too: a
     # target whose part below the directory is not a plain path (`.`, `..` or empty
-    # components: lexically, it may leave it), and one this site would not write back as it
-    # is (a directory shadowed by a deeper prefix mapped elsewhere), so a push followed by a
-    # stage at the same site always gives the link back unchanged.
+    # components: lexically, it may leave it), one this site would not write back as it is
+    # (a directory shadowed by a deeper prefix mapped elsewhere), and one whose logical form
+    # would be longer than a symlink target may be.
+    #
+    # A verbatim target that lies under a logical prefix (a link to `/proj/x` where `/proj`
+    # maps to `/gpfs/proj`) cannot be told from a logical one: it is read as the logical path
+    # it names, so stage writes `/gpfs/proj/x`. `same_link` accepts either form on disk as
+    # the stored link, so such a link is neither rewritten by stage nor reported by verify.
 
     def link_to_logical(self, target: str) -> str:
         """The stored form of a symlink target read at this site (see the comment above)."""
@@ -90,6 +100,8 @@ class Namespace:
             return target
         _, prefix, rest = max(found)  # the deepest local directory holding it
         logical = _join(prefix, rest)
+        if len(logical.encode("utf-8", "surrogateescape")) > MAX_LINK_TARGET:
+            return target
         return logical if self.link_to_local(logical) == target else target
 
     def link_to_local(self, target: str) -> str:
@@ -102,6 +114,11 @@ class Namespace:
             if rest is not None:
                 return _join(str(local), rest)
         return target
+
+    def same_link(self, local: str, stored: str) -> bool:
+        """True if a link on disk pointing at `local` is the stored link `stored` at this
+        site: what stage writes for it, or a target this site reads as `stored`."""
+        return local == self.link_to_local(stored) or self.link_to_logical(local) == stored
 
 
 def _check_aliases(items: list[tuple[str, Path]], source: str) -> None:

@@ -68,11 +68,13 @@ class _Cursor:
         return None
 
 
-def _same_stat(local: LocalEntry, entry: Entry | None, link_local: Callable[[str], str]) -> bool:
+def _same_stat(
+    local: LocalEntry, entry: Entry | None, same_link: Callable[[str, str], bool]
+) -> bool:
     if entry is None or local.kind != entry.kind:
         return False
     if local.kind == Kind.SYMLINK:
-        return local.target == link_local(entry.target or "")
+        return same_link(local.target or "", entry.target or "")
     if local.kind == Kind.FILE:
         return local.size == entry.size and local.mtime_ns == entry.mtime_ns
     return True
@@ -83,8 +85,8 @@ class StagePlanner:
 
     `content_ok(local, entry)`, when given, is consulted for files whose size and mtime match
     (the `--checksum` mode) and must return True only if the bytes match the entry's digests.
-    `link_local` turns a stored symlink target into the one this site writes
-    (`Namespace.link_to_local`); local links are compared with that.
+    `same_link(local_target, stored_target)` says whether a link on disk already is the
+    stored one (`Namespace.same_link`; default: equal strings).
     """
 
     def __init__(
@@ -94,21 +96,21 @@ class StagePlanner:
         base: Iterator[Entry] | None,
         delete: bool = False,
         content_ok: Callable[[LocalEntry, Entry], bool] | None = None,
-        link_local: Callable[[str], str] = str,
+        same_link: Callable[[str, str], bool] = str.__eq__,
     ) -> None:
         self.walker = walker
         self.target = target
         self.base = _Cursor(base)
         self.delete = delete
         self.content_ok = content_ok
-        self.link_local = link_local
+        self.same_link = same_link
 
     def _clear(self, local: LocalEntry, key: tuple[str, ...]) -> Action | None:
         """Get `local` out of the way of a different kind of entry."""
         if local.kind == Kind.DIR:
             self.walker.prune()
             return Action(Op.TRASH, local.path)
-        if _same_stat(local, self.base.at(key), self.link_local):
+        if _same_stat(local, self.base.at(key), self.same_link):
             return Action(Op.REMOVE, local.path)
         return Action(Op.TRASH, local.path)
 
@@ -123,12 +125,12 @@ class StagePlanner:
         if local.kind == entry.kind == Kind.DIR:
             yield Action(Op.KEEP, entry.path, entry)
             return
-        if local.kind == entry.kind == Kind.SYMLINK and _same_stat(local, entry, self.link_local):
+        if local.kind == entry.kind == Kind.SYMLINK and _same_stat(local, entry, self.same_link):
             yield Action(Op.KEEP, entry.path, entry)
             return
         if (
             local.kind == entry.kind == Kind.FILE
-            and _same_stat(local, entry, self.link_local)
+            and _same_stat(local, entry, self.same_link)
             and (self.content_ok is None or self.content_ok(local, entry))
         ):
             yield Action(Op.KEEP if local.mode == entry.mode else Op.ATTR, entry.path, entry)
@@ -137,7 +139,7 @@ class StagePlanner:
         replaceable = (
             local.kind in (Kind.FILE, Kind.SYMLINK)
             and entry.kind in (Kind.FILE, Kind.SYMLINK)
-            and _same_stat(local, self.base.at(key), self.link_local)
+            and _same_stat(local, self.base.at(key), self.same_link)
         )
         if not replaceable:
             action = self._clear(local, key)

@@ -348,7 +348,7 @@ class _Stager:
             self._entries(self.base_refs) if self.base_refs else None,
             self.delete,
             content_ok,
-            self.site.config.namespace.link_to_local,
+            self.site.config.namespace.same_link,
         )
         return iter(planner)
 

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from datamover.domain.manifest import Entry, Kind
+from datamover.domain.namespace import Namespace
 from datamover.domain.paths import check_logical_path, sort_key
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
@@ -53,7 +53,7 @@ def _compare(
     local: LocalEntry,
     entry: Entry,
     result: VerifyResult,
-    link_local: Callable[[str], str],
+    links: Namespace,
 ) -> None:
     path = entry.path
     if local.kind != entry.kind:
@@ -62,8 +62,8 @@ def _compare(
         result.add(f"{path}: is a {have}, expected a {want}")
         return
     if entry.kind == Kind.SYMLINK:
-        want = link_local(entry.target or "")
-        if local.target != want:
+        if not links.same_link(local.target or "", entry.target or ""):
+            want = links.link_to_local(entry.target or "")
             result.add(f"{path}: symlink points to {local.target!r}, expected {want!r}")
         return
     if local.mode != entry.mode:
@@ -86,7 +86,7 @@ def _verify(
     site: Site, root: str, refs: list[SegmentRef], allow_extra: bool, result: VerifyResult
 ) -> None:
     walker = Walker(root, strict=False)
-    link_local = site.config.namespace.link_to_local
+    links = site.config.namespace
     target = site.repo.iter_cached(refs, check=True)
     local = next(walker, None)
     entry = next(target, None)
@@ -104,7 +104,7 @@ def _verify(
             local = next(walker, None)
         else:
             assert local is not None and entry is not None
-            _compare(root, local, entry, result, link_local)
+            _compare(root, local, entry, result, links)
             if local.kind == Kind.DIR and entry.kind != Kind.DIR:
                 walker.prune()
             local = next(walker, None)
