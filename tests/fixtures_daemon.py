@@ -138,7 +138,7 @@ async def served_site(make_site: MakeSite) -> AsyncIterator[StartSite]:
     daemons: list[Daemon] = []
 
     async def start(name: str, api: dict[str, Any] | None = None, **kw: Any) -> Daemon:
-        settings = {"listen": f"127.0.0.1:{free_port()}", "lease_seconds": 3, **(api or {})}
+        settings = {"listen": f"127.0.0.1:{free_port()}", "lease_seconds": 10, **(api or {})}
         env = await make_site(name, api=settings, **kw)
         daemon = start_daemon(env)
         daemons.append(daemon)

@@ -252,7 +252,7 @@ async def test_several_processes_share_one_catalog(make_site: MakeSite) -> None:
     from tests.fixtures_daemon import free_port
 
     one = await make_site(
-        "site-b", api={"listen": f"127.0.0.1:{free_port()}", "lease_seconds": 3, "workers": 2}
+        "site-b", api={"listen": f"127.0.0.1:{free_port()}", "lease_seconds": 10, "workers": 2}
     )
     text = one.config_path.read_text()
     two_config = one.config_path.with_name("second.toml")

@@ -175,18 +175,19 @@ class Worker:
         self, row: TransferRow, progress: TransferProgress, runner: asyncio.Task[Any]
     ) -> None:
         """Renew the lease every `interval` s; stop the run when the lease is lost, when a
-        cancel is requested, or when the catalog has not renewed it (failing or hanging) for
-        all but two intervals of a lease: it may lapse any moment and another worker take
-        the transfer, and two runs on one tree must not happen."""
+        cancel is requested, or when the catalog has not renewed it (failing or hanging) by
+        one interval before it lapses: another worker could then take the transfer, and two
+        runs on one tree must not happen."""
         interval = max(min(self.lease / 3, 2.0), 0.2)
-        deadline = time.monotonic() + self.lease - 2 * interval
+        deadline = time.monotonic() + self.lease - interval  # the claim has just renewed it
         while not runner.done():
             await asyncio.sleep(interval)
+            sent = time.monotonic()
             call = asyncio.ensure_future(
                 self.transfers.heartbeat(row.id, self.owner, self.lease, **progress.fields())
             )
             call.add_done_callback(_consume)  # it may outlive this loop (a hanging catalog)
-            await asyncio.wait({call}, timeout=max(deadline - time.monotonic(), 0.0))
+            await asyncio.wait({call}, timeout=max(deadline - sent, 0.0))
             try:
                 if not call.done():
                     raise TimeoutError("no answer from the catalog")
@@ -198,7 +199,7 @@ class Worker:
                     runner.cancel()
                     return
                 continue
-            deadline = time.monotonic() + self.lease - 2 * interval
+            deadline = sent + self.lease - interval
             if not ours:
                 self._stop.reason = "lost"
                 runner.cancel()
