@@ -108,6 +108,19 @@ async def test_a_waiting_parent_is_not_overtaken_by_later_children(queue: Transf
     assert (await queue.claim("w3", 30)).id == later.id
 
 
+async def test_a_free_transfer_is_found_behind_pages_of_waiting_ones(queue: Transfers) -> None:
+    child, _ = await queue.submit(sub("/p/a/x"))
+    await queue.claim("w1", 30)
+    parent, _ = await queue.submit(sub("/p"))
+    for i in range(150):  # more than two pages of the claim's scan, all behind /p
+        await queue.submit(sub(f"/p/c{i:03d}"))
+    free, _ = await queue.submit(sub("/q"))
+    assert (await queue.claim("w2", 30)).id == free.id
+    assert await queue.claim("w2", 30) is None
+    await queue.transition(child.id, State.SUCCEEDED, owner="w1")
+    assert (await queue.claim("w3", 30)).id == parent.id
+
+
 async def test_a_cancel_asked_while_running_wins_over_a_requeue(queue: Transfers) -> None:
     lapsed, _ = await queue.submit(sub("/p/x"))
     await queue.claim("w1", 30)
