@@ -34,6 +34,9 @@ from datamover.errors import Conflict, NotFound
 T = Transfer.__table__
 _OTHER = T.alias("other")
 _CLAIM_PAGE = 64  # queued transfers read at a time while looking for one to claim
+# First key of the claim's two-key advisory lock, so its keys (the second, a hash of the
+# path's first component) cannot meet one-key advisory locks of other users of the database.
+_LOCK_SPACE = 0x646D  # "dm"
 
 
 def now() -> datetime:
@@ -336,7 +339,8 @@ class Transfers:
                 picked, path, rank = row
                 if self.dialect == "postgresql":
                     await conn.execute(
-                        text("SELECT pg_advisory_xact_lock(hashtext(:p))"), {"p": _top(path)}
+                        text("SELECT pg_advisory_xact_lock(:space, hashtext(:p))"),
+                        {"space": _LOCK_SPACE, "p": _top(path)},
                     )
                 ahead = exists().where(
                     _OTHER.c.path.in_(sorted(_lineage(path))),
