@@ -66,7 +66,7 @@ def remove_tree(path: Path, *, many_files: bool = True) -> None:
     """`rm -rf path` (faster than shutil.rmtree on 200,000 files, and untimed anyway).
 
     `many_files` says whether the tree may hold many files, so that creating files soon
-    after must wait (`forget_deleted`); False for trees of a few large files.
+    after must wait (`wait_out_deletions`); False for trees of a few large files.
     """
     global _last_removal
     if path.exists() or path.is_symlink():
@@ -94,7 +94,7 @@ def recall_removal(work: Path) -> None:
         _last_removal = max(_last_removal, time.monotonic() - ago)
 
 
-def forget_deleted(warm: Sequence[Path] = ()) -> None:
+def wait_out_deletions(warm: Sequence[Path] = ()) -> None:
     """Before timed steps: wait until no inode freed by this run (or the previous one, see
     `recall_removal`) counts as recently deleted (`RECENTLY_DELETED`), then read `warm` (the
     inputs of the coming steps) so no tool pays for a cold source tree.
@@ -184,8 +184,8 @@ class Bench:
         return path
 
     def settle_caches(self, warm: Sequence[Path] = ()) -> None:
-        """Before timed steps: `forget_deleted(warm)`, then `warm_tools`."""
-        forget_deleted(warm)
+        """Before timed steps: `wait_out_deletions(warm)`, then `warm_tools`."""
+        wait_out_deletions(warm)
         self.warm_tools()
 
     def warm_tools(self) -> None:

@@ -8,10 +8,9 @@ a `Conflict`, so no transfer can be run, finished or cancelled twice.
 Claiming takes the first queued transfer in `rank_time` order whose `not_before` has passed
 and whose tree is free (`Transfers._first_free`), locked with `FOR UPDATE SKIP LOCKED` on
 PostgreSQL so several processes never wait on each other; the guarded UPDATE makes it safe
-on SQLite too. A
-running transfer whose lease lapsed (its worker died) is put back in the queue first and
-resumes from its checkpoint; one whose cancel was requested while it ran is cancelled
-instead of queued again.
+on SQLite too. A running transfer whose lease lapsed (its worker died) is put back in the
+queue first and resumes from its checkpoint; one whose cancel was requested while it ran is
+cancelled instead of queued again.
 """
 
 from __future__ import annotations
@@ -342,22 +341,13 @@ class Transfers:
                         text("SELECT pg_advisory_xact_lock(:space, hashtext(:p))"),
                         {"space": _LOCK_SPACE, "p": _top(path)},
                     )
-                ahead = exists().where(
-                    _OTHER.c.path.in_(sorted(_lineage(path))),
-                    _OTHER.c.state == State.QUEUED.value,
-                    ~_OTHER.c.cancel_requested,
-                    or_(
-                        _OTHER.c.rank_time < rank,
-                        and_(_OTHER.c.rank_time == rank, _OTHER.c.id < picked),
-                    ),
-                )
                 stmt = (
                     update(T)
                     .where(
                         T.c.id == picked,
                         T.c.state == State.QUEUED.value,
                         ~_running_over(path),
-                        ~ahead,
+                        ~_queued_above(path, rank, picked),
                     )
                     .values(
                         state=State.RUNNING.value,
@@ -402,9 +392,7 @@ class Transfers:
             query = page
             if after is not None:
                 rank, last = after
-                query = query.where(
-                    or_(T.c.rank_time > rank, and_(T.c.rank_time == rank, T.c.id > last))
-                )
+                query = query.where(_precedes(rank, last, T.c.rank_time, T.c.id))
             rows = (await conn.execute(query)).all()
             for row in rows:
                 due = _aware(row.not_before)
@@ -491,6 +479,22 @@ def _requeued(at: datetime) -> dict[str, Any]:
 def _running_over(path: Any) -> Any:
     """SQL: a transfer runs on `path` or on a path above or below it."""
     return exists().where(_OTHER.c.state == State.RUNNING.value, _overlaps(_OTHER.c.path, path))
+
+
+def _queued_above(path: str, rank: datetime, transfer_id: str) -> Any:
+    """SQL: a transfer on `path` or a path above it is queued ahead of the one at (`rank`,
+    `transfer_id`) (the SQL form of the rule `Transfers._first_free` applies)."""
+    return exists().where(
+        _OTHER.c.path.in_(sorted(_lineage(path))),
+        _OTHER.c.state == State.QUEUED.value,
+        ~_OTHER.c.cancel_requested,
+        _precedes(_OTHER.c.rank_time, _OTHER.c.id, rank, transfer_id),
+    )
+
+
+def _precedes(rank_a: Any, id_a: Any, rank_b: Any, id_b: Any) -> Any:
+    """SQL: (`rank_a`, `id_a`) comes before (`rank_b`, `id_b`) in queue order."""
+    return or_(rank_a < rank_b, and_(rank_a == rank_b, id_a < id_b))
 
 
 def _lineage(path: str) -> set[str]:
