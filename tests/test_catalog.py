@@ -136,23 +136,25 @@ async def test_replica_and_checkpoint_records(catalog_url: str) -> None:
         row = await catalog.replica("/p/x")
         assert row is not None and (row.state, row.base_version, row.files) == ("ready", "v2", 3)
 
-        assert await catalog.checkpoint("/p/x") == (False, None, None)
+        assert await catalog.checkpoint("/p/x") is None
         await catalog.start_checkpoint("/p/x", "v1", "host:2", keep_segments=False)
         seg = SegmentRef(os.urandom(32), 100, 5, "a", "e", 50)
         more = [SegmentRef(os.urandom(32), 90, 4, f"f{i}", f"g{i}", 40) for i in range(3)]
         await catalog.add_checkpoint_segments("/p/x", [(0, seg)])
         await catalog.add_checkpoint_segments("/p/x", [(0, seg)])  # idempotent
         await catalog.add_checkpoint_segments("/p/x", [])
-        assert await catalog.checkpoint("/p/x") == (True, "v1", "host:2")
+        found = await catalog.checkpoint("/p/x")
+        assert found is not None and (found.parent, found.owner) == ("v1", "host:2")
         assert await catalog.checkpoint_segments("/p/x") == [seg]
         await catalog.add_checkpoint_segments("/p/x", [(2, more[1]), (1, more[0]), (3, more[2])])
         assert await catalog.checkpoint_segments("/p/x") == [seg, *more]
-        await catalog.add_checkpoint_segments("/p/x", [(1, more[2])])  # a rerun's segment 1
-        assert (await catalog.checkpoint_segments("/p/x"))[1] == more[2]
-        await catalog.start_checkpoint("/p/x", "v1", "host:3", keep_segments=False)
+        # A rerun's segment 1 replaces the interrupted run's rows from 1 on: one run's list.
+        await catalog.add_checkpoint_segments("/p/x", [(1, more[2])])
+        assert await catalog.checkpoint_segments("/p/x") == [seg, more[2]]
+        await catalog.start_checkpoint("/p/x", "v1", "host:3", keep_segments=False, found=found)
         assert await catalog.checkpoint_segments("/p/x") == []
         await catalog.clear_checkpoint("/p/x")
-        assert await catalog.checkpoint("/p/x") == (False, None, None)
+        assert await catalog.checkpoint("/p/x") is None
     finally:
         await catalog.close()
 

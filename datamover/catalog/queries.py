@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from datamover.catalog.engine import upsert_for
 from datamover.catalog.models import Chunk, Pack, PushCheckpoint, PushSegment, Replica, Version
 from datamover.domain.manifest import ChunkRef
+from datamover.errors import Conflict
 from datamover.repo.layout import VersionDoc
 from datamover.repo.manifest import SegmentRef
 
@@ -59,6 +60,16 @@ def owner_alive(owner: str | None) -> bool:
 
 def _now() -> datetime:
     return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class CheckpointRow:
+    """An unfinished push: its parent version, who runs it (`host:pid`) and when that
+    process last said so."""
+
+    parent: str | None
+    owner: str | None
+    touched: datetime
 
 
 @dataclass(frozen=True)
@@ -275,14 +286,15 @@ class Catalog:
 
     # -- push checkpoints ----------------------------------------------------------------
 
-    async def checkpoint(self, dataset: str) -> tuple[bool, str | None, str | None]:
-        """`(exists, parent, owner)` of an unfinished push of `dataset`."""
+    async def checkpoint(self, dataset: str) -> CheckpointRow | None:
+        """The unfinished push of `dataset`, or None."""
         table = PushCheckpoint.__table__
         async with self.engine.connect() as conn:
             r = (await conn.execute(select(table).where(table.c.dataset == dataset))).first()
         if r is None:
-            return False, None, None
-        return True, r.parent, r.owner
+            return None
+        touched = r.updated_at if r.updated_at.tzinfo else r.updated_at.replace(tzinfo=UTC)
+        return CheckpointRow(r.parent, r.owner, touched)
 
     async def checkpoint_segments(self, dataset: str) -> list[SegmentRef]:
         """Segments an unfinished push of `dataset` uploaded, in order."""
@@ -295,25 +307,56 @@ class Catalog:
             ]
 
     async def start_checkpoint(
-        self, dataset: str, parent: str | None, owner: str, keep_segments: bool
+        self,
+        dataset: str,
+        parent: str | None,
+        owner: str,
+        keep_segments: bool,
+        found: CheckpointRow | None = None,
     ) -> None:
-        """Claim the push of `dataset` for `owner`; keep or drop earlier segments."""
-        values = {"dataset": dataset, "parent": parent, "owner": owner, "updated_at": _now()}
-        stmt = self._insert(PushCheckpoint.__table__).values(**values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["dataset"], set_={k: v for k, v in values.items() if k != "dataset"}
-        )
+        """Claim the push of `dataset` for `owner`; keep or drop earlier segments.
+
+        `found` is the checkpoint the caller read and decided to take over (None: it saw
+        none). The claim is a compare-and-set on that row's owner, so of two pushes that
+        both decided to start, one gets `Conflict`.
+        """
+        table = PushCheckpoint.__table__
+        values = {"parent": parent, "owner": owner, "updated_at": _now()}
+        if found is None:
+            stmt: Any = self._insert(table).values(dataset=dataset, **values)
+            stmt = stmt.on_conflict_do_nothing(index_elements=["dataset"])
+        else:
+            held = table.c.owner.is_(None) if found.owner is None else table.c.owner == found.owner
+            stmt = update(table).where(table.c.dataset == dataset, held).values(**values)
         segs = PushSegment.__table__
         async with self.engine.begin() as conn:
-            await conn.execute(stmt)
+            if (await conn.execute(stmt)).rowcount != 1:
+                raise Conflict(f"another push of {dataset!r} started at the same time")
             if not keep_segments:
                 await conn.execute(delete(segs).where(segs.c.dataset == dataset))
+
+    async def touch_checkpoint(self, dataset: str, owner: str) -> None:
+        """Note that `owner` is still running the push of `dataset` (see `checkpoint`)."""
+        table = PushCheckpoint.__table__
+        stmt = (
+            update(table)
+            .where(table.c.dataset == dataset, table.c.owner == owner)
+            .values(updated_at=_now())
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
 
     async def add_checkpoint_segments(
         self, dataset: str, segments: Sequence[tuple[int, SegmentRef]]
     ) -> None:
         """Record that segments `(seq, ref)` of the running push are uploaded, in one
-        transaction (a segment recorded again replaces its row)."""
+        transaction.
+
+        The rows from the lowest `seq` given onwards are replaced: rows beyond what this run
+        has written are an interrupted run's, whose segments no longer follow this run's
+        (files removed or added in between shift the cuts), and a rerun must see one run's
+        list, never a mix (a stale segment with the bounds of a current one would be reused
+        and publish old content)."""
         if not segments:
             return
         rows = [
@@ -334,7 +377,12 @@ class Catalog:
             index_elements=["dataset", "seq"],
             set_={k: stmt.excluded[k] for k in rows[0] if k not in ("dataset", "seq")},
         )
+        first = min(seq for seq, _ in segments)
+        table = PushSegment.__table__
         async with self.engine.begin() as conn:
+            await conn.execute(
+                delete(table).where(table.c.dataset == dataset, table.c.seq >= first)
+            )
             await conn.execute(stmt)
 
     async def clear_checkpoint(self, dataset: str) -> None:

@@ -11,13 +11,15 @@ import asyncio
 import json
 import os
 import secrets
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import blake3
 
 from datamover.chunking.chunker import ChunkerParams
+from datamover.chunking.pack import pack_key
 from datamover.domain.manifest import Entry
 from datamover.domain.paths import check_logical_path, is_under
 from datamover.errors import Corrupt, NotFound, ObjectNotFound, PermanentError
@@ -38,6 +40,19 @@ from datamover.storage.base import Store
 def utc_now() -> str:
     """Current UTC time in the format used by stored documents."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+async def _all_true(checks: Iterable[Coroutine[Any, Any, bool]], batch: int = 256) -> bool:
+    """Await `checks` a batch at a time (a bounded number of tasks); False at the first
+    batch with a False (the rest are not started)."""
+    pending: list[Coroutine[Any, Any, bool]] = []
+    for check in checks:
+        pending.append(check)
+        if len(pending) == batch:
+            if not all(await asyncio.gather(*pending)):
+                return False
+            pending = []
+    return all(await asyncio.gather(*pending))
 
 
 class Repository:
@@ -194,6 +209,35 @@ class Repository:
         refs = await self.segments(doc)
         await asyncio.gather(*(self.manifest_object(ref.digest) for ref in refs))
         return refs
+
+    async def all_stored(self, refs: list[SegmentRef]) -> bool:
+        """Whether the store still has every segment of `refs` and every pack their entries
+        reference; the segments end up in the local cache (a cached one is confirmed with a
+        HEAD, a missing one fetched). Requests go `fetch_concurrency` at a time."""
+
+        async def segment(ref: SegmentRef) -> bool:
+            if await asyncio.to_thread(self.read_cached, ref.digest) is not None:
+                return await self._exists(manifest_key(ref.digest))
+            try:
+                await self.manifest_object(ref.digest)
+            except Corrupt:
+                return False
+            return True
+
+        if not await _all_true(segment(r) for r in refs):
+            return False
+        packs = await asyncio.to_thread(
+            lambda: {c.pack for e in self.iter_cached(refs, check=False) for c in e.chunks}
+        )
+        return await _all_true(self._exists(pack_key(p)) for p in packs)
+
+    async def _exists(self, key: str) -> bool:
+        async with self._fetch_limit:
+            try:
+                await self.store.head(key)
+            except ObjectNotFound:
+                return False
+        return True
 
     def iter_cached(self, refs: list[SegmentRef], check: bool = True) -> Iterator[Entry]:
         """Entries of a prefetched manifest, from the cache, one segment in memory at a time.

@@ -12,17 +12,21 @@ checkpointed only after theirs are; a rerun after SIGKILL finds both and sends n
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
+import socket
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from datamover.catalog.queries import owner_alive, owner_id
+from datamover.catalog.queries import CheckpointRow, owner_alive, owner_id
 from datamover.domain.ids import new_version_id
 from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import check_logical_path, sort_key
-from datamover.errors import Conflict, Corrupt, NotFound
+from datamover.errors import Conflict, NotFound
 from datamover.repo.layout import VersionDoc
 from datamover.repo.manifest import SegmentRef, encode_list
 from datamover.repo.repository import Repository, utc_now
@@ -32,9 +36,16 @@ from datamover.transfer.packer import Packer, Ref
 from datamover.transfer.progress import NoProgress, Progress
 from datamover.transfer.scan import Done, NewChunk, Scanner
 
+#: A push touches its checkpoint this often; one untouched for `_STALE_AFTER` belongs to a
+#: process that is gone (`_holder_alive`), with room for clocks that disagree by minutes.
+_TOUCH_EVERY = 60.0
+_STALE_AFTER = timedelta(minutes=15)
+
 #: Reused segments whose checkpoint rows are written together (see `on_segment` in `push`);
 #: a rerun after a crash compares at most this many segments again.
 _CHECKPOINT_BATCH = 256
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,6 +74,20 @@ class PushResult:
         return asdict(self)
 
 
+def _unfinished(batch: list[object], current: dict[bytes, Ref]) -> dict[bytes, Ref]:
+    """What `current` must keep after `batch`: the chunks of a file whose `Done` is still to
+    come (a batch ends after about 8 MiB of data, in the middle of a file more often than
+    not), and nothing of the files it completed, so the map holds one file's chunks at most."""
+    i = len(batch) - 1
+    while i >= 0 and not isinstance(batch[i], Done):
+        i -= 1
+    if i == len(batch) - 1:
+        return {}
+    if i < 0:
+        return current  # the same file goes on
+    return {p.digest: current[p.digest] for p in batch[i + 1 :] if isinstance(p, NewChunk)}
+
+
 def _previous(
     repo: Repository, resumed: list[SegmentRef], parent: list[SegmentRef]
 ) -> Iterator[Entry]:
@@ -87,20 +112,64 @@ def _reusable(resumed: list[SegmentRef], parent: list[SegmentRef]) -> list[Segme
     return [*resumed, *(r for r in parent if sort_key(r.first_path) > cutoff)]
 
 
-async def _resumable_segments(site: Site, dataset: str) -> list[SegmentRef]:
-    me = owner_id()
-    exists, _parent, owner = await site.catalog.checkpoint(dataset)
-    if not exists:
-        return []
-    if owner and owner != me and owner_alive(owner):
-        raise Conflict(f"a push of {dataset!r} is already running ({owner})")
+def _holder_alive(checkpoint: CheckpointRow, now: datetime) -> bool:
+    """Whether the process recorded on an unfinished push may still be running it.
+
+    On this host the process table answers. A process on another host (a shared PostgreSQL
+    catalog) touches its checkpoint every `_TOUCH_EVERY` seconds while it runs, so one
+    silent for `_STALE_AFTER` has died or lost the catalog, and its push may be taken over.
+    """
+    owner = checkpoint.owner
+    if not owner_alive(owner):
+        return False
+    assert owner is not None
+    if owner.partition("/")[0].rpartition(":")[0] == socket.gethostname():
+        return True
+    return now - checkpoint.touched < _STALE_AFTER
+
+
+async def _resumable_segments(
+    site: Site, dataset: str
+) -> tuple[CheckpointRow | None, list[SegmentRef]]:
+    """The unfinished push of `dataset` to take over (None: there is none) and the segments
+    it stored, or `Conflict` if its process is still running it.
+
+    The segments are checked in the store, not only in the local cache: a bucket restored
+    from an older copy, or objects deleted by hand, must not let a rerun reuse chunks that
+    are gone. If any is missing, the run starts over (its packs still deduplicate).
+    """
+    found = await site.catalog.checkpoint(dataset)
+    if found is None:
+        return None, []
+    if found.owner != owner_id() and _holder_alive(found, datetime.now(UTC)):
+        raise Conflict(f"a push of {dataset!r} is already running ({found.owner})")
     segments = await site.catalog.checkpoint_segments(dataset)
+    if segments and not await site.repo.all_stored(segments):
+        log.warning("push of %s: an interrupted run's objects are gone; starting over", dataset)
+        return found, []
+    return found, segments
+
+
+@contextlib.asynccontextmanager
+async def _touching(site: Site, dataset: str) -> AsyncIterator[None]:
+    """Touch the checkpoint every `_TOUCH_EVERY` seconds while the body runs (see
+    `_holder_alive`); a failed touch is logged and the push goes on."""
+
+    async def touch() -> None:
+        me = owner_id()
+        while True:
+            await asyncio.sleep(_TOUCH_EVERY)
+            try:
+                await site.catalog.touch_checkpoint(dataset, me)
+            except Exception as exc:  # the push itself reports a catalog that stays down
+                log.warning("push of %s: could not touch its checkpoint: %s", dataset, exc)
+
+    task = asyncio.create_task(touch())
     try:
-        for ref in segments:
-            await site.repo.manifest_object(ref.digest)
-    except Corrupt:
-        return []  # the interrupted run's segments are gone: start over, packs still dedup
-    return segments
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def push(
@@ -116,121 +185,121 @@ async def push(
     params = await site.repo.chunker_params(create=True)
     parent_id = await site.repo.latest(dataset)
     parent = await site.repo.read_version(dataset, parent_id) if parent_id else None
-    resumed = await _resumable_segments(site, dataset)
-    await site.catalog.start_checkpoint(dataset, parent_id, owner_id(), bool(resumed))
-    parent_refs = await site.repo.prefetch(parent) if parent else []
+    found, resumed = await _resumable_segments(site, dataset)
+    await site.catalog.start_checkpoint(dataset, parent_id, owner_id(), bool(resumed), found)
+    async with _touching(site, dataset):
+        parent_refs = await site.repo.prefetch(parent) if parent else []
 
-    t = site.config.transfer
-    level = None if t.compression == "never" else t.zstd_level
-    previous = _previous(site.repo, resumed, parent_refs)
-    # Two readers per core: reading a cold tree waits on the disk as much as it computes.
-    workers = t.read_workers if t.read_workers > 0 else 2 * (os.cpu_count() or 1)
-    links = site.config.namespace.link_to_logical
-    scanner = Scanner(str(root), previous, params, checksum, level, workers, links)
-    packer = Packer(site.store, site.catalog, t.pack_size, t.upload_concurrency)
+        t = site.config.transfer
+        level = None if t.compression == "never" else t.zstd_level
+        previous = _previous(site.repo, resumed, parent_refs)
+        # Two readers per core: reading a cold tree waits on the disk as much as it computes.
+        workers = t.read_workers if t.read_workers > 0 else 2 * (os.cpu_count() or 1)
+        links = site.config.namespace.link_to_logical
+        scanner = Scanner(str(root), previous, params, checksum, level, workers, links)
+        packer = Packer(site.store, site.catalog, t.pack_size, t.upload_concurrency)
 
-    # Checkpoint rows let a rerun skip what this run uploaded. A reused segment uploaded
-    # nothing, so its row waits for the next new segment's (one transaction for both, so the
-    # rows stay a prefix of the list) or for `_CHECKPOINT_BATCH` of them: a no-op push of
-    # a 600-million-file tree would otherwise commit a row for each of ~150,000 segments.
-    unrecorded: list[tuple[int, SegmentRef]] = []
+        # Checkpoint rows let a rerun skip what this run uploaded. A reused segment uploaded
+        # nothing, so its row waits for the next new segment's (one transaction for both, so the
+        # rows stay a prefix of the list) or for `_CHECKPOINT_BATCH` of them: a no-op push of
+        # a 600-million-file tree would otherwise commit a row for each of ~150,000 segments.
+        unrecorded: list[tuple[int, SegmentRef]] = []
 
-    async def on_segment(seq: int, ref: SegmentRef, reused: bool) -> None:
-        unrecorded.append((seq, ref))
-        if reused and len(unrecorded) < _CHECKPOINT_BATCH:
-            return
-        rows = unrecorded.copy()
-        unrecorded.clear()
-        await site.catalog.add_checkpoint_segments(dataset, rows)
+        async def on_segment(seq: int, ref: SegmentRef, reused: bool) -> None:
+            unrecorded.append((seq, ref))
+            if reused and len(unrecorded) < _CHECKPOINT_BATCH:
+                return
+            rows = unrecorded.copy()
+            unrecorded.clear()
+            await site.catalog.add_checkpoint_segments(dataset, rows)
 
-    known = {r.digest for r in parent_refs} | {r.digest for r in resumed}
-    writer = ManifestWriter(
-        site.repo, packer, t.segment_entries, known, _reusable(resumed, parent_refs), on_segment
-    )
-    result = PushResult(dataset, "", parent_id, False)
-    current: dict[bytes, Ref] = {}  # where the chunks of files being assembled went
-    reading: asyncio.Future[list[object]] = asyncio.ensure_future(
-        asyncio.to_thread(scanner.next_batch)
-    )
-    try:
-        while batch := await reading:
-            reading = asyncio.ensure_future(asyncio.to_thread(scanner.next_batch))
-            new = [p for p in batch if isinstance(p, NewChunk)]
-            if new:
-                refs = await packer.lookup([c.digest for c in new])
-                missing = [c for c in new if c.digest not in refs]
-                if missing:
-                    refs.update(await packer.add(missing))
-                current.update(refs)
-            files = nbytes = 0
-            for piece in batch:
-                if not isinstance(piece, Done):
-                    continue
-                entry = piece.entry
-                if piece.digests is not None:
-                    entry.chunks = tuple(current[d] for d in piece.digests)
-                if entry.kind == Kind.FILE:
-                    result.files += 1
-                    result.bytes += entry.size
-                    files += 1
-                    nbytes += entry.size
-                elif entry.kind == Kind.DIR:
-                    result.dirs += 1
-                else:
-                    result.symlinks += 1
-                writer.add(entry, piece.same)
-                if writer.full():
-                    await writer.cut()
-            if isinstance(batch[-1], Done):
-                current.clear()  # no file is half-assembled across the batch boundary
-            progress.advance(files, nbytes)
-        await packer.close()
-        segments = await writer.finish()
-    except BaseException:
-        await asyncio.gather(reading, return_exceptions=True)  # the thread must stop first
-        await packer.abort()
-        await writer.abort()
-        raise
-    finally:
-        await asyncio.to_thread(scanner.close)
+        known = {r.digest for r in parent_refs} | {r.digest for r in resumed}
+        writer = ManifestWriter(
+            site.repo, packer, t.segment_entries, known, _reusable(resumed, parent_refs), on_segment
+        )
+        result = PushResult(dataset, "", parent_id, False)
+        current: dict[bytes, Ref] = {}  # where the chunks of files being assembled went
+        reading: asyncio.Future[list[object]] = asyncio.ensure_future(
+            asyncio.to_thread(scanner.next_batch)
+        )
+        try:
+            while batch := await reading:
+                reading = asyncio.ensure_future(asyncio.to_thread(scanner.next_batch))
+                new = [p for p in batch if isinstance(p, NewChunk)]
+                if new:
+                    refs = await packer.lookup([c.digest for c in new])
+                    missing = [c for c in new if c.digest not in refs]
+                    if missing:
+                        refs.update(await packer.add(missing))
+                    current.update(refs)
+                files = nbytes = 0
+                for piece in batch:
+                    if not isinstance(piece, Done):
+                        continue
+                    entry = piece.entry
+                    if piece.digests is not None:
+                        entry.chunks = tuple(current[d] for d in piece.digests)
+                    if entry.kind == Kind.FILE:
+                        result.files += 1
+                        result.bytes += entry.size
+                        files += 1
+                        nbytes += entry.size
+                    elif entry.kind == Kind.DIR:
+                        result.dirs += 1
+                    else:
+                        result.symlinks += 1
+                    writer.add(entry, piece.same)
+                    if writer.full():
+                        await writer.cut()
+                current = _unfinished(batch, current)
+                progress.advance(files, nbytes)
+            await packer.close()
+            segments = await writer.finish()
+        except BaseException:
+            await asyncio.gather(reading, return_exceptions=True)  # the thread must stop first
+            await packer.abort()
+            await writer.abort()
+            raise
+        finally:
+            await asyncio.to_thread(scanner.close)
 
-    stats = scanner.stats
-    result.files_read, result.bytes_read = stats.files_read, stats.bytes_read
-    result.skipped_special = stats.skipped_special
-    result.new_chunks, result.new_chunk_bytes = (
-        packer.stats.new_chunks,
-        packer.stats.new_chunk_bytes,
-    )
-    result.packs = packer.stats.packs
-    result.uploaded_bytes = packer.stats.pack_bytes + writer.uploaded_bytes
+        stats = scanner.stats
+        result.files_read, result.bytes_read = stats.files_read, stats.bytes_read
+        result.skipped_special = stats.skipped_special
+        result.new_chunks, result.new_chunk_bytes = (
+            packer.stats.new_chunks,
+            packer.stats.new_chunk_bytes,
+        )
+        result.packs = packer.stats.packs
+        result.uploaded_bytes = packer.stats.pack_bytes + writer.uploaded_bytes
 
-    if parent is not None and [r.digest for r in segments] == [r.digest for r in parent_refs]:
+        if parent is not None and [r.digest for r in segments] == [r.digest for r in parent_refs]:
+            await site.catalog.clear_checkpoint(dataset)
+            result.version, result.unchanged = parent.version, True
+            result.seconds = round(time.monotonic() - started, 3)
+            return result
+
+        listing = encode_list(segments)
+        list_digest = await site.repo.put_manifest_object(listing)
+        doc = VersionDoc(
+            dataset=dataset,
+            version=new_version_id(site.name, after=parent_id),
+            parent=parent_id,
+            site=site.name,
+            created=utc_now(),
+            manifest=list_digest.hex(),
+            manifest_size=len(listing),
+            segments=len(segments),
+            files=result.files,
+            dirs=result.dirs,
+            symlinks=result.symlinks,
+            bytes=result.bytes,
+        )
+        body = doc.to_bytes()
+        await site.repo.publish(doc)
+        result.uploaded_bytes += len(listing) + len(body)
+        result.version = doc.version
+        await site.catalog.record_versions([doc])
         await site.catalog.clear_checkpoint(dataset)
-        result.version, result.unchanged = parent.version, True
         result.seconds = round(time.monotonic() - started, 3)
         return result
-
-    listing = encode_list(segments)
-    list_digest = await site.repo.put_manifest_object(listing)
-    doc = VersionDoc(
-        dataset=dataset,
-        version=new_version_id(site.name, after=parent_id),
-        parent=parent_id,
-        site=site.name,
-        created=utc_now(),
-        manifest=list_digest.hex(),
-        manifest_size=len(listing),
-        segments=len(segments),
-        files=result.files,
-        dirs=result.dirs,
-        symlinks=result.symlinks,
-        bytes=result.bytes,
-    )
-    body = doc.to_bytes()
-    await site.repo.publish(doc)
-    result.uploaded_bytes += len(listing) + len(body)
-    result.version = doc.version
-    await site.catalog.record_versions([doc])
-    await site.catalog.clear_checkpoint(dataset)
-    result.seconds = round(time.monotonic() - started, 3)
-    return result

@@ -1,0 +1,176 @@
+"""Interrupted pushes and their reruns: the checkpoint a rerun resumes from is one run's,
+checked against the store, and held by one process at a time.
+
+A crash is injected where a real one would leave the catalog: right after a batch of
+checkpoint rows is committed (the process dies before doing anything else).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import update
+
+from datamover.catalog.models import PushCheckpoint
+from datamover.catalog.queries import owner_id
+from datamover.errors import Conflict
+from datamover.repo.layout import manifest_key
+from datamover.site import Site
+from datamover.transfer.push import _unfinished, push
+from datamover.transfer.readers import NewChunk
+from datamover.transfer.scan import Done
+from datamover.transfer.stage import stage
+from tests.fixtures_sites import MakeSite
+
+
+class Killed(Exception):
+    """Stands for the process dying right after a checkpoint commit."""
+
+
+def die_after(site: Site, when: Any) -> None:
+    """Make the push die once right after committing a batch of rows for which `when(rows)`."""
+    original = site.catalog.add_checkpoint_segments
+
+    async def add(dataset: str, rows: Any) -> None:
+        await original(dataset, rows)
+        if when(rows):
+            site.catalog.add_checkpoint_segments = original  # type: ignore[method-assign]
+            raise Killed(f"after rows {[seq for seq, _ in rows]}")
+
+    site.catalog.add_checkpoint_segments = add  # type: ignore[method-assign]
+
+
+async def push_killed(site: Site, when: Any) -> None:
+    die_after(site, when)
+    with pytest.raises(Killed):
+        await push(site, "/proj/x")
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))}
+
+
+async def stage_elsewhere(make_site: MakeSite) -> dict[str, bytes]:
+    """Stage the latest `/proj/x` at a fresh site; its files."""
+    b = await make_site("site-b")
+    site = await b.open()
+    try:
+        await stage(site, "/proj/x")
+    finally:
+        await site.close()
+    return files(b.data / "x")
+
+
+async def test_rerun_never_mixes_two_interrupted_runs(make_site: MakeSite) -> None:
+    # Run 1 records segments up to f090 and dies. Twenty early files go and f060 changes;
+    # run 2, whose cuts now fall elsewhere, dies right after recording f060's segment. Rows
+    # beyond it used to stay run 1's, among them a segment with the bounds of f060's new
+    # one but its old content, which run 3 then reused and published.
+    a = await make_site("site-a", segment_entries=8)
+    root = a.data / "x"
+    root.mkdir()
+    for i in range(100):
+        (root / f"f{i:03d}").write_bytes(f"version 1 of file {i}\n".encode())
+    site = await a.open()
+    try:
+        await push_killed(site, lambda rows: any(r.last_path >= "f090" for _, r in rows))
+        for i in range(20):
+            (root / f"f{i:03d}").unlink()
+        (root / "f060").write_bytes(b"version 2 of f060, longer than before\n")
+        await push_killed(
+            site, lambda rows: any(r.first_path <= "f060" <= r.last_path for _, r in rows)
+        )
+        rows = await site.catalog.checkpoint_segments("/proj/x")
+        assert rows and rows[-1].first_path <= "f060" <= rows[-1].last_path  # run 2's only
+        await push(site, "/proj/x")
+    finally:
+        await site.close()
+    assert await stage_elsewhere(make_site) == files(root)
+
+
+async def test_rerun_checks_the_store_not_only_the_cache(make_site: MakeSite) -> None:
+    # The interrupted run's segments sit in the local manifest cache; the bucket lost them
+    # and their packs (restored from an older copy). The rerun must upload them again.
+    a = await make_site("site-a", segment_entries=8, pack_size=1 << 20)
+    root = a.data / "x"
+    root.mkdir()
+    for i in range(60):
+        (root / f"f{i:03d}").write_bytes(f"file {i}\n".encode() * 300)
+    site = await a.open()
+    try:
+        await push_killed(site, lambda rows: any(r.last_path >= "f040" for _, r in rows))
+        rows = await site.catalog.checkpoint_segments("/proj/x")
+        assert len(rows) >= 4
+        keys = [manifest_key(r.digest) for r in rows]
+        keys += [info.key async for info in site.store.list("packs/")]
+        for key in keys:
+            await site.store.delete(key)
+        result = await push(site, "/proj/x")
+        assert result.files_read == 60  # nothing of the lost run was trusted
+    finally:
+        await site.close()
+    assert await stage_elsewhere(make_site) == files(root)
+
+
+async def test_a_remote_holder_is_waited_for_until_silent(make_site: MakeSite) -> None:
+    a = await make_site("site-a")
+    (a.data / "x").mkdir()
+    (a.data / "x" / "f").write_bytes(b"data")
+    site = await a.open()
+    try:
+        await site.catalog.start_checkpoint("/proj/x", None, "elsewhere:4242", False)
+        with pytest.raises(Conflict, match="elsewhere:4242"):
+            await push(site, "/proj/x")  # touched just now: running on another host
+
+        table = PushCheckpoint.__table__
+        silent = datetime.now(UTC) - timedelta(minutes=16)
+        async with site.catalog.engine.begin() as conn:
+            await conn.execute(update(table).values(updated_at=silent))
+        result = await push(site, "/proj/x")  # silent for longer than _STALE_AFTER
+        assert result.files == 1 and result.version
+        assert await site.catalog.checkpoint("/proj/x") is None
+    finally:
+        await site.close()
+
+
+async def test_two_pushes_cannot_both_claim_one_checkpoint(make_site: MakeSite) -> None:
+    a = await make_site("site-a")
+    site = await a.open()
+    try:
+        catalog = site.catalog
+        await catalog.start_checkpoint("/proj/x", None, "host:1", False)
+        with pytest.raises(Conflict):  # it saw no checkpoint, but one appeared meanwhile
+            await catalog.start_checkpoint("/proj/x", None, "host:2", False)
+        found = await catalog.checkpoint("/proj/x")
+        assert found is not None and found.owner == "host:1"
+        await catalog.start_checkpoint("/proj/x", None, owner_id(), False, found)  # takes over
+        with pytest.raises(Conflict):  # decided on the same stale row: too late
+            await catalog.start_checkpoint("/proj/x", None, "host:3", False, found)
+        current = await catalog.checkpoint("/proj/x")
+        assert current is not None and current.owner == owner_id()
+        await catalog.touch_checkpoint("/proj/x", owner_id())
+        touched = await catalog.checkpoint("/proj/x")
+        assert touched is not None and touched.touched >= current.touched
+    finally:
+        await site.close()
+
+
+def test_assembly_map_keeps_only_the_unfinished_file() -> None:
+    def chunk(d: bytes) -> NewChunk:
+        return NewChunk(d, 4, 0, b"x")
+
+    def done() -> Done:
+        return Done(None, [])  # type: ignore[arg-type]
+
+    refs = {d: object() for d in (b"a", b"b", b"c", b"d")}
+    current: dict[bytes, Any] = dict(refs)
+    # A batch that ends inside a file keeps that file's chunks only.
+    kept = _unfinished([chunk(b"a"), chunk(b"b"), done(), chunk(b"c"), chunk(b"d")], current)
+    assert kept == {b"c": refs[b"c"], b"d": refs[b"d"]}
+    # A batch wholly inside one file keeps everything (the file goes on).
+    assert _unfinished([chunk(b"c"), chunk(b"d")], current) is current
+    # A batch that ends with a finished entry keeps nothing.
+    assert _unfinished([chunk(b"a"), done()], current) == {}
