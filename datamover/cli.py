@@ -157,9 +157,14 @@ def stage(
     from datamover.cli_daemon import stage_locally, through_daemon
     from datamover.config import load_config
     from datamover.domain.ids import check_version_id
+    from datamover.domain.transfers import check_text, parse_time
 
     if version is not None:
         check_version_id(version)
+    if pin is not None:  # the same checks as the daemon's, also when staging locally
+        check_text(pin, "--pin")
+    if deadline is not None:
+        parse_time(deadline, "--deadline")
     if wait and no_wait:
         raise click.UsageError("--wait and --no-wait contradict each other")
     config = load_config(config_path)
@@ -259,11 +264,12 @@ def upgrade(config_path: str | None, as_json: bool) -> None:
     from datamover.catalog.engine import create_engine_for
     from datamover.catalog.engine import upgrade as do_upgrade
     from datamover.config import load_config
+    from datamover.site import make_state_dir
 
     config = load_config(config_path)
 
     async def main() -> tuple[str | None, str]:
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        make_state_dir(config)
         engine = create_engine_for(config.catalog_url)
         try:
             return await do_upgrade(engine)
@@ -320,6 +326,30 @@ def _leave(status: int) -> NoReturn:
     os._exit(status)
 
 
+def _expected(exc: Exception) -> DatamoverError | None:
+    """The error a user or the environment caused, behind an exception that is not a
+    `DatamoverError`: a catalog outage (transient, exit 6), or an OS error (a directory
+    that cannot be written, a full disk), named by its reason and file. Else None."""
+    if "sqlalchemy" in sys.modules:  # only then can it be a database error
+        from datamover.catalog.engine import catalog_outage
+
+        outage = catalog_outage(exc)
+        if outage is not None:
+            return outage
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc) or type(exc).__name__
+        files = [repr(f) for f in (exc.filename, exc.filename2) if f is not None]
+        return DatamoverError(f"{reason}: {' -> '.join(files)}" if files else reason)
+    return None
+
+
+def _fail(exc: DatamoverError, as_json: bool) -> NoReturn:
+    error_line(exc.message)
+    if as_json:
+        emit_json({"error": {"code": exc.code, "message": exc.message}})
+    _leave(exc.exit_code)
+
+
 def main() -> None:
     """Entry point: run the CLI, turning every expected failure into one line and an exit code."""
     gctune.tune()
@@ -342,16 +372,16 @@ def main() -> None:
         error_line("interrupted")
         _leave(130)
     except DatamoverError as exc:
-        error_line(exc.message)
-        if as_json:
-            emit_json({"error": {"code": exc.code, "message": exc.message}})
-        _leave(exc.exit_code)
+        _fail(exc, as_json)
     except KeyboardInterrupt:
         error_line("interrupted")
         _leave(130)
     except Exception as exc:  # the last line of defence: no tracebacks
         if os.environ.get("DATAMOVER_DEBUG"):
             raise
+        expected = _expected(exc)
+        if expected is not None:
+            _fail(expected, as_json)
         error_line(
             f"internal error ({type(exc).__name__}: {exc}); "
             "set DATAMOVER_DEBUG=1 for a traceback and report it"

@@ -128,10 +128,12 @@ def token_create(
     """Create a bearer token; the secret is printed once and stored only hashed."""
     from datamover.catalog.access import Access
     from datamover.domain.paths import check_logical_path
+    from datamover.domain.transfers import check_text
 
     checked = ["/" if p == "/" else check_logical_path(p) for p in prefixes]
-    if not tenant.strip() or len(tenant) > 128:
-        raise InvalidInput("--tenant must be 1-128 characters")
+    if not tenant.strip():
+        raise InvalidInput("--tenant must not be blank")
+    check_text(tenant, "--tenant", 128)
 
     async def work(site: Any) -> tuple[str, Any]:
         return await Access(site.catalog.engine).create_token(tenant, checked, list(scopes))
@@ -230,6 +232,14 @@ def transfer_submit(
     as_json: bool,
 ) -> None:
     """Queue a push or stage on the daemon; print the transfer."""
+    from datamover.domain.transfers import check_idempotency_key, check_text, parse_time
+
+    if pin is not None:
+        check_text(pin, "--pin")
+    if deadline is not None:
+        parse_time(deadline, "--deadline")
+    if idempotency_key is not None:
+        check_idempotency_key(idempotency_key)
     body: dict[str, Any] = {"kind": kind, "path": logical_path, "priority": priority}
     for key, value in (("version", version), ("deadline", deadline), ("pin", pin)):
         if value is not None:
@@ -274,7 +284,9 @@ def transfer_list(
 @common
 def transfer_show(transfer_id: str, config_path: str | None, as_json: bool) -> None:
     """Show one transfer."""
-    t = _call(config_path, "GET", f"/v1/transfers/{transfer_id}")
+    from datamover.client import segment
+
+    t = _call(config_path, "GET", f"/v1/transfers/{segment(transfer_id)}")
     emit_json(t) if as_json else click.echo(_describe(t))
 
 
@@ -283,7 +295,9 @@ def transfer_show(transfer_id: str, config_path: str | None, as_json: bool) -> N
 @common
 def transfer_cancel(transfer_id: str, config_path: str | None, as_json: bool) -> None:
     """Cancel a transfer."""
-    t = _call(config_path, "DELETE", f"/v1/transfers/{transfer_id}")
+    from datamover.client import segment
+
+    t = _call(config_path, "DELETE", f"/v1/transfers/{segment(transfer_id)}")
     emit_json(t) if as_json else click.echo(_describe(t))
 
 
@@ -316,7 +330,10 @@ def transfer_watch(transfer_id: str, config_path: str | None, as_json: bool) -> 
 def release(pin: str, local: bool, config_path: str | None, as_json: bool) -> None:
     """Release every replica held by a pin (the Slurm epilog half of the hook pair)."""
     from datamover.catalog.access import Access
+    from datamover.client import segment
+    from datamover.domain.transfers import check_text
 
+    check_text(pin, "--pin")
     config = load_config(config_path)
     released = None
     if not local and config.api_url is not None:
@@ -325,7 +342,7 @@ def release(pin: str, local: bool, config_path: str | None, as_json: bool) -> No
             async with _client(config) as client:
                 if not await client.reachable():
                     return None
-                answer = await client.call("DELETE", f"/v1/pins/{pin}")
+                answer = await client.call("DELETE", f"/v1/pins/{segment(pin)}")
                 return int(answer["released"])
 
         released = asyncio.run(go())

@@ -11,8 +11,10 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
+from yarl import URL
 
 from datamover.config import Config
 from datamover.errors import (
@@ -28,18 +30,40 @@ _BY_STATUS = {status: cls for cls, status in reversed(HTTP_STATUS)}
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
+def segment(value: str) -> str:
+    """`value` as one URL path segment: every reserved character percent-encoded (`/`, `?`,
+    `#`, `%` included) and every `.` too, so `..` cannot climb out of its route; the daemon
+    decodes it back to exactly `value`."""
+    return quote(value, safe="").replace(".", "%2E")
+
+
+def _checked_token(token: str, source: str) -> str | None:
+    token = token.strip()
+    if any(not 0x21 <= ord(c) <= 0x7E for c in token):
+        raise InvalidInput(f"{source}: the token may hold only printable ASCII characters")
+    return token or None
+
+
 def load_token(config: Config) -> str | None:
-    """The CLI's token: `DATAMOVER_TOKEN`, else the file named by `[api] token_file`."""
+    """The CLI's token: `DATAMOVER_TOKEN`, else the file named by `[api] token_file`.
+
+    Raises `InvalidInput` when the file cannot be read or the token holds characters an
+    HTTP header cannot carry (a newline, a space, non-ASCII)."""
     token = os.environ.get("DATAMOVER_TOKEN")
     if token:
-        return token.strip()
+        return _checked_token(token, "DATAMOVER_TOKEN")
     if config.api.token_file:
         try:
-            return Path(config.api.token_file).read_text().strip() or None
+            text = Path(config.api.token_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise InvalidInput(
+                f"the token file {config.api.token_file!r} is not UTF-8 text"
+            ) from None
         except OSError as exc:
             raise InvalidInput(
                 f"cannot read the token file {config.api.token_file!r}: {exc.strerror}"
             ) from None
+        return _checked_token(text, f"token file {config.api.token_file!r}")
     return None
 
 
@@ -104,11 +128,13 @@ class DaemonClient:
         params: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
     ) -> Any:
-        """One request; the decoded JSON answer, or the mapped error."""
+        """One request; the decoded JSON answer, or the mapped error. `path` is sent as it
+        is (already encoded): build its variable parts with `segment`."""
         assert self._session is not None
+        url = URL(self.base_url + path, encoded=True)
         try:
             async with self._session.request(
-                method, self.base_url + path, json=body, params=params, headers=headers
+                method, url, json=body, params=params, headers=headers
             ) as resp:
                 try:
                     data = await resp.json(content_type=None)
@@ -129,7 +155,7 @@ class DaemonClient:
 
     async def get(self, transfer_id: str) -> dict[str, Any]:
         """GET /v1/transfers/{id}."""
-        return await self.call("GET", f"/v1/transfers/{transfer_id}")
+        return await self.call("GET", f"/v1/transfers/{segment(transfer_id)}")
 
     async def wait(
         self,

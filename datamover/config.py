@@ -12,6 +12,7 @@ wrong; unknown keys are errors too, because a typo silently ignored is a setting
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -120,26 +121,43 @@ _SECTIONS: dict[str, type] = {
 
 
 def _coerce(source: str, where: str, raw: Any, kind: Any) -> Any:
+    """`raw` (a TOML value, or a string from the environment) as `kind`, else `InvalidInput`.
+
+    Strict, because a value silently bent is a setting not applied: an int must be a TOML
+    integer or an integer string (`3.9` is refused, not truncated), a float must be finite
+    and never a boolean (`true` is not 1.0); a bool is `true`/`false` (from the environment
+    also 1/0, yes, on)."""
     try:
         if kind is bool:
             if isinstance(raw, bool):
                 return raw
-            if isinstance(raw, str) and raw.lower() in ("1", "true", "yes", "on", "0", "false"):
-                return raw.lower() in ("1", "true", "yes", "on")
+            if isinstance(raw, str) and raw.lower() in _BOOL_WORDS:
+                return _BOOL_WORDS[raw.lower()]
             raise ValueError
         if kind is int:
-            if isinstance(raw, bool):
-                raise ValueError
-            return int(raw)
+            if isinstance(raw, int) and not isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str):
+                return int(raw.strip())
+            raise ValueError
         if kind is float:
-            return float(raw)
+            if isinstance(raw, bool) or not isinstance(raw, int | float | str):
+                raise ValueError
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ValueError
+            return value
         if kind is str:
             if not isinstance(raw, str):
                 raise ValueError
             return raw
     except (TypeError, ValueError):
         pass
-    raise InvalidInput(f"{source}: {where} = {raw!r} is not a valid {kind.__name__}")
+    what = "finite number" if kind is float else kind.__name__
+    raise InvalidInput(f"{source}: {where} = {raw!r} is not a valid {what}")
+
+
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False}
 
 
 def _section(source: str, name: str, table: Mapping[str, Any], env: Mapping[str, str]) -> Any:
@@ -214,6 +232,9 @@ def parse_config(
         access_key=store.access_key or env.get("AWS_ACCESS_KEY_ID", ""),
         secret_key=store.secret_key or env.get("AWS_SECRET_ACCESS_KEY", ""),
     )
+    for key in ("connect_timeout", "read_timeout"):
+        if getattr(store, key) <= 0:
+            raise InvalidInput(f"{source}: [store] {key} must be more than 0 seconds")
     transfer: TransferSettings = sections["transfer"]
     if transfer.compression not in ("auto", "never"):
         raise InvalidInput(f"{source}: [transfer] compression must be 'auto' or 'never'")
@@ -270,4 +291,10 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
         raise InvalidInput(f"config file {str(file)!r} is not readable") from None
     except tomllib.TOMLDecodeError as exc:
         raise InvalidInput(f"config file {str(file)!r} is not valid TOML: {exc}") from None
+    except UnicodeDecodeError:
+        raise InvalidInput(f"config file {str(file)!r} is not UTF-8 text") from None
+    except OSError as exc:
+        raise InvalidInput(
+            f"config file {str(file)!r} cannot be read: {exc.strerror or exc}"
+        ) from None
     return parse_config(data, str(file), env)

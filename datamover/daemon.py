@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -25,11 +26,11 @@ from datamover.catalog.access import Access
 from datamover.catalog.queries import owner_alive
 from datamover.catalog.transfers import Transfers
 from datamover.config import Config
-from datamover.errors import Conflict, InvalidInput
+from datamover.errors import Conflict, DatamoverError, InvalidInput
 from datamover.metrics import Metrics
 from datamover.scheduler.runner import run_loop
 from datamover.scheduler.worker import Worker
-from datamover.site import Site
+from datamover.site import Site, make_state_dir
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,14 @@ def _single_process_lock(config: Config) -> int | None:
     return fd
 
 
+def _listen_error(listen: str, exc: OSError) -> DatamoverError:
+    """The one-line error for a listen address the daemon cannot bind."""
+    message = f"cannot listen on {listen}: {exc.strerror or exc}"
+    if exc.errno == errno.EADDRINUSE:
+        return Conflict(message + " (is another process using it?)")
+    return InvalidInput(message + " (check [api] listen)")
+
+
 async def _reclaim_dead(transfers: Transfers) -> None:
     running = await transfers.list(state="running", limit=10_000)
     dead = sorted(
@@ -64,7 +73,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     """Run the daemon until SIGTERM/SIGINT."""
     if not config.api.listen:
         raise InvalidInput(f"{config.source}: [api] listen is not set; nothing to serve on")
-    config.state_dir.mkdir(parents=True, exist_ok=True)
+    make_state_dir(config)
     lock = _single_process_lock(config)
     site = await Site.open(config)
     engine = site.catalog.engine
@@ -91,7 +100,10 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     host, _, port = config.api.listen.rpartition(":")
     try:
         await _reclaim_dead(transfers)
-        await web.TCPSite(runner, host, int(port), reuse_address=True).start()
+        try:
+            await web.TCPSite(runner, host, int(port), reuse_address=True).start()
+        except OSError as exc:  # port taken, host unknown (gaierror), address not ours
+            raise _listen_error(config.api.listen, exc) from None
         log.info(
             "serving %s on %s with %d workers", config.site.name, config.api.listen, len(workers)
         )

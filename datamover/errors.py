@@ -66,6 +66,12 @@ class TransientError(DatamoverError):
     retryable = True
 
 
+class CatalogUnavailable(TransientError):
+    """The catalog database could not be reached or dropped the connection (a restart)."""
+
+    code = "catalog_unavailable"
+
+
 class PermanentError(DatamoverError):
     """A failure that will not go away by retrying (access denied, missing bucket)."""
 

@@ -12,10 +12,25 @@ from pathlib import Path
 from datamover.catalog.engine import open_engine
 from datamover.catalog.queries import Catalog
 from datamover.config import Config
+from datamover.errors import InvalidInput
 from datamover.repo.repository import Repository
 from datamover.storage.bandwidth import ThrottledStore
 from datamover.storage.base import Store
 from datamover.storage.retry import RetryingStore
+
+
+def make_state_dir(config: Config) -> Path:
+    """Create the site's state directory (and its parents) if missing; return it. A directory
+    that cannot be created is `InvalidInput` naming it and why (a configuration problem)."""
+    path = config.state_dir
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InvalidInput(
+            f"{config.source}: [site] state_dir {str(path)!r} cannot be created: "
+            f"{exc.strerror or exc}"
+        ) from None
+    return path
 
 
 def make_store(config: Config) -> Store:
@@ -65,7 +80,7 @@ class Site:
     @classmethod
     async def open(cls, config: Config, store: Store | None = None) -> Site:
         """Open the catalog (creating it on first use) and the store."""
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        make_state_dir(config)
         engine = await open_engine(config.catalog_url)
         store = store or make_store(config)
         repo = Repository(store, config.state_dir, config.transfer.download_concurrency)

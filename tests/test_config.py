@@ -97,3 +97,65 @@ def test_missing_config(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.toml", env={})
     with pytest.raises(InvalidInput, match="no configuration"):
         load_config(None, env={})
+
+
+_A = "[site]\nname='a'\n[store]\nbucket='b'\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_A + "[api]\nworkers = 3.9\n", "workers = 3.9 is not a valid int"),
+        (_A + "[api]\nworkers = 3.0\n", "is not a valid int"),
+        (_A + "[api]\nworkers = true\n", "is not a valid int"),
+        (_A + "[api]\nlease_seconds = true\n", "is not a valid finite number"),
+        (_A + "[api]\nlease_seconds = nan\n", "is not a valid finite number"),
+        (_A + "[api]\nlease_seconds = inf\n", "is not a valid finite number"),
+        (_A + "connect_timeout = inf\n", "[store] connect_timeout = inf"),
+        (_A + "connect_timeout = 0\n", "connect_timeout must be more than 0"),
+        (_A + "read_timeout = -1.5\n", "read_timeout must be more than 0"),
+    ],
+)
+def test_numbers_are_not_bent(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidInput, match=message.replace("[", r"\[").replace(".", r"\.")):
+        load_config(path, env={})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DATAMOVER_API_LEASE_SECONDS", "nan"),
+        ("DATAMOVER_API_LEASE_SECONDS", "inf"),
+        ("DATAMOVER_API_LEASE_SECONDS", "1e999"),
+        ("DATAMOVER_API_WORKERS", "3.9"),
+        ("DATAMOVER_STORE_READ_TIMEOUT", "-inf"),
+    ],
+)
+def test_bad_numbers_from_the_environment(tmp_path: Path, name: str, value: str) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD)
+    with pytest.raises(InvalidInput, match=f"environment: {name} = {value!r}"):
+        load_config(path, env={name: value})
+
+
+def test_good_numbers_from_the_environment(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD)
+    env = {"DATAMOVER_API_WORKERS": " 4", "DATAMOVER_API_LEASE_SECONDS": "12.5"}
+    cfg = load_config(path, env=env)
+    assert (cfg.api.workers, cfg.api.lease_seconds) == (4, 12.5)
+    path.write_text(GOOD + "[api]\nlease_seconds = 20\n")  # a TOML integer is a fine float
+    assert load_config(path, env={}).api.lease_seconds == 20.0
+
+
+def test_unreadable_config_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(GOOD.replace('"datamover"', '"caf\xe9"').encode("latin-1"))
+    with pytest.raises(InvalidInput, match="is not UTF-8 text"):
+        load_config(path, env={})
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)  # reading it fails with ELOOP, an OSError of its own
+    with pytest.raises(InvalidInput, match="cannot be read: Too many levels of symbolic links"):
+        load_config(loop, env={})

@@ -235,3 +235,80 @@ async def test_listing_filters_and_pages(queue: Transfers) -> None:
     assert await queue.list(prefixes=[]) == []
     depth = await queue.depth()
     assert depth[("queued", "interactive")] == 6
+
+
+async def test_a_cancel_is_not_lost_when_a_requeue_races_it(
+    queue: Transfers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t, _ = await queue.submit(sub("/p/x"))
+    await queue.claim("w1", 30)
+    real_get = queue.get
+    requeued: list[str] = []
+
+    async def get_then_requeue(transfer_id: str):
+        row = await real_get(transfer_id)
+        if not requeued:  # the worker drains right after the cancel looked at the row
+            requeued.append(transfer_id)
+            await queue.transition(
+                transfer_id, State.QUEUED, owner="w1", lease_owner=None, lease_expires=None
+            )
+        return row
+
+    monkeypatch.setattr(queue, "get", get_then_requeue)
+    await queue.cancel(t.id)
+    monkeypatch.setattr(queue, "get", real_get)
+    assert requeued
+    final = await queue.get(t.id)
+    assert final.state == "cancelled", final
+    assert await queue.claim("w2", 30) is None
+
+
+async def test_a_transfer_claimed_while_draining_goes_back_unrun(queue: Transfers) -> None:
+    t, _ = await queue.submit(sub("/p/x"))
+    worker = Worker(None, queue, None, "w1", Metrics("s"))  # type: ignore[arg-type]
+    real_claim = queue.claim
+
+    async def claim_during_sigterm(owner: str, lease: float):
+        row = await real_claim(owner, lease)
+        worker.drain()  # SIGTERM arrives while the claim is in flight
+        return row
+
+    queue.claim = claim_during_sigterm  # type: ignore[method-assign]
+    try:
+        assert await worker.run_once() is False  # would run the stage (site None) otherwise
+    finally:
+        del queue.claim
+    row = await queue.get(t.id)
+    assert row.state == "queued" and row.attempts == 0 and row.lease_owner is None
+    assert row.started_at is None
+    again = await queue.claim("w2", 30)
+    assert again is not None and again.id == t.id and again.attempts == 1
+
+
+async def test_a_catalog_outage_during_a_run_is_retried(make_site) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from datamover.catalog.access import Access
+    from datamover.catalog.queries import Catalog
+    from tests.treegen import make_tree
+
+    env = await make_site("site-a")
+    make_tree(env.data / "x", files=2)
+    site = await env.open()
+    queue = Transfers(site.catalog.engine, max_attempts=3)
+    good = site.catalog
+    # A real database failure: the catalog's file cannot be opened (as if its server left).
+    gone = create_async_engine(f"sqlite+aiosqlite:///{env.state}/gone/catalog.db")
+    site.catalog = Catalog(gone)
+    try:
+        t, _ = await queue.submit(sub("/proj/x", kind="push"))
+        worker = Worker(site, queue, Access(good.engine), "w1", Metrics("s"))
+        assert await worker.run_once()
+        row = await queue.get(t.id)
+    finally:
+        site.catalog = good
+        await gone.dispose()
+        await site.close()
+    assert row.state == "queued" and row.attempts == 1, row
+    assert row.error is not None and row.error["code"] == "catalog_unavailable"
+    assert row.error["message"].startswith("catalog unavailable: ")

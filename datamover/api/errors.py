@@ -50,6 +50,12 @@ async def errors_middleware(
             raise
         code = _HTTP_CODES.get(exc.status, f"http_{exc.status}")
         return error_response(exc.status, code, exc.reason)
-    except Exception:
+    except Exception as exc:
+        from datamover.catalog.engine import catalog_outage
+
+        outage = catalog_outage(exc)
+        if outage is not None:  # a restart of the catalog's server is no bug: 503
+            log.warning("%s %s: %s", request.method, request.path, outage.message)
+            return error_response(http_status(outage), outage.code, outage.message)
         log.exception("unexpected error in %s %s", request.method, request.path)
         return error_response(500, "internal", "internal error; see the daemon's log")

@@ -14,8 +14,10 @@ from datamover.api.validate import (
     flag,
     json_body,
     logical_path,
+    path_text,
     query_choice,
     query_int,
+    query_text,
     string,
     timestamp,
     version,
@@ -23,6 +25,7 @@ from datamover.api.validate import (
 from datamover.catalog.transfers import Submission, TransferRow
 from datamover.datasets import list_datasets as collect_datasets
 from datamover.domain.paths import check_logical_path
+from datamover.domain.transfers import check_idempotency_key
 from datamover.errors import DatamoverError, Forbidden, InvalidInput, NotFound
 from datamover.metrics import CONTENT_TYPE
 
@@ -98,10 +101,8 @@ async def submit_transfer(request: web.Request) -> web.Response:
         raise InvalidInput("'version', 'pin' and 'delete' apply to stage transfers only")
     options = {k: True for k in ("delete", "checksum") if flag(body, k)}
     key = request.headers.get("Idempotency-Key")
-    if key is not None and (
-        not 0 < len(key) <= 200 or any(not 0x21 <= ord(c) <= 0x7E for c in key)
-    ):
-        raise InvalidInput("Idempotency-Key must be 1-200 printable ASCII characters")
+    if key is not None:
+        check_idempotency_key(key)
     submission = Submission(
         tenant=who.tenant,
         kind=kind,
@@ -123,7 +124,7 @@ async def list_transfers(request: web.Request) -> web.Response:
     """GET /v1/transfers."""
     ctx = context(request)
     who = require(request, "read")
-    prefix = request.query.get("prefix")
+    prefix = query_text(request, "prefix")
     if prefix is not None and prefix != "/":
         prefix = check_logical_path(prefix)
     limit = query_int(request, "limit", 100, 1, 1000)
@@ -134,7 +135,7 @@ async def list_transfers(request: web.Request) -> web.Response:
         state=query_choice(request, "state", _STATES),
         kind=query_choice(request, "kind", ("push", "stage")),
         path_prefix=prefix,
-        after=request.query.get("after"),
+        after=query_text(request, "after", 200),
         limit=limit,
     )
     next_cursor = rows[-1].id if len(rows) == limit else None
@@ -144,14 +145,14 @@ async def list_transfers(request: web.Request) -> web.Response:
 async def get_transfer(request: web.Request) -> web.Response:
     """GET /v1/transfers/{id}."""
     require(request, "read")
-    row = await context(request).transfers.get(request.match_info["id"])
+    row = await context(request).transfers.get(path_text(request, "id"))
     return _json(_visible(request, row).to_json())
 
 
 async def cancel_transfer(request: web.Request) -> web.Response:
     """DELETE /v1/transfers/{id}."""
     ctx = context(request)
-    row = _visible(request, await ctx.transfers.get(request.match_info["id"]))
+    row = _visible(request, await ctx.transfers.get(path_text(request, "id")))
     require(request, "write", row.path)
     return _json((await ctx.transfers.cancel(row.id)).to_json())
 
@@ -163,7 +164,7 @@ async def list_datasets(request: web.Request) -> web.Response:
     """GET /v1/datasets?prefix=."""
     ctx = context(request)
     who = require(request, "read")
-    raw = request.query.get("prefix", "/")
+    raw = query_text(request, "prefix") or "/"
     prefix = "/" if raw == "/" else check_logical_path(raw)
     infos = await collect_datasets(ctx.site, prefix)
     visible = [i for i in infos if who.allows("admin") or who.covers(i.path)]
@@ -228,9 +229,7 @@ async def release_pin(request: web.Request) -> web.Response:
     """DELETE /v1/pins/{pin}: release the caller's datasets held by this pin."""
     ctx = context(request)
     who = require(request, "write")
-    pin = request.match_info["pin"]
-    if not pin or len(pin) > 200:
-        raise InvalidInput("pin must be 1-200 characters")
+    pin = path_text(request, "pin")
     held = await ctx.access.pins(pin=pin)
     mine = [
         p for p in held if who.allows("admin") or (p.tenant == who.tenant and who.covers(p.dataset))

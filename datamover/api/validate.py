@@ -7,13 +7,14 @@ silently ignored (`"prioirty": "job"`) is a request not honoured.
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
 from datamover.domain.ids import check_version_id
 from datamover.domain.paths import check_logical_path
+from datamover.domain.transfers import check_text, parse_time
 from datamover.errors import InvalidInput
 
 MAX_BODY = 64 * 1024
@@ -40,17 +41,12 @@ async def json_body(request: web.Request, allowed: set[str], required: set[str])
 
 
 def string(body: dict, name: str, *, optional: bool = False, max_len: int = 4096) -> str | None:
-    """A string field (None allowed when `optional`)."""
+    """A string field (None allowed when `optional`): non-empty, at most `max_len`
+    characters, no control characters, valid Unicode (`domain.transfers.check_text`)."""
     value = body.get(name)
     if value is None and optional:
         return None
-    if not isinstance(value, str) or not value:
-        raise InvalidInput(f"field {name!r} must be a non-empty string")
-    if len(value) > max_len:
-        raise InvalidInput(f"field {name!r} is longer than {max_len} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise InvalidInput(f"field {name!r} contains a control character")
-    return value
+    return check_text(value, f"field {name!r}", max_len)
 
 
 def choice(body: dict, name: str, options: tuple[str, ...], default: str | None = None) -> str:
@@ -89,18 +85,26 @@ def version(value: Any) -> str | None:
 
 
 def timestamp(value: Any, name: str) -> datetime | None:
-    """An optional RFC 3339 time (naive times are taken as UTC)."""
+    """An optional RFC 3339 time, converted to UTC (naive times are taken as UTC); times
+    outside 1970..9999 are refused (`domain.transfers.parse_time`)."""
     if value is None:
         return None
-    if not isinstance(value, str):
-        raise InvalidInput(f"field {name!r} must be an RFC 3339 date-time string")
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise InvalidInput(f"field {name!r} is not an RFC 3339 date-time: {value!r}") from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed
+    return parse_time(value, f"field {name!r}")
+
+
+def path_text(request: web.Request, name: str, max_len: int = 200) -> str:
+    """A text segment of the URL path (`/v1/transfers/{id}`), checked like a string field:
+    a NUL or another control character must be a 400, never reach the catalog."""
+    return check_text(request.match_info[name], f"{name!r} in the URL", max_len)
+
+
+def query_text(request: web.Request, name: str, max_len: int = 4096) -> str | None:
+    """An optional free-text query parameter, checked like a string field; empty counts as
+    absent."""
+    raw = request.query.get(name)
+    if not raw:
+        return None
+    return check_text(raw, f"query parameter {name!r}", max_len)
 
 
 def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:

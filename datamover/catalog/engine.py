@@ -13,10 +13,16 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Connection, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DBAPIError,
+    InterfaceError,
+    OperationalError,
+    SQLAlchemyError,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from datamover.errors import CatalogError, InvalidInput
+from datamover.errors import CatalogError, CatalogUnavailable, InvalidInput
 
 if TYPE_CHECKING:
     from alembic.config import Config as AlembicConfig
@@ -37,6 +43,21 @@ def upsert_for(dialect: str, table: Any) -> Any:
     else:
         from sqlalchemy.dialects.sqlite import insert
     return insert(table)
+
+
+def catalog_outage(exc: BaseException) -> CatalogUnavailable | None:
+    """The transient error for a database failure that a retry may cure (the server
+    restarted, the connection dropped or was refused, the database was locked), else None.
+
+    Operational and interface errors, and any DBAPI error that invalidated its connection,
+    count; programming errors (`ProgrammingError`, `IntegrityError`) stay what they are."""
+    if isinstance(exc, OperationalError | InterfaceError) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    ):
+        text = str(getattr(exc, "orig", None) or exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        return CatalogUnavailable(f"catalog unavailable: {reason}")
+    return None
 
 
 def _alembic_config() -> AlembicConfig:
@@ -66,12 +87,25 @@ def create_engine_for(url: str) -> AsyncEngine:
     backend = parsed.get_backend_name()
     if backend not in _DRIVERS:
         raise InvalidInput(f"catalog URL {url!r}: only sqlite and postgresql are supported")
+    try:
+        port = parsed.port
+    except ValueError:
+        port = -1
+    if port is not None and not 0 < port < 65536:
+        raise InvalidInput(f"catalog URL {_describe(url)!r}: the port must be 1-65535")
     if "+" not in parsed.drivername:
         parsed = parsed.set(drivername=_DRIVERS[backend])
     if backend == "sqlite":
         database = parsed.database
         if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            folder = Path(database).parent
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise CatalogError(
+                    f"the SQLite catalog's directory {str(folder)!r} cannot be created: "
+                    f"{exc.strerror or exc}"
+                ) from None
         engine = create_async_engine(parsed, connect_args={"timeout": 30})
 
         @event.listens_for(engine.sync_engine, "connect")
@@ -147,10 +181,28 @@ async def create_fresh(engine: AsyncEngine) -> None:
         await conn.run_sync(_create_fresh)
 
 
+def _known_revisions() -> set[str]:
+    """Every schema revision in the migration scripts (loads alembic)."""
+    from alembic.script import ScriptDirectory
+
+    return {rev.revision for rev in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
+
+
+def _newer(url: str, current: str | None) -> CatalogError:
+    return CatalogError(
+        f"catalog {_describe(url)} has schema revision {current!r}, unknown to this "
+        "datamover (is it newer?); refusing to touch it"
+    )
+
+
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> tuple[str | None, str]:
-    """Migrate the catalog to `revision`; return `(before, after)` revisions."""
+    """Migrate the catalog to `revision`; return `(before, after)` revisions. A catalog at a
+    revision this datamover does not know (written by a newer one) is a `CatalogError`, and
+    is left alone."""
     async with engine.begin() as conn:
         before, _ = await conn.run_sync(_state)
+        if before is not None and before not in _known_revisions():
+            raise _newer(engine.url.render_as_string(hide_password=True), before)
         await conn.run_sync(_upgrade, revision)
         after, _ = await conn.run_sync(_state)
     assert after is not None
@@ -168,23 +220,16 @@ async def open_engine(url: str) -> AsyncEngine:
             return engine
         if current == head:
             return engine
-        from alembic.script import ScriptDirectory
-
-        script = ScriptDirectory.from_config(_alembic_config())
-        known = {rev.revision for rev in script.walk_revisions()}
-        if current in known:
+        if current in _known_revisions():
             raise CatalogError(
                 f"catalog {_describe(url)} is at schema revision {current}, this datamover needs "
                 f"{head}: run `datamover db upgrade`"
             )
-        raise CatalogError(
-            f"catalog {_describe(url)} has schema revision {current!r}, unknown to this "
-            "datamover (is it newer?); refusing to touch it"
-        )
+        raise _newer(url, current)
     except CatalogError:
         await engine.dispose()
         raise
-    except (SQLAlchemyError, DBAPIError, OSError) as exc:
+    except (SQLAlchemyError, DBAPIError, OSError, OverflowError) as exc:
         await engine.dispose()
         reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
         raise CatalogError(f"catalog {_describe(url)} cannot be opened: {reason}") from None

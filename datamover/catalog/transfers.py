@@ -441,22 +441,29 @@ class Transfers:
         return ours, bool(flag)
 
     async def cancel(self, transfer_id: str) -> TransferRow:
-        """Cancel: a queued transfer at once, a running one at its next heartbeat."""
+        """Cancel: a queued transfer at once, a running one at its next heartbeat.
+
+        One conditional UPDATE decides on the row as it is when written, so a worker that
+        claims or requeues the transfer meanwhile cannot make the cancel be lost: a queued
+        transfer becomes cancelled, a running one gets `cancel_requested` (which wins over a
+        later requeue). Cancelling a cancelled transfer is harmless; a finished one is a
+        `Conflict`; an unknown id is `NotFound`."""
+        at = now()
+        queued = T.c.state == State.QUEUED.value
+        stmt = (
+            update(T)
+            .where(T.c.id == transfer_id, T.c.state.in_([State.QUEUED.value, State.RUNNING.value]))
+            .values(
+                state=case((queued, State.CANCELLED.value), else_=T.c.state),
+                finished_at=case((queued, at), else_=T.c.finished_at),
+                cancel_requested=case((queued, T.c.cancel_requested), else_=True),
+                updated_at=at,
+            )
+        )
+        async with self.engine.begin() as conn:
+            changed = (await conn.execute(stmt)).rowcount
         row = await self.get(transfer_id)
-        if row.state == State.QUEUED:
-            try:
-                return await self.transition(transfer_id, State.CANCELLED)
-            except Conflict:
-                row = await self.get(transfer_id)  # claimed meanwhile: ask the worker
-        if row.state == State.RUNNING:
-            async with self.engine.begin() as conn:
-                await conn.execute(
-                    update(T)
-                    .where(T.c.id == transfer_id, T.c.state == State.RUNNING.value)
-                    .values(cancel_requested=True, updated_at=now())
-                )
-            return await self.get(transfer_id)
-        if row.state == State.CANCELLED:
+        if changed or row.state == State.CANCELLED:
             return row
         raise Conflict(f"transfer {transfer_id} already {row.state}; it cannot be cancelled")
 

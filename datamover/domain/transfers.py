@@ -8,7 +8,9 @@ the change, so two workers can never both move one transfer out of the same stat
 from __future__ import annotations
 
 import enum
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
+
+from datamover.errors import InvalidInput
 
 
 class State(enum.StrEnum):
@@ -75,3 +77,60 @@ def rank_time(created: datetime, priority: Priority, deadline: datetime | None) 
 def retry_delay(attempt: int) -> float:
     """Seconds to wait before attempt number `attempt + 1` after a transient failure."""
     return float(min(300, 2 ** min(attempt, 12)))
+
+
+# -- input checks shared by the API and the CLI (pure, so the CLI needs no aiohttp) --------
+
+#: Deadlines and other times a user gives must fall in this range: earlier or later ones are
+#: typos, and at the edges of `datetime`'s range `rank_time` arithmetic would overflow.
+EARLIEST = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+
+
+def check_text(value: object, what: str, max_len: int = 200) -> str:
+    """Return `value` if it is a usable identifier-like string (a pin, a tenant, a transfer
+    id), else raise `InvalidInput` naming `what`: non-empty, at most `max_len` characters,
+    no control characters (C0, DEL, C1), encodable as UTF-8 (no lone surrogates)."""
+    if not isinstance(value, str) or not value:
+        raise InvalidInput(f"{what} must be a non-empty string")
+    if len(value) > max_len:
+        raise InvalidInput(f"{what} is longer than {max_len} characters")
+    for c in value:
+        o = ord(c)
+        if o < 32 or 127 <= o <= 159:
+            raise InvalidInput(f"{what} contains the control character U+{o:04X}")
+        if 0xD800 <= o <= 0xDFFF:
+            raise InvalidInput(f"{what} is not valid Unicode (a lone surrogate)")
+    return value
+
+
+def check_idempotency_key(key: str) -> str:
+    """Return `key` if it is 1-200 printable ASCII characters (it travels as an HTTP header),
+    else raise `InvalidInput`."""
+    if not 0 < len(key) <= 200 or any(not 0x21 <= ord(c) <= 0x7E for c in key):
+        raise InvalidInput("Idempotency-Key must be 1-200 printable ASCII characters")
+    return key
+
+
+def parse_time(value: object, what: str) -> datetime:
+    """An RFC 3339 date-time string as an aware UTC datetime, else `InvalidInput` naming
+    `what`. A time without an offset is taken as UTC; an offset is converted, not dropped;
+    times outside 1970..9999 are refused."""
+    if not isinstance(value, str):
+        raise InvalidInput(f"{what} must be an RFC 3339 date-time string")
+    text = value.strip()
+    if text[-1:] in ("Z", "z"):
+        text = text[:-1] + "+00:00"
+    try:
+        parsed = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidInput(f"{what} is not an RFC 3339 date-time: {value!r}") from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=UTC)
+    try:
+        parsed = parsed.astimezone(UTC)
+    except OverflowError:
+        parsed = None  # type: ignore[assignment]
+    if parsed is None or not EARLIEST <= parsed <= LATEST:
+        raise InvalidInput(f"{what} {value!r} is outside 1970-01-01 .. 9999-12-31")
+    return parsed

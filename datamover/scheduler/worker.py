@@ -22,6 +22,7 @@ from datetime import timedelta
 from typing import Any
 
 from datamover.catalog.access import Access
+from datamover.catalog.engine import catalog_outage
 from datamover.catalog.transfers import TransferRow, Transfers, now
 from datamover.domain.transfers import Kind, State, retry_delay
 from datamover.errors import DatamoverError
@@ -91,7 +92,8 @@ class Worker:
         self._stop = _Stop()
 
     def drain(self) -> None:
-        """Stop the running transfer (it goes back to the queue) and claim nothing more."""
+        """Stop the running transfer (it goes back to the queue) and claim nothing more; a
+        transfer whose claim is under way when this is called goes back unrun."""
         self._draining = True
         if self._current is not None:
             self._stop.reason = "drain"
@@ -105,8 +107,25 @@ class Worker:
         if row is None:
             return False
         with transfer_context(row.id):
+            if self._draining:  # SIGTERM came while claiming: do not start it
+                await self._unclaim(row)
+                return False
             await self._execute(row)
         return True
+
+    async def _unclaim(self, row: TransferRow) -> None:
+        """Put a transfer just claimed back in the queue as it was: no attempt counted."""
+        first = {"started_at": None} if row.attempts <= 1 else {}
+        await self.transfers.transition(
+            row.id,
+            State.QUEUED,
+            owner=self.owner,
+            lease_owner=None,
+            lease_expires=None,
+            attempts=max(row.attempts - 1, 0),
+            **first,
+        )
+        log.info("released %s %s unrun (draining)", row.kind, row.path)
 
     async def _execute(self, row: TransferRow) -> None:
         log.info("running %s %s (attempt %d)", row.kind, row.path, row.attempts)
@@ -127,6 +146,10 @@ class Worker:
             await self._failed(row, progress, exc)
             return
         except Exception as exc:
+            outage = catalog_outage(exc)
+            if outage is not None:  # the catalog restarted: retried like a store outage
+                await self._failed(row, progress, outage)
+                return
             log.exception("transfer %s failed unexpectedly", row.id)
             await self._failed(row, progress, DatamoverError(f"internal error: {exc}"))
             return

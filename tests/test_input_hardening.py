@@ -1,0 +1,242 @@
+"""Input a user controls never reaches a URL, the catalog or a header unchecked: ids and pins
+travel as exact path segments, times are converted to UTC and bounded, text with control
+characters is refused, and environment problems end as one line, never "internal error"."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from datamover.catalog.access import Access
+from tests.fixtures_daemon import StartSite, free_port
+from tests.fixtures_sites import MakeSite, SiteEnv
+from tests.test_bad_input import fails
+
+
+def cli_with(env: SiteEnv, extra: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`env.cli` with extra environment variables."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "datamover", *args, "--config", str(env.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**environ, **extra},
+    )
+
+
+async def pins_of(env: SiteEnv) -> list[str]:
+    site = await env.open()
+    try:
+        return [p.pin for p in await Access(site.catalog.engine).pins()]
+    finally:
+        await site.close()
+
+
+def with_token(env: SiteEnv, token: str) -> None:
+    token_file = env.state / "token"
+    token_file.write_text(token)
+    text = env.config_path.read_text().replace("[api]\n", f'[api]\ntoken_file = "{token_file}"\n')
+    env.config_path.write_text(text)
+
+
+# -- the daemon receives exactly what the CLI was given -----------------------------------
+
+ODD = ["job#1", "job?x=1", "a/b", "50%", "%2F", "..", ".", "job"]
+
+
+async def test_pins_and_ids_are_sent_as_exact_path_segments(served_site: StartSite) -> None:
+    d = await served_site("site-b")
+    token = d.token("t1", "/proj", "write")
+    with_token(d.env, token)
+    for pin in [*ODD, "victim"]:
+        status, body = d.request("POST", "/v1/pins", token, {"pin": pin, "path": "/proj/x"})
+        assert status == 201, body
+    for pin in ODD:
+        released = d.env.cli("release", "--pin", pin, "--json")
+        assert released.returncode == 0, (pin, released.stderr)
+        assert json.loads(released.stdout) == {"pin": pin, "released": 1}
+        assert pin not in await pins_of(d.env)
+    assert await pins_of(d.env) == ["victim"]  # `job#1` did not release `job`, and so on
+
+    for transfer_id in ["../pins/victim", "tr-x?y=1", "tr#1"]:
+        for command in ("cancel", "show"):
+            proc = d.env.cli("transfer", command, transfer_id, "--json")
+            assert proc.returncode == 3, (transfer_id, proc.stderr)  # not found, no crash
+            assert "Traceback" not in proc.stderr
+    assert await pins_of(d.env) == ["victim"]
+
+
+async def test_rest_answers_bad_text_with_400_not_500(served_site: StartSite) -> None:
+    d = await served_site("site-b")
+    token = d.token("t1", "/", "admin")
+    for method, path in [
+        ("GET", "/v1/transfers/%00"),
+        ("DELETE", "/v1/transfers/a%01b"),
+        ("GET", "/v1/transfers?after=%00"),
+        ("GET", "/v1/transfers?prefix=%00"),
+        ("GET", "/v1/datasets?prefix=/proj%00"),
+        ("DELETE", "/v1/pins/%00"),
+        ("DELETE", "/v1/pins/" + "p" * 201),
+    ]:
+        status, body = d.request(method, path, token)
+        assert status == 400, (method, path, status, body)
+        assert body["error"]["code"] == "invalid_input"
+    for body in [
+        {"kind": "stage", "path": "/proj/x", "pin": "\ud800"},
+        {"kind": "stage", "path": "/proj/x", "pin": "a\x85b"},
+        {"kind": "stage", "path": "/proj/x", "deadline": "0001-01-01T00:00:00Z"},
+        {"kind": "stage", "path": "/proj/x", "deadline": "0001-01-01T00:30:00+01:00"},
+    ]:
+        status, err = d.request("POST", "/v1/transfers", token, body)
+        assert status == 400, (body, status, err)
+    status, err = d.request("POST", "/v1/pins", token, {"pin": "\udfff", "path": "/proj/x"})
+    assert status == 400 and "pin" in err["error"]["message"]
+    assert " 500 " not in d.log() and "unexpected error" not in d.log()
+
+
+async def test_a_deadline_keeps_its_time_zone(served_site: StartSite) -> None:
+    d = await served_site("site-b")
+    token = d.token("t1", "/proj", "write")
+    body = {"kind": "stage", "path": "/proj/x", "deadline": "2026-12-02T03:00:00+05:00"}
+    status, t = d.request("POST", "/v1/transfers", token, body)
+    assert status == 201 and t["deadline"] == "2026-12-01T22:00:00.000000Z", t
+    status, t = d.request("GET", f"/v1/transfers/{t['id']}", token)
+    assert t["deadline"] == "2026-12-01T22:00:00.000000Z"
+
+
+# -- the CLI checks what it is given, locally too -----------------------------------------
+
+
+async def test_the_cli_checks_pins_deadlines_tenants_keys_and_tokens(make_site: MakeSite) -> None:
+    a = await make_site("site-a", api={"url": f"http://127.0.0.1:{free_port()}"})
+    fails(a, "stage", "/proj/x", "--deadline", "garbage", "--local", code=2, says="--deadline")
+    fails(a, "stage", "/proj/x", "--deadline", "0001-01-01T00:00:00", code=2, says="1970")
+    fails(a, "stage", "/proj/x", "--pin", "a\tb", "--local", code=2, says="--pin contains")
+    fails(a, "release", "--pin", "a\nb", "--local", code=2, says="--pin contains")
+    fails(
+        a,
+        "token",
+        "create",
+        "--tenant",
+        "x\ty",
+        "--prefix",
+        "/proj",
+        "--scope",
+        "read",
+        code=2,
+        says="--tenant contains",
+    )
+    fails(
+        a,
+        "transfer",
+        "submit",
+        "push",
+        "/proj/x",
+        "--idempotency-key",
+        "a\nb",
+        code=2,
+        says="Idempotency-Key",
+    )
+    fails(a, "transfer", "submit", "stage", "/proj/x", "--pin", "\x7f", code=2, says="--pin")
+    assert await pins_of(a) == []
+
+    bad = cli_with(a, {"DATAMOVER_TOKEN": "dm_a\nb"}, "transfer", "list", "--json")
+    assert bad.returncode == 2 and "DATAMOVER_TOKEN" in bad.stderr, bad.stderr
+    token_file = a.state / "token"
+    token_file.write_bytes(b"dm_\xff\xfe")
+    text = a.config_path.read_text().replace("[api]\n", f'[api]\ntoken_file = "{token_file}"\n')
+    a.config_path.write_text(text)
+    fails(a, "transfer", "list", code=2, says="is not UTF-8")
+
+
+# -- environment problems are named, not "internal error" ---------------------------------
+
+
+async def test_directories_that_cannot_be_created_are_named(
+    make_site: MakeSite, tmp_path: Path
+) -> None:
+    a = await make_site("site-a")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    good = a.config_path.read_text()
+    a.config_path.write_text(good.replace(f'"{a.state}"', f'"{blocker}/state"'))
+    fails(a, "ls", code=2, says=f"state_dir '{blocker}/state' cannot be created")
+    fails(a, "db", "upgrade", code=2, says="cannot be created: Not a directory")
+    if "sqlite" in good:
+        catalog = good.split('catalog = "')[1].split('"')[0]
+        a.config_path.write_text(good.replace(catalog, f"sqlite:///{blocker}/sub/catalog.db"))
+        fails(a, "ls", code=8, says=f"directory '{blocker}/sub' cannot be created")
+    bad_url = "postgresql://postgres@127.0.0.1:99999/x"
+    catalog = good.split('catalog = "')[1].split('"')[0]
+    a.config_path.write_text(good.replace(catalog, bad_url))
+    fails(a, "ls", code=2, says="port must be 1-65535")
+
+
+async def test_a_config_file_that_is_not_utf8(make_site: MakeSite) -> None:
+    a = await make_site("site-a")
+    a.config_path.write_bytes(a.config_path.read_bytes() + b"# caf\xe9\n")
+    fails(a, "ls", code=2, says="is not UTF-8 text")
+
+
+async def test_serve_names_the_address_it_cannot_listen_on(make_site: MakeSite) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        a = await make_site("site-a", api={"listen": f"127.0.0.1:{port}"})
+        fails(a, "serve", code=4, says=f"cannot listen on 127.0.0.1:{port}")
+    good = a.config_path.read_text()
+    for listen in ("no-such-host.invalid:8080", "192.0.2.1:8080"):
+        a.config_path.write_text(good.replace(f"127.0.0.1:{port}", listen))
+        fails(a, "serve", code=2, says=f"cannot listen on {listen}")
+
+
+async def test_db_upgrade_refuses_a_newer_catalog(make_site: MakeSite) -> None:
+    from sqlalchemy import text
+
+    a = await make_site("site-a")
+    site = await a.open()
+    try:
+        async with site.catalog.engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    finally:
+        await site.close()
+    fails(a, "db", "upgrade", code=8, says="'9999', unknown to this datamover (is it newer?)")
+
+
+def test_os_errors_and_catalog_outages_are_one_line(tmp_path: Path) -> None:
+    """The CLI's last resort maps what the environment caused to a clear error."""
+    import asyncio
+
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from datamover.cli import _expected
+    from datamover.errors import CatalogUnavailable, DatamoverError
+
+    async def outage() -> Any:
+        engine = create_async_engine(f"sqlite+aiosqlite:///{tmp_path}/gone/catalog.db")
+        try:
+            async with engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+        except Exception as exc:
+            return exc
+        finally:
+            await engine.dispose()
+
+    found = _expected(asyncio.run(outage()))
+    assert isinstance(found, CatalogUnavailable) and found.exit_code == 6
+    assert found.message.startswith("catalog unavailable: unable to open database file")
+    try:
+        (tmp_path / "missing" / "f").read_text()
+    except OSError as exc:
+        mapped = _expected(exc)
+    assert type(mapped) is DatamoverError and mapped.exit_code == 1
+    assert mapped.message == f"No such file or directory: '{tmp_path}/missing/f'"
+    assert _expected(KeyError("x")) is None
