@@ -103,6 +103,8 @@ class VersionDoc:
                     raise ValueError(f"bad {name}")
             if not isinstance(doc.created, str):
                 raise ValueError("bad created")
+        except RecursionError:  # JSON nested deeper than the parser's stack allows
+            raise Corrupt(f"{what} is malformed: nested too deeply") from None
         except (ValueError, TypeError, InvalidInput) as exc:
             raise Corrupt(f"{what} is malformed: {exc}") from None
         return doc

@@ -30,11 +30,22 @@ class Range:
 
 
 def plan_ranges(refs: Iterable[ChunkRef], gap: int, max_request: int) -> list[Range]:
-    """Coalesce chunk references into ranges (duplicates fetched once)."""
+    """Coalesce chunk references into ranges (equal references fetched once).
+
+    Every distinct reference is in exactly one range, so each is verified: two references
+    at the same place in a pack that differ in length, codec or digest (only a hostile or
+    broken store makes them) get a range each, and cannot share one verified chunk.
+    """
     by_pack: dict[bytes, dict[int, ChunkRef]] = {}
+    odd: list[ChunkRef] = []
     for r in refs:
-        by_pack.setdefault(r.pack, {})[r.offset] = r
-    ranges: list[Range] = []
+        located = by_pack.setdefault(r.pack, {})
+        seen = located.setdefault(r.offset, r)
+        if seen is not r and seen != r:
+            odd.append(r)
+    ranges: list[Range] = [
+        Range(r.pack, r.offset, r.offset + r.stored_length, [r]) for r in dict.fromkeys(odd)
+    ]
     for pack, located in by_pack.items():
         current: Range | None = None
         for offset in sorted(located):
@@ -87,22 +98,21 @@ def decode_ranges(
     blobs: Sequence[bytes],
     owners: dict[bytes, str],
     default_owner: str = "?",
-) -> dict[tuple[bytes, int], bytes | memoryview]:
-    """Decode and verify every chunk of fetched ranges; key: `(pack, offset)`.
+) -> dict[ChunkRef, bytes | memoryview]:
+    """Decode and verify every chunk of fetched ranges; key: the whole reference (so a
+    chunk is only ever used where its own digest and lengths were checked).
 
     `owners` maps a chunk digest to a file that needs it (else `default_owner`), for the
     error message. Blocking (zstd and BLAKE3): run it off the event loop.
     """
-    out: dict[tuple[bytes, int], bytes | memoryview] = {}
+    out: dict[ChunkRef, bytes | memoryview] = {}
     for rng, blob in zip(ranges, blobs, strict=True):
         view = memoryview(blob)
         for ref in rng.refs:
             lo = ref.offset - rng.start
             stored = view[lo : lo + ref.stored_length]
             try:
-                out[(ref.pack, ref.offset)] = codec.decode_verified(
-                    stored, ref.codec, ref.raw_length, ref.digest
-                )
+                out[ref] = codec.decode_verified(stored, ref.codec, ref.raw_length, ref.digest)
             except Corrupt as exc:
                 name = owners.get(ref.digest, default_owner)
                 raise Corrupt(

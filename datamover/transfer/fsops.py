@@ -4,6 +4,12 @@ Every operation works relative to directory file descriptors opened with `O_NOFO
 the dataset root, so a planted `lig0000 -> /etc` cannot redirect a write. Files are written
 under a temporary name (`.dm-<16 hex>.part`) in their destination directory, given their mode
 and mtime, and renamed into place. `TreeWriter` is used from one thread only.
+
+Permissions, as rsync does: a directory whose recorded mode is read-only (0o555) is given
+its owner's write and search bits while datamover writes into it (only after a write was
+refused: no extra system call on the normal path), and its mode is restored at the end
+(`TreeWriter.unlocked`, `restore_modes`). A permission problem that cannot be worked around
+(a directory of another user) is a one-line `PermanentError` naming the path.
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import logging
 import os
 import secrets
 import shutil
+import stat
 from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,11 +29,17 @@ from pathlib import Path
 import blake3
 
 from datamover.domain.manifest import Entry
-from datamover.errors import Conflict
+from datamover.errors import Conflict, PermanentError
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_DIR_FDS = 64
+#: Owner write and search: what a directory needs for entries to be created in it.
+_OWNER_WX = stat.S_IWUSR | stat.S_IXUSR
+#: How many trashed paths a writer remembers by name (the rest are only counted).
+TRASHED_SAMPLE = 100
+
+log = logging.getLogger(__name__)
 
 
 def split(rel: str) -> tuple[str, str]:
@@ -34,14 +48,26 @@ def split(rel: str) -> tuple[str, str]:
     return parent, name
 
 
-_TEMP_PREFIX = secrets.randbits(32)
+_temp_prefix = secrets.randbits(32)
 _temp_counter = itertools.count()
+
+
+def _reseed_temp_names() -> None:
+    """A fresh prefix and counter in a new process: worker processes are forked from one
+    fork server, and must not share its sequence of names."""
+    global _temp_prefix, _temp_counter
+    _temp_prefix = secrets.randbits(32)
+    _temp_counter = itertools.count()
+
+
+os.register_at_fork(after_in_child=_reseed_temp_names)
 
 
 def temp_name() -> str:
     """A fresh temporary name matching `walk.PARTIAL_RE` (random per process, then counted:
-    a system call per file for randomness would be measurable)."""
-    return f".dm-{_TEMP_PREFIX:08x}{next(_temp_counter) & 0xFFFFFFFF:08x}.part"
+    a system call per file for randomness would be measurable). Unique in practice, not
+    guaranteed: creators retry on `FileExistsError`."""
+    return f".dm-{_temp_prefix:08x}{next(_temp_counter) & 0xFFFFFFFF:08x}.part"
 
 
 def partial_name(entry: Entry) -> str:
@@ -50,6 +76,15 @@ def partial_name(entry: Entry) -> str:
     for c in entry.chunks:
         h.update(c.digest)
     return f".dm-{h.hexdigest()[:16]}.part"
+
+
+def denied(shown: str, exc: OSError) -> PermanentError:
+    """The one-line error for a permission problem datamover cannot work around."""
+    reason = exc.strerror or type(exc).__name__
+    return PermanentError(
+        f"{shown!r}: {reason.lower()} (check the owner and mode of it and of its directory)",
+        [shown],
+    )
 
 
 def open_dir(name: str, parent_fd: int, shown: str) -> int:
@@ -62,6 +97,8 @@ def open_dir(name: str, parent_fd: int, shown: str) -> int:
                 f"{shown!r} is not a directory (a symlink or a file is in the way); refusing "
                 "to write through it"
             ) from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise denied(shown, exc) from None
         raise
 
 
@@ -71,16 +108,26 @@ def open_root(base: Path, components: Sequence[str], create: bool = True) -> int
 
     `base` is the namespace's configured local directory (trusted, site configuration);
     every component below it comes from a logical path and is opened with `O_NOFOLLOW`.
+    A directory that cannot be created or opened for lack of permission is `PermanentError`.
     """
-    if create:
-        base.mkdir(parents=True, exist_ok=True)
-    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    shown = str(base)
+    try:
+        if create:
+            base.mkdir(parents=True, exist_ok=True)
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except PermissionError as exc:
+        raise denied(shown, exc) from None
     try:
         for name in components:
+            shown = os.path.join(shown, name)
             if create:
-                with contextlib.suppress(FileExistsError):
+                try:
                     os.mkdir(name, 0o755, dir_fd=fd)
-            child = open_dir(name, fd, str(base / name))
+                except FileExistsError:
+                    pass
+                except PermissionError as exc:
+                    raise denied(shown, exc) from None
+            child = open_dir(name, fd, shown)
             os.close(fd)
             fd = child
     except BaseException:
@@ -89,14 +136,32 @@ def open_root(base: Path, components: Sequence[str], create: bool = True) -> int
     return fd
 
 
+def _copy_special(src: str, dst: str) -> None:
+    """`shutil.copytree`'s copy function: regular files with `copy2`; FIFOs, sockets and
+    device nodes are created anew with their mode (a FIFO or socket holds no data)."""
+    st = os.lstat(src)
+    if stat.S_ISREG(st.st_mode):
+        shutil.copy2(src, dst, follow_symlinks=False)
+        return
+    os.mknod(dst, st.st_mode, st.st_rdev)
+    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
+
+
 class TreeWriter:
-    """Writes below one root directory fd. See the module docstring."""
+    """Writes below one root directory fd. See the module docstring.
+
+    `trashed` holds the first `TRASHED_SAMPLE` trashed paths, `trashed_count` counts all;
+    `unlocked` maps each directory (relative path) this writer made writable to its mode
+    before that, until `set_attrs` or `restore_modes` gives it its mode back.
+    """
 
     def __init__(self, root_fd: int, root_path: Path, trash_dir: Path | None = None) -> None:
         self.root_fd = root_fd
         self.root_path = root_path
         self.trash_dir = trash_dir
         self.trashed: list[str] = []
+        self.trashed_count = 0
+        self.unlocked: dict[str, int] = {}
         self._fds: OrderedDict[str, int] = OrderedDict()
 
     def close(self) -> None:
@@ -125,53 +190,181 @@ class TreeWriter:
         for key in [k for k in self._fds if k == rel or k.startswith(rel + "/")]:
             os.close(self._fds.pop(key))
 
+    # -- permissions (only after a refusal) -------------------------------------------------
+
+    def _unlock(self, rel: str, exc: OSError, shown: str) -> None:
+        """After `exc` refused a change in directory `rel`: give the directory its owner's
+        write and search bits, remembering its mode, so the caller can try once more.
+        Raise `PermanentError` naming `shown` when that cannot help."""
+        if not isinstance(exc, PermissionError):
+            raise exc
+        fd = self.dir_fd(rel)
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+        if mode & _OWNER_WX == _OWNER_WX:
+            return  # already writable (another worker unlocked it): just try again
+        try:
+            os.fchmod(fd, mode | _OWNER_WX)
+        except PermissionError:
+            raise denied(shown, exc) from None
+        self.unlocked.setdefault(rel, mode)
+
+    def restore_modes(self) -> None:
+        """Give every directory still in `unlocked` its mode back (deepest first)."""
+        for rel in sorted(self.unlocked, key=len, reverse=True):
+            mode = self.unlocked.pop(rel)
+            with contextlib.suppress(FileNotFoundError, Conflict, PermanentError):
+                os.fchmod(self.dir_fd(rel), mode)
+
+    def _create_temp(self, parent: str, dfd: int, shown: str, mode: int = 0o600) -> tuple[int, str]:
+        """Create a new temporary file in `parent`: the slow path of `write_file`, after a
+        first attempt failed (a name taken, or the directory not writable)."""
+        for attempt in range(8):
+            tmp = temp_name()
+            try:
+                return os.open(tmp, _NEW_FILE, mode, dir_fd=dfd), tmp
+            except FileExistsError:
+                continue
+            except PermissionError as exc:
+                if attempt:
+                    raise denied(shown, exc) from None
+                self._unlock(parent, exc, shown)
+        raise Conflict(f"{shown!r}: cannot find a free temporary name in its directory")
+
+    # -- operations -------------------------------------------------------------------------
+
     def mkdir(self, rel: str) -> None:
         """Create directory `rel` (its mode and mtime are set at the end of the stage)."""
         parent, name = split(rel)
+        dfd = self.dir_fd(parent)
         try:
-            os.mkdir(name, 0o700, dir_fd=self.dir_fd(parent))
+            os.mkdir(name, 0o700, dir_fd=dfd)
         except FileExistsError:
             pass
+        except PermissionError as exc:
+            self._unlock(parent, exc, rel)
+            try:
+                os.mkdir(name, 0o700, dir_fd=dfd)
+            except FileExistsError:
+                pass
+            except PermissionError as again:
+                raise denied(rel, again) from None
 
     def remove(self, rel: str) -> None:
         """Unlink a file or symlink that datamover itself wrote."""
         parent, name = split(rel)
-        try:
-            os.unlink(name, dir_fd=self.dir_fd(parent))
-        except FileNotFoundError:
-            pass
+        dfd = self.dir_fd(parent)
+        for attempt in range(2):
+            try:
+                os.unlink(name, dir_fd=dfd)
+                return
+            except FileNotFoundError:
+                return
+            except PermissionError as exc:
+                if attempt:
+                    raise denied(rel, exc) from None
+                self._unlock(parent, exc, rel)
 
     def trash(self, rel: str) -> None:
-        """Move `rel` (any kind, a whole directory included) into the trash, never delete it."""
+        """Move `rel` (any kind, a whole directory included) into the trash, never delete it.
+
+        Raises a one-line `PermanentError` when it cannot be moved; then `rel` is where it
+        was (a partial copy into the trash is removed again), and the caller must not write
+        over it.
+        """
         if self.trash_dir is None:
             raise ValueError("this TreeWriter has no trash directory")
         parent, name = split(rel)
         self._forget(rel)
         dest = self.trash_dir / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dfd = self.dir_fd(parent)
         try:
-            os.rename(name, dest, src_dir_fd=dfd)
-        except FileNotFoundError:
-            return
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dfd = self.dir_fd(parent)
+            for attempt in range(3):
+                try:
+                    os.rename(name, dest, src_dir_fd=dfd)
+                    break
+                except FileNotFoundError:
+                    return
+                except PermissionError as exc:
+                    # First the parent; then `rel` itself (a directory moved to another
+                    # parent must be writable, for its `..`).
+                    if attempt == 2 or (attempt == 1 and not self._is_dir(dfd, name)):
+                        raise
+                    self._unlock(rel if attempt else parent, exc, rel)
+                    self._forget(rel)
+                except OSError as exc:
+                    if exc.errno != errno.EXDEV:
+                        raise
+                    self._move_across(dfd, rel, dest)
+                    break
         except OSError as exc:
-            if exc.errno != errno.EXDEV:
-                raise
-            # Trash on another file system (state on local disk, data on a parallel file
-            # system): copy, then remove the original. Reached through the parent's
-            # descriptor, as every other write is, so a symlink swapped into the path
-            # meanwhile cannot send the copy and the removal elsewhere.
-            via_fd = f"/proc/self/fd/{dfd}"
-            source = f"{via_fd}/{name}" if os.path.isdir(via_fd) else str(self.root_path / rel)
-            shutil.move(source, dest)
-        self.trashed.append(rel)
+            reason = exc.strerror or type(exc).__name__
+            raise PermanentError(
+                f"cannot move {rel!r} to the trash ({dest}): {reason}; it was left in place "
+                "and nothing was written over it",
+                [rel],
+            ) from None
+        if self.unlocked:
+            # Its mode goes with it; nothing below it is ours to restore any more.
+            mode = self.unlocked.pop(rel, None)
+            if mode is not None:
+                with contextlib.suppress(OSError):
+                    os.chmod(dest, mode, follow_symlinks=False)
+            for key in [k for k in self.unlocked if k.startswith(rel + "/")]:
+                del self.unlocked[key]
+        self.trashed_count += 1
+        if len(self.trashed) < TRASHED_SAMPLE:
+            self.trashed.append(rel)
+
+    @staticmethod
+    def _is_dir(dfd: int, name: str) -> bool:
+        try:
+            return stat.S_ISDIR(os.lstat(name, dir_fd=dfd).st_mode)
+        except OSError:
+            return False
+
+    def _move_across(self, dfd: int, rel: str, dest: Path) -> None:
+        """Trash on another file system (state on local disk, data on a parallel file
+        system): copy, then remove the original. Reached through the parent's descriptor,
+        as every other write is, so a symlink swapped into the path meanwhile cannot send
+        the copy and the removal elsewhere. FIFOs, sockets and device nodes are created
+        anew in the copy. A failed copy is removed again and the original left whole."""
+        name = split(rel)[1]
+        via_fd = f"/proc/self/fd/{dfd}"
+        source = f"{via_fd}/{name}" if os.path.isdir(via_fd) else str(self.root_path / rel)
+        st = os.lstat(source)
+        try:
+            if stat.S_ISDIR(st.st_mode):
+                shutil.copytree(source, dest, symlinks=True, copy_function=_copy_special)
+            elif stat.S_ISLNK(st.st_mode):
+                dest.symlink_to(os.readlink(source))
+            else:
+                _copy_special(source, str(dest))
+        except BaseException as exc:
+            if dest.is_dir() and not dest.is_symlink():
+                shutil.rmtree(dest, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    dest.unlink()
+            if isinstance(exc, shutil.Error):  # copytree's list of every failure: the first
+                errors = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
+                first = str(errors[0][2]) if errors and len(errors[0]) == 3 else str(exc)
+                raise OSError(errno.EIO, f"copy failed: {first[:200]}") from None
+            raise
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(source)
+        else:
+            os.unlink(name, dir_fd=dfd)
 
     def write_file(self, entry: Entry, parts: Sequence[bytes | memoryview]) -> None:
         """Write a whole file under a temporary name, set mode and mtime, rename into place."""
         parent, name = split(entry.path)
         dfd = self.dir_fd(parent)
         tmp = temp_name()
-        fd = os.open(tmp, _NEW_FILE, 0o600, dir_fd=dfd)
+        try:
+            fd = os.open(tmp, _NEW_FILE, 0o600, dir_fd=dfd)
+        except (FileExistsError, PermissionError):
+            fd, tmp = self._create_temp(parent, dfd, entry.path)
         try:
             try:
                 for part in parts:
@@ -191,38 +384,47 @@ class TreeWriter:
             raise
 
     def open_partial(self, entry: Entry) -> tuple[int, int]:
-        """Open the stable partial file of a large entry; return `(fd, valid_chunks)`.
+        """Open the stable partial file of a large entry; return `(fd, valid_chunks)`; the
+        caller owns the fd (`finish_partial` closes it).
 
         Chunks already in the partial file from an interrupted run are checked against their
         digests; the file is cut after the last good one, and only the rest is fetched.
         """
         parent, _ = split(entry.path)
         dfd = self.dir_fd(parent)
-        fd = os.open(
-            partial_name(entry),
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-            0o600,
-            dir_fd=dfd,
-        )
-        good = 0
-        offset = 0
-        size = os.fstat(fd).st_size
-        for chunk in entry.chunks:
-            if offset + chunk.raw_length > size:
-                break
-            data = os.pread(fd, chunk.raw_length, offset)
-            if blake3.blake3(data).digest() != chunk.digest:
-                break
-            good += 1
-            offset += chunk.raw_length
-        os.ftruncate(fd, offset)
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(partial_name(entry), flags, 0o600, dir_fd=dfd)
+        except PermissionError as exc:
+            self._unlock(parent, exc, entry.path)
+            try:
+                fd = os.open(partial_name(entry), flags, 0o600, dir_fd=dfd)
+            except PermissionError as again:
+                raise denied(entry.path, again) from None
+        try:
+            good = 0
+            offset = 0
+            size = os.fstat(fd).st_size
+            for chunk in entry.chunks:
+                if offset + chunk.raw_length > size:
+                    break
+                data = os.pread(fd, chunk.raw_length, offset)
+                if blake3.blake3(data).digest() != chunk.digest:
+                    break
+                good += 1
+                offset += chunk.raw_length
+            os.ftruncate(fd, offset)
+        except BaseException:
+            os.close(fd)
+            raise
         return fd, good
 
     def finish_partial(self, entry: Entry, fd: int) -> None:
-        """Give a completed large file its mode and mtime and rename it into place."""
+        """Give a completed large file its mode and mtime and rename it into place. Always
+        closes `fd`, even when it raises."""
         parent, name = split(entry.path)
-        dfd = self.dir_fd(parent)
         try:
+            dfd = self.dir_fd(parent)
             os.fchmod(fd, entry.mode)
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
         finally:
@@ -234,8 +436,19 @@ class TreeWriter:
         entry's target as this site writes it)."""
         parent, name = split(entry.path)
         dfd = self.dir_fd(parent)
-        tmp = temp_name()
-        os.symlink(target, tmp, dir_fd=dfd)
+        for attempt in range(8):
+            tmp = temp_name()
+            try:
+                os.symlink(target, tmp, dir_fd=dfd)
+                break
+            except FileExistsError:
+                continue
+            except PermissionError as exc:
+                if attempt:
+                    raise denied(entry.path, exc) from None
+                self._unlock(parent, exc, entry.path)
+        else:
+            raise Conflict(f"{entry.path!r}: cannot find a free temporary name in its directory")
         try:
             os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=dfd, follow_symlinks=False)
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
@@ -244,7 +457,11 @@ class TreeWriter:
             raise
 
     def set_attrs(self, entry: Entry) -> None:
-        """Set mode and mtime of an existing file or directory without following symlinks."""
+        """Set mode and mtime of an existing file or directory without following symlinks.
+
+        A file its owner made unreadable (mode 000) is reached through an `O_PATH`
+        descriptor instead; a directory this writer unlocked is no longer in `unlocked`.
+        """
         parent, name = split(entry.path)
         dfd = self.dir_fd(parent)
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -252,11 +469,36 @@ class TreeWriter:
             fd = os.open(name, flags, dir_fd=dfd)
         except FileNotFoundError:
             return
+        except PermissionError as exc:
+            self._set_attrs_by_path(entry, dfd, exc)
+            return
         try:
             os.fchmod(fd, entry.mode)
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
         finally:
             os.close(fd)
+        self.unlocked.pop(entry.path, None)
+
+    def _set_attrs_by_path(self, entry: Entry, dfd: int, exc: OSError) -> None:
+        """`set_attrs` for an entry that cannot be opened for reading: through an `O_PATH`
+        descriptor (no read permission needed), never following a symlink."""
+        name = split(entry.path)[1]
+        try:
+            fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError:
+            raise denied(entry.path, exc) from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode) and not stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise Conflict(f"{entry.path!r} is not a file or directory; not changing it")
+            via = f"/proc/self/fd/{fd}"
+            try:
+                os.chmod(via, entry.mode)
+                os.utime(via, ns=(entry.mtime_ns, entry.mtime_ns))
+            except PermissionError as again:
+                raise denied(entry.path, again) from None
+        finally:
+            os.close(fd)
+        self.unlocked.pop(entry.path, None)
 
 
 def content_matches(root: str, entry: Entry) -> bool:

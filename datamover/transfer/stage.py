@@ -35,10 +35,10 @@ from typing import Any
 
 from datamover.catalog.queries import owner_alive, owner_id
 from datamover.config import TransferSettings
-from datamover.domain.manifest import Entry, Kind
+from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.domain.paths import MAX_LINK_TARGET, check_logical_path
 from datamover.errors import Conflict, Corrupt, InvalidInput, NotFound
-from datamover.repo.layout import VersionDoc, encode_dataset
+from datamover.repo.layout import VersionDoc
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
 from datamover.transfer import fsops, procpool, writers
@@ -60,6 +60,11 @@ _RANGE_WRITERS = 4
 #: of entries held for the run (measured: 640 bytes per entry of a docking tree; decoding
 #: 20,000 entries takes 0.07-0.14 s).
 _KEEP_CHECKED = 1 << 15
+#: ... and of at most this many stored (compressed) segment bytes, which bounds the chunk
+#: references held too: each holds a 32-byte digest that does not compress, and takes about
+#: 320 bytes decoded, so at most about 40 MiB of them. Known before decoding: no per-entry
+#: counting.
+_KEEP_STORED = 4 << 20
 
 log = logging.getLogger(__name__)
 
@@ -80,23 +85,35 @@ class StageResult:
     kept_files: int = 0
     removed: int = 0
     trashed: list[str] = field(default_factory=list)
+    trashed_count: int = 0
     trash_dir: str | None = None
     seconds: float = 0.0
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (the trashed list is capped at 100 names)."""
+        """A JSON-ready dict (`trashed` holds at most the first 100 names; `trashed_count`
+        counts them all)."""
         data = asdict(self)
-        data["trashed_count"] = len(self.trashed)
         data["trashed"] = self.trashed[:100]
         return data
+
+
+def trash_dir(state_dir: Path, run: str, dataset: str) -> Path:
+    """Where one stage run's trash for `dataset` goes: `<state_dir>/trash/<run>/` and then
+    the dataset's own path, one directory per component (each a valid name, at most 255
+    bytes, so no component of the trash path can be too long), then the entry's path."""
+    return state_dir.joinpath("trash", run, *dataset.strip("/").split("/"))
 
 
 def _check_manifest(site: Site, refs: list[SegmentRef]) -> list[Entry] | None:
     """Check every entry of the manifest, and that this site can write every symlink's
     target, before anything is written; return the entries if there are at most
-    `_KEEP_CHECKED` (the planner then reads the list instead of decoding the manifest a
-    second time)."""
-    kept: list[Entry] | None = [] if sum(r.entries for r in refs) <= _KEEP_CHECKED else None
+    `_KEEP_CHECKED` in at most `_KEEP_STORED` stored bytes (the planner then reads the list
+    instead of decoding the manifest a second time)."""
+    small = (
+        sum(r.entries for r in refs) <= _KEEP_CHECKED
+        and sum(r.stored_size for r in refs) <= _KEEP_STORED
+    )
+    kept: list[Entry] | None = [] if small else None
     for entry in site.repo.iter_cached(refs, check=True):
         if entry.kind == Kind.SYMLINK:
             _link_target(site, entry)
@@ -149,12 +166,7 @@ class _Stager:
             self.batch_files, self.batch_bytes = _POOL_BATCH_FILES, self.large
         self.fetcher = Fetcher(site.store, t.download_concurrency)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        self.trash_dir = (
-            site.state_dir
-            / "trash"
-            / f"{stamp}-{secrets.token_hex(3)}"
-            / encode_dataset(doc.dataset)
-        )
+        self.trash_dir = trash_dir(site.state_dir, f"{stamp}-{secrets.token_hex(3)}", doc.dataset)
         self.result = StageResult(
             doc.dataset,
             doc.version,
@@ -175,6 +187,9 @@ class _Stager:
         self._procs = procs
         self.checked = checked
         self._last_ops: asyncio.Future[Any] | None = None
+        # The first failure of a queued operation (a trash move, a directory): once set,
+        # nothing more is written, since a write may be the one it was clearing the way for.
+        self._ops_error: BaseException | None = None
         self._dirs: list[Entry] = []
         self._dirs_overflow = False
         self._stale: list[str] = []
@@ -185,15 +200,45 @@ class _Stager:
     def _on_writer(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         return asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    def _check_ops(self) -> None:
+        """Raise the first failure of a queued operation, if any (any thread)."""
+        if self._ops_error is not None:
+            raise self._ops_error
+
+    def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn` on the writer thread unless an operation queued before it failed."""
+        self._check_ops()
+        return fn(*args)
+
+    def _finish(self, entry: Entry, fd: int) -> None:
+        """On the writer thread: rename a large file's partial file into place, unless an
+        operation queued before it failed; `fd` is closed either way."""
+        try:
+            self._check_ops()
+        except BaseException:
+            os.close(fd)
+            raise
+        assert self.writer is not None
+        self.writer.finish_partial(entry, fd)
+
     def _submit_ops(self) -> None:
-        """Send queued small operations to the writer thread without waiting for them."""
+        """Send queued small operations to the writer thread without waiting for them.
+
+        Their future fails if any group submitted before them failed, so awaiting the
+        latest one (a worker batch does) waits for, and checks, every operation before it.
+        """
         if not self._ops:
             return
         ops, self._ops = self._ops, []
 
         def run() -> None:
-            for fn, args in ops:
-                fn(*args)
+            self._check_ops()
+            try:
+                for fn, args in ops:
+                    fn(*args)
+            except BaseException as exc:
+                self._ops_error = exc
+                raise
 
         self._last_ops = self._on_writer(run)
         self._pending.append(self._last_ops)
@@ -202,13 +247,15 @@ class _Stager:
 
     def _write_batch(self, batch: list[Entry], ranges: list[Range], blobs: list[bytes]) -> None:
         """Verify and write a batch, on the writer thread: decoding there too saves a thread
-        hop per batch and GIL contention between a decoder and the writer."""
+        hop per batch and GIL contention between a decoder and the writer. Writes nothing if
+        an operation queued before it failed."""
+        self._check_ops()
         owners = {c.digest: e.path for e in batch for c in e.chunks}
         decoded = decode_ranges(ranges, blobs, owners)
         blobs.clear()
         write = self.writer.write_file  # type: ignore[union-attr]
         for entry in batch:
-            write(entry, [decoded[(c.pack, c.offset)] for c in entry.chunks])
+            write(entry, [decoded[c] for c in entry.chunks])
 
     # -- worker processes -------------------------------------------------------------------
 
@@ -219,20 +266,29 @@ class _Stager:
         blobs: list[bytes],
         ops: asyncio.Future[Any] | None,
     ) -> bool:
-        """Have a worker process write the batch; False if there are no workers."""
+        """Have a worker process write the batch; False if there are no workers.
+
+        `ops` is the latest group of operations queued before the batch: it has run, and
+        every group before it has succeeded, before the batch is handed over.
+        """
         procs = await self._procs if self._procs is not None else None
         if procs is None:
             return False
         if ops is not None:
             await ops  # the batch's directories exist (the writer thread runs ops in order)
+        self._check_ops()
         files = [(e.path, e.mode, e.mtime_ns, e.chunks) for e in batch]
         try:
             job = procs.submit(
                 writers.write_batch, str(self.base_path), self.parts, ranges, blobs, files
             )
-            await asyncio.wrap_future(job)
+            unlocked = await asyncio.wrap_future(job)
         except BrokenProcessPool:
             raise procpool.lost("stage writer") from None
+        if unlocked:
+            assert self.writer is not None
+            for rel, mode in unlocked.items():
+                self.writer.unlocked.setdefault(rel, mode)
         return True
 
     # -- fetching ---------------------------------------------------------------------------
@@ -254,6 +310,7 @@ class _Stager:
     async def _flush(self) -> None:
         if not self._batch:
             return
+        self._check_ops()  # stop fetching once nothing more will be written
         self._submit_ops()  # directories and removals first: the writer thread keeps order
         batch, nbytes = self._batch, self._batch_size
         self._batch, self._batch_size = [], 0
@@ -272,16 +329,17 @@ class _Stager:
         contention took twice as long); a lock of ours makes it sleep instead. Memory: the
         ranges in flight.
         """
+        self._check_ops()
         self._submit_ops()
         assert self.writer is not None
-        fd, good = await self._on_writer(self.writer.open_partial, entry)
+        fd, good = await self._on_writer(self._guarded, self.writer.open_partial, entry)
         slots = asyncio.Semaphore(self.site.config.transfer.download_concurrency)
         tasks: set[asyncio.Task[None]] = set()
         writes: list[Future[int]] = []  # every pwrite job, so none outlives the fd
         offsets = list(itertools.accumulate((c.raw_length for c in entry.chunks), initial=0))
         turn = threading.Lock()
 
-        async def one(rng: Range, positions: dict[tuple[bytes, int], list[int]]) -> None:
+        async def one(rng: Range, positions: dict[ChunkRef, list[int]]) -> None:
             try:
                 [blob] = await self.fetcher.fetch([rng])
                 job = self._range_pool.submit(
@@ -300,10 +358,9 @@ class _Stager:
                 while end < len(entry.chunks) and (end == start or size < self.batch_bytes):
                     size += entry.chunks[end].raw_length
                     end += 1
-                positions: dict[tuple[bytes, int], list[int]] = {}
+                positions: dict[ChunkRef, list[int]] = {}
                 for i in range(start, end):
-                    c = entry.chunks[i]
-                    positions.setdefault((c.pack, c.offset), []).append(offsets[i])
+                    positions.setdefault(entry.chunks[i], []).append(offsets[i])
                 for rng in plan_ranges(entry.chunks[start:end], self.gap, self.max_request):
                     await slots.acquire()
                     for done in [t for t in tasks if t.done()]:
@@ -312,8 +369,8 @@ class _Stager:
                     tasks.add(asyncio.create_task(one(rng, positions)))
                 start = end
             await asyncio.gather(*tasks)
-            await self._on_writer(self.writer.finish_partial, entry, fd)
-            fd = -1
+            owned, fd = fd, -1  # closed by finish_partial, even when it fails, or here
+            await self._on_writer(self._finish, entry, owned)
         except BaseException:
             for t in tasks:
                 t.cancel()
@@ -401,6 +458,9 @@ class _Stager:
         """Directory attributes (after every write below them) and leftover partial files."""
         w = self.writer
         assert w is not None
+        self._check_ops()
+        for rel in self._stale:  # first: removing one changes its directory's mtime
+            w.remove(rel)
         dirs: Iterator[Entry] = iter(self._dirs)
         if self._dirs_overflow:
             dirs = (
@@ -408,8 +468,7 @@ class _Stager:
             )
         for entry in dirs:
             w.set_attrs(entry)
-        for rel in self._stale:
-            w.remove(rel)
+        w.restore_modes()  # directories made writable that the manifest gives no mode
         if self.site.config.transfer.fsync:
             _syncfs(w.root_fd)
 
@@ -443,7 +502,8 @@ class _Stager:
             self._pool.shutdown(wait=True)
             self._range_pool.shutdown(wait=True)
         self.result.trashed = self.writer.trashed
-        if self.writer.trashed:
+        self.result.trashed_count = self.writer.trashed_count
+        if self.writer.trashed_count:
             self.result.trash_dir = str(self.trash_dir)
         self.result.downloaded_bytes += self.fetcher.downloaded
         return self.result
@@ -453,7 +513,7 @@ def _verify_and_pwrite(
     fd: int,
     rng: Range,
     blob: bytes,
-    positions: dict[tuple[bytes, int], list[int]],
+    positions: dict[ChunkRef, list[int]],
     path: str,
     turn: threading.Lock,
 ) -> int:
@@ -462,8 +522,8 @@ def _verify_and_pwrite(
     written = 0
     decoded = decode_ranges([rng], [blob], {}, path)
     with turn:
-        for (pack, offset), data in decoded.items():
-            for at in positions[(pack, offset)]:
+        for ref, data in decoded.items():
+            for at in positions[ref]:
                 view = memoryview(data)
                 while view:
                     n = os.pwrite(fd, view, at)

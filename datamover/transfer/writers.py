@@ -30,9 +30,11 @@ def write_batch(
     ranges: list[Range],
     blobs: list[bytes],
     files: list[WireFile],
-) -> int:
+) -> dict[str, int]:
     """Worker-process entry point: verify every chunk of `ranges` and write `files` (each
-    under a temporary name, renamed into place with its mode and mtime); return how many.
+    under a temporary name, renamed into place with its mode and mtime). Return the
+    directories made writable to do so (`TreeWriter.unlocked`: path -> mode before): the
+    stage process gives them their mode back at the end, after every batch.
 
     Raises `Corrupt` naming the file whose chunk failed verification; a file is at its final
     path only when it was written completely.
@@ -46,8 +48,8 @@ def write_batch(
     try:
         for path, mode, mtime_ns, chunks in files:
             entry = Entry(path, Kind.FILE, mode, mtime_ns)
-            writer.write_file(entry, [decoded[(c.pack, c.offset)] for c in chunks])
+            writer.write_file(entry, [decoded[c] for c in chunks])
     finally:
         writer.close()
         os.close(root_fd)
-    return len(files)
+    return writer.unlocked

@@ -1,0 +1,358 @@
+"""Stage under hostile stores, failing trash moves, read-only trees and worker processes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from datamover.chunking import codec
+from datamover.domain.manifest import ChunkRef, Entry, Kind
+from datamover.errors import Corrupt, PermanentError
+from datamover.repo.layout import VersionDoc
+from datamover.transfer import fsops
+from datamover.transfer import stage as stage_module
+from datamover.transfer.fetch import plan_ranges
+from datamover.transfer.fsops import TreeWriter, open_root
+from datamover.transfer.push import push
+from datamover.transfer.stage import stage
+from datamover.transfer.writers import write_batch
+from tests.fixtures_sites import MakeSite, SiteEnv
+
+LONG = "/proj/2026年度分子对接虚拟筛选项目/第一批候选化合物对接结果/重新打分"  # 272 bytes encoded
+
+
+# -- 1. a failed trash move stops the write it was clearing the way for ---------------------
+
+
+@pytest.mark.parametrize("path", ["thread", "workers", "large"])
+async def test_a_failed_trash_move_stops_the_write_of_that_file(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    transfer = {"write_workers": 2 if path == "workers" else -1, "batch_bytes": 4 << 20}
+    if path == "workers":
+        monkeypatch.setattr(stage_module, "_POOL_FILES", 1)
+    a, b = await make_site("site-a"), await make_site("site-b", **transfer)
+    src = a.data / "ds"
+    src.mkdir()
+    size = (2 << 20) + 7 if path == "large" else 100  # large: above batch_bytes / 4
+    (src / "analysis.csv").write_bytes(os.urandom(size))
+    for i in range(24):  # 12 MiB: batches go while the plan is still being dispatched
+        (src / f"p{i:02d}").write_bytes(os.urandom(512 << 10))
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        await stage(site_b, "/proj/ds")
+        mine = b.data / "ds" / "analysis.csv"
+        mine.write_text("the user's own edits\n")
+        (src / "analysis.csv").write_bytes(os.urandom(size))
+        for i in range(24):
+            (src / f"p{i:02d}").write_bytes(os.urandom(512 << 10))
+        await push(site_a, "/proj/ds")
+        (b.state / "trash").write_text("in the way: every trash move fails\n")
+        with pytest.raises(Exception) as caught:  # its type is checked below
+            await stage(site_b, "/proj/ds")
+        assert mine.read_text() == "the user's own edits\n"  # not written over
+        assert isinstance(caught.value, PermanentError), caught.value
+        assert "cannot move 'analysis.csv' to the trash" in str(caught.value)
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+# -- 2. the trash path never has a component longer than NAME_MAX ---------------------------
+
+
+async def test_trash_of_a_long_non_ascii_dataset_path(make_site: MakeSite) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    rel = LONG[len("/proj/") :]
+    (a.data / rel).mkdir(parents=True)
+    (a.data / rel / "analysis.csv").write_text("v1\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, LONG)
+        await stage(site_b, LONG)
+        (b.data / rel / "analysis.csv").write_text("mine\n")
+        (a.data / rel / "analysis.csv").write_text("v2\n")
+        await push(site_a, LONG)
+        staged = await stage(site_b, LONG)
+        assert staged.trashed == ["analysis.csv"] and staged.trash_dir is not None
+        trash = Path(staged.trash_dir)
+        assert trash.parts[-4:] == tuple(LONG.split("/")[1:])  # readable: the dataset's path
+        assert (trash / "analysis.csv").read_text() == "mine\n"
+        assert (b.data / rel / "analysis.csv").read_text() == "v2\n"
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+# -- 3. read-only directories and files, as rsync handles them ------------------------------
+
+
+def _cli_unprivileged(env: SiteEnv, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI without the capabilities that let root ignore file permissions."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv to drop root's capabilities")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+    env_vars = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "datamover", *args, "--config", str(env.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env_vars,
+    )
+
+
+async def test_restage_into_read_only_directories_and_files(make_site: MakeSite) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "ds"
+    (src / "ro").mkdir(parents=True)
+    (src / "ro" / "f").write_text("v1\n")
+    (src / "g").write_text("g\n")
+    os.chmod(src / "ro", 0o555)
+    assert a.cli("push", "/proj/ds").returncode == 0
+    first = _cli_unprivileged(b, "stage", "/proj/ds")
+    assert first.returncode == 0, first.stderr
+    staged = b.data / "ds"
+    assert stat.S_IMODE(os.stat(staged / "ro").st_mode) == 0o555
+    os.chmod(staged / "g", 0)  # the user locks a staged file
+    (staged / "ro" / ".dm-0123456789abcdef.part").write_bytes(b"half")  # a killed run's
+    os.chmod(src / "ro", 0o755)
+    (src / "ro" / "f").write_text("v2 changed\n")
+    (src / "ro" / "new").write_text("new\n")
+    os.chmod(src / "ro", 0o555)
+    assert a.cli("push", "/proj/ds").returncode == 0
+    for _ in range(2):  # and again, with nothing to do
+        again = _cli_unprivileged(b, "stage", "/proj/ds")
+        assert again.returncode == 0, again.stderr
+    assert (staged / "ro" / "f").read_text() == "v2 changed\n"
+    assert sorted(p.name for p in (staged / "ro").iterdir()) == ["f", "new"]
+    assert stat.S_IMODE(os.stat(staged / "ro").st_mode) == 0o555
+    assert stat.S_IMODE(os.stat(staged / "g").st_mode) == stat.S_IMODE(os.stat(src / "g").st_mode)
+
+
+async def test_a_directory_of_another_user_is_a_one_line_error(make_site: MakeSite) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give a directory to another user")
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds" / "sub").mkdir(parents=True)
+    (a.data / "ds" / "sub" / "f").write_text("data\n")
+    assert a.cli("push", "/proj/ds").returncode == 0
+    (b.data / "ds" / "sub").mkdir(parents=True)
+    os.chown(b.data / "ds" / "sub", 65534, 65534)
+    os.chmod(b.data / "ds" / "sub", 0o555)
+    proc = _cli_unprivileged(b, "stage", "/proj/ds")
+    assert proc.returncode == PermanentError.exit_code, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "'sub/f'" in proc.stderr, proc.stderr
+
+
+# -- 4. temporary names: per process, and a taken name is not an error ----------------------
+
+
+def test_a_forked_process_gets_its_own_temporary_names() -> None:
+    mine = fsops.temp_name()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, fsops.temp_name().encode())
+        os._exit(0)
+    os.close(write)
+    theirs = os.read(read, 100).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert theirs[:12] != mine[:12]  # ".dm-" and the 8-hex prefix
+
+
+def test_a_taken_temporary_name_is_skipped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import itertools
+
+    monkeypatch.setattr(fsops, "_temp_counter", itertools.count())
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / fsops.temp_name()).write_bytes(b"another writer's")
+    monkeypatch.setattr(fsops, "_temp_counter", itertools.count())
+    writer = TreeWriter(open_root(tmp_path, ("ds",)), tmp_path / "ds")
+    try:
+        writer.write_file(Entry("f", Kind.FILE, 0o644, 0), [b"data"])
+    finally:
+        os.close(writer.root_fd)
+    assert (tmp_path / "ds" / "f").read_bytes() == b"data"
+
+
+# -- 5. trash across file systems: special files, and a failed copy -------------------------
+
+
+def _shm_trash(tmp_path: Path) -> Path:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a file system other than the test's temporary directory")
+    return Path(tempfile.mkdtemp(dir=shm, prefix="dm-trash-test-"))
+
+
+def test_trash_across_file_systems_keeps_fifos(tmp_path: Path) -> None:
+    trash = _shm_trash(tmp_path)
+    try:
+        (tmp_path / "ds" / "scratch").mkdir(parents=True)
+        (tmp_path / "ds" / "scratch" / "notes").write_text("mine\n")
+        os.mkfifo(tmp_path / "ds" / "scratch" / "pipe")
+        os.mkfifo(tmp_path / "ds" / "lone-pipe")
+        writer = TreeWriter(open_root(tmp_path, ("ds",)), tmp_path / "ds", trash)
+        try:
+            writer.trash("scratch")
+            writer.trash("lone-pipe")
+        finally:
+            writer.close()
+            os.close(writer.root_fd)
+        assert (trash / "scratch" / "notes").read_text() == "mine\n"
+        assert stat.S_ISFIFO(os.lstat(trash / "scratch" / "pipe").st_mode)
+        assert stat.S_ISFIFO(os.lstat(trash / "lone-pipe").st_mode)
+        assert list((tmp_path / "ds").iterdir()) == []
+    finally:
+        shutil.rmtree(trash)
+
+
+def test_a_failed_copy_to_the_trash_leaves_the_original_and_no_half_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trash = _shm_trash(tmp_path)
+    try:
+        (tmp_path / "ds" / "scratch").mkdir(parents=True)
+        for name in ("a", "b", "c"):
+            (tmp_path / "ds" / "scratch" / name).write_text(name)
+        real = fsops._copy_special
+
+        def failing(src: str, dst: str) -> None:
+            if src.endswith("/b"):
+                raise OSError(28, "No space left on device")
+            real(src, dst)
+
+        monkeypatch.setattr(fsops, "_copy_special", failing)
+        writer = TreeWriter(open_root(tmp_path, ("ds",)), tmp_path / "ds", trash)
+        try:
+            with pytest.raises(PermanentError, match="cannot move 'scratch' to the trash"):
+                writer.trash("scratch")
+        finally:
+            writer.close()
+            os.close(writer.root_fd)
+        assert sorted(p.name for p in (tmp_path / "ds" / "scratch").iterdir()) == ["a", "b", "c"]
+        assert not (trash / "scratch").exists()
+        assert writer.trashed_count == 0
+    finally:
+        shutil.rmtree(trash)
+
+
+# -- 6. a hostile store: two references at one place in a pack ------------------------------
+
+
+def test_two_references_at_one_offset_are_each_verified(tmp_path: Path) -> None:
+    pack = bytes(32)
+    stored = b"EVIL-CONTENT-FROM-STORE"
+    ref_a = ChunkRef(codec.digest(b"the rea"), pack, 0, 7, 7, codec.Codec.RAW)
+    ref_b = ChunkRef(codec.digest(stored), pack, 0, len(stored), len(stored), codec.Codec.RAW)
+    files = [("a", 0o644, 0, (ref_a,)), ("b", 0o644, 0, (ref_b,))]
+    ranges = plan_ranges([ref_a, ref_b], 1 << 20, 1 << 30)
+    blobs = [stored[r.start : r.end] for r in ranges]
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(Corrupt, match="'a'"):
+        write_batch(str(tmp_path), ("ds",), ranges, blobs, files)
+    assert not (tmp_path / "ds" / "a").exists()
+
+
+# -- 7. memory: what a stage keeps ---------------------------------------------------------
+
+
+async def test_a_manifest_with_many_chunk_references_is_not_kept(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("data\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        refs = await site_b.repo.prefetch(await site_b.repo.resolve("/proj/ds", None))
+        assert stage_module._check_manifest(site_b, refs) is not None
+        monkeypatch.setattr(stage_module, "_KEEP_STORED", sum(r.stored_size for r in refs) - 1)
+        assert stage_module._check_manifest(site_b, refs) is None
+        assert (await stage(site_b, "/proj/ds")).fetched_files == 1  # decoded twice instead
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+def test_the_trashed_list_is_a_bounded_sample(tmp_path: Path) -> None:
+    (tmp_path / "ds").mkdir()
+    for i in range(fsops.TRASHED_SAMPLE + 20):
+        (tmp_path / "ds" / f"f{i:03d}").write_text("x")
+    writer = TreeWriter(open_root(tmp_path, ("ds",)), tmp_path / "ds", tmp_path / "trash")
+    try:
+        for i in range(fsops.TRASHED_SAMPLE + 20):
+            writer.trash(f"f{i:03d}")
+    finally:
+        os.close(writer.root_fd)
+    assert writer.trashed_count == fsops.TRASHED_SAMPLE + 20
+    assert len(writer.trashed) == fsops.TRASHED_SAMPLE
+
+
+# -- 8. small error paths ------------------------------------------------------------------
+
+
+async def test_a_failed_rename_of_a_large_file_reports_its_own_error(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b", batch_bytes=4 << 20)
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "big").write_bytes(os.urandom(3 << 20))
+    real_open = TreeWriter.open_partial
+
+    def open_partial(self: TreeWriter, entry: Entry) -> tuple[int, int]:
+        opened = real_open(self, entry)
+        (b.data / "ds" / "big" / "sub").mkdir(parents=True)  # a user's directory appears
+        return opened
+
+    monkeypatch.setattr(TreeWriter, "open_partial", open_partial)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        with pytest.raises(OSError) as caught:
+            await stage(site_b, "/proj/ds")
+        assert caught.value.errno != 9, "EBADF: the fd was closed twice"
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+def test_a_deeply_nested_version_document_is_corrupt() -> None:
+    with pytest.raises(Corrupt, match="nested too deeply"):
+        VersionDoc.from_bytes(b"[" * 100_000, "version document x")
+
+
+def test_open_partial_closes_its_fd_when_checking_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "ds").mkdir()
+    writer = TreeWriter(open_root(tmp_path, ("ds",)), tmp_path / "ds")
+    entry = Entry(
+        "big", Kind.FILE, 0o644, 0, 4, None, (ChunkRef(bytes(32), bytes(32), 0, 4, 4, 0),)
+    )
+
+    def broken(fd: int, length: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "ftruncate", broken)
+    before = len(list(Path("/proc/self/fd").iterdir()))
+    try:
+        with pytest.raises(OSError, match="Input/output"):
+            writer.open_partial(entry)
+    finally:
+        monkeypatch.undo()
+        os.close(writer.root_fd)
+    assert len(list(Path("/proc/self/fd").iterdir())) == before - 1  # only the root was closed
