@@ -116,16 +116,15 @@ class Worker:
     async def _unclaim(self, row: TransferRow) -> None:
         """Put a transfer just claimed back in the queue as it was: no attempt counted."""
         first = {"started_at": None} if row.attempts <= 1 else {}
-        await self.transfers.transition(
-            row.id,
-            State.QUEUED,
-            owner=self.owner,
-            lease_owner=None,
-            lease_expires=None,
-            attempts=max(row.attempts - 1, 0),
-            **first,
-        )
+        await self._requeue(row, attempts=max(row.attempts - 1, 0), **first)
         log.info("released %s %s unrun (draining)", row.kind, row.path)
+
+    async def _requeue(self, row: TransferRow, **fields: Any) -> None:
+        """Give up this worker's claim: the transfer goes back in the queue with `fields`
+        (a cancel asked meanwhile wins, see `Transfers.transition`)."""
+        await self.transfers.transition(
+            row.id, State.QUEUED, owner=self.owner, lease_owner=None, lease_expires=None, **fields
+        )
 
     async def _execute(self, row: TransferRow) -> None:
         log.info("running %s %s (attempt %d)", row.kind, row.path, row.attempts)
@@ -252,14 +251,7 @@ class Worker:
                 self.metrics.finished(row.kind, "cancelled", 0, {})
                 log.info("cancelled %s %s", row.kind, row.path)
             else:
-                await self.transfers.transition(
-                    row.id,
-                    State.QUEUED,
-                    owner=self.owner,
-                    lease_owner=None,
-                    lease_expires=None,
-                    **progress.fields(),
-                )
+                await self._requeue(row, **progress.fields())
                 log.info("released %s %s for a later run (draining)", row.kind, row.path)
 
     async def _failed(
@@ -282,16 +274,7 @@ class Worker:
                 exc.message,
                 delay,
             )
-            await self.transfers.transition(
-                row.id,
-                State.QUEUED,
-                owner=self.owner,
-                lease_owner=None,
-                lease_expires=None,
-                not_before=now() + timedelta(seconds=delay),
-                **error,
-                **fields,
-            )
+            await self._requeue(row, not_before=now() + timedelta(seconds=delay), **error, **fields)
             return
         log.error("failed %s %s: %s", row.kind, row.path, exc.message)
         await self.transfers.transition(row.id, State.FAILED, owner=self.owner, **error, **fields)
