@@ -23,8 +23,9 @@ import secrets
 import shutil
 import stat
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import blake3
 
@@ -34,6 +35,8 @@ from datamover.errors import Conflict, PermanentError
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_DIR_FDS = 64
+
+T = TypeVar("T")
 #: Owner write and search: what a directory needs for entries to be created in it.
 _OWNER_WX = stat.S_IWUSR | stat.S_IXUSR
 #: How many trashed paths a writer remembers by name (the rest are only counted).
@@ -215,19 +218,33 @@ class TreeWriter:
             with contextlib.suppress(FileNotFoundError, Conflict, PermanentError):
                 os.fchmod(self.dir_fd(rel), mode)
 
-    def _create_temp(self, parent: str, dfd: int, shown: str, mode: int = 0o600) -> tuple[int, str]:
-        """Create a new temporary file in `parent`: the slow path of `write_file`, after a
-        first attempt failed (a name taken, or the directory not writable)."""
-        for attempt in range(8):
+    def _unlocking(self, parent: str, shown: str, op: Callable[[], T]) -> T:
+        """`op()`, a change in directory `parent`; if it is refused, once more after
+        `_unlock`. A second refusal is `PermanentError` naming `shown`."""
+        try:
+            return op()
+        except PermissionError as exc:
+            self._unlock(parent, exc, shown)
+        try:
+            return op()
+        except PermissionError as again:
+            raise denied(shown, again) from None
+
+    def _new_temp(self, parent: str, shown: str, create: Callable[[str], T]) -> tuple[T, str]:
+        """`(create(name), name)` for a fresh temporary name in directory `parent`, skipping
+        names that are taken (`FileExistsError`), unlocking the directory if refused."""
+
+        def attempt() -> tuple[T, str] | None:
             tmp = temp_name()
             try:
-                return os.open(tmp, _NEW_FILE, mode, dir_fd=dfd), tmp
+                return create(tmp), tmp
             except FileExistsError:
-                continue
-            except PermissionError as exc:
-                if attempt:
-                    raise denied(shown, exc) from None
-                self._unlock(parent, exc, shown)
+                return None
+
+        for _ in range(8):
+            made = self._unlocking(parent, shown, attempt)
+            if made is not None:
+                return made
         raise Conflict(f"{shown!r}: cannot find a free temporary name in its directory")
 
     # -- operations -------------------------------------------------------------------------
@@ -236,33 +253,23 @@ class TreeWriter:
         """Create directory `rel` (its mode and mtime are set at the end of the stage)."""
         parent, name = split(rel)
         dfd = self.dir_fd(parent)
-        try:
-            os.mkdir(name, 0o700, dir_fd=dfd)
-        except FileExistsError:
-            pass
-        except PermissionError as exc:
-            self._unlock(parent, exc, rel)
-            try:
+
+        def make() -> None:
+            with contextlib.suppress(FileExistsError):
                 os.mkdir(name, 0o700, dir_fd=dfd)
-            except FileExistsError:
-                pass
-            except PermissionError as again:
-                raise denied(rel, again) from None
+
+        self._unlocking(parent, rel, make)
 
     def remove(self, rel: str) -> None:
         """Unlink a file or symlink that datamover itself wrote."""
         parent, name = split(rel)
         dfd = self.dir_fd(parent)
-        for attempt in range(2):
-            try:
+
+        def unlink() -> None:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(name, dir_fd=dfd)
-                return
-            except FileNotFoundError:
-                return
-            except PermissionError as exc:
-                if attempt:
-                    raise denied(rel, exc) from None
-                self._unlock(parent, exc, rel)
+
+        self._unlocking(parent, rel, unlink)
 
     def trash(self, rel: str) -> None:
         """Move `rel` (any kind, a whole directory included) into the trash, never delete it.
@@ -363,8 +370,10 @@ class TreeWriter:
         tmp = temp_name()
         try:
             fd = os.open(tmp, _NEW_FILE, 0o600, dir_fd=dfd)
-        except (FileExistsError, PermissionError):
-            fd, tmp = self._create_temp(parent, dfd, entry.path)
+        except (FileExistsError, PermissionError):  # the slow path: retried, unlocked
+            fd, tmp = self._new_temp(
+                parent, entry.path, lambda t: os.open(t, _NEW_FILE, 0o600, dir_fd=dfd)
+            )
         try:
             try:
                 for part in parts:
@@ -393,14 +402,9 @@ class TreeWriter:
         parent, _ = split(entry.path)
         dfd = self.dir_fd(parent)
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(partial_name(entry), flags, 0o600, dir_fd=dfd)
-        except PermissionError as exc:
-            self._unlock(parent, exc, entry.path)
-            try:
-                fd = os.open(partial_name(entry), flags, 0o600, dir_fd=dfd)
-            except PermissionError as again:
-                raise denied(entry.path, again) from None
+        fd = self._unlocking(
+            parent, entry.path, lambda: os.open(partial_name(entry), flags, 0o600, dir_fd=dfd)
+        )
         try:
             good = 0
             offset = 0
@@ -436,19 +440,7 @@ class TreeWriter:
         entry's target as this site writes it)."""
         parent, name = split(entry.path)
         dfd = self.dir_fd(parent)
-        for attempt in range(8):
-            tmp = temp_name()
-            try:
-                os.symlink(target, tmp, dir_fd=dfd)
-                break
-            except FileExistsError:
-                continue
-            except PermissionError as exc:
-                if attempt:
-                    raise denied(entry.path, exc) from None
-                self._unlock(parent, exc, entry.path)
-        else:
-            raise Conflict(f"{entry.path!r}: cannot find a free temporary name in its directory")
+        _, tmp = self._new_temp(parent, entry.path, lambda t: os.symlink(target, t, dir_fd=dfd))
         try:
             os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=dfd, follow_symlinks=False)
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
