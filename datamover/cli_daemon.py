@@ -33,7 +33,8 @@ async def _follow(client: Any, transfer: dict[str, Any], as_json: bool) -> dict[
             bar.advance(t["files_done"] - seen["files"], t["bytes_done"] - seen["bytes"])
             seen.update(files=t["files_done"], bytes=t["bytes_done"])
 
-        return await client.wait(transfer["id"], update)
+        # A progress bar wants an answer twice a second; a script or hook only the end.
+        return await client.wait(transfer["id"], update, hold=0.5 if bar.enabled else 20.0)
 
 
 def through_daemon(

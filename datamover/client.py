@@ -97,6 +97,7 @@ class DaemonClient:
     def __init__(self, base_url: str, token: str | None, timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
+        self._seconds = timeout
         self._timeout = aiohttp.ClientTimeout(total=timeout, connect=3)
         self._session: aiohttp.ClientSession | None = None
 
@@ -153,27 +154,38 @@ class DaemonClient:
         headers = {"Idempotency-Key": key} if key else None
         return await self.call("POST", "/v1/transfers", request, headers=headers)
 
-    async def get(self, transfer_id: str) -> dict[str, Any]:
-        """GET /v1/transfers/{id}."""
-        return await self.call("GET", f"/v1/transfers/{segment(transfer_id)}")
+    async def get(self, transfer_id: str, hold: float = 0.0) -> dict[str, Any]:
+        """GET /v1/transfers/{id}; with `hold`, the daemon answers once the transfer ends or
+        `hold` seconds have passed (a long poll)."""
+        params = {"wait": f"{hold:g}"} if hold > 0 else None
+        return await self.call("GET", f"/v1/transfers/{segment(transfer_id)}", params=params)
 
     async def wait(
         self,
         transfer_id: str,
         on_update: Callable[[dict[str, Any]], None] | None = None,
+        hold: float = 20.0,
         interval: float = 0.25,
         patience: float = 180.0,
     ) -> dict[str, Any]:
-        """Poll until the transfer ends; return its final state.
+        """Long-poll until the transfer ends; return its final state.
 
-        The transfer is durable, so a daemon restart (an upgrade, a crash) does not end it:
-        while the daemon is unreachable this keeps trying for up to `patience` seconds.
+        Each request may be held by the daemon up to `hold` seconds, so the end is seen at
+        once without asking several times a second; `on_update` sees the transfer after
+        every answer (give a short `hold`, e.g. 0.5, to draw progress). A daemon that
+        answers a running transfer early (one that ignores `wait`) is asked again after
+        `interval`. The transfer is durable, so a daemon restart (an upgrade, a crash) does
+        not end it: while the daemon is unreachable this keeps trying for up to `patience`
+        seconds.
         """
+        if not 0 <= hold <= self._seconds - 5:
+            raise ValueError(f"hold {hold} s does not fit the client's {self._seconds} s time-out")
         loop = asyncio.get_running_loop()
         unreachable_since: float | None = None
         while True:
+            asked = loop.time()
             try:
-                transfer = await self.get(transfer_id)
+                transfer = await self.get(transfer_id, hold)
             except TransientError:
                 now = loop.time()
                 unreachable_since = unreachable_since or now
@@ -186,4 +198,5 @@ class DaemonClient:
                 on_update(transfer)
             if transfer["state"] in TERMINAL:
                 return transfer
-            await asyncio.sleep(interval)
+            if loop.time() - asked < hold / 2:  # not held: poll at `interval`
+                await asyncio.sleep(interval)

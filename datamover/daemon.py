@@ -28,6 +28,7 @@ from datamover.catalog.transfers import Transfers
 from datamover.config import Config
 from datamover.errors import Conflict, DatamoverError, InvalidInput
 from datamover.metrics import Metrics
+from datamover.scheduler.endings import Endings
 from datamover.scheduler.runner import run_loop
 from datamover.scheduler.worker import Worker
 from datamover.site import Site, make_state_dir
@@ -84,7 +85,8 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     if config.api.open_metrics:
         open_paths.add("/metrics")
     wake = asyncio.Event()
-    app = make_app(Context(site, transfers, access, metrics, frozenset(open_paths), wake))
+    endings = Endings()
+    app = make_app(Context(site, transfers, access, metrics, frozenset(open_paths), wake, endings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -92,7 +94,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
 
     base = f"{socket.gethostname()}:{os.getpid()}"
     workers = [
-        Worker(site, transfers, access, f"{base}/w{i}", metrics, config.api.lease_seconds)
+        Worker(site, transfers, access, f"{base}/w{i}", metrics, config.api.lease_seconds, endings)
         for i in range(config.api.workers)
     ]
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
@@ -124,6 +126,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
             ready.set()
         await stop.wait()
         log.info("draining: stopping running transfers so they resume later")
+        endings.close()  # held long polls answer now
         for w in workers:
             w.drain()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from aiohttp import web
 
@@ -11,6 +11,7 @@ from datamover.catalog.access import Access, Identity
 from datamover.catalog.transfers import Transfers
 from datamover.errors import Forbidden
 from datamover.metrics import Metrics
+from datamover.scheduler.endings import Endings
 from datamover.site import Site
 
 
@@ -24,6 +25,7 @@ class Context:
     metrics: Metrics
     open_paths: frozenset[str]
     wake: asyncio.Event | None = None  # set on each submission: idle workers claim at once
+    endings: Endings = field(default_factory=Endings)  # wakes long polls of ended transfers
 
 
 CONTEXT = web.AppKey("context", Context)

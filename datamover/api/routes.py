@@ -3,6 +3,7 @@ repository, and returns JSON; errors are raised and mapped in `api.errors`."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from importlib import resources
 
@@ -17,6 +18,7 @@ from datamover.api.validate import (
     path_text,
     query_choice,
     query_int,
+    query_seconds,
     query_text,
     string,
     timestamp,
@@ -25,13 +27,15 @@ from datamover.api.validate import (
 from datamover.catalog.transfers import Submission, TransferRow
 from datamover.datasets import list_datasets as collect_datasets
 from datamover.domain.paths import check_logical_path
-from datamover.domain.transfers import check_idempotency_key
+from datamover.domain.transfers import TERMINAL, check_idempotency_key
 from datamover.errors import DatamoverError, Forbidden, InvalidInput, NotFound
 from datamover.metrics import CONTENT_TYPE
+from datamover.scheduler.endings import RECHECK, until
 
 _OPENAPI = json.loads(resources.files("datamover.api").joinpath("openapi.json").read_text())
 _TRANSFER_FIELDS = {"kind", "path", "version", "priority", "deadline", "pin", "delete", "checksum"}
 _STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+MAX_WAIT = 60.0  # longest long poll; clients' own time-outs must be longer
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -143,10 +147,20 @@ async def list_transfers(request: web.Request) -> web.Response:
 
 
 async def get_transfer(request: web.Request) -> web.Response:
-    """GET /v1/transfers/{id}."""
+    """GET /v1/transfers/{id}[?wait=S]: with `wait`, answer once the transfer is terminal or
+    `S` seconds have passed, whichever comes first (a long poll; see `scheduler.endings`)."""
     require(request, "read")
-    row = await context(request).transfers.get(path_text(request, "id"))
-    return _json(_visible(request, row).to_json())
+    ctx = context(request)
+    transfer_id = path_text(request, "id")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + query_seconds(request, "wait", MAX_WAIT)
+    while True:
+        with ctx.endings.watch(transfer_id) as ended:
+            row = _visible(request, await ctx.transfers.get(transfer_id))
+            left = deadline - loop.time()
+            if row.state in TERMINAL or left <= 0 or ctx.endings.closed:
+                return _json(row.to_json())
+            await until(ended, min(left, RECHECK))
 
 
 async def cancel_transfer(request: web.Request) -> web.Response:
@@ -154,7 +168,9 @@ async def cancel_transfer(request: web.Request) -> web.Response:
     ctx = context(request)
     row = _visible(request, await ctx.transfers.get(path_text(request, "id")))
     require(request, "write", row.path)
-    return _json((await ctx.transfers.cancel(row.id)).to_json())
+    cancelled = await ctx.transfers.cancel(row.id)
+    ctx.endings.ended(row.id)
+    return _json(cancelled.to_json())
 
 
 # -- datasets, replicas, pins -------------------------------------------------------------

@@ -121,6 +121,20 @@ def query_int(request: web.Request, name: str, default: int, low: int, high: int
     return value
 
 
+def query_seconds(request: web.Request, name: str, high: float) -> float:
+    """A duration in seconds (decimal, `0` to `high`; 0 when absent)."""
+    raw = request.query.get(name)
+    if raw is None:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InvalidInput(f"query parameter {name!r} must be a number of seconds") from None
+    if not 0 <= value <= high:  # also refuses nan
+        raise InvalidInput(f"query parameter {name!r} must be between 0 and {high:g} seconds")
+    return value
+
+
 def query_choice(request: web.Request, name: str, options: tuple[str, ...]) -> str | None:
     """An optional query parameter restricted to `options`."""
     raw = request.query.get(name)

@@ -28,6 +28,7 @@ from datamover.domain.transfers import Kind, State, retry_delay
 from datamover.errors import DatamoverError
 from datamover.logs import transfer_context
 from datamover.metrics import Metrics
+from datamover.scheduler.endings import Endings
 from datamover.site import Site
 
 log = logging.getLogger(__name__)
@@ -80,6 +81,7 @@ class Worker:
         owner: str,
         metrics: Metrics,
         lease: float = 30.0,
+        endings: Endings | None = None,
     ) -> None:
         self.site = site
         self.transfers = transfers
@@ -87,6 +89,7 @@ class Worker:
         self.owner = owner
         self.metrics = metrics
         self.lease = lease
+        self.endings = endings or Endings()
         self._draining = False
         self._current: asyncio.Task[Any] | None = None
         self._stop = _Stop()
@@ -110,7 +113,10 @@ class Worker:
             if self._draining:  # SIGTERM came while claiming: do not start it
                 await self._unclaim(row)
                 return False
-            await self._execute(row)
+            try:
+                await self._execute(row)
+            finally:
+                self.endings.ended(row.id)  # whatever the outcome: long polls read it again
         return True
 
     async def _unclaim(self, row: TransferRow) -> None:

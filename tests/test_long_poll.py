@@ -1,0 +1,112 @@
+"""`GET /v1/transfers/{id}?wait=S`: held until the transfer ends, the time is up, or the
+daemon stops; and the `Endings` wake-ups behind it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+from datamover.scheduler.endings import Endings, until
+from tests.fixtures_daemon import Daemon, StartSite
+from tests.fixtures_sites import MakeSite
+
+MiB = 1 << 20
+
+
+async def test_endings_wake_only_their_transfer_and_clean_up() -> None:
+    endings = Endings()
+    with endings.watch("tr-1") as one, endings.watch("tr-2") as two:
+        assert endings.waiting == 2
+        endings.ended("tr-1")
+        await until(one, 1.0)
+        assert one.done() and not two.done()
+        endings.ended("tr-1")  # nobody left waiting for it: harmless
+    assert endings.waiting == 0
+    with endings.watch("tr-3") as three:
+        endings.close()
+        assert three.done() and endings.closed
+
+
+async def test_until_returns_after_the_time_without_the_end() -> None:
+    endings = Endings()
+    with endings.watch("tr-1") as waiter:
+        started = time.monotonic()
+        await until(waiter, 0.2)
+        assert 0.15 < time.monotonic() - started < 5 and not waiter.done()
+
+
+async def _slow_site(served_site: StartSite, make_site: MakeSite) -> tuple[Daemon, str]:
+    """A daemon with one worker whose stage of 12 MiB at 2 MiB/s takes about 6 s."""
+    a = await make_site("site-a", pack_size=MiB)
+    (a.data / "slow").mkdir()
+    for i in range(12):
+        (a.data / "slow" / f"f{i}").write_bytes(os.urandom(MiB))
+    a.cli_json("push", "/proj/slow")
+    d = await served_site("site-b", api={"workers": 1}, bandwidth_limit=2 * MiB)
+    return d, d.token("t1", "/proj", "write")
+
+
+async def _get(d: Daemon, token: str, transfer_id: str, wait: str) -> tuple[float, int, dict]:
+    started = time.monotonic()
+    status, body = await asyncio.to_thread(
+        d.request, "GET", f"/v1/transfers/{transfer_id}?wait={wait}", token
+    )
+    return time.monotonic() - started, status, body
+
+
+async def test_long_poll_holds_then_answers_at_the_end(
+    served_site: StartSite, make_site: MakeSite
+) -> None:
+    d, token = await _slow_site(served_site, make_site)
+    _, t = d.request("POST", "/v1/transfers", token, {"kind": "stage", "path": "/proj/slow"})
+    _, queued = d.request("POST", "/v1/transfers", token, {"kind": "push", "path": "/proj/x"})
+
+    # Held for the time asked while the transfer runs, then answered with its progress.
+    seconds, status, body = await _get(d, token, t["id"], "1.5")
+    assert status == 200 and body["state"] in ("queued", "running")
+    assert seconds >= 1.4
+
+    # A queued transfer cancelled meanwhile: the held request answers with the cancel.
+    held = asyncio.create_task(_get(d, token, queued["id"], "50"))
+    await asyncio.sleep(0.5)
+    assert not held.done()
+    status, _ = d.request("DELETE", f"/v1/transfers/{queued['id']}", token)
+    assert status == 200
+    seconds, status, body = await held
+    assert status == 200 and body["state"] == "cancelled" and seconds < 20
+
+    # Held until the stage ends, in one request.
+    seconds, status, body = await _get(d, token, t["id"], "60")
+    assert status == 200 and body["state"] == "succeeded", body
+    assert seconds < 55
+    # A terminal transfer is answered at once, whatever the wait.
+    seconds, status, body = await _get(d, token, t["id"], "60")
+    assert status == 200 and body["state"] == "succeeded" and seconds < 10
+
+
+async def test_a_stopping_daemon_answers_held_polls(
+    served_site: StartSite, make_site: MakeSite
+) -> None:
+    d, token = await _slow_site(served_site, make_site)
+    _, t = d.request("POST", "/v1/transfers", token, {"kind": "stage", "path": "/proj/slow"})
+    held = asyncio.create_task(_get(d, token, t["id"], "60"))
+    await asyncio.sleep(1.0)
+    assert not held.done()
+    started = time.monotonic()
+    assert await asyncio.to_thread(d.stop, signal.SIGTERM) == 0
+    seconds, status, body = await held
+    assert status == 200 and body["state"] in ("queued", "running")  # drained, resumes later
+    assert seconds < 30 and time.monotonic() - started < 30
+
+
+async def test_bad_wait_is_a_400(served_site: StartSite) -> None:
+    d = await served_site("site-b")
+    token = d.token("t1", "/proj", "write")
+    _, t = d.request("POST", "/v1/transfers", token, {"kind": "stage", "path": "/proj/absent"})
+    for wait in ("-1", "61", "nan", "inf", "soon", ""):
+        status, body = d.request("GET", f"/v1/transfers/{t['id']}?wait={wait}", token)
+        assert status == 400 and "'wait'" in body["error"]["message"], (wait, body)
+    status, body = d.request("GET", "/v1/transfers/tr-none?wait=5", token)
+    assert status == 404
