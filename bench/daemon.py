@@ -62,6 +62,8 @@ DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 
 API, STAGE = "api", "stage small tree"
 DIRECT, REST = "direct: stage --local", "REST: POST, poll"
+HOOK, TARX = "CLI via the daemon: stage --wait", "tar -x"
+TAR_GOAL = 2.0  # the data-plane target "stage within 2x of tar -x", on the deployed path
 LOGICAL = "/bench/small"
 STAGE_POLL = 0.05  # seconds between GETs while a REST stage runs
 STAGE_TIMEOUT = 1800.0
@@ -167,7 +169,8 @@ def run_api(ctx: Context) -> None:
     b = ctx.bench
     data = small_tree(b)
     run = b.fresh_dir(b.work / "runs" / "daemon-api")
-    b.settle_caches([data / "small"])
+    tarball = b.tarball("small")  # made once, untimed; read through with the tree
+    b.settle_caches([data / "small", *([tarball] if tarball else [])])
     bucket = b.bucket("dmapi")
     try:
         site_a = b.dm.write_site("site-a", run, bucket, data_dir=data)
@@ -179,11 +182,12 @@ def run_api(ctx: Context) -> None:
             b.skip((API, STAGE, REST), reason)
         else:
             ctx.setup_notes.append(f"setup push of {LOGICAL} at site A: {pushed.seconds:.2f} s")
+            steps = [_direct, _rest, _hook, _untar]
             for rep in range(b.repeat):
                 log(f"api: repetition {rep + 1}/{b.repeat}")
-                # Alternate which goes first, so a systematic drift hits both alike.
-                order = (_direct, _rest) if rep % 2 == 0 else (_rest, _direct)
-                for measure_one in order:
+                # Rotate which goes first, so a systematic drift hits all alike.
+                shift = rep % len(steps)
+                for measure_one in steps[shift:] + steps[:shift]:
                     measure_one(ctx, run, bucket, rep)
     finally:
         b.drop_buckets()
@@ -197,6 +201,18 @@ def run_api(ctx: Context) -> None:
             r.ratio(API, *keys),
             "<=",
             OVERHEAD_GOAL,
+            "{:.2f}x",
+            r.missing(API, *keys),
+        )
+    )
+    keys = ((STAGE, HOOK), (STAGE, TARX))
+    r.target(
+        Target(
+            API,
+            "CLI stage via the daemon / tar -x (median wall; the data-plane target, deployed)",
+            r.ratio(API, *keys),
+            "<=",
+            TAR_GOAL,
             "{:.2f}x",
             r.missing(API, *keys),
         )
@@ -269,6 +285,63 @@ async def _timed_stage(url: str, token: str) -> tuple[float, float, dict[str, An
             await asyncio.sleep(STAGE_POLL)
             transfer = await api.get(transfer["id"])
         return time.perf_counter() - start, wall, transfer
+
+
+def _hook(ctx: Context, run: Path, bucket: str, rep: int) -> None:
+    """Time `datamover stage --wait` as a whole command (Python start-up included) on a site
+    whose daemon is running (started untimed): what a Slurm prolog waits for."""
+    b, shape = ctx.bench, ctx.bench.sizes.small
+    site, config, listen = _site_b(b, run, bucket, f"r{rep}-hook")
+    log_path = ctx.logs / f"api-r{rep}-hook-serve.log"
+    try:
+        token = create_token(b.dm, config)
+        served = ServeProcess.start(b.dm, config, listen, log_path)
+    except BenchError as exc:
+        b.skip((API, STAGE, HOOK), str(exc))
+        return
+    argv = [*b.dm.argv0, "stage", LOGICAL, "--wait", "--config", str(config), "--json"]
+    try:
+        sample = b.run(
+            (API, STAGE, HOOK),
+            argv,
+            {**b.dm.env(), "DATAMOVER_TOKEN": token},
+            files=shape.files,
+            nbytes=shape.bytes,
+            expect_tree=site.data_dir / "small",
+            want_json=True,
+        )
+    finally:
+        served.stop()
+        findings = served.findings()
+        if findings.errors:
+            b.results.problems.append(f"api hook r{rep}: {log_path}: {findings.summary()}")
+    record = b.results.step(API, STAGE, HOOK)
+    if sample is not None and "transfer" not in record.payloads[-1]:
+        record.errors.append("the CLI did not go through the daemon (no transfer id)")
+        record.samples.pop()
+        record.payloads.pop()
+    elif sample is not None and not _verify(b, record, config):
+        record.samples.pop()
+        record.payloads.pop()
+
+
+def _untar(ctx: Context, run: Path, bucket: str, rep: int) -> None:
+    """Time `tar -x` of the small tree's tarball from local disk into a new directory."""
+    b, shape = ctx.bench, ctx.bench.sizes.small
+    tarball = b.tarball("small")
+    if b.tar is None or tarball is None:
+        b.skip((API, STAGE, TARX), "tar not found")
+        return
+    dst = run / f"r{rep}-tar"
+    dst.mkdir()
+    b.run(
+        (API, STAGE, TARX),
+        b.tar.extract(tarball, dst),
+        b.tar.env(),
+        files=shape.files,
+        nbytes=shape.bytes,
+        expect_tree=dst / "small",
+    )
 
 
 def _rest(ctx: Context, run: Path, bucket: str, rep: int) -> None:
@@ -580,8 +653,11 @@ API_LEGEND = (
     "direct: `datamover stage --local --json` timed as a whole command (Python start-up "
     "included), no daemon running. REST: POST /v1/transfers to the moment a GET (every "
     f"{STAGE_POLL * 1000:.0f} ms) shows `succeeded`, daemon already running, client already "
-    "connected. Each run from a new site-B state dir into a new, empty target directory "
-    "(nothing is deleted between timed steps); which way goes first alternates. "
+    "connected. CLI via the daemon: `datamover stage --wait --json` timed as a whole command "
+    "on a site whose daemon is running (what a Slurm prolog waits for). tar -x: the tree's "
+    "tarball from local disk, the floor for writing it. "
+    "Each run from a new site-B state dir into a new, empty target directory "
+    "(nothing is deleted between timed steps); which goes first rotates. "
     "Self-reported: the `seconds` of the stage's own JSON result."
 )
 QUEUE_LEGEND = (
@@ -605,7 +681,7 @@ def api_rows(ctx: Context) -> list[list[str]]:
     r = ctx.bench.results
     base = r.median(API, STAGE, DIRECT)
     rows = []
-    for tool in (DIRECT, REST):
+    for tool in (DIRECT, REST, HOOK, TARX):
         step = r.get(API, STAGE, tool)
         if step is None:
             continue
