@@ -17,6 +17,16 @@ from datamover.errors import Corrupt
 
 _READ_BLOCK = 8 << 20
 
+#: Inclusive bounds of the integer chunker parameters (docs/format.md, "config"): FastCDC's
+#: (pyfastcdc refuses anything else), and at most one 16 MiB chunk for a small file.
+LIMITS: dict[str, tuple[int, int]] = {
+    "min_size": (64, 1 << 20),
+    "avg_size": (256, 4 << 20),
+    "max_size": (1 << 10, 16 << 20),
+    "normalization": (0, 3),
+    "small_file_limit": (0, 16 << 20),
+}
+
 
 @dataclass(frozen=True)
 class ChunkerParams:
@@ -35,16 +45,35 @@ class ChunkerParams:
 
     @classmethod
     def from_json(cls, data: Any) -> ChunkerParams:
-        """Parse the repository config's `chunker` object; raise `Corrupt` if unusable."""
-        try:
-            params = cls(**data)
-        except TypeError as exc:
-            raise Corrupt(f"repository config has an unusable chunker section: {exc}") from None
-        if params.algorithm != "fastcdc2020" or not (
-            64 <= params.min_size <= params.avg_size <= params.max_size <= 16 << 20
+        """Parse the repository config's `chunker` object; raise `Corrupt` if unusable.
+
+        Every field must be present with its type (integers are not `bool`s or floats) and
+        within `LIMITS` (FastCDC's own bounds, and a small file must fit in one chunk of at
+        most 16 MiB, docs/format.md "config"), with `min_size <= avg_size <= max_size`: a
+        value FastCDC refuses would fail every push with an internal error, and a larger
+        small-file limit would publish chunks no reader accepts.
+        """
+        fields = set(cls.__dataclass_fields__)
+        if not isinstance(data, dict) or set(data) != fields:
+            raise Corrupt(
+                "repository config has an unusable chunker section: expected exactly the "
+                f"fields {sorted(fields)}, found {str(data)[:200]}"
+            )
+        bad = [
+            name
+            for name, (low, high) in LIMITS.items()
+            if type(data[name]) is not int or not low <= data[name] <= high
+        ]
+        if (
+            bad
+            or data["algorithm"] != "fastcdc2020"
+            or not data["min_size"] <= data["avg_size"] <= data["max_size"]
         ):
-            raise Corrupt(f"repository config names unsupported chunker parameters {data!r}")
-        return params
+            raise Corrupt(
+                f"repository config names unsupported chunker parameters {data!r}"
+                + (f" (out of range: {', '.join(bad)})" if bad else "")
+            )
+        return cls(**data)
 
 
 class _Reader:

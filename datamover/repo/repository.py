@@ -67,7 +67,11 @@ class Repository:
     # -- repository config ---------------------------------------------------------------
 
     async def chunker_params(self, create: bool) -> ChunkerParams:
-        """The repository's chunker parameters; with `create`, write defaults if absent."""
+        """The repository's chunker parameters; with `create`, write defaults if absent.
+
+        Raises `Corrupt` for a config that is not a JSON object with usable chunker
+        parameters, `PermanentError` for a format or hash this datamover does not know.
+        """
         try:
             raw = await self.store.get(CONFIG_KEY)
         except ObjectNotFound:
@@ -86,13 +90,14 @@ class Repository:
             raw = await self.store.get(CONFIG_KEY)
         try:
             doc = json.loads(raw)
-            fmt = doc["format"]
-        except (ValueError, KeyError, TypeError):
+            fmt, digest = doc["format"], doc["hash"]
+        except (ValueError, KeyError, TypeError, RecursionError):
             raise Corrupt(f"repository config in {self.store.description} is malformed") from None
-        if fmt != FORMAT_VERSION:
+        # `true == 1` in Python: the type is checked too, or a config no writer made passes.
+        if type(fmt) is not int or fmt != FORMAT_VERSION or digest != "blake3":
             raise PermanentError(
-                f"repository in {self.store.description} has format {fmt!r}; this datamover "
-                f"understands format {FORMAT_VERSION}"
+                f"repository in {self.store.description} has format {fmt!r} with hash "
+                f"{digest!r}; this datamover understands format {FORMAT_VERSION} with blake3"
             )
         return ChunkerParams.from_json(doc.get("chunker"))
 

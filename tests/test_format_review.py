@@ -1,0 +1,124 @@
+"""Hostile store contents against the format layer (docs/format.md): each test here once
+failed on the code before its fix; see the commit that added it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from datamover.chunking.chunker import Chunker, ChunkerParams
+from datamover.chunking.codec import MAX_RAW_CHUNK
+from datamover.errors import Corrupt, PermanentError
+from datamover.repo.repository import Repository
+from datamover.storage.memory import MemoryStore
+from datamover.transfer.push import push
+from tests.fixtures_sites import MakeSite
+
+# -- chunker parameters from the repository config ---------------------------------------
+
+GOOD_CHUNKER: dict[str, Any] = ChunkerParams().to_json()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"min_size": "262144"},  # a string: TypeError from a comparison
+        {"min_size": 262144.0},  # a float is not an integer size
+        {"avg_size": True},
+        {"normalization": 9},  # FastCDC takes 0..3: ValueError when the chunker is built
+        {"normalization": "1"},
+        {"min_size": 64, "avg_size": 64, "max_size": 64},  # below FastCDC's bounds
+        {"min_size": 2 << 20},  # FastCDC's min_size is at most 1 MiB
+        {"small_file_limit": 32 << 20},  # one chunk per file above the 16 MiB chunk limit
+        {"small_file_limit": -1},
+        {"small_file_limit": "1048576"},
+        {"algorithm": 1},
+    ],
+)
+def test_unusable_chunker_parameters_are_corrupt(change: dict[str, Any]) -> None:
+    with pytest.raises(Corrupt, match="chunker"):
+        ChunkerParams.from_json({**GOOD_CHUNKER, **change})
+
+
+@pytest.mark.parametrize("missing", sorted(GOOD_CHUNKER))
+def test_chunker_parameters_must_all_be_present(missing: str) -> None:
+    doc = {k: v for k, v in GOOD_CHUNKER.items() if k != missing}
+    with pytest.raises(Corrupt, match="chunker"):
+        ChunkerParams.from_json(doc)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.fixed_dictionaries(
+        {
+            "min_size": st.integers(-1, 20 << 20),
+            "avg_size": st.integers(-1, 20 << 20),
+            "max_size": st.integers(-1, 20 << 20),
+            "normalization": st.integers(-2, 5),
+            "small_file_limit": st.integers(-2, 40 << 20),
+            "algorithm": st.just("fastcdc2020"),
+        }
+    )
+)
+def test_accepted_chunker_parameters_always_work(doc: dict[str, Any]) -> None:
+    try:
+        params = ChunkerParams.from_json(doc)
+    except Corrupt:
+        return
+    Chunker(params)  # FastCDC accepts them
+    assert 0 <= params.small_file_limit <= MAX_RAW_CHUNK  # a small file is a legal chunk
+
+
+def test_default_chunker_parameters_round_trip() -> None:
+    assert ChunkerParams.from_json(GOOD_CHUNKER) == ChunkerParams()
+
+
+def _repo(tmp_path: Path) -> Repository:
+    return Repository(MemoryStore(), tmp_path / "cache")
+
+
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"format": True}, PermanentError),  # `True == 1`: no writer made this
+        ({"hash": "sha256"}, PermanentError),  # every digest of the format is BLAKE3
+        ({"chunker": {**GOOD_CHUNKER, "normalization": 7}}, Corrupt),
+    ],
+)
+async def test_repository_config_is_checked(
+    tmp_path: Path, change: dict[str, Any], error: type[Exception]
+) -> None:
+    repo = _repo(tmp_path)
+    doc = {"format": 1, "hash": "blake3", "created": "x", "chunker": GOOD_CHUNKER, **change}
+    await repo.store.put("config", json.dumps(doc).encode())
+    with pytest.raises(error, match=r"config|format"):
+        await repo.chunker_params(create=True)
+
+
+async def test_push_refuses_a_small_file_limit_beyond_the_chunk_limit(
+    make_site: MakeSite,
+) -> None:
+    """A config whose small files exceed 16 MiB used to publish versions with chunks no
+    reader accepts: the push succeeded and every stage of it failed as corrupt."""
+    a = await make_site("site-a")
+    (a.data / "big").mkdir()
+    (a.data / "big" / "f").write_bytes(bytes(17 << 20))
+    site = await a.open()
+    try:
+        doc = {
+            "format": 1,
+            "hash": "blake3",
+            "created": "2026-11-29T18:15:00.000000Z",
+            "chunker": {**GOOD_CHUNKER, "small_file_limit": 32 << 20},
+        }
+        await site.store.put("config", json.dumps(doc).encode())
+        with pytest.raises(Corrupt, match="chunker"):
+            await push(site, "/proj/big")
+        assert [i.key async for i in site.store.list("")] == ["config"]  # nothing written
+    finally:
+        await site.close()
