@@ -4,6 +4,7 @@ failed on the code before its fix; see the commit that added it."""
 from __future__ import annotations
 
 import json
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ from hypothesis import strategies as st
 
 from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.chunking.codec import MAX_RAW_CHUNK
-from datamover.errors import Corrupt, PermanentError
+from datamover.domain.ids import check_site_name, check_version_id, new_version_id
+from datamover.errors import Corrupt, DatamoverError, InvalidInput, PermanentError
+from datamover.repo.layout import parse_version_key, version_key
 from datamover.repo.repository import Repository
 from datamover.storage.memory import MemoryStore
 from datamover.transfer.push import push
@@ -120,5 +123,71 @@ async def test_push_refuses_a_small_file_limit_beyond_the_chunk_limit(
         with pytest.raises(Corrupt, match="chunker"):
             await push(site, "/proj/big")
         assert [i.key async for i in site.store.list("")] == ["config"]  # nothing written
+    finally:
+        await site.close()
+
+
+# -- version ids --------------------------------------------------------------------------
+
+GOOD_ID = "20261129T181500.123456Z-hpc-a-3f9a1c0b"
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        GOOD_ID + "\n",  # `$` matches before a final newline
+        "٢٠٢٦١١٢٩" + GOOD_ID[8:],  # `\d` matches every Unicode digit
+        "20261399T996099.000000Z-hpc-a-3f9a1c0b",  # no such month, hour or minute
+        "20260230T000000.000000Z-hpc-a-3f9a1c0b",  # no 30 February
+    ],
+)
+def test_hostile_version_ids_are_invalid(bad: str) -> None:
+    with pytest.raises(InvalidInput):
+        check_version_id(bad)
+    assert parse_version_key(version_key("/proj/x", GOOD_ID)[: -len(GOOD_ID)] + bad) is None
+
+
+def test_hostile_site_names_are_invalid() -> None:
+    with pytest.raises(InvalidInput):
+        check_site_name("hpc-a\n")
+
+
+def test_a_parent_at_the_end_of_time_is_a_clear_error() -> None:
+    with pytest.raises(DatamoverError, match="end of time"):
+        new_version_id("hpc-a", after="99991231T235959.999999Z-hpc-a-3f9a1c0b")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.datetimes(), st.datetimes(), st.sampled_from(["a", "hpc-a", "z9"]))
+def test_new_ids_follow_their_parent_whatever_the_clock(
+    parent_time: Any, now: Any, site: str
+) -> None:
+    parent = new_version_id("hpc-b", now=parent_time.replace(tzinfo=UTC))
+    try:
+        child = new_version_id(site, after=parent, now=now.replace(tzinfo=UTC))
+    except DatamoverError:
+        assert parent.startswith("99991231T235959.999999Z")
+        return
+    assert check_version_id(child) == child and child > parent
+
+
+async def test_push_ignores_a_version_key_with_an_impossible_time(make_site: MakeSite) -> None:
+    """A key like `.../versions/20261399T996099.000000Z-x-00000000` (its document well
+    formed) sorted as the latest version and every later push failed with an internal
+    error (`strptime` refused the time)."""
+    a = await make_site("site-a")
+    (a.data / "x").mkdir()
+    (a.data / "x" / "f").write_bytes(b"one")
+    site = await a.open()
+    try:
+        first = await push(site, "/proj/x")
+        doc = await site.repo.read_version("/proj/x", first.version)
+        bad = "20261399T996099.000000Z-site-a-00000000"
+        raw = json.loads(doc.to_bytes())
+        raw["version"] = bad
+        await site.store.put(version_key("/proj/x", bad), json.dumps(raw).encode())
+        (a.data / "x" / "f").write_bytes(b"two")
+        second = await push(site, "/proj/x")
+        assert second.parent == first.version and second.version > first.version
     finally:
         await site.close()

@@ -10,18 +10,20 @@ import re
 import secrets
 from datetime import UTC, datetime, timedelta
 
-from datamover.errors import InvalidInput
+from datamover.errors import Corrupt, InvalidInput
 
-SITE_RE = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+# ASCII only (`\d` would match every Unicode digit) and anchored with `\Z` by `fullmatch`
+# (`$` also matches before a final newline).
+SITE_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?", re.ASCII)
 VERSION_RE = re.compile(
-    r"^(\d{8}T\d{6}\.\d{6}Z)-([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)-[0-9a-f]{8}$"
+    r"([0-9]{8}T[0-9]{6}\.[0-9]{6}Z)-([a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)-[0-9a-f]{8}", re.ASCII
 )
 _TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"
 
 
 def check_site_name(name: str) -> str:
     """Return `name` if it is a valid site name (lowercase DNS label), else `InvalidInput`."""
-    if not isinstance(name, str) or not SITE_RE.match(name):
+    if not isinstance(name, str) or not SITE_RE.fullmatch(name):
         raise InvalidInput(
             f"invalid site name {name!r}: use 1-63 lowercase letters, digits and '-'"
         )
@@ -29,23 +31,46 @@ def check_site_name(name: str) -> str:
 
 
 def check_version_id(version: str) -> str:
-    """Return `version` if well-formed, else raise `InvalidInput` naming it."""
-    if not isinstance(version, str) or not VERSION_RE.match(version):
+    """Return `version` if well-formed, else raise `InvalidInput` naming it.
+
+    Well-formed: `<time>Z-<site>-<8 hex>` in ASCII, the time a real UTC instant (a month
+    13 or a 30 February would sort like any other id but could never be followed).
+    """
+    match = VERSION_RE.fullmatch(version) if isinstance(version, str) else None
+    if match is None:
         raise InvalidInput(f"invalid version id {version!r}")
+    try:
+        datetime.strptime(match.group(1), _TIME_FORMAT)
+    except ValueError:
+        raise InvalidInput(f"invalid version id {version!r}: no such time") from None
     return version
 
 
 def version_time(version: str) -> datetime:
-    """The creation time encoded in a version id."""
-    match = VERSION_RE.match(check_version_id(version))
-    assert match is not None
-    return datetime.strptime(match.group(1), _TIME_FORMAT).replace(tzinfo=UTC)
+    """The creation time encoded in a version id (`InvalidInput` if it is not one)."""
+    check_version_id(version)
+    return datetime.strptime(version[:23], _TIME_FORMAT).replace(tzinfo=UTC)
 
 
 def new_version_id(site: str, after: str | None = None, now: datetime | None = None) -> str:
-    """A fresh id for `site`, strictly greater than `after` (the parent) even if clocks skew."""
-    stamp = now or datetime.now(UTC)
+    """A fresh id for `site`, strictly greater than `after` (the parent) even if clocks skew.
+
+    Raises `Corrupt` if `after` is dated at the last representable microsecond (only a
+    hostile or broken store holds such an id: nothing can follow it).
+    """
+    stamp = (now or datetime.now(UTC)).astimezone(UTC)
     if after is not None:
-        floor = version_time(after) + timedelta(microseconds=1)
+        try:
+            floor = version_time(after) + timedelta(microseconds=1)
+        except OverflowError:
+            raise Corrupt(
+                f"version {after} is dated at the end of time: no version can follow it"
+            ) from None
         stamp = max(stamp, floor)
-    return f"{stamp.strftime(_TIME_FORMAT)}-{check_site_name(site)}-{secrets.token_hex(4)}"
+    # Not `strftime`: it writes years before 1000 with fewer than four digits.
+    s = stamp
+    text = (
+        f"{s.year:04d}{s.month:02d}{s.day:02d}T{s.hour:02d}{s.minute:02d}{s.second:02d}"
+        f".{s.microsecond:06d}Z"
+    )
+    return f"{text}-{check_site_name(site)}-{secrets.token_hex(4)}"
