@@ -14,9 +14,10 @@ from hypothesis import strategies as st
 
 from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.chunking.codec import MAX_RAW_CHUNK
+from datamover.datasets import list_datasets
 from datamover.domain.ids import check_site_name, check_version_id, new_version_id
 from datamover.errors import Corrupt, DatamoverError, InvalidInput, PermanentError
-from datamover.repo.layout import parse_version_key, version_key
+from datamover.repo.layout import VersionDoc, parse_version_key, version_key
 from datamover.repo.repository import Repository
 from datamover.storage.memory import MemoryStore
 from datamover.transfer.push import push
@@ -189,5 +190,92 @@ async def test_push_ignores_a_version_key_with_an_impossible_time(make_site: Mak
         (a.data / "x" / "f").write_bytes(b"two")
         second = await push(site, "/proj/x")
         assert second.parent == first.version and second.version > first.version
+    finally:
+        await site.close()
+
+
+# -- version documents and dataset keys -------------------------------------------------
+
+
+def _doc(**change: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "format": 1,
+        "dataset": "/proj/x",
+        "version": GOOD_ID,
+        "parent": None,
+        "site": "hpc-a",
+        "created": "2026-11-29T18:15:00.123456Z",
+        "manifest": "ab" * 32,
+        "manifest_size": 100,
+        "segments": 1,
+        "files": 1,
+        "dirs": 0,
+        "symlinks": 0,
+        "bytes": 3,
+    }
+    doc.update(change)
+    return doc
+
+
+def test_a_good_version_document_parses() -> None:
+    doc = VersionDoc.from_bytes(json.dumps(_doc()).encode(), "doc")
+    assert VersionDoc.from_bytes(doc.to_bytes(), "doc") == doc
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"format": True},  # `True == 1`
+        {"format": 1.0},
+        {"manifest": "AB" * 32},  # the format's hex is lowercase
+        {"manifest": " ".join(["ab"] * 32)},  # `bytes.fromhex` skips spaces
+        {"bytes": 1 << 64},  # no 64-bit column holds it
+        {"files": 1 << 63},
+        {"created": "x" * 200},  # not a time, and longer than the catalog's column
+        {"created": "2026-11-29 18:15:00"},
+        {"parent": GOOD_ID},  # its own parent: a cycle
+        {"parent": "20271129T181500.123456Z-hpc-a-3f9a1c0b"},  # a parent newer than itself
+        {"site": "hpc-b"},  # the id says hpc-a
+        {"segments": 0, "files": 1},  # an empty manifest cannot hold a file
+    ],
+)
+def test_hostile_version_documents_are_corrupt(change: dict[str, Any]) -> None:
+    with pytest.raises(Corrupt, match=r"^doc is malformed"):
+        VersionDoc.from_bytes(json.dumps(_doc(**change)).encode(), "doc")
+
+
+async def test_listing_skips_keys_that_are_not_canonical(tmp_path: Path) -> None:
+    """`datasets/%2fproj%2fx/...` (lowercase escapes) decoded to `/proj/x`, whose document
+    lives under another key: `ls` then failed for every dataset with "no version"."""
+    repo = _repo(tmp_path)
+    strays = [
+        f"datasets/%2fproj%2fx/versions/{GOOD_ID}",
+        f"datasets/%2Fproj/x/versions/{GOOD_ID}",
+        f"datasets/%2Fproj%2Fx%2F/versions/{GOOD_ID}",
+    ]
+    for key in (version_key("/proj/x", GOOD_ID), *strays):
+        await repo.store.put(key, json.dumps(_doc()).encode())
+        assert parse_version_key(key) in (None, ("/proj/x", GOOD_ID))
+    assert [p async for p in repo.datasets()] == [("/proj/x", GOOD_ID)]
+    for key in strays:
+        assert parse_version_key(key) is None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"bytes": 1 << 64}, {"manifest": " ".join(["ab"] * 32)}, {"created": "x" * 200}],
+)
+async def test_ls_reports_a_hostile_version_document_as_corrupt(
+    make_site: MakeSite, change: dict[str, Any]
+) -> None:
+    """Such documents reached the catalog's cache and `ls` failed with a database error
+    (an internal error) instead of naming the document."""
+    a = await make_site("site-a")
+    site = await a.open()
+    try:
+        key = version_key("/proj/x", GOOD_ID)
+        await site.store.put(key, json.dumps(_doc(**change)).encode())
+        with pytest.raises(Corrupt, match=key):
+            await list_datasets(site)
     finally:
         await site.close()
