@@ -16,8 +16,10 @@ from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.chunking.codec import MAX_RAW_CHUNK
 from datamover.datasets import list_datasets
 from datamover.domain.ids import check_site_name, check_version_id, new_version_id
+from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.errors import Corrupt, DatamoverError, InvalidInput, PermanentError
 from datamover.repo.layout import VersionDoc, parse_version_key, version_key
+from datamover.repo.manifest import SegmentRef, encode_list, encode_segment
 from datamover.repo.repository import Repository
 from datamover.storage.memory import MemoryStore
 from datamover.transfer.push import push
@@ -279,3 +281,60 @@ async def test_ls_reports_a_hostile_version_document_as_corrupt(
             await list_datasets(site)
     finally:
         await site.close()
+
+
+# -- manifest lists against their segments and their version ---------------------------
+
+D1 = bytes(range(32))
+P1 = bytes(range(1, 33))
+
+
+def _entries() -> list[Entry]:
+    return [
+        Entry("a", Kind.DIR, 0o755, 1),
+        Entry("a/f", Kind.FILE, 0o644, 2, 10, None, (ChunkRef(D1, P1, 0, 10, 10, 0),)),
+        Entry("a/l", Kind.SYMLINK, 0o777, 3, 1, "f"),
+    ]
+
+
+async def _publish(repo: Repository, line: dict[str, Any], **doc: Any) -> VersionDoc:
+    entries = _entries()
+    data = encode_segment(entries)
+    digest = await repo.put_manifest_object(data)
+    fields = dict(
+        digest=digest, stored_size=len(data), entries=3, first_path="a", last_path="a/l", bytes=10
+    )
+    listing = encode_list([SegmentRef(**{**fields, **line})])
+    list_digest = await repo.put_manifest_object(listing)
+    raw = _doc(manifest=list_digest.hex(), manifest_size=len(listing), files=1, dirs=1)
+    raw["symlinks"], raw["bytes"] = 1, 10
+    return VersionDoc.from_bytes(json.dumps({**raw, **doc}).encode(), "doc")
+
+
+async def _read(repo: Repository, doc: VersionDoc) -> list[Entry]:
+    refs = await repo.prefetch(doc)
+    return list(repo.iter_cached(refs, check=True))
+
+
+async def test_a_consistent_version_reads(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    assert await _read(repo, await _publish(repo, {})) == _entries()
+
+
+@pytest.mark.parametrize(
+    ("line", "doc", "message"),
+    [
+        ({"bytes": 0}, {"bytes": 0}, "list"),  # the line's bytes are not the files' sizes
+        ({"stored_size": 1}, {}, "list"),  # stage keeps a manifest it thinks is small
+        ({}, {"manifest_size": 5}, "bytes, its version"),
+        ({}, {"files": 2}, "entries"),  # the version's totals are not the manifest's
+        ({}, {"bytes": 99}, "bytes"),
+    ],
+)
+async def test_lists_and_versions_must_match_their_manifest(
+    tmp_path: Path, line: dict[str, Any], doc: dict[str, Any], message: str
+) -> None:
+    repo = _repo(tmp_path)
+    version = await _publish(repo, line, **doc)
+    with pytest.raises(Corrupt, match=message):
+        await _read(repo, version)

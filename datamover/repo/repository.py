@@ -20,7 +20,7 @@ import blake3
 
 from datamover.chunking.chunker import ChunkerParams
 from datamover.chunking.pack import pack_key
-from datamover.domain.manifest import Entry
+from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import check_logical_path, is_under
 from datamover.errors import Corrupt, NotFound, ObjectNotFound, PermanentError
 from datamover.repo.layout import (
@@ -201,12 +201,32 @@ class Repository:
         return data
 
     async def segments(self, doc: VersionDoc) -> list[SegmentRef]:
-        """The manifest list of a version (small: one line per segment)."""
+        """The manifest list of a version (small: one line per segment).
+
+        Raises `Corrupt` unless the list is as long as the version says and its lines add
+        up to the version's totals (entries, file bytes); `iter_cached` then checks each
+        line against its segment, so the totals a stage records are the manifest's.
+        """
         data = await self.manifest_object(doc.manifest_digest)
         what = f"manifest list {manifest_key(doc.manifest_digest)}"
+        if len(data) != doc.manifest_size:
+            raise Corrupt(
+                f"{what} is {len(data)} bytes, its version {doc.version} says {doc.manifest_size}"
+            )
         refs = await asyncio.to_thread(lambda: list(decode_list(data, what)))
         if len(refs) != doc.segments:
             raise Corrupt(f"{what} lists {len(refs)} segments, its version says {doc.segments}")
+        entries = sum(r.entries for r in refs)
+        if entries != doc.files + doc.dirs + doc.symlinks:
+            raise Corrupt(
+                f"{what} lists {entries} entries, its version {doc.version} says "
+                f"{doc.files + doc.dirs + doc.symlinks}"
+            )
+        if sum(r.bytes for r in refs) != doc.bytes:
+            raise Corrupt(
+                f"{what} lists {sum(r.bytes for r in refs)} file bytes, its version "
+                f"{doc.version} says {doc.bytes}"
+            )
         return refs
 
     async def prefetch(self, doc: VersionDoc) -> list[SegmentRef]:
@@ -247,8 +267,9 @@ class Repository:
     def iter_cached(self, refs: list[SegmentRef], check: bool = True) -> Iterator[Entry]:
         """Entries of a prefetched manifest, from the cache, one segment in memory at a time.
 
-        With `check`, every tree rule is enforced (`EntryChecker`) and the segment's own
-        count and path bounds are compared with the list. Blocking: run it in a thread.
+        The segment's size, entry count, path bounds and file bytes are compared with its
+        line in the list (`Corrupt` after its last entry if they differ); with `check`,
+        every tree rule is enforced too (`EntryChecker`). Blocking: run it in a thread.
         """
         checker = EntryChecker()
         for ref in refs:
@@ -256,15 +277,27 @@ class Repository:
             if data is None:
                 raise Corrupt(f"manifest segment {ref.digest.hex()} vanished from the cache")
             what = f"manifest segment {manifest_key(ref.digest)}"
-            count = 0
+            if len(data) != ref.stored_size:
+                raise Corrupt(
+                    f"{what} is {len(data)} bytes, its line in the manifest list says "
+                    f"{ref.stored_size}"
+                )
+            count = size = 0
             first = last = None
             for entry in decode_segment(data, what):
                 if check:
                     checker.check(entry)
                 count += 1
+                if entry.kind == Kind.FILE:
+                    size += entry.size
                 if first is None:
                     first = entry.path
                 last = entry.path
                 yield entry
-            if count != ref.entries or first != ref.first_path or last != ref.last_path:
+            if (
+                count != ref.entries
+                or first != ref.first_path
+                or last != ref.last_path
+                or size != ref.bytes
+            ):
                 raise Corrupt(f"{what} does not match its line in the manifest list")
