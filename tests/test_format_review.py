@@ -8,18 +8,27 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
+import blake3
+import msgpack
 import pytest
+import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from datamover.chunking.chunker import Chunker, ChunkerParams
-from datamover.chunking.codec import MAX_RAW_CHUNK
+from datamover.chunking.codec import MAX_RAW_CHUNK, decode_verified
 from datamover.datasets import list_datasets
 from datamover.domain.ids import check_site_name, check_version_id, new_version_id
-from datamover.domain.manifest import ChunkRef, Entry, Kind
+from datamover.domain.manifest import ChunkRef, Codec, Entry, Kind
 from datamover.errors import Corrupt, DatamoverError, InvalidInput, PermanentError
 from datamover.repo.layout import VersionDoc, parse_version_key, version_key
-from datamover.repo.manifest import SegmentRef, encode_list, encode_segment
+from datamover.repo.manifest import (
+    SegmentRef,
+    decode_list,
+    decode_segment,
+    encode_list,
+    encode_segment,
+)
 from datamover.repo.repository import Repository
 from datamover.storage.memory import MemoryStore
 from datamover.transfer.push import push
@@ -338,3 +347,50 @@ async def test_lists_and_versions_must_match_their_manifest(
     version = await _publish(repo, line, **doc)
     with pytest.raises(Corrupt, match=message):
         await _read(repo, version)
+
+
+# -- framing: one zstd frame, one exact header -------------------------------------------
+
+
+def _frame(header: Any, items: list[Any], tail: bytes = b"") -> bytes:
+    packer = msgpack.Packer(use_bin_type=True)
+    body = b"".join([packer.pack(header), *(packer.pack(i) for i in items)])
+    return zstandard.ZstdCompressor(write_content_size=True).compress(body) + tail
+
+
+DIR_ITEM = ["a", 1, 0o755, 0, 0, None, []]
+HEADER = {"t": "segment", "v": 1, "n": 1}
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        _frame(HEADER, [DIR_ITEM], tail=b"junk"),  # bytes after the frame
+        _frame(HEADER, [DIR_ITEM], tail=_frame(HEADER, [DIR_ITEM])),  # a second frame
+        _frame({**HEADER, "v": True}, [DIR_ITEM]),  # `True == 1`
+        _frame({**HEADER, "v": 1.0}, [DIR_ITEM]),
+        _frame({**HEADER, "n": True}, [DIR_ITEM]),
+        _frame({**HEADER, "x": 0}, [DIR_ITEM]),  # a field the format does not have
+    ],
+    ids=["junk", "two-frames", "v-true", "v-float", "n-true", "extra-field"],
+)
+def test_segments_are_one_frame_with_an_exact_header(data: bytes) -> None:
+    assert list(decode_segment(_frame(HEADER, [DIR_ITEM])))  # the untouched form is fine
+    with pytest.raises(Corrupt, match="malformed"):
+        list(decode_segment(data))
+
+
+def test_lists_are_one_frame_too() -> None:
+    line = [bytes(32), 10, 1, "a", "a", 0]
+    good = _frame({"t": "manifest", "v": 1, "n": 1}, [line])
+    assert len(list(decode_list(good))) == 1
+    with pytest.raises(Corrupt, match="malformed"):
+        list(decode_list(good + b"\0"))
+
+
+def test_a_zstd_chunk_is_one_frame() -> None:
+    raw = b"abc" * 1000
+    stored = zstandard.ZstdCompressor(write_content_size=True).compress(raw)
+    assert decode_verified(stored, Codec.ZSTD, len(raw), blake3.blake3(raw).digest()) == raw
+    with pytest.raises(Corrupt):
+        decode_verified(stored + b"junk", Codec.ZSTD, len(raw), blake3.blake3(raw).digest())

@@ -60,7 +60,8 @@ def encode(raw: bytes | memoryview, level: int | None) -> tuple[int, bytes | mem
 def decode(stored: bytes | memoryview, codec: int, raw_length: int) -> bytes | memoryview:
     """Return the raw bytes of a stored chunk, or raise `Corrupt` if it cannot be decoded.
 
-    The output is bounded by `raw_length` so a hostile frame cannot balloon memory.
+    The output is bounded by `raw_length` so a hostile frame cannot balloon memory; a zstd
+    chunk must be exactly one frame declaring `raw_length` as its content size.
     """
     if codec == Codec.RAW:
         if len(stored) != raw_length:
@@ -74,7 +75,10 @@ def decode(stored: bytes | memoryview, codec: int, raw_length: int) -> bytes | m
             declared = zstandard.frame_content_size(stored)
             if declared != raw_length:
                 raise Corrupt(f"zstd chunk declares {declared} bytes, expected {raw_length}")
-            raw = _decompressor().decompress(stored, max_output_size=raw_length)
+            # One frame and nothing after it (docs/format.md, "Chunks").
+            raw = _decompressor().decompress(
+                stored, max_output_size=raw_length, allow_extra_data=False
+            )
         except zstandard.ZstdError as exc:
             raise Corrupt(f"zstd chunk does not decode: {exc}") from None
         if len(raw) != raw_length:

@@ -79,7 +79,10 @@ def _unframe(data: bytes | memoryview, kind: str, what: str) -> Iterator[Any]:
         declared = zstandard.frame_content_size(data)
         if declared < 0 or declared > MAX_DECODED:
             raise Corrupt(f"{what} is malformed: bad or missing zstd content size")
-        body = zstandard.ZstdDecompressor().decompress(data, max_output_size=declared)
+        # One frame and nothing after it: the format has no room for trailing bytes.
+        body = zstandard.ZstdDecompressor().decompress(
+            data, max_output_size=declared, allow_extra_data=False
+        )
     except zstandard.ZstdError as exc:
         raise Corrupt(f"{what} is malformed: {exc}") from None
     unpacker = msgpack.Unpacker(
@@ -96,11 +99,14 @@ def _unframe(data: bytes | memoryview, kind: str, what: str) -> Iterator[Any]:
         header = unpacker.unpack()
     except (msgpack.OutOfData, ValueError, TypeError) as exc:
         raise Corrupt(f"{what} is malformed: no header ({exc})") from None
+    # Exactly the three fields, with exact types: `True == 1` and `1.0 == 1` in Python.
     if (
-        not isinstance(header, dict)
-        or header.get("t") != kind
-        or header.get("v") != FORMAT_VERSION
-        or not isinstance(header.get("n"), int)
+        type(header) is not dict
+        or header.keys() != {"t", "v", "n"}
+        or header["t"] != kind
+        or type(header["v"]) is not int
+        or header["v"] != FORMAT_VERSION
+        or type(header["n"]) is not int
         or header["n"] < 0
     ):
         raise Corrupt(f"{what} is malformed: bad header {str(header)[:80]!r}")
