@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.chunking.codec import MAX_RAW_CHUNK, decode_verified
+from datamover.chunking.pack import PackBuilder, parse_pack
 from datamover.datasets import list_datasets
 from datamover.domain.ids import check_site_name, check_version_id, new_version_id
 from datamover.domain.manifest import ChunkRef, Codec, Entry, Kind
@@ -394,3 +395,29 @@ def test_a_zstd_chunk_is_one_frame() -> None:
     assert decode_verified(stored, Codec.ZSTD, len(raw), blake3.blake3(raw).digest()) == raw
     with pytest.raises(Corrupt):
         decode_verified(stored + b"junk", Codec.ZSTD, len(raw), blake3.blake3(raw).digest())
+
+
+# -- pack index entries ------------------------------------------------------------------
+
+
+def _pack_with(stored: bytes, raw_length: int, codec: int) -> bytes:
+    builder = PackBuilder()
+    builder.add(bytes(32), stored, raw_length, codec)
+    return bytes(builder.finish()[1])
+
+
+@pytest.mark.parametrize(
+    ("stored", "raw_length", "codec"),
+    [
+        (b"", 0, Codec.RAW),  # an empty chunk: an empty file has no chunks
+        (b"x" * 100, MAX_RAW_CHUNK + 1, Codec.ZSTD),  # more than a chunk may hold
+        (b"x" * 100, 0, Codec.ZSTD),
+    ],
+    ids=["empty", "too-large", "zstd-empty"],
+)
+def test_pack_entries_outside_the_chunk_limits_are_corrupt(
+    stored: bytes, raw_length: int, codec: int
+) -> None:
+    data = _pack_with(stored, raw_length, codec)
+    with pytest.raises(Corrupt, match="pack index entry"):
+        parse_pack(data, blake3.blake3(data).digest())

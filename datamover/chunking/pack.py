@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import blake3
 
+from datamover.chunking.codec import MAX_RAW_CHUNK
 from datamover.domain.manifest import Codec
 from datamover.errors import Corrupt
 
@@ -113,7 +114,12 @@ def parse_trailer(tail: bytes | memoryview) -> tuple[bytes, int]:
 def parse_index(
     index: bytes | memoryview, index_digest: bytes, count: int, data_size: int
 ) -> list[PackEntry]:
-    """Parse and check a pack index against its trailer and the data area's size."""
+    """Parse and check a pack index against its trailer and the data area's size.
+
+    Raises `Corrupt` unless the index is what docs/format.md allows: its digest, entries
+    tiling the data area in order, known codecs, chunk lengths within the format's limits
+    and no digest twice.
+    """
     if len(index) != count * ENTRY_SIZE:
         raise Corrupt(f"pack index is {len(index)} bytes, expected {count * ENTRY_SIZE}")
     if blake3.blake3(index).digest() != index_digest:
@@ -128,6 +134,13 @@ def parse_index(
             raise Corrupt(f"pack index entry has unknown codec {codec}")
         if codec == Codec.RAW and stored != raw:
             raise Corrupt("pack index entry is raw but its stored and raw lengths differ")
+        # As in manifests: chunks are 1 byte to 16 MiB raw; a zstd frame may be a little
+        # larger than what it holds.
+        if not 0 < raw <= MAX_RAW_CHUNK or not 0 < stored < MAX_RAW_CHUNK + 1024:
+            raise Corrupt(
+                f"pack index entry has lengths outside the format's limits "
+                f"(stored {stored}, raw {raw})"
+            )
         if digest in seen:
             raise Corrupt("pack index lists one digest twice")
         seen.add(digest)
