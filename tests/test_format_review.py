@@ -22,7 +22,7 @@ from datamover.datasets import list_datasets
 from datamover.domain.ids import check_site_name, check_version_id, new_version_id
 from datamover.domain.manifest import ChunkRef, Codec, Entry, Kind
 from datamover.errors import Corrupt, DatamoverError, InvalidInput, PermanentError
-from datamover.repo.layout import VersionDoc, parse_version_key, version_key
+from datamover.repo.layout import VersionDoc, manifest_key, parse_version_key, version_key
 from datamover.repo.manifest import (
     SegmentRef,
     decode_list,
@@ -421,3 +421,41 @@ def test_pack_entries_outside_the_chunk_limits_are_corrupt(
     data = _pack_with(stored, raw_length, codec)
     with pytest.raises(Corrupt, match="pack index entry"):
         parse_pack(data, blake3.blake3(data).digest())
+
+
+# -- reads bounded by what the referring object says -------------------------------------
+
+
+async def test_a_huge_object_at_a_manifest_key_is_not_read_whole(tmp_path: Path) -> None:
+    """The list (and each segment) was fetched whole, whatever its size, before its digest
+    was checked: a store answering 64 MiB at a key the version says holds 71 bytes made
+    every reader allocate 64 MiB (any size, really)."""
+    repo = _repo(tmp_path)
+    doc = await _publish(repo, {})
+    fresh = _repo(tmp_path / "other")  # an empty manifest cache: everything comes from the store
+    fresh.store = repo.store
+    await repo.store.put(manifest_key(doc.manifest_digest), bytes(64 << 20))
+    with pytest.raises(Corrupt, match="bytes"):
+        await fresh.segments(doc)
+    assert fresh.fetched_bytes <= doc.manifest_size + 1
+
+
+@pytest.mark.parametrize("key", ["config", f"datasets/%2Fproj%2Fx/versions/{GOOD_ID}"])
+async def test_huge_small_documents_are_not_read_whole(tmp_path: Path, key: str) -> None:
+    repo = _repo(tmp_path)
+    await repo.store.put(key, b" " * (64 << 20))
+    read = repo.store.get
+    sizes: list[int] = []
+
+    async def get(key: str, offset: int = 0, length: int | None = None) -> bytes:
+        data = await read(key, offset, length)
+        sizes.append(len(data))
+        return data
+
+    repo.store.get = get  # type: ignore[method-assign]
+    with pytest.raises(Corrupt, match="larger than"):
+        if key == "config":
+            await repo.chunker_params(create=False)
+        else:
+            await repo.read_version("/proj/x", GOOD_ID)
+    assert max(sizes) <= (1 << 20) + 1

@@ -36,6 +36,9 @@ from datamover.repo.layout import (
 from datamover.repo.manifest import EntryChecker, SegmentRef, decode_list, decode_segment
 from datamover.storage.base import Store
 
+#: The most a config or version document may hold (they are a few hundred bytes).
+DOCUMENT_LIMIT = 1 << 20
+
 
 def utc_now() -> str:
     """Current UTC time in the format used by stored documents."""
@@ -73,7 +76,7 @@ class Repository:
         parameters, `PermanentError` for a format or hash this datamover does not know.
         """
         try:
-            raw = await self.store.get(CONFIG_KEY)
+            raw = await self._get_document(CONFIG_KEY, "repository config")
         except ObjectNotFound:
             if not create:
                 return ChunkerParams()
@@ -87,7 +90,7 @@ class Repository:
             await self.store.put(CONFIG_KEY, json.dumps(doc, sort_keys=True).encode())
             # Two first writers may race; both wrote the same defaults, so reading back
             # below settles on whatever is there.
-            raw = await self.store.get(CONFIG_KEY)
+            raw = await self._get_document(CONFIG_KEY, "repository config")
         try:
             doc = json.loads(raw)
             fmt, digest = doc["format"], doc["hash"]
@@ -100,6 +103,15 @@ class Repository:
                 f"{digest!r}; this datamover understands format {FORMAT_VERSION} with blake3"
             )
         return ChunkerParams.from_json(doc.get("chunker"))
+
+    async def _get_document(self, key: str, what: str) -> bytes:
+        """A small JSON object (config, version document), read at most `DOCUMENT_LIMIT`
+        bytes of: an untrusted store must not make a reader allocate whatever it holds.
+        Raises `ObjectNotFound` if missing, `Corrupt` if larger than the limit."""
+        data = await self.store.get(key, 0, DOCUMENT_LIMIT + 1)
+        if len(data) > DOCUMENT_LIMIT:
+            raise Corrupt(f"{what} is larger than {DOCUMENT_LIMIT} bytes: not one datamover wrote")
+        return data
 
     # -- versions ------------------------------------------------------------------------
 
@@ -122,7 +134,7 @@ class Repository:
         """Read a version document; raise `NotFound` if the dataset has no such version."""
         key = version_key(dataset, version)
         try:
-            data = await self.store.get(key)
+            data = await self._get_document(key, f"version document {key}")
         except ObjectNotFound:
             raise NotFound(f"dataset {dataset!r} has no version {version!r}") from None
         doc = VersionDoc.from_bytes(data, f"version document {key}")
@@ -183,18 +195,29 @@ class Repository:
             return None
         return data
 
-    async def manifest_object(self, digest: bytes) -> bytes:
-        """A manifest object by digest: from the cache, else fetched, verified and cached."""
+    async def manifest_object(self, digest: bytes, size: int) -> bytes:
+        """A manifest object by digest: from the cache, else fetched, verified and cached.
+
+        `size` is its length as the referring object (version document, manifest list)
+        states it: at most one byte more is read, so a store answering something larger
+        costs no more memory than the real object would. Raises `Corrupt` if the object is
+        missing, of another size, or does not match `digest`.
+        """
         data = await asyncio.to_thread(self.read_cached, digest)
         if data is not None:
             return data
         key = manifest_key(digest)
         async with self._fetch_limit:
             try:
-                data = await self.store.get(key)
+                data = await self.store.get(key, 0, size + 1) if size else b""
             except ObjectNotFound:
                 raise Corrupt(f"manifest object {key} is missing from the store") from None
         self.fetched_bytes += len(data)
+        if len(data) != size:
+            raise Corrupt(
+                f"manifest object {key} is {'more than ' if len(data) > size else ''}"
+                f"{min(len(data), size)} bytes, its reference says {size}: the data is corrupt"
+            )
         if blake3.blake3(data).digest() != digest:
             raise Corrupt(f"manifest object {key} does not match its digest: the data is corrupt")
         await asyncio.to_thread(self._write_cache, digest, data)
@@ -207,9 +230,9 @@ class Repository:
         up to the version's totals (entries, file bytes); `iter_cached` then checks each
         line against its segment, so the totals a stage records are the manifest's.
         """
-        data = await self.manifest_object(doc.manifest_digest)
         what = f"manifest list {manifest_key(doc.manifest_digest)}"
-        if len(data) != doc.manifest_size:
+        data = await self.manifest_object(doc.manifest_digest, doc.manifest_size)
+        if len(data) != doc.manifest_size:  # a cached list is checked here
             raise Corrupt(
                 f"{what} is {len(data)} bytes, its version {doc.version} says {doc.manifest_size}"
             )
@@ -232,7 +255,7 @@ class Repository:
     async def prefetch(self, doc: VersionDoc) -> list[SegmentRef]:
         """Bring every segment of `doc` into the local cache; return the manifest list."""
         refs = await self.segments(doc)
-        await asyncio.gather(*(self.manifest_object(ref.digest) for ref in refs))
+        await asyncio.gather(*(self.manifest_object(ref.digest, ref.stored_size) for ref in refs))
         return refs
 
     async def all_stored(self, refs: list[SegmentRef]) -> bool:
@@ -244,7 +267,7 @@ class Repository:
             if await asyncio.to_thread(self.read_cached, ref.digest) is not None:
                 return await self._exists(manifest_key(ref.digest))
             try:
-                await self.manifest_object(ref.digest)
+                await self.manifest_object(ref.digest, ref.stored_size)
             except Corrupt:
                 return False
             return True
