@@ -7,6 +7,8 @@ writer process with concurrent readers (WAL, busy timeout).
 
 from __future__ import annotations
 
+import asyncio
+import time
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,14 +108,14 @@ def create_engine_for(url: str) -> AsyncEngine:
                     f"the SQLite catalog's directory {str(folder)!r} cannot be created: "
                     f"{exc.strerror or exc}"
                 ) from None
-        engine = create_async_engine(parsed, connect_args={"timeout": 30})
+        engine = create_async_engine(parsed, connect_args={"timeout": _BUSY_SECONDS})
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _wal(cursor)
             cursor.execute("PRAGMA synchronous=NORMAL")
-            cursor.execute("PRAGMA busy_timeout=30000")
+            cursor.execute(f"PRAGMA busy_timeout={int(_BUSY_SECONDS * 1000)}")
             cursor.close()
 
         return engine
@@ -127,6 +129,33 @@ def create_engine_for(url: str) -> AsyncEngine:
         pool_pre_ping=True,
         isolation_level="READ COMMITTED",
     )
+
+
+#: How long SQLite waits for a lock (seconds): its busy timeout, and `_wal`'s retries.
+_BUSY_SECONDS = 30.0
+
+
+def _wal(cursor: Any) -> None:
+    """Put the SQLite database of `cursor` in WAL mode.
+
+    The mode is persistent, so a catalog already in it costs one read. Switching a new
+    database while another process opens it too fails at once with "database is locked",
+    without waiting for the busy timeout; that is retried here for as long (sleeping on the
+    event loop, which runs this connect hook)."""
+    from sqlalchemy.util import await_only
+
+    cursor.execute("PRAGMA journal_mode")
+    if str(cursor.fetchone()[0]).lower() == "wal":
+        return
+    deadline = time.monotonic() + _BUSY_SECONDS
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as exc:  # the driver's OperationalError, as the adapter raises it
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+        await_only(asyncio.sleep(0.01))
 
 
 def _describe(url: str) -> str:
@@ -158,13 +187,44 @@ async def catalog_revision(engine: AsyncEngine) -> tuple[str | None, bool]:
         return await conn.run_sync(_state)
 
 
-def _create_fresh(connection: Connection) -> None:
+#: Advisory lock (two keys, as the queue's claim uses) that serialises creating a new
+#: PostgreSQL catalog between processes; the second key is not a `hashtext` of a path's first
+#: component only by convention, and a collision would only make one wait a moment.
+_CREATE_LOCK = (0x646D, 0x63726561)  # "dm", "crea"
+
+
+def _lock_schema(connection: Connection) -> None:
+    """Make the transaction of `connection` the only one that may create or migrate the
+    schema until it ends.
+
+    SQLite: `BEGIN IMMEDIATE`, taking the write lock now (waiting out the busy timeout) and,
+    as important, opening a real transaction: Python's sqlite3 runs DDL outside any
+    transaction unless one was begun explicitly, so without it every `CREATE TABLE` commits on
+    its own. PostgreSQL: a transaction-scoped advisory lock (its DDL is transactional)."""
+    if connection.dialect.name == "sqlite":
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+    else:
+        connection.execute(
+            text("SELECT pg_advisory_xact_lock(:a, :b)"),
+            {"a": _CREATE_LOCK[0], "b": _CREATE_LOCK[1]},
+        )
+
+
+def _create_fresh(connection: Connection) -> tuple[str | None, bool]:
     """Create the newest schema in an empty catalog straight from the models and stamp it
     with `HEAD`, as alembic's cookbook suggests for new databases: running every migration
     (and loading alembic) costs 0.15-0.2 s, paid by the first command of every new site.
-    `tests/test_catalog.py` checks the migrations and the models give the same schema."""
+    `tests/test_catalog.py` checks the migrations and the models give the same schema.
+
+    All or nothing, and once: under `_lock_schema` the catalog is looked at again, and left
+    alone if another process created it (or anything else) meanwhile. Returns the catalog's
+    `(revision, has any table)` as this leaves it."""
     from datamover.catalog.models import Base
 
+    _lock_schema(connection)
+    current, has_tables = _state(connection)
+    if current is not None or has_tables:
+        return current, has_tables
     Base.metadata.create_all(connection)
     connection.execute(
         text(
@@ -173,12 +233,14 @@ def _create_fresh(connection: Connection) -> None:
         )
     )
     connection.execute(text("INSERT INTO alembic_version (version_num) VALUES (:v)"), {"v": HEAD})
+    return HEAD, True
 
 
-async def create_fresh(engine: AsyncEngine) -> None:
-    """Create the schema of an empty catalog (`_create_fresh`), in one transaction."""
+async def create_fresh(engine: AsyncEngine) -> tuple[str | None, bool]:
+    """Create the schema of an empty catalog (`_create_fresh`), in one transaction; return
+    the catalog's `(revision, has any table)` afterwards."""
     async with engine.begin() as conn:
-        await conn.run_sync(_create_fresh)
+        return await conn.run_sync(_create_fresh)
 
 
 def _known_revisions() -> set[str]:
@@ -200,6 +262,7 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> tuple[str | No
     revision this datamover does not know (written by a newer one) is a `CatalogError`, and
     is left alone."""
     async with engine.begin() as conn:
+        await conn.run_sync(_lock_schema)
         before, _ = await conn.run_sync(_state)
         if before is not None and before not in _known_revisions():
             raise _newer(engine.url.render_as_string(hide_password=True), before)
@@ -216,10 +279,14 @@ async def open_engine(url: str) -> AsyncEngine:
         current, has_tables = await catalog_revision(engine)
         head = HEAD
         if current is None and not has_tables:
-            await create_fresh(engine)
-            return engine
+            current, has_tables = await create_fresh(engine)
         if current == head:
             return engine
+        if current is None:
+            raise CatalogError(
+                f"catalog {_describe(url)} holds tables but no datamover schema revision (not "
+                "a datamover catalog?); refusing to touch it"
+            )
         if current in _known_revisions():
             raise CatalogError(
                 f"catalog {_describe(url)} is at schema revision {current}, this datamover needs "
