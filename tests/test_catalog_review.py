@@ -11,6 +11,7 @@ from sqlalchemy import text
 
 from datamover.catalog.engine import HEAD, catalog_revision, create_engine_for, open_engine, upgrade
 from datamover.catalog.models import Base
+from datamover.catalog.transfers import Submission, Transfers
 from datamover.errors import CatalogError
 from tests.fixtures_catalog import NewCatalog
 
@@ -86,3 +87,29 @@ async def test_a_database_of_something_else_is_named_as_such(catalog_url: str) -
     await engine.dispose()
     with pytest.raises(CatalogError, match="no datamover schema revision"):
         await open_engine(catalog_url)
+
+
+# -- the transfer queue ---------------------------------------------------------------------
+
+
+async def test_prefix_filters_are_exact_on_both_engines(catalog_url: str) -> None:
+    # Listing by a token's prefixes (or `?path=`) used LIKE, which SQLite applies without
+    # regard to ASCII case: a token for `/proj` saw its tenant's transfers under `/PROJ` on
+    # SQLite and not on PostgreSQL.
+    engine = await open_engine(catalog_url)
+    try:
+        queue = Transfers(engine)
+        for path in ("/PROJ/x", "/proj", "/proj/y", "/Proj/z", "/proj_a/b", "/pr%j/c"):
+            await queue.submit(Submission("t", "stage", path))
+
+        async def paths(**filters: Any) -> list[str]:
+            return sorted(r.path for r in await queue.list(**filters))
+
+        assert await paths(prefixes=["/proj"]) == ["/proj", "/proj/y"]
+        assert await paths(path_prefix="/proj") == ["/proj", "/proj/y"]
+        assert await paths(path_prefix="/PROJ") == ["/PROJ/x"]
+        assert await paths(prefixes=["/pr%j", "/proj_a"]) == ["/pr%j/c", "/proj_a/b"]
+        assert len(await paths(prefixes=["/"])) == 6
+        assert await paths(prefixes=[]) == []
+    finally:
+        await engine.dispose()

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, exists, false, func, or_, select, text, update
+from sqlalchemy import and_, case, exists, false, func, or_, select, text, true, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -526,7 +526,9 @@ def _top(path: str) -> str:
 
 
 def _under(prefix: str) -> Any:
+    """SQL: a transfer's path is `prefix` or lies below it, compared exactly on both engines
+    (not with LIKE, which SQLite applies without regard to ASCII case: a token for `/proj`
+    listed transfers under `/PROJ` there, and only there)."""
     if prefix == "/":
-        return T.c.path.like("/%")
-    escaped = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-    return or_(T.c.path == prefix, T.c.path.like(escaped + "/%", escape="\\"))
+        return true()
+    return or_(T.c.path == prefix, func.substr(T.c.path, 1, len(prefix) + 1) == prefix + "/")
