@@ -4,6 +4,9 @@ fixed (it failed before the fix). Catalog tests run on SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +16,12 @@ from datamover.catalog.engine import HEAD, catalog_revision, create_engine_for, 
 from datamover.catalog.models import Base
 from datamover.catalog.transfers import Submission, Transfers
 from datamover.errors import CatalogError
+from datamover.transfer.push import push
+from datamover.transfer.stage import stage
+from datamover.transfer.verify import verify
 from tests.fixtures_catalog import NewCatalog
+from tests.fixtures_sites import MakeSite
+from tests.treegen import make_tree
 
 # -- catalog creation and migration ------------------------------------------------------
 
@@ -113,3 +121,57 @@ async def test_prefix_filters_are_exact_on_both_engines(catalog_url: str) -> Non
         assert await paths(prefixes=[]) == []
     finally:
         await engine.dispose()
+
+
+# -- verify -------------------------------------------------------------------------------
+
+
+async def test_verify_compares_directory_mtimes_as_stage_sets_them(make_site: MakeSite) -> None:
+    # Stage gives every directory the version's mtime, but verify never compared them: a
+    # tree whose directories had other mtimes was reported as matching the version.
+    a, b = await make_site("a"), await make_site("b")
+    make_tree(a.data / "run1", files=12)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/run1")
+        await stage(site_b, "/proj/run1")
+        assert (await verify(site_b, "/proj/run1")).ok
+        os.utime(b.data / "run1" / "d00", ns=(1, 1))
+        found = await verify(site_b, "/proj/run1")
+        assert not found.ok
+        assert found.problems == ["d00: modification time differs from the version"]
+        # Extra files change their directory's mtime: allowing them allows that too.
+        assert (await verify(site_b, "/proj/run1", allow_extra=True)).ok
+        await stage(site_b, "/proj/run1")  # and stage puts it right
+        assert (await verify(site_b, "/proj/run1")).ok
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_verify_does_not_follow_a_symlinked_dataset_directory(
+    make_site: MakeSite, tmp_path: Path
+) -> None:
+    # `run1 -> /somewhere/else` below the configured directory: stage refuses to write
+    # through it, but verify walked through it and reported a match.
+    a = await make_site("a")
+    make_tree(a.data / "run1", files=12)
+    site = await a.open()
+    try:
+        await push(site, "/proj/run1")
+        elsewhere = tmp_path / "elsewhere"
+        shutil.copytree(a.data / "run1", elsewhere, symlinks=True)
+        (a.data / "run1").rename(a.data / "moved")
+        (a.data / "run1").symlink_to(elsewhere)
+        found = await verify(site, "/proj/run1")
+        assert not found.ok
+        assert found.problems == [
+            f"{a.data / 'run1'}: is a symlink, not the dataset's directory "
+            "(stage never writes through it)"
+        ]
+        (a.data / "run1").unlink()
+        (a.data / "run1").write_text("")
+        found = await verify(site, "/proj/run1")
+        assert found.problems == [f"{a.data / 'run1'}: is not a directory"]
+    finally:
+        await site.close()

@@ -2,14 +2,22 @@
 
 Checks every entry's presence, kind, mode, symlink target, file size, mtime and content (each
 chunk re-hashed with BLAKE3 at its manifest offset); local entries the version does not have
-count as differences unless `allow_extra`. Read-only; streams both sides.
+count as differences unless `allow_extra`. Directories' mtimes are compared too (stage sets
+them last), except with `allow_extra`, since adding a file changes its directory's mtime;
+symlinks' mtimes are not (stage keeps a link that points right as it is). The dataset's
+directory must be a directory itself, not a symlink below the configured one: stage never
+writes through one, so a tree reached through it is not the one stage maintains.
+Read-only; streams both sides.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import stat
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from datamover.domain.manifest import Entry, Kind
@@ -54,6 +62,7 @@ def _compare(
     entry: Entry,
     result: VerifyResult,
     links: Namespace,
+    allow_extra: bool,
 ) -> None:
     path = entry.path
     if local.kind != entry.kind:
@@ -69,6 +78,8 @@ def _compare(
     if local.mode != entry.mode:
         result.add(f"{path}: mode {local.mode:o}, expected {entry.mode:o}")
     if entry.kind == Kind.DIR:
+        if not allow_extra and local.mtime_ns != entry.mtime_ns:
+            result.add(f"{path}: modification time differs from the version")
         return
     result.files_checked += 1
     result.bytes_checked += entry.size
@@ -104,11 +115,33 @@ def _verify(
             local = next(walker, None)
         else:
             assert local is not None and entry is not None
-            _compare(root, local, entry, result, links)
+            _compare(root, local, entry, result, links, allow_extra)
             if local.kind == Kind.DIR and entry.kind != Kind.DIR:
                 walker.prune()
             local = next(walker, None)
             entry = next(target, None)
+
+
+def _root_problem(base: Path, parts: tuple[str, ...]) -> str | None:
+    """Why the dataset's directory `base/parts...` is not one stage would write into, or
+    None: it is missing, or a component below the configured directory `base` (trusted
+    site configuration, which may be a symlink) is a symlink or not a directory."""
+    if not base.is_dir():
+        return f"{base}: the dataset's local directory does not exist"
+    path = base
+    for name in parts:
+        path = path / name
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            return f"{base.joinpath(*parts)}: the dataset's local directory does not exist"
+        if stat.S_ISLNK(mode):
+            return (
+                f"{path}: is a symlink, not the dataset's directory (stage never writes through it)"
+            )
+        if not stat.S_ISDIR(mode):
+            return f"{path}: is not a directory"
+    return None
 
 
 async def verify(
@@ -118,7 +151,8 @@ async def verify(
     else the latest)."""
     started = time.monotonic()
     dataset = check_logical_path(logical)
-    root = site.config.namespace.resolve(dataset)
+    base, parts = site.config.namespace.split(dataset)
+    root = base.joinpath(*parts)
     if version is None:
         replica = await site.catalog.replica(dataset)
         if replica is not None and replica.state == "ready":
@@ -126,8 +160,9 @@ async def verify(
     doc = await site.repo.resolve(dataset, version)
     refs = await site.repo.prefetch(doc)
     result = VerifyResult(dataset, doc.version)
-    if not root.is_dir():
-        result.add(f"{root}: the dataset's local directory does not exist")
+    problem = await asyncio.to_thread(_root_problem, base, parts)
+    if problem is not None:
+        result.add(problem)
     else:
         await asyncio.to_thread(_verify, site, str(root), refs, allow_extra, result)
     result.seconds = round(time.monotonic() - started, 3)
