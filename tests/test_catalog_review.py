@@ -15,7 +15,9 @@ from sqlalchemy import text
 from datamover.catalog.engine import HEAD, catalog_revision, create_engine_for, open_engine, upgrade
 from datamover.catalog.models import Base
 from datamover.catalog.transfers import Submission, Transfers
-from datamover.errors import CatalogError
+from datamover.config import load_config
+from datamover.domain.namespace import Namespace
+from datamover.errors import CatalogError, InvalidInput
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from datamover.transfer.verify import verify
@@ -175,3 +177,31 @@ async def test_verify_does_not_follow_a_symlinked_dataset_directory(
         assert found.problems == [f"{a.data / 'run1'}: is not a directory"]
     finally:
         await site.close()
+
+
+# -- namespace and config -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mapping",
+    [
+        {"/proj": "/gpfs/a", "/proj/": "/gpfs/b"},
+        {"/proj/": "/gpfs/a", "/proj": "/gpfs/a"},
+    ],
+)
+def test_two_namespace_keys_for_one_prefix_are_refused(mapping: dict[str, str]) -> None:
+    # `/proj` and `/proj/` are two TOML keys but one prefix: the map was accepted and one of
+    # the two directories silently ignored.
+    with pytest.raises(InvalidInput, match=r"both name '/proj'; keep one"):
+        Namespace.from_mapping(mapping)
+
+
+def test_two_namespace_keys_for_one_prefix_in_a_config_file(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(
+        "[site]\nname = 'a'\n[store]\nbucket = 'b'\n"
+        "[namespace]\n'/proj' = '/gpfs/proj'\n'/proj/' = '/scratch/proj'\n"
+    )
+    with pytest.raises(InvalidInput, match="keys '/proj' and '/proj/' both name") as info:
+        load_config(path, env={})
+    assert str(path) in str(info.value) and "\n" not in str(info.value)

@@ -22,13 +22,23 @@ class Namespace:
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, str | Path], source: str = "config") -> Namespace:
-        """Build from `{logical prefix: local dir}`; raise `InvalidInput` naming a bad entry."""
+        """Build from `{logical prefix: local dir}`; raise `InvalidInput` naming a bad entry.
+
+        Two keys that name one prefix (`/proj` and `/proj/`, distinct keys to TOML) are
+        refused: only one of them could be used, and which one would be an accident."""
         items: list[tuple[str, Path]] = []
+        keys: dict[str, str] = {}
         for logical, local in mapping.items():
             try:
                 prefix = check_logical_path(logical)
             except InvalidInput as exc:
                 raise InvalidInput(f"{source}: [namespace] key {logical!r}: {exc}") from None
+            if prefix in keys:
+                raise InvalidInput(
+                    f"{source}: [namespace] keys {keys[prefix]!r} and {logical!r} both name "
+                    f"{prefix!r}; keep one"
+                )
+            keys[prefix] = logical
             path = Path(local)
             if not path.is_absolute():
                 raise InvalidInput(
