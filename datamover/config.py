@@ -7,6 +7,11 @@ the usual `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` when absent from both.
 
 A bad file or value raises `InvalidInput` with one line naming the file, the key and what is
 wrong; unknown keys are errors too, because a typo silently ignored is a setting not applied.
+
+Relative paths in a file (`[site] state_dir`, a `sqlite:///` catalog, `[api] token_file`) are
+relative to the file's directory, so every process reading it, whatever its working
+directory, finds the same catalog and state; from the environment they are relative to the
+current directory, as the shell that set them sees them.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -199,11 +205,43 @@ def _default_state_dir(site: str, env: Mapping[str, str]) -> str:
     return str(Path(base) / "datamover" / site)
 
 
+#: A SQLite URL with a relative database path: `sqlite:///catalog.db` (three slashes, then
+#: no fourth).
+_RELATIVE_SQLITE = re.compile(r"^(sqlite(?:\+\w+)?:///)(?!/)(?!:memory:)([^?]+)(\?.*)?$")
+
+
+def _absolute(path: str, base: Path) -> str:
+    """`path` made absolute against `base` (and normalised, as `Path.resolve` does)."""
+    return str((base / path).resolve()) if path and not Path(path).is_absolute() else path
+
+
+def _absolute_catalog(url: str, base: Path) -> str:
+    """A `sqlite:///relative` catalog URL with its path made absolute against `base`."""
+    found = _RELATIVE_SQLITE.match(url)
+    if found is None:
+        return url
+    scheme, path, query = found.groups()
+    return f"{scheme}{_absolute(path, base)}{query or ''}"
+
+
 def parse_config(
-    data: Mapping[str, Any], source: str, env: Mapping[str, str] | None = None
+    data: Mapping[str, Any],
+    source: str,
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
 ) -> Config:
-    """Validate a parsed TOML document (plus environment overrides) into a `Config`."""
+    """Validate a parsed TOML document (plus environment overrides) into a `Config`.
+
+    Relative paths from the document are taken relative to `base_dir` (the file's directory;
+    default: the current directory), relative paths from the environment relative to the
+    current directory."""
     env = os.environ if env is None else env
+    here = Path.cwd()
+    base = here if base_dir is None else base_dir
+
+    def where(key: str) -> Path:
+        return here if key in env else base
+
     unknown = sorted(set(data) - {*_SECTIONS, "namespace"})
     if unknown:
         raise InvalidInput(f"{source}: unknown section [{unknown[0]}]")
@@ -218,10 +256,11 @@ def parse_config(
         check_site_name(site.name)
     except InvalidInput as exc:
         raise InvalidInput(f"{source}: [site] name: {exc}") from None
-    state_dir = site.state_dir or _default_state_dir(site.name, env)
-    if not Path(state_dir).is_absolute():
-        state_dir = str(Path(state_dir).resolve())
+    state_dir = _absolute(
+        site.state_dir or _default_state_dir(site.name, env), where("DATAMOVER_SITE_STATE_DIR")
+    )
     catalog = site.catalog or f"sqlite:///{Path(state_dir) / 'catalog.db'}"
+    catalog = _absolute_catalog(catalog, where("DATAMOVER_SITE_CATALOG"))
     site = dataclasses.replace(site, state_dir=state_dir, catalog=catalog)
 
     store: StoreSettings = sections["store"]
@@ -257,6 +296,9 @@ def parse_config(
     if not 1 <= transfer.zstd_level <= 22:
         raise InvalidInput(f"{source}: [transfer] zstd_level must be between 1 and 22")
     api: ApiSettings = sections["api"]
+    api = dataclasses.replace(
+        api, token_file=_absolute(api.token_file, where("DATAMOVER_API_TOKEN_FILE"))
+    )
     if api.listen:
         host, sep, port = api.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -297,4 +339,4 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
         raise InvalidInput(
             f"config file {str(file)!r} cannot be read: {exc.strerror or exc}"
         ) from None
-    return parse_config(data, str(file), env)
+    return parse_config(data, str(file), env, base_dir=file.absolute().parent)

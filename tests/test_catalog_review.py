@@ -205,3 +205,39 @@ def test_two_namespace_keys_for_one_prefix_in_a_config_file(tmp_path: Path) -> N
     with pytest.raises(InvalidInput, match="keys '/proj' and '/proj/' both name") as info:
         load_config(path, env={})
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_relative_paths_in_a_config_file_do_not_depend_on_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `state_dir = "state"` was resolved against the working directory: a daemon started
+    # from / and a CLI run from a home directory used two state directories, two SQLite
+    # catalogs and two lock files for one site (and the one-process lock was no lock).
+    conf = tmp_path / "etc"
+    conf.mkdir()
+    path = conf / "site.toml"
+    path.write_text(
+        "[site]\nname = 'a'\nstate_dir = 'state'\ncatalog = 'sqlite:///db/catalog.db'\n"
+        "[store]\nbucket = 'b'\n[api]\ntoken_file = 'token'\n"
+        "[namespace]\n'/proj' = '/gpfs/proj'\n"
+    )
+    seen = set()
+    for cwd in (tmp_path, conf, Path("/")):
+        monkeypatch.chdir(cwd)
+        cfg = load_config(path, env={})
+        seen.add((cfg.site.state_dir, cfg.catalog_url, cfg.api.token_file))
+    assert seen == {
+        (str(conf / "state"), f"sqlite:///{conf / 'db' / 'catalog.db'}", str(conf / "token"))
+    }
+
+    # Read from a path relative to the working directory: still the file's directory.
+    monkeypatch.chdir(tmp_path)
+    assert load_config(Path("etc/site.toml"), env={}).site.state_dir == str(conf / "state")
+    # From the environment, relative to the working directory, as the shell means it.
+    env = {"DATAMOVER_SITE_STATE_DIR": "mine", "DATAMOVER_SITE_CATALOG": "sqlite:///c.db"}
+    cfg = load_config(path, env=env)
+    assert cfg.site.state_dir == str(tmp_path / "mine")
+    assert cfg.catalog_url == f"sqlite:///{tmp_path / 'c.db'}"
+    # Left as they are: absolute paths, in-memory and server catalogs.
+    for url in ("sqlite:////var/dm/c.db", "sqlite:///:memory:", "postgresql://h/db"):
+        assert load_config(path, env={"DATAMOVER_SITE_CATALOG": url}).catalog_url == url
