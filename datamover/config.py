@@ -183,6 +183,22 @@ def _section(source: str, name: str, table: Mapping[str, Any], env: Mapping[str,
     return cls(**values)
 
 
+def _check_environment(env: Mapping[str, str]) -> None:
+    """Refuse `DATAMOVER_<SECTION>_<KEY>` for a key the section does not have: a misspelt
+    override (`DATAMOVER_STORE_ENDPIONT`) is a setting silently not applied, as an unknown key
+    in the file would be."""
+    for name in sorted(env):
+        for section, cls in _SECTIONS.items():
+            prefix = f"DATAMOVER_{section.upper()}_"
+            if name.startswith(prefix):
+                known = {f"{prefix}{f.name.upper()}" for f in fields(cls)}
+                if name not in known:
+                    raise InvalidInput(
+                        f"environment: {name} is not a setting (the [{section}] keys are "
+                        f"{', '.join(sorted(f.name for f in fields(cls)))})"
+                    )
+
+
 def _namespace(source: str, table: Mapping[str, Any], env: Mapping[str, str]) -> Namespace:
     mapping: dict[str, str] = {}
     if "DATAMOVER_NAMESPACE" in env:
@@ -245,6 +261,7 @@ def parse_config(
     unknown = sorted(set(data) - {*_SECTIONS, "namespace"})
     if unknown:
         raise InvalidInput(f"{source}: unknown section [{unknown[0]}]")
+    _check_environment(env)
     for name in (*_SECTIONS, "namespace"):
         if name in data and not isinstance(data[name], Mapping):
             raise InvalidInput(f"{source}: [{name}] must be a table")

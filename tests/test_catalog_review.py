@@ -241,3 +241,24 @@ def test_relative_paths_in_a_config_file_do_not_depend_on_the_working_directory(
     # Left as they are: absolute paths, in-memory and server catalogs.
     for url in ("sqlite:////var/dm/c.db", "sqlite:///:memory:", "postgresql://h/db"):
         assert load_config(path, env={"DATAMOVER_SITE_CATALOG": url}).catalog_url == url
+
+
+def test_a_misspelt_environment_override_is_an_error(tmp_path: Path) -> None:
+    # An unknown key in the file is refused ("a typo silently ignored is a setting not
+    # applied"), but `DATAMOVER_STORE_ENDPIONT=...` was ignored and the file's endpoint used.
+    path = tmp_path / "site.toml"
+    path.write_text("[site]\nname = 'a'\n[store]\nbucket = 'b'\n[namespace]\n'/p' = '/x'\n")
+    with pytest.raises(InvalidInput, match="DATAMOVER_STORE_ENDPIONT is not a setting") as info:
+        load_config(path, env={"DATAMOVER_STORE_ENDPIONT": "http://other:8333"})
+    assert "endpoint" in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(InvalidInput, match="DATAMOVER_TRANSFER_PACKSIZE is not a setting"):
+        load_config(path, env={"DATAMOVER_TRANSFER_PACKSIZE": "8388608"})
+    # Every other DATAMOVER_ variable is someone else's business.
+    others = {
+        "DATAMOVER_CONFIG": str(path),
+        "DATAMOVER_TOKEN": "dm_x",
+        "DATAMOVER_DEBUG": "1",
+        "DATAMOVER_TEST_POSTGRES_URL": "postgresql://x/y",
+        "DATAMOVER_STORE_ENDPOINT": "http://other:8333",
+    }
+    assert load_config(path, env=others).store.endpoint == "http://other:8333"
