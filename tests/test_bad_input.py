@@ -51,6 +51,17 @@ async def test_bad_paths_and_unknown_names(make_site: MakeSite) -> None:
     fails(a, "push", "/proj/../etc", code=2, says="'..'")
     fails(a, "push", "proj/x", code=2, says="must start with '/'")
     fails(a, "push", "/proj/absent", code=3, says="does not exist")
+    # A dataset directory that is a link below the configured one may lead anywhere (outside
+    # the namespace): push reads no tree through it, as stage writes none.
+    outside = a.data.parent / "outside"
+    make_tree(outside, files=3)
+    (a.data / "linked").symlink_to(outside)
+    fails(a, "push", "/proj/linked", code=2, says="is a symlink, not the dataset's directory")
+    (a.data / "linked").unlink()
+    (a.data / "afile").write_text("x")
+    fails(a, "push", "/proj/afile", code=2, says="is not a directory")
+    fails(a, "push", "/proj/afile/below", code=2, says="is not a directory")
+    (a.data / "afile").unlink()
     fails(a, "stage", "/proj/x", code=3, says="no published version")
     fails(a, "stage", "/proj/x", "--version", "latest", code=2, says="invalid version id")
     fails(a, "verify", "/proj/x", code=3, says="no published version")

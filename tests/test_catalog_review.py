@@ -169,7 +169,7 @@ async def test_verify_does_not_follow_a_symlinked_dataset_directory(
         assert not found.ok
         assert found.problems == [
             f"{a.data / 'run1'}: is a symlink, not the dataset's directory "
-            "(stage never writes through it)"
+            "(datamover never reads or writes through it)"
         ]
         (a.data / "run1").unlink()
         (a.data / "run1").write_text("")

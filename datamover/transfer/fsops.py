@@ -30,7 +30,7 @@ from typing import TypeVar
 import blake3
 
 from datamover.domain.manifest import Entry
-from datamover.errors import Conflict, PermanentError
+from datamover.errors import Conflict, InvalidInput, NotFound, PermanentError
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -103,6 +103,35 @@ def open_dir(name: str, parent_fd: int, shown: str) -> int:
         if exc.errno in (errno.EACCES, errno.EPERM):
             raise denied(shown, exc) from None
         raise
+
+
+def check_root(base: Path, parts: Sequence[str]) -> None:
+    """Check that the dataset directory `base/parts...` exists as stage would write it: every
+    component below the configured directory `base` (trusted site configuration, which may
+    itself be a symlink) a real directory, not a symlink.
+
+    Raises `NotFound` when it is missing, `InvalidInput` when a component is a symlink or
+    not a directory: push must not read, nor verify compare, a tree reached through a link
+    (it may lead outside the namespace), and stage never writes through one.
+    """
+    if not base.is_dir():
+        raise NotFound(f"{base}: the dataset's local directory does not exist")
+    path = base
+    for name in parts:
+        path = path / name
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            raise NotFound(
+                f"{base.joinpath(*parts)}: the dataset's local directory does not exist"
+            ) from None
+        if stat.S_ISLNK(mode):
+            raise InvalidInput(
+                f"{path}: is a symlink, not the dataset's directory (datamover never reads "
+                "or writes through it)"
+            )
+        if not stat.S_ISDIR(mode):
+            raise InvalidInput(f"{path}: is not a directory")
 
 
 def open_root(base: Path, components: Sequence[str], create: bool = True) -> int:

@@ -26,11 +26,12 @@ from datamover.catalog.queries import CheckpointRow, owner_alive, owner_id
 from datamover.domain.ids import new_version_id
 from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import check_logical_path, sort_key
-from datamover.errors import Conflict, NotFound
+from datamover.errors import Conflict
 from datamover.repo.layout import VersionDoc
 from datamover.repo.manifest import SegmentRef, encode_list
 from datamover.repo.repository import Repository, utc_now
 from datamover.site import Site
+from datamover.transfer.fsops import check_root
 from datamover.transfer.manifest_writer import ManifestWriter
 from datamover.transfer.packer import Packer, Ref
 from datamover.transfer.progress import NoProgress, Progress
@@ -179,9 +180,9 @@ async def push(
     started = time.monotonic()
     progress = progress or NoProgress()
     dataset = check_logical_path(logical)
-    root = site.config.namespace.resolve(dataset)
-    if not root.is_dir():
-        raise NotFound(f"local directory {str(root)!r} of {dataset!r} does not exist")
+    base, parts = site.config.namespace.split(dataset)
+    root = base.joinpath(*parts)
+    await asyncio.to_thread(check_root, base, parts)
     params = await site.repo.chunker_params(create=True)
     parent_id = await site.repo.latest(dataset)
     parent = await site.repo.read_version(dataset, parent_id) if parent_id else None

@@ -13,8 +13,6 @@ Read-only; streams both sides.
 from __future__ import annotations
 
 import asyncio
-import os
-import stat
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,9 +21,10 @@ from typing import Any
 from datamover.domain.manifest import Entry, Kind
 from datamover.domain.namespace import Namespace
 from datamover.domain.paths import check_logical_path, sort_key
+from datamover.errors import InvalidInput, NotFound
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
-from datamover.transfer.fsops import content_matches
+from datamover.transfer.fsops import check_root, content_matches
 from datamover.transfer.walk import LocalEntry, Walker
 
 _MAX_LISTED = 100
@@ -123,24 +122,12 @@ def _verify(
 
 
 def _root_problem(base: Path, parts: tuple[str, ...]) -> str | None:
-    """Why the dataset's directory `base/parts...` is not one stage would write into, or
-    None: it is missing, or a component below the configured directory `base` (trusted
-    site configuration, which may be a symlink) is a symlink or not a directory."""
-    if not base.is_dir():
-        return f"{base}: the dataset's local directory does not exist"
-    path = base
-    for name in parts:
-        path = path / name
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            return f"{base.joinpath(*parts)}: the dataset's local directory does not exist"
-        if stat.S_ISLNK(mode):
-            return (
-                f"{path}: is a symlink, not the dataset's directory (stage never writes through it)"
-            )
-        if not stat.S_ISDIR(mode):
-            return f"{path}: is not a directory"
+    """Why the dataset's directory is not one stage would write into (`fsops.check_root`),
+    or None."""
+    try:
+        check_root(base, parts)
+    except (NotFound, InvalidInput) as exc:
+        return exc.message
     return None
 
 
