@@ -265,7 +265,7 @@ class Repository:
 
         async def segment(ref: SegmentRef) -> bool:
             if await asyncio.to_thread(self.read_cached, ref.digest) is not None:
-                return await self._exists(manifest_key(ref.digest))
+                return await self.stored(manifest_key(ref.digest))
             try:
                 await self.manifest_object(ref.digest, ref.stored_size)
             except Corrupt:
@@ -277,9 +277,10 @@ class Repository:
         packs = await asyncio.to_thread(
             lambda: {c.pack for e in self.iter_cached(refs, check=False) for c in e.chunks}
         )
-        return await _all_true(self._exists(pack_key(p)) for p in packs)
+        return await _all_true(self.stored(pack_key(p)) for p in packs)
 
-    async def _exists(self, key: str) -> bool:
+    async def stored(self, key: str) -> bool:
+        """Whether the store has `key` (one HEAD, within the fetch concurrency)."""
         async with self._fetch_limit:
             try:
                 await self.store.head(key)

@@ -20,13 +20,15 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from datamover.catalog.queries import CheckpointRow, owner_alive, owner_id
+from datamover.chunking.chunker import ChunkerParams
 from datamover.domain.ids import new_version_id
 from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import check_logical_path, sort_key
-from datamover.errors import Conflict
+from datamover.errors import Conflict, Corrupt
 from datamover.repo.layout import VersionDoc
 from datamover.repo.manifest import SegmentRef, encode_list
 from datamover.repo.repository import Repository, utc_now
@@ -35,6 +37,7 @@ from datamover.transfer.fsops import check_root
 from datamover.transfer.manifest_writer import ManifestWriter
 from datamover.transfer.packer import Packer, Ref
 from datamover.transfer.progress import NoProgress, Progress
+from datamover.transfer.reuse import ReuseCheck
 from datamover.transfer.scan import Done, NewChunk, Scanner
 
 #: A push touches its checkpoint this often; one untouched for `_STALE_AFTER` belongs to a
@@ -45,6 +48,10 @@ _STALE_AFTER = timedelta(minutes=15)
 #: Reused segments whose checkpoint rows are written together (see `on_segment` in `push`);
 #: a rerun after a crash compares at most this many segments again.
 _CHECKPOINT_BATCH = 256
+
+#: Passes that read again the files whose packs the store lost (`ReuseCheck`); one is
+#: enough unless packs keep vanishing while the push runs.
+_HEAL_PASSES = 2
 
 log = logging.getLogger(__name__)
 
@@ -190,89 +197,46 @@ async def push(
     await site.catalog.start_checkpoint(dataset, parent_id, owner_id(), bool(resumed), found)
     async with _touching(site, dataset):
         parent_refs = await site.repo.prefetch(parent) if parent else []
-
-        t = site.config.transfer
-        level = None if t.compression == "never" else t.zstd_level
-        previous = _previous(site.repo, resumed, parent_refs)
-        # Two readers per core: reading a cold tree waits on the disk as much as it computes.
-        workers = t.read_workers if t.read_workers > 0 else 2 * (os.cpu_count() or 1)
-        links = site.config.namespace.link_to_logical
-        scanner = Scanner(str(root), previous, params, checksum, level, workers, links)
-        packer = Packer(site.store, site.catalog, t.pack_size, t.upload_concurrency)
-
-        # Checkpoint rows let a rerun skip what this run uploaded. A reused segment uploaded
-        # nothing, so its row waits for the next new segment's (one transaction for both, so the
-        # rows stay a prefix of the list) or for `_CHECKPOINT_BATCH` of them: a no-op push of
-        # a 600-million-file tree would otherwise commit a row for each of ~150,000 segments.
-        unrecorded: list[tuple[int, SegmentRef]] = []
-
-        async def on_segment(seq: int, ref: SegmentRef, reused: bool) -> None:
-            unrecorded.append((seq, ref))
-            if reused and len(unrecorded) < _CHECKPOINT_BATCH:
-                return
-            rows = unrecorded.copy()
-            unrecorded.clear()
-            await site.catalog.add_checkpoint_segments(dataset, rows)
-
-        known = {r.digest for r in parent_refs} | {r.digest for r in resumed}
-        writer = ManifestWriter(
-            site.repo, packer, t.segment_entries, known, _reusable(resumed, parent_refs), on_segment
-        )
-        result = PushResult(dataset, "", parent_id, False)
-        current: dict[bytes, Ref] = {}  # where the chunks of files being assembled went
-        reading: asyncio.Future[list[object]] = asyncio.ensure_future(
-            asyncio.to_thread(scanner.next_batch)
-        )
-        try:
-            while batch := await reading:
-                reading = asyncio.ensure_future(asyncio.to_thread(scanner.next_batch))
-                new = [p for p in batch if isinstance(p, NewChunk)]
-                if new:
-                    refs = await packer.lookup([c.digest for c in new])
-                    missing = [c for c in new if c.digest not in refs]
-                    if missing:
-                        refs.update(await packer.add(missing))
-                    current.update(refs)
-                files = nbytes = 0
-                for piece in batch:
-                    if not isinstance(piece, Done):
-                        continue
-                    entry = piece.entry
-                    if piece.digests is not None:
-                        entry.chunks = tuple(current[d] for d in piece.digests)
-                    if entry.kind == Kind.FILE:
-                        result.files += 1
-                        result.bytes += entry.size
-                        files += 1
-                        nbytes += entry.size
-                    elif entry.kind == Kind.DIR:
-                        result.dirs += 1
-                    else:
-                        result.symlinks += 1
-                    writer.add(entry, piece.same)
-                    if writer.full():
-                        await writer.cut()
-                current = _unfinished(batch, current)
-                progress.advance(files, nbytes)
-            await packer.close()
-            segments = await writer.finish()
-        except BaseException:
-            await asyncio.gather(reading, return_exceptions=True)  # the thread must stop first
-            await packer.abort()
-            await writer.abort()
-            raise
-        finally:
-            await asyncio.to_thread(scanner.close)
-
-        stats = scanner.stats
-        result.files_read, result.bytes_read = stats.files_read, stats.bytes_read
-        result.skipped_special = stats.skipped_special
-        result.new_chunks, result.new_chunk_bytes = (
-            packer.stats.new_chunks,
-            packer.stats.new_chunk_bytes,
-        )
-        result.packs = packer.stats.packs
-        result.uploaded_bytes = packer.stats.pack_bytes + writer.uploaded_bytes
+        lost: set[bytes] = set()
+        spent = PushResult(dataset, "", None, False)  # what passes given up on sent
+        for _ in range(_HEAL_PASSES + 1):
+            check = ReuseCheck(site.repo)
+            check.segments(parent_refs)
+            try:
+                result, segments = await _build(
+                    site,
+                    dataset,
+                    root=root,
+                    params=params,
+                    parent_refs=parent_refs,
+                    resumed=resumed,
+                    lost=lost,
+                    check=check,
+                    checksum=checksum,
+                    progress=progress,
+                )
+                lost_packs, lost_segments = await check.missing()
+            finally:
+                await check.cancel()
+            if not lost_packs:
+                break
+            log.warning(
+                "push of %s: %d pack(s) the parent version uses are gone from the store; "
+                "reading the files that used them again",
+                dataset,
+                len(lost_packs),
+            )
+            lost |= lost_packs
+            resumed = []  # the heal pass compares with the parent only
+            spent.uploaded_bytes += result.uploaded_bytes
+            spent.packs += result.packs
+        else:
+            raise Corrupt(f"push of {dataset!r}: packs keep vanishing from the store")
+        result.uploaded_bytes += spent.uploaded_bytes
+        result.packs += spent.packs
+        for digest in lost_segments & {r.digest for r in segments}:
+            result.uploaded_bytes += await _restore_segment(site.repo, digest)
+        result.parent = parent_id
 
         if parent is not None and [r.digest for r in segments] == [r.digest for r in parent_refs]:
             await site.catalog.clear_checkpoint(dataset)
@@ -304,3 +268,131 @@ async def push(
         await site.catalog.clear_checkpoint(dataset)
         result.seconds = round(time.monotonic() - started, 3)
         return result
+
+
+async def _restore_segment(repo: Repository, digest: bytes) -> int:
+    """Upload again a segment the store lost, from the local cache (verified against its
+    digest when it was cached); the bytes sent."""
+    data = await asyncio.to_thread(repo.read_cached, digest)
+    if data is None:
+        raise Corrupt(
+            f"manifest segment {digest.hex()} is gone from the store and from the local cache"
+        )
+    log.warning("manifest segment %s was gone from the store; uploaded it again", digest.hex())
+    await repo.put_manifest_object(data)
+    return len(data)
+
+
+def _without(entries: Iterator[Entry], lost: set[bytes]) -> Iterator[Entry]:
+    """`entries` minus those with a chunk in a `lost` pack: the scanner then finds no
+    previous entry for those files and reads them again."""
+    for entry in entries:
+        if not any(c.pack in lost for c in entry.chunks):
+            yield entry
+
+
+async def _build(
+    site: Site,
+    dataset: str,
+    *,
+    root: Path,
+    params: ChunkerParams,
+    parent_refs: list[SegmentRef],
+    resumed: list[SegmentRef],
+    lost: set[bytes],
+    check: ReuseCheck,
+    checksum: bool,
+    progress: Progress,
+) -> tuple[PushResult, list[SegmentRef]]:
+    """Walk, read what changed, upload packs and segments; the counts and the manifest list.
+
+    Previous entries with a chunk in a `lost` pack are not reused (their files are read
+    again), nor is any segment taken whole then. Every reused chunk reference goes to
+    `check`, whose answer the caller awaits.
+    """
+    t = site.config.transfer
+    level = None if t.compression == "never" else t.zstd_level
+    previous = _previous(site.repo, resumed, parent_refs)
+    if lost:
+        previous = _without(previous, lost)
+    # Two readers per core: reading a cold tree waits on the disk as much as it computes.
+    workers = t.read_workers if t.read_workers > 0 else 2 * (os.cpu_count() or 1)
+    links = site.config.namespace.link_to_logical
+    scanner = Scanner(str(root), previous, params, checksum, level, workers, links)
+    packer = Packer(site.store, site.catalog, t.pack_size, t.upload_concurrency)
+
+    # Checkpoint rows let a rerun skip what this run uploaded. A reused segment uploaded
+    # nothing, so its row waits for the next new segment's (one transaction for both, so the
+    # rows stay a prefix of the list) or for `_CHECKPOINT_BATCH` of them: a no-op push of
+    # a 600-million-file tree would otherwise commit a row for each of ~150,000 segments.
+    unrecorded: list[tuple[int, SegmentRef]] = []
+
+    async def on_segment(seq: int, ref: SegmentRef, reused: bool) -> None:
+        unrecorded.append((seq, ref))
+        if reused and len(unrecorded) < _CHECKPOINT_BATCH:
+            return
+        rows = unrecorded.copy()
+        unrecorded.clear()
+        await site.catalog.add_checkpoint_segments(dataset, rows)
+
+    known = {r.digest for r in parent_refs} | {r.digest for r in resumed}
+    reusable = [] if lost else _reusable(resumed, parent_refs)
+    writer = ManifestWriter(site.repo, packer, t.segment_entries, known, reusable, on_segment)
+    result = PushResult(dataset, "", None, False)
+    current: dict[bytes, Ref] = {}  # where the chunks of files being assembled went
+    reading: asyncio.Future[list[object]] = asyncio.ensure_future(
+        asyncio.to_thread(scanner.next_batch)
+    )
+    try:
+        while batch := await reading:
+            reading = asyncio.ensure_future(asyncio.to_thread(scanner.next_batch))
+            new = [p for p in batch if isinstance(p, NewChunk)]
+            if new:
+                refs = await packer.lookup([c.digest for c in new])
+                missing = [c for c in new if c.digest not in refs]
+                if missing:
+                    refs.update(await packer.add(missing))
+                current.update(refs)
+            files = nbytes = 0
+            for piece in batch:
+                if not isinstance(piece, Done):
+                    continue
+                entry = piece.entry
+                if piece.digests is not None:
+                    entry.chunks = tuple(current[d] for d in piece.digests)
+                elif entry.chunks:
+                    check.chunks(entry.chunks)
+                if entry.kind == Kind.FILE:
+                    result.files += 1
+                    result.bytes += entry.size
+                    files += 1
+                    nbytes += entry.size
+                elif entry.kind == Kind.DIR:
+                    result.dirs += 1
+                else:
+                    result.symlinks += 1
+                writer.add(entry, piece.same)
+                if writer.full():
+                    await writer.cut()
+            current = _unfinished(batch, current)
+            progress.advance(files, nbytes)
+        await packer.close()
+        segments = await writer.finish()
+    except BaseException:
+        await asyncio.gather(reading, return_exceptions=True)  # the thread must stop first
+        await packer.abort()
+        await writer.abort()
+        raise
+    finally:
+        await asyncio.to_thread(scanner.close)
+
+    stats = scanner.stats
+    result.files_read, result.bytes_read = stats.files_read, stats.bytes_read
+    result.skipped_special = stats.skipped_special
+    result.new_chunks, result.new_chunk_bytes = (
+        packer.stats.new_chunks,
+        packer.stats.new_chunk_bytes,
+    )
+    result.packs = packer.stats.packs
+    result.uploaded_bytes = packer.stats.pack_bytes + writer.uploaded_bytes
+    return result, segments
