@@ -26,9 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, NoReturn
+from urllib.parse import urlsplit
 
 import aiohttp
 import botocore.exceptions as bce
@@ -78,6 +80,8 @@ _TRANSIENT = {
     "BadDigest",
     "XAmzContentSHA256Mismatch",
 }
+#: What botocore accepts as a bucket name (servers are stricter, each in its own way).
+_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
 _CONNECTION = (
     bce.ConnectionError,  # refused, DNS, connect timeout, proxy
     bce.HTTPClientError,  # read timeout, connection closed, broken stream
@@ -119,6 +123,12 @@ class S3Store:
     ) -> None:
         if not bucket:
             raise InvalidInput("S3 store needs a bucket name")
+        if not _BUCKET.fullmatch(bucket):
+            raise InvalidInput(
+                f"S3 bucket name {bucket!r} is not valid: use 1-255 letters, digits, '.', '-', '_'"
+            )
+        if endpoint is not None:
+            _check_endpoint(endpoint)
         if multipart_chunk < MIN_PART:
             raise InvalidInput(
                 f"multipart_chunk {multipart_chunk} is below S3's minimum {MIN_PART}"
@@ -253,17 +263,25 @@ class S3Store:
                 if self._client is None:
                     stack = contextlib.AsyncExitStack()
                     session = AioSession()
-                    self._client = await stack.enter_async_context(
-                        session.create_client(
-                            "s3",
-                            endpoint_url=self.endpoint,
-                            region_name=self.region,
-                            aws_access_key_id=self._access_key,
-                            aws_secret_access_key=self._secret_key,
-                            config=self._config,
-                            verify=_verify(self.endpoint),
+                    try:
+                        self._client = await stack.enter_async_context(
+                            session.create_client(
+                                "s3",
+                                endpoint_url=self.endpoint,
+                                region_name=self.region,
+                                aws_access_key_id=self._access_key,
+                                aws_secret_access_key=self._secret_key,
+                                config=self._config,
+                                verify=_verify(self.endpoint),
+                            )
                         )
-                    )
+                    except (bce.BotoCoreError, ValueError) as exc:
+                        # A region botocore refuses, an AWS profile that does not exist, a
+                        # malformed AWS config file: settings, not faults of the store.
+                        raise InvalidInput(
+                            f"cannot set up an S3 client for {self.description} "
+                            f"(region {self.region!r}): {_first_line(exc)}"
+                        ) from exc
                     self._stack = stack
                     _pass_bodies_through(self._client)
                     # Large ranges go to threads (direct.py), except where the environment
@@ -338,6 +356,11 @@ class S3Store:
             raise PermanentError(
                 f"S3 endpoint {self.where} rejected {op} on {key or self.bucket!r}: "
                 f"{code} (HTTP {status}) {message}".rstrip()
+            ) from exc
+        if isinstance(exc, bce.ParamValidationError | bce.EndpointProviderError):
+            # botocore refused to build the request from our settings (bucket, endpoint).
+            raise InvalidInput(
+                f"cannot send {op} to {self.description}: {_first_line(exc)}"
             ) from exc
         if isinstance(exc, bce.SSLError):
             # A certificate problem does not heal by itself.
@@ -487,6 +510,28 @@ def _pass_bodies_through(client: Any) -> None:
         client.meta.events.unregister(
             f"before-parameter-build.s3.{op}", botocore.handlers.convert_body_to_file_like_object
         )
+
+
+def _check_endpoint(endpoint: str) -> None:
+    """Raise `InvalidInput` unless `endpoint` is an http(s) URL with a host and a valid port
+    (botocore's own refusals are a `ValueError` or an error at the first request)."""
+    try:
+        parts = urlsplit(endpoint)
+        ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 (raises ValueError for a port that is not a number in range)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise InvalidInput(
+            f"S3 endpoint {endpoint!r} is not a URL like https://s3.example.org or "
+            "http://127.0.0.1:8333"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (botocore's can run over several)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _code(exc: bce.ClientError) -> str:

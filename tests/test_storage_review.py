@@ -1,0 +1,164 @@
+"""Defects found in review of the storage layer, each shown against a real SeaweedFS.
+
+Faults a healthy SeaweedFS never shows (a throttling answer, a body cut off mid-way, a range
+answered short) come from `FaultProxy`: a small aiohttp server in front of SeaweedFS that
+forwards every request unchanged (the Host header too, which the signature covers) unless a
+test's rule answers it instead.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from datamover.embedded import EmbeddedSeaweed
+from datamover.errors import InvalidInput
+from datamover.storage.s3 import S3Store
+from tests.fixtures_store import StoreFactory
+
+MiB = 1 << 20
+
+#: A rule sees each request (and its body) and returns an answer to send instead of
+#: forwarding it, or None to forward it.
+Rule = Callable[[web.Request, bytes], Awaitable[web.StreamResponse | None]]
+
+
+@dataclass
+class FaultProxy:
+    """Forwards to `upstream`; `rule` may answer a request itself. `seen` lists
+    `(method, path_qs)` of every request."""
+
+    upstream: str
+    rule: Rule | None = None
+    seen: list[tuple[str, str]] = field(default_factory=list)
+    endpoint: str = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append((request.method, request.path_qs))
+        if self.rule is not None:
+            answer = await self.rule(request, body)
+            if answer is not None:
+                return answer
+        status, headers, data = await self.forward(request, body)
+        resp = web.Response(status=status, body=data)
+        for name, value in headers:
+            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                resp.headers.add(name, value)
+        return resp
+
+    async def forward(
+        self, request: web.Request, body: bytes
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """The upstream's answer to `request`: status, headers and the whole body."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "connection"}
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as session,
+            session.request(
+                request.method,
+                self.upstream + request.path_qs,
+                headers=headers,
+                data=body if body else None,
+                allow_redirects=False,
+            ) as up,
+        ):
+            data = await up.read()
+            return up.status, list(up.headers.items()), data
+
+
+@pytest.fixture
+async def proxy(seaweed: EmbeddedSeaweed) -> AsyncIterator[FaultProxy]:
+    """A `FaultProxy` in front of the session's SeaweedFS."""
+    fault = FaultProxy(seaweed.endpoint)
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_route("*", "/{tail:.*}", fault.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    fault.endpoint = f"http://127.0.0.1:{port}"
+    yield fault
+    await runner.cleanup()
+
+
+def s3_error(status: int, code: str) -> web.Response:
+    """An S3 error answer."""
+    body = f"<Error><Code>{code}</Code><Message>injected {code}</Message></Error>"
+    return web.Response(status=status, body=body.encode(), content_type="application/xml")
+
+
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)")
+
+
+# -- S3 settings a user can get wrong ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "endpoint",
+    [
+        "127.0.0.1:8333",
+        "s3.example.org",
+        "htp://127.0.0.1:8333",
+        "http://127.0.0.1:port",
+        "http://[::1",
+    ],
+)
+def test_s3_malformed_endpoint_is_invalid_input(endpoint: str) -> None:
+    # Before: accepted here, then a raw ValueError / EndpointResolutionError at the first
+    # request, which the CLI reports as an "internal error" (exit 70).
+    with pytest.raises(InvalidInput, match="S3 endpoint") as err:
+        S3Store(endpoint, "bucket")
+    assert repr(endpoint) in str(err.value)
+
+
+@pytest.mark.parametrize("bucket", ["b/c", "two words", "bücket"])
+def test_s3_malformed_bucket_name_is_invalid_input(bucket: str) -> None:
+    # Before: a raw ParamValidationError (several lines, botocore's regexes) at each request.
+    with pytest.raises(InvalidInput, match="bucket name"):
+        S3Store("http://127.0.0.1:8333", bucket)
+
+
+async def test_s3_malformed_region_is_invalid_input(store_factory: StoreFactory) -> None:
+    # Before: a raw botocore InvalidRegionError (a ValueError) from check().
+    store = store_factory(region="us east 1")
+    for call in (store.check, lambda: store.get("k"), lambda: store.put("k", b"x")):
+        with pytest.raises(InvalidInput, match="region 'us east 1'") as err:
+            await call()
+        assert "\n" not in str(err.value)
+
+
+def test_cli_names_a_malformed_endpoint_in_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "site.toml"
+    config.write_text(
+        "[site]\n"
+        'name = "s1"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        "[store]\n"
+        'endpoint = "127.0.0.1:8333"\n'
+        'bucket = "datamover"\n'
+        'access_key = "a"\n'
+        'secret_key = "b"\n'
+        "[namespace]\n"
+        f'"/proj" = "{tmp_path}"\n'
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "datamover", "ls", "/proj", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr  # was 70, "internal error (ValueError: ...)"
+    assert proc.stderr.count("\n") == 1
+    assert "'127.0.0.1:8333'" in proc.stderr and "internal error" not in proc.stderr
