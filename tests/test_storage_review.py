@@ -21,7 +21,7 @@ import pytest
 from aiohttp import web
 
 from datamover.embedded import EmbeddedSeaweed
-from datamover.errors import InvalidInput
+from datamover.errors import InvalidInput, StoreUnavailable
 from datamover.storage.s3 import S3Store
 from tests.fixtures_store import StoreFactory
 
@@ -162,3 +162,53 @@ def test_cli_names_a_malformed_endpoint_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr  # was 70, "internal error (ValueError: ...)"
     assert proc.stderr.count("\n") == 1
     assert "'127.0.0.1:8333'" in proc.stderr and "internal error" not in proc.stderr
+
+
+# -- ranged GETs never come back short ----------------------------------------------------
+
+DATA = bytes(range(256)) * 400  # 100 KiB
+
+BOTH_PATHS = pytest.mark.parametrize("direct_min", [1, 1 << 40], ids=["direct", "aiohttp"])
+
+
+def answer_ranges_short(cut: int) -> Rule:
+    """A rule answering every ranged GET with at most `cut` bytes of `DATA`, in a 206 whose
+    Content-Range and Content-Length agree with the short body (a proxy capping ranges)."""
+
+    async def rule(request: web.Request, body: bytes) -> web.StreamResponse | None:
+        match = _RANGE.fullmatch(request.headers.get("Range", ""))
+        if request.method != "GET" or match is None:
+            return None
+        first = int(match.group(1))
+        last = len(DATA) - 1 if not match.group(2) else int(match.group(2))
+        last = min(last, first + cut - 1, len(DATA) - 1)
+        return web.Response(
+            status=206,
+            body=DATA[first : last + 1],
+            headers={"Content-Range": f"bytes {first}-{last}/{len(DATA)}"},
+        )
+
+    return rule
+
+
+@BOTH_PATHS
+async def test_s3_range_answered_short_is_unavailable_not_short_data(
+    proxy: FaultProxy, store_factory: StoreFactory, direct_min: int
+) -> None:
+    # Before: get() returned the 10 bytes the server sent, for a 100-byte range and for
+    # "everything from offset 10", without a word.
+    await store_factory().put("obj", DATA)
+    store = store_factory(endpoint=proxy.endpoint, direct_min=direct_min)
+    proxy.rule = answer_ranges_short(10)
+    calls = [lambda: store.get("obj", 10, 100), lambda: store.get("obj", len(DATA) - 50, 40)]
+    if direct_min > 1:
+        calls.append(lambda: store.get("obj", 10))  # a suffix never goes the direct path
+    for call in calls:
+        with pytest.raises(StoreUnavailable, match=r"sent 10 bytes for .*Content-Range"):
+            await call()
+    # A range answered in full, or cut where the object really ends, is still fine.
+    proxy.rule = answer_ranges_short(1000)
+    assert await store.get("obj", 10, 100) == DATA[10:110]
+    assert await store.get("obj", len(DATA) - 50, 100) == DATA[-50:]
+    if direct_min > 1:
+        assert await store.get("obj", len(DATA) - 50) == DATA[-50:]

@@ -134,12 +134,9 @@ class DirectGetter:
         status = resp.status
         if status == 206:
             data = resp.read()
-            got = _CONTENT_RANGE.fullmatch(resp.getheader("Content-Range") or "")
-            if got is None or int(got.group(1)) != offset:
-                raise http.client.HTTPException(
-                    f"answered a range request with Content-Range "
-                    f"{resp.getheader('Content-Range')!r}"
-                )
+            problem = range_mismatch(resp.getheader("Content-Range"), offset, length, len(data))
+            if problem is not None:
+                raise http.client.HTTPException(problem)
         elif status == 200:  # the server ignored Range and sends the whole object
             data = resp.read()[offset : offset + length]
         elif status == 416:
@@ -183,6 +180,30 @@ class DirectGetter:
                     self._ca_bundle = where()
                 self._ssl = ssl.create_default_context(cafile=self._ca_bundle)
             return self._ssl
+
+
+def range_mismatch(
+    content_range: str | None, offset: int, length: int | None, got: int
+) -> str | None:
+    """Why a 206 answer with `got` body bytes and `content_range` is not exactly the
+    `length` bytes (None: all the rest) at `offset`, cut at the object's end; None if it is.
+
+    A range may come back short only where the object ends, which the total in
+    Content-Range proves; a server or proxy that answers short anywhere else (a cap on
+    range sizes, a body cut to a consistent length) would otherwise hand back too few
+    bytes, silently. An unknown total (`*`) proves nothing, so it passes only a full range.
+    """
+    match = _CONTENT_RANGE.fullmatch(content_range or "")
+    if match is None or int(match.group(1)) != offset:
+        return f"answered a range request with Content-Range {content_range!r}"
+    last, total = int(match.group(2)), match.group(3)
+    end = None if length is None else offset + length  # exclusive
+    if total != "*":
+        end = int(total) if end is None else min(end, int(total))
+    if got != last + 1 - offset or last + 1 != end:
+        span = "the rest" if length is None else f"a {length}-byte range"
+        return f"sent {got} bytes for {span} at {offset} (Content-Range {content_range!r})"
+    return None
 
 
 def _raise_error(resp: http.client.HTTPResponse) -> NoReturn:

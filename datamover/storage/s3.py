@@ -49,7 +49,7 @@ from datamover.errors import (
 )
 from datamover.storage.base import ObjectInfo, check_key, check_range
 from datamover.storage.body import Body, crc32
-from datamover.storage.direct import DirectGetter, proxied
+from datamover.storage.direct import DirectGetter, proxied, range_mismatch
 
 MiB = 1 << 20
 MIN_PART = 5 * MiB  # S3's smallest part (all but the last); SeaweedFS enforces it too
@@ -182,7 +182,8 @@ class S3Store:
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         """GetObject, with a `Range` header for a range. `length=0` returns b"" without a
         request (so even for a missing key); a range starting at or after the end returns b""
-        (S3 answers 416 InvalidRange there)."""
+        (S3 answers 416 InvalidRange there). A range answered short anywhere but at the
+        object's end (as its Content-Range shows) is `StoreUnavailable`, never short data."""
         check_key(key)
         check_range(offset, length)
         if length == 0:
@@ -209,6 +210,12 @@ class S3Store:
         if extra and "ContentRange" not in resp:
             # The server ignored the Range header and sent the whole object.
             data = data[offset:] if length is None else data[offset : offset + length]
+        elif extra:
+            problem = range_mismatch(resp["ContentRange"], offset, length, len(data))
+            if problem is not None:
+                raise StoreUnavailable(
+                    f"S3 endpoint {self.where} {problem} during GetObject of {key!r}"
+                )
         return data
 
     async def head(self, key: str) -> ObjectInfo:
