@@ -21,7 +21,10 @@ import pytest
 from aiohttp import web
 
 from datamover.embedded import EmbeddedSeaweed
-from datamover.errors import InvalidInput, StoreUnavailable
+from datamover.errors import InvalidInput, ObjectNotFound, StoreUnavailable
+from datamover.storage.base import Store
+from datamover.storage.memory import MemoryStore
+from datamover.storage.posix import PosixStore
 from datamover.storage.s3 import S3Store
 from tests.fixtures_store import StoreFactory
 
@@ -212,3 +215,72 @@ async def test_s3_range_answered_short_is_unavailable_not_short_data(
     assert await store.get("obj", len(DATA) - 50, 100) == DATA[-50:]
     if direct_min > 1:
         assert await store.get("obj", len(DATA) - 50) == DATA[-50:]
+
+
+# -- one contract for every store: keys and prefixes ----------------------------------------
+
+
+@pytest.fixture(params=["memory", "posix", "s3"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Store:
+    """An empty store of each kind."""
+    if request.param == "memory":
+        return MemoryStore()
+    if request.param == "posix":
+        (tmp_path / "store").mkdir()
+        return PosixStore(tmp_path / "store")
+    factory: StoreFactory = request.getfixturevalue("store_factory")
+    return factory()
+
+
+async def test_keys_not_valid_unicode_or_over_1024_bytes_are_invalid_input(
+    any_store: Store,
+) -> None:
+    # Before: memory and POSIX stored a key with a lone surrogate (memory's listing then
+    # crashed on it, POSIX's skipped it), S3 raised a raw UnicodeEncodeError; a key of more
+    # than S3's 1024 bytes was stored by memory only.
+    await any_store.put("ok", b"x")
+    for key in ["a\udc80b", "x" * 1025, "a/" + "é" * 600]:
+        calls: list[Callable[[], Awaitable[object]]] = [
+            lambda key=key: any_store.put(key, b"x"),
+            lambda key=key: any_store.get(key),
+            lambda key=key: any_store.head(key),
+            lambda key=key: any_store.delete(key),
+        ]
+        for call in calls:
+            with pytest.raises(InvalidInput, match="bad store key"):
+                await call()
+    with pytest.raises(InvalidInput, match="listing prefix"):
+        [i async for i in any_store.list("a\udc80")]
+    assert [i.key async for i in any_store.list()] == ["ok"]
+
+
+async def test_a_part_too_long_for_the_medium_is_refused_as_invalid_input(
+    any_store: Store,
+) -> None:
+    # A percent-encoded dataset path is one part of a key and can pass 255 bytes. Before:
+    # POSIX raised StoreUnavailable (ENAMETOOLONG, retried as if it could pass), S3 a
+    # PermanentError (SeaweedFS's KeyTooLongError); memory stores it.
+    key = "datasets/" + "%E6%95%B0" * 40 + "/versions/v1"
+    try:
+        await any_store.put(key, b"doc")
+    except InvalidInput as exc:
+        assert "too long" in str(exc) or "longer than" in str(exc)
+        with pytest.raises(ObjectNotFound):
+            await any_store.get(key)
+        with pytest.raises(ObjectNotFound):
+            await any_store.head(key)
+        await any_store.delete(key)
+        assert [i.key async for i in any_store.list(key[:300])] == []
+    else:
+        assert await any_store.get(key) == b"doc"
+
+
+async def test_a_prefix_no_key_can_start_with_lists_nothing(any_store: Store) -> None:
+    # Before: the POSIX store dropped a leading "/", so list("/q") listed "q/one" and
+    # list("/") listed everything; SeaweedFS does the same, and reads "./q" as "q". Memory
+    # (and S3 proper) list nothing: no key starts with "/" or has a "." part.
+    await any_store.put("q/one", b"1")
+    await any_store.put("x", b"2")
+    for prefix in ["/", "/q", "/x", "q//", "//q", "./q", "./", "q/./", "q/../q/", "q/\x01"]:
+        assert [i.key async for i in any_store.list(prefix)] == [], prefix
+    assert [i.key async for i in any_store.list("q/")] == ["q/one"]

@@ -7,7 +7,11 @@ suite (`tests/test_store_conformance.py`) runs against all of them. Cross-cuttin
 Contract, for every implementation:
 
 - Keys are non-empty strings of `/`-separated parts, each part non-empty, none `.` or `..`,
-  no NUL or other control character. Drivers may rely on that (`check_key` enforces it).
+  no NUL or other control character, valid Unicode (no lone surrogates) and at most
+  `MAX_KEY_BYTES` bytes in UTF-8 (S3's limit). Drivers may rely on that (`check_key`
+  enforces it with `InvalidInput`). A driver may refuse longer parts than its medium holds
+  (a file name of at most 255 bytes, SeaweedFS's too): that `put` raises `InvalidInput`,
+  and `get`/`head` of such a key raise `ObjectNotFound`, as for any key never stored.
 - `put` replaces the whole object atomically: a reader sees the old object or the new one,
   never a mix. `put` of the same key and bytes twice is harmless (idempotent).
 - `get` with `offset`/`length` returns exactly that range; a range that runs past the end is
@@ -17,7 +21,9 @@ Contract, for every implementation:
 - A key is never also a "directory" of other keys (`a/b` and `a/b/c`): the POSIX store
   cannot hold both, and the repository layout never needs it.
 - `list(prefix)` yields every object whose key starts with `prefix`, in ascending order of the
-  key's UTF-8 bytes (S3's order), streaming: it never holds the whole listing.
+  key's UTF-8 bytes (S3's order), streaming: it never holds the whole listing. A prefix no
+  key can start with (`/x`, `a//`) yields nothing; one that is not valid Unicode raises
+  `InvalidInput`.
 - `delete` of a missing key is not an error (idempotent).
 - Transient faults raise `StoreUnavailable` (safe to retry every call above, all of which are
   idempotent); refusals raise `StoreAccessDenied` or `BucketNotFound` (never retry).
@@ -80,6 +86,10 @@ class Store(Protocol):
         ...
 
 
+#: The longest key, in UTF-8 bytes (S3's limit).
+MAX_KEY_BYTES = 1024
+
+
 def check_key(key: str) -> str:
     """Return `key` if it is a well-formed store key, else raise `InvalidInput`."""
     if not key or key.startswith("/") or key.endswith("/"):
@@ -91,7 +101,33 @@ def check_key(key: str) -> str:
             raise InvalidInput(f"bad store key {key!r}: empty, '.' or '..' part")
     if any(ord(c) < 32 or c == "\x7f" for c in key):
         raise InvalidInput(f"bad store key {key!r}: control character")
+    size = len(_utf8(key, "key"))
+    if size > MAX_KEY_BYTES:
+        raise InvalidInput(
+            f"bad store key {key[:60]!r}...: {size} bytes in UTF-8, more than {MAX_KEY_BYTES}"
+        )
     return key
+
+
+def check_prefix(prefix: str) -> bool:
+    """Whether a valid key can start with `prefix`; raise `InvalidInput` if the prefix is
+    not valid Unicode (it cannot be compared with keys at all).
+
+    A driver lists nothing for a prefix no key starts with, without asking its medium:
+    SeaweedFS and a file system both read `/q` or `./q` as the directory `q`.
+    """
+    _utf8(prefix, "listing prefix")
+    if any(ord(c) < 32 or c == "\x7f" for c in prefix):
+        return False
+    whole = prefix.split("/")[:-1]  # the parts that are complete
+    return not (prefix.startswith("/") or any(p in ("", ".", "..") for p in whole))
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise InvalidInput(f"bad store {what} {text!r}: not valid Unicode") from None
 
 
 def check_range(offset: int, length: int | None) -> None:

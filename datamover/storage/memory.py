@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from datamover.errors import ObjectNotFound
-from datamover.storage.base import ObjectInfo, check_key, check_range
+from datamover.storage.base import ObjectInfo, check_key, check_prefix, check_range
 
 
 class MemoryStore:
@@ -44,6 +44,8 @@ class MemoryStore:
         The keys are snapshotted when the listing starts; objects put later are not seen and
         objects deleted meanwhile are skipped, as on a real store listing page by page.
         """
+        if not check_prefix(prefix):
+            return
         keys = sorted((k for k in self.objects if k.startswith(prefix)), key=str.encode)
         for key in keys:
             data = self.objects.get(key)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -29,7 +30,7 @@ from datamover.errors import (
     StoreAccessDenied,
     StoreUnavailable,
 )
-from datamover.storage.base import ObjectInfo, check_key, check_range
+from datamover.storage.base import ObjectInfo, check_key, check_prefix, check_range
 
 TMP_PREFIX = ".tmp-"
 
@@ -75,10 +76,10 @@ class PosixStore:
         (`a-b` < `a.b` < `a/…` < `a0`). Only one directory's entries are held at a time per
         level of depth. Temporary files, symlinks and other non-regular files are skipped.
         """
+        if not check_prefix(prefix):
+            return  # no valid key lies under such a prefix
         head, _, first = prefix.rpartition("/")
         parts = head.split("/") if head else []
-        if any(p in ("", ".", "..") for p in parts):
-            return  # no valid key lies under such a prefix
         if not await asyncio.to_thread(os.path.isdir, self._root):
             raise self._missing_root()
         stack: list[tuple[str, Iterator[_Entry]]] = []
@@ -147,6 +148,8 @@ class PosixStore:
             except (FileExistsError, NotADirectoryError):
                 raise self._clash(key) from None
             except OSError as exc:
+                if exc.errno == errno.ENAMETOOLONG:
+                    raise self._too_long(key) from None
                 raise self._os_error(exc, path) from None
         else:
             raise StoreUnavailable(f"{self.description}: directory {parent} keeps disappearing")
@@ -161,6 +164,8 @@ class PosixStore:
                 os.unlink(tmp)
             if isinstance(exc, IsADirectoryError):
                 raise self._clash(key) from None
+            if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+                raise self._too_long(key) from None
             if isinstance(exc, OSError):
                 raise self._os_error(exc, path) from None
             raise
@@ -186,6 +191,8 @@ class PosixStore:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise self._not_found(key) from None
         except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:  # cannot have been stored
+                raise self._not_found(key) from None
             raise self._os_error(exc, path) from None
 
     def _head_sync(self, key: str, path: str) -> ObjectInfo:
@@ -194,6 +201,8 @@ class PosixStore:
         except (FileNotFoundError, NotADirectoryError):
             raise self._not_found(key) from None
         except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                raise self._not_found(key) from None
             raise self._os_error(exc, path) from None
         if not stat.S_ISREG(st.st_mode):
             raise self._not_found(key)
@@ -205,6 +214,8 @@ class PosixStore:
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             return
         except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                return
             raise self._os_error(exc, path) from None
         # Empty directories would make a later `put` of a key with that name clash; a put
         # racing with this pruning recreates its directory (see `_put_sync`).
@@ -239,12 +250,20 @@ class PosixStore:
         except (FileNotFoundError, NotADirectoryError):
             return []
         except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                return []  # a prefix with a part no file name can have
             raise self._os_error(exc, directory) from None
         entries.sort()
         return entries
 
     def _not_found(self, key: str) -> ObjectNotFound:
         return ObjectNotFound(f"object {key!r} not found in {self.description}")
+
+    def _too_long(self, key: str) -> InvalidInput:
+        return InvalidInput(
+            f"bad store key {key[:60]!r}...: a part is longer than a file name may be in "
+            f"{self.description} (255 bytes on most file systems)"
+        )
 
     def _clash(self, key: str) -> Conflict:
         return Conflict(

@@ -47,7 +47,7 @@ from datamover.errors import (
     StoreAccessDenied,
     StoreUnavailable,
 )
-from datamover.storage.base import ObjectInfo, check_key, check_range
+from datamover.storage.base import ObjectInfo, check_key, check_prefix, check_range
 from datamover.storage.body import Body, crc32
 from datamover.storage.direct import DirectGetter, proxied, range_mismatch
 
@@ -231,6 +231,8 @@ class S3Store:
         Holds at most one page (1000 entries) per level of `/` depth, plus the few
         sub-prefixes of a level still waiting for their place in the order.
         """
+        if not check_prefix(prefix):
+            return  # SeaweedFS would list `q/...` for `/q` or `./q`
         last = b""
         async with contextlib.aclosing(self._walk(prefix)) as walk:
             async for info in walk:
@@ -349,6 +351,12 @@ class S3Store:
                 raise BucketNotFound(f"bucket {self.bucket!r} does not exist {where}") from exc
             if code in ("NoSuchKey", "404", "NotFound") or status == 404:
                 raise ObjectNotFound(f"object {key!r} not found in {self.description}") from exc
+            if code == "KeyTooLongError":
+                # Past S3's 1024 bytes (check_key refuses those) or a server's own limit:
+                # SeaweedFS refuses a part of more than 255 bytes.
+                raise InvalidInput(
+                    f"bad store key {(key or '')[:60]!r}...: too long for {self.description}"
+                ) from exc
             if code in _DENIED or status in (401, 403):
                 raise StoreAccessDenied(
                     f"access to bucket {self.bucket!r} {where} refused: the credentials were "
