@@ -8,10 +8,12 @@ test's rule answers it instead.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +24,7 @@ from aiohttp import web
 
 from datamover.embedded import EmbeddedSeaweed
 from datamover.errors import InvalidInput, ObjectNotFound, StoreUnavailable
+from datamover.storage.bandwidth import ThrottledStore
 from datamover.storage.base import Store
 from datamover.storage.memory import MemoryStore
 from datamover.storage.posix import PosixStore
@@ -284,3 +287,35 @@ async def test_a_prefix_no_key_can_start_with_lists_nothing(any_store: Store) ->
     for prefix in ["/", "/q", "/x", "q//", "//q", "./q", "./", "q/./", "q/../q/", "q/\x01"]:
         assert [i.key async for i in any_store.list(prefix)] == [], prefix
     assert [i.key async for i in any_store.list("q/")] == ["q/one"]
+
+
+# -- the bandwidth budget -----------------------------------------------------------------
+
+
+async def test_throttled_gets_cancelled_while_waiting_give_their_turn_back() -> None:
+    # Before: five cancelled 1 MiB GETs kept their 5 s on the timeline, and the next GET
+    # (of any transfer sharing the store) waited them out.
+    inner = MemoryStore()
+    await inner.put("k", bytes(2 * MiB))
+    store = ThrottledStore(inner, download=MiB)
+    await store.get("k", 0, MiB // 10)  # the first goes at once and books 0.1 s
+    waiting = [asyncio.ensure_future(store.get("k", 0, MiB)) for _ in range(5)]
+    await asyncio.sleep(0.01)
+    for task in waiting:
+        task.cancel()
+    await asyncio.gather(*waiting, return_exceptions=True)
+    started = time.monotonic()
+    await store.get("k", 0, 1000)
+    assert time.monotonic() - started < 0.5
+
+
+async def test_throttled_get_pays_only_for_the_bytes_that_came() -> None:
+    # Before: a range running past the object's end (1 GiB asked, 1000 bytes there) booked
+    # 1024 s of a 1 MiB/s budget, and every later GET waited for it. So did a missing key.
+    inner = MemoryStore()
+    await inner.put("k", bytes(1000))
+    store = ThrottledStore(inner, download=MiB)
+    assert len(await store.get("k", 0, 1 << 30)) == 1000
+    with pytest.raises(ObjectNotFound):
+        await asyncio.wait_for(store.get("missing", 0, 1 << 30), 1)
+    assert await asyncio.wait_for(store.get("k", 0, 10), 1) == bytes(10)

@@ -4,6 +4,11 @@ Each direction (puts, gets) has its own pacer. A transfer of `n` bytes reserves 
 seconds on the pacer's timeline and waits until its slot starts, so over any stretch longer
 than one request the bytes moved stay within `rate` per second, however many requests run
 concurrently. Listings, heads and deletes carry no payload and are not paced.
+
+A reservation that moves no bytes is given back: a call cancelled while it waits for its turn
+(a transfer cancelled or drained with many GETs queued here), the part of a range past the
+object's end, a GET that failed. Otherwise the pacer's timeline would hold turns nobody
+takes, and every later call, of any transfer sharing the store, would wait them out.
 """
 
 from __future__ import annotations
@@ -26,12 +31,23 @@ class Pacer:
         self._next = 0.0
 
     async def take(self, nbytes: int) -> None:
-        """Wait for the turn of a transfer of `nbytes`."""
+        """Wait for the turn of a transfer of `nbytes`; cancelled, it gives its turn back."""
         now = time.monotonic()
         start = max(now, self._next)
         self._next = start + nbytes / self.rate
         if start > now:
-            await asyncio.sleep(start - now)
+            try:
+                await asyncio.sleep(start - now)
+            except asyncio.CancelledError:
+                self.refund(nbytes)
+                raise
+
+    def refund(self, nbytes: int) -> None:
+        """Give back the time of `nbytes` that were reserved but not moved. Calls already
+        waiting keep their turns; later ones start that much earlier (the average stays
+        within the rate: the unused turn passed idle)."""
+        if nbytes > 0:
+            self._next = max(time.monotonic(), self._next - nbytes / self.rate)
 
 
 class ThrottledStore:
@@ -54,12 +70,22 @@ class ThrottledStore:
         await self.inner.put(key, data)
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        """`inner.get`, after waiting for download budget (paid after, if length is unknown)."""
-        if self._down is not None and length is not None:
-            await self._down.take(length)
-        data = await self.inner.get(key, offset, length)
-        if self._down is not None and length is None:
-            await self._down.take(len(data))
+        """`inner.get`, after waiting for download budget (paid after, if length is unknown).
+        What did not arrive (a range cut at the object's end, a failed GET) is refunded."""
+        down = self._down
+        if down is None:
+            return await self.inner.get(key, offset, length)
+        if length is None:
+            data = await self.inner.get(key, offset, length)
+            await down.take(len(data))
+            return data
+        await down.take(length)
+        try:
+            data = await self.inner.get(key, offset, length)
+        except Exception:
+            down.refund(length)
+            raise
+        down.refund(length - len(data))
         return data
 
     async def head(self, key: str) -> ObjectInfo:
