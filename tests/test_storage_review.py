@@ -319,3 +319,27 @@ async def test_throttled_get_pays_only_for_the_bytes_that_came() -> None:
     with pytest.raises(ObjectNotFound):
         await asyncio.wait_for(store.get("missing", 0, 1 << 30), 1)
     assert await asyncio.wait_for(store.get("k", 0, 10), 1) == bytes(10)
+
+
+# -- POSIX: what head and list call an object is what get reads ------------------------------
+
+
+async def test_posix_get_reads_no_symlink_and_waits_for_no_fifo(tmp_path: Path) -> None:
+    # Before: head() and list() skipped a symlink in the store directory, but get() followed
+    # it and returned the target's bytes (a file outside the store); get() of a FIFO hung.
+    (tmp_path / "outside").write_bytes(b"secret")
+    root = tmp_path / "root"
+    root.mkdir()
+    store = PosixStore(root)
+    await store.put("real", b"1")
+    (root / "link").symlink_to(tmp_path / "outside")
+    os.mkfifo(root / "fifo")
+    assert [i.key async for i in store.list()] == ["real"]
+    for key in ("link", "fifo"):
+        with pytest.raises(ObjectNotFound):
+            await store.head(key)
+        with pytest.raises(ObjectNotFound):
+            await asyncio.wait_for(store.get(key), 2)
+        with pytest.raises(ObjectNotFound):
+            await asyncio.wait_for(store.get(key, 1, 3), 2)
+    assert await store.get("real") == b"1"

@@ -177,22 +177,37 @@ class PosixStore:
             os.close(dir_fd)
 
     def _get_sync(self, key: str, path: str, offset: int, length: int | None) -> bytes:
+        # What `head` and `list` see is what `get` reads: a symlink is no object (O_NOFOLLOW:
+        # it would read whatever it points at, outside the store too), nor is a FIFO, whose
+        # open would wait for a writer forever (O_NONBLOCK; fstat then refuses it).
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
-            with open(path, "rb") as f:
-                st = os.fstat(f.fileno())
-                if not stat.S_ISREG(st.st_mode):
-                    raise self._not_found(key)
+            fd = os.open(path, flags)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            raise self._not_found(key) from None
+        except OSError as exc:
+            # ELOOP: a symlink; ENAMETOOLONG: a key that cannot have been stored.
+            if exc.errno in (errno.ELOOP, errno.ENAMETOOLONG, errno.ENXIO):
+                raise self._not_found(key) from None
+            raise self._os_error(exc, path) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):  # a directory, a FIFO, a device
+                os.close(fd)
+                raise self._not_found(key)
+            f = open(fd, "rb")  # noqa: SIM115 (closed by the with below; closes fd on error)
+        except OSError as exc:
+            os.close(fd)
+            raise self._os_error(exc, path) from None
+        try:
+            with f:
                 # Cut at the end first: read(n) allocates n bytes up front.
                 end = st.st_size if length is None else min(st.st_size, offset + length)
                 if offset >= end:
                     return b""
                 f.seek(offset)
                 return f.read(end - offset)
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            raise self._not_found(key) from None
         except OSError as exc:
-            if exc.errno == errno.ENAMETOOLONG:  # cannot have been stored
-                raise self._not_found(key) from None
             raise self._os_error(exc, path) from None
 
     def _head_sync(self, key: str, path: str) -> ObjectInfo:
