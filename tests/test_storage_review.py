@@ -343,3 +343,27 @@ async def test_posix_get_reads_no_symlink_and_waits_for_no_fifo(tmp_path: Path) 
         with pytest.raises(ObjectNotFound):
             await asyncio.wait_for(store.get(key, 1, 3), 2)
     assert await store.get("real") == b"1"
+
+
+async def test_posix_put_makes_new_directories_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: put("packs/ab/cd") fsynced the file and packs/ab, but not the store root and
+    # packs/ in which it had just made packs/ and packs/ab: after a power cut the object
+    # could be gone although put had returned (and a manifest written after it survive).
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    store = PosixStore(tmp_path)
+    await store.put("packs/ab/cd", b"pack")
+    for directory in (tmp_path, tmp_path / "packs", tmp_path / "packs" / "ab"):
+        assert str(directory) in synced, directory
+    synced.clear()
+    await store.put("packs/ab/ef", b"pack")  # nothing new to make: only its own directory
+    assert synced[-1] == str(tmp_path / "packs" / "ab")
+    assert str(tmp_path) not in synced

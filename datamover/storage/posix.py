@@ -1,8 +1,10 @@
 """`PosixStore`: a Store kept as plain files under one directory (a shared file system, a disk).
 
 Key `a/b/c` is the file `<root>/a/b/c`. Writes go to a temporary file in the target directory,
-are fsynced, renamed over the final name and the directory is fsynced, so a reader sees the old
-object or the new one and a crash leaves at most a stray temporary file, which `list` ignores.
+are fsynced, renamed over the final name and the directory is fsynced (as is the parent of every
+directory the write had to create), so a reader sees the old object or the new one, an object
+`put` has returned for survives a crash, and a crash leaves at most a stray temporary file,
+which `list` ignores.
 All blocking file-system work runs in worker threads (`asyncio.to_thread`).
 
 One limit a file system imposes and S3 does not: a path cannot be a file and a directory at
@@ -139,7 +141,7 @@ class PosixStore:
         # file in it; making it again is enough, and it cannot loop for long.
         for _ in range(10):
             try:
-                os.makedirs(parent, exist_ok=True)
+                self._make_parents(parent)
                 tmp = os.path.join(parent, f"{TMP_PREFIX}{secrets.token_hex(8)}")
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
                 break
@@ -170,11 +172,22 @@ class PosixStore:
                 raise self._os_error(exc, path) from None
             raise
         # The rename is durable only once the directory entry is on disk.
-        dir_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(parent)
+
+    def _make_parents(self, parent: str) -> None:
+        """Make `parent` and the directories missing above it, each durably: the directory
+        a new one is made in is fsynced too, or a crash could lose the new directory, and
+        the object in it, after `put` returned (objects are written in dependency order:
+        a pack in a new `packs/xx/` must not vanish while the manifest naming it stays)."""
+        missing: list[str] = []
+        path = parent
+        while path != self._root and not os.path.isdir(path):
+            missing.append(path)
+            path = os.path.dirname(path)
+        for path in reversed(missing):
+            with contextlib.suppress(FileExistsError):  # made meanwhile (or a file: see put)
+                os.mkdir(path)
+            _fsync_dir(os.path.dirname(path))  # also when another put made it and may not yet
 
     def _get_sync(self, key: str, path: str, offset: int, length: int | None) -> bytes:
         # What `head` and `list` see is what `get` reads: a symlink is no object (O_NOFOLLOW:
@@ -292,3 +305,12 @@ class PosixStore:
         if isinstance(exc, PermissionError):
             return StoreAccessDenied(f"{self.description}: permission denied on {path}")
         return StoreUnavailable(f"{self.description}: {exc.strerror or exc} on {path}")
+
+
+def _fsync_dir(path: str) -> None:
+    """Make the entries of directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
