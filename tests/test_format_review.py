@@ -33,7 +33,6 @@ from datamover.repo.manifest import (
 from datamover.repo.repository import Repository
 from datamover.storage.memory import MemoryStore
 from datamover.transfer.push import push
-from datamover.transfer.stage import stage
 from tests.fixtures_sites import MakeSite
 
 # -- chunker parameters from the repository config ---------------------------------------
