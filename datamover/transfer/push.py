@@ -199,9 +199,10 @@ async def push(
         parent_refs = await site.repo.prefetch(parent) if parent else []
         lost: set[bytes] = set()
         spent = PushResult(dataset, "", None, False)  # what passes given up on sent
+        objects = [r.digest for r in parent_refs]
         for _ in range(_HEAL_PASSES + 1):
             check = ReuseCheck(site.repo)
-            check.segments(parent_refs)
+            check.manifests(objects)
             try:
                 result, segments = await _build(
                     site,
@@ -215,7 +216,7 @@ async def push(
                     checksum=checksum,
                     progress=progress,
                 )
-                lost_packs, lost_segments = await check.missing()
+                lost_packs, lost_objects = await check.missing()
             finally:
                 await check.cancel()
             if not lost_packs:
@@ -234,8 +235,8 @@ async def push(
             raise Corrupt(f"push of {dataset!r}: packs keep vanishing from the store")
         result.uploaded_bytes += spent.uploaded_bytes
         result.packs += spent.packs
-        for digest in lost_segments & {r.digest for r in segments}:
-            result.uploaded_bytes += await _restore_segment(site.repo, digest)
+        for digest in lost_objects & {r.digest for r in segments}:
+            result.uploaded_bytes += await _restore_manifest_object(site.repo, digest)
         result.parent = parent_id
 
         if parent is not None and [r.digest for r in segments] == [r.digest for r in parent_refs]:
@@ -270,15 +271,15 @@ async def push(
         return result
 
 
-async def _restore_segment(repo: Repository, digest: bytes) -> int:
-    """Upload again a segment the store lost, from the local cache (verified against its
-    digest when it was cached); the bytes sent."""
+async def _restore_manifest_object(repo: Repository, digest: bytes) -> int:
+    """Upload again a manifest segment or list the store lost, from the local cache
+    (verified against its digest when read); the bytes sent."""
     data = await asyncio.to_thread(repo.read_cached, digest)
     if data is None:
         raise Corrupt(
-            f"manifest segment {digest.hex()} is gone from the store and from the local cache"
+            f"manifest object {digest.hex()} is gone from the store and from the local cache"
         )
-    log.warning("manifest segment %s was gone from the store; uploaded it again", digest.hex())
+    log.warning("manifest object %s was gone from the store; uploaded it again", digest.hex())
     await repo.put_manifest_object(data)
     return len(data)
 
@@ -362,6 +363,8 @@ async def _build(
                     entry.chunks = tuple(current[d] for d in piece.digests)
                 elif entry.chunks:
                     check.chunks(entry.chunks)
+                    if check.full():
+                        await check.flush()
                 if entry.kind == Kind.FILE:
                     result.files += 1
                     result.bytes += entry.size

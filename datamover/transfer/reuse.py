@@ -5,50 +5,59 @@ from the parent version without reading or uploading them again. If the store ha
 of those objects (deleted by hand, a bucket restored from an older copy, a broken replica),
 the new version would point at it too, and every later version after it. `ReuseCheck`
 HEADs each pack that reused references name, once, in the background while the walk goes
-on, and each parent segment; the push then heals what is missing (see `push`): files whose
-chunks were in a lost pack are read again, and a lost segment is uploaded again from the
-local cache, where it was verified against its digest.
+on, and each of the parent's manifest objects (its segments and its list); the push then
+heals what is missing (see `push`): files whose chunks were in a lost pack are read again,
+and a lost manifest object is uploaded again from the local cache, where it was verified
+against its digest.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any
 
 from datamover.chunking.pack import pack_key
 from datamover.domain.manifest import ChunkRef
 from datamover.repo.layout import manifest_key
-from datamover.repo.manifest import SegmentRef
 from datamover.repo.repository import Repository
 
 _BATCH = 256  # objects HEADed by one background task (the repository bounds concurrency)
+_IN_FLIGHT = 4  # batches of packs checked at once; the walk waits (`flush`) for a free one
 _WINDOW = 1 << 16  # packs remembered as checked; an older one seen again is checked again
 
 
 class ReuseCheck:
-    """HEADs reused packs and segments in the background; `missing` waits for the answers.
+    """HEADs reused packs and manifest objects in the background; `missing` waits for the
+    answers.
 
     Memory is bounded: packs are remembered in a window of the last `_WINDOW` (references
     in a manifest follow the path order the packs were filled in, so a pack seen again
-    after that many others is rare, and checking it twice costs one more HEAD).
+    after that many others is rare, and checking it twice costs one more HEAD), and at most
+    `_IN_FLIGHT` batches are being checked: the walk of a no-op push outruns the HEADs, and
+    a task per pack of the whole dataset waiting for its turn cost ~1.7 KB a pack. The
+    first store error is raised by the next `flush` or by `missing`.
     """
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
         self._recent: dict[bytes, None] = {}
         self._batch: list[bytes] = []
-        self._packs: list[asyncio.Task[set[bytes]]] = []
-        self._segments: list[asyncio.Task[set[bytes]]] = []
+        self._slots = asyncio.Semaphore(_IN_FLIGHT)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._lost_packs: set[bytes] = set()
+        self._lost_manifests: set[bytes] = set()
+        self._error: BaseException | None = None
 
-    def segments(self, refs: Sequence[SegmentRef]) -> None:
-        """Check the segments `refs` (the parent's: a push that reproduces one does not
-        upload it again)."""
-        if refs:
-            digests = [r.digest for r in refs]
-            self._segments.append(asyncio.create_task(self._missing(digests, manifest_key)))
+    def manifests(self, digests: Sequence[bytes]) -> None:
+        """Check the manifest objects `digests` (the parent's list and segments: a push that
+        reproduces one does not upload it again)."""
+        if digests:
+            self._start(self._check(list(digests), manifest_key, self._lost_manifests))
 
     def chunks(self, chunks: Sequence[ChunkRef]) -> None:
-        """Check the packs of `chunks` (an unchanged file's reused references)."""
+        """Check the packs of `chunks` (an unchanged file's reused references); `flush` when
+        `full`."""
         for c in chunks:
             pack = c.pack
             if pack in self._recent:
@@ -57,35 +66,69 @@ class ReuseCheck:
             if len(self._recent) > _WINDOW:
                 del self._recent[next(iter(self._recent))]
             self._batch.append(pack)
-            if len(self._batch) >= _BATCH:
-                self._flush()
+
+    def full(self) -> bool:
+        """True when a batch of packs is ready for `flush`."""
+        return len(self._batch) >= _BATCH
+
+    async def flush(self) -> None:
+        """Start checking the packs passed so far, once a batch slot is free; raise the
+        first error a check met."""
+        self._raise()
+        if self._batch:
+            batch, self._batch = self._batch, []
+            await self._slots.acquire()
+            self._start(self._check(batch, pack_key, self._lost_packs, slot=True))
 
     async def missing(self) -> tuple[set[bytes], set[bytes]]:
-        """`(packs, segments)` the store lacks, of all those passed so far. Store errors
-        other than a missing object are raised."""
-        self._flush()
-        packs = await asyncio.gather(*self._packs)
-        segments = await asyncio.gather(*self._segments)
-        self._packs, self._segments = [], []
-        return set().union(*packs), set().union(*segments)
+        """`(packs, manifest objects)` the store lacks, of all those passed so far. Store
+        errors other than a missing object are raised."""
+        await self.flush()
+        while self._tasks and self._error is None:
+            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_EXCEPTION)
+        self._raise()
+        return set(self._lost_packs), set(self._lost_manifests)
 
     async def cancel(self) -> None:
-        """Stop the checks still running (the push failed)."""
-        tasks = [*self._packs, *self._segments]
+        """Stop the checks still running (the push failed, or is done with them)."""
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._packs, self._segments = [], []
 
-    def _flush(self) -> None:
-        if self._batch:
-            batch, self._batch = self._batch, []
-            self._packs.append(asyncio.create_task(self._missing(batch, pack_key)))
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
 
-    async def _missing(self, digests: list[bytes], key: Callable[[bytes], str]) -> set[bytes]:
-        missing: set[bytes] = set()
-        for i in range(0, len(digests), _BATCH):
-            part = digests[i : i + _BATCH]
-            found = await asyncio.gather(*(self.repo.stored(key(d)) for d in part))
-            missing.update(d for d, ok in zip(part, found, strict=True) if not ok)
-        return missing
+    def _start(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and self._error is None:
+            self._error = task.exception()
+
+    async def _check(
+        self,
+        digests: list[bytes],
+        key: Callable[[bytes], str],
+        lost: set[bytes],
+        slot: bool = False,
+    ) -> None:
+        try:
+            for i in range(0, len(digests), _BATCH):
+                part = digests[i : i + _BATCH]
+                heads = [asyncio.ensure_future(self.repo.stored(key(d))) for d in part]
+                try:
+                    found = await asyncio.gather(*heads)
+                except BaseException:  # one failed: stop the others, leave none running
+                    for head in heads:
+                        head.cancel()
+                    await asyncio.gather(*heads, return_exceptions=True)
+                    raise
+                lost.update(d for d, ok in zip(part, found, strict=True) if not ok)
+        finally:
+            if slot:
+                self._slots.release()
