@@ -10,10 +10,38 @@ import pytest
 
 from datamover.domain.manifest import ChunkRef
 from datamover.errors import StoreUnavailable
+from datamover.repo.layout import manifest_key
 from datamover.transfer import reuse
+from datamover.transfer.push import push
 from datamover.transfer.reuse import ReuseCheck
+from datamover.transfer.stage import stage
+from tests.fixtures_sites import MakeSite
+from tests.treegen import snapshot
 
 KiB = 1 << 10
+
+
+async def test_a_lost_manifest_list_is_uploaded_again(make_site: MakeSite) -> None:
+    """An unchanged push answers with the parent version: its list must be in the store."""
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "x").mkdir()
+    for i in range(5):
+        (a.data / "x" / f"f{i}").write_text(f"file {i}\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        first = await push(site_a, "/proj/x")
+        doc = await site_a.repo.read_version("/proj/x", first.version)
+        listing = manifest_key(doc.manifest_digest)
+        await site_a.store.delete(listing)  # site A still has it in its local cache
+
+        again = await push(site_a, "/proj/x")
+        assert again.unchanged and again.version == first.version
+        assert await site_a.repo.stored(listing)
+        await stage(site_b, "/proj/x")  # site B has no cache: it reads the store
+        assert snapshot(b.data / "x") == snapshot(a.data / "x")
+    finally:
+        await site_a.close()
+        await site_b.close()
 
 
 class _SlowRepo:

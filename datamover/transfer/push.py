@@ -199,7 +199,7 @@ async def push(
         parent_refs = await site.repo.prefetch(parent) if parent else []
         lost: set[bytes] = set()
         spent = PushResult(dataset, "", None, False)  # what passes given up on sent
-        objects = [r.digest for r in parent_refs]
+        objects = [parent.manifest_digest, *(r.digest for r in parent_refs)] if parent else []
         for _ in range(_HEAL_PASSES + 1):
             check = ReuseCheck(site.repo)
             check.manifests(objects)
@@ -240,6 +240,11 @@ async def push(
         result.parent = parent_id
 
         if parent is not None and [r.digest for r in segments] == [r.digest for r in parent_refs]:
+            # The answer is the parent version: its list must be in the store too.
+            if parent.manifest_digest in lost_objects:
+                result.uploaded_bytes += await _restore_manifest_object(
+                    site.repo, parent.manifest_digest
+                )
             await site.catalog.clear_checkpoint(dataset)
             result.version, result.unchanged = parent.version, True
             result.seconds = round(time.monotonic() - started, 3)
