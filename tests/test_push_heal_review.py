@@ -44,6 +44,55 @@ async def test_a_lost_manifest_list_is_uploaded_again(make_site: MakeSite) -> No
         await site_b.close()
 
 
+class _Counting:
+    def __init__(self) -> None:
+        self.files = self.bytes = 0
+
+    def total(self, files: int | None, nbytes: int | None) -> None:
+        pass
+
+    def advance(self, files: int, nbytes: int) -> None:
+        self.files += files
+        self.bytes += nbytes
+
+
+async def test_a_heal_pass_does_not_count_files_twice(make_site: MakeSite) -> None:
+    a = await make_site("site-a", pack_size=1024 * KiB)
+    (a.data / "x").mkdir()
+    for i in range(40):
+        (a.data / "x" / f"f{i:02d}").write_bytes(os.urandom(64 * KiB))
+    site_a = await a.open()
+    try:
+        await push(site_a, "/proj/x")
+        packs = sorted([o.key async for o in site_a.store.list("packs/")])
+        await site_a.store.delete(packs[1])
+        progress = _Counting()
+        healed = await push(site_a, "/proj/x", progress=progress)
+        assert healed.files_read > 0  # a heal pass ran
+        assert (progress.files, progress.bytes) == (40, 40 * 64 * KiB)
+    finally:
+        await site_a.close()
+
+
+async def test_a_heal_pass_counts_every_new_chunk(make_site: MakeSite) -> None:
+    """Chunks the first pass uploaded are found in the index by the heal pass; the summary
+    still counts them, as it counts their packs."""
+    a = await make_site("site-a")
+    (a.data / "x").mkdir()
+    (a.data / "x" / "f").write_bytes(os.urandom(10 * KiB))
+    site_a = await a.open()
+    try:
+        await push(site_a, "/proj/x")
+        [key] = [o.key async for o in site_a.store.list("packs/")]
+        await site_a.store.delete(key)
+        (a.data / "x" / "g").write_bytes(os.urandom(10 * KiB))
+        result = await push(site_a, "/proj/x")
+        assert result.packs == 2  # g's pack in the first pass, f's in the heal pass
+        assert result.new_chunks == 2 and result.new_chunk_bytes == 20 * KiB
+    finally:
+        await site_a.close()
+
+
 class _SlowRepo:
     """`stored` that waits until released; counts the calls under way."""
 

@@ -199,6 +199,7 @@ async def push(
         parent_refs = await site.repo.prefetch(parent) if parent else []
         lost: set[bytes] = set()
         spent = PushResult(dataset, "", None, False)  # what passes given up on sent
+        counted = _PassProgress(progress)
         objects = [parent.manifest_digest, *(r.digest for r in parent_refs)] if parent else []
         for _ in range(_HEAL_PASSES + 1):
             check = ReuseCheck(site.repo)
@@ -214,7 +215,7 @@ async def push(
                     lost=lost,
                     check=check,
                     checksum=checksum,
-                    progress=progress,
+                    progress=counted,
                 )
                 lost_packs, lost_objects = await check.missing()
             finally:
@@ -229,12 +230,17 @@ async def push(
             )
             lost |= lost_packs
             resumed = []  # the heal pass compares with the parent only
+            counted.next_pass()
             spent.uploaded_bytes += result.uploaded_bytes
             spent.packs += result.packs
+            spent.new_chunks += result.new_chunks
+            spent.new_chunk_bytes += result.new_chunk_bytes
         else:
             raise Corrupt(f"push of {dataset!r}: packs keep vanishing from the store")
         result.uploaded_bytes += spent.uploaded_bytes
         result.packs += spent.packs
+        result.new_chunks += spent.new_chunks
+        result.new_chunk_bytes += spent.new_chunk_bytes
         for digest in lost_objects & {r.digest for r in segments}:
             result.uploaded_bytes += await _restore_manifest_object(site.repo, digest)
         result.parent = parent_id
@@ -287,6 +293,35 @@ async def _restore_manifest_object(repo: Repository, digest: bytes) -> int:
     log.warning("manifest object %s was gone from the store; uploaded it again", digest.hex())
     await repo.put_manifest_object(data)
     return len(data)
+
+
+class _PassProgress:
+    """`progress` across heal passes, each of which walks the whole tree again: a pass
+    reports only what goes beyond what earlier passes reported, so counts never go back
+    and no file is counted twice."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.files = self.bytes = 0  # reported so far
+        self._files = self._bytes = 0  # this pass so far
+
+    def next_pass(self) -> None:
+        """A new pass starts from nothing."""
+        self._files = self._bytes = 0
+
+    def total(self, files: int | None, nbytes: int | None) -> None:
+        """Passed on."""
+        self.progress.total(files, nbytes)
+
+    def advance(self, files: int, nbytes: int) -> None:
+        """Counted; reported beyond the earlier passes' counts."""
+        self._files += files
+        self._bytes += nbytes
+        more_files, more_bytes = max(0, self._files - self.files), max(0, self._bytes - self.bytes)
+        if more_files or more_bytes:
+            self.files += more_files
+            self.bytes += more_bytes
+            self.progress.advance(more_files, more_bytes)
 
 
 def _without(entries: Iterator[Entry], lost: set[bytes]) -> Iterator[Entry]:
