@@ -4,6 +4,7 @@ daemon stops; and the `Endings` wake-ups behind it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
@@ -110,3 +111,24 @@ async def test_bad_wait_is_a_400(served_site: StartSite) -> None:
         assert status == 400 and "'wait'" in body["error"]["message"], (wait, body)
     status, body = d.request("GET", "/v1/transfers/tr-none?wait=5", token)
     assert status == 404
+
+
+async def test_a_held_poll_answers_no_token_revoked_meanwhile(
+    served_site: StartSite, make_site: MakeSite
+) -> None:
+    """The token is checked when the request arrives; a long poll answers up to 60 s later,
+    and must not hand a transfer's state to a token revoked in between."""
+    d, _ = await _slow_site(served_site, make_site)
+    proc = d.env.cli(
+        "token", "create", "--tenant", "t1", "--prefix", "/proj", "--scope", "write", "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    created = json.loads(proc.stdout)
+    token = created["token"]
+    _, t = d.request("POST", "/v1/transfers", token, {"kind": "stage", "path": "/proj/slow"})
+    held = asyncio.create_task(_get(d, token, t["id"], "3"))
+    await asyncio.sleep(0.5)
+    proc = await asyncio.to_thread(d.env.cli, "token", "revoke", created["id"])
+    assert proc.returncode == 0, proc.stderr
+    _, status, body = await held
+    assert status == 401, body

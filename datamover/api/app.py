@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from datamover.api import routes
-from datamover.api.context import CONTEXT, IDENTITY, Context, context
+from datamover.api.context import CONTEXT, IDENTITY, SECRET, Context, context
 from datamover.api.errors import errors_middleware
 from datamover.api.validate import MAX_BODY
 from datamover.errors import Unauthorized
@@ -37,6 +37,7 @@ async def auth_middleware(
     if who is None:
         raise Unauthorized("the bearer token is not valid")
     request[IDENTITY] = who
+    request[SECRET] = secret.strip()
     return await handler(request)
 
 

@@ -9,7 +9,7 @@ from aiohttp import web
 
 from datamover.catalog.access import Access, Identity
 from datamover.catalog.transfers import Transfers
-from datamover.errors import Forbidden
+from datamover.errors import Forbidden, Unauthorized
 from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings
 from datamover.site import Site
@@ -30,6 +30,7 @@ class Context:
 
 CONTEXT = web.AppKey("context", Context)
 IDENTITY = "identity"
+SECRET = "secret"  # the bearer token as sent, for `reidentify`
 
 
 def context(request: web.Request) -> Context:
@@ -40,6 +41,13 @@ def context(request: web.Request) -> Context:
 def identity(request: web.Request) -> Identity:
     """The caller's identity (set by the auth middleware)."""
     return request[IDENTITY]
+
+
+async def reidentify(request: web.Request) -> None:
+    """Check the caller's token again: a held request (a long poll) answers long after the
+    auth middleware checked it, and must not answer a token revoked meanwhile."""
+    if await context(request).access.identify(request[SECRET]) is None:
+        raise Unauthorized("the bearer token is not valid")
 
 
 def require(request: web.Request, scope: str, path: str | None = None) -> Identity:

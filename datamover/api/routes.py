@@ -9,7 +9,7 @@ from importlib import resources
 
 from aiohttp import web
 
-from datamover.api.context import context, identity, require
+from datamover.api.context import context, identity, reidentify, require
 from datamover.api.validate import (
     choice,
     flag,
@@ -154,13 +154,17 @@ async def get_transfer(request: web.Request) -> web.Response:
     transfer_id = path_text(request, "id")
     loop = asyncio.get_running_loop()
     deadline = loop.time() + query_seconds(request, "wait", MAX_WAIT)
+    waited = False
     while True:
         with ctx.endings.watch(transfer_id) as ended:
             row = _visible(request, await ctx.transfers.get(transfer_id))
             left = deadline - loop.time()
             if row.state in TERMINAL or left <= 0 or ctx.endings.closed:
+                if waited:  # the token was checked when the request came, maybe a minute ago
+                    await reidentify(request)
                 return _json(row.to_json())
             await until(ended, min(left, RECHECK))
+            waited = True
 
 
 async def cancel_transfer(request: web.Request) -> web.Response:
