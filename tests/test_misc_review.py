@@ -6,13 +6,22 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
+import pytest
+
+from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.datasets import list_datasets
+from datamover.domain.manifest import Kind
+from datamover.errors import Conflict
 from datamover.repo.layout import version_key
 from datamover.site import Site, make_store
 from datamover.storage.base import ObjectInfo, Store
+from datamover.transfer import readers
 from datamover.transfer.push import push
+from datamover.transfer.readers import ReadProblem
+from datamover.transfer.walk import LocalEntry, Walker
 from tests.fixtures_sites import MakeSite
 from tests.treegen import make_tree
 
@@ -86,5 +95,97 @@ async def test_ls_survives_a_version_removed_while_it_lists(make_site: MakeSite)
         assert [(i.path, [v.version for v in i.versions]) for i in listed] == [
             ("/proj/y", [y.version])
         ]
+    finally:
+        await site.close()
+
+
+# -- push: a directory replaced by a symlink while the walk runs -------------------------
+
+
+def _swap_for_link(directory: Path, target: Path, aside: Path) -> None:
+    """Move `directory` out of the tree and put a symlink to `target` in its place."""
+    directory.rename(aside)
+    directory.symlink_to(target)
+
+
+def _outside(tmp_path: Path, names: list[str]) -> Path:
+    """A directory outside every dataset holding files named as the tree's: a secret each."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    for name in names:
+        (outside / name).write_text("SECRET outside the tree\n")
+    return outside
+
+
+def test_the_walk_does_not_list_a_directory_replaced_by_a_symlink(tmp_path: Path) -> None:
+    # The walk listed each directory by its path when it moved past it: a directory
+    # replaced by a symlink after its entry was yielded was listed through the link, and
+    # push went on to read and publish whatever the link pointed at.
+    root = tmp_path / "tree"
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.txt").write_text("mine\n")
+    outside = _outside(tmp_path, ["a.txt", "passwd"])
+    for strict in (True, False):
+        walker = Walker(str(root), strict=strict, stat_files=False)
+        first = next(walker)
+        assert first.path == "sub" and first.kind == Kind.DIR
+        _swap_for_link(root / "sub", outside, tmp_path / f"aside-{strict}")
+        if strict:  # push: the tree changed under it
+            with pytest.raises(Conflict, match="'sub' changed"):
+                list(walker)
+        else:  # stage and verify: nothing is listed through the link
+            assert [e.path for e in walker] == []
+        (root / "sub").unlink()
+        (tmp_path / f"aside-{strict}").rename(root / "sub")
+
+
+def test_readers_do_not_read_through_a_directory_replaced_by_a_symlink(tmp_path: Path) -> None:
+    # Readers opened `root/rel` with O_NOFOLLOW, which guards the last component only: a
+    # directory replaced by a symlink between the walk and the read was read through.
+    root = tmp_path / "tree"
+    (root / "d" / "sub").mkdir(parents=True)
+    (root / "d" / "sub" / "a.txt").write_text("mine\n")
+    outside = _outside(tmp_path, ["a.txt"])
+    params = ChunkerParams()
+    _swap_for_link(root / "d", outside.parent, tmp_path / "aside")
+    (outside.parent / "sub").symlink_to(outside)  # d -> tmp_path, and tmp_path/sub -> outside
+    chunker = Chunker(params)
+    assert readers.read_whole(str(root), "d/sub/a.txt", chunker, 3) == ReadProblem(
+        "type", "d/sub/a.txt"
+    )
+    assert readers.read_batch(str(root), ["d/sub/a.txt"], params, 3) == [
+        ReadProblem("type", "d/sub/a.txt")
+    ]
+    assert readers.open_file(str(root), "d/sub/a.txt") == ReadProblem("type", "d/sub/a.txt")
+
+
+@pytest.mark.parametrize("when", ["listed", "read"])
+async def test_push_never_publishes_files_from_outside_the_tree(
+    make_site: MakeSite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    # `listed`: the directory is swapped as the walk yields it, before its listing;
+    # `read`: after its listing, before its files are read (by the reader processes too).
+    a = await make_site("a")
+    root = a.data / "run"
+    for d in range(4):
+        (root / f"d{d}").mkdir(parents=True)
+        for i in range(150):
+            (root / f"d{d}" / f"f{i:03d}.txt").write_text(f"mine {d} {i}\n")
+    outside = _outside(tmp_path, [f"f{i:03d}.txt" for i in range(150)])
+    victim = "d2" if when == "listed" else "d2/f000.txt"
+    real_next = Walker.__next__
+
+    def swapping_next(self: Walker) -> LocalEntry:
+        entry = real_next(self)
+        if entry.path == victim:
+            _swap_for_link(root / "d2", outside, tmp_path / "aside")
+        return entry
+
+    monkeypatch.setattr(Walker, "__next__", swapping_next)
+    site = await a.open()
+    try:
+        with pytest.raises(Conflict, match=r"'d2.*changed"):
+            await push(site, "/proj/run")
+        assert await site.repo.latest("/proj/run") is None
     finally:
         await site.close()

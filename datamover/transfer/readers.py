@@ -25,6 +25,7 @@ from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.chunking.codec import encode
 
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 ATTEMPTS = 3
 
 
@@ -61,18 +62,60 @@ class Torn(Exception):
     """The file changed while it was read."""
 
 
-def open_file(root: str, rel: str) -> int | ReadProblem:
-    """Open `root/rel` for reading without following a final symlink."""
+class Dirs:
+    """The directory of the file read last, open: files are read in tree order, so a batch
+    opens each of its directories once. Directories are opened component by component from
+    `root` with `O_NOFOLLOW`, so a directory replaced by a symlink after the walk listed it
+    is not read through (`O_NOFOLLOW` on the whole path guards its last component only)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._rel: str | None = None
+        self._fd = -1
+
+    def open(self, rel: str) -> int:
+        """A descriptor of directory `rel` (owned by this object); raises `OSError`."""
+        if rel == self._rel:
+            return self._fd
+        self.close()
+        fd = os.open(self.root, _DIR_FLAGS)
+        try:
+            for name in rel.split("/") if rel else ():
+                child = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        self._rel, self._fd = rel, fd
+        return fd
+
+    def close(self) -> None:
+        """Close the directory held, if any."""
+        if self._rel is not None:
+            self._rel = None
+            os.close(self._fd)
+
+
+def open_file(root: str, rel: str, dirs: Dirs | None = None) -> int | ReadProblem:
+    """Open `root/rel` for reading without following a symlink anywhere below `root`."""
+    own = dirs is None
+    if dirs is None:
+        dirs = Dirs(root)
+    parent, _, name = rel.rpartition("/")
     try:
-        return os.open(os.path.join(root, rel), _OPEN_FLAGS)
+        return os.open(name, _OPEN_FLAGS, dir_fd=dirs.open(parent))
     except FileNotFoundError:
         return ReadProblem("vanished", rel)
     except PermissionError:
         return ReadProblem("denied", rel, os.path.join(root, rel))
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             return ReadProblem("type", rel)
         raise
+    finally:
+        if own:
+            dirs.close()
 
 
 def read_open(
@@ -103,14 +146,16 @@ def read_open(
     return stat.S_IMODE(before.st_mode), before.st_mtime_ns, total
 
 
-def read_whole(root: str, rel: str, chunker: Chunker, level: int | None) -> FileRead | ReadProblem:
+def read_whole(
+    root: str, rel: str, chunker: Chunker, level: int | None, dirs: Dirs | None = None
+) -> FileRead | ReadProblem:
     """Read a small file completely, retrying torn reads; never raises for file problems.
 
     A file larger than the chunker's small-file limit is not read here (it would be held in
     memory whole): the answer is `ReadProblem("large")`, and the caller streams it instead.
     """
     for _ in range(ATTEMPTS):
-        fd = open_file(root, rel)
+        fd = open_file(root, rel) if dirs is None else open_file(root, rel, dirs)
         if isinstance(fd, ReadProblem):
             return fd
         try:
@@ -147,11 +192,15 @@ def read_batch(
     if chunker is None:
         chunker = _chunkers[params] = Chunker(params)
     out: list[tuple[Any, ...] | ReadProblem] = []
-    for rel in paths:
-        r = read_whole(root, rel, chunker, level)
-        out.append(
-            r if isinstance(r, ReadProblem) else (r[0], r[1], r[2], [tuple(c) for c in r[3]])
-        )
+    dirs = Dirs(root)
+    try:
+        for rel in paths:
+            r = read_whole(root, rel, chunker, level, dirs)
+            out.append(
+                r if isinstance(r, ReadProblem) else (r[0], r[1], r[2], [tuple(c) for c in r[3]])
+            )
+    finally:
+        dirs.close()
     return out
 
 

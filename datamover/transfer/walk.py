@@ -4,10 +4,15 @@ Yields entries in path-component order (see `domain.paths`) by visiting each dir
 names sorted, depth first, so memory is bounded by depth times directory width, never by the
 tree. A directory's children are listed only when the walk moves past it, which lets the
 consumer `prune()` a directory it is about to replace or does not care about.
+
+Directories are opened relative to their parent's descriptor with `O_NOFOLLOW`, never by
+path: a directory replaced by a symlink after the walk saw it (`sub -> /etc`) is not listed
+through the link. One descriptor is held per level of the directory being walked.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
@@ -16,13 +21,15 @@ from dataclasses import dataclass
 
 from datamover.domain.manifest import Kind
 from datamover.domain.paths import check_name, nfc
-from datamover.errors import InvalidInput
+from datamover.errors import Conflict, InvalidInput
 
 #: Temporary and partial files written by stage; never user data, never pushed.
 PARTIAL_RE = re.compile(r"^\.dm-[0-9a-f]{16}\.part$")
 
 
 UNKNOWN = -1  # a stat field not read yet (see `Walker(stat_files=False)`)
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 @dataclass(slots=True)
@@ -52,9 +59,18 @@ class Walker:
         self.strict = strict
         self.stat_files = stat_files
         self.skipped_special: list[str] = []
-        self._stack: list[Iterator[LocalEntry]] = []
+        # One (entries, directory descriptor, directory path) per level being walked.
+        self._stack: list[tuple[Iterator[LocalEntry], int, str]] = []
         self._pending_dir: str | None = None
         self._started = False
+
+    def close(self) -> None:
+        """Close the directory descriptors still held (the walk was not finished)."""
+        while self._stack:
+            os.close(self._stack.pop()[1])
+
+    def __del__(self) -> None:
+        self.close()
 
     def __iter__(self) -> Walker:
         return self
@@ -63,20 +79,43 @@ class Walker:
         """Do not descend into the directory yielded last."""
         self._pending_dir = None
 
-    def _list(self, rel: str) -> Iterator[LocalEntry]:
-        full = os.path.join(self.root, rel) if rel else self.root
+    def _open(self, rel: str) -> int | None:
+        """A descriptor of directory `rel`, opened from its parent's (still on the stack)
+        without following a symlink; None if it is gone or no longer a directory."""
         try:
-            with os.scandir(full) as it:
-                items = sorted(it, key=lambda e: e.name)
+            if not rel:
+                return os.open(self.root, _DIR_FLAGS & ~os.O_NOFOLLOW)
+            parent = self._stack[-1][1]
+            return os.open(rel.rpartition("/")[2], _DIR_FLAGS, dir_fd=parent)
         except FileNotFoundError:
             if self.strict and not rel:
                 raise
-            return iter(())  # vanished under us (non-strict) or replaced by stage
-        except NotADirectoryError:
-            return iter(())
-        if self.strict:
-            self._check_names(rel, [e.name for e in items])
-        return self._entries(rel, items)
+            return None  # vanished under us (non-strict) or replaced by stage
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
+                raise
+            if self.strict and rel:
+                raise Conflict(
+                    f"{rel!r} changed from a directory to something else while push read "
+                    "the tree; nothing was published (run push again once the tree is quiet)",
+                    [rel],
+                ) from None
+            return None
+
+    def _list(self, rel: str) -> None:
+        """Open directory `rel` and push its sorted entries on the stack."""
+        fd = self._open(rel)
+        if fd is None:
+            return
+        try:
+            with os.scandir(fd) as it:
+                items = sorted(it, key=lambda e: e.name)
+            if self.strict:
+                self._check_names(rel, [e.name for e in items])
+        except BaseException:
+            os.close(fd)
+            raise
+        self._stack.append((self._entries(rel, fd, items), fd, rel))
 
     def _check_names(self, rel: str, names: list[str]) -> None:
         where = rel or "."
@@ -94,7 +133,7 @@ class Walker:
                 )
             seen[folded] = name
 
-    def _entries(self, rel: str, items: list[os.DirEntry[str]]) -> Iterator[LocalEntry]:
+    def _entries(self, rel: str, fd: int, items: list[os.DirEntry[str]]) -> Iterator[LocalEntry]:
         prefix = rel + "/" if rel else ""
         for item in items:
             if PARTIAL_RE.match(item.name) and self.strict:
@@ -115,7 +154,7 @@ class Walker:
             elif stat.S_ISLNK(mode):
                 kind = Kind.SYMLINK
                 try:
-                    target = os.readlink(item.path)
+                    target = os.readlink(item.name, dir_fd=fd)
                 except FileNotFoundError:
                     continue
             else:
@@ -137,8 +176,11 @@ class Walker:
     def fill(self, entry: LocalEntry) -> bool:
         """Read the stat fields of a file walked without them; False if it is gone or no
         longer a regular file (the reader will then report what happened)."""
+        parent, _, name = entry.path.rpartition("/")
+        if not self._stack or self._stack[-1][2] != parent:
+            return False  # the walk has left its directory: only the last entry can be filled
         try:
-            st = os.lstat(os.path.join(self.root, entry.path))
+            st = os.stat(name, dir_fd=self._stack[-1][1], follow_symlinks=False)
         except FileNotFoundError:
             return False
         if not stat.S_ISREG(st.st_mode):
@@ -154,15 +196,15 @@ class Walker:
     def __next__(self) -> LocalEntry:
         if not self._started:
             self._started = True
-            self._stack.append(self._list(""))
+            self._list("")
         if self._pending_dir is not None:
-            self._stack.append(self._list(self._pending_dir))
-            self._pending_dir = None
+            pending, self._pending_dir = self._pending_dir, None
+            self._list(pending)
         while self._stack:
             try:
-                entry = next(self._stack[-1])
+                entry = next(self._stack[-1][0])
             except StopIteration:
-                self._stack.pop()
+                os.close(self._stack.pop()[1])
                 continue
             if entry.kind == Kind.DIR:
                 self._pending_dir = entry.path
