@@ -5,6 +5,10 @@ SQLite and PostgreSQL."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +18,7 @@ import pytest
 from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.datasets import list_datasets
 from datamover.domain.manifest import Kind
-from datamover.errors import Conflict
+from datamover.errors import Conflict, InvalidInput
 from datamover.repo.layout import version_key
 from datamover.site import Site, make_store
 from datamover.storage.base import ObjectInfo, Store
@@ -22,7 +26,7 @@ from datamover.transfer import readers
 from datamover.transfer.push import push
 from datamover.transfer.readers import ReadProblem
 from datamover.transfer.walk import LocalEntry, Walker
-from tests.fixtures_sites import MakeSite
+from tests.fixtures_sites import MakeSite, SiteEnv
 from tests.treegen import make_tree
 
 # -- `datamover ls` ----------------------------------------------------------------------
@@ -189,3 +193,38 @@ async def test_push_never_publishes_files_from_outside_the_tree(
         assert await site.repo.latest("/proj/run") is None
     finally:
         await site.close()
+
+
+def _cli_unprivileged(env: SiteEnv, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI without the capabilities that let root ignore file permissions."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv to drop root's capabilities")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+    env_vars = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "datamover", *args, "--config", str(env.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env_vars,
+    )
+
+
+async def test_an_unreadable_directory_is_named_like_an_unreadable_file(
+    make_site: MakeSite,
+) -> None:
+    a = await make_site("a")
+    (a.data / "ds" / "locked").mkdir(parents=True)
+    (a.data / "ds" / "locked" / "f").write_text("data\n")
+    (a.data / "ds" / "g").write_text("g\n")
+    os.chmod(a.data / "ds" / "locked", 0)
+    try:
+        proc = _cli_unprivileged(a, "push", "/proj/ds")
+    finally:
+        os.chmod(a.data / "ds" / "locked", 0o755)
+    assert proc.returncode == InvalidInput.exit_code, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "'locked'" in proc.stderr or "/ds/locked'" in proc.stderr, proc.stderr
+    assert "permission denied" in proc.stderr, proc.stderr

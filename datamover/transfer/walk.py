@@ -91,6 +91,12 @@ class Walker:
             if self.strict and not rel:
                 raise
             return None  # vanished under us (non-strict) or replaced by stage
+        except PermissionError:
+            if not self.strict:
+                raise
+            # As for a file (`scan._problem`): the user's to fix, named, not an internal error.
+            full = os.path.join(self.root, rel) if rel else self.root
+            raise InvalidInput(f"cannot read {full!r}: permission denied", [rel]) from None
         except OSError as exc:
             if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
                 raise
