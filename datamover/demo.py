@@ -8,9 +8,13 @@ stages it at site B, verifies it there, pushes again unchanged, and prints a sum
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
+import signal
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +115,26 @@ async def _run(root: Path, seaweed: EmbeddedSeaweed, files: int, say: Any) -> di
         await site_b.close()
 
 
+@contextlib.contextmanager
+def _interrupted_by_termination() -> Iterator[None]:
+    """SIGTERM and SIGHUP (`timeout`, a CI job's limit, a closed terminal) unwind like
+    Ctrl-C: the server the demo started runs in a process group of its own and its files
+    are in a temporary directory, and only unwinding stops the one and removes the other."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (a caller embedding the demo)
+        return
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def run_demo(files: int, quiet: bool = False) -> dict[str, Any]:
     """Run the demo in a temporary directory; return the summary."""
 
@@ -119,7 +143,10 @@ def run_demo(files: int, quiet: bool = False) -> dict[str, Any]:
             click.echo(line)
 
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="datamover-demo-") as tmp:
+    with (
+        _interrupted_by_termination(),
+        tempfile.TemporaryDirectory(prefix="datamover-demo-") as tmp,
+    ):
         root = Path(tmp)
         say("starting an embedded SeaweedFS (S3 on a free loopback port)")
         with EmbeddedSeaweed(data_dir=root / "seaweed") as seaweed:

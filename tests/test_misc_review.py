@@ -4,11 +4,14 @@ SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -228,3 +231,58 @@ async def test_an_unreadable_directory_is_named_like_an_unreadable_file(
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert "'locked'" in proc.stderr or "/ds/locked'" in proc.stderr, proc.stderr
     assert "permission denied" in proc.stderr, proc.stderr
+
+
+# -- the demo ------------------------------------------------------------------------------
+
+
+def _processes_under(path: Path) -> list[int]:
+    """Pids of live processes whose command line names something below `path`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(path).encode() in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_terminated_demo_stops_its_server_and_removes_its_directory(tmp_path: Path) -> None:
+    # `timeout 60 datamover demo`, a CI job's time limit, `kill`: SIGTERM ended the process
+    # without unwinding, so the SeaweedFS it started (in a process group of its own) kept
+    # running, holding five ports, and the temporary directory stayed.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    env["TMPDIR"] = str(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "datamover", "demo", "--files", "300"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("generating"):  # the server runs; the demo is under way
+                break
+        else:
+            pytest.fail(f"the demo ended early: {proc.wait()} {proc.stderr.read()}")  # type: ignore[union-attr]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) != 0
+        deadline = time.monotonic() + 10
+        while _processes_under(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _processes_under(tmp_path) == []
+        # (weed's own glog files, weed.*, land in $TMPDIR: `embedded.py` sets no -logdir)
+        assert [p.name for p in tmp_path.glob("datamover-demo-*")] == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in _processes_under(tmp_path):  # what this test's demo left running
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
