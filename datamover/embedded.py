@@ -255,6 +255,8 @@ class EmbeddedSeaweed:
         p = self.ports
         return [
             weed,
+            # Its glog files (weed.<host>.<user>.log.*) go with the data, not into $TMPDIR.
+            f"-logdir={self.data_dir}",
             "server",
             f"-dir={self.data_dir}",
             "-ip=127.0.0.1",

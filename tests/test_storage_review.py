@@ -367,3 +367,15 @@ async def test_posix_put_makes_new_directories_durable(
     await store.put("packs/ab/ef", b"pack")  # nothing new to make: only its own directory
     assert synced[-1] == str(tmp_path / "packs" / "ab")
     assert str(tmp_path) not in synced
+
+
+def test_embedded_seaweed_keeps_its_log_files_with_its_data(seaweed: EmbeddedSeaweed) -> None:
+    """glog's files (`weed.<host>.<user>.log.<level>.<time>.<pid>`) go to the server's data
+    directory, which `stop` removes, not into $TMPDIR, where every run left more."""
+    import tempfile
+
+    assert seaweed._proc is not None
+    mine = f".{seaweed._proc.pid}"
+    assert any(p.name.endswith(mine) for p in Path(seaweed.data_dir).iterdir())
+    temp = Path(tempfile.gettempdir()).iterdir()
+    assert not any(p.name.startswith("weed.") and p.name.endswith(mine) for p in temp)
