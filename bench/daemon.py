@@ -193,30 +193,18 @@ def run_api(ctx: Context) -> None:
         b.drop_buckets()
         b.retire(run)
     r = b.results
-    keys = ((STAGE, REST), (STAGE, DIRECT))
-    r.target(
-        Target(
-            API,
-            "REST stage / direct CLI stage (median wall)",
-            r.ratio(API, *keys),
-            "<=",
-            OVERHEAD_GOAL,
-            "{:.2f}x",
-            r.missing(API, *keys),
-        )
-    )
-    keys = ((STAGE, HOOK), (STAGE, TARX))
-    r.target(
-        Target(
-            API,
+    for label, keys, goal in (
+        ("REST stage / direct CLI stage (median wall)", (REST, DIRECT), OVERHEAD_GOAL),
+        (
             "CLI stage via the daemon / tar -x (median wall; the data-plane target, deployed)",
-            r.ratio(API, *keys),
-            "<=",
+            (HOOK, TARX),
             TAR_GOAL,
-            "{:.2f}x",
-            r.missing(API, *keys),
+        ),
+    ):
+        steps = ((STAGE, keys[0]), (STAGE, keys[1]))
+        r.target(
+            Target(API, label, r.ratio(API, *steps), "<=", goal, "{:.2f}x", r.missing(API, *steps))
         )
-    )
 
 
 def _site_b(b: Bench, run: Path, bucket: str, tag: str) -> tuple[SiteFiles, Path, str]:

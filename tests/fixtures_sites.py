@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -100,3 +101,21 @@ async def make_site(tmp_path: Path, seaweed: Any, bucket: str, new_catalog: Any)
         return env
 
     return make
+
+
+def cli_unprivileged(env: SiteEnv, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI without the capabilities that let root ignore file permissions (skips the
+    test where `setpriv` is missing and the tests run as root)."""
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv to drop root's capabilities")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+    env_vars = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "datamover", *args, "--config", str(env.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env_vars,
+    )

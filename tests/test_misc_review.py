@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from datamover.transfer import readers
 from datamover.transfer.push import push
 from datamover.transfer.readers import ReadProblem
 from datamover.transfer.walk import LocalEntry, Walker
-from tests.fixtures_sites import MakeSite, SiteEnv
+from tests.fixtures_sites import MakeSite, cli_unprivileged
 from tests.treegen import make_tree
 
 # -- `datamover ls` ----------------------------------------------------------------------
@@ -198,23 +197,6 @@ async def test_push_never_publishes_files_from_outside_the_tree(
         await site.close()
 
 
-def _cli_unprivileged(env: SiteEnv, *args: str) -> subprocess.CompletedProcess[str]:
-    """The CLI without the capabilities that let root ignore file permissions."""
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("needs setpriv to drop root's capabilities")
-        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
-    env_vars = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
-    return subprocess.run(
-        [*prefix, sys.executable, "-m", "datamover", *args, "--config", str(env.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env_vars,
-    )
-
-
 async def test_an_unreadable_directory_is_named_like_an_unreadable_file(
     make_site: MakeSite,
 ) -> None:
@@ -224,7 +206,7 @@ async def test_an_unreadable_directory_is_named_like_an_unreadable_file(
     (a.data / "ds" / "g").write_text("g\n")
     os.chmod(a.data / "ds" / "locked", 0)
     try:
-        proc = _cli_unprivileged(a, "push", "/proj/ds")
+        proc = cli_unprivileged(a, "push", "/proj/ds")
     finally:
         os.chmod(a.data / "ds" / "locked", 0o755)
     assert proc.returncode == InvalidInput.exit_code, proc.stderr

@@ -3,23 +3,19 @@ files whose chunks were in a lost pack are read again, a lost segment is uploade
 
 from __future__ import annotations
 
-import os
-
 from datamover.repo.layout import manifest_key
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from datamover.transfer.verify import verify
 from tests.fixtures_sites import MakeSite
-from tests.treegen import snapshot
+from tests.treegen import snapshot, three_packs
 
 KiB = 1 << 10
 
 
 async def test_a_lost_pack_is_healed_by_the_next_push(make_site: MakeSite) -> None:
     a, b = await make_site("site-a", pack_size=1024 * KiB), await make_site("site-b")
-    (a.data / "x").mkdir()
-    for i in range(40):  # 40 x 64 KiB of incompressible data: three 1 MiB packs
-        (a.data / "x" / f"f{i:02d}").write_bytes(os.urandom(64 * KiB))
+    three_packs(a.data / "x")
     site_a, site_b = await a.open(), await b.open()
     try:
         first = await push(site_a, "/proj/x")
@@ -95,9 +91,7 @@ async def test_a_lost_segment_is_uploaded_again(make_site: MakeSite) -> None:
 async def test_a_push_heads_each_reused_pack_once(make_site: MakeSite) -> None:
     """The check costs one HEAD per pack the parent's unchanged files use, not per file."""
     a = await make_site("site-a", pack_size=1024 * KiB)
-    (a.data / "x").mkdir()
-    for i in range(40):
-        (a.data / "x" / f"f{i:02d}").write_bytes(os.urandom(64 * KiB))
+    three_packs(a.data / "x")
     site_a = await a.open()
     try:
         await push(site_a, "/proj/x")

@@ -16,7 +16,7 @@ from datamover.transfer.push import push
 from datamover.transfer.reuse import ReuseCheck
 from datamover.transfer.stage import stage
 from tests.fixtures_sites import MakeSite
-from tests.treegen import snapshot
+from tests.treegen import snapshot, three_packs
 
 KiB = 1 << 10
 
@@ -58,9 +58,7 @@ class _Counting:
 
 async def test_a_heal_pass_does_not_count_files_twice(make_site: MakeSite) -> None:
     a = await make_site("site-a", pack_size=1024 * KiB)
-    (a.data / "x").mkdir()
-    for i in range(40):
-        (a.data / "x" / f"f{i:02d}").write_bytes(os.urandom(64 * KiB))
+    three_packs(a.data / "x")
     site_a = await a.open()
     try:
         await push(site_a, "/proj/x")

@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import stat
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -23,7 +21,7 @@ from datamover.transfer.fsops import TreeWriter, open_root
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from datamover.transfer.writers import write_batch
-from tests.fixtures_sites import MakeSite, SiteEnv
+from tests.fixtures_sites import MakeSite, cli_unprivileged
 
 LONG = "/proj/2026年度分子对接虚拟筛选项目/第一批候选化合物对接结果/重新打分"  # 272 bytes encoded
 
@@ -95,23 +93,6 @@ async def test_trash_of_a_long_non_ascii_dataset_path(make_site: MakeSite) -> No
 # -- 3. read-only directories and files, as rsync handles them ------------------------------
 
 
-def _cli_unprivileged(env: SiteEnv, *args: str) -> subprocess.CompletedProcess[str]:
-    """The CLI without the capabilities that let root ignore file permissions."""
-    prefix: list[str] = []
-    if os.geteuid() == 0:
-        if shutil.which("setpriv") is None:
-            pytest.skip("needs setpriv to drop root's capabilities")
-        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
-    env_vars = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
-    return subprocess.run(
-        [*prefix, sys.executable, "-m", "datamover", *args, "--config", str(env.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env_vars,
-    )
-
-
 async def test_restage_into_read_only_directories_and_files(make_site: MakeSite) -> None:
     a, b = await make_site("site-a"), await make_site("site-b")
     src = a.data / "ds"
@@ -120,7 +101,7 @@ async def test_restage_into_read_only_directories_and_files(make_site: MakeSite)
     (src / "g").write_text("g\n")
     os.chmod(src / "ro", 0o555)
     assert a.cli("push", "/proj/ds").returncode == 0
-    first = _cli_unprivileged(b, "stage", "/proj/ds")
+    first = cli_unprivileged(b, "stage", "/proj/ds")
     assert first.returncode == 0, first.stderr
     staged = b.data / "ds"
     assert stat.S_IMODE(os.stat(staged / "ro").st_mode) == 0o555
@@ -132,7 +113,7 @@ async def test_restage_into_read_only_directories_and_files(make_site: MakeSite)
     os.chmod(src / "ro", 0o555)
     assert a.cli("push", "/proj/ds").returncode == 0
     for _ in range(2):  # and again, with nothing to do
-        again = _cli_unprivileged(b, "stage", "/proj/ds")
+        again = cli_unprivileged(b, "stage", "/proj/ds")
         assert again.returncode == 0, again.stderr
     assert (staged / "ro" / "f").read_text() == "v2 changed\n"
     assert sorted(p.name for p in (staged / "ro").iterdir()) == ["f", "new"]
@@ -150,7 +131,7 @@ async def test_a_directory_of_another_user_is_a_one_line_error(make_site: MakeSi
     (b.data / "ds" / "sub").mkdir(parents=True)
     os.chown(b.data / "ds" / "sub", 65534, 65534)
     os.chmod(b.data / "ds" / "sub", 0o555)
-    proc = _cli_unprivileged(b, "stage", "/proj/ds")
+    proc = cli_unprivileged(b, "stage", "/proj/ds")
     assert proc.returncode == PermanentError.exit_code, proc.stderr
     assert proc.stderr.count("\n") == 1 and "'sub/f'" in proc.stderr, proc.stderr
 

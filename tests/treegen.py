@@ -44,3 +44,10 @@ def snapshot(root: Path) -> dict[str, tuple]:
         else:
             out[rel] = ("file", stat.S_IMODE(st.st_mode), st.st_mtime_ns, path.read_bytes())
     return out
+
+
+def three_packs(directory: Path) -> None:
+    """40 files of 64 KiB of random (incompressible) bytes: three packs of 1 MiB."""
+    directory.mkdir()
+    for i in range(40):
+        (directory / f"f{i:02d}").write_bytes(os.urandom(64 << 10))
