@@ -259,8 +259,8 @@ def test_a_terminated_demo_stops_its_server_and_removes_its_directory(tmp_path: 
         while _processes_under(tmp_path) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert _processes_under(tmp_path) == []
-        # (weed's own glog files, weed.*, land in $TMPDIR: `embedded.py` sets no -logdir)
         assert [p.name for p in tmp_path.glob("datamover-demo-*")] == []
+        assert [p.name for p in tmp_path.glob("weed.*")] == []  # glog's files went with it
     finally:
         if proc.poll() is None:
             proc.kill()
