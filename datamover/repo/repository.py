@@ -11,10 +11,10 @@ import asyncio
 import json
 import os
 import secrets
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import blake3
 
@@ -36,6 +36,8 @@ from datamover.repo.layout import (
 from datamover.repo.manifest import EntryChecker, SegmentRef, decode_list, decode_segment
 from datamover.storage.base import Store
 
+T = TypeVar("T")
+
 #: The most a config or version document may hold (they are a few hundred bytes).
 DOCUMENT_LIMIT = 1 << 20
 
@@ -45,6 +47,19 @@ def utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+async def gather_or_cancel(checks: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
+    """`asyncio.gather(*checks)`, except that when one fails the others are cancelled and
+    awaited before the error is raised, so none is left running (against the store)."""
+    tasks = [asyncio.ensure_future(c) for c in checks]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+
+
 async def _all_true(checks: Iterable[Coroutine[Any, Any, bool]], batch: int = 256) -> bool:
     """Await `checks` a batch at a time (a bounded number of tasks); False at the first
     batch with a False (the rest are not started)."""
@@ -52,10 +67,10 @@ async def _all_true(checks: Iterable[Coroutine[Any, Any, bool]], batch: int = 25
     for check in checks:
         pending.append(check)
         if len(pending) == batch:
-            if not all(await asyncio.gather(*pending)):
+            if not all(await gather_or_cancel(pending)):
                 return False
             pending = []
-    return all(await asyncio.gather(*pending))
+    return all(await gather_or_cancel(pending))
 
 
 class Repository:

@@ -231,16 +231,10 @@ async def push(
             lost |= lost_packs
             resumed = []  # the heal pass compares with the parent only
             counted.next_pass()
-            spent.uploaded_bytes += result.uploaded_bytes
-            spent.packs += result.packs
-            spent.new_chunks += result.new_chunks
-            spent.new_chunk_bytes += result.new_chunk_bytes
+            _add_sent(spent, result)
         else:
             raise Corrupt(f"push of {dataset!r}: packs keep vanishing from the store")
-        result.uploaded_bytes += spent.uploaded_bytes
-        result.packs += spent.packs
-        result.new_chunks += spent.new_chunks
-        result.new_chunk_bytes += spent.new_chunk_bytes
+        _add_sent(result, spent)
         for digest in lost_objects & {r.digest for r in segments}:
             result.uploaded_bytes += await _restore_manifest_object(site.repo, digest)
         result.parent = parent_id
@@ -280,6 +274,12 @@ async def push(
         await site.catalog.clear_checkpoint(dataset)
         result.seconds = round(time.monotonic() - started, 3)
         return result
+
+
+def _add_sent(into: PushResult, other: PushResult) -> None:
+    """Add what `other` sent to the store (a heal pass's predecessor) to `into`."""
+    for name in ("uploaded_bytes", "packs", "new_chunks", "new_chunk_bytes"):
+        setattr(into, name, getattr(into, name) + getattr(other, name))
 
 
 async def _restore_manifest_object(repo: Repository, digest: bytes) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 from datamover.chunking.pack import pack_key
 from datamover.domain.manifest import ChunkRef
 from datamover.repo.layout import manifest_key
-from datamover.repo.repository import Repository
+from datamover.repo.repository import Repository, gather_or_cancel
 
 _BATCH = 256  # objects HEADed by one background task (the repository bounds concurrency)
 _IN_FLIGHT = 4  # batches of packs checked at once; the walk waits (`flush`) for a free one
@@ -120,14 +120,7 @@ class ReuseCheck:
         try:
             for i in range(0, len(digests), _BATCH):
                 part = digests[i : i + _BATCH]
-                heads = [asyncio.ensure_future(self.repo.stored(key(d))) for d in part]
-                try:
-                    found = await asyncio.gather(*heads)
-                except BaseException:  # one failed: stop the others, leave none running
-                    for head in heads:
-                        head.cancel()
-                    await asyncio.gather(*heads, return_exceptions=True)
-                    raise
+                found = await gather_or_cancel([self.repo.stored(key(d)) for d in part])
                 lost.update(d for d, ok in zip(part, found, strict=True) if not ok)
         finally:
             if slot:
