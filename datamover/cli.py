@@ -7,7 +7,6 @@ with `--json` the same error is also printed as `{"error": {"code", "message"}}`
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -39,6 +38,8 @@ def common(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def run_with_site(config: Any, work: Callable[[Any], Awaitable[T]]) -> T:
     """Open the site of `config` (a `Config`, or a path to load), run `work(site)`, close it."""
+    import asyncio
+
     from datamover.config import load_config
     from datamover.site import Site
 
@@ -261,6 +262,8 @@ def db() -> None:
 @common
 def upgrade(config_path: str | None, as_json: bool) -> None:
     """Migrate the catalog to the newest schema."""
+    import asyncio
+
     from datamover.catalog.engine import create_engine_for
     from datamover.catalog.engine import upgrade as do_upgrade
     from datamover.config import load_config

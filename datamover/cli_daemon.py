@@ -3,7 +3,6 @@ the path by which `push`/`stage` hand their work to a configured, reachable daem
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from typing import Any
 
@@ -23,7 +22,7 @@ def _client(config: Config) -> Any:
     return DaemonClient(url, load_token(config))
 
 
-async def _follow(client: Any, transfer: dict[str, Any], as_json: bool) -> dict[str, Any]:
+def _follow(client: Any, transfer: dict[str, Any], as_json: bool) -> dict[str, Any]:
     """Wait for a transfer, with a progress bar on a terminal; return its final state."""
     with Bar(f"{transfer['kind']} {transfer['path']}", not as_json) as bar:
         seen = {"files": 0, "bytes": 0}
@@ -34,7 +33,7 @@ async def _follow(client: Any, transfer: dict[str, Any], as_json: bool) -> dict[
             seen.update(files=t["files_done"], bytes=t["bytes_done"])
 
         # A progress bar wants an answer twice a second; a script or hook only the end.
-        return await client.wait(transfer["id"], update, hold=0.5 if bar.enabled else 20.0)
+        return client.wait(transfer["id"], update, hold=0.5 if bar.enabled else 20.0)
 
 
 def through_daemon(
@@ -49,21 +48,18 @@ def through_daemon(
         return None
     from datamover.client import transfer_error
 
-    async def go() -> dict[str, Any] | None:
-        async with _client(config) as client:
-            if not await client.reachable():
-                if not wait:
-                    raise TransientError(f"datamover daemon at {config.api_url} unreachable")
-                return None
-            transfer = await client.submit(request)
+    with _client(config) as client:
+        if not client.reachable():
             if not wait:
-                return {"transfer": transfer["id"], "state": transfer["state"]}
-            final = await _follow(client, transfer, as_json)
-            if final["state"] != "succeeded":
-                raise transfer_error(final)
-            return {**(final.get("result") or {}), "transfer": final["id"]}
-
-    return asyncio.run(go())
+                raise TransientError(f"datamover daemon at {config.api_url} unreachable")
+            return None
+        transfer = client.submit(request)
+        if not wait:
+            return {"transfer": transfer["id"], "state": transfer["state"]}
+        final = _follow(client, transfer, as_json)
+    if final["state"] != "succeeded":
+        raise transfer_error(final)
+    return {**(final.get("result") or {}), "transfer": final["id"]}
 
 
 def stage_locally(config: Config, request: dict[str, Any], as_json: bool) -> dict[str, Any]:
@@ -94,6 +90,8 @@ def stage_locally(config: Config, request: dict[str, Any], as_json: bool) -> dic
 @common
 def serve(config_path: str | None, as_json: bool) -> None:
     """Run the site daemon: REST API, transfer workers, metrics (until SIGTERM)."""
+    import asyncio
+
     from datamover.daemon import serve as run_daemon
     from datamover.logs import setup_json_logging
 
@@ -183,13 +181,8 @@ def transfer() -> None:
 
 
 def _call(config_path: str | None, method: str, path: str, **kw: Any) -> Any:
-    config = load_config(config_path)
-
-    async def go() -> Any:
-        async with _client(config) as client:
-            return await client.call(method, path, **kw)
-
-    return asyncio.run(go())
+    with _client(load_config(config_path)) as client:
+        return client.call(method, path, **kw)
 
 
 def _describe(t: dict[str, Any]) -> str:
@@ -309,13 +302,8 @@ def transfer_watch(transfer_id: str, config_path: str | None, as_json: bool) -> 
     """Follow a transfer with a progress bar; exit 0 only if it succeeds."""
     from datamover.client import transfer_error
 
-    config = load_config(config_path)
-
-    async def go() -> dict[str, Any]:
-        async with _client(config) as client:
-            return await _follow(client, await client.get(transfer_id), as_json)
-
-    final = asyncio.run(go())
+    with _client(load_config(config_path)) as client:
+        final = _follow(client, client.get(transfer_id), as_json)
     emit_json(final) if as_json else click.echo(_describe(final))
     if final["state"] != "succeeded":
         exc = transfer_error(final)
@@ -330,7 +318,6 @@ def transfer_watch(transfer_id: str, config_path: str | None, as_json: bool) -> 
 @common
 def release(pin: str, local: bool, config_path: str | None, as_json: bool) -> None:
     """Release every replica held by a pin (the Slurm epilog half of the hook pair)."""
-    from datamover.catalog.access import Access
     from datamover.client import segment
     from datamover.domain.transfers import check_text
 
@@ -338,16 +325,12 @@ def release(pin: str, local: bool, config_path: str | None, as_json: bool) -> No
     config = load_config(config_path)
     released = None
     if not local and config.api_url is not None:
-
-        async def go() -> int | None:
-            async with _client(config) as client:
-                if not await client.reachable():
-                    return None
-                answer = await client.call("DELETE", f"/v1/pins/{segment(pin)}")
-                return int(answer["released"])
-
-        released = asyncio.run(go())
+        with _client(config) as client:
+            if client.reachable():
+                answer = client.call("DELETE", f"/v1/pins/{segment(pin)}")
+                released = int(answer["released"])
     if released is None:
+        from datamover.catalog.access import Access
 
         async def work(site: Any) -> int:
             return await Access(site.catalog.engine).release(pin)

@@ -1,20 +1,24 @@
 """A client of the site daemon's REST API, for the CLI and the job-staging hooks.
 
+Synchronous, on the standard library's `http.client`: a job's prolog runs `datamover stage
+--wait` once per dataset, and an event loop and aiohttp would add about 0.15 s of imports
+to every such call for nothing (the client makes a handful of requests, one at a time).
+One keep-alive connection carries them all.
+
 Error responses become the same `DatamoverError` classes the library raises, so the CLI
 prints one line and exits with the same code whether it worked locally or via the daemon.
 """
 
 from __future__ import annotations
 
-import asyncio
+import http.client
+import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
-
-import aiohttp
-from yarl import URL
+from urllib.parse import quote, urlencode, urlsplit
 
 from datamover.config import Config
 from datamover.errors import (
@@ -28,6 +32,13 @@ from datamover.errors import (
 
 _BY_STATUS = {status: cls for cls, status in reversed(HTTP_STATUS)}
 TERMINAL = ("succeeded", "failed", "cancelled")
+_MAX_ANSWER = 16 * 1024 * 1024  # no API answer comes near this; a larger one is not the daemon
+_CONNECT_SECONDS = 3.0
+# A reused keep-alive connection the daemon has closed meanwhile (a restart) fails like this
+# before any answer; a request that cannot take effect twice (idempotent, or a POST with an
+# Idempotency-Key) is then sent once more, on a fresh connection.
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+_IDEMPOTENT = ("GET", "HEAD", "DELETE")
 
 
 def segment(value: str) -> str:
@@ -92,36 +103,131 @@ def transfer_error(transfer: dict[str, Any]) -> DatamoverError:
 
 
 class DaemonClient:
-    """Talks to one daemon at `base_url` with `token`. Use as an async context manager."""
+    """Talks to one daemon at `base_url` (`http://` or `https://`, optionally with a path
+    prefix) with `token`, over one keep-alive connection. Use as a context manager.
+
+    `timeout` bounds every wait for the daemon (a connection is given 3 s of it at most);
+    a long poll asks the daemon to answer well within it. Raises `InvalidInput` for a URL
+    that is not an http(s) URL with a host.
+    """
 
     def __init__(self, base_url: str, token: str | None, timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self._seconds = timeout
-        self._timeout = aiohttp.ClientTimeout(total=timeout, connect=3)
-        self._session: aiohttp.ClientSession | None = None
+        try:
+            parts = urlsplit(self.base_url)
+            port = parts.port
+        except ValueError as exc:
+            raise InvalidInput(f"[api] url {base_url!r} is not a URL: {exc}") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidInput(f"[api] url {base_url!r}: expected http://HOST[:PORT][/PREFIX]")
+        if parts.query or parts.fragment:
+            raise InvalidInput(f"[api] url {base_url!r} must not carry a query or a fragment")
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = port
+        self._prefix = parts.path
+        self._conn: http.client.HTTPConnection | None = None
 
-    async def __aenter__(self) -> DaemonClient:
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        self._session = aiohttp.ClientSession(headers=headers, timeout=self._timeout)
+    def __enter__(self) -> DaemonClient:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        if self._session is not None:
-            await self._session.close()
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
-    async def reachable(self) -> bool:
-        """True when the daemon answers `/healthz` within a second."""
-        assert self._session is not None
+    def close(self) -> None:
+        """Close the connection, if one is open."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _connection(self, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+        """The open connection with `timeout` set, and whether it served a request before."""
+        conn = self._conn
+        if conn is None:
+            if self._https:
+                import ssl  # only for a daemon behind TLS: creating a context costs 10+ ms
+
+                conn = http.client.HTTPSConnection(
+                    self._host, self._port, context=ssl.create_default_context()
+                )
+            else:
+                conn = http.client.HTTPConnection(self._host, self._port)
+            self._conn = conn
+        reused = conn.sock is not None
+        if not reused:
+            conn.timeout = min(timeout, _CONNECT_SECONDS)
+            conn.connect()
+        assert conn.sock is not None
+        conn.sock.settimeout(timeout)
+        return conn, reused
+
+    def _exchange(
+        self, method: str, target: str, data: bytes | None, headers: dict[str, str], timeout: float
+    ) -> tuple[int, bytes]:
+        """Send one request and read its whole answer; sent once more on a fresh connection
+        when a reused one turns out closed and the request cannot take effect twice."""
+        for attempt in (1, 2):
+            reused = False
+            try:
+                conn, reused = self._connection(timeout)
+                conn.request(method, target, body=data, headers=headers)
+                resp = conn.getresponse()
+                raw = resp.read(_MAX_ANSWER + 1)
+                if len(raw) > _MAX_ANSWER or resp.will_close or not resp.isclosed():
+                    self.close()
+                return resp.status, raw
+            except _STALE:
+                self.close()
+                again = method in _IDEMPOTENT or "Idempotency-Key" in headers
+                if not (reused and attempt == 1 and again):
+                    raise
+            except BaseException:
+                self.close()  # a half-read answer would be taken for the next one's
+                raise
+        raise AssertionError("unreachable")
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        params: dict[str, str] | None = None,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> tuple[int, Any]:
+        """One request; its status and decoded JSON answer (None if it is not JSON).
+        Raises `TransientError` when the daemon cannot be reached or stops answering."""
+        target = self._prefix + path + ("?" + urlencode(params) if params else "")
+        sent = {"Accept": "application/json", **(headers or {})}
+        if self.token:
+            sent["Authorization"] = f"Bearer {self.token}"
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            sent["Content-Type"] = "application/json"
         try:
-            async with self._session.get(
-                self.base_url + "/healthz", timeout=aiohttp.ClientTimeout(total=1)
-            ) as resp:
-                return resp.status == 200
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            return False
+            status, raw = self._exchange(method, target, data, sent, timeout or self._seconds)
+        except (OSError, http.client.HTTPException) as exc:
+            reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+            raise TransientError(
+                f"datamover daemon at {self.base_url} unreachable: {reason or type(exc).__name__}"
+            ) from None
+        try:
+            return status, json.loads(raw)
+        except ValueError:
+            return status, None
 
-    async def call(
+    def reachable(self) -> bool:
+        """True when the daemon answers `/healthz` within a second."""
+        try:
+            status, _ = self.request("GET", "/healthz", timeout=1.0)
+        except TransientError:
+            return False
+        return status == 200
+
+    def call(
         self,
         method: str,
         path: str,
@@ -131,36 +237,23 @@ class DaemonClient:
     ) -> Any:
         """One request; the decoded JSON answer, or the mapped error. `path` is sent as it
         is (already encoded): build its variable parts with `segment`."""
-        assert self._session is not None
-        url = URL(self.base_url + path, encoded=True)
-        try:
-            async with self._session.request(
-                method, url, json=body, params=params, headers=headers
-            ) as resp:
-                try:
-                    data = await resp.json(content_type=None)
-                except (ValueError, aiohttp.ContentTypeError):
-                    data = None
-                if resp.status >= 400:
-                    raise error_from(resp.status, data)
-                return data
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise TransientError(
-                f"datamover daemon at {self.base_url} unreachable: {exc or type(exc).__name__}"
-            ) from None
+        status, data = self.request(method, path, body, params, headers)
+        if status >= 400:
+            raise error_from(status, data)
+        return data
 
-    async def submit(self, request: dict[str, Any], key: str | None = None) -> dict[str, Any]:
+    def submit(self, request: dict[str, Any], key: str | None = None) -> dict[str, Any]:
         """POST /v1/transfers."""
         headers = {"Idempotency-Key": key} if key else None
-        return await self.call("POST", "/v1/transfers", request, headers=headers)
+        return self.call("POST", "/v1/transfers", request, headers=headers)
 
-    async def get(self, transfer_id: str, hold: float = 0.0) -> dict[str, Any]:
+    def get(self, transfer_id: str, hold: float = 0.0) -> dict[str, Any]:
         """GET /v1/transfers/{id}; with `hold`, the daemon answers once the transfer ends or
         `hold` seconds have passed (a long poll)."""
         params = {"wait": f"{hold:g}"} if hold > 0 else None
-        return await self.call("GET", f"/v1/transfers/{segment(transfer_id)}", params=params)
+        return self.call("GET", f"/v1/transfers/{segment(transfer_id)}", params=params)
 
-    async def wait(
+    def wait(
         self,
         transfer_id: str,
         on_update: Callable[[dict[str, Any]], None] | None = None,
@@ -180,23 +273,22 @@ class DaemonClient:
         """
         if not 0 <= hold <= self._seconds - 5:
             raise ValueError(f"hold {hold} s does not fit the client's {self._seconds} s time-out")
-        loop = asyncio.get_running_loop()
         unreachable_since: float | None = None
         while True:
-            asked = loop.time()
+            asked = time.monotonic()
             try:
-                transfer = await self.get(transfer_id, hold)
+                transfer = self.get(transfer_id, hold)
             except TransientError:
-                now = loop.time()
+                now = time.monotonic()
                 unreachable_since = unreachable_since or now
                 if now - unreachable_since > patience:
                     raise
-                await asyncio.sleep(min(2.0, interval * 4))
+                time.sleep(min(2.0, interval * 4))
                 continue
             unreachable_since = None
             if on_update is not None:
                 on_update(transfer)
             if transfer["state"] in TERMINAL:
                 return transfer
-            if loop.time() - asked < hold / 2:  # not held: poll at `interval`
-                await asyncio.sleep(interval)
+            if time.monotonic() - asked < hold / 2:  # not held: poll at `interval`
+                time.sleep(interval)

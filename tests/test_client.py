@@ -1,0 +1,125 @@
+"""The daemon client the CLI and the staging hooks use: the CLI's daemon path loads no event
+loop, HTTP library or database driver, keeps one connection, survives a daemon restart
+between requests, and names a malformed `[api] url` in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from datamover.client import DaemonClient
+from datamover.errors import InvalidInput, TransientError
+from tests.fixtures_daemon import StartSite, start_daemon
+from tests.fixtures_sites import MakeSite
+
+HEAVY = ("asyncio", "aiohttp", "sqlalchemy", "botocore", "aiobotocore")
+
+
+def _imported(stderr: str) -> set[str]:
+    """Top-level packages named by `python -X importtime`'s report on stderr."""
+    names = set()
+    for line in stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip().split(".")[0])
+    return names
+
+
+async def test_stage_through_the_daemon_imports_nothing_heavy(
+    served_site: StartSite, make_site: MakeSite
+) -> None:
+    a = await make_site("site-a")
+    (a.data / "x").mkdir()
+    for i in range(5):
+        (a.data / "x" / f"f{i}").write_bytes(os.urandom(1000))
+    a.cli_json("push", "/proj/x")
+    d = await served_site("site-b")
+    token = d.token("t1", "/proj", "write")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "datamover",
+            "stage",
+            "/proj/x",
+            "--wait",
+            "--json",
+            "--config",
+            str(d.env.config_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**environ, "DATAMOVER_TOKEN": token},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["transfer"].startswith("tr-") and result["files"] == 5
+    assert sorted((d.env.data / "x").iterdir()) == [d.env.data / "x" / f"f{i}" for i in range(5)]
+    imported = _imported(proc.stderr)
+    assert "datamover" in imported and "http" in imported  # the report is what it seems
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
+async def test_one_connection_survives_a_daemon_restart(served_site: StartSite) -> None:
+    first = await served_site("site-b")
+    token = first.token("t1", "/proj", "write")
+    running = [first]
+
+    def restart() -> None:
+        running[-1].stop()
+        running.append(start_daemon(first.env))  # same config, same port
+
+    try:
+        with DaemonClient(first.url, token) as client:
+            assert client.reachable()
+            assert client.call("GET", "/v1/transfers")["transfers"] == []
+            sock = client._conn.sock if client._conn else None
+            client.call("GET", "/v1/transfers", params={"limit": "5"})
+            assert sock is not None and client._conn and client._conn.sock is sock  # kept
+            restart()
+            # The kept connection is dead now: a GET is sent again on a new one ...
+            assert client.call("GET", "/v1/transfers")["transfers"] == []
+            restart()
+            # ... and so is a POST with an Idempotency-Key ...
+            body = {"kind": "stage", "path": "/proj/nothing-here"}
+            assert client.submit(body, key="k-1")["id"].startswith("tr-")
+            restart()
+            # ... but not one without: the dead connection might have delivered it.
+            with pytest.raises(TransientError, match="unreachable"):
+                client.submit(body)
+            assert client.call("GET", "/healthz") is not None  # a new connection again
+        assert client._conn is None
+    finally:
+        for daemon in running:
+            daemon.stop()
+    assert not client.reachable()  # nobody listens any more
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("ftp://127.0.0.1:1", "expected http://HOST"),
+        ("http://", "expected http://HOST"),
+        ("http://127.0.0.1:99999", "is not a URL"),
+        ("http://127.0.0.1:1/?x=1", "query"),
+    ],
+)
+def test_a_malformed_url_is_named(url: str, says: str) -> None:
+    with pytest.raises(InvalidInput, match=says):
+        DaemonClient(url, None)
+
+
+async def test_a_malformed_url_is_one_line_from_the_cli(make_site: MakeSite) -> None:
+    a = await make_site("site-a", api={"url": "ftp://127.0.0.1:1"})
+    for args in (("transfer", "list"), ("stage", "/proj/x", "--wait"), ("release", "--pin", "j")):
+        proc = a.cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "[api] url 'ftp://127.0.0.1:1'" in lines[0], proc.stderr
