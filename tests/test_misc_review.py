@@ -20,7 +20,7 @@ import pytest
 from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.datasets import list_datasets
 from datamover.domain.manifest import Kind
-from datamover.errors import Conflict, InvalidInput
+from datamover.errors import Conflict, InvalidInput, PermanentError
 from datamover.repo.layout import version_key
 from datamover.site import Site, make_store
 from datamover.storage.base import ObjectInfo, Store
@@ -213,6 +213,39 @@ async def test_an_unreadable_directory_is_named_like_an_unreadable_file(
     assert proc.stderr.count("\n") == 1, proc.stderr
     assert "'locked'" in proc.stderr or "/ds/locked'" in proc.stderr, proc.stderr
     assert "permission denied" in proc.stderr, proc.stderr
+
+
+async def test_a_dataset_directory_that_cannot_be_looked_into_is_named_not_missing(
+    make_site: MakeSite,
+) -> None:
+    a = await make_site("a")
+    (a.data / "locked" / "ds").mkdir(parents=True)
+    (a.data / "locked" / "ds" / "f").write_text("data\n")
+    a.cli_json("push", "/proj/locked/ds")
+    # The same site with its configured directory itself inside the locked one.
+    mapped = f'"/proj" = "{a.data}"'
+    assert mapped in a.config_path.read_text()
+    inside = dataclasses.replace(a, config_path=a.config_path.with_name("inside.toml"))
+    inside.config_path.write_text(
+        a.config_path.read_text().replace(mapped, f'"/proj" = "{a.data}/locked/ds"')
+    )
+    os.chmod(a.data / "locked", 0)
+    try:
+        runs = {
+            (env.name, *args): cli_unprivileged(env, *args)
+            for env, args in (
+                (a, ("push", "/proj/locked/ds")),
+                (a, ("verify", "/proj/locked/ds")),
+                (inside, ("push", "/proj/x")),
+            )
+        }
+    finally:
+        os.chmod(a.data / "locked", 0o755)
+    for args, proc in runs.items():
+        assert proc.returncode == PermanentError.exit_code, (args, proc.stderr)
+        assert proc.stderr.count("\n") == 1, (args, proc.stderr)
+        assert "permission denied" in proc.stderr and "does not exist" not in proc.stderr
+        assert f"{a.data}/locked" in proc.stderr, (args, proc.stderr)
 
 
 # -- the demo ------------------------------------------------------------------------------

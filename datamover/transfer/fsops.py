@@ -112,19 +112,27 @@ def check_root(base: Path, parts: Sequence[str]) -> None:
 
     Raises `NotFound` when it is missing, `InvalidInput` when a component is a symlink or
     not a directory: push must not read, nor verify compare, a tree reached through a link
-    (it may lead outside the namespace), and stage never writes through one.
+    (it may lead outside the namespace), and stage never writes through one. A component
+    this process may not look into is `PermanentError` naming it, not "does not exist".
     """
-    if not base.is_dir():
-        raise NotFound(f"{base}: the dataset's local directory does not exist")
+    missing = f"{base.joinpath(*parts)}: the dataset's local directory does not exist"
+    try:
+        base_mode = os.stat(base).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        raise NotFound(missing) from None
+    except PermissionError as exc:
+        raise denied(str(base), exc) from None
+    if not stat.S_ISDIR(base_mode):
+        raise InvalidInput(f"{base}: is not a directory ([namespace] maps the dataset there)")
     path = base
     for name in parts:
         path = path / name
         try:
             mode = os.lstat(path).st_mode
         except FileNotFoundError:
-            raise NotFound(
-                f"{base.joinpath(*parts)}: the dataset's local directory does not exist"
-            ) from None
+            raise NotFound(missing) from None
+        except PermissionError as exc:
+            raise denied(str(path), exc) from None
         if stat.S_ISLNK(mode):
             raise InvalidInput(
                 f"{path}: is a symlink, not the dataset's directory (datamover never reads "
