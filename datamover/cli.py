@@ -7,6 +7,7 @@ with `--json` the same error is also printed as `{"error": {"code", "message"}}`
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -238,19 +239,51 @@ def verify(
 @click.argument("prefix", default="/")
 @common
 def ls(prefix: str, config_path: str | None, as_json: bool) -> None:
-    """List datasets under PREFIX and their versions."""
-    from datamover.datasets import list_datasets
+    """List datasets under PREFIX and their versions.
 
-    infos = run_with_site(config_path, lambda site: list_datasets(site, prefix))
+    Printed one dataset at a time as the store lists them.
+    """
+    from datamover.datasets import iter_datasets
+
+    def close_json(error: DatamoverError | None = None) -> None:
+        tail: dict[str, Any] = {"prefix": prefix}
+        if error is not None:
+            tail["error"] = {"code": error.code, "message": error.message}
+        sys.stdout.write("], " + json.dumps(tail, sort_keys=True)[1:] + "\n")
+        sys.stdout.flush()
+
+    started = False
+
+    async def work(site: Any) -> None:
+        nonlocal started
+        async for info in iter_datasets(site, prefix):
+            if as_json:
+                # The same bytes as one `emit_json` of the whole listing ("datasets" sorts
+                # first), without holding it.
+                sys.stdout.write(", " if started else '{"datasets": [')
+                sys.stdout.write(json.dumps(info.to_json(), sort_keys=True))
+                started = True
+                continue
+            click.echo(info.path)
+            for v in info.versions:
+                click.echo(
+                    f"  {v.version}  {v.files:>10} files  {human_bytes(v.bytes):>10}  from {v.site}"
+                )
+
+    try:
+        run_with_site(config_path, work)
+    except Exception as exc:
+        error = exc if isinstance(exc, DatamoverError) else _expected(exc)
+        if not started or error is None:
+            raise
+        # Part of the object is out: end it, with the error in it, so stdout stays one object.
+        close_json(error)
+        error_line(error.message)
+        _leave(error.exit_code)
     if as_json:
-        emit_json({"prefix": prefix, "datasets": [i.to_json() for i in infos]})
-        return
-    for info in infos:
-        click.echo(info.path)
-        for v in info.versions:
-            click.echo(
-                f"  {v.version}  {v.files:>10} files  {human_bytes(v.bytes):>10}  from {v.site}"
-            )
+        if not started:
+            sys.stdout.write('{"datasets": [')
+        close_json()
 
 
 @cli.group()

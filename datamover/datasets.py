@@ -2,11 +2,15 @@
 
 Version documents are immutable, so each is fetched from the store once and then served
 from the catalog; listing a prefix costs one LIST plus GETs only for versions new to us.
+The listing is read in batches and handed on one dataset at a time, so memory follows the
+largest dataset's versions, not the whole tree's.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -16,6 +20,8 @@ from datamover.site import Site
 
 #: Version documents read at once.
 _FETCHERS = 16
+#: Listed versions looked up in the catalog (and read from the store) together.
+_BATCH = 1024
 
 
 @dataclass
@@ -30,15 +36,74 @@ class DatasetInfo:
         return {"path": self.path, "versions": [asdict(v) for v in self.versions]}
 
 
-async def list_datasets(site: Site, prefix: str = "/") -> list[DatasetInfo]:
-    """Every dataset under logical `prefix` with all its versions.
+async def iter_datasets(site: Site, prefix: str = "/") -> AsyncIterator[DatasetInfo]:
+    """Every dataset under logical `prefix` with all its versions, one dataset at a time,
+    in the store's key order (the percent-encoded path: `/proj/a/b` before `/proj/a`).
 
     A document is known by its dataset and id together: the catalog's cache is keyed by id,
     and a bucket may hold one id under two datasets (a document copied or crafted there), so
     a cached document of another dataset is not this one's. A version removed between the
     listing and the read of its document is left out, as if listed a moment later.
     """
-    pairs = [pair async for pair in site.repo.datasets(prefix)]
+    current: DatasetInfo | None = None
+    async with aclosing(_batches(site.repo.datasets(prefix))) as batches:
+        async for batch in batches:
+            for info in _group(await _read(site, batch), current):
+                if current is not None and info is not current and _listed(current):
+                    yield current
+                current = info
+    if current is not None and _listed(current):
+        yield current
+
+
+def _listed(info: DatasetInfo) -> bool:
+    """Whether anything is left of `info` (all its versions may have been removed)."""
+    return bool(info.versions)
+
+
+async def _batches(
+    pairs: AsyncGenerator[tuple[str, str], None],
+) -> AsyncIterator[list[tuple[str, str]]]:
+    """`pairs` in lists of at most `_BATCH`."""
+    async with aclosing(pairs):
+        batch: list[tuple[str, str]] = []
+        async for pair in pairs:
+            batch.append(pair)
+            if len(batch) == _BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+async def list_datasets(site: Site, prefix: str = "/") -> list[DatasetInfo]:
+    """`iter_datasets` as one list (for callers that want everything at once)."""
+    return [info async for info in iter_datasets(site, prefix)]
+
+
+def _group(
+    read: list[tuple[str, str, VersionDoc | None]], current: DatasetInfo | None
+) -> list[DatasetInfo]:
+    """Add `read` to `current` (the dataset the previous batch ended with) and to the
+    datasets that follow it; return them in order, `current` first if it was added to."""
+    out: list[DatasetInfo] = []
+    for dataset, _version, doc in read:
+        if current is None or current.path != dataset:
+            current = DatasetInfo(dataset, [])
+        if not out or out[-1] is not current:
+            out.append(current)
+        if doc is not None:
+            current.versions.append(doc)
+    return out
+
+
+async def _read(
+    site: Site, pairs: list[tuple[str, str]]
+) -> list[tuple[str, str, VersionDoc | None]]:
+    """Each listed version's document (None if removed since it was listed), from the
+    catalog's cache or the store; newly read ones are cached."""
+    if not pairs:
+        return []
     cached = await site.catalog.cached_versions(sorted({v for _, v in pairs}))
     docs: dict[tuple[str, str], VersionDoc] = {}
     missing: list[tuple[str, str]] = []
@@ -52,13 +117,15 @@ async def list_datasets(site: Site, prefix: str = "/") -> list[DatasetInfo]:
     todo = iter(missing)
 
     async def fetch() -> None:
-        # A few readers pulling from one list: a task per version would hold a million
-        # tasks for a bucket with a million versions new to this site.
+        # A few readers pulling from one list: a task per version would hold a task for
+        # every version in the batch new to this site.
         for dataset, version in todo:
             try:
-                fetched.append(await site.repo.read_version(dataset, version))
+                doc = await site.repo.read_version(dataset, version)
             except NotFound:
                 continue  # removed since it was listed
+            fetched.append(doc)
+            docs[dataset, version] = doc
 
     tasks = [asyncio.ensure_future(fetch()) for _ in range(min(_FETCHERS, len(missing)))]
     try:
@@ -68,13 +135,4 @@ async def list_datasets(site: Site, prefix: str = "/") -> list[DatasetInfo]:
             task.cancel()
         raise
     await site.catalog.record_versions(fetched)
-    docs.update({(doc.dataset, doc.version): doc for doc in fetched})
-    grouped: dict[str, list[VersionDoc]] = {}
-    for key in pairs:
-        doc = docs.get(key)
-        if doc is not None:
-            grouped.setdefault(key[0], []).append(doc)
-    return [
-        DatasetInfo(path, sorted(versions, key=lambda d: d.version))
-        for path, versions in sorted(grouped.items())
-    ]
+    return [(dataset, version, docs.get((dataset, version))) for dataset, version in pairs]

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import aclosing
+from dataclasses import asdict
 from importlib import resources
+from typing import Any
 
 from aiohttp import web
 
@@ -25,7 +28,7 @@ from datamover.api.validate import (
     version,
 )
 from datamover.catalog.transfers import Submission, TransferRow
-from datamover.datasets import list_datasets as collect_datasets
+from datamover.datasets import iter_datasets
 from datamover.domain.paths import check_logical_path
 from datamover.domain.transfers import TERMINAL, check_idempotency_key
 from datamover.errors import DatamoverError, Forbidden, InvalidInput, NotFound
@@ -186,16 +189,17 @@ async def list_datasets(request: web.Request) -> web.Response:
     who = require(request, "read")
     raw = query_text(request, "prefix") or "/"
     prefix = "/" if raw == "/" else check_logical_path(raw)
-    infos = await collect_datasets(ctx.site, prefix)
-    visible = [i for i in infos if who.allows("admin") or who.covers(i.path)]
-    return _json(
-        {
-            "datasets": [
-                {"path": i.path, "versions": len(i.versions), "latest": i.to_json()["versions"][-1]}
-                for i in visible
-            ]
-        }
-    )
+    datasets: list[dict[str, Any]] = []
+    async for info in iter_datasets(ctx.site, prefix):
+        if who.allows("admin") or who.covers(info.path):
+            datasets.append(
+                {
+                    "path": info.path,
+                    "versions": len(info.versions),
+                    "latest": asdict(info.versions[-1]),
+                }
+            )
+    return _json({"datasets": datasets})
 
 
 async def list_versions(request: web.Request) -> web.Response:
@@ -203,10 +207,15 @@ async def list_versions(request: web.Request) -> web.Response:
     ctx = context(request)
     path = logical_path("/" + request.match_info["path"].strip("/"), "path")
     require(request, "read", path)
-    infos = [i for i in await collect_datasets(ctx.site, path) if i.path == path]
-    if not infos:
+    found = None
+    async with aclosing(iter_datasets(ctx.site, path)) as infos:
+        async for info in infos:
+            if info.path == path:
+                found = info
+                break
+    if found is None:
         raise NotFound(f"dataset {path!r} has no published version")
-    return _json({"path": path, "versions": infos[0].to_json()["versions"]})
+    return _json({"path": path, "versions": [asdict(v) for v in found.versions]})
 
 
 async def list_replicas(request: web.Request) -> web.Response:
