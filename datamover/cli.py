@@ -18,7 +18,7 @@ import click
 
 from datamover import gctune
 from datamover.console import Bar, emit_json, error_line, human_bytes
-from datamover.errors import DatamoverError
+from datamover.errors import Corrupt, DatamoverError
 
 T = TypeVar("T")
 
@@ -241,12 +241,16 @@ def verify(
 def ls(prefix: str, config_path: str | None, as_json: bool) -> None:
     """List datasets under PREFIX and their versions.
 
-    Printed one dataset at a time as the store lists them.
+    Printed one dataset at a time as the store lists them. A corrupt version document is
+    one warning line on stderr (and an entry of "errors" with --json); the others are still
+    listed, and the command then exits 5.
     """
-    from datamover.datasets import iter_datasets
+    from datamover.datasets import BadVersion, iter_datasets
+
+    bad: list[BadVersion] = []
 
     def close_json(error: DatamoverError | None = None) -> None:
-        tail: dict[str, Any] = {"prefix": prefix}
+        tail: dict[str, Any] = {"errors": [b.to_json() for b in bad], "prefix": prefix}
         if error is not None:
             tail["error"] = {"code": error.code, "message": error.message}
         sys.stdout.write("], " + json.dumps(tail, sort_keys=True)[1:] + "\n")
@@ -257,6 +261,11 @@ def ls(prefix: str, config_path: str | None, as_json: bool) -> None:
     async def work(site: Any) -> None:
         nonlocal started
         async for info in iter_datasets(site, prefix):
+            for b in info.bad:
+                bad.append(b)
+                click.echo(f"datamover: warning: {b.error.message}", err=True)
+            if not info.versions:
+                continue
             if as_json:
                 # The same bytes as one `emit_json` of the whole listing ("datasets" sorts
                 # first), without holding it.
@@ -284,6 +293,8 @@ def ls(prefix: str, config_path: str | None, as_json: bool) -> None:
         if not started:
             sys.stdout.write('{"datasets": [')
         close_json()
+    if bad:
+        sys.exit(Corrupt.exit_code)
 
 
 @cli.group()

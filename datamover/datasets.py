@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from datamover.errors import NotFound
+from datamover.errors import Corrupt, NotFound
 from datamover.repo.layout import VersionDoc
 from datamover.site import Site
 
@@ -25,14 +25,33 @@ _BATCH = 1024
 
 
 @dataclass
-class DatasetInfo:
-    """A dataset and its versions, oldest first."""
+class BadVersion:
+    """A version whose document could not be used: listed, but not as a version."""
 
     path: str
-    versions: list[VersionDoc]
+    version: str
+    error: Corrupt
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
+        return {
+            "path": self.path,
+            "version": self.version,
+            "code": self.error.code,
+            "message": self.error.message,
+        }
+
+
+@dataclass
+class DatasetInfo:
+    """A dataset and its readable versions, oldest first, and those it could not read."""
+
+    path: str
+    versions: list[VersionDoc]
+    bad: list[BadVersion] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (readable versions only: `bad` is reported on its own)."""
         return {"path": self.path, "versions": [asdict(v) for v in self.versions]}
 
 
@@ -43,7 +62,10 @@ async def iter_datasets(site: Site, prefix: str = "/") -> AsyncIterator[DatasetI
     A document is known by its dataset and id together: the catalog's cache is keyed by id,
     and a bucket may hold one id under two datasets (a document copied or crafted there), so
     a cached document of another dataset is not this one's. A version removed between the
-    listing and the read of its document is left out, as if listed a moment later.
+    listing and the read of its document is left out, as if listed a moment later. A
+    version whose document is corrupt is reported in its dataset's `bad` and not cached;
+    a dataset with no readable version is yielded with no versions. Any other error (the
+    store or catalog unavailable or refusing) ends the listing.
     """
     current: DatasetInfo | None = None
     async with aclosing(_batches(site.repo.datasets(prefix))) as batches:
@@ -58,7 +80,7 @@ async def iter_datasets(site: Site, prefix: str = "/") -> AsyncIterator[DatasetI
 
 def _listed(info: DatasetInfo) -> bool:
     """Whether anything is left of `info` (all its versions may have been removed)."""
-    return bool(info.versions)
+    return bool(info.versions or info.bad)
 
 
 async def _batches(
@@ -82,30 +104,32 @@ async def list_datasets(site: Site, prefix: str = "/") -> list[DatasetInfo]:
 
 
 def _group(
-    read: list[tuple[str, str, VersionDoc | None]], current: DatasetInfo | None
+    read: list[tuple[str, str, VersionDoc | Corrupt | None]], current: DatasetInfo | None
 ) -> list[DatasetInfo]:
     """Add `read` to `current` (the dataset the previous batch ended with) and to the
     datasets that follow it; return them in order, `current` first if it was added to."""
     out: list[DatasetInfo] = []
-    for dataset, _version, doc in read:
+    for dataset, version, doc in read:
         if current is None or current.path != dataset:
             current = DatasetInfo(dataset, [])
         if not out or out[-1] is not current:
             out.append(current)
-        if doc is not None:
+        if isinstance(doc, Corrupt):
+            current.bad.append(BadVersion(dataset, version, doc))
+        elif doc is not None:
             current.versions.append(doc)
     return out
 
 
 async def _read(
     site: Site, pairs: list[tuple[str, str]]
-) -> list[tuple[str, str, VersionDoc | None]]:
-    """Each listed version's document (None if removed since it was listed), from the
-    catalog's cache or the store; newly read ones are cached."""
+) -> list[tuple[str, str, VersionDoc | Corrupt | None]]:
+    """Each listed version's document (None if removed since it was listed, the error if
+    corrupt), from the catalog's cache or the store; newly read ones are cached."""
     if not pairs:
         return []
     cached = await site.catalog.cached_versions(sorted({v for _, v in pairs}))
-    docs: dict[tuple[str, str], VersionDoc] = {}
+    docs: dict[tuple[str, str], VersionDoc | Corrupt] = {}
     missing: list[tuple[str, str]] = []
     for dataset, version in pairs:
         doc = cached.get(version)
@@ -124,6 +148,9 @@ async def _read(
                 doc = await site.repo.read_version(dataset, version)
             except NotFound:
                 continue  # removed since it was listed
+            except Corrupt as e:
+                docs[dataset, version] = e
+                continue
             fetched.append(doc)
             docs[dataset, version] = doc
 
@@ -131,7 +158,7 @@ async def _read(
     try:
         await asyncio.gather(*tasks)
     except BaseException:
-        for task in tasks:  # a corrupt document: the other readers stop too
+        for task in tasks:  # the store or catalog failed: the other readers stop too
             task.cancel()
         raise
     await site.catalog.record_versions(fetched)

@@ -1,9 +1,10 @@
 """`datamover ls` and GET /v1/datasets: the listing is read in bounded batches and handed on
-one dataset at a time."""
+one dataset at a time, and a corrupt version document is reported without hiding the rest."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -11,9 +12,11 @@ import pytest
 
 from datamover import datasets
 from datamover.domain.ids import new_version_id
+from datamover.repo.layout import version_key
 from datamover.site import Site, make_store
 from datamover.storage.base import ObjectInfo, Store
 from datamover.transfer.push import push
+from tests.fixtures_daemon import StartSite
 from tests.fixtures_sites import MakeSite, SiteEnv
 from tests.treegen import make_tree
 
@@ -79,3 +82,70 @@ async def test_ls_hands_on_each_dataset_before_the_whole_tree_is_listed(
         assert listed == ids  # and now from the catalog's cache
     finally:
         await site.close()
+
+
+async def _corrupt(a: SiteEnv, path: str) -> tuple[str, str]:
+    """Publish a version of `path` whose document is not JSON; return its id and key."""
+    site = await a.open()
+    try:
+        vid = new_version_id("a")
+        key = version_key(path, vid)
+        await site.store.put(key, b"{not json")
+    finally:
+        await site.close()
+    return vid, key
+
+
+async def test_ls_lists_the_rest_and_names_a_corrupt_version_document(
+    make_site: MakeSite,
+) -> None:
+    # One corrupt version document anywhere under the prefix made `ls` fail as a whole:
+    # no dataset was listed, in the CLI or through GET /v1/datasets.
+    a = await make_site("a")
+    ids = await _versions(a, ["/proj/x", "/proj/y"], per_dataset=2)
+    bad_x, key_x = await _corrupt(a, "/proj/x")
+    bad_w, key_w = await _corrupt(a, "/proj/w")  # a dataset with no readable version
+    b = await make_site("b")
+    for _ in range(2):  # the good documents read from the store, then from the cache
+        r = b.cli("ls", "/proj", "--json")
+        assert r.returncode == 5, r.stderr
+        out = json.loads(r.stdout)
+        assert out["prefix"] == "/proj"
+        assert {d["path"]: [v["version"] for v in d["versions"]] for d in out["datasets"]} == ids
+        assert sorted((e["path"], e["version"], e["code"]) for e in out["errors"]) == [
+            ("/proj/w", bad_w, "corrupt"),
+            ("/proj/x", bad_x, "corrupt"),
+        ]
+        warnings = r.stderr.splitlines()
+        assert len(warnings) == 2 and all(w.startswith("datamover: warning: ") for w in warnings)
+        assert any(key_w in w for w in warnings) and any(key_x in w for w in warnings)
+    r = b.cli("ls", "/proj")
+    assert r.returncode == 5 and "/proj/x\n" in r.stdout and "/proj/y\n" in r.stdout
+    assert "/proj/w" not in r.stdout and len(r.stderr.splitlines()) == 2
+    r = b.cli("ls", "/proj/y", "--json")  # nothing corrupt there: as before
+    assert r.returncode == 0 and json.loads(r.stdout)["errors"] == []
+
+
+async def test_the_api_lists_the_rest_and_names_a_corrupt_version_document(
+    make_site: MakeSite, served_site: StartSite
+) -> None:
+    a = await make_site("a")
+    ids = await _versions(a, ["/proj/x"], per_dataset=2)
+    bad_x, _ = await _corrupt(a, "/proj/x")
+    bad_w, _ = await _corrupt(a, "/proj/w")
+    d = await served_site("b")
+    token = d.token("t1", "/proj", "read")
+    status, listed = d.request("GET", "/v1/datasets?prefix=/proj", token)
+    assert status == 200, listed
+    assert [(x["path"], x["versions"]) for x in listed["datasets"]] == [("/proj/x", 2)]
+    assert listed["datasets"][0]["latest"]["version"] == ids["/proj/x"][-1]
+    assert sorted((e["path"], e["version"]) for e in listed["errors"]) == [
+        ("/proj/w", bad_w),
+        ("/proj/x", bad_x),
+    ]
+    status, versions = d.request("GET", "/v1/datasets/proj/x/versions", token)
+    assert status == 200, versions
+    assert [v["version"] for v in versions["versions"]] == ids["/proj/x"]
+    assert [e["version"] for e in versions["errors"]] == [bad_x]
+    status, err = d.request("GET", "/v1/datasets/proj/w/versions", token)
+    assert status == 502 and err["error"]["code"] == "corrupt", err

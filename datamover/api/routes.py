@@ -190,8 +190,12 @@ async def list_datasets(request: web.Request) -> web.Response:
     raw = query_text(request, "prefix") or "/"
     prefix = "/" if raw == "/" else check_logical_path(raw)
     datasets: list[dict[str, Any]] = []
+    errors: list[dict[str, Any]] = []
     async for info in iter_datasets(ctx.site, prefix):
-        if who.allows("admin") or who.covers(info.path):
+        if not (who.allows("admin") or who.covers(info.path)):
+            continue
+        errors.extend(b.to_json() for b in info.bad)
+        if info.versions:
             datasets.append(
                 {
                     "path": info.path,
@@ -199,7 +203,7 @@ async def list_datasets(request: web.Request) -> web.Response:
                     "latest": asdict(info.versions[-1]),
                 }
             )
-    return _json({"datasets": datasets})
+    return _json({"datasets": datasets, "errors": errors})
 
 
 async def list_versions(request: web.Request) -> web.Response:
@@ -215,7 +219,15 @@ async def list_versions(request: web.Request) -> web.Response:
                 break
     if found is None:
         raise NotFound(f"dataset {path!r} has no published version")
-    return _json({"path": path, "versions": [asdict(v) for v in found.versions]})
+    if not found.versions:
+        raise found.bad[0].error
+    return _json(
+        {
+            "path": path,
+            "versions": [asdict(v) for v in found.versions],
+            "errors": [b.to_json() for b in found.bad],
+        }
+    )
 
 
 async def list_replicas(request: web.Request) -> web.Response:
