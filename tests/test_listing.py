@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -82,6 +85,57 @@ async def test_ls_hands_on_each_dataset_before_the_whole_tree_is_listed(
         assert listed == ids  # and now from the catalog's cache
     finally:
         await site.close()
+
+
+# The CLI in a process of its own, on a store that fails after listing `limit` keys.
+_FAILING_LS = """
+import sys
+from datamover import datasets, site
+from datamover.errors import StoreUnavailable
+
+LIMIT = int(sys.argv[2])
+
+class Failing:
+    def __init__(self, inner):
+        self.inner = inner
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+    async def list(self, prefix=""):
+        n = 0
+        async for info in self.inner.list(prefix):
+            n += 1
+            if n > LIMIT:
+                raise StoreUnavailable("the store went away")
+            yield info
+
+real = site.make_store
+site.make_store = lambda config: Failing(real(config))
+datasets._BATCH = 2
+sys.argv = ["datamover", "ls", "/proj", "--json", "--config", sys.argv[1]]
+from datamover.cli import main
+main()
+"""
+
+
+@pytest.mark.parametrize(("limit", "listed"), [(1, None), (4, ["/proj/x"])])
+async def test_ls_json_stays_one_object_when_the_store_fails_midway(
+    make_site: MakeSite, limit: int, listed: list[str] | None
+) -> None:
+    a = await make_site("a")
+    await _versions(a, ["/proj/x", "/proj/y", "/proj/z"], per_dataset=2)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    r = subprocess.run(
+        [sys.executable, "-c", _FAILING_LS, str(a.config_path), str(limit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert r.returncode == 6 and r.stderr == "datamover: error: the store went away\n"
+    out = json.loads(r.stdout)  # one object, whether or not datasets were already written
+    assert out["error"] == {"code": "store_unavailable", "message": "the store went away"}
+    if listed is not None:
+        assert [d["path"] for d in out["datasets"]] == listed
 
 
 async def _corrupt(a: SiteEnv, path: str) -> tuple[str, str]:
