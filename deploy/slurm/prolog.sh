@@ -13,7 +13,8 @@
 # followed by comma-separated logical paths, each optionally "@<version id>":
 #   sbatch --comment="datamover:/proj/docking/run42,/ref/pdb@20261129T181500.123456Z-hpc-a-3f9a1c0b" job.sh
 # Other words in the comment are ignored, so it can carry other notes too. Paths cannot
-# contain whitespace, ',' or ';'.
+# contain whitespace, ',' or ';'. Spaces around the commas or after "datamover:" are allowed
+# ("datamover: /a, /b"): a list left open goes on in the next word.
 # Why the comment: a prolog runs without the job's environment, so `--export=DATAMOVER_...`
 # never reaches it, and a SPANK plugin would be compiled code on every node. The comment is
 # stored with the job, survives requeue, is shown by squeue/sacct, and reaches the prolog as
@@ -124,10 +125,22 @@ esac
 spec=""
 words=()
 read -r -d '' -a words < <(printf '%s' "$comment" | tr ';\n\t' '   ') || true
+# A list left open, by "datamover:" alone or a trailing ',', goes on in the next word, as
+# does one followed by a word starting with ',': "datamover: /a, /b" names both paths
+# rather than none.
+open=0  # the last word left the list open
+in_list=0  # the last word was part of the list
 for word in "${words[@]}"; do
     if [[ $word == datamover:* ]]; then
-        spec+="${word#datamover:},"
+        word=${word#datamover:}
+    elif ! ((open)) && ! { ((in_list)) && [[ $word == ,* ]]; }; then
+        in_list=0
+        continue
     fi
+    spec+="$word,"
+    in_list=1
+    open=0
+    [[ -n $word && $word != *, ]] || open=1
 done
 if [[ -z ${spec//,/} ]]; then
     exit 0  # the job asked for nothing
