@@ -118,6 +118,23 @@ def test_a_list_with_spaces_stages_every_path(hooks: Hooks, comment: str) -> Non
     assert hooks.staged() == [["/proj/a"], ["/proj/b"]]
 
 
+@pytest.mark.parametrize(
+    "comment",
+    [
+        f"datamover:/proj/a datamover:/proj/a@{V1}",
+        f"datamover:/proj/a@{V1},/proj/a@{V2}",
+        f"datamover:/proj/a/@{V1},/proj/a",
+    ],
+)
+def test_one_dataset_named_with_two_versions_fails(hooks: Hooks, comment: str) -> None:
+    # The first one named was staged and the other dropped without a word: the job ran on
+    # a version it had not asked for.
+    r = hooks.run(PROLOG, comment)
+    assert r.returncode == 1, r.stderr
+    assert "/proj/a" in r.stderr and "two versions" in r.stderr
+    assert hooks.staged() == []
+
+
 def test_the_same_dataset_twice_is_staged_once(hooks: Hooks) -> None:
     r = hooks.run(PROLOG, f"datamover:/proj/a@{V1},/proj/b datamover:/proj/a/@{V1},/proj/b/")
     assert r.returncode == 0, r.stderr

@@ -15,6 +15,7 @@
 # Other words in the comment are ignored, so it can carry other notes too. Paths cannot
 # contain whitespace, ',' or ';'. Spaces around the commas or after "datamover:" are allowed
 # ("datamover: /a, /b"): a list left open goes on in the next word.
+# A path named with two versions (or with and without one) is refused: it holds one replica.
 # Why the comment: a prolog runs without the job's environment, so `--export=DATAMOVER_...`
 # never reaches it, and a SPANK plugin would be compiled code on every node. The comment is
 # stored with the job, survives requeue, is shown by squeue/sacct, and reaches the prolog as
@@ -168,8 +169,14 @@ for item in "${items[@]}"; do
     # prefixes. Starting with '/' also means it can never be taken for an option.
     [[ $item == /?* ]] || fail "'$item' in the job comment is not a dataset path (/prefix/...)"
     item=${item%/}  # /proj/a/ is /proj/a (as datamover reads it), so stage it once
-    [[ -z ${seen[$item]+x} ]] || continue
-    seen[$item]=1
+    if [[ -n ${seen[$item]+x} ]]; then
+        # One replica per path: staging a second version would replace the first.
+        [[ ${seen[$item]} == "$version" ]] ||
+            fail "the job comment names $item with two versions:" \
+                "${seen[$item]:-the latest} and ${version:-the latest}"
+        continue
+    fi
+    seen[$item]=$version
     paths+=("$item")
     versions+=("$version")
 done
