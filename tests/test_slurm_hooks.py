@@ -3,6 +3,7 @@ datamover CLI (which records its arguments and exits as told), scontrol and logg
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -147,3 +148,18 @@ def test_comment_text_is_never_run(hooks: Hooks) -> None:
     assert r.returncode == 0, r.stderr
     assert not marker.exists()
     assert hooks.staged() == [[f"/proj/$(touch${{IFS}}{marker})"], ["/proj/`touch"]]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only")
+@pytest.mark.parametrize("run_as", ["", "root"])
+def test_as_root_the_cli_never_runs_as_root(hooks: Hooks, run_as: str) -> None:
+    # An empty DM_HOOK_RUN_AS (or one naming uid 0) ran the CLI as root: an in-process
+    # stage (daemon unreachable) then wrote the cache and the catalog as root.
+    r = hooks.run(PROLOG, "datamover:/proj/a", DM_HOOK_RUN_AS=run_as)
+    assert r.returncode == 1 and "DM_HOOK_RUN_AS" in r.stderr, r.stderr
+    assert hooks.calls() == []
+    r = hooks.run(EPILOG, "datamover:/proj/a", DM_HOOK_RUN_AS=run_as)
+    assert r.returncode == 0 and "DM_HOOK_RUN_AS" in r.stderr, r.stderr
+    assert hooks.calls() == []
+    r = hooks.run(PROLOG, "datamover:/proj/a")
+    assert r.returncode == 0 and hooks.calls()[0][0] != "0"

@@ -58,9 +58,9 @@ if [[ -n ${SLURMD_NODENAME:-} && $DM_HOOK_NODES == first && -n ${SLURM_JOB_NODEL
 fi
 
 as_user=()
-if ((EUID == 0)) && [[ -n $DM_HOOK_RUN_AS ]]; then
-    if ! id -u "$DM_HOOK_RUN_AS" >/dev/null 2>&1; then
-        log err "DM_HOOK_RUN_AS user '$DM_HOOK_RUN_AS' does not exist; pin $PIN not released"
+if ((EUID == 0)); then
+    if ! run_uid=$(id -u "$DM_HOOK_RUN_AS" 2>/dev/null) || ((run_uid == 0)); then
+        log err "DM_HOOK_RUN_AS '$DM_HOOK_RUN_AS' is not a user other than root; pin $PIN not released"
         exit 0
     fi
     as_user=(runuser -u "$DM_HOOK_RUN_AS" --)

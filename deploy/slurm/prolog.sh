@@ -45,7 +45,8 @@
 # Settings: optional shell file /etc/datamover/slurm-hooks.conf (root-owned), e.g.
 #   DM_HOOK_BIN=/opt/datamover/bin/datamover
 #   DM_HOOK_CONFIG=/etc/datamover/site.toml   # [api] url + token_file of the site daemon
-#   DM_HOOK_RUN_AS=datamover                  # run the CLI as this user when started as root
+#   DM_HOOK_RUN_AS=datamover                  # run the CLI as this user (not root) when
+#                                             # started as root
 #   DM_HOOK_STAGE_TIMEOUT=3600                # seconds for all datasets of the job
 #   DM_HOOK_NODES=first                       # first: stage on the job's first node only
 #                                             # (shared cache); all: on every node (node-local)
@@ -200,9 +201,10 @@ fi
 
 # Run the CLI as the daemon's user, never as root: if the daemon is unreachable the CLI
 # stages in-process, and those files and catalog writes must have the daemon's ownership.
-if ((EUID == 0)) && [[ -n $DM_HOOK_RUN_AS ]]; then
-    id -u "$DM_HOOK_RUN_AS" >/dev/null 2>&1 ||
+if ((EUID == 0)); then
+    run_uid=$(id -u "$DM_HOOK_RUN_AS" 2>/dev/null) ||
         fail "DM_HOOK_RUN_AS user '$DM_HOOK_RUN_AS' does not exist on ${HOSTNAME}"
+    ((run_uid != 0)) || fail "DM_HOOK_RUN_AS must name a user other than root, not '$DM_HOOK_RUN_AS'"
     as_user=(runuser -u "$DM_HOOK_RUN_AS" --)
 fi
 [[ -x $DM_HOOK_BIN ]] || fail "$DM_HOOK_BIN is not installed on ${HOSTNAME}"
