@@ -163,3 +163,30 @@ def test_as_root_the_cli_never_runs_as_root(hooks: Hooks, run_as: str) -> None:
     assert hooks.calls() == []
     r = hooks.run(PROLOG, "datamover:/proj/a")
     assert r.returncode == 0 and hooks.calls()[0][0] != "0"
+
+
+@pytest.mark.parametrize("limit", ["0", "abc", "-5"])
+def test_the_epilog_releases_with_the_default_limit_when_its_setting_is_bad(
+    hooks: Hooks, limit: str
+) -> None:
+    # `timeout 0` waits forever (a hung release kept the node completing), and a value
+    # `timeout` refuses failed the release without running it: the pin stayed.
+    r = hooks.run(EPILOG, "datamover:/proj/a", DM_HOOK_RELEASE_TIMEOUT=limit)
+    assert r.returncode == 0, r.stderr
+    assert "DM_HOOK_RELEASE_TIMEOUT" in r.stderr and "using 60" in r.stderr
+    assert [c[1:2] for c in hooks.calls()] == [["release"]]
+
+
+def test_the_epilog_releases_the_pin_and_never_fails(hooks: Hooks) -> None:
+    r = hooks.run(EPILOG, "datamover:/proj/a", rcs=[6])
+    assert r.returncode == 0 and "release it by hand" in r.stderr
+    assert hooks.calls()[0][1:] == [
+        "release",
+        "--config",
+        "/etc/datamover/site.toml",
+        "--pin",
+        "slurm-42",
+        "--json",
+    ]
+    r = hooks.run(EPILOG, "no data")
+    assert r.returncode == 0 and hooks.calls() == []

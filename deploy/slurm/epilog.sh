@@ -66,6 +66,13 @@ if ((EUID == 0)); then
     as_user=(runuser -u "$DM_HOOK_RUN_AS" --)
 fi
 
+# `timeout 0` never times out, and a word that is not a number fails before releasing.
+if [[ ! $DM_HOOK_RELEASE_TIMEOUT =~ ^[1-9][0-9]*$ ]]; then
+    log warning "DM_HOOK_RELEASE_TIMEOUT must be a positive integer, not" \
+        "'$DM_HOOK_RELEASE_TIMEOUT'; using 60"
+    DM_HOOK_RELEASE_TIMEOUT=60
+fi
+
 rc=0
 out=$(timeout --kill-after=10 "$DM_HOOK_RELEASE_TIMEOUT" ${as_user[@]+"${as_user[@]}"} \
     "$DM_HOOK_BIN" release --config "$DM_HOOK_CONFIG" --pin "$PIN" --json 2>&1) || rc=$?

@@ -53,7 +53,8 @@
 #   DM_HOOK_COMMENT_SOURCE=auto               # auto | env | squeue
 #   DM_HOOK_MAX_PATHS=16
 #   DM_HOOK_ADMIN_COMMENT=1                   # write the failure reason to AdminComment
-#   DM_HOOK_RELEASE_TIMEOUT=60                # epilog: seconds for the release
+#   DM_HOOK_RELEASE_TIMEOUT=60                # epilog: seconds for the release (not a
+#                                             # positive integer: 60, with a warning)
 #   PATH=/opt/slurm/bin:$PATH                 # where squeue/scontrol live, if not in /usr/bin
 
 set -euo pipefail
