@@ -190,3 +190,11 @@ def test_the_epilog_releases_the_pin_and_never_fails(hooks: Hooks) -> None:
     ]
     r = hooks.run(EPILOG, "no data")
     assert r.returncode == 0 and hooks.calls() == []
+
+
+def test_carriage_returns_and_other_whitespace_separate_words(hooks: Hooks) -> None:
+    # A comment filled from a file with CRLF line ends ("$(cat datasets.txt)") gave the
+    # last path a trailing CR, a control character datamover refuses: the prolog failed.
+    r = hooks.run(PROLOG, "datamover:/proj/a,\r\n/proj/b\r\n\vdatamover:/proj/c\f")
+    assert r.returncode == 0, r.stderr
+    assert hooks.staged() == [["/proj/a"], ["/proj/b"], ["/proj/c"]]

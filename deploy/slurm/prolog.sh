@@ -127,7 +127,7 @@ esac
 
 spec=""
 words=()
-read -r -d '' -a words < <(printf '%s' "$comment" | tr ';\n\t' '   ') || true
+read -r -d '' -a words < <(printf '%s' "$comment" | tr ';[:space:]' ' ') || true
 # A list left open, by "datamover:" alone or a trailing ',', goes on in the next word, as
 # does one followed by a word starting with ',': "datamover: /a, /b" names both paths
 # rather than none.
