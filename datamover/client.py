@@ -23,7 +23,7 @@ from urllib.parse import quote, urlencode, urlsplit
 from datamover.config import Config
 from datamover.errors import (
     HTTP_STATUS,
-    Conflict,
+    Cancelled,
     DatamoverError,
     InvalidInput,
     TransientError,
@@ -92,7 +92,7 @@ def error_from(status: int, body: Any) -> DatamoverError:
 def transfer_error(transfer: dict[str, Any]) -> DatamoverError:
     """The error a failed or cancelled transfer ended with."""
     if transfer["state"] == "cancelled":
-        return Conflict(f"transfer {transfer['id']} was cancelled")
+        return Cancelled(f"transfer {transfer['id']} was cancelled")
     error = transfer.get("error") or {}
     cls = error_class(error.get("code", "")) or DatamoverError
     exc = cls(

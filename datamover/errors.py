@@ -86,6 +86,14 @@ class CatalogError(DatamoverError):
     exit_code = 8
 
 
+class Cancelled(DatamoverError):
+    """The transfer was cancelled (`DELETE /v1/transfers/{id}`): someone decided it should
+    not run, so a hook that waited for it fails rather than submitting it again."""
+
+    code = "cancelled"
+    exit_code = 10
+
+
 # Store-level refinements: drivers raise these so wrappers can decide without parsing text.
 
 

@@ -129,6 +129,15 @@ def start_daemon(env: SiteEnv, timeout: float = 60) -> Daemon:
     raise AssertionError(f"serve did not answer: {daemon.log()}")
 
 
+def with_token(env: SiteEnv, token: str) -> SiteEnv:
+    """Give `env`'s CLI `token` through `[api] token_file` (the way a hook host is set up)."""
+    token_file = env.state / "token"
+    token_file.write_text(token)
+    text = env.config_path.read_text().replace("[api]\n", f'[api]\ntoken_file = "{token_file}"\n')
+    env.config_path.write_text(text)
+    return env
+
+
 StartSite = Callable[..., Awaitable[Daemon]]
 
 

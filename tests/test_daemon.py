@@ -9,7 +9,7 @@ import os
 import signal
 import time
 
-from tests.fixtures_daemon import StartSite, start_daemon
+from tests.fixtures_daemon import StartSite, start_daemon, with_token
 from tests.fixtures_sites import MakeSite
 from tests.treegen import make_tree, snapshot
 
@@ -139,6 +139,9 @@ async def test_cancel_queued_and_running(served_site: StartSite, make_site: Make
     assert status == 200 and t["cancel_requested"]
     final = d.wait(running["id"], token)
     assert final["state"] == "cancelled"
+    watched = with_token(d.env, token).cli("transfer", "watch", running["id"])
+    assert watched.returncode == 10, watched.stderr  # not 4: a hook must not resubmit it
+    assert f"transfer {running['id']} was cancelled" in watched.stderr
     status, _ = d.request("DELETE", f"/v1/transfers/{running['id']}", token)
     assert status == 200  # cancelling a cancelled transfer is harmless
     _, done = d.request("POST", "/v1/transfers", token, {"kind": "push", "path": "/proj/slow"})

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from datamover.catalog.access import Access
-from tests.fixtures_daemon import StartSite, free_port
+from tests.fixtures_daemon import StartSite, free_port, with_token
 from tests.fixtures_sites import MakeSite, SiteEnv
 from tests.test_bad_input import fails
 
@@ -36,13 +36,6 @@ async def pins_of(env: SiteEnv) -> list[str]:
         return [p.pin for p in await Access(site.catalog.engine).pins()]
     finally:
         await site.close()
-
-
-def with_token(env: SiteEnv, token: str) -> None:
-    token_file = env.state / "token"
-    token_file.write_text(token)
-    text = env.config_path.read_text().replace("[api]\n", f'[api]\ntoken_file = "{token_file}"\n')
-    env.config_path.write_text(text)
 
 
 # -- the daemon receives exactly what the CLI was given -----------------------------------

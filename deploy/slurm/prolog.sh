@@ -133,7 +133,7 @@ read -r -d '' -a words < <(printf '%s' "$comment" | tr ';[:space:]' ' ') || true
 # rather than none.
 open=0  # the last word left the list open
 in_list=0  # the last word was part of the list
-for word in "${words[@]}"; do
+for word in ${words[@]+"${words[@]}"}; do  # bash < 4.4 calls an empty "${a[@]}" unbound under set -u
     if [[ $word == datamover:* ]]; then
         word=${word#datamover:}
     elif ! ((open)) && ! { ((in_list)) && [[ $word == ,* ]]; }; then
@@ -250,7 +250,8 @@ stage_one() {  # stage_one PATH VERSION: returns 0, or fails the prolog
                 ;;
             *)
                 # 2 invalid input, 3 no such dataset/version, 5 corrupt, 7 store refused,
-                # 8 catalog, 9 token refused, 70 internal: retrying gives the same answer.
+                # 8 catalog, 9 token refused, 10 transfer cancelled (by an operator, on
+                # purpose), 70 internal: retrying gives the same answer.
                 fail "stage $path failed (exit $rc): ${out:0:300}"
                 ;;
         esac
