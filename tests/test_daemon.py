@@ -190,6 +190,39 @@ async def test_hook_pair_end_to_end(served_site: StartSite, make_site: MakeSite)
     assert listed.returncode == 0 and len(json.loads(listed.stdout)["transfers"]) == 2
 
 
+async def test_a_pin_released_while_its_stage_runs_is_not_added_after(
+    served_site: StartSite, make_site: MakeSite
+) -> None:
+    """A prolog that timed out releases its pin while the stage it submitted runs on; the
+    stage must not pin the dataset when it ends, or the pin outlives its job."""
+    a = await make_site("site-a", pack_size=MiB)
+    (a.data / "slow").mkdir()
+    for i in range(8):
+        (a.data / "slow" / f"f{i}").write_bytes(os.urandom(MiB))
+    a.cli_json("push", "/proj/slow")
+    d = await served_site("site-b", api={"workers": 1}, bandwidth_limit=2 * MiB)
+    token = d.token("t1", "/proj", "write")
+    body = {"kind": "stage", "path": "/proj/slow", "pin": "slurm-77"}
+    _, t = d.request("POST", "/v1/transfers", token, body)
+    deadline = time.monotonic() + 30
+    while d.request("GET", f"/v1/transfers/{t['id']}", token)[1]["state"] != "running":
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.05)
+    released = with_token(d.env, token).cli("release", "--pin", "slurm-77", "--json")
+    assert released.returncode == 0 and json.loads(released.stdout)["released"] == 0
+    assert d.request("GET", f"/v1/transfers/{t['id']}", token)[1]["pin"] is None
+    final = d.wait(t["id"], token)
+    assert final["state"] == "succeeded", final  # the stage itself goes on
+    _, replicas = d.request("GET", "/v1/replicas", token)
+    assert [(r["dataset"], r["pins"]) for r in replicas["replicas"]] == [("/proj/slow", [])]
+    # A stage whose pin was not released pins as before.
+    body["pin"] = "slurm-78"
+    _, again = d.request("POST", "/v1/transfers", token, body)
+    assert d.wait(again["id"], token)["state"] == "succeeded"
+    _, replicas = d.request("GET", "/v1/replicas", token)
+    assert replicas["replicas"][0]["pins"] == ["slurm-78"]
+
+
 async def test_sigkill_mid_stage_then_restart_resumes(
     served_site: StartSite, make_site: MakeSite
 ) -> None:

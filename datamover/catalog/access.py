@@ -13,11 +13,12 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from datamover.catalog.engine import upsert_for
-from datamover.catalog.models import Pin, Token
+from datamover.catalog.models import Pin, Token, Transfer
+from datamover.domain.transfers import State
 
 SCOPES = ("read", "write", "admin")
 TOKEN_PREFIX = "dm_"
@@ -125,6 +126,37 @@ class Access:
             await conn.execute(stmt)
         return PinRow(pin, dataset, tenant, version, at.isoformat())
 
+    async def pin_for_transfer(
+        self, transfer_id: str, dataset: str, tenant: str, version: str | None
+    ) -> bool:
+        """Pin `dataset` under the pin transfer `transfer_id` still carries, if it carries
+        one; False when it does not (it had none, or `release` took it while the transfer
+        ran: the job that asked for it is gone, so its pin must not outlive the release).
+
+        One statement, reading the transfer row under a lock on PostgreSQL, so a concurrent
+        `release` either comes first (nothing is pinned) or deletes what this adds.
+        """
+        t = Transfer.__table__
+        source = (
+            select(
+                t.c.pin,
+                literal(dataset),
+                literal(tenant),
+                literal(version),
+                literal(_now(), Pin.__table__.c.created_at.type),
+            )
+            .where(t.c.id == transfer_id, t.c.pin.is_not(None))
+            .with_for_update()
+        )
+        insert = upsert_for(self.dialect, Pin.__table__).from_select(
+            ["pin", "dataset", "tenant", "version", "created_at"], source
+        )
+        stmt = insert.on_conflict_do_update(
+            index_elements=["pin", "dataset"], set_={"version": insert.excluded.version}
+        )
+        async with self.engine.begin() as conn:
+            return bool((await conn.execute(stmt)).rowcount)
+
     async def pins(self, pin: str | None = None, dataset: str | None = None) -> list[PinRow]:
         """Pins, optionally only one pin id or one dataset."""
         p = Pin.__table__
@@ -140,10 +172,20 @@ class Access:
             ]
 
     async def release(self, pin: str, tenant: str | None = None) -> int:
-        """Drop every dataset held by `pin` (of `tenant`, when given); return how many."""
-        p = Pin.__table__
+        """Drop every dataset held by `pin` (of `tenant`, when given); return how many.
+
+        Queued and running transfers lose the pin too (their `pin` becomes null), so a stage
+        that a timed-out prolog left running does not pin its dataset after the job's hook
+        released it; it still completes, and a requeued job submits its pin again.
+        """
+        p, t = Pin.__table__, Transfer.__table__
+        detach = update(t).where(
+            t.c.pin == pin, t.c.state.in_((State.QUEUED.value, State.RUNNING.value))
+        )
         stmt = delete(p).where(p.c.pin == pin)
         if tenant is not None:
+            detach = detach.where(t.c.tenant == tenant)
             stmt = stmt.where(p.c.tenant == tenant)
         async with self.engine.begin() as conn:
+            await conn.execute(detach.values(pin=None))  # first: it locks what pins read
             return (await conn.execute(stmt)).rowcount

@@ -174,7 +174,7 @@ class Worker:
             result=json.dumps(result, sort_keys=True),
         )
         if row.kind == Kind.STAGE and row.pin:
-            await self.access.add_pin(row.pin, row.path, row.tenant, result.get("version"))
+            await self.access.pin_for_transfer(row.id, row.path, row.tenant, result.get("version"))
         await self.transfers.transition(row.id, State.SUCCEEDED, owner=self.owner, **fields)
         self.metrics.finished(row.kind, "succeeded", time.monotonic() - started, result)
         log.info("succeeded %s %s: %s", row.kind, row.path, result.get("version"))

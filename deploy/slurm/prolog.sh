@@ -39,8 +39,9 @@
 # which itself runs one transfer per path at a time) are retried with backoff until
 # DM_HOOK_STAGE_TIMEOUT seconds have passed in total. If the limit is hit, the CLI is
 # killed but a transfer already submitted keeps running in the daemon, so a requeued job
-# usually finds its data ready. A failing prolog releases the pins it took, so a held job
-# does not keep data from eviction.
+# usually finds its data ready. A failing prolog releases the pins it took (and the daemon
+# takes the pin off that still-running transfer), so a held job does not keep data from
+# eviction.
 #
 # Settings: optional shell file /etc/datamover/slurm-hooks.conf (root-owned), e.g.
 #   DM_HOOK_BIN=/opt/datamover/bin/datamover
