@@ -8,8 +8,10 @@ import json
 import os
 import signal
 import time
+import urllib.error
+import urllib.request
 
-from tests.fixtures_daemon import StartSite, start_daemon, with_token
+from tests.fixtures_daemon import Daemon, StartSite, start_daemon, with_token
 from tests.fixtures_sites import MakeSite
 from tests.treegen import make_tree, snapshot
 
@@ -79,6 +81,18 @@ async def test_auth_matrix(served_site: StartSite) -> None:
     assert d.request("GET", "/v1/replicas")[0] == 401
 
 
+def _post_raw(d: Daemon, path: str, token: str, body: bytes) -> tuple[int, dict]:
+    """POST `body` as it is (the fixture's `request` sends only what `json.dumps` makes)."""
+    req = urllib.request.Request(d.url + path, data=body, method="POST")
+    req.add_header("Content-Type", "application/json")
+    req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
 async def test_bad_requests_are_4xx_json(served_site: StartSite) -> None:
     d = await served_site("site-b")
     token = d.token("t1", "/", "admin")
@@ -96,6 +110,10 @@ async def test_bad_requests_are_4xx_json(served_site: StartSite) -> None:
     for body, status, says in cases:
         got, err = d.request("POST", "/v1/transfers", token, body)
         assert got == status and says in err["error"]["message"], (body, got, err)
+    # JSON nested deeper than the parser's recursion limit still fits in 64 KiB
+    for path in ("/v1/transfers", "/v1/pins"):
+        got, err = _post_raw(d, path, token, b"[" * 60_000)
+        assert got == 400 and "nested too deeply" in err["error"]["message"], (path, got, err)
     assert d.request("GET", "/v1/transfers/tr-nope", token)[0] == 404
     assert d.request("GET", "/v1/transfers?limit=0", token)[0] == 400
     assert d.request("GET", "/v1/transfers?state=bogus", token)[0] == 400

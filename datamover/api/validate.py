@@ -29,6 +29,8 @@ async def json_body(request: web.Request, allowed: set[str], required: set[str])
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
         raise InvalidInput("request body is not valid JSON") from None
+    except RecursionError:  # `[[[[...` within MAX_BODY goes deeper than the parser may
+        raise InvalidInput("request body is nested too deeply") from None
     if not isinstance(body, dict):
         raise InvalidInput("request body must be a JSON object")
     unknown = sorted(set(body) - allowed)
