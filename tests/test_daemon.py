@@ -66,6 +66,11 @@ async def test_auth_matrix(served_site: StartSite) -> None:
     assert status == 401 and err["error"]["code"] == "unauthorized"
     status, err = d.request("POST", "/v1/transfers", "dm_not-a-real-token", body)
     assert status == 401
+    for secret in ("\xff\xfe", "caf\xe9", "dm_\x80"):  # sent as latin-1: not UTF-8
+        status, err = d.request(
+            "GET", "/v1/transfers", headers={"Authorization": "Bearer " + secret}
+        )
+        assert status == 401 and err["error"]["code"] == "unauthorized", (secret, err)
     status, err = d.request("POST", "/v1/transfers", writer, {"kind": "push", "path": "/proj/b"})
     assert status == 403 and err["error"]["code"] == "forbidden"
     status, err = d.request("POST", "/v1/transfers", reader, body)

@@ -91,6 +91,8 @@ class Access:
 
     async def identify(self, secret: str) -> Identity | None:
         """The identity of a valid, unrevoked token, or None."""
+        if not secret.isascii():  # ours are; a header's other bytes arrive as surrogates,
+            return None  # which cannot even be encoded to hash them
         t = Token.__table__
         query = select(t).where(t.c.hash == token_hash(secret), t.c.revoked_at.is_(None))
         async with self.engine.connect() as conn:
