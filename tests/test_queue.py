@@ -209,6 +209,15 @@ async def test_idempotency_and_cancel(queue: Transfers) -> None:
     assert new and not again and a.id == b.id
     with pytest.raises(Conflict, match="different request"):
         await queue.submit(sub("/p/y", idempotency_key="k1"))
+    due = now().replace(microsecond=123456) + timedelta(hours=2)
+    timed, _ = await queue.submit(sub("/p/t", deadline=due, idempotency_key="k2"))
+    assert (await queue.submit(sub("/p/t", deadline=due, idempotency_key="k2")))[0].id == timed.id
+    for other in (due + timedelta(hours=1), None):  # a deadline is part of the request
+        with pytest.raises(Conflict, match="different request"):
+            await queue.submit(sub("/p/t", deadline=other, idempotency_key="k2"))
+    with pytest.raises(Conflict, match="different request"):
+        await queue.submit(sub("/p/x", deadline=due, idempotency_key="k1"))
+    await queue.cancel(timed.id)
     other_tenant, new = await queue.submit(
         Submission(tenant="t2", kind="stage", path="/p/x", idempotency_key="k1")
     )

@@ -162,6 +162,7 @@ class Submission:
             and row.path == self.path
             and row.version == self.version
             and row.priority == self.priority
+            and row.deadline == _iso(self.deadline)
             and row.pin == self.pin
             and row.options == (self.options or {})
         )
