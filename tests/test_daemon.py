@@ -85,6 +85,16 @@ async def test_auth_matrix(served_site: StartSite) -> None:
     assert d.request("GET", "/v1/openapi.json")[0] == 200
     assert d.request("GET", "/v1/replicas")[0] == 401
 
+    # A pin holding datasets under and outside a token's prefixes: the token releases only
+    # those it covers, though they are all its tenant's.
+    wide = d.token("t1", "/proj", "write")
+    for path in ("/proj/a/x", "/proj/b/y"):
+        assert d.request("POST", "/v1/pins", wide, {"pin": "job", "path": path})[0] == 201
+    status, released = d.request("DELETE", "/v1/pins/job", writer)
+    assert status == 200 and released == {"pin": "job", "released": 1}, released
+    status, released = d.request("DELETE", "/v1/pins/job", wide)
+    assert status == 200 and released == {"pin": "job", "released": 1}, released
+
 
 def _post_raw(d: Daemon, path: str, token: str, body: bytes) -> tuple[int, dict]:
     """POST `body` as it is (the fixture's `request` sends only what `json.dumps` makes)."""

@@ -173,12 +173,16 @@ class Access:
                 for r in await conn.execute(query)
             ]
 
-    async def release(self, pin: str, tenant: str | None = None) -> int:
-        """Drop every dataset held by `pin` (of `tenant`, when given); return how many.
+    async def release(
+        self, pin: str, tenant: str | None = None, datasets: list[str] | None = None
+    ) -> int:
+        """Drop every dataset held by `pin` (of `tenant`, and among `datasets`, when given);
+        return how many.
 
-        Queued and running transfers lose the pin too (their `pin` becomes null), so a stage
-        that a timed-out prolog left running does not pin its dataset after the job's hook
-        released it; it still completes, and a requeued job submits its pin again.
+        Queued and running transfers of those datasets lose the pin too (their `pin`
+        becomes null), so a stage that a timed-out prolog left running does not pin its
+        dataset after the job's hook released it; it still completes, and a requeued job
+        submits its pin again.
         """
         p, t = Pin.__table__, Transfer.__table__
         detach = update(t).where(
@@ -188,6 +192,9 @@ class Access:
         if tenant is not None:
             detach = detach.where(t.c.tenant == tenant)
             stmt = stmt.where(p.c.tenant == tenant)
+        if datasets is not None:
+            detach = detach.where(t.c.path.in_(datasets))
+            stmt = stmt.where(p.c.dataset.in_(datasets))
         async with self.engine.begin() as conn:
             await conn.execute(detach.values(pin=None))  # first: it locks what pins read
             return (await conn.execute(stmt)).rowcount
