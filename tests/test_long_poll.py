@@ -9,8 +9,14 @@ import os
 import signal
 import time
 
+from aiohttp import web
+
+from datamover.api.app import Context, make_app
+from datamover.catalog.access import Access
+from datamover.catalog.transfers import Submission, Transfers
+from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings, until
-from tests.fixtures_daemon import Daemon, StartSite
+from tests.fixtures_daemon import Daemon, StartSite, free_port
 from tests.fixtures_sites import MakeSite
 
 MiB = 1 << 20
@@ -132,3 +138,39 @@ async def test_a_held_poll_answers_no_token_revoked_meanwhile(
     assert proc.returncode == 0, proc.stderr
     _, status, body = await held
     assert status == 401, body
+
+
+async def test_a_poll_whose_client_went_away_stops_waiting(make_site: MakeSite) -> None:
+    """A client that gives up (Ctrl-C on `transfer watch`, a job killed) closes its
+    connection; its held request must stop re-reading the transfer every second then, not
+    go on for the rest of its `wait`. In-process, to count the waiting requests."""
+    env = await make_site("site-b")
+    site = await env.open()
+    transfers, access = Transfers(site.catalog.engine), Access(site.catalog.engine)
+    ctx = Context(site, transfers, access, Metrics("site-b"), frozenset())
+    runner = web.AppRunner(make_app(ctx), access_log=None, handle_signals=False)
+    await runner.setup()
+    port = free_port()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        secret, _ = await access.create_token("t1", ["/proj"], ["read"])
+        row, _ = await transfers.submit(Submission(tenant="t1", kind="stage", path="/proj/x"))
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"GET /v1/transfers/{row.id}?wait=30 HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {secret}\r\n\r\n".encode()
+        )
+        await writer.drain()
+        deadline = time.monotonic() + 10
+        while ctx.endings.waiting == 0:
+            assert time.monotonic() < deadline, "the request was never held"
+            await asyncio.sleep(0.05)
+        writer.close()
+        await writer.wait_closed()
+        deadline = time.monotonic() + 5
+        while ctx.endings.waiting:
+            assert time.monotonic() < deadline, "still waiting for a client that is gone"
+            await asyncio.sleep(0.05)
+    finally:
+        await runner.cleanup()
+        await site.close()

@@ -162,12 +162,18 @@ async def get_transfer(request: web.Request) -> web.Response:
         with ctx.endings.watch(transfer_id) as ended:
             row = _visible(request, await ctx.transfers.get(transfer_id))
             left = deadline - loop.time()
-            if row.state in TERMINAL or left <= 0 or ctx.endings.closed:
+            if row.state in TERMINAL or left <= 0 or ctx.endings.closed or _gone(request):
                 if waited:  # the token was checked when the request came, maybe a minute ago
                     await reidentify(request)
                 return _json(row.to_json())
             await until(ended, min(left, RECHECK))
             waited = True
+
+
+def _gone(request: web.Request) -> bool:
+    """The client closed its connection. aiohttp does not cancel a handler then, so a long
+    poll checks, and stops re-reading the transfer for no one (its answer goes nowhere)."""
+    return request.transport is None or request.transport.is_closing()
 
 
 async def cancel_transfer(request: web.Request) -> web.Response:
