@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -46,6 +47,25 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class MalformedRequests(logging.Filter):
+    """aiohttp logs every request its HTTP parser refuses as an error with a traceback whose
+    message quotes the offending line: an `Authorization` header with a stray control
+    character put its bearer token in the log. The client has its 400 already; keep one
+    warning naming the problem, without the quoted bytes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            reason = re.split(r"[:'\"\n]", str(exc.message), maxsplit=1)[0].strip()
+            record.msg = "refused a malformed HTTP request from %s: %s"
+            record.args = (*(record.args or ()), reason or type(exc).__name__)
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 def setup_json_logging(level: int = logging.INFO) -> None:
     """Send every log record to stderr as JSON lines (the daemon's log format)."""
     handler = logging.StreamHandler(sys.stderr)
@@ -55,3 +75,4 @@ def setup_json_logging(level: int = logging.INFO) -> None:
     root.setLevel(level)
     for noisy in ("aiobotocore", "botocore", "aiohttp.access", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("aiohttp.server").addFilter(MalformedRequests())
