@@ -176,6 +176,10 @@ async def test_cancel_queued_and_running(served_site: StartSite, make_site: Make
         await asyncio.sleep(0.05)
     status, t = d.request("DELETE", f"/v1/transfers/{queued['id']}", token)
     assert status == 200 and t["state"] == "cancelled"
+    assert d.request("DELETE", f"/v1/transfers/{queued['id']}", token)[0] == 200  # again
+    _, metrics = d.request("GET", "/metrics")
+    cancelled = 'datamover_transfers_finished_total{kind="push",site="site-b",state="cancelled"}'
+    assert f"{cancelled} 1.0" in metrics  # counted once, though no worker ever held it
     status, t = d.request("DELETE", f"/v1/transfers/{running['id']}", token)
     assert status == 200 and t["cancel_requested"]
     final = d.wait(running["id"], token)

@@ -30,7 +30,7 @@ from datamover.api.validate import (
 from datamover.catalog.transfers import Submission, TransferRow
 from datamover.datasets import iter_datasets
 from datamover.domain.paths import check_logical_path
-from datamover.domain.transfers import TERMINAL, check_idempotency_key
+from datamover.domain.transfers import TERMINAL, State, check_idempotency_key
 from datamover.errors import DatamoverError, Forbidden, InvalidInput, NotFound
 from datamover.metrics import CONTENT_TYPE
 from datamover.scheduler.endings import RECHECK, until
@@ -183,6 +183,8 @@ async def cancel_transfer(request: web.Request) -> web.Response:
     require(request, "write", row.path)
     cancelled = await ctx.transfers.cancel(row.id)
     ctx.endings.ended(row.id)
+    if row.state == State.QUEUED and cancelled.state == State.CANCELLED:
+        ctx.metrics.finished(row.kind, "cancelled", 0, {})  # no worker will count this one
     return _json(cancelled.to_json())
 
 
