@@ -57,7 +57,7 @@ class Metrics:
         )
         self.queue = Gauge(
             "datamover_queue_depth",
-            "Transfers by state and priority",
+            "Queued and running transfers by state and priority",
             ["state", "priority", "site"],
             registry=r,
         )

@@ -246,6 +246,19 @@ async def test_listing_filters_and_pages(queue: Transfers) -> None:
     assert depth[("queued", "interactive")] == 6
 
 
+async def test_queue_depth_counts_the_queue_not_every_transfer_ever_made(
+    queue: Transfers,
+) -> None:
+    """Refreshed every 5 s and read by each /readyz: finished transfers pile up for ever,
+    and counting them all was a scan of the whole table each time."""
+    for path in ("/p/a", "/p/b", "/p/c"):
+        await queue.submit(sub(path))
+    done = await queue.claim("w", 30)
+    await queue.transition(done.id, State.SUCCEEDED, owner="w")
+    await queue.claim("w", 30)
+    assert await queue.depth() == {("queued", "interactive"): 1, ("running", "interactive"): 1}
+
+
 async def test_a_cancel_is_not_lost_when_a_requeue_races_it(
     queue: Transfers, monkeypatch: pytest.MonkeyPatch
 ) -> None:

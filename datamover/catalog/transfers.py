@@ -469,8 +469,14 @@ class Transfers:
         raise Conflict(f"transfer {transfer_id} already {row.state}; it cannot be cancelled")
 
     async def depth(self) -> dict[tuple[str, str], int]:
-        """Number of transfers per (state, priority), for metrics."""
-        query = select(T.c.state, T.c.priority, func.count()).group_by(T.c.state, T.c.priority)
+        """Number of queued and running transfers per (state, priority), for metrics. Only
+        those: finished transfers accumulate for ever (the outcome counters count them), and
+        the queue index finds these two states without reading the rest."""
+        query = (
+            select(T.c.state, T.c.priority, func.count())
+            .where(T.c.state.in_([State.QUEUED.value, State.RUNNING.value]))
+            .group_by(T.c.state, T.c.priority)
+        )
         async with self.engine.connect() as conn:
             return {(s, p): n for s, p, n in await conn.execute(query)}
 
