@@ -11,10 +11,13 @@ from collections.abc import AsyncIterator
 from datetime import timedelta
 
 import pytest
+from sqlalchemy import update
 from sqlalchemy.engine import make_url
 
 from datamover.catalog.engine import open_engine
-from datamover.catalog.transfers import Submission, Transfers, now
+from datamover.catalog.queries import owner_id
+from datamover.catalog.transfers import Submission, T, Transfers, now
+from datamover.daemon import _reclaim_dead
 from datamover.domain.transfers import ALLOWED, State, rank_time
 from datamover.errors import Conflict, NotFound
 from datamover.metrics import Metrics
@@ -327,10 +330,20 @@ async def test_a_catalog_outage_during_a_run_is_retried(make_site) -> None:
         worker = Worker(site, queue, Access(good.engine), "w1", Metrics("s"))
         assert await worker.run_once()
         row = await queue.get(t.id)
+        assert row.state == "queued" and row.attempts == 1, row
+        assert row.error is not None and row.error["code"] == "catalog_unavailable"
+        assert row.error["message"].startswith("catalog unavailable: ")
+
+        # The catalog is back: the retry succeeds, and the transfer no longer shows the
+        # error of the attempt before (`transfer list` printed "succeeded (catalog_...)").
+        site.catalog = good
+        async with good.engine.begin() as conn:  # its backoff is over
+            await conn.execute(update(T).where(T.c.id == t.id).values(not_before=now()))
+        assert await worker.run_once()
+        row = await queue.get(t.id)
+        assert row.state == "succeeded" and row.attempts == 2, row
+        assert row.error is None, row.error
     finally:
         site.catalog = good
         await gone.dispose()
         await site.close()
-    assert row.state == "queued" and row.attempts == 1, row
-    assert row.error is not None and row.error["code"] == "catalog_unavailable"
-    assert row.error["message"].startswith("catalog unavailable: ")

@@ -172,6 +172,11 @@ class Worker:
             bytes_total=result.get("bytes"),
             bytes_moved=moved,
             result=json.dumps(result, sort_keys=True),
+            # an earlier attempt's error (kept to say why it waited to retry) is not how
+            # this transfer ended
+            error_code=None,
+            error_message=None,
+            error_paths=None,
         )
         if row.kind == Kind.STAGE and row.pin:
             await self.access.pin_for_transfer(row.id, row.path, row.tenant, result.get("version"))
