@@ -310,6 +310,30 @@ async def test_a_transfer_claimed_while_draining_goes_back_unrun(queue: Transfer
     assert again is not None and again.id == t.id and again.attempts == 1
 
 
+async def test_a_transfer_a_requeue_cancels_counts_as_cancelled(queue: Transfers) -> None:
+    """A cancel asked while the transfer was held wins over giving it back (drain, retry):
+    it ends cancelled there, and the outcome counter must say so too."""
+    t, _ = await queue.submit(sub("/p/x"))
+    metrics = Metrics("s")
+    worker = Worker(None, queue, None, "w1", metrics)  # type: ignore[arg-type]
+    real_claim = queue.claim
+
+    async def claim_then_cancel_and_sigterm(owner: str, lease: float):
+        row = await real_claim(owner, lease)
+        await queue.cancel(row.id)
+        worker.drain()
+        return row
+
+    queue.claim = claim_then_cancel_and_sigterm  # type: ignore[method-assign]
+    try:
+        assert await worker.run_once() is False
+    finally:
+        del queue.claim
+    assert (await queue.get(t.id)).state == "cancelled"
+    outcome = {"kind": "stage", "state": "cancelled", "site": "s"}
+    assert metrics.registry.get_sample_value("datamover_transfers_finished_total", outcome) == 1
+
+
 async def test_a_catalog_outage_during_a_run_is_retried(make_site) -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 

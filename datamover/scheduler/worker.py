@@ -128,9 +128,11 @@ class Worker:
     async def _requeue(self, row: TransferRow, **fields: Any) -> None:
         """Give up this worker's claim: the transfer goes back in the queue with `fields`
         (a cancel asked meanwhile wins, see `Transfers.transition`)."""
-        await self.transfers.transition(
+        moved = await self.transfers.transition(
             row.id, State.QUEUED, owner=self.owner, lease_owner=None, lease_expires=None, **fields
         )
+        if moved.state == State.CANCELLED:  # it ended here: no worker will count it
+            self.metrics.finished(row.kind, "cancelled", 0, {})
 
     async def _execute(self, row: TransferRow) -> None:
         log.info("running %s %s (attempt %d)", row.kind, row.path, row.attempts)
