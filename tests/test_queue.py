@@ -371,3 +371,34 @@ async def test_a_catalog_outage_during_a_run_is_retried(make_site) -> None:
         site.catalog = good
         await gone.dispose()
         await site.close()
+
+
+async def test_a_catalog_without_a_free_connection_is_retried(make_site) -> None:
+    """Every pooled connection busy (held long polls, a slow catalog) until the pool's time-out
+    is a moment's overload, like a restart: retried, not failed as an internal error."""
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from datamover.catalog.access import Access
+    from datamover.catalog.queries import Catalog
+    from tests.treegen import make_tree
+
+    env = await make_site("site-a")
+    make_tree(env.data / "x", files=2)
+    site = await env.open()
+    queue = Transfers(site.catalog.engine, max_attempts=3)
+    good = site.catalog
+    busy = create_async_engine(good.engine.url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    held = await busy.connect()  # the one connection of its pool, taken
+    site.catalog = Catalog(busy)
+    try:
+        t, _ = await queue.submit(sub("/proj/x", kind="push"))
+        worker = Worker(site, queue, Access(good.engine), "w1", Metrics("s"))
+        assert await worker.run_once()
+        row = await queue.get(t.id)
+    finally:
+        site.catalog = good
+        await held.close()
+        await busy.dispose()
+        await site.close()
+    assert row.state == "queued" and row.attempts == 1, row
+    assert row.error is not None and row.error["code"] == "catalog_unavailable", row.error

@@ -22,6 +22,7 @@ from sqlalchemy.exc import (
     OperationalError,
     SQLAlchemyError,
 )
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from datamover.errors import CatalogError, CatalogUnavailable, InvalidInput
@@ -51,8 +52,13 @@ def catalog_outage(exc: BaseException) -> CatalogUnavailable | None:
     """The transient error for a database failure that a retry may cure (the server
     restarted, the connection dropped or was refused, the database was locked), else None.
 
-    Operational and interface errors, and any DBAPI error that invalidated its connection,
-    count; programming errors (`ProgrammingError`, `IntegrityError`) stay what they are."""
+    Operational and interface errors, any DBAPI error that invalidated its connection, and
+    a wait for a pooled connection that timed out (every one busy: an overload) count;
+    programming errors (`ProgrammingError`, `IntegrityError`) stay what they are."""
+    if isinstance(exc, PoolTimeout):
+        return CatalogUnavailable(
+            "catalog unavailable: no free connection in the pool (every one stayed busy)"
+        )
     if isinstance(exc, OperationalError | InterfaceError) or (
         isinstance(exc, DBAPIError) and exc.connection_invalidated
     ):
