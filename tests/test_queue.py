@@ -192,6 +192,41 @@ async def test_a_run_whose_lease_cannot_be_renewed_is_stopped(
     assert (await queue.get(t.id)).updated_at != row.updated_at
 
 
+async def test_a_lease_counts_from_the_claim_not_from_its_late_answer(
+    queue: Transfers, catalog_url: str
+) -> None:
+    """The lease runs from the claim's UPDATE; an answer that reached the worker late (a slow
+    catalog) must not give the run more time than that, or it could outlive its lease."""
+    t, _ = await queue.submit(sub("/p/x"))
+    worker = Worker(None, queue, None, "w1", Metrics("s"), lease=1.5)  # type: ignore[arg-type]
+    real_claim = queue.claim
+    lock = _catalog_locked(catalog_url, t.id)
+    times: dict[str, float] = {}
+
+    async def slow_claim(owner: str, lease: float):
+        times["claim"] = time.monotonic()
+        row = await real_claim(owner, lease)
+        await lock.__aenter__()  # from now on no heartbeat gets through
+        await asyncio.sleep(0.8)  # and the claim's answer arrives this late
+        return row
+
+    async def stand_in(row, progress) -> None:  # the transfer, running until stopped
+        try:
+            await asyncio.sleep(60)
+        finally:
+            times["stopped"] = time.monotonic()
+
+    queue.claim = slow_claim  # type: ignore[method-assign]
+    worker._run = stand_in  # type: ignore[method-assign]
+    try:
+        assert await worker.run_once()
+    finally:
+        del queue.claim
+        await lock.__aexit__(None, None, None)
+    assert worker._stop.reason == "lapsed"
+    assert times["stopped"] - times["claim"] < 1.5  # before the lease it was given lapsed
+
+
 async def test_lapsed_lease_is_taken_over(queue: Transfers) -> None:
     t, _ = await queue.submit(sub("/p/x"))
     await queue.claim("dead", 0.01)

@@ -106,6 +106,7 @@ class Worker:
         """Claim and run one transfer; False when there was nothing to run (or draining)."""
         if self._draining:
             return False
+        asked = time.monotonic()  # the lease runs from the claim's UPDATE, not its answer
         row = await self.transfers.claim(self.owner, self.lease)
         if row is None:
             return False
@@ -114,7 +115,7 @@ class Worker:
                 await self._unclaim(row)
                 return False
             try:
-                await self._execute(row)
+                await self._execute(row, asked)
             finally:
                 self.endings.ended(row.id)  # whatever the outcome: long polls read it again
         return True
@@ -134,14 +135,14 @@ class Worker:
         if moved.state == State.CANCELLED:  # it ended here: no worker will count it
             self.metrics.finished(row.kind, "cancelled", 0, {})
 
-    async def _execute(self, row: TransferRow) -> None:
+    async def _execute(self, row: TransferRow, claimed: float) -> None:
         log.info("running %s %s (attempt %d)", row.kind, row.path, row.attempts)
         progress = TransferProgress()
         self._stop = _Stop()
         started = time.monotonic()
         runner = asyncio.create_task(self._run(row, progress))
         self._current = runner
-        beat = asyncio.create_task(self._heartbeat(row, progress, runner))
+        beat = asyncio.create_task(self._heartbeat(row, progress, runner, claimed))
         try:
             result = await runner
         except asyncio.CancelledError:
@@ -207,16 +208,21 @@ class Worker:
         return staged.to_json()
 
     async def _heartbeat(
-        self, row: TransferRow, progress: TransferProgress, runner: asyncio.Task[Any]
+        self,
+        row: TransferRow,
+        progress: TransferProgress,
+        runner: asyncio.Task[Any],
+        claimed: float | None = None,
     ) -> None:
         """Renew the lease every `interval` s; stop the run when the lease is lost, when a
         cancel is requested, or when the catalog has not renewed it (failing or hanging) by
         one interval before it lapses: another worker could then take the transfer, and two
-        runs on one tree must not happen."""
+        runs on one tree must not happen. `claimed` is when the claim was asked for (its
+        lease counts from then, however late the answer came); default now."""
         interval = max(min(self.lease / 3, 2.0), 0.2)
-        deadline = time.monotonic() + self.lease - interval  # the claim has just renewed it
+        deadline = (time.monotonic() if claimed is None else claimed) + self.lease - interval
         while not runner.done():
-            await asyncio.sleep(interval)
+            await asyncio.sleep(max(min(interval, deadline - time.monotonic()), 0.0))
             sent = time.monotonic()
             call = asyncio.ensure_future(
                 self.transfers.heartbeat(row.id, self.owner, self.lease, **progress.fields())
