@@ -45,6 +45,16 @@ async def test_submit_over_http_and_wait(served_site: StartSite, make_site: Make
     assert status == 200 and [d["path"] for d in datasets["datasets"]] == ["/proj/run1"]
     status, replicas = b.request("GET", "/v1/replicas", token)
     assert status == 200 and replicas["replicas"][0]["state"] == "ready"
+    # Pins name other tenants' jobs: a token sees its own tenant's only, as with transfers.
+    other = b.token("t2", "/proj", "write")
+    assert b.request("POST", "/v1/pins", token, {"pin": "job-1", "path": "/proj/run1"})[0] == 201
+    assert b.request("POST", "/v1/pins", other, {"pin": "job-2", "path": "/proj/run1"})[0] == 201
+    for who, pins in ((token, ["job-1"]), (other, ["job-2"])):
+        status, replicas = b.request("GET", "/v1/replicas", who)
+        assert status == 200 and replicas["replicas"][0]["pins"] == pins, replicas
+    admin = b.token("ops", "/", "admin")
+    _, replicas = b.request("GET", "/v1/replicas", admin)
+    assert sorted(replicas["replicas"][0]["pins"]) == ["job-1", "job-2"]
 
     status, metrics = b.request("GET", "/metrics")
     assert status == 200

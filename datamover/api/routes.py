@@ -239,12 +239,15 @@ async def list_versions(request: web.Request) -> web.Response:
 
 
 async def list_replicas(request: web.Request) -> web.Response:
-    """GET /v1/replicas."""
+    """GET /v1/replicas, with the pins of the caller's tenant (every pin for an admin):
+    pins name other tenants' jobs."""
     ctx = context(request)
     who = require(request, "read")
+    admin = who.allows("admin")
     pins: dict[str, list[str]] = {}
     for p in await ctx.access.pins():
-        pins.setdefault(p.dataset, []).append(p.pin)
+        if admin or p.tenant == who.tenant:
+            pins.setdefault(p.dataset, []).append(p.pin)
     replicas = [
         {
             "dataset": r.dataset,
@@ -257,7 +260,7 @@ async def list_replicas(request: web.Request) -> web.Response:
             "pins": pins.get(r.dataset, []),
         }
         for r in await ctx.site.catalog.replicas()
-        if who.allows("admin") or who.covers(r.dataset)
+        if admin or who.covers(r.dataset)
     ]
     return _json({"replicas": replicas})
 
