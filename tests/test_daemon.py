@@ -108,6 +108,9 @@ async def test_auth_matrix(served_site: StartSite) -> None:
     wide = d.token("t1", "/proj", "write")
     for path in ("/proj/a/x", "/proj/b/y"):
         assert d.request("POST", "/v1/pins", wide, {"pin": "job", "path": path})[0] == 201
+    stranger = d.token("t2", "/proj", "write")  # another tenant: the pin is not there for it
+    status, released = d.request("DELETE", "/v1/pins/job", stranger)
+    assert status == 200 and released == {"pin": "job", "released": 0}, released
     status, released = d.request("DELETE", "/v1/pins/job", writer)
     assert status == 200 and released == {"pin": "job", "released": 1}, released
     status, released = d.request("DELETE", "/v1/pins/job", wide)

@@ -286,8 +286,9 @@ async def release_pin(request: web.Request) -> web.Response:
     if who.allows("admin"):
         released = await ctx.access.release(pin)
         return _json({"pin": pin, "released": released})
-    held = await ctx.access.pins(pin=pin)
-    mine = [p.dataset for p in held if p.tenant == who.tenant and who.covers(p.dataset)]
+    # other tenants' pins are not there for this token (a 403 would tell they exist)
+    held = [p for p in await ctx.access.pins(pin=pin) if p.tenant == who.tenant]
+    mine = [p.dataset for p in held if who.covers(p.dataset)]
     if held and not mine:
         raise Forbidden(f"pin {pin!r} holds no dataset this token may release")
     released = await ctx.access.release(pin, who.tenant, mine)
