@@ -16,14 +16,13 @@ import fcntl
 import logging
 import os
 import signal
-import socket
 from pathlib import Path
 
 from aiohttp import web
 
 from datamover.api.app import Context, make_app
 from datamover.catalog.access import Access
-from datamover.catalog.queries import owner_alive
+from datamover.catalog.queries import owner_alive, owner_id
 from datamover.catalog.transfers import Transfers
 from datamover.config import Config
 from datamover.errors import Conflict, DatamoverError, InvalidInput
@@ -60,11 +59,18 @@ def _listen_error(listen: str, exc: OSError) -> DatamoverError:
     return InvalidInput(message + " (check [api] listen)")
 
 
+def _dead_owner(owner: str | None) -> bool:
+    """At start-up: `owner` is a process on this host that is gone. One naming this very
+    process is its predecessor's (a container's daemon is PID 1 again after a restart, on
+    the same host name): no worker of this process has claimed anything yet."""
+    if not owner:
+        return False
+    return owner.partition("/")[0] == owner_id() or not owner_alive(owner)
+
+
 async def _reclaim_dead(transfers: Transfers) -> None:
     running = await transfers.list(state="running", limit=10_000)
-    dead = sorted(
-        {r.lease_owner for r in running if r.lease_owner and not owner_alive(r.lease_owner)}
-    )
+    dead = sorted({r.lease_owner for r in running if _dead_owner(r.lease_owner)})
     if dead:
         n = await transfers.requeue_expired(dead)
         log.info("put %d transfers of dead workers back in the queue", n)
@@ -92,7 +98,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    base = f"{socket.gethostname()}:{os.getpid()}"
+    base = owner_id()
     workers = [
         Worker(site, transfers, access, f"{base}/w{i}", metrics, config.api.lease_seconds, endings)
         for i in range(config.api.workers)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator
@@ -239,6 +241,22 @@ async def test_lapsed_lease_is_taken_over(queue: Transfers) -> None:
     ours, _ = await queue.heartbeat(t.id, "dead", 30)
     assert not ours  # the old worker learns it lost the lease
     assert await queue.requeue_expired(["alive"]) == 1  # a known-dead owner, at once
+
+
+async def test_a_daemon_restarted_under_its_old_pid_takes_back_its_transfers(
+    queue: Transfers,
+) -> None:
+    """A container's daemon is PID 1 again after a crash, on the same host name: at start-up
+    no worker of this process holds anything yet, so a lease naming its own `host:pid` is
+    its predecessor's, dead, not a live process's to wait out."""
+    ours, _ = await queue.submit(sub("/p/x"))
+    live, _ = await queue.submit(sub("/p/y"))
+    assert (await queue.claim(f"{owner_id()}/w0", 3600)).id == ours.id
+    parent = f"{socket.gethostname()}:{os.getppid()}/w0"  # another process, alive
+    assert (await queue.claim(parent, 3600)).id == live.id
+    await _reclaim_dead(queue)
+    assert (await queue.get(ours.id)).state == "queued"
+    assert (await queue.get(live.id)).state == "running"
 
 
 async def test_idempotency_and_cancel(queue: Transfers) -> None:
