@@ -288,8 +288,7 @@ async def release_pin(request: web.Request) -> web.Response:
         return _json({"pin": pin, "released": released})
     # other tenants' pins are not there for this token (a 403 would tell they exist)
     held = [p for p in await ctx.access.pins(pin=pin) if p.tenant == who.tenant]
-    mine = [p.dataset for p in held if who.covers(p.dataset)]
-    if held and not mine:
+    if held and not any(who.covers(p.dataset) for p in held):
         raise Forbidden(f"pin {pin!r} holds no dataset this token may release")
-    released = await ctx.access.release(pin, who.tenant, mine)
+    released = await ctx.access.release(pin, who.tenant, who.prefixes)
     return _json({"pin": pin, "released": released})

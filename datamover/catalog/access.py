@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, literal, select, update
+from sqlalchemy import delete, false, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from datamover.catalog.engine import upsert_for
+from datamover.catalog.engine import path_under, upsert_for
 from datamover.catalog.models import Pin, Token, Transfer
 from datamover.domain.transfers import State
 
@@ -174,15 +175,16 @@ class Access:
             ]
 
     async def release(
-        self, pin: str, tenant: str | None = None, datasets: list[str] | None = None
+        self, pin: str, tenant: str | None = None, prefixes: Sequence[str] | None = None
     ) -> int:
-        """Drop every dataset held by `pin` (of `tenant`, and among `datasets`, when given);
-        return how many.
+        """Drop every dataset held by `pin` (of `tenant`, and under one of `prefixes`, when
+        given); return how many.
 
         Queued and running transfers of those datasets lose the pin too (their `pin`
         becomes null), so a stage that a timed-out prolog left running does not pin its
         dataset after the job's hook released it; it still completes, and a requeued job
-        submits its pin again.
+        submits its pin again. Both are writes, the transfers first: on PostgreSQL they
+        lock the rows `pin_for_transfer` reads, and SQLite takes its write lock at once.
         """
         p, t = Pin.__table__, Transfer.__table__
         detach = update(t).where(
@@ -192,9 +194,9 @@ class Access:
         if tenant is not None:
             detach = detach.where(t.c.tenant == tenant)
             stmt = stmt.where(p.c.tenant == tenant)
-        if datasets is not None:
-            detach = detach.where(t.c.path.in_(datasets))
-            stmt = stmt.where(p.c.dataset.in_(datasets))
+        if prefixes is not None:
+            detach = detach.where(or_(false(), *(path_under(t.c.path, x) for x in prefixes)))
+            stmt = stmt.where(or_(false(), *(path_under(p.c.dataset, x) for x in prefixes)))
         async with self.engine.begin() as conn:
-            await conn.execute(detach.values(pin=None))  # first: it locks what pins read
+            await conn.execute(detach.values(pin=None))
             return (await conn.execute(stmt)).rowcount

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, inspect, text
+from sqlalchemy import event, func, inspect, or_, text, true
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -46,6 +46,15 @@ def upsert_for(dialect: str, table: Any) -> Any:
     else:
         from sqlalchemy.dialects.sqlite import insert
     return insert(table)
+
+
+def path_under(column: Any, prefix: str) -> Any:
+    """SQL: logical path `column` is `prefix` or lies below it, compared exactly on both
+    engines (not with LIKE, which SQLite applies without regard to ASCII case: a token for
+    `/proj` matched paths under `/PROJ` there, and only there)."""
+    if prefix == "/":
+        return true()
+    return or_(column == prefix, func.substr(column, 1, len(prefix) + 1) == prefix + "/")
 
 
 def catalog_outage(exc: BaseException) -> CatalogUnavailable | None:

@@ -22,10 +22,11 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, exists, false, func, or_, select, text, true, update
+from sqlalchemy import and_, case, exists, false, func, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from datamover.catalog.engine import path_under
 from datamover.catalog.models import Transfer
 from datamover.domain.transfers import State, rank_time, sources
 from datamover.errors import Conflict, NotFound
@@ -533,9 +534,5 @@ def _top(path: str) -> str:
 
 
 def _under(prefix: str) -> Any:
-    """SQL: a transfer's path is `prefix` or lies below it, compared exactly on both engines
-    (not with LIKE, which SQLite applies without regard to ASCII case: a token for `/proj`
-    listed transfers under `/PROJ` there, and only there)."""
-    if prefix == "/":
-        return true()
-    return or_(T.c.path == prefix, func.substr(T.c.path, 1, len(prefix) + 1) == prefix + "/")
+    """SQL: a transfer's path is `prefix` or lies below it (`engine.path_under`)."""
+    return path_under(T.c.path, prefix)
