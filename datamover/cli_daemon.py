@@ -3,6 +3,7 @@ the path by which `push`/`stage` hand their work to a configured, reachable daem
 
 from __future__ import annotations
 
+import secrets
 import sys
 from typing import Any
 
@@ -53,7 +54,9 @@ def through_daemon(
             if not wait:
                 raise TransientError(f"datamover daemon at {config.api_url} unreachable")
             return None
-        transfer = client.submit(request)
+        # A key of its own: the submission may then be sent again if the daemon closed the
+        # kept connection under it, and is never queued twice.
+        transfer = client.submit(request, key=f"cli-{secrets.token_hex(16)}")
         if not wait:
             return {"transfer": transfer["id"], "state": transfer["state"]}
         final = _follow(client, transfer, as_json)

@@ -95,7 +95,8 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     app = make_app(Context(site, transfers, access, metrics, frozenset(open_paths), wake, endings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    # SIGHUP too: a daemon started from a terminal that closes drains like any other stop.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.add_signal_handler(sig, stop.set)
 
     base = owner_id()

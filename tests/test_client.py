@@ -10,7 +10,9 @@ import subprocess
 import sys
 
 import pytest
+from sqlalchemy import select
 
+from datamover.catalog.transfers import T
 from datamover.client import DaemonClient
 from datamover.errors import InvalidInput, TransientError
 from tests.fixtures_daemon import StartSite, start_daemon
@@ -62,6 +64,13 @@ async def test_stage_through_the_daemon_imports_nothing_heavy(
     result = json.loads(proc.stdout)
     assert result["transfer"].startswith("tr-") and result["files"] == 5
     assert sorted((d.env.data / "x").iterdir()) == [d.env.data / "x" / f"f{i}" for i in range(5)]
+    site = await d.env.open()
+    try:
+        async with site.catalog.engine.connect() as conn:
+            key = await conn.scalar(select(T.c.idempotency_key).where(T.c.id == result["transfer"]))
+    finally:
+        await site.close()
+    assert key is not None and key.startswith("cli-")  # so a resent POST is not queued twice
     imported = _imported(proc.stderr)
     assert "datamover" in imported and "http" in imported  # the report is what it seems
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))

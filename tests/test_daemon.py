@@ -11,6 +11,8 @@ import time
 import urllib.error
 import urllib.request
 
+import pytest
+
 from tests.fixtures_daemon import Daemon, StartSite, start_daemon, with_token
 from tests.fixtures_sites import MakeSite
 from tests.treegen import make_tree, snapshot
@@ -314,8 +316,9 @@ async def test_sigkill_mid_stage_then_restart_resumes(
     assert snapshot(target) == snapshot(src)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
 async def test_sigterm_drains_and_the_transfer_resumes(
-    served_site: StartSite, make_site: MakeSite
+    served_site: StartSite, make_site: MakeSite, sig: signal.Signals
 ) -> None:
     a = await make_site("site-a", pack_size=MiB)
     (a.data / "x").mkdir()
@@ -327,7 +330,7 @@ async def test_sigterm_drains_and_the_transfer_resumes(
     _, t = d.request("POST", "/v1/transfers", token, {"kind": "stage", "path": "/proj/x"})
     while d.request("GET", f"/v1/transfers/{t['id']}", token)[1]["bytes_done"] == 0:
         await asyncio.sleep(0.05)
-    assert d.stop(signal.SIGTERM) == 0
+    assert d.stop(sig) == 0
     assert "draining" in d.log()
     gone = d.env.cli("transfer", "show", t["id"], "--json")
     assert gone.returncode == 6 and json.loads(gone.stdout)["error"]["code"] == "unavailable"
