@@ -29,8 +29,8 @@ class Context:
 
 
 CONTEXT = web.AppKey("context", Context)
-IDENTITY = "identity"
-SECRET = "secret"  # the bearer token as sent, for `reidentify`
+IDENTITY = web.RequestKey("identity", Identity)
+SECRET = web.RequestKey("secret", str)  # the bearer token as sent, for `reidentify`
 
 
 def context(request: web.Request) -> Context:
