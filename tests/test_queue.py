@@ -243,6 +243,30 @@ async def test_lapsed_lease_is_taken_over(queue: Transfers) -> None:
     assert await queue.requeue_expired(["alive"]) == 1  # a known-dead owner, at once
 
 
+async def test_leases_are_reckoned_on_the_catalogs_clock(
+    queue: Transfers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hosts sharing a PostgreSQL catalog may disagree about the time: one whose clock runs
+    a minute ahead must not take another's live lease for lapsed, nor run a retry early."""
+    import datamover.catalog.transfers as transfers
+
+    t, _ = await queue.submit(sub("/p/x"))
+    assert await queue.claim("host-a:1/w0", 30) is not None
+    ahead = now() + timedelta(seconds=60)
+    monkeypatch.setattr(transfers, "now", lambda: ahead)  # this host's clock, from here on
+    if queue.dialect != "postgresql":
+        # One process per SQLite catalog (a lock file): its clock is the only clock.
+        assert await queue.requeue_expired() == 1
+        return
+    assert await queue.requeue_expired() == 0
+    assert (await queue.get(t.id)).state == State.RUNNING
+    assert abs((await queue.clock() - ahead).total_seconds()) > 50  # the server's, not ours
+    # A retry's backoff counts on that clock too: 30 s from the server's now, not ours.
+    await queue.transition(t.id, State.QUEUED, owner="host-a:1/w0", retry_in=30)
+    assert await queue.claim("host-b:1/w0", 30) is None
+    await queue.transition(t.id, State.CANCELLED)
+
+
 async def test_a_daemon_restarted_under_its_old_pid_takes_back_its_transfers(
     queue: Transfers,
 ) -> None:

@@ -201,7 +201,7 @@ class Transfers:
             existing = await self._by_key(sub.tenant, sub.idempotency_key)
             if existing is not None:
                 return self._check_same(sub, existing), False
-        at = now()
+        at = await self.clock()
         values = {
             "id": new_transfer_id(at),
             "tenant": sub.tenant,
@@ -275,12 +275,32 @@ class Transfers:
         async with self.engine.connect() as conn:
             return [TransferRow.from_row(r) for r in await conn.execute(query)]
 
+    async def clock(self) -> datetime:
+        """The time leases, backoffs and queue order are reckoned in: PostgreSQL's own clock
+        (`now()`), one for every host sharing the catalog, so a host whose clock runs ahead
+        cannot take other hosts' live leases for lapsed; SQLite serves one process, whose
+        clock it is."""
+        if self.dialect != "postgresql":
+            return now()
+        async with self.engine.connect() as conn:
+            at = await conn.scalar(text("SELECT now()"))
+        return _aware(at) or now()
+
     async def transition(
-        self, transfer_id: str, target: State, *, owner: str | None = None, **values: Any
+        self,
+        transfer_id: str,
+        target: State,
+        *,
+        owner: str | None = None,
+        retry_in: float | None = None,
+        **values: Any,
     ) -> TransferRow:
-        """The one way to change a transfer's state; see the module docstring."""
+        """The one way to change a transfer's state; see the module docstring. `retry_in`
+        seconds (on the catalog's clock) must pass before a requeued transfer is claimed."""
         allowed = [s.value for s in sources(target)]
-        at = now()
+        at = await self.clock()
+        if retry_in is not None:
+            values["not_before"] = at + timedelta(seconds=retry_in)
         stmt = update(T).where(T.c.id == transfer_id, T.c.state.in_(allowed))
         if owner is not None:
             stmt = stmt.where(T.c.lease_owner == owner)
@@ -305,7 +325,7 @@ class Transfers:
     async def requeue_expired(self, also_owners: Sequence[str] = ()) -> int:
         """Put running transfers whose lease lapsed (or whose owner is known dead) back in
         the queue (or cancel them, if that was asked meanwhile); return how many."""
-        at = now()
+        at = await self.clock()
         lapsed = or_(T.c.lease_expires < at, T.c.lease_owner.in_(list(also_owners)))
         stmt = (
             update(T)
@@ -331,7 +351,7 @@ class Transfers:
         top-level prefix take turns, for the milliseconds a claim lasts); SQLite has one
         writer anyway.
         """
-        at = now()
+        at = await self.clock()
         for _ in range(8):
             async with self.engine.begin() as conn:
                 row = await self._first_free(conn, at)
@@ -427,7 +447,7 @@ class Transfers:
         self, transfer_id: str, owner: str, lease: float, **progress: Any
     ) -> tuple[bool, bool]:
         """Renew the lease and record progress; return `(still ours, cancel requested)`."""
-        at = now()
+        at = await self.clock()
         stmt = (
             update(T)
             .where(
@@ -450,7 +470,7 @@ class Transfers:
         transfer becomes cancelled, a running one gets `cancel_requested` (which wins over a
         later requeue). Cancelling a cancelled transfer is harmless; a finished one is a
         `Conflict`; an unknown id is `NotFound`."""
-        at = now()
+        at = await self.clock()
         queued = T.c.state == State.QUEUED.value
         stmt = (
             update(T)

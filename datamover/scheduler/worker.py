@@ -18,12 +18,11 @@ import json
 import logging
 import time
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 from datamover.catalog.access import Access
 from datamover.catalog.engine import catalog_outage
-from datamover.catalog.transfers import TransferRow, Transfers, now
+from datamover.catalog.transfers import TransferRow, Transfers
 from datamover.domain.transfers import Kind, State, retry_delay
 from datamover.errors import DatamoverError
 from datamover.logs import transfer_context
@@ -293,7 +292,7 @@ class Worker:
                 exc.message,
                 delay,
             )
-            await self._requeue(row, not_before=now() + timedelta(seconds=delay), **error, **fields)
+            await self._requeue(row, retry_in=delay, **error, **fields)
             return
         log.error("failed %s %s: %s", row.kind, row.path, exc.message)
         await self.transfers.transition(row.id, State.FAILED, owner=self.owner, **error, **fields)
