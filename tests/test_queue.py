@@ -11,6 +11,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from sqlalchemy import update
@@ -385,6 +386,30 @@ async def test_a_transfer_claimed_while_draining_goes_back_unrun(queue: Transfer
     assert row.started_at is None
     again = await queue.claim("w2", 30)
     assert again is not None and again.id == t.id and again.attempts == 1
+
+
+async def test_a_run_that_ends_after_its_lease_lapsed_is_a_warning_not_an_error(
+    queue: Transfers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another process noticed the lapse and put the transfer back as the run finished: the
+    worker cannot record success, and says so in one warning (it raised, and the loop
+    logged a traceback and backed off)."""
+    t, _ = await queue.submit(sub("/p/x"))
+    metrics = Metrics("s")
+    worker = Worker(None, queue, None, "w1", metrics)  # type: ignore[arg-type]
+
+    async def stand_in(row: Any, progress: Any) -> dict[str, Any]:
+        assert await queue.requeue_expired(["w1"]) == 1  # the lapse, noticed elsewhere
+        return {"files": 1, "bytes": 1, "downloaded_bytes": 1}
+
+    worker._run = stand_in  # type: ignore[method-assign]
+    with caplog.at_level("WARNING", logger="datamover.scheduler.worker"):
+        assert await worker.run_once() is True
+    assert "finished after its lease lapsed" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    assert (await queue.get(t.id)).state == "queued"  # the next run finds the work done
+    outcome = {"kind": "stage", "state": "succeeded", "site": "s"}
+    assert not metrics.registry.get_sample_value("datamover_transfers_finished_total", outcome)
 
 
 async def test_a_transfer_a_requeue_cancels_counts_as_cancelled(queue: Transfers) -> None:

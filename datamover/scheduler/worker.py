@@ -24,7 +24,7 @@ from datamover.catalog.access import Access
 from datamover.catalog.engine import catalog_outage
 from datamover.catalog.transfers import TransferRow, Transfers
 from datamover.domain.transfers import Kind, State, retry_delay
-from datamover.errors import DatamoverError
+from datamover.errors import Conflict, DatamoverError
 from datamover.logs import transfer_context
 from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings
@@ -182,7 +182,18 @@ class Worker:
         )
         if row.kind == Kind.STAGE and row.pin:
             await self.access.pin_for_transfer(row.id, row.path, row.tenant, result.get("version"))
-        await self.transfers.transition(row.id, State.SUCCEEDED, owner=self.owner, **fields)
+        try:
+            await self.transfers.transition(row.id, State.SUCCEEDED, owner=self.owner, **fields)
+        except Conflict:
+            # The lease lapsed as the run ended and the transfer went back in the queue (or
+            # to another worker): its next run finds the work done. Not an error of ours.
+            log.warning(
+                "%s %s finished after its lease lapsed; it is queued again, and its next run "
+                "finds the work done",
+                row.kind,
+                row.path,
+            )
+            return
         self.metrics.finished(row.kind, "succeeded", time.monotonic() - started, result)
         log.info("succeeded %s %s: %s", row.kind, row.path, result.get("version"))
 
