@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -139,6 +140,28 @@ def with_token(env: SiteEnv, token: str) -> SiteEnv:
 
 
 StartSite = Callable[..., Awaitable[Daemon]]
+
+MiB = 1 << 20
+
+
+async def slow_site(served_site: StartSite, make_site: MakeSite) -> tuple[Daemon, str]:
+    """A daemon with one worker whose stage of `/proj/slow` (12 MiB at 2 MiB/s) takes about
+    6 s, and a write token for `/proj`."""
+    a = await make_site("site-a", pack_size=MiB)
+    (a.data / "slow").mkdir()
+    for i in range(12):
+        (a.data / "slow" / f"f{i}").write_bytes(os.urandom(MiB))
+    a.cli_json("push", "/proj/slow")
+    d = await served_site("site-b", api={"workers": 1}, bandwidth_limit=2 * MiB)
+    return d, d.token("t1", "/proj", "write")
+
+
+async def until_running(d: Daemon, token: str, transfer_id: str) -> None:
+    """Wait (30 s at most) until the daemon runs `transfer_id`."""
+    deadline = time.monotonic() + 30
+    while d.request("GET", f"/v1/transfers/{transfer_id}", token)[1]["state"] != "running":
+        assert time.monotonic() < deadline, f"{transfer_id} did not start"
+        await asyncio.sleep(0.05)
 
 
 @pytest.fixture

@@ -13,7 +13,14 @@ import urllib.request
 
 import pytest
 
-from tests.fixtures_daemon import Daemon, StartSite, start_daemon, with_token
+from tests.fixtures_daemon import (
+    Daemon,
+    StartSite,
+    slow_site,
+    start_daemon,
+    until_running,
+    with_token,
+)
 from tests.fixtures_sites import MakeSite
 from tests.treegen import make_tree, snapshot
 
@@ -176,19 +183,10 @@ async def test_idempotent_post(served_site: StartSite) -> None:
 
 
 async def test_cancel_queued_and_running(served_site: StartSite, make_site: MakeSite) -> None:
-    a = await make_site("site-a", pack_size=MiB)
-    (a.data / "slow").mkdir()
-    for i in range(12):
-        (a.data / "slow" / f"f{i}").write_bytes(os.urandom(MiB))
-    a.cli_json("push", "/proj/slow")
-    d = await served_site("site-b", api={"workers": 1}, bandwidth_limit=2 * MiB)
-    token = d.token("t1", "/proj", "write")
+    d, token = await slow_site(served_site, make_site)
     _, running = d.request("POST", "/v1/transfers", token, {"kind": "stage", "path": "/proj/slow"})
     _, queued = d.request("POST", "/v1/transfers", token, {"kind": "push", "path": "/proj/other"})
-    deadline = time.monotonic() + 30
-    while d.request("GET", f"/v1/transfers/{running['id']}", token)[1]["state"] != "running":
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await until_running(d, token, running["id"])
     status, t = d.request("DELETE", f"/v1/transfers/{queued['id']}", token)
     assert status == 200 and t["state"] == "cancelled"
     assert d.request("DELETE", f"/v1/transfers/{queued['id']}", token)[0] == 200  # again
@@ -255,19 +253,10 @@ async def test_a_pin_released_while_its_stage_runs_is_not_added_after(
 ) -> None:
     """A prolog that timed out releases its pin while the stage it submitted runs on; the
     stage must not pin the dataset when it ends, or the pin outlives its job."""
-    a = await make_site("site-a", pack_size=MiB)
-    (a.data / "slow").mkdir()
-    for i in range(8):
-        (a.data / "slow" / f"f{i}").write_bytes(os.urandom(MiB))
-    a.cli_json("push", "/proj/slow")
-    d = await served_site("site-b", api={"workers": 1}, bandwidth_limit=2 * MiB)
-    token = d.token("t1", "/proj", "write")
+    d, token = await slow_site(served_site, make_site)
     body = {"kind": "stage", "path": "/proj/slow", "pin": "slurm-77"}
     _, t = d.request("POST", "/v1/transfers", token, body)
-    deadline = time.monotonic() + 30
-    while d.request("GET", f"/v1/transfers/{t['id']}", token)[1]["state"] != "running":
-        assert time.monotonic() < deadline
-        await asyncio.sleep(0.05)
+    await until_running(d, token, t["id"])
     released = with_token(d.env, token).cli("release", "--pin", "slurm-77", "--json")
     assert released.returncode == 0 and json.loads(released.stdout)["released"] == 0
     assert d.request("GET", f"/v1/transfers/{t['id']}", token)[1]["pin"] is None

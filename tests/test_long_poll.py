@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import time
 
@@ -16,7 +15,7 @@ from datamover.catalog.access import Access
 from datamover.catalog.transfers import Submission, Transfers
 from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings, until
-from tests.fixtures_daemon import Daemon, StartSite, free_port
+from tests.fixtures_daemon import Daemon, StartSite, free_port, slow_site
 from tests.fixtures_sites import MakeSite
 
 MiB = 1 << 20
@@ -44,17 +43,6 @@ async def test_until_returns_after_the_time_without_the_end() -> None:
         assert 0.15 < time.monotonic() - started < 5 and not waiter.done()
 
 
-async def _slow_site(served_site: StartSite, make_site: MakeSite) -> tuple[Daemon, str]:
-    """A daemon with one worker whose stage of 12 MiB at 2 MiB/s takes about 6 s."""
-    a = await make_site("site-a", pack_size=MiB)
-    (a.data / "slow").mkdir()
-    for i in range(12):
-        (a.data / "slow" / f"f{i}").write_bytes(os.urandom(MiB))
-    a.cli_json("push", "/proj/slow")
-    d = await served_site("site-b", api={"workers": 1}, bandwidth_limit=2 * MiB)
-    return d, d.token("t1", "/proj", "write")
-
-
 async def _get(d: Daemon, token: str, transfer_id: str, wait: str) -> tuple[float, int, dict]:
     started = time.monotonic()
     status, body = await asyncio.to_thread(
@@ -66,7 +54,7 @@ async def _get(d: Daemon, token: str, transfer_id: str, wait: str) -> tuple[floa
 async def test_long_poll_holds_then_answers_at_the_end(
     served_site: StartSite, make_site: MakeSite
 ) -> None:
-    d, token = await _slow_site(served_site, make_site)
+    d, token = await slow_site(served_site, make_site)
     _, t = d.request("POST", "/v1/transfers", token, {"kind": "stage", "path": "/proj/slow"})
     _, queued = d.request("POST", "/v1/transfers", token, {"kind": "push", "path": "/proj/x"})
 
@@ -96,7 +84,7 @@ async def test_long_poll_holds_then_answers_at_the_end(
 async def test_a_stopping_daemon_answers_held_polls(
     served_site: StartSite, make_site: MakeSite
 ) -> None:
-    d, token = await _slow_site(served_site, make_site)
+    d, token = await slow_site(served_site, make_site)
     _, t = d.request("POST", "/v1/transfers", token, {"kind": "stage", "path": "/proj/slow"})
     held = asyncio.create_task(_get(d, token, t["id"], "60"))
     await asyncio.sleep(1.0)
@@ -124,7 +112,7 @@ async def test_a_held_poll_answers_no_token_revoked_meanwhile(
 ) -> None:
     """The token is checked when the request arrives; a long poll answers up to 60 s later,
     and must not hand a transfer's state to a token revoked in between."""
-    d, _ = await _slow_site(served_site, make_site)
+    d, _ = await slow_site(served_site, make_site)
     proc = d.env.cli(
         "token", "create", "--tenant", "t1", "--prefix", "/proj", "--scope", "write", "--json"
     )
