@@ -434,14 +434,27 @@ class TreeWriter:
         caller owns the fd (`finish_partial` closes it).
 
         Chunks already in the partial file from an interrupted run are checked against their
-        digests; the file is cut after the last good one, and only the rest is fetched.
+        digests; the file is cut after the last good one, and only the rest is fetched. A
+        partial name that is not a regular file of ours with one link (its name is
+        predictable: a hard link to a file elsewhere, planted) is removed and created anew,
+        never cut or written through.
         """
         parent, _ = split(entry.path)
         dfd = self.dir_fd(parent)
+        name = partial_name(entry)
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = self._unlocking(
-            parent, entry.path, lambda: os.open(partial_name(entry), flags, 0o600, dir_fd=dfd)
-        )
+        fd = self._unlocking(parent, entry.path, lambda: os.open(name, flags, 0o600, dir_fd=dfd))
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():
+                os.close(fd)
+                fd = -1
+                os.unlink(name, dir_fd=dfd)
+                fd = os.open(name, flags | os.O_EXCL, 0o600, dir_fd=dfd)
+        except BaseException:
+            if fd >= 0:
+                os.close(fd)
+            raise
         try:
             good = 0
             offset = 0
