@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import os
+import stat
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from datamover.domain.manifest import Entry
 from datamover.transfer import fsops
+from datamover.transfer import stage as stage_module
+from datamover.transfer.fsops import TreeWriter
+from datamover.transfer.plan import Action, StagePlanner
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from tests.fixtures_sites import MakeSite
@@ -31,6 +40,46 @@ async def test_a_partial_file_hard_linked_elsewhere_is_not_written_through(
         assert victim.read_bytes() == b"somebody else's data\n"
         assert (b.data / "ds" / "big").read_bytes() == content
         assert os.stat(b.data / "ds" / "big").st_ino != os.stat(victim).st_ino
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_operations_queued_for_the_writer_thread_are_bounded(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b", write_workers=-1)
+    (a.data / "ds").mkdir()
+    for i in range(600):
+        (a.data / "ds" / f"f{i:03d}").write_text(f"{i}\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        await stage(site_b, "/proj/ds")
+        for i in range(600):  # every file needs its mode set again: 600 operations
+            os.chmod(b.data / "ds" / f"f{i:03d}", 0o600)
+        planned, done, ahead = [0], [0], [0]
+
+        class Counting(StagePlanner):
+            def __iter__(self) -> Iterator[Action]:
+                for action in super().__iter__():
+                    planned[0] += 1
+                    yield action
+
+        real = TreeWriter.set_attrs
+
+        def slow(self: TreeWriter, entry: Entry) -> None:  # a slow file system
+            ahead[0] = max(ahead[0], planned[0] - done[0])
+            time.sleep(0.002)
+            real(self, entry)
+            done[0] += 1
+
+        monkeypatch.setattr(stage_module, "StagePlanner", Counting)
+        monkeypatch.setattr(stage_module, "_PLAN_BATCH", 8)
+        monkeypatch.setattr(TreeWriter, "set_attrs", slow)
+        await stage(site_b, "/proj/ds")
+        assert stat.S_IMODE(os.stat(b.data / "ds" / "f000").st_mode) != 0o600
+        assert ahead[0] <= 8 * 16, ahead[0]  # not the whole plan
     finally:
         await site_a.close()
         await site_b.close()

@@ -24,6 +24,7 @@ import os
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
@@ -55,6 +56,10 @@ _POOL_FILES = 2048
 #: Smaller batches with workers, so every worker has one while the next is fetched.
 _POOL_BATCH_FILES = 1024
 _MAX_DIRS_IN_MEMORY = 1 << 16
+#: Groups of operations (each from at most `_PLAN_BATCH` actions) queued for the writer
+#: thread before planning waits for it: the plan must not run ahead of a slow file system
+#: with every entry of the version held in the queue.
+_OPS_AHEAD = 4
 _RANGE_WRITERS = 4
 #: Manifests of at most this many entries are decoded once, not twice: at most about 20 MiB
 #: of entries held for the run (measured: 640 bytes per entry of a docking tree; decoding
@@ -187,6 +192,7 @@ class _Stager:
         self._procs = procs
         self.checked = checked
         self._last_ops: asyncio.Future[Any] | None = None
+        self._queued_ops: deque[asyncio.Future[Any]] = deque()
         # The first failure of a queued operation (a trash move, a directory): once set,
         # nothing more is written, since a write may be the one it was clearing the way for.
         self._ops_error: BaseException | None = None
@@ -242,8 +248,16 @@ class _Stager:
 
         self._last_ops = self._on_writer(run)
         self._pending.append(self._last_ops)
+        self._queued_ops.append(self._last_ops)
         if len(self._pending) > 64:
             self._pending = [f for f in self._pending if not f.done() or f.exception()]
+
+    async def _keep_up(self) -> None:
+        """Wait until at most `_OPS_AHEAD` groups of operations are queued for the writer
+        thread (memory: the entries they hold); raise the first failure among them."""
+        while len(self._queued_ops) > _OPS_AHEAD:
+            await asyncio.wait([self._queued_ops.popleft()])
+        self._check_ops()
 
     def _write_batch(self, batch: list[Entry], ranges: list[Range], blobs: list[bytes]) -> None:
         """Verify and write a batch, on the writer thread: decoding there too saves a thread
@@ -453,6 +467,7 @@ class _Stager:
         if kept:
             self.progress.advance(kept, kept_bytes)
         self._submit_ops()
+        await self._keep_up()
 
     def _finish_tree(self) -> None:
         """Directory attributes (after every write below them) and leftover partial files."""
