@@ -7,10 +7,12 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from datamover.domain.manifest import Entry
+from datamover.errors import Corrupt
 from datamover.transfer import fsops
 from datamover.transfer import stage as stage_module
 from datamover.transfer.fsops import TreeWriter
@@ -18,6 +20,7 @@ from datamover.transfer.plan import Action, StagePlanner
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from tests.fixtures_sites import MakeSite
+from tests.test_bad_input import flip_pack_byte
 
 
 async def test_a_partial_file_hard_linked_elsewhere_is_not_written_through(
@@ -80,6 +83,33 @@ async def test_operations_queued_for_the_writer_thread_are_bounded(
         await stage(site_b, "/proj/ds")
         assert stat.S_IMODE(os.stat(b.data / "ds" / "f000").st_mode) != 0o600
         assert ahead[0] <= 8 * 16, ahead[0]  # not the whole plan
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_failed_batch_stops_the_fetching_of_the_rest(make_site: MakeSite) -> None:
+    a = await make_site("site-a")
+    b = await make_site("site-b", write_workers=-1, batch_bytes=512 << 10)
+    (a.data / "ds").mkdir()
+    for i in range(60):
+        (a.data / "ds" / f"f{i:02d}").write_bytes(os.urandom(100 << 10))
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        await flip_pack_byte(a, 100)  # the first file's chunk: the first batch fails
+        gets: list[str] = []
+        real_get = site_b.store.get
+
+        async def counting_get(key: str, *args: Any, **kwargs: Any) -> bytes:
+            if key.startswith("packs/"):
+                gets.append(key)
+            return await real_get(key, *args, **kwargs)
+
+        site_b.store.get = counting_get  # type: ignore[method-assign]
+        with pytest.raises(Corrupt, match="'f00'"):
+            await stage(site_b, "/proj/ds")
+        assert len(gets) <= 4, len(gets)  # of 12 batches: not fetched on after the failure
     finally:
         await site_a.close()
         await site_b.close()

@@ -211,6 +211,15 @@ class _Stager:
         if self._ops_error is not None:
             raise self._ops_error
 
+    def _check_done(self) -> None:
+        """Raise the first failure of a queued operation or of a finished batch (on the
+        event loop): once one failed, fetching the rest would only be thrown away."""
+        self._check_ops()
+        for fut in self._pending:
+            exc = fut.exception() if fut.done() and not fut.cancelled() else None
+            if exc is not None:
+                raise exc
+
     def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run `fn` on the writer thread unless an operation queued before it failed."""
         self._check_ops()
@@ -254,10 +263,10 @@ class _Stager:
 
     async def _keep_up(self) -> None:
         """Wait until at most `_OPS_AHEAD` groups of operations are queued for the writer
-        thread (memory: the entries they hold); raise the first failure among them."""
+        thread (memory: the entries they hold); raise the first failure so far."""
         while len(self._queued_ops) > _OPS_AHEAD:
             await asyncio.wait([self._queued_ops.popleft()])
-        self._check_ops()
+        self._check_done()
 
     def _write_batch(self, batch: list[Entry], ranges: list[Range], blobs: list[bytes]) -> None:
         """Verify and write a batch, on the writer thread: decoding there too saves a thread
@@ -324,11 +333,16 @@ class _Stager:
     async def _flush(self) -> None:
         if not self._batch:
             return
-        self._check_ops()  # stop fetching once nothing more will be written
+        self._check_done()  # stop fetching once nothing more will be written
         self._submit_ops()  # directories and removals first: the writer thread keeps order
         batch, nbytes = self._batch, self._batch_size
         self._batch, self._batch_size = [], 0
         await self._slots.acquire()
+        try:
+            self._check_done()  # a batch that failed while this one waited for its turn
+        except BaseException:
+            self._slots.release()
+            raise
         self._pending.append(asyncio.ensure_future(self._process(batch, nbytes, self._last_ops)))
 
     async def _large(self, entry: Entry) -> None:
@@ -343,7 +357,7 @@ class _Stager:
         contention took twice as long); a lock of ours makes it sleep instead. Memory: the
         ranges in flight.
         """
-        self._check_ops()
+        self._check_done()
         self._submit_ops()
         assert self.writer is not None
         fd, good = await self._on_writer(self._guarded, self.writer.open_partial, entry)
