@@ -113,3 +113,38 @@ async def test_a_failed_batch_stops_the_fetching_of_the_rest(make_site: MakeSite
     finally:
         await site_a.close()
         await site_b.close()
+
+
+async def test_files_an_interrupted_stage_wrote_are_not_taken_for_the_users(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "ds"
+    src.mkdir()
+    (src / "result.csv").write_text("v1\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        await stage(site_b, "/proj/ds")
+        (src / "result.csv").write_text("v2, rewritten\n")
+        (src / "scratch.tmp").write_text("v2 only\n")
+        await push(site_a, "/proj/ds")
+
+        def killed(self: object) -> None:  # every file of v2 written, then the run dies
+            raise OSError(5, "Input/output error")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(stage_module._Stager, "_finish_tree", killed)
+            with pytest.raises(OSError):
+                await stage(site_b, "/proj/ds")
+        assert (b.data / "ds" / "result.csv").read_text() == "v2, rewritten\n"
+        (src / "result.csv").write_text("v3\n")
+        (src / "scratch.tmp").unlink()
+        await push(site_a, "/proj/ds")
+        staged = await stage(site_b, "/proj/ds", delete=True)
+        assert staged.trashed == [] and staged.removed == 1  # datamover wrote both
+        assert sorted(p.name for p in (b.data / "ds").iterdir()) == ["result.csv"]
+        assert (b.data / "ds" / "result.csv").read_text() == "v3\n"
+    finally:
+        await site_a.close()
+        await site_b.close()

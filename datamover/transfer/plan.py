@@ -3,7 +3,8 @@
 Pure decisions over sorted streams (the local walk is the only I/O, and it is read-only):
 
 - *target*: the version being staged; afterwards the tree must equal it.
-- *base*: the version this site last completed here, i.e. what datamover itself wrote.
+- *base*: the version this site last completed here, i.e. what datamover itself wrote;
+  and the version of an interrupted stage since (it may have written some of its files).
 - *local*: what is on disk now.
 
 A local file that differs from the target is replaced directly when it still equals the base
@@ -86,7 +87,9 @@ class StagePlanner:
     `content_ok(local, entry)`, when given, is consulted for files whose size and mtime match
     (the `--checksum` mode) and must return True only if the bytes match the entry's digests.
     `same_link(local_target, stored_target)` says whether a link on disk already is the
-    stored one (`Namespace.same_link`; default: equal strings).
+    stored one (`Namespace.same_link`; default: equal strings). `interrupted`, when given,
+    is the version a stage since the base was bringing the tree to when it stopped: a local
+    entry equal to its entry was written by datamover too.
     """
 
     def __init__(
@@ -97,20 +100,29 @@ class StagePlanner:
         delete: bool = False,
         content_ok: Callable[[LocalEntry, Entry], bool] | None = None,
         same_link: Callable[[str, str], bool] = str.__eq__,
+        interrupted: Iterator[Entry] | None = None,
     ) -> None:
         self.walker = walker
         self.target = target
         self.base = _Cursor(base)
+        self.interrupted = _Cursor(interrupted)
         self.delete = delete
         self.content_ok = content_ok
         self.same_link = same_link
+
+    def _ours(self, local: LocalEntry, key: tuple[str, ...]) -> bool:
+        """Whether `local` is what datamover wrote at `key` (the base's or the interrupted
+        version's entry)."""
+        return _same_stat(local, self.base.at(key), self.same_link) or _same_stat(
+            local, self.interrupted.at(key), self.same_link
+        )
 
     def _clear(self, local: LocalEntry, key: tuple[str, ...]) -> Action | None:
         """Get `local` out of the way of a different kind of entry."""
         if local.kind == Kind.DIR:
             self.walker.prune()
             return Action(Op.TRASH, local.path)
-        if _same_stat(local, self.base.at(key), self.same_link):
+        if self._ours(local, key):
             return Action(Op.REMOVE, local.path)
         return Action(Op.TRASH, local.path)
 
@@ -139,7 +151,7 @@ class StagePlanner:
         replaceable = (
             local.kind in (Kind.FILE, Kind.SYMLINK)
             and entry.kind in (Kind.FILE, Kind.SYMLINK)
-            and _same_stat(local, self.base.at(key), self.same_link)
+            and self._ours(local, key)
         )
         if not replaceable:
             action = self._clear(local, key)

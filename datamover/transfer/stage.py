@@ -149,6 +149,7 @@ class _Stager:
         doc: VersionDoc,
         refs: list[SegmentRef],
         base_refs: list[SegmentRef] | None,
+        interrupted_refs: list[SegmentRef] | None,
         root: Path,
         base_path: Path,
         parts: tuple[str, ...],
@@ -160,6 +161,7 @@ class _Stager:
     ) -> None:
         t = site.config.transfer
         self.site, self.doc, self.refs, self.base_refs = site, doc, refs, base_refs
+        self.interrupted_refs = interrupted_refs
         self.root, self.base_path, self.parts = root, base_path, parts
         self.delete, self.checksum, self.progress = delete, checksum, progress
         self.gap, self.max_request, self.batch_bytes = t.coalesce_gap, t.max_request, t.batch_bytes
@@ -434,6 +436,7 @@ class _Stager:
             self.delete,
             content_ok,
             self.site.config.namespace.same_link,
+            self._entries(self.interrupted_refs) if self.interrupted_refs else None,
         )
         return iter(planner)
 
@@ -620,7 +623,7 @@ async def stage(
         refs = await site.repo.prefetch(doc)
         checked = await asyncio.to_thread(_check_manifest, site, refs)
         me = owner_id()
-        base_version, base_refs = await _base(site, doc, root, refs, me)
+        base_version, base_refs, interrupted_refs = await _base(site, doc, root, refs, me)
         await site.catalog.begin_replica(dataset, str(root), doc.version, base_version, me)
         progress.total(doc.files, doc.bytes)
         stager = _Stager(
@@ -628,6 +631,7 @@ async def stage(
             doc,
             refs,
             base_refs,
+            interrupted_refs,
             root,
             base_path,
             parts,
@@ -657,9 +661,11 @@ async def stage(
 
 async def _base(
     site: Site, doc: VersionDoc, root: Path, refs: list[SegmentRef], me: str
-) -> tuple[str | None, list[SegmentRef] | None]:
+) -> tuple[str | None, list[SegmentRef] | None, list[SegmentRef] | None]:
     """The version this site last completed at `root` and its segments: the base of the
-    three-way merge (None when unknown). Raises `Conflict` if a live stage holds the dataset."""
+    three-way merge (None when unknown); and the segments of the version a stage since then
+    was bringing the tree to when it stopped, if any (it may have written some of its
+    files). Raises `Conflict` if a live stage holds the dataset."""
     replica = await site.catalog.replica(doc.dataset)
     if (
         replica is not None
@@ -668,14 +674,25 @@ async def _base(
         and owner_alive(replica.owner)
     ):
         raise Conflict(f"a stage of {doc.dataset!r} is already running ({replica.owner})")
-    base_version = replica.base_version if replica and replica.root == str(root) else None
-    if base_version == doc.version:
-        return base_version, refs
-    if base_version:
-        try:
-            return base_version, await site.repo.prefetch(
-                await site.repo.read_version(doc.dataset, base_version)
-            )
-        except (NotFound, Corrupt):
-            pass  # unknown base: every differing file is treated as the user's
-    return base_version, None
+    if replica is None or replica.root != str(root):
+        return None, None, None
+    base_version = replica.base_version
+    interrupted = None
+    if replica.state != "ready" and replica.version not in (base_version, doc.version):
+        interrupted = await _segments(site, doc.dataset, replica.version, refs, doc)
+    if base_version is None:
+        return None, None, interrupted
+    return base_version, await _segments(site, doc.dataset, base_version, refs, doc), interrupted
+
+
+async def _segments(
+    site: Site, dataset: str, version: str, refs: list[SegmentRef], doc: VersionDoc
+) -> list[SegmentRef] | None:
+    """The segments of `version` of `dataset` (`refs` if it is `doc`), or None when it
+    cannot be read: then every differing file is treated as the user's."""
+    if version == doc.version:
+        return refs
+    try:
+        return await site.repo.prefetch(await site.repo.read_version(dataset, version))
+    except (NotFound, Corrupt):
+        return None
