@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from datamover.domain.manifest import Entry
+from datamover.domain.manifest import Entry, Kind
 from datamover.errors import Corrupt
 from datamover.transfer import fsops
 from datamover.transfer import stage as stage_module
@@ -20,7 +20,7 @@ from datamover.transfer.plan import Action, StagePlanner
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from tests.fixtures_sites import MakeSite
-from tests.test_bad_input import flip_pack_byte
+from tests.test_bad_input import flip_pack_byte, publish_manifest
 
 
 async def test_a_partial_file_hard_linked_elsewhere_is_not_written_through(
@@ -147,4 +147,29 @@ async def test_files_an_interrupted_stage_wrote_are_not_taken_for_the_users(
         assert (b.data / "ds" / "result.csv").read_text() == "v3\n"
     finally:
         await site_a.close()
+        await site_b.close()
+
+
+async def test_a_restage_keeps_files_whose_mtime_the_file_system_cannot_hold(
+    make_site: MakeSite,
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    # Pushed where the file system holds it (tmpfs, XFS with big timestamps); ext4 keeps no
+    # time before 1901, a file system of 1 s timestamps no nanoseconds.
+    old = Entry("census-1850.txt", Kind.FILE, 0o644, -(1 << 62))
+    await publish_manifest(a, "/proj/old", [old, Entry("now.txt", Kind.FILE, 0o644, 1)])
+    site_b = await b.open()
+    try:
+        await stage(site_b, "/proj/old")
+        root = os.open(b.data / "old", os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            stored = fsops.stored_mtime(root)
+        finally:
+            os.close(root)
+        for name, mtime in (("census-1850.txt", -(1 << 62)), ("now.txt", 1)):
+            assert os.stat(b.data / "old" / name).st_mtime_ns == stored(mtime)
+        again = await stage(site_b, "/proj/old")
+        assert again.trashed == [] and again.fetched_files == 0 and again.kept_files == 2
+        assert [p.name for p in (b.data / "old").iterdir() if p.name.startswith(".dm-")] == []
+    finally:
         await site_b.close()

@@ -81,6 +81,58 @@ def partial_name(entry: Entry) -> str:
     return f".dm-{h.hexdigest()[:16]}.part"
 
 
+_NS = 1_000_000_000
+#: Probe mtimes: all nanosecond digits set (granularity), then the ends of the range.
+_MTIME_PROBES = (1_700_000_000 * _NS + _NS - 1, -(1 << 63), (1 << 63) - 1)
+
+
+def _exact(mtime_ns: int) -> int:
+    return mtime_ns
+
+
+def stored_mtime(dir_fd: int) -> Callable[[int], int]:
+    """What the file system of directory `dir_fd` stores when a file's mtime is set to a
+    given value (nanoseconds): probed once on a temporary file, then modelled as the kernel
+    does (seconds clamped to the file system's range, nanoseconds cut to its granularity).
+    A file system with 1 s timestamps, or one that cannot hold an mtime before 1901, stores
+    another value than the manifest's; the identity if nothing differs or it cannot be
+    probed."""
+    try:
+        tmp = temp_name()
+        fd = os.open(tmp, _NEW_FILE, 0o600, dir_fd=dir_fd)
+    except OSError:
+        return _exact
+    got: list[int] = []
+    try:
+        for ns in _MTIME_PROBES:
+            os.utime(fd, ns=(ns, ns))
+            got.append(os.fstat(fd).st_mtime_ns)
+    except OSError:
+        return _exact
+    finally:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=dir_fd)
+    if got == list(_MTIME_PROBES):
+        return _exact
+    cut = got[0] - _MTIME_PROBES[0] // _NS * _NS
+    if not 0 <= cut < _NS:
+        return _exact  # not a cut of the nanoseconds: no model of ours fits
+    gran = _NS - cut
+    lo, hi = got[1] // _NS, got[2] // _NS
+    clamped_lo, clamped_hi = lo > _MTIME_PROBES[1] // _NS, hi < _MTIME_PROBES[2] // _NS
+
+    def stored(mtime_ns: int) -> int:
+        sec, nsec = divmod(mtime_ns, _NS)
+        if clamped_lo and sec <= lo:
+            return lo * _NS
+        if clamped_hi and sec >= hi:
+            return hi * _NS
+        return sec * _NS + nsec - nsec % gran
+
+    return stored
+
+
 def denied(shown: str, exc: OSError) -> PermanentError:
     """The one-line error for a permission problem datamover cannot work around."""
     reason = exc.strerror or type(exc).__name__

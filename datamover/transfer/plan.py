@@ -70,14 +70,19 @@ class _Cursor:
 
 
 def _same_stat(
-    local: LocalEntry, entry: Entry | None, same_link: Callable[[str, str], bool]
+    local: LocalEntry,
+    entry: Entry | None,
+    same_link: Callable[[str, str], bool],
+    stored_mtime: Callable[[int], int],
 ) -> bool:
     if entry is None or local.kind != entry.kind:
         return False
     if local.kind == Kind.SYMLINK:
         return same_link(local.target or "", entry.target or "")
     if local.kind == Kind.FILE:
-        return local.size == entry.size and local.mtime_ns == entry.mtime_ns
+        return local.size == entry.size and (
+            local.mtime_ns == entry.mtime_ns or local.mtime_ns == stored_mtime(entry.mtime_ns)
+        )
     return True
 
 
@@ -89,7 +94,9 @@ class StagePlanner:
     `same_link(local_target, stored_target)` says whether a link on disk already is the
     stored one (`Namespace.same_link`; default: equal strings). `interrupted`, when given,
     is the version a stage since the base was bringing the tree to when it stopped: a local
-    entry equal to its entry was written by datamover too.
+    entry equal to its entry was written by datamover too. `stored_mtime(mtime_ns)` is what
+    the local file system stores for an mtime (`fsops.stored_mtime`; default: itself): a
+    file with that mtime has the entry's.
     """
 
     def __init__(
@@ -101,6 +108,7 @@ class StagePlanner:
         content_ok: Callable[[LocalEntry, Entry], bool] | None = None,
         same_link: Callable[[str, str], bool] = str.__eq__,
         interrupted: Iterator[Entry] | None = None,
+        stored_mtime: Callable[[int], int] = int,
     ) -> None:
         self.walker = walker
         self.target = target
@@ -109,13 +117,15 @@ class StagePlanner:
         self.delete = delete
         self.content_ok = content_ok
         self.same_link = same_link
+        self.stored_mtime = stored_mtime
 
     def _ours(self, local: LocalEntry, key: tuple[str, ...]) -> bool:
         """Whether `local` is what datamover wrote at `key` (the base's or the interrupted
         version's entry)."""
-        return _same_stat(local, self.base.at(key), self.same_link) or _same_stat(
-            local, self.interrupted.at(key), self.same_link
-        )
+        return self._same(local, self.base.at(key)) or self._same(local, self.interrupted.at(key))
+
+    def _same(self, local: LocalEntry, entry: Entry | None) -> bool:
+        return _same_stat(local, entry, self.same_link, self.stored_mtime)
 
     def _clear(self, local: LocalEntry, key: tuple[str, ...]) -> Action | None:
         """Get `local` out of the way of a different kind of entry."""
@@ -137,12 +147,12 @@ class StagePlanner:
         if local.kind == entry.kind == Kind.DIR:
             yield Action(Op.KEEP, entry.path, entry)
             return
-        if local.kind == entry.kind == Kind.SYMLINK and _same_stat(local, entry, self.same_link):
+        if local.kind == entry.kind == Kind.SYMLINK and self._same(local, entry):
             yield Action(Op.KEEP, entry.path, entry)
             return
         if (
             local.kind == entry.kind == Kind.FILE
-            and _same_stat(local, entry, self.same_link)
+            and self._same(local, entry)
             and (self.content_ok is None or self.content_ok(local, entry))
         ):
             yield Action(Op.KEEP if local.mode == entry.mode else Op.ATTR, entry.path, entry)

@@ -426,7 +426,7 @@ class _Stager:
             return iter(self.checked)
         return self.site.repo.iter_cached(refs, check=False)
 
-    def _planner(self) -> Iterator[Any]:
+    def _planner(self, stored_mtime: Callable[[int], int]) -> Iterator[Any]:
         root = str(self.root)
         content_ok = (lambda _local, e: fsops.content_matches(root, e)) if self.checksum else None
         planner = StagePlanner(
@@ -437,6 +437,7 @@ class _Stager:
             content_ok,
             self.site.config.namespace.same_link,
             self._entries(self.interrupted_refs) if self.interrupted_refs else None,
+            stored_mtime,
         )
         return iter(planner)
 
@@ -507,7 +508,8 @@ class _Stager:
     async def run(self) -> StageResult:
         root_fd = await self._on_writer(fsops.open_root, self.base_path, self.parts)
         self.writer = fsops.TreeWriter(root_fd, self.root, self.trash_dir)
-        plan = self._planner()
+        # Before the walk starts, so it does not see the probe's temporary file.
+        plan = self._planner(await self._on_writer(fsops.stored_mtime, root_fd))
         reading = asyncio.ensure_future(
             asyncio.to_thread(lambda: list(itertools.islice(plan, _PLAN_BATCH)))
         )
