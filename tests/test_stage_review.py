@@ -12,14 +12,14 @@ from typing import Any
 import pytest
 
 from datamover.domain.manifest import Entry, Kind
-from datamover.errors import Corrupt
+from datamover.errors import Corrupt, PermanentError
 from datamover.transfer import fsops
 from datamover.transfer import stage as stage_module
 from datamover.transfer.fsops import TreeWriter
 from datamover.transfer.plan import Action, StagePlanner
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
-from tests.fixtures_sites import MakeSite
+from tests.fixtures_sites import MakeSite, cli_unprivileged
 from tests.test_bad_input import flip_pack_byte, publish_manifest
 
 
@@ -173,3 +173,19 @@ async def test_a_restage_keeps_files_whose_mtime_the_file_system_cannot_hold(
         assert [p.name for p in (b.data / "old").iterdir() if p.name.startswith(".dm-")] == []
     finally:
         await site_b.close()
+
+
+async def test_a_directory_stage_cannot_read_is_a_one_line_error(make_site: MakeSite) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds" / "deep" / "sub").mkdir(parents=True)
+    (a.data / "ds" / "deep" / "sub" / "f").write_text("data\n")
+    assert a.cli("push", "/proj/ds").returncode == 0
+    assert b.cli("stage", "/proj/ds").returncode == 0
+    locked = b.data / "ds" / "deep" / "sub"
+    os.chmod(locked, 0)  # the user locks a staged directory
+    try:
+        proc = cli_unprivileged(b, "stage", "/proj/ds")
+    finally:
+        os.chmod(locked, 0o755)
+    assert proc.returncode == PermanentError.exit_code, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "'deep/sub'" in proc.stderr, proc.stderr

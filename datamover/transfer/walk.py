@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from datamover.domain.manifest import Kind
 from datamover.domain.paths import check_name, nfc
-from datamover.errors import Conflict, InvalidInput
+from datamover.errors import Conflict, DatamoverError, InvalidInput, PermanentError
 
 #: Temporary and partial files written by stage; never user data, never pushed.
 PARTIAL_RE = re.compile(r"^\.dm-[0-9a-f]{16}\.part$")
@@ -91,12 +91,8 @@ class Walker:
             if self.strict and not rel:
                 raise
             return None  # vanished under us (non-strict) or replaced by stage
-        except PermissionError:
-            if not self.strict:
-                raise
-            # As for a file (`scan._problem`): the user's to fix, named, not an internal error.
-            full = os.path.join(self.root, rel) if rel else self.root
-            raise InvalidInput(f"cannot read {full!r}: permission denied", [rel]) from None
+        except PermissionError as exc:
+            raise self._unreadable(rel, exc) from None
         except OSError as exc:
             if exc.errno not in (errno.ENOTDIR, errno.ELOOP):
                 raise
@@ -107,6 +103,19 @@ class Walker:
                     [rel],
                 ) from None
             return None
+
+    def _unreadable(self, rel: str, exc: PermissionError) -> DatamoverError:
+        """The user's to fix, named, not an internal error: for push (strict) as for an
+        unreadable file (`scan._problem`); for stage and verify, a directory in the tree
+        they cannot read or search (`fsops.denied`)."""
+        if not self.strict:
+            return PermanentError(
+                f"{rel or '.'!r}: {(exc.strerror or 'permission denied').lower()} (check the "
+                "owner and mode of it and of its directory)",
+                [rel],
+            )
+        full = os.path.join(self.root, rel) if rel else self.root
+        return InvalidInput(f"cannot read {full!r}: permission denied", [rel])
 
     def _list(self, rel: str) -> None:
         """Open directory `rel` and push its sorted entries on the stack."""
@@ -151,6 +160,8 @@ class Walker:
                 st = item.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
+            except PermissionError as exc:  # a directory that can be listed, not searched
+                raise self._unreadable(rel, exc) from None
             mode = st.st_mode
             target = None
             if stat.S_ISREG(mode):
