@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import stat
 import time
@@ -189,3 +190,17 @@ async def test_a_directory_stage_cannot_read_is_a_one_line_error(make_site: Make
         os.chmod(locked, 0o755)
     assert proc.returncode == PermanentError.exit_code, proc.stderr
     assert proc.stderr.count("\n") == 1 and "'deep/sub'" in proc.stderr, proc.stderr
+
+
+def test_checking_content_does_not_wait_on_a_fifo_swapped_in(tmp_path: Path) -> None:
+    # --checksum and verify read a file the walk saw; a user may have replaced it since.
+    os.mkfifo(tmp_path / "results.csv")
+    entry = Entry("results.csv", Kind.FILE, 0o644, 0, 0)
+    checked = concurrent.futures.ThreadPoolExecutor(1).submit(
+        fsops.content_matches, str(tmp_path), entry
+    )
+    try:
+        assert checked.result(timeout=10) is False
+    finally:
+        if not checked.done():  # let the blocked open return
+            os.close(os.open(tmp_path / "results.csv", os.O_WRONLY | os.O_NONBLOCK))

@@ -598,13 +598,17 @@ class TreeWriter:
 def content_matches(root: str, entry: Entry) -> bool:
     """True when the file at `root/entry.path` holds exactly the entry's chunks (by digest).
 
-    Reads by the manifest's chunk boundaries, so no chunker is needed. Read-only.
+    Reads by the manifest's chunk boundaries, so no chunker is needed. Read-only. Opened
+    without blocking: a FIFO put where the walk saw a file would wait for a writer forever.
     """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        fd = os.open(os.path.join(root, entry.path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(os.path.join(root, entry.path), flags)
     except OSError:
         return False
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
         offset = 0
         for chunk in entry.chunks:
             data = os.pread(fd, chunk.raw_length, offset)
