@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
+import shutil
 import stat
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,3 +207,38 @@ def test_checking_content_does_not_wait_on_a_fifo_swapped_in(tmp_path: Path) -> 
     finally:
         if not checked.done():  # let the blocked open return
             os.close(os.open(tmp_path / "results.csv", os.O_WRONLY | os.O_NONBLOCK))
+
+
+def test_a_file_written_while_its_directory_is_copied_to_the_trash_is_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a file system other than the test's temporary directory")
+    trash = Path(tempfile.mkdtemp(dir=shm, prefix="dm-trash-test-"))
+    try:
+        (tmp_path / "ds" / "run7").mkdir(parents=True)
+        for name in ("a.log", "b.log"):
+            (tmp_path / "ds" / "run7" / name).write_text(name)
+        real = fsops._copy_special
+
+        def copy_while_a_job_writes(src: str, dst: str) -> None:
+            real(src, dst)
+            late = tmp_path / "ds" / "run7" / "late.log"
+            if not late.exists():  # a job still running in the directory writes a result
+                late.write_text("written during the copy\n")
+
+        monkeypatch.setattr(fsops, "_copy_special", copy_while_a_job_writes)
+        writer = TreeWriter(fsops.open_root(tmp_path, ("ds",)), tmp_path / "ds", trash)
+        try:
+            with contextlib.suppress(PermanentError):
+                writer.trash("run7")
+        finally:
+            writer.close()
+            os.close(writer.root_fd)
+        kept = [p for p in (tmp_path / "ds" / "run7", trash / "run7") if (p / "late.log").exists()]
+        assert kept, "the file written during the copy is gone"
+        for name in ("a.log", "b.log"):  # and each earlier file is in one place or the other
+            assert (tmp_path / "ds" / "run7" / name).exists() or (trash / "run7" / name).exists()
+    finally:
+        shutil.rmtree(trash)

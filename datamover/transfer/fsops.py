@@ -239,6 +239,50 @@ def _copy_special(src: str, dst: str) -> None:
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
+def _copy_tree(source: str, dest: Path) -> dict[str, tuple[int, int, int]]:
+    """`shutil.copytree` of directory `source` to `dest` (symlinks as links, special files
+    anew); return each copied file's `(inode, size, mtime)` as it was before its copy."""
+    copied: dict[str, tuple[int, int, int]] = {}
+
+    def copy(src: str, dst: str) -> None:
+        st = os.lstat(src)
+        copied[src] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        _copy_special(src, dst)
+
+    shutil.copytree(source, dest, symlinks=True, copy_function=copy)
+    return copied
+
+
+def _remove_copied(source: str, copy: Path, copied: dict[str, tuple[int, int, int]]) -> None:
+    """Remove directory `source` once copied to `copy`, bottom up, keeping what the copy
+    does not hold as it is: a file only if it is unchanged since it was copied (`copied`),
+    a symlink only if its copy points the same way, a directory only once empty. A file
+    written or changed during the copy (a job still running in the directory) stays where
+    it was, and that is an error."""
+    for top, dirs, files in os.walk(source, topdown=False):
+        rel = os.path.relpath(top, source)
+        for name in files + [d for d in dirs if Path(top, d).is_symlink()]:
+            path = os.path.join(top, name)
+            try:
+                st = os.lstat(path)
+                if stat.S_ISLNK(st.st_mode):
+                    same = os.readlink(path) == os.readlink(copy / rel / name)
+                else:
+                    same = copied.get(path) == (st.st_ino, st.st_size, st.st_mtime_ns)
+            except OSError:
+                continue
+            if same:
+                os.unlink(path)
+        with contextlib.suppress(OSError):
+            Path(top).rmdir()
+    if os.path.lexists(source):
+        raise OSError(
+            errno.ENOTEMPTY,
+            "it changed while it was copied (what changed is still in place, the rest in the "
+            "trash)",
+        )
+
+
 class TreeWriter:
     """Writes below one root directory fd. See the module docstring.
 
@@ -424,18 +468,28 @@ class TreeWriter:
         system): copy, then remove the original. Reached through the parent's descriptor,
         as every other write is, so a symlink swapped into the path meanwhile cannot send
         the copy and the removal elsewhere. FIFOs, sockets and device nodes are created
-        anew in the copy. A failed copy is removed again and the original left whole."""
+        anew in the copy. A failed copy is removed again and the original left whole; so is
+        a copy of a file that changed while it was copied; of a directory, only what did
+        not change is removed (`_remove_copied`)."""
         name = split(rel)[1]
         via_fd = f"/proc/self/fd/{dfd}"
         source = f"{via_fd}/{name}" if os.path.isdir(via_fd) else str(self.root_path / rel)
         st = os.lstat(source)
+        copied: dict[str, tuple[int, int, int]] = {}
         try:
             if stat.S_ISDIR(st.st_mode):
-                shutil.copytree(source, dest, symlinks=True, copy_function=_copy_special)
+                copied = _copy_tree(source, dest)
             elif stat.S_ISLNK(st.st_mode):
                 dest.symlink_to(os.readlink(source))
             else:
                 _copy_special(source, str(dest))
+                now = os.lstat(source)
+                if (now.st_ino, now.st_size, now.st_mtime_ns) != (
+                    st.st_ino,
+                    st.st_size,
+                    st.st_mtime_ns,
+                ):
+                    raise OSError(errno.EAGAIN, "it changed while it was copied")
         except BaseException as exc:
             if dest.is_dir() and not dest.is_symlink():
                 shutil.rmtree(dest, ignore_errors=True)
@@ -448,7 +502,7 @@ class TreeWriter:
                 raise OSError(errno.EIO, f"copy failed: {first[:200]}") from None
             raise
         if stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(source)
+            _remove_copied(source, dest, copied)
         else:
             os.unlink(name, dir_fd=dfd)
 
