@@ -242,3 +242,20 @@ def test_a_file_written_while_its_directory_is_copied_to_the_trash_is_kept(
             assert (tmp_path / "ds" / "run7" / name).exists() or (trash / "run7" / name).exists()
     finally:
         shutil.rmtree(trash)
+
+
+async def test_a_failed_stage_gives_a_read_only_directory_its_mode_back(
+    make_site: MakeSite,
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds" / "sub").mkdir(parents=True)
+    (a.data / "ds" / "sub" / "f").write_bytes(os.urandom(50_000))
+    assert a.cli("push", "/proj/ds").returncode == 0
+    await flip_pack_byte(a, 100)  # the file cannot be written: the stage fails after mkdir
+    root = b.data / "ds"
+    root.mkdir()
+    os.chmod(root, 0o555)  # the user's read-only dataset directory
+    proc = cli_unprivileged(b, "stage", "/proj/ds")
+    assert proc.returncode == Corrupt.exit_code, proc.stderr
+    assert (root / "sub").is_dir()  # made, so the directory was made writable for it
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o555

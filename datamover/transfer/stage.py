@@ -18,6 +18,7 @@ a stable partial name so a rerun resumes them after re-checking what is already 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -38,7 +39,7 @@ from datamover.catalog.queries import owner_alive, owner_id
 from datamover.config import TransferSettings
 from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.domain.paths import MAX_LINK_TARGET, check_logical_path
-from datamover.errors import Conflict, Corrupt, InvalidInput, NotFound
+from datamover.errors import Conflict, Corrupt, DatamoverError, InvalidInput, NotFound
 from datamover.repo.layout import VersionDoc
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
@@ -510,6 +511,7 @@ class _Stager:
         self.writer = fsops.TreeWriter(root_fd, self.root, self.trash_dir)
         # Before the walk starts, so it does not see the probe's temporary file.
         plan = self._planner(await self._on_writer(fsops.stored_mtime, root_fd))
+        failed = False
         reading = asyncio.ensure_future(
             asyncio.to_thread(lambda: list(itertools.islice(plan, _PLAN_BATCH)))
         )
@@ -524,6 +526,7 @@ class _Stager:
             await asyncio.gather(*self._pending)
             await self._on_writer(self._finish_tree)
         except BaseException:
+            failed = True
             await asyncio.gather(reading, return_exceptions=True)
             for fut in self._pending:
                 fut.cancel()
@@ -531,6 +534,9 @@ class _Stager:
             raise
         finally:
             await _stop_procs(self._procs)
+            if failed:  # directories made writable get their mode back, as on success
+                with contextlib.suppress(OSError, DatamoverError):
+                    await self._on_writer(self.writer.restore_modes)
             await self._on_writer(self.writer.close)
             await self._on_writer(os.close, root_fd)
             self._pool.shutdown(wait=True)
