@@ -259,3 +259,21 @@ async def test_a_failed_stage_gives_a_read_only_directory_its_mode_back(
     assert proc.returncode == Corrupt.exit_code, proc.stderr
     assert (root / "sub").is_dir()  # made, so the directory was made writable for it
     assert stat.S_IMODE(os.stat(root).st_mode) == 0o555
+
+
+async def test_a_stage_with_nothing_to_do_leaves_the_dataset_directory_as_it_was(
+    make_site: MakeSite,
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("data\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        await stage(site_b, "/proj/ds")
+        os.utime(b.data / "ds", ns=(1, 1))
+        assert (await stage(site_b, "/proj/ds")).kept_files == 1
+        assert os.stat(b.data / "ds").st_mtime_ns == 1  # no file made and removed in it
+    finally:
+        await site_a.close()
+        await site_b.close()

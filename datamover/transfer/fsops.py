@@ -133,6 +133,19 @@ def stored_mtime(dir_fd: int) -> Callable[[int], int]:
     return stored
 
 
+def lazy_stored_mtime(dir_fd: int) -> Callable[[int], int]:
+    """`stored_mtime(dir_fd)`, probed when first called (from one thread): a file whose
+    mtime is not the manifest's is rare, and the probe changes the directory's mtime."""
+    model: list[Callable[[int], int]] = []
+
+    def stored(mtime_ns: int) -> int:
+        if not model:
+            model.append(stored_mtime(dir_fd))
+        return model[0](mtime_ns)
+
+    return stored
+
+
 def denied(shown: str, exc: OSError) -> PermanentError:
     """The one-line error for a permission problem datamover cannot work around."""
     reason = exc.strerror or type(exc).__name__

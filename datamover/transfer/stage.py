@@ -509,8 +509,8 @@ class _Stager:
     async def run(self) -> StageResult:
         root_fd = await self._on_writer(fsops.open_root, self.base_path, self.parts)
         self.writer = fsops.TreeWriter(root_fd, self.root, self.trash_dir)
-        # Before the walk starts, so it does not see the probe's temporary file.
-        plan = self._planner(await self._on_writer(fsops.stored_mtime, root_fd))
+        # Probed in the directory the walk lists first, so it never sees the probe's file.
+        plan = self._planner(fsops.lazy_stored_mtime(root_fd))
         failed = False
         reading = asyncio.ensure_future(
             asyncio.to_thread(lambda: list(itertools.islice(plan, _PLAN_BATCH)))
