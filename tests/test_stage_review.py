@@ -277,3 +277,37 @@ async def test_a_stage_with_nothing_to_do_leaves_the_dataset_directory_as_it_was
     finally:
         await site_a.close()
         await site_b.close()
+
+
+async def test_the_plan_reads_the_tree_the_stage_writes_when_the_directory_is_swapped(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "notes.txt").write_text("v1\n")
+    (a.data / "ds" / "keep.txt").write_text("kept\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        await stage(site_b, "/proj/ds")
+        decoy = tmp_path / "decoy"
+        shutil.copytree(b.data / "ds", decoy)  # notes.txt as datamover wrote it
+        (b.data / "ds" / "notes.txt").write_text("v1 and the user's edits\n")
+        (a.data / "ds" / "notes.txt").unlink()
+        await push(site_a, "/proj/ds")
+        real_open = fsops.open_root
+
+        def open_then_swap(base: Path, parts: tuple[str, ...], create: bool = True) -> int:
+            fd = real_open(base, parts, create)
+            if not (b.data / "ds.moved").exists():  # the directory is swapped under the stage
+                (b.data / "ds").rename(b.data / "ds.moved")
+                (b.data / "ds").symlink_to(decoy)
+            return fd
+
+        monkeypatch.setattr(fsops, "open_root", open_then_swap)
+        staged = await stage(site_b, "/proj/ds", delete=True)
+        assert staged.trashed == ["notes.txt"], staged  # the user's edits, not removed
+        assert (decoy / "notes.txt").read_text() == "v1\n"
+    finally:
+        await site_a.close()
+        await site_b.close()

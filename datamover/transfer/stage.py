@@ -428,7 +428,12 @@ class _Stager:
         return self.site.repo.iter_cached(refs, check=False)
 
     def _planner(self, stored_mtime: Callable[[int], int]) -> Iterator[Any]:
-        root = str(self.root)
+        # The walk reads the directory the writes go to (the root's descriptor), not
+        # whatever its path leads to by now: a dataset directory swapped for a link to
+        # another tree must not have that tree decide what is removed from this one.
+        assert self.writer is not None
+        via_fd = f"/proc/self/fd/{self.writer.root_fd}"
+        root = via_fd if os.path.isdir(via_fd) else str(self.root)
         content_ok = (lambda _local, e: fsops.content_matches(root, e)) if self.checksum else None
         planner = StagePlanner(
             Walker(root, strict=False),
