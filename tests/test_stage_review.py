@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from datamover.domain.manifest import Entry, Kind
-from datamover.errors import Corrupt, PermanentError
+from datamover.errors import Conflict, Corrupt, PermanentError
 from datamover.transfer import fsops
 from datamover.transfer import stage as stage_module
 from datamover.transfer.fsops import TreeWriter
@@ -308,6 +308,31 @@ async def test_the_plan_reads_the_tree_the_stage_writes_when_the_directory_is_sw
         staged = await stage(site_b, "/proj/ds", delete=True)
         assert staged.trashed == ["notes.txt"], staged  # the user's edits, not removed
         assert (decoy / "notes.txt").read_text() == "v1\n"
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_directory_swapped_for_a_symlink_during_a_stage_is_a_one_line_conflict(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds" / "sub").mkdir(parents=True)
+    (a.data / "ds" / "sub" / "f").write_text("data\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        real = stage_module._Stager._finish_tree
+
+        def swap_then_finish(self: stage_module._Stager) -> None:
+            staged = b.data / "ds" / "sub"
+            staged.rename(b.data / "ds.sub.moved")  # a user's move, while the stage runs
+            staged.symlink_to(b.data / "ds.sub.moved")
+            real(self)
+
+        monkeypatch.setattr(stage_module._Stager, "_finish_tree", swap_then_finish)
+        with pytest.raises(Conflict, match="'sub'"):
+            await stage(site_b, "/proj/ds")
     finally:
         await site_a.close()
         await site_b.close()

@@ -633,6 +633,14 @@ class TreeWriter:
         except PermissionError as exc:
             self._set_attrs_by_path(entry, dfd, exc)
             return
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise Conflict(
+                f"{entry.path!r} was replaced by a symlink while stage ran; not changing what "
+                "it points to (run stage again)",
+                [entry.path],
+            ) from None
         try:
             os.fchmod(fd, entry.mode)
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
