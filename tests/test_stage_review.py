@@ -1,4 +1,5 @@
-"""Stage: a planted partial file, a swapped dataset directory, a lagging writer thread."""
+"""Stage against planted and swapped local files, slow or coarse file systems, failed and
+interrupted runs."""
 
 from __future__ import annotations
 
@@ -333,6 +334,40 @@ async def test_a_directory_swapped_for_a_symlink_during_a_stage_is_a_one_line_co
         monkeypatch.setattr(stage_module._Stager, "_finish_tree", swap_then_finish)
         with pytest.raises(Conflict, match="'sub'"):
             await stage(site_b, "/proj/ds")
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_partial_file_left_in_a_directory_the_next_version_lacks_is_removed(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "ds"
+    src.mkdir()
+    (src / "a.txt").write_text("a\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        await stage(site_b, "/proj/ds")
+        (src / "new").mkdir()
+        (src / "new" / "small.txt").write_text("small\n")
+        await push(site_a, "/proj/ds")
+
+        def killed(self: object) -> None:
+            raise OSError(5, "Input/output error")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(stage_module._Stager, "_finish_tree", killed)
+            with pytest.raises(OSError):
+                await stage(site_b, "/proj/ds")
+        partial = b.data / "ds" / "new" / ".dm-0123456789abcdef.part"
+        partial.write_bytes(b"half of a large file")  # what the killed run was writing
+        shutil.rmtree(src / "new")
+        await push(site_a, "/proj/ds")
+        await stage(site_b, "/proj/ds")  # without --delete: new/ itself stays
+        assert not partial.exists()
+        assert (b.data / "ds" / "new" / "small.txt").read_text() == "small\n"
     finally:
         await site_a.close()
         await site_b.close()

@@ -124,6 +124,12 @@ class StagePlanner:
         version's entry)."""
         return self._same(local, self.base.at(key)) or self._same(local, self.interrupted.at(key))
 
+    def _interrupted_dir(self, key: tuple[str, ...]) -> bool:
+        """Whether the interrupted stage's version has a directory at `key`: that stage
+        made it, and may have left partial files below it to remove."""
+        entry = self.interrupted.at(key)
+        return entry is not None and entry.kind == Kind.DIR
+
     def _same(self, local: LocalEntry, entry: Entry | None) -> bool:
         return _same_stat(local, entry, self.same_link, self.stored_mtime)
 
@@ -175,7 +181,7 @@ class StagePlanner:
             yield Action(Op.STALE, local.path)
             return
         if not self.delete:
-            if local.kind == Kind.DIR:
+            if local.kind == Kind.DIR and not self._interrupted_dir(key):
                 self.walker.prune()  # nothing of ours below it
             return
         action = self._clear(local, key)
