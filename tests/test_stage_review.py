@@ -371,3 +371,34 @@ async def test_a_partial_file_left_in_a_directory_the_next_version_lacks_is_remo
     finally:
         await site_a.close()
         await site_b.close()
+
+
+async def test_a_file_edited_after_it_was_planned_for_removal_goes_to_the_trash(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "ds"
+    src.mkdir()
+    (src / "draft.txt").write_text("v1\n")
+    (src / "keep.txt").write_text("kept\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        await stage(site_b, "/proj/ds")
+        (src / "draft.txt").unlink()
+        await push(site_a, "/proj/ds")
+        real = TreeWriter.remove
+
+        def edited_meanwhile(self: TreeWriter, rel: str, *args: Any) -> None:
+            # The user saves new work into the file after the walk saw it as datamover's.
+            (b.data / "ds" / rel).write_text("v1 and an hour of the user's work\n")
+            real(self, rel, *args)
+
+        monkeypatch.setattr(TreeWriter, "remove", edited_meanwhile)
+        staged = await stage(site_b, "/proj/ds", delete=True)
+        trashed = Path(staged.trash_dir or "") / "draft.txt"
+        assert trashed.read_text() == "v1 and an hour of the user's work\n"
+        assert not (b.data / "ds" / "draft.txt").exists()
+    finally:
+        await site_a.close()
+        await site_b.close()

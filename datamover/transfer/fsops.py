@@ -300,6 +300,7 @@ class TreeWriter:
     """Writes below one root directory fd. See the module docstring.
 
     `trashed` holds the first `TRASHED_SAMPLE` trashed paths, `trashed_count` counts all;
+    `removed` counts the entries `remove` unlinked as planned;
     `unlocked` maps each directory (relative path) this writer made writable to its mode
     before that, until `set_attrs` or `restore_modes` gives it its mode back.
     """
@@ -310,6 +311,7 @@ class TreeWriter:
         self.trash_dir = trash_dir
         self.trashed: list[str] = []
         self.trashed_count = 0
+        self.removed = 0
         self.unlocked: dict[str, int] = {}
         self._fds: OrderedDict[str, int] = OrderedDict()
 
@@ -406,10 +408,23 @@ class TreeWriter:
 
         self._unlocking(parent, rel, make)
 
-    def remove(self, rel: str) -> None:
-        """Unlink a file or symlink that datamover itself wrote."""
+    def remove(self, rel: str, seen: tuple[bool, int, int] | None = None) -> None:
+        """Unlink a file or symlink that datamover itself wrote.
+
+        `seen` is how the plan saw it (is a symlink, size, mtime): if it has changed since
+        (a user saved into it meanwhile), it is moved to the trash instead.
+        """
         parent, name = split(rel)
         dfd = self.dir_fd(parent)
+        if seen is not None:
+            try:
+                st = os.lstat(name, dir_fd=dfd)
+            except FileNotFoundError:
+                return
+            if (stat.S_ISLNK(st.st_mode), st.st_size, st.st_mtime_ns) != seen:
+                self.trash(rel)
+                return
+            self.removed += 1
 
         def unlink() -> None:
             with contextlib.suppress(FileNotFoundError):

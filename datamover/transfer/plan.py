@@ -44,6 +44,9 @@ class Action:
     op: Op
     path: str
     entry: Entry | None = None
+    #: For REMOVE: the local entry as the walk saw it (is a symlink, size, mtime), so one
+    #: changed since is moved to the trash instead (`TreeWriter.remove`).
+    seen: tuple[bool, int, int] | None = None
 
 
 class _Cursor:
@@ -139,7 +142,8 @@ class StagePlanner:
             self.walker.prune()
             return Action(Op.TRASH, local.path)
         if self._ours(local, key):
-            return Action(Op.REMOVE, local.path)
+            seen = (local.kind == Kind.SYMLINK, local.size, local.mtime_ns)
+            return Action(Op.REMOVE, local.path, seen=seen)
         return Action(Op.TRASH, local.path)
 
     def _create(self, entry: Entry) -> Action:

@@ -483,8 +483,7 @@ class _Stager:
             elif op is Op.TRASH:
                 self._ops.append((w.trash, (action.path,)))
             elif op is Op.REMOVE:
-                self._ops.append((w.remove, (action.path,)))
-                self.result.removed += 1
+                self._ops.append((w.remove, (action.path, action.seen)))
             elif op is Op.STALE:
                 self._stale.append(action.path)
         self.result.kept_files += kept
@@ -546,6 +545,7 @@ class _Stager:
             await self._on_writer(os.close, root_fd)
             self._pool.shutdown(wait=True)
             self._range_pool.shutdown(wait=True)
+        self.result.removed = self.writer.removed
         self.result.trashed = self.writer.trashed
         self.result.trashed_count = self.writer.trashed_count
         if self.writer.trashed_count:
