@@ -402,3 +402,38 @@ async def test_a_file_edited_after_it_was_planned_for_removal_goes_to_the_trash(
     finally:
         await site_a.close()
         await site_b.close()
+
+
+async def test_set_id_bits_of_files_are_not_staged(make_site: MakeSite) -> None:
+    """A version is untrusted: stage (here as root) must not create set-user-ID or
+    set-group-ID programs from it; verify and a restage agree with what it wrote."""
+    a, b = await make_site("site-a"), await make_site("site-b", batch_bytes=4 << 20)
+    ds = a.data / "ds"
+    (ds / "shared").mkdir(parents=True)
+    (ds / "small").write_bytes(b"#!/bin/sh\n")
+    (ds / "big").write_bytes(os.urandom(3 << 20))  # above batch_bytes / 4: the large path
+    os.chmod(ds / "small", 0o4755)
+    os.chmod(ds / "big", 0o6750)
+    os.chmod(ds / "shared", 0o2775)
+    a.cli_json("push", "/proj/ds")
+    site_b = await b.open()
+    try:
+        doc = await site_b.repo.resolve("/proj/ds", None)
+        modes = {
+            e.path: e.mode
+            for e in site_b.repo.iter_cached(await site_b.repo.prefetch(doc), check=True)
+        }
+    finally:
+        await site_b.close()
+    assert modes == {"big": 0o6750, "shared": 0o2775, "small": 0o4755}  # recorded as they are
+    staged = b.cli_json("stage", "/proj/ds")
+    assert staged["files"] == 2
+
+    def mode(name: str) -> int:
+        return stat.S_IMODE(os.lstat(b.data / "ds" / name).st_mode)
+
+    assert (mode("small"), mode("big"), mode("shared")) == (0o755, 0o750, 0o2775)
+    assert b.cli_json("verify", "/proj/ds")["ok"] is True
+    again = b.cli_json("stage", "/proj/ds")
+    assert again["fetched_files"] == 0 and not again.get("trashed_count")
+    assert (mode("small"), mode("big")) == (0o755, 0o750)

@@ -9,6 +9,8 @@ BLAKE3 digest, so staging needs only the manifest. Wire encoding lives in `repo.
 from __future__ import annotations
 
 import enum
+import stat
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -66,3 +68,21 @@ class Entry:
             and self.mtime_ns == other.mtime_ns
             and self.target == other.target
         )
+
+
+#: Set-user-ID and set-group-ID: never restored on files by stage (`without_setid`).
+SETID = stat.S_ISUID | stat.S_ISGID
+
+
+def without_setid(entries: Iterable[Entry]) -> Iterator[Entry]:
+    """`entries` with the set-user-ID and set-group-ID bits of files cleared (in place).
+
+    A version is untrusted input: a stage run as root would otherwise create set-user-ID
+    root programs from whatever a bucket holds. Stage writes, compares and verify checks
+    modes through this, so a file that had the bits is staged, kept and verified without
+    them. Directories keep theirs (a set-group-ID directory shares its group).
+    """
+    for entry in entries:
+        if entry.mode & SETID and entry.kind == Kind.FILE:
+            entry.mode &= ~SETID
+        yield entry

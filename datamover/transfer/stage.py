@@ -37,7 +37,7 @@ from typing import Any
 
 from datamover.catalog.queries import owner_alive, owner_id
 from datamover.config import TransferSettings
-from datamover.domain.manifest import ChunkRef, Entry, Kind
+from datamover.domain.manifest import ChunkRef, Entry, Kind, without_setid
 from datamover.domain.paths import MAX_LINK_TARGET, check_logical_path
 from datamover.errors import Conflict, Corrupt, DatamoverError, InvalidInput, NotFound
 from datamover.repo.layout import VersionDoc
@@ -120,7 +120,7 @@ def _check_manifest(site: Site, refs: list[SegmentRef]) -> list[Entry] | None:
         and sum(r.stored_size for r in refs) <= _KEEP_STORED
     )
     kept: list[Entry] | None = [] if small else None
-    for entry in site.repo.iter_cached(refs, check=True):
+    for entry in without_setid(site.repo.iter_cached(refs, check=True)):
         if entry.kind == Kind.SYMLINK:
             _link_target(site, entry)
         if kept is not None:
@@ -425,7 +425,7 @@ class _Stager:
         never modified, so the target and the base may share it), else decoded again."""
         if refs is self.refs and self.checked is not None:
             return iter(self.checked)
-        return self.site.repo.iter_cached(refs, check=False)
+        return without_setid(self.site.repo.iter_cached(refs, check=False))
 
     def _planner(self, stored_mtime: Callable[[int], int]) -> Iterator[Any]:
         # The walk reads the directory the writes go to (the root's descriptor), not

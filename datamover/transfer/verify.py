@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from datamover.domain.manifest import Entry, Kind
+from datamover.domain.manifest import Entry, Kind, without_setid
 from datamover.domain.namespace import Namespace
 from datamover.domain.paths import check_logical_path, sort_key
 from datamover.errors import InvalidInput, NotFound
@@ -97,7 +97,7 @@ def _verify(
 ) -> None:
     walker = Walker(root, strict=False)
     links = site.config.namespace
-    target = site.repo.iter_cached(refs, check=True)
+    target = without_setid(site.repo.iter_cached(refs, check=True))
     local = next(walker, None)
     entry = next(target, None)
     while local is not None or entry is not None:
