@@ -8,7 +8,6 @@ largest dataset's versions, not the whole tree's.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
@@ -16,6 +15,7 @@ from typing import Any
 
 from datamover.errors import Corrupt, NotFound
 from datamover.repo.layout import VersionDoc
+from datamover.repo.repository import gather_or_cancel
 from datamover.site import Site
 
 #: Version documents read at once.
@@ -154,12 +154,7 @@ async def _read(
             fetched.append(doc)
             docs[dataset, version] = doc
 
-    tasks = [asyncio.ensure_future(fetch()) for _ in range(min(_FETCHERS, len(missing)))]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:  # the store or catalog failed: the other readers stop too
-            task.cancel()
-        raise
+    # The store or catalog failing stops the other readers too.
+    await gather_or_cancel([fetch() for _ in range(min(_FETCHERS, len(missing)))])
     await site.catalog.record_versions(fetched)
     return [(dataset, version, docs.get((dataset, version))) for dataset, version in pairs]
