@@ -21,7 +21,8 @@ from dataclasses import dataclass
 
 from datamover.domain.manifest import Kind
 from datamover.domain.paths import check_name, nfc
-from datamover.errors import Conflict, DatamoverError, InvalidInput, PermanentError
+from datamover.errors import Conflict, DatamoverError, InvalidInput
+from datamover.transfer.fsops import denied
 
 #: Temporary and partial files written by stage; never user data, never pushed.
 PARTIAL_RE = re.compile(r"^\.dm-[0-9a-f]{16}\.part$")
@@ -107,13 +108,9 @@ class Walker:
     def _unreadable(self, rel: str, exc: PermissionError) -> DatamoverError:
         """The user's to fix, named, not an internal error: for push (strict) as for an
         unreadable file (`scan._problem`); for stage and verify, a directory in the tree
-        they cannot read or search (`fsops.denied`)."""
+        they cannot read or search."""
         if not self.strict:
-            return PermanentError(
-                f"{rel or '.'!r}: {(exc.strerror or 'permission denied').lower()} (check the "
-                "owner and mode of it and of its directory)",
-                [rel],
-            )
+            return denied(rel or ".", exc)
         full = os.path.join(self.root, rel) if rel else self.root
         return InvalidInput(f"cannot read {full!r}: permission denied", [rel])
 
