@@ -252,14 +252,18 @@ def _copy_special(src: str, dst: str) -> None:
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
+def _identity(st: os.stat_result) -> tuple[int, int, int]:
+    """`(inode, size, mtime)`: what shows that a file was not changed between two looks."""
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def _copy_tree(source: str, dest: Path) -> dict[str, tuple[int, int, int]]:
     """`shutil.copytree` of directory `source` to `dest` (symlinks as links, special files
     anew); return each copied file's `(inode, size, mtime)` as it was before its copy."""
     copied: dict[str, tuple[int, int, int]] = {}
 
     def copy(src: str, dst: str) -> None:
-        st = os.lstat(src)
-        copied[src] = (st.st_ino, st.st_size, st.st_mtime_ns)
+        copied[src] = _identity(os.lstat(src))
         _copy_special(src, dst)
 
     shutil.copytree(source, dest, symlinks=True, copy_function=copy)
@@ -281,7 +285,7 @@ def _remove_copied(source: str, copy: Path, copied: dict[str, tuple[int, int, in
                 if stat.S_ISLNK(st.st_mode):
                     same = os.readlink(path) == os.readlink(copy / rel / name)
                 else:
-                    same = copied.get(path) == (st.st_ino, st.st_size, st.st_mtime_ns)
+                    same = copied.get(path) == _identity(st)
             except OSError:
                 continue
             if same:
@@ -511,12 +515,7 @@ class TreeWriter:
                 dest.symlink_to(os.readlink(source))
             else:
                 _copy_special(source, str(dest))
-                now = os.lstat(source)
-                if (now.st_ino, now.st_size, now.st_mtime_ns) != (
-                    st.st_ino,
-                    st.st_size,
-                    st.st_mtime_ns,
-                ):
+                if _identity(os.lstat(source)) != _identity(st):
                     raise OSError(errno.EAGAIN, "it changed while it was copied")
         except BaseException as exc:
             if dest.is_dir() and not dest.is_symlink():

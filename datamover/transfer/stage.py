@@ -692,20 +692,20 @@ async def _base(
     base_version = replica.base_version
     interrupted = None
     if replica.state != "ready" and replica.version not in (base_version, doc.version):
-        interrupted = await _segments(site, doc.dataset, replica.version, refs, doc)
+        interrupted = await _segments(site, doc, refs, replica.version)
     if base_version is None:
         return None, None, interrupted
-    return base_version, await _segments(site, doc.dataset, base_version, refs, doc), interrupted
+    return base_version, await _segments(site, doc, refs, base_version), interrupted
 
 
 async def _segments(
-    site: Site, dataset: str, version: str, refs: list[SegmentRef], doc: VersionDoc
+    site: Site, doc: VersionDoc, refs: list[SegmentRef], version: str
 ) -> list[SegmentRef] | None:
-    """The segments of `version` of `dataset` (`refs` if it is `doc`), or None when it
-    cannot be read: then every differing file is treated as the user's."""
+    """The segments of `version` of `doc`'s dataset (`refs`, `doc`'s own, if it is `doc`),
+    or None when it cannot be read: then every differing file is treated as the user's."""
     if version == doc.version:
         return refs
     try:
-        return await site.repo.prefetch(await site.repo.read_version(dataset, version))
+        return await site.repo.prefetch(await site.repo.read_version(doc.dataset, version))
     except (NotFound, Corrupt):
         return None
