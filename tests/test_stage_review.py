@@ -8,7 +8,6 @@ import contextlib
 import os
 import shutil
 import stat
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +25,7 @@ from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from tests.fixtures_sites import MakeSite, cli_unprivileged
 from tests.test_bad_input import flip_pack_byte, publish_manifest
+from tests.test_stage_hardening import _shm_trash
 
 
 async def test_a_partial_file_hard_linked_elsewhere_is_not_written_through(
@@ -213,10 +213,7 @@ def test_checking_content_does_not_wait_on_a_fifo_swapped_in(tmp_path: Path) -> 
 def test_a_file_written_while_its_directory_is_copied_to_the_trash_is_kept(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    shm = Path("/dev/shm")
-    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
-        pytest.skip("needs /dev/shm on a file system other than the test's temporary directory")
-    trash = Path(tempfile.mkdtemp(dir=shm, prefix="dm-trash-test-"))
+    trash = _shm_trash(tmp_path)
     try:
         (tmp_path / "ds" / "run7").mkdir(parents=True)
         for name in ("a.log", "b.log"):
