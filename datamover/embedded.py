@@ -28,6 +28,7 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from types import TracebackType
@@ -93,6 +94,8 @@ class EmbeddedSeaweed:
         self.ports: dict[str, int] = {}
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        self._clients: dict[tuple[str, float], Any] = {}
+        self._clients_lock = threading.Lock()
 
     @property
     def log_path(self) -> Path:
@@ -144,6 +147,10 @@ class EmbeddedSeaweed:
 
     def _terminate(self, grace: float = 2.0) -> None:
         proc, self._proc = self._proc, None
+        with self._clients_lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            client.close()
         if proc is not None:
             atexit.unregister(self.stop)
             with contextlib.suppress(ProcessLookupError):
@@ -216,22 +223,29 @@ class EmbeddedSeaweed:
 
     def client(self, timeout: float = 30.0) -> Any:
         """A synchronous botocore S3 client with the admin keys, for setup and inspection in
-        tests and benchmarks (no event loop needed). Each call makes a new client."""
+        tests and benchmarks (no event loop needed). One client per timeout is made (0.2 s:
+        botocore loads its service model) and shared until the server stops; botocore's
+        clients are thread-safe. Callers must not close it."""
         if not self.endpoint:
             raise PermanentError("SeaweedFS is not started")
-        return botocore.session.get_session().create_client(
-            "s3",
-            endpoint_url=self.endpoint,
-            region_name=REGION,
-            aws_access_key_id=self.access_key,
-            aws_secret_access_key=self.secret_key,
-            config=botocore.config.Config(
-                s3={"addressing_style": "path"},
-                retries={"total_max_attempts": 1},
-                connect_timeout=min(timeout, 5.0),
-                read_timeout=timeout,
-            ),
-        )
+        key = (self.endpoint, timeout)
+        with self._clients_lock:
+            client = self._clients.get(key)
+            if client is None:
+                client = self._clients[key] = botocore.session.get_session().create_client(
+                    "s3",
+                    endpoint_url=self.endpoint,
+                    region_name=REGION,
+                    aws_access_key_id=self.access_key,
+                    aws_secret_access_key=self.secret_key,
+                    config=botocore.config.Config(
+                        s3={"addressing_style": "path"},
+                        retries={"total_max_attempts": 1},
+                        connect_timeout=min(timeout, 5.0),
+                        read_timeout=timeout,
+                    ),
+                )
+            return client
 
     # -- starting -------------------------------------------------------------------------
 
