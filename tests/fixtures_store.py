@@ -1,13 +1,17 @@
 """Store fixtures: one real SeaweedFS per test session, a fresh bucket per test.
 
-`seaweed` starts `weed server` once (about 4 s); `bucket` creates a uniquely named bucket and
-drops it with its contents afterwards (each bucket holds SeaweedFS volumes, so they are not
-left to pile up); `store_factory` makes `S3Store`s on that bucket, closed after the test.
+`seaweed` starts `weed server` once (about 4 s); `bucket` takes a uniquely named, empty
+bucket that a background thread made ahead (SeaweedFS takes about 0.2 s, mostly waiting, to
+grow a new bucket's first volume) and drops it with its contents afterwards (each bucket holds
+SeaweedFS volumes, so they are not left to pile up); `store_factory` makes `S3Store`s on that
+bucket, closed after the test.
 """
 
 from __future__ import annotations
 
+import queue
 import secrets
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -26,11 +30,62 @@ def seaweed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedSeawee
         yield server
 
 
+class _Buckets:
+    """New, warmed buckets, made `ahead` at a time by one thread while tests run."""
+
+    def __init__(self, seaweed: EmbeddedSeaweed, ahead: int = 2) -> None:
+        self._seaweed = seaweed
+        self._ready: queue.Queue[str | BaseException] = queue.Queue(maxsize=ahead)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._fill, name="test-buckets", daemon=True)
+        self._thread.start()
+
+    def _fill(self) -> None:
+        while not self._stopping.is_set():
+            name = f"test-{secrets.token_hex(6)}"
+            item: str | BaseException = name
+            try:
+                self._seaweed.create_bucket(name)
+            except BaseException as exc:  # handed to the test that takes it
+                item = exc
+            while not self._stopping.is_set():
+                try:
+                    self._ready.put(item, timeout=0.2)
+                    break
+                except queue.Full:
+                    continue
+            else:
+                if isinstance(item, str):
+                    self._seaweed.delete_bucket(item)
+
+    def take(self) -> str:
+        """A new bucket; raises what making it raised."""
+        item = self._ready.get(timeout=120)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stop the thread and delete the buckets no test took."""
+        self._stopping.set()
+        self._thread.join()
+        while not self._ready.empty():
+            item = self._ready.get_nowait()
+            if isinstance(item, str):
+                self._seaweed.delete_bucket(item)
+
+
+@pytest.fixture(scope="session")
+def bucket_pool(seaweed: EmbeddedSeaweed) -> Iterator[_Buckets]:
+    buckets = _Buckets(seaweed)
+    yield buckets
+    buckets.close()
+
+
 @pytest.fixture
-def bucket(seaweed: EmbeddedSeaweed) -> Iterator[str]:
+def bucket(seaweed: EmbeddedSeaweed, bucket_pool: _Buckets) -> Iterator[str]:
     """A new, empty bucket, deleted after the test."""
-    name = f"test-{secrets.token_hex(6)}"
-    seaweed.create_bucket(name)
+    name = bucket_pool.take()
     yield name
     seaweed.delete_bucket(name)
 
