@@ -203,6 +203,14 @@ async def test_db_upgrade_refuses_a_newer_catalog(make_site: MakeSite) -> None:
     fails(a, "db", "upgrade", code=8, says="'9999', unknown to this datamover (is it newer?)")
 
 
+def _join_aiosqlite_threads() -> None:
+    import threading
+
+    for thread in threading.enumerate():
+        if "_connection_worker_thread" in thread.name:
+            thread.join(10)
+
+
 def test_os_errors_and_catalog_outages_are_one_line(tmp_path: Path) -> None:
     """The CLI's last resort maps what the environment caused to a clear error."""
     import asyncio
@@ -222,6 +230,9 @@ def test_os_errors_and_catalog_outages_are_one_line(tmp_path: Path) -> None:
             return exc
         finally:
             await engine.dispose()
+            # aiosqlite's thread of the failed connection hands its last result to this loop:
+            # let it finish before asyncio.run closes the loop under it.
+            await asyncio.to_thread(_join_aiosqlite_threads)
 
     found = _expected(asyncio.run(outage()))
     assert isinstance(found, CatalogUnavailable) and found.exit_code == 6
