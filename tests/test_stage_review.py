@@ -180,6 +180,20 @@ async def test_a_restage_keeps_files_whose_mtime_the_file_system_cannot_hold(
         await site_b.close()
 
 
+def test_probing_the_file_system_leaves_its_directory_as_it_was(tmp_path: Path) -> None:
+    # verify probes too, in the dataset's directory, and must not change what it compares.
+    os.utime(tmp_path, ns=(5, 5))
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        stored = fsops.stored_mtime(fd)
+    finally:
+        os.close(fd)
+    assert os.stat(tmp_path).st_mtime_ns == 5 and list(tmp_path.iterdir()) == []
+    (tmp_path / "f").touch()  # and the model is this file system's all the same
+    os.utime(tmp_path / "f", ns=(-(1 << 62), -(1 << 62)))
+    assert stored(-(1 << 62)) == os.stat(tmp_path / "f").st_mtime_ns
+
+
 async def test_a_directory_stage_cannot_read_is_a_one_line_error(make_site: MakeSite) -> None:
     a, b = await make_site("site-a"), await make_site("site-b")
     (a.data / "ds" / "deep" / "sub").mkdir(parents=True)

@@ -90,16 +90,29 @@ def _exact(mtime_ns: int) -> int:
     return mtime_ns
 
 
+def _probe_file(dir_fd: int) -> tuple[int, str | None]:
+    """`(fd, name)` of a new file in directory `dir_fd` to probe timestamps on: unnamed
+    (`O_TMPFILE`, name None) where the file system supports that, else a temporary name."""
+    try:
+        return os.open(".", os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600, dir_fd=dir_fd), None
+    except OSError:  # EOPNOTSUPP: not on this file system; EISDIR: a kernel before 3.11
+        tmp = temp_name()
+        return os.open(tmp, _NEW_FILE, 0o600, dir_fd=dir_fd), tmp
+
+
 def stored_mtime(dir_fd: int) -> Callable[[int], int]:
     """What the file system of directory `dir_fd` stores when a file's mtime is set to a
     given value (nanoseconds): probed once on a temporary file, then modelled as the kernel
     does (seconds clamped to the file system's range, nanoseconds cut to its granularity).
     A file system with 1 s timestamps, or one that cannot hold an mtime before 1901, stores
     another value than the manifest's; the identity if nothing differs or it cannot be
-    probed."""
+    probed.
+
+    The probe's file has no name where the file system allows (`O_TMPFILE`), so the
+    directory is left as it was, its mtime included (verify compares that mtime, and
+    changes nothing); elsewhere it is a temporary name, removed again."""
     try:
-        tmp = temp_name()
-        fd = os.open(tmp, _NEW_FILE, 0o600, dir_fd=dir_fd)
+        fd, tmp = _probe_file(dir_fd)
     except OSError:
         return _exact
     got: list[int] = []
@@ -111,8 +124,9 @@ def stored_mtime(dir_fd: int) -> Callable[[int], int]:
         return _exact
     finally:
         os.close(fd)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp, dir_fd=dir_fd)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
     if got == list(_MTIME_PROBES):
         return _exact
     cut = got[0] - _MTIME_PROBES[0] // _NS * _NS
@@ -135,7 +149,8 @@ def stored_mtime(dir_fd: int) -> Callable[[int], int]:
 
 def lazy_stored_mtime(dir_fd: int) -> Callable[[int], int]:
     """`stored_mtime(dir_fd)`, probed when first called (from one thread): a file whose
-    mtime is not the manifest's is rare, and the probe changes the directory's mtime."""
+    mtime is not the manifest's is rare, and without `O_TMPFILE` the probe changes the
+    directory's mtime."""
     model: list[Callable[[int], int]] = []
 
     def stored(mtime_ns: int) -> int:
