@@ -23,6 +23,7 @@ from datamover.transfer.fsops import TreeWriter
 from datamover.transfer.plan import Action, StagePlanner
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
+from datamover.transfer.verify import verify
 from tests.fixtures_sites import MakeSite, cli_unprivileged
 from tests.test_bad_input import flip_pack_byte, publish_manifest
 from tests.test_stage_hardening import _shm_trash
@@ -176,6 +177,34 @@ async def test_a_restage_keeps_files_whose_mtime_the_file_system_cannot_hold(
         again = await stage(site_b, "/proj/old")
         assert again.trashed == [] and again.fetched_files == 0 and again.kept_files == 2
         assert [p.name for p in (b.data / "old").iterdir() if p.name.startswith(".dm-")] == []
+    finally:
+        await site_b.close()
+
+
+async def test_verify_takes_mtimes_as_the_file_system_stores_them(make_site: MakeSite) -> None:
+    # What stage accepts (the test above), verify must accept too, and report the rest.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    old = -(1 << 62)
+    entries = [
+        Entry("census", Kind.DIR, 0o755, old),
+        Entry("census/1850.txt", Kind.FILE, 0o644, old),
+        Entry("now.txt", Kind.FILE, 0o644, 1),
+    ]
+    await publish_manifest(a, "/proj/old", entries)
+    site_b = await b.open()
+    try:
+        await stage(site_b, "/proj/old")
+        staged = b.data / "old"
+        if os.stat(staged / "census").st_mtime_ns == old:
+            pytest.skip("this file system holds an mtime before 1901: nothing to model")
+        assert (await verify(site_b, "/proj/old")).ok
+        os.utime(staged / "census" / "1850.txt", ns=(2, 2))  # a user's touch: different
+        os.utime(staged / "census", ns=(3, 3))
+        found = await verify(site_b, "/proj/old")
+        assert found.problems == [
+            "census: modification time differs from the version",
+            "census/1850.txt: modification time differs from the version",
+        ]
     finally:
         await site_b.close()
 

@@ -161,6 +161,12 @@ def lazy_stored_mtime(dir_fd: int) -> Callable[[int], int]:
     return stored
 
 
+def same_mtime(local_ns: int, entry_ns: int, stored: Callable[[int], int]) -> bool:
+    """Whether a local mtime is the entry's, as the file system stores it (`stored`, a
+    `stored_mtime` model, asked only when the two differ)."""
+    return local_ns == entry_ns or local_ns == stored(entry_ns)
+
+
 def denied(shown: str, exc: OSError) -> PermanentError:
     """The one-line error for a permission problem datamover cannot work around."""
     reason = exc.strerror or type(exc).__name__

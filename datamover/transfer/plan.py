@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import sort_key
+from datamover.transfer.fsops import same_mtime
 from datamover.transfer.walk import PARTIAL_RE, LocalEntry, Walker
 
 
@@ -83,9 +84,7 @@ def _same_stat(
     if local.kind == Kind.SYMLINK:
         return same_link(local.target or "", entry.target or "")
     if local.kind == Kind.FILE:
-        return local.size == entry.size and (
-            local.mtime_ns == entry.mtime_ns or local.mtime_ns == stored_mtime(entry.mtime_ns)
-        )
+        return local.size == entry.size and same_mtime(local.mtime_ns, entry.mtime_ns, stored_mtime)
     return True
 
 

@@ -4,16 +4,21 @@ Checks every entry's presence, kind, mode, symlink target, file size, mtime and 
 chunk re-hashed with BLAKE3 at its manifest offset); local entries the version does not have
 count as differences unless `allow_extra`. Directories' mtimes are compared too (stage sets
 them last), except with `allow_extra`, since adding a file changes its directory's mtime;
-symlinks' mtimes are not (stage keeps a link that points right as it is). The dataset's
-directory must be a directory itself, not a symlink below the configured one: stage never
-writes through one, so a tree reached through it is not the one stage maintains.
-Read-only; streams both sides.
+symlinks' mtimes are not (stage keeps a link that points right as it is). An mtime counts as
+the entry's when it is what this file system stores for the entry's (1 s timestamps, no time
+before 1901), as stage compares them (`fsops.stored_mtime`). The dataset's directory must be
+a directory itself, not a symlink below the configured one: stage never writes through one,
+so a tree reached through it is not the one stage maintains.
+Read-only (the timestamp probe's file has no name where the file system allows); streams
+both sides.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +29,7 @@ from datamover.domain.paths import check_logical_path, sort_key
 from datamover.errors import InvalidInput, NotFound
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
-from datamover.transfer.fsops import check_root, content_matches
+from datamover.transfer.fsops import check_root, content_matches, lazy_stored_mtime, same_mtime
 from datamover.transfer.walk import LocalEntry, Walker
 
 _MAX_LISTED = 100
@@ -62,6 +67,7 @@ def _compare(
     result: VerifyResult,
     links: Namespace,
     allow_extra: bool,
+    stored_mtime: Callable[[int], int],
 ) -> None:
     path = entry.path
     if local.kind != entry.kind:
@@ -77,7 +83,7 @@ def _compare(
     if local.mode != entry.mode:
         result.add(f"{path}: mode {local.mode:o}, expected {entry.mode:o}")
     if entry.kind == Kind.DIR:
-        if not allow_extra and local.mtime_ns != entry.mtime_ns:
+        if not allow_extra and not same_mtime(local.mtime_ns, entry.mtime_ns, stored_mtime):
             result.add(f"{path}: modification time differs from the version")
         return
     result.files_checked += 1
@@ -88,13 +94,36 @@ def _compare(
     if not content_matches(root, entry):
         result.add(f"{path}: content differs from the version (digest mismatch)")
         return
-    if local.mtime_ns != entry.mtime_ns:
+    if not same_mtime(local.mtime_ns, entry.mtime_ns, stored_mtime):
         result.add(f"{path}: modification time differs from the version")
 
 
 def _verify(
     site: Site, root: str, refs: list[SegmentRef], allow_extra: bool, result: VerifyResult
 ) -> None:
+    """`_merge`, with mtimes compared as the dataset directory's file system stores them
+    (probed there at the first mtime that differs, as stage does)."""
+    try:
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        root_fd = -1  # the walk reports why
+    try:
+        stored = lazy_stored_mtime(root_fd) if root_fd >= 0 else int
+        _merge(site, root, refs, allow_extra, result, stored)
+    finally:
+        if root_fd >= 0:
+            os.close(root_fd)
+
+
+def _merge(
+    site: Site,
+    root: str,
+    refs: list[SegmentRef],
+    allow_extra: bool,
+    result: VerifyResult,
+    stored_mtime: Callable[[int], int],
+) -> None:
+    """Merge the local walk with the version's entries, recording every difference."""
     walker = Walker(root, strict=False)
     links = site.config.namespace
     target = without_setid(site.repo.iter_cached(refs, check=True))
@@ -114,7 +143,7 @@ def _verify(
             local = next(walker, None)
         else:
             assert local is not None and entry is not None
-            _compare(root, local, entry, result, links, allow_extra)
+            _compare(root, local, entry, result, links, allow_extra, stored_mtime)
             if local.kind == Kind.DIR and entry.kind != Kind.DIR:
                 walker.prune()
             local = next(walker, None)
