@@ -7,7 +7,7 @@ from pathlib import Path
 
 from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.transfer.fetch import plan_ranges
-from datamover.transfer.plan import Op, StagePlanner
+from datamover.transfer.plan import Op, StagePlanner, children_first
 from datamover.transfer.walk import Walker
 
 D = bytes(32)
@@ -114,3 +114,14 @@ def test_ranges_are_coalesced_per_pack_and_deduplicated() -> None:
     assert got == [(p1, 0, 1010, 3), (p1, 5000, 5010, 1), (p2, 0, 10, 1)]
     capped = plan_ranges(refs, gap=10_000, max_request=150)
     assert all(r.end - r.start <= 150 or len(r.refs) == 1 for r in capped)
+
+
+def test_directory_attributes_go_children_first() -> None:
+    # "a-b" sorts after "a"'s subtree in tree order; "a/x" is not below "a/x-y".
+    order = ["a", "a/x", "a/x/1", "a/x/2", "a/x-y", "a-b", "b", "b/c/d"]
+    dirs = [Entry(p, Kind.DIR, 0o755, 0) for p in order]
+    done = [e.path for e in children_first(iter(dirs))]
+    assert sorted(done) == sorted(order)
+    for path in order:
+        below = [p for p in order if p.startswith(path + "/")]
+        assert all(done.index(p) < done.index(path) for p in below), (path, done)

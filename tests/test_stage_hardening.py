@@ -22,6 +22,7 @@ from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from datamover.transfer.writers import write_batch
 from tests.fixtures_sites import MakeSite, cli_unprivileged
+from tests.test_bad_input import publish_manifest
 
 LONG = "/proj/2026年度分子对接虚拟筛选项目/第一批候选化合物对接结果/重新打分"  # 272 bytes encoded
 
@@ -119,6 +120,40 @@ async def test_restage_into_read_only_directories_and_files(make_site: MakeSite)
     assert sorted(p.name for p in (staged / "ro").iterdir()) == ["f", "new"]
     assert stat.S_IMODE(os.stat(staged / "ro").st_mode) == 0o555
     assert stat.S_IMODE(os.stat(staged / "g").st_mode) == stat.S_IMODE(os.stat(src / "g").st_mode)
+
+
+#: A tree whose directories their owner may not search: `locked` (no x) holds directories.
+_LOCKED_TREE = [
+    Entry("locked", Kind.DIR, 0o600, 1_600_000_000_000_000_001),
+    Entry("locked/sub", Kind.DIR, 0o500, 1_600_000_000_000_000_002),
+    Entry("locked/sub/deep", Kind.DIR, 0o700, 1_600_000_000_000_000_003),
+    Entry("locked/sub/deep/f", Kind.FILE, 0o644, 1_600_000_000_000_000_004),
+    Entry("locked/sub/g", Kind.FILE, 0o644, 1_600_000_000_000_000_005),
+]
+
+
+async def test_directories_their_owner_cannot_search_are_staged(make_site: MakeSite) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    await publish_manifest(a, "/proj/ds", _LOCKED_TREE)
+
+    dirs = [e for e in _LOCKED_TREE if e.kind == Kind.DIR]
+    want = [(e.path, e.mode, e.mtime_ns) for e in dirs]
+
+    def attrs() -> list[tuple[str, int, int]]:
+        top = os.lstat(b.data / "ds" / "locked")
+        os.chmod(b.data / "ds" / "locked", 0o700)  # so that a test run without root can look
+        try:
+            got = [top] + [os.lstat(b.data / "ds" / e.path) for e in dirs[1:]]
+        finally:
+            os.chmod(b.data / "ds" / "locked", top.st_mode)
+        return [
+            (e.path, stat.S_IMODE(st.st_mode), st.st_mtime_ns)
+            for e, st in zip(dirs, got, strict=True)
+        ]
+
+    staged = cli_unprivileged(b, "stage", "/proj/ds")  # not root: modes are in its way
+    assert staged.returncode == 0, staged.stderr
+    assert attrs() == want
 
 
 async def test_a_directory_of_another_user_is_a_one_line_error(make_site: MakeSite) -> None:

@@ -16,7 +16,7 @@ target lacks are left alone unless `delete` is set. Memory stays bounded by the 
 from __future__ import annotations
 
 import enum
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from datamover.domain.manifest import Entry, Kind
@@ -86,6 +86,22 @@ def _same_stat(
     if local.kind == Kind.FILE:
         return local.size == entry.size and same_mtime(local.mtime_ns, entry.mtime_ns, stored_mtime)
     return True
+
+
+def children_first(dirs: Iterable[Entry]) -> Iterator[Entry]:
+    """Directory entries given in tree order, each after every directory below it (deepest
+    first), holding only the chain of directories above the current one.
+
+    Stage sets directories' modes and mtimes in this order, as tar does with delayed
+    directory attributes: a mode without its owner's search bit (0o600) set on a parent
+    first would keep the stage from reaching the directories below it.
+    """
+    above: list[Entry] = []
+    for entry in dirs:
+        while above and not entry.path.startswith(above[-1].path + "/"):
+            yield above.pop()  # tree order: nothing below it is still to come
+        above.append(entry)
+    yield from reversed(above)
 
 
 class StagePlanner:

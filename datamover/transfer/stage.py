@@ -4,7 +4,7 @@ Flow (DESIGN.md "stage"): resolve the version, bring its manifest into the local
 check every entry *before* touching the disk (the store is not trusted), then merge the
 local tree with it (`plan.StagePlanner`), fetch missing chunks with coalesced ranged GETs,
 verify each against its digest, and write each file under a temporary name renamed into
-place with its mode and mtime. Directory modes and mtimes are set last.
+place with its mode and mtime. Directory modes and mtimes are set last, children first.
 
 Concurrency: the planner walks in one thread, fetches run on the event loop, and every
 file-system change goes through one writer thread, in order; except that when a version has
@@ -45,7 +45,7 @@ from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
 from datamover.transfer import fsops, procpool, writers
 from datamover.transfer.fetch import Fetcher, Range, decode_ranges, plan_ranges
-from datamover.transfer.plan import Op, StagePlanner
+from datamover.transfer.plan import Op, StagePlanner, children_first
 from datamover.transfer.progress import NoProgress, Progress
 from datamover.transfer.walk import Walker
 
@@ -493,7 +493,8 @@ class _Stager:
         await self._keep_up()
 
     def _finish_tree(self) -> None:
-        """Directory attributes (after every write below them) and leftover partial files."""
+        """Directory attributes (after every write below them, children before parents)
+        and leftover partial files."""
         w = self.writer
         assert w is not None
         self._check_ops()
@@ -504,7 +505,7 @@ class _Stager:
             dirs = (
                 e for e in self.site.repo.iter_cached(self.refs, check=False) if e.kind == Kind.DIR
             )
-        for entry in dirs:
+        for entry in children_first(dirs):  # a parent's mode may close the way below it
             w.set_attrs(entry)
         w.restore_modes()  # directories made writable that the manifest gives no mode
         if self.site.config.transfer.fsync:
