@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -132,6 +133,7 @@ _LOCKED_TREE = [
 ]
 
 
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
 async def test_directories_their_owner_cannot_search_are_staged(make_site: MakeSite) -> None:
     a, b = await make_site("site-a"), await make_site("site-b")
     await publish_manifest(a, "/proj/ds", _LOCKED_TREE)
@@ -154,6 +156,13 @@ async def test_directories_their_owner_cannot_search_are_staged(make_site: MakeS
     staged = cli_unprivileged(b, "stage", "/proj/ds")  # not root: modes are in its way
     assert staged.returncode == 0, staged.stderr
     assert attrs() == want
+    again = cli_unprivileged(b, "stage", "/proj/ds", "--json")  # the walk must get in too
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["kept_files"] == 2
+    assert attrs() == want
+    verified = cli_unprivileged(b, "verify", "/proj/ds", "--json")
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert attrs() == want  # verify leaves every mode as it found it
 
 
 async def test_a_directory_of_another_user_is_a_one_line_error(make_site: MakeSite) -> None:

@@ -16,6 +16,7 @@ target lacks are left alone unless `delete` is set. Memory stays bounded by the 
 from __future__ import annotations
 
 import enum
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -23,6 +24,9 @@ from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import sort_key
 from datamover.transfer.fsops import same_mtime
 from datamover.transfer.walk import PARTIAL_RE, LocalEntry, Walker
+
+#: Owner read and search: what the walk needs to look into a directory.
+_OWNER_RX = stat.S_IRUSR | stat.S_IXUSR
 
 
 class Op(enum.Enum):
@@ -168,8 +172,24 @@ class StagePlanner:
             return Action(Op.LINK, entry.path, entry)
         return Action(Op.FETCH, entry.path, entry)
 
+    def _mode_is_ours(self, local: LocalEntry, key: tuple[str, ...], entry: Entry | None) -> bool:
+        """Whether directory `local` has a mode datamover gave it: the target's (`entry`),
+        the base's or the interrupted version's, not a user's chmod."""
+        return any(
+            e is not None and e.kind == Kind.DIR and e.mode == local.mode
+            for e in (entry, self.base.at(key), self.interrupted.at(key))
+        )
+
+    def _may_unlock(self, local: LocalEntry, key: tuple[str, ...], entry: Entry | None) -> None:
+        """Let the walk into directory `local` give it its owner's read and search bits, if
+        it lacks them and a version gave it that mode (0o600): a user's chmod is theirs to
+        undo, and stops the stage with a one-line error."""
+        if local.mode & _OWNER_RX != _OWNER_RX and self._mode_is_ours(local, key, entry):
+            self.walker.allow_unlock()
+
     def _both(self, local: LocalEntry, entry: Entry, key: tuple[str, ...]) -> Iterator[Action]:
         if local.kind == entry.kind == Kind.DIR:
+            self._may_unlock(local, key, entry)
             yield Action(Op.KEEP, entry.path, entry)
             return
         if local.kind == entry.kind == Kind.SYMLINK and self._same(local, entry):
@@ -200,8 +220,11 @@ class StagePlanner:
             yield Action(Op.STALE, local.path)
             return
         if not self.delete:
-            if local.kind == Kind.DIR and not self._interrupted_dir(key):
-                self.walker.prune()  # nothing of ours below it
+            if local.kind == Kind.DIR:
+                if not self._interrupted_dir(key):
+                    self.walker.prune()  # nothing of ours below it
+                else:
+                    self._may_unlock(local, key, None)
             return
         action = self._clear(local, key)
         if action is not None:

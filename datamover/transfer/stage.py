@@ -203,6 +203,7 @@ class _Stager:
         self._dirs_overflow = False
         self._stale: list[str] = []
         self.writer: fsops.TreeWriter | None = None
+        self._walker: Walker | None = None
 
     # -- writer thread ----------------------------------------------------------------------
 
@@ -435,8 +436,11 @@ class _Stager:
         via_fd = f"/proc/self/fd/{self.writer.root_fd}"
         root = via_fd if os.path.isdir(via_fd) else str(self.root)
         content_ok = (lambda _local, e: fsops.content_matches(root, e)) if self.checksum else None
+        # A directory whose mode from a version denies the stage's user reading or searching
+        # it (0o600) is given those bits for the run; `_finish_tree` sets its mode again.
+        self._walker = Walker(root, strict=False, keep_unlocked=True)
         planner = StagePlanner(
-            Walker(root, strict=False),
+            self._walker,
             self._entries(self.refs),
             self._entries(self.base_refs) if self.base_refs else None,
             self.delete,
@@ -498,6 +502,7 @@ class _Stager:
         w = self.writer
         assert w is not None
         self._check_ops()
+        self._take_unlocked()
         for rel in self._stale:  # first: removing one changes its directory's mtime
             w.remove(rel)
         dirs: Iterator[Entry] = iter(self._dirs)
@@ -510,6 +515,22 @@ class _Stager:
         w.restore_modes()  # directories made writable that the manifest gives no mode
         if self.site.config.transfer.fsync:
             _syncfs(w.root_fd)
+
+    def _take_unlocked(self) -> None:
+        """On the writer thread, once the walk is over: the directories the walk made
+        readable join those the writer made writable, to get their modes back at the end.
+        The walk saw each before any write into it, so its mode before is the walk's."""
+        assert self.writer is not None
+        if self._walker is not None:
+            self.writer.unlocked.update(self._walker.unlocked)
+            self._walker.unlocked.clear()
+
+    def _restore_modes(self) -> None:
+        """On the writer thread, after a failure: every directory made readable or writable
+        gets its mode back."""
+        assert self.writer is not None
+        self._take_unlocked()
+        self.writer.restore_modes()
 
     async def run(self) -> StageResult:
         root_fd = await self._on_writer(fsops.open_root, self.base_path, self.parts)
@@ -541,7 +562,7 @@ class _Stager:
             await _stop_procs(self._procs)
             if failed:  # directories made writable get their mode back, as on success
                 with contextlib.suppress(OSError, DatamoverError):
-                    await self._on_writer(self.writer.restore_modes)
+                    await self._on_writer(self._restore_modes)
             await self._on_writer(self.writer.close)
             await self._on_writer(os.close, root_fd)
             self._pool.shutdown(wait=True)

@@ -102,20 +102,25 @@ def _verify(
     site: Site, root: str, refs: list[SegmentRef], allow_extra: bool, result: VerifyResult
 ) -> None:
     """`_merge`, with mtimes compared as the dataset directory's file system stores them
-    (probed there at the first mtime that differs, as stage does)."""
+    (probed there at the first mtime that differs, as stage does). A directory whose mode
+    is the version's and denies its owner reading or searching it (0o600) gets those bits
+    while the walk is in it, and its mode back as the walk leaves it."""
     try:
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         root_fd = -1  # the walk reports why
+    walker = Walker(root, strict=False)
     try:
         stored = lazy_stored_mtime(root_fd) if root_fd >= 0 else int
-        _merge(site, root, refs, allow_extra, result, stored)
+        _merge(walker, site, root, refs, allow_extra, result, stored)
     finally:
+        walker.close()
         if root_fd >= 0:
             os.close(root_fd)
 
 
 def _merge(
+    walker: Walker,
     site: Site,
     root: str,
     refs: list[SegmentRef],
@@ -124,7 +129,6 @@ def _merge(
     stored_mtime: Callable[[int], int],
 ) -> None:
     """Merge the local walk with the version's entries, recording every difference."""
-    walker = Walker(root, strict=False)
     links = site.config.namespace
     target = without_setid(site.repo.iter_cached(refs, check=True))
     local = next(walker, None)
@@ -144,6 +148,8 @@ def _merge(
         else:
             assert local is not None and entry is not None
             _compare(root, local, entry, result, links, allow_extra, stored_mtime)
+            if local.kind == entry.kind == Kind.DIR and local.mode == entry.mode:
+                walker.allow_unlock()  # the version's mode (0o600), no user's chmod
             if local.kind == Kind.DIR and entry.kind != Kind.DIR:
                 walker.prune()
             local = next(walker, None)

@@ -8,21 +8,33 @@ consumer `prune()` a directory it is about to replace or does not care about.
 Directories are opened relative to their parent's descriptor with `O_NOFOLLOW`, never by
 path: a directory replaced by a symlink after the walk saw it (`sub -> /etc`) is not listed
 through the link. One descriptor is held per level of the directory being walked.
+
+Stage and verify walk a tree whose modes came from a version: a directory of 0o600 is its
+owner's, yet its owner cannot look below it. A directory the consumer vouches for
+(`allow_unlock`: its mode is the version's, not a user's chmod) gets its owner's read and
+search bits when the walk is refused in it (only then: no extra system call otherwise),
+and its mode back when the walk leaves it, unless `keep_unlocked` (stage, which sets every
+directory's mode at its end) hands that to the caller in `unlocked`. The mode the walk
+reports is the one it found.
 """
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from datamover.domain.manifest import Kind
 from datamover.domain.paths import check_name, nfc
 from datamover.errors import Conflict, DatamoverError, InvalidInput
 from datamover.transfer.fsops import denied
+
+log = logging.getLogger(__name__)
 
 #: Temporary and partial files written by stage; never user data, never pushed.
 PARTIAL_RE = re.compile(r"^\.dm-[0-9a-f]{16}\.part$")
@@ -31,6 +43,8 @@ PARTIAL_RE = re.compile(r"^\.dm-[0-9a-f]{16}\.part$")
 UNKNOWN = -1  # a stat field not read yet (see `Walker(stat_files=False)`)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Owner read and search: what the walk needs to list a directory and look at its entries.
+_OWNER_RX = stat.S_IRUSR | stat.S_IXUSR
 
 
 @dataclass(slots=True)
@@ -53,22 +67,34 @@ class Walker:
     With `stat_files=False`, regular files are recognised from the directory listing alone
     (no `lstat` each): a first push opens and `fstat`s every file anyway, in parallel reader
     processes, and on a cold tree a serial `lstat` per file is what the walk would wait on.
+
+    `unlocked` maps each directory the walk gave its owner's read and search bits
+    (`allow_unlock`) to its mode before, until the walk gives it back: when it leaves the
+    directory, or, with `keep_unlocked`, never.
     """
 
-    def __init__(self, root: str, strict: bool, stat_files: bool = True) -> None:
+    def __init__(
+        self, root: str, strict: bool, stat_files: bool = True, keep_unlocked: bool = False
+    ) -> None:
         self.root = root
         self.strict = strict
         self.stat_files = stat_files
+        self.keep_unlocked = keep_unlocked
+        self.unlocked: dict[str, int] = {}
         self.skipped_special: list[str] = []
         # One (entries, directory descriptor, directory path) per level being walked.
         self._stack: list[tuple[Iterator[LocalEntry], int, str]] = []
         self._pending_dir: str | None = None
+        self._unlockable = False  # `allow_unlock` was called for `_pending_dir`
         self._started = False
 
     def close(self) -> None:
-        """Close the directory descriptors still held (the walk was not finished)."""
+        """Close the directory descriptors still held (the walk was not finished), giving
+        the directories it unlocked their modes back (unless `keep_unlocked`)."""
         while self._stack:
-            os.close(self._stack.pop()[1])
+            _, fd, rel = self._stack.pop()
+            self._relock(rel, fd)
+            os.close(fd)
 
     def __del__(self) -> None:
         self.close()
@@ -80,14 +106,24 @@ class Walker:
         """Do not descend into the directory yielded last."""
         self._pending_dir = None
 
-    def _open(self, rel: str) -> int | None:
+    def allow_unlock(self) -> None:
+        """Should the walk be refused in the directory yielded last, give it its owner's
+        read and search bits (the caller knows its mode for the version's, one datamover
+        set, not a user's chmod, which is the user's to undo)."""
+        self._unlockable = self._pending_dir is not None
+
+    def _open(self, rel: str, unlock: bool) -> int | None:
         """A descriptor of directory `rel`, opened from its parent's (still on the stack)
-        without following a symlink; None if it is gone or no longer a directory."""
+        without following a symlink; None if it is gone or no longer a directory. With
+        `unlock`, a directory its owner may not read is given its owner's read and search
+        bits first."""
         try:
-            if not rel:
-                return os.open(self.root, _DIR_FLAGS & ~os.O_NOFOLLOW)
-            parent = self._stack[-1][1]
-            return os.open(rel.rpartition("/")[2], _DIR_FLAGS, dir_fd=parent)
+            try:
+                return self._open_once(rel, _DIR_FLAGS)
+            except PermissionError:
+                if not (unlock and self._unlock_closed(rel)):
+                    raise
+            return self._open_once(rel, _DIR_FLAGS)
         except FileNotFoundError:
             if self.strict and not rel:
                 raise
@@ -105,6 +141,50 @@ class Walker:
                 ) from None
             return None
 
+    def _open_once(self, rel: str, flags: int) -> int:
+        if not rel:
+            return os.open(self.root, flags & ~os.O_NOFOLLOW)
+        return os.open(rel.rpartition("/")[2], flags, dir_fd=self._stack[-1][1])
+
+    def _unlock_closed(self, rel: str) -> bool:
+        """Give directory `rel`, which could not be opened, its owner's read and search
+        bits; False where that cannot help (not a directory, those bits already set, not
+        the owner)."""
+        try:
+            fd = self._open_once(rel, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:  # an O_PATH descriptor takes no fchmod: through /proc, as fsops does
+            return self._give_rx(rel, fd, lambda mode: os.chmod(f"/proc/self/fd/{fd}", mode))
+        finally:
+            os.close(fd)
+
+    def _unlock_open(self, rel: str, fd: int) -> bool:
+        """Give directory `rel` (open as `fd`, whose entries could not be looked at) its
+        owner's read and search bits; False where that cannot help."""
+        return self._give_rx(rel, fd, lambda mode: os.fchmod(fd, mode))
+
+    def _give_rx(self, rel: str, fd: int, chmod: Callable[[int], None]) -> bool:
+        try:
+            mode = stat.S_IMODE(os.fstat(fd).st_mode)
+            if mode & _OWNER_RX == _OWNER_RX:
+                return False
+            chmod(mode | _OWNER_RX)
+        except OSError:
+            return False
+        self.unlocked.setdefault(rel, mode)
+        return True
+
+    def _relock(self, rel: str, fd: int) -> None:
+        """Give directory `rel` (open as `fd`), which the walk leaves, its mode back if the
+        walk unlocked it (unless `keep_unlocked`)."""
+        if self.keep_unlocked or rel not in self.unlocked:
+            return
+        try:
+            os.fchmod(fd, self.unlocked.pop(rel))
+        except OSError as exc:
+            log.warning("cannot give %s its mode back: %s", Path(self.root, rel), exc.strerror)
+
     def _unreadable(self, rel: str, exc: PermissionError) -> DatamoverError:
         """The user's to fix, named, not an internal error: for push (strict) as for an
         unreadable file (`scan._problem`); for stage and verify, a directory in the tree
@@ -114,9 +194,10 @@ class Walker:
         full = os.path.join(self.root, rel) if rel else self.root
         return InvalidInput(f"cannot read {full!r}: permission denied", [rel])
 
-    def _list(self, rel: str) -> None:
-        """Open directory `rel` and push its sorted entries on the stack."""
-        fd = self._open(rel)
+    def _list(self, rel: str, unlock: bool = False) -> None:
+        """Open directory `rel` and push its sorted entries on the stack (`unlock`: see
+        `allow_unlock`)."""
+        fd = self._open(rel, unlock)
         if fd is None:
             return
         try:
@@ -127,7 +208,7 @@ class Walker:
         except BaseException:
             os.close(fd)
             raise
-        self._stack.append((self._entries(rel, fd, items), fd, rel))
+        self._stack.append((self._entries(rel, fd, items, unlock), fd, rel))
 
     def _check_names(self, rel: str, names: list[str]) -> None:
         where = rel or "."
@@ -145,7 +226,9 @@ class Walker:
                 )
             seen[folded] = name
 
-    def _entries(self, rel: str, fd: int, items: list[os.DirEntry[str]]) -> Iterator[LocalEntry]:
+    def _entries(
+        self, rel: str, fd: int, items: list[os.DirEntry[str]], unlock: bool
+    ) -> Iterator[LocalEntry]:
         prefix = rel + "/" if rel else ""
         for item in items:
             if PARTIAL_RE.match(item.name) and self.strict:
@@ -154,10 +237,15 @@ class Walker:
                 yield LocalEntry(prefix + item.name, Kind.FILE, UNKNOWN, UNKNOWN, UNKNOWN, 0)
                 continue
             try:
-                st = item.stat(follow_symlinks=False)
+                try:
+                    st = item.stat(follow_symlinks=False)
+                except PermissionError:  # a directory that can be listed, not searched
+                    if not (unlock and self._unlock_open(rel, fd)):
+                        raise
+                    st = item.stat(follow_symlinks=False)
             except FileNotFoundError:
                 continue
-            except PermissionError as exc:  # a directory that can be listed, not searched
+            except PermissionError as exc:
                 raise self._unreadable(rel, exc) from None
             mode = st.st_mode
             target = None
@@ -213,14 +301,17 @@ class Walker:
             self._list("")
         if self._pending_dir is not None:
             pending, self._pending_dir = self._pending_dir, None
-            self._list(pending)
+            self._list(pending, self._unlockable)
         while self._stack:
             try:
                 entry = next(self._stack[-1][0])
             except StopIteration:
-                os.close(self._stack.pop()[1])
+                _, fd, rel = self._stack.pop()
+                self._relock(rel, fd)
+                os.close(fd)
                 continue
             if entry.kind == Kind.DIR:
                 self._pending_dir = entry.path
+            self._unlockable = False
             return entry
         raise StopIteration
