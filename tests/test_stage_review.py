@@ -3,11 +3,13 @@ interrupted runs."""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextlib
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -154,6 +156,50 @@ async def test_files_an_interrupted_stage_wrote_are_not_taken_for_the_users(
     finally:
         await site_a.close()
         await site_b.close()
+
+
+async def test_of_two_local_stages_of_one_dataset_one_runs(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("data\n")
+    site_a = await a.open()
+    try:
+        await push(site_a, "/proj/ds")
+    finally:
+        await site_a.close()
+    arrived: list[int] = []
+    both = threading.Event()
+    real_base = stage_module._base
+
+    async def together(*args: Any) -> Any:  # both past the check before either is recorded
+        arrived.append(1)
+        if len(arrived) == 2:
+            both.set()
+        await asyncio.to_thread(both.wait, 10)
+        return await real_base(*args)
+
+    monkeypatch.setattr(stage_module, "_base", together)
+
+    def one() -> str:  # a `stage --local` of its own: a thread, a loop and a site
+        async def run() -> str:
+            site = await b.open()
+            try:
+                await stage(site, "/proj/ds")
+                return "staged"
+            except Conflict as exc:
+                return exc.message
+            finally:
+                both.set()  # one that stopped is not waited for
+                await site.close()
+
+        return asyncio.run(run())
+
+    outcomes = sorted(await asyncio.gather(asyncio.to_thread(one), asyncio.to_thread(one)))
+    assert outcomes[1] == "staged", outcomes
+    assert outcomes[0].startswith("a stage of '/proj/ds' is already running ("), outcomes
+    assert (b.data / "ds" / "f").read_text() == "data\n"
 
 
 async def test_a_restage_keeps_files_whose_mtime_the_file_system_cannot_hold(

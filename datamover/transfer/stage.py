@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import hashlib
 import itertools
 import logging
 import os
@@ -643,10 +645,59 @@ async def stage(
     checksum: bool = False,
     progress: Progress | None = None,
 ) -> StageResult:
-    """Stage `logical` (the latest version, or `version`) at this site's mapped path."""
+    """Stage `logical` (the latest version, or `version`) at this site's mapped path.
+
+    Raises `Conflict` when another stage of the dataset runs (`_lock_dataset`, `_base`)."""
     started = time.monotonic()
-    progress = progress or NoProgress()
     dataset = check_logical_path(logical)
+    lock = _lock_dataset(site, dataset)  # not in a thread: a cancel then would leak it
+    try:
+        return await _stage(site, dataset, version, delete, checksum, progress, started)
+    finally:
+        os.close(lock)
+
+
+def _lock_dataset(site: Site, dataset: str) -> int:
+    """Take this site's stage lock of `dataset`, an `flock` on
+    `<state_dir>/locks/stage-<BLAKE2b of the path>.lock` held until the returned descriptor
+    is closed (the kernel drops it when the process dies); the holder's `host:pid` is
+    written into it. Of two stages of one dataset on this host, `--local` runs or a
+    daemon's, one takes it and the other is `Conflict`: a check of the replica record and
+    the record that follows it are two statements, which both could pass."""
+    locks = site.state_dir / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    path = locks / f"stage-{hashlib.blake2b(dataset.encode(), digest_size=16).hexdigest()}.lock"
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    except PermissionError:  # another user's lock file: taking the lock needs no write
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
+        os.close(fd)
+        running = f"a stage of {dataset!r} is already running"
+        raise Conflict(f"{running} ({holder})" if holder else running) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    with contextlib.suppress(OSError):  # only for the message of a stage that finds it held
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, owner_id().encode(), 0)
+    return fd
+
+
+async def _stage(
+    site: Site,
+    dataset: str,
+    version: str | None,
+    delete: bool,
+    checksum: bool,
+    progress: Progress | None,
+    started: float,
+) -> StageResult:
+    """`stage`, holding the dataset's stage lock."""
+    progress = progress or NoProgress()
     base_path, parts = site.config.namespace.split(dataset)
     root = base_path.joinpath(*parts)
     fetched_before = site.repo.fetched_bytes
