@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import inspect, text
 
+from datamover.catalog.access import Access
 from datamover.catalog.engine import HEAD, catalog_revision, create_engine_for, open_engine, upgrade
 from datamover.catalog.models import Base
 from datamover.catalog.transfers import Submission, Transfers
@@ -121,6 +123,87 @@ async def test_prefix_filters_are_exact_on_both_engines(catalog_url: str) -> Non
         assert await paths(prefixes=["/pr%j", "/proj_a"]) == ["/pr%j/c", "/proj_a/b"]
         assert len(await paths(prefixes=["/"])) == 6
         assert await paths(prefixes=[]) == []
+    finally:
+        await engine.dispose()
+
+
+# -- pins -----------------------------------------------------------------------------------
+
+
+async def _pin_rows(access: Access) -> list[tuple[str, str, str]]:
+    return [(p.tenant, p.pin, p.dataset) for p in await access.pins()]
+
+
+async def test_two_tenants_pinning_one_pin_id_hold_it_apart(catalog_url: str) -> None:
+    # A pin id is the client's (a Slurm job id): the table was keyed by (pin, dataset), so a
+    # second tenant's `slurm-7` on the same dataset merged into the first one's row, and the
+    # first tenant's release took away the hold the second one's job still relied on.
+    engine = await open_engine(catalog_url)
+    try:
+        access, queue = Access(engine), Transfers(engine)
+        await access.add_pin("slurm-7", "/proj/x", "t1", "v1")
+        await access.add_pin("slurm-7", "/proj/x", "t2", "v2")
+        assert await _pin_rows(access) == [
+            ("t1", "slurm-7", "/proj/x"),
+            ("t2", "slurm-7", "/proj/x"),
+        ]
+        # A stage's pin is its submitter's: the worker adds it under the transfer's tenant.
+        staged, _ = await queue.submit(Submission("t3", "stage", "/proj/x", pin="slurm-7"))
+        assert await access.pin_for_transfer(staged.id, "/proj/x", "v3")
+        assert (await _pin_rows(access))[2] == ("t3", "slurm-7", "/proj/x")
+        assert [p.version for p in await access.pins(tenant="t2")] == ["v2"]
+        assert await access.release("slurm-7", "t1") == 1
+        assert await _pin_rows(access) == [
+            ("t2", "slurm-7", "/proj/x"),
+            ("t3", "slurm-7", "/proj/x"),
+        ]
+        assert (await queue.get(staged.id)).pin == "slurm-7"  # t1's release left t3's alone
+        assert await access.release("slurm-7", "t2") == 1
+        assert await _pin_rows(access) == [("t3", "slurm-7", "/proj/x")]
+    finally:
+        await engine.dispose()
+
+
+async def test_an_upgrade_keeps_existing_pins_under_the_tenant_they_record(
+    catalog_url: str,
+) -> None:
+    # A catalog of revision 0003 holds pins keyed by (pin, dataset): it is refused until
+    # `datamover db upgrade`, which keys them by tenant too and keeps every row as it was.
+    engine = create_engine_for(catalog_url)
+    try:
+        await upgrade(engine, "0003")
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "INSERT INTO pins (pin, dataset, tenant, version, created_at) "
+                    "VALUES ('slurm-7', '/proj/x', 't1', 'v1', :at)"
+                ),
+                {"at": datetime(2026, 11, 29, tzinfo=UTC)},
+            )
+    finally:
+        await engine.dispose()
+    with pytest.raises(CatalogError, match="run `datamover db upgrade`"):
+        await open_engine(catalog_url)
+    engine = create_engine_for(catalog_url)
+    try:
+        assert await upgrade(engine) == ("0003", HEAD)
+
+        def key(conn: Any) -> list[str]:
+            return inspect(conn).get_pk_constraint("pins")["constrained_columns"]
+
+        async with engine.connect() as conn:
+            assert await conn.run_sync(key) == ["tenant", "pin", "dataset"]
+    finally:
+        await engine.dispose()
+    engine = await open_engine(catalog_url)
+    try:
+        access = Access(engine)
+        (old,) = await access.pins()
+        assert (old.tenant, old.pin, old.dataset, old.version) == ("t1", "slurm-7", "/proj/x", "v1")
+        assert old.created_at.startswith("2026-11-29")
+        await access.add_pin("slurm-7", "/proj/x", "t2", "v2")
+        assert await access.release("slurm-7", "t1") == 1
+        assert await _pin_rows(access) == [("t2", "slurm-7", "/proj/x")]
     finally:
         await engine.dispose()
 

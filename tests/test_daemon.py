@@ -64,6 +64,15 @@ async def test_submit_over_http_and_wait(served_site: StartSite, make_site: Make
     admin = b.token("ops", "/", "admin")
     _, replicas = b.request("GET", "/v1/replicas", admin)
     assert sorted(replicas["replicas"][0]["pins"]) == ["job-1", "job-2"]
+    # Pin ids are the client's (job ids): another tenant's `job-1` is a pin of its own.
+    assert b.request("POST", "/v1/pins", other, {"pin": "job-1", "path": "/proj/run1"})[0] == 201
+    for who, by_tenant in (
+        (token, {"t1": ["job-1"]}),
+        (other, {"t2": ["job-1", "job-2"]}),
+        (admin, {"t1": ["job-1"], "t2": ["job-1", "job-2"]}),
+    ):
+        _, replicas = b.request("GET", "/v1/replicas", who)
+        assert replicas["replicas"][0]["pins_by_tenant"] == by_tenant, replicas
 
     status, metrics = b.request("GET", "/metrics")
     assert status == 200
@@ -124,6 +133,21 @@ async def test_auth_matrix(served_site: StartSite) -> None:
     assert status == 200 and released == {"pin": "job", "released": 1}, released
     status, released = d.request("DELETE", "/v1/pins/job", wide)
     assert status == 200 and released == {"pin": "job", "released": 1}, released
+
+    # Two tenants pinning one dataset under one pin id (a job id) hold it apart: each
+    # releases its own. An admin token releases its tenant's pin, another's when named.
+    for who in (wide, stranger):
+        assert d.request("POST", "/v1/pins", who, {"pin": "job", "path": "/proj/a/x"})[0] == 201
+    assert d.request("DELETE", "/v1/pins/job", wide)[1] == {"pin": "job", "released": 1}
+    assert d.request("DELETE", "/v1/pins/job", stranger)[1] == {"pin": "job", "released": 1}
+    admin = d.token("ops", "/", "admin")
+    for who in (stranger, admin):
+        assert d.request("POST", "/v1/pins", who, {"pin": "job", "path": "/proj/a/x"})[0] == 201
+    status, err = d.request("DELETE", "/v1/pins/job?tenant=t2", wide)
+    assert status == 403 and "admin" in err["error"]["message"], err
+    assert d.request("DELETE", "/v1/pins/job", admin)[1] == {"pin": "job", "released": 1}
+    assert d.request("DELETE", "/v1/pins/job?tenant=t2", admin)[1] == {"pin": "job", "released": 1}
+    assert d.request("DELETE", "/v1/pins/job", stranger)[1] == {"pin": "job", "released": 0}
 
 
 def _post_raw(d: Daemon, path: str, token: str, body: bytes) -> tuple[int, dict]:

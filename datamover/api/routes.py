@@ -240,14 +240,16 @@ async def list_versions(request: web.Request) -> web.Response:
 
 async def list_replicas(request: web.Request) -> web.Response:
     """GET /v1/replicas, with the pins of the caller's tenant (every pin for an admin):
-    pins name other tenants' jobs."""
+    pins name other tenants' jobs. A pin id is a tenant's, so `pins_by_tenant` says whose
+    each is (the same id of two tenants is two pins)."""
     ctx = context(request)
     who = require(request, "read")
     admin = who.allows("admin")
     pins: dict[str, list[str]] = {}
-    for p in await ctx.access.pins():
-        if admin or p.tenant == who.tenant:
-            pins.setdefault(p.dataset, []).append(p.pin)
+    by_tenant: dict[str, dict[str, list[str]]] = {}
+    for p in await ctx.access.pins(tenant=None if admin else who.tenant):
+        pins.setdefault(p.dataset, []).append(p.pin)
+        by_tenant.setdefault(p.dataset, {}).setdefault(p.tenant, []).append(p.pin)
     replicas = [
         {
             "dataset": r.dataset,
@@ -258,6 +260,7 @@ async def list_replicas(request: web.Request) -> web.Response:
             "files": r.files,
             "bytes": r.bytes,
             "pins": pins.get(r.dataset, []),
+            "pins_by_tenant": by_tenant.get(r.dataset, {}),
         }
         for r in await ctx.site.catalog.replicas()
         if admin or who.covers(r.dataset)
@@ -278,16 +281,20 @@ async def add_pin(request: web.Request) -> web.Response:
 
 
 async def release_pin(request: web.Request) -> web.Response:
-    """DELETE /v1/pins/{pin}: release the caller's datasets held by this pin (those of its
-    tenant under its prefixes; every one for an admin)."""
+    """DELETE /v1/pins/{pin}[?tenant=T]: release the datasets the caller's tenant holds by
+    this pin under the caller's prefixes (every one for an admin, which may name another
+    tenant: pin ids are the clients', so one id may be several tenants' pins)."""
     ctx = context(request)
     who = require(request, "write")
     pin = path_text(request, "pin")
+    tenant = query_text(request, "tenant", 128) or who.tenant
     if who.allows("admin"):
-        released = await ctx.access.release(pin)
+        released = await ctx.access.release(pin, tenant)
         return _json({"pin": pin, "released": released})
+    if tenant != who.tenant:
+        raise Forbidden("only an admin token may release another tenant's pin")
     # other tenants' pins are not there for this token (a 403 would tell they exist)
-    held = [p for p in await ctx.access.pins(pin=pin) if p.tenant == who.tenant]
+    held = await ctx.access.pins(pin=pin, tenant=who.tenant)
     if held and not any(who.covers(p.dataset) for p in held):
         raise Forbidden(f"pin {pin!r} holds no dataset this token may release")
     released = await ctx.access.release(pin, who.tenant, who.prefixes)

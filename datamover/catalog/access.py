@@ -3,6 +3,7 @@
 Tokens are random 256-bit strings shown once at creation and stored only as their SHA-256:
 high-entropy secrets need no slow password hash, and a lookup stays one indexed query.
 A pin holds a dataset's replica at this site for a job; eviction must skip pinned replicas.
+Its id is the client's (a job id), so a pin is a tenant's: one id of two tenants is two pins.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from datamover.catalog.models import Pin, Token, Transfer
 from datamover.domain.transfers import State
 
 SCOPES = ("read", "write", "admin")
+_KEY = ["tenant", "pin", "dataset"]  # the primary key of `pins`, the target of its upserts
 TOKEN_PREFIX = "dm_"
 
 
@@ -112,7 +114,7 @@ class Access:
             return bool((await conn.execute(stmt.values(revoked_at=_now()))).rowcount)
 
     async def add_pin(self, pin: str, dataset: str, tenant: str, version: str | None) -> PinRow:
-        """Pin `dataset` under `pin` (idempotent; the latest version pinned wins)."""
+        """Pin `dataset` under `tenant`'s `pin` (idempotent; the latest version pinned wins)."""
         at = _now()
         values = {
             "pin": pin,
@@ -123,18 +125,17 @@ class Access:
         }
         insert = upsert_for(self.dialect, Pin.__table__)
         stmt = insert.values(**values).on_conflict_do_update(
-            index_elements=["pin", "dataset"], set_={"version": version}
+            index_elements=_KEY, set_={"version": version}
         )
         async with self.engine.begin() as conn:
             await conn.execute(stmt)
         return PinRow(pin, dataset, tenant, version, at.isoformat())
 
-    async def pin_for_transfer(
-        self, transfer_id: str, dataset: str, tenant: str, version: str | None
-    ) -> bool:
+    async def pin_for_transfer(self, transfer_id: str, dataset: str, version: str | None) -> bool:
         """Pin `dataset` under the pin transfer `transfer_id` still carries, if it carries
-        one; False when it does not (it had none, or `release` took it while the transfer
-        ran: the job that asked for it is gone, so its pin must not outlive the release).
+        one, as a pin of the transfer's tenant; False when it does not (it had none, or
+        `release` took it while the transfer ran: the job that asked for it is gone, so its
+        pin must not outlive the release).
 
         One statement, reading the transfer row under a lock on PostgreSQL, so a concurrent
         `release` either comes first (nothing is pinned) or deletes what this adds.
@@ -144,7 +145,7 @@ class Access:
             select(
                 t.c.pin,
                 literal(dataset),
-                literal(tenant),
+                t.c.tenant,
                 literal(version),
                 literal(_now(), Pin.__table__.c.created_at.type),
             )
@@ -155,19 +156,23 @@ class Access:
             ["pin", "dataset", "tenant", "version", "created_at"], source
         )
         stmt = insert.on_conflict_do_update(
-            index_elements=["pin", "dataset"], set_={"version": insert.excluded.version}
+            index_elements=_KEY, set_={"version": insert.excluded.version}
         )
         async with self.engine.begin() as conn:
             return bool((await conn.execute(stmt)).rowcount)
 
-    async def pins(self, pin: str | None = None, dataset: str | None = None) -> list[PinRow]:
-        """Pins, optionally only one pin id or one dataset."""
+    async def pins(
+        self, pin: str | None = None, dataset: str | None = None, tenant: str | None = None
+    ) -> list[PinRow]:
+        """Pins, optionally only one pin id, one dataset or one tenant's."""
         p = Pin.__table__
-        query = select(p).order_by(p.c.pin, p.c.dataset)
+        query = select(p).order_by(p.c.pin, p.c.dataset, p.c.tenant)
         if pin is not None:
             query = query.where(p.c.pin == pin)
         if dataset is not None:
             query = query.where(p.c.dataset == dataset)
+        if tenant is not None:
+            query = query.where(p.c.tenant == tenant)
         async with self.engine.connect() as conn:
             return [
                 PinRow(r.pin, r.dataset, r.tenant, r.version, r.created_at.isoformat())
@@ -177,8 +182,9 @@ class Access:
     async def release(
         self, pin: str, tenant: str | None = None, prefixes: Sequence[str] | None = None
     ) -> int:
-        """Drop every dataset held by `pin` (of `tenant`, and under one of `prefixes`, when
-        given); return how many.
+        """Drop every dataset held by `tenant`'s `pin` (under one of `prefixes`, when given);
+        return how many. Without `tenant`, the pin id of every tenant is dropped: only for
+        the local CLI, which speaks for whoever owns the catalog.
 
         Queued and running transfers of those datasets lose the pin too (their `pin`
         becomes null), so a stage that a timed-out prolog left running does not pin its

@@ -18,6 +18,7 @@ from sqlalchemy import (
     Index,
     Integer,
     LargeBinary,
+    PrimaryKeyConstraint,
     SmallInteger,
     String,
     Text,
@@ -186,11 +187,16 @@ class Token(Base):
 
 
 class Pin(Base):
-    """A hold on a dataset's replica at this site (a Slurm job, a pod): eviction skips it."""
+    """A hold on a dataset's replica at this site (a Slurm job, a pod): eviction skips it.
+
+    The pin id is the client's (a job id), so it is one tenant's: two tenants using one id
+    for one dataset hold two rows, each released by its own tenant."""
 
     __tablename__ = "pins"
-    pin: Mapped[str] = mapped_column(String(256), primary_key=True)
-    dataset: Mapped[str] = mapped_column(Text, primary_key=True)
+    pin: Mapped[str] = mapped_column(String(256))
+    dataset: Mapped[str] = mapped_column(Text)
     tenant: Mapped[str] = mapped_column(String(128))
     version: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+    __table_args__ = (PrimaryKeyConstraint("tenant", "pin", "dataset", name="pins_pkey"),)

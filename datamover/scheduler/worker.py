@@ -181,7 +181,7 @@ class Worker:
             error_paths=None,
         )
         if row.kind == Kind.STAGE and row.pin:
-            await self.access.pin_for_transfer(row.id, row.path, row.tenant, result.get("version"))
+            await self.access.pin_for_transfer(row.id, row.path, result.get("version"))
         try:
             await self.transfers.transition(row.id, State.SUCCEEDED, owner=self.owner, **fields)
         except Conflict:
