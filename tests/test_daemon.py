@@ -202,6 +202,14 @@ async def test_idempotent_post(served_site: StartSite) -> None:
     assert (s1, s2) == (201, 200) and first["id"] == again["id"]
     s3, err = d.request("POST", "/v1/transfers", token, {"kind": "push", "path": "/proj/y"}, key)
     assert s3 == 409 and "different request" in err["error"]["message"]
+    assert first["id"] in err["error"]["message"]  # this token may see that transfer
+    # A token of the tenant for other paths gets the 409 too, without the id of a transfer
+    # it may not see (GET answers it 404).
+    narrow = d.token("t1", "/proj/y", "write")
+    assert d.request("GET", f"/v1/transfers/{first['id']}", narrow)[0] == 404
+    s5, err = d.request("POST", "/v1/transfers", narrow, {"kind": "push", "path": "/proj/y"}, key)
+    assert s5 == 409 and "different request" in err["error"]["message"]
+    assert first["id"] not in json.dumps(err), err
     s4, other = d.request("POST", "/v1/transfers", token, body)
     assert s4 == 201 and other["id"] != first["id"]
 

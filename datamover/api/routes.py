@@ -27,11 +27,12 @@ from datamover.api.validate import (
     timestamp,
     version,
 )
-from datamover.catalog.transfers import Submission, TransferRow
+from datamover.catalog.access import Identity
+from datamover.catalog.transfers import KeyReused, Submission, TransferRow
 from datamover.datasets import iter_datasets
 from datamover.domain.paths import check_logical_path
 from datamover.domain.transfers import TERMINAL, State, check_idempotency_key
-from datamover.errors import DatamoverError, Forbidden, InvalidInput, NotFound
+from datamover.errors import Conflict, DatamoverError, Forbidden, InvalidInput, NotFound
 from datamover.metrics import CONTENT_TYPE
 from datamover.scheduler.endings import RECHECK, until
 
@@ -85,11 +86,13 @@ async def openapi(request: web.Request) -> web.Response:
 # -- transfers ----------------------------------------------------------------------------
 
 
+def _may_see(who: Identity, row: TransferRow) -> bool:
+    """A token sees its tenant's transfers under its prefixes (an admin token: every one)."""
+    return who.allows("admin") or (row.tenant == who.tenant and who.covers(row.path))
+
+
 def _visible(request: web.Request, row: TransferRow) -> TransferRow:
-    who = identity(request)
-    if who.allows("admin"):
-        return row
-    if row.tenant != who.tenant or not who.covers(row.path):
+    if not _may_see(identity(request), row):
         raise NotFound(f"no transfer {row.id!r}")  # do not reveal other tenants' work
     return row
 
@@ -121,7 +124,12 @@ async def submit_transfer(request: web.Request) -> web.Response:
         options=options,
         idempotency_key=key,
     )
-    row, created = await ctx.transfers.submit(submission)
+    try:
+        row, created = await ctx.transfers.submit(submission)
+    except KeyReused as exc:
+        if exc.existing is not None and _may_see(who, exc.existing):
+            raise Conflict(f"{exc.message} (transfer {exc.existing.id})") from None
+        raise  # the key's transfer lies outside the token's prefixes: its id is not told
     if created and ctx.wake is not None:
         ctx.wake.set()
     return _json(row.to_json(), 201 if created else 200)

@@ -169,6 +169,15 @@ class Submission:
         )
 
 
+class KeyReused(Conflict):
+    """An idempotency key of the tenant already names the transfer `existing`, made by a
+    different request. The message does not name that transfer: the caller, a token of
+    the tenant for other paths, may not be allowed to see it; the API names it to one who
+    may."""
+
+    existing: TransferRow | None = None
+
+
 class Transfers:
     """Queries over the `transfers` table."""
 
@@ -195,7 +204,7 @@ class Transfers:
         """Queue a transfer; return it and whether it is new.
 
         With an idempotency key, a repeated submission returns the first transfer; reusing a
-        key for a different request is a `Conflict`.
+        key for a different request is a `KeyReused` conflict.
         """
         if sub.idempotency_key:
             existing = await self._by_key(sub.tenant, sub.idempotency_key)
@@ -240,10 +249,11 @@ class Transfers:
     @staticmethod
     def _check_same(sub: Submission, row: TransferRow) -> TransferRow:
         if not sub.same_request(row):
-            raise Conflict(
-                f"idempotency key {sub.idempotency_key!r} was used for a different request "
-                f"(transfer {row.id})"
+            exc = KeyReused(
+                f"idempotency key {sub.idempotency_key!r} was used for a different request"
             )
+            exc.existing = row
+            raise exc
         return row
 
     async def list(
