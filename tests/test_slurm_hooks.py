@@ -28,8 +28,22 @@ echo '{}'
 exit "${rc:-0}"
 """
 _SCONTROL = """#!/bin/bash
-printf '%s\\t' "$@" >>"$(dirname "$0")/scontrol.log"
-printf '\\n' >>"$(dirname "$0")/scontrol.log"
+d=$(dirname "$0")
+printf '%s\\t' "$@" >>"$d/scontrol.log"
+printf '\\n' >>"$d/scontrol.log"
+if [[ $1 == update ]]; then  # keep the job's AdminComment, as slurmctld would
+    for arg in "${@:2}"; do
+        [[ $arg != AdminComment=* ]] || printf '%s' "${arg#AdminComment=}" >"$d/admin_comment"
+    done
+fi
+"""
+# squeue answers the job's AdminComment as `-O admin_comment:0` prints it: the text whole,
+# "(null)" when there is none; it fails when the file `squeue.fails` exists.
+_SQUEUE = """#!/bin/bash
+d=$(dirname "$0")
+[[ ! -e $d/squeue.fails ]] || { echo 'squeue: error: Socket timed out' >&2; exit 1; }
+[[ " $* " == *" --Format=admin_comment:0 "* ]] || { echo "unexpected: $*" >&2; exit 1; }
+if [[ -e $d/admin_comment ]]; then cat "$d/admin_comment"; echo; else echo '(null)'; fi
 """
 
 
@@ -68,6 +82,11 @@ class Hooks:
             return []
         return [line.split("\t")[:-1] for line in path.read_text().splitlines()]
 
+    def admin_comment(self) -> str | None:
+        """The job's AdminComment as the prolog left it (None: never set)."""
+        path = self.dir / "admin_comment"
+        return path.read_text(encoding="utf-8") if path.exists() else None
+
     def staged(self) -> list[list[str]]:
         """The arguments after `--` of each `stage` call, with `--version V` if given."""
         out = []
@@ -88,6 +107,7 @@ def hooks() -> Iterator[Hooks]:
         for name, text in [
             ("datamover", _CLI),
             ("scontrol", _SCONTROL),
+            ("squeue", _SQUEUE),
             ("logger", "#!/bin/sh\nexit 0\n"),
         ]:
             (d / name).write_text(text)
@@ -198,3 +218,41 @@ def test_carriage_returns_and_other_whitespace_separate_words(hooks: Hooks) -> N
     r = hooks.run(PROLOG, "datamover:/proj/a,\r\n/proj/b\r\n\vdatamover:/proj/c\f")
     assert r.returncode == 0, r.stderr
     assert hooks.staged() == [["/proj/a"], ["/proj/b"], ["/proj/c"]]
+
+
+def test_a_failure_keeps_the_jobs_admin_comment(hooks: Hooks) -> None:
+    # The prolog wrote its reason over the job's AdminComment, losing what the site had
+    # put there (an accounting tag, an operator's note). It is kept, and a later failure
+    # of the requeued job replaces only the datamover part.
+    r = hooks.run(PROLOG, "datamover:/proj/a", rcs=[3])
+    assert r.returncode == 1, r.stderr
+    assert hooks.admin_comment() == "datamover prolog: stage /proj/a failed (exit 3): {}"
+    site = "project=abc; note: held by ops"
+    (hooks.dir / "admin_comment").write_text(site)
+    for rc in (3, 2):
+        r = hooks.run(PROLOG, "datamover:/proj/a", rcs=[rc])
+        assert r.returncode == 1, r.stderr
+        assert hooks.admin_comment() == (
+            f"{site}; datamover prolog: stage /proj/a failed (exit {rc}): {{}}"
+        )
+
+
+def test_the_admin_comment_stays_within_slurms_limit(hooks: Hooks) -> None:
+    # The reason is cut to fit 1024 bytes after the site's text, never within a character.
+    for site, name in (("x" * 900, "p" * 300), ("x" * 901, "\u00e9" * 150)):
+        (hooks.dir / "admin_comment").write_text(site)
+        r = hooks.run(PROLOG, f"datamover:/proj/{name}", rcs=[3])
+        assert r.returncode == 1, r.stderr
+        comment = hooks.admin_comment()  # read as UTF-8: a cut character would not decode
+        assert comment is not None and 1022 <= len(comment.encode()) <= 1024, comment
+        assert comment.startswith(f"{site}; datamover prolog: stage /proj/{name[:40]}")
+    # No room left for a reason worth reading, or the comment cannot be read: the
+    # AdminComment is left as it is (the reason is in syslog and the prolog's log).
+    for fill, squeue_fails in (("y" * 1010, False), ("z", True)):
+        (hooks.dir / "admin_comment").write_text(fill)
+        if squeue_fails:
+            (hooks.dir / "squeue.fails").touch()
+        r = hooks.run(PROLOG, "datamover:/proj/a", rcs=[3])
+        assert r.returncode == 1 and "AdminComment" in r.stderr, r.stderr
+        assert "stage /proj/a failed (exit 3)" in r.stderr
+        assert hooks.admin_comment() == fill

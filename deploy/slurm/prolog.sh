@@ -31,6 +31,8 @@
 # syslog (tag datamover-prolog), to the prolog's stderr (slurmd/slurmctld log) and, by
 # default, into the job's AdminComment (`scontrol show job`), where the user can read it, fix
 # the comment (`scontrol update job=ID comment=...`) and, if held, `scontrol release ID`.
+# What the AdminComment held is kept: the reason is appended as "; datamover prolog: ..."
+# (replacing the one of an earlier failure), within 1024 bytes.
 # (Not held under PrologSlurmctld: a permanent error recurs each time the job is scheduled.)
 #
 # Idempotent: a requeued job keeps its id, stage only fetches what is missing or wrong, and
@@ -53,7 +55,7 @@
 #                                             # (shared cache); all: on every node (node-local)
 #   DM_HOOK_COMMENT_SOURCE=auto               # auto | env | squeue
 #   DM_HOOK_MAX_PATHS=16
-#   DM_HOOK_ADMIN_COMMENT=1                   # write the failure reason to AdminComment
+#   DM_HOOK_ADMIN_COMMENT=1                   # add the failure reason to AdminComment
 #   DM_HOOK_RELEASE_TIMEOUT=60                # epilog: seconds for the release (not a
 #                                             # positive integer: 60, with a warning)
 #   PATH=/opt/slurm/bin:$PATH                 # where squeue/scontrol live, if not in /usr/bin
@@ -101,11 +103,57 @@ fail() {  # fail MESSAGE: report and refuse to start the job
         timeout --kill-after=5 30 ${as_user[@]+"${as_user[@]}"} "$DM_HOOK_BIN" release \
             --config "$DM_HOOK_CONFIG" --pin "$PIN" --json >/dev/null 2>&1 || true
     fi
-    if [[ $DM_HOOK_ADMIN_COMMENT == 1 ]]; then
-        timeout --kill-after=5 15 scontrol update "JobId=$JOB" \
-            "AdminComment=datamover prolog: ${msg:0:400}" >/dev/null 2>&1 || true
-    fi
+    [[ $DM_HOOK_ADMIN_COMMENT != 1 ]] || admin_comment "${msg:0:400}"
     exit 1
+}
+
+cut_utf8() {  # cut_utf8 TEXT: TEXT without the incomplete UTF-8 character a cut left at its end
+    local LC_ALL=C text=$1 i need
+    for ((i = ${#text} - 1; i >= 0 && i >= ${#text} - 4; i--)); do
+        case ${text:i:1} in
+            [$'\x80'-$'\xbf']) continue ;;  # a continuation byte: look further back
+            [$'\xc0'-$'\xdf']) need=2 ;;
+            [$'\xe0'-$'\xef']) need=3 ;;
+            [$'\xf0'-$'\xf7']) need=4 ;;
+            *) need=1 ;;
+        esac
+        ((${#text} - i >= need)) || text=${text:0:i}
+        break
+    done
+    printf '%s' "$text"
+}
+
+# bytes: slurmctld refuses a job whose Comment is longer; AdminComment is held to it too
+ADMIN_COMMENT_MAX=1024
+
+admin_comment() {  # admin_comment REASON: add "datamover prolog: REASON" to the AdminComment
+    # The site may keep its own text there (an accounting tag, an operator's note): it is
+    # kept, and ours follows it after "; ". Ours is always last, so a requeued job failing
+    # again replaces the datamover part only. Whatever cannot be read is not overwritten.
+    local LC_ALL=C  # lengths and cuts in bytes
+    local tag="datamover prolog: " reason=$1 current kept room
+    if ! current=$(timeout --kill-after=5 15 \
+        squeue --noheader --jobs="$JOB" --Format=admin_comment:0 2>/dev/null); then
+        log warning "AdminComment not written: squeue could not read the one there"
+        return 0
+    fi
+    [[ $current != "(null)" ]] || current=""
+    if [[ $current == "$tag"* ]]; then
+        kept=""
+    else
+        kept=${current%%"; $tag"*}
+        [[ -z $kept ]] || kept+="; "
+    fi
+    room=$((ADMIN_COMMENT_MAX - ${#kept} - ${#tag}))
+    if ((room < 40)); then
+        log warning "AdminComment not written: the ${#kept} bytes there leave no room"
+        return 0
+    fi
+    if ((${#reason} > room)); then
+        reason=$(cut_utf8 "${reason:0:room}")
+    fi
+    timeout --kill-after=5 15 scontrol update "JobId=$JOB" "AdminComment=$kept$tag$reason" \
+        >/dev/null 2>&1 || log warning "AdminComment not written: scontrol update failed"
 }
 
 # --- which datasets ------------------------------------------------------------------------
