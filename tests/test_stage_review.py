@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import errno
+import fcntl
+import hashlib
 import os
 import shutil
 import stat
@@ -200,6 +203,84 @@ async def test_of_two_local_stages_of_one_dataset_one_runs(
     assert outcomes[1] == "staged", outcomes
     assert outcomes[0].startswith("a stage of '/proj/ds' is already running ("), outcomes
     assert (b.data / "ds" / "f").read_text() == "data\n"
+
+
+def _stage_lock(env: Any, dataset: str) -> Path:
+    digest = hashlib.blake2b(dataset.encode(), digest_size=16).hexdigest()
+    return env.state / "locks" / f"stage-{digest}.lock"
+
+
+async def test_a_symlink_at_the_stage_lock_is_not_written_through(
+    make_site: MakeSite, tmp_path: Path
+) -> None:
+    # In a state directory others may write to, a link planted at a dataset's lock path
+    # had the next stage of it cut and overwrite whatever file the link leads to.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("data\n")
+    victim = tmp_path / "victim"
+    victim.write_text("somebody else's data\n")
+    lock = _stage_lock(b, "/proj/ds")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.symlink_to(victim)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        with pytest.raises(PermanentError, match=r"stage lock of '/proj/ds'.*symlink"):
+            await stage(site_b, "/proj/ds")
+        assert victim.read_text() == "somebody else's data\n"
+        assert not (b.data / "ds" / "f").exists()
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_stage_runs_where_the_state_dir_keeps_no_flock(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Lustre mounted `noflock` answers ENOSYS, NFS without a lock manager ENOLCK, and an
+    # exclusive lock on a read-only descriptor over NFS EBADF: every stage failed there.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("data\n")
+    real = fcntl.flock
+
+    def no_flock(fd: int, op: int) -> None:
+        if "/locks/stage-" in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+        real(fd, op)
+
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        monkeypatch.setattr(fcntl, "flock", no_flock)
+        await stage(site_b, "/proj/ds")
+        assert (b.data / "ds" / "f").read_text() == "data\n"
+        assert "not kept apart" in caplog.text
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_stage_lock_that_cannot_be_made_is_a_one_line_error(make_site: MakeSite) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("data\n")
+    site_a = await a.open()
+    try:
+        await push(site_a, "/proj/ds")
+    finally:
+        await site_a.close()
+    locks = b.state / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    locks.chmod(0o555)  # a state directory another user made, say
+    try:
+        r = cli_unprivileged(b, "stage", "/proj/ds")
+    finally:
+        locks.chmod(0o755)
+    assert r.returncode == 7, r.stderr
+    [line] = r.stderr.strip().splitlines()
+    assert "stage lock of '/proj/ds'" in line and "permission denied" in line, line
 
 
 async def test_a_restage_keeps_files_whose_mtime_the_file_system_cannot_hold(
