@@ -283,6 +283,53 @@ async def test_a_stage_lock_that_cannot_be_made_is_a_one_line_error(make_site: M
     assert "stage lock of '/proj/ds'" in line and "permission denied" in line, line
 
 
+async def test_a_stage_cancelled_while_it_plans_ends_after_its_walk(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The walk runs in a thread and may give a directory its owner's read and search bits
+    # (Walker.allow_unlock); a cancel while the stage waited for it gave modes back while
+    # the walk went on, so what it unlocked after that kept those bits.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    for i in range(5):
+        (a.data / "ds" / f"f{i}").write_text(f"{i}\n")
+    site_a = await a.open()
+    try:
+        await push(site_a, "/proj/ds")
+    finally:
+        await site_a.close()
+    planning, go, walked = threading.Event(), threading.Event(), threading.Event()
+    real = stage_module._Stager._planner
+
+    def slow_planner(self: Any, stored_mtime: Any) -> Iterator[Any]:
+        actions = real(self, stored_mtime)
+
+        def slowly() -> Iterator[Any]:
+            planning.set()
+            go.wait(10)
+            for action in actions:
+                walked.set()
+                yield action
+
+        return slowly()
+
+    monkeypatch.setattr(stage_module._Stager, "_planner", slow_planner)
+    site_b = await b.open()
+    try:
+        task = asyncio.create_task(stage(site_b, "/proj/ds"))
+        assert await asyncio.to_thread(planning.wait, 10)
+        task.cancel()
+        asyncio.get_running_loop().call_later(0.3, go.set)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        ended_after_walk = walked.is_set()
+        go.set()
+        assert await asyncio.to_thread(walked.wait, 10)
+        assert ended_after_walk, "the stage ended while its walk went on"
+    finally:
+        await site_b.close()
+
+
 async def test_a_restage_keeps_files_whose_mtime_the_file_system_cannot_hold(
     make_site: MakeSite,
 ) -> None:

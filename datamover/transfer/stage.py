@@ -551,14 +551,24 @@ class _Stager:
         # Probed in the directory the walk lists first, so it never sees the probe's file.
         plan = self._planner(fsops.lazy_stored_mtime(root_fd))
         failed = False
-        reading = asyncio.ensure_future(
-            asyncio.to_thread(lambda: list(itertools.islice(plan, _PLAN_BATCH)))
-        )
+        stopping = threading.Event()
+
+        def next_actions() -> list[Any]:
+            """The next group of planned actions (in a thread); cut short once stopping."""
+            group = []
+            for action in itertools.islice(plan, _PLAN_BATCH):
+                group.append(action)
+                if stopping.is_set():
+                    break
+            return group
+
+        reading = asyncio.ensure_future(asyncio.to_thread(next_actions))
         try:
-            while actions := await reading:
-                reading = asyncio.ensure_future(
-                    asyncio.to_thread(lambda: list(itertools.islice(plan, _PLAN_BATCH)))
-                )
+            # Shielded: a cancel must not leave the walk running in its thread, where it
+            # may still unlock a directory (`Walker.allow_unlock`), while the modes are
+            # given back below.
+            while actions := await asyncio.shield(reading):
+                reading = asyncio.ensure_future(asyncio.to_thread(next_actions))
                 await self._dispatch(actions)
             await self._flush()
             self._submit_ops()
@@ -566,6 +576,7 @@ class _Stager:
             await self._on_writer(self._finish_tree)
         except BaseException:
             failed = True
+            stopping.set()  # the walk stops at its next entry, and is over once this returns
             await asyncio.gather(reading, return_exceptions=True)
             for fut in self._pending:
                 fut.cancel()
