@@ -4,6 +4,9 @@ so two tenants may use one for one dataset, and each must hold and release its o
 Every existing row keeps the tenant it records, the one that pinned first: a later tenant's
 pin of the same id and dataset was merged into that row and cannot be told apart from it.
 
+Daemons of the previous release must be stopped first: they upsert pins `ON CONFLICT (pin,
+dataset)`, which no unique key matches after this, and check the revision only at start-up.
+
 Revision ID: 0004
 Revises: 0003
 Create Date: 2026-12-02
