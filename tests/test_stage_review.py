@@ -29,6 +29,7 @@ from datamover.transfer.plan import Action, StagePlanner
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from datamover.transfer.verify import verify
+from datamover.transfer.walk import Walker
 from tests.fixtures_sites import MakeSite, cli_unprivileged
 from tests.test_bad_input import flip_pack_byte, publish_manifest
 from tests.test_stage_hardening import _shm_trash
@@ -381,6 +382,62 @@ async def test_verify_takes_mtimes_as_the_file_system_stores_them(make_site: Mak
         ]
     finally:
         await site_b.close()
+
+
+def _refused_once(monkeypatch: pytest.MonkeyPatch, name: str, always: bool = False) -> None:
+    """Have the walk refused (EACCES, as a user who is not root is) when it first opens
+    directory `name` (`always`: every time, as a security module might), so that it
+    unlocks it; root's chmod then does what a user's would."""
+    real = Walker._open_once
+    refused: list[str] = []
+
+    def open_once(self: Walker, rel: str, flags: int) -> int:
+        if rel == name and not flags & os.O_PATH and (always or not refused):
+            refused.append(rel)
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+        return real(self, rel, flags)
+
+    monkeypatch.setattr(Walker, "_open_once", open_once)
+
+
+def test_a_directory_the_walk_unlocked_in_vain_gets_its_mode_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "d").mkdir()
+    os.chmod(tmp_path / "d", 0o300)
+    _refused_once(monkeypatch, "d", always=True)
+    walker = Walker(str(tmp_path), strict=False)  # verify's: modes given back
+    try:
+        assert next(walker).path == "d"
+        walker.allow_unlock()
+        with pytest.raises(PermanentError, match="'d'"):
+            next(walker)
+    finally:
+        walker.close()
+    assert stat.S_IMODE(os.stat(tmp_path / "d").st_mode) == 0o300
+
+
+def test_verify_leaves_a_mode_changed_while_it_walked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A stage setting a new version's mode (0o755) while a verify walks the directory: the
+    # verify gave the directory the mode it had found (0o600) as it left.
+    (tmp_path / "d").mkdir()
+    for name in ("x", "y"):
+        (tmp_path / "d" / name).touch()
+    os.chmod(tmp_path / "d", 0o600)
+    _refused_once(monkeypatch, "d")
+    walker = Walker(str(tmp_path), strict=False)
+    try:
+        assert next(walker).path == "d"
+        walker.allow_unlock()
+        assert next(walker).path == "d/x"
+        assert stat.S_IMODE(os.stat(tmp_path / "d").st_mode) == 0o700  # unlocked
+        os.chmod(tmp_path / "d", 0o755)
+        assert [e.path for e in walker] == ["d/y"]
+    finally:
+        walker.close()
+    assert stat.S_IMODE(os.stat(tmp_path / "d").st_mode) == 0o755
 
 
 def test_probing_the_file_system_leaves_its_directory_as_it_was(tmp_path: Path) -> None:

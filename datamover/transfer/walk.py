@@ -13,8 +13,9 @@ Stage and verify walk a tree whose modes came from a version: a directory of 0o6
 owner's, yet its owner cannot look below it. A directory the consumer vouches for
 (`allow_unlock`: its mode is the version's, not a user's chmod) gets its owner's read and
 search bits when the walk is refused in it (only then: no extra system call otherwise),
-and its mode back when the walk leaves it, unless `keep_unlocked` (stage, which sets every
-directory's mode at its end) hands that to the caller in `unlocked`. The mode the walk
+and its mode back when the walk leaves it (or fails to open or list it), unless its mode
+changed meanwhile, or `keep_unlocked` (stage, which sets every directory's mode at its end)
+hands that to the caller in `unlocked`. The mode the walk
 reports is the one it found.
 """
 
@@ -123,7 +124,11 @@ class Walker:
             except PermissionError:
                 if not (unlock and self._unlock_closed(rel)):
                     raise
-            return self._open_once(rel, _DIR_FLAGS)
+            try:
+                return self._open_once(rel, _DIR_FLAGS)
+            except OSError:
+                self._relock_closed(rel)  # unlocking did not help (or it changed): as it was
+                raise
         except FileNotFoundError:
             if self.strict and not rel:
                 raise
@@ -159,6 +164,20 @@ class Walker:
         finally:
             os.close(fd)
 
+    def _relock_closed(self, rel: str) -> None:
+        """`_relock` for directory `rel`, which the walk unlocked but could not open."""
+        if self.keep_unlocked or rel not in self.unlocked:
+            return
+        try:
+            fd = self._open_once(rel, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            self.unlocked.pop(rel)
+            return  # gone or replaced: nothing of the walk's to give back
+        try:
+            self._give_back(rel, fd, lambda mode: os.chmod(f"/proc/self/fd/{fd}", mode))
+        finally:
+            os.close(fd)
+
     def _unlock_open(self, rel: str, fd: int) -> bool:
         """Give directory `rel` (open as `fd`, whose entries could not be looked at) its
         owner's read and search bits; False where that cannot help."""
@@ -180,8 +199,17 @@ class Walker:
         walk unlocked it (unless `keep_unlocked`)."""
         if self.keep_unlocked or rel not in self.unlocked:
             return
+        self._give_back(rel, fd, lambda mode: os.fchmod(fd, mode))
+
+    def _give_back(self, rel: str, fd: int, chmod: Callable[[int], None]) -> None:
+        """Give directory `rel` (open as `fd`) the mode it had before the walk unlocked it,
+        if it still has the mode the walk gave it: one changed meanwhile (a stage setting a
+        new version's mode as a verify walks) is not put back to an old one."""
+        before = self.unlocked.pop(rel)
         try:
-            os.fchmod(fd, self.unlocked.pop(rel))
+            # Permission bits only: a chmod by an owner outside its group drops set-group-ID.
+            if os.fstat(fd).st_mode & 0o777 == (before | _OWNER_RX) & 0o777:
+                chmod(before)
         except OSError as exc:
             log.warning("cannot give %s its mode back: %s", Path(self.root, rel), exc.strerror)
 
@@ -206,6 +234,7 @@ class Walker:
             if self.strict:
                 self._check_names(rel, [e.name for e in items])
         except BaseException:
+            self._relock(rel, fd)
             os.close(fd)
             raise
         self._stack.append((self._entries(rel, fd, items, unlock), fd, rel))
