@@ -3,6 +3,7 @@ the path by which `push`/`stage` hand their work to a configured, reachable daem
 
 from __future__ import annotations
 
+import logging
 import secrets
 import sys
 from typing import Any
@@ -12,6 +13,8 @@ import click
 from datamover.cli import Bar, cli, common, emit_json, human_bytes, run_with_site
 from datamover.config import Config, load_config
 from datamover.errors import InvalidInput, TransientError
+
+log = logging.getLogger(__name__)
 
 
 def _client(config: Config) -> Any:
@@ -65,6 +68,29 @@ def through_daemon(
     return {**(final.get("result") or {}), "transfer": final["id"]}
 
 
+async def _local_tenant(config: Config, site: Any) -> str | None:
+    """The tenant a command run without the daemon acts for: that of the CLI's token
+    (`DATAMOVER_TOKEN` or `[api] token_file`) when this site's catalog knows it, so a pin a
+    prolog recorded locally, the daemon being down, is the one its epilog releases through
+    the daemon. None without a token; a token that cannot be read or is not valid here is
+    a warning and None (the command does not need it)."""
+    from datamover.catalog.access import Access
+    from datamover.client import load_token
+
+    try:
+        token = load_token(config)
+    except InvalidInput as exc:
+        log.warning("acting for no tenant: %s", exc.message)
+        return None
+    if token is None:
+        return None
+    who = await Access(site.catalog.engine).identify(token)
+    if who is None:
+        log.warning("acting for no tenant: the CLI's token is not a valid token of this catalog")
+        return None
+    return who.tenant
+
+
 def stage_locally(config: Config, request: dict[str, Any], as_json: bool) -> dict[str, Any]:
     """Stage in this process (no daemon); record the pin in the catalog if one is asked."""
     from datamover.catalog.access import Access
@@ -81,8 +107,9 @@ def stage_locally(config: Config, request: dict[str, Any], as_json: bool) -> dic
                 progress=bar,
             )
         if request.get("pin"):
+            tenant = await _local_tenant(config, site) or "local"
             await Access(site.catalog.engine).add_pin(
-                request["pin"], result.dataset, "local", result.version
+                request["pin"], result.dataset, tenant, result.version
             )
         return result.to_json()
 
@@ -336,7 +363,7 @@ def release(pin: str, local: bool, config_path: str | None, as_json: bool) -> No
         from datamover.catalog.access import Access
 
         async def work(site: Any) -> int:
-            return await Access(site.catalog.engine).release(pin)
+            return await Access(site.catalog.engine).release(pin, await _local_tenant(config, site))
 
         released = run_with_site(config, work)
     if as_json:

@@ -16,6 +16,7 @@ import pytest
 from tests.fixtures_daemon import (
     Daemon,
     StartSite,
+    free_port,
     slow_site,
     start_daemon,
     until_running,
@@ -470,3 +471,45 @@ async def test_waiting_hook_survives_a_daemon_restart(
     assert hook.returncode == 0, err
     assert json.loads(out)["files"] == 12
     assert snapshot(d.env.data / "x") == snapshot(a.data / "x")
+
+
+async def test_a_pin_made_without_the_daemon_is_the_tenant_of_the_clis_token(
+    make_site: MakeSite,
+) -> None:
+    """With its daemon down, a prolog's `stage --pin` runs in the CLI: the pin is the tenant
+    of the CLI's token, so the epilog's release drops it and no other tenant's pin of that
+    id; without a token, `release --local` drops that id of every tenant."""
+    from datamover.catalog.access import Access
+
+    a = await make_site("site-a")
+    make_tree(a.data / "run1", files=3)
+    a.cli_json("push", "/proj/run1")
+    b = await make_site("site-b", api={"listen": f"127.0.0.1:{free_port()}"})  # none listens
+    site = await b.open()
+    try:
+        access = Access(site.catalog.engine)
+        secret, _ = await access.create_token("lab-1", ["/proj"], ["write"])
+        await access.add_pin("slurm-9", "/proj/run1", "lab-2", None)  # lab-2's job 9
+        await access.add_pin("slurm-8", "/proj/run1", "lab-2", None)
+    finally:
+        await site.close()
+    staged = with_token(b, secret).cli("stage", "/proj/run1", "--pin", "slurm-9", "--json")
+    assert staged.returncode == 0, staged.stderr
+
+    async def pins() -> list[tuple[str, str]]:
+        site = await b.open()
+        try:
+            return [(p.pin, p.tenant) for p in await Access(site.catalog.engine).pins()]
+        finally:
+            await site.close()
+
+    assert await pins() == [("slurm-8", "lab-2"), ("slurm-9", "lab-1"), ("slurm-9", "lab-2")]
+    released = b.cli("release", "--pin", "slurm-9", "--json")
+    assert released.returncode == 0 and json.loads(released.stdout)["released"] == 1
+    assert await pins() == [("slurm-8", "lab-2"), ("slurm-9", "lab-2")]
+    b.config_path.write_text(
+        "\n".join(x for x in b.config_path.read_text().splitlines() if "token_file" not in x)
+    )
+    released = b.cli("release", "--pin", "slurm-8", "--local", "--json")
+    assert released.returncode == 0 and json.loads(released.stdout)["released"] == 1
+    assert await pins() == [("slurm-9", "lab-2")]
