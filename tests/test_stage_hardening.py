@@ -282,7 +282,7 @@ def test_two_references_at_one_offset_are_each_verified(tmp_path: Path) -> None:
     stored = b"EVIL-CONTENT-FROM-STORE"
     ref_a = ChunkRef(codec.digest(b"the rea"), pack, 0, 7, 7, codec.Codec.RAW)
     ref_b = ChunkRef(codec.digest(stored), pack, 0, len(stored), len(stored), codec.Codec.RAW)
-    files = [("a", 0o644, 0, (ref_a,)), ("b", 0o644, 0, (ref_b,))]
+    files = [("a", 0o644, 0, (ref_a,), None), ("b", 0o644, 0, (ref_b,), None)]
     ranges = plan_ranges([ref_a, ref_b], 1 << 20, 1 << 30)
     blobs = [stored[r.start : r.end] for r in ranges]
     (tmp_path / "ds").mkdir()
@@ -381,3 +381,47 @@ def test_open_partial_closes_its_fd_when_checking_fails(
         monkeypatch.undo()
         os.close(writer.root_fd)
     assert len(list(Path("/proc/self/fd").iterdir())) == before - 1  # only the root was closed
+
+
+# -- 8. a file edited between the walk and its replacement ---------------------------------
+
+
+@pytest.mark.parametrize("path", ["thread", "workers", "large"])
+async def test_a_file_edited_after_the_walk_is_trashed_not_replaced(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """The walk finds the file as datamover wrote it (the base's), so it is to be replaced
+    in place; the user saves into it before the rename: that edit goes to the trash."""
+    transfer = {"write_workers": 2 if path == "workers" else -1, "batch_bytes": 4 << 20}
+    if path == "workers":
+        monkeypatch.setattr(stage_module, "_POOL_FILES", 1)
+    a, b = await make_site("site-a"), await make_site("site-b", **transfer)
+    src = a.data / "ds"
+    src.mkdir()
+    size = (2 << 20) + 7 if path == "large" else 100  # large: above batch_bytes / 4
+    (src / "analysis.csv").write_bytes(os.urandom(size))
+    (src / "other.csv").write_bytes(b"other\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        await stage(site_b, "/proj/ds")
+        new = os.urandom(size)
+        (src / "analysis.csv").write_bytes(new)
+        await push(site_a, "/proj/ds")
+        mine = b.data / "ds" / "analysis.csv"
+        real = stage_module._Stager._dispatch
+
+        async def edited_meanwhile(self: stage_module._Stager, actions: list) -> None:
+            if any(action.path == "analysis.csv" for action in actions):
+                mine.write_text("an hour of the user's work\n")  # planned: walked already
+            await real(self, actions)
+
+        monkeypatch.setattr(stage_module._Stager, "_dispatch", edited_meanwhile)
+        staged = await stage(site_b, "/proj/ds")
+        assert staged.trashed == ["analysis.csv"] and staged.trashed_count == 1
+        trashed = Path(staged.trash_dir or "") / "analysis.csv"
+        assert trashed.read_text() == "an hour of the user's work\n"
+        assert mine.read_bytes() == new
+    finally:
+        await site_a.close()
+        await site_b.close()

@@ -27,7 +27,7 @@ def _batch(files: dict[str, bytes]) -> tuple[list, list[bytes], list]:
     for path, data in files.items():
         ref = ChunkRef(codec.digest(data), PACK, len(blob), len(data), len(data), codec.Codec.RAW)
         blob += data
-        wire.append((path, 0o640, 1_600_000_000_123_456_789, (ref,)))
+        wire.append((path, 0o640, 1_600_000_000_123_456_789, (ref,), None))
     ranges = plan_ranges([w[3][0] for w in wire], 1 << 20, 1 << 30)
     return ranges, [bytes(blob[r.start : r.end]) for r in ranges], wire
 
@@ -35,7 +35,8 @@ def _batch(files: dict[str, bytes]) -> tuple[list, list[bytes], list]:
 def test_writes_files_with_mode_and_mtime(tmp_path: Path) -> None:
     (tmp_path / "ds" / "d").mkdir(parents=True)
     ranges, blobs, wire = _batch({"d/a": b"alpha", "d/b": b"", "top": b"x" * 5000})
-    assert write_batch(str(tmp_path), ("ds",), ranges, blobs, wire) == {}  # nothing unlocked
+    # Nothing unlocked, nothing trashed.
+    assert write_batch(str(tmp_path), ("ds",), ranges, blobs, wire) == ({}, [])
     st = os.stat(tmp_path / "ds" / "d" / "a")
     assert (tmp_path / "ds" / "d" / "a").read_bytes() == b"alpha"
     assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o640, 1_600_000_000_123_456_789)

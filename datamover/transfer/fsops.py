@@ -457,6 +457,20 @@ class TreeWriter:
 
         self._unlocking(parent, rel, unlink)
 
+    def make_way(self, rel: str, dfd: int, replaces: tuple[int, int, int] | None) -> None:
+        """Just before a rename over `rel` (in directory `dfd`), which the plan saw as a
+        file or symlink datamover wrote, `replaces` its `(inode, size, mtime)`: if what is
+        there now is not that (a user saved into it since the walk), it is moved to the
+        trash, as a file the walk found changed is. One `fstatat`, only for a replacement."""
+        if replaces is None:
+            return
+        try:
+            st = os.lstat(split(rel)[1], dir_fd=dfd)
+        except FileNotFoundError:
+            return
+        if _identity(st) != replaces:
+            self.trash(rel)
+
     def trash(self, rel: str) -> None:
         """Move `rel` (any kind, a whole directory included) into the trash, never delete it.
 
@@ -505,9 +519,12 @@ class TreeWriter:
                     os.chmod(dest, mode, follow_symlinks=False)
             for key in [k for k in self.unlocked if k.startswith(rel + "/")]:
                 del self.unlocked[key]
-        self.trashed_count += 1
-        if len(self.trashed) < TRASHED_SAMPLE:
-            self.trashed.append(rel)
+        self.note_trashed([rel])
+
+    def note_trashed(self, rels: Sequence[str]) -> None:
+        """Count `rels` as trashed (by this writer, or by a worker process's for it)."""
+        self.trashed_count += len(rels)
+        self.trashed.extend(rels[: TRASHED_SAMPLE - len(self.trashed)])
 
     @staticmethod
     def _is_dir(dfd: int, name: str) -> bool:
@@ -554,8 +571,14 @@ class TreeWriter:
         else:
             os.unlink(name, dir_fd=dfd)
 
-    def write_file(self, entry: Entry, parts: Sequence[bytes | memoryview]) -> None:
-        """Write a whole file under a temporary name, set mode and mtime, rename into place."""
+    def write_file(
+        self,
+        entry: Entry,
+        parts: Sequence[bytes | memoryview],
+        replaces: tuple[int, int, int] | None = None,
+    ) -> None:
+        """Write a whole file under a temporary name, set mode and mtime, rename into place
+        (over the file the plan saw as `replaces`: `make_way`)."""
         parent, name = split(entry.path)
         dfd = self.dir_fd(parent)
         tmp = temp_name()
@@ -575,6 +598,7 @@ class TreeWriter:
                 os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
             finally:
                 os.close(fd)
+            self.make_way(entry.path, dfd, replaces)
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
             try:
@@ -627,9 +651,12 @@ class TreeWriter:
             raise
         return fd, good
 
-    def finish_partial(self, entry: Entry, fd: int) -> None:
-        """Give a completed large file its mode and mtime and rename it into place. Always
-        closes `fd`, even when it raises."""
+    def finish_partial(
+        self, entry: Entry, fd: int, replaces: tuple[int, int, int] | None = None
+    ) -> None:
+        """Give a completed large file its mode and mtime and rename it into place (over
+        the file the plan saw as `replaces`: `make_way`). Always closes `fd`, even when it
+        raises."""
         parent, name = split(entry.path)
         try:
             dfd = self.dir_fd(parent)
@@ -637,16 +664,21 @@ class TreeWriter:
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
         finally:
             os.close(fd)
+        self.make_way(entry.path, dfd, replaces)
         os.rename(partial_name(entry), name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
-    def symlink(self, entry: Entry, target: str) -> None:
+    def symlink(
+        self, entry: Entry, target: str, replaces: tuple[int, int, int] | None = None
+    ) -> None:
         """Create (or atomically replace) the symlink of `entry`, pointing at `target` (the
-        entry's target as this site writes it)."""
+        entry's target as this site writes it), over what the plan saw as `replaces`
+        (`make_way`)."""
         parent, name = split(entry.path)
         dfd = self.dir_fd(parent)
         _, tmp = self._new_temp(parent, entry.path, lambda t: os.symlink(target, t, dir_fd=dfd))
         try:
             os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=dfd, follow_symlinks=False)
+            self.make_way(entry.path, dfd, replaces)
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
             os.unlink(tmp, dir_fd=dfd)

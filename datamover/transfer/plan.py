@@ -52,6 +52,10 @@ class Action:
     #: For REMOVE: the local entry as the walk saw it (is a symlink, size, mtime), so one
     #: changed since is moved to the trash instead (`TreeWriter.remove`).
     seen: tuple[bool, int, int] | None = None
+    #: For FETCH and LINK over a local file or symlink datamover wrote: its identity as the
+    #: walk saw it (inode, size, mtime), so one a user changed since is moved to the trash
+    #: before the rename over it (`TreeWriter.make_way`).
+    replaces: tuple[int, int, int] | None = None
 
 
 class _Cursor:
@@ -165,12 +169,13 @@ class StagePlanner:
             return Action(Op.REMOVE, local.path, seen=seen)
         return Action(Op.TRASH, local.path)
 
-    def _create(self, entry: Entry) -> Action:
+    def _create(self, entry: Entry, replaces: LocalEntry | None = None) -> Action:
         if entry.kind == Kind.DIR:
             return Action(Op.MKDIR, entry.path, entry)
+        seen = None if replaces is None else (replaces.ino, replaces.size, replaces.mtime_ns)
         if entry.kind == Kind.SYMLINK:
-            return Action(Op.LINK, entry.path, entry)
-        return Action(Op.FETCH, entry.path, entry)
+            return Action(Op.LINK, entry.path, entry, replaces=seen)
+        return Action(Op.FETCH, entry.path, entry, replaces=seen)
 
     def _mode_is_ours(self, local: LocalEntry, key: tuple[str, ...], entry: Entry | None) -> bool:
         """Whether directory `local` has a mode datamover gave it: the target's (`entry`),
@@ -212,7 +217,9 @@ class StagePlanner:
             action = self._clear(local, key)
             if action is not None:
                 yield action
-        yield self._create(entry)
+            yield self._create(entry)
+            return
+        yield self._create(entry, local)
 
     def _local_only(self, local: LocalEntry, key: tuple[str, ...]) -> Iterator[Action]:
         name = local.path.rpartition("/")[2]

@@ -87,6 +87,10 @@ _LOCK_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 log = logging.getLogger(__name__)
 
+#: A file to fetch: its entry, and the `(inode, size, mtime)` the walk saw of the local file
+#: it replaces (`plan.Action.replaces`), or None.
+_Fetch = tuple[Entry, tuple[int, int, int] | None]
+
 
 @dataclass
 class StageResult:
@@ -202,7 +206,7 @@ class _Stager:
         self._range_pool = ThreadPoolExecutor(_RANGE_WRITERS, thread_name_prefix="dm-range")
         self._ops: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         self._pending: list[asyncio.Future[Any]] = []
-        self._batch: list[Entry] = []
+        self._batch: list[_Fetch] = []
         self._batch_size = 0
         self._slots = asyncio.Semaphore(self.workers + 1 if self.workers else 2)
         self._procs = procs
@@ -242,7 +246,7 @@ class _Stager:
         self._check_ops()
         return fn(*args)
 
-    def _finish(self, entry: Entry, fd: int) -> None:
+    def _finish(self, entry: Entry, fd: int, replaces: tuple[int, int, int] | None) -> None:
         """On the writer thread: rename a large file's partial file into place, unless an
         operation queued before it failed; `fd` is closed either way."""
         try:
@@ -251,7 +255,7 @@ class _Stager:
             os.close(fd)
             raise
         assert self.writer is not None
-        self.writer.finish_partial(entry, fd)
+        self.writer.finish_partial(entry, fd, replaces)
 
     def _submit_ops(self) -> None:
         """Send queued small operations to the writer thread without waiting for them.
@@ -285,23 +289,23 @@ class _Stager:
             await asyncio.wait([self._queued_ops.popleft()])
         self._check_done()
 
-    def _write_batch(self, batch: list[Entry], ranges: list[Range], blobs: list[bytes]) -> None:
+    def _write_batch(self, batch: list[_Fetch], ranges: list[Range], blobs: list[bytes]) -> None:
         """Verify and write a batch, on the writer thread: decoding there too saves a thread
         hop per batch and GIL contention between a decoder and the writer. Writes nothing if
         an operation queued before it failed."""
         self._check_ops()
-        owners = {c.digest: e.path for e in batch for c in e.chunks}
+        owners = {c.digest: e.path for e, _ in batch for c in e.chunks}
         decoded = decode_ranges(ranges, blobs, owners)
         blobs.clear()
         write = self.writer.write_file  # type: ignore[union-attr]
-        for entry in batch:
-            write(entry, [decoded[c] for c in entry.chunks])
+        for entry, replaces in batch:
+            write(entry, [decoded[c] for c in entry.chunks], replaces)
 
     # -- worker processes -------------------------------------------------------------------
 
     async def _write_elsewhere(
         self,
-        batch: list[Entry],
+        batch: list[_Fetch],
         ranges: list[Range],
         blobs: list[bytes],
         ops: asyncio.Future[Any] | None,
@@ -317,27 +321,36 @@ class _Stager:
         if ops is not None:
             await ops  # the batch's directories exist (the writer thread runs ops in order)
         self._check_ops()
-        files = [(e.path, e.mode, e.mtime_ns, e.chunks) for e in batch]
+        files = [(e.path, e.mode, e.mtime_ns, e.chunks, replaces) for e, replaces in batch]
         try:
             job = procs.submit(
-                writers.write_batch, str(self.base_path), self.parts, ranges, blobs, files
+                writers.write_batch,
+                str(self.base_path),
+                self.parts,
+                ranges,
+                blobs,
+                files,
+                str(self.trash_dir),
             )
-            unlocked = await asyncio.wrap_future(job)
+            unlocked, trashed = await asyncio.wrap_future(job)
         except BrokenProcessPool:
             raise procpool.lost("stage writer") from None
+        assert self.writer is not None
         if unlocked:
-            assert self.writer is not None
             for rel, mode in unlocked.items():
                 self.writer.unlocked.setdefault(rel, mode)
+        if trashed:  # counted on the writer thread, which counts its own trash moves
+            await self._on_writer(self.writer.note_trashed, trashed)
         return True
 
     # -- fetching ---------------------------------------------------------------------------
 
     async def _process(
-        self, batch: list[Entry], nbytes: int, ops: asyncio.Future[Any] | None
+        self, batch: list[_Fetch], nbytes: int, ops: asyncio.Future[Any] | None
     ) -> None:
         try:
-            ranges = plan_ranges((c for e in batch for c in e.chunks), self.gap, self.max_request)
+            chunks = (c for e, _ in batch for c in e.chunks)
+            ranges = plan_ranges(chunks, self.gap, self.max_request)
             blobs = await self.fetcher.fetch(ranges)
             if not await self._write_elsewhere(batch, ranges, blobs, ops):
                 await self._on_writer(self._write_batch, batch, ranges, blobs)
@@ -362,7 +375,7 @@ class _Stager:
             raise
         self._pending.append(asyncio.ensure_future(self._process(batch, nbytes, self._last_ops)))
 
-    async def _large(self, entry: Entry) -> None:
+    async def _large(self, entry: Entry, replaces: tuple[int, int, int] | None) -> None:
         """Stream one large file into its stable partial file.
 
         Ranges are fetched `download_concurrency` at a time and each is verified and written
@@ -415,7 +428,7 @@ class _Stager:
                 start = end
             await asyncio.gather(*tasks)
             owned, fd = fd, -1  # closed by finish_partial, even when it fails, or here
-            await self._on_writer(self._finish, entry, owned)
+            await self._on_writer(self._finish, entry, owned, replaces)
         except BaseException:
             for t in tasks:
                 t.cancel()
@@ -478,9 +491,9 @@ class _Stager:
             op, entry = action.op, action.entry
             if op is Op.FETCH:
                 if entry.size > self.large:
-                    await self._large(entry)
+                    await self._large(entry, action.replaces)
                     continue
-                self._batch.append(entry)
+                self._batch.append((entry, action.replaces))
                 self._batch_size += entry.size
                 if self._batch_size >= self.batch_bytes or len(self._batch) >= self.batch_files:
                     await self._flush()
@@ -496,7 +509,8 @@ class _Stager:
                 self._ops.append((w.mkdir, (action.path,)))
                 self._keep_dir(entry)
             elif op is Op.LINK:
-                self._ops.append((w.symlink, (entry, _link_target(self.site, entry))))
+                target = _link_target(self.site, entry)
+                self._ops.append((w.symlink, (entry, target, action.replaces)))
             elif op is Op.TRASH:
                 self._ops.append((w.trash, (action.path,)))
             elif op is Op.REMOVE:

@@ -8,8 +8,10 @@ and its directories as it needs them: nothing is cached between batches, so a di
 stage process moved to the trash meanwhile cannot be written into. The stage process creates
 every directory a batch needs before it hands the batch over.
 
-Wire format (what pickles fast): a file is `(path, mode, mtime_ns, chunks)`; chunks are the
-manifest's `ChunkRef`s, the same objects as in `ranges`, so each is pickled once.
+Wire format (what pickles fast): a file is `(path, mode, mtime_ns, chunks, replaces)`; chunks
+are the manifest's `ChunkRef`s, the same objects as in `ranges`, so each is pickled once;
+`replaces` is the `(inode, size, mtime)` the walk saw of the file it replaces, or None
+(`TreeWriter.make_way`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.transfer import fsops
 from datamover.transfer.fetch import Range, decode_ranges
 
-WireFile = tuple[str, int, int, tuple[ChunkRef, ...]]
+WireFile = tuple[str, int, int, tuple[ChunkRef, ...], tuple[int, int, int] | None]
 
 
 def write_batch(
@@ -30,26 +32,29 @@ def write_batch(
     ranges: list[Range],
     blobs: list[bytes],
     files: list[WireFile],
-) -> dict[str, int]:
+    trash: str | None = None,
+) -> tuple[dict[str, int], list[str]]:
     """Worker-process entry point: verify every chunk of `ranges` and write `files` (each
-    under a temporary name, renamed into place with its mode and mtime). Return the
-    directories made writable to do so (`TreeWriter.unlocked`: path -> mode before): the
-    stage process gives them their mode back at the end, after every batch.
+    under a temporary name, renamed into place with its mode and mtime; a file a user
+    changed since the walk is moved into the directory `trash` first). Return the
+    directories made writable to do so (`TreeWriter.unlocked`: path -> mode before), which
+    the stage process gives their mode back at the end, after every batch; and the paths
+    moved to the trash.
 
     Raises `Corrupt` naming the file whose chunk failed verification; a file is at its final
     path only when it was written completely.
     """
-    owners = {c.digest: path for path, _, _, chunks in files for c in chunks}
+    owners = {c.digest: f[0] for f in files for c in f[3]}
     decoded = decode_ranges(ranges, blobs, owners)
     blobs.clear()
     # The stage process created the root; opened again here, never created.
     root_fd = fsops.open_root(Path(base), parts, create=False)
-    writer = fsops.TreeWriter(root_fd, Path(base, *parts))
+    writer = fsops.TreeWriter(root_fd, Path(base, *parts), Path(trash) if trash else None)
     try:
-        for path, mode, mtime_ns, chunks in files:
+        for path, mode, mtime_ns, chunks, replaces in files:
             entry = Entry(path, Kind.FILE, mode, mtime_ns)
-            writer.write_file(entry, [decoded[c] for c in chunks])
+            writer.write_file(entry, [decoded[c] for c in chunks], replaces)
     finally:
         writer.close()
         os.close(root_fd)
-    return writer.unlocked
+    return writer.unlocked, writer.trashed
