@@ -425,3 +425,36 @@ async def test_a_file_edited_after_the_walk_is_trashed_not_replaced(
     finally:
         await site_a.close()
         await site_b.close()
+
+
+def test_a_replacement_checks_what_it_replaces(tmp_path: Path) -> None:
+    """`replaces` is what the walk saw: unchanged, it is replaced with nothing trashed; a
+    file or symlink changed since goes to the trash first."""
+    (tmp_path / "ds").mkdir()
+    ds = tmp_path / "ds"
+    for name in ("same", "edited", "link"):
+        (ds / name).write_text("v1\n")
+    os.remove(ds / "link")
+    (ds / "link").symlink_to("v1")
+
+    def seen(name: str) -> tuple[int, int, int]:
+        st = os.lstat(ds / name)
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    walked = {name: seen(name) for name in ("same", "edited", "link")}
+    (ds / "edited").write_text("the user's\n")
+    (ds / "link").unlink()
+    (ds / "link").symlink_to("the-users-own-target")
+    writer = TreeWriter(open_root(tmp_path, ("ds",)), ds, tmp_path / "trash")
+    try:
+        writer.write_file(Entry("same", Kind.FILE, 0o644, 0), [b"v2\n"], walked["same"])
+        writer.write_file(Entry("edited", Kind.FILE, 0o644, 0), [b"v2\n"], walked["edited"])
+        writer.symlink(Entry("link", Kind.SYMLINK, 0o777, 0, target="v2"), "v2", walked["link"])
+    finally:
+        writer.close()
+        os.close(writer.root_fd)
+    assert writer.trashed == ["edited", "link"] and writer.trashed_count == 2
+    assert (tmp_path / "trash" / "edited").read_text() == "the user's\n"
+    assert os.readlink(tmp_path / "trash" / "link") == "the-users-own-target"
+    assert [(ds / n).read_text() for n in ("same", "edited")] == ["v2\n", "v2\n"]
+    assert os.readlink(ds / "link") == "v2"
