@@ -347,9 +347,10 @@ async def test_a_failed_rename_of_a_large_file_reports_its_own_error(
     site_a, site_b = await a.open(), await b.open()
     try:
         await push(site_a, "/proj/ds")
-        with pytest.raises(OSError) as caught:
-            await stage(site_b, "/proj/ds")
-        assert caught.value.errno != 9, "EBADF: the fd was closed twice"
+        (b.state / "trash").write_text("in the way: the directory cannot be moved there\n")
+        with pytest.raises(PermanentError, match="cannot move 'big' to the trash"):
+            await stage(site_b, "/proj/ds")  # not EBADF: the fd is closed once
+        assert (b.data / "ds" / "big" / "sub").is_dir()
     finally:
         await site_a.close()
         await site_b.close()
@@ -458,3 +459,65 @@ def test_a_replacement_checks_what_it_replaces(tmp_path: Path) -> None:
     assert os.readlink(tmp_path / "trash" / "link") == "the-users-own-target"
     assert [(ds / n).read_text() for n in ("same", "edited")] == ["v2\n", "v2\n"]
     assert os.readlink(ds / "link") == "v2"
+
+
+@pytest.mark.parametrize("path", ["thread", "workers", "large"])
+async def test_a_file_made_where_the_walk_saw_none_is_trashed_not_replaced(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """The walk finds no file where the version has one; the user makes one there before
+    the rename: it goes to the trash, not under the fetched file."""
+    transfer = {"write_workers": 2 if path == "workers" else -1, "batch_bytes": 4 << 20}
+    if path == "workers":
+        monkeypatch.setattr(stage_module, "_POOL_FILES", 1)
+    a, b = await make_site("site-a"), await make_site("site-b", **transfer)
+    src = a.data / "ds"
+    src.mkdir()
+    size = (2 << 20) + 7 if path == "large" else 100  # large: above batch_bytes / 4
+    (src / "other.csv").write_bytes(b"other\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        await stage(site_b, "/proj/ds")
+        new = os.urandom(size)
+        (src / "results.csv").write_bytes(new)
+        await push(site_a, "/proj/ds")
+        mine = b.data / "ds" / "results.csv"
+        real = stage_module._Stager._dispatch
+
+        async def made_meanwhile(self: stage_module._Stager, actions: list) -> None:
+            if any(action.path == "results.csv" for action in actions):
+                mine.write_text("the user's own results\n")  # planned: walked already
+            await real(self, actions)
+
+        monkeypatch.setattr(stage_module._Stager, "_dispatch", made_meanwhile)
+        staged = await stage(site_b, "/proj/ds")
+        assert staged.trashed == ["results.csv"] and staged.trashed_count == 1
+        trashed = Path(staged.trash_dir or "") / "results.csv"
+        assert trashed.read_text() == "the user's own results\n"
+        assert mine.read_bytes() == new
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+@pytest.mark.parametrize("noreplace", [True, False])
+def test_a_new_file_never_replaces_what_appeared_there(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, noreplace: bool
+) -> None:
+    """With `RENAME_NOREPLACE`, and without it (NFS: looked for first)."""
+    if not noreplace:
+        monkeypatch.setattr(fsops, "_renameat2", None)
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    writer = TreeWriter(open_root(tmp_path, ("ds",)), ds, tmp_path / "trash")
+    try:
+        writer.write_file(Entry("fresh", Kind.FILE, 0o644, 0), [b"v2\n"])
+        (ds / "taken").write_text("the user's\n")
+        writer.write_file(Entry("taken", Kind.FILE, 0o644, 0), [b"v2\n"])
+    finally:
+        writer.close()
+        os.close(writer.root_fd)
+    assert writer.trashed == ["taken"]
+    assert (tmp_path / "trash" / "taken").read_text() == "the user's\n"
+    assert [(ds / n).read_text() for n in ("fresh", "taken")] == ["v2\n", "v2\n"]

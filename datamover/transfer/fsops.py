@@ -15,6 +15,7 @@ refused: no extra system call on the normal path), and its mode is restored at t
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import itertools
 import logging
@@ -43,6 +44,10 @@ _OWNER_WX = stat.S_IWUSR | stat.S_IXUSR
 TRASHED_SAMPLE = 100
 
 log = logging.getLogger(__name__)
+
+#: `renameat2(2)`'s flag: fail with EEXIST instead of replacing the destination.
+_RENAME_NOREPLACE = 1
+_renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
 
 
 def split(rel: str) -> tuple[str, str]:
@@ -273,6 +278,10 @@ def _copy_special(src: str, dst: str) -> None:
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
+#: `replaces` for a path where the walk saw nothing: whatever is there is not datamover's.
+_NOTHING = (-1, -1, -1)
+
+
 def _identity(st: os.stat_result) -> tuple[int, int, int]:
     """`(inode, size, mtime)`: what shows that a file was not changed between two looks."""
     return st.st_ino, st.st_size, st.st_mtime_ns
@@ -339,6 +348,8 @@ class TreeWriter:
         self.removed = 0
         self.unlocked: dict[str, int] = {}
         self._fds: OrderedDict[str, int] = OrderedDict()
+        #: Whether a new file is renamed into place without replacing (`rename_into_place`).
+        self._noreplace = _renameat2 is not None
 
     def close(self) -> None:
         """Close cached directory descriptors (not the root)."""
@@ -457,6 +468,31 @@ class TreeWriter:
 
         self._unlocking(parent, rel, unlink)
 
+    def rename_into_place(
+        self, tmp: str, rel: str, dfd: int, replaces: tuple[int, int, int] | None
+    ) -> None:
+        """Rename `tmp` to `rel` (both in directory `dfd`). Over a file or symlink the walk
+        saw as `replaces`: `make_way` first. Where the walk saw nothing: without replacing
+        (`renameat2` with `RENAME_NOREPLACE`, no extra system call), and what a user put
+        there since goes to the trash first; where the file system cannot rename so (NFS:
+        EINVAL), it is looked for first (`fstatat`), for every new file of this writer."""
+        name = split(rel)[1]
+        if replaces is None and self._noreplace:
+            made = _renameat2(dfd, os.fsencode(tmp), dfd, os.fsencode(name), _RENAME_NOREPLACE)
+            if made == 0:
+                return
+            err = ctypes.get_errno()
+            if err == errno.EEXIST:
+                self.trash(rel)
+            elif err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                self._noreplace = False
+            else:
+                raise OSError(err, os.strerror(err), rel)
+        if replaces is None and not self._noreplace:
+            replaces = _NOTHING
+        self.make_way(rel, dfd, replaces)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+
     def make_way(self, rel: str, dfd: int, replaces: tuple[int, int, int] | None) -> None:
         """Just before a rename over `rel` (in directory `dfd`), which the plan saw as a
         file or symlink datamover wrote, `replaces` its `(inode, size, mtime)`: if what is
@@ -468,7 +504,7 @@ class TreeWriter:
             st = os.lstat(split(rel)[1], dir_fd=dfd)
         except FileNotFoundError:
             return
-        if _identity(st) != replaces:
+        if replaces is _NOTHING or _identity(st) != replaces:
             self.trash(rel)
 
     def trash(self, rel: str) -> None:
@@ -579,7 +615,7 @@ class TreeWriter:
     ) -> None:
         """Write a whole file under a temporary name, set mode and mtime, rename into place
         (over the file the plan saw as `replaces`: `make_way`)."""
-        parent, name = split(entry.path)
+        parent = split(entry.path)[0]
         dfd = self.dir_fd(parent)
         tmp = temp_name()
         try:
@@ -598,8 +634,7 @@ class TreeWriter:
                 os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
             finally:
                 os.close(fd)
-            self.make_way(entry.path, dfd, replaces)
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            self.rename_into_place(tmp, entry.path, dfd, replaces)
         except BaseException:
             try:
                 os.unlink(tmp, dir_fd=dfd)
@@ -657,15 +692,14 @@ class TreeWriter:
         """Give a completed large file its mode and mtime and rename it into place (over
         the file the plan saw as `replaces`: `make_way`). Always closes `fd`, even when it
         raises."""
-        parent, name = split(entry.path)
+        parent = split(entry.path)[0]
         try:
             dfd = self.dir_fd(parent)
             os.fchmod(fd, entry.mode)
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
         finally:
             os.close(fd)
-        self.make_way(entry.path, dfd, replaces)
-        os.rename(partial_name(entry), name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        self.rename_into_place(partial_name(entry), entry.path, dfd, replaces)
 
     def symlink(
         self, entry: Entry, target: str, replaces: tuple[int, int, int] | None = None
@@ -673,13 +707,12 @@ class TreeWriter:
         """Create (or atomically replace) the symlink of `entry`, pointing at `target` (the
         entry's target as this site writes it), over what the plan saw as `replaces`
         (`make_way`)."""
-        parent, name = split(entry.path)
+        parent = split(entry.path)[0]
         dfd = self.dir_fd(parent)
         _, tmp = self._new_temp(parent, entry.path, lambda t: os.symlink(target, t, dir_fd=dfd))
         try:
             os.utime(tmp, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=dfd, follow_symlinks=False)
-            self.make_way(entry.path, dfd, replaces)
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            self.rename_into_place(tmp, entry.path, dfd, replaces)
         except BaseException:
             os.unlink(tmp, dir_fd=dfd)
             raise
