@@ -388,11 +388,13 @@ def test_open_partial_closes_its_fd_when_checking_fails(
 
 
 @pytest.mark.parametrize("path", ["thread", "workers", "large"])
-async def test_a_file_edited_after_the_walk_is_trashed_not_replaced(
-    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, path: str
+@pytest.mark.parametrize("walked", ["as written", "nothing"])
+async def test_a_file_a_user_saves_after_the_walk_is_trashed_not_replaced(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, path: str, walked: str
 ) -> None:
-    """The walk finds the file as datamover wrote it (the base's), so it is to be replaced
-    in place; the user saves into it before the rename: that edit goes to the trash."""
+    """Where the walk finds the file as datamover wrote it (the base's, so it is to be
+    replaced in place), or nothing (the version adds it), a user saves a file before the
+    rename: the user's file goes to the trash, not under the fetched one."""
     transfer = {"write_workers": 2 if path == "workers" else -1, "batch_bytes": 4 << 20}
     if path == "workers":
         monkeypatch.setattr(stage_module, "_POOL_FILES", 1)
@@ -400,27 +402,28 @@ async def test_a_file_edited_after_the_walk_is_trashed_not_replaced(
     src = a.data / "ds"
     src.mkdir()
     size = (2 << 20) + 7 if path == "large" else 100  # large: above batch_bytes / 4
-    (src / "analysis.csv").write_bytes(os.urandom(size))
+    if walked == "as written":
+        (src / "results.csv").write_bytes(os.urandom(size))
     (src / "other.csv").write_bytes(b"other\n")
     site_a, site_b = await a.open(), await b.open()
     try:
         await push(site_a, "/proj/ds")
         await stage(site_b, "/proj/ds")
         new = os.urandom(size)
-        (src / "analysis.csv").write_bytes(new)
+        (src / "results.csv").write_bytes(new)
         await push(site_a, "/proj/ds")
-        mine = b.data / "ds" / "analysis.csv"
+        mine = b.data / "ds" / "results.csv"
         real = stage_module._Stager._dispatch
 
-        async def edited_meanwhile(self: stage_module._Stager, actions: list) -> None:
-            if any(action.path == "analysis.csv" for action in actions):
+        async def saved_meanwhile(self: stage_module._Stager, actions: list) -> None:
+            if any(action.path == "results.csv" for action in actions):
                 mine.write_text("an hour of the user's work\n")  # planned: walked already
             await real(self, actions)
 
-        monkeypatch.setattr(stage_module._Stager, "_dispatch", edited_meanwhile)
+        monkeypatch.setattr(stage_module._Stager, "_dispatch", saved_meanwhile)
         staged = await stage(site_b, "/proj/ds")
-        assert staged.trashed == ["analysis.csv"] and staged.trashed_count == 1
-        trashed = Path(staged.trash_dir or "") / "analysis.csv"
+        assert staged.trashed == ["results.csv"] and staged.trashed_count == 1
+        trashed = Path(staged.trash_dir or "") / "results.csv"
         assert trashed.read_text() == "an hour of the user's work\n"
         assert mine.read_bytes() == new
     finally:
@@ -459,46 +462,6 @@ def test_a_replacement_checks_what_it_replaces(tmp_path: Path) -> None:
     assert os.readlink(tmp_path / "trash" / "link") == "the-users-own-target"
     assert [(ds / n).read_text() for n in ("same", "edited")] == ["v2\n", "v2\n"]
     assert os.readlink(ds / "link") == "v2"
-
-
-@pytest.mark.parametrize("path", ["thread", "workers", "large"])
-async def test_a_file_made_where_the_walk_saw_none_is_trashed_not_replaced(
-    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, path: str
-) -> None:
-    """The walk finds no file where the version has one; the user makes one there before
-    the rename: it goes to the trash, not under the fetched file."""
-    transfer = {"write_workers": 2 if path == "workers" else -1, "batch_bytes": 4 << 20}
-    if path == "workers":
-        monkeypatch.setattr(stage_module, "_POOL_FILES", 1)
-    a, b = await make_site("site-a"), await make_site("site-b", **transfer)
-    src = a.data / "ds"
-    src.mkdir()
-    size = (2 << 20) + 7 if path == "large" else 100  # large: above batch_bytes / 4
-    (src / "other.csv").write_bytes(b"other\n")
-    site_a, site_b = await a.open(), await b.open()
-    try:
-        await push(site_a, "/proj/ds")
-        await stage(site_b, "/proj/ds")
-        new = os.urandom(size)
-        (src / "results.csv").write_bytes(new)
-        await push(site_a, "/proj/ds")
-        mine = b.data / "ds" / "results.csv"
-        real = stage_module._Stager._dispatch
-
-        async def made_meanwhile(self: stage_module._Stager, actions: list) -> None:
-            if any(action.path == "results.csv" for action in actions):
-                mine.write_text("the user's own results\n")  # planned: walked already
-            await real(self, actions)
-
-        monkeypatch.setattr(stage_module._Stager, "_dispatch", made_meanwhile)
-        staged = await stage(site_b, "/proj/ds")
-        assert staged.trashed == ["results.csv"] and staged.trashed_count == 1
-        trashed = Path(staged.trash_dir or "") / "results.csv"
-        assert trashed.read_text() == "the user's own results\n"
-        assert mine.read_bytes() == new
-    finally:
-        await site_a.close()
-        await site_b.close()
 
 
 @pytest.mark.parametrize("noreplace", [True, False])

@@ -30,7 +30,7 @@ from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from datamover.transfer.verify import verify
 from datamover.transfer.walk import Walker
-from tests.fixtures_sites import MakeSite, cli_unprivileged
+from tests.fixtures_sites import MakeSite, SiteEnv, cli_unprivileged
 from tests.test_bad_input import flip_pack_byte, publish_manifest
 from tests.test_stage_hardening import _shm_trash
 
@@ -162,9 +162,8 @@ async def test_files_an_interrupted_stage_wrote_are_not_taken_for_the_users(
         await site_b.close()
 
 
-async def test_of_two_local_stages_of_one_dataset_one_runs(
-    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def _one_file_pushed(make_site: MakeSite) -> SiteEnv:
+    """Site B, with `/proj/ds` (one file) pushed at site A."""
     a, b = await make_site("site-a"), await make_site("site-b")
     (a.data / "ds").mkdir()
     (a.data / "ds" / "f").write_text("data\n")
@@ -173,6 +172,13 @@ async def test_of_two_local_stages_of_one_dataset_one_runs(
         await push(site_a, "/proj/ds")
     finally:
         await site_a.close()
+    return b
+
+
+async def test_of_two_local_stages_of_one_dataset_one_runs(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    b = await _one_file_pushed(make_site)
     arrived: list[int] = []
     both = threading.Event()
     real_base = stage_module._base
@@ -264,14 +270,7 @@ async def test_a_stage_runs_where_the_state_dir_keeps_no_flock(
 
 
 async def test_a_stage_lock_that_cannot_be_made_is_a_one_line_error(make_site: MakeSite) -> None:
-    a, b = await make_site("site-a"), await make_site("site-b")
-    (a.data / "ds").mkdir()
-    (a.data / "ds" / "f").write_text("data\n")
-    site_a = await a.open()
-    try:
-        await push(site_a, "/proj/ds")
-    finally:
-        await site_a.close()
+    b = await _one_file_pushed(make_site)
     locks = b.state / "locks"
     locks.mkdir(parents=True, exist_ok=True)
     locks.chmod(0o555)  # a state directory another user made, say
