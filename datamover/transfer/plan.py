@@ -16,17 +16,13 @@ target lacks are left alone unless `delete` is set. Memory stays bounded by the 
 from __future__ import annotations
 
 import enum
-import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import sort_key
 from datamover.transfer.fsops import same_mtime
-from datamover.transfer.walk import PARTIAL_RE, LocalEntry, Walker
-
-#: Owner read and search: what the walk needs to look into a directory.
-_OWNER_RX = stat.S_IRUSR | stat.S_IXUSR
+from datamover.transfer.walk import OWNER_RX, PARTIAL_RE, LocalEntry, Walker
 
 
 class Op(enum.Enum):
@@ -189,7 +185,7 @@ class StagePlanner:
         """Let the walk into directory `local` give it its owner's read and search bits, if
         it lacks them and a version gave it that mode (0o600): a user's chmod is theirs to
         undo, and stops the stage with a one-line error."""
-        if local.mode & _OWNER_RX != _OWNER_RX and self._mode_is_ours(local, key, entry):
+        if local.mode & OWNER_RX != OWNER_RX and self._mode_is_ours(local, key, entry):
             self.walker.allow_unlock()
 
     def _both(self, local: LocalEntry, entry: Entry, key: tuple[str, ...]) -> Iterator[Action]:

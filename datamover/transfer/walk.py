@@ -45,7 +45,7 @@ UNKNOWN = -1  # a stat field not read yet (see `Walker(stat_files=False)`)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Owner read and search: what the walk needs to list a directory and look at its entries.
-_OWNER_RX = stat.S_IRUSR | stat.S_IXUSR
+OWNER_RX = stat.S_IRUSR | stat.S_IXUSR
 
 
 @dataclass(slots=True)
@@ -186,9 +186,9 @@ class Walker:
     def _give_rx(self, rel: str, fd: int, chmod: Callable[[int], None]) -> bool:
         try:
             mode = stat.S_IMODE(os.fstat(fd).st_mode)
-            if mode & _OWNER_RX == _OWNER_RX:
+            if mode & OWNER_RX == OWNER_RX:
                 return False
-            chmod(mode | _OWNER_RX)
+            chmod(mode | OWNER_RX)
         except OSError:
             return False
         self.unlocked.setdefault(rel, mode)
@@ -208,7 +208,7 @@ class Walker:
         before = self.unlocked.pop(rel)
         try:
             # Permission bits only: a chmod by an owner outside its group drops set-group-ID.
-            if os.fstat(fd).st_mode & 0o777 == (before | _OWNER_RX) & 0o777:
+            if os.fstat(fd).st_mode & 0o777 == (before | OWNER_RX) & 0o777:
                 chmod(before)
         except OSError as exc:
             log.warning("cannot give %s its mode back: %s", Path(self.root, rel), exc.strerror)
