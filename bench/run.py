@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import os
 import platform
@@ -26,6 +27,7 @@ from harness import FULL, QUICK, Bench, log, remove_tree, run_parts
 from measure import rss_method
 from report import raw_json, render_markdown, render_text
 from s3admin import S3Target
+from treegen import TreeShape
 from vmtune import settled_memory
 from workloads import run_big, run_incremental, run_scale, run_small
 
@@ -63,6 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--skip-scale", action="store_true", help="leave out the scale workload")
     p.add_argument(
+        "--scale-files",
+        type=int,
+        default=None,
+        metavar="N",
+        help="files in the scale workload, a multiple of 100 (default: 200,000; the targets "
+        "hold at any size)",
+    )
+    p.add_argument(
         "--quick",
         action="store_true",
         help="tiny sizes to smoke-test the harness (targets are then meaningless)",
@@ -77,6 +87,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeat < 1 or (args.scale_repeat is not None and args.scale_repeat < 1):
         p.error("repetitions must be at least 1")
+    if args.scale_files is not None and (args.scale_files < 100 or args.scale_files % 100):
+        p.error("--scale-files must be a positive multiple of 100")
     return args
 
 
@@ -131,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     target = S3Target(server.endpoint, server.access_key, server.secret_key)
     sizes = QUICK if args.quick else FULL
+    if args.scale_files is not None:  # 100 files a directory, as in the default shape
+        sizes = dataclasses.replace(sizes, scale=TreeShape(args.scale_files // 100, 100))
     bench = Bench(work, target, args.repeat, args.scale_repeat or args.repeat, sizes)
     lines = header(args, bench, "datamover.embedded")
     load_before = os.getloadavg()
