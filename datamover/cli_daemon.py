@@ -342,28 +342,65 @@ def transfer_watch(transfer_id: str, config_path: str | None, as_json: bool) -> 
         sys.exit(exc.exit_code)
 
 
+async def _check_local_tenant(config: Config, site: Any, tenant: str) -> None:
+    """Allow `release --tenant TENANT` without the daemon only as the API would: the CLI's
+    token must be valid in this catalog and be an admin token or one of `tenant`."""
+    from datamover.catalog.access import Access
+    from datamover.client import load_token
+    from datamover.errors import Forbidden, Unauthorized
+
+    token = load_token(config)
+    if token is None:
+        raise Unauthorized(
+            "--tenant needs the CLI's token (DATAMOVER_TOKEN or [api] token_file): "
+            f"an admin token or one of tenant {tenant!r}"
+        )
+    who = await Access(site.catalog.engine).identify(token)
+    if who is None:
+        raise Unauthorized("--tenant: the CLI's token is not a valid token of this catalog")
+    if who.tenant != tenant and not who.allows("admin"):
+        raise Forbidden("only an admin token may release another tenant's pin")
+
+
 @cli.command()
 @click.option("--pin", required=True, metavar="ID", help="The pin to release (a job id).")
+@click.option(
+    "--tenant",
+    metavar="TENANT",
+    help="Whose pin (default: the token's tenant); another tenant's needs an admin token.",
+)
 @click.option("--local", is_flag=True, help="Release in this site's catalog, not via the daemon.")
 @common
-def release(pin: str, local: bool, config_path: str | None, as_json: bool) -> None:
+def release(
+    pin: str, tenant: str | None, local: bool, config_path: str | None, as_json: bool
+) -> None:
     """Release every replica held by a pin (the Slurm epilog half of the hook pair)."""
     from datamover.client import segment
     from datamover.domain.transfers import check_text
 
     check_text(pin, "--pin")
+    if tenant is not None:  # as `token create` takes it; blank would mean "mine" to the API
+        if not tenant.strip():
+            raise InvalidInput("--tenant must not be blank")
+        check_text(tenant, "--tenant", 128)
     config = load_config(config_path)
     released = None
     if not local and config.api_url is not None:
         with _client(config) as client:
             if client.reachable():
-                answer = client.call("DELETE", f"/v1/pins/{segment(pin)}")
+                params = {"tenant": tenant} if tenant is not None else None
+                answer = client.call("DELETE", f"/v1/pins/{segment(pin)}", params=params)
                 released = int(answer["released"])
     if released is None:
         from datamover.catalog.access import Access
 
         async def work(site: Any) -> int:
-            return await Access(site.catalog.engine).release(pin, await _local_tenant(config, site))
+            if tenant is None:
+                owner = await _local_tenant(config, site)
+            else:
+                await _check_local_tenant(config, site, tenant)
+                owner = tenant
+            return await Access(site.catalog.engine).release(pin, owner)
 
         released = run_with_site(config, work)
     if as_json:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -513,3 +514,79 @@ async def test_a_pin_made_without_the_daemon_is_the_tenant_of_the_clis_token(
     released = b.cli("release", "--pin", "slurm-8", "--local", "--json")
     assert released.returncode == 0 and json.loads(released.stdout)["released"] == 1
     assert await pins() == [("slurm-9", "lab-2")]
+
+
+def _one_error(proc: subprocess.CompletedProcess[str], says: str) -> None:
+    """`proc` failed with exit 9 (Forbidden, Unauthorized) and one line naming `says`."""
+    from datamover.errors import Forbidden, Unauthorized
+
+    assert Forbidden.exit_code == Unauthorized.exit_code == 9
+    assert proc.returncode == 9, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("datamover: error: "), lines
+    assert says in lines[0], lines
+
+
+async def test_release_names_another_tenants_pin_through_the_daemon(
+    served_site: StartSite,
+) -> None:
+    """`release --tenant T` asks the daemon for T's pin (`?tenant=T`): an admin token drops
+    that pin and not its own of the same id; another tenant's token gets the API's refusal
+    as one line and exit 9, and nothing is released."""
+    d = await served_site("site-b")
+    t1 = d.token("t1", "/proj", "write")
+    admin = d.token("ops", "/", "admin")
+    for who in (t1, admin):
+        assert d.request("POST", "/v1/pins", who, {"pin": "job", "path": "/proj/x"})[0] == 201
+    env = with_token(d.env, d.token("t2", "/proj", "write"))
+    refused = env.cli("release", "--pin", "job", "--tenant", "t1")
+    _one_error(refused, "only an admin token may release another tenant's pin")
+    (env.state / "token").write_text(admin)
+    released = env.cli("release", "--pin", "job", "--tenant", "t1", "--json")
+    assert released.returncode == 0, released.stderr
+    assert json.loads(released.stdout) == {"pin": "job", "released": 1}
+    assert d.request("DELETE", "/v1/pins/job", t1)[1] == {"pin": "job", "released": 0}
+    assert d.request("DELETE", "/v1/pins/job", admin)[1] == {"pin": "job", "released": 1}
+
+
+async def test_release_local_names_a_tenant_only_with_an_admin_token_or_one_of_it(
+    make_site: MakeSite,
+) -> None:
+    """Without the daemon, `release --tenant T` drops T's pin in the catalog only as the API
+    would: with an admin token or one of T. No token, a token the catalog does not know, or
+    another tenant's is one line and exit 9, and releases nothing."""
+    from datamover.catalog.access import Access
+
+    b = await make_site("site-b", api={"listen": f"127.0.0.1:{free_port()}"})  # none listens
+    site = await b.open()
+    try:
+        access = Access(site.catalog.engine)
+        mine, _ = await access.create_token("lab-1", ["/proj"], ["write"])
+        admin, _ = await access.create_token("ops", ["/"], ["admin"])
+        for tenant in ("lab-1", "lab-2", "ops"):
+            await access.add_pin("slurm-9", "/proj/run1", tenant, None)
+    finally:
+        await site.close()
+
+    async def tenants() -> list[str]:
+        site = await b.open()
+        try:
+            return [p.tenant for p in await Access(site.catalog.engine).pins(pin="slurm-9")]
+        finally:
+            await site.close()
+
+    _one_error(b.cli("release", "--pin", "slurm-9", "--tenant", "lab-2", "--local"), "token")
+    with_token(b, "dm_not-a-token")
+    refused = b.cli("release", "--pin", "slurm-9", "--tenant", "lab-2")  # daemon down: local
+    _one_error(refused, "not a valid token")
+    (b.state / "token").write_text(mine)
+    refused = b.cli("release", "--pin", "slurm-9", "--tenant", "lab-2", "--local")
+    _one_error(refused, "only an admin token may release another tenant's pin")
+    assert await tenants() == ["lab-1", "lab-2", "ops"]
+    released = b.cli("release", "--pin", "slurm-9", "--tenant", "lab-1", "--local", "--json")
+    assert released.returncode == 0 and json.loads(released.stdout)["released"] == 1
+    assert await tenants() == ["lab-2", "ops"]
+    (b.state / "token").write_text(admin)
+    released = b.cli("release", "--pin", "slurm-9", "--tenant", "lab-2", "--local", "--json")
+    assert released.returncode == 0 and json.loads(released.stdout)["released"] == 1
+    assert await tenants() == ["ops"]
