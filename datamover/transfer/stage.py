@@ -19,14 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-import fcntl
-import hashlib
 import itertools
 import logging
 import os
 import secrets
-import stat
 import threading
 import time
 from collections import deque
@@ -49,13 +45,13 @@ from datamover.errors import (
     DatamoverError,
     InvalidInput,
     NotFound,
-    PermanentError,
 )
 from datamover.repo.layout import VersionDoc
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
 from datamover.transfer import fsops, procpool, writers
 from datamover.transfer.fetch import Fetcher, Range, decode_ranges, plan_ranges
+from datamover.transfer.locks import lock_dataset
 from datamover.transfer.plan import Op, StagePlanner, children_first
 from datamover.transfer.progress import NoProgress, Progress
 from datamover.transfer.walk import Walker
@@ -82,8 +78,6 @@ _KEEP_CHECKED = 1 << 15
 #: 320 bytes decoded, so at most about 40 MiB of them. Known before decoding: no per-entry
 #: counting.
 _KEEP_STORED = 4 << 20
-#: Opening a stage lock file: never through a symlink, never waiting on a FIFO put there.
-_LOCK_FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 log = logging.getLogger(__name__)
 
@@ -683,98 +677,15 @@ async def stage(
 ) -> StageResult:
     """Stage `logical` (the latest version, or `version`) at this site's mapped path.
 
-    Raises `Conflict` when another stage of the dataset runs (`_lock_dataset`, `_base`)."""
+    Raises `Conflict` when another stage of the dataset runs (`locks.lock_dataset`, `_base`)."""
     started = time.monotonic()
     dataset = check_logical_path(logical)
-    lock = _lock_dataset(site, dataset)  # not in a thread: a cancel then would leak it
+    lock = lock_dataset(site.state_dir, dataset)  # not in a thread: a cancel would leak it
     try:
         return await _stage(site, dataset, version, delete, checksum, progress, started)
     finally:
         if lock is not None:
             os.close(lock)
-
-
-def _lock_path(site: Site, dataset: str) -> Path:
-    """`<state_dir>/locks/stage-<BLAKE2b-128 of the logical path>.lock`."""
-    digest = hashlib.blake2b(dataset.encode(), digest_size=16).hexdigest()
-    return site.state_dir / "locks" / f"stage-{digest}.lock"
-
-
-def _lock_dataset(site: Site, dataset: str) -> int | None:
-    """Take this site's stage lock of `dataset`, an `flock` on `_lock_path` held until the
-    returned descriptor is closed (the kernel drops it when the process dies); the holder's
-    `host:pid` is written into it. Of two stages of one dataset on this host, `--local` runs
-    or a daemon's, one takes it and the other is `Conflict`: a check of the replica record
-    and the record that follows it are two statements, which both could pass.
-
-    The lock file is opened without following a symlink, and written only when it is a
-    regular file with one link: in a state directory others may write to, a link planted
-    there must not have a stage cut the file it leads to. A lock file that cannot be made
-    or opened, or is not a regular file, is a one-line `PermanentError`. Where the file
-    system keeps no `flock` (Lustre mounted `noflock`, NFS without a lock manager, or over
-    NFS another user's lock file, which only opens read-only) the stage runs without it,
-    after a warning, kept apart from others by the replica record alone, as before the
-    lock; None is returned then."""
-    path = _lock_path(site, dataset)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | _LOCK_FLAGS, 0o666)
-        except PermissionError as refused:  # another user's lock file: locking needs no write
-            try:
-                fd = os.open(path, os.O_RDONLY | _LOCK_FLAGS)
-            except FileNotFoundError:  # none, and none can be made: the refusal says why
-                raise refused from None
-    except OSError as exc:
-        raise _lock_error(dataset, path, exc) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _lock_error(dataset, path, None)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = _holder(os.pread(fd, 256, 0))
-        os.close(fd)
-        running = f"a stage of {dataset!r} is already running"
-        raise Conflict(f"{running} ({holder})" if holder else running) from None
-    except OSError as exc:
-        os.close(fd)
-        log.warning(
-            "stages of %s are not kept apart on this host: %s cannot be locked (%s)",
-            dataset,
-            path,
-            exc.strerror or exc,
-        )
-        return None
-    except BaseException:
-        os.close(fd)
-        raise
-    if st.st_nlink == 1:
-        with contextlib.suppress(OSError):  # only for the message of a stage that finds it held
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, owner_id().encode(), 0)
-    return fd
-
-
-def _lock_error(dataset: str, path: Path, exc: OSError | None) -> PermanentError:
-    """The one-line error for a stage lock file that cannot be used (`exc`: why; None: it
-    is not a regular file)."""
-    if exc is None:
-        why = "it is not a regular file"
-    elif exc.errno == errno.ELOOP:
-        why = "it is a symlink"
-    else:
-        why = (exc.strerror or type(exc).__name__).lower()
-    return PermanentError(
-        f"cannot take the stage lock of {dataset!r}, {str(path)!r}: {why} (check [site] "
-        "state_dir and its locks/ directory)"
-    )
-
-
-def _holder(raw: bytes) -> str:
-    """The `host:pid` a held lock file names, as one printable line (others may write it)."""
-    lines = raw.decode(errors="replace").strip().splitlines()
-    return "".join(c for c in lines[0] if c.isprintable()) if lines else ""
 
 
 async def _stage(
