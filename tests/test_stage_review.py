@@ -263,7 +263,9 @@ async def test_a_stage_runs_where_the_state_dir_keeps_no_flock(
         monkeypatch.setattr(fcntl, "flock", no_flock)
         await stage(site_b, "/proj/ds")
         assert (b.data / "ds" / "f").read_text() == "data\n"
-        assert "not kept apart" in caplog.text
+        assert "stages of /proj/ds are not kept apart" in caplog.text
+        assert (await verify(site_b, "/proj/ds")).ok  # and so does a verify
+        assert "a verify of /proj/ds is not kept apart from stages" in caplog.text
     finally:
         await site_a.close()
         await site_b.close()
@@ -281,6 +283,119 @@ async def test_a_stage_lock_that_cannot_be_made_is_a_one_line_error(make_site: M
     assert r.returncode == 7, r.stderr
     [line] = r.stderr.strip().splitlines()
     assert "stage lock of '/proj/ds'" in line and "permission denied" in line, line
+
+
+@contextlib.contextmanager
+def _held(path: Path, op: int, holder: bytes = b"") -> Iterator[None]:
+    """Hold `path` locked with `op` through a descriptor of its own (another process's, as
+    far as `flock` can tell); `holder` written into it first, as a stage does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, op | fcntl.LOCK_NB)
+        if holder:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder, 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+async def test_a_verify_while_a_stage_runs_is_a_conflict(make_site: MakeSite) -> None:
+    # A verify walking beside a stage of its dataset gives 0o600 directories their owner's
+    # bits for a moment: the stage got EACCES or took them for the directory's mode.
+    b = await _one_file_pushed(make_site)
+    site_b = await b.open()
+    try:
+        await stage(site_b, "/proj/ds")
+        lock = _stage_lock(b, "/proj/ds")
+        with _held(lock, fcntl.LOCK_EX, b"node7:4242"):
+            with pytest.raises(Conflict) as caught:
+                await verify(site_b, "/proj/ds")
+            r = b.cli("verify", "/proj/ds")
+        assert caught.value.message == (
+            "a stage of '/proj/ds' is running (node7:4242); verify after it ends"
+        )
+        assert r.returncode == Conflict.exit_code, r.stderr
+        assert r.stderr.strip().splitlines() == [f"datamover: error: {caught.value.message}"]
+        found = await verify(site_b, "/proj/ds")  # held by no one: verifies as before
+        assert found.ok and found.files_checked == 1, found.problems
+        with _held(lock, fcntl.LOCK_SH):  # nor do verifies exclude each other
+            assert (await verify(site_b, "/proj/ds")).ok
+    finally:
+        await site_b.close()
+
+
+async def test_a_stage_while_a_verify_walks_is_a_conflict(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datamover.transfer import verify as verify_module
+
+    b = await _one_file_pushed(make_site)
+    walking, go = threading.Event(), threading.Event()
+    real = verify_module._merge
+
+    def slow_merge(*args: Any) -> None:
+        walking.set()
+        go.wait(10)
+        real(*args)
+
+    site_b = await b.open()
+    try:
+        await stage(site_b, "/proj/ds")  # the lock file names this, finished, stage
+        lock = _stage_lock(b, "/proj/ds")
+        named = lock.read_bytes()
+        monkeypatch.setattr(verify_module, "_merge", slow_merge)
+        checking = asyncio.create_task(verify(site_b, "/proj/ds"))
+        try:
+            assert await asyncio.to_thread(walking.wait, 10)
+            with pytest.raises(Conflict) as caught:
+                await stage(site_b, "/proj/ds")
+            r = b.cli("stage", "/proj/ds", "--local")
+        finally:
+            go.set()
+            found = await checking
+        assert caught.value.message == "a verify of '/proj/ds' is running; stage after it ends"
+        assert r.returncode == Conflict.exit_code, r.stderr
+        assert r.stderr.strip().splitlines() == [f"datamover: error: {caught.value.message}"]
+        assert found.ok, found.problems
+        assert lock.read_bytes() == named  # a verify does not write itself into the file
+        await stage(site_b, "/proj/ds")  # and once it is over, stages run again
+    finally:
+        await site_b.close()
+
+
+async def test_a_cancelled_verify_keeps_stages_out_until_its_walk_ends(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datamover.transfer import verify as verify_module
+
+    b = await _one_file_pushed(make_site)
+    walking, go, walked = threading.Event(), threading.Event(), threading.Event()
+    real = verify_module._merge
+
+    def slow_merge(*args: Any) -> None:
+        walking.set()
+        go.wait(10)
+        real(*args)
+        walked.set()
+
+    site_b = await b.open()
+    try:
+        await stage(site_b, "/proj/ds")
+        monkeypatch.setattr(verify_module, "_merge", slow_merge)
+        checking = asyncio.create_task(verify(site_b, "/proj/ds"))
+        assert await asyncio.to_thread(walking.wait, 10)
+        checking.cancel()
+        asyncio.get_running_loop().call_later(0.3, go.set)
+        with pytest.raises(asyncio.CancelledError):
+            await checking
+        assert walked.is_set(), "the verify let its lock go while its walk went on"
+        with _held(_stage_lock(b, "/proj/ds"), fcntl.LOCK_EX):
+            pass  # and let it go once the walk ended
+    finally:
+        go.set()
+        await site_b.close()
 
 
 async def test_a_stage_cancelled_while_it_plans_ends_after_its_walk(

@@ -1,5 +1,14 @@
-"""This host's stage lock of a dataset: one file per dataset under `<state_dir>/locks/`,
-locked with `flock` while a stage changes the dataset's tree."""
+"""This host's lock of a dataset's tree: one file per dataset under `<state_dir>/locks/`,
+locked with `flock`. A stage holds it exclusively while it changes the tree; a verify holds
+it shared while it walks the tree, since its walk may give a 0o600 directory its owner's
+read and search bits for a moment (`Walker.allow_unlock`), which a stage must neither trip
+over (EACCES) nor take for the directory's mode. Verifies do not exclude each other (one
+may still see the bits another gave a directory, and report its mode).
+
+The holder's `host:pid` is written into the file by a stage only; a verify, holding it
+shared with others, leaves it alone. Whoever finds the lock held tells the two apart by
+the lock itself: only a stage holds it exclusively.
+"""
 
 from __future__ import annotations
 
@@ -27,19 +36,21 @@ def lock_path(state_dir: Path, dataset: str) -> Path:
     return state_dir / "locks" / f"stage-{digest}.lock"
 
 
-def lock_dataset(state_dir: Path, dataset: str) -> int | None:
-    """Take this site's stage lock of `dataset`, an `flock` on `lock_path` held until the
-    returned descriptor is closed (the kernel drops it when the process dies); the holder's
-    `host:pid` is written into it. Of two stages of one dataset on this host, `--local` runs
-    or a daemon's, one takes it and the other is `Conflict`: a check of the replica record
-    and the record that follows it are two statements, which both could pass.
+def lock_dataset(state_dir: Path, dataset: str, *, shared: bool = False) -> int | None:
+    """Take this host's lock of `dataset`'s tree, an `flock` on `lock_path` held until the
+    returned descriptor is closed (the kernel drops it when the process dies): exclusive
+    for a stage, which then writes its `host:pid` into the file, shared (`shared`) for a
+    verify. Of two stages of one dataset on this host, `--local` runs or a daemon's, one
+    takes it and the other is `Conflict`: a check of the replica record and the record
+    that follows it are two statements, which both could pass. A stage and a verify of one
+    dataset do not run together either: whichever comes second is `Conflict`.
 
     The lock file is opened without following a symlink, and written only when it is a
     regular file with one link: in a state directory others may write to, a link planted
     there must not have a stage cut the file it leads to. A lock file that cannot be made
     or opened, or is not a regular file, is a one-line `PermanentError`. Where the file
     system keeps no `flock` (Lustre mounted `noflock`, NFS without a lock manager, or over
-    NFS another user's lock file, which only opens read-only) the stage runs without it,
+    NFS another user's lock file, which only opens read-only) the command runs without it,
     after a warning, kept apart from others by the replica record alone, as before the
     lock; None is returned then."""
     path = lock_path(state_dir, dataset)
@@ -58,16 +69,17 @@ def lock_dataset(state_dir: Path, dataset: str) -> int | None:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise _lock_error(dataset, path, None)
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _holder(os.pread(fd, 256, 0))
-        os.close(fd)
-        running = f"a stage of {dataset!r} is already running"
-        raise Conflict(f"{running} ({holder})" if holder else running) from None
+        try:
+            raise _held(fd, dataset, shared) from None
+        finally:
+            os.close(fd)
     except OSError as exc:
         os.close(fd)
+        who = "a verify of %s is not kept apart from stages" if shared else "stages of %s are"
         log.warning(
-            "stages of %s are not kept apart on this host: %s cannot be locked (%s)",
+            who + " not kept apart on this host: %s cannot be locked (%s)",
             dataset,
             path,
             exc.strerror or exc,
@@ -76,11 +88,33 @@ def lock_dataset(state_dir: Path, dataset: str) -> int | None:
     except BaseException:
         os.close(fd)
         raise
-    if st.st_nlink == 1:
-        with contextlib.suppress(OSError):  # only for the message of a stage that finds it held
+    if not shared and st.st_nlink == 1:
+        with contextlib.suppress(OSError):  # only for the message of one that finds it held
             os.ftruncate(fd, 0)
             os.pwrite(fd, owner_id().encode(), 0)
     return fd
+
+
+def _held(fd: int, dataset: str, shared: bool) -> Conflict:
+    """The `Conflict` for a lock `fd` could not take (`shared`: as a verify). Only a stage
+    holds it exclusively, so a verify was stopped by a stage; a stage asks the lock whether
+    it is held shared (by verifies) before it names the stage whose `host:pid` the file
+    holds, which may be the last one's, long gone."""
+    try:
+        holder = _holder(os.pread(fd, 256, 0))
+    except OSError:
+        holder = ""
+    if shared:
+        running = f"a stage of {dataset!r} is running" + (f" ({holder})" if holder else "")
+        return Conflict(f"{running}; verify after it ends")
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # dropped as `fd` is closed
+    except BlockingIOError:  # held exclusively: a stage
+        running = f"a stage of {dataset!r} is already running"
+        return Conflict(f"{running} ({holder})" if holder else running)
+    except OSError:
+        return Conflict(f"a stage or verify of {dataset!r} is running")
+    return Conflict(f"a verify of {dataset!r} is running; stage after it ends")
 
 
 def _lock_error(dataset: str, path: Path, exc: OSError | None) -> PermanentError:

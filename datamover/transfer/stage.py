@@ -677,7 +677,8 @@ async def stage(
 ) -> StageResult:
     """Stage `logical` (the latest version, or `version`) at this site's mapped path.
 
-    Raises `Conflict` when another stage of the dataset runs (`locks.lock_dataset`, `_base`)."""
+    Raises `Conflict` when another stage or a verify of the dataset runs
+    (`locks.lock_dataset`, `_base`)."""
     started = time.monotonic()
     dataset = check_logical_path(logical)
     lock = lock_dataset(site.state_dir, dataset)  # not in a thread: a cancel would leak it

@@ -10,13 +10,16 @@ before 1901), as stage compares them (`fsops.stored_mtime`). The dataset's direc
 a directory itself, not a symlink below the configured one: stage never writes through one,
 so a tree reached through it is not the one stage maintains.
 Read-only (the timestamp probe's file has no name where the file system allows); streams
-both sides.
+both sides. The walk holds the dataset's lock shared (`locks`): a verify does not start
+while a stage of the dataset runs on this host, nor a stage while a verify walks; whichever
+comes second is `Conflict`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -30,6 +33,7 @@ from datamover.errors import InvalidInput, NotFound
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
 from datamover.transfer.fsops import check_root, content_matches, lazy_stored_mtime, same_mtime
+from datamover.transfer.locks import lock_dataset
 from datamover.transfer.walk import LocalEntry, Walker
 
 _MAX_LISTED = 100
@@ -99,7 +103,12 @@ def _compare(
 
 
 def _verify(
-    site: Site, root: str, refs: list[SegmentRef], allow_extra: bool, result: VerifyResult
+    site: Site,
+    root: str,
+    refs: list[SegmentRef],
+    allow_extra: bool,
+    result: VerifyResult,
+    stop: threading.Event,
 ) -> None:
     """`_merge`, with mtimes compared as the dataset directory's file system stores them
     (probed there at the first mtime that differs, as stage does). A directory whose mode
@@ -112,7 +121,7 @@ def _verify(
     walker = Walker(root, strict=False)
     try:
         stored = lazy_stored_mtime(root_fd) if root_fd >= 0 else int
-        _merge(walker, site, root, refs, allow_extra, result, stored)
+        _merge(walker, site, root, refs, allow_extra, result, stored, stop)
     finally:
         walker.close()
         if root_fd >= 0:
@@ -127,13 +136,15 @@ def _merge(
     allow_extra: bool,
     result: VerifyResult,
     stored_mtime: Callable[[int], int],
+    stop: threading.Event,
 ) -> None:
-    """Merge the local walk with the version's entries, recording every difference."""
+    """Merge the local walk with the version's entries, recording every difference, until
+    both end or `stop` is set."""
     links = site.config.namespace
     target = without_setid(site.repo.iter_cached(refs, check=True))
     local = next(walker, None)
     entry = next(target, None)
-    while local is not None or entry is not None:
+    while (local is not None or entry is not None) and not stop.is_set():
         lkey = sort_key(local.path) if local else None
         ekey = sort_key(entry.path) if entry else None
         if entry is not None and (lkey is None or (ekey is not None and ekey < lkey)):
@@ -182,10 +193,33 @@ async def verify(
     doc = await site.repo.resolve(dataset, version)
     refs = await site.repo.prefetch(doc)
     result = VerifyResult(dataset, doc.version)
-    problem = await asyncio.to_thread(_root_problem, base, parts)
-    if problem is not None:
-        result.add(problem)
-    else:
-        await asyncio.to_thread(_verify, site, str(root), refs, allow_extra, result)
+    lock = lock_dataset(site.state_dir, dataset, shared=True)
+    try:
+        problem = await asyncio.to_thread(_root_problem, base, parts)
+        if problem is not None:
+            result.add(problem)
+        else:
+            await _walk(site, str(root), refs, allow_extra, result)
+    finally:
+        if lock is not None:
+            os.close(lock)
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+async def _walk(
+    site: Site, root: str, refs: list[SegmentRef], allow_extra: bool, result: VerifyResult
+) -> None:
+    """`_verify` in a thread. Shielded: the lock that keeps stages out must be held until
+    the walk, which may give a directory its owner's bits, has given back every mode; a
+    cancel stops it at its next entry and waits for that."""
+    stop = threading.Event()
+    walk = asyncio.ensure_future(
+        asyncio.to_thread(_verify, site, root, refs, allow_extra, result, stop)
+    )
+    try:
+        await asyncio.shield(walk)
+    except BaseException:
+        stop.set()
+        await asyncio.gather(walk, return_exceptions=True)
+        raise
