@@ -398,6 +398,61 @@ async def test_a_cancelled_verify_keeps_stages_out_until_its_walk_ends(
         await site_b.close()
 
 
+async def test_a_stage_cancelled_while_its_lock_file_hangs_leaks_no_descriptor(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The lock was taken on the event loop: a state directory on a hung network mount held
+    # up every transfer of the daemon. In a thread, a cancel must not leak what it opens.
+    b = await _one_file_pushed(make_site)
+    lock = _stage_lock(b, "/proj/ds")
+    opening, go, opened = threading.Event(), threading.Event(), threading.Event()
+    real_open = os.open
+
+    def hung_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if str(path) != str(lock):
+            return real_open(path, flags, *args, **kwargs)
+        opening.set()
+        go.wait(20)
+        try:
+            return real_open(path, flags, *args, **kwargs)
+        finally:
+            opened.set()
+
+    def lock_fds() -> list[Path]:
+        """This process's descriptors of the lock file."""
+        found = []
+        for fd in Path("/proc/self/fd").iterdir():
+            with contextlib.suppress(OSError):  # the listing's own, closed since
+                if fd.readlink() == lock:
+                    found.append(fd)
+        return found
+
+    site_b = await b.open()
+    try:
+        monkeypatch.setattr(os, "open", hung_open)
+        started = time.monotonic()
+        task = asyncio.create_task(stage(site_b, "/proj/ds"))
+        assert await asyncio.to_thread(opening.wait, 10)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert time.monotonic() - started < 10, "the stage waited for its lock file's open"
+        assert not go.is_set()
+        go.set()  # the mount answers: the descriptor opened for no one is closed
+        assert await asyncio.to_thread(opened.wait, 10)
+        deadline = time.monotonic() + 10
+        while lock_fds() and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert lock_fds() == []
+        with _held(lock, fcntl.LOCK_EX):
+            pass  # nobody holds it
+        await stage(site_b, "/proj/ds")
+        assert (b.data / "ds" / "f").read_text() == "data\n"
+    finally:
+        go.set()
+        await site_b.close()
+
+
 async def test_a_stage_cancelled_while_it_plans_ends_after_its_walk(
     make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -12,6 +12,7 @@ the lock itself: only a stage holds it exclusively.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import fcntl
@@ -34,6 +35,30 @@ def lock_path(state_dir: Path, dataset: str) -> Path:
     """`<state_dir>/locks/stage-<BLAKE2b-128 of the logical path>.lock`."""
     digest = hashlib.blake2b(dataset.encode(), digest_size=16).hexdigest()
     return state_dir / "locks" / f"stage-{digest}.lock"
+
+
+async def take_lock(state_dir: Path, dataset: str, *, shared: bool = False) -> int | None:
+    """`lock_dataset` in a thread: its `mkdir` and `open` in a state directory on a hung
+    network mount must not hold up the event loop, and with it every transfer of a daemon.
+    A cancel does not wait for the thread, which may hang for as long as the mount does;
+    the descriptor it returns after that is closed then, not leaked."""
+    taking = asyncio.ensure_future(
+        asyncio.to_thread(lock_dataset, state_dir, dataset, shared=shared)
+    )
+    try:
+        return await asyncio.shield(taking)
+    except asyncio.CancelledError:
+        taking.add_done_callback(_close_taken)  # runs at once if it is done already
+        raise
+
+
+def _close_taken(taking: asyncio.Future[int | None]) -> None:
+    """Close the descriptor of a lock taken for a caller that was cancelled meanwhile."""
+    if taking.cancelled() or taking.exception() is not None:
+        return
+    fd = taking.result()
+    if fd is not None:
+        os.close(fd)
 
 
 def lock_dataset(state_dir: Path, dataset: str, *, shared: bool = False) -> int | None:

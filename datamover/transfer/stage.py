@@ -51,7 +51,7 @@ from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
 from datamover.transfer import fsops, procpool, writers
 from datamover.transfer.fetch import Fetcher, Range, decode_ranges, plan_ranges
-from datamover.transfer.locks import lock_dataset
+from datamover.transfer.locks import take_lock
 from datamover.transfer.plan import Op, StagePlanner, children_first
 from datamover.transfer.progress import NoProgress, Progress
 from datamover.transfer.walk import Walker
@@ -678,10 +678,10 @@ async def stage(
     """Stage `logical` (the latest version, or `version`) at this site's mapped path.
 
     Raises `Conflict` when another stage or a verify of the dataset runs
-    (`locks.lock_dataset`, `_base`)."""
+    (`locks.take_lock`, `_base`)."""
     started = time.monotonic()
     dataset = check_logical_path(logical)
-    lock = lock_dataset(site.state_dir, dataset)  # not in a thread: a cancel would leak it
+    lock = await take_lock(site.state_dir, dataset)
     try:
         return await _stage(site, dataset, version, delete, checksum, progress, started)
     finally:

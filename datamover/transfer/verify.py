@@ -33,7 +33,7 @@ from datamover.errors import InvalidInput, NotFound
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
 from datamover.transfer.fsops import check_root, content_matches, lazy_stored_mtime, same_mtime
-from datamover.transfer.locks import lock_dataset
+from datamover.transfer.locks import take_lock
 from datamover.transfer.walk import LocalEntry, Walker
 
 _MAX_LISTED = 100
@@ -193,7 +193,7 @@ async def verify(
     doc = await site.repo.resolve(dataset, version)
     refs = await site.repo.prefetch(doc)
     result = VerifyResult(dataset, doc.version)
-    lock = lock_dataset(site.state_dir, dataset, shared=True)
+    lock = await take_lock(site.state_dir, dataset, shared=True)
     try:
         problem = await asyncio.to_thread(_root_problem, base, parts)
         if problem is not None:
