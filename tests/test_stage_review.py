@@ -22,13 +22,14 @@ import pytest
 
 from datamover.domain.manifest import Entry, Kind
 from datamover.errors import Conflict, Corrupt, PermanentError
+from datamover.site import Site
 from datamover.transfer import fsops
 from datamover.transfer import stage as stage_module
 from datamover.transfer.fsops import TreeWriter
 from datamover.transfer.plan import Action, StagePlanner
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
-from datamover.transfer.verify import verify
+from datamover.transfer.verify import VerifyResult, verify
 from datamover.transfer.walk import Walker
 from tests.fixtures_sites import MakeSite, SiteEnv, cli_unprivileged
 from tests.test_bad_input import flip_pack_byte, publish_manifest
@@ -326,9 +327,12 @@ async def test_a_verify_while_a_stage_runs_is_a_conflict(make_site: MakeSite) ->
         await site_b.close()
 
 
-async def test_a_stage_while_a_verify_walks_is_a_conflict(
+async def test_a_stage_while_a_verify_walks_waits_for_it(
     make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A job's staging hook must not fail because someone checks the tree: a stage that
+    # finds a verify walking waits for it to end, in the process and in the CLI, and a
+    # stage cancelled while it waits lets go of everything.
     from datamover.transfer import verify as verify_module
 
     b = await _one_file_pushed(make_site)
@@ -337,8 +341,15 @@ async def test_a_stage_while_a_verify_walks_is_a_conflict(
 
     def slow_merge(*args: Any) -> None:
         walking.set()
-        go.wait(10)
+        go.wait(20)
         real(*args)
+
+    async def verify_held(site: Site) -> asyncio.Task[VerifyResult]:
+        walking.clear()
+        go.clear()
+        checking = asyncio.create_task(verify(site, "/proj/ds"))
+        assert await asyncio.to_thread(walking.wait, 10)
+        return checking
 
     site_b = await b.open()
     try:
@@ -346,22 +357,35 @@ async def test_a_stage_while_a_verify_walks_is_a_conflict(
         lock = _stage_lock(b, "/proj/ds")
         named = lock.read_bytes()
         monkeypatch.setattr(verify_module, "_merge", slow_merge)
-        checking = asyncio.create_task(verify(site_b, "/proj/ds"))
-        try:
-            assert await asyncio.to_thread(walking.wait, 10)
-            with pytest.raises(Conflict) as caught:
-                await stage(site_b, "/proj/ds")
-            r = b.cli("stage", "/proj/ds", "--local")
-        finally:
-            go.set()
-            found = await checking
-        assert caught.value.message == "a verify of '/proj/ds' is running; stage after it ends"
-        assert r.returncode == Conflict.exit_code, r.stderr
-        assert r.stderr.strip().splitlines() == [f"datamover: error: {caught.value.message}"]
-        assert found.ok, found.problems
+
+        checking = await verify_held(site_b)
+        waiting = asyncio.create_task(stage(site_b, "/proj/ds"))
+        await asyncio.sleep(0.6)
+        assert not waiting.done(), "the stage ran while the verify walked"
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(waiting, 5)  # a cancel does not wait for the verify
+        staging = asyncio.create_task(stage(site_b, "/proj/ds"))
+        await asyncio.sleep(0.6)
+        assert not staging.done()
         assert lock.read_bytes() == named  # a verify does not write itself into the file
-        await stage(site_b, "/proj/ds")  # and once it is over, stages run again
+        go.set()
+        assert (await checking).ok
+        assert (await asyncio.wait_for(staging, 20)).files == 1
+
+        checking = await verify_held(site_b)
+        cli = asyncio.create_task(asyncio.to_thread(b.cli, "stage", "/proj/ds", "--local"))
+        await asyncio.sleep(2)
+        assert not cli.done()
+        go.set()
+        assert (await checking).ok
+        r = await asyncio.wait_for(cli, 30)
+        assert r.returncode == 0, r.stderr
+        assert "a verify of '/proj/ds' is running; the stage waits for it to end" in r.stderr
+        with _held(lock, fcntl.LOCK_EX):
+            pass  # nothing was left holding it
     finally:
+        go.set()
         await site_b.close()
 
 

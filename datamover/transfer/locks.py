@@ -3,7 +3,9 @@ locked with `flock`. A stage holds it exclusively while it changes the tree; a v
 it shared while it walks the tree, since its walk may give a 0o600 directory its owner's
 read and search bits for a moment (`Walker.allow_unlock`), which a stage must neither trip
 over (EACCES) nor take for the directory's mode. Verifies do not exclude each other (one
-may still see the bits another gave a directory, and report its mode).
+may still see the bits another gave a directory, and report its mode). A stage that finds
+verifies holding it waits for them to end rather than fail: a job's staging hook must not
+fail because someone checks the tree.
 
 The holder's `host:pid` is written into the file by a stage only; a verify, holding it
 shared with others, leaves it alone. Whoever finds the lock held tells the two apart by
@@ -20,12 +22,16 @@ import hashlib
 import logging
 import os
 import stat
+import threading
 from pathlib import Path
 
 from datamover.catalog.queries import owner_id
 from datamover.errors import Conflict, PermanentError
 
 log = logging.getLogger(__name__)
+
+#: How often a stage waiting for verifies to end tries the lock again.
+_VERIFY_POLL = 0.2
 
 #: Opening a lock file: never through a symlink, never waiting on a FIFO put there.
 _FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -41,13 +47,16 @@ async def take_lock(state_dir: Path, dataset: str, *, shared: bool = False) -> i
     """`lock_dataset` in a thread: its `mkdir` and `open` in a state directory on a hung
     network mount must not hold up the event loop, and with it every transfer of a daemon.
     A cancel does not wait for the thread, which may hang for as long as the mount does;
-    the descriptor it returns after that is closed then, not leaked."""
+    the descriptor it returns after that is closed then, not leaked. A stage waiting for
+    verifies to end (`lock_dataset`) stops waiting when cancelled."""
+    stop = threading.Event()
     taking = asyncio.ensure_future(
-        asyncio.to_thread(lock_dataset, state_dir, dataset, shared=shared)
+        asyncio.to_thread(lock_dataset, state_dir, dataset, shared=shared, stop=stop)
     )
     try:
         return await asyncio.shield(taking)
     except asyncio.CancelledError:
+        stop.set()
         taking.add_done_callback(_close_taken)  # runs at once if it is done already
         raise
 
@@ -61,14 +70,20 @@ def _close_taken(taking: asyncio.Future[int | None]) -> None:
         os.close(fd)
 
 
-def lock_dataset(state_dir: Path, dataset: str, *, shared: bool = False) -> int | None:
+def lock_dataset(
+    state_dir: Path, dataset: str, *, shared: bool = False, stop: threading.Event | None = None
+) -> int | None:
     """Take this host's lock of `dataset`'s tree, an `flock` on `lock_path` held until the
     returned descriptor is closed (the kernel drops it when the process dies): exclusive
     for a stage, which then writes its `host:pid` into the file, shared (`shared`) for a
     verify. Of two stages of one dataset on this host, `--local` runs or a daemon's, one
     takes it and the other is `Conflict`: a check of the replica record and the record
     that follows it are two statements, which both could pass. A stage and a verify of one
-    dataset do not run together either: whichever comes second is `Conflict`.
+    dataset do not run together either. A verify that finds a stage running is `Conflict`
+    (the tree is changing: there is nothing to verify yet). A stage that finds only
+    verifies holding the lock waits for them to end, with a warning, until it gets the lock,
+    a stage takes it first (`Conflict`), or `stop` is set (`Conflict`; its caller is gone):
+    a job's staging hook must not fail because someone checks the tree.
 
     The lock file is opened without following a symlink, and written only when it is a
     regular file with one link: in a state directory others may write to, a link planted
@@ -97,9 +112,14 @@ def lock_dataset(state_dir: Path, dataset: str, *, shared: bool = False) -> int 
         fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except BlockingIOError:
         try:
-            raise _held(fd, dataset, shared) from None
-        finally:
+            conflict, by_verifies = _held(fd, dataset, shared)
+            if by_verifies and stop is not None:
+                _wait_out_verifies(fd, dataset, stop, conflict)
+            else:
+                raise conflict from None
+        except BaseException:
             os.close(fd)
+            raise
     except OSError as exc:
         os.close(fd)
         who = "a verify of %s is not kept apart from stages" if shared else "stages of %s are"
@@ -120,26 +140,43 @@ def lock_dataset(state_dir: Path, dataset: str, *, shared: bool = False) -> int 
     return fd
 
 
-def _held(fd: int, dataset: str, shared: bool) -> Conflict:
-    """The `Conflict` for a lock `fd` could not take (`shared`: as a verify). Only a stage
-    holds it exclusively, so a verify was stopped by a stage; a stage asks the lock whether
-    it is held shared (by verifies) before it names the stage whose `host:pid` the file
-    holds, which may be the last one's, long gone."""
+def _held(fd: int, dataset: str, shared: bool) -> tuple[Conflict, bool]:
+    """The `Conflict` for a lock `fd` could not take (`shared`: as a verify), and whether
+    only verifies hold it. Only a stage holds it exclusively, so a verify was stopped by a
+    stage; a stage asks the lock whether it is held shared (by verifies) before it names
+    the stage whose `host:pid` the file holds, which may be the last one's, long gone."""
     try:
         holder = _holder(os.pread(fd, 256, 0))
     except OSError:
         holder = ""
     if shared:
         running = f"a stage of {dataset!r} is running" + (f" ({holder})" if holder else "")
-        return Conflict(f"{running}; verify after it ends")
+        return Conflict(f"{running}; verify after it ends"), False
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # dropped as `fd` is closed
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:  # held exclusively: a stage
         running = f"a stage of {dataset!r} is already running"
-        return Conflict(f"{running} ({holder})" if holder else running)
+        return Conflict(f"{running} ({holder})" if holder else running), False
     except OSError:
-        return Conflict(f"a stage or verify of {dataset!r} is running")
-    return Conflict(f"a verify of {dataset!r} is running; stage after it ends")
+        return Conflict(f"a stage or verify of {dataset!r} is running"), False
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)  # the probe's shared lock must not keep a stage out
+    return Conflict(f"a verify of {dataset!r} is running; stage after it ends"), True
+
+
+def _wait_out_verifies(fd: int, dataset: str, stop: threading.Event, conflict: Conflict) -> None:
+    """Take `fd`'s lock exclusively once the verifies holding it shared are over. Raises
+    `conflict` when `stop` is set first, and a stage's `Conflict` when one takes it first."""
+    log.warning("a verify of %r is running; the stage waits for it to end", dataset)
+    while not stop.wait(_VERIFY_POLL):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            conflict, by_verifies = _held(fd, dataset, False)
+            if not by_verifies:
+                raise conflict from None
+    raise conflict
 
 
 def _lock_error(dataset: str, path: Path, exc: OSError | None) -> PermanentError:
