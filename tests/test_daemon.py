@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -553,8 +554,9 @@ async def test_release_local_names_a_tenant_only_with_an_admin_token_or_one_of_i
     make_site: MakeSite,
 ) -> None:
     """Without the daemon, `release --tenant T` drops T's pin in the catalog only as the API
-    would: with an admin token or one of T. No token, a token the catalog does not know, or
-    another tenant's is one line and exit 9, and releases nothing."""
+    would: with an admin token or one of T. A token the catalog does not know, or another
+    tenant's, is one line and exit 9, and releases nothing. Without a token (an operator on
+    the daemon's host, whose `release` drops every tenant's pin) it drops T's alone."""
     from datamover.catalog.access import Access
 
     b = await make_site("site-b", api={"listen": f"127.0.0.1:{free_port()}"})  # none listens
@@ -575,7 +577,6 @@ async def test_release_local_names_a_tenant_only_with_an_admin_token_or_one_of_i
         finally:
             await site.close()
 
-    _one_error(b.cli("release", "--pin", "slurm-9", "--tenant", "lab-2", "--local"), "token")
     with_token(b, "dm_not-a-token")
     refused = b.cli("release", "--pin", "slurm-9", "--tenant", "lab-2")  # daemon down: local
     _one_error(refused, "not a valid token")
@@ -590,3 +591,14 @@ async def test_release_local_names_a_tenant_only_with_an_admin_token_or_one_of_i
     released = b.cli("release", "--pin", "slurm-9", "--tenant", "lab-2", "--local", "--json")
     assert released.returncode == 0 and json.loads(released.stdout)["released"] == 1
     assert await tenants() == ["ops"]
+
+    site = await b.open()
+    try:
+        await Access(site.catalog.engine).add_pin("slurm-9", "/proj/run1", "lab-3", None)
+    finally:
+        await site.close()
+    b.config_path.write_text(re.sub(r'token_file = ".*"\n', "", b.config_path.read_text()))
+    released = b.cli("release", "--pin", "slurm-9", "--tenant", "ops", "--local", "--json")
+    assert released.returncode == 0, released.stderr
+    assert json.loads(released.stdout)["released"] == 1
+    assert await tenants() == ["lab-3"]
