@@ -19,7 +19,7 @@ import enum
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
-from datamover.domain.manifest import Entry, Kind
+from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.domain.paths import sort_key
 from datamover.transfer.fsops import same_mtime
 from datamover.transfer.walk import OWNER_RX, PARTIAL_RE, LocalEntry, Walker
@@ -112,7 +112,9 @@ class StagePlanner:
     """Yields `Action`s; see the module docstring.
 
     `content_ok(local, entry)`, when given, is consulted for files whose size and mtime match
-    (the `--checksum` mode) and must return True only if the bytes match the entry's digests.
+    (the `--checksum` mode) and must return True only if the bytes match the entry's digests;
+    a file that does not hold the base's (or the interrupted version's) bytes then is a
+    user's, trashed rather than replaced or removed.
     `same_link(local_target, stored_target)` says whether a link on disk already is the
     stored one (`Namespace.same_link`; default: equal strings). `interrupted`, when given,
     is the version a stage since the base was bringing the tree to when it stopped: a local
@@ -140,11 +142,31 @@ class StagePlanner:
         self.content_ok = content_ok
         self.same_link = same_link
         self.stored_mtime = stored_mtime
+        self._last: tuple[tuple[str, tuple[ChunkRef, ...]], bool] | None = None
 
     def _ours(self, local: LocalEntry, key: tuple[str, ...]) -> bool:
         """Whether `local` is what datamover wrote at `key` (the base's or the interrupted
-        version's entry)."""
-        return self._same(local, self.base.at(key)) or self._same(local, self.interrupted.at(key))
+        version's entry). With `content_ok` (`--checksum`) a file must also hold that entry's
+        bytes: one a user edited keeping its size and mtime is theirs, for the trash."""
+        return self._written(local, self.base.at(key)) or self._written(
+            local, self.interrupted.at(key)
+        )
+
+    def _written(self, local: LocalEntry, entry: Entry | None) -> bool:
+        if not self._same(local, entry):
+            return False
+        assert entry is not None
+        return local.kind != Kind.FILE or self._content(local, entry)
+
+    def _content(self, local: LocalEntry, entry: Entry) -> bool:
+        """`content_ok(local, entry)`, True without it; the last answer is kept, so a file
+        compared with the target and then with an equal base entry is read once."""
+        if self.content_ok is None:
+            return True
+        asked = (local.path, entry.chunks)
+        if self._last is None or self._last[0] != asked:
+            self._last = (asked, self.content_ok(local, entry))
+        return self._last[1]
 
     def _interrupted_dir(self, key: tuple[str, ...]) -> bool:
         """Whether the interrupted stage's version has a directory at `key`: that stage
@@ -199,7 +221,7 @@ class StagePlanner:
         if (
             local.kind == entry.kind == Kind.FILE
             and self._same(local, entry)
-            and (self.content_ok is None or self.content_ok(local, entry))
+            and self._content(local, entry)
         ):
             yield Action(Op.KEEP if local.mode == entry.mode else Op.ATTR, entry.path, entry)
             return

@@ -1,0 +1,104 @@
+"""`stage --checksum`: a file is judged by its bytes, also when deciding whose it is.
+
+Without `--checksum` a local file with the size and mtime datamover gave it is datamover's.
+With it, a user's edit that kept both (an editor restoring the mtime, `cp -p`, `rsync -t`)
+is found by its content; it must then go to the trash like any local change, never be
+replaced or removed.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from datamover.transfer.push import push
+from datamover.transfer.stage import stage
+from tests.fixtures_sites import MakeSite, SiteEnv
+
+
+def _edit_keeping_stat(path: Path, text: str) -> None:
+    """Write `text` (as long as what is there) into `path` and give it its mtime back."""
+    st = path.stat()
+    assert len(text.encode()) == st.st_size
+    path.write_text(text)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+async def _staged(make_site: MakeSite, files: dict[str, str]) -> tuple[SiteEnv, SiteEnv]:
+    """Sites A and B, with `files` pushed at A as `/proj/ck` and staged at B."""
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ck").mkdir()
+    for name, text in files.items():
+        (a.data / "ck" / name).write_text(text)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ck")
+        await stage(site_b, "/proj/ck")
+    finally:
+        await site_a.close()
+        await site_b.close()
+    return a, b
+
+
+def _trashed(trash_dir: str | None, name: str) -> str:
+    assert trash_dir is not None, "nothing went to the trash"
+    return (Path(trash_dir) / name).read_text()
+
+
+async def test_a_restage_with_checksum_trashes_an_edit_that_kept_size_and_mtime(
+    make_site: MakeSite,
+) -> None:
+    _, b = await _staged(make_site, {"f": "original-1\n", "g": "untouched\n"})
+    _edit_keeping_stat(b.data / "ck" / "f", "USER-EDIT!\n")
+    site_b = await b.open()
+    try:
+        plain = await stage(site_b, "/proj/ck")  # size and mtime are trusted: nothing to do
+        assert plain.fetched_files == 0 and plain.trashed_count == 0
+        checked = await stage(site_b, "/proj/ck", checksum=True)
+    finally:
+        await site_b.close()
+    assert (b.data / "ck" / "f").read_text() == "original-1\n"
+    assert _trashed(checked.trash_dir, "f") == "USER-EDIT!\n"
+    assert checked.trashed_count == 1 and checked.fetched_files == 1
+    assert (b.data / "ck" / "g").read_text() == "untouched\n"
+
+
+async def test_a_new_version_with_checksum_trashes_an_edit_that_kept_size_and_mtime(
+    make_site: MakeSite,
+) -> None:
+    a, b = await _staged(make_site, {"f": "original-1\n", "g": "old g\n"})
+    _edit_keeping_stat(b.data / "ck" / "f", "USER-EDIT!\n")
+    (a.data / "ck" / "f").write_text("original-3\n")
+    (a.data / "ck" / "g").write_text("new g\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ck")
+        checked = await stage(site_b, "/proj/ck", checksum=True)
+    finally:
+        await site_a.close()
+        await site_b.close()
+    assert (b.data / "ck" / "f").read_text() == "original-3\n"
+    assert _trashed(checked.trash_dir, "f") == "USER-EDIT!\n"
+    # g held the base's bytes: datamover's own, replaced without a trip to the trash
+    assert (b.data / "ck" / "g").read_text() == "new g\n"
+    assert checked.trashed_count == 1
+
+
+async def test_delete_with_checksum_trashes_an_edit_instead_of_removing_it(
+    make_site: MakeSite,
+) -> None:
+    a, b = await _staged(make_site, {"f": "original-1\n", "gone": "base bytes\n"})
+    _edit_keeping_stat(b.data / "ck" / "f", "USER-EDIT!\n")
+    (a.data / "ck" / "f").unlink()
+    (a.data / "ck" / "gone").unlink()
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ck")
+        checked = await stage(site_b, "/proj/ck", delete=True, checksum=True)
+    finally:
+        await site_a.close()
+        await site_b.close()
+    assert not (b.data / "ck" / "f").exists()
+    assert _trashed(checked.trash_dir, "f") == "USER-EDIT!\n"
+    assert not (b.data / "ck" / "gone").exists()  # the base's bytes: removed, as datamover's
+    assert checked.removed == 1 and checked.trashed_count == 1
