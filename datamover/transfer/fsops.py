@@ -771,25 +771,62 @@ class TreeWriter:
 
 
 def content_matches(root: str, entry: Entry) -> bool:
-    """True when the file at `root/entry.path` holds exactly the entry's chunks (by digest).
+    """True when the file at `root/entry.path` holds exactly the entry's chunks (by digest);
+    False when it does not, is no regular file or cannot be read (`content_problem`)."""
+    return content_problem(root, entry) is None
 
-    Reads by the manifest's chunk boundaries, so no chunker is needed. Read-only. Opened
-    without blocking: a FIFO put where the walk saw a file would wait for a writer forever.
+
+def content_problem(root: str, entry: Entry) -> str | None:
+    """None when the file at `root/entry.path` holds exactly the entry's chunks (by digest);
+    else what is wrong, as a phrase to follow its path: the content differs, it is no
+    longer a regular file, or it cannot be opened or read (the reason).
+
+    Reads by the manifest's chunk boundaries, so no chunker is needed. Read-only. Every
+    directory on the way is opened below the last without following a symlink, so a path
+    longer than PATH_MAX is read as well as a short one and a link swapped in for a
+    directory is not followed out of the tree. Opened without blocking: a FIFO put where
+    the walk saw a file would wait for a writer forever.
     """
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
-        fd = os.open(os.path.join(root, entry.path), flags)
-    except OSError:
-        return False
+        fd = _open_beneath(root, entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as exc:
+        return _unreadable(exc)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return False
+            return "is no longer a regular file"
         offset = 0
         for chunk in entry.chunks:
             data = os.pread(fd, chunk.raw_length, offset)
             if len(data) != chunk.raw_length or blake3.blake3(data).digest() != chunk.digest:
-                return False
+                return "content differs from the version (digest mismatch)"
             offset += chunk.raw_length
-        return not os.pread(fd, 1, offset)
+        if os.pread(fd, 1, offset):
+            return "content differs from the version (digest mismatch)"
+        return None
+    except OSError as exc:
+        return _unreadable(exc)
     finally:
         os.close(fd)
+
+
+def _unreadable(exc: OSError) -> str:
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        return "is not a regular file below a directory of the tree (a symlink is in the way)"
+    if exc.errno == errno.ENOENT:
+        return "is missing (removed while it was checked)"
+    return f"cannot be read to compare it: {(exc.strerror or type(exc).__name__).lower()}"
+
+
+def _open_beneath(root: str, rel: str, flags: int) -> int:
+    """Open `rel` below directory `root`, one component at a time, following no symlink on
+    the way (`flags` decide for the last component)."""
+    dfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        *dirs, name = rel.split("/")
+        for part in dirs:
+            inner = os.open(part, _DIR_FLAGS, dir_fd=dfd)
+            os.close(dfd)
+            dfd = inner
+        return os.open(name, flags | os.O_CLOEXEC, dir_fd=dfd)
+    finally:
+        os.close(dfd)

@@ -32,7 +32,7 @@ from datamover.domain.paths import check_logical_path, sort_key
 from datamover.errors import InvalidInput, NotFound
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
-from datamover.transfer.fsops import check_root, content_matches, lazy_stored_mtime, same_mtime
+from datamover.transfer.fsops import check_root, content_problem, lazy_stored_mtime, same_mtime
 from datamover.transfer.locks import take_lock
 from datamover.transfer.walk import LocalEntry, Walker
 
@@ -95,8 +95,9 @@ def _compare(
     if local.size != entry.size:
         result.add(f"{path}: size {local.size}, expected {entry.size}")
         return
-    if not content_matches(root, entry):
-        result.add(f"{path}: content differs from the version (digest mismatch)")
+    problem = content_problem(root, entry)
+    if problem is not None:
+        result.add(f"{path}: {problem}")
         return
     if not same_mtime(local.mtime_ns, entry.mtime_ns, stored_mtime):
         result.add(f"{path}: modification time differs from the version")
