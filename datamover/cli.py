@@ -429,10 +429,11 @@ def main() -> None:
         expected = _expected(exc)
         if expected is not None:
             _fail(expected, as_json)
+        said = (str(exc).strip().splitlines() or [""])[0]  # a library's text may run on
         error_line(
-            f"internal error ({type(exc).__name__}: {exc}); "
+            f"internal error ({type(exc).__name__}: {said}); "
             "set DATAMOVER_DEBUG=1 for a traceback and report it"
         )
         if as_json:
-            emit_json({"error": {"code": "internal", "message": str(exc)}})
+            emit_json({"error": {"code": "internal", "message": said}})
         _leave(70)

@@ -12,9 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from datamover.catalog.access import Access
+from datamover.errors import CatalogError
 from tests.fixtures_daemon import StartSite, free_port, with_token
-from tests.fixtures_sites import MakeSite, SiteEnv
+from tests.fixtures_sites import MakeSite, SiteEnv, cli_unprivileged
 from tests.test_bad_input import fails
 
 
@@ -246,3 +249,72 @@ def test_os_errors_and_catalog_outages_are_one_line(tmp_path: Path) -> None:
     assert type(mapped) is DatamoverError and mapped.exit_code == 1
     assert mapped.message == f"No such file or directory: '{tmp_path}/missing/f'"
     assert _expected(KeyError("x")) is None
+
+
+def test_an_unexpected_error_is_one_line_even_when_its_text_is_not(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The last resort prints the first line of a library's error text (SQLAlchemy's run on
+    with the statement and its parameters), in the text and in the JSON."""
+    from datamover import cli
+
+    def explode(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the first line\n[SQL: INSERT INTO t VALUES ($1)]\n[parameters: ('x',)]")
+
+    monkeypatch.setattr(cli, "load_config", explode, raising=False)
+    monkeypatch.setattr("datamover.config.load_config", explode)
+    monkeypatch.setattr(cli, "_leave", lambda status: (_ for _ in ()).throw(SystemExit(status)))
+    monkeypatch.delenv("DATAMOVER_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "argv", ["datamover", "ls", "--json"])
+    with pytest.raises(SystemExit) as ended:
+        cli.main()
+    out, err = capsys.readouterr()
+    assert ended.value.code == 70
+    assert err == (
+        "datamover: error: internal error (RuntimeError: the first line); "
+        "set DATAMOVER_DEBUG=1 for a traceback and report it\n"
+    )
+    assert json.loads(out)["error"] == {"code": "internal", "message": "the first line"}
+
+
+async def test_a_catalog_this_user_may_not_write_is_a_catalog_error(make_site: MakeSite) -> None:
+    """A catalog that refuses writes (a SQLite file of mode 0o444, a PostgreSQL database
+    that is read-only, as a standby is) is no outage a retry cures: exit 8, one line naming
+    the setting to check, not the retryable "catalog unavailable" nor an internal error."""
+    a = await make_site("site-a")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("x\n")
+    assert a.cli("ls").returncode == 0  # the catalog exists
+    url = a.config.catalog_url
+    if url.startswith("sqlite"):
+        catalog = Path(url.removeprefix("sqlite:///"))
+        for f in catalog.parent.glob(catalog.name + "*"):
+            f.chmod(0o444)
+        try:
+            r = cli_unprivileged(a, "push", "/proj/ds")
+        finally:
+            for f in catalog.parent.glob(catalog.name + "*"):
+                f.chmod(0o644)
+        said = "attempt to write a readonly database"
+    else:
+        name = url.rsplit("/", 1)[1]
+        await _psql(url, f'ALTER DATABASE "{name}" SET default_transaction_read_only = on')
+        try:
+            r = a.cli("push", "/proj/ds")
+        finally:
+            await _psql(url, f'ALTER DATABASE "{name}" SET default_transaction_read_only = off')
+        said = "read-only transaction"
+    assert r.returncode == CatalogError.exit_code, r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert said in r.stderr and "check [site] catalog" in r.stderr, r.stderr
+
+
+async def _psql(url: str, statement: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("SET default_transaction_read_only = off")
+        await conn.execute(statement)
+    finally:
+        await conn.close()

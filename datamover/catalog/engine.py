@@ -57,9 +57,21 @@ def path_under(column: Any, prefix: str) -> Any:
     return or_(column == prefix, func.substr(column, 1, len(prefix) + 1) == prefix + "/")
 
 
-def catalog_outage(exc: BaseException) -> CatalogUnavailable | None:
-    """The transient error for a database failure that a retry may cure (the server
-    restarted, the connection dropped or was refused, the database was locked), else None.
+#: What SQLite says of a catalog file it may not write or cannot read: no retry cures that.
+#: ("unable to open database file" stays transient: a file system not mounted yet may be.)
+_SQLITE_PERMANENT = (
+    "readonly database",
+    "file is not a database",
+    "database disk image is malformed",
+)
+
+
+def catalog_outage(exc: BaseException) -> CatalogUnavailable | CatalogError | None:
+    """The error for a database failure that is no bug: transient (`CatalogUnavailable`)
+    where a retry may cure it (the server restarted, the connection dropped or was refused,
+    the database was locked), `CatalogError` for a SQLite file that may not be written
+    (its mode, a read-only file system) or is no database and for a PostgreSQL database
+    that is read-only (a standby); else None.
 
     Operational and interface errors, any DBAPI error that invalidated its connection, and
     a wait for a pooled connection that timed out (every one busy: an overload) count;
@@ -68,13 +80,29 @@ def catalog_outage(exc: BaseException) -> CatalogUnavailable | None:
         return CatalogUnavailable(
             "catalog unavailable: no free connection in the pool (every one stayed busy)"
         )
-    if isinstance(exc, OperationalError | InterfaceError) or (
-        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    if (
+        isinstance(exc, OperationalError | InterfaceError)
+        or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+        or _read_only(exc)
     ):
         text = str(getattr(exc, "orig", None) or exc).strip()
         reason = text.splitlines()[0] if text else type(exc).__name__
+        if any(marker in reason for marker in _SQLITE_PERMANENT) or _read_only(exc):
+            return CatalogError(
+                f"catalog cannot be used: {reason} (check [site] catalog: the file, its "
+                "-wal and -shm files and their directory must be readable and writable "
+                "by this user)"
+            )
         return CatalogUnavailable(f"catalog unavailable: {reason}")
     return None
+
+
+def _read_only(exc: BaseException) -> bool:
+    """Whether PostgreSQL refused a write as read-only (SQLSTATE 25006: a standby, or a
+    database set `default_transaction_read_only`)."""
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return isinstance(exc, DBAPIError) and state == "25006"
 
 
 def _alembic_config() -> AlembicConfig:
