@@ -181,6 +181,14 @@ def denied(shown: str, exc: OSError) -> PermanentError:
     )
 
 
+def named(exc: OSError, path: str | Path) -> OSError:
+    """`exc` naming `path`, when it names no file: a write, `fchmod` or `utime` through a
+    descriptor fails with a bare "No space left on device", which says nothing of where."""
+    if exc.filename is not None or exc.errno is None:
+        return exc
+    return OSError(exc.errno, exc.strerror, str(path))
+
+
 def open_dir(name: str, parent_fd: int, shown: str) -> int:
     """Open directory `name` below `parent_fd` without following a symlink."""
     try:
@@ -632,6 +640,8 @@ class TreeWriter:
                         view = view[os.write(fd, view) :]
                 os.fchmod(fd, entry.mode)
                 os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+            except OSError as exc:
+                raise named(exc, self.root_path / entry.path) from None
             finally:
                 os.close(fd)
             self.rename_into_place(tmp, entry.path, dfd, replaces)

@@ -398,7 +398,10 @@ class _Stager:
                     _verify_and_pwrite, fd, rng, blob, positions, entry.path, turn
                 )
                 writes.append(job)
-                written = await asyncio.wrap_future(job)
+                try:
+                    written = await asyncio.wrap_future(job)
+                except OSError as exc:  # a full disk, say: name the file it was writing
+                    raise fsops.named(exc, self.root / entry.path) from None
                 self.progress.advance(0, written)
             finally:
                 slots.release()
