@@ -175,6 +175,7 @@ async def test_bad_requests_are_4xx_json(served_site: StartSite) -> None:
         ({"kind": "stage", "path": "/elsewhere/x"}, 400, "outside every namespace"),
         ({"kind": "stage", "path": "/proj/x", "version": "v1"}, 400, "invalid version"),
         ({"kind": "stage", "path": "/proj/x", "deadline": "tomorrow"}, 400, "RFC 3339"),
+        ({"kind": "stage", "path": "/proj/x", "deadline": "2026-12-01"}, 400, "no time of day"),
         ({"kind": "stage", "path": "/proj/x", "prioirty": "job"}, 400, "unknown field"),
         ({"kind": "push", "path": "/proj/x", "pin": "j1"}, 400, "stage transfers only"),
         ([1, 2], 400, "JSON object"),
@@ -186,6 +187,22 @@ async def test_bad_requests_are_4xx_json(served_site: StartSite) -> None:
     for path in ("/v1/transfers", "/v1/pins"):
         got, err = _post_raw(d, path, token, b"[" * 60_000)
         assert got == 400 and "nested too deeply" in err["error"]["message"], (path, got, err)
+    # a key given twice: which value counts is anyone's guess, so neither does
+    twice = b'{"kind": "stage", "kind": "push", "path": "/proj/x"}'
+    got, err = _post_raw(d, "/v1/transfers", token, twice)
+    assert got == 400 and err["error"]["message"] == (
+        "field 'kind' appears twice in the request body"
+    ), err
+    # a pin of a path no namespace maps, as a transfer of it, is refused
+    got, err = d.request("POST", "/v1/pins", token, {"pin": "p1", "path": "/elsewhere/x"})
+    assert got == 400 and "outside every namespace" in err["error"]["message"], err
+    got, err = d.request("DELETE", "/v1/pins/p1?tenant=", token)
+    assert got == 400 and "'tenant' is empty" in err["error"]["message"], err
+    got, err = d.request("GET", "/v1/transfers?after=garbage", token)
+    assert got == 400 and "'after' must be a transfer id" in err["error"]["message"], err
+    assert (
+        d.request("GET", "/v1/transfers?after=tr-20261202T000000000000-0000abcd", token)[0] == 200
+    )
     assert d.request("GET", "/v1/transfers/tr-nope", token)[0] == 404
     assert d.request("GET", "/v1/transfers?limit=0", token)[0] == 400
     assert d.request("GET", "/v1/transfers?state=bogus", token)[0] == 400

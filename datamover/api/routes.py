@@ -23,6 +23,7 @@ from datamover.api.validate import (
     query_int,
     query_seconds,
     query_text,
+    query_transfer_id,
     string,
     timestamp,
     version,
@@ -150,7 +151,7 @@ async def list_transfers(request: web.Request) -> web.Response:
         state=query_choice(request, "state", _STATES),
         kind=query_choice(request, "kind", ("push", "stage")),
         path_prefix=prefix,
-        after=query_text(request, "after", 200),
+        after=query_transfer_id(request, "after"),
         limit=limit,
     )
     next_cursor = rows[-1].id if len(rows) == limit else None
@@ -282,6 +283,7 @@ async def add_pin(request: web.Request) -> web.Response:
     body = await json_body(request, {"pin", "path", "version"}, {"pin", "path"})
     path = logical_path(body.get("path"))
     who = require(request, "write", path)
+    ctx.site.config.namespace.resolve(path)  # as for a transfer: a path this site cannot map
     pin = string(body, "pin", max_len=200)
     assert pin is not None
     row = await ctx.access.add_pin(pin, path, who.tenant, version(body.get("version")))
@@ -295,6 +297,8 @@ async def release_pin(request: web.Request) -> web.Response:
     ctx = context(request)
     who = require(request, "write")
     pin = path_text(request, "pin")
+    if request.query.get("tenant") == "":  # not "mine": a name that went missing on the way
+        raise InvalidInput("query parameter 'tenant' is empty; leave it out for your own")
     tenant = query_text(request, "tenant", 128) or who.tenant
     if who.allows("admin"):
         released = await ctx.access.release(pin, tenant)

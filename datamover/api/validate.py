@@ -7,6 +7,7 @@ silently ignored (`"prioirty": "job"`) is a request not honoured.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Any
 
@@ -26,7 +27,9 @@ async def json_body(request: web.Request, allowed: set[str], required: set[str])
         raise web.HTTPUnsupportedMediaType(reason="send the request body as application/json")
     raw = await request.read()
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, object_pairs_hook=_no_repeats)
+    except _Repeated as exc:
+        raise InvalidInput(f"field {exc.args[0]!r} appears twice in the request body") from None
     except (ValueError, UnicodeDecodeError):
         raise InvalidInput("request body is not valid JSON") from None
     except RecursionError:  # `[[[[...` within MAX_BODY goes deeper than the parser may
@@ -40,6 +43,21 @@ async def json_body(request: web.Request, allowed: set[str], required: set[str])
     if missing:
         raise InvalidInput(f"missing field {missing[0]!r}")
     return body
+
+
+class _Repeated(Exception):
+    """A JSON object names one key twice (which value counts is anyone's guess)."""
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    made = dict(pairs)
+    if len(made) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Repeated(key)
+            seen.add(key)
+    return made
 
 
 def string(body: dict, name: str, *, optional: bool = False, max_len: int = 4096) -> str | None:
@@ -107,6 +125,21 @@ def query_text(request: web.Request, name: str, max_len: int = 4096) -> str | No
     if not raw:
         return None
     return check_text(raw, f"query parameter {name!r}", max_len)
+
+
+_TRANSFER_ID = re.compile(r"tr-[0-9]{8}T[0-9]{12}-[0-9a-f]{8}")
+
+
+def query_transfer_id(request: web.Request, name: str) -> str | None:
+    """An optional transfer id (`tr-<time>-<hex>`, as `next` gives it) in the query."""
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    if not _TRANSFER_ID.fullmatch(raw):
+        raise InvalidInput(
+            f"query parameter {name!r} must be a transfer id (tr-...), as 'next' gives it"
+        )
+    return raw
 
 
 def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:

@@ -8,6 +8,7 @@ the change, so two workers can never both move one transfer out of the same stat
 from __future__ import annotations
 
 import enum
+import re
 from datetime import UTC, datetime, timedelta
 
 from datamover.errors import InvalidInput
@@ -112,6 +113,9 @@ def check_idempotency_key(key: str) -> str:
     return key
 
 
+_DATE_ONLY = re.compile(r"[0-9]{4}-?[0-9]{2}-?[0-9]{2}")
+
+
 def parse_time(value: object, what: str) -> datetime:
     """An RFC 3339 date-time string as an aware UTC datetime, else `InvalidInput` naming
     `what`. A time without an offset is taken as UTC; an offset is converted, not dropped;
@@ -119,6 +123,11 @@ def parse_time(value: object, what: str) -> datetime:
     if not isinstance(value, str):
         raise InvalidInput(f"{what} must be an RFC 3339 date-time string")
     text = value.strip()
+    if _DATE_ONLY.fullmatch(text):  # midnight where? a deadline needs its time of day
+        raise InvalidInput(
+            f"{what} {value!r} has no time of day: give an RFC 3339 date-time, such as "
+            f"{text}T00:00:00Z"
+        )
     if text[-1:] in ("Z", "z"):
         text = text[:-1] + "+00:00"
     try:
