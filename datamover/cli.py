@@ -80,6 +80,13 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
+def _local_or_no_wait(local: bool, no_wait: bool) -> None:
+    if local and no_wait:
+        raise click.UsageError(
+            "--no-wait submits to the daemon and --local runs here, waiting: choose one"
+        )
+
+
 @cli.command()
 @click.argument("logical_path")
 @click.option("--checksum", is_flag=True, help="Re-read every file instead of trusting size+mtime.")
@@ -99,6 +106,7 @@ def push(
     from datamover.config import load_config
     from datamover.transfer.push import push as do_push
 
+    _local_or_no_wait(local, no_wait)
     config = load_config(config_path)
     request = {"kind": "push", "path": logical_path, "priority": priority}
     if checksum:
@@ -169,6 +177,7 @@ def stage(
         parse_time(deadline, "--deadline")
     if wait and no_wait:
         raise click.UsageError("--wait and --no-wait contradict each other")
+    _local_or_no_wait(local, no_wait)
     config = load_config(config_path)
     request: dict[str, Any] = {"kind": "stage", "path": logical_path, "priority": priority}
     for key, value in (("version", version), ("pin", pin), ("deadline", deadline)):

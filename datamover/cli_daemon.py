@@ -12,7 +12,7 @@ import click
 
 from datamover.cli import Bar, cli, common, emit_json, human_bytes, run_with_site
 from datamover.config import Config, load_config
-from datamover.errors import InvalidInput, TransientError
+from datamover.errors import Interrupted, InvalidInput, TransientError
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,13 @@ def _follow(client: Any, transfer: dict[str, Any], as_json: bool) -> dict[str, A
             seen.update(files=t["files_done"], bytes=t["bytes_done"])
 
         # A progress bar wants an answer twice a second; a script or hook only the end.
-        return client.wait(transfer["id"], update, hold=0.5 if bar.enabled else 20.0)
+        try:
+            return client.wait(transfer["id"], update, hold=0.5 if bar.enabled else 20.0)
+        except KeyboardInterrupt:
+            raise Interrupted(
+                f"interrupted; transfer {transfer['id']} goes on in the daemon (`datamover "
+                f"transfer cancel {transfer['id']}` stops it)"
+            ) from None
 
 
 def through_daemon(
@@ -65,7 +71,10 @@ def through_daemon(
         final = _follow(client, transfer, as_json)
     if final["state"] != "succeeded":
         raise transfer_error(final)
-    return {**(final.get("result") or {}), "transfer": final["id"]}
+    result = {**(final.get("result") or {}), "transfer": final["id"]}
+    if final.get("pin"):  # still there: a release meanwhile takes it off the transfer
+        result["pin"] = final["pin"]
+    return result
 
 
 async def _local_tenant(config: Config, site: Any) -> str | None:
@@ -106,12 +115,14 @@ def stage_locally(config: Config, request: dict[str, Any], as_json: bool) -> dic
                 checksum=bool(request.get("checksum")),
                 progress=bar,
             )
+        done = result.to_json()
         if request.get("pin"):
             tenant = await _local_tenant(config, site) or "local"
             await Access(site.catalog.engine).add_pin(
                 request["pin"], result.dataset, tenant, result.version
             )
-        return result.to_json()
+            done["pin"] = request["pin"]
+        return done
 
     return run_with_site(config, work)
 

@@ -86,6 +86,13 @@ class CatalogError(DatamoverError):
     exit_code = 8
 
 
+class Interrupted(DatamoverError):
+    """The user interrupted the command (Ctrl-C); the message says what goes on without it."""
+
+    code = "interrupted"
+    exit_code = 130
+
+
 class Cancelled(DatamoverError):
     """The transfer was cancelled (`DELETE /v1/transfers/{id}`): someone decided it should
     not run, so a hook that waited for it fails rather than submitting it again."""

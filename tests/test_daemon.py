@@ -9,6 +9,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -234,6 +235,42 @@ async def test_idempotent_post(served_site: StartSite) -> None:
     assert s4 == 201 and other["id"] != first["id"]
 
 
+async def test_ctrl_c_while_waiting_says_the_transfer_goes_on(
+    served_site: StartSite, make_site: MakeSite
+) -> None:
+    """Interrupting `stage --wait` stops the waiting, not the transfer: the one line says so
+    and how to stop it, and the daemon finishes the stage."""
+    d, token = await slow_site(served_site, make_site)
+    with_token(d.env, token)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    cmd = [sys.executable, "-m", "datamover", "stage", "/proj/slow", "--wait"]
+    waiting = subprocess.Popen(
+        [*cmd, "--config", str(d.env.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not (listed := d.request("GET", "/v1/transfers", token)[1]["transfers"]):
+            assert time.monotonic() < deadline, "the stage was not submitted"
+            await asyncio.sleep(0.05)
+        await until_running(d, token, listed[0]["id"])
+        waiting.send_signal(signal.SIGINT)
+        _, err = waiting.communicate(timeout=30)
+    finally:
+        if waiting.poll() is None:
+            waiting.kill()
+    tid = listed[0]["id"]
+    assert waiting.returncode == 130
+    assert err == (
+        f"datamover: error: interrupted; transfer {tid} goes on in the daemon "
+        f"(`datamover transfer cancel {tid}` stops it)\n"
+    )
+    assert d.wait(tid, token)["state"] == "succeeded"
+
+
 async def test_cancel_queued_and_running(served_site: StartSite, make_site: MakeSite) -> None:
     d, token = await slow_site(served_site, make_site)
     _, running = d.request("POST", "/v1/transfers", token, {"kind": "stage", "path": "/proj/slow"})
@@ -284,6 +321,7 @@ async def test_hook_pair_end_to_end(served_site: StartSite, make_site: MakeSite)
     assert staged.returncode == 0, staged.stderr
     result = json.loads(staged.stdout)
     assert result["transfer"].startswith("tr-") and result["files"] == 14
+    assert result["pin"] == "slurm-1234"
     assert snapshot(d.env.data / "run1") == snapshot(a.data / "run1")
     _, replicas = d.request("GET", "/v1/replicas", token_file.read_text())
     assert replicas["replicas"][0]["pins"] == ["slurm-1234"]
@@ -514,6 +552,7 @@ async def test_a_pin_made_without_the_daemon_is_the_tenant_of_the_clis_token(
         await site.close()
     staged = with_token(b, secret).cli("stage", "/proj/run1", "--pin", "slurm-9", "--json")
     assert staged.returncode == 0, staged.stderr
+    assert json.loads(staged.stdout)["pin"] == "slurm-9"
 
     async def pins() -> list[tuple[str, str]]:
         site = await b.open()

@@ -114,6 +114,8 @@ async def test_the_cli_checks_pins_deadlines_tenants_keys_and_tokens(make_site: 
     fails(a, "stage", "/proj/x", "--deadline", "garbage", "--local", code=2, says="--deadline")
     fails(a, "stage", "/proj/x", "--deadline", "0001-01-01T00:00:00", code=2, says="1970")
     fails(a, "stage", "/proj/x", "--pin", "a\tb", "--local", code=2, says="--pin contains")
+    fails(a, "stage", "/proj/x", "--local", "--no-wait", code=2, says="choose one")
+    fails(a, "push", "/proj/x", "--local", "--no-wait", code=2, says="choose one")
     fails(a, "release", "--pin", "a\nb", "--local", code=2, says="--pin contains")
     fails(a, "release", "--pin", "a", "--tenant", " ", "--local", code=2, says="--tenant must not")
     fails(a, "release", "--pin", "a", "--tenant", "x\ty", code=2, says="--tenant contains")
