@@ -143,6 +143,28 @@ async def test_s3_malformed_region_is_invalid_input(store_factory: StoreFactory)
         assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("fault", ["profile", "config file"])
+async def test_a_refused_aws_profile_or_config_file_is_invalid_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: str
+) -> None:
+    # Before: botocore's ProfileNotFound / ConfigParseError, raised while the client's data
+    # loader was looked up (before the guarded client creation): "internal error", exit 70.
+    if fault == "profile":
+        monkeypatch.setenv("AWS_PROFILE", "no-such-profile")
+        names = "no-such-profile"
+    else:
+        names = str(tmp_path / "aws-config")
+        (tmp_path / "aws-config").write_text("[default\n")
+        monkeypatch.setenv("AWS_CONFIG_FILE", names)
+    store = S3Store("http://127.0.0.1:9", "bucket", access_key="k", secret_key="s")
+    try:
+        with pytest.raises(InvalidInput, match="cannot set up an S3 client") as err:
+            await store.check()
+        assert names in str(err.value) and "\n" not in str(err.value)
+    finally:
+        await store.close()
+
+
 def test_cli_names_a_malformed_endpoint_in_one_line(tmp_path: Path) -> None:
     config = tmp_path / "site.toml"
     config.write_text(

@@ -286,8 +286,9 @@ class S3Store:
                 if self._client is None:
                     stack = contextlib.AsyncExitStack()
                     session = AioSession()
-                    session.register_component("data_loader", _shared_loader(session))
                     try:
+                        # botocore reads the AWS config file and the profile lazily, here first.
+                        session.register_component("data_loader", _shared_loader(session))
                         self._client = await stack.enter_async_context(
                             session.create_client(
                                 "s3",
