@@ -156,6 +156,10 @@ def _coerce(source: str, where: str, raw: Any, kind: Any) -> Any:
         if kind is str:
             if not isinstance(raw, str):
                 raise ValueError
+            if "\0" in raw:
+                # No setting can hold one (a path with it cannot be opened): say which, and
+                # not the value, which may be a secret.
+                raise InvalidInput(f"{source}: {where} contains a NUL character")
             return raw
     except (TypeError, ValueError):
         pass

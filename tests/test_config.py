@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,37 @@ def test_unreadable_config_is_one_clear_error(tmp_path: Path) -> None:
     loop.symlink_to(loop)  # reading it fails with ELOOP, an OSError of its own
     with pytest.raises(InvalidInput, match="cannot be read: Too many levels of symbolic links"):
         load_config(loop, env={})
+
+
+_P = "[site]\nname='a'\nstate_dir='/tmp/s'\n[store]\nbucket='b'\n[namespace]\n'/proj'='/tmp/p'\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            _P.replace("'/tmp/p'", '"/tmp/x\\u0000y"'),
+            "[namespace] '/proj' maps to a path with a NUL",
+        ),
+        (_P.replace("'/tmp/s'", '"/tmp/x\\u0000y"'), "[site] state_dir contains a NUL character"),
+        (_P.replace("'/tmp/s'", '"x\\u0000y"'), "[site] state_dir contains a NUL character"),
+        (_P + '[api]\ntoken_file = "x\\u0000y"\n', "[api] token_file contains a NUL character"),
+        (
+            _P.replace("state_dir", 'catalog = "sqlite:///x\\u0000y"\nstate_dir'),
+            "[site] catalog contains a NUL character",
+        ),
+        (
+            _P.replace("state_dir", 'catalog = "sqlite:////tmp/x\\u0000y"\nstate_dir'),
+            "[site] catalog contains a NUL character",
+        ),
+    ],
+    ids=["namespace", "state_dir", "relative state_dir", "token_file", "catalog", "abs catalog"],
+)
+def test_a_nul_in_a_path_setting_is_named(tmp_path: Path, text: str, message: str) -> None:
+    # Before: a relative one raised "ValueError: embedded null byte" (an internal error, exit
+    # 70) while made absolute; an absolute one was accepted and failed at its first use.
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidInput, match=re.escape(message)) as info:
+        load_config(path, env={})
+    assert str(info.value).startswith(f"{path}: ")

@@ -39,6 +39,10 @@ class Namespace:
                     f"{prefix!r}; keep one"
                 )
             keys[prefix] = logical
+            if "\0" in str(local):
+                raise InvalidInput(
+                    f"{source}: [namespace] {logical!r} maps to a path with a NUL character"
+                )
             path = Path(local)
             if not path.is_absolute():
                 raise InvalidInput(
