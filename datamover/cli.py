@@ -352,7 +352,13 @@ def _catalog_call(url: str, call: Callable[[], T]) -> T:
 
 
 @cli.command()
-@click.option("--files", default=2000, show_default=True, help="Small files to generate.")
+@click.option(
+    "--files",
+    type=click.IntRange(min=0),
+    default=2000,
+    show_default=True,
+    help="Small files to generate.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
 def demo(files: int, as_json: bool) -> None:
     """Push a generated tree at site A and stage it at site B through an embedded SeaweedFS."""

@@ -44,6 +44,7 @@ def generate_tree(root: Path, files: int, seed: int = 42) -> int:
     and a symlink; return the bytes written."""
     rng = random.Random(seed)
     total = 0
+    root.mkdir(parents=True, exist_ok=True)  # made by the first small file, if there is one
     for i in range(files):
         d = root / f"lig{i // 100:04d}"
         if i % 100 == 0:

@@ -266,6 +266,26 @@ def _processes_under(path: Path) -> list[int]:
     return found
 
 
+def test_a_demo_of_no_small_files_runs_and_a_negative_count_is_a_usage_error(
+    tmp_path: Path,
+) -> None:
+    # Before: `--files 0` (and -1) failed with "No such file or directory: .../trajectory.bin",
+    # the tree's directory being made only by its first small file.
+    from datamover.demo import generate_tree
+
+    assert generate_tree(tmp_path / "run1", 0) == 24 << 20
+    assert sorted(p.name for p in (tmp_path / "run1").iterdir()) == ["latest", "trajectory.bin"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "datamover", "demo", "--files", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "'--files': -1 is not in the range" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and "starting" not in proc.stdout
+
+
 def test_a_terminated_demo_stops_its_server_and_removes_its_directory(tmp_path: Path) -> None:
     # `timeout 60 datamover demo`, a CI job's time limit, `kill`: SIGTERM ended the process
     # without unwinding, so the SeaweedFS it started (in a process group of its own) kept
