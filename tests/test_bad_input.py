@@ -348,3 +348,26 @@ async def test_unreadable_file_is_named(make_site: MakeSite, monkeypatch) -> Non
         assert await site.repo.latest("/proj/x") is None
     finally:
         await site.close()
+
+
+@pytest.mark.parametrize("below", [False, True], ids=["a file", "below a file"])
+async def test_a_namespace_directory_that_is_a_file_is_named(
+    make_site: MakeSite, below: bool
+) -> None:
+    # Before: stage said "File exists: '.../nsfile'" (exit 1), or "Not a directory" below
+    # one; push and verify said "does not exist" below one (exit 3).
+    a = await make_site("site-a")
+    make_tree(a.data / "x", files=2)
+    a.cli_json("push", "/proj/x")
+    b = await make_site("site-b")
+    nsfile = b.data.parent / "nsfile"
+    nsfile.write_text("x")
+    base = nsfile / "sub" if below else nsfile
+    text = b.config_path.read_text()
+    b.config_path.write_text(text.replace(json.dumps(str(b.data)), json.dumps(str(base))))
+    says = f"{base}: is not a directory ([namespace] maps the dataset there)"
+    for command in ("stage", "push"):
+        fails(b, command, "/proj/x", code=2, says=says)
+    checked = b.cli("verify", "/proj/x", "--json")  # a mismatch it reports, as it did
+    assert checked.returncode == 1 and says in checked.stdout, checked
+    assert nsfile.read_text() == "x"

@@ -204,6 +204,11 @@ def open_dir(name: str, parent_fd: int, shown: str) -> int:
         raise
 
 
+def _not_a_directory(base: Path) -> InvalidInput:
+    """The error for a configured namespace directory that is a file (or lies below one)."""
+    return InvalidInput(f"{base}: is not a directory ([namespace] maps the dataset there)")
+
+
 def check_root(base: Path, parts: Sequence[str]) -> None:
     """Check that the dataset directory `base/parts...` exists as stage would write it: every
     component below the configured directory `base` (trusted site configuration, which may
@@ -217,12 +222,14 @@ def check_root(base: Path, parts: Sequence[str]) -> None:
     missing = f"{base.joinpath(*parts)}: the dataset's local directory does not exist"
     try:
         base_mode = os.stat(base).st_mode
-    except (FileNotFoundError, NotADirectoryError):
+    except FileNotFoundError:
         raise NotFound(missing) from None
+    except NotADirectoryError:
+        raise _not_a_directory(base) from None  # it lies below a file
     except PermissionError as exc:
         raise denied(str(base), exc) from None
     if not stat.S_ISDIR(base_mode):
-        raise InvalidInput(f"{base}: is not a directory ([namespace] maps the dataset there)")
+        raise _not_a_directory(base)
     path = base
     for name in parts:
         path = path / name
@@ -256,6 +263,9 @@ def open_root(base: Path, components: Sequence[str], create: bool = True) -> int
         fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except PermissionError as exc:
         raise denied(shown, exc) from None
+    except (FileExistsError, NotADirectoryError):
+        # mkdir's answer when `base`, or a directory it would be made in, is a file.
+        raise _not_a_directory(base) from None
     try:
         for name in components:
             shown = os.path.join(shown, name)
