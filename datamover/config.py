@@ -29,6 +29,7 @@ from typing import Any, get_type_hints
 from datamover.domain.ids import check_site_name
 from datamover.domain.namespace import Namespace
 from datamover.errors import InvalidInput
+from datamover.storage.s3_settings import check_endpoint, check_key_setting
 
 MiB = 1 << 20
 
@@ -262,6 +263,11 @@ def parse_config(
     def where(key: str) -> Path:
         return here if key in env else base
 
+    def origin(section: str, key: str) -> str:
+        """`[section] key` for messages, as where its value came from."""
+        name = f"DATAMOVER_{section.upper()}_{key.upper()}"
+        return f"environment: {name}" if name in env else f"{source}: [{section}] {key}"
+
     unknown = sorted(set(data) - {*_SECTIONS, "namespace"})
     if unknown:
         raise InvalidInput(f"{source}: unknown section [{unknown[0]}]")
@@ -287,11 +293,17 @@ def parse_config(
     store: StoreSettings = sections["store"]
     if not store.bucket:
         raise InvalidInput(f"{source}: [store] bucket is required")
-    store = dataclasses.replace(
-        store,
-        access_key=store.access_key or env.get("AWS_ACCESS_KEY_ID", ""),
-        secret_key=store.secret_key or env.get("AWS_SECRET_ACCESS_KEY", ""),
-    )
+    if store.endpoint:
+        check_endpoint(store.endpoint, origin("store", "endpoint"))
+    for key, fallback in (
+        ("access_key", "AWS_ACCESS_KEY_ID"),
+        ("secret_key", "AWS_SECRET_ACCESS_KEY"),
+    ):
+        if getattr(store, key):
+            check_key_setting(getattr(store, key), origin("store", key))
+        elif env.get(fallback):
+            check_key_setting(env[fallback], f"environment: {fallback}")
+            store = dataclasses.replace(store, **{key: env[fallback]})
     for key in ("connect_timeout", "read_timeout"):
         if getattr(store, key) <= 0:
             raise InvalidInput(f"{source}: [store] {key} must be more than 0 seconds")

@@ -194,3 +194,56 @@ def test_a_nul_in_a_path_setting_is_named(tmp_path: Path, text: str, message: st
     with pytest.raises(InvalidInput, match=re.escape(message)) as info:
         load_config(path, env={})
     assert str(info.value).startswith(f"{path}: ")
+
+
+_S = "[site]\nname='a'\n[store]\nbucket='b'\naccess_key='k'\nsecret_key='s'\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        (_S + "endpoint='http://user:pw@127.0.0.1:9'\n", {}, "[store] endpoint must not hold"),
+        (_S + "endpoint='https://:pw@s3.example.org'\n", {}, "[store] endpoint must not hold"),
+        (_S + "endpoint='http://127.0.0.1:21218/some/path'\n", {}, "[store] endpoint 'http"),
+        (_S + "endpoint='http://127.0.0.1:21218/?x=1'\n", {}, "has a path, a query"),
+        (_S + 'endpoint="http://127.0.0.1:9\\n"\n', {}, "contains a control character"),
+        (_S, {"DATAMOVER_STORE_ENDPOINT": "http://u:pw@h"}, "DATAMOVER_STORE_ENDPOINT must not"),
+        (_S.replace("'k'", '"AKIA\\n"'), {}, "[store] access_key contains a control character"),
+        (_S.replace("'s'", '"pw\\u0007"'), {}, "[store] secret_key contains a control character"),
+        (
+            _S.replace("access_key='k'\n", ""),
+            {"AWS_ACCESS_KEY_ID": "AKIA\t"},
+            "environment: AWS_ACCESS_KEY_ID contains a control character",
+        ),
+    ],
+    ids=[
+        "user:pw",
+        ":pw",
+        "path",
+        "query",
+        "newline",
+        "user:pw from the environment",
+        "access_key",
+        "secret_key",
+        "AWS_ACCESS_KEY_ID",
+    ],
+)
+def test_store_settings_that_no_request_can_carry_are_named_without_secrets(
+    tmp_path: Path, text: str, env: dict[str, str], message: str
+) -> None:
+    # Before: accepted, then every request failed ("Potential header injection attack",
+    # "Cannot combine AUTHORIZATION header with ... credentials encoded in URL") and was
+    # retried as a store outage (exit 6), the password in every line; a path was sent on.
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidInput, match=re.escape(message)) as info:
+        load_config(path, env=env)
+    assert "pw" not in str(info.value) and "AKIA" not in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:8333", "https://s3.example.org/"])
+def test_an_endpoint_of_host_and_port_is_accepted(tmp_path: Path, endpoint: str) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD.replace("http://127.0.0.1:8333", endpoint))
+    assert load_config(path, env={}).store.endpoint == endpoint

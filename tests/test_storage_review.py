@@ -117,6 +117,8 @@ _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
         "htp://127.0.0.1:8333",
         "http://127.0.0.1:port",
         "http://[::1",
+        "http://127.0.0.1:8333/some/path",
+        "http://127.0.0.1:8333?x=1",
     ],
 )
 def test_s3_malformed_endpoint_is_invalid_input(endpoint: str) -> None:
@@ -190,6 +192,55 @@ def test_cli_names_a_malformed_endpoint_in_one_line(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr  # was 70, "internal error (ValueError: ...)"
     assert proc.stderr.count("\n") == 1
     assert "'127.0.0.1:8333'" in proc.stderr and "internal error" not in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("good", "bad", "says"),
+    [
+        ("http://127.0.0.1:9", "http://user:pw@127.0.0.1:9", "[store] endpoint must not hold"),
+        ('"a"', '"AKIA\\n"', "[store] access_key contains a control character"),
+    ],
+    ids=["endpoint", "access_key"],
+)
+def test_cli_refuses_store_settings_no_request_can_carry(
+    tmp_path: Path, good: str, bad: str, says: str
+) -> None:
+    # Before: four retries logged as WARNINGs, then exit 6 "unavailable ... Potential header
+    # injection attack" (or "credentials encoded in URL"), the password on every line.
+    config = tmp_path / "site.toml"
+    text = (
+        "[site]\n"
+        'name = "s1"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        "[store]\n"
+        'endpoint = "http://127.0.0.1:9"\n'
+        'bucket = "datamover"\n'
+        'access_key = "a"\n'
+        'secret_key = "b"\n'
+        "[namespace]\n"
+        f'"/proj" = "{tmp_path}"\n'
+    )
+    config.write_text(text.replace(good, bad, 1))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "datamover", "ls", "/proj", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and says in proc.stderr
+    assert "pw" not in proc.stderr and "AKIA" not in proc.stderr
+
+
+def test_s3_store_refuses_a_key_with_a_control_character_without_showing_it() -> None:
+    with pytest.raises(InvalidInput, match="S3 secret key contains a control") as err:
+        S3Store("http://127.0.0.1:8333", "bucket", access_key="k", secret_key="pw\r")
+    assert "pw" not in str(err.value)
+    with pytest.raises(InvalidInput, match="must not hold a user name") as err:
+        S3Store("http://u:pw@127.0.0.1:8333", "bucket")
+    assert "pw" not in str(err.value)
 
 
 # -- ranged GETs never come back short ----------------------------------------------------

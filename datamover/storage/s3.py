@@ -31,7 +31,6 @@ import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, NoReturn
-from urllib.parse import urlsplit
 
 import aiohttp
 import botocore.exceptions as bce
@@ -52,6 +51,7 @@ from datamover.errors import (
 from datamover.storage.base import ObjectInfo, check_key, check_prefix, check_range
 from datamover.storage.body import Body, crc32
 from datamover.storage.direct import DirectGetter, proxied, range_mismatch
+from datamover.storage.s3_settings import check_endpoint, check_key_setting
 
 MiB = 1 << 20
 MIN_PART = 5 * MiB  # S3's smallest part (all but the last); SeaweedFS enforces it too
@@ -142,7 +142,9 @@ class S3Store:
                 f"S3 bucket name {bucket!r} is not valid: use 1-255 letters, digits, '.', '-', '_'"
             )
         if endpoint is not None:
-            _check_endpoint(endpoint)
+            check_endpoint(endpoint, "S3 endpoint")
+        check_key_setting(access_key or "", "S3 access key")
+        check_key_setting(secret_key or "", "S3 secret key")
         if multipart_chunk < MIN_PART:
             raise InvalidInput(
                 f"multipart_chunk {multipart_chunk} is below S3's minimum {MIN_PART}"
@@ -540,22 +542,6 @@ def _pass_bodies_through(client: Any) -> None:
     for op in ("PutObject", "UploadPart"):
         client.meta.events.unregister(
             f"before-parameter-build.s3.{op}", botocore.handlers.convert_body_to_file_like_object
-        )
-
-
-def _check_endpoint(endpoint: str) -> None:
-    """Raise `InvalidInput` unless `endpoint` is an http(s) URL with a host and a valid port
-    (botocore's own refusals are a `ValueError` or an error at the first request)."""
-    try:
-        parts = urlsplit(endpoint)
-        ok = parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
-        parts.port  # noqa: B018 (raises ValueError for a port that is not a number in range)
-    except ValueError:
-        ok = False
-    if not ok:
-        raise InvalidInput(
-            f"S3 endpoint {endpoint!r} is not a URL like https://s3.example.org or "
-            "http://127.0.0.1:8333"
         )
 
 
