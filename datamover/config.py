@@ -5,8 +5,9 @@ case), e.g. `DATAMOVER_STORE_ENDPOINT`. The namespace map can be replaced as a w
 `DATAMOVER_NAMESPACE="/proj=/data/proj,/scratch=/tmp/scratch"`. Store credentials fall back to
 the usual `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` when absent from both.
 
-A bad file or value raises `InvalidInput` with one line naming the file, the key and what is
-wrong; unknown keys are errors too, because a typo silently ignored is a setting not applied.
+A bad file or value raises `InvalidInput` with one line naming the file and the key, or the
+variable that set it, and what is wrong; unknown keys are errors too, because a typo silently
+ignored is a setting not applied.
 
 Relative paths in a file (`[site] state_dir`, a `sqlite:///` catalog, `[api] token_file`) are
 relative to the file's directory, so every process reading it, whatever its working
@@ -264,9 +265,16 @@ def parse_config(
         return here if key in env else base
 
     def origin(section: str, key: str) -> str:
-        """`[section] key` for messages, as where its value came from."""
+        """`[section] key` for messages, as where its value came from: the variable that
+        overrides it, else the file."""
         name = f"DATAMOVER_{section.upper()}_{key.upper()}"
         return f"environment: {name}" if name in env else f"{source}: [{section}] {key}"
+
+    def required(section: str, key: str) -> InvalidInput:
+        name = f"DATAMOVER_{section.upper()}_{key.upper()}"
+        if name in env:
+            return InvalidInput(f"environment: {name} is empty; [{section}] {key} is required")
+        return InvalidInput(f"{source}: [{section}] {key} is required")
 
     unknown = sorted(set(data) - {*_SECTIONS, "namespace"})
     if unknown:
@@ -278,11 +286,11 @@ def parse_config(
     sections = {name: _section(source, name, data.get(name, {}), env) for name in _SECTIONS}
     site: SiteSettings = sections["site"]
     if not site.name:
-        raise InvalidInput(f"{source}: [site] name is required")
+        raise required("site", "name")
     try:
         check_site_name(site.name)
     except InvalidInput as exc:
-        raise InvalidInput(f"{source}: [site] name: {exc}") from None
+        raise InvalidInput(f"{origin('site', 'name')}: {exc}") from None
     state_dir = _absolute(
         site.state_dir or _default_state_dir(site.name, env), where("DATAMOVER_SITE_STATE_DIR")
     )
@@ -292,7 +300,7 @@ def parse_config(
 
     store: StoreSettings = sections["store"]
     if not store.bucket:
-        raise InvalidInput(f"{source}: [store] bucket is required")
+        raise required("store", "bucket")
     if store.endpoint:
         check_endpoint(store.endpoint, origin("store", "endpoint"))
     for key, fallback in (
@@ -306,12 +314,15 @@ def parse_config(
             store = dataclasses.replace(store, **{key: env[fallback]})
     for key in ("connect_timeout", "read_timeout"):
         if getattr(store, key) <= 0:
-            raise InvalidInput(f"{source}: [store] {key} must be more than 0 seconds")
+            raise InvalidInput(f"{origin('store', key)} must be more than 0 seconds")
+    for key in ("max_connections", "retry_attempts"):
+        if getattr(store, key) < 1:
+            raise InvalidInput(f"{origin('store', key)} must be at least 1")
     transfer: TransferSettings = sections["transfer"]
     if transfer.compression not in ("auto", "never"):
-        raise InvalidInput(f"{source}: [transfer] compression must be 'auto' or 'never'")
+        raise InvalidInput(f"{origin('transfer', 'compression')} must be 'auto' or 'never'")
     if not 1 * MiB <= transfer.pack_size <= 1024 * MiB:
-        raise InvalidInput(f"{source}: [transfer] pack_size must be between 1 MiB and 1 GiB")
+        raise InvalidInput(f"{origin('transfer', 'pack_size')} must be between 1 MiB and 1 GiB")
     for key in (
         "upload_concurrency",
         "download_concurrency",
@@ -320,14 +331,14 @@ def parse_config(
         "batch_bytes",
     ):
         if getattr(transfer, key) < 1:
-            raise InvalidInput(f"{source}: [transfer] {key} must be at least 1")
+            raise InvalidInput(f"{origin('transfer', key)} must be at least 1")
     for key in ("read_workers", "coalesce_gap", "bandwidth_limit"):
         if getattr(transfer, key) < 0:
-            raise InvalidInput(f"{source}: [transfer] {key} must not be negative")
+            raise InvalidInput(f"{origin('transfer', key)} must not be negative")
     if transfer.write_workers < -1:
-        raise InvalidInput(f"{source}: [transfer] write_workers must be -1 (none), 0 or more")
+        raise InvalidInput(f"{origin('transfer', 'write_workers')} must be -1 (none), 0 or more")
     if not 1 <= transfer.zstd_level <= 22:
-        raise InvalidInput(f"{source}: [transfer] zstd_level must be between 1 and 22")
+        raise InvalidInput(f"{origin('transfer', 'zstd_level')} must be between 1 and 22")
     api: ApiSettings = sections["api"]
     api = dataclasses.replace(
         api, token_file=_absolute(api.token_file, where("DATAMOVER_API_TOKEN_FILE"))
@@ -335,9 +346,10 @@ def parse_config(
     if api.listen:
         host, sep, port = api.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise InvalidInput(f"{source}: [api] listen must be host:port, not {api.listen!r}")
-    if api.workers < 1 or api.lease_seconds < 1 or api.max_attempts < 1:
-        raise InvalidInput(f"{source}: [api] workers, lease_seconds, max_attempts must be >= 1")
+            raise InvalidInput(f"{origin('api', 'listen')} must be host:port, not {api.listen!r}")
+    for key in ("workers", "lease_seconds", "max_attempts"):
+        if getattr(api, key) < 1:
+            raise InvalidInput(f"{origin('api', key)} must be at least 1")
     return Config(
         site=site,
         store=store,

@@ -247,3 +247,49 @@ def test_an_endpoint_of_host_and_port_is_accepted(tmp_path: Path, endpoint: str)
     path = tmp_path / "site.toml"
     path.write_text(GOOD.replace("http://127.0.0.1:8333", endpoint))
     assert load_config(path, env={}).store.endpoint == endpoint
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_A + "retry_attempts = 0\n", "[store] retry_attempts must be at least 1"),
+        (_A + "max_connections = 0\n", "[store] max_connections must be at least 1"),
+        (_A + "[api]\nmax_attempts = 0\n", "[api] max_attempts must be at least 1"),
+    ],
+)
+def test_store_and_api_counts_are_named(tmp_path: Path, text: str, message: str) -> None:
+    # Before: retry_attempts = 0 was "bad retry settings attempts=0 initial=0.2" from the
+    # store's wrapper, naming no setting; max_connections = 0 was botocore's own complaint.
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidInput, match=re.escape(f"{path}: {message}")):
+        load_config(path, env={})
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("DATAMOVER_STORE_RETRY_ATTEMPTS", "0", " must be at least 1"),
+        ("DATAMOVER_TRANSFER_PACK_SIZE", "-1", " must be between 1 MiB and 1 GiB"),
+        ("DATAMOVER_TRANSFER_ZSTD_LEVEL", "0", " must be between 1 and 22"),
+        ("DATAMOVER_TRANSFER_COMPRESSION", "lz4", " must be 'auto' or 'never'"),
+        ("DATAMOVER_STORE_READ_TIMEOUT", "0", " must be more than 0 seconds"),
+        ("DATAMOVER_API_WORKERS", "0", " must be at least 1"),
+        ("DATAMOVER_API_LISTEN", "nowhere", " must be host:port"),
+        ("DATAMOVER_SITE_NAME", "", " is empty; [site] name is required"),
+        ("DATAMOVER_SITE_NAME", "A B", ": invalid site name"),
+        ("DATAMOVER_STORE_BUCKET", "", " is empty; [store] bucket is required"),
+    ],
+)
+def test_a_bad_value_from_the_environment_is_blamed_on_its_variable(
+    tmp_path: Path, name: str, value: str, message: str
+) -> None:
+    # Before: "<file>: [transfer] pack_size must be ...", "<file>: [site] name is required":
+    # the file was blamed for what the environment set.
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD)
+    with pytest.raises(
+        InvalidInput, match="^" + re.escape(f"environment: {name}{message}")
+    ) as info:
+        load_config(path, env={name: value})
+    assert str(path) not in str(info.value)
