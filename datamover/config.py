@@ -33,6 +33,10 @@ from datamover.errors import InvalidInput
 from datamover.storage.s3_settings import check_endpoint, check_key_setting
 
 MiB = 1 << 20
+#: Most `[transfer] read_workers` / `write_workers`: each is a process of its own, and past a
+#: few per core they only contend for the file system; a fixed bound (not one per core) so
+#: one config file means the same on every host that reads it.
+MAX_WORKERS = 256
 
 
 @dataclass(frozen=True)
@@ -337,6 +341,12 @@ def parse_config(
             raise InvalidInput(f"{origin('transfer', key)} must not be negative")
     if transfer.write_workers < -1:
         raise InvalidInput(f"{origin('transfer', 'write_workers')} must be -1 (none), 0 or more")
+    for key in ("read_workers", "write_workers"):
+        if getattr(transfer, key) > MAX_WORKERS:
+            raise InvalidInput(
+                f"{origin('transfer', key)} must be at most {MAX_WORKERS} (processes; 0: one "
+                "or two per core)"
+            )
     if not 1 <= transfer.zstd_level <= 22:
         raise InvalidInput(f"{origin('transfer', 'zstd_level')} must be between 1 and 22")
     api: ApiSettings = sections["api"]

@@ -80,6 +80,8 @@ _T = "[site]\nname='a'\n[store]\nbucket='b'\n[transfer]\n"
         (_T + "zstd_level = 23\n", "zstd_level must be between 1 and 22"),
         (_T + "write_workers = -2\n", "write_workers must be -1"),
         (_T + "read_workers = -1\n", "read_workers must not be negative"),
+        (_T + "read_workers = 100000\n", "read_workers must be at most 256"),
+        (_T + "write_workers = 257\n", "write_workers must be at most 256"),
         (_T + "bandwidth_limit = -5\n", "bandwidth_limit must not be negative"),
         (_T + "batch_bytes = 0\n", "batch_bytes must be at least 1"),
         (_T + "pack_size = 1024\n", "pack_size must be between 1 MiB and 1 GiB"),
@@ -293,3 +295,10 @@ def test_a_bad_value_from_the_environment_is_blamed_on_its_variable(
     ) as info:
         load_config(path, env={name: value})
     assert str(path) not in str(info.value)
+
+
+def test_the_most_workers_are_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD + "[transfer]\nread_workers = 256\nwrite_workers = 256\n")
+    cfg = load_config(path, env={})
+    assert (cfg.transfer.read_workers, cfg.transfer.write_workers) == (256, 256)
