@@ -16,11 +16,10 @@ import json
 import os
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
-from datamover.config import Config
+from datamover.config import Config, read_regular_file
 from datamover.errors import (
     HTTP_STATUS,
     Cancelled,
@@ -58,14 +57,15 @@ def _checked_token(token: str, source: str) -> str | None:
 def load_token(config: Config) -> str | None:
     """The CLI's token: `DATAMOVER_TOKEN`, else the file named by `[api] token_file`.
 
-    Raises `InvalidInput` when the file cannot be read or the token holds characters an
-    HTTP header cannot carry (a newline, a space, non-ASCII)."""
+    Raises `InvalidInput` when the file cannot be read, is not a regular file or is empty, or
+    the token holds characters an HTTP header cannot carry (a newline, a space, non-ASCII)."""
     token = os.environ.get("DATAMOVER_TOKEN")
     if token:
         return _checked_token(token, "DATAMOVER_TOKEN")
     if config.api.token_file:
+        shown = f"the token file {config.api.token_file!r}"
         try:
-            text = Path(config.api.token_file).read_text(encoding="utf-8")
+            text = read_regular_file(config.api.token_file, shown).decode()
         except UnicodeDecodeError:
             raise InvalidInput(
                 f"the token file {config.api.token_file!r} is not UTF-8 text"
@@ -74,6 +74,8 @@ def load_token(config: Config) -> str | None:
             raise InvalidInput(
                 f"cannot read the token file {config.api.token_file!r}: {exc.strerror}"
             ) from None
+        if not text.strip():
+            raise InvalidInput(f"{shown} is empty")
         return _checked_token(text, f"token file {config.api.token_file!r}")
     return None
 

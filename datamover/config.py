@@ -21,6 +21,7 @@ import dataclasses
 import math
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -370,6 +371,26 @@ def parse_config(
     )
 
 
+def read_regular_file(path: str | Path, what: str) -> bytes:
+    """The bytes of `path`, which must be a regular file: `InvalidInput` naming `what`
+    otherwise, since a FIFO would block the reader until someone writes to it and a device
+    may never end. Opened without blocking, so a FIFO is refused, not waited on; other
+    `OSError`s are the caller's to name."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise InvalidInput(f"{what} is a directory")
+        if not stat.S_ISREG(mode):
+            raise InvalidInput(f"{what} is not a regular file (a FIFO, a socket or a device)")
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
+        return handle.read()
+
+
 def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
     """Load the config named by `path`, else by `DATAMOVER_CONFIG`; raise `InvalidInput`."""
     env = os.environ if env is None else env
@@ -378,12 +399,9 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
         raise InvalidInput("no configuration: pass --config FILE or set DATAMOVER_CONFIG")
     file = Path(chosen)
     try:
-        with file.open("rb") as handle:
-            data = tomllib.load(handle)
+        data = tomllib.loads(read_regular_file(file, f"config file {str(file)!r}").decode())
     except FileNotFoundError:
         raise InvalidInput(f"config file {str(file)!r} does not exist") from None
-    except IsADirectoryError:
-        raise InvalidInput(f"config file {str(file)!r} is a directory") from None
     except PermissionError:
         raise InvalidInput(f"config file {str(file)!r} is not readable") from None
     except tomllib.TOMLDecodeError as exc:

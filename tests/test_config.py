@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import threading
 from pathlib import Path
 
 import pytest
@@ -302,3 +304,22 @@ def test_the_most_workers_are_accepted(tmp_path: Path) -> None:
     path.write_text(GOOD + "[transfer]\nread_workers = 256\nwrite_workers = 256\n")
     cfg = load_config(path, env={})
     assert (cfg.transfer.read_workers, cfg.transfer.write_workers) == (256, 256)
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path: Path) -> None:
+    # Before: a FIFO blocked the reader until something wrote to it (here a thread opening
+    # it after a while, so a regression fails instead of hanging); a directory was named.
+    fifo = tmp_path / "site.toml"
+    os.mkfifo(fifo)
+    unblock = threading.Timer(5, lambda: os.close(os.open(fifo, os.O_WRONLY)))
+    unblock.start()
+    try:
+        with pytest.raises(InvalidInput, match="is not a regular file") as info:
+            load_config(fifo, env={})
+    finally:
+        unblock.cancel()
+    assert str(info.value) == (
+        f"config file '{fifo}' is not a regular file (a FIFO, a socket or a device)"
+    )
+    with pytest.raises(InvalidInput, match=f"config file '{tmp_path}' is a directory"):
+        load_config(tmp_path, env={})

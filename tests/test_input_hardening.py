@@ -155,6 +155,28 @@ async def test_the_cli_checks_pins_deadlines_tenants_keys_and_tokens(make_site: 
     fails(a, "transfer", "list", code=2, says="is not UTF-8")
 
 
+async def test_a_token_file_that_is_empty_or_not_a_regular_file_is_one_line(
+    make_site: MakeSite,
+) -> None:
+    # Before: an empty one sent no token ("a bearer token is required", exit 9, as if the
+    # user had given none); a FIFO made the CLI wait for a writer forever.
+    a = await make_site("site-a", api={"url": f"http://127.0.0.1:{free_port()}"})
+    a.state.mkdir(parents=True, exist_ok=True)
+    token_file = a.state / "token"
+    text = a.config_path.read_text().replace("[api]\n", f'[api]\ntoken_file = "{token_file}"\n')
+    a.config_path.write_text(text)
+    token_file.write_text(" \n")
+    fails(a, "transfer", "list", code=2, says=f"the token file '{token_file}' is empty")
+    token_file.unlink()
+    os.mkfifo(token_file)
+    proc = a.cli("transfer", "list", timeout=30)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == (
+        f"datamover: error: the token file '{token_file}' is not a regular file (a FIFO, a "
+        "socket or a device)\n"
+    )
+
+
 # -- environment problems are named, not "internal error" ---------------------------------
 
 
