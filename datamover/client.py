@@ -80,9 +80,19 @@ def load_token(config: Config) -> str | None:
     return None
 
 
-def error_from(status: int, body: Any) -> DatamoverError:
-    """The library error for an API error response."""
-    error = body.get("error", {}) if isinstance(body, dict) else {}
+def error_from(status: int, body: Any, where: str = "the daemon") -> DatamoverError:
+    """The library error for an API error response. An answer without datamover's error
+    object comes from something else at that address: a gateway's 502-504 is transient
+    (a restart behind a proxy), any other is `InvalidInput` pointing at `[api] url`, not
+    a "not found" a hook would take for a missing dataset."""
+    if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
+        if status in (502, 503, 504):
+            return TransientError(f"{where} answered HTTP {status} (a gateway or proxy?)")
+        return InvalidInput(
+            f"{where} answered HTTP {status} without a datamover error: is [api] url the "
+            "address of a datamover daemon?"
+        )
+    error = body["error"]
     message = error.get("message") or f"daemon answered HTTP {status}"
     code = error.get("code", "")
     cls = error_class(code) or _BY_STATUS.get(status) or DatamoverError
@@ -241,7 +251,7 @@ class DaemonClient:
         is (already encoded): build its variable parts with `segment`."""
         status, data = self.request(method, path, body, params, headers)
         if status >= 400:
-            raise error_from(status, data)
+            raise error_from(status, data, f"{self.base_url}")
         return data
 
     def submit(self, request: dict[str, Any], key: str | None = None) -> dict[str, Any]:

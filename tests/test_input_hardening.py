@@ -342,3 +342,28 @@ async def _psql(url: str, statement: str) -> None:
         await conn.execute(statement)
     finally:
         await conn.close()
+
+
+async def test_an_api_url_of_something_else_is_named_not_taken_for_an_answer(
+    make_site: MakeSite,
+) -> None:
+    """`[api] url` pointing at a server that is no datamover daemon: its 404 is not "not
+    found" (exit 3, which a hook takes for a missing dataset) nor its 501 a bare exit 1."""
+    import http.server
+    import threading
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        a = await make_site("site-a", api={"url": url})
+        for args in (("transfer", "list"), ("transfer", "submit", "push", "/proj/x")):
+            r = a.cli(*args)
+            assert r.returncode == 2, (args, r.stderr)
+            assert r.stderr.count("\n") == 1, r.stderr
+            assert "without a datamover error: is [api] url the address of a datamover" in (
+                r.stderr
+            ), r.stderr
+    finally:
+        server.shutdown()
+        server.server_close()
