@@ -267,6 +267,8 @@ async def test_a_stage_runs_where_the_state_dir_keeps_no_flock(
         assert "stages of /proj/ds are not kept apart" in caplog.text
         assert (await verify(site_b, "/proj/ds")).ok  # and so does a verify
         assert "a verify of /proj/ds is not kept apart from stages" in caplog.text
+        assert (await push(site_b, "/proj/ds")).unchanged  # and a push
+        assert "a push of /proj/ds is not kept apart from stages" in caplog.text
     finally:
         await site_a.close()
         await site_b.close()
@@ -381,7 +383,8 @@ async def test_a_stage_while_a_verify_walks_waits_for_it(
         assert (await checking).ok
         r = await asyncio.wait_for(cli, 30)
         assert r.returncode == 0, r.stderr
-        assert "a verify of '/proj/ds' is running; the stage waits for it to end" in r.stderr
+        waits = "a push or verify of '/proj/ds' is running; the stage waits for it to end"
+        assert waits in r.stderr
         with _held(lock, fcntl.LOCK_EX):
             pass  # nothing was left holding it
     finally:

@@ -1,13 +1,15 @@
 """This host's lock of a dataset's tree: one file per dataset under `<state_dir>/locks/`,
-locked with `flock`. A stage holds it exclusively while it changes the tree; a verify holds
-it shared while it walks the tree, since its walk may give a 0o600 directory its owner's
-read and search bits for a moment (`Walker.allow_unlock`), which a stage must neither trip
-over (EACCES) nor take for the directory's mode. Verifies do not exclude each other (one
-may still see the bits another gave a directory, and report its mode). A stage that finds
-verifies holding it waits for them to end rather than fail: a job's staging hook must not
-fail because someone checks the tree.
+locked with `flock`. A stage holds it exclusively while it changes the tree. A push and a
+verify hold it shared while they read the tree: a push must not publish a tree a stage is
+half-way through writing (a version of `.dm-….part` files, which every site staging the
+latest with `--delete` would then wipe its copy to), and a verify's walk may give a 0o600
+directory its owner's read and search bits for a moment (`Walker.allow_unlock`), which a
+stage must neither trip over (EACCES) nor take for the directory's mode. Readers do not
+exclude each other (a verify may still see the bits another gave a directory, and report
+its mode). A stage that finds readers holding it waits for them to end rather than fail: a
+job's staging hook must not fail because someone checks or pushes the tree.
 
-The holder's `host:pid` is written into the file by a stage only; a verify, holding it
+The holder's `host:pid` is written into the file by a stage only; a reader, holding it
 shared with others, leaves it alone. Whoever finds the lock held tells the two apart by
 the lock itself: only a stage holds it exclusively.
 """
@@ -30,8 +32,8 @@ from datamover.errors import Conflict, PermanentError
 
 log = logging.getLogger(__name__)
 
-#: How often a stage waiting for verifies to end tries the lock again.
-_VERIFY_POLL = 0.2
+#: How often a stage waiting for pushes and verifies to end tries the lock again.
+_READER_POLL = 0.2
 
 #: Opening a lock file: never through a symlink, never waiting on a FIFO put there.
 _FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -43,15 +45,15 @@ def lock_path(state_dir: Path, dataset: str) -> Path:
     return state_dir / "locks" / f"stage-{digest}.lock"
 
 
-async def take_lock(state_dir: Path, dataset: str, *, shared: bool = False) -> int | None:
+async def take_lock(state_dir: Path, dataset: str, *, reader: str | None = None) -> int | None:
     """`lock_dataset` in a thread: its `mkdir` and `open` in a state directory on a hung
     network mount must not hold up the event loop, and with it every transfer of a daemon.
     A cancel does not wait for the thread, which may hang for as long as the mount does;
     the descriptor it returns after that is closed then, not leaked. A stage waiting for
-    verifies to end (`lock_dataset`) stops waiting when cancelled."""
+    pushes and verifies to end (`lock_dataset`) stops waiting when cancelled."""
     stop = threading.Event()
     taking = asyncio.ensure_future(
-        asyncio.to_thread(lock_dataset, state_dir, dataset, shared=shared, stop=stop)
+        asyncio.to_thread(lock_dataset, state_dir, dataset, reader=reader, stop=stop)
     )
     try:
         return await asyncio.shield(taking)
@@ -71,19 +73,24 @@ def _close_taken(taking: asyncio.Future[int | None]) -> None:
 
 
 def lock_dataset(
-    state_dir: Path, dataset: str, *, shared: bool = False, stop: threading.Event | None = None
+    state_dir: Path,
+    dataset: str,
+    *,
+    reader: str | None = None,
+    stop: threading.Event | None = None,
 ) -> int | None:
     """Take this host's lock of `dataset`'s tree, an `flock` on `lock_path` held until the
     returned descriptor is closed (the kernel drops it when the process dies): exclusive
-    for a stage, which then writes its `host:pid` into the file, shared (`shared`) for a
-    verify. Of two stages of one dataset on this host, `--local` runs or a daemon's, one
-    takes it and the other is `Conflict`: a check of the replica record and the record
-    that follows it are two statements, which both could pass. A stage and a verify of one
-    dataset do not run together either. A verify that finds a stage running is `Conflict`
-    (the tree is changing: there is nothing to verify yet). A stage that finds only
-    verifies holding the lock waits for them to end, with a warning, until it gets the lock,
-    a stage takes it first (`Conflict`), or `stop` is set (`Conflict`; its caller is gone):
-    a job's staging hook must not fail because someone checks the tree.
+    for a stage (`reader` None), which then writes its `host:pid` into the file, shared for
+    a command that reads the tree, named by `reader` ("push", "verify") in its messages.
+    Of two stages of one dataset on this host, `--local` runs or a daemon's, one takes it
+    and the other is `Conflict`: a check of the replica record and the record that follows
+    it are two statements, which both could pass. A stage and a reader of one dataset do
+    not run together either. A reader that finds a stage running is `Conflict` (the tree is
+    changing: there is nothing to push or verify yet). A stage that finds only readers
+    holding the lock waits for them to end, with a warning, until it gets the lock, a stage
+    takes it first (`Conflict`), or `stop` is set (`Conflict`; its caller is gone): a job's
+    staging hook must not fail because someone checks or pushes the tree.
 
     The lock file is opened without following a symlink, and written only when it is a
     regular file with one link: in a state directory others may write to, a link planted
@@ -109,12 +116,12 @@ def lock_dataset(
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise _lock_error(dataset, path, None)
-        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_EX if reader is None else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         try:
-            conflict, by_verifies = _held(fd, dataset, shared)
-            if by_verifies and stop is not None:
-                _wait_out_verifies(fd, dataset, stop, conflict)
+            conflict, by_readers = _held(fd, dataset, reader)
+            if by_readers and stop is not None:
+                _wait_out_readers(fd, dataset, stop, conflict)
             else:
                 raise conflict from None
         except BaseException:
@@ -122,9 +129,10 @@ def lock_dataset(
             raise
     except OSError as exc:
         os.close(fd)
-        who = "a verify of %s is not kept apart from stages" if shared else "stages of %s are"
+        who = "stages of %s are" if reader is None else f"a {reader} of %s is"
+        apart = " not kept apart" if reader is None else " not kept apart from stages"
         log.warning(
-            who + " not kept apart on this host: %s cannot be locked (%s)",
+            who + apart + " on this host: %s cannot be locked (%s)",
             dataset,
             path,
             exc.strerror or exc,
@@ -133,48 +141,50 @@ def lock_dataset(
     except BaseException:
         os.close(fd)
         raise
-    if not shared and st.st_nlink == 1:
+    if reader is None and st.st_nlink == 1:
         with contextlib.suppress(OSError):  # only for the message of one that finds it held
             os.ftruncate(fd, 0)
             os.pwrite(fd, owner_id().encode(), 0)
     return fd
 
 
-def _held(fd: int, dataset: str, shared: bool) -> tuple[Conflict, bool]:
-    """The `Conflict` for a lock `fd` could not take (`shared`: as a verify), and whether
-    only verifies hold it. Only a stage holds it exclusively, so a verify was stopped by a
-    stage; a stage asks the lock whether it is held shared (by verifies) before it names
-    the stage whose `host:pid` the file holds, which may be the last one's, long gone."""
+def _held(fd: int, dataset: str, reader: str | None) -> tuple[Conflict, bool]:
+    """The `Conflict` for a lock `fd` could not take (as `reader`, or as a stage), and
+    whether only readers hold it. Only a stage holds it exclusively, so a reader was
+    stopped by a stage; a stage asks the lock whether it is held shared (by readers) before
+    it names the stage whose `host:pid` the file holds, which may be the last one's, long
+    gone. A shared lock does not say whose it is, so a stage names both readers."""
     try:
         holder = _holder(os.pread(fd, 256, 0))
     except OSError:
         holder = ""
-    if shared:
+    if reader is not None:
         running = f"a stage of {dataset!r} is running" + (f" ({holder})" if holder else "")
-        return Conflict(f"{running}; verify after it ends"), False
+        return Conflict(f"{running}; {reader} after it ends"), False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:  # held exclusively: a stage
         running = f"a stage of {dataset!r} is already running"
         return Conflict(f"{running} ({holder})" if holder else running), False
     except OSError:
-        return Conflict(f"a stage or verify of {dataset!r} is running"), False
+        return Conflict(f"a stage, push or verify of {dataset!r} is running"), False
     with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_UN)  # the probe's shared lock must not keep a stage out
-    return Conflict(f"a verify of {dataset!r} is running; stage after it ends"), True
+    return Conflict(f"a push or verify of {dataset!r} is running; stage after it ends"), True
 
 
-def _wait_out_verifies(fd: int, dataset: str, stop: threading.Event, conflict: Conflict) -> None:
-    """Take `fd`'s lock exclusively once the verifies holding it shared are over. Raises
-    `conflict` when `stop` is set first, and a stage's `Conflict` when one takes it first."""
-    log.warning("a verify of %r is running; the stage waits for it to end", dataset)
-    while not stop.wait(_VERIFY_POLL):
+def _wait_out_readers(fd: int, dataset: str, stop: threading.Event, conflict: Conflict) -> None:
+    """Take `fd`'s lock exclusively once the pushes and verifies holding it shared are
+    over. Raises `conflict` when `stop` is set first, and a stage's `Conflict` when one
+    takes it first."""
+    log.warning("a push or verify of %r is running; the stage waits for it to end", dataset)
+    while not stop.wait(_READER_POLL):
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
-            conflict, by_verifies = _held(fd, dataset, False)
-            if not by_verifies:
+            conflict, by_readers = _held(fd, dataset, None)
+            if not by_readers:
                 raise conflict from None
     raise conflict
 

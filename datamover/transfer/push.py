@@ -3,7 +3,9 @@
 Flow (DESIGN.md "push"): resolve the local directory, stream the sorted walk merged with the
 parent version's manifest (and with the segments an interrupted run already uploaded), read
 and chunk only what changed, upload only chunks the store lacks, write manifest segments,
-then the manifest list, then the version document — the single act that publishes.
+then the manifest list, then the version document — the single act that publishes. All of
+it holds this host's lock of the dataset's tree shared (`locks`), so no stage of the dataset
+writes the tree here while it is read.
 
 Crash safety: packs are indexed in the catalog only after they are stored, and segments are
 checkpointed only after theirs are; a rerun after SIGKILL finds both and sends neither again.
@@ -34,6 +36,7 @@ from datamover.repo.manifest import SegmentRef, encode_list
 from datamover.repo.repository import Repository, utc_now
 from datamover.site import Site
 from datamover.transfer.fsops import check_root
+from datamover.transfer.locks import take_lock
 from datamover.transfer.manifest_writer import ManifestWriter
 from datamover.transfer.packer import Packer, Ref
 from datamover.transfer.progress import NoProgress, Progress
@@ -183,10 +186,25 @@ async def _touching(site: Site, dataset: str) -> AsyncIterator[None]:
 async def push(
     site: Site, logical: str, *, checksum: bool = False, progress: Progress | None = None
 ) -> PushResult:
-    """Push the local tree of `logical` as a new version; see the module docstring."""
+    """Push the local tree of `logical` as a new version; see the module docstring.
+
+    Holds this host's lock of the dataset's tree shared (`locks`) from before it looks at
+    the tree until the version is published: a stage of the dataset running here is
+    `Conflict` before anything is written, and one started meanwhile waits."""
     started = time.monotonic()
-    progress = progress or NoProgress()
     dataset = check_logical_path(logical)
+    lock = await take_lock(site.state_dir, dataset, reader="push")
+    try:
+        return await _push(site, dataset, checksum, progress or NoProgress(), started)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+async def _push(
+    site: Site, dataset: str, checksum: bool, progress: Progress, started: float
+) -> PushResult:
+    """`push`, holding the dataset's lock."""
     base, parts = site.config.namespace.split(dataset)
     root = base.joinpath(*parts)
     await asyncio.to_thread(check_root, base, parts)

@@ -680,8 +680,8 @@ async def stage(
 ) -> StageResult:
     """Stage `logical` (the latest version, or `version`) at this site's mapped path.
 
-    Raises `Conflict` when another stage or a verify of the dataset runs
-    (`locks.take_lock`, `_base`)."""
+    Raises `Conflict` when another stage of the dataset runs (`locks.take_lock`, `_base`);
+    waits for pushes and verifies of it on this host to end."""
     started = time.monotonic()
     dataset = check_logical_path(logical)
     lock = await take_lock(site.state_dir, dataset)

@@ -11,8 +11,8 @@ a directory itself, not a symlink below the configured one: stage never writes t
 so a tree reached through it is not the one stage maintains.
 Read-only (the timestamp probe's file has no name where the file system allows); streams
 both sides. The walk holds the dataset's lock shared (`locks`): a verify does not start
-while a stage of the dataset runs on this host, nor a stage while a verify walks; whichever
-comes second is `Conflict`.
+while a stage of the dataset runs on this host (`Conflict`), and a stage waits while a
+verify walks.
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ async def verify(
     doc = await site.repo.resolve(dataset, version)
     refs = await site.repo.prefetch(doc)
     result = VerifyResult(dataset, doc.version)
-    lock = await take_lock(site.state_dir, dataset, shared=True)
+    lock = await take_lock(site.state_dir, dataset, reader="verify")
     try:
         problem = await asyncio.to_thread(_root_problem, base, parts)
         if problem is not None:

@@ -1,0 +1,173 @@
+"""Push and stage of one dataset on one host: a push reads the tree under the dataset's lock,
+held shared, so it never publishes what a stage is half-way through writing."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import threading
+from typing import Any
+
+import pytest
+
+from datamover.catalog.access import Access
+from datamover.catalog.transfers import Submission, Transfers
+from datamover.errors import Conflict
+from datamover.metrics import Metrics
+from datamover.scheduler.worker import Worker
+from datamover.site import Site
+from datamover.transfer import push as push_module
+from datamover.transfer import stage as stage_module
+from datamover.transfer.push import PushResult, push
+from datamover.transfer.scan import Scanner
+from datamover.transfer.stage import stage
+from tests.fixtures_sites import MakeSite, SiteEnv
+from tests.test_stage_review import _held, _stage_lock
+
+_RUNNING = "a stage of '/proj/ds' is running (node7:4242); push after it ends"
+
+
+async def _keys(site: Site) -> list[str]:
+    """Every key in the bucket."""
+    return [info.key async for info in site.store.list("")]
+
+
+async def _pushed(make_site: MakeSite) -> SiteEnv:
+    """Site A with `/proj/ds` (one file) pushed, and a second file added since."""
+    a = await make_site("site-a")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("data\n")
+    site_a = await a.open()
+    try:
+        await push(site_a, "/proj/ds")
+    finally:
+        await site_a.close()
+    (a.data / "ds" / "g").write_text("more\n")
+    return a
+
+
+async def test_a_push_while_a_stage_runs_is_a_conflict(make_site: MakeSite) -> None:
+    # A push beside a stage of its dataset published the stage's half-written tree (its
+    # `.dm-….part` files only) as the latest version.
+    a = await _pushed(make_site)
+    site_a = await a.open()
+    try:
+        before = await _keys(site_a)
+        with _held(_stage_lock(a, "/proj/ds"), fcntl.LOCK_EX, b"node7:4242"):
+            with pytest.raises(Conflict) as caught:
+                await push(site_a, "/proj/ds")
+            r = a.cli("push", "/proj/ds")
+        assert caught.value.message == _RUNNING
+        assert r.returncode == Conflict.exit_code, r.stderr
+        assert r.stderr.strip().splitlines() == [f"datamover: error: {_RUNNING}"]
+        assert await _keys(site_a) == before  # nothing uploaded, nothing published
+        assert await site_a.catalog.checkpoint("/proj/ds") is None  # nor a push begun
+        pushed = await push(site_a, "/proj/ds")  # held by no one: pushes as before
+        assert pushed.files == 2 and not pushed.unchanged
+    finally:
+        await site_a.close()
+
+
+async def test_a_push_while_a_stage_writes_publishes_nothing(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await _pushed(make_site)
+    b = await make_site("site-b")
+    writing, go = threading.Event(), threading.Event()
+    real = stage_module._Stager._finish_tree
+
+    def held(self: Any) -> None:  # every file written, directory attributes still to set
+        writing.set()
+        go.wait(20)
+        real(self)
+
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")  # v2: two files
+        versions = await site_b.repo.version_ids("/proj/ds")
+        monkeypatch.setattr(stage_module._Stager, "_finish_tree", held)
+        staging = asyncio.create_task(stage(site_b, "/proj/ds"))
+        assert await asyncio.to_thread(writing.wait, 10)
+        with pytest.raises(Conflict) as caught:
+            await push(site_b, "/proj/ds")
+        go.set()
+        assert (await staging).files == 2
+        assert caught.value.message.startswith("a stage of '/proj/ds' is running (")
+        assert caught.value.message.endswith("); push after it ends")
+        assert await site_b.repo.version_ids("/proj/ds") == versions
+    finally:
+        go.set()
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_stage_while_a_push_walks_waits_for_it(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = await _pushed(make_site)
+    walking, go = threading.Event(), threading.Event()
+
+    class HeldScanner(Scanner):
+        def next_batch(self, *args: Any, **kwargs: Any) -> list[object]:
+            walking.set()
+            go.wait(20)
+            return super().next_batch(*args, **kwargs)
+
+    async def push_held(site: Site) -> asyncio.Task[PushResult]:
+        walking.clear()
+        go.clear()
+        pushing = asyncio.create_task(push(site, "/proj/ds"))
+        assert await asyncio.to_thread(walking.wait, 10)
+        return pushing
+
+    site_a = await a.open()
+    try:
+        monkeypatch.setattr(push_module, "Scanner", HeldScanner)
+        pushing = await push_held(site_a)
+        staging = asyncio.create_task(stage(site_a, "/proj/ds"))
+        await asyncio.sleep(0.6)
+        assert not staging.done(), "the stage ran while the push walked"
+        go.set()
+        pushed = await pushing
+        assert pushed.files == 2 and not pushed.unchanged
+        staged = await asyncio.wait_for(staging, 20)
+        assert staged.version == pushed.version  # what the push published, once it had
+
+        (a.data / "ds" / "h").write_text("yet more\n")
+        pushing = await push_held(site_a)
+        cli = asyncio.create_task(asyncio.to_thread(a.cli, "stage", "/proj/ds", "--local"))
+        await asyncio.sleep(2)
+        assert not cli.done()
+        go.set()
+        assert (await pushing).files == 3
+        r = await asyncio.wait_for(cli, 30)
+        assert r.returncode == 0, r.stderr
+        assert "a push or verify of '/proj/ds' is running; the stage waits for it to end" in (
+            r.stderr
+        )
+        with _held(_stage_lock(a, "/proj/ds"), fcntl.LOCK_EX):
+            pass  # nothing was left holding it
+    finally:
+        go.set()
+        await site_a.close()
+
+
+async def test_a_daemon_push_that_meets_a_stage_fails_with_the_conflict(
+    make_site: MakeSite,
+) -> None:
+    a = await _pushed(make_site)
+    site = await a.open()
+    try:
+        queue = Transfers(site.catalog.engine, max_attempts=3)
+        before = await _keys(site)
+        t, _ = await queue.submit(Submission(tenant="t1", kind="push", path="/proj/ds"))
+        worker = Worker(site, queue, Access(site.catalog.engine), "w1", Metrics("s"))
+        with _held(_stage_lock(a, "/proj/ds"), fcntl.LOCK_EX, b"node7:4242"):
+            assert await worker.run_once()
+        row = await queue.get(t.id)
+        assert row.state == "failed" and row.attempts == 1, row
+        assert row.error is not None
+        assert (row.error["code"], row.error["message"]) == ("conflict", _RUNNING)
+        assert await _keys(site) == before
+    finally:
+        await site.close()
