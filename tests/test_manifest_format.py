@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from datamover.domain.manifest import ChunkRef, Entry, Kind
-from datamover.errors import Corrupt
+from datamover.errors import Corrupt, InvalidInput
 from datamover.repo import manifest as manifest_module
 from datamover.repo.manifest import (
     EntryChecker,
@@ -78,17 +78,111 @@ def test_tree_rules(entries: list[Entry], message: str) -> None:
         check_all(entries)
 
 
-def test_type_rules_are_enforced_on_decode() -> None:
-    bad = [
-        Entry("f", Kind.FILE, 0o644, 0, 11, None, (ChunkRef(D, P, 0, 10, 10, 0),)),  # size
-        Entry("d", Kind.DIR, 0o755, 0, 5),  # dir with a size
-        Entry("f", Kind.FILE, 0o644, 0, 10, None, (ChunkRef(D[:5], P, 0, 10, 10, 0),)),
-        Entry("f", Kind.FILE, 0o644, 0, 10, None, (ChunkRef(D, P, 0, 9, 10, 0),)),  # raw != stored
-        Entry("f", Kind.FILE, 0o7777 + 1, 0),
+BAD_ENTRIES = [
+    Entry("f", Kind.FILE, 0o644, 0, 11, None, (ChunkRef(D, P, 0, 10, 10, 0),)),  # size
+    Entry("d", Kind.DIR, 0o755, 0, 5),  # dir with a size
+    Entry("f", Kind.FILE, 0o644, 0, 10, None, (ChunkRef(D[:5], P, 0, 10, 10, 0),)),
+    Entry("f", Kind.FILE, 0o644, 0, 10, None, (ChunkRef(D, P, 0, 9, 10, 0),)),  # raw != stored
+    Entry("f", Kind.FILE, 0o7777 + 1, 0),
+    Entry("f", Kind.FILE, 0o644, 1 << 63),  # after 2262-04-11T23:47:16Z
+    Entry("f", Kind.FILE, 0o644, -(1 << 63) - 1),  # before 1677-09-21T00:12:43Z
+    Entry("d", Kind.DIR, 0o755, 1 << 63),
+    Entry("l", Kind.SYMLINK, 0o777, 1 << 63, 1, "f"),
+    Entry("f", Kind.FILE, -1, 0),
+    Entry("f", Kind.FILE, 0o644, 0, -1),
+    Entry("f", Kind.FILE, 0o644, 0, 1 << 63),
+    Entry("l", Kind.SYMLINK, 0o777, 0, 2, "f"),  # size is not the target's length
+    Entry("x" * (1 << 16) + "x", Kind.FILE, 0o644, 0),  # a path longer than a reader takes
+    Entry("f", Kind.FILE, 0o644, 0, 10, None, (ChunkRef(D, P, 0, 10, 10, 2),)),  # codec
+    Entry("f", Kind.FILE, 0o644, 0, 10, None, (ChunkRef(D, P, -1, 10, 10, 0),)),  # offset
+    Entry("f", Kind.FILE, 0o644, 0, 0, None, (ChunkRef(D, P, 0, 0, 0, 0),)),  # empty chunk
+]
+
+
+def _unchecked(entry: Entry) -> list[object]:
+    """The wire form of `entry`, whatever it holds (the encoder refuses bad ones)."""
+    return [
+        entry.path,
+        int(entry.kind),
+        entry.mode,
+        entry.mtime_ns,
+        entry.size,
+        entry.target,
+        [list(c) for c in entry.chunks],
     ]
-    for entry in bad:
-        with pytest.raises(Corrupt, match="entry 0 is invalid"):
-            list(decode_segment(encode_segment([entry])))
+
+
+@pytest.mark.parametrize("entry", BAD_ENTRIES)
+def test_type_rules_are_enforced_on_decode(entry: Entry) -> None:
+    try:
+        data = _wire(_unchecked(entry))
+    except OverflowError:  # below -2^63: msgpack cannot write it at all
+        assert entry.mtime_ns < -(1 << 63)
+        return
+    with pytest.raises(Corrupt, match=r"entry 0 is invalid|exceeds max_str_len"):
+        list(decode_segment(data))
+
+
+@pytest.mark.parametrize("entry", BAD_ENTRIES)
+def test_the_encoder_refuses_what_the_decoder_would(entry: Entry) -> None:
+    # A push stored an mtime of 2500 as written, then no reader took the version, nor
+    # any later push of the dataset (its parent): what is written must be readable.
+    with pytest.raises(InvalidInput, match=r"cannot be written into a manifest: \w") as caught:
+        encode_segment([tree()[0], entry])
+    assert len(caught.value.message.splitlines()) == 1
+    assert caught.value.paths == [entry.path]
+
+
+def test_the_encoder_names_the_field_out_of_range() -> None:
+    with pytest.raises(InvalidInput) as caught:
+        encode_segment([Entry("a/f", Kind.FILE, 0o644, 1 << 63)])
+    assert caught.value.message == (
+        "'a/f' cannot be written into a manifest: mtime 9223372036854775808 ns is not "
+        "within a signed 64-bit integer"
+    )
+
+
+def test_the_encoder_takes_every_bound_the_decoder_takes() -> None:
+    last = ChunkRef(D, P, (1 << 63) - 1, (16 << 20) + 1023, 16 << 20, 1)
+    edge = [
+        Entry("a", Kind.DIR, 0o7777, -(1 << 63)),
+        Entry("a/f", Kind.FILE, 0, (1 << 63) - 1, 16 << 20, None, (last,)),
+        Entry("a/l", Kind.SYMLINK, 0o777, 0, 3, "/é"),
+        Entry("x" * (1 << 16), Kind.FILE, 0o644, 0),
+    ]
+    assert list(decode_segment(encode_segment(edge))) == edge
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    kind=st.sampled_from(list(Kind)),
+    mode=st.sampled_from([0, 0o644, 0o7777, 0o10000, -1]),
+    mtime=st.sampled_from([0, -(1 << 63), (1 << 63) - 1, 1 << 63, -(1 << 63) - 1]),
+    size=st.sampled_from([0, 1, 2, 10, (1 << 63) - 1, 1 << 63, -1]),
+    target=st.sampled_from([None, "", "f", "ab"]),
+    chunks=st.lists(
+        st.tuples(
+            st.sampled_from([D, D[:31]]),
+            st.sampled_from([0, -1, (1 << 63) - 1, 1 << 63]),
+            st.sampled_from([0, 1, 10, (16 << 20) + 1023, (16 << 20) + 1024]),
+            st.sampled_from([0, 1, 10, 16 << 20, (16 << 20) + 1]),
+            st.sampled_from([0, 1, 2]),
+        ),
+        max_size=2,
+    ),
+)
+def test_the_encoder_refuses_exactly_what_the_decoder_refuses(
+    kind: Kind, mode: int, mtime: int, size: int, target: str | None, chunks: list[tuple]
+) -> None:
+    refs = tuple(ChunkRef(d, P, o, s, r, c) for d, o, s, r, c in chunks)
+    entry = Entry("f", kind, mode, mtime, size, target, refs)
+    try:
+        decoded = list(decode_segment(_wire(_unchecked(entry))))
+    except (Corrupt, OverflowError):  # refused by the reader, or not even writable
+        with pytest.raises(InvalidInput):
+            encode_segment([entry])
+        return
+    assert list(decode_segment(encode_segment([entry]))) == decoded == [entry]
 
 
 def _wire(entry: list[object]) -> bytes:

@@ -1,9 +1,11 @@
 """Manifest segments and manifest lists (docs/format.md, "Manifests"): encode, decode, check.
 
-Decoding is strict because the store is not trusted: a segment is parsed with bounded
-msgpack limits, every entry is type-checked, and `EntryChecker` enforces the cross-segment
-rules (strict component order, parents are earlier directories, names valid and not colliding
-under Unicode normalisation, symlinks stay inside the tree). All failures raise `Corrupt`.
+Encoding refuses, with `InvalidInput`, an entry that decoding would (`entry_problem`): what
+one site writes, every site must be able to read. Decoding is strict because the store is not
+trusted: a segment is parsed with bounded msgpack limits, every entry is type-checked, and
+`EntryChecker` enforces the cross-segment rules (strict component order, parents are earlier
+directories, names valid and not colliding under Unicode normalisation, symlinks stay inside
+the tree). All decoding failures raise `Corrupt`.
 """
 
 from __future__ import annotations
@@ -22,7 +24,11 @@ from datamover.errors import Corrupt, InvalidInput
 FORMAT_VERSION = 1
 MAX_RAW_CHUNK = 16 << 20
 MAX_DECODED = 1 << 30  # a segment or list larger than this decoded is refused
+MAX_STR = 1 << 16  # the most bytes of a path or symlink target a reader takes
+MAX_CHUNKS = 1 << 24  # the most chunks of one file a reader takes
 _I64 = 1 << 63
+#: The mtimes a reader takes: nanoseconds in a signed 64-bit integer, 1677-09-21..2262-04-11.
+MTIME_MIN, MTIME_MAX = -_I64, _I64 - 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +46,21 @@ class SegmentRef:
 def _frame(header: dict[str, Any], items: Iterable[Any], level: int = 3) -> bytes:
     packer = msgpack.Packer(use_bin_type=True)
     body = b"".join([packer.pack(header), *(packer.pack(item) for item in items)])
+    if len(body) > MAX_DECODED:
+        raise InvalidInput(
+            f"a manifest {header['t']} of {header['n']} items would be {len(body)} bytes "
+            f"decoded, more than a reader takes ({MAX_DECODED})"
+        )
     return zstandard.ZstdCompressor(level=level, write_content_size=True).compress(body)
 
 
 def encode_entry(entry: Entry) -> list[Any]:
-    """The wire array of one entry."""
-    return [
+    """The wire array of one entry. One that `decode_entry` would refuse (`entry_problem`:
+    an mtime beyond 64 bits, a path longer than a reader takes) is `InvalidInput` naming
+    it: a version whose manifest no reader accepts cannot be staged, nor pushed on from.
+    The common case is one expression, as in `decode_entry` (this runs for every entry
+    written); `entry_problem` says what is wrong only once something is."""
+    path, kind, mode, mtime, size, target, chunks = wire = [
         entry.path,
         int(entry.kind),
         entry.mode,
@@ -54,10 +69,143 @@ def encode_entry(entry: Entry) -> list[Any]:
         entry.target,
         [list(c) for c in entry.chunks],
     ]
+    if (
+        type(path) is str
+        and (len(path) <= _SURELY_SHORT or _strlen_ok(path))
+        and type(mode) is int
+        and type(mtime) is int
+        and type(size) is int
+        and 0 <= mode < 0o10000
+        and MTIME_MIN <= mtime <= MTIME_MAX
+        and 0 <= size < _I64
+        and (
+            (kind == Kind.FILE and target is None and _chunks_fit(chunks, size))
+            or (kind == Kind.DIR and size == 0 and target is None and not chunks)
+            or (
+                kind == Kind.SYMLINK
+                and not chunks
+                and type(target) is str
+                and _strlen_ok(target)
+                and size == len(target.encode("utf-8", "surrogatepass"))
+            )
+        )
+    ):
+        return wire
+    raise InvalidInput(
+        f"{_shown(entry.path)} cannot be written into a manifest: {entry_problem(entry)}",
+        [entry.path] if type(entry.path) is str else [],
+    )
+
+
+def _chunks_fit(chunks: list[list[Any]], size: int) -> bool:
+    """Whether a file of `size` bytes may have these wire chunks (`_chunk`'s rules)."""
+    if len(chunks) == 1:  # most files
+        chunk = chunks[0]
+        return _chunk_fits(chunk) and chunk[4] == size
+    total = 0
+    for chunk in chunks:
+        if not _chunk_fits(chunk):
+            return False
+        total += chunk[4]
+    return total == size and len(chunks) <= MAX_CHUNKS
+
+
+def _shown(text: Any) -> str:
+    """`text` quoted for a one-line message, cut if long."""
+    if type(text) is str and len(text) > 200:
+        return repr(text[:200]) + "..."
+    return repr(text)
+
+
+#: Strings of at most this many characters take at most `MAX_STR` bytes (4 a character).
+_SURELY_SHORT = MAX_STR // 4
+
+
+def _strlen_ok(text: str) -> bool:
+    """Whether `text` takes at most `MAX_STR` bytes as UTF-8 (at most 4 bytes a character,
+    so most strings need no encoding to tell)."""
+    return len(text) <= _SURELY_SHORT or len(text.encode("utf-8", "surrogatepass")) <= MAX_STR
+
+
+def entry_problem(entry: Entry) -> str | None:
+    """Why `decode_entry` would refuse `entry` once encoded, or None: each rule it (and the
+    reader's msgpack limits) applies to one entry, checked on the writer's side. Stricter
+    where that costs nothing: an int-valued field must be an `int`, not a `bool`. An entry's
+    place in the tree (order, parents, names, symlink targets) is `EntryChecker`'s."""
+    path, kind, mode, mtime, size, target = (
+        entry.path,
+        entry.kind,
+        entry.mode,
+        entry.mtime_ns,
+        entry.size,
+        entry.target,
+    )
+    if type(path) is not str or not _strlen_ok(path):
+        return f"its path is not a string of at most {MAX_STR} bytes"
+    if kind not in (Kind.FILE, Kind.DIR, Kind.SYMLINK) or type(kind) is bool:
+        return f"kind {kind!r} is not a file, directory or symlink"
+    if type(mode) is not int or not 0 <= mode < 0o10000:
+        return f"mode {mode!r} is not permission bits (0..0o7777)"
+    if type(mtime) is not int or not MTIME_MIN <= mtime <= MTIME_MAX:
+        return f"mtime {mtime!r} ns is not within a signed 64-bit integer"
+    if type(size) is not int or not 0 <= size < _I64:
+        return f"size {size!r} is not within 0..2^63-1"
+    chunks = entry.chunks
+    if kind == Kind.FILE:
+        if target is not None:
+            return "a file has a symlink target"
+        if len(chunks) > MAX_CHUNKS:
+            return f"{len(chunks)} chunks, more than a reader takes ({MAX_CHUNKS})"
+        total = 0
+        for index, chunk in enumerate(chunks):
+            if not _chunk_fits(chunk):
+                return f"chunk {index} is not a valid chunk reference"
+            total += chunk[4]
+        if total != size:
+            return f"its chunks add up to {total} bytes, not its size {size}"
+        return None
+    if chunks:
+        return "only a file has chunks"
+    if kind == Kind.DIR:
+        if size != 0 or target is not None:
+            return "a directory has a size or a symlink target"
+        return None
+    if type(target) is not str or not _strlen_ok(target):
+        return f"a symlink's target is not a string of at most {MAX_STR} bytes"
+    if size != len(target.encode("utf-8", "surrogatepass")):
+        return f"size {size} is not the length of its target"
+    return None
+
+
+def _chunk_fits(chunk: Any) -> bool:
+    """Whether `_chunk` takes `chunk` once encoded (a codec may be a `Codec`, which is
+    encoded as a plain integer)."""
+    if len(chunk) != 6:
+        return False
+    digest, pack, offset, stored, length, codec = chunk
+    return (
+        type(digest) is bytes
+        and len(digest) == 32
+        and type(pack) is bytes
+        and len(pack) == 32
+        and type(offset) is int
+        and type(stored) is int
+        and type(length) is int
+        and type(codec) is not bool
+        and 0 <= offset < _I64
+        and 0 < length <= MAX_RAW_CHUNK
+        and (
+            stored == length
+            if codec == Codec.RAW
+            else codec == Codec.ZSTD and 0 < stored < MAX_RAW_CHUNK + 1024
+        )
+    )
 
 
 def encode_segment(entries: list[Entry]) -> bytes:
-    """Encode a segment (the caller guarantees order; decoding checks it again)."""
+    """Encode a segment (the caller guarantees order; decoding checks it again). An entry
+    a reader would refuse (`encode_entry`), or a segment larger decoded than a reader
+    takes, is `InvalidInput`."""
     return _frame(
         {"t": "segment", "v": FORMAT_VERSION, "n": len(entries)}, map(encode_entry, entries)
     )
@@ -89,9 +237,9 @@ def _unframe(data: bytes | memoryview, kind: str, what: str) -> Iterator[Any]:
         raw=False,
         strict_map_key=True,
         max_buffer_size=len(body) + 1,
-        max_str_len=1 << 16,
+        max_str_len=MAX_STR,
         max_bin_len=64,
-        max_array_len=1 << 24,
+        max_array_len=MAX_CHUNKS,
         max_map_len=16,
     )
     unpacker.feed(body)

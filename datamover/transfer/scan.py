@@ -18,12 +18,14 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import check_symlink_target, sort_key
 from datamover.errors import Conflict, InvalidInput
+from datamover.repo.manifest import MTIME_MAX, MTIME_MIN
 from datamover.transfer import procpool, readers
 from datamover.transfer.readers import FileRead, NewChunk, ReadProblem
 from datamover.transfer.walk import LocalEntry, Walker
@@ -69,6 +71,33 @@ def _problem(p: ReadProblem) -> Exception:
         f"{p.path!r} {what}; nothing was published (run push again once the tree is quiet)",
         [p.path],
     )
+
+
+def _when(mtime_ns: int) -> str:
+    """`mtime_ns` as a UTC time to the second, for a message."""
+    seconds = mtime_ns // 1_000_000_000
+    try:
+        when = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(seconds=seconds)
+    except OverflowError:  # beyond year 9999 (or before year 1)
+        return f"{seconds} s from 1970-01-01T00:00:00Z"
+    return when.isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def check_storable(entry: Entry) -> None:
+    """Refuse, naming it, an entry of the walk that a manifest cannot hold, so that no
+    version is published that no reader accepts (`repo.manifest.encode_entry` refuses it
+    too, as a last line). What the walk produces can break one rule only: an mtime (a
+    file's, a directory's or a symlink's) outside a signed 64-bit count of nanoseconds.
+    A mode is permission bits (`S_IMODE`), a size an `off_t`, a symlink's target at most
+    4,095 bytes (`check_symlink_target`); chunks are datamover's own."""
+    if not MTIME_MIN <= entry.mtime_ns <= MTIME_MAX:
+        touch = "touch -h" if entry.kind == Kind.SYMLINK else "touch"
+        raise InvalidInput(
+            f"mtime of {entry.path!r} is {_when(entry.mtime_ns)}, outside what a manifest "
+            f"can hold (1677-09-21..2262-04-11); give it another time ({touch}) and push "
+            "again",
+            [entry.path],
+        )
 
 
 class Scanner:
@@ -120,6 +149,8 @@ class Scanner:
                 batch.append(piece)
                 if isinstance(piece, NewChunk):
                     size += piece.raw_length
+                elif isinstance(piece, Done):  # every entry of the tree, of every kind
+                    check_storable(piece.entry)
                 if len(batch) >= max_pieces or size >= max_bytes:
                     break
         except BrokenProcessPool:
