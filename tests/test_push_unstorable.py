@@ -5,6 +5,7 @@ it as its parent, would fail too."""
 from __future__ import annotations
 
 import os
+import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -60,9 +61,9 @@ async def test_an_mtime_a_manifest_cannot_hold_is_refused(make_site: MakeSite, k
     assert b.cli_json("stage", "/proj/t")["version"] == again["version"]
 
 
-def _versions(env: SiteEnv) -> list[str]:
-    """The ids `ls` lists for `/proj/t`."""
-    listing = env.cli_json("ls", "/proj/t")
+def _versions(env: SiteEnv, dataset: str = "/proj/t") -> list[str]:
+    """The ids `ls` lists for `dataset`."""
+    listing = env.cli_json("ls", dataset)
     assert listing["errors"] == []
     return [v["version"] for d in listing["datasets"] for v in d["versions"]]
 
@@ -95,3 +96,41 @@ def test_the_walks_entries_are_checked_at_both_ends(mtime_ns: int, shown: str) -
         assert caught.value.paths == ["d/x"]
     for fine in (-(1 << 63), (1 << 63) - 1, 0):
         check_storable(Entry("d/x", Kind.FILE, 0o644, fine))
+
+
+def _deep(root: Path, depth: int) -> None:
+    """Directories `depth` levels deep below `root`, named 255 bytes each, a file at the
+    bottom (made from each parent's descriptor: no path this long can be opened)."""
+    name = "d" * 255
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(depth):
+            os.mkdir(name, dir_fd=fd)
+            below = os.open(name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = below
+        os.close(os.open("f", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+async def test_a_path_longer_than_a_manifest_holds_is_refused(make_site: MakeSite) -> None:
+    # 257 levels of 255-byte names make a path of 65,791 bytes; a reader takes 65,536. The
+    # walk opens each directory from its parent, so nothing on the way stops it.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    root = a.data / "deep"
+    root.mkdir()
+    _deep(root, 257)
+    said = _one_line_error(a, "push", "/proj/deep", code=InvalidInput.exit_code)
+    name = "d" * 255
+    assert said == (
+        f"path '{name}/{name}/.../{name}/{name}' (257 components) is 65791 bytes long, "
+        "more than a manifest can hold (65536); make the tree shallower or its names "
+        "shorter and push again"
+    )
+    assert _versions(a, "/proj/deep") == []
+    shutil.rmtree(root / name / name)
+    _deep(root / name, 254)  # 'd.../f' 255 levels down: 65,281 bytes
+    pushed = a.cli_json("push", "/proj/deep")
+    assert pushed["dirs"] == 255 and pushed["files"] == 1
+    assert b.cli_json("stage", "/proj/deep")["version"] == pushed["version"]  # readable

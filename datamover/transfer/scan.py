@@ -25,7 +25,7 @@ from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import check_symlink_target, sort_key
 from datamover.errors import Conflict, InvalidInput
-from datamover.repo.manifest import MTIME_MAX, MTIME_MIN
+from datamover.repo.manifest import MAX_STR, MTIME_MAX, MTIME_MIN
 from datamover.transfer import procpool, readers
 from datamover.transfer.readers import FileRead, NewChunk, ReadProblem
 from datamover.transfer.walk import LocalEntry, Walker
@@ -83,13 +83,29 @@ def _when(mtime_ns: int) -> str:
     return when.isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
+def _abridged(path: str) -> str:
+    """A path too long for a message, as its first and last components."""
+    parts = path.split("/")
+    return "/".join([*parts[:2], "...", *parts[-2:]]) if len(parts) > 4 else path[:400]
+
+
 def check_storable(entry: Entry) -> None:
     """Refuse, naming it, an entry of the walk that a manifest cannot hold, so that no
     version is published that no reader accepts (`repo.manifest.encode_entry` refuses it
-    too, as a last line). What the walk produces can break one rule only: an mtime (a
-    file's, a directory's or a symlink's) outside a signed 64-bit count of nanoseconds.
-    A mode is permission bits (`S_IMODE`), a size an `off_t`, a symlink's target at most
-    4,095 bytes (`check_symlink_target`); chunks are datamover's own."""
+    too, as a last line). What the walk produces can break two rules only: an mtime (a
+    file's, a directory's or a symlink's) outside a signed 64-bit count of nanoseconds,
+    and a path longer than a reader takes (a tree some 260 directories deep: the walk
+    opens each from its parent, so no `PATH_MAX` stops it). A mode is permission bits
+    (`S_IMODE`), a size an `off_t`, a symlink's target at most 4,095 bytes
+    (`check_symlink_target`); chunks are datamover's own."""
+    path = entry.path
+    if len(path) > MAX_STR // 4 and len(path.encode()) > MAX_STR:
+        raise InvalidInput(
+            f"path {_abridged(path)!r} ({path.count('/') + 1} components) is "
+            f"{len(path.encode())} bytes long, more than a manifest can hold ({MAX_STR}); "
+            "make the tree shallower or its names shorter and push again",
+            [path],
+        )
     if not MTIME_MIN <= entry.mtime_ns <= MTIME_MAX:
         touch = "touch -h" if entry.kind == Kind.SYMLINK else "touch"
         raise InvalidInput(
