@@ -234,7 +234,7 @@ async def test_a_symlink_at_the_stage_lock_is_not_written_through(
     site_a, site_b = await a.open(), await b.open()
     try:
         await push(site_a, "/proj/ds")
-        with pytest.raises(PermanentError, match=r"stage lock of '/proj/ds'.*symlink"):
+        with pytest.raises(PermanentError, match=r"the lock of '/proj/ds'.*symlink"):
             await stage(site_b, "/proj/ds")
         assert victim.read_text() == "somebody else's data\n"
         assert not (b.data / "ds" / "f").exists()
@@ -285,7 +285,7 @@ async def test_a_stage_lock_that_cannot_be_made_is_a_one_line_error(make_site: M
         locks.chmod(0o755)
     assert r.returncode == 7, r.stderr
     [line] = r.stderr.strip().splitlines()
-    assert "stage lock of '/proj/ds'" in line and "permission denied" in line, line
+    assert "the lock of '/proj/ds'" in line and "permission denied" in line, line
 
 
 @contextlib.contextmanager

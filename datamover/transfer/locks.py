@@ -190,7 +190,7 @@ def _wait_out_readers(fd: int, dataset: str, stop: threading.Event, conflict: Co
 
 
 def _lock_error(dataset: str, path: Path, exc: OSError | None) -> PermanentError:
-    """The one-line error for a stage lock file that cannot be used (`exc`: why; None: it
+    """The one-line error for a dataset lock file that cannot be used (`exc`: why; None: it
     is not a regular file)."""
     if exc is None:
         why = "it is not a regular file"
@@ -199,7 +199,7 @@ def _lock_error(dataset: str, path: Path, exc: OSError | None) -> PermanentError
     else:
         why = (exc.strerror or type(exc).__name__).lower()
     return PermanentError(
-        f"cannot take the stage lock of {dataset!r}, {str(path)!r}: {why} (check [site] "
+        f"cannot take the lock of {dataset!r}, {str(path)!r}: {why} (check [site] "
         "state_dir and its locks/ directory)"
     )
 
