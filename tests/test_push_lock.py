@@ -18,11 +18,11 @@ from datamover.scheduler.worker import Worker
 from datamover.site import Site
 from datamover.transfer import push as push_module
 from datamover.transfer import stage as stage_module
-from datamover.transfer.push import PushResult, push
+from datamover.transfer.push import push
 from datamover.transfer.scan import Scanner
 from datamover.transfer.stage import stage
 from tests.fixtures_sites import MakeSite, SiteEnv
-from tests.test_stage_review import _held, _stage_lock
+from tests.locking import Gate, a_cli_stage_waits, dataset_lock, held_lock
 
 _RUNNING = "a stage of '/proj/ds' is running (node7:4242); push after it ends"
 
@@ -53,7 +53,7 @@ async def test_a_push_while_a_stage_runs_is_a_conflict(make_site: MakeSite) -> N
     site_a = await a.open()
     try:
         before = await _keys(site_a)
-        with _held(_stage_lock(a, "/proj/ds"), fcntl.LOCK_EX, b"node7:4242"):
+        with held_lock(dataset_lock(a, "/proj/ds"), fcntl.LOCK_EX, b"node7:4242"):
             with pytest.raises(Conflict) as caught:
                 await push(site_a, "/proj/ds")
             r = a.cli("push", "/proj/ds")
@@ -105,50 +105,31 @@ async def test_a_stage_while_a_push_walks_waits_for_it(
     make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     a = await _pushed(make_site)
-    walking, go = threading.Event(), threading.Event()
+    gate = Gate()
 
     class HeldScanner(Scanner):
         def next_batch(self, *args: Any, **kwargs: Any) -> list[object]:
-            walking.set()
-            go.wait(20)
+            gate.hold()
             return super().next_batch(*args, **kwargs)
-
-    async def push_held(site: Site) -> asyncio.Task[PushResult]:
-        walking.clear()
-        go.clear()
-        pushing = asyncio.create_task(push(site, "/proj/ds"))
-        assert await asyncio.to_thread(walking.wait, 10)
-        return pushing
 
     site_a = await a.open()
     try:
         monkeypatch.setattr(push_module, "Scanner", HeldScanner)
-        pushing = await push_held(site_a)
+        pushing = await gate.start(push(site_a, "/proj/ds"))
         staging = asyncio.create_task(stage(site_a, "/proj/ds"))
         await asyncio.sleep(0.6)
         assert not staging.done(), "the stage ran while the push walked"
-        go.set()
+        gate.release()
         pushed = await pushing
         assert pushed.files == 2 and not pushed.unchanged
         staged = await asyncio.wait_for(staging, 20)
         assert staged.version == pushed.version  # what the push published, once it had
 
         (a.data / "ds" / "h").write_text("yet more\n")
-        pushing = await push_held(site_a)
-        cli = asyncio.create_task(asyncio.to_thread(a.cli, "stage", "/proj/ds", "--local"))
-        await asyncio.sleep(2)
-        assert not cli.done()
-        go.set()
-        assert (await pushing).files == 3
-        r = await asyncio.wait_for(cli, 30)
-        assert r.returncode == 0, r.stderr
-        assert "a push or verify of '/proj/ds' is running; the stage waits for it to end" in (
-            r.stderr
-        )
-        with _held(_stage_lock(a, "/proj/ds"), fcntl.LOCK_EX):
-            pass  # nothing was left holding it
+        pushing = await gate.start(push(site_a, "/proj/ds"))
+        assert (await a_cli_stage_waits(a, gate, pushing)).files == 3
     finally:
-        go.set()
+        gate.release()
         await site_a.close()
 
 
@@ -162,7 +143,7 @@ async def test_a_daemon_push_that_meets_a_stage_fails_with_the_conflict(
         before = await _keys(site)
         t, _ = await queue.submit(Submission(tenant="t1", kind="push", path="/proj/ds"))
         worker = Worker(site, queue, Access(site.catalog.engine), "w1", Metrics("s"))
-        with _held(_stage_lock(a, "/proj/ds"), fcntl.LOCK_EX, b"node7:4242"):
+        with held_lock(dataset_lock(a, "/proj/ds"), fcntl.LOCK_EX, b"node7:4242"):
             assert await worker.run_once()
         row = await queue.get(t.id)
         assert row.state == "failed" and row.attempts == 1, row

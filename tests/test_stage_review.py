@@ -8,7 +8,6 @@ import concurrent.futures
 import contextlib
 import errno
 import fcntl
-import hashlib
 import os
 import shutil
 import stat
@@ -22,16 +21,16 @@ import pytest
 
 from datamover.domain.manifest import Entry, Kind
 from datamover.errors import Conflict, Corrupt, PermanentError
-from datamover.site import Site
 from datamover.transfer import fsops
 from datamover.transfer import stage as stage_module
 from datamover.transfer.fsops import TreeWriter
 from datamover.transfer.plan import Action, StagePlanner
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
-from datamover.transfer.verify import VerifyResult, verify
+from datamover.transfer.verify import verify
 from datamover.transfer.walk import Walker
 from tests.fixtures_sites import MakeSite, SiteEnv, cli_unprivileged
+from tests.locking import Gate, a_cli_stage_waits, dataset_lock, held_lock
 from tests.test_bad_input import flip_pack_byte, publish_manifest
 from tests.test_stage_hardening import _shm_trash
 
@@ -213,11 +212,6 @@ async def test_of_two_local_stages_of_one_dataset_one_runs(
     assert (b.data / "ds" / "f").read_text() == "data\n"
 
 
-def _stage_lock(env: Any, dataset: str) -> Path:
-    digest = hashlib.blake2b(dataset.encode(), digest_size=16).hexdigest()
-    return env.state / "locks" / f"stage-{digest}.lock"
-
-
 async def test_a_symlink_at_the_stage_lock_is_not_written_through(
     make_site: MakeSite, tmp_path: Path
 ) -> None:
@@ -228,7 +222,7 @@ async def test_a_symlink_at_the_stage_lock_is_not_written_through(
     (a.data / "ds" / "f").write_text("data\n")
     victim = tmp_path / "victim"
     victim.write_text("somebody else's data\n")
-    lock = _stage_lock(b, "/proj/ds")
+    lock = dataset_lock(b, "/proj/ds")
     lock.parent.mkdir(parents=True, exist_ok=True)
     lock.symlink_to(victim)
     site_a, site_b = await a.open(), await b.open()
@@ -288,22 +282,6 @@ async def test_a_stage_lock_that_cannot_be_made_is_a_one_line_error(make_site: M
     assert "the lock of '/proj/ds'" in line and "permission denied" in line, line
 
 
-@contextlib.contextmanager
-def _held(path: Path, op: int, holder: bytes = b"") -> Iterator[None]:
-    """Hold `path` locked with `op` through a descriptor of its own (another process's, as
-    far as `flock` can tell); `holder` written into it first, as a stage does."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    try:
-        fcntl.flock(fd, op | fcntl.LOCK_NB)
-        if holder:
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, holder, 0)
-        yield
-    finally:
-        os.close(fd)
-
-
 async def test_a_verify_while_a_stage_runs_is_a_conflict(make_site: MakeSite) -> None:
     # A verify walking beside a stage of its dataset gives 0o600 directories their owner's
     # bits for a moment: the stage got EACCES or took them for the directory's mode.
@@ -311,8 +289,8 @@ async def test_a_verify_while_a_stage_runs_is_a_conflict(make_site: MakeSite) ->
     site_b = await b.open()
     try:
         await stage(site_b, "/proj/ds")
-        lock = _stage_lock(b, "/proj/ds")
-        with _held(lock, fcntl.LOCK_EX, b"node7:4242"):
+        lock = dataset_lock(b, "/proj/ds")
+        with held_lock(lock, fcntl.LOCK_EX, b"node7:4242"):
             with pytest.raises(Conflict) as caught:
                 await verify(site_b, "/proj/ds")
             r = b.cli("verify", "/proj/ds")
@@ -323,7 +301,7 @@ async def test_a_verify_while_a_stage_runs_is_a_conflict(make_site: MakeSite) ->
         assert r.stderr.strip().splitlines() == [f"datamover: error: {caught.value.message}"]
         found = await verify(site_b, "/proj/ds")  # held by no one: verifies as before
         assert found.ok and found.files_checked == 1, found.problems
-        with _held(lock, fcntl.LOCK_SH):  # nor do verifies exclude each other
+        with held_lock(lock, fcntl.LOCK_SH):  # nor do verifies exclude each other
             assert (await verify(site_b, "/proj/ds")).ok
     finally:
         await site_b.close()
@@ -338,29 +316,21 @@ async def test_a_stage_while_a_verify_walks_waits_for_it(
     from datamover.transfer import verify as verify_module
 
     b = await _one_file_pushed(make_site)
-    walking, go = threading.Event(), threading.Event()
+    gate = Gate()
     real = verify_module._merge
 
-    def slow_merge(*args: Any) -> None:
-        walking.set()
-        go.wait(20)
+    def held_merge(*args: Any) -> None:
+        gate.hold()
         real(*args)
-
-    async def verify_held(site: Site) -> asyncio.Task[VerifyResult]:
-        walking.clear()
-        go.clear()
-        checking = asyncio.create_task(verify(site, "/proj/ds"))
-        assert await asyncio.to_thread(walking.wait, 10)
-        return checking
 
     site_b = await b.open()
     try:
         await stage(site_b, "/proj/ds")  # the lock file names this, finished, stage
-        lock = _stage_lock(b, "/proj/ds")
+        lock = dataset_lock(b, "/proj/ds")
         named = lock.read_bytes()
-        monkeypatch.setattr(verify_module, "_merge", slow_merge)
+        monkeypatch.setattr(verify_module, "_merge", held_merge)
 
-        checking = await verify_held(site_b)
+        checking = await gate.start(verify(site_b, "/proj/ds"))
         waiting = asyncio.create_task(stage(site_b, "/proj/ds"))
         await asyncio.sleep(0.6)
         assert not waiting.done(), "the stage ran while the verify walked"
@@ -371,24 +341,14 @@ async def test_a_stage_while_a_verify_walks_waits_for_it(
         await asyncio.sleep(0.6)
         assert not staging.done()
         assert lock.read_bytes() == named  # a verify does not write itself into the file
-        go.set()
+        gate.release()
         assert (await checking).ok
         assert (await asyncio.wait_for(staging, 20)).files == 1
 
-        checking = await verify_held(site_b)
-        cli = asyncio.create_task(asyncio.to_thread(b.cli, "stage", "/proj/ds", "--local"))
-        await asyncio.sleep(2)
-        assert not cli.done()
-        go.set()
-        assert (await checking).ok
-        r = await asyncio.wait_for(cli, 30)
-        assert r.returncode == 0, r.stderr
-        waits = "a push or verify of '/proj/ds' is running; the stage waits for it to end"
-        assert waits in r.stderr
-        with _held(lock, fcntl.LOCK_EX):
-            pass  # nothing was left holding it
+        checking = await gate.start(verify(site_b, "/proj/ds"))
+        assert (await a_cli_stage_waits(b, gate, checking)).ok
     finally:
-        go.set()
+        gate.release()
         await site_b.close()
 
 
@@ -418,7 +378,7 @@ async def test_a_cancelled_verify_keeps_stages_out_until_its_walk_ends(
         with pytest.raises(asyncio.CancelledError):
             await checking
         assert walked.is_set(), "the verify let its lock go while its walk went on"
-        with _held(_stage_lock(b, "/proj/ds"), fcntl.LOCK_EX):
+        with held_lock(dataset_lock(b, "/proj/ds"), fcntl.LOCK_EX):
             pass  # and let it go once the walk ended
     finally:
         go.set()
@@ -431,7 +391,7 @@ async def test_a_stage_cancelled_while_its_lock_file_hangs_leaks_no_descriptor(
     # The lock was taken on the event loop: a state directory on a hung network mount held
     # up every transfer of the daemon. In a thread, a cancel must not leak what it opens.
     b = await _one_file_pushed(make_site)
-    lock = _stage_lock(b, "/proj/ds")
+    lock = dataset_lock(b, "/proj/ds")
     opening, go, opened = threading.Event(), threading.Event(), threading.Event()
     real_open = os.open
 
@@ -471,7 +431,7 @@ async def test_a_stage_cancelled_while_its_lock_file_hangs_leaks_no_descriptor(
         while lock_fds() and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         assert lock_fds() == []
-        with _held(lock, fcntl.LOCK_EX):
+        with held_lock(lock, fcntl.LOCK_EX):
             pass  # nobody holds it
         await stage(site_b, "/proj/ds")
         assert (b.data / "ds" / "f").read_text() == "data\n"

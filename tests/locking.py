@@ -1,0 +1,82 @@
+"""Test helpers for the per-dataset lock (`transfer/locks.py`): its file, a lock held as
+another process would hold it, and a gate that pauses a push's or verify's walk while the
+lock is held, to see what a stage does meanwhile."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import hashlib
+import os
+import threading
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tests.fixtures_sites import SiteEnv
+
+T = TypeVar("T")
+
+STAGE_WAITS = "a push or verify of '/proj/ds' is running; the stage waits for it to end"
+
+
+def dataset_lock(env: SiteEnv, dataset: str) -> Path:
+    """`<state_dir>/locks/stage-<BLAKE2b-128 of the logical path>.lock`."""
+    digest = hashlib.blake2b(dataset.encode(), digest_size=16).hexdigest()
+    return env.state / "locks" / f"stage-{digest}.lock"
+
+
+@contextlib.contextmanager
+def held_lock(path: Path, op: int, holder: bytes = b"") -> Iterator[None]:
+    """Hold `path` locked with `op` through a descriptor of its own (another process's, as
+    far as `flock` can tell); `holder` written into it first, as a stage does."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, op | fcntl.LOCK_NB)
+        if holder:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, holder, 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+class Gate:
+    """Pauses the thread that calls `hold` (a walk, patched to call it) until `release`."""
+
+    def __init__(self) -> None:
+        self._reached, self._go = threading.Event(), threading.Event()
+
+    def hold(self) -> None:
+        self._reached.set()
+        self._go.wait(20)
+
+    def release(self) -> None:
+        self._go.set()
+
+    async def start(self, work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+        """Run `work` until it is held at the gate; its task."""
+        self._reached.clear()
+        self._go.clear()
+        task = asyncio.create_task(work)
+        assert await asyncio.to_thread(self._reached.wait, 10), "the work never reached the gate"
+        return task
+
+
+async def a_cli_stage_waits(env: SiteEnv, gate: Gate, held: asyncio.Task[Any]) -> Any:
+    """While `held` (a push or verify of `/proj/ds`) is held at `gate`, a `--local` CLI stage
+    waits, saying so, and completes once it is released; the lock is free afterwards.
+    Returns `held`'s result."""
+    cli = asyncio.create_task(asyncio.to_thread(env.cli, "stage", "/proj/ds", "--local"))
+    await asyncio.sleep(2)
+    assert not cli.done(), "the stage ran while the lock was held"
+    gate.release()
+    result = await held
+    r = await asyncio.wait_for(cli, 30)
+    assert r.returncode == 0, r.stderr
+    assert STAGE_WAITS in r.stderr, r.stderr
+    with held_lock(dataset_lock(env, "/proj/ds"), fcntl.LOCK_EX):
+        pass  # nothing was left holding it
+    return result
