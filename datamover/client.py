@@ -251,7 +251,7 @@ class DaemonClient:
         is (already encoded): build its variable parts with `segment`."""
         status, data = self.request(method, path, body, params, headers)
         if status >= 400:
-            raise error_from(status, data, f"{self.base_url}")
+            raise error_from(status, data, self.base_url)
         return data
 
     def submit(self, request: dict[str, Any], key: str | None = None) -> dict[str, Any]:

@@ -7,13 +7,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import hashlib
 import os
 import threading
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from datamover.transfer.locks import lock_path
 from tests.fixtures_sites import SiteEnv
 
 T = TypeVar("T")
@@ -22,9 +22,8 @@ STAGE_WAITS = "a push or verify of '/proj/ds' is running; the stage waits for it
 
 
 def dataset_lock(env: SiteEnv, dataset: str) -> Path:
-    """`<state_dir>/locks/stage-<BLAKE2b-128 of the logical path>.lock`."""
-    digest = hashlib.blake2b(dataset.encode(), digest_size=16).hexdigest()
-    return env.state / "locks" / f"stage-{digest}.lock"
+    """The lock file of `dataset` at site `env` (`locks.lock_path`)."""
+    return lock_path(env.state, dataset)
 
 
 @contextlib.contextmanager

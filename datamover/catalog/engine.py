@@ -80,14 +80,15 @@ def catalog_outage(exc: BaseException) -> CatalogUnavailable | CatalogError | No
         return CatalogUnavailable(
             "catalog unavailable: no free connection in the pool (every one stayed busy)"
         )
+    read_only = _read_only(exc)
     if (
-        isinstance(exc, OperationalError | InterfaceError)
+        read_only
+        or isinstance(exc, OperationalError | InterfaceError)
         or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
-        or _read_only(exc)
     ):
         text = str(getattr(exc, "orig", None) or exc).strip()
         reason = text.splitlines()[0] if text else type(exc).__name__
-        if any(marker in reason for marker in _SQLITE_PERMANENT) or _read_only(exc):
+        if read_only or any(marker in reason for marker in _SQLITE_PERMANENT):
             return CatalogError(
                 f"catalog cannot be used: {reason} (check [site] catalog: the file, its "
                 "-wal and -shm files and their directory must be readable and writable "

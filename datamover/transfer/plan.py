@@ -221,7 +221,7 @@ class StagePlanner:
         if (
             local.kind == entry.kind == Kind.FILE
             and self._same(local, entry)
-            and self._content(local, entry)
+            and (self.content_ok is None or self._content(local, entry))
         ):
             yield Action(Op.KEEP if local.mode == entry.mode else Op.ATTR, entry.path, entry)
             return
