@@ -22,7 +22,7 @@ from datamover.transfer.fsops import TreeWriter, open_root
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from datamover.transfer.writers import write_batch
-from tests.fixtures_sites import MakeSite, cli_unprivileged
+from tests.fixtures_sites import MakeSite, SiteEnv, cli_unprivileged
 from tests.test_bad_input import publish_manifest
 
 LONG = "/proj/2026年度分子对接虚拟筛选项目/第一批候选化合物对接结果/重新打分"  # 272 bytes encoded
@@ -31,17 +31,25 @@ LONG = "/proj/2026年度分子对接虚拟筛选项目/第一批候选化合物�
 # -- 1. a failed trash move stops the write it was clearing the way for ---------------------
 
 
-@pytest.mark.parametrize("path", ["thread", "workers", "large"])
-async def test_a_failed_trash_move_stops_the_write_of_that_file(
-    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, path: str
-) -> None:
+async def _sites_writing_by(
+    path: str, make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> tuple[SiteEnv, SiteEnv, int]:
+    """Sites A (with an empty `ds/`) and B, whose stage writes a file of the returned size
+    the `path` way: its writer thread, its worker processes, or by ranges (a large file)."""
     transfer = {"write_workers": 2 if path == "workers" else -1, "batch_bytes": 4 << 20}
     if path == "workers":
         monkeypatch.setattr(stage_module, "_POOL_FILES", 1)
     a, b = await make_site("site-a"), await make_site("site-b", **transfer)
+    (a.data / "ds").mkdir()
+    return a, b, (2 << 20) + 7 if path == "large" else 100  # large: above batch_bytes / 4
+
+
+@pytest.mark.parametrize("path", ["thread", "workers", "large"])
+async def test_a_failed_trash_move_stops_the_write_of_that_file(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    a, b, size = await _sites_writing_by(path, make_site, monkeypatch)
     src = a.data / "ds"
-    src.mkdir()
-    size = (2 << 20) + 7 if path == "large" else 100  # large: above batch_bytes / 4
     (src / "analysis.csv").write_bytes(os.urandom(size))
     for i in range(24):  # 12 MiB: batches go while the plan is still being dispatched
         (src / f"p{i:02d}").write_bytes(os.urandom(512 << 10))
@@ -395,13 +403,8 @@ async def test_a_file_a_user_saves_after_the_walk_is_trashed_not_replaced(
     """Where the walk finds the file as datamover wrote it (the base's, so it is to be
     replaced in place), or nothing (the version adds it), a user saves a file before the
     rename: the user's file goes to the trash, not under the fetched one."""
-    transfer = {"write_workers": 2 if path == "workers" else -1, "batch_bytes": 4 << 20}
-    if path == "workers":
-        monkeypatch.setattr(stage_module, "_POOL_FILES", 1)
-    a, b = await make_site("site-a"), await make_site("site-b", **transfer)
+    a, b, size = await _sites_writing_by(path, make_site, monkeypatch)
     src = a.data / "ds"
-    src.mkdir()
-    size = (2 << 20) + 7 if path == "large" else 100  # large: above batch_bytes / 4
     if walked == "as written":
         (src / "results.csv").write_bytes(os.urandom(size))
     (src / "other.csv").write_bytes(b"other\n")

@@ -167,6 +167,18 @@ async def test_a_refused_aws_profile_or_config_file_is_invalid_input(
         await store.close()
 
 
+def _ls(config: Path) -> subprocess.CompletedProcess[str]:
+    """`datamover ls /proj --config CONFIG`, with no `DATAMOVER_*` of the caller's."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "datamover", "ls", "/proj", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
 def test_cli_names_a_malformed_endpoint_in_one_line(tmp_path: Path) -> None:
     config = tmp_path / "site.toml"
     config.write_text(
@@ -181,14 +193,7 @@ def test_cli_names_a_malformed_endpoint_in_one_line(tmp_path: Path) -> None:
         "[namespace]\n"
         f'"/proj" = "{tmp_path}"\n'
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "datamover", "ls", "/proj", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    proc = _ls(config)
     assert proc.returncode == 2, proc.stderr  # was 70, "internal error (ValueError: ...)"
     assert proc.stderr.count("\n") == 1
     assert "'127.0.0.1:8333'" in proc.stderr and "internal error" not in proc.stderr
@@ -221,14 +226,7 @@ def test_cli_refuses_store_settings_no_request_can_carry(
         f'"/proj" = "{tmp_path}"\n'
     )
     config.write_text(text.replace(good, bad, 1))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "datamover", "ls", "/proj", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-    )
+    proc = _ls(config)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and says in proc.stderr
     assert "pw" not in proc.stderr and "AKIA" not in proc.stderr
