@@ -295,3 +295,24 @@ def test_structured_garbage_is_corrupt_or_valid(items: list[tuple]) -> None:
     blob = zstandard.ZstdCompressor().compress(body)
     with contextlib.suppress(Corrupt):
         check_all(list(decode_segment(blob)))
+
+
+_PATHISH = st.text(alphabet=st.sampled_from("ab./\x00\x1f\x7f \t"), max_size=12) | st.builds(
+    lambda n, tail: "x" * n + tail, st.integers(250, 260), st.sampled_from(["", "/y", "/.."])
+)
+
+
+@given(_PATHISH)
+@settings(max_examples=500)
+def test_manifest_fast_path_check_accepts_exactly_what_check_relpath_accepts(path: str) -> None:
+    # The checker's one-regex test for ASCII paths must not let through anything the
+    # per-component check refuses (nor refuse a valid path: that would be slower only).
+    from datamover.domain.paths import check_relpath
+    from datamover.repo.manifest import _CLEAN_ASCII
+
+    try:
+        check_relpath(path)
+        valid = True
+    except InvalidInput:
+        valid = False
+    assert bool(_CLEAN_ASCII.match(path)) == valid
