@@ -7,6 +7,7 @@ checkpoint rows is committed (the process dies before doing anything else).
 
 from __future__ import annotations
 
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -174,3 +175,33 @@ def test_assembly_map_keeps_only_the_unfinished_file() -> None:
     assert _unfinished([chunk(b"c"), chunk(b"d")], current) is current
     # A batch that ends with a finished entry keeps nothing.
     assert _unfinished([chunk(b"a"), done()], current) == {}
+
+
+async def test_a_failed_push_lets_another_process_resume(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A site daemon's push fails midway and the daemon lives on. Its claim on the checkpoint
+    # used to stay, so `push --local` of the dataset on this host was refused ("already
+    # running") until the daemon pushed it again. The failed push gives the claim up and
+    # keeps its segments: another process resumes from them.
+    a = await make_site("site-a", segment_entries=8)
+    root = a.data / "x"
+    root.mkdir()
+    for i in range(60):
+        (root / f"f{i:03d}").write_bytes(f"file {i}\n".encode() * 50)
+    site = await a.open()
+    try:
+        await push_killed(site, lambda rows: any(r.last_path >= "f040" for _, r in rows))
+        left = await site.catalog.checkpoint("/proj/x")
+        assert left is not None and left.owner is None
+        assert len(await site.catalog.checkpoint_segments("/proj/x")) >= 4
+
+        # Another live process of this host (the test's parent stands for it).
+        other = f"{owner_id().rpartition(':')[0]}:{os.getppid()}"
+        monkeypatch.setattr("datamover.transfer.push.owner_id", lambda: other)
+        result = await push(site, "/proj/x")
+        assert result.files == 60 and result.files_read < 30  # resumed, not started over
+        assert await site.catalog.checkpoint("/proj/x") is None
+    finally:
+        await site.close()
+    assert await stage_elsewhere(make_site) == files(root)

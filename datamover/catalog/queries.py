@@ -346,6 +346,20 @@ class Catalog:
         async with self.engine.begin() as conn:
             await conn.execute(stmt)
 
+    async def release_checkpoint(self, dataset: str, owner: str) -> None:
+        """Give up `owner`'s claim on the unfinished push of `dataset` (a push that failed):
+        its segments stay for any later push to resume, which need not wait for `owner`'s
+        process to end (a site daemon's lives on). A claim someone else took meanwhile is
+        left alone."""
+        table = PushCheckpoint.__table__
+        stmt = (
+            update(table)
+            .where(table.c.dataset == dataset, table.c.owner == owner)
+            .values(owner=None, updated_at=_now())
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
+
     async def add_checkpoint_segments(
         self, dataset: str, segments: Sequence[tuple[int, SegmentRef]]
     ) -> None:

@@ -162,12 +162,15 @@ async def _resumable_segments(
 
 
 @contextlib.asynccontextmanager
-async def _touching(site: Site, dataset: str) -> AsyncIterator[None]:
+async def _holding(site: Site, dataset: str) -> AsyncIterator[None]:
     """Touch the checkpoint every `_TOUCH_EVERY` seconds while the body runs (see
-    `_holder_alive`); a failed touch is logged and the push goes on."""
+    `_holder_alive`); a failed touch is logged and the push goes on. If the body fails, the
+    claim is given up (`Catalog.release_checkpoint`) and the segments kept: a site daemon
+    whose push failed lives on, and its claim would otherwise refuse every push of the
+    dataset from another process of this host until the daemon pushed it again."""
+    me = owner_id()
 
     async def touch() -> None:
-        me = owner_id()
         while True:
             await asyncio.sleep(_TOUCH_EVERY)
             try:
@@ -178,6 +181,14 @@ async def _touching(site: Site, dataset: str) -> AsyncIterator[None]:
     task = asyncio.create_task(touch())
     try:
         yield
+    except BaseException:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        try:  # shielded: a cancelled push gives its claim up too
+            await asyncio.shield(site.catalog.release_checkpoint(dataset, me))
+        except Exception as exc:  # the original error is the one to report
+            log.warning("push of %s: could not give up its checkpoint: %s", dataset, exc)
+        raise
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -213,7 +224,7 @@ async def _push(
     parent = await site.repo.read_version(dataset, parent_id) if parent_id else None
     found, resumed = await _resumable_segments(site, dataset)
     await site.catalog.start_checkpoint(dataset, parent_id, owner_id(), bool(resumed), found)
-    async with _touching(site, dataset):
+    async with _holding(site, dataset):
         parent_refs = await site.repo.prefetch(parent) if parent else []
         lost: set[bytes] = set()
         spent = PushResult(dataset, "", None, False)  # what passes given up on sent
