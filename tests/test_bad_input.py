@@ -147,7 +147,13 @@ async def test_non_utf8_name_is_rejected(make_site: MakeSite) -> None:
     src.mkdir()
     fd = os.open(os.path.join(os.fsencode(src), b"bad\xff"), os.O_WRONLY | os.O_CREAT)
     os.close(fd)
-    fails(a, "push", "/proj/x", code=2, says="not valid UTF-8")
+    fails(
+        a,
+        "push",
+        "/proj/x",
+        code=2,
+        says=r"invalid name 'bad\xff' in '.': bytes that are not valid UTF-8",
+    )
 
 
 async def publish_manifest(env: SiteEnv, dataset: str, entries: list[Entry]) -> str:

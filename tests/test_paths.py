@@ -216,3 +216,12 @@ def test_nested_directories_where_the_outer_prefix_has_them_are_fine() -> None:
     assert ns.resolve("/proj/a/x") == Path("/gpfs/proj/a/x")
     assert ns.link_to_logical("/gpfs/proj/a/x") == "/proj/a/x"
     assert Namespace.from_mapping({"/proj": "/"}).link_to_logical("/") == "/proj"
+
+
+def test_a_name_that_is_not_utf8_is_shown_as_its_bytes() -> None:
+    # As `ls -b` shows it; `\udcff` (Python's surrogate escape) means nothing to a user.
+    with pytest.raises(InvalidInput) as caught:
+        check_name("bad\udcff.txt", "d/e\udc80")
+    message = str(caught.value)
+    assert r"'bad\xff.txt'" in message and r"'d/e\x80'" in message
+    assert "udc" not in message

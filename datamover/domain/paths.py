@@ -33,20 +33,32 @@ def _bad_char(text: str) -> str | None:
     return f"control character U+{o:04X}"
 
 
+_SURROGATES = re.compile("[\udc80-\udcff]")
+
+
+def shown(text: str) -> str:
+    """`repr(text)` for messages; a name holding bytes that are not valid UTF-8 (surrogate
+    escapes from `os.fsdecode`) is shown as its bytes, `'bad\\xff'` as `ls -b` shows it,
+    not `'bad\\udcff'`."""
+    if _SURROGATES.search(text) is None:
+        return repr(text)
+    return repr(text.encode("utf-8", "surrogateescape"))[1:]
+
+
 def check_name(name: str, where: str = "") -> str:
     """Return `name` if it is a valid single path component, else raise `InvalidInput`.
 
     Valid: non-empty, not `.`/`..`, no `/`, no control characters, valid UTF-8 (no surrogate
     escapes from undecodable bytes), at most 255 bytes encoded.
     """
-    context = f" in {where!r}" if where else ""
+    context = f" in {shown(where)}" if where else ""
     if name in ("", ".", ".."):
         raise InvalidInput(f"invalid name {name!r}{context}: empty, '.' or '..'")
     if "/" in name:
-        raise InvalidInput(f"invalid name {name!r}{context}: contains '/'")
+        raise InvalidInput(f"invalid name {shown(name)}{context}: contains '/'")
     problem = _bad_char(name)
     if problem:
-        raise InvalidInput(f"invalid name {name!r}{context}: {problem}")
+        raise InvalidInput(f"invalid name {shown(name)}{context}: {problem}")
     if len(name.encode("utf-8")) > NAME_MAX_BYTES:
         raise InvalidInput(f"invalid name {name[:40]!r}...{context}: longer than 255 bytes")
     return name
