@@ -31,6 +31,7 @@ from datamover.scheduler.endings import Endings
 from datamover.scheduler.runner import run_loop
 from datamover.scheduler.worker import Worker
 from datamover.site import Site, make_state_dir
+from datamover.transfer import procpool
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,20 @@ async def _reclaim_dead(transfers: Transfers) -> None:
     if dead:
         n = await transfers.requeue_expired(dead)
         log.info("put %d transfers of dead workers back in the queue", n)
+
+
+async def _warm(site: Site) -> None:
+    """Pay the first transfer's start-up costs now, in the background: the store's client
+    (one HeadBucket, which also tells the operator at once if the store does not answer) and
+    the fork server of the reader and writer processes (`procpool.warm`)."""
+    try:
+        await site.store.check()
+    except DatamoverError as exc:
+        log.warning("the store does not answer yet: %s", exc)
+    try:
+        await asyncio.to_thread(procpool.warm)
+    except OSError as exc:  # a locked-down container: transfers fall back to threads
+        log.warning("cannot start the fork server of reader and writer processes: %s", exc)
 
 
 async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
@@ -129,14 +144,16 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
             for i, w in enumerate(workers)
         ]
         tasks.append(asyncio.create_task(run_loop("metrics", refresh, stop, idle=5.0)))
+        warming = asyncio.create_task(_warm(site))
         if ready is not None:
             ready.set()
         await stop.wait()
         log.info("draining: stopping running transfers so they resume later")
         endings.close()  # held long polls answer now
+        warming.cancel()  # a store that never answered: its retries end here
         for w in workers:
             w.drain()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, warming, return_exceptions=True)
     finally:
         await runner.cleanup()
         await site.close()

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -658,3 +659,36 @@ async def test_release_local_names_a_tenant_only_with_an_admin_token_or_one_of_i
     assert released.returncode == 0, released.stderr
     assert json.loads(released.stdout)["released"] == 1
     assert await tenants() == ["lab-3"]
+
+
+def _children(pid: int) -> list[str]:
+    """Command lines of the processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (
+                (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode("utf-8", "replace")
+            )
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid:
+            found.append(cmdline)
+    return found
+
+
+async def test_the_daemon_starts_its_fork_server_at_start_up(served_site: StartSite) -> None:
+    # The first big push or stage after a (re)start must not wait ~0.2 s for the reader and
+    # writer processes' fork server: the daemon starts it in the background, with the store's
+    # client, once it serves.
+    d = await served_site("site-b")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if any("multiprocessing.forkserver" in c for c in _children(d.proc.pid)):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError(f"no fork server under the daemon: {_children(d.proc.pid)}")
+    assert "does not answer" not in d.log() and "cannot start" not in d.log()

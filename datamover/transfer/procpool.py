@@ -10,7 +10,9 @@ loop's executors, the catalog driver's) whose locks a plain fork would copy mid-
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.context
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import forkserver
 
 from datamover import gctune
 from datamover.errors import TransientError
@@ -23,15 +25,27 @@ def _ready() -> None:
     """A job that does nothing: submitting one per worker makes the pool start them all."""
 
 
+def _context() -> multiprocessing.context.ForkServerContext:
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
+
+
+def warm() -> None:
+    """Start the fork server now, with `PRELOAD` imported (blocks ~0.2 s; idempotent): a
+    long-lived process (the site daemon) calls it at start-up so that its first big push or
+    stage does not wait for it. Raises `OSError` where no fork server can run."""
+    _context()
+    forkserver.ensure_running()
+
+
 def start(workers: int) -> ProcessPoolExecutor:
     """A pool of `workers` processes, all of them started (blocks until the fork server runs).
 
     The executor starts a process only when no idle one is left, so with quick jobs one
     worker would do everything; starting all now is what lets them run side by side.
     """
-    ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(PRELOAD)
-    pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=gctune.tune)
+    pool = ProcessPoolExecutor(workers, mp_context=_context(), initializer=gctune.tune)
     for _ in range(workers):
         pool.submit(_ready)
     return pool
