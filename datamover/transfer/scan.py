@@ -177,7 +177,8 @@ class Scanner:
     # -- merge ------------------------------------------------------------------------
 
     def _previous_for(self, path: str) -> Entry | None:
-        """The previous entry at `path`, advancing the sorted previous stream to it."""
+        """The previous entry at `path`, advancing the sorted previous stream to it (the
+        walk asks for each path once, in order, so a match is consumed)."""
         while True:
             prev = self._prev
             if prev is None:
@@ -186,6 +187,7 @@ class Scanner:
                     return None
                 self._prev_key = ()
             if prev.path == path:  # the common case in a re-push: no sort keys needed
+                self._prev = None
                 return prev
             if not self._prev_key:
                 self._prev_key = sort_key(prev.path)
