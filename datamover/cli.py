@@ -71,6 +71,9 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     fn = click.option(
         "--no-wait", is_flag=True, help="Submit to the daemon and return the transfer id."
     )(fn)
+    fn = click.option(
+        "--wait", is_flag=True, help="Wait until the transfer has ended (the default)."
+    )(fn)
     return click.option(
         "--priority",
         type=click.Choice(["job", "interactive", "bulk"]),
@@ -80,11 +83,13 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
-def _local_or_no_wait(local: bool, no_wait: bool) -> None:
+def _local_or_no_wait(local: bool, no_wait: bool, wait: bool) -> None:
     if local and no_wait:
         raise click.UsageError(
             "--no-wait submits to the daemon and --local runs here, waiting: choose one"
         )
+    if wait and no_wait:
+        raise click.UsageError("--wait and --no-wait contradict each other: choose one")
 
 
 @cli.command()
@@ -96,6 +101,7 @@ def push(
     logical_path: str,
     checksum: bool,
     local: bool,
+    wait: bool,
     no_wait: bool,
     priority: str,
     config_path: str | None,
@@ -104,15 +110,18 @@ def push(
     """Publish the local tree of LOGICAL_PATH as a new version."""
     from datamover.cli_daemon import through_daemon
     from datamover.config import load_config
-    from datamover.transfer.push import push as do_push
 
-    _local_or_no_wait(local, no_wait)
+    _local_or_no_wait(local, no_wait, wait)
     config = load_config(config_path)
     request = {"kind": "push", "path": logical_path, "priority": priority}
     if checksum:
         request["checksum"] = True
     result = None if local else through_daemon(config, request, not no_wait, as_json)
     if result is None:
+        # Imported only here: through the daemon, the command needs none of it (SQLAlchemy,
+        # botocore: most of a second of start-up on a small machine).
+        from datamover.transfer.push import push as do_push
+
         with Bar(f"push {logical_path}", not as_json) as bar:
             result = run_with_site(
                 config, lambda site: do_push(site, logical_path, checksum=checksum, progress=bar)
@@ -142,7 +151,6 @@ def push(
 )
 @click.option("--pin", metavar="ID", help="Pin the replica under ID once ready (a job id).")
 @click.option("--deadline", metavar="TIME", help="When the data is needed (RFC 3339).")
-@click.option("--wait", is_flag=True, help="Wait until the replica is ready (the default).")
 @daemon_options
 @common
 def stage(
@@ -152,8 +160,8 @@ def stage(
     checksum: bool,
     pin: str | None,
     deadline: str | None,
-    wait: bool,
     local: bool,
+    wait: bool,
     no_wait: bool,
     priority: str,
     config_path: str | None,
@@ -177,7 +185,7 @@ def stage(
         parse_time(deadline, "--deadline")
     if wait and no_wait:
         raise click.UsageError("--wait and --no-wait contradict each other")
-    _local_or_no_wait(local, no_wait)
+    _local_or_no_wait(local, no_wait, wait)
     config = load_config(config_path)
     request: dict[str, Any] = {"kind": "stage", "path": logical_path, "priority": priority}
     for key, value in (("version", version), ("pin", pin), ("deadline", deadline)):

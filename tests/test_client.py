@@ -76,6 +76,32 @@ async def test_stage_through_the_daemon_imports_nothing_heavy(
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
 
 
+async def test_push_through_the_daemon_imports_nothing_heavy(served_site: StartSite) -> None:
+    # The push command imported the push module (SQLAlchemy, botocore: most of a second on a
+    # 2-core host) before asking the daemon, which then did all the work.
+    d = await served_site("site-a")
+    (d.env.data / "x").mkdir()
+    for i in range(5):
+        (d.env.data / "x" / f"f{i}").write_bytes(os.urandom(1000))
+    token = d.token("t1", "/proj", "write")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    argv = [sys.executable, "-X", "importtime", "-m", "datamover", "push", "/proj/x", "--wait"]
+    argv += ["--json", "--config", str(d.env.config_path)]
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**environ, "DATAMOVER_TOKEN": token},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["transfer"].startswith("tr-") and result["files"] == 5 and result["version"]
+    imported = _imported(proc.stderr)
+    assert "datamover" in imported and "http" in imported  # the report is what it seems
+    assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
+
+
 async def test_one_connection_survives_a_daemon_restart(served_site: StartSite) -> None:
     first = await served_site("site-b")
     token = first.token("t1", "/proj", "write")
