@@ -148,6 +148,9 @@ class Bench:
         self._seq = 0
         self._buckets: list[str] = []
         self.graveyard = work / "graveyard"
+        # `run.py --via-daemon` (see viadaemon.py): pushes and stages through a site daemon.
+        self.via_daemon = False
+        self.daemon_logs = work / "daemon-logs" / time.strftime("%Y%m%d-%H%M%S")
         self._retired = 0
         recall_removal(work)
         remove_tree(self.graveyard)  # left by an interrupted run

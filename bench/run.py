@@ -28,6 +28,7 @@ from measure import rss_method
 from report import raw_json, render_markdown, render_text
 from s3admin import S3Target
 from treegen import TreeShape
+from viadaemon import SETTLE
 from vmtune import settled_memory
 from workloads import run_big, run_incremental, run_scale, run_small
 
@@ -82,6 +83,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="leave a VM's free page reporting as it is (see bench/vmtune.py)",
     )
+    p.add_argument(
+        "--via-daemon",
+        action="store_true",
+        help="submit datamover's pushes and stages to a running site daemon, as a deployed "
+        "site does (see bench/viadaemon.py); the scale workload still runs them directly",
+    )
     p.add_argument("--markdown", type=Path, metavar="FILE", help="also write the report here")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every sample as JSON here")
     args = p.parse_args(argv)
@@ -116,6 +123,14 @@ def header(args: argparse.Namespace, bench: Bench, server_label: str) -> list[st
         f"scale {sizes.scale.files:,} x {sizes.scale.size} B; incremental rewrites "
         f"{sizes.changed} files",
         f"repetitions: {bench.repeat} (scale {bench.scale_repeat}); peak RSS via {rss_method()}",
+        "datamover: "
+        + (
+            "pushes and stages through a running site daemon (`--via-daemon`: started untimed, "
+            f"settled {SETTLE:.0f} s; wall is the client command, self-reported the daemon's "
+            "transfer; the scale workload runs directly)"
+            if bench.via_daemon
+            else "each command runs the transfer in its own process (`--local` behaviour)"
+        ),
         *bench.check_tools(),
     ]
 
@@ -146,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.scale_files is not None:  # 100 files a directory, as in the default shape
         sizes = dataclasses.replace(sizes, scale=TreeShape(args.scale_files // 100, 100))
     bench = Bench(work, target, args.repeat, args.scale_repeat or args.repeat, sizes)
+    bench.via_daemon = args.via_daemon
     lines = header(args, bench, "datamover.embedded")
     load_before = os.getloadavg()
     with contextlib.ExitStack() as stack:

@@ -14,8 +14,10 @@ from pathlib import Path
 from harness import Bench, log
 from measure import run_measured
 from results import DATAMOVER, Step, Target
+from serving import BenchError
 from tools import Rclone, S5cmd, SiteFiles
 from treegen import add_files, make_big_file, make_pooled_tree, make_small_tree, rewrite_files
+from viadaemon import through, went_through
 
 UP, DOWN = "upload (push)", "download (stage)"
 FIRST, NOOP, CHANGED, COPY = "first push", "no-op re-push", "1% changed", "same tree, new path"
@@ -232,22 +234,40 @@ def _peer_uploads(b: Bench, wl: str, tree: Path) -> dict[str, Callable[[str], No
 def _push(
     b: Bench, wl: str, step: str, logical: str, site: SiteFiles, files: int, nbytes: int
 ) -> dict[str, object] | None:
-    """Time one `datamover push`; return its JSON output."""
-    sample = b.run(
-        (wl, step, DATAMOVER),
-        b.dm.push(logical, site),
-        b.dm.env(),
-        files=files,
-        nbytes=nbytes,
-        want_json=True,
-    )
-    if sample is None:
+    """Time one `datamover push` (through the site's daemon with `--via-daemon`); return its
+    JSON output."""
+    try:
+        with through(b, site, f"{wl} {step}") as (served, env):
+            sample = b.run(
+                (wl, step, DATAMOVER),
+                b.dm.push(logical, served),
+                env,
+                files=files,
+                nbytes=nbytes,
+                want_json=True,
+            )
+    except BenchError as exc:
+        b.skip((wl, step, DATAMOVER), str(exc))
+        return None
+    if sample is None or not _went_through(b, (wl, step, DATAMOVER)):
         return None
     record = b.results.step(wl, step, DATAMOVER)
     payload = record.payloads[-1]
     if payload.get("files") != files or payload.get("bytes") != nbytes:
         record.note(f"push reported {payload.get('files')} files, {payload.get('bytes')} bytes")
     return payload
+
+
+def _went_through(b: Bench, where: tuple[str, str, str]) -> bool:
+    """False (the sample dropped, an error recorded) if the step's last output shows it did
+    not run through the daemon although `--via-daemon` asked for that."""
+    record = b.results.step(*where)
+    if went_through(b, record.payloads[-1]):
+        return True
+    record.errors.append("ran without the daemon (its output has no transfer id)")
+    record.samples.pop()
+    record.payloads.pop()
+    return False
 
 
 def _rotated(steps: list[Callable[[], None]], rep: int) -> list[Callable[[], None]]:
@@ -310,16 +330,21 @@ def _round(
             b.skip((wl, DOWN, DATAMOVER), "push failed")
             return
         site_b = b.dm.write_site("site-b", run, site_a.bucket)
-        staged = b.run(
-            (wl, DOWN, DATAMOVER),
-            b.dm.stage(logical, site_b),
-            b.dm.env(),
-            expect_tree=site_b.data_dir / name,
-            want_json=True,
-            files=files,
-            nbytes=nbytes,
-        )
-        if staged is not None and rep == 0:
+        try:
+            with through(b, site_b, f"{wl} stage r{rep}") as (served, env):
+                staged = b.run(
+                    (wl, DOWN, DATAMOVER),
+                    b.dm.stage(logical, served),
+                    env,
+                    expect_tree=site_b.data_dir / name,
+                    want_json=True,
+                    files=files,
+                    nbytes=nbytes,
+                )
+        except BenchError as exc:
+            b.skip((wl, DOWN, DATAMOVER), str(exc))
+            return
+        if staged is not None and _went_through(b, (wl, DOWN, DATAMOVER)) and rep == 0:
             _verify(b, wl, logical, site_b)
 
     def untar() -> None:
