@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -692,3 +693,55 @@ async def test_the_daemon_starts_its_fork_server_at_start_up(served_site: StartS
     else:
         raise AssertionError(f"no fork server under the daemon: {_children(d.proc.pid)}")
     assert "does not answer" not in d.log() and "cannot start" not in d.log()
+
+
+def _submit(d: Daemon, token: str, **body: Any) -> str:
+    status, t = d.request("POST", "/v1/transfers", token, {"kind": "stage", **body})
+    assert status in (200, 201, 202), t
+    return str(t["id"])
+
+
+async def test_stages_asked_for_while_one_runs_are_answered_by_it(
+    served_site: StartSite, make_site: MakeSite
+) -> None:
+    # A job array's prologs all ask for /proj/slow at once. The first stage does the work;
+    # a plain stage asked for while it ran is done when it ends (no second walk of the tree),
+    # pin included. One with --delete still runs, and so does one asked for afterwards.
+    d, token = await slow_site(served_site, make_site)
+    first = _submit(d, token, path="/proj/slow")
+    await until_running(d, token, first)
+    follower = _submit(d, token, path="/proj/slow", pin="job-2")
+    deleting = _submit(d, token, path="/proj/slow", delete=True)
+    done = {tid: d.wait(tid, token) for tid in (first, follower, deleting)}
+    assert all(t["state"] == "succeeded" for t in done.values()), done
+    lead, answered, ran = (done[t]["result"] for t in (first, follower, deleting))
+    assert lead["fetched_files"] == 12 and "satisfied_by" not in lead
+    assert answered["satisfied_by"] == first and answered["fetched_files"] == 0
+    assert answered["version"] == lead["version"] and answered["files"] == 12
+    assert "satisfied_by" not in ran and ran["kept_files"] == 12
+    _, replicas = d.request("GET", "/v1/replicas", token)
+    assert replicas["replicas"][0]["pins"] == ["job-2"], replicas
+
+    later = d.wait(_submit(d, token, path="/proj/slow"), token)
+    assert later["state"] == "succeeded" and "satisfied_by" not in later["result"]
+
+
+async def test_a_stage_of_a_newer_version_is_not_answered_by_an_older_one(
+    served_site: StartSite, make_site: MakeSite
+) -> None:
+    a = await make_site("site-a", pack_size=MiB)
+    (a.data / "slow").mkdir()
+    for i in range(12):
+        (a.data / "slow" / f"f{i}").write_bytes(os.urandom(MiB))
+    older = a.cli_json("push", "/proj/slow")["version"]
+    (a.data / "slow" / "f0").write_bytes(os.urandom(MiB))
+    newer = a.cli_json("push", "/proj/slow")["version"]
+    d = await served_site("site-b", api={"workers": 1}, bandwidth_limit=2 * MiB)
+    token = d.token("t1", "/proj", "write")
+    first = _submit(d, token, path="/proj/slow", version=older)
+    await until_running(d, token, first)
+    latest = _submit(d, token, path="/proj/slow")  # asked while the older one is staged
+    assert d.wait(first, token)["result"]["version"] == older
+    t = d.wait(latest, token)
+    assert t["state"] == "succeeded" and "satisfied_by" not in t["result"], t
+    assert t["result"]["version"] == newer and t["result"]["fetched_files"] == 1

@@ -194,6 +194,26 @@ class Transfers:
             raise NotFound(f"no transfer {transfer_id!r}")
         return TransferRow.from_row(r)
 
+    async def stage_ended_since_asked(self, transfer: TransferRow) -> TransferRow | None:
+        """The stage of `transfer`'s path that succeeded last, if it finished at or after
+        `transfer` was submitted (both times on the catalog's clock), else None."""
+        asked = select(T.c.created_at).where(T.c.id == transfer.id).scalar_subquery()
+        query = (
+            select(T)
+            .where(
+                T.c.path == transfer.path,
+                T.c.kind == "stage",
+                T.c.state == State.SUCCEEDED.value,
+                T.c.id != transfer.id,
+                T.c.finished_at >= asked,
+            )
+            .order_by(T.c.finished_at.desc())
+            .limit(1)
+        )
+        async with self.engine.connect() as conn:
+            r = (await conn.execute(query)).first()
+        return TransferRow.from_row(r) if r is not None else None
+
     async def _by_key(self, tenant: str, key: str) -> TransferRow | None:
         query = select(T).where(T.c.tenant == tenant, T.c.idempotency_key == key)
         async with self.engine.connect() as conn:

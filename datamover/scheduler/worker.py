@@ -28,6 +28,7 @@ from datamover.errors import Conflict, DatamoverError
 from datamover.logs import transfer_context
 from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings
+from datamover.scheduler.satisfied import already_staged
 from datamover.site import Site
 
 log = logging.getLogger(__name__)
@@ -207,6 +208,14 @@ class Worker:
                 self.site, row.path, checksum=bool(options.get("checksum")), progress=progress
             )
             return pushed.to_json()
+        done = await already_staged(self.site, self.transfers, row)
+        if done is not None:
+            log.info(
+                "%s is already staged by %s, which ended after it was asked for",
+                row.path,
+                done["satisfied_by"],
+            )
+            return done
         staged = await stage(
             self.site,
             row.path,

@@ -1,0 +1,70 @@
+"""A queued stage that another stage has already done: answered without walking the tree.
+
+A job array's prologs ask the site daemon to stage the same dataset hundreds of times within
+seconds. Transfers on one tree run one at a time, and a stage that finds nothing to do still
+walks the whole tree (20,000 files: 0.5 s; a million: half a minute), so the last job would
+wait for hundreds of walks. Instead, when a stage transfer X starts, it is already done if
+
+- it asks for nothing beyond a plain stage (no `--delete`, no `--checksum`: a stage with
+  either must look at every file itself);
+- another stage transfer L of the same path succeeded, and *finished after X was submitted*
+  (both times on the catalog's clock);
+- L brought the tree to the version X asks for now: the `--version` given, or the latest
+  version resolved when X starts, so a push published since L does not go unstaged;
+- and the site's replica record still says that version is complete at the path this site
+  maps the dataset to (no stage since then failed there or brought another version), where
+  the dataset's directory still is.
+
+Then the tree held X's version after X was asked for, which is what X promises its caller
+(and what a stage run then would have found); X succeeds at once with L's counts, nothing
+fetched, and `satisfied_by` naming L; its pin is taken as for any stage. What a user changed
+in the tree after L ended is not repaired, as it would not be after a stage that just ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from datamover.catalog.transfers import TransferRow, Transfers
+from datamover.site import Site
+from datamover.transfer.stage import StageResult
+
+
+async def already_staged(
+    site: Site, transfers: Transfers, row: TransferRow
+) -> dict[str, Any] | None:
+    """The result of stage transfer `row` if a stage since it was submitted did its work
+    (see the module docstring), else None (run it)."""
+    started = time.monotonic()
+    if row.options.get("delete") or row.options.get("checksum"):
+        return None
+    done = await transfers.stage_ended_since_asked(row)
+    if done is None or not done.result:
+        return None
+    replica = await site.catalog.replica(row.path)
+    base, parts = site.config.namespace.split(row.path)
+    root = base.joinpath(*parts)
+    if (
+        replica is None
+        or replica.state != "ready"
+        or replica.root != str(root)
+        or replica.version != done.result.get("version")
+        or not await asyncio.to_thread(root.is_dir)  # removed since: a stage puts it back
+    ):
+        return None
+    doc = await site.repo.resolve(row.path, row.version)
+    if doc.version != replica.version:
+        return None
+    result = StageResult(
+        doc.dataset,
+        doc.version,
+        files=doc.files,
+        dirs=doc.dirs,
+        symlinks=doc.symlinks,
+        bytes=doc.bytes,
+        kept_files=doc.files,
+        seconds=round(time.monotonic() - started, 3),
+    )
+    return {**result.to_json(), "satisfied_by": done.id}
