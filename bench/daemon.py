@@ -63,6 +63,8 @@ DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432"
 API, STAGE = "api", "stage small tree"
 DIRECT, REST = "direct: stage --local", "REST: POST, poll"
 HOOK, TARX = "CLI via the daemon: stage --wait", "tar -x"
+BURST_SIZE = 50
+BURST = f"burst: {BURST_SIZE} stages at once over REST"
 TAR_GOAL = 2.0  # the data-plane target "stage within 2x of tar -x", on the deployed path
 LOGICAL = "/bench/small"
 STAGE_POLL = 0.05  # seconds between GETs while a REST stage runs
@@ -182,7 +184,7 @@ def run_api(ctx: Context) -> None:
             b.skip((API, STAGE, REST), reason)
         else:
             ctx.setup_notes.append(f"setup push of {LOGICAL} at site A: {pushed.seconds:.2f} s")
-            steps = [_direct, _rest, _hook, _untar]
+            steps = [_direct, _rest, _hook, _untar, _burst]
             for rep in range(b.repeat):
                 log(f"api: repetition {rep + 1}/{b.repeat}")
                 # Rotate which goes first, so a systematic drift hits all alike.
@@ -387,6 +389,69 @@ def _rest(ctx: Context, run: Path, bucket: str, rep: int) -> None:
             }
         )
     log(f"{label}: {seconds:.2f} s (self-reported {final['result'].get('seconds', 0):.2f} s)")
+
+
+async def _timed_burst(url: str, token: str) -> tuple[float, list[dict[str, Any]]]:
+    """POST `BURST_SIZE` stages of the small tree at once, poll until all have ended:
+    (seconds from the first POST to the last end seen, the transfers)."""
+    async with client_session(8) as session:
+        api = RestClient(session, url, token)
+        await api.call("GET", "/healthz")
+        start = time.perf_counter()
+        submitted = await asyncio.gather(*(api.submit("stage", LOGICAL) for _ in range(BURST_SIZE)))
+        ids = [t["id"] for t in submitted]
+        ended: dict[str, dict[str, Any]] = {}
+        while len(ended) < len(ids):
+            if time.perf_counter() - start > STAGE_TIMEOUT:
+                raise TimeoutError(f"burst not finished after {STAGE_TIMEOUT:.0f} s")
+            await asyncio.sleep(STAGE_POLL)
+            for t in await asyncio.gather(*(api.get(i) for i in ids if i not in ended)):
+                if t["state"] in TERMINAL:
+                    ended[t["id"]] = t
+        return time.perf_counter() - start, [ended[i] for i in ids]
+
+
+def _burst(ctx: Context, run: Path, bucket: str, rep: int) -> None:
+    """Time `BURST_SIZE` stages of one dataset submitted at once to a running daemon (a job
+    array's prologs all asking for one dataset): until the last has ended."""
+    b, shape = ctx.bench, ctx.bench.sizes.small
+    label = f"  {BURST}"
+    record = b.results.step(API, STAGE, BURST, files=shape.files, nbytes=shape.bytes)
+    site, config, listen = _site_b(b, run, bucket, f"r{rep}-burst")
+    log_path = ctx.logs / f"api-r{rep}-burst-serve.log"
+    try:
+        token = create_token(b.dm, config)
+        served = ServeProcess.start(b.dm, config, listen, log_path)
+    except BenchError as exc:
+        record.errors.append(str(exc))
+        log(f"{label}: FAILED: {exc}")
+        return
+    try:
+        os.sync()
+        seconds, ended = asyncio.run(_timed_burst(served.url, token))
+    except (RestError, aiohttp.ClientError, TimeoutError, OSError) as exc:
+        record.errors.append(f"{type(exc).__name__}: {exc} (log: {log_path})")
+        log(f"{label}: FAILED: {exc}")
+        return
+    finally:
+        served.stop()
+        findings = served.findings()
+        if findings.errors:
+            b.results.problems.append(f"api burst r{rep}: {log_path}: {findings.summary()}")
+    failed = [t for t in ended if t["state"] != "succeeded"]
+    if failed:
+        error = (failed[0].get("error") or {}).get("message", "")
+        record.errors.append(f"{len(failed)} of {len(ended)} did not succeed: {error}")
+        log(f"{label}: FAILED: {len(failed)} transfers did not succeed")
+        return
+    got = tree_stats(site.data_dir / "small")
+    if got != (shape.files, shape.bytes) or not _verify(b, record, config):
+        record.errors.append(f"tree after the burst: {got[0]}/{shape.files} files")
+        return
+    answered = sum(1 for t in ended if (t.get("result") or {}).get("satisfied_by"))
+    record.note(f"answered by an earlier stage (satisfied_by): {answered} of {len(ended)}")
+    record.samples.append(Sample(("POST", served.url + "/v1/transfers"), seconds, 0, "", "", None))
+    log(f"{label}: {seconds:.2f} s, {answered} of {len(ended)} answered by an earlier stage")
 
 
 # -- part 2: queue throughput -----------------------------------------------------------
@@ -644,6 +709,8 @@ API_LEGEND = (
     "connected. CLI via the daemon: `datamover stage --wait --json` timed as a whole command "
     "on a site whose daemon is running (what a Slurm prolog waits for). tar -x: the tree's "
     "tarball from local disk, the floor for writing it. "
+    f"{BURST}: {BURST_SIZE} POSTs of a stage of the tree sent together (a job array's "
+    "prologs), timed to the moment GETs show every one ended; one tree is staged. "
     "Each run from a new site-B state dir into a new, empty target directory "
     "(nothing is deleted between timed steps); which goes first rotates. "
     "Self-reported: the `seconds` of the stage's own JSON result."
@@ -669,7 +736,7 @@ def api_rows(ctx: Context) -> list[list[str]]:
     r = ctx.bench.results
     base = r.median(API, STAGE, DIRECT)
     rows = []
-    for tool in (DIRECT, REST, HOOK, TARX):
+    for tool in (DIRECT, REST, HOOK, TARX, BURST):
         step = r.get(API, STAGE, tool)
         if step is None:
             continue
