@@ -39,6 +39,24 @@ MiB = 1 << 20
 #: one config file means the same on every host that reads it.
 MAX_WORKERS = 256
 
+#: The most of every count whose each unit costs memory, a socket or a process, with what a
+#: unit is: a typo (100000 for 10) is refused by name instead of exhausting the host at the
+#: first transfer. Fixed numbers, like `MAX_WORKERS`, so one config file means the same on
+#: every host.
+LIMITS: dict[tuple[str, str], tuple[int, str]] = {
+    ("store", "max_connections"): (1024, "sockets to the store, each a file descriptor"),
+    ("transfer", "upload_concurrency"): (256, "packs uploaded at once, each held in memory"),
+    ("transfer", "download_concurrency"): (256, "requests at once, each range held in memory"),
+    ("transfer", "read_workers"): (MAX_WORKERS, "processes; 0: one or two per core"),
+    ("transfer", "write_workers"): (MAX_WORKERS, "processes; 0: one or two per core"),
+    ("transfer", "segment_entries"): (1 << 16, "entries of a manifest segment, held in memory"),
+    ("transfer", "batch_bytes"): (
+        1024 * MiB,
+        "1 GiB; stage holds files of up to a quarter of it in memory",
+    ),
+    ("api", "workers"): (64, "transfers at once, each with its own processes and connections"),
+}
+
 
 @dataclass(frozen=True)
 class SiteSettings:
@@ -342,12 +360,6 @@ def parse_config(
             raise InvalidInput(f"{origin('transfer', key)} must not be negative")
     if transfer.write_workers < -1:
         raise InvalidInput(f"{origin('transfer', 'write_workers')} must be -1 (none), 0 or more")
-    for key in ("read_workers", "write_workers"):
-        if getattr(transfer, key) > MAX_WORKERS:
-            raise InvalidInput(
-                f"{origin('transfer', key)} must be at most {MAX_WORKERS} (processes; 0: one "
-                "or two per core)"
-            )
     if not 1 <= transfer.zstd_level <= 22:
         raise InvalidInput(f"{origin('transfer', 'zstd_level')} must be between 1 and 22")
     api: ApiSettings = sections["api"]
@@ -361,6 +373,10 @@ def parse_config(
     for key in ("workers", "lease_seconds", "max_attempts"):
         if getattr(api, key) < 1:
             raise InvalidInput(f"{origin('api', key)} must be at least 1")
+    checked = {"store": store, "transfer": transfer, "api": api}
+    for (section, key), (most, unit) in LIMITS.items():
+        if getattr(checked[section], key) > most:
+            raise InvalidInput(f"{origin(section, key)} must be at most {most} ({unit})")
     return Config(
         site=site,
         store=store,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -323,3 +325,114 @@ def test_a_config_that_is_not_a_regular_file_is_refused_without_waiting(tmp_path
     )
     with pytest.raises(InvalidInput, match=f"config file '{tmp_path}' is a directory"):
         load_config(tmp_path, env={})
+
+
+def _cli(config: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`datamover ARGS --config CONFIG` in a subprocess, with `env` as the only `DATAMOVER_*`
+    variables."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "datamover", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**environ, **env},
+    )
+
+
+def _refused(proc: subprocess.CompletedProcess[str], message: str) -> None:
+    """Exit 2 and `message` as the one line on stderr: no traceback, no other output."""
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert proc.stderr == f"datamover: error: {message}\n", proc.stderr
+    assert proc.stdout == ""
+
+
+_HUGE = 10**9
+
+#: What the CLI says of `setting = 10**9`, its unit after the bound.
+_BOUNDS = [
+    ("transfer", "upload_concurrency", "256 (packs uploaded at once, each held in memory)"),
+    ("transfer", "download_concurrency", "256 (requests at once, each range held in memory)"),
+    ("api", "workers", "64 (transfers at once, each with its own processes and connections)"),
+    ("store", "max_connections", "1024 (sockets to the store, each a file descriptor)"),
+    ("transfer", "segment_entries", "65536 (entries of a manifest segment, held in memory)"),
+]
+
+
+def _site(tmp_path: Path, extra: str = "") -> Path:
+    """A config file whose catalog and state live under `tmp_path / "state"`; `extra` goes
+    at the end of its `[store]` table."""
+    path = tmp_path / "site.toml"
+    path.write_text(
+        f"[site]\nname = 'a'\nstate_dir = '{tmp_path / 'state'}'\n"
+        f"[store]\nbucket = 'b'\nendpoint = 'http://127.0.0.1:9'\n{extra}"
+        f"[namespace]\n'/proj' = '{tmp_path / 'proj'}'\n"
+    )
+    return path
+
+
+@pytest.mark.parametrize(("section", "key", "bound"), _BOUNDS, ids=[b[1] for b in _BOUNDS])
+def test_a_huge_count_in_the_file_is_refused_by_the_cli(
+    tmp_path: Path, section: str, key: str, bound: str
+) -> None:
+    # Before: accepted; `serve` built that many workers, a push held that many packs in
+    # memory, a stage that many ranges.
+    if section == "store":
+        path = _site(tmp_path, f"{key} = {_HUGE}\n")
+    else:
+        path = _site(tmp_path)
+        path.write_text(f"{path.read_text()}[{section}]\n{key} = {_HUGE}\n")
+    _refused(_cli(path, {}, "db", "upgrade"), f"{path}: [{section}] {key} must be at most {bound}")
+    assert not (tmp_path / "state").exists()  # nothing was created
+
+
+@pytest.mark.parametrize(("section", "key", "bound"), _BOUNDS[:3], ids=[b[1] for b in _BOUNDS[:3]])
+def test_a_huge_count_from_the_environment_is_blamed_on_its_variable(
+    tmp_path: Path, section: str, key: str, bound: str
+) -> None:
+    path = _site(tmp_path)
+    name = f"DATAMOVER_{section.upper()}_{key.upper()}"
+    _refused(
+        _cli(path, {name: str(_HUGE)}, "db", "upgrade"),
+        f"environment: {name} must be at most {bound}",
+    )
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (_A + "max_connections = 1025\n", "[store] max_connections must be at most 1024"),
+        (_T + "upload_concurrency = 257\n", "[transfer] upload_concurrency must be at most 256"),
+        (
+            _T + "download_concurrency = 257\n",
+            "[transfer] download_concurrency must be at most 256",
+        ),
+        (_T + "segment_entries = 65537\n", "[transfer] segment_entries must be at most 65536"),
+        (
+            _T + f"batch_bytes = {(1 << 30) + 1}\n",
+            "[transfer] batch_bytes must be at most 1073741824 (1 GiB;",
+        ),
+        (_A + "[api]\nworkers = 65\n", "[api] workers must be at most 64"),
+    ],
+)
+def test_counts_one_past_their_bound_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidInput, match=re.escape(f"{path}: {message}")) as info:
+        load_config(path, env={})
+    assert "\n" not in str(info.value)
+
+
+def test_counts_at_their_bound_are_accepted(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(
+        GOOD.replace('region = "us-east-1"\n', 'region = "us-east-1"\nmax_connections = 1024\n')
+        + "[transfer]\nupload_concurrency = 256\ndownload_concurrency = 256\n"
+        "segment_entries = 65536\nbatch_bytes = 1073741824\n[api]\nworkers = 64\n"
+    )
+    cfg = load_config(path, env={})
+    assert cfg.store.max_connections == 1024
+    t = cfg.transfer
+    assert (t.upload_concurrency, t.download_concurrency) == (256, 256)
+    assert (t.segment_entries, t.batch_bytes, cfg.api.workers) == (65536, 1 << 30, 64)
