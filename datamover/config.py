@@ -39,10 +39,10 @@ MiB = 1 << 20
 #: one config file means the same on every host that reads it.
 MAX_WORKERS = 256
 
-#: The most of every count whose each unit costs memory, a socket or a process, with what a
-#: unit is: a typo (100000 for 10) is refused by name instead of exhausting the host at the
-#: first transfer. Fixed numbers, like `MAX_WORKERS`, so one config file means the same on
-#: every host.
+#: Upper bounds of counts whose every unit costs memory, a socket or a process (and of one
+#: that a catalog column must hold), with what a unit is: a typo (100000 for 10) is refused
+#: by name instead of exhausting the host at the first transfer. Fixed numbers, like
+#: `MAX_WORKERS`, so one config file means the same on every host.
 LIMITS: dict[tuple[str, str], tuple[int, str]] = {
     ("store", "max_connections"): (1024, "sockets to the store, each a file descriptor"),
     ("transfer", "upload_concurrency"): (256, "packs uploaded at once, each held in memory"),
@@ -55,6 +55,9 @@ LIMITS: dict[tuple[str, str], tuple[int, str]] = {
         "1 GiB; stage holds files of up to a quarter of it in memory",
     ),
     ("api", "workers"): (64, "transfers at once, each with its own processes and connections"),
+    # Not a resource: every transfer row stores it in a 32-bit column, so from 2**31 each
+    # submission failed as an internal error; a thousand tries are already days of retrying.
+    ("api", "max_attempts"): (1000, "tries of a transfer, up to 5 minutes apart"),
 }
 
 

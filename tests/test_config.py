@@ -356,6 +356,7 @@ _BOUNDS = [
     ("api", "workers", "64 (transfers at once, each with its own processes and connections)"),
     ("store", "max_connections", "1024 (sockets to the store, each a file descriptor)"),
     ("transfer", "segment_entries", "65536 (entries of a manifest segment, held in memory)"),
+    ("api", "max_attempts", "1000 (tries of a transfer, up to 5 minutes apart)"),
 ]
 
 
@@ -414,6 +415,9 @@ def test_a_huge_count_from_the_environment_is_blamed_on_its_variable(
             "[transfer] batch_bytes must be at most 1073741824 (1 GiB;",
         ),
         (_A + "[api]\nworkers = 65\n", "[api] workers must be at most 64"),
+        # Before: accepted, then every transfer submission failed on PostgreSQL ("value out
+        # of int32 range", an internal error), from 2**63 on SQLite too.
+        (_A + f"[api]\nmax_attempts = {2**31}\n", "[api] max_attempts must be at most 1000"),
     ],
 )
 def test_counts_one_past_their_bound_are_refused(tmp_path: Path, text: str, message: str) -> None:
@@ -429,10 +433,12 @@ def test_counts_at_their_bound_are_accepted(tmp_path: Path) -> None:
     path.write_text(
         GOOD.replace('region = "us-east-1"\n', 'region = "us-east-1"\nmax_connections = 1024\n')
         + "[transfer]\nupload_concurrency = 256\ndownload_concurrency = 256\n"
-        "segment_entries = 65536\nbatch_bytes = 1073741824\n[api]\nworkers = 64\n"
+        "segment_entries = 65536\nbatch_bytes = 1073741824\n"
+        "[api]\nworkers = 64\nmax_attempts = 1000\n"
     )
     cfg = load_config(path, env={})
     assert cfg.store.max_connections == 1024
     t = cfg.transfer
     assert (t.upload_concurrency, t.download_concurrency) == (256, 256)
     assert (t.segment_entries, t.batch_bytes, cfg.api.workers) == (65536, 1 << 30, 64)
+    assert cfg.api.max_attempts == 1000
