@@ -218,8 +218,16 @@ def _section(source: str, name: str, table: Mapping[str, Any], env: Mapping[str,
 def _check_environment(env: Mapping[str, str]) -> None:
     """Refuse `DATAMOVER_<SECTION>_<KEY>` for a key the section does not have: a misspelt
     override (`DATAMOVER_STORE_ENDPIONT`) is a setting silently not applied, as an unknown key
-    in the file would be."""
+    in the file would be. `DATAMOVER_NAMESPACE_<KEY>` too: a namespace's key is a path, which
+    no variable name can spell. Other `DATAMOVER_*` variables (`DATAMOVER_CONFIG`,
+    `DATAMOVER_TOKEN`, ...) are not settings of a section and are left alone."""
     for name in sorted(env):
+        if name.startswith("DATAMOVER_NAMESPACE_"):
+            raise InvalidInput(
+                f"environment: {name} is not a setting: namespaces are set in the config "
+                "file's [namespace] table (or all at once by "
+                "DATAMOVER_NAMESPACE=/logical=/local/dir,...)"
+            )
         for section, cls in _SECTIONS.items():
             prefix = f"DATAMOVER_{section.upper()}_"
             if name.startswith(prefix):

@@ -442,3 +442,47 @@ def test_counts_at_their_bound_are_accepted(tmp_path: Path) -> None:
     assert (t.upload_concurrency, t.download_concurrency) == (256, 256)
     assert (t.segment_entries, t.batch_bytes, cfg.api.workers) == (65536, 1 << 30, 64)
     assert cfg.api.max_attempts == 1000
+
+
+@pytest.mark.parametrize("name", ["DATAMOVER_NAMESPACE_PROJ", "DATAMOVER_NAMESPACE_"])
+def test_a_namespace_variable_is_refused_by_the_cli(tmp_path: Path, name: str) -> None:
+    # Before: ignored without a word; the file's /proj was used.
+    path = _site(tmp_path)
+    _refused(
+        _cli(path, {name: "/x"}, "db", "upgrade"),
+        f"environment: {name} is not a setting: namespaces are set in the config file's "
+        "[namespace] table (or all at once by DATAMOVER_NAMESPACE=/logical=/local/dir,...)",
+    )
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "section"),
+    [("DATAMOVER_TRANSFER_UPLOAD_CONCURENCY", "transfer"), ("DATAMOVER_STORE_ENDPIONT", "store")],
+)
+def test_a_misspelt_override_is_refused_by_the_cli(tmp_path: Path, name: str, section: str) -> None:
+    path = _site(tmp_path)
+    proc = _cli(path, {name: "3"}, "db", "upgrade")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(
+        f"datamover: error: environment: {name} is not a setting (the [{section}] keys are "
+    )
+    assert not (tmp_path / "state").exists()
+
+
+def test_datamover_variables_that_are_no_setting_are_left_alone(tmp_path: Path) -> None:
+    # Only DATAMOVER_<SECTION>_ names are settings; these others are read elsewhere (or by
+    # the tests) and must not be refused.
+    path = _site(tmp_path)
+    env = {
+        "DATAMOVER_CONFIG": str(path),
+        "DATAMOVER_TOKEN": "dm_x",
+        "DATAMOVER_DEBUG": "1",
+        "DATAMOVER_TEST_POSTGRES_URL": "postgresql://x/y",
+        "DATAMOVER_NAMESPACE": f"/proj={tmp_path / 'other'}",
+        "DATAMOVER_NAMESPACES": "/x",
+        "DATAMOVER_API_URL": "http://127.0.0.1:9",
+    }
+    proc = _cli(path, env, "db", "upgrade")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "state" / "catalog.db").exists()
