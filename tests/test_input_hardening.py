@@ -232,6 +232,33 @@ async def test_db_upgrade_refuses_a_newer_catalog(make_site: MakeSite) -> None:
     fails(a, "db", "upgrade", code=8, says="'9999', unknown to this datamover (is it newer?)")
 
 
+async def test_db_upgrade_names_the_catalog_as_configured(
+    make_site: MakeSite, new_catalog: Any
+) -> None:
+    # Before: "catalog sqlite+aiosqlite:////...", "catalog postgresql+asyncpg://...": the
+    # driver datamover picks, not the URL the user wrote (which every other command names).
+    from sqlalchemy import text
+    from sqlalchemy.engine import make_url
+
+    url = make_url(await new_catalog())
+    if url.get_backend_name() == "postgresql":
+        url = url.set(password="s3cret")  # the test server trusts; never to be shown
+    a = await make_site("site-a", catalog=url.render_as_string(hide_password=False))
+    site = await a.open()
+    try:
+        async with site.catalog.engine.begin() as conn:
+            await conn.execute(text("UPDATE alembic_version SET version_num = '9999'"))
+    finally:
+        await site.close()
+    proc = a.cli("db", "upgrade")
+    assert proc.returncode == 8, proc.stderr
+    assert proc.stderr == (
+        f"datamover: error: catalog {url.render_as_string(hide_password=True)} has schema "
+        "revision '9999', unknown to this datamover (is it newer?); refusing to touch it\n"
+    )
+    assert "s3cret" not in proc.stderr
+
+
 def _join_aiosqlite_threads() -> None:
     import threading
 

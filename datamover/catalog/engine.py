@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import event, func, inspect, or_, text, true
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
@@ -202,11 +202,17 @@ def _wal(cursor: Any) -> None:
         await_only(asyncio.sleep(0.01))
 
 
-def _describe(url: str) -> str:
+def _describe(url: str | URL) -> str:
+    """The catalog `url` for messages: as configured, without its password, and without the
+    async driver `create_engine_for` adds (`sqlite+aiosqlite://` is `sqlite://`)."""
     try:
-        return make_url(url).render_as_string(hide_password=True)
+        parsed = make_url(url)
     except ArgumentError:
-        return url
+        return str(url)
+    backend = parsed.get_backend_name()
+    if parsed.drivername == _DRIVERS.get(backend):
+        parsed = parsed.set(drivername=backend)
+    return parsed.render_as_string(hide_password=True)
 
 
 def _state(connection: Connection) -> tuple[str | None, bool]:
@@ -294,7 +300,7 @@ def _known_revisions() -> set[str]:
     return {rev.revision for rev in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
 
 
-def _newer(url: str, current: str | None) -> CatalogError:
+def _newer(url: str | URL, current: str | None) -> CatalogError:
     return CatalogError(
         f"catalog {_describe(url)} has schema revision {current!r}, unknown to this "
         "datamover (is it newer?); refusing to touch it"
@@ -309,7 +315,7 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> tuple[str | No
         await conn.run_sync(_lock_schema)
         before, _ = await conn.run_sync(_state)
         if before is not None and before not in _known_revisions():
-            raise _newer(engine.url.render_as_string(hide_password=True), before)
+            raise _newer(engine.url, before)
         await conn.run_sync(_upgrade, revision)
         after, _ = await conn.run_sync(_state)
     assert after is not None
