@@ -486,3 +486,13 @@ def test_datamover_variables_that_are_no_setting_are_left_alone(tmp_path: Path) 
     proc = _cli(path, env, "db", "upgrade")
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "state" / "catalog.db").exists()
+
+
+def test_an_unsupported_catalog_url_is_named_without_its_password(tmp_path: Path) -> None:
+    # Before: "catalog URL 'mysql://dm:s3cret@db.example.org/dm': only sqlite and ...".
+    path = _site(tmp_path)
+    env = {"DATAMOVER_SITE_CATALOG": "mysql://dm:s3cret@db.example.org/dm"}
+    _refused(
+        _cli(path, env, "db", "upgrade"),
+        "catalog URL 'mysql://dm:***@db.example.org/dm': only sqlite and postgresql are supported",
+    )

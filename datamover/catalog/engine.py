@@ -132,7 +132,9 @@ def create_engine_for(url: str) -> AsyncEngine:
         raise InvalidInput(f"catalog URL {url!r} is not a valid database URL") from None
     backend = parsed.get_backend_name()
     if backend not in _DRIVERS:
-        raise InvalidInput(f"catalog URL {url!r}: only sqlite and postgresql are supported")
+        raise InvalidInput(
+            f"catalog URL {_describe(url)!r}: only sqlite and postgresql are supported"
+        )
     try:
         port = parsed.port
     except ValueError:
