@@ -496,3 +496,34 @@ def test_an_unsupported_catalog_url_is_named_without_its_password(tmp_path: Path
         _cli(path, env, "db", "upgrade"),
         "catalog URL 'mysql://dm:***@db.example.org/dm': only sqlite and postgresql are supported",
     )
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "driver"),
+    [
+        (
+            "postgresql+psycopg2://dm:s3cret@127.0.0.1:1/dm",
+            "postgresql+psycopg2://dm:***@127.0.0.1:1/dm",
+            "psycopg2",
+        ),
+        ("sqlite+pysqlite:///{dir}/c.db", "sqlite+pysqlite:///{dir}/c.db", "pysqlite"),
+    ],
+    ids=["not installed", "not asyncio"],
+)
+def test_a_catalog_driver_that_cannot_be_used_is_bad_input(
+    tmp_path: Path, url: str, shown: str, driver: str
+) -> None:
+    # Before: "internal error (ModuleNotFoundError: No module named 'psycopg2')", exit 70;
+    # a sync driver created the SQLite catalog's directory, then was "catalog cannot be
+    # upgraded: The asyncio extension requires an async driver" (exit 8, as for a catalog
+    # that cannot be used) here and an internal error (exit 70) in other commands.
+    path = _site(tmp_path)
+    where = tmp_path / "catalog"
+    proc = _cli(path, {"DATAMOVER_SITE_CATALOG": url.format(dir=where)}, "db", "upgrade")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith(
+        f"datamover: error: catalog URL '{shown.format(dir=where)}': the driver {driver!r} "
+        "cannot be used ("
+    )
+    assert "s3cret" not in proc.stderr
+    assert not where.exists()

@@ -19,6 +19,7 @@ from sqlalchemy.exc import (
     ArgumentError,
     DBAPIError,
     InterfaceError,
+    InvalidRequestError,
     OperationalError,
     SQLAlchemyError,
 )
@@ -144,6 +145,8 @@ def create_engine_for(url: str) -> AsyncEngine:
     if "+" not in parsed.drivername:
         parsed = parsed.set(drivername=_DRIVERS[backend])
     if backend == "sqlite":
+        # The engine first: it opens nothing, and refuses a driver before a directory exists.
+        engine = _async_engine(url, parsed, connect_args={"timeout": _BUSY_SECONDS})
         database = parsed.database
         if database and database != ":memory:":
             folder = Path(database).parent
@@ -154,7 +157,6 @@ def create_engine_for(url: str) -> AsyncEngine:
                     f"the SQLite catalog's directory {str(folder)!r} cannot be created: "
                     f"{exc.strerror or exc}"
                 ) from None
-        engine = create_async_engine(parsed, connect_args={"timeout": _BUSY_SECONDS})
 
         @event.listens_for(engine.sync_engine, "connect")
         def _pragmas(dbapi_connection, _record) -> None:  # type: ignore[no-untyped-def]
@@ -168,13 +170,29 @@ def create_engine_for(url: str) -> AsyncEngine:
     # READ COMMITTED whatever the server's default: the queue's claim (catalog/transfers.py)
     # relies on its UPDATE seeing rows committed after the advisory lock was taken, which a
     # REPEATABLE READ snapshot, taken at the transaction's first query, would not.
-    return create_async_engine(
+    return _async_engine(
+        url,
         parsed,
         pool_size=10,
         max_overflow=10,
         pool_pre_ping=True,
         isolation_level="READ COMMITTED",
     )
+
+
+def _async_engine(url: str, parsed: URL, **options: Any) -> AsyncEngine:
+    """`create_async_engine(parsed)`; a driver named in the catalog `url` that is not
+    installed, unknown or not an asyncio one is the user's to change (`InvalidInput`), not an
+    internal error."""
+    try:
+        return create_async_engine(parsed, **options)
+    except (ImportError, ArgumentError, InvalidRequestError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InvalidInput(
+            f"catalog URL {_describe(url)!r}: the driver {parsed.get_driver_name()!r} cannot "
+            f"be used ({reason}); give {parsed.get_backend_name()}://... and datamover picks "
+            "its own"
+        ) from None
 
 
 #: How long SQLite waits for a lock (seconds): its busy timeout, and `_wal`'s retries.
