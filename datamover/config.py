@@ -96,7 +96,9 @@ class TransferSettings:
     download_concurrency: int = 8
     zstd_level: int = 3
     compression: str = "auto"  # auto: zstd when it saves space; never: store raw
-    segment_entries: int = 8192  # most entries in a manifest segment (cuts are content-defined)
+    # Most entries in a manifest segment; cuts are content-defined, and a segment also ends
+    # at `manifest_writer.SEGMENT_CHUNKS` chunk references.
+    segment_entries: int = 8192
     coalesce_gap: int = 256 * 1024
     max_request: int = 16 * MiB
     batch_bytes: int = 64 * MiB

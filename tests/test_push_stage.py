@@ -231,7 +231,7 @@ def test_segment_cuts_follow_paths_not_counts() -> None:
     def segments(paths: list[str]) -> list[tuple[str, str, int]]:
         out, start = [], 0
         for i, path in enumerate(paths):
-            if cuts(i - start + 1, path):
+            if cuts.after(i - start + 1, i - start + 1, path, 1):  # one chunk a file
                 out.append((paths[start], path, i - start + 1))
                 start = i + 1
         if start < len(paths):

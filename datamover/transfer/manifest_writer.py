@@ -2,14 +2,17 @@
 
 Segments are cut where the path says so (`SegmentCuts`), not every N entries: equal trees
 give equal segments, and an inserted or removed entry changes only the segment it falls in
-instead of shifting every later boundary. A segment whose digest the store already has (the
+instead of shifting every later boundary. A segment also ends by size, counted in chunk
+references (`SEGMENT_CHUNKS`), so a run of large files cannot make one that no reader takes
+or that the writer cannot hold. A segment whose digest the store already has (the
 parent's, or one a killed run uploaded) is not uploaded again. A segment whose every entry
 the scanner found equal to the previous manifest's, and whose first path, last path and
 length are those of a previous segment, *is* that segment (the previous stream is sorted and
 has no duplicates, so the same bounds and count over equal entries leave no room for a
-difference): its reference is reused without encoding it, which is most of the CPU of a
-re-push that changed little. Each segment is recorded in the push checkpoint, in order, as
-soon as it is safely stored, which is what lets a rerun skip the files it covers.
+difference, whatever rule cut either): its reference is reused without encoding it, which
+is most of the CPU of a re-push that changed little. Each segment is recorded in the push
+checkpoint, in order, as soon as it is safely stored, which is what lets a rerun skip the
+files it covers.
 """
 
 from __future__ import annotations
@@ -31,32 +34,68 @@ OnSegment = Callable[[int, SegmentRef, bool], Awaitable[None]]  # (seq, ref, reu
 _IN_FLIGHT = 4
 
 
+#: The most chunk references a segment holds, unless one entry alone has more (an entry is
+#: never split). A reference is 73 to 89 bytes encoded (85 for a chunk of this writer's
+#: packs) and about 300 bytes once decoded into Python objects, so a segment at the bound is
+#: under 1.5 MB decoded (1/700 of `MAX_DECODED`) and ~5 MiB in memory, ~8 MiB at the peak
+#: of decoding it: as much as a full segment of 8,192 one-chunk files (the default
+#: `segment_entries`), which is why it is twice that. At the default chunker (1 MiB chunks
+#: on average) it is ~16 GiB of files.
+SEGMENT_CHUNKS = 16_384
+
+
 class SegmentCuts:
     """Where a push ends a manifest segment: content-defined, like chunk boundaries.
 
-    A segment ends after the entry whose path hashes to a cut point (BLAKE2b of the UTF-8
+    A segment ends after an entry whose path hashes to a cut point (BLAKE2b of the UTF-8
     path, low bits all ones: one path in about `max_entries / 4`), once the segment holds at
-    least `max_entries / 4` entries; it always ends at `max_entries`, which bounds the
-    memory of a segment (about 5% of segments reach it; the mean is about 0.49 of it). Only
-    the entry's path and the segment's length decide, so equal trees cut identically,
-    content changes move no boundary, and an inserted or removed entry changes only its own
-    segment (or, where it moves a forced or too-early cut, the next one or two, after which
-    the cut points realign). Readers do not depend on this rule.
+    least `max_entries / 4` entries or `max_chunks / 4` chunk references; it always ends
+    once it holds `max_entries` entries or `max_chunks` chunk references, and it ends
+    before an entry whose chunks would take it past `max_chunks`. So a segment holds at
+    most `max_chunks` references unless it is one entry, which bounds the memory of a
+    segment (about 5% of segments reach a bound; the mean is about half of it).
+
+    An entry of `k` chunks weighs `w = k * max_entries / max_chunks` entries, and if `w` is
+    more than 1 its path is a cut point with `w` times the probability (the low bits, read
+    as a number, are less than `w` below all ones): a tree of large files is cut where its
+    paths say too, about every `max_chunks / 4` references, not by the count alone, which
+    would shift every later boundary when an entry is inserted. A tree whose entries have
+    at most `max_chunks / max_entries` chunks each (2 at the defaults, so every tree of
+    small files) reaches neither chunk bound first and is cut exactly as by the entry
+    count alone.
+
+    Only the entries' paths and chunk counts and the segment's length decide, so equal
+    trees cut identically, a change of content moves a boundary only where it changes a
+    file's chunk count, and an inserted or removed entry changes only its own segment (or,
+    where it moves a forced or too-early cut, the next one or two, after which the cut
+    points realign). Readers do not depend on this rule.
     """
 
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, max_chunks: int = SEGMENT_CHUNKS) -> None:
         self.max_entries = max(1, max_entries)
         self.min_entries = max(1, self.max_entries // 4)  # also the spacing of cut points
+        self.max_chunks = max(1, max_chunks)
+        self.min_chunks = max(1, self.max_chunks // 4)
         self.mask = (1 << (self.min_entries.bit_length() - 1)) - 1
 
-    def __call__(self, count: int, path: str) -> bool:
-        """True if a segment of `count` entries ending at `path` should end there."""
-        if count >= self.max_entries:
+    def before(self, count: int, chunks: int, entry_chunks: int) -> bool:
+        """True if a segment of `count` entries holding `chunks` chunk references must end
+        before an entry of `entry_chunks` references: they would take it past `max_chunks`
+        (an entry with more than that is then a segment by itself)."""
+        return count > 0 and chunks + entry_chunks > self.max_chunks
+
+    def after(self, count: int, chunks: int, path: str, entry_chunks: int) -> bool:
+        """True if a segment of `count` entries holding `chunks` chunk references should end
+        after its last entry, at `path` with `entry_chunks` of those references."""
+        if count >= self.max_entries or chunks >= self.max_chunks:
             return True
-        if count < self.min_entries:
+        if count < self.min_entries and chunks < self.min_chunks:
             return False
         h = hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=8).digest()
-        return int.from_bytes(h, "little") & self.mask == self.mask
+        # `below`: how far the low bits are from all ones; an entry of weight `w` entries
+        # is a cut point if that is under `w` (under 1 for a small entry: all ones).
+        below = self.mask - (int.from_bytes(h, "little") & self.mask)
+        return below == 0 or below * self.max_chunks < entry_chunks * self.max_entries
 
 
 def _resolve(entries: list[Entry]) -> list[Entry]:
@@ -85,13 +124,14 @@ class ManifestWriter:
     ) -> None:
         self.repo = repo
         self.packer = packer
-        self.cuts = SegmentCuts(segment_entries)
+        self.cuts = SegmentCuts(segment_entries, SEGMENT_CHUNKS)
         self.known = known
         self._reusable = {(r.first_path, r.last_path, r.entries): r for r in reusable}
         self.on_segment = on_segment
         self.uploaded_bytes = 0
         self.reused = 0
         self._entries: list[Entry] = []
+        self._chunks = 0  # chunk references in `_entries`
         self._same = True
         self._packs: set[OpenPack] = set()
         self._refs: list[SegmentRef] = []
@@ -100,28 +140,33 @@ class ManifestWriter:
         # The open (unsealed) pack a segment in flight waits for; there is one open pack.
         self._awaited: OpenPack | None = None
         # Segments cut but not yet recorded (waiting for packs or being encoded): each holds
-        # at most `segment_entries` entries, ~5 MiB at the default.
+        # at most `segment_entries` entries and `SEGMENT_CHUNKS` chunk references, or one
+        # entry: at the defaults at most ~5 MiB, ~10 MiB while it is encoded.
         self._inflight = asyncio.Semaphore(_IN_FLIGHT)
 
-    def add(self, entry: Entry, same: bool = False) -> None:
-        """Append an entry (the caller keeps order); `same`: it equals the previous manifest's
-        entry at its path. Pending chunks are resolved later."""
+    async def append(self, entry: Entry, same: bool = False) -> None:
+        """Add an entry after the previous ones (the caller keeps order), ending the current
+        segment before it or after it where `SegmentCuts` says; `same`: it equals the
+        previous manifest's entry at its path. Its chunks may still be pending: they are
+        resolved when its segment is encoded."""
+        chunks = len(entry.chunks)
+        if self.cuts.before(len(self._entries), self._chunks, chunks):
+            await self.cut()
         self._entries.append(entry)
+        self._chunks += chunks
         self._same = self._same and same
         for c in entry.chunks:
             if isinstance(c, PendingChunk):
                 self._packs.add(c.pack)
-
-    def full(self) -> bool:
-        """True when the current segment should be cut (after the entry added last)."""
-        entries = self._entries
-        return bool(entries) and self.cuts(len(entries), entries[-1].path)
+        if self.cuts.after(len(self._entries), self._chunks, entry.path, chunks):
+            await self.cut()
 
     async def cut(self) -> None:
         """Close the current segment and upload it in the background (in order)."""
         if not self._entries:
             return
         entries, self._entries = self._entries, []
+        self._chunks = 0
         packs, self._packs = self._packs, set()
         same, self._same = self._same, True
         if same:

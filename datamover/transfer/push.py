@@ -443,9 +443,7 @@ async def _build(
                     result.dirs += 1
                 else:
                     result.symlinks += 1
-                writer.add(entry, piece.same)
-                if writer.full():
-                    await writer.cut()
+                await writer.append(entry, piece.same)
             current = _unfinished(batch, current)
             progress.advance(files, nbytes)
         await packer.close()
