@@ -4,19 +4,28 @@ segment of large files stays far below what a reader takes (`MAX_DECODED`)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import random
-from typing import cast
+from pathlib import Path
+from typing import Any, cast
 
 import blake3
 import pytest
 import zstandard
 
+from datamover.chunking.chunker import ChunkerParams
 from datamover.domain.manifest import ChunkRef, Codec, Entry, Kind
+from datamover.repo import manifest
 from datamover.repo.manifest import MAX_DECODED, MAX_RAW_CHUNK, SegmentRef, encode_segment
 from datamover.repo.repository import Repository
 from datamover.transfer import manifest_writer
 from datamover.transfer.manifest_writer import SEGMENT_CHUNKS, ManifestWriter, SegmentCuts
 from datamover.transfer.packer import Packer
+from datamover.transfer.push import push
+from datamover.transfer.stage import stage
+from datamover.transfer.verify import verify
+from tests.fixtures_sites import MakeSite
+from tests.treegen import snapshot
 
 #: (first path, last path, entries, chunk references) of one segment.
 Segment = tuple[str, str, int, int]
@@ -185,3 +194,81 @@ async def test_the_writer_ends_segments_where_the_rule_says(
     assert [r.bytes for r in refs] == [s[3] for s in expected]  # one byte a chunk
     assert all(s[3] <= 50 or s[2] == 1 for s in expected)
     assert len(store.objects) == len(refs)
+
+
+def _many_chunk_tree(root: Path) -> None:
+    """12 files of ~64 chunks and one of ~512 at `_SMALL_CHUNKS`, and a few small files."""
+    rng = random.Random(7)
+    (root / "big").mkdir(parents=True)
+    for i in range(12):
+        (root / "big" / f"f{i:02d}.bin").write_bytes(rng.randbytes(16 << 10))
+    (root / "big" / "huge.bin").write_bytes(rng.randbytes(128 << 10))
+    (root / "small").mkdir()
+    for i in range(5):
+        (root / "small" / f"s{i}.txt").write_text(f"small file {i}\n")
+
+
+#: Chunks of 256 bytes on average, so a file of 16 KiB has about 64.
+_SMALL_CHUNKS = ChunkerParams(
+    min_size=64, avg_size=256, max_size=1024, normalization=1, small_file_limit=1024
+)
+
+
+async def test_a_tree_of_files_of_many_chunks_is_pushed_in_bounded_segments(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The bound and what a reader takes, scaled down together: 256 references are ~22 KB
+    # decoded, the tree's ~1,200 in one segment ~100 KB, which the push used to refuse.
+    bound = 256
+    monkeypatch.setattr(manifest_writer, "SEGMENT_CHUNKS", bound)
+    monkeypatch.setattr(manifest, "MAX_DECODED", 64 << 10)
+    encoded: list[int] = []
+    real_encode = manifest_writer.encode_segment
+
+    def counting_encode(entries: list[Any]) -> bytes:
+        encoded.append(len(entries))
+        return real_encode(entries)
+
+    monkeypatch.setattr(manifest_writer, "encode_segment", counting_encode)
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "run1"
+    _many_chunk_tree(src)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        config = {
+            "format": 1,
+            "hash": "blake3",
+            "created": "2026-11-29T18:15:00.000000Z",
+            "chunker": _SMALL_CHUNKS.to_json(),
+        }
+        await site_a.store.put("config", json.dumps(config).encode())
+        pushed = await push(site_a, "/proj/run1")
+        assert pushed.files == 18 and pushed.new_chunks > 1000
+
+        doc = await site_a.repo.resolve("/proj/run1", pushed.version)
+        refs = await site_a.repo.prefetch(doc)
+        sizes = [
+            (ref.entries, sum(len(e.chunks) for e in site_a.repo.iter_cached([ref], check=False)))
+            for ref in refs
+        ]
+        # The entry bound (8,192) alone made one segment of all 20 entries.
+        assert len(refs) >= 5
+        assert all(chunks <= bound or entries == 1 for entries, chunks in sizes)
+        huge = [r for r in refs if r.first_path == r.last_path == "big/huge.bin"]
+        assert len(huge) == 1 and huge[0].entries == 1
+        assert sum(chunks for _, chunks in sizes) > 1000
+
+        staged = await stage(site_b, "/proj/run1")
+        assert staged.version == pushed.version and staged.fetched_files == 18
+        assert snapshot(b.data / "run1") == snapshot(src)
+        checked = await verify(site_b, "/proj/run1")
+        assert checked.ok, checked.problems
+        assert checked.files_checked == 18
+
+        encoded.clear()
+        again = await push(site_a, "/proj/run1")  # equal trees cut equally: all reused
+        assert again.unchanged and again.version == pushed.version
+        assert encoded == []
+    finally:
+        await site_a.close()
+        await site_b.close()
