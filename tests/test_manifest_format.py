@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
+import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -151,6 +152,29 @@ def test_the_encoder_takes_every_bound_the_decoder_takes() -> None:
         Entry("x" * (1 << 16), Kind.FILE, 0o644, 0),
     ]
     assert list(decode_segment(encode_segment(edge))) == edge
+
+
+def test_a_file_of_the_most_chunks_a_reader_takes_does_not_fit_in_a_segment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """docs/format.md: a chunk reference is 73 to 89 bytes decoded, so the 1 GiB a reader
+    takes of a segment, not `MAX_CHUNKS`, is what limits one file (to 12-14.7 million)."""
+
+    def wire_size(ref: ChunkRef) -> int:
+        return len(msgpack.packb(list(ref), use_bin_type=True))
+
+    narrowest = wire_size(ChunkRef(D, P, 0, 1, 1, 0))
+    typical = wire_size(ChunkRef(D, P, 20 << 20, 900 << 10, 1 << 20, 1))
+    widest = wire_size(ChunkRef(D, P, (1 << 63) - 1, (16 << 20) + 1023, 16 << 20, 1))
+    assert (narrowest, typical, widest) == (73, 85, 89)
+    limit = manifest_module.MAX_DECODED
+    assert narrowest * manifest_module.MAX_CHUNKS > limit
+    assert 12_000_000 < limit // widest < limit // typical < 12_700_000 < limit // narrowest
+    # Encoding refuses such a file as it refuses any segment a reader would not take.
+    monkeypatch.setattr(manifest_module, "MAX_DECODED", 4 * narrowest)
+    many = tuple(ChunkRef(D, P, i, 1, 1, 0) for i in range(4))
+    with pytest.raises(InvalidInput, match="more than a reader takes"):
+        encode_segment([Entry("f", Kind.FILE, 0o644, 0, 4, None, many)])
 
 
 @settings(max_examples=500, deadline=None)
