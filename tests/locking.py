@@ -8,7 +8,10 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -64,18 +67,54 @@ class Gate:
         return task
 
 
+def _has_open(pid: int, path: str) -> bool:
+    """Whether process `pid` has a descriptor open on `path`."""
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if str(fd.readlink()) == path:
+                return True
+        except OSError:
+            continue
+    return False
+
+
 async def a_cli_stage_waits(env: SiteEnv, gate: Gate, held: asyncio.Task[Any]) -> Any:
     """While `held` (a push or verify of `/proj/ds`) is held at `gate`, a `--local` CLI stage
     waits, saying so, and completes once it is released; the lock is free afterwards.
     Returns `held`'s result."""
-    cli = asyncio.create_task(asyncio.to_thread(env.cli, "stage", "/proj/ds", "--local"))
-    await asyncio.sleep(2)
-    assert not cli.done(), "the stage ran while the lock was held"
-    gate.release()
-    result = await held
-    r = await asyncio.wait_for(cli, 30)
-    assert r.returncode == 0, r.stderr
-    assert STAGE_WAITS in r.stderr, r.stderr
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    argv = [sys.executable, "-m", "datamover", "stage", "/proj/ds", "--local"]
+    proc = subprocess.Popen(
+        [*argv, "--config", str(env.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ,
+    )
+    try:
+        # Until the stage holds the lock file open, waiting (however long its start-up takes
+        # on a loaded machine), then a while longer: it must still be waiting.
+        lock = str(dataset_lock(env, "/proj/ds").resolve())
+        deadline = time.monotonic() + 60
+        while not _has_open(proc.pid, lock):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "the stage never reached the lock"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        assert proc.poll() is None, "the stage ran while the lock was held"
+        gate.release()
+        result = await held
+        _, err = await asyncio.to_thread(proc.communicate, timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert STAGE_WAITS in err, err
     with held_lock(dataset_lock(env, "/proj/ds"), fcntl.LOCK_EX):
         pass  # nothing was left holding it
     return result
