@@ -282,6 +282,76 @@ def test_a_failed_copy_to_the_trash_leaves_the_original_and_no_half_copy(
         shutil.rmtree(trash)
 
 
+def test_a_path_trashed_twice_in_one_run_keeps_both(tmp_path: Path) -> None:
+    # A user saves a file again after the stage moved it to the trash; the stage's rename
+    # then finds it there and moves it too. The first move's file must not be replaced.
+    (tmp_path / "ds").mkdir()
+    trash = tmp_path / "trash"
+    writer = TreeWriter(open_root(tmp_path, ("ds",)), tmp_path / "ds", trash)
+    try:
+        (tmp_path / "ds" / "notes").write_text("first save\n")
+        writer.trash("notes")
+        (tmp_path / "ds" / "notes").write_text("second save\n")
+        writer.trash("notes")
+        (tmp_path / "ds" / "scratch").mkdir()
+        (tmp_path / "ds" / "scratch" / "a").write_text("a\n")
+        writer.trash("scratch")
+        (tmp_path / "ds" / "scratch").mkdir()
+        (tmp_path / "ds" / "scratch" / "b").write_text("b\n")
+        writer.trash("scratch")
+    finally:
+        writer.close()
+        os.close(writer.root_fd)
+    assert (trash / "notes").read_text() == "first save\n"
+    assert (trash / "notes~1").read_text() == "second save\n"
+    assert (trash / "scratch" / "a").read_text() == "a\n"
+    assert (trash / "scratch~1" / "b").read_text() == "b\n"
+    assert writer.trashed == ["notes", "notes", "scratch", "scratch"]
+
+
+def test_a_trashed_symlink_never_leads_a_later_trash_move_out_of_the_trash(
+    tmp_path: Path,
+) -> None:
+    # The user put a link to their own directory where the version has a directory: the
+    # link goes to the trash, the stage makes the directory, and a file saved in it during
+    # the stage is trashed too. It must not be moved through the trashed link.
+    (tmp_path / "ds").mkdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x").write_text("the user's other data\n")
+    (tmp_path / "ds" / "d").symlink_to(outside)
+    trash = tmp_path / "trash"
+    writer = TreeWriter(open_root(tmp_path, ("ds",)), tmp_path / "ds", trash)
+    try:
+        writer.trash("d")
+        writer.mkdir("d")
+        (tmp_path / "ds" / "d" / "x").write_text("saved during the stage\n")
+        writer.trash("d/x")
+    finally:
+        writer.close()
+        os.close(writer.root_fd)
+    assert (outside / "x").read_text() == "the user's other data\n"
+    assert sorted(p.name for p in outside.iterdir()) == ["x"]
+    assert os.readlink(trash / "d") == str(outside)
+    assert (trash / "d~1" / "x").read_text() == "saved during the stage\n"
+
+
+def test_a_trash_suffix_keeps_a_name_within_255_bytes(tmp_path: Path) -> None:
+    name = "é" * 127  # 254 bytes: the suffix cuts it at a character's boundary
+    (tmp_path / "ds").mkdir()
+    trash = tmp_path / "trash"
+    writer = TreeWriter(open_root(tmp_path, ("ds",)), tmp_path / "ds", trash)
+    try:
+        for text in ("one", "two"):
+            (tmp_path / "ds" / name).write_text(text)
+            writer.trash(name)
+    finally:
+        writer.close()
+        os.close(writer.root_fd)
+    assert (trash / name).read_text() == "one"
+    assert (trash / ("é" * 126 + "~1")).read_text() == "two"
+
+
 # -- 6. a hostile store: two references at one place in a pack ------------------------------
 
 

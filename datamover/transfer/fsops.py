@@ -296,6 +296,28 @@ def _copy_special(src: str, dst: str) -> None:
     os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
 
 
+def _free_name(at: Path, name: str, directory: bool) -> str:
+    """`name`, or `name~N` (cut to fit 255 bytes) for the first N that is free in `at`;
+    with `directory`, a real directory there is good too (made if missing)."""
+    for n in itertools.count():
+        if n:
+            suffix = f"~{n}"
+            candidate = name.encode()[: 255 - len(suffix)].decode(errors="ignore") + suffix
+        else:
+            candidate = name
+        try:
+            st = os.lstat(at / candidate)
+        except FileNotFoundError:
+            if not directory:
+                return candidate
+            with contextlib.suppress(FileExistsError):  # another writer made it: look again
+                os.mkdir(at / candidate)
+            st = os.lstat(at / candidate)
+        if directory and stat.S_ISDIR(st.st_mode):
+            return candidate
+    raise AssertionError("unreachable")
+
+
 #: `replaces` for a path where the walk saw nothing: whatever is there is not datamover's.
 _NOTHING = (-1, -1, -1)
 
@@ -528,6 +550,10 @@ class TreeWriter:
     def trash(self, rel: str) -> None:
         """Move `rel` (any kind, a whole directory included) into the trash, never delete it.
 
+        It goes to `trash_dir/rel` unless something is there already (`_trash_dest`): an
+        earlier move never loses what it moved, and nothing is moved through a symlink the
+        trash holds.
+
         Raises a one-line `PermanentError` when it cannot be moved; then `rel` is where it
         was (a partial copy into the trash is removed again), and the caller must not write
         over it.
@@ -538,7 +564,7 @@ class TreeWriter:
         self._forget(rel)
         dest = self.trash_dir / rel
         try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest = self._trash_dest(self.trash_dir, rel)
             dfd = self.dir_fd(parent)
             for attempt in range(3):
                 try:
@@ -574,6 +600,24 @@ class TreeWriter:
             for key in [k for k in self.unlocked if k.startswith(rel + "/")]:
                 del self.unlocked[key]
         self.note_trashed([rel])
+
+    @staticmethod
+    def _trash_dest(trash_dir: Path, rel: str) -> Path:
+        """A free place for `rel` in `trash_dir`, its directories made: `trash_dir/rel`, or
+        where that is taken, the first name with a `~N` suffix that is free (the last
+        component) or a real directory (one above it).
+
+        One run may trash a path twice (a user saves a file again after its first move, and
+        the stage's rename then finds it there), or trash a symlink where the version has a
+        directory and later something below that directory: a rename to `trash_dir/rel`
+        replaced the first move's file, and went through the trashed symlink into whatever
+        directory it points at."""
+        at = trash_dir
+        at.mkdir(parents=True, exist_ok=True)
+        *dirs, last = rel.split("/")
+        for name in dirs:
+            at = at / _free_name(at, name, directory=True)
+        return at / _free_name(at, last, directory=False)
 
     def note_trashed(self, rels: Sequence[str]) -> None:
         """Count `rels` as trashed (by this writer, or by a worker process's for it)."""
