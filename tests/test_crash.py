@@ -143,3 +143,53 @@ async def test_stage_killed_and_rerun(make_site: MakeSite) -> None:
     verified = b.cli("verify", "/proj/x")
     assert verified.returncode == 0, verified.stdout
     assert json.loads(b.cli("stage", "/proj/x", "--json").stdout)["downloaded_bytes"] == 0
+
+
+_POOL_THEN_DIE = """
+import os, signal, sys
+from datamover.transfer import procpool
+pool = procpool.start(2)
+pool.submit(procpool._ready).result()
+with open(sys.argv[1], "w") as f:
+    f.write(" ".join(str(pid) for pid in pool._processes))
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a process that has not ended (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_worker_processes_end_with_a_killed_command(tmp_path: Path) -> None:
+    # A push's readers or a stage's writers outlived a SIGKILL of the command (the OOM
+    # killer, `kill -9`): they waited for jobs for ever, keeping the fork server alive, and
+    # both held the command's stdout open, so a script reading it hung.
+    pids_file = tmp_path / "pids"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _POOL_THEN_DIE, str(pids_file)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    pids: list[int] = []
+    try:
+        proc.communicate(timeout=20)  # the output ends: nothing holds the pipes any more
+        assert proc.returncode == -signal.SIGKILL
+        pids = [int(p) for p in pids_file.read_text().split()]
+        assert len(pids) == 2
+        deadline = time.monotonic() + 10
+        while any(_running(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not any(_running(p) for p in pids)
+    finally:
+        if not pids and pids_file.exists():
+            pids = [int(p) for p in pids_file.read_text().split()]
+        for pid in pids:  # what an unfixed pool left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.kill()
+        proc.wait()

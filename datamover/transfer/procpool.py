@@ -5,12 +5,21 @@ tens of microseconds of interpreter time each; threads would serialise on the GI
 two threads writing 4 KiB files took 75 us per file against 39 us for one), processes do not.
 Workers come from a fork server, never by forking this process: it has threads (the event
 loop's executors, the catalog driver's) whose locks a plain fork would copy mid-use.
+
+A worker ends when the process that started the pool ends (`_end_with`). Its job queue does
+not tell it: a worker holds both ends of that pipe, so after a SIGKILL of the command (the
+OOM killer, `kill -9`) the workers, and the fork server they keep alive, waited for jobs for
+ever, holding the command's stdout and stderr open (a script reading them hung).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.context
+import os
+import select
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import forkserver
 
@@ -39,13 +48,41 @@ def warm() -> None:
     forkserver.ensure_running()
 
 
+def _end_with(parent: int) -> None:
+    """A worker's initializer: tune the collector, and end the worker (at once, even in the
+    middle of a job) when process `parent` has ended."""
+    gctune.tune()
+    threading.Thread(target=_wait_for_end, args=(parent,), daemon=True).start()
+
+
+def _wait_for_end(parent: int) -> None:
+    try:
+        fd = os.pidfd_open(parent)  # readable once the process has ended
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):  # no pidfd (Linux before 5.3): look every second
+        while True:
+            try:
+                os.kill(parent, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except OSError:
+                pass
+            time.sleep(1)
+    select.select([fd], [], [])
+    os._exit(1)
+
+
 def start(workers: int) -> ProcessPoolExecutor:
     """A pool of `workers` processes, all of them started (blocks until the fork server runs).
 
     The executor starts a process only when no idle one is left, so with quick jobs one
-    worker would do everything; starting all now is what lets them run side by side.
+    worker would do everything; starting all now is what lets them run side by side. Each
+    worker ends when this process does (`_end_with`).
     """
-    pool = ProcessPoolExecutor(workers, mp_context=_context(), initializer=gctune.tune)
+    pool = ProcessPoolExecutor(
+        workers, mp_context=_context(), initializer=_end_with, initargs=(os.getpid(),)
+    )
     for _ in range(workers):
         pool.submit(_ready)
     return pool
