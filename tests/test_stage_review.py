@@ -83,10 +83,10 @@ async def test_operations_queued_for_the_writer_thread_are_bounded(
 
         real = TreeWriter.set_attrs
 
-        def slow(self: TreeWriter, entry: Entry) -> None:  # a slow file system
+        def slow(self: TreeWriter, entry: Entry, *args: Any) -> None:  # a slow file system
             ahead[0] = max(ahead[0], planned[0] - done[0])
             time.sleep(0.002)
-            real(self, entry)
+            real(self, entry, *args)
             done[0] += 1
 
         monkeypatch.setattr(stage_module, "StagePlanner", Counting)
@@ -826,6 +826,48 @@ async def test_a_file_edited_after_it_was_planned_for_removal_goes_to_the_trash(
         trashed = Path(staged.trash_dir or "") / "draft.txt"
         assert trashed.read_text() == "v1 and an hour of the user's work\n"
         assert not (b.data / "ds" / "draft.txt").exists()
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_file_edited_after_it_was_planned_for_a_mode_change_keeps_its_mtime(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The version changes only the file's mode; a user saves into it (keeping its size)
+    # after the walk and before the mode is set. Given the entry's mtime too, the user's
+    # bytes passed for datamover's, and the next version replaced them without a trace.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "ds"
+    src.mkdir()
+    (src / "notes.txt").write_text("version one\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        await stage(site_b, "/proj/ds")
+        (src / "notes.txt").chmod(0o600)
+        await push(site_a, "/proj/ds")
+        real = TreeWriter.set_attrs
+
+        def edited_meanwhile(self: TreeWriter, entry: Entry, *args: Any) -> None:
+            if entry.path == "notes.txt":
+                (b.data / "ds" / "notes.txt").write_text("user's work!\n")  # same size
+            real(self, entry, *args)
+
+        monkeypatch.setattr(TreeWriter, "set_attrs", edited_meanwhile)
+        await stage(site_b, "/proj/ds")
+        monkeypatch.undo()
+        assert (b.data / "ds" / "notes.txt").read_text() == "user's work!\n"
+        assert (
+            os.stat(b.data / "ds" / "notes.txt").st_mtime_ns
+            != os.stat(src / "notes.txt").st_mtime_ns
+        )
+
+        (src / "notes.txt").write_text("version three\n")
+        await push(site_a, "/proj/ds")
+        staged = await stage(site_b, "/proj/ds")
+        assert (Path(staged.trash_dir or "") / "notes.txt").read_text() == "user's work!\n"
+        assert (b.data / "ds" / "notes.txt").read_text() == "version three\n"
     finally:
         await site_a.close()
         await site_b.close()

@@ -781,11 +781,15 @@ class TreeWriter:
             os.unlink(tmp, dir_fd=dfd)
             raise
 
-    def set_attrs(self, entry: Entry) -> None:
+    def set_attrs(self, entry: Entry, seen: tuple[int, int, int] | None = None) -> None:
         """Set mode and mtime of an existing file or directory without following symlinks.
 
         A file its owner made unreadable (mode 000) is reached through an `O_PATH`
         descriptor instead; a directory this writer unlocked is no longer in `unlocked`.
+        With `seen`, the file's `(inode, size, mtime)` as the plan saw it, a file that is
+        not that any more (a user saved into it since) is left as it is: given the entry's
+        mtime, the user's bytes would pass for datamover's, and the next stage would
+        replace them instead of moving them to the trash.
         """
         parent, name = split(entry.path)
         dfd = self.dir_fd(parent)
@@ -795,7 +799,7 @@ class TreeWriter:
         except FileNotFoundError:
             return
         except PermissionError as exc:
-            self._set_attrs_by_path(entry, dfd, exc)
+            self._set_attrs_by_path(entry, dfd, exc, seen)
             return
         except OSError as exc:
             if exc.errno != errno.ELOOP:
@@ -806,13 +810,17 @@ class TreeWriter:
                 [entry.path],
             ) from None
         try:
+            if seen is not None and _identity(os.fstat(fd)) != seen:
+                return
             os.fchmod(fd, entry.mode)
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
         finally:
             os.close(fd)
         self.unlocked.pop(entry.path, None)
 
-    def _set_attrs_by_path(self, entry: Entry, dfd: int, exc: OSError) -> None:
+    def _set_attrs_by_path(
+        self, entry: Entry, dfd: int, exc: OSError, seen: tuple[int, int, int] | None = None
+    ) -> None:
         """`set_attrs` for an entry that cannot be opened for reading: through an `O_PATH`
         descriptor (no read permission needed), never following a symlink."""
         name = split(entry.path)[1]
@@ -823,6 +831,8 @@ class TreeWriter:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode) and not stat.S_ISDIR(os.fstat(fd).st_mode):
                 raise Conflict(f"{entry.path!r} is not a file or directory; not changing it")
+            if seen is not None and _identity(os.fstat(fd)) != seen:
+                return
             via = f"/proc/self/fd/{fd}"
             try:
                 os.chmod(via, entry.mode)

@@ -50,7 +50,9 @@ class Action:
     seen: tuple[bool, int, int] | None = None
     #: For FETCH and LINK over a local file or symlink datamover wrote: its identity as the
     #: walk saw it (inode, size, mtime), so one a user changed since is moved to the trash
-    #: before the rename over it (`TreeWriter.make_way`).
+    #: before the rename over it (`TreeWriter.make_way`). For ATTR: the file's identity as
+    #: the walk saw it, so one a user changed since keeps its mode and mtime
+    #: (`TreeWriter.set_attrs`).
     replaces: tuple[int, int, int] | None = None
 
 
@@ -223,7 +225,11 @@ class StagePlanner:
             and self._same(local, entry)
             and (self.content_ok is None or self._content(local, entry))
         ):
-            yield Action(Op.KEEP if local.mode == entry.mode else Op.ATTR, entry.path, entry)
+            if local.mode == entry.mode:
+                yield Action(Op.KEEP, entry.path, entry)
+            else:
+                seen = (local.ino, local.size, local.mtime_ns)
+                yield Action(Op.ATTR, entry.path, entry, replaces=seen)
             return
         # Different: replace in place when datamover wrote what is there, else trash it.
         replaceable = (

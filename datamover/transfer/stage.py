@@ -501,7 +501,7 @@ class _Stager:
                     kept += 1
                     kept_bytes += entry.size
                     if op is Op.ATTR:
-                        self._ops.append((w.set_attrs, (entry,)))
+                        self._ops.append((w.set_attrs, (entry, action.replaces)))
             elif op is Op.MKDIR:
                 self._ops.append((w.mkdir, (action.path,)))
                 self._keep_dir(entry)
