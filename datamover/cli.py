@@ -95,11 +95,17 @@ def _local_or_no_wait(local: bool, no_wait: bool, wait: bool) -> None:
 @cli.command()
 @click.argument("logical_path")
 @click.option("--checksum", is_flag=True, help="Re-read every file instead of trusting size+mtime.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Publish the tree even if a stage of it did not finish here (two versions mixed).",
+)
 @daemon_options
 @common
 def push(
     logical_path: str,
     checksum: bool,
+    force: bool,
     local: bool,
     wait: bool,
     no_wait: bool,
@@ -114,8 +120,9 @@ def push(
     _local_or_no_wait(local, no_wait, wait)
     config = load_config(config_path)
     request = {"kind": "push", "path": logical_path, "priority": priority}
-    if checksum:
-        request["checksum"] = True
+    for key, on in (("checksum", checksum), ("force", force)):
+        if on:
+            request[key] = True
     result = None if local else through_daemon(config, request, not no_wait, as_json)
     if result is None:
         # Imported only here: through the daemon, the command needs none of it (SQLAlchemy,
@@ -124,7 +131,10 @@ def push(
 
         with Bar(f"push {logical_path}", not as_json) as bar:
             result = run_with_site(
-                config, lambda site: do_push(site, logical_path, checksum=checksum, progress=bar)
+                config,
+                lambda site: do_push(
+                    site, logical_path, checksum=checksum, force=force, progress=bar
+                ),
             ).to_json()
     if as_json:
         emit_json(result)

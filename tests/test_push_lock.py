@@ -152,3 +152,46 @@ async def test_a_daemon_push_that_meets_a_stage_fails_with_the_conflict(
         assert await _keys(site) == before
     finally:
         await site.close()
+
+
+async def test_a_push_of_a_tree_a_stage_did_not_finish_needs_force(make_site: MakeSite) -> None:
+    # A stage of v2 at site B fails midway (a pack of v2 is gone from the store): the tree
+    # holds v1's files where v2 changed them. Pushed, it became the latest version and
+    # undid v2 for every site; with --delete elsewhere, it removed v2's new files.
+    a = await make_site("site-a", pack_size=1 << 20)
+    src = a.data / "ds"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i:02d}").write_bytes(f"v1 of {i}\n".encode() * 100)
+    a.cli_json("push", "/proj/ds")
+    before = await _packs(a)
+    b = await make_site("site-b")
+    b.cli_json("stage", "/proj/ds")
+    for i in range(10, 20):
+        (src / f"f{i:02d}").write_bytes(f"v2 of {i}\n".encode() * 100)
+    v2 = a.cli_json("push", "/proj/ds")["version"]
+    site = await a.open()
+    try:
+        for key in await _packs(a) - before:
+            await site.store.delete(key)
+    finally:
+        await site.close()
+    failed = b.cli("stage", "/proj/ds", "--json")
+    assert failed.returncode != 0, failed.stdout
+
+    refused = b.cli("push", "/proj/ds", "--json")
+    assert refused.returncode == 4, refused.stderr
+    assert f"a stage of version {v2} into this tree did not finish" in refused.stderr
+    assert "--force" in refused.stderr and "Traceback" not in refused.stderr
+    listed = a.cli_json("ls", "/proj/ds")["datasets"][0]["versions"]
+    assert max(v["version"] for v in listed) == v2  # nothing was published
+    forced = b.cli_json("push", "/proj/ds", "--force")
+    assert forced["version"] != v2  # published as it is, as asked
+
+
+async def _packs(env: SiteEnv) -> set[str]:
+    site = await env.open()
+    try:
+        return {info.key async for info in site.store.list("packs/")}
+    finally:
+        await site.close()

@@ -38,7 +38,17 @@ from datamover.metrics import CONTENT_TYPE
 from datamover.scheduler.endings import RECHECK, until
 
 _OPENAPI = json.loads(resources.files("datamover.api").joinpath("openapi.json").read_text())
-_TRANSFER_FIELDS = {"kind", "path", "version", "priority", "deadline", "pin", "delete", "checksum"}
+_TRANSFER_FIELDS = {
+    "kind",
+    "path",
+    "version",
+    "priority",
+    "deadline",
+    "pin",
+    "delete",
+    "checksum",
+    "force",
+}
 _STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 MAX_WAIT = 60.0  # longest long poll; clients' own time-outs must be longer
 
@@ -110,7 +120,9 @@ async def submit_transfer(request: web.Request) -> web.Response:
     requested = version(body.get("version"))
     if kind == "push" and (requested or pin or body.get("delete")):
         raise InvalidInput("'version', 'pin' and 'delete' apply to stage transfers only")
-    options = {k: True for k in ("delete", "checksum") if flag(body, k)}
+    if kind == "stage" and body.get("force"):
+        raise InvalidInput("'force' applies to push transfers only")
+    options = {k: True for k in ("delete", "checksum", "force") if flag(body, k)}
     key = request.headers.get("Idempotency-Key")
     if key is not None:
         check_idempotency_key(key)

@@ -205,7 +205,11 @@ class Worker:
         options = row.options
         if row.kind == Kind.PUSH:
             pushed = await push(
-                self.site, row.path, checksum=bool(options.get("checksum")), progress=progress
+                self.site,
+                row.path,
+                checksum=bool(options.get("checksum")),
+                force=bool(options.get("force")),
+                progress=progress,
             )
             return pushed.to_json()
         done = await already_staged(self.site, self.transfers, row)

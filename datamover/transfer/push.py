@@ -195,21 +195,47 @@ async def _holding(site: Site, dataset: str) -> AsyncIterator[None]:
 
 
 async def push(
-    site: Site, logical: str, *, checksum: bool = False, progress: Progress | None = None
+    site: Site,
+    logical: str,
+    *,
+    checksum: bool = False,
+    force: bool = False,
+    progress: Progress | None = None,
 ) -> PushResult:
     """Push the local tree of `logical` as a new version; see the module docstring.
 
     Holds this host's lock of the dataset's tree shared (`locks`) from before it looks at
     the tree until the version is published: a stage of the dataset running here is
-    `Conflict` before anything is written, and one started meanwhile waits."""
+    `Conflict` before anything is written, and one started meanwhile waits. A tree a stage
+    at this site did not finish (killed, failed: `_check_staged`) is `Conflict` too, unless
+    `force`."""
     started = time.monotonic()
     dataset = check_logical_path(logical)
     lock = await take_lock(site.state_dir, dataset, reader="push")
     try:
+        if not force:
+            await _check_staged(site, dataset)
         return await _push(site, dataset, checksum, progress or NoProgress(), started)
     finally:
         if lock is not None:
             os.close(lock)
+
+
+async def _check_staged(site: Site, dataset: str) -> None:
+    """`Conflict` if the replica record says a stage of `dataset` into this site's tree did
+    not finish: the tree then holds some files of the version it was bringing and some of
+    the one before (or none), and published as the latest it would have every site staging
+    it with `--delete` remove the rest. (One running here holds the lock; this is one that
+    was killed or failed.)"""
+    replica = await site.catalog.replica(dataset)
+    base, parts = site.config.namespace.split(dataset)
+    if replica is None or replica.state == "ready" or replica.root != str(base.joinpath(*parts)):
+        return
+    raise Conflict(
+        f"{dataset!r}: a stage of version {replica.version} into this tree did not finish, "
+        "so it holds files of two versions; finish it (datamover stage "
+        f"{dataset} --version {replica.version}) or publish the tree as it is with --force"
+    )
 
 
 async def _push(
