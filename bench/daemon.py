@@ -334,20 +334,33 @@ def _untar(ctx: Context, run: Path, bucket: str, rep: int) -> None:
     )
 
 
-def _rest(ctx: Context, run: Path, bucket: str, rep: int) -> None:
-    """Time a stage over REST on a running daemon (start-up untimed), then verify it."""
-    b, shape = ctx.bench, ctx.bench.sizes.small
-    label = f"  {REST}"
-    record = b.results.step(API, STAGE, REST, files=shape.files, nbytes=shape.bytes)
-    site, config, listen = _site_b(b, run, bucket, f"r{rep}-rest")
-    log_path = ctx.logs / f"api-r{rep}-serve.log"
+def _served_b(
+    ctx: Context, run: Path, bucket: str, tag: str, log_path: Path, record: Step, label: str
+) -> tuple[SiteFiles, Path, str, ServeProcess] | None:
+    """A new site B (`_site_b`) with its daemon started and a write token: `(site, config,
+    token, daemon)`; None, the failure recorded, if it cannot start."""
+    b = ctx.bench
+    site, config, listen = _site_b(b, run, bucket, tag)
     try:
         token = create_token(b.dm, config)
         served = ServeProcess.start(b.dm, config, listen, log_path)
     except BenchError as exc:
         record.errors.append(str(exc))
         log(f"{label}: FAILED: {exc}")
+        return None
+    return site, config, token, served
+
+
+def _rest(ctx: Context, run: Path, bucket: str, rep: int) -> None:
+    """Time a stage over REST on a running daemon (start-up untimed), then verify it."""
+    b, shape = ctx.bench, ctx.bench.sizes.small
+    label = f"  {REST}"
+    record = b.results.step(API, STAGE, REST, files=shape.files, nbytes=shape.bytes)
+    log_path = ctx.logs / f"api-r{rep}-serve.log"
+    started = _served_b(ctx, run, bucket, f"r{rep}-rest", log_path, record, label)
+    if started is None:
         return
+    site, config, token, served = started
     try:
         os.sync()
         seconds, wall, final = asyncio.run(_timed_stage(served.url, token))
@@ -417,15 +430,11 @@ def _burst(ctx: Context, run: Path, bucket: str, rep: int) -> None:
     b, shape = ctx.bench, ctx.bench.sizes.small
     label = f"  {BURST}"
     record = b.results.step(API, STAGE, BURST, files=shape.files, nbytes=shape.bytes)
-    site, config, listen = _site_b(b, run, bucket, f"r{rep}-burst")
     log_path = ctx.logs / f"api-r{rep}-burst-serve.log"
-    try:
-        token = create_token(b.dm, config)
-        served = ServeProcess.start(b.dm, config, listen, log_path)
-    except BenchError as exc:
-        record.errors.append(str(exc))
-        log(f"{label}: FAILED: {exc}")
+    started = _served_b(ctx, run, bucket, f"r{rep}-burst", log_path, record, label)
+    if started is None:
         return
+    site, config, token, served = started
     try:
         os.sync()
         seconds, ended = asyncio.run(_timed_burst(served.url, token))

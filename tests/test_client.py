@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -15,7 +16,7 @@ from sqlalchemy import select
 from datamover.catalog.transfers import T
 from datamover.client import DaemonClient
 from datamover.errors import InvalidInput, TransientError
-from tests.fixtures_daemon import StartSite, start_daemon
+from tests.fixtures_daemon import Daemon, StartSite, start_daemon
 from tests.fixtures_sites import MakeSite
 
 HEAVY = ("asyncio", "aiohttp", "sqlalchemy", "botocore", "aiobotocore")
@@ -30,6 +31,22 @@ def _imported(stderr: str) -> set[str]:
     return names
 
 
+def _timed_imports(d: Daemon, token: str, *args: str) -> tuple[dict[str, Any], set[str]]:
+    """Run `datamover ARGS --wait --json` against daemon `d` under `-X importtime`; its
+    JSON output and the top-level packages it imported."""
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    argv = [sys.executable, "-X", "importtime", "-m", "datamover", *args, "--wait", "--json"]
+    proc = subprocess.run(
+        [*argv, "--config", str(d.env.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**environ, "DATAMOVER_TOKEN": token},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout), _imported(proc.stderr)
+
+
 async def test_stage_through_the_daemon_imports_nothing_heavy(
     served_site: StartSite, make_site: MakeSite
 ) -> None:
@@ -40,28 +57,7 @@ async def test_stage_through_the_daemon_imports_nothing_heavy(
     a.cli_json("push", "/proj/x")
     d = await served_site("site-b")
     token = d.token("t1", "/proj", "write")
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-X",
-            "importtime",
-            "-m",
-            "datamover",
-            "stage",
-            "/proj/x",
-            "--wait",
-            "--json",
-            "--config",
-            str(d.env.config_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**environ, "DATAMOVER_TOKEN": token},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout)
+    result, imported = _timed_imports(d, token, "stage", "/proj/x")
     assert result["transfer"].startswith("tr-") and result["files"] == 5
     assert sorted((d.env.data / "x").iterdir()) == [d.env.data / "x" / f"f{i}" for i in range(5)]
     site = await d.env.open()
@@ -71,7 +67,6 @@ async def test_stage_through_the_daemon_imports_nothing_heavy(
     finally:
         await site.close()
     assert key is not None and key.startswith("cli-")  # so a resent POST is not queued twice
-    imported = _imported(proc.stderr)
     assert "datamover" in imported and "http" in imported  # the report is what it seems
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
 
@@ -84,20 +79,8 @@ async def test_push_through_the_daemon_imports_nothing_heavy(served_site: StartS
     for i in range(5):
         (d.env.data / "x" / f"f{i}").write_bytes(os.urandom(1000))
     token = d.token("t1", "/proj", "write")
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
-    argv = [sys.executable, "-X", "importtime", "-m", "datamover", "push", "/proj/x", "--wait"]
-    argv += ["--json", "--config", str(d.env.config_path)]
-    proc = subprocess.run(
-        argv,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**environ, "DATAMOVER_TOKEN": token},
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(proc.stdout)
+    result, imported = _timed_imports(d, token, "push", "/proj/x")
     assert result["transfer"].startswith("tr-") and result["files"] == 5 and result["version"]
-    imported = _imported(proc.stderr)
     assert "datamover" in imported and "http" in imported  # the report is what it seems
     assert not imported & set(HEAVY), sorted(imported & set(HEAVY))
 

@@ -57,14 +57,6 @@ async def already_staged(
     doc = await site.repo.resolve(row.path, row.version)
     if doc.version != replica.version:
         return None
-    result = StageResult(
-        doc.dataset,
-        doc.version,
-        files=doc.files,
-        dirs=doc.dirs,
-        symlinks=doc.symlinks,
-        bytes=doc.bytes,
-        kept_files=doc.files,
-        seconds=round(time.monotonic() - started, 3),
-    )
+    seconds = round(time.monotonic() - started, 3)
+    result = StageResult.of(doc, kept_files=doc.files, seconds=seconds)
     return {**result.to_json(), "satisfied_by": done.id}

@@ -106,6 +106,19 @@ class StageResult:
     trash_dir: str | None = None
     seconds: float = 0.0
 
+    @classmethod
+    def of(cls, doc: VersionDoc, **counts: Any) -> StageResult:
+        """The summary of a stage of version `doc`, its totals filled in from `doc`."""
+        return cls(
+            doc.dataset,
+            doc.version,
+            files=doc.files,
+            dirs=doc.dirs,
+            symlinks=doc.symlinks,
+            bytes=doc.bytes,
+            **counts,
+        )
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (`trashed` holds at most the first 100 names; `trashed_count`
         counts them all)."""
@@ -186,14 +199,7 @@ class _Stager:
         self.fetcher = Fetcher(site.store, t.download_concurrency)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         self.trash_dir = trash_dir(site.state_dir, f"{stamp}-{secrets.token_hex(3)}", doc.dataset)
-        self.result = StageResult(
-            doc.dataset,
-            doc.version,
-            files=doc.files,
-            dirs=doc.dirs,
-            symlinks=doc.symlinks,
-            bytes=doc.bytes,
-        )
+        self.result = StageResult.of(doc)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dm-writer")
         # Ranges of large files are verified and written at their own offsets, so several
         # can go at once: hashing and copying into the page cache both release the GIL.
