@@ -237,6 +237,13 @@ async def test_idempotent_post(served_site: StartSite) -> None:
     assert s4 == 201 and other["id"] != first["id"]
 
 
+def _sigint_as_a_terminal_gives_it() -> None:
+    """In the child, before exec: SIGINT at its default and not blocked, whatever the test
+    process inherited or set (a shell's Ctrl-C reaches a command so)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 async def test_ctrl_c_while_waiting_says_the_transfer_goes_on(
     served_site: StartSite, make_site: MakeSite
 ) -> None:
@@ -252,6 +259,7 @@ async def test_ctrl_c_while_waiting_says_the_transfer_goes_on(
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        preexec_fn=_sigint_as_a_terminal_gives_it,
     )
     try:
         deadline = time.monotonic() + 30
@@ -260,12 +268,13 @@ async def test_ctrl_c_while_waiting_says_the_transfer_goes_on(
             await asyncio.sleep(0.05)
         await until_running(d, token, listed[0]["id"])
         waiting.send_signal(signal.SIGINT)
-        _, err = waiting.communicate(timeout=30)
+        state = d.request("GET", f"/v1/transfers/{listed[0]['id']}", token)[1]["state"]
+        out, err = waiting.communicate(timeout=30)
     finally:
         if waiting.poll() is None:
             waiting.kill()
     tid = listed[0]["id"]
-    assert waiting.returncode == 130
+    assert waiting.returncode == 130, (waiting.returncode, state, out, err)
     assert err == (
         f"datamover: error: interrupted; transfer {tid} goes on in the daemon "
         f"(`datamover transfer cancel {tid}` stops it)\n"

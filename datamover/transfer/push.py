@@ -213,9 +213,7 @@ async def push(
     dataset = check_logical_path(logical)
     lock = await take_lock(site.state_dir, dataset, reader="push")
     try:
-        if not force:
-            await _check_staged(site, dataset)
-        return await _push(site, dataset, checksum, progress or NoProgress(), started)
+        return await _push(site, dataset, checksum, force, progress or NoProgress(), started)
     finally:
         if lock is not None:
             os.close(lock)
@@ -239,12 +237,14 @@ async def _check_staged(site: Site, dataset: str) -> None:
 
 
 async def _push(
-    site: Site, dataset: str, checksum: bool, progress: Progress, started: float
+    site: Site, dataset: str, checksum: bool, force: bool, progress: Progress, started: float
 ) -> PushResult:
     """`push`, holding the dataset's lock."""
     base, parts = site.config.namespace.split(dataset)
     root = base.joinpath(*parts)
-    await asyncio.to_thread(check_root, base, parts)
+    await asyncio.to_thread(check_root, base, parts)  # a tree that is no directory: that first
+    if not force:
+        await _check_staged(site, dataset)
     params = await site.repo.chunker_params(create=True)
     parent_id = await site.repo.latest(dataset)
     parent = await site.repo.read_version(dataset, parent_id) if parent_id else None
