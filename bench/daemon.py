@@ -301,10 +301,7 @@ def _hook(ctx: Context, run: Path, bucket: str, rep: int) -> None:
             want_json=True,
         )
     finally:
-        served.stop()
-        findings = served.findings()
-        if findings.errors:
-            b.results.problems.append(f"api hook r{rep}: {log_path}: {findings.summary()}")
+        _stop(b, served, f"api hook r{rep}")
     record = b.results.step(API, STAGE, HOOK)
     if sample is not None and "transfer" not in record.payloads[-1]:
         record.errors.append("the CLI did not go through the daemon (no transfer id)")
@@ -332,6 +329,14 @@ def _untar(ctx: Context, run: Path, bucket: str, rep: int) -> None:
         nbytes=shape.bytes,
         expect_tree=dst / "small",
     )
+
+
+def _stop(b: Bench, served: ServeProcess, what: str) -> None:
+    """Stop a daemon; errors in its log go into the report's problems under `what`."""
+    served.stop()
+    findings = served.findings()
+    if findings.errors:
+        b.results.problems.append(f"{what}: {served.log_path}: {findings.summary()}")
 
 
 def _served_b(
@@ -369,10 +374,7 @@ def _rest(ctx: Context, run: Path, bucket: str, rep: int) -> None:
         log(f"{label}: FAILED: {exc}")
         return
     finally:
-        served.stop()
-        findings = served.findings()
-        if findings.errors:
-            b.results.problems.append(f"api r{rep}: {log_path}: {findings.summary()}")
+        _stop(b, served, f"api r{rep}")
     if final["state"] != "succeeded":
         error = (final.get("error") or {}).get("message", "")
         record.errors.append(f"transfer {final['id']} {final['state']}: {error} (log: {log_path})")
@@ -443,10 +445,7 @@ def _burst(ctx: Context, run: Path, bucket: str, rep: int) -> None:
         log(f"{label}: FAILED: {exc}")
         return
     finally:
-        served.stop()
-        findings = served.findings()
-        if findings.errors:
-            b.results.problems.append(f"api burst r{rep}: {log_path}: {findings.summary()}")
+        _stop(b, served, f"api burst r{rep}")
     failed = [t for t in ended if t["state"] != "succeeded"]
     if failed:
         error = (failed[0].get("error") or {}).get("message", "")

@@ -44,8 +44,7 @@ async def already_staged(
     if done is None or not done.result:
         return None
     replica = await site.catalog.replica(row.path)
-    base, parts = site.config.namespace.split(row.path)
-    root = base.joinpath(*parts)
+    root = site.config.namespace.resolve(row.path)
     if (
         replica is None
         or replica.state != "ready"

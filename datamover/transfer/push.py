@@ -182,9 +182,7 @@ async def _holding(site: Site, dataset: str) -> AsyncIterator[None]:
     try:
         yield
     except BaseException:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        try:  # shielded: a cancelled push gives its claim up too
+        try:  # shielded: a cancelled push gives its claim up too (a touch after it is a no-op)
             await asyncio.shield(site.catalog.release_checkpoint(dataset, me))
         except Exception as exc:  # the original error is the one to report
             log.warning("push of %s: could not give up its checkpoint: %s", dataset, exc)
@@ -226,8 +224,8 @@ async def _check_staged(site: Site, dataset: str) -> None:
     it with `--delete` remove the rest. (One running here holds the lock; this is one that
     was killed or failed.)"""
     replica = await site.catalog.replica(dataset)
-    base, parts = site.config.namespace.split(dataset)
-    if replica is None or replica.state == "ready" or replica.root != str(base.joinpath(*parts)):
+    root = site.config.namespace.resolve(dataset)
+    if replica is None or replica.state == "ready" or replica.root != str(root):
         return
     raise Conflict(
         f"{dataset!r}: a stage of version {replica.version} into this tree did not finish, "
