@@ -735,6 +735,27 @@ async def test_stages_asked_for_while_one_runs_are_answered_by_it(
     assert later["state"] == "succeeded" and "satisfied_by" not in later["result"]
 
 
+async def test_a_burst_of_stages_is_answered_together_when_the_first_ends(
+    served_site: StartSite, make_site: MakeSite
+) -> None:
+    # The prologs of a job array: the stages asked for while the first runs all succeed in
+    # one step when it ends (one catalog transaction, not one claim each), with their pins.
+    d, token = await slow_site(served_site, make_site)
+    first = _submit(d, token, path="/proj/slow")
+    await until_running(d, token, first)
+    burst = [_submit(d, token, path="/proj/slow", pin=f"job-{i}") for i in range(6)]
+    lead = d.wait(first, token)
+    done = [d.wait(t, token) for t in burst]
+    assert lead["state"] == "succeeded", lead
+    assert all(t["state"] == "succeeded" for t in done), done
+    assert {t["result"]["satisfied_by"] for t in done} == {first}
+    assert {t["result"]["version"] for t in done} == {lead["result"]["version"]}
+    assert len({t["finished_at"] for t in done}) == 1, [t["finished_at"] for t in done]
+    _, replicas = d.request("GET", "/v1/replicas", token)
+    assert sorted(replicas["replicas"][0]["pins"]) == [f"job-{i}" for i in range(6)]
+    assert "answered 6 stage(s) of /proj/slow" in d.log()
+
+
 async def test_a_stage_of_a_newer_version_is_not_answered_by_an_older_one(
     served_site: StartSite, make_site: MakeSite
 ) -> None:

@@ -504,3 +504,82 @@ async def test_a_catalog_without_a_free_connection_is_retried(make_site) -> None
         await site.close()
     assert row.state == "queued" and row.attempts == 1, row
     assert row.error is not None and row.error["code"] == "catalog_unavailable", row.error
+
+
+async def test_stages_a_finished_stage_has_done_are_answered_in_one_step(
+    catalog_url: str,
+) -> None:
+    # A job array's stages of /p/x queue behind the one running. When it succeeds at v2,
+    # those it has done succeed in one transaction, pins taken, in queue order up to the
+    # first transfer over the tree that is not one (here a --delete stage), which runs.
+    from datamover.catalog.access import Access
+
+    engine = await open_engine(catalog_url)
+    queue, access = Transfers(engine), Access(engine)
+    try:
+        lead, _ = await queue.submit(sub("/p/x"))
+        assert (await queue.claim("w", 30)).id == lead.id
+        plain, _ = await queue.submit(sub("/p/x", pin="job-1"))
+        named, _ = await queue.submit(sub("/p/x", version="v2"))
+        older, _ = await queue.submit(sub("/p/x", version="v1"))  # not what the lead staged
+        assert (await queue.claim("w2", 30)) is None
+        done = await queue.transition(lead.id, State.SUCCEEDED, owner="w", result='{"a": 1}')
+        late, _ = await queue.submit(sub("/p/x"))  # asked after the lead ended
+        result = {"version": "v2", "files": 3, "bytes": 9, "satisfied_by": lead.id}
+
+        def pins(ids):
+            return access.pins_for_transfers(ids, "/p/x", "v2")
+
+        answered = await queue.answer_stages(done, "v2", True, result, pin=pins)
+        assert [t.id for t in answered] == sorted([plain.id, named.id])
+        for t in answered:
+            assert t.state == "succeeded" and t.result == result and t.files_total == 3
+            assert t.finished_at == answered[0].finished_at  # one statement
+        assert [(p.pin, p.version) for p in await access.pins(dataset="/p/x")] == [("job-1", "v2")]
+        # `older` is next in queue order and not answered: it and `late` stay queued
+        assert (await queue.get(older.id)).state == "queued"
+        assert (await queue.get(late.id)).state == "queued"
+
+        # Not the latest any more (a push since): only stages naming v2 are answered.
+        assert (await queue.claim("w", 30)).id == older.id
+        done = await queue.transition(older.id, State.SUCCEEDED, owner="w")
+        latest, _ = await queue.submit(sub("/p/x"))
+        assert await queue.answer_stages(done, "v1", False, result) == []
+        assert (await queue.get(latest.id)).state == "queued"
+
+        # A --delete stage ahead ends the batch; nothing is answered while one runs.
+        assert (await queue.claim("w", 30)).id == late.id
+        done = await queue.transition(late.id, State.SUCCEEDED, owner="w")
+        deleting, _ = await queue.submit(sub("/p/x", options={"delete": True}))
+        after, _ = await queue.submit(sub("/p/x"))
+        answered = await queue.answer_stages(done, "v2", True, result)
+        assert [t.id for t in answered] == [latest.id]
+        assert (await queue.get(after.id)).state == "queued"
+        assert (await queue.claim("w", 30)).id == deleting.id
+        assert await queue.answer_stages(done, "v2", True, result) == []
+        assert (await queue.get(after.id)).state == "queued"
+    finally:
+        await engine.dispose()
+
+
+async def test_answering_stops_at_a_transfer_on_a_path_above(queue: Transfers) -> None:
+    # A queued push of /p (above /p/x) comes before a later stage of /p/x in queue order:
+    # the stage waits for it, as a claim would make it.
+    lead, _ = await queue.submit(sub("/p/x"))
+    await queue.claim("w", 30)
+    await queue.submit(sub("/p", kind="push"))
+    waiting, _ = await queue.submit(sub("/p/x"))
+    done = await queue.transition(lead.id, State.SUCCEEDED, owner="w")
+    assert await queue.answer_stages(done, "v2", True, {"version": "v2"}) == []
+    assert (await queue.get(waiting.id)).state == "queued"
+
+
+async def test_answering_goes_on_in_batches(queue: Transfers) -> None:
+    lead, _ = await queue.submit(sub("/p/x"))
+    await queue.claim("w", 30)
+    waiting = [(await queue.submit(sub("/p/x")))[0].id for _ in range(5)]
+    done = await queue.transition(lead.id, State.SUCCEEDED, owner="w")
+    queue.answer_batch = 2
+    got = [await queue.answer_stages(done, "v2", True, {"version": "v2"}) for _ in range(4)]
+    assert [len(b) for b in got] == [2, 2, 1, 0]
+    assert sorted(t.id for b in got for t in b) == sorted(waiting)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, false, literal, or_, select, update
+from sqlalchemy import Executable, delete, false, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from datamover.catalog.engine import path_under, upsert_for
@@ -137,9 +137,21 @@ class Access:
         `release` took it while the transfer ran: the job that asked for it is gone, so its
         pin must not outlive the release).
 
-        One statement, reading the transfer row under a lock on PostgreSQL, so a concurrent
-        `release` either comes first (nothing is pinned) or deletes what this adds.
+        One statement (`pins_for_transfers`), reading the transfer row under a lock on
+        PostgreSQL, so a concurrent `release` either comes first (nothing is pinned) or
+        deletes what this adds.
         """
+        async with self.engine.begin() as conn:
+            stmt = self.pins_for_transfers([transfer_id], dataset, version)
+            return bool((await conn.execute(stmt)).rowcount)
+
+    def pins_for_transfers(
+        self, transfer_ids: Sequence[str], dataset: str, version: str | None
+    ) -> Executable:
+        """The statement that pins `dataset` (at `version`) under the pin each of
+        `transfer_ids` carries, for its tenant (those without one are skipped), reading the
+        transfer rows under a lock on PostgreSQL: for a caller that runs it in its own
+        transaction (`pin_for_transfer`, `Transfers.answer_stages`)."""
         t = Transfer.__table__
         source = (
             select(
@@ -149,17 +161,15 @@ class Access:
                 literal(version),
                 literal(_now(), Pin.__table__.c.created_at.type),
             )
-            .where(t.c.id == transfer_id, t.c.pin.is_not(None))
+            .where(t.c.id.in_(list(transfer_ids)), t.c.pin.is_not(None))
             .with_for_update()
         )
         insert = upsert_for(self.dialect, Pin.__table__).from_select(
             ["pin", "dataset", "tenant", "version", "created_at"], source
         )
-        stmt = insert.on_conflict_do_update(
+        return insert.on_conflict_do_update(
             index_elements=_KEY, set_={"version": insert.excluded.version}
         )
-        async with self.engine.begin() as conn:
-            return bool((await conn.execute(stmt)).rowcount)
 
     async def pins(
         self, pin: str | None = None, dataset: str | None = None, tenant: str | None = None

@@ -17,12 +17,23 @@ from __future__ import annotations
 
 import json
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, case, exists, false, func, or_, select, text, update
+from sqlalchemy import (
+    Executable,
+    and_,
+    case,
+    exists,
+    false,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -34,6 +45,7 @@ from datamover.errors import Conflict, NotFound
 T = Transfer.__table__
 _OTHER = T.alias("other")
 _CLAIM_PAGE = 64  # queued transfers read at a time while looking for one to claim
+_ANSWER_BATCH = 500  # stages answered in one transaction (`Transfers.answer_stages`)
 # First key of the claim's two-key advisory lock, so its keys (the second, a hash of the
 # path's first component) cannot meet one-key advisory locks of other users of the database.
 _LOCK_SPACE = 0x646D  # "dm"
@@ -185,6 +197,7 @@ class Transfers:
         self.engine = engine
         self.dialect = engine.dialect.name
         self.max_attempts = max_attempts
+        self.answer_batch = _ANSWER_BATCH  # stages `answer_stages` answers at a time
 
     async def get(self, transfer_id: str) -> TransferRow:
         """One transfer; `NotFound` if there is none with that id."""
@@ -530,6 +543,94 @@ class Transfers:
         )
         async with self.engine.connect() as conn:
             return {(s, p): n for s, p, n in await conn.execute(query)}
+
+    async def answer_stages(
+        self,
+        done: TransferRow,
+        version: str,
+        latest: bool,
+        result: dict[str, Any],
+        pin: Callable[[Sequence[str]], Executable] | None = None,
+    ) -> list[TransferRow]:
+        """Succeed at once, with `result`, the queued stages of `done.path` that `done` (a
+        stage that succeeded, bringing the tree to `version`) has already done: plain ones
+        (no `delete` or `checksum` option), submitted no later than `done` finished, asking
+        for `version`, or for the latest when `latest` says `version` is the latest now
+        (`scheduler.satisfied` says why that answers them). Return them (at most `answer_batch`;
+        ask again while that many come back).
+
+        Queue order holds: the stages are taken in queue order among the queued transfers
+        on `done.path` or a path above it (those a claim would make them wait for), and the
+        first that is not such a stage ends the batch, so none is answered ahead of a
+        transfer it would have run after (a push, a `--delete` stage). Nothing is answered
+        while a transfer runs over the tree. `pin(ids)` is the statement that pins the
+        dataset under the pins of those of `ids` that carry one (`Access.pins_for_transfers`),
+        run in the same transaction, before they are seen to succeed. One transaction; on
+        PostgreSQL under the claims' advisory lock of the path, so no claim of the tree
+        comes between the check and the update.
+        """
+        if done.finished_at is None:
+            return []
+        finished = _aware(datetime.fromisoformat(done.finished_at))
+        at = await self.clock()
+        ahead = (
+            select(T)
+            .where(
+                T.c.state == State.QUEUED.value,
+                ~T.c.cancel_requested,
+                T.c.path.in_(sorted(_lineage(done.path))),
+            )
+            .order_by(T.c.rank_time, T.c.id)
+            .limit(self.answer_batch)
+        )
+        async with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                await conn.execute(
+                    text("SELECT pg_advisory_xact_lock(:space, hashtext(:p))"),
+                    {"space": _LOCK_SPACE, "p": _top(done.path)},
+                )
+            if (await conn.execute(select(_running_over(done.path)))).scalar():
+                return []
+            ids: list[str] = []
+            for r in await conn.execute(ahead):
+                options = json.loads(r.options)
+                answered = (
+                    r.kind == "stage"
+                    and r.path == done.path
+                    and not options.get("delete")
+                    and not options.get("checksum")
+                    and (r.version == version or (r.version is None and latest))
+                    and (_aware(r.created_at) or at) <= (finished or at)
+                )
+                if not answered:
+                    break
+                ids.append(r.id)
+            if not ids:
+                return []
+            if pin is not None:
+                await conn.execute(pin(ids))
+            await conn.execute(
+                update(T)
+                .where(T.c.id.in_(ids), T.c.state == State.QUEUED.value)
+                .values(
+                    state=State.SUCCEEDED.value,
+                    attempts=T.c.attempts + 1,
+                    started_at=func.coalesce(T.c.started_at, at),
+                    finished_at=at,
+                    updated_at=at,
+                    files_done=result.get("files", 0),
+                    bytes_done=result.get("bytes", 0),
+                    files_total=result.get("files"),
+                    bytes_total=result.get("bytes"),
+                    bytes_moved=0,
+                    result=json.dumps(result, sort_keys=True),
+                    error_code=None,
+                    error_message=None,
+                    error_paths=None,
+                )
+            )
+            rows = await conn.execute(select(T).where(T.c.id.in_(ids)).order_by(T.c.id))
+            return [TransferRow.from_row(r) for r in rows]
 
 
 def _requeued(at: datetime) -> dict[str, Any]:

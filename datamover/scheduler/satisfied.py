@@ -19,6 +19,13 @@ Then the tree held X's version after X was asked for, which is what X promises i
 (and what a stage run then would have found); X succeeds at once with L's counts, nothing
 fetched, and `satisfied_by` naming L; its pin is taken as for any stage. What a user changed
 in the tree after L ended is not repaired, as it would not be after a stage that just ended.
+
+Such stages are answered together: when L succeeds, its worker answers every queued stage
+it satisfies in one transaction (`answer_waiting`, `Transfers.answer_stages`), up to the
+first transfer in queue order over the tree that is not one (a push, a `--delete` stage),
+which then runs as usual. Answered one claim at a time instead, each took about 60 ms of
+catalog work on SQLite, in turn, so the 1,000th prolog of a job array waited a minute.
+A stage claimed before that (by another worker) is checked on its own (`already_staged`).
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ import asyncio
 import time
 from typing import Any
 
+from datamover.catalog.access import Access
 from datamover.catalog.transfers import TransferRow, Transfers
+from datamover.repo.layout import VersionDoc
 from datamover.site import Site
 from datamover.transfer.stage import StageResult
 
@@ -43,19 +52,55 @@ async def already_staged(
     done = await transfers.stage_ended_since_asked(row)
     if done is None or not done.result:
         return None
-    replica = await site.catalog.replica(row.path)
-    root = site.config.namespace.resolve(row.path)
-    if (
-        replica is None
-        or replica.state != "ready"
-        or replica.root != str(root)
-        or replica.version != done.result.get("version")
-        or not await asyncio.to_thread(root.is_dir)  # removed since: a stage puts it back
-    ):
+    if not await _tree_holds(site, row.path, done.result.get("version")):
         return None
     doc = await site.repo.resolve(row.path, row.version)
-    if doc.version != replica.version:
+    if doc.version != done.result.get("version"):
         return None
     seconds = round(time.monotonic() - started, 3)
     result = StageResult.of(doc, kept_files=doc.files, seconds=seconds)
     return {**result.to_json(), "satisfied_by": done.id}
+
+
+async def answer_waiting(
+    site: Site, transfers: Transfers, access: Access, done: TransferRow
+) -> list[TransferRow]:
+    """Answer the queued stages that `done`, a stage transfer that just succeeded, has
+    already done (see the module docstring); return them. Nothing when the tree no longer
+    holds its version."""
+    started = time.monotonic()
+    version = (done.result or {}).get("version")
+    if not isinstance(version, str) or not await _tree_holds(site, done.path, version):
+        return []
+    latest = await site.repo.resolve(done.path, None)
+    doc: VersionDoc = latest
+    if latest.version != version:
+        doc = await site.repo.resolve(done.path, version)
+    answered: list[TransferRow] = []
+    while True:
+        seconds = round(time.monotonic() - started, 3)
+        result = StageResult.of(doc, kept_files=doc.files, seconds=seconds)
+        batch = await transfers.answer_stages(
+            done,
+            version,
+            latest.version == version,
+            {**result.to_json(), "satisfied_by": done.id},
+            pin=lambda ids: access.pins_for_transfers(ids, done.path, version),
+        )
+        answered += batch
+        if len(batch) < transfers.answer_batch:
+            return answered
+
+
+async def _tree_holds(site: Site, dataset: str, version: object) -> bool:
+    """True when this site's replica record says `version` of `dataset` is complete at the
+    path the site maps it to, and that directory is there."""
+    replica = await site.catalog.replica(dataset)
+    root = site.config.namespace.resolve(dataset)
+    return (
+        replica is not None
+        and replica.state == "ready"
+        and replica.root == str(root)
+        and replica.version == version
+        and await asyncio.to_thread(root.is_dir)  # removed since: a stage puts it back
+    )

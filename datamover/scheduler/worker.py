@@ -28,7 +28,7 @@ from datamover.errors import Conflict, DatamoverError
 from datamover.logs import transfer_context
 from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings
-from datamover.scheduler.satisfied import already_staged
+from datamover.scheduler.satisfied import already_staged, answer_waiting
 from datamover.site import Site
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,9 @@ class Worker:
         if row.kind == Kind.STAGE and row.pin:
             await self.access.pin_for_transfer(row.id, row.path, result.get("version"))
         try:
-            await self.transfers.transition(row.id, State.SUCCEEDED, owner=self.owner, **fields)
+            ended = await self.transfers.transition(
+                row.id, State.SUCCEEDED, owner=self.owner, **fields
+            )
         except Conflict:
             # The lease lapsed as the run ended and the transfer went back in the queue (or
             # to another worker): its next run finds the work done. Not an error of ours.
@@ -197,6 +199,28 @@ class Worker:
             return
         self.metrics.finished(row.kind, "succeeded", time.monotonic() - started, result)
         log.info("succeeded %s %s: %s", row.kind, row.path, result.get("version"))
+        if row.kind == Kind.STAGE:
+            await self._answer_waiting(ended)
+
+    async def _answer_waiting(self, done: TransferRow) -> None:
+        """Answer the queued stages `done` has already done (`satisfied.answer_waiting`).
+        A failure here is only logged: `done` succeeded, and each of them is still checked
+        on its own when it is claimed (`already_staged`)."""
+        try:
+            answered = await answer_waiting(self.site, self.transfers, self.access, done)
+        except Exception as exc:
+            log.warning("could not answer the stages waiting for %s: %s", done.path, exc)
+            return
+        for t in answered:
+            self.metrics.finished(t.kind, "succeeded", 0.0, t.result or {})
+            self.endings.ended(t.id)
+        if answered:
+            log.info(
+                "answered %d stage(s) of %s asked for while %s ran",
+                len(answered),
+                done.path,
+                done.id,
+            )
 
     async def _run(self, row: TransferRow, progress: TransferProgress) -> dict[str, Any]:
         from datamover.transfer.push import push
