@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -458,8 +459,27 @@ def _burst(ctx: Context, run: Path, bucket: str, rep: int) -> None:
         return
     answered = sum(1 for t in ended if (t.get("result") or {}).get("satisfied_by"))
     record.note(f"answered by an earlier stage (satisfied_by): {answered} of {len(ended)}")
+    tail = _answer_tail(ended)
+    if tail is not None:
+        record.note(f"last answer {tail:.3f} s after the last stage that ran ended")
     record.samples.append(Sample(("POST", served.url + "/v1/transfers"), seconds, 0, "", "", None))
-    log(f"{label}: {seconds:.2f} s, {answered} of {len(ended)} answered by an earlier stage")
+    after = f", the last {tail:.3f} s after the stage that ran" if tail is not None else ""
+    log(f"{label}: {seconds:.2f} s, {answered} of {len(ended)} answered by an earlier stage{after}")
+
+
+def _answer_tail(ended: list[dict[str, Any]]) -> float | None:
+    """Seconds (catalog clock) from the end of the last stage that ran to the end of the
+    last stage answered by an earlier one: how long the answered prologs waited once the
+    tree was ready. None when no stage was answered."""
+
+    def at(t: dict[str, Any]) -> datetime:
+        return datetime.fromisoformat(t["finished_at"])
+
+    ran = [at(t) for t in ended if not (t.get("result") or {}).get("satisfied_by")]
+    answered = [at(t) for t in ended if (t.get("result") or {}).get("satisfied_by")]
+    if not ran or not answered:
+        return None
+    return max((max(answered) - max(ran)).total_seconds(), 0.0)
 
 
 # -- part 2: queue throughput -----------------------------------------------------------
@@ -718,7 +738,8 @@ API_LEGEND = (
     "on a site whose daemon is running (what a Slurm prolog waits for). tar -x: the tree's "
     "tarball from local disk, the floor for writing it. "
     f"{BURST}: {BURST_SIZE} POSTs of a stage of the tree sent together (a job array's "
-    "prologs), timed to the moment GETs show every one ended; one tree is staged. "
+    "prologs), timed to the moment GETs show every one ended; one tree is staged; its note "
+    "gives how long after the stage that ran (catalog times) the last answered one ended. "
     "Each run from a new site-B state dir into a new, empty target directory "
     "(nothing is deleted between timed steps); which goes first rotates. "
     "Self-reported: the `seconds` of the stage's own JSON result."
