@@ -14,7 +14,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
 from sqlalchemy.engine import make_url
 
 from datamover.catalog.engine import open_engine
@@ -583,3 +583,30 @@ async def test_answering_goes_on_in_batches(queue: Transfers) -> None:
     got = [await queue.answer_stages(done, "v2", True, {"version": "v2"}) for _ in range(4)]
     assert [len(b) for b in got] == [2, 2, 1, 0]
     assert sorted(t.id for b in got for t in b) == sorted(waiting)
+
+
+async def test_answering_does_not_wait_for_a_stage_a_claim_holds(catalog_url: str) -> None:
+    # A claim on PostgreSQL locks the row it picked, then waits for the path's advisory lock,
+    # which answering holds: answering must skip that row, not wait for it (a deadlock).
+    if not catalog_url.startswith("postgresql"):
+        pytest.skip("row locks: PostgreSQL only (SQLite has one writer)")
+    engine = await open_engine(catalog_url)
+    queue = Transfers(engine)
+    try:
+        lead, _ = await queue.submit(sub("/p/x"))
+        await queue.claim("w", 30)
+        held, _ = await queue.submit(sub("/p/x"))
+        free, _ = await queue.submit(sub("/p/x"))
+        done = await queue.transition(lead.id, State.SUCCEEDED, owner="w")
+        async with engine.connect() as other:
+            trans = await other.begin()
+            locked = select(T.c.id).where(T.c.id == held.id).with_for_update()
+            assert (await other.execute(locked)).scalar() == held.id
+            answered = await asyncio.wait_for(
+                queue.answer_stages(done, "v2", True, {"version": "v2"}), 10
+            )
+            await trans.rollback()
+        assert [t.id for t in answered] == [free.id]
+        assert (await queue.get(held.id)).state == "queued"
+    finally:
+        await engine.dispose()

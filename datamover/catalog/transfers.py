@@ -567,7 +567,8 @@ class Transfers:
         dataset under the pins of those of `ids` that carry one (`Access.pins_for_transfers`),
         run in the same transaction, before they are seen to succeed. One transaction; on
         PostgreSQL under the claims' advisory lock of the path, so no claim of the tree
-        comes between the check and the update.
+        comes between the check and the update, and without waiting for a row lock (a stage
+        a claim has locked is skipped), so it cannot deadlock with one.
         """
         if done.finished_at is None:
             return []
@@ -605,6 +606,17 @@ class Transfers:
                 if not answered:
                     break
                 ids.append(r.id)
+            if ids and self.dialect == "postgresql":
+                # A claim locks its pick's row, then waits for the advisory lock held here:
+                # waiting for that row would be a deadlock. A stage being claimed is left
+                # to that claim (`already_staged` answers it).
+                locking = (
+                    select(T.c.id)
+                    .where(T.c.id.in_(ids), T.c.state == State.QUEUED.value)
+                    .with_for_update(skip_locked=True)
+                )
+                free = set((await conn.execute(locking)).scalars())
+                ids = [i for i in ids if i in free]
             if not ids:
                 return []
             if pin is not None:
