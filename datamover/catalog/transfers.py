@@ -544,6 +544,15 @@ class Transfers:
         async with self.engine.connect() as conn:
             return {(s, p): n for s, p, n in await conn.execute(query)}
 
+    async def stage_queued(self, path: str) -> bool:
+        """True when a stage of `path` is queued (one indexed read; `answer_stages` has
+        nothing to do otherwise)."""
+        query = select(T.c.id).where(
+            T.c.path == path, T.c.state == State.QUEUED.value, T.c.kind == "stage"
+        )
+        async with self.engine.connect() as conn:
+            return (await conn.execute(query.limit(1))).first() is not None
+
     async def answer_stages(
         self,
         done: TransferRow,

@@ -70,7 +70,9 @@ async def answer_waiting(
     holds its version."""
     started = time.monotonic()
     version = (done.result or {}).get("version")
-    if not isinstance(version, str) or not await _tree_holds(site, done.path, version):
+    if not isinstance(version, str) or not await transfers.stage_queued(done.path):
+        return []
+    if not await _tree_holds(site, done.path, version):
         return []
     latest = await site.repo.resolve(done.path, None)
     doc: VersionDoc = latest
