@@ -40,9 +40,11 @@ MiB = 1 << 20
 MAX_WORKERS = 256
 
 #: Upper bounds of counts whose every unit costs memory, a socket or a process (and of one
-#: that a catalog column must hold), with what a unit is: a typo (100000 for 10) is refused
-#: by name instead of exhausting the host at the first transfer. Fixed numbers, like
-#: `MAX_WORKERS`, so one config file means the same on every host.
+#: that a catalog column must hold), and of times, sizes and rates past which a value can
+#: only be a typo (or overflows the clock or socket arithmetic it feeds), with what a unit
+#: is: a typo (100000 for 10) is refused by name instead of exhausting the host, or failing
+#: as an internal error, at the first transfer. Fixed numbers, like `MAX_WORKERS`, so one
+#: config file means the same on every host.
 LIMITS: dict[tuple[str, str], tuple[int, str]] = {
     ("store", "max_connections"): (1024, "sockets to the store, each a file descriptor"),
     ("transfer", "upload_concurrency"): (256, "packs uploaded at once, each held in memory"),
@@ -58,6 +60,19 @@ LIMITS: dict[tuple[str, str], tuple[int, str]] = {
     # Not a resource: every transfer row stores it in a 32-bit column, so from 2**31 each
     # submission failed as an internal error; a thousand tries are already days of retrying.
     ("api", "max_attempts"): (1000, "tries of a transfer, up to 5 minutes apart"),
+    # Seconds: from about 2.5e11 a lease's expiry is past the year 9999 (every claim failed
+    # with OverflowError), from about 9.2e9 a timeout no longer fits a socket's; an hour of
+    # silence is a hung connection already, a day a long wait for a dead worker's transfer.
+    ("api", "lease_seconds"): (86400, "seconds before a dead worker's transfer is taken over"),
+    ("store", "connect_timeout"): (3600, "seconds to wait for the store to accept a connection"),
+    ("store", "read_timeout"): (3600, "seconds a request waits on a silent connection"),
+    ("store", "retry_attempts"): (
+        100,
+        "tries of a store call, up to 5 s apart; then the transfer's own retries take over",
+    ),
+    ("transfer", "max_request"): (1024 * MiB, "1 GiB; each ranged read is held in memory"),
+    ("transfer", "coalesce_gap"): (1024 * MiB, "1 GiB of unwanted bytes read to save a request"),
+    ("transfer", "bandwidth_limit"): (1 << 40, "bytes per second, 1 TiB/s; 0: unlimited"),
 }
 
 
@@ -179,7 +194,7 @@ def _coerce(source: str, where: str, raw: Any, kind: Any) -> Any:
         if kind is float:
             if isinstance(raw, bool) or not isinstance(raw, int | float | str):
                 raise ValueError
-            value = float(raw)
+            value = float(raw)  # a TOML integer past 1e308 raises OverflowError
             if not math.isfinite(value):
                 raise ValueError
             return value
@@ -191,10 +206,13 @@ def _coerce(source: str, where: str, raw: Any, kind: Any) -> Any:
                 # not the value, which may be a secret.
                 raise InvalidInput(f"{source}: {where} contains a NUL character")
             return raw
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     what = "finite number" if kind is float else kind.__name__
-    raise InvalidInput(f"{source}: {where} = {raw!r} is not a valid {what}")
+    shown = repr(raw)
+    if len(shown) > 40:  # a 400-digit number is one line still, and a readable one
+        shown = f"{shown[:20]}... ({len(shown)} characters)"
+    raise InvalidInput(f"{source}: {where} = {shown} is not a valid {what}")
 
 
 _BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False}
@@ -437,6 +455,10 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
         raise InvalidInput(f"config file {str(file)!r} is not valid TOML: {exc}") from None
     except UnicodeDecodeError:
         raise InvalidInput(f"config file {str(file)!r} is not UTF-8 text") from None
+    except ValueError:  # tomllib's int() of a number longer than Python converts (4300 digits)
+        raise InvalidInput(
+            f"config file {str(file)!r} is not valid TOML: it holds a number too long to read"
+        ) from None
     except OSError as exc:
         raise InvalidInput(
             f"config file {str(file)!r} cannot be read: {exc.strerror or exc}"

@@ -400,6 +400,106 @@ def test_a_huge_count_from_the_environment_is_blamed_on_its_variable(
     assert not (tmp_path / "state").exists()
 
 
+#: Settings that fed clock, socket or float arithmetic unchecked, a value past their bound
+#: as the file and a variable would set it, and what the CLI says of it. Before: accepted;
+#: lease_seconds = 1e300 failed every claim of `serve` with OverflowError, a timeout of
+#: 1e300 every store request, retry_attempts past 1024 a listing's backoff; the others let
+#: a typo pass as a limit not applied (a rate) or a range held whole in memory.
+_OVERFLOWING = [
+    (
+        "api",
+        "lease_seconds",
+        "1e300",
+        "86400 (seconds before a dead worker's transfer is taken over)",
+    ),
+    (
+        "store",
+        "connect_timeout",
+        "1e300",
+        "3600 (seconds to wait for the store to accept a connection)",
+    ),
+    ("store", "read_timeout", "86400.5", "3600 (seconds a request waits on a silent connection)"),
+    (
+        "store",
+        "retry_attempts",
+        "2000",
+        "100 (tries of a store call, up to 5 s apart; then the transfer's own retries take over)",
+    ),
+    (
+        "transfer",
+        "max_request",
+        str(1 << 40),
+        "1073741824 (1 GiB; each ranged read is held in memory)",
+    ),
+    (
+        "transfer",
+        "coalesce_gap",
+        str((1 << 30) + 1),
+        "1073741824 (1 GiB of unwanted bytes read to save a request)",
+    ),
+    (
+        "transfer",
+        "bandwidth_limit",
+        str(10**30),
+        "1099511627776 (bytes per second, 1 TiB/s; 0: unlimited)",
+    ),
+]
+
+
+@pytest.mark.parametrize("source", ["file", "environment"])
+@pytest.mark.parametrize(
+    ("section", "key", "value", "bound"), _OVERFLOWING, ids=[b[1] for b in _OVERFLOWING]
+)
+def test_a_time_size_or_rate_past_its_bound_is_refused_by_the_cli(
+    tmp_path: Path, source: str, section: str, key: str, value: str, bound: str
+) -> None:
+    path = _site(tmp_path)
+    name = f"DATAMOVER_{section.upper()}_{key.upper()}"
+    if source == "file":
+        env, blamed = {}, f"{path}: [{section}] {key}"
+        if section == "store":
+            path = _site(tmp_path, f"{key} = {value}\n")
+        else:
+            path.write_text(f"{path.read_text()}[{section}]\n{key} = {value}\n")
+    else:
+        env, blamed = {name: value}, f"environment: {name}"
+    _refused(_cli(path, env, "db", "upgrade"), f"{blamed} must be at most {bound}")
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [("api", "lease_seconds", "1" + "0" * 400), ("store", "read_timeout", "-1" + "0" * 400)],
+)
+def test_an_integer_too_large_for_a_float_setting_is_refused_by_the_cli(
+    tmp_path: Path, section: str, key: str, value: str
+) -> None:
+    # Before: "internal error (OverflowError: int too large to convert to float)", exit 70.
+    if section == "store":
+        path = _site(tmp_path, f"{key} = {value}\n")
+    else:
+        path = _site(tmp_path)
+        path.write_text(f"{path.read_text()}[{section}]\n{key} = {value}\n")
+    _refused(
+        _cli(path, {}, "db", "upgrade"),
+        f"{path}: [{section}] {key} = {value[:20]}... ({len(value)} characters) "
+        "is not a valid finite number",
+    )
+    assert not (tmp_path / "state").exists()
+
+
+def test_an_integer_too_long_to_read_is_refused_by_the_cli(tmp_path: Path) -> None:
+    # Before: "internal error (ValueError: Exceeds the limit (4300 digits) for integer string
+    # conversion...)", exit 70: tomllib raises ValueError, not TOMLDecodeError, for it.
+    path = _site(tmp_path)
+    path.write_text(path.read_text() + "[api]\nworkers = 1" + "0" * 5000 + "\n")
+    _refused(
+        _cli(path, {}, "db", "upgrade"),
+        f"config file '{path}' is not valid TOML: it holds a number too long to read",
+    )
+    assert not (tmp_path / "state").exists()
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -434,9 +534,19 @@ def test_counts_at_their_bound_are_accepted(tmp_path: Path) -> None:
         GOOD.replace('region = "us-east-1"\n', 'region = "us-east-1"\nmax_connections = 1024\n')
         + "[transfer]\nupload_concurrency = 256\ndownload_concurrency = 256\n"
         "segment_entries = 65536\nbatch_bytes = 1073741824\n"
-        "[api]\nworkers = 64\nmax_attempts = 1000\n"
+        "max_request = 1073741824\ncoalesce_gap = 1073741824\nbandwidth_limit = 1099511627776\n"
+        "[api]\nworkers = 64\nmax_attempts = 1000\nlease_seconds = 86400\n"
     )
-    cfg = load_config(path, env={})
+    env = {
+        "DATAMOVER_STORE_CONNECT_TIMEOUT": "3600",
+        "DATAMOVER_STORE_READ_TIMEOUT": "3600.0",
+        "DATAMOVER_STORE_RETRY_ATTEMPTS": "100",
+    }
+    cfg = load_config(path, env=env)
+    assert (cfg.store.connect_timeout, cfg.store.read_timeout) == (3600, 3600)
+    assert (cfg.store.retry_attempts, cfg.api.lease_seconds) == (100, 86400)
+    assert (cfg.transfer.max_request, cfg.transfer.coalesce_gap) == (1 << 30, 1 << 30)
+    assert cfg.transfer.bandwidth_limit == 1 << 40
     assert cfg.store.max_connections == 1024
     t = cfg.transfer
     assert (t.upload_concurrency, t.download_concurrency) == (256, 256)
