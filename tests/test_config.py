@@ -608,6 +608,48 @@ def test_an_unsupported_catalog_url_is_named_without_its_password(tmp_path: Path
     )
 
 
+#: Catalog URLs SQLAlchemy cannot parse, and how each is shown: from `[scheme://]user:` to
+#: the last `@` hidden. Before: the first four were echoed whole, password and all; the
+#: others were "internal error (ValueError: invalid literal for int() ...)", exit 70.
+_UNPARSABLE_CATALOGS = [
+    ("postgres ql://dm:s3cret@db.example.org/dm", "postgres ql://dm:***@db.example.org/dm"),
+    ("dm:s3cret@db.example.org/dm", "dm:***@db.example.org/dm"),
+    ("://dm:s3cret@db.example.org/dm", "://dm:***@db.example.org/dm"),
+    ("postgresql:/dm:s3cret@db.example.org/dm", "postgresql:***@db.example.org/dm"),
+    (
+        "postgresql://dm:s3cret@db.example.org:notaport/dm",
+        "postgresql://dm:***@db.example.org:notaport/dm",
+    ),
+    ("postgresql://dm:s3cret@[::1/dm", "postgresql://dm:***@[::1/dm"),
+    ("postgresql://dm:s3@cret@db.example.org:x/dm", "postgresql://dm:***@db.example.org:x/dm"),
+]
+
+
+@pytest.mark.parametrize(("url", "shown"), _UNPARSABLE_CATALOGS)
+def test_an_unparsable_catalog_url_is_named_without_its_password(
+    tmp_path: Path, url: str, shown: str
+) -> None:
+    message = f"catalog URL {shown!r} is not a valid database URL"
+    for command in (["db", "upgrade"], ["ls", "--json"]):
+        proc = _cli(_site(tmp_path), {"DATAMOVER_SITE_CATALOG": url}, *command)
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert proc.stderr == f"datamover: error: {message}\n", (command, proc.stderr)
+        assert "s3" not in proc.stdout + proc.stderr and "cret" not in proc.stdout + proc.stderr
+    path = _site(tmp_path)  # the same from the file
+    path.write_text(path.read_text().replace("[site]\n", f"[site]\ncatalog = {url!r}\n"))
+    _refused(_cli(path, {}, "db", "upgrade"), message)
+
+
+def test_a_password_holding_an_at_sign_is_hidden_whole(tmp_path: Path) -> None:
+    # Before: "catalog URL 'postgresql://dm:***@cret@db.example.org:99999/dm': ...", the
+    # password's part after its `@` shown as the host; SQLAlchemy parses this URL.
+    url = "postgresql://dm:s3@cret@db.example.org:99999/dm"
+    _refused(
+        _cli(_site(tmp_path), {"DATAMOVER_SITE_CATALOG": url}, "db", "upgrade"),
+        "catalog URL 'postgresql://dm:***@db.example.org:99999/dm': the port must be 1-65535",
+    )
+
+
 @pytest.mark.parametrize(
     ("url", "shown", "driver"),
     [

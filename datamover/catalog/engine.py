@@ -129,8 +129,8 @@ def create_engine_for(url: str) -> AsyncEngine:
     """An async engine for a catalog URL (`sqlite:///path` or `postgresql://...`)."""
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        raise InvalidInput(f"catalog URL {url!r} is not a valid database URL") from None
+    except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+        raise InvalidInput(f"catalog URL {_describe(url)!r} is not a valid database URL") from None
     backend = parsed.get_backend_name()
     if backend not in _DRIVERS:
         raise InvalidInput(
@@ -224,15 +224,35 @@ def _wal(cursor: Any) -> None:
 
 def _describe(url: str | URL) -> str:
     """The catalog `url` for messages: as configured, without its password, and without the
-    async driver `create_engine_for` adds (`sqlite+aiosqlite://` is `sqlite://`)."""
+    async driver `create_engine_for` adds (`sqlite+aiosqlite://` is `sqlite://`). A URL
+    SQLAlchemy cannot parse is shown as typed, its password hidden all the same."""
+    text = str(url)  # a `URL`'s own str() hides its password
+    if text.count("@") > 1:
+        # SQLAlchemy ends a password at its first `@`: the rest of one with an `@` not
+        # escaped as %40 (`user:se@cret@host`) would be shown as the host or the database.
+        return _hide_password(text)
     try:
         parsed = make_url(url)
-    except ArgumentError:
-        return str(url)
+    except (ArgumentError, ValueError):
+        return _hide_password(text)
     backend = parsed.get_backend_name()
     if parsed.drivername == _DRIVERS.get(backend):
         parsed = parsed.set(drivername=backend)
     return parsed.render_as_string(hide_password=True)
+
+
+def _hide_password(text: str) -> str:
+    """`text` with what stands between `[scheme://]user:` and the last `@` shown as `***`:
+    a password as typed, whatever it holds (an `@`, a `/`); a path or query holding an `@`
+    hides more than the password, which is the safe side."""
+    scheme, sep, rest = text.partition("://")
+    prefix = scheme + sep if sep else ""
+    rest = rest if sep else text
+    at = rest.rfind("@")
+    user, colon, _ = rest[: max(at, 0)].partition(":")
+    if at < 0 or not colon or "/" in user:  # no userinfo, or no password in it
+        return text
+    return f"{prefix}{user}:***{rest[at:]}"
 
 
 def _state(connection: Connection) -> tuple[str | None, bool]:
