@@ -4,6 +4,7 @@ hooks, metrics, and a SIGKILL in the middle of a stage."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from datamover.api.validate import MAX_BODY
 from tests.fixtures_daemon import (
     Daemon,
     StartSite,
@@ -213,6 +215,60 @@ async def test_bad_requests_are_4xx_json(served_site: StartSite) -> None:
     assert d.request("PUT", "/v1/transfers", token, {})[0] == 405
     got, err = d.request("GET", "/v1/datasets/proj/none/versions", token)
     assert got == 404 and err["error"]["code"] == "not_found"
+
+
+def _post_as(
+    d: Daemon, path: str, token: str, body: bytes, content_type: str | None
+) -> tuple[int, str, Any]:
+    """POST `body` with exactly this Content-Type (none at all for None): the status, the
+    answer's Content-Type and its JSON."""
+    conn = http.client.HTTPConnection(d.url.removeprefix("http://"), timeout=30)
+    headers = {"Authorization": f"Bearer {token}"}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    try:
+        conn.request("POST", path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.getheader("Content-Type", ""), json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+async def test_a_body_that_is_no_json_object_is_a_json_4xx(served_site: StartSite) -> None:
+    # Before: the 413 said only "Request Entity Too Large" (aiohttp's reason), not the limit.
+    # The other answers were right already; nothing tested them.
+    d = await served_site("site-b")
+    token = d.token("t1", "/", "admin")
+    good = b'{"kind": "push", "path": "/proj/x", "pin": "p1"}'
+    media = ("unsupported_media_type", "send the request body as application/json")
+    not_json = ("invalid_input", "request body is not valid JSON")
+    not_object = ("invalid_input", "request body must be a JSON object")
+    cases = [
+        (good, None, 415, media),
+        (good, "text/plain", 415, media),
+        (b"kind=push&path=/proj/x", "application/x-www-form-urlencoded", 415, media),
+        (b"kind=push", "application/json", 400, not_json),
+        (b"", "application/json", 400, not_json),
+        (b"\xff\xfe{}", "application/json", 400, not_json),
+        (b'"push"', "application/json", 400, not_object),
+        (b"null", "application/json", 400, not_object),
+        (
+            b'{"path": "' + b"x" * MAX_BODY + b'"}',
+            "application/json",
+            413,
+            ("too_large", f"request body is larger than {MAX_BODY} bytes"),
+        ),
+    ]
+    for path in ("/v1/transfers", "/v1/pins"):
+        for body, content_type, status, (code, message) in cases:
+            got, answer_type, err = _post_as(d, path, token, body, content_type)
+            what = (path, body[:40], content_type, got, err)
+            assert got == status and answer_type.startswith("application/json"), what
+            assert err == {"error": {"code": code, "message": message}}, what
+    # nothing was taken: no transfer queued, no pin held
+    assert d.request("GET", "/v1/transfers", token)[1]["transfers"] == []
+    assert d.request("DELETE", "/v1/pins/p1", token)[1]["released"] == 0
+    assert "unexpected error" not in d.log() and "Traceback" not in d.log()
 
 
 async def test_idempotent_post(served_site: StartSite) -> None:

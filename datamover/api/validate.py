@@ -25,7 +25,12 @@ async def json_body(request: web.Request, allowed: set[str], required: set[str])
     """The request's JSON object, with only `allowed` keys and every `required` one."""
     if request.content_type != "application/json":
         raise web.HTTPUnsupportedMediaType(reason="send the request body as application/json")
-    raw = await request.read()
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:  # `client_max_size`; aiohttp's reason names no size
+        raise web.HTTPRequestEntityTooLarge(
+            MAX_BODY, reason=f"request body is larger than {MAX_BODY} bytes"
+        ) from None
     try:
         body = json.loads(raw, object_pairs_hook=_no_repeats)
     except _Repeated as exc:
