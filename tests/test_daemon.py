@@ -9,6 +9,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -269,6 +270,29 @@ async def test_a_body_that_is_no_json_object_is_a_json_4xx(served_site: StartSit
     assert d.request("GET", "/v1/transfers", token)[1]["transfers"] == []
     assert d.request("DELETE", "/v1/pins/p1", token)[1]["released"] == 0
     assert "unexpected error" not in d.log() and "Traceback" not in d.log()
+
+
+async def test_a_body_cut_short_is_no_internal_error(served_site: StartSite) -> None:
+    # Before: "unexpected error in POST /v1/transfers" with a traceback (ConnectionResetError:
+    # Connection lost) in the daemon's log, and a 500 for no one, each time a client closed
+    # its connection with the body unsent.
+    d = await served_site("site-b")
+    token = d.token("t1", "/", "admin")
+    host, port = d.url.removeprefix("http://").rsplit(":", 1)
+    for path in ("/v1/transfers", "/v1/pins"):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(
+                f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+                '{"kind": "push"'.encode()
+            )
+            time.sleep(0.2)  # the handler is waiting for the rest of the body
+    assert d.request("GET", "/healthz")[0] == 200
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and "unexpected error" not in d.log():
+        time.sleep(0.1)
+    assert "unexpected error" not in d.log() and "Traceback" not in d.log(), d.log()
+    assert d.request("GET", "/v1/transfers", token)[1]["transfers"] == []
 
 
 async def test_idempotent_post(served_site: StartSite) -> None:

@@ -31,6 +31,11 @@ async def json_body(request: web.Request, allowed: set[str], required: set[str])
         raise web.HTTPRequestEntityTooLarge(
             MAX_BODY, reason=f"request body is larger than {MAX_BODY} bytes"
         ) from None
+    except ConnectionResetError:
+        # The client closed its connection before the body ended: no bug, though the
+        # errors middleware would log it as one, with a traceback. The answer reaches no
+        # one; aiohttp drops it quietly.
+        raise InvalidInput("the connection closed before the request body ended") from None
     try:
         body = json.loads(raw, object_pairs_hook=_no_repeats)
     except _Repeated as exc:
