@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from datamover.config import load_config, parse_config
 from datamover.errors import InvalidInput
@@ -638,6 +639,49 @@ def test_an_unparsable_catalog_url_is_named_without_its_password(
     path = _site(tmp_path)  # the same from the file
     path.write_text(path.read_text().replace("[site]\n", f"[site]\ncatalog = {url!r}\n"))
     _refused(_cli(path, {}, "db", "upgrade"), message)
+
+
+@pytest.mark.parametrize(
+    ("query", "reason"),
+    [
+        ("bogus=1", "connect() got an unexpected keyword argument 'bogus'"),
+        ("sslmode=require", "connect() got an unexpected keyword argument 'sslmode'"),
+        ("command_timeout=abc", "invalid command_timeout value"),
+        ("prepared_statement_cache_size=x", "invalid literal for int()"),
+    ],
+)
+def test_a_postgresql_catalog_option_the_driver_refuses_is_named(
+    tmp_path: Path, query: str, reason: str
+) -> None:
+    # Before: "internal error (TypeError: connect() got an unexpected keyword argument
+    # ...)", exit 70, for every command; the option reaches asyncpg's connect().
+    server = os.environ.get("DATAMOVER_TEST_POSTGRES_URL")
+    if not server:
+        pytest.skip("needs DATAMOVER_TEST_POSTGRES_URL: the option fails as asyncpg connects")
+    url = make_url(server).set(password="s3cret").render_as_string(hide_password=False)
+    url = f"{url}?{query}"
+    for command in (["db", "upgrade"], ["ls", "--json"]):
+        proc = _cli(_site(tmp_path), {"DATAMOVER_SITE_CATALOG": url}, *command)
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert proc.stderr.startswith("datamover: error: catalog URL "), proc.stderr
+        assert reason in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+        assert "s3cret" not in proc.stderr + proc.stdout
+
+
+def test_a_sqlite_catalog_option_the_driver_ignores_or_refuses_is_named(tmp_path: Path) -> None:
+    # Before: `?bogus=1` printed SQLAlchemy's warning on every command and was ignored;
+    # `?timeout=abc` was "internal error (ValueError ...)", exit 70.
+    db = tmp_path / "state" / "c.db"
+    for query, reason in (
+        ("bogus=1", "'bogus' are not accepted by the pysqlite driver"),
+        ("timeout=abc", "could not convert string to float: 'abc'"),
+    ):
+        env = {"DATAMOVER_SITE_CATALOG": f"sqlite:///{db}?{query}"}
+        proc = _cli(_site(tmp_path), env, "db", "upgrade")
+        assert proc.returncode == 2, proc.stderr
+        assert proc.stderr.startswith(f"datamover: error: catalog URL 'sqlite:///{db}?{query}'")
+        assert reason in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert not db.exists()
 
 
 def test_a_password_holding_an_at_sign_is_hidden_whole(tmp_path: Path) -> None:

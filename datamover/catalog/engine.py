@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -21,6 +22,7 @@ from sqlalchemy.exc import (
     InterfaceError,
     InvalidRequestError,
     OperationalError,
+    SAWarning,
     SQLAlchemyError,
 )
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -185,13 +187,36 @@ def _async_engine(url: str, parsed: URL, **options: Any) -> AsyncEngine:
     installed, unknown or not an asyncio one is the user's to change (`InvalidInput`), not an
     internal error."""
     try:
-        return create_async_engine(parsed, **options)
+        with warnings.catch_warnings():
+            # SQLAlchemy warns of URL options a driver ignores (`?bogus=1` on SQLite):
+            # a typo the user is told of, not a warning on every command.
+            warnings.simplefilter("error", SAWarning)
+            engine = create_async_engine(parsed, **options)
     except (ImportError, ArgumentError, InvalidRequestError) as exc:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise InvalidInput(
             f"catalog URL {_describe(url)!r}: the driver {parsed.get_driver_name()!r} cannot "
             f"be used ({reason}); give {parsed.get_backend_name()}://... and datamover picks "
             "its own"
+        ) from None
+    except (SAWarning, TypeError, ValueError) as exc:  # an option's value (`?timeout=x`)
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InvalidInput(f"catalog URL {_describe(url)!r}: {reason}") from None
+    return engine
+
+
+async def _connect_once(engine: AsyncEngine) -> None:
+    """Open (and give back) one connection: a URL option the driver refuses (asyncpg's
+    `connect()` gets every option SQLAlchemy does not use itself: `?sslmode=x` is a
+    `TypeError`, `?command_timeout=x` a `ValueError`, at each connection) is the user's to
+    change (`InvalidInput`), not an internal error. Anything else is left to the caller."""
+    try:
+        async with engine.connect():
+            pass
+    except (TypeError, ValueError) as exc:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise InvalidInput(
+            f"catalog URL {_describe(engine.url)!r}: an option is not accepted: {reason}"
         ) from None
 
 
@@ -351,6 +376,7 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> tuple[str | No
     """Migrate the catalog to `revision`; return `(before, after)` revisions. A catalog at a
     revision this datamover does not know (written by a newer one) is a `CatalogError`, and
     is left alone."""
+    await _connect_once(engine)
     async with engine.begin() as conn:
         await conn.run_sync(_lock_schema)
         before, _ = await conn.run_sync(_state)
@@ -366,6 +392,7 @@ async def open_engine(url: str) -> AsyncEngine:
     """Open the catalog at `url`, creating it if empty; raise `CatalogError` if unusable."""
     engine = create_engine_for(url)
     try:
+        await _connect_once(engine)
         current, has_tables = await catalog_revision(engine)
         head = HEAD
         if current is None and not has_tables:
@@ -383,7 +410,7 @@ async def open_engine(url: str) -> AsyncEngine:
                 f"{head}: run `datamover db upgrade`"
             )
         raise _newer(url, current)
-    except CatalogError:
+    except (CatalogError, InvalidInput):
         await engine.dispose()
         raise
     except (SQLAlchemyError, DBAPIError, OSError, OverflowError) as exc:
