@@ -170,6 +170,7 @@ class Transfer(Base):
         UniqueConstraint("tenant", "idempotency_key", name="uq_transfers_idempotency"),
         Index("ix_transfers_queue", "state", "rank_time"),
         Index("ix_transfers_path", "path"),
+        Index("ix_transfers_finished", "finished_at"),  # the history's pruning, oldest first
     )
 
 
