@@ -39,11 +39,11 @@ MiB = 1 << 20
 #: one config file means the same on every host that reads it.
 MAX_WORKERS = 256
 
-#: Upper bounds of counts whose every unit costs memory, a socket or a process (and of one
-#: that a catalog column must hold), and of times, sizes and rates past which a value can
-#: only be a typo (or overflows the clock or socket arithmetic it feeds), with what a unit
-#: is: a typo (100000 for 10) is refused by name instead of exhausting the host, or failing
-#: as an internal error, at the first transfer. Fixed numbers, like `MAX_WORKERS`, so one
+#: Upper bounds of counts whose every unit costs memory, a socket or a process (and of ones
+#: that a catalog column or a date must hold), and of times, sizes and rates past which a
+#: value can only be a typo (or overflows the clock or socket arithmetic it feeds), with what
+#: a unit is: a typo (100000 for 10) is refused by name instead of exhausting the host, or
+#: failing as an internal error, at the first transfer. Fixed numbers, like `MAX_WORKERS`, so one
 #: config file means the same on every host.
 LIMITS: dict[tuple[str, str], tuple[int, str]] = {
     ("store", "max_connections"): (1024, "sockets to the store, each a file descriptor"),
@@ -73,7 +73,15 @@ LIMITS: dict[tuple[str, str], tuple[int, str]] = {
     ("transfer", "max_request"): (1024 * MiB, "1 GiB; each ranged read is held in memory"),
     ("transfer", "coalesce_gap"): (1024 * MiB, "1 GiB of unwanted bytes read to save a request"),
     ("transfer", "bandwidth_limit"): (1 << 40, "bytes per second, 1 TiB/s; 0: unlimited"),
+    # Not a resource either: keeping them longer is keeping them for ever, which 0 says; and
+    # a typo of a million days reaches back before the year 1, so every prune would fail.
+    ("api", "history_days"): (3650, "ten years; 0 keeps finished transfers for ever"),
 }
+
+#: The shortest `[api] history_days` but 0: an hour. A client that waits for a transfer
+#: (`stage --wait` rides out a daemon restart for 3 minutes) or retries its submission must
+#: still find the record when it asks again, not a 404 or a second transfer.
+MIN_HISTORY_DAYS = 1 / 24
 
 
 @dataclass(frozen=True)
@@ -132,6 +140,7 @@ class ApiSettings:
     lease_seconds: float = 30.0  # a dead worker's transfer is taken over after this
     max_attempts: int = 5  # tries for transient failures before a transfer fails
     open_metrics: bool = True  # /metrics without a token (/healthz, /readyz always open)
+    history_days: float = 30.0  # ended transfers are deleted after this; 0: kept for ever
 
 
 @dataclass(frozen=True)
@@ -404,6 +413,11 @@ def parse_config(
     for key in ("workers", "lease_seconds", "max_attempts"):
         if getattr(api, key) < 1:
             raise InvalidInput(f"{origin('api', key)} must be at least 1")
+    if api.history_days < 0 or 0 < api.history_days < MIN_HISTORY_DAYS:
+        raise InvalidInput(
+            f"{origin('api', 'history_days')} must be 0 (keep finished transfers for ever) "
+            "or at least 1/24 (an hour)"
+        )
     checked = {"store": store, "transfer": transfer, "api": api}
     for (section, key), (most, unit) in LIMITS.items():
         if getattr(checked[section], key) > most:

@@ -2,9 +2,10 @@
 
 Start-up puts back in the queue the transfers that a dead process on this host still held
 (their checkpoints let them resume), then serves the API and runs `[api] workers` transfer
-workers. SIGTERM or SIGINT drains: the API stops, running transfers are stopped and returned
-to the queue (push and stage are resumable), and the process exits. Several processes may
-share a PostgreSQL catalog; on SQLite a lock file keeps it to one.
+workers; transfers that ended more than `[api] history_days` ago are deleted as it runs
+(`scheduler.history`). SIGTERM or SIGINT drains: the API stops, running transfers are
+stopped and returned to the queue (push and stage are resumable), and the process exits.
+Several processes may share a PostgreSQL catalog; on SQLite a lock file keeps it to one.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from datamover.config import Config
 from datamover.errors import Conflict, DatamoverError, InvalidInput
 from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings
+from datamover.scheduler.history import History
 from datamover.scheduler.runner import run_loop
 from datamover.scheduler.worker import Worker
 from datamover.site import Site, make_state_dir
@@ -144,6 +146,10 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
             for i, w in enumerate(workers)
         ]
         tasks.append(asyncio.create_task(run_loop("metrics", refresh, stop, idle=5.0)))
+        if config.api.history_days > 0:  # 0: ended transfers are kept for ever
+            history = History(transfers, config.api.history_days, metrics)
+            pruning = run_loop("history", history.run_once, stop, idle=history.every)
+            tasks.append(asyncio.create_task(pruning))
         warming = asyncio.create_task(_warm(site))
         if ready is not None:
             ready.set()

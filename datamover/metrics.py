@@ -67,6 +67,12 @@ class Metrics:
             ["site"],
             registry=r,
         )
+        self.deleted = Counter(
+            "datamover_transfers_pruned",
+            "Ended transfers deleted after [api] history_days",
+            ["site"],
+            registry=r,
+        )
         self.cache = Gauge(
             "datamover_cache_bytes", "Bytes of replicas in this site's cache", ["site"], registry=r
         )
@@ -97,6 +103,10 @@ class Metrics:
     def error(self, kind: str, code: str) -> None:
         """Count a failed attempt."""
         self.errors.labels(kind, code, self.site).inc()
+
+    def pruned(self, n: int) -> None:
+        """Count `n` ended transfers deleted from the history."""
+        self.deleted.labels(self.site).inc(n)
 
     def set_queue(self, depth: dict[tuple[str, str], int]) -> None:
         """Replace the queue-depth gauge with fresh counts."""

@@ -119,6 +119,9 @@ _A = "[site]\nname='a'\n[store]\nbucket='b'\n"
         (_A + "[api]\nlease_seconds = true\n", "is not a valid finite number"),
         (_A + "[api]\nlease_seconds = nan\n", "is not a valid finite number"),
         (_A + "[api]\nlease_seconds = inf\n", "is not a valid finite number"),
+        (_A + "[api]\nhistory_days = nan\n", "[api] history_days = nan is not a valid finite"),
+        (_A + "[api]\nhistory_days = inf\n", "[api] history_days = inf is not a valid finite"),
+        (_A + "[api]\nhistory_days = '30d'\n", "history_days = '30d' is not a valid finite"),
         (_A + "connect_timeout = inf\n", "[store] connect_timeout = inf"),
         (_A + "connect_timeout = 0\n", "connect_timeout must be more than 0"),
         (_A + "read_timeout = -1.5\n", "read_timeout must be more than 0"),
@@ -139,6 +142,8 @@ def test_numbers_are_not_bent(tmp_path: Path, text: str, message: str) -> None:
         ("DATAMOVER_API_LEASE_SECONDS", "1e999"),
         ("DATAMOVER_API_WORKERS", "3.9"),
         ("DATAMOVER_STORE_READ_TIMEOUT", "-inf"),
+        ("DATAMOVER_API_HISTORY_DAYS", "nan"),
+        ("DATAMOVER_API_HISTORY_DAYS", "1e999"),
     ],
 )
 def test_bad_numbers_from_the_environment(tmp_path: Path, name: str, value: str) -> None:
@@ -358,6 +363,7 @@ _BOUNDS = [
     ("store", "max_connections", "1024 (sockets to the store, each a file descriptor)"),
     ("transfer", "segment_entries", "65536 (entries of a manifest segment, held in memory)"),
     ("api", "max_attempts", "1000 (tries of a transfer, up to 5 minutes apart)"),
+    ("api", "history_days", "3650 (ten years; 0 keeps finished transfers for ever)"),
 ]
 
 
@@ -519,6 +525,9 @@ def test_an_integer_too_long_to_read_is_refused_by_the_cli(tmp_path: Path) -> No
         # Before: accepted, then every transfer submission failed on PostgreSQL ("value out
         # of int32 range", an internal error), from 2**63 on SQLite too.
         (_A + f"[api]\nmax_attempts = {2**31}\n", "[api] max_attempts must be at most 1000"),
+        # Before: no such setting; a retention of a million days reaches back before the
+        # year 1, and every prune would have failed.
+        (_A + "[api]\nhistory_days = 3650.5\n", "[api] history_days must be at most 3650"),
     ],
 )
 def test_counts_one_past_their_bound_are_refused(tmp_path: Path, text: str, message: str) -> None:
@@ -536,7 +545,7 @@ def test_counts_at_their_bound_are_accepted(tmp_path: Path) -> None:
         + "[transfer]\nupload_concurrency = 256\ndownload_concurrency = 256\n"
         "segment_entries = 65536\nbatch_bytes = 1073741824\n"
         "max_request = 1073741824\ncoalesce_gap = 1073741824\nbandwidth_limit = 1099511627776\n"
-        "[api]\nworkers = 64\nmax_attempts = 1000\nlease_seconds = 86400\n"
+        "[api]\nworkers = 64\nmax_attempts = 1000\nlease_seconds = 86400\nhistory_days = 3650\n"
     )
     env = {
         "DATAMOVER_STORE_CONNECT_TIMEOUT": "3600",
@@ -552,7 +561,38 @@ def test_counts_at_their_bound_are_accepted(tmp_path: Path) -> None:
     t = cfg.transfer
     assert (t.upload_concurrency, t.download_concurrency) == (256, 256)
     assert (t.segment_entries, t.batch_bytes, cfg.api.workers) == (65536, 1 << 30, 64)
-    assert cfg.api.max_attempts == 1000
+    assert (cfg.api.max_attempts, cfg.api.history_days) == (1000, 3650.0)
+
+
+@pytest.mark.parametrize(
+    ("value", "days"), [(None, 30.0), ("0", 0.0), (repr(1 / 24), 1 / 24), ("90", 90.0)]
+)
+def test_history_days_is_0_for_ever_or_an_hour_and_more(
+    tmp_path: Path, value: str | None, days: float
+) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD + (f"[api]\nhistory_days = {value}\n" if value else ""))
+    assert load_config(path, env={}).api.history_days == days
+    if value is not None:
+        path.write_text(GOOD)
+        env = {"DATAMOVER_API_HISTORY_DAYS": value}
+        assert load_config(path, env=env).api.history_days == days
+
+
+@pytest.mark.parametrize("value", ["-1", "-0.5", "0.04", "1e-9"])
+def test_history_days_below_an_hour_but_0_is_refused(tmp_path: Path, value: str) -> None:
+    # A record deleted minutes after it ended is a 404 for the `stage --wait` that asks again
+    # after a daemon restart, and a second transfer for a retried submission.
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD + f"[api]\nhistory_days = {value}\n")
+    message = "must be 0 (keep finished transfers for ever) or at least 1/24 (an hour)"
+    with pytest.raises(InvalidInput, match=re.escape(f"{path}: [api] history_days {message}")):
+        load_config(path, env={})
+    path.write_text(GOOD)
+    with pytest.raises(
+        InvalidInput, match=re.escape(f"environment: DATAMOVER_API_HISTORY_DAYS {message}")
+    ):
+        load_config(path, env={"DATAMOVER_API_HISTORY_DAYS": value})
 
 
 @pytest.mark.parametrize("name", ["DATAMOVER_NAMESPACE_PROJ", "DATAMOVER_NAMESPACE_"])

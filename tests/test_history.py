@@ -1,9 +1,13 @@
-"""The transfers' history on both engines: ended transfers are deleted once older than the
-retention, a batch at a time, and nothing queued or running ever is."""
+"""The transfers' history on both engines: ended transfers are deleted once older than
+`[api] history_days`, a batch at a time, by the daemon as it runs; nothing queued or running
+ever is."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,6 +20,11 @@ from datamover.catalog.engine import HEAD, _alembic_config, create_engine_for, o
 from datamover.catalog.transfers import Submission, T, Transfers
 from datamover.domain.transfers import State
 from datamover.errors import NotFound
+from datamover.metrics import Metrics
+from datamover.scheduler.history import History
+from datamover.scheduler.runner import run_loop
+from tests.fixtures_daemon import free_port, start_daemon, with_token
+from tests.fixtures_sites import MakeSite
 
 MONTH = timedelta(days=30)
 
@@ -222,3 +231,106 @@ async def test_an_upgrade_indexes_transfers_by_their_end_and_keeps_them(catalog_
         assert (await Transfers(engine).get(old.id)).state == "queued"
     finally:
         await engine.dispose()
+
+
+# -- the daemon's loop -----------------------------------------------------------------------
+
+
+async def test_history_deletes_a_batch_a_call_and_counts_them(
+    queue: Transfers, caplog: pytest.LogCaptureFixture
+) -> None:
+    for i in range(25):
+        await ended(queue, f"/p/d{i}", State.FAILED, days=8 + i / 100)
+    kept = await ended(queue, "/p/kept", State.FAILED, days=6)
+    metrics = Metrics("site-a")
+    history = History(queue, 7, metrics, batch=10)
+    with caplog.at_level(logging.INFO, logger="datamover.scheduler.history"):
+        assert [await history.run_once() for _ in range(3)] == [True, True, False]
+        assert await history.run_once() is False  # nothing more: no second line
+    assert [r.id for r in await queue.list(limit=100)] == [kept]
+    pruned = metrics.registry.get_sample_value(
+        "datamover_transfers_pruned_total", {"site": "site-a"}
+    )
+    assert pruned == 25
+    assert [r.getMessage() for r in caplog.records] == [
+        "deleted 25 transfers that ended more than 7 days ago"
+    ]
+
+
+async def test_history_of_0_days_keeps_ended_transfers_for_ever(queue: Transfers) -> None:
+    old = await ended(queue, "/p/x", State.SUCCEEDED, days=3650)
+    assert await History(queue, 0).run_once() is False
+    assert (await queue.get(old)).state == "succeeded"
+
+
+async def test_the_history_loop_prunes_again_as_transfers_age(queue: Transfers) -> None:
+    # What the daemon runs: the generic loop calls `run_once` at once, then every `every`
+    # seconds, so a transfer that ages past the retention while it runs is deleted too.
+    old = await ended(queue, "/p/old", State.SUCCEEDED, days=8)
+    later = await ended(queue, "/p/later", State.SUCCEEDED, days=1)
+    history = History(queue, 7, every=0.1)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_loop("history", history.run_once, stop, idle=history.every))
+    try:
+        await _until_gone(queue, old)
+        assert (await queue.get(later)).state == "succeeded"
+        await set_row(queue, later, finished_at=await days_ago(queue, 7.5))
+        await _until_gone(queue, later)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+
+
+async def _until_gone(queue: Transfers, transfer_id: str) -> None:
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            await queue.get(transfer_id)
+        except NotFound:
+            return
+        assert time.monotonic() < deadline, f"{transfer_id} was not deleted"
+        await asyncio.sleep(0.05)
+
+
+async def test_the_daemon_deletes_transfers_older_than_history_days(make_site: MakeSite) -> None:
+    env = await make_site("site-b", api={"listen": f"127.0.0.1:{free_port()}", "history_days": 7})
+    engine = await open_engine(env.config.catalog_url)
+    try:
+        queue = Transfers(engine)
+        old = [
+            await ended(queue, f"/proj/old{i}", State.SUCCEEDED, days=8, idempotency_key=f"k{i}")
+            for i in range(3)
+        ]
+        recent = await ended(queue, "/proj/recent", State.FAILED, days=6)
+        waiting, _ = await queue.submit(sub("/proj/waiting"))  # for a year, not due for a day
+        year, due = await days_ago(queue, 365), await days_ago(queue, -1)
+        await set_row(queue, waiting.id, created_at=year, rank_time=year, not_before=due)
+    finally:
+        await engine.dispose()
+    d = start_daemon(env)
+    try:
+        token = d.token("t1", "/proj", "write")
+        pruned = 'datamover_transfers_pruned_total{site="site-b"} 3.0'
+        deadline = time.monotonic() + 30
+        while pruned not in d.request("GET", "/metrics")[1]:  # counted once deleted
+            assert time.monotonic() < deadline, d.log()
+            await asyncio.sleep(0.1)
+        for transfer_id in old:  # gone: a JSON 404, as for an id never made
+            status, body = d.request("GET", f"/v1/transfers/{transfer_id}", token)
+            assert (status, body) == (
+                404,
+                {"error": {"code": "not_found", "message": f"no transfer {transfer_id!r}"}},
+            )
+        assert d.request("GET", f"/v1/transfers/{recent}", token)[1]["state"] == "failed"
+        assert d.request("GET", f"/v1/transfers/{waiting.id}", token)[1]["state"] == "queued"
+        _, page = d.request("GET", "/v1/transfers", token)
+        assert sorted(t["id"] for t in page["transfers"]) == sorted([recent, waiting.id])
+        assert "deleted 3 transfers that ended more than 7 days ago" in d.log()
+        proc = with_token(env, token).cli("transfer", "watch", old[0])
+        assert proc.returncode == 3 and f"no transfer {old[0]!r}" in proc.stderr, proc.stderr
+        # The key of a deleted transfer is free again: the same request makes a new one.
+        body = {"kind": "stage", "path": "/proj/old0"}
+        status, again = d.request("POST", "/v1/transfers", token, body, {"Idempotency-Key": "k0"})
+        assert status == 201 and again["id"] not in old
+    finally:
+        d.stop()

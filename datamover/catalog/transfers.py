@@ -568,8 +568,8 @@ class Transfers:
 
     async def depth(self) -> dict[tuple[str, str], int]:
         """Number of queued and running transfers per (state, priority), for metrics. Only
-        those: finished transfers accumulate for ever (the outcome counters count them), and
-        the queue index finds these two states without reading the rest."""
+        those: ended transfers accumulate for `[api] history_days` (the outcome counters
+        count them), and the queue index finds these two states without reading the rest."""
         query = (
             select(T.c.state, T.c.priority, func.count())
             .where(T.c.state.in_([State.QUEUED.value, State.RUNNING.value]))
