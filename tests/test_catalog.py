@@ -121,6 +121,37 @@ async def test_chunk_index_bulk_insert_and_lookup(catalog_url: str) -> None:
         await catalog.close()
 
 
+async def test_a_replica_record_is_given_back_as_it_was(catalog_url: str) -> None:
+    # A stage that ended before it changed the tree gives the record back as it found it
+    # (`stage._record_failure`), so a push of that tree is not refused.
+    catalog = Catalog(await open_engine(catalog_url))
+    try:
+        assert await catalog.begin_replica("/p/x", "/data/x", "v1", None, "host:1") is None
+        await catalog.restore_replica("/p/x", "v1", "host:1", None)
+        assert await catalog.replica("/p/x") is None  # there was none
+        await catalog.begin_replica("/p/x", "/data/x", "v1", None, "host:1")
+        await catalog.finish_replica("/p/x", "v1", "ready", 3, 30)
+        ready = await catalog.replica("/p/x")
+        assert ready is not None and ready.updated_at is not None
+        before = await catalog.begin_replica("/p/x", "/data/x", "v2", "v1", "host:2")
+        assert before == ready
+        await catalog.restore_replica("/p/x", "v2", "host:2", before)
+        assert await catalog.replica("/p/x") == ready  # every field, times included
+        # Only a record that still is that stage's: not one another stage took since, nor
+        # one already recorded as failed.
+        await catalog.begin_replica("/p/x", "/data/x", "v2", "v1", "host:3")
+        await catalog.restore_replica("/p/x", "v2", "host:2", before)
+        await catalog.restore_replica("/p/x", "v3", "host:3", before)
+        row = await catalog.replica("/p/x")
+        assert row is not None and (row.state, row.owner) == ("staging", "host:3")
+        await catalog.finish_replica("/p/x", "v2", "failed", 0, 0)
+        await catalog.restore_replica("/p/x", "v2", "host:3", before)
+        row = await catalog.replica("/p/x")
+        assert row is not None and (row.state, row.version) == ("failed", "v2")
+    finally:
+        await catalog.close()
+
+
 async def test_replica_and_checkpoint_records(catalog_url: str) -> None:
     catalog = Catalog(await open_engine(catalog_url))
     try:

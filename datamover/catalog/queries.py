@@ -84,6 +84,23 @@ class ReplicaRow:
     files: int
     bytes: int
     owner: str | None
+    updated_at: datetime | None = None
+    last_access: datetime | None = None
+
+
+def _replica_row(r: Any) -> ReplicaRow:
+    return ReplicaRow(
+        r.dataset,
+        r.root,
+        r.version,
+        r.base_version,
+        r.state,
+        r.files,
+        r.bytes,
+        r.owner,
+        r.updated_at,
+        r.last_access,
+    )
 
 
 class Catalog:
@@ -224,28 +241,20 @@ class Catalog:
         table = Replica.__table__
         async with self.engine.connect() as conn:
             r = (await conn.execute(select(table).where(table.c.dataset == dataset))).first()
-        if r is None:
-            return None
-        return ReplicaRow(
-            r.dataset, r.root, r.version, r.base_version, r.state, r.files, r.bytes, r.owner
-        )
+        return None if r is None else _replica_row(r)
 
     async def replicas(self) -> list[ReplicaRow]:
         """Every replica record of this site, by dataset."""
         table = Replica.__table__
         async with self.engine.connect() as conn:
             rows = await conn.execute(select(table).order_by(table.c.dataset))
-            return [
-                ReplicaRow(
-                    r.dataset, r.root, r.version, r.base_version, r.state, r.files, r.bytes, r.owner
-                )
-                for r in rows
-            ]
+            return [_replica_row(r) for r in rows]
 
     async def begin_replica(
         self, dataset: str, root: str, version: str, base_version: str | None, owner: str
-    ) -> None:
-        """Mark `dataset` as being staged to `version` by `owner` (upsert)."""
+    ) -> ReplicaRow | None:
+        """Mark `dataset` as being staged to `version` by `owner` (upsert); return its record
+        as it was before (None: there was none), for `restore_replica`."""
         now = _now()
         values = {
             "dataset": dataset,
@@ -264,6 +273,47 @@ class Catalog:
             index_elements=["dataset"],
             set_={k: v for k, v in values.items() if k != "dataset"},
         )
+        table = Replica.__table__
+        # FOR UPDATE (PostgreSQL; SQLite has no such clause): the row read is the one replaced.
+        read = select(table).where(table.c.dataset == dataset).with_for_update()
+        async with self.engine.begin() as conn:
+            before = (await conn.execute(read)).first()
+            await conn.execute(stmt)
+        return None if before is None else _replica_row(before)
+
+    async def restore_replica(
+        self, dataset: str, version: str, owner: str, before: ReplicaRow | None
+    ) -> None:
+        """Give `dataset`'s record back as it was before `owner` began staging it to
+        `version` (`before`, from `begin_replica`; None: there was no record), if it is
+        still that stage's (`staging`, `owner`): for a stage that ended before it changed
+        anything in the tree, which is then still what the old record says it is."""
+        table = Replica.__table__
+        ours = (
+            table.c.dataset == dataset,
+            table.c.version == version,
+            table.c.state == "staging",
+            table.c.owner == owner,
+        )
+        stmt: Any
+        if before is None:
+            stmt = delete(table).where(*ours)
+        else:
+            stmt = (
+                update(table)
+                .where(*ours)
+                .values(
+                    root=before.root,
+                    version=before.version,
+                    base_version=before.base_version,
+                    state=before.state,
+                    files=before.files,
+                    bytes=before.bytes,
+                    owner=before.owner,
+                    updated_at=before.updated_at or _now(),
+                    last_access=before.last_access or _now(),
+                )
+            )
         async with self.engine.begin() as conn:
             await conn.execute(stmt)
 
