@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -155,29 +157,31 @@ async def test_a_daemon_push_that_meets_a_stage_fails_with_the_conflict(
 
 
 async def test_a_push_of_a_tree_a_stage_did_not_finish_needs_force(make_site: MakeSite) -> None:
-    # A stage of v2 at site B fails midway (a pack of v2 is gone from the store): the tree
-    # holds v1's files where v2 changed them. Pushed, it became the latest version and
-    # undid v2 for every site; with --delete elsewhere, it removed v2's new files.
+    # A stage of v2 at site B fails midway (a pack of v2 is gone from the store) after it
+    # wrote v2's `big`: the tree holds v2's `big` and v1's files where v2 changed them.
+    # Pushed, it became the latest version and undid v2 for every site; with --delete
+    # elsewhere, it removed v2's new files.
     a = await make_site("site-a", pack_size=1 << 20)
     src = a.data / "ds"
     src.mkdir()
+    (src / "big").write_bytes(os.urandom(3 << 20))
     for i in range(20):
         (src / f"f{i:02d}").write_bytes(f"v1 of {i}\n".encode() * 100)
     a.cli_json("push", "/proj/ds")
-    before = await _packs(a)
-    b = await make_site("site-b")
+    # B writes a file of more than a quarter of its batch (1 MiB) on its own, before the
+    # small files after it in the tree are fetched.
+    b = await make_site("site-b", batch_bytes=4 << 20)
     b.cli_json("stage", "/proj/ds")
+    (src / "big").write_bytes(os.urandom(3 << 20))
+    a.cli_json("push", "/proj/ds")
+    before = await _packs(a)
     for i in range(10, 20):
         (src / f"f{i:02d}").write_bytes(f"v2 of {i}\n".encode() * 100)
     v2 = a.cli_json("push", "/proj/ds")["version"]
-    site = await a.open()
-    try:
-        for key in await _packs(a) - before:
-            await site.store.delete(key)
-    finally:
-        await site.close()
+    await _delete(a, await _packs(a) - before)  # the packs of v2's small files only
     failed = b.cli("stage", "/proj/ds", "--json")
     assert failed.returncode != 0, failed.stdout
+    assert (b.data / "ds" / "big").read_bytes() == (src / "big").read_bytes()  # written
 
     refused = b.cli("push", "/proj/ds", "--json")
     assert refused.returncode == 4, refused.stderr
@@ -189,9 +193,107 @@ async def test_a_push_of_a_tree_a_stage_did_not_finish_needs_force(make_site: Ma
     assert forced["version"] != v2  # published as it is, as asked
 
 
+async def _v1_staged_v2_pushed(make_site: MakeSite) -> tuple[SiteEnv, SiteEnv, set[str]]:
+    """Site A pushes v1 of `/proj/ds` (20 files), site B stages it, A pushes v2 (half of
+    the files changed); return A, B and the packs v2 added."""
+    a = await make_site("site-a", pack_size=1 << 20)
+    src = a.data / "ds"
+    src.mkdir()
+    for i in range(20):
+        (src / f"f{i:02d}").write_bytes(f"v1 of {i}\n".encode() * 100)
+    a.cli_json("push", "/proj/ds")
+    before = await _packs(a)
+    b = await make_site("site-b")
+    b.cli_json("stage", "/proj/ds")
+    for i in range(10, 20):
+        (src / f"f{i:02d}").write_bytes(f"v2 of {i}\n".encode() * 100)
+    a.cli_json("push", "/proj/ds")
+    return a, b, await _packs(a) - before
+
+
+def _tree(root: Path) -> dict[str, tuple[bytes, int]]:
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(root.iterdir())}
+
+
+@pytest.mark.parametrize("damage", ["deleted", "corrupt"])
+async def test_a_stage_that_failed_before_changing_the_tree_leaves_push_alone(
+    make_site: MakeSite, damage: str
+) -> None:
+    # The pack of v2's changed files is gone (or damaged): B's stage of v2 fails at its
+    # first fetch (or the first batch's check), before it has written anything, so the
+    # tree still is v1, as the record said. Recording the stage as failed had push refuse
+    # that tree, and the only way on was --force, which skips the check where it matters.
+    a, b, added = await _v1_staged_v2_pushed(make_site)
+    if damage == "deleted":
+        await _delete(a, added)
+    else:
+        await _corrupt(a, added)
+    site_b = await b.open()
+    try:
+        record = await site_b.catalog.replica("/proj/ds")
+        assert record is not None and record.state == "ready"
+        tree = _tree(b.data / "ds")
+        failed = b.cli("stage", "/proj/ds", "--json")
+        assert failed.returncode != 0, failed.stdout
+        assert "Traceback" not in failed.stderr
+        assert _tree(b.data / "ds") == tree
+        assert await site_b.catalog.replica("/proj/ds") == record  # as it was, every field
+    finally:
+        await site_b.close()
+    pushed = b.cli("push", "/proj/ds", "--json")  # no --force needed
+    assert pushed.returncode == 0, pushed.stderr
+
+
+async def test_a_stage_cancelled_before_changing_the_tree_gives_its_record_back(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, b, _ = await _v1_staged_v2_pushed(make_site)
+    fetching = asyncio.Event()
+
+    class Stalled(stage_module.Fetcher):
+        async def fetch(self, ranges: Any) -> list[bytes]:
+            fetching.set()
+            await asyncio.sleep(60)  # a store that stopped answering
+            raise AssertionError("not cancelled")
+
+    monkeypatch.setattr(stage_module, "Fetcher", Stalled)
+    site_b = await b.open()
+    try:
+        record = await site_b.catalog.replica("/proj/ds")
+        staging = asyncio.create_task(stage(site_b, "/proj/ds"))
+        await asyncio.wait_for(fetching.wait(), 20)
+        staging.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await staging
+        assert await site_b.catalog.replica("/proj/ds") == record
+        pushed = await push(site_b, "/proj/ds")
+        assert not pushed.unchanged
+    finally:
+        await site_b.close()
+
+
 async def _packs(env: SiteEnv) -> set[str]:
     site = await env.open()
     try:
         return {info.key async for info in site.store.list("packs/")}
+    finally:
+        await site.close()
+
+
+async def _delete(env: SiteEnv, keys: set[str]) -> None:
+    site = await env.open()
+    try:
+        for key in keys:
+            await site.store.delete(key)
+    finally:
+        await site.close()
+
+
+async def _corrupt(env: SiteEnv, keys: set[str]) -> None:
+    """Flip every bit of each object (its size stays)."""
+    site = await env.open()
+    try:
+        for key in keys:
+            await site.store.put(key, bytes(b ^ 0xFF for b in await site.store.get(key)))
     finally:
         await site.close()

@@ -13,6 +13,8 @@ many files, batches of small files are decoded, verified and written by worker p
 directories.
 Crash safety: a file appears at its final path only complete and verified; large files keep
 a stable partial name so a rerun resumes them after re-checking what is already there.
+A stage that fails or is cancelled before its first change to the tree (`_Stager.untouched`)
+gives the replica record back as it was; one that changed anything records `failed`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from datamover.catalog.queries import owner_alive, owner_id
+from datamover.catalog.queries import ReplicaRow, owner_alive, owner_id
 from datamover.config import TransferSettings
 from datamover.domain.manifest import ChunkRef, Entry, Kind, without_setid
 from datamover.domain.paths import MAX_LINK_TARGET, check_logical_path
@@ -221,6 +223,19 @@ class _Stager:
         self._stale: list[str] = []
         self.writer: fsops.TreeWriter | None = None
         self._walker: Walker | None = None
+        # Whether the run may have changed the tree: set on the writer thread before its
+        # first operation, file write or partial file; on the event loop when a batch is
+        # handed to a worker process; when the walk unlocked a directory, or the dataset's
+        # directory had to be made. Read once every thread and worker has stopped.
+        self.changed = False
+        self._settled = False
+
+    @property
+    def untouched(self) -> bool:
+        """Whether the run ended without changing anything in the tree, so it is still what
+        it was before the run (False while a thread or worker of the run may still run: a
+        second cancel cut its cleanup short)."""
+        return self._settled and not self.changed
 
     # -- writer thread ----------------------------------------------------------------------
 
@@ -242,8 +257,10 @@ class _Stager:
                 raise exc
 
     def _guarded(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn` on the writer thread unless an operation queued before it failed."""
+        """Run `fn`, a change to the tree, on the writer thread unless an operation queued
+        before it failed."""
         self._check_ops()
+        self.changed = True
         return fn(*args)
 
     def _finish(self, entry: Entry, fd: int, replaces: tuple[int, int, int] | None) -> None:
@@ -269,6 +286,7 @@ class _Stager:
 
         def run() -> None:
             self._check_ops()
+            self.changed = True
             try:
                 for fn, args in ops:
                     fn(*args)
@@ -297,6 +315,7 @@ class _Stager:
         owners = {c.digest: e.path for e, _ in batch for c in e.chunks}
         decoded = decode_ranges(ranges, blobs, owners)
         blobs.clear()
+        self.changed = True  # every chunk verified: the first file is written now
         write = self.writer.write_file  # type: ignore[union-attr]
         for entry, replaces in batch:
             write(entry, [decoded[c] for c in entry.chunks], replaces)
@@ -321,6 +340,7 @@ class _Stager:
         if ops is not None:
             await ops  # the batch's directories exist (the writer thread runs ops in order)
         self._check_ops()
+        self.changed = True  # whatever the worker gets to before it fails or is stopped
         files = [(e.path, e.mode, e.mtime_ns, e.chunks, replaces) for e, replaces in batch]
         try:
             job = procs.submit(
@@ -532,6 +552,7 @@ class _Stager:
         w = self.writer
         assert w is not None
         self._check_ops()
+        self.changed = True
         self._take_unlocked()
         for rel in self._stale:  # first: removing one changes its directory's mtime
             w.remove(rel)
@@ -559,11 +580,22 @@ class _Stager:
         """On the writer thread, after a failure: every directory made readable or writable
         gets its mode back."""
         assert self.writer is not None
+        if self._walker is not None and self._walker.unlocked:
+            self.changed = True  # a mode the walk changed, given back below or not
         self._take_unlocked()
         self.writer.restore_modes()
 
+    def _open_root(self) -> int:
+        """On the writer thread: open the dataset's directory, made (with the directories
+        above it) if missing, which is a change: an empty tree where there was none."""
+        try:
+            return fsops.open_root(self.base_path, self.parts, create=False)
+        except FileNotFoundError:
+            self.changed = True
+            return fsops.open_root(self.base_path, self.parts)
+
     async def run(self) -> StageResult:
-        root_fd = await self._on_writer(fsops.open_root, self.base_path, self.parts)
+        root_fd = await self._on_writer(self._open_root)
         self.writer = fsops.TreeWriter(root_fd, self.root, self.trash_dir)
         # Probed in the directory the walk lists first, so it never sees the probe's file.
         plan = self._planner(fsops.lazy_stored_mtime(root_fd))
@@ -608,6 +640,7 @@ class _Stager:
             await self._on_writer(os.close, root_fd)
             self._pool.shutdown(wait=True)
             self._range_pool.shutdown(wait=True)
+            self._settled = True
         self.result.removed = self.writer.removed
         self.result.trashed = self.writer.trashed
         self.result.trashed_count = self.writer.trashed_count
@@ -721,30 +754,30 @@ async def _stage(
         checked = await asyncio.to_thread(_check_manifest, site, refs)
         me = owner_id()
         base_version, base_refs, interrupted_refs = await _base(site, doc, root, refs, me)
-        await site.catalog.begin_replica(dataset, str(root), doc.version, base_version, me)
-        progress.total(doc.files, doc.bytes)
-        stager = _Stager(
-            site,
-            doc,
-            refs,
-            base_refs,
-            interrupted_refs,
-            root,
-            base_path,
-            parts,
-            delete,
-            checksum,
-            progress,
-            procs,
-            checked,
-        )
+        before = await site.catalog.begin_replica(dataset, str(root), doc.version, base_version, me)
+        stager: _Stager | None = None
         try:
+            progress.total(doc.files, doc.bytes)
+            stager = _Stager(
+                site,
+                doc,
+                refs,
+                base_refs,
+                interrupted_refs,
+                root,
+                base_path,
+                parts,
+                delete,
+                checksum,
+                progress,
+                procs,
+                checked,
+            )
             result = await stager.run()
         except BaseException:
+            untouched = stager is None or stager.untouched
             try:
-                await asyncio.shield(
-                    site.catalog.finish_replica(dataset, doc.version, "failed", 0, 0)
-                )
+                await asyncio.shield(_record_failure(site, doc, me, before, untouched))
             except Exception:  # the original error is the one to report
                 pass
             raise
@@ -754,6 +787,19 @@ async def _stage(
     result.downloaded_bytes += site.repo.fetched_bytes - fetched_before
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+async def _record_failure(
+    site: Site, doc: VersionDoc, me: str, before: ReplicaRow | None, untouched: bool
+) -> None:
+    """Record a stage of `doc` that failed or was cancelled: `failed`, the tree may hold
+    files of two versions (push refuses it); but one that changed nothing in the tree
+    (`untouched`: the store was unreachable, a pack was corrupt, before the first write)
+    gives the record back as it was (`before`), since the tree still is what it said."""
+    if untouched:
+        await site.catalog.restore_replica(doc.dataset, doc.version, me, before)
+    else:
+        await site.catalog.finish_replica(doc.dataset, doc.version, "failed", 0, 0)
 
 
 async def _base(
