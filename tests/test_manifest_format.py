@@ -177,6 +177,24 @@ def test_a_file_of_the_most_chunks_a_reader_takes_does_not_fit_in_a_segment(
         encode_segment([Entry("f", Kind.FILE, 0o644, 0, 4, None, many)])
 
 
+def test_a_file_of_max_file_chunks_fits_a_segment_of_its_own() -> None:
+    """docs/format.md: datamover's chunk references take at most 85 bytes (offsets and
+    lengths below 2^32), so a file of `MAX_FILE_CHUNKS` of them, under the longest path a
+    reader takes, fits a segment of its own (computed, not built: that is 1 GiB)."""
+    widest_offset = (1 << 30) + (16 << 20) + 1024  # a full pack of the largest size, one chunk
+    widest = ChunkRef(D, P, widest_offset, (16 << 20) + 1024, 16 << 20, 1)
+    assert len(msgpack.packb(list(widest), use_bin_type=True)) == manifest_module.REF_BYTES
+    assert widest_offset < 1 << 32
+    header = msgpack.packb({"t": "segment", "v": 1, "n": 1})
+    path = "p" * manifest_module.MAX_STR
+    bare = [path, 0, 0o7777, -(1 << 63), (1 << 63) - 1, None, []]
+    # An array of more than 65,535 chunks has a 5-byte header where an empty one has 1.
+    entry = len(msgpack.packb(bare)) + 4
+    fits = manifest_module.MAX_FILE_CHUNKS
+    assert len(header) + entry + fits * manifest_module.REF_BYTES <= manifest_module.MAX_DECODED
+    assert 12_600_000 < fits < 12_700_000 < manifest_module.MAX_CHUNKS
+
+
 @settings(max_examples=500, deadline=None)
 @given(
     kind=st.sampled_from(list(Kind)),

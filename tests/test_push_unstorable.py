@@ -4,15 +4,21 @@ it as its parent, would fail too."""
 
 from __future__ import annotations
 
+import json
 import os
+import random
 import shutil
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
+from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.domain.manifest import Entry, Kind
 from datamover.errors import InvalidInput
+from datamover.repo.manifest import MAX_FILE_CHUNKS
+from datamover.transfer import scan
+from datamover.transfer.push import push
 from datamover.transfer.scan import check_storable
 from tests.fixtures_sites import MakeSite, SiteEnv
 
@@ -134,3 +140,99 @@ async def test_a_path_longer_than_a_manifest_holds_is_refused(make_site: MakeSit
     pushed = a.cli_json("push", "/proj/deep")
     assert pushed["dirs"] == 255 and pushed["files"] == 1
     assert b.cli_json("stage", "/proj/deep")["version"] == pushed["version"]  # readable
+
+
+#: The smallest chunks a repository may have (`max_size` at its least, 1 KiB), so a file of
+#: more chunks than a manifest holds for one file is 12 GiB, not 48 TiB.
+_TINY_CHUNKS = ChunkerParams(
+    min_size=64, avg_size=256, max_size=1024, normalization=1, small_file_limit=1024
+)
+
+
+async def _tiny_chunks(env: SiteEnv) -> None:
+    """Give the bucket a repository config of `_TINY_CHUNKS` before anything is pushed."""
+    config = {
+        "format": 1,
+        "hash": "blake3",
+        "created": "2026-11-29T18:15:00.000000Z",
+        "chunker": _TINY_CHUNKS.to_json(),
+    }
+    site = await env.open()
+    try:
+        await site.store.put("config", json.dumps(config).encode())
+    finally:
+        await site.close()
+
+
+async def _keys(env: SiteEnv, prefix: str) -> list[str]:
+    site = await env.open()
+    try:
+        return [info.key async for info in site.store.list(prefix)]
+    finally:
+        await site.close()
+
+
+async def test_a_file_its_size_shows_too_large_for_a_manifest_is_refused_unread(
+    make_site: MakeSite,
+) -> None:
+    # A file of more chunks than a segment can hold for it (12.6 million) was read and
+    # uploaded whole, and only its segment was refused, with a message naming no file.
+    # Its size alone proves it here: at 1 KiB at most a chunk, one byte more than that many.
+    a = await make_site("site-a")
+    await _tiny_chunks(a)
+    root = a.data / "t"
+    (root / "d").mkdir(parents=True)
+    (root / "d" / "a.txt").write_text("small\n")
+    size = MAX_FILE_CHUNKS * 1024 + 1
+    huge = root / "d" / "huge.img"
+    huge.touch()
+    os.truncate(huge, size)  # sparse: reading it (12 GiB, 12.6 million chunks) takes hours
+    if os.stat(huge).st_blocks > 2048:
+        pytest.skip("this file system keeps no sparse files")
+    said = _one_line_error(a, "push", "/proj/t", code=InvalidInput.exit_code)
+    assert said == (
+        f"'d/huge.img' has more chunks than a manifest can hold for one file "
+        f"({MAX_FILE_CHUNKS}): {size} bytes, at least {MAX_FILE_CHUNKS + 1} chunks of at "
+        "most 1024 bytes; split it into smaller files and push again"
+    )
+    assert _versions(a) == []
+    assert await _keys(a, "manifests/") == []
+
+
+async def test_a_file_whose_chunks_pass_the_bound_is_refused_as_it_is_read(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The bound is lowered (`scan.MAX_FILE_CHUNKS`): the real one, 12.6 million chunks,
+    takes a file of 12 GiB even at the smallest chunks a repository may have, and hours to
+    read. A file whose size does not prove it too large is refused at its first chunk
+    past the bound, before the version (or any segment) is written."""
+    a = await make_site("site-a")
+    await _tiny_chunks(a)
+    root = a.data / "t"
+    root.mkdir()
+    data = random.Random(7).randbytes(32 << 10)
+    (root / "f.bin").write_bytes(data)
+    fd = os.open(root / "f.bin", os.O_RDONLY)
+    try:
+        count = sum(1 for _ in Chunker(_TINY_CHUNKS).chunks(fd, len(data)))
+    finally:
+        os.close(fd)
+    assert len(data) // 1024 < count - 1  # the size alone does not prove it
+    site = await a.open()
+    try:
+        monkeypatch.setattr(scan, "MAX_FILE_CHUNKS", count - 1)
+        with pytest.raises(InvalidInput) as caught:
+            await push(site, "/proj/t")
+        assert caught.value.message == (
+            f"'f.bin' has more chunks than a manifest can hold for one file ({count - 1}); "
+            "split it into smaller files and push again"
+        )
+        assert await site.repo.version_ids("/proj/t") == []
+        assert await _keys(a, "manifests/") == []
+        monkeypatch.setattr(scan, "MAX_FILE_CHUNKS", count)  # exactly the bound: taken
+        pushed = await push(site, "/proj/t")
+        doc = await site.repo.resolve("/proj/t", pushed.version)
+        [entry] = site.repo.iter_cached(await site.repo.prefetch(doc), check=True)
+        assert len(entry.chunks) == count
+    finally:
+        await site.close()

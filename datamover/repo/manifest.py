@@ -27,6 +27,13 @@ MAX_RAW_CHUNK = 16 << 20
 MAX_DECODED = 1 << 30  # a segment or list larger than this decoded is refused
 MAX_STR = 1 << 16  # the most bytes of a path or symlink target a reader takes
 MAX_CHUNKS = 1 << 24  # the most chunks of one file a reader takes
+#: The most bytes a chunk reference of datamover's packs takes encoded: its offset and
+#: lengths are below 2^32 (a pack is at most 1 GiB and one chunk), 5 bytes each.
+REF_BYTES = 85
+#: The most chunks of one file datamover writes into a manifest: an entry of that many
+#: references, with the longest path a reader takes, alone in a segment stays within
+#: `MAX_DECODED` (docs/format.md: 2^24 chunks, `MAX_CHUNKS`, would not fit).
+MAX_FILE_CHUNKS = (MAX_DECODED - MAX_STR - 256) // REF_BYTES
 _I64 = 1 << 63
 #: The mtimes a reader takes: nanoseconds in a signed 64-bit integer, 1677-09-21..2262-04-11.
 MTIME_MIN, MTIME_MAX = -_I64, _I64 - 1

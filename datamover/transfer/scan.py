@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -23,9 +23,9 @@ from typing import Any
 
 from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.domain.manifest import Entry, Kind
-from datamover.domain.paths import check_symlink_target, sort_key
+from datamover.domain.paths import check_symlink_target, shown, sort_key
 from datamover.errors import Conflict, InvalidInput
-from datamover.repo.manifest import MAX_STR, MTIME_MAX, MTIME_MIN
+from datamover.repo.manifest import MAX_FILE_CHUNKS, MAX_STR, MTIME_MAX, MTIME_MIN
 from datamover.transfer import procpool, readers
 from datamover.transfer.readers import FileRead, NewChunk, ReadProblem
 from datamover.transfer.walk import LocalEntry, Walker
@@ -114,6 +114,16 @@ def check_storable(entry: Entry) -> None:
             "again",
             [entry.path],
         )
+
+
+def _too_many_chunks(path: str, known: str = "") -> InvalidInput:
+    """The one-line error for file `path`, which has more chunks than a manifest can hold
+    for one file (`known`: how its size alone shows it)."""
+    return InvalidInput(
+        f"{shown(path)} has more chunks than a manifest can hold for one file "
+        f"({MAX_FILE_CHUNKS}){known}; split it into smaller files and push again",
+        [path],
+    )
 
 
 class Scanner:
@@ -285,15 +295,23 @@ class Scanner:
                 )
 
     def _read_large(self, local: LocalEntry) -> Iterator[object]:
+        """Stream a large file's chunks. One with more chunks than a manifest holds for a
+        file (`MAX_FILE_CHUNKS`) is refused, naming it: before it is read when its size
+        alone proves it (at the chunker's largest chunk), else as its count passes the
+        bound; either way before its entry reaches a segment, which the encoder would
+        refuse only once every chunk was uploaded."""
         for _ in range(readers.ATTEMPTS):
             fd = readers.open_file(self.root, local.path)
             if isinstance(fd, ReadProblem):
                 raise _problem(fd)
             try:
+                size, largest = os.fstat(fd).st_size, self.params.max_size
+                least = -(-size // largest)
+                if least > MAX_FILE_CHUNKS:
+                    known = f": {size} bytes, at least {least} chunks of at most {largest} bytes"
+                    raise _too_many_chunks(local.path, known)
                 digests: list[bytes] = []
-                mode, mtime_ns, size = yield from readers.read_open(
-                    fd, self.chunker, self.level, digests
-                )
+                mode, mtime_ns, size = yield from self._chunks(fd, local.path, digests)
             except readers.Torn:
                 continue  # chunks already sent are harmless: unreferenced or deduplicated
             finally:
@@ -303,6 +321,21 @@ class Scanner:
             yield Done(Entry(local.path, Kind.FILE, mode, mtime_ns, size), digests)
             return
         raise _problem(ReadProblem("changed", local.path))
+
+    def _chunks(
+        self, fd: int, path: str, digests: list[bytes]
+    ) -> Generator[NewChunk, None, tuple[int, int, int]]:
+        """`readers.read_open`, refusing the file at the chunk that passes `MAX_FILE_CHUNKS`
+        (before that chunk goes on to a pack)."""
+        reader = readers.read_open(fd, self.chunker, self.level, digests)
+        while True:
+            try:
+                chunk = next(reader)
+            except StopIteration as end:
+                return end.value
+            if len(digests) > MAX_FILE_CHUNKS:
+                raise _too_many_chunks(path)
+            yield chunk
 
     def _generate(self) -> Iterator[object]:
         queue: deque[tuple[str, Any, Any]] = deque()
