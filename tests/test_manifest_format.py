@@ -195,6 +195,23 @@ def test_a_file_of_max_file_chunks_fits_a_segment_of_its_own() -> None:
     assert 12_600_000 < fits < 12_700_000 < manifest_module.MAX_CHUNKS
 
 
+def test_a_segment_of_one_file_too_large_names_the_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The last line, behind push's own check (`scan.Scanner._read_large`): a reference of
+    # another writer's pack may be wider than datamover's 85 bytes.
+    monkeypatch.setattr(manifest_module, "MAX_DECODED", 200)
+    many = tuple(ChunkRef(D, P, i, 1, 1, 0) for i in range(4))
+    entry = Entry("d/f", Kind.FILE, 0o644, 0, 4, None, many)
+    with pytest.raises(InvalidInput) as caught:
+        encode_segment([entry])
+    header = msgpack.packb({"t": "segment", "v": 1, "n": 1})
+    size = len(header) + len(msgpack.packb(manifest_module.encode_entry(entry)))
+    assert caught.value.message == (
+        f"'d/f' has 4 chunks, {size} bytes decoded in a manifest segment of its own, more than "
+        "a reader takes (200); split it into smaller files and push again"
+    )
+    assert caught.value.paths == ["d/f"]
+
+
 @settings(max_examples=500, deadline=None)
 @given(
     kind=st.sampled_from(list(Kind)),

@@ -11,7 +11,7 @@ the tree). All decoding failures raise `Corrupt`.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,10 +51,19 @@ class SegmentRef:
     bytes: int
 
 
-def _frame(header: dict[str, Any], items: Iterable[Any], level: int = 3) -> bytes:
+def _frame(
+    header: dict[str, Any],
+    items: Iterable[Any],
+    level: int = 3,
+    too_large: Callable[[int], InvalidInput] | None = None,
+) -> bytes:
+    """The stored form of a manifest object; one larger decoded than a reader takes is
+    `InvalidInput` (`too_large(decoded size)`, if given)."""
     packer = msgpack.Packer(use_bin_type=True)
     body = b"".join([packer.pack(header), *(packer.pack(item) for item in items)])
     if len(body) > MAX_DECODED:
+        if too_large is not None:
+            raise too_large(len(body))
         raise InvalidInput(
             f"a manifest {header['t']} of {header['n']} items would be {len(body)} bytes "
             f"decoded, more than a reader takes ({MAX_DECODED})"
@@ -213,9 +222,21 @@ def _chunk_fits(chunk: Any) -> bool:
 def encode_segment(entries: list[Entry]) -> bytes:
     """Encode a segment (the caller guarantees order; decoding checks it again). An entry
     a reader would refuse (`encode_entry`), or a segment larger decoded than a reader
-    takes, is `InvalidInput`."""
+    takes, is `InvalidInput`; a segment of one file, too large, names that file."""
+
+    def one_file(size: int) -> InvalidInput:
+        entry = entries[0]
+        return InvalidInput(
+            f"{_shown(entry.path)} has {len(entry.chunks)} chunks, {size} bytes decoded in a "
+            f"manifest segment of its own, more than a reader takes ({MAX_DECODED}); split it "
+            "into smaller files and push again",
+            [entry.path],
+        )
+
     return _frame(
-        {"t": "segment", "v": FORMAT_VERSION, "n": len(entries)}, map(encode_entry, entries)
+        {"t": "segment", "v": FORMAT_VERSION, "n": len(entries)},
+        map(encode_entry, entries),
+        too_large=one_file if len(entries) == 1 and entries[0].chunks else None,
     )
 
 
