@@ -585,11 +585,10 @@ async def test_answering_goes_on_in_batches(queue: Transfers) -> None:
     assert sorted(t.id for b in got for t in b) == sorted(waiting)
 
 
+@pytest.mark.parametrize("new_catalog", ["postgresql"], indirect=True)  # SQLite: one writer
 async def test_answering_does_not_wait_for_a_stage_a_claim_holds(catalog_url: str) -> None:
     # A claim on PostgreSQL locks the row it picked, then waits for the path's advisory lock,
     # which answering holds: answering must skip that row, not wait for it (a deadlock).
-    if not catalog_url.startswith("postgresql"):
-        pytest.skip("row locks: PostgreSQL only (SQLite has one writer)")
     engine = await open_engine(catalog_url)
     queue = Transfers(engine)
     try:

@@ -615,7 +615,7 @@ class Transfers:
         """
         if done.finished_at is None:
             return []
-        finished = _aware(datetime.fromisoformat(done.finished_at))
+        finished = datetime.fromisoformat(done.finished_at)
         at = await self.clock()
         ahead = (
             select(T)
@@ -644,7 +644,8 @@ class Transfers:
                     and not options.get("delete")
                     and not options.get("checksum")
                     and (r.version == version or (r.version is None and latest))
-                    and (_aware(r.created_at) or at) <= (finished or at)
+                    and r.created_at is not None
+                    and _aware(r.created_at) <= finished
                 )
                 if not answered:
                     break
@@ -673,19 +674,31 @@ class Transfers:
                     started_at=func.coalesce(T.c.started_at, at),
                     finished_at=at,
                     updated_at=at,
-                    files_done=result.get("files", 0),
-                    bytes_done=result.get("bytes", 0),
-                    files_total=result.get("files"),
-                    bytes_total=result.get("bytes"),
-                    bytes_moved=0,
-                    result=json.dumps(result, sort_keys=True),
-                    error_code=None,
-                    error_message=None,
-                    error_paths=None,
+                    **succeeded_values(result),
                 )
             )
             rows = await conn.execute(select(T).where(T.c.id.in_(ids)).order_by(T.c.id))
             return [TransferRow.from_row(r) for r in rows]
+
+
+def succeeded_values(
+    result: dict[str, Any], files_done: int = 0, bytes_done: int = 0
+) -> dict[str, Any]:
+    """The columns of a transfer that succeeded with `result` (its command's JSON): its
+    counts (else the progress counted, `files_done` and `bytes_done`), the bytes it moved,
+    the result itself, and no error: an earlier attempt's error (kept to say why it waited
+    to retry) is not how it ended."""
+    return {
+        "files_done": result.get("files", files_done),
+        "bytes_done": result.get("bytes", bytes_done),
+        "files_total": result.get("files"),
+        "bytes_total": result.get("bytes"),
+        "bytes_moved": result.get("uploaded_bytes", result.get("downloaded_bytes", 0)),
+        "result": json.dumps(result, sort_keys=True),
+        "error_code": None,
+        "error_message": None,
+        "error_paths": None,
+    }
 
 
 def _requeued(at: datetime) -> dict[str, Any]:

@@ -23,8 +23,8 @@ in the tree after L ended is not repaired, as it would not be after a stage that
 Such stages are answered together: when L succeeds, its worker answers every queued stage
 it satisfies in one transaction (`answer_waiting`, `Transfers.answer_stages`), up to the
 first transfer in queue order over the tree that is not one (a push, a `--delete` stage),
-which then runs as usual. Answered one claim at a time instead, each took about 60 ms of
-catalog work on SQLite, in turn, so the 1,000th prolog of a job array waited a minute.
+which then runs as usual. Answered one claim at a time instead, each took 60-85 ms on
+SQLite, in turn, so the 1,000th prolog of a job array would wait over a minute.
 A stage claimed before that (by another worker) is checked on its own (`already_staged`).
 """
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from datamover.catalog.access import Access
 from datamover.catalog.engine import catalog_outage
-from datamover.catalog.transfers import TransferRow, Transfers
+from datamover.catalog.transfers import TransferRow, Transfers, succeeded_values
 from datamover.domain.transfers import Kind, State, retry_delay
 from datamover.errors import Conflict, DatamoverError
 from datamover.logs import transfer_context
@@ -167,20 +167,7 @@ class Worker:
                 await beat
             self._current = None
         fields = progress.fields()
-        moved = result.get("uploaded_bytes", result.get("downloaded_bytes", 0))
-        fields.update(
-            files_done=result.get("files", fields["files_done"]),
-            bytes_done=result.get("bytes", fields["bytes_done"]),
-            files_total=result.get("files"),
-            bytes_total=result.get("bytes"),
-            bytes_moved=moved,
-            result=json.dumps(result, sort_keys=True),
-            # an earlier attempt's error (kept to say why it waited to retry) is not how
-            # this transfer ended
-            error_code=None,
-            error_message=None,
-            error_paths=None,
-        )
+        fields.update(succeeded_values(result, fields["files_done"], fields["bytes_done"]))
         if row.kind == Kind.STAGE and row.pin:
             await self.access.pin_for_transfer(row.id, row.path, result.get("version"))
         try:
