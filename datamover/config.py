@@ -127,6 +127,7 @@ class TransferSettings:
     batch_bytes: int = 64 * MiB
     bandwidth_limit: int = 0  # bytes per second, each direction; 0: unlimited
     fsync: bool = False  # stage: syncfs() the cache before a replica is marked ready
+    sparse: bool = True  # stage: all-zero chunks of 64 KiB or more are left as holes
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,11 @@ the dataset root, so a planted `lig0000 -> /etc` cannot redirect a write. Files 
 under a temporary name (`.dm-<16 hex>.part`) in their destination directory, given their mode
 and mtime, and renamed into place. `TreeWriter` is used from one thread only.
 
+Sparse files: with `sparse` (`[transfer] sparse`, the default), an all-zero chunk of at least
+`MIN_HOLE` bytes is not written but skipped over, and the file's size set at the end, so a
+file that was sparse at the source (a preallocated or mostly empty image) does not take its
+whole size on the cache's disk. What a reader sees is the same bytes.
+
 Permissions, as rsync does: a directory whose recorded mode is read-only (0o555) is given
 its owner's write and search bits while datamover writes into it (only after a write was
 refused: no extra system call on the normal path), and its mode is restored at the end
@@ -48,6 +53,19 @@ log = logging.getLogger(__name__)
 #: `renameat2(2)`'s flag: fail with EEXIST instead of replacing the destination.
 _RENAME_NOREPLACE = 1
 _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+
+#: The shortest all-zero chunk left as a hole: a shorter one saves a few blocks at most and
+#: fragments the file.
+MIN_HOLE = 64 * 1024
+#: Zeros to compare chunks with: as long as the longest chunk (16 MiB). Allocated with
+#: calloc and only ever read, it maps the kernel's zero page and takes no memory.
+_ZEROS = bytes(16 << 20)
+
+
+def is_hole(data: bytes | memoryview) -> bool:
+    """Whether `data` is at least `MIN_HOLE` bytes, all zero (a memcmp that stops at the
+    first byte that is not: about 0.3 ms for 8 MiB of zeros, nothing for other data)."""
+    return len(data) >= MIN_HOLE and _ZEROS.startswith(data)
 
 
 def split(rel: str) -> tuple[str, str]:
@@ -379,10 +397,18 @@ class TreeWriter:
     before that, until `set_attrs` or `restore_modes` gives it its mode back.
     """
 
-    def __init__(self, root_fd: int, root_path: Path, trash_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        root_fd: int,
+        root_path: Path,
+        trash_dir: Path | None = None,
+        *,
+        sparse: bool = False,
+    ) -> None:
         self.root_fd = root_fd
         self.root_path = root_path
         self.trash_dir = trash_dir
+        self.sparse = sparse
         self.trashed: list[str] = []
         self.trashed_count = 0
         self.removed = 0
@@ -676,7 +702,8 @@ class TreeWriter:
         replaces: tuple[int, int, int] | None = None,
     ) -> None:
         """Write a whole file under a temporary name, set mode and mtime, rename into place
-        (over the file the plan saw as `replaces`: `make_way`)."""
+        (over the file the plan saw as `replaces`: `make_way`). With `sparse`, all-zero parts
+        (`is_hole`) are skipped over instead of written."""
         parent = split(entry.path)[0]
         dfd = self.dir_fd(parent)
         tmp = temp_name()
@@ -688,10 +715,18 @@ class TreeWriter:
             )
         try:
             try:
+                size, holes = 0, False
                 for part in parts:
                     view = memoryview(part)
+                    size += len(view)
+                    if self.sparse and is_hole(view):
+                        os.lseek(fd, len(view), os.SEEK_CUR)
+                        holes = True
+                        continue
                     while view:
                         view = view[os.write(fd, view) :]
+                if holes:
+                    os.ftruncate(fd, size)  # a hole at the end, too, is part of the file
                 os.fchmod(fd, entry.mode)
                 os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
             except OSError as exc:
@@ -753,12 +788,15 @@ class TreeWriter:
     def finish_partial(
         self, entry: Entry, fd: int, replaces: tuple[int, int, int] | None = None
     ) -> None:
-        """Give a completed large file its mode and mtime and rename it into place (over
-        the file the plan saw as `replaces`: `make_way`). Always closes `fd`, even when it
+        """Give a completed large file its size (a hole its last chunks were left as,
+        `is_hole`, does not extend it), mode and mtime, and rename it into place (over the
+        file the plan saw as `replaces`: `make_way`). Always closes `fd`, even when it
         raises."""
         parent = split(entry.path)[0]
         try:
             dfd = self.dir_fd(parent)
+            if self.sparse and os.fstat(fd).st_size < entry.size:
+                os.ftruncate(fd, entry.size)
             os.fchmod(fd, entry.mode)
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
         finally:

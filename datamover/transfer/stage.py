@@ -351,6 +351,7 @@ class _Stager:
                 blobs,
                 files,
                 str(self.trash_dir),
+                self.site.config.transfer.sparse,
             )
             unlocked, trashed = await asyncio.wrap_future(job)
         except BrokenProcessPool:
@@ -421,7 +422,14 @@ class _Stager:
             try:
                 [blob] = await self.fetcher.fetch([rng])
                 job = self._range_pool.submit(
-                    _verify_and_pwrite, fd, rng, blob, positions, entry.path, turn
+                    _verify_and_pwrite,
+                    fd,
+                    rng,
+                    blob,
+                    positions,
+                    entry.path,
+                    turn,
+                    self.site.config.transfer.sparse,
                 )
                 writes.append(job)
                 try:
@@ -596,7 +604,9 @@ class _Stager:
 
     async def run(self) -> StageResult:
         root_fd = await self._on_writer(self._open_root)
-        self.writer = fsops.TreeWriter(root_fd, self.root, self.trash_dir)
+        self.writer = fsops.TreeWriter(
+            root_fd, self.root, self.trash_dir, sparse=self.site.config.transfer.sparse
+        )
         # Probed in the directory the walk lists first, so it never sees the probe's file.
         plan = self._planner(fsops.lazy_stored_mtime(root_fd))
         failed = False
@@ -657,13 +667,20 @@ def _verify_and_pwrite(
     positions: dict[ChunkRef, list[int]],
     path: str,
     turn: threading.Lock,
+    sparse: bool,
 ) -> int:
     """Verify every chunk of a fetched range, then, holding `turn`, write it wherever the
-    file has it; return the bytes written."""
+    file has it; return the bytes written. With `sparse`, an all-zero chunk is not written
+    (`fsops.is_hole`): the partial file was cut before the first chunk this run fetches, so
+    the bytes there read as zeros, and `finish_partial` sets the size. It counts as
+    written."""
     written = 0
     decoded = decode_ranges([rng], [blob], {}, path)
     with turn:
         for ref, data in decoded.items():
+            if sparse and fsops.is_hole(data):
+                written += len(data) * len(positions[ref])
+                continue
             for at in positions[ref]:
                 view = memoryview(data)
                 while view:

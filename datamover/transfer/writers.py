@@ -33,13 +33,14 @@ def write_batch(
     blobs: list[bytes],
     files: list[WireFile],
     trash: str | None = None,
+    sparse: bool = False,
 ) -> tuple[dict[str, int], list[str]]:
     """Worker-process entry point: verify every chunk of `ranges` and write `files` (each
     under a temporary name, renamed into place with its mode and mtime; a file a user
     changed since the walk is moved into the directory `trash` first). Return the
     directories made writable to do so (`TreeWriter.unlocked`: path -> mode before), which
     the stage process gives their mode back at the end, after every batch; and the paths
-    moved to the trash.
+    moved to the trash. `sparse`: all-zero chunks become holes (`fsops.is_hole`).
 
     Raises `Corrupt` naming the file whose chunk failed verification; a file is at its final
     path only when it was written completely.
@@ -49,7 +50,9 @@ def write_batch(
     blobs.clear()
     # The stage process created the root; opened again here, never created.
     root_fd = fsops.open_root(Path(base), parts, create=False)
-    writer = fsops.TreeWriter(root_fd, Path(base, *parts), Path(trash) if trash else None)
+    writer = fsops.TreeWriter(
+        root_fd, Path(base, *parts), Path(trash) if trash else None, sparse=sparse
+    )
     try:
         for path, mode, mtime_ns, chunks, replaces in files:
             entry = Entry(path, Kind.FILE, mode, mtime_ns)
