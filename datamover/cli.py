@@ -148,8 +148,16 @@ def push(
         f"{human_bytes(result['bytes'])}; read {result['files_read']} files, uploaded "
         f"{human_bytes(result['uploaded_bytes'])} in {result['seconds']:.2f} s"
     )
-    for path in result.get("skipped_special", [])[:10]:
+    _name_skipped(result.get("skipped_special", []), result.get("skipped_special_count", 0))
+
+
+def _name_skipped(paths: list[str], count: int) -> None:
+    """Name the first ten special files a push or verify skipped on stderr, and count the
+    rest."""
+    for path in paths[:10]:
         click.echo(f"  skipped special file {path}", err=True)
+    if count > 10:
+        click.echo(f"  and {count - 10} more special files (sockets, FIFOs, devices)", err=True)
 
 
 @cli.command()
@@ -251,13 +259,15 @@ def verify(
     if as_json:
         emit_json(result.to_json())
     else:
-        verdict = "matches" if result.ok else f"differs ({result.problem_count} problems)"
+        problems = f"{result.problem_count} problem" + ("" if result.problem_count == 1 else "s")
+        verdict = "matches" if result.ok else f"differs ({problems})"
         click.echo(
             f"{result.dataset}: local tree {verdict} version {result.version} "
             f"({result.files_checked} files, {human_bytes(result.bytes_checked)} checked)"
         )
         for problem in result.problems:
             click.echo(f"  {problem}")
+        _name_skipped(result.skipped_special, result.skipped_special_count)
     if not result.ok:
         sys.exit(1)
 

@@ -78,7 +78,8 @@ class PushResult:
     new_chunk_bytes: int = 0
     packs: int = 0
     seconds: float = 0.0
-    skipped_special: list[str] = field(default_factory=list)
+    skipped_special: list[str] = field(default_factory=list)  # the first 100 of them
+    skipped_special_count: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -483,6 +484,7 @@ async def _build(
     stats = scanner.stats
     result.files_read, result.bytes_read = stats.files_read, stats.bytes_read
     result.skipped_special = stats.skipped_special
+    result.skipped_special_count = stats.skipped_special_count
     result.new_chunks, result.new_chunk_bytes = (
         packer.stats.new_chunks,
         packer.stats.new_chunk_bytes,

@@ -56,6 +56,7 @@ class ScanStats:
     bytes_read: int = 0
     files_unchanged: int = 0
     skipped_special: list[str] = field(default_factory=list)
+    skipped_special_count: int = 0
 
 
 def _problem(p: ReadProblem) -> Exception:
@@ -182,6 +183,7 @@ class Scanner:
         except BrokenProcessPool:
             raise procpool.lost("reader") from None
         self.stats.skipped_special = self.walker.skipped_special
+        self.stats.skipped_special_count = self.walker.skipped_special_count
         return batch
 
     # -- merge ------------------------------------------------------------------------

@@ -2,13 +2,14 @@
 
 Checks every entry's presence, kind, mode, symlink target, file size, mtime and content (each
 chunk re-hashed with BLAKE3 at its manifest offset); local entries the version does not have
-count as differences unless `allow_extra`. Directories' mtimes are compared too (stage sets
-them last), except with `allow_extra`, since adding a file changes its directory's mtime;
-symlinks' mtimes are not (stage keeps a link that points right as it is). An mtime counts as
-the entry's when it is what this file system stores for the entry's (1 s timestamps, no time
-before 1901), as stage compares them (`fsops.stored_mtime`). The dataset's directory must be
-a directory itself, not a symlink below the configured one: stage never writes through one,
-so a tree reached through it is not the one stage maintains.
+count as differences unless `allow_extra`, except sockets, FIFOs and devices, which push
+skips (they hold no data): those are listed, never a difference. Directories' mtimes are
+compared too (stage sets them last), except with `allow_extra`, since adding a file changes
+its directory's mtime; symlinks' mtimes are not (stage keeps a link that points right as it
+is). An mtime counts as the entry's when it is what this file system stores for the entry's
+(1 s timestamps, no time before 1901), as stage compares them (`fsops.stored_mtime`). The
+dataset's directory must be a directory itself, not a symlink below the configured one:
+stage never writes through one, so a tree reached through it is not the one stage maintains.
 Read-only (the timestamp probe's file has no name where the file system allows); streams
 both sides. The walk holds the dataset's lock shared (`locks`): a verify does not start
 while a stage of the dataset runs on this host (`Conflict`), and a stage waits while a
@@ -50,6 +51,10 @@ class VerifyResult:
     bytes_checked: int = 0
     problem_count: int = 0
     problems: list[str] = field(default_factory=list)
+    #: Local sockets, FIFOs and devices the version has nothing at: push skips them, so
+    #: they are no difference (the first 100 named, all counted).
+    skipped_special: list[str] = field(default_factory=list)
+    skipped_special_count: int = 0
     seconds: float = 0.0
 
     def add(self, problem: str) -> None:
@@ -58,6 +63,12 @@ class VerifyResult:
         self.problem_count += 1
         if len(self.problems) < _MAX_LISTED:
             self.problems.append(problem)
+
+    def skip_special(self, path: str) -> None:
+        """Record a special file the version has no entry at."""
+        self.skipped_special_count += 1
+        if len(self.skipped_special) < _MAX_LISTED:
+            self.skipped_special.append(path)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -152,7 +163,9 @@ def _merge(
             result.add(f"{entry.path}: missing")
             entry = next(target, None)
         elif local is not None and (ekey is None or (lkey is not None and lkey < ekey)):
-            if not allow_extra:
+            if local.kind is None:
+                result.skip_special(local.path)
+            elif not allow_extra:
                 result.add(f"{local.path}: not in the version")
             if local.kind == Kind.DIR:
                 walker.prune()

@@ -41,6 +41,8 @@ log = logging.getLogger(__name__)
 PARTIAL_RE = re.compile(r"^\.dm-[0-9a-f]{16}\.part$")
 
 
+#: How many skipped special files a walk names (the rest are only counted).
+SKIPPED_SAMPLE = 100
 UNKNOWN = -1  # a stat field not read yet (see `Walker(stat_files=False)`)
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -82,7 +84,10 @@ class Walker:
         self.stat_files = stat_files
         self.keep_unlocked = keep_unlocked
         self.unlocked: dict[str, int] = {}
+        #: Special files a strict walk skipped: the first `SKIPPED_SAMPLE` by path, and all
+        #: counted.
         self.skipped_special: list[str] = []
+        self.skipped_special_count = 0
         # One (entries, directory descriptor, directory path) per level being walked.
         self._stack: list[tuple[Iterator[LocalEntry], int, str]] = []
         self._pending_dir: str | None = None
@@ -292,7 +297,9 @@ class Walker:
                 kind = None
             path = prefix + item.name
             if kind is None and self.strict:
-                self.skipped_special.append(path)
+                self.skipped_special_count += 1
+                if len(self.skipped_special) < SKIPPED_SAMPLE:
+                    self.skipped_special.append(path)
                 continue
             yield LocalEntry(
                 path,
