@@ -4,7 +4,8 @@
 bucket that a background thread made ahead (SeaweedFS takes about 0.2 s, mostly waiting, to
 grow a new bucket's first volume) and drops it with its contents afterwards (each bucket holds
 SeaweedFS volumes, so they are not left to pile up); `store_factory` makes `S3Store`s on that
-bucket, closed after the test.
+bucket, closed after the test. `proxy` is a `FaultProxy` in front of that SeaweedFS, for faults
+a healthy server never shows.
 """
 
 from __future__ import annotations
@@ -12,10 +13,13 @@ from __future__ import annotations
 import queue
 import secrets
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from datamover.embedded import EmbeddedSeaweed
 from datamover.storage.s3 import S3Store
@@ -117,3 +121,74 @@ async def store_factory(seaweed: EmbeddedSeaweed, bucket: str) -> AsyncIterator[
 def s3_store(store_factory: StoreFactory) -> S3Store:
     """An `S3Store` on a fresh bucket."""
     return store_factory()
+
+
+#: A rule sees each request (and its body) and returns an answer to send instead of
+#: forwarding it, or None to forward it.
+Rule = Callable[[web.Request, bytes], Awaitable[web.StreamResponse | None]]
+
+
+@dataclass
+class FaultProxy:
+    """A small aiohttp server that forwards every request to `upstream` unchanged (the Host
+    header too, which the signature covers) unless `rule` answers it instead. `seen` lists
+    `(method, path_qs)` of every request."""
+
+    upstream: str
+    rule: Rule | None = None
+    seen: list[tuple[str, str]] = field(default_factory=list)
+    endpoint: str = ""
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        self.seen.append((request.method, request.path_qs))
+        if self.rule is not None:
+            answer = await self.rule(request, body)
+            if answer is not None:
+                return answer
+        status, headers, data = await self.forward(request, body)
+        resp = web.Response(status=status, body=data)
+        for name, value in headers:
+            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+                resp.headers.add(name, value)
+        return resp
+
+    async def forward(
+        self, request: web.Request, body: bytes
+    ) -> tuple[int, list[tuple[str, str]], bytes]:
+        """The upstream's answer to `request`: status, headers and the whole body."""
+        headers = {k: v for k, v in request.headers.items() if k.lower() != "connection"}
+        async with (
+            aiohttp.ClientSession(auto_decompress=False) as session,
+            session.request(
+                request.method,
+                self.upstream + request.path_qs,
+                headers=headers,
+                data=body if body else None,
+                allow_redirects=False,
+            ) as up,
+        ):
+            data = await up.read()
+            return up.status, list(up.headers.items()), data
+
+
+@pytest.fixture
+async def proxy(seaweed: EmbeddedSeaweed) -> AsyncIterator[FaultProxy]:
+    """A `FaultProxy` in front of the session's SeaweedFS."""
+    fault = FaultProxy(seaweed.endpoint)
+    app = web.Application(client_max_size=1 << 30)
+    app.router.add_route("*", "/{tail:.*}", fault.handle)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    fault.endpoint = f"http://127.0.0.1:{port}"
+    yield fault
+    await runner.cleanup()
+
+
+def s3_error(status: int, code: str) -> web.Response:
+    """An S3 error answer."""
+    body = f"<Error><Code>{code}</Code><Message>injected {code}</Message></Error>"
+    return web.Response(status=status, body=body.encode(), content_type="application/xml")

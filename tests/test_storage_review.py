@@ -1,9 +1,7 @@
 """Defects found in review of the storage layer, each shown against a real SeaweedFS.
 
 Faults a healthy SeaweedFS never shows (a throttling answer, a body cut off mid-way, a range
-answered short) come from `FaultProxy`: a small aiohttp server in front of SeaweedFS that
-forwards every request unchanged (the Host header too, which the signature covers) unless a
-test's rule answers it instead.
+answered short) come from `FaultProxy` (tests/fixtures_store.py), in front of SeaweedFS.
 """
 
 from __future__ import annotations
@@ -14,11 +12,9 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import aiohttp
 import pytest
 from aiohttp import web
 
@@ -29,79 +25,9 @@ from datamover.storage.base import Store
 from datamover.storage.memory import MemoryStore
 from datamover.storage.posix import PosixStore
 from datamover.storage.s3 import S3Store
-from tests.fixtures_store import StoreFactory
+from tests.fixtures_store import FaultProxy, Rule, StoreFactory
 
 MiB = 1 << 20
-
-#: A rule sees each request (and its body) and returns an answer to send instead of
-#: forwarding it, or None to forward it.
-Rule = Callable[[web.Request, bytes], Awaitable[web.StreamResponse | None]]
-
-
-@dataclass
-class FaultProxy:
-    """Forwards to `upstream`; `rule` may answer a request itself. `seen` lists
-    `(method, path_qs)` of every request."""
-
-    upstream: str
-    rule: Rule | None = None
-    seen: list[tuple[str, str]] = field(default_factory=list)
-    endpoint: str = ""
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        self.seen.append((request.method, request.path_qs))
-        if self.rule is not None:
-            answer = await self.rule(request, body)
-            if answer is not None:
-                return answer
-        status, headers, data = await self.forward(request, body)
-        resp = web.Response(status=status, body=data)
-        for name, value in headers:
-            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
-                resp.headers.add(name, value)
-        return resp
-
-    async def forward(
-        self, request: web.Request, body: bytes
-    ) -> tuple[int, list[tuple[str, str]], bytes]:
-        """The upstream's answer to `request`: status, headers and the whole body."""
-        headers = {k: v for k, v in request.headers.items() if k.lower() != "connection"}
-        async with (
-            aiohttp.ClientSession(auto_decompress=False) as session,
-            session.request(
-                request.method,
-                self.upstream + request.path_qs,
-                headers=headers,
-                data=body if body else None,
-                allow_redirects=False,
-            ) as up,
-        ):
-            data = await up.read()
-            return up.status, list(up.headers.items()), data
-
-
-@pytest.fixture
-async def proxy(seaweed: EmbeddedSeaweed) -> AsyncIterator[FaultProxy]:
-    """A `FaultProxy` in front of the session's SeaweedFS."""
-    fault = FaultProxy(seaweed.endpoint)
-    app = web.Application(client_max_size=1 << 30)
-    app.router.add_route("*", "/{tail:.*}", fault.handle)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    fault.endpoint = f"http://127.0.0.1:{port}"
-    yield fault
-    await runner.cleanup()
-
-
-def s3_error(status: int, code: str) -> web.Response:
-    """An S3 error answer."""
-    body = f"<Error><Code>{code}</Code><Message>injected {code}</Message></Error>"
-    return web.Response(status=status, body=body.encode(), content_type="application/xml")
-
 
 _RANGE = re.compile(r"bytes=(\d+)-(\d*)")
 
