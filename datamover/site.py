@@ -16,7 +16,7 @@ from datamover.errors import InvalidInput
 from datamover.repo.repository import Repository
 from datamover.storage.bandwidth import ThrottledStore
 from datamover.storage.base import Store
-from datamover.storage.retry import RetryingStore
+from datamover.storage.retry import RetryingStore, RetryPolicy
 
 
 def make_state_dir(config: Config) -> Path:
@@ -34,10 +34,17 @@ def make_state_dir(config: Config) -> Path:
 
 
 def make_store(config: Config) -> Store:
-    """The configured S3 store, with retries on transient faults and the bandwidth budget."""
+    """The configured S3 store, with retries on transient faults and the bandwidth budget.
+
+    One retry policy serves both levels: `RetryingStore` retries a whole call, the S3 driver
+    a failed part of a multipart upload. A part that fails every try ends the put without a
+    retry of the whole, so a part is sent at most `retry_attempts` times in a put; only a
+    failure outside the parts (starting or completing the upload, or the upload vanishing)
+    runs the put again, up to `retry_attempts` times (docs/design.md, "Store access")."""
     from datamover.storage.s3 import S3Store
 
     s = config.store
+    retry = RetryPolicy(attempts=s.retry_attempts)
     inner = S3Store(
         s.endpoint or None,
         s.bucket,
@@ -48,10 +55,11 @@ def make_store(config: Config) -> Store:
         # Packs (tens of MiB) go up in one PUT each, several at once; parts would only add
         # copies and requests. Larger objects still use multipart.
         multipart_threshold=64 << 20,
+        retry_part=retry,
         connect_timeout=s.connect_timeout,
         read_timeout=s.read_timeout,
     )
-    store: Store = RetryingStore(inner, attempts=s.retry_attempts)
+    store: Store = RetryingStore(inner, policy=retry)
     limit = config.transfer.bandwidth_limit
     if limit > 0:
         store = ThrottledStore(store, upload=limit, download=limit)

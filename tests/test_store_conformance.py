@@ -25,7 +25,9 @@ from datamover.errors import (
     InvalidInput,
     ObjectNotFound,
     StoreAccessDenied,
+    StoreRetriesExhausted,
     StoreUnavailable,
+    UploadLost,
 )
 from datamover.storage.base import ObjectInfo, Store
 from datamover.storage.memory import MemoryStore
@@ -525,7 +527,7 @@ class FlakyStore(MemoryStore):
 
 
 async def test_retrying_store_retries_transient_faults_then_succeeds() -> None:
-    inner = FlakyStore([StoreUnavailable("blip"), StoreUnavailable("blip")])
+    inner = FlakyStore([StoreUnavailable("blip"), UploadLost("a new put can succeed")])
     await inner.put("k", b"abc")
     store = RetryingStore(inner, attempts=3, initial=0.001, maximum=0.01)
     assert await store.head("k") == ObjectInfo("k", 3)
@@ -542,7 +544,13 @@ async def test_retrying_store_gives_up_after_n_attempts() -> None:
 
 
 @pytest.mark.parametrize(
-    "error", [StoreAccessDenied("no"), BucketNotFound("gone"), ObjectNotFound("absent")]
+    "error",
+    [
+        StoreAccessDenied("no"),
+        BucketNotFound("gone"),
+        ObjectNotFound("absent"),
+        StoreRetriesExhausted("a part of it was tried as often as the policy allows"),
+    ],
 )
 async def test_retrying_store_does_not_retry_permanent_errors(error: Exception) -> None:
     inner = FlakyStore([error, StoreUnavailable("would succeed next")])

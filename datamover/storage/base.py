@@ -27,13 +27,18 @@ Contract, for every implementation:
 - `delete` of a missing key is not an error (idempotent).
 - Transient faults raise `StoreUnavailable` (safe to retry every call above, all of which are
   idempotent); refusals raise `StoreAccessDenied` or `BucketNotFound` (never retry).
+  `StoreRetriesExhausted` is a `StoreUnavailable` whose call already retried a step of
+  itself as often as its policy allows: wrappers do not retry the call again.
+
+A driver whose call has steps worth retrying on their own (S3's multipart parts) takes a
+`RetryStep` from whoever builds the store stack; it never chooses a policy of its own.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
 from datamover.errors import InvalidInput
 
@@ -83,6 +88,21 @@ class Store(Protocol):
 
     async def close(self) -> None:
         """Release connections. Idempotent."""
+        ...
+
+
+T = TypeVar("T")
+
+
+class RetryStep(Protocol):
+    """Retries one idempotent step inside a store call (rclone's "low-level retries"), so a
+    fault costs that step again, not the whole call. `storage.retry.RetryPolicy` is one."""
+
+    async def __call__(self, step: Callable[[], Awaitable[T]], what: str) -> T:
+        """`step()`'s result. A `TransientError` is retried, except `UploadLost` (retrying the
+        step cannot cure it); when the tries run out, `StoreRetriesExhausted` from the last
+        fault is raised, naming `what` ("part 3 of 'key'"). Any other error, and
+        cancellation (also while waiting to try again), passes at once."""
         ...
 
 

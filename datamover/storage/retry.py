@@ -1,5 +1,10 @@
-"""Wrappers that are themselves Stores: `RetryingStore` (retries) and `LimitedStore` (a bound
-on concurrent calls). Drivers never retry or throttle; these do, the same way for every driver.
+"""Retries and concurrency limits, the same way for every driver.
+
+`RetryPolicy` says how a transient fault is retried (tenacity, full-jitter exponential
+backoff). `RetryingStore` retries whole calls with it and `LimitedStore` bounds concurrent
+calls: wrappers that are themselves Stores. A driver whose call has steps worth retrying on
+their own (S3's multipart parts) is handed the same policy as a `RetryStep` by whoever
+builds the stack (`site.make_store`); drivers never retry or throttle of their own accord.
 """
 
 from __future__ import annotations
@@ -9,17 +14,18 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
-    retry_if_exception_type,
+    retry_if_exception,
     stop_after_attempt,
     wait_random_exponential,
 )
 
-from datamover.errors import InvalidInput, TransientError
+from datamover.errors import InvalidInput, StoreRetriesExhausted, TransientError, UploadLost
 from datamover.storage.base import ObjectInfo, Store
 
 log = logging.getLogger(__name__)
@@ -27,11 +33,76 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+def _call_retryable(exc: BaseException) -> bool:
+    """Whether `RetryingStore` retries a call that raised `exc`: a transient fault, unless the
+    call already retried a step of itself as often as the policy allows."""
+    return isinstance(exc, TransientError) and not isinstance(exc, StoreRetriesExhausted)
+
+
+def _step_retryable(exc: BaseException) -> bool:
+    """Whether a step inside a call is retried: as a call, unless the step cannot succeed
+    again whatever happens (its multipart upload is gone)."""
+    return _call_retryable(exc) and not isinstance(exc, UploadLost)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Up to `attempts` tries in all, sleeping a random time up to `initial * 2**n` (at most
+    `maximum`) seconds between tries ("full jitter", so many clients hitting one overloaded
+    server spread out); transient errors only, anything else is raised at once.
+
+    Called as a `RetryStep` (storage/base.py) it retries one step inside a store call: a
+    step that fails `attempts` times raises `StoreRetriesExhausted`, which `RetryingStore`
+    does not retry, so tries do not multiply across the two levels.
+    """
+
+    attempts: int = 5
+    initial: float = 0.2
+    maximum: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.initial < 0 or self.maximum < 0:
+            raise InvalidInput(
+                f"bad retry settings attempts={self.attempts} initial={self.initial}"
+            )
+
+    async def __call__(self, step: Callable[[], Awaitable[T]], what: str) -> T:
+        """`step()`, retried as the `RetryStep` contract says."""
+        try:
+            return await self.retrying(_step_retryable, what)(step)
+        except TransientError as exc:
+            if not _step_retryable(exc):
+                raise
+            tries = "1 try" if self.attempts == 1 else f"{self.attempts} tries"
+            raise StoreRetriesExhausted(f"gave up on {what} after {tries}: {exc}") from exc
+
+    def retrying(self, retry: Callable[[BaseException], bool], what: str) -> AsyncRetrying:
+        """A tenacity controller of this policy that retries what `retry` accepts and logs
+        each failure it retries, naming `what` ("put on s3://...")."""
+
+        def log_retry(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "%s failed (attempt %d of %d): %s", what, state.attempt_number, self.attempts, exc
+            )
+
+        return AsyncRetrying(
+            stop=stop_after_attempt(self.attempts),
+            wait=wait_random_exponential(multiplier=self.initial, max=self.maximum),
+            retry=retry_if_exception(retry),
+            reraise=True,
+            before_sleep=log_retry,
+        )
+
+    def wait(self, failures: int) -> float:
+        """The same full-jitter schedule as tenacity's `wait_random_exponential`."""
+        return random.uniform(0, min(self.maximum, self.initial * 2 ** (failures - 1)))
+
+
 class RetryingStore:
-    """Retries every call that fails with a `TransientError`, up to `attempts` tries in all,
-    sleeping a random time up to `initial * 2**n` (at most `maximum`) seconds between tries
-    ("full jitter", so many clients hitting one overloaded server spread out). Any other error
-    is raised at once. Every Store call is idempotent, which is what makes this safe.
+    """Retries every call that fails with a `TransientError` (but `StoreRetriesExhausted`)
+    by `policy`, or by a `RetryPolicy` of `attempts`, `initial` and `maximum`; any other
+    error is raised at once. Every Store call is idempotent, which is what makes this safe.
 
     `list` restarts the listing after a failure and skips keys it already yielded, so a long
     listing survives faults without duplicates; its try counter starts again whenever the
@@ -39,14 +110,16 @@ class RetryingStore:
     """
 
     def __init__(
-        self, inner: Store, attempts: int = 5, initial: float = 0.2, maximum: float = 5.0
+        self,
+        inner: Store,
+        attempts: int = 5,
+        initial: float = 0.2,
+        maximum: float = 5.0,
+        *,
+        policy: RetryPolicy | None = None,
     ) -> None:
-        if attempts < 1 or initial < 0 or maximum < 0:
-            raise InvalidInput(f"bad retry settings attempts={attempts} initial={initial}")
         self.inner = inner
-        self.attempts = attempts
-        self.initial = initial
-        self.maximum = maximum
+        self.policy = policy or RetryPolicy(attempts, initial, maximum)
 
     @property
     def description(self) -> str:
@@ -94,9 +167,9 @@ class RetryingStore:
                 return
             except TransientError as exc:
                 failures = 1 if progressed else failures + 1
-                if failures >= self.attempts:
+                if failures >= self.policy.attempts or not _call_retryable(exc):
                     raise
-                delay = self._wait(failures)
+                delay = self.policy.wait(failures)
                 log.warning(
                     "listing %r of %s failed (%s); resuming in %.2f s",
                     prefix,
@@ -106,31 +179,9 @@ class RetryingStore:
                 )
                 await asyncio.sleep(delay)
 
-    def _wait(self, failures: int) -> float:
-        """The same full-jitter schedule as tenacity's `wait_random_exponential`."""
-        return random.uniform(0, min(self.maximum, self.initial * 2 ** (failures - 1)))
-
     async def _retry(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.attempts),
-            wait=wait_random_exponential(multiplier=self.initial, max=self.maximum),
-            retry=retry_if_exception_type(TransientError),
-            reraise=True,
-            before_sleep=self._log_retry,
-        )
-        return await retrying(fn, *args)
-
-    def _log_retry(self, state: RetryCallState) -> None:
-        exc = state.outcome.exception() if state.outcome else None
-        name = getattr(state.fn, "__name__", "call")
-        log.warning(
-            "%s on %s failed (attempt %d of %d): %s",
-            name,
-            self.description,
-            state.attempt_number,
-            self.attempts,
-            exc,
-        )
+        what = f"{getattr(fn, '__name__', 'call')} on {self.description}"
+        return await self.policy.retrying(_call_retryable, what)(fn, *args)
 
 
 class LimitedStore:

@@ -2,7 +2,9 @@
 
 The driver stays plain: one request per call (no retries here; `RetryingStore` wraps it), and
 every failure goes through one function, `_map_error`, that turns it into the error the caller
-acts on (`ObjectNotFound`, `BucketNotFound`, `StoreAccessDenied`, `StoreUnavailable`).
+acts on (`ObjectNotFound`, `BucketNotFound`, `StoreAccessDenied`, `StoreUnavailable`). The one
+exception: a multipart upload retries a failed part on its own, with the `RetryStep` it was
+given (`retry_part`), so a fault costs that part again, not every part of the object.
 
 Two things it does that a naive driver would not:
 
@@ -47,8 +49,9 @@ from datamover.errors import (
     PermanentError,
     StoreAccessDenied,
     StoreUnavailable,
+    UploadLost,
 )
-from datamover.storage.base import ObjectInfo, check_key, check_prefix, check_range
+from datamover.storage.base import ObjectInfo, RetryStep, check_key, check_prefix, check_range
 from datamover.storage.body import Body, crc32
 from datamover.storage.direct import DirectGetter, proxied, range_mismatch
 from datamover.storage.s3_settings import check_endpoint, check_key_setting
@@ -113,6 +116,9 @@ class S3Store:
     `access_key`/`secret_key` None, botocore's usual sources apply (`AWS_*` variables, config
     files, instance roles). Objects of `multipart_threshold` bytes or more are uploaded in parts
     of `multipart_chunk` bytes (at least 5 MiB), `multipart_concurrency` parts at a time.
+    A part that fails is sent again on its own by `retry_part` (the stack's retry policy),
+    into the same upload under the same number, which overwrites; with None a failed part
+    fails the put. Either way a failed put aborts its upload.
     Ranged GETs of `direct_min` bytes or more run on `direct_threads` threads with plain
     HTTP (direct.py), not on the event loop; `direct_threads=0` keeps every GET on aiohttp.
     The client is created on first use inside the running event loop; `close` releases it.
@@ -130,6 +136,7 @@ class S3Store:
         multipart_threshold: int = 16 * MiB,
         multipart_chunk: int = 8 * MiB,
         multipart_concurrency: int = 4,
+        retry_part: RetryStep | None = None,
         connect_timeout: float = 5,
         read_timeout: float = 60,
         direct_min: int = 4 * MiB,
@@ -161,11 +168,13 @@ class S3Store:
         self._threshold = multipart_threshold
         self._chunk = multipart_chunk
         self._part_concurrency = multipart_concurrency
+        self._retry_part = retry_part
         self._config = BotoConfig(
             s3={"addressing_style": "path", "payload_signing_enabled": False},
             signature_version="s3v4",  # presigned URLs too (botocore would sign those with V2)
-            # One attempt per call: retrying is RetryingStore's job, and botocore's own
-            # retries would multiply with it. (`max_attempts` counts retries, not attempts.)
+            # One attempt per request: retrying is RetryingStore's job (and `retry_part`'s),
+            # and botocore's own retries would multiply with it. (`max_attempts` counts
+            # retries, not attempts.)
             retries={"total_max_attempts": 1, "mode": "standard"},
             max_pool_connections=max_connections,
             connect_timeout=connect_timeout,
@@ -184,8 +193,10 @@ class S3Store:
     # -- the Store interface -------------------------------------------------------------
 
     async def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        """PutObject below the multipart threshold, else a multipart upload (aborted on any
-        failure, so no parts are left behind to be billed)."""
+        """PutObject below the multipart threshold, else a multipart upload: a part that
+        fails transiently is sent again by `retry_part`; the upload is aborted on any failure
+        of the put (and on cancellation), so no parts are left behind to be billed. A part
+        that fails every try raises `StoreRetriesExhausted`."""
         check_key(key)
         view = memoryview(data).cast("B")
         if len(view) < self._threshold:
@@ -362,7 +373,7 @@ class S3Store:
             code, status = _code(exc), _status(exc)
             if code == "NoSuchUpload":
                 # The multipart upload vanished (aborted elsewhere): a new put starts afresh.
-                raise StoreUnavailable(
+                raise UploadLost(
                     f"S3 endpoint {self.where} lost the upload of {key!r} during {op}"
                 ) from exc
             if code == "NoSuchBucket" or (status == 404 and key is None):
@@ -412,6 +423,8 @@ class S3Store:
     # -- multipart ----------------------------------------------------------------------
 
     async def _put_multipart(self, key: str, view: memoryview) -> None:
+        """Create an upload, send its parts (`_part_concurrency` at a time), complete it;
+        abort it on any failure or cancellation."""
         size = len(view)
         part_size = max(self._chunk, -(-size // MAX_PARTS))
         created = await self._call("CreateMultipartUpload", key, Key=key)
@@ -420,17 +433,25 @@ class S3Store:
             slots = asyncio.Semaphore(self._part_concurrency)
 
             async def upload(number: int, start: int) -> dict[str, Any]:
-                async with slots:
+                async with slots:  # held while a failed part waits to be sent again
                     part = view[start : start + part_size]
-                    resp = await self._call(
-                        "UploadPart",
-                        key,
-                        Key=key,
-                        UploadId=upload_id,
-                        PartNumber=number,
-                        Body=Body(part),
-                        ChecksumCRC32=await _checksum(part),
-                    )
+                    checksum = await _checksum(part)  # the same bytes on every try
+
+                    async def send() -> dict[str, Any]:
+                        return await self._call(
+                            "UploadPart",
+                            key,
+                            Key=key,
+                            UploadId=upload_id,
+                            PartNumber=number,
+                            Body=Body(part),  # a fresh one: a try may have read the last
+                            ChecksumCRC32=checksum,
+                        )
+
+                    if self._retry_part is None:
+                        resp = await send()
+                    else:
+                        resp = await self._retry_part(send, f"part {number} of {key!r}")
                     return {"PartNumber": number, "ETag": resp["ETag"]}
 
             parts = await _gather_or_cancel(

@@ -1,0 +1,240 @@
+"""A multipart part that fails transiently is sent again on its own, not the whole object.
+
+Faults are injected at the HTTP level by `FaultProxy` in front of the real SeaweedFS. The
+store is mostly the one a site builds (`site.make_store`: `RetryingStore` over `S3Store`, one
+retry policy for both), so the tests show the composition that runs, with its 64 MiB
+multipart threshold and 8 MiB parts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+
+from datamover.config import parse_config
+from datamover.embedded import EmbeddedSeaweed
+from datamover.errors import (
+    ObjectNotFound,
+    StoreAccessDenied,
+    StoreRetriesExhausted,
+    StoreUnavailable,
+)
+from datamover.site import make_store
+from datamover.storage.base import Store
+from datamover.storage.body import crc32
+from datamover.storage.retry import RetryPolicy
+from tests.fixtures_store import FaultProxy, StoreFactory, s3_error
+
+MiB = 1 << 20
+PART = 8 * MiB  # S3Store's default part size, which make_store keeps
+SIZE = 64 * MiB  # make_store's multipart threshold: eight parts
+FAILING = 3  # the part number the tests fail
+
+#: What to do with an UploadPart request, given the request, its body, its part number and
+#: which request of that part it is (1 for the first): an answer to send instead of
+#: forwarding it, or None to forward it.
+Fault = Callable[[web.Request, bytes, int, int], Awaitable[web.StreamResponse | None]]
+
+
+async def no_fault(request: web.Request, body: bytes, number: int, nth: int) -> None:
+    return None
+
+
+@dataclass
+class Uploads:
+    """Counts the multipart requests `proxy` sees and lets `fault` answer UploadParts."""
+
+    proxy: FaultProxy
+    fault: Fault = no_fault
+    creates: int = 0
+    sent: Counter[int] = field(default_factory=Counter)  # UploadPart requests by part number
+    sent_bytes: int = 0  # UploadPart bodies
+    bad_checksums: list[int] = field(default_factory=list)  # parts whose CRC32 header lied
+
+    def __post_init__(self) -> None:
+        self.proxy.rule = self.rule
+
+    async def rule(self, request: web.Request, body: bytes) -> web.StreamResponse | None:
+        if request.method == "POST" and "uploads" in request.query:
+            self.creates += 1
+        if request.method != "PUT" or "partNumber" not in request.query:
+            return None
+        number = int(request.query["partNumber"])
+        self.sent[number] += 1
+        self.sent_bytes += len(body)
+        if request.headers.get("x-amz-checksum-crc32") != crc32(body):
+            self.bad_checksums.append(number)
+        return await self.fault(request, body, number, self.sent[number])
+
+
+def answer(status: int, code: str, tries: int | None = None) -> Fault:
+    """Answer the first `tries` requests of part `FAILING` (every one if None) with an S3
+    error, forward the rest."""
+
+    async def fault(
+        request: web.Request, body: bytes, number: int, nth: int
+    ) -> web.Response | None:
+        if number == FAILING and (tries is None or nth <= tries):
+            return s3_error(status, code)
+        return None
+
+    return fault
+
+
+def store_then_fail(proxy: FaultProxy) -> Fault:
+    """Store the first request of part `FAILING`, then answer it with a gateway timeout: the
+    part is on the server, the client sees a failure and sends it again, which overwrites it.
+    (A connection dropped instead would not do: aiohttp itself sends a PUT again once when a
+    kept-alive connection closes under it.)"""
+
+    async def fault(
+        request: web.Request, body: bytes, number: int, nth: int
+    ) -> web.Response | None:
+        if (number, nth) != (FAILING, 1):
+            return None
+        await proxy.forward(request, body)
+        return s3_error(504, "GatewayTimeout")
+
+    return fault
+
+
+def site_store(tmp_path: Path, seaweed: EmbeddedSeaweed, endpoint: str, bucket: str) -> Store:
+    """The store `datamover` builds for a site on `bucket` at `endpoint`, 3 tries a call."""
+    config = parse_config(
+        {
+            "site": {"name": "a", "state_dir": str(tmp_path / "state")},
+            "store": {
+                "endpoint": endpoint,
+                "bucket": bucket,
+                "access_key": seaweed.access_key,
+                "secret_key": seaweed.secret_key,
+                "retry_attempts": 3,
+            },
+        },
+        "test.toml",
+        env={},
+    )
+    return make_store(config)
+
+
+def no_uploads_left(seaweed: EmbeddedSeaweed, bucket: str) -> bool:
+    return not seaweed.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
+
+
+def stored(seaweed: EmbeddedSeaweed, bucket: str, key: str) -> bytes:
+    data: bytes = seaweed.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+    return data
+
+
+@pytest.mark.parametrize("where", ["refused", "stored-then-failed"])
+async def test_a_part_failing_once_is_sent_again_alone(
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path, where: str
+) -> None:
+    # Before: the upload was aborted and RetryingStore ran the whole put again, sending all
+    # eight parts (64 MiB) a second time for one failed 8 MiB part.
+    fault = answer(503, "SlowDown", 1) if where == "refused" else store_then_fail(proxy)
+    uploads = Uploads(proxy, fault)
+    data = os.urandom(SIZE)
+    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
+    try:
+        await store.put("big", data)
+    finally:
+        await store.close()
+    assert uploads.creates == 1, "one multipart upload, not a second put"
+    assert uploads.sent == {n: 2 if n == FAILING else 1 for n in range(1, 9)}
+    assert uploads.sent_bytes == SIZE + PART
+    assert uploads.bad_checksums == []
+    assert stored(seaweed, bucket, "big") == data
+    assert no_uploads_left(seaweed, bucket)
+
+
+async def test_a_part_failing_every_time_ends_the_put_after_the_documented_tries(
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path
+) -> None:
+    # Before: the failing part was sent 3 times (once per run of the whole put) and every
+    # other part up to 3 times with it.
+    uploads = Uploads(proxy, answer(500, "InternalError"))
+    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
+    try:
+        with pytest.raises(StoreRetriesExhausted) as err:
+            await store.put("big", os.urandom(SIZE))
+        assert str(err.value) == (
+            f"gave up on part 3 of 'big' after 3 tries: S3 endpoint {proxy.endpoint} failed "
+            "UploadPart on 'big': InternalError (HTTP 500)"
+        )
+        assert isinstance(err.value, StoreUnavailable)  # a later transfer attempt may succeed
+        with pytest.raises(ObjectNotFound):
+            await store.head("big")
+    finally:
+        await store.close()
+    assert uploads.sent[FAILING] == 3, "[store] retry_attempts tries of the part"
+    assert uploads.creates == 1, "RetryingStore did not run the whole put again"
+    assert max(n for part, n in uploads.sent.items() if part != FAILING) <= 1
+    assert no_uploads_left(seaweed, bucket)
+
+
+async def test_a_part_refused_for_good_ends_the_put_at_once(
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path
+) -> None:
+    uploads = Uploads(proxy, answer(403, "AccessDenied"))
+    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
+    try:
+        with pytest.raises(StoreAccessDenied):
+            await store.put("big", os.urandom(SIZE))
+    finally:
+        await store.close()
+    assert uploads.sent[FAILING] == 1
+    assert uploads.creates == 1
+    assert no_uploads_left(seaweed, bucket)
+
+
+async def test_a_vanished_upload_is_not_retried_part_by_part_but_put_afresh(
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path
+) -> None:
+    # NoSuchUpload: no part of that upload can be sent again, but a new upload can succeed.
+    uploads = Uploads(proxy, answer(404, "NoSuchUpload", 1))
+    data = os.urandom(SIZE)
+    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
+    try:
+        await store.put("big", data)
+    finally:
+        await store.close()
+    assert uploads.creates == 2, "the part was not sent again into the lost upload"
+    assert stored(seaweed, bucket, "big") == data
+    assert no_uploads_left(seaweed, bucket)
+
+
+async def test_a_put_cancelled_while_a_part_waits_to_be_retried_aborts_the_upload(
+    proxy: FaultProxy, store_factory: StoreFactory, seaweed: EmbeddedSeaweed, bucket: str
+) -> None:
+    failed = asyncio.Event()
+    refuse = answer(503, "SlowDown")
+
+    async def fault(
+        request: web.Request, body: bytes, number: int, nth: int
+    ) -> web.Response | None:
+        if number == FAILING:
+            failed.set()
+        return await refuse(request, body, number, nth)
+
+    uploads = Uploads(proxy, fault)
+    store = store_factory(
+        endpoint=proxy.endpoint,
+        multipart_threshold=6 * MiB,
+        multipart_chunk=5 * MiB,
+        retry_part=RetryPolicy(attempts=5, initial=60, maximum=60),
+    )
+    put = asyncio.create_task(store.put("big", os.urandom(25 * MiB)))
+    await asyncio.wait_for(failed.wait(), 30)
+    put.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await put
+    assert uploads.sent[FAILING] == 1, "cancelled during the pause before the next try"
+    assert no_uploads_left(seaweed, bucket)
