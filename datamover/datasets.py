@@ -57,7 +57,8 @@ class DatasetInfo:
 
 async def iter_datasets(site: Site, prefix: str = "/") -> AsyncIterator[DatasetInfo]:
     """Every dataset under logical `prefix` with all its versions, one dataset at a time,
-    in the store's key order (the percent-encoded path: `/proj/a/b` before `/proj/a`).
+    in the store's key order (the percent-encoded path: `/proj/a/b` before `/proj/a`; see
+    `Repository.datasets` for a long prefix).
 
     A document is known by its dataset and id together: the catalog's cache is keyed by id,
     and a bucket may hold one id under two datasets (a document copied or crafted there), so

@@ -257,9 +257,10 @@ async def test_keys_not_valid_unicode_or_over_1024_bytes_are_invalid_input(
 async def test_a_part_too_long_for_the_medium_is_refused_as_invalid_input(
     any_store: Store,
 ) -> None:
-    # A percent-encoded dataset path is one part of a key and can pass 255 bytes. Before:
-    # POSIX raised StoreUnavailable (ENAMETOOLONG, retried as if it could pass), S3 a
-    # PermanentError (SeaweedFS's KeyTooLongError); memory stores it.
+    # A dataset path's uncut encoding, as keys held it before long ones were cut
+    # (docs/format.md, "Keys"), can pass 255 bytes. Before: POSIX raised StoreUnavailable
+    # (ENAMETOOLONG, retried as if it could pass), S3 a PermanentError (KeyTooLongError);
+    # memory stores it, and so does SeaweedFS, whose limit is on a key's last part only.
     key = "datasets/" + "%E6%95%B0" * 40 + "/versions/v1"
     try:
         await any_store.put(key, b"doc")

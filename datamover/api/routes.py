@@ -35,6 +35,7 @@ from datamover.domain.paths import check_logical_path
 from datamover.domain.transfers import TERMINAL, State, check_idempotency_key
 from datamover.errors import Conflict, DatamoverError, Forbidden, InvalidInput, NotFound
 from datamover.metrics import CONTENT_TYPE
+from datamover.repo.layout import check_key_length
 from datamover.scheduler.endings import RECHECK, until
 
 _OPENAPI = json.loads(resources.files("datamover.api").joinpath("openapi.json").read_text())
@@ -116,6 +117,8 @@ async def submit_transfer(request: web.Request) -> web.Response:
     path = logical_path(body.get("path"))
     who = require(request, "write", path)
     ctx.site.config.namespace.resolve(path)  # a path this site cannot map is a bad request
+    if kind == "push":
+        check_key_length(path, ctx.site.name)  # it could never publish: not queued to fail
     pin = string(body, "pin", optional=True, max_len=200)
     requested = version(body.get("version"))
     if kind == "push" and (requested or pin or body.get("delete")):

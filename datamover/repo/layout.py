@@ -12,6 +12,7 @@ from urllib.parse import quote, unquote
 from datamover.domain.ids import check_site_name, check_version_id
 from datamover.domain.paths import check_logical_path
 from datamover.errors import Corrupt, InvalidInput
+from datamover.storage.base import MAX_KEY_BYTES
 
 CONFIG_KEY = "config"
 _HEX64 = re.compile("[0-9a-f]{64}")
@@ -22,6 +23,14 @@ DATASETS = "datasets/"
 FORMAT_VERSION = 1
 
 
+#: The longest key part every store takes: a file name on POSIX file systems, a path
+#: segment on MinIO. A longer encoded path is cut into parts of at most this many bytes.
+KEY_PART_BYTES = 255
+#: A version key's bytes besides the path and the site name: `datasets/`, `/versions/` and
+#: the version id's time (23 bytes), two `-` and 8 hex digits.
+_KEY_BESIDES = len(DATASETS) + len("/versions/") + 23 + 2 + 8
+
+
 def manifest_key(digest: bytes) -> str:
     """Key of a manifest segment or list."""
     h = digest.hex()
@@ -29,13 +38,61 @@ def manifest_key(digest: bytes) -> str:
 
 
 def encode_dataset(path: str) -> str:
-    """The key part for a logical path (prefix-preserving percent-encoding)."""
+    """The key parts for a logical path (docs/format.md, "Keys"): its percent-encoding, cut
+    into parts of at most `KEY_PART_BYTES` between characters, a part never starting with
+    a literal `.`. An encoding of at most `KEY_PART_BYTES` is not cut (as before cutting).
+
+    Where a cut falls depends only on the characters before it and the one after, so the
+    key parts of a path prefix are a string prefix of those of every longer path."""
+    whole = quote(path, safe="")
+    n = len(whole)
+    if n <= KEY_PART_BYTES:
+        return whole
+    parts: list[str] = []
+    start, lead = 0, ""  # `lead`: `%2E` for a `.` that begins the part
+    while n - start > KEY_PART_BYTES - len(lead):
+        # The part ends at the last character boundary that fits: not inside an escape
+        # (every `%` starts one) nor before an escaped UTF-8 continuation byte (0x80-0xBF;
+        # `quote` writes hex in uppercase).
+        end = start + KEY_PART_BYTES - len(lead)
+        while "%" in whole[end - 2 : end] or (whole[end] == "%" and whole[end + 1] in "89AB"):
+            end -= 1
+        parts.append(lead + whole[start:end])
+        # The next part may be the last and that short: it is never `.` or `..`.
+        start, lead = (end + 1, "%2E") if whole[end] == "." else (end, "")
+    parts.append(lead + whole[start:])
+    return "/".join(parts)
+
+
+def legacy_encoding(path: str) -> str:
+    """The key part datamover wrote before it cut long encodings: `quote(path, safe="")`
+    whole. Equal to `encode_dataset(path)` unless that is cut."""
     return quote(path, safe="")
+
+
+def check_key_length(path: str, site: str) -> str:
+    """Return `path` if `site` can publish a version of it, else `InvalidInput` in one line:
+    its version keys, with `site`'s version ids, must fit `MAX_KEY_BYTES`."""
+    size = _KEY_BESIDES + len(site) + len(encode_dataset(path))
+    if size > MAX_KEY_BYTES:
+        raise InvalidInput(
+            f"logical path {path!r} is too long for the store: its version keys would take "
+            f"{size} bytes (the path percent-encoded, and this site's version ids), more "
+            f"than S3's {MAX_KEY_BYTES}-byte key limit; use a shorter path"
+        )
+    return path
 
 
 def dataset_prefix(path_prefix: str) -> str:
     """Key prefix under which every dataset whose path starts with `path_prefix` lives."""
     return DATASETS + encode_dataset(path_prefix)
+
+
+def legacy_dataset_prefix(path_prefix: str) -> str | None:
+    """Key prefix of the uncut (legacy) keys of datasets whose path starts with
+    `path_prefix`, when `dataset_prefix` does not cover them; else None."""
+    legacy = legacy_encoding(path_prefix)
+    return None if len(legacy) <= KEY_PART_BYTES else DATASETS + legacy
 
 
 def versions_prefix(dataset: str) -> str:
@@ -48,22 +105,34 @@ def version_key(dataset: str, version: str) -> str:
     return versions_prefix(dataset) + version
 
 
+def legacy_versions_prefix(dataset: str) -> str | None:
+    """Key prefix of a long dataset path's version documents as datamover wrote them before
+    it cut long encodings (docs/format.md, "Keys": still read, and written for a dataset
+    whose versions live there), or None when that is `versions_prefix(dataset)` itself."""
+    legacy = legacy_encoding(dataset)
+    return None if len(legacy) <= KEY_PART_BYTES else f"{DATASETS}{legacy}/versions/"
+
+
 def parse_version_key(key: str) -> tuple[str, str] | None:
     """`(dataset, version)` of a version document key, or None for anything else (including
-    a key that is not exactly `version_key(dataset, version)`)."""
+    a key that is neither `version_key(dataset, version)` nor its legacy form)."""
     if not key.startswith(DATASETS):
         return None
-    encoded, sep, version = key[len(DATASETS) :].partition("/versions/")
+    # Version ids hold no `/`; a cut encoding may hold a part `versions`.
+    encoded, sep, version = key[len(DATASETS) :].rpartition("/versions/")
     if not sep:
         return None
     try:
-        dataset = check_logical_path(unquote(encoded, errors="strict"))
         check_version_id(version)
+        dataset = check_logical_path(unquote(encoded.replace("/", ""), errors="strict"))
     except (InvalidInput, UnicodeDecodeError):
         return None
-    # Only the canonical key: `%2fproj` or `%2Fproj/x` decode to a dataset too, but its
-    # document is not there, and a reader would then fail to find what it listed.
-    return (dataset, version) if encode_dataset(dataset) == encoded else None
+    # Only the canonical key (or a long path's uncut one): `%2fproj` or `%2Fproj/x` decode
+    # to a dataset too, but its document is not there, and a reader would then fail to
+    # find what it listed.
+    if encoded == encode_dataset(dataset) or encoded == legacy_encoding(dataset):
+        return (dataset, version)
+    return None
 
 
 @dataclass(frozen=True)

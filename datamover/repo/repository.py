@@ -28,6 +28,8 @@ from datamover.repo.layout import (
     FORMAT_VERSION,
     VersionDoc,
     dataset_prefix,
+    legacy_dataset_prefix,
+    legacy_versions_prefix,
     manifest_key,
     parse_version_key,
     version_key,
@@ -131,14 +133,16 @@ class Repository:
     # -- versions ------------------------------------------------------------------------
 
     async def version_ids(self, dataset: str) -> list[str]:
-        """All version ids of `dataset`, ascending (oldest first)."""
-        ids = []
-        async for info in self.store.list(versions_prefix(dataset)):
-            parsed = parse_version_key(info.key)
-            if parsed and parsed[0] == dataset:
-                ids.append(parsed[1])
-        ids.sort()
-        return ids
+        """All version ids of `dataset`, ascending (oldest first), under its key and, for a
+        long path, its legacy uncut key (docs/format.md, "Keys")."""
+        ids = set()
+        legacy = legacy_versions_prefix(dataset)
+        for prefix in (versions_prefix(dataset), *([legacy] if legacy else [])):
+            async for info in self.store.list(prefix):
+                parsed = parse_version_key(info.key)
+                if parsed and parsed[0] == dataset:
+                    ids.add(parsed[1])
+        return sorted(ids)
 
     async def latest(self, dataset: str) -> str | None:
         """The greatest version id of `dataset`, or None if it has none."""
@@ -146,12 +150,20 @@ class Repository:
         return ids[-1] if ids else None
 
     async def read_version(self, dataset: str, version: str) -> VersionDoc:
-        """Read a version document; raise `NotFound` if the dataset has no such version."""
+        """Read a version document (from its legacy uncut key if it is not under its key);
+        raise `NotFound` if the dataset has no such version."""
         key = version_key(dataset, version)
         try:
             data = await self._get_document(key, f"version document {key}")
         except ObjectNotFound:
-            raise NotFound(f"dataset {dataset!r} has no version {version!r}") from None
+            legacy = legacy_versions_prefix(dataset)
+            if legacy is None:
+                raise NotFound(f"dataset {dataset!r} has no version {version!r}") from None
+            try:
+                key = legacy + version
+                data = await self._get_document(key, f"version document {key}")
+            except ObjectNotFound:
+                raise NotFound(f"dataset {dataset!r} has no version {version!r}") from None
         doc = VersionDoc.from_bytes(data, f"version document {key}")
         if doc.dataset != dataset or doc.version != version:
             raise Corrupt(f"version document {key} describes {doc.dataset!r} {doc.version!r}")
@@ -166,17 +178,34 @@ class Repository:
         return await self.read_version(dataset, version)
 
     async def publish(self, doc: VersionDoc) -> None:
-        """Write the version document: the single act that makes a version visible."""
-        await self.store.put(version_key(doc.dataset, doc.version), doc.to_bytes())
+        """Write the version document: the single act that makes a version visible.
+
+        Under the legacy uncut key when its parent is stored there and not under its own
+        key, so a long path's versions written before keys were cut stay under one prefix
+        (listed together, and seen by sites running an older datamover)."""
+        key = version_key(doc.dataset, doc.version)
+        legacy = legacy_versions_prefix(doc.dataset)
+        if (
+            legacy is not None
+            and doc.parent is not None
+            and not await self.stored(version_key(doc.dataset, doc.parent))
+            and await self.stored(legacy + doc.parent)
+        ):
+            key = legacy + doc.version
+        await self.store.put(key, doc.to_bytes())
 
     async def datasets(self, prefix: str = "/") -> AsyncIterator[tuple[str, str]]:
-        """Yield `(dataset, version)` for every version under logical `prefix`, sorted by key."""
+        """Yield `(dataset, version)` for every version under logical `prefix`, sorted by key
+        (a long prefix's legacy uncut keys after the others, sorted among themselves): a
+        dataset's versions come one after another."""
         prefix = "/" if prefix == "/" else check_logical_path(prefix)
-        key_prefix = dataset_prefix("" if prefix == "/" else prefix)
-        async for info in self.store.list(key_prefix):
-            parsed = parse_version_key(info.key)
-            if parsed and is_under(parsed[0], prefix):
-                yield parsed
+        path_prefix = "" if prefix == "/" else prefix
+        legacy = legacy_dataset_prefix(path_prefix)
+        for key_prefix in (dataset_prefix(path_prefix), *([legacy] if legacy else [])):
+            async for info in self.store.list(key_prefix):
+                parsed = parse_version_key(info.key)
+                if parsed and is_under(parsed[0], prefix):
+                    yield parsed
 
     # -- manifest objects ----------------------------------------------------------------
 

@@ -382,7 +382,7 @@ class S3Store:
                 raise ObjectNotFound(f"object {key!r} not found in {self.description}") from exc
             if code == "KeyTooLongError":
                 # Past S3's 1024 bytes (check_key refuses those) or a server's own limit:
-                # SeaweedFS refuses a part of more than 255 bytes.
+                # SeaweedFS refuses a last part of more than 255 bytes.
                 raise InvalidInput(
                     f"bad store key {(key or '')[:60]!r}...: too long for {self.description}"
                 ) from exc

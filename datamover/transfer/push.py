@@ -31,7 +31,7 @@ from datamover.domain.ids import new_version_id
 from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import check_logical_path, sort_key
 from datamover.errors import Conflict, Corrupt
-from datamover.repo.layout import VersionDoc
+from datamover.repo.layout import VersionDoc, check_key_length
 from datamover.repo.manifest import SegmentRef, encode_list
 from datamover.repo.repository import Repository, utc_now
 from datamover.site import Site
@@ -209,7 +209,7 @@ async def push(
     at this site did not finish (killed, failed: `_check_staged`) is `Conflict` too, unless
     `force`."""
     started = time.monotonic()
-    dataset = check_logical_path(logical)
+    dataset = check_key_length(check_logical_path(logical), site.name)  # before any I/O
     lock = await take_lock(site.state_dir, dataset, reader="push")
     try:
         return await _push(site, dataset, checksum, force, progress or NoProgress(), started)

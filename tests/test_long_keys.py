@@ -1,0 +1,374 @@
+"""Dataset paths whose percent-encoding passes 255 bytes: cut into key parts every store
+takes (docs/format.md, "Keys"), uncut keys written before still read, too long refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from datamover.datasets import list_datasets
+from datamover.domain.paths import check_logical_path
+from datamover.errors import InvalidInput
+from datamover.repo.layout import (
+    VersionDoc,
+    check_key_length,
+    dataset_prefix,
+    encode_dataset,
+    legacy_versions_prefix,
+    parse_version_key,
+    version_key,
+)
+from datamover.repo.repository import Repository
+from datamover.site import Site
+from datamover.storage.base import check_key
+from datamover.storage.memory import MemoryStore
+from datamover.storage.posix import PosixStore
+from datamover.transfer.push import push
+from datamover.transfer.stage import stage
+from tests.fixtures_daemon import StartSite
+from tests.fixtures_sites import MakeSite, SiteEnv
+from tests.test_bad_input import fails, store_keys
+from tests.treegen import snapshot
+
+ID = "20261129T181500.123456Z-hpc-a-3f9a1c0b"
+LONGEST_ID = "20261129T181500.123456Z-" + "s" * 63 + "-3f9a1c0b"  # 96 characters
+CJK = (  # 62 characters
+    "蛋白质结构预测二〇二六年第一批对接实验受体与小分子配体的结果张三项目数据集合分析"
+    "分子动力学模拟轨迹与自由能计算的原始输出文件"
+)
+
+
+def _old_key(path: str, version: str) -> str:
+    """The key every datamover wrote before long encodings were cut."""
+    return f"datasets/{quote(path, safe='')}/versions/{version}"
+
+
+def _reference(path: str) -> str:
+    """docs/format.md's rule for `<enc>`, character by character."""
+    whole = quote(path, safe="")
+    if len(whole) <= 255:
+        return whole
+    parts, part = [], ""
+    for char in path:
+        escaped = quote(char, safe="")
+        if len(part) + len(escaped) > 255:
+            parts.append(part)
+            part = ""
+        part += "%2E" if not part and escaped == "." else escaped
+    return "/".join([*parts, part])
+
+
+def _parts_fit(key: str) -> bool:
+    return all(0 < len(p.encode()) <= 255 and p not in (".", "..") for p in key.split("/"))
+
+
+# -- the encoding ---------------------------------------------------------------------------
+
+# Characters of one to four UTF-8 bytes, `.` often (a part never starts with a literal one)
+# and `%` (itself escaped).
+_NAME = st.text(alphabet=st.sampled_from("ab.-_~ %é张\U0001f600."), min_size=1, max_size=40)
+_PATH = st.lists(_NAME.filter(lambda n: n not in (".", "..")), min_size=1, max_size=10).map(
+    lambda names: "/" + "/".join(names)
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_PATH, st.sampled_from([ID, LONGEST_ID]))
+def test_version_keys_parse_back_and_every_part_fits_a_file_name(path: str, version: str) -> None:
+    key = version_key(path, version)
+    assert encode_dataset(path) == _reference(path)
+    assert parse_version_key(key) == (path, version)
+    assert _parts_fit(key)
+    assert unquote(encode_dataset(path).replace("/", "")) == path
+    if len(quote(path, safe="")) <= 255:
+        assert key == _old_key(path, version)  # today's keys, byte for byte
+    else:
+        assert parse_version_key(_old_key(path, version)) == (path, version)  # uncut: read
+    site = version[24:-9]
+    if len(key.encode()) <= 1024:  # exactly the paths the site may push
+        check_key(key)
+        assert check_key_length(path, site) == path
+    else:
+        with pytest.raises(InvalidInput, match="too long for the store"):
+            check_key_length(path, site)
+
+
+@settings(max_examples=400, deadline=None)
+@given(_PATH, _PATH, st.data())
+def test_the_keys_of_a_path_prefix_are_a_prefix_of_the_longer_paths_keys(
+    path: str, below: str, data: st.DataObject
+) -> None:
+    longer = path + below  # a dataset below `path`
+    assert encode_dataset(longer).startswith(encode_dataset(path))
+    assert version_key(longer, ID).startswith(dataset_prefix(path))
+    # A string prefix too: `ls /proj/ab` lists `/proj/abc` (and keeps component matches).
+    cut = data.draw(st.integers(1, len(longer)))
+    assert version_key(longer, ID).startswith(dataset_prefix(longer[:cut]))
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/proj/docking",
+        "/" + "张" * 28,  # 3 + 28 * 9 = 255 bytes: the longest uncut encoding
+        "/" + "x" * 252,
+        "/proj/" + "/".join(["x" * 80, "x" * 80, "x" * 79]),  # 255 bytes: `/` is `%2F`
+    ],
+)
+def test_keys_of_encodings_up_to_255_bytes_are_unchanged(path: str) -> None:
+    assert len(quote(path, safe="")) <= 255
+    assert version_key(path, ID) == _old_key(path, ID)
+    assert legacy_versions_prefix(path) is None
+
+
+def test_a_longer_encoding_is_cut_between_characters() -> None:
+    path = "/" + "张" * 29  # 264 bytes
+    assert encode_dataset(path) == quote("/" + "张" * 28, safe="") + "/" + quote("张")
+    # The example of docs/format.md.
+    path = "/public/home/张三/蛋白质结构预测/二〇二六年第一批对接实验/受体蛋白质与小分子配体的"
+    path += "分子对接结果"
+    first, second = encode_dataset(path).split("/")
+    assert (len(first), len(second)) == (253, 126)
+    assert unquote(first).endswith("/受体蛋白")
+    assert unquote(second) == "质与小分子配体的分子对接结果"
+
+
+@pytest.mark.parametrize("tail", [".", "..", ".hidden", "..x"])
+def test_a_part_never_starts_with_a_dot(tail: str) -> None:
+    path = "/" + "a" * 200 + "/" + "b" * 49 + tail  # all but the tail fill the first part
+    first, second = encode_dataset(path).split("/")
+    assert first == quote(path[: -len(tail)], safe="") and second == "%2E" + tail[1:]
+    key = version_key(path, ID)
+    assert _parts_fit(key) and parse_version_key(key) == (path, ID)
+    # The same key with a literal `.` (or a `%2E` inside a part) is not a version.
+    assert parse_version_key(key.replace("/%2E", "/.")) is None
+    uncut = "/" + "a" * 100 + tail  # encoded uncut: no `%2E` in it
+    escaped = quote(uncut, safe="").replace(".", "%2E")
+    assert parse_version_key(f"datasets/{escaped}/versions/{ID}") is None
+
+
+def test_a_cut_part_may_be_versions() -> None:
+    path = "/" + "a" * 200 + "/" + "b" * 49 + "versions"
+    key = version_key(path, ID)
+    assert "/versions/versions/" in key and parse_version_key(key) == (path, ID)
+
+
+def test_only_the_cut_and_the_uncut_spelling_name_a_version() -> None:
+    path = "/proj/" + "/".join(["张三" * 10] * 3)
+    key = version_key(path, ID)
+    first, rest = key[len("datasets/") :].split("/", 1)
+    strays = [
+        f"datasets/{first[:-9]}/{first[-9:]}{rest}",  # cut one character earlier
+        f"datasets/{first[:-3]}/{first[-3:]}{rest}",  # cut inside a character
+        f"datasets/{first}{rest[:9]}/{rest[9:]}",  # a part longer than 255 bytes
+        f"datasets/{first}/{rest[:9]}/{rest[9:]}",  # cut once too often
+        key.replace("%E5", "%e5"),
+    ]
+    for stray in strays:
+        assert stray != key and parse_version_key(stray) is None, stray
+    assert parse_version_key(_old_key(path, ID)) == (path, ID)
+
+
+def _path_of_encoded_size(size: int) -> str:
+    """A logical path whose cut encoding takes exactly `size` bytes."""
+    path = "/proj"
+    while len(encode_dataset(path + "/" + "x" * 200)) <= size:
+        path += "/" + "x" * 200
+    path += "/x"
+    while len(encode_dataset(path)) < size:
+        path += "x"
+    assert len(encode_dataset(path)) == size
+    return check_logical_path(path)
+
+
+@pytest.mark.parametrize(("site", "most"), [("hpc-a", 967), ("s" * 63, 909)])
+def test_a_path_is_pushable_while_its_version_keys_fit_1024_bytes(site: str, most: int) -> None:
+    fits, over = _path_of_encoded_size(most), _path_of_encoded_size(most + 1)
+    assert check_key_length(fits, site) == fits
+    version = f"20261129T181500.123456Z-{site}-3f9a1c0b"
+    assert len(check_key(version_key(fits, version)).encode()) == 1024
+    with pytest.raises(InvalidInput, match="too long for the store") as caught:
+        check_key_length(over, site)
+    assert over in str(caught.value) and "1024-byte key limit" in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+# -- keys written before the cut ------------------------------------------------------------
+
+LONG = "/proj/张三/" + CJK[:26] + "/" + CJK[26:40]  # "/proj/张三/" + CJK[:26]: 265 bytes
+PARENT = "20261129T181500.123456Z-site-a-00000001"
+CHILD = "20261129T181501.123456Z-site-a-00000002"
+
+
+def _doc(dataset: str, version: str, parent: str | None = None) -> VersionDoc:
+    created = "2026-11-29T18:15:00.123456Z"
+    counts = {"segments": 0, "files": 0, "dirs": 0, "symlinks": 0, "bytes": 0}
+    return VersionDoc(dataset, version, parent, "site-a", created, "ab" * 32, 1, **counts)
+
+
+async def test_uncut_keys_are_read_listed_and_kept_for_their_dataset(tmp_path: Path) -> None:
+    repo = Repository(MemoryStore(), tmp_path / "cache")
+    old = _doc(LONG, PARENT)
+    await repo.store.put(_old_key(LONG, PARENT), old.to_bytes())
+    assert await repo.version_ids(LONG) == [PARENT]
+    assert await repo.read_version(LONG, PARENT) == old
+    long_prefix = LONG.rsplit("/", 1)[0]
+    for prefix in ("/proj", long_prefix, LONG):
+        assert [p async for p in repo.datasets(prefix)] == [(LONG, PARENT)], prefix
+    # The next version goes where its parent is: the dataset's versions stay together.
+    await repo.publish(_doc(LONG, CHILD, parent=PARENT))
+    # A new dataset gets cut keys, and so do its later versions.
+    other = LONG + "x"
+    await repo.publish(_doc(other, PARENT))
+    await repo.publish(_doc(other, CHILD, parent=PARENT))
+    keys = [i.key async for i in repo.store.list()]
+    assert sorted(keys) == sorted(
+        [
+            _old_key(LONG, PARENT),
+            _old_key(LONG, CHILD),
+            version_key(other, PARENT),
+            version_key(other, CHILD),
+        ]
+    )
+    assert await repo.version_ids(LONG) == [PARENT, CHILD]
+    assert [p async for p in repo.datasets(long_prefix)] == [
+        (other, PARENT),
+        (other, CHILD),
+        (LONG, PARENT),
+        (LONG, CHILD),
+    ]
+
+
+# -- push, stage and ls of long paths ------------------------------------------------------
+
+# 60 CJK characters over four components (567 bytes encoded), and 369 ASCII characters.
+LONG_CJK = "/proj/张三/" + "/".join([CJK[:16], CJK[16:36], CJK[36:58]]) + "/run.1"
+LONG_ASCII = "/proj/" + "/".join(["docking_run_" + "x" * 78] * 4)
+
+
+def _tree(root: Path, seed: str) -> None:
+    (root / "sub").mkdir(parents=True)
+    (root / "sub" / "a.pdbqt").write_text(f"ATOM {seed}\n" * 500)
+    (root / "b.txt").write_text(seed)
+    (root / "link").symlink_to("b.txt")
+
+
+async def _ls(site: Site, env: SiteEnv | None, prefix: str) -> list[str]:
+    """The paths `datamover ls PREFIX` lists (the real CLI when `env` is given)."""
+    if env is None:
+        return [info.path for info in await list_datasets(site, prefix)]
+    listed = env.cli_json("ls", prefix)
+    return [d["path"] for d in listed["datasets"]]
+
+
+@pytest.mark.parametrize("kind", ["seaweedfs", "posix"])
+async def test_long_paths_push_stage_and_list(
+    make_site: MakeSite, tmp_path: Path, kind: str
+) -> None:
+    # Before: every key held the whole encoding as one part. SeaweedFS takes a long part
+    # below a key's last (its limit is on the file name), so there the test failed on the
+    # parts; the POSIX store (as MinIO) refused the version document after the push had
+    # uploaded everything else: "a part is longer than a file name may be".
+    a, b = await make_site("site-a"), await make_site("site-b")
+    shared = tmp_path / "posix-store"
+    shared.mkdir()
+
+    async def open_site(env: SiteEnv) -> Site:
+        return await Site.open(env.config, PosixStore(shared) if kind == "posix" else None)
+
+    site_a, site_b = await open_site(a), await open_site(b)
+    try:
+        for n, path in enumerate([LONG_CJK, LONG_ASCII]):
+            assert len(quote(path, safe="")) > 255
+            _tree(a.data / path.removeprefix("/proj/"), f"seed {n}")
+            pushed = await push(site_a, path)
+            staged = await stage(site_b, path)
+            assert staged.version == pushed.version and staged.fetched_files == 2
+            local = path.removeprefix("/proj/")
+            assert snapshot(b.data / local) == snapshot(a.data / local)
+        keys = [i.key async for i in site_a.store.list()]
+        assert keys and all(_parts_fit(k) for k in keys), [k for k in keys if not _parts_fit(k)]
+        cli = b if kind == "seaweedfs" else None
+        assert await _ls(site_b, cli, "/proj") == sorted(
+            [LONG_CJK, LONG_ASCII], key=lambda p: version_key(p, ID)
+        )
+        for path in (LONG_CJK, LONG_ASCII):
+            parent = path.rsplit("/", 1)[0]  # a prefix whose encoding is cut too
+            assert len(encode_dataset(parent).split("/")) > 1
+            assert await _ls(site_b, cli, parent) == [path]
+            assert await _ls(site_b, cli, path) == [path]
+        assert await _ls(site_b, cli, "/proj/张三") == [LONG_CJK]
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_dataset_under_an_uncut_key_is_staged_listed_and_pushed_on(
+    make_site: MakeSite,
+) -> None:
+    """A long path pushed by an older datamover to SeaweedFS (which took the long part):
+    still found, staged and listed once, and its next version goes under the same key."""
+    a, b = await make_site("site-a"), await make_site("site-b")
+    _tree(a.data / LONG_CJK.removeprefix("/proj/"), "one")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        first = await push(site_a, LONG_CJK)
+        cut, uncut = version_key(LONG_CJK, first.version), _old_key(LONG_CJK, first.version)
+        await site_a.store.put(uncut, await site_a.store.get(cut))  # as it was written then
+        await site_a.store.delete(cut)
+        assert (await stage(site_b, LONG_CJK)).version == first.version
+        (a.data / LONG_CJK.removeprefix("/proj/") / "b.txt").write_text("two")
+        second = await push(site_a, LONG_CJK)
+        assert second.parent == first.version
+        keys = [i.key async for i in site_a.store.list("datasets/")]
+        assert keys == [uncut, _old_key(LONG_CJK, second.version)]
+        assert (await stage(site_b, LONG_CJK)).version == second.version
+        for prefix in ("/proj/张三", LONG_CJK.rsplit("/", 1)[0]):  # one listing, and two
+            listed = b.cli_json("ls", prefix)["datasets"]
+            assert [(d["path"], len(d["versions"])) for d in listed] == [(LONG_CJK, 2)]
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+# -- too long ---------------------------------------------------------------------------------
+
+
+def _too_long(env: SiteEnv) -> str:
+    """A path of 108 CJK characters (988 bytes encoded, uncut), and its local tree."""
+    path = "/proj/" + "/".join([CJK[:36], CJK[5:41], CJK[2:38]])
+    assert len(quote(path, safe="")) == 988
+    _tree(env.data / path.removeprefix("/proj/"), "x")
+    return path
+
+
+async def test_a_path_too_long_for_a_key_is_refused_before_anything_is_written(
+    make_site: MakeSite,
+) -> None:
+    # Before: the push read and uploaded the tree (config, packs, manifests) and then the
+    # version document failed: "bad store key 'datasets/%2Fproj%2F%E8...'...: 1046 bytes in
+    # UTF-8, more than 1024", naming neither the path nor what to do.
+    a = await make_site("site-a")
+    path = _too_long(a)
+    error = fails(a, "push", path, "--local", code=2, says="is too long for the store")
+    assert path in error["message"] and "1024-byte key limit" in error["message"]
+    assert await store_keys(a) == []  # not even `config`
+
+
+async def test_the_daemon_refuses_a_push_of_a_path_too_long_for_a_key(
+    served_site: StartSite,
+) -> None:
+    d = await served_site("site-a")
+    token = d.token("t1", "/proj", "write")
+    path = _too_long(d.env)
+    status, answer = d.request("POST", "/v1/transfers", token, {"kind": "push", "path": path})
+    assert status == 400 and answer["error"]["code"] == "invalid_input", answer
+    assert "too long for the store" in answer["error"]["message"]
+    assert d.request("GET", "/v1/transfers", token)[1]["transfers"] == []  # nothing queued
+    # A stage is not refused: it looks, and finds nothing.
+    status, answer = d.request("POST", "/v1/transfers", token, {"kind": "stage", "path": path})
+    assert status == 201, answer
