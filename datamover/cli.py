@@ -154,8 +154,11 @@ def push(
 def _name_skipped(paths: list[str], count: int) -> None:
     """Name the first ten special files a push or verify skipped on stderr, and count the
     rest."""
+    from datamover.domain.paths import printable
+
+    count = max(count, len(paths))  # a daemon of an older release sends no count
     for path in paths[:10]:
-        click.echo(f"  skipped special file {path}", err=True)
+        click.echo(f"  skipped special file {printable(path)}", err=True)
     if count > 10:
         click.echo(f"  and {count - 10} more special files (sockets, FIFOs, devices)", err=True)
 

@@ -9,6 +9,9 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
+from datamover.errors import InvalidInput
 from datamover.transfer import walk
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
@@ -101,3 +104,28 @@ async def test_the_cli_names_ten_special_files_and_counts_the_rest(make_site: Ma
     differs = a.cli("verify", "/proj/run")
     assert differs.returncode == 1
     assert "differs (1 problem)" in differs.stdout
+
+
+async def test_a_special_file_a_version_could_not_name_does_not_stop_push(
+    make_site: MakeSite,
+) -> None:
+    """Push skips a FIFO whatever its name, so a name no version can hold (a control
+    character) or one colliding with another under normalisation does not refuse the tree,
+    and push and verify still agree; a regular file so named is refused."""
+    a = await make_site("site-a")
+    src = a.data / "run"
+    src.mkdir()
+    (src / "caf\u00e9").write_bytes(b"data")
+    os.mkfifo(src / "pipe\x01")
+    os.mkfifo(src / "cafe\u0301")  # "café" decomposed: collides with the file
+    site = await a.open()
+    try:
+        pushed = await push(site, "/proj/run")
+        assert pushed.files == 1 and pushed.skipped_special_count == 2
+        checked = await verify(site, "/proj/run")
+        assert checked.ok, checked.problems
+        (src / "bad\x02").write_bytes(b"x")
+        with pytest.raises(InvalidInput, match="control character"):
+            await push(site, "/proj/run")
+    finally:
+        await site.close()

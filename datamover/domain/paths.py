@@ -45,6 +45,12 @@ def shown(text: str) -> str:
     return repr(text.encode("utf-8", "surrogateescape"))[1:]
 
 
+def printable(text: str) -> str:
+    """`text` as it is when every character prints, else `shown(text)`: a local name in a
+    listing cannot move the cursor or recolour a terminal."""
+    return text if text.isprintable() else shown(text)
+
+
 def check_name(name: str, where: str = "") -> str:
     """Return `name` if it is a valid single path component, else raise `InvalidInput`.
 

@@ -3,13 +3,14 @@
 Checks every entry's presence, kind, mode, symlink target, file size, mtime and content (each
 chunk re-hashed with BLAKE3 at its manifest offset); local entries the version does not have
 count as differences unless `allow_extra`, except sockets, FIFOs and devices, which push
-skips (they hold no data): those are listed, never a difference. Directories' mtimes are
-compared too (stage sets them last), except with `allow_extra`, since adding a file changes
-its directory's mtime; symlinks' mtimes are not (stage keeps a link that points right as it
-is). An mtime counts as the entry's when it is what this file system stores for the entry's
-(1 s timestamps, no time before 1901), as stage compares them (`fsops.stored_mtime`). The
-dataset's directory must be a directory itself, not a symlink below the configured one:
-stage never writes through one, so a tree reached through it is not the one stage maintains.
+skips (they hold no data): one the version has nothing at is listed, not a difference (one
+where the version has an entry is). Directories' mtimes are compared too (stage sets them
+last), except with `allow_extra`, since adding a file changes its directory's mtime;
+symlinks' mtimes are not (stage keeps a link that points right as it is). An mtime counts
+as the entry's when it is what this file system stores for the entry's (1 s timestamps, no
+time before 1901), as stage compares them (`fsops.stored_mtime`). The dataset's directory
+must be a directory itself, not a symlink below the configured one: stage never writes
+through one, so a tree reached through it is not the one stage maintains.
 Read-only (the timestamp probe's file has no name where the file system allows); streams
 both sides. The walk holds the dataset's lock shared (`locks`): a verify does not start
 while a stage of the dataset runs on this host (`Conflict`), and a stage waits while a
@@ -29,15 +30,15 @@ from typing import Any
 
 from datamover.domain.manifest import Entry, Kind, without_setid
 from datamover.domain.namespace import Namespace
-from datamover.domain.paths import check_logical_path, sort_key
+from datamover.domain.paths import check_logical_path, printable, sort_key
 from datamover.errors import InvalidInput, NotFound
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
 from datamover.transfer.fsops import check_root, content_problem, lazy_stored_mtime, same_mtime
 from datamover.transfer.locks import take_lock
-from datamover.transfer.walk import LocalEntry, Walker
+from datamover.transfer.walk import SKIPPED_SAMPLE, LocalEntry, Walker
 
-_MAX_LISTED = 100
+_MAX_LISTED = 100  # problems named
 
 
 @dataclass
@@ -67,7 +68,7 @@ class VerifyResult:
     def skip_special(self, path: str) -> None:
         """Record a special file the version has no entry at."""
         self.skipped_special_count += 1
-        if len(self.skipped_special) < _MAX_LISTED:
+        if len(self.skipped_special) < SKIPPED_SAMPLE:
             self.skipped_special.append(path)
 
     def to_json(self) -> dict[str, Any]:
@@ -166,7 +167,7 @@ def _merge(
             if local.kind is None:
                 result.skip_special(local.path)
             elif not allow_extra:
-                result.add(f"{local.path}: not in the version")
+                result.add(f"{printable(local.path)}: not in the version")
             if local.kind == Kind.DIR:
                 walker.prune()
             local = next(walker, None)

@@ -237,28 +237,39 @@ class Walker:
             with os.scandir(fd) as it:
                 items = sorted(it, key=lambda e: e.name)
             if self.strict:
-                self._check_names(rel, [e.name for e in items])
+                self._check_names(rel, items)
         except BaseException:
             self._relock(rel, fd)
             os.close(fd)
             raise
         self._stack.append((self._entries(rel, fd, items, unlock), fd, rel))
 
-    def _check_names(self, rel: str, names: list[str]) -> None:
+    def _check_names(self, rel: str, items: list[os.DirEntry[str]]) -> None:
+        """Refuse a name a version cannot hold (`check_name`) or two that collide under
+        Unicode normalisation, among the entries a strict walk yields: a socket, FIFO or
+        device is skipped whatever its name (asked only when a name fails, from the
+        directory entry's type, so the check costs nothing more per entry)."""
         where = rel or "."
-        seen: dict[str, str] = {}
-        for name in names:
+        seen: dict[str, os.DirEntry[str]] = {}
+        for item in items:
+            name = item.name
             if PARTIAL_RE.match(name):
                 continue
-            check_name(name, where)
+            try:
+                check_name(name, where)
+            except InvalidInput:
+                if _special(item):
+                    continue
+                raise
             folded = nfc(name)
             other = seen.get(folded)
-            if other is not None:
+            if other is not None and not _special(item) and not _special(other):
                 raise InvalidInput(
-                    f"names {other!r} and {name!r} in {where!r} collide under Unicode "
-                    "normalisation; rename one of them"
+                    f"names {other.name!r} and {name!r} in {where!r} collide under "
+                    "Unicode normalisation; rename one of them"
                 )
-            seen[folded] = name
+            if other is None or _special(other):
+                seen[folded] = item
 
     def _entries(
         self, rel: str, fd: int, items: list[os.DirEntry[str]], unlock: bool
@@ -351,3 +362,16 @@ class Walker:
             self._unlockable = False
             return entry
         raise StopIteration
+
+
+def _special(item: os.DirEntry[str]) -> bool:
+    """Whether a directory entry is a socket, FIFO or device (anything but a file, a
+    directory or a symlink; one that vanished counts as special: it is not walked)."""
+    try:
+        return not (
+            item.is_file(follow_symlinks=False)
+            or item.is_dir(follow_symlinks=False)
+            or item.is_symlink()
+        )
+    except OSError:
+        return True
