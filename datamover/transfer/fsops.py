@@ -35,6 +35,7 @@ from typing import TypeVar
 
 import blake3
 
+from datamover.chunking.codec import MAX_RAW_CHUNK
 from datamover.domain.manifest import Entry
 from datamover.errors import Conflict, InvalidInput, NotFound, PermanentError
 
@@ -57,14 +58,15 @@ _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
 #: The shortest all-zero chunk left as a hole: a shorter one saves a few blocks at most and
 #: fragments the file.
 MIN_HOLE = 64 * 1024
-#: Zeros to compare chunks with: as long as the longest chunk (16 MiB). Allocated with
-#: calloc and only ever read, it maps the kernel's zero page and takes no memory.
-_ZEROS = bytes(16 << 20)
+#: Zeros to compare chunks with: as long as the longest chunk. Allocated with calloc and
+#: only ever read, it maps the kernel's zero page and takes no memory.
+_ZEROS = bytes(MAX_RAW_CHUNK)
 
 
 def is_hole(data: bytes | memoryview) -> bool:
-    """Whether `data` is at least `MIN_HOLE` bytes, all zero (a memcmp that stops at the
-    first byte that is not: about 0.3 ms for 8 MiB of zeros, nothing for other data)."""
+    """Whether `data` (bytes, or a memoryview of bytes: format "B") is at least `MIN_HOLE`
+    bytes, all zero (a memcmp that stops at the first byte that is not: about 0.3 ms for
+    8 MiB of zeros, nothing for other data)."""
     return len(data) >= MIN_HOLE and _ZEROS.startswith(data)
 
 
@@ -717,7 +719,7 @@ class TreeWriter:
             try:
                 size, holes = 0, False
                 for part in parts:
-                    view = memoryview(part)
+                    view = memoryview(part).cast("B")
                     size += len(view)
                     if self.sparse and is_hole(view):
                         os.lseek(fd, len(view), os.SEEK_CUR)

@@ -412,6 +412,7 @@ class _Stager:
         self._submit_ops()
         assert self.writer is not None
         fd, good = await self._on_writer(self._guarded, self.writer.open_partial, entry)
+        sparse = self.writer.sparse  # as finish_partial's: one setting for both ends
         slots = asyncio.Semaphore(self.site.config.transfer.download_concurrency)
         tasks: set[asyncio.Task[None]] = set()
         writes: list[Future[int]] = []  # every pwrite job, so none outlives the fd
@@ -429,7 +430,7 @@ class _Stager:
                     positions,
                     entry.path,
                     turn,
-                    self.site.config.transfer.sparse,
+                    sparse,
                 )
                 writes.append(job)
                 try:
@@ -676,11 +677,11 @@ def _verify_and_pwrite(
     written."""
     written = 0
     decoded = decode_ranges([rng], [blob], {}, path)
+    if sparse:  # compared before taking turns: the compare needs no lock
+        for ref in [ref for ref, data in decoded.items() if fsops.is_hole(data)]:
+            written += len(decoded.pop(ref)) * len(positions[ref])
     with turn:
         for ref, data in decoded.items():
-            if sparse and fsops.is_hole(data):
-                written += len(data) * len(positions[ref])
-                continue
             for at in positions[ref]:
                 view = memoryview(data)
                 while view:
