@@ -238,3 +238,49 @@ async def test_a_put_cancelled_while_a_part_waits_to_be_retried_aborts_the_uploa
         await put
     assert uploads.sent[FAILING] == 1, "cancelled during the pause before the next try"
     assert no_uploads_left(seaweed, bucket)
+
+
+@pytest.mark.parametrize("ends", ["refused", "out-of-tries"])
+async def test_no_part_is_sent_after_the_upload_is_aborted(
+    proxy: FaultProxy,
+    store_factory: StoreFactory,
+    seaweed: EmbeddedSeaweed,
+    bucket: str,
+    ends: str,
+) -> None:
+    """One part fails for good while another waits to be tried again: the waiting one is
+    cancelled before the abort, and sends nothing into the aborted upload."""
+    log: list[str] = []
+
+    async def rule(request: web.Request, body: bytes) -> web.StreamResponse | None:
+        query = request.query
+        if request.method == "DELETE" and "uploadId" in query:
+            log.append("abort")
+        elif request.method == "PUT" and "partNumber" in query:
+            number = int(query["partNumber"])
+            log.append(f"part {number}")
+            if number == 2:  # always slow down: waits between its tries
+                return s3_error(503, "SlowDown")
+            if number == 3:  # fails for good a little later
+                await asyncio.sleep(0.4)
+                return (
+                    s3_error(403, "AccessDenied")
+                    if ends == "refused"
+                    else s3_error(500, "InternalError")
+                )
+        return None
+
+    proxy.rule = rule
+    store = store_factory(
+        endpoint=proxy.endpoint,
+        multipart_threshold=6 * MiB,
+        multipart_chunk=5 * MiB,
+        retry_part=RetryPolicy(attempts=4, initial=0.25, maximum=0.25),
+    )
+    expected = StoreAccessDenied if ends == "refused" else StoreRetriesExhausted
+    with pytest.raises(expected):
+        await store.put("big", os.urandom(25 * MiB))
+    await asyncio.sleep(1.0)  # longer than a retry's pause: a stray try would arrive now
+    assert "abort" in log
+    assert "part" not in " ".join(log[log.index("abort") :])
+    assert no_uploads_left(seaweed, bucket)

@@ -118,6 +118,8 @@ class RetryingStore:
         *,
         policy: RetryPolicy | None = None,
     ) -> None:
+        if policy is not None and (attempts, initial, maximum) != (5, 0.2, 5.0):
+            raise InvalidInput("give RetryingStore either a policy or its settings, not both")
         self.inner = inner
         self.policy = policy or RetryPolicy(attempts, initial, maximum)
 
