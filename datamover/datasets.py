@@ -8,6 +8,7 @@ largest dataset's versions, not the whole tree's.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
@@ -118,7 +119,9 @@ def _group(
         if isinstance(doc, Corrupt):
             current.bad.append(BadVersion(dataset, version, doc))
         elif doc is not None:
-            current.versions.append(doc)
+            # In id order: a long path's versions under its cut and its legacy uncut key
+            # (docs/format.md, "Keys") are listed one spelling after the other.
+            bisect.insort(current.versions, doc, key=lambda d: d.version)
     return out
 
 

@@ -10,9 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from datamover.datasets import list_datasets
+from datamover.datasets import _group, list_datasets
 from datamover.domain.paths import check_logical_path
-from datamover.errors import InvalidInput
+from datamover.embedded import EmbeddedSeaweed
+from datamover.errors import InvalidInput, NotFound
 from datamover.repo.layout import (
     VersionDoc,
     check_key_length,
@@ -372,3 +373,67 @@ async def test_the_daemon_refuses_a_push_of_a_path_too_long_for_a_key(
     # A stage is not refused: it looks, and finds nothing.
     status, answer = d.request("POST", "/v1/transfers", token, {"kind": "stage", "path": path})
     assert status == 201, answer
+
+
+async def test_an_uncut_key_at_the_limit_is_read_though_its_cut_key_could_not_be(
+    tmp_path: Path,
+) -> None:
+    """A path pushed before keys were cut whose uncut version key is exactly 1,024 bytes:
+    its cut key would be longer, so it is not asked for (a store refuses such a key)."""
+    path = "/proj"
+    while len(_old_key(path + "/" + "x" * 200, PARENT)) <= 1024:
+        path += "/" + "x" * 200
+    path += "/x"
+    while len(_old_key(path, PARENT)) < 1024:
+        path += "x"
+    assert len(_old_key(path, PARENT)) == 1024 < len(version_key(path, PARENT))
+    repo = Repository(MemoryStore(), tmp_path / "cache")
+    doc = _doc(path, PARENT)
+    await repo.store.put(_old_key(path, PARENT), doc.to_bytes())
+    assert await repo.read_version(path, PARENT) == doc
+    assert await repo.latest(path) == PARENT
+    assert [p async for p in repo.datasets("/proj")] == [(path, PARENT)]
+    with pytest.raises(NotFound, match="has no version"):
+        await repo.read_version(path, CHILD)
+
+
+async def test_versions_under_both_spellings_are_listed_in_order(tmp_path: Path) -> None:
+    """Old and new sites, each unaware of the other, wrote one long path's versions under
+    its uncut and its cut key: every listing of it is in id order (listing the path itself
+    reads the cut prefix, then the uncut one)."""
+    repo = Repository(MemoryStore(), tmp_path / "cache")
+    first, second, third = (f"2026{m:02d}01T000000.000000Z-site-a-0000000{m}" for m in (1, 2, 3))
+    await repo.store.put(_old_key(LONG, first), _doc(LONG, first).to_bytes())
+    await repo.store.put(_old_key(LONG, second), _doc(LONG, second, first).to_bytes())
+    await repo.store.put(version_key(LONG, third), _doc(LONG, third, second).to_bytes())
+    assert await repo.version_ids(LONG) == [first, second, third]
+    grouped = _group(
+        [(d, v, await repo.read_version(d, v)) async for d, v in repo.datasets(LONG)], None
+    )
+    assert [(g.path, [d.version for d in g.versions]) for g in grouped] == [
+        (LONG, [first, second, third])
+    ]
+
+
+async def test_the_daemon_answers_one_ordered_list_for_a_path_under_both_spellings(
+    served_site: StartSite, seaweed: EmbeddedSeaweed, bucket: str
+) -> None:
+    """Another dataset sorts between the two spellings of a long path's keys, so the path
+    is listed twice; the daemon's versions answer for it holds all its versions, in order."""
+    d = await served_site("site-a")
+    token = d.token("t1", "/proj", "read")
+    between = LONG.rsplit("/", 1)[0] + "/" + CJK[26:39] + ".x"  # sorts between the two
+    first, second, third = (f"2026{m:02d}01T000000.000000Z-site-a-0000000{m}" for m in (1, 2, 3))
+    client = seaweed.client()
+    for key, doc in [
+        (_old_key(LONG, first), _doc(LONG, first)),
+        (version_key(LONG, second), _doc(LONG, second, first)),
+        (_old_key(LONG, third), _doc(LONG, third, second)),
+        (version_key(between, first), _doc(between, first)),
+    ]:
+        client.put_object(Bucket=bucket, Key=key, Body=doc.to_bytes())
+    status, answer = d.request(
+        "GET", "/v1/datasets/" + quote(LONG.removeprefix("/")) + "/versions", token
+    )
+    assert status == 200, answer
+    assert [v["version"] for v in answer["versions"]] == [first, second, third]

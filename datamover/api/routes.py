@@ -4,8 +4,8 @@ repository, and returns JSON; errors are raised and mapped in `api.errors`."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
-from contextlib import aclosing
 from dataclasses import asdict
 from importlib import resources
 from typing import Any
@@ -244,11 +244,17 @@ async def list_versions(request: web.Request) -> web.Response:
     path = logical_path("/" + request.match_info["path"].strip("/"), "path")
     require(request, "read", path)
     found = None
-    async with aclosing(iter_datasets(ctx.site, path)) as infos:
-        async for info in infos:
-            if info.path == path:
-                found = info
-                break
+    async for info in iter_datasets(ctx.site, path):
+        # Datasets below `path` are listed too; `path` itself may come twice (a long path's
+        # versions under both spellings of its key, docs/format.md "Keys"): one answer.
+        if info.path != path:
+            continue
+        if found is None:
+            found = info
+        else:
+            for doc in info.versions:
+                bisect.insort(found.versions, doc, key=lambda d: d.version)
+            found.bad.extend(info.bad)
     if found is None:
         raise NotFound(f"dataset {path!r} has no published version")
     if not found.versions:

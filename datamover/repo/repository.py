@@ -36,7 +36,7 @@ from datamover.repo.layout import (
     versions_prefix,
 )
 from datamover.repo.manifest import EntryChecker, SegmentRef, decode_list, decode_segment
-from datamover.storage.base import Store
+from datamover.storage.base import MAX_KEY_BYTES, Store
 
 T = TypeVar("T")
 
@@ -151,19 +151,21 @@ class Repository:
 
     async def read_version(self, dataset: str, version: str) -> VersionDoc:
         """Read a version document (from its legacy uncut key if it is not under its key);
-        raise `NotFound` if the dataset has no such version."""
-        key = version_key(dataset, version)
-        try:
-            data = await self._get_document(key, f"version document {key}")
-        except ObjectNotFound:
-            legacy = legacy_versions_prefix(dataset)
-            if legacy is None:
-                raise NotFound(f"dataset {dataset!r} has no version {version!r}") from None
+        raise `NotFound` if the dataset has no such version. A key longer than a store
+        takes (a cut key a few bytes past the limit, where the uncut one fits) cannot hold
+        it and is not asked for."""
+        legacy = legacy_versions_prefix(dataset)
+        candidates = [version_key(dataset, version), *([legacy + version] if legacy else [])]
+        for key in candidates:
+            if len(key) > MAX_KEY_BYTES:  # percent-encoded: one byte a character
+                continue
             try:
-                key = legacy + version
                 data = await self._get_document(key, f"version document {key}")
+                break
             except ObjectNotFound:
-                raise NotFound(f"dataset {dataset!r} has no version {version!r}") from None
+                continue
+        else:
+            raise NotFound(f"dataset {dataset!r} has no version {version!r}")
         doc = VersionDoc.from_bytes(data, f"version document {key}")
         if doc.dataset != dataset or doc.version != version:
             raise Corrupt(f"version document {key} describes {doc.dataset!r} {doc.version!r}")
