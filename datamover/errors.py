@@ -117,16 +117,19 @@ class StoreUnavailable(TransientError):
 
 
 class StoreRetriesExhausted(StoreUnavailable):
-    """A step inside one store call (a part of a multipart upload) failed transiently as many
-    times as the retry policy allows. Still transient for the transfer, which may run again
-    later, but `RetryingStore` does not repeat the call: that would repeat every step of it
-    as many times again. Its code is `StoreUnavailable`'s: to a client it is that."""
+    """A step inside one store call (a part or the completion of a multipart upload) failed
+    transiently as many times as the retry policy allows. Still transient for the transfer,
+    which may run again later, but `RetryingStore` does not repeat the call: that would
+    repeat every step of it as many times again. Its code is `StoreUnavailable`'s: to a
+    client it is that."""
 
 
 class UploadLost(StoreUnavailable):
-    """A multipart upload vanished under a put (aborted elsewhere, or by a lifecycle rule).
-    None of its parts can be sent again, so a driver's retry of a part passes this up at
-    once; a new put can succeed, so `RetryingStore` retries the call."""
+    """A multipart upload vanished under a put (aborted elsewhere or by a lifecycle rule, or
+    completed by a completion whose answer was lost, where the key does not prove to hold
+    the object it made). None of its parts can be sent again, so a driver's retry of a
+    step passes this up at once; a new put can succeed, so `RetryingStore` retries the
+    call."""
 
 
 class StoreAccessDenied(PermanentError):

@@ -37,11 +37,11 @@ def make_store(config: Config) -> Store:
     """The configured S3 store, with retries on transient faults and the bandwidth budget.
 
     One retry policy serves both levels: `RetryingStore` retries a whole call, the S3 driver
-    a failed part of a multipart upload. A part that fails every try ends the put without a
-    retry of the whole, so a part is sent at most `retry_attempts` times in one upload; only
-    a failure outside the parts (starting or completing the upload, or the upload
-    vanishing) runs the put again, up to `retry_attempts` times, so `retry_attempts`**2
-    sends of one part in all at worst (docs/design.md, "Store access")."""
+    a failed part, or the failed completion, of a multipart upload. A part or completion
+    that fails every try ends the put without a retry of the whole, so a part is sent at most
+    `retry_attempts` times in one upload; only a failure outside them (starting the upload,
+    or the upload vanishing) runs the put again, up to `retry_attempts` times, so
+    `retry_attempts`**2 sends of one part in all at worst (docs/design.md, "Store access")."""
     from datamover.storage.s3 import S3Store
 
     s = config.store

@@ -149,7 +149,9 @@ class FaultProxy:
         status, headers, data = await self.forward(request, body)
         resp = web.Response(status=status, body=data)
         for name, value in headers:
-            if name.lower() not in ("content-length", "transfer-encoding", "connection"):
+            # A HEAD answer's Content-Length is the object's size, not its (empty) body's.
+            keep = request.method == "HEAD" or name.lower() != "content-length"
+            if keep and name.lower() not in ("transfer-encoding", "connection"):
                 resp.headers.add(name, value)
         return resp
 

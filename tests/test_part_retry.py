@@ -1,4 +1,5 @@
-"""A multipart part that fails transiently is sent again on its own, not the whole object.
+"""A multipart part, or the completion, that fails transiently is sent again on its own, not
+the whole object; a completion whose answer was lost counts when the object proves to be there.
 
 Faults are injected at the HTTP level by `FaultProxy` in front of the real SeaweedFS. The
 store is mostly the one a site builds (`site.make_store`: `RetryingStore` over `S3Store`, one
@@ -43,17 +44,30 @@ FAILING = 3  # the part number the tests fail
 Fault = Callable[[web.Request, bytes, int, int], Awaitable[web.StreamResponse | None]]
 
 
+#: What to do with a CompleteMultipartUpload request, given the request, its body and which
+#: completion request of the test it is (1 for the first): as for `Fault`.
+CompletionFault = Callable[[web.Request, bytes, int], Awaitable[web.StreamResponse | None]]
+
+
 async def no_fault(request: web.Request, body: bytes, number: int, nth: int) -> None:
+    return None
+
+
+async def no_completion_fault(request: web.Request, body: bytes, nth: int) -> None:
     return None
 
 
 @dataclass
 class Uploads:
-    """Counts the multipart requests `proxy` sees and lets `fault` answer UploadParts."""
+    """Counts the multipart requests `proxy` sees and lets `fault` answer UploadParts and
+    `completion` answer CompleteMultipartUploads."""
 
     proxy: FaultProxy
     fault: Fault = no_fault
+    completion: CompletionFault = no_completion_fault
     creates: int = 0
+    completes: int = 0
+    aborts: int = 0
     sent: Counter[int] = field(default_factory=Counter)  # UploadPart requests by part number
     sent_bytes: int = 0  # UploadPart bodies
     bad_checksums: list[int] = field(default_factory=list)  # parts whose CRC32 header lied
@@ -64,6 +78,11 @@ class Uploads:
     async def rule(self, request: web.Request, body: bytes) -> web.StreamResponse | None:
         if request.method == "POST" and "uploads" in request.query:
             self.creates += 1
+        if request.method == "DELETE" and "uploadId" in request.query:
+            self.aborts += 1
+        if request.method == "POST" and "uploadId" in request.query:
+            self.completes += 1
+            return await self.completion(request, body, self.completes)
         if request.method != "PUT" or "partNumber" not in request.query:
             return None
         number = int(request.query["partNumber"])
@@ -101,6 +120,38 @@ def store_then_fail(proxy: FaultProxy) -> Fault:
             return None
         await proxy.forward(request, body)
         return s3_error(504, "GatewayTimeout")
+
+    return fault
+
+
+def refuse_completion(status: int, code: str, tries: int | None = None) -> CompletionFault:
+    """Answer the first `tries` completions (every one if None) with an S3 error without
+    forwarding them: the upload stays incomplete."""
+
+    async def fault(request: web.Request, body: bytes, nth: int) -> web.Response | None:
+        if tries is None or nth <= tries:
+            return s3_error(status, code)
+        return None
+
+    return fault
+
+
+def lose_completion_answer(
+    proxy: FaultProxy, status: int, code: str, later: str
+) -> CompletionFault:
+    """Forward the first completion (the server completes the upload) and answer it with an
+    S3 error instead of the server's answer. Later completions: `replayed` are forwarded
+    (SeaweedFS answers 200 to a completion of an upload whose object it holds), `forgotten`
+    are answered NoSuchUpload (a server that forgets a completed upload), `lost` are
+    forwarded and their answers replaced too."""
+
+    async def fault(request: web.Request, body: bytes, nth: int) -> web.Response | None:
+        if nth == 1 or later == "lost":
+            await proxy.forward(request, body)
+            return s3_error(status, code)
+        if later == "forgotten":
+            return s3_error(404, "NoSuchUpload")
+        return None
 
     return fault
 
@@ -283,4 +334,162 @@ async def test_no_part_is_sent_after_the_upload_is_aborted(
     await asyncio.sleep(1.0)  # longer than a retry's pause: a stray try would arrive now
     assert "abort" in log
     assert "part" not in " ".join(log[log.index("abort") :])
+    assert no_uploads_left(seaweed, bucket)
+
+
+async def test_a_completion_failing_once_is_sent_again_alone(
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path
+) -> None:
+    # Before: the upload was aborted and RetryingStore ran the whole put again, sending all
+    # eight parts a second time because the last request of the put failed.
+    uploads = Uploads(proxy, completion=refuse_completion(503, "SlowDown", 1))
+    data = os.urandom(SIZE)
+    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
+    try:
+        await store.put("big", data)
+    finally:
+        await store.close()
+    assert uploads.creates == 1, "one multipart upload, not a second put"
+    assert uploads.sent == {n: 1 for n in range(1, 9)}, "no part sent again"
+    assert (uploads.completes, uploads.aborts) == (2, 0)
+    assert stored(seaweed, bucket, "big") == data
+    assert no_uploads_left(seaweed, bucket)
+
+
+@pytest.mark.parametrize("later", ["replayed", "forgotten", "lost"])
+@pytest.mark.parametrize(("status", "code"), [(504, "GatewayTimeout"), (503, "SlowDown")])
+async def test_a_completion_whose_answer_was_lost_is_done_when_the_object_is_there(
+    proxy: FaultProxy,
+    seaweed: EmbeddedSeaweed,
+    bucket: str,
+    tmp_path: Path,
+    status: int,
+    code: str,
+    later: str,
+) -> None:
+    """The server completed the upload; its answer was lost. A completion sent again is
+    answered 200 (SeaweedFS), NoSuchUpload (a server that forgot the upload: the object at
+    the key has this upload's multipart ETag and size), or not at all (every try lost: the
+    same proof after the last). Either way no part is sent again and nothing is aborted."""
+    # Before: the upload was aborted (harmless: the object was complete) and RetryingStore
+    # put the whole object again.
+    uploads = Uploads(proxy, completion=lose_completion_answer(proxy, status, code, later))
+    data = os.urandom(SIZE)
+    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
+    try:
+        await store.put("big", data)
+    finally:
+        await store.close()
+    assert uploads.creates == 1, "one multipart upload, not a second put"
+    assert uploads.sent == {n: 1 for n in range(1, 9)}, "no part sent again"
+    assert uploads.completes == (3 if later == "lost" else 2)
+    assert uploads.aborts == 0
+    assert stored(seaweed, bucket, "big") == data
+    assert no_uploads_left(seaweed, bucket)
+
+
+@pytest.mark.parametrize("case", ["never-completed", "overwritten"])
+async def test_a_lost_upload_whose_object_is_not_there_is_put_afresh(
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path, case: str
+) -> None:
+    """NoSuchUpload to a completion sent again counts as done only if the key holds this
+    upload's object: not when the first completion never reached the server, nor when
+    another writer replaced the object since (SeaweedFS itself then answers NoSuchUpload)."""
+
+    async def fault(request: web.Request, body: bytes, nth: int) -> web.Response | None:
+        if nth == 1 and case == "never-completed":
+            return s3_error(503, "SlowDown")
+        if nth == 2 and case == "never-completed":
+            return s3_error(404, "NoSuchUpload")
+        if nth == 1:  # overwritten: completed, then replaced before the answer
+            await proxy.forward(request, body)
+            client = seaweed.client()
+            await asyncio.to_thread(client.put_object, Bucket=bucket, Key="big", Body=b"other")
+            return s3_error(504, "GatewayTimeout")
+        return None
+
+    uploads = Uploads(proxy, completion=fault)
+    data = os.urandom(SIZE)
+    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
+    try:
+        await store.put("big", data)
+    finally:
+        await store.close()
+    assert uploads.creates == 2, "UploadLost: RetryingStore put the object afresh"
+    assert uploads.completes == 3
+    assert stored(seaweed, bucket, "big") == data
+    assert no_uploads_left(seaweed, bucket)
+
+
+async def test_a_completion_failing_every_time_ends_the_put_after_the_documented_tries(
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path
+) -> None:
+    # Before: each failed completion aborted the upload and RetryingStore ran the whole put
+    # again, 3 uploads of all eight parts.
+    uploads = Uploads(proxy, completion=refuse_completion(500, "InternalError"))
+    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
+    try:
+        with pytest.raises(StoreRetriesExhausted) as err:
+            await store.put("big", os.urandom(SIZE))
+        assert str(err.value) == (
+            f"gave up on completion of 'big' after 3 tries: S3 endpoint {proxy.endpoint} "
+            "failed CompleteMultipartUpload on 'big': InternalError (HTTP 500)"
+        )
+        with pytest.raises(ObjectNotFound):
+            await store.head("big")
+    finally:
+        await store.close()
+    assert uploads.completes == 3, "[store] retry_attempts tries of the completion"
+    assert uploads.creates == 1, "RetryingStore did not run the whole put again"
+    assert uploads.sent == {n: 1 for n in range(1, 9)}
+    assert uploads.aborts == 1
+    assert no_uploads_left(seaweed, bucket)
+
+
+async def test_an_upload_whose_completion_may_still_run_is_not_aborted(
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path
+) -> None:
+    """A gateway's 504 says it stopped waiting, not that the server did: an abort could
+    race a completion still running. The upload is left to the bucket's lifecycle rule."""
+    uploads = Uploads(proxy, completion=refuse_completion(504, "GatewayTimeout"))
+    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
+    try:
+        with pytest.raises(StoreRetriesExhausted):
+            await store.put("big", os.urandom(SIZE))
+    finally:
+        await store.close()
+    assert (uploads.creates, uploads.completes, uploads.aborts) == (1, 3, 0)
+    assert not no_uploads_left(seaweed, bucket)
+
+
+async def test_a_put_cancelled_during_its_completion_does_not_abort_the_upload(
+    proxy: FaultProxy, store_factory: StoreFactory, seaweed: EmbeddedSeaweed, bucket: str
+) -> None:
+    """The completion reaches the server after the put was cancelled (a daemon draining):
+    an abort sent at the cancellation would have removed the upload under it."""
+    arrived, forwarded = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request, body: bytes, nth: int) -> web.Response | None:
+        arrived.set()
+        await asyncio.sleep(0.5)  # an abort sent at the cancellation arrives meanwhile
+        status, _headers, answer = await proxy.forward(request, body)
+        forwarded.set()
+        return web.Response(status=status, body=answer)
+
+    uploads = Uploads(proxy, completion=slow)
+    data = os.urandom(25 * MiB)
+    store = store_factory(
+        endpoint=proxy.endpoint,
+        multipart_threshold=6 * MiB,
+        multipart_chunk=5 * MiB,
+        retry_part=RetryPolicy(attempts=3, initial=0.01, maximum=0.01),
+    )
+    put = asyncio.create_task(store.put("big", data))
+    await asyncio.wait_for(arrived.wait(), 30)
+    put.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await put
+    await asyncio.wait_for(forwarded.wait(), 30)
+    assert uploads.aborts == 0
+    assert stored(seaweed, bucket, "big") == data
     assert no_uploads_left(seaweed, bucket)

@@ -30,8 +30,9 @@ Contract, for every implementation:
   `StoreRetriesExhausted` is a `StoreUnavailable` whose call already retried a step of
   itself as often as its policy allows: wrappers do not retry the call again.
 
-A driver whose call has steps worth retrying on their own (S3's multipart parts) takes a
-`RetryStep` from whoever builds the store stack; it never chooses a policy of its own.
+A driver whose call has steps worth retrying on their own (S3's multipart parts and their
+completion) takes a `RetryStep` from whoever builds the store stack; it never chooses a
+policy of its own.
 """
 
 from __future__ import annotations

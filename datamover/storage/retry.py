@@ -3,8 +3,9 @@
 `RetryPolicy` says how a transient fault is retried (tenacity, full-jitter exponential
 backoff). `RetryingStore` retries whole calls with it and `LimitedStore` bounds concurrent
 calls: wrappers that are themselves Stores. A driver whose call has steps worth retrying on
-their own (S3's multipart parts) is handed the same policy as a `RetryStep` by whoever
-builds the stack (`site.make_store`); drivers never retry or throttle of their own accord.
+their own (S3's multipart parts and their completion) is handed the same policy as a
+`RetryStep` by whoever builds the stack (`site.make_store`); drivers never retry or
+throttle of their own accord.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@
 The driver stays plain: one request per call (no retries here; `RetryingStore` wraps it), and
 every failure goes through one function, `_map_error`, that turns it into the error the caller
 acts on (`ObjectNotFound`, `BucketNotFound`, `StoreAccessDenied`, `StoreUnavailable`). The one
-exception: a multipart upload retries a failed part on its own, with the `RetryStep` it was
-given (`retry_part`), so a fault costs that part again, not every part of the object.
+exception: a multipart upload retries a failed part, and its completion, on its own, with the
+`RetryStep` it was given (`retry_part`), so a fault costs that step again, not every part of
+the object.
 
 Two things it does that a naive driver would not:
 
@@ -28,11 +29,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import heapq
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any, NoReturn
+from dataclasses import dataclass
+from typing import Any, NoReturn, TypeVar
 
 import aiohttp
 import botocore.exceptions as bce
@@ -55,6 +59,10 @@ from datamover.storage.base import ObjectInfo, RetryStep, check_key, check_prefi
 from datamover.storage.body import Body, crc32
 from datamover.storage.direct import DirectGetter, proxied, range_mismatch
 from datamover.storage.s3_settings import check_endpoint, check_key_setting
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 MiB = 1 << 20
 MIN_PART = 5 * MiB  # S3's smallest part (all but the last); SeaweedFS enforces it too
@@ -85,6 +93,8 @@ _TRANSIENT = {
     "BadDigest",
     "XAmzContentSHA256Mismatch",
 }
+#: Answers a gateway gives when it stopped waiting for the server, which may still be at work.
+_GATEWAY = {502, 504}
 #: What botocore accepts as a bucket name (servers are stricter, each in its own way).
 _BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
 _CONNECTION = (
@@ -117,8 +127,9 @@ class S3Store:
     files, instance roles). Objects of `multipart_threshold` bytes or more are uploaded in parts
     of `multipart_chunk` bytes (at least 5 MiB), `multipart_concurrency` parts at a time.
     A part that fails is sent again on its own by `retry_part` (the stack's retry policy),
-    into the same upload under the same number, which overwrites; with None a failed part
-    fails the put. Either way a failed put aborts its upload.
+    into the same upload under the same number, which overwrites, and so is a failed
+    completion; with None either fails the put. A failed put aborts its upload, unless a
+    completion of it may still be running (see `_put_multipart`).
     Ranged GETs of `direct_min` bytes or more run on `direct_threads` threads with plain
     HTTP (direct.py), not on the event loop; `direct_threads=0` keeps every GET on aiohttp.
     The client is created on first use inside the running event loop; `close` releases it.
@@ -193,10 +204,13 @@ class S3Store:
     # -- the Store interface -------------------------------------------------------------
 
     async def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
-        """PutObject below the multipart threshold, else a multipart upload: a part that
-        fails transiently is sent again by `retry_part`; the upload is aborted on any failure
-        of the put (and on cancellation), so no parts are left behind to be billed. A part
-        that fails every try raises `StoreRetriesExhausted`."""
+        """PutObject below the multipart threshold, else a multipart upload: a part or the
+        completion that fails transiently is sent again by `retry_part`; the upload is
+        aborted on a failure of the put (and on cancellation), so no parts are left behind to
+        be billed, unless a completion of it may still be running. A part or completion that
+        fails every try raises `StoreRetriesExhausted`; an upload that vanished raises
+        `UploadLost`. A completion that fails is no failure of the put if the key proves to
+        hold the object the upload made (a completion whose answer was lost)."""
         check_key(key)
         view = memoryview(data).cast("B")
         if len(view) < self._threshold:
@@ -423,12 +437,19 @@ class S3Store:
     # -- multipart ----------------------------------------------------------------------
 
     async def _put_multipart(self, key: str, view: memoryview) -> None:
-        """Create an upload, send its parts (`_part_concurrency` at a time), complete it;
-        abort it on any failure or cancellation."""
+        """Create an upload, send its parts (`_part_concurrency` at a time), complete it.
+
+        On any failure or cancellation the upload is aborted, except while a completion of
+        it may still be running on the server (sent, with no answer from the server itself):
+        an abort racing it could free the parts' data under the object it is making on
+        SeaweedFS. Such an upload is left to the bucket's lifecycle rule; an abort after a
+        completion that is over is harmless (S3: NoSuchUpload; SeaweedFS: 204, the object
+        kept)."""
         size = len(view)
         part_size = max(self._chunk, -(-size // MAX_PARTS))
         created = await self._call("CreateMultipartUpload", key, Key=key)
         upload_id: str = created["UploadId"]
+        completion = _Completion()
         try:
             slots = asyncio.Semaphore(self._part_concurrency)
 
@@ -448,23 +469,24 @@ class S3Store:
                             ChecksumCRC32=checksum,
                         )
 
-                    if self._retry_part is None:
-                        resp = await send()
-                    else:
-                        resp = await self._retry_part(send, f"part {number} of {key!r}")
+                    resp = await self._step(send, f"part {number} of {key!r}")
                     return {"PartNumber": number, "ETag": resp["ETag"]}
 
             parts = await _gather_or_cancel(
                 upload(n, start) for n, start in enumerate(range(0, size, part_size), start=1)
             )
-            await self._call(
-                "CompleteMultipartUpload",
-                key,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": parts},
-            )
+            await self._complete(key, upload_id, parts, size, completion)
         except BaseException:
+            if completion.may_run:
+                log.warning(
+                    "left multipart upload %s of %r in %s: a CompleteMultipartUpload of it "
+                    "may still be running, which an abort could race; the bucket's lifecycle "
+                    "rule (AbortIncompleteMultipartUpload) removes it if it did not complete",
+                    upload_id,
+                    key,
+                    self.description,
+                )
+                raise
             # Shielded so a cancelled put still cleans up; if the abort fails too, a bucket
             # lifecycle rule (AbortIncompleteMultipartUpload) is the backstop.
             with contextlib.suppress(Exception):
@@ -472,6 +494,68 @@ class S3Store:
                     self._call("AbortMultipartUpload", key, Key=key, UploadId=upload_id)
                 )
             raise
+
+    async def _complete(
+        self,
+        key: str,
+        upload_id: str,
+        parts: list[dict[str, Any]],
+        size: int,
+        completion: _Completion,
+    ) -> None:
+        """CompleteMultipartUpload, tried as a step. A completion that fails (out of tries,
+        refused, or NoSuchUpload: `UploadLost`) may be the answer to a retry of one that did
+        complete and whose answer was lost; the put is then done if the key holds the object
+        these parts make (`_holds`), else the failure is raised."""
+
+        async def send() -> dict[str, Any]:
+            try:
+                return await self._call(
+                    "CompleteMultipartUpload",
+                    key,
+                    Key=key,
+                    UploadId=upload_id,
+                    MultipartUpload={"Parts": parts},
+                )
+            except BaseException as exc:
+                if not _over(exc):
+                    completion.may_run = True
+                raise
+
+        try:
+            await self._step(send, f"completion of {key!r}")
+        except DatamoverError:
+            if not await self._holds(key, parts, size):
+                raise
+            log.info(
+                "%s had completed the upload of %r; the answer saying so was lost",
+                self.description,
+                key,
+            )
+
+    async def _holds(self, key: str, parts: list[dict[str, Any]], size: int) -> bool:
+        """Whether `key` holds the object a completion of `parts` (`size` bytes) makes: its
+        ETag is S3's multipart ETag of the parts' ETags and its size is `size`. False when
+        that cannot be shown (a part's ETag is not an MD5, the HEAD fails)."""
+        expected = _multipart_etag([part["ETag"] for part in parts])
+        if expected is None:
+            return False
+
+        async def head() -> dict[str, Any]:
+            return await self._call("HeadObject", key, Key=key)
+
+        try:
+            info = await self._step(head, f"check of {key!r}")
+        except DatamoverError:
+            return False
+        etag = str(info.get("ETag", "")).strip('"').lower()
+        return etag == expected and int(info.get("ContentLength", -1)) == size
+
+    async def _step(self, step: Callable[[], Awaitable[T]], what: str) -> T:
+        """`step()`, retried by `retry_part` if the store has one."""
+        if self._retry_part is None:
+            return await step()
+        return await self._retry_part(step, what)
 
     # -- listing ------------------------------------------------------------------------
 
@@ -523,6 +607,41 @@ class S3Store:
             token = page.get("NextContinuationToken")
             if not token:
                 raise PermanentError(f"{self.description} truncated a listing without a token")
+
+
+@dataclass
+class _Completion:
+    """What the completions of one multipart upload left open."""
+
+    #: A completion was sent and may still be running on the server: no answer came from
+    #: the server itself (a timeout, a dropped connection, a cancelled put, a gateway's
+    #: 502 or 504), so it may yet complete the upload.
+    may_run: bool = False
+
+
+def _over(exc: BaseException) -> bool:
+    """Whether a request that raised `exc` is over on the server: the server itself answered
+    it (any status but a gateway's 502 or 504)."""
+    cause = exc.__cause__
+    return (
+        isinstance(exc, DatamoverError)
+        and isinstance(cause, bce.ClientError)
+        and _status(cause) not in _GATEWAY
+    )
+
+
+def _multipart_etag(part_etags: list[str]) -> str | None:
+    """S3's ETag of an object completed from parts with these ETags: the hex MD5 of the
+    parts' binary MD5s, then `-` and the number of parts (SeaweedFS does the same: tested).
+    None if a part's ETag is not 32 hex digits. (Where part ETags are not the parts' MD5s,
+    as with SSE-KMS on AWS, the object's ETag need not match this: the check fails safe.)"""
+    digests = bytearray()
+    for etag in part_etags:
+        hexed = etag.strip('"').lower()
+        if not re.fullmatch(r"[0-9a-f]{32}", hexed):
+            return None
+        digests += bytes.fromhex(hexed)
+    return f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(part_etags)}"
 
 
 async def _gather_or_cancel(coros: Iterator[Awaitable[dict[str, Any]]]) -> list[dict[str, Any]]:
