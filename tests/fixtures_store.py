@@ -132,14 +132,17 @@ Rule = Callable[[web.Request, bytes], Awaitable[web.StreamResponse | None]]
 class FaultProxy:
     """A small aiohttp server that forwards every request to `upstream` unchanged (the Host
     header too, which the signature covers) unless `rule` answers it instead. `seen` lists
-    `(method, path_qs)` of every request."""
+    `(method, path_qs)` of every request once its body is read; `arrived` as its headers
+    arrive (a long body sent before a short request may be read after it)."""
 
     upstream: str
     rule: Rule | None = None
     seen: list[tuple[str, str]] = field(default_factory=list)
+    arrived: list[tuple[str, str]] = field(default_factory=list)
     endpoint: str = ""
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.arrived.append((request.method, request.path_qs))
         body = await request.read()
         self.seen.append((request.method, request.path_qs))
         if self.rule is not None:
