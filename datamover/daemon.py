@@ -99,11 +99,11 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
         raise InvalidInput(f"{config.source}: [api] listen is not set; nothing to serve on")
     make_state_dir(config)
     lock = _single_process_lock(config)
-    site = await Site.open(config)
+    metrics = Metrics(config.site.name)
+    site = await Site.open(config, on_retry=metrics.store_retry)
     engine = site.catalog.engine
     transfers = Transfers(engine, config.api.max_attempts)
     access = Access(engine)
-    metrics = Metrics(config.site.name)
     open_paths = {"/healthz", "/readyz", "/v1/openapi.json"}
     if config.api.open_metrics:
         open_paths.add("/metrics")

@@ -49,6 +49,14 @@ class Metrics:
         self.retries = Counter(
             "datamover_retries", "Transfer attempts retried", ["kind", "site"], registry=r
         )
+        self.store_retries = Counter(
+            "datamover_store_retries",
+            "Store requests tried again after a transient failure, by what was retried: a "
+            "call (put, get, head, list, delete) or a step of a multipart upload (part, "
+            "completion, check)",
+            ["op", "site"],
+            registry=r,
+        )
         self.errors = Counter(
             "datamover_errors",
             "Transfer attempts failed, by error code",
@@ -99,6 +107,10 @@ class Metrics:
     def retry(self, kind: str) -> None:
         """Count a retried attempt."""
         self.retries.labels(kind, self.site).inc()
+
+    def store_retry(self, op: str) -> None:
+        """Count a store request tried again (`RetryPolicy.on_retry`)."""
+        self.store_retries.labels(op, self.site).inc()
 
     def error(self, kind: str, code: str) -> None:
         """Count a failed attempt."""

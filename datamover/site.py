@@ -6,6 +6,7 @@ it, and closes it. Nothing here decides anything; it only wires the pieces toget
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,8 +34,9 @@ def make_state_dir(config: Config) -> Path:
     return path
 
 
-def make_store(config: Config) -> Store:
-    """The configured S3 store, with retries on transient faults and the bandwidth budget.
+def make_store(config: Config, on_retry: Callable[[str], None] | None = None) -> Store:
+    """The configured S3 store, with retries on transient faults and the bandwidth budget;
+    `on_retry` is told of each retry (`RetryPolicy.on_retry`).
 
     One retry policy serves both levels: `RetryingStore` retries a whole call, the S3 driver
     a failed part, or the failed completion, of a multipart upload. A part or completion
@@ -45,7 +47,7 @@ def make_store(config: Config) -> Store:
     from datamover.storage.s3 import S3Store
 
     s = config.store
-    retry = RetryPolicy(attempts=s.retry_attempts)
+    retry = RetryPolicy(attempts=s.retry_attempts, on_retry=on_retry)
     inner = S3Store(
         s.endpoint or None,
         s.bucket,
@@ -87,11 +89,17 @@ class Site:
         return self.config.state_dir
 
     @classmethod
-    async def open(cls, config: Config, store: Store | None = None) -> Site:
-        """Open the catalog (creating it on first use) and the store."""
+    async def open(
+        cls,
+        config: Config,
+        store: Store | None = None,
+        on_retry: Callable[[str], None] | None = None,
+    ) -> Site:
+        """Open the catalog (creating it on first use) and the store (`make_store`, told
+        `on_retry`, unless `store` is given)."""
         make_state_dir(config)
         engine = await open_engine(config.catalog_url)
-        store = store or make_store(config)
+        store = store or make_store(config, on_retry)
         repo = Repository(store, config.state_dir, config.transfer.download_concurrency)
         return cls(config, store, repo, Catalog(engine))
 

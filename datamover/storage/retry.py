@@ -15,7 +15,7 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from tenacity import (
@@ -60,6 +60,10 @@ class RetryPolicy:
     attempts: int = 5
     initial: float = 0.2
     maximum: float = 5.0
+    #: Told of each retry, with what was retried: a Store call's name (`put`, `get`,
+    #: `list`, ...) or a step's kind (`part`, `completion`, `check`; the first word of the
+    #: step's `what`). The daemon counts them (`datamover_store_retries_total`).
+    on_retry: Callable[[str], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.attempts < 1 or self.initial < 0 or self.maximum < 0:
@@ -70,22 +74,24 @@ class RetryPolicy:
     async def __call__(self, step: Callable[[], Awaitable[T]], what: str) -> T:
         """`step()`, retried as the `RetryStep` contract says."""
         try:
-            return await self.retrying(_step_retryable, what)(step)
+            return await self.retrying(_step_retryable, what, what.split(" ", 1)[0])(step)
         except TransientError as exc:
             if not _step_retryable(exc):
                 raise
             tries = "1 try" if self.attempts == 1 else f"{self.attempts} tries"
             raise StoreRetriesExhausted(f"gave up on {what} after {tries}: {exc}") from exc
 
-    def retrying(self, retry: Callable[[BaseException], bool], what: str) -> AsyncRetrying:
+    def retrying(self, retry: Callable[[BaseException], bool], what: str, op: str) -> AsyncRetrying:
         """A tenacity controller of this policy that retries what `retry` accepts and logs
-        each failure it retries, naming `what` ("put on s3://...")."""
+        each failure it retries, naming `what` ("put on s3://..."), and tells `on_retry` of
+        it as `op`."""
 
         def log_retry(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             log.warning(
                 "%s failed (attempt %d of %d): %s", what, state.attempt_number, self.attempts, exc
             )
+            self.retried(op)
 
         return AsyncRetrying(
             stop=stop_after_attempt(self.attempts),
@@ -94,6 +100,15 @@ class RetryPolicy:
             reraise=True,
             before_sleep=log_retry,
         )
+
+    def retried(self, op: str) -> None:
+        """Tell `on_retry` that `op` is tried again; an observer's failure is logged, never
+        the retry's."""
+        if self.on_retry is not None:
+            try:
+                self.on_retry(op)
+            except Exception:
+                log.exception("counting a retry of %s failed", op)
 
     def wait(self, failures: int) -> float:
         """The same full-jitter schedule as tenacity's `wait_random_exponential`."""
@@ -180,11 +195,13 @@ class RetryingStore:
                     exc,
                     delay,
                 )
+                self.policy.retried("list")
                 await asyncio.sleep(delay)
 
     async def _retry(self, fn: Callable[..., Awaitable[T]], *args: object) -> T:
-        what = f"{getattr(fn, '__name__', 'call')} on {self.description}"
-        return await self.policy.retrying(_call_retryable, what)(fn, *args)
+        op = getattr(fn, "__name__", "call")
+        what = f"{op} on {self.description}"
+        return await self.policy.retrying(_call_retryable, what, op)(fn, *args)
 
 
 class LimitedStore:
