@@ -5,12 +5,14 @@ A 32 MiB pack handed to botocore as `bytes` is copied three to four times on its
 Python 3.11), about a second of CPU per GiB on the event loop, the one thread every transfer
 shares. `Body` wraps the buffer; `BodyPayload` (registered with aiohttp) writes it in 1 MiB
 memoryview slices, so only what the socket does not take at once is ever copied, and
-aiohttp's flow control keeps that small. `crc32` is the upload checksum, computed off the
-loop by the caller and sent as `ChecksumCRC32`, so botocore does not read the body either.
+aiohttp's flow control keeps that small. `crc32` is the upload checksum (`checksum` computes
+it off the loop for large bodies), sent by the caller as `ChecksumCRC32`, so botocore does not
+read the body either.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import zlib
 from typing import Any
@@ -58,6 +60,13 @@ class Body:
 def crc32(data: bytes | bytearray | memoryview) -> str:
     """The `x-amz-checksum-crc32` value of `data` (base64 of the big-endian CRC32)."""
     return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+async def checksum(view: memoryview) -> str:
+    """CRC32 for the upload header; off the event loop for large bodies (zlib drops the GIL)."""
+    if len(view) >= 1 << 20:
+        return await asyncio.to_thread(crc32, view)
+    return crc32(view)
 
 
 class BodyPayload(aiohttp.payload.Payload):

@@ -3,9 +3,9 @@
 The driver stays plain: one request per call (no retries here; `RetryingStore` wraps it), and
 every failure goes through one function, `_map_error`, that turns it into the error the caller
 acts on (`ObjectNotFound`, `BucketNotFound`, `StoreAccessDenied`, `StoreUnavailable`). The one
-exception: a multipart upload retries a failed part, and its completion, on its own, with the
-`RetryStep` it was given (`retry_part`), so a fault costs that step again, not every part of
-the object.
+exception: a multipart upload (s3_multipart.py) retries a failed part, and its completion, on
+its own, with the `RetryStep` it was given (`retry_part`), so a fault costs that step again,
+not every part of the object.
 
 Two things it does that a naive driver would not:
 
@@ -29,14 +29,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import heapq
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, NoReturn, TypeVar
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, NoReturn
 
 import aiohttp
 import botocore.exceptions as bce
@@ -56,17 +54,14 @@ from datamover.errors import (
     UploadLost,
 )
 from datamover.storage.base import ObjectInfo, RetryStep, check_key, check_prefix, check_range
-from datamover.storage.body import Body, crc32
+from datamover.storage.body import Body, checksum
 from datamover.storage.direct import DirectGetter, proxied, range_mismatch
+from datamover.storage.s3_multipart import MIN_PART, MultipartUploader, http_status
 from datamover.storage.s3_settings import check_endpoint, check_key_setting
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
-
 MiB = 1 << 20
-MIN_PART = 5 * MiB  # S3's smallest part (all but the last); SeaweedFS enforces it too
-MAX_PARTS = 10_000  # S3's most parts per upload
 _URL_EXPIRY = 900  # seconds a presigned URL for a direct GET is valid
 _URL_REUSE = 600  # seconds one is reused: a GET waiting for a thread still has time to start
 _URL_CACHE = 256
@@ -93,8 +88,6 @@ _TRANSIENT = {
     "BadDigest",
     "XAmzContentSHA256Mismatch",
 }
-#: Answers a gateway gives when it stopped waiting for the server, which may still be at work.
-_GATEWAY = {502, 504}
 #: What botocore accepts as a bucket name (servers are stricter, each in its own way).
 _BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")
 _CONNECTION = (
@@ -129,7 +122,7 @@ class S3Store:
     A part that fails is sent again on its own by `retry_part` (the stack's retry policy),
     into the same upload under the same number, which overwrites, and so is a failed
     completion; with None either fails the put. A failed put aborts its upload, unless a
-    completion of it may still be running (see `_put_multipart`).
+    completion of it may still be running (see s3_multipart.py).
     Ranged GETs of `direct_min` bytes or more run on `direct_threads` threads with plain
     HTTP (direct.py), not on the event loop; `direct_threads=0` keeps every GET on aiohttp.
     The client is created on first use inside the running event loop; `close` releases it.
@@ -215,10 +208,14 @@ class S3Store:
         view = memoryview(data).cast("B")
         if len(view) < self._threshold:
             await self._call(
-                "PutObject", key, Key=key, Body=Body(view), ChecksumCRC32=await _checksum(view)
+                "PutObject", key, Key=key, Body=Body(view), ChecksumCRC32=await checksum(view)
             )
         else:
-            await self._put_multipart(key, view)
+            # Made per put, not kept: it holds `_call`, and so the store (no reference cycle).
+            uploader = MultipartUploader(
+                self._call, self._retry_part, self._chunk, self._part_concurrency, self.description
+            )
+            await uploader.put(key, view)
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
         """GetObject, with a `Range` header for a range. `length=0` returns b"" without a
@@ -243,7 +240,7 @@ class S3Store:
             try:
                 resp = await client.get_object(Bucket=self.bucket, Key=key, **extra)
             except bce.ClientError as exc:
-                if _code(exc) == "InvalidRange" or _status(exc) == 416:
+                if _code(exc) == "InvalidRange" or http_status(exc) == 416:
                     return b""
                 raise
             async with resp["Body"] as body:
@@ -384,7 +381,7 @@ class S3Store:
         """The one place that decides what a failed request means for the caller."""
         where = f"at {self.where}"
         if isinstance(exc, bce.ClientError):
-            code, status = _code(exc), _status(exc)
+            code, status = _code(exc), http_status(exc)
             if code == "NoSuchUpload":
                 # The multipart upload vanished (aborted elsewhere): a new put starts afresh.
                 raise UploadLost(
@@ -433,129 +430,6 @@ class S3Store:
                 f"secret_key or the AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY variables"
             ) from exc
         raise exc
-
-    # -- multipart ----------------------------------------------------------------------
-
-    async def _put_multipart(self, key: str, view: memoryview) -> None:
-        """Create an upload, send its parts (`_part_concurrency` at a time), complete it.
-
-        On any failure or cancellation the upload is aborted, except while a completion of
-        it may still be running on the server (sent, with no answer from the server itself):
-        an abort racing it could free the parts' data under the object it is making on
-        SeaweedFS. Such an upload is left to the bucket's lifecycle rule; an abort after a
-        completion that is over is harmless (S3: NoSuchUpload; SeaweedFS: 204, the object
-        kept)."""
-        size = len(view)
-        part_size = max(self._chunk, -(-size // MAX_PARTS))
-        created = await self._call("CreateMultipartUpload", key, Key=key)
-        upload_id: str = created["UploadId"]
-        completion = _Completion()
-        try:
-            slots = asyncio.Semaphore(self._part_concurrency)
-
-            async def upload(number: int, start: int) -> dict[str, Any]:
-                async with slots:  # held while a failed part waits to be sent again
-                    part = view[start : start + part_size]
-                    checksum = await _checksum(part)  # the same bytes on every try
-
-                    async def send() -> dict[str, Any]:
-                        return await self._call(
-                            "UploadPart",
-                            key,
-                            Key=key,
-                            UploadId=upload_id,
-                            PartNumber=number,
-                            Body=Body(part),  # a fresh one: a try may have read the last
-                            ChecksumCRC32=checksum,
-                        )
-
-                    resp = await self._step(send, f"part {number} of {key!r}")
-                    return {"PartNumber": number, "ETag": resp["ETag"]}
-
-            parts = await _gather_or_cancel(
-                upload(n, start) for n, start in enumerate(range(0, size, part_size), start=1)
-            )
-            await self._complete(key, upload_id, parts, size, completion)
-        except BaseException:
-            if completion.may_run:
-                log.warning(
-                    "left multipart upload %s of %r in %s: a CompleteMultipartUpload of it "
-                    "may still be running, which an abort could race; the bucket's lifecycle "
-                    "rule (AbortIncompleteMultipartUpload) removes it if it did not complete",
-                    upload_id,
-                    key,
-                    self.description,
-                )
-                raise
-            # Shielded so a cancelled put still cleans up; if the abort fails too, a bucket
-            # lifecycle rule (AbortIncompleteMultipartUpload) is the backstop.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(
-                    self._call("AbortMultipartUpload", key, Key=key, UploadId=upload_id)
-                )
-            raise
-
-    async def _complete(
-        self,
-        key: str,
-        upload_id: str,
-        parts: list[dict[str, Any]],
-        size: int,
-        completion: _Completion,
-    ) -> None:
-        """CompleteMultipartUpload, tried as a step. A completion that fails (out of tries,
-        refused, or NoSuchUpload: `UploadLost`) may be the answer to a retry of one that did
-        complete and whose answer was lost; the put is then done if the key holds the object
-        these parts make (`_holds`), else the failure is raised."""
-
-        async def send() -> dict[str, Any]:
-            try:
-                return await self._call(
-                    "CompleteMultipartUpload",
-                    key,
-                    Key=key,
-                    UploadId=upload_id,
-                    MultipartUpload={"Parts": parts},
-                )
-            except BaseException as exc:
-                if not _over(exc):
-                    completion.may_run = True
-                raise
-
-        try:
-            await self._step(send, f"completion of {key!r}")
-        except DatamoverError:
-            if not await self._holds(key, parts, size):
-                raise
-            log.info(
-                "%s had completed the upload of %r; the answer saying so was lost",
-                self.description,
-                key,
-            )
-
-    async def _holds(self, key: str, parts: list[dict[str, Any]], size: int) -> bool:
-        """Whether `key` holds the object a completion of `parts` (`size` bytes) makes: its
-        ETag is S3's multipart ETag of the parts' ETags and its size is `size`. False when
-        that cannot be shown (a part's ETag is not an MD5, the HEAD fails)."""
-        expected = _multipart_etag([part["ETag"] for part in parts])
-        if expected is None:
-            return False
-
-        async def head() -> dict[str, Any]:
-            return await self._call("HeadObject", key, Key=key)
-
-        try:
-            info = await self._step(head, f"check of {key!r}")
-        except DatamoverError:
-            return False
-        etag = str(info.get("ETag", "")).strip('"').lower()
-        return etag == expected and int(info.get("ContentLength", -1)) == size
-
-    async def _step(self, step: Callable[[], Awaitable[T]], what: str) -> T:
-        """`step()`, retried by `retry_part` if the store has one."""
-        if self._retry_part is None:
-            return await step()
-        return await self._retry_part(step, what)
 
     # -- listing ------------------------------------------------------------------------
 
@@ -609,64 +483,6 @@ class S3Store:
                 raise PermanentError(f"{self.description} truncated a listing without a token")
 
 
-@dataclass
-class _Completion:
-    """What the completions of one multipart upload left open."""
-
-    #: A completion was sent and may still be running on the server: no answer came from
-    #: the server itself (a timeout, a dropped connection, a cancelled put, a gateway's
-    #: 502 or 504), so it may yet complete the upload.
-    may_run: bool = False
-
-
-def _over(exc: BaseException) -> bool:
-    """Whether a request that raised `exc` is over on the server: the server itself answered
-    it (any status but a gateway's 502 or 504)."""
-    cause = exc.__cause__
-    return (
-        isinstance(exc, DatamoverError)
-        and isinstance(cause, bce.ClientError)
-        and _status(cause) not in _GATEWAY
-    )
-
-
-def _multipart_etag(part_etags: list[str]) -> str | None:
-    """S3's ETag of an object completed from parts with these ETags: the hex MD5 of the
-    parts' binary MD5s, then `-` and the number of parts (SeaweedFS does the same: tested).
-    None if a part's ETag is not 32 hex digits. (Where part ETags are not the parts' MD5s,
-    as with SSE-KMS on AWS, the object's ETag need not match this: the check fails safe.)"""
-    digests = bytearray()
-    for etag in part_etags:
-        hexed = etag.strip('"').lower()
-        if not re.fullmatch(r"[0-9a-f]{32}", hexed):
-            return None
-        digests += bytes.fromhex(hexed)
-    return f"{hashlib.md5(digests, usedforsecurity=False).hexdigest()}-{len(part_etags)}"
-
-
-async def _gather_or_cancel(coros: Iterator[Awaitable[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Run all, return results in order; on the first failure cancel the rest and raise it
-    (plain `gather` would let the other parts keep uploading into an upload being aborted)."""
-    tasks = [asyncio.ensure_future(c) for c in coros]
-    try:
-        done, _pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
-        for t in done:
-            if t.exception() is not None:
-                raise t.exception()  # type: ignore[misc]
-        return [t.result() for t in tasks]
-    finally:
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def _checksum(view: memoryview) -> str:
-    """CRC32 for the upload header; off the event loop for large bodies (zlib drops the GIL)."""
-    if len(view) >= 1 << 20:
-        return await asyncio.to_thread(crc32, view)
-    return crc32(view)
-
-
 def _verify(endpoint: str | None) -> bool | None:
     """botocore's `verify` for `endpoint`: False for plain http not routed through a proxy
     (no TLS is spoken, and the CA bundle botocore would otherwise load for the connection
@@ -693,11 +509,6 @@ def _first_line(exc: BaseException) -> str:
 
 def _code(exc: bce.ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _status(exc: bce.ClientError) -> int | None:
-    status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-    return int(status) if status is not None else None
 
 
 def _snake(op: str) -> str:
