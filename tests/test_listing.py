@@ -109,7 +109,7 @@ class Failing:
             yield info
 
 real = site.make_store
-site.make_store = lambda config: Failing(real(config))
+site.make_store = lambda config, on_retry=None: Failing(real(config, on_retry))
 datasets._BATCH = 2
 sys.argv = ["datamover", "ls", "/proj", "--json", "--config", sys.argv[1]]
 from datamover.cli import main
