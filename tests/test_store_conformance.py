@@ -32,7 +32,7 @@ from datamover.errors import (
 from datamover.storage.base import ObjectInfo, Store
 from datamover.storage.memory import MemoryStore
 from datamover.storage.posix import PosixStore
-from datamover.storage.retry import LimitedStore, RetryingStore
+from datamover.storage.retry import LimitedStore, RetryingStore, RetryPolicy
 from datamover.storage.s3 import S3Store
 from tests.fixtures_store import StoreFactory
 
@@ -529,7 +529,7 @@ class FlakyStore(MemoryStore):
 async def test_retrying_store_retries_transient_faults_then_succeeds() -> None:
     inner = FlakyStore([StoreUnavailable("blip"), UploadLost("a new put can succeed")])
     await inner.put("k", b"abc")
-    store = RetryingStore(inner, attempts=3, initial=0.001, maximum=0.01)
+    store = RetryingStore(inner, RetryPolicy(attempts=3, initial=0.001, maximum=0.01))
     assert await store.head("k") == ObjectInfo("k", 3)
     assert inner.head_calls == 3
     assert store.description == "flaky://"
@@ -537,7 +537,7 @@ async def test_retrying_store_retries_transient_faults_then_succeeds() -> None:
 
 async def test_retrying_store_gives_up_after_n_attempts() -> None:
     inner = FlakyStore([StoreUnavailable(f"blip {i}") for i in range(10)])
-    store = RetryingStore(inner, attempts=4, initial=0.001, maximum=0.01)
+    store = RetryingStore(inner, RetryPolicy(attempts=4, initial=0.001, maximum=0.01))
     with pytest.raises(StoreUnavailable, match="blip 3"):
         await store.head("k")
     assert inner.head_calls == 4
@@ -554,7 +554,7 @@ async def test_retrying_store_gives_up_after_n_attempts() -> None:
 )
 async def test_retrying_store_does_not_retry_permanent_errors(error: Exception) -> None:
     inner = FlakyStore([error, StoreUnavailable("would succeed next")])
-    store = RetryingStore(inner, attempts=5, initial=0.001)
+    store = RetryingStore(inner, RetryPolicy(attempts=5, initial=0.001))
     with pytest.raises(type(error)):
         await store.head("k")
     assert inner.head_calls == 1
@@ -566,7 +566,7 @@ async def test_retrying_store_list_resumes_without_duplicates(fail_after: list[i
     keys = [f"k/{i:02d}" for i in range(10)]
     for k in keys:
         await inner.put(k, b"v")
-    store = RetryingStore(inner, attempts=3, initial=0.001, maximum=0.01)
+    store = RetryingStore(inner, RetryPolicy(attempts=3, initial=0.001, maximum=0.01))
     assert await keys_of(store) == keys
     assert inner.list_calls == len(fail_after) + 1
 
@@ -575,7 +575,7 @@ async def test_retrying_store_list_gives_up_without_progress() -> None:
     inner = FlakyStore([], list_fail_after=[2, 0, 0, 0])
     for i in range(5):
         await inner.put(f"k{i}", b"v")
-    store = RetryingStore(inner, attempts=3, initial=0.001, maximum=0.01)
+    store = RetryingStore(inner, RetryPolicy(attempts=3, initial=0.001, maximum=0.01))
     seen: list[str] = []
     with pytest.raises(StoreUnavailable):
         async for info in store.list():
@@ -586,7 +586,8 @@ async def test_retrying_store_list_gives_up_without_progress() -> None:
 
 async def test_retrying_store_gives_up_on_an_unreachable_s3(store_factory: StoreFactory) -> None:
     store = RetryingStore(
-        store_factory(endpoint=f"http://127.0.0.1:{closed_port()}"), attempts=2, initial=0.001
+        store_factory(endpoint=f"http://127.0.0.1:{closed_port()}"),
+        RetryPolicy(attempts=2, initial=0.001),
     )
     with pytest.raises(StoreUnavailable):
         await store.get("k")

@@ -99,11 +99,12 @@ class RetryStep(Protocol):
     """Retries one idempotent step inside a store call (rclone's "low-level retries"), so a
     fault costs that step again, not the whole call. `storage.retry.RetryPolicy` is one."""
 
-    async def __call__(self, step: Callable[[], Awaitable[T]], what: str) -> T:
+    async def __call__(self, step: Callable[[], Awaitable[T]], what: str, op: str) -> T:
         """`step()`'s result. A `TransientError` is retried, except `UploadLost` (retrying the
         step cannot cure it); when the tries run out, `StoreRetriesExhausted` from the last
         fault is raised, naming `what` ("part 3 of 'key'"). Any other error, and
-        cancellation (also while waiting to try again), passes at once."""
+        cancellation (also while waiting to try again), passes at once. `op` names the kind
+        of step ("part") for counting retries."""
         ...
 
 

@@ -61,8 +61,8 @@ class RetryPolicy:
     initial: float = 0.2
     maximum: float = 5.0
     #: Told of each retry, with what was retried: a Store call's name (`put`, `get`,
-    #: `list`, ...) or a step's kind (`part`, `completion`, `check`; the first word of the
-    #: step's `what`). The daemon counts them (`datamover_store_retries_total`).
+    #: `list`, ...) or a step's `op` (`part`, `completion`, `check`). The daemon counts
+    #: them (`datamover_store_retries_total`).
     on_retry: Callable[[str], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
@@ -71,10 +71,10 @@ class RetryPolicy:
                 f"bad retry settings attempts={self.attempts} initial={self.initial}"
             )
 
-    async def __call__(self, step: Callable[[], Awaitable[T]], what: str) -> T:
+    async def __call__(self, step: Callable[[], Awaitable[T]], what: str, op: str) -> T:
         """`step()`, retried as the `RetryStep` contract says."""
         try:
-            return await self.retrying(_step_retryable, what, what.split(" ", 1)[0])(step)
+            return await self.retrying(_step_retryable, what, op)(step)
         except TransientError as exc:
             if not _step_retryable(exc):
                 raise
@@ -117,27 +117,17 @@ class RetryPolicy:
 
 class RetryingStore:
     """Retries every call that fails with a `TransientError` (but `StoreRetriesExhausted`)
-    by `policy`, or by a `RetryPolicy` of `attempts`, `initial` and `maximum`; any other
-    error is raised at once. Every Store call is idempotent, which is what makes this safe.
+    by `policy` (default: `RetryPolicy()`); any other error is raised at once. Every Store
+    call is idempotent, which is what makes this safe.
 
     `list` restarts the listing after a failure and skips keys it already yielded, so a long
     listing survives faults without duplicates; its try counter starts again whenever the
     listing made progress since the previous failure.
     """
 
-    def __init__(
-        self,
-        inner: Store,
-        attempts: int = 5,
-        initial: float = 0.2,
-        maximum: float = 5.0,
-        *,
-        policy: RetryPolicy | None = None,
-    ) -> None:
-        if policy is not None and (attempts, initial, maximum) != (5, 0.2, 5.0):
-            raise InvalidInput("give RetryingStore either a policy or its settings, not both")
+    def __init__(self, inner: Store, policy: RetryPolicy | None = None) -> None:
         self.inner = inner
-        self.policy = policy or RetryPolicy(attempts, initial, maximum)
+        self.policy = policy or RetryPolicy()
 
     @property
     def description(self) -> str:

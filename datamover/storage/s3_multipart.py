@@ -114,7 +114,7 @@ class MultipartUploader:
                             ChecksumCRC32=crc,
                         )
 
-                    resp = await self._step(send, f"part {number} of {key!r}")
+                    resp = await self._step(send, f"part {number} of {key!r}", "part")
                     return {"PartNumber": number, "ETag": resp["ETag"]}
 
             parts = await _gather_or_cancel(
@@ -168,7 +168,7 @@ class MultipartUploader:
                 raise
 
         try:
-            await self._step(send, f"completion of {key!r}")
+            await self._step(send, f"completion of {key!r}", "completion")
         except DatamoverError:
             if not await self._holds(key, parts, size):
                 raise
@@ -190,17 +190,17 @@ class MultipartUploader:
             return await self.call("HeadObject", key, Key=key)
 
         try:
-            info = await self._step(head, f"check of {key!r}")
+            info = await self._step(head, f"check of {key!r}", "check")
         except DatamoverError:
             return False
         etag = str(info.get("ETag", "")).strip('"').lower()
         return etag == expected and int(info.get("ContentLength", -1)) == size
 
-    async def _step(self, step: Callable[[], Awaitable[T]], what: str) -> T:
-        """`step()`, retried by `retry_part` if the store has one."""
+    async def _step(self, step: Callable[[], Awaitable[T]], what: str, op: str) -> T:
+        """`step()`, retried by `retry_part` if the store has one (`RetryStep`)."""
         if self.retry_part is None:
             return await step()
-        return await self.retry_part(step, what)
+        return await self.retry_part(step, what, op)
 
 
 @dataclass
