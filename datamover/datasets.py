@@ -51,6 +51,17 @@ class DatasetInfo:
     versions: list[VersionDoc]
     bad: list[BadVersion] = field(default_factory=list)
 
+    def add(self, doc: VersionDoc) -> None:
+        """Add a version in id order: a long path's versions under its cut and its legacy
+        uncut key (docs/format.md, "Keys") are listed one spelling after the other."""
+        bisect.insort(self.versions, doc, key=lambda d: d.version)
+
+    def merge(self, other: DatasetInfo) -> None:
+        """Take in the versions and the unreadable ones of another listing of this path."""
+        for doc in other.versions:
+            self.add(doc)
+        self.bad.extend(other.bad)
+
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict (readable versions only: `bad` is reported on its own)."""
         return {"path": self.path, "versions": [asdict(v) for v in self.versions]}
@@ -119,9 +130,7 @@ def _group(
         if isinstance(doc, Corrupt):
             current.bad.append(BadVersion(dataset, version, doc))
         elif doc is not None:
-            # In id order: a long path's versions under its cut and its legacy uncut key
-            # (docs/format.md, "Keys") are listed one spelling after the other.
-            bisect.insort(current.versions, doc, key=lambda d: d.version)
+            current.add(doc)
     return out
 
 

@@ -4,7 +4,6 @@ repository, and returns JSON; errors are raised and mapped in `api.errors`."""
 from __future__ import annotations
 
 import asyncio
-import bisect
 import json
 from dataclasses import asdict
 from importlib import resources
@@ -252,9 +251,7 @@ async def list_versions(request: web.Request) -> web.Response:
         if found is None:
             found = info
         else:
-            for doc in info.versions:
-                bisect.insort(found.versions, doc, key=lambda d: d.version)
-            found.bad.extend(info.bad)
+            found.merge(info)
     if found is None:
         raise NotFound(f"dataset {path!r} has no published version")
     if not found.versions:

@@ -88,11 +88,13 @@ def dataset_prefix(path_prefix: str) -> str:
     return DATASETS + encode_dataset(path_prefix)
 
 
-def legacy_dataset_prefix(path_prefix: str) -> str | None:
-    """Key prefix of the uncut (legacy) keys of datasets whose path starts with
-    `path_prefix`, when `dataset_prefix` does not cover them; else None."""
+def dataset_prefixes(path_prefix: str) -> list[str]:
+    """The key prefixes under which every dataset whose path starts with `path_prefix`
+    lives: `dataset_prefix`, and for a long prefix the one of its uncut (legacy) keys,
+    which `dataset_prefix` does not cover."""
     legacy = legacy_encoding(path_prefix)
-    return None if len(legacy) <= KEY_PART_BYTES else DATASETS + legacy
+    cut = dataset_prefix(path_prefix)
+    return [cut] if len(legacy) <= KEY_PART_BYTES else [cut, DATASETS + legacy]
 
 
 def versions_prefix(dataset: str) -> str:
@@ -103,6 +105,13 @@ def versions_prefix(dataset: str) -> str:
 def version_key(dataset: str, version: str) -> str:
     """Key of one version document."""
     return versions_prefix(dataset) + version
+
+
+def versions_prefixes(dataset: str) -> list[str]:
+    """The key prefixes of a dataset's version documents: `versions_prefix`, and for a long
+    path `legacy_versions_prefix` after it."""
+    legacy = legacy_versions_prefix(dataset)
+    return [versions_prefix(dataset)] if legacy is None else [versions_prefix(dataset), legacy]
 
 
 def legacy_versions_prefix(dataset: str) -> str | None:

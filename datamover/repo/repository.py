@@ -27,13 +27,12 @@ from datamover.repo.layout import (
     CONFIG_KEY,
     FORMAT_VERSION,
     VersionDoc,
-    dataset_prefix,
-    legacy_dataset_prefix,
+    dataset_prefixes,
     legacy_versions_prefix,
     manifest_key,
     parse_version_key,
     version_key,
-    versions_prefix,
+    versions_prefixes,
 )
 from datamover.repo.manifest import EntryChecker, SegmentRef, decode_list, decode_segment
 from datamover.storage.base import MAX_KEY_BYTES, Store
@@ -136,8 +135,7 @@ class Repository:
         """All version ids of `dataset`, ascending (oldest first), under its key and, for a
         long path, its legacy uncut key (docs/format.md, "Keys")."""
         ids = set()
-        legacy = legacy_versions_prefix(dataset)
-        for prefix in (versions_prefix(dataset), *([legacy] if legacy else [])):
+        for prefix in versions_prefixes(dataset):
             async for info in self.store.list(prefix):
                 parsed = parse_version_key(info.key)
                 if parsed and parsed[0] == dataset:
@@ -154,9 +152,7 @@ class Repository:
         raise `NotFound` if the dataset has no such version. A key longer than a store
         takes (a cut key a few bytes past the limit, where the uncut one fits) cannot hold
         it and is not asked for."""
-        legacy = legacy_versions_prefix(dataset)
-        candidates = [version_key(dataset, version), *([legacy + version] if legacy else [])]
-        for key in candidates:
+        for key in (prefix + version for prefix in versions_prefixes(dataset)):
             if len(key) > MAX_KEY_BYTES:  # percent-encoded: one byte a character
                 continue
             try:
@@ -201,9 +197,7 @@ class Repository:
         (a long prefix's legacy uncut keys after the others, sorted among themselves): a
         dataset's versions come one after another."""
         prefix = "/" if prefix == "/" else check_logical_path(prefix)
-        path_prefix = "" if prefix == "/" else prefix
-        legacy = legacy_dataset_prefix(path_prefix)
-        for key_prefix in (dataset_prefix(path_prefix), *([legacy] if legacy else [])):
+        for key_prefix in dataset_prefixes("" if prefix == "/" else prefix):
             async for info in self.store.list(key_prefix):
                 parsed = parse_version_key(info.key)
                 if parsed and is_under(parsed[0], prefix):
