@@ -342,6 +342,7 @@ class _Stager:
         self._check_ops()
         self.changed = True  # whatever the worker gets to before it fails or is stopped
         files = [(e.path, e.mode, e.mtime_ns, e.chunks, replaces) for e, replaces in batch]
+        assert self.writer is not None
         try:
             job = procs.submit(
                 writers.write_batch,
@@ -351,12 +352,11 @@ class _Stager:
                 blobs,
                 files,
                 str(self.trash_dir),
-                self.site.config.transfer.sparse,
+                self.writer.sparse,  # every write path takes the one setting
             )
             unlocked, trashed = await asyncio.wrap_future(job)
         except BrokenProcessPool:
             raise procpool.lost("stage writer") from None
-        assert self.writer is not None
         if unlocked:
             for rel, mode in unlocked.items():
                 self.writer.unlocked.setdefault(rel, mode)

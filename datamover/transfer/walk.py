@@ -262,14 +262,15 @@ class Walker:
                     continue
                 raise
             folded = nfc(name)
-            other = seen.get(folded)
-            if other is not None and not _special(item) and not _special(other):
+            other = seen.setdefault(folded, item)
+            if other is item or _special(item):
+                continue
+            if not _special(other):
                 raise InvalidInput(
                     f"names {other.name!r} and {name!r} in {where!r} collide under "
                     "Unicode normalisation; rename one of them"
                 )
-            if other is None or _special(other):
-                seen[folded] = item
+            seen[folded] = item  # a kept entry takes the special file's place
 
     def _entries(
         self, rel: str, fd: int, items: list[os.DirEntry[str]], unlock: bool
