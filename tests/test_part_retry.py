@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,6 +175,16 @@ def site_store(tmp_path: Path, seaweed: EmbeddedSeaweed, endpoint: str, bucket: 
     return make_store(config)
 
 
+@pytest.fixture
+async def store(
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path
+) -> AsyncIterator[Store]:
+    """`site_store` in front of `proxy`, closed after the test."""
+    made = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
+    yield made
+    await made.close()
+
+
 def no_uploads_left(seaweed: EmbeddedSeaweed, bucket: str) -> bool:
     return not seaweed.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
 
@@ -186,18 +196,14 @@ def stored(seaweed: EmbeddedSeaweed, bucket: str, key: str) -> bytes:
 
 @pytest.mark.parametrize("where", ["refused", "stored-then-failed"])
 async def test_a_part_failing_once_is_sent_again_alone(
-    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path, where: str
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, store: Store, where: str
 ) -> None:
     # Before: the upload was aborted and RetryingStore ran the whole put again, sending all
     # eight parts (64 MiB) a second time for one failed 8 MiB part.
     fault = answer(503, "SlowDown", 1) if where == "refused" else store_then_fail(proxy)
     uploads = Uploads(proxy, fault)
     data = os.urandom(SIZE)
-    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
-    try:
-        await store.put("big", data)
-    finally:
-        await store.close()
+    await store.put("big", data)
     assert uploads.creates == 1, "one multipart upload, not a second put"
     assert uploads.sent == {n: 2 if n == FAILING else 1 for n in range(1, 9)}
     assert uploads.sent_bytes == SIZE + PART
@@ -207,24 +213,20 @@ async def test_a_part_failing_once_is_sent_again_alone(
 
 
 async def test_a_part_failing_every_time_ends_the_put_after_the_documented_tries(
-    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, store: Store
 ) -> None:
     # Before: the failing part was sent 3 times (once per run of the whole put) and every
     # other part up to 3 times with it.
     uploads = Uploads(proxy, answer(500, "InternalError"))
-    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
-    try:
-        with pytest.raises(StoreRetriesExhausted) as err:
-            await store.put("big", os.urandom(SIZE))
-        assert str(err.value) == (
-            f"gave up on part 3 of 'big' after 3 tries: S3 endpoint {proxy.endpoint} failed "
-            "UploadPart on 'big': InternalError (HTTP 500)"
-        )
-        assert isinstance(err.value, StoreUnavailable)  # a later transfer attempt may succeed
-        with pytest.raises(ObjectNotFound):
-            await store.head("big")
-    finally:
-        await store.close()
+    with pytest.raises(StoreRetriesExhausted) as err:
+        await store.put("big", os.urandom(SIZE))
+    assert str(err.value) == (
+        f"gave up on part 3 of 'big' after 3 tries: S3 endpoint {proxy.endpoint} failed "
+        "UploadPart on 'big': InternalError (HTTP 500)"
+    )
+    assert isinstance(err.value, StoreUnavailable)  # a later transfer attempt may succeed
+    with pytest.raises(ObjectNotFound):
+        await store.head("big")
     assert uploads.sent[FAILING] == 3, "[store] retry_attempts tries of the part"
     assert uploads.creates == 1, "RetryingStore did not run the whole put again"
     assert max(n for part, n in uploads.sent.items() if part != FAILING) <= 1
@@ -232,31 +234,23 @@ async def test_a_part_failing_every_time_ends_the_put_after_the_documented_tries
 
 
 async def test_a_part_refused_for_good_ends_the_put_at_once(
-    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, store: Store
 ) -> None:
     uploads = Uploads(proxy, answer(403, "AccessDenied"))
-    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
-    try:
-        with pytest.raises(StoreAccessDenied):
-            await store.put("big", os.urandom(SIZE))
-    finally:
-        await store.close()
+    with pytest.raises(StoreAccessDenied):
+        await store.put("big", os.urandom(SIZE))
     assert uploads.sent[FAILING] == 1
     assert uploads.creates == 1
     assert no_uploads_left(seaweed, bucket)
 
 
 async def test_a_vanished_upload_is_not_retried_part_by_part_but_put_afresh(
-    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, store: Store
 ) -> None:
     # NoSuchUpload: no part of that upload can be sent again, but a new upload can succeed.
     uploads = Uploads(proxy, answer(404, "NoSuchUpload", 1))
     data = os.urandom(SIZE)
-    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
-    try:
-        await store.put("big", data)
-    finally:
-        await store.close()
+    await store.put("big", data)
     assert uploads.creates == 2, "the part was not sent again into the lost upload"
     assert stored(seaweed, bucket, "big") == data
     assert no_uploads_left(seaweed, bucket)
@@ -341,17 +335,13 @@ async def test_no_part_is_sent_after_the_upload_is_aborted(
 
 
 async def test_a_completion_failing_once_is_sent_again_alone(
-    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, store: Store
 ) -> None:
     # Before: the upload was aborted and RetryingStore ran the whole put again, sending all
     # eight parts a second time because the last request of the put failed.
     uploads = Uploads(proxy, completion=refuse_completion(503, "SlowDown", 1))
     data = os.urandom(SIZE)
-    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
-    try:
-        await store.put("big", data)
-    finally:
-        await store.close()
+    await store.put("big", data)
     assert uploads.creates == 1, "one multipart upload, not a second put"
     assert uploads.sent == {n: 1 for n in range(1, 9)}, "no part sent again"
     assert (uploads.completes, uploads.aborts) == (2, 0)
@@ -365,7 +355,7 @@ async def test_a_completion_whose_answer_was_lost_is_done_when_the_object_is_the
     proxy: FaultProxy,
     seaweed: EmbeddedSeaweed,
     bucket: str,
-    tmp_path: Path,
+    store: Store,
     status: int,
     code: str,
     later: str,
@@ -378,11 +368,7 @@ async def test_a_completion_whose_answer_was_lost_is_done_when_the_object_is_the
     # put the whole object again.
     uploads = Uploads(proxy, completion=lose_completion_answer(proxy, status, code, later))
     data = os.urandom(SIZE)
-    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
-    try:
-        await store.put("big", data)
-    finally:
-        await store.close()
+    await store.put("big", data)
     assert uploads.creates == 1, "one multipart upload, not a second put"
     assert uploads.sent == {n: 1 for n in range(1, 9)}, "no part sent again"
     assert uploads.completes == (3 if later == "lost" else 2)
@@ -393,7 +379,7 @@ async def test_a_completion_whose_answer_was_lost_is_done_when_the_object_is_the
 
 @pytest.mark.parametrize("case", ["never-completed", "overwritten"])
 async def test_a_lost_upload_whose_object_is_not_there_is_put_afresh(
-    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path, case: str
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, store: Store, case: str
 ) -> None:
     """NoSuchUpload to a completion sent again counts as done only if the key holds this
     upload's object: not when the first completion never reached the server, nor when
@@ -413,11 +399,7 @@ async def test_a_lost_upload_whose_object_is_not_there_is_put_afresh(
 
     uploads = Uploads(proxy, completion=fault)
     data = os.urandom(SIZE)
-    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
-    try:
-        await store.put("big", data)
-    finally:
-        await store.close()
+    await store.put("big", data)
     assert uploads.creates == 2, "UploadLost: RetryingStore put the object afresh"
     assert uploads.completes == 3
     assert stored(seaweed, bucket, "big") == data
@@ -425,23 +407,19 @@ async def test_a_lost_upload_whose_object_is_not_there_is_put_afresh(
 
 
 async def test_a_completion_failing_every_time_ends_the_put_after_the_documented_tries(
-    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, store: Store
 ) -> None:
     # Before: each failed completion aborted the upload and RetryingStore ran the whole put
     # again, 3 uploads of all eight parts.
     uploads = Uploads(proxy, completion=refuse_completion(500, "InternalError"))
-    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
-    try:
-        with pytest.raises(StoreRetriesExhausted) as err:
-            await store.put("big", os.urandom(SIZE))
-        assert str(err.value) == (
-            f"gave up on completion of 'big' after 3 tries: S3 endpoint {proxy.endpoint} "
-            "failed CompleteMultipartUpload on 'big': InternalError (HTTP 500)"
-        )
-        with pytest.raises(ObjectNotFound):
-            await store.head("big")
-    finally:
-        await store.close()
+    with pytest.raises(StoreRetriesExhausted) as err:
+        await store.put("big", os.urandom(SIZE))
+    assert str(err.value) == (
+        f"gave up on completion of 'big' after 3 tries: S3 endpoint {proxy.endpoint} "
+        "failed CompleteMultipartUpload on 'big': InternalError (HTTP 500)"
+    )
+    with pytest.raises(ObjectNotFound):
+        await store.head("big")
     assert uploads.completes == 3, "[store] retry_attempts tries of the completion"
     assert uploads.creates == 1, "RetryingStore did not run the whole put again"
     assert uploads.sent == {n: 1 for n in range(1, 9)}
@@ -450,17 +428,13 @@ async def test_a_completion_failing_every_time_ends_the_put_after_the_documented
 
 
 async def test_an_upload_whose_completion_may_still_run_is_not_aborted(
-    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, tmp_path: Path
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, store: Store
 ) -> None:
     """A gateway's 504 says it stopped waiting, not that the server did: an abort could
     race a completion still running. The upload is left to the bucket's lifecycle rule."""
     uploads = Uploads(proxy, completion=refuse_completion(504, "GatewayTimeout"))
-    store = site_store(tmp_path, seaweed, proxy.endpoint, bucket)
-    try:
-        with pytest.raises(StoreRetriesExhausted):
-            await store.put("big", os.urandom(SIZE))
-    finally:
-        await store.close()
+    with pytest.raises(StoreRetriesExhausted):
+        await store.put("big", os.urandom(SIZE))
     assert (uploads.creates, uploads.completes, uploads.aborts) == (1, 3, 0)
     assert not no_uploads_left(seaweed, bucket)
 
