@@ -370,6 +370,53 @@ def upgrade(config_path: str | None, as_json: bool) -> None:
         click.echo(f"catalog at schema revision {after} (was {before or 'empty'})")
 
 
+@db.command()
+@click.option(
+    "--read-data",
+    is_flag=True,
+    help="Download each new pack whole and check every chunk against its digest.",
+)
+@common
+def rebuild(read_data: bool, config_path: str | None, as_json: bool) -> None:
+    """Index the chunks of every pack in the store this catalog does not know yet.
+
+    Run it at a site new to a bucket that already holds data, or after losing the catalog:
+    pushes here then send no chunk that is already stored, whoever stored it. Incremental
+    (a rerun reads only packs still unknown) and safe while the daemon runs. A pack whose
+    index is corrupt is named and skipped; the command then exits 5.
+    """
+    from datamover.console import counted
+    from datamover.repo.reindex import reindex
+
+    async def work(site: Any) -> Any:
+        with Bar("indexing packs", not as_json) as bar:
+            return await reindex(
+                site.store,
+                site.catalog,
+                concurrency=site.config.transfer.download_concurrency,
+                read_data=read_data,
+                progress=bar,
+            )
+
+    result = run_with_site(config_path, work)
+    if as_json:
+        emit_json(result.to_json())
+    else:
+        click.echo(
+            f"{counted(result.packs, 'pack')} in the store: {result.packs_indexed} indexed "
+            f"now ({counted(result.chunks_indexed, 'chunk')}, "
+            f"{human_bytes(result.bytes_read)} read), {result.packs_known} known before, "
+            f"in {result.seconds:.1f} s"
+        )
+        for key, reason in result.corrupt:
+            click.echo(f"datamover: warning: {key}: corrupt, not indexed: {reason}", err=True)
+        more = result.corrupt_count - len(result.corrupt)
+        if more:
+            click.echo(f"datamover: warning: and {counted(more, 'more corrupt pack')}", err=True)
+    if not result.ok:
+        sys.exit(Corrupt.exit_code)
+
+
 def _catalog_call(url: str, call: Callable[[], T]) -> T:
     from sqlalchemy.exc import SQLAlchemyError
 

@@ -21,6 +21,11 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def counted(n: int, noun: str) -> str:
+    """`1 pack`, `2 packs` (nouns whose plural adds an s)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def emit_json(data: dict[str, Any]) -> None:
     """Print one JSON object on stdout."""
     sys.stdout.write(json.dumps(data, sort_keys=True) + "\n")

@@ -170,6 +170,17 @@ class Catalog:
             else:
                 await conn.exec_driver_sql(_SQLITE_INSERT, rows)
 
+    async def known_packs(self, pack_ids: Sequence[bytes]) -> set[bytes]:
+        """Which of `pack_ids` this catalog has recorded (`add_pack`: its chunks indexed)."""
+        table = Pack.__table__
+        known: set[bytes] = set()
+        async with self.engine.connect() as conn:
+            for start in range(0, len(pack_ids), _LOOKUP_BATCH):
+                batch = list(pack_ids[start : start + _LOOKUP_BATCH])
+                result = await conn.execute(select(table.c.id).where(table.c.id.in_(batch)))
+                known.update(row[0] for row in result)
+        return known
+
     async def forget_chunks(self, digests: Sequence[bytes]) -> None:
         """Drop index rows of chunks whose pack is gone from the store."""
         table = Chunk.__table__

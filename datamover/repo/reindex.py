@@ -1,0 +1,242 @@
+"""Fill a site's chunk index from the packs in the store (`datamover db rebuild`).
+
+The chunk index is a cache: a site learns where chunks live from its own pushes, so a site
+whose catalog was lost, or one new to a bucket that already holds data, would upload again
+every chunk other sites (or its own earlier catalog) already stored. The store is
+self-describing (docs/format.md): every pack ends with an index of its chunks. `reindex`
+lists `packs/`, skips the packs this catalog has recorded, reads the index of each other pack
+(one ranged GET of its tail, a second when the index is longer than the first read) and
+records the pack and its chunks, as a push does after uploading one.
+
+Contract:
+- Incremental and resumable: each pack is recorded in one transaction once its index is
+  checked; a rerun (after a crash, or later to learn other sites' new packs) reads only
+  packs still unknown.
+- The store is not trusted: an index is checked as `parse_index` does (its digest, entries
+  tiling the data area, lengths within the format's limits) against the size the listing
+  gives. A pack that fails is reported by key and not recorded; the rest go on.
+  `read_data` downloads each new pack whole and also checks that its bytes hash to its name
+  and that every chunk decodes to its digest (what the index alone cannot prove).
+- Bounded memory: the listing streams; at most `concurrency` indexes (or packs, with
+  `read_data`) are held at once.
+- Store outages and refusals end the run (`StoreUnavailable`, `StoreAccessDenied`); what
+  was recorded before stays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from datamover.catalog.queries import Catalog
+from datamover.chunking import codec
+from datamover.chunking.pack import (
+    ENTRY_SIZE,
+    TRAILER_SIZE,
+    PackEntry,
+    parse_index,
+    parse_pack,
+    parse_trailer,
+)
+from datamover.domain.manifest import ChunkRef
+from datamover.errors import Corrupt, ObjectNotFound
+from datamover.storage.base import ObjectInfo, Store
+from datamover.transfer.progress import NoProgress, Progress
+
+#: Bytes of a pack's tail read first: the trailer and an index of up to ~1,300 chunks (a
+#: pack of large-file chunks); a pack of small files' chunks needs a second read.
+FIRST_READ = 64 << 10
+#: Packs listed before their ids are looked up in the catalog at once.
+BATCH = 256
+#: Whole packs held at once with `read_data` (each tens of MiB).
+READ_DATA_CONCURRENCY = 4
+#: Corrupt packs named in the result; more are only counted.
+SAMPLE = 100
+
+_PACK_KEY = re.compile(r"^packs/([0-9a-f]{2})/([0-9a-f]{64})$")
+
+
+@dataclass(slots=True)
+class ReindexResult:
+    """What a run found: packs listed, already known, recorded; chunks recorded; bytes
+    read; corrupt packs (the first `SAMPLE` as `(key, reason)`, all counted); keys under
+    `packs/` that name no pack, and packs gone between listing and reading (counted)."""
+
+    packs: int = 0
+    packs_known: int = 0
+    packs_indexed: int = 0
+    chunks_indexed: int = 0
+    bytes_read: int = 0
+    corrupt: list[tuple[str, str]] = field(default_factory=list)
+    corrupt_count: int = 0
+    foreign_keys: int = 0
+    vanished: int = 0
+    read_data: bool = False
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """Whether every pack listed could be read."""
+        return self.corrupt_count == 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The result as `--json` prints it."""
+        return {
+            "packs": self.packs,
+            "packs_known": self.packs_known,
+            "packs_indexed": self.packs_indexed,
+            "chunks_indexed": self.chunks_indexed,
+            "bytes_read": self.bytes_read,
+            "corrupt": [{"key": k, "error": e} for k, e in self.corrupt],
+            "corrupt_count": self.corrupt_count,
+            "foreign_keys": self.foreign_keys,
+            "vanished": self.vanished,
+            "read_data": self.read_data,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def pack_id_of(key: str) -> bytes | None:
+    """The pack id a store key names (`packs/<hex[0:2]>/<hex>`), None for any other key."""
+    m = _PACK_KEY.match(key)
+    if m is None or not m.group(2).startswith(m.group(1)):
+        return None
+    return bytes.fromhex(m.group(2))
+
+
+async def read_index(store: Store, key: str, size: int) -> tuple[list[PackEntry], int]:
+    """The checked index of the pack at `key`, whose size the listing gave; returns
+    `(entries, bytes read)`. Raises `Corrupt` naming what is wrong, `ObjectNotFound` if the
+    pack is gone."""
+    if size < TRAILER_SIZE + ENTRY_SIZE:
+        raise Corrupt(f"{size} bytes, too short for a pack")
+    first = min(size, FIRST_READ)
+    tail = await store.get(key, size - first, first)
+    if len(tail) != first:
+        raise Corrupt(f"read {len(tail)} bytes of its last {first}: shorter than listed")
+    index_digest, count = parse_trailer(tail[-TRAILER_SIZE:])
+    need = TRAILER_SIZE + count * ENTRY_SIZE
+    if need > size:
+        raise Corrupt(f"an index of {count} entries does not fit in {size} bytes")
+    read = len(tail)
+    if need > first:
+        more = await store.get(key, size - need, need - first)
+        if len(more) != need - first:
+            raise Corrupt("the pack is shorter than listed")
+        read += len(more)
+        tail = more + tail
+    index = memoryview(tail)[len(tail) - need : len(tail) - TRAILER_SIZE]
+    entries = parse_index(index, index_digest, count, size - need)
+    return entries, read
+
+
+def check_data(data: bytes, pack_id: bytes) -> list[PackEntry]:
+    """Parse a whole pack, proving its bytes hash to `pack_id` and every chunk decodes to
+    its digest; raises `Corrupt` naming the first failure. Blocking: run it off the loop."""
+    entries = parse_pack(data, pack_id)
+    view = memoryview(data)
+    for e in entries:
+        stored = view[e.offset : e.offset + e.stored_length]
+        try:
+            codec.decode_verified(stored, e.codec, e.raw_length, e.digest)
+        except Corrupt as exc:
+            raise Corrupt(f"chunk at offset {e.offset}: {exc}") from None
+    return entries
+
+
+class _Run:
+    """One `reindex` call's state."""
+
+    def __init__(
+        self, store: Store, catalog: Catalog, concurrency: int, read_data: bool, progress: Progress
+    ) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.read_data = read_data
+        self.progress = progress
+        limit = min(concurrency, READ_DATA_CONCURRENCY) if read_data else concurrency
+        self.slots = asyncio.Semaphore(max(1, limit))
+        self.writing = asyncio.Lock()
+        self.result = ReindexResult(read_data=read_data)
+
+    def _corrupt(self, key: str, reason: str) -> None:
+        self.result.corrupt_count += 1
+        if len(self.result.corrupt) < SAMPLE:
+            self.result.corrupt.append((key, reason))
+
+    async def _read(self, key: str, pack_id: bytes, size: int) -> tuple[list[PackEntry], int]:
+        if not self.read_data:
+            return await read_index(self.store, key, size)
+        data = await self.store.get(key)
+        return await asyncio.to_thread(check_data, data, pack_id), len(data)
+
+    async def one(self, info: ObjectInfo, pack_id: bytes) -> None:
+        """Read, check and record one pack; the slot is held until it is recorded, so at
+        most `concurrency` indexes are in memory."""
+        async with self.slots:
+            try:
+                entries, read = await self._read(info.key, pack_id, info.size)
+            except ObjectNotFound:
+                self.result.vanished += 1  # removed since it was listed: nothing to learn
+                return
+            except Corrupt as exc:
+                self._corrupt(info.key, exc.message)
+                return
+            self.result.bytes_read += read
+            refs = [
+                ChunkRef(e.digest, pack_id, e.offset, e.stored_length, e.raw_length, e.codec)
+                for e in entries
+            ]
+            async with self.writing:
+                await self.catalog.add_pack(pack_id, info.size, refs)
+            self.result.packs_indexed += 1
+            self.result.chunks_indexed += len(refs)
+            self.progress.advance(1, read)
+
+    async def batch(self, listed: Sequence[tuple[ObjectInfo, bytes]]) -> None:
+        """Record the packs of `listed` this catalog does not know."""
+        known = await self.catalog.known_packs([pid for _, pid in listed])
+        self.result.packs_known += len(known)
+        self.progress.advance(len(known), 0)
+        todo = [(info, pid) for info, pid in listed if pid not in known]
+        tasks = [asyncio.ensure_future(self.one(info, pid)) for info, pid in todo]
+        try:
+            await asyncio.gather(*tasks)
+        except BaseException:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+
+async def reindex(
+    store: Store,
+    catalog: Catalog,
+    *,
+    concurrency: int,
+    read_data: bool = False,
+    progress: Progress | None = None,
+) -> ReindexResult:
+    """Record in `catalog` every pack in `store` it does not know, with its chunks; see the
+    module docstring. `progress` counts packs (known ones included) and bytes read."""
+    started = time.monotonic()
+    run = _Run(store, catalog, concurrency, read_data, progress or NoProgress())
+    listed: list[tuple[ObjectInfo, bytes]] = []
+    async for info in store.list("packs/"):
+        pack_id = pack_id_of(info.key)
+        if pack_id is None:
+            run.result.foreign_keys += 1
+            continue
+        run.result.packs += 1
+        listed.append((info, pack_id))
+        if len(listed) >= BATCH:
+            await run.batch(listed)
+            listed = []
+    if listed:
+        await run.batch(listed)
+    run.result.seconds = time.monotonic() - started
+    return run.result

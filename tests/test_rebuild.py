@@ -1,0 +1,201 @@
+"""`datamover db rebuild`: a site learns the chunks already in the store from the packs'
+indexes, so its pushes send nothing that is stored, whoever stored it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Any
+
+import blake3
+import pytest
+
+from datamover.chunking.pack import ENTRY_SIZE, TRAILER_SIZE, PackBuilder, pack_key, parse_pack
+from datamover.domain.manifest import Codec
+from datamover.repo import reindex as reindex_module
+from datamover.repo.reindex import pack_id_of, read_index, reindex
+from datamover.storage.memory import MemoryStore
+from datamover.transfer.push import push
+from datamover.transfer.stage import stage
+from datamover.transfer.verify import verify
+from tests.fixtures_daemon import free_port
+from tests.fixtures_sites import MakeSite, SiteEnv
+from tests.treegen import make_tree, snapshot
+
+
+def _json_exit(env: SiteEnv, *args: str, status: int) -> dict[str, Any]:
+    """Run a command with `--json`, expecting exit `status`; return its JSON object."""
+    proc = env.cli(*args, "--json")
+    assert proc.returncode == status, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def _pack(chunks: list[bytes]) -> tuple[bytes, bytes]:
+    """`(pack_id, pack bytes)` of raw chunks, each named by its own digest."""
+    b = PackBuilder()
+    for c in chunks:
+        b.add(blake3.blake3(c).digest(), c, len(c), Codec.RAW)
+    pack_id, view = b.finish()
+    return pack_id, bytes(view)
+
+
+async def test_a_new_site_pushes_no_chunk_another_site_stored(make_site: MakeSite) -> None:
+    a, b, c = await make_site("site-a"), await make_site("site-b"), await make_site("site-c")
+    make_tree(a.data / "run1")
+    shutil.copytree(a.data / "run1", b.data / "copy-b", symlinks=True)
+    shutil.copytree(a.data / "run1", c.data / "copy", symlinks=True)
+    site_a, site_b, site_c = await a.open(), await b.open(), await c.open()
+    try:
+        first = await push(site_a, "/proj/run1")
+
+        # Without the index, site B uploads the same chunks again.
+        unindexed = await push(site_b, "/proj/copy-b")  # its own dataset, same files
+        assert unindexed.new_chunks == first.new_chunks > 0
+
+        built = await reindex(site_c.store, site_c.catalog, concurrency=4)
+        packs = [o async for o in site_c.store.list("packs/")]
+        assert built.ok and built.packs == len(packs) == built.packs_indexed
+        assert built.packs_known == 0 and built.foreign_keys == 0
+        assert built.chunks_indexed == await site_c.catalog.count_chunks()
+        assert built.chunks_indexed >= await site_a.catalog.count_chunks()
+
+        indexed = await push(site_c, "/proj/copy")
+        assert indexed.files == first.files and indexed.new_chunks == indexed.packs == 0
+        assert indexed.uploaded_bytes < unindexed.uploaded_bytes / 10  # manifests only
+        staged = await stage(site_a, "/proj/copy")
+        assert staged.version == indexed.version
+        assert snapshot(a.data / "copy") == snapshot(a.data / "run1")
+        assert (await verify(site_a, "/proj/copy")).ok
+
+        again = await reindex(site_c.store, site_c.catalog, concurrency=4)
+        assert again.packs_indexed == 0 and again.bytes_read == 0
+        assert (
+            again.packs_known == again.packs == len([o async for o in site_c.store.list("packs/")])
+        )
+    finally:
+        for s in (site_a, site_b, site_c):
+            await s.close()
+
+
+@pytest.mark.parametrize("first_read", [TRAILER_SIZE + 3, 4096, 1 << 20])
+async def test_an_index_longer_than_the_first_read_takes_a_second(
+    monkeypatch: pytest.MonkeyPatch, first_read: int
+) -> None:
+    monkeypatch.setattr(reindex_module, "FIRST_READ", first_read)
+    store = MemoryStore()
+    chunks = [bytes([i]) * (100 + i) for i in range(200)]
+    pack_id, data = _pack(chunks)
+    await store.put(pack_key(pack_id), data)
+    entries, read = await read_index(store, pack_key(pack_id), len(data))
+    assert entries == parse_pack(data, pack_id)
+    index_size = TRAILER_SIZE + len(chunks) * ENTRY_SIZE
+    assert read == max(index_size, min(first_read, len(data)))
+
+
+def test_only_pack_keys_name_packs() -> None:
+    h = "ab" + "0" * 62
+    assert pack_id_of(f"packs/ab/{h}") == bytes.fromhex(h)
+    for key in (
+        f"packs/cd/{h}",
+        f"packs/ab/{h}x",
+        f"packs/ab/{h.upper()}",
+        "packs/ab/x",
+        "packs/x",
+    ):
+        assert pack_id_of(key) is None
+
+
+async def _seed_bad_packs(store: object) -> dict[str, str]:
+    """Put packs the index check must refuse; return key -> what is wrong with it."""
+    good_id, good = _pack([b"good chunk"])
+    bad: dict[str, str] = {}
+    garbage = b"x" * 500
+    key = pack_key(blake3.blake3(garbage).digest())
+    await store.put(key, garbage)  # type: ignore[attr-defined]
+    bad[key] = "magic"
+    flipped = bytearray(good)
+    flipped[len(good) - TRAILER_SIZE - ENTRY_SIZE + 40] ^= 1  # a length in the index
+    key = pack_key(blake3.blake3(flipped).digest())
+    await store.put(key, bytes(flipped))  # type: ignore[attr-defined]
+    bad[key] = "digest mismatch"
+    short = good[:30]
+    key = pack_key(blake3.blake3(short).digest())
+    await store.put(key, short)  # type: ignore[attr-defined]
+    bad[key] = "too short"
+    await store.put(pack_key(good_id), good)  # type: ignore[attr-defined]
+    await store.put("packs/zz/not-a-pack", b"?")  # type: ignore[attr-defined]
+    return bad
+
+
+async def test_corrupt_packs_are_named_and_not_indexed(make_site: MakeSite) -> None:
+    a = await make_site("site-a")
+    site = await a.open()
+    try:
+        bad = await _seed_bad_packs(site.store)
+    finally:
+        await site.close()
+    proc = a.cli("db", "rebuild")
+    assert proc.returncode == 5, proc.stderr
+    assert "4 packs in the store: 1 indexed now (1 chunk," in proc.stdout
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 3 and "Traceback" not in proc.stderr
+    for key, why in bad.items():
+        [line] = [ln for ln in lines if key in ln]
+        assert "corrupt, not indexed" in line and why in line
+
+    again = _json_exit(a, "db", "rebuild", status=5)
+    assert again["packs_indexed"] == 0 and again["packs_known"] == 1
+    assert again["corrupt_count"] == 3 and again["foreign_keys"] == 1
+    assert {c["key"] for c in again["corrupt"]} == set(bad)
+
+
+async def test_read_data_refuses_a_pack_whose_index_lies(make_site: MakeSite) -> None:
+    """An index can be consistent in itself and still lie about a chunk's digest (bit rot
+    before the pack was named, or a writer's bug); only reading the data shows it."""
+    a, b = await make_site("site-a"), await make_site("site-b")
+    chunk = b"the real bytes" * 100
+    b_ = PackBuilder()
+    b_.add(blake3.blake3(b"other bytes").digest(), chunk, len(chunk), Codec.RAW)
+    pack_id, view = b_.finish()
+    site = await a.open()
+    try:
+        await site.store.put(pack_key(pack_id), bytes(view))
+    finally:
+        await site.close()
+
+    checked = _json_exit(a, "db", "rebuild", "--read-data", status=5)
+    assert checked["packs_indexed"] == 0 and checked["read_data"] is True
+    [corrupt] = checked["corrupt"]
+    assert corrupt["key"] == pack_key(pack_id) and "offset 0" in corrupt["error"]
+
+    trusted = b.cli_json("db", "rebuild")  # the index alone is consistent: indexed
+    assert trusted["packs_indexed"] == 1 and trusted["chunks_indexed"] == 1
+
+
+async def test_read_data_indexes_sound_packs(make_site: MakeSite) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    make_tree(a.data / "run1")
+    site = await a.open()
+    try:
+        await push(site, "/proj/run1")
+        chunks = await site.catalog.count_chunks()
+        sizes = [o.size async for o in site.store.list("packs/")]
+    finally:
+        await site.close()
+    built = b.cli_json("db", "rebuild", "--read-data")
+    assert built["packs_indexed"] == built["packs"] == len(sizes) >= 1
+    assert built["corrupt_count"] == 0 and built["chunks_indexed"] == chunks
+    assert built["bytes_read"] == sum(sizes)  # every pack read whole
+
+
+async def test_an_unreachable_store_ends_in_one_error_line(make_site: MakeSite) -> None:
+    a = await make_site("site-a")
+    text = a.config_path.read_text()
+    endpoint = a.config.store.endpoint
+    a.config_path.write_text(text.replace(endpoint, f"http://127.0.0.1:{free_port()}"))
+    proc = a.cli("db", "rebuild")
+    assert proc.returncode == 6, proc.stderr  # TransientError: worth running again later
+    assert "Traceback" not in proc.stderr
+    *retries, line = proc.stderr.splitlines()
+    assert line.startswith("datamover: error:") and "unavailable" in line
+    assert all("WARNING" in r and "resuming in" in r for r in retries)
