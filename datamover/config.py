@@ -76,6 +76,7 @@ LIMITS: dict[tuple[str, str], tuple[int, str]] = {
     # Not a resource either: keeping them longer is keeping them for ever, which 0 says; and
     # a typo of a million days reaches back before the year 1, so every prune would fail.
     ("api", "history_days"): (3650, "ten years; 0 keeps finished transfers for ever"),
+    ("api", "reindex_minutes"): (10080, "a week; 0: the daemon never indexes the store's packs"),
 }
 
 #: The shortest `[api] history_days` but 0: an hour. A client that waits for a transfer
@@ -142,6 +143,7 @@ class ApiSettings:
     max_attempts: int = 5  # tries for transient failures before a transfer fails
     open_metrics: bool = True  # /metrics without a token (/healthz, /readyz always open)
     history_days: float = 30.0  # ended transfers are deleted after this; 0: kept for ever
+    reindex_minutes: float = 0.0  # index other sites' new packs this often; 0: never
 
 
 @dataclass(frozen=True)
@@ -418,6 +420,10 @@ def parse_config(
         raise InvalidInput(
             f"{origin('api', 'history_days')} must be 0 (keep finished transfers for ever) "
             "or at least 1/24 (an hour)"
+        )
+    if api.reindex_minutes < 0 or 0 < api.reindex_minutes < 1:
+        raise InvalidInput(
+            f"{origin('api', 'reindex_minutes')} must be 0 (never) or at least 1 (a minute)"
         )
     checked = {"store": store, "transfer": transfer, "api": api}
     for (section, key), (most, unit) in LIMITS.items():

@@ -3,9 +3,11 @@
 Start-up puts back in the queue the transfers that a dead process on this host still held
 (their checkpoints let them resume), then serves the API and runs `[api] workers` transfer
 workers; transfers that ended more than `[api] history_days` ago are deleted as it runs
-(`scheduler.history`). SIGTERM or SIGINT drains: the API stops, running transfers are
-stopped and returned to the queue (push and stage are resumable), and the process exits.
-Several processes may share a PostgreSQL catalog; on SQLite a lock file keeps it to one.
+(`scheduler.history`), and with `[api] reindex_minutes` the chunks of packs other sites
+stored are indexed that often (`scheduler.reindexing`). SIGTERM or SIGINT drains: the API
+stops, running transfers are stopped and returned to the queue (push and stage are
+resumable), and the process exits. Several processes may share a PostgreSQL catalog; on
+SQLite a lock file keeps it to one.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from datamover.errors import Conflict, DatamoverError, InvalidInput
 from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings
 from datamover.scheduler.history import History
+from datamover.scheduler.reindexing import Reindexer
 from datamover.scheduler.runner import run_loop
 from datamover.scheduler.worker import Worker
 from datamover.site import Site, make_state_dir
@@ -150,6 +153,10 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
             history = History(transfers, config.api.history_days, metrics)
             pruning = run_loop("history", history.run_once, stop, idle=history.every)
             tasks.append(asyncio.create_task(pruning))
+        if config.api.reindex_minutes > 0:  # 0: only `datamover db rebuild` indexes packs
+            reindexer = Reindexer(site, config.api.reindex_minutes, metrics)
+            indexing = run_loop("reindex", reindexer.run_once, stop, idle=reindexer.every)
+            tasks.append(asyncio.create_task(indexing))
         warming = asyncio.create_task(_warm(site))
         if ready is not None:
             ready.set()

@@ -81,6 +81,13 @@ class Metrics:
             ["site"],
             registry=r,
         )
+        self.indexed = Counter(
+            "datamover_packs_indexed",
+            "Packs in the store whose chunks the daemon indexed ([api] reindex_minutes), and "
+            "corrupt ones it could not",
+            ["outcome", "site"],
+            registry=r,
+        )
         self.cache = Gauge(
             "datamover_cache_bytes", "Bytes of replicas in this site's cache", ["site"], registry=r
         )
@@ -119,6 +126,11 @@ class Metrics:
     def pruned(self, n: int) -> None:
         """Count `n` ended transfers deleted from the history."""
         self.deleted.labels(self.site).inc(n)
+
+    def reindexed(self, indexed: int, corrupt: int) -> None:
+        """Count packs a periodic reindex recorded, and corrupt packs it skipped."""
+        self.indexed.labels("indexed", self.site).inc(indexed)
+        self.indexed.labels("corrupt", self.site).inc(corrupt)
 
     def set_queue(self, depth: dict[tuple[str, str], int]) -> None:
         """Replace the queue-depth gauge with fresh counts."""

@@ -364,6 +364,7 @@ _BOUNDS = [
     ("transfer", "segment_entries", "65536 (entries of a manifest segment, held in memory)"),
     ("api", "max_attempts", "1000 (tries of a transfer, up to 5 minutes apart)"),
     ("api", "history_days", "3650 (ten years; 0 keeps finished transfers for ever)"),
+    ("api", "reindex_minutes", "10080 (a week; 0: the daemon never indexes the store's packs)"),
 ]
 
 
@@ -593,6 +594,31 @@ def test_history_days_below_an_hour_but_0_is_refused(tmp_path: Path, value: str)
         InvalidInput, match=re.escape(f"environment: DATAMOVER_API_HISTORY_DAYS {message}")
     ):
         load_config(path, env={"DATAMOVER_API_HISTORY_DAYS": value})
+
+
+@pytest.mark.parametrize(
+    ("value", "minutes"), [(None, 0.0), ("0", 0.0), ("1", 1.0), ("10080", 10080.0)]
+)
+def test_reindex_minutes_is_0_for_never_or_a_minute_to_a_week(
+    tmp_path: Path, value: str | None, minutes: float
+) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD + (f"[api]\nreindex_minutes = {value}\n" if value else ""))
+    assert load_config(path, env={}).api.reindex_minutes == minutes
+    if value is not None:
+        path.write_text(GOOD)
+        env = {"DATAMOVER_API_REINDEX_MINUTES": value}
+        assert load_config(path, env=env).api.reindex_minutes == minutes
+
+
+@pytest.mark.parametrize("value", ["-1", "0.5", "nan"])
+def test_reindex_minutes_below_a_minute_but_0_is_refused(tmp_path: Path, value: str) -> None:
+    # A reindex every few seconds lists the whole packs/ prefix over and over.
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD + f"[api]\nreindex_minutes = {value}\n")
+    with pytest.raises(InvalidInput, match=re.escape(f"{path}: [api] reindex_minutes")) as info:
+        load_config(path, env={})
+    assert "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize("name", ["DATAMOVER_NAMESPACE_PROJ", "DATAMOVER_NAMESPACE_"])

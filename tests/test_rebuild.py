@@ -3,22 +3,29 @@ indexes, so its pushes send nothing that is stored, whoever stored it."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import shutil
+import time
 from typing import Any
 
 import blake3
 import pytest
 
+from datamover.catalog.engine import open_engine
+from datamover.catalog.queries import Catalog
 from datamover.chunking.pack import ENTRY_SIZE, TRAILER_SIZE, PackBuilder, pack_key, parse_pack
 from datamover.domain.manifest import Codec
 from datamover.repo import reindex as reindex_module
 from datamover.repo.reindex import pack_id_of, read_index, reindex
+from datamover.scheduler.reindexing import Reindexer
 from datamover.storage.memory import MemoryStore
+from datamover.storage.s3 import S3Store
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from datamover.transfer.verify import verify
-from tests.fixtures_daemon import free_port
+from tests.fixtures_daemon import StartSite, free_port
 from tests.fixtures_sites import MakeSite, SiteEnv
 from tests.treegen import make_tree, snapshot
 
@@ -90,6 +97,30 @@ async def test_an_index_longer_than_the_first_read_takes_a_second(
     assert entries == parse_pack(data, pack_id)
     index_size = TRAILER_SIZE + len(chunks) * ENTRY_SIZE
     assert read == max(index_size, min(first_read, len(data)))
+
+
+@pytest.mark.parametrize("flush_rows", [1, 7, 50_000])
+async def test_packs_are_recorded_whatever_the_transactions_hold(
+    monkeypatch: pytest.MonkeyPatch, catalog_url: str, flush_rows: int
+) -> None:
+    monkeypatch.setattr(reindex_module, "FLUSH_ROWS", flush_rows)
+    monkeypatch.setattr(reindex_module, "BATCH", 8)  # three batches, the last one short
+    store = MemoryStore()
+    digests: set[bytes] = set()
+    for p in range(20):
+        chunks = [f"pack {p} chunk {i}".encode() for i in range(p % 5 + 1)]
+        digests.update(blake3.blake3(c).digest() for c in chunks)
+        pack_id, data = _pack(chunks)
+        await store.put(pack_key(pack_id), data)
+    catalog = Catalog(await open_engine(catalog_url))
+    try:
+        result = await reindex(store, catalog, concurrency=3)
+        assert (result.packs, result.packs_indexed, result.chunks_indexed) == (20, 20, 60)
+        assert set(await catalog.lookup_chunks(sorted(digests))) == digests
+        again = await reindex(store, catalog, concurrency=3)
+        assert (again.packs_known, again.packs_indexed) == (20, 0)
+    finally:
+        await catalog.close()
 
 
 def test_only_pack_keys_name_packs() -> None:
@@ -199,3 +230,63 @@ async def test_an_unreachable_store_ends_in_one_error_line(make_site: MakeSite) 
     *retries, line = proc.stderr.splitlines()
     assert line.startswith("datamover: error:") and "unavailable" in line
     assert all("WARNING" in r and "resuming in" in r for r in retries)
+
+
+async def test_the_daemon_indexes_packs_other_sites_stored(
+    make_site: MakeSite, served_site: StartSite
+) -> None:
+    a = await make_site("site-a")
+    make_tree(a.data / "run1")
+    pushed = a.cli_json("push", "/proj/run1")
+    d = await served_site("site-b", api={"reindex_minutes": 1})
+    deadline = time.monotonic() + 30
+    line = 'datamover_packs_indexed_total{outcome="indexed",site="site-b"} 1.0'
+    while line not in d.request("GET", "/metrics")[1]:
+        assert time.monotonic() < deadline, d.log()
+        await asyncio.sleep(0.1)
+    assert "indexed 1 new packs of the store (34 chunks)" in d.log()
+
+    shutil.copytree(a.data / "run1", d.env.data / "copy", symlinks=True)
+    token = d.token("t1", "/proj", "write")
+    status, t = d.request("POST", "/v1/transfers", token, {"kind": "push", "path": "/proj/copy"})
+    assert status == 201, t
+    done = d.wait(t["id"], token)
+    assert done["state"] == "succeeded", done
+    assert done["result"]["new_chunks"] == 0 and done["result"]["files"] == pushed["files"]
+
+
+async def test_each_run_indexes_only_new_packs_and_outages_are_one_warning(
+    make_site: MakeSite, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    make_tree(a.data / "run1")
+    make_tree(a.data / "run2", seed=2)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        reindexer = Reindexer(site_b, 1.0)
+        assert reindexer.every == 60.0
+        await push(site_a, "/proj/run1")
+        caplog.set_level(logging.INFO, "datamover.scheduler.reindexing")
+        assert await reindexer.run_once() is False
+        first = await site_b.catalog.count_chunks()
+        assert first == await site_a.catalog.count_chunks() > 0
+        await push(site_a, "/proj/run2")
+        await reindexer.run_once()
+        assert await site_b.catalog.count_chunks() == await site_a.catalog.count_chunks() > first
+        assert [r.message.split(" (")[0] for r in caplog.records] == [
+            "indexed 1 new packs of the store",
+            "indexed 1 new packs of the store",
+        ]
+
+        caplog.clear()
+        await site_b.store.close()
+        site_b.store = S3Store(
+            f"http://127.0.0.1:{free_port()}", "nowhere", access_key="k", secret_key="s"
+        )
+        assert await reindexer.run_once() is False
+        [warning] = caplog.records
+        assert warning.levelno == logging.WARNING
+        assert warning.message.startswith("indexing the store's packs failed, tried again in 1 ")
+    finally:
+        await site_a.close()
+        await site_b.close()

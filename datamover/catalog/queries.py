@@ -148,18 +148,29 @@ class Catalog:
         return found
 
     async def add_pack(self, pack_id: bytes, size: int, chunks: Iterable[ChunkRef]) -> None:
-        """Record a pack that is complete in the store, and index its chunks (idempotent).
+        """Record a pack that is complete in the store, and index its chunks (idempotent)."""
+        await self.add_packs([(pack_id, size, chunks)])
+
+    async def add_packs(self, packs: Sequence[tuple[bytes, int, Iterable[ChunkRef]]]) -> None:
+        """Record packs `(id, size, chunks)` complete in the store and index their chunks,
+        in one transaction (idempotent).
 
         Bulk at the driver: COPY into a temporary table on PostgreSQL, one executemany of
-        INSERT OR IGNORE on SQLite.
+        INSERT OR IGNORE on SQLite. Many packs in one transaction cost much less than one
+        each: the chunk index's keys are random, so a commit writes nearly a page per row
+        (250 transactions of 800 rows took 4.1 s on SQLite, 25 of 8,000 rows 2.5 s).
         """
-        rows = [tuple(c) for c in chunks]
-        async with self.engine.begin() as conn:
-            await self._insert_ignore(
-                conn,
-                Pack.__table__,
-                [{"id": pack_id, "size": size, "chunks": len(rows), "created_at": _now()}],
+        now = _now()
+        rows: list[tuple[Any, ...]] = []
+        pack_rows = []
+        for pack_id, size, chunks in packs:
+            before = len(rows)
+            rows.extend(tuple(c) for c in chunks)
+            pack_rows.append(
+                {"id": pack_id, "size": size, "chunks": len(rows) - before, "created_at": now}
             )
+        async with self.engine.begin() as conn:
+            await self._insert_ignore(conn, Pack.__table__, pack_rows)
             if self.dialect == "postgresql":
                 raw = await conn.get_raw_connection()
                 driver = raw.driver_connection
