@@ -23,6 +23,7 @@ from datamover.transfer import stage as stage_module
 from datamover.transfer.push import push
 from datamover.transfer.scan import Scanner
 from datamover.transfer.stage import stage
+from datamover.transfer.verify import verify
 from tests.fixtures_sites import MakeSite, SiteEnv
 from tests.locking import Gate, a_cli_stage_waits, dataset_lock, held_lock
 
@@ -240,6 +241,73 @@ async def test_a_stage_that_failed_before_changing_the_tree_leaves_push_alone(
         assert await site_b.catalog.replica("/proj/ds") == record  # as it was, every field
     finally:
         await site_b.close()
+    pushed = b.cli("push", "/proj/ds", "--json")  # no --force needed
+    assert pushed.returncode == 0, pushed.stderr
+
+
+async def test_a_stage_that_failed_before_writing_a_large_file_leaves_push_alone(
+    make_site: MakeSite,
+) -> None:
+    # v2 changes only a large file, whose packs are gone: B's stage makes the file's
+    # partial file, then its first fetch fails. It removes the partial file again and gives
+    # the directory its times back, so the tree still is v1 as the record says; counting
+    # the partial file as a change had push ask for --force.
+    a = await make_site("site-a", pack_size=1 << 20)
+    src = a.data / "ds"
+    src.mkdir()
+    (src / "big").write_bytes(os.urandom(3 << 20))
+    (src / "small").write_text("the same in both versions\n")
+    a.cli_json("push", "/proj/ds")
+    b = await make_site("site-b", batch_bytes=4 << 20)
+    b.cli_json("stage", "/proj/ds")
+    before = await _packs(a)
+    (src / "big").write_bytes(os.urandom(3 << 20))
+    a.cli_json("push", "/proj/ds")
+    await _delete(a, await _packs(a) - before)
+    site_b = await b.open()
+    try:
+        record = await site_b.catalog.replica("/proj/ds")
+        assert record is not None and record.state == "ready"
+        tree = _tree(b.data / "ds")
+        mtime_ns = (b.data / "ds").stat().st_mtime_ns
+        failed = b.cli("stage", "/proj/ds", "--json")
+        assert failed.returncode != 0, failed.stdout
+        assert "Traceback" not in failed.stderr
+        assert _tree(b.data / "ds") == tree  # the partial file made is gone again
+        assert (b.data / "ds").stat().st_mtime_ns == mtime_ns  # as were the directory's times
+        assert await site_b.catalog.replica("/proj/ds") == record  # as it was, every field
+        assert (await verify(site_b, "/proj/ds", version=record.version)).ok
+    finally:
+        await site_b.close()
+    pushed = b.cli("push", "/proj/ds", "--json")  # no --force needed
+    assert pushed.returncode == 0, pushed.stderr
+
+
+async def test_a_stage_that_cannot_open_the_dataset_directory_leaves_push_alone(
+    make_site: MakeSite,
+) -> None:
+    # The dataset's directory was swapped for a symlink to it (a user's `mv` and `ln -s`):
+    # stage refuses to write through it before it touches anything. The record still said
+    # the tree was v1, yet it was recorded as a failed stage, and push then wanted --force
+    # once the directory was back.
+    _, b, _ = await _v1_staged_v2_pushed(make_site)
+    site_b = await b.open()
+    try:
+        record = await site_b.catalog.replica("/proj/ds")
+        assert record is not None and record.state == "ready"
+        tree = _tree(b.data / "ds")
+        (b.data / "ds").rename(b.data / "moved")
+        (b.data / "ds").symlink_to(b.data / "moved")
+        failed = b.cli("stage", "/proj/ds", "--json")
+        assert failed.returncode == 4, failed.stderr  # Conflict: something is in the way
+        assert "refusing to write through it" in failed.stderr
+        assert "Traceback" not in failed.stderr
+        assert await site_b.catalog.replica("/proj/ds") == record  # as it was, every field
+    finally:
+        await site_b.close()
+    (b.data / "ds").unlink()
+    (b.data / "moved").rename(b.data / "ds")
+    assert _tree(b.data / "ds") == tree
     pushed = b.cli("push", "/proj/ds", "--json")  # no --force needed
     assert pushed.returncode == 0, pushed.stderr
 

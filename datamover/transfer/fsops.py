@@ -787,6 +787,26 @@ class TreeWriter:
             raise
         return fd, good
 
+    def partial_missing(self, entry: Entry) -> tuple[int, int] | None:
+        """The access and modification times (ns) of the directory of `entry`'s partial
+        file while there is none (creating it moves them: `drop_partial` gives them back),
+        else None."""
+        dfd = self.dir_fd(split(entry.path)[0])
+        try:
+            os.stat(partial_name(entry), dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = os.fstat(dfd)
+            return st.st_atime_ns, st.st_mtime_ns
+        return None
+
+    def drop_partial(self, entry: Entry, times: tuple[int, int]) -> None:
+        """Remove `entry`'s partial file, made by this run and never written, and give its
+        directory back the `times` it had before (`partial_missing`): the tree is then as
+        it was."""
+        dfd = self.dir_fd(split(entry.path)[0])
+        os.unlink(partial_name(entry), dir_fd=dfd)
+        os.utime(dfd, ns=times)
+
     def finish_partial(
         self, entry: Entry, fd: int, replaces: tuple[int, int, int] | None = None
     ) -> None:

@@ -224,9 +224,11 @@ class _Stager:
         self.writer: fsops.TreeWriter | None = None
         self._walker: Walker | None = None
         # Whether the run may have changed the tree: set on the writer thread before its
-        # first operation, file write or partial file; on the event loop when a batch is
-        # handed to a worker process; when the walk unlocked a directory, or the dataset's
-        # directory had to be made. Read once every thread and worker has stopped.
+        # first operation or file write; by a range writer thread before the first write
+        # into a partial file (one made and never written is removed again); on the event
+        # loop when a batch is handed to a worker process; when the walk unlocked a
+        # directory, or the dataset's directory had to be made. Read once every thread and
+        # worker has stopped.
         self.changed = False
         self._settled = False
 
@@ -263,6 +265,28 @@ class _Stager:
         self.changed = True
         return fn(*args)
 
+    def _unchanged(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run `fn`, which changes nothing push or verify see, on the writer thread unless
+        an operation queued before it failed."""
+        self._check_ops()
+        return fn(*args)
+
+    def _open_partial(self, entry: Entry) -> tuple[int, int, tuple[int, int] | None]:
+        """On the writer thread: `open_partial`, and whether this made the partial file
+        (then its directory's times before, for `_drop_partial`)."""
+        assert self.writer is not None
+        fresh = self.writer.partial_missing(entry)
+        return (*self.writer.open_partial(entry), fresh)
+
+    def _drop_partial(self, entry: Entry, times: tuple[int, int]) -> None:
+        """On the writer thread: remove a partial file this run made and never wrote; if
+        that fails, the run has changed the tree."""
+        assert self.writer is not None
+        try:
+            self.writer.drop_partial(entry, times)
+        except (OSError, DatamoverError):
+            self.changed = True
+
     def _finish(self, entry: Entry, fd: int, replaces: tuple[int, int, int] | None) -> None:
         """On the writer thread: rename a large file's partial file into place, unless an
         operation queued before it failed; `fd` is closed either way."""
@@ -272,6 +296,7 @@ class _Stager:
             os.close(fd)
             raise
         assert self.writer is not None
+        self.changed = True
         self.writer.finish_partial(entry, fd, replaces)
 
     def _submit_ops(self) -> None:
@@ -411,7 +436,16 @@ class _Stager:
         self._check_done()
         self._submit_ops()
         assert self.writer is not None
-        fd, good = await self._on_writer(self._guarded, self.writer.open_partial, entry)
+        # A partial file this run makes and never writes is removed again if the run fails,
+        # its directory's times given back: the run changes the tree only from its first
+        # write into it (`writing`), or its rename.
+        fd, good, fresh = await self._on_writer(self._unchanged, self._open_partial, entry)
+        wrote = False
+
+        def writing() -> None:  # in a range writer thread, before its first pwrite
+            nonlocal wrote
+            wrote = self.changed = True
+
         sparse = self.writer.sparse  # as finish_partial's: one setting for both ends
         slots = asyncio.Semaphore(self.site.config.transfer.download_concurrency)
         tasks: set[asyncio.Task[None]] = set()
@@ -431,6 +465,7 @@ class _Stager:
                     entry.path,
                     turn,
                     sparse,
+                    writing,
                 )
                 writes.append(job)
                 try:
@@ -473,6 +508,8 @@ class _Stager:
                 # (Blocking the loop here is short: one range per writer thread at most.)
                 wait_futures(writes)
                 await self._on_writer(os.close, fd)
+                if fresh is not None and not wrote:
+                    await self._on_writer(self._drop_partial, entry, fresh)
         self.result.fetched_files += 1
         self.result.fetched_bytes += entry.size - offsets[good]
         self.progress.advance(1, 0)
@@ -603,8 +640,22 @@ class _Stager:
             self.changed = True
             return fsops.open_root(self.base_path, self.parts)
 
+    async def _settle(self) -> None:
+        """Wait until no worker process or thread of the run can still change the tree, so
+        `changed` is final (`untouched`)."""
+        await _stop_procs(self._procs)
+        self._pool.shutdown(wait=True)
+        self._range_pool.shutdown(wait=True)
+        self._settled = True
+
     async def run(self) -> StageResult:
-        root_fd = await self._on_writer(self._open_root)
+        try:
+            root_fd = await self._on_writer(self._open_root)
+        except BaseException:
+            # A dataset directory that cannot be opened (a symlink in the way, no
+            # permission): a stage that changed nothing, unless it made directories.
+            await self._settle()
+            raise
         self.writer = fsops.TreeWriter(
             root_fd, self.root, self.trash_dir, sparse=self.site.config.transfer.sparse
         )
@@ -643,15 +694,13 @@ class _Stager:
             await asyncio.gather(*self._pending, return_exceptions=True)
             raise
         finally:
-            await _stop_procs(self._procs)
+            await _stop_procs(self._procs)  # before modes are given back: none is writing
             if failed:  # directories made writable get their mode back, as on success
                 with contextlib.suppress(OSError, DatamoverError):
                     await self._on_writer(self._restore_modes)
             await self._on_writer(self.writer.close)
             await self._on_writer(os.close, root_fd)
-            self._pool.shutdown(wait=True)
-            self._range_pool.shutdown(wait=True)
-            self._settled = True
+            await self._settle()
         self.result.removed = self.writer.removed
         self.result.trashed = self.writer.trashed
         self.result.trashed_count = self.writer.trashed_count
@@ -669,18 +718,21 @@ def _verify_and_pwrite(
     path: str,
     turn: threading.Lock,
     sparse: bool,
+    writing: Callable[[], None],
 ) -> int:
     """Verify every chunk of a fetched range, then, holding `turn`, write it wherever the
     file has it; return the bytes written. With `sparse`, an all-zero chunk is not written
     (`fsops.is_hole`): the partial file was cut before the first chunk this run fetches, so
     the bytes there read as zeros, and `finish_partial` sets the size. It counts as
-    written."""
+    written. `writing()` is called before the first write."""
     written = 0
     decoded = decode_ranges([rng], [blob], {}, path)
     if sparse:  # compared before taking turns: the compare needs no lock
         for ref in [ref for ref, data in decoded.items() if fsops.is_hole(data)]:
             written += len(decoded.pop(ref)) * len(positions[ref])
     with turn:
+        if decoded:
+            writing()
         for ref, data in decoded.items():
             for at in positions[ref]:
                 view = memoryview(data)
