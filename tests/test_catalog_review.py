@@ -16,7 +16,8 @@ from sqlalchemy import inspect, text
 from datamover.catalog.access import Access
 from datamover.catalog.engine import HEAD, catalog_revision, create_engine_for, open_engine, upgrade
 from datamover.catalog.models import Base
-from datamover.catalog.transfers import Submission, Transfers
+from datamover.catalog.transfer_rows import Submission
+from datamover.catalog.transfers import Transfers
 from datamover.config import load_config
 from datamover.domain.namespace import Namespace
 from datamover.errors import CatalogError, InvalidInput

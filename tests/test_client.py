@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from datamover.catalog.transfers import T
+from datamover.catalog.queue_sql import T
 from datamover.client import DaemonClient
 from datamover.errors import InvalidInput, TransientError
 from tests.fixtures_daemon import Daemon, StartSite, start_daemon

@@ -17,7 +17,9 @@ from sqlalchemy import event, inspect, update
 from sqlalchemy.engine import Connection
 
 from datamover.catalog.engine import HEAD, _alembic_config, create_engine_for, open_engine, upgrade
-from datamover.catalog.transfers import Submission, T, Transfers
+from datamover.catalog.queue_sql import T
+from datamover.catalog.transfer_rows import Submission
+from datamover.catalog.transfers import Transfers
 from datamover.domain.transfers import State
 from datamover.errors import NotFound
 from datamover.metrics import Metrics

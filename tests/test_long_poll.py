@@ -12,7 +12,8 @@ from aiohttp import web
 
 from datamover.api.app import Context, make_app
 from datamover.catalog.access import Access
-from datamover.catalog.transfers import Submission, Transfers
+from datamover.catalog.transfer_rows import Submission
+from datamover.catalog.transfers import Transfers
 from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings, until
 from tests.fixtures_daemon import Daemon, StartSite, free_port, slow_site

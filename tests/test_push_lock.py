@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from datamover.catalog.access import Access
-from datamover.catalog.transfers import Submission, Transfers
+from datamover.catalog.transfer_rows import Submission
+from datamover.catalog.transfers import Transfers
 from datamover.errors import Conflict
 from datamover.metrics import Metrics
 from datamover.scheduler.worker import Worker

@@ -19,7 +19,9 @@ from sqlalchemy.engine import make_url
 
 from datamover.catalog.engine import open_engine
 from datamover.catalog.queries import owner_id
-from datamover.catalog.transfers import Submission, T, Transfers, now
+from datamover.catalog.queue_sql import T
+from datamover.catalog.transfer_rows import Submission, now
+from datamover.catalog.transfers import Transfers
 from datamover.daemon import _reclaim_dead
 from datamover.domain.transfers import ALLOWED, State, rank_time
 from datamover.errors import Conflict, NotFound

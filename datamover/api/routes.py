@@ -28,7 +28,7 @@ from datamover.api.validate import (
     version,
 )
 from datamover.catalog.access import Identity
-from datamover.catalog.transfers import KeyReused, Submission, TransferRow
+from datamover.catalog.transfer_rows import KeyReused, Submission, TransferRow
 from datamover.datasets import iter_datasets
 from datamover.domain.paths import check_logical_path
 from datamover.domain.transfers import TERMINAL, State, check_idempotency_key

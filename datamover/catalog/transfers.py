@@ -16,18 +16,14 @@ cancelled instead of queued again.
 from __future__ import annotations
 
 import json
-import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
     Executable,
-    and_,
     case,
     delete,
-    exists,
     false,
     func,
     or_,
@@ -38,13 +34,28 @@ from sqlalchemy import (
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from datamover.catalog.engine import path_under
-from datamover.catalog.models import Transfer
+from datamover.catalog.queue_sql import (
+    T,
+    lineage,
+    precedes,
+    queued_above,
+    requeued,
+    running_over,
+    top,
+    under,
+)
+from datamover.catalog.transfer_rows import (
+    KeyReused,
+    Submission,
+    TransferRow,
+    aware,
+    new_transfer_id,
+    now,
+    succeeded_values,
+)
 from datamover.domain.transfers import TERMINAL, State, rank_time, sources
 from datamover.errors import Conflict, NotFound
 
-T = Transfer.__table__
-_OTHER = T.alias("other")
 _CLAIM_PAGE = 64  # queued transfers read at a time while looking for one to claim
 _ANSWER_BATCH = 500  # stages answered in one transaction (`Transfers.answer_stages`)
 #: Ended transfers deleted per statement, each in a transaction of its own: a first prune of
@@ -54,145 +65,6 @@ _LIVE = sorted(s.value for s in State if s not in TERMINAL)  # states a transfer
 # First key of the claim's two-key advisory lock, so its keys (the second, a hash of the
 # path's first component) cannot meet one-key advisory locks of other users of the database.
 _LOCK_SPACE = 0x646D  # "dm"
-
-
-def now() -> datetime:
-    """The current UTC time (the catalog stores aware datetimes)."""
-    return datetime.now(UTC)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; they were written as UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-def new_transfer_id(at: datetime | None = None) -> str:
-    """`tr-<UTC time>-<random>`: sortable by creation, unique without coordination."""
-    stamp = (at or now()).strftime("%Y%m%dT%H%M%S%f")
-    return f"tr-{stamp}-{secrets.token_hex(4)}"
-
-
-def _iso(value: datetime | None) -> str | None:
-    value = _aware(value)
-    return value.strftime("%Y-%m-%dT%H:%M:%S.%fZ") if value is not None else None
-
-
-@dataclass(frozen=True)
-class TransferRow:
-    """A transfer as the API shows it."""
-
-    id: str
-    tenant: str
-    kind: str
-    path: str
-    version: str | None
-    priority: str
-    deadline: str | None
-    pin: str | None
-    options: dict[str, Any]
-    state: str
-    attempts: int
-    cancel_requested: bool
-    created_at: str
-    started_at: str | None
-    finished_at: str | None
-    updated_at: str
-    files_done: int
-    files_total: int | None
-    bytes_done: int
-    bytes_total: int | None
-    bytes_moved: int
-    rate: float
-    eta_seconds: float | None
-    result: dict[str, Any] | None
-    error: dict[str, Any] | None
-    lease_owner: str | None
-
-    @classmethod
-    def from_row(cls, r: Any) -> TransferRow:
-        """Build from a `transfers` row."""
-        eta = None
-        if r.state == State.RUNNING and r.rate > 0 and r.bytes_total is not None:
-            eta = round(max(r.bytes_total - r.bytes_done, 0) / r.rate, 1)
-        error = None
-        if r.error_code:
-            error = {
-                "code": r.error_code,
-                "message": r.error_message,
-                "paths": json.loads(r.error_paths or "[]"),
-            }
-        return cls(
-            id=r.id,
-            tenant=r.tenant,
-            kind=r.kind,
-            path=r.path,
-            version=r.version,
-            priority=r.priority,
-            deadline=_iso(r.deadline),
-            pin=r.pin,
-            options=json.loads(r.options),
-            state=r.state,
-            attempts=r.attempts,
-            cancel_requested=bool(r.cancel_requested),
-            created_at=_iso(r.created_at) or "",
-            started_at=_iso(r.started_at),
-            finished_at=_iso(r.finished_at),
-            updated_at=_iso(r.updated_at) or "",
-            files_done=r.files_done,
-            files_total=r.files_total,
-            bytes_done=r.bytes_done,
-            bytes_total=r.bytes_total,
-            bytes_moved=r.bytes_moved,
-            rate=round(r.rate, 1),
-            eta_seconds=eta,
-            result=json.loads(r.result) if r.result else None,
-            error=error,
-            lease_owner=r.lease_owner,
-        )
-
-    def to_json(self) -> dict[str, Any]:
-        """The API representation (the lease owner is internal)."""
-        data = asdict(self)
-        del data["lease_owner"]
-        return data
-
-
-@dataclass(frozen=True)
-class Submission:
-    """What a client asks for (validated by the API before it gets here)."""
-
-    tenant: str
-    kind: str
-    path: str
-    version: str | None = None
-    priority: str = "interactive"
-    deadline: datetime | None = None
-    pin: str | None = None
-    options: dict[str, Any] | None = None
-    idempotency_key: str | None = None
-
-    def same_request(self, row: TransferRow) -> bool:
-        """True when `row` was created by an equal request (for idempotent retries)."""
-        return (
-            row.kind == self.kind
-            and row.path == self.path
-            and row.version == self.version
-            and row.priority == self.priority
-            and row.deadline == _iso(self.deadline)
-            and row.pin == self.pin
-            and row.options == (self.options or {})
-        )
-
-
-class KeyReused(Conflict):
-    """An idempotency key of the tenant already names the transfer `existing`, made by a
-    different request. The message does not name that transfer: the caller, a token of
-    the tenant for other paths, may not be allowed to see it; the API names it to one who
-    may."""
-
-    existing: TransferRow | None = None
 
 
 class Transfers:
@@ -310,13 +182,13 @@ class Transfers:
         if tenant is not None:
             query = query.where(T.c.tenant == tenant)
         if prefixes is not None:
-            query = query.where(or_(*(_under(p) for p in prefixes)) if prefixes else false())
+            query = query.where(or_(*(under(p) for p in prefixes)) if prefixes else false())
         if state:
             query = query.where(T.c.state == state)
         if kind:
             query = query.where(T.c.kind == kind)
         if path_prefix:
-            query = query.where(_under(path_prefix))
+            query = query.where(under(path_prefix))
         if after:
             query = query.where(T.c.id > after)
         query = query.order_by(T.c.id).limit(limit)
@@ -332,7 +204,7 @@ class Transfers:
             return now()
         async with self.engine.connect() as conn:
             at = await conn.scalar(text("SELECT now()"))
-        return _aware(at) or now()
+        return aware(at) or now()
 
     async def transition(
         self,
@@ -354,7 +226,7 @@ class Transfers:
             stmt = stmt.where(T.c.lease_owner == owner)
         fields: dict[str, Any] = {"state": target.value, "updated_at": at, **values}
         if target == State.QUEUED:
-            fields.update(_requeued(at))
+            fields.update(requeued(at))
         if target in (State.SUCCEEDED, State.FAILED, State.CANCELLED):
             fields.setdefault("finished_at", at)
             fields.setdefault("lease_owner", None)
@@ -383,7 +255,7 @@ class Transfers:
                 lease_expires=None,
                 updated_at=at,
                 not_before=at,
-                **_requeued(at),
+                **requeued(at),
             )
         )
         async with self.engine.begin() as conn:
@@ -409,15 +281,15 @@ class Transfers:
                 if self.dialect == "postgresql":
                     await conn.execute(
                         text("SELECT pg_advisory_xact_lock(:space, hashtext(:p))"),
-                        {"space": _LOCK_SPACE, "p": _top(path)},
+                        {"space": _LOCK_SPACE, "p": top(path)},
                     )
                 stmt = (
                     update(T)
                     .where(
                         T.c.id == picked,
                         T.c.state == State.QUEUED.value,
-                        ~_running_over(path),
-                        ~_queued_above(path, rank, picked),
+                        ~running_over(path),
+                        ~queued_above(path, rank, picked),
                     )
                     .values(
                         state=State.RUNNING.value,
@@ -449,7 +321,7 @@ class Transfers:
         before it had statistics on a new table, compare every queued pair (90 ms a claim
         with 1,000 queued).
         """
-        busy = _running_over(T.c.path).label("busy")
+        busy = running_over(T.c.path).label("busy")
         page = (
             select(T.c.id, T.c.path, T.c.rank_time, T.c.not_before, busy)
             .where(T.c.state == State.QUEUED.value, ~T.c.cancel_requested)
@@ -462,15 +334,15 @@ class Transfers:
             query = page
             if after is not None:
                 rank, last = after
-                query = query.where(_precedes(rank, last, T.c.rank_time, T.c.id))
+                query = query.where(precedes(rank, last, T.c.rank_time, T.c.id))
             rows = (await conn.execute(query)).all()
             for row in rows:
-                due = _aware(row.not_before)
+                due = aware(row.not_before)
                 if (
                     not row.busy
                     and due is not None
                     and due <= at
-                    and ahead.isdisjoint(_lineage(row.path))
+                    and ahead.isdisjoint(lineage(row.path))
                     and await self._lock(conn, row.id)
                 ):
                     return row.id, row.path, row.rank_time
@@ -622,7 +494,7 @@ class Transfers:
             .where(
                 T.c.state == State.QUEUED.value,
                 ~T.c.cancel_requested,
-                T.c.path.in_(sorted(_lineage(done.path))),
+                T.c.path.in_(sorted(lineage(done.path))),
             )
             .order_by(T.c.rank_time, T.c.id)
             .limit(self.answer_batch)
@@ -631,9 +503,9 @@ class Transfers:
             if self.dialect == "postgresql":
                 await conn.execute(
                     text("SELECT pg_advisory_xact_lock(:space, hashtext(:p))"),
-                    {"space": _LOCK_SPACE, "p": _top(done.path)},
+                    {"space": _LOCK_SPACE, "p": top(done.path)},
                 )
-            if (await conn.execute(select(_running_over(done.path)))).scalar():
+            if (await conn.execute(select(running_over(done.path)))).scalar():
                 return []
             ids: list[str] = []
             for r in await conn.execute(ahead):
@@ -645,7 +517,7 @@ class Transfers:
                     and not options.get("checksum")
                     and (r.version == version or (r.version is None and latest))
                     and r.created_at is not None
-                    and _aware(r.created_at) <= finished
+                    and aware(r.created_at) <= finished
                 )
                 if not answered:
                     break
@@ -679,79 +551,3 @@ class Transfers:
             )
             rows = await conn.execute(select(T).where(T.c.id.in_(ids)).order_by(T.c.id))
             return [TransferRow.from_row(r) for r in rows]
-
-
-def succeeded_values(
-    result: dict[str, Any], files_done: int = 0, bytes_done: int = 0
-) -> dict[str, Any]:
-    """The columns of a transfer that succeeded with `result` (its command's JSON): its
-    counts (else the progress counted, `files_done` and `bytes_done`), the bytes it moved,
-    the result itself, and no error: an earlier attempt's error (kept to say why it waited
-    to retry) is not how it ended."""
-    return {
-        "files_done": result.get("files", files_done),
-        "bytes_done": result.get("bytes", bytes_done),
-        "files_total": result.get("files"),
-        "bytes_total": result.get("bytes"),
-        "bytes_moved": result.get("uploaded_bytes", result.get("downloaded_bytes", 0)),
-        "result": json.dumps(result, sort_keys=True),
-        "error_code": None,
-        "error_message": None,
-        "error_paths": None,
-    }
-
-
-def _requeued(at: datetime) -> dict[str, Any]:
-    """UPDATE values that put a running transfer back in the queue, or cancel it when a
-    cancel was requested while it ran (a queued transfer with that flag is never claimed)."""
-    return {
-        "state": case((T.c.cancel_requested, State.CANCELLED.value), else_=State.QUEUED.value),
-        "finished_at": case((T.c.cancel_requested, at), else_=T.c.finished_at),
-    }
-
-
-def _running_over(path: Any) -> Any:
-    """SQL: a transfer runs on `path` or on a path above or below it."""
-    return exists().where(_OTHER.c.state == State.RUNNING.value, _overlaps(_OTHER.c.path, path))
-
-
-def _queued_above(path: str, rank: datetime, transfer_id: str) -> Any:
-    """SQL: a transfer on `path` or a path above it is queued ahead of the one at (`rank`,
-    `transfer_id`) (the SQL form of the rule `Transfers._first_free` applies)."""
-    return exists().where(
-        _OTHER.c.path.in_(sorted(_lineage(path))),
-        _OTHER.c.state == State.QUEUED.value,
-        ~_OTHER.c.cancel_requested,
-        _precedes(_OTHER.c.rank_time, _OTHER.c.id, rank, transfer_id),
-    )
-
-
-def _precedes(rank_a: Any, id_a: Any, rank_b: Any, id_b: Any) -> Any:
-    """SQL: (`rank_a`, `id_a`) comes before (`rank_b`, `id_b`) in queue order."""
-    return or_(rank_a < rank_b, and_(rank_a == rank_b, id_a < id_b))
-
-
-def _lineage(path: str) -> set[str]:
-    """`path` and every path above it: `{"/p", "/p/a"}` for `/p/a`."""
-    parts = path.split("/")
-    return {"/".join(parts[:i]) for i in range(2, len(parts) + 1)}
-
-
-def _overlaps(a: Any, b: Any) -> Any:
-    """SQL: paths `a` and `b` are equal or one lies below the other (component-wise; plain
-    string functions, so `%` and `_` in names need no escaping)."""
-    return or_(
-        a == b,
-        func.substr(b, 1, func.length(a) + 1) == a + "/",
-        func.substr(a, 1, func.length(b) + 1) == b + "/",
-    )
-
-
-def _top(path: str) -> str:
-    """The first component of a logical path (`/proj` of `/proj/a/b`): the claim lock's key."""
-    return "/" + path.split("/")[1]
-
-
-def _under(prefix: str) -> Any:
-    """SQL: a transfer's path is `prefix` or lies below it (`engine.path_under`)."""
-    return path_under(T.c.path, prefix)

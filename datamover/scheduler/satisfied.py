@@ -35,7 +35,8 @@ import time
 from typing import Any
 
 from datamover.catalog.access import Access
-from datamover.catalog.transfers import TransferRow, Transfers
+from datamover.catalog.transfer_rows import TransferRow
+from datamover.catalog.transfers import Transfers
 from datamover.repo.layout import VersionDoc
 from datamover.site import Site
 from datamover.transfer.stage import StageResult

@@ -22,7 +22,8 @@ from typing import Any
 
 from datamover.catalog.access import Access
 from datamover.catalog.engine import catalog_outage
-from datamover.catalog.transfers import TransferRow, Transfers, succeeded_values
+from datamover.catalog.transfer_rows import TransferRow, succeeded_values
+from datamover.catalog.transfers import Transfers
 from datamover.domain.transfers import Kind, State, retry_delay
 from datamover.errors import Conflict, DatamoverError
 from datamover.logs import transfer_context
