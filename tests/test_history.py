@@ -235,6 +235,31 @@ async def test_an_upgrade_indexes_transfers_by_their_end_and_keeps_them(catalog_
         await engine.dispose()
 
 
+async def test_an_upgrade_indexes_transfers_by_path_and_state_and_keeps_them(
+    catalog_url: str,
+) -> None:
+    engine = create_engine_for(catalog_url)
+    try:
+        await upgrade(engine, "0005")
+        old, _ = await Transfers(engine).submit(Submission("t1", "stage", "/proj/x"))
+        async with engine.connect() as conn:
+            assert (await conn.run_sync(_indexes))["ix_transfers_path"] == ["path"]
+        assert await upgrade(engine) == ("0005", HEAD)
+        async with engine.connect() as conn:
+            indexes = await conn.run_sync(_indexes)
+        assert indexes["ix_transfers_path_state"] == ["path", "state", "finished_at"]
+        assert "ix_transfers_path" not in indexes
+        assert await Transfers(engine).stage_queued("/proj/x")
+        async with engine.begin() as conn:
+            await conn.run_sync(_downgrade, "0005")
+        async with engine.connect() as conn:
+            indexes = await conn.run_sync(_indexes)
+        assert indexes["ix_transfers_path"] == ["path"] and "ix_transfers_path_state" not in indexes
+        assert (await Transfers(engine).get(old.id)).state == "queued"
+    finally:
+        await engine.dispose()
+
+
 # -- the daemon's loop -----------------------------------------------------------------------
 
 

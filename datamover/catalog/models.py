@@ -169,7 +169,9 @@ class Transfer(Base):
     __table_args__ = (
         UniqueConstraint("tenant", "idempotency_key", name="uq_transfers_idempotency"),
         Index("ix_transfers_queue", "state", "rank_time"),
-        Index("ix_transfers_path", "path"),
+        # A path's newest ended stage, and its queued ones (thousands of ended stages of one
+        # dataset are common: a job array's prologs).
+        Index("ix_transfers_path_state", "path", "state", "finished_at"),
         Index("ix_transfers_finished", "finished_at"),  # the history's pruning, oldest first
     )
 
