@@ -374,7 +374,8 @@ def upgrade(config_path: str | None, as_json: bool) -> None:
 @click.option(
     "--read-data",
     is_flag=True,
-    help="Download each new pack whole and check every chunk against its digest.",
+    help="Also read each new pack's data: every chunk must match its digest, the pack its "
+    "name (packs already known are not read again).",
 )
 @common
 def rebuild(read_data: bool, config_path: str | None, as_json: bool) -> None:
@@ -408,6 +409,12 @@ def rebuild(read_data: bool, config_path: str | None, as_json: bool) -> None:
             f"{human_bytes(result.bytes_read)} read), {result.packs_known} known before, "
             f"in {result.seconds:.1f} s"
         )
+        if result.vanished:
+            click.echo(f"{counted(result.vanished, 'pack')} gone before they were read")
+        if result.foreign_keys:
+            click.echo(
+                f"{counted(result.foreign_keys, 'object')} under packs/ that name no pack, ignored"
+            )
         for key, reason in result.corrupt:
             click.echo(f"datamover: warning: {key}: corrupt, not indexed: {reason}", err=True)
         more = result.corrupt_count - len(result.corrupt)

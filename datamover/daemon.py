@@ -153,10 +153,12 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
             history = History(transfers, config.api.history_days, metrics)
             pruning = run_loop("history", history.run_once, stop, idle=history.every)
             tasks.append(asyncio.create_task(pruning))
+        indexing = None
         if config.api.reindex_minutes > 0:  # 0: only `datamover db rebuild` indexes packs
             reindexer = Reindexer(site, config.api.reindex_minutes, metrics)
-            indexing = run_loop("reindex", reindexer.run_once, stop, idle=reindexer.every)
-            tasks.append(asyncio.create_task(indexing))
+            runs = run_loop("reindex", reindexer.run_once, stop, idle=reindexer.every)
+            indexing = asyncio.create_task(runs)
+            tasks.append(indexing)
         warming = asyncio.create_task(_warm(site))
         if ready is not None:
             ready.set()
@@ -164,6 +166,8 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
         log.info("draining: stopping running transfers so they resume later")
         endings.close()  # held long polls answer now
         warming.cancel()  # a store that never answered: its retries end here
+        if indexing is not None:
+            indexing.cancel()  # a first run over a big bucket takes long; the next resumes
         for w in workers:
             w.drain()
         await asyncio.gather(*tasks, warming, return_exceptions=True)

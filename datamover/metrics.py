@@ -83,9 +83,14 @@ class Metrics:
         )
         self.indexed = Counter(
             "datamover_packs_indexed",
-            "Packs in the store whose chunks the daemon indexed ([api] reindex_minutes), and "
-            "corrupt ones it could not",
-            ["outcome", "site"],
+            "Packs in the store whose chunks the daemon indexed ([api] reindex_minutes)",
+            ["site"],
+            registry=r,
+        )
+        self.corrupt_packs = Gauge(
+            "datamover_packs_corrupt",
+            "Packs in the store the daemon's last reindex found corrupt and did not index",
+            ["site"],
             registry=r,
         )
         self.cache = Gauge(
@@ -128,9 +133,9 @@ class Metrics:
         self.deleted.labels(self.site).inc(n)
 
     def reindexed(self, indexed: int, corrupt: int) -> None:
-        """Count packs a periodic reindex recorded, and corrupt packs it skipped."""
-        self.indexed.labels("indexed", self.site).inc(indexed)
-        self.indexed.labels("corrupt", self.site).inc(corrupt)
+        """Count packs a periodic reindex recorded; show the corrupt ones it skipped."""
+        self.indexed.labels(self.site).inc(indexed)
+        self.corrupt_packs.labels(self.site).set(corrupt)
 
     def set_queue(self, depth: dict[tuple[str, str], int]) -> None:
         """Replace the queue-depth gauge with fresh counts."""

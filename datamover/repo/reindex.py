@@ -16,10 +16,14 @@ Contract:
 - The store is not trusted: an index is checked as `parse_index` does (its digest, entries
   tiling the data area, lengths within the format's limits) against the size the listing
   gives. A pack that fails is reported by key and not recorded; the rest go on.
-  `read_data` downloads each new pack whole and also checks that its bytes hash to its name
-  and that every chunk decodes to its digest (what the index alone cannot prove).
-- Bounded memory: the listing streams; at most `concurrency` indexes (or packs, with
-  `read_data`) are held at once.
+  `read_data` also reads each new pack's data and checks that every chunk decodes to its
+  digest and the pack's bytes hash to its name (what the index alone cannot prove); packs
+  already recorded are not read again.
+- Bounded memory: the listing streams; at most `concurrency` indexes (with `read_data`,
+  `READ_DATA_CONCURRENCY` spans of `DATA_SPAN` bytes) are held at once, plus the chunks
+  queued for the next transaction (`FLUSH_ROWS`, and up to `concurrency` packs' more).
+- `chunks_indexed` counts chunks new to the index: one already there (from another pack,
+  or recorded meanwhile by another writer) is not counted again.
 - Store outages and refusals end the run (`StoreUnavailable`, `StoreAccessDenied`); what
   was recorded before stays.
 """
@@ -29,20 +33,15 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import blake3
+
 from datamover.catalog.queries import Catalog
 from datamover.chunking import codec
-from datamover.chunking.pack import (
-    ENTRY_SIZE,
-    TRAILER_SIZE,
-    PackEntry,
-    parse_index,
-    parse_pack,
-    parse_trailer,
-)
+from datamover.chunking.pack import ENTRY_SIZE, TRAILER_SIZE, PackEntry, parse_index, parse_trailer
 from datamover.domain.manifest import ChunkRef
 from datamover.errors import Corrupt, ObjectNotFound
 from datamover.storage.base import ObjectInfo, Store
@@ -55,8 +54,9 @@ FIRST_READ = 64 << 10
 BATCH = 256
 #: Chunks read from pack indexes and recorded in one transaction (about 10 MB queued).
 FLUSH_ROWS = 50_000
-#: Whole packs held at once with `read_data` (each tens of MiB).
+#: Packs read at once with `read_data`, each `DATA_SPAN` bytes (and a chunk) at a time.
 READ_DATA_CONCURRENCY = 4
+DATA_SPAN = 16 << 20
 #: Corrupt packs named in the result; more are only counted.
 SAMPLE = 100
 
@@ -111,10 +111,8 @@ def pack_id_of(key: str) -> bytes | None:
     return bytes.fromhex(m.group(2))
 
 
-async def read_index(store: Store, key: str, size: int) -> tuple[list[PackEntry], int]:
-    """The checked index of the pack at `key`, whose size the listing gave; returns
-    `(entries, bytes read)`. Raises `Corrupt` naming what is wrong, `ObjectNotFound` if the
-    pack is gone."""
+async def _read_tail(store: Store, key: str, size: int) -> tuple[list[PackEntry], bytes, int]:
+    """`(entries, the index and trailer as stored, bytes read)` of the pack at `key`."""
     if size < TRAILER_SIZE + ENTRY_SIZE:
         raise Corrupt(f"{size} bytes, too short for a pack")
     first = min(size, FIRST_READ)
@@ -132,23 +130,66 @@ async def read_index(store: Store, key: str, size: int) -> tuple[list[PackEntry]
             raise Corrupt("the pack is shorter than listed")
         read += len(more)
         tail = more + tail
-    index = memoryview(tail)[len(tail) - need : len(tail) - TRAILER_SIZE]
-    entries = parse_index(index, index_digest, count, size - need)
+    tail = tail[len(tail) - need :]
+    entries = parse_index(memoryview(tail)[:-TRAILER_SIZE], index_digest, count, size - need)
+    return entries, tail, read
+
+
+async def read_index(store: Store, key: str, size: int) -> tuple[list[PackEntry], int]:
+    """The checked index of the pack at `key`, whose size the listing gave; returns
+    `(entries, bytes read)`. Raises `Corrupt` naming what is wrong, `ObjectNotFound` if the
+    pack is gone."""
+    entries, _, read = await _read_tail(store, key, size)
     return entries, read
 
 
-def check_data(data: bytes, pack_id: bytes) -> list[PackEntry]:
-    """Parse a whole pack, proving its bytes hash to `pack_id` and every chunk decodes to
-    its digest; raises `Corrupt` naming the first failure. Blocking: run it off the loop."""
-    entries = parse_pack(data, pack_id)
-    view = memoryview(data)
+def _spans(entries: list[PackEntry], limit: int) -> Iterator[list[PackEntry]]:
+    """Runs of consecutive entries of at most `limit` stored bytes (one entry at least)."""
+    run: list[PackEntry] = []
+    size = 0
     for e in entries:
-        stored = view[e.offset : e.offset + e.stored_length]
+        if run and size + e.stored_length > limit:
+            yield run
+            run, size = [], 0
+        run.append(e)
+        size += e.stored_length
+    if run:
+        yield run
+
+
+def _check_span(hasher: Any, blob: bytes, start: int, run: list[PackEntry]) -> None:
+    """Hash `blob` (the data area from `start`) into the pack's digest and check that
+    every chunk of `run` in it decodes to its digest. Blocking: run it off the loop."""
+    hasher.update(blob)
+    view = memoryview(blob)
+    for e in run:
+        stored = view[e.offset - start : e.offset - start + e.stored_length]
         try:
             codec.decode_verified(stored, e.codec, e.raw_length, e.digest)
         except Corrupt as exc:
             raise Corrupt(f"chunk at offset {e.offset}: {exc}") from None
-    return entries
+
+
+async def read_checked(
+    store: Store, key: str, size: int, pack_id: bytes
+) -> tuple[list[PackEntry], int]:
+    """`read_index`, and then the data too, `DATA_SPAN` bytes at a time: every chunk must
+    decode to its digest and the whole pack hash to `pack_id` (its name). Raises `Corrupt`
+    naming the first failure."""
+    entries, tail, read = await _read_tail(store, key, size)
+    hasher = blake3.blake3()
+    for run in _spans(entries, DATA_SPAN):
+        start = run[0].offset
+        end = run[-1].offset + run[-1].stored_length
+        blob = await store.get(key, start, end - start)
+        if len(blob) != end - start:
+            raise Corrupt("the pack is shorter than listed")
+        read += len(blob)
+        await asyncio.to_thread(_check_span, hasher, blob, start, run)
+    hasher.update(tail)
+    if hasher.digest() != pack_id:
+        raise Corrupt("its bytes do not match its name (the BLAKE3 of the pack)")
+    return entries, read
 
 
 class _Run:
@@ -176,8 +217,7 @@ class _Run:
     async def _read(self, key: str, pack_id: bytes, size: int) -> tuple[list[PackEntry], int]:
         if not self.read_data:
             return await read_index(self.store, key, size)
-        data = await self.store.get(key)
-        return await asyncio.to_thread(check_data, data, pack_id), len(data)
+        return await read_checked(self.store, key, size, pack_id)
 
     async def one(self, info: ObjectInfo, pack_id: bytes) -> None:
         """Read and check one pack and queue it for recording. The slot is held until it
@@ -209,9 +249,8 @@ class _Run:
             if not self.queued:
                 return
             packs, self.queued, self.queued_rows = self.queued, [], 0
-            await self.catalog.add_packs(packs)
+            self.result.chunks_indexed += await self.catalog.add_packs(packs)
             self.result.packs_indexed += len(packs)
-            self.result.chunks_indexed += sum(len(refs) for _, _, refs in packs)
 
     async def batch(self, listed: Sequence[tuple[ObjectInfo, bytes]]) -> None:
         """Record the packs of `listed` this catalog does not know."""

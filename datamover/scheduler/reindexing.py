@@ -4,8 +4,9 @@ chunk another site has stored since. Off by default: a site new to a bucket of h
 millions of chunks would index them all (one catalog row each; SQLite is meant for ~10
 million), which an operator should choose.
 
-A run that fails (the store or catalog unreachable) is one warning; the next run, at the
-next interval, starts where the packs recorded so far leave it. Corrupt packs are reported
+A run that fails (the store or catalog unreachable) is one warning (an unexpected error:
+its traceback); the next run, at the next interval, starts where the packs recorded so far
+leave it. A stop of the daemon cancels a run under way (`serve` does). Corrupt packs are reported
 at every run that meets them, by count and the first few keys, until they are dealt with.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import logging
 
+from datamover.catalog.engine import catalog_outage
 from datamover.errors import DatamoverError
 from datamover.metrics import Metrics
 from datamover.repo.reindex import reindex
@@ -31,6 +33,7 @@ class Reindexer:
         self.site = site
         self.every = minutes * 60.0
         self.metrics = metrics
+        self._when = "1 minute" if minutes == 1 else f"{minutes:g} minutes"
 
     async def run_once(self) -> bool:
         """Index what is new; always False (the next run is due in `every` seconds)."""
@@ -40,12 +43,16 @@ class Reindexer:
                 self.site.catalog,
                 concurrency=self.site.config.transfer.download_concurrency,
             )
-        except DatamoverError as exc:
-            log.warning(
-                "indexing the store's packs failed, tried again in %g minutes: %s",
-                self.every / 60,
-                exc.message,
-            )
+        except Exception as exc:  # each is logged, and the next run is in `every` seconds
+            known = exc if isinstance(exc, DatamoverError) else catalog_outage(exc)
+            if known is None:
+                log.exception("indexing the store's packs failed, tried again in %s", self._when)
+            else:
+                log.warning(
+                    "indexing the store's packs failed, tried again in %s: %s",
+                    self._when,
+                    known.message,
+                )
             return False
         if self.metrics is not None:
             self.metrics.reindexed(result.packs_indexed, result.corrupt_count)
