@@ -8,6 +8,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import blake3
@@ -29,6 +30,14 @@ from datamover.transfer.verify import verify
 from tests.fixtures_daemon import StartSite, free_port
 from tests.fixtures_sites import MakeSite, SiteEnv
 from tests.treegen import make_tree, snapshot
+
+
+@pytest.fixture
+async def catalog(catalog_url: str) -> AsyncIterator[Catalog]:
+    """A catalog of its own (on SQLite and on PostgreSQL), closed after the test."""
+    opened = Catalog(await open_engine(catalog_url))
+    yield opened
+    await opened.close()
 
 
 def _json_exit(env: SiteEnv, *args: str, status: int) -> dict[str, Any]:
@@ -102,7 +111,7 @@ async def test_the_index_is_read_from_the_tail_in_one_read_or_two(
 
 @pytest.mark.parametrize("flush_rows", [1, 7, 50_000])
 async def test_packs_are_recorded_whatever_the_transactions_hold(
-    monkeypatch: pytest.MonkeyPatch, catalog_url: str, flush_rows: int
+    monkeypatch: pytest.MonkeyPatch, catalog: Catalog, flush_rows: int
 ) -> None:
     monkeypatch.setattr(reindex_module, "FLUSH_ROWS", flush_rows)
     monkeypatch.setattr(reindex_module, "BATCH", 8)  # three batches, the last one short
@@ -113,15 +122,11 @@ async def test_packs_are_recorded_whatever_the_transactions_hold(
         digests.update(blake3.blake3(c).digest() for c in chunks)
         pack_id, data = _pack(chunks)
         await store.put(pack_key(pack_id), data)
-    catalog = Catalog(await open_engine(catalog_url))
-    try:
-        result = await reindex(store, catalog, concurrency=3)
-        assert (result.packs, result.packs_indexed, result.chunks_indexed) == (20, 20, 60)
-        assert set(await catalog.lookup_chunks(sorted(digests))) == digests
-        again = await reindex(store, catalog, concurrency=3)
-        assert (again.packs_known, again.packs_indexed) == (20, 0)
-    finally:
-        await catalog.close()
+    result = await reindex(store, catalog, concurrency=3)
+    assert (result.packs, result.packs_indexed, result.chunks_indexed) == (20, 20, 60)
+    assert set(await catalog.lookup_chunks(sorted(digests))) == digests
+    again = await reindex(store, catalog, concurrency=3)
+    assert (again.packs_known, again.packs_indexed) == (20, 0)
 
 
 @pytest.mark.parametrize("span", [1, 250, 1 << 20])
@@ -148,23 +153,19 @@ async def test_read_data_checks_a_pack_a_span_at_a_time(
         await read_checked(store, other, len(data), b"\x07" * 32)
 
 
-async def test_chunks_already_indexed_are_not_counted_again(catalog_url: str) -> None:
+async def test_chunks_already_indexed_are_not_counted_again(catalog: Catalog) -> None:
     store = MemoryStore()
     shared = b"in both packs"
     for chunks in ([shared, b"only in the first"], [shared, b"only in the second"]):
         pack_id, data = _pack(chunks)
         await store.put(pack_key(pack_id), data)
-    catalog = Catalog(await open_engine(catalog_url))
-    try:
-        result = await reindex(store, catalog, concurrency=2)
-        assert (result.packs_indexed, result.chunks_indexed) == (2, 3)
-        assert await catalog.count_chunks() == 3
-    finally:
-        await catalog.close()
+    result = await reindex(store, catalog, concurrency=2)
+    assert (result.packs_indexed, result.chunks_indexed) == (2, 3)
+    assert await catalog.count_chunks() == 3
 
 
 async def test_a_pack_gone_before_it_is_read_is_counted_not_corrupt(
-    catalog_url: str,
+    catalog: Catalog,
 ) -> None:
     class Vanishing(MemoryStore):
         async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
@@ -174,13 +175,9 @@ async def test_a_pack_gone_before_it_is_read_is_counted_not_corrupt(
     store = Vanishing()
     pack_id, data = _pack([b"soon gone"])
     await store.put(pack_key(pack_id), data)
-    catalog = Catalog(await open_engine(catalog_url))
-    try:
-        result = await reindex(store, catalog, concurrency=2)
-        assert (result.packs, result.vanished, result.packs_indexed) == (1, 1, 0)
-        assert result.ok and result.corrupt_count == 0
-    finally:
-        await catalog.close()
+    result = await reindex(store, catalog, concurrency=2)
+    assert (result.packs, result.vanished, result.packs_indexed) == (1, 1, 0)
+    assert result.ok and result.corrupt_count == 0
 
 
 async def test_writers_of_overlapping_chunks_in_opposite_orders_do_not_deadlock(
@@ -210,7 +207,7 @@ async def test_writers_of_overlapping_chunks_in_opposite_orders_do_not_deadlock(
 
 
 async def test_a_cancelled_run_keeps_what_it_recorded_and_the_next_run_goes_on(
-    monkeypatch: pytest.MonkeyPatch, catalog_url: str
+    monkeypatch: pytest.MonkeyPatch, catalog: Catalog
 ) -> None:
     monkeypatch.setattr(reindex_module, "FLUSH_ROWS", 1)  # each pack recorded on its own
     monkeypatch.setattr(reindex_module, "BATCH", 4)
@@ -230,21 +227,17 @@ async def test_a_cancelled_run_keeps_what_it_recorded_and_the_next_run_goes_on(
     for p in range(12):
         pack_id, data = _pack([f"chunk of pack {p}".encode()])
         await store.put(pack_key(pack_id), data)
-    catalog = Catalog(await open_engine(catalog_url))
-    try:
-        run = asyncio.ensure_future(reindex(store, catalog, concurrency=1))
-        await asyncio.wait_for(stalled.wait(), 30)
-        run.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await run
-        recorded = await catalog.count_chunks()
-        assert recorded == 5  # the packs read before the stall, each in its transaction
-        reads = -1000  # the store answers again
-        result = await reindex(store, catalog, concurrency=2)
-        assert (result.packs_known, result.packs_indexed) == (5, 7)
-        assert await catalog.count_chunks() == 12
-    finally:
-        await catalog.close()
+    run = asyncio.ensure_future(reindex(store, catalog, concurrency=1))
+    await asyncio.wait_for(stalled.wait(), 30)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    recorded = await catalog.count_chunks()
+    assert recorded == 5  # the packs read before the stall, each in its transaction
+    reads = -1000  # the store answers again
+    result = await reindex(store, catalog, concurrency=2)
+    assert (result.packs_known, result.packs_indexed) == (5, 7)
+    assert await catalog.count_chunks() == 12
 
 
 async def test_a_catalog_outage_in_the_daemon_is_one_warning(
