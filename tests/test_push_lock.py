@@ -4,6 +4,7 @@ held shared, so it never publishes what a stage is half-way through writing."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import fcntl
 import os
 import threading
@@ -15,12 +16,14 @@ import pytest
 from datamover.catalog.access import Access
 from datamover.catalog.transfer_rows import Submission
 from datamover.catalog.transfers import Transfers
-from datamover.errors import Conflict
+from datamover.domain.manifest import Entry
+from datamover.errors import Conflict, DatamoverError
 from datamover.metrics import Metrics
 from datamover.scheduler.worker import Worker
 from datamover.site import Site
 from datamover.transfer import push as push_module
 from datamover.transfer import stage as stage_module
+from datamover.transfer.fsops import TreeWriter
 from datamover.transfer.push import push
 from datamover.transfer.scan import Scanner
 from datamover.transfer.stage import stage
@@ -253,13 +256,9 @@ async def test_a_stage_that_failed_before_changing_the_tree_leaves_push_alone(
     assert pushed.returncode == 0, pushed.stderr
 
 
-async def test_a_stage_that_failed_before_writing_a_large_file_leaves_push_alone(
-    make_site: MakeSite,
-) -> None:
-    # v2 changes only a large file, whose packs are gone: B's stage makes the file's
-    # partial file, then its first fetch fails. It removes the partial file again and gives
-    # the directory its times back, so the tree still is v1 as the record says; counting
-    # the partial file as a change had push ask for --force.
+async def _v1_staged_big_changed(make_site: MakeSite) -> tuple[SiteEnv, SiteEnv, str, set[str]]:
+    """Site A pushes v1 of `/proj/ds` (a 3 MiB file and a small one), site B stages it, A
+    pushes v2 with another large file; return A, B, v1's id and the packs v2 added."""
     a = await make_site("site-a", pack_size=1 << 20)
     src = a.data / "ds"
     src.mkdir()
@@ -271,7 +270,18 @@ async def test_a_stage_that_failed_before_writing_a_large_file_leaves_push_alone
     before = await _packs(a)
     (src / "big").write_bytes(os.urandom(3 << 20))
     a.cli_json("push", "/proj/ds")
-    await _delete(a, await _packs(a) - before)
+    return a, b, v1, await _packs(a) - before
+
+
+async def test_a_stage_that_failed_before_writing_a_large_file_leaves_push_alone(
+    make_site: MakeSite,
+) -> None:
+    # v2 changes only a large file, whose packs are gone: B's stage makes the file's
+    # partial file, then its first fetch fails. It removes the partial file again and gives
+    # the directory its times back, so the tree still is v1 as the record says; counting
+    # the partial file as a change had push ask for --force.
+    a, b, v1, added = await _v1_staged_big_changed(make_site)
+    await _delete(a, added)
     tree = _tree(b.data / "ds")
     mtime_ns = (b.data / "ds").stat().st_mtime_ns
     await _stage_fails_keeping_the_record(b)
@@ -280,6 +290,34 @@ async def test_a_stage_that_failed_before_writing_a_large_file_leaves_push_alone
     assert b.cli("verify", "/proj/ds", "--version", v1).returncode == 0
     pushed = b.cli("push", "/proj/ds", "--json")  # no --force needed
     assert pushed.returncode == 0, pushed.stderr
+
+
+async def test_a_partial_file_a_failing_open_made_is_removed_again(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Opening the partial file made it, then failed (an I/O error reading what was there):
+    # the run removes it again, so it still changed nothing.
+    _, b, _, _ = await _v1_staged_big_changed(make_site)
+    real_open = TreeWriter.open_partial
+
+    def failing(self: TreeWriter, entry: Entry) -> tuple[int, int]:
+        fd, _ = real_open(self, entry)
+        os.close(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(TreeWriter, "open_partial", failing)
+    tree = _tree(b.data / "ds")
+    mtime_ns = (b.data / "ds").stat().st_mtime_ns
+    site_b = await b.open()
+    try:
+        record = await site_b.catalog.replica("/proj/ds")
+        with pytest.raises((OSError, DatamoverError)):
+            await stage(site_b, "/proj/ds")
+        assert await site_b.catalog.replica("/proj/ds") == record
+    finally:
+        await site_b.close()
+    assert _tree(b.data / "ds") == tree
+    assert (b.data / "ds").stat().st_mtime_ns == mtime_ns
 
 
 async def test_a_stage_that_cannot_open_the_dataset_directory_leaves_push_alone(

@@ -276,7 +276,14 @@ class _Stager:
         (then its directory's times before, for `_drop_partial`)."""
         assert self.writer is not None
         fresh = self.writer.partial_missing(entry)
-        return (*self.writer.open_partial(entry), fresh)
+        try:
+            fd, good = self.writer.open_partial(entry)
+        except BaseException:
+            # It may have made the file before it failed (checking what was there, say).
+            if fresh is not None and self.writer.partial_missing(entry) is None:
+                self._drop_partial(entry, fresh)
+            raise
+        return fd, good, fresh
 
     def _drop_partial(self, entry: Entry, times: tuple[int, int]) -> None:
         """On the writer thread: remove a partial file this run made and never wrote; if
