@@ -413,7 +413,7 @@ def rebuild(read_data: bool, config_path: str | None, as_json: bool) -> None:
             click.echo(f"{counted(result.vanished, 'pack')} gone before they were read")
         if result.foreign_keys:
             click.echo(
-                f"{counted(result.foreign_keys, 'object')} under packs/ that name no pack, ignored"
+                f"{counted(result.foreign_keys, 'object')} among the packs name no pack, ignored"
             )
         for key, reason in result.corrupt:
             click.echo(f"datamover: warning: {key}: corrupt, not indexed: {reason}", err=True)

@@ -18,10 +18,17 @@ from datamover.catalog.engine import open_engine
 from datamover.catalog.queries import Catalog
 from datamover.chunking.pack import ENTRY_SIZE, TRAILER_SIZE, PackBuilder, pack_key, parse_pack
 from datamover.domain.manifest import ChunkRef, Codec
-from datamover.errors import Corrupt
+from datamover.errors import Corrupt, StoreUnavailable
 from datamover.repo import reindex as reindex_module
-from datamover.repo.reindex import pack_id_of, read_checked, read_index, reindex
+from datamover.repo.reindex import (
+    pack_id_of,
+    pack_listing,
+    read_checked,
+    read_index,
+    reindex,
+)
 from datamover.scheduler.reindexing import Reindexer
+from datamover.storage.base import ObjectInfo
 from datamover.storage.memory import MemoryStore
 from datamover.storage.s3 import S3Store
 from datamover.transfer.push import push
@@ -266,6 +273,33 @@ async def test_a_catalog_outage_in_the_daemon_is_one_warning(
         await site.close()
 
 
+async def test_the_listing_covers_every_prefix_and_ends_on_a_listing_error() -> None:
+    store = MemoryStore()
+    keys = {pack_key(bytes([i]) + bytes(31)) for i in range(256)}
+    keys |= {pack_key(bytes([7]) + bytes([i]) * 31) for i in range(1, 40)}
+    for key in keys:
+        await store.put(key, b"x")
+    await store.put("packs-not/00/x", b"x")
+    assert {info.key async for info in pack_listing(store)} == keys
+
+    class Failing(MemoryStore):
+        def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+            if prefix == "packs/80/":
+                raise StoreUnavailable("listing packs/80/ failed")
+            return super().list(prefix)
+
+    failing = Failing()
+    for key in keys:
+        await failing.put(key, b"x")
+    seen = 0
+    with pytest.raises(StoreUnavailable, match="packs/80/"):
+        async for _ in pack_listing(failing):
+            seen += 1
+    assert seen < len(keys)
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert not [t for t in tasks if "lister" in repr(t.get_coro())]  # none left running
+
+
 def test_only_pack_keys_name_packs() -> None:
     h = "ab" + "0" * 62
     assert pack_id_of(f"packs/ab/{h}") == bytes.fromhex(h)
@@ -297,7 +331,8 @@ async def _seed_bad_packs(store: object) -> dict[str, str]:
     await store.put(key, short)  # type: ignore[attr-defined]
     bad[key] = "too short"
     await store.put(pack_key(good_id), good)  # type: ignore[attr-defined]
-    await store.put("packs/zz/not-a-pack", b"?")  # type: ignore[attr-defined]
+    await store.put("packs/ab/not-a-pack", b"?")  # type: ignore[attr-defined]
+    await store.put("packs/zz/not-listed", b"?")  # type: ignore[attr-defined]
     return bad
 
 
