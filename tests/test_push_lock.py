@@ -17,7 +17,7 @@ from datamover.catalog.access import Access
 from datamover.catalog.transfer_rows import Submission
 from datamover.catalog.transfers import Transfers
 from datamover.domain.manifest import Entry
-from datamover.errors import Conflict, DatamoverError
+from datamover.errors import Conflict, DatamoverError, NotFound
 from datamover.metrics import Metrics
 from datamover.scheduler.worker import Worker
 from datamover.site import Site
@@ -318,6 +318,94 @@ async def test_a_partial_file_a_failing_open_made_is_removed_again(
         await site_b.close()
     assert _tree(b.data / "ds") == tree
     assert (b.data / "ds").stat().st_mtime_ns == mtime_ns
+
+
+def _record_tells_the_truth(record: Any, after: Any, tree: Path, mtime_ns: int) -> None:
+    """After a stage that stopped: its record is given back only if the tree is as it was
+    (no partial file left, the directory's mtime as before); otherwise it says failed."""
+    left = [p.name for p in tree.iterdir() if p.name.endswith(".part")]
+    if after == record:
+        assert not left and tree.stat().st_mtime_ns == mtime_ns, left
+    else:
+        assert after is not None and after.state == "failed", after
+
+
+async def test_a_cancel_while_the_partial_file_is_closed_keeps_the_record_true(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The fetch fails while the writer thread is busy, and a cancel arrives while the
+    # partial file's close and removal wait behind it: the removal never runs. Giving the
+    # record back then left it saying v1 while the tree held a partial file.
+    _, b, _, _ = await _v1_staged_big_changed(make_site)
+    stagers: list[Any] = []
+    busy = threading.Event()
+    failed = asyncio.Event()
+    real_large = stage_module._Stager._large
+
+    async def large(self: Any, entry: Any, replaces: Any) -> None:
+        stagers.append(self)
+        await real_large(self, entry, replaces)
+
+    class Failing(stage_module.Fetcher):
+        async def fetch(self, ranges: Any) -> list[bytes]:
+            stagers[0]._pool.submit(busy.wait, 20)  # the writer thread busy with a batch
+            failed.set()
+            raise NotFound("pack gone")
+
+    monkeypatch.setattr(stage_module._Stager, "_large", large)
+    monkeypatch.setattr(stage_module, "Fetcher", Failing)
+    tree = b.data / "ds"
+    mtime_ns = tree.stat().st_mtime_ns
+    site_b = await b.open()
+    try:
+        record = await site_b.catalog.replica("/proj/ds")
+        run = asyncio.create_task(stage(site_b, "/proj/ds"))
+        await asyncio.wait_for(failed.wait(), 20)
+        await asyncio.sleep(0.3)
+        run.cancel()
+        await asyncio.sleep(0.1)
+        busy.set()
+        with pytest.raises(BaseException):  # noqa: B017 (cancelled or the fetch's error)
+            await run
+        after = await site_b.catalog.replica("/proj/ds")
+    finally:
+        busy.set()
+        await site_b.close()
+    _record_tells_the_truth(record, after, tree, mtime_ns)
+
+
+async def test_a_cancel_while_the_partial_file_is_opened_keeps_the_record_true(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, b, _, _ = await _v1_staged_big_changed(make_site)
+    slow = threading.Event()
+    opened = threading.Event()
+    real_open = TreeWriter.open_partial
+
+    def slow_open(self: TreeWriter, entry: Entry) -> tuple[int, int]:
+        made = real_open(self, entry)
+        opened.set()
+        slow.wait(20)  # a slow file system: the cancel arrives meanwhile
+        return made
+
+    monkeypatch.setattr(TreeWriter, "open_partial", slow_open)
+    tree = b.data / "ds"
+    mtime_ns = tree.stat().st_mtime_ns
+    site_b = await b.open()
+    try:
+        record = await site_b.catalog.replica("/proj/ds")
+        run = asyncio.create_task(stage(site_b, "/proj/ds"))
+        assert await asyncio.to_thread(opened.wait, 20)
+        run.cancel()
+        await asyncio.sleep(0.1)
+        slow.set()
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        after = await site_b.catalog.replica("/proj/ds")
+    finally:
+        slow.set()
+        await site_b.close()
+    _record_tells_the_truth(record, after, tree, mtime_ns)
 
 
 async def test_a_stage_that_cannot_open_the_dataset_directory_leaves_push_alone(

@@ -31,7 +31,7 @@ import stat
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import blake3
 
@@ -96,6 +96,16 @@ def temp_name() -> str:
     a system call per file for randomness would be measurable). Unique in practice, not
     guaranteed: creators retry on `FileExistsError`."""
     return f".dm-{_temp_prefix:08x}{next(_temp_counter) & 0xFFFFFFFF:08x}.part"
+
+
+class FreshPartial(NamedTuple):
+    """A partial file a stage made: its directory's (atime, mtime) in ns before and its
+    mtime right after (None: not known, the open failed), and the file's (st_dev, st_ino)
+    (None: not known)."""
+
+    before: tuple[int, int]
+    after: int | None
+    ident: tuple[int, int] | None
 
 
 def partial_name(entry: Entry) -> str:
@@ -463,12 +473,19 @@ class TreeWriter:
             raise denied(shown, exc) from None
         self.unlocked.setdefault(rel, mode)
 
-    def restore_modes(self) -> None:
-        """Give every directory still in `unlocked` its mode back (deepest first)."""
+    def restore_modes(self) -> bool:
+        """Give every directory still in `unlocked` its mode back (deepest first); whether
+        each one got it (a directory gone meanwhile counts as given back)."""
+        restored = True
         for rel in sorted(self.unlocked, key=len, reverse=True):
             mode = self.unlocked.pop(rel)
-            with contextlib.suppress(FileNotFoundError, Conflict, PermanentError):
+            try:
                 os.fchmod(self.dir_fd(rel), mode)
+            except FileNotFoundError:
+                pass
+            except (OSError, Conflict, PermanentError):
+                restored = False
+        return restored
 
     def _unlocking(self, parent: str, shown: str, op: Callable[[], T]) -> T:
         """`op()`, a change in directory `parent`; if it is refused, once more after
@@ -799,13 +816,38 @@ class TreeWriter:
             return st.st_atime_ns, st.st_mtime_ns
         return None
 
-    def drop_partial(self, entry: Entry, times: tuple[int, int]) -> None:
-        """Remove `entry`'s partial file, made by this run and never written, and give its
-        directory back the `times` it had before (`partial_missing`): the tree is then as
-        it was."""
+    def fresh_partial(self, entry: Entry, fd: int, before: tuple[int, int]) -> FreshPartial:
+        """What `drop_partial` needs of the partial file `fd` of `entry` just made: its
+        directory's times `before` and its mtime now, and the file's identity."""
+        st = os.fstat(fd)
+        after = os.fstat(self.dir_fd(split(entry.path)[0])).st_mtime_ns
+        return FreshPartial(before, after, (st.st_dev, st.st_ino))
+
+    def drop_partial(self, entry: Entry, fresh: FreshPartial) -> bool:
+        """Remove `entry`'s partial file, made by this run and never written (`fresh`), and
+        give its directory back the times it had before: the tree is then as it was.
+        Returns False, removing nothing, unless the name holds that same empty file (or
+        nothing) and the directory's mtime has not moved since the file was made (another
+        change in it would be hidden)."""
         dfd = self.dir_fd(split(entry.path)[0])
-        os.unlink(partial_name(entry), dir_fd=dfd)
-        os.utime(dfd, ns=times)
+        name = partial_name(entry)
+        try:
+            st: os.stat_result | None = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and (
+            not stat.S_ISREG(st.st_mode)
+            or st.st_size != 0
+            or st.st_nlink != 1
+            or (fresh.ident is not None and (st.st_dev, st.st_ino) != fresh.ident)
+        ):
+            return False
+        if fresh.after is not None and os.fstat(dfd).st_mtime_ns != fresh.after:
+            return False
+        if st is not None:
+            os.unlink(name, dir_fd=dfd)
+        os.utime(dfd, ns=fresh.before)
+        return True
 
     def finish_partial(
         self, entry: Entry, fd: int, replaces: tuple[int, int, int] | None = None

@@ -231,13 +231,17 @@ class _Stager:
         # worker has stopped.
         self.changed = False
         self._settled = False
+        # Partial files this run made and has neither written nor removed again, by path:
+        # their directory's times before and after, and the file's identity. One left when
+        # the run ends (a cancel cut the removal short) makes the run a change.
+        self._fresh: dict[str, fsops.FreshPartial] = {}
 
     @property
     def untouched(self) -> bool:
         """Whether the run ended without changing anything in the tree, so it is still what
         it was before the run (False while a thread or worker of the run may still run: a
-        second cancel cut its cleanup short)."""
-        return self._settled and not self.changed
+        second cancel cut its cleanup short; or while a partial file it made is left)."""
+        return self._settled and not self.changed and not self._fresh
 
     # -- writer thread ----------------------------------------------------------------------
 
@@ -265,33 +269,46 @@ class _Stager:
         self.changed = True
         return fn(*args)
 
-    def _unchanged(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run `fn`, which changes nothing push or verify see, on the writer thread unless
-        an operation queued before it failed."""
+    def _open_partial(self, entry: Entry) -> tuple[int, int, bool]:
+        """On the writer thread, unless an operation queued before it failed: open the
+        partial file of large `entry` (`open_partial`); return `(fd, good chunks, made)`.
+
+        A partial file this run makes is recorded in `_fresh` (not yet a change: the run
+        removes it again if it fails before writing into it, `_drop_partial`); opening one
+        that was there (a resume, which cuts it to its good chunks, or a file not ours in
+        the way, replaced) is a change."""
         self._check_ops()
-        return fn(*args)
-
-    def _open_partial(self, entry: Entry) -> tuple[int, int, tuple[int, int] | None]:
-        """On the writer thread: `open_partial`, and whether this made the partial file
-        (then its directory's times before, for `_drop_partial`)."""
-        assert self.writer is not None
-        fresh = self.writer.partial_missing(entry)
+        w = self.writer
+        assert w is not None
+        before = w.partial_missing(entry)
+        if before is None:
+            self.changed = True
         try:
-            fd, good = self.writer.open_partial(entry)
+            fd, good = w.open_partial(entry)
         except BaseException:
-            # It may have made the file before it failed (checking what was there, say).
-            if fresh is not None and self.writer.partial_missing(entry) is None:
-                self._drop_partial(entry, fresh)
+            if before is not None:  # it may have made the file before it failed
+                self._fresh[entry.path] = fsops.FreshPartial(before, None, None)
+                self._drop_partial(entry)
             raise
-        return fd, good, fresh
+        if before is not None:
+            self._fresh[entry.path] = w.fresh_partial(entry, fd, before)
+        return fd, good, before is not None
 
-    def _drop_partial(self, entry: Entry, times: tuple[int, int]) -> None:
-        """On the writer thread: remove a partial file this run made and never wrote; if
-        that fails, the run has changed the tree."""
+    def _drop_partial(self, entry: Entry) -> None:
+        """On the writer thread: remove the partial file of `entry` this run made and never
+        wrote, giving its directory its times back (`TreeWriter.drop_partial`); if that
+        cannot be done as it should, the run has changed the tree."""
+        fresh = self._fresh.get(entry.path)
+        if fresh is None:
+            return
         assert self.writer is not None
         try:
-            self.writer.drop_partial(entry, times)
+            dropped = self.writer.drop_partial(entry, fresh)
         except (OSError, DatamoverError):
+            dropped = False
+        if dropped:
+            del self._fresh[entry.path]
+        else:
             self.changed = True
 
     def _finish(self, entry: Entry, fd: int, replaces: tuple[int, int, int] | None) -> None:
@@ -304,6 +321,7 @@ class _Stager:
             raise
         assert self.writer is not None
         self.changed = True
+        self._fresh.pop(entry.path, None)
         self.writer.finish_partial(entry, fd, replaces)
 
     def _submit_ops(self) -> None:
@@ -446,7 +464,7 @@ class _Stager:
         # A partial file this run makes and never writes is removed again if the run fails,
         # its directory's times given back: the run changes the tree only from its first
         # write into it (`writing`), or its rename.
-        fd, good, fresh = await self._on_writer(self._unchanged, self._open_partial, entry)
+        fd, good, made = await self._on_writer(self._open_partial, entry)
         wrote = False
 
         def writing() -> None:  # in a range writer thread, before its first pwrite
@@ -515,8 +533,8 @@ class _Stager:
                 # (Blocking the loop here is short: one range per writer thread at most.)
                 wait_futures(writes)
                 await self._on_writer(os.close, fd)
-                if fresh is not None and not wrote:
-                    await self._on_writer(self._drop_partial, entry, fresh)
+                if made and not wrote:
+                    await self._on_writer(self._drop_partial, entry)
         self.result.fetched_files += 1
         self.result.fetched_bytes += entry.size - offsets[good]
         self.progress.advance(1, 0)
@@ -636,7 +654,8 @@ class _Stager:
         if self._walker is not None and self._walker.unlocked:
             self.changed = True  # a mode the walk changed, given back below or not
         self._take_unlocked()
-        self.writer.restore_modes()
+        if not self.writer.restore_modes():
+            self.changed = True  # a directory left writable (or readable)
 
     def _open_root(self) -> int:
         """On the writer thread: open the dataset's directory, made (with the directories
