@@ -8,6 +8,7 @@ import errno
 import fcntl
 import os
 import threading
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -330,6 +331,30 @@ def _record_tells_the_truth(record: Any, after: Any, tree: Path, mtime_ns: int) 
         assert after is not None and after.state == "failed", after
 
 
+async def _cancel_a_stage_and_check_its_record(
+    b: SiteEnv, stuck: Callable[[], Awaitable[None]], release: threading.Event
+) -> None:
+    """Stage `/proj/ds` at B, cancel it once `stuck()` returns, then set `release` (what
+    held the run up); check the record it leaves (`_record_tells_the_truth`)."""
+    tree = b.data / "ds"
+    mtime_ns = tree.stat().st_mtime_ns
+    site_b = await b.open()
+    try:
+        record = await site_b.catalog.replica("/proj/ds")
+        run = asyncio.create_task(stage(site_b, "/proj/ds"))
+        await stuck()
+        run.cancel()
+        await asyncio.sleep(0.1)
+        release.set()
+        with pytest.raises(BaseException):  # noqa: B017 (cancelled, or the stage's error)
+            await run
+        after = await site_b.catalog.replica("/proj/ds")
+    finally:
+        release.set()
+        await site_b.close()
+    _record_tells_the_truth(record, after, tree, mtime_ns)
+
+
 async def test_a_cancel_while_the_partial_file_is_closed_keeps_the_record_true(
     make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -354,24 +379,12 @@ async def test_a_cancel_while_the_partial_file_is_closed_keeps_the_record_true(
 
     monkeypatch.setattr(stage_module._Stager, "_large", large)
     monkeypatch.setattr(stage_module, "Fetcher", Failing)
-    tree = b.data / "ds"
-    mtime_ns = tree.stat().st_mtime_ns
-    site_b = await b.open()
-    try:
-        record = await site_b.catalog.replica("/proj/ds")
-        run = asyncio.create_task(stage(site_b, "/proj/ds"))
+
+    async def stuck() -> None:
         await asyncio.wait_for(failed.wait(), 20)
-        await asyncio.sleep(0.3)
-        run.cancel()
-        await asyncio.sleep(0.1)
-        busy.set()
-        with pytest.raises(BaseException):  # noqa: B017 (cancelled or the fetch's error)
-            await run
-        after = await site_b.catalog.replica("/proj/ds")
-    finally:
-        busy.set()
-        await site_b.close()
-    _record_tells_the_truth(record, after, tree, mtime_ns)
+        await asyncio.sleep(0.3)  # the partial file's close is queued behind the batch
+
+    await _cancel_a_stage_and_check_its_record(b, stuck, busy)
 
 
 async def test_a_cancel_while_the_partial_file_is_opened_keeps_the_record_true(
@@ -389,23 +402,11 @@ async def test_a_cancel_while_the_partial_file_is_opened_keeps_the_record_true(
         return made
 
     monkeypatch.setattr(TreeWriter, "open_partial", slow_open)
-    tree = b.data / "ds"
-    mtime_ns = tree.stat().st_mtime_ns
-    site_b = await b.open()
-    try:
-        record = await site_b.catalog.replica("/proj/ds")
-        run = asyncio.create_task(stage(site_b, "/proj/ds"))
+
+    async def stuck() -> None:
         assert await asyncio.to_thread(opened.wait, 20)
-        run.cancel()
-        await asyncio.sleep(0.1)
-        slow.set()
-        with pytest.raises(asyncio.CancelledError):
-            await run
-        after = await site_b.catalog.replica("/proj/ds")
-    finally:
-        slow.set()
-        await site_b.close()
-    _record_tells_the_truth(record, after, tree, mtime_ns)
+
+    await _cancel_a_stage_and_check_its_record(b, stuck, slow)
 
 
 async def test_a_stage_that_cannot_open_the_dataset_directory_leaves_push_alone(
