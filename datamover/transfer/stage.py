@@ -283,12 +283,12 @@ class _Stager:
         before = w.partial_missing(entry)
         if before is None:
             self.changed = True
+        else:  # recorded first: whatever fails from here on, the file is not forgotten
+            self._fresh[entry.path] = fsops.FreshPartial(before, None, None)
         try:
             fd, good = w.open_partial(entry)
         except BaseException:
-            if before is not None:  # it may have made the file before it failed
-                self._fresh[entry.path] = fsops.FreshPartial(before, None, None)
-                self._drop_partial(entry)
+            self._drop_partial(entry)  # it may have made the file before it failed
             raise
         if before is not None:
             self._fresh[entry.path] = w.fresh_partial(entry, fd, before)
