@@ -17,7 +17,7 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from datamover import gctune
-from datamover.console import Bar, emit_json, error_line, human_bytes
+from datamover.console import Bar, counted, emit_json, error_line, human_bytes
 from datamover.errors import Corrupt, DatamoverError
 
 T = TypeVar("T")
@@ -262,8 +262,9 @@ def verify(
     if as_json:
         emit_json(result.to_json())
     else:
-        problems = f"{result.problem_count} problem" + ("" if result.problem_count == 1 else "s")
-        verdict = "matches" if result.ok else f"differs ({problems})"
+        verdict = (
+            "matches" if result.ok else f"differs ({counted(result.problem_count, 'problem')})"
+        )
         click.echo(
             f"{result.dataset}: local tree {verdict} version {result.version} "
             f"({result.files_checked} files, {human_bytes(result.bytes_checked)} checked)"
@@ -386,7 +387,6 @@ def rebuild(read_data: bool, config_path: str | None, as_json: bool) -> None:
     (a rerun reads only packs still unknown) and safe while the daemon runs. A pack whose
     index is corrupt is named and skipped; the command then exits 5.
     """
-    from datamover.console import counted
     from datamover.repo.reindex import reindex
 
     async def work(site: Any) -> Any:

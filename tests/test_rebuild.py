@@ -63,6 +63,13 @@ def _pack(chunks: list[bytes]) -> tuple[bytes, bytes]:
     return pack_id, bytes(view)
 
 
+async def _put_pack(store: Any, chunks: list[bytes]) -> tuple[str, bytes, bytes]:
+    """Store a pack of raw `chunks` in `store`; return its key, id and bytes."""
+    pack_id, data = _pack(chunks)
+    await store.put(pack_key(pack_id), data)
+    return pack_key(pack_id), pack_id, data
+
+
 async def test_a_new_site_pushes_no_chunk_another_site_stored(make_site: MakeSite) -> None:
     a, b, c = await make_site("site-a"), await make_site("site-b"), await make_site("site-c")
     make_tree(a.data / "run1")
@@ -108,9 +115,8 @@ async def test_the_index_is_read_from_the_tail_in_one_read_or_two(
     monkeypatch.setattr(reindex_module, "FIRST_READ", first_read)
     store = MemoryStore()
     chunks = [bytes([i]) * (100 + i) for i in range(200)]
-    pack_id, data = _pack(chunks)
-    await store.put(pack_key(pack_id), data)
-    entries, read = await read_index(store, pack_key(pack_id), len(data))
+    key, pack_id, data = await _put_pack(store, chunks)
+    entries, read = await read_index(store, key, len(data))
     assert entries == parse_pack(data, pack_id)
     index_size = TRAILER_SIZE + len(chunks) * ENTRY_SIZE
     assert read == max(index_size, min(first_read, len(data)))
@@ -127,8 +133,7 @@ async def test_packs_are_recorded_whatever_the_transactions_hold(
     for p in range(20):
         chunks = [f"pack {p} chunk {i}".encode() for i in range(p % 5 + 1)]
         digests.update(blake3.blake3(c).digest() for c in chunks)
-        pack_id, data = _pack(chunks)
-        await store.put(pack_key(pack_id), data)
+        await _put_pack(store, chunks)
     result = await reindex(store, catalog, concurrency=3)
     assert (result.packs, result.packs_indexed, result.chunks_indexed) == (20, 20, 60)
     assert set(await catalog.lookup_chunks(sorted(digests))) == digests
@@ -143,9 +148,7 @@ async def test_read_data_checks_a_pack_a_span_at_a_time(
     monkeypatch.setattr(reindex_module, "DATA_SPAN", span)
     store = MemoryStore()
     chunks = [bytes([i]) * (100 + i) for i in range(20)]
-    pack_id, data = _pack(chunks)
-    key = pack_key(pack_id)
-    await store.put(key, data)
+    key, pack_id, data = await _put_pack(store, chunks)
     entries, read = await read_checked(store, key, len(data), pack_id)
     assert entries == parse_pack(data, pack_id) and read >= len(data)
 
@@ -164,8 +167,7 @@ async def test_chunks_already_indexed_are_not_counted_again(catalog: Catalog) ->
     store = MemoryStore()
     shared = b"in both packs"
     for chunks in ([shared, b"only in the first"], [shared, b"only in the second"]):
-        pack_id, data = _pack(chunks)
-        await store.put(pack_key(pack_id), data)
+        await _put_pack(store, chunks)
     result = await reindex(store, catalog, concurrency=2)
     assert (result.packs_indexed, result.chunks_indexed) == (2, 3)
     assert await catalog.count_chunks() == 3
@@ -180,8 +182,7 @@ async def test_a_pack_gone_before_it_is_read_is_counted_not_corrupt(
             return await super().get(key, offset, length)
 
     store = Vanishing()
-    pack_id, data = _pack([b"soon gone"])
-    await store.put(pack_key(pack_id), data)
+    await _put_pack(store, [b"soon gone"])
     result = await reindex(store, catalog, concurrency=2)
     assert (result.packs, result.vanished, result.packs_indexed) == (1, 1, 0)
     assert result.ok and result.corrupt_count == 0
@@ -232,8 +233,7 @@ async def test_a_cancelled_run_keeps_what_it_recorded_and_the_next_run_goes_on(
 
     store = Stalling()
     for p in range(12):
-        pack_id, data = _pack([f"chunk of pack {p}".encode()])
-        await store.put(pack_key(pack_id), data)
+        await _put_pack(store, [f"chunk of pack {p}".encode()])
     run = asyncio.ensure_future(reindex(store, catalog, concurrency=1))
     await asyncio.wait_for(stalled.wait(), 30)
     run.cancel()
@@ -255,7 +255,7 @@ async def test_a_catalog_outage_in_the_daemon_is_one_warning(
     a = await make_site("site-a")
     site = await a.open()
     try:
-        await site.store.put(pack_key(_pack([b"x"])[0]), _pack([b"x"])[1])
+        await _put_pack(site.store, [b"x"])
 
         async def locked(ids: Any) -> set[bytes]:
             raise OperationalError("SELECT", {}, Exception("database is locked"))

@@ -169,10 +169,10 @@ class Catalog:
         rows: list[tuple[Any, ...]] = []
         pack_rows = []
         for pack_id, size, chunks in sorted(packs, key=lambda p: p[0]):
-            before = len(rows)
+            first = len(rows)
             rows.extend(tuple(c) for c in chunks)
             pack_rows.append(
-                {"id": pack_id, "size": size, "chunks": len(rows) - before, "created_at": now}
+                {"id": pack_id, "size": size, "chunks": len(rows) - first, "created_at": now}
             )
         rows.sort()
         async with self.engine.begin() as conn:

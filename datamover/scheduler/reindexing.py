@@ -6,8 +6,9 @@ million), which an operator should choose.
 
 A run that fails (the store or catalog unreachable) is one warning (an unexpected error:
 its traceback); the next run, at the next interval, starts where the packs recorded so far
-leave it. A stop of the daemon cancels a run under way (`serve` does). Corrupt packs are reported
-at every run that meets them, by count and the first few keys, until they are dealt with.
+leave it. A stop of the daemon cancels a run under way (`serve` does). Corrupt packs are
+reported at every run that meets them, by count and the first few keys, until they are
+dealt with.
 """
 
 from __future__ import annotations
