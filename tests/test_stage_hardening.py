@@ -447,6 +447,7 @@ def test_open_partial_closes_its_fd_when_checking_fails(
     entry = Entry(
         "big", Kind.FILE, 0o644, 0, 4, None, (ChunkRef(bytes(32), bytes(32), 0, 4, 4, 0),)
     )
+    (tmp_path / "ds" / fsops.partial_name(entry)).write_bytes(b"left over")  # to be cut
 
     def broken(fd: int, length: int) -> None:
         raise OSError(5, "Input/output error")
@@ -460,6 +461,33 @@ def test_open_partial_closes_its_fd_when_checking_fails(
         monkeypatch.undo()
         os.close(writer.root_fd)
     assert len(list(Path("/proc/self/fd").iterdir())) == before - 1  # only the root was closed
+
+
+def test_open_partial_cuts_only_a_partial_file_longer_than_its_good_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new partial file is never cut (ext4 writes back a file cut to size 0 on close);
+    a left-over one is cut after its good chunks."""
+    (tmp_path / "ds").mkdir()
+    data = os.urandom(8)
+    first = ChunkRef(codec.digest(data[:4]), bytes(32), 0, 4, 4, 0)
+    second = ChunkRef(codec.digest(data[4:]), bytes(32), 4, 4, 4, 0)
+    entry = Entry("big", Kind.FILE, 0o644, 0, 8, None, (first, second))
+    cuts: list[int] = []
+    real = os.ftruncate
+    monkeypatch.setattr(os, "ftruncate", lambda fd, n: (cuts.append(n), real(fd, n)))
+    writer = TreeWriter(open_root(tmp_path, ("ds",)), tmp_path / "ds")
+    partial = tmp_path / "ds" / fsops.partial_name(entry)
+    try:
+        fd, good = writer.open_partial(entry)
+        os.close(fd)
+        assert (good, cuts, partial.stat().st_size) == (0, [], 0)
+        partial.write_bytes(data[:4] + b"torn")
+        fd, good = writer.open_partial(entry)
+        os.close(fd)
+        assert (good, cuts, partial.read_bytes()) == (1, [4], data[:4])
+    finally:
+        os.close(writer.root_fd)
 
 
 # -- 8. a file edited between the walk and its replacement ---------------------------------
