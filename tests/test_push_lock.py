@@ -331,11 +331,18 @@ def _record_tells_the_truth(record: Any, after: Any, tree: Path, mtime_ns: int) 
         assert after is not None and after.state == "failed", after
 
 
+def _open_in(tree: Path) -> list[str]:
+    """What this process holds open under `tree`."""
+    held = (os.readlink(fd) for fd in Path("/proc/self/fd").iterdir() if fd.is_symlink())
+    return [path for path in held if path.startswith(f"{tree}/")]
+
+
 async def _cancel_a_stage_and_check_its_record(
     b: SiteEnv, stuck: Callable[[], Awaitable[None]], release: threading.Event
-) -> None:
+) -> tuple[Any, Any]:
     """Stage `/proj/ds` at B, cancel it once `stuck()` returns, then set `release` (what
-    held the run up); check the record it leaves (`_record_tells_the_truth`)."""
+    held the run up); check the record it leaves (`_record_tells_the_truth`) and that no
+    file in the tree is left open. Return the record before and after."""
     tree = b.data / "ds"
     mtime_ns = tree.stat().st_mtime_ns
     site_b = await b.open()
@@ -349,10 +356,13 @@ async def _cancel_a_stage_and_check_its_record(
         with pytest.raises(BaseException):  # noqa: B017 (cancelled, or the stage's error)
             await run
         after = await site_b.catalog.replica("/proj/ds")
+        await asyncio.sleep(0.2)  # let a thread still at work after the cancel end
+        assert _open_in(tree) == []
     finally:
         release.set()
         await site_b.close()
     _record_tells_the_truth(record, after, tree, mtime_ns)
+    return record, after
 
 
 async def test_a_cancel_while_the_partial_file_is_closed_keeps_the_record_true(
@@ -406,7 +416,8 @@ async def test_a_cancel_while_the_partial_file_is_opened_keeps_the_record_true(
     async def stuck() -> None:
         assert await asyncio.to_thread(opened.wait, 20)
 
-    await _cancel_a_stage_and_check_its_record(b, stuck, slow)
+    record, after = await _cancel_a_stage_and_check_its_record(b, stuck, slow)
+    assert after == record  # the file it made was closed and removed: the tree is as it was
 
 
 async def test_a_stage_that_cannot_open_the_dataset_directory_leaves_push_alone(

@@ -294,6 +294,21 @@ class _Stager:
             self._fresh[entry.path] = w.fresh_partial(entry, fd, before)
         return fd, good, before is not None
 
+    async def _abandon_open(self, opening: asyncio.Future[Any], entry: Entry) -> None:
+        """After a cancel that came while the writer thread opened `entry`'s partial file
+        (`_open_partial`, which goes on): close the file once it is open, whatever happens
+        next, and remove it if this run made it (a second cancel cuts the removal short;
+        `untouched` then stays False)."""
+
+        def close(done: asyncio.Future[Any]) -> None:
+            if not done.cancelled() and done.exception() is None:
+                os.close(done.result()[0])
+
+        opening.add_done_callback(close)
+        await asyncio.wait([opening])
+        if not opening.cancelled() and opening.exception() is None and opening.result()[2]:
+            await self._on_writer(self._drop_partial, entry)
+
     def _drop_partial(self, entry: Entry) -> None:
         """On the writer thread: remove the partial file of `entry` this run made and never
         wrote, giving its directory its times back (`TreeWriter.drop_partial`); if that
@@ -464,7 +479,12 @@ class _Stager:
         # A partial file this run makes and never writes is removed again if the run fails,
         # its directory's times given back: the run changes the tree only from its first
         # write into it (`writing`), or its rename.
-        fd, good, made = await self._on_writer(self._open_partial, entry)
+        opening = self._on_writer(self._open_partial, entry)
+        try:
+            fd, good, made = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            await self._abandon_open(opening, entry)
+            raise
         wrote = False
 
         def writing() -> None:  # in a range writer thread, before its first pwrite
@@ -532,7 +552,8 @@ class _Stager:
                 # fd is closed, or a write could land in whatever file reuses its number.
                 # (Blocking the loop here is short: one range per writer thread at most.)
                 wait_futures(writes)
-                await self._on_writer(os.close, fd)
+                # Shielded: a cancel meanwhile must not leave the file open for good.
+                await asyncio.shield(self._on_writer(os.close, fd))
                 if made and not wrote:
                     await self._on_writer(self._drop_partial, entry)
         self.result.fetched_files += 1
