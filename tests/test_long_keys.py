@@ -3,6 +3,8 @@ takes (docs/format.md, "Keys"), uncut keys written before still read, too long r
 
 from __future__ import annotations
 
+import random
+import string
 from pathlib import Path
 from urllib.parse import quote, unquote
 
@@ -373,6 +375,27 @@ async def test_the_daemon_refuses_a_push_of_a_path_too_long_for_a_key(
     # A stage is not refused: it looks, and finds nothing.
     status, answer = d.request("POST", "/v1/transfers", token, {"kind": "stage", "path": path})
     assert status == 201, answer
+
+
+async def test_the_daemon_refuses_any_request_for_a_path_longer_than_1024_bytes(
+    served_site: StartSite,
+) -> None:
+    # A stage or pin of a 3,000-byte path used to reach the catalog, where PostgreSQL's
+    # index refused the row ("index row size exceeds btree version 4 maximum 2704"): a 500
+    # and a traceback. No such path can be pushed, so none can be staged either.
+    d = await served_site("site-a")
+    token = d.token("t1", "/proj", "write")
+    letters = random.Random(1).choices(string.ascii_letters, k=3000)  # poorly compressible
+    path = "/proj/" + "/".join("".join(letters[i : i + 250]) for i in range(0, 3000, 250))
+    for route, body in [
+        ("/v1/transfers", {"kind": "stage", "path": path}),
+        ("/v1/pins", {"pin": "job-1", "path": path}),
+    ]:
+        status, answer = d.request("POST", route, token, body)
+        assert status == 400 and answer["error"]["code"] == "invalid_input", answer
+        assert "bytes long, more than 1024" in answer["error"]["message"]
+    assert d.request("GET", "/v1/transfers", token)[1]["transfers"] == []
+    assert "Traceback" not in d.log()
 
 
 async def test_an_uncut_key_at_the_limit_is_read_though_its_cut_key_could_not_be(

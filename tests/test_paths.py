@@ -45,6 +45,10 @@ def test_logical_paths() -> None:
     for bad in ["proj/x", "/", "/proj/../etc", "/proj//x", "/proj/./x", "", "/p\x00"]:
         with pytest.raises(InvalidInput):
             check_logical_path(bad)
+    long = "/p/" + "/".join(["x" * 254] * 4)  # 1,022 bytes
+    assert check_logical_path(long + "/y") == long + "/y"
+    with pytest.raises(InvalidInput, match=r"1025 bytes long, more than 1024$"):
+        check_logical_path(long + "/é")  # 1,025 bytes in UTF-8
     assert is_under("/proj/a/b", "/proj/a")
     assert is_under("/proj/a", "/proj/a")
     assert not is_under("/proj/ab", "/proj/a")

@@ -18,6 +18,10 @@ import unicodedata
 from datamover.errors import InvalidInput
 
 NAME_MAX_BYTES = 255
+# A logical path's limit, UTF-8 encoded. No longer path can be pushed (its version keys,
+# percent-encoded, must fit S3's 1,024-byte key limit: `layout.check_key_length`), and the
+# catalog indexes paths (PostgreSQL's B-tree index rows hold at most 2,704 bytes).
+LOGICAL_PATH_MAX_BYTES = 1024
 
 
 _BAD = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -86,9 +90,10 @@ def check_relpath(rel: str) -> str:
 def check_logical_path(path: str) -> str:
     """Return the canonical form of a logical dataset path, else raise `InvalidInput`.
 
-    Canonical: starts with `/`, no trailing `/`, no empty, `.` or `..` components. A single
-    trailing slash is forgiven (`/proj/x/` is `/proj/x`); anything else is an error, because
-    silently rewriting `..` would make a typo address a different dataset.
+    Canonical: starts with `/`, no trailing `/`, no empty, `.` or `..` components, at most
+    `LOGICAL_PATH_MAX_BYTES` long. A single trailing slash is forgiven (`/proj/x/` is
+    `/proj/x`); anything else is an error, because silently rewriting `..` would make a typo
+    address a different dataset.
     """
     if not isinstance(path, str) or not path:
         raise InvalidInput("invalid logical path: empty")
@@ -98,6 +103,12 @@ def check_logical_path(path: str) -> str:
         path = path[:-1]
     if path == "/":
         raise InvalidInput("invalid logical path '/': the root is not a dataset")
+    size = len(path.encode("utf-8", "surrogatepass"))
+    if size > LOGICAL_PATH_MAX_BYTES:  # first: the messages below show the whole path
+        raise InvalidInput(
+            f"invalid logical path {shown(path[:60])}...: {size} bytes long, more than "
+            f"{LOGICAL_PATH_MAX_BYTES}"
+        )
     for part in path[1:].split("/"):
         if part in ("", ".", ".."):
             raise InvalidInput(f"invalid logical path {path!r}: empty, '.' or '..' component")
