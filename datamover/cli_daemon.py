@@ -77,25 +77,32 @@ def through_daemon(
     return result
 
 
-async def _local_tenant(config: Config, site: Any) -> str | None:
+async def _local_tenant(config: Config, site: Any, *, strict: bool = False) -> str | None:
     """The tenant a command run without the daemon acts for: that of the CLI's token
     (`DATAMOVER_TOKEN` or `[api] token_file`) when this site's catalog knows it, so a pin a
     prolog recorded locally, the daemon being down, is the one its epilog releases through
-    the daemon. None without a token; a token that cannot be read or is not valid here is
-    a warning and None (the command does not need it)."""
+    the daemon. None without a token. A token that cannot be read or is not valid here is
+    a warning and None (a stage does not need it), or with `strict` `Unauthorized`: for a
+    release, None means every tenant's pin, which a broken token must not widen to."""
     from datamover.catalog.access import Access
     from datamover.client import load_token
+    from datamover.errors import Unauthorized
 
     try:
         token = load_token(config)
     except InvalidInput as exc:
+        if strict:
+            raise Unauthorized(exc.message) from None
         log.warning("acting for no tenant: %s", exc.message)
         return None
     if token is None:
         return None
     who = await Access(site.catalog.engine).identify(token)
     if who is None:
-        log.warning("acting for no tenant: the CLI's token is not a valid token of this catalog")
+        problem = "the CLI's token is not a valid token of this catalog"
+        if strict:
+            raise Unauthorized(problem)
+        log.warning("acting for no tenant: %s", problem)
         return None
     return who.tenant
 
@@ -405,7 +412,7 @@ def release(
 
         async def work(site: Any) -> int:
             if tenant is None:
-                owner = await _local_tenant(config, site)
+                owner = await _local_tenant(config, site, strict=True)
             else:
                 await _check_local_tenant(config, site, tenant)
                 owner = tenant

@@ -751,6 +751,31 @@ async def test_release_local_names_a_tenant_only_with_an_admin_token_or_one_of_i
     assert await tenants() == ["lab-3"]
 
 
+async def test_release_local_with_a_broken_token_releases_nothing(make_site: MakeSite) -> None:
+    """Without the daemon, `release` without `--tenant` drops every tenant's pin only when
+    no token is configured. A token the catalog does not know, or a token file that cannot
+    be read, used to fall back to that with a warning and exit 0: now it is one line and
+    exit 9, and every pin stays."""
+    from datamover.catalog.access import Access
+
+    b = await make_site("site-b", api={"listen": f"127.0.0.1:{free_port()}"})  # none listens
+    site = await b.open()
+    try:
+        for tenant in ("lab-1", "lab-2"):
+            await Access(site.catalog.engine).add_pin("job-7", "/proj/run1", tenant, None)
+    finally:
+        await site.close()
+    with_token(b, "dm_not-a-token-of-this-catalog")
+    _one_error(b.cli("release", "--pin", "job-7"), "not a valid token of this catalog")
+    (b.state / "token").write_text("")
+    _one_error(b.cli("release", "--pin", "job-7", "--local"), "token file")
+    site = await b.open()
+    try:
+        assert len(await Access(site.catalog.engine).pins(pin="job-7")) == 2
+    finally:
+        await site.close()
+
+
 def _children(pid: int) -> list[str]:
     """Command lines of the processes whose parent is `pid`."""
     found = []
