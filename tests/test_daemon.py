@@ -509,7 +509,8 @@ async def test_sigterm_drains_and_the_transfer_resumes(
         final = again.wait(t["id"], token)
     finally:
         again.stop()
-    assert final["state"] == "succeeded" and final["attempts"] == 2
+    assert final["state"] == "succeeded"
+    assert final["attempts"] == 1  # the drained run was stopped, not tried and failed
     assert snapshot(d.env.data / "x") == snapshot(a.data / "x")
 
 

@@ -246,6 +246,30 @@ async def test_lapsed_lease_is_taken_over(queue: Transfers) -> None:
     assert await queue.requeue_expired(["alive"]) == 1  # a known-dead owner, at once
 
 
+async def test_a_transfer_whose_every_run_is_cut_off_fails_after_max_attempts(
+    queue: Transfers,
+) -> None:
+    """A run that kills its daemon (the OOM killer, a crash in a compiled library) was put
+    back after every restart, forever; after `max_attempts` (3 here) runs it fails. One
+    whose cancel was asked meanwhile is cancelled as before."""
+    t, _ = await queue.submit(sub("/p/x"))
+    c, _ = await queue.submit(sub("/q/x"))
+    for attempt in (1, 2, 3):
+        for want in (t.id, c.id):
+            row = await queue.claim(f"host:{attempt}/w0", 30)
+            assert row is not None and row.id == want and row.attempts == attempt
+        if attempt == 3:
+            await queue.cancel(c.id)
+        assert await queue.requeue_expired([f"host:{attempt}/w0"]) == 2  # the daemon died
+        states = [(await queue.get(i)).state for i in (t.id, c.id)]
+        assert states == (["queued"] * 2 if attempt < 3 else ["failed", "cancelled"])
+    failed = await queue.get(t.id)
+    assert failed.error is not None and failed.error["code"] == "interrupted"
+    assert "none of its 3 runs ended" in failed.error["message"]
+    assert failed.finished_at is not None and failed.lease_owner is None
+    assert await queue.claim("host:4/w0", 30) is None
+
+
 async def test_leases_are_reckoned_on_the_catalogs_clock(
     queue: Transfers, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -16,6 +16,7 @@ cancelled instead of queued again.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
@@ -55,6 +56,8 @@ from datamover.catalog.transfer_rows import (
 )
 from datamover.domain.transfers import TERMINAL, State, rank_time, sources
 from datamover.errors import Conflict, NotFound
+
+log = logging.getLogger(__name__)
 
 _CLAIM_PAGE = 64  # queued transfers read at a time while looking for one to claim
 _ANSWER_BATCH = 500  # stages answered in one transaction (`Transfers.answer_stages`)
@@ -244,22 +247,40 @@ class Transfers:
 
     async def requeue_expired(self, also_owners: Sequence[str] = ()) -> int:
         """Put running transfers whose lease lapsed (or whose owner is known dead) back in
-        the queue (or cancel them, if that was asked meanwhile); return how many."""
+        the queue (or cancel them, if that was asked meanwhile); return how many it moved.
+
+        One whose runs already numbered `max_attempts` fails instead (`interrupted`): a run
+        that kills its process (the OOM killer, a crash in a compiled library) or never
+        renews its lease would otherwise be run again after every restart, forever, taking
+        every other running transfer down with it each time."""
         at = await self.clock()
-        lapsed = or_(T.c.lease_expires < at, T.c.lease_owner.in_(list(also_owners)))
-        stmt = (
+        lapsed = (
+            T.c.state == State.RUNNING.value,
+            or_(T.c.lease_expires < at, T.c.lease_owner.in_(list(also_owners))),
+        )
+        free = {"lease_owner": None, "lease_expires": None, "updated_at": at}
+        spent = (
             update(T)
-            .where(T.c.state == State.RUNNING.value, lapsed)
+            .where(*lapsed, T.c.attempts >= self.max_attempts, ~T.c.cancel_requested)
             .values(
-                lease_owner=None,
-                lease_expires=None,
-                updated_at=at,
-                not_before=at,
-                **requeued(at),
+                state=State.FAILED.value,
+                finished_at=at,
+                error_code="interrupted",
+                error_message=(
+                    f"none of its {self.max_attempts} runs ended: each time the process "
+                    "running it died or lost its lease; not run again (see the site's log)"
+                ),
+                error_paths="[]",
+                **free,
             )
         )
+        again = update(T).where(*lapsed).values(not_before=at, **free, **requeued(at))
         async with self.engine.begin() as conn:
-            return (await conn.execute(stmt)).rowcount
+            failed = (await conn.execute(spent)).rowcount
+            moved = (await conn.execute(again)).rowcount
+        if failed:
+            log.warning("failed %d transfers whose every run was cut off", failed)
+        return failed + moved
 
     async def claim(self, owner: str, lease: float) -> TransferRow | None:
         """Take the next runnable transfer for `owner`, with a lease of `lease` seconds.

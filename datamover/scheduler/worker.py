@@ -304,8 +304,8 @@ class Worker:
                 )
                 self.metrics.finished(row.kind, "cancelled", 0, {})
                 log.info("cancelled %s %s", row.kind, row.path)
-            else:
-                await self._requeue(row, **progress.fields())
+            else:  # stopped, not failed: the run does not count among its attempts
+                await self._requeue(row, attempts=row.attempts - 1, **progress.fields())
                 log.info("released %s %s for a later run (draining)", row.kind, row.path)
 
     async def _failed(
