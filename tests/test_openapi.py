@@ -23,6 +23,21 @@ def test_the_document_in_the_repo_is_valid_openapi() -> None:
     assert len(operations) == 13
 
 
+def test_every_route_on_the_catalog_documents_its_outage() -> None:
+    """The error middleware answers 503 `catalog_unavailable` on every `/v1` route that
+    reads the catalog (all but the document itself): a hook retries on it, so the contract
+    must say it can come."""
+    doc = json.loads(SPEC.read_text())
+    missing = [
+        f"{method.upper()} {path}"
+        for path, operations in doc["paths"].items()
+        if path.startswith("/v1/") and path != "/v1/openapi.json"
+        for method, operation in operations.items()
+        if method != "parameters" and "503" not in operation["responses"]
+    ]
+    assert missing == []
+
+
 async def test_api_conforms_to_its_openapi_document(served_site: StartSite) -> None:
     d = await served_site("site-b")
     token = d.token("t1", "/", "admin")
