@@ -159,7 +159,7 @@ def test_readers_do_not_read_through_a_directory_replaced_by_a_symlink(tmp_path:
     assert readers.read_whole(str(root), "d/sub/a.txt", chunker, 3) == ReadProblem(
         "type", "d/sub/a.txt"
     )
-    assert readers.read_batch(str(root), ["d/sub/a.txt"], params, 3) == [
+    assert readers.read_batch(str(root), ["d/sub/a.txt"], params, 3, 1 << 20) == [
         ReadProblem("type", "d/sub/a.txt")
     ]
     assert readers.open_file(str(root), "d/sub/a.txt") == ReadProblem("type", "d/sub/a.txt")
@@ -321,3 +321,53 @@ def test_a_terminated_demo_stops_its_server_and_removes_its_directory(tmp_path: 
         for pid in _processes_under(tmp_path):  # what this test's demo left running
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+# -- a first push holds bounded bytes per read batch ---------------------------------------
+
+
+def test_a_read_batch_stops_at_its_byte_budget(tmp_path: Path) -> None:
+    for i in range(5):
+        (tmp_path / f"f{i}").write_bytes(os.urandom(100_000))
+    names = [f"f{i}" for i in range(5)]
+    read = readers.read_batch(str(tmp_path), names, ChunkerParams(), 3, 250_000)
+    assert [r[2] for r in read] == [100_000] * 3  # the third reaches the budget
+
+
+async def test_a_first_push_reads_batches_of_bounded_bytes(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A first push walks without `stat`, so sizes are unknown when reads are batched:
+    batches were cut at 256 files only (2,600 files of 1 MiB took 2.2 GB). A reader process
+    now stops at the batch's byte budget; the rest goes in another batch, and the version
+    is whole."""
+    from datamover.transfer import scan
+    from datamover.transfer.stage import stage
+    from tests.treegen import snapshot
+
+    monkeypatch.setattr(scan, "_POOL_AFTER", 0)  # reader processes from the first file
+    a, b = await make_site("site-a", read_workers=2), await make_site("site-b")
+    (a.data / "run").mkdir()
+    for i in range(48):
+        (a.data / "run" / f"f{i:02d}").write_bytes(os.urandom(512 << 10))
+    batches: list[Any] = []
+    real = scan.Scanner._submit
+
+    def submit(self: scan.Scanner, items: list[Any]) -> Any:
+        slot = real(self, items)
+        if slot[2] is not None:
+            batches.append(slot[2])
+        return slot
+
+    monkeypatch.setattr(scan.Scanner, "_submit", submit)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        assert (await push(site_a, "/proj/run")).files == 48
+        await stage(site_b, "/proj/run")
+    finally:
+        await site_a.close()
+        await site_b.close()
+    held = [sum(r[2] for r in f.result() if not isinstance(r, ReadProblem)) for f in batches]
+    assert sum(held) == 48 * (512 << 10) and len(held) > 1
+    assert max(held) <= scan._BATCH_BYTES + (512 << 10)
+    assert snapshot(b.data / "run") == snapshot(a.data / "run")

@@ -181,24 +181,32 @@ _chunkers: dict[ChunkerParams, Chunker] = {}
 
 
 def read_batch(
-    root: str, paths: list[str], params: ChunkerParams, level: int | None
+    root: str, paths: list[str], params: ChunkerParams, level: int | None, budget: int
 ) -> list[tuple[Any, ...] | ReadProblem]:
     """Worker-process entry point: read many small files; results in `paths` order.
 
-    A result is a `FileRead` flattened to plain tuples (what pickles fastest); the caller
-    rebuilds it with `FileRead.from_wire`.
+    Reading stops after the file that brings the bytes read to `budget`, so a batch's
+    result holds at most `budget` plus one small file: the caller does not always know the
+    sizes (a first push walks without `stat`), and reads the rest of `paths` in another
+    batch. A result is a `FileRead` flattened to plain tuples (what pickles fastest); the
+    caller rebuilds it with `FileRead.from_wire`.
     """
     chunker = _chunkers.get(params)
     if chunker is None:
         chunker = _chunkers[params] = Chunker(params)
     out: list[tuple[Any, ...] | ReadProblem] = []
     dirs = Dirs(root)
+    held = 0
     try:
         for rel in paths:
             r = read_whole(root, rel, chunker, level, dirs)
-            out.append(
-                r if isinstance(r, ReadProblem) else (r[0], r[1], r[2], [tuple(c) for c in r[3]])
-            )
+            if isinstance(r, ReadProblem):
+                out.append(r)
+                continue
+            out.append((r[0], r[1], r[2], [tuple(c) for c in r[3]]))
+            held += r.size
+            if held >= budget:
+                break
     finally:
         dirs.close()
     return out

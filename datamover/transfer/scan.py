@@ -159,6 +159,7 @@ class Scanner:
         self._prev_key: tuple[str, ...] = ()
         self._pool: ProcessPoolExecutor | None = None
         self._queued_reads = 0
+        self._small_files = self._small_bytes = 0  # read in batches so far
         self._pieces = self._generate()
 
     def close(self) -> None:
@@ -264,9 +265,17 @@ class Scanner:
                 # All started at once: reads of a cold tree wait on the disk, and several in
                 # flight is what keeps it busy.
                 self._pool = procpool.start(self.workers)
-            future = self._pool.submit(readers.read_batch, self.root, jobs, self.params, self.level)
+            future = self._pool.submit(
+                readers.read_batch, self.root, jobs, self.params, self.level, _BATCH_BYTES
+            )
             return ("pool", items, future)
         return ("here", items, None)
+
+    def _typical_size(self) -> int:
+        """The mean size of the small files read so far (large ones are streamed, not
+        batched): what a file walked without its size (`UNKNOWN`, a first push) counts
+        towards a batch's `_BATCH_BYTES`."""
+        return self._small_bytes // self._small_files if self._small_files else 0
 
     def _emit(self, item: Any, result: FileRead | ReadProblem) -> Iterator[object]:
         if isinstance(result, ReadProblem):
@@ -277,6 +286,8 @@ class Scanner:
         yield from result.chunks
         self.stats.files_read += 1
         self.stats.bytes_read += result.size
+        self._small_files += 1
+        self._small_bytes += result.size
         entry = Entry(item.path, Kind.FILE, result.mode, result.mtime_ns, result.size)
         yield Done(entry, [c.digest for c in result.chunks])
 
@@ -286,11 +297,15 @@ class Scanner:
             yield from self._read_large(items)
             return
         results = iter(future.result()) if future is not None else None
-        for item in items:
+        for at, item in enumerate(items):
             if isinstance(item, Done):
                 yield item
             elif results is not None:
-                yield from self._emit(item, readers.from_wire(next(results)))
+                result = next(results, None)
+                if result is None:  # the batch reached its byte budget: the rest in another
+                    yield from self._consume(self._submit(items[at:]))
+                    return
+                yield from self._emit(item, readers.from_wire(result))
             else:
                 yield from self._emit(
                     item, readers.read_whole(self.root, item.path, self.chunker, self.level)
@@ -361,7 +376,7 @@ class Scanner:
                 items.append(item)
                 if isinstance(item, LocalEntry):
                     jobs += 1
-                    nbytes += max(item.size, 0)
+                    nbytes += item.size if item.size >= 0 else self._typical_size()
                 if jobs >= _BATCH_FILES or nbytes >= _BATCH_BYTES or len(items) >= 4096:
                     queue.append(self._submit(items))
                     items, jobs, nbytes = [], 0, 0
