@@ -371,3 +371,51 @@ async def test_a_first_push_reads_batches_of_bounded_bytes(
     assert sum(held) == 48 * (512 << 10) and len(held) > 1
     assert max(held) <= scan._BATCH_BYTES + (512 << 10)
     assert snapshot(b.data / "run") == snapshot(a.data / "run")
+
+
+# -- a FIFO swapped in for a file is refused, not waited on --------------------------------
+
+
+@pytest.mark.parametrize("size", [2, 3 << 20])  # read whole, or streamed as a large file
+async def test_a_file_replaced_by_a_fifo_before_its_read_is_refused_at_once(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """The open blocked until a writer came, which for a FIFO nobody writes is forever
+    (the push held its dataset's lock meanwhile). Now it is "changed type" at once."""
+    import threading
+
+    a = await make_site("site-a")
+    (a.data / "run").mkdir()
+    path = a.data / "run" / "f"
+    path.write_bytes(os.urandom(size))
+    real = readers.open_file
+    opens = [0]
+
+    def swapping(root: str, rel: str, dirs: Any = None) -> Any:
+        opens[0] += 1
+        if rel == "f" and opens[0] == (1 if size < (1 << 20) else 2):
+            path.unlink()
+            os.mkfifo(path)
+            rescue.start()
+        return real(root, rel) if dirs is None else real(root, rel, dirs)
+
+    done = threading.Event()
+
+    def writers() -> None:
+        # Should an open block after all, a writer comes every 5 s: a failure, not a hang
+        # (O_RDWR opens a FIFO without waiting for the other end).
+        while not done.wait(5):
+            with contextlib.suppress(OSError):
+                os.close(os.open(path, os.O_RDWR | os.O_NONBLOCK))
+
+    rescue = threading.Thread(target=writers, daemon=True)
+    monkeypatch.setattr(readers, "open_file", swapping)
+    site = await a.open()
+    started = time.monotonic()
+    try:
+        with pytest.raises(Conflict, match="'f' changed type; nothing was published"):
+            await push(site, "/proj/run")
+    finally:
+        done.set()
+        await site.close()
+    assert time.monotonic() - started < 4

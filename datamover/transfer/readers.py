@@ -24,7 +24,10 @@ import blake3
 from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.chunking.codec import encode
 
-_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO or device swapped in for a file since the walk must not block the open
+# (a FIFO's waits for a writer forever); reads of a regular file ignore the flag, as GNU tar
+# relies on too. Callers check the `fstat` they give `read_open` for a regular file.
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 ATTEMPTS = 3
 
@@ -104,7 +107,13 @@ def open_file(root: str, rel: str, dirs: Dirs | None = None) -> int | ReadProble
         dirs = Dirs(root)
     parent, _, name = rel.rpartition("/")
     try:
-        return os.open(name, _OPEN_FLAGS, dir_fd=dirs.open(parent))
+        dfd = dirs.open(parent)
+        try:
+            return os.open(name, _OPEN_FLAGS, dir_fd=dfd)
+        except BlockingIOError:  # a lease another host holds (Samba, NFS): wait it out
+            if not stat.S_ISREG(os.lstat(name, dir_fd=dfd).st_mode):
+                return ReadProblem("type", rel)
+            return os.open(name, _OPEN_FLAGS & ~os.O_NONBLOCK, dir_fd=dfd)
     except FileNotFoundError:
         return ReadProblem("vanished", rel)
     except PermissionError:
@@ -119,15 +128,13 @@ def open_file(root: str, rel: str, dirs: Dirs | None = None) -> int | ReadProble
 
 
 def read_open(
-    fd: int, chunker: Chunker, level: int | None, digests: list[bytes]
+    fd: int, before: os.stat_result, chunker: Chunker, level: int | None, digests: list[bytes]
 ) -> Iterator[NewChunk]:
-    """Yield the encoded chunks of open file `fd`, appending digests; return its stat values.
+    """Yield the encoded chunks of open regular file `fd`, whose `fstat` was `before`,
+    appending digests; return its stat values.
 
     Raises `Torn` if the file changed meanwhile (then `digests` is cleared).
     """
-    before = os.fstat(fd)
-    if not stat.S_ISREG(before.st_mode):
-        raise Torn
     total = 0
     for data in chunker.chunks(fd, before.st_size):
         digest = blake3.blake3(data).digest()
@@ -159,10 +166,13 @@ def read_whole(
         if isinstance(fd, ReadProblem):
             return fd
         try:
-            if os.fstat(fd).st_size > chunker.params.small_file_limit:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                return ReadProblem("type", rel)
+            if st.st_size > chunker.params.small_file_limit:
                 return ReadProblem("large", rel)
             digests: list[bytes] = []
-            reader = read_open(fd, chunker, level, digests)
+            reader = read_open(fd, st, chunker, level, digests)
             chunks = []
             while True:
                 try:

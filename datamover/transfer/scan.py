@@ -13,6 +13,7 @@ goes on, and results are consumed in order. Large files are read here, streaming
 from __future__ import annotations
 
 import os
+import stat
 from collections import deque
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -322,13 +323,16 @@ class Scanner:
             if isinstance(fd, ReadProblem):
                 raise _problem(fd)
             try:
-                size, largest = os.fstat(fd).st_size, self.params.max_size
+                st, largest = os.fstat(fd), self.params.max_size
+                if not stat.S_ISREG(st.st_mode):
+                    raise _problem(ReadProblem("type", local.path))
+                size = st.st_size
                 least = -(-size // largest)
                 if least > MAX_FILE_CHUNKS:
                     known = f": {size} bytes, at least {least} chunks of at most {largest} bytes"
                     raise _too_many_chunks(local.path, known)
                 digests: list[bytes] = []
-                mode, mtime_ns, size = yield from self._chunks(fd, local.path, digests)
+                mode, mtime_ns, size = yield from self._chunks(fd, st, local.path, digests)
             except readers.Torn:
                 continue  # chunks already sent are harmless: unreferenced or deduplicated
             finally:
@@ -340,11 +344,11 @@ class Scanner:
         raise _problem(ReadProblem("changed", local.path))
 
     def _chunks(
-        self, fd: int, path: str, digests: list[bytes]
+        self, fd: int, st: os.stat_result, path: str, digests: list[bytes]
     ) -> Generator[NewChunk, None, tuple[int, int, int]]:
         """`readers.read_open`, refusing the file at the chunk that passes `MAX_FILE_CHUNKS`
         (before that chunk goes on to a pack)."""
-        reader = readers.read_open(fd, self.chunker, self.level, digests)
+        reader = readers.read_open(fd, st, self.chunker, self.level, digests)
         while True:
             try:
                 chunk = next(reader)
