@@ -419,3 +419,34 @@ async def test_a_file_replaced_by_a_fifo_before_its_read_is_refused_at_once(
         done.set()
         await site.close()
     assert time.monotonic() - started < 4
+
+
+async def test_a_directory_renamed_during_the_walk_fails_the_push(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory renamed after its parent was listed was published as an empty directory:
+    its five files, there all along under the new name, in no version. Like a file that
+    vanishes, it is now a conflict, and nothing is published."""
+    from datamover.transfer import walk
+
+    a = await make_site("site-a")
+    src = a.data / "run"
+    (src / "a").mkdir(parents=True)
+    for i in range(5):
+        (src / "a" / f"f{i}").write_text(f"data {i}\n")
+    (src / "b.txt").write_text("b\n")
+    real = walk.Walker._list
+
+    def listing(self: walk.Walker, rel: str, unlock: bool = False) -> Any:
+        if rel == "a":  # a user renames it just after the walk listed its parent
+            (src / "a").rename(src / "a2")
+        return real(self, rel, unlock)
+
+    monkeypatch.setattr(walk.Walker, "_list", listing)
+    site = await a.open()
+    try:
+        with pytest.raises(Conflict, match="'a' vanished while push read the tree"):
+            await push(site, "/proj/run")
+        assert await list_datasets(site, "/proj/run") == []
+    finally:
+        await site.close()

@@ -135,8 +135,14 @@ class Walker:
                 self._relock_closed(rel)  # unlocking did not help (or it changed): as it was
                 raise
         except FileNotFoundError:
-            if self.strict and not rel:
-                raise
+            if self.strict:  # its entry went out already: it would be published empty
+                if not rel:
+                    raise
+                raise Conflict(
+                    f"{rel!r} vanished while push read the tree (renamed or removed); "
+                    "nothing was published (run push again once the tree is quiet)",
+                    [rel],
+                ) from None
             return None  # vanished under us (non-strict) or replaced by stage
         except PermissionError as exc:
             raise self._unreadable(rel, exc) from None
