@@ -450,3 +450,20 @@ async def test_a_directory_renamed_during_the_walk_fails_the_push(
         assert await list_datasets(site, "/proj/run") == []
     finally:
         await site.close()
+
+
+async def test_a_re_push_names_a_file_in_a_directory_it_cannot_search(make_site: MakeSite) -> None:
+    """A re-push `stat`s files to compare them with the parent version: in a directory that
+    may be read but not searched that failed as "Permission denied: 'f0'", exit 1, where a
+    first push names the file and exits 2."""
+    a = await make_site("site-a")
+    (a.data / "run" / "d").mkdir(parents=True)
+    (a.data / "run" / "d" / "f0").write_text("x\n")
+    assert cli_unprivileged(a, "push", "/proj/run", "--json").returncode == 0
+    (a.data / "run" / "d").chmod(0o644)  # readable, not searchable
+    try:
+        again = cli_unprivileged(a, "push", "/proj/run", "--json")
+    finally:
+        (a.data / "run" / "d").chmod(0o755)
+    assert again.returncode == 2, again.stderr
+    assert f"cannot read '{a.data / 'run' / 'd' / 'f0'}': permission denied" in again.stderr

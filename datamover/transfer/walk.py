@@ -339,6 +339,8 @@ class Walker:
             st = os.stat(name, dir_fd=self._stack[-1][1], follow_symlinks=False)
         except FileNotFoundError:
             return False
+        except PermissionError as exc:  # a directory that may be read but not searched
+            raise self._unreadable(entry.path, exc) from None
         if not stat.S_ISREG(st.st_mode):
             return False
         entry.mode, entry.mtime_ns, entry.size = (
