@@ -16,7 +16,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from datamover import gctune
+from datamover import gctune, proclimits
 from datamover.console import Bar, counted, emit_json, error_line, human_bytes
 from datamover.errors import Corrupt, DatamoverError
 
@@ -500,6 +500,7 @@ def _fail(exc: DatamoverError, as_json: bool) -> NoReturn:
 def main() -> None:
     """Entry point: run the CLI, turning every expected failure into one line and an exit code."""
     gctune.tune()
+    proclimits.raise_open_files()
     as_json = "--json" in sys.argv[1:]
     logging.basicConfig(
         level=logging.DEBUG if os.environ.get("DATAMOVER_DEBUG") else logging.WARNING,

@@ -467,3 +467,29 @@ async def test_a_re_push_names_a_file_in_a_directory_it_cannot_search(make_site:
         (a.data / "run" / "d").chmod(0o755)
     assert again.returncode == 2, again.stderr
     assert f"cannot read '{a.data / 'run' / 'd' / 'f0'}': permission denied" in again.stderr
+
+
+async def test_a_tree_deeper_than_the_usual_open_files_limit_is_pushed_and_staged(
+    make_site: MakeSite,
+) -> None:
+    """The walk holds a descriptor per level: 1,100 levels failed with "Too many open files"
+    under the common soft limit of 1,024. Commands raise the soft limit to the hard one."""
+    import resource
+
+    a, b = await make_site("site-a"), await make_site("site-b")
+    deep = a.data / "run"
+    deep.mkdir()
+    for _ in range(1100):  # one by one: `mkdir(parents=True)` recurses once per level
+        deep = deep / "d"
+        deep.mkdir()
+    (deep / "f").write_text("at the bottom\n")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the commands inherit it
+    try:
+        pushed = a.cli("push", "/proj/run", "--json")
+        staged = b.cli("stage", "/proj/run", "--json")
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert pushed.returncode == 0, pushed.stderr
+    assert staged.returncode == 0, staged.stderr
+    assert (b.data / "run" / "/".join(["d"] * 1100) / "f").read_text() == "at the bottom\n"

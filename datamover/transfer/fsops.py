@@ -436,19 +436,25 @@ class TreeWriter:
         self._fds.clear()
 
     def dir_fd(self, rel: str) -> int:
-        """Descriptor of directory `rel`, opened component by component with O_NOFOLLOW."""
+        """Descriptor of directory `rel`, opened component by component with O_NOFOLLOW
+        from the nearest directory already open (in a loop: a tree may be thousands of
+        levels deep)."""
         if not rel:
             return self.root_fd
         fd = self._fds.get(rel)
         if fd is not None:
             self._fds.move_to_end(rel)
             return fd
-        parent, name = split(rel)
-        fd = open_dir(name, self.dir_fd(parent), rel)
-        self._fds[rel] = fd
-        if len(self._fds) > _MAX_DIR_FDS:
-            _, old = self._fds.popitem(last=False)
-            os.close(old)
+        below = [rel]  # the directories to open, deepest first
+        while (up := split(below[-1])[0]) and up not in self._fds:
+            below.append(up)
+        fd = self._fds[up] if up else self.root_fd
+        for path in reversed(below):
+            fd = open_dir(split(path)[1], fd, path)  # before the cache may close its parent
+            self._fds[path] = fd
+            if len(self._fds) > _MAX_DIR_FDS:
+                _, old = self._fds.popitem(last=False)
+                os.close(old)
         return fd
 
     def _forget(self, rel: str) -> None:
