@@ -4,6 +4,7 @@ SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import os
@@ -477,19 +478,77 @@ async def test_a_tree_deeper_than_the_usual_open_files_limit_is_pushed_and_stage
     import resource
 
     a, b = await make_site("site-a"), await make_site("site-b")
-    deep = a.data / "run"
-    deep.mkdir()
-    for _ in range(1100):  # one by one: `mkdir(parents=True)` recurses once per level
-        deep = deep / "d"
-        deep.mkdir()
-    (deep / "f").write_text("at the bottom\n")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the commands inherit it
     try:
+        deep = a.data / "run"
+        deep.mkdir()
+        for _ in range(1100):  # one by one: `mkdir(parents=True)` recurses once per level
+            deep = deep / "d"
+            deep.mkdir()
+        (deep / "f").write_text("at the bottom\n")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))  # the commands inherit it
         pushed = a.cli("push", "/proj/run", "--json")
         staged = b.cli("stage", "/proj/run", "--json")
+        assert pushed.returncode == 0, pushed.stderr
+        assert staged.returncode == 0, staged.stderr
+        assert (b.data / "run" / "/".join(["d"] * 1100) / "f").read_text() == "at the bottom\n"
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert pushed.returncode == 0, pushed.stderr
-    assert staged.returncode == 0, staged.stderr
-    assert (b.data / "run" / "/".join(["d"] * 1100) / "f").read_text() == "at the bottom\n"
+        for top in (a.data / "run", b.data / "run"):  # pytest's clean-up recurses per level
+            _remove_deep(top)
+
+
+def _remove_deep(top: Path) -> None:
+    """Remove a tree of any depth (`shutil.rmtree` recurses per level on Python 3.11)."""
+    if not top.exists():
+        return
+    dirs, stack = [], [top]
+    while stack:
+        at = stack.pop()
+        dirs.append(at)
+        for p in at.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                stack.append(p)
+            else:
+                p.unlink()
+    for at in reversed(dirs):
+        at.rmdir()
+
+
+# -- a file written within its timestamp granule is read after it --------------------------
+
+
+@pytest.mark.parametrize("size", [100, 3 << 20])  # read whole, or streamed as a large file
+async def test_a_file_written_this_second_on_whole_second_mtimes_is_read_after_it(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """On a file system with 1 s timestamps (Lustre), a write during the read in the same
+    second as the file's last one moves neither its mtime nor its ctime: the read looked
+    clean, the torn content was published, and later pushes took the file as unchanged.
+    A file whose mtime is within its granule of now is now read once the granule is over."""
+    from datamover.transfer import readers
+
+    a = await make_site("site-a")
+    (a.data / "run").mkdir()
+    hot, cold = a.data / "run" / "hot", a.data / "run" / "cold"
+    for path in (hot, cold):
+        path.write_bytes(os.urandom(size))
+    os.utime(cold, ns=(0, 10**18))
+    reads: dict[str, int] = {}
+    real = readers.read_open
+
+    def read_open(fd: int, before: os.stat_result, *args: Any) -> Any:
+        reads[os.readlink(f"/proc/self/fd/{fd}").rpartition("/")[2]] = time.time_ns()
+        return real(fd, before, *args)
+
+    monkeypatch.setattr(readers, "read_open", read_open)
+    site = await a.open()
+    try:
+        await asyncio.sleep(1 - time.time() % 1)  # early in a second: the push reads in it
+        second = time.time_ns() // 10**9 * 10**9  # this second, as Lustre would stamp it
+        os.utime(hot, ns=(second, second))
+        await push(site, "/proj/run")
+    finally:
+        await site.close()
+    assert reads["hot"] >= second + readers.COARSE_NS  # not before the second was over
+    assert reads["cold"] < second + readers.COARSE_NS or reads["cold"] < reads["hot"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -153,6 +154,32 @@ def read_open(
     return stat.S_IMODE(before.st_mode), before.st_mtime_ns, total
 
 
+#: The timestamp granularity assumed of a file system whose mtimes fall on whole seconds
+#: (Lustre, ext4 with 128-byte inodes), and of one with finer ones (ext4, XFS: a kernel tick).
+COARSE_NS, FINE_NS = 1_000_000_000, 20_000_000
+
+
+def settled(fd: int, st: os.stat_result) -> os.stat_result:
+    """The `fstat` of open file `fd` to read it between: `st`, unless the file's mtime lies
+    within its file system's timestamp granularity of now; then, once that much time has
+    passed since the mtime (at most one granule), a fresh one.
+
+    Comparing `fstat`s before and after a read sees a write during the read only if that
+    write moves the mtime (or size, or ctime). A write in the same granule as the last
+    one does not (1 s on Lustre): read then, the file could be published torn, and every
+    later push would take it as unchanged. Read after the granule, any later write lands
+    in another one. Mtimes on whole seconds are taken as a 1 s granularity, others as a
+    kernel tick's (`COARSE_NS`, `FINE_NS`); a file server's clock may differ from this
+    host's by more than that, which this cannot see.
+    """
+    grain = COARSE_NS if st.st_mtime_ns % COARSE_NS == 0 else FINE_NS
+    wait = st.st_mtime_ns + grain - time.time_ns()
+    if wait <= 0:
+        return st
+    time.sleep(min(wait, grain) / 1e9)
+    return os.fstat(fd)
+
+
 def read_whole(
     root: str, rel: str, chunker: Chunker, level: int | None, dirs: Dirs | None = None
 ) -> FileRead | ReadProblem:
@@ -169,6 +196,7 @@ def read_whole(
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 return ReadProblem("type", rel)
+            st = settled(fd, st)
             if st.st_size > chunker.params.small_file_limit:
                 return ReadProblem("large", rel)
             digests: list[bytes] = []

@@ -326,6 +326,7 @@ class Scanner:
                 st, largest = os.fstat(fd), self.params.max_size
                 if not stat.S_ISREG(st.st_mode):
                     raise _problem(ReadProblem("type", local.path))
+                st = readers.settled(fd, st)
                 size = st.st_size
                 least = -(-size // largest)
                 if least > MAX_FILE_CHUNKS:
