@@ -19,6 +19,7 @@ import fcntl
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -74,12 +75,17 @@ def _dead_owner(owner: str | None) -> bool:
     return owner.partition("/")[0] == owner_id() or not owner_alive(owner)
 
 
-async def _reclaim_dead(transfers: Transfers) -> None:
+async def _reclaim_dead(transfers: Transfers, metrics: Metrics) -> None:
     running = await transfers.list(state="running", limit=10_000)
     dead = sorted({r.lease_owner for r in running if _dead_owner(r.lease_owner)})
     if dead:
-        n = await transfers.requeue_expired(dead)
-        log.info("put %d transfers of dead workers back in the queue", n)
+        n = await transfers.requeue_expired(dead, _count_failed(metrics))
+        log.info("took back %d transfers of dead workers", n)
+
+
+def _count_failed(metrics: Metrics) -> Callable[[str], None]:
+    """What `Transfers.requeue_expired` calls for a transfer it fails: count the outcome."""
+    return lambda kind: metrics.finished(kind, "failed", 0, {})
 
 
 async def _warm(site: Site) -> None:
@@ -128,7 +134,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     await runner.setup()
     host, _, port = config.api.listen.rpartition(":")
     try:
-        await _reclaim_dead(transfers)
+        await _reclaim_dead(transfers, metrics)
         try:
             await web.TCPSite(runner, host, int(port), reuse_address=True).start()
         except OSError as exc:  # port taken, host unknown (gaierror), address not ours
@@ -141,7 +147,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
             metrics.set_queue(await transfers.depth())
             replicas = await site.catalog.replicas()
             metrics.cache.labels(config.site.name).set(sum(r.bytes for r in replicas))
-            await transfers.requeue_expired()
+            await transfers.requeue_expired(on_failed=_count_failed(metrics))
             return False
 
         tasks = [

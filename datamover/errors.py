@@ -86,6 +86,13 @@ class CatalogError(DatamoverError):
     exit_code = 8
 
 
+class RunsExhausted(PermanentError):
+    """A transfer was run `[api] max_attempts` times and its last run was cut off (its
+    process died or lost its lease): it is not run again."""
+
+    code = "runs_exhausted"
+
+
 class Interrupted(DatamoverError):
     """The user interrupted the command (Ctrl-C); the message says what goes on without it."""
 

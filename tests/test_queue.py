@@ -22,6 +22,7 @@ from datamover.catalog.queries import owner_id
 from datamover.catalog.queue_sql import T
 from datamover.catalog.transfer_rows import Submission, now
 from datamover.catalog.transfers import Transfers
+from datamover.client import transfer_error
 from datamover.daemon import _reclaim_dead
 from datamover.domain.transfers import ALLOWED, State, rank_time
 from datamover.errors import Conflict, NotFound
@@ -254,18 +255,23 @@ async def test_a_transfer_whose_every_run_is_cut_off_fails_after_max_attempts(
     whose cancel was asked meanwhile is cancelled as before."""
     t, _ = await queue.submit(sub("/p/x"))
     c, _ = await queue.submit(sub("/q/x"))
+    ended: list[str] = []
     for attempt in (1, 2, 3):
         for want in (t.id, c.id):
             row = await queue.claim(f"host:{attempt}/w0", 30)
             assert row is not None and row.id == want and row.attempts == attempt
         if attempt == 3:
             await queue.cancel(c.id)
-        assert await queue.requeue_expired([f"host:{attempt}/w0"]) == 2  # the daemon died
+        dead = [f"host:{attempt}/w0"]
+        assert await queue.requeue_expired(dead, ended.append) == 2  # the daemon died
         states = [(await queue.get(i)).state for i in (t.id, c.id)]
         assert states == (["queued"] * 2 if attempt < 3 else ["failed", "cancelled"])
+    assert ended == ["stage"]  # counted once, by kind, for the outcome metric
     failed = await queue.get(t.id)
-    assert failed.error is not None and failed.error["code"] == "interrupted"
-    assert "none of its 3 runs ended" in failed.error["message"]
+    assert failed.error is not None and failed.error["code"] == "runs_exhausted"
+    assert "run 3 times, the last run cut off" in failed.error["message"]
+    # A hook waiting through the daemon exits 7 (permanent), not 130 (Ctrl-C).
+    assert transfer_error({"id": t.id, **failed.to_json()}).exit_code == 7
     assert failed.finished_at is not None and failed.lease_owner is None
     assert await queue.claim("host:4/w0", 30) is None
 
@@ -305,7 +311,7 @@ async def test_a_daemon_restarted_under_its_old_pid_takes_back_its_transfers(
     assert (await queue.claim(f"{owner_id()}/w0", 3600)).id == ours.id
     parent = f"{socket.gethostname()}:{os.getppid()}/w0"  # another process, alive
     assert (await queue.claim(parent, 3600)).id == live.id
-    await _reclaim_dead(queue)
+    await _reclaim_dead(queue, Metrics("s"))
     assert (await queue.get(ours.id)).state == "queued"
     assert (await queue.get(live.id)).state == "running"
 

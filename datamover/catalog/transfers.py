@@ -55,7 +55,7 @@ from datamover.catalog.transfer_rows import (
     succeeded_values,
 )
 from datamover.domain.transfers import TERMINAL, State, rank_time, sources
-from datamover.errors import Conflict, NotFound
+from datamover.errors import Conflict, NotFound, RunsExhausted
 
 log = logging.getLogger(__name__)
 
@@ -245,14 +245,17 @@ class Transfers:
             )
         return current
 
-    async def requeue_expired(self, also_owners: Sequence[str] = ()) -> int:
+    async def requeue_expired(
+        self, also_owners: Sequence[str] = (), on_failed: Callable[[str], None] | None = None
+    ) -> int:
         """Put running transfers whose lease lapsed (or whose owner is known dead) back in
         the queue (or cancel them, if that was asked meanwhile); return how many it moved.
 
-        One whose runs already numbered `max_attempts` fails instead (`interrupted`): a run
-        that kills its process (the OOM killer, a crash in a compiled library) or never
-        renews its lease would otherwise be run again after every restart, forever, taking
-        every other running transfer down with it each time."""
+        One run `max_attempts` times already fails instead (`RunsExhausted`), and
+        `on_failed(kind)` is called for each: a run that kills its process (the OOM killer,
+        a crash in a compiled library) or never renews its lease would otherwise be run
+        again after every restart, forever, taking every other running transfer down with
+        it each time."""
         at = await self.clock()
         lapsed = (
             T.c.state == State.RUNNING.value,
@@ -260,27 +263,36 @@ class Transfers:
         )
         free = {"lease_owner": None, "lease_expires": None, "updated_at": at}
         spent = (
-            update(T)
+            select(T.c.id, T.c.kind)
             .where(*lapsed, T.c.attempts >= self.max_attempts, ~T.c.cancel_requested)
-            .values(
-                state=State.FAILED.value,
-                finished_at=at,
-                error_code="interrupted",
-                error_message=(
-                    f"none of its {self.max_attempts} runs ended: each time the process "
-                    "running it died or lost its lease; not run again (see the site's log)"
-                ),
-                error_paths="[]",
-                **free,
-            )
+            .with_for_update(skip_locked=True)
+        )
+        problem = RunsExhausted(
+            f"run {self.max_attempts} times, the last run cut off (the process running it "
+            "died or lost its lease); not run again (see the site's log)"
         )
         again = update(T).where(*lapsed).values(not_before=at, **free, **requeued(at))
         async with self.engine.begin() as conn:
-            failed = (await conn.execute(spent)).rowcount
+            ended = (await conn.execute(spent)).all()
+            if ended:
+                await conn.execute(
+                    update(T)
+                    .where(T.c.id.in_([r.id for r in ended]), *lapsed)
+                    .values(
+                        state=State.FAILED.value,
+                        finished_at=at,
+                        error_code=problem.code,
+                        error_message=problem.message,
+                        error_paths="[]",
+                        **free,
+                    )
+                )
             moved = (await conn.execute(again)).rowcount
-        if failed:
-            log.warning("failed %d transfers whose every run was cut off", failed)
-        return failed + moved
+        for row in ended:
+            log.warning("failed %s %s: %s", row.kind, row.id, problem.message)
+            if on_failed is not None:
+                on_failed(row.kind)
+        return len(ended) + moved
 
     async def claim(self, owner: str, lease: float) -> TransferRow | None:
         """Take the next runnable transfer for `owner`, with a lease of `lease` seconds.
