@@ -552,3 +552,21 @@ async def test_a_file_written_this_second_on_whole_second_mtimes_is_read_after_i
         await site.close()
     assert reads["hot"] >= second + readers.COARSE_NS  # not before the second was over
     assert reads["cold"] < second + readers.COARSE_NS or reads["cold"] < reads["hot"]
+
+
+def test_a_file_with_an_mtime_in_the_future_is_read_at_once(tmp_path: Path) -> None:
+    """Waiting for a granule cannot help a future mtime (another clock's): it cost a
+    whole granule for every such file."""
+    from datamover.transfer import readers
+
+    path = tmp_path / "f"
+    path.write_bytes(b"x")
+    later = (time.time_ns() // 10**9 + 3600) * 10**9  # an hour ahead, on a whole second
+    os.utime(path, ns=(later, later))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        started = time.monotonic()
+        assert readers.settled(fd, os.fstat(fd)).st_mtime_ns == later
+        assert time.monotonic() - started < 0.5
+    finally:
+        os.close(fd)

@@ -169,14 +169,14 @@ def settled(fd: int, st: os.stat_result) -> os.stat_result:
     one does not (1 s on Lustre): read then, the file could be published torn, and every
     later push would take it as unchanged. Read after the granule, any later write lands
     in another one. Mtimes on whole seconds are taken as a 1 s granularity, others as a
-    kernel tick's (`COARSE_NS`, `FINE_NS`); a file server's clock may differ from this
-    host's by more than that, which this cannot see.
+    kernel tick's (`COARSE_NS`, `FINE_NS`). A file server's clock may differ from this
+    host's by more than that, which this cannot see; an mtime in the future is read at once.
     """
     grain = COARSE_NS if st.st_mtime_ns % COARSE_NS == 0 else FINE_NS
     wait = st.st_mtime_ns + grain - time.time_ns()
-    if wait <= 0:
+    if wait <= 0 or wait > grain:  # in the future: another clock's, waiting cannot help
         return st
-    time.sleep(min(wait, grain) / 1e9)
+    time.sleep(wait / 1e9)
     return os.fstat(fd)
 
 
