@@ -352,15 +352,22 @@ async def test_a_first_push_reads_batches_of_bounded_bytes(
     for i in range(48):
         (a.data / "run" / f"f{i:02d}").write_bytes(os.urandom(512 << 10))
     batches: list[Any] = []
-    real = scan.Scanner._submit
+    events: list[str] = []
+    real, real_consume = scan.Scanner._submit, scan.Scanner._consume
 
     def submit(self: scan.Scanner, items: list[Any]) -> Any:
         slot = real(self, items)
         if slot[2] is not None:
             batches.append(slot[2])
+            events.append("s")
         return slot
 
+    def consume(self: scan.Scanner, slot: Any) -> Any:
+        events.append("c")
+        return real_consume(self, slot)
+
     monkeypatch.setattr(scan.Scanner, "_submit", submit)
+    monkeypatch.setattr(scan.Scanner, "_consume", consume)
     site_a, site_b = await a.open(), await b.open()
     try:
         assert (await push(site_a, "/proj/run")).files == 48
@@ -371,6 +378,8 @@ async def test_a_first_push_reads_batches_of_bounded_bytes(
     held = [sum(r[2] for r in f.result() if not isinstance(r, ReadProblem)) for f in batches]
     assert sum(held) == 48 * (512 << 10) and len(held) > 1
     assert max(held) <= scan._BATCH_BYTES + (512 << 10)
+    # What a batch left is read in several batches at once, not one after another.
+    assert "sss" in "".join(events), events
     assert snapshot(b.data / "run") == snapshot(a.data / "run")
 
 

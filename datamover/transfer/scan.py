@@ -160,7 +160,7 @@ class Scanner:
         self._prev_key: tuple[str, ...] = ()
         self._pool: ProcessPoolExecutor | None = None
         self._queued_reads = 0
-        self._small_files = self._small_bytes = 0  # read in batches so far
+        self._typical = 0  # a moving mean of the sizes of small files read (`_typical_size`)
         self._pieces = self._generate()
 
     def close(self) -> None:
@@ -273,10 +273,10 @@ class Scanner:
         return ("here", items, None)
 
     def _typical_size(self) -> int:
-        """The mean size of the small files read so far (large ones are streamed, not
-        batched): what a file walked without its size (`UNKNOWN`, a first push) counts
-        towards a batch's `_BATCH_BYTES`."""
-        return self._small_bytes // self._small_files if self._small_files else 0
+        """A moving mean of the sizes of the small files read last (large ones are
+        streamed, not batched): what a file walked without its size (`UNKNOWN`, a first
+        push) counts towards a batch's `_BATCH_BYTES`."""
+        return self._typical
 
     def _emit(self, item: Any, result: FileRead | ReadProblem) -> Iterator[object]:
         if isinstance(result, ReadProblem):
@@ -287,8 +287,7 @@ class Scanner:
         yield from result.chunks
         self.stats.files_read += 1
         self.stats.bytes_read += result.size
-        self._small_files += 1
-        self._small_bytes += result.size
+        self._typical += (result.size - self._typical) >> 4  # the last few dozen files
         entry = Entry(item.path, Kind.FILE, result.mode, result.mtime_ns, result.size)
         yield Done(entry, [c.digest for c in result.chunks])
 
@@ -298,19 +297,43 @@ class Scanner:
             yield from self._read_large(items)
             return
         results = iter(future.result()) if future is not None else None
+        got = held = 0
         for at, item in enumerate(items):
             if isinstance(item, Done):
                 yield item
             elif results is not None:
                 result = next(results, None)
-                if result is None:  # the batch reached its byte budget: the rest in another
-                    yield from self._consume(self._submit(items[at:]))
+                if result is None:  # the batch reached its byte budget: the rest in others
+                    yield from self._consume_rest(items[at:], _BATCH_BYTES // (held // got or 1))
                     return
-                yield from self._emit(item, readers.from_wire(result))
+                read = readers.from_wire(result)
+                if not isinstance(read, ReadProblem):
+                    got, held = got + 1, held + read.size
+                yield from self._emit(item, read)
             else:
                 yield from self._emit(
                     item, readers.read_whole(self.root, item.path, self.chunker, self.level)
                 )
+
+    def _consume_rest(self, rest: list[Any], per: int) -> Iterator[object]:
+        """Read what a batch left unread, in batches of `per` files (or at least one), as
+        many in flight as `_generate` keeps, and yield their pieces in order."""
+        flight: deque[tuple[str, Any, Any]] = deque()
+        piece: list[Any] = []
+        jobs = 0
+        for item in rest:
+            if isinstance(item, LocalEntry):
+                if jobs >= max(per, 1):
+                    flight.append(self._submit(piece))
+                    piece, jobs = [], 0
+                    if len(flight) > 2 * self.workers:
+                        yield from self._consume(flight.popleft())
+                jobs += 1
+            piece.append(item)
+        if piece:
+            flight.append(self._submit(piece))
+        while flight:
+            yield from self._consume(flight.popleft())
 
     def _read_large(self, local: LocalEntry) -> Iterator[object]:
         """Stream a large file's chunks. One with more chunks than a manifest holds for a
