@@ -112,3 +112,97 @@ def test_trash_on_another_file_system_copies_and_never_follows_a_swapped_symlink
         assert writer.trashed == ["d/sub", "d/link", "d/x"]
     finally:
         shutil.rmtree(trash)
+
+
+# -- replacing a file: one exchange of names, then the old file unlinked --------------------
+
+
+def _replacing(tmp_path: Path) -> tuple[TreeWriter, int, tuple[int, int, int]]:
+    """A writer over `tmp_path/ds` holding `f` (old) and its replacement `.new` (new)."""
+    from datamover.transfer import fsops
+
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "f").write_text("old\n")
+    (tmp_path / "ds" / ".new").write_text("new\n")
+    writer = TreeWriter(open_root(tmp_path, ("ds",)), tmp_path / "ds", tmp_path / "trash")
+    return writer, writer.dir_fd(""), fsops._identity(os.lstat(tmp_path / "ds" / "f"))
+
+
+def _recording(monkeypatch: pytest.MonkeyPatch, refuse: int | None = None) -> list[int]:
+    """Record the flags of every `renameat2`; with `refuse`, fail exchanges with it."""
+    import ctypes
+
+    from datamover.transfer import fsops
+
+    flags: list[int] = []
+    real = fsops._renameat2
+
+    def renameat2(a: int, b: bytes, c: int, d: bytes, flag: int) -> int:
+        flags.append(flag)
+        if refuse is not None and flag == fsops._RENAME_EXCHANGE:
+            ctypes.set_errno(refuse)
+            return -1
+        return real(a, b, c, d, flag)
+
+    monkeypatch.setattr(fsops, "_renameat2", renameat2)
+    return flags
+
+
+def test_a_replaced_file_is_exchanged_and_unlinked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from datamover.transfer import fsops
+
+    writer, dfd, seen = _replacing(tmp_path)
+    flags = _recording(monkeypatch)
+    try:
+        writer.rename_into_place(".new", "f", dfd, seen)
+    finally:
+        os.close(writer.root_fd)
+    assert flags == [fsops._RENAME_EXCHANGE]
+    assert [p.name for p in (tmp_path / "ds").iterdir()] == ["f"]
+    assert (tmp_path / "ds" / "f").read_text() == "new\n"
+    assert writer.trashed_count == 0
+
+
+def test_a_file_system_without_exchange_renames_over_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    writer, dfd, seen = _replacing(tmp_path)
+    flags = _recording(monkeypatch, refuse=errno.EINVAL)  # NFS, Lustre
+    try:
+        writer.rename_into_place(".new", "f", dfd, seen)
+        assert not writer._exchange  # not asked again by this writer
+    finally:
+        os.close(writer.root_fd)
+    assert len(flags) == 1
+    assert [p.name for p in (tmp_path / "ds").iterdir()] == ["f"]
+    assert (tmp_path / "ds" / "f").read_text() == "new\n"
+
+
+def test_a_directory_that_took_the_name_after_the_look_goes_to_the_trash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make_way` saw the file; a user's directory took its name before the exchange: the
+    exchange swaps file and directory, the unlink refuses the directory, and it is swapped
+    back and moved to the trash, never removed."""
+    writer, dfd, seen = _replacing(tmp_path)
+    real = TreeWriter.make_way
+
+    def make_way(self: TreeWriter, rel: str, dfd: int, replaces: object) -> None:
+        real(self, rel, dfd, replaces)  # type: ignore[arg-type]
+        (tmp_path / "ds" / "f").unlink()
+        (tmp_path / "ds" / "f").mkdir()
+        (tmp_path / "ds" / "f" / "mine").write_text("a user's\n")
+
+    monkeypatch.setattr(TreeWriter, "make_way", make_way)
+    try:
+        writer.rename_into_place(".new", "f", dfd, seen)
+    finally:
+        os.close(writer.root_fd)
+    assert [p.name for p in (tmp_path / "ds").iterdir()] == ["f"]
+    assert (tmp_path / "ds" / "f").read_text() == "new\n"
+    assert (tmp_path / "trash" / "f" / "mine").read_text() == "a user's\n"
+    assert writer.trashed == ["f"]
