@@ -160,7 +160,10 @@ class Scanner:
         self._prev_key: tuple[str, ...] = ()
         self._pool: ProcessPoolExecutor | None = None
         self._queued_reads = 0
-        self._typical = 0  # a moving mean of the sizes of small files read (`_typical_size`)
+        # A moving mean of the sizes of the small files read last (large ones are streamed,
+        # not batched): what a file walked without its size (`UNKNOWN`, a first push)
+        # counts towards a batch's `_BATCH_BYTES`.
+        self._typical = 0
         self._pieces = self._generate()
 
     def close(self) -> None:
@@ -272,12 +275,6 @@ class Scanner:
             return ("pool", items, future)
         return ("here", items, None)
 
-    def _typical_size(self) -> int:
-        """A moving mean of the sizes of the small files read last (large ones are
-        streamed, not batched): what a file walked without its size (`UNKNOWN`, a first
-        push) counts towards a batch's `_BATCH_BYTES`."""
-        return self._typical
-
     def _emit(self, item: Any, result: FileRead | ReadProblem) -> Iterator[object]:
         if isinstance(result, ReadProblem):
             if result.kind == "large":
@@ -304,7 +301,8 @@ class Scanner:
             elif results is not None:
                 result = next(results, None)
                 if result is None:  # the batch reached its byte budget: the rest in others
-                    yield from self._consume_rest(items[at:], _BATCH_BYTES // (held // got or 1))
+                    mean = held // max(got, 1) or 1
+                    yield from self._consume_rest(items[at:], _BATCH_BYTES // mean)
                     return
                 read = readers.from_wire(result)
                 if not isinstance(read, ReadProblem):
@@ -404,7 +402,7 @@ class Scanner:
                 items.append(item)
                 if isinstance(item, LocalEntry):
                     jobs += 1
-                    nbytes += item.size if item.size >= 0 else self._typical_size()
+                    nbytes += item.size if item.size >= 0 else self._typical
                 if jobs >= _BATCH_FILES or nbytes >= _BATCH_BYTES or len(items) >= 4096:
                     queue.append(self._submit(items))
                     items, jobs, nbytes = [], 0, 0
