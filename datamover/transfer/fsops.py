@@ -55,6 +55,16 @@ log = logging.getLogger(__name__)
 #: two names atomically.
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+#: What `renameat2` fails with where the file system does not take a flag (NFS, Lustre).
+_UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+
+
+def _rename2(dfd: int, src: str, dst: str, flag: int) -> int:
+    """`renameat2(2)` of `src` to `dst`, both in directory `dfd`: 0, or the errno."""
+    if _renameat2(dfd, os.fsencode(src), dfd, os.fsencode(dst), flag) == 0:
+        return 0
+    return ctypes.get_errno()
+
 
 #: The shortest all-zero chunk left as a hole: a shorter one saves a few blocks at most and
 #: fragments the file.
@@ -572,13 +582,12 @@ class TreeWriter:
         EINVAL), it is looked for first (`fstatat`), for every new file of this writer."""
         name = split(rel)[1]
         if replaces is None and self._noreplace:
-            made = _renameat2(dfd, os.fsencode(tmp), dfd, os.fsencode(name), _RENAME_NOREPLACE)
-            if made == 0:
+            err = _rename2(dfd, tmp, name, _RENAME_NOREPLACE)
+            if err == 0:
                 return
-            err = ctypes.get_errno()
             if err == errno.EEXIST:
                 self.trash(rel)
-            elif err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            elif err in _UNSUPPORTED:
                 self._noreplace = False
             else:
                 raise OSError(err, os.strerror(err), rel)
@@ -602,9 +611,9 @@ class TreeWriter:
         3.08 s (means of four).
         """
         name = split(rel)[1]
-        if _renameat2(dfd, os.fsencode(tmp), dfd, os.fsencode(name), _RENAME_EXCHANGE) != 0:
-            err = ctypes.get_errno()
-            if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        err = _rename2(dfd, tmp, name, _RENAME_EXCHANGE)
+        if err:
+            if err in _UNSUPPORTED:
                 self._exchange = False
             elif err != errno.ENOENT:
                 raise OSError(err, os.strerror(err), rel)
@@ -614,8 +623,8 @@ class TreeWriter:
         except IsADirectoryError:
             # A directory took the name since `make_way` looked: swap back, move it to the
             # trash as `make_way` would have, and rename the file into its place.
-            if _renameat2(dfd, os.fsencode(tmp), dfd, os.fsencode(name), _RENAME_EXCHANGE):
-                err = ctypes.get_errno()
+            err = _rename2(dfd, tmp, name, _RENAME_EXCHANGE)
+            if err:
                 raise OSError(err, os.strerror(err), rel) from None
             self.trash(rel)
             os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
