@@ -160,6 +160,7 @@ class Scanner:
         self._prev_key: tuple[str, ...] = ()
         self._pool: ProcessPoolExecutor | None = None
         self._queued_reads = 0
+        self._window = 2 * workers + 1  # read batches in flight at most
         # A moving mean of the sizes of the small files read last (large ones are streamed,
         # not batched): what a file walked without its size (`UNKNOWN`, a first push)
         # counts towards a batch's `_BATCH_BYTES`.
@@ -324,7 +325,7 @@ class Scanner:
                 if jobs >= max(per, 1):
                     flight.append(self._submit(piece))
                     piece, jobs = [], 0
-                    if len(flight) > 2 * self.workers:
+                    if len(flight) >= self._window:
                         yield from self._consume(flight.popleft())
                 jobs += 1
             piece.append(item)
@@ -384,7 +385,7 @@ class Scanner:
         queue: deque[tuple[str, Any, Any]] = deque()
         items: list[Any] = []
         jobs = nbytes = 0
-        window = 2 * self.workers + 1
+        window = self._window
         small = self.params.small_file_limit
 
         def ready() -> bool:
