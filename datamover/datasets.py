@@ -14,8 +14,9 @@ from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from datamover.errors import Corrupt, NotFound
-from datamover.repo.layout import VersionDoc
+from datamover.domain.paths import check_logical_path
+from datamover.errors import Corrupt, InvalidInput, NotFound
+from datamover.repo.layout import VersionDoc, resume_key
 from datamover.repo.repository import gather_or_cancel
 from datamover.site import Site
 
@@ -43,13 +44,28 @@ class BadVersion:
         }
 
 
+#: How a cursor names a dataset listed under its uncut key (`DatasetInfo.cursor`).
+_LEGACY = "legacy:"
+
+
 @dataclass
 class DatasetInfo:
-    """A dataset and its readable versions, oldest first, and those it could not read."""
+    """A dataset and its readable versions, oldest first, and those it could not read.
+
+    `legacy` tells whether its last listed version lay under the dataset's uncut key
+    (docs/format.md, "Keys"): a long path may be listed once under each spelling.
+    """
 
     path: str
     versions: list[VersionDoc]
     bad: list[BadVersion] = field(default_factory=list)
+    legacy: bool = False
+
+    @property
+    def cursor(self) -> str:
+        """Where a listing resumes to go on after this dataset (`iter_datasets`'s `after`):
+        its path, or `legacy:` and its path when listed under its uncut key."""
+        return _LEGACY + self.path if self.legacy else self.path
 
     def add(self, doc: VersionDoc) -> None:
         """Add a version in id order: a long path's versions under its cut and its legacy
@@ -67,10 +83,14 @@ class DatasetInfo:
         return {"path": self.path, "versions": [asdict(v) for v in self.versions]}
 
 
-async def iter_datasets(site: Site, prefix: str = "/") -> AsyncIterator[DatasetInfo]:
+async def iter_datasets(
+    site: Site, prefix: str = "/", after: str | None = None
+) -> AsyncIterator[DatasetInfo]:
     """Every dataset under logical `prefix` with all its versions, one dataset at a time,
     in the store's key order (the percent-encoded path: `/proj/a/b` before `/proj/a`; see
-    `Repository.datasets` for a long prefix).
+    `Repository.datasets` for a long prefix). With `after` (a `DatasetInfo.cursor` of an
+    earlier listing of `prefix`), only the datasets listed after that one, the listing
+    before it not read again; an `after` that is no such cursor is `InvalidInput`.
 
     A document is known by its dataset and id together: the catalog's cache is keyed by id,
     and a bucket may hold one id under two datasets (a document copied or crafted there), so
@@ -80,8 +100,9 @@ async def iter_datasets(site: Site, prefix: str = "/") -> AsyncIterator[DatasetI
     a dataset with no readable version is yielded with no versions. Any other error (the
     store or catalog unavailable or refusing) ends the listing.
     """
+    start = "" if after is None else _resume_key(after)
     current: DatasetInfo | None = None
-    async with aclosing(_batches(site.repo.datasets(prefix))) as batches:
+    async with aclosing(_batches(site.repo.listed_versions(prefix, start))) as batches:
         async for batch in batches:
             for info in _group(await _read(site, batch), current):
                 if current is not None and info is not current and _listed(current):
@@ -91,17 +112,30 @@ async def iter_datasets(site: Site, prefix: str = "/") -> AsyncIterator[DatasetI
         yield current
 
 
+def _resume_key(cursor: str) -> str:
+    """The store key a listing resumes after for `cursor` (`DatasetInfo.cursor`)."""
+    legacy = cursor.startswith(_LEGACY)
+    try:
+        path = check_logical_path(cursor.removeprefix(_LEGACY))
+    except InvalidInput:
+        path = None
+    key = None if path is None else resume_key(path, legacy)
+    if key is None:
+        raise InvalidInput(f"{cursor!r} is not a dataset listing's cursor (its 'next')")
+    return key
+
+
 def _listed(info: DatasetInfo) -> bool:
     """Whether anything is left of `info` (all its versions may have been removed)."""
     return bool(info.versions or info.bad)
 
 
 async def _batches(
-    pairs: AsyncGenerator[tuple[str, str], None],
-) -> AsyncIterator[list[tuple[str, str]]]:
+    pairs: AsyncGenerator[tuple[str, str, bool], None],
+) -> AsyncIterator[list[tuple[str, str, bool]]]:
     """`pairs` in lists of at most `_BATCH`."""
     async with aclosing(pairs):
-        batch: list[tuple[str, str]] = []
+        batch: list[tuple[str, str, bool]] = []
         async for pair in pairs:
             batch.append(pair)
             if len(batch) == _BATCH:
@@ -117,16 +151,17 @@ async def list_datasets(site: Site, prefix: str = "/") -> list[DatasetInfo]:
 
 
 def _group(
-    read: list[tuple[str, str, VersionDoc | Corrupt | None]], current: DatasetInfo | None
+    read: list[tuple[str, str, bool, VersionDoc | Corrupt | None]], current: DatasetInfo | None
 ) -> list[DatasetInfo]:
     """Add `read` to `current` (the dataset the previous batch ended with) and to the
     datasets that follow it; return them in order, `current` first if it was added to."""
     out: list[DatasetInfo] = []
-    for dataset, version, doc in read:
+    for dataset, version, legacy, doc in read:
         if current is None or current.path != dataset:
             current = DatasetInfo(dataset, [])
         if not out or out[-1] is not current:
             out.append(current)
+        current.legacy = legacy
         if isinstance(doc, Corrupt):
             current.bad.append(BadVersion(dataset, version, doc))
         elif doc is not None:
@@ -135,16 +170,16 @@ def _group(
 
 
 async def _read(
-    site: Site, pairs: list[tuple[str, str]]
-) -> list[tuple[str, str, VersionDoc | Corrupt | None]]:
+    site: Site, listed: list[tuple[str, str, bool]]
+) -> list[tuple[str, str, bool, VersionDoc | Corrupt | None]]:
     """Each listed version's document (None if removed since it was listed, the error if
     corrupt), from the catalog's cache or the store; newly read ones are cached."""
-    if not pairs:
+    if not listed:
         return []
-    cached = await site.catalog.cached_versions(sorted({v for _, v in pairs}))
+    cached = await site.catalog.cached_versions(sorted({v for _, v, _ in listed}))
     docs: dict[tuple[str, str], VersionDoc | Corrupt] = {}
     missing: list[tuple[str, str]] = []
-    for dataset, version in pairs:
+    for dataset, version, _ in listed:
         doc = cached.get(version)
         if doc is not None and doc.dataset == dataset:
             docs[dataset, version] = doc
@@ -170,4 +205,7 @@ async def _read(
     # The store or catalog failing stops the other readers too.
     await gather_or_cancel([fetch() for _ in range(min(_FETCHERS, len(missing)))])
     await site.catalog.record_versions(fetched)
-    return [(dataset, version, docs.get((dataset, version))) for dataset, version in pairs]
+    return [
+        (dataset, version, legacy, docs.get((dataset, version)))
+        for dataset, version, legacy in listed
+    ]

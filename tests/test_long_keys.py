@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from datamover import datasets
 from datamover.datasets import _group, list_datasets
 from datamover.domain.paths import check_logical_path
 from datamover.embedded import EmbeddedSeaweed
@@ -244,6 +245,18 @@ async def test_uncut_keys_are_read_listed_and_kept_for_their_dataset(tmp_path: P
         (LONG, PARENT),
         (LONG, CHILD),
     ]
+    # A listing resumes after either spelling of a dataset: a cursor says which one.
+    listed = [v async for v in repo.listed_versions(long_prefix)]
+    assert [legacy for _, _, legacy in listed] == [False, False, True, True]
+    for cursor, rest in [
+        (other, listed[2:]),
+        ("legacy:" + LONG, []),
+        (LONG, listed),  # its cut keys would sort before `other`'s
+    ]:
+        start = datasets._resume_key(cursor)
+        assert [v async for v in repo.listed_versions(long_prefix, start)] == rest, cursor
+    with pytest.raises(InvalidInput, match="outside the datasets under"):
+        [v async for v in repo.listed_versions(long_prefix, datasets._resume_key("/proj/a"))]
 
 
 # -- push, stage and ls of long paths ------------------------------------------------------
@@ -431,7 +444,8 @@ async def test_versions_under_both_spellings_are_listed_in_order(tmp_path: Path)
     await repo.store.put(version_key(LONG, third), _doc(LONG, third, second).to_bytes())
     assert await repo.version_ids(LONG) == [first, second, third]
     grouped = _group(
-        [(d, v, await repo.read_version(d, v)) async for d, v in repo.datasets(LONG)], None
+        [(d, v, g, await repo.read_version(d, v)) async for d, v, g in repo.listed_versions(LONG)],
+        None,
     )
     assert [(g.path, [d.version for d in g.versions]) for g in grouped] == [
         (LONG, [first, second, third])

@@ -75,8 +75,8 @@ class _RemovedAfterListing:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
-        async for info in self.inner.list(prefix):
+    async def list(self, prefix: str = "", start_after: str = "") -> AsyncIterator[ObjectInfo]:
+        async for info in self.inner.list(prefix, start_after):
             yield info
             if info.key in self.keys:
                 await self.inner.delete(info.key)

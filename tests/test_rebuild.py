@@ -283,10 +283,10 @@ async def test_the_listing_covers_every_prefix_and_ends_on_a_listing_error() -> 
     assert {info.key async for info in pack_listing(store)} == keys
 
     class Failing(MemoryStore):
-        def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+        def list(self, prefix: str = "", start_after: str = "") -> AsyncIterator[ObjectInfo]:
             if prefix == "packs/80/":
                 raise StoreUnavailable("listing packs/80/ failed")
-            return super().list(prefix)
+            return super().list(prefix, start_after)
 
     failing = Failing()
     for key in keys:

@@ -255,6 +255,53 @@ async def test_list_pages_through_more_than_a_thousand_keys(store: Store) -> Non
     assert first == ["many/d-0000", "many/d-0001", "many/d-0002"]
 
 
+async def test_list_starts_after_a_key(store: Store) -> None:
+    await put_all(store, {k: b"x" for k in TRICKY})
+    starts = ["", "a", "a b", "a/", "a/b", "a/b/", "a/b/c", "a/b/d", "a/b0", "a/c", "a/é", "a0"]
+    starts += ["b", "z", "zz", "😀", "😀x", "\U0010ffff", "-"]
+    for prefix in ["", "a", "a/", "a/b", "b", "é"]:
+        for start in starts:
+            want = byte_order(
+                [k for k in TRICKY if k.startswith(prefix) and k.encode() > start.encode()]
+            )
+            got = [i.key async for i in store.list(prefix, start)]
+            assert got == want, (prefix, start)
+
+
+async def test_list_starts_after_a_key_across_pages(store: Store) -> None:
+    items = {f"many/d-{i:04d}": b"x" for i in range(1100)}
+    items.update({"many/d/x": b"y", "many/d/y/z": b"y", "many/d0": b"z"})
+    await put_all(store, items)
+    for start in ["many/d-0999", "many/d-1099", "many/d", "many/d/", "many/d/x", "many/d/y"]:
+        want = byte_order([k for k in items if k.encode() > start.encode()])
+        assert [i.key async for i in store.list("many/", start)] == want, start
+
+
+async def test_s3_list_from_a_start_skips_the_pages_before_it(s3_store: S3Store) -> None:
+    await put_all(s3_store, {f"p/d-{i:04d}": b"x" for i in range(1100)} | {"p/d/x": b"y"})
+    calls: list[dict[str, Any]] = []
+    call = s3_store._call
+
+    async def counting(op: str, key: str | None, **kw: Any) -> Any:
+        if op == "ListObjectsV2":
+            calls.append(kw)
+        return await call(op, key, **kw)
+
+    s3_store._call = counting  # type: ignore[method-assign]
+    assert [i.key async for i in s3_store.list("p/", "p/d-1098")] == ["p/d-1099", "p/d/x"]
+    # One page of the level from the start on, and the sub-prefixes that sort after the
+    # start (`p/d/`, and `p/d-1098/` where a key `p/d-1098/...` would be), which SeaweedFS
+    # would leave out of it: not the two pages of the 1,099 keys before the start.
+    assert calls[0] == {"Prefix": "p/", "Delimiter": "/", "StartAfter": "p/d-1098"}
+    assert sorted(c["Prefix"] for c in calls[1:]) == ["p/d-1098/", "p/d/"]
+    assert not any("StartAfter" in c or "ContinuationToken" in c for c in calls[1:])
+
+
+async def test_list_refuses_a_start_that_is_not_unicode(store: Store) -> None:
+    with pytest.raises(InvalidInput, match="listing start"):
+        [i async for i in store.list("", "a\udc80")]
+
+
 # -- large objects ----------------------------------------------------------------------
 
 
@@ -502,6 +549,7 @@ class FlakyStore(MemoryStore):
         self.head_calls = 0
         self.list_fail_after = list_fail_after or []
         self.list_calls = 0
+        self.list_starts: list[str] = []
 
     async def head(self, key: str) -> ObjectInfo:
         self.head_calls += 1
@@ -509,15 +557,16 @@ class FlakyStore(MemoryStore):
             raise self.errors.pop(0)
         return await super().head(key)
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+    async def list(self, prefix: str = "", start_after: str = "") -> AsyncIterator[ObjectInfo]:
         fail_after = (
             self.list_fail_after[self.list_calls]
             if self.list_calls < len(self.list_fail_after)
             else None
         )
         self.list_calls += 1
+        self.list_starts.append(start_after)
         n = 0
-        async for info in super().list(prefix):
+        async for info in super().list(prefix, start_after):
             if n == fail_after:
                 raise StoreUnavailable("injected listing fault")
             n += 1
@@ -569,6 +618,11 @@ async def test_retrying_store_list_resumes_without_duplicates(fail_after: list[i
     store = RetryingStore(inner, RetryPolicy(attempts=3, initial=0.001, maximum=0.01))
     assert await keys_of(store) == keys
     assert inner.list_calls == len(fail_after) + 1
+    # Each retry lists from the last key yielded, not from the start again.
+    yielded = 0
+    for n, start in zip(fail_after, inner.list_starts[1:], strict=True):
+        yielded += min(n, len(keys) - yielded)
+        assert start == ("" if yielded == 0 else keys[yielded - 1])
 
 
 async def test_retrying_store_list_gives_up_without_progress() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from contextlib import aclosing
 from dataclasses import asdict
 from importlib import resources
 from typing import Any
@@ -215,26 +216,34 @@ async def cancel_transfer(request: web.Request) -> web.Response:
 
 
 async def list_datasets(request: web.Request) -> web.Response:
-    """GET /v1/datasets?prefix=."""
+    """GET /v1/datasets?prefix=&after=&limit=: a page of at most `limit` datasets the caller
+    may read, and `next`, the cursor to pass as `after` for the following page."""
     ctx = context(request)
     who = require(request, "read")
     raw = query_text(request, "prefix") or "/"
     prefix = "/" if raw == "/" else check_logical_path(raw)
+    after = query_text(request, "after")
+    limit = query_int(request, "limit", 1000, 1, 10_000)
     datasets: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
-    async for info in iter_datasets(ctx.site, prefix):
-        if not (who.allows("admin") or who.covers(info.path)):
-            continue
-        errors.extend(b.to_json() for b in info.bad)
-        if info.versions:
-            datasets.append(
-                {
-                    "path": info.path,
-                    "versions": len(info.versions),
-                    "latest": asdict(info.versions[-1]),
-                }
-            )
-    return _json({"datasets": datasets, "errors": errors})
+    next_cursor: str | None = None
+    async with aclosing(iter_datasets(ctx.site, prefix, after)) as listing:
+        async for info in listing:
+            if not (who.allows("admin") or who.covers(info.path)):
+                continue
+            errors.extend(b.to_json() for b in info.bad)
+            if info.versions:
+                datasets.append(
+                    {
+                        "path": info.path,
+                        "versions": len(info.versions),
+                        "latest": asdict(info.versions[-1]),
+                    }
+                )
+                if len(datasets) == limit:
+                    next_cursor = info.cursor
+                    break
+    return _json({"datasets": datasets, "errors": errors, "next": next_cursor})
 
 
 async def list_versions(request: web.Request) -> web.Response:

@@ -122,6 +122,15 @@ def legacy_versions_prefix(dataset: str) -> str | None:
     return None if len(legacy) <= KEY_PART_BYTES else f"{DATASETS}{legacy}/versions/"
 
 
+def resume_key(dataset: str, legacy: bool = False) -> str | None:
+    """The key a listing resumes after to go on past `dataset`'s versions (under its uncut
+    key with `legacy`), or None if `dataset` has no such key: every version id starts with
+    a digit, and `:` sorts after the digits and before any part (`versions` of a cut path
+    that goes on, say) that could follow in another dataset's key."""
+    base = legacy_versions_prefix(dataset) if legacy else versions_prefix(dataset)
+    return None if base is None else base + ":"
+
+
 def parse_version_key(key: str) -> tuple[str, str] | None:
     """`(dataset, version)` of a version document key, or None for anything else (including
     a key that is neither `version_key(dataset, version)` nor its legacy form)."""

@@ -22,7 +22,7 @@ from datamover.chunking.chunker import ChunkerParams
 from datamover.chunking.pack import pack_key
 from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import check_logical_path, is_under
-from datamover.errors import Corrupt, NotFound, ObjectNotFound, PermanentError
+from datamover.errors import Corrupt, InvalidInput, NotFound, ObjectNotFound, PermanentError
 from datamover.repo.layout import (
     CONFIG_KEY,
     FORMAT_VERSION,
@@ -32,6 +32,7 @@ from datamover.repo.layout import (
     manifest_key,
     parse_version_key,
     version_key,
+    versions_prefix,
     versions_prefixes,
 )
 from datamover.repo.manifest import EntryChecker, SegmentRef, decode_list, decode_segment
@@ -196,12 +197,30 @@ class Repository:
         """Yield `(dataset, version)` for every version under logical `prefix`, sorted by key
         (a long prefix's legacy uncut keys after the others, sorted among themselves): a
         dataset's versions come one after another."""
+        async for dataset, version, _ in self.listed_versions(prefix):
+            yield dataset, version
+
+    async def listed_versions(
+        self, prefix: str = "/", start_after: str = ""
+    ) -> AsyncIterator[tuple[str, str, bool]]:
+        """`datasets` as `(dataset, version, legacy)`, `legacy` telling a version under its
+        dataset's uncut key (docs/format.md, "Keys"); with `start_after` (a key, as
+        `resume_key` gives), only the versions whose keys sort after it, the listing before
+        it not read. `InvalidInput` if `start_after` lies under none of the prefix's keys."""
         prefix = "/" if prefix == "/" else check_logical_path(prefix)
-        for key_prefix in dataset_prefixes("" if prefix == "/" else prefix):
-            async for info in self.store.list(key_prefix):
+        key_prefixes = dataset_prefixes("" if prefix == "/" else prefix)
+        if start_after:
+            # The key prefixes are listed one after the other: resume in the first that
+            # holds `start_after`.
+            first = next((i for i, k in enumerate(key_prefixes) if start_after.startswith(k)), None)
+            if first is None:
+                raise InvalidInput(f"listing cursor lies outside the datasets under {prefix!r}")
+            key_prefixes = key_prefixes[first:]
+        for i, key_prefix in enumerate(key_prefixes):
+            async for info in self.store.list(key_prefix, start_after if i == 0 else ""):
                 parsed = parse_version_key(info.key)
                 if parsed and is_under(parsed[0], prefix):
-                    yield parsed
+                    yield parsed[0], parsed[1], not info.key.startswith(versions_prefix(parsed[0]))
 
     # -- manifest objects ----------------------------------------------------------------
 

@@ -92,9 +92,9 @@ class ThrottledStore:
         """`inner.head`."""
         return await self.inner.head(key)
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+    async def list(self, prefix: str = "", start_after: str = "") -> AsyncIterator[ObjectInfo]:
         """`inner.list`."""
-        async for info in self.inner.list(prefix):
+        async for info in self.inner.list(prefix, start_after):
             yield info
 
     async def delete(self, key: str) -> None:

@@ -23,7 +23,9 @@ Contract, for every implementation:
 - `list(prefix)` yields every object whose key starts with `prefix`, in ascending order of the
   key's UTF-8 bytes (S3's order), streaming: it never holds the whole listing. A prefix no
   key can start with (`/x`, `a//`) yields nothing; one that is not valid Unicode raises
-  `InvalidInput`.
+  `InvalidInput`. `list(prefix, start_after)` yields only the keys after `start_after` (any
+  string, in that byte order), without reading what comes before it (S3's `StartAfter`,
+  or skipped subtrees): a listing resumes where an earlier one stopped.
 - `delete` of a missing key is not an error (idempotent).
 - Transient faults raise `StoreUnavailable` (safe to retry every call above, all of which are
   idempotent); refusals raise `StoreAccessDenied` or `BucketNotFound` (never retry).
@@ -71,8 +73,9 @@ class Store(Protocol):
         """Return the object's size; raise `ObjectNotFound` if it does not exist."""
         ...
 
-    def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
-        """Yield objects under `prefix`, sorted by key, streaming."""
+    def list(self, prefix: str = "", start_after: str = "") -> AsyncIterator[ObjectInfo]:
+        """Yield objects under `prefix` whose key sorts after `start_after`, sorted by key,
+        streaming."""
         ...
 
     async def delete(self, key: str) -> None:
@@ -143,6 +146,20 @@ def check_prefix(prefix: str) -> bool:
         return False
     whole = prefix.split("/")[:-1]  # the parts that are complete
     return not (prefix.startswith("/") or any(p in ("", ".", "..") for p in whole))
+
+
+def start_key(start_after: str) -> bytes:
+    """`start_after` in UTF-8; `InvalidInput` if it is not valid Unicode."""
+    return _utf8(start_after, "listing start")
+
+
+def passed(key: bytes, start_after: bytes, subtree: bool = False) -> bool:
+    """Whether a listing from `start_after` skips `key` (UTF-8): it sorts at or before
+    `start_after`. With `subtree`, `key` is a prefix ending in `/` and the question is
+    whether every key under it does: a prefix `start_after` itself lies under is entered."""
+    if subtree:
+        return key < start_after and not start_after.startswith(key)
+    return key <= start_after
 
 
 def _utf8(text: str, what: str) -> bytes:

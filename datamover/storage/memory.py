@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from datamover.errors import ObjectNotFound
-from datamover.storage.base import ObjectInfo, check_key, check_prefix, check_range
+from datamover.storage.base import ObjectInfo, check_key, check_prefix, check_range, start_key
 
 
 class MemoryStore:
@@ -38,15 +38,19 @@ class MemoryStore:
         """Return the object's size; raise `ObjectNotFound` if it is missing."""
         return ObjectInfo(key, len(self._find(check_key(key))))
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
-        """Yield objects under `prefix` in UTF-8 byte order of their keys.
+    async def list(self, prefix: str = "", start_after: str = "") -> AsyncIterator[ObjectInfo]:
+        """Yield objects under `prefix` after `start_after` in UTF-8 byte order of their keys.
 
         The keys are snapshotted when the listing starts; objects put later are not seen and
         objects deleted meanwhile are skipped, as on a real store listing page by page.
         """
+        after = start_key(start_after)
         if not check_prefix(prefix):
             return
-        keys = sorted((k for k in self.objects if k.startswith(prefix)), key=str.encode)
+        keys = sorted(
+            (k for k in self.objects if k.startswith(prefix) and k.encode() > after),
+            key=str.encode,
+        )
         for key in keys:
             data = self.objects.get(key)
             if data is not None:

@@ -32,7 +32,14 @@ from datamover.errors import (
     StoreAccessDenied,
     StoreUnavailable,
 )
-from datamover.storage.base import ObjectInfo, check_key, check_prefix, check_range
+from datamover.storage.base import (
+    ObjectInfo,
+    check_key,
+    check_prefix,
+    check_range,
+    passed,
+    start_key,
+)
 
 TMP_PREFIX = ".tmp-"
 
@@ -70,14 +77,17 @@ class PosixStore:
         path = self._path(key)
         return await asyncio.to_thread(self._head_sync, key, path)
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
-        """Yield objects under `prefix` in UTF-8 byte order of their keys, streaming.
+    async def list(self, prefix: str = "", start_after: str = "") -> AsyncIterator[ObjectInfo]:
+        """Yield objects under `prefix` after `start_after` in UTF-8 byte order of their keys,
+        streaming.
 
         A depth-first walk in which each directory's entries are sorted by `name + "/"` for
         directories and `name` for files: then the walk's order is the keys' byte order
         (`a-b` < `a.b` < `a/…` < `a0`). Only one directory's entries are held at a time per
-        level of depth. Temporary files, symlinks and other non-regular files are skipped.
+        level of depth. A directory whose keys all sort at or before `start_after` is not
+        entered. Temporary files, symlinks and other non-regular files are skipped.
         """
+        after = start_key(start_after)
         if not check_prefix(prefix):
             return  # no valid key lies under such a prefix
         head, _, first = prefix.rpartition("/")
@@ -96,6 +106,8 @@ class PosixStore:
                 continue
             _, name, is_dir, size = entry
             key = base + name
+            if after and passed((key + "/" if is_dir else key).encode(), after, is_dir):
+                continue
             if is_dir:
                 sub = await asyncio.to_thread(self._scan, self._fs_path(key), "")
                 stack.append((key + "/", iter(sub)))

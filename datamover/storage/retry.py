@@ -158,19 +158,21 @@ class RetryingStore:
         """`inner.close`; never retried (closing twice is harmless, closing later pointless)."""
         await self.inner.close()
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
-        """`inner.list`, resumed after transient failures without repeating a key."""
+    async def list(self, prefix: str = "", start_after: str = "") -> AsyncIterator[ObjectInfo]:
+        """`inner.list`, resumed after transient failures from the last key yielded (the
+        listing before it is not read again)."""
         last: bytes | None = None  # UTF-8 of the last key yielded
+        resume = start_after
         failures = 0
         while True:
             progressed = False
             try:
-                async with _closing(self.inner.list(prefix)) as it:
+                async with _closing(self.inner.list(prefix, resume)) as it:
                     async for info in it:
                         this = info.key.encode()
                         if last is not None and this <= last:
                             continue  # yielded before the failure
-                        last, progressed = this, True
+                        last, progressed, resume = this, True, info.key
                         yield info
                 return
             except TransientError as exc:
@@ -242,9 +244,9 @@ class LimitedStore:
         """`inner.close`, without waiting for a slot."""
         await self.inner.close()
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
+    async def list(self, prefix: str = "", start_after: str = "") -> AsyncIterator[ObjectInfo]:
         """`inner.list`, each step within a slot."""
-        async with _closing(self.inner.list(prefix)) as it:
+        async with _closing(self.inner.list(prefix, start_after)) as it:
             while True:
                 async with self._slots:
                     try:

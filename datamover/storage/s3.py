@@ -53,7 +53,15 @@ from datamover.errors import (
     StoreUnavailable,
     UploadLost,
 )
-from datamover.storage.base import ObjectInfo, RetryStep, check_key, check_prefix, check_range
+from datamover.storage.base import (
+    ObjectInfo,
+    RetryStep,
+    check_key,
+    check_prefix,
+    check_range,
+    passed,
+    start_key,
+)
 from datamover.storage.body import Body, checksum
 from datamover.storage.direct import DirectGetter, proxied, range_mismatch
 from datamover.storage.s3_multipart import MIN_PART, MultipartUploader, http_status
@@ -263,16 +271,22 @@ class S3Store:
         resp = await self._call("HeadObject", key, Key=key)
         return ObjectInfo(key, int(resp["ContentLength"]))
 
-    async def list(self, prefix: str = "") -> AsyncIterator[ObjectInfo]:
-        """Yield objects under `prefix` in UTF-8 byte order of their keys, page by page.
+    async def list(self, prefix: str = "", start_after: str = "") -> AsyncIterator[ObjectInfo]:
+        """Yield objects under `prefix` after `start_after` in UTF-8 byte order of their keys,
+        page by page.
 
         Holds at most one page (1000 entries) per level of `/` depth, plus the few
-        sub-prefixes of a level still waiting for their place in the order.
+        sub-prefixes of a level still waiting for their place in the order. Each level that
+        `start_after` lies under is listed from its part of it on (`StartAfter`); levels
+        wholly before it are not listed at all.
         """
+        after = start_key(start_after)
         if not check_prefix(prefix):
             return  # SeaweedFS would list `q/...` for `/q` or `./q`
+        if after and passed(prefix.encode(), after, subtree=True):
+            return
         last = b""
-        async with contextlib.aclosing(self._walk(prefix)) as walk:
+        async with contextlib.aclosing(self._walk(prefix, after)) as walk:
             async for info in walk:
                 # The walk's ordering relies on the server sorting each level; refuse to hand
                 # out a wrong order (callers merge listings with sorted sequences).
@@ -433,36 +447,58 @@ class S3Store:
 
     # -- listing ------------------------------------------------------------------------
 
-    async def _walk(self, prefix: str) -> AsyncIterator[ObjectInfo]:
-        """Objects under `prefix` at this `/` level and, recursively, below it, in key order.
+    async def _walk(self, prefix: str, after: bytes) -> AsyncIterator[ObjectInfo]:
+        """Objects under `prefix` after `after` at this `/` level and, recursively, below it,
+        in key order.
 
         Within a level the server returns objects and sub-prefixes sorted either by key (S3)
         or by name without the trailing `/` (SeaweedFS). In both, a sub-prefix `d/` can be
         entered once an entry sorting after it has arrived, or the level has ended; until
         then it waits in a heap, because siblings like `d-x` and `d.x` come before `d/`.
+        Entries at or before `after` are dropped here too: the server's `StartAfter` only
+        saves the reading. The sub-prefixes SeaweedFS would leave out of a listing from
+        `after` (`_resumed`) wait in the heap from the start.
         """
-        waiting: list[str] = []
-        async for entries in self._level_pages(prefix):
+        resumed = _resumed(prefix, after)
+        waiting = sorted(resumed)
+        async for entries in self._level_pages(prefix, after):
             for sort_key, name, size in entries:
                 while waiting and waiting[0].encode() < sort_key:
-                    async with contextlib.aclosing(self._walk(heapq.heappop(waiting))) as sub:
+                    sub_prefix = heapq.heappop(waiting)
+                    async with contextlib.aclosing(self._walk(sub_prefix, after)) as sub:
                         async for info in sub:
                             yield info
+                if after and passed(sort_key, after, subtree=size is None):
+                    continue
                 if size is None:
-                    heapq.heappush(waiting, name)
+                    if name not in resumed:
+                        heapq.heappush(waiting, name)
                 else:
                     yield ObjectInfo(name, size)
         while waiting:
-            async with contextlib.aclosing(self._walk(heapq.heappop(waiting))) as sub:
+            sub_prefix = heapq.heappop(waiting)
+            async with contextlib.aclosing(self._walk(sub_prefix, after)) as sub:
                 async for info in sub:
                     yield info
 
-    async def _level_pages(self, prefix: str) -> AsyncIterator[list[tuple[bytes, str, int | None]]]:
+    async def _level_pages(
+        self, prefix: str, after: bytes
+    ) -> AsyncIterator[list[tuple[bytes, str, int | None]]]:
         """ListObjectsV2 pages of one level as sorted `(sort key, key, size or None)` lists;
-        size None marks a sub-prefix (which ends with `/`)."""
+        size None marks a sub-prefix (which ends with `/`). When `after` lies under
+        `prefix`, the level is listed from its part of `after` on (its entry at this
+        level, without the `/` that would lead below: that sub-prefix's keys follow it)."""
         token: str | None = None
+        start: str | None = None
+        if after.startswith(prefix.encode()):
+            head = after[len(prefix.encode()) :].partition(b"/")[0]
+            if head:
+                start = prefix + head.decode()
         while True:
-            extra = {"ContinuationToken": token} if token else {}
+            if token:
+                extra = {"ContinuationToken": token}
+            else:
+                extra = {"StartAfter": start} if start else {}
             page = await self._call("ListObjectsV2", None, Prefix=prefix, Delimiter="/", **extra)
             entries: list[tuple[bytes, str, int | None]] = []
             for obj in page.get("Contents", ()):
@@ -481,6 +517,25 @@ class S3Store:
             token = page.get("NextContinuationToken")
             if not token:
                 raise PermanentError(f"{self.description} truncated a listing without a token")
+
+
+def _resumed(prefix: str, after: bytes) -> list[str]:
+    """The sub-prefixes of level `prefix` that may hold keys after `after` although a
+    server listing the level from `after` leaves them out.
+
+    For `after` = `prefix + head[/...]`, a listing from `prefix + head` omits, on SeaweedFS
+    (which orders a sub-prefix by its name without the `/`), the sub-prefix `head/` and
+    every `h/` for a start `h` of `head` followed by a byte below `/` (`d/` for `d-7`),
+    though `d/...` sorts after `d-7` by bytes. There are at most a few per level; each costs
+    one listing request, and on S3 proper, which lists them itself, nothing else.
+    """
+    p = prefix.encode()
+    if not after.startswith(p):
+        return []
+    head = after[len(p) :].partition(b"/")[0]
+    cuts = [j for j in range(len(head)) if head[j] < 0x2F]  # ASCII: a character boundary
+    subs = (prefix + head[:j].decode() + "/" for j in [*cuts, len(head)])
+    return [sub for sub in subs if check_prefix(sub)]
 
 
 def _verify(endpoint: str | None) -> bool | None:
