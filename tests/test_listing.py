@@ -15,6 +15,8 @@ from urllib.parse import quote
 import pytest
 
 from datamover import datasets
+from datamover.api.routes import _readable_prefix
+from datamover.catalog.access import Identity
 from datamover.domain.ids import new_version_id
 from datamover.errors import InvalidInput
 from datamover.repo.layout import version_key
@@ -269,3 +271,23 @@ async def test_the_api_lists_datasets_a_page_at_a_time(
     ]:
         status, err = d.request("GET", f"/v1/datasets?prefix=/proj&{query}", token)
         assert status == 400 and named in err["error"]["message"], (query, err)
+    # A narrower token listing everything sees its own datasets, and lists only those.
+    for prefix, want in [("/proj/a", ["/proj/a/b", "/proj/a"]), ("/other", [])]:
+        status, page = d.request("GET", "/v1/datasets", d.token("t2", prefix, "read"))
+        assert status == 200 and page["next"] is None, page
+        assert [x["path"] for x in page["datasets"]] == want
+
+
+def test_a_token_lists_only_where_it_may_read() -> None:
+    def who(*prefixes: str, scope: str = "read") -> Identity:
+        return Identity("tok", "t1", prefixes, frozenset({scope}))
+
+    assert _readable_prefix(who("/proj/a"), "/") == "/proj/a"
+    assert _readable_prefix(who("/proj/a"), "/proj") == "/proj/a"
+    assert _readable_prefix(who("/proj/a"), "/proj/a/b") == "/proj/a/b"
+    assert _readable_prefix(who("/proj/a"), "/proj/ab") is None
+    assert _readable_prefix(who("/proj/a"), "/other") is None
+    assert _readable_prefix(who("/proj/a", "/proj/b"), "/") == "/"
+    assert _readable_prefix(who("/proj/a", "/proj/b"), "/proj/b") == "/proj/b"
+    assert _readable_prefix(who("/"), "/proj") == "/proj"
+    assert _readable_prefix(who("/proj/a", scope="admin"), "/") == "/"

@@ -31,7 +31,7 @@ from datamover.api.validate import (
 from datamover.catalog.access import Identity
 from datamover.catalog.transfer_rows import KeyReused, Submission, TransferRow
 from datamover.datasets import iter_datasets
-from datamover.domain.paths import check_logical_path
+from datamover.domain.paths import check_logical_path, is_under
 from datamover.domain.transfers import TERMINAL, State, check_idempotency_key
 from datamover.errors import Conflict, DatamoverError, Forbidden, InvalidInput, NotFound
 from datamover.metrics import CONTENT_TYPE
@@ -227,7 +227,10 @@ async def list_datasets(request: web.Request) -> web.Response:
     datasets: list[dict[str, Any]] = []
     errors: list[dict[str, Any]] = []
     next_cursor: str | None = None
-    async with aclosing(iter_datasets(ctx.site, prefix, after)) as listing:
+    readable = _readable_prefix(who, prefix)
+    if readable is None:
+        return _json({"datasets": datasets, "errors": errors, "next": next_cursor})
+    async with aclosing(iter_datasets(ctx.site, readable, after)) as listing:
         async for info in listing:
             if not (who.allows("admin") or who.covers(info.path)):
                 continue
@@ -244,6 +247,19 @@ async def list_datasets(request: web.Request) -> web.Response:
                     next_cursor = info.cursor
                     break
     return _json({"datasets": datasets, "errors": errors, "next": next_cursor})
+
+
+def _readable_prefix(who: Identity, prefix: str) -> str | None:
+    """The narrowest prefix whose listing holds every dataset under `prefix` that `who`
+    may read: `prefix` itself when `who` reads all of it (or several parts of it), the one
+    prefix of `who`'s below it, or None when `who` reads nothing there. A tenant's token
+    listing `/` does not walk every other tenant's datasets."""
+    if who.allows("admin") or who.covers(prefix):
+        return prefix
+    inside = [p for p in who.prefixes if is_under(p, prefix)]
+    if len(inside) == 1:
+        return inside[0]
+    return prefix if inside else None
 
 
 async def list_versions(request: web.Request) -> web.Response:
