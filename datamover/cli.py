@@ -427,13 +427,12 @@ def rebuild(read_data: bool, config_path: str | None, as_json: bool) -> None:
 def _catalog_call(url: str, call: Callable[[], T]) -> T:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from datamover.errors import CatalogError
+    from datamover.catalog.engine import cannot_open
 
     try:
         return call()
     except (SQLAlchemyError, OSError) as exc:
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        raise CatalogError(f"catalog cannot be upgraded: {reason}") from None
+        raise cannot_open("catalog cannot be upgraded", exc) from None
 
 
 @cli.command()

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 
 from datamover.catalog.engine import (
     HEAD,
@@ -18,9 +22,10 @@ from datamover.catalog.engine import (
 )
 from datamover.catalog.queries import Catalog
 from datamover.domain.manifest import ChunkRef
-from datamover.errors import CatalogError, InvalidInput
+from datamover.errors import CatalogError, CatalogUnavailable, InvalidInput
 from datamover.repo.layout import VersionDoc
 from datamover.repo.manifest import SegmentRef
+from tests.fixtures_catalog import PG_ENV
 
 
 def test_head_constant_matches_the_migration_scripts() -> None:
@@ -101,8 +106,39 @@ async def test_bad_catalog_urls() -> None:
         create_engine_for("mysql://x/y")
     with pytest.raises(InvalidInput, match="not a valid database URL"):
         create_engine_for("::nonsense::")
-    with pytest.raises(CatalogError, match="cannot be opened"):
+    # A server that refuses the connection may take it later (a restart): exit 6, which
+    # a hook retries, not 8, which asks a person.
+    with pytest.raises(CatalogUnavailable, match=r"cannot be opened: .*Connect call failed"):
         await open_engine("postgresql://nobody@127.0.0.1:1/none")
+
+
+async def test_a_missing_database_is_no_outage() -> None:
+    server = os.environ.get(PG_ENV)
+    if not server:
+        pytest.skip(f"PostgreSQL run: set {PG_ENV} to a server URL to run it")
+    url = make_url(server).set(database="no_such_database_here").render_as_string(False)
+    with pytest.raises(CatalogError, match='database "no_such_database_here" does not exist'):
+        await open_engine(url)
+
+
+def test_a_catalog_that_refuses_is_exit_6_for_every_command(tmp_path: Path) -> None:
+    config = tmp_path / "site.toml"
+    config.write_text(
+        '[site]\nname = "a"\ncatalog = "postgresql://nobody@127.0.0.1:1/none"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        '[store]\nendpoint = "http://127.0.0.1:1"\nbucket = "bkt"\n'
+        'access_key = "k"\nsecret_key = "s"\n'
+        f'[namespace]\n"/proj" = "{tmp_path / "data"}"\n'
+    )
+    for args in (["ls"], ["db", "upgrade"]):
+        r = subprocess.run(
+            [sys.executable, "-m", "datamover", *args, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 6, (args, r.stderr)
+        assert len(r.stderr.splitlines()) == 1 and "Connect call failed" in r.stderr, r.stderr
 
 
 async def test_chunk_index_bulk_insert_and_lookup(catalog_url: str) -> None:

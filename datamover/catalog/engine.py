@@ -8,6 +8,7 @@ writer process with concurrent readers (WAL, busy timeout).
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import warnings
 from importlib import resources
@@ -415,5 +416,30 @@ async def open_engine(url: str) -> AsyncEngine:
         raise
     except (SQLAlchemyError, DBAPIError, OSError, OverflowError) as exc:
         await engine.dispose()
-        reason = str(getattr(exc, "orig", None) or exc).splitlines()[0]
-        raise CatalogError(f"catalog {_describe(url)} cannot be opened: {reason}") from None
+        raise cannot_open(f"catalog {_describe(url)} cannot be opened", exc) from None
+
+
+#: SQLSTATEs of a PostgreSQL server that may take the connection later: shutting down or
+#: starting up (57P01-57P03), out of connection slots (53300); and class 08, connection
+#: exceptions.
+_RETRY_LATER = ("57P01", "57P02", "57P03", "53300")
+
+
+def cannot_open(what: str, exc: BaseException) -> CatalogUnavailable | CatalogError:
+    """The error for `exc` raised while connecting to a catalog, `what` and the reason in
+    one line: `CatalogUnavailable` (exit 6: a hook retries it) when a later try may succeed
+    (the server refused or dropped the connection, timed out, is starting up or out of
+    connection slots, its name could not be resolved for now, a SQLite file is locked),
+    `CatalogError` (exit 8) for what needs a person (no such database or role, a wrong
+    password, an unknown host, a file that may not be written)."""
+    orig = getattr(exc, "orig", None)
+    reason = (str(orig or exc).strip().splitlines() or [type(exc).__name__])[0]
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    later = (
+        isinstance(exc, ConnectionError | TimeoutError)
+        or (isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN)
+        or (isinstance(state, str) and (state.startswith("08") or state in _RETRY_LATER))
+        or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
+        or "database is locked" in reason
+    )
+    return (CatalogUnavailable if later else CatalogError)(f"{what}: {reason}")
