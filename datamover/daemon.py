@@ -79,13 +79,14 @@ async def _reclaim_dead(transfers: Transfers, metrics: Metrics) -> None:
     running = await transfers.list(state="running", limit=10_000)
     dead = sorted({r.lease_owner for r in running if _dead_owner(r.lease_owner)})
     if dead:
-        n = await transfers.requeue_expired(dead, _count_failed(metrics))
+        n = await transfers.requeue_expired(dead, _count_ended(metrics))
         log.info("took back %d transfers of dead workers", n)
 
 
-def _count_failed(metrics: Metrics) -> Callable[[str], None]:
-    """What `Transfers.requeue_expired` calls for a transfer it fails: count the outcome."""
-    return lambda kind: metrics.finished(kind, "failed", 0, {})
+def _count_ended(metrics: Metrics) -> Callable[[str, str], None]:
+    """What `Transfers.requeue_expired` calls for a transfer it ends (fails or cancels):
+    count the outcome."""
+    return lambda kind, state: metrics.finished(kind, state, 0, {})
 
 
 async def _warm(site: Site) -> None:
@@ -147,7 +148,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
             metrics.set_queue(await transfers.depth())
             replicas = await site.catalog.replicas()
             metrics.cache.labels(config.site.name).set(sum(r.bytes for r in replicas))
-            await transfers.requeue_expired(on_failed=_count_failed(metrics))
+            await transfers.requeue_expired(on_ended=_count_ended(metrics))
             return False
 
         tasks = [

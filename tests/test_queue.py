@@ -255,7 +255,7 @@ async def test_a_transfer_whose_every_run_is_cut_off_fails_after_max_attempts(
     whose cancel was asked meanwhile is cancelled as before."""
     t, _ = await queue.submit(sub("/p/x"))
     c, _ = await queue.submit(sub("/q/x"))
-    ended: list[str] = []
+    ended: list[tuple[str, str]] = []
     for attempt in (1, 2, 3):
         for want in (t.id, c.id):
             row = await queue.claim(f"host:{attempt}/w0", 30)
@@ -263,10 +263,11 @@ async def test_a_transfer_whose_every_run_is_cut_off_fails_after_max_attempts(
         if attempt == 3:
             await queue.cancel(c.id)
         dead = [f"host:{attempt}/w0"]
-        assert await queue.requeue_expired(dead, ended.append) == 2  # the daemon died
+        assert await queue.requeue_expired(dead, lambda *o: ended.append(o)) == 2  # died
         states = [(await queue.get(i)).state for i in (t.id, c.id)]
         assert states == (["queued"] * 2 if attempt < 3 else ["failed", "cancelled"])
-    assert ended == ["stage"]  # counted once, by kind, for the outcome metric
+    # Each counted once, by kind and outcome, for the outcome metric.
+    assert ended == [("stage", "failed"), ("stage", "cancelled")]
     failed = await queue.get(t.id)
     assert failed.error is not None and failed.error["code"] == "runs_exhausted"
     assert "run 3 times, the last run cut off" in failed.error["message"]
@@ -335,15 +336,35 @@ async def test_idempotency_and_cancel(queue: Transfers) -> None:
         Submission(tenant="t2", kind="stage", path="/p/x", idempotency_key="k1")
     )
     assert new and other_tenant.id != a.id
-    assert (await queue.cancel(a.id)).state == "cancelled"
-    assert (await queue.cancel(other_tenant.id)).state == "cancelled"
+    assert (await queue.cancel(a.id))[0].state == "cancelled"
+    assert (await queue.cancel(other_tenant.id))[0].state == "cancelled"
     running, _ = await queue.submit(sub("/p/z"))
     await queue.claim("w", 30)
-    flagged = await queue.cancel(running.id)
-    assert flagged.state == "running" and flagged.cancel_requested
+    flagged, ended = await queue.cancel(running.id)
+    assert flagged.state == "running" and flagged.cancel_requested and not ended
     assert await queue.heartbeat(running.id, "w", 30) == (True, True)
     with pytest.raises(NotFound):
         await queue.get("tr-missing")
+
+
+async def test_a_cancel_says_whether_it_ended_the_transfer(queue: Transfers) -> None:
+    # Two cancels of one queued transfer at once both read it queued and both counted it
+    # (28 cancellations counted for 10 transfers): only the one that ended it may.
+    rows = [(await queue.submit(sub(f"/p/c{i}")))[0] for i in range(6)]
+    results = await asyncio.gather(*(queue.cancel(r.id) for r in rows for _ in range(3)))
+    assert all(row.state == "cancelled" for row, _ in results)
+    assert sum(ended for _, ended in results) == len(rows)
+    assert (await queue.cancel(rows[0].id))[1] is False  # already cancelled: harmless
+
+
+async def test_a_cut_off_run_that_was_asked_to_cancel_is_counted(queue: Transfers) -> None:
+    running, _ = await queue.submit(sub("/p/z"))
+    await queue.claim("w", 30)
+    await queue.cancel(running.id)
+    ended: list[tuple[str, str]] = []
+    assert await queue.requeue_expired(["w"], lambda *outcome: ended.append(outcome)) == 1
+    assert (await queue.get(running.id)).state == "cancelled"
+    assert ended == [("stage", "cancelled")]
 
 
 async def test_listing_filters_and_pages(queue: Transfers) -> None:

@@ -32,7 +32,7 @@ from datamover.catalog.access import Identity
 from datamover.catalog.transfer_rows import KeyReused, Submission, TransferRow
 from datamover.datasets import iter_datasets
 from datamover.domain.paths import check_logical_path, is_under
-from datamover.domain.transfers import TERMINAL, State, check_idempotency_key
+from datamover.domain.transfers import TERMINAL, check_idempotency_key
 from datamover.errors import Conflict, DatamoverError, Forbidden, InvalidInput, NotFound
 from datamover.metrics import CONTENT_TYPE
 from datamover.repo.layout import check_key_length
@@ -205,9 +205,9 @@ async def cancel_transfer(request: web.Request) -> web.Response:
     ctx = context(request)
     row = _visible(request, await ctx.transfers.get(path_text(request, "id")))
     require(request, "write", row.path)
-    cancelled = await ctx.transfers.cancel(row.id)
+    cancelled, ended_now = await ctx.transfers.cancel(row.id)
     ctx.endings.ended(row.id)
-    if row.state == State.QUEUED and cancelled.state == State.CANCELLED:
+    if ended_now:
         ctx.metrics.finished(row.kind, "cancelled", 0, {})  # no worker will count this one
     return _json(cancelled.to_json())
 

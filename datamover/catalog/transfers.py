@@ -246,16 +246,19 @@ class Transfers:
         return current
 
     async def requeue_expired(
-        self, also_owners: Sequence[str] = (), on_failed: Callable[[str], None] | None = None
+        self,
+        also_owners: Sequence[str] = (),
+        on_ended: Callable[[str, str], None] | None = None,
     ) -> int:
         """Put running transfers whose lease lapsed (or whose owner is known dead) back in
         the queue (or cancel them, if that was asked meanwhile); return how many it moved.
 
-        One run `max_attempts` times already fails instead (`RunsExhausted`), and
-        `on_failed(kind)` is called for each: a run that kills its process (the OOM killer,
-        a crash in a compiled library) or never renews its lease would otherwise be run
-        again after every restart, forever, taking every other running transfer down with
-        it each time."""
+        One run `max_attempts` times already fails instead (`RunsExhausted`): a run that
+        kills its process (the OOM killer, a crash in a compiled library) or never renews
+        its lease would otherwise be run again after every restart, forever, taking every
+        other running transfer down with it each time. `on_ended(kind, state)` is called
+        for each transfer this ends, `failed` or `cancelled`, so its outcome is counted:
+        no worker is left to count it."""
         at = await self.clock()
         lapsed = (
             T.c.state == State.RUNNING.value,
@@ -267,11 +270,11 @@ class Transfers:
             .where(*lapsed, T.c.attempts >= self.max_attempts, ~T.c.cancel_requested)
             .with_for_update(skip_locked=True)
         )
+        asked = select(T.c.id, T.c.kind).where(*lapsed, T.c.cancel_requested)
         problem = RunsExhausted(
             f"run {self.max_attempts} times, the last run cut off (the process running it "
             "died or lost its lease); not run again (see the site's log)"
         )
-        again = update(T).where(*lapsed).values(not_before=at, **free, **requeued(at))
         async with self.engine.begin() as conn:
             ended = (await conn.execute(spent)).all()
             if ended:
@@ -287,12 +290,28 @@ class Transfers:
                         **free,
                     )
                 )
+            cancelled = (await conn.execute(asked.with_for_update(skip_locked=True))).all()
+            if cancelled:
+                await conn.execute(
+                    update(T)
+                    .where(T.c.id.in_([r.id for r in cancelled]), *lapsed)
+                    .values(not_before=at, **free, **requeued(at))
+                )
+            # What lapsed since (or another process holds locked): back in the queue only;
+            # one asked to be cancelled is left to the next pass, which counts it.
+            again = update(T).where(*lapsed, ~T.c.cancel_requested)
+            again = again.values(not_before=at, **free, **requeued(at))
             moved = (await conn.execute(again)).rowcount
         for row in ended:
             log.warning("failed %s %s: %s", row.kind, row.id, problem.message)
-            if on_failed is not None:
-                on_failed(row.kind)
-        return len(ended) + moved
+        for row in cancelled:
+            log.info("cancelled %s %s: its run was cut off", row.kind, row.id)
+        if on_ended is not None:
+            for row in ended:
+                on_ended(row.kind, State.FAILED.value)
+            for row in cancelled:
+                on_ended(row.kind, State.CANCELLED.value)
+        return len(ended) + len(cancelled) + moved
 
     async def claim(self, owner: str, lease: float) -> TransferRow | None:
         """Take the next runnable transfer for `owner`, with a lease of `lease` seconds.
@@ -415,8 +434,10 @@ class Transfers:
             ).scalar()
         return ours, bool(flag)
 
-    async def cancel(self, transfer_id: str) -> TransferRow:
-        """Cancel: a queued transfer at once, a running one at its next heartbeat.
+    async def cancel(self, transfer_id: str) -> tuple[TransferRow, bool]:
+        """Cancel: a queued transfer at once, a running one at its next heartbeat. Return
+        the transfer and whether this call ended it (so its outcome is counted once: no
+        worker will count it, and two cancels racing must not both count it).
 
         One conditional UPDATE decides on the row as it is when written, so a worker that
         claims or requeues the transfer meanwhile cannot make the cancel be lost: a queued
@@ -434,12 +455,13 @@ class Transfers:
                 cancel_requested=case((queued, T.c.cancel_requested), else_=True),
                 updated_at=at,
             )
+            .returning(T.c.state)  # as this statement left it: cancelled if it was queued
         )
         async with self.engine.begin() as conn:
-            changed = (await conn.execute(stmt)).rowcount
+            written = (await conn.execute(stmt)).first()
         row = await self.get(transfer_id)
-        if changed or row.state == State.CANCELLED:
-            return row
+        if written is not None or row.state == State.CANCELLED:
+            return row, written is not None and written.state == State.CANCELLED.value
         raise Conflict(f"transfer {transfer_id} already {row.state}; it cannot be cancelled")
 
     async def prune(self, age: timedelta, limit: int = PRUNE_BATCH) -> int:
