@@ -573,21 +573,25 @@ async def test_stages_a_finished_stage_has_done_are_answered_in_one_step(
         lead, _ = await queue.submit(sub("/p/x"))
         assert (await queue.claim("w", 30)).id == lead.id
         plain, _ = await queue.submit(sub("/p/x", pin="job-1"))
+        foreign, _ = await queue.submit(Submission(tenant="t2", kind="stage", path="/p/x"))
         named, _ = await queue.submit(sub("/p/x", version="v2"))
         older, _ = await queue.submit(sub("/p/x", version="v1"))  # not what the lead staged
         assert (await queue.claim("w2", 30)) is None
         done = await queue.transition(lead.id, State.SUCCEEDED, owner="w", result='{"a": 1}')
         late, _ = await queue.submit(sub("/p/x"))  # asked after the lead ended
-        result = {"version": "v2", "files": 3, "bytes": 9, "satisfied_by": lead.id}
+        result = {"version": "v2", "files": 3, "bytes": 9}
 
         def pins(ids):
             return access.pins_for_transfers(ids, "/p/x", "v2")
 
         answered = await queue.answer_stages(done, "v2", True, result, pin=pins)
-        assert [t.id for t in answered] == sorted([plain.id, named.id])
+        assert [t.id for t in answered] == sorted([plain.id, foreign.id, named.id])
         for t in answered:
-            assert t.state == "succeeded" and t.result == result and t.files_total == 3
-            assert t.finished_at == answered[0].finished_at  # one statement
+            # Another tenant's stage is not shown the lead's id (it answers 404 there).
+            named_lead = {"satisfied_by": lead.id} if t.tenant == "t1" else {}
+            assert t.state == "succeeded" and t.result == {**result, **named_lead}
+            assert t.files_total == 3
+            assert t.finished_at == answered[0].finished_at  # one transaction
         assert [(p.pin, p.version) for p in await access.pins(dataset="/p/x")] == [("job-1", "v2")]
         # `older` is next in queue order and not answered: it and `late` stay queued
         assert (await queue.get(older.id)).state == "queued"

@@ -523,7 +523,9 @@ class Transfers:
         pin: Callable[[Sequence[str]], Executable] | None = None,
     ) -> list[TransferRow]:
         """Succeed at once, with `result`, the queued stages of `done.path` that `done` (a
-        stage that succeeded, bringing the tree to `version`) has already done: plain ones
+        stage that succeeded, bringing the tree to `version`) has already done, those of
+        `done`'s tenant with `satisfied_by` naming it too (another tenant's transfer ids are
+        not shown: they answer 404 there, so ids do not leak): plain ones
         (no `delete` or `checksum` option), submitted no later than `done` finished, asking
         for `version`, or for the latest when `latest` says `version` is the latest now
         (`scheduler.satisfied` says why that answers them). Return them (at most `answer_batch`;
@@ -563,6 +565,7 @@ class Transfers:
             if (await conn.execute(select(running_over(done.path)))).scalar():
                 return []
             ids: list[str] = []
+            ours: set[str] = set()  # of done's tenant
             for r in await conn.execute(ahead):
                 options = json.loads(r.options)
                 answered = (
@@ -577,6 +580,8 @@ class Transfers:
                 if not answered:
                     break
                 ids.append(r.id)
+                if r.tenant == done.tenant:
+                    ours.add(r.id)
             if ids and self.dialect == "postgresql":
                 # A claim locks its pick's row, then waits for the advisory lock held here:
                 # waiting for that row would be a deadlock. A stage being claimed is left
@@ -592,17 +597,21 @@ class Transfers:
                 return []
             if pin is not None:
                 await conn.execute(pin(ids))
-            await conn.execute(
-                update(T)
-                .where(T.c.id.in_(ids), T.c.state == State.QUEUED.value)
-                .values(
-                    state=State.SUCCEEDED.value,
-                    attempts=T.c.attempts + 1,
-                    started_at=func.coalesce(T.c.started_at, at),
-                    finished_at=at,
-                    updated_at=at,
-                    **succeeded_values(result),
+            named = {**result, "satisfied_by": done.id}
+            for group, values in (([i for i in ids if i in ours], named), (ids, result)):
+                if not group:
+                    continue
+                await conn.execute(
+                    update(T)
+                    .where(T.c.id.in_(group), T.c.state == State.QUEUED.value)
+                    .values(
+                        state=State.SUCCEEDED.value,
+                        attempts=T.c.attempts + 1,
+                        started_at=func.coalesce(T.c.started_at, at),
+                        finished_at=at,
+                        updated_at=at,
+                        **succeeded_values(values),
+                    )
                 )
-            )
             rows = await conn.execute(select(T).where(T.c.id.in_(ids)).order_by(T.c.id))
             return [TransferRow.from_row(r) for r in rows]

@@ -17,8 +17,9 @@ wait for hundreds of walks. Instead, when a stage transfer X starts, it is alrea
 
 Then the tree held X's version after X was asked for, which is what X promises its caller
 (and what a stage run then would have found); X succeeds at once with L's counts, nothing
-fetched, and `satisfied_by` naming L; its pin is taken as for any stage. What a user changed
-in the tree after L ended is not repaired, as it would not be after a stage that just ended.
+fetched, and `satisfied_by` naming L (when X and L are of one tenant: another tenant's ids
+are not shown); its pin is taken as for any stage. What a user changed in the tree after L
+ended is not repaired, as it would not be after a stage that just ended.
 
 Such stages are answered together: when L succeeds, its worker answers every queued stage
 it satisfies in one transaction (`answer_waiting`, `Transfers.answer_stages`), up to the
@@ -31,6 +32,7 @@ A stage claimed before that (by another worker) is checked on its own (`already_
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -40,6 +42,8 @@ from datamover.catalog.transfers import Transfers
 from datamover.repo.layout import VersionDoc
 from datamover.site import Site
 from datamover.transfer.stage import StageResult
+
+log = logging.getLogger(__name__)
 
 
 async def already_staged(
@@ -59,8 +63,10 @@ async def already_staged(
     if doc.version != done.result.get("version"):
         return None
     seconds = round(time.monotonic() - started, 3)
-    result = StageResult.of(doc, kept_files=doc.files, seconds=seconds)
-    return {**result.to_json(), "satisfied_by": done.id}
+    log.info("%s is already staged by %s, which ended after it was asked for", row.path, done.id)
+    result = StageResult.of(doc, kept_files=doc.files, seconds=seconds).to_json()
+    # Another tenant's transfer id is not shown (it answers 404 there: ids do not leak).
+    return {**result, "satisfied_by": done.id} if done.tenant == row.tenant else result
 
 
 async def answer_waiting(
@@ -87,7 +93,7 @@ async def answer_waiting(
             done,
             version,
             latest.version == version,
-            {**result.to_json(), "satisfied_by": done.id},
+            result.to_json(),
             pin=lambda ids: access.pins_for_transfers(ids, done.path, version),
         )
         answered += batch

@@ -226,11 +226,6 @@ class Worker:
             return pushed.to_json()
         done = await already_staged(self.site, self.transfers, row)
         if done is not None:
-            log.info(
-                "%s is already staged by %s, which ended after it was asked for",
-                row.path,
-                done["satisfied_by"],
-            )
             return done
         staged = await stage(
             self.site,
