@@ -25,7 +25,11 @@ class Namespace:
         """Build from `{logical prefix: local dir}`; raise `InvalidInput` naming a bad entry.
 
         Two keys that name one prefix (`/proj` and `/proj/`, distinct keys to TOML) are
-        refused: only one of them could be used, and which one would be an accident."""
+        refused: only one of them could be used, and which one would be an accident. A local
+        directory's empty components and trailing slash are dropped, and so is the second
+        slash of a leading `//` (POSIX lets it mean something else; Linux reads it as `/`):
+        `//gpfs//proj/` is `/gpfs/proj`. Its `.` and `..` components are refused, since only
+        the file system can say where they lead."""
         items: list[tuple[str, Path]] = []
         keys: dict[str, str] = {}
         for logical, local in mapping.items():
@@ -54,7 +58,9 @@ class Namespace:
                     f"{source}: [namespace] {logical!r} maps to {str(local)!r}: write the "
                     "directory without '.' or '..' components"
                 )
-            items.append((prefix, path))
+            # `Path` keeps a leading `//`, so `//gpfs/proj` would not hold `/gpfs/proj/ref`
+            # for the alias check, nor a link's target `/gpfs/proj/x` for `link_to_logical`.
+            items.append((prefix, Path("/").joinpath(*path.parts[1:])))
         _check_aliases(items, source)
         # Longest prefix first, so `/proj/a` wins over `/proj` for `/proj/a/x`.
         items.sort(key=lambda item: -item[0].count("/"))
