@@ -10,7 +10,7 @@ import pytest
 from datamover.config import load_config
 from datamover.domain.namespace import Namespace
 from datamover.errors import InvalidInput
-from tests.test_config import GOOD
+from tests.test_config import GOOD, _cli, _refused, _site
 
 # -- a namespace directory written with a leading '//' ---------------------------------------
 
@@ -51,3 +51,52 @@ def test_an_alias_through_a_double_slash_from_the_environment_is_refused(tmp_pat
         "environment DATAMOVER_NAMESPACE: [namespace] '/ref' maps to '/gpfs/proj/ref', which "
         "'/proj' already maps as '/proj/ref' (one local directory cannot have two logical paths)"
     )
+
+
+# -- a store key that is not valid UTF-8 -----------------------------------------------------
+
+_NO_KEYS = "[site]\nname='a'\n[store]\nbucket='b'\n"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+        "DATAMOVER_STORE_ACCESS_KEY",
+        "DATAMOVER_STORE_SECRET_KEY",
+    ],
+)
+def test_a_key_that_is_not_utf8_is_named(tmp_path: Path, name: str) -> None:
+    # A byte the environment's text cannot hold reaches Python as a lone surrogate. Before:
+    # accepted; every request then failed inside botocore and was retried as a store outage
+    # (exit 6), or ended as an internal error (UnicodeEncodeError).
+    path = tmp_path / "site.toml"
+    path.write_text(_NO_KEYS)
+    with pytest.raises(InvalidInput) as info:
+        load_config(path, env={name: "AKIA\udcff"})
+    assert str(info.value) == f"environment: {name} is not valid UTF-8 text (not shown here)"
+
+
+def test_a_key_that_is_not_utf8_is_refused_by_the_cli(tmp_path: Path) -> None:
+    path = _site(tmp_path)
+    _refused(
+        _cli(path, {"AWS_SECRET_ACCESS_KEY": "pw\udcff"}, "db", "upgrade"),
+        "environment: AWS_SECRET_ACCESS_KEY is not valid UTF-8 text (not shown here)",
+    )
+    assert not (tmp_path / "state").exists()
+
+
+def test_the_s3_store_refuses_a_key_that_is_not_utf8() -> None:
+    from datamover.storage.s3 import S3Store
+
+    with pytest.raises(InvalidInput, match=r"^S3 secret key is not valid UTF-8 text "):
+        S3Store("http://127.0.0.1:9", "b", "us-east-1", "AK", "pw\udcff")
+
+
+def test_a_key_of_other_valid_utf8_is_accepted(tmp_path: Path) -> None:
+    # Servers compare keys as they are: a non-ASCII key is refused by the store, not by us.
+    path = tmp_path / "site.toml"
+    path.write_text(_NO_KEYS)
+    cfg = load_config(path, env={"AWS_ACCESS_KEY_ID": "clé", "AWS_SECRET_ACCESS_KEY": "sé"})
+    assert (cfg.store.access_key, cfg.store.secret_key) == ("clé", "sé")

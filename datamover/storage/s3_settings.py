@@ -1,5 +1,5 @@
-"""What S3 settings may be: an endpoint `http(s)://host[:port]`, keys without control
-characters; checked without importing aiobotocore.
+"""What S3 settings may be: an endpoint `http(s)://host[:port]`, keys of valid UTF-8 without
+control characters; checked without importing aiobotocore.
 
 Both the configuration (which names the setting) and `S3Store` use them. A URL holding a
 user name or password is refused without being repeated: every message naming the store
@@ -47,7 +47,12 @@ def check_endpoint(endpoint: str, name: str) -> None:
 
 def check_key_setting(value: str, name: str) -> None:
     """Raise `InvalidInput` naming `name`, not the value (a secret), if an access or secret
-    key holds a control character: a newline pasted with it would go into a header, which
-    the HTTP library refuses at every request as if the store were down."""
+    key holds a control character or is not valid UTF-8 (a lone surrogate: a byte from the
+    environment that no text can hold). Either would fail every request as if the store
+    were down: a newline pasted with the key goes into a header, which the HTTP library
+    refuses, and a surrogate cannot be encoded to sign or send. Other non-ASCII text is
+    left to the store, which refuses a key it does not know."""
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise InvalidInput(f"{name} contains a control character (not shown here)")
+    if any(0xD800 <= ord(c) <= 0xDFFF for c in value):
+        raise InvalidInput(f"{name} is not valid UTF-8 text (not shown here)")
