@@ -288,8 +288,20 @@ def _namespace(source: str, table: Mapping[str, Any], env: Mapping[str, str]) ->
     return Namespace.from_mapping(mapping, source)
 
 
-def _default_state_dir(site: str, env: Mapping[str, str]) -> str:
-    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+def _default_state_dir(source: str, site: str, env: Mapping[str, str]) -> str:
+    """`$XDG_STATE_HOME/datamover/<site>`, else under `~/.local/state`; `InvalidInput` naming
+    `source` when there is no home directory either (HOME unset and a uid with no passwd
+    entry, as in a container run as a made-up user: `Path.home` raises RuntimeError)."""
+    base = env.get("XDG_STATE_HOME")
+    if not base:
+        try:
+            base = str(Path.home() / ".local" / "state")
+        except RuntimeError:
+            raise InvalidInput(
+                f"{source}: [site] state_dir is not set and there is no home directory for its "
+                "default (HOME is unset and this user has no passwd entry): set [site] "
+                "state_dir or XDG_STATE_HOME"
+            ) from None
     return str(Path(base) / "datamover" / site)
 
 
@@ -358,7 +370,8 @@ def parse_config(
     except InvalidInput as exc:
         raise InvalidInput(f"{origin('site', 'name')}: {exc}") from None
     state_dir = _absolute(
-        site.state_dir or _default_state_dir(site.name, env), where("DATAMOVER_SITE_STATE_DIR")
+        site.state_dir or _default_state_dir(source, site.name, env),
+        where("DATAMOVER_SITE_STATE_DIR"),
     )
     catalog = site.catalog or f"sqlite:///{Path(state_dir) / 'catalog.db'}"
     catalog = _absolute_catalog(catalog, where("DATAMOVER_SITE_CATALOG"))

@@ -3,6 +3,10 @@ the fix), in the namespace map, the store keys, the state directory and the TOML
 
 from __future__ import annotations
 
+import os
+import pwd
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +104,57 @@ def test_a_key_of_other_valid_utf8_is_accepted(tmp_path: Path) -> None:
     path.write_text(_NO_KEYS)
     cfg = load_config(path, env={"AWS_ACCESS_KEY_ID": "clé", "AWS_SECRET_ACCESS_KEY": "sé"})
     assert (cfg.store.access_key, cfg.store.secret_key) == ("clé", "sé")
+
+
+# -- no home directory for the default state directory ---------------------------------------
+
+_NO_HOME = (
+    "[site] state_dir is not set and there is no home directory for its default (HOME is "
+    "unset and this user has no passwd entry): set [site] state_dir or XDG_STATE_HOME"
+)
+
+
+def _no_passwd_entry(uid: int) -> pwd.struct_passwd:
+    raise KeyError(f"getpwuid(): uid not found: {uid}")
+
+
+def test_no_home_directory_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before: Path.home() raised RuntimeError("Could not determine home directory."), which
+    # the CLI reported as an internal error (exit 70).
+    monkeypatch.delenv("HOME", raising=False)
+    monkeypatch.setattr(pwd, "getpwuid", _no_passwd_entry)
+    path = tmp_path / "site.toml"
+    path.write_text(_NO_KEYS)
+    with pytest.raises(InvalidInput) as info:
+        load_config(path, env={})
+    assert str(info.value) == f"{path}: {_NO_HOME}"
+    # Either way out of it works without a home directory.
+    env = {"XDG_STATE_HOME": str(tmp_path / "xdg")}
+    assert load_config(path, env=env).state_dir == tmp_path / "xdg" / "datamover" / "a"
+    path.write_text(_NO_KEYS.replace("[store]", "state_dir = 's'\n[store]"))
+    assert load_config(path, env={}).state_dir == tmp_path / "s"
+
+
+def test_no_home_directory_is_refused_by_the_cli(tmp_path: Path) -> None:
+    # The CLI itself, in a process where HOME is unset and the user has no passwd entry (as
+    # a container's made-up uid has none).
+    path = tmp_path / "site.toml"
+    path.write_text(_NO_KEYS)
+    program = (
+        "import pwd, sys\n"
+        "def none(uid): raise KeyError(uid)\n"
+        "pwd.getpwuid = none\n"
+        "from datamover.cli import main\n"
+        "sys.argv[0] = 'datamover'\n"
+        "main()\n"
+    )
+    drop = ("HOME", "XDG_STATE_HOME")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", program, "db", "upgrade", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in environ.items() if k not in drop},
+    )
+    _refused(proc, f"{path}: {_NO_HOME}")
