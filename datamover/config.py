@@ -493,6 +493,11 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
         raise InvalidInput(
             f"config file {str(file)!r} is not valid TOML: it holds a number too long to read"
         ) from None
+    except RecursionError:  # tomllib recurses at each level of nested arrays and tables
+        raise InvalidInput(
+            f"config file {str(file)!r} is not valid TOML: it nests arrays or tables too "
+            "deeply to read"
+        ) from None
     except OSError as exc:
         raise InvalidInput(
             f"config file {str(file)!r} cannot be read: {exc.strerror or exc}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -158,3 +159,38 @@ def test_no_home_directory_is_refused_by_the_cli(tmp_path: Path) -> None:
         env={k: v for k, v in environ.items() if k not in drop},
     )
     _refused(proc, f"{path}: {_NO_HOME}")
+
+
+# -- a TOML value nested too deeply to read --------------------------------------------------
+
+
+def _deep(tmp_path: Path, depth: int) -> Path:
+    """A config file whose `[site] name` is an array nested `depth` levels deep."""
+    path = tmp_path / "deep.toml"
+    path.write_text(f"[site]\nname = {'[' * depth}{']' * depth}\n[store]\nbucket = 'b'\n")
+    return path
+
+
+def test_a_value_nested_too_deeply_is_not_valid_toml(tmp_path: Path) -> None:
+    # Before: tomllib's RecursionError ended the CLI as an internal error (exit 70).
+    path = _deep(tmp_path, 3000)
+    with pytest.raises(InvalidInput) as info:
+        load_config(path, env={})
+    assert str(info.value) == (
+        f"config file '{path}' is not valid TOML: it nests arrays or tables too deeply to read"
+    )
+
+
+def test_a_value_nested_too_deeply_is_refused_by_the_cli(tmp_path: Path) -> None:
+    path = _deep(tmp_path, 3000)
+    _refused(
+        _cli(path, {}, "db", "upgrade"),
+        f"config file '{path}' is not valid TOML: it nests arrays or tables too deeply to read",
+    )
+
+
+def test_a_value_nested_deeply_but_readable_is_named(tmp_path: Path) -> None:
+    # Nested as deeply as tomllib reads, the value is refused as any other of the wrong type.
+    path = _deep(tmp_path, 200)
+    with pytest.raises(InvalidInput, match=re.escape(f"{path}: [site] name = [[[[")):
+        load_config(path, env={})
