@@ -23,7 +23,7 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Container, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -156,6 +156,14 @@ class Config:
     transfer: TransferSettings = field(default_factory=TransferSettings)
     api: ApiSettings = field(default_factory=ApiSettings)
     source: str = "<defaults>"
+    #: The `DATAMOVER_<SECTION>_<KEY>` variables that set a value, so a value found bad only
+    #: when it is used (a state directory that cannot be created) is blamed on its variable.
+    overrides: frozenset[str] = frozenset()
+
+    def origin(self, section: str, key: str) -> str:
+        """`[section] key` for messages, as where its value came from: the variable that
+        overrides it, else the file (`source`)."""
+        return _origin(self.source, self.overrides, section, key)
 
     @property
     def state_dir(self) -> Path:
@@ -181,6 +189,13 @@ _SECTIONS: dict[str, type] = {
     "transfer": TransferSettings,
     "api": ApiSettings,
 }
+
+
+def _origin(source: str, overrides: Container[str], section: str, key: str) -> str:
+    """`environment: DATAMOVER_<SECTION>_<KEY>` when that variable is in `overrides`, else
+    `<source>: [section] key`."""
+    name = f"DATAMOVER_{section.upper()}_{key.upper()}"
+    return f"environment: {name}" if name in overrides else f"{source}: [{section}] {key}"
 
 
 def _coerce(source: str, where: str, raw: Any, kind: Any) -> Any:
@@ -345,8 +360,7 @@ def parse_config(
     def origin(section: str, key: str) -> str:
         """`[section] key` for messages, as where its value came from: the variable that
         overrides it, else the file."""
-        name = f"DATAMOVER_{section.upper()}_{key.upper()}"
-        return f"environment: {name}" if name in env else f"{source}: [{section}] {key}"
+        return _origin(source, env, section, key)
 
     def required(section: str, key: str) -> InvalidInput:
         name = f"DATAMOVER_{section.upper()}_{key.upper()}"
@@ -449,6 +463,12 @@ def parse_config(
         transfer=transfer,
         api=api,
         source=source,
+        overrides=frozenset(
+            name
+            for section, cls in _SECTIONS.items()
+            for f in fields(cls)
+            if (name := f"DATAMOVER_{section.upper()}_{f.name.upper()}") in env
+        ),
     )
 
 

@@ -22,13 +22,14 @@ from datamover.storage.retry import RetryingStore, RetryPolicy
 
 def make_state_dir(config: Config) -> Path:
     """Create the site's state directory (and its parents) if missing; return it. A directory
-    that cannot be created is `InvalidInput` naming it and why (a configuration problem)."""
+    that cannot be created is `InvalidInput` naming it, why, and where it was set: the
+    variable `DATAMOVER_SITE_STATE_DIR` or else the file (a configuration problem)."""
     path = config.state_dir
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InvalidInput(
-            f"{config.source}: [site] state_dir {str(path)!r} cannot be created: "
+            f"{config.origin('site', 'state_dir')} {str(path)!r} cannot be created: "
             f"{exc.strerror or exc}"
         ) from None
     return path

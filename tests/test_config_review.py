@@ -15,6 +15,7 @@ import pytest
 from datamover.config import load_config
 from datamover.domain.namespace import Namespace
 from datamover.errors import InvalidInput
+from datamover.site import make_state_dir
 from tests.test_config import GOOD, _cli, _refused, _site
 
 # -- a namespace directory written with a leading '//' ---------------------------------------
@@ -194,3 +195,39 @@ def test_a_value_nested_deeply_but_readable_is_named(tmp_path: Path) -> None:
     path = _deep(tmp_path, 200)
     with pytest.raises(InvalidInput, match=re.escape(f"{path}: [site] name = [[[[")):
         load_config(path, env={})
+
+
+# -- a state directory from the environment that cannot be created ---------------------------
+
+
+def test_a_state_dir_from_the_environment_is_blamed_on_its_variable(tmp_path: Path) -> None:
+    # Before: "<file>: [site] state_dir '...' cannot be created", though the file did not
+    # set it.
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD)
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    cfg = load_config(path, env={"DATAMOVER_SITE_STATE_DIR": str(taken)})
+    with pytest.raises(InvalidInput) as info:
+        make_state_dir(cfg)
+    assert str(info.value) == (
+        f"environment: DATAMOVER_SITE_STATE_DIR '{taken}' cannot be created: File exists"
+    )
+    # Set in the file, the file is still named.
+    path.write_text(GOOD.replace("[store]", f"state_dir = '{taken}'\n[store]"))
+    with pytest.raises(InvalidInput) as info:
+        make_state_dir(load_config(path, env={}))
+    assert str(info.value) == f"{path}: [site] state_dir '{taken}' cannot be created: File exists"
+
+
+def test_a_state_dir_from_the_environment_is_blamed_on_its_variable_by_the_cli(
+    tmp_path: Path,
+) -> None:
+    path = _site(tmp_path)
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    _refused(
+        _cli(path, {"DATAMOVER_SITE_STATE_DIR": str(taken / "state")}, "db", "upgrade"),
+        f"environment: DATAMOVER_SITE_STATE_DIR '{taken / 'state'}' cannot be created: "
+        "Not a directory",
+    )
