@@ -62,6 +62,20 @@ async def gather_or_cancel(checks: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
         raise
 
 
+async def _drain(jobs: Iterable[Coroutine[Any, Any, object]], limit: int) -> None:
+    """Await every coroutine of `jobs`, `limit` at a time in `limit` tasks (not one task a
+    job, however many there are), each result dropped as soon as it is ready, so at most
+    `limit` results are held at once; `jobs` is consumed lazily. The first failure cancels
+    the jobs running (the rest are not started) and is raised once they have ended."""
+    pending = iter(jobs)
+
+    async def worker() -> None:
+        for job in pending:  # shared: each worker takes the next job
+            await job
+
+    await gather_or_cancel([worker() for _ in range(max(1, limit))])
+
+
 async def _all_true(checks: Iterable[Coroutine[Any, Any, bool]], batch: int = 256) -> bool:
     """Await `checks` a batch at a time (a bounded number of tasks); False at the first
     batch with a False (the rest are not started)."""
@@ -81,6 +95,7 @@ class Repository:
     def __init__(self, store: Store, cache_dir: Path, fetch_concurrency: int = 8) -> None:
         self.store = store
         self.cache_dir = cache_dir
+        self.fetch_concurrency = fetch_concurrency
         self._fetch_limit = asyncio.Semaphore(fetch_concurrency)
         self.fetched_bytes = 0  # manifest bytes read from the store (not the cache)
 
@@ -312,9 +327,18 @@ class Repository:
         return refs
 
     async def prefetch(self, doc: VersionDoc) -> list[SegmentRef]:
-        """Bring every segment of `doc` into the local cache; return the manifest list."""
+        """Bring every segment of `doc` into the local cache; return the manifest list.
+
+        Bounded memory: `fetch_concurrency` segments are read at once and each is dropped
+        once cached (readers take them from the cache: `iter_cached`), so at most that many
+        are held, whatever the manifest's size. The first failure (`Corrupt`, a store
+        error) cancels the fetches under way and is raised; the segments cached stay.
+        """
         refs = await self.segments(doc)
-        await asyncio.gather(*(self.manifest_object(ref.digest, ref.stored_size) for ref in refs))
+        await _drain(
+            (self.manifest_object(ref.digest, ref.stored_size) for ref in refs),
+            self.fetch_concurrency,
+        )
         return refs
 
     async def all_stored(self, refs: list[SegmentRef]) -> bool:
