@@ -1,22 +1,30 @@
-"""Memory and task bounds of store-wide loops.
+"""Memory and task bounds of two store-wide loops.
 
 `Repository.prefetch` warms the manifest cache with a bounded number of segments in memory
-and of tasks, however long the manifest.
+and of tasks, however long the manifest; a `db rebuild` run that fails (the store down,
+access refused) leaves no task behind, so the daemon's periodic run does not pile them up.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import blake3
 import pytest
 
-from datamover.errors import Corrupt, ObjectNotFound
+from datamover.chunking.pack import pack_key
+from datamover.errors import Corrupt, ObjectNotFound, StoreUnavailable
+from datamover.repo import reindex as reindex_module
 from datamover.repo.layout import VersionDoc, manifest_key
 from datamover.repo.manifest import SegmentRef, encode_list
 from datamover.repo.repository import Repository, utc_now
+from datamover.scheduler.reindexing import Reindexer
+from datamover.site import Site
+from datamover.storage.base import ObjectInfo
 from datamover.storage.memory import MemoryStore
+from tests.fixtures_sites import MakeSite
 
 SEGMENTS = 200
 SEGMENT_BYTES = 4096
@@ -103,3 +111,47 @@ async def test_a_prefetch_failure_cancels_the_other_fetches(tmp_path: Path) -> N
         await repo.prefetch(doc)
     assert store.reads < SEGMENTS - 1  # the rest were not fetched
     assert asyncio.all_tasks() == tasks_before  # nor left running
+
+
+class _DownForReads(MemoryStore):
+    """Lists its packs, but refuses every read once the listing is waiting for room in
+    `pack_listing`'s queue (more than two batches listed): a store going down mid-run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listed = 0
+        self.queue_full = asyncio.Event()
+
+    async def list(self, prefix: str = "", start_after: str = "") -> AsyncIterator[ObjectInfo]:
+        async for info in super().list(prefix, start_after):
+            self.listed += 1
+            if self.listed > 2 * reindex_module.BATCH:  # a batch read, a queue full
+                self.queue_full.set()
+            yield info
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        await self.queue_full.wait()
+        raise StoreUnavailable("the store went away")
+
+
+async def test_failed_reindex_runs_leave_no_task_behind(make_site: MakeSite) -> None:
+    # The listing was left to the event loop's finaliser, and its producer, cancelled,
+    # waited for ever for room in the full queue to put its end mark: two tasks a run.
+    store = _DownForReads()
+    for i in range(3 * reindex_module.BATCH):
+        await store.put(pack_key(i.to_bytes(2, "big") * 16), bytes(1000))  # never read
+    env = await make_site("site-a")
+    site = await Site.open(env.config, store=store)
+    try:
+        reindexer = Reindexer(site, 10)
+        before = asyncio.all_tasks()
+        for _ in range(3):
+            store.listed = 0
+            store.queue_full.clear()
+            assert await reindexer.run_once() is False  # the failure is logged
+            assert store.queue_full.is_set()
+            for _ in range(5):  # let anything scheduled by the failure run
+                await asyncio.sleep(0)
+            assert asyncio.all_tasks() == before
+    finally:
+        await site.close()

@@ -32,6 +32,7 @@ Contract:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -279,8 +280,11 @@ async def pack_listing(store: Store) -> AsyncIterator[ObjectInfo]:
     answers `packs/` in 257 requests one after another: 6.6 s for 1,000 packs at 20 ms a
     request, 0.87 s so; bench/listing.py); `packs/00/` alone first. Holds at most `BATCH`
     objects besides the listings' current pages; a listing's error (the first, if several
-    fail) is raised once the objects before it are handed on."""
+    fail) is raised once the objects before it are handed on. A consumer that stops early
+    closes the generator (`contextlib.aclosing`), which ends the listing's tasks before
+    the close returns; left to the event loop's finaliser, they would end later."""
     queue: asyncio.Queue[ObjectInfo | None] = asyncio.Queue(maxsize=BATCH)
+    reading = True  # False once the consumer has stopped reading the queue
     prefixes = iter([f"packs/{i:02x}/" for i in range(256)])
 
     async def lister() -> None:
@@ -300,7 +304,14 @@ async def pack_listing(store: Store) -> AsyncIterator[ObjectInfo]:
         except BaseExceptionGroup as errors:
             raise errors.exceptions[0] from None
         finally:
-            await queue.put(None)
+            # The end mark. Waiting for room is only for a consumer still reading: one that
+            # stopped cancels this task, and that cancel may already be spent (on a `put`
+            # above, or swallowed by the task group as a lister failed), so a wait for room
+            # it will never make would never end.
+            if not queue.full():
+                queue.put_nowait(None)
+            elif reading:
+                await queue.put(None)
 
     task = asyncio.ensure_future(list_all())
     try:
@@ -308,6 +319,7 @@ async def pack_listing(store: Store) -> AsyncIterator[ObjectInfo]:
             yield info
         await task
     finally:
+        reading = False
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
 
@@ -325,16 +337,18 @@ async def reindex(
     started = time.monotonic()
     run = _Run(store, catalog, concurrency, read_data, progress or NoProgress())
     listed: list[tuple[ObjectInfo, bytes]] = []
-    async for info in pack_listing(store):
-        pack_id = pack_id_of(info.key)
-        if pack_id is None:
-            run.result.foreign_keys += 1
-            continue
-        run.result.packs += 1
-        listed.append((info, pack_id))
-        if len(listed) >= BATCH:
-            await run.batch(listed)
-            listed = []
+    # Closed here when a batch fails, so the listing's tasks end with the run.
+    async with contextlib.aclosing(pack_listing(store)) as listing:
+        async for info in listing:
+            pack_id = pack_id_of(info.key)
+            if pack_id is None:
+                run.result.foreign_keys += 1
+                continue
+            run.result.packs += 1
+            listed.append((info, pack_id))
+            if len(listed) >= BATCH:
+                await run.batch(listed)
+                listed = []
     if listed:
         await run.batch(listed)
     run.result.seconds = time.monotonic() - started
