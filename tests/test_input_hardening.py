@@ -9,13 +9,15 @@ import os
 import socket
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from datamover.catalog.access import Access
-from datamover.errors import CatalogError
+from datamover.domain.transfers import parse_time
+from datamover.errors import CatalogError, InvalidInput
 from tests.fixtures_daemon import StartSite, free_port, with_token
 from tests.fixtures_sites import MakeSite, SiteEnv, cli_unprivileged
 from tests.test_bad_input import fails
@@ -394,3 +396,31 @@ async def test_an_api_url_of_something_else_is_named_not_taken_for_an_answer(
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-W01-1T00:00:00Z",  # an ISO week date: was taken as 2025-12-29
+        "2026-001T00:00:00Z",  # an ordinal date
+        "2026-01-01 00:00",  # no seconds
+        "20260101T000000Z",  # no separators
+        "2026-01-01T00:00:00.1234567Z",  # seven digits: the last was silently cut off
+        "2026-01-01T00:00:00+0100",  # an offset without its colon
+        "2026-01-01T00:00:00Z junk",
+    ],
+)
+def test_a_deadline_must_be_rfc_3339(text: str) -> None:
+    with pytest.raises(InvalidInput, match="is not an RFC 3339 date-time"):
+        parse_time(text, "deadline")
+
+
+def test_rfc_3339_deadlines_are_taken() -> None:
+    want = datetime(2026, 1, 1, 0, 0, 0, 500000, tzinfo=UTC)
+    for text in [
+        "2026-01-01T00:00:00.5Z",
+        "2026-01-01t00:00:00.500000z",
+        "2026-01-01 01:00:00.5+01:00",
+        "2026-01-01T00:00:00.5",  # no offset: UTC
+    ]:
+        assert parse_time(text, "deadline") == want, text

@@ -114,12 +114,20 @@ def check_idempotency_key(key: str) -> str:
 
 
 _DATE_ONLY = re.compile(r"[0-9]{4}-?[0-9]{2}-?[0-9]{2}")
+#: RFC 3339's date-time (section 5.6; a space for the `T` as its note allows), the offset
+#: optional: ISO 8601's other forms, which `fromisoformat` takes too (week dates, ordinal
+#: dates, no seconds, no separators), are not what a client means to send.
+_DATE_TIME = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})?"
+)
 
 
 def parse_time(value: object, what: str) -> datetime:
     """An RFC 3339 date-time string as an aware UTC datetime, else `InvalidInput` naming
     `what`. A time without an offset is taken as UTC; an offset is converted, not dropped;
-    times outside 1970..9999 are refused."""
+    fractions of a second have at most 6 digits (none is cut off); times outside
+    1970..9999 are refused."""
     if not isinstance(value, str):
         raise InvalidInput(f"{what} must be an RFC 3339 date-time string")
     text = value.strip()
@@ -131,9 +139,13 @@ def parse_time(value: object, what: str) -> datetime:
     if text[-1:] in ("Z", "z"):
         text = text[:-1] + "+00:00"
     try:
+        if not _DATE_TIME.fullmatch(value.strip()):
+            raise ValueError(value)
         parsed = datetime.fromisoformat(text)
     except ValueError:
-        raise InvalidInput(f"{what} is not an RFC 3339 date-time: {value!r}") from None
+        raise InvalidInput(
+            f"{what} is not an RFC 3339 date-time (such as 2026-12-01T22:00:00Z): {value!r}"
+        ) from None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
     try:
