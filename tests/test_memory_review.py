@@ -113,6 +113,20 @@ async def test_a_prefetch_failure_cancels_the_other_fetches(tmp_path: Path) -> N
     assert asyncio.all_tasks() == tasks_before  # nor left running
 
 
+async def test_checking_a_parent_holds_a_bounded_number_of_segments(tmp_path: Path) -> None:
+    # `all_stored` (a push checking its parent version is still whole) checked 256 segments
+    # at once, a task each, each fetched segment held until written to the cache.
+    store = _CountingStore()
+    repo = Repository(store, tmp_path / "cache", fetch_concurrency=FETCHES)
+    _, refs = await _version(repo, SEGMENTS)
+    store.missing = manifest_key(refs[-1].digest)  # so the check ends before the packs
+    tasks_before = len(asyncio.all_tasks())
+    assert await repo.all_stored(refs) is False
+    assert store.reads == SEGMENTS - 1
+    assert store.peak_tasks <= tasks_before + 4 * FETCHES
+    assert store.peak_alive <= 4 * FETCHES
+
+
 class _DownForReads(MemoryStore):
     """Lists its packs, but refuses every read once the listing is waiting for room in
     `pack_listing`'s queue (more than two batches listed): a store going down mid-run."""

@@ -344,7 +344,9 @@ class Repository:
     async def all_stored(self, refs: list[SegmentRef]) -> bool:
         """Whether the store still has every segment of `refs` and every pack their entries
         reference; the segments end up in the local cache (a cached one is confirmed with a
-        HEAD, a missing one fetched). Requests go `fetch_concurrency` at a time."""
+        HEAD, a missing one fetched). Requests go `fetch_concurrency` at a time, and at most
+        four times as many segments are checked together: a fetched segment is held until
+        it is written to the cache, so a batch of 256 could hold 256 segments at once."""
 
         async def segment(ref: SegmentRef) -> bool:
             if await asyncio.to_thread(self.read_cached, ref.digest) is not None:
@@ -355,7 +357,7 @@ class Repository:
                 return False
             return True
 
-        if not await _all_true(segment(r) for r in refs):
+        if not await _all_true((segment(r) for r in refs), batch=4 * self.fetch_concurrency):
             return False
         packs = await asyncio.to_thread(
             lambda: {c.pack for e in self.iter_cached(refs, check=False) for c in e.chunks}
