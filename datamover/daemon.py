@@ -146,8 +146,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
 
         async def refresh() -> bool:
             metrics.set_queue(await transfers.depth())
-            replicas = await site.catalog.replicas()
-            metrics.cache.labels(config.site.name).set(sum(r.bytes for r in replicas))
+            metrics.cache.labels(config.site.name).set(await site.catalog.replica_bytes())
             await transfers.requeue_expired(on_ended=_count_ended(metrics))
             return False
 

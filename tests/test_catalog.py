@@ -247,3 +247,30 @@ async def test_version_cache(catalog_url: str) -> None:
         assert await catalog.cached_versions([doc.version, "nope"]) == {doc.version: doc}
     finally:
         await catalog.close()
+
+
+async def test_replica_records_are_read_a_page_at_a_time(catalog_url: str) -> None:
+    catalog = Catalog(await open_engine(catalog_url))
+    try:
+        names = ["/p/a", "/p/a/b", "/p/b", "/PROJ/x", "/q/x", "/pp"]
+        for i, name in enumerate(names):
+            await catalog.begin_replica(name, "/data" + name, "v1", None, "host:1")
+            await catalog.finish_replica(name, "v1", "ready", 1, 10 * (i + 1))
+        assert [r.dataset for r in await catalog.replicas()] == sorted(names)
+        assert [r.dataset for r in await catalog.replicas(prefixes=["/p"])] == [
+            "/p/a",
+            "/p/a/b",
+            "/p/b",
+        ]
+        pages, after = [], None
+        while True:
+            page = await catalog.replicas(prefixes=["/p", "/q"], after=after, limit=2)
+            pages.append([r.dataset for r in page])
+            if len(page) < 2:
+                break
+            after = page[-1].dataset
+        assert pages == [["/p/a", "/p/a/b"], ["/p/b", "/q/x"], []]
+        assert await catalog.replicas(prefixes=[]) == []
+        assert await catalog.replica_bytes() == 210
+    finally:
+        await catalog.close()

@@ -83,6 +83,30 @@ async def test_submit_over_http_and_wait(served_site: StartSite, make_site: Make
         _, replicas = b.request("GET", "/v1/replicas", who)
         assert replicas["replicas"][0]["pins_by_tenant"] == by_tenant, replicas
 
+    # A page at a time, within the token's prefixes and the one asked for.
+    site = await b.env.open()
+    try:
+        for name in ("/proj/run2", "/proj/run3", "/other/x"):
+            await site.catalog.begin_replica(name, "/data" + name, "v1", None, "host:1")
+    finally:
+        await site.close()
+    pages, after = [], ""
+    while after is not None:
+        status, page = b.request("GET", f"/v1/replicas?limit=2{after}", token)
+        assert status == 200, page
+        pages.append([r["dataset"] for r in page["replicas"]])
+        after = page["next"] and f"&after={page['next']}"
+    assert pages == [["/proj/run1", "/proj/run2"], ["/proj/run3"]]
+    assert pages[0] and replicas["replicas"][0]["pins_by_tenant"]  # pins on a page too
+    _, page = b.request("GET", "/v1/replicas?prefix=/other", admin)
+    assert [r["dataset"] for r in page["replicas"]] == ["/other/x"]
+    _, page = b.request("GET", "/v1/replicas?prefix=/other", token)
+    assert page == {"replicas": [], "next": None}
+    _, page = b.request("GET", "/v1/replicas?prefix=/proj/run1", token)
+    assert [r["dataset"] for r in page["replicas"]] == ["/proj/run1"]
+    status, err = b.request("GET", "/v1/replicas?after=run1", token)
+    assert status == 400 and "'after' must be a dataset path" in err["error"]["message"]
+
     status, metrics = b.request("GET", "/metrics")
     assert status == 200
     assert (

@@ -291,17 +291,41 @@ async def list_versions(request: web.Request) -> web.Response:
 
 
 async def list_replicas(request: web.Request) -> web.Response:
-    """GET /v1/replicas, with the pins of the caller's tenant (every pin for an admin):
-    pins name other tenants' jobs. A pin id is a tenant's, so `pins_by_tenant` says whose
-    each is (the same id of two tenants is two pins)."""
+    """GET /v1/replicas?prefix=&after=&limit=: a page of at most `limit` of the datasets
+    materialised here that the caller may read, by dataset, with the pins of the caller's
+    tenant (every pin for an admin): pins name other tenants' jobs. A pin id is a tenant's,
+    so `pins_by_tenant` says whose each is (the same id of two tenants is two pins). `next`
+    is the last dataset of a full page, to pass as `after`."""
     ctx = context(request)
     who = require(request, "read")
     admin = who.allows("admin")
+    prefix = query_text(request, "prefix")
+    after = query_text(request, "after")
+    if after is not None:
+        try:
+            after = check_logical_path(after)
+        except InvalidInput as exc:
+            raise InvalidInput(
+                f"query parameter 'after' must be a dataset path, as 'next' gives it: {exc}"
+            ) from None
+    limit = query_int(request, "limit", 1000, 1, 10_000)
+    scopes = [] if admin else list(who.prefixes)
+    if prefix is not None and prefix != "/":
+        prefix = check_logical_path(prefix)
+        # Under `prefix` and under one of the token's: the deeper of each pair that nests.
+        scopes = [prefix] if admin else _narrowed(prefix, scopes)
+    rows = await ctx.site.catalog.replicas(
+        prefixes=None if admin and not scopes else scopes, after=after, limit=limit
+    )
     pins: dict[str, list[str]] = {}
     by_tenant: dict[str, dict[str, list[str]]] = {}
-    for p in await ctx.access.pins(tenant=None if admin else who.tenant):
-        pins.setdefault(p.dataset, []).append(p.pin)
-        by_tenant.setdefault(p.dataset, {}).setdefault(p.tenant, []).append(p.pin)
+    if rows:
+        held = await ctx.access.pins(
+            tenant=None if admin else who.tenant, datasets=[r.dataset for r in rows]
+        )
+        for p in held:
+            pins.setdefault(p.dataset, []).append(p.pin)
+            by_tenant.setdefault(p.dataset, {}).setdefault(p.tenant, []).append(p.pin)
     replicas = [
         {
             "dataset": r.dataset,
@@ -314,10 +338,22 @@ async def list_replicas(request: web.Request) -> web.Response:
             "pins": pins.get(r.dataset, []),
             "pins_by_tenant": by_tenant.get(r.dataset, {}),
         }
-        for r in await ctx.site.catalog.replicas()
-        if admin or who.covers(r.dataset)
+        for r in rows
     ]
-    return _json({"replicas": replicas})
+    next_cursor = rows[-1].dataset if len(rows) == limit else None
+    return _json({"replicas": replicas, "next": next_cursor})
+
+
+def _narrowed(prefix: str, scopes: list[str]) -> list[str]:
+    """The prefixes under both `prefix` and one of `scopes`: for each scope nesting with
+    `prefix`, the deeper of the two."""
+    out: list[str] = []
+    for scope in scopes:
+        if is_under(prefix, scope):
+            out.append(prefix)
+        elif is_under(scope, prefix):
+            out.append(scope)
+    return sorted(set(out))
 
 
 async def add_pin(request: web.Request) -> web.Response:

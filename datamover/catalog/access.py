@@ -172,15 +172,22 @@ class Access:
         )
 
     async def pins(
-        self, pin: str | None = None, dataset: str | None = None, tenant: str | None = None
+        self,
+        pin: str | None = None,
+        dataset: str | None = None,
+        tenant: str | None = None,
+        datasets: Sequence[str] | None = None,
     ) -> list[PinRow]:
-        """Pins, optionally only one pin id, one dataset or one tenant's."""
+        """Pins, optionally only one pin id, one dataset (or those of `datasets`) or one
+        tenant's."""
         p = Pin.__table__
         query = select(p).order_by(p.c.pin, p.c.dataset, p.c.tenant)
         if pin is not None:
             query = query.where(p.c.pin == pin)
         if dataset is not None:
             query = query.where(p.c.dataset == dataset)
+        if datasets is not None:
+            query = query.where(p.c.dataset.in_(list(datasets)))
         if tenant is not None:
             query = query.where(p.c.tenant == tenant)
         async with self.engine.connect() as conn:

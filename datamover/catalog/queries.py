@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, false, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from datamover.catalog.engine import upsert_for
+from datamover.catalog.engine import path_under, upsert_for
 from datamover.catalog.models import Chunk, Pack, PushCheckpoint, PushSegment, Replica, Version
 from datamover.domain.manifest import ChunkRef
 from datamover.errors import CatalogUnavailable, Conflict
@@ -290,12 +290,30 @@ class Catalog:
             r = (await conn.execute(select(table).where(table.c.dataset == dataset))).first()
         return None if r is None else _replica_row(r)
 
-    async def replicas(self) -> list[ReplicaRow]:
-        """Every replica record of this site, by dataset."""
+    async def replicas(
+        self,
+        prefixes: Sequence[str] | None = None,
+        after: str | None = None,
+        limit: int | None = None,
+    ) -> list[ReplicaRow]:
+        """This site's replica records by dataset: those under one of `prefixes` (all when
+        None), after dataset `after` in that order, at most `limit` of them."""
+        table = Replica.__table__
+        query = select(table).order_by(table.c.dataset)
+        if prefixes is not None:
+            query = query.where(or_(false(), *(path_under(table.c.dataset, p) for p in prefixes)))
+        if after is not None:
+            query = query.where(table.c.dataset > after)
+        if limit is not None:
+            query = query.limit(limit)
+        async with self.engine.connect() as conn:
+            return [_replica_row(r) for r in await conn.execute(query)]
+
+    async def replica_bytes(self) -> int:
+        """The bytes of every replica record of this site, summed in the database."""
         table = Replica.__table__
         async with self.engine.connect() as conn:
-            rows = await conn.execute(select(table).order_by(table.c.dataset))
-            return [_replica_row(r) for r in rows]
+            return int((await conn.execute(select(func.sum(table.c.bytes)))).scalar() or 0)
 
     async def begin_replica(
         self, dataset: str, root: str, version: str, base_version: str | None, owner: str
