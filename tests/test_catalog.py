@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from sqlalchemy.engine import make_url
 
 from datamover.catalog.engine import (
     HEAD,
+    cannot_open,
     catalog_revision,
     create_engine_for,
     head_revision,
@@ -110,6 +112,18 @@ async def test_bad_catalog_urls() -> None:
     # a hook retries, not 8, which asks a person.
     with pytest.raises(CatalogUnavailable, match=r"cannot be opened: .*Connect call failed"):
         await open_engine("postgresql://nobody@127.0.0.1:1/none")
+
+
+def test_an_unreachable_catalog_server_is_an_outage() -> None:
+    # Every address of a name refusing (asyncio's "Multiple exceptions", errno None), no
+    # route to the host: a later try may succeed, as for one refused connection.
+    several = OSError(
+        "Multiple exceptions: [Errno 111] Connect call failed ('::1', 5432, 0, 0), "
+        "[Errno 111] Connect call failed ('127.0.0.1', 5432)"
+    )
+    for exc in (several, OSError(errno.EHOSTUNREACH, "No route to host")):
+        assert isinstance(cannot_open("catalog x cannot be opened", exc), CatalogUnavailable)
+    assert type(cannot_open("x", OSError(errno.EACCES, "Permission denied"))) is CatalogError
 
 
 async def test_a_missing_database_is_no_outage() -> None:

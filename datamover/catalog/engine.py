@@ -8,6 +8,7 @@ writer process with concurrent readers (WAL, busy timeout).
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import time
 import warnings
@@ -423,6 +424,10 @@ async def open_engine(url: str) -> AsyncEngine:
 #: starting up (57P01-57P03), out of connection slots (53300); and class 08, connection
 #: exceptions.
 _RETRY_LATER = ("57P01", "57P02", "57P03", "53300")
+#: Connection errnos a later try may not see (a route or a server coming back).
+_UNREACHABLE = frozenset(
+    {errno.ECONNREFUSED, errno.ECONNRESET, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ETIMEDOUT}
+)
 
 
 def cannot_open(what: str, exc: BaseException) -> CatalogUnavailable | CatalogError:
@@ -438,6 +443,9 @@ def cannot_open(what: str, exc: BaseException) -> CatalogUnavailable | CatalogEr
     later = (
         isinstance(exc, ConnectionError | TimeoutError)
         or (isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN)
+        or (isinstance(exc, OSError) and exc.errno in _UNREACHABLE)
+        # asyncio's error when every address of a name refused: errno None, one line each
+        or (isinstance(exc, OSError) and "Connect call failed" in str(exc))
         or (isinstance(state, str) and (state.startswith("08") or state in _RETRY_LATER))
         or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
         or "database is locked" in reason

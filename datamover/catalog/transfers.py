@@ -23,7 +23,6 @@ from typing import Any
 
 from sqlalchemy import (
     Executable,
-    case,
     delete,
     false,
     func,
@@ -55,7 +54,7 @@ from datamover.catalog.transfer_rows import (
     succeeded_values,
 )
 from datamover.domain.transfers import TERMINAL, State, rank_time, sources
-from datamover.errors import Conflict, NotFound, RunsExhausted
+from datamover.errors import CatalogUnavailable, Conflict, NotFound, RunsExhausted
 
 log = logging.getLogger(__name__)
 
@@ -275,43 +274,44 @@ class Transfers:
             f"run {self.max_attempts} times, the last run cut off (the process running it "
             "died or lost its lease); not run again (see the site's log)"
         )
+        failed: list[Any] = []
+        cancelled: list[Any] = []
         async with self.engine.begin() as conn:
-            ended = (await conn.execute(spent)).all()
-            if ended:
-                await conn.execute(
-                    update(T)
-                    .where(T.c.id.in_([r.id for r in ended]), *lapsed)
-                    .values(
-                        state=State.FAILED.value,
-                        finished_at=at,
-                        error_code=problem.code,
-                        error_message=problem.message,
-                        error_paths="[]",
-                        **free,
-                    )
+            # Row by row (a handful: the runs of dead workers), each counted only if its
+            # own UPDATE changed it: on SQLite, where FOR UPDATE is not, the worker may
+            # have ended it between the SELECT and the UPDATE, and then counted it itself.
+            for row in (await conn.execute(spent)).all():
+                ended = update(T).where(T.c.id == row.id, *lapsed)
+                ended = ended.values(
+                    state=State.FAILED.value,
+                    finished_at=at,
+                    error_code=problem.code,
+                    error_message=problem.message,
+                    error_paths="[]",
+                    **free,
                 )
-            cancelled = (await conn.execute(asked.with_for_update(skip_locked=True))).all()
-            if cancelled:
-                await conn.execute(
-                    update(T)
-                    .where(T.c.id.in_([r.id for r in cancelled]), *lapsed)
-                    .values(not_before=at, **free, **requeued(at))
-                )
+                if (await conn.execute(ended)).rowcount:
+                    failed.append(row)
+            for row in (await conn.execute(asked.with_for_update(skip_locked=True))).all():
+                ended = update(T).where(T.c.id == row.id, *lapsed, T.c.cancel_requested)
+                ended = ended.values(not_before=at, **free, **requeued(at))
+                if (await conn.execute(ended)).rowcount:
+                    cancelled.append(row)
             # What lapsed since (or another process holds locked): back in the queue only;
             # one asked to be cancelled is left to the next pass, which counts it.
             again = update(T).where(*lapsed, ~T.c.cancel_requested)
             again = again.values(not_before=at, **free, **requeued(at))
             moved = (await conn.execute(again)).rowcount
-        for row in ended:
+        for row in failed:
             log.warning("failed %s %s: %s", row.kind, row.id, problem.message)
         for row in cancelled:
             log.info("cancelled %s %s: its run was cut off", row.kind, row.id)
         if on_ended is not None:
-            for row in ended:
+            for row in failed:
                 on_ended(row.kind, State.FAILED.value)
             for row in cancelled:
                 on_ended(row.kind, State.CANCELLED.value)
-        return len(ended) + len(cancelled) + moved
+        return len(failed) + len(cancelled) + moved
 
     async def claim(self, owner: str, lease: float) -> TransferRow | None:
         """Take the next runnable transfer for `owner`, with a lease of `lease` seconds.
@@ -445,24 +445,30 @@ class Transfers:
         later requeue). Cancelling a cancelled transfer is harmless; a finished one is a
         `Conflict`; an unknown id is `NotFound`."""
         at = await self.clock()
-        queued = T.c.state == State.QUEUED.value
-        stmt = (
-            update(T)
-            .where(T.c.id == transfer_id, T.c.state.in_([State.QUEUED.value, State.RUNNING.value]))
-            .values(
-                state=case((queued, State.CANCELLED.value), else_=T.c.state),
-                finished_at=case((queued, at), else_=T.c.finished_at),
-                cancel_requested=case((queued, T.c.cancel_requested), else_=True),
-                updated_at=at,
-            )
-            .returning(T.c.state)  # as this statement left it: cancelled if it was queued
-        )
-        async with self.engine.begin() as conn:
-            written = (await conn.execute(stmt)).first()
-        row = await self.get(transfer_id)
-        if written is not None or row.state == State.CANCELLED:
-            return row, written is not None and written.state == State.CANCELLED.value
-        raise Conflict(f"transfer {transfer_id} already {row.state}; it cannot be cancelled")
+        mine = T.c.id == transfer_id
+        queued = update(T).where(mine, T.c.state == State.QUEUED.value)
+        queued = queued.values(state=State.CANCELLED.value, finished_at=at, updated_at=at)
+        running = update(T).where(mine, T.c.state == State.RUNNING.value)
+        running = running.values(cancel_requested=True, updated_at=at)
+        # Two guarded UPDATEs, so this call knows whether it ended the transfer (a single
+        # UPDATE would need RETURNING, which SQLite has only from 3.35: RHEL 9 ships 3.34).
+        # A worker requeueing the transfer between them makes both miss: then again.
+        for _ in range(8):
+            async with self.engine.begin() as conn:
+                ended = bool((await conn.execute(queued)).rowcount)
+                flagged = not ended and bool((await conn.execute(running)).rowcount)
+            # Read after the transaction: holding its connection while taking another from
+            # the pool deadlocks once every pooled connection is held so.
+            row = await self.get(transfer_id)
+            if ended or flagged:
+                return row, ended
+            if row.state == State.CANCELLED:
+                return row, False
+            if row.state in TERMINAL:
+                raise Conflict(
+                    f"transfer {transfer_id} already {row.state}; it cannot be cancelled"
+                )
+        raise CatalogUnavailable(f"transfer {transfer_id} kept changing state; try again")
 
     async def prune(self, age: timedelta, limit: int = PRUNE_BATCH) -> int:
         """Delete up to `limit` transfers that ended (succeeded, failed or cancelled) more
