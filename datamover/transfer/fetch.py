@@ -16,6 +16,7 @@ from datamover.chunking import codec
 from datamover.chunking.pack import pack_key
 from datamover.domain.manifest import ChunkRef
 from datamover.errors import Corrupt, ObjectNotFound
+from datamover.repo.repository import gather_or_cancel
 from datamover.storage.base import Store
 
 
@@ -89,8 +90,9 @@ class Fetcher:
         return data
 
     async def fetch(self, ranges: Sequence[Range]) -> list[bytes]:
-        """The bytes of each range, in order."""
-        return list(await asyncio.gather(*(self._get(r) for r in ranges)))
+        """The bytes of each range, in order. The first failure cancels the GETs still
+        running (they would hold slots and fetch for nothing) and is raised once they end."""
+        return await gather_or_cancel([self._get(r) for r in ranges])
 
 
 def decode_ranges(

@@ -17,6 +17,7 @@ from datamover.catalog.queries import Catalog
 from datamover.chunking.pack import PackBuilder, pack_key
 from datamover.domain.manifest import ChunkRef
 from datamover.errors import ObjectNotFound
+from datamover.repo.repository import gather_or_cancel
 from datamover.storage.base import Store
 from datamover.transfer.scan import NewChunk
 
@@ -139,7 +140,7 @@ class Packer:
 
             checked = list(unknown)
             for pack, present in zip(
-                checked, await asyncio.gather(*map(exists, checked)), strict=True
+                checked, await gather_or_cancel([exists(p) for p in checked]), strict=True
             ):
                 (self._verified if present else self._gone).add(pack)
         return packs & self._gone

@@ -235,6 +235,23 @@ async def _check_staged(site: Site, dataset: str) -> None:
     )
 
 
+async def _parent_manifest(site: Site, parent: VersionDoc) -> list[SegmentRef] | None:
+    """The parent version's manifest list, its segments in the local cache; None when the
+    store lost part of it (and this site has no copy): the push then compares with nothing
+    and reads every file, instead of failing every push of the dataset for good. Lost packs
+    are healed by reading the files again; a lost manifest is healed the same way."""
+    try:
+        return await site.repo.prefetch(parent)
+    except Corrupt as exc:
+        log.warning(
+            "%s: the parent version %s cannot be read (%s); every file is read again",
+            parent.dataset,
+            parent.version,
+            exc.message,
+        )
+        return None
+
+
 async def _push(
     site: Site, dataset: str, checksum: bool, force: bool, progress: Progress, started: float
 ) -> PushResult:
@@ -250,11 +267,16 @@ async def _push(
     found, resumed = await _resumable_segments(site, dataset)
     await site.catalog.start_checkpoint(dataset, parent_id, owner_id(), bool(resumed), found)
     async with _holding(site, dataset):
-        parent_refs = await site.repo.prefetch(parent) if parent else []
+        parent_refs = await _parent_manifest(site, parent) if parent else None
         lost: set[bytes] = set()
         spent = PushResult(dataset, "", None, False)  # what passes given up on sent
         counted = _PassProgress(progress)
-        objects = [parent.manifest_digest, *(r.digest for r in parent_refs)] if parent else []
+        objects = (
+            [parent.manifest_digest, *(r.digest for r in parent_refs)]
+            if parent and parent_refs is not None
+            else []
+        )
+        parent_refs = parent_refs or []
         for _ in range(_HEAL_PASSES + 1):
             check = ReuseCheck(site.repo)
             check.manifests(objects)

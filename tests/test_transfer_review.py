@@ -1,0 +1,80 @@
+"""Transfer internals: a failed fetch or pack check leaves nothing running against the
+store, a push whose parent lost a manifest segment still publishes, and stages waiting for
+a dataset's readers do not take the event loop's threads."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import pytest
+
+from datamover.chunking.pack import pack_key
+from datamover.errors import Corrupt, ObjectNotFound
+from datamover.repo.layout import manifest_key
+from datamover.storage.memory import MemoryStore
+from datamover.transfer.fetch import Fetcher, Range
+from datamover.transfer.push import push
+from datamover.transfer.stage import stage
+from tests.fixtures_sites import MakeSite
+from tests.treegen import snapshot
+
+
+class _SlowStore(MemoryStore):
+    """GETs of `bad` fail at once, others take a while; counts those still running."""
+
+    def __init__(self, bad: str) -> None:
+        super().__init__()
+        self.bad = bad
+        self.running = self.finished = 0
+
+    async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
+        if key == self.bad:
+            raise ObjectNotFound(key)
+        self.running += 1
+        try:
+            await asyncio.sleep(0.2)
+            data = await super().get(key, offset, length)
+            self.finished += 1
+            return data
+        finally:
+            self.running -= 1
+
+
+async def test_a_failed_fetch_cancels_the_other_gets() -> None:
+    packs = [bytes([i]) * 32 for i in range(8)]
+    store = _SlowStore(pack_key(packs[0]))
+    for pack in packs[1:]:
+        await store.put(pack_key(pack), bytes(100))
+    fetcher = Fetcher(store, concurrency=8)
+    with pytest.raises(Corrupt, match="missing from the store"):
+        await fetcher.fetch([Range(p, 0, 100) for p in packs])
+    # They went on downloading for nothing, holding the fetcher's slots.
+    assert store.running == 0 and store.finished == 0
+
+
+async def test_a_parent_with_a_lost_segment_does_not_block_other_sites(
+    make_site: MakeSite,
+) -> None:
+    # Site B, which never cached the parent's manifest, failed every push of the dataset
+    # with "manifest object ... is missing from the store", though it held the whole tree.
+    a = await make_site("site-a", segment_entries=8)
+    b, c = await make_site("site-b"), await make_site("site-c")
+    (a.data / "x").mkdir()
+    for i in range(60):
+        (a.data / "x" / f"f{i:02d}").write_text(f"file {i}\n")
+    shutil.copytree(a.data / "x", b.data / "x")
+    site_a, site_b, site_c = await a.open(), await b.open(), await c.open()
+    try:
+        first = await push(site_a, "/proj/x")
+        refs = await site_a.repo.segments(await site_a.repo.read_version("/proj/x", first.version))
+        await site_a.store.delete(manifest_key(refs[1].digest))
+        (b.data / "x" / "new").write_text("made at site B\n")
+        pushed = await push(site_b, "/proj/x")
+        assert pushed.parent == first.version and pushed.files == 61
+        assert pushed.files_read == 61  # nothing to compare with: every file read again
+        await stage(site_c, "/proj/x")
+        assert snapshot(c.data / "x") == snapshot(b.data / "x")
+    finally:
+        for site in (site_a, site_b, site_c):
+            await site.close()
