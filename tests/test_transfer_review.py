@@ -5,7 +5,9 @@ a dataset's readers do not take the event loop's threads."""
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +16,7 @@ from datamover.errors import Corrupt, ObjectNotFound
 from datamover.repo.layout import manifest_key
 from datamover.storage.memory import MemoryStore
 from datamover.transfer.fetch import Fetcher, Range
+from datamover.transfer.locks import lock_dataset, take_lock
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from tests.fixtures_sites import MakeSite
@@ -78,3 +81,28 @@ async def test_a_parent_with_a_lost_segment_does_not_block_other_sites(
     finally:
         for site in (site_a, site_b, site_c):
             await site.close()
+
+
+async def test_stages_waiting_for_readers_leave_the_loops_threads_free(tmp_path: Path) -> None:
+    # Each stage waiting for a push or verify to end held a thread of the loop's default
+    # executor (cpu_count() + 4 of them): that many waiting stages stopped every other
+    # `to_thread` of the daemon, other datasets' transfers included.
+    waiting = (os.cpu_count() or 1) + 6
+    readers = [lock_dataset(tmp_path, f"/proj/d{i}", reader="verify") for i in range(waiting)]
+    stages = [asyncio.ensure_future(take_lock(tmp_path, f"/proj/d{i}")) for i in range(waiting)]
+    try:
+        await asyncio.sleep(0.3)
+        assert not any(s.done() for s in stages)
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: "free"), 5) == "free"
+        other = await asyncio.wait_for(take_lock(tmp_path, "/proj/other"), 5)
+        assert other is not None
+        os.close(other)
+    finally:
+        for fd in readers:
+            if fd is not None:
+                os.close(fd)
+    taken = await asyncio.wait_for(asyncio.gather(*stages), 10)  # readers gone: stages go on
+    assert all(fd is not None for fd in taken)
+    for fd in taken:
+        assert fd is not None
+        os.close(fd)

@@ -25,10 +25,14 @@ import logging
 import os
 import stat
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from datamover.catalog.queries import owner_id
 from datamover.errors import Conflict, PermanentError
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +56,44 @@ async def take_lock(state_dir: Path, dataset: str, *, reader: str | None = None)
     the descriptor it returns after that is closed then, not leaked. A stage waiting for
     pushes and verifies to end (`lock_dataset`) stops waiting when cancelled."""
     stop = threading.Event()
-    taking = asyncio.ensure_future(
-        asyncio.to_thread(lock_dataset, state_dir, dataset, reader=reader, stop=stop)
-    )
+    taking = _in_own_thread(lambda: lock_dataset(state_dir, dataset, reader=reader, stop=stop))
     try:
         return await asyncio.shield(taking)
     except asyncio.CancelledError:
         stop.set()
         taking.add_done_callback(_close_taken)  # runs at once if it is done already
         raise
+
+
+def _in_own_thread(fn: Callable[[], T]) -> asyncio.Future[T]:
+    """`fn()` on a thread of its own, as a future of the running loop. Not the loop's
+    default executor (`cpu_count() + 4` threads, shared by every `to_thread` of a daemon):
+    stages waiting there for a long push or verify would take all of them, and every
+    transfer's file work with them."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if future.done():
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def run() -> None:
+        try:
+            outcome: tuple[bool, Any] = (True, fn())
+        except BaseException as exc:  # handed to the waiting task, which raises it
+            outcome = (False, exc)
+        try:
+            loop.call_soon_threadsafe(settle, *outcome)
+        except RuntimeError:  # the loop is closed: its process is ending
+            if outcome[0] and isinstance(outcome[1], int):
+                os.close(outcome[1])
+
+    threading.Thread(target=run, name="datamover-lock", daemon=True).start()
+    return future
 
 
 def _close_taken(taking: asyncio.Future[int | None]) -> None:
