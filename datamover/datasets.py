@@ -14,11 +14,12 @@ from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from datamover.aio import gather_or_cancel
 from datamover.domain.paths import check_logical_path
 from datamover.errors import Corrupt, InvalidInput, NotFound
 from datamover.repo.layout import VersionDoc, resume_key
-from datamover.repo.repository import gather_or_cancel
 from datamover.site import Site
+from datamover.storage.base import MAX_KEY_BYTES
 
 #: Version documents read at once.
 _FETCHERS = 16
@@ -120,7 +121,7 @@ def _resume_key(cursor: str) -> str:
     except InvalidInput:
         path = None
     key = None if path is None else resume_key(path, legacy)
-    if key is None:
+    if key is None or len(key.encode()) > MAX_KEY_BYTES:  # no version key is longer
         raise InvalidInput(f"{cursor!r} is not a dataset listing's cursor (its 'next')")
     return key
 

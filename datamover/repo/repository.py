@@ -11,13 +11,14 @@ import asyncio
 import json
 import os
 import secrets
-from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import blake3
 
+from datamover.aio import gather_or_cancel
 from datamover.chunking.chunker import ChunkerParams
 from datamover.chunking.pack import pack_key
 from datamover.domain.manifest import Entry, Kind
@@ -47,19 +48,6 @@ DOCUMENT_LIMIT = 1 << 20
 def utc_now() -> str:
     """Current UTC time in the format used by stored documents."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-async def gather_or_cancel(checks: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
-    """`asyncio.gather(*checks)`, except that when one fails the others are cancelled and
-    awaited before the error is raised, so none is left running (against the store)."""
-    tasks = [asyncio.ensure_future(c) for c in checks]
-    try:
-        return await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 async def _drain(jobs: Iterable[Coroutine[Any, Any, object]], limit: int) -> None:

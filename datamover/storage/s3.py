@@ -43,6 +43,7 @@ import botocore.loaders
 from aiobotocore.session import AioSession
 from botocore.config import Config as BotoConfig
 
+from datamover.aio import gather_or_cancel
 from datamover.errors import (
     BucketNotFound,
     DatamoverError,
@@ -457,9 +458,9 @@ class S3Store:
         then it waits in a heap, because siblings like `d-x` and `d.x` come before `d/`.
         Entries at or before `after` are dropped here too: the server's `StartAfter` only
         saves the reading. The sub-prefixes SeaweedFS would leave out of a listing from
-        `after` (`_resumed`) wait in the heap from the start.
+        `after` (`_resumed`) that hold anything wait in the heap from the start.
         """
-        resumed = _resumed(prefix, after)
+        resumed = await self._holding(_resumed(prefix, after))
         waiting = sorted(resumed)
         async for entries in self._level_pages(prefix, after):
             for sort_key, name, size in entries:
@@ -480,6 +481,23 @@ class S3Store:
             async with contextlib.aclosing(self._walk(sub_prefix, after)) as sub:
                 async for info in sub:
                     yield info
+
+    async def _holding(self, prefixes: list[str]) -> list[str]:
+        """Those of `prefixes` under which the bucket holds anything: one request of one key
+        each, `_PROBES` at a time (a start key can have one per byte below `/`)."""
+        if not prefixes:
+            return []
+        todo = iter(prefixes)
+        found: list[str] = []
+
+        async def probe() -> None:
+            for sub in todo:  # shared: each prober takes the next
+                page = await self._call("ListObjectsV2", None, Prefix=sub, Delimiter="/", MaxKeys=1)
+                if page.get("Contents") or page.get("CommonPrefixes"):
+                    found.append(sub)
+
+        await gather_or_cancel([probe() for _ in range(min(_PROBES, len(prefixes)))])
+        return found
 
     async def _level_pages(
         self, prefix: str, after: bytes
@@ -519,6 +537,10 @@ class S3Store:
                 raise PermanentError(f"{self.description} truncated a listing without a token")
 
 
+#: Sub-prefixes of a listing's start probed at once (`S3Store._holding`).
+_PROBES = 16
+
+
 def _resumed(prefix: str, after: bytes) -> list[str]:
     """The sub-prefixes of level `prefix` that may hold keys after `after` although a
     server listing the level from `after` leaves them out.
@@ -526,8 +548,9 @@ def _resumed(prefix: str, after: bytes) -> list[str]:
     For `after` = `prefix + head[/...]`, a listing from `prefix + head` omits, on SeaweedFS
     (which orders a sub-prefix by its name without the `/`), the sub-prefix `head/` and
     every `h/` for a start `h` of `head` followed by a byte below `/` (`d/` for `d-7`),
-    though `d/...` sorts after `d-7` by bytes. There are at most a few per level; each costs
-    one listing request, and on S3 proper, which lists them itself, nothing else.
+    though `d/...` sorts after `d-7` by bytes. One per byte below `/` in the level's part of
+    `after`, plus that part: each costs a request of one key (`S3Store._holding`), those
+    that hold anything a listing.
     """
     p = prefix.encode()
     if not after.startswith(p):

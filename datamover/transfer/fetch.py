@@ -12,11 +12,11 @@ import asyncio
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from datamover.aio import gather_or_cancel
 from datamover.chunking import codec
 from datamover.chunking.pack import pack_key
 from datamover.domain.manifest import ChunkRef
 from datamover.errors import Corrupt, ObjectNotFound
-from datamover.repo.repository import gather_or_cancel
 from datamover.storage.base import Store
 
 

@@ -13,11 +13,11 @@ import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from datamover.aio import gather_or_cancel
 from datamover.catalog.queries import Catalog
 from datamover.chunking.pack import PackBuilder, pack_key
 from datamover.domain.manifest import ChunkRef
 from datamover.errors import ObjectNotFound
-from datamover.repo.repository import gather_or_cancel
 from datamover.storage.base import Store
 from datamover.transfer.scan import NewChunk
 

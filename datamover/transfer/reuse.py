@@ -17,10 +17,11 @@ import asyncio
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
+from datamover.aio import gather_or_cancel
 from datamover.chunking.pack import pack_key
 from datamover.domain.manifest import ChunkRef
 from datamover.repo.layout import manifest_key
-from datamover.repo.repository import Repository, gather_or_cancel
+from datamover.repo.repository import Repository
 
 _BATCH = 256  # objects HEADed by one background task (the repository bounds concurrency)
 _IN_FLIGHT = 4  # batches of packs checked at once; the walk waits (`flush`) for a free one
