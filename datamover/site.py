@@ -63,11 +63,12 @@ def make_store(config: Config, on_retry: Callable[[str], None] | None = None) ->
         connect_timeout=s.connect_timeout,
         read_timeout=s.read_timeout,
     )
-    store: Store = RetryingStore(inner, policy=retry)
+    # The pacer sits under the retries, so each attempt waits for its turn: above them, a
+    # call took one turn however often its bytes were sent (5 puts of 1 MB failing twice
+    # each moved 15 MB in 4 s under a 1 MB/s limit).
     limit = config.transfer.bandwidth_limit
-    if limit > 0:
-        store = ThrottledStore(store, upload=limit, download=limit)
-    return store
+    paced: Store = ThrottledStore(inner, upload=limit, download=limit) if limit > 0 else inner
+    return RetryingStore(paced, policy=retry)
 
 
 @dataclass

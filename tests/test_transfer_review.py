@@ -7,14 +7,18 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
 
 from datamover.chunking.pack import pack_key
-from datamover.errors import Corrupt, ObjectNotFound
+from datamover.errors import Corrupt, ObjectNotFound, StoreUnavailable
 from datamover.repo.layout import manifest_key
+from datamover.site import make_store
+from datamover.storage.bandwidth import ThrottledStore
 from datamover.storage.memory import MemoryStore
+from datamover.storage.retry import RetryingStore, RetryPolicy
 from datamover.transfer.fetch import Fetcher, Range
 from datamover.transfer.locks import lock_dataset, take_lock
 from datamover.transfer.push import push
@@ -106,3 +110,37 @@ async def test_stages_waiting_for_readers_leave_the_loops_threads_free(tmp_path:
     for fd in taken:
         assert fd is not None
         os.close(fd)
+
+
+class _FailsTwice(MemoryStore):
+    """Each put fails twice after its body went out; counts the bytes sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = 0
+        self.tries: dict[str, int] = {}
+
+    async def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        self.sent += len(data)
+        self.tries[key] = self.tries.get(key, 0) + 1
+        if self.tries[key] <= 2:
+            raise StoreUnavailable("503 after the body was sent")
+        await super().put(key, data)
+
+
+async def test_the_bandwidth_limit_paces_every_attempt(make_site: MakeSite) -> None:
+    # The pacer wrapped the retries: a call took one turn however often its bytes went out
+    # (5 puts of 1 MB failing twice each moved 15 MB in 4 s under a 1 MB/s limit).
+    env = await make_site("site-a", bandwidth_limit=20_000_000)
+    built = make_store(env.config)
+    assert isinstance(built, RetryingStore) and isinstance(built.inner, ThrottledStore)
+    flaky = _FailsTwice()
+    store = RetryingStore(
+        ThrottledStore(flaky, upload=20_000_000), RetryPolicy(attempts=5, initial=0.001)
+    )
+    started = time.monotonic()
+    for i in range(5):
+        await store.put(f"packs/0{i}/x", bytes(1_000_000))
+    elapsed = time.monotonic() - started
+    assert flaky.sent == 15_000_000
+    assert elapsed >= (flaky.sent - 1_000_000) / 20_000_000  # every attempt waited its turn
