@@ -7,13 +7,18 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
+import subprocess
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
+from datamover.catalog.models import PushCheckpoint
 from datamover.chunking.pack import pack_key
-from datamover.errors import Corrupt, ObjectNotFound, StoreUnavailable
+from datamover.errors import Conflict, Corrupt, ObjectNotFound, StoreUnavailable
 from datamover.repo.layout import manifest_key
 from datamover.site import make_store
 from datamover.storage.bandwidth import ThrottledStore
@@ -144,3 +149,28 @@ async def test_the_bandwidth_limit_paces_every_attempt(make_site: MakeSite) -> N
     elapsed = time.monotonic() - started
     assert flaky.sent == 15_000_000
     assert elapsed >= (flaky.sent - 1_000_000) / 20_000_000  # every attempt waited its turn
+
+
+async def test_a_reused_process_id_does_not_hold_a_push_for_good(make_site: MakeSite) -> None:
+    # A push killed (or a host rebooted) left its claim naming `host:pid`; once that id
+    # named another live process, every push of the dataset was "already running" forever.
+    env = await make_site("site-a")
+    (env.data / "x").mkdir()
+    (env.data / "x" / "f").write_text("data\n")
+    other = subprocess.Popen(["sleep", "60"])
+    site = await env.open()
+    try:
+        owner = f"{socket.gethostname()}:{other.pid}"
+        await site.catalog.start_checkpoint("/proj/x", None, owner, False)
+        with pytest.raises(Conflict, match="already running"):
+            await push(site, "/proj/x")  # touched just now: it may be running
+        table = PushCheckpoint.__table__
+        async with site.catalog.engine.begin() as conn:
+            stale = datetime.now(UTC) - timedelta(hours=1)
+            await conn.execute(update(table).values(updated_at=stale))
+        pushed = await push(site, "/proj/x")  # silent for an hour: taken over
+        assert pushed.files == 1 and pushed.version
+    finally:
+        other.kill()
+        other.wait()
+        await site.close()

@@ -17,7 +17,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
@@ -127,16 +126,13 @@ def _reusable(resumed: list[SegmentRef], parent: list[SegmentRef]) -> list[Segme
 def _holder_alive(checkpoint: CheckpointRow, now: datetime) -> bool:
     """Whether the process recorded on an unfinished push may still be running it.
 
-    On this host the process table answers. A process on another host (a shared PostgreSQL
-    catalog) touches its checkpoint every `_TOUCH_EVERY` seconds while it runs, so one
-    silent for `_STALE_AFTER` has died or lost the catalog, and its push may be taken over.
-    """
-    owner = checkpoint.owner
-    if not owner_alive(owner):
+    A running push touches its checkpoint every `_TOUCH_EVERY` seconds, so one silent for
+    `_STALE_AFTER` has died or lost the catalog, and its push may be taken over, on this
+    host too: a process id that exists again (after a reboot, ids are soon reused) is no
+    proof that the push lives, and trusting it blocked the dataset for good. On this host a
+    process id that is gone ends the claim at once."""
+    if not owner_alive(checkpoint.owner):
         return False
-    assert owner is not None
-    if owner.partition("/")[0].rpartition(":")[0] == socket.gethostname():
-        return True
     return now - checkpoint.touched < _STALE_AFTER
 
 
