@@ -174,3 +174,26 @@ async def test_a_reused_process_id_does_not_hold_a_push_for_good(make_site: Make
         other.kill()
         other.wait()
         await site.close()
+
+
+async def test_a_push_waits_for_stages_of_datasets_above_and_below_it(
+    make_site: MakeSite,
+) -> None:
+    # Its lock and record check covered its own dataset only: a push of /proj/ds while a
+    # stage of /proj/ds/sub ran published sub/ with files of two versions.
+    env = await make_site("site-a")
+    (env.data / "ds" / "sub").mkdir(parents=True)
+    (env.data / "ds" / "sub" / "f").write_text("data\n")
+    site = await env.open()
+    try:
+        for near in ("/proj/ds/sub", "/proj"):
+            await site.catalog.begin_replica(near, str(env.data), "v1", None, "host:1")
+            with pytest.raises(Conflict, match=f"a stage of '{near}' .* is running or did not"):
+                await push(site, "/proj/ds")
+            await site.catalog.finish_replica(near, "v1", "ready", 1, 5)
+        await site.catalog.begin_replica("/proj/dsx", str(env.data), "v1", None, "host:1")
+        assert (await push(site, "/proj/ds")).files == 1  # a sibling shares nothing
+        await site.catalog.begin_replica("/proj/ds/sub", str(env.data), "v2", "v1", "host:1")
+        assert (await push(site, "/proj/ds", force=True)).unchanged  # as it is, on purpose
+    finally:
+        await site.close()

@@ -219,16 +219,26 @@ async def _check_staged(site: Site, dataset: str) -> None:
     not finish: the tree then holds some files of the version it was bringing and some of
     the one before (or none), and published as the latest it would have every site staging
     it with `--delete` remove the rest. (One running here holds the lock; this is one that
-    was killed or failed.)"""
+    was killed or failed.) The same for a dataset above or below `dataset`, whose stage
+    may also be running: their locks are their own."""
     replica = await site.catalog.replica(dataset)
     root = site.config.namespace.resolve(dataset)
-    if replica is None or replica.state == "ready" or replica.root != str(root):
-        return
-    raise Conflict(
-        f"{dataset!r}: a stage of version {replica.version} into this tree did not finish, "
-        "so it holds files of two versions; finish it (datamover stage "
-        f"{dataset} --version {replica.version}) or publish the tree as it is with --force"
-    )
+    if replica is not None and replica.state != "ready" and replica.root == str(root):
+        raise Conflict(
+            f"{dataset!r}: a stage of version {replica.version} into this tree did not "
+            "finish, so it holds files of two versions; finish it (datamover stage "
+            f"{dataset} --version {replica.version}) or publish the tree as it is with --force"
+        )
+    # A dataset above or below this one shares files with its tree: a stage of it that is
+    # running, or did not finish, leaves this tree part one version, part another.
+    near = await site.catalog.unfinished_near(dataset)
+    if near is not None:
+        raise Conflict(
+            f"{dataset!r}: a stage of {near.dataset!r} (version {near.version}), which "
+            "shares files with this tree, is running or did not finish; push after it ends "
+            f"(datamover stage {near.dataset} --version {near.version}) or publish the tree "
+            "as it is with --force"
+        )
 
 
 async def _parent_manifest(site: Site, parent: VersionDoc) -> list[SegmentRef] | None:
