@@ -36,7 +36,7 @@ def test_writes_files_with_mode_and_mtime(tmp_path: Path) -> None:
     (tmp_path / "ds" / "d").mkdir(parents=True)
     ranges, blobs, wire = _batch({"d/a": b"alpha", "d/b": b"", "top": b"x" * 5000})
     # Nothing unlocked, nothing trashed.
-    assert write_batch(str(tmp_path), ("ds",), ranges, blobs, wire) == ({}, [])
+    assert write_batch(str(tmp_path), ("ds",), ranges, blobs, wire) == ({}, [], 0)
     st = os.stat(tmp_path / "ds" / "d" / "a")
     assert (tmp_path / "ds" / "d" / "a").read_bytes() == b"alpha"
     assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o640, 1_600_000_000_123_456_789)

@@ -716,9 +716,11 @@ class TreeWriter:
             at = at / _free_name(at, name, directory=True)
         return at / _free_name(at, last, directory=False)
 
-    def note_trashed(self, rels: Sequence[str]) -> None:
-        """Count `rels` as trashed (by this writer, or by a worker process's for it)."""
-        self.trashed_count += len(rels)
+    def note_trashed(self, rels: Sequence[str], count: int | None = None) -> None:
+        """Count `count` paths (default: `len(rels)`) as trashed, by this writer or by a
+        worker process's for it, and remember `rels`, the first of them (a worker sends
+        only a sample of its names, `TRASHED_SAMPLE`, with their count), up to the sample."""
+        self.trashed_count += len(rels) if count is None else count
         self.trashed.extend(rels[: TRASHED_SAMPLE - len(self.trashed)])
 
     @staticmethod

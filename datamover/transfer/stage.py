@@ -419,14 +419,13 @@ class _Stager:
                 str(self.trash_dir),
                 self.writer.sparse,  # every write path takes the one setting
             )
-            unlocked, trashed = await asyncio.wrap_future(job)
+            written = await asyncio.wrap_future(job)
         except BrokenProcessPool:
             raise procpool.lost("stage writer") from None
-        if unlocked:
-            for rel, mode in unlocked.items():
-                self.writer.unlocked.setdefault(rel, mode)
-        if trashed:  # counted on the writer thread, which counts its own trash moves
-            await self._on_writer(self.writer.note_trashed, trashed)
+        for rel, mode in written.unlocked.items():
+            self.writer.unlocked.setdefault(rel, mode)
+        if written.trashed_count:  # counted on the writer thread, which counts its own
+            await self._on_writer(self.writer.note_trashed, written.trashed, written.trashed_count)
         return True
 
     # -- fetching ---------------------------------------------------------------------------

@@ -18,12 +18,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.transfer import fsops
 from datamover.transfer.fetch import Range, decode_ranges
 
 WireFile = tuple[str, int, int, tuple[ChunkRef, ...], tuple[int, int, int] | None]
+
+
+class Written(NamedTuple):
+    """What a worker's batch did besides writing its files: the directories it made
+    writable (path -> mode before), the first `fsops.TRASHED_SAMPLE` paths it moved to the
+    trash, and how many it moved there in all (more than the sample holds, possibly)."""
+
+    unlocked: dict[str, int]
+    trashed: list[str]
+    trashed_count: int
 
 
 def write_batch(
@@ -34,13 +45,14 @@ def write_batch(
     files: list[WireFile],
     trash: str | None = None,
     sparse: bool = False,
-) -> tuple[dict[str, int], list[str]]:
+) -> Written:
     """Worker-process entry point: verify every chunk of `ranges` and write `files` (each
     under a temporary name, renamed into place with its mode and mtime; a file a user
     changed since the walk is moved into the directory `trash` first). Return the
     directories made writable to do so (`TreeWriter.unlocked`: path -> mode before), which
     the stage process gives their mode back at the end, after every batch; and the paths
-    moved to the trash. `sparse`: all-zero chunks become holes (`fsops.is_hole`).
+    moved to the trash, a sample of them with their count (`Written`). `sparse`: all-zero
+    chunks become holes (`fsops.is_hole`).
 
     Raises `Corrupt` naming the file whose chunk failed verification; a file is at its final
     path only when it was written completely.
@@ -60,4 +72,4 @@ def write_batch(
     finally:
         writer.close()
         os.close(root_fd)
-    return writer.unlocked, writer.trashed
+    return Written(writer.unlocked, writer.trashed, writer.trashed_count)
