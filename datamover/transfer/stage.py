@@ -88,6 +88,41 @@ log = logging.getLogger(__name__)
 _Fetch = tuple[Entry, tuple[int, int, int] | None]
 
 
+def _fetched(ranges: list[Range]) -> int:
+    """The bytes fetching `ranges` holds: their lengths, the gaps coalesced into them too."""
+    return sum(r.end - r.start for r in ranges)
+
+
+def split_fetch(
+    batch: list[_Fetch], gap: int, max_request: int, limit: int
+) -> list[tuple[list[_Fetch], list[Range]]]:
+    """The parts of a batch of small files to fetch and write one after another, in batch
+    order, each with its planned ranges (`plan_ranges`), so that no part holds more than
+    `limit` fetched bytes, the gaps coalesced into its ranges included.
+
+    A batch is cut by its files' bytes, but its chunks' ranges coalesce neighbours up to
+    `gap` apart: scattered missing files (or a hostile manifest) made a batch of 4 KiB
+    files fetch a range of up to `max_request` for each. The batch is halved until each
+    part's ranges fit (one plan in the usual case of files next to each other in their
+    packs; each half still coalesces its neighbours). A part of one file that still does
+    not fit is planned without gaps: it then holds only its own chunks' stored bytes,
+    which the caller bounds (a larger file is not put in a batch).
+    """
+    parts: list[tuple[list[_Fetch], list[Range]]] = []
+    todo = [batch]
+    while todo:
+        part = todo.pop()
+        ranges = plan_ranges((c for e, _ in part for c in e.chunks), gap, max_request)
+        if _fetched(ranges) <= limit:
+            parts.append((part, ranges))
+        elif len(part) == 1:
+            parts.append((part, plan_ranges(part[0][0].chunks, 0, max_request)))
+        else:
+            half = len(part) // 2
+            todo += [part[half:], part[:half]]
+    return parts
+
+
 @dataclass
 class StageResult:
     """The summary of a stage (`--json` prints it)."""
@@ -430,18 +465,18 @@ class _Stager:
 
     # -- fetching ---------------------------------------------------------------------------
 
-    async def _process(
-        self, batch: list[_Fetch], nbytes: int, ops: asyncio.Future[Any] | None
-    ) -> None:
+    async def _process(self, batch: list[_Fetch], ops: asyncio.Future[Any] | None) -> None:
+        """Fetch and write a batch, in parts that each hold at most `batch_bytes` of fetched
+        data (`split_fetch`), one after another."""
         try:
-            chunks = (c for e, _ in batch for c in e.chunks)
-            ranges = plan_ranges(chunks, self.gap, self.max_request)
-            blobs = await self.fetcher.fetch(ranges)
-            if not await self._write_elsewhere(batch, ranges, blobs, ops):
-                await self._on_writer(self._write_batch, batch, ranges, blobs)
-            self.result.fetched_files += len(batch)
-            self.result.fetched_bytes += nbytes
-            self.progress.advance(len(batch), nbytes)
+            for part, ranges in split_fetch(batch, self.gap, self.max_request, self.batch_bytes):
+                blobs = await self.fetcher.fetch(ranges)
+                if not await self._write_elsewhere(part, ranges, blobs, ops):
+                    await self._on_writer(self._write_batch, part, ranges, blobs)
+                nbytes = sum(e.size for e, _ in part)
+                self.result.fetched_files += len(part)
+                self.result.fetched_bytes += nbytes
+                self.progress.advance(len(part), nbytes)
         finally:
             self._slots.release()
 
@@ -450,7 +485,7 @@ class _Stager:
             return
         self._check_done()  # stop fetching once nothing more will be written
         self._submit_ops()  # directories and removals first: the writer thread keeps order
-        batch, nbytes = self._batch, self._batch_size
+        batch = self._batch
         self._batch, self._batch_size = [], 0
         await self._slots.acquire()
         try:
@@ -458,7 +493,7 @@ class _Stager:
         except BaseException:
             self._slots.release()
             raise
-        self._pending.append(asyncio.ensure_future(self._process(batch, nbytes, self._last_ops)))
+        self._pending.append(asyncio.ensure_future(self._process(batch, self._last_ops)))
 
     async def _large(self, entry: Entry, replaces: tuple[int, int, int] | None) -> None:
         """Stream one large file into its stable partial file.
@@ -604,11 +639,14 @@ class _Stager:
         for action in actions:
             op, entry = action.op, action.entry
             if op is Op.FETCH:
-                if entry.size > self.large:
+                # What the file holds, or its chunks take stored if more (a hostile manifest
+                # may give a chunk of a few bytes up to 16 MiB stored).
+                size = max(entry.size, sum(c.stored_length for c in entry.chunks))
+                if size > self.large:
                     await self._large(entry, action.replaces)
                     continue
                 self._batch.append((entry, action.replaces))
-                self._batch_size += entry.size
+                self._batch_size += size
                 if self._batch_size >= self.batch_bytes or len(self._batch) >= self.batch_files:
                     await self._flush()
             elif op is Op.KEEP or op is Op.ATTR:
