@@ -15,7 +15,7 @@ from datamover.chunking import codec
 from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.errors import Corrupt, PermanentError
 from datamover.repo.layout import VersionDoc
-from datamover.transfer import fsops
+from datamover.transfer import crossfs, fsops
 from datamover.transfer import stage as stage_module
 from datamover.transfer.fetch import plan_ranges
 from datamover.transfer.fsops import TreeWriter, open_root
@@ -260,14 +260,14 @@ def test_a_failed_copy_to_the_trash_leaves_the_original_and_no_half_copy(
         (tmp_path / "ds" / "scratch").mkdir(parents=True)
         for name in ("a", "b", "c"):
             (tmp_path / "ds" / "scratch" / name).write_text(name)
-        real = fsops._copy_special
+        real = crossfs.copy_file
 
-        def failing(src: str, dst: str) -> None:
-            if src.endswith("/b"):
+        def failing(src: int, st: os.stat_result, dst_dir: int, name: str) -> None:
+            if name == "b":
                 raise OSError(28, "No space left on device")
-            real(src, dst)
+            real(src, st, dst_dir, name)
 
-        monkeypatch.setattr(fsops, "_copy_special", failing)
+        monkeypatch.setattr(crossfs, "copy_file", failing)
         writer = TreeWriter(open_root(tmp_path, ("ds",)), tmp_path / "ds", trash)
         try:
             with pytest.raises(PermanentError, match="cannot move 'scratch' to the trash"):

@@ -21,7 +21,7 @@ import pytest
 
 from datamover.domain.manifest import Entry, Kind
 from datamover.errors import Conflict, Corrupt, PermanentError
-from datamover.transfer import fsops
+from datamover.transfer import crossfs, fsops
 from datamover.transfer import stage as stage_module
 from datamover.transfer.fsops import TreeWriter
 from datamover.transfer.plan import Action, StagePlanner
@@ -648,15 +648,15 @@ def test_a_file_written_while_its_directory_is_copied_to_the_trash_is_kept(
         (tmp_path / "ds" / "run7").mkdir(parents=True)
         for name in ("a.log", "b.log"):
             (tmp_path / "ds" / "run7" / name).write_text(name)
-        real = fsops._copy_special
+        real = crossfs.copy_file
 
-        def copy_while_a_job_writes(src: str, dst: str) -> None:
-            real(src, dst)
+        def copy_while_a_job_writes(src: int, st: os.stat_result, dst_dir: int, name: str) -> None:
+            real(src, st, dst_dir, name)
             late = tmp_path / "ds" / "run7" / "late.log"
             if not late.exists():  # a job still running in the directory writes a result
                 late.write_text("written during the copy\n")
 
-        monkeypatch.setattr(fsops, "_copy_special", copy_while_a_job_writes)
+        monkeypatch.setattr(crossfs, "copy_file", copy_while_a_job_writes)
         writer = TreeWriter(fsops.open_root(tmp_path, ("ds",)), tmp_path / "ds", trash)
         try:
             with contextlib.suppress(PermanentError):

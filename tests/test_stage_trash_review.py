@@ -5,17 +5,22 @@ fetches at once, and how many trash moves a worker process reports."""
 from __future__ import annotations
 
 import os
+import shutil
+import stat
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from datamover.chunking import codec
 from datamover.domain.manifest import ChunkRef, Entry, Kind
-from datamover.transfer import fetch
+from datamover.errors import PermanentError
+from datamover.transfer import crossfs, fetch
 from datamover.transfer import stage as stage_module
 from datamover.transfer.fetch import Range, plan_ranges
-from datamover.transfer.fsops import TRASHED_SAMPLE
+from datamover.transfer.fsops import TRASHED_SAMPLE, TreeWriter, open_root
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from datamover.transfer.writers import write_batch
@@ -120,3 +125,151 @@ async def test_a_stage_of_scattered_missing_files_holds_at_most_batch_bytes(
         assert (b.data / "ds" / f"f{i:02}").read_bytes() == (
             a.data / "ds" / f"f{i:02}"
         ).read_bytes()
+
+
+# -- a directory moved to a trash on another file system --------------------------------------
+
+
+def _shm_trash(tmp_path: Path) -> Path:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on a file system other than the test's temporary directory")
+    return Path(tempfile.mkdtemp(dir=shm, prefix="dm-trash-test-"))
+
+
+def _tree_and_victim(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "ds"
+    (root / "d" / "sub").mkdir(parents=True)
+    (root / "d" / "user.txt").write_text("the user's\n")
+    (root / "d" / "sub" / "deep.txt").write_text("deep\n")
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious.db").write_text("not in the tree\n")
+    (victim / "sub").mkdir()
+    (victim / "sub" / "deep.txt").write_text("not in the tree either\n")
+    return root, victim
+
+
+def _trash_d(tmp_path: Path, root: Path, trash: Path) -> PermanentError | None:
+    writer = TreeWriter(open_root(tmp_path, ("ds",)), root, trash)
+    try:
+        writer.trash("d")
+    except PermanentError as exc:
+        return exc
+    finally:
+        writer.close()
+        os.close(writer.root_fd)
+    return None
+
+
+def test_a_directory_swapped_for_a_symlink_after_the_look_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trash = _shm_trash(tmp_path)
+    try:
+        root, victim = _tree_and_victim(tmp_path)
+        swapped: list[str] = []
+
+        def swapping(real: Any) -> Any:
+            def look(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+                st = real(path, *args, **kwargs)
+                where = str(path)
+                if not swapped and where.rpartition("/")[2] == "d" and str(trash) not in where:
+                    # A local user swaps the directory for a link, right after the look.
+                    swapped.append(where)
+                    (root / "d").rename(root / "d.moved")
+                    (root / "d").symlink_to(victim)
+                return st
+
+            return look
+
+        monkeypatch.setattr(os, "lstat", swapping(os.lstat))
+        monkeypatch.setattr(os, "stat", swapping(os.stat))
+        error = _trash_d(tmp_path, root, trash)
+        monkeypatch.undo()
+        assert swapped
+        assert sorted(p.name for p in victim.rglob("*")) == ["deep.txt", "precious.db", "sub"]
+        assert not any(p.name == "precious.db" for p in trash.rglob("*"))
+        assert error is not None and "cannot move 'd' to the trash" in error.message
+        assert (root / "d.moved" / "user.txt").read_text() == "the user's\n"
+    finally:
+        shutil.rmtree(trash)
+
+
+def test_a_directory_inside_swapped_for_a_symlink_during_the_copy_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trash = _shm_trash(tmp_path)
+    try:
+        root, victim = _tree_and_victim(tmp_path)
+        real = crossfs.copy_file
+
+        def swap_sub(src: int, st: os.stat_result, dst_dir: int, name: str) -> None:
+            real(src, st, dst_dir, name)
+            if (root / "d" / "sub").is_dir() and not (root / "d" / "sub").is_symlink():
+                (root / "d" / "sub").rename(root / "sub.moved")
+                (root / "d" / "sub").symlink_to(victim / "sub")
+
+        monkeypatch.setattr(crossfs, "copy_file", swap_sub)
+        _trash_d(tmp_path, root, trash)
+        monkeypatch.undo()
+        assert (victim / "sub" / "deep.txt").read_text() == "not in the tree either\n"
+        assert (victim / "precious.db").exists()
+        copies = [p for p in trash.rglob("deep.txt")]
+        assert all(p.read_text() == "deep\n" for p in copies)
+    finally:
+        shutil.rmtree(trash)
+
+
+def test_a_directory_swapped_for_a_symlink_before_its_removal_is_not_followed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trash = _shm_trash(tmp_path)
+    try:
+        root, victim = _tree_and_victim(tmp_path)
+        real = crossfs.copy_tree
+
+        def copy_then_swap(src: int, dst: int) -> dict[str, crossfs.Seen]:
+            copied = real(src, dst)
+            (root / "d").rename(root / "d.moved")
+            (root / "d").symlink_to(victim)
+            return copied
+
+        monkeypatch.setattr(crossfs, "copy_tree", copy_then_swap)
+        _trash_d(tmp_path, root, trash)
+        monkeypatch.undo()
+        assert sorted(p.name for p in victim.rglob("*")) == ["deep.txt", "precious.db", "sub"]
+        assert (trash / "d" / "user.txt").read_text() == "the user's\n"
+        assert (trash / "d" / "sub" / "deep.txt").read_text() == "deep\n"
+    finally:
+        shutil.rmtree(trash)
+
+
+def test_a_directory_moved_across_keeps_its_links_special_files_modes_and_times(
+    tmp_path: Path,
+) -> None:
+    trash = _shm_trash(tmp_path)
+    try:
+        root = tmp_path / "ds"
+        (root / "d" / "ro").mkdir(parents=True)
+        (root / "d" / "ro" / "f").write_bytes(b"x" * 100_000)
+        os.chmod(root / "d" / "ro" / "f", 0o640)
+        os.utime(root / "d" / "ro" / "f", ns=(1, 1_600_000_000_123_456_789))
+        (root / "d" / "abs").symlink_to("/etc/passwd")
+        os.mkfifo(root / "d" / "pipe")
+        os.chmod(root / "d" / "ro", 0o555)
+        os.utime(root / "d" / "ro", ns=(1, 1_500_000_000_000_000_000))
+        assert _trash_d(tmp_path, root, trash) is None
+        assert not (root / "d").exists()
+        st = os.stat(trash / "d" / "ro" / "f")
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o640, 1_600_000_000_123_456_789)
+        assert (trash / "d" / "ro" / "f").read_bytes() == b"x" * 100_000
+        assert os.readlink(trash / "d" / "abs") == "/etc/passwd"
+        assert stat.S_ISFIFO(os.lstat(trash / "d" / "pipe").st_mode)
+        st = os.stat(trash / "d" / "ro")
+        assert (stat.S_IMODE(st.st_mode), st.st_mtime_ns) == (0o555, 1_500_000_000_000_000_000)
+    finally:
+        for p in trash.rglob("*"):
+            if p.is_dir() and not p.is_symlink():
+                os.chmod(p, 0o755)
+        shutil.rmtree(trash)

@@ -26,7 +26,6 @@ import itertools
 import logging
 import os
 import secrets
-import shutil
 import stat
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -38,6 +37,7 @@ import blake3
 from datamover.chunking.codec import MAX_RAW_CHUNK
 from datamover.domain.manifest import Entry
 from datamover.errors import Conflict, InvalidInput, NotFound, PermanentError
+from datamover.transfer import crossfs
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -326,17 +326,6 @@ def open_root(base: Path, components: Sequence[str], create: bool = True) -> int
     return fd
 
 
-def _copy_special(src: str, dst: str) -> None:
-    """`shutil.copytree`'s copy function: regular files with `copy2`; FIFOs, sockets and
-    device nodes are created anew with their mode (a FIFO or socket holds no data)."""
-    st = os.lstat(src)
-    if stat.S_ISREG(st.st_mode):
-        shutil.copy2(src, dst, follow_symlinks=False)
-        return
-    os.mknod(dst, st.st_mode, st.st_rdev)
-    os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-
-
 def _free_name(at: Path, name: str, directory: bool) -> str:
     """`name`, or `name~N` (cut to fit 255 bytes) for the first N that is free in `at`;
     with `directory`, a real directory there is good too (made if missing)."""
@@ -366,49 +355,6 @@ _NOTHING = (-1, -1, -1)
 def _identity(st: os.stat_result) -> tuple[int, int, int]:
     """`(inode, size, mtime)`: what shows that a file was not changed between two looks."""
     return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _copy_tree(source: str, dest: Path) -> dict[str, tuple[int, int, int]]:
-    """`shutil.copytree` of directory `source` to `dest` (symlinks as links, special files
-    anew); return each copied file's `(inode, size, mtime)` as it was before its copy."""
-    copied: dict[str, tuple[int, int, int]] = {}
-
-    def copy(src: str, dst: str) -> None:
-        copied[src] = _identity(os.lstat(src))
-        _copy_special(src, dst)
-
-    shutil.copytree(source, dest, symlinks=True, copy_function=copy)
-    return copied
-
-
-def _remove_copied(source: str, copy: Path, copied: dict[str, tuple[int, int, int]]) -> None:
-    """Remove directory `source` once copied to `copy`, bottom up, keeping what the copy
-    does not hold as it is: a file only if it is unchanged since it was copied (`copied`),
-    a symlink only if its copy points the same way, a directory only once empty. A file
-    written or changed during the copy (a job still running in the directory) stays where
-    it was, and that is an error."""
-    for top, dirs, files in os.walk(source, topdown=False):
-        rel = os.path.relpath(top, source)
-        for name in files + [d for d in dirs if Path(top, d).is_symlink()]:
-            path = os.path.join(top, name)
-            try:
-                st = os.lstat(path)
-                if stat.S_ISLNK(st.st_mode):
-                    same = os.readlink(path) == os.readlink(copy / rel / name)
-                else:
-                    same = copied.get(path) == _identity(st)
-            except OSError:
-                continue
-            if same:
-                os.unlink(path)
-        with contextlib.suppress(OSError):
-            Path(top).rmdir()
-    if os.path.lexists(source):
-        raise OSError(
-            errno.ENOTEMPTY,
-            "it changed while it was copied (what changed is still in place, the rest in the "
-            "trash)",
-        )
 
 
 class TreeWriter:
@@ -732,41 +678,17 @@ class TreeWriter:
 
     def _move_across(self, dfd: int, rel: str, dest: Path) -> None:
         """Trash on another file system (state on local disk, data on a parallel file
-        system): copy, then remove the original. Reached through the parent's descriptor,
-        as every other write is, so a symlink swapped into the path meanwhile cannot send
-        the copy and the removal elsewhere. FIFOs, sockets and device nodes are created
-        anew in the copy. A failed copy is removed again and the original left whole; so is
-        a copy of a file that changed while it was copied; of a directory, only what did
-        not change is removed (`_remove_copied`)."""
-        name = split(rel)[1]
-        via_fd = f"/proc/self/fd/{dfd}"
-        source = f"{via_fd}/{name}" if os.path.isdir(via_fd) else str(self.root_path / rel)
-        st = os.lstat(source)
-        copied: dict[str, tuple[int, int, int]] = {}
+        system): copy, then remove the original, through descriptors only
+        (`crossfs.move_across`): from the parent's descriptor down, so a symlink swapped
+        into the path, or for the entry or a directory inside it, meanwhile cannot send the
+        copy or the removal elsewhere. A failed copy is removed again and the original left
+        whole; so is a copy of a file that changed while it was copied; of a directory, only
+        what did not change is removed."""
+        out = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            if stat.S_ISDIR(st.st_mode):
-                copied = _copy_tree(source, dest)
-            elif stat.S_ISLNK(st.st_mode):
-                dest.symlink_to(os.readlink(source))
-            else:
-                _copy_special(source, str(dest))
-                if _identity(os.lstat(source)) != _identity(st):
-                    raise OSError(errno.EAGAIN, "it changed while it was copied")
-        except BaseException as exc:
-            if dest.is_dir() and not dest.is_symlink():
-                shutil.rmtree(dest, ignore_errors=True)
-            else:
-                with contextlib.suppress(FileNotFoundError):
-                    dest.unlink()
-            if isinstance(exc, shutil.Error):  # copytree's list of every failure: the first
-                errors = exc.args[0] if exc.args and isinstance(exc.args[0], list) else []
-                first = str(errors[0][2]) if errors and len(errors[0]) == 3 else str(exc)
-                raise OSError(errno.EIO, f"copy failed: {first[:200]}") from None
-            raise
-        if stat.S_ISDIR(st.st_mode):
-            _remove_copied(source, dest, copied)
-        else:
-            os.unlink(name, dir_fd=dfd)
+            crossfs.move_across(dfd, split(rel)[1], out, dest.name)
+        finally:
+            os.close(out)
 
     def write_file(
         self,

@@ -1,0 +1,344 @@
+"""Moving an entry of a tree to a trash on another file system: copy it, then remove it.
+
+A rename cannot cross file systems (state on local disk, data on a parallel file system),
+so the entry is copied into the trash and the original removed. Both go through
+descriptors only: the entry is opened below its parent's descriptor with `O_NOFOLLOW`, and
+everything inside a directory below the descriptor of the directory that holds it, each
+directory again with `O_NOFOLLOW | O_DIRECTORY`. No path is looked up again from the
+tree's top, so a directory a local user swaps for a symlink while the copy runs is never
+followed: the copy cannot take in, nor the removal unlink, anything outside the entry.
+Symlinks inside are copied as symlinks; FIFOs, sockets and device nodes are made anew.
+
+A copy that fails is removed again and the original left whole. Of a directory, only what
+did not change during the copy is removed (a file by inode, size and mtime as they were
+when it was copied, a symlink also by its target), a directory only once empty; a file
+written meanwhile stays where it was, and that is an error.
+
+The kernel resolves nothing here by path but single names below open descriptors; every
+directory of the copied tree's current branch holds two descriptors (its original and its
+copy) while it is copied, so a tree deeper than about half the descriptor limit fails to
+copy (and stays in place) rather than being followed by path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import stat
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: Never blocks: a FIFO swapped in for a file must not wait for a writer.
+_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+_STEP = 1 << 30
+#: What `setxattr` fails with for an attribute this file system or user cannot set.
+_XATTR_SKIP = (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.ENODATA, errno.EINVAL)
+
+Identity = tuple[int, int, int]
+
+
+class Seen(NamedTuple):
+    """A copied non-directory as it was before its copy: `(inode, size, mtime)`, and for a
+    symlink its target (None for anything else)."""
+
+    ident: Identity
+    target: str | None
+
+
+def identity(st: os.stat_result) -> Identity:
+    """`(inode, size, mtime)`: what shows that a file was not changed between two looks."""
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def changed(what: str = "it changed while it was copied") -> OSError:
+    """The error for an entry that changed under the copy (the caller reports it)."""
+    return OSError(errno.EAGAIN, what)
+
+
+def _copy_bytes(src: int, dst: int) -> None:
+    """Copy the whole content of regular file `src` to the new, empty file `dst`."""
+    offset = 0
+    try:
+        while n := os.sendfile(dst, src, offset, _STEP):
+            offset += n
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
+            raise
+    while data := os.pread(src, 1 << 20, offset):
+        view = memoryview(data)
+        while view:
+            view = view[os.write(dst, view) :]
+        offset += len(data)
+
+
+def _copy_xattrs(src: int, dst: int) -> None:
+    """Copy the extended attributes of `src` to `dst` (both descriptors), as `shutil.copy2`
+    does, but none of `security.*` (file capabilities, like a set-user-ID bit, are a
+    privilege; a security label is the policy's to give). What cannot be set is skipped."""
+    try:
+        names = os.listxattr(src)
+    except OSError as exc:
+        if exc.errno in _XATTR_SKIP:
+            return
+        raise
+    for name in names:
+        if name.startswith("security."):
+            continue
+        try:
+            os.setxattr(dst, name, os.getxattr(src, name))
+        except OSError as exc:
+            if exc.errno not in _XATTR_SKIP:
+                raise
+
+
+def give_attrs(st: os.stat_result, fd: int | None, dst_dir: int = -1, name: str = "") -> None:
+    """Give a copy, open as `fd` (or, for a symlink or special file, `name` in directory
+    `dst_dir`), the mode and times of the original `st`."""
+    if fd is not None:
+        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return
+    if not stat.S_ISLNK(st.st_mode):
+        # The node this process just made in its own trash directory: no link to follow.
+        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dst_dir)
+    os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
+
+
+def copy_file(src: int, st: os.stat_result, dst_dir: int, name: str) -> None:
+    """Copy regular file `src` (an open descriptor; `st` its `fstat`) to the new file `name`
+    in directory `dst_dir`, with its extended attributes, mode and times."""
+    out = os.open(name, _NEW, 0o600, dir_fd=dst_dir)
+    try:
+        _copy_bytes(src, out)
+        _copy_xattrs(src, out)
+        give_attrs(st, out)
+    finally:
+        os.close(out)
+
+
+def _copy_other(src_dir: int, name: str, st: os.stat_result, dst_dir: int, to: str) -> Seen:
+    """Copy the symlink, FIFO, socket or device node `name` of `src_dir` (`st` its
+    `lstat`) to `to` in `dst_dir`."""
+    target = None
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(name, dir_fd=src_dir)
+        os.symlink(target, to, dir_fd=dst_dir)
+    else:  # a FIFO or socket holds no data; a device node is its numbers
+        os.mknod(to, stat.S_IFMT(st.st_mode) | 0o600, st.st_rdev, dir_fd=dst_dir)
+    give_attrs(st, None, dst_dir, to)
+    return Seen(identity(st), target)
+
+
+def _copy_entry(
+    src_dir: int, name: str, dst_dir: int, to: str
+) -> tuple[Seen | None, tuple[int, int, os.stat_result] | None]:
+    """Copy the non-directory `name` of `src_dir` to `to` in `dst_dir`; or, for a
+    directory, make its (empty) copy and return both open (`(src, dst, fstat of src)`):
+    the caller copies what is in it and closes them."""
+    st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
+    if stat.S_ISDIR(st.st_mode):
+        src = os.open(name, _DIR, dir_fd=src_dir)  # a symlink swapped in: ELOOP
+        try:
+            st = os.fstat(src)
+            os.mkdir(to, 0o700, dir_fd=dst_dir)
+            dst = os.open(to, _DIR, dir_fd=dst_dir)
+        except BaseException:
+            os.close(src)
+            raise
+        return None, (src, dst, st)
+    if not stat.S_ISREG(st.st_mode):
+        return _copy_other(src_dir, name, st, dst_dir, to), None
+    fd = os.open(name, _READ, dir_fd=src_dir)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise changed()
+        copy_file(fd, st, dst_dir, to)
+    finally:
+        os.close(fd)
+    return Seen(identity(st), None), None
+
+
+@dataclass(slots=True)
+class _Frame:
+    """A directory being walked: its descriptor (`src`), its copy's (`dst`, -1 when
+    removing), its path below the top, the names still to do, and its `fstat` (None for
+    the top, whose descriptors the caller owns)."""
+
+    src: int
+    dst: int
+    rel: str
+    todo: list[str] = field(default_factory=list)
+    st: os.stat_result | None = None
+
+    def path(self, name: str) -> str:
+        return f"{self.rel}/{name}" if self.rel else name
+
+    def close(self) -> None:
+        if self.st is not None:
+            os.close(self.src)
+            if self.dst >= 0:
+                os.close(self.dst)
+
+
+def _names(fd: int) -> list[str]:
+    """The names in directory `fd`, in the order they are taken from the end."""
+    return sorted(os.listdir(fd), reverse=True)
+
+
+def copy_tree(src: int, dst: int) -> dict[str, Seen]:
+    """Copy everything in directory `src` into the empty directory `dst` (both open
+    descriptors, which the caller keeps); return each copied non-directory by its path
+    relative to `src`, as it was before its copy. A directory gets its attributes after
+    what is in it. Raises on the first failure (the caller removes the copy)."""
+    copied: dict[str, Seen] = {}
+    frames = [_Frame(src, dst, "", _names(src))]
+    try:
+        while frames:
+            top = frames[-1]
+            if not top.todo:
+                frames.pop()
+                if top.st is not None:
+                    try:
+                        _copy_xattrs(top.src, top.dst)
+                        give_attrs(top.st, top.dst)
+                    finally:
+                        top.close()
+                continue
+            name = top.todo.pop()
+            seen, opened = _copy_entry(top.src, name, top.dst, name)
+            if seen is not None:
+                copied[top.path(name)] = seen
+                continue
+            assert opened is not None
+            frames.append(_Frame(opened[0], opened[1], top.path(name), st=opened[2]))
+            frames[-1].todo = _names(opened[0])
+        return copied
+    finally:
+        for frame in frames:
+            frame.close()
+
+
+def _same_dir(parent: int, name: str, fd: int) -> bool:
+    """Whether `name` in `parent` is still the directory open as `fd`."""
+    try:
+        now = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except OSError:
+        return False
+    then = os.fstat(fd)
+    return (now.st_dev, now.st_ino) == (then.st_dev, then.st_ino)
+
+
+def _unchanged(parent: int, name: str, st: os.stat_result, seen: Seen | None) -> bool:
+    if seen is None or seen.ident != identity(st):
+        return False
+    return seen.target is None or os.readlink(name, dir_fd=parent) == seen.target
+
+
+def remove_copied(top: int, copied: dict[str, Seen]) -> None:
+    """Remove from directory `top` (an open descriptor; the caller keeps it and removes
+    `top` itself) what `copy_tree` copied and has not changed since (`copied`), bottom up;
+    a directory only once empty. What changed, or came, meanwhile stays."""
+    frames = [_Frame(top, -1, "", _names(top))]
+    parents: list[tuple[int, str]] = [(-1, "")]
+    try:
+        while frames:
+            here = frames[-1]
+            if not here.todo:
+                frames.pop()
+                parent, name = parents.pop()
+                if here.st is not None:
+                    with contextlib.suppress(OSError):  # not empty: something stays
+                        if _same_dir(parent, name, here.src):
+                            os.rmdir(name, dir_fd=parent)
+                    here.close()
+                continue
+            name = here.todo.pop()
+            try:
+                st = os.stat(name, dir_fd=here.src, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    child = os.open(name, _DIR, dir_fd=here.src)
+                    frames.append(_Frame(child, -1, here.path(name), st=os.fstat(child)))
+                    parents.append((here.src, name))
+                    frames[-1].todo = _names(child)
+                elif _unchanged(here.src, name, st, copied.get(here.path(name))):
+                    os.unlink(name, dir_fd=here.src)
+            except OSError:
+                continue  # gone, or not to be looked into: it stays
+    finally:
+        for frame in frames:
+            frame.close()
+
+
+def move_across(src_dir: int, name: str, dst_dir: int, to: str) -> None:
+    """Move entry `name` of directory `src_dir` (any kind, a directory whole) to the new
+    name `to` in directory `dst_dir` on another file system: copy it, then remove it, both
+    through descriptors (see the module docstring).
+
+    Raises `OSError` when it cannot be copied (the copy is removed again, the original left
+    whole), when a file changed while it was copied (the same), and with `ENOTEMPTY` when
+    something of a directory changed meanwhile (that stays in place, the rest is in the
+    trash)."""
+    st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
+    if not stat.S_ISDIR(st.st_mode):
+        _move_one(src_dir, name, dst_dir, to)
+        return
+    try:
+        src = os.open(name, _DIR, dir_fd=src_dir)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise changed("it was replaced while it was moved (now a symlink or a file)") from None
+        raise
+    try:
+        st = os.fstat(src)
+        os.mkdir(to, 0o700, dir_fd=dst_dir)
+        try:
+            dst = os.open(to, _DIR, dir_fd=dst_dir)
+            try:
+                copied = copy_tree(src, dst)
+                _copy_xattrs(src, dst)
+                give_attrs(st, dst)
+            finally:
+                os.close(dst)
+        except BaseException:
+            shutil.rmtree(to, ignore_errors=True, dir_fd=dst_dir)
+            raise
+        remove_copied(src, copied)
+        with contextlib.suppress(OSError):
+            if _same_dir(src_dir, name, src):
+                os.rmdir(name, dir_fd=src_dir)
+        if os.fstat(src).st_nlink:  # still there (where it was, or renamed meanwhile)
+            raise OSError(
+                errno.ENOTEMPTY,
+                "it changed while it was copied (what changed is still in place, the rest in "
+                "the trash)",
+            )
+    finally:
+        os.close(src)
+
+
+def _move_one(src_dir: int, name: str, dst_dir: int, to: str) -> None:
+    """`move_across` of anything but a directory: copied, then unlinked only if it is
+    still what was copied."""
+    try:
+        seen, opened = _copy_entry(src_dir, name, dst_dir, to)
+        if opened is not None:  # a directory now: it was swapped in after the look
+            os.close(opened[0])
+            os.close(opened[1])
+            os.rmdir(to, dir_fd=dst_dir)
+            raise changed()
+        assert seen is not None
+        if not _unchanged(
+            src_dir, name, os.stat(name, dir_fd=src_dir, follow_symlinks=False), seen
+        ):
+            raise changed()
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(to, dir_fd=dst_dir)
+        raise
+    os.unlink(name, dir_fd=src_dir)
