@@ -5,6 +5,7 @@ fetches at once, and how many trash moves a worker process reports."""
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 import stat
 import tempfile
@@ -272,4 +273,77 @@ def test_a_directory_moved_across_keeps_its_links_special_files_modes_and_times(
         for p in trash.rglob("*"):
             if p.is_dir() and not p.is_symlink():
                 os.chmod(p, 0o755)
+        shutil.rmtree(trash)
+
+
+# -- set-user-ID and set-group-ID bits and owners of copies in the trash ----------------------
+
+
+def _setid_tree(root: Path) -> tuple[int, int]:
+    """A local user's set-user-ID program, set-group-ID directory and FIFO in `root`; their
+    uid and gid."""
+    nobody = pwd.getpwnam("nobody")
+    (root / "x" / "shared").mkdir(parents=True)
+    for path in (root / "x" / "tool", root / "x" / "shared" / "tool"):
+        path.write_bytes(b"\x7fELF not really\n")
+        os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        os.chmod(path, 0o6755)
+    os.mkfifo(root / "x" / "shared" / "pipe")
+    os.chown(root / "x" / "shared" / "pipe", nobody.pw_uid, nobody.pw_gid)
+    os.chmod(root / "x" / "shared" / "pipe", 0o2644)
+    os.chown(root / "x" / "shared", nobody.pw_uid, nobody.pw_gid)
+    os.chmod(root / "x" / "shared", 0o2775)
+    return nobody.pw_uid, nobody.pw_gid
+
+
+def _trash_both(tmp_path: Path, trash: Path) -> None:
+    writer = TreeWriter(open_root(tmp_path, ("ds",)), tmp_path / "ds", trash)
+    try:
+        writer.trash("x/tool")
+        writer.trash("x/shared")
+    finally:
+        writer.close()
+        os.close(writer.root_fd)
+
+
+def _owner_and_mode(path: Path) -> tuple[int, int, int]:
+    st = os.lstat(path)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a file of another user")
+def test_as_root_copies_in_the_trash_keep_their_owner_and_only_so_their_setid_bits(
+    tmp_path: Path,
+) -> None:
+    trash = _shm_trash(tmp_path)
+    try:
+        uid, gid = _setid_tree(tmp_path / "ds")
+        run = trash / "run" / "proj"
+        _trash_both(tmp_path, run)
+        assert _owner_and_mode(run / "x" / "tool") == (uid, gid, 0o6755)  # never root's
+        assert _owner_and_mode(run / "x" / "shared" / "tool") == (uid, gid, 0o6755)
+        assert _owner_and_mode(run / "x" / "shared") == (uid, gid, 0o2775)
+        assert _owner_and_mode(run / "x" / "shared" / "pipe") == (uid, gid, 0o2644)
+        for made in (trash / "run", run, run / "x"):  # nobody else may look into the trash
+            assert stat.S_IMODE(os.stat(made).st_mode) == 0o700, made
+    finally:
+        shutil.rmtree(trash)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a file of another user")
+def test_copies_that_cannot_keep_their_owner_lose_their_setid_bits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trash = _shm_trash(tmp_path)
+    try:
+        _setid_tree(tmp_path / "ds")
+        monkeypatch.setattr(os, "geteuid", lambda: 4321)  # as if not root: no chown
+        _trash_both(tmp_path, trash)
+        monkeypatch.undo()
+        me = os.getuid(), os.getgid()
+        assert _owner_and_mode(trash / "x" / "tool") == (*me, 0o755)
+        assert _owner_and_mode(trash / "x" / "shared" / "tool") == (*me, 0o755)
+        assert _owner_and_mode(trash / "x" / "shared") == (*me, 0o775)
+        assert _owner_and_mode(trash / "x" / "shared" / "pipe") == (*me, 0o644)
+    finally:
         shutil.rmtree(trash)

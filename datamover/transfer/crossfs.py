@@ -96,16 +96,38 @@ def _copy_xattrs(src: int, dst: int) -> None:
                 raise
 
 
+def _mode(st: os.stat_result, now: os.stat_result) -> int:
+    """The original's (`st`) permission bits for its copy (`now`): without the set-user-ID
+    bit unless the copy has the original's owner, without set-group-ID unless its group."""
+    mode = stat.S_IMODE(st.st_mode)
+    if now.st_uid != st.st_uid:
+        mode &= ~stat.S_ISUID
+    if now.st_gid != st.st_gid:
+        mode &= ~stat.S_ISGID
+    return mode
+
+
 def give_attrs(st: os.stat_result, fd: int | None, dst_dir: int = -1, name: str = "") -> None:
     """Give a copy, open as `fd` (or, for a symlink or special file, `name` in directory
-    `dst_dir`), the mode and times of the original `st`."""
+    `dst_dir`), the owner, mode and times of the original `st`.
+
+    The owner only where this process may give it (as root; as tar and `rsync -a` do):
+    otherwise the copy is this process's. Set-user-ID and set-group-ID bits go with the
+    mode only where the copy has the original's owner (group): a stage run as root had
+    made a local user's set-user-ID program a set-user-ID root program in the trash. The
+    owner is set first, since a `chown` clears those bits."""
     if fd is not None:
-        os.fchmod(fd, stat.S_IMODE(st.st_mode))
+        if os.geteuid() == 0:
+            os.fchown(fd, st.st_uid, st.st_gid)
+        os.fchmod(fd, _mode(st, os.fstat(fd)))
         os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
         return
+    if os.geteuid() == 0:
+        os.chown(name, st.st_uid, st.st_gid, dir_fd=dst_dir, follow_symlinks=False)
     if not stat.S_ISLNK(st.st_mode):
+        now = os.stat(name, dir_fd=dst_dir, follow_symlinks=False)
         # The node this process just made in its own trash directory: no link to follow.
-        os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=dst_dir)
+        os.chmod(name, _mode(st, now), dir_fd=dst_dir)
     os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=dst_dir, follow_symlinks=False)
 
 

@@ -326,6 +326,19 @@ def open_root(base: Path, components: Sequence[str], create: bool = True) -> int
     return fd
 
 
+def _private_dirs(path: Path) -> None:
+    """Make directory `path` and every missing one above it, each 0o700: a trash holds
+    other users' files with their modes (and, moved as root, their owners), which must not
+    be reached through it (`Path.mkdir(parents=True)` gives the parents it makes 0o777)."""
+    missing: list[Path] = []
+    while not path.is_dir():
+        missing.append(path)
+        path = path.parent
+    for made in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(made, 0o700)
+
+
 def _free_name(at: Path, name: str, directory: bool) -> str:
     """`name`, or `name~N` (cut to fit 255 bytes) for the first N that is free in `at`;
     with `directory`, a real directory there is good too (made if missing)."""
@@ -341,7 +354,7 @@ def _free_name(at: Path, name: str, directory: bool) -> str:
             if not directory:
                 return candidate
             with contextlib.suppress(FileExistsError):  # another writer made it: look again
-                os.mkdir(at / candidate)
+                os.mkdir(at / candidate, 0o700)
             st = os.lstat(at / candidate)
         if directory and stat.S_ISDIR(st.st_mode):
             return candidate
@@ -656,7 +669,7 @@ class TreeWriter:
         replaced the first move's file, and went through the trashed symlink into whatever
         directory it points at."""
         at = trash_dir
-        at.mkdir(parents=True, exist_ok=True)
+        _private_dirs(at)
         *dirs, last = rel.split("/")
         for name in dirs:
             at = at / _free_name(at, name, directory=True)
