@@ -206,3 +206,32 @@ def test_a_directory_that_took_the_name_after_the_look_goes_to_the_trash(
     assert (tmp_path / "ds" / "f").read_text() == "new\n"
     assert (tmp_path / "trash" / "f" / "mine").read_text() == "a user's\n"
     assert writer.trashed == ["f"]
+
+
+@pytest.mark.parametrize("how", ["saved into", "renamed over"])
+def test_a_file_a_user_changed_after_the_look_goes_to_the_trash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """`make_way` saw the file as the walk did; a user saved into it (or renamed a new
+    file onto its name) before the exchange: the file the exchange took out is not the
+    one the walk saw, so it goes to the trash, not away."""
+    writer, dfd, seen = _replacing(tmp_path)
+    real = TreeWriter.make_way
+
+    def make_way(self: TreeWriter, rel: str, dfd: int, replaces: object) -> None:
+        real(self, rel, dfd, replaces)  # type: ignore[arg-type]
+        if how == "saved into":
+            (tmp_path / "ds" / "f").write_text("a user's newer save\n")
+        else:
+            (tmp_path / "ds" / ".save").write_text("a user's newer save\n")
+            os.rename(tmp_path / "ds" / ".save", tmp_path / "ds" / "f")
+
+    monkeypatch.setattr(TreeWriter, "make_way", make_way)
+    try:
+        writer.rename_into_place(".new", "f", dfd, seen)
+    finally:
+        os.close(writer.root_fd)
+    assert [p.name for p in (tmp_path / "ds").iterdir()] == ["f"]
+    assert (tmp_path / "ds" / "f").read_text() == "new\n"
+    assert (tmp_path / "trash" / "f").read_text() == "a user's newer save\n"
+    assert writer.trashed == ["f"]

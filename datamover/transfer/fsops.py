@@ -553,15 +553,23 @@ class TreeWriter:
         if replaces is None and not self._noreplace:
             replaces = _NOTHING
         self.make_way(rel, dfd, replaces)
-        if replaces is not _NOTHING and self._exchange_into_place(tmp, rel, dfd):
+        if replaces is not _NOTHING and self._exchange_into_place(tmp, rel, dfd, replaces):
             return
         os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
 
-    def _exchange_into_place(self, tmp: str, rel: str, dfd: int) -> bool:
+    def _exchange_into_place(
+        self, tmp: str, rel: str, dfd: int, replaces: tuple[int, int, int] | None = None
+    ) -> bool:
         """Replace the file at `rel` by `tmp` with one atomic exchange of their names, then
         unlink the replaced file, now under `tmp`; False (nothing done) where there is no
         file at `rel` any more, or the file system cannot exchange (then this writer stops
         trying). The path names a whole file throughout, as with a rename over it.
+
+        What the exchange took out is looked at again (one `fstatat`) when the walk saw
+        `replaces` there: if it is not that file any more (a user saved into it, or renamed
+        another file or a directory onto the name, after `make_way` looked), it goes to the
+        trash instead of being unlinked. A rename over the file, where there is no
+        exchange, cannot tell: that window stays there.
 
         Not a rename over the file: ext4 takes that as a file being replaced and, in the
         rename, starts writing back the new file's pages (`auto_da_alloc`). Measured with
@@ -577,16 +585,26 @@ class TreeWriter:
             elif err != errno.ENOENT:
                 raise OSError(err, os.strerror(err), rel)
             return False
+        changed = False
+        if replaces is not None:
+            try:
+                changed = _identity(os.lstat(tmp, dir_fd=dfd)) != replaces
+            except FileNotFoundError:
+                return True  # removed meanwhile: nothing left to keep
         try:
-            os.unlink(tmp, dir_fd=dfd)
+            if not changed:
+                os.unlink(tmp, dir_fd=dfd)
+                return True
         except IsADirectoryError:
-            # A directory took the name since `make_way` looked: swap back, move it to the
-            # trash as `make_way` would have, and rename the file into its place.
-            err = _rename2(dfd, tmp, name, _RENAME_EXCHANGE)
-            if err:
-                raise OSError(err, os.strerror(err), rel) from None
-            self.trash(rel)
-            os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            pass
+        # What took the name since `make_way` looked (a directory, a user's newer file):
+        # swap back, move it to the trash as `make_way` would have, and rename the file
+        # into its place.
+        err = _rename2(dfd, tmp, name, _RENAME_EXCHANGE)
+        if err:
+            raise OSError(err, os.strerror(err), rel)
+        self.trash(rel)
+        os.rename(tmp, name, src_dir_fd=dfd, dst_dir_fd=dfd)
         return True
 
     def make_way(self, rel: str, dfd: int, replaces: tuple[int, int, int] | None) -> None:
