@@ -37,8 +37,10 @@ from datamover.transfer.fsops import denied
 
 log = logging.getLogger(__name__)
 
-#: Temporary and partial files written by stage; never user data, never pushed.
-PARTIAL_RE = re.compile(r"^\.dm-[0-9a-f]{16}\.part$")
+#: Temporary and partial files written by stage; never user data, never pushed. `\Z`, not
+#: `$`: `$` also matches before a final newline, and a user's `.dm-<16 hex>.part\n` would be
+#: skipped by push and removed by stage as a leftover.
+PARTIAL_RE = re.compile(r"\A\.dm-[0-9a-f]{16}\.part\Z")
 
 
 #: How many skipped special files a walk names (the rest are only counted).
