@@ -67,7 +67,9 @@ class LocalEntry:
 
 
 class Walker:
-    """Iterator over a tree below `root`. Strict mode (push) rejects bad names.
+    """Iterator over a tree below `root`. Strict mode (push) rejects bad names, and raises
+    `Conflict` for an entry that vanishes between its parent's listing and the walk's look at
+    it (`lstat`, `readlink`, its own listing); otherwise such an entry is left out.
 
     With `stat_files=False`, regular files are recognised from the directory listing alone
     (no `lstat` each): a first push opens and `fstat`s every file anyway, in parallel reader
@@ -140,11 +142,7 @@ class Walker:
             if self.strict:  # its entry went out already: it would be published empty
                 if not rel:
                     raise
-                raise Conflict(
-                    f"{rel!r} vanished while push read the tree (renamed or removed); "
-                    "nothing was published (run push again once the tree is quiet)",
-                    [rel],
-                ) from None
+                raise _vanished(rel) from None
             return None  # vanished under us (non-strict) or replaced by stage
         except PermissionError as exc:
             raise self._unreadable(rel, exc) from None
@@ -298,6 +296,8 @@ class Walker:
                         raise
                     st = item.stat(follow_symlinks=False)
             except FileNotFoundError:
+                if self.strict:  # listed, so in the tree: the version would lack it
+                    raise _vanished(prefix + item.name) from None
                 continue
             except PermissionError as exc:
                 raise self._unreadable(rel, exc) from None
@@ -312,6 +312,8 @@ class Walker:
                 try:
                     target = os.readlink(item.name, dir_fd=fd)
                 except FileNotFoundError:
+                    if self.strict:
+                        raise _vanished(prefix + item.name) from None
                     continue
             else:
                 kind = None
@@ -373,6 +375,17 @@ class Walker:
             self._unlockable = False
             return entry
         raise StopIteration
+
+
+def _vanished(path: str) -> Conflict:
+    """The error of a strict walk (push) for entry `path`, listed in its parent but gone
+    before the walk could look at it (`lstat`, `readlink`) or list it: published without it
+    (or empty), the version would not be the tree, which has it, maybe under another name."""
+    return Conflict(
+        f"{path!r} vanished while push read the tree (renamed or removed); "
+        "nothing was published (run push again once the tree is quiet)",
+        [path],
+    )
 
 
 def _special(item: os.DirEntry[str]) -> bool:
