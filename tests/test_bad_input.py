@@ -319,9 +319,9 @@ async def test_file_vanishing_during_push_is_reported(make_site: MakeSite, monke
     make_tree(a.data / "x", files=5)
     real_open = readers.open_file
 
-    def vanish(root: str, rel: str):
+    def vanish(root: readers.TreeRoot, rel: str):
         if rel.endswith("lig0002.pdbqt"):
-            os.unlink(os.path.join(root, rel))
+            os.unlink(os.path.join(root.path, rel))
         return real_open(root, rel)
 
     monkeypatch.setattr(readers, "open_file", vanish)

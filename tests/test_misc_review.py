@@ -146,6 +146,12 @@ def test_the_walk_does_not_list_a_directory_replaced_by_a_symlink(tmp_path: Path
         (tmp_path / f"aside-{strict}").rename(root / "sub")
 
 
+def _root(path: Path) -> readers.TreeRoot:
+    """Directory `path` as a push that started now would read it."""
+    st = path.stat()
+    return readers.TreeRoot(str(path), (), st.st_dev, st.st_ino)
+
+
 def test_readers_do_not_read_through_a_directory_replaced_by_a_symlink(tmp_path: Path) -> None:
     # Readers opened `root/rel` with O_NOFOLLOW, which guards the last component only: a
     # directory replaced by a symlink between the walk and the read was read through.
@@ -157,13 +163,13 @@ def test_readers_do_not_read_through_a_directory_replaced_by_a_symlink(tmp_path:
     _swap_for_link(root / "d", outside.parent, tmp_path / "aside")
     (outside.parent / "sub").symlink_to(outside)  # d -> tmp_path, and tmp_path/sub -> outside
     chunker = Chunker(params)
-    assert readers.read_whole(str(root), "d/sub/a.txt", chunker, 3) == ReadProblem(
+    assert readers.read_whole(_root(root), "d/sub/a.txt", chunker, 3) == ReadProblem(
         "type", "d/sub/a.txt"
     )
-    assert readers.read_batch(str(root), ["d/sub/a.txt"], params, 3, 1 << 20) == [
+    assert readers.read_batch(_root(root), ["d/sub/a.txt"], params, 3, 1 << 20) == [
         ReadProblem("type", "d/sub/a.txt")
     ]
-    assert readers.open_file(str(root), "d/sub/a.txt") == ReadProblem("type", "d/sub/a.txt")
+    assert readers.open_file(_root(root), "d/sub/a.txt") == ReadProblem("type", "d/sub/a.txt")
 
 
 @pytest.mark.parametrize("when", ["listed", "read"])
@@ -331,7 +337,7 @@ def test_a_read_batch_stops_at_its_byte_budget(tmp_path: Path) -> None:
     for i in range(5):
         (tmp_path / f"f{i}").write_bytes(os.urandom(100_000))
     names = [f"f{i}" for i in range(5)]
-    read = readers.read_batch(str(tmp_path), names, ChunkerParams(), 3, 250_000)
+    read = readers.read_batch(_root(tmp_path), names, ChunkerParams(), 3, 250_000)
     assert [r[2] for r in read] == [100_000] * 3  # the third reaches the budget
 
 
@@ -401,7 +407,7 @@ async def test_a_file_replaced_by_a_fifo_before_its_read_is_refused_at_once(
     real = readers.open_file
     opens = [0]
 
-    def swapping(root: str, rel: str, dirs: Any = None) -> Any:
+    def swapping(root: readers.TreeRoot, rel: str, dirs: Any = None) -> Any:
         opens[0] += 1
         if rel == "f" and opens[0] == (1 if size < (1 << 20) else 2):
             path.unlink()

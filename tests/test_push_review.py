@@ -10,9 +10,10 @@ from typing import Any
 
 import pytest
 
+from datamover.chunking.chunker import ChunkerParams
 from datamover.datasets import list_datasets
 from datamover.errors import Conflict, InvalidInput
-from datamover.transfer import walk
+from datamover.transfer import readers, walk
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from tests.fixtures_sites import MakeSite
@@ -124,3 +125,125 @@ def test_a_symlink_removed_before_its_target_is_read(
             assert [e.path for e in walker] == ["d", "d/f"]
     finally:
         walker.close()
+
+
+# -- the dataset's directory swapped during the push -----------------------------------------
+
+
+def _tree(root: Path, text: str) -> None:
+    """`cfg` and `d/notes.txt` holding `text`, with an old mtime (read at once)."""
+    (root / "d").mkdir(parents=True)
+    for rel in ("cfg", "d/notes.txt"):
+        (root / rel).write_text(f"{text} {rel}\n")
+        os.utime(root / rel, (1e9, 1e9))
+
+
+def _swap(root: Path, outside: Path) -> None:
+    """What a user (or anyone who may write the namespace) does mid-push: the dataset's
+    directory moved aside and a symlink to `outside` put in its place."""
+    root.rename(root.with_name(root.name + ".old"))
+    root.symlink_to(outside)
+
+
+@pytest.mark.parametrize("size", [100, 3 << 20])  # read in a batch, or streamed as large
+async def test_a_dataset_directory_swapped_for_a_link_during_the_reads_fails_the_push(
+    make_site: MakeSite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    """Readers reopened the dataset's directory by path, following a symlink, for every
+    batch: the walk listed the tree, the bytes came from wherever the link led, and the
+    version published files from outside the namespace. Every reopen now checks it is the
+    directory the push started with; it is not, so nothing is published."""
+    a = await make_site("site-a")
+    root, outside = a.data / "ds", tmp_path / "outside"
+    _tree(root, "mine")
+    _tree(outside, "SECRET")
+    (root / "big").write_bytes(b"m" * size)
+    (outside / "big").write_bytes(b"S" * size)
+    real = readers.open_file
+    swapped: list[str] = []
+
+    def open_file(tree: Any, rel: str, *args: Any) -> Any:
+        if not swapped:
+            swapped.append(rel)
+            _swap(root, outside)
+        return real(tree, rel, *args)
+
+    monkeypatch.setattr(readers, "open_file", open_file)
+    site = await a.open()
+    try:
+        with pytest.raises(Conflict, match=r"directory .*ds' was replaced while push read it"):
+            await push(site, "/proj/ds")
+        assert swapped
+        assert await list_datasets(site, "/proj/ds") == []
+    finally:
+        await site.close()
+
+
+async def test_a_dataset_directory_swapped_before_the_walk_opens_it_fails_the_push(
+    make_site: MakeSite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Between the check that no component is a link and the walk's open of the directory,
+    which followed one: the walk listed, and push published, the tree outside."""
+    a = await make_site("site-a")
+    root, outside = a.data / "ds", tmp_path / "outside"
+    _tree(root, "mine")
+    _tree(outside, "SECRET")
+    real = walk.Walker._list
+
+    def listing(self: walk.Walker, rel: str, unlock: bool = False) -> Any:
+        if rel == "" and not root.is_symlink():
+            _swap(root, outside)
+        return real(self, rel, unlock)
+
+    monkeypatch.setattr(walk.Walker, "_list", listing)
+    site = await a.open()
+    try:
+        with pytest.raises(Conflict, match="was replaced while push read it"):
+            await push(site, "/proj/ds")
+        assert await list_datasets(site, "/proj/ds") == []
+    finally:
+        await site.close()
+
+
+@pytest.mark.parametrize("swap", ["link", "directory", "removed"])
+def test_a_reader_process_reads_only_the_directory_the_push_started_with(
+    tmp_path: Path, swap: str
+) -> None:
+    """What a reader process gets is the directory's path below the configured one, and
+    the identity it had: a link in its place, another directory there (no link at all) or
+    none is the tree changed during the push."""
+    base, outside = tmp_path / "ns", tmp_path / "outside"
+    _tree(base / "ds", "mine")
+    _tree(outside, "SECRET")
+    tree, held = readers.anchor(str(base), ("ds",))
+    try:
+        assert tree.path == str(base / "ds")
+        if swap == "link":
+            _swap(base / "ds", outside)
+        elif swap == "directory":
+            (base / "ds").rename(base / "ds.old")
+            _tree(base / "ds", "other")
+        else:
+            (base / "ds").rename(base / "ds.old")
+        read = readers.read_batch(tree, ["cfg", "d/notes.txt"], ChunkerParams(), 3, 1 << 20)
+        assert read == [
+            readers.ReadProblem("moved", rel, tree.path) for rel in ("cfg", "d/notes.txt")
+        ]
+    finally:
+        os.close(held)
+
+
+def test_a_dataset_directory_reached_through_the_configured_link_is_read(
+    tmp_path: Path,
+) -> None:
+    """The configured directory is trusted and may be a symlink, also when the dataset is
+    that directory itself (no component below it)."""
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "f").write_text("f\n")
+    (tmp_path / "ns").symlink_to(tmp_path / "real")
+    tree, held = readers.anchor(str(tmp_path / "ns"), ())
+    try:
+        read = readers.read_batch(tree, ["f"], ChunkerParams(), 3, 1 << 20)
+        assert [r[2] for r in read] == [2]  # type: ignore[index]
+    finally:
+        os.close(held)

@@ -21,7 +21,6 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 from datamover.catalog.queries import CheckpointRow, owner_alive, owner_id
@@ -39,8 +38,9 @@ from datamover.transfer.locks import take_lock
 from datamover.transfer.manifest_writer import ManifestWriter
 from datamover.transfer.packer import Packer, Ref
 from datamover.transfer.progress import NoProgress, Progress
+from datamover.transfer.readers import RootMoved, TreeRoot, anchor
 from datamover.transfer.reuse import ReuseCheck
-from datamover.transfer.scan import Done, NewChunk, Scanner
+from datamover.transfer.scan import Done, NewChunk, Scanner, root_moved
 
 #: A push touches its checkpoint this often; one untouched for `_STALE_AFTER` belongs to a
 #: process that is gone (`_holder_alive`), with room for clocks that disagree by minutes.
@@ -261,10 +261,31 @@ async def _parent_manifest(site: Site, parent: VersionDoc) -> list[SegmentRef] |
 async def _push(
     site: Site, dataset: str, checksum: bool, force: bool, progress: Progress, started: float
 ) -> PushResult:
-    """`push`, holding the dataset's lock."""
+    """`push`, holding the dataset's lock: the dataset's directory is opened once checked
+    (`readers.anchor`) and held open until the push ends, and the walk and every reader
+    read only that directory (`readers.open_root`)."""
     base, parts = site.config.namespace.split(dataset)
-    root = base.joinpath(*parts)
     await asyncio.to_thread(check_root, base, parts)  # a tree that is no directory: that first
+    try:
+        root, held = await asyncio.to_thread(anchor, str(base), parts)
+    except RootMoved:  # it changed since `check_root` looked
+        raise root_moved(str(base.joinpath(*parts))) from None
+    try:
+        return await _push_tree(site, dataset, root, checksum, force, progress, started)
+    finally:
+        os.close(held)
+
+
+async def _push_tree(
+    site: Site,
+    dataset: str,
+    root: TreeRoot,
+    checksum: bool,
+    force: bool,
+    progress: Progress,
+    started: float,
+) -> PushResult:
+    """`push` of the tree at `root`, holding the dataset's lock and its directory."""
     if not force:
         await _check_staged(site, dataset)
     params = await site.repo.chunker_params(create=True)
@@ -418,7 +439,7 @@ async def _build(
     site: Site,
     dataset: str,
     *,
-    root: Path,
+    root: TreeRoot,
     params: ChunkerParams,
     parent_refs: list[SegmentRef],
     resumed: list[SegmentRef],
@@ -441,7 +462,7 @@ async def _build(
     # Two readers per core: reading a cold tree waits on the disk as much as it computes.
     workers = t.read_workers if t.read_workers > 0 else 2 * (os.cpu_count() or 1)
     links = site.config.namespace.link_to_logical
-    scanner = Scanner(str(root), previous, params, checksum, level, workers, links)
+    scanner = Scanner(root, previous, params, checksum, level, workers, links)
     packer = Packer(site.store, site.catalog, t.pack_size, t.upload_concurrency)
 
     # Checkpoint rows let a rerun skip what this run uploaded. A reused segment uploaded

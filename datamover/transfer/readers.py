@@ -8,6 +8,9 @@ This module imports only what that needs, so a worker starts fast.
 A file is read between two `fstat`s; if size, mtime or ctime differ, or the bytes read do
 not add up to the size, the read is torn and retried (twice at most), then reported: a torn
 file is never published. Failures travel as `ReadProblem` values, which pickle cleanly.
+
+Files are opened below a `TreeRoot`: the dataset's directory as the push found it, whose
+every reopen (by a reader process, for each batch) checks it is still that directory.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -54,8 +57,9 @@ class FileRead(NamedTuple):
 
 @dataclass(slots=True, frozen=True)
 class ReadProblem:
-    """Why a file could not be read: `vanished`, `changed`, `denied` or `type`; or `large`,
-    which is no failure: the file is to be streamed by the caller."""
+    """Why a file could not be read: `vanished`, `changed`, `denied` or `type`; `moved`,
+    the dataset's directory is no longer the one the push started with (`detail`: its
+    path); or `large`, which is no failure: the file is to be streamed by the caller."""
 
     kind: str
     path: str
@@ -66,23 +70,110 @@ class Torn(Exception):
     """The file changed while it was read."""
 
 
+class RootMoved(Exception):
+    """The dataset's directory is not the one the push started with: renamed or removed,
+    or a symlink or another directory in its place (or on the way to it)."""
+
+
+@dataclass(slots=True, frozen=True)
+class TreeRoot:
+    """The dataset's directory a push reads: `parts` below the configured namespace
+    directory `base` (site configuration, trusted: it may be a symlink), and the
+    `(st_dev, st_ino)` it had when the push opened it (`anchor`). A value, so it travels to
+    reader processes with each batch; the push keeps the descriptor `anchor` gave open
+    until it ends, so no other directory can be given that inode meanwhile."""
+
+    base: str
+    parts: tuple[str, ...]
+    dev: int
+    ino: int
+
+    @property
+    def path(self) -> str:
+        """The directory's path, for messages."""
+        return os.path.join(self.base, *self.parts)
+
+
+def _open_below(base: str, parts: Sequence[str]) -> int:
+    """Open directory `base/parts...`: `base` as configured, each component below it with
+    `O_NOFOLLOW` (as `fsops.open_root` opens it for stage)."""
+    fd = os.open(base, _DIR_FLAGS)
+    try:
+        for name in parts:
+            child = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _moved(exc: OSError) -> bool:
+    """Whether `exc`, from opening the dataset's directory, means it is not there as a
+    directory any more (not: this process may not open it, or the disk failed)."""
+    return isinstance(exc, FileNotFoundError) or exc.errno in (errno.ELOOP, errno.ENOTDIR)
+
+
+def anchor(base: str, parts: Sequence[str]) -> tuple[TreeRoot, int]:
+    """Open the dataset's directory `base/parts...` as a push starts (no symlink below
+    `base`), and return it as a `TreeRoot` with its open descriptor, which the caller
+    closes once the push is over. Raises `RootMoved` if it is gone or a symlink (it
+    changed since the caller checked it), `OSError` otherwise."""
+    try:
+        fd = _open_below(base, parts)
+    except OSError as exc:
+        if _moved(exc):
+            raise RootMoved from None
+        raise
+    st = os.fstat(fd)
+    return TreeRoot(base, tuple(parts), st.st_dev, st.st_ino), fd
+
+
+def open_root(root: TreeRoot) -> int:
+    """A new descriptor (the caller's to close) of `root`'s directory, opened as `anchor`
+    opened it: the walk's and every reader's way into the tree. Raises `RootMoved` if the
+    directory there is not the one the push started with (a different `st_dev`/`st_ino`:
+    another directory, or a symlink to one, in its place or on the way to it), or is gone
+    or a symlink; `OSError` otherwise. The identity is what makes it safe: a link put in
+    the directory's place after the push checked its path would otherwise have the walk
+    list the tree and the readers read files from wherever the link leads."""
+    try:
+        fd = _open_below(root.base, root.parts)
+    except OSError as exc:
+        if _moved(exc):
+            raise RootMoved from None
+        raise
+    try:
+        st = os.fstat(fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    if (st.st_dev, st.st_ino) != (root.dev, root.ino):
+        os.close(fd)
+        raise RootMoved
+    return fd
+
+
 class Dirs:
     """The directory of the file read last, open: files are read in tree order, so a batch
     opens each of its directories once. Directories are opened component by component from
-    `root` with `O_NOFOLLOW`, so a directory replaced by a symlink after the walk listed it
-    is not read through (`O_NOFOLLOW` on the whole path guards its last component only)."""
+    `root` (`open_root`, which checks it is the push's directory) with `O_NOFOLLOW`, so a
+    directory replaced by a symlink after the walk listed it is not read through
+    (`O_NOFOLLOW` on the whole path guards its last component only)."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: TreeRoot) -> None:
         self.root = root
         self._rel: str | None = None
         self._fd = -1
 
     def open(self, rel: str) -> int:
-        """A descriptor of directory `rel` (owned by this object); raises `OSError`."""
+        """A descriptor of directory `rel` (owned by this object); raises `OSError`, or
+        `RootMoved` (see `open_root`)."""
         if rel == self._rel:
             return self._fd
         self.close()
-        fd = os.open(self.root, _DIR_FLAGS)
+        fd = open_root(self.root)
         try:
             for name in rel.split("/") if rel else ():
                 child = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
@@ -101,8 +192,9 @@ class Dirs:
             os.close(self._fd)
 
 
-def open_file(root: str, rel: str, dirs: Dirs | None = None) -> int | ReadProblem:
-    """Open `root/rel` for reading without following a symlink anywhere below `root`."""
+def open_file(root: TreeRoot, rel: str, dirs: Dirs | None = None) -> int | ReadProblem:
+    """Open `root/rel` for reading without following a symlink anywhere below `root`'s
+    configured directory, nor reading below any directory but the push's (`open_root`)."""
     own = dirs is None
     if dirs is None:
         dirs = Dirs(root)
@@ -115,10 +207,12 @@ def open_file(root: str, rel: str, dirs: Dirs | None = None) -> int | ReadProble
             if not stat.S_ISREG(os.lstat(name, dir_fd=dfd).st_mode):
                 return ReadProblem("type", rel)
             return os.open(name, _OPEN_FLAGS & ~os.O_NONBLOCK, dir_fd=dfd)
+    except RootMoved:
+        return ReadProblem("moved", rel, root.path)
     except FileNotFoundError:
         return ReadProblem("vanished", rel)
     except PermissionError:
-        return ReadProblem("denied", rel, os.path.join(root, rel))
+        return ReadProblem("denied", rel, os.path.join(root.path, rel))
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             return ReadProblem("type", rel)
@@ -181,7 +275,7 @@ def settled(fd: int, st: os.stat_result) -> os.stat_result:
 
 
 def read_whole(
-    root: str, rel: str, chunker: Chunker, level: int | None, dirs: Dirs | None = None
+    root: TreeRoot, rel: str, chunker: Chunker, level: int | None, dirs: Dirs | None = None
 ) -> FileRead | ReadProblem:
     """Read a small file completely, retrying torn reads; never raises for file problems.
 
@@ -219,7 +313,7 @@ _chunkers: dict[ChunkerParams, Chunker] = {}
 
 
 def read_batch(
-    root: str, paths: list[str], params: ChunkerParams, level: int | None, budget: int
+    root: TreeRoot, paths: list[str], params: ChunkerParams, level: int | None, budget: int
 ) -> list[tuple[Any, ...] | ReadProblem]:
     """Worker-process entry point: read many small files; results in `paths` order.
 

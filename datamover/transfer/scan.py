@@ -28,7 +28,7 @@ from datamover.domain.paths import check_symlink_target, shown, sort_key
 from datamover.errors import Conflict, InvalidInput
 from datamover.repo.manifest import MAX_FILE_CHUNKS, MAX_STR, MTIME_MAX, MTIME_MIN
 from datamover.transfer import procpool, readers
-from datamover.transfer.readers import FileRead, NewChunk, ReadProblem
+from datamover.transfer.readers import FileRead, NewChunk, ReadProblem, TreeRoot
 from datamover.transfer.walk import LocalEntry, Walker
 
 __all__ = ["Done", "NewChunk", "ScanStats", "Scanner"]
@@ -60,7 +60,21 @@ class ScanStats:
     skipped_special_count: int = 0
 
 
+def root_moved(path: str) -> Conflict:
+    """The error of a push whose dataset directory, at `path`, is no longer the directory
+    it started with (`readers.RootMoved`): what the walk listed and what the readers would
+    read are not one tree, or not the dataset's."""
+    return Conflict(
+        f"the dataset's directory {path!r} was replaced while push read it (renamed, "
+        "removed, or a symlink or another directory put in its place); nothing was "
+        "published (run push again once the tree is quiet)",
+        [path],
+    )
+
+
 def _problem(p: ReadProblem) -> Exception:
+    if p.kind == "moved":
+        return root_moved(p.detail)
     if p.kind == "denied":
         return InvalidInput(f"cannot read {p.detail!r}: permission denied", [p.path])
     if p.kind == "vanished":
@@ -131,6 +145,10 @@ def _too_many_chunks(path: str, known: str = "") -> InvalidInput:
 class Scanner:
     """Produces pieces for the tree at `root`, merged with `previous` (sorted entries).
 
+    The walk and every reader open `root` with `readers.open_root`: a directory there that
+    is not the one the push started with is `Conflict` (`root_moved`), and nothing of it is
+    read.
+
     `workers` is the number of reader processes to use for many small files (0: none).
     `links` turns a symlink target read from disk into its stored form
     (`Namespace.link_to_logical`). Call `close` when done.
@@ -138,7 +156,7 @@ class Scanner:
 
     def __init__(
         self,
-        root: str,
+        root: TreeRoot,
         previous: Iterator[Entry],
         params: ChunkerParams,
         checksum: bool = False,
@@ -148,7 +166,7 @@ class Scanner:
     ) -> None:
         self.root = root
         self.links = links
-        self.walker = Walker(root, strict=True, stat_files=False)
+        self.walker = Walker(root.path, strict=True, stat_files=False, open_root=self._open_root)
         self.previous = previous
         self.params = params
         self.checksum = checksum
@@ -166,6 +184,13 @@ class Scanner:
         # counts towards a batch's `_BATCH_BYTES`.
         self._typical = 0
         self._pieces = self._generate()
+
+    def _open_root(self) -> int:
+        """The walk's way into the tree (`readers.open_root`, its change a `Conflict`)."""
+        try:
+            return readers.open_root(self.root)
+        except readers.RootMoved:
+            raise root_moved(self.root.path) from None
 
     def close(self) -> None:
         """Stop the worker processes, if any."""

@@ -78,12 +78,21 @@ class Walker:
     `unlocked` maps each directory the walk gave its owner's read and search bits
     (`allow_unlock`) to its mode before, until the walk gives it back: when it leaves the
     directory, or, with `keep_unlocked`, never.
+
+    `open_root`, if given, opens `root` (a new descriptor each call) instead of opening it
+    by path: push's opens it as the directory the push started with, or raises `Conflict`.
     """
 
     def __init__(
-        self, root: str, strict: bool, stat_files: bool = True, keep_unlocked: bool = False
+        self,
+        root: str,
+        strict: bool,
+        stat_files: bool = True,
+        keep_unlocked: bool = False,
+        open_root: Callable[[], int] | None = None,
     ) -> None:
         self.root = root
+        self.open_root = open_root
         self.strict = strict
         self.stat_files = stat_files
         self.keep_unlocked = keep_unlocked
@@ -159,6 +168,8 @@ class Walker:
 
     def _open_once(self, rel: str, flags: int) -> int:
         if not rel:
+            if self.open_root is not None:
+                return self.open_root()
             return os.open(self.root, flags & ~os.O_NOFOLLOW)
         return os.open(rel.rpartition("/")[2], flags, dir_fd=self._stack[-1][1])
 
