@@ -5,12 +5,13 @@ files written just after the granule `readers.settled` waits for."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from datamover.chunking.chunker import ChunkerParams
+from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.datasets import list_datasets
 from datamover.errors import Conflict, InvalidInput
 from datamover.transfer import readers, walk
@@ -247,3 +248,100 @@ def test_a_dataset_directory_reached_through_the_configured_link_is_read(
         assert [r[2] for r in read] == [2]  # type: ignore[index]
     finally:
         os.close(held)
+
+
+# -- a file is read only once its mtime's granule is over on the kernel's clock ----------------
+
+SECOND = 1_000_000_000
+
+
+class _Clock:
+    """`readers.time` for a test: `time_ns` is `now`, and `sleep` moves it on (then runs
+    `during`, once: what another process does to the file while the reader waits)."""
+
+    def __init__(self, now: int, during: Callable[[int], None] | None = None) -> None:
+        self.now = now
+        self.during = during
+        self.slept: list[int] = []
+
+    def time_ns(self) -> int:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(round(seconds * SECOND))
+        self.now += round(seconds * SECOND)
+        if self.during is not None:
+            during, self.during = self.during, None
+            during(self.now)
+
+
+def _stamped(path: Path, data: bytes, mtime_ns: int) -> None:
+    """Write `data` over `path` and give it `mtime_ns`, as a file system whose clock (the
+    kernel's coarse one, on whole seconds) stamped the write."""
+    path.write_bytes(data)
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+def test_a_file_is_read_a_clock_tick_after_its_granule(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel stamps file times from a clock that lags `time_ns` by up to a tick: a
+    write in the first milliseconds after the granule `settled` waited for still got the
+    old second, same size, and every later push took the file as unchanged (reproduced on
+    ext4 with 1 s timestamps). It now waits one `FINE_NS` more."""
+    path = tmp_path / "f"
+    _stamped(path, b"a" * 100, 50 * SECOND)
+    clock = _Clock(50 * SECOND + SECOND // 2)
+    monkeypatch.setattr(readers, "time", clock)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        readers.settled(fd, os.fstat(fd))
+    finally:
+        os.close(fd)
+    assert clock.now >= 51 * SECOND + readers.FINE_NS
+    assert clock.slept == [SECOND // 2 + readers.FINE_NS]
+
+
+def test_a_file_with_an_old_mtime_costs_no_wait(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "f"
+    _stamped(path, b"a" * 100, 50 * SECOND)
+    clock = _Clock(51 * SECOND + readers.FINE_NS)  # granule and tick over
+    monkeypatch.setattr(readers, "time", clock)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        before = os.fstat(fd)
+        assert readers.settled(fd, before) is before
+    finally:
+        os.close(fd)
+    assert clock.slept == []
+
+
+def test_a_file_written_while_its_reader_waits_is_waited_for_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write during the wait, in the next second: the fresh `fstat` has that second for
+    mtime, within its granule of now. Read between it and the last `fstat`, a write later
+    in that second went unseen, as before the wait. The fresh `fstat` is checked: the file
+    is waited for again (reopened, as after a torn read), then read."""
+    path = tmp_path / "f"
+    _stamped(path, b"a" * 100, 50 * SECOND)
+    clock = _Clock(50 * SECOND + SECOND // 2, lambda now: _stamped(path, b"b" * 100, 51 * SECOND))
+    monkeypatch.setattr(readers, "time", clock)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with pytest.raises(readers.Torn):
+            readers.settled(fd, os.fstat(fd))
+    finally:
+        os.close(fd)
+
+    _stamped(path, b"a" * 100, 50 * SECOND)
+    clock = _Clock(50 * SECOND + SECOND // 2, lambda now: _stamped(path, b"b" * 100, 51 * SECOND))
+    monkeypatch.setattr(readers, "time", clock)
+    st = tmp_path.stat()
+    tree = readers.TreeRoot(str(tmp_path), (), st.st_dev, st.st_ino)
+    read = readers.read_whole(tree, "f", Chunker(ChunkerParams()), None)
+    assert isinstance(read, readers.FileRead)
+    assert (read.mtime_ns, bytes(read.chunks[0].stored)) == (51 * SECOND, b"b" * 100)
+    assert clock.now >= 52 * SECOND + readers.FINE_NS  # the second of the write was over

@@ -237,12 +237,7 @@ def read_open(
         total += len(data)
         yield NewChunk(digest, len(data), *encode(data, level))
     after = os.fstat(fd)
-    if (
-        total != before.st_size
-        or after.st_size != before.st_size
-        or after.st_mtime_ns != before.st_mtime_ns
-        or after.st_ctime_ns != before.st_ctime_ns
-    ):
+    if total != before.st_size or _changed(after, before):
         digests.clear()
         raise Torn
     return stat.S_IMODE(before.st_mode), before.st_mtime_ns, total
@@ -251,27 +246,46 @@ def read_open(
 #: The timestamp granularity assumed of a file system whose mtimes fall on whole seconds
 #: (Lustre, ext4 with 128-byte inodes), and of one with finer ones (ext4, XFS: a kernel tick).
 COARSE_NS, FINE_NS = 1_000_000_000, 20_000_000
+#: How far the clock the kernel stamps file times from may lag `time.time_ns()`: it is the
+#: coarse clock, moved on once a tick (at most 10 ms at HZ=100); `FINE_NS` covers that.
+LAG_NS = FINE_NS
+
+
+def _changed(a: os.stat_result, b: os.stat_result) -> bool:
+    """Whether a file's `fstat`s `a` and `b` show a change to it between them."""
+    return (
+        a.st_size != b.st_size or a.st_mtime_ns != b.st_mtime_ns or a.st_ctime_ns != b.st_ctime_ns
+    )
 
 
 def settled(fd: int, st: os.stat_result) -> os.stat_result:
     """The `fstat` of open file `fd` to read it between: `st`, unless the file's mtime lies
-    within its file system's timestamp granularity of now; then, once that much time has
-    passed since the mtime (at most one granule), a fresh one.
+    within its file system's timestamp granularity (and the kernel clock's lag) of now;
+    then, once that much time has passed since the mtime, a fresh one. Raises `Torn` if
+    the fresh one shows the file changed meanwhile: its new mtime may be as recent, and
+    the caller reopens it and settles again (`ATTEMPTS` times, as for a torn read).
 
     Comparing `fstat`s before and after a read sees a write during the read only if that
     write moves the mtime (or size, or ctime). A write in the same granule as the last
     one does not (1 s on Lustre): read then, the file could be published torn, and every
     later push would take it as unchanged. Read after the granule, any later write lands
     in another one. Mtimes on whole seconds are taken as a 1 s granularity, others as a
-    kernel tick's (`COARSE_NS`, `FINE_NS`). A file server's clock may differ from this
-    host's by more than that, which this cannot see; an mtime in the future is read at once.
+    kernel tick's (`COARSE_NS`, `FINE_NS`). The kernel stamps a write from its coarse
+    clock, up to a tick behind `time_ns` (`LAG_NS`): a write in the first milliseconds
+    after the granule by `time_ns` still got the old second, so the wait is a granule and
+    `LAG_NS`. A file whose mtime is older costs one `time_ns` and no wait. A file
+    server's clock may differ from this host's by more than that, which this cannot see;
+    an mtime in the future is read at once.
     """
     grain = COARSE_NS if st.st_mtime_ns % COARSE_NS == 0 else FINE_NS
-    wait = st.st_mtime_ns + grain - time.time_ns()
-    if wait <= 0 or wait > grain:  # in the future: another clock's, waiting cannot help
+    wait = st.st_mtime_ns + grain + LAG_NS - time.time_ns()
+    if wait <= 0 or wait > grain + LAG_NS:  # in the future: another clock's, waiting cannot help
         return st
     time.sleep(wait / 1e9)
-    return os.fstat(fd)
+    fresh = os.fstat(fd)
+    if _changed(fresh, st):
+        raise Torn
+    return fresh
 
 
 def read_whole(
