@@ -17,7 +17,7 @@ from datamover.errors import Conflict, InvalidInput
 from datamover.transfer import readers, walk
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
-from tests.fixtures_sites import MakeSite
+from tests.fixtures_sites import MakeSite, cli_unprivileged
 
 #: Stage's temporary name with a newline after it: `$` matched before that newline.
 ODD_PART = ".dm-0123456789abcdef.part\n"
@@ -204,6 +204,25 @@ async def test_a_dataset_directory_swapped_before_the_walk_opens_it_fails_the_pu
         assert await list_datasets(site, "/proj/ds") == []
     finally:
         await site.close()
+
+
+@pytest.mark.parametrize("mode", [0o000, 0o300])  # nothing, or searchable but not readable
+async def test_a_dataset_directory_push_may_not_read_is_named(
+    make_site: MakeSite, mode: int
+) -> None:
+    """Opening the directory to hold it is the push's first read of it: one it may not
+    read is the user's to fix (exit 2, naming it), as when the walk opened it first."""
+    a = await make_site("site-a")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("f\n")
+    (a.data / "ds").chmod(mode)
+    try:
+        proc = cli_unprivileged(a, "push", "/proj/ds")
+    finally:
+        (a.data / "ds").chmod(0o755)
+    assert proc.returncode == InvalidInput.exit_code, proc.stderr
+    assert f"cannot read '{a.data / 'ds'}': permission denied" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
 
 
 @pytest.mark.parametrize("swap", ["link", "directory", "removed"])

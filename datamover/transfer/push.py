@@ -28,7 +28,7 @@ from datamover.chunking.chunker import ChunkerParams
 from datamover.domain.ids import new_version_id
 from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import check_logical_path, sort_key
-from datamover.errors import Conflict, Corrupt
+from datamover.errors import Conflict, Corrupt, InvalidInput
 from datamover.repo.layout import VersionDoc, check_key_length
 from datamover.repo.manifest import SegmentRef, encode_list
 from datamover.repo.repository import Repository, utc_now
@@ -266,10 +266,13 @@ async def _push(
     read only that directory (`readers.open_root`)."""
     base, parts = site.config.namespace.split(dataset)
     await asyncio.to_thread(check_root, base, parts)  # a tree that is no directory: that first
+    path = str(base.joinpath(*parts))
     try:
         root, held = await asyncio.to_thread(anchor, str(base), parts)
     except RootMoved:  # it changed since `check_root` looked
-        raise root_moved(str(base.joinpath(*parts))) from None
+        raise root_moved(path) from None
+    except PermissionError:  # the user's to fix, as an unreadable directory in the tree
+        raise InvalidInput(f"cannot read {path!r}: permission denied", [""]) from None
     try:
         return await _push_tree(site, dataset, root, checksum, force, progress, started)
     finally:
