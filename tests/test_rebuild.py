@@ -306,6 +306,7 @@ def test_only_pack_keys_name_packs() -> None:
     for key in (
         f"packs/cd/{h}",
         f"packs/ab/{h}x",
+        f"packs/ab/{h}\n",  # `$` matched before a final newline
         f"packs/ab/{h.upper()}",
         "packs/ab/x",
         "packs/x",

@@ -224,7 +224,7 @@ def test_a_file_a_user_changed_after_the_look_goes_to_the_trash(
             (tmp_path / "ds" / "f").write_text("a user's newer save\n")
         else:
             (tmp_path / "ds" / ".save").write_text("a user's newer save\n")
-            os.rename(tmp_path / "ds" / ".save", tmp_path / "ds" / "f")
+            (tmp_path / "ds" / ".save").rename(tmp_path / "ds" / "f")
 
     monkeypatch.setattr(TreeWriter, "make_way", make_way)
     try:

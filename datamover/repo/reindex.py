@@ -64,7 +64,7 @@ DATA_SPAN = 16 << 20
 #: Corrupt packs named in the result; more are only counted.
 SAMPLE = 100
 
-_PACK_KEY = re.compile(r"^packs/([0-9a-f]{2})/([0-9a-f]{64})$")
+_PACK_KEY = re.compile(r"packs/([0-9a-f]{2})/([0-9a-f]{64})")
 
 
 @dataclass(slots=True)
@@ -110,7 +110,7 @@ class ReindexResult:
 
 def pack_id_of(key: str) -> bytes | None:
     """The pack id a store key names (`packs/<hex[0:2]>/<hex>`), None for any other key."""
-    m = _PACK_KEY.match(key)
+    m = _PACK_KEY.fullmatch(key)
     if m is None or not m.group(2).startswith(m.group(1)):
         return None
     return bytes.fromhex(m.group(2))
