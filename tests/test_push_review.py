@@ -4,6 +4,7 @@ files written just after the granule `readers.settled` waits for."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -364,3 +365,28 @@ def test_a_file_written_while_its_reader_waits_is_waited_for_again(
     assert isinstance(read, readers.FileRead)
     assert (read.mtime_ns, bytes(read.chunks[0].stored)) == (51 * SECOND, b"b" * 100)
     assert clock.now >= 52 * SECOND + readers.FINE_NS  # the second of the write was over
+
+
+async def test_a_symlink_replaced_by_a_file_during_the_walk_is_a_conflict(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Replaced between its lstat and its readlink, the link's readlink failed with EINVAL,
+    # which ended the push as a bare "Invalid argument".
+    env = await make_site("site-a")
+    (env.data / "ds").mkdir()
+    (env.data / "ds" / "f").write_text("data\n")
+    (env.data / "ds" / "link").symlink_to("f")
+    real = os.readlink
+
+    def readlink(path: Any, *, dir_fd: int | None = None) -> str:
+        if path == "link":
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "readlink", readlink)
+    site = await env.open()
+    try:
+        with pytest.raises(Conflict, match="'link' vanished while push read the tree"):
+            await push(site, "/proj/ds")
+    finally:
+        await site.close()

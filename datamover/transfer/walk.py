@@ -322,7 +322,13 @@ class Walker:
                 kind = Kind.SYMLINK
                 try:
                     target = os.readlink(item.name, dir_fd=fd)
-                except FileNotFoundError:
+                except (FileNotFoundError, NotADirectoryError):
+                    if self.strict:
+                        raise _vanished(prefix + item.name) from None
+                    continue
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:  # EINVAL: no symlink there any more
+                        raise
                     if self.strict:
                         raise _vanished(prefix + item.name) from None
                     continue
