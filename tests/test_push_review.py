@@ -390,3 +390,20 @@ async def test_a_symlink_replaced_by_a_file_during_the_walk_is_a_conflict(
             await push(site, "/proj/ds")
     finally:
         await site.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a directory of another user")
+async def test_a_directory_above_the_dataset_needs_search_permission_only(
+    make_site: MakeSite,
+) -> None:
+    # Every directory on the way was opened for reading: a 0o711 directory of another user
+    # above the dataset (a shared group directory, a home) made every push fail with
+    # "cannot read ...: permission denied".
+    env = await make_site("site-a")
+    (env.data / "home" / "ds").mkdir(parents=True)
+    (env.data / "home" / "ds" / "f").write_text("data\n")
+    os.chown(env.data / "home", 65534, 65534)
+    os.chmod(env.data / "home", 0o711)
+    r = cli_unprivileged(env, "push", "/proj/home/ds", "--json")
+    assert r.returncode == 0, r.stderr
+    assert '"files": 1' in r.stdout

@@ -186,14 +186,21 @@ async def test_a_push_waits_for_stages_of_datasets_above_and_below_it(
     (env.data / "ds" / "sub" / "f").write_text("data\n")
     site = await env.open()
     try:
+        mapped = site.config.namespace.resolve
         for near in ("/proj/ds/sub", "/proj"):
-            await site.catalog.begin_replica(near, str(env.data), "v1", None, "host:1")
+            await site.catalog.begin_replica(near, str(mapped(near)), "v1", None, "host:1")
             with pytest.raises(Conflict, match=f"a stage of '{near}' .* is running or did not"):
                 await push(site, "/proj/ds")
             await site.catalog.finish_replica(near, "v1", "ready", 1, 5)
-        await site.catalog.begin_replica("/proj/dsx", str(env.data), "v1", None, "host:1")
+        await site.catalog.begin_replica("/proj/dsx", str(mapped("/proj/dsx")), "v1", None, "h:1")
         assert (await push(site, "/proj/ds")).files == 1  # a sibling shares nothing
-        await site.catalog.begin_replica("/proj/ds/sub", str(env.data), "v2", "v1", "host:1")
+        # A record of a tree this site does not map there (a nested prefix mapped
+        # elsewhere, a record from before a remap) shares nothing with it either.
+        await site.catalog.begin_replica("/proj/ds/sub", "/elsewhere/sub", "v2", "v1", "h:1")
+        assert (await push(site, "/proj/ds")).unchanged
+        await site.catalog.begin_replica(
+            "/proj/ds/sub", str(mapped("/proj/ds/sub")), "v3", "v2", "h:1"
+        )
         assert (await push(site, "/proj/ds", force=True)).unchanged  # as it is, on purpose
     finally:
         await site.close()

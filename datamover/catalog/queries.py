@@ -290,9 +290,9 @@ class Catalog:
             r = (await conn.execute(select(table).where(table.c.dataset == dataset))).first()
         return None if r is None else _replica_row(r)
 
-    async def unfinished_near(self, dataset: str) -> ReplicaRow | None:
-        """A replica record of a dataset above or below `dataset` (not `dataset` itself)
-        whose stage has not finished (running, killed or failed), or None."""
+    async def unfinished_near(self, dataset: str) -> list[ReplicaRow]:
+        """The replica records of datasets above or below `dataset` (not `dataset` itself)
+        whose stage has not finished (running, killed or failed), by dataset."""
         table = Replica.__table__
         parts = dataset.split("/")
         above = ["/".join(parts[:i]) for i in range(2, len(parts))]
@@ -304,11 +304,9 @@ class Catalog:
                 or_(table.c.dataset.in_(above), path_under(table.c.dataset, dataset)),
             )
             .order_by(table.c.dataset)
-            .limit(1)
         )
         async with self.engine.connect() as conn:
-            r = (await conn.execute(query)).first()
-        return None if r is None else _replica_row(r)
+            return [_replica_row(r) for r in await conn.execute(query)]
 
     async def replicas(
         self,

@@ -331,10 +331,15 @@ def move_across(src_dir: int, name: str, dst_dir: int, to: str) -> None:
             shutil.rmtree(to, ignore_errors=True, dir_fd=dst_dir)
             raise
         remove_copied(src, copied)
+        removed = False
         with contextlib.suppress(OSError):
             if _same_dir(src_dir, name, src):
                 os.rmdir(name, dir_fd=src_dir)
-        if os.fstat(src).st_nlink:  # still there (where it was, or renamed meanwhile)
+                removed = True
+        # Not removed: still there (where it was, or renamed meanwhile). Decided by the
+        # `rmdir`, not by the link count of the open directory, which overlayfs (a lower
+        # layer's directory) still shows above zero after it.
+        if not removed:
             raise OSError(
                 errno.ENOTEMPTY,
                 "it changed while it was copied (what changed is still in place, the rest in "

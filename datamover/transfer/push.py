@@ -21,9 +21,10 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from datamover.catalog.queries import CheckpointRow, owner_alive, owner_id
+from datamover.catalog.queries import CheckpointRow, ReplicaRow, owner_alive, owner_id
 from datamover.chunking.chunker import ChunkerParams
 from datamover.domain.ids import new_version_id
 from datamover.domain.manifest import Entry, Kind
@@ -231,7 +232,8 @@ async def _check_staged(site: Site, dataset: str) -> None:
         )
     # A dataset above or below this one shares files with its tree: a stage of it that is
     # running, or did not finish, leaves this tree part one version, part another.
-    near = await site.catalog.unfinished_near(dataset)
+    unfinished = await site.catalog.unfinished_near(dataset)
+    near = next((r for r in unfinished if _shares(site, root, r)), None)
     if near is not None:
         raise Conflict(
             f"{dataset!r}: a stage of {near.dataset!r} (version {near.version}), which "
@@ -239,6 +241,19 @@ async def _check_staged(site: Site, dataset: str) -> None:
             f"(datamover stage {near.dataset} --version {near.version}) or publish the tree "
             "as it is with --force"
         )
+
+
+def _shares(site: Site, root: Path, replica: ReplicaRow) -> bool:
+    """Whether `replica`, of a dataset above or below the one at `root`, is a tree this
+    site maps into or onto `root` now: nested prefixes may map elsewhere (`/proj/ref` to
+    another file system), and a record from before a remap names a tree not mapped."""
+    try:
+        mapped = site.config.namespace.resolve(replica.dataset)
+    except InvalidInput:
+        return False
+    if replica.root != str(mapped):
+        return False
+    return mapped.is_relative_to(root) or root.is_relative_to(mapped)
 
 
 async def _parent_manifest(site: Site, parent: VersionDoc) -> list[SegmentRef] | None:

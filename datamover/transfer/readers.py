@@ -33,6 +33,8 @@ from datamover.chunking.codec import encode
 # relies on too. Callers check the `fstat` they give `read_open` for a regular file.
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+#: A directory only passed through on the way to the dataset's.
+_PASS_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 ATTEMPTS = 3
 
 
@@ -97,10 +99,15 @@ class TreeRoot:
 def _open_below(base: str, parts: Sequence[str]) -> int:
     """Open directory `base/parts...`: `base` as configured, each component below it with
     `O_NOFOLLOW` (as `fsops.open_root` opens it for stage)."""
-    fd = os.open(base, _DIR_FLAGS)
+    if not parts:
+        return os.open(base, _DIR_FLAGS)
+    # The directories on the way are only passed through (`O_PATH`): like a lookup by
+    # path, that needs search permission, not read (a 0o711 directory above the dataset).
+    fd = os.open(base, _PASS_FLAGS)
     try:
-        for name in parts:
-            child = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+        for i, name in enumerate(parts):
+            flags = _DIR_FLAGS if i == len(parts) - 1 else _PASS_FLAGS
+            child = os.open(name, flags | os.O_NOFOLLOW, dir_fd=fd)
             os.close(fd)
             fd = child
     except BaseException:

@@ -98,7 +98,8 @@ def split_fetch(
 ) -> list[tuple[list[_Fetch], list[Range]]]:
     """The parts of a batch of small files to fetch and write one after another, in batch
     order, each with its planned ranges (`plan_ranges`), so that no part holds more than
-    `limit` fetched bytes, the gaps coalesced into its ranges included.
+    `limit` fetched bytes, the gaps coalesced into its ranges included, or than its own
+    chunks' stored bytes where those are more (a batch ends just past `limit`).
 
     A batch is cut by its files' bytes, but its chunks' ranges coalesce neighbours up to
     `gap` apart: scattered missing files (or a hostile manifest) made a batch of 4 KiB
@@ -113,7 +114,10 @@ def split_fetch(
     while todo:
         part = todo.pop()
         ranges = plan_ranges((c for e, _ in part for c in e.chunks), gap, max_request)
-        if _fetched(ranges) <= limit:
+        # A batch is cut once it reaches `limit`, so it goes a little over by its own
+        # bytes (all of it, for files that do not compress): only the gaps split it.
+        own = sum(c.stored_length for e, _ in part for c in e.chunks)
+        if _fetched(ranges) <= max(limit, own):
             parts.append((part, ranges))
         elif len(part) == 1:
             parts.append((part, plan_ranges(part[0][0].chunks, 0, max_request)))
