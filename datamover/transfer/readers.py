@@ -103,10 +103,16 @@ def _open_below(base: str, parts: Sequence[str]) -> int:
         return os.open(base, _DIR_FLAGS)
     # The directories on the way are only passed through (`O_PATH`): like a lookup by
     # path, that needs search permission, not read (a 0o711 directory above the dataset).
-    fd = os.open(base, _PASS_FLAGS)
+    fd = _descend(os.open(base, _PASS_FLAGS), parts[:-1], _PASS_FLAGS)
+    return _descend(fd, parts[-1:], _DIR_FLAGS)
+
+
+def _descend(fd: int, names: Sequence[str], flags: int) -> int:
+    """The directory `names` below directory `fd`, each component opened with `flags` and
+    `O_NOFOLLOW`; `fd` is consumed (closed, or returned when `names` is empty), also when
+    an open fails."""
     try:
-        for i, name in enumerate(parts):
-            flags = _DIR_FLAGS if i == len(parts) - 1 else _PASS_FLAGS
+        for name in names:
             child = os.open(name, flags | os.O_NOFOLLOW, dir_fd=fd)
             os.close(fd)
             fd = child
@@ -180,15 +186,7 @@ class Dirs:
         if rel == self._rel:
             return self._fd
         self.close()
-        fd = open_root(self.root)
-        try:
-            for name in rel.split("/") if rel else ():
-                child = os.open(name, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
-                os.close(fd)
-                fd = child
-        except BaseException:
-            os.close(fd)
-            raise
+        fd = _descend(open_root(self.root), rel.split("/") if rel else (), _DIR_FLAGS)
         self._rel, self._fd = rel, fd
         return fd
 
