@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import blake3
 
-from datamover.aio import gather_or_cancel
+from datamover.aio import drain, gather_or_cancel
 from datamover.chunking.chunker import ChunkerParams
 from datamover.chunking.pack import pack_key
 from datamover.domain.manifest import Entry, Kind
@@ -48,20 +48,6 @@ DOCUMENT_LIMIT = 1 << 20
 def utc_now() -> str:
     """Current UTC time in the format used by stored documents."""
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-async def _drain(jobs: Iterable[Coroutine[Any, Any, object]], limit: int) -> None:
-    """Await every coroutine of `jobs`, `limit` at a time in `limit` tasks (not one task a
-    job, however many there are), each result dropped as soon as it is ready, so at most
-    `limit` results are held at once; `jobs` is consumed lazily. The first failure cancels
-    the jobs running (the rest are not started) and is raised once they have ended."""
-    pending = iter(jobs)
-
-    async def worker() -> None:
-        for job in pending:  # shared: each worker takes the next job
-            await job
-
-    await gather_or_cancel([worker() for _ in range(max(1, limit))])
 
 
 async def _all_true(checks: Iterable[Coroutine[Any, Any, bool]], batch: int = 256) -> bool:
@@ -323,7 +309,7 @@ class Repository:
         error) cancels the fetches under way and is raised; the segments cached stay.
         """
         refs = await self.segments(doc)
-        await _drain(
+        await drain(
             (self.manifest_object(ref.digest, ref.stored_size) for ref in refs),
             self.fetch_concurrency,
         )

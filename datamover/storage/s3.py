@@ -43,7 +43,7 @@ import botocore.loaders
 from aiobotocore.session import AioSession
 from botocore.config import Config as BotoConfig
 
-from datamover.aio import gather_or_cancel
+from datamover.aio import drain
 from datamover.errors import (
     BucketNotFound,
     DatamoverError,
@@ -485,18 +485,15 @@ class S3Store:
     async def _holding(self, prefixes: list[str]) -> list[str]:
         """Those of `prefixes` under which the bucket holds anything: one request of one key
         each, `_PROBES` at a time (a start key can have one per byte below `/`)."""
-        if not prefixes:
-            return []
-        todo = iter(prefixes)
         found: list[str] = []
 
-        async def probe() -> None:
-            for sub in todo:  # shared: each prober takes the next
-                page = await self._call("ListObjectsV2", None, Prefix=sub, Delimiter="/", MaxKeys=1)
-                if page.get("Contents") or page.get("CommonPrefixes"):
-                    found.append(sub)
+        async def probe(sub: str) -> None:
+            page = await self._call("ListObjectsV2", None, Prefix=sub, Delimiter="/", MaxKeys=1)
+            if page.get("Contents") or page.get("CommonPrefixes"):
+                found.append(sub)
 
-        await gather_or_cancel([probe() for _ in range(min(_PROBES, len(prefixes)))])
+        if prefixes:
+            await drain((probe(sub) for sub in prefixes), min(_PROBES, len(prefixes)))
         return found
 
     async def _level_pages(
