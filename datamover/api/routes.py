@@ -254,12 +254,12 @@ def _readable_prefix(who: Identity, prefix: str) -> str | None:
     may read: `prefix` itself when `who` reads all of it (or several parts of it), the one
     prefix of `who`'s below it, or None when `who` reads nothing there. A tenant's token
     listing `/` does not walk every other tenant's datasets."""
-    if who.allows("admin") or who.covers(prefix):
+    if who.allows("admin"):
         return prefix
-    inside = [p for p in who.prefixes if is_under(p, prefix)]
-    if len(inside) == 1:
-        return inside[0]
-    return prefix if inside else None
+    readable = _narrowed(prefix, list(who.prefixes))
+    if len(readable) == 1:
+        return readable[0]
+    return prefix if readable else None
 
 
 async def list_versions(request: web.Request) -> web.Response:
