@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from datamover.catalog.engine import path_under, upsert_for
 from datamover.catalog.models import Chunk, Pack, PushCheckpoint, PushSegment, Replica, Version
+from datamover.catalog.queue_sql import lineage
 from datamover.domain.manifest import ChunkRef
 from datamover.errors import CatalogUnavailable, Conflict
 from datamover.repo.layout import VersionDoc
@@ -294,14 +295,15 @@ class Catalog:
         """The replica records of datasets above or below `dataset` (not `dataset` itself)
         whose stage has not finished (running, killed or failed), by dataset."""
         table = Replica.__table__
-        parts = dataset.split("/")
-        above = ["/".join(parts[:i]) for i in range(2, len(parts))]
         query = (
             select(table)
             .where(
                 table.c.state != "ready",
                 table.c.dataset != dataset,
-                or_(table.c.dataset.in_(above), path_under(table.c.dataset, dataset)),
+                or_(
+                    table.c.dataset.in_(sorted(lineage(dataset))),
+                    path_under(table.c.dataset, dataset),
+                ),
             )
             .order_by(table.c.dataset)
         )
