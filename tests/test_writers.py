@@ -6,6 +6,7 @@ import os
 import pickle
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -182,26 +183,39 @@ def test_a_file_system_without_exchange_renames_over_the_file(
     assert (tmp_path / "ds" / "f").read_text() == "new\n"
 
 
-def test_a_directory_that_took_the_name_after_the_look_goes_to_the_trash(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """`make_way` saw the file; a user's directory took its name before the exchange: the
-    exchange swaps file and directory, the unlink refuses the directory, and it is swapped
-    back and moved to the trash, never removed."""
+def _replace_after_a_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: Callable[[Path], None]
+) -> TreeWriter:
+    """Replace `ds/f` by `ds/.new` (`_replacing`), with `change(ds)` made by a user just
+    after `make_way` looked at `f` and before the new file takes its name."""
     writer, dfd, seen = _replacing(tmp_path)
     real = TreeWriter.make_way
 
     def make_way(self: TreeWriter, rel: str, dfd: int, replaces: object) -> None:
         real(self, rel, dfd, replaces)  # type: ignore[arg-type]
-        (tmp_path / "ds" / "f").unlink()
-        (tmp_path / "ds" / "f").mkdir()
-        (tmp_path / "ds" / "f" / "mine").write_text("a user's\n")
+        change(tmp_path / "ds")
 
     monkeypatch.setattr(TreeWriter, "make_way", make_way)
     try:
         writer.rename_into_place(".new", "f", dfd, seen)
     finally:
         os.close(writer.root_fd)
+    return writer
+
+
+def test_a_directory_that_took_the_name_after_the_look_goes_to_the_trash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`make_way` saw the file; a user's directory took its name before the exchange: the
+    exchange swaps file and directory, the unlink refuses the directory, and it is swapped
+    back and moved to the trash, never removed."""
+
+    def change(ds: Path) -> None:
+        (ds / "f").unlink()
+        (ds / "f").mkdir()
+        (ds / "f" / "mine").write_text("a user's\n")
+
+    writer = _replace_after_a_change(tmp_path, monkeypatch, change)
     assert [p.name for p in (tmp_path / "ds").iterdir()] == ["f"]
     assert (tmp_path / "ds" / "f").read_text() == "new\n"
     assert (tmp_path / "trash" / "f" / "mine").read_text() == "a user's\n"
@@ -215,22 +229,15 @@ def test_a_file_a_user_changed_after_the_look_goes_to_the_trash(
     """`make_way` saw the file as the walk did; a user saved into it (or renamed a new
     file onto its name) before the exchange: the file the exchange took out is not the
     one the walk saw, so it goes to the trash, not away."""
-    writer, dfd, seen = _replacing(tmp_path)
-    real = TreeWriter.make_way
 
-    def make_way(self: TreeWriter, rel: str, dfd: int, replaces: object) -> None:
-        real(self, rel, dfd, replaces)  # type: ignore[arg-type]
+    def change(ds: Path) -> None:
         if how == "saved into":
-            (tmp_path / "ds" / "f").write_text("a user's newer save\n")
+            (ds / "f").write_text("a user's newer save\n")
         else:
-            (tmp_path / "ds" / ".save").write_text("a user's newer save\n")
-            (tmp_path / "ds" / ".save").rename(tmp_path / "ds" / "f")
+            (ds / ".save").write_text("a user's newer save\n")
+            (ds / ".save").rename(ds / "f")
 
-    monkeypatch.setattr(TreeWriter, "make_way", make_way)
-    try:
-        writer.rename_into_place(".new", "f", dfd, seen)
-    finally:
-        os.close(writer.root_fd)
+    writer = _replace_after_a_change(tmp_path, monkeypatch, change)
     assert [p.name for p in (tmp_path / "ds").iterdir()] == ["f"]
     assert (tmp_path / "ds" / "f").read_text() == "new\n"
     assert (tmp_path / "trash" / "f").read_text() == "a user's newer save\n"
