@@ -14,7 +14,7 @@ from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from datamover.aio import gather_or_cancel
+from datamover.aio import drain
 from datamover.domain.paths import check_logical_path
 from datamover.errors import Corrupt, InvalidInput, NotFound
 from datamover.repo.layout import VersionDoc, resume_key
@@ -187,24 +187,21 @@ async def _read(
         else:
             missing.append((dataset, version))
     fetched: list[VersionDoc] = []
-    todo = iter(missing)
 
-    async def fetch() -> None:
-        # A few readers pulling from one list: a task per version would hold a task for
-        # every version in the batch new to this site.
-        for dataset, version in todo:
-            try:
-                doc = await site.repo.read_version(dataset, version)
-            except NotFound:
-                continue  # removed since it was listed
-            except Corrupt as e:
-                docs[dataset, version] = e
-                continue
-            fetched.append(doc)
-            docs[dataset, version] = doc
+    async def fetch(dataset: str, version: str) -> None:
+        try:
+            doc = await site.repo.read_version(dataset, version)
+        except NotFound:
+            return  # removed since it was listed
+        except Corrupt as e:
+            docs[dataset, version] = e
+            return
+        fetched.append(doc)
+        docs[dataset, version] = doc
 
-    # The store or catalog failing stops the other readers too.
-    await gather_or_cancel([fetch() for _ in range(min(_FETCHERS, len(missing)))])
+    # A few readers (not a task per version new to this site); the store or catalog
+    # failing stops the others too.
+    await drain((fetch(d, v) for d, v in missing), min(_FETCHERS, len(missing)))
     await site.catalog.record_versions(fetched)
     return [
         (dataset, version, legacy, docs.get((dataset, version)))
