@@ -906,3 +906,29 @@ async def test_set_id_bits_of_files_are_not_staged(make_site: MakeSite) -> None:
     again = b.cli_json("stage", "/proj/ds")
     assert again["fetched_files"] == 0 and not again.get("trashed_count")
     assert (mode("small"), mode("big")) == (0o755, 0o750)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a directory of another user")
+async def test_stage_and_verify_need_only_search_permission_above_the_dataset(
+    make_site: MakeSite,
+) -> None:
+    # Stage opened every directory on the way for reading: a 0o711 directory of another
+    # user above the dataset (a home, a shared project directory) made it fail with
+    # "permission denied" although the dataset's own directory was writable.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "home" / "ds" / "sub").mkdir(parents=True)
+    (a.data / "home" / "ds" / "sub" / "f").write_text("data\n")
+    assert a.cli("push", "/proj/home/ds", "--json").returncode == 0
+    (b.data / "home" / "ds").mkdir(parents=True)
+    os.chown(b.data / "home", 65534, 65534)
+    os.chmod(b.data / "home", 0o711)
+    r = cli_unprivileged(b, "stage", "/proj/home/ds", "--json")
+    assert r.returncode == 0, r.stderr
+    assert (b.data / "home" / "ds" / "sub" / "f").read_text() == "data\n"
+    r = cli_unprivileged(b, "verify", "/proj/home/ds", "--json")
+    assert r.returncode == 0, r.stderr
+    # Without search permission the error still names the directory, one line.
+    os.chmod(b.data / "home", 0o700)
+    r = cli_unprivileged(b, "stage", "/proj/home/ds", "--json")
+    assert r.returncode != 0
+    assert "home" in r.stderr and "Traceback" not in r.stderr

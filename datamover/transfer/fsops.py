@@ -40,6 +40,8 @@ from datamover.errors import Conflict, InvalidInput, NotFound, PermanentError
 from datamover.transfer import crossfs
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: A directory only passed through on the way to the dataset's: search permission suffices.
+_PASS_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 _MAX_DIR_FDS = 64
 
@@ -230,10 +232,11 @@ def named(exc: OSError, path: str | Path) -> OSError:
     return OSError(exc.errno, exc.strerror, str(path))
 
 
-def open_dir(name: str, parent_fd: int, shown: str) -> int:
-    """Open directory `name` below `parent_fd` without following a symlink."""
+def open_dir(name: str, parent_fd: int, shown: str, flags: int = _DIR_FLAGS) -> int:
+    """Open directory `name` below `parent_fd` without following a symlink (`flags`: for
+    reading, or `_PASS_FLAGS` to pass through it)."""
     try:
-        return os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+        return os.open(name, flags, dir_fd=parent_fd)
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.ENOTDIR):
             raise Conflict(
@@ -295,20 +298,23 @@ def open_root(base: Path, components: Sequence[str], create: bool = True) -> int
 
     `base` is the namespace's configured local directory (trusted, site configuration);
     every component below it comes from a logical path and is opened with `O_NOFOLLOW`.
-    A directory that cannot be created or opened for lack of permission is `PermanentError`.
+    Only the last directory is opened for reading; those above it are passed through
+    (`O_PATH`), which needs search permission only, as a lookup by path does (a 0o711
+    home or project directory above the dataset). A directory that cannot be created or
+    opened for lack of permission is `PermanentError`.
     """
     shown = str(base)
     try:
         if create:
             base.mkdir(parents=True, exist_ok=True)
-        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        fd = os.open(base, (_PASS_FLAGS if components else _DIR_FLAGS) & ~os.O_NOFOLLOW)
     except PermissionError as exc:
         raise denied(shown, exc) from None
     except (FileExistsError, NotADirectoryError):
         # mkdir's answer when `base`, or a directory it would be made in, is a file.
         raise _not_a_directory(base) from None
     try:
-        for name in components:
+        for i, name in enumerate(components, 1):
             shown = os.path.join(shown, name)
             if create:
                 try:
@@ -317,7 +323,7 @@ def open_root(base: Path, components: Sequence[str], create: bool = True) -> int
                     pass
                 except PermissionError as exc:
                     raise denied(shown, exc) from None
-            child = open_dir(name, fd, shown)
+            child = open_dir(name, fd, shown, _DIR_FLAGS if i == len(components) else _PASS_FLAGS)
             os.close(fd)
             fd = child
     except BaseException:
