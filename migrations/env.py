@@ -9,10 +9,10 @@ import asyncio
 from alembic import context
 from sqlalchemy.engine import Connection
 
-from datamover.catalog.models import Base
+from datamover.catalog.models import metadata
 
 config = context.config
-target_metadata = Base.metadata
+target_metadata = metadata
 
 
 def _run(connection: Connection) -> None:

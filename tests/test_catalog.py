@@ -52,13 +52,13 @@ async def test_migrations_and_models_give_the_same_schema(catalog_url: str) -> N
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from datamover.catalog.models import Base
+    from datamover.catalog.models import metadata
 
     def diffs(conn: Any) -> list[Any]:
         context = MigrationContext.configure(
             conn, opts={"compare_type": True, "compare_server_default": True}
         )
-        return list(compare_metadata(context, Base.metadata))
+        return list(compare_metadata(context, metadata))
 
     engine = create_engine_for(catalog_url)
     await upgrade(engine)
@@ -66,7 +66,7 @@ async def test_migrations_and_models_give_the_same_schema(catalog_url: str) -> N
         assert await conn.run_sync(diffs) == []
         assert await conn.scalar(text("SELECT version_num FROM alembic_version")) == HEAD
     async with engine.begin() as conn:
-        await conn.run_sync(Base.metadata.drop_all)
+        await conn.run_sync(metadata.drop_all)
         await conn.execute(text("DROP TABLE alembic_version"))
     await engine.dispose()
 

@@ -15,7 +15,7 @@ from sqlalchemy import inspect, text
 
 from datamover.catalog.access import Access
 from datamover.catalog.engine import HEAD, catalog_revision, create_engine_for, open_engine, upgrade
-from datamover.catalog.models import Base
+from datamover.catalog.models import metadata
 from datamover.catalog.transfer_rows import Submission
 from datamover.catalog.transfers import Transfers
 from datamover.config import load_config
@@ -55,16 +55,16 @@ async def test_an_interrupted_creation_leaves_no_half_catalog(
     # On SQLite every CREATE TABLE committed on its own, so a creation interrupted after the
     # tables (killed, disk full) left tables without a revision, and every later command was
     # refused ("schema revision None, unknown to this datamover (is it newer?)").
-    create_all = Base.metadata.create_all
+    create_all = metadata.create_all
 
     def interrupted(conn: Any, **kw: Any) -> None:
         create_all(conn, **kw)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Base.metadata, "create_all", interrupted)
+    monkeypatch.setattr(metadata, "create_all", interrupted)
     with pytest.raises(CatalogError, match="No space left"):
         await open_engine(catalog_url)
-    monkeypatch.setattr(Base.metadata, "create_all", create_all)
+    monkeypatch.setattr(metadata, "create_all", create_all)
 
     engine = await open_engine(catalog_url)
     try:

@@ -126,7 +126,7 @@ async def test_a_remote_holder_is_waited_for_until_silent(make_site: MakeSite) -
         with pytest.raises(Conflict, match="elsewhere:4242"):
             await push(site, "/proj/x")  # touched just now: running on another host
 
-        table = PushCheckpoint.__table__
+        table = PushCheckpoint
         silent = datetime.now(UTC) - timedelta(minutes=16)
         async with site.catalog.engine.begin() as conn:
             await conn.execute(update(table).values(updated_at=silent))

@@ -164,7 +164,7 @@ async def test_a_reused_process_id_does_not_hold_a_push_for_good(make_site: Make
         await site.catalog.start_checkpoint("/proj/x", None, owner, False)
         with pytest.raises(Conflict, match="already running"):
             await push(site, "/proj/x")  # touched just now: it may be running
-        table = PushCheckpoint.__table__
+        table = PushCheckpoint
         async with site.catalog.engine.begin() as conn:
             stale = datetime.now(UTC) - timedelta(hours=1)
             await conn.execute(update(table).values(updated_at=stale))

@@ -81,7 +81,7 @@ class Access:
         token_id = "tok-" + secrets.token_hex(6)
         async with self.engine.begin() as conn:
             await conn.execute(
-                Token.__table__.insert().values(
+                Token.insert().values(
                     id=token_id,
                     hash=token_hash(secret),
                     tenant=tenant,
@@ -96,7 +96,7 @@ class Access:
         """The identity of a valid, unrevoked token, or None."""
         if not secret.isascii():  # ours are; a header's other bytes arrive as surrogates,
             return None  # which cannot even be encoded to hash them
-        t = Token.__table__
+        t = Token
         query = select(t).where(t.c.hash == token_hash(secret), t.c.revoked_at.is_(None))
         async with self.engine.connect() as conn:
             r = (await conn.execute(query)).first()
@@ -108,7 +108,7 @@ class Access:
 
     async def revoke_token(self, token_id: str) -> bool:
         """Revoke a token by id; False if there was no such active token."""
-        t = Token.__table__
+        t = Token
         stmt = update(t).where(t.c.id == token_id, t.c.revoked_at.is_(None))
         async with self.engine.begin() as conn:
             return bool((await conn.execute(stmt.values(revoked_at=_now()))).rowcount)
@@ -123,7 +123,7 @@ class Access:
             "version": version,
             "created_at": at,
         }
-        insert = upsert_for(self.dialect, Pin.__table__)
+        insert = upsert_for(self.dialect, Pin)
         stmt = insert.values(**values).on_conflict_do_update(
             index_elements=_KEY, set_={"version": version}
         )
@@ -152,19 +152,19 @@ class Access:
         `transfer_ids` carries, for its tenant (those without one are skipped), reading the
         transfer rows under a lock on PostgreSQL: for a caller that runs it in its own
         transaction (`pin_for_transfer`, `Transfers.answer_stages`)."""
-        t = Transfer.__table__
+        t = Transfer
         source = (
             select(
                 t.c.pin,
                 literal(dataset),
                 t.c.tenant,
                 literal(version),
-                literal(_now(), Pin.__table__.c.created_at.type),
+                literal(_now(), Pin.c.created_at.type),
             )
             .where(t.c.id.in_(list(transfer_ids)), t.c.pin.is_not(None))
             .with_for_update()
         )
-        insert = upsert_for(self.dialect, Pin.__table__).from_select(
+        insert = upsert_for(self.dialect, Pin).from_select(
             ["pin", "dataset", "tenant", "version", "created_at"], source
         )
         return insert.on_conflict_do_update(
@@ -180,7 +180,7 @@ class Access:
     ) -> list[PinRow]:
         """Pins, optionally only one pin id, one dataset (or those of `datasets`) or one
         tenant's."""
-        p = Pin.__table__
+        p = Pin
         query = select(p).order_by(p.c.pin, p.c.dataset, p.c.tenant)
         if pin is not None:
             query = query.where(p.c.pin == pin)
@@ -209,7 +209,7 @@ class Access:
         submits its pin again. Both are writes, the transfers first: on PostgreSQL they
         lock the rows `pin_for_transfer` reads, and SQLite takes its write lock at once.
         """
-        p, t = Pin.__table__, Transfer.__table__
+        p, t = Pin, Transfer
         detach = update(t).where(
             t.c.pin == pin, t.c.state.in_((State.QUEUED.value, State.RUNNING.value))
         )

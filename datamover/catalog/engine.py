@@ -336,13 +336,13 @@ def _create_fresh(connection: Connection) -> tuple[str | None, bool]:
     All or nothing, and once: under `_lock_schema` the catalog is looked at again, and left
     alone if another process created it (or anything else) meanwhile. Returns the catalog's
     `(revision, has any table)` as this leaves it."""
-    from datamover.catalog.models import Base
+    from datamover.catalog.models import metadata
 
     _lock_schema(connection)
     current, has_tables = _state(connection)
     if current is not None or has_tables:
         return current, has_tables
-    Base.metadata.create_all(connection)
+    metadata.create_all(connection)
     connection.execute(
         text(
             "CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL, "

@@ -177,7 +177,7 @@ class Catalog:
             )
         rows.sort()
         async with self.engine.begin() as conn:
-            await self._insert_ignore(conn, Pack.__table__, pack_rows)
+            await self._insert_ignore(conn, Pack, pack_rows)
             if self.dialect == "postgresql":
                 return await self._pg_merge(conn, rows)
             changes = "SELECT total_changes()"
@@ -209,7 +209,7 @@ class Catalog:
 
     async def known_packs(self, pack_ids: Sequence[bytes]) -> set[bytes]:
         """Which of `pack_ids` this catalog has recorded (`add_pack`: its chunks indexed)."""
-        table = Pack.__table__
+        table = Pack
         known: set[bytes] = set()
         async with self.engine.connect() as conn:
             for start in range(0, len(pack_ids), _LOOKUP_BATCH):
@@ -220,7 +220,7 @@ class Catalog:
 
     async def forget_chunks(self, digests: Sequence[bytes]) -> None:
         """Drop index rows of chunks whose pack is gone from the store."""
-        table = Chunk.__table__
+        table = Chunk
         async with self.engine.begin() as conn:
             for start in range(0, len(digests), _LOOKUP_BATCH):
                 batch = list(digests[start : start + _LOOKUP_BATCH])
@@ -256,12 +256,12 @@ class Catalog:
         ]
         if rows:
             async with self.engine.begin() as conn:
-                await self._insert_ignore(conn, Version.__table__, rows)
+                await self._insert_ignore(conn, Version, rows)
 
     async def cached_versions(self, ids: Sequence[str]) -> dict[str, VersionDoc]:
         """Cached documents for the given version ids."""
         found: dict[str, VersionDoc] = {}
-        table = Version.__table__
+        table = Version
         async with self.engine.connect() as conn:
             for start in range(0, len(ids), _LOOKUP_BATCH):
                 batch = list(ids[start : start + _LOOKUP_BATCH])
@@ -286,7 +286,7 @@ class Catalog:
 
     async def replica(self, dataset: str) -> ReplicaRow | None:
         """The replica record of `dataset` at this site, if any."""
-        table = Replica.__table__
+        table = Replica
         async with self.engine.connect() as conn:
             r = (await conn.execute(select(table).where(table.c.dataset == dataset))).first()
         return None if r is None else _replica_row(r)
@@ -294,7 +294,7 @@ class Catalog:
     async def unfinished_near(self, dataset: str) -> list[ReplicaRow]:
         """The replica records of datasets above or below `dataset` (not `dataset` itself)
         whose stage has not finished (running, killed or failed), by dataset."""
-        table = Replica.__table__
+        table = Replica
         query = (
             select(table)
             .where(
@@ -318,7 +318,7 @@ class Catalog:
     ) -> list[ReplicaRow]:
         """This site's replica records by dataset: those under one of `prefixes` (all when
         None), after dataset `after` in that order, at most `limit` of them."""
-        table = Replica.__table__
+        table = Replica
         query = select(table).order_by(table.c.dataset)
         if prefixes is not None:
             query = query.where(or_(false(), *(path_under(table.c.dataset, p) for p in prefixes)))
@@ -331,7 +331,7 @@ class Catalog:
 
     async def replica_bytes(self) -> int:
         """The bytes of every replica record of this site, summed in the database."""
-        table = Replica.__table__
+        table = Replica
         async with self.engine.connect() as conn:
             return int((await conn.execute(select(func.sum(table.c.bytes)))).scalar() or 0)
 
@@ -353,12 +353,12 @@ class Catalog:
             "updated_at": now,
             "last_access": now,
         }
-        stmt = self._insert(Replica.__table__).values(**values)
+        stmt = self._insert(Replica).values(**values)
         stmt = stmt.on_conflict_do_update(
             index_elements=["dataset"],
             set_={k: v for k, v in values.items() if k != "dataset"},
         )
-        table = Replica.__table__
+        table = Replica
         # FOR UPDATE (PostgreSQL; SQLite has no such clause): the row read is the one replaced.
         read = select(table).where(table.c.dataset == dataset).with_for_update()
         async with self.engine.begin() as conn:
@@ -373,7 +373,7 @@ class Catalog:
         `version` (`before`, from `begin_replica`; None: there was no record), if it is
         still that stage's (`staging`, `owner`): for a stage that ended before it changed
         anything in the tree, which is then still what the old record says it is."""
-        table = Replica.__table__
+        table = Replica
         ours = (
             table.c.dataset == dataset,
             table.c.version == version,
@@ -415,7 +415,7 @@ class Catalog:
         }
         if state == "ready":
             values["base_version"] = version
-        table = Replica.__table__
+        table = Replica
         async with self.engine.begin() as conn:
             await conn.execute(update(table).where(table.c.dataset == dataset).values(**values))
 
@@ -423,7 +423,7 @@ class Catalog:
 
     async def checkpoint(self, dataset: str) -> CheckpointRow | None:
         """The unfinished push of `dataset`, or None."""
-        table = PushCheckpoint.__table__
+        table = PushCheckpoint
         async with self.engine.connect() as conn:
             r = (await conn.execute(select(table).where(table.c.dataset == dataset))).first()
         if r is None:
@@ -433,7 +433,7 @@ class Catalog:
 
     async def checkpoint_segments(self, dataset: str) -> list[SegmentRef]:
         """Segments an unfinished push of `dataset` uploaded, in order."""
-        table = PushSegment.__table__
+        table = PushSegment
         query = select(table).where(table.c.dataset == dataset).order_by(table.c.seq)
         async with self.engine.connect() as conn:
             return [
@@ -455,7 +455,7 @@ class Catalog:
         none). The claim is a compare-and-set on that row's owner, so of two pushes that
         both decided to start, one gets `Conflict`.
         """
-        table = PushCheckpoint.__table__
+        table = PushCheckpoint
         values = {"parent": parent, "owner": owner, "updated_at": _now()}
         if found is None:
             stmt: Any = self._insert(table).values(dataset=dataset, **values)
@@ -463,7 +463,7 @@ class Catalog:
         else:
             held = table.c.owner.is_(None) if found.owner is None else table.c.owner == found.owner
             stmt = update(table).where(table.c.dataset == dataset, held).values(**values)
-        segs = PushSegment.__table__
+        segs = PushSegment
         async with self.engine.begin() as conn:
             if (await conn.execute(stmt)).rowcount != 1:
                 raise Conflict(f"another push of {dataset!r} started at the same time")
@@ -472,7 +472,7 @@ class Catalog:
 
     async def touch_checkpoint(self, dataset: str, owner: str) -> None:
         """Note that `owner` is still running the push of `dataset` (see `checkpoint`)."""
-        table = PushCheckpoint.__table__
+        table = PushCheckpoint
         stmt = (
             update(table)
             .where(table.c.dataset == dataset, table.c.owner == owner)
@@ -486,7 +486,7 @@ class Catalog:
         its segments stay for any later push to resume, which need not wait for `owner`'s
         process to end (a site daemon's lives on). A claim someone else took meanwhile is
         left alone."""
-        table = PushCheckpoint.__table__
+        table = PushCheckpoint
         stmt = (
             update(table)
             .where(table.c.dataset == dataset, table.c.owner == owner)
@@ -521,13 +521,13 @@ class Catalog:
             }
             for seq, ref in segments
         ]
-        stmt = self._insert(PushSegment.__table__).values(rows)
+        stmt = self._insert(PushSegment).values(rows)
         stmt = stmt.on_conflict_do_update(
             index_elements=["dataset", "seq"],
             set_={k: stmt.excluded[k] for k in rows[0] if k not in ("dataset", "seq")},
         )
         first = min(seq for seq, _ in segments)
-        table = PushSegment.__table__
+        table = PushSegment
         async with self.engine.begin() as conn:
             await conn.execute(
                 delete(table).where(table.c.dataset == dataset, table.c.seq >= first)
@@ -536,7 +536,7 @@ class Catalog:
 
     async def clear_checkpoint(self, dataset: str) -> None:
         """Forget the checkpoint once the version is published."""
-        cps, segs = PushCheckpoint.__table__, PushSegment.__table__
+        cps, segs = PushCheckpoint, PushSegment
         async with self.engine.begin() as conn:
             await conn.execute(delete(segs).where(segs.c.dataset == dataset))
             await conn.execute(delete(cps).where(cps.c.dataset == dataset))

@@ -13,7 +13,7 @@ from datamover.catalog.engine import path_under
 from datamover.catalog.models import Transfer
 from datamover.domain.transfers import State
 
-T = Transfer.__table__
+T = Transfer
 OTHER = T.alias("other")
 
 
