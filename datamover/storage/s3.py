@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import heapq
 import logging
 import re
@@ -65,6 +64,7 @@ from datamover.storage.base import (
 )
 from datamover.storage.body import Body, checksum
 from datamover.storage.direct import DirectGetter, proxied, range_mismatch
+from datamover.storage.s3_loader import loader_for
 from datamover.storage.s3_multipart import MIN_PART, MultipartUploader, http_status
 from datamover.storage.s3_settings import check_endpoint, check_key_setting
 
@@ -109,16 +109,9 @@ _CONNECTION = (
 )
 
 
-@functools.cache
-def _loader_for(data_path: str | None) -> botocore.loaders.Loader:
-    return botocore.loaders.create_loader(data_path)
-
-
 def _shared_loader(session: AioSession) -> botocore.loaders.Loader:
-    """One botocore data loader per search path for the whole process: it keeps the parsed S3
-    service model, endpoint rules and defaults (0.1 s of JSON parsing per client otherwise)
-    for every client made after the first, as one session would."""
-    return _loader_for(session.get_config_variable("data_path"))
+    """One botocore data loader per search path for the whole process (`s3_loader`)."""
+    return loader_for(session.get_config_variable("data_path"))
 
 
 class S3Store:

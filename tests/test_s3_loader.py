@@ -1,0 +1,138 @@
+"""The S3 clients' botocore loader: an endpoint table cut to S3, cached per user."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import botocore.loaders
+import botocore.session
+import pytest
+from botocore.regions import EndpointResolver
+
+from datamover.storage import s3_loader
+from datamover.storage.s3_loader import S3Loader, cut_to_s3
+
+_REGIONS = (
+    "us-east-1",
+    "us-west-2",
+    "eu-central-1",
+    "ap-southeast-2",
+    "cn-north-1",
+    "us-gov-west-1",
+    "us-iso-east-1",
+    "xx-nowhere-7",
+)
+
+
+def _whole() -> Any:
+    return botocore.loaders.Loader().load_data("endpoints")
+
+
+def test_the_cut_table_resolves_s3_as_the_whole_one_does() -> None:
+    whole = _whole()
+    cut = cut_to_s3(whole)
+    assert len(json.dumps(cut)) < len(json.dumps(whole)) / 20
+    a, b = EndpointResolver(whole), EndpointResolver(cut)
+    for region in _REGIONS:
+        for dual in (False, True):
+            for fips in (False, True):
+                kw = {"use_dualstack_endpoint": dual, "use_fips_endpoint": fips}
+                assert a.construct_endpoint("s3", region, **kw) == b.construct_endpoint(
+                    "s3", region, **kw
+                ), (region, kw)
+    assert a.get_available_endpoints("s3") == b.get_available_endpoints("s3")
+
+
+def _client(loader: botocore.loaders.Loader, region: str, endpoint: str | None) -> Any:
+    session = botocore.session.get_session()
+    session.register_component("data_loader", loader)
+    return session.create_client(
+        "s3",
+        region_name=region,
+        endpoint_url=endpoint,
+        aws_access_key_id="AKIDEXAMPLE",
+        aws_secret_access_key="secret",
+    )
+
+
+@pytest.mark.parametrize("endpoint", [None, "http://127.0.0.1:8333"])
+def test_clients_made_with_the_cut_table_are_the_same(tmp_path: Path, endpoint: str | None) -> None:
+    for region in _REGIONS[:6]:
+        a = _client(botocore.loaders.Loader(), region, endpoint)
+        b = _client(S3Loader(cache_dir=tmp_path), region, endpoint)
+        assert (a.meta.endpoint_url, a.meta.region_name, a.meta.partition) == (
+            b.meta.endpoint_url,
+            b.meta.region_name,
+            b.meta.partition,
+        ), region
+        url_a = a.generate_presigned_url("get_object", {"Bucket": "bkt", "Key": "k"})
+        url_b = b.generate_presigned_url("get_object", {"Bucket": "bkt", "Key": "k"})
+        assert url_a.split("?")[0] == url_b.split("?")[0], region
+        sa, sb = a._request_signer, b._request_signer
+        assert (sa.signature_version, sa.signing_name, sa.region_name) == (
+            sb.signature_version,
+            sb.signing_name,
+            sb.region_name,
+        ), region
+
+
+def test_the_cut_is_cached_and_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data, path = S3Loader(cache_dir=tmp_path).load_data_with_path("endpoints")
+    assert set(data["partitions"][0]["services"]) == {"s3"}
+    assert botocore.loaders.Loader().is_builtin_path(path)  # reported as botocore's own
+    (cached,) = tmp_path.iterdir()
+    assert cached.name.startswith(f"endpoints-s3-{botocore.__version__}-")
+    assert json.loads(cached.read_text()) == data
+
+    def no_whole_load(self: Any, name: str) -> Any:
+        raise AssertionError(f"loaded {name} whole")
+
+    monkeypatch.setattr(botocore.loaders.Loader, "load_data_with_path", no_whole_load)
+    again, again_path = S3Loader(cache_dir=tmp_path).load_data_with_path("endpoints")
+    assert (again, again_path) == (data, path)
+
+
+def test_a_cache_not_this_users_alone_or_damaged_is_not_read(tmp_path: Path) -> None:
+    S3Loader(cache_dir=tmp_path).load_data_with_path("endpoints")
+    (cached,) = tmp_path.iterdir()
+    planted = cut_to_s3(_whole())
+    planted["partitions"][0]["services"]["s3"]["endpoints"] = {}
+    cached.write_text(json.dumps(planted))
+    os.chmod(cached, 0o666)
+    data, _ = S3Loader(cache_dir=tmp_path).load_data_with_path("endpoints")
+    assert data == cut_to_s3(_whole())  # writable by others: cut again from botocore's
+    cached.write_text("{not json")
+    os.chmod(cached, 0o644)
+    data, _ = S3Loader(cache_dir=tmp_path).load_data_with_path("endpoints")
+    assert data == cut_to_s3(_whole())
+    assert json.loads(cached.read_text()) == data  # and replaced
+
+
+def test_an_unwritable_cache_costs_only_the_whole_load(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    data, _ = S3Loader(cache_dir=blocker / "datamover").load_data_with_path("endpoints")
+    assert data == cut_to_s3(_whole())
+    data, _ = S3Loader(cache_dir=None).load_data_with_path("endpoints")
+    assert data == cut_to_s3(_whole())
+
+
+def test_a_table_on_the_users_data_path_is_loaded_whole(tmp_path: Path) -> None:
+    mine = {"partitions": [], "version": 3, "mine": True}
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "endpoints.json").write_text(json.dumps(mine))
+    loader = s3_loader.loader_for(str(tmp_path / "models"))
+    data, path = loader.load_data_with_path("endpoints")
+    assert data == mine and not loader.is_builtin_path(path)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_the_cache_directory_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert s3_loader.default_cache_dir() == tmp_path / "datamover"
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")  # not absolute: ignored, as XDG says
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert s3_loader.default_cache_dir() == tmp_path / "home" / ".cache" / "datamover"
