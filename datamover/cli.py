@@ -69,6 +69,13 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "--local", is_flag=True, help="Run in this process even if a site daemon is configured."
     )(fn)
     fn = click.option(
+        "--daemon",
+        "daemon_only",
+        is_flag=True,
+        help="Only through the site daemon: if it does not answer, exit 6 (try again later) "
+        "instead of running in this process (what job hooks want).",
+    )(fn)
+    fn = click.option(
         "--no-wait", is_flag=True, help="Submit to the daemon and return the transfer id."
     )(fn)
     fn = click.option(
@@ -83,7 +90,9 @@ def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     )(fn)
 
 
-def _local_or_no_wait(local: bool, no_wait: bool, wait: bool) -> None:
+def _local_or_no_wait(local: bool, no_wait: bool, wait: bool, daemon_only: bool = False) -> None:
+    if local and daemon_only:
+        raise click.UsageError("--local runs here and --daemon only through the daemon: choose one")
     if local and no_wait:
         raise click.UsageError(
             "--no-wait submits to the daemon and --local runs here, waiting: choose one"
@@ -107,6 +116,7 @@ def push(
     checksum: bool,
     force: bool,
     local: bool,
+    daemon_only: bool,
     wait: bool,
     no_wait: bool,
     priority: str,
@@ -117,13 +127,15 @@ def push(
     from datamover.cli_daemon import through_daemon
     from datamover.config import load_config
 
-    _local_or_no_wait(local, no_wait, wait)
+    _local_or_no_wait(local, no_wait, wait, daemon_only)
     config = load_config(config_path)
     request = {"kind": "push", "path": logical_path, "priority": priority}
     for key, on in (("checksum", checksum), ("force", force)):
         if on:
             request[key] = True
-    result = None if local else through_daemon(config, request, not no_wait, as_json)
+    result = (
+        None if local else through_daemon(config, request, not no_wait, as_json, daemon_only)
+    )
     if result is None:
         # Imported only here: through the daemon, the command needs none of it (SQLAlchemy,
         # botocore: most of a second of start-up on a small machine).
@@ -182,6 +194,7 @@ def stage(
     pin: str | None,
     deadline: str | None,
     local: bool,
+    daemon_only: bool,
     wait: bool,
     no_wait: bool,
     priority: str,
@@ -206,7 +219,7 @@ def stage(
         parse_time(deadline, "--deadline")
     if wait and no_wait:
         raise click.UsageError("--wait and --no-wait contradict each other")
-    _local_or_no_wait(local, no_wait, wait)
+    _local_or_no_wait(local, no_wait, wait, daemon_only)
     config = load_config(config_path)
     request: dict[str, Any] = {"kind": "stage", "path": logical_path, "priority": priority}
     for key, value in (("version", version), ("pin", pin), ("deadline", deadline)):
@@ -215,7 +228,9 @@ def stage(
     for key, on in (("delete", delete), ("checksum", checksum)):
         if on:
             request[key] = True
-    result = None if local else through_daemon(config, request, not no_wait, as_json)
+    result = (
+        None if local else through_daemon(config, request, not no_wait, as_json, daemon_only)
+    )
     if result is None:
         result = stage_locally(config, request, as_json)
     if as_json:

@@ -47,20 +47,29 @@ def _follow(client: Any, transfer: dict[str, Any], as_json: bool) -> dict[str, A
 
 
 def through_daemon(
-    config: Config, request: dict[str, Any], wait: bool, as_json: bool
+    config: Config,
+    request: dict[str, Any],
+    wait: bool,
+    as_json: bool,
+    required: bool = False,
 ) -> dict[str, Any] | None:
-    """Run `request` on the site daemon; None when no daemon is configured or reachable.
+    """Run `request` on the site daemon; None when no daemon is configured or reachable,
+    for the caller to run it here.
 
     Returns the transfer's result (as the local command would print it, plus `transfer`),
     or `{"transfer": id, "state": ...}` without `wait`; a failed transfer raises its error.
+    With `required` (`--daemon`), or without `wait`, an unreachable daemon is
+    `TransientError` (exit 6) instead, and no daemon configured is `InvalidInput`.
     """
     if config.api_url is None:
+        if required:
+            raise InvalidInput(f"{config.source}: --daemon, but no [api] url names a daemon")
         return None
     from datamover.client import transfer_error
 
     with _client(config) as client:
         if not client.reachable():
-            if not wait:
+            if required or not wait:
                 raise TransientError(f"datamover daemon at {config.api_url} unreachable")
             return None
         # A key of its own: the submission may then be sent again if the daemon closed the
@@ -386,9 +395,20 @@ async def _check_local_tenant(config: Config, site: Any, tenant: str) -> None:
     help="Whose pin (default: the token's tenant); another tenant's needs an admin token.",
 )
 @click.option("--local", is_flag=True, help="Release in this site's catalog, not via the daemon.")
+@click.option(
+    "--daemon",
+    "daemon_only",
+    is_flag=True,
+    help="Only through the site daemon: if it does not answer, exit 6 (try again later).",
+)
 @common
 def release(
-    pin: str, tenant: str | None, local: bool, config_path: str | None, as_json: bool
+    pin: str,
+    tenant: str | None,
+    local: bool,
+    daemon_only: bool,
+    config_path: str | None,
+    as_json: bool,
 ) -> None:
     """Release every replica held by a pin (the Slurm epilog half of the hook pair)."""
     from datamover.client import segment
@@ -399,11 +419,18 @@ def release(
         if not tenant.strip():
             raise InvalidInput("--tenant must not be blank")
         check_text(tenant, "--tenant", 128)
+    if local and daemon_only:
+        raise click.UsageError("--local releases here and --daemon only through the daemon")
     config = load_config(config_path)
     released = None
+    if daemon_only and config.api_url is None:
+        raise InvalidInput(f"{config.source}: --daemon, but no [api] url names a daemon")
     if not local and config.api_url is not None:
         with _client(config) as client:
-            if client.reachable():
+            up = client.reachable()
+            if not up and daemon_only:
+                raise TransientError(f"datamover daemon at {config.api_url} unreachable")
+            if up:
                 params = {"tenant": tenant} if tenant is not None else None
                 answer = client.call("DELETE", f"/v1/pins/{segment(pin)}", params=params)
                 released = int(answer["released"])

@@ -232,12 +232,22 @@ class DaemonClient:
             return status, None
 
     def reachable(self) -> bool:
-        """True when the daemon answers `/healthz` within a second."""
+        """True when the daemon answers `/healthz` within a second; False when nothing
+        answers in time or the answer is a server error (a daemon starting or stopping).
+        Any other answer (a redirect, a proxy's 401 or 404) is `InvalidInput`: `[api] url`
+        leads to something other than the daemon, which no retry or local run mends."""
         try:
             status, _ = self.request("GET", "/healthz", timeout=1.0)
         except TransientError:
             return False
-        return status == 200
+        if status == 200:
+            return True
+        if status >= 500 or status == 429:
+            return False
+        raise InvalidInput(
+            f"{self.base_url}/healthz answered HTTP {status}, not a datamover daemon's 200: "
+            "check [api] url (a redirect or a proxy in between?)"
+        )
 
     def call(
         self,

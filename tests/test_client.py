@@ -141,3 +141,64 @@ async def test_a_malformed_url_is_one_line_from_the_cli(make_site: MakeSite) -> 
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and "[api] url 'ftp://127.0.0.1:1'" in lines[0], proc.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_with_daemon_only_a_daemon_that_does_not_answer_is_exit_6(
+    make_site: MakeSite,
+) -> None:
+    # A hook host's config names only the daemon: the in-process fallback failed for lack
+    # of store credentials (exit 7), which the Slurm prolog does not retry.
+    a = await make_site("site-a", api={"url": f"http://127.0.0.1:{_free_port()}"})
+    (a.data / "x").mkdir()
+    for args in (
+        ("stage", "/proj/x", "--wait", "--daemon"),
+        ("push", "/proj/x", "--daemon"),
+        ("release", "--pin", "j", "--daemon"),
+    ):
+        proc = a.cli(*args)
+        assert proc.returncode == 6, (args, proc.stderr)
+        assert "unreachable" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    pushed = json.loads(a.cli("push", "/proj/x", "--local", "--json").stdout)
+    assert pushed["parent"] is None  # the push with --daemon published nothing
+    proc = a.cli("stage", "/proj/x", "--daemon", "--local")
+    assert proc.returncode == 2 and "choose one" in proc.stderr
+    b = await make_site("site-b")
+    proc = b.cli("stage", "/proj/x", "--daemon")
+    assert proc.returncode == 2 and "no [api] url" in proc.stderr
+
+
+async def test_a_healthz_answer_other_than_the_daemons_is_named(make_site: MakeSite) -> None:
+    # A redirect (http -> https) or a proxy's 401 was taken for "no daemon": the CLI then
+    # staged in-process, or the hook failed with an unrelated error.
+    import http.server
+    import threading
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(301)
+            self.send_header("Location", "https://example.invalid/healthz")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        a = await make_site("site-a", api={"url": f"http://127.0.0.1:{server.server_port}"})
+        for args in (("stage", "/proj/x", "--wait"), ("release", "--pin", "j", "--daemon")):
+            proc = a.cli(*args)
+            assert proc.returncode == 2, (args, proc.stderr)
+            assert "answered HTTP 301" in proc.stderr and "[api] url" in proc.stderr
+    finally:
+        server.shutdown()
+        server.server_close()

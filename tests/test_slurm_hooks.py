@@ -63,6 +63,7 @@ class Hooks:
             "DM_HOOK_BIN": str(self.dir / "datamover"),
             # Run as root here (a container): the CLI then runs as this user.
             "DM_HOOK_RUN_AS": "nobody",
+            "DM_HOOK_MARK_DIR": str(self.dir / "marks"),
             **settings,
         }
         (self.dir / "hooks.conf").write_text("".join(f"{k}='{v}'\n" for k, v in conf.items()))
@@ -202,6 +203,7 @@ def test_the_epilog_releases_the_pin_and_never_fails(hooks: Hooks) -> None:
     assert r.returncode == 0 and "release it by hand" in r.stderr
     assert hooks.calls()[0][1:] == [
         "release",
+        "--daemon",
         "--config",
         "/etc/datamover/site.toml",
         "--pin",
@@ -256,3 +258,34 @@ def test_the_admin_comment_stays_within_slurms_limit(hooks: Hooks) -> None:
         assert r.returncode == 1 and "AdminComment" in r.stderr, r.stderr
         assert "stage /proj/a failed (exit 3)" in r.stderr
         assert hooks.admin_comment() == fill
+
+
+def test_the_hooks_go_through_the_daemon_only_unless_told(hooks: Hooks) -> None:
+    # With the daemon down, the CLI staged in-process on a host whose config names only the
+    # daemon: exit 7 (no store credentials), and the failing prolog drained the node.
+    r = hooks.run(PROLOG, "datamover:/proj/a")
+    assert r.returncode == 0, r.stderr
+    (stage_call,) = hooks.calls()
+    assert stage_call[1] == "stage" and "--daemon" in stage_call
+    r = hooks.run(PROLOG, "datamover:/proj/a", DM_HOOK_FALLBACK="1")
+    assert r.returncode == 0, r.stderr
+    assert "--daemon" not in hooks.calls()[0]
+    r = hooks.run(EPILOG, "datamover:/proj/a", DM_HOOK_FALLBACK="1")
+    assert hooks.calls()[0][1:3] == ["release", "--config"]
+
+
+def test_the_epilog_releases_a_job_the_prolog_marked_whatever_its_comment(
+    hooks: Hooks,
+) -> None:
+    # A user who rewrote the comment during the run (`scontrol update job=42 comment=...`)
+    # left the pin behind: the epilog read the new comment and released nothing.
+    assert hooks.run(PROLOG, "datamover:/proj/a").returncode == 0
+    assert (hooks.dir / "marks" / "42").exists()
+    r = hooks.run(EPILOG, "run 42 finished, see notes", rcs=[6])
+    assert r.returncode == 0 and [c[1] for c in hooks.calls()] == ["release"]
+    assert (hooks.dir / "marks" / "42").exists()  # a failed release keeps the mark
+    r = hooks.run(EPILOG, "run 42 finished, see notes")
+    assert r.returncode == 0 and [c[1] for c in hooks.calls()] == ["release"]
+    assert not (hooks.dir / "marks" / "42").exists()
+    r = hooks.run(EPILOG, "run 42 finished, see notes")
+    assert r.returncode == 0 and hooks.calls() == []  # released: nothing more to do

@@ -27,6 +27,10 @@ DM_HOOK_CONFIG=${DM_HOOK_CONFIG:-/etc/datamover/site.toml}
 DM_HOOK_RUN_AS=${DM_HOOK_RUN_AS-datamover}
 DM_HOOK_NODES=${DM_HOOK_NODES:-first}
 DM_HOOK_RELEASE_TIMEOUT=${DM_HOOK_RELEASE_TIMEOUT:-60}
+DM_HOOK_FALLBACK=${DM_HOOK_FALLBACK:-0}
+DM_HOOK_MARK_DIR=${DM_HOOK_MARK_DIR:-/run/datamover-slurm}
+daemon_only=(--daemon)
+[[ $DM_HOOK_FALLBACK != 1 ]] || daemon_only=()
 
 TAG=datamover-epilog
 JOB=${SLURM_JOB_ID:-}
@@ -43,9 +47,12 @@ log() {  # log PRIORITY MESSAGE...
     printf '%s: job %s: %s\n' "$TAG" "$JOB" "$*" >&2
 }
 
-# Nothing to do when the comment is known and asks for no data. When Slurm does not pass
-# the comment (older releases), release anyway: one cheap request, and no query to slurmctld.
-if [[ -n ${SLURM_JOB_COMMENT+set} && $SLURM_JOB_COMMENT != *datamover:* ]]; then
+# Nothing to do when the comment is known and asks for no data and the prolog left no mark
+# (it marks every job it stages for: the user may have edited the comment since). When
+# Slurm does not pass the comment (older releases), release anyway: one cheap request, and
+# no query to slurmctld.
+mark=$DM_HOOK_MARK_DIR/$JOB
+if [[ -n ${SLURM_JOB_COMMENT+set} && $SLURM_JOB_COMMENT != *datamover:* && ! -e $mark ]]; then
     exit 0
 fi
 
@@ -75,9 +82,11 @@ fi
 
 rc=0
 out=$(timeout --kill-after=10 "$DM_HOOK_RELEASE_TIMEOUT" ${as_user[@]+"${as_user[@]}"} \
-    "$DM_HOOK_BIN" release --config "$DM_HOOK_CONFIG" --pin "$PIN" --json 2>&1) || rc=$?
+    "$DM_HOOK_BIN" release ${daemon_only[@]+"${daemon_only[@]}"} --config "$DM_HOOK_CONFIG" \
+    --pin "$PIN" --json 2>&1) || rc=$?
 out=${out//$'\n'/ }
 if ((rc == 0)); then
+    rm -f -- "$mark" 2>/dev/null || true
     log info "released pin $PIN: ${out:0:300}"
 else
     log err "release of pin $PIN failed (exit $rc), release it by hand: ${out:0:300}"

@@ -58,6 +58,15 @@
 #   DM_HOOK_ADMIN_COMMENT=1                   # add the failure reason to AdminComment
 #   DM_HOOK_RELEASE_TIMEOUT=60                # epilog: seconds for the release (not a
 #                                             # positive integer: 60, with a warning)
+#   DM_HOOK_FALLBACK=0                        # 1: with the daemon down, stage in-process
+#                                             # (needs the catalog and store in the config)
+#   DM_HOOK_MARK_DIR=/run/datamover-slurm     # where the prolog marks the jobs it pinned,
+#                                             # so the epilog releases them whatever the
+#                                             # comment says by then
+#
+# The CLI is run with `--daemon`: a daemon that does not answer (restarting, overloaded) is
+# exit 6, retried as above, not a stage in-process on a host whose config names only the
+# daemon, which fails (exit 7: no store credentials) and would drain the node.
 #   PATH=/opt/slurm/bin:$PATH                 # where squeue/scontrol live, if not in /usr/bin
 
 set -euo pipefail
@@ -79,6 +88,10 @@ DM_HOOK_NODES=${DM_HOOK_NODES:-first}
 DM_HOOK_COMMENT_SOURCE=${DM_HOOK_COMMENT_SOURCE:-auto}
 DM_HOOK_MAX_PATHS=${DM_HOOK_MAX_PATHS:-16}
 DM_HOOK_ADMIN_COMMENT=${DM_HOOK_ADMIN_COMMENT:-1}
+DM_HOOK_FALLBACK=${DM_HOOK_FALLBACK:-0}
+DM_HOOK_MARK_DIR=${DM_HOOK_MARK_DIR:-/run/datamover-slurm}
+daemon_only=(--daemon)
+[[ $DM_HOOK_FALLBACK != 1 ]] || daemon_only=()
 
 TAG=datamover-prolog
 as_user=()  # the command prefix that runs the CLI as DM_HOOK_RUN_AS (set below)
@@ -101,7 +114,8 @@ fail() {  # fail MESSAGE: report and refuse to start the job
     # (The epilog releases too; a requeued job pins again.)
     if ((pinned)); then
         timeout --kill-after=5 30 ${as_user[@]+"${as_user[@]}"} "$DM_HOOK_BIN" release \
-            --config "$DM_HOOK_CONFIG" --pin "$PIN" --json >/dev/null 2>&1 || true
+            ${daemon_only[@]+"${daemon_only[@]}"} --config "$DM_HOOK_CONFIG" --pin "$PIN" \
+            --json >/dev/null 2>&1 || true
     fi
     [[ $DM_HOOK_ADMIN_COMMENT != 1 ]] || admin_comment "${msg:0:400}"
     exit 1
@@ -259,13 +273,19 @@ if ((EUID == 0)); then
 fi
 [[ -x $DM_HOOK_BIN ]] || fail "$DM_HOOK_BIN is not installed on ${HOSTNAME}"
 
+# Mark the job before pinning: its epilog then releases the pin even if the user edited the
+# comment meanwhile (`scontrol update job=ID comment=...`). Best effort: without the mark the
+# epilog still releases whenever the comment asks for data.
+{ mkdir -p -- "$DM_HOOK_MARK_DIR" && : >"$DM_HOOK_MARK_DIR/$JOB"; } 2>/dev/null || true
+
 # --- stage ----------------------------------------------------------------------------------
 
 deadline=$((SECONDS + DM_HOOK_STAGE_TIMEOUT))
 
 stage_one() {  # stage_one PATH VERSION: returns 0, or fails the prolog
     local path=$1 version=$2 delay=15 rc out left
-    local args=(stage --config "$DM_HOOK_CONFIG" --wait --pin "$PIN" --priority job --json)
+    local args=(stage --config "$DM_HOOK_CONFIG" --wait --pin "$PIN" --priority job --json
+        ${daemon_only[@]+"${daemon_only[@]}"})
     [[ -z $version ]] || args+=(--version "$version")
     args+=(-- "$path")
     while :; do
