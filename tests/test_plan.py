@@ -125,3 +125,65 @@ def test_directory_attributes_go_children_first() -> None:
     for path in order:
         below = [p for p in order if p.startswith(path + "/")]
         assert all(done.index(p) < done.index(path) for p in below), (path, done)
+
+
+def _seconds(ns: int) -> int:
+    """A file system with 1 s timestamps (ext4 with 128-byte inodes, FAT, some Lustre)."""
+    return ns - ns % 1_000_000_000
+
+
+def test_a_file_rewritten_within_one_second_is_fetched_on_a_one_second_file_system(
+    tmp_path: Path,
+) -> None:
+    # Versions 1 and 2 of a file of one size, written 0.6 s apart in one second, look alike
+    # where mtimes are whole seconds: the tree held version 1's bytes, which datamover
+    # wrote, and the stage of version 2 kept them and reported success.
+    t = 1_764_583_200_000_000_000  # a whole second
+    write(tmp_path, "status", b"state=AAAA\n", t)  # version 1, as the file system stored it
+    v1 = Entry(
+        "status", Kind.FILE, 0o644, t + 200_000_000, 11, None, (ChunkRef(D, D, 0, 11, 11, 0),)
+    )
+    v2_digest = b"\x01" * 32
+    v2 = Entry(
+        "status",
+        Kind.FILE,
+        0o644,
+        t + 800_000_000,
+        11,
+        None,
+        (ChunkRef(v2_digest, D, 0, 11, 11, 0),),
+    )
+
+    def actions(
+        base: list[Entry] | None, interrupted: list[Entry] | None = None
+    ) -> list[tuple[Op, str]]:
+        planner = StagePlanner(
+            Walker(str(tmp_path), strict=False),
+            iter([v2]),
+            iter(base) if base is not None else None,
+            False,
+            interrupted=iter(interrupted) if interrupted is not None else None,
+            stored_mtime=_seconds,
+        )
+        return [(a.op, a.path) for a in planner]
+
+    assert actions([v1]) == [(Op.FETCH, "status")]
+    assert actions(None, [v1]) == [(Op.FETCH, "status")]  # a killed stage of version 1
+    assert actions([v2]) == [(Op.KEEP, "status")]  # a restage of the version it holds
+    assert actions(None) == [(Op.KEEP, "status")]  # nothing to tell it apart from
+    same_bytes = Entry("status", Kind.FILE, 0o644, v1.mtime_ns, 11, None, v2.chunks)
+    assert actions([same_bytes]) == [(Op.KEEP, "status")]  # only the mtime changed
+
+
+def test_a_symlink_left_under_a_temporary_name_is_removed(tmp_path: Path) -> None:
+    # A stage killed between making a link under its temporary name and renaming it left
+    # the link there: verify then failed on every later run, and --delete trashed it as a
+    # user's change.
+    write(tmp_path, "f", b"abc", 5)
+    (tmp_path / ".dm-279815d400000000.part").symlink_to("f")
+    (tmp_path / ".dm-279815d4.part").symlink_to("f")  # not the reserved form: a user's
+    target = [file_entry("f", 3, 5)]
+    assert plan(tmp_path, target) == [
+        (Op.STALE, ".dm-279815d400000000.part"),
+        (Op.KEEP, "f"),
+    ]

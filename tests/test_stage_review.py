@@ -932,3 +932,37 @@ async def test_stage_and_verify_need_only_search_permission_above_the_dataset(
     r = cli_unprivileged(b, "stage", "/proj/home/ds", "--json")
     assert r.returncode != 0
     assert "home" in r.stderr and "Traceback" not in r.stderr
+
+
+async def test_a_one_second_file_system_gets_the_new_version_of_a_file_rewritten_within_it(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Site b's file system keeps whole seconds (modelled here: the model is what stage
+    # probes, and the staged file's mtime is set as such a file system stores it). Two
+    # versions of one size written in one second looked alike there: the stage of the
+    # second kept the first's bytes, said "ready" and verify then failed.
+    def whole_seconds(dir_fd: int) -> Any:
+        return lambda ns: ns - ns % 1_000_000_000
+
+    monkeypatch.setattr(fsops, "stored_mtime", whole_seconds)
+    a, b = await make_site("site-a"), await make_site("site-b")
+    f = a.data / "ds" / "status"
+    f.parent.mkdir()
+    t = 1_764_583_200_000_000_000
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        f.write_text("state=AAAA\n")
+        os.utime(f, ns=(t + 200_000_000, t + 200_000_000))
+        await push(site_a, "/proj/ds")
+        await stage(site_b, "/proj/ds")
+        staged = b.data / "ds" / "status"
+        os.utime(staged, ns=(t, t))  # as the file system stored it
+        f.write_text("state=BBBB\n")
+        os.utime(f, ns=(t + 800_000_000, t + 800_000_000))
+        await push(site_a, "/proj/ds")
+        result = await stage(site_b, "/proj/ds")
+        assert staged.read_text() == "state=BBBB\n"
+        assert result.fetched_files == 1 and result.trashed_count == 0
+    finally:
+        await site_a.close()
+        await site_b.close()

@@ -176,6 +176,22 @@ class StagePlanner:
         entry = self.interrupted.at(key)
         return entry is not None and entry.kind == Kind.DIR
 
+    def _ambiguous(self, local: LocalEntry, entry: Entry, key: tuple[str, ...]) -> bool:
+        """Whether file `local`, which looks like the target's `entry` (size, stored mtime),
+        looks as much like the base's or the interrupted version's entry at `key` with
+        other bytes. On a file system with coarse timestamps (1 s: ext4 with 128-byte
+        inodes, FAT, some Lustre and NFS servers) two versions of a file rewritten within
+        one second, of one size, are alike there: the file may hold the older version's
+        bytes, which datamover wrote, so it is fetched again rather than kept."""
+        for e in (self.base.at(key), self.interrupted.at(key)):
+            if e is None or e.kind != Kind.FILE or e.chunks == entry.chunks:
+                continue  # the common case, a restage of the base: nothing to tell apart
+            if self._same(local, e) and [c.digest for c in e.chunks] != [
+                c.digest for c in entry.chunks
+            ]:
+                return True
+        return False
+
     def _same(self, local: LocalEntry, entry: Entry | None) -> bool:
         return _same_stat(local, entry, self.same_link, self.stored_mtime)
 
@@ -225,6 +241,9 @@ class StagePlanner:
             and self._same(local, entry)
             and (self.content_ok is None or self._content(local, entry))
         ):
+            if self.content_ok is None and self._ambiguous(local, entry, key):
+                yield self._create(entry, local)  # maybe datamover's older write: fetched
+                return
             if local.mode == entry.mode:
                 yield Action(Op.KEEP, entry.path, entry)
             else:
@@ -247,7 +266,9 @@ class StagePlanner:
 
     def _local_only(self, local: LocalEntry, key: tuple[str, ...]) -> Iterator[Action]:
         name = local.path.rpartition("/")[2]
-        if local.kind == Kind.FILE and PARTIAL_RE.match(name):
+        # A killed stage's leftover: a partial file, or a symlink under its temporary name
+        # (made there, then renamed over the entry's, or an old link swapped out).
+        if local.kind in (Kind.FILE, Kind.SYMLINK) and PARTIAL_RE.match(name):
             yield Action(Op.STALE, local.path)
             return
         if not self.delete:
