@@ -133,9 +133,7 @@ def push(
     for key, on in (("checksum", checksum), ("force", force)):
         if on:
             request[key] = True
-    result = (
-        None if local else through_daemon(config, request, not no_wait, as_json, daemon_only)
-    )
+    result = None if local else through_daemon(config, request, not no_wait, as_json, daemon_only)
     if result is None:
         # Imported only here: through the daemon, the command needs none of it (SQLAlchemy,
         # botocore: most of a second of start-up on a small machine).
@@ -183,6 +181,12 @@ def _name_skipped(paths: list[str], count: int) -> None:
     "--checksum", is_flag=True, help="Re-hash local files instead of trusting size+mtime."
 )
 @click.option("--pin", metavar="ID", help="Pin the replica under ID once ready (a job id).")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Stage even while other jobs' pins hold the replica at another version (their "
+    "files change under them).",
+)
 @click.option("--deadline", metavar="TIME", help="When the data is needed (RFC 3339).")
 @daemon_options
 @common
@@ -192,6 +196,7 @@ def stage(
     delete: bool,
     checksum: bool,
     pin: str | None,
+    force: bool,
     deadline: str | None,
     local: bool,
     daemon_only: bool,
@@ -225,12 +230,10 @@ def stage(
     for key, value in (("version", version), ("pin", pin), ("deadline", deadline)):
         if value is not None:
             request[key] = value
-    for key, on in (("delete", delete), ("checksum", checksum)):
+    for key, on in (("delete", delete), ("checksum", checksum), ("force", force)):
         if on:
             request[key] = True
-    result = (
-        None if local else through_daemon(config, request, not no_wait, as_json, daemon_only)
-    )
+    result = None if local else through_daemon(config, request, not no_wait, as_json, daemon_only)
     if result is None:
         result = stage_locally(config, request, as_json)
     if as_json:

@@ -122,6 +122,9 @@ def stage_locally(config: Config, request: dict[str, Any], as_json: bool) -> dic
     from datamover.transfer.stage import stage
 
     async def work(site: Any) -> dict[str, Any]:
+        tenant = None
+        if request.get("pin"):
+            tenant = await _local_tenant(config, site) or "local"
         with Bar(f"stage {request['path']}", not as_json) as bar:
             result = await stage(
                 site,
@@ -130,10 +133,11 @@ def stage_locally(config: Config, request: dict[str, Any], as_json: bool) -> dic
                 delete=bool(request.get("delete")),
                 checksum=bool(request.get("checksum")),
                 progress=bar,
+                pin=(request["pin"], tenant) if tenant is not None else None,
+                force=bool(request.get("force")),
             )
         done = result.to_json()
-        if request.get("pin"):
-            tenant = await _local_tenant(config, site) or "local"
+        if tenant is not None:
             await Access(site.catalog.engine).add_pin(
                 request["pin"], result.dataset, tenant, result.version
             )

@@ -123,8 +123,6 @@ async def submit_transfer(request: web.Request) -> web.Response:
     requested = version(body.get("version"))
     if kind == "push" and (requested or pin or body.get("delete")):
         raise InvalidInput("'version', 'pin' and 'delete' apply to stage transfers only")
-    if kind == "stage" and body.get("force"):
-        raise InvalidInput("'force' applies to push transfers only")
     options = {k: True for k in ("delete", "checksum", "force") if flag(body, k)}
     key = request.headers.get("Idempotency-Key")
     if key is not None:

@@ -234,6 +234,8 @@ class Worker:
             delete=bool(options.get("delete")),
             checksum=bool(options.get("checksum")),
             progress=progress,
+            pin=(row.pin, row.tenant) if row.pin else None,
+            force=bool(options.get("force")),
         )
         return staged.to_json()
 

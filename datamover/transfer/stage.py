@@ -874,16 +874,22 @@ async def stage(
     delete: bool = False,
     checksum: bool = False,
     progress: Progress | None = None,
+    pin: tuple[str, str] | None = None,
+    force: bool = False,
 ) -> StageResult:
     """Stage `logical` (the latest version, or `version`) at this site's mapped path.
 
-    Raises `Conflict` when another stage of the dataset runs (`locks.take_lock`, `_base`);
-    waits for pushes and verifies of it on this host to end."""
+    Raises `Conflict` when another stage of the dataset runs (`locks.take_lock`, `_base`),
+    and, unless `force`, when pins other than `pin` (the caller's own `(pin id, tenant)`,
+    which a requeued job holds already) hold the replica at another version: jobs are
+    reading it (`_check_pins`). Waits for pushes and verifies of it on this host to end."""
     started = time.monotonic()
     dataset = check_logical_path(logical)
     lock = await take_lock(site.state_dir, dataset)
     try:
-        return await _stage(site, dataset, version, delete, checksum, progress, started)
+        return await _stage(
+            site, dataset, version, delete, checksum, progress, started, pin, not force
+        )
     finally:
         if lock is not None:
             os.close(lock)
@@ -897,6 +903,8 @@ async def _stage(
     checksum: bool,
     progress: Progress | None,
     started: float,
+    pin: tuple[str, str] | None = None,
+    check_pins: bool = False,
 ) -> StageResult:
     """`stage`, holding the dataset's stage lock."""
     progress = progress or NoProgress()
@@ -904,6 +912,8 @@ async def _stage(
     root = base_path.joinpath(*parts)
     fetched_before = site.repo.fetched_bytes
     doc = await site.repo.resolve(dataset, version)
+    if check_pins:
+        await _check_pins(site, doc, root, pin)
     workers = _write_workers(site.config.transfer, doc.files)
     # Started now, they boot while the manifest is fetched and checked (0.15-0.2 s).
     procs = asyncio.ensure_future(asyncio.to_thread(_start_procs, workers)) if workers else None
@@ -945,6 +955,33 @@ async def _stage(
     result.downloaded_bytes += site.repo.fetched_bytes - fetched_before
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+async def _check_pins(
+    site: Site, doc: VersionDoc, root: Path, keep: tuple[str, str] | None
+) -> None:
+    """Raise `Conflict` if pins other than `keep` hold the replica at `root` while it is
+    recorded at another version than `doc`'s: a pin is a job reading the tree, and a stage
+    of another version would change its files under it (and, without `--delete`, leave
+    the older version's extra files beside the newer's)."""
+    replica = await site.catalog.replica(doc.dataset)
+    if replica is None or replica.root != str(root) or replica.version == doc.version:
+        return
+    from datamover.catalog.access import Access
+
+    others = [
+        p
+        for p in await Access(site.catalog.engine).pins(dataset=doc.dataset)
+        if (p.pin, p.tenant) != keep
+    ]
+    if not others:
+        return
+    more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+    raise Conflict(
+        f"{doc.dataset!r} is held at version {replica.version} by pin {others[0].pin!r}{more}: "
+        f"staging version {doc.version} would change its files under the jobs reading them; "
+        "stage it once they released it (`datamover release`), or with --force"
+    )
 
 
 async def _record_failure(

@@ -1,0 +1,103 @@
+"""A stage does not bring a replica that other jobs' pins hold to another version."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from datamover.catalog.access import Access
+from datamover.errors import Conflict
+from datamover.transfer.push import push
+from datamover.transfer.stage import stage
+from tests.fixtures_daemon import StartSite
+from tests.fixtures_sites import MakeSite
+
+
+async def test_a_replica_pinned_by_another_job_keeps_its_version(make_site: MakeSite) -> None:
+    # Job 101 staged version 1 and runs; job 104's prolog staged version 2 over it, and the
+    # files job 101 was reading changed under it (version 1's extra files stayed beside).
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("version 1\n")
+    (a.data / "ds" / "only-in-1").write_text("x\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        v1 = (await push(site_a, "/proj/ds")).version
+        await stage(site_b, "/proj/ds", pin=("slurm-101", "t"))
+        await Access(site_b.catalog.engine).add_pin("slurm-101", "/proj/ds", "t", v1)
+        (a.data / "ds" / "f").write_text("version 2, longer\n")
+        (a.data / "ds" / "only-in-1").unlink()
+        v2 = (await push(site_a, "/proj/ds")).version
+        with pytest.raises(Conflict, match=f"held at version {v1} by pin 'slurm-101'"):
+            await stage(site_b, "/proj/ds", pin=("slurm-104", "t"))
+        with pytest.raises(Conflict, match="slurm-101"):
+            await stage(site_b, "/proj/ds")  # no pin of its own: every pin is another's
+        with pytest.raises(Conflict):
+            await stage(site_b, "/proj/ds", pin=("slurm-101", "other-tenant"))
+        assert (b.data / "ds" / "f").read_text() == "version 1\n"
+        assert (await site_b.catalog.replica("/proj/ds")).version == v1  # type: ignore[union-attr]
+        # The same version again is no change: allowed with any pin.
+        assert (await stage(site_b, "/proj/ds", version=v1, pin=("slurm-104", "t"))).version == v1
+        # The pin's own job (requeued) moves it on, as does --force.
+        assert (await stage(site_b, "/proj/ds", pin=("slurm-101", "t"))).version == v2
+        assert (b.data / "ds" / "f").read_text() == "version 2, longer\n"
+        await stage(site_b, "/proj/ds", version=v1, pin=("slurm-101", "t"))
+        await Access(site_b.catalog.engine).add_pin("slurm-105", "/proj/ds", "t", v1)
+        assert (await stage(site_b, "/proj/ds", force=True)).version == v2
+        # Released, the replica moves freely.
+        await Access(site_b.catalog.engine).release("slurm-101", "t")
+        await Access(site_b.catalog.engine).release("slurm-105", "t")
+        assert (await stage(site_b, "/proj/ds", version=v1)).version == v1
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_the_cli_names_the_pin_and_takes_force(make_site: MakeSite) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("version 1\n")
+    assert a.cli("push", "/proj/ds").returncode == 0
+    assert b.cli("stage", "/proj/ds", "--pin", "slurm-101").returncode == 0
+    (a.data / "ds" / "f").write_text("version 2\n")
+    assert a.cli("push", "/proj/ds").returncode == 0
+    proc = b.cli("stage", "/proj/ds", "--pin", "slurm-104")
+    assert proc.returncode == 4, proc.stderr
+    assert "pin 'slurm-101'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert (b.data / "ds" / "f").read_text() == "version 1\n"
+    done = json.loads(b.cli("stage", "/proj/ds", "--pin", "slurm-104", "--force", "--json").stdout)
+    assert done["pin"] == "slurm-104"
+    assert (b.data / "ds" / "f").read_text() == "version 2\n"
+
+
+async def test_through_the_daemon_a_pinned_replica_keeps_its_version(
+    make_site: MakeSite, served_site: StartSite
+) -> None:
+    a = await make_site("site-a")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("version 1\n")
+    a.cli_json("push", "/proj/ds")
+    b = await served_site("site-b")
+    token = b.token("t1", "/proj", "write")
+
+    def staged(pin: str, **extra: Any) -> dict[str, Any]:
+        body = {"kind": "stage", "path": "/proj/ds", "pin": pin, **extra}
+        status, t = b.request("POST", "/v1/transfers", token, body)
+        assert status == 201, t
+        return b.wait(t["id"], token)
+
+    assert staged("slurm-101")["state"] == "succeeded"
+    (a.data / "ds" / "f").write_text("version 2\n")
+    a.cli_json("push", "/proj/ds")
+    refused = staged("slurm-104")
+    assert refused["state"] == "failed" and refused["error"]["code"] == "conflict", refused
+    assert "slurm-101" in refused["error"]["message"]
+    assert (b.env.data / "ds" / "f").read_text() == "version 1\n"
+    assert staged("slurm-101")["state"] == "succeeded"  # the job itself, requeued
+    assert (b.env.data / "ds" / "f").read_text() == "version 2\n"
+    (a.data / "ds" / "f").write_text("version 3\n")
+    a.cli_json("push", "/proj/ds")
+    assert staged("slurm-104", force=True)["state"] == "succeeded"
+    assert (b.env.data / "ds" / "f").read_text() == "version 3\n"
