@@ -287,7 +287,11 @@ def test_a_token_lists_only_where_it_may_read() -> None:
     assert _readable_prefix(who("/proj/a"), "/proj/a/b") == "/proj/a/b"
     assert _readable_prefix(who("/proj/a"), "/proj/ab") is None
     assert _readable_prefix(who("/proj/a"), "/other") is None
-    assert _readable_prefix(who("/proj/a", "/proj/b"), "/") == "/"
+    # Several prefixes: the deepest directory holding them all, not the whole bucket.
+    assert _readable_prefix(who("/proj/a", "/proj/b"), "/") == "/proj"
+    assert _readable_prefix(who("/proj/x/a", "/proj/x/b", "/proj/y"), "/") == "/proj"
+    assert _readable_prefix(who("/proj/a", "/lab/b"), "/") == "/"
+    assert _readable_prefix(who("/proj/a", "/proj/ab"), "/proj") == "/proj"
     assert _readable_prefix(who("/proj/a", "/proj/b"), "/proj/b") == "/proj/b"
     assert _readable_prefix(who("/"), "/proj") == "/proj"
     assert _readable_prefix(who("/proj/a", scope="admin"), "/") == "/"

@@ -249,15 +249,22 @@ async def list_datasets(request: web.Request) -> web.Response:
 
 def _readable_prefix(who: Identity, prefix: str) -> str | None:
     """The narrowest prefix whose listing holds every dataset under `prefix` that `who`
-    may read: `prefix` itself when `who` reads all of it (or several parts of it), the one
-    prefix of `who`'s below it, or None when `who` reads nothing there. A tenant's token
-    listing `/` does not walk every other tenant's datasets."""
+    may read: `prefix` itself when `who` reads all of it, the one prefix of `who`'s below
+    it, the deepest directory holding several (`/proj` for `/proj/a` and `/proj/b`), or
+    None when `who` reads nothing there. A tenant's token listing `/` does not walk every
+    other tenant's datasets (only those between its prefixes, when it has several)."""
     if who.allows("admin"):
         return prefix
     readable = _narrowed(prefix, list(who.prefixes))
-    if len(readable) == 1:
-        return readable[0]
-    return prefix if readable else None
+    if not readable:
+        return None
+    parts = [r.strip("/").split("/") for r in readable]
+    common = []
+    for names in zip(*parts, strict=False):
+        if any(n != names[0] for n in names):
+            break
+        common.append(names[0])
+    return "/" + "/".join(common)
 
 
 async def list_versions(request: web.Request) -> web.Response:
