@@ -182,7 +182,10 @@ class StagePlanner:
         other bytes. On a file system with coarse timestamps (1 s: ext4 with 128-byte
         inodes, FAT, some Lustre and NFS servers) two versions of a file rewritten within
         one second, of one size, are alike there: the file may hold the older version's
-        bytes, which datamover wrote, so it is fetched again rather than kept."""
+        bytes, which datamover wrote, so it is fetched again rather than kept. Asked only
+        where the likeness to `entry` comes through the file system's model (mtimes that
+        differ): elsewhere a restage of many unchanged files would read the base's manifest
+        for nothing."""
         for e in (self.base.at(key), self.interrupted.at(key)):
             if e is None or e.kind != Kind.FILE or e.chunks == entry.chunks:
                 continue  # the common case, a restage of the base: nothing to tell apart
@@ -241,7 +244,11 @@ class StagePlanner:
             and self._same(local, entry)
             and (self.content_ok is None or self._content(local, entry))
         ):
-            if self.content_ok is None and self._ambiguous(local, entry, key):
+            if (
+                self.content_ok is None
+                and local.mtime_ns != entry.mtime_ns  # alike only as the file system stores it
+                and self._ambiguous(local, entry, key)
+            ):
                 yield self._create(entry, local)  # maybe datamover's older write: fetched
                 return
             if local.mode == entry.mode:
