@@ -136,3 +136,40 @@ def test_the_cache_directory_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")  # not absolute: ignored, as XDG says
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert s3_loader.default_cache_dir() == tmp_path / "home" / ".cache" / "datamover"
+
+
+def test_the_cache_is_written_only_into_a_directory_of_the_users_alone(tmp_path: Path) -> None:
+    # The temporary name is predictable: written through `open(tmp, "w")` into a shared
+    # directory (`XDG_CACHE_HOME=/tmp/...`), a symlink planted there by another user had the
+    # victim overwrite any file it could write.
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    source = Path(botocore.loaders.Loader().load_data_with_path("endpoints")[1] + ".json")
+    st = source.stat()
+    name = f"endpoints-s3-{botocore.__version__}-{st.st_size}-{st.st_mtime_ns}.json"
+    (shared / f".{name}.{os.getpid()}.tmp").symlink_to(victim)
+    data, _ = S3Loader(cache_dir=shared).load_data_with_path("endpoints")
+    assert data == cut_to_s3(_whole())
+    assert victim.read_text() == "precious\n" and not (shared / name).exists()
+    # In a directory of its own, a planted name is not followed either.
+    own = tmp_path / "own"
+    own.mkdir(mode=0o700)
+    (own / f".{name}.{os.getpid()}.tmp").symlink_to(victim)
+    S3Loader(cache_dir=own).load_data_with_path("endpoints")
+    assert victim.read_text() == "precious\n"
+
+
+def test_the_cache_is_trusted_whatever_the_umask(tmp_path: Path) -> None:
+    # Under the usual umask 002 of user-private groups the file was made group-writable,
+    # so never trusted: every command parsed the whole table and wrote the cut again.
+    old = os.umask(0o002)
+    try:
+        S3Loader(cache_dir=tmp_path / "c").load_data_with_path("endpoints")
+    finally:
+        os.umask(old)
+    (cached,) = (tmp_path / "c").iterdir()
+    assert cached.stat().st_mode & 0o777 == 0o600
+    assert s3_loader._read_trusted(cached) is not None

@@ -127,7 +127,7 @@ def _read_trusted(path: Path) -> Any | None:
     """The cached table at `path`, or None if it is missing, not this user's alone, or not
     a table."""
     try:
-        if not _owned(os.stat(path.parent)):
+        if not _owned(os.lstat(path.parent)):
             return None
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:
@@ -144,11 +144,21 @@ def _read_trusted(path: Path) -> Any | None:
 
 
 def _write(path: Path, data: Any) -> None:
-    """Write `data` to `path` by a temporary name and a rename; any failure is ignored."""
+    """Write `data` to `path` by a temporary name and a rename, only into a directory of
+    this user's alone, never through a symlink (`O_EXCL | O_NOFOLLOW`: the temporary name
+    is predictable), 0o600 whatever the umask (a group-writable file is not trusted when
+    read back); any failure is ignored."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
+        if not _owned(os.lstat(path.parent)):
+            return
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600)
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, separators=(",", ":"))
         os.replace(tmp, path)
     except OSError:

@@ -621,7 +621,10 @@ class _Stager:
         planner = StagePlanner(
             self._walker,
             self._entries(self.refs),
-            self._entries(self.base_refs) if self.base_refs else None,
+            # A base that is the target tells nothing apart (a restage): not read twice.
+            self._entries(self.base_refs)
+            if self.base_refs and self.base_refs is not self.refs
+            else None,
             self.delete,
             content_ok,
             self.site.config.namespace.same_link,
