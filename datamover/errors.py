@@ -51,6 +51,14 @@ class Conflict(DatamoverError):
     exit_code = 4
 
 
+class Pinned(Conflict):
+    """Jobs' pins hold the replica (or one nested with it) at another version: a stage would
+    change files they are reading. Waiting for their release mends it (or `--force`)."""
+
+    code = "pinned"
+    exit_code = 11
+
+
 class Corrupt(DatamoverError):
     """Data or metadata failed verification: a digest mismatch, a malformed pack or manifest."""
 

@@ -199,7 +199,7 @@ def test_the_epilog_releases_with_the_default_limit_when_its_setting_is_bad(
 
 
 def test_the_epilog_releases_the_pin_and_never_fails(hooks: Hooks) -> None:
-    r = hooks.run(EPILOG, "datamover:/proj/a", rcs=[6])
+    r = hooks.run(EPILOG, "datamover:/proj/a", rcs=[9])
     assert r.returncode == 0 and "release it by hand" in r.stderr
     assert hooks.calls()[0][1:] == [
         "release",
@@ -281,7 +281,7 @@ def test_the_epilog_releases_a_job_the_prolog_marked_whatever_its_comment(
     # left the pin behind: the epilog read the new comment and released nothing.
     assert hooks.run(PROLOG, "datamover:/proj/a").returncode == 0
     assert (hooks.dir / "marks" / "42").exists()
-    r = hooks.run(EPILOG, "run 42 finished, see notes", rcs=[6])
+    r = hooks.run(EPILOG, "run 42 finished, see notes", rcs=[9])
     assert r.returncode == 0 and [c[1] for c in hooks.calls()] == ["release"]
     assert (hooks.dir / "marks" / "42").exists()  # a failed release keeps the mark
     r = hooks.run(EPILOG, "run 42 finished, see notes")
@@ -289,3 +289,22 @@ def test_the_epilog_releases_a_job_the_prolog_marked_whatever_its_comment(
     assert not (hooks.dir / "marks" / "42").exists()
     r = hooks.run(EPILOG, "run 42 finished, see notes")
     assert r.returncode == 0 and hooks.calls() == []  # released: nothing more to do
+
+
+def test_the_epilog_asks_again_while_the_daemon_does_not_answer(hooks: Hooks) -> None:
+    # A pin left behind holds its dataset at its version for every later job: a daemon
+    # restarting at the epilog (exit 6) was the end of it.
+    r = hooks.run(EPILOG, "datamover:/proj/a", rcs=[6, 0])
+    assert r.returncode == 0 and "released pin slurm-42" in r.stderr, r.stderr
+    assert [c[1] for c in hooks.calls()] == ["release", "release"]
+    r = hooks.run(EPILOG, "datamover:/proj/a", rcs=[6, 6, 6, 6], DM_HOOK_RELEASE_TIMEOUT="7")
+    assert r.returncode == 0 and "release it by hand" in r.stderr
+    assert len(hooks.calls()) == 2  # within its time limit
+
+
+def test_the_prolog_waits_for_pins_and_says_so_when_time_runs_out(hooks: Hooks) -> None:
+    r = hooks.run(PROLOG, "datamover:/proj/a", rcs=[11, 0], DM_HOOK_STAGE_TIMEOUT="40")
+    assert r.returncode == 0, r.stderr
+    assert [c[1] for c in hooks.calls()] == ["stage", "stage"]
+    r = hooks.run(PROLOG, "datamover:/proj/a", rcs=[11], DM_HOOK_STAGE_TIMEOUT="10")
+    assert r.returncode == 1 and "other jobs still hold another version" in r.stderr

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from datamover.catalog.access import Access
-from datamover.errors import Conflict
+from datamover.errors import Pinned
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from tests.fixtures_daemon import StartSite
@@ -30,11 +30,11 @@ async def test_a_replica_pinned_by_another_job_keeps_its_version(make_site: Make
         (a.data / "ds" / "f").write_text("version 2, longer\n")
         (a.data / "ds" / "only-in-1").unlink()
         v2 = (await push(site_a, "/proj/ds")).version
-        with pytest.raises(Conflict, match=f"held at version {v1} by pin 'slurm-101'"):
+        with pytest.raises(Pinned, match=f"held at version {v1} by pin 'slurm-101'"):
             await stage(site_b, "/proj/ds", pin=("slurm-104", "t"))
-        with pytest.raises(Conflict, match="slurm-101"):
+        with pytest.raises(Pinned, match="by a pin:"):
             await stage(site_b, "/proj/ds")  # no pin of its own: every pin is another's
-        with pytest.raises(Conflict):
+        with pytest.raises(Pinned, match="by another tenant's pin:"):
             await stage(site_b, "/proj/ds", pin=("slurm-101", "other-tenant"))
         assert (b.data / "ds" / "f").read_text() == "version 1\n"
         assert (await site_b.catalog.replica("/proj/ds")).version == v1  # type: ignore[union-attr]
@@ -64,7 +64,7 @@ async def test_the_cli_names_the_pin_and_takes_force(make_site: MakeSite) -> Non
     (a.data / "ds" / "f").write_text("version 2\n")
     assert a.cli("push", "/proj/ds").returncode == 0
     proc = b.cli("stage", "/proj/ds", "--pin", "slurm-104")
-    assert proc.returncode == 4, proc.stderr
+    assert proc.returncode == 11, proc.stderr
     assert "pin 'slurm-101'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert (b.data / "ds" / "f").read_text() == "version 1\n"
     done = json.loads(b.cli("stage", "/proj/ds", "--pin", "slurm-104", "--force", "--json").stdout)
@@ -92,7 +92,7 @@ async def test_through_the_daemon_a_pinned_replica_keeps_its_version(
     (a.data / "ds" / "f").write_text("version 2\n")
     a.cli_json("push", "/proj/ds")
     refused = staged("slurm-104")
-    assert refused["state"] == "failed" and refused["error"]["code"] == "conflict", refused
+    assert refused["state"] == "failed" and refused["error"]["code"] == "pinned", refused
     assert "slurm-101" in refused["error"]["message"]
     assert (b.env.data / "ds" / "f").read_text() == "version 1\n"
     assert staged("slurm-101")["state"] == "succeeded"  # the job itself, requeued
@@ -101,3 +101,32 @@ async def test_through_the_daemon_a_pinned_replica_keeps_its_version(
     a.cli_json("push", "/proj/ds")
     assert staged("slurm-104", force=True)["state"] == "succeeded"
     assert (b.env.data / "ds" / "f").read_text() == "version 3\n"
+
+
+async def test_pins_on_datasets_nested_with_the_staged_one_count(make_site: MakeSite) -> None:
+    # A job reading /proj/ds/sub at version 1; a stage of /proj/ds of a newer version
+    # changed sub's files under it (and the other way round).
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds" / "sub").mkdir(parents=True)
+    (a.data / "ds" / "sub" / "f").write_text("version 1\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        sub = (await push(site_a, "/proj/ds/sub")).version
+        await stage(site_b, "/proj/ds/sub", pin=("slurm-101", "t"))
+        await Access(site_b.catalog.engine).add_pin("slurm-101", "/proj/ds/sub", "t", sub)
+        (a.data / "ds" / "sub" / "f").write_text("version 2, longer\n")
+        await push(site_a, "/proj/ds")
+        with pytest.raises(Pinned, match="'slurm-101' \\(on '/proj/ds/sub'\\)"):
+            await stage(site_b, "/proj/ds", pin=("slurm-104", "t"))
+        assert (b.data / "ds" / "sub" / "f").read_text() == "version 1\n"
+        # A pin on a dataset never staged here guards no tree: a first stage goes ahead.
+        await Access(site_b.catalog.engine).add_pin("slurm-9", "/proj/other", "t", None)
+        (a.data / "other").mkdir()
+        (a.data / "other" / "g").write_text("g\n")
+        await push(site_a, "/proj/other")
+        await stage(site_b, "/proj/other")
+        assert (b.data / "other" / "g").read_text() == "g\n"
+    finally:
+        await site_a.close()
+        await site_b.close()

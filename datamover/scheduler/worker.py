@@ -234,7 +234,7 @@ class Worker:
             delete=bool(options.get("delete")),
             checksum=bool(options.get("checksum")),
             progress=progress,
-            pin=(row.pin, row.tenant) if row.pin else None,
+            pin=(row.pin or "", row.tenant),
             force=bool(options.get("force")),
         )
         return staged.to_json()

@@ -80,10 +80,18 @@ if [[ ! $DM_HOOK_RELEASE_TIMEOUT =~ ^[1-9][0-9]*$ ]]; then
     DM_HOOK_RELEASE_TIMEOUT=60
 fi
 
-rc=0
-out=$(timeout --kill-after=10 "$DM_HOOK_RELEASE_TIMEOUT" ${as_user[@]+"${as_user[@]}"} \
-    "$DM_HOOK_BIN" release ${daemon_only[@]+"${daemon_only[@]}"} --config "$DM_HOOK_CONFIG" \
-    --pin "$PIN" --json 2>&1) || rc=$?
+# A pin left behind keeps its dataset at its version for every later job (their stages
+# of another version wait for it), so a daemon that does not answer (exit 6: restarting)
+# is asked again, within the time limit.
+deadline=$((SECONDS + DM_HOOK_RELEASE_TIMEOUT))
+while :; do
+    rc=0
+    out=$(timeout --kill-after=10 "$((deadline - SECONDS))" ${as_user[@]+"${as_user[@]}"} \
+        "$DM_HOOK_BIN" release ${daemon_only[@]+"${daemon_only[@]}"} \
+        --config "$DM_HOOK_CONFIG" --pin "$PIN" --json 2>&1) || rc=$?
+    ((rc == 6 && SECONDS + 5 < deadline)) || break
+    sleep 5
+done
 out=${out//$'\n'/ }
 if ((rc == 0)); then
     rm -f -- "$mark" 2>/dev/null || true

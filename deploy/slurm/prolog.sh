@@ -38,8 +38,9 @@
 # Idempotent: a requeued job keeps its id, stage only fetches what is missing or wrong, and
 # pinning the same pin again is a no-op. Transient failures (exit 6: store or daemon
 # unavailable; exit 4: a stage of the same dataset is running outside the daemon's queue,
-# which itself runs one transfer per path at a time) are retried with backoff until
-# DM_HOOK_STAGE_TIMEOUT seconds have passed in total. If the limit is hit, the CLI is
+# which itself runs one transfer per path at a time; exit 11: running jobs' pins hold the
+# dataset at another version than this job asks for, until their epilogs release it) are
+# retried with backoff until DM_HOOK_STAGE_TIMEOUT seconds have passed in total. If the limit is hit, the CLI is
 # killed but a transfer already submitted keeps running in the daemon, so a requeued job
 # usually finds its data ready. A failing prolog releases the pins it took (and the daemon
 # takes the pin off that still-running transfer), so a held job does not keep data from
@@ -309,8 +310,12 @@ stage_one() {  # stage_one PATH VERSION: returns 0, or fails the prolog
                 fail "stage $path: not ready within ${DM_HOOK_STAGE_TIMEOUT}s" \
                     "(the daemon may still finish it)"
                 ;;
-            4 | 6)
+            4 | 6 | 11)
                 if ((SECONDS + delay >= deadline)); then
+                    if ((rc == 11)); then
+                        fail "stage $path: other jobs still hold another version of it" \
+                            "(release their pins, or give this job that version): ${out:0:300}"
+                    fi
                     fail "stage $path failed (exit $rc) and no time is left to retry: ${out:0:300}"
                 fi
                 log warning "stage $path: exit $rc, retrying in ${delay}s: ${out:0:300}"
