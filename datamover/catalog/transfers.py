@@ -36,8 +36,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from datamover.catalog.queue_sql import (
     T,
+    after_in_queue,
     lineage,
-    precedes,
     queued_above,
     requeued,
     running_over,
@@ -386,7 +386,7 @@ class Transfers:
             query = page
             if after is not None:
                 rank, last = after
-                query = query.where(precedes(rank, last, T.c.rank_time, T.c.id))
+                query = query.where(after_in_queue(rank, last))
             rows = (await conn.execute(query)).all()
             for row in rows:
                 due = aware(row.not_before)
