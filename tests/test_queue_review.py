@@ -13,6 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from datamover.catalog.engine import open_engine
 from datamover.catalog.transfer_rows import Submission
 from datamover.catalog.transfers import Transfers
+from datamover.errors import Corrupt, DatamoverError, StoreUnavailable
+from datamover.metrics import Metrics
+from datamover.scheduler.worker import Worker
 
 
 @pytest.fixture
@@ -76,3 +79,60 @@ async def test_a_claims_later_pages_seek_to_where_the_last_one_ended(
             assert "'queued'::text) AND (rank_time >=" in scan[0], plan
         else:
             assert "USING INDEX ix_transfers_queue (state=? AND rank_time>?)" in plan, plan
+
+
+@pytest.mark.parametrize("error", [Corrupt("bad pack"), StoreUnavailable("no store")])
+async def test_a_run_that_fails_after_its_lease_was_taken_over_is_a_warning(
+    queue: Transfers, caplog: pytest.LogCaptureFixture, error: DatamoverError
+) -> None:
+    """The run failed, but by then another worker held the transfer: this worker can neither
+    fail it nor put it back for a retry. One warning, no failure logged or counted, nothing
+    raised out of `run_once` (the loop logged a traceback and waited 5 s), and the other
+    worker's run goes on untouched."""
+    t, _ = await queue.submit(sub("/p/x"))
+    metrics = Metrics("s")
+    worker = Worker(None, queue, None, "w1", metrics)  # type: ignore[arg-type]
+
+    async def taken_over(row: Any, progress: Any) -> dict[str, Any]:
+        assert await queue.requeue_expired(["w1"]) == 1  # the lapse, noticed elsewhere
+        assert (await queue.claim("w2", 30)).id == t.id
+        raise error
+
+    worker._run = taken_over  # type: ignore[method-assign]
+    with caplog.at_level("INFO", logger="datamover.scheduler.worker"):
+        assert await worker.run_once() is True
+    warned = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "after its lease lapsed" in warned[0].getMessage(), caplog.text
+    assert error.message in warned[0].getMessage()
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    row = await queue.get(t.id)
+    assert row.state == "running" and row.lease_owner == "w2" and row.error is None
+    samples = [s for m in metrics.registry.collect() for s in m.samples]
+    counted = {s.name for s in samples if s.value and s.name.endswith("_total")}
+    assert not counted & {
+        "datamover_errors_total",
+        "datamover_retries_total",
+        "datamover_transfers_finished_total",
+    }, counted
+
+
+async def test_a_failed_attempt_of_a_transfer_asked_to_cancel_is_not_a_retry(
+    queue: Transfers,
+) -> None:
+    """A cancel asked while the run was failing wins over the retry: the transfer ends
+    cancelled and is counted so, and no retry is counted for it."""
+    t, _ = await queue.submit(sub("/p/x"))
+    metrics = Metrics("s")
+    worker = Worker(None, queue, None, "w1", metrics)  # type: ignore[arg-type]
+
+    async def cancelled_then_failed(row: Any, progress: Any) -> dict[str, Any]:
+        await queue.cancel(t.id)  # before the heartbeat passes the cancel on
+        raise StoreUnavailable("no store")
+
+    worker._run = cancelled_then_failed  # type: ignore[method-assign]
+    assert await worker.run_once() is True
+    assert (await queue.get(t.id)).state == "cancelled"
+    value = metrics.registry.get_sample_value
+    ended = {"kind": "stage", "state": "cancelled", "site": "s"}
+    assert value("datamover_transfers_finished_total", ended) == 1
+    assert not value("datamover_retries_total", {"kind": "stage", "site": "s"})

@@ -127,14 +127,16 @@ class Worker:
         await self._requeue(row, attempts=max(row.attempts - 1, 0), **first)
         log.info("released %s %s unrun (draining)", row.kind, row.path)
 
-    async def _requeue(self, row: TransferRow, **fields: Any) -> None:
+    async def _requeue(self, row: TransferRow, **fields: Any) -> TransferRow:
         """Give up this worker's claim: the transfer goes back in the queue with `fields`
-        (a cancel asked meanwhile wins, see `Transfers.transition`)."""
+        (a cancel asked meanwhile wins, see `Transfers.transition`). Return it as it is
+        now; `Conflict` if this worker no longer holds it."""
         moved = await self.transfers.transition(
             row.id, State.QUEUED, owner=self.owner, lease_owner=None, lease_expires=None, **fields
         )
         if moved.state == State.CANCELLED:  # it ended here: no worker will count it
             self.metrics.finished(row.kind, "cancelled", 0, {})
+        return moved
 
     async def _execute(self, row: TransferRow, claimed: float) -> None:
         log.info("running %s %s (attempt %d)", row.kind, row.path, row.attempts)
@@ -308,15 +310,42 @@ class Worker:
     async def _failed(
         self, row: TransferRow, progress: TransferProgress, exc: DatamoverError
     ) -> None:
+        """Record that this run failed with `exc`: back in the queue after a backoff if it
+        is worth another try, else failed. The failure is logged and counted only once that
+        is recorded: if the lease lapsed meanwhile and the transfer is no longer this
+        worker's (queued again, another worker's, or ended by a cancel or by running out of
+        runs), the catalog refuses it (`Conflict`) and one warning says so instead."""
         fields = progress.fields()
         error = {
             "error_code": exc.code,
             "error_message": exc.message,
             "error_paths": json.dumps(exc.paths[:100]),
         }
+        retry = exc.retryable and row.attempts < self.transfers.max_attempts
+        delay = retry_delay(row.attempts)
+        try:
+            if retry:
+                moved = await self._requeue(row, retry_in=delay, **error, **fields)
+            else:
+                moved = await self.transfers.transition(
+                    row.id, State.FAILED, owner=self.owner, **error, **fields
+                )
+        except Conflict as lost:
+            # As for a run that succeeds too late: whoever holds the transfer now decides
+            # how it ends, and this run's failure is not the transfer's.
+            log.warning(
+                "%s %s failed after its lease lapsed (%s); not recorded: %s",
+                row.kind,
+                row.path,
+                exc.message,
+                lost.message,
+            )
+            return
         self.metrics.error(row.kind, exc.code)
-        if exc.retryable and row.attempts < self.transfers.max_attempts:
-            delay = retry_delay(row.attempts)
+        if moved.state == State.FAILED:
+            self.metrics.finished(row.kind, "failed", 0, {})
+            log.error("failed %s %s: %s", row.kind, row.path, exc.message)
+        elif moved.state == State.QUEUED:
             self.metrics.retry(row.kind)
             log.warning(
                 "attempt %d of %s failed (%s); retrying in %.0f s",
@@ -325,11 +354,8 @@ class Worker:
                 exc.message,
                 delay,
             )
-            await self._requeue(row, retry_in=delay, **error, **fields)
-            return
-        log.error("failed %s %s: %s", row.kind, row.path, exc.message)
-        await self.transfers.transition(row.id, State.FAILED, owner=self.owner, **error, **fields)
-        self.metrics.finished(row.kind, "failed", 0, {})
+        else:  # a cancel asked during the run won over the retry (`_requeue` counted it)
+            log.info("cancelled %s %s (its attempt failed: %s)", row.kind, row.path, exc.message)
 
 
 def _consume(call: asyncio.Future[Any]) -> None:
