@@ -8,11 +8,13 @@ from typing import Any
 
 import pytest
 from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from datamover.catalog.access import Access
 from datamover.catalog.engine import open_engine
 from datamover.catalog.transfer_rows import Submission
 from datamover.catalog.transfers import Transfers
+from datamover.domain.transfers import State
 from datamover.errors import Corrupt, DatamoverError, StoreUnavailable
 from datamover.metrics import Metrics
 from datamover.scheduler.worker import Worker
@@ -136,3 +138,40 @@ async def test_a_failed_attempt_of_a_transfer_asked_to_cancel_is_not_a_retry(
     ended = {"kind": "stage", "state": "cancelled", "site": "s"}
     assert value("datamover_transfers_finished_total", ended) == 1
     assert not value("datamover_retries_total", {"kind": "stage", "site": "s"})
+
+
+async def test_a_stage_cancelled_while_stages_are_answered_stays_cancelled(
+    engine: AsyncEngine, queue: Transfers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cancel that lands between answering's read of the queue and its update (on SQLite
+    that read runs before the write transaction begins) wins: the stage stays cancelled, is
+    not pinned and is not among those answered; the stages around it are answered."""
+    access = Access(engine)
+    lead, _ = await queue.submit(sub("/p/x"))
+    assert (await queue.claim("w", 30)).id == lead.id
+    before, _ = await queue.submit(sub("/p/x", pin="job-1"))
+    victim, _ = await queue.submit(sub("/p/x", pin="job-2"))
+    after, _ = await queue.submit(sub("/p/x", pin="job-3"))
+    done = await queue.transition(lead.id, State.SUCCEEDED, owner="w")
+    real = AsyncConnection.execute
+    cancels: list[tuple[Any, bool]] = []
+
+    async def execute(self: AsyncConnection, statement: Any, *args: Any, **kw: Any) -> Any:
+        result = await real(self, statement, *args, **kw)
+        reads_queue = "ORDER BY transfers.rank_time" in str(statement)
+        if reads_queue and not cancels:  # the user's cancel, right after the read
+            cancels.append(await queue.cancel(victim.id))
+        return result
+
+    def pins(ids: Any) -> Any:
+        return access.pins_for_transfers(ids, "/p/x", "v2")
+
+    monkeypatch.setattr(AsyncConnection, "execute", execute)
+    answered = await queue.answer_stages(done, "v2", True, {"version": "v2"}, pin=pins)
+    monkeypatch.undo()
+    assert cancels and cancels[0][1] is True  # the cancel ended it
+    assert sorted(t.id for t in answered) == sorted([before.id, after.id])
+    assert all(t.state == "succeeded" for t in answered)
+    assert (await queue.get(victim.id)).state == "cancelled"
+    held = sorted(p.pin for p in await access.pins(dataset="/p/x"))
+    assert held == ["job-1", "job-3"]

@@ -543,7 +543,8 @@ class Transfers:
         transfer it would have run after (a push, a `--delete` stage). Nothing is answered
         while a transfer runs over the tree. `pin(ids)` is the statement that pins the
         dataset under the pins of those of `ids` that carry one (`Access.pins_for_transfers`),
-        run in the same transaction, before they are seen to succeed. One transaction; on
+        run in the same transaction for the stages this answers, and only those (one
+        cancelled meanwhile gets no pin), before they are seen to succeed. One transaction; on
         PostgreSQL under the claims' advisory lock of the path, so no claim of the tree
         comes between the check and the update, and without waiting for a row lock (a stage
         a claim has locked is skipped), so it cannot deadlock with one.
@@ -601,23 +602,49 @@ class Transfers:
                 ids = [i for i in ids if i in free]
             if not ids:
                 return []
-            if pin is not None:
-                await conn.execute(pin(ids))
-            named = {**result, "satisfied_by": done.id}
-            for group, values in (([i for i in ids if i in ours], named), (ids, result)):
-                if not group:
-                    continue
-                await conn.execute(
-                    update(T)
-                    .where(T.c.id.in_(group), T.c.state == State.QUEUED.value)
-                    .values(
-                        state=State.SUCCEEDED.value,
-                        attempts=T.c.attempts + 1,
-                        started_at=func.coalesce(T.c.started_at, at),
-                        finished_at=at,
-                        updated_at=at,
-                        **succeeded_values(values),
-                    )
+            answered = await self._succeed_answered(conn, ids, ours, done.id, result, at)
+            if answered and pin is not None:
+                await conn.execute(pin([r.id for r in answered]))
+            return answered
+
+    async def _succeed_answered(
+        self,
+        conn: AsyncConnection,
+        ids: list[str],
+        ours: set[str],
+        done_id: str,
+        result: dict[str, Any],
+        at: datetime,
+    ) -> list[TransferRow]:
+        """Succeed those of the queued stages `ids` that are still queued, with `result`
+        (and `satisfied_by` naming `done_id` for those in `ours`), finished at `at`; return
+        the rows this moved, in id order.
+
+        Only what the guarded UPDATE moved counts: on SQLite the queue was read before the
+        write transaction began (pysqlite begins at the first write), so a cancel or another
+        worker's claim may have taken a stage since. The first UPDATE takes SQLite's write
+        lock (on PostgreSQL the rows are locked already), so what the SELECT after it sees
+        stays so until the commit; `finished_at` tells this answer's rows from those another
+        worker answering the same path may have succeeded meanwhile."""
+        named = {**result, "satisfied_by": done_id}
+        for group, values in (([i for i in ids if i in ours], named), (ids, result)):
+            if not group:
+                continue
+            await conn.execute(
+                update(T)
+                .where(T.c.id.in_(group), T.c.state == State.QUEUED.value)
+                .values(
+                    state=State.SUCCEEDED.value,
+                    attempts=T.c.attempts + 1,
+                    started_at=func.coalesce(T.c.started_at, at),
+                    finished_at=at,
+                    updated_at=at,
+                    **succeeded_values(values),
                 )
-            rows = await conn.execute(select(T).where(T.c.id.in_(ids)).order_by(T.c.id))
-            return [TransferRow.from_row(r) for r in rows]
+            )
+        moved = (
+            select(T)
+            .where(T.c.id.in_(ids), T.c.state == State.SUCCEEDED.value, T.c.finished_at == at)
+            .order_by(T.c.id)
+        )
+        return [TransferRow.from_row(r) for r in await conn.execute(moved)]
