@@ -4,6 +4,7 @@ was taken over, stages cancelled while they are being answered, deadlines within
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from datamover.catalog.access import Access
 from datamover.catalog.engine import open_engine
-from datamover.catalog.transfer_rows import Submission
+from datamover.catalog.transfer_rows import Submission, now
 from datamover.catalog.transfers import Transfers
 from datamover.domain.transfers import State
 from datamover.errors import Corrupt, DatamoverError, StoreUnavailable
@@ -175,3 +176,24 @@ async def test_a_stage_cancelled_while_stages_are_answered_stays_cancelled(
     assert (await queue.get(victim.id)).state == "cancelled"
     held = sorted(p.pin for p in await access.pins(dataset="/p/x"))
     assert held == ["job-1", "job-3"]
+
+
+async def test_deadlines_order_transfers_within_their_class(queue: Transfers) -> None:
+    """Job transfers submitted in turn, due in 8 h, in 5 minutes and never, run the one due
+    soonest first: the class's shift applies to the deadline too, so a deadline counts
+    within its class (it did not at all for a job transfer, due in more than 50 minutes
+    before it was met). An interactive transfer due in 2 minutes still waits for the job
+    transfers submitted with it: classes keep their precedence."""
+    late, _ = await queue.submit(
+        sub("/p/late", priority="job", deadline=now() + timedelta(hours=8))
+    )
+    soon, _ = await queue.submit(
+        sub("/p/soon", priority="job", deadline=now() + timedelta(minutes=5))
+    )
+    never, _ = await queue.submit(sub("/p/never", priority="job"))
+    person, _ = await queue.submit(
+        sub("/p/person", priority="interactive", deadline=now() + timedelta(minutes=2))
+    )
+    order = [(await queue.claim("w", 30)).id for _ in range(4)]
+    assert order == [soon.id, late.id, never.id, person.id]
+    assert await queue.claim("w", 30) is None

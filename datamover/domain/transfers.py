@@ -58,7 +58,9 @@ def sources(target: State) -> frozenset[State]:
 
 # Aging by construction: a transfer is ordered by a virtual time, its creation time shifted
 # by its class. A bulk transfer waiting longer than the shift overtakes fresh job staging,
-# so nothing starves; a deadline pulls a transfer forward to shortly before it is due.
+# so nothing starves. A deadline pulls a transfer forward to shortly before it is due, on
+# its class's clock too: unshifted, a job transfer's deadline (-1 h) mattered only once it
+# was 50 minutes past, and an interactive one's only within 10 minutes of it.
 _SHIFT = {
     Priority.JOB: timedelta(hours=-1),
     Priority.INTERACTIVE: timedelta(0),
@@ -68,11 +70,17 @@ _DEADLINE_LEAD = timedelta(minutes=10)
 
 
 def rank_time(created: datetime, priority: Priority, deadline: datetime | None) -> datetime:
-    """The ordering key of a queued transfer: smaller runs first."""
-    rank = created + _SHIFT[priority]
+    """The ordering key of a queued transfer: smaller runs first.
+
+    `min(created, deadline - 10 min)`, shifted by the class (job -1 h, bulk +1 h): within a
+    class the transfer due first runs first (those without a deadline count from their
+    creation), and a class keeps its precedence over the next, whose deadline is as far as
+    the shifts apart. The key is computed once, at submission: changing this rule leaves
+    the stored keys of transfers already queued as they are."""
+    rank = created
     if deadline is not None:
         rank = min(rank, deadline - _DEADLINE_LEAD)
-    return rank
+    return rank + _SHIFT[priority]
 
 
 def retry_delay(attempt: int) -> float:
