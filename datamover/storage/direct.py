@@ -15,9 +15,14 @@ TLS uses the CA bundle botocore would (`ca_bundle` / `AWS_CA_BUNDLE`, else certi
 
 Contract of `get`: exactly `length` bytes from `offset`, or b"" if the range starts at or
 beyond the end (HTTP 416); an S3 error answer is raised as `botocore.exceptions.ClientError`
-(so the store maps it like any other), a broken connection or timeout as
-`StoreUnavailable`. Connections are kept alive and reused; a reused connection that turns out
-to be closed by the server is replaced once, transparently.
+(so the store maps it like any other), a broken connection, a timeout or an answer that is not
+the range as `StoreUnavailable`. It never holds more than `length` bytes of a body, plus one
+piece of `_PIECE` bytes, whatever the server sends: a 206 announcing or sending more than the
+range is refused unread, and of a 200 (a server or proxy ignoring Range sends the whole
+object) the bytes before `offset` are dropped as they arrive and the rest is left unread.
+Connections are kept alive and reused, except one whose body was not read to its end (it is
+closed: it cannot carry the next request); a reused connection that turns out to be closed by
+the server is replaced once, transparently.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import re
 import ssl
 import threading
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import NoReturn
 from urllib.parse import urlsplit
@@ -39,6 +45,10 @@ from datamover.errors import StoreUnavailable
 _CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]{0,300})</Message>")
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+#: Bytes read at a time of a body that is dropped (the part of a 200 before the range).
+_PIECE = 1 << 20
+#: Bytes read at most of an error answer's body (or a 416's): enough for S3's XML.
+_ERROR_READ = 65536
 
 
 def proxied(url: str) -> bool:
@@ -117,7 +127,8 @@ class DirectGetter:
         except BaseException:
             conn.close()
             raise
-        if resp.will_close:
+        if resp.will_close or not resp.isclosed():
+            # A body left unread (a 200 cut at the range) would be read as the next answer.
             conn.close()
         else:
             with self._lock:
@@ -131,22 +142,18 @@ class DirectGetter:
         return conn.getresponse()
 
     def _body(self, resp: http.client.HTTPResponse, offset: int, length: int) -> bytes:
+        """The range from answer `resp`, reading no more of its body than the range (see the
+        module docstring); a bad answer raises `HTTPException`, an error answer `ClientError`."""
         status = resp.status
         if status == 206:
-            data = resp.read()
-            problem = range_mismatch(resp.getheader("Content-Range"), offset, length, len(data))
-            if problem is not None:
-                raise http.client.HTTPException(problem)
-        elif status == 200:  # the server ignored Range and sends the whole object
-            data = resp.read()[offset : offset + length]
-        elif status == 416:
-            resp.read()
+            return _partial(resp, offset, length)
+        if status == 200:  # the server ignored Range and sends the whole object
+            _skip(resp, offset)
+            return _read_at_most(resp, length)
+        if status == 416:
+            _read_at_most(resp, _ERROR_READ)  # to reuse the connection; a longer body closes it
             return b""
-        else:
-            _raise_error(resp)
-        if len(data) > length:
-            raise http.client.HTTPException(f"sent {len(data)} bytes for a {length}-byte range")
-        return data
+        _raise_error(resp)
 
     def _connection(
         self, https: bool, host: str, port: int, *, fresh: bool = False
@@ -182,6 +189,60 @@ class DirectGetter:
             return self._ssl
 
 
+def _partial(resp: http.client.HTTPResponse, offset: int, length: int) -> bytes:
+    """The body of 206 answer `resp` to a `length`-byte range at `offset`, refused (as
+    `HTTPException`) when it is not that range: one announcing more is not read at all, one
+    without a Content-Length (chunked, or up to the close) is read up to one byte more."""
+    declared = resp.length  # the Content-Length, None if it gave none
+    if declared is not None and declared > length:
+        raise http.client.HTTPException(range_overrun(offset, length, declared))
+    # With a Content-Length (now at most `length`): one buffered read straight into the
+    # result, IncompleteRead if the body ends early.
+    data = resp.read() if declared is not None else _read_at_most(resp, length + 1)
+    if len(data) > length:
+        raise http.client.HTTPException(range_overrun(offset, length))
+    problem = range_mismatch(resp.getheader("Content-Range"), offset, length, len(data))
+    if problem is not None:
+        raise http.client.HTTPException(problem)
+    return data
+
+
+def _pieces(resp: http.client.HTTPResponse, limit: int, piece: int) -> Iterator[bytes]:
+    """Consecutive pieces of at most `piece` bytes of `resp`'s body, `limit` bytes in all,
+    fewer only where the body ends. A body that ends before its Content-Length raises
+    `IncompleteRead`, as `read()` does (`read(amt)` would return it short, silently)."""
+    while limit > 0:
+        data = resp.read(min(limit, piece))
+        if not data:
+            if resp.length:  # the Content-Length promised more
+                raise http.client.IncompleteRead(b"", resp.length)
+            return
+        limit -= len(data)
+        yield data
+
+
+def _read_at_most(resp: http.client.HTTPResponse, limit: int) -> bytes:
+    """The next `limit` bytes of `resp`'s body, fewer only where it ends; the rest unread.
+    Usually one read, straight into the result (`_pieces`)."""
+    return b"".join(_pieces(resp, limit, limit))
+
+
+def _skip(resp: http.client.HTTPResponse, count: int) -> None:
+    """Read and drop the next `count` bytes of `resp`'s body (fewer if it ends first),
+    holding at most `_PIECE` of them at a time."""
+    for _ in _pieces(resp, count, _PIECE):
+        pass
+
+
+def range_overrun(offset: int, length: int, declared: int | None = None) -> str:
+    """Why a 206 answer to a `length`-byte range at `offset` is refused: its Content-Length
+    `declared` is larger, or (None) its body ran on past `length` bytes. Such a body is not
+    read to its end: a server could make it any size."""
+    if declared is None:
+        return f"sent more than {length} bytes for a {length}-byte range at {offset}"
+    return f"sent a Content-Length of {declared} bytes for a {length}-byte range at {offset}"
+
+
 def range_mismatch(
     content_range: str | None, offset: int, length: int | None, got: int
 ) -> str | None:
@@ -208,7 +269,7 @@ def range_mismatch(
 
 def _raise_error(resp: http.client.HTTPResponse) -> NoReturn:
     """Raise an S3 error answer as botocore would."""
-    body = resp.read(65536)
+    body = resp.read(_ERROR_READ)
     code = _CODE.search(body)
     message = _MESSAGE.search(body)
     error = {

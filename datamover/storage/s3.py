@@ -63,7 +63,7 @@ from datamover.storage.base import (
     start_key,
 )
 from datamover.storage.body import Body, checksum
-from datamover.storage.direct import DirectGetter, proxied, range_mismatch
+from datamover.storage.direct import DirectGetter, proxied, range_mismatch, range_overrun
 from datamover.storage.s3_loader import loader_for
 from datamover.storage.s3_multipart import MIN_PART, MultipartUploader, http_status
 from datamover.storage.s3_settings import check_endpoint, check_key_setting
@@ -223,7 +223,9 @@ class S3Store:
         """GetObject, with a `Range` header for a range. `length=0` returns b"" without a
         request (so even for a missing key); a range starting at or after the end returns b""
         (S3 answers 416 InvalidRange there). A range answered short anywhere but at the
-        object's end (as its Content-Range shows) is `StoreUnavailable`, never short data."""
+        object's end (as its Content-Range shows) is `StoreUnavailable`, never short data.
+        A GET of `length` bytes holds at most those of the body, whatever the server sends
+        (`_read_range`); one without a length holds what the object (or its rest) holds."""
         check_key(key)
         check_range(offset, length)
         if length == 0:
@@ -245,18 +247,45 @@ class S3Store:
                 if _code(exc) == "InvalidRange" or http_status(exc) == 416:
                     return b""
                 raise
+            # Leaving the block closes the body: one not read to its end closes its
+            # connection (aiohttp returns only connections read to the end to the pool).
             async with resp["Body"] as body:
-                data: bytes = await body.read()
-        if extra and "ContentRange" not in resp:
-            # The server ignored the Range header and sent the whole object.
-            data = data[offset:] if length is None else data[offset : offset + length]
-        elif extra:
-            problem = range_mismatch(resp["ContentRange"], offset, length, len(data))
-            if problem is not None:
-                raise StoreUnavailable(
-                    f"S3 endpoint {self.where} {problem} during GetObject of {key!r}"
-                )
+                if not extra:
+                    data: bytes = await body.read()
+                    return data
+                return await self._read_range(resp, key, offset, length)
+        raise AssertionError("unreachable")  # _errors always raises or returns above
+
+    async def _read_range(
+        self, resp: dict[str, Any], key: str, offset: int, length: int | None
+    ) -> bytes:
+        """The range asked for from the body of ranged GetObject answer `resp`.
+
+        Of a 200 without Content-Range (a server or proxy that ignored Range sends the whole
+        object) the bytes before `offset` are dropped as they arrive and the range is kept,
+        cut at the object's end; the rest is left unread. A 206 whose Content-Length exceeds
+        `length` is refused unread, one without (chunked) once it runs past `length` bytes:
+        `StoreUnavailable`, like any answer that is not the range (`range_mismatch`).
+        """
+        body = resp["Body"]
+        if "ContentRange" not in resp:
+            await _skip(body, offset)
+            return await _read_at_most(body, length)
+        declared = resp.get("ContentLength")
+        if length is not None and declared is not None and declared > length:
+            self._refuse_range(range_overrun(offset, length, declared), key)
+        data = await _read_at_most(body, None if length is None else length + 1)
+        if length is not None and len(data) > length:
+            self._refuse_range(range_overrun(offset, length), key)
+        problem = range_mismatch(resp["ContentRange"], offset, length, len(data))
+        if problem is not None:
+            self._refuse_range(problem, key)
         return data
+
+    def _refuse_range(self, problem: str, key: str) -> NoReturn:
+        """Raise `StoreUnavailable` for a GetObject of `key` answered with something other
+        than the range (transient: a proxy or server at fault may answer right next time)."""
+        raise StoreUnavailable(f"S3 endpoint {self.where} {problem} during GetObject of {key!r}")
 
     async def head(self, key: str) -> ObjectInfo:
         """HeadObject. A HEAD has no body, so a missing bucket also reads as `ObjectNotFound`
@@ -529,6 +558,36 @@ class S3Store:
 
 #: Sub-prefixes of a listing's start probed at once (`S3Store._holding`).
 _PROBES = 16
+#: Bytes read at a time of a body that is dropped (the part of a 200 before the range).
+_SKIP_PIECE = 1 << 20
+
+
+async def _skip(body: Any, count: int) -> None:
+    """Read and drop the next `count` bytes of response `body` (fewer if it ends first).
+    aiohttp hands out at most what it has buffered, and stops reading the socket while its
+    buffer is full, so this holds little more than one piece however large the body is."""
+    while count > 0:
+        piece: bytes = await body.read(min(count, _SKIP_PIECE))
+        if not piece:
+            return
+        count -= len(piece)
+
+
+async def _read_at_most(body: Any, limit: int | None) -> bytes:
+    """The next `limit` bytes of response `body` (None: all the rest), fewer only where it
+    ends; the rest is left unread. A body cut before its Content-Length raises (aiohttp's
+    `ClientPayloadError`, or botocore's `IncompleteReadError`)."""
+    if limit is None:
+        data: bytes = await body.read()
+        return data
+    pieces: list[bytes] = []
+    while limit > 0:
+        piece: bytes = await body.read(limit)
+        if not piece:
+            break
+        pieces.append(piece)
+        limit -= len(piece)
+    return b"".join(pieces)
 
 
 def _resumed(prefix: str, after: bytes) -> list[str]:
