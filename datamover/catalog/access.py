@@ -20,7 +20,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from datamover.catalog.engine import path_under, upsert_for
 from datamover.catalog.models import Pin, Token, Transfer
-from datamover.catalog.queue_sql import overlaps
 from datamover.domain.transfers import State
 
 SCOPES = ("read", "write", "admin")
@@ -191,20 +190,6 @@ class Access:
             query = query.where(p.c.dataset.in_(list(datasets)))
         if tenant is not None:
             query = query.where(p.c.tenant == tenant)
-        async with self.engine.connect() as conn:
-            return [
-                PinRow(r.pin, r.dataset, r.tenant, r.version, r.created_at.isoformat())
-                for r in await conn.execute(query)
-            ]
-
-    async def pins_near(self, dataset: str) -> list[PinRow]:
-        """Pins on `dataset` and on the datasets above and below it (one tree)."""
-        p = Pin
-        query = (
-            select(p)
-            .where(overlaps(p.c.dataset, literal(dataset)))
-            .order_by(p.c.dataset, p.c.pin, p.c.tenant)
-        )
         async with self.engine.connect() as conn:
             return [
                 PinRow(r.pin, r.dataset, r.tenant, r.version, r.created_at.isoformat())

@@ -965,36 +965,32 @@ async def _check_pins(
     site: Site, doc: VersionDoc, root: Path, keep: tuple[str, str] | None
 ) -> None:
     """Raise `Pinned` if the replica at `root` is recorded at another version than `doc`'s
-    (or there is none yet) while pins other than `keep` hold it or a dataset nested with it
-    (above or below: one tree): a pin is a job reading the tree, and a stage of another
-    version would change its files under it (and, without `--delete`, leave the older
-    version's extra files beside the newer's). `keep` is `(pin id, tenant)` of the caller
-    (an empty pin id for one without a pin); pins of another tenant are not named, nor any
-    without `keep`."""
+    while pins other than `keep` hold it: a pin is a job reading the tree, and a stage of
+    another version would change its files under it (and, without `--delete`, leave the
+    older version's extra files beside the newer's). `keep` is `(pin id, tenant)` of the
+    caller (an empty pin id for one without a pin); pins of another tenant are not named,
+    nor any without `keep`. Pins on datasets nested with this one are not looked at:
+    whether a stage changes their files depends on what both versions hold there, and
+    refusing on the pin alone stopped jobs asking for the very files pinned."""
     replica = await site.catalog.replica(doc.dataset)
-    if replica is not None and replica.root != str(root):
-        replica = None  # the namespace maps it elsewhere now: that tree is not this one
-    if replica is not None and replica.version == doc.version:
-        return
+    if replica is None or replica.root != str(root) or replica.version == doc.version:
+        return  # no tree recorded here (or mapped elsewhere now), or no change of version
     from datamover.catalog.access import Access
 
     others = [
         p
-        for p in await Access(site.catalog.engine).pins_near(doc.dataset)
-        if (p.pin, p.tenant) != keep and (replica is not None or p.dataset != doc.dataset)
+        for p in await Access(site.catalog.engine).pins(dataset=doc.dataset)
+        if (p.pin, p.tenant) != keep
     ]
     if not others:
         return
     mine = [p for p in others if keep is not None and p.tenant == keep[1]]
-    first = mine[0] if mine else others[0]
-    who = f"pin {first.pin!r}" if mine else "a pin" if keep is None else "another tenant's pin"
-    where = "" if first.dataset == doc.dataset else f" (on {first.dataset!r})"
-    held = f"at version {replica.version}" if replica is not None else "as it is"
+    who = f"pin {mine[0].pin!r}" if mine else "a pin" if keep is None else "another tenant's pin"
     more = f" and {len(others) - 1} more" if len(others) > 1 else ""
     raise Pinned(
-        f"{doc.dataset!r} is held {held} by {who}{where}{more}: staging version "
-        f"{doc.version} would change files under the jobs reading them; stage it once "
-        "they are released (`datamover release`), or with --force"
+        f"{doc.dataset!r} is held at version {replica.version} by {who}{more}: staging "
+        f"version {doc.version} would change files under the jobs reading them; stage it "
+        "once they are released (`datamover release`), or with --force"
     )
 
 

@@ -84,13 +84,16 @@ fi
 # of another version wait for it), so a daemon that does not answer (exit 6: restarting)
 # is asked again, within the time limit.
 deadline=$((SECONDS + DM_HOOK_RELEASE_TIMEOUT))
+left=$DM_HOOK_RELEASE_TIMEOUT
 while :; do
     rc=0
-    out=$(timeout --kill-after=10 "$((deadline - SECONDS))" ${as_user[@]+"${as_user[@]}"} \
+    out=$(timeout --kill-after=10 "$left" ${as_user[@]+"${as_user[@]}"} \
         "$DM_HOOK_BIN" release ${daemon_only[@]+"${daemon_only[@]}"} \
         --config "$DM_HOOK_CONFIG" --pin "$PIN" --json 2>&1) || rc=$?
-    ((rc == 6 && SECONDS + 5 < deadline)) || break
+    ((rc == 6)) || break
     sleep 5
+    left=$((deadline - SECONDS))
+    ((left > 0)) || break  # `timeout 0` would never time out
 done
 out=${out//$'\n'/ }
 if ((rc == 0)); then
