@@ -487,7 +487,22 @@ def _leave(status: int) -> NoReturn:
     except (OSError, ValueError):  # a closed pipe: nothing more can be said
         status = status or 1
     logging.shutdown()
+    _remove_mp_tempdir()
     os._exit(status)
+
+
+def _remove_mp_tempdir() -> None:
+    """Remove the `pymp-*` directory `multiprocessing` made for this process (the fork
+    server's socket), which its exit handler would have removed: `os._exit` skips it, and
+    every command with worker processes left one in $TMPDIR."""
+    mp_process = sys.modules.get("multiprocessing.process")
+    if mp_process is None:
+        return
+    tempdir = mp_process.current_process()._config.get("tempdir")
+    if tempdir:
+        import shutil
+
+        shutil.rmtree(tempdir, ignore_errors=True)
 
 
 def _expected(exc: Exception) -> DatamoverError | None:

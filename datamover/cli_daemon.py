@@ -64,6 +64,8 @@ def through_daemon(
     if config.api_url is None:
         if required:
             raise InvalidInput(f"{config.source}: --daemon, but no [api] url names a daemon")
+        if not wait:
+            raise InvalidInput(f"{config.source}: --no-wait, but no [api] url names a daemon")
         return None
     from datamover.client import transfer_error
 

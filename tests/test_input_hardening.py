@@ -424,3 +424,12 @@ def test_rfc_3339_deadlines_are_taken() -> None:
         "2026-01-01T00:00:00.5",  # no offset: UTC
     ]:
         assert parse_time(text, "deadline") == want, text
+
+
+async def test_no_wait_without_a_daemon_is_refused(make_site: MakeSite) -> None:
+    # It ran the whole transfer here and printed its result, where a script expected a
+    # transfer id at once.
+    a = await make_site("site-a")
+    (a.data / "x").mkdir()
+    fails(a, "push", "/proj/x", "--no-wait", code=2, says="--no-wait, but no [api] url")
+    fails(a, "stage", "/proj/x", "--no-wait", code=2, says="--no-wait, but no [api] url")

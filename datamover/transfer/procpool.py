@@ -18,6 +18,7 @@ import multiprocessing
 import multiprocessing.context
 import os
 import select
+import signal
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -49,9 +50,14 @@ def warm() -> None:
 
 
 def _end_with(parent: int) -> None:
-    """A worker's initializer: tune the collector, and end the worker (at once, even in the
-    middle of a job) when process `parent` has ended."""
+    """A worker's initializer: tune the collector, ignore SIGINT, and end the worker (at
+    once, even in the middle of a job) when process `parent` has ended.
+
+    Ctrl-C in a terminal signals the whole process group: a worker interrupted while it
+    held the result queue's lock left it taken, and the command, shutting its pool down,
+    waited for it for ever. The parent decides what an interrupt stops."""
     gctune.tune()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_wait_for_end, args=(parent,), daemon=True).start()
 
 
@@ -94,3 +100,8 @@ def lost(role: str) -> TransientError:
     return TransientError(
         f"a {role} process died (killed, or out of memory?); run the command again"
     )
+
+
+def _sigint_handler() -> object:
+    """A job: the SIGINT disposition of the worker it runs in (for tests)."""
+    return signal.getsignal(signal.SIGINT)
