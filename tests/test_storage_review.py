@@ -19,7 +19,7 @@ import pytest
 from aiohttp import web
 
 from datamover.embedded import EmbeddedSeaweed
-from datamover.errors import InvalidInput, ObjectNotFound, StoreUnavailable
+from datamover.errors import InvalidInput, ObjectNotFound, PermanentError, StoreUnavailable
 from datamover.storage.bandwidth import ThrottledStore
 from datamover.storage.base import Store
 from datamover.storage.memory import MemoryStore
@@ -377,3 +377,37 @@ def test_embedded_seaweed_keeps_its_log_files_with_its_data(seaweed: EmbeddedSea
     assert any(p.name.endswith(mine) for p in Path(seaweed.data_dir).iterdir())
     temp = Path(tempfile.gettempdir()).iterdir()
     assert not any(p.name.startswith("weed.") and p.name.endswith(mine) for p in temp)
+
+
+async def test_an_endpoint_that_is_not_s3_is_named_not_an_internal_error() -> None:
+    # The filer's port for the S3 port (8888 for 8333): its HTML or JSON answers failed
+    # botocore's XML parser, which reached the user as "internal error (ResponseParserError".
+    import http.server
+    import threading
+
+    class NotS3(http.server.BaseHTTPRequestHandler):
+        def _page(self) -> None:
+            body = b'{"name": "config", "size": 2}'  # a SeaweedFS filer's answer to a write
+            self.send_response(201)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_PUT = _page
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotS3)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    store = S3Store(
+        f"http://127.0.0.1:{server.server_port}", "bucket", access_key="k", secret_key="s"
+    )
+    try:
+        with pytest.raises(PermanentError, match=r"not S3 .*S3 port"):
+            await store.put("config", b"{}")
+    finally:
+        await store.close()
+        server.shutdown()
+        server.server_close()

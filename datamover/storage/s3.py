@@ -39,6 +39,7 @@ import aiohttp
 import botocore.exceptions as bce
 import botocore.handlers
 import botocore.loaders
+import botocore.parsers
 from aiobotocore.session import AioSession
 from botocore.config import Config as BotoConfig
 
@@ -453,6 +454,12 @@ class S3Store:
             # botocore refused to build the request from our settings (bucket, endpoint).
             raise InvalidInput(
                 f"cannot send {op} to {self.description}: {_first_line(exc)}"
+            ) from exc
+        if isinstance(exc, botocore.parsers.ResponseParserError):
+            # HTML or JSON where S3 answers XML: a filer, a web server, a proxy's page.
+            raise PermanentError(
+                f"S3 endpoint {self.where} answered {op} with something that is not S3 "
+                "(unparsable XML): is [store] endpoint the server's S3 port?"
             ) from exc
         if isinstance(exc, bce.SSLError):
             # A certificate problem does not heal by itself.
