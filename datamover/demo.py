@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import signal
 import tempfile
@@ -136,6 +137,18 @@ def _interrupted_by_termination() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
+def _bypass_proxies_for_loopback() -> None:
+    """Add the loopback addresses to `NO_PROXY` for this process: the demo's server is on
+    127.0.0.1, which no proxy reaches, and a login node's `http_proxy` had every request
+    sent to the proxy, so the demo failed after a minute blaming SeaweedFS."""
+    for name in ("NO_PROXY", "no_proxy"):
+        have = [h for h in os.environ.get(name, "").split(",") if h.strip()]
+        os.environ[name] = ",".join([*have, *(h for h in _LOOPBACK if h not in have)])
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
 def run_demo(files: int, quiet: bool = False) -> dict[str, Any]:
     """Run the demo in a temporary directory; return the summary."""
 
@@ -144,6 +157,7 @@ def run_demo(files: int, quiet: bool = False) -> dict[str, Any]:
             click.echo(line)
 
     started = time.monotonic()
+    _bypass_proxies_for_loopback()
     with (
         _interrupted_by_termination(),
         tempfile.TemporaryDirectory(prefix="datamover-demo-") as tmp,

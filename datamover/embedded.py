@@ -324,6 +324,7 @@ class EmbeddedSeaweed:
         deadline = time.monotonic() + self.startup_timeout
         answered = False
         client = None
+        last: Exception | None = None
         while time.monotonic() < deadline:
             assert self._proc is not None
             code = self._proc.poll()
@@ -342,12 +343,14 @@ class EmbeddedSeaweed:
                 client = client or self.client(timeout=2.0)
                 client.list_buckets()
                 return
-            except Exception:
+            except Exception as exc:
+                last = exc
                 time.sleep(0.1)
         tail = self._log_tail()
+        why = f" (last answer: {str(last).splitlines()[0][:200]})" if last is not None else ""
         raise PermanentError(
-            f"SeaweedFS did not answer at {self.endpoint} within {self.startup_timeout:g} s; "
-            f"end of {self.log_path}:\n{tail}"
+            f"SeaweedFS did not answer at {self.endpoint} within {self.startup_timeout:g} s"
+            f"{why}; end of {self.log_path}:\n{tail}"
         )
 
     def _log_tail(self, lines: int = 20) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import os
 import signal
 import subprocess
@@ -585,3 +586,22 @@ def test_a_file_with_an_mtime_in_the_future_is_read_at_once(tmp_path: Path) -> N
         assert time.monotonic() - started < 0.5
     finally:
         os.close(fd)
+
+
+def test_the_demo_runs_where_an_http_proxy_is_set(tmp_path: Path) -> None:
+    # A login node's `http_proxy` sent the requests for the demo's loopback server to the
+    # proxy: the demo failed after a minute, blaming SeaweedFS.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    env.update(
+        http_proxy="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", TMPDIR=str(tmp_path)
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "datamover", "demo", "--files", "20", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout)["verified"] is True
+    assert list(tmp_path.iterdir()) == []  # and nothing left in $TMPDIR
