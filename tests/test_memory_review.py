@@ -124,7 +124,10 @@ async def test_checking_a_parent_holds_a_bounded_number_of_segments(tmp_path: Pa
     assert await repo.all_stored(refs) is False
     assert store.reads == SEGMENTS - 1
     assert store.peak_tasks <= tasks_before + 4 * FETCHES
-    assert store.peak_alive <= 4 * FETCHES
+    # A batch of four times the concurrency; as in prefetch, a thread pool's work item may
+    # still hold a segment already written for a moment (17 of 16 seen once, on a loaded
+    # machine), so one concurrency more. Before, a batch held 256.
+    assert store.peak_alive <= 5 * FETCHES
 
 
 class _DownForReads(MemoryStore):
