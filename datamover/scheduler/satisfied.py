@@ -97,7 +97,9 @@ async def answer_waiting(
             pin=lambda ids: access.pins_for_transfers(ids, done.path, version),
         )
         answered += batch
-        if len(batch) < transfers.answer_batch:
+        # Until one comes back empty: a batch can be short and still have more behind it
+        # (a stage cancelled or claimed while it was answered).
+        if not batch:
             return answered
 
 
