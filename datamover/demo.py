@@ -141,9 +141,15 @@ def _bypass_proxies_for_loopback() -> None:
     """Add the loopback addresses to `NO_PROXY` for this process: the demo's server is on
     127.0.0.1, which no proxy reaches, and a login node's `http_proxy` had every request
     sent to the proxy, so the demo failed after a minute blaming SeaweedFS."""
-    for name in ("NO_PROXY", "no_proxy"):
-        have = [h for h in os.environ.get(name, "").split(",") if h.strip()]
-        os.environ[name] = ",".join([*have, *(h for h in _LOOPBACK if h not in have)])
+    # One list from both spellings, written to both: urllib prefers the lower-case one, so
+    # a new `no_proxy` of the loopback addresses alone would hide the user's `NO_PROXY`.
+    have: list[str] = []
+    for name in ("no_proxy", "NO_PROXY"):
+        for host in os.environ.get(name, "").split(","):
+            if host.strip() and host.strip() not in have:
+                have.append(host.strip())
+    merged = ",".join([*have, *(h for h in _LOOPBACK if h not in have)])
+    os.environ["NO_PROXY"] = os.environ["no_proxy"] = merged
 
 
 _LOOPBACK = ("127.0.0.1", "localhost", "::1")

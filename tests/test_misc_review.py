@@ -605,3 +605,13 @@ def test_the_demo_runs_where_an_http_proxy_is_set(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout)["verified"] is True
     assert list(tmp_path.iterdir()) == []  # and nothing left in $TMPDIR
+
+
+def test_the_demos_proxy_bypass_keeps_the_users_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    from datamover.demo import _bypass_proxies_for_loopback
+
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.setenv("NO_PROXY", " .corp.example, localhost")
+    _bypass_proxies_for_loopback()
+    for name in ("NO_PROXY", "no_proxy"):
+        assert os.environ[name] == ".corp.example,localhost,127.0.0.1,::1"
