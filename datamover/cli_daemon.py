@@ -46,6 +46,16 @@ def _follow(client: Any, transfer: dict[str, Any], as_json: bool) -> dict[str, A
             ) from None
 
 
+def _no_daemon(config: Config, option: str) -> InvalidInput:
+    """The error for an option that needs the daemon, with none configured."""
+    return InvalidInput(f"{config.source}: {option}, but no [api] url names a daemon")
+
+
+def _unreachable(config: Config) -> TransientError:
+    """The error for a daemon that must do the work and does not answer (exit 6)."""
+    return TransientError(f"datamover daemon at {config.api_url} unreachable")
+
+
 def through_daemon(
     config: Config,
     request: dict[str, Any],
@@ -63,16 +73,16 @@ def through_daemon(
     """
     if config.api_url is None:
         if required:
-            raise InvalidInput(f"{config.source}: --daemon, but no [api] url names a daemon")
+            raise _no_daemon(config, "--daemon")
         if not wait:
-            raise InvalidInput(f"{config.source}: --no-wait, but no [api] url names a daemon")
+            raise _no_daemon(config, "--no-wait")
         return None
     from datamover.client import transfer_error
 
     with _client(config) as client:
         if not client.reachable():
             if required or not wait:
-                raise TransientError(f"datamover daemon at {config.api_url} unreachable")
+                raise _unreachable(config)
             return None
         # A key of its own: the submission may then be sent again if the daemon closed the
         # kept connection under it, and is never queued twice.
@@ -430,12 +440,12 @@ def release(
     config = load_config(config_path)
     released = None
     if daemon_only and config.api_url is None:
-        raise InvalidInput(f"{config.source}: --daemon, but no [api] url names a daemon")
+        raise _no_daemon(config, "--daemon")
     if not local and config.api_url is not None:
         with _client(config) as client:
             up = client.reachable()
             if not up and daemon_only:
-                raise TransientError(f"datamover daemon at {config.api_url} unreachable")
+                raise _unreachable(config)
             if up:
                 params = {"tenant": tenant} if tenant is not None else None
                 answer = client.call("DELETE", f"/v1/pins/{segment(pin)}", params=params)

@@ -18,7 +18,7 @@ def test_worker_processes_ignore_sigint() -> None:
     # result-queue lock left it taken, and the command hung shutting the pool down.
     pool = procpool.start(2)
     try:
-        handlers = {pool.submit(procpool._sigint_handler).result() for _ in range(4)}
+        handlers = {pool.submit(signal.getsignal, signal.SIGINT).result() for _ in range(4)}
     finally:
         pool.shutdown()
     assert handlers == {signal.SIG_IGN}

@@ -100,8 +100,3 @@ def lost(role: str) -> TransientError:
     return TransientError(
         f"a {role} process died (killed, or out of memory?); run the command again"
     )
-
-
-def _sigint_handler() -> object:
-    """A job: the SIGINT disposition of the worker it runs in (for tests)."""
-    return signal.getsignal(signal.SIGINT)
