@@ -1,4 +1,4 @@
-"""The S3 clients' botocore loader: an endpoint table cut to S3, cached per user."""
+"""The S3 clients' botocore loader: S3's data only, derived once and cached per user."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ from typing import Any
 import botocore.loaders
 import botocore.session
 import pytest
+from botocore.exceptions import UnknownServiceError
+from botocore.model import ServiceModel
 from botocore.regions import EndpointResolver
 
 from datamover.storage import s3_loader
-from datamover.storage.s3_loader import S3Loader, cut_to_s3
+from datamover.storage.s3_loader import S3Loader, cut_to_s3, without_documentation
 
 _REGIONS = (
     "us-east-1",
@@ -172,4 +174,102 @@ def test_the_cache_is_trusted_whatever_the_umask(tmp_path: Path) -> None:
         os.umask(old)
     (cached,) = (tmp_path / "c").iterdir()
     assert cached.stat().st_mode & 0o777 == 0o600
-    assert s3_loader._read_trusted(cached) is not None
+    assert s3_loader._read_trusted(cached, {"partitions": list}) is not None
+
+
+def _s3_model(loader: botocore.loaders.Loader, type_name: str = "service-2") -> Any:
+    return loader.load_service_model("s3", type_name)
+
+
+def test_the_service_model_keeps_everything_but_its_documentation(tmp_path: Path) -> None:
+    whole = _s3_model(botocore.loaders.Loader())
+    for _ in range(2):  # derived, then read from the cache
+        mine = _s3_model(S3Loader(cache_dir=tmp_path))
+        assert mine == without_documentation(whole)
+        assert len(json.dumps(mine)) < len(json.dumps(whole)) / 4
+    a, b = ServiceModel(whole, "s3"), ServiceModel(mine, "s3")
+    assert a.operation_names == b.operation_names
+    assert [(p.name, p.type) for p in a.client_context_parameters] == [
+        (p.name, p.type) for p in b.client_context_parameters
+    ]
+    for name in a.operation_names:
+        oa, ob = a.operation_model(name), b.operation_model(name)
+        assert oa.http == ob.http, name
+        for sa, sb in ((oa.input_shape, ob.input_shape), (oa.output_shape, ob.output_shape)):
+            if sa is None:
+                assert sb is None, name
+                continue
+            assert sa.serialization == sb.serialization, name
+            assert {k: (m.type_name, m.serialization) for k, m in sa.members.items()} == {
+                k: (m.type_name, m.serialization) for k, m in sb.members.items()
+            }, name
+    rules = _s3_model(botocore.loaders.Loader(), "endpoint-rule-set-1")
+    assert _s3_model(S3Loader(cache_dir=tmp_path), "endpoint-rule-set-1") == rules
+
+
+@pytest.mark.parametrize(
+    ("name", "stem"),
+    [
+        ("s3/2006-03-01/service-2", "s3-2006-03-01-service-2-nodoc"),
+        ("s3/2006-03-01/endpoint-rule-set-1", "s3-2006-03-01-endpoint-rule-set-1-same"),
+    ],
+)
+def test_s3_data_is_cached_and_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, stem: str
+) -> None:
+    data, path = S3Loader(cache_dir=tmp_path).load_data_with_path(name)
+    assert botocore.loaders.Loader().is_builtin_path(path)
+    (cached,) = tmp_path.iterdir()
+    assert cached.name.startswith(f"{stem}-{botocore.__version__}-")
+    assert cached.stat().st_mode & 0o777 == 0o600
+
+    def no_whole_load(self: Any, name: str) -> Any:
+        raise AssertionError(f"loaded {name} whole")
+
+    monkeypatch.setattr(botocore.loaders.Loader, "load_data_with_path", no_whole_load)
+    assert S3Loader(cache_dir=tmp_path).load_data_with_path(name) == (data, path)
+
+
+def test_a_cached_model_of_the_wrong_shape_is_not_used(tmp_path: Path) -> None:
+    name = "s3/2006-03-01/service-2"
+    good, _ = S3Loader(cache_dir=tmp_path).load_data_with_path(name)
+    (cached,) = tmp_path.iterdir()
+    cached.write_text(json.dumps({**good, "operations": []}))
+    again, _ = S3Loader(cache_dir=tmp_path).load_data_with_path(name)
+    assert again == good
+    assert json.loads(cached.read_text()) == good  # and replaced
+
+
+def test_the_loader_knows_s3_alone(tmp_path: Path) -> None:
+    loader = S3Loader(cache_dir=tmp_path)
+    assert loader.list_available_services("service-2") == ["s3"]
+    assert loader.list_available_services("endpoint-rule-set-1") == ["s3"]
+    assert loader.list_available_services("no-such-type-9") == []
+    with pytest.raises(UnknownServiceError):
+        loader.load_service_model("ec2", "service-2")
+
+
+def test_a_service_model_on_the_users_data_path_is_loaded_as_it_is(tmp_path: Path) -> None:
+    whole = _s3_model(botocore.loaders.Loader())
+    mine = {**whole, "metadata": {**whole["metadata"], "mine": True}}
+    version = tmp_path / "models" / "s3" / "2006-03-01"
+    version.mkdir(parents=True)
+    (version / "service-2.json").write_text(json.dumps(mine))
+    loader = S3Loader(extra_search_paths=[str(tmp_path / "models")], cache_dir=tmp_path / "c")
+    assert loader.load_service_model("s3", "service-2") == mine  # documentation kept
+    assert not any((tmp_path / "c").glob("s3-*service-2*"))
+
+
+def test_older_caches_of_a_file_are_removed_when_it_is_derived_again(tmp_path: Path) -> None:
+    name = "s3/2006-03-01/service-2"
+    stale = [
+        tmp_path / "s3-2006-03-01-service-2-nodoc-0.0.1-184646-1.json",  # older botocore
+        tmp_path / "s3-2006-03-01-service-2-1.43.0-184646-1.json",  # older derivation
+    ]
+    kept = [tmp_path / "endpoints-s3-0.0.1-1-1.json", tmp_path / "notes.txt"]
+    for f in stale + kept:
+        f.write_text("{}")
+    S3Loader(cache_dir=tmp_path).load_data_with_path(name)
+    assert not any(f.exists() for f in stale)
+    assert all(f.exists() for f in kept)
+    assert len(list(tmp_path.glob("s3-2006-03-01-service-2-nodoc-*.json"))) == 1

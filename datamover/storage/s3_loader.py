@@ -1,21 +1,29 @@
-"""botocore's data loader for datamover's S3 clients, its endpoint table cut to S3.
+"""botocore's data loader for datamover's S3 clients: S3's data only, from a per-user cache.
 
-The first client of a process has botocore read `endpoints.json`: 1.2 MB describing every
-service of every AWS partition, 33 ms of every command's start-up on a small machine, of
-which S3 clients use the ~16 KB about S3. `loader_for` gives a loader that returns that
-table cut to S3 (every partition as it is, its `services` reduced to `s3`), which
-resolves every S3 endpoint, region and signing name exactly as the whole table does, and
-keeps the cut in the user's cache directory (`$XDG_CACHE_HOME/datamover/`, by default
-`~/.cache/datamover/`), named by the botocore version and the source file's size and
-mtime, so that an upgraded or edited table is cut again.
+Every command makes one S3 client, and botocore builds it from its JSON data: on a small
+machine that cost about 80 ms of each command's start-up, of which the S3 client uses
+little. `loader_for` gives a loader that reads three of those files from a cache of
+smaller derivations, in the user's cache directory (`$XDG_CACHE_HOME/datamover/`, by
+default `~/.cache/datamover/`):
 
-The cut is reported as loaded from botocore's own file, as the whole table would be, so
-botocore treats it as its builtin data. A table found on a data path of the user's
-(`AWS_DATA_PATH`, `~/.aws/models`) is loaded whole, as botocore would. A cache file is
-trusted only if it and its directory belong to this user and are writable by no one
-else (a cache planted by another user could send S3 requests elsewhere); anything wrong
-with the cache (unwritable, unreadable, not valid) costs the full load and nothing more.
-Only the S3 clients made with this loader see the cut table.
+- `endpoints.json` (1.2 MB, every service of every AWS partition) cut to S3: every
+  partition as it is, its `services` reduced to `s3`. It resolves every S3 endpoint,
+  region and signing name exactly as the whole table does.
+- S3's service model (`service-2.json.gz`, 1.4 MB unpacked) with its documentation
+  strings emptied: only docstrings and generated documentation read them.
+- S3's endpoint rules (`endpoint-rule-set-1.json.gz`) as they are, spared the gunzip.
+
+A cache file is named by the botocore version and its source file's size and mtime, so
+that an upgraded or edited file is derived again. What is derived is reported as loaded
+from botocore's own file, as the file itself would be, so botocore treats it as its
+builtin data. A file found on a data path of the user's (`AWS_DATA_PATH`,
+`~/.aws/models`) is loaded as it is, as botocore would. A cache file is trusted only if
+it and its directory belong to this user and are writable by no one else (a cache planted
+by another user could send S3 requests elsewhere); anything wrong with the cache
+(unwritable, unreadable, not valid) costs the full load and nothing more.
+
+The loader knows only S3: `list_available_services` looks for S3 alone (botocore's lists
+every service directory, 872 of them, for each client). Only S3 clients use it.
 """
 
 from __future__ import annotations
@@ -25,64 +33,27 @@ import functools
 import json
 import os
 import stat
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import botocore
 import botocore.loaders
 
-_NAME = "endpoints"
 _SERVICE = "s3"
 
 
-class S3Loader(botocore.loaders.Loader):
-    """A botocore `Loader` whose `endpoints` table is cut to S3 (module docstring)."""
+@dataclass(frozen=True)
+class _Derivation:
+    """How a cached file is made from botocore's, and the top-level keys (and their
+    types) a cached copy must have to be used. `tag` names the derivation in the cache
+    file's name: a new one for every change to `derive`, so that no cache of an older
+    derivation is read."""
 
-    def __init__(self, *args: Any, cache_dir: Path | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.cache_dir = cache_dir
-        self._cut: tuple[Any, str] | None = None
-
-    def load_data_with_path(self, name: str) -> Any:
-        if name == _NAME:
-            if self._cut is None:
-                self._cut = self._load_cut()
-            if self._cut is not None:
-                return self._cut
-        return super().load_data_with_path(name)
-
-    def _load_cut(self) -> tuple[Any, str] | None:
-        """The cut table and botocore's path of the whole one, or None where the table
-        is not botocore's own."""
-        location = next(
-            (p for p in self._potential_locations(_NAME) if self.file_loader.exists(p)), None
-        )
-        if location is None or not self.is_builtin_path(location):
-            return None
-        exts = (".json", ".json.gz")
-        source = next((location + e for e in exts if os.path.isfile(location + e)), None)
-        if source is None:
-            return None
-        cache = self._cache_file(source)
-        if cache is not None:
-            cached = _read_trusted(cache)
-            if cached is not None:
-                return cached, location
-        whole, _ = super().load_data_with_path(_NAME)
-        cut = cut_to_s3(whole)
-        if cache is not None:
-            _write(cache, cut)
-        return cut, location
-
-    def _cache_file(self, source: str) -> Path | None:
-        if self.cache_dir is None:
-            return None
-        try:
-            st = os.stat(source)
-        except OSError:
-            return None
-        name = f"{_NAME}-{_SERVICE}-{botocore.__version__}-{st.st_size}-{st.st_mtime_ns}.json"
-        return self.cache_dir / name
+    tag: str
+    derive: Callable[[Any], Any]
+    keys: dict[str, type]
 
 
 def cut_to_s3(endpoints: Any) -> dict[str, Any]:
@@ -94,6 +65,105 @@ def cut_to_s3(endpoints: Any) -> dict[str, Any]:
             for p in endpoints["partitions"]
         ],
     }
+
+
+def without_documentation(model: Any) -> Any:
+    """A service model with its `documentation` strings emptied (botocore reads some of
+    them by key; a member or shape *named* `documentation` has a mapping for a value, and
+    stays)."""
+    if isinstance(model, dict):
+        return {
+            k: "" if k == "documentation" and isinstance(v, str) else without_documentation(v)
+            for k, v in model.items()
+        }
+    if isinstance(model, list):
+        return [without_documentation(v) for v in model]
+    return model
+
+
+def _same(data: Any) -> Any:
+    return data
+
+
+_ENDPOINTS = _Derivation("s3", cut_to_s3, {"partitions": list})
+_S3_FILES = {
+    "service-2": _Derivation(
+        "nodoc", without_documentation, {"metadata": dict, "operations": dict, "shapes": dict}
+    ),
+    "endpoint-rule-set-1": _Derivation("same", _same, {"parameters": dict, "rules": list}),
+}
+
+
+def _derivation(name: str) -> _Derivation | None:
+    """How the data file `name` (`endpoints`, `s3/2006-03-01/service-2`) is cached, if it is."""
+    if name == "endpoints":
+        return _ENDPOINTS
+    parts = name.split("/")
+    return _S3_FILES.get(parts[2]) if len(parts) == 3 and parts[0] == _SERVICE else None
+
+
+class S3Loader(botocore.loaders.Loader):
+    """A botocore `Loader` that knows S3 alone and reads S3's data from a cache (module
+    docstring)."""
+
+    def __init__(self, *args: Any, cache_dir: Path | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.cache_dir = cache_dir
+        self._derived: dict[str, tuple[Any, str] | None] = {}
+
+    def list_available_services(self, type_name: str) -> list[str]:
+        """`["s3"]` when some search path has S3's `type_name` data, else `[]`."""
+        for base in self._potential_locations():
+            try:
+                versions = list(Path(base, _SERVICE).iterdir())
+            except OSError:
+                continue
+            if any(self.file_loader.exists(str(v / type_name)) for v in versions):
+                return [_SERVICE]
+        return []
+
+    def load_data_with_path(self, name: str) -> Any:
+        how = _derivation(name)
+        if how is not None:
+            if name not in self._derived:
+                self._derived[name] = self._load_derived(name, how)
+            found = self._derived[name]
+            if found is not None:
+                return found
+        return super().load_data_with_path(name)
+
+    def _load_derived(self, name: str, how: _Derivation) -> tuple[Any, str] | None:
+        """The derived data and botocore's path of its source, or None where the source
+        is not botocore's own."""
+        location = next(
+            (p for p in self._potential_locations(name) if self.file_loader.exists(p)), None
+        )
+        if location is None or not self.is_builtin_path(location):
+            return None
+        exts = (".json", ".json.gz")
+        source = next((location + e for e in exts if os.path.isfile(location + e)), None)
+        if source is None:
+            return None
+        cache = self._cache_file(name, how.tag, source)
+        if cache is not None:
+            cached = _read_trusted(cache, how.keys)
+            if cached is not None:
+                return cached, location
+        whole, _ = super().load_data_with_path(name)
+        derived = how.derive(whole)
+        if cache is not None and _write(cache, derived):
+            _prune(cache, name.replace("/", "-") + "-")
+        return derived, location
+
+    def _cache_file(self, name: str, tag: str, source: str) -> Path | None:
+        if self.cache_dir is None:
+            return None
+        try:
+            st = os.stat(source)
+        except OSError:
+            return None
+        stem = f"{name.replace('/', '-')}-{tag}"
+        return self.cache_dir / f"{stem}-{botocore.__version__}-{st.st_size}-{st.st_mtime_ns}.json"
 
 
 def default_cache_dir() -> Path | None:
@@ -123,9 +193,9 @@ def _owned(st: os.stat_result) -> bool:
     return st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
 
 
-def _read_trusted(path: Path) -> Any | None:
-    """The cached table at `path`, or None if it is missing, not this user's alone, or not
-    a table."""
+def _read_trusted(path: Path, keys: dict[str, type]) -> Any | None:
+    """The cached data at `path`, or None if it is missing, not this user's alone, or not
+    a mapping with each of `keys` of its type."""
     try:
         if not _owned(os.lstat(path.parent)):
             return None
@@ -139,24 +209,24 @@ def _read_trusted(path: Path) -> Any | None:
             data = json.loads(f.read())
     except (OSError, ValueError):
         return None
-    ok = isinstance(data, dict) and isinstance(data.get("partitions"), list)
+    ok = isinstance(data, dict) and all(isinstance(data.get(k), t) for k, t in keys.items())
     return data if ok else None
 
 
-def _write(path: Path, data: Any) -> None:
+def _write(path: Path, data: Any) -> bool:
     """Write `data` to `path` by a temporary name and a rename, only into a directory of
     this user's alone, never through a symlink (`O_EXCL | O_NOFOLLOW`: the temporary name
     is predictable), 0o600 whatever the umask (a group-writable file is not trusted when
-    read back); any failure is ignored."""
+    read back). True once written; any failure is ignored (False)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not _owned(os.lstat(path.parent)):
-            return
+            return False
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         fd = os.open(tmp, flags, 0o600)
     except OSError:
-        return
+        return False
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, separators=(",", ":"))
@@ -164,3 +234,15 @@ def _write(path: Path, data: Any) -> None:
     except OSError:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        return False
+    return True
+
+
+def _prune(kept: Path, prefix: str) -> None:
+    """Remove the caches of the same file older than `kept` (another botocore version,
+    source or derivation), so that upgrades do not pile them up; failures are ignored."""
+    with contextlib.suppress(OSError):
+        for old in kept.parent.glob(f"{prefix}*.json"):
+            if old.name != kept.name:
+                with contextlib.suppress(OSError):
+                    old.unlink()
