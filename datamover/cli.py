@@ -1,6 +1,7 @@
 """The `datamover` command: parse, load config, call a service, print. No logic lives here.
 
-Every command takes `--config FILE` (or `DATAMOVER_CONFIG`) and `--json`. Anything a user
+Every command takes `--config FILE` (or `DATAMOVER_CONFIG`, or `--config` before the
+command) and `--json`. Anything a user
 can cause ends as one line on stderr (`datamover: error: ...`) and the error's exit code;
 with `--json` the same error is also printed as `{"error": {"code", "message"}}` on stdout.
 """
@@ -59,8 +60,18 @@ def run_with_site(config: Any, work: Callable[[Any], Awaitable[T]]) -> T:
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="datamover")
-def cli() -> None:
+@click.option(
+    "--config",
+    "config_path",
+    metavar="FILE",
+    help="Site configuration for the command that follows (as its own --config, which wins).",
+)
+def cli(config_path: str | None) -> None:
     """Deduplicated, packed, path-preserving data movement between sites and one S3 store."""
+    # Given before the command (`datamover --config F ls`, as rclone takes it), it stands
+    # in for DATAMOVER_CONFIG: the command's own --config still comes first.
+    if config_path is not None:
+        os.environ["DATAMOVER_CONFIG"] = config_path
 
 
 def daemon_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -789,3 +790,33 @@ def test_a_catalog_driver_that_cannot_be_used_is_bad_input(
     )
     assert "s3cret" not in proc.stderr
     assert not where.exists()
+
+
+def _cli(*args: str, env_config: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    if env_config is not None:
+        env["DATAMOVER_CONFIG"] = env_config
+    return subprocess.run(
+        [sys.executable, "-m", "datamover", *args], capture_output=True, text=True, env=env
+    )
+
+
+def test_config_before_the_command_stands_in_for_the_environment(tmp_path: Path) -> None:
+    before, after, env = (str(tmp_path / n) for n in ("before.toml", "after.toml", "env.toml"))
+    cases = [
+        ((("--config", before, "ls"), None), before),  # as rclone takes it
+        ((("--config", before, "ls"), env), before),  # over DATAMOVER_CONFIG
+        ((("--config", before, "ls", "--config", after), env), after),  # the command's wins
+        ((("ls",), env), env),
+    ]
+    for (args, env_config), named in cases:
+        proc = _cli(*args, env_config=env_config)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.strip() == f"datamover: error: config file '{named}' does not exist"
+
+
+async def test_config_before_the_command_opens_that_site(make_site) -> None:
+    env = await make_site("a")
+    proc = _cli("--config", str(env.config_path), "ls", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["datasets"] == []
