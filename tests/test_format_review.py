@@ -24,6 +24,7 @@ from datamover.domain.manifest import ChunkRef, Codec, Entry, Kind
 from datamover.errors import Corrupt, DatamoverError, InvalidInput, PermanentError
 from datamover.repo.layout import VersionDoc, manifest_key, parse_version_key, version_key
 from datamover.repo.manifest import (
+    MAX_STORED,
     SegmentRef,
     decode_list,
     decode_segment,
@@ -249,6 +250,10 @@ def test_a_good_version_document_parses() -> None:
         {"parent": "20271129T181500.123456Z-hpc-a-3f9a1c0b"},  # a parent newer than itself
         {"site": "hpc-b"},  # the id says hpc-a
         {"segments": 0, "files": 1},  # an empty manifest cannot hold a file
+        # More than a list can be stored as (it decodes to at most 1 GiB): a reader would
+        # have fetched that many bytes to check the list's digest.
+        {"manifest_size": MAX_STORED + 1},
+        {"manifest_size": 3 << 30},
     ],
 )
 def test_hostile_version_documents_are_corrupt(change: dict[str, Any]) -> None:
@@ -389,6 +394,23 @@ def test_lists_are_one_frame_too() -> None:
     assert len(list(decode_list(good))) == 1
     with pytest.raises(Corrupt, match="malformed"):
         list(decode_list(good + b"\0"))
+    # A segment larger stored than zstd makes of 1 GiB: it would be fetched whole.
+    for stored in (MAX_STORED + 1, 3 << 30):
+        huge = _frame({"t": "manifest", "v": 1, "n": 1}, [[bytes(32), stored, 1, "a", "a", 0]])
+        with pytest.raises(Corrupt, match="segment reference 0 is invalid"):
+            list(decode_list(huge))
+    at_bound = _frame({"t": "manifest", "v": 1, "n": 1}, [[bytes(32), MAX_STORED, 1, "a", "a", 0]])
+    assert next(decode_list(at_bound)).stored_size == MAX_STORED
+
+
+@pytest.mark.parametrize("tail", [b"\x92\x01", b"\xdb\xff\xff", b"\xdb"])
+def test_an_incomplete_item_after_the_counted_ones_is_corrupt(tail: bytes) -> None:
+    """msgpack's iteration ended quietly on a half item, and the object was accepted."""
+    packer = msgpack.Packer(use_bin_type=True)
+    body = packer.pack(HEADER) + packer.pack(DIR_ITEM) + tail
+    data = zstandard.ZstdCompressor(write_content_size=True).compress(body)
+    with pytest.raises(Corrupt, match="bytes after its 1 items"):
+        list(decode_segment(data))
 
 
 def test_a_zstd_chunk_is_one_frame() -> None:

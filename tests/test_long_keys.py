@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from datamover import datasets
 from datamover.datasets import _group, list_datasets
+from datamover.domain.ids import new_version_id
 from datamover.domain.paths import check_logical_path
 from datamover.embedded import EmbeddedSeaweed
 from datamover.errors import InvalidInput, NotFound
@@ -474,3 +475,46 @@ async def test_the_daemon_answers_one_ordered_list_for_a_path_under_both_spellin
     )
     assert status == 200, answer
     assert [v["version"] for v in answer["versions"]] == [first, second, third]
+
+
+def _path_whose_uncut_key_fills_the_limit(site: str) -> str:
+    """A path whose legacy (uncut) version keys for `site` are exactly `MAX_KEY_BYTES`."""
+    base = "/" + "/".join(["x" * 200] * 4)
+    for extra in range(1, 256):
+        path = f"{base}/{'y' * extra}"
+        if len(legacy_versions_prefix(path) or "") + len(new_version_id(site)) == 1024:
+            return path
+    raise AssertionError("no such path")
+
+
+async def test_publish_after_a_parent_under_a_full_length_uncut_key(tmp_path: Path) -> None:
+    """A parent published under its uncut key by a site with a long name: its cut key is a
+    few bytes past the store's limit, and `publish` asked the store for it (`InvalidInput`
+    after the whole push was uploaded)."""
+    long_site, short_site = "s" * 63, "b"
+    path = _path_whose_uncut_key_fills_the_limit(long_site)
+    parent = new_version_id(long_site)
+    assert len(version_key(path, parent)) > 1024  # the cut key is the longer one here
+    store = MemoryStore()
+    repo = Repository(store, tmp_path / "cache")
+    created = "2026-01-01T00:00:00.000000Z"
+    old = VersionDoc(path, parent, None, long_site, created, "0" * 64, 10, 0, 0, 0, 0, 0)
+    await store.put(legacy_versions_prefix(path) + parent, old.to_bytes())
+    assert check_key_length(path, short_site) == path
+    child = VersionDoc(
+        path,
+        new_version_id(short_site, parent),
+        parent,
+        short_site,
+        created,
+        "0" * 64,
+        10,
+        0,
+        0,
+        0,
+        0,
+        0,
+    )
+    await repo.publish(child)
+    assert (await repo.read_version(path, child.version)).version == child.version
+    assert await store.head(legacy_versions_prefix(path) + child.version)  # beside its parent

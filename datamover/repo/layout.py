@@ -12,6 +12,7 @@ from urllib.parse import quote, unquote
 from datamover.domain.ids import check_site_name, check_version_id
 from datamover.domain.paths import check_logical_path
 from datamover.errors import Corrupt, InvalidInput
+from datamover.repo.manifest import MAX_STORED
 from datamover.storage.base import MAX_KEY_BYTES
 
 CONFIG_KEY = "config"
@@ -206,6 +207,8 @@ class VersionDoc:
                 raise ValueError(f"site {doc.site!r} is not the one in the version id")
             if not isinstance(doc.manifest, str) or not _HEX64.fullmatch(doc.manifest):
                 raise ValueError("bad manifest digest")
+            if type(doc.manifest_size) is int and doc.manifest_size > MAX_STORED:
+                raise ValueError(f"manifest_size {doc.manifest_size} is more than a list takes")
             for name in ("manifest_size", "segments", "files", "dirs", "symlinks", "bytes"):
                 value = getattr(doc, name)
                 if type(value) is not int or not 0 <= value < (

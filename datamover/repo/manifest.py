@@ -25,6 +25,10 @@ from datamover.errors import Corrupt, InvalidInput
 FORMAT_VERSION = 1
 MAX_RAW_CHUNK = 16 << 20
 MAX_DECODED = 1 << 30  # a segment or list larger than this decoded is refused
+#: The most bytes a segment or list takes stored: zstd's bound for compressing
+#: `MAX_DECODED` bytes (`ZSTD_COMPRESSBOUND`). A reference to a larger object is refused
+#: before anything is fetched, since a reader holds the whole object to check its digest.
+MAX_STORED = MAX_DECODED + (MAX_DECODED >> 8)
 MAX_STR = 1 << 16  # the most bytes of a path or symlink target a reader takes
 MAX_CHUNKS = 1 << 24  # the most chunks of one file a reader takes
 #: The most bytes a chunk reference of datamover's packs takes encoded: its offset and
@@ -299,6 +303,14 @@ def _unframe(data: bytes | memoryview, kind: str, what: str) -> Iterator[Any]:
         raise Corrupt(f"{what} is malformed: {exc}") from None
     if seen != count:
         raise Corrupt(f"{what} is truncated: {seen} of {count} items")
+    # Iteration ends quietly on an incomplete item; msgpack tells it only here (reading
+    # raw bytes is refused while an item is half-parsed).
+    try:
+        rest = unpacker.read_bytes(1)
+    except ValueError:
+        rest = b"?"
+    if rest:
+        raise Corrupt(f"{what} is malformed: bytes after its {count} items")
 
 
 def _int(value: Any, low: int, high: int) -> int:
@@ -404,7 +416,7 @@ def decode_list(data: bytes | memoryview, what: str = "manifest list") -> Iterat
                 raise ValueError
             yield SegmentRef(
                 digest,
-                _int(stored, 1, _I64),
+                _int(stored, 1, MAX_STORED + 1),
                 _int(entries, 1, _I64),
                 first,
                 last,

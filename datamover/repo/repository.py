@@ -170,14 +170,17 @@ class Repository:
 
         Under the legacy uncut key when its parent is stored there and not under its own
         key, so a long path's versions written before keys were cut stay under one prefix
-        (listed together, and seen by sites running an older datamover)."""
+        (listed together, and seen by sites running an older datamover). A key longer than
+        a store takes is not asked for: a parent's cut key can be a few bytes past the
+        limit where its uncut key fits (a cut key is never shorter than the uncut one, so
+        the version's own uncut key fits wherever `check_key_length` let it be pushed)."""
         key = version_key(doc.dataset, doc.version)
         legacy = legacy_versions_prefix(doc.dataset)
         if (
             legacy is not None
             and doc.parent is not None
-            and not await self.stored(version_key(doc.dataset, doc.parent))
-            and await self.stored(legacy + doc.parent)
+            and not await self._stored_key(version_key(doc.dataset, doc.parent))
+            and await self._stored_key(legacy + doc.parent)
         ):
             key = legacy + doc.version
         await self.store.put(key, doc.to_bytes())
@@ -337,6 +340,10 @@ class Repository:
             lambda: {c.pack for e in self.iter_cached(refs, check=False) for c in e.chunks}
         )
         return await _all_true(self.stored(pack_key(p)) for p in packs)
+
+    async def _stored_key(self, key: str) -> bool:
+        """`stored`, False for a key longer than a store takes (never asked)."""
+        return len(key) <= MAX_KEY_BYTES and await self.stored(key)
 
     async def stored(self, key: str) -> bool:
         """Whether the store has `key` (one HEAD, within the fetch concurrency)."""
