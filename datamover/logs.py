@@ -51,18 +51,29 @@ class MalformedRequests(logging.Filter):
     """aiohttp logs every request its HTTP parser refuses as an error with a traceback whose
     message quotes the offending line: an `Authorization` header with a stray control
     character put its bearer token in the log. The client has its 400 already; keep one
-    warning naming the problem, without the quoted bytes."""
+    warning naming the problem, without the quoted bytes. Likewise for a body that does
+    not decode as its `Content-Encoding` says, which aiohttp logs with a traceback when it
+    drains the body after the answer (the route has answered 400, 401 or whatever it
+    would)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from aiohttp.http_exceptions import HttpProcessingError
+        from aiohttp.web import RequestPayloadError
 
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
             reason = re.split(r"[:'\"\n]", str(exc.message), maxsplit=1)[0].strip()
             record.msg = "refused a malformed HTTP request from %s: %s"
             record.args = (*(record.args or ()), reason or type(exc).__name__)
-            record.exc_info = record.exc_text = None
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        elif isinstance(exc, RequestPayloadError):
+            # A body that does not decode as its `Content-Encoding` says, met again as
+            # aiohttp drains it after the answer (a 400, or whatever the route said).
+            record.msg = "a request body did not decode as its Content-Encoding says"
+            record.args = ()
+        else:
+            return True
+        record.exc_info = record.exc_text = None
+        record.levelno, record.levelname = logging.WARNING, "WARNING"
         return True
 
 

@@ -319,6 +319,40 @@ async def test_a_body_cut_short_is_no_internal_error(served_site: StartSite) -> 
     assert d.request("GET", "/v1/transfers", token)[1]["transfers"] == []
 
 
+async def test_a_body_that_does_not_decode_as_its_encoding_says_is_a_400(
+    served_site: StartSite,
+) -> None:
+    # Before: a 500 and two tracebacks in the daemon's log per request ("unexpected error"
+    # and aiohttp's "Unhandled exception" draining the body after the answer), the second
+    # even for requests that never read their body (/healthz, a 401).
+    d = await served_site("site-b")
+    token = d.token("t1", "/", "admin")
+    decode = ("invalid_input", "request body could not be decoded as its Content-Encoding says")
+    for encoding in ("gzip", "deflate"):
+        for path, auth in (("/v1/transfers", token), ("/v1/pins", token), ("/v1/pins", None)):
+            conn = http.client.HTTPConnection(d.url.removeprefix("http://"), timeout=30)
+            headers = {"Content-Type": "application/json", "Content-Encoding": encoding}
+            if auth:
+                headers["Authorization"] = f"Bearer {auth}"
+            try:
+                conn.request("POST", path, body=b"not-" + encoding.encode(), headers=headers)
+                resp = conn.getresponse()
+                status, err = resp.status, json.loads(resp.read())
+            finally:
+                conn.close()
+            if auth:
+                assert status == 400, (encoding, path, status, err)
+                assert (err["error"]["code"], err["error"]["message"]) == decode, err
+            else:
+                assert status == 401, (encoding, path, status, err)
+    assert d.request("GET", "/healthz")[0] == 200
+    time.sleep(0.3)  # aiohttp drains the bodies after answering
+    log = d.log()
+    assert "unexpected error" not in log and "Traceback" not in log, log
+    assert "Unhandled exception" not in log, log
+    assert d.request("GET", "/v1/transfers", token)[1]["transfers"] == []
+
+
 async def test_idempotent_post(served_site: StartSite) -> None:
     d = await served_site("site-b")
     token = d.token("t1", "/proj", "write")

@@ -31,6 +31,10 @@ async def json_body(request: web.Request, allowed: set[str], required: set[str])
         raise web.HTTPRequestEntityTooLarge(
             MAX_BODY, reason=f"request body is larger than {MAX_BODY} bytes"
         ) from None
+    except web.RequestPayloadError:  # `Content-Encoding: gzip` on a body that is not
+        raise InvalidInput(
+            "request body could not be decoded as its Content-Encoding says"
+        ) from None
     except ConnectionResetError:
         # The client closed its connection before the body ended: no bug, though the
         # errors middleware would log it as one, with a traceback. The answer reaches no
