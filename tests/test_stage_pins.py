@@ -103,6 +103,78 @@ async def test_through_the_daemon_a_pinned_replica_keeps_its_version(
     assert (b.env.data / "ds" / "f").read_text() == "version 3\n"
 
 
+async def test_force_of_a_token_without_admin_leaves_other_tenants_pins_alone(
+    make_site: MakeSite, served_site: StartSite
+) -> None:
+    # Before: any write token's `"force": true` staged over another tenant's pin, changing
+    # the files under that tenant's running job, though it may not release that pin.
+    a = await make_site("site-a")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("version 1\n")
+    a.cli_json("push", "/proj/ds")
+    b = await served_site("site-b")
+    t1, t2 = b.token("t1", "/proj", "write"), b.token("t2", "/proj", "write")
+    admin = b.token("ops", "/", "admin")
+
+    def staged(token: str, pin: str, **extra: Any) -> dict[str, Any]:
+        body = {"kind": "stage", "path": "/proj/ds", "pin": pin, **extra}
+        status, t = b.request("POST", "/v1/transfers", token, body)
+        assert status == 201, t
+        return b.wait(t["id"], token)
+
+    assert staged(t2, "job-of-t2")["state"] == "succeeded"
+    assert staged(t1, "job-of-t1")["state"] == "succeeded"  # same version: no change
+    (a.data / "ds" / "f").write_text("version 2\n")
+    a.cli_json("push", "/proj/ds")
+    refused = staged(t1, "job-2-of-t1", force=True)
+    assert refused["state"] == "failed" and refused["error"]["code"] == "pinned", refused
+    message = refused["error"]["message"]
+    assert "by another tenant's pin: " in message, message  # its own pins are forced past
+    assert "job-of-t2" not in message and "an admin token's --force" in message, message
+    assert (b.env.data / "ds" / "f").read_text() == "version 1\n"
+    # Released by t2, t1's force goes past its own tenant's pin.
+    assert b.request("DELETE", "/v1/pins/job-of-t2", t2)[1]["released"] == 1
+    assert staged(t1, "job-3-of-t1", force=True)["state"] == "succeeded"
+    assert (b.env.data / "ds" / "f").read_text() == "version 2\n"
+    # An admin token's force goes past every tenant's pins.
+    assert staged(t2, "job-4-of-t2")["state"] == "succeeded"  # same version again
+    (a.data / "ds" / "f").write_text("version 3\n")
+    a.cli_json("push", "/proj/ds")
+    assert staged(t1, "job-5-of-t1", force=True)["state"] == "failed"
+    assert staged(admin, "ops-1", force=True)["state"] == "succeeded"
+    assert (b.env.data / "ds" / "f").read_text() == "version 3\n"
+
+
+async def test_a_refusal_counts_only_the_callers_tenants_pins(make_site: MakeSite) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("version 1\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        v1 = (await push(site_a, "/proj/ds")).version
+        await stage(site_b, "/proj/ds")
+        pins = Access(site_b.catalog.engine)
+        for pin, tenant in (("x1", "other"), ("x2", "other"), ("x3", "other")):
+            await pins.add_pin(pin, "/proj/ds", tenant, v1)
+        (a.data / "ds" / "f").write_text("version 2\n")
+        await push(site_a, "/proj/ds")
+        with pytest.raises(Pinned, match="by another tenant's pin and others: ") as caught:
+            await stage(site_b, "/proj/ds", pin=("mine", "t"))
+        assert "x1" not in str(caught.value) and "2 more" not in str(caught.value)
+        with pytest.raises(Pinned, match="by another tenant's pin and others: "):
+            await stage(site_b, "/proj/ds", pin=("mine", "t"), force="tenant")
+        await pins.add_pin("m1", "/proj/ds", "t", v1)
+        await pins.add_pin("m2", "/proj/ds", "t", v1)
+        with pytest.raises(Pinned, match="by pin 'm1' and 1 more and other tenants' pins: "):
+            await stage(site_b, "/proj/ds", pin=("mine", "t"))
+        with pytest.raises(Pinned, match="by a pin and 4 more: "):  # the site's operator
+            await stage(site_b, "/proj/ds")
+        assert (b.data / "ds" / "f").read_text() == "version 1\n"
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
 async def test_pins_of_nested_datasets_do_not_stop_a_stage(make_site: MakeSite) -> None:
     # A job pinning /proj/ds and another asking for /proj/ds/sub want the same files: a
     # refusal on the parent's pin alone had the second wait for the first, then fail.

@@ -123,7 +123,11 @@ async def submit_transfer(request: web.Request) -> web.Response:
     requested = version(body.get("version"))
     if kind == "push" and (requested or pin or body.get("delete")):
         raise InvalidInput("'version', 'pin' and 'delete' apply to stage transfers only")
-    options = {k: True for k in ("delete", "checksum", "force") if flag(body, k)}
+    options: dict[str, Any] = {k: True for k in ("delete", "checksum", "force") if flag(body, k)}
+    if kind == "stage" and options.get("force") and not who.allows("admin"):
+        # Over its own tenant's pins only: a token that may not release another tenant's
+        # pin may not change the files under that tenant's jobs either.
+        options["force"] = "tenant"
     key = request.headers.get("Idempotency-Key")
     if key is not None:
         check_idempotency_key(key)

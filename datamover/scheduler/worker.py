@@ -237,7 +237,7 @@ class Worker:
             checksum=bool(options.get("checksum")),
             progress=progress,
             pin=(row.pin or "", row.tenant),
-            force=bool(options.get("force")),
+            force="tenant" if options.get("force") == "tenant" else bool(options.get("force")),
         )
         return staged.to_json()
 

@@ -35,7 +35,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from datamover.catalog.queries import ReplicaRow, owner_alive, owner_id
 from datamover.config import TransferSettings
@@ -879,21 +879,22 @@ async def stage(
     checksum: bool = False,
     progress: Progress | None = None,
     pin: tuple[str, str] | None = None,
-    force: bool = False,
+    force: bool | Literal["tenant"] = False,
 ) -> StageResult:
     """Stage `logical` (the latest version, or `version`) at this site's mapped path.
 
     Raises `Conflict` when another stage of the dataset runs (`locks.take_lock`, `_base`),
-    and, unless `force`, when pins other than `pin` (the caller's own `(pin id, tenant)`,
-    which a requeued job holds already) hold the replica at another version: jobs are
-    reading it (`_check_pins`). Waits for pushes and verifies of it on this host to end."""
+    and `Pinned` when pins other than `pin` (the caller's own `(pin id, tenant)`, which a
+    requeued job holds already) hold the replica at another version: jobs are reading it
+    (`_check_pins`). `force` overrides every pin; `"tenant"` only those of `pin`'s tenant
+    (a token without `admin` scope cannot change the files under another tenant's jobs,
+    as it cannot release their pins). Waits for pushes and verifies of it on this host to
+    end."""
     started = time.monotonic()
     dataset = check_logical_path(logical)
     lock = await take_lock(site.state_dir, dataset)
     try:
-        return await _stage(
-            site, dataset, version, delete, checksum, progress, started, pin, not force
-        )
+        return await _stage(site, dataset, version, delete, checksum, progress, started, pin, force)
     finally:
         if lock is not None:
             os.close(lock)
@@ -908,7 +909,7 @@ async def _stage(
     progress: Progress | None,
     started: float,
     pin: tuple[str, str] | None = None,
-    check_pins: bool = False,
+    force: bool | Literal["tenant"] = False,
 ) -> StageResult:
     """`stage`, holding the dataset's stage lock."""
     progress = progress or NoProgress()
@@ -916,8 +917,8 @@ async def _stage(
     root = base_path.joinpath(*parts)
     fetched_before = site.repo.fetched_bytes
     doc = await site.repo.resolve(dataset, version)
-    if check_pins:
-        await _check_pins(site, doc, root, pin)
+    if force is not True:
+        await _check_pins(site, doc, root, pin, others_only=force == "tenant")
     workers = _write_workers(site.config.transfer, doc.files)
     # Started now, they boot while the manifest is fetched and checked (0.15-0.2 s).
     procs = asyncio.ensure_future(asyncio.to_thread(_start_procs, workers)) if workers else None
@@ -962,16 +963,22 @@ async def _stage(
 
 
 async def _check_pins(
-    site: Site, doc: VersionDoc, root: Path, keep: tuple[str, str] | None
+    site: Site,
+    doc: VersionDoc,
+    root: Path,
+    keep: tuple[str, str] | None,
+    others_only: bool = False,
 ) -> None:
     """Raise `Pinned` if the replica at `root` is recorded at another version than `doc`'s
     while pins other than `keep` hold it: a pin is a job reading the tree, and a stage of
     another version would change its files under it (and, without `--delete`, leave the
     older version's extra files beside the newer's). `keep` is `(pin id, tenant)` of the
-    caller (an empty pin id for one without a pin); pins of another tenant are not named,
-    nor any without `keep`. Pins on datasets nested with this one are not looked at:
-    whether a stage changes their files depends on what both versions hold there, and
-    refusing on the pin alone stopped jobs asking for the very files pinned."""
+    caller (an empty pin id for one without a pin); with `others_only`, only pins of
+    other tenants than `keep`'s count (a forced stage of a token without `admin`).
+    Other tenants' pins are neither named nor counted, and no pin is named without
+    `keep`. Pins on datasets nested with this one are not looked at: whether a stage
+    changes their files depends on what both versions hold there, and refusing on the
+    pin alone stopped jobs asking for the very files pinned."""
     replica = await site.catalog.replica(doc.dataset)
     if replica is None or replica.root != str(root) or replica.version == doc.version:
         return  # no tree recorded here (or mapped elsewhere now), or no change of version
@@ -981,16 +988,27 @@ async def _check_pins(
         p
         for p in await Access(site.catalog.engine).pins(dataset=doc.dataset)
         if (p.pin, p.tenant) != keep
+        and not (others_only and keep is not None and p.tenant == keep[1])
     ]
     if not others:
         return
-    mine = [p for p in others if keep is not None and p.tenant == keep[1]]
-    who = f"pin {mine[0].pin!r}" if mine else "a pin" if keep is None else "another tenant's pin"
-    more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+    foreign = keep is not None and any(p.tenant != keep[1] for p in others)
+    if keep is None:  # this site's own operator: every pin may be counted
+        who = "a pin" + (f" and {len(others) - 1} more" if len(others) > 1 else "")
+    else:
+        mine = [p for p in others if p.tenant == keep[1]]
+        who = f"pin {mine[0].pin!r}" if mine else "another tenant's pin"
+        if len(mine) > 1:
+            who += f" and {len(mine) - 1} more"
+        if mine and foreign:
+            who += " and other tenants' pins"
+        elif not mine and len(others) > 1:
+            who += " and others"
+    how = "an admin token's --force" if foreign else "--force"
     raise Pinned(
-        f"{doc.dataset!r} is held at version {replica.version} by {who}{more}: staging "
+        f"{doc.dataset!r} is held at version {replica.version} by {who}: staging "
         f"version {doc.version} would change files under the jobs reading them; stage it "
-        "once they are released (`datamover release`), or with --force"
+        f"once they are released (`datamover release`), or with {how}"
     )
 
 
