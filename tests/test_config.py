@@ -792,7 +792,7 @@ def test_a_catalog_driver_that_cannot_be_used_is_bad_input(
     assert not where.exists()
 
 
-def _cli(*args: str, env_config: str | None = None) -> subprocess.CompletedProcess[str]:
+def _datamover(*args: str, env_config: str | None = None) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
     if env_config is not None:
         env["DATAMOVER_CONFIG"] = env_config
@@ -810,13 +810,13 @@ def test_config_before_the_command_stands_in_for_the_environment(tmp_path: Path)
         ((("ls",), env), env),
     ]
     for (args, env_config), named in cases:
-        proc = _cli(*args, env_config=env_config)
+        proc = _datamover(*args, env_config=env_config)
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stderr.strip() == f"datamover: error: config file '{named}' does not exist"
 
 
 async def test_config_before_the_command_opens_that_site(make_site) -> None:
     env = await make_site("a")
-    proc = _cli("--config", str(env.config_path), "ls", "--json")
+    proc = _datamover("--config", str(env.config_path), "ls", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["datasets"] == []
