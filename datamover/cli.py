@@ -118,7 +118,11 @@ def _local_or_no_wait(local: bool, no_wait: bool, wait: bool, daemon_only: bool 
 @click.option(
     "--force",
     is_flag=True,
-    help="Publish the tree even if a stage of it did not finish here (two versions mixed).",
+    help=(
+        "Publish the tree as it is where push refuses it: a stage of it did not finish "
+        "here, it holds an older version than the latest, or it is empty and the latest "
+        "is not."
+    ),
 )
 @daemon_options
 @common

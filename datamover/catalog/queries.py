@@ -291,14 +291,20 @@ class Catalog:
             r = (await conn.execute(select(table).where(table.c.dataset == dataset))).first()
         return None if r is None else _replica_row(r)
 
-    async def unfinished_near(self, dataset: str) -> list[ReplicaRow]:
+    async def unfinished_near(
+        self, dataset: str, since: datetime | None = None
+    ) -> list[ReplicaRow]:
         """The replica records of datasets above or below `dataset` (not `dataset` itself)
-        whose stage has not finished (running, killed or failed), by dataset."""
+        whose stage has not finished (running, killed or failed), and with `since` those
+        recorded at or after it too (a stage that ran meanwhile), by dataset."""
         table = Replica
+        changed = table.c.state != "ready"
+        if since is not None:
+            changed = or_(changed, table.c.updated_at >= since)
         query = (
             select(table)
             .where(
-                table.c.state != "ready",
+                changed,
                 table.c.dataset != dataset,
                 or_(
                     table.c.dataset.in_(sorted(lineage(dataset))),
@@ -399,6 +405,33 @@ class Catalog:
                     last_access=before.last_access or _now(),
                 )
             )
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
+
+    async def pushed_replica(
+        self, dataset: str, root: str, version: str, files: int, nbytes: int
+    ) -> None:
+        """Record that the tree at `root` is `version`, just pushed from it (upsert,
+        `ready`): a later push from it is checked against the latest version as one from
+        a staged tree is, and a stage into it starts from that version."""
+        now = _now()
+        values = {
+            "dataset": dataset,
+            "root": root,
+            "version": version,
+            "base_version": version,
+            "state": "ready",
+            "files": files,
+            "bytes": nbytes,
+            "owner": None,
+            "updated_at": now,
+            "last_access": now,
+        }
+        stmt = self._insert(Replica).values(**values)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["dataset"],
+            set_={k: v for k, v in values.items() if k != "dataset"},
+        )
         async with self.engine.begin() as conn:
             await conn.execute(stmt)
 

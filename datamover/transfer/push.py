@@ -243,6 +243,48 @@ async def _check_staged(site: Site, dataset: str) -> None:
         )
 
 
+async def _check_current(site: Site, dataset: str, latest: VersionDoc | None) -> None:
+    """`Conflict` if this site's tree of `dataset` holds an older version than the latest,
+    published by another site: it was staged (or pushed) here at that version, and
+    published as it is it would undo every change made since (files added elsewhere gone
+    from the latest, the old content of changed ones back), which a stage with `--delete`
+    then carries to every site. The latest published by this site is this tree's (or a
+    record kept from before pushes were recorded), and a record newer than the latest
+    names a version the store no longer lists: neither stops a push."""
+    if latest is None:
+        return
+    replica = await site.catalog.replica(dataset)
+    root = site.config.namespace.resolve(dataset)
+    if (
+        replica is None
+        or replica.root != str(root)
+        or replica.state != "ready"
+        or replica.version >= latest.version
+        or latest.site == site.name
+    ):
+        return
+    raise Conflict(
+        f"{dataset!r}: the tree here holds version {replica.version}, but site "
+        f"{latest.site!r} has published {latest.version} since; pushed as it is, it would "
+        f"undo that version's changes. Stage the latest first (datamover stage {dataset}), "
+        "or publish this tree over it with --force"
+    )
+
+
+async def _check_nested_since(site: Site, dataset: str, root: Path, since: datetime) -> None:
+    """`Conflict` if a stage of a dataset above or below `dataset` that shares its tree
+    ran or was left unfinished while the push read it (recorded at or after `since`): its
+    lock is not the push's, so the tree may hold files of two versions of it."""
+    changed = await site.catalog.unfinished_near(dataset, since=since)
+    near = next((r for r in changed if _shares(site, root, r)), None)
+    if near is not None:
+        raise Conflict(
+            f"{dataset!r}: a stage of {near.dataset!r}, which shares files with this tree, "
+            "ran while it was read; nothing was published. Push again (its uploads are "
+            "kept), or publish the tree as it is with --force"
+        )
+
+
 def _shares(site: Site, root: Path, replica: ReplicaRow) -> bool:
     """Whether `replica`, of a dataset above or below the one at `root`, is a tree this
     site maps into or onto `root` now: nested prefixes may map elsewhere (`/proj/ref` to
@@ -304,15 +346,19 @@ async def _push_tree(
     started: float,
 ) -> PushResult:
     """`push` of the tree at `root`, holding the dataset's lock and its directory."""
+    since = datetime.now(UTC)
     if not force:
         await _check_staged(site, dataset)
     params = await site.repo.chunker_params(create=True)
     parent_id = await site.repo.latest(dataset)
     parent = await site.repo.read_version(dataset, parent_id) if parent_id else None
+    if not force:
+        await _check_current(site, dataset, parent)
     found, resumed = await _resumable_segments(site, dataset)
     await site.catalog.start_checkpoint(dataset, parent_id, owner_id(), bool(resumed), found)
     async with _holding(site, dataset):
         parent_refs = await _parent_manifest(site, parent) if parent else None
+        parent_read = parent_refs is not None
         lost: set[bytes] = set()
         spent = PushResult(dataset, "", None, False)  # what passes given up on sent
         counted = _PassProgress(progress)
@@ -360,16 +406,27 @@ async def _push_tree(
             result.uploaded_bytes += await _restore_manifest_object(site.repo, digest)
         result.parent = parent_id
 
-        if parent is not None and [r.digest for r in segments] == [r.digest for r in parent_refs]:
+        tree = str(site.config.namespace.resolve(dataset))
+        if (
+            parent is not None
+            and parent_read
+            and [r.digest for r in segments] == [r.digest for r in parent_refs]
+        ):
             # The answer is the parent version: its list must be in the store too.
             if parent.manifest_digest in lost_objects:
                 result.uploaded_bytes += await _restore_manifest_object(
                     site.repo, parent.manifest_digest
                 )
             await site.catalog.clear_checkpoint(dataset)
+            await site.catalog.pushed_replica(
+                dataset, tree, parent.version, result.files, result.bytes
+            )
             result.version, result.unchanged = parent.version, True
             result.seconds = round(time.monotonic() - started, 3)
             return result
+        if not force:
+            _check_not_emptied(dataset, result, parent)
+            await _check_nested_since(site, dataset, Path(tree), since)
 
         listing = encode_list(segments)
         list_digest = await site.repo.put_manifest_object(listing)
@@ -393,8 +450,24 @@ async def _push_tree(
         result.version = doc.version
         await site.catalog.record_versions([doc])
         await site.catalog.clear_checkpoint(dataset)
+        await site.catalog.pushed_replica(dataset, tree, doc.version, doc.files, doc.bytes)
         result.seconds = round(time.monotonic() - started, 3)
         return result
+
+
+def _check_not_emptied(dataset: str, result: PushResult, parent: VersionDoc | None) -> None:
+    """`Conflict` if the tree is empty while the version it would follow is not: an
+    unmounted file system shows an empty mount point, and published, an empty latest has
+    every site staging it with `--delete` move its copy to the trash."""
+    if parent is None or result.files or result.dirs or result.symlinks:
+        return
+    held = parent.files + parent.dirs + parent.symlinks
+    if held:
+        raise Conflict(
+            f"{dataset!r}: the tree is empty, but the latest version {parent.version} holds "
+            f"{parent.files} files and {parent.dirs} directories; is its file system "
+            "mounted? Publish the empty tree with --force"
+        )
 
 
 def _add_sent(into: PushResult, other: PushResult) -> None:

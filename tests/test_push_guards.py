@@ -1,0 +1,144 @@
+"""Push refuses to publish a tree that would undo what others published: one behind the
+latest version, one emptied (an unmounted file system), one a nested stage changed while it
+was read. `--force` publishes the tree as it is. Each test here once failed on the code
+before its fix."""
+
+from __future__ import annotations
+
+import shutil
+from typing import Any
+
+import pytest
+
+from datamover.errors import Conflict
+from datamover.repo.layout import manifest_key
+from datamover.transfer import push as push_module
+from datamover.transfer.push import push
+from datamover.transfer.stage import stage
+from tests.fixtures_sites import MakeSite, SiteEnv
+
+
+def _latest(env: SiteEnv, dataset: str) -> str:
+    listed = env.cli_json("ls", dataset)["datasets"][0]["versions"]
+    return max(v["version"] for v in listed)
+
+
+def _refused(env: SiteEnv, *args: str, says: str) -> str:
+    proc = env.cli("push", *args)
+    assert proc.returncode == 4, (proc.returncode, proc.stderr)
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("datamover: error: ")]
+    assert len(lines) == 1 and says in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+async def test_a_tree_staged_at_an_older_version_is_not_pushed_over_the_latest(
+    make_site: MakeSite,
+) -> None:
+    # Before: B's push, with nothing changed at B, published v1's files as the latest,
+    # undoing A's v2 (`f` back to its old content, `h` gone), and a stage with --delete
+    # then carried that to every site.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "lu"
+    src.mkdir()
+    (src / "f").write_text("version one\n")
+    (src / "g").write_text("the same\n")
+    v1 = a.cli_json("push", "/proj/lu")["version"]
+    b.cli_json("stage", "/proj/lu")
+    (src / "f").write_text("version two\n")
+    (src / "h").write_text("added in two\n")
+    v2 = a.cli_json("push", "/proj/lu")["version"]
+    line = _refused(b, "/proj/lu", says="the tree here holds version")
+    assert v1 in line and v2 in line and "'site-a'" in line and "--force" in line
+    assert _latest(a, "/proj/lu") == v2  # nothing published
+    # Brought up to date, B's tree is the latest: nothing to publish.
+    b.cli_json("stage", "/proj/lu")
+    assert b.cli_json("push", "/proj/lu")["unchanged"] is True
+    # A change made at B on top of the latest is published, and then A is behind.
+    (b.data / "lu" / "g").write_text("changed at b\n")
+    v3 = b.cli_json("push", "/proj/lu")["version"]
+    _refused(a, "/proj/lu", says="the tree here holds version")  # A pushed v2: recorded
+    a.cli_json("stage", "/proj/lu")
+    assert (src / "g").read_text() == "changed at b\n"
+    assert a.cli_json("push", "/proj/lu")["version"] == v3  # unchanged
+    # --force publishes the tree as it is.
+    (b.data / "lu" / "g").write_text("older work at b\n")
+    (a.data / "lu" / "f").write_text("version four\n")
+    v4 = a.cli_json("push", "/proj/lu")["version"]
+    forced = b.cli_json("push", "/proj/lu", "--force")
+    assert forced["version"] > v4 and forced["parent"] == v4
+
+
+async def test_an_emptied_tree_is_not_published_over_a_full_one(make_site: MakeSite) -> None:
+    # Before: an unmounted file system's empty mount point was published as the latest.
+    a = await make_site("site-a")
+    src = a.data / "mnt"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "f").write_text("data\n")
+    v1 = a.cli_json("push", "/proj/mnt")["version"]
+    shutil.rmtree(src / "sub")
+    line = _refused(a, "/proj/mnt", says="the tree is empty")
+    assert "1 files" in line and "mounted" in line
+    assert _latest(a, "/proj/mnt") == v1
+    emptied = a.cli_json("push", "/proj/mnt", "--force")
+    assert emptied["files"] == 0 and emptied["version"] > v1
+    assert a.cli_json("push", "/proj/mnt")["unchanged"] is True  # empty after empty: fine
+
+
+async def test_an_empty_tree_over_an_unreadable_parent_is_not_unchanged(
+    make_site: MakeSite,
+) -> None:
+    # Before: the parent's manifest lost, the push compared with nothing, found nothing,
+    # and answered "unchanged" with the broken parent as the latest, for good.
+    a = await make_site("site-a")
+    (a.data / "em").mkdir()
+    (a.data / "em" / "keep").write_text("x\n")
+    v1 = a.cli_json("push", "/proj/em")["version"]
+    site = await a.open()
+    try:
+        doc = await site.repo.read_version("/proj/em", v1)
+        for ref in await site.repo.segments(doc):
+            await site.store.delete(manifest_key(ref.digest))
+        shutil.rmtree(site.repo.cache_dir, ignore_errors=True)
+    finally:
+        await site.close()
+    (a.data / "em" / "keep").unlink()
+    _refused(a, "/proj/em", says="the tree is empty")
+    forced = a.cli_json("push", "/proj/em", "--force")
+    assert forced["unchanged"] is False and forced["version"] > v1 and forced["files"] == 0
+
+
+async def test_a_nested_stage_while_the_tree_is_read_stops_the_publish(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the nested datasets' records were looked at only when the push began; a
+    # stage of /proj/n/b run meanwhile (its lock is not /proj/n's) got into the version,
+    # part of b/ one version and part the other.
+    a = await make_site("site-a")
+    (a.data / "n" / "b").mkdir(parents=True)
+    (a.data / "n" / "b" / "f").write_text("b one\n")
+    (a.data / "n" / "top").write_text("top\n")
+    site = await a.open()
+    try:
+        vb1 = (await push(site, "/proj/n/b")).version
+        (a.data / "n" / "b" / "f").write_text("b two, longer\n")
+        await push(site, "/proj/n/b")
+        build = push_module._build
+        ran: list[str] = []
+
+        async def build_then_stage(*args: Any, **kwargs: Any) -> Any:
+            built = await build(*args, **kwargs)
+            if not ran:  # once the tree is read, a stage of the nested dataset runs
+                ran.append((await stage(site, "/proj/n/b", version=vb1)).version)
+            return built
+
+        monkeypatch.setattr(push_module, "_build", build_then_stage)
+        with pytest.raises(Conflict, match="'/proj/n/b', which shares files with this tree"):
+            await push(site, "/proj/n")
+        assert ran == [vb1]
+        assert await site.repo.latest("/proj/n") is None  # nothing published
+        monkeypatch.setattr(push_module, "_build", build)
+        again = await push(site, "/proj/n")  # read again, as the tree is now
+        assert again.files == 2 and not again.unchanged
+    finally:
+        await site.close()
