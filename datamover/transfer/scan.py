@@ -5,9 +5,12 @@ encoded chunk of the file being read, `Done` closes an entry. A file's `NewChunk
 before its `Done`, so a multi-GiB file flows through in chunk-sized pieces.
 
 A file is "unchanged" when size and mtime equal the previous entry's (unless `checksum`), and
-is then not opened at all. Files to read are batched; once a push has read enough of them to
-be worth it, batches go to a pool of worker processes (`readers.read_batch`) while the walk
-goes on, and results are consumed in order. Large files are read here, streaming.
+is then not opened at all. An mtime that is the previous one as a file system of coarser
+timestamps stores it counts as equal (`coarsened`), and the entry, a directory's or a
+symlink's too, keeps the previous mtime. Files to read are batched; once a push has read
+enough of them to be worth it, batches go to a pool of worker processes
+(`readers.read_batch`) while the walk goes on, and results are consumed in order. Large files
+are read here, streaming.
 """
 
 from __future__ import annotations
@@ -36,6 +39,11 @@ __all__ = ["Done", "NewChunk", "ScanStats", "Scanner"]
 _BATCH_FILES = 256
 _BATCH_BYTES = 4 << 20
 _POOL_AFTER = 256  # files read in-process before reader processes are worth starting
+
+#: Timestamp granularities of file systems in use, in nanoseconds: NTFS and SMB 100 ns, NFS
+#: servers of microsecond times 1 µs, exFAT 10 ms, Lustre, ext3 and ext4 with 128-byte
+#: inodes 1 s, FAT 2 s. Ascending.
+GRANULES = (100, 1_000, 10_000_000, 1_000_000_000, 2_000_000_000)
 
 
 @dataclass(slots=True)
@@ -142,6 +150,36 @@ def _too_many_chunks(path: str, known: str = "") -> InvalidInput:
     )
 
 
+def coarsened(local_ns: int, previous_ns: int) -> bool:
+    """Whether mtime `local_ns` is `previous_ns` as a file system of coarser timestamps
+    stores it: cut down (towards minus infinity, as the kernel cuts) to a whole multiple of
+    one of `GRANULES`. False when the two are equal (the caller compares that first).
+
+    Stage sets each mtime from the manifest, in nanoseconds, and such a file system keeps
+    less: without this, the first push after a stage read every file again and published a
+    version differing only in cut mtimes. Push may not write in the tree, so it cannot probe
+    the file system's granularity as stage and verify do (`fsops.stored_mtime`); any of
+    `GRANULES` is accepted instead. A later mtime is never such a cut; an earlier one may
+    hide a change that kept the size (docs/design.md, "Push"), which `checksum` sees."""
+    below = previous_ns - local_ns
+    if not 0 < below < GRANULES[-1]:
+        return False
+    return any(below < granule and local_ns % granule == 0 for granule in GRANULES)
+
+
+def _mtime(local_ns: int, previous: Entry | None, kind: Kind) -> int:
+    """The mtime to record for a directory or symlink of mtime `local_ns`: the previous
+    entry's at its path where it is of that kind and `local_ns` is its mtime `coarsened`."""
+    if (
+        previous is None
+        or previous.mtime_ns == local_ns
+        or previous.kind != kind
+        or not coarsened(local_ns, previous.mtime_ns)
+    ):
+        return local_ns
+    return previous.mtime_ns
+
+
 class Scanner:
     """Produces pieces for the tree at `root`, merged with `previous` (sorted entries).
 
@@ -243,21 +281,24 @@ class Scanner:
         """Entries needing no read as `Done`, files to read as their `LocalEntry`."""
         for local in self.walker:
             if local.kind == Kind.DIR:
-                entry = Entry(local.path, Kind.DIR, local.mode, local.mtime_ns)
-                yield Done(entry, None, entry == self._previous_for(local.path))
+                prev = self._previous_for(local.path)
+                mtime = _mtime(local.mtime_ns, prev, Kind.DIR)
+                entry = Entry(local.path, Kind.DIR, local.mode, mtime)
+                yield Done(entry, None, entry == prev)
                 continue
             if local.kind == Kind.SYMLINK:
                 target = self.links(local.target or "")
                 check_symlink_target(local.path, target)
+                prev = self._previous_for(local.path)
                 entry = Entry(
                     local.path,
                     Kind.SYMLINK,
                     local.mode,
-                    local.mtime_ns,
+                    _mtime(local.mtime_ns, prev, Kind.SYMLINK),
                     len(target.encode()),
                     target,
                 )
-                yield Done(entry, None, entry == self._previous_for(local.path))
+                yield Done(entry, None, entry == prev)
                 continue
             prev = self._previous_for(local.path)
             if (
@@ -266,7 +307,7 @@ class Scanner:
                 and prev.kind == Kind.FILE
                 and self.walker.fill(local)
                 and prev.size == local.size
-                and prev.mtime_ns == local.mtime_ns
+                and (prev.mtime_ns == local.mtime_ns or coarsened(local.mtime_ns, prev.mtime_ns))
             ):
                 self.stats.files_unchanged += 1
                 yield Done(
@@ -274,7 +315,7 @@ class Scanner:
                         local.path,
                         Kind.FILE,
                         local.mode,
-                        local.mtime_ns,
+                        prev.mtime_ns,
                         local.size,
                         None,
                         prev.chunks,
