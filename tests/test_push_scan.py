@@ -1,12 +1,14 @@
-"""The push scanner: what it takes for unchanged."""
+"""The push scanner: what it takes for unchanged, and what it leaves open when a push fails."""
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
 import pytest
 
+from datamover.errors import InvalidInput
 from datamover.transfer.push import push
 from datamover.transfer.scan import coarsened
 from tests.fixtures_sites import MakeSite
@@ -82,4 +84,32 @@ async def test_mtimes_a_coarser_file_system_cut_are_unchanged(
         assert not dir_changed.unchanged and dir_changed.parent == changed.version
         assert dir_changed.files_read == 0
     finally:
+        await site.close()
+
+
+def _open_fds() -> int:
+    return sum(1 for _ in Path("/proc/self/fd").iterdir())
+
+
+async def test_a_failed_push_leaves_no_descriptor_open(make_site: MakeSite) -> None:
+    """A push refused deep in a tree closes the walk's descriptors (one per level) itself,
+    not at the next full garbage collection, which a daemon runs seldom."""
+    a = await make_site("site-a")
+    deep = a.data / "run" / "/".join(["d"] * 40)
+    deep.mkdir(parents=True)
+    (deep / "f").write_text("data\n")
+    (deep / "bad\x01name").write_text("data\n")
+    site = await a.open()
+    gc.collect()
+    gc.disable()
+    try:
+        with pytest.raises(InvalidInput, match="invalid name"):
+            await push(site, "/proj/run")  # the first opens what later pushes reuse
+        before = _open_fds()
+        for _ in range(3):
+            with pytest.raises(InvalidInput, match="invalid name"):
+                await push(site, "/proj/run")
+        assert _open_fds() <= before + 2
+    finally:
+        gc.enable()
         await site.close()

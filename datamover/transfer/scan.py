@@ -231,10 +231,22 @@ class Scanner:
             raise root_moved(self.root.path) from None
 
     def close(self) -> None:
-        """Stop the worker processes, if any."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        """Close what the scan holds open, the walk's directory descriptors (one per level)
+        and a large file being read, and stop the worker processes, if any. Idempotent.
+        Both sit in reference cycles (the pieces' generator and this scanner), so without
+        this a failed push kept them open until a full garbage collection, which a
+        long-running daemon does seldom. While `next_batch` still runs in another thread
+        (its caller gave up waiting for it), they are left to it."""
+        try:
+            self._pieces.close()  # runs the `finally` of a large file's read
+        except ValueError:
+            pass  # "generator already executing": closing under it would pull fds away
+        else:
+            self.walker.close()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
 
     def next_batch(self, max_pieces: int = 4096, max_bytes: int = 8 << 20) -> list[object]:
         """Up to `max_pieces` pieces or about `max_bytes` of chunk data; [] at the end."""
