@@ -93,7 +93,7 @@ async def test_delete_with_checksum_trashes_an_edit_instead_of_removing_it(
     (a.data / "ck" / "gone").unlink()
     site_a, site_b = await a.open(), await b.open()
     try:
-        await push(site_a, "/proj/ck")
+        await push(site_a, "/proj/ck", force=True)  # emptied on purpose
         checked = await stage(site_b, "/proj/ck", delete=True, checksum=True)
     finally:
         await site_a.close()
