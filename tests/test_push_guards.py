@@ -5,6 +5,7 @@ before its fix."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from typing import Any
 
@@ -142,3 +143,38 @@ async def test_a_nested_stage_while_the_tree_is_read_stops_the_publish(
         assert again.files == 2 and not again.unchanged
     finally:
         await site.close()
+
+
+async def test_a_staged_large_file_changed_here_uploads_only_its_new_chunks(
+    make_site: MakeSite,
+) -> None:
+    # Before: the site's chunk index knows only what it pushed, not what it staged, so a
+    # one-byte edit of a staged 20 MB file uploaded all of it again (16 chunks, 20 MB).
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "big").mkdir()
+    data = bytearray(os.urandom(20 << 20))
+    (a.data / "big" / "f").write_bytes(data)
+    first = a.cli_json("push", "/proj/big")
+    assert first["new_chunks"] > 4
+    b.cli_json("stage", "/proj/big")
+    data[10 << 20] ^= 0xFF
+    (b.data / "big" / "f").write_bytes(data)
+    pushed = b.cli_json("push", "/proj/big")
+    assert pushed["files_read"] == 1 and pushed["new_chunks"] <= 2, pushed
+    assert pushed["uploaded_bytes"] < 5 << 20, pushed
+    a.cli_json("stage", "/proj/big")  # the version reads back whole, byte for byte
+    assert (a.data / "big" / "f").read_bytes() == bytes(data)
+    # A chunk of the previous version whose pack is gone from the store is uploaded again.
+    site = await b.open()
+    try:
+        packs = [o.key async for o in site.store.list("packs/")]
+        for key in packs:
+            await site.store.delete(key)
+    finally:
+        await site.close()
+    data[1 << 20] ^= 0xFF
+    (b.data / "big" / "f").write_bytes(data)
+    healed = b.cli_json("push", "/proj/big")
+    assert healed["uploaded_bytes"] > 19 << 20, healed
+    a.cli_json("stage", "/proj/big")
+    assert (a.data / "big" / "f").read_bytes() == bytes(data)

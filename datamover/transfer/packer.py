@@ -10,7 +10,7 @@ the store ever refers to a pack that is not complete.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from datamover.aio import gather_or_cancel
@@ -98,8 +98,12 @@ class Packer:
         if self._error is not None:
             raise self._error
 
-    async def lookup(self, digests: Sequence[bytes]) -> dict[bytes, Ref]:
-        """Where each already-stored (or in-flight) digest lives; unknown ones are absent."""
+    async def lookup(
+        self, digests: Sequence[bytes], previous: Mapping[bytes, ChunkRef] | None = None
+    ) -> dict[bytes, Ref]:
+        """Where each already-stored (or in-flight) digest lives; unknown ones are absent.
+        `previous` (the previous version's chunks of the file being read) is asked before
+        the chunk index, each of its packs checked in the store as the index's are."""
         self._check()
         found: dict[bytes, Ref] = {}
         missing = []
@@ -109,6 +113,12 @@ class Packer:
                 found[d] = p
             else:
                 missing.append(d)
+        if missing and previous:
+            known = {d: previous[d] for d in missing if d in previous}
+            if known:
+                gone = await self._packs_gone({ref.pack for ref in known.values()})
+                found.update((d, ref) for d, ref in known.items() if ref.pack not in gone)
+                missing = [d for d in missing if d not in found]
         if missing:
             known = await self.catalog.lookup_chunks(missing)
             gone = await self._packs_gone({ref.pack for ref in known.values()})

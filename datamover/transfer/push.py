@@ -27,7 +27,7 @@ from typing import Any
 from datamover.catalog.queries import CheckpointRow, ReplicaRow, owner_alive, owner_id
 from datamover.chunking.chunker import ChunkerParams
 from datamover.domain.ids import new_version_id
-from datamover.domain.manifest import Entry, Kind
+from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.domain.paths import check_logical_path, sort_key
 from datamover.errors import Conflict, Corrupt, InvalidInput
 from datamover.repo.layout import VersionDoc, check_key_length
@@ -41,7 +41,7 @@ from datamover.transfer.packer import Packer, Ref
 from datamover.transfer.progress import NoProgress, Progress
 from datamover.transfer.readers import RootMoved, TreeRoot, anchor
 from datamover.transfer.reuse import ReuseCheck
-from datamover.transfer.scan import Done, NewChunk, Scanner, root_moved
+from datamover.transfer.scan import Done, NewChunk, Previous, Scanner, root_moved
 
 #: A push touches its checkpoint this often; one untouched for `_STALE_AFTER` belongs to a
 #: process that is gone (`_holder_alive`), with room for clocks that disagree by minutes.
@@ -575,15 +575,19 @@ async def _build(
     writer = ManifestWriter(site.repo, packer, t.segment_entries, known, reusable, on_segment)
     result = PushResult(dataset, "", None, False)
     current: dict[bytes, Ref] = {}  # where the chunks of files being assembled went
+    previous: dict[bytes, ChunkRef] = {}  # the previous chunks of the large file being read
     reading: asyncio.Future[list[object]] = asyncio.ensure_future(
         asyncio.to_thread(scanner.next_batch)
     )
     try:
         while batch := await reading:
             reading = asyncio.ensure_future(asyncio.to_thread(scanner.next_batch))
+            for piece in batch:
+                if isinstance(piece, Previous):  # one large file's at a time, read in order
+                    previous = {c.digest: c for c in piece.chunks}
             new = [p for p in batch if isinstance(p, NewChunk)]
             if new:
-                refs = await packer.lookup([c.digest for c in new])
+                refs = await packer.lookup([c.digest for c in new], previous)
                 missing = [c for c in new if c.digest not in refs]
                 if missing:
                     refs.update(await packer.add(missing))

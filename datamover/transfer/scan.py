@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from datamover.chunking.chunker import Chunker, ChunkerParams
-from datamover.domain.manifest import Entry, Kind
+from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.domain.paths import check_symlink_target, shown, sort_key
 from datamover.errors import Conflict, InvalidInput
 from datamover.repo.manifest import MAX_FILE_CHUNKS, MAX_STR, MTIME_MAX, MTIME_MIN
@@ -34,7 +34,7 @@ from datamover.transfer import procpool, readers
 from datamover.transfer.readers import FileRead, NewChunk, ReadProblem, TreeRoot
 from datamover.transfer.walk import LocalEntry, Walker
 
-__all__ = ["Done", "NewChunk", "ScanStats", "Scanner"]
+__all__ = ["Done", "NewChunk", "Previous", "ScanStats", "Scanner"]
 
 _BATCH_FILES = 256
 _BATCH_BYTES = 4 << 20
@@ -55,6 +55,15 @@ class Done:
     entry: Entry
     digests: list[bytes] | None = None
     same: bool = False
+
+
+@dataclass(slots=True)
+class Previous:
+    """The chunks the previous version had for the large file whose `NewChunk`s follow:
+    where one of them comes again, the push refers to it there instead of uploading it
+    (the site's chunk index knows only what this site pushed, not what it staged)."""
+
+    chunks: tuple[ChunkRef, ...]
 
 
 @dataclass
@@ -221,6 +230,9 @@ class Scanner:
         # not batched): what a file walked without its size (`UNKNOWN`, a first push)
         # counts towards a batch's `_BATCH_BYTES`.
         self._typical = 0
+        # The previous entry's chunks of each large file planned for a read, until read:
+        # at most the files `_generate` holds in flight.
+        self._previous_chunks: dict[str, tuple[ChunkRef, ...]] = {}
         self._pieces = self._generate()
 
     def _open_root(self) -> int:
@@ -336,6 +348,13 @@ class Scanner:
                     local.mode == prev.mode,
                 )
             else:
+                if (
+                    prev is not None
+                    and prev.kind == Kind.FILE
+                    and len(prev.chunks) > 1
+                    and local.size > self.params.small_file_limit  # read by `_read_large`
+                ):
+                    self._previous_chunks[local.path] = prev.chunks
                 yield local
 
     # -- reading ----------------------------------------------------------------------
@@ -417,7 +436,11 @@ class Scanner:
         file (`MAX_FILE_CHUNKS`) is refused, naming it: before it is read when its size
         alone proves it (at the chunker's largest chunk), else as its count passes the
         bound; either way before its entry reaches a segment, which the encoder would
-        refuse only once every chunk was uploaded."""
+        refuse only once every chunk was uploaded. The previous version's chunks of the
+        file, if it had several, come first (`Previous`)."""
+        previous = self._previous_chunks.pop(local.path, None)
+        if previous is not None:
+            yield Previous(previous)
         for _ in range(readers.ATTEMPTS):
             fd = readers.open_file(self.root, local.path)
             if isinstance(fd, ReadProblem):
