@@ -165,6 +165,22 @@ async def test_two_tenants_pinning_one_pin_id_hold_it_apart(catalog_url: str) ->
         await engine.dispose()
 
 
+async def test_pinning_again_answers_the_pin_the_catalog_keeps(catalog_url: str) -> None:
+    # Pinning again updates only the version: the catalog keeps the first created_at, but
+    # the answer (POST /v1/pins) gave the time of the repeat.
+    engine = await open_engine(catalog_url)
+    try:
+        access = Access(engine)
+        first = await access.add_pin("slurm-7", "/proj/x", "t1", "v1")
+        await asyncio.sleep(0.01)
+        again = await access.add_pin("slurm-7", "/proj/x", "t1", "v2")
+        [held] = await access.pins()
+        assert again.created_at == first.created_at == held.created_at
+        assert again.version == held.version == "v2"
+    finally:
+        await engine.dispose()
+
+
 async def test_an_upgrade_keeps_existing_pins_under_the_tenant_they_record(
     catalog_url: str,
 ) -> None:

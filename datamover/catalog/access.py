@@ -14,6 +14,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Executable, delete, false, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -66,6 +67,12 @@ class PinRow:
     created_at: str
 
 
+def _pin_row(r: Any) -> PinRow:
+    """A `pins` row as a `PinRow` (SQLite hands back naive datetimes, written as UTC)."""
+    created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=UTC)
+    return PinRow(r.pin, r.dataset, r.tenant, r.version, created.isoformat())
+
+
 class Access:
     """Token and pin queries."""
 
@@ -114,22 +121,27 @@ class Access:
             return bool((await conn.execute(stmt.values(revoked_at=_now()))).rowcount)
 
     async def add_pin(self, pin: str, dataset: str, tenant: str, version: str | None) -> PinRow:
-        """Pin `dataset` under `tenant`'s `pin` (idempotent; the latest version pinned wins)."""
-        at = _now()
+        """Pin `dataset` under `tenant`'s `pin` and return the pin as the catalog holds it
+        (idempotent: the latest version pinned wins, the first `created_at` stays)."""
         values = {
             "pin": pin,
             "dataset": dataset,
             "tenant": tenant,
             "version": version,
-            "created_at": at,
+            "created_at": _now(),
         }
         insert = upsert_for(self.dialect, Pin)
         stmt = insert.values(**values).on_conflict_do_update(
             index_elements=_KEY, set_={"version": version}
         )
+        p = Pin
+        held = select(p).where(p.c.tenant == tenant, p.c.pin == pin, p.c.dataset == dataset)
+        # Read back in the same transaction, not with RETURNING (SQLite has it from 3.35;
+        # RHEL 9's is 3.34): the upsert's row lock (PostgreSQL) or write lock (SQLite)
+        # keeps a concurrent release from coming between.
         async with self.engine.begin() as conn:
             await conn.execute(stmt)
-        return PinRow(pin, dataset, tenant, version, at.isoformat())
+            return _pin_row((await conn.execute(held)).one())
 
     async def pin_for_transfer(self, transfer_id: str, dataset: str, version: str | None) -> bool:
         """Pin `dataset` under the pin transfer `transfer_id` still carries, if it carries
@@ -191,10 +203,7 @@ class Access:
         if tenant is not None:
             query = query.where(p.c.tenant == tenant)
         async with self.engine.connect() as conn:
-            return [
-                PinRow(r.pin, r.dataset, r.tenant, r.version, r.created_at.isoformat())
-                for r in await conn.execute(query)
-            ]
+            return [_pin_row(r) for r in await conn.execute(query)]
 
     async def release(
         self, pin: str, tenant: str | None = None, prefixes: Sequence[str] | None = None
