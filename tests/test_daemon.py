@@ -375,6 +375,23 @@ async def test_idempotent_post(served_site: StartSite) -> None:
     assert s4 == 201 and other["id"] != first["id"]
 
 
+async def test_a_post_resent_after_its_pin_was_released_is_the_same_request(
+    served_site: StartSite, make_site: MakeSite
+) -> None:
+    """The job's release takes the pin off its running stage; the client's resent POST (its
+    connection was reset) was then a 409, "used for a different request"."""
+    d, token = await slow_site(served_site, make_site)
+    body = {"kind": "stage", "path": "/proj/slow", "pin": "job-7"}
+    key = {"Idempotency-Key": "job-7-stage"}
+    status, first = d.request("POST", "/v1/transfers", token, body, key)
+    assert status == 201, first
+    await until_running(d, token, first["id"])
+    assert d.request("DELETE", "/v1/pins/job-7", token)[0] == 200
+    status, again = d.request("POST", "/v1/transfers", token, body, key)
+    assert status == 200 and again["id"] == first["id"], again
+    assert again["pin"] is None and again["options"] == {}
+
+
 def _sigint_as_a_terminal_gives_it() -> None:
     """In the child, before exec: SIGINT at its default and not blocked, whatever the test
     process inherited or set (a shell's Ctrl-C reaches a command so)."""

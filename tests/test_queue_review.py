@@ -16,7 +16,7 @@ from datamover.catalog.engine import open_engine
 from datamover.catalog.transfer_rows import Submission, now
 from datamover.catalog.transfers import Transfers
 from datamover.domain.transfers import State
-from datamover.errors import Corrupt, DatamoverError, StoreUnavailable
+from datamover.errors import Conflict, Corrupt, DatamoverError, StoreUnavailable
 from datamover.metrics import Metrics
 from datamover.scheduler.worker import Worker
 
@@ -197,3 +197,24 @@ async def test_deadlines_order_transfers_within_their_class(queue: Transfers) ->
     order = [(await queue.claim("w", 30)).id for _ in range(4)]
     assert order == [soon.id, late.id, never.id, person.id]
     assert await queue.claim("w", 30) is None
+
+
+async def test_a_retry_after_its_pin_was_released_is_the_same_request(
+    engine: AsyncEngine, queue: Transfers
+) -> None:
+    """A release takes its pin off queued and running transfers. A client resending its
+    submission with the same idempotency key afterwards (the client does on a reset
+    connection) was told the key was used for a different request: the request was
+    compared with the row's pin, no longer the one submitted."""
+    access = Access(engine)
+    running, _ = await queue.submit(sub("/p/r", pin="slurm-7", idempotency_key="k1"))
+    queued, _ = await queue.submit(sub("/p/q", pin="slurm-7", idempotency_key="k2"))
+    assert (await queue.claim("w", 30)).id == running.id
+    await access.release("slurm-7", "t1")
+    for row, key in ((running, "k1"), (queued, "k2")):
+        again, created = await queue.submit(sub(row.path, pin="slurm-7", idempotency_key=key))
+        assert not created and again.id == row.id
+        assert again.pin is None and again.options == {}  # released; no option was asked
+        for other in (None, "slurm-8"):
+            with pytest.raises(Conflict, match="different request"):
+                await queue.submit(sub(row.path, pin=other, idempotency_key=key))

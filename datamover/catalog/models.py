@@ -129,7 +129,9 @@ PushSegment = Table(
 #:
 #: `rank_time` orders the queue (see `domain.transfers.rank_time`); `not_before` delays a
 #: retry; `lease_owner`/`lease_expires` say which worker runs it and until when, renewed by
-#: heartbeats, so a dead worker's transfer is taken over once its lease lapses.
+#: heartbeats, so a dead worker's transfer is taken over once its lease lapses. `pin` is null
+#: once a release took it; `options` (JSON) keeps it as submitted (`transfer_rows.SUBMITTED_PIN`),
+#: for an idempotent retry to be compared with.
 Transfer = Table(
     "transfers",
     metadata,

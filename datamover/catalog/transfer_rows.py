@@ -13,6 +13,9 @@ from typing import Any
 from datamover.domain.transfers import State
 from datamover.errors import Conflict
 
+#: The key of the `options` column that keeps the pin as submitted; never an option shown.
+SUBMITTED_PIN = "submitted_pin"
+
 
 def now() -> datetime:
     """The current UTC time (the catalog stores aware datetimes)."""
@@ -68,6 +71,7 @@ class TransferRow:
     result: dict[str, Any] | None
     error: dict[str, Any] | None
     lease_owner: str | None
+    submitted_pin: str | None  # `pin` as submitted: a release takes it off `pin` only
 
     @classmethod
     def from_row(cls, r: Any) -> TransferRow:
@@ -75,6 +79,9 @@ class TransferRow:
         eta = None
         if r.state == State.RUNNING and r.rate > 0 and r.bytes_total is not None:
             eta = round(max(r.bytes_total - r.bytes_done, 0) / r.rate, 1)
+        options = json.loads(r.options)
+        # Rows written before the submitted pin was kept there hold it in `pin` only.
+        submitted_pin = options.pop(SUBMITTED_PIN, r.pin)
         error = None
         if r.error_code:
             error = {
@@ -91,7 +98,7 @@ class TransferRow:
             priority=r.priority,
             deadline=iso(r.deadline),
             pin=r.pin,
-            options=json.loads(r.options),
+            options=options,
             state=r.state,
             attempts=r.attempts,
             cancel_requested=bool(r.cancel_requested),
@@ -109,12 +116,13 @@ class TransferRow:
             result=json.loads(r.result) if r.result else None,
             error=error,
             lease_owner=r.lease_owner,
+            submitted_pin=submitted_pin,
         )
 
     def to_json(self) -> dict[str, Any]:
-        """The API representation (the lease owner is internal)."""
+        """The API representation (the lease owner and the submitted pin are internal)."""
         data = asdict(self)
-        del data["lease_owner"]
+        del data["lease_owner"], data["submitted_pin"]
         return data
 
 
@@ -132,15 +140,24 @@ class Submission:
     options: dict[str, Any] | None = None
     idempotency_key: str | None = None
 
+    def stored_options(self) -> str:
+        """The `options` column: the options, and the pin as submitted (`SUBMITTED_PIN`),
+        which a release leaves there when it takes the pin off the `pin` column."""
+        options = dict(self.options or {})
+        if self.pin is not None:
+            options[SUBMITTED_PIN] = self.pin
+        return json.dumps(options, sort_keys=True)
+
     def same_request(self, row: TransferRow) -> bool:
-        """True when `row` was created by an equal request (for idempotent retries)."""
+        """True when `row` was created by an equal request (for idempotent retries): by
+        the pin submitted, which a release since then has not changed."""
         return (
             row.kind == self.kind
             and row.path == self.path
             and row.version == self.version
             and row.priority == self.priority
             and row.deadline == iso(self.deadline)
-            and row.pin == self.pin
+            and row.submitted_pin == self.pin
             and row.options == (self.options or {})
         )
 

@@ -132,7 +132,7 @@ class Transfers:
             "priority": sub.priority,
             "deadline": sub.deadline,
             "pin": sub.pin,
-            "options": json.dumps(sub.options or {}, sort_keys=True),
+            "options": sub.stored_options(),
             "state": State.QUEUED.value,
             "rank_time": rank_time(at, sub.priority, sub.deadline),  # type: ignore[arg-type]
             "not_before": at,
