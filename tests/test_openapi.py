@@ -38,6 +38,18 @@ def test_every_route_on_the_catalog_documents_its_outage() -> None:
     assert missing == []
 
 
+async def test_metrics_documents_the_token_a_site_may_ask_for(served_site: StartSite) -> None:
+    """`[api] open_metrics = false` closes /metrics: it answers 401 without a valid bearer
+    token, where the document said it needs none and answers only 200."""
+    operation = json.loads(SPEC.read_text())["paths"]["/metrics"]["get"]
+    assert {} in operation["security"] and {"bearer": []} in operation["security"]
+    d = await served_site("site-b", api={"open_metrics": False})
+    token = d.token("t1", "/proj", "read")
+    for who, expected in ((None, 401), ("dm_unknown", 401), (token, 200)):
+        status, body = d.request("GET", "/metrics", who)
+        assert status == expected and str(status) in operation["responses"], (who, body)
+
+
 async def test_api_conforms_to_its_openapi_document(served_site: StartSite) -> None:
     d = await served_site("site-b")
     token = d.token("t1", "/", "admin")
