@@ -203,6 +203,14 @@ def token_create(
     from datamover.domain.transfers import check_text
 
     checked = ["/" if p == "/" else check_logical_path(p) for p in prefixes]
+    narrow = sorted({p for p in checked if p != "/"})
+    if "admin" in scopes and narrow:
+        # An admin token covers every path whatever its prefixes: granting it silently
+        # for every path when asked for a few is the surprise this refuses.
+        raise InvalidInput(
+            f"--scope admin covers every path, not only {', '.join(narrow)}: "
+            "give it --prefix / alone, or a narrower --scope"
+        )
     if not tenant.strip():
         raise InvalidInput("--tenant must not be blank")
     check_text(tenant, "--tenant", 128)

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 
 from datamover.catalog.access import Access
+from datamover.catalog.models import Token
 from datamover.domain.transfers import parse_time
 from datamover.errors import CatalogError, InvalidInput
 from tests.fixtures_daemon import StartSite, free_port, with_token
@@ -155,6 +157,28 @@ async def test_the_cli_checks_pins_deadlines_tenants_keys_and_tokens(make_site: 
     text = a.config_path.read_text().replace("[api]\n", f'[api]\ntoken_file = "{token_file}"\n')
     a.config_path.write_text(text)
     fails(a, "transfer", "list", code=2, says="is not UTF-8")
+
+
+async def test_an_admin_token_is_refused_a_prefix_it_would_not_keep_to(
+    make_site: MakeSite,
+) -> None:
+    """An admin token covers every path whatever its prefixes: `token create --scope admin
+    --prefix /proj/a` made one for every path, and said nothing."""
+    a = await make_site("site-a")
+    for args in (
+        ("--prefix", "/proj/a", "--scope", "admin"),
+        ("--prefix", "/", "--prefix", "/proj/a", "--scope", "admin"),
+        ("--prefix", "/proj/a", "--scope", "read", "--scope", "admin"),
+    ):
+        fails(a, "token", "create", "--tenant", "ops", *args, code=2, says="--prefix /")
+    made = a.cli_json("token", "create", "--tenant", "ops", "--prefix", "/", "--scope", "admin")
+    assert made["prefixes"] == ["/"] and made["scopes"] == ["admin"]
+    site = await a.open()
+    try:
+        async with site.catalog.engine.connect() as conn:
+            assert await conn.scalar(select(func.count()).select_from(Token)) == 1
+    finally:
+        await site.close()
 
 
 async def test_a_token_file_that_is_empty_or_not_a_regular_file_is_one_line(
