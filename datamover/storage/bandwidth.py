@@ -1,24 +1,45 @@
 """`ThrottledStore`: a bandwidth budget per direction, as a Store wrapping a Store.
 
-Each direction (puts, gets) has its own pacer. A transfer of `n` bytes reserves `n / rate`
-seconds on the pacer's timeline and waits until its slot starts, so over any stretch longer
-than one request the bytes moved stay within `rate` per second, however many requests run
-concurrently. Listings, heads and deletes carry no payload and are not paced.
+Each direction (puts, gets) has its own pacer, whose timeline holds the calls that went: a
+transfer of `n` bytes books `n / rate` seconds on it when its turn comes, and its turn comes
+when the time booked before it has passed. Calls wait in line, first come first served,
+booking nothing until they go. Listings, heads and deletes carry no payload and are not
+paced.
 
-A reservation that moves no bytes is given back: a call cancelled while it waits for its turn
-(a transfer cancelled or drained with many GETs queued here), the part of a range past the
-object's end, a GET that failed. Otherwise the pacer's timeline would hold turns nobody
-takes, and every later call, of any transfer sharing the store, would wait them out.
+A put's size is known: it books all of it before it is sent. A GET's length is often only a
+bound (a version document of a few hundred bytes is read with room for 1 MiB + 1, to see an
+oversized one), so a GET books at most `UPFRONT_GET` of it before it is sent and pays for
+what arrived beyond that once it is answered. So over time the bytes moved average at most
+`rate` per second, however many requests run concurrently, but a GET may run ahead of the
+budget by its size past `UPFRONT_GET` (so may each GET running with it): the calls after it
+wait for those bytes.
+
+Time booked and not used is given back, and the calls in line go that much earlier: the part
+of a GET's booking that did not arrive (a small document, a range cut at the object's end, a
+GET that failed). A call cancelled while it waits for its turn (a transfer cancelled or
+drained with many GETs queued here) leaves the line having booked nothing. Otherwise the
+timeline would hold turns nobody takes, and every later call, of any transfer sharing the
+store, would wait them out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 
 from datamover.errors import InvalidInput
 from datamover.storage.base import ObjectInfo, Store
+
+# What a GET books before it is sent, at most. A GET's length may be a bound far above the
+# object (a version document: 1 MiB + 1 asked, a few hundred bytes there); booked whole,
+# each such read would hold the line for 1 MiB / rate. Booking nothing would let concurrent
+# GETs of packs all go at once. At 256 KiB a document holds the line for at most 0.25 s at
+# 1 MiB/s, and only until its answer gives the rest back; a larger GET runs ahead of the
+# budget by the difference, which the calls after it wait out.
+UPFRONT_GET = 256 * 1024
 
 
 class Pacer:
@@ -28,26 +49,60 @@ class Pacer:
         if rate <= 0:
             raise InvalidInput(f"bandwidth limit must be positive, not {rate}")
         self.rate = rate
-        self._next = 0.0
+        self._next = 0.0  # the time booked by the calls that went ends here
+        self._line: deque[asyncio.Event] = deque()  # the calls waiting, the next one first
 
     async def take(self, nbytes: int) -> None:
-        """Wait for the turn of a transfer of `nbytes`; cancelled, it gives its turn back."""
+        """Wait for the turn of a transfer of `nbytes`, then book its time. Cancelled while
+        it waits, it leaves the line having booked nothing."""
+        arrived = time.monotonic()
+        if self._line or self._next > arrived:
+            turn = asyncio.Event()
+            self._line.append(turn)
+            try:
+                await self._wait_for_turn(turn)
+            except BaseException:
+                self._line.remove(turn)
+                self._wake()
+                raise
+            self._line.popleft()
+        self._next = max(self._next, arrived) + nbytes / self.rate
+        self._wake()
+
+    async def _wait_for_turn(self, turn: asyncio.Event) -> None:
+        # Woken when the call ahead goes or leaves and when time is given back: the wait is
+        # then measured again.
+        while True:
+            turn.clear()
+            if self._line[0] is not turn:
+                await turn.wait()
+                continue
+            delay = self._next - time.monotonic()
+            if delay <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(turn.wait(), delay)
+
+    async def pay(self, nbytes: int) -> None:
+        """Book `nbytes` already moved, ahead of the calls in line (those bytes came), and
+        wait until their time starts. Cancelled meanwhile, the booking stays."""
         now = time.monotonic()
         start = max(now, self._next)
         self._next = start + nbytes / self.rate
         if start > now:
-            try:
-                await asyncio.sleep(start - now)
-            except asyncio.CancelledError:
-                self.refund(nbytes)
-                raise
+            await asyncio.sleep(start - now)
 
     def refund(self, nbytes: int) -> None:
-        """Give back the time of `nbytes` that were reserved but not moved. Calls already
-        waiting keep their turns; later ones start that much earlier (the average stays
-        within the rate: the unused turn passed idle)."""
+        """Give back the time of `nbytes` that were booked but not moved: the calls in line
+        go that much earlier (the average stays within the rate: the unused time passed
+        idle)."""
         if nbytes > 0:
             self._next = max(time.monotonic(), self._next - nbytes / self.rate)
+            self._wake()
+
+    def _wake(self) -> None:
+        if self._line:
+            self._line[0].set()
 
 
 class ThrottledStore:
@@ -70,22 +125,24 @@ class ThrottledStore:
         await self.inner.put(key, data)
 
     async def get(self, key: str, offset: int = 0, length: int | None = None) -> bytes:
-        """`inner.get`, after waiting for download budget (paid after, if length is unknown).
-        What did not arrive (a range cut at the object's end, a failed GET) is refunded."""
+        """`inner.get`, after waiting for download budget for up to `UPFRONT_GET` bytes of
+        `length`; the bytes that arrived beyond that are paid after (all of them if `length`
+        is None), what was booked and did not arrive (a range cut at the object's end, a
+        failed GET) is given back."""
         down = self._down
         if down is None:
             return await self.inner.get(key, offset, length)
-        if length is None:
-            data = await self.inner.get(key, offset, length)
-            await down.take(len(data))
-            return data
-        await down.take(length)
+        booked = 0 if length is None else min(length, UPFRONT_GET)
+        await down.take(booked)
         try:
             data = await self.inner.get(key, offset, length)
         except Exception:
-            down.refund(length)
+            down.refund(booked)
             raise
-        down.refund(length - len(data))
+        if len(data) > booked:
+            await down.pay(len(data) - booked)
+        else:
+            down.refund(booked - len(data))
         return data
 
     async def head(self, key: str) -> ObjectInfo:
