@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
+import pytest
+
+from datamover.errors import ObjectNotFound, StoreAccessDenied
 from datamover.storage.bandwidth import ThrottledStore
 from datamover.storage.memory import MemoryStore
+from datamover.storage.posix import PosixStore
 
 MiB = 1 << 20
 
@@ -59,3 +64,84 @@ async def test_throttled_large_gets_keep_the_rate_on_average() -> None:
     reads = asyncio.gather(*(store.get("pack", 0, MiB // 2) for _ in range(4)))
     assert await reads == [bytes(MiB // 2)] * 4
     assert 1.45 <= max(inner.served) - started < 3
+
+
+# -- POSIX: a symlink in place of a directory leads nowhere ---------------------------------
+
+
+def _names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+async def test_posix_follows_no_symlink_in_place_of_a_directory(tmp_path: Path) -> None:
+    # Before: only a key's last part was opened with O_NOFOLLOW. With packs/ab replaced by a
+    # symlink (by anyone who may write to the store directory), put wrote into the directory
+    # it points at, get and head read the files there, delete removed them and list listed
+    # them.
+    outside = tmp_path / "outside"
+    (outside / "sub").mkdir(parents=True)
+    (outside / "planted").write_bytes(b"secret")
+    root = tmp_path / "root"
+    root.mkdir()
+    store = PosixStore(root)
+    await store.put("packs/cd/y", b"1")
+    (root / "packs" / "ab").symlink_to(outside)
+    (root / "top").symlink_to(outside)
+
+    for key in ("packs/ab/x", "packs/ab/sub/x", "top/x"):
+        with pytest.raises(StoreAccessDenied, match="symlink"):
+            await store.put(key, b"data")
+    assert _names(outside) == ["planted", "sub"]
+    assert _names(outside / "sub") == []
+    for key in ("packs/ab/planted", "top/planted"):
+        with pytest.raises(ObjectNotFound):
+            await store.get(key)
+        with pytest.raises(ObjectNotFound):
+            await store.get(key, 1, 2)
+        with pytest.raises(ObjectNotFound):
+            await store.head(key)
+        await store.delete(key)  # nothing there to delete
+    assert (outside / "planted").read_bytes() == b"secret"
+    for prefix in ("packs/ab/", "packs/ab/p", "packs/ab/sub/", "top/"):
+        assert [i.key async for i in store.list(prefix)] == [], prefix
+    assert [i.key async for i in store.list()] == ["packs/cd/y"]
+    assert [i.key async for i in store.list("packs/")] == ["packs/cd/y"]
+    assert await store.get("packs/cd/y") == b"1"
+
+
+async def test_posix_list_enters_no_directory_swapped_for_a_symlink_meanwhile(
+    tmp_path: Path,
+) -> None:
+    # Before: a listing found packs/ab a directory, then entered it by its path: swapped for
+    # a symlink while packs/aa was listed, it listed the directory the link points at.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "planted").write_bytes(b"secret")
+    root = tmp_path / "root"
+    root.mkdir()
+    store = PosixStore(root)
+    await store.put("packs/aa/x", b"1")
+    await store.put("packs/ab/y", b"2")
+    listed = []
+    async for info in store.list("packs/"):
+        listed.append(info.key)
+        if info.key == "packs/aa/x":
+            (root / "packs" / "ab" / "y").unlink()
+            (root / "packs" / "ab").rmdir()
+            (root / "packs" / "ab").symlink_to(outside)
+    assert listed == ["packs/aa/x"]
+
+
+async def test_posix_root_may_be_a_symlink(tmp_path: Path) -> None:
+    # The configured directory is taken as it is named; only what lies below it is checked.
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    store = PosixStore(tmp_path / "link")
+    await store.check()
+    await store.put("packs/ab/x", b"data")
+    assert (tmp_path / "real" / "packs" / "ab" / "x").read_bytes() == b"data"
+    assert await store.get("packs/ab/x", 1, 2) == b"at"
+    assert (await store.head("packs/ab/x")).size == 4
+    assert [i.key async for i in store.list("packs/")] == ["packs/ab/x"]
+    await store.delete("packs/ab/x")
+    assert _names(tmp_path / "real") == []
