@@ -407,3 +407,28 @@ async def test_a_directory_above_the_dataset_needs_search_permission_only(
     r = cli_unprivileged(env, "push", "/proj/home/ds", "--json")
     assert r.returncode == 0, r.stderr
     assert '"files": 1' in r.stdout
+
+
+async def test_a_pack_is_sealed_at_its_chunk_bound_whatever_its_size(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: sealed on bytes only, so a pack of tiny unique files could pass the 2^24
+    # entries readers take (`db rebuild` then found it corrupt).
+    from datamover.transfer import packer
+
+    monkeypatch.setattr(packer, "MAX_PACK_CHUNKS", 10)
+    a = await make_site("site-a")
+    (a.data / "tiny").mkdir()
+    for i in range(35):
+        (a.data / "tiny" / f"f{i:02d}").write_text(f"tiny file {i}\n")
+    site = await a.open()
+    try:
+        pushed = await push(site, "/proj/tiny")
+        assert (pushed.new_chunks, pushed.packs) == (35, 4)
+        counts = []
+        async for info in site.store.list("packs/"):
+            data = await site.store.get(info.key)
+            counts.append(int.from_bytes(data[-16:-12], "little"))
+        assert sorted(counts) == [5, 10, 10, 10]
+    finally:
+        await site.close()

@@ -57,6 +57,11 @@ class PendingChunk:
 
 Ref = ChunkRef | PendingChunk
 
+#: The most chunks a pack of this writer holds, whatever its size: readers take up to 2^24
+#: (`pack.MAX_ENTRIES`), which a 1 GiB pack of unique chunks under 64 bytes (tiny files)
+#: would pass, and `db rebuild` holds a pack's index whole (about 300 bytes a chunk).
+MAX_PACK_CHUNKS = 1 << 20
+
 
 @dataclass
 class PackerStats:
@@ -173,7 +178,7 @@ class Packer:
             self._pending[d] = placed[d] = ref
             self.stats.new_chunks += 1
             self.stats.new_chunk_bytes += chunk.raw_length
-            if pack.builder.size >= self.pack_size:
+            if pack.builder.size >= self.pack_size or len(pack.builder) >= MAX_PACK_CHUNKS:
                 await self._seal()
         return placed
 
