@@ -11,7 +11,7 @@ from datamover.catalog.access import Access
 from datamover.errors import Pinned
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
-from tests.fixtures_daemon import StartSite
+from tests.fixtures_daemon import Daemon, StartSite
 from tests.fixtures_sites import MakeSite
 
 
@@ -72,6 +72,14 @@ async def test_the_cli_names_the_pin_and_takes_force(make_site: MakeSite) -> Non
     assert (b.data / "ds" / "f").read_text() == "version 2\n"
 
 
+def _staged_via(d: Daemon, token: str, pin: str, **extra: Any) -> dict[str, Any]:
+    """Stage `/proj/ds` through daemon `d` under `pin`; the ended transfer."""
+    body = {"kind": "stage", "path": "/proj/ds", "pin": pin, **extra}
+    status, t = d.request("POST", "/v1/transfers", token, body)
+    assert status == 201, t
+    return d.wait(t["id"], token)
+
+
 async def test_through_the_daemon_a_pinned_replica_keeps_its_version(
     make_site: MakeSite, served_site: StartSite
 ) -> None:
@@ -83,10 +91,7 @@ async def test_through_the_daemon_a_pinned_replica_keeps_its_version(
     token = b.token("t1", "/proj", "write")
 
     def staged(pin: str, **extra: Any) -> dict[str, Any]:
-        body = {"kind": "stage", "path": "/proj/ds", "pin": pin, **extra}
-        status, t = b.request("POST", "/v1/transfers", token, body)
-        assert status == 201, t
-        return b.wait(t["id"], token)
+        return _staged_via(b, token, pin, **extra)
 
     assert staged("slurm-101")["state"] == "succeeded"
     (a.data / "ds" / "f").write_text("version 2\n")
@@ -117,10 +122,7 @@ async def test_force_of_a_token_without_admin_leaves_other_tenants_pins_alone(
     admin = b.token("ops", "/", "admin")
 
     def staged(token: str, pin: str, **extra: Any) -> dict[str, Any]:
-        body = {"kind": "stage", "path": "/proj/ds", "pin": pin, **extra}
-        status, t = b.request("POST", "/v1/transfers", token, body)
-        assert status == 201, t
-        return b.wait(t["id"], token)
+        return _staged_via(b, token, pin, **extra)
 
     assert staged(t2, "job-of-t2")["state"] == "succeeded"
     assert staged(t1, "job-of-t1")["state"] == "succeeded"  # same version: no change

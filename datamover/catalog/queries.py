@@ -346,24 +346,7 @@ class Catalog:
     ) -> ReplicaRow | None:
         """Mark `dataset` as being staged to `version` by `owner` (upsert); return its record
         as it was before (None: there was none), for `restore_replica`."""
-        now = _now()
-        values = {
-            "dataset": dataset,
-            "root": root,
-            "version": version,
-            "base_version": base_version,
-            "state": "staging",
-            "files": 0,
-            "bytes": 0,
-            "owner": owner,
-            "updated_at": now,
-            "last_access": now,
-        }
-        stmt = self._insert(Replica).values(**values)
-        stmt = stmt.on_conflict_do_update(
-            index_elements=["dataset"],
-            set_={k: v for k, v in values.items() if k != "dataset"},
-        )
+        stmt = self._replica_upsert(dataset, root, version, base_version, "staging", 0, 0, owner)
         table = Replica
         # FOR UPDATE (PostgreSQL; SQLite has no such clause): the row read is the one replaced.
         read = select(table).where(table.c.dataset == dataset).with_for_update()
@@ -414,26 +397,40 @@ class Catalog:
         """Record that the tree at `root` is `version`, just pushed from it (upsert,
         `ready`): a later push from it is checked against the latest version as one from
         a staged tree is, and a stage into it starts from that version."""
+        stmt = self._replica_upsert(dataset, root, version, version, "ready", files, nbytes, None)
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
+
+    def _replica_upsert(
+        self,
+        dataset: str,
+        root: str,
+        version: str,
+        base_version: str | None,
+        state: str,
+        files: int,
+        nbytes: int,
+        owner: str | None,
+    ) -> Any:
+        """The statement that makes `dataset`'s replica record these values, touched now."""
         now = _now()
         values = {
             "dataset": dataset,
             "root": root,
             "version": version,
-            "base_version": version,
-            "state": "ready",
+            "base_version": base_version,
+            "state": state,
             "files": files,
             "bytes": nbytes,
-            "owner": None,
+            "owner": owner,
             "updated_at": now,
             "last_access": now,
         }
         stmt = self._insert(Replica).values(**values)
-        stmt = stmt.on_conflict_do_update(
+        return stmt.on_conflict_do_update(
             index_elements=["dataset"],
             set_={k: v for k, v in values.items() if k != "dataset"},
         )
-        async with self.engine.begin() as conn:
-            await conn.execute(stmt)
 
     async def finish_replica(
         self, dataset: str, version: str, state: str, files: int, nbytes: int
