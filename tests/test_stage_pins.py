@@ -12,7 +12,7 @@ from datamover.errors import Pinned
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from tests.fixtures_daemon import Daemon, StartSite
-from tests.fixtures_sites import MakeSite
+from tests.fixtures_sites import MakeSite, SiteEnv
 
 
 async def test_a_replica_pinned_by_another_job_keeps_its_version(make_site: MakeSite) -> None:
@@ -72,6 +72,15 @@ async def test_the_cli_names_the_pin_and_takes_force(make_site: MakeSite) -> Non
     assert (b.data / "ds" / "f").read_text() == "version 2\n"
 
 
+async def _pushed_and_served(make_site: MakeSite, served_site: StartSite) -> tuple[SiteEnv, Daemon]:
+    """Site A with `/proj/ds` pushed (`f` at "version 1"), and site B's daemon."""
+    a = await make_site("site-a")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("version 1\n")
+    a.cli_json("push", "/proj/ds")
+    return a, await served_site("site-b")
+
+
 def _staged_via(d: Daemon, token: str, pin: str, **extra: Any) -> dict[str, Any]:
     """Stage `/proj/ds` through daemon `d` under `pin`; the ended transfer."""
     body = {"kind": "stage", "path": "/proj/ds", "pin": pin, **extra}
@@ -83,11 +92,7 @@ def _staged_via(d: Daemon, token: str, pin: str, **extra: Any) -> dict[str, Any]
 async def test_through_the_daemon_a_pinned_replica_keeps_its_version(
     make_site: MakeSite, served_site: StartSite
 ) -> None:
-    a = await make_site("site-a")
-    (a.data / "ds").mkdir()
-    (a.data / "ds" / "f").write_text("version 1\n")
-    a.cli_json("push", "/proj/ds")
-    b = await served_site("site-b")
+    a, b = await _pushed_and_served(make_site, served_site)
     token = b.token("t1", "/proj", "write")
 
     def staged(pin: str, **extra: Any) -> dict[str, Any]:
@@ -113,11 +118,7 @@ async def test_force_of_a_token_without_admin_leaves_other_tenants_pins_alone(
 ) -> None:
     # Before: any write token's `"force": true` staged over another tenant's pin, changing
     # the files under that tenant's running job, though it may not release that pin.
-    a = await make_site("site-a")
-    (a.data / "ds").mkdir()
-    (a.data / "ds" / "f").write_text("version 1\n")
-    a.cli_json("push", "/proj/ds")
-    b = await served_site("site-b")
+    a, b = await _pushed_and_served(make_site, served_site)
     t1, t2 = b.token("t1", "/proj", "write"), b.token("t2", "/proj", "write")
     admin = b.token("ops", "/", "admin")
 
