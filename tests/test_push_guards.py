@@ -178,3 +178,71 @@ async def test_a_staged_large_file_changed_here_uploads_only_its_new_chunks(
     assert healed["uploaded_bytes"] > 19 << 20, healed
     a.cli_json("stage", "/proj/big")
     assert (a.data / "big" / "f").read_bytes() == bytes(data)
+
+
+async def test_several_large_files_edited_upload_only_their_new_chunks(
+    make_site: MakeSite,
+) -> None:
+    # Before: a batch of pieces that ended one large file and began the next looked all
+    # its chunks up in the next file's previous chunks only: the end of the first was
+    # uploaded again (11 chunks, 12.4 MiB for three one-byte edits).
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "big").mkdir()
+    datas = []
+    for name in ("f1", "f2", "f3"):
+        data = bytearray(os.urandom(12 << 20))
+        (a.data / "big" / name).write_bytes(data)
+        datas.append(data)
+    a.cli_json("push", "/proj/big")
+    b.cli_json("stage", "/proj/big")
+    for name, data in zip(("f1", "f2", "f3"), datas, strict=True):
+        data[1 << 20] ^= 0xFF
+        (b.data / "big" / name).write_bytes(data)
+    pushed = b.cli_json("push", "/proj/big")
+    assert pushed["files_read"] == 3 and pushed["new_chunks"] <= 6, pushed
+    assert pushed["uploaded_bytes"] < 8 << 20, pushed
+
+
+async def test_a_rolled_back_tree_is_behind_even_after_this_sites_own_push(
+    make_site: MakeSite,
+) -> None:
+    # Before: a latest version published by this site was taken for this tree's, so a
+    # push after `stage --version v1` here published v1's files over this site's own v2.
+    a = await make_site("site-a")
+    (a.data / "rb").mkdir()
+    (a.data / "rb" / "f").write_text("one\n")
+    v1 = a.cli_json("push", "/proj/rb")["version"]
+    (a.data / "rb" / "h").write_text("added in two\n")
+    v2 = a.cli_json("push", "/proj/rb")["version"]
+    a.cli_json("stage", "/proj/rb", "--version", v1, "--delete")
+    assert not (a.data / "rb" / "h").exists()
+    line = _refused(a, "/proj/rb", says="the tree here holds version")
+    assert v1 in line and v2 in line
+    assert _latest(a, "/proj/rb") == v2
+    a.cli_json("stage", "/proj/rb")
+    assert a.cli_json("push", "/proj/rb")["version"] == v2  # unchanged
+
+
+async def test_a_restage_of_the_same_nested_version_while_the_tree_is_read_is_no_change(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: any nested record touched while the tree was read refused the push, so a
+    # job's prolog restaging the nested dataset it had kept failing a long push each time.
+    a = await make_site("site-a")
+    (a.data / "n" / "b").mkdir(parents=True)
+    (a.data / "n" / "b" / "f").write_text("b one\n")
+    site = await a.open()
+    try:
+        vb = (await push(site, "/proj/n/b")).version
+        build = push_module._build
+
+        async def build_then_restage(*args: Any, **kwargs: Any) -> Any:
+            built = await build(*args, **kwargs)
+            assert (await stage(site, "/proj/n/b", version=vb)).version == vb
+            return built
+
+        monkeypatch.setattr(push_module, "_build", build_then_restage)
+        pushed = await push(site, "/proj/n")
+        assert pushed.files == 1 and not pushed.unchanged
+    finally:
+        await site.close()

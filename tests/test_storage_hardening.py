@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from datamover.errors import ObjectNotFound, StoreAccessDenied
-from datamover.storage.bandwidth import ThrottledStore
+from datamover.storage.bandwidth import Pacer, ThrottledStore
 from datamover.storage.memory import MemoryStore
 from datamover.storage.posix import PosixStore
 
@@ -145,3 +145,24 @@ async def test_posix_root_may_be_a_symlink(tmp_path: Path) -> None:
     assert [i.key async for i in store.list("packs/")] == ["packs/ab/x"]
     await store.delete("packs/ab/x")
     assert _names(tmp_path / "real") == []
+
+
+async def test_a_call_cancelled_as_its_turn_comes_stays_cancelled() -> None:
+    # Before: the head of the line waited with `asyncio.wait_for`, which on Python 3.11
+    # returns normally when its wait ends in the step the task is cancelled in: time given
+    # back (`refund`) and a cancel together had the call go on as if never cancelled.
+    pacer = Pacer(1000)
+    await pacer.take(1000)  # the next second is booked
+    went: list[str] = []
+
+    async def call() -> None:
+        await pacer.take(10)
+        went.append("went")
+
+    task = asyncio.create_task(call())
+    await asyncio.sleep(0.05)  # it waits at the head of the line
+    pacer.refund(1000)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert went == [] and not pacer._line

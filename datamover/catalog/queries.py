@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, false, func, or_, select, update
+from sqlalchemy import delete, false, func, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from datamover.catalog.engine import path_under, upsert_for
@@ -291,20 +291,19 @@ class Catalog:
             r = (await conn.execute(select(table).where(table.c.dataset == dataset))).first()
         return None if r is None else _replica_row(r)
 
-    async def unfinished_near(
-        self, dataset: str, since: datetime | None = None
-    ) -> list[ReplicaRow]:
+    async def unfinished_near(self, dataset: str) -> list[ReplicaRow]:
         """The replica records of datasets above or below `dataset` (not `dataset` itself)
-        whose stage has not finished (running, killed or failed), and with `since` those
-        recorded at or after it too (a stage that ran meanwhile), by dataset."""
+        whose stage has not finished (running, killed or failed), by dataset."""
+        return await self.replicas_near(dataset, unfinished=True)
+
+    async def replicas_near(self, dataset: str, unfinished: bool = False) -> list[ReplicaRow]:
+        """The replica records of datasets above or below `dataset` (not `dataset` itself),
+        only those whose stage has not finished with `unfinished`, by dataset."""
         table = Replica
-        changed = table.c.state != "ready"
-        if since is not None:
-            changed = or_(changed, table.c.updated_at >= since)
         query = (
             select(table)
             .where(
-                changed,
+                table.c.state != "ready" if unfinished else true(),
                 table.c.dataset != dataset,
                 or_(
                     table.c.dataset.in_(sorted(lineage(dataset))),

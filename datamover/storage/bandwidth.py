@@ -80,8 +80,11 @@ class Pacer:
             delay = self._next - time.monotonic()
             if delay <= 0:
                 return
+            # Not `wait_for`: on Python 3.11 it returns normally when the wait ends in the
+            # step the task is cancelled in, and the cancel is lost.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(turn.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await turn.wait()
 
     async def pay(self, nbytes: int) -> None:
         """Book `nbytes` already moved, ahead of the calls in line (those bytes came), and

@@ -244,13 +244,14 @@ async def _check_staged(site: Site, dataset: str) -> None:
 
 
 async def _check_current(site: Site, dataset: str, latest: VersionDoc | None) -> None:
-    """`Conflict` if this site's tree of `dataset` holds an older version than the latest,
-    published by another site: it was staged (or pushed) here at that version, and
-    published as it is it would undo every change made since (files added elsewhere gone
-    from the latest, the old content of changed ones back), which a stage with `--delete`
-    then carries to every site. The latest published by this site is this tree's (or a
-    record kept from before pushes were recorded), and a record newer than the latest
-    names a version the store no longer lists: neither stops a push."""
+    """`Conflict` if this site's tree of `dataset` holds an older version than the latest:
+    it was staged (or pushed) here at that version, and published as it is it would undo
+    every change made since (files added elsewhere gone from the latest, the old content of
+    changed ones back), which a stage with `--delete` then carries to every site. A record
+    made before the latest was published by this site is not counted (one kept from
+    before pushes were recorded, or a push that ended between publishing and recording),
+    while one made after it is (this site staged an older version since: a rollback).
+    A record newer than the latest names a version the store no longer lists."""
     if latest is None:
         return
     replica = await site.catalog.replica(dataset)
@@ -260,7 +261,7 @@ async def _check_current(site: Site, dataset: str, latest: VersionDoc | None) ->
         or replica.root != str(root)
         or replica.state != "ready"
         or replica.version >= latest.version
-        or latest.site == site.name
+        or (latest.site == site.name and _before(replica.updated_at, latest.created))
     ):
         return
     raise Conflict(
@@ -271,15 +272,43 @@ async def _check_current(site: Site, dataset: str, latest: VersionDoc | None) ->
     )
 
 
-async def _check_nested_since(site: Site, dataset: str, root: Path, since: datetime) -> None:
+def _before(recorded: datetime | None, created: str) -> bool:
+    """Whether a record's time (naive from SQLite: UTC) is before a version's `created`."""
+    if recorded is None:
+        return True
+    if recorded.tzinfo is None:
+        recorded = recorded.replace(tzinfo=UTC)
+    made = datetime.strptime(created, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+    return recorded < made
+
+
+Nearby = dict[str, tuple[str, str]]
+
+
+async def _nearby(site: Site, dataset: str, root: Path) -> Nearby:
+    """The replica records of datasets above or below `dataset` that share its tree, as
+    `{dataset: (version, state)}`."""
+    return {
+        r.dataset: (r.version, r.state)
+        for r in await site.catalog.replicas_near(dataset)
+        if _shares(site, root, r)
+    }
+
+
+async def _check_nested_since(site: Site, dataset: str, root: Path, before: Nearby) -> None:
     """`Conflict` if a stage of a dataset above or below `dataset` that shares its tree
-    ran or was left unfinished while the push read it (recorded at or after `since`): its
-    lock is not the push's, so the tree may hold files of two versions of it."""
-    changed = await site.catalog.unfinished_near(dataset, since=since)
-    near = next((r for r in changed if _shares(site, root, r)), None)
-    if near is not None:
+    ran while the push read it: a record running or unfinished now, or at another version
+    than `before` (`_nearby` when the push began), or new. Its lock is not the push's, so
+    the tree may hold files of two versions of it. A restage of the same version (a job's
+    prolog, again) is no change; compared by value, not by time, so no clock matters. A
+    push of a nested dataset meanwhile, which records the version it published, counts
+    as a change too (rare: nothing was written, and pushing again goes through)."""
+    now = await _nearby(site, dataset, root)
+    moved = [d for d, held in now.items() if held[1] != "ready" or before.get(d) != held]
+    changed = moved[0] if moved else None
+    if changed is not None:
         raise Conflict(
-            f"{dataset!r}: a stage of {near.dataset!r}, which shares files with this tree, "
+            f"{dataset!r}: a stage of {changed!r}, which shares files with this tree, "
             "ran while it was read; nothing was published. Push again (its uploads are "
             "kept), or publish the tree as it is with --force"
         )
@@ -346,9 +375,9 @@ async def _push_tree(
     started: float,
 ) -> PushResult:
     """`push` of the tree at `root`, holding the dataset's lock and its directory."""
-    since = datetime.now(UTC)
     if not force:
         await _check_staged(site, dataset)
+    nearby = await _nearby(site, dataset, site.config.namespace.resolve(dataset))
     params = await site.repo.chunker_params(create=True)
     parent_id = await site.repo.latest(dataset)
     parent = await site.repo.read_version(dataset, parent_id) if parent_id else None
@@ -426,7 +455,7 @@ async def _push_tree(
             return result
         if not force:
             _check_not_emptied(dataset, result, parent)
-            await _check_nested_since(site, dataset, Path(tree), since)
+            await _check_nested_since(site, dataset, Path(tree), nearby)
 
         listing = encode_list(segments)
         list_digest = await site.repo.put_manifest_object(listing)
@@ -582,12 +611,19 @@ async def _build(
     try:
         while batch := await reading:
             reading = asyncio.ensure_future(asyncio.to_thread(scanner.next_batch))
-            for piece in batch:
-                if isinstance(piece, Previous):  # one large file's at a time, read in order
-                    previous = {c.digest: c for c in piece.chunks}
+            # Large files are read one after another: a batch may end one file and begin
+            # others, so its chunks are looked up in the previous chunks of all of them,
+            # and the last one's go on to the next batch.
+            marks = [p for p in batch if isinstance(p, Previous)]
+            offered = previous
+            if marks:
+                offered = dict(previous)
+                for mark in marks:
+                    offered.update((c.digest, c) for c in mark.chunks)
+                previous = {c.digest: c for c in marks[-1].chunks}
             new = [p for p in batch if isinstance(p, NewChunk)]
             if new:
-                refs = await packer.lookup([c.digest for c in new], previous)
+                refs = await packer.lookup([c.digest for c in new], offered)
                 missing = [c for c in new if c.digest not in refs]
                 if missing:
                     refs.update(await packer.add(missing))
