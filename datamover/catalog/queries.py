@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, false, func, or_, select, true, update
+from sqlalchemy import delete, false, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from datamover.catalog.engine import path_under, upsert_for
@@ -291,19 +291,13 @@ class Catalog:
             r = (await conn.execute(select(table).where(table.c.dataset == dataset))).first()
         return None if r is None else _replica_row(r)
 
-    async def unfinished_near(self, dataset: str) -> list[ReplicaRow]:
-        """The replica records of datasets above or below `dataset` (not `dataset` itself)
-        whose stage has not finished (running, killed or failed), by dataset."""
-        return await self.replicas_near(dataset, unfinished=True)
-
-    async def replicas_near(self, dataset: str, unfinished: bool = False) -> list[ReplicaRow]:
+    async def replicas_near(self, dataset: str) -> list[ReplicaRow]:
         """The replica records of datasets above or below `dataset` (not `dataset` itself),
-        only those whose stage has not finished with `unfinished`, by dataset."""
+        by dataset."""
         table = Replica
         query = (
             select(table)
             .where(
-                table.c.state != "ready" if unfinished else true(),
                 table.c.dataset != dataset,
                 or_(
                     table.c.dataset.in_(sorted(lineage(dataset))),

@@ -215,15 +215,15 @@ async def push(
             os.close(lock)
 
 
-async def _check_staged(site: Site, dataset: str) -> None:
+def _check_staged(
+    dataset: str, replica: ReplicaRow | None, root: Path, nearby: list[ReplicaRow]
+) -> None:
     """`Conflict` if the replica record says a stage of `dataset` into this site's tree did
     not finish: the tree then holds some files of the version it was bringing and some of
     the one before (or none), and published as the latest it would have every site staging
     it with `--delete` remove the rest. (One running here holds the lock; this is one that
-    was killed or failed.) The same for a dataset above or below `dataset`, whose stage
-    may also be running: their locks are their own."""
-    replica = await site.catalog.replica(dataset)
-    root = site.config.namespace.resolve(dataset)
+    was killed or failed.) The same for a dataset above or below `dataset` (`nearby`, the
+    records sharing its tree), whose stage may also be running: their locks are their own."""
     if replica is not None and replica.state != "ready" and replica.root == str(root):
         raise Conflict(
             f"{dataset!r}: a stage of version {replica.version} into this tree did not "
@@ -232,8 +232,7 @@ async def _check_staged(site: Site, dataset: str) -> None:
         )
     # A dataset above or below this one shares files with its tree: a stage of it that is
     # running, or did not finish, leaves this tree part one version, part another.
-    unfinished = await site.catalog.unfinished_near(dataset)
-    near = next((r for r in unfinished if _shares(site, root, r)), None)
+    near = next((r for r in nearby if r.state != "ready"), None)
     if near is not None:
         raise Conflict(
             f"{dataset!r}: a stage of {near.dataset!r} (version {near.version}), which "
@@ -243,7 +242,9 @@ async def _check_staged(site: Site, dataset: str) -> None:
         )
 
 
-async def _check_current(site: Site, dataset: str, latest: VersionDoc | None) -> None:
+def _check_current(
+    site: Site, dataset: str, replica: ReplicaRow | None, root: Path, latest: VersionDoc | None
+) -> None:
     """`Conflict` if this site's tree of `dataset` holds an older version than the latest:
     it was staged (or pushed) here at that version, and published as it is it would undo
     every change made since (files added elsewhere gone from the latest, the old content of
@@ -252,12 +253,9 @@ async def _check_current(site: Site, dataset: str, latest: VersionDoc | None) ->
     before pushes were recorded, or a push that ended between publishing and recording),
     while one made after it is (this site staged an older version since: a rollback).
     A record newer than the latest names a version the store no longer lists."""
-    if latest is None:
-        return
-    replica = await site.catalog.replica(dataset)
-    root = site.config.namespace.resolve(dataset)
     if (
-        replica is None
+        latest is None
+        or replica is None
         or replica.root != str(root)
         or replica.state != "ready"
         or replica.version >= latest.version
@@ -282,20 +280,14 @@ def _before(recorded: datetime | None, created: str) -> bool:
     return recorded < made
 
 
-Nearby = dict[str, tuple[str, str]]
+async def _nearby(site: Site, dataset: str, root: Path) -> list[ReplicaRow]:
+    """The replica records of datasets above or below `dataset` that share its tree."""
+    return [r for r in await site.catalog.replicas_near(dataset) if _shares(site, root, r)]
 
 
-async def _nearby(site: Site, dataset: str, root: Path) -> Nearby:
-    """The replica records of datasets above or below `dataset` that share its tree, as
-    `{dataset: (version, state)}`."""
-    return {
-        r.dataset: (r.version, r.state)
-        for r in await site.catalog.replicas_near(dataset)
-        if _shares(site, root, r)
-    }
-
-
-async def _check_nested_since(site: Site, dataset: str, root: Path, before: Nearby) -> None:
+async def _check_nested_unchanged(
+    site: Site, dataset: str, root: Path, before: list[ReplicaRow]
+) -> None:
     """`Conflict` if a stage of a dataset above or below `dataset` that shares its tree
     ran while the push read it: a record running or unfinished now, or at another version
     than `before` (`_nearby` when the push began), or new. Its lock is not the push's, so
@@ -303,9 +295,15 @@ async def _check_nested_since(site: Site, dataset: str, root: Path, before: Near
     prolog, again) is no change; compared by value, not by time, so no clock matters. A
     push of a nested dataset meanwhile, which records the version it published, counts
     as a change too (rare: nothing was written, and pushing again goes through)."""
-    now = await _nearby(site, dataset, root)
-    moved = [d for d, held in now.items() if held[1] != "ready" or before.get(d) != held]
-    changed = moved[0] if moved else None
+    held = {r.dataset: (r.version, r.state) for r in before}
+    changed = next(
+        (
+            r.dataset
+            for r in await _nearby(site, dataset, root)
+            if r.state != "ready" or held.get(r.dataset) != (r.version, r.state)
+        ),
+        None,
+    )
     if changed is not None:
         raise Conflict(
             f"{dataset!r}: a stage of {changed!r}, which shares files with this tree, "
@@ -375,14 +373,16 @@ async def _push_tree(
     started: float,
 ) -> PushResult:
     """`push` of the tree at `root`, holding the dataset's lock and its directory."""
+    tree = site.config.namespace.resolve(dataset)
+    replica = await site.catalog.replica(dataset)
+    nearby = await _nearby(site, dataset, tree)
     if not force:
-        await _check_staged(site, dataset)
-    nearby = await _nearby(site, dataset, site.config.namespace.resolve(dataset))
+        _check_staged(dataset, replica, tree, nearby)
     params = await site.repo.chunker_params(create=True)
     parent_id = await site.repo.latest(dataset)
     parent = await site.repo.read_version(dataset, parent_id) if parent_id else None
     if not force:
-        await _check_current(site, dataset, parent)
+        _check_current(site, dataset, replica, tree, parent)
     found, resumed = await _resumable_segments(site, dataset)
     await site.catalog.start_checkpoint(dataset, parent_id, owner_id(), bool(resumed), found)
     async with _holding(site, dataset):
@@ -435,7 +435,6 @@ async def _push_tree(
             result.uploaded_bytes += await _restore_manifest_object(site.repo, digest)
         result.parent = parent_id
 
-        tree = str(site.config.namespace.resolve(dataset))
         if (
             parent is not None
             and parent_read
@@ -448,14 +447,14 @@ async def _push_tree(
                 )
             await site.catalog.clear_checkpoint(dataset)
             await site.catalog.pushed_replica(
-                dataset, tree, parent.version, result.files, result.bytes
+                dataset, str(tree), parent.version, result.files, result.bytes
             )
             result.version, result.unchanged = parent.version, True
             result.seconds = round(time.monotonic() - started, 3)
             return result
         if not force:
             _check_not_emptied(dataset, result, parent)
-            await _check_nested_since(site, dataset, Path(tree), nearby)
+            await _check_nested_unchanged(site, dataset, tree, nearby)
 
         listing = encode_list(segments)
         list_digest = await site.repo.put_manifest_object(listing)
@@ -479,7 +478,7 @@ async def _push_tree(
         result.version = doc.version
         await site.catalog.record_versions([doc])
         await site.catalog.clear_checkpoint(dataset)
-        await site.catalog.pushed_replica(dataset, tree, doc.version, doc.files, doc.bytes)
+        await site.catalog.pushed_replica(dataset, str(tree), doc.version, doc.files, doc.bytes)
         result.seconds = round(time.monotonic() - started, 3)
         return result
 
