@@ -33,6 +33,17 @@ def _refused(env: SiteEnv, *args: str, says: str) -> str:
     return lines[0]
 
 
+async def _pushed(make_site: MakeSite, name: str, files: dict[str, str]) -> tuple[SiteEnv, str]:
+    """Site A with `files` (relative paths, text) under `/proj/<name>`, pushed; the site
+    and the version."""
+    a = await make_site("site-a")
+    for rel, text in files.items():
+        path = a.data / name / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return a, a.cli_json("push", f"/proj/{name}")["version"]
+
+
 async def test_a_tree_staged_at_an_older_version_is_not_pushed_over_the_latest(
     make_site: MakeSite,
 ) -> None:
@@ -72,11 +83,8 @@ async def test_a_tree_staged_at_an_older_version_is_not_pushed_over_the_latest(
 
 async def test_an_emptied_tree_is_not_published_over_a_full_one(make_site: MakeSite) -> None:
     # Before: an unmounted file system's empty mount point was published as the latest.
-    a = await make_site("site-a")
+    a, v1 = await _pushed(make_site, "mnt", {"sub/f": "data\n"})
     src = a.data / "mnt"
-    (src / "sub").mkdir(parents=True)
-    (src / "sub" / "f").write_text("data\n")
-    v1 = a.cli_json("push", "/proj/mnt")["version"]
     shutil.rmtree(src / "sub")
     line = _refused(a, "/proj/mnt", says="the tree is empty")
     assert "1 files" in line and "mounted" in line
@@ -91,10 +99,7 @@ async def test_an_empty_tree_over_an_unreadable_parent_is_not_unchanged(
 ) -> None:
     # Before: the parent's manifest lost, the push compared with nothing, found nothing,
     # and answered "unchanged" with the broken parent as the latest, for good.
-    a = await make_site("site-a")
-    (a.data / "em").mkdir()
-    (a.data / "em" / "keep").write_text("x\n")
-    v1 = a.cli_json("push", "/proj/em")["version"]
+    a, v1 = await _pushed(make_site, "em", {"keep": "x\n"})
     site = await a.open()
     try:
         doc = await site.repo.read_version("/proj/em", v1)
@@ -208,10 +213,7 @@ async def test_a_rolled_back_tree_is_behind_even_after_this_sites_own_push(
 ) -> None:
     # Before: a latest version published by this site was taken for this tree's, so a
     # push after `stage --version v1` here published v1's files over this site's own v2.
-    a = await make_site("site-a")
-    (a.data / "rb").mkdir()
-    (a.data / "rb" / "f").write_text("one\n")
-    v1 = a.cli_json("push", "/proj/rb")["version"]
+    a, v1 = await _pushed(make_site, "rb", {"f": "one\n"})
     (a.data / "rb" / "h").write_text("added in two\n")
     v2 = a.cli_json("push", "/proj/rb")["version"]
     a.cli_json("stage", "/proj/rb", "--version", v1, "--delete")
