@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from datamover.catalog.engine import path_under, upsert_for
 from datamover.catalog.models import Pin, Token, Transfer
+from datamover.catalog.queue_sql import lineage
 from datamover.domain.transfers import State
 
 SCOPES = ("read", "write", "admin")
@@ -202,6 +203,21 @@ class Access:
             query = query.where(p.c.dataset.in_(list(datasets)))
         if tenant is not None:
             query = query.where(p.c.tenant == tenant)
+        async with self.engine.connect() as conn:
+            return [_pin_row(r) for r in await conn.execute(query)]
+
+    async def pins_near(self, dataset: str) -> list[PinRow]:
+        """Pins on datasets above or below `dataset` (not on `dataset` itself), by dataset:
+        those nested datasets share its tree where their prefixes map together."""
+        p = Pin
+        query = (
+            select(p)
+            .where(
+                p.c.dataset != dataset,
+                or_(p.c.dataset.in_(sorted(lineage(dataset))), path_under(p.c.dataset, dataset)),
+            )
+            .order_by(p.c.dataset, p.c.pin, p.c.tenant)
+        )
         async with self.engine.connect() as conn:
             return [_pin_row(r) for r in await conn.execute(query)]
 

@@ -47,7 +47,6 @@ from datamover.errors import (
     DatamoverError,
     InvalidInput,
     NotFound,
-    Pinned,
 )
 from datamover.repo.layout import VersionDoc
 from datamover.repo.manifest import SegmentRef
@@ -55,6 +54,7 @@ from datamover.site import Site
 from datamover.transfer import fsops, procpool, writers
 from datamover.transfer.fetch import Fetcher, Range, decode_ranges, plan_ranges
 from datamover.transfer.locks import take_lock
+from datamover.transfer.pins import check_nested_pins, check_pins
 from datamover.transfer.plan import Op, StagePlanner, children_first
 from datamover.transfer.progress import NoProgress, Progress
 from datamover.transfer.walk import Walker
@@ -886,10 +886,11 @@ async def stage(
     Raises `Conflict` when another stage of the dataset runs (`locks.take_lock`, `_base`),
     and `Pinned` when pins other than `pin` (the caller's own `(pin id, tenant)`, which a
     requeued job holds already) hold the replica at another version: jobs are reading it
-    (`_check_pins`). `force` overrides every pin; `"tenant"` only those of `pin`'s tenant
-    (a token without `admin` scope cannot change the files under another tenant's jobs,
-    as it cannot release their pins). Waits for pushes and verifies of it on this host to
-    end."""
+    (`pins.check_pins`), or would change files that jobs pinning a dataset nested with it
+    read (`pins.check_nested_pins`). `force` overrides every pin; `"tenant"` only those of
+    `pin`'s tenant (a token without `admin` scope cannot change the files under another
+    tenant's jobs, as it cannot release their pins). Waits for pushes and verifies of it on
+    this host to end."""
     started = time.monotonic()
     dataset = check_logical_path(logical)
     lock = await take_lock(site.state_dir, dataset)
@@ -918,13 +919,15 @@ async def _stage(
     fetched_before = site.repo.fetched_bytes
     doc = await site.repo.resolve(dataset, version)
     if force is not True:
-        await _check_pins(site, doc, root, pin, others_only=force == "tenant")
+        await check_pins(site, doc, root, pin, others_only=force == "tenant")
     workers = _write_workers(site.config.transfer, doc.files)
     # Started now, they boot while the manifest is fetched and checked (0.15-0.2 s).
     procs = asyncio.ensure_future(asyncio.to_thread(_start_procs, workers)) if workers else None
     try:
         refs = await site.repo.prefetch(doc)
         checked = await asyncio.to_thread(_check_manifest, site, refs)
+        if force is not True:  # before anything is written: jobs reading nested datasets
+            await check_nested_pins(site, doc, root, refs, pin, force == "tenant", delete)
         me = owner_id()
         base_version, base_refs, interrupted_refs = await _base(site, doc, root, refs, me)
         before = await site.catalog.begin_replica(dataset, str(root), doc.version, base_version, me)
@@ -960,56 +963,6 @@ async def _stage(
     result.downloaded_bytes += site.repo.fetched_bytes - fetched_before
     result.seconds = round(time.monotonic() - started, 3)
     return result
-
-
-async def _check_pins(
-    site: Site,
-    doc: VersionDoc,
-    root: Path,
-    keep: tuple[str, str] | None,
-    others_only: bool = False,
-) -> None:
-    """Raise `Pinned` if the replica at `root` is recorded at another version than `doc`'s
-    while pins other than `keep` hold it: a pin is a job reading the tree, and a stage of
-    another version would change its files under it (and, without `--delete`, leave the
-    older version's extra files beside the newer's). `keep` is `(pin id, tenant)` of the
-    caller (an empty pin id for one without a pin); with `others_only`, only pins of
-    other tenants than `keep`'s count (a forced stage of a token without `admin`).
-    Other tenants' pins are neither named nor counted, and no pin is named without
-    `keep`. Pins on datasets nested with this one are not looked at: whether a stage
-    changes their files depends on what both versions hold there, and refusing on the
-    pin alone stopped jobs asking for the very files pinned."""
-    replica = await site.catalog.replica(doc.dataset)
-    if replica is None or replica.root != str(root) or replica.version == doc.version:
-        return  # no tree recorded here (or mapped elsewhere now), or no change of version
-    from datamover.catalog.access import Access
-
-    others = [
-        p
-        for p in await Access(site.catalog.engine).pins(dataset=doc.dataset)
-        if (p.pin, p.tenant) != keep
-        and not (others_only and keep is not None and p.tenant == keep[1])
-    ]
-    if not others:
-        return
-    foreign = keep is not None and any(p.tenant != keep[1] for p in others)
-    if keep is None:  # this site's own operator: every pin may be counted
-        who = "a pin" + (f" and {len(others) - 1} more" if len(others) > 1 else "")
-    else:
-        mine = [p for p in others if p.tenant == keep[1]]
-        who = f"pin {mine[0].pin!r}" if mine else "another tenant's pin"
-        if len(mine) > 1:
-            who += f" and {len(mine) - 1} more"
-        if mine and foreign:
-            who += " and other tenants' pins"
-        elif not mine and len(others) > 1:
-            who += " and others"
-    how = "an admin token's --force" if foreign else "--force"
-    raise Pinned(
-        f"{doc.dataset!r} is held at version {replica.version} by {who}: staging "
-        f"version {doc.version} would change files under the jobs reading them; stage it "
-        f"once they are released (`datamover release`), or with {how}"
-    )
 
 
 async def _record_failure(

@@ -1,0 +1,251 @@
+"""Pins a stage must respect: the jobs reading a replica's files (docs/design.md, "A pinned
+replica keeps its version").
+
+`check_pins` looks at the staged dataset's own pins before anything is fetched: a stage
+bringing its replica to another version than the one recorded is `Pinned` while other jobs
+hold it. `check_nested_pins` looks, once the manifest is fetched and before anything is
+written, at pins on datasets nested with it (`/proj/ds` and `/proj/ds/sub` share a tree
+where their prefixes map together): the stage is `Pinned` only if it would change what such
+a job reads, so a job asking for `/proj/ds/sub` does not wait for one reading `/proj/ds`
+when both hold the same files there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from datamover.catalog.access import Access, PinRow
+from datamover.domain.manifest import Entry, Kind
+from datamover.domain.paths import printable, sort_key
+from datamover.errors import InvalidInput, NotFound, Pinned
+from datamover.repo.layout import VersionDoc
+from datamover.repo.manifest import SegmentRef
+from datamover.site import Site
+
+
+def counted(pins: list[PinRow], keep: tuple[str, str] | None, others_only: bool) -> list[PinRow]:
+    """The pins of `pins` a stage must respect: all but the caller's own (`keep`, its
+    `(pin id, tenant)`; a requeued job holds its pin already), and with `others_only` (a
+    forced stage of a token without `admin`) only other tenants' than `keep`'s."""
+    return [
+        p
+        for p in pins
+        if (p.pin, p.tenant) != keep
+        and not (others_only and keep is not None and p.tenant == keep[1])
+    ]
+
+
+def holders(pins: list[PinRow], keep: tuple[str, str] | None) -> tuple[str, str]:
+    """`(who, how)` for a refusal over `pins` (non-empty): who holds the files, as the
+    caller may be told, and how to stage anyway. Other tenants' pin ids are neither named
+    nor counted, and no pin is named to a caller without `keep` (the site's operator, who
+    may count them all)."""
+    foreign = keep is not None and any(p.tenant != keep[1] for p in pins)
+    if keep is None:
+        who = "a pin" + (f" and {len(pins) - 1} more" if len(pins) > 1 else "")
+    else:
+        mine = [p for p in pins if p.tenant == keep[1]]
+        who = f"pin {mine[0].pin!r}" if mine else "another tenant's pin"
+        if len(mine) > 1:
+            who += f" and {len(mine) - 1} more"
+        if mine and foreign:
+            who += " and other tenants' pins"
+        elif not mine and len(pins) > 1:
+            who += " and others"
+    return who, "an admin token's --force" if foreign else "--force"
+
+
+async def check_pins(
+    site: Site,
+    doc: VersionDoc,
+    root: Path,
+    keep: tuple[str, str] | None,
+    others_only: bool = False,
+) -> None:
+    """Raise `Pinned` if the replica at `root` is recorded at another version than `doc`'s
+    while pins other than `keep` hold it (`counted`): a pin is a job reading the tree, and
+    a stage of another version would change its files under it (and, without `--delete`,
+    leave the older version's extra files beside the newer's)."""
+    replica = await site.catalog.replica(doc.dataset)
+    if replica is None or replica.root != str(root) or replica.version == doc.version:
+        return  # no tree recorded here (or mapped elsewhere now), or no change of version
+    others = counted(await Access(site.catalog.engine).pins(dataset=doc.dataset), keep, others_only)
+    if not others:
+        return
+    who, how = holders(others, keep)
+    raise Pinned(
+        f"{doc.dataset!r} is held at version {replica.version} by {who}: staging "
+        f"version {doc.version} would change files under the jobs reading them; stage it "
+        f"once they are released (`datamover release`), or with {how}"
+    )
+
+
+@dataclass(frozen=True)
+class _Nested:
+    """Pins at one version of a dataset sharing the staged one's tree: `inner` is the
+    deeper of the two datasets, `rel` its path below the outer one."""
+
+    dataset: str
+    version: str
+    pins: list[PinRow]
+    inner: str
+    rel: str
+    below: bool  # the pinned dataset lies below the staged one
+
+
+async def check_nested_pins(
+    site: Site,
+    doc: VersionDoc,
+    root: Path,
+    refs: list[SegmentRef],
+    keep: tuple[str, str] | None,
+    others_only: bool = False,
+    delete: bool = False,
+) -> None:
+    """Raise `Pinned` if staging `doc` (its manifest list `refs`, prefetched) at `root`
+    would change files that jobs pinning a nested dataset read, pins other than `keep`
+    (`counted`).
+
+    A nested dataset counts where it shares the tree: its prefix maps to the same place
+    below (or above) `root`, and this site has a replica record of it there (a pin on a
+    dataset with no replica here guards no tree, as for the dataset itself). What its jobs
+    read is the version pinned (or, for a pin without one, the recorded version). The
+    stage changes it if the two versions differ in the shared part: a file or symlink
+    whose kind, mode, size, content or target differs, an entry the staged version adds,
+    and with `delete` one it lacks. Times are not compared: restamping a file changes no
+    byte a job reads. Only the segments covering the shared part are fetched."""
+    nested = await _nested(site, doc.dataset, root, keep, others_only)
+    for held in nested:
+        try:
+            other = await site.repo.read_version(held.dataset, held.version)
+        except NotFound:
+            changed: str | None = held.inner  # what the jobs read is gone: assume a change
+        else:
+            if held.below:  # the staged version's part below `rel` against all of `other`
+                other_refs = await site.repo.prefetch(other)
+                changed = await asyncio.to_thread(
+                    _first_change,
+                    _below(_entries(site, _covering(refs, held.rel)), held.rel),
+                    _entries(site, other_refs),
+                    delete,
+                )
+            else:  # all of the staged version against `other`'s part below `rel`
+                part = _covering(await site.repo.segments(other), held.rel)
+                for ref in part:
+                    await site.repo.manifest_object(ref.digest, ref.stored_size)
+                changed = await asyncio.to_thread(
+                    _first_change,
+                    _entries(site, refs),
+                    _below(_entries(site, part), held.rel),
+                    delete,
+                )
+            if changed is not None:
+                changed = f"{held.inner}/{changed}"
+        if changed is None:
+            continue
+        who, how = holders(held.pins, keep)
+        raise Pinned(
+            f"{held.dataset!r} is held at version {held.version} by {who}: staging "
+            f"{doc.dataset!r} version {doc.version} would change {printable(changed)!r} "
+            f"under the jobs reading it; stage it once they are released "
+            f"(`datamover release`), or with {how}"
+        )
+
+
+async def _nested(
+    site: Site, dataset: str, root: Path, keep: tuple[str, str] | None, others_only: bool
+) -> list[_Nested]:
+    """The counted pins on datasets nested with `dataset` that share its tree at `root`,
+    grouped by dataset and version."""
+    pins = counted(await Access(site.catalog.engine).pins_near(dataset), keep, others_only)
+    if not pins:
+        return []
+    records = {r.dataset: r for r in await site.catalog.replicas_near(dataset)}
+    grouped: dict[tuple[str, str], list[PinRow]] = {}
+    found: dict[str, tuple[str, bool]] = {}
+    for pin in pins:
+        record = records.get(pin.dataset)
+        if record is None:
+            continue
+        below = pin.dataset.startswith(dataset + "/")
+        outer, inner = (dataset, pin.dataset) if below else (pin.dataset, dataset)
+        rel = inner[len(outer) + 1 :]
+        try:
+            mapped = site.config.namespace.resolve(pin.dataset)
+        except InvalidInput:  # no longer mapped at this site
+            continue
+        parts = rel.split("/")
+        shared = root.joinpath(*parts) == mapped if below else mapped.joinpath(*parts) == root
+        if not shared or record.root != str(mapped):
+            continue  # mapped elsewhere (another tree), or recorded elsewhere (before a remap)
+        version = pin.version or record.version
+        grouped.setdefault((pin.dataset, version), []).append(pin)
+        found[pin.dataset] = (rel, below)
+    return [
+        _Nested(d, v, ps, d if found[d][1] else dataset, found[d][0], found[d][1])
+        for (d, v), ps in sorted(grouped.items())
+    ]
+
+
+def _covering(refs: list[SegmentRef], rel: str) -> list[SegmentRef]:
+    """The segments of a sorted manifest list that may hold entries below `rel` (a
+    contiguous run: `rel`'s subtree is contiguous in manifest order)."""
+    key = sort_key(rel)
+    n = len(key)
+    return [r for r in refs if sort_key(r.last_path)[:n] >= key >= sort_key(r.first_path)[:n]]
+
+
+def _entries(site: Site, refs: list[SegmentRef]) -> Iterator[Entry]:
+    """The entries of cached segments `refs`, in order (blocking)."""
+    return site.repo.iter_cached(refs, check=False)
+
+
+def _below(entries: Iterator[Entry], rel: str) -> Iterator[Entry]:
+    """The entries below `rel`, with paths relative to it, in the same order."""
+    prefix = rel + "/"
+    cut = len(prefix)
+    inside = False
+    for e in entries:
+        if e.path.startswith(prefix):
+            inside = True
+            yield Entry(e.path[cut:], e.kind, e.mode, e.mtime_ns, e.size, e.target, e.chunks)
+        elif inside:
+            return  # past the subtree
+
+
+def _alike(a: Entry, b: Entry) -> bool:
+    """Whether staging `a` over `b` leaves what a reader sees as it was."""
+    if a.kind != b.kind:
+        return False
+    if a.kind == Kind.DIR:
+        return True
+    if a.kind == Kind.SYMLINK:
+        return a.target == b.target
+    return (
+        a.mode == b.mode
+        and a.size == b.size
+        and len(a.chunks) == len(b.chunks)
+        and all(x.digest == y.digest for x, y in zip(a.chunks, b.chunks, strict=True))
+    )
+
+
+def _first_change(new: Iterator[Entry], held: Iterator[Entry], delete: bool) -> str | None:
+    """The first path, in manifest order, that staging the sorted entries `new` over a tree
+    holding the sorted entries `held` would change (with `delete`, remove); None if none."""
+    n, h = next(new, None), next(held, None)
+    while n is not None or h is not None:
+        if h is None or (n is not None and sort_key(n.path) < sort_key(h.path)):
+            assert n is not None
+            return n.path  # added
+        if n is None or sort_key(h.path) < sort_key(n.path):
+            if delete:
+                return h.path  # removed
+            h = next(held, None)
+            continue
+        if not _alike(n, h):
+            return n.path
+        n, h = next(new, None), next(held, None)
+    return None
