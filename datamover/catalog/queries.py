@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -153,9 +153,16 @@ class Catalog:
         """Record a pack that is complete in the store, and index its chunks (idempotent)."""
         await self.add_packs([(pack_id, size, chunks)])
 
-    async def add_packs(self, packs: Sequence[tuple[bytes, int, Iterable[ChunkRef]]]) -> int:
+    async def add_packs(
+        self,
+        packs: Sequence[tuple[bytes, int | None, Iterable[ChunkRef]]],
+        totals: Mapping[bytes, int] | None = None,
+    ) -> int:
         """Record packs `(id, size, chunks)` complete in the store and index their chunks,
-        in one transaction (idempotent); return how many chunks were new to the index.
+        in one transaction (idempotent); return how many chunks were new to the index. A
+        size of None indexes the chunks alone, without the pack (a part of a long pack
+        index, `reindex`: the pack is recorded with its last part, its chunk count taken
+        from `totals` where given).
 
         Bulk at the driver: COPY into a temporary table on PostgreSQL, one executemany of
         INSERT OR IGNORE on SQLite. Many packs in one transaction cost much less than one
@@ -172,8 +179,15 @@ class Catalog:
         for pack_id, size, chunks in sorted(packs, key=lambda p: p[0]):
             first = len(rows)
             rows.extend(tuple(c) for c in chunks)
+            if size is None:
+                continue
             pack_rows.append(
-                {"id": pack_id, "size": size, "chunks": len(rows) - first, "created_at": now}
+                {
+                    "id": pack_id,
+                    "size": size,
+                    "chunks": (totals or {}).get(pack_id, len(rows) - first),
+                    "created_at": now,
+                }
             )
         rows.sort()
         async with self.engine.begin() as conn:
@@ -189,11 +203,15 @@ class Catalog:
         """COPY `rows` (sorted) into the chunk index through the driver; the rows added."""
         import asyncpg
 
+        # Through SQLAlchemy first: its adapter begins the transaction at its first
+        # statement, and the driver's own calls alone would each commit, emptying the
+        # temporary table (ON COMMIT DELETE ROWS) before the merge (chunks of a long
+        # pack index's parts, recorded without a pack row, were lost so).
+        await conn.exec_driver_sql(_PG_TEMP)
         raw = await conn.get_raw_connection()
         driver = raw.driver_connection
         assert driver is not None
         try:
-            await driver.execute(_PG_TEMP)
             await driver.copy_records_to_table("chunks_in", records=rows)
             status = await driver.execute(_PG_MERGE)
         except (

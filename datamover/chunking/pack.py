@@ -124,12 +124,24 @@ def parse_index(
         raise Corrupt(f"pack index is {len(index)} bytes, expected {count * ENTRY_SIZE}")
     if blake3.blake3(index).digest() != index_digest:
         raise Corrupt("pack index digest mismatch")
+    entries = parse_entries(index, 0, data_size, set())
+    check_end(entries[-1].offset + entries[-1].stored_length if entries else 0, data_size)
+    return entries
+
+
+def parse_entries(
+    index: bytes | memoryview, offset: int, data_size: int, seen: set[bytes]
+) -> list[PackEntry]:
+    """Check and parse a run of whole index entries whose first chunk must start at data
+    offset `offset` (0 for an index's first entry), each within the data area of
+    `data_size` bytes; digests in `seen` (which this extends) count as seen twice. The
+    index's digest and its end (`check_end`) are the caller's to check."""
+    if len(index) % ENTRY_SIZE:
+        raise Corrupt(f"pack index run of {len(index)} bytes is no whole number of entries")
     entries: list[PackEntry] = []
-    seen: set[bytes] = set()
-    expected_offset = 0
-    for digest, offset, stored, raw, codec in _ENTRY.iter_unpack(index):
-        if offset != expected_offset:
-            raise Corrupt(f"pack index entry at offset {offset} does not follow the previous one")
+    for digest, at, stored, raw, codec in _ENTRY.iter_unpack(index):
+        if at != offset:
+            raise Corrupt(f"pack index entry at offset {at} does not follow the previous one")
         if codec not in (Codec.RAW, Codec.ZSTD):
             raise Corrupt(f"pack index entry has unknown codec {codec}")
         if codec == Codec.RAW and stored != raw:
@@ -141,14 +153,23 @@ def parse_index(
                 f"pack index entry has lengths outside the format's limits "
                 f"(stored {stored}, raw {raw})"
             )
+        if at + stored > data_size:
+            raise Corrupt(
+                f"pack index entry at offset {at} ends past the data area ({data_size} bytes)"
+            )
         if digest in seen:
             raise Corrupt("pack index lists one digest twice")
         seen.add(digest)
-        expected_offset = offset + stored
-        entries.append(PackEntry(digest, offset, stored, raw, codec))
-    if expected_offset != data_size:
-        raise Corrupt(f"pack blobs end at {expected_offset} but the data area is {data_size} bytes")
+        offset = at + stored
+        entries.append(PackEntry(digest, at, stored, raw, codec))
     return entries
+
+
+def check_end(end: int, data_size: int) -> None:
+    """`Corrupt` unless an index's entries, ending at data offset `end`, tile the whole
+    data area."""
+    if end != data_size:
+        raise Corrupt(f"pack blobs end at {end} but the data area is {data_size} bytes")
 
 
 def parse_pack(data: bytes | memoryview, pack_id: bytes | None = None) -> list[PackEntry]:

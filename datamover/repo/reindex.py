@@ -6,8 +6,8 @@ every chunk other sites (or its own earlier catalog) already stored. The store i
 self-describing (docs/format.md): every pack ends with an index of its chunks. `reindex`
 lists `packs/<hex[0:2]>/` (`pack_listing`), skips the packs this catalog has recorded,
 reads the index of each other pack (one ranged GET of its tail, a second when the index is
-longer than the first read) and records the pack and its chunks, as a push does after
-uploading one.
+longer than the first read; a long index in runs, twice: `PackIndex`) and records the pack
+and its chunks, as a push does after uploading one.
 
 Contract:
 - Incremental and resumable: a pack is recorded with its chunks once its index is checked
@@ -20,9 +20,11 @@ Contract:
   `read_data` also reads each new pack's data and checks that every chunk decodes to its
   digest and the pack's bytes hash to its name (what the index alone cannot prove); packs
   already recorded are not read again.
-- Bounded memory: the listing streams; at most `concurrency` indexes (with `read_data`,
-  `READ_DATA_CONCURRENCY` spans of `DATA_SPAN` bytes) are held at once, plus the chunks
-  queued for the next transaction (`FLUSH_ROWS`, and up to `concurrency` packs' more).
+- Bounded memory: the listing streams; an index is held whole only up to `INDEX_RUN`
+  entries, a longer one is read in runs of that many (`PackIndex`), so at most
+  `concurrency` packs' two runs (with `read_data`, `READ_DATA_CONCURRENCY` packs and a span
+  of `DATA_SPAN` bytes each) are held at once, plus the chunks queued for the next
+  transaction (`FLUSH_ROWS`, and up to `concurrency` packs' runs more).
 - `chunks_indexed` counts chunks new to the index: one already there (from another pack,
   or recorded meanwhile by another writer) is not counted again.
 - Store outages and refusals end the run (`StoreUnavailable`, `StoreAccessDenied`); what
@@ -43,7 +45,15 @@ import blake3
 
 from datamover.catalog.queries import Catalog
 from datamover.chunking import codec
-from datamover.chunking.pack import ENTRY_SIZE, TRAILER_SIZE, PackEntry, parse_index, parse_trailer
+from datamover.chunking.pack import (
+    ENTRY_SIZE,
+    TRAILER_SIZE,
+    PackEntry,
+    check_end,
+    parse_entries,
+    parse_index,
+    parse_trailer,
+)
 from datamover.domain.manifest import ChunkRef
 from datamover.errors import Corrupt, ObjectNotFound
 from datamover.storage.base import ObjectInfo, Store
@@ -56,6 +66,9 @@ FIRST_READ = 64 << 10
 BATCH = 256
 #: Prefixes of `packs/` listed at once.
 LIST_PREFIXES = 16
+#: Entries of a pack index read, checked and queued at a time (3.2 MB of index): a longer
+#: index is read in runs of this many, twice (`PackIndex`).
+INDEX_RUN = 1 << 16
 #: Chunks read from pack indexes and recorded in one transaction (about 10 MB queued).
 FLUSH_ROWS = 50_000
 #: Packs read at once with `read_data`, each `DATA_SPAN` bytes (and a chunk) at a time.
@@ -116,36 +129,132 @@ def pack_id_of(key: str) -> bytes | None:
     return bytes.fromhex(m.group(2))
 
 
-async def _read_tail(store: Store, key: str, size: int) -> tuple[list[PackEntry], bytes, int]:
-    """`(entries, the index and trailer as stored, bytes read)` of the pack at `key`."""
-    if size < TRAILER_SIZE + ENTRY_SIZE:
-        raise Corrupt(f"{size} bytes, too short for a pack")
-    first = min(size, FIRST_READ)
-    tail = await store.get(key, size - first, first)
-    if len(tail) != first:
-        raise Corrupt(f"read {len(tail)} bytes of its last {first}: shorter than listed")
-    index_digest, count = parse_trailer(tail[-TRAILER_SIZE:])
-    need = TRAILER_SIZE + count * ENTRY_SIZE
-    if need > size:
-        raise Corrupt(f"an index of {count} entries does not fit in {size} bytes")
-    read = len(tail)
-    if need > first:
-        more = await store.get(key, size - need, need - first)
-        if len(more) != need - first:
+class PackIndex:
+    """The index of the pack at `key` (`size` bytes, as listed), read from the store and
+    checked (the module docstring); `read` counts the bytes read so far.
+
+    An index of up to `INDEX_RUN` entries is read whole (one ranged GET of the tail, a
+    second when it is longer than the first read). A longer one is read `INDEX_RUN`
+    entries at a time, twice: a first pass checks the index's digest and every entry and
+    keeps the BLAKE3 of each run; the second hands on each run once it hashes as in the
+    first pass. So memory holds one run, whatever the trailer claims (up to 2^24 entries,
+    800 MB of index), and nothing of an index that fails is handed on. Within a long index
+    a digest listed twice is refused only inside one run (harmless beyond: the chunk index
+    keeps one place per digest).
+    """
+
+    def __init__(self, store: Store, key: str, size: int) -> None:
+        self.store = store
+        self.key = key
+        self.size = size
+        self.read = 0
+        self.digest = b""
+        self.count = 0
+        self.data_size = 0
+        self._tail: bytes | None = None  # the index and trailer, when read whole
+
+    async def _get(self, start: int, length: int) -> bytes:
+        data = await self.store.get(self.key, start, length)
+        if len(data) != length:
             raise Corrupt("the pack is shorter than listed")
-        read += len(more)
-        tail = more + tail
-    tail = tail[len(tail) - need :]
-    entries = parse_index(memoryview(tail)[:-TRAILER_SIZE], index_digest, count, size - need)
-    return entries, tail, read
+        self.read += length
+        return data
+
+    async def _open(self) -> None:
+        """Read the trailer (and the whole index when it is short enough)."""
+        size = self.size
+        if size < TRAILER_SIZE + ENTRY_SIZE:
+            raise Corrupt(f"{size} bytes, too short for a pack")
+        first = min(size, FIRST_READ)
+        tail = await self.store.get(self.key, size - first, first)
+        if len(tail) != first:
+            raise Corrupt(f"read {len(tail)} bytes of its last {first}: shorter than listed")
+        self.read += first
+        self.digest, self.count = parse_trailer(tail[-TRAILER_SIZE:])
+        need = TRAILER_SIZE + self.count * ENTRY_SIZE
+        if need > size:
+            raise Corrupt(f"an index of {self.count} entries does not fit in {size} bytes")
+        self.data_size = size - need
+        if self.count > INDEX_RUN:
+            return
+        if need > first:
+            tail = await self._get(size - need, need - first) + tail
+        self._tail = tail[len(tail) - need :]
+
+    def _run_spans(self) -> Iterator[tuple[int, int]]:
+        """`(start, length)` in the pack of each run of a long index."""
+        step = INDEX_RUN * ENTRY_SIZE
+        end = self.size - TRAILER_SIZE
+        for start in range(self.data_size, end, step):
+            yield start, min(step, end - start)
+
+    async def runs(self) -> AsyncIterator[list[PackEntry]]:
+        """The index's entries, checked, a run at a time (one run for a short index).
+        Raises `Corrupt` naming what is wrong, `ObjectNotFound` if the pack is gone."""
+        await self._open()
+        if self._tail is not None:
+            index = memoryview(self._tail)[:-TRAILER_SIZE]
+            yield await asyncio.to_thread(
+                parse_index, index, self.digest, self.count, self.data_size
+            )
+            return
+        hasher = blake3.blake3()
+        sums: list[bytes] = []
+        offset = 0
+        for start, length in self._run_spans():
+            data = await self._get(start, length)
+            hasher.update(data)
+            sums.append(blake3.blake3(data).digest())
+            run = await asyncio.to_thread(parse_entries, data, offset, self.data_size, set())
+            offset = run[-1].offset + run[-1].stored_length
+        if hasher.digest() != self.digest:
+            raise Corrupt("pack index digest mismatch")
+        check_end(offset, self.data_size)
+        offset = 0
+        for (start, length), digest in zip(self._run_spans(), sums, strict=True):
+            data = await self._get(start, length)
+            if blake3.blake3(data).digest() != digest:
+                raise Corrupt("its index changed while it was read")
+            run = await asyncio.to_thread(parse_entries, data, offset, self.data_size, set())
+            offset = run[-1].offset + run[-1].stored_length
+            yield run
+
+    async def checked_runs(self, pack_id: bytes) -> AsyncIterator[list[PackEntry]]:
+        """`runs`, each handed on once its data is read too, `DATA_SPAN` bytes at a time,
+        and every chunk of it decodes to its digest; the whole pack must hash to `pack_id`
+        (its name). Raises `Corrupt` naming the first failure: a short index's only run is
+        then not handed on; a long index's runs before it were (each chunk in them sound,
+        but the pack is not what its name says)."""
+        hasher = blake3.blake3()
+        held: list[PackEntry] | None = None
+        async for run in self.runs():
+            for span in _spans(run, DATA_SPAN):
+                start = span[0].offset
+                end = span[-1].offset + span[-1].stored_length
+                blob = await self._get(start, end - start)
+                await asyncio.to_thread(_check_span, hasher, blob, start, span)
+            if self._tail is not None:
+                held = run  # the only run: handed on once the name is checked
+            else:
+                yield run
+        if self._tail is not None:
+            hasher.update(self._tail)
+        else:
+            for start, length in self._run_spans():
+                hasher.update(await self._get(start, length))
+            hasher.update(await self._get(self.size - TRAILER_SIZE, TRAILER_SIZE))
+        if hasher.digest() != pack_id:
+            raise Corrupt("its bytes do not match its name (the BLAKE3 of the pack)")
+        if held is not None:
+            yield held
 
 
 async def read_index(store: Store, key: str, size: int) -> tuple[list[PackEntry], int]:
-    """The checked index of the pack at `key`, whose size the listing gave; returns
-    `(entries, bytes read)`. Raises `Corrupt` naming what is wrong, `ObjectNotFound` if the
-    pack is gone."""
-    entries, _, read = await _read_tail(store, key, size)
-    return entries, read
+    """Every entry of the checked index of the pack at `key` (`PackIndex.runs` gathered:
+    for a pack known to be small) and the bytes read."""
+    index = PackIndex(store, key, size)
+    entries = [e async for run in index.runs() for e in run]
+    return entries, index.read
 
 
 def _spans(entries: list[PackEntry], limit: int) -> Iterator[list[PackEntry]]:
@@ -178,23 +287,11 @@ def _check_span(hasher: Any, blob: bytes, start: int, run: list[PackEntry]) -> N
 async def read_checked(
     store: Store, key: str, size: int, pack_id: bytes
 ) -> tuple[list[PackEntry], int]:
-    """`read_index`, and then the data too, `DATA_SPAN` bytes at a time: every chunk must
-    decode to its digest and the whole pack hash to `pack_id` (its name). Raises `Corrupt`
-    naming the first failure."""
-    entries, tail, read = await _read_tail(store, key, size)
-    hasher = blake3.blake3()
-    for run in _spans(entries, DATA_SPAN):
-        start = run[0].offset
-        end = run[-1].offset + run[-1].stored_length
-        blob = await store.get(key, start, end - start)
-        if len(blob) != end - start:
-            raise Corrupt("the pack is shorter than listed")
-        read += len(blob)
-        await asyncio.to_thread(_check_span, hasher, blob, start, run)
-    hasher.update(tail)
-    if hasher.digest() != pack_id:
-        raise Corrupt("its bytes do not match its name (the BLAKE3 of the pack)")
-    return entries, read
+    """`PackIndex.checked_runs` gathered (for a pack known to be small) and the bytes
+    read."""
+    index = PackIndex(store, key, size)
+    entries = [e async for run in index.checked_runs(pack_id) for e in run]
+    return entries, index.read
 
 
 class _Run:
@@ -210,8 +307,10 @@ class _Run:
         limit = min(concurrency, READ_DATA_CONCURRENCY) if read_data else concurrency
         self.slots = asyncio.Semaphore(max(1, limit))
         self.writing = asyncio.Lock()
-        self.queued: list[tuple[bytes, int, list[ChunkRef]]] = []  # read, not yet recorded
+        # Read, not yet recorded: (pack id, its size or None for chunks only, chunks).
+        self.queued: list[tuple[bytes, int | None, list[ChunkRef]]] = []
         self.queued_rows = 0
+        self.totals: dict[bytes, int] = {}  # chunks of each pack queued whole
         self.result = ReindexResult(read_data=read_data)
 
     def _corrupt(self, key: str, reason: str) -> None:
@@ -219,34 +318,52 @@ class _Run:
         if len(self.result.corrupt) < SAMPLE:
             self.result.corrupt.append((key, reason))
 
-    async def _read(self, key: str, pack_id: bytes, size: int) -> tuple[list[PackEntry], int]:
-        if not self.read_data:
-            return await read_index(self.store, key, size)
-        return await read_checked(self.store, key, size, pack_id)
-
     async def one(self, info: ObjectInfo, pack_id: bytes) -> None:
         """Read and check one pack and queue it for recording. The slot is held until it
         is queued (and written, when that makes the queue full), so at most `concurrency`
-        indexes besides the queue's `FLUSH_ROWS` chunks are in memory."""
+        packs' runs (two `INDEX_RUN`s each at most) besides the queue's `FLUSH_ROWS`
+        chunks are in memory. A long index's runs are queued as they come, as chunks
+        only; the pack itself is recorded with its last run, so a pack whose index fails
+        later, or a run cut short, is read again by the next run."""
+        index = PackIndex(self.store, info.key, info.size)
+        reported = 0
         async with self.slots:
+            pending: list[ChunkRef] | None = None
+            runs = index.checked_runs(pack_id) if self.read_data else index.runs()
             try:
-                entries, read = await self._read(info.key, pack_id, info.size)
+                async with contextlib.aclosing(runs):
+                    async for run in runs:
+                        if pending is not None:
+                            await self._queue(pack_id, None, pending)
+                        pending = [
+                            ChunkRef(
+                                e.digest, pack_id, e.offset, e.stored_length, e.raw_length, e.codec
+                            )
+                            for e in run
+                        ]
+                        self.progress.advance(0, index.read - reported)
+                        reported = index.read
             except ObjectNotFound:
                 self.result.vanished += 1  # removed since it was listed: nothing to learn
                 return
             except Corrupt as exc:
                 self._corrupt(info.key, exc.message)
                 return
-            self.result.bytes_read += read
-            refs = [
-                ChunkRef(e.digest, pack_id, e.offset, e.stored_length, e.raw_length, e.codec)
-                for e in entries
-            ]
-            self.queued.append((pack_id, info.size, refs))
-            self.queued_rows += len(refs)
-            self.progress.advance(1, read)
-            if self.queued_rows >= FLUSH_ROWS:
-                await self.flush()
+            finally:
+                self.result.bytes_read += index.read
+                self.progress.advance(0, index.read - reported)
+            assert pending is not None  # an index holds one entry at least
+            self.progress.advance(1, 0)
+            self.totals[pack_id] = index.count
+            await self._queue(pack_id, info.size, pending)
+
+    async def _queue(self, pack_id: bytes, size: int | None, refs: list[ChunkRef]) -> None:
+        """Queue `refs` for recording, with their pack when `size` is given (else as chunks
+        only), and record the queue once it holds `FLUSH_ROWS` chunks."""
+        self.queued.append((pack_id, size, refs))
+        self.queued_rows += len(refs)
+        if self.queued_rows >= FLUSH_ROWS:
+            await self.flush()
 
     async def flush(self) -> None:
         """Record every queued pack in one transaction."""
@@ -254,8 +371,9 @@ class _Run:
             if not self.queued:
                 return
             packs, self.queued, self.queued_rows = self.queued, [], 0
-            self.result.chunks_indexed += await self.catalog.add_packs(packs)
-            self.result.packs_indexed += len(packs)
+            totals = {p: self.totals.pop(p) for p, size, _ in packs if size is not None}
+            self.result.chunks_indexed += await self.catalog.add_packs(packs, totals)
+            self.result.packs_indexed += sum(size is not None for _, size, _ in packs)
 
     async def batch(self, listed: Sequence[tuple[ObjectInfo, bytes]]) -> None:
         """Record the packs of `listed` this catalog does not know."""
