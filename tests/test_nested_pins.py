@@ -224,3 +224,86 @@ async def test_the_cli_says_pinned_in_one_line_and_exits_11(make_site: MakeSite)
     assert (b.data / "ds" / "sub" / "f").read_text() == "f 1\n"
     assert b.cli("stage", "/proj/ds", "--force").returncode == 0
     assert (b.data / "ds" / "sub" / "f").read_text() == "f 2\n"
+
+
+# -- a parent's stage over a nested dataset's newer files ------------------------------------
+
+
+async def test_a_parents_stage_over_a_childs_newer_files_stops_the_childs_push(
+    make_site: MakeSite,
+) -> None:
+    # Before: the parent's stage put its older `child/f` back, the child's record still
+    # said its newer version was there, and the child's push published the older file as
+    # its latest, for every site to stage.
+    from datamover.errors import Conflict
+    from datamover.scheduler.satisfied import _tree_holds
+
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "par" / "child").mkdir(parents=True)
+    (a.data / "par" / "child" / "f").write_text("v1\n")
+    (a.data / "par" / "g").write_text("g\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/par")
+        (a.data / "par" / "child" / "f").write_text("v2, the child's\n")
+        child = (await push(site_a, "/proj/par/child")).version
+        await stage(site_b, "/proj/par")
+        await stage(site_b, "/proj/par/child")
+        assert (b.data / "par" / "child" / "f").read_text() == "v2, the child's\n"
+
+        await stage(site_b, "/proj/par")  # its own version again: the older child/f back
+        assert (b.data / "par" / "child" / "f").read_text() == "v1\n"
+        record = await site_b.catalog.replica("/proj/par/child")
+        assert record is not None and (record.state, record.version) == ("overwritten", child)
+        assert not await _tree_holds(site_b, "/proj/par/child", child)  # not "satisfied"
+        with pytest.raises(Conflict, match="a stage of a dataset above it changed files"):
+            await push(site_b, "/proj/par/child")
+        assert (await site_b.repo.latest("/proj/par/child")) == child  # nothing published
+        # The parent's own push is not held up by it.
+        assert (await push(site_b, "/proj/par")).unchanged
+        # Staging the child again brings its files back and its record to ready.
+        await stage(site_b, "/proj/par/child")
+        assert (b.data / "par" / "child" / "f").read_text() == "v2, the child's\n"
+        pushed = await push(site_b, "/proj/par/child")
+        assert pushed.unchanged and pushed.version == child
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_parents_stage_that_leaves_a_childs_files_as_they_are_marks_nothing(
+    make_site: MakeSite,
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "par" / "child").mkdir(parents=True)
+    (a.data / "par" / "child" / "f").write_text("same\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/par/child")
+        await stage(site_b, "/proj/par/child")
+        (a.data / "par" / "g").write_text("new outside the child\n")
+        await push(site_a, "/proj/par")
+        await stage(site_b, "/proj/par")
+        record = await site_b.catalog.replica("/proj/par/child")
+        assert record is not None and record.state == "ready"
+        assert (await push(site_b, "/proj/par/child")).unchanged
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_the_cli_refuses_the_overwritten_childs_push_and_force_publishes(
+    make_site: MakeSite,
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "par" / "child").mkdir(parents=True)
+    (a.data / "par" / "child" / "f").write_text("v1\n")
+    assert a.cli("push", "/proj/par").returncode == 0
+    (a.data / "par" / "child" / "f").write_text("v2\n")
+    assert a.cli("push", "/proj/par/child").returncode == 0
+    assert b.cli("stage", "/proj/par/child").returncode == 0
+    assert b.cli("stage", "/proj/par").returncode == 0
+    proc = b.cli("push", "/proj/par/child")
+    assert proc.returncode == 4, proc.stderr
+    assert len(list(_lines(proc.stderr))) == 1 and "stage it again" in proc.stderr
+    assert b.cli("push", "/proj/par/child", "--force").returncode == 0

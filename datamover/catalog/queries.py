@@ -402,6 +402,21 @@ class Catalog:
         async with self.engine.begin() as conn:
             await conn.execute(stmt)
 
+    async def mark_overwritten(self, datasets: Sequence[str]) -> None:
+        """Mark the `ready` records of `datasets` `overwritten`: a stage of a dataset above
+        each is about to change files of its tree (`pins.overwritten_below`). A stage of
+        the dataset itself makes it `ready` again; its push refuses until then."""
+        if not datasets:
+            return
+        table = Replica
+        stmt = (
+            update(table)
+            .where(table.c.dataset.in_(list(datasets)), table.c.state == "ready")
+            .values(state="overwritten", updated_at=_now())
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
+
     async def pushed_replica(
         self, dataset: str, root: str, version: str, files: int, nbytes: int
     ) -> None:

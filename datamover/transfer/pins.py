@@ -20,7 +20,7 @@ from pathlib import Path
 from datamover.catalog.access import Access, PinRow
 from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import printable, sort_key
-from datamover.errors import InvalidInput, NotFound, Pinned
+from datamover.errors import Corrupt, InvalidInput, NotFound, Pinned
 from datamover.repo.layout import VersionDoc
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
@@ -153,6 +153,44 @@ async def check_nested_pins(
             f"under the jobs reading it; stage it once they are released "
             f"(`datamover release`), or with {how}"
         )
+
+
+async def overwritten_below(
+    site: Site, doc: VersionDoc, root: Path, refs: list[SegmentRef], delete: bool
+) -> list[str]:
+    """The nested datasets below `doc`'s whose trees, shared with `root` and recorded
+    `ready` at this site, staging `doc` (its prefetched manifest list `refs`) would change:
+    `doc`'s part below each differs from the version recorded there (as
+    `check_nested_pins` compares). Their records are to be marked `overwritten` before the
+    stage writes, so that a push of theirs does not publish what the stage put there (an
+    older version's files, maybe) as their newest, and a stage of theirs is not answered
+    as already done. A version that cannot be read counts as changed."""
+    changed: list[str] = []
+    for record in await site.catalog.replicas_near(doc.dataset):
+        if record.state != "ready" or not record.dataset.startswith(doc.dataset + "/"):
+            continue
+        rel = record.dataset[len(doc.dataset) + 1 :]
+        try:
+            mapped = site.config.namespace.resolve(record.dataset)
+        except InvalidInput:
+            continue
+        if mapped != root.joinpath(*rel.split("/")) or record.root != str(mapped):
+            continue
+        try:
+            other = await site.repo.read_version(record.dataset, record.version)
+            other_refs = await site.repo.prefetch(other)
+        except (NotFound, Corrupt):
+            changed.append(record.dataset)
+            continue
+        first = await asyncio.to_thread(
+            _first_change,
+            _below(_entries(site, _covering(refs, rel)), rel),
+            _entries(site, other_refs),
+            delete,
+        )
+        if first is not None:
+            changed.append(record.dataset)
+    return changed
 
 
 async def _nested(

@@ -56,6 +56,10 @@ _CHECKPOINT_BATCH = 256
 #: enough unless packs keep vanishing while the push runs.
 _HEAL_PASSES = 2
 
+#: Replica states of a tree no stage is writing: `overwritten` is a nested dataset's whose
+#: files a stage of one above it changed (that one's record says what the tree holds).
+_SETTLED = ("ready", "overwritten")
+
 log = logging.getLogger(__name__)
 
 
@@ -224,6 +228,12 @@ def _check_staged(
     it with `--delete` remove the rest. (One running here holds the lock; this is one that
     was killed or failed.) The same for a dataset above or below `dataset` (`nearby`, the
     records sharing its tree), whose stage may also be running: their locks are their own."""
+    if replica is not None and replica.state == "overwritten" and replica.root == str(root):
+        raise Conflict(
+            f"{dataset!r}: a stage of a dataset above it changed files of this tree after "
+            f"version {replica.version} was staged here, so it may hold older files; stage "
+            f"it again (datamover stage {dataset}) or publish the tree as it is with --force"
+        )
     if replica is not None and replica.state != "ready" and replica.root == str(root):
         raise Conflict(
             f"{dataset!r}: a stage of version {replica.version} into this tree did not "
@@ -232,7 +242,7 @@ def _check_staged(
         )
     # A dataset above or below this one shares files with its tree: a stage of it that is
     # running, or did not finish, leaves this tree part one version, part another.
-    near = next((r for r in nearby if r.state != "ready"), None)
+    near = next((r for r in nearby if r.state not in _SETTLED), None)
     if near is not None:
         raise Conflict(
             f"{dataset!r}: a stage of {near.dataset!r} (version {near.version}), which "
@@ -300,7 +310,7 @@ async def _check_nested_unchanged(
         (
             r.dataset
             for r in await _nearby(site, dataset, root)
-            if r.state != "ready" or held.get(r.dataset) != (r.version, r.state)
+            if r.state not in _SETTLED or held.get(r.dataset) != (r.version, r.state)
         ),
         None,
     )

@@ -54,7 +54,7 @@ from datamover.site import Site
 from datamover.transfer import fsops, procpool, writers
 from datamover.transfer.fetch import Fetcher, Range, decode_ranges, plan_ranges
 from datamover.transfer.locks import take_lock
-from datamover.transfer.pins import check_nested_pins, check_pins
+from datamover.transfer.pins import check_nested_pins, check_pins, overwritten_below
 from datamover.transfer.plan import Op, StagePlanner, children_first
 from datamover.transfer.progress import NoProgress, Progress
 from datamover.transfer.walk import Walker
@@ -930,7 +930,9 @@ async def _stage(
             await check_nested_pins(site, doc, root, refs, pin, force == "tenant", delete)
         me = owner_id()
         base_version, base_refs, interrupted_refs = await _base(site, doc, root, refs, me)
+        below = await overwritten_below(site, doc, root, refs, delete)
         before = await site.catalog.begin_replica(dataset, str(root), doc.version, base_version, me)
+        await site.catalog.mark_overwritten(below)  # before anything is written: crash-safe
         stager: _Stager | None = None
         try:
             progress.total(doc.files, doc.bytes)
