@@ -976,7 +976,8 @@ def content_problem(root: str, entry: Entry) -> str | None:
     else what is wrong, as a phrase to follow its path: the content differs, it is no
     longer a regular file, or it cannot be opened or read (the reason).
 
-    Reads by the manifest's chunk boundaries, so no chunker is needed. Read-only. Every
+    Reads by the manifest's chunk boundaries, so no chunker is needed. Read-only (a file
+    the version makes unreadable to its owner: `_locked_problem`). Every
     directory on the way is opened below the last without following a symlink, so a path
     longer than PATH_MAX is read as well as a short one and a link swapped in for a
     directory is not followed out of the tree. Opened without blocking: a FIFO put where
@@ -984,8 +985,18 @@ def content_problem(root: str, entry: Entry) -> str | None:
     """
     try:
         fd = _open_beneath(root, entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except PermissionError as exc:
+        return _locked_problem(root, entry, exc)
     except OSError as exc:
         return _unreadable(exc)
+    try:
+        return _compare(fd, entry)
+    finally:
+        os.close(fd)
+
+
+def _compare(fd: int, entry: Entry) -> str | None:
+    """`content_problem` of the file open as `fd`."""
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return "is no longer a regular file"
@@ -1000,8 +1011,45 @@ def content_problem(root: str, entry: Entry) -> str | None:
         return None
     except OSError as exc:
         return _unreadable(exc)
+
+
+def _locked_problem(root: str, entry: Entry, refused: PermissionError) -> str | None:
+    """`content_problem` of a file its owner may not read. A version may hold one (mode
+    0o000 or 0o200, pushed by root): staged by its owner, it is as the version says, and
+    refusing to read it had verify fail, and every `stage --checksum` move it to the trash
+    and fetch it again, for good. A regular file this process owns whose permission bits
+    are the version's, which lack the owner's read bit, is opened with that bit given for
+    the moment of the open (through its `O_PATH` descriptor, so no link is followed) and
+    then its mode back; any other is reported as unreadable (a user's chmod is theirs)."""
+    if entry.mode & stat.S_IRUSR:
+        return _unreadable(refused)
+    try:
+        path_fd = _open_beneath(root, entry.path, os.O_PATH | os.O_NOFOLLOW)
+    except OSError as exc:
+        return _unreadable(exc)
+    try:
+        st = os.fstat(path_fd)
+        if not stat.S_ISREG(st.st_mode):
+            return "is no longer a regular file"
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid != os.geteuid() or mode & 0o777 != entry.mode & 0o777:
+            return _unreadable(refused)
+        link = f"/proc/self/fd/{path_fd}"
+        try:
+            os.chmod(link, mode | stat.S_IRUSR)
+            try:
+                fd = os.open(link, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            finally:
+                if stat.S_IMODE(os.fstat(path_fd).st_mode) == mode | stat.S_IRUSR:
+                    os.chmod(link, mode)
+        except OSError as exc:
+            return _unreadable(exc)
+        try:
+            return _compare(fd, entry)
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
+        os.close(path_fd)
 
 
 def _unreadable(exc: OSError) -> str:
