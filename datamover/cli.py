@@ -19,7 +19,7 @@ import click
 
 from datamover import gctune, proclimits
 from datamover.console import Bar, counted, emit_json, error_line, human_bytes
-from datamover.errors import Corrupt, DatamoverError
+from datamover.errors import Corrupt, DatamoverError, Interrupted
 
 T = TypeVar("T")
 
@@ -355,6 +355,12 @@ def ls(prefix: str, config_path: str | None, as_json: bool) -> None:
 
     try:
         run_with_site(config_path, work)
+    except KeyboardInterrupt:
+        if not started:
+            raise
+        close_json(Interrupted("interrupted"))  # part of the object is out: end it
+        error_line("interrupted")
+        _leave(Interrupted.exit_code)
     except Exception as exc:
         error = exc if isinstance(exc, DatamoverError) else _expected(exc)
         if not started or error is None:
@@ -563,14 +569,10 @@ def main() -> None:
         if as_json:
             emit_json({"error": {"code": "usage", "message": exc.format_message()}})
         _leave(2)
-    except click.exceptions.Abort:
-        error_line("interrupted")
-        _leave(130)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        _fail(Interrupted("interrupted"), as_json)  # one JSON object with --json, as ever
     except DatamoverError as exc:
         _fail(exc, as_json)
-    except KeyboardInterrupt:
-        error_line("interrupted")
-        _leave(130)
     except Exception as exc:  # the last line of defence: no tracebacks
         if os.environ.get("DATAMOVER_DEBUG"):
             raise

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from datamover.transfer import procpool
 from tests.fixtures_sites import MakeSite
 
@@ -48,3 +50,35 @@ async def test_a_command_with_worker_processes_leaves_no_temporary_directory(
     assert proc.returncode == 0, proc.stderr
     assert "read 3000 files" in proc.stdout
     assert list(tmp.iterdir()) == []
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_an_interrupted_command_with_json_prints_one_error_object(
+    make_site: MakeSite,
+) -> None:
+    # Ctrl-C printed only the stderr line: a script reading --json's stdout got nothing,
+    # where every other failure gives it {"error": ...}.
+    import json
+    import time
+
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "big").mkdir()
+    # A GET runs ahead of the limit by its size (up to 16 MiB) and the next waits it out.
+    (a.data / "big" / "f").write_bytes(os.urandom(40 << 20))
+    assert a.cli("push", "/proj/big").returncode == 0
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    cfg = str(b.config_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "datamover", "stage", "/proj/big", "--json", "--config", cfg],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**env, "DATAMOVER_TRANSFER_BANDWIDTH_LIMIT": str(1 << 20)},  # 40 s for 40 MiB
+    )
+    time.sleep(3)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert json.loads(out) == {"error": {"code": "interrupted", "message": "interrupted"}}
+    assert err.strip() == "datamover: error: interrupted"
