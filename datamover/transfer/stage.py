@@ -40,7 +40,7 @@ from typing import Any, Literal
 from datamover.catalog.queries import ReplicaRow, owner_alive, owner_id
 from datamover.config import TransferSettings
 from datamover.domain.manifest import ChunkRef, Entry, Kind, without_setid
-from datamover.domain.paths import MAX_LINK_TARGET, check_logical_path
+from datamover.domain.paths import MAX_LINK_TARGET, check_logical_path, printable
 from datamover.errors import (
     Conflict,
     Corrupt,
@@ -162,10 +162,11 @@ class StageResult:
         )
 
     def to_json(self) -> dict[str, Any]:
-        """A JSON-ready dict (`trashed` holds at most the first 100 names; `trashed_count`
-        counts them all)."""
+        """A JSON-ready dict (`trashed` holds at most the first 100 names, as verify
+        prints them: one that is not printable or not UTF-8 as `printable` shows it, so the
+        JSON carries no lone surrogate; `trashed_count` counts them all)."""
         data = asdict(self)
-        data["trashed"] = self.trashed[:100]
+        data["trashed"] = [printable(p) for p in self.trashed[:100]]
         return data
 
 
