@@ -182,6 +182,7 @@ async def test_a_restage_of_the_parent_over_a_pinned_childs_newer_files_is_refus
         await site_b.close()
 
 
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
 async def test_a_nested_prefix_mapped_elsewhere_is_another_tree(make_site: MakeSite) -> None:
     a, b, site_a, site_b = await _two_sites(make_site)
     await site_b.close()
@@ -210,6 +211,7 @@ def _lines(text: str) -> Iterator[str]:
     return iter(text.strip().splitlines())
 
 
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
 async def test_the_cli_says_pinned_in_one_line_and_exits_11(make_site: MakeSite) -> None:
     a, b = await make_site("site-a"), await make_site("site-b")
     (a.data / "ds" / "sub").mkdir(parents=True)
@@ -292,6 +294,7 @@ async def test_a_parents_stage_that_leaves_a_childs_files_as_they_are_marks_noth
         await site_b.close()
 
 
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
 async def test_the_cli_refuses_the_overwritten_childs_push_and_force_publishes(
     make_site: MakeSite,
 ) -> None:
