@@ -85,7 +85,7 @@ class DatasetInfo:
 
 
 async def iter_datasets(
-    site: Site, prefix: str = "/", after: str | None = None
+    site: Site, prefix: str = "/", after: str | None = None, only: bool = False
 ) -> AsyncIterator[DatasetInfo]:
     """Every dataset under logical `prefix` with all its versions, one dataset at a time,
     in the store's key order (the percent-encoded path: `/proj/a/b` before `/proj/a`; see
@@ -99,11 +99,13 @@ async def iter_datasets(
     listing and the read of its document is left out, as if listed a moment later. A
     version whose document is corrupt is reported in its dataset's `bad` and not cached;
     a dataset with no readable version is yielded with no versions. Any other error (the
-    store or catalog unavailable or refusing) ends the listing.
+    store or catalog unavailable or refusing) ends the listing. With `only`, dataset
+    `prefix` alone: the keys of datasets below it are not listed, nor their documents read.
     """
     start = "" if after is None else _resume_key(after)
     current: DatasetInfo | None = None
-    async with aclosing(_batches(site.repo.listed_versions(prefix, start))) as batches:
+    listed = site.repo.listed_versions(prefix, start, only)
+    async with aclosing(_batches(listed)) as batches:
         async for batch in batches:
             for info in _group(await _read(site, batch), current):
                 if current is not None and info is not current and _listed(current):

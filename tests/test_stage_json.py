@@ -21,8 +21,7 @@ async def test_trashed_names_that_are_not_utf8_are_printed_as_verify_prints_them
     (a.data / "ds" / "f").write_text("f\n")
     assert a.cli("push", "/proj/ds").returncode == 0
     assert b.cli("stage", "/proj/ds").returncode == 0
-    with open(os.path.join(os.fsencode(b.data / "ds"), b"bad\xff"), "wb") as f:
-        f.write(b"local\n")
+    (b.data / "ds" / os.fsdecode(b"bad\xff")).write_bytes(b"local\n")
     proc = b.cli("stage", "/proj/ds", "--delete", "--json")
     assert proc.returncode == 0, proc.stderr
     trashed = json.loads(proc.stdout)["trashed"]

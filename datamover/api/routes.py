@@ -277,11 +277,10 @@ async def list_versions(request: web.Request) -> web.Response:
     path = logical_path("/" + request.match_info["path"].strip("/"), "path")
     require(request, "read", path)
     found = None
-    async for info in iter_datasets(ctx.site, path):
-        # Datasets below `path` are listed too; `path` itself may come twice (a long path's
-        # versions under both spellings of its key, docs/format.md "Keys"): one answer.
-        if info.path != path:
-            continue
+    async for info in iter_datasets(ctx.site, path, only=True):
+        # Only `path`'s own keys are listed (its nested datasets' versions, maybe thousands,
+        # are neither listed nor read), but it may come twice (a long path's versions under
+        # both spellings of its key, docs/format.md "Keys"): one answer.
         if found is None:
             found = info
         else:

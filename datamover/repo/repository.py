@@ -193,14 +193,19 @@ class Repository:
             yield dataset, version
 
     async def listed_versions(
-        self, prefix: str = "/", start_after: str = ""
+        self, prefix: str = "/", start_after: str = "", only: bool = False
     ) -> AsyncIterator[tuple[str, str, bool]]:
         """`datasets` as `(dataset, version, legacy)`, `legacy` telling a version under its
         dataset's uncut key (docs/format.md, "Keys"); with `start_after` (a key, as
         `resume_key` gives), only the versions whose keys sort after it, the listing before
-        it not read. `InvalidInput` if `start_after` lies under none of the prefix's keys."""
+        it not read. `InvalidInput` if `start_after` lies under none of the prefix's keys.
+        With `only`, the versions of dataset `prefix` itself, its nested datasets' keys not
+        listed."""
         prefix = "/" if prefix == "/" else check_logical_path(prefix)
-        key_prefixes = dataset_prefixes("" if prefix == "/" else prefix)
+        if only and prefix != "/":
+            key_prefixes = versions_prefixes(prefix)
+        else:
+            key_prefixes = dataset_prefixes("" if prefix == "/" else prefix)
         if start_after:
             # The key prefixes are listed one after the other: resume in the first that
             # holds `start_after`.
@@ -211,7 +216,7 @@ class Repository:
         for i, key_prefix in enumerate(key_prefixes):
             async for info in self.store.list(key_prefix, start_after if i == 0 else ""):
                 parsed = parse_version_key(info.key)
-                if parsed and is_under(parsed[0], prefix):
+                if parsed and (parsed[0] == prefix if only else is_under(parsed[0], prefix)):
                     yield parsed[0], parsed[1], not info.key.startswith(versions_prefix(parsed[0]))
 
     # -- manifest objects ----------------------------------------------------------------
