@@ -54,8 +54,17 @@ class Hooks:
     dir: Path
 
     def run(
-        self, script: Path, comment: str, rcs: list[int] = (), **settings: str
+        self,
+        script: Path,
+        comment: str,
+        rcs: list[int] = (),
+        *,
+        conf_lines: str = "",
+        env: dict[str, str] | None = None,
+        **settings: str,
     ) -> subprocess.CompletedProcess[str]:
+        """Run SCRIPT for job 42 with COMMENT; the settings file holds SETTINGS, quoted, then
+        CONF_LINES as they are; ENV is added to the hook's environment."""
         (self.dir / "rcs").write_text("".join(f"{rc}\n" for rc in rcs))
         (self.dir / "calls").unlink(missing_ok=True)
         conf = {
@@ -66,11 +75,14 @@ class Hooks:
             "DM_HOOK_MARK_DIR": str(self.dir / "marks"),
             **settings,
         }
-        (self.dir / "hooks.conf").write_text("".join(f"{k}='{v}'\n" for k, v in conf.items()))
+        (self.dir / "hooks.conf").write_text(
+            "".join(f"{k}='{v}'\n" for k, v in conf.items()) + conf_lines
+        )
         env = {
             "DM_HOOK_CONF": str(self.dir / "hooks.conf"),
             "SLURM_JOB_ID": "42",
             "SLURM_JOB_COMMENT": comment,
+            **(env or {}),
         }
         return subprocess.run(
             ["bash", str(script)], env=env, capture_output=True, text=True, timeout=60
@@ -308,3 +320,43 @@ def test_the_prolog_waits_for_pins_and_says_so_when_time_runs_out(hooks: Hooks) 
     assert [c[1] for c in hooks.calls()] == ["stage", "stage"]
     r = hooks.run(PROLOG, "datamover:/proj/a", rcs=[11], DM_HOOK_STAGE_TIMEOUT="10")
     assert r.returncode == 1 and "other jobs still hold another version" in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("line", "error"),
+    [
+        ("DM_HOOK_NODES = all", "exit 127: line 5: DM_HOOK_NODES: command not found"),
+        ("DM_HOOK_STAGE_TIMEOUT=$((2*3600)", "exit 2: line 5: unexpected EOF"),
+        ("DM_HOOK_CONFIG=$SITE_TOML", "exit 1: line 5: SITE_TOML: unbound variable"),
+        ("exit 3", "exit 3)"),
+    ],
+)
+def test_a_broken_settings_file_fails_only_the_jobs_asking_for_data(
+    hooks: Hooks, line: str, error: str
+) -> None:
+    # Sourced under `set -euo pipefail`, a typo in the settings file ended the prolog
+    # non-zero, unlogged, for every job: under `Prolog=` every job drained its node.
+    r = hooks.run(PROLOG, "no data here", conf_lines=line + "\n")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert hooks.admin_comment() is None
+    r = hooks.run(PROLOG, "datamover:/proj/a", conf_lines=line + "\n")
+    assert r.returncode == 1, r.stderr
+    reason = f"the settings file {hooks.dir / 'hooks.conf'} is broken ({error}"
+    # Reported as any failure is (the AdminComment is tried too, but its squeue and
+    # scontrol stand-ins are on the PATH the settings file sets).
+    assert reason in r.stderr and "the job is not started" in r.stderr
+    assert hooks.calls() == []
+    # The epilog says so and still releases, with the defaults (DM_HOOK_BIN and
+    # DM_HOOK_RUN_AS given here in the environment, as the settings file is not used).
+    stand_in = {"DM_HOOK_BIN": str(hooks.dir / "datamover"), "DM_HOOK_RUN_AS": "nobody"}
+    r = hooks.run(EPILOG, "no data here", conf_lines=line + "\n", env=stand_in)
+    assert r.returncode == 0 and reason in r.stderr, r.stderr
+    assert [c[1] for c in hooks.calls()] == ["release"]
+
+
+def test_a_bad_comment_source_fails_only_the_jobs_asking_for_data(hooks: Hooks) -> None:
+    r = hooks.run(PROLOG, "no data here", DM_HOOK_COMMENT_SOURCE="sqeue")
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    r = hooks.run(PROLOG, "datamover:/proj/a", DM_HOOK_COMMENT_SOURCE="sqeue")
+    assert r.returncode == 1 and "DM_HOOK_COMMENT_SOURCE must be" in r.stderr, r.stderr
+    assert hooks.calls() == []

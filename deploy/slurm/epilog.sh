@@ -17,10 +17,26 @@ trap 'exit 0' EXIT  # whatever happens below, the node is not drained because of
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 
+# A settings file that does not run cleanly is not sourced (see prolog.sh): a fatal error in
+# it (`exit`, an unset variable under `set -u`) would end the epilog before it releases,
+# unlogged. It is tried in a bash of its own first; if it fails, the defaults are used.
 DM_HOOK_CONF=${DM_HOOK_CONF:-/etc/datamover/slurm-hooks.conf}
+settings_error=""
 if [[ -r $DM_HOOK_CONF ]]; then
-    # shellcheck source=/dev/null
-    . "$DM_HOOK_CONF" || true
+    conf_rc=0
+    # shellcheck disable=SC2016  # the inner bash expands it
+    conf_err=$(DM_HOOK_CONF=$DM_HOOK_CONF "$BASH" -euo pipefail -c '. "$DM_HOOK_CONF"' \
+        2>&1 >/dev/null </dev/null) || conf_rc=$?
+    if ((conf_rc == 0)); then
+        # shellcheck source=/dev/null
+        . "$DM_HOOK_CONF"
+    else
+        conf_err=${conf_err%%$'\n'*}
+        conf_err=${conf_err#"$DM_HOOK_CONF: "}
+        settings_error="the settings file $DM_HOOK_CONF is broken (exit $conf_rc${conf_err:+: $conf_err})"
+    fi
+elif [[ -e $DM_HOOK_CONF ]]; then
+    settings_error="the settings file $DM_HOOK_CONF cannot be read by uid $EUID"
 fi
 DM_HOOK_BIN=${DM_HOOK_BIN:-/opt/datamover/bin/datamover}
 DM_HOOK_CONFIG=${DM_HOOK_CONFIG:-/etc/datamover/site.toml}
@@ -47,17 +63,25 @@ log() {  # log PRIORITY MESSAGE...
     printf '%s: job %s: %s\n' "$TAG" "$JOB" "$*" >&2
 }
 
+# With the settings unknown, so is where the prolog left its mark and on which nodes it
+# pinned: release whatever the comment says, on every node (one cheap request each).
+if [[ -n $settings_error ]]; then
+    log err "$settings_error; releasing pin $PIN with the default settings, on every node"
+fi
+
 # Nothing to do when the comment is known and asks for no data and the prolog left no mark
 # (it marks every job it stages for: the user may have edited the comment since). When
 # Slurm does not pass the comment (older releases), release anyway: one cheap request, and
 # no query to slurmctld.
 mark=$DM_HOOK_MARK_DIR/$JOB
-if [[ -n ${SLURM_JOB_COMMENT+set} && $SLURM_JOB_COMMENT != *datamover:* && ! -e $mark ]]; then
+if [[ -z $settings_error && -n ${SLURM_JOB_COMMENT+set} && $SLURM_JOB_COMMENT != *datamover:* &&
+    ! -e $mark ]]; then
     exit 0
 fi
 
 # Mirror the prolog: with DM_HOOK_NODES=first only the job's first node staged and pinned.
-if [[ -n ${SLURMD_NODENAME:-} && $DM_HOOK_NODES == first && -n ${SLURM_JOB_NODELIST:-} ]]; then
+if [[ -z $settings_error && -n ${SLURMD_NODENAME:-} && $DM_HOOK_NODES == first &&
+    -n ${SLURM_JOB_NODELIST:-} ]]; then
     mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null || true)
     if ((${#nodes[@]} > 0)) && [[ ${nodes[0]} != "$SLURMD_NODENAME" ]]; then
         exit 0

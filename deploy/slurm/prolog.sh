@@ -64,6 +64,10 @@
 #   DM_HOOK_MARK_DIR=/run/datamover-slurm     # where the prolog marks the jobs it pinned,
 #                                             # so the epilog releases them whatever the
 #                                             # comment says by then
+# The file is run by bash under `set -euo pipefail`, in a bash of its own first: if that
+# fails (a typo such as `DM_HOOK_NODES = all`), the file is not used, a job asking for data
+# fails naming the file and the error, the others start, and the epilog logs it and releases
+# with the defaults.
 #
 # The CLI is run with `--daemon`: a daemon that does not answer (restarting, overloaded) is
 # exit 6, retried as above, not a stage in-process on a host whose config names only the
@@ -76,10 +80,27 @@ set -euo pipefail
 PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 export PATH
 
+# A settings file that does not run cleanly (a typo such as `DM_HOOK_NODES = all`, an
+# unclosed `$((`) is not sourced here, where under `set -e` it would end the prolog, unlogged
+# and non-zero, for every job: it is tried first in a bash of its own, and what went wrong
+# fails only the jobs that ask for data (settings_error, below), which then say why.
 DM_HOOK_CONF=${DM_HOOK_CONF:-/etc/datamover/slurm-hooks.conf}
+settings_error=""
 if [[ -r $DM_HOOK_CONF ]]; then
-    # shellcheck source=/dev/null
-    . "$DM_HOOK_CONF"
+    conf_rc=0
+    # shellcheck disable=SC2016  # the inner bash expands it
+    conf_err=$(DM_HOOK_CONF=$DM_HOOK_CONF "$BASH" -euo pipefail -c '. "$DM_HOOK_CONF"' \
+        2>&1 >/dev/null </dev/null) || conf_rc=$?
+    if ((conf_rc == 0)); then
+        # shellcheck source=/dev/null
+        . "$DM_HOOK_CONF"
+    else
+        conf_err=${conf_err%%$'\n'*}
+        conf_err=${conf_err#"$DM_HOOK_CONF: "}
+        settings_error="the settings file $DM_HOOK_CONF is broken (exit $conf_rc${conf_err:+: $conf_err})"
+    fi
+elif [[ -e $DM_HOOK_CONF ]]; then
+    settings_error="the settings file $DM_HOOK_CONF cannot be read by uid $EUID"
 fi
 DM_HOOK_BIN=${DM_HOOK_BIN:-/opt/datamover/bin/datamover}
 DM_HOOK_CONFIG=${DM_HOOK_CONFIG:-/etc/datamover/site.toml}
@@ -176,17 +197,20 @@ admin_comment() {  # admin_comment REASON: add "datamover prolog: REASON" to the
 # SLURM_JOB_COMMENT reaches prologs in recent Slurm releases; older ones need a query to
 # slurmctld (squeue prints the comment alone with %k; "(null)" when there is none).
 case $DM_HOOK_COMMENT_SOURCE in
-    env) comment=${SLURM_JOB_COMMENT:-} ;;
-    auto | squeue)
-        if [[ $DM_HOOK_COMMENT_SOURCE == auto && -n ${SLURM_JOB_COMMENT+set} ]]; then
-            comment=$SLURM_JOB_COMMENT
-        else
-            comment=$(timeout --kill-after=5 30 squeue --noheader --jobs="$JOB" --format=%k) ||
-                fail "cannot read the job comment: squeue failed"
-        fi
+    auto | env | squeue) ;;
+    *)
+        settings_error+="${settings_error:+; }DM_HOOK_COMMENT_SOURCE must be auto, env or squeue,"
+        settings_error+=" not '$DM_HOOK_COMMENT_SOURCE'"
+        DM_HOOK_COMMENT_SOURCE=auto  # to tell whether the job asks for data at all
         ;;
-    *) fail "DM_HOOK_COMMENT_SOURCE must be auto, env or squeue, not '$DM_HOOK_COMMENT_SOURCE'" ;;
 esac
+if [[ $DM_HOOK_COMMENT_SOURCE == env ]] ||
+    [[ $DM_HOOK_COMMENT_SOURCE == auto && -n ${SLURM_JOB_COMMENT+set} ]]; then
+    comment=${SLURM_JOB_COMMENT:-}
+else
+    comment=$(timeout --kill-after=5 30 squeue --noheader --jobs="$JOB" --format=%k) ||
+        fail "cannot read the job comment: squeue failed${settings_error:+; $settings_error}"
+fi
 [[ $comment != "(null)" ]] || comment=""
 
 spec=""
@@ -214,6 +238,7 @@ if [[ -z ${spec//,/} ]]; then
 fi
 
 # Settings are checked only now, so a mistake in them affects only jobs that ask for data.
+[[ -z $settings_error ]] || fail "$settings_error"
 for n in DM_HOOK_STAGE_TIMEOUT DM_HOOK_MAX_PATHS; do
     [[ ${!n} =~ ^[1-9][0-9]*$ ]] || fail "$n must be a positive integer, not '${!n}'"
 done
