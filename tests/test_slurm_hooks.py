@@ -31,6 +31,9 @@ _SCONTROL = """#!/bin/bash
 d=$(dirname "$0")
 printf '%s\\t' "$@" >>"$d/scontrol.log"
 printf '\\n' >>"$d/scontrol.log"
+if [[ $1 == show && $2 == hostnames ]]; then  # the job's nodes, one a line
+    cat "$d/hostnames" 2>/dev/null
+fi
 if [[ $1 == update ]]; then  # keep the job's AdminComment, as slurmctld would
     for arg in "${@:2}"; do
         [[ $arg != AdminComment=* ]] || printf '%s' "${arg#AdminComment=}" >"$d/admin_comment"
@@ -38,10 +41,13 @@ if [[ $1 == update ]]; then  # keep the job's AdminComment, as slurmctld would
 fi
 """
 # squeue answers the job's AdminComment as `-O admin_comment:0` prints it: the text whole,
-# "(null)" when there is none; it fails when the file `squeue.fails` exists.
+# "(null)" when there is none, and its comment (`--format=%k`) from the file `comment`; it
+# fails when the file `squeue.fails` exists. Each call is logged in `squeue.log`.
 _SQUEUE = """#!/bin/bash
 d=$(dirname "$0")
+printf '%s\\n' "$*" >>"$d/squeue.log"
 [[ ! -e $d/squeue.fails ]] || { echo 'squeue: error: Socket timed out' >&2; exit 1; }
+[[ " $* " != *" --format=%k "* ]] || { cat "$d/comment"; echo; exit; }
 [[ " $* " == *" --Format=admin_comment:0 "* ]] || { echo "unexpected: $*" >&2; exit 1; }
 if [[ -e $d/admin_comment ]]; then cat "$d/admin_comment"; echo; else echo '(null)'; fi
 """
@@ -360,3 +366,48 @@ def test_a_bad_comment_source_fails_only_the_jobs_asking_for_data(hooks: Hooks) 
     r = hooks.run(PROLOG, "datamover:/proj/a", DM_HOOK_COMMENT_SOURCE="sqeue")
     assert r.returncode == 1 and "DM_HOOK_COMMENT_SOURCE must be" in r.stderr, r.stderr
     assert hooks.calls() == []
+
+
+NODES = {"SLURM_JOB_NODELIST": "n[1-2]"}
+
+
+@pytest.mark.parametrize(
+    ("comment", "settings"),
+    [
+        ("datamover:proj/a", {}),
+        (f"datamover:/proj/a@{V1},/proj/a@{V2}", {}),
+        ("datamover:/proj/a,/proj/b", {"DM_HOOK_MAX_PATHS": "1"}),
+        ("datamover:/proj/a", {"DM_HOOK_STAGE_TIMEOUT": "1h"}),
+        ("datamover:/proj/a", {"DM_HOOK_NODES": "First"}),
+    ],
+)
+def test_a_mistake_fails_the_job_on_its_first_node_only(
+    hooks: Hooks, comment: str, settings: dict[str, str]
+) -> None:
+    # The comment and the settings were checked before the other nodes of the job left
+    # the staging to the first: under `Prolog=` a mistake drained every node of the job,
+    # each writing the AdminComment.
+    (hooks.dir / "hostnames").write_text("n1\nn2\n")
+    r = hooks.run(PROLOG, comment, env={**NODES, "SLURMD_NODENAME": "n2"}, **settings)
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert hooks.admin_comment() is None
+    r = hooks.run(PROLOG, comment, env={**NODES, "SLURMD_NODENAME": "n1"}, **settings)
+    assert r.returncode == 1 and "the job is not started" in r.stderr, r.stderr
+    assert "datamover prolog: " in (hooks.admin_comment() or "")
+    assert hooks.calls() == []
+
+
+def test_only_the_staging_node_asks_slurmctld_for_the_comment(hooks: Hooks) -> None:
+    (hooks.dir / "hostnames").write_text("n1\nn2\n")
+    (hooks.dir / "comment").write_text("datamover:/proj/a")
+    r = hooks.run(
+        PROLOG, "", env={**NODES, "SLURMD_NODENAME": "n2"}, DM_HOOK_COMMENT_SOURCE="squeue"
+    )
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert not (hooks.dir / "squeue.log").exists() and hooks.calls() == []
+    r = hooks.run(
+        PROLOG, "", env={**NODES, "SLURMD_NODENAME": "n1"}, DM_HOOK_COMMENT_SOURCE="squeue"
+    )
+    assert r.returncode == 0, r.stderr
+    assert (hooks.dir / "squeue.log").read_text().count("--format=%k") == 1
+    assert hooks.staged() == [["/proj/a"]]

@@ -192,10 +192,35 @@ admin_comment() {  # admin_comment REASON: add "datamover prolog: REASON" to the
         >/dev/null 2>&1 || log warning "AdminComment not written: scontrol update failed"
 }
 
+# --- where ---------------------------------------------------------------------------------
+
+# As `Prolog` this runs on every node of the job. On a shared cache (Lustre, GPFS, JuiceFS)
+# one stage is enough; N of them would queue behind each other and each re-check the whole
+# tree. So stage on the job's first node only. This relies on PrologFlags=Alloc, under
+# which the job starts only after the prolog has finished on every node, so the other nodes
+# need not wait for it here. They are told apart before anything can fail, so a mistake
+# (in the comment, in the settings) fails the job on the one node that would stage, not on
+# every node of it (each drained, each writing the AdminComment). A DM_HOOK_NODES that is
+# neither value counts as `first` here; the first node then fails on it.
+other_node=""  # yes or no, once known
+on_other_node() {  # true when another node of the job stages for it
+    if [[ -z $other_node ]]; then
+        other_node=no
+        if [[ -n ${SLURMD_NODENAME:-} && $DM_HOOK_NODES != all && -n ${SLURM_JOB_NODELIST:-} ]]; then
+            mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null || true)
+            if ((${#nodes[@]} > 0)) && [[ ${nodes[0]} != "$SLURMD_NODENAME" ]]; then
+                other_node=yes
+            fi
+        fi
+    fi
+    [[ $other_node == yes ]]
+}
+
 # --- which datasets ------------------------------------------------------------------------
 
 # SLURM_JOB_COMMENT reaches prologs in recent Slurm releases; older ones need a query to
-# slurmctld (squeue prints the comment alone with %k; "(null)" when there is none).
+# slurmctld (squeue prints the comment alone with %k; "(null)" when there is none), which
+# the other nodes of the job need not make.
 case $DM_HOOK_COMMENT_SOURCE in
     auto | env | squeue) ;;
     *)
@@ -208,6 +233,7 @@ if [[ $DM_HOOK_COMMENT_SOURCE == env ]] ||
     [[ $DM_HOOK_COMMENT_SOURCE == auto && -n ${SLURM_JOB_COMMENT+set} ]]; then
     comment=${SLURM_JOB_COMMENT:-}
 else
+    ! on_other_node || exit 0
     comment=$(timeout --kill-after=5 30 squeue --noheader --jobs="$JOB" --format=%k) ||
         fail "cannot read the job comment: squeue failed${settings_error:+; $settings_error}"
 fi
@@ -236,6 +262,7 @@ done
 if [[ -z ${spec//,/} ]]; then
     exit 0  # the job asked for nothing
 fi
+! on_other_node || exit 0
 
 # Settings are checked only now, so a mistake in them affects only jobs that ask for data.
 [[ -z $settings_error ]] || fail "$settings_error"
@@ -275,19 +302,7 @@ if ((${#paths[@]} > DM_HOOK_MAX_PATHS)); then
     fail "the job comment names ${#paths[@]} datasets; at most $DM_HOOK_MAX_PATHS are allowed"
 fi
 
-# --- where and as whom ----------------------------------------------------------------------
-
-# As `Prolog` this runs on every node of the job. On a shared cache (Lustre, GPFS, JuiceFS)
-# one stage is enough; N of them would queue behind each other and each re-check the whole
-# tree. So stage on the job's first node only. This relies on PrologFlags=Alloc, under
-# which the job starts only after the prolog has finished on every node, so the other nodes
-# need not wait for it here.
-if [[ -n ${SLURMD_NODENAME:-} && $DM_HOOK_NODES == first && -n ${SLURM_JOB_NODELIST:-} ]]; then
-    mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null || true)
-    if ((${#nodes[@]} > 0)) && [[ ${nodes[0]} != "$SLURMD_NODENAME" ]]; then
-        exit 0
-    fi
-fi
+# --- as whom --------------------------------------------------------------------------------
 
 # Run the CLI as the daemon's user, never as root: if the daemon is unreachable the CLI
 # stages in-process, and those files and catalog writes must have the daemon's ownership.
