@@ -4,7 +4,9 @@ datamover CLI (which records its arguments and exits as told), scontrol and logg
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
+import stat
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -67,10 +69,11 @@ class Hooks:
         *,
         conf_lines: str = "",
         env: dict[str, str] | None = None,
+        user: int | None = None,
         **settings: str,
     ) -> subprocess.CompletedProcess[str]:
-        """Run SCRIPT for job 42 with COMMENT; the settings file holds SETTINGS, quoted, then
-        CONF_LINES as they are; ENV is added to the hook's environment."""
+        """Run SCRIPT for job 42 with COMMENT, as USER if given; the settings file holds
+        SETTINGS, quoted, then CONF_LINES as they are; ENV is added to the environment."""
         (self.dir / "rcs").write_text("".join(f"{rc}\n" for rc in rcs))
         (self.dir / "calls").unlink(missing_ok=True)
         conf = {
@@ -91,7 +94,7 @@ class Hooks:
             **(env or {}),
         }
         return subprocess.run(
-            ["bash", str(script)], env=env, capture_output=True, text=True, timeout=60
+            ["bash", str(script)], env=env, capture_output=True, text=True, timeout=60, user=user
         )
 
     def calls(self) -> list[list[str]]:
@@ -411,3 +414,40 @@ def test_only_the_staging_node_asks_slurmctld_for_the_comment(hooks: Hooks) -> N
     assert r.returncode == 0, r.stderr
     assert (hooks.dir / "squeue.log").read_text().count("--format=%k") == 1
     assert hooks.staged() == [["/proj/a"]]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root only (runs the hooks as nobody)")
+def test_a_hook_that_cannot_write_the_mark_directory_marks_in_one_of_its_own(
+    hooks: Hooks,
+) -> None:
+    # Run as SlurmUser (the controller set-up), the prolog could not create its default
+    # mark directory /run/datamover-slurm (/run is root's) and said nothing; the epilog
+    # of a job whose comment had been edited meanwhile then released nothing, and the pin
+    # held its dataset at its version for every later job.
+    nobody = pwd.getpwnam("nobody").pw_uid
+    as_nobody = {"user": nobody, "env": {"TMPDIR": str(hooks.dir)}, "DM_HOOK_MARK_DIR": ""}
+    own = hooks.dir / f"datamover-slurm-{nobody}"
+    r = hooks.run(PROLOG, "datamover:/proj/a", **as_nobody)
+    assert r.returncode == 0, r.stderr
+    assert (own / "42").exists() and f"marked in {own}" in r.stderr
+    assert own.stat().st_uid == nobody and stat.S_IMODE(own.stat().st_mode) == 0o700
+    r = hooks.run(EPILOG, "run 42 finished, see notes", **as_nobody)
+    assert r.returncode == 0 and [c[1] for c in hooks.calls()] == ["release"], r.stderr
+    assert not (own / "42").exists()
+    # Not a directory of its own (planted by another user): not used, and said so.
+    theirs = hooks.dir / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, nobody, -1)
+    own.rmdir()
+    own.symlink_to(theirs)
+    for mode in ("symlink", "root's", "0777"):
+        if mode == "root's":
+            own.unlink()
+            own.mkdir(mode=0o700)
+        elif mode == "0777":
+            os.chown(own, nobody, -1)
+            own.chmod(0o777)
+        r = hooks.run(PROLOG, "datamover:/proj/a", **as_nobody)
+        assert r.returncode == 0 and hooks.staged() == [["/proj/a"]], r.stderr
+        assert "no mark written" in r.stderr, (mode, r.stderr)
+        assert not (own / "42").exists() and not (theirs / "42").exists()

@@ -69,13 +69,19 @@ if [[ -n $settings_error ]]; then
     log err "$settings_error; releasing pin $PIN with the default settings, on every node"
 fi
 
+# The marks are where the prolog puts them: in DM_HOOK_MARK_DIR or, if it could not write
+# there (run as SlurmUser, which cannot create /run/datamover-slurm), in its own directory.
+marks=()
+for mark in "$DM_HOOK_MARK_DIR/$JOB" "${TMPDIR:-/tmp}/datamover-slurm-$EUID/$JOB"; do
+    [[ ! -e $mark ]] || marks+=("$mark")
+done
+
 # Nothing to do when the comment is known and asks for no data and the prolog left no mark
 # (it marks every job it stages for: the user may have edited the comment since). When
 # Slurm does not pass the comment (older releases), release anyway: one cheap request, and
 # no query to slurmctld.
-mark=$DM_HOOK_MARK_DIR/$JOB
 if [[ -z $settings_error && -n ${SLURM_JOB_COMMENT+set} && $SLURM_JOB_COMMENT != *datamover:* &&
-    ! -e $mark ]]; then
+    ${#marks[@]} -eq 0 ]]; then
     exit 0
 fi
 
@@ -121,7 +127,7 @@ while :; do
 done
 out=${out//$'\n'/ }
 if ((rc == 0)); then
-    rm -f -- "$mark" 2>/dev/null || true
+    ((${#marks[@]} == 0)) || rm -f -- "${marks[@]}" 2>/dev/null || true
     log info "released pin $PIN: ${out:0:300}"
 else
     log err "release of pin $PIN failed (exit $rc), release it by hand: ${out:0:300}"

@@ -63,7 +63,8 @@
 #                                             # (needs the catalog and store in the config)
 #   DM_HOOK_MARK_DIR=/run/datamover-slurm     # where the prolog marks the jobs it pinned,
 #                                             # so the epilog releases them whatever the
-#                                             # comment says by then
+#                                             # comment says by then; if this user cannot
+#                                             # write there: ${TMPDIR:-/tmp}/datamover-slurm-<uid>
 # The file is run by bash under `set -euo pipefail`, in a bash of its own first: if that
 # fails (a typo such as `DM_HOOK_NODES = all`), the file is not used, a job asking for data
 # fails naming the file and the error, the others start, and the epilog logs it and releases
@@ -315,9 +316,27 @@ fi
 [[ -x $DM_HOOK_BIN ]] || fail "$DM_HOOK_BIN is not installed on ${HOSTNAME}"
 
 # Mark the job before pinning: its epilog then releases the pin even if the user edited the
-# comment meanwhile (`scontrol update job=ID comment=...`). Best effort: without the mark the
-# epilog still releases whenever the comment asks for data.
-{ mkdir -p -- "$DM_HOOK_MARK_DIR" && : >"$DM_HOOK_MARK_DIR/$JOB"; } 2>/dev/null || true
+# comment meanwhile (`scontrol update job=ID comment=...`). The mark goes in DM_HOOK_MARK_DIR
+# or, where this user cannot write there (SlurmUser cannot create /run/datamover-slurm: /run
+# is root's), in ${TMPDIR:-/tmp}/datamover-slurm-<uid>, made 0700 and used only if it is a
+# directory (not a symlink) of this user's that no one else can write to. The epilog looks
+# in both. Without a mark the epilog still releases whenever the comment asks for data.
+mark=""
+own_dir=${TMPDIR:-/tmp}/datamover-slurm-$EUID
+if { mkdir -p -- "$DM_HOOK_MARK_DIR" && : >"$DM_HOOK_MARK_DIR/$JOB"; } 2>/dev/null; then
+    mark=$DM_HOOK_MARK_DIR/$JOB
+else
+    mkdir -m 0700 -- "$own_dir" 2>/dev/null || true
+    if [[ -d $own_dir && ! -L $own_dir && -O $own_dir ]] &&
+        [[ $(stat -c %a -- "$own_dir" 2>/dev/null) =~ ^[0-7]?[0-7][0145][0145]$ ]] &&
+        { : >"$own_dir/$JOB"; } 2>/dev/null; then
+        mark=$own_dir/$JOB
+    fi
+fi
+if [[ -z $mark ]]; then
+    log warning "no mark written (neither $DM_HOOK_MARK_DIR nor $own_dir is usable):" \
+        "if the job comment changes before the job ends, its epilog will not release pin $PIN"
+fi
 
 # --- stage ----------------------------------------------------------------------------------
 
@@ -372,7 +391,8 @@ stage_one() {  # stage_one PATH VERSION: returns 0, or fails the prolog
     done
 }
 
-log info "staging ${#paths[@]} dataset(s) as pin $PIN (restart count ${SLURM_JOB_RESTART_COUNT:-0})"
+log info "staging ${#paths[@]} dataset(s) as pin $PIN (restart count" \
+    "${SLURM_JOB_RESTART_COUNT:-0}${mark:+, marked in ${mark%/*}})"
 for i in "${!paths[@]}"; do
     stage_one "${paths[$i]}" "${versions[$i]}"
 done
