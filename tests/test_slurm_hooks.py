@@ -26,7 +26,7 @@ d=$(dirname "$0")
 printf '%s\\t' "$(id -u)" "$@" >>"$d/calls"
 printf '\\n' >>"$d/calls"
 rc=$(sed -n "$(wc -l <"$d/calls")p" "$d/rcs" 2>/dev/null)
-echo '{}'
+if [[ -e $d/out ]]; then cat "$d/out"; else echo '{}'; fi
 exit "${rc:-0}"
 """
 _SCONTROL = """#!/bin/bash
@@ -94,7 +94,13 @@ class Hooks:
             **(env or {}),
         }
         return subprocess.run(
-            ["bash", str(script)], env=env, capture_output=True, text=True, timeout=60, user=user
+            ["bash", str(script)],
+            env=env,
+            capture_output=True,
+            text=True,
+            errors="surrogateescape",  # the hooks log what they are given, UTF-8 or not
+            timeout=60,
+            user=user,
         )
 
     def calls(self) -> list[list[str]]:
@@ -451,3 +457,29 @@ def test_a_hook_that_cannot_write_the_mark_directory_marks_in_one_of_its_own(
         assert r.returncode == 0 and hooks.staged() == [["/proj/a"]], r.stderr
         assert "no mark written" in r.stderr, (mode, r.stderr)
         assert not (own / "42").exists() and not (theirs / "42").exists()
+
+
+def test_the_admin_comment_is_utf8_however_the_reason_is_cut(hooks: Hooks) -> None:
+    # The reason was cut to 400 bytes in the C locale the prolog runs in, leaving part of
+    # a character at its end when that was within the room left (no second cut then).
+    tag = "datamover prolog: "
+    r = hooks.run(PROLOG, "datamover:/proj/a" + "\u00e9" * 300, rcs=[3])
+    assert r.returncode == 1, r.stderr
+    comment = hooks.admin_comment()  # read as UTF-8: a cut character would not decode
+    assert comment is not None and 397 <= len(comment.encode()) - len(tag) <= 400
+    assert comment.startswith(f"{tag}stage /proj/a\u00e9\u00e9")
+    # The CLI's answer was cut to 300 bytes the same way, within the reason.
+    (hooks.dir / "admin_comment").unlink()
+    (hooks.dir / "out").write_text("datamover: error: no dataset at /proj/a" + "\u00e9" * 200)
+    r = hooks.run(PROLOG, "datamover:/proj/a", rcs=[3])
+    assert r.returncode == 1, r.stderr
+    r.stderr.encode()  # the log too: no byte that is not UTF-8 (surrogate-escaped here)
+    comment = hooks.admin_comment()
+    assert comment is not None and comment.startswith(f"{tag}stage /proj/a failed (exit 3): ")
+    assert 297 <= len(comment.encode()) - len(f"{tag}stage /proj/a failed (exit 3): ") <= 300
+    # Bytes that are not UTF-8 in the job comment (Slurm passes them on) are dropped.
+    (hooks.dir / "out").unlink()
+    (hooks.dir / "admin_comment").unlink()
+    r = hooks.run(PROLOG, "datamover:/proj/a\udcffb\udcc3", rcs=[3])
+    assert r.returncode == 1, r.stderr
+    assert hooks.admin_comment() == f"{tag}stage /proj/ab failed (exit 3): {{}}"

@@ -140,7 +140,7 @@ fail() {  # fail MESSAGE: report and refuse to start the job
             ${daemon_only[@]+"${daemon_only[@]}"} --config "$DM_HOOK_CONFIG" --pin "$PIN" \
             --json >/dev/null 2>&1 || true
     fi
-    [[ $DM_HOOK_ADMIN_COMMENT != 1 ]] || admin_comment "${msg:0:400}"
+    [[ $DM_HOOK_ADMIN_COMMENT != 1 ]] || admin_comment "$msg"
     exit 1
 }
 
@@ -160,6 +160,11 @@ cut_utf8() {  # cut_utf8 TEXT: TEXT without the incomplete UTF-8 character a cut
     printf '%s' "$text"
 }
 
+head_utf8() {  # head_utf8 N TEXT: TEXT's first N bytes, without a character cut in two
+    local LC_ALL=C
+    cut_utf8 "${2:0:$1}"
+}
+
 # bytes: slurmctld refuses a job whose Comment is longer; AdminComment is held to it too
 ADMIN_COMMENT_MAX=1024
 
@@ -168,7 +173,13 @@ admin_comment() {  # admin_comment REASON: add "datamover prolog: REASON" to the
     # kept, and ours follows it after "; ". Ours is always last, so a requeued job failing
     # again replaces the datamover part only. Whatever cannot be read is not overwritten.
     local LC_ALL=C  # lengths and cuts in bytes
-    local tag="datamover prolog: " reason=$1 current kept room
+    local tag="datamover prolog: " reason=$1 current kept room valid
+    # Only UTF-8 goes in: bytes that are not (from the job comment, the CLI's output) are
+    # dropped, and the reason is cut to 400 bytes, or to the room left, at a character's end.
+    if command -v iconv >/dev/null 2>&1; then
+        valid=$(printf '%s' "$reason" | iconv -c -f UTF-8 -t UTF-8 2>/dev/null) || true
+        [[ -z $valid ]] || reason=$valid
+    fi
     if ! current=$(timeout --kill-after=5 15 \
         squeue --noheader --jobs="$JOB" --Format=admin_comment:0 2>/dev/null); then
         log warning "AdminComment not written: squeue could not read the one there"
@@ -186,8 +197,9 @@ admin_comment() {  # admin_comment REASON: add "datamover prolog: REASON" to the
         log warning "AdminComment not written: the ${#kept} bytes there leave no room"
         return 0
     fi
+    ((room < 400)) || room=400
     if ((${#reason} > room)); then
-        reason=$(cut_utf8 "${reason:0:room}")
+        reason=$(head_utf8 "$room" "$reason")
     fi
     timeout --kill-after=5 15 scontrol update "JobId=$JOB" "AdminComment=$kept$tag$reason" \
         >/dev/null 2>&1 || log warning "AdminComment not written: scontrol update failed"
@@ -359,10 +371,10 @@ stage_one() {  # stage_one PATH VERSION: returns 0, or fails the prolog
         if ((rc != 0)) && [[ $out == *"datamover: error:"* ]]; then
             out=$(grep -m 1 -- 'datamover: error:' <<<"$out" || true)
         fi
-        out=${out//$'\n'/ }
+        out=$(head_utf8 300 "${out//$'\n'/ }")
         case $rc in
             0)
-                log info "staged $path (pin $PIN): ${out:0:300}"
+                log info "staged $path (pin $PIN): $out"
                 return 0
                 ;;
             124 | 137)
@@ -373,11 +385,11 @@ stage_one() {  # stage_one PATH VERSION: returns 0, or fails the prolog
                 if ((SECONDS + delay >= deadline)); then
                     if ((rc == 11)); then
                         fail "stage $path: other jobs still hold another version of it" \
-                            "(release their pins, or give this job that version): ${out:0:300}"
+                            "(release their pins, or give this job that version): $out"
                     fi
-                    fail "stage $path failed (exit $rc) and no time is left to retry: ${out:0:300}"
+                    fail "stage $path failed (exit $rc) and no time is left to retry: $out"
                 fi
-                log warning "stage $path: exit $rc, retrying in ${delay}s: ${out:0:300}"
+                log warning "stage $path: exit $rc, retrying in ${delay}s: $out"
                 sleep "$delay"
                 delay=$((delay * 2 > 120 ? 120 : delay * 2))
                 ;;
@@ -385,7 +397,7 @@ stage_one() {  # stage_one PATH VERSION: returns 0, or fails the prolog
                 # 2 invalid input, 3 no such dataset/version, 5 corrupt, 7 store refused,
                 # 8 catalog, 9 token refused, 10 transfer cancelled (by an operator, on
                 # purpose), 70 internal: retrying gives the same answer.
-                fail "stage $path failed (exit $rc): ${out:0:300}"
+                fail "stage $path failed (exit $rc): $out"
                 ;;
         esac
     done
