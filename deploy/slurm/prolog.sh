@@ -6,8 +6,10 @@
 #   PrologFlags=Alloc        # run on all nodes at allocation; the job waits for all of them
 # or (b) once per job on the controller, as SlurmUser (a failure drains no node):
 #   PrologSlurmctld=/etc/slurm/datamover-prolog.sh
-# If PrologEpilogTimeout is set, make it more than DM_HOOK_STAGE_TIMEOUT + 120 s (the
-# staging budget plus a few bounded clean-up calls). See deploy/README.md for the trade-off.
+# If PrologEpilogTimeout is set, make it at least DM_HOOK_STAGE_TIMEOUT + 150 s: by its own
+# time limits a failing prolog can take DM_HOOK_STAGE_TIMEOUT + 125 s (squeue for the comment
+# 35 s, the staging budget, 15 s to kill the CLI at its end, clean-up calls 75 s: release 35,
+# AdminComment squeue 20 and scontrol update 20). See deploy/README.md for the trade-off.
 #
 # How a job declares its data: in the job comment, one word starting with "datamover:"
 # followed by comma-separated logical paths, each optionally "@<version id>":
