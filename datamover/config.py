@@ -3,7 +3,10 @@
 Every scalar key `[section] key` can be overridden by `DATAMOVER_<SECTION>_<KEY>` (upper
 case), e.g. `DATAMOVER_STORE_ENDPOINT`. The namespace map can be replaced as a whole with
 `DATAMOVER_NAMESPACE="/proj=/data/proj,/scratch=/tmp/scratch"`. Store credentials fall back to
-the usual `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` when absent from both.
+the usual `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` when absent from both. A variable set
+to the empty string counts as not set (as systemd's `X=` and most tools read it), so the
+file's value stays: an empty `DATAMOVER_SITE_CATALOG` does not swap a site's catalog for a
+default one.
 
 A bad file or value raises `InvalidInput` with one line naming the file and the key, or the
 variable that set it, and what is wrong; unknown keys are errors too, because a typo silently
@@ -295,6 +298,11 @@ def _namespace(source: str, table: Mapping[str, Any], env: Mapping[str, str]) ->
             if not sep:
                 raise InvalidInput(f"{source}: {item!r} is not of the form /logical=/local/dir")
             mapping[logical.strip()] = local.strip()
+        if not mapping:  # "," or " ": not a map, and not the empty value that leaves the file's
+            raise InvalidInput(
+                f"{source} = {env['DATAMOVER_NAMESPACE']!r} names no /logical=/local/dir pair "
+                "(unset it, or set it empty, to keep the file's [namespace])"
+            )
     else:
         for logical, local in table.items():
             if not isinstance(local, str):
@@ -350,7 +358,10 @@ def parse_config(
     Relative paths from the document are taken relative to `base_dir` (the file's directory;
     default: the current directory), relative paths from the environment relative to the
     current directory."""
-    env = os.environ if env is None else env
+    given = os.environ if env is None else env
+    # An empty variable is not set: it leaves the file's value (or the default) in place.
+    emptied = frozenset(name for name, value in given.items() if value == "")
+    env = {name: value for name, value in given.items() if value != ""}
     here = Path.cwd()
     base = here if base_dir is None else base_dir
 
@@ -364,14 +375,17 @@ def parse_config(
 
     def required(section: str, key: str) -> InvalidInput:
         name = f"DATAMOVER_{section.upper()}_{key.upper()}"
-        if name in env:
-            return InvalidInput(f"environment: {name} is empty; [{section}] {key} is required")
+        if name in emptied:
+            return InvalidInput(
+                f"{source}: [{section}] {key} is required (environment: {name} is empty, "
+                "which counts as not set)"
+            )
         return InvalidInput(f"{source}: [{section}] {key} is required")
 
     unknown = sorted(set(data) - {*_SECTIONS, "namespace"})
     if unknown:
         raise InvalidInput(f"{source}: unknown section [{unknown[0]}]")
-    _check_environment(env)
+    _check_environment(given)  # an empty variable's name is checked all the same
     for name in (*_SECTIONS, "namespace"):
         if name in data and not isinstance(data[name], Mapping):
             raise InvalidInput(f"{source}: [{name}] must be a table")

@@ -3,6 +3,7 @@ the fix), in the namespace map, the store keys, the state directory and the TOML
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 import re
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from datamover.config import load_config
+from datamover.config import _SECTIONS, load_config
 from datamover.domain.namespace import Namespace
 from datamover.errors import InvalidInput
 from datamover.site import make_state_dir
@@ -231,3 +232,74 @@ def test_a_state_dir_from_the_environment_is_blamed_on_its_variable_by_the_cli(
         f"environment: DATAMOVER_SITE_STATE_DIR '{taken / 'state'}' cannot be created: "
         "Not a directory",
     )
+
+
+# -- an empty variable counts as not set -------------------------------------------------------
+
+HPC = Path(__file__).parent.parent / "config" / "hpc-site.toml"
+
+_EVERY_KEY = [
+    f"DATAMOVER_{section.upper()}_{f.name.upper()}"
+    for section, cls in _SECTIONS.items()
+    for f in dataclasses.fields(cls)
+]
+
+
+@pytest.mark.parametrize("name", [*_EVERY_KEY, "DATAMOVER_NAMESPACE"])
+def test_an_empty_variable_leaves_the_files_value(name: str) -> None:
+    # Before: the empty string replaced the file's value, and was then read as "not set":
+    # DATAMOVER_SITE_CATALOG= swapped the PostgreSQL catalog for a default SQLite file (a
+    # daemon on an empty catalog), DATAMOVER_STORE_ENDPOINT= sent requests to AWS,
+    # DATAMOVER_NAMESPACE= emptied the namespace map; a bool or a number was an error.
+    env = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    assert load_config(HPC, env={**env, name: ""}) == load_config(HPC, env=env)
+
+
+def test_an_empty_catalog_variable_keeps_the_postgresql_catalog() -> None:
+    cfg = load_config(HPC, env={"DATAMOVER_SITE_CATALOG": "", "DATAMOVER_STORE_ENDPOINT": ""})
+    assert cfg.catalog_url == "postgresql://datamover@db.hpc-a.example.org/datamover"
+    assert cfg.store.endpoint == "https://s3.example.org"
+    assert cfg.overrides == frozenset()  # nothing is blamed on a variable that set nothing
+    assert cfg.origin("site", "catalog") == f"{HPC}: [site] catalog"
+
+
+def test_an_empty_variable_of_a_required_key_missing_from_the_file_names_both(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD.replace('bucket = "datamover"\n', ""))
+    with pytest.raises(InvalidInput) as info:
+        load_config(path, env={"DATAMOVER_STORE_BUCKET": ""})
+    assert str(info.value) == (
+        f"{path}: [store] bucket is required (environment: DATAMOVER_STORE_BUCKET is empty, "
+        "which counts as not set)"
+    )
+
+
+def test_a_namespace_variable_that_names_no_pair_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD)
+    with pytest.raises(InvalidInput) as info:
+        load_config(path, env={"DATAMOVER_NAMESPACE": " , "})
+    assert str(info.value) == (
+        "environment DATAMOVER_NAMESPACE = ' , ' names no /logical=/local/dir pair (unset it, "
+        "or set it empty, to keep the file's [namespace])"
+    )
+
+
+def test_an_empty_misspelt_variable_is_still_refused(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD)
+    with pytest.raises(InvalidInput, match="DATAMOVER_STORE_ENDPIONT is not a setting"):
+        load_config(path, env={"DATAMOVER_STORE_ENDPIONT": ""})
+
+
+def test_serve_with_an_empty_listen_variable_blames_the_file(tmp_path: Path) -> None:
+    # The file sets no [api] listen and the variable is empty: the file is what lacks it.
+    path = _site(tmp_path)
+    _refused(
+        _cli(path, {"DATAMOVER_API_LISTEN": ""}, "serve"),
+        f"{path}: [api] listen is not set; nothing to serve on",
+    )
+    path.write_text(path.read_text() + "[api]\nlisten = '127.0.0.1:8650'\n")
+    assert load_config(path, env={"DATAMOVER_API_LISTEN": ""}).api.listen == "127.0.0.1:8650"
