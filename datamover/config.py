@@ -207,13 +207,13 @@ def _coerce(source: str, where: str, raw: Any, kind: Any) -> Any:
     Strict, because a value silently bent is a setting not applied: an int must be a TOML
     integer or an integer string (`3.9` is refused, not truncated), a float must be finite
     and never a boolean (`true` is not 1.0); a bool is `true`/`false` (from the environment
-    also 1/0, yes, on)."""
+    also 1/0, yes/no, on/off, in any case, around spaces)."""
     try:
         if kind is bool:
             if isinstance(raw, bool):
                 return raw
-            if isinstance(raw, str) and raw.lower() in _BOOL_WORDS:
-                return _BOOL_WORDS[raw.lower()]
+            if isinstance(raw, str) and raw.strip().lower() in _BOOL_WORDS:
+                return _BOOL_WORDS[raw.strip().lower()]
             raise ValueError
         if kind is int:
             if isinstance(raw, int) and not isinstance(raw, bool):
@@ -245,7 +245,12 @@ def _coerce(source: str, where: str, raw: Any, kind: Any) -> Any:
     raise InvalidInput(f"{source}: {where} = {shown} is not a valid {what}")
 
 
-_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False}
+#: The spellings of a boolean a variable may use, case aside: each true word has its false
+#: one (`yes` and `no`, `on` and `off`), as systemd and most tools read them.
+_BOOL_WORDS = {
+    **dict.fromkeys(("1", "true", "yes", "on"), True),
+    **dict.fromkeys(("0", "false", "no", "off"), False),
+}
 
 
 def _section(source: str, name: str, table: Mapping[str, Any], env: Mapping[str, str]) -> Any:

@@ -303,3 +303,41 @@ def test_serve_with_an_empty_listen_variable_blames_the_file(tmp_path: Path) -> 
     )
     path.write_text(path.read_text() + "[api]\nlisten = '127.0.0.1:8650'\n")
     assert load_config(path, env={"DATAMOVER_API_LISTEN": ""}).api.listen == "127.0.0.1:8650"
+
+
+# -- the false spellings of a boolean variable ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("no", False),
+        ("off", False),
+        ("NO", False),
+        ("Off", False),
+        ("0", False),
+        ("false", False),
+        ("yes", True),
+        ("on", True),
+        ("ON", True),
+        (" true ", True),
+    ],
+)
+def test_a_boolean_variable_takes_the_usual_spellings(
+    tmp_path: Path, value: str, expected: bool
+) -> None:
+    # Before: yes and on were read, their opposites no and off refused.
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD)
+    cfg = load_config(path, env={"DATAMOVER_TRANSFER_FSYNC": value})
+    assert cfg.transfer.fsync is expected
+    cfg = load_config(path, env={"DATAMOVER_API_OPEN_METRICS": value})
+    assert cfg.api.open_metrics is expected
+
+
+def test_a_boolean_variable_of_another_word_is_one_line(tmp_path: Path) -> None:
+    path = _site(tmp_path)
+    _refused(
+        _cli(path, {"DATAMOVER_TRANSFER_SPARSE": "nope"}, "db", "upgrade"),
+        "environment: DATAMOVER_TRANSFER_SPARSE = 'nope' is not a valid bool",
+    )
