@@ -51,9 +51,12 @@ def _no_daemon(config: Config, option: str) -> InvalidInput:
     return InvalidInput(f"{config.source}: {option}, but no [api] url names a daemon")
 
 
-def _unreachable(config: Config) -> TransientError:
-    """The error for a daemon that must do the work and does not answer (exit 6)."""
-    return TransientError(f"datamover daemon at {config.api_url} unreachable")
+def _unreachable(config: Config, client: Any) -> TransientError:
+    """The error for a daemon that must do the work and does not answer (exit 6), with the
+    cause `client.reachable()` met (refused, timed out, a server error)."""
+    return TransientError(
+        client.unreachable_because or f"datamover daemon at {config.api_url} unreachable"
+    )
 
 
 def through_daemon(
@@ -82,7 +85,7 @@ def through_daemon(
     with _client(config) as client:
         if not client.reachable():
             if required or not wait:
-                raise _unreachable(config)
+                raise _unreachable(config, client)
             return None
         # A key of its own: the submission may then be sent again if the daemon closed the
         # kept connection under it, and is never queued twice.
@@ -453,7 +456,7 @@ def release(
         with _client(config) as client:
             up = client.reachable()
             if not up and daemon_only:
-                raise _unreachable(config)
+                raise _unreachable(config, client)
             if up:
                 params = {"tenant": tenant} if tenant is not None else None
                 answer = client.call("DELETE", f"/v1/pins/{segment(pin)}", params=params)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import socket
+import ssl  # http.client imports it anyway; only a context costs (see `_connection`)
 import time
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +40,17 @@ _CONNECT_SECONDS = 3.0
 # Idempotency-Key) is then sent once more, on a fresh connection.
 _STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
 _IDEMPOTENT = ("GET", "HEAD", "DELETE")
+# TLS failures a retry may cure: the connection closed or broke during the handshake (a
+# daemon or proxy restarting). Every other `ssl.SSLError` (a certificate that fails
+# verification, no protocol or cipher in common, a plain-HTTP server at an https URL) comes
+# back the same on every try.
+_TLS_TRANSIENT = (
+    ssl.SSLEOFError,
+    ssl.SSLSyscallError,
+    ssl.SSLZeroReturnError,
+    ssl.SSLWantReadError,
+    ssl.SSLWantWriteError,
+)
 
 
 def segment(value: str) -> str:
@@ -141,6 +154,8 @@ class DaemonClient:
         self._port = port
         self._prefix = parts.path
         self._conn: http.client.HTTPConnection | None = None
+        #: Why the last `reachable()` said False, for the caller's message.
+        self.unreachable_because = ""
 
     def __enter__(self) -> DaemonClient:
         return self
@@ -222,6 +237,9 @@ class DaemonClient:
         try:
             status, raw = self._exchange(method, target, data, sent, timeout or self._seconds)
         except (OSError, http.client.HTTPException) as exc:
+            wrong = self._misconfigured(exc)
+            if wrong is not None:
+                raise InvalidInput(wrong) from None
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
             raise TransientError(
                 f"datamover daemon at {self.base_url} unreachable: {reason or type(exc).__name__}"
@@ -231,18 +249,47 @@ class DaemonClient:
         except ValueError:
             return status, None
 
+    def _misconfigured(self, exc: BaseException) -> str | None:
+        """The one-line message when `exc`, met reaching the daemon, is one that no retry
+        cures and `[api] url` or the host's TLS setup must change: a certificate that fails
+        verification (or another TLS refusal, not one of `_TLS_TRANSIENT`), a host name that
+        does not exist. None for failures worth retrying (refused, reset, timed out, a name
+        server not answering: EAI_AGAIN)."""
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            why = exc.verify_message or exc.reason or str(exc)
+            return (
+                f"[api] url {self.base_url}: the daemon's TLS certificate failed verification "
+                f"({why}): check the URL's host name and the trusted CA certificates "
+                "(SSL_CERT_FILE)"
+            )
+        if isinstance(exc, ssl.SSLError) and not isinstance(exc, _TLS_TRANSIENT):
+            return (
+                f"[api] url {self.base_url}: the TLS handshake failed ({exc.reason or exc}): "
+                "is a TLS server at that address, and does it accept this client?"
+            )
+        if isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_NONAME:
+            return f"[api] url {self.base_url}: unknown host {self._host!r} ({exc.strerror or exc})"
+        return None
+
     def reachable(self) -> bool:
         """True when the daemon answers `/healthz` within a second; False when nothing
-        answers in time or the answer is a server error (a daemon starting or stopping).
-        Any other answer (a redirect, a proxy's 401 or 404) is `InvalidInput`: `[api] url`
-        leads to something other than the daemon, which no retry or local run mends."""
+        answers in time or the answer is a server error (a daemon starting or stopping),
+        with the cause in `unreachable_because`. Any other answer (a redirect, a proxy's 401
+        or 404), a TLS certificate that fails verification and a host name that does not
+        exist are `InvalidInput`: `[api] url` leads to something other than the daemon,
+        which no retry or local run mends."""
+        self.unreachable_because = ""
         try:
             status, _ = self.request("GET", "/healthz", timeout=1.0)
-        except TransientError:
+        except TransientError as exc:
+            self.unreachable_because = exc.message
             return False
         if status == 200:
             return True
         if status >= 500 or status == 429:
+            self.unreachable_because = (
+                f"datamover daemon at {self.base_url} unreachable: /healthz answered HTTP {status}"
+            )
             return False
         raise InvalidInput(
             f"{self.base_url}/healthz answered HTTP {status}, not a datamover daemon's 200: "

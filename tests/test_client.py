@@ -4,10 +4,14 @@ between requests, and names a malformed `[api] url` in one line."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -202,3 +206,147 @@ async def test_a_healthz_answer_other_than_the_daemons_is_named(make_site: MakeS
     finally:
         server.shutdown()
         server.server_close()
+
+
+# -- what reaching the daemon failed on ---------------------------------------------------------
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made by the openssl command."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+@contextlib.contextmanager
+def _tls_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """An HTTPS server on 127.0.0.1 with a self-signed certificate whose `/healthz` answers
+    200, as a daemon behind a TLS proxy would; its URL and certificate."""
+    import http.server
+    import ssl
+    import threading
+
+    cert, key = _self_signed(tmp_path)
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    server.handle_error = lambda *args: None  # type: ignore[method-assign]  # the refused handshakes
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"https://127.0.0.1:{server.server_port}", cert
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_certificate_that_fails_verification_is_invalid_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: "unreachable" (False from reachable(), TransientError from a request): the CLI
+    # ran in-process, and a hook exited 6, which the Slurm prolog retries for an hour.
+    with _tls_server(tmp_path) as (url, cert):
+        with DaemonClient(url, None) as client, pytest.raises(InvalidInput) as info:
+            client.reachable()
+        assert str(info.value) == (
+            f"[api] url {url}: the daemon's TLS certificate failed verification (self-signed "
+            "certificate): check the URL's host name and the trusted CA certificates "
+            "(SSL_CERT_FILE)"
+        )
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # trusted: the same server answers
+        with DaemonClient(url, None) as client:
+            assert client.reachable()
+
+
+def _silent_listener() -> socket.socket:
+    """A socket that accepts connections (the kernel does) and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(8)
+    return sock
+
+
+async def test_what_reaching_the_daemon_failed_on_is_in_the_one_line(
+    tmp_path: Path, make_site: MakeSite
+) -> None:
+    # Before: a self-signed certificate and an unknown host were exit 6 ("unreachable",
+    # retried by the prolog for an hour), and every exit 6 dropped its cause.
+    refused = f"http://127.0.0.1:{_free_port()}"
+    with _tls_server(tmp_path) as (tls, _), _silent_listener() as silent:
+        quiet = f"127.0.0.1:{silent.getsockname()[1]}"
+        cases = [
+            (tls, 2, f"[api] url {tls}: the daemon's TLS certificate failed verification"),
+            (refused, 6, f"datamover daemon at {refused} unreachable: [Errno 111] Connection"),
+            (f"http://{quiet}", 6, f"datamover daemon at http://{quiet} unreachable: timed out"),
+            (f"https://{quiet}", 6, f"datamover daemon at https://{quiet} unreachable: "),
+        ]
+        for n, (url, code, says) in enumerate(cases):
+            a = await make_site(f"site-{n}", api={"url": url})
+            for args in (
+                ("stage", "/proj/x", "--wait", "--daemon"),
+                ("release", "--pin", "j", "--daemon"),
+                *([("stage", "/proj/x", "--wait")] if code == 2 else []),  # nor run here
+            ):
+                proc = a.cli(*args)
+                assert proc.returncode == code, (url, args, proc.stderr)
+                lines = proc.stderr.strip().splitlines()
+                assert len(lines) == 1 and lines[0].startswith(f"datamover: error: {says}"), lines
+
+
+async def test_an_unknown_host_is_invalid_input(make_site: MakeSite) -> None:
+    host = "datamover-daemon.example.invalid"  # RFC 6761: never resolves
+    try:
+        socket.getaddrinfo(host, 8650)
+    except socket.gaierror as exc:
+        if exc.errno != socket.EAI_NONAME:
+            pytest.skip(f"this host's resolver does not say EAI_NONAME of {host}: {exc}")
+    a = await make_site("site-a", api={"url": f"http://{host}:8650"})
+    for args in (("stage", "/proj/x", "--wait", "--daemon"), ("stage", "/proj/x", "--wait")):
+        proc = a.cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr == (
+            f"datamover: error: [api] url http://{host}:8650: unknown host '{host}' "
+            "(Name or service not known)\n"
+        )
+
+
+def test_a_plain_http_server_at_an_https_url_is_invalid_input() -> None:
+    # Another TLS failure no retry cures: before, "unreachable" and a local run or exit 6.
+    import http.server
+    import threading
+
+    class Quiet(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"https://127.0.0.1:{server.server_port}"
+    try:
+        with DaemonClient(url, None) as client, pytest.raises(InvalidInput) as info:
+            client.reachable()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert str(info.value).startswith(f"[api] url {url}: the TLS handshake failed (")
