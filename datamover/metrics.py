@@ -71,7 +71,9 @@ class Metrics:
         )
         self.dedup = Gauge(
             "datamover_dedup_ratio",
-            "Logical bytes pushed per byte uploaded, over this daemon's pushes",
+            "Logical bytes pushed per byte uploaded, over this daemon's pushes that published "
+            "a version (the bytes of its files over the bytes of packs, manifest and version "
+            "document sent); a push that found its tree unchanged counts in neither",
             ["site"],
             registry=r,
         )
@@ -110,11 +112,15 @@ class Metrics:
         self.bytes.labels(direction, self.site).inc(moved)
         files = result.get("files_read", result.get("fetched_files", 0))
         self.files.labels(direction, self.site).inc(files)
-        if kind == "push":
-            self._logical += result.get("bytes_read", 0)
+        if kind == "push" and not result.get("unchanged") and moved > 0:
+            # `bytes` is the size of every file of the version published, `bytes_read` only
+            # of those this push read again (changed or new): a push publishing 150,000
+            # bytes that uploaded 5,835 showed 0.51 instead of 25.7. A push that found
+            # its tree unchanged publishes nothing and uploads nothing (or only repairs a
+            # manifest object the store lost): counted, each one would raise the ratio.
+            self._logical += result.get("bytes", 0)
             self._uploaded += moved
-            if self._uploaded:
-                self.dedup.labels(self.site).set(self._logical / self._uploaded)
+            self.dedup.labels(self.site).set(self._logical / self._uploaded)
 
     def retry(self, kind: str) -> None:
         """Count a retried attempt."""

@@ -956,3 +956,55 @@ async def test_a_stage_of_a_newer_version_is_not_answered_by_an_older_one(
     t = d.wait(latest, token)
     assert t["state"] == "succeeded" and "satisfied_by" not in t["result"], t
     assert t["result"]["version"] == newer and t["result"]["fetched_files"] == 1
+
+
+def _dedup_ratio(d: Daemon) -> float | None:
+    """`datamover_dedup_ratio` as daemon `d` shows it, None before it has a value."""
+    status, text = d.request("GET", "/metrics")
+    assert status == 200
+    found = re.search(r'^datamover_dedup_ratio\{site="[^"]+"\} (\S+)$', text, re.M)
+    return float(found.group(1)) if found else None
+
+
+async def test_the_dedup_ratio_is_logical_bytes_per_byte_uploaded(served_site: StartSite) -> None:
+    # Before: bytes_read (the files a push read again) per byte uploaded: a push that
+    # changed one small file of a large tree showed a ratio below 1.
+    d = await served_site("site-a")
+    token = d.token("t1", "/proj", "write")
+    tree = d.env.data / "run"
+    tree.mkdir()
+    block = os.urandom(5000)
+    for i in range(30):  # 150,000 bytes of one block: a few KiB uploaded
+        (tree / f"f{i:02}").write_bytes(block)
+
+    def push() -> dict[str, Any]:
+        status, t = d.request("POST", "/v1/transfers", token, {"kind": "push", "path": "/proj/run"})
+        assert status == 201, t
+        done = d.wait(t["id"], token)
+        assert done["state"] == "succeeded", done
+        return dict(done["result"])
+
+    assert _dedup_ratio(d) is None
+    first = push()
+    (tree / "f00").write_bytes(b"changed")
+    second = push()
+    assert second["bytes_read"] == 7 and second["bytes"] == 29 * 5000 + 7
+    logical = first["bytes"] + second["bytes"]
+    uploaded = first["uploaded_bytes"] + second["uploaded_bytes"]
+    assert _dedup_ratio(d) == pytest.approx(logical / uploaded)
+    assert logical / uploaded > 10
+    unchanged = push()  # publishes nothing, uploads nothing: the ratio stays
+    assert unchanged["unchanged"] and unchanged["uploaded_bytes"] == 0
+    assert _dedup_ratio(d) == pytest.approx(logical / uploaded)
+
+
+def test_a_push_that_uploads_nothing_leaves_the_dedup_ratio() -> None:
+    from datamover.metrics import Metrics
+
+    metrics = Metrics("s")
+    unchanged = {"bytes": 10**9, "bytes_read": 0, "uploaded_bytes": 0, "unchanged": True}
+    metrics.finished("push", "succeeded", 1.0, unchanged)
+    assert b"datamover_dedup_ratio{" not in metrics.render()  # no push published yet
+    metrics.finished("push", "succeeded", 1.0, {"bytes": 150000, "uploaded_bytes": 5835})
+    metrics.finished("push", "succeeded", 1.0, unchanged)
+    assert b'datamover_dedup_ratio{site="s"} 25.70694' in metrics.render()
