@@ -352,6 +352,57 @@ def _absolute_catalog(url: str, base: Path) -> str:
     return f"{scheme}{_absolute(path, base)}{query or ''}"
 
 
+#: A SQLite URL's database file (absolute once `_absolute_catalog` has run).
+_SQLITE_FILE = re.compile(r"^sqlite(?:\+\w+)?:///([^?]+)(?:\?.*)?$")
+
+
+def _sqlite_file(url: str) -> str | None:
+    """The database file of a `sqlite:///` catalog URL; None for another database, an
+    in-memory one or a relative path."""
+    found = _SQLITE_FILE.match(url)
+    if found is None or found.group(1) == ":memory:" or not found.group(1).startswith("/"):
+        return None
+    return found.group(1)
+
+
+def _check_outside_trees(
+    namespace: Namespace,
+    path: str,
+    what: str,
+    source: str,
+    env: Mapping[str, str],
+    holds: bool = False,
+) -> None:
+    """Refuse `path` (the state directory or the catalog's file, set where `what` says)
+    inside a directory the namespace maps, or with `holds` (a directory) holding one: every
+    `stage --delete` of that tree would try to move it into the trash (its own trash, for
+    the state directory: that failed for ever), a push would publish it; and a tree inside
+    the state directory shares it with the trash, the caches and the locks. Compared as
+    written, normalised (`..` and `//` folded), as the namespace's own aliases are: symbolic
+    links are not followed."""
+    mine = Path(os.path.normpath(path))
+    trash = "its own trash" if holds else "the trash"
+    if "DATAMOVER_NAMESPACE" in env:
+        mapped = "DATAMOVER_NAMESPACE's"
+    elif what.startswith(f"{source}: "):
+        mapped = "[namespace]"
+    else:  # `what` is a variable's: say which file the map is in
+        mapped = f"{source}: [namespace]"
+    for prefix, local in namespace.prefixes:
+        if mine.is_relative_to(local):
+            relation = "is inside"
+            why = f"a push would publish it and a stage --delete move it to {trash}"
+        elif holds and local.is_relative_to(mine):
+            relation = "holds"
+            why = "datamover's trash, caches and locks there could land in the tree"
+        else:
+            continue
+        raise InvalidInput(
+            f"{what} {str(mine)!r} {relation} the tree of {mapped} {prefix!r} = "
+            f"{str(local)!r} ({why}): keep them apart"
+        )
+
+
 def parse_config(
     data: Mapping[str, Any],
     source: str,
@@ -396,6 +447,7 @@ def parse_config(
             raise InvalidInput(f"{source}: [{name}] must be a table")
     sections = {name: _section(source, name, data.get(name, {}), env) for name in _SECTIONS}
     site: SiteSettings = sections["site"]
+    site_given = site
     if not site.name:
         raise required("site", "name")
     try:
@@ -475,10 +527,18 @@ def parse_config(
     for (section, key), (most, unit) in LIMITS.items():
         if getattr(checked[section], key) > most:
             raise InvalidInput(f"{origin(section, key)} must be at most {most} ({unit})")
+    namespace = _namespace(source, data.get("namespace", {}), env)
+    state_origin = origin("site", "state_dir")
+    if not site_given.state_dir:
+        state_origin = f"{source}: the default [site] state_dir"
+    _check_outside_trees(namespace, state_dir, state_origin, source, env, holds=True)
+    database = _sqlite_file(catalog)
+    if database is not None:
+        _check_outside_trees(namespace, database, origin("site", "catalog"), source, env)
     return Config(
         site=site,
         store=store,
-        namespace=_namespace(source, data.get("namespace", {}), env),
+        namespace=namespace,
         transfer=transfer,
         api=api,
         source=source,

@@ -341,3 +341,103 @@ def test_a_boolean_variable_of_another_word_is_one_line(tmp_path: Path) -> None:
         _cli(path, {"DATAMOVER_TRANSFER_SPARSE": "nope"}, "db", "upgrade"),
         "environment: DATAMOVER_TRANSFER_SPARSE = 'nope' is not a valid bool",
     )
+
+
+# -- the state directory and a SQLite catalog outside every mapped tree --------------------
+
+
+def _mapped(tmp_path: Path, site: str) -> Path:
+    """A config mapping '/proj' to `tmp_path/proj`, with `site` as its [site] lines."""
+    path = tmp_path / "site.toml"
+    path.write_text(
+        f"[site]\nname = 'a'\n{site}\n[store]\nbucket = 'b'\n"
+        f"[namespace]\n'/proj' = '{tmp_path / 'proj'}'\n'/ref' = '/srv/ref'\n"
+    )
+    return path
+
+
+_INSIDE = "(a push would publish it and a stage --delete move it to its own trash): keep them apart"
+
+
+def test_a_state_dir_inside_a_mapped_tree_is_refused(tmp_path: Path) -> None:
+    # Before: accepted; every `stage --delete` of /proj then failed for ever ("cannot move
+    # '.dmstate' to the trash ... Invalid argument") and a push published the state files.
+    proj = tmp_path / "proj"
+    path = _mapped(tmp_path, f"state_dir = '{proj}/.dmstate'")
+    with pytest.raises(InvalidInput) as info:
+        load_config(path, env={})
+    assert str(info.value) == (
+        f"{path}: [site] state_dir '{proj}/.dmstate' is inside the tree of [namespace] "
+        f"'/proj' = '{proj}' {_INSIDE}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("site", "env", "says"),
+    [
+        ("state_dir = 'proj'", {}, "[site] state_dir '{proj}' is inside"),  # the tree itself
+        ("state_dir = 'proj/../proj//s'", {}, "[site] state_dir '{proj}/s' is inside"),
+        ("state_dir = '/srv/ref/x/../s'", {}, "[site] state_dir '/srv/ref/s' is inside"),
+        ("state_dir = '.'", {}, "[site] state_dir '{tmp}' holds the tree of [namespace] '/proj'"),
+        ("state_dir = '/'", {}, "[site] state_dir '/' holds the tree of [namespace] '/proj'"),
+        ("", {"XDG_STATE_HOME": "/srv/ref/st"}, "the default [site] state_dir '/srv/ref/st/"),
+        (
+            "state_dir = '/var/tmp/s'",
+            {"DATAMOVER_SITE_STATE_DIR": "/srv/ref/st"},
+            "environment: DATAMOVER_SITE_STATE_DIR '/srv/ref/st' is inside the tree of {file}: "
+            "[namespace] '/ref'",
+        ),
+        (
+            "state_dir = '/var/tmp/s'",
+            {"DATAMOVER_NAMESPACE": "/p=/var"},
+            "[site] state_dir '/var/tmp/s' is inside the tree of DATAMOVER_NAMESPACE's '/p' = "
+            "'/var'",
+        ),
+        (
+            "state_dir = '/var/tmp/s'\ncatalog = 'sqlite:///proj/db/catalog.db'",
+            {},
+            "[site] catalog '{proj}/db/catalog.db' is inside the tree of [namespace] '/proj' = "
+            "'{proj}' (a push would publish it and a stage --delete move it to the trash)",
+        ),
+        (
+            "state_dir = '/var/tmp/s'",
+            {"DATAMOVER_SITE_CATALOG": "sqlite+aiosqlite:////srv/ref/c.db?timeout=5"},
+            "environment: DATAMOVER_SITE_CATALOG '/srv/ref/c.db' is inside",
+        ),
+    ],
+)
+def test_state_and_catalog_nested_with_a_mapped_tree_are_refused(
+    tmp_path: Path, site: str, env: dict[str, str], says: str
+) -> None:
+    path = _mapped(tmp_path, site)
+    expected = says.format(proj=tmp_path / "proj", tmp=tmp_path, file=path)
+    with pytest.raises(InvalidInput) as info:
+        load_config(path, env=env)
+    assert expected in str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "site",
+    [
+        "state_dir = 'state'",
+        "state_dir = 'project'",  # beside 'proj', not in it
+        "state_dir = '/srv/reference'",
+        "state_dir = 'state'\ncatalog = 'sqlite:///:memory:'",
+        "state_dir = 'state'\ncatalog = 'postgresql://u@db/proj'",
+        "state_dir = 'state'\ncatalog = 'sqlite:///project.db'",
+    ],
+)
+def test_state_and_catalog_beside_the_mapped_trees_are_accepted(tmp_path: Path, site: str) -> None:
+    assert load_config(_mapped(tmp_path, site), env={}).site.name == "a"
+
+
+def test_a_state_dir_inside_a_mapped_tree_is_one_line_from_the_cli(tmp_path: Path) -> None:
+    proj = tmp_path / "proj"
+    path = _mapped(tmp_path, f"state_dir = '{proj}/.dmstate'")
+    _refused(
+        _cli(path, {}, "ls", "/proj"),
+        f"{path}: [site] state_dir '{proj}/.dmstate' is inside the tree of [namespace] "
+        f"'/proj' = '{proj}' {_INSIDE}",
+    )
+    assert not proj.exists()  # nothing was created
