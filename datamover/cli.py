@@ -550,13 +550,20 @@ def _fail(exc: DatamoverError, as_json: bool) -> NoReturn:
     _leave(exc.exit_code)
 
 
+def _debug() -> bool:
+    """Whether `DATAMOVER_DEBUG` asks for debug logs and tracebacks (`0`, `false`, `no`,
+    `off` and empty do not)."""
+    value = os.environ.get("DATAMOVER_DEBUG", "").strip().lower()
+    return value not in ("", "0", "false", "no", "off")
+
+
 def main() -> None:
     """Entry point: run the CLI, turning every expected failure into one line and an exit code."""
     gctune.tune()
     proclimits.raise_open_files()
     as_json = "--json" in sys.argv[1:]
     logging.basicConfig(
-        level=logging.DEBUG if os.environ.get("DATAMOVER_DEBUG") else logging.WARNING,
+        level=logging.DEBUG if _debug() else logging.WARNING,
         format="datamover: %(levelname)s: %(message)s",
     )
     try:
@@ -574,7 +581,7 @@ def main() -> None:
     except DatamoverError as exc:
         _fail(exc, as_json)
     except Exception as exc:  # the last line of defence: no tracebacks
-        if os.environ.get("DATAMOVER_DEBUG"):
+        if _debug():
             raise
         expected = _expected(exc)
         if expected is not None:

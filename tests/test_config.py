@@ -818,3 +818,14 @@ async def test_config_before_the_command_opens_that_site(make_site) -> None:
     proc = _datamover("--config", str(env.config_path), "ls", "--json")
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["datasets"] == []
+
+
+@pytest.mark.parametrize(
+    ("value", "debug"), [("1", True), ("yes", True), ("0", False), ("off", False)]
+)
+def test_datamover_debug_is_read_as_a_boolean(tmp_path: Path, value: str, debug: bool) -> None:
+    # Before: any value turned debugging on, "0" included.
+    path = _site(tmp_path)
+    proc = _cli(path, {"DATAMOVER_DEBUG": value}, "db", "upgrade")
+    assert proc.returncode == 0, proc.stderr
+    assert ("DEBUG" in proc.stderr) is debug
