@@ -535,6 +535,8 @@ def parse_config(
     database = _sqlite_file(catalog)
     if database is not None:
         _check_outside_trees(namespace, database, origin("site", "catalog"), source, env)
+    if api.token_file:  # a secret: published with a tree, every site's store would hold it
+        _check_outside_trees(namespace, api.token_file, origin("api", "token_file"), source, env)
     return Config(
         site=site,
         store=store,

@@ -441,3 +441,13 @@ def test_a_state_dir_inside_a_mapped_tree_is_one_line_from_the_cli(tmp_path: Pat
         f"'/proj' = '{proj}' {_INSIDE}",
     )
     assert not proj.exists()  # nothing was created
+
+
+def test_a_token_file_inside_a_mapped_tree_is_refused(tmp_path: Path) -> None:
+    # A token is a secret: in a tree, the next push put it in the store for every site.
+    path = _mapped(tmp_path, "state_dir = 'state'")
+    path.write_text(path.read_text() + f"[api]\ntoken_file = '{tmp_path}/proj/.token'\n")
+    with pytest.raises(InvalidInput, match=r"\[api\] token_file '.*/proj/\.token' is inside"):
+        load_config(path, env={})
+    path.write_text(path.read_text().replace("/proj/.token", "/token"))
+    assert load_config(path, env={}).api.token_file == f"{tmp_path}/token"
