@@ -310,3 +310,106 @@ async def test_the_cli_refuses_the_overwritten_childs_push_and_force_publishes(
     assert proc.returncode == 4, proc.stderr
     assert len(list(_lines(proc.stderr))) == 1 and "stage it again" in proc.stderr
     assert b.cli("push", "/proj/par/child", "--force").returncode == 0
+
+
+# -- after review: a file where the nested tree is, a failure before writing, corruption ------
+
+
+async def test_a_parent_with_a_file_where_a_pinned_childs_tree_is_is_refused(
+    make_site: MakeSite,
+) -> None:
+    # Before: only the entries below `sub/` were compared; a parent holding `sub` as a file
+    # (or a symlink, or a file at a directory above it) moved the child's tree to the trash.
+    a, b, site_a, site_b = await _two_sites(make_site)
+    try:
+        child = (await push(site_a, "/proj/ds/sub")).version
+        await stage(site_b, "/proj/ds/sub")
+        await Access(site_b.catalog.engine).add_pin("slurm-1", "/proj/ds/sub", "t", child)
+        sub = a.data / "ds" / "sub"
+        for name in ("f", "g"):
+            (sub / name).unlink()
+        sub.rmdir()
+        sub.write_text("now a file\n")
+        await push(site_a, "/proj/ds")
+        with pytest.raises(Pinned, match=r"would change '/proj/ds/sub' under the jobs"):
+            await stage(site_b, "/proj/ds")
+        sub.unlink()
+        sub.symlink_to("top")
+        await push(site_a, "/proj/ds")
+        with pytest.raises(Pinned, match=r"would change '/proj/ds/sub' under the jobs"):
+            await stage(site_b, "/proj/ds")
+        assert (b.data / "ds" / "sub" / "f").read_text() == "f 1\n"
+        # Unpinned, the stage goes ahead and the child's record says its tree is gone.
+        await Access(site_b.catalog.engine).release("slurm-1", "t")
+        await stage(site_b, "/proj/ds")
+        record = await site_b.catalog.replica("/proj/ds/sub")
+        assert record is not None and record.state == "overwritten"
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_file_at_a_directory_above_a_pinned_child_is_a_change(
+    make_site: MakeSite,
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds" / "mid" / "sub").mkdir(parents=True)
+    (a.data / "ds" / "mid" / "sub" / "f").write_text("f\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        child = (await push(site_a, "/proj/ds/mid/sub")).version
+        await stage(site_b, "/proj/ds/mid/sub")
+        await Access(site_b.catalog.engine).add_pin("slurm-1", "/proj/ds/mid/sub", "t", child)
+        (a.data / "ds" / "mid" / "sub" / "f").unlink()
+        (a.data / "ds" / "mid" / "sub").rmdir()
+        (a.data / "ds" / "mid").rmdir()
+        (a.data / "ds" / "mid").write_text("a file\n")
+        await push(site_a, "/proj/ds")
+        with pytest.raises(Pinned, match=r"would change '/proj/ds/mid' under the jobs"):
+            await stage(site_b, "/proj/ds")
+        assert (b.data / "ds" / "mid" / "sub" / "f").read_text() == "f\n"
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_parents_stage_that_fails_before_writing_unmarks_the_child(
+    make_site: MakeSite,
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "par" / "child").mkdir(parents=True)
+    (a.data / "par" / "child" / "f").write_text("v1\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/par/child")
+        await stage(site_b, "/proj/par/child")
+        (a.data / "par" / "child" / "new").write_text("new\n")
+        await push(site_a, "/proj/par")
+        packs = [o.key async for o in site_a.store.list("packs/")]
+        for key in packs:
+            await site_a.store.delete(key)
+        with pytest.raises(Exception, match="missing from the store"):
+            await stage(site_b, "/proj/par")
+        assert not (b.data / "par" / "child" / "new").exists()
+        record = await site_b.catalog.replica("/proj/par/child")
+        assert record is not None and record.state == "ready"  # nothing was changed
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_pinned_version_that_is_corrupt_counts_as_a_change(make_site: MakeSite) -> None:
+    from datamover.repo.layout import version_key
+
+    _, _, site_a, site_b = await _two_sites(make_site)
+    try:
+        child = (await push(site_a, "/proj/ds/sub")).version
+        await stage(site_b, "/proj/ds/sub")
+        await Access(site_b.catalog.engine).add_pin("slurm-1", "/proj/ds/sub", "t", child)
+        await push(site_a, "/proj/ds")  # the same files below sub/
+        await site_a.store.put(version_key("/proj/ds/sub", child), b"{not a version")
+        with pytest.raises(Pinned, match=r"would change '/proj/ds/sub' under the jobs"):
+            await stage(site_b, "/proj/ds")  # it was a Corrupt error, exit 5
+    finally:
+        await site_a.close()
+        await site_b.close()

@@ -417,6 +417,20 @@ class Catalog:
         async with self.engine.begin() as conn:
             await conn.execute(stmt)
 
+    async def unmark_overwritten(self, datasets: Sequence[str]) -> None:
+        """Give the records of `datasets` marked `overwritten` their `ready` back: the stage
+        that marked them ended before it changed anything (`mark_overwritten`)."""
+        if not datasets:
+            return
+        table = Replica
+        stmt = (
+            update(table)
+            .where(table.c.dataset.in_(list(datasets)), table.c.state == "overwritten")
+            .values(state="ready", updated_at=_now())
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
+
     async def pushed_replica(
         self, dataset: str, root: str, version: str, files: int, nbytes: int
     ) -> None:

@@ -1032,7 +1032,9 @@ def _locked_problem(root: str, entry: Entry, refused: PermissionError) -> str | 
         if not stat.S_ISREG(st.st_mode):
             return "is no longer a regular file"
         mode = stat.S_IMODE(st.st_mode)
-        if st.st_uid != os.geteuid() or mode & 0o777 != entry.mode & 0o777:
+        if st.st_uid != os.geteuid() or mode != entry.mode:
+            # All the bits: a chmod by an owner outside the file's group clears its
+            # set-group-ID bit, which could then not be put back.
             return _unreadable(refused)
         link = f"/proc/self/fd/{path_fd}"
         try:

@@ -13,6 +13,7 @@ when both hold the same files there.
 from __future__ import annotations
 
 import asyncio
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,35 +116,23 @@ async def check_nested_pins(
     read is the version pinned (or, for a pin without one, the recorded version). The
     stage changes it if the two versions differ in the shared part: a file or symlink
     whose kind, mode, size, content or target differs, an entry the staged version adds,
-    and with `delete` one it lacks. Times are not compared: restamping a file changes no
-    byte a job reads. Only the segments covering the shared part are fetched."""
+    with `delete` one it lacks, and a file or symlink where the deeper dataset's root or a
+    directory above it is (staged, it replaces that tree whole). Times are not compared:
+    restamping a file changes no byte a job reads. Only the segments covering the shared
+    part (and the directories above it) are fetched. A version that cannot be read or is
+    corrupt counts as changed."""
     nested = await _nested(site, doc.dataset, root, keep, others_only)
     for held in nested:
         try:
             other = await site.repo.read_version(held.dataset, held.version)
-        except NotFound:
-            changed: str | None = held.inner  # what the jobs read is gone: assume a change
-        else:
             if held.below:  # the staged version's part below `rel` against all of `other`
-                other_refs = await site.repo.prefetch(other)
-                changed = await asyncio.to_thread(
-                    _first_change,
-                    _below(_entries(site, _covering(refs, held.rel)), held.rel),
-                    _entries(site, other_refs),
-                    delete,
-                )
+                changed = await _change_below(site, refs, held.rel, other, delete)
             else:  # all of the staged version against `other`'s part below `rel`
-                part = _covering(await site.repo.segments(other), held.rel)
-                for ref in part:
-                    await site.repo.manifest_object(ref.digest, ref.stored_size)
-                changed = await asyncio.to_thread(
-                    _first_change,
-                    _entries(site, refs),
-                    _below(_entries(site, part), held.rel),
-                    delete,
-                )
-            if changed is not None:
-                changed = f"{held.inner}/{changed}"
+                changed = await _change_above(site, other, held.rel, refs, delete)
+        except (NotFound, Corrupt):
+            changed = ""  # what the jobs read cannot be read: assume a change
+        if changed is not None:
+            changed = posixpath.normpath(f"{held.inner}/{changed}") if changed else held.inner
         if changed is None:
             continue
         who, how = holders(held.pins, keep)
@@ -178,19 +167,88 @@ async def overwritten_below(
             continue
         try:
             other = await site.repo.read_version(record.dataset, record.version)
-            other_refs = await site.repo.prefetch(other)
+            first = await _change_below(site, refs, rel, other, delete)
         except (NotFound, Corrupt):
-            changed.append(record.dataset)
-            continue
-        first = await asyncio.to_thread(
-            _first_change,
-            _below(_entries(site, _covering(refs, rel)), rel),
-            _entries(site, other_refs),
-            delete,
-        )
+            first = ""  # cannot be compared: counted as changed
         if first is not None:
             changed.append(record.dataset)
     return changed
+
+
+async def _change_below(
+    site: Site, refs: list[SegmentRef], rel: str, inner: VersionDoc, delete: bool
+) -> str | None:
+    """What staging the version of `refs` (prefetched) changes in the tree of the nested
+    dataset `rel` below it, which holds version `inner`: its first path, relative to `rel`
+    ("" for `rel` itself), or None. A file or symlink the outer version holds at `rel` or a
+    directory above it replaces the whole tree."""
+    inner_refs = await site.repo.prefetch(inner)
+    return await asyncio.to_thread(_compare_below, site, refs, rel, inner_refs, delete)
+
+
+async def _change_above(
+    site: Site, outer: VersionDoc, rel: str, refs: list[SegmentRef], delete: bool
+) -> str | None:
+    """What staging the version of `refs` (prefetched), the nested dataset `rel` below the
+    dataset whose tree holds version `outer`, changes of `outer`'s files: as `_change_below`,
+    the other way round. Only `outer`'s segments that hold `rel`'s part or a directory
+    above it are fetched."""
+    outer_refs = await site.repo.segments(outer)
+    wanted = {id(r) for r in _covering(outer_refs, rel)}
+    for path in _above(rel):
+        wanted.update(id(r) for r in _holding(outer_refs, path))
+    part = [r for r in outer_refs if id(r) in wanted]
+    for ref in part:
+        await site.repo.manifest_object(ref.digest, ref.stored_size)
+
+    def compare() -> str | None:
+        blocked = _not_a_directory(site, part, rel)
+        if blocked is not None:
+            return blocked
+        return _first_change(
+            _entries(site, refs), _below(_entries(site, _covering(part, rel)), rel), delete
+        )
+
+    return await asyncio.to_thread(compare)
+
+
+def _compare_below(
+    site: Site, refs: list[SegmentRef], rel: str, inner_refs: list[SegmentRef], delete: bool
+) -> str | None:
+    """`_change_below`'s comparison (blocking)."""
+    blocked = _not_a_directory(site, refs, rel)
+    if blocked is not None:
+        return blocked
+    return _first_change(
+        _below(_entries(site, _covering(refs, rel)), rel), _entries(site, inner_refs), delete
+    )
+
+
+def _above(rel: str) -> list[str]:
+    """`rel` and every directory above it: `a`, `a/b`, `a/b/c` for `a/b/c`."""
+    parts = rel.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _holding(refs: list[SegmentRef], path: str) -> list[SegmentRef]:
+    """The segments whose path range holds `path`."""
+    key = sort_key(path)
+    return [r for r in refs if sort_key(r.first_path) <= key <= sort_key(r.last_path)]
+
+
+def _not_a_directory(site: Site, refs: list[SegmentRef], rel: str) -> str | None:
+    """Where the version of `refs` (cached) holds something other than a directory at
+    `rel` or a directory above it, as a path relative to `rel` ("" for `rel` itself, `..`
+    for the directory above it, and so on); None if nowhere. Staged, such an entry
+    replaces the nested tree whole (the planner moves the directory to the trash)."""
+    paths = _above(rel)
+    for depth, path in enumerate(paths):
+        for entry in _entries(site, _holding(refs, path)):
+            if entry.path == path:
+                if entry.kind != Kind.DIR:
+                    return "/".join([".."] * (len(paths) - 1 - depth))
+                break
+    return None
 
 
 async def _nested(

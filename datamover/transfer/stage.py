@@ -956,7 +956,7 @@ async def _stage(
         except BaseException:
             untouched = stager is None or stager.untouched
             try:
-                await asyncio.shield(_record_failure(site, doc, me, before, untouched))
+                await asyncio.shield(_record_failure(site, doc, me, before, untouched, below))
             except Exception:  # the original error is the one to report
                 pass
             raise
@@ -969,14 +969,21 @@ async def _stage(
 
 
 async def _record_failure(
-    site: Site, doc: VersionDoc, me: str, before: ReplicaRow | None, untouched: bool
+    site: Site,
+    doc: VersionDoc,
+    me: str,
+    before: ReplicaRow | None,
+    untouched: bool,
+    below: list[str],
 ) -> None:
     """Record a stage of `doc` that failed or was cancelled: `failed`, the tree may hold
     files of two versions (push refuses it); but one that changed nothing in the tree
     (`untouched`: the store was unreachable, a pack was corrupt, before the first write)
-    gives the record back as it was (`before`), since the tree still is what it said."""
+    gives the record back as it was (`before`), since the tree still is what it said, and
+    the nested records it marked `overwritten` (`below`) their `ready`."""
     if untouched:
         await site.catalog.restore_replica(doc.dataset, doc.version, me, before)
+        await site.catalog.unmark_overwritten(below)
     else:
         await site.catalog.finish_replica(doc.dataset, doc.version, "failed", 0, 0)
 
