@@ -4,7 +4,7 @@ was taken over, stages cancelled while they are being answered, deadlines within
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -15,7 +15,7 @@ from datamover.catalog.access import Access
 from datamover.catalog.engine import open_engine
 from datamover.catalog.transfer_rows import Submission, now
 from datamover.catalog.transfers import Transfers
-from datamover.domain.transfers import State
+from datamover.domain.transfers import State, rank_time
 from datamover.errors import Conflict, Corrupt, DatamoverError, StoreUnavailable
 from datamover.metrics import Metrics
 from datamover.scheduler.worker import Worker
@@ -197,6 +197,27 @@ async def test_deadlines_order_transfers_within_their_class(queue: Transfers) ->
     order = [(await queue.claim("w", 30)).id for _ in range(4)]
     assert order == [soon.id, late.id, never.id, person.id]
     assert await queue.claim("w", 30) is None
+
+
+async def test_a_deadline_long_past_does_not_overtake_other_classes(queue: Transfers) -> None:
+    """A deadline moves a transfer ahead by at most its lead (10 minutes before it is due),
+    and one already past when submitted counts as due then. Unbounded, a bulk transfer due
+    in 1970 ranked before every job transfer, however fresh: a client could jump the queue
+    of every class by naming an old deadline."""
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    jobs = [(await queue.submit(sub(f"/p/job{i}", priority="job")))[0] for i in range(2)]
+    person, _ = await queue.submit(sub("/p/person", priority="interactive", deadline=epoch))
+    old, _ = await queue.submit(sub("/p/old", priority="bulk", deadline=epoch))
+    plain, _ = await queue.submit(sub("/p/plain", priority="bulk"))
+    order = [(await queue.claim("w", 30)).id for _ in range(5)]
+    # Within its class the one due still comes first; the classes keep their precedence.
+    assert order == [jobs[0].id, jobs[1].id, person.id, old.id, plain.id]
+    at = now()
+    for priority in ("job", "interactive", "bulk"):
+        due_now = rank_time(at, priority, at)
+        shift = rank_time(at, priority, None) - at
+        assert rank_time(at, priority, epoch) == due_now == at - timedelta(minutes=10) + shift
+        assert rank_time(at, priority, at + timedelta(minutes=5)) > due_now  # still ordered
 
 
 async def test_a_retry_after_its_pin_was_released_is_the_same_request(

@@ -60,7 +60,9 @@ def sources(target: State) -> frozenset[State]:
 # by its class. A bulk transfer waiting longer than the shift overtakes fresh job staging,
 # so nothing starves. A deadline pulls a transfer forward to shortly before it is due, on
 # its class's clock too: unshifted, a job transfer's deadline (-1 h) mattered only once it
-# was 50 minutes past, and an interactive one's only within 10 minutes of it.
+# was 50 minutes past, and an interactive one's only within 10 minutes of it. A deadline
+# moves a transfer ahead by at most the lead: one already past when submitted counts as due
+# then, so a deadline of 1970 cannot put a bulk transfer before every job transfer.
 _SHIFT = {
     Priority.JOB: timedelta(hours=-1),
     Priority.INTERACTIVE: timedelta(0),
@@ -75,11 +77,14 @@ def rank_time(created: datetime, priority: Priority, deadline: datetime | None) 
     `min(created, deadline - 10 min)`, shifted by the class (job -1 h, bulk +1 h): within a
     class the transfer due first runs first (those without a deadline count from their
     creation), and a class keeps its precedence over the next, whose deadline is as far as
-    the shifts apart. The key is computed once, at submission: changing this rule leaves
-    the stored keys of transfers already queued as they are."""
+    the shifts apart. A deadline already past at submission counts as due then
+    (`created - 10 min` at the earliest): unbounded, a deadline of 1970 put a transfer of
+    any class before every transfer of every class. The key is computed once, at
+    submission: changing this rule leaves the stored keys of transfers already queued as
+    they are."""
     rank = created
     if deadline is not None:
-        rank = min(rank, deadline - _DEADLINE_LEAD)
+        rank = min(rank, max(deadline, created) - _DEADLINE_LEAD)
     return rank + _SHIFT[priority]
 
 
