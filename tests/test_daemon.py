@@ -1008,3 +1008,57 @@ def test_a_push_that_uploads_nothing_leaves_the_dedup_ratio() -> None:
     metrics.finished("push", "succeeded", 1.0, {"bytes": 150000, "uploaded_bytes": 5835})
     metrics.finished("push", "succeeded", 1.0, unchanged)
     assert b'datamover_dedup_ratio{site="s"} 25.70694' in metrics.render()
+
+
+async def test_a_catalog_outage_in_a_daemon_loop_is_one_warning_line(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every loop of the daemon (workers, metrics, history) logged a catalog outage as an
+    unexpected error with a traceback of about 110 lines, every 5 s per loop while it
+    lasted. An outage is one warning line naming it now; a bug keeps its traceback."""
+    import logging
+
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.exc import TimeoutError as PoolTimeout
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from datamover.catalog.transfers import Transfers
+    from datamover.scheduler.runner import run_loop
+
+    # A PostgreSQL catalog whose server is down: asyncpg's own ConnectionRefusedError.
+    gone = create_async_engine(f"postgresql+asyncpg://postgres@127.0.0.1:{free_port()}/x")
+    queue = Transfers(gone)
+    stop = asyncio.Event()
+    steps = [
+        lambda: queue.claim("w1", 30),
+        lambda: _raise(OperationalError("UPDATE", {}, Exception("database is locked"))),
+        lambda: _raise(PoolTimeout("QueuePool limit of size 5 overflow 10 reached")),
+        lambda: _raise(KeyError("a bug")),
+    ]
+
+    async def run_once() -> bool:
+        if not steps:
+            stop.set()
+            return False
+        await steps.pop(0)()
+        return True
+
+    caplog.set_level(logging.INFO, "datamover.scheduler.runner")
+    try:
+        await run_loop("worker 0", run_once, stop, backoff=0.01)
+    finally:
+        await gone.dispose()
+    logged = [(r.levelname, r.exc_info is not None, r.getMessage()) for r in caplog.records]
+    assert len(logged) == 4, logged
+    assert [(level, trace) for level, trace, _ in logged[:3]] == [("WARNING", False)] * 3
+    assert re.fullmatch(
+        r"worker 0: catalog unavailable: \[Errno 111\] Connect call failed .*; retrying in 0 s",
+        logged[0][2],
+    ), logged[0]
+    assert logged[1][2] == "worker 0: catalog unavailable: database is locked; retrying in 0 s"
+    assert "no free connection in the pool" in logged[2][2]
+    assert logged[3] == ("ERROR", True, "worker 0: unexpected error; retrying in 0 s")
+
+
+async def _raise(exc: Exception) -> bool:
+    raise exc

@@ -71,7 +71,9 @@ _SQLITE_PERMANENT = (
 )
 
 
-def catalog_outage(exc: BaseException) -> CatalogUnavailable | CatalogError | None:
+def catalog_outage(
+    exc: BaseException, *, catalog_only: bool = False
+) -> CatalogUnavailable | CatalogError | None:
     """The error for a database failure that is no bug: transient (`CatalogUnavailable`)
     where a retry may cure it (the server restarted, the connection dropped or was refused,
     the database was locked), `CatalogError` for a SQLite file that may not be written
@@ -80,11 +82,19 @@ def catalog_outage(exc: BaseException) -> CatalogUnavailable | CatalogError | No
 
     Operational and interface errors, any DBAPI error that invalidated its connection, and
     a wait for a pooled connection that timed out (every one busy: an overload) count;
-    programming errors (`ProgrammingError`, `IntegrityError`) stay what they are."""
+    programming errors (`ProgrammingError`, `IntegrityError`) stay what they are.
+
+    `catalog_only`: `exc` came from a call that used the catalog and nothing else (a
+    scheduler's step), so a connection refused, reset or timed out is the catalog's too.
+    asyncpg raises those unwrapped (`ConnectionResetError`, then `ConnectionRefusedError`
+    while the server is down: what a PostgreSQL restart looks like to a running daemon);
+    from a transfer's run they may be the store's."""
     if isinstance(exc, PoolTimeout):
         return CatalogUnavailable(
             "catalog unavailable: no free connection in the pool (every one stayed busy)"
         )
+    if catalog_only and _unreachable(exc):
+        return CatalogUnavailable(f"catalog unavailable: {_first_line(exc)}")
     read_only = _read_only(exc)
     if (
         read_only
@@ -441,13 +451,26 @@ def cannot_open(what: str, exc: BaseException) -> CatalogUnavailable | CatalogEr
     reason = (str(orig or exc).strip().splitlines() or [type(exc).__name__])[0]
     state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     later = (
-        isinstance(exc, ConnectionError | TimeoutError)
+        _unreachable(exc)
         or (isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN)
-        or (isinstance(exc, OSError) and exc.errno in _UNREACHABLE)
-        # asyncio's error when every address of a name refused: errno None, one line each
-        or (isinstance(exc, OSError) and "Connect call failed" in str(exc))
         or (isinstance(state, str) and (state.startswith("08") or state in _RETRY_LATER))
         or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
         or "database is locked" in reason
     )
     return (CatalogUnavailable if later else CatalogError)(f"{what}: {reason}")
+
+
+def _unreachable(exc: BaseException) -> bool:
+    """Whether `exc` is a connection that was refused, reset or timed out: a server a later
+    try may reach."""
+    return (
+        isinstance(exc, ConnectionError | TimeoutError)
+        or (isinstance(exc, OSError) and exc.errno in _UNREACHABLE)
+        # asyncio's error when every address of a name refused: errno None, one line each
+        or (isinstance(exc, OSError) and "Connect call failed" in str(exc))
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    """`exc`'s message's first line, or its class's name when it has none."""
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
