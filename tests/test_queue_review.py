@@ -3,16 +3,19 @@ was taken over, stages cancelled while they are being answered, deadlines within
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from sqlalchemy import event
+from sqlalchemy import event, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from datamover.catalog.access import Access
 from datamover.catalog.engine import open_engine
+from datamover.catalog.queue_sql import T
 from datamover.catalog.transfer_rows import Submission, now
 from datamover.catalog.transfers import Transfers
 from datamover.domain.transfers import State, rank_time
@@ -239,3 +242,120 @@ async def test_a_retry_after_its_pin_was_released_is_the_same_request(
         for other in (None, "slurm-8"):
             with pytest.raises(Conflict, match="different request"):
                 await queue.submit(sub(row.path, pin=other, idempotency_key=key))
+
+
+def _flaky(queue: Transfers, target: State, blip: str, times: int = 1) -> None:
+    """Make `queue.transition` to `target` fail `times` times as a catalog outage does:
+    "locked" before writing (SQLite's "database is locked"), "lost" after its write was
+    committed (the connection reset as the answer came, as asyncpg raises it)."""
+    real = queue.transition
+    left = [times]
+
+    async def transition(transfer_id: str, state: State, **kw: Any) -> Any:
+        if state == target and left[0]:
+            left[0] -= 1
+            if blip == "locked":
+                raise OperationalError("UPDATE transfers", {}, Exception("database is locked"))
+            await real(transfer_id, state, **kw)
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return await real(transfer_id, state, **kw)
+
+    queue.transition = transition  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("blip", ["locked", "lost"])
+@pytest.mark.parametrize("end", ["succeeded", "retry", "failed", "drain"])
+async def test_a_runs_end_is_recorded_through_a_short_catalog_outage(
+    engine: AsyncEngine,
+    queue: Transfers,
+    caplog: pytest.LogCaptureFixture,
+    end: str,
+    blip: str,
+) -> None:
+    """Recording how a run ended is tried again while the catalog is unavailable for a
+    moment. Only `Conflict` was caught: the outage escaped `run_once`, the transfer stayed
+    running with no worker, and when its lease lapsed it was taken for a run cut off: on
+    its last attempt, a transfer that had succeeded failed as `runs_exhausted`. A write
+    committed whose answer was lost is found recorded, not taken for a lapsed lease."""
+    t, _ = await queue.submit(sub("/p/x", kind="push"))
+    last = end != "retry"
+    if last:  # two runs were cut off already: this one is the last
+        async with engine.begin() as conn:
+            await conn.execute(update(T).where(T.c.id == t.id).values(attempts=2))
+    metrics = Metrics("s")
+    worker = Worker(None, queue, Access(engine), "w1", metrics, lease=1.0)  # type: ignore[arg-type]
+    target = {"succeeded": State.SUCCEEDED, "failed": State.FAILED}.get(end, State.QUEUED)
+    _flaky(queue, target, blip)
+
+    async def run(row: Any, progress: Any) -> dict[str, Any]:
+        if end == "succeeded":
+            return {"version": "v1"}
+        if end == "drain":
+            worker.drain()
+            await asyncio.sleep(60)
+        raise StoreUnavailable("no store") if end == "retry" else Corrupt("bad pack")
+
+    worker._run = run  # type: ignore[method-assign]
+    with caplog.at_level("INFO", logger="datamover.scheduler.worker"):
+        assert await worker.run_once() is True
+    row = await queue.get(t.id)
+    expected = {
+        "succeeded": ("succeeded", 3, None),
+        "retry": ("queued", 1, "store_unavailable"),
+        "failed": ("failed", 3, "corrupt"),
+        "drain": ("queued", 2, None),  # a drain's run is not counted
+    }[end]
+    assert (row.state, row.attempts, (row.error or {}).get("code")) == expected, row
+    assert row.lease_owner is None
+    retried = [r for r in caplog.records if "recording it failed" in r.getMessage()]
+    assert len(retried) == 1 and retried[0].levelname == "WARNING", caplog.text
+    said = caplog.text
+    assert "lease lapsed" not in said and "could not be recorded" not in said, said
+    assert not [r for r in caplog.records if r.exc_info], said
+    value = metrics.registry.get_sample_value
+    outcome = {"succeeded": "succeeded", "failed": "failed"}.get(end)
+    if outcome:
+        labels = {"kind": "push", "state": outcome, "site": "s"}
+        assert value("datamover_transfers_finished_total", labels) == 1
+    if end == "retry":
+        assert value("datamover_retries_total", {"kind": "push", "site": "s"}) == 1
+    await asyncio.sleep(1.1)  # the lease would have lapsed by now: nothing lapses
+    assert await queue.requeue_expired() == 0
+    assert (await queue.get(t.id)).state == row.state
+
+
+async def test_an_outage_longer_than_the_lease_is_one_error_line(
+    engine: AsyncEngine, queue: Transfers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A catalog unavailable for longer than the lease leaves before: the end is not
+    recorded, and the transfer goes back in the queue when its lease lapses, as a run cut
+    off (here its last: it fails `runs_exhausted`). The worker says so in one error line,
+    without a traceback, and `run_once` raises nothing: before, the outage escaped it and
+    the daemon's loop logged it as an unexpected error."""
+    t, _ = await queue.submit(sub("/p/x", kind="push"))
+    async with engine.begin() as conn:
+        await conn.execute(update(T).where(T.c.id == t.id).values(attempts=2))
+    metrics = Metrics("s")
+    worker = Worker(None, queue, Access(engine), "w1", metrics, lease=1.0)  # type: ignore[arg-type]
+    _flaky(queue, State.SUCCEEDED, "locked", times=1000)
+
+    async def run(row: Any, progress: Any) -> dict[str, Any]:
+        return {"version": "v1"}
+
+    worker._run = run  # type: ignore[method-assign]
+    with caplog.at_level("INFO", logger="datamover.scheduler.worker"):
+        assert await worker.run_once() is True
+    [error] = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert error.exc_info is None
+    assert error.getMessage() == (
+        "push /p/x succeeded, but that could not be recorded (catalog unavailable: database "
+        "is locked); it goes back in the queue when its lease lapses, as a run cut off"
+    )
+    assert (await queue.get(t.id)).state == "running"
+    assert not metrics.registry.get_sample_value(
+        "datamover_transfers_finished_total", {"kind": "push", "state": "succeeded", "site": "s"}
+    )
+    await asyncio.sleep(1.1)
+    assert await queue.requeue_expired() == 1
+    row = await queue.get(t.id)
+    assert row.state == "failed" and (row.error or {}).get("code") == "runs_exhausted", row

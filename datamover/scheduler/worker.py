@@ -8,6 +8,12 @@ transfer goes back to the queue, to resume from its checkpoint elsewhere or afte
 
 Transient failures are retried with backoff up to `max_attempts`; anything else fails the
 transfer at once with its reason and the files concerned.
+
+Recording how a run ended (succeeded, failed, put back for a retry or by a drain, cancelled)
+is tried again while the catalog is unavailable for a moment (a PostgreSQL restart, a
+locked SQLite file, no free pooled connection), until one heartbeat interval before the
+lease would lapse: lost, a finished run would be taken for one cut off, and on its last
+attempt a transfer that succeeded would fail as `runs_exhausted`.
 """
 
 from __future__ import annotations
@@ -17,15 +23,24 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_before_delay,
+    wait_random_exponential,
+)
 
 from datamover.catalog.access import Access
 from datamover.catalog.engine import catalog_outage
 from datamover.catalog.transfer_rows import TransferRow, succeeded_values
 from datamover.catalog.transfers import Transfers
 from datamover.domain.transfers import Kind, State, retry_delay
-from datamover.errors import Conflict, DatamoverError
+from datamover.errors import CatalogUnavailable, Conflict, DatamoverError
 from datamover.logs import transfer_context
 from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings
@@ -94,6 +109,12 @@ class Worker:
         self._draining = False
         self._current: asyncio.Task[Any] | None = None
         self._stop = _Stop()
+        self._lease_until = 0.0  # monotonic: when the lease held now lapses, at the latest
+
+    @property
+    def _interval(self) -> float:
+        """Seconds between heartbeats, and the margin kept before a lease lapses."""
+        return max(min(self.lease / 3, 2.0), 0.2)
 
     def drain(self) -> None:
         """Stop the running transfer (it goes back to the queue) and claim nothing more; a
@@ -111,6 +132,7 @@ class Worker:
         row = await self.transfers.claim(self.owner, self.lease)
         if row is None:
             return False
+        self._lease_until = asked + self.lease
         with transfer_context(row.id):
             if self._draining:  # SIGTERM came while claiming: do not start it
                 await self._unclaim(row)
@@ -124,19 +146,102 @@ class Worker:
     async def _unclaim(self, row: TransferRow) -> None:
         """Put a transfer just claimed back in the queue as it was: no attempt counted."""
         first = {"started_at": None} if row.attempts <= 1 else {}
-        await self._requeue(row, attempts=max(row.attempts - 1, 0), **first)
-        log.info("released %s %s unrun (draining)", row.kind, row.path)
+        moved = await self._requeue(
+            row, "was released unrun", attempts=max(row.attempts - 1, 0), **first
+        )
+        if moved is not None:
+            log.info("released %s %s unrun (draining)", row.kind, row.path)
 
-    async def _requeue(self, row: TransferRow, **fields: Any) -> TransferRow:
+    async def _requeue(self, row: TransferRow, what: str, **fields: Any) -> TransferRow | None:
         """Give up this worker's claim: the transfer goes back in the queue with `fields`
         (a cancel asked meanwhile wins, see `Transfers.transition`). Return it as it is
-        now; `Conflict` if this worker no longer holds it."""
-        moved = await self.transfers.transition(
-            row.id, State.QUEUED, owner=self.owner, lease_owner=None, lease_expires=None, **fields
+        now; None if the catalog stayed unavailable (`_record`, which logs that this run
+        `what`); `Conflict` if this worker no longer holds it."""
+        moved = await self._record(
+            row,
+            what,
+            lambda: self.transfers.transition(
+                row.id,
+                State.QUEUED,
+                owner=self.owner,
+                lease_owner=None,
+                lease_expires=None,
+                **fields,
+            ),
+            lambda now: now.state in (State.QUEUED, State.CANCELLED) and now.lease_owner is None,
         )
-        if moved.state == State.CANCELLED:  # it ended here: no worker will count it
+        if moved is not None and moved.state == State.CANCELLED:  # no worker will count it
             self.metrics.finished(row.kind, "cancelled", 0, {})
         return moved
+
+    async def _record(
+        self,
+        row: TransferRow,
+        what: str,
+        call: Callable[[], Awaitable[TransferRow]],
+        done: Callable[[TransferRow], bool],
+    ) -> TransferRow | None:
+        """`call()`, which records how this run of `row` ended, tried again while the
+        catalog is unavailable (a transient outage, `catalog_outage`) until one heartbeat
+        interval before this worker's lease lapses: then another worker may take the
+        transfer, and the guarded update would refuse this one anyway. Return what `call`
+        returned; None when the outage outlasted that (or the catalog cannot be used at
+        all), after one error line saying the run `what` and was not recorded: the
+        transfer goes back in the queue when its lease lapses, as a run cut off.
+
+        A try whose write was committed but whose answer was lost (the connection dropped
+        as it came) makes the next one a `Conflict`: if the transfer is then as this run
+        left it (`done`), that is the record. Any other `Conflict` is raised."""
+        tries = 0
+
+        async def once() -> TransferRow:
+            nonlocal tries
+            tries += 1
+            try:
+                return await call()
+            except Conflict:
+                if tries > 1:
+                    current = await self.transfers.get(row.id)
+                    if done(current):
+                        return current
+                raise
+
+        def retried(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            outage = catalog_outage(exc, catalog_only=True) if exc else None
+            log.warning(
+                "%s %s %s, but recording it failed (%s); trying again",
+                row.kind,
+                row.path,
+                what,
+                outage.message if outage else exc,
+            )
+
+        budget = self._lease_until - self._interval - time.monotonic()
+        retrying = AsyncRetrying(
+            stop=stop_before_delay(max(budget, 0.0)),
+            wait=wait_random_exponential(multiplier=0.1, max=2.0),
+            retry=retry_if_exception(_transient),
+            reraise=True,
+            before_sleep=retried,
+        )
+        try:
+            return await retrying(once)
+        except Conflict:
+            raise
+        except Exception as exc:
+            outage = catalog_outage(exc, catalog_only=True)
+            if outage is None:
+                raise
+            log.error(
+                "%s %s %s, but that could not be recorded (%s); it goes back in the queue "
+                "when its lease lapses, as a run cut off",
+                row.kind,
+                row.path,
+                what,
+                outage.message,
+            )
+            return None
 
     async def _execute(self, row: TransferRow, claimed: float) -> None:
         log.info("running %s %s (attempt %d)", row.kind, row.path, row.attempts)
@@ -171,11 +276,17 @@ class Worker:
             self._current = None
         fields = progress.fields()
         fields.update(succeeded_values(result, fields["files_done"], fields["bytes_done"]))
-        if row.kind == Kind.STAGE and row.pin:
-            await self.access.pin_for_transfer(row.id, row.path, result.get("version"))
-        try:
-            ended = await self.transfers.transition(
+
+        async def succeed() -> TransferRow:
+            if row.kind == Kind.STAGE and row.pin:  # an upsert: the same when tried again
+                await self.access.pin_for_transfer(row.id, row.path, result.get("version"))
+            return await self.transfers.transition(
                 row.id, State.SUCCEEDED, owner=self.owner, **fields
+            )
+
+        try:
+            ended = await self._record(
+                row, "succeeded", succeed, lambda now: now.state == State.SUCCEEDED
             )
         except Conflict:
             # The lease lapsed as the run ended and the transfer went back in the queue (or
@@ -186,6 +297,8 @@ class Worker:
                 row.kind,
                 row.path,
             )
+            return
+        if ended is None:
             return
         self.metrics.finished(row.kind, "succeeded", time.monotonic() - started, result)
         log.info("succeeded %s %s: %s", row.kind, row.path, result.get("version"))
@@ -253,7 +366,7 @@ class Worker:
         one interval before it lapses: another worker could then take the transfer, and two
         runs on one tree must not happen. `claimed` is when the claim was asked for (its
         lease counts from then, however late the answer came); default now."""
-        interval = max(min(self.lease / 3, 2.0), 0.2)
+        interval = self._interval
         deadline = (time.monotonic() if claimed is None else claimed) + self.lease - interval
         while not runner.done():
             await asyncio.sleep(max(min(interval, deadline - time.monotonic()), 0.0))
@@ -275,6 +388,7 @@ class Worker:
                     return
                 continue
             deadline = sent + self.lease - interval
+            self._lease_until = sent + self.lease
             if not ours:
                 self._stop.reason = "lost"
                 runner.cancel()
@@ -298,14 +412,22 @@ class Worker:
             return
         with contextlib.suppress(DatamoverError):
             if reason == "cancel":
-                await self.transfers.transition(
-                    row.id, State.CANCELLED, owner=self.owner, **progress.fields()
+                cancelled = await self._record(
+                    row,
+                    "was cancelled",
+                    lambda: self.transfers.transition(
+                        row.id, State.CANCELLED, owner=self.owner, **progress.fields()
+                    ),
+                    lambda now: now.state == State.CANCELLED,
                 )
-                self.metrics.finished(row.kind, "cancelled", 0, {})
-                log.info("cancelled %s %s", row.kind, row.path)
+                if cancelled is not None:
+                    self.metrics.finished(row.kind, "cancelled", 0, {})
+                    log.info("cancelled %s %s", row.kind, row.path)
             else:  # stopped, not failed: the run does not count among its attempts
-                await self._requeue(row, attempts=row.attempts - 1, **progress.fields())
-                log.info("released %s %s for a later run (draining)", row.kind, row.path)
+                fields = progress.fields()
+                what = "was stopped by the drain"
+                if await self._requeue(row, what, attempts=row.attempts - 1, **fields):
+                    log.info("released %s %s for a later run (draining)", row.kind, row.path)
 
     async def _failed(
         self, row: TransferRow, progress: TransferProgress, exc: DatamoverError
@@ -323,12 +445,18 @@ class Worker:
         }
         retry = exc.retryable and row.attempts < self.transfers.max_attempts
         delay = retry_delay(row.attempts)
+        what = f"failed ({exc.message})"
         try:
             if retry:
-                moved = await self._requeue(row, retry_in=delay, **error, **fields)
+                moved = await self._requeue(row, what, retry_in=delay, **error, **fields)
             else:
-                moved = await self.transfers.transition(
-                    row.id, State.FAILED, owner=self.owner, **error, **fields
+                moved = await self._record(
+                    row,
+                    what,
+                    lambda: self.transfers.transition(
+                        row.id, State.FAILED, owner=self.owner, **error, **fields
+                    ),
+                    lambda now: now.state == State.FAILED and now.lease_owner is None,
                 )
         except Conflict as lost:
             # As for a run that succeeds too late: whoever holds the transfer now decides
@@ -340,6 +468,8 @@ class Worker:
                 exc.message,
                 lost.message,
             )
+            return
+        if moved is None:
             return
         self.metrics.error(row.kind, exc.code)
         if moved.state == State.FAILED:
@@ -362,3 +492,9 @@ def _consume(call: asyncio.Future[Any]) -> None:
     """Retrieve a finished heartbeat's exception, so none is reported as never retrieved."""
     if not call.cancelled():
         call.exception()
+
+
+def _transient(exc: BaseException) -> bool:
+    """Whether recording a run's end that raised `exc` is worth another try: the catalog
+    is unavailable for now (not a catalog that cannot be used, not a bug)."""
+    return isinstance(catalog_outage(exc, catalog_only=True), CatalogUnavailable)
