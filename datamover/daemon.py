@@ -34,7 +34,7 @@ from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings
 from datamover.scheduler.history import History
 from datamover.scheduler.reindexing import Reindexer
-from datamover.scheduler.runner import run_loop
+from datamover.scheduler.runner import Doorbell, run_loop
 from datamover.scheduler.worker import Worker
 from datamover.site import Site, make_state_dir
 from datamover.transfer import procpool
@@ -117,7 +117,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     open_paths = {"/healthz", "/readyz", "/v1/openapi.json"}
     if config.api.open_metrics:
         open_paths.add("/metrics")
-    wake = asyncio.Event()
+    wake = Doorbell()  # each submission wakes one idle worker
     endings = Endings()
     app = make_app(Context(site, transfers, access, metrics, frozenset(open_paths), wake, endings))
     stop = asyncio.Event()

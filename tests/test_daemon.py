@@ -1062,3 +1062,53 @@ async def test_a_catalog_outage_in_a_daemon_loop_is_one_warning_line(
 
 async def _raise(exc: Exception) -> bool:
     raise exc
+
+
+async def test_a_submission_wakes_one_idle_worker() -> None:
+    """Each submission set one event every idle worker waited on: all of them woke and
+    claimed, each reading the queue, for one transfer. A ring wakes one, the one idle
+    longest; a ring while none is idle (a worker between its claim and its pause) makes the
+    next pause end at once."""
+    from datamover.scheduler.runner import Doorbell, run_loop
+
+    async def idle(bell: Doorbell, n: int) -> None:
+        await asyncio.sleep(0.05)  # a loop woken in error would have run by now
+        while bell.idle != n:
+            await asyncio.sleep(0.01)
+
+    def counted(calls: list[int], i: int, ring: Any = None) -> Any:
+        async def run_once() -> bool:
+            calls[i] += 1
+            if ring is not None and calls[i] == 2:
+                ring()  # a submission while this worker claims: no worker is idle
+            return False
+
+        return run_once
+
+    bell = Doorbell()
+    stop = asyncio.Event()
+    calls = [0, 0, 0]
+    loops = [run_loop(f"w{i}", counted(calls, i), stop, 60, wake=bell) for i in range(3)]
+    tasks = [asyncio.create_task(loop) for loop in loops]
+    alone = Doorbell()
+    once = [0]
+    tasks.append(
+        asyncio.create_task(run_loop("w", counted(once, 0, alone.ring), stop, 60, wake=alone))
+    )
+    try:
+        await asyncio.wait_for(idle(bell, 3), 10)
+        assert calls == [1, 1, 1]
+        bell.ring()
+        await asyncio.wait_for(idle(bell, 3), 10)
+        assert calls == [2, 1, 1]
+        bell.ring()
+        bell.ring()
+        await asyncio.wait_for(idle(bell, 3), 10)
+        assert calls == [2, 2, 2]
+        await asyncio.wait_for(idle(alone, 1), 10)
+        alone.ring()  # its second call rings while it runs: it claims again at once
+        await asyncio.wait_for(idle(alone, 1), 10)
+        assert once == [3]
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)

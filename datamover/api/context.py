@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 from aiohttp import web
@@ -12,6 +11,7 @@ from datamover.catalog.transfers import Transfers
 from datamover.errors import Forbidden, Unauthorized
 from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings
+from datamover.scheduler.runner import Doorbell
 from datamover.site import Site
 
 
@@ -24,7 +24,7 @@ class Context:
     access: Access
     metrics: Metrics
     open_paths: frozenset[str]
-    wake: asyncio.Event | None = None  # set on each submission: idle workers claim at once
+    wake: Doorbell | None = None  # rung on each submission: an idle worker claims at once
     endings: Endings = field(default_factory=Endings)  # wakes long polls of ended transfers
 
 

@@ -149,7 +149,7 @@ async def submit_transfer(request: web.Request) -> web.Response:
             raise Conflict(f"{exc.message} (transfer {exc.existing.id})") from None
         raise  # the key's transfer lies outside the token's prefixes: its id is not told
     if created and ctx.wake is not None:
-        ctx.wake.set()
+        ctx.wake.ring()
     return _json(row.to_json(), 201 if created else 200)
 
 
