@@ -11,13 +11,20 @@ PostgreSQL so several processes never wait on each other; the guarded UPDATE mak
 on SQLite too. A running transfer whose lease lapsed (its worker died) is put back in the
 queue first and resumes from its checkpoint; one whose cancel was requested while it ran is
 cancelled instead of queued again.
+
+A claim that found nothing free is remembered: the next claims answer None without reading
+the queue until this process changes it so that something may be free (a transfer ends or
+goes back in the queue, one is queued on a tree no running transfer blocks), a retry's time
+comes, or `recheck` seconds passed (for what other processes change).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -67,6 +74,30 @@ _LIVE = sorted(s.value for s in State if s not in TERMINAL)  # states a transfer
 # First key of the claim's two-key advisory lock, so its keys (the second, a hash of the
 # path's first component) cannot meet one-key advisory locks of other users of the database.
 _LOCK_SPACE = 0x646D  # "dm"
+#: Seconds a claim that found nothing free holds for other claims of this process, as to
+#: what other processes sharing the catalog change (what this process changes ends it).
+RECHECK = 0.5
+
+
+@dataclass
+class _Scan:
+    """What a claim's scan of the queue met, besides what it took: the paths of queued
+    transfers a running one blocks, the first time a transfer waiting out a retry is due
+    (catalog clock), and whether it skipped one another process was claiming."""
+
+    busy: set[str] = field(default_factory=set)
+    next_due: datetime | None = None
+    skipped: bool = False
+
+
+@dataclass(frozen=True)
+class _NothingFree:
+    """A claim found nothing free: no claim of this process need read the queue again
+    before `until` (monotonic) unless this process changes it. A transfer queued on one of
+    `busy`, paths a running transfer blocks, is blocked too, and changes nothing."""
+
+    until: float
+    busy: frozenset[str]
 
 
 class Transfers:
@@ -77,6 +108,16 @@ class Transfers:
         self.dialect = engine.dialect.name
         self.max_attempts = max_attempts
         self.answer_batch = _ANSWER_BATCH  # stages `answer_stages` answers at a time
+        self.recheck = RECHECK  # seconds a claim that found nothing free holds (see `claim`)
+        self._nothing_free: _NothingFree | None = None
+        self._changes = 0  # changes this process made that may have freed a transfer
+
+    def _changed(self) -> None:
+        """This process changed the queue so that a transfer may be free now: the next claim
+        reads it. Called after the change was committed, so a claim reading the queue
+        since sees it; one that began before may not, and is not remembered."""
+        self._nothing_free = None
+        self._changes += 1
 
     async def get(self, transfer_id: str) -> TransferRow:
         """One transfer; `NotFound` if there is none with that id."""
@@ -156,6 +197,9 @@ class Transfers:
             if existing is None:
                 raise
             return self._check_same(sub, existing), False
+        nothing = self._nothing_free
+        if nothing is None or sub.path not in nothing.busy:  # it may be free
+            self._changed()
         return await self.get(values["id"]), True
 
     @staticmethod
@@ -235,6 +279,8 @@ class Transfers:
             fields.setdefault("lease_expires", None)
         async with self.engine.begin() as conn:
             changed = (await conn.execute(stmt.values(**fields))).rowcount
+        if changed:
+            self._changed()
         current = await self.get(transfer_id)
         if not changed:
             raise Conflict(
@@ -302,6 +348,8 @@ class Transfers:
             again = update(T).where(*lapsed, ~T.c.cancel_requested)
             again = again.values(not_before=at, **free, **requeued(at))
             moved = (await conn.execute(again)).rowcount
+        if failed or cancelled or moved:
+            self._changed()
         for row in failed:
             log.warning("failed %s %s: %s", row.kind, row.id, problem.message)
         for row in cancelled:
@@ -322,12 +370,31 @@ class Transfers:
         makes the final check and the claim one step across processes (claims under one
         top-level prefix take turns, for the milliseconds a claim lasts); SQLite has one
         writer anyway.
+
+        A claim that found nothing free holds for the claims after it: they answer None at
+        once until this process changes the queue so that something may be free
+        (`_changed`: a transfer ends, goes back in the queue or is queued on a tree no
+        running transfer blocks), a transfer waiting out a retry is due, or `recheck`
+        seconds passed (transfers other processes queue or end). Each claim read the whole
+        queue: with N stages of one dataset queued behind its running one, each of them
+        waking the workers, that was N^2/2 rows read by each worker.
         """
+        nothing = self._nothing_free
+        if nothing is not None and time.monotonic() < nothing.until:
+            return None
+        changes = self._changes
+        asked = time.monotonic()
         at = await self.clock()
         for _ in range(8):
+            scan = _Scan()
             async with self.engine.begin() as conn:
-                row = await self._first_free(conn, at)
+                row = await self._first_free(conn, at, scan)
                 if row is None:
+                    if not scan.skipped and changes == self._changes:
+                        until = asked + self.recheck
+                        if scan.next_due is not None:
+                            until = min(until, asked + (scan.next_due - at).total_seconds())
+                        self._nothing_free = _NothingFree(until, frozenset(scan.busy))
                     return None
                 picked, path, rank = row
                 if self.dialect == "postgresql":
@@ -358,9 +425,9 @@ class Transfers:
             return None
         return await self.get(picked)
 
-    async def _first_free(self, conn: AsyncConnection, at: datetime) -> Any:
+    async def _first_free(self, conn: AsyncConnection, at: datetime, scan: _Scan) -> Any:
         """`(id, path, rank_time)` of the first queued transfer, in queue order, that may run
-        now, or None.
+        now, or None; what else it met is noted in `scan`.
 
         One may not run while another transfer runs on its path or a path above or below it
         (nested datasets share a tree: two runs writing one tree at once would fight over
@@ -390,14 +457,14 @@ class Transfers:
             rows = (await conn.execute(query)).all()
             for row in rows:
                 due = aware(row.not_before)
-                if (
-                    not row.busy
-                    and due is not None
-                    and due <= at
-                    and ahead.isdisjoint(lineage(row.path))
-                    and await self._lock(conn, row.id)
-                ):
-                    return row.id, row.path, row.rank_time
+                if row.busy:
+                    scan.busy.add(row.path)
+                elif due is not None and due > at:
+                    scan.next_due = due if scan.next_due is None else min(scan.next_due, due)
+                elif due is not None and ahead.isdisjoint(lineage(row.path)):
+                    if await self._lock(conn, row.id):
+                        return row.id, row.path, row.rank_time
+                    scan.skipped = True  # another process is claiming it
                 ahead.add(row.path)
             if len(rows) < _CLAIM_PAGE:
                 return None
@@ -457,6 +524,8 @@ class Transfers:
             async with self.engine.begin() as conn:
                 ended = bool((await conn.execute(queued)).rowcount)
                 flagged = not ended and bool((await conn.execute(running)).rowcount)
+            if ended:  # it no longer holds back the transfers queued after it on its tree
+                self._changed()
             # Read after the transaction: holding its connection while taking another from
             # the pool deadlocks once every pooled connection is held so.
             row = await self.get(transfer_id)
@@ -605,7 +674,9 @@ class Transfers:
             answered = await self._succeed_answered(conn, ids, ours, done.id, result, at)
             if answered and pin is not None:
                 await conn.execute(pin([r.id for r in answered]))
-            return answered
+        if answered:
+            self._changed()
+        return answered
 
     async def _succeed_answered(
         self,
