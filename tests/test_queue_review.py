@@ -416,3 +416,23 @@ async def test_a_claim_that_found_nothing_free_sees_retries_due_cancels_and_laps
     await asyncio.sleep(0.4)
     assert await queue.requeue_expired() == 1
     assert (await queue.claim("w5", 30)).id == lapsing.id
+
+
+async def test_a_connection_reset_in_a_run_is_retried_not_an_internal_error(
+    queue: Transfers,
+) -> None:
+    """A PostgreSQL restart reaches a running transfer's catalog calls as asyncpg's bare
+    `ConnectionResetError` (then `ConnectionRefusedError`): the transfer failed at once as
+    an internal error; it goes back in the queue for another try, as for a store outage."""
+    t, _ = await queue.submit(sub("/p/x"))
+    worker = Worker(None, queue, None, "w1", Metrics("s"))  # type: ignore[arg-type]
+
+    async def reset(row: Any, progress: Any) -> dict[str, Any]:
+        raise ConnectionResetError(104, "Connection reset by peer")
+
+    worker._run = reset  # type: ignore[method-assign]
+    assert await worker.run_once() is True
+    row = await queue.get(t.id)
+    assert row.state == "queued" and row.error is not None, row
+    assert row.error["code"] == "unavailable"
+    assert "connection lost while it ran" in row.error["message"]

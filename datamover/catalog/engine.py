@@ -93,8 +93,8 @@ def catalog_outage(
         return CatalogUnavailable(
             "catalog unavailable: no free connection in the pool (every one stayed busy)"
         )
-    if catalog_only and _unreachable(exc):
-        return CatalogUnavailable(f"catalog unavailable: {_first_line(exc)}")
+    if catalog_only and unreachable(exc):
+        return CatalogUnavailable(f"catalog unavailable: {first_line(exc)}")
     read_only = _read_only(exc)
     if (
         read_only
@@ -451,7 +451,7 @@ def cannot_open(what: str, exc: BaseException) -> CatalogUnavailable | CatalogEr
     reason = (str(orig or exc).strip().splitlines() or [type(exc).__name__])[0]
     state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     later = (
-        _unreachable(exc)
+        unreachable(exc)
         or (isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN)
         or (isinstance(state, str) and (state.startswith("08") or state in _RETRY_LATER))
         or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
@@ -460,7 +460,7 @@ def cannot_open(what: str, exc: BaseException) -> CatalogUnavailable | CatalogEr
     return (CatalogUnavailable if later else CatalogError)(f"{what}: {reason}")
 
 
-def _unreachable(exc: BaseException) -> bool:
+def unreachable(exc: BaseException) -> bool:
     """Whether `exc` is a connection that was refused, reset or timed out: a server a later
     try may reach."""
     return (
@@ -471,6 +471,6 @@ def _unreachable(exc: BaseException) -> bool:
     )
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     """`exc`'s message's first line, or its class's name when it has none."""
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

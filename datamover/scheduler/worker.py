@@ -36,11 +36,11 @@ from tenacity import (
 )
 
 from datamover.catalog.access import Access
-from datamover.catalog.engine import catalog_outage
+from datamover.catalog.engine import catalog_outage, first_line, unreachable
 from datamover.catalog.transfer_rows import TransferRow, succeeded_values
 from datamover.catalog.transfers import Transfers
 from datamover.domain.transfers import Kind, State, retry_delay
-from datamover.errors import CatalogUnavailable, Conflict, DatamoverError
+from datamover.errors import CatalogUnavailable, Conflict, DatamoverError, TransientError
 from datamover.logs import transfer_context
 from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings
@@ -263,6 +263,11 @@ class Worker:
             return
         except Exception as exc:
             outage = catalog_outage(exc)
+            if outage is None and unreachable(exc):
+                # A connection refused, reset or timed out, unwrapped: asyncpg's while
+                # PostgreSQL restarts (the store's errors come wrapped). Worth another try
+                # whoever's it was, not an internal error that ends the transfer.
+                outage = TransientError(f"connection lost while it ran: {first_line(exc)}")
             if outage is not None:  # the catalog restarted: retried like a store outage
                 await self._failed(row, progress, outage)
                 return
