@@ -25,6 +25,7 @@ import logging
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -38,6 +39,9 @@ log = logging.getLogger(__name__)
 
 #: How often a stage waiting for pushes and verifies to end tries the lock again.
 _READER_POLL = 0.2
+#: Reads of a lock file's holder, so far apart, before a stage is named without it.
+_HOLDER_TRIES = 20
+_HOLDER_WAIT = 0.005
 
 #: Opening a lock file: never through a symlink, never waiting on a FIFO put there.
 _FLAGS = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -198,6 +202,16 @@ def _held(fd: int, dataset: str, reader: str | None) -> tuple[Conflict, bool]:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:  # held exclusively: a stage
         running = f"a stage of {dataset!r} is already running"
+        # A stage writes its `host:pid` just after it takes the lock: one caught between
+        # the two is named once it has (a few milliseconds), not left out.
+        for _ in range(_HOLDER_TRIES):
+            if holder:
+                break
+            time.sleep(_HOLDER_WAIT)
+            try:
+                holder = _holder(os.pread(fd, 256, 0))
+            except OSError:
+                break
         return Conflict(f"{running} ({holder})" if holder else running), False
     except OSError:
         return Conflict(f"a stage, push or verify of {dataset!r} is running"), False
