@@ -381,6 +381,8 @@ def _check_outside_trees(
     written, normalised (`..` and `//` folded), as the namespace's own aliases are: symbolic
     links are not followed."""
     mine = Path(os.path.normpath(path))
+    if str(mine).startswith("//"):  # POSIX leaves a leading `//` alone; Linux reads `/`
+        mine = Path("/" + str(mine).lstrip("/"))
     trash = "its own trash" if holds else "the trash"
     if "DATAMOVER_NAMESPACE" in env:
         mapped = "DATAMOVER_NAMESPACE's"
@@ -399,7 +401,7 @@ def _check_outside_trees(
             continue
         raise InvalidInput(
             f"{what} {str(mine)!r} {relation} the tree of {mapped} {prefix!r} = "
-            f"{str(local)!r} ({why}): keep them apart"
+            f"{str(local)!r} ({why}): keep them apart (set it outside every mapped tree)"
         )
 
 
@@ -528,10 +530,13 @@ def parse_config(
         if getattr(checked[section], key) > most:
             raise InvalidInput(f"{origin(section, key)} must be at most {most} ({unit})")
     namespace = _namespace(source, data.get("namespace", {}), env)
-    state_origin = origin("site", "state_dir")
-    if not site_given.state_dir:
-        state_origin = f"{source}: the default [site] state_dir"
-    _check_outside_trees(namespace, state_dir, state_origin, source, env, holds=True)
+    if site_given.state_dir:
+        # Only one set by hand: the default under a home directory a namespace maps (`/home`)
+        # refused every command, those of a daemon's clients too, which never use it. Push
+        # and stage refuse a dataset whose tree holds the state directory, whatever set it.
+        _check_outside_trees(
+            namespace, state_dir, origin("site", "state_dir"), source, env, holds=True
+        )
     database = _sqlite_file(catalog)
     if database is not None:
         _check_outside_trees(namespace, database, origin("site", "catalog"), source, env)

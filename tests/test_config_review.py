@@ -356,7 +356,10 @@ def _mapped(tmp_path: Path, site: str) -> Path:
     return path
 
 
-_INSIDE = "(a push would publish it and a stage --delete move it to its own trash): keep them apart"
+_INSIDE = (
+    "(a push would publish it and a stage --delete move it to its own trash): keep them apart "
+    "(set it outside every mapped tree)"
+)
 
 
 def test_a_state_dir_inside_a_mapped_tree_is_refused(tmp_path: Path) -> None:
@@ -380,7 +383,7 @@ def test_a_state_dir_inside_a_mapped_tree_is_refused(tmp_path: Path) -> None:
         ("state_dir = '/srv/ref/x/../s'", {}, "[site] state_dir '/srv/ref/s' is inside"),
         ("state_dir = '.'", {}, "[site] state_dir '{tmp}' holds the tree of [namespace] '/proj'"),
         ("state_dir = '/'", {}, "[site] state_dir '/' holds the tree of [namespace] '/proj'"),
-        ("", {"XDG_STATE_HOME": "/srv/ref/st"}, "the default [site] state_dir '/srv/ref/st/"),
+        ("state_dir = '//srv/ref/st'", {}, "[site] state_dir '/srv/ref/st' is inside"),
         (
             "state_dir = '/var/tmp/s'",
             {"DATAMOVER_SITE_STATE_DIR": "/srv/ref/st"},

@@ -436,3 +436,51 @@ async def test_a_connection_reset_in_a_run_is_retried_not_an_internal_error(
     assert row.state == "queued" and row.error is not None, row
     assert row.error["code"] == "unavailable"
     assert "connection lost while it ran" in row.error["message"]
+
+
+async def test_an_api_cancel_after_a_requeue_whose_answer_was_lost_is_counted_once(
+    engine: AsyncEngine, queue: Transfers
+) -> None:
+    """The worker's requeue committed but its answer was lost; the API cancelled the queued
+    transfer (and counted it) before the worker's second try, which took the cancelled row
+    for its own record and counted the cancel again."""
+    t, _ = await queue.submit(sub("/p/x", kind="push"))
+    metrics = Metrics("s")  # one registry for the API and the workers, as in a daemon
+    worker = Worker(None, queue, Access(engine), "w1", metrics, lease=30.0)  # type: ignore[arg-type]
+    real = queue.transition
+    lost = []
+
+    async def transition(transfer_id: str, target: State, **kw: Any) -> Any:
+        if target == State.QUEUED and not lost:
+            lost.append(1)
+            await real(transfer_id, target, **kw)  # committed...
+            _, ended = await queue.cancel(transfer_id)  # DELETE /v1/transfers/{id}
+            assert ended
+            metrics.finished("push", "cancelled", 0, {})  # as the route counts it
+            raise ConnectionResetError(104, "Connection reset by peer")  # ...answer lost
+        return await real(transfer_id, target, **kw)
+
+    async def run(row: Any, progress: Any) -> dict[str, Any]:
+        raise StoreUnavailable("no store")
+
+    queue.transition = transition  # type: ignore[method-assign]
+    worker._run = run  # type: ignore[method-assign]
+    await worker.run_once()
+    assert (await queue.get(t.id)).state == "cancelled"
+    ended = {"kind": "push", "state": "cancelled", "site": "s"}
+    assert metrics.registry.get_sample_value("datamover_transfers_finished_total", ended) == 1
+
+
+async def test_a_pin_is_not_added_again_for_a_transfer_no_longer_running(
+    engine: AsyncEngine, queue: Transfers
+) -> None:
+    """A worker recording a stage's success again (its first try's answer lost) after the
+    job's epilog released the pin put the released pin back, for good."""
+    access = Access(engine)
+    t, _ = await queue.submit(sub("/p/x", pin="job-42"))
+    assert (await queue.claim("w1", 30)).id == t.id
+    assert await access.pin_for_transfer(t.id, "/p/x", "v1")  # while it runs
+    await queue.transition(t.id, State.SUCCEEDED, owner="w1")
+    assert await access.release("job-42", "t1") == 1
+    assert not await access.pin_for_transfer(t.id, "/p/x", "v1")  # the retry
+    assert await access.pins(pin="job-42") == []

@@ -152,17 +152,25 @@ class Access:
 
         One statement (`pins_for_transfers`), reading the transfer row under a lock on
         PostgreSQL, so a concurrent `release` either comes first (nothing is pinned) or
-        deletes what this adds.
+        deletes what this adds. Only while the transfer runs: a worker recording its end
+        again (the first try's answer lost) after it had succeeded and the job's epilog had
+        released the pin (which clears it from queued and running transfers only) brought
+        the released pin back, for good.
         """
         async with self.engine.begin() as conn:
-            stmt = self.pins_for_transfers([transfer_id], dataset, version)
+            stmt = self.pins_for_transfers([transfer_id], dataset, version, running=True)
             return bool((await conn.execute(stmt)).rowcount)
 
     def pins_for_transfers(
-        self, transfer_ids: Sequence[str], dataset: str, version: str | None
+        self,
+        transfer_ids: Sequence[str],
+        dataset: str,
+        version: str | None,
+        running: bool = False,
     ) -> Executable:
         """The statement that pins `dataset` (at `version`) under the pin each of
-        `transfer_ids` carries, for its tenant (those without one are skipped), reading the
+        `transfer_ids` carries (with `running`, of those still running), for its tenant (those
+        without one are skipped), reading the
         transfer rows under a lock on PostgreSQL: for a caller that runs it in its own
         transaction (`pin_for_transfer`, `Transfers.answer_stages`)."""
         t = Transfer
@@ -177,6 +185,8 @@ class Access:
             .where(t.c.id.in_(list(transfer_ids)), t.c.pin.is_not(None))
             .with_for_update()
         )
+        if running:  # those still running only
+            source = source.where(t.c.state == State.RUNNING.value)
         insert = upsert_for(self.dialect, Pin).from_select(
             ["pin", "dataset", "tenant", "version", "created_at"], source
         )

@@ -277,9 +277,13 @@ class Transfers:
             fields.setdefault("finished_at", at)
             fields.setdefault("lease_owner", None)
             fields.setdefault("lease_expires", None)
-        async with self.engine.begin() as conn:
-            changed = (await conn.execute(stmt.values(**fields))).rowcount
-        if changed:
+        try:
+            async with self.engine.begin() as conn:
+                changed = (await conn.execute(stmt.values(**fields))).rowcount
+        finally:
+            # Also when nothing changed or the answer was lost (a commit it may not have
+            # seen): a claim then reads the queue again rather than trust a "nothing free"
+            # this may have ended, for up to `recheck` seconds.
             self._changed()
         current = await self.get(transfer_id)
         if not changed:

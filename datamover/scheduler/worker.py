@@ -170,7 +170,10 @@ class Worker:
             ),
             lambda now: now.state in (State.QUEUED, State.CANCELLED) and now.lease_owner is None,
         )
-        if moved is not None and moved.state == State.CANCELLED:  # no worker will count it
+        if moved is not None and moved.state == State.CANCELLED and moved.cancel_requested:
+            # A cancel asked while it ran won over the requeue: no one else counts it. One
+            # the API made of the queued transfer (after a write of ours whose answer was
+            # lost, `_record`) was counted there, and carries no `cancel_requested`.
             self.metrics.finished(row.kind, "cancelled", 0, {})
         return moved
 

@@ -253,6 +253,20 @@ def _not_a_directory(base: Path) -> InvalidInput:
     return InvalidInput(f"{base}: is not a directory ([namespace] maps the dataset there)")
 
 
+def check_state_outside(state_dir: Path, dataset: str, root: Path) -> None:
+    """`InvalidInput` if the site's state directory lies in the tree of `dataset` (its local
+    directory `root`): a push would publish the catalog, caches and trash, and a stage with
+    `--delete` would try to move the state directory into its own trash (failing for
+    ever). Compared as written, normalised, as the configuration compares them."""
+    state = Path(os.path.normpath(state_dir))
+    tree = Path(os.path.normpath(root))
+    if state.is_relative_to(tree):
+        raise InvalidInput(
+            f"{dataset!r}: the site's state directory {str(state)!r} lies in its tree "
+            f"{str(tree)!r}; set [site] state_dir outside every dataset's tree"
+        )
+
+
 def check_root(base: Path, parts: Sequence[str]) -> None:
     """Check that the dataset directory `base/parts...` exists as stage would write it: every
     component below the configured directory `base` (trusted site configuration, which may

@@ -34,7 +34,7 @@ from datamover.repo.layout import VersionDoc, check_key_length
 from datamover.repo.manifest import SegmentRef, encode_list
 from datamover.repo.repository import Repository, utc_now
 from datamover.site import Site
-from datamover.transfer.fsops import check_root
+from datamover.transfer.fsops import check_root, check_state_outside
 from datamover.transfer.locks import take_lock
 from datamover.transfer.manifest_writer import ManifestWriter
 from datamover.transfer.packer import Packer, Ref
@@ -359,6 +359,7 @@ async def _push(
     (`readers.anchor`) and held open until the push ends, and the walk and every reader
     read only that directory (`readers.open_root`)."""
     base, parts = site.config.namespace.split(dataset)
+    check_state_outside(site.state_dir, dataset, base.joinpath(*parts))
     await asyncio.to_thread(check_root, base, parts)  # a tree that is no directory: that first
     path = str(base.joinpath(*parts))
     try:

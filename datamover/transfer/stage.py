@@ -917,6 +917,7 @@ async def _stage(
     progress = progress or NoProgress()
     base_path, parts = site.config.namespace.split(dataset)
     root = base_path.joinpath(*parts)
+    fsops.check_state_outside(site.state_dir, dataset, root)
     fetched_before = site.repo.fetched_bytes
     doc = await site.repo.resolve(dataset, version)
     if force is not True:
