@@ -231,6 +231,14 @@ async def test_the_cli_says_pinned_in_one_line_and_exits_11(make_site: MakeSite)
 # -- a parent's stage over a nested dataset's newer files ------------------------------------
 
 
+async def _par_child(make_site: MakeSite, text: str) -> tuple[SiteEnv, SiteEnv]:
+    """Sites A and B, A holding `par/child/f` with `text`."""
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "par" / "child").mkdir(parents=True)
+    (a.data / "par" / "child" / "f").write_text(text)
+    return a, b
+
+
 async def test_a_parents_stage_over_a_childs_newer_files_stops_the_childs_push(
     make_site: MakeSite,
 ) -> None:
@@ -240,9 +248,7 @@ async def test_a_parents_stage_over_a_childs_newer_files_stops_the_childs_push(
     from datamover.errors import Conflict
     from datamover.scheduler.satisfied import _tree_holds
 
-    a, b = await make_site("site-a"), await make_site("site-b")
-    (a.data / "par" / "child").mkdir(parents=True)
-    (a.data / "par" / "child" / "f").write_text("v1\n")
+    a, b = await _par_child(make_site, "v1\n")
     (a.data / "par" / "g").write_text("g\n")
     site_a, site_b = await a.open(), await b.open()
     try:
@@ -276,9 +282,7 @@ async def test_a_parents_stage_over_a_childs_newer_files_stops_the_childs_push(
 async def test_a_parents_stage_that_leaves_a_childs_files_as_they_are_marks_nothing(
     make_site: MakeSite,
 ) -> None:
-    a, b = await make_site("site-a"), await make_site("site-b")
-    (a.data / "par" / "child").mkdir(parents=True)
-    (a.data / "par" / "child" / "f").write_text("same\n")
+    a, b = await _par_child(make_site, "same\n")
     site_a, site_b = await a.open(), await b.open()
     try:
         await push(site_a, "/proj/par/child")
@@ -298,9 +302,7 @@ async def test_a_parents_stage_that_leaves_a_childs_files_as_they_are_marks_noth
 async def test_the_cli_refuses_the_overwritten_childs_push_and_force_publishes(
     make_site: MakeSite,
 ) -> None:
-    a, b = await make_site("site-a"), await make_site("site-b")
-    (a.data / "par" / "child").mkdir(parents=True)
-    (a.data / "par" / "child" / "f").write_text("v1\n")
+    a, b = await _par_child(make_site, "v1\n")
     assert a.cli("push", "/proj/par").returncode == 0
     (a.data / "par" / "child" / "f").write_text("v2\n")
     assert a.cli("push", "/proj/par/child").returncode == 0
@@ -376,9 +378,7 @@ async def test_a_file_at_a_directory_above_a_pinned_child_is_a_change(
 async def test_a_parents_stage_that_fails_before_writing_unmarks_the_child(
     make_site: MakeSite,
 ) -> None:
-    a, b = await make_site("site-a"), await make_site("site-b")
-    (a.data / "par" / "child").mkdir(parents=True)
-    (a.data / "par" / "child" / "f").write_text("v1\n")
+    a, b = await _par_child(make_site, "v1\n")
     site_a, site_b = await a.open(), await b.open()
     try:
         await push(site_a, "/proj/par/child")

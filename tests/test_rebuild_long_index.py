@@ -15,12 +15,12 @@ import pytest
 
 from datamover.catalog.engine import open_engine
 from datamover.catalog.queries import Catalog
-from datamover.chunking.pack import ENTRY_SIZE, TRAILER_SIZE, PackBuilder, pack_key, parse_pack
-from datamover.domain.manifest import Codec
+from datamover.chunking.pack import ENTRY_SIZE, TRAILER_SIZE, pack_key, parse_pack
 from datamover.errors import Corrupt
 from datamover.repo import reindex as reindex_module
 from datamover.repo.reindex import read_checked, read_index, reindex
 from datamover.storage.memory import MemoryStore
+from tests.test_rebuild import _pack
 
 RUN = 7  # entries a run in these tests
 
@@ -57,14 +57,6 @@ class _Recording(MemoryStore):
 
 def _chunks(n: int, tag: str = "") -> list[bytes]:
     return [f"{tag} chunk {i} ".encode() * 3 for i in range(n)]
-
-
-def _pack(chunks: list[bytes]) -> tuple[bytes, bytes]:
-    b = PackBuilder()
-    for c in chunks:
-        b.add(blake3.blake3(c).digest(), c, len(c), Codec.RAW)
-    pack_id, view = b.finish()
-    return pack_id, bytes(view)
 
 
 async def test_a_long_index_is_read_in_runs_of_bounded_size() -> None:

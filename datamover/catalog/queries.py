@@ -406,27 +406,22 @@ class Catalog:
         """Mark the `ready` records of `datasets` `overwritten`: a stage of a dataset above
         each is about to change files of its tree (`pins.overwritten_below`). A stage of
         the dataset itself makes it `ready` again; its push refuses until then."""
-        if not datasets:
-            return
-        table = Replica
-        stmt = (
-            update(table)
-            .where(table.c.dataset.in_(list(datasets)), table.c.state == "ready")
-            .values(state="overwritten", updated_at=_now())
-        )
-        async with self.engine.begin() as conn:
-            await conn.execute(stmt)
+        await self._replica_state(datasets, "ready", "overwritten")
 
     async def unmark_overwritten(self, datasets: Sequence[str]) -> None:
         """Give the records of `datasets` marked `overwritten` their `ready` back: the stage
         that marked them ended before it changed anything (`mark_overwritten`)."""
+        await self._replica_state(datasets, "overwritten", "ready")
+
+    async def _replica_state(self, datasets: Sequence[str], was: str, state: str) -> None:
+        """Records of `datasets` in state `was` are now in `state`."""
         if not datasets:
             return
         table = Replica
         stmt = (
             update(table)
-            .where(table.c.dataset.in_(list(datasets)), table.c.state == "overwritten")
-            .values(state="ready", updated_at=_now())
+            .where(table.c.dataset.in_(list(datasets)), table.c.state == was)
+            .values(state=state, updated_at=_now())
         )
         async with self.engine.begin() as conn:
             await conn.execute(stmt)

@@ -1003,14 +1003,11 @@ def content_problem(root: str, entry: Entry) -> str | None:
         return _locked_problem(root, entry, exc)
     except OSError as exc:
         return _unreadable(exc)
-    try:
-        return _compare(fd, entry)
-    finally:
-        os.close(fd)
+    return _compare(fd, entry)
 
 
 def _compare(fd: int, entry: Entry) -> str | None:
-    """`content_problem` of the file open as `fd`."""
+    """`content_problem` of the file open as `fd`, which this closes."""
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return "is no longer a regular file"
@@ -1025,6 +1022,8 @@ def _compare(fd: int, entry: Entry) -> str | None:
         return None
     except OSError as exc:
         return _unreadable(exc)
+    finally:
+        os.close(fd)
 
 
 def _locked_problem(root: str, entry: Entry, refused: PermissionError) -> str | None:
@@ -1060,10 +1059,7 @@ def _locked_problem(root: str, entry: Entry, refused: PermissionError) -> str | 
                     os.chmod(link, mode)
         except OSError as exc:
             return _unreadable(exc)
-        try:
-            return _compare(fd, entry)
-        finally:
-            os.close(fd)
+        return _compare(fd, entry)
     finally:
         os.close(path_fd)
 
