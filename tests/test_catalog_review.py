@@ -150,6 +150,7 @@ async def test_two_tenants_pinning_one_pin_id_hold_it_apart(catalog_url: str) ->
         ]
         # A stage's pin is its submitter's: the worker adds it under the transfer's tenant.
         staged, _ = await queue.submit(Submission("t3", "stage", "/proj/x", pin="slurm-7"))
+        assert (await queue.claim("w", 30)).id == staged.id  # pinned as its run ends
         assert await access.pin_for_transfer(staged.id, "/proj/x", "v3")
         assert (await _pin_rows(access))[2] == ("t3", "slurm-7", "/proj/x")
         assert [p.version for p in await access.pins(tenant="t2")] == ["v2"]
