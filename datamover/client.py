@@ -151,6 +151,7 @@ class DaemonClient:
             raise InvalidInput(f"[api] url {base_url!r} must not carry a query or a fragment")
         self._https = parts.scheme == "https"
         self._host = parts.hostname
+        self._answered = False  # whether the daemon has answered this client yet
         self._port = port
         self._prefix = parts.path
         self._conn: http.client.HTTPConnection | None = None
@@ -236,6 +237,7 @@ class DaemonClient:
             sent["Content-Type"] = "application/json"
         try:
             status, raw = self._exchange(method, target, data, sent, timeout or self._seconds)
+            self._answered = True
         except (OSError, http.client.HTTPException) as exc:
             wrong = self._misconfigured(exc)
             if wrong is not None:
@@ -267,7 +269,13 @@ class DaemonClient:
                 f"[api] url {self.base_url}: the TLS handshake failed ({exc.reason or exc}): "
                 "is a TLS server at that address, and does it accept this client?"
             )
-        if isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_NONAME:
+        # A name that resolved before in this client (a wait after its submission) and now
+        # does not is a resolver's gap (split DNS, a VPN reconnecting): worth waiting out.
+        if (
+            isinstance(exc, socket.gaierror)
+            and exc.errno == socket.EAI_NONAME
+            and not self._answered
+        ):
             return f"[api] url {self.base_url}: unknown host {self._host!r} ({exc.strerror or exc})"
         return None
 

@@ -162,7 +162,9 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
         indexing = None
         if config.api.reindex_minutes > 0:  # 0: only `datamover db rebuild` indexes packs
             reindexer = Reindexer(site, config.api.reindex_minutes, metrics)
-            runs = run_loop("reindex", reindexer.run_once, stop, idle=reindexer.every)
+            runs = run_loop(  # it reads the store too: a bare connection error is no outage
+                "reindex", reindexer.run_once, stop, idle=reindexer.every, catalog_only=False
+            )
             indexing = asyncio.create_task(runs)
             tasks.append(indexing)
         warming = asyncio.create_task(_warm(site))

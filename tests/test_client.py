@@ -350,3 +350,27 @@ def test_a_plain_http_server_at_an_https_url_is_invalid_input() -> None:
         server.shutdown()
         server.server_close()
     assert str(info.value).startswith(f"[api] url {url}: the TLS handshake failed (")
+
+
+def test_a_name_that_resolved_before_and_now_does_not_is_waited_out() -> None:
+    # A wait after a submission met a resolver's gap (split DNS, a VPN reconnecting) as an
+    # unknown host, exit 2 at once; a name this client reached before is worth a retry.
+    client = DaemonClient("http://daemon.example.invalid:8650", None)
+    answers: list[Any] = [(200, b"{}"), socket.gaierror(socket.EAI_NONAME, "Name not known")]
+
+    def exchange(*args: Any) -> tuple[int, bytes]:
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer  # type: ignore[no-any-return]
+
+    client._exchange = exchange  # type: ignore[method-assign]
+    assert client.request("GET", "/healthz")[0] == 200
+    with pytest.raises(TransientError, match="unreachable"):
+        client.request("GET", "/v1/transfers/x")
+    fresh = DaemonClient("http://daemon.example.invalid:8650", None)
+    fresh._exchange = lambda *a: (_ for _ in ()).throw(  # type: ignore[method-assign]
+        socket.gaierror(socket.EAI_NONAME, "Name not known")
+    )
+    with pytest.raises(InvalidInput, match="unknown host"):
+        fresh.request("GET", "/healthz")  # never reached: the URL's to check

@@ -1064,6 +1064,30 @@ async def _raise(exc: Exception) -> bool:
     raise exc
 
 
+async def test_a_loop_that_reads_the_store_too_does_not_call_a_reset_a_catalog_outage(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The reindex loop reads the store as well: a bare connection error there is not the
+    catalog's, and is logged as what it is."""
+    import logging
+
+    from datamover.scheduler.runner import run_loop
+
+    stop = asyncio.Event()
+    steps = [ConnectionResetError(104, "Connection reset by peer")]
+
+    async def run_once() -> bool:
+        if not steps:
+            stop.set()
+            return False
+        raise steps.pop(0)
+
+    caplog.set_level(logging.INFO, "datamover.scheduler.runner")
+    await run_loop("reindex", run_once, stop, backoff=0.01, catalog_only=False)
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert logged == [("ERROR", "reindex: unexpected error; retrying in 0 s")], logged
+
+
 async def test_a_submission_wakes_one_idle_worker() -> None:
     """Each submission set one event every idle worker waited on: all of them woke and
     claimed, each reading the queue, for one transfer. A ring wakes one, the one idle

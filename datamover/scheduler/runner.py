@@ -81,11 +81,13 @@ async def run_loop(
     idle: float = 0.5,
     backoff: float = 5.0,
     wake: Doorbell | None = None,
+    catalog_only: bool = True,
 ) -> None:
     """Run `run_once` until `stop` is set; wait `idle` seconds (or until `wake` wakes this
     loop, as for a new submission) when it found nothing to do, and `backoff` seconds after
     an error, which is logged, never fatal: a catalog outage as one warning line, anything
-    else as an unexpected error with its traceback."""
+    else as an unexpected error with its traceback. `catalog_only`: `run_once` talks to
+    the catalog alone, so a bare connection error is the catalog's (`catalog_outage`)."""
     while not stop.is_set():
         try:
             worked = await run_once()
@@ -94,7 +96,7 @@ async def run_loop(
             raise
         except Exception as exc:
             delay = backoff
-            outage = _outage(exc)
+            outage = _outage(exc, catalog_only)
             if outage is None:
                 log.exception("%s: unexpected error; retrying in %.0f s", name, backoff)
             else:
@@ -105,10 +107,10 @@ async def run_loop(
             await _pause(stop, None, delay)
 
 
-def _outage(exc: Exception) -> str | None:
+def _outage(exc: Exception, catalog_only: bool = True) -> str | None:
     """What to log of `exc` if it is no bug: the catalog (or the store) unavailable, or a
     catalog that cannot be used; None otherwise."""
     if isinstance(exc, TransientError | CatalogError):
         return exc.message
-    known = catalog_outage(exc, catalog_only=True)
+    known = catalog_outage(exc, catalog_only=catalog_only)
     return None if known is None else known.message
