@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datamover.catalog.access import Access, PinRow
+from datamover.catalog.queries import ReplicaRow
 from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import printable, sort_key
 from datamover.errors import Corrupt, InvalidInput, NotFound, Pinned
@@ -158,13 +159,10 @@ async def overwritten_below(
     for record in await site.catalog.replicas_near(doc.dataset):
         if record.state != "ready" or not record.dataset.startswith(doc.dataset + "/"):
             continue
-        rel = record.dataset[len(doc.dataset) + 1 :]
-        try:
-            mapped = site.config.namespace.resolve(record.dataset)
-        except InvalidInput:
+        place = _shared(site, doc.dataset, root, record)
+        if place is None:
             continue
-        if mapped != root.joinpath(*rel.split("/")) or record.root != str(mapped):
-            continue
+        rel = place[0]
         try:
             other = await site.repo.read_version(record.dataset, record.version)
             first = await _change_below(site, refs, rel, other, delete)
@@ -260,30 +258,37 @@ async def _nested(
     if not pins:
         return []
     records = {r.dataset: r for r in await site.catalog.replicas_near(dataset)}
+    places = {d: place for d, r in records.items() if (place := _shared(site, dataset, root, r))}
     grouped: dict[tuple[str, str], list[PinRow]] = {}
-    found: dict[str, tuple[str, bool]] = {}
     for pin in pins:
         record = records.get(pin.dataset)
-        if record is None:
-            continue
-        below = pin.dataset.startswith(dataset + "/")
-        outer, inner = (dataset, pin.dataset) if below else (pin.dataset, dataset)
-        rel = inner[len(outer) + 1 :]
-        try:
-            mapped = site.config.namespace.resolve(pin.dataset)
-        except InvalidInput:  # no longer mapped at this site
-            continue
-        parts = rel.split("/")
-        shared = root.joinpath(*parts) == mapped if below else mapped.joinpath(*parts) == root
-        if not shared or record.root != str(mapped):
-            continue  # mapped elsewhere (another tree), or recorded elsewhere (before a remap)
-        version = pin.version or record.version
-        grouped.setdefault((pin.dataset, version), []).append(pin)
-        found[pin.dataset] = (rel, below)
-    return [
-        _Nested(d, v, ps, d if found[d][1] else dataset, found[d][0], found[d][1])
-        for (d, v), ps in sorted(grouped.items())
-    ]
+        if record is None or pin.dataset not in places:
+            continue  # no replica here, or not this tree
+        grouped.setdefault((pin.dataset, pin.version or record.version), []).append(pin)
+    nested = []
+    for (d, v), ps in sorted(grouped.items()):
+        rel, below = places[d]
+        nested.append(_Nested(d, v, ps, d if below else dataset, rel, below))
+    return nested
+
+
+def _shared(site: Site, dataset: str, root: Path, record: ReplicaRow) -> tuple[str, bool] | None:
+    """`(rel, below)` when `record`, of a dataset above or below `dataset` (whose tree is
+    at `root`), is the tree at its place in `root` or around it: `rel` is the deeper
+    dataset's path below the other, `below` whether `record`'s is the deeper one. None when
+    this site maps it elsewhere now (another tree) or recorded it elsewhere (before a
+    remap). Exactly at its place, unlike push's looser `_shares`: the comparisons here
+    line the two manifests up at `rel`."""
+    below = record.dataset.startswith(dataset + "/")
+    outer, inner = (dataset, record.dataset) if below else (record.dataset, dataset)
+    rel = inner[len(outer) + 1 :]
+    try:
+        mapped = site.config.namespace.resolve(record.dataset)
+    except InvalidInput:  # no longer mapped at this site
+        return None
+    parts = rel.split("/")
+    at = root.joinpath(*parts) == mapped if below else mapped.joinpath(*parts) == root
+    return (rel, below) if at and record.root == str(mapped) else None
 
 
 def _covering(refs: list[SegmentRef], rel: str) -> list[SegmentRef]:
