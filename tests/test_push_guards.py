@@ -248,3 +248,36 @@ async def test_a_restage_of_the_same_nested_version_while_the_tree_is_read_is_no
         assert pushed.files == 1 and not pushed.unchanged
     finally:
         await site.close()
+
+
+async def test_a_nested_push_while_the_tree_is_read_is_named_as_a_push_too(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: a push of /proj/n/b while /proj/n was read refused /proj/n saying "a stage
+    # of '/proj/n/b' ... ran", though no stage had run.
+    a = await make_site("site-a")
+    (a.data / "n" / "b").mkdir(parents=True)
+    (a.data / "n" / "b" / "f").write_text("b one\n")
+    site = await a.open()
+    try:
+        await push(site, "/proj/n/b")
+        build = push_module._build
+        pushed: list[str] = []
+
+        async def build_then_push(*args: Any, **kwargs: Any) -> Any:
+            built = await build(*args, **kwargs)
+            if not pushed:  # the nested push's own build passes straight through
+                pushed.append("")
+                (a.data / "n" / "b" / "f").write_text("b two, longer\n")
+                pushed[0] = (await push(site, "/proj/n/b")).version
+            return built
+
+        monkeypatch.setattr(push_module, "_build", build_then_push)
+        with pytest.raises(Conflict) as refused:
+            await push(site, "/proj/n")
+        message = str(refused.value)
+        assert "'/proj/n/b', which shares files with this tree, was staged or pushed " in message
+        assert pushed[0] in message and "a stage of" not in message
+        assert await site.repo.latest("/proj/n") is None
+    finally:
+        await site.close()

@@ -308,18 +308,25 @@ async def _check_nested_unchanged(
     held = {r.dataset: (r.version, r.state) for r in before}
     changed = next(
         (
-            r.dataset
+            r
             for r in await _nearby(site, dataset, root)
             if r.state not in _SETTLED or held.get(r.dataset) != (r.version, r.state)
         ),
         None,
     )
-    if changed is not None:
-        raise Conflict(
-            f"{dataset!r}: a stage of {changed!r}, which shares files with this tree, "
-            "ran while it was read; nothing was published. Push again (its uploads are "
-            "kept), or publish the tree as it is with --force"
-        )
+    if changed is None:
+        return
+    # A record settled again at another version: a stage that ended, or a push of it.
+    what = (
+        f"a stage of {changed.dataset!r}, which shares files with this tree, ran"
+        if changed.state not in _SETTLED
+        else f"{changed.dataset!r}, which shares files with this tree, was staged or pushed "
+        f"(version {changed.version})"
+    )
+    raise Conflict(
+        f"{dataset!r}: {what} while it was read; nothing was published. Push again (its "
+        "uploads are kept), or publish the tree as it is with --force"
+    )
 
 
 def _shares(site: Site, root: Path, replica: ReplicaRow) -> bool:
