@@ -21,6 +21,7 @@ reports is the one it found.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import os
@@ -252,63 +253,39 @@ class Walker:
             return
         try:
             with os.scandir(fd) as it:
-                items = sorted(it, key=lambda e: e.name)
+                listing = sorted(map(_typed, it))
             if self.strict:
-                self._check_names(rel, items)
+                _check_names(rel, listing)
         except BaseException:
             self._relock(rel, fd)
             os.close(fd)
             raise
-        self._stack.append((self._entries(rel, fd, items, unlock), fd, rel))
+        self._stack.append((self._entries(rel, fd, listing, unlock), fd, rel))
 
-    def _check_names(self, rel: str, items: list[os.DirEntry[str]]) -> None:
-        """Refuse a name a version cannot hold (`check_name`) or two that collide under
-        Unicode normalisation, among the entries a strict walk yields: a socket, FIFO or
-        device is skipped whatever its name (asked only when a name fails, from the
-        directory entry's type, so the check costs nothing more per entry)."""
-        where = rel or "."
-        seen: dict[str, os.DirEntry[str]] = {}
-        for item in items:
-            name = item.name
-            if PARTIAL_RE.match(name):
-                continue
-            try:
-                check_name(name, where)
-            except InvalidInput:
-                if _special(item):
-                    continue
-                raise
-            folded = nfc(name)
-            other = seen.setdefault(folded, item)
-            if other is item or _special(item):
-                continue
-            if not _special(other):
-                raise InvalidInput(
-                    f"names {other.name!r} and {name!r} in {where!r} collide under "
-                    "Unicode normalisation; rename one of them"
-                )
-            seen[folded] = item  # a kept entry takes the special file's place
-
-    def _entries(
-        self, rel: str, fd: int, items: list[os.DirEntry[str]], unlock: bool
-    ) -> Iterator[LocalEntry]:
+    def _entries(self, rel: str, fd: int, listing: list[str], unlock: bool) -> Iterator[LocalEntry]:
+        """The entries of directory `rel` (open as `fd`) from its `listing` (`_typed`),
+        which it empties as it goes: each `lstat` result lives only until its entry is
+        yielded."""
         prefix = rel + "/" if rel else ""
-        for item in items:
-            if PARTIAL_RE.match(item.name) and self.strict:
+        listing.reverse()
+        while listing:
+            typed = listing.pop()
+            name = typed[:-2]
+            if PARTIAL_RE.match(name) and self.strict:
                 continue
-            if not self.stat_files and item.is_file(follow_symlinks=False):
-                yield LocalEntry(prefix + item.name, Kind.FILE, UNKNOWN, UNKNOWN, UNKNOWN, 0)
+            if not self.stat_files and typed[-1] == _FILE:
+                yield LocalEntry(prefix + name, Kind.FILE, UNKNOWN, UNKNOWN, UNKNOWN, 0)
                 continue
             try:
                 try:
-                    st = item.stat(follow_symlinks=False)
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 except PermissionError:  # a directory that can be listed, not searched
                     if not (unlock and self._unlock_open(rel, fd)):
                         raise
-                    st = item.stat(follow_symlinks=False)
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
                 if self.strict:  # listed, so in the tree: the version would lack it
-                    raise _vanished(prefix + item.name) from None
+                    raise _vanished(prefix + name) from None
                 continue
             except PermissionError as exc:
                 raise self._unreadable(rel, exc) from None
@@ -321,20 +298,20 @@ class Walker:
             elif stat.S_ISLNK(mode):
                 kind = Kind.SYMLINK
                 try:
-                    target = os.readlink(item.name, dir_fd=fd)
+                    target = os.readlink(name, dir_fd=fd)
                 except (FileNotFoundError, NotADirectoryError):
                     if self.strict:
-                        raise _vanished(prefix + item.name) from None
+                        raise _vanished(prefix + name) from None
                     continue
                 except OSError as exc:
                     if exc.errno != errno.EINVAL:  # EINVAL: no symlink there any more
                         raise
                     if self.strict:
-                        raise _vanished(prefix + item.name) from None
+                        raise _vanished(prefix + name) from None
                     continue
             else:
                 kind = None
-            path = prefix + item.name
+            path = prefix + name
             if kind is None and self.strict:
                 self.skipped_special_count += 1
                 if len(self.skipped_special) < SKIPPED_SAMPLE:
@@ -405,14 +382,73 @@ def _vanished(path: str) -> Conflict:
     )
 
 
-def _special(item: os.DirEntry[str]) -> bool:
-    """Whether a directory entry is a socket, FIFO or device (anything but a file, a
-    directory or a symlink; one that vanished counts as special: it is not walked)."""
+#: The type a listing keeps with each name (`_typed`): from the directory entry, with no
+#: `lstat` unless the file system leaves it unknown. `_OTHER`: a socket, FIFO or device, or
+#: an entry gone before its type could be read.
+_FILE, _DIR, _LINK, _OTHER = "f", "d", "l", "s"
+
+
+def _typed(item: os.DirEntry[str]) -> str:
+    """`item`'s name, a NUL and its type code, one string: a listing of a million names
+    holds a million short strings, not a million `DirEntry` objects (each with its `lstat`
+    result, once looked at). Sorting these sorts by name: no name holds a NUL, so a name
+    sorts before every longer name it begins, as it does alone."""
     try:
-        return not (
-            item.is_file(follow_symlinks=False)
-            or item.is_dir(follow_symlinks=False)
-            or item.is_symlink()
-        )
+        if item.is_file(follow_symlinks=False):
+            code = _FILE
+        elif item.is_dir(follow_symlinks=False):
+            code = _DIR
+        elif item.is_symlink():
+            code = _LINK
+        else:
+            code = _OTHER
     except OSError:
-        return True
+        code = _OTHER
+    return f"{item.name}\0{code}"
+
+
+def _listed(listing: list[str], name: str) -> str | None:
+    """The type code of `name` in sorted `listing` (`_typed`), or None if it is not there."""
+    i = bisect.bisect_left(listing, name + "\0")
+    if i < len(listing) and listing[i][:-2] == name:
+        return listing[i][-1]
+    return None
+
+
+def _check_names(rel: str, listing: list[str]) -> None:
+    """Refuse a name a version cannot hold (`check_name`) or two that collide under Unicode
+    normalisation, among the entries of sorted `listing` (`_typed`) a strict walk yields: a
+    socket, FIFO or device is skipped whatever its name.
+
+    Two distinct names collide only if one of them is not in NFC form (two NFC names that
+    normalise alike are equal), so only names not in NFC form are looked up, their NFC form
+    in the listing and among each other: memory grows with those, not with the directory.
+    """
+    where = rel or "."
+    odd: dict[str, str] = {}  # NFC form -> the name not in NFC form that had it
+    for typed in listing:
+        name, special = typed[:-2], typed[-1] == _OTHER
+        if PARTIAL_RE.match(name):
+            continue
+        try:
+            check_name(name, where)
+        except InvalidInput:
+            if special:
+                continue
+            raise
+        if special:
+            continue
+        folded = nfc(name)
+        if folded == name:
+            continue  # a name not in NFC form that collides with it finds it
+        other = odd.get(folded)
+        if other is None and not PARTIAL_RE.match(folded):
+            code = _listed(listing, folded)
+            other = folded if code is not None and code != _OTHER else None
+        if other is not None:
+            first, second = sorted((other, name))
+            raise InvalidInput(
+                f"names {first!r} and {second!r} in {where!r} collide under "
+                "Unicode normalisation; rename one of them"
+            )
+        odd[folded] = name
