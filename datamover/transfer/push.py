@@ -280,6 +280,18 @@ def _check_current(
     )
 
 
+def _holds_parent(replica: ReplicaRow | None, root: Path, parent: VersionDoc) -> bool:
+    """Whether this site's record says its tree at `root` holds version `parent`, staged or
+    pushed here and not changed by a stage since: only then may a file whose size and mtime
+    are the parent's be taken as unchanged without reading it."""
+    return (
+        replica is not None
+        and replica.root == str(root)
+        and replica.state == "ready"
+        and replica.version == parent.version
+    )
+
+
 def _before(recorded: datetime | None, created: str) -> bool:
     """Whether a record's time (naive from SQLite: UTC) is before a version's `created`."""
     if recorded is None:
@@ -401,6 +413,17 @@ async def _push_tree(
     parent = await site.repo.read_version(dataset, parent_id) if parent_id else None
     if not force:
         _check_current(site, dataset, replica, tree, parent)
+    if parent is not None and not checksum and not _holds_parent(replica, tree, parent):
+        # Size and mtime can say a file is unchanged only in a tree known to hold the
+        # parent: another site's tree, or one never staged or pushed here, may hold other
+        # bytes under the parent's sizes and mtimes.
+        log.info(
+            "push of %s: this site's record does not say its tree holds version %s; every "
+            "file is read (what the store has is not uploaded again)",
+            dataset,
+            parent.version,
+        )
+        checksum = True
     found, resumed = await _resumable_segments(site, dataset)
     await site.catalog.start_checkpoint(dataset, parent_id, owner_id(), bool(resumed), found)
     async with _holding(site, dataset):

@@ -59,9 +59,10 @@ class Done:
 
 @dataclass(slots=True)
 class Previous:
-    """The chunks the previous version had for the large file whose `NewChunk`s follow:
-    where one of them comes again, the push refers to it there instead of uploading it
-    (the site's chunk index knows only what this site pushed, not what it staged)."""
+    """The chunks the previous version had for the file whose `NewChunk`s follow (every
+    file read again that the previous version had, small or large): where one of them
+    comes again, the push refers to it there instead of uploading it (the site's chunk
+    index knows only what this site pushed, not what it staged)."""
 
     chunks: tuple[ChunkRef, ...]
 
@@ -189,6 +190,23 @@ def _mtime(local_ns: int, previous: Entry | None, kind: Kind) -> int:
     return previous.mtime_ns
 
 
+def _read_mtime(mtime_ns: int, size: int, digests: list[bytes], prev: Entry | None) -> int:
+    """The mtime to record for a file read with mtime `mtime_ns`: the previous entry's where
+    the file holds the previous content (same size and chunk digests) and `mtime_ns` is the
+    previous mtime `coarsened`, as for a file not read (so a push that reads every file,
+    `checksum` or a tree not known to hold the previous version, publishes no new version
+    that differs only in the mtimes a coarser file system cut)."""
+    if (
+        prev is None
+        or prev.size != size
+        or prev.mtime_ns == mtime_ns
+        or not coarsened(mtime_ns, prev.mtime_ns)
+        or [c.digest for c in prev.chunks] != digests
+    ):
+        return mtime_ns
+    return prev.mtime_ns
+
+
 class Scanner:
     """Produces pieces for the tree at `root`, merged with `previous` (sorted entries).
 
@@ -230,9 +248,9 @@ class Scanner:
         # not batched): what a file walked without its size (`UNKNOWN`, a first push)
         # counts towards a batch's `_BATCH_BYTES`.
         self._typical = 0
-        # The previous entry's chunks of each large file planned for a read, until read:
-        # at most the files `_generate` holds in flight.
-        self._previous_chunks: dict[str, tuple[ChunkRef, ...]] = {}
+        # The previous entry of each file planned for a read that the previous version
+        # had as a file, until read: at most the files `_generate` holds in flight.
+        self._previous_files: dict[str, Entry] = {}
         self._pieces = self._generate()
 
     def _open_root(self) -> int:
@@ -348,13 +366,8 @@ class Scanner:
                     local.mode == prev.mode,
                 )
             else:
-                if (
-                    prev is not None
-                    and prev.kind == Kind.FILE
-                    and len(prev.chunks) > 1
-                    and local.size > self.params.small_file_limit  # read by `_read_large`
-                ):
-                    self._previous_chunks[local.path] = prev.chunks
+                if prev is not None and prev.kind == Kind.FILE:
+                    self._previous_files[local.path] = prev
                 yield local
 
     # -- reading ----------------------------------------------------------------------
@@ -379,12 +392,17 @@ class Scanner:
                 yield from self._read_large(item)
                 return
             raise _problem(result)
+        prev = self._previous_files.pop(item.path, None)
+        if prev is not None and prev.chunks:
+            yield Previous(prev.chunks)
         yield from result.chunks
         self.stats.files_read += 1
         self.stats.bytes_read += result.size
         self._typical += (result.size - self._typical) >> 4  # the last few dozen files
-        entry = Entry(item.path, Kind.FILE, result.mode, result.mtime_ns, result.size)
-        yield Done(entry, [c.digest for c in result.chunks])
+        digests = [c.digest for c in result.chunks]
+        mtime = _read_mtime(result.mtime_ns, result.size, digests, prev)
+        entry = Entry(item.path, Kind.FILE, result.mode, mtime, result.size)
+        yield Done(entry, digests)
 
     def _consume(self, slot: tuple[str, Any, Any]) -> Iterator[object]:
         kind, items, future = slot
@@ -437,10 +455,10 @@ class Scanner:
         alone proves it (at the chunker's largest chunk), else as its count passes the
         bound; either way before its entry reaches a segment, which the encoder would
         refuse only once every chunk was uploaded. The previous version's chunks of the
-        file, if it had several, come first (`Previous`)."""
-        previous = self._previous_chunks.pop(local.path, None)
-        if previous is not None:
-            yield Previous(previous)
+        file, if it had any, come first (`Previous`)."""
+        prev = self._previous_files.pop(local.path, None)
+        if prev is not None and prev.chunks:
+            yield Previous(prev.chunks)
         for _ in range(readers.ATTEMPTS):
             fd = readers.open_file(self.root, local.path)
             if isinstance(fd, ReadProblem):
@@ -463,6 +481,7 @@ class Scanner:
                 os.close(fd)
             self.stats.files_read += 1
             self.stats.bytes_read += size
+            mtime_ns = _read_mtime(mtime_ns, size, digests, prev)
             yield Done(Entry(local.path, Kind.FILE, mode, mtime_ns, size), digests)
             return
         raise _problem(ReadProblem("changed", local.path))
