@@ -566,6 +566,11 @@ def main() -> None:
         level=logging.DEBUG if _debug() else logging.WARNING,
         format="datamover: %(levelname)s: %(message)s",
     )
+    if not _debug():
+        # botocore's warnings come with a traceback (a failed credential refresh), and the
+        # failure they warn of reaches the user anyway, as the one line of its error.
+        for library in ("botocore", "aiobotocore"):
+            logging.getLogger(library).setLevel(logging.ERROR)
     try:
         status = cli.main(standalone_mode=False)
         _leave(status if isinstance(status, int) else 0)

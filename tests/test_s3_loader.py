@@ -33,19 +33,36 @@ def _whole() -> Any:
     return botocore.loaders.Loader().load_data("endpoints")
 
 
-def test_the_cut_table_resolves_s3_as_the_whole_one_does() -> None:
+#: The services botocore's credential providers make clients of (roles and web identity:
+#: STS; SSO profiles: SSO, and SSO OIDC to refresh a token; `aws login`: sign-in).
+_CREDENTIAL_SERVICES = ("sts", "sso", "sso-oidc", "signin")
+
+
+def _prefix(service: str) -> str:
+    """A service's endpoint prefix: its name in the endpoint table."""
+    model = botocore.loaders.Loader().load_service_model(service, "service-2")
+    return str(model["metadata"]["endpointPrefix"])
+
+
+@pytest.mark.parametrize("service", ["s3", *_CREDENTIAL_SERVICES])
+def test_the_cut_table_resolves_s3_and_the_credential_services_as_the_whole_one_does(
+    service: str,
+) -> None:
+    # Before: the cut kept S3 alone; the session has one table for all its clients, so the
+    # STS client of a role profile resolved its endpoint from the partition's defaults.
     whole = _whole()
     cut = cut_to_s3(whole)
     assert len(json.dumps(cut)) < len(json.dumps(whole)) / 20
     a, b = EndpointResolver(whole), EndpointResolver(cut)
+    prefix = _prefix(service)
     for region in _REGIONS:
         for dual in (False, True):
             for fips in (False, True):
                 kw = {"use_dualstack_endpoint": dual, "use_fips_endpoint": fips}
-                assert a.construct_endpoint("s3", region, **kw) == b.construct_endpoint(
-                    "s3", region, **kw
+                assert a.construct_endpoint(prefix, region, **kw) == b.construct_endpoint(
+                    prefix, region, **kw
                 ), (region, kw)
-    assert a.get_available_endpoints("s3") == b.get_available_endpoints("s3")
+    assert a.get_available_endpoints(prefix) == b.get_available_endpoints(prefix)
 
 
 def _client(loader: botocore.loaders.Loader, region: str, endpoint: str | None) -> Any:
@@ -83,10 +100,10 @@ def test_clients_made_with_the_cut_table_are_the_same(tmp_path: Path, endpoint: 
 
 def test_the_cut_is_cached_and_read_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data, path = S3Loader(cache_dir=tmp_path).load_data_with_path("endpoints")
-    assert set(data["partitions"][0]["services"]) == {"s3"}
+    assert set(data["partitions"][0]["services"]) == {"s3", "sts", "portal.sso", "oidc"}
     assert botocore.loaders.Loader().is_builtin_path(path)  # reported as botocore's own
     (cached,) = tmp_path.iterdir()
-    assert cached.name.startswith(f"endpoints-s3-{botocore.__version__}-")
+    assert cached.name.startswith(f"endpoints-s3creds-{botocore.__version__}-")
     assert json.loads(cached.read_text()) == data
 
     def no_whole_load(self: Any, name: str) -> Any:
@@ -151,7 +168,7 @@ def test_the_cache_is_written_only_into_a_directory_of_the_users_alone(tmp_path:
     os.chmod(shared, 0o777)
     source = Path(botocore.loaders.Loader().load_data_with_path("endpoints")[1] + ".json")
     st = source.stat()
-    name = f"endpoints-s3-{botocore.__version__}-{st.st_size}-{st.st_mtime_ns}.json"
+    name = f"endpoints-s3creds-{botocore.__version__}-{st.st_size}-{st.st_mtime_ns}.json"
     (shared / f".{name}.{os.getpid()}.tmp").symlink_to(victim)
     data, _ = S3Loader(cache_dir=shared).load_data_with_path("endpoints")
     assert data == cut_to_s3(_whole())
@@ -240,13 +257,43 @@ def test_a_cached_model_of_the_wrong_shape_is_not_used(tmp_path: Path) -> None:
     assert json.loads(cached.read_text()) == good  # and replaced
 
 
-def test_the_loader_knows_s3_alone(tmp_path: Path) -> None:
+def test_the_loader_looks_for_s3_alone_and_loads_other_services_as_botocore_does(
+    tmp_path: Path,
+) -> None:
+    # Before: any other service was unknown, so botocore could not make the STS or SSO
+    # client of a credential provider in the S3 client's session.
     loader = S3Loader(cache_dir=tmp_path)
     assert loader.list_available_services("service-2") == ["s3"]
     assert loader.list_available_services("endpoint-rule-set-1") == ["s3"]
     assert loader.list_available_services("no-such-type-9") == []
+    stock = botocore.loaders.Loader()
+    for service in ("ec2", *_CREDENTIAL_SERVICES):
+        for type_name in ("service-2", "endpoint-rule-set-1"):
+            assert loader.load_service_model(service, type_name) == stock.load_service_model(
+                service, type_name
+            ), (service, type_name)
     with pytest.raises(UnknownServiceError):
-        loader.load_service_model("ec2", "service-2")
+        loader.load_service_model("no-such-service-9", "service-2")
+    assert list(tmp_path.iterdir()) == []  # nothing of theirs cached
+
+
+def test_a_session_with_the_loader_makes_the_credential_providers_clients(
+    tmp_path: Path,
+) -> None:
+    session = botocore.session.get_session()
+    session.register_component("data_loader", S3Loader(cache_dir=tmp_path))
+    stock = botocore.session.get_session()
+    for service in _CREDENTIAL_SERVICES:
+        for region in _REGIONS[:6]:
+            kw = {"region_name": region, "aws_access_key_id": "a", "aws_secret_access_key": "b"}
+            a, b = session.create_client(service, **kw), stock.create_client(service, **kw)
+            assert (a.meta.endpoint_url, a.meta.region_name, a.meta.partition) == (
+                b.meta.endpoint_url,
+                b.meta.region_name,
+                b.meta.partition,
+            ), (service, region)
+            sa, sb = a._request_signer, b._request_signer
+            assert (sa.signing_name, sa.region_name) == (sb.signing_name, sb.region_name)
 
 
 def test_a_service_model_on_the_users_data_path_is_loaded_as_it_is(tmp_path: Path) -> None:

@@ -6,9 +6,11 @@ little. `loader_for` gives a loader that reads three of those files from a cache
 smaller derivations, in the user's cache directory (`$XDG_CACHE_HOME/datamover/`, by
 default `~/.cache/datamover/`):
 
-- `endpoints.json` (1.2 MB, every service of every AWS partition) cut to S3: every
-  partition as it is, its `services` reduced to `s3`. It resolves every S3 endpoint,
-  region and signing name exactly as the whole table does.
+- `endpoints.json` (1.2 MB, every service of every AWS partition) cut to S3 and the
+  services botocore's credential providers call (STS for roles and web identity, SSO,
+  SSO OIDC and sign-in: `_KEPT`): every partition as it is, its `services` reduced to
+  those. It resolves their endpoints, regions and signing names exactly as the whole
+  table does (the session has one table for all its clients).
 - S3's service model (`service-2.json.gz`, 1.4 MB unpacked) with its documentation
   strings emptied: only docstrings and generated documentation read them.
 - S3's endpoint rules (`endpoint-rule-set-1.json.gz`) as they are, spared the gunzip.
@@ -22,8 +24,12 @@ it and its directory belong to this user and are writable by no one else (a cach
 by another user could send S3 requests elsewhere); anything wrong with the cache
 (unwritable, unreadable, not valid) costs the full load and nothing more.
 
-The loader knows only S3: `list_available_services` looks for S3 alone (botocore's lists
-every service directory, 872 of them, for each client). Only S3 clients use it.
+S3 is the fast path: `list_available_services` looks for S3 alone (botocore's lists every
+service directory, 872 of them, for each client), and S3's data comes from the cache. The
+clients botocore's credential providers make in the same session (STS for a profile with
+`role_arn` or `web_identity_token_file`, SSO for an SSO profile) get any other service's
+data from botocore's own loader on the same search paths (`load_service_model`), as
+without this loader.
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ import botocore
 import botocore.loaders
 
 _SERVICE = "s3"
+#: The services (by endpoint prefix, as the endpoint table names them) the cut endpoint
+#: table keeps: S3, and those botocore's credential providers make clients of (sts,
+#: sso, sso-oidc, signin).
+_KEPT = frozenset({_SERVICE, "sts", "portal.sso", "oidc", "signin"})
 
 
 @dataclass(frozen=True)
@@ -57,11 +67,12 @@ class _Derivation:
 
 
 def cut_to_s3(endpoints: Any) -> dict[str, Any]:
-    """botocore's endpoint table with each partition's services reduced to S3."""
+    """botocore's endpoint table with each partition's services reduced to S3 and the
+    credential providers' services (`_KEPT`)."""
     return {
         **endpoints,
         "partitions": [
-            {**p, "services": {k: v for k, v in p.get("services", {}).items() if k == _SERVICE}}
+            {**p, "services": {k: v for k, v in p.get("services", {}).items() if k in _KEPT}}
             for p in endpoints["partitions"]
         ],
     }
@@ -85,7 +96,7 @@ def _same(data: Any) -> Any:
     return data
 
 
-_ENDPOINTS = _Derivation("s3", cut_to_s3, {"partitions": list})
+_ENDPOINTS = _Derivation("s3creds", cut_to_s3, {"partitions": list})
 _S3_FILES = {
     "service-2": _Derivation(
         "nodoc", without_documentation, {"metadata": dict, "operations": dict, "shapes": dict}
@@ -103,16 +114,33 @@ def _derivation(name: str) -> _Derivation | None:
 
 
 class S3Loader(botocore.loaders.Loader):
-    """A botocore `Loader` that knows S3 alone and reads S3's data from a cache (module
-    docstring)."""
+    """A botocore `Loader` that reads S3's data from a cache and any other service's as
+    botocore's own loader does (module docstring)."""
 
     def __init__(self, *args: Any, cache_dir: Path | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.cache_dir = cache_dir
         self._derived: dict[str, tuple[Any, str] | None] = {}
+        self._stock: botocore.loaders.Loader | None = None
+
+    def load_service_model(
+        self, service_name: str, type_name: str, api_version: str | None = None
+    ) -> Any:
+        """S3's `type_name` data (from the cache where derived), or another service's from
+        botocore's own loader on the same search paths (`UnknownServiceError` for a service
+        it does not know either)."""
+        if service_name == _SERVICE:
+            return super().load_service_model(service_name, type_name, api_version)
+        if self._stock is None:
+            self._stock = botocore.loaders.Loader(
+                extra_search_paths=list(self.search_paths), include_default_search_paths=False
+            )
+        return self._stock.load_service_model(service_name, type_name, api_version)
 
     def list_available_services(self, type_name: str) -> list[str]:
-        """`["s3"]` when some search path has S3's `type_name` data, else `[]`."""
+        """`["s3"]` when some search path has S3's `type_name` data, else `[]`: what
+        `load_service_model` checks for S3 (other services are botocore's loader's to
+        find)."""
         for base in self._potential_locations():
             try:
                 versions = list(Path(base, _SERVICE).iterdir())
