@@ -15,11 +15,14 @@ TLS uses the CA bundle botocore would (`ca_bundle` / `AWS_CA_BUNDLE`, else certi
 
 Contract of `get`: exactly `length` bytes from `offset`, or b"" if the range starts at or
 beyond the end (HTTP 416); an S3 error answer is raised as `botocore.exceptions.ClientError`
-(so the store maps it like any other), a broken connection, a timeout or an answer that is not
-the range as `StoreUnavailable`. It never holds more than `length` bytes of a body, plus one
-piece of `_PIECE` bytes, whatever the server sends: a 206 announcing or sending more than the
-range is refused unread, and of a 200 (a server or proxy ignoring Range sends the whole
-object) the bytes before `offset` are dropped as they arrive and the rest is left unread.
+(so the store maps it like any other), a failed connect (refused, a host name that does not
+resolve, no route), a broken connection, a timeout or an answer that is not the range as
+`StoreUnavailable`, as on the aiohttp path; TLS refusing the server (a certificate that
+fails verification, a failed handshake) as `PermanentError`, as botocore's `SSLError` is.
+It never holds more than `length` bytes of a body, plus one piece of `_PIECE` bytes,
+whatever the server sends: a 206 announcing or sending more than the range is refused
+unread, and of a 200 (a server or proxy ignoring Range sends the whole object) the bytes
+before `offset` are dropped as they arrive and the rest is left unread.
 Connections are kept alive and reused, except one whose body was not read to its end (it is
 closed: it cannot carry the next request); a reused connection that turns out to be closed by
 the server is replaced once, transparently.
@@ -40,7 +43,7 @@ from urllib.parse import urlsplit
 
 import botocore.exceptions as bce
 
-from datamover.errors import StoreUnavailable
+from datamover.errors import PermanentError, StoreUnavailable
 
 _CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]{0,300})</Message>")
@@ -106,26 +109,36 @@ class DirectGetter:
         host, port = parts.hostname or "", parts.port or (443 if https else 80)
         target = f"{parts.path}?{parts.query}" if parts.query else parts.path
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
-        conn, reused = self._connection(https, host, port)
+        endpoint = f"{parts.scheme}://{parts.netloc}"
+        conn: http.client.HTTPConnection | None = None
+        connecting = True
         try:
+            conn, reused = self._connection(https, host, port)
+            connecting = False
             try:
                 resp = self._request(conn, target, headers)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 if not reused:
                     raise
                 conn.close()  # the server closed an idle keep-alive connection: once more
+                connecting = True
                 conn, reused = self._connection(https, host, port, fresh=True)
+                connecting = False
                 resp = self._request(conn, target, headers)
             data = self._body(resp, offset, length)
         except (OSError, http.client.HTTPException) as exc:
-            conn.close()
+            if conn is not None:
+                conn.close()
+            if _tls_refused(exc, connecting):
+                # As botocore's SSLError on the aiohttp path: no retry makes it pass.
+                raise PermanentError(f"TLS with S3 endpoint {endpoint} failed: {exc}") from exc
             what = str(exc) or type(exc).__name__
             raise StoreUnavailable(
-                f"S3 endpoint {parts.scheme}://{parts.netloc} unavailable during GetObject "
-                f"of {parts.path!r}: {what}"
+                f"S3 endpoint {endpoint} unavailable during GetObject of {parts.path!r}: {what}"
             ) from exc
         except BaseException:
-            conn.close()
+            if conn is not None:
+                conn.close()
             raise
         if resp.will_close or not resp.isclosed():
             # A body left unread (a 200 cut at the range) would be read as the next answer.
@@ -173,7 +186,11 @@ class DirectGetter:
             )
         else:
             conn = http.client.HTTPConnection(host, port, timeout=self._connect_timeout)
-        conn.connect()
+        try:
+            conn.connect()
+        except BaseException:
+            conn.close()  # a socket connected whose TLS handshake failed
+            raise
         assert conn.sock is not None
         conn.sock.settimeout(self._read_timeout)
         return conn, False
@@ -187,6 +204,16 @@ class DirectGetter:
                     self._ca_bundle = where()
                 self._ssl = ssl.create_default_context(cafile=self._ca_bundle)
             return self._ssl
+
+
+def _tls_refused(exc: BaseException, connecting: bool) -> bool:
+    """Whether `exc` is TLS refusing the server, which no retry changes: its certificate
+    failed verification, or the handshake (`connecting`) failed for another reason than
+    the connection ending (a server that speaks no TLS there, no common protocol)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return True
+    ended = (ssl.SSLEOFError, ssl.SSLZeroReturnError, ssl.SSLSyscallError)
+    return connecting and isinstance(exc, ssl.SSLError) and not isinstance(exc, ended)
 
 
 def _partial(resp: http.client.HTTPResponse, offset: int, length: int) -> bytes:
