@@ -35,6 +35,7 @@ import http.client
 import re
 import ssl
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +53,11 @@ _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
 _PIECE = 1 << 20
 #: Bytes read at most of an error answer's body (or a 416's): enough for S3's XML.
 _ERROR_READ = 65536
+
+
+class UrlExpired(StoreUnavailable):
+    """A presigned URL's deadline passed before its GET was sent (`DirectGetter.get`): a
+    new URL is needed, and a retry may sign one."""
 
 
 def proxied(url: str) -> bool:
@@ -88,10 +94,13 @@ class DirectGetter:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
 
-    async def get(self, url: str, offset: int, length: int) -> bytes:
-        """The `length` bytes at `offset` of the object at presigned `url`."""
+    async def get(self, url: str, offset: int, length: int, deadline: float | None = None) -> bytes:
+        """The `length` bytes at `offset` of the object at presigned `url`. With a
+        `deadline` (wall-clock time, `time.time()`: the clock the server checks the URL's
+        expiry by) the request is not sent once it has passed, as when the GET waited that
+        long for a thread: `UrlExpired`."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._get, url, offset, length)
+        return await loop.run_in_executor(self._pool, self._get, url, offset, length, deadline)
 
     def close(self) -> None:
         """Close idle connections and stop the threads (waits for running GETs)."""
@@ -103,8 +112,13 @@ class DirectGetter:
 
     # -- on a worker thread --------------------------------------------------------------
 
-    def _get(self, url: str, offset: int, length: int) -> bytes:
+    def _get(self, url: str, offset: int, length: int, deadline: float | None) -> bytes:
         parts = urlsplit(url)
+        if deadline is not None and time.time() >= deadline:
+            raise UrlExpired(
+                f"S3 endpoint {parts.scheme}://{parts.netloc}: the presigned URL of a GetObject "
+                f"of {parts.path!r} expired before the request could be sent"
+            )
         https = parts.scheme == "https"
         host, port = parts.hostname or "", parts.port or (443 if https else 80)
         target = f"{parts.path}?{parts.query}" if parts.query else parts.path

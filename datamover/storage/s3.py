@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import heapq
 import logging
+import math
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -64,7 +65,13 @@ from datamover.storage.base import (
     start_key,
 )
 from datamover.storage.body import Body, checksum
-from datamover.storage.direct import DirectGetter, proxied, range_mismatch, range_overrun
+from datamover.storage.direct import (
+    DirectGetter,
+    UrlExpired,
+    proxied,
+    range_mismatch,
+    range_overrun,
+)
 from datamover.storage.s3_loader import loader_for
 from datamover.storage.s3_multipart import MIN_PART, MultipartUploader, http_status
 from datamover.storage.s3_settings import check_endpoint, check_key_setting
@@ -74,6 +81,7 @@ log = logging.getLogger(__name__)
 MiB = 1 << 20
 _URL_EXPIRY = 900  # seconds a presigned URL for a direct GET is valid
 _URL_REUSE = 600  # seconds one is reused: a GET waiting for a thread still has time to start
+_URL_MARGIN = 60  # seconds before its expiry a URL is no longer sent (`_direct_get`)
 _URL_CACHE = 256
 
 _DENIED = {
@@ -192,7 +200,7 @@ class S3Store:
         self._direct_min = direct_min
         self._direct_threads = direct_threads
         self._direct: DirectGetter | None = None  # made with the client, unless proxied
-        self._urls: dict[str, tuple[str, float]] = {}
+        self._urls: dict[str, tuple[str, float]] = {}  # key: (URL, when signed: time.time())
         self._client: Any = None
         self._stack: contextlib.AsyncExitStack | None = None
         self._lock = asyncio.Lock()
@@ -235,7 +243,7 @@ class S3Store:
             async with self._errors("GetObject", key):
                 await self._get_client()
                 if self._direct is not None:
-                    return await self._direct.get(await self._presigned(key), offset, length)
+                    return await self._direct_get(self._direct, key, offset, length)
         extra: dict[str, str] = {}
         if offset or length is not None:
             end = "" if length is None else str(offset + length - 1)
@@ -382,21 +390,58 @@ class S3Store:
                         )
         return self._client
 
-    async def _presigned(self, key: str) -> str:
-        """A presigned GetObject URL for `key`. Ranges are not part of the signature, so one
-        URL serves every range of an object: URLs are kept for `_URL_REUSE` seconds (of
-        `_URL_EXPIRY`), the most recent `_URL_CACHE` keys."""
-        now = time.monotonic()
+    async def _direct_get(self, direct: DirectGetter, key: str, offset: int, length: int) -> bytes:
+        """A ranged GET of `key` on `direct`'s threads with a presigned URL (`_presigned`).
+
+        A URL is not sent within `_URL_MARGIN` seconds of its expiry, by the wall clock
+        (the server's): a GET that waited that long for a thread, or one handed a kept URL
+        after the machine slept (the monotonic clock stands still in a suspend), gets a new
+        URL and is sent once more. So is one whose kept URL the server refused (403: its
+        clock may run ahead of ours); a new URL refused is the refusal. A new URL that
+        expires before it is sent too raises `UrlExpired` (`StoreUnavailable`)."""
+        url, deadline, kept = await self._presigned(key)
+        try:
+            return await direct.get(url, offset, length, deadline)
+        except UrlExpired:
+            self._forget_url(key, url)
+        except bce.ClientError as exc:
+            if not kept or http_status(exc) != 403:
+                raise
+            self._forget_url(key, url)
+            log.info("a kept presigned URL of %r was refused (%s): signing a new one", key, exc)
+        url, deadline, _ = await self._presigned(key)
+        try:
+            return await direct.get(url, offset, length, deadline)
+        except UrlExpired:
+            self._forget_url(key, url)
+            raise
+
+    async def _presigned(self, key: str) -> tuple[str, float, bool]:
+        """A presigned GetObject URL for `key`, the wall-clock time (`time.time()`) after
+        which it is not to be sent (`_URL_MARGIN` before its expiry), and whether it was
+        kept from before. Ranges are not part of the signature, so one URL serves every
+        range of an object: URLs are kept for `_URL_REUSE` seconds (of `_URL_EXPIRY`) by the
+        wall clock, the most recent `_URL_CACHE` keys."""
+        now = time.time()
         hit = self._urls.get(key)
-        if hit is not None and hit[1] > now:
-            return hit[0]
+        if hit is not None and hit[1] <= now < hit[1] + _URL_REUSE:
+            return hit[0], hit[1] + _URL_EXPIRY - _URL_MARGIN, True
+        # Signed at this second or later: its X-Amz-Date, whole seconds, is no earlier.
+        minted = float(math.floor(now))
         url: str = await self._client.generate_presigned_url(
             "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=_URL_EXPIRY
         )
+        self._urls.pop(key, None)
         if len(self._urls) >= _URL_CACHE:
             self._urls.pop(next(iter(self._urls)))
-        self._urls[key] = (url, now + _URL_REUSE)
-        return url
+        self._urls[key] = (url, minted)
+        return url, minted + _URL_EXPIRY - _URL_MARGIN, False
+
+    def _forget_url(self, key: str, url: str) -> None:
+        """Drop `key`'s kept URL if it is `url` (not one signed since)."""
+        hit = self._urls.get(key)
+        if hit is not None and hit[0] == url:
+            del self._urls[key]
 
     async def _call(self, op: str, key: str | None, **kwargs: Any) -> dict[str, Any]:
         """One request: `op` is the S3 operation name (`PutObject`), used in messages."""
