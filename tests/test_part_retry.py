@@ -363,7 +363,10 @@ async def test_a_completion_whose_answer_was_lost_is_done_when_the_object_is_the
     """The server completed the upload; its answer was lost. A completion sent again is
     answered 200 (SeaweedFS), NoSuchUpload (a server that forgot the upload: the object at
     the key has this upload's multipart ETag and size), or not at all (every try lost: the
-    same proof after the last). Either way no part is sent again and nothing is aborted."""
+    same proof after the last). Either way no part is sent again, and nothing is aborted
+    but where the server itself refused every try (503, lost): the key could hold the
+    object from an earlier put of the same bytes with this upload never completed, so it
+    is aborted, which leaves the completed object as it is (checked below)."""
     # Before: the upload was aborted (harmless: the object was complete) and RetryingStore
     # put the whole object again.
     uploads = Uploads(proxy, completion=lose_completion_answer(proxy, status, code, later))
@@ -372,9 +375,27 @@ async def test_a_completion_whose_answer_was_lost_is_done_when_the_object_is_the
     assert uploads.creates == 1, "one multipart upload, not a second put"
     assert uploads.sent == {n: 1 for n in range(1, 9)}, "no part sent again"
     assert uploads.completes == (3 if later == "lost" else 2)
-    assert uploads.aborts == 0
+    assert uploads.aborts == (1 if (status, later) == (503, "lost") else 0)
     assert stored(seaweed, bucket, "big") == data
     assert no_uploads_left(seaweed, bucket)
+
+
+async def test_a_refused_completion_of_an_object_the_key_holds_already_leaves_no_upload(
+    proxy: FaultProxy, seaweed: EmbeddedSeaweed, bucket: str, store: Store
+) -> None:
+    """The key holds these very bytes from an earlier put (a rerun's pack put again) and the
+    server refuses every completion of the new upload: the HEAD proves the object, so the
+    put is done, and the upload, never completed, is aborted."""
+    data = os.urandom(SIZE)
+    await store.put("big", data)
+    uploads = Uploads(proxy, completion=refuse_completion(500, "InternalError"))
+    await store.put("big", data)
+    assert (uploads.creates, uploads.completes) == (1, 3)
+    # Before: no abort; the parts stayed on the server for good (SeaweedFS's lifecycle
+    # rule was not seen to remove them).
+    assert uploads.aborts == 1
+    assert no_uploads_left(seaweed, bucket)
+    assert stored(seaweed, bucket, "big") == data
 
 
 @pytest.mark.parametrize("case", ["never-completed", "overwritten"])

@@ -25,7 +25,10 @@ requests needs on top of that:
   NoSuchUpload) may be the answer to a retry of one that did complete and whose answer was
   lost; it is no failure of the put if a HEAD shows the key holds the object the upload
   made: S3's multipart ETag of the parts' ETags, and the object's size. Anything less is no
-  proof, and the failure is raised. A put that succeeds makes no extra request.
+  proof, and the failure is raised. A put that succeeds makes no extra request. The same
+  proof holds for a key holding that object from before (the same bytes put again), with
+  this upload never completed: where the server itself refused every completion (none may
+  still run) and the upload is not known gone (NoSuchUpload), it is aborted.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from typing import Any, Protocol, TypeVar
 
 import botocore.exceptions as bce
 
-from datamover.errors import DatamoverError
+from datamover.errors import DatamoverError, UploadLost
 from datamover.storage.base import RetryStep
 from datamover.storage.body import Body, checksum
 
@@ -132,13 +135,16 @@ class MultipartUploader:
                     self.description,
                 )
                 raise
-            # Shielded so a cancelled put still cleans up; if the abort fails too, a bucket
-            # lifecycle rule (AbortIncompleteMultipartUpload) is the backstop.
-            with contextlib.suppress(Exception):
-                await asyncio.shield(
-                    self.call("AbortMultipartUpload", key, Key=key, UploadId=upload_id)
-                )
+            await self._abort(key, upload_id)
             raise
+
+    async def _abort(self, key: str, upload_id: str) -> None:
+        """AbortMultipartUpload, shielded so a cancelled put still cleans up; a failure is
+        ignored (a bucket lifecycle rule, AbortIncompleteMultipartUpload, is the backstop)."""
+        with contextlib.suppress(Exception):
+            await asyncio.shield(
+                self.call("AbortMultipartUpload", key, Key=key, UploadId=upload_id)
+            )
 
     async def _complete(
         self,
@@ -151,7 +157,13 @@ class MultipartUploader:
         """CompleteMultipartUpload, tried as a step. A completion that fails (out of tries,
         refused, or NoSuchUpload: `UploadLost`) may be the answer to a retry of one that did
         complete and whose answer was lost; the put is then done if the key holds the object
-        these parts make (`_holds`), else the failure is raised."""
+        these parts make (`_holds`), else the failure is raised.
+
+        Done so after completions the server itself refused, every one of them (none may
+        still run), and not because the upload is gone (`UploadLost`), the key may hold that
+        object from before (a put of the same bytes, as a rerun's pack) while this upload
+        was never completed: it is aborted, which is harmless if it was (S3: NoSuchUpload;
+        SeaweedFS: 204, the object kept)."""
 
         async def send() -> dict[str, Any]:
             try:
@@ -169,14 +181,24 @@ class MultipartUploader:
 
         try:
             await self._step(send, f"completion of {key!r}", "completion")
-        except DatamoverError:
+        except DatamoverError as exc:
             if not await self._holds(key, parts, size):
                 raise
+            if completion.may_run or isinstance(exc, UploadLost):
+                log.info(
+                    "%s had completed the upload of %r; the answer saying so was lost",
+                    self.description,
+                    key,
+                )
+                return
             log.info(
-                "%s had completed the upload of %r; the answer saying so was lost",
+                "%s refused to complete upload %s of %r, whose object the key holds already; "
+                "the upload is aborted",
                 self.description,
+                upload_id,
                 key,
             )
+            await self._abort(key, upload_id)
 
     async def _holds(self, key: str, parts: list[dict[str, Any]], size: int) -> bool:
         """Whether `key` holds the object a completion of `parts` (`size` bytes) makes: its
