@@ -16,9 +16,11 @@ TLS uses the CA bundle botocore would (`ca_bundle` / `AWS_CA_BUNDLE`, else certi
 Contract of `get`: exactly `length` bytes from `offset`, or b"" if the range starts at or
 beyond the end (HTTP 416); an S3 error answer is raised as `botocore.exceptions.ClientError`
 (so the store maps it like any other), a failed connect (refused, a host name that does not
-resolve, no route), a broken connection, a timeout or an answer that is not the range as
-`StoreUnavailable`, as on the aiohttp path; TLS refusing the server (a certificate that
-fails verification, a failed handshake) as `PermanentError`, as botocore's `SSLError` is.
+resolve, no route), a broken connection, a timeout or an answer that is not the range (a
+200 without Content-Length or chunked encoding that ends before the range does, too: a cut
+connection is not told from the object's end) as `StoreUnavailable`, as on the aiohttp
+path; TLS refusing the server (a certificate that fails verification, a failed handshake)
+as `PermanentError`, as botocore's `SSLError` is.
 It never holds more than `length` bytes of a body, plus one piece of `_PIECE` bytes,
 whatever the server sends: a 206 announcing or sending more than the range is refused
 unread, and of a 200 (a server or proxy ignoring Range sends the whole object) the bytes
@@ -176,7 +178,10 @@ class DirectGetter:
             return _partial(resp, offset, length)
         if status == 200:  # the server ignored Range and sends the whole object
             _skip(resp, offset)
-            return _read_at_most(resp, length)
+            data = _read_at_most(resp, length)
+            if len(data) < length and resp.length is None and not resp.chunked:
+                raise http.client.HTTPException(cut_or_ended(offset, length, len(data)))
+            return data
         if status == 416:
             _read_at_most(resp, _ERROR_READ)  # to reuse the connection; a longer body closes it
             return b""
@@ -273,6 +278,18 @@ def _skip(resp: http.client.HTTPResponse, count: int) -> None:
     holding at most `_PIECE` of them at a time."""
     for _ in _pieces(resp, count, _PIECE):
         pass
+
+
+def cut_or_ended(offset: int, length: int, got: int) -> str:
+    """Why a 200 answer to a `length`-byte range at `offset` whose body ended after `got`
+    bytes of the range is refused: with neither a Content-Length nor chunked encoding, only
+    the connection's close ends the body, so a connection cut short is not told from the
+    object's end. Such short data would be read as a damaged chunk."""
+    return (
+        f"answered a {length}-byte range at {offset} with the whole object, of unknown size, "
+        f"which ended {got} bytes into the range: a connection cut short cannot be told "
+        "from the object's end"
+    )
 
 
 def range_overrun(offset: int, length: int, declared: int | None = None) -> str:

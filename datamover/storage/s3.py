@@ -68,6 +68,7 @@ from datamover.storage.body import Body, checksum
 from datamover.storage.direct import (
     DirectGetter,
     UrlExpired,
+    cut_or_ended,
     proxied,
     range_mismatch,
     range_overrun,
@@ -272,14 +273,20 @@ class S3Store:
 
         Of a 200 without Content-Range (a server or proxy that ignored Range sends the whole
         object) the bytes before `offset` are dropped as they arrive and the range is kept,
-        cut at the object's end; the rest is left unread. A 206 whose Content-Length exceeds
-        `length` is refused unread, one without (chunked) once it runs past `length` bytes:
-        `StoreUnavailable`, like any answer that is not the range (`range_mismatch`).
+        cut at the object's end; the rest is left unread. One whose body has neither a
+        Content-Length nor chunked encoding (it ends where the connection closes) and ends
+        before the range does is refused: a cut connection is not told from the end. A 206
+        whose Content-Length exceeds `length` is refused unread, one without (chunked) once
+        it runs past `length` bytes: `StoreUnavailable`, like any answer that is not the
+        range (`range_mismatch`).
         """
         body = resp["Body"]
         if "ContentRange" not in resp:
             await _skip(body, offset)
-            return await _read_at_most(body, length)
+            data = await _read_at_most(body, length)
+            if length is not None and len(data) < length and _close_delimited(resp):
+                self._refuse_range(cut_or_ended(offset, length, len(data)), key)
+            return data
         declared = resp.get("ContentLength")
         if length is not None and declared is not None and declared > length:
             self._refuse_range(range_overrun(offset, length, declared), key)
@@ -640,6 +647,14 @@ async def _read_at_most(body: Any, limit: int | None) -> bytes:
         pieces.append(piece)
         limit -= len(piece)
     return b"".join(pieces)
+
+
+def _close_delimited(resp: dict[str, Any]) -> bool:
+    """Whether the body of GetObject answer `resp` ends only where the connection closes:
+    neither a Content-Length nor chunked encoding."""
+    headers = resp.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    encoding = str(headers.get("transfer-encoding", "")).lower()
+    return "content-length" not in headers and "chunked" not in encoding
 
 
 def _resumed(prefix: str, after: bytes) -> list[str]:
