@@ -16,10 +16,10 @@ wait for those bytes.
 
 Time booked and not used is given back, and the calls in line go that much earlier: the part
 of a GET's booking that did not arrive (a small document, a range cut at the object's end, a
-GET that failed). A call cancelled while it waits for its turn (a transfer cancelled or
-drained with many GETs queued here) leaves the line having booked nothing. Otherwise the
-timeline would hold turns nobody takes, and every later call, of any transfer sharing the
-store, would wait them out.
+GET that failed or was cancelled while it ran). A call cancelled while it waits for its
+turn (a transfer cancelled or drained with many GETs queued here) leaves the line having
+booked nothing. Otherwise the timeline would hold turns nobody takes, and every later call,
+of any transfer sharing the store, would wait them out.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ class ThrottledStore:
         """`inner.get`, after waiting for download budget for up to `UPFRONT_GET` bytes of
         `length`; the bytes that arrived beyond that are paid after (all of them if `length`
         is None), what was booked and did not arrive (a range cut at the object's end, a
-        failed GET) is given back."""
+        failed or cancelled GET) is given back."""
         down = self._down
         if down is None:
             return await self.inner.get(key, offset, length)
@@ -139,7 +139,7 @@ class ThrottledStore:
         await down.take(booked)
         try:
             data = await self.inner.get(key, offset, length)
-        except Exception:
+        except BaseException:  # failed or cancelled: nothing to pay for
             down.refund(booked)
             raise
         if len(data) > booked:
