@@ -14,6 +14,7 @@ from aiohttp import web
 
 from datamover.api.context import context, identity, reidentify, require
 from datamover.api.validate import (
+    check_query,
     choice,
     flag,
     json_body,
@@ -50,6 +51,8 @@ _TRANSFER_FIELDS = {
     "checksum",
     "force",
 }
+_PAGE = frozenset({"prefix", "after", "limit"})  # the query of a listing by dataset
+_LIST_TRANSFERS = _PAGE | {"state", "kind"}
 _STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 MAX_WAIT = 60.0  # longest long poll; clients' own time-outs must be longer
 
@@ -111,6 +114,7 @@ def _visible(request: web.Request, row: TransferRow) -> TransferRow:
 
 async def submit_transfer(request: web.Request) -> web.Response:
     """POST /v1/transfers."""
+    check_query(request)
     ctx = context(request)
     body = await json_body(request, _TRANSFER_FIELDS, {"kind", "path"})
     kind = choice(body, "kind", ("push", "stage"))
@@ -155,6 +159,7 @@ async def submit_transfer(request: web.Request) -> web.Response:
 
 async def list_transfers(request: web.Request) -> web.Response:
     """GET /v1/transfers."""
+    check_query(request, _LIST_TRANSFERS)
     ctx = context(request)
     who = require(request, "read")
     prefix = query_text(request, "prefix")
@@ -178,6 +183,7 @@ async def list_transfers(request: web.Request) -> web.Response:
 async def get_transfer(request: web.Request) -> web.Response:
     """GET /v1/transfers/{id}[?wait=S]: with `wait`, answer once the transfer is terminal or
     `S` seconds have passed, whichever comes first (a long poll; see `scheduler.endings`)."""
+    check_query(request, frozenset({"wait"}))
     require(request, "read")
     ctx = context(request)
     transfer_id = path_text(request, "id")
@@ -204,6 +210,7 @@ def _gone(request: web.Request) -> bool:
 
 async def cancel_transfer(request: web.Request) -> web.Response:
     """DELETE /v1/transfers/{id}."""
+    check_query(request)
     ctx = context(request)
     row = _visible(request, await ctx.transfers.get(path_text(request, "id")))
     require(request, "write", row.path)
@@ -220,6 +227,7 @@ async def cancel_transfer(request: web.Request) -> web.Response:
 async def list_datasets(request: web.Request) -> web.Response:
     """GET /v1/datasets?prefix=&after=&limit=: a page of at most `limit` datasets the caller
     may read, and `next`, the cursor to pass as `after` for the following page."""
+    check_query(request, _PAGE)
     ctx = context(request)
     who = require(request, "read")
     raw = query_text(request, "prefix") or "/"
@@ -273,6 +281,7 @@ def _readable_prefix(who: Identity, prefix: str) -> str | None:
 
 async def list_versions(request: web.Request) -> web.Response:
     """GET /v1/datasets/{path}/versions."""
+    check_query(request)
     ctx = context(request)
     path = logical_path("/" + request.match_info["path"].strip("/"), "path")
     require(request, "read", path)
@@ -304,6 +313,7 @@ async def list_replicas(request: web.Request) -> web.Response:
     tenant (every pin for an admin): pins name other tenants' jobs. A pin id is a tenant's,
     so `pins_by_tenant` says whose each is (the same id of two tenants is two pins). `next`
     is the last dataset of a full page, to pass as `after`."""
+    check_query(request, _PAGE)
     ctx = context(request)
     who = require(request, "read")
     admin = who.allows("admin")
@@ -366,6 +376,7 @@ def _narrowed(prefix: str, scopes: list[str]) -> list[str]:
 
 async def add_pin(request: web.Request) -> web.Response:
     """POST /v1/pins."""
+    check_query(request)
     ctx = context(request)
     body = await json_body(request, {"pin", "path", "version"}, {"pin", "path"})
     path = logical_path(body.get("path"))
@@ -381,6 +392,7 @@ async def release_pin(request: web.Request) -> web.Response:
     """DELETE /v1/pins/{pin}[?tenant=T]: release the datasets the caller's tenant holds by
     this pin under the caller's prefixes (every one for an admin, which may name another
     tenant: pin ids are the clients', so one id may be several tenants' pins)."""
+    check_query(request, frozenset({"tenant"}))
     ctx = context(request)
     who = require(request, "write")
     pin = path_text(request, "pin")

@@ -1,7 +1,8 @@
 """Request parsing: JSON bodies and query parameters into checked values, or `InvalidInput`.
 
-Each check names the field and what was wrong; unknown fields are rejected, because a typo
-silently ignored (`"prioirty": "job"`) is a request not honoured.
+Each check names the field and what was wrong; unknown fields and unknown query parameters
+are rejected, because a typo silently ignored (`"prioirty": "job"`, `?tennant=t2`) is a
+request not honoured.
 """
 
 from __future__ import annotations
@@ -126,6 +127,19 @@ def timestamp(value: Any, name: str) -> datetime | None:
     return parse_time(value, f"field {name!r}")
 
 
+def check_query(request: web.Request, allowed: frozenset[str] = frozenset()) -> None:
+    """Refuse a query parameter not in `allowed`, or one given twice: `?tennant=t2` would
+    otherwise act on the caller's own tenant, `?stat=failed` list every state, and of
+    `?limit=1&limit=1000` only the first would count. Every `/v1` handler calls it first."""
+    seen: set[str] = set()
+    for name, _ in request.query.items():  # every entry: iterating the keys skips repeats
+        if name not in allowed:
+            raise InvalidInput(f"unknown query parameter {name!r}")
+        if name in seen:
+            raise InvalidInput(f"query parameter {name!r} appears twice")
+        seen.add(name)
+
+
 def path_text(request: web.Request, name: str, max_len: int = 200) -> str:
     """A text segment of the URL path (`/v1/transfers/{id}`), checked like a string field:
     a NUL or another control character must be a 400, never reach the catalog."""
@@ -141,6 +155,8 @@ def query_text(request: web.Request, name: str, max_len: int = 4096) -> str | No
     return check_text(raw, f"query parameter {name!r}", max_len)
 
 
+_INTEGER = re.compile(r"-?[0-9]+")
+_DECIMAL = re.compile(r"[0-9.eE+-]+")  # float() then refuses a malformed one
 _TRANSFER_ID = re.compile(r"tr-[0-9]{8}T[0-9]{12}-[0-9a-f]{8}")
 
 
@@ -161,8 +177,11 @@ def query_int(request: web.Request, name: str, default: int, low: int, high: int
     raw = request.query.get(name)
     if raw is None:
         return default
+    # ASCII digits only: int() also takes a fullwidth `5`, `1_000` and ` 5 `, which no client means
     try:
-        value = int(raw)
+        if not _INTEGER.fullmatch(raw):
+            raise ValueError(raw)
+        value = int(raw)  # a ValueError past 4300 digits
     except ValueError:
         raise InvalidInput(f"query parameter {name!r} must be an integer") from None
     if not low <= value <= high:
@@ -175,11 +194,14 @@ def query_seconds(request: web.Request, name: str, high: float) -> float:
     raw = request.query.get(name)
     if raw is None:
         return 0.0
+    # ASCII only: float() also takes a fullwidth `5`, `1_0`, ` 5 `, `inf` and `nan`
     try:
+        if not _DECIMAL.fullmatch(raw):
+            raise ValueError(raw)
         value = float(raw)
     except ValueError:
         raise InvalidInput(f"query parameter {name!r} must be a number of seconds") from None
-    if not 0 <= value <= high:  # also refuses nan
+    if not 0 <= value <= high:
         raise InvalidInput(f"query parameter {name!r} must be between 0 and {high:g} seconds")
     return value
 

@@ -1,0 +1,64 @@
+"""Findings of a review of the REST API, the daemon and its client: a query parameter the
+route does not take is refused, not ignored; a second `serve` on one SQLite catalog is
+refused whatever its state directory; the client takes only the daemon's answers; a pin
+names a version that exists; an IPv6 listen address binds; a dataset's versions are paged."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.fixtures_daemon import StartSite
+
+SQLITE_ONLY = pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)
+
+
+@SQLITE_ONLY  # no catalog question
+async def test_an_unknown_query_parameter_is_a_400_and_releases_nothing(
+    served_site: StartSite,
+) -> None:
+    # Before: `?tennant=t2` was ignored, so the admin released its own tenant's pin (200,
+    # released 1), and `?stat=failed&limt=1` listed a page of 100 of every state.
+    d = await served_site("site-b")
+    admin = d.token("ops", "/", "admin")
+    t2 = d.token("t2", "/proj", "write")
+    for tok in (admin, t2):
+        assert d.request("POST", "/v1/pins", tok, {"pin": "slurm-7", "path": "/proj/x"})[0] == 201
+    s, body = d.request("DELETE", "/v1/pins/slurm-7?tennant=t2", admin)
+    assert s == 400 and "unknown query parameter 'tennant'" in body["error"]["message"], body
+    s, body = d.request("GET", "/v1/transfers?stat=failed&limt=1", admin)
+    assert s == 400, body
+    for target in (
+        "/v1/transfers/tr-20240101T000000000000-00000000?wiat=5",
+        "/v1/datasets?prefx=/proj",
+        "/v1/replicas?limt=1",
+        "/v1/datasets/proj/x/versions?verbose=1",
+    ):
+        s, body = d.request("GET", target, admin)
+        assert s == 400 and "unknown query parameter" in body["error"]["message"], (target, body)
+    s, body = d.request("POST", "/v1/pins?version=x", t2, {"pin": "p", "path": "/proj/x"})
+    assert s == 400, body
+    # one given twice: which counts is anyone's guess
+    s, body = d.request("GET", "/v1/transfers?limit=1&limit=1000", admin)
+    assert s == 400 and "appears twice" in body["error"]["message"], body
+    # nothing was released: both tenants' pins are still there
+    s, body = d.request("DELETE", "/v1/pins/slurm-7?tenant=t2", admin)
+    assert (s, body["released"]) == (200, 1), body
+    s, body = d.request("DELETE", "/v1/pins/slurm-7", admin)
+    assert (s, body["released"]) == (200, 1), body
+
+
+@SQLITE_ONLY  # no catalog question
+async def test_numbers_in_the_query_take_ascii_digits_only(served_site: StartSite) -> None:
+    # Before: int() and float() took a fullwidth `5` (U+FF15), `1_0` and ` 5`: 200.
+    d = await served_site("site-b")
+    token = d.token("t1", "/proj", "read")
+    for query in ("limit=%EF%BC%95", "limit=1_0", "limit=%205", "limit=+5"):
+        s, body = d.request("GET", f"/v1/transfers?{query}", token)
+        assert s == 400 and "must be an integer" in body["error"]["message"], (query, body)
+    transfer = "/v1/transfers/tr-20240101T000000000000-00000000"
+    for query in ("wait=%EF%BC%95", "wait=1_0", "wait=inf", "wait=nan", "wait=%201"):
+        s, body = d.request("GET", f"{transfer}?{query}", token)
+        assert s == 400 and "seconds" in body["error"]["message"], (query, body)
+    assert d.request("GET", "/v1/transfers?limit=5", token)[0] == 200
+    s, body = d.request("GET", f"{transfer}?wait=0.1", token)
+    assert s == 404, body
