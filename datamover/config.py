@@ -185,6 +185,12 @@ class Config:
         """SQLAlchemy URL of the catalog (an async driver is chosen by `catalog.engine`)."""
         return self.site.catalog
 
+    @property
+    def sqlite_file(self) -> str | None:
+        """The absolute path of a `sqlite:///` catalog's database file; None for PostgreSQL
+        or an in-memory database."""
+        return _sqlite_file(self.site.catalog)
+
 
 _SECTIONS: dict[str, type] = {
     "site": SiteSettings,

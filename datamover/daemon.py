@@ -7,7 +7,7 @@ workers; transfers that ended more than `[api] history_days` ago are deleted as 
 stored are indexed that often (`scheduler.reindexing`). SIGTERM or SIGINT drains: the API
 stops, running transfers are stopped and returned to the queue (push and stage are
 resumable), and the process exits. Several processes may share a PostgreSQL catalog; on
-SQLite a lock file keeps it to one.
+SQLite lock files, one in the state directory and one beside the database, keep it to one.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from datamover.catalog.access import Access
 from datamover.catalog.queries import owner_alive, owner_id
 from datamover.catalog.transfers import Transfers
 from datamover.config import Config
-from datamover.errors import Conflict, DatamoverError, InvalidInput
+from datamover.errors import CatalogError, Conflict, DatamoverError, InvalidInput
 from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings
 from datamover.scheduler.history import History
@@ -42,18 +42,56 @@ from datamover.transfer import procpool
 log = logging.getLogger(__name__)
 
 
-def _single_process_lock(config: Config) -> int | None:
+def _single_process_lock(config: Config) -> list[int]:
+    """On a SQLite catalog, the descriptors holding this process's exclusive locks: one on
+    `serve.lock` in the state directory, and one on `<database>.serve.lock` beside the
+    database file, so that a second `serve` with another state directory (another account's
+    default, `DATAMOVER_SITE_STATE_DIR`) is refused too. `Conflict` when another process
+    holds either; `CatalogError` when the one beside the database cannot be opened (a
+    symbolic link there is refused). None taken on PostgreSQL, which several share."""
     if not config.catalog_url.startswith("sqlite"):
-        return None
-    path = Path(config.state_dir) / "serve.lock"
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        return []
+    held: list[int] = []
+    try:
+        held.append(_flock(Path(config.state_dir) / "serve.lock", config))
+        database = config.sqlite_file
+        if database is not None:
+            # Beside the file itself: two spellings of its path (a symlinked directory) meet.
+            real = Path(os.path.realpath(database))
+            try:
+                real.parent.mkdir(parents=True, exist_ok=True)  # as the catalog's engine does
+            except OSError as exc:
+                raise CatalogError(
+                    f"the SQLite catalog's directory {str(real.parent)!r} cannot be created: "
+                    f"{exc.strerror or exc}"
+                ) from None
+            held.append(_flock(real.with_name(real.name + ".serve.lock"), config))
+    except BaseException:
+        for fd in held:
+            os.close(fd)
+        raise
+    return held
+
+
+def _flock(path: Path, config: Config) -> int:
+    """A descriptor of `path` (created if missing, never through a symbolic link) holding an
+    exclusive lock; `Conflict` when another process holds it."""
+    flags = os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        try:
+            fd = os.open(path, os.O_RDWR | flags, 0o644)
+        except PermissionError:  # another account's lock file: reading it is enough to lock
+            fd = os.open(path, os.O_RDONLY | flags)
+    except OSError as exc:
+        why = "it is a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc
+        raise CatalogError(f"cannot open the lock file {str(path)!r}: {why}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise Conflict(
-            f"another datamover serve already uses the SQLite catalog of {config.site.name!r}; "
-            "use PostgreSQL for several processes"
+            f"another datamover serve already uses the SQLite catalog of {config.site.name!r} "
+            f"(it holds {str(path)!r}); use PostgreSQL for several processes"
         ) from None
     return fd
 
@@ -108,7 +146,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     if not config.api.listen:
         raise InvalidInput(f"{config.source}: [api] listen is not set; nothing to serve on")
     make_state_dir(config)
-    lock = _single_process_lock(config)
+    locks = _single_process_lock(config)
     metrics = Metrics(config.site.name)
     site = await Site.open(config, on_retry=metrics.store_retry)
     engine = site.catalog.engine
@@ -182,7 +220,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     finally:
         await runner.cleanup()
         await site.close()
-        if lock is not None:
+        for fd in locks:
             with contextlib.suppress(OSError):
-                os.close(lock)
+                os.close(fd)
     log.info("stopped")

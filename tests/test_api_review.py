@@ -5,9 +5,16 @@ names a version that exists; an IPv6 listen address binds; a dataset's versions 
 
 from __future__ import annotations
 
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from tests.fixtures_daemon import StartSite
+from tests.fixtures_daemon import StartSite, free_port
+from tests.fixtures_sites import MakeSite
 
 SQLITE_ONLY = pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)
 
@@ -62,3 +69,50 @@ async def test_numbers_in_the_query_take_ascii_digits_only(served_site: StartSit
     assert d.request("GET", "/v1/transfers?limit=5", token)[0] == 200
     s, body = d.request("GET", f"{transfer}?wait=0.1", token)
     assert s == 404, body
+
+
+@SQLITE_ONLY  # a SQLite catalog's lock
+async def test_a_second_serve_on_one_sqlite_catalog_is_refused_whatever_its_state_dir(
+    served_site: StartSite, tmp_path: Path
+) -> None:
+    # Before: the only lock was serve.lock in the state directory, so a second `serve` with
+    # another one (another account's default, DATAMOVER_SITE_STATE_DIR) started on the same
+    # SQLite catalog.
+    d = await served_site("site-b")
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    environ["DATAMOVER_SITE_STATE_DIR"] = str(tmp_path / "elsewhere")
+    environ["DATAMOVER_API_LISTEN"] = f"127.0.0.1:{free_port()}"
+    second = subprocess.Popen(
+        [sys.executable, "-m", "datamover", "serve", "--config", str(d.env.config_path)],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environ,
+    )
+    try:
+        _, stderr = second.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        second.kill()
+        second.communicate()
+        raise AssertionError("a second serve runs on the same SQLite catalog") from None
+    assert second.returncode == 4, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and "another datamover serve already uses" in lines[0], lines
+    assert ".serve.lock" in lines[0]
+    assert d.proc.poll() is None
+    assert d.request("GET", "/healthz")[0] == 200
+
+
+@SQLITE_ONLY  # a SQLite catalog's lock
+async def test_serve_does_not_lock_through_a_symbolic_link(
+    make_site: MakeSite, tmp_path: Path
+) -> None:
+    # Before: no lock beside the database was taken (nor refused through a link).
+    a = await make_site("site-a", api={"listen": f"127.0.0.1:{free_port()}"})
+    database = a.config.sqlite_file
+    assert database is not None
+    target = tmp_path / "victim"
+    await asyncio.to_thread(Path(database + ".serve.lock").symlink_to, target)
+    r = a.cli("serve")
+    assert r.returncode == 8, r.stderr
+    assert "is a symbolic link" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not target.exists()
