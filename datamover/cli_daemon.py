@@ -310,6 +310,7 @@ def transfer_submit(
     as_json: bool,
 ) -> None:
     """Queue a push or stage on the daemon; print the transfer."""
+    from datamover.client import TRANSFER
     from datamover.domain.transfers import check_idempotency_key, check_text, parse_time
 
     if pin is not None:
@@ -326,7 +327,7 @@ def transfer_submit(
         if on:
             body[key] = True
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key else None
-    t = _call(config_path, "POST", "/v1/transfers", body=body, headers=headers)
+    t = _call(config_path, "POST", "/v1/transfers", body=body, headers=headers, expect=TRANSFER)
     emit_json(t) if as_json else click.echo(_describe(t))
 
 
@@ -349,7 +350,7 @@ def transfer_list(
     """List transfers."""
     params = {k: v for k, v in (("state", state), ("kind", kind), ("prefix", prefix)) if v}
     params["limit"] = str(limit)
-    page = _call(config_path, "GET", "/v1/transfers", params=params)
+    page = _call(config_path, "GET", "/v1/transfers", params=params, expect=("transfers",))
     if as_json:
         emit_json(page)
         return
@@ -362,9 +363,9 @@ def transfer_list(
 @common
 def transfer_show(transfer_id: str, config_path: str | None, as_json: bool) -> None:
     """Show one transfer."""
-    from datamover.client import segment
+    from datamover.client import TRANSFER, segment
 
-    t = _call(config_path, "GET", f"/v1/transfers/{segment(transfer_id)}")
+    t = _call(config_path, "GET", f"/v1/transfers/{segment(transfer_id)}", expect=TRANSFER)
     emit_json(t) if as_json else click.echo(_describe(t))
 
 
@@ -373,9 +374,9 @@ def transfer_show(transfer_id: str, config_path: str | None, as_json: bool) -> N
 @common
 def transfer_cancel(transfer_id: str, config_path: str | None, as_json: bool) -> None:
     """Cancel a transfer."""
-    from datamover.client import segment
+    from datamover.client import TRANSFER, segment
 
-    t = _call(config_path, "DELETE", f"/v1/transfers/{segment(transfer_id)}")
+    t = _call(config_path, "DELETE", f"/v1/transfers/{segment(transfer_id)}", expect=TRANSFER)
     emit_json(t) if as_json else click.echo(_describe(t))
 
 
@@ -459,7 +460,9 @@ def release(
                 raise _unreachable(config, client)
             if up:
                 params = {"tenant": tenant} if tenant is not None else None
-                answer = client.call("DELETE", f"/v1/pins/{segment(pin)}", params=params)
+                answer = client.call(
+                    "DELETE", f"/v1/pins/{segment(pin)}", params=params, expect=("released",)
+                )
                 released = int(answer["released"])
     if released is None:
         from datamover.catalog.access import Access

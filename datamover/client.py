@@ -33,6 +33,7 @@ from datamover.errors import (
 
 _BY_STATUS = {status: cls for cls, status in reversed(HTTP_STATUS)}
 TERMINAL = ("succeeded", "failed", "cancelled")
+TRANSFER = ("id", "state", "kind", "path")  # keys of every transfer the daemon answers
 _MAX_ANSWER = 16 * 1024 * 1024  # no API answer comes near this; a larger one is not the daemon
 _CONNECT_SECONDS = 3.0
 # A reused keep-alive connection the daemon has closed meanwhile (a restart) fails like this
@@ -101,10 +102,7 @@ def error_from(status: int, body: Any, where: str = "the daemon") -> DatamoverEr
     if not (isinstance(body, dict) and isinstance(body.get("error"), dict)):
         if status in (502, 503, 504):
             return TransientError(f"{where} answered HTTP {status} (a gateway or proxy?)")
-        return InvalidInput(
-            f"{where} answered HTTP {status} without a datamover error: is [api] url the "
-            "address of a datamover daemon?"
-        )
+        return not_the_daemon(where, status, "a datamover error")
     error = body["error"]
     message = error.get("message") or f"daemon answered HTTP {status}"
     code = error.get("code", "")
@@ -112,6 +110,15 @@ def error_from(status: int, body: Any, where: str = "the daemon") -> DatamoverEr
     exc = cls(message, error.get("paths"))
     exc.code = code or exc.code
     return exc
+
+
+def not_the_daemon(where: str, status: int, without: str) -> InvalidInput:
+    """The error for an answer no datamover daemon gives (an HTML page, a redirect, another
+    service's JSON): `[api] url` leads elsewhere, which no retry or local run mends."""
+    return InvalidInput(
+        f"{where} answered HTTP {status} without {without}: is [api] url the address of a "
+        "datamover daemon?"
+    )
 
 
 def transfer_error(transfer: dict[str, Any]) -> DatamoverError:
@@ -280,20 +287,25 @@ class DaemonClient:
         return None
 
     def reachable(self) -> bool:
-        """True when the daemon answers `/healthz` within a second; False when nothing
-        answers in time or the answer is a server error (a daemon starting or stopping),
-        with the cause in `unreachable_because`. Any other answer (a redirect, a proxy's 401
-        or 404), a TLS certificate that fails verification and a host name that does not
-        exist are `InvalidInput`: `[api] url` leads to something other than the daemon,
-        which no retry or local run mends."""
+        """True when the daemon answers `/healthz` within a second with its own answer, 200
+        `{"status": "ok"}`; False when nothing answers in time or the answer is a server
+        error (a daemon starting or stopping), with the cause in `unreachable_because`. Any
+        other answer (a redirect, a proxy's 401 or 404, a web server's page), a TLS
+        certificate that fails verification and a host name that does not exist are
+        `InvalidInput`: `[api] url` leads to something other than the daemon, which no
+        retry or local run mends."""
         self.unreachable_because = ""
         try:
-            status, _ = self.request("GET", "/healthz", timeout=1.0)
+            status, data = self.request("GET", "/healthz", timeout=1.0)
         except TransientError as exc:
             self.unreachable_because = exc.message
             return False
         if status == 200:
-            return True
+            if isinstance(data, dict) and data.get("status") == "ok":
+                return True
+            raise not_the_daemon(
+                f"{self.base_url}/healthz", status, 'the daemon\'s {"status": "ok"}'
+            )
         if status >= 500 or status == 429:
             self.unreachable_because = (
                 f"datamover daemon at {self.base_url} unreachable: /healthz answered HTTP {status}"
@@ -311,24 +323,34 @@ class DaemonClient:
         body: dict[str, Any] | None = None,
         params: dict[str, str] | None = None,
         headers: dict[str, str] | None = None,
-    ) -> Any:
-        """One request; the decoded JSON answer, or the mapped error. `path` is sent as it
-        is (already encoded): build its variable parts with `segment`."""
+        expect: tuple[str, ...] = (),
+    ) -> dict[str, Any]:
+        """One request; the decoded JSON object of a 2xx answer holding every key of
+        `expect`, or the mapped error of an error answer. Any other answer (a redirect, an
+        HTML page, JSON without those keys) is `InvalidInput` (`not_the_daemon`), not
+        handed to a caller that would fail on it. `path` is sent as it is (already encoded):
+        build its variable parts with `segment`."""
         status, data = self.request(method, path, body, params, headers)
-        if status >= 400:
+        if not 200 <= status < 300:
             raise error_from(status, data, self.base_url)
+        if not isinstance(data, dict):
+            raise not_the_daemon(self.base_url, status, "a JSON object")
+        missing = [key for key in expect if key not in data]
+        if missing:
+            raise not_the_daemon(self.base_url, status, f"the daemon's {missing[0]!r}")
         return data
 
     def submit(self, request: dict[str, Any], key: str | None = None) -> dict[str, Any]:
         """POST /v1/transfers."""
         headers = {"Idempotency-Key": key} if key else None
-        return self.call("POST", "/v1/transfers", request, headers=headers)
+        return self.call("POST", "/v1/transfers", request, headers=headers, expect=TRANSFER)
 
     def get(self, transfer_id: str, hold: float = 0.0) -> dict[str, Any]:
         """GET /v1/transfers/{id}; with `hold`, the daemon answers once the transfer ends or
         `hold` seconds have passed (a long poll)."""
         params = {"wait": f"{hold:g}"} if hold > 0 else None
-        return self.call("GET", f"/v1/transfers/{segment(transfer_id)}", params=params)
+        path = f"/v1/transfers/{segment(transfer_id)}"
+        return self.call("GET", path, params=params, expect=TRANSFER)
 
     def wait(
         self,

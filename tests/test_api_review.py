@@ -6,9 +6,13 @@ names a version that exists; an IPv6 listen address binds; a dataset's versions 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -116,3 +120,76 @@ async def test_serve_does_not_lock_through_a_symbolic_link(
     assert r.returncode == 8, r.stderr
     assert "is a symbolic link" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not target.exists()
+
+
+class _Elsewhere(http.server.BaseHTTPRequestHandler):
+    """Something else at `[api] url`: the `answer` of its class for every request."""
+
+    answer: tuple[int, str, bytes] = (200, "text/html", b"<html>Welcome to nginx!</html>")
+
+    def _any(self) -> None:
+        status, kind, body = self.answer
+        self.send_response(status)
+        self.send_header("Content-Type", kind)
+        self.send_header("Content-Length", str(len(body)))
+        if 300 <= status < 400:
+            self.send_header("Location", "https://login.example/")
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_DELETE = _any
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _elsewhere(status: int, kind: str, body: bytes) -> Iterator[str]:
+    handler = type("Handler", (_Elsewhere,), {"answer": (status, kind, body)})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@SQLITE_ONLY  # no catalog question
+@pytest.mark.parametrize(
+    "answer",
+    [
+        (200, "text/html", b"<html>Welcome to nginx!</html>"),
+        (302, "text/html", b""),
+        (200, "application/json", b'{"status": "ok"}'),
+    ],
+    ids=["html", "redirect", "another-service-json"],
+)
+async def test_an_answer_that_is_not_the_daemons_is_named_not_taken_for_one(
+    make_site: MakeSite, answer: tuple[int, str, bytes]
+) -> None:
+    # Before: any answer below 400 was taken for the daemon's, and reachable() took any 200:
+    # transfer list/show/submit/cancel/watch, release, push and stage --wait exited 70
+    # "internal error (TypeError ...)" or KeyError.
+    with _elsewhere(*answer) as url:
+        a = await make_site("site-a", api={"url": url})
+        (a.data / "x").mkdir()
+        commands = [
+            ("transfer", "list"),
+            ("transfer", "show", "tr-20240101T000000000000-00000000"),
+            ("transfer", "cancel", "tr-20240101T000000000000-00000000"),
+            ("transfer", "watch", "tr-20240101T000000000000-00000000"),
+            ("transfer", "submit", "stage", "/proj/x"),
+            ("release", "--pin", "job-1"),
+            ("push", "/proj/x", "--daemon"),
+            ("stage", "/proj/x", "--wait"),
+        ]
+        for args in commands:
+            r = a.cli(*args)
+            if answer[0] != 200 and args[0] in ("release", "push", "stage"):
+                # /healthz's redirect: reachable() named it before too
+                assert r.returncode == 2 and "check [api] url" in r.stderr, (args, r.stderr)
+                continue
+            assert r.returncode == 2, (args, r.stderr)
+            assert "is [api] url the address of a datamover" in r.stderr, (args, r.stderr)
+            assert r.stderr.count("\n") == 1, (args, r.stderr)

@@ -230,7 +230,7 @@ def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
 @contextlib.contextmanager
 def _tls_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """An HTTPS server on 127.0.0.1 with a self-signed certificate whose `/healthz` answers
-    200, as a daemon behind a TLS proxy would; its URL and certificate."""
+    200 `{"status": "ok"}`, as a daemon behind a TLS proxy would; its URL and certificate."""
     import http.server
     import ssl
     import threading
@@ -241,9 +241,9 @@ def _tls_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         def do_GET(self) -> None:
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", "2")
+            self.send_header("Content-Length", "16")
             self.end_headers()
-            self.wfile.write(b"{}")
+            self.wfile.write(b'{"status": "ok"}')  # the daemon's: reachable() wants no other
 
         def log_message(self, *args: Any) -> None:
             pass
