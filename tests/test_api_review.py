@@ -193,3 +193,30 @@ async def test_an_answer_that_is_not_the_daemons_is_named_not_taken_for_one(
             assert r.returncode == 2, (args, r.stderr)
             assert "is [api] url the address of a datamover" in r.stderr, (args, r.stderr)
             assert r.stderr.count("\n") == 1, (args, r.stderr)
+
+
+@SQLITE_ONLY  # no catalog question: the version is looked up in the store
+async def test_a_pin_at_a_version_the_store_does_not_hold_is_a_404(
+    served_site: StartSite, make_site: MakeSite
+) -> None:
+    # Before: stored with 201, and then another tenant's stage of the dataset was refused
+    # as "held at version ... by another tenant's pin", a version no one can stage.
+    a = await make_site("site-a")
+    (a.data / "x").mkdir()
+    (a.data / "x" / "f").write_bytes(b"one")
+    pushed = a.cli_json("push", "/proj/x")["version"]
+    d = await served_site("site-b")
+    t1 = d.token("t1", "/proj", "write")
+    missing = "20200101T000000.000000Z-nosite-00000000"
+    pin = {"pin": "j1", "path": "/proj/x"}
+    s, body = d.request("POST", "/v1/pins", t1, {**pin, "version": missing})
+    assert s == 404 and missing in body["error"]["message"], body
+    s, body = d.request("POST", "/v1/pins", t1, {**pin, "path": "/proj/y", "version": pushed})
+    assert s == 404, body  # a version of another dataset
+    s, body = d.request("POST", "/v1/pins", t1, {**pin, "version": pushed})
+    assert (s, body["version"]) == (201, pushed), body
+    s, body = d.request("POST", "/v1/pins", t1, {"pin": "j2", "path": "/proj/never"})
+    assert s == 201, body  # without a version: allowed, as before
+    # j1 holds /proj/x once, at the pushed version: the refused ones left nothing
+    s, body = d.request("DELETE", "/v1/pins/j1", t1)
+    assert body["released"] == 1, body

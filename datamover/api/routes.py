@@ -375,7 +375,8 @@ def _narrowed(prefix: str, scopes: list[str]) -> list[str]:
 
 
 async def add_pin(request: web.Request) -> web.Response:
-    """POST /v1/pins."""
+    """POST /v1/pins: pin `path` (at `version`, which must be one the store holds: else
+    404) for the caller's tenant."""
     check_query(request)
     ctx = context(request)
     body = await json_body(request, {"pin", "path", "version"}, {"pin", "path"})
@@ -384,7 +385,12 @@ async def add_pin(request: web.Request) -> web.Response:
     ctx.site.config.namespace.resolve(path)  # as for a transfer: a path this site cannot map
     pin = string(body, "pin", max_len=200)
     assert pin is not None
-    row = await ctx.access.add_pin(pin, path, who.tenant, version(body.get("version")))
+    pinned = version(body.get("version"))
+    if pinned is not None:
+        # A version the store does not have would hold a stage of every other tenant "at a
+        # version another tenant's pin holds" for nothing: 404 naming it (one small read).
+        await ctx.site.repo.read_version(path, pinned)
+    row = await ctx.access.add_pin(pin, path, who.tenant, pinned)
     return _json(row.__dict__, 201)
 
 
