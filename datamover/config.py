@@ -21,6 +21,7 @@ current directory, as the shell that set them sees them.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -339,6 +340,27 @@ def _default_state_dir(source: str, site: str, env: Mapping[str, str]) -> str:
     return str(Path(base) / "datamover" / site)
 
 
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    """`[api] listen` (`host:port`) as the host and port to bind: an IPv6 address is written
+    in brackets, as in a URL (`[::1]:8080`, `[::]:8080`), and returned without them (the
+    brackets are no part of the address `getaddrinfo` takes). Raises `ValueError` for
+    anything else: no port, a port outside 1..65535 or not in ASCII digits, an IPv6
+    address without brackets (`::1:8080` reads as several), brackets around no IPv6
+    address."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
+        raise ValueError(listen)
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        ipaddress.IPv6Address(host)  # a ValueError for anything but an IPv6 address
+    elif any(c in host for c in ":[]"):
+        raise ValueError(listen)
+    return host, int(port)
+
+
 #: A SQLite URL with a relative database path: `sqlite:///catalog.db` (three slashes, then
 #: no fourth).
 _RELATIVE_SQLITE = re.compile(r"^(sqlite(?:\+\w+)?:///)(?!/)(?!:memory:)([^?]+)(\?.*)?$")
@@ -516,9 +538,13 @@ def parse_config(
         api, token_file=_absolute(api.token_file, where("DATAMOVER_API_TOKEN_FILE"))
     )
     if api.listen:
-        host, sep, port = api.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise InvalidInput(f"{origin('api', 'listen')} must be host:port, not {api.listen!r}")
+        try:
+            listen_address(api.listen)
+        except ValueError:
+            raise InvalidInput(
+                f"{origin('api', 'listen')} must be host:port (an IPv6 address in brackets: "
+                f"[::1]:8080), not {api.listen!r}"
+            ) from None
     for key in ("workers", "lease_seconds", "max_attempts"):
         if getattr(api, key) < 1:
             raise InvalidInput(f"{origin('api', key)} must be at least 1")

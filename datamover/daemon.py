@@ -28,7 +28,7 @@ from datamover.api.app import Context, make_app
 from datamover.catalog.access import Access
 from datamover.catalog.queries import owner_alive, owner_id
 from datamover.catalog.transfers import Transfers
-from datamover.config import Config
+from datamover.config import Config, listen_address
 from datamover.errors import CatalogError, Conflict, DatamoverError, InvalidInput
 from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings
@@ -171,11 +171,11 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
     ]
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    host, _, port = config.api.listen.rpartition(":")
+    host, port = listen_address(config.api.listen)  # checked by `load_config`
     try:
         await _reclaim_dead(transfers, metrics)
         try:
-            await web.TCPSite(runner, host, int(port), reuse_address=True).start()
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
         except OSError as exc:  # port taken, host unknown (gaierror), address not ours
             raise _listen_error(config.api.listen, exc) from None
         log.info(

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.server
+import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from datamover.config import listen_address, load_config
+from datamover.errors import InvalidInput
 from tests.fixtures_daemon import StartSite, free_port
 from tests.fixtures_sites import MakeSite
 
@@ -220,3 +224,44 @@ async def test_a_pin_at_a_version_the_store_does_not_hold_is_a_404(
     # j1 holds /proj/x once, at the pushed version: the refused ones left nothing
     s, body = d.request("DELETE", "/v1/pins/j1", t1)
     assert body["released"] == 1, body
+
+
+def test_a_bracketed_ipv6_listen_address_is_read_without_its_brackets(tmp_path: Path) -> None:
+    # Before: `[::1]:8080` passed the config check and `serve` handed "[::1]" to
+    # getaddrinfo, which cannot bind it; `::1:8080` passed too, with "::1" as the host.
+    assert listen_address("[::1]:8080") == ("::1", 8080)
+    assert listen_address("[::]:8080") == ("::", 8080)
+    assert listen_address("127.0.0.1:8080") == ("127.0.0.1", 8080)
+    assert listen_address("daemon.example:443") == ("daemon.example", 443)
+    path = tmp_path / "site.toml"
+    for bad in ("::1:8080", "[::1]", "[127.0.0.1]:80", "[::1:80", "host:0", "host:\uff18"):
+        path.write_text(
+            f'[site]\nname = "a"\n[store]\nbucket = "b"\n[api]\nlisten = {json.dumps(bad)}\n'
+        )
+        with pytest.raises(InvalidInput, match="in brackets"):
+            load_config(path, env={})
+    path.write_text('[site]\nname = "a"\n[store]\nbucket = "b"\n[api]\nlisten = "[::1]:8080"\n')
+    assert load_config(path, env={}).api_url == "http://[::1]:8080"
+
+
+def _ipv6_loopback_port() -> int | None:
+    """A free port on ::1, or None when this host has no IPv6 loopback."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            return s.getsockname()[1]
+    except OSError:
+        return None
+
+
+@SQLITE_ONLY  # no catalog question
+async def test_serve_binds_a_bracketed_ipv6_listen_address(served_site: StartSite) -> None:
+    # Before: "cannot listen on [::1]:...: Name or service not known (check [api] listen)".
+    port = _ipv6_loopback_port()
+    if port is None:
+        pytest.skip("no IPv6 loopback here (the parsing test above still runs)")
+    d = await served_site("site-b", api={"listen": f"[::1]:{port}"})
+    assert d.url == f"http://[::1]:{port}"
+    assert d.request("GET", "/healthz") == (200, {"status": "ok"})
+    r = d.env.cli("transfer", "list")  # the CLI reaches it at http://[::1]:port too
+    assert "a bearer token is required" in r.stderr, r.stderr  # the daemon's answer
