@@ -265,3 +265,44 @@ async def test_serve_binds_a_bracketed_ipv6_listen_address(served_site: StartSit
     assert d.request("GET", "/healthz") == (200, {"status": "ok"})
     r = d.env.cli("transfer", "list")  # the CLI reaches it at http://[::1]:port too
     assert "a bearer token is required" in r.stderr, r.stderr  # the daemon's answer
+
+
+@SQLITE_ONLY  # no catalog question
+async def test_a_datasets_versions_come_in_pages(
+    served_site: StartSite, make_site: MakeSite
+) -> None:
+    # Before: no limit nor cursor: every version in one answer (a dataset pushed every few
+    # minutes grows it past the 16 MiB the client reads); `?limit=2` was ignored.
+    a = await make_site("site-a")
+    (a.data / "x").mkdir()
+    pushed = []
+    for i in range(5):
+        (a.data / "x" / "f").write_bytes(b"v%d" % i)
+        pushed.append(a.cli_json("push", "/proj/x")["version"])
+    assert pushed == sorted(pushed)
+    d = await served_site("site-b")
+    token = d.token("t1", "/proj", "read")
+    target = "/v1/datasets/proj/x/versions"
+    seen: list[str] = []
+    after = ""
+    pages = 0
+    while True:
+        s, body = d.request("GET", f"{target}?limit=2{after}", token)
+        assert s == 200 and body["errors"] == [], body
+        assert len(body["versions"]) <= 2
+        seen += [v["version"] for v in body["versions"]]
+        pages += 1
+        if body["next"] is None:
+            break
+        assert body["next"] == seen[-1]
+        after = f"&after={body['next']}"
+    assert seen == pushed and pages == 3
+    s, body = d.request("GET", target, token)  # the default page holds them all
+    assert [v["version"] for v in body["versions"]] == pushed and body["next"] is None
+    s, body = d.request("GET", f"{target}?after={pushed[-1]}", token)
+    assert (s, body["versions"], body["next"]) == (200, [], None), body
+    s, body = d.request("GET", f"{target}?limit=5", token)  # full: a next, then an empty page
+    assert body["next"] == pushed[-1], body
+    for bad in ("after=x", "limit=0", "limit=10001"):
+        s, body = d.request("GET", f"{target}?{bad}", token)
+        assert s == 400, (bad, body)

@@ -4,6 +4,7 @@ repository, and returns JSON; errors are raised and mapped in `api.errors`."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 from contextlib import aclosing
 from dataclasses import asdict
@@ -32,11 +33,12 @@ from datamover.api.validate import (
 from datamover.catalog.access import Identity
 from datamover.catalog.transfer_rows import KeyReused, Submission, TransferRow
 from datamover.datasets import iter_datasets
+from datamover.domain.ids import check_version_id
 from datamover.domain.paths import check_logical_path, is_under
 from datamover.domain.transfers import TERMINAL, check_idempotency_key
 from datamover.errors import Conflict, DatamoverError, Forbidden, InvalidInput, NotFound
 from datamover.metrics import CONTENT_TYPE
-from datamover.repo.layout import check_key_length
+from datamover.repo.layout import VersionDoc, check_key_length
 from datamover.scheduler.endings import RECHECK, until
 
 _OPENAPI = json.loads(resources.files("datamover.api").joinpath("openapi.json").read_text())
@@ -280,11 +282,26 @@ def _readable_prefix(who: Identity, prefix: str) -> str | None:
 
 
 async def list_versions(request: web.Request) -> web.Response:
-    """GET /v1/datasets/{path}/versions."""
-    check_query(request)
+    """GET /v1/datasets/{path}/versions?after=&limit=: a page of at most `limit` of the
+    dataset's versions, oldest first, after version `after`; `next` is the last version of
+    a full page, to pass as `after`, else null. `errors` holds the unreadable versions of
+    the page's span. 404 when the dataset has no version at all (whatever `after` says).
+
+    The page bounds the answer, not the work: the dataset's whole listing is still read
+    (its documents from the catalog's cache), as `iter_datasets` starts at a dataset."""
+    check_query(request, frozenset({"after", "limit"}))
     ctx = context(request)
     path = logical_path("/" + request.match_info["path"].strip("/"), "path")
     require(request, "read", path)
+    after = request.query.get("after")
+    if after is not None:
+        try:
+            check_version_id(after)
+        except InvalidInput as exc:
+            raise InvalidInput(
+                f"query parameter 'after' must be a version id, as 'next' gives it: {exc}"
+            ) from None
+    limit = query_int(request, "limit", 1000, 1, 10_000)
     found = None
     async for info in iter_datasets(ctx.site, path, only=True):
         # Only `path`'s own keys are listed (its nested datasets' versions, maybe thousands,
@@ -298,13 +315,26 @@ async def list_versions(request: web.Request) -> web.Response:
         raise NotFound(f"dataset {path!r} has no published version")
     if not found.versions:
         raise found.bad[0].error
+    first = 0 if after is None else bisect.bisect_right(found.versions, after, key=_version_id)
+    page = found.versions[first : first + limit]
+    next_cursor = page[-1].version if len(page) == limit else None
     return _json(
         {
             "path": path,
-            "versions": [asdict(v) for v in found.versions],
-            "errors": [b.to_json() for b in found.bad],
+            "versions": [asdict(v) for v in page],
+            "errors": [
+                b.to_json()
+                for b in found.bad
+                if (after is None or b.version > after)
+                and (next_cursor is None or b.version <= next_cursor)
+            ],
+            "next": next_cursor,
         }
     )
+
+
+def _version_id(doc: VersionDoc) -> str:
+    return doc.version
 
 
 async def list_replicas(request: web.Request) -> web.Response:
