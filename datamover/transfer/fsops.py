@@ -381,6 +381,36 @@ def _free_name(at: Path, name: str, directory: bool) -> str:
     raise AssertionError("unreachable")
 
 
+def _writable_partial(dfd: int, name: str) -> bool:
+    """After opening the partial file `name` (in directory `dfd`) for writing was refused,
+    make it so the open can be tried again; False where nothing here can help (there is
+    no such file: the directory refused to create it).
+
+    A regular file of this process's user with one link that lacks its owner's read or
+    write bit is given them (through an `O_PATH` descriptor, following no link):
+    `finish_partial` gives a partial file the entry's mode before its rename, and a run
+    stopped between the two (killed, or the rename failed) left a read-only one, which
+    every later run was refused for good. Any other file there is not ours to write
+    through (`open_partial`): it is removed, to be created anew."""
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    except OSError:
+        return False
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and st.st_uid == os.geteuid():
+            rw = stat.S_IRUSR | stat.S_IWUSR
+            if st.st_mode & rw == rw:
+                return False  # refused for another reason: nothing to give
+            os.chmod(f"/proc/self/fd/{fd}", stat.S_IMODE(st.st_mode) | rw)
+            return True
+    finally:
+        os.close(fd)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=dfd)  # refused: `_unlocking` makes the directory writable
+    return True
+
+
 #: `replaces` for a path where the walk saw nothing: whatever is there is not datamover's.
 _NOTHING = (-1, -1, -1)
 
@@ -795,7 +825,10 @@ class TreeWriter:
         digests; the file is cut after the last good one, and only the rest is fetched. A
         partial name that is not a regular file of ours with one link (its name is
         predictable: a hard link to a file elsewhere, planted) is removed and created anew,
-        never cut or written through.
+        never cut or written through; so is one of another user that may not be opened.
+        One of ours that may not be written any more (a run stopped after `finish_partial`
+        gave it a read-only mode, before its rename) is given its owner's read and write
+        bits back (`_writable_partial`), and resumed.
 
         A file is cut only when it is longer than its good chunks: ext4 takes any cut to
         size 0, even of a new file, as the sign of a file being rewritten, and starts writing
@@ -806,7 +839,16 @@ class TreeWriter:
         dfd = self.dir_fd(parent)
         name = partial_name(entry)
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = self._unlocking(parent, entry.path, lambda: os.open(name, flags, 0o600, dir_fd=dfd))
+
+        def open_rw() -> int:
+            try:
+                return os.open(name, flags, 0o600, dir_fd=dfd)
+            except PermissionError:
+                if not _writable_partial(dfd, name):
+                    raise  # the directory's refusal: `_unlocking` makes it writable
+                return os.open(name, flags, 0o600, dir_fd=dfd)
+
+        fd = self._unlocking(parent, entry.path, open_rw)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid != os.geteuid():

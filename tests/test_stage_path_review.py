@@ -1,0 +1,104 @@
+"""Stage's data path after a review: a read-only partial file left by a stopped run, the
+modes of read-only directories after a failed stage with writer processes, a directory of
+another user whose mode cannot be set, trash moves deeper than PATH_MAX, and manifest names
+that are stage's partial names."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from datamover.domain.manifest import Entry
+from datamover.site import Site
+from datamover.transfer import fsops
+from datamover.transfer.push import push
+from datamover.transfer.stage import stage
+from tests.fixtures_sites import MakeSite, cli_unprivileged
+
+
+@contextlib.contextmanager
+def _tmpfs(at: Path, size: str) -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `at` for the block (the tests run as root: a failed
+    mount is a failure, never a skip)."""
+    at.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(at)], check=True)
+    try:
+        yield at
+    finally:
+        subprocess.run(["umount", "-l", str(at)], check=True)
+
+
+# -- a read-only partial file left by a stopped run --------------------------------------------
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_a_read_only_partial_file_left_by_a_stopped_run_is_resumed(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b", batch_bytes=4 << 20)
+    (a.data / "ds").mkdir()
+    content = os.urandom(3 << 20)  # above batch_bytes / 4: a large file, by its partial file
+    (a.data / "ds" / "big").write_bytes(content)
+    os.chmod(a.data / "ds" / "big", 0o444)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+
+        def killed(*args: object) -> None:  # the run stops between the chmod and the rename
+            raise OSError(5, "Input/output error")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(fsops.TreeWriter, "rename_into_place", killed)
+            with pytest.raises(OSError):
+                await stage(site_b, "/proj/ds")
+    finally:
+        await site_a.close()
+        await site_b.close()
+    [left] = list((b.data / "ds").iterdir())
+    assert left.name.startswith(".dm-") and stat.S_IMODE(left.stat().st_mode) == 0o444
+    # Before: every later run by its owner (no root override) failed with "'big': permission
+    # denied", exit 7, naming a file that did not exist.
+    proc = cli_unprivileged(b, "stage", "/proj/ds", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["fetched_bytes"] == 0  # resumed: its chunks were kept
+    assert (b.data / "ds" / "big").read_bytes() == content
+    assert stat.S_IMODE((b.data / "ds" / "big").stat().st_mode) == 0o444
+    assert [p.name for p in (b.data / "ds").iterdir()] == ["big"]
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_a_partial_file_of_another_user_that_cannot_be_opened_is_replaced(
+    make_site: MakeSite,
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b", batch_bytes=4 << 20)
+    (a.data / "ds").mkdir()
+    content = os.urandom(3 << 20)
+    (a.data / "ds" / "big").write_bytes(content)
+    site_a = await a.open()
+    try:
+        await push(site_a, "/proj/ds")
+        [entry] = [e for e in await _entries(site_a, "/proj/ds") if e.path == "big"]
+    finally:
+        await site_a.close()
+    (b.data / "ds").mkdir()
+    planted = b.data / "ds" / fsops.partial_name(entry)
+    planted.write_bytes(b"not ours\n")
+    os.chown(planted, 65534, 65534)
+    os.chmod(planted, 0o400)
+    proc = cli_unprivileged(b, "stage", "/proj/ds")
+    assert proc.returncode == 0, proc.stderr
+    assert (b.data / "ds" / "big").read_bytes() == content
+    assert [p.name for p in (b.data / "ds").iterdir()] == ["big"]
+
+
+async def _entries(site: Site, dataset: str) -> list[Entry]:
+    """The entries of the latest version of `dataset` at `site`."""
+    doc = await site.repo.resolve(dataset, None)
+    return list(site.repo.iter_cached(await site.repo.prefetch(doc), check=True))
