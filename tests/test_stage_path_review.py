@@ -8,8 +8,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import stat
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,3 +105,97 @@ async def _entries(site: Site, dataset: str) -> list[Entry]:
     """The entries of the latest version of `dataset` at `site`."""
     doc = await site.repo.resolve(dataset, None)
     return list(site.repo.iter_cached(await site.repo.prefetch(doc), check=True))
+
+
+# -- read-only directories after a failed stage with writer processes ---------------------------
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+@pytest.mark.parametrize("workers", [-1, 2])
+async def test_a_stage_that_fills_the_disk_gives_a_read_only_directory_its_mode_back(
+    make_site: MakeSite, workers: int
+) -> None:
+    a = await make_site("site-a")
+    b = await make_site("site-b", write_workers=workers)
+    (a.data / "ds").mkdir()
+    for i in range(3000):  # enough files for writer processes (with workers)
+        (a.data / "ds" / f"f{i:04d}").write_bytes(os.urandom(4096))
+    assert a.cli("push", "/proj/ds").returncode == 0
+    with _tmpfs(b.data, "2m"):
+        root = b.data / "ds"
+        root.mkdir()
+        os.chmod(root, 0o555)  # the user's read-only dataset directory
+        proc = cli_unprivileged(b, "stage", "/proj/ds")
+        assert proc.returncode != 0
+        assert "No space left on device" in proc.stderr, proc.stderr
+        # Before (with workers): 0o755, for good. The worker that made it writable said so
+        # only with a batch that succeeded; the dataset directory is no entry of the
+        # version, so no later stage gives it a mode either.
+        assert stat.S_IMODE(os.stat(root).st_mode) == 0o555
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (the fork server, and the writer processes below it)."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True)
+    children: dict[int, list[int]] = {}
+    for line in out.stdout.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_a_killed_writer_process_leaves_the_dataset_directory_its_mode(
+    make_site: MakeSite,
+) -> None:
+    a = await make_site("site-a")
+    b = await make_site("site-b", write_workers=2, batch_bytes=1 << 20)
+    (a.data / "ds").mkdir()
+    for i in range(20000):
+        (a.data / "ds" / f"f{i:05d}").write_bytes(os.urandom(512))
+    assert a.cli("push", "/proj/ds").returncode == 0
+    root = b.data / "ds"
+    root.mkdir()
+    os.chmod(root, 0o555)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    # As its owner: without root's override, a writer process makes the directory writable
+    # to write into it.
+    drop = ["setpriv", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+    command = [sys.executable, "-m", "datamover", "stage", "/proj/ds"]
+    proc = subprocess.Popen(
+        [*drop, *command, "--config", str(b.config_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            # A writer process is a grandchild (below the fork server).
+            children = _children(proc.pid)
+            grandchildren = [p for p in _descendants(proc.pid) if p not in children]
+            if grandchildren and any(root.glob("f0*")):
+                os.kill(grandchildren[0], signal.SIGKILL)
+                break
+            time.sleep(0.005)
+        else:
+            pytest.fail("no writer process wrote into the tree")
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 6, err  # a lost writer: worth another try
+    # Before: 0o755, for good (the dataset directory is no entry of the version).
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o555
+
+
+def _children(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True)
+    return [int(line.split()[0]) for line in out.stdout.splitlines() if int(line.split()[1]) == pid]

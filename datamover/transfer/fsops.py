@@ -47,7 +47,7 @@ _MAX_DIR_FDS = 64
 
 T = TypeVar("T")
 #: Owner write and search: what a directory needs for entries to be created in it.
-_OWNER_WX = stat.S_IWUSR | stat.S_IXUSR
+OWNER_WX = stat.S_IWUSR | stat.S_IXUSR
 #: How many trashed paths a writer remembers by name (the rest are only counted).
 TRASHED_SAMPLE = 100
 
@@ -493,10 +493,10 @@ class TreeWriter:
             raise exc
         fd = self.dir_fd(rel)
         mode = stat.S_IMODE(os.fstat(fd).st_mode)
-        if mode & _OWNER_WX == _OWNER_WX:
+        if mode & OWNER_WX == OWNER_WX:
             return  # already writable (another worker unlocked it): just try again
         try:
-            os.fchmod(fd, mode | _OWNER_WX)
+            os.fchmod(fd, mode | OWNER_WX)
         except PermissionError:
             raise denied(shown, exc) from None
         self.unlocked.setdefault(rel, mode)

@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import secrets
+import stat
 import threading
 import time
 from collections import deque
@@ -276,6 +277,14 @@ class _Stager:
         # their directory's times before and after, and the file's identity. One left when
         # the run ends (a cancel cut the removal short) makes the run a change.
         self._fresh: dict[str, fsops.FreshPartial] = {}
+        # The directories worker processes made writable (path -> mode before), recorded
+        # as each batch ends, however it ends (`_worker_done`, in the pool's thread), and
+        # joined to the writer's on the writer thread (`_take_unlocked`).
+        self._from_workers: dict[str, int] = {}
+        self._from_workers_lock = threading.Lock()
+        # The dataset directory's mode before the run: given back after a worker process
+        # was lost, which may have made it writable and told no one.
+        self._root_mode: int | None = None
 
     @property
     def untouched(self) -> bool:
@@ -460,14 +469,42 @@ class _Stager:
                 str(self.trash_dir),
                 self.writer.sparse,  # every write path takes the one setting
             )
+            job.add_done_callback(self._worker_done)  # before the wait's: it runs first
             written = await asyncio.wrap_future(job)
         except BrokenProcessPool:
             raise procpool.lost("stage writer") from None
-        for rel, mode in written.unlocked.items():
-            self.writer.unlocked.setdefault(rel, mode)
+        except writers.BatchFailed as failed:
+            raise failed.error from None
         if written.trashed_count:  # counted on the writer thread, which counts its own
             await self._on_writer(self.writer.note_trashed, written.trashed, written.trashed_count)
         return True
+
+    def _worker_done(self, job: Future[writers.Written]) -> None:
+        """Record the directories a worker process made writable once its batch is over,
+        whether it succeeded, failed (`writers.BatchFailed` carries them) or the wait for it
+        was cancelled (another batch failed first); `_take_unlocked` gives them to the
+        writer, so they get their mode back at the end, as the writer's own do.
+
+        A worker that was lost (killed: `BrokenProcessPool`) tells nothing: the dataset
+        directory, which no later stage gives a mode (it is no entry of the version), gets
+        the mode it had before the run when that denied its owner writing; a directory of
+        the version that such a worker made writable gets its mode at the next stage.
+        Runs in the pool's thread, or in the caller's when the job is already over."""
+        if job.cancelled():
+            return
+        exc = job.exception()
+        if exc is None:
+            unlocked = job.result().unlocked
+        elif isinstance(exc, writers.BatchFailed):
+            unlocked = exc.unlocked
+        elif isinstance(exc, BrokenProcessPool) and self._root_mode is not None:
+            mode = self._root_mode
+            unlocked = {} if mode & fsops.OWNER_WX == fsops.OWNER_WX else {"": mode}
+        else:
+            return
+        with self._from_workers_lock:
+            for rel, mode in unlocked.items():
+                self._from_workers.setdefault(rel, mode)
 
     # -- fetching ---------------------------------------------------------------------------
 
@@ -706,13 +743,19 @@ class _Stager:
             _syncfs(w.root_fd)
 
     def _take_unlocked(self) -> None:
-        """On the writer thread, once the walk is over: the directories the walk made
-        readable join those the writer made writable, to get their modes back at the end.
-        The walk saw each before any write into it, so its mode before is the walk's."""
+        """On the writer thread, once the walk is over and no worker process writes: the
+        directories the walk made readable, and those worker processes made writable, join
+        those the writer made writable, to get their modes back at the end. The walk saw
+        each before any write into it, so its mode before is the walk's; of the others, the
+        first recorded is the mode before (a later one saw it made writable)."""
         assert self.writer is not None
         if self._walker is not None:
             self.writer.unlocked.update(self._walker.unlocked)
             self._walker.unlocked.clear()
+        with self._from_workers_lock:
+            for rel, mode in self._from_workers.items():
+                self.writer.unlocked.setdefault(rel, mode)
+            self._from_workers.clear()
 
     def _restore_modes(self) -> None:
         """On the writer thread, after a failure: every directory made readable or writable
@@ -752,6 +795,7 @@ class _Stager:
         self.writer = fsops.TreeWriter(
             root_fd, self.root, self.trash_dir, sparse=self.site.config.transfer.sparse
         )
+        self._root_mode = stat.S_IMODE(os.fstat(root_fd).st_mode)
         # Probed in the directory the walk lists first, so it never sees the probe's file.
         plan = self._planner(fsops.lazy_stored_mtime(root_fd))
         failed = False

@@ -37,6 +37,18 @@ class Written(NamedTuple):
     trashed_count: int
 
 
+class BatchFailed(Exception):
+    """A worker's batch that failed after it made directories writable: the error, and
+    those directories (path -> mode before), which the stage process must still give their
+    mode back (its `_restore_modes`); a failure alone would lose them with the worker's
+    `TreeWriter`. Pickled to the stage process as its two arguments."""
+
+    def __init__(self, error: Exception, unlocked: dict[str, int]) -> None:
+        super().__init__(error, unlocked)
+        self.error = error
+        self.unlocked = unlocked
+
+
 def write_batch(
     base: str,
     parts: tuple[str, ...],
@@ -55,7 +67,9 @@ def write_batch(
     chunks become holes (`fsops.is_hole`).
 
     Raises `Corrupt` naming the file whose chunk failed verification; a file is at its final
-    path only when it was written completely.
+    path only when it was written completely. A failure after a directory was made writable
+    (a full disk, a trash move refused) is raised as `BatchFailed`, which carries it with
+    those directories.
     """
     owners = {c.digest: f[0] for f in files for c in f[3]}
     decoded = decode_ranges(ranges, blobs, owners)
@@ -69,6 +83,10 @@ def write_batch(
         for path, mode, mtime_ns, chunks, replaces in files:
             entry = Entry(path, Kind.FILE, mode, mtime_ns)
             writer.write_file(entry, [decoded[c] for c in chunks], replaces)
+    except Exception as exc:
+        if writer.unlocked:
+            raise BatchFailed(exc, writer.unlocked) from None
+        raise
     finally:
         writer.close()
         os.close(root_fd)
