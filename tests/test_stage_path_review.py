@@ -199,3 +199,58 @@ async def test_a_killed_writer_process_leaves_the_dataset_directory_its_mode(
 def _children(pid: int) -> list[int]:
     out = subprocess.run(["ps", "-e", "-o", "pid=,ppid="], capture_output=True, text=True)
     return [int(line.split()[0]) for line in out.stdout.splitlines() if int(line.split()[1]) == pid]
+
+
+# -- a directory or file of another user whose mode cannot be set -------------------------------
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_a_shared_directory_of_another_user_whose_mode_cannot_be_set_is_named(
+    make_site: MakeSite,
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds" / "sub").mkdir(parents=True)
+    (a.data / "ds" / "sub" / "f").write_text("data\n")
+    assert a.cli("push", "/proj/ds").returncode == 0
+    (b.data / "ds" / "sub").mkdir(parents=True)
+    os.chown(b.data / "ds" / "sub", 65534, 65534)
+    os.chmod(b.data / "ds" / "sub", 0o777)  # a colleague's, writable by all
+    proc = cli_unprivileged(b, "stage", "/proj/ds")
+    # Before: "datamover: error: Operation not permitted", exit 1, naming nothing.
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stderr.startswith("datamover: error: 'sub': operation not permitted")
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert (b.data / "ds" / "sub" / "f").read_text() == "data\n"
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_a_file_of_another_user_whose_mode_cannot_be_set_is_named(
+    make_site: MakeSite,
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("data\n")
+    os.chmod(a.data / "ds" / "f", 0o640)
+    assert a.cli("push", "/proj/ds").returncode == 0
+    assert b.cli("stage", "/proj/ds").returncode == 0
+    os.chown(b.data / "ds" / "f", 65534, 65534)
+    os.chmod(b.data / "ds" / "f", 0o644)  # only its mode differs from the version's
+    proc = cli_unprivileged(b, "stage", "/proj/ds")
+    # Before: "datamover: error: Operation not permitted", exit 1, naming nothing.
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stderr.startswith("datamover: error: 'f': operation not permitted")
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_a_directory_of_another_user_as_the_version_has_it_is_left_be(
+    make_site: MakeSite,
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds" / "sub").mkdir(parents=True)
+    (a.data / "ds" / "sub" / "f").write_text("data\n")
+    assert a.cli("push", "/proj/ds").returncode == 0
+    assert b.cli("stage", "/proj/ds").returncode == 0
+    os.chown(b.data / "ds" / "sub", 65534, 65534)  # its mode and mtime are the version's
+    proc = cli_unprivileged(b, "stage", "/proj/ds")
+    # Before: refused (chmod and utime of a directory of another user, with nothing to change).
+    assert proc.returncode == 0, proc.stderr
