@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from datamover.domain.manifest import Entry
+from datamover.errors import PermanentError
 from datamover.site import Site
 from datamover.transfer import fsops
 from datamover.transfer.push import push
@@ -254,3 +255,95 @@ async def test_a_directory_of_another_user_as_the_version_has_it_is_left_be(
     proc = cli_unprivileged(b, "stage", "/proj/ds")
     # Before: refused (chmod and utime of a directory of another user, with nothing to change).
     assert proc.returncode == 0, proc.stderr
+
+
+# -- trash moves deeper than PATH_MAX -------------------------------------------------------------
+
+
+def _deep(root: Path, parts: list[str], leaf: str) -> None:
+    """Make `root/parts.../leaf` (a file), one directory below the other (the path is longer
+    than PATH_MAX: no call may take it whole)."""
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        for part in parts:
+            os.mkdir(part, dir_fd=fd)
+            inner = os.open(part, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(os.open(leaf, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
+def test_a_file_deeper_than_path_max_is_moved_to_the_trash(tmp_path: Path) -> None:
+    (tmp_path / "ds").mkdir()
+    parts = ["d" * 30] * 200  # 6,200 bytes below the dataset's directory
+    _deep(tmp_path / "ds", parts, "user.txt")
+    rel = "/".join(parts) + "/user.txt"
+    writer = fsops.TreeWriter(
+        fsops.open_root(tmp_path, ("ds",)), tmp_path / "ds", tmp_path / "state" / "trash"
+    )
+    try:
+        # Before: PermanentError "cannot move ... File name too long", a line of 12 KB.
+        writer.trash(rel)
+        writer.trash(rel)  # gone already: nothing to do
+    finally:
+        writer.close()
+        os.close(writer.root_fd)
+    assert writer.trashed == [rel]
+    fd = os.open(tmp_path / "state" / "trash", os.O_RDONLY)
+    try:
+        for part in parts:
+            inner = os.open(part, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        assert [e.name for e in os.scandir(fd)] == ["user.txt"]
+    finally:
+        os.close(fd)
+
+
+def test_a_deep_trash_move_that_fails_is_one_short_line(tmp_path: Path) -> None:
+    (tmp_path / "ds").mkdir()
+    parts = ["d" * 30] * 200
+    _deep(tmp_path / "ds", parts, "user.txt")
+    rel = "/".join(parts) + "/user.txt"
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "trash").write_text("a file where the trash goes\n")
+    writer = fsops.TreeWriter(
+        fsops.open_root(tmp_path, ("ds",)), tmp_path / "ds", tmp_path / "state" / "trash"
+    )
+    try:
+        with pytest.raises(PermanentError) as caught:
+            writer.trash(rel)
+    finally:
+        writer.close()
+        os.close(writer.root_fd)
+    message = str(caught.value)
+    assert message.startswith("cannot move 'dddd") and "..." in message
+    assert len(message) < 600, message
+    assert caught.value.paths == [rel]
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_a_users_file_deeper_than_path_max_is_moved_aside_by_stage(
+    make_site: MakeSite,
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    parts = ["d" * 30] * 150
+    (a.data / "ds").mkdir()
+    _deep(a.data / "ds", parts, "out.txt")
+    assert a.cli("push", "/proj/ds").returncode == 0
+    assert b.cli("stage", "/proj/ds").returncode == 0
+    fd = os.open(b.data / "ds", os.O_RDONLY)
+    try:
+        for part in parts:
+            inner = os.open(part, os.O_RDONLY, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        os.close(os.open("user.txt", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd))
+    finally:
+        os.close(fd)
+    proc = b.cli("stage", "/proj/ds", "--delete", "--json")
+    # Before: exit 7 "cannot move ... File name too long", on every run.
+    assert proc.returncode == 0, proc.stderr[:2000]
+    assert json.loads(proc.stdout)["trashed_count"] == 1

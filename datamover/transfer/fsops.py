@@ -216,10 +216,12 @@ def same_mtime(local_ns: int, entry_ns: int, stored: Callable[[int], int]) -> bo
 
 
 def denied(shown: str, exc: OSError) -> PermanentError:
-    """The one-line error for a permission problem datamover cannot work around."""
+    """The one-line error for a permission problem datamover cannot work around (a long
+    path cut in the message: `clipped`)."""
     reason = exc.strerror or type(exc).__name__
     return PermanentError(
-        f"{shown!r}: {reason.lower()} (check the owner and mode of it and of its directory)",
+        f"{clipped(shown)!r}: {reason.lower()} (check the owner and mode of it and of its "
+        "directory)",
         [shown],
     )
 
@@ -359,9 +361,10 @@ def _private_dirs(path: Path) -> None:
             os.mkdir(made, 0o700)
 
 
-def _free_name(at: Path, name: str, directory: bool) -> str:
-    """`name`, or `name~N` (cut to fit 255 bytes) for the first N that is free in `at`;
-    with `directory`, a real directory there is good too (made if missing)."""
+def _free_name(at: int, name: str, directory: bool) -> str:
+    """`name`, or `name~N` (cut to fit 255 bytes) for the first N that is free in directory
+    `at` (a descriptor); with `directory`, a real directory there is good too (made if
+    missing)."""
     for n in itertools.count():
         if n:
             suffix = f"~{n}"
@@ -369,16 +372,41 @@ def _free_name(at: Path, name: str, directory: bool) -> str:
         else:
             candidate = name
         try:
-            st = os.lstat(at / candidate)
+            st = os.stat(candidate, dir_fd=at, follow_symlinks=False)
         except FileNotFoundError:
             if not directory:
                 return candidate
             with contextlib.suppress(FileExistsError):  # another writer made it: look again
-                os.mkdir(at / candidate, 0o700)
-            st = os.lstat(at / candidate)
+                os.mkdir(candidate, 0o700, dir_fd=at)
+            st = os.stat(candidate, dir_fd=at, follow_symlinks=False)
         if directory and stat.S_ISDIR(st.st_mode):
             return candidate
     raise AssertionError("unreachable")
+
+
+#: The longest path a message shows whole; a longer one is cut in its middle (`clipped`).
+_SHOWN_PATH = 200
+
+
+def clipped(path: str | Path) -> str:
+    """`path` for a one-line message: whole up to `_SHOWN_PATH` characters, else its start
+    and end around an ellipsis (a tree may be thousands of levels deep: a message of
+    12 KB is no line)."""
+    text = str(path)
+    if len(text) <= _SHOWN_PATH:
+        return text
+    return f"{text[: _SHOWN_PATH // 2 - 10]}...{text[-(_SHOWN_PATH // 2) :]}"
+
+
+def _chmod_at(dfd: int, name: str, mode: int) -> None:
+    """Give `name` in directory `dfd` `mode`, following no symlink (through its `O_PATH`
+    descriptor: `fchmodat` cannot, for a name)."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+    try:
+        if not stat.S_ISLNK(os.fstat(fd).st_mode):
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
 
 
 def _writable_partial(dfd: int, name: str) -> bool:
@@ -676,7 +704,10 @@ class TreeWriter:
 
         It goes to `trash_dir/rel` unless something is there already (`_trash_dest`): an
         earlier move never loses what it moved, and nothing is moved through a symlink the
-        trash holds.
+        trash holds. The trash's directories are made and opened one below the other, and
+        the move is a rename between two directory descriptors: a path deeper than
+        PATH_MAX goes to the trash as a short one does. A message shows a long path cut
+        (`clipped`).
 
         Raises a one-line `PermanentError` when it cannot be moved; then `rel` is where it
         was (a partial copy into the trash is removed again), and the caller must not write
@@ -686,13 +717,14 @@ class TreeWriter:
             raise ValueError("this TreeWriter has no trash directory")
         parent, name = split(rel)
         self._forget(rel)
-        dest = self.trash_dir / rel
+        dest = str(self.trash_dir / rel)
+        out = -1
         try:
-            dest = self._trash_dest(self.trash_dir, rel)
+            out, to, dest = self._trash_dest(self.trash_dir, rel)
             dfd = self.dir_fd(parent)
             for attempt in range(3):
                 try:
-                    os.rename(name, dest, src_dir_fd=dfd)
+                    os.rename(name, to, src_dir_fd=dfd, dst_dir_fd=out)
                     break
                 except FileNotFoundError:
                     return
@@ -706,42 +738,65 @@ class TreeWriter:
                 except OSError as exc:
                     if exc.errno != errno.EXDEV:
                         raise
-                    self._move_across(dfd, rel, dest)
+                    # Another file system (state on local disk, data on a parallel file
+                    # system): copied, then removed, through descriptors only
+                    # (`crossfs.move_across`), so a symlink swapped into the path, or for
+                    # the entry or a directory inside it, meanwhile cannot send the copy or
+                    # the removal elsewhere. A failed copy is removed again and the original
+                    # left whole; so is a copy of a file that changed while it was copied;
+                    # of a directory, only what did not change is removed.
+                    crossfs.move_across(dfd, name, out, to)
                     break
+            if self.unlocked:
+                # Its mode goes with it; nothing below it is ours to restore any more.
+                mode = self.unlocked.pop(rel, None)
+                if mode is not None:
+                    with contextlib.suppress(OSError):
+                        _chmod_at(out, to, mode)
+                for key in [k for k in self.unlocked if k.startswith(rel + "/")]:
+                    del self.unlocked[key]
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
             raise PermanentError(
-                f"cannot move {rel!r} to the trash ({dest}): {reason}; it was left in place "
-                "and nothing was written over it",
+                f"cannot move {clipped(rel)!r} to the trash ({clipped(dest)}): {reason}; it "
+                "was left in place and nothing was written over it",
                 [rel],
             ) from None
-        if self.unlocked:
-            # Its mode goes with it; nothing below it is ours to restore any more.
-            mode = self.unlocked.pop(rel, None)
-            if mode is not None:
-                with contextlib.suppress(OSError):
-                    os.chmod(dest, mode, follow_symlinks=False)
-            for key in [k for k in self.unlocked if k.startswith(rel + "/")]:
-                del self.unlocked[key]
+        finally:
+            if out >= 0:
+                os.close(out)
         self.note_trashed([rel])
 
     @staticmethod
-    def _trash_dest(trash_dir: Path, rel: str) -> Path:
+    def _trash_dest(trash_dir: Path, rel: str) -> tuple[int, str, str]:
         """A free place for `rel` in `trash_dir`, its directories made: `trash_dir/rel`, or
         where that is taken, the first name with a `~N` suffix that is free (the last
-        component) or a real directory (one above it).
+        component) or a real directory (one above it). Returns `(fd, name, path)`: the
+        descriptor of its directory (the caller closes it), its name there, and its whole
+        path (for messages). Below `trash_dir`, each directory is made and opened in the one
+        above it, without following a symlink, so no path is longer than `trash_dir`'s.
 
         One run may trash a path twice (a user saves a file again after its first move, and
         the stage's rename then finds it there), or trash a symlink where the version has a
         directory and later something below that directory: a rename to `trash_dir/rel`
         replaced the first move's file, and went through the trashed symlink into whatever
         directory it points at."""
-        at = trash_dir
-        _private_dirs(at)
-        *dirs, last = rel.split("/")
-        for name in dirs:
-            at = at / _free_name(at, name, directory=True)
-        return at / _free_name(at, last, directory=False)
+        _private_dirs(trash_dir)
+        fd = os.open(trash_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            *dirs, last = rel.split("/")
+            names = []
+            for name in dirs:
+                free = _free_name(fd, name, directory=True)
+                inner = os.open(free, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = inner
+                names.append(free)
+            to = _free_name(fd, last, directory=False)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd, to, os.path.join(trash_dir, *names, to)
 
     def note_trashed(self, rels: Sequence[str], count: int | None = None) -> None:
         """Count `count` paths (default: `len(rels)`) as trashed, by this writer or by a
@@ -756,20 +811,6 @@ class TreeWriter:
             return stat.S_ISDIR(os.lstat(name, dir_fd=dfd).st_mode)
         except OSError:
             return False
-
-    def _move_across(self, dfd: int, rel: str, dest: Path) -> None:
-        """Trash on another file system (state on local disk, data on a parallel file
-        system): copy, then remove the original, through descriptors only
-        (`crossfs.move_across`): from the parent's descriptor down, so a symlink swapped
-        into the path, or for the entry or a directory inside it, meanwhile cannot send the
-        copy or the removal elsewhere. A failed copy is removed again and the original left
-        whole; so is a copy of a file that changed while it was copied; of a directory, only
-        what did not change is removed."""
-        out = os.open(dest.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            crossfs.move_across(dfd, split(rel)[1], out, dest.name)
-        finally:
-            os.close(out)
 
     def write_file(
         self,
