@@ -18,13 +18,16 @@ from pathlib import Path
 
 import pytest
 
-from datamover.domain.manifest import Entry
-from datamover.errors import PermanentError
+from datamover.domain.manifest import Entry, Kind
+from datamover.errors import Corrupt, PermanentError
+from datamover.repo.manifest import EntryChecker
 from datamover.site import Site
 from datamover.transfer import fsops
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
+from datamover.transfer.walk import PARTIAL_RE
 from tests.fixtures_sites import MakeSite, cli_unprivileged
+from tests.test_bad_input import publish_manifest
 
 
 @contextlib.contextmanager
@@ -347,3 +350,41 @@ async def test_a_users_file_deeper_than_path_max_is_moved_aside_by_stage(
     # Before: exit 7 "cannot move ... File name too long", on every run.
     assert proc.returncode == 0, proc.stderr[:2000]
     assert json.loads(proc.stdout)["trashed_count"] == 1
+
+
+# -- manifest names that are stage's partial names ------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [Kind.FILE, Kind.DIR, Kind.SYMLINK])
+def test_a_manifest_naming_an_entry_as_a_partial_file_is_malformed(kind: Kind) -> None:
+    name = ".dm-0123456789abcdef.part"
+    assert PARTIAL_RE.match(name)  # the name the walk and push skip
+    target = "x" if kind == Kind.SYMLINK else None
+    checker = EntryChecker()
+    checker.check(Entry("d", Kind.DIR, 0o755, 0))
+    with pytest.raises(Corrupt, match="partial files"):
+        checker.check(Entry(f"d/{name}", kind, 0o644, 0, target=target))
+
+
+def test_names_like_a_partial_file_but_not_one_are_accepted() -> None:
+    checker = EntryChecker()
+    for name in sorted([".dm-0123456789abcde.part", ".dm-0123456789ABCDEF.part", ".dm-x.part"]):
+        assert not PARTIAL_RE.match(name)
+        checker.check(Entry(name, Kind.FILE, 0o644, 0))
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_a_manifest_holding_a_partial_files_name_is_refused_at_stage(
+    make_site: MakeSite,
+) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    big = Entry("big", Kind.FILE, 0o644, 0, 3 << 20, chunks=())
+    # A small file named as the large file's partial file (its name is predictable): stage
+    # would take it for a resume of "big".
+    planted = Entry(fsops.partial_name(big), Kind.FILE, 0o644, 0)
+    await publish_manifest(a, "/proj/evil", [planted, Entry("z", Kind.FILE, 0o644, 0)])
+    proc = b.cli("stage", "/proj/evil")
+    # Before: staged, the file written under the partial name.
+    assert proc.returncode == 5, proc.stderr
+    assert "malformed" in proc.stderr and "partial files" in proc.stderr
+    assert not (b.data / "evil").exists() or list((b.data / "evil").iterdir()) == []

@@ -433,6 +433,12 @@ _CLEAN_ASCII = re.compile(
 )
 
 
+#: Stage's names for its partial files (`walk.PARTIAL_RE`, `fsops.partial_name`): a push
+#: never writes one, and a manifest that names a file so (the store is not trusted) could
+#: have stage write a small file under a large file's predictable partial name.
+_PARTIAL_NAME = re.compile(r"\A\.dm-[0-9a-f]{16}\.part\Z")
+
+
 class EntryChecker:
     """Enforces the tree rules of docs/format.md over a stream of entries, in bounded memory.
 
@@ -446,7 +452,8 @@ class EntryChecker:
         self._dirs: list[tuple[tuple[str, ...], set[str]]] = [((), set())]
 
     def check(self, entry: Entry) -> tuple[str, ...]:
-        """Check `entry` follows the previous ones; return its sort key or raise `Corrupt`.
+        """Check `entry` follows the previous ones; return its sort key or raise `Corrupt`
+        (also for a name stage keeps for its partial files, `_PARTIAL_NAME`).
 
         Runs once per entry of every manifest a stage or verify reads: an ASCII path the
         one-regex test (`_CLEAN_ASCII`) accepts skips the per-component checks, which give
@@ -473,6 +480,11 @@ class EntryChecker:
             if dirs[-1][0] != parent:
                 raise Corrupt(f"{self.what} is malformed: {path!r} has no parent directory entry")
         name = key[-1]
+        if name.startswith(".dm-") and _PARTIAL_NAME.match(name):
+            raise Corrupt(
+                f"{self.what} is malformed: {path!r} has a name stage keeps for its partial "
+                "files (.dm-<16 hex>.part), which no push writes"
+            )
         folded = name if name.isascii() else nfc(name)
         names = dirs[-1][1]
         if folded in names:
