@@ -7,6 +7,7 @@ reruns after a crash, are harmless.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
@@ -38,18 +39,39 @@ _PG_MERGE = (
 _INSERT_BATCH = 5000
 
 
+#: The inode of the initial PID namespace (the kernel's `PROC_PID_INIT_INO`): the host's.
+_INIT_PID_NS = 0xEFFFFFFC
+
+
+@functools.cache
+def _pid_namespace() -> str:
+    """'' in the host's PID namespace, else `@` and its inode in hex. A process in a
+    container of its own has PIDs no process of another namespace can check, and two
+    containers with one host name (pods on one node's network, both with the daemon as
+    PID 1) would otherwise have one `host:pid`: each took the other's running transfers
+    for its dead predecessor's and ran them again."""
+    try:
+        inode = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return ""
+    return "" if inode == _INIT_PID_NS else f"@{inode:x}"
+
+
 def owner_id() -> str:
-    """`host:pid` of this process, recorded on work it owns."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """`host:pid` of this process, recorded on work it owns; in a PID namespace other than
+    the host's, `host:pid@namespace` (`_pid_namespace`)."""
+    return f"{socket.gethostname()}:{os.getpid()}{_pid_namespace()}"
 
 
 def owner_alive(owner: str | None) -> bool:
-    """False when `owner` (`host:pid`, maybe `/worker` after it) names a process on this
-    host that no longer exists."""
+    """False when `owner` (`owner_id`, maybe `/worker` after it) names a process of this
+    host and PID namespace that no longer exists. One of another host or namespace cannot
+    be told from here: it counts as alive (its lease ends it)."""
     if not owner:
         return False
-    host, _, pid = owner.partition("/")[0].rpartition(":")
-    if host != socket.gethostname():
+    who, _, namespace = owner.partition("/")[0].partition("@")
+    host, _, pid = who.rpartition(":")
+    if host != socket.gethostname() or (f"@{namespace}" if namespace else "") != _pid_namespace():
         return True  # cannot tell; assume alive (leases handle remote owners)
     try:
         os.kill(int(pid), 0)
