@@ -171,6 +171,19 @@ async def test_chunk_index_bulk_insert_and_lookup(catalog_url: str) -> None:
         await catalog.close()
 
 
+async def test_a_pack_recorded_without_chunks_is_recorded(catalog_url: str) -> None:
+    # Before: on SQLite the chunk insert was sent an empty list, which the driver refuses
+    # ("Incorrect number of bindings supplied"); PostgreSQL took it.
+    catalog = Catalog(await open_engine(catalog_url))
+    try:
+        pack = os.urandom(32)
+        assert await catalog.add_packs([(pack, 100, [])]) == 0
+        assert await catalog.add_packs([]) == 0
+        assert await catalog.known_packs([pack]) == {pack}
+    finally:
+        await catalog.close()
+
+
 async def test_a_replica_record_is_given_back_as_it_was(catalog_url: str) -> None:
     # A stage that ended before it changed the tree gives the record back as it found it
     # (`stage._record_failure`), so a push of that tree is not refused.

@@ -102,6 +102,23 @@ async def test_a_database_of_something_else_is_named_as_such(catalog_url: str) -
         await open_engine(catalog_url)
 
 
+async def test_db_upgrade_leaves_a_database_of_something_else_alone(catalog_url: str) -> None:
+    # Before: `open_engine` refused such a database, but `datamover db upgrade`, what a user
+    # tries next, ran every migration into it: nine datamover tables and `alembic_version`
+    # in another program's database, which every later command then took for a catalog.
+    engine = create_engine_for(catalog_url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text("CREATE TABLE invoices (x INTEGER)"))
+        with pytest.raises(CatalogError, match="no datamover schema revision"):
+            await upgrade(engine)
+        async with engine.connect() as conn:
+            tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+        assert tables == {"invoices"}
+    finally:
+        await engine.dispose()
+
+
 # -- the transfer queue ---------------------------------------------------------------------
 
 

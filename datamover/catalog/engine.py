@@ -377,6 +377,13 @@ def _known_revisions() -> set[str]:
     return {rev.revision for rev in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
 
 
+def _foreign(url: str | URL) -> CatalogError:
+    return CatalogError(
+        f"catalog {_describe(url)} holds tables but no datamover schema revision (not "
+        "a datamover catalog?); refusing to touch it"
+    )
+
+
 def _newer(url: str | URL, current: str | None) -> CatalogError:
     return CatalogError(
         f"catalog {_describe(url)} has schema revision {current!r}, unknown to this "
@@ -386,12 +393,15 @@ def _newer(url: str | URL, current: str | None) -> CatalogError:
 
 async def upgrade(engine: AsyncEngine, revision: str = "head") -> tuple[str | None, str]:
     """Migrate the catalog to `revision`; return `(before, after)` revisions. A catalog at a
-    revision this datamover does not know (written by a newer one) is a `CatalogError`, and
-    is left alone."""
+    revision this datamover does not know (written by a newer one), or a database holding
+    tables but no revision (another program's, as `open_engine` refuses it), is a
+    `CatalogError`, and is left alone."""
     await _connect_once(engine)
     async with engine.begin() as conn:
         await conn.run_sync(_lock_schema)
-        before, _ = await conn.run_sync(_state)
+        before, has_tables = await conn.run_sync(_state)
+        if before is None and has_tables:
+            raise _foreign(engine.url)
         if before is not None and before not in _known_revisions():
             raise _newer(engine.url, before)
         await conn.run_sync(_upgrade, revision)
@@ -412,10 +422,7 @@ async def open_engine(url: str) -> AsyncEngine:
         if current == head:
             return engine
         if current is None:
-            raise CatalogError(
-                f"catalog {_describe(url)} holds tables but no datamover schema revision (not "
-                "a datamover catalog?); refusing to touch it"
-            )
+            raise _foreign(url)
         if current in _known_revisions():
             raise CatalogError(
                 f"catalog {_describe(url)} is at schema revision {current}, this datamover needs "

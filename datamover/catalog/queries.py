@@ -214,6 +214,8 @@ class Catalog:
         rows.sort()
         async with self.engine.begin() as conn:
             await self._insert_ignore(conn, Pack, pack_rows)
+            if not rows:  # SQLite's executemany refuses an empty list
+                return 0
             if self.dialect == "postgresql":
                 return await self._pg_merge(conn, rows)
             changes = "SELECT total_changes()"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import secrets
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
@@ -38,6 +39,8 @@ from datamover.repo.layout import (
 )
 from datamover.repo.manifest import EntryChecker, SegmentRef, decode_list, decode_segment
 from datamover.storage.base import MAX_KEY_BYTES, Store
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -226,17 +229,33 @@ class Repository:
         return self.cache_dir / "manifests" / h[:2] / h
 
     def _write_cache(self, digest: bytes, data: bytes) -> None:
+        """Cache manifest object `data` under a temporary name, renamed into place; a write
+        that fails (a full disk, a quota) removes its temporary file and raises."""
         path = self._cache_path(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
+        try:
+            tmp.write_bytes(data)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     async def put_manifest_object(self, data: bytes) -> bytes:
-        """Store a manifest segment or list by digest (and cache it); return the digest."""
+        """Store a manifest segment or list by digest (and cache it); return the digest.
+        Once it is stored, a cache write that fails is a warning, not a failure: readers
+        fetch from the store what the cache lacks."""
         digest = blake3.blake3(data).digest()
         await self.store.put(manifest_key(digest), data)
-        await asyncio.to_thread(self._write_cache, digest, data)
+        try:
+            await asyncio.to_thread(self._write_cache, digest, data)
+        except OSError as exc:
+            log.warning(
+                "manifest object %s is stored but could not be cached in %s: %s",
+                digest.hex(),
+                self.cache_dir,
+                exc.strerror or exc,
+            )
         return digest
 
     def read_cached(self, digest: bytes) -> bytes | None:
@@ -244,7 +263,7 @@ class Repository:
         path = self._cache_path(digest)
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
             return None
         if blake3.blake3(data).digest() != digest:
             path.unlink(missing_ok=True)  # local damage: drop it and fetch again
