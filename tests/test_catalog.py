@@ -184,6 +184,22 @@ async def test_a_pack_recorded_without_chunks_is_recorded(catalog_url: str) -> N
         await catalog.close()
 
 
+async def test_a_pack_found_gone_is_forgotten_with_its_chunks(catalog_url: str) -> None:
+    # Before: its chunk rows went and its pack row stayed, so once it came back (a bucket
+    # restored) `db rebuild` took it as indexed and never indexed its chunks again.
+    catalog = Catalog(await open_engine(catalog_url))
+    try:
+        gone, kept = os.urandom(32), os.urandom(32)
+        refs = [ChunkRef(os.urandom(32), gone, i * 10, 10, 20, 1) for i in range(3)]
+        await catalog.add_pack(gone, 100, refs)
+        await catalog.add_pack(kept, 100, [ChunkRef(os.urandom(32), kept, 0, 10, 20, 1)])
+        await catalog.forget_chunks([r.digest for r in refs[:2]], {gone})
+        assert await catalog.known_packs([gone, kept]) == {kept}
+        assert list(await catalog.lookup_chunks([r.digest for r in refs])) == [refs[2].digest]
+    finally:
+        await catalog.close()
+
+
 async def test_a_replica_record_is_given_back_as_it_was(catalog_url: str) -> None:
     # A stage that ended before it changed the tree gives the record back as it found it
     # (`stage._record_failure`), so a push of that tree is not refused.

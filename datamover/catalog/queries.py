@@ -260,13 +260,19 @@ class Catalog:
                 known.update(row[0] for row in result)
         return known
 
-    async def forget_chunks(self, digests: Sequence[bytes]) -> None:
-        """Drop index rows of chunks whose pack is gone from the store."""
-        table = Chunk
+    async def forget_chunks(self, digests: Sequence[bytes], packs: Iterable[bytes] = ()) -> None:
+        """Drop index rows of chunks whose pack is gone from the store, and the rows of
+        those `packs`: a pack that comes back (a bucket restored, a HEAD answered 404 by
+        mistake) is then new to `db rebuild`, which indexes its chunks again; with its row
+        kept, it was taken as indexed for good."""
+        gone = sorted(set(packs))
         async with self.engine.begin() as conn:
             for start in range(0, len(digests), _LOOKUP_BATCH):
                 batch = list(digests[start : start + _LOOKUP_BATCH])
-                await conn.execute(delete(table).where(table.c.digest.in_(batch)))
+                await conn.execute(delete(Chunk).where(Chunk.c.digest.in_(batch)))
+            for start in range(0, len(gone), _LOOKUP_BATCH):
+                batch = gone[start : start + _LOOKUP_BATCH]
+                await conn.execute(delete(Pack).where(Pack.c.id.in_(batch)))
 
     async def count_chunks(self) -> int:
         """Number of indexed chunks (for reports and tests)."""

@@ -129,7 +129,7 @@ class Packer:
             gone = await self._packs_gone({ref.pack for ref in known.values()})
             if gone:
                 stale = [d for d, ref in known.items() if ref.pack in gone]
-                await self.catalog.forget_chunks(stale)
+                await self.catalog.forget_chunks(stale, gone)
                 for d in stale:
                     del known[d]
             found.update(known)
