@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import os
 import tracemalloc
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -78,3 +80,59 @@ def test_a_special_file_does_not_collide_and_a_lone_decomposed_name_is_kept(
     os.mkfifo(tmp_path / "cafe\u0301")
     (tmp_path / "na\u0308ive").write_text("2")  # not NFC, and nothing else normalises alike
     assert _paths(tmp_path) == ["caf\u00e9", "na\u0308ive"]
+
+
+class _CountingEntries:
+    """`os.scandir` whose entries count the calls that read their type (each an `lstat`
+    where a file system leaves the type out of the listing)."""
+
+    def __init__(self, real: Any) -> None:
+        self.real = real
+        self.type_reads = 0
+
+    def __call__(self, fd: int) -> Any:
+        counter = self
+
+        class Entry:
+            def __init__(self, inner: os.DirEntry[str]) -> None:
+                self.name = inner.name
+                self._inner = inner
+
+            def is_file(self, follow_symlinks: bool = True) -> bool:
+                counter.type_reads += 1
+                return self._inner.is_file(follow_symlinks=follow_symlinks)
+
+            def is_dir(self, follow_symlinks: bool = True) -> bool:
+                counter.type_reads += 1
+                return self._inner.is_dir(follow_symlinks=follow_symlinks)
+
+            def is_symlink(self) -> bool:
+                counter.type_reads += 1
+                return self._inner.is_symlink()
+
+        class Listing:
+            def __enter__(self) -> Iterator[Entry]:
+                self._it = counter.real(fd)
+                return (Entry(e) for e in self._it)
+
+            def __exit__(self, *exc: object) -> None:
+                self._it.close()
+
+        return Listing()
+
+
+def test_a_walk_that_looks_at_every_entry_reads_no_type_from_the_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: every listing read each entry's type, which on a file system that leaves it
+    # out (XFS without ftype, some NFS and FUSE mounts) is an `lstat` of its own: stage
+    # and verify, which `lstat` every entry anyway, made two per entry.
+    for i in range(20):
+        (tmp_path / f"f{i:02d}").write_text("x")
+    (tmp_path / "d").mkdir()
+    counting = _CountingEntries(os.scandir)
+    monkeypatch.setattr(os, "scandir", counting)
+    assert len(_paths(tmp_path, strict=False)) == 21  # stage's and verify's walk
+    assert counting.type_reads == 0
+    assert len(_paths(tmp_path)) == 21  # push's checks names, and so reads types
+    assert counting.type_reads > 0

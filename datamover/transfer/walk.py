@@ -253,7 +253,9 @@ class Walker:
             return
         try:
             with os.scandir(fd) as it:
-                listing = sorted(map(_typed, it))
+                # The type is read only where it is used: where a file system leaves it
+                # unknown in the listing, each `is_*` is an `lstat` of its own.
+                listing = sorted(map(_typed if self.strict or not self.stat_files else _named, it))
             if self.strict:
                 _check_names(rel, listing)
         except BaseException:
@@ -386,6 +388,7 @@ def _vanished(path: str) -> Conflict:
 #: `lstat` unless the file system leaves it unknown. `_OTHER`: a socket, FIFO or device, or
 #: an entry gone before its type could be read.
 _FILE, _DIR, _LINK, _OTHER = "f", "d", "l", "s"
+_UNREAD = "?"  # not read (`_named`)
 
 
 def _typed(item: os.DirEntry[str]) -> str:
@@ -405,6 +408,12 @@ def _typed(item: os.DirEntry[str]) -> str:
     except OSError:
         code = _OTHER
     return f"{item.name}\0{code}"
+
+
+def _named(item: os.DirEntry[str]) -> str:
+    """`_typed` without the type (`_UNREAD`), for a walk that looks at every entry with
+    `lstat` anyway and checks no names."""
+    return f"{item.name}\0{_UNREAD}"
 
 
 def _listed(listing: list[str], name: str) -> str | None:
