@@ -5,7 +5,10 @@ only what the store lacks. Each test here once failed on the code before its fix
 
 from __future__ import annotations
 
+import asyncio
 import os
+
+import pytest
 
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
@@ -137,3 +140,35 @@ async def test_files_read_again_keep_the_mtimes_a_coarser_file_system_cut(
         assert not changed.unchanged
     finally:
         await site_a.close()
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first-push", "later-push"])
+async def test_a_push_cut_between_publishing_and_recording_costs_no_full_read(
+    make_site: MakeSite, first: bool
+) -> None:
+    # Before: the record still named the version before (or nothing), so every later push
+    # read the whole tree, though the published version had been read from this very tree
+    # (a daemon draining at that moment, a SIGKILL).
+    a = await make_site("site-a")
+    root = a.data / "x"
+    root.mkdir()
+    for i in range(30):
+        (root / f"f{i:02d}").write_bytes(os.urandom(3000))
+    site = await a.open()
+    try:
+        if not first:
+            await push(site, "/proj/x")
+            (root / "f00").write_bytes(b"changed")
+        real = site.catalog.pushed_replica
+
+        async def cut(*args: object) -> None:
+            raise asyncio.CancelledError
+
+        site.catalog.pushed_replica = cut  # type: ignore[method-assign]
+        with pytest.raises(asyncio.CancelledError):
+            await push(site, "/proj/x")
+        site.catalog.pushed_replica = real  # type: ignore[method-assign]
+        again = await push(site, "/proj/x")
+        assert again.unchanged and again.files_read == 0, again
+    finally:
+        await site.close()

@@ -280,15 +280,25 @@ def _check_current(
     )
 
 
-def _holds_parent(replica: ReplicaRow | None, root: Path, parent: VersionDoc) -> bool:
+def _holds_parent(site: Site, replica: ReplicaRow | None, root: Path, parent: VersionDoc) -> bool:
     """Whether this site's record says its tree at `root` holds version `parent`, staged or
     pushed here and not changed by a stage since: only then may a file whose size and mtime
-    are the parent's be taken as unchanged without reading it."""
+    are the parent's be taken as unchanged without reading it.
+
+    A push of this site that published `parent` and was cut before it recorded that (a
+    SIGKILL, a daemon draining) left the record of the version before (or none, for a
+    first push), made before `parent` was: that tree is the one `parent` was read from,
+    and trusted too, as `_check_current` takes it as current."""
+    if replica is None:
+        return parent.site == site.name and parent.parent is None
+    if replica.root != str(root) or replica.state != "ready":
+        return False
+    if replica.version == parent.version:
+        return True
     return (
-        replica is not None
-        and replica.root == str(root)
-        and replica.state == "ready"
-        and replica.version == parent.version
+        parent.site == site.name
+        and replica.version == parent.parent
+        and _before(replica.updated_at, parent.created)
     )
 
 
@@ -413,7 +423,7 @@ async def _push_tree(
     parent = await site.repo.read_version(dataset, parent_id) if parent_id else None
     if not force:
         _check_current(site, dataset, replica, tree, parent)
-    if parent is not None and not checksum and not _holds_parent(replica, tree, parent):
+    if parent is not None and not checksum and not _holds_parent(site, replica, tree, parent):
         # Size and mtime can say a file is unchanged only in a tree known to hold the
         # parent: another site's tree, or one never staged or pushed here, may hold other
         # bytes under the parent's sizes and mtimes.
