@@ -17,6 +17,12 @@ import unicodedata
 
 from datamover.errors import InvalidInput
 
+#: Stage's temporary and partial files (`transfer.fsops.partial_name`); never user data:
+#: push skips them, stage removes leftovers of them, and a manifest naming one is
+#: corrupt. `\Z`, not `$`: `$` also matches before a final newline, and a user's
+#: `.dm-<16 hex>.part\n` would be skipped by push and removed by stage as a leftover.
+PARTIAL_RE = re.compile(r"\A\.dm-[0-9a-f]{16}\.part\Z")
+
 NAME_MAX_BYTES = 255
 # A logical path's limit, UTF-8 encoded. No longer path can be pushed (its version keys,
 # percent-encoded, must fit S3's 1,024-byte key limit: `layout.check_key_length`), and the

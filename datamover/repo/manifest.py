@@ -19,7 +19,13 @@ import msgpack
 import zstandard
 
 from datamover.domain.manifest import ChunkRef, Codec, Entry, Kind
-from datamover.domain.paths import check_relpath, check_symlink_target, nfc, sort_key
+from datamover.domain.paths import (
+    PARTIAL_RE,
+    check_relpath,
+    check_symlink_target,
+    nfc,
+    sort_key,
+)
 from datamover.errors import Corrupt, InvalidInput
 
 FORMAT_VERSION = 1
@@ -433,12 +439,6 @@ _CLEAN_ASCII = re.compile(
 )
 
 
-#: Stage's names for its partial files (`walk.PARTIAL_RE`, `fsops.partial_name`): a push
-#: never writes one, and a manifest that names a file so (the store is not trusted) could
-#: have stage write a small file under a large file's predictable partial name.
-_PARTIAL_NAME = re.compile(r"\A\.dm-[0-9a-f]{16}\.part\Z")
-
-
 class EntryChecker:
     """Enforces the tree rules of docs/format.md over a stream of entries, in bounded memory.
 
@@ -453,7 +453,7 @@ class EntryChecker:
 
     def check(self, entry: Entry) -> tuple[str, ...]:
         """Check `entry` follows the previous ones; return its sort key or raise `Corrupt`
-        (also for a name stage keeps for its partial files, `_PARTIAL_NAME`).
+        (also for a name stage keeps for its partial files, `PARTIAL_RE`).
 
         Runs once per entry of every manifest a stage or verify reads: an ASCII path the
         one-regex test (`_CLEAN_ASCII`) accepts skips the per-component checks, which give
@@ -480,7 +480,7 @@ class EntryChecker:
             if dirs[-1][0] != parent:
                 raise Corrupt(f"{self.what} is malformed: {path!r} has no parent directory entry")
         name = key[-1]
-        if name.startswith(".dm-") and _PARTIAL_NAME.match(name):
+        if name.startswith(".dm-") and PARTIAL_RE.match(name):
             raise Corrupt(
                 f"{self.what} is malformed: {path!r} has a name stage keeps for its partial "
                 "files (.dm-<16 hex>.part), which no push writes"

@@ -25,23 +25,17 @@ import bisect
 import errno
 import logging
 import os
-import re
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from datamover.domain.manifest import Kind
-from datamover.domain.paths import check_name, nfc
+from datamover.domain.paths import PARTIAL_RE, check_name, nfc
 from datamover.errors import Conflict, DatamoverError, InvalidInput
 from datamover.transfer.fsops import denied
 
 log = logging.getLogger(__name__)
-
-#: Temporary and partial files written by stage; never user data, never pushed. `\Z`, not
-#: `$`: `$` also matches before a final newline, and a user's `.dm-<16 hex>.part\n` would be
-#: skipped by push and removed by stage as a leftover.
-PARTIAL_RE = re.compile(r"\A\.dm-[0-9a-f]{16}\.part\Z")
 
 
 #: How many skipped special files a walk names (the rest are only counted).
