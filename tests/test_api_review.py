@@ -301,6 +301,10 @@ async def test_a_datasets_versions_come_in_pages(
     assert [v["version"] for v in body["versions"]] == pushed and body["next"] is None
     s, body = d.request("GET", f"{target}?after={pushed[-1]}", token)
     assert (s, body["versions"], body["next"]) == (200, [], None), body
+    # An empty `after` counts as absent, as in the other listings (a pager sending
+    # `after=${next:-}` was refused on this route alone).
+    s, body = d.request("GET", f"{target}?after=", token)
+    assert s == 200 and [v["version"] for v in body["versions"]] == pushed, body
     s, body = d.request("GET", f"{target}?limit=5", token)  # full: a next, then an empty page
     assert body["next"] == pushed[-1], body
     for bad in ("after=x", "limit=0", "limit=10001"):

@@ -293,7 +293,7 @@ async def list_versions(request: web.Request) -> web.Response:
     ctx = context(request)
     path = logical_path("/" + request.match_info["path"].strip("/"), "path")
     require(request, "read", path)
-    after = request.query.get("after")
+    after = request.query.get("after") or None  # empty counts as absent, as elsewhere
     if after is not None:
         try:
             check_version_id(after)
