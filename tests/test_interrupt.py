@@ -82,3 +82,31 @@ async def test_an_interrupted_command_with_json_prints_one_error_object(
     assert proc.returncode == 130, err
     assert json.loads(out) == {"error": {"code": "interrupted", "message": "interrupted"}}
     assert err.strip() == "datamover: error: interrupted"
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_a_command_with_workers_runs_under_a_long_tmpdir(
+    make_site: MakeSite, tmp_path: Path
+) -> None:
+    # Before: the fork server's socket goes below $TMPDIR, and a path over 107 bytes is
+    # too long for one: under a job's TMPDIR deep in a scratch file system every command
+    # with workers failed, "AF_UNIX path too long" (exit 1).
+    a = await make_site("site-a", read_workers=2)
+    tree = a.data / "many"
+    for d in range(10):
+        (tree / f"d{d}").mkdir(parents=True)
+        for f in range(300):
+            (tree / f"d{d}" / f"f{f}").write_bytes(os.urandom(64))
+    tmp = tmp_path / ("t" * 60) / ("u" * 60)
+    tmp.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "datamover", "push", "/proj/many", "--config", str(a.config_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "TMPDIR": str(tmp)},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "read 3000 files" in proc.stdout and proc.stderr == ""
+    assert list(tmp.iterdir()) == []

@@ -19,10 +19,13 @@ import multiprocessing.context
 import os
 import select
 import signal
+import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import forkserver
+from multiprocessing import process as mp_process
+from multiprocessing import util as mp_util
 
 from datamover import gctune
 from datamover.errors import TransientError
@@ -35,7 +38,35 @@ def _ready() -> None:
     """A job that does nothing: submitting one per worker makes the pool start them all."""
 
 
+#: The longest path a Unix socket takes (`sun_path` less its NUL), and what multiprocessing
+#: puts below `$TMPDIR` for the fork server's: `/pymp-` and `/listener-`, 8 characters each.
+_SOCKET_PATH_MAX = 107
+_SOCKET_BELOW = len("/pymp-") + 8 + len("/listener-") + 8
+_SHORT_TEMP_DIRS = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+def _short_temp_dir() -> None:
+    """Have multiprocessing make its temporary directory, where the fork server's socket
+    goes, where that socket's path fits: in `$TMPDIR` when it is short enough, else in the
+    first writable of `_SHORT_TEMP_DIRS`. A job's `$TMPDIR` deep in a scratch file system
+    (over 71 characters) failed every command with workers: "AF_UNIX path too long". Only
+    this directory moves; every other temporary file stays in `$TMPDIR`."""
+    if mp_process.current_process()._config.get("tempdir") is not None:
+        return  # made already (and used: the fork server runs)
+    if len(tempfile.gettempdir()) + _SOCKET_BELOW <= _SOCKET_PATH_MAX:
+        return
+    for short in _SHORT_TEMP_DIRS:
+        if os.access(short, os.W_OK | os.X_OK):
+            saved, tempfile.tempdir = tempfile.tempdir, short
+            try:
+                mp_util.get_temp_dir()
+            finally:
+                tempfile.tempdir = saved
+            return
+
+
 def _context() -> multiprocessing.context.ForkServerContext:
+    _short_temp_dir()
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)
     return ctx
