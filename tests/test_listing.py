@@ -1,5 +1,6 @@
 """`datamover ls` and GET /v1/datasets: the listing is read in bounded batches and handed on
-one dataset at a time, and a corrupt version document is reported without hiding the rest."""
+one dataset at a time, a corrupt version document is reported without hiding the rest, and
+only the keys of the prefix's datasets are listed (not those of `/proj/run10` for `/proj/run1`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from datamover.api.routes import _readable_prefix
 from datamover.catalog.access import Identity
 from datamover.domain.ids import new_version_id
 from datamover.errors import InvalidInput
-from datamover.repo.layout import version_key
+from datamover.repo.layout import VersionDoc, version_key
 from datamover.site import Site, make_store
 from datamover.storage.base import ObjectInfo, Store
 from datamover.transfer.push import push
@@ -295,3 +296,116 @@ def test_a_token_lists_only_where_it_may_read() -> None:
     assert _readable_prefix(who("/proj/a", "/proj/b"), "/proj/b") == "/proj/b"
     assert _readable_prefix(who("/"), "/proj") == "/proj"
     assert _readable_prefix(who("/proj/a", scope="admin"), "/") == "/"
+
+
+async def _publish(site: Site, base: VersionDoc, path: str, n: int) -> list[str]:
+    """Publish `n` versions of `path`, copies of document `base`; return their ids."""
+    ids: list[str] = []
+    for _ in range(n):
+        ids.append(new_version_id("a", after=ids[-1] if ids else None))
+        parent = ids[-2] if len(ids) > 1 else None
+        await site.repo.publish(
+            dataclasses.replace(base, dataset=path, version=ids[-1], parent=parent)
+        )
+    return ids
+
+
+# Siblings whose encoded paths start with `%2Fproj%2Frun1`: they sort before (`%20`),
+# between (`-`, `.`) and after (`0`) the keys of `/proj/run1` and those below it.
+_SIBLINGS = [
+    "/proj/run1 x",
+    "/proj/run1-old",
+    "/proj/run1.x",
+    *(f"/proj/run{i}" for i in range(10, 20)),
+]
+
+
+async def _run1(a: SiteEnv, below: list[str], per_sibling: int) -> dict[str, list[str]]:
+    """`/proj/run1` with one version, each of `below` with two, and every sibling with
+    `per_sibling`; return the ids by path."""
+    make_tree(a.data / "seed", files=1)
+    site = await a.open()
+    try:
+        base = await site.repo.read_version("/proj/seed", (await push(site, "/proj/seed")).version)
+        ids = {"/proj/run1": await _publish(site, base, "/proj/run1", 1)}
+        for path in below:
+            ids[path] = await _publish(site, base, path, 2)
+        for path in _SIBLINGS:
+            await _publish(site, base, path, per_sibling)
+    finally:
+        await site.close()
+    return ids
+
+
+async def test_listing_a_dataset_does_not_list_the_keys_of_its_siblings(
+    make_site: MakeSite,
+) -> None:
+    # Before: the listing of `/proj/run1` read `datasets/%2Fproj%2Frun1`, so every version
+    # key of `/proj/run10` ... `/proj/run19`, `/proj/run1-old` too (here 261 keys to return
+    # one dataset), and dropped them afterwards.
+    a = await make_site("a")
+    ids = await _run1(a, [], per_sibling=20)
+    store = _CountingListing(make_store(a.config))
+    site = await Site.open(a.config, store=store)  # type: ignore[arg-type]
+    try:
+        listed = [i async for i in datasets.iter_datasets(site, "/proj/run1")]
+        assert [(i.path, [v.version for v in i.versions]) for i in listed] == list(ids.items())
+        assert store.listed == 1
+        store.listed = 0
+        assert [i.path async for i in datasets.iter_datasets(site, "/proj/run10")] == [
+            "/proj/run10"
+        ]
+        assert store.listed == 20
+    finally:
+        await site.close()
+
+
+async def test_a_dataset_and_those_below_it_are_listed_a_page_at_a_time(
+    make_site: MakeSite, served_site: StartSite
+) -> None:
+    # Before: the listing read 46 keys for these 7 versions, and a listing resumed after
+    # a cursor the siblings' keys after it again; a sibling's cursor was taken (an empty
+    # page), not refused.
+    a = await make_site("a")
+    below = ["/proj/run1/sub", "/proj/run1/sub/deep", "/proj/run1/sub-x"]
+    ids = await _run1(a, below, per_sibling=3)
+    # Encoded: `%2Fsub%2Fdeep` < `%2Fsub-x` < `%2Fsub/versions` < `/versions` (run1 itself).
+    order = ["/proj/run1/sub/deep", "/proj/run1/sub-x", "/proj/run1/sub", "/proj/run1"]
+    store = _CountingListing(make_store(a.config))
+    site = await Site.open(a.config, store=store)  # type: ignore[arg-type]
+    try:
+        whole = [i async for i in datasets.iter_datasets(site, "/proj/run1")]
+        assert [(i.path, [v.version for v in i.versions]) for i in whole] == [
+            (p, ids[p]) for p in order
+        ]
+        assert store.listed == 7
+        for n, info in enumerate(whole):
+            store.listed = 0
+            rest = [i.path async for i in datasets.iter_datasets(site, "/proj/run1", info.cursor)]
+            assert rest == order[n + 1 :]
+            assert store.listed == sum(len(ids[p]) for p in rest)
+        for sibling in ["/proj/run10", "/proj/run1-old", "/proj/run1 x"]:
+            with pytest.raises(InvalidInput, match="outside the datasets under '/proj/run1'"):
+                [i async for i in datasets.iter_datasets(site, "/proj/run1", sibling)]
+    finally:
+        await site.close()
+    d = await served_site("b")  # the API's pages, on a site with nothing cached
+    for limit in (1, 2, 3):
+        pages: list[list[str]] = []
+        after = ""
+        while True:
+            query = f"prefix=/proj/run1&limit={limit}{after}"
+            status, page = d.request("GET", f"/v1/datasets?{query}", d.token("t1", "/proj", "read"))
+            assert status == 200, page
+            pages.append([x["path"] for x in page["datasets"]])
+            if page["next"] is None:
+                break
+            after = "&after=" + quote(page["next"], safe="")
+        assert [p for page in pages for p in page] == order
+        assert all(len(page) == limit for page in pages[:-1]), pages
+    status, err = d.request(
+        "GET", "/v1/datasets?prefix=/proj/run1&after=%2Fproj%2Frun10", d.token("t2", "/", "read")
+    )
+    assert status == 400 and "outside the datasets under '/proj/run1'" in err["error"]["message"]
+    status, page = d.request("GET", "/v1/datasets", d.token("t3", "/proj/run1", "read"))
+    assert status == 200 and [x["path"] for x in page["datasets"]] == order, page

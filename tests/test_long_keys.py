@@ -15,16 +15,19 @@ from hypothesis import strategies as st
 from datamover import datasets
 from datamover.datasets import _group, list_datasets
 from datamover.domain.ids import new_version_id
-from datamover.domain.paths import check_logical_path
+from datamover.domain.paths import check_logical_path, is_under
 from datamover.embedded import EmbeddedSeaweed
 from datamover.errors import InvalidInput, NotFound
 from datamover.repo.layout import (
+    DATASETS,
     VersionDoc,
     check_key_length,
     dataset_prefix,
+    dataset_prefixes,
     encode_dataset,
     legacy_versions_prefix,
     parse_version_key,
+    tree_prefixes,
     version_key,
 )
 from datamover.repo.repository import Repository
@@ -37,6 +40,7 @@ from datamover.transfer.stage import stage
 from tests.fixtures_daemon import StartSite
 from tests.fixtures_sites import MakeSite, SiteEnv
 from tests.test_bad_input import fails, store_keys
+from tests.test_listing import _CountingListing
 from tests.treegen import snapshot
 
 ID = "20261129T181500.123456Z-hpc-a-3f9a1c0b"
@@ -202,6 +206,78 @@ def test_a_path_is_pushable_while_its_version_keys_fit_1024_bytes(site: str, mos
     assert "\n" not in str(caught.value)
 
 
+# -- the keys a listing of a dataset and those below it reads -----------------------------------
+
+
+def _read_in_turn(keys: list[str], key_prefixes: list[str]) -> list[str]:
+    """What listing each of `key_prefixes` in turn hands out of `keys` (in byte order)."""
+    return [k for p in key_prefixes for k in sorted(keys) if k.startswith(p)]
+
+
+def _check_tree_prefixes(path: str, others: list[str]) -> None:
+    """Listing `tree_prefixes(path)` reads the keys (cut and uncut) of `path` and the
+    datasets below it in the order the listing of `dataset_prefixes(path)` hands them out
+    (which reads the keys of `others` beside them too), and no other but those of a path
+    that goes on with `versions` where `path`'s encoding is cut."""
+    keys = list({k for d in [path, *others] for k in (version_key(d, ID), _old_key(d, ID))})
+    read = _read_in_turn(keys, tree_prefixes(path))
+    wanted = [k for k in _read_in_turn(keys, dataset_prefixes(path)) if _under(k, path)]
+    assert [k for k in read if _under(k, path)] == wanted
+    assert sorted(wanted) == sorted(k for k in keys if _under(k, path))
+    cut = DATASETS + encode_dataset(path) + "/versions"
+    assert all(
+        k.startswith(cut) and _dataset(k).startswith(path + "versions")
+        for k in read
+        if not _under(k, path)
+    )
+
+
+def _dataset(key: str) -> str:
+    parsed = parse_version_key(key)
+    assert parsed is not None, key
+    return parsed[0]
+
+
+def _under(key: str, path: str) -> bool:
+    return is_under(_dataset(key), path)
+
+
+def _valid(path: str) -> bool:
+    try:
+        return check_logical_path(path) == path
+    except InvalidInput:
+        return False
+
+
+@settings(max_examples=300, deadline=None)
+@given(_PATH, st.lists(st.tuples(st.booleans(), _NAME, st.lists(_NAME, max_size=3))))
+def test_a_dataset_s_listing_reads_its_keys_and_those_below_it_only(
+    path: str, others: list[tuple[bool, str, list[str]]]
+) -> None:
+    # Before: `ls /proj/run1` listed `datasets/%2Fproj%2Frun1`, every version key of
+    # `/proj/run10` ... `/proj/run1-old` too, to drop them afterwards.
+    paths = [
+        path + ("/" if below else "") + "/".join([name, *rest]) for below, name, rest in others
+    ]
+    _check_tree_prefixes(path, [p for p in paths if _valid(p)])
+
+
+@pytest.mark.parametrize("size", range(247, 264))
+@pytest.mark.parametrize("last", ["a", "张", "."])
+def test_a_listing_below_a_path_whose_encoding_is_cut_near_its_end(size: int, last: str) -> None:
+    """Paths whose encoding ends a few bytes either side of 255: the `%2F` after them, or a
+    name after that, starts the next key part, or the path itself is cut."""
+    path = "/proj/"
+    while len(quote(path + "x" + last, safe="")) <= size:
+        path += "x"
+    path += last
+    assert size - 8 < len(quote(path, safe="")) <= size
+    names = ["x", ".x", "versions", "张" * 30, "-old", " x", "%", "x" * 250]
+    below = [path + "/" + n for n in names] + [path + "/" + n + "/" + n for n in names]
+    beside = [path + n for n in names] + [path + n + "/x" for n in names]
+    _check_tree_prefixes(path, [p for p in below + beside if _valid(p)])
+
+
 # -- keys written before the cut ------------------------------------------------------------
 
 LONG = "/proj/张三/" + CJK[:26] + "/" + CJK[26:40]  # "/proj/张三/" + CJK[:26]: 265 bytes
@@ -258,6 +334,46 @@ async def test_uncut_keys_are_read_listed_and_kept_for_their_dataset(tmp_path: P
         assert [v async for v in repo.listed_versions(long_prefix, start)] == rest, cursor
     with pytest.raises(InvalidInput, match="outside the datasets under"):
         [v async for v in repo.listed_versions(long_prefix, datasets._resume_key("/proj/a"))]
+
+
+async def test_a_long_path_s_listing_reads_its_keys_and_those_below_it_in_both_spellings(
+    tmp_path: Path,
+) -> None:
+    # Before: listing `top` read the keys of `top` + `x`, `top` + `-old` (and of any
+    # path that starts with it) under both spellings too, and dropped them afterwards.
+    store = _CountingListing(MemoryStore())
+    repo = Repository(store, tmp_path / "cache")  # type: ignore[arg-type]
+    top = LONG.rsplit("/", 1)[0]  # 265 bytes encoded: cut
+    sub = top + "/sub"
+    put = [
+        (_old_key, top, PARENT),  # `top` under both spellings
+        (version_key, top, CHILD),
+        (_old_key, sub, PARENT),
+        (_old_key, sub, CHILD),
+        (version_key, LONG, PARENT),
+    ]
+    for n, sibling in enumerate([top + "x", top + "-old", top + "x/sub", top + "0"]):
+        for key in (version_key, _old_key):
+            for m in range(5):
+                put.append((key, sibling, f"2026010{n}T00000{m}.000000Z-site-a-0000000{m}"))
+    for key, path, version in put:
+        await repo.store.put(key(path, version), _doc(path, version).to_bytes())
+    want = [(LONG, PARENT, False), (top, CHILD, False), (sub, PARENT, True), (sub, CHILD, True)]
+    want.append((top, PARENT, True))
+    assert [v async for v in repo.listed_versions(top)] == want
+    assert store.listed == len(want)
+    for n, (path, _, legacy) in enumerate(want):
+        store.listed = 0
+        start = datasets._resume_key(("legacy:" if legacy else "") + path)
+        rest = [v async for v in repo.listed_versions(top, start)]
+        assert rest == [w for w in want[n + 1 :] if w[:1] != (path,) or w[2] != legacy]
+        assert store.listed == len(rest)
+    for sibling in [top + "x", "legacy:" + top + "x", "legacy:" + top + "x/sub"]:
+        with pytest.raises(InvalidInput, match="outside the datasets under"):
+            [v async for v in repo.listed_versions(top, datasets._resume_key(sibling))]
+    # The path itself alone, and a path below `top`: as before.
+    assert [v async for v in repo.listed_versions(top, only=True)] == [want[1], want[4]]
+    assert [v async for v in repo.listed_versions(sub)] == want[2:4]
 
 
 # -- push, stage and ls of long paths ------------------------------------------------------

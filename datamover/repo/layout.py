@@ -98,6 +98,26 @@ def dataset_prefixes(path_prefix: str) -> list[str]:
     return [cut] if len(legacy) <= KEY_PART_BYTES else [cut, DATASETS + legacy]
 
 
+def tree_prefixes(dataset: str) -> list[str]:
+    """The key prefixes of dataset `dataset`'s versions and of every dataset below it, in
+    the order a listing reads them, which is the order of `dataset_prefixes(dataset)`'s
+    listing: the keys below first (`%2F` and a cut's `/%2F` sort before `/versions/`), a
+    short path's uncut keys below before its cut ones (`%2F` before `/`), a long path's
+    uncut keys after its cut ones. Unlike `dataset_prefixes`, they do not cover the keys of
+    datasets whose paths merely start with `dataset` (`/proj/run10`, `/proj/run1-old` for
+    `/proj/run1`), but for one that goes on with `versions` right where `dataset`'s
+    encoding is cut: a listing still keeps only the component-wise matches.
+
+    `encode_dataset(dataset + "/")` is a string prefix of the key of every dataset below:
+    a cut falls where it does in that longer path, so it comes before the `%2F` of the
+    trailing `/` exactly when the longer path's comes there too."""
+    below = dataset_prefixes(dataset + "/")  # [cut, and the uncut one where they differ]
+    own = versions_prefixes(dataset)
+    if len(own) == 2:  # a long path: its cut and its uncut keys are two listings
+        return [below[0], own[0], below[1], own[1]]
+    return [*sorted(below), *own]
+
+
 def versions_prefix(dataset: str) -> str:
     """Key prefix of a dataset's version documents."""
     return f"{DATASETS}{encode_dataset(dataset)}/versions/"

@@ -33,6 +33,7 @@ from datamover.repo.layout import (
     legacy_versions_prefix,
     manifest_key,
     parse_version_key,
+    tree_prefixes,
     version_key,
     versions_prefix,
     versions_prefixes,
@@ -203,12 +204,16 @@ class Repository:
         `resume_key` gives), only the versions whose keys sort after it, the listing before
         it not read. `InvalidInput` if `start_after` lies under none of the prefix's keys.
         With `only`, the versions of dataset `prefix` itself, its nested datasets' keys not
-        listed."""
+        listed. Only the keys of `prefix` and the datasets below it are listed
+        (`tree_prefixes`), not those of datasets whose paths merely start with the same
+        characters (`/proj/run10` for `/proj/run1`)."""
         prefix = "/" if prefix == "/" else check_logical_path(prefix)
-        if only and prefix != "/":
+        if prefix == "/":
+            key_prefixes = dataset_prefixes("")
+        elif only:
             key_prefixes = versions_prefixes(prefix)
         else:
-            key_prefixes = dataset_prefixes("" if prefix == "/" else prefix)
+            key_prefixes = tree_prefixes(prefix)
         if start_after:
             # The key prefixes are listed one after the other: resume in the first that
             # holds `start_after`.
