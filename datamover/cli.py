@@ -476,6 +476,57 @@ def _catalog_call(url: str, call: Callable[[], T]) -> T:
 
 @cli.command()
 @click.option(
+    "--older-than",
+    "older_than",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="DAYS",
+    help="Only runs that started more than DAYS days ago (with --empty: required, >= 1).",
+)
+@click.option("--empty", is_flag=True, help="Remove those runs (what stage moved aside).")
+@common
+def trash(older_than: int | None, empty: bool, config_path: str | None, as_json: bool) -> None:
+    """List the trash: what stage runs moved aside (users' changes), by run; or empty it.
+
+    Nothing empties the trash by itself. `--empty --older-than DAYS` removes the runs older
+    than DAYS days (at least 1: a stage of the last day may still write into its run).
+    """
+    from datetime import timedelta
+
+    from datamover.config import load_config
+    from datamover.transfer import trash as trash_runs
+
+    config = load_config(config_path)
+    if empty:
+        if older_than is None:
+            raise click.UsageError("--empty needs --older-than DAYS (at least 1)")
+        listed = trash_runs.empty(config.state_dir, older_than)
+    else:
+        listed = list(trash_runs.runs(config.state_dir, timedelta(days=older_than or 0)))
+    files, nbytes = sum(r.files for r in listed), sum(r.bytes for r in listed)
+    if as_json:
+        emit_json(
+            {
+                "trash": str(trash_runs.trash_root(config.state_dir)),
+                "emptied": empty,
+                "runs": [r.to_json() for r in listed],
+                "files": files,
+                "bytes": nbytes,
+            }
+        )
+        return
+    for run in listed:
+        started = run.started.strftime("%Y-%m-%d %H:%M:%SZ")
+        click.echo(f"{run.name}  {started}  {counted(run.files, 'file')}, {human_bytes(run.bytes)}")
+    what = "removed" if empty else "in"
+    click.echo(
+        f"{counted(len(listed), 'run')} {what} {trash_runs.trash_root(config.state_dir)}: "
+        f"{counted(files, 'file')}, {human_bytes(nbytes)}"
+    )
+
+
+@cli.command()
+@click.option(
     "--files",
     type=click.IntRange(min=0),
     default=2000,

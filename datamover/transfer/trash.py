@@ -1,0 +1,192 @@
+"""The trash: what stage moved aside instead of overwriting or deleting, until it is emptied.
+
+`<state_dir>/trash/<run>/<dataset>/<path>`, one directory per stage run that moved something,
+named `<UTC time>-<6 hex>` (`stage.trash_dir`). Nothing empties it by itself: it holds what
+users changed. `runs` lists the runs; `empty` removes those older than a number of days, one
+run at a time: renamed first to `.emptying-<run>` (so a run half removed, by a crash or a
+failure, is no longer listed as one, and the next `empty` finishes it), then removed from
+the bottom up through directory descriptors (never following a symlink a user trashed; a
+tree deeper than PATH_MAX goes as a shallow one does). A directory a user left without its
+owner's write or search bits (a read-only tree trashed whole) gets them first.
+
+A run of the last day is never removed, whatever the age asked: its stage may still be
+writing into it (a stage holds no lock a run could be told by).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from datamover.errors import InvalidInput, PermanentError
+
+#: A run's directory: the stage's start, to the second, and 6 random hex digits.
+_RUN = re.compile(r"\A(\d{8}T\d{6}Z)-[0-9a-f]{6}\Z")
+_EMPTYING = ".emptying-"
+#: The youngest run `empty` removes: a stage may still be writing into a younger one.
+MIN_AGE = timedelta(days=1)
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_OWNER_RWX = stat.S_IRWXU
+
+
+@dataclass
+class TrashRun:
+    """One stage run's trash: its directory name, when the run started, and what it holds
+    (regular files counted, with their bytes; directories and symlinks not)."""
+
+    name: str
+    started: datetime
+    files: int = 0
+    bytes: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "run": self.name,
+            "started": self.started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "files": self.files,
+            "bytes": self.bytes,
+        }
+
+
+def trash_root(state_dir: Path) -> Path:
+    """Where the runs are."""
+    return state_dir / "trash"
+
+
+def runs(
+    state_dir: Path, older_than: timedelta = timedelta(0), measure: bool = True
+) -> Iterator[TrashRun]:
+    """The runs in the trash that started more than `older_than` ago, oldest first, with
+    what each holds where `measure` (each run walked once, one directory's names at a time;
+    a directory its owner may not read is not counted). Names that are not runs' are left
+    out (and never removed)."""
+    root = trash_root(state_dir)
+    try:
+        names = sorted(p.name for p in root.iterdir())
+    except FileNotFoundError:
+        return
+    except PermissionError as exc:
+        raise PermanentError(f"cannot read the trash {str(root)!r}: {exc.strerror}") from None
+    now = datetime.now(UTC)
+    for name in names:
+        started = _started(name)
+        if started is None or now - started <= older_than:
+            continue
+        run = TrashRun(name, started)
+        if measure:
+            run.files, run.bytes = _measure(root / name)
+        yield run
+
+
+def empty(state_dir: Path, older_than_days: int) -> list[TrashRun]:
+    """Remove the runs that started more than `older_than_days` days ago (at least
+    `MIN_AGE`), and the remains of any run an earlier `empty` did not finish; return the
+    runs removed, with what they held. `InvalidInput` for fewer than one day."""
+    if older_than_days < 1:
+        raise InvalidInput(
+            f"--older-than {older_than_days}: at least 1 day (a stage of the last day may "
+            "still be writing into its trash)"
+        )
+    root = trash_root(state_dir)
+    removed = []
+    try:
+        root_fd = os.open(root, _DIR_FLAGS)
+    except FileNotFoundError:
+        return []
+    try:
+        for name in _names(root_fd):
+            if name.startswith(_EMPTYING):
+                _remove_tree(root_fd, name)
+        age = max(timedelta(days=older_than_days), MIN_AGE)
+        for run in list(runs(state_dir, age, measure=False)):
+            aside = _EMPTYING + run.name
+            os.rename(run.name, aside, src_dir_fd=root_fd, dst_dir_fd=root_fd)
+            run.files, run.bytes = _remove_tree(root_fd, aside)
+            removed.append(run)
+    except OSError as exc:
+        where = exc.filename or root
+        raise PermanentError(
+            f"cannot empty the trash {str(root)!r}: {exc.strerror} ({where})"
+        ) from None
+    finally:
+        os.close(root_fd)
+    return removed
+
+
+def _started(name: str) -> datetime | None:
+    matched = _RUN.match(name)
+    if matched is None:
+        return None
+    try:
+        return datetime.strptime(matched.group(1), "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+
+
+def _measure(path: Path) -> tuple[int, int]:
+    """Regular files below `path` and their bytes (symlinks not followed; a directory that
+    cannot be read is not counted)."""
+    files = size = 0
+    for _, _, names, dir_fd in os.fwalk(path, follow_symlinks=False):
+        for name in names:
+            try:
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                files += 1
+                size += st.st_size
+    return files, size
+
+
+def _names(fd: int) -> list[str]:
+    """The names in directory `fd`, sorted."""
+    with os.scandir(fd) as entries:
+        return sorted(e.name for e in entries)
+
+
+def _open_dir(parent_fd: int, name: str) -> int:
+    """Directory `name` in `parent_fd`, opened without following a symlink, with its owner's
+    read, write and search bits (given where it lacks them: its entries are removed)."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    except PermissionError:
+        os.chmod(name, _OWNER_RWX, dir_fd=parent_fd)  # a directory (lstat'ed), not a link
+        fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    if os.fstat(fd).st_mode & _OWNER_RWX != _OWNER_RWX:
+        os.fchmod(fd, _OWNER_RWX)
+    return fd
+
+
+def _remove_tree(parent_fd: int, name: str) -> tuple[int, int]:
+    """Remove directory `name` of `parent_fd` and everything below it, bottom up, with one
+    descriptor and one directory's names held per level (no recursion: a trashed tree may
+    be thousands of levels deep); return the regular files removed and their bytes."""
+    files = size = 0
+    fd = _open_dir(parent_fd, name)
+    stack = [(fd, iter(_names(fd)), parent_fd, name)]
+    try:
+        while stack:
+            fd, names, up, here = stack[-1]
+            for child in names:
+                st = os.stat(child, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISDIR(st.st_mode):
+                    inner = _open_dir(fd, child)
+                    stack.append((inner, iter(_names(inner)), fd, child))
+                    break
+                os.unlink(child, dir_fd=fd)
+                if stat.S_ISREG(st.st_mode):
+                    files, size = files + 1, size + st.st_size
+            else:
+                stack.pop()
+                os.close(fd)
+                os.rmdir(here, dir_fd=up)
+    finally:
+        for fd, _, _, _ in stack:
+            os.close(fd)
+    return files, size
