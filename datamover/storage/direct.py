@@ -16,11 +16,13 @@ TLS uses the CA bundle botocore would (`ca_bundle` / `AWS_CA_BUNDLE`, else certi
 Contract of `get`: exactly `length` bytes from `offset`, or b"" if the range starts at or
 beyond the end (HTTP 416); an S3 error answer is raised as `botocore.exceptions.ClientError`
 (so the store maps it like any other), a failed connect (refused, a host name that does not
-resolve, no route), a broken connection, a timeout or an answer that is not the range (a
-200 without Content-Length or chunked encoding that ends before the range does, too: a cut
-connection is not told from the object's end) as `StoreUnavailable`, as on the aiohttp
-path; TLS refusing the server (a certificate that fails verification, a failed handshake)
-as `PermanentError`, as botocore's `SSLError` is.
+resolve, no route), a broken connection, a timeout or an answer that is not the range as
+`StoreUnavailable`, as on the aiohttp path; TLS refusing the server (a certificate that
+fails verification, a failed handshake) as `PermanentError`, as botocore's `SSLError` is.
+A 200 without Content-Length or chunked encoding (only the connection's close ends its
+body) that ends before the range does raises `UnknownEnd`, a `StoreUnavailable` carrying
+the bytes that came: a connection cut short is not told from the object's end here, so the
+caller, which can learn the object's size, decides (`S3Store` asks with a HEAD).
 It never holds more than `length` bytes of a body, plus one piece of `_PIECE` bytes,
 whatever the server sends: a 206 announcing or sending more than the range is refused
 unread, and of a 200 (a server or proxy ignoring Range sends the whole object) the bytes
@@ -60,6 +62,21 @@ _ERROR_READ = 65536
 class UrlExpired(StoreUnavailable):
     """A presigned URL's deadline passed before its GET was sent (`DirectGetter.get`): a
     new URL is needed, and a retry may sign one."""
+
+
+class UnknownEnd(StoreUnavailable):
+    """A 200 answer to a range (the whole object: Range ignored) whose body has neither a
+    Content-Length nor chunked encoding, so that only the connection's close ended it, and
+    that ended before the range did. Either the connection was cut short, or the object ends
+    there: `received` bytes of the body came in all, `data` the part of them in the range
+    (b"" if the body ended before `offset`). Where the object's size is `received`, `data` is
+    the range, cut at the object's end; else the connection was cut (the store unavailable,
+    as this is taken by anyone who does not look)."""
+
+    def __init__(self, message: str, data: bytes, received: int) -> None:
+        super().__init__(message)
+        self.data = data
+        self.received = received
 
 
 def proxied(url: str) -> bool:
@@ -141,7 +158,7 @@ class DirectGetter:
                 conn, reused = self._connection(https, host, port, fresh=True)
                 connecting = False
                 resp = self._request(conn, target, headers)
-            data = self._body(resp, offset, length)
+            data, received = self._body(resp, offset, length)
         except (OSError, http.client.HTTPException) as exc:
             if conn is not None:
                 conn.close()
@@ -162,6 +179,13 @@ class DirectGetter:
         else:
             with self._lock:
                 self._idle.append(conn)
+        if received is not None:
+            raise UnknownEnd(
+                f"S3 endpoint {endpoint} {cut_or_ended(offset, length, len(data))} during "
+                f"GetObject of {parts.path!r}",
+                data,
+                received,
+            )
         return data
 
     def _request(
@@ -170,21 +194,25 @@ class DirectGetter:
         conn.request("GET", target, headers=headers)
         return conn.getresponse()
 
-    def _body(self, resp: http.client.HTTPResponse, offset: int, length: int) -> bytes:
+    def _body(
+        self, resp: http.client.HTTPResponse, offset: int, length: int
+    ) -> tuple[bytes, int | None]:
         """The range from answer `resp`, reading no more of its body than the range (see the
-        module docstring); a bad answer raises `HTTPException`, an error answer `ClientError`."""
+        module docstring), and None; or, for a 200 whose body only the connection's close
+        ended before the range did, the bytes of it in the range and the bytes that came in
+        all (`UnknownEnd`). A bad answer raises `HTTPException`, an error answer `ClientError`."""
         status = resp.status
         if status == 206:
-            return _partial(resp, offset, length)
+            return _partial(resp, offset, length), None
         if status == 200:  # the server ignored Range and sends the whole object
-            _skip(resp, offset)
+            skipped = _skip(resp, offset)
             data = _read_at_most(resp, length)
             if len(data) < length and resp.length is None and not resp.chunked:
-                raise http.client.HTTPException(cut_or_ended(offset, length, len(data)))
-            return data
+                return data, skipped + len(data)
+            return data, None
         if status == 416:
             _read_at_most(resp, _ERROR_READ)  # to reuse the connection; a longer body closes it
-            return b""
+            return b"", None
         _raise_error(resp)
 
     def _connection(
@@ -273,22 +301,32 @@ def _read_at_most(resp: http.client.HTTPResponse, limit: int) -> bytes:
     return b"".join(_pieces(resp, limit, limit))
 
 
-def _skip(resp: http.client.HTTPResponse, count: int) -> None:
+def _skip(resp: http.client.HTTPResponse, count: int) -> int:
     """Read and drop the next `count` bytes of `resp`'s body (fewer if it ends first),
-    holding at most `_PIECE` of them at a time."""
-    for _ in _pieces(resp, count, _PIECE):
-        pass
+    holding at most `_PIECE` of them at a time; how many there were."""
+    return sum(len(piece) for piece in _pieces(resp, count, _PIECE))
 
 
 def cut_or_ended(offset: int, length: int, got: int) -> str:
-    """Why a 200 answer to a `length`-byte range at `offset` whose body ended after `got`
-    bytes of the range is refused: with neither a Content-Length nor chunked encoding, only
-    the connection's close ends the body, so a connection cut short is not told from the
-    object's end. Such short data would be read as a damaged chunk."""
+    """What is wrong with a 200 answer to a `length`-byte range at `offset` whose body
+    ended after `got` bytes of the range: with neither a Content-Length nor chunked
+    encoding, only the connection's close ends the body, so a connection cut short is not
+    told from the object's end by the answer (`UnknownEnd`). Such short data, taken as the
+    range, would be read as a damaged chunk."""
     return (
         f"answered a {length}-byte range at {offset} with the whole object, of unknown size, "
         f"which ended {got} bytes into the range: a connection cut short cannot be told "
         "from the object's end"
+    )
+
+
+def cut_short(offset: int, length: int, received: int, size: int) -> str:
+    """Why a 200 answer to a `length`-byte range at `offset` whose body only the
+    connection's close ended, after `received` bytes, is refused: the object holds `size`
+    bytes, so the connection was cut."""
+    return (
+        f"answered a {length}-byte range at {offset} with the whole object, whose connection "
+        f"closed after {received} of its {size} bytes: a connection cut short"
     )
 
 

@@ -67,8 +67,9 @@ from datamover.storage.base import (
 from datamover.storage.body import Body, checksum
 from datamover.storage.direct import (
     DirectGetter,
+    UnknownEnd,
     UrlExpired,
-    cut_or_ended,
+    cut_short,
     proxied,
     range_mismatch,
     range_overrun,
@@ -233,7 +234,8 @@ class S3Store:
         """GetObject, with a `Range` header for a range. `length=0` returns b"" without a
         request (so even for a missing key); a range starting at or after the end returns b""
         (S3 answers 416 InvalidRange there). A range answered short anywhere but at the
-        object's end (as its Content-Range shows) is `StoreUnavailable`, never short data.
+        object's end (as its Content-Range shows, or for a whole object whose body only the
+        connection's close ends, a HEAD: `_at_end`) is `StoreUnavailable`, never short data.
         A GET of `length` bytes holds at most those of the body, whatever the server sends
         (`_read_range`); one without a length holds what the object (or its rest) holds."""
         check_key(key)
@@ -244,7 +246,10 @@ class S3Store:
             async with self._errors("GetObject", key):
                 await self._get_client()
                 if self._direct is not None:
-                    return await self._direct_get(self._direct, key, offset, length)
+                    try:
+                        return await self._direct_get(self._direct, key, offset, length)
+                    except UnknownEnd as ended:
+                        return await self._at_end(key, offset, length, ended.data, ended.received)
         extra: dict[str, str] = {}
         if offset or length is not None:
             end = "" if length is None else str(offset + length - 1)
@@ -275,17 +280,18 @@ class S3Store:
         object) the bytes before `offset` are dropped as they arrive and the range is kept,
         cut at the object's end; the rest is left unread. One whose body has neither a
         Content-Length nor chunked encoding (it ends where the connection closes) and ends
-        before the range does is refused: a cut connection is not told from the end. A 206
+        before the range does is returned only where the object ends there (`_at_end`). A 206
         whose Content-Length exceeds `length` is refused unread, one without (chunked) once
         it runs past `length` bytes: `StoreUnavailable`, like any answer that is not the
         range (`range_mismatch`).
         """
         body = resp["Body"]
         if "ContentRange" not in resp:
-            await _skip(body, offset)
+            received = await _skip(body, offset)
             data = await _read_at_most(body, length)
+            received += len(data)
             if length is not None and len(data) < length and _close_delimited(resp):
-                self._refuse_range(cut_or_ended(offset, length, len(data)), key)
+                return await self._at_end(key, offset, length, data, received)
             return data
         declared = resp.get("ContentLength")
         if length is not None and declared is not None and declared > length:
@@ -296,6 +302,24 @@ class S3Store:
         problem = range_mismatch(resp["ContentRange"], offset, length, len(data))
         if problem is not None:
             self._refuse_range(problem, key)
+        return data
+
+    async def _at_end(
+        self, key: str, offset: int, length: int, data: bytes, received: int
+    ) -> bytes:
+        """`data`, the part in the `length`-byte range at `offset` of a 200 answer (the whole
+        object) whose body only the connection's close ended, after `received` bytes, before
+        the range did, if that was the object's end: the object (HEAD) holds `received`
+        bytes. Else the connection was cut short: `StoreUnavailable`, retried.
+
+        A close-delimited body cannot tell a cut connection from the object's end by
+        itself, and a `Repository` reads every version document and manifest object one
+        byte past its end, so through a server or proxy that ignores Range and sends such
+        bodies every one of those reads ends inside its range. A HEAD that fails raises its
+        error (`ObjectNotFound` for an object deleted meanwhile)."""
+        size = (await self.head(key)).size
+        if size != received:
+            self._refuse_range(cut_short(offset, length, received, size), key)
         return data
 
     def _refuse_range(self, problem: str, key: str) -> NoReturn:
@@ -621,15 +645,18 @@ _PROBES = 16
 _SKIP_PIECE = 1 << 20
 
 
-async def _skip(body: Any, count: int) -> None:
-    """Read and drop the next `count` bytes of response `body` (fewer if it ends first).
-    aiohttp hands out at most what it has buffered, and stops reading the socket while its
-    buffer is full, so this holds little more than one piece however large the body is."""
-    while count > 0:
-        piece: bytes = await body.read(min(count, _SKIP_PIECE))
+async def _skip(body: Any, count: int) -> int:
+    """Read and drop the next `count` bytes of response `body` (fewer if it ends first);
+    how many there were. aiohttp hands out at most what it has buffered, and stops reading
+    the socket while its buffer is full, so this holds little more than one piece however
+    large the body is."""
+    left = count
+    while left > 0:
+        piece: bytes = await body.read(min(left, _SKIP_PIECE))
         if not piece:
-            return
-        count -= len(piece)
+            break
+        left -= len(piece)
+    return count - left
 
 
 async def _read_at_most(body: Any, limit: int | None) -> bytes:
