@@ -455,6 +455,9 @@ class TreeWriter:
     `removed` counts the entries `remove` unlinked as planned;
     `unlocked` maps each directory (relative path) this writer made writable to its mode
     before that, until `set_attrs` or `restore_modes` gives it its mode back.
+    `stored_mtime` is what the file system stores for an mtime (a `stored_mtime` model;
+    default: `lazy_stored_mtime` of the root, probed the first time an mtime is not the
+    entry's exactly), so that `set_attrs` leaves one that is the entry's as stored.
     """
 
     def __init__(
@@ -464,11 +467,13 @@ class TreeWriter:
         trash_dir: Path | None = None,
         *,
         sparse: bool = False,
+        stored_mtime: Callable[[int], int] | None = None,
     ) -> None:
         self.root_fd = root_fd
         self.root_path = root_path
         self.trash_dir = trash_dir
         self.sparse = sparse
+        self.stored_mtime = stored_mtime or lazy_stored_mtime(root_fd)
         self.trashed: list[str] = []
         self.trashed_count = 0
         self.removed = 0
@@ -1003,7 +1008,10 @@ class TreeWriter:
         """Set mode and mtime of an existing file or directory without following symlinks;
         each only where it differs (one `fstat` for two system calls saved in the usual
         case; a file or directory of another user that is as the entry says is left be).
-        One of another user that differs is a `PermanentError` naming it (`denied`).
+        An mtime differs where it is not the entry's as this file system stores it
+        (`stored_mtime`: a file system of whole seconds never holds the nanoseconds of a
+        version pushed from another). One of another user that differs is a
+        `PermanentError` naming it (`denied`).
 
         A file its owner made unreadable (mode 000) is reached through an `O_PATH`
         descriptor instead; a directory this writer unlocked is no longer in `unlocked`.
@@ -1036,7 +1044,7 @@ class TreeWriter:
                 return
             if stat.S_IMODE(st.st_mode) != entry.mode:
                 os.fchmod(fd, entry.mode)
-            if st.st_mtime_ns != entry.mtime_ns:
+            if self._mtime_differs(fd, st, entry):
                 os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
         except PermissionError as exc:
             # Another user's (a group-shared directory this process may write into, but
@@ -1045,6 +1053,16 @@ class TreeWriter:
         finally:
             os.close(fd)
         self.unlocked.pop(entry.path, None)
+
+    def _mtime_differs(self, fd: int, st: os.stat_result, entry: Entry) -> bool:
+        """Whether the mtime of `fd` (`st` its stat) is not `entry`'s as this file system
+        stores it (`same_mtime`). The model probes on first use, with a temporary file in
+        the root, which changes the root's mtime where there is no `O_TMPFILE`: where it
+        could have, the mtime is looked at once more."""
+        if st.st_mtime_ns == entry.mtime_ns:
+            return False
+        stored = self.stored_mtime(entry.mtime_ns)
+        return stored == entry.mtime_ns or os.fstat(fd).st_mtime_ns != stored
 
     def _set_attrs_by_path(
         self, entry: Entry, dfd: int, exc: OSError, seen: tuple[int, int, int] | None = None
@@ -1066,7 +1084,7 @@ class TreeWriter:
             try:
                 if stat.S_IMODE(st.st_mode) != entry.mode:
                     os.chmod(via, entry.mode)
-                if st.st_mtime_ns != entry.mtime_ns:
+                if self._mtime_differs(fd, st, entry):
                     os.utime(via, ns=(entry.mtime_ns, entry.mtime_ns))
             except PermissionError as again:
                 raise denied(entry.path, again) from None
