@@ -474,7 +474,7 @@ class _Stager:
         except BrokenProcessPool:
             raise procpool.lost("stage writer") from None
         except writers.BatchFailed as failed:
-            raise failed.error from None
+            raise failed.error from failed  # with the worker's traceback (its cause)
         if written.trashed_count:  # counted on the writer thread, which counts its own
             await self._on_writer(self.writer.note_trashed, written.trashed, written.trashed_count)
         return True
