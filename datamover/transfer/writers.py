@@ -85,7 +85,7 @@ def write_batch(
             writer.write_file(entry, [decoded[c] for c in chunks], replaces)
     except Exception as exc:
         if writer.unlocked:
-            raise BatchFailed(exc, writer.unlocked) from None
+            raise BatchFailed(exc, writer.unlocked) from exc  # its frames reach the debug trace
         raise
     finally:
         writer.close()
