@@ -255,3 +255,121 @@ def _holder(raw: bytes) -> str:
     """The `host:pid` a held lock file names, as one printable line (others may write it)."""
     lines = raw.decode(errors="replace").strip().splitlines()
     return "".join(c for c in lines[0] if c.isprintable()) if lines else ""
+
+
+def tree_lock_path(state_dir: Path, path: str) -> Path:
+    """`<state_dir>/locks/tree-<BLAKE2b-128 of the logical path>.lock`: the lock that keeps
+    the stages of datasets nested in one another apart (`lock_nested`)."""
+    digest = hashlib.blake2b(path.encode(), digest_size=16).hexdigest()
+    return state_dir / "locks" / f"tree-{digest}.lock"
+
+
+def _above(dataset: str) -> list[str]:
+    """The logical paths above `dataset`, outermost first (`/proj`, `/proj/ds` for
+    `/proj/ds/sub`)."""
+    parts = dataset.strip("/").split("/")
+    return ["/" + "/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+async def take_nested(state_dir: Path, dataset: str) -> list[int]:
+    """`lock_nested` on a thread of its own, as `take_lock`; a cancel stops its wait."""
+    stop = threading.Event()
+    taking = _in_own_thread(lambda: lock_nested(state_dir, dataset, stop))
+    try:
+        return await asyncio.shield(taking)
+    except asyncio.CancelledError:
+        stop.set()
+        taking.add_done_callback(_close_all_taken)
+        raise
+
+
+def _close_all_taken(taking: asyncio.Future[list[int]]) -> None:
+    if taking.cancelled() or taking.exception() is not None:
+        return
+    for fd in taking.result():
+        os.close(fd)
+
+
+def lock_nested(state_dir: Path, dataset: str, stop: threading.Event | None = None) -> list[int]:
+    """Keep this host's stages of datasets nested in one another apart (`/proj/ds` and
+    `/proj/ds/sub` share a tree: run together, their writes interleave and leave the tree
+    part one version, part another, though each records its own as complete). A stage
+    holds the tree lock (`tree_lock_path`) of every path above its dataset shared and its
+    dataset's own exclusively, taken in that order, outermost first, each without
+    blocking: a stage of a dataset above holds its own exclusively, one below holds this
+    one's shared. Whichever it finds holding one, it waits for (every `_READER_POLL`
+    seconds, with a warning) until the lock is free, or `stop` is set (`Conflict`): the
+    daemon's queue waits so too, and a job's staging hook must not fail because another
+    job stages a dataset nested with its own. The descriptors are returned, to close when
+    the stage ends (the kernel drops the locks with the process). Siblings share the
+    paths above them only shared, and do not wait for each other.
+
+    Lock files that cannot be made, opened or locked (a state directory on a file system
+    without `flock`) are left out, after a warning, as `lock_dataset` does."""
+    held: list[int] = []
+    try:
+        for path, exclusive in [*((p, False) for p in _above(dataset)), (dataset, True)]:
+            fd = _tree_lock(state_dir, path, dataset, exclusive, stop)
+            if fd is not None:
+                held.append(fd)
+    except BaseException:
+        for fd in held:
+            os.close(fd)
+        raise
+    return held
+
+
+def _tree_lock(
+    state_dir: Path, path: str, dataset: str, exclusive: bool, stop: threading.Event | None
+) -> int | None:
+    """One tree lock of `lock_nested`: `path`'s, exclusive for `dataset`'s own."""
+    lock = tree_lock_path(state_dir, path)
+    try:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT | _FLAGS, 0o666)
+        except PermissionError as refused:
+            try:
+                fd = os.open(lock, os.O_RDONLY | _FLAGS)
+            except FileNotFoundError:
+                raise refused from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise _lock_error(dataset, lock, None)
+    except OSError as exc:
+        raise _lock_error(dataset, lock, exc) from None
+    mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
+    # Only a stage of `path` holds its lock exclusively; only stages below it, shared.
+    what = (
+        f"a stage of a dataset below {dataset!r} is running"
+        if exclusive
+        else f"a stage of {path!r}, above {dataset!r}, is running"
+    )
+    warned = False
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                pass
+            if not warned:
+                log.warning("%s; the stage waits for it to end", what)
+                warned = True
+            if stop is None:
+                time.sleep(_READER_POLL)
+            elif stop.wait(_READER_POLL):
+                raise Conflict(f"{what}; stage {dataset!r} after it ends")
+    except OSError as exc:
+        os.close(fd)
+        log.warning(
+            "stages of datasets nested with %s are not kept apart on this host: %s cannot "
+            "be locked (%s)",
+            dataset,
+            lock,
+            exc.strerror or exc,
+        )
+        return None
+    except BaseException:
+        os.close(fd)
+        raise

@@ -54,7 +54,7 @@ from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
 from datamover.transfer import fsops, procpool, writers
 from datamover.transfer.fetch import Fetcher, Range, decode_ranges, plan_ranges
-from datamover.transfer.locks import take_lock
+from datamover.transfer.locks import take_lock, take_nested
 from datamover.transfer.pins import check_nested_pins, check_pins, overwritten_below
 from datamover.transfer.plan import Op, StagePlanner, children_first
 from datamover.transfer.progress import NoProgress, Progress
@@ -935,13 +935,21 @@ async def stage(
     read (`pins.check_nested_pins`). `force` overrides every pin; `"tenant"` only those of
     `pin`'s tenant (a token without `admin` scope cannot change the files under another
     tenant's jobs, as it cannot release their pins). Waits for pushes and verifies of it on
-    this host to end."""
+    this host to end, and for stages of datasets above or below it (`locks.take_nested`)."""
     started = time.monotonic()
     dataset = check_logical_path(logical)
     lock = await take_lock(site.state_dir, dataset)
     try:
+        nested = await take_nested(site.state_dir, dataset)
+    except BaseException:
+        if lock is not None:
+            os.close(lock)
+        raise
+    try:
         return await _stage(site, dataset, version, delete, checksum, progress, started, pin, force)
     finally:
+        for fd in nested:
+            os.close(fd)
         if lock is not None:
             os.close(lock)
 
