@@ -51,6 +51,15 @@ class Conflict(DatamoverError):
     exit_code = 4
 
 
+class Busy(Conflict):
+    """Another process runs a push or stage of the dataset (or holds the claim of one that
+    died where its death cannot be seen from here): a daemon tries the transfer again
+    after a backoff rather than failing it, since the holder ends, or its claim goes stale;
+    the CLI exits 4, as for any conflict."""
+
+    retryable = True
+
+
 class Pinned(Conflict):
     """Jobs' pins hold the replica (or one nested with it) at another version: a stage would
     change files they are reading. Waiting for their release mends it (or `--force`)."""

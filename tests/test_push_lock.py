@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
 from datamover.catalog.access import Access
-from datamover.catalog.transfer_rows import Submission
+from datamover.catalog.queue_sql import T
+from datamover.catalog.transfer_rows import Submission, now
 from datamover.catalog.transfers import Transfers
 from datamover.domain.manifest import Entry
 from datamover.errors import Conflict, DatamoverError, NotFound
@@ -140,9 +142,10 @@ async def test_a_stage_while_a_push_walks_waits_for_it(
         await site_a.close()
 
 
-async def test_a_daemon_push_that_meets_a_stage_fails_with_the_conflict(
+async def test_a_daemon_push_that_meets_a_stage_is_tried_again_after_it(
     make_site: MakeSite,
 ) -> None:
+    # It failed at once, for good; the stage (a job's, run --local) soon ends.
     a = await _pushed(make_site)
     site = await a.open()
     try:
@@ -153,10 +156,14 @@ async def test_a_daemon_push_that_meets_a_stage_fails_with_the_conflict(
         with held_lock(dataset_lock(a, "/proj/ds"), fcntl.LOCK_EX, b"node7:4242"):
             assert await worker.run_once()
         row = await queue.get(t.id)
-        assert row.state == "failed" and row.attempts == 1, row
+        assert row.state == "queued" and row.attempts == 1, row
         assert row.error is not None
         assert (row.error["code"], row.error["message"]) == ("conflict", _RUNNING)
         assert await _keys(site) == before
+        async with site.catalog.engine.begin() as conn:  # its backoff over
+            await conn.execute(update(T).where(T.c.id == t.id).values(not_before=now()))
+        assert await worker.run_once()
+        assert (await queue.get(t.id)).state == "succeeded"
     finally:
         await site.close()
 

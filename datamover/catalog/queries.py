@@ -396,6 +396,18 @@ class Catalog:
             await conn.execute(stmt)
         return None if before is None else _replica_row(before)
 
+    async def touch_replica(self, dataset: str, owner: str) -> None:
+        """Note that `owner` is still staging `dataset` (its record's `updated_at`), so that
+        a stage silent for long is known to have died (`transfer.stage._base`)."""
+        table = Replica
+        stmt = (
+            update(table)
+            .where(table.c.dataset == dataset, table.c.owner == owner, table.c.state == "staging")
+            .values(updated_at=_now())
+        )
+        async with self.engine.begin() as conn:
+            await conn.execute(stmt)
+
     async def restore_replica(
         self, dataset: str, version: str, owner: str, before: ReplicaRow | None
     ) -> None:

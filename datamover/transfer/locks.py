@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from datamover.catalog.queries import owner_id
-from datamover.errors import Conflict, PermanentError
+from datamover.errors import Busy, Conflict, PermanentError
 
 T = TypeVar("T")
 
@@ -197,7 +197,7 @@ def _held(fd: int, dataset: str, reader: str | None) -> tuple[Conflict, bool]:
         holder = ""
     if reader is not None:
         running = f"a stage of {dataset!r} is running" + (f" ({holder})" if holder else "")
-        return Conflict(f"{running}; {reader} after it ends"), False
+        return Busy(f"{running}; {reader} after it ends"), False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:  # held exclusively: a stage
@@ -212,9 +212,9 @@ def _held(fd: int, dataset: str, reader: str | None) -> tuple[Conflict, bool]:
                 holder = _holder(os.pread(fd, 256, 0))
             except OSError:
                 break
-        return Conflict(f"{running} ({holder})" if holder else running), False
+        return Busy(f"{running} ({holder})" if holder else running), False
     except OSError:
-        return Conflict(f"a stage, push or verify of {dataset!r} is running"), False
+        return Busy(f"a stage, push or verify of {dataset!r} is running"), False
     with contextlib.suppress(OSError):
         fcntl.flock(fd, fcntl.LOCK_UN)  # the probe's shared lock must not keep a stage out
     return Conflict(f"a push or verify of {dataset!r} is running; stage after it ends"), True

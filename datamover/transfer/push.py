@@ -29,7 +29,7 @@ from datamover.chunking.chunker import ChunkerParams
 from datamover.domain.ids import new_version_id
 from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.domain.paths import check_logical_path, sort_key
-from datamover.errors import Conflict, Corrupt, InvalidInput
+from datamover.errors import Busy, Conflict, Corrupt, InvalidInput
 from datamover.repo.layout import VersionDoc, check_key_length
 from datamover.repo.manifest import SegmentRef, encode_list
 from datamover.repo.repository import Repository, utc_now
@@ -155,7 +155,7 @@ async def _resumable_segments(
     if found is None:
         return None, []
     if found.owner != owner_id() and _holder_alive(found, datetime.now(UTC)):
-        raise Conflict(f"a push of {dataset!r} is already running ({found.owner})")
+        raise Busy(f"a push of {dataset!r} is already running ({found.owner})")
     segments = await site.catalog.checkpoint_segments(dataset)
     if segments and not await site.repo.all_stored(segments):
         log.warning("push of %s: an interrupted run's objects are gone; starting over", dataset)

@@ -29,12 +29,12 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,7 +43,7 @@ from datamover.config import TransferSettings
 from datamover.domain.manifest import ChunkRef, Entry, Kind, without_setid
 from datamover.domain.paths import MAX_LINK_TARGET, check_logical_path, printable
 from datamover.errors import (
-    Conflict,
+    Busy,
     Corrupt,
     DatamoverError,
     InvalidInput,
@@ -84,6 +84,12 @@ _KEEP_CHECKED = 1 << 15
 _KEEP_STORED = 4 << 20
 
 log = logging.getLogger(__name__)
+
+#: A stage touches its replica record this often; one of another host or PID namespace
+#: (whose death cannot be seen from here) silent for `_STALE_AFTER` is taken over, as a
+#: push's checkpoint is (the window also absorbs clocks minutes apart).
+_TOUCH_EVERY = 60.0
+_STALE_AFTER = timedelta(minutes=15)
 
 #: A file to fetch: its entry, and the `(inode, size, mtime)` the walk saw of the local file
 #: it replaces (`plan.Action.replaces`), or None.
@@ -1005,7 +1011,8 @@ async def _stage(
                 procs,
                 checked,
             )
-            result = await stager.run()
+            async with _touching(site, dataset, me):
+                result = await stager.run()
         except BaseException:
             untouched = stager is None or stager.untouched
             try:
@@ -1019,6 +1026,37 @@ async def _stage(
     result.downloaded_bytes += site.repo.fetched_bytes - fetched_before
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+@contextlib.asynccontextmanager
+async def _touching(site: Site, dataset: str, me: str) -> AsyncIterator[None]:
+    """Touch this stage's replica record every `_TOUCH_EVERY` seconds while the body runs
+    (`_silent`); a failed touch is logged and the stage goes on."""
+
+    async def touch() -> None:
+        while True:
+            await asyncio.sleep(_TOUCH_EVERY)
+            try:
+                await site.catalog.touch_replica(dataset, me)
+            except Exception as exc:  # the stage itself reports a catalog that stays down
+                log.warning("stage of %s: could not touch its record: %s", dataset, exc)
+
+    task = asyncio.create_task(touch())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+def _silent(replica: ReplicaRow) -> bool:
+    """Whether the stage of `replica` (`staging`) has not touched it for `_STALE_AFTER`."""
+    touched = replica.updated_at
+    if touched is None:
+        return True
+    if touched.tzinfo is None:  # SQLite keeps UTC without a zone
+        touched = touched.replace(tzinfo=UTC)
+    return datetime.now(UTC) - touched > _STALE_AFTER
 
 
 async def _record_failure(
@@ -1047,7 +1085,9 @@ async def _base(
     """The version this site last completed at `root` and its segments: the base of the
     three-way merge (None when unknown); and the segments of the version a stage since then
     was bringing the tree to when it stopped, if any (it may have written some of its
-    files). Raises `Conflict` if a live stage holds the dataset."""
+    files). Raises `Busy` if a live stage holds the dataset: one whose owner is not known
+    dead (`owner_alive`: on this host and PID namespace) and which touched its record
+    within `_STALE_AFTER` (one of another host or namespace that died is taken over then)."""
     replica = await site.catalog.replica(doc.dataset)
     if (
         replica is not None
@@ -1055,7 +1095,14 @@ async def _base(
         and replica.owner not in (None, me)
         and owner_alive(replica.owner)
     ):
-        raise Conflict(f"a stage of {doc.dataset!r} is already running ({replica.owner})")
+        if not _silent(replica):
+            raise Busy(f"a stage of {doc.dataset!r} is already running ({replica.owner})")
+        log.warning(
+            "the stage of %s by %s has not touched its record since %s; taking it over",
+            doc.dataset,
+            replica.owner,
+            replica.updated_at,
+        )
     if replica is None or replica.root != str(root):
         return None, None, None
     base_version = replica.base_version

@@ -1,0 +1,114 @@
+"""A daemon's transfer that finds the dataset held by a push or stage of another process is
+tried again after a backoff, not failed: the holder ends, or, dead where its death cannot
+be seen from here (another host, another PID namespace), its claim goes stale and is taken
+over. Each test here once failed on the code before its fix: the run failed for good."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import update
+
+from datamover.catalog.access import Access
+from datamover.catalog.models import Replica
+from datamover.catalog.queue_sql import T
+from datamover.catalog.transfer_rows import Submission, now
+from datamover.catalog.transfers import Transfers
+from datamover.domain.transfers import State
+from datamover.metrics import Metrics
+from datamover.scheduler.worker import Worker
+from tests.fixtures_sites import MakeSite
+from tests.treegen import make_tree
+
+#: A process this host cannot check: PID 1 of another PID namespace.
+_ELSEWHERE = f"{socket.gethostname()}:1@effff123"
+
+
+def _sub(path: str, **kw: Any) -> Submission:
+    return Submission(tenant="t1", kind=kw.pop("kind", "stage"), path=path, **kw)
+
+
+async def test_a_push_held_by_a_process_elsewhere_is_tried_again(make_site: MakeSite) -> None:
+    env = await make_site("site-a")
+    make_tree(env.data / "x", files=2)
+    site = await env.open()
+    queue = Transfers(site.catalog.engine, max_attempts=5)
+    try:
+        t, _ = await queue.submit(_sub("/proj/x", kind="push"))
+        # What a daemon killed on another host left: its lapsed claim of the transfer
+        # and its claim of the push (touched less than 15 minutes ago).
+        assert await queue.claim("otherhost:4242/w0", 30) is not None
+        await site.catalog.start_checkpoint("/proj/x", None, "otherhost:4242", False)
+        async with site.catalog.engine.begin() as conn:
+            await conn.execute(
+                update(T).where(T.c.id == t.id).values(lease_expires=now() - timedelta(seconds=1))
+            )
+        assert await queue.requeue_expired() == 1
+        worker = Worker(site, queue, Access(site.catalog.engine), "thishost:1/w0", Metrics("s"))
+        assert await worker.run_once()
+        row = await queue.get(t.id)
+        assert row.state == State.QUEUED and row.error["code"] == "conflict", row
+        assert "already running (otherhost:4242)" in row.error["message"]
+    finally:
+        await site.close()
+
+
+async def test_a_stage_record_of_a_process_elsewhere_is_waited_for_then_taken_over(
+    make_site: MakeSite,
+) -> None:
+    env = await make_site("site-a")
+    make_tree(env.data / "x", files=2)
+    site = await env.open()
+    queue = Transfers(site.catalog.engine, max_attempts=5)
+    worker = Worker(site, queue, Access(site.catalog.engine), "thishost:1/w0", Metrics("s"))
+    try:
+        p, _ = await queue.submit(_sub("/proj/x", kind="push"))
+        assert await worker.run_once()
+        version = (await queue.get(p.id)).result["version"]
+        root = str(site.config.namespace.resolve("/proj/x"))
+        await site.catalog.begin_replica("/proj/x", root, version, version, _ELSEWHERE)
+        t, _ = await queue.submit(_sub("/proj/x"))
+        assert await worker.run_once()
+        row = await queue.get(t.id)
+        # Touched just now: it may be running; tried again later, not failed.
+        assert row.state == State.QUEUED and row.error["code"] == "conflict", row
+        # Silent for 16 minutes: its stage died; the next run takes it over.
+        async with site.catalog.engine.begin() as conn:
+            await conn.execute(
+                update(Replica)
+                .where(Replica.c.dataset == "/proj/x")
+                .values(updated_at=now() - timedelta(minutes=16))
+            )
+        async with site.catalog.engine.begin() as conn:
+            await conn.execute(update(T).where(T.c.id == t.id).values(not_before=now()))
+        assert await worker.run_once()
+        row = await queue.get(t.id)
+        assert row.state == State.SUCCEEDED, row
+        assert (await site.catalog.replica("/proj/x")).state == "ready"
+    finally:
+        await site.close()
+
+
+async def test_a_running_stage_keeps_its_record_touched(make_site: MakeSite) -> None:
+    from datamover.transfer import stage as stage_module
+
+    env = await make_site("site-a")
+    make_tree(env.data / "x", files=2)
+    site = await env.open()
+    try:
+        await site.catalog.begin_replica("/proj/x", "/r", "v1", None, "me:1")
+        async with site.catalog.engine.begin() as conn:
+            await conn.execute(update(Replica).values(updated_at=now() - timedelta(minutes=30)))
+        stage_module._TOUCH_EVERY, before = 0.05, stage_module._TOUCH_EVERY
+        try:
+            async with stage_module._touching(site, "/proj/x", "me:1"):
+                await asyncio.sleep(0.3)
+        finally:
+            stage_module._TOUCH_EVERY = before
+        record = await site.catalog.replica("/proj/x")
+        assert record is not None and not stage_module._silent(record)
+    finally:
+        await site.close()
