@@ -466,12 +466,12 @@ def rebuild(read_data: bool, config_path: str | None, as_json: bool) -> None:
 def _catalog_call(url: str, call: Callable[[], T]) -> T:
     from sqlalchemy.exc import SQLAlchemyError
 
-    from datamover.catalog.engine import cannot_open
+    from datamover.catalog.engine import cannot_open, describe_url
 
     try:
         return call()
     except (SQLAlchemyError, OSError) as exc:
-        raise cannot_open("catalog cannot be upgraded", exc) from None
+        raise cannot_open(f"catalog {describe_url(url)} cannot be upgraded", exc) from None
 
 
 @cli.command()

@@ -152,8 +152,19 @@ class DaemonClient:
             port = parts.port
         except ValueError as exc:
             raise InvalidInput(f"[api] url {base_url!r} is not a URL: {exc}") from None
+        if parts.username is not None or parts.password is not None:
+            # Not shown: it may hold a password, and the line goes to logs and job records.
+            shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+            raise InvalidInput(
+                f"[api] url {shown!r} must not carry a user or password (the daemon takes a "
+                "bearer token: DATAMOVER_TOKEN or [api] token_file)"
+            )
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise InvalidInput(f"[api] url {base_url!r}: expected http://HOST[:PORT][/PREFIX]")
+        if any(c.isspace() or not c.isprintable() for c in base_url):
+            # http.client refuses such a URL on every try; it was "unreachable" (exit 6),
+            # which a job's prolog retried for an hour.
+            raise InvalidInput(f"[api] url {base_url!r} holds a space or a control character")
         if parts.query or parts.fragment:
             raise InvalidInput(f"[api] url {base_url!r} must not carry a query or a fragment")
         self._https = parts.scheme == "https"

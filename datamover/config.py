@@ -107,6 +107,7 @@ class StoreSettings:
     region: str = "us-east-1"
     access_key: str = ""
     secret_key: str = ""
+    session_token: str = ""  # temporary credentials' token (with access_key, secret_key)
     max_connections: int = 64
     retry_attempts: int = 5
     connect_timeout: float = 5.0
@@ -497,10 +498,14 @@ def parse_config(
         raise required("store", "bucket")
     if store.endpoint:
         check_endpoint(store.endpoint, origin("store", "endpoint"))
-    for key, fallback in (
-        ("access_key", "AWS_ACCESS_KEY_ID"),
-        ("secret_key", "AWS_SECRET_ACCESS_KEY"),
-    ):
+    # The session token goes with the key it was issued for: taken from AWS_SESSION_TOKEN
+    # only with a key taken from the environment (temporary credentials exported by `aws sts
+    # assume-role`, a CI step); botocore, given the pair, reads no token itself.
+    env_key = not store.access_key and bool(env.get("AWS_ACCESS_KEY_ID"))
+    fallbacks = [("access_key", "AWS_ACCESS_KEY_ID"), ("secret_key", "AWS_SECRET_ACCESS_KEY")]
+    if env_key:
+        fallbacks.append(("session_token", "AWS_SESSION_TOKEN"))
+    for key, fallback in fallbacks:
         if getattr(store, key):
             check_key_setting(getattr(store, key), origin("store", key))
         elif env.get(fallback):

@@ -55,6 +55,7 @@ def make_store(config: Config, on_retry: Callable[[str], None] | None = None) ->
         s.region,
         s.access_key or None,
         s.secret_key or None,
+        session_token=s.session_token or None,
         max_connections=s.max_connections,
         # Packs (tens of MiB) go up in one PUT each, several at once; parts would only add
         # copies and requests. Larger objects still use multipart.

@@ -131,11 +131,17 @@ async def test_one_connection_survives_a_daemon_restart(served_site: StartSite) 
         ("http://", "expected http://HOST"),
         ("http://127.0.0.1:99999", "is not a URL"),
         ("http://127.0.0.1:1/?x=1", "query"),
+        # Before: these were "unreachable" (exit 6), retried by a job's prolog for an hour.
+        ("http://a b:1", "space or a control character"),
+        ("http://a\tb:1", "space or a control character"),
+        # Before: the password was printed in every "unreachable" line.
+        ("http://ops:s3cret@127.0.0.1:1", "must not carry a user or password"),
     ],
 )
 def test_a_malformed_url_is_named(url: str, says: str) -> None:
-    with pytest.raises(InvalidInput, match=says):
+    with pytest.raises(InvalidInput, match=says) as refused:
         DaemonClient(url, None)
+    assert "s3cret" not in str(refused.value)
 
 
 async def test_a_malformed_url_is_one_line_from_the_cli(make_site: MakeSite) -> None:

@@ -259,6 +259,11 @@ def _wal(cursor: Any) -> None:
         await_only(asyncio.sleep(0.01))
 
 
+def describe_url(url: str | URL) -> str:
+    """`_describe`, for messages outside this module."""
+    return _describe(url)
+
+
 def _describe(url: str | URL) -> str:
     """The catalog `url` for messages: as configured, without its password, and without the
     async driver `create_engine_for` adds (`sqlite+aiosqlite://` is `sqlite://`). A URL

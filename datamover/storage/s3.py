@@ -149,6 +149,7 @@ class S3Store:
         access_key: str | None = None,
         secret_key: str | None = None,
         *,
+        session_token: str | None = None,
         max_connections: int = 64,
         multipart_threshold: int = 16 * MiB,
         multipart_chunk: int = 8 * MiB,
@@ -169,6 +170,7 @@ class S3Store:
             check_endpoint(endpoint, "S3 endpoint")
         check_key_setting(access_key or "", "S3 access key")
         check_key_setting(secret_key or "", "S3 secret key")
+        check_key_setting(session_token or "", "S3 session token")
         if multipart_chunk < MIN_PART:
             raise InvalidInput(
                 f"multipart_chunk {multipart_chunk} is below S3's minimum {MIN_PART}"
@@ -182,6 +184,7 @@ class S3Store:
         self.description = f"s3://{bucket} at {self.where}"
         self._access_key = access_key
         self._secret_key = secret_key
+        self._session_token = session_token
         self._threshold = multipart_threshold
         self._chunk = multipart_chunk
         self._part_concurrency = multipart_concurrency
@@ -397,6 +400,7 @@ class S3Store:
                                 region_name=self.region,
                                 aws_access_key_id=self._access_key,
                                 aws_secret_access_key=self._secret_key,
+                                aws_session_token=self._session_token,
                                 config=self._config,
                                 verify=_verify(self.endpoint),
                             )
