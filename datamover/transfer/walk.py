@@ -249,27 +249,31 @@ class Walker:
             with os.scandir(fd) as it:
                 # The type is read only where it is used: where a file system leaves it
                 # unknown in the listing, each `is_*` is an `lstat` of its own.
-                listing = sorted(map(_typed if self.strict or not self.stat_files else _named, it))
+                if self.strict or not self.stat_files:
+                    names, kinds = _typed(it)
+                else:
+                    names, kinds = sorted(e.name for e in it), None
             if self.strict:
-                _check_names(rel, listing)
+                _check_names(rel, names, kinds or {})
         except BaseException:
             self._relock(rel, fd)
             os.close(fd)
             raise
-        self._stack.append((self._entries(rel, fd, listing, unlock), fd, rel))
+        self._stack.append((self._entries(rel, fd, names, kinds, unlock), fd, rel))
 
-    def _entries(self, rel: str, fd: int, listing: list[str], unlock: bool) -> Iterator[LocalEntry]:
-        """The entries of directory `rel` (open as `fd`) from its `listing` (`_typed`),
-        which it empties as it goes: each `lstat` result lives only until its entry is
-        yielded."""
+    def _entries(
+        self, rel: str, fd: int, names: list[str], kinds: dict[str, str] | None, unlock: bool
+    ) -> Iterator[LocalEntry]:
+        """The entries of directory `rel` (open as `fd`) from its sorted `names` and the
+        `kinds` of those that are not regular files (`_typed`; None: not read), which it
+        empties as it goes: each `lstat` result lives only until its entry is yielded."""
         prefix = rel + "/" if rel else ""
-        listing.reverse()
-        while listing:
-            typed = listing.pop()
-            name = typed[:-2]
+        names.reverse()
+        while names:
+            name = names.pop()
             if PARTIAL_RE.match(name) and self.strict:
                 continue
-            if not self.stat_files and typed[-1] == _FILE:
+            if kinds is not None and not self.stat_files and name not in kinds:
                 yield LocalEntry(prefix + name, Kind.FILE, UNKNOWN, UNKNOWN, UNKNOWN, 0)
                 continue
             try:
@@ -378,49 +382,39 @@ def _vanished(path: str) -> Conflict:
     )
 
 
-#: The type a listing keeps with each name (`_typed`): from the directory entry, with no
-#: `lstat` unless the file system leaves it unknown. `_OTHER`: a socket, FIFO or device, or
-#: an entry gone before its type could be read.
-_FILE, _DIR, _LINK, _OTHER = "f", "d", "l", "s"
-_UNREAD = "?"  # not read (`_named`)
+#: The kind a listing keeps of a name that is not a regular file (`_typed`): from the
+#: directory entry, with no `lstat` unless the file system leaves it unknown. `_OTHER`: a
+#: socket, FIFO or device, or an entry gone before its kind could be read.
+_DIR, _LINK, _OTHER = "d", "l", "s"
 
 
-def _typed(item: os.DirEntry[str]) -> str:
-    """`item`'s name, a NUL and its type code, one string: a listing of a million names
-    holds a million short strings, not a million `DirEntry` objects (each with its `lstat`
-    result, once looked at). Sorting these sorts by name: no name holds a NUL, so a name
-    sorts before every longer name it begins, as it does alone."""
-    try:
-        if item.is_file(follow_symlinks=False):
-            code = _FILE
-        elif item.is_dir(follow_symlinks=False):
-            code = _DIR
-        elif item.is_symlink():
-            code = _LINK
-        else:
-            code = _OTHER
-    except OSError:
-        code = _OTHER
-    return f"{item.name}\0{code}"
+def _typed(entries: Iterator[os.DirEntry[str]]) -> tuple[list[str], dict[str, str]]:
+    """The sorted names of a directory listing, and the kinds of those that are not regular
+    files. A listing of a million files holds a million short strings (and an empty dict),
+    not a million `DirEntry` objects, each with its `lstat` result once looked at."""
+    names: list[str] = []
+    kinds: dict[str, str] = {}
+    for item in entries:
+        name = item.name
+        names.append(name)
+        try:
+            if item.is_file(follow_symlinks=False):
+                continue
+            if item.is_dir(follow_symlinks=False):
+                kinds[name] = _DIR
+            elif item.is_symlink():
+                kinds[name] = _LINK
+            else:
+                kinds[name] = _OTHER
+        except OSError:
+            kinds[name] = _OTHER
+    names.sort()
+    return names, kinds
 
 
-def _named(item: os.DirEntry[str]) -> str:
-    """`_typed` without the type (`_UNREAD`), for a walk that looks at every entry with
-    `lstat` anyway and checks no names."""
-    return f"{item.name}\0{_UNREAD}"
-
-
-def _listed(listing: list[str], name: str) -> str | None:
-    """The type code of `name` in sorted `listing` (`_typed`), or None if it is not there."""
-    i = bisect.bisect_left(listing, name + "\0")
-    if i < len(listing) and listing[i][:-2] == name:
-        return listing[i][-1]
-    return None
-
-
-def _check_names(rel: str, listing: list[str]) -> None:
+def _check_names(rel: str, names: list[str], kinds: dict[str, str]) -> None:
     """Refuse a name a version cannot hold (`check_name`) or two that collide under Unicode
-    normalisation, among the entries of sorted `listing` (`_typed`) a strict walk yields: a
+    normalisation, among the sorted `names` a strict walk yields (`kinds`: `_typed`'s): a
     socket, FIFO or device is skipped whatever its name.
 
     Two distinct names collide only if one of them is not in NFC form (two NFC names that
@@ -429,8 +423,8 @@ def _check_names(rel: str, listing: list[str]) -> None:
     """
     where = rel or "."
     odd: dict[str, str] = {}  # NFC form -> the name not in NFC form that had it
-    for typed in listing:
-        name, special = typed[:-2], typed[-1] == _OTHER
+    for name in names:
+        special = kinds.get(name) == _OTHER
         if PARTIAL_RE.match(name):
             continue
         try:
@@ -446,8 +440,9 @@ def _check_names(rel: str, listing: list[str]) -> None:
             continue  # a name not in NFC form that collides with it finds it
         other = odd.get(folded)
         if other is None and not PARTIAL_RE.match(folded):
-            code = _listed(listing, folded)
-            other = folded if code is not None and code != _OTHER else None
+            i = bisect.bisect_left(names, folded)
+            found = i < len(names) and names[i] == folded and kinds.get(folded) != _OTHER
+            other = folded if found else None
         if other is not None:
             first, second = sorted((other, name))
             raise InvalidInput(
