@@ -5,6 +5,9 @@ While a transfer runs, a heartbeat renews its lease and records progress every
 is abandoned without touching the transfer; if a cancel was requested, the run is stopped
 and the transfer cancelled; if the worker is draining (SIGTERM), the run is stopped and the
 transfer goes back to the queue, to resume from its checkpoint elsewhere or after restart.
+A run stopped for a cancel or because the catalog did not renew its lease in time keeps its
+lease renewed until it is over (its cleanup can take a while), so no second run of it
+starts meanwhile, as long as the catalog answers again before the lease lapses.
 
 Transient failures are retried with backoff up to `max_attempts`; anything else fails the
 transfer at once with its reason and the files concerned.
@@ -373,7 +376,12 @@ class Worker:
         cancel is requested, or when the catalog has not renewed it (failing or hanging) by
         one interval before it lapses: another worker could then take the transfer, and two
         runs on one tree must not happen. `claimed` is when the claim was asked for (its
-        lease counts from then, however late the answer came); default now."""
+        lease counts from then, however late the answer came); default now.
+
+        A run stopped for a cancel or a lapsing lease does not end at once (a stage waits
+        for its writer processes' current batches and puts directory modes back): the lease
+        is renewed until it has (`_renew_until_over`), so that no other run of the transfer
+        can start on the same tree meanwhile while the catalog answers."""
         interval = self._interval
         deadline = (time.monotonic() if claimed is None else claimed) + self.lease - interval
         while not runner.done():
@@ -391,8 +399,9 @@ class Worker:
             except Exception as exc:  # failed, or still waiting on a locked catalog
                 log.warning("heartbeat failed: %s", exc)
                 if time.monotonic() >= deadline:
-                    self._stop.reason = "lapsed"
+                    self._stop.reason = self._stop.reason or "lapsed"
                     runner.cancel()
+                    await self._renew_until_over(row, progress, runner, (call, sent))
                     return
                 continue
             deadline = sent + self.lease - interval
@@ -404,12 +413,57 @@ class Worker:
             if cancel:
                 self._stop.reason = "cancel"
                 runner.cancel()
+                await self._renew_until_over(row, progress, runner)
                 return
+
+    async def _renew_until_over(
+        self,
+        row: TransferRow,
+        progress: TransferProgress,
+        runner: asyncio.Task[Any],
+        pending: tuple[asyncio.Future[Any], float] | None = None,
+    ) -> None:
+        """Renew the lease of a run just stopped (`runner` cancelled) until that run is over:
+        every `interval` s, one call at a time (`pending`, a call still under way and when
+        it was sent, is waited for first: a hanging catalog does not pile them up). Each
+        renewal moves `_lease_until` (counted from when its call was sent), which tells
+        `_stopped` whether the lease is held again. Stops at the first answer saying the
+        transfer is no longer this worker's."""
+        while not runner.done():
+            if pending is None:
+                call = asyncio.ensure_future(
+                    self.transfers.heartbeat(row.id, self.owner, self.lease, **progress.fields())
+                )
+                call.add_done_callback(_consume)
+                pending = (call, time.monotonic())
+            call, sent = pending
+            await asyncio.wait({call, runner}, return_when=asyncio.FIRST_COMPLETED)
+            if not call.done():
+                return  # the run is over; the call finishes on its own (`_consume`)
+            try:
+                ours, _ = call.result()
+            except Exception as exc:
+                log.warning("heartbeat failed while the stopped run ends: %s", exc)
+            else:
+                if not ours:
+                    return
+                self._lease_until = sent + self.lease
+            pending = None
+            await asyncio.wait({runner}, timeout=self._interval)
 
     async def _stopped(self, row: TransferRow, progress: TransferProgress) -> None:
         reason = self._stop.reason or "drain"
         if reason == "lost":
             log.warning("lease on %s was lost; another worker has it", row.id)
+            return
+        if reason == "lapsed" and self._lease_until - self._interval > time.monotonic():
+            # Renewed while the run ended (`_renew_until_over`): the catalog is back and the
+            # transfer still this worker's. Retried like a run the catalog's outage failed.
+            await self._failed(
+                row,
+                progress,
+                TransientError("stopped: its lease could not be renewed (catalog unavailable)"),
+            )
             return
         if reason == "lapsed":
             log.error(

@@ -1,0 +1,105 @@
+"""How a worker's run ends when it is stopped: the lease of a run stopped for a cancel or a
+lapsing lease is held until the run is over, and a `CancelledError` the worker did not
+cause is an internal error of the transfer, not the end of the worker loop (both engines)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from datamover.catalog.engine import open_engine
+from datamover.catalog.transfers import Transfers
+from datamover.metrics import Metrics
+from datamover.scheduler.worker import TransferProgress, Worker
+from tests.test_queue import _catalog_locked, sub
+
+
+@pytest.fixture
+async def queue(catalog_url: str) -> AsyncIterator[Transfers]:
+    engine = await open_engine(catalog_url)
+    yield Transfers(engine, max_attempts=3)
+    await engine.dispose()
+
+
+def _slow_to_stop(timeline: list[str], name: str, cleanup: float) -> Any:
+    """A stand-in for a transfer that runs until stopped, then takes `cleanup` s to end (a
+    stage waiting for its writer processes' batches), noting each step in `timeline`."""
+
+    async def run(row: Any, progress: TransferProgress) -> dict[str, Any]:
+        timeline.append(f"{name} start")
+        try:
+            await asyncio.sleep(100)
+        except asyncio.CancelledError:
+            timeline.append(f"{name} cancelled")
+            await asyncio.sleep(cleanup)
+            timeline.append(f"{name} over")
+            raise
+        return {"version": "v"}
+
+    return run
+
+
+async def test_a_run_stopped_for_a_lapsing_lease_holds_it_until_it_is_over(
+    queue: Transfers, catalog_url: str
+) -> None:
+    """Before: the heartbeat that stopped a run because the catalog did not renew its lease
+    returned at once; the stopped run's cleanup went on unrenewed, its lease lapsed, and
+    `requeue_expired` and a claim started a second run on the tree while the first still
+    wrote. Now it keeps renewing until the run is over: a catalog back meanwhile holds the
+    lease, and the transfer goes back in the queue (a retry) only once the run has ended."""
+    t, _ = await queue.submit(sub("/p/x"))
+    timeline: list[str] = []
+    w1 = Worker(None, queue, None, "h1:1/w0", Metrics("s"), lease=1.5)  # type: ignore[arg-type]
+    w2 = Worker(None, queue, None, "h2:1/w0", Metrics("s"), lease=30)  # type: ignore[arg-type]
+    w1._run = _slow_to_stop(timeline, "run1", cleanup=2.5)  # type: ignore[method-assign]
+    w2._run = _slow_to_stop(timeline, "run2", cleanup=0)  # type: ignore[method-assign]
+    started = time.monotonic()
+    one = asyncio.create_task(w1.run_once())
+    while "run1 start" not in timeline:
+        await asyncio.sleep(0.02)
+    async with _catalog_locked(catalog_url, t.id):  # no heartbeat gets through: stopped
+        while "run1 cancelled" not in timeline:
+            assert time.monotonic() - started < 1.5, timeline  # stopped before the lapse
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.2)
+    # The catalog answers again while run1 cleans up, past when its lease would lapse.
+    await asyncio.sleep(max(2.9 - (time.monotonic() - started), 0))
+    assert await queue.requeue_expired() == 0
+    assert not await w2.run_once()  # the path is still run1's
+    assert await one
+    assert timeline == ["run1 start", "run1 cancelled", "run1 over"]
+    row = await queue.get(t.id)
+    assert row.state == "queued" and row.attempts == 1, row  # retried like an outage
+    assert "lease could not be renewed" in (row.error or {}).get("message", ""), row.error
+
+
+async def test_a_run_stopped_by_a_cancel_holds_its_lease_until_it_is_over(
+    queue: Transfers,
+) -> None:
+    """Before: the heartbeat that stopped a run for a cancel returned at once; the run's
+    cleanup outlived the lease, `requeue_expired` ended the transfer, and a new transfer of
+    the same path was claimed and ran on the tree while the first still wrote to it."""
+    t, _ = await queue.submit(sub("/p/x"))
+    timeline: list[str] = []
+    w1 = Worker(None, queue, None, "h1:1/w0", Metrics("s"), lease=1.5)  # type: ignore[arg-type]
+    w2 = Worker(None, queue, None, "h2:1/w0", Metrics("s"), lease=30)  # type: ignore[arg-type]
+    w1._run = _slow_to_stop(timeline, "run1", cleanup=2.5)  # type: ignore[method-assign]
+    w2._run = _slow_to_stop(timeline, "run2", cleanup=0)  # type: ignore[method-assign]
+    started = time.monotonic()
+    one = asyncio.create_task(w1.run_once())
+    while "run1 start" not in timeline:
+        await asyncio.sleep(0.02)
+    await queue.cancel(t.id)
+    while "run1 cancelled" not in timeline:
+        await asyncio.sleep(0.02)
+    await queue.submit(sub("/p/x"))
+    await asyncio.sleep(max(2.5 - (time.monotonic() - started), 0))  # past the lease
+    assert await queue.requeue_expired() == 0
+    assert not await w2.run_once()  # the path is still run1's
+    assert await one
+    assert timeline == ["run1 start", "run1 cancelled", "run1 over"]
+    assert (await queue.get(t.id)).state == "cancelled"
