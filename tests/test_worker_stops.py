@@ -103,3 +103,63 @@ async def test_a_run_stopped_by_a_cancel_holds_its_lease_until_it_is_over(
     assert await one
     assert timeline == ["run1 start", "run1 cancelled", "run1 over"]
     assert (await queue.get(t.id)).state == "cancelled"
+
+
+async def test_a_cancelled_error_from_inside_a_run_fails_it_and_the_worker_goes_on(
+    queue: Transfers, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: a `CancelledError` the run raised itself (it awaited a future other code
+    cancelled) was taken for the worker being cancelled: the transfer went back in the queue
+    with its attempt uncounted, and the worker loop ended with no log line while the daemon
+    went on serving; the next worker to claim the transfer ended the same way. Now the run
+    fails as an internal error, with the traceback logged, and the worker runs the next."""
+    from datamover.scheduler.runner import run_loop
+
+    bad, _ = await queue.submit(sub("/p/x"))
+    good, _ = await queue.submit(sub("/p/y"))
+    worker = Worker(None, queue, None, "w1", Metrics("s"))  # type: ignore[arg-type]
+
+    async def run(row: Any, progress: TransferProgress) -> dict[str, Any]:
+        if row.id == bad.id:
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            return await future
+        return {"version": "v"}
+
+    worker._run = run  # type: ignore[method-assign]
+    stop = asyncio.Event()
+    loop = asyncio.create_task(run_loop("worker 0", worker.run_once, stop, idle=0.05))
+    try:
+        for _ in range(200):
+            if (await queue.get(good.id)).state == "succeeded" or loop.done():
+                break
+            await asyncio.sleep(0.05)
+        assert not loop.done()
+    finally:
+        stop.set()
+        await asyncio.gather(loop, return_exceptions=True)
+    failed = await queue.get(bad.id)
+    assert failed.state == "failed" and failed.attempts == 1, failed
+    assert failed.error and failed.error["message"].startswith("internal error"), failed.error
+    assert (await queue.get(good.id)).state == "succeeded"
+    logged = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
+    assert len(logged) == 1 and logged[0].exc_info, caplog.text
+
+
+async def test_a_worker_task_cancelled_from_outside_still_puts_its_transfer_back(
+    queue: Transfers,
+) -> None:
+    """Cancelling the worker's own task (a hard shutdown) still ends it, the transfer put
+    back in the queue with its attempt uncounted, as before."""
+    t, _ = await queue.submit(sub("/p/x"))
+    worker = Worker(None, queue, None, "w1", Metrics("s"))  # type: ignore[arg-type]
+    timeline: list[str] = []
+    worker._run = _slow_to_stop(timeline, "run", cleanup=0)  # type: ignore[method-assign]
+    one = asyncio.create_task(worker.run_once())
+    while "run start" not in timeline:
+        await asyncio.sleep(0.02)
+    one.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await one
+    row = await queue.get(t.id)
+    assert row.state == "queued" and row.attempts == 0, row

@@ -259,7 +259,18 @@ class Worker:
         beat = asyncio.create_task(self._heartbeat(row, progress, runner, claimed))
         try:
             result = await runner
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
+            this = asyncio.current_task()
+            if self._stop.reason is None and not (this and this.cancelling()):
+                # Not stopped by this worker nor by cancelling it: the run awaited something
+                # other code cancelled (a future, a concurrent.futures one of an executor shut
+                # down). A bug of the run, which ends it; the worker goes on.
+                log.error(
+                    "transfer %s failed unexpectedly (cancelled inside)", row.id, exc_info=exc
+                )
+                problem = "internal error: an operation it awaited was cancelled"
+                await self._failed(row, progress, DatamoverError(problem))
+                return
             await self._stopped(row, progress)
             if self._stop.reason is None:
                 raise  # cancelled from outside (daemon shutting down hard)
