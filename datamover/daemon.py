@@ -6,8 +6,10 @@ workers; transfers that ended more than `[api] history_days` ago are deleted as 
 (`scheduler.history`), and with `[api] reindex_minutes` the chunks of packs other sites
 stored are indexed that often (`scheduler.reindexing`). SIGTERM or SIGINT drains: the API
 stops, running transfers are stopped and returned to the queue (push and stage are
-resumable), and the process exits. Several processes may share a PostgreSQL catalog; on
-SQLite lock files, one in the state directory and one beside the database, keep it to one.
+resumable), and the process exits. A loop of the daemon (a worker, the metrics) that ends
+while it runs is one error line, and starts again (`runner.Loops`). Several processes may
+share a PostgreSQL catalog; on SQLite lock files, one in the state directory and one beside
+the database, keep it to one.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import logging
 import os
 import signal
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from aiohttp import web
@@ -34,12 +37,15 @@ from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings
 from datamover.scheduler.history import History
 from datamover.scheduler.reindexing import Reindexer
-from datamover.scheduler.runner import Doorbell, run_loop
+from datamover.scheduler.runner import Doorbell, Loops, run_loop
 from datamover.scheduler.worker import Worker
 from datamover.site import Site, make_state_dir
 from datamover.transfer import procpool
 
 log = logging.getLogger(__name__)
+
+#: Seconds after which a daemon loop that ended while the daemon runs is started again.
+LOOP_RESTART_SECONDS = 5.0
 
 
 def _single_process_lock(config: Config) -> list[int]:
@@ -188,35 +194,39 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
             await transfers.requeue_expired(on_ended=_count_ended(metrics))
             return False
 
-        tasks = [
-            asyncio.create_task(run_loop(f"worker {i}", w.run_once, stop, wake=wake))
-            for i, w in enumerate(workers)
-        ]
-        tasks.append(asyncio.create_task(run_loop("metrics", refresh, stop, idle=5.0)))
+        loops = Loops(stop, LOOP_RESTART_SECONDS)
+        for i, w in enumerate(workers):
+            loops.start(
+                f"worker {i}", partial(run_loop, f"worker {i}", w.run_once, stop, wake=wake)
+            )
+        loops.start("metrics", partial(run_loop, "metrics", refresh, stop, idle=5.0))
         if config.api.history_days > 0:  # 0: ended transfers are kept for ever
             history = History(transfers, config.api.history_days, metrics)
-            pruning = run_loop("history", history.run_once, stop, idle=history.every)
-            tasks.append(asyncio.create_task(pruning))
-        indexing = None
+            loops.start(
+                "history", partial(run_loop, "history", history.run_once, stop, idle=history.every)
+            )
         if config.api.reindex_minutes > 0:  # 0: only `datamover db rebuild` indexes packs
             reindexer = Reindexer(site, config.api.reindex_minutes, metrics)
-            runs = run_loop(  # it reads the store too: a bare connection error is no outage
-                "reindex", reindexer.run_once, stop, idle=reindexer.every, catalog_only=False
+            runs = partial(  # it reads the store too: a bare connection error is no outage
+                run_loop,
+                "reindex",
+                reindexer.run_once,
+                stop,
+                idle=reindexer.every,
+                catalog_only=False,
             )
-            indexing = asyncio.create_task(runs)
-            tasks.append(indexing)
+            loops.start("reindex", runs)
         warming = asyncio.create_task(_warm(site))
         if ready is not None:
             ready.set()
-        await stop.wait()
+        await loops.supervise()  # until stopped; a loop that ends meanwhile starts again
         log.info("draining: stopping running transfers so they resume later")
         endings.close()  # held long polls answer now
         warming.cancel()  # a store that never answered: its retries end here
-        if indexing is not None:
-            indexing.cancel()  # a first run over a big bucket takes long; the next resumes
+        loops.cancel("reindex")  # a first run over a big bucket takes long; the next resumes
         for w in workers:
             w.drain()
-        await asyncio.gather(*tasks, warming, return_exceptions=True)
+        await asyncio.gather(loops.wait(), warming, return_exceptions=True)
     finally:
         await runner.cleanup()
         await site.close()

@@ -86,14 +86,22 @@ async def run_loop(
     """Run `run_once` until `stop` is set; wait `idle` seconds (or until `wake` wakes this
     loop, as for a new submission) when it found nothing to do, and `backoff` seconds after
     an error, which is logged, never fatal: a catalog outage as one warning line, anything
-    else as an unexpected error with its traceback. `catalog_only`: `run_once` talks to
-    the catalog alone, so a bare connection error is the catalog's (`catalog_outage`)."""
+    else as an unexpected error with its traceback (a `CancelledError` too, unless this
+    loop's task is being cancelled, which ends it). `catalog_only`: `run_once` talks to the
+    catalog alone, so a bare connection error is the catalog's (`catalog_outage`)."""
     while not stop.is_set():
         try:
             worked = await run_once()
             delay = 0.0 if worked else idle
         except asyncio.CancelledError:
-            raise
+            if _cancelling():
+                raise
+            # Raised inside the step (it awaited a future other code cancelled), not this
+            # loop's task cancelled: a bug of the step, which must not end the loop.
+            delay = backoff
+            log.exception(
+                "%s: unexpected error (cancelled inside); retrying in %.0f s", name, backoff
+            )
         except Exception as exc:
             delay = backoff
             outage = _outage(exc, catalog_only)
@@ -105,6 +113,75 @@ async def run_loop(
             await wake.pause(stop, delay)
         elif delay:
             await _pause(stop, None, delay)
+
+
+def _cancelling() -> bool:
+    """Whether the running task is being cancelled (`Task.cancel`), as opposed to a
+    `CancelledError` merely raised through it."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+class Loops:
+    """The daemon's loops (`run_loop`s), kept running until `stop` is set: one that ends
+    otherwise (an error that escaped `run_loop`, a cancel that was not the daemon's) is
+    logged as an error naming it and started again `backoff` seconds later, so a daemon
+    that still answers its API never goes on with a worker (or the requeue of lapsed
+    leases) silently gone."""
+
+    def __init__(self, stop: asyncio.Event, backoff: float = 5.0) -> None:
+        self.stop = stop
+        self.backoff = backoff
+        self._made: dict[str, Callable[[], Awaitable[None]]] = {}
+        self._tasks: dict[str, asyncio.Future[None]] = {}
+
+    def start(self, name: str, make: Callable[[], Awaitable[None]]) -> None:
+        """Run the loop `make()` under `name` (one of each name)."""
+        self._made[name] = make
+        self._tasks[name] = asyncio.ensure_future(make())
+
+    def cancel(self, name: str) -> None:
+        """Cancel the loop `name` (after `stop` is set: it is not started again)."""
+        if name in self._tasks:
+            self._tasks[name].cancel()
+
+    async def supervise(self) -> None:
+        """Return once `stop` is set; until then start again each loop that ended."""
+        stopping = asyncio.ensure_future(self.stop.wait())
+        try:
+            while not self.stop.is_set():
+                running = set(self._tasks.values())
+                await asyncio.wait({stopping, *running}, return_when=asyncio.FIRST_COMPLETED)
+                if self.stop.is_set():
+                    return
+                for name, task in list(self._tasks.items()):
+                    if task.done():
+                        self._restart(name, task)
+        finally:
+            stopping.cancel()
+
+    def _restart(self, name: str, ended: asyncio.Future[None]) -> None:
+        exc = None if ended.cancelled() else ended.exception()
+        why = "was cancelled" if ended.cancelled() else "ended" if exc is None else "failed"
+        log.error(
+            "%s %s while the daemon runs; starting it again in %.0f s",
+            name,
+            why,
+            self.backoff,
+            exc_info=exc,
+        )
+        make = self._made[name]
+
+        async def later() -> None:
+            await _pause(self.stop, None, self.backoff)
+            if not self.stop.is_set():
+                await make()
+
+        self._tasks[name] = asyncio.ensure_future(later())
+
+    async def wait(self) -> None:
+        """Wait for every loop to end (after `stop`), whatever its outcome."""
+        await asyncio.gather(*self._tasks.values(), return_exceptions=True)
 
 
 def _outage(exc: Exception, catalog_only: bool = True) -> str | None:
