@@ -191,6 +191,9 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
         async def refresh() -> bool:
             metrics.set_queue(await transfers.depth())
             metrics.cache.labels(config.site.name).set(await site.catalog.replica_bytes())
+            return False
+
+        async def requeue() -> bool:  # a loop of its own: no failure of the metrics stops it
             await transfers.requeue_expired(on_ended=_count_ended(metrics))
             return False
 
@@ -199,6 +202,7 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
             loops.start(
                 f"worker {i}", partial(run_loop, f"worker {i}", w.run_once, stop, wake=wake)
             )
+        loops.start("requeue", partial(run_loop, "requeue", requeue, stop, idle=5.0))
         loops.start("metrics", partial(run_loop, "metrics", refresh, stop, idle=5.0))
         if config.api.history_days > 0:  # 0: ended transfers are kept for ever
             history = History(transfers, config.api.history_days, metrics)

@@ -10,10 +10,16 @@ import logging
 import os
 import signal
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
+from datamover.catalog.engine import open_engine
+from datamover.catalog.queue_sql import T
+from datamover.catalog.transfer_rows import Submission, now
+from datamover.catalog.transfers import Transfers
 from datamover.config import load_config
 from datamover.scheduler.runner import Loops, run_loop
 from tests.fixtures_daemon import free_port
@@ -157,3 +163,40 @@ async def test_the_daemon_restarts_a_worker_loop_that_ended(
             await asyncio.sleep(0.05)
     assert calls > 1
     assert "worker 0 failed while the daemon runs; starting it again" in caplog.text
+
+
+async def test_lapsed_leases_are_requeued_when_the_metrics_fail(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before: `requeue_expired` ran at the end of the metrics step, after the queue depth
+    and the replicas' size: while either failed, a transfer whose worker died was never
+    put back in the queue. It is a loop of its own now."""
+    from datamover.scheduler.worker import Worker
+
+    env = await make_site("site-a", api={"listen": f"127.0.0.1:{free_port()}", "workers": 1})
+    config = load_config(env.config_path)
+    engine = await open_engine(config.catalog_url)
+    queue = Transfers(engine, max_attempts=3)
+    try:
+        t, _ = await queue.submit(Submission(tenant="t1", kind="stage", path="/proj/x"))
+        await queue.claim("otherhost:4242/w0", 30)  # a daemon elsewhere, then gone
+        async with engine.begin() as conn:
+            lapsed = now() - timedelta(seconds=1)
+            await conn.execute(update(T).where(T.c.id == t.id).values(lease_expires=lapsed))
+
+        async def broken(self: Transfers) -> Any:
+            raise RuntimeError("a bug in the metrics")
+
+        async def claims_nothing(self: Worker) -> bool:  # this daemon leaves it queued
+            return False
+
+        monkeypatch.setattr(Transfers, "depth", broken)
+        monkeypatch.setattr(Worker, "run_once", claims_nothing)
+        async with _serving(env):
+            for _ in range(200):
+                if (await queue.get(t.id)).state == "queued":
+                    break
+                await asyncio.sleep(0.05)
+        assert (await queue.get(t.id)).state == "queued"
+    finally:
+        await engine.dispose()
