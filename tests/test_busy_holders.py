@@ -112,3 +112,29 @@ async def test_a_running_stage_keeps_its_record_touched(make_site: MakeSite) -> 
         assert record is not None and not stage_module._silent(record)
     finally:
         await site.close()
+
+
+async def test_a_held_dataset_is_waited_for_past_max_attempts(make_site: MakeSite) -> None:
+    # A holder that died elsewhere keeps its claim for 15 minutes: the runs of a busy
+    # transfer are not cut at `max_attempts`, whose backoff ends within a minute.
+    from datamover.scheduler.worker import BUSY_ATTEMPTS
+
+    env = await make_site("site-a")
+    make_tree(env.data / "x", files=2)
+    site = await env.open()
+    queue = Transfers(site.catalog.engine, max_attempts=2)
+    worker = Worker(site, queue, Access(site.catalog.engine), "thishost:1/w0", Metrics("s"))
+    try:
+        t, _ = await queue.submit(_sub("/proj/x", kind="push"))
+        await site.catalog.start_checkpoint("/proj/x", None, "otherhost:4242", False)
+        for attempt in range(1, BUSY_ATTEMPTS + 1):
+            assert await worker.run_once()
+            row = await queue.get(t.id)
+            assert row.attempts == attempt
+            if attempt < BUSY_ATTEMPTS:
+                assert row.state == State.QUEUED, row
+                async with site.catalog.engine.begin() as conn:
+                    await conn.execute(update(T).where(T.c.id == t.id).values(not_before=now()))
+        assert row.state == State.FAILED and row.error["code"] == "conflict", row
+    finally:
+        await site.close()

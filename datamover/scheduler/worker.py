@@ -43,7 +43,7 @@ from datamover.catalog.engine import catalog_outage, first_line, unreachable
 from datamover.catalog.transfer_rows import TransferRow, succeeded_values
 from datamover.catalog.transfers import Transfers
 from datamover.domain.transfers import Kind, State, retry_delay
-from datamover.errors import CatalogUnavailable, Conflict, DatamoverError, TransientError
+from datamover.errors import Busy, CatalogUnavailable, Conflict, DatamoverError, TransientError
 from datamover.logs import transfer_context
 from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings
@@ -51,6 +51,12 @@ from datamover.scheduler.satisfied import already_staged, answer_waiting
 from datamover.site import Site
 
 log = logging.getLogger(__name__)
+
+#: Runs a transfer gets that find its dataset held by another process (`Busy`), at least:
+#: with the backoff (2 s doubling to 5 minutes) about 23 minutes of waiting, past the 15
+#: minutes after which the claim of a holder that died where that cannot be seen (another
+#: host, another PID namespace) is taken over.
+BUSY_ATTEMPTS = 12
 
 
 class TransferProgress:
@@ -516,7 +522,10 @@ class Worker:
             "error_message": exc.message,
             "error_paths": json.dumps(exc.paths[:100]),
         }
-        retry = exc.retryable and row.attempts < self.transfers.max_attempts
+        tries = self.transfers.max_attempts
+        if isinstance(exc, Busy):
+            tries = max(tries, BUSY_ATTEMPTS)
+        retry = exc.retryable and row.attempts < tries
         delay = retry_delay(row.attempts)
         what = f"failed ({exc.message})"
         try:
