@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterable, Sequence
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 
 async def gather_or_cancel(checks: Sequence[Coroutine[Any, Any, T]]) -> list[T]:
@@ -34,3 +38,27 @@ async def drain(jobs: Iterable[Coroutine[Any, Any, object]], limit: int) -> None
             await job
 
     await gather_or_cancel([worker() for _ in range(max(1, limit))])
+
+
+@contextlib.asynccontextmanager
+async def every(
+    seconds: float, call: Callable[[], Awaitable[object]], what: str
+) -> AsyncIterator[None]:
+    """Await `call()` every `seconds` while the body runs (a claim's touch, so that others
+    see its holder alive); one that fails is logged as a warning naming `what`, and the
+    next goes on: the body itself reports a catalog that stays down."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await call()
+            except Exception as exc:
+                log.warning("%s: %s", what, exc)
+
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -82,6 +82,19 @@ def _has_open(pid: int, path: str) -> bool:
     return False
 
 
+async def waits_at(proc: subprocess.Popen[str], lock: Path, ran: str) -> None:
+    """Until `proc` holds `lock` open, waiting (however long its start-up takes on a
+    loaded machine), then a while longer: it must still be running (`ran` if not)."""
+    path = await asyncio.to_thread(os.path.realpath, lock)
+    deadline = time.monotonic() + 60
+    while not _has_open(proc.pid, path):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "it never reached the lock"
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(0.5)
+    assert proc.poll() is None, ran
+
+
 async def a_cli_stage_waits(env: SiteEnv, gate: Gate, held: asyncio.Task[Any]) -> Any:
     """While `held` (a push or verify of `/proj/ds`) is held at `gate`, a `--local` CLI stage
     waits, saying so, and completes once it is released; the lock is free afterwards.
@@ -96,16 +109,7 @@ async def a_cli_stage_waits(env: SiteEnv, gate: Gate, held: asyncio.Task[Any]) -
         env=environ,
     )
     try:
-        # Until the stage holds the lock file open, waiting (however long its start-up takes
-        # on a loaded machine), then a while longer: it must still be waiting.
-        lock = str(dataset_lock(env, "/proj/ds").resolve())
-        deadline = time.monotonic() + 60
-        while not _has_open(proc.pid, lock):
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "the stage never reached the lock"
-            await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)
-        assert proc.poll() is None, "the stage ran while the lock was held"
+        await waits_at(proc, dataset_lock(env, "/proj/ds"), "the stage ran while the lock was held")
         gate.release()
         result = await held
         _, err = await asyncio.to_thread(proc.communicate, timeout=60)

@@ -26,27 +26,32 @@ def test_worker_processes_ignore_sigint() -> None:
     assert handlers == {signal.SIG_IGN}
 
 
-async def test_a_command_with_worker_processes_leaves_no_temporary_directory(
-    make_site: MakeSite, tmp_path: Path
-) -> None:
-    # `os._exit` skipped multiprocessing's exit handler: every push or stage that started
-    # its workers left a `pymp-*` directory (the fork server's socket) in $TMPDIR.
+async def _push_with_workers(make_site: MakeSite, tmp: Path) -> subprocess.CompletedProcess[str]:
+    """A CLI push of 3,000 files with two reader processes, under `TMPDIR=tmp`."""
     a = await make_site("site-a", read_workers=2)
     tree = a.data / "many"
     for d in range(10):
         (tree / f"d{d}").mkdir(parents=True)
         for f in range(300):
             (tree / f"d{d}" / f"f{f}").write_bytes(os.urandom(64))
-    tmp = tmp_path / "tmp"
-    tmp.mkdir()
+    os.makedirs(tmp)
     env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
-    proc = subprocess.run(
+    return subprocess.run(
         [sys.executable, "-m", "datamover", "push", "/proj/many", "--config", str(a.config_path)],
         capture_output=True,
         text=True,
         timeout=120,
         env={**env, "TMPDIR": str(tmp)},
     )
+
+
+async def test_a_command_with_worker_processes_leaves_no_temporary_directory(
+    make_site: MakeSite, tmp_path: Path
+) -> None:
+    # `os._exit` skipped multiprocessing's exit handler: every push or stage that started
+    # its workers left a `pymp-*` directory (the fork server's socket) in $TMPDIR.
+    tmp = tmp_path / "tmp"
+    proc = await _push_with_workers(make_site, tmp)
     assert proc.returncode == 0, proc.stderr
     assert "read 3000 files" in proc.stdout
     assert list(tmp.iterdir()) == []
@@ -91,22 +96,8 @@ async def test_a_command_with_workers_runs_under_a_long_tmpdir(
     # Before: the fork server's socket goes below $TMPDIR, and a path over 107 bytes is
     # too long for one: under a job's TMPDIR deep in a scratch file system every command
     # with workers failed, "AF_UNIX path too long" (exit 1).
-    a = await make_site("site-a", read_workers=2)
-    tree = a.data / "many"
-    for d in range(10):
-        (tree / f"d{d}").mkdir(parents=True)
-        for f in range(300):
-            (tree / f"d{d}" / f"f{f}").write_bytes(os.urandom(64))
     tmp = tmp_path / ("t" * 60) / ("u" * 60)
-    tmp.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
-    proc = subprocess.run(
-        [sys.executable, "-m", "datamover", "push", "/proj/many", "--config", str(a.config_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={**env, "TMPDIR": str(tmp)},
-    )
+    proc = await _push_with_workers(make_site, tmp)
     assert proc.returncode == 0, proc.stderr
     assert "read 3000 files" in proc.stdout and proc.stderr == ""
     assert list(tmp.iterdir()) == []

@@ -11,13 +11,12 @@ import fcntl
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 
 from datamover.transfer.locks import tree_lock_path
 from tests.fixtures_sites import MakeSite, SiteEnv
-from tests.locking import _has_open, held_lock
+from tests.locking import held_lock, waits_at
 
 _SQLITE_ONLY = pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)
 
@@ -51,14 +50,7 @@ async def _waits_while_held(env: SiteEnv, dataset: str, lock: str, op: int, says
     with held_lock(tree_lock_path(env.state, lock), op):
         proc = _start_stage(env, dataset)
         try:
-            path = str(tree_lock_path(env.state, lock).resolve())
-            deadline = time.monotonic() + 60
-            while not _has_open(proc.pid, path):
-                assert proc.poll() is None, proc.communicate()
-                assert time.monotonic() < deadline, "the stage never reached the lock"
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.7)
-            assert proc.poll() is None, "the stage ran while a nested stage ran"
+            await waits_at(proc, tree_lock_path(env.state, lock), "it ran beside a nested stage")
         except BaseException:
             proc.kill()
             proc.wait()

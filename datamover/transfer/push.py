@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import time
@@ -24,6 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from datamover.aio import every
 from datamover.catalog.queries import CheckpointRow, ReplicaRow, owner_alive, owner_id
 from datamover.chunking.chunker import ChunkerParams
 from datamover.domain.ids import new_version_id
@@ -171,27 +173,16 @@ async def _holding(site: Site, dataset: str) -> AsyncIterator[None]:
     whose push failed lives on, and its claim would otherwise refuse every push of the
     dataset from another process of this host until the daemon pushed it again."""
     me = owner_id()
-
-    async def touch() -> None:
-        while True:
-            await asyncio.sleep(_TOUCH_EVERY)
-            try:
-                await site.catalog.touch_checkpoint(dataset, me)
-            except Exception as exc:  # the push itself reports a catalog that stays down
-                log.warning("push of %s: could not touch its checkpoint: %s", dataset, exc)
-
-    task = asyncio.create_task(touch())
+    touch = functools.partial(site.catalog.touch_checkpoint, dataset, me)
     try:
-        yield
+        async with every(_TOUCH_EVERY, touch, f"push of {dataset}: could not touch its checkpoint"):
+            yield
     except BaseException:
         try:  # shielded: a cancelled push gives its claim up too (a touch after it is a no-op)
             await asyncio.shield(site.catalog.release_checkpoint(dataset, me))
         except Exception as exc:  # the original error is the one to report
             log.warning("push of %s: could not give up its checkpoint: %s", dataset, exc)
         raise
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 async def push(

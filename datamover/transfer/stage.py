@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import os
@@ -29,7 +30,7 @@ import stat
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
@@ -38,6 +39,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+from datamover.aio import every
 from datamover.catalog.queries import ReplicaRow, owner_alive, owner_id
 from datamover.config import TransferSettings
 from datamover.domain.manifest import ChunkRef, Entry, Kind, without_setid
@@ -1011,7 +1013,10 @@ async def _stage(
                 procs,
                 checked,
             )
-            async with _touching(site, dataset, me):
+            # Touched, so that a stage silent for long is known dead (`_silent`).
+            touch = functools.partial(site.catalog.touch_replica, dataset, me)
+            failed_touch = f"stage of {dataset}: could not touch its record"
+            async with every(_TOUCH_EVERY, touch, failed_touch):
                 result = await stager.run()
         except BaseException:
             untouched = stager is None or stager.untouched
@@ -1026,27 +1031,6 @@ async def _stage(
     result.downloaded_bytes += site.repo.fetched_bytes - fetched_before
     result.seconds = round(time.monotonic() - started, 3)
     return result
-
-
-@contextlib.asynccontextmanager
-async def _touching(site: Site, dataset: str, me: str) -> AsyncIterator[None]:
-    """Touch this stage's replica record every `_TOUCH_EVERY` seconds while the body runs
-    (`_silent`); a failed touch is logged and the stage goes on."""
-
-    async def touch() -> None:
-        while True:
-            await asyncio.sleep(_TOUCH_EVERY)
-            try:
-                await site.catalog.touch_replica(dataset, me)
-            except Exception as exc:  # the stage itself reports a catalog that stays down
-                log.warning("stage of %s: could not touch its record: %s", dataset, exc)
-
-    task = asyncio.create_task(touch())
-    try:
-        yield
-    finally:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
 
 
 def _silent(replica: ReplicaRow) -> bool:
