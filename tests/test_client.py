@@ -22,6 +22,7 @@ from datamover.client import DaemonClient
 from datamover.errors import InvalidInput, TransientError
 from tests.fixtures_daemon import Daemon, StartSite, start_daemon
 from tests.fixtures_sites import MakeSite
+from tests.tls import self_signed
 
 HEAVY = ("asyncio", "aiohttp", "sqlalchemy", "botocore", "aiobotocore")
 
@@ -217,22 +218,6 @@ async def test_a_healthz_answer_other_than_the_daemons_is_named(make_site: MakeS
 # -- what reaching the daemon failed on ---------------------------------------------------------
 
 
-def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and its key, made by the openssl command."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )  # fmt: skip
-    return cert, key
-
-
 @contextlib.contextmanager
 def _tls_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """An HTTPS server on 127.0.0.1 with a self-signed certificate whose `/healthz` answers
@@ -241,7 +226,7 @@ def _tls_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     import ssl
     import threading
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed(tmp_path)
 
     class Healthy(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import http.server
 import ssl
-import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 
 from datamover.errors import PermanentError, StoreUnavailable
 from datamover.storage.s3 import S3Store
+from tests.tls import self_signed
 
 PATHS = pytest.mark.parametrize("direct_min", [1, 1 << 40], ids=["direct", "aiohttp"])
 
@@ -45,17 +45,7 @@ async def test_a_host_name_that_does_not_resolve_is_the_store_unavailable(
 def _untrusted_tls_server(tmp_path: Path) -> Iterator[str]:
     """An HTTPS server on 127.0.0.1 with a self-signed certificate (trusted by no CA
     bundle); its URL."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )  # fmt: skip
+    cert, key = self_signed(tmp_path)
 
     class NotFound(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:

@@ -138,21 +138,8 @@ def lock_dataset(
     after a warning, kept apart from others by the replica record alone, as before the
     lock; None is returned then."""
     path = lock_path(state_dir, dataset)
+    fd, st = _open_lock_file(path, dataset)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | _FLAGS, 0o666)
-        except PermissionError as refused:  # another user's lock file: locking needs no write
-            try:
-                fd = os.open(path, os.O_RDONLY | _FLAGS)
-            except FileNotFoundError:  # none, and none can be made: the refusal says why
-                raise refused from None
-    except OSError as exc:
-        raise _lock_error(dataset, path, exc) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise _lock_error(dataset, path, None)
         fcntl.flock(fd, (fcntl.LOCK_EX if reader is None else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         try:
@@ -183,6 +170,29 @@ def lock_dataset(
             os.ftruncate(fd, 0)
             os.pwrite(fd, owner_id().encode(), 0)
     return fd
+
+
+def _open_lock_file(path: Path, dataset: str) -> tuple[int, os.stat_result]:
+    """A descriptor of lock file `path` (made if missing, with its directory) and its
+    `fstat`: opened without following a symlink or blocking on a FIFO, read-only where it
+    is another user's (locking needs no write). `PermanentError` (`_lock_error`) when it
+    cannot be made or opened, or is not a regular file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _FLAGS, 0o666)
+        except PermissionError as refused:  # another user's lock file: locking needs no write
+            try:
+                fd = os.open(path, os.O_RDONLY | _FLAGS)
+            except FileNotFoundError:  # none, and none can be made: the refusal says why
+                raise refused from None
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise _lock_error(dataset, path, exc) from None
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise _lock_error(dataset, path, None)
+    return fd, st
 
 
 def _held(fd: int, dataset: str, reader: str | None) -> tuple[Conflict, bool]:
@@ -324,20 +334,7 @@ def _tree_lock(
 ) -> int | None:
     """One tree lock of `lock_nested`: `path`'s, exclusive for `dataset`'s own."""
     lock = tree_lock_path(state_dir, path)
-    try:
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(lock, os.O_RDWR | os.O_CREAT | _FLAGS, 0o666)
-        except PermissionError as refused:
-            try:
-                fd = os.open(lock, os.O_RDONLY | _FLAGS)
-            except FileNotFoundError:
-                raise refused from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise _lock_error(dataset, lock, None)
-    except OSError as exc:
-        raise _lock_error(dataset, lock, exc) from None
+    fd, _ = _open_lock_file(lock, dataset)
     mode = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
     # Only a stage of `path` holds its lock exclusively; only stages below it, shared.
     what = (
