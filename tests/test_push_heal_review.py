@@ -92,23 +92,26 @@ async def test_a_heal_pass_counts_every_new_chunk(make_site: MakeSite) -> None:
 
 
 class _SlowRepo:
-    """`stored` that waits until released; counts the calls under way."""
+    """`stored_size` that waits until released; counts the calls under way."""
 
     def __init__(self, fail: str | None = None) -> None:
         self.running = self.peak = 0
         self.release = asyncio.Event()
         self.fail = fail
 
-    async def stored(self, key: str) -> bool:
+    async def stored_size(self, key: str) -> int:
         self.running += 1
         self.peak = max(self.peak, self.running)
         try:
             if key == self.fail:
                 raise StoreUnavailable("HEAD failed")
             await self.release.wait()
-            return True
+            return 1 << 20
         finally:
             self.running -= 1
+
+    async def stored(self, key: str) -> bool:
+        return await self.stored_size(key) is not None
 
 
 def _refs(n: int) -> list[ChunkRef]:
@@ -149,3 +152,56 @@ async def test_a_failed_reuse_check_leaves_nothing_running() -> None:
     await check.cancel()
     await asyncio.sleep(0)
     assert repo.running == 0  # the other HEADs of the batch were stopped
+
+
+async def _cut_short(store, key: str) -> None:
+    """Put back the first half of the object `key` (a copy interrupted, a restore cut)."""
+    data = await store.get(key)
+    await store.put(key, data[: len(data) // 2])
+
+
+async def test_a_pack_cut_short_in_the_store_is_healed_by_a_no_op_push(
+    make_site: MakeSite,
+) -> None:
+    """A pack the store holds only in part is lost for reuse: a push of the unchanged tree
+    reads the files again, and the version it answers with stages whole elsewhere. (HEAD
+    only asked whether the pack existed: the push answered "unchanged", and every later
+    stage of the dataset was corrupt.)"""
+    a, b = await make_site("site-a", pack_size=1024 * KiB), await make_site("site-b")
+    three_packs(a.data / "x")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/x")
+        packs = sorted([o.key async for o in site_a.store.list("packs/")])
+        await _cut_short(site_a.store, packs[1])
+        healed = await push(site_a, "/proj/x")
+        assert healed.files_read > 0  # a heal pass read the lost pack's files again
+        await stage(site_b, "/proj/x", version=healed.version)
+        assert snapshot(b.data / "x") == snapshot(a.data / "x")
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_pack_cut_short_in_the_store_is_not_deduplicated_against(
+    make_site: MakeSite,
+) -> None:
+    """The chunk index names a pack the store holds cut short: a push of the same bytes
+    under another path uploads them again instead of pointing its version into it."""
+    a, b = await make_site("site-a", pack_size=1024 * KiB), await make_site("site-b")
+    three_packs(a.data / "x")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/x")
+        packs = sorted([o.key async for o in site_a.store.list("packs/")])
+        await _cut_short(site_a.store, packs[1])
+        (a.data / "y").mkdir()
+        for f in (a.data / "x").iterdir():
+            (a.data / "y" / f.name).write_bytes(f.read_bytes())
+        copy = await push(site_a, "/proj/y")
+        assert copy.new_chunks > 0  # the cut pack's chunks were uploaded again
+        await stage(site_b, "/proj/y", version=copy.version)
+        assert snapshot(b.data / "y") == snapshot(a.data / "y")
+    finally:
+        await site_a.close()
+        await site_b.close()

@@ -116,6 +116,27 @@ async def test_rerun_checks_the_store_not_only_the_cache(make_site: MakeSite) ->
     assert await stage_elsewhere(make_site) == files(root)
 
 
+async def test_rerun_takes_a_pack_cut_short_as_lost(make_site: MakeSite) -> None:
+    # The bucket holds the interrupted run's packs cut short (a copy interrupted): the
+    # rerun must not resume from segments that point into them.
+    a = await make_site("site-a", segment_entries=8, pack_size=1 << 20)
+    root = a.data / "x"
+    root.mkdir()
+    for i in range(60):
+        (root / f"f{i:03d}").write_bytes(os.urandom(3000))
+    site = await a.open()
+    try:
+        await push_killed(site, lambda rows: any(r.last_path >= "f040" for _, r in rows))
+        for key in [info.key async for info in site.store.list("packs/")]:
+            data = await site.store.get(key)
+            await site.store.put(key, data[: len(data) // 2])
+        result = await push(site, "/proj/x")
+        assert result.files_read == 60  # nothing of the cut run was trusted
+    finally:
+        await site.close()
+    assert await stage_elsewhere(make_site) == files(root)
+
+
 async def test_a_remote_holder_is_waited_for_until_silent(make_site: MakeSite) -> None:
     a = await make_site("site-a")
     (a.data / "x").mkdir()

@@ -8,12 +8,13 @@ use and any violation raises `Corrupt` naming what is wrong.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import blake3
 
 from datamover.chunking.codec import MAX_RAW_CHUNK
-from datamover.domain.manifest import Codec
+from datamover.domain.manifest import ChunkRef, Codec
 from datamover.errors import Corrupt
 
 MAGIC = b"DMPACK01"
@@ -39,6 +40,24 @@ def pack_key(pack_id: bytes) -> str:
     """Store key of a pack (see docs/format.md)."""
     h = pack_id.hex()
     return f"packs/{h[:2]}/{h}"
+
+
+def whole_size(end: int) -> int:
+    """The least size of a whole pack holding a chunk that ends at `end`: one index entry
+    and the trailer follow its chunks."""
+    return end + ENTRY_SIZE + TRAILER_SIZE
+
+
+def least_sizes(chunks: Iterable[ChunkRef]) -> dict[bytes, int]:
+    """The least size each pack `chunks` name has if it is whole (`whole_size` of its
+    furthest chunk among them). A stored pack smaller than that was cut short (a copy
+    interrupted, an object replaced by hand): a push must not point a version into it."""
+    least: dict[bytes, int] = {}
+    for c in chunks:
+        size = whole_size(c.offset + c.stored_length)
+        if size > least.get(c.pack, 0):
+            least[c.pack] = size
+    return least
 
 
 class PackBuilder:

@@ -21,7 +21,7 @@ import blake3
 
 from datamover.aio import drain, gather_or_cancel
 from datamover.chunking.chunker import ChunkerParams
-from datamover.chunking.pack import pack_key
+from datamover.chunking.pack import least_sizes, pack_key
 from datamover.domain.manifest import Entry, Kind
 from datamover.domain.paths import check_logical_path, is_under
 from datamover.errors import Corrupt, InvalidInput, NotFound, ObjectNotFound, PermanentError
@@ -349,10 +349,11 @@ class Repository:
 
     async def all_stored(self, refs: list[SegmentRef]) -> bool:
         """Whether the store still has every segment of `refs` and every pack their entries
-        reference; the segments end up in the local cache (a cached one is confirmed with a
-        HEAD, a missing one fetched). Requests go `fetch_concurrency` at a time, and at most
-        four times as many segments are checked together: a fetched segment is held until
-        it is written to the cache, so a batch of 256 could hold 256 segments at once."""
+        reference, whole (`pack.least_sizes`: a pack cut short counts as missing); the
+        segments end up in the local cache (a cached one is confirmed with a HEAD, a missing
+        one fetched). Requests go `fetch_concurrency` at a time, and at most four times as
+        many segments are checked together: a fetched segment is held until it is written
+        to the cache, so a batch of 256 could hold 256 segments at once."""
 
         async def segment(ref: SegmentRef) -> bool:
             if await asyncio.to_thread(self.read_cached, ref.digest) is not None:
@@ -365,10 +366,14 @@ class Repository:
 
         if not await _all_true((segment(r) for r in refs), batch=4 * self.fetch_concurrency):
             return False
-        packs = await asyncio.to_thread(
-            lambda: {c.pack for e in self.iter_cached(refs, check=False) for c in e.chunks}
+        least = await asyncio.to_thread(
+            lambda: least_sizes(c for e in self.iter_cached(refs, check=False) for c in e.chunks)
         )
-        return await _all_true(self.stored(pack_key(p)) for p in packs)
+        return await _all_true(self._holds(pack, size) for pack, size in least.items())
+
+    async def _holds(self, pack: bytes, least: int) -> bool:
+        size = await self.stored_size(pack_key(pack))
+        return size is not None and size >= least
 
     async def _stored_key(self, key: str) -> bool:
         """`stored`, False for a key longer than a store takes (never asked)."""
@@ -376,12 +381,16 @@ class Repository:
 
     async def stored(self, key: str) -> bool:
         """Whether the store has `key` (one HEAD, within the fetch concurrency)."""
+        return await self.stored_size(key) is not None
+
+    async def stored_size(self, key: str) -> int | None:
+        """The size of `key` in the store, None if it has no such object (one HEAD, within
+        the fetch concurrency)."""
         async with self._fetch_limit:
             try:
-                await self.store.head(key)
+                return (await self.store.head(key)).size
             except ObjectNotFound:
-                return False
-        return True
+                return None
 
     def iter_cached(self, refs: list[SegmentRef], check: bool = True) -> Iterator[Entry]:
         """Entries of a prefetched manifest, from the cache, one segment in memory at a time.

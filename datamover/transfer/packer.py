@@ -10,12 +10,12 @@ the store ever refers to a pack that is not complete.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from datamover.aio import gather_or_cancel
 from datamover.catalog.queries import Catalog
-from datamover.chunking.pack import PackBuilder, pack_key
+from datamover.chunking.pack import PackBuilder, least_sizes, pack_key
 from datamover.domain.manifest import ChunkRef
 from datamover.errors import ObjectNotFound
 from datamover.storage.base import Store
@@ -93,11 +93,11 @@ class Packer:
         self._open: OpenPack | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._error: BaseException | None = None
-        self._verified: set[bytes] = set()  # packs seen in the store during this push
+        # Sizes of the packs HEADed (or uploaded) during this push; -1: the store lacks it.
+        self._sizes: dict[bytes, int] = {}
         # Buffers packs are assembled in, reused once a pack is stored (pack.py: finish).
         # At most `concurrency` are in use, as packs in memory are bounded by the slots.
         self._buffers: list[bytearray] = []
-        self._gone: set[bytes] = set()  # packs the index names but the store lacks
 
     def _check(self) -> None:
         if self._error is not None:
@@ -121,12 +121,12 @@ class Packer:
         if missing and previous:
             known = {d: previous[d] for d in missing if d in previous}
             if known:
-                gone = await self._packs_gone({ref.pack for ref in known.values()})
+                gone = await self._packs_gone(known.values())
                 found.update((d, ref) for d, ref in known.items() if ref.pack not in gone)
                 missing = [d for d in missing if d not in found]
         if missing:
             known = await self.catalog.lookup_chunks(missing)
-            gone = await self._packs_gone({ref.pack for ref in known.values()})
+            gone = await self._packs_gone(known.values())
             if gone:
                 stale = [d for d, ref in known.items() if ref.pack in gone]
                 await self.catalog.forget_chunks(stale, gone)
@@ -136,29 +136,27 @@ class Packer:
         self.stats.dedup_chunks += len(found)
         return found
 
-    async def _packs_gone(self, packs: set[bytes]) -> set[bytes]:
-        """Which of `packs` the store no longer has (checked once per pack per push).
+    async def _packs_gone(self, refs: Iterable[ChunkRef]) -> set[bytes]:
+        """The packs of `refs` the store no longer has whole (each HEADed once per push).
 
         The chunk index is a cache: if packs vanished behind its back (a bucket restored
-        from an older copy, objects deleted by hand), a version must not be published
+        from an older copy, objects deleted by hand), or one is shorter than its chunks
+        need (`pack.least_sizes`: a copy cut short), a version must not be published
         pointing into them; their chunks are uploaded again instead.
         """
-        unknown = packs - self._verified - self._gone
+        least = least_sizes(refs)
+        unknown = [p for p in least if p not in self._sizes]
         if unknown:
 
-            async def exists(pack: bytes) -> bool:
+            async def size(pack: bytes) -> int:
                 try:
-                    await self.store.head(pack_key(pack))
-                    return True
+                    return (await self.store.head(pack_key(pack))).size
                 except ObjectNotFound:
-                    return False
+                    return -1
 
-            checked = list(unknown)
-            for pack, present in zip(
-                checked, await gather_or_cancel([exists(p) for p in checked]), strict=True
-            ):
-                (self._verified if present else self._gone).add(pack)
-        return packs & self._gone
+            sizes = await gather_or_cancel([size(p) for p in unknown])
+            self._sizes.update(zip(unknown, sizes, strict=True))
+        return {p for p, need in least.items() if self._sizes[p] < need}
 
     async def add(self, chunks: Sequence[NewChunk]) -> dict[bytes, PendingChunk]:
         """Place new encoded chunks; return where each went (duplicates placed once)."""
@@ -213,7 +211,7 @@ class Packer:
                 for e in entries
             ]
             await self.catalog.add_pack(pack.pack_id, size, refs)
-            self._verified.add(pack.pack_id)
+            self._sizes[pack.pack_id] = size
             self.stats.packs += 1
             self.stats.pack_bytes += size
             for e in entries:

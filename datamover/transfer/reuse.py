@@ -5,8 +5,9 @@ from the parent version without reading or uploading them again. If the store ha
 of those objects (deleted by hand, a bucket restored from an older copy, a broken replica),
 the new version would point at it too, and every later version after it. `ReuseCheck`
 HEADs each pack that reused references name, once, in the background while the walk goes
-on, and each of the parent's manifest objects (its segments and its list); the push then
-heals what is missing (see `push`): files whose chunks were in a lost pack are read again,
+on, and each of the parent's manifest objects (its segments and its list); a pack shorter
+than the references need (`pack.least_sizes`: a copy cut short) counts as lost. The push
+then heals what is missing (see `push`): files whose chunks were in a lost pack are read again,
 and a lost manifest object is uploaded again from the local cache, where it was verified
 against its digest.
 """
@@ -18,7 +19,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from datamover.aio import gather_or_cancel
-from datamover.chunking.pack import pack_key
+from datamover.chunking.pack import pack_key, whole_size
 from datamover.domain.manifest import ChunkRef
 from datamover.repo.layout import manifest_key
 from datamover.repo.repository import Repository
@@ -32,17 +33,18 @@ class ReuseCheck:
     """HEADs reused packs and manifest objects in the background; `missing` waits for the
     answers.
 
-    Memory is bounded: packs are remembered in a window of the last `_WINDOW` (references
-    in a manifest follow the path order the packs were filled in, so a pack seen again
-    after that many others is rare, and checking it twice costs one more HEAD), and at most
-    `_IN_FLIGHT` batches are being checked: the walk of a no-op push outruns the HEADs, and
-    a task per pack of the whole dataset waiting for its turn cost ~1.7 KB a pack. The
-    first store error is raised by the next `flush` or by `missing`.
+    Memory is bounded: the sizes of checked packs are remembered in a window of the last
+    `_WINDOW` (references in a manifest follow the path order the packs were filled in, so
+    a pack seen again after that many others is rare, and checking it twice costs one more
+    HEAD), and at most `_IN_FLIGHT` batches are being checked: the walk of a no-op push
+    outruns the HEADs, and a task per pack of the whole dataset waiting for its turn cost
+    ~1.7 KB a pack. The first store error is raised by the next `flush` or by `missing`.
     """
 
     def __init__(self, repo: Repository) -> None:
         self.repo = repo
-        self._recent: dict[bytes, None] = {}
+        self._sizes: dict[bytes, int] = {}  # the window of checked packs; -1: none stored
+        self._need: dict[bytes, int] = {}  # packs batched or being checked: least size
         self._batch: list[bytes] = []
         self._slots = asyncio.Semaphore(_IN_FLIGHT)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -54,19 +56,23 @@ class ReuseCheck:
         """Check the manifest objects `digests` (the parent's list and segments: a push that
         reproduces one does not upload it again)."""
         if digests:
-            self._start(self._check(list(digests), manifest_key, self._lost_manifests))
+            self._start(self._check(list(digests), manifest_key))
 
     def chunks(self, chunks: Sequence[ChunkRef]) -> None:
         """Check the packs of `chunks` (an unchanged file's reused references); `flush` when
         `full`."""
         for c in chunks:
-            pack = c.pack
-            if pack in self._recent:
+            pack, least = c.pack, whole_size(c.offset + c.stored_length)
+            size = self._sizes.get(pack)
+            if size is not None:
+                if size < least:
+                    self._lost_packs.add(pack)
                 continue
-            self._recent[pack] = None
-            if len(self._recent) > _WINDOW:
-                del self._recent[next(iter(self._recent))]
-            self._batch.append(pack)
+            need = self._need.get(pack)
+            if need is None:
+                self._batch.append(pack)
+            if need is None or least > need:
+                self._need[pack] = least
 
     def full(self) -> bool:
         """True when a batch of packs is ready for `flush`."""
@@ -79,7 +85,7 @@ class ReuseCheck:
         if self._batch:
             batch, self._batch = self._batch, []
             await self._slots.acquire()
-            self._start(self._check(batch, pack_key, self._lost_packs, slot=True))
+            self._start(self._check_packs(batch))
 
     async def missing(self) -> tuple[set[bytes], set[bytes]]:
         """`(packs, manifest objects)` the store lacks, of all those passed so far. Store
@@ -111,18 +117,20 @@ class ReuseCheck:
         if not task.cancelled() and task.exception() is not None and self._error is None:
             self._error = task.exception()
 
-    async def _check(
-        self,
-        digests: list[bytes],
-        key: Callable[[bytes], str],
-        lost: set[bytes],
-        slot: bool = False,
-    ) -> None:
+    async def _check(self, digests: list[bytes], key: Callable[[bytes], str]) -> None:
+        for i in range(0, len(digests), _BATCH):
+            part = digests[i : i + _BATCH]
+            found = await gather_or_cancel([self.repo.stored(key(d)) for d in part])
+            self._lost_manifests.update(d for d, ok in zip(part, found, strict=True) if not ok)
+
+    async def _check_packs(self, packs: list[bytes]) -> None:
         try:
-            for i in range(0, len(digests), _BATCH):
-                part = digests[i : i + _BATCH]
-                found = await gather_or_cancel([self.repo.stored(key(d)) for d in part])
-                lost.update(d for d, ok in zip(part, found, strict=True) if not ok)
+            sizes = await gather_or_cancel([self.repo.stored_size(pack_key(p)) for p in packs])
+            for pack, size in zip(packs, sizes, strict=True):
+                if size is None or size < self._need.pop(pack):
+                    self._lost_packs.add(pack)
+                self._sizes[pack] = -1 if size is None else size
+                if len(self._sizes) > _WINDOW:
+                    del self._sizes[next(iter(self._sizes))]
         finally:
-            if slot:
-                self._slots.release()
+            self._slots.release()
