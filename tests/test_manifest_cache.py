@@ -5,13 +5,16 @@ test here once failed on the code before its fix."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import blake3
 import pytest
 
+from datamover.repo import repository
 from datamover.repo.layout import manifest_key
 from datamover.repo.repository import Repository
 from datamover.storage.memory import MemoryStore
@@ -59,3 +62,45 @@ async def test_a_stored_manifest_object_the_cache_cannot_keep_is_a_warning(
     assert await store.get(manifest_key(digest)) == data
     assert "could not be cached" in caplog.text
     assert repo.read_cached(digest) is None
+
+
+def test_a_killed_writers_temporary_file_is_swept_by_a_later_process(tmp_path: Path) -> None:
+    # Before: a writer killed between writing and renaming left its `.tmp` file beside the
+    # cached objects for good; nothing looked for it.
+    Repository(MemoryStore(), tmp_path)._write_cache(b"\1" * 32, b"first")
+    tmp_dir = tmp_path / "manifests" / "tmp"
+    stale, fresh = tmp_dir / "ab.0001.tmp", tmp_dir / "cd.0002.tmp"
+    stale.write_bytes(b"partial")
+    fresh.write_bytes(b"another process is writing this")
+    old = time.time() - 2 * 3600
+    os.utime(stale, (old, old))
+    later = Repository(MemoryStore(), tmp_path)  # a later process
+    later._write_cache(b"\2" * 32, b"second")
+    assert not stale.exists()
+    assert fresh.exists()  # a running writer's file is left alone
+    good = b"segment"
+    digest = blake3.blake3(good).digest()
+    later._write_cache(digest, good)
+    assert later.read_cached(digest) == good
+    assert sorted(p.name for p in tmp_dir.iterdir()) == ["cd.0002.tmp"]
+
+
+def test_a_damaged_copy_replaced_while_it_was_read_keeps_the_good_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A reader found the cached copy damaged while a writer renamed a good copy over it:
+    # it removed the good copy (a fetch more for the next reader, every time it happens).
+    good = b"segment bytes" * 10
+    digest = blake3.blake3(good).digest()
+    repo = Repository(MemoryStore(), tmp_path)
+    repo._write_cache(digest, b"damaged on disk")
+    real = repository.blake3.blake3
+
+    def hash_then_write(data: bytes) -> object:
+        monkeypatch.setattr(repository.blake3, "blake3", real)
+        Repository(MemoryStore(), tmp_path)._write_cache(digest, good)  # the other writer
+        return real(data)
+
+    monkeypatch.setattr(repository.blake3, "blake3", hash_then_write)
+    assert repo.read_cached(digest) is None
+    assert repo.read_cached(digest) == good

@@ -8,10 +8,12 @@ twice (check, then apply) and the next push reads them again as its parent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,6 +78,7 @@ class Repository:
         self.fetch_concurrency = fetch_concurrency
         self._fetch_limit = asyncio.Semaphore(fetch_concurrency)
         self.fetched_bytes = 0  # manifest bytes read from the store (not the cache)
+        self._swept = False  # whether this process swept the cache's stale temporary files
 
     # -- repository config ---------------------------------------------------------------
 
@@ -234,11 +237,18 @@ class Repository:
         return self.cache_dir / "manifests" / h[:2] / h
 
     def _write_cache(self, digest: bytes, data: bytes) -> None:
-        """Cache manifest object `data` under a temporary name, renamed into place; a write
-        that fails (a full disk, a quota) removes its temporary file and raises."""
+        """Cache manifest object `data` under a temporary name in `manifests/tmp/`, renamed
+        into place; a write that fails (a full disk, a quota) removes its temporary file and
+        raises. The first write of a process sweeps the temporary files a killed writer
+        left (`_sweep_tmp`)."""
         path = self._cache_path(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        tmp_dir = self.cache_dir / "manifests" / "tmp"
+        tmp_dir.mkdir(exist_ok=True)
+        if not self._swept:
+            self._swept = True
+            _sweep_tmp(tmp_dir)
+        tmp = tmp_dir / f"{path.name}.{secrets.token_hex(4)}.tmp"
         try:
             tmp.write_bytes(data)
             os.replace(tmp, path)
@@ -267,11 +277,17 @@ class Repository:
         """A verified manifest object from the local cache, or None (blocking I/O)."""
         path = self._cache_path(digest)
         try:
-            data = path.read_bytes()
+            with path.open("rb") as f:
+                data = f.read()
+                read = os.fstat(f.fileno())
         except (FileNotFoundError, NotADirectoryError):
             return None
         if blake3.blake3(data).digest() != digest:
-            path.unlink(missing_ok=True)  # local damage: drop it and fetch again
+            # Local damage: drop it and fetch again, unless a writer has just renamed a
+            # good copy over the file read (that copy is kept).
+            with contextlib.suppress(OSError):
+                if os.stat(path).st_ino == read.st_ino:
+                    path.unlink()
             return None
         return data
 
@@ -429,3 +445,23 @@ class Repository:
                 or size != ref.bytes
             ):
                 raise Corrupt(f"{what} does not match its line in the manifest list")
+
+
+#: A temporary file of the manifest cache older than this is a killed writer's (a write
+#: takes well under a second): `_sweep_tmp` removes it.
+_STALE_TMP_SECONDS = 3600
+
+
+def _sweep_tmp(tmp_dir: Path) -> None:
+    """Remove the stale temporary files in `tmp_dir` (a writer killed between writing and
+    renaming left them; nothing else would); a file another process removes first, or one
+    that cannot be removed, is skipped."""
+    now = time.time()
+    try:
+        entries = list(os.scandir(tmp_dir))
+    except OSError:
+        return
+    for entry in entries:
+        with contextlib.suppress(OSError):
+            if entry.name.endswith(".tmp") and now - entry.stat().st_mtime > _STALE_TMP_SECONDS:
+                os.unlink(entry.path)
