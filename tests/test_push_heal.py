@@ -97,13 +97,13 @@ async def test_a_push_heads_each_reused_pack_once(make_site: MakeSite) -> None:
         await push(site_a, "/proj/x")
         packs = {o.key async for o in site_a.store.list("packs/")}
         heads: list[str] = []
-        real = site_a.repo.stored
+        real = site_a.repo.stored_size
 
-        async def counting(key: str) -> bool:
+        async def counting(key: str) -> int | None:
             heads.append(key)
             return await real(key)
 
-        site_a.repo.stored = counting  # type: ignore[method-assign]
+        site_a.repo.stored_size = counting  # type: ignore[method-assign]
         again = await push(site_a, "/proj/x")
         assert again.unchanged
         assert sorted(k for k in heads if k.startswith("packs/")) == sorted(packs)
