@@ -488,8 +488,9 @@ def _catalog_call(url: str, call: Callable[[], T]) -> T:
 def trash(older_than: int | None, empty: bool, config_path: str | None, as_json: bool) -> None:
     """List the trash: what stage runs moved aside (users' changes), by run; or empty it.
 
-    Nothing empties the trash by itself. `--empty --older-than DAYS` removes the runs older
-    than DAYS days (at least 1: a stage of the last day may still write into its run).
+    Only this command and a daemon with `[api] trash_days` empty the trash. `--empty
+    --older-than DAYS` removes the runs older than DAYS days (at least 1: a stage of the last
+    day may still write into its run).
     """
     from datetime import timedelta
 

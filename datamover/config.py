@@ -81,6 +81,7 @@ LIMITS: dict[tuple[str, str], tuple[int, str]] = {
     # a typo of a million days reaches back before the year 1, so every prune would fail.
     ("api", "history_days"): (3650, "ten years; 0 keeps finished transfers for ever"),
     ("api", "reindex_minutes"): (10080, "a week; 0: the daemon never indexes the store's packs"),
+    ("api", "trash_days"): (3650, "ten years; 0: the daemon never empties the trash"),
 }
 
 #: The shortest `[api] history_days` but 0: an hour. A client that waits for a transfer
@@ -149,6 +150,7 @@ class ApiSettings:
     open_metrics: bool = True  # /metrics without a token (/healthz, /readyz always open)
     history_days: float = 30.0  # ended transfers are deleted after this; 0: kept for ever
     reindex_minutes: float = 0.0  # index other sites' new packs this often; 0: never
+    trash_days: int = 0  # the daemon empties trash runs older than this, hourly; 0: never
 
 
 @dataclass(frozen=True)
@@ -561,6 +563,10 @@ def parse_config(
     if api.reindex_minutes < 0 or 0 < api.reindex_minutes < 1:
         raise InvalidInput(
             f"{origin('api', 'reindex_minutes')} must be 0 (never) or at least 1 (a minute)"
+        )
+    if api.trash_days < 0:
+        raise InvalidInput(
+            f"{origin('api', 'trash_days')} must be 0 (never empty the trash) or at least 1 (a day)"
         )
     checked = {"store": store, "transfer": transfer, "api": api}
     for (section, key), (most, unit) in LIMITS.items():

@@ -4,12 +4,13 @@ Start-up puts back in the queue the transfers that a dead process on this host s
 (their checkpoints let them resume), then serves the API and runs `[api] workers` transfer
 workers; transfers that ended more than `[api] history_days` ago are deleted as it runs
 (`scheduler.history`), and with `[api] reindex_minutes` the chunks of packs other sites
-stored are indexed that often (`scheduler.reindexing`). SIGTERM or SIGINT drains: the API
-stops, running transfers are stopped and returned to the queue (push and stage are
-resumable), and the process exits. A loop of the daemon (a worker, the metrics) that ends
-while it runs is one error line, and starts again (`runner.Loops`). Several processes may
-share a PostgreSQL catalog; on SQLite lock files, one in the state directory and one beside
-the database, keep it to one.
+stored are indexed that often (`scheduler.reindexing`), and with `[api] trash_days` the
+trash runs older than that are removed hourly (`scheduler.trash_retention`). SIGTERM or
+SIGINT drains: the API stops, running transfers are stopped and returned to the queue (push
+and stage are resumable), and the process exits. A loop of the daemon (a worker, the
+metrics) that ends while it runs is one error line, and starts again (`runner.Loops`).
+Several processes may share a PostgreSQL catalog; on SQLite lock files, one in the state
+directory and one beside the database, keep it to one.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from datamover.scheduler.endings import Endings
 from datamover.scheduler.history import History
 from datamover.scheduler.reindexing import Reindexer
 from datamover.scheduler.runner import Doorbell, Loops, run_loop
+from datamover.scheduler.trash_retention import TrashRetention
 from datamover.scheduler.worker import Worker
 from datamover.site import Site, make_state_dir
 from datamover.transfer import procpool
@@ -220,6 +222,10 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
                 catalog_only=False,
             )
             loops.start("reindex", runs)
+        if config.api.trash_days > 0:  # 0: only `datamover trash --empty` empties it
+            retention = TrashRetention(Path(config.state_dir), config.api.trash_days, metrics)
+            emptying = partial(run_loop, "trash", retention.run_once, stop, idle=retention.every)
+            loops.start("trash", partial(emptying, catalog_only=False))
         warming = asyncio.create_task(_warm(site))
         if ready is not None:
             ready.set()

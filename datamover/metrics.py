@@ -89,6 +89,18 @@ class Metrics:
             ["site"],
             registry=r,
         )
+        self.trash_runs = Counter(
+            "datamover_trash_runs_emptied",
+            "Runs of the trash (what stages moved aside) the daemon removed after [api] trash_days",
+            ["site"],
+            registry=r,
+        )
+        self.trash_bytes = Counter(
+            "datamover_trash_emptied_bytes",
+            "Bytes of regular files in the trash runs the daemon removed",
+            ["site"],
+            registry=r,
+        )
         self.corrupt_packs = Gauge(
             "datamover_packs_corrupt",
             "Packs in the store the daemon's last reindex found corrupt and did not index",
@@ -137,6 +149,11 @@ class Metrics:
     def pruned(self, n: int) -> None:
         """Count `n` ended transfers deleted from the history."""
         self.deleted.labels(self.site).inc(n)
+
+    def trash_emptied(self, runs: int, nbytes: int) -> None:
+        """Count `runs` trash runs removed, holding `nbytes` bytes of files."""
+        self.trash_runs.labels(self.site).inc(runs)
+        self.trash_bytes.labels(self.site).inc(nbytes)
 
     def reindexed(self, indexed: int, corrupt: int) -> None:
         """Count packs a periodic reindex recorded; show the corrupt ones it skipped."""

@@ -364,6 +364,7 @@ _BOUNDS = [
     ("api", "max_attempts", "1000 (tries of a transfer, up to 5 minutes apart)"),
     ("api", "history_days", "3650 (ten years; 0 keeps finished transfers for ever)"),
     ("api", "reindex_minutes", "10080 (a week; 0: the daemon never indexes the store's packs)"),
+    ("api", "trash_days", "3650 (ten years; 0: the daemon never empties the trash)"),
 ]
 
 
@@ -829,3 +830,12 @@ def test_datamover_debug_is_read_as_a_boolean(tmp_path: Path, value: str, debug:
     proc = _cli(path, {"DATAMOVER_DEBUG": value}, "db", "upgrade")
     assert proc.returncode == 0, proc.stderr
     assert ("DEBUG" in proc.stderr) is debug
+
+
+def test_trash_days_below_0_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD + "[api]\ntrash_days = -1\n")
+    with pytest.raises(InvalidInput, match=r"trash_days must be 0 \(never empty the trash\)"):
+        load_config(path, env={})
+    path.write_text(GOOD + "[api]\ntrash_days = 7\n")
+    assert load_config(path, env={}).api.trash_days == 7

@@ -4,13 +4,23 @@ never a run of the last day."""
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import json
+import logging
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from prometheus_client import generate_latest
 
+from datamover.metrics import Metrics
+from datamover.scheduler.trash_retention import TrashRetention
 from datamover.transfer import trash
+from tests.fixtures_daemon import free_port, start_daemon
 from tests.fixtures_sites import MakeSite, SiteEnv, cli_unprivileged
 
 _SQLITE_ONLY = pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)
@@ -115,3 +125,87 @@ async def test_an_old_run_is_emptied_read_only_deep_and_linked_parts_too(
 def test_emptying_a_site_without_a_trash_removes_nothing(tmp_path: Path) -> None:
     assert trash.empty(tmp_path, 1) == []
     assert list(trash.runs(tmp_path)) == []
+
+
+def _runs_in(state: Path, *stamps: str) -> list[str]:
+    """Make trash runs that started at `stamps`, each holding one 3-byte file."""
+    names = []
+    for i, stamp in enumerate(stamps):
+        name = f"{stamp}-{i:06x}"
+        (trash.trash_root(state) / name / "proj").mkdir(parents=True)
+        (trash.trash_root(state) / name / "proj" / "f").write_text("ab\n")
+        names.append(name)
+    return names
+
+
+async def test_the_daemons_retention_empties_old_runs_only(tmp_path: Path) -> None:
+    today = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    old, _, fresh = _runs_in(tmp_path, "20200101T000000Z", "20200102T000000Z", today)
+    metrics = Metrics("site-b")
+    retention = TrashRetention(tmp_path, 30, metrics)
+    assert await retention.run_once() is False
+    assert sorted(p.name for p in trash.trash_root(tmp_path).iterdir()) == [fresh]
+    scraped = generate_latest(metrics.registry).decode()
+    assert 'datamover_trash_runs_emptied_total{site="site-b"} 2.0' in scraped
+    assert 'datamover_trash_emptied_bytes_total{site="site-b"} 6.0' in scraped
+    assert old not in {p.name for p in trash.trash_root(tmp_path).iterdir()}
+
+
+async def test_a_trash_the_daemon_cannot_empty_is_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    trash.trash_root(tmp_path).parent.mkdir(parents=True, exist_ok=True)
+    trash.trash_root(tmp_path).write_text("a file where the trash directory should be\n")
+    with caplog.at_level(logging.WARNING, logger="datamover.scheduler.trash_retention"):
+        assert await TrashRetention(tmp_path, 1).run_once() is False
+    [record] = caplog.records
+    assert "cannot empty the trash" in record.getMessage() and record.exc_info is None
+
+
+def test_two_emptyings_take_turns(tmp_path: Path) -> None:
+    # A daemon's retention and a cron job's `trash --empty` at once: the second renamed or
+    # removed what the first had just taken, and failed on the missing name.
+    [old] = _runs_in(tmp_path, "20200101T000000Z")
+    holder = os.open(trash.trash_root(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # the other emptying, under way
+        with ThreadPoolExecutor(1) as pool:
+            second = pool.submit(trash.empty, tmp_path, 1)
+            time.sleep(0.3)
+            assert not second.done()  # it waits for the first
+            fcntl.flock(holder, fcntl.LOCK_UN)
+            assert [r.name for r in second.result(timeout=10)] == [old]
+    finally:
+        os.close(holder)
+
+
+@_SQLITE_ONLY
+async def test_a_daemon_with_trash_days_empties_old_runs_as_it_starts(
+    make_site: MakeSite,
+) -> None:
+    env = await make_site("site-b", api={"listen": f"127.0.0.1:{free_port()}", "trash_days": 7})
+    today = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    old, fresh = _runs_in(env.state, "20200101T000000Z", today)
+    daemon = start_daemon(env)
+    try:
+        deadline = time.monotonic() + 30
+        while (trash.trash_root(env.state) / old).exists() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert [p.name for p in trash.trash_root(env.state).iterdir()] == [fresh]
+        assert daemon.stop() == 0
+        assert "emptied 1 trash runs older than 7 days: 1 files, 3 B" in daemon.log()
+    finally:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+
+
+@_SQLITE_ONLY
+async def test_a_trash_that_is_no_directory_is_one_line(make_site: MakeSite) -> None:
+    # Listing and emptying it were a traceback (NotADirectoryError).
+    env = await make_site("site-b")
+    trash.trash_root(env.state).parent.mkdir(parents=True, exist_ok=True)
+    trash.trash_root(env.state).write_text("a file where the trash directory should be\n")
+    for args in (["trash"], ["trash", "--empty", "--older-than", "1"]):
+        proc = env.cli(*args)
+        assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "the trash" in proc.stderr and "Not a directory" in proc.stderr

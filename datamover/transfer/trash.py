@@ -1,13 +1,15 @@
 """The trash: what stage moved aside instead of overwriting or deleting, until it is emptied.
 
-`<state_dir>/trash/<run>/<dataset>/<path>`, one directory per stage run that moved something,
-named `<UTC time>-<6 hex>` (`stage.trash_dir`). Nothing empties it by itself: it holds what
-users changed. `runs` lists the runs; `empty` removes those older than a number of days, one
-run at a time: renamed first to `.emptying-<run>` (so a run half removed, by a crash or a
-failure, is no longer listed as one, and the next `empty` finishes it), then removed from
-the bottom up through directory descriptors (never following a symlink a user trashed; a
-tree deeper than PATH_MAX goes as a shallow one does). A directory a user left without its
-owner's write or search bits (a read-only tree trashed whole) gets them first.
+`<state_dir>/trash/<run>/<dataset>/<path>`, one directory per stage run that moved
+something, named `<UTC time>-<6 hex>` (`stage.trash_dir`). It holds what users changed: only
+`datamover trash --empty` and a daemon with `[api] trash_days` empty it. `runs` lists the
+runs; `empty` removes those older than a number of days (one `empty` at a time: it holds an
+exclusive `flock` on the trash directory), one run at a time: renamed first to
+`.emptying-<run>` (so a run half removed, by a crash or a failure, is no longer listed as
+one, and the next `empty` finishes it), then removed from the bottom up through directory
+descriptors (never following a symlink a user trashed; a tree deeper than PATH_MAX goes as a
+shallow one does). A directory a user left without its owner's write or search bits (a
+read-only tree trashed whole) gets them first.
 
 A run of the last day is never removed, whatever the age asked: its stage may still be
 writing into it (a stage holds no lock a run could be told by).
@@ -15,6 +17,7 @@ writing into it (a stage holds no lock a run could be told by).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import stat
@@ -70,7 +73,7 @@ def runs(
         names = sorted(p.name for p in root.iterdir())
     except FileNotFoundError:
         return
-    except PermissionError as exc:
+    except OSError as exc:  # not a directory, no permission
         raise PermanentError(f"cannot read the trash {str(root)!r}: {exc.strerror}") from None
     now = datetime.now(UTC)
     for name in names:
@@ -98,7 +101,10 @@ def empty(state_dir: Path, older_than_days: int) -> list[TrashRun]:
         root_fd = os.open(root, _DIR_FLAGS)
     except FileNotFoundError:
         return []
+    except OSError as exc:  # not a directory, a symlink (ELOOP), no permission
+        raise PermanentError(f"cannot empty the trash {str(root)!r}: {exc.strerror}") from None
     try:
+        fcntl.flock(root_fd, fcntl.LOCK_EX)  # one `empty` at a time (a daemon's, a cron job's)
         for name in _names(root_fd):
             if name.startswith(_EMPTYING):
                 _remove_tree(root_fd, name)

@@ -1,0 +1,58 @@
+"""The daemon's trash retention: with `[api] trash_days`, the runs in the site's trash (what
+stages moved aside, `transfer.trash`) that started more than that many days ago are removed
+at start-up and every `EVERY` seconds.
+
+The trash holds users' changes, so nothing empties it unless asked: `[api] trash_days` (0,
+the default: never) or `datamover trash --empty`. A run of the last day is never removed
+(its stage may still be writing into it). A trash that cannot be emptied (a directory of
+another user's the daemon may not change) is one warning line, tried again at the next
+round, not an error every few seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+from datamover.console import human_bytes
+from datamover.errors import DatamoverError
+from datamover.metrics import Metrics
+from datamover.transfer import trash
+
+log = logging.getLogger(__name__)
+
+EVERY = 3600.0  # seconds between two emptyings
+
+
+class TrashRetention:
+    """Removes the trash runs of `state_dir` older than `days` (at least 1)."""
+
+    def __init__(
+        self, state_dir: Path, days: int, metrics: Metrics | None = None, every: float = EVERY
+    ) -> None:
+        self.state_dir = state_dir
+        self.days = days
+        self.metrics = metrics
+        self.every = every
+
+    async def run_once(self) -> bool:
+        """Empty what is due; always False (the next round is `every` seconds away)."""
+        try:
+            removed = await asyncio.to_thread(trash.empty, self.state_dir, self.days)
+        except DatamoverError as exc:
+            log.warning("trash: %s; trying again in %.0f minutes", exc, self.every / 60)
+            return False
+        if removed:
+            files = sum(r.files for r in removed)
+            size = sum(r.bytes for r in removed)
+            if self.metrics is not None:
+                self.metrics.trash_emptied(len(removed), size)
+            log.info(
+                "emptied %d trash runs older than %d days: %d files, %s",
+                len(removed),
+                self.days,
+                files,
+                human_bytes(size),
+            )
+        return False
