@@ -11,8 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from datamover.chunking import codec
-from datamover.chunking.pack import TRAILER_SIZE, PackBuilder, parse_pack
-from datamover.domain.manifest import Codec
+from datamover.chunking.pack import (
+    TRAILER_SIZE,
+    PackBuilder,
+    least_sizes,
+    parse_pack,
+)
+from datamover.domain.manifest import ChunkRef, Codec
 from datamover.errors import Corrupt
 
 
@@ -118,3 +123,25 @@ def test_mutated_or_truncated_packs_are_corrupt(pos: int, flip: int, cut: int) -
                     e.raw_length,
                     e.digest,
                 )
+
+
+@given(
+    st.lists(st.binary(min_size=1, max_size=300), min_size=1, max_size=20, unique=True), st.data()
+)
+@settings(max_examples=200, deadline=None)
+def test_a_whole_pack_is_never_below_its_least_size(
+    chunks: list[bytes], data: st.DataObject
+) -> None:
+    """`least_sizes` (what a push asks of a pack's HEAD size before it reuses chunks in it)
+    never takes a whole pack for one cut short, and asks for every byte of the chunks named
+    and for the trailer after them: a pack missing any of those is taken as cut short."""
+    pack_id, whole = build(chunks, level=None)
+    refs = [
+        ChunkRef(e.digest, pack_id, e.offset, e.stored_length, e.raw_length, e.codec)
+        for e in parse_pack(whole, pack_id)
+    ]
+    some = data.draw(st.lists(st.sampled_from(refs), min_size=1))
+    [(named, least)] = least_sizes(some).items()
+    furthest = max(r.offset + r.stored_length for r in some)
+    assert named == pack_id
+    assert furthest + TRAILER_SIZE < least <= len(whole)
