@@ -89,7 +89,9 @@ def test_a_damaged_copy_replaced_while_it_was_read_keeps_the_good_one(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A reader found the cached copy damaged while a writer renamed a good copy over it:
-    # it removed the good copy (a fetch more for the next reader, every time it happens).
+    # it removed the good copy (a fetch more for the next reader, and a stage reading the
+    # cache then found the segment gone). A damaged copy is now left for the fetch to
+    # replace.
     good = b"segment bytes" * 10
     digest = blake3.blake3(good).digest()
     repo = Repository(MemoryStore(), tmp_path)

@@ -277,17 +277,13 @@ class Repository:
         """A verified manifest object from the local cache, or None (blocking I/O)."""
         path = self._cache_path(digest)
         try:
-            with path.open("rb") as f:
-                data = f.read()
-                read = os.fstat(f.fileno())
+            data = path.read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             return None
         if blake3.blake3(data).digest() != digest:
-            # Local damage: drop it and fetch again, unless a writer has just renamed a
-            # good copy over the file read (that copy is kept).
-            with contextlib.suppress(OSError):
-                if os.stat(path).st_ino == read.st_ino:
-                    path.unlink()
+            # Local damage: the caller fetches the object, and caching it renames a good
+            # copy over this one. Not removed here: a writer may have renamed a good copy
+            # into place since it was read, and no check before an unlink closes that gap.
             return None
         return data
 

@@ -125,12 +125,14 @@ class ReuseCheck:
 
     async def _check_packs(self, packs: list[bytes]) -> None:
         try:
-            sizes = await gather_or_cancel([self.repo.stored_size(pack_key(p)) for p in packs])
-            for pack, size in zip(packs, sizes, strict=True):
-                if size is None or size < self._need.pop(pack):
-                    self._lost_packs.add(pack)
-                self._sizes[pack] = -1 if size is None else size
-                if len(self._sizes) > _WINDOW:
-                    del self._sizes[next(iter(self._sizes))]
+            for i in range(0, len(packs), _BATCH):  # one file's chunks may span many packs
+                part = packs[i : i + _BATCH]
+                sizes = await gather_or_cancel([self.repo.stored_size(pack_key(p)) for p in part])
+                for pack, size in zip(part, sizes, strict=True):
+                    if size is None or size < self._need.pop(pack):
+                        self._lost_packs.add(pack)
+                    self._sizes[pack] = -1 if size is None else size
+                    if len(self._sizes) > _WINDOW:
+                        del self._sizes[next(iter(self._sizes))]
         finally:
             self._slots.release()
