@@ -205,3 +205,17 @@ async def test_a_pack_cut_short_in_the_store_is_not_deduplicated_against(
     finally:
         await site_a.close()
         await site_b.close()
+
+
+async def test_one_files_packs_are_headed_a_batch_at_a_time() -> None:
+    # One huge file's chunks span thousands of packs, all passed in one `chunks` call: its
+    # batch was HEADed all at once (a task each, ~1.6 KB a pack: 496 MiB for 300,000).
+    repo = _SlowRepo()
+    check = ReuseCheck(repo)  # type: ignore[arg-type]
+    check.chunks(_refs(20 * reuse._BATCH))
+    await check.flush()
+    await asyncio.sleep(0.2)
+    assert 0 < repo.running <= reuse._BATCH
+    repo.release.set()
+    assert await check.missing() == (set(), set())
+    assert repo.peak <= reuse._BATCH
