@@ -222,8 +222,8 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
                 catalog_only=False,
             )
             loops.start("reindex", runs)
+        retention = TrashRetention(Path(config.state_dir), config.api.trash_days, metrics)
         if config.api.trash_days > 0:  # 0: only `datamover trash --empty` empties it
-            retention = TrashRetention(Path(config.state_dir), config.api.trash_days, metrics)
             emptying = partial(run_loop, "trash", retention.run_once, stop, idle=retention.every)
             loops.start("trash", partial(emptying, catalog_only=False))
         warming = asyncio.create_task(_warm(site))
@@ -234,6 +234,8 @@ async def serve(config: Config, ready: asyncio.Event | None = None) -> None:
         endings.close()  # held long polls answer now
         warming.cancel()  # a store that never answered: its retries end here
         loops.cancel("reindex")  # a first run over a big bucket takes long; the next resumes
+        retention.stop()  # so is a first emptying of a big trash; the next one finishes it
+        loops.cancel("trash")
         for w in workers:
             w.drain()
         await asyncio.gather(loops.wait(), warming, return_exceptions=True)

@@ -9,14 +9,15 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from prometheus_client import generate_latest
 
+from datamover.errors import Busy
 from datamover.metrics import Metrics
 from datamover.scheduler.trash_retention import TrashRetention
 from datamover.transfer import trash
@@ -162,21 +163,46 @@ async def test_a_trash_the_daemon_cannot_empty_is_one_warning(
     assert "cannot empty the trash" in record.getMessage() and record.exc_info is None
 
 
-def test_two_emptyings_take_turns(tmp_path: Path) -> None:
+def test_a_second_emptying_while_one_runs_is_busy_and_removes_nothing(tmp_path: Path) -> None:
     # A daemon's retention and a cron job's `trash --empty` at once: the second renamed or
     # removed what the first had just taken, and failed on the missing name.
     [old] = _runs_in(tmp_path, "20200101T000000Z")
     holder = os.open(trash.trash_root(tmp_path), os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(holder, fcntl.LOCK_EX)  # the other emptying, under way
-        with ThreadPoolExecutor(1) as pool:
-            second = pool.submit(trash.empty, tmp_path, 1)
-            time.sleep(0.3)
-            assert not second.done()  # it waits for the first
-            fcntl.flock(holder, fcntl.LOCK_UN)
-            assert [r.name for r in second.result(timeout=10)] == [old]
+        with pytest.raises(Busy, match="is being emptied by another process"):
+            trash.empty(tmp_path, 1)
+        assert (trash.trash_root(tmp_path) / old).is_dir()
     finally:
         os.close(holder)
+    assert [r.name for r in trash.empty(tmp_path, 1)] == [old]
+
+
+def test_a_stopped_emptying_returns_and_the_next_one_finishes(tmp_path: Path) -> None:
+    first, second = _runs_in(tmp_path, "20200101T000000Z", "20200102T000000Z")
+    stop = threading.Event()
+    stop.set()
+    assert trash.empty(tmp_path, 1, stop) == []  # stopped before its first entry
+    assert sorted(p.name for p in trash.trash_root(tmp_path).iterdir()) == [
+        ".emptying-" + first,  # the run it began with, no longer listed as one
+        second,
+    ]
+    assert [r.name for r in trash.runs(tmp_path)] == [second]
+    assert [r.name for r in trash.empty(tmp_path, 1)] == [second]
+    assert list(trash.trash_root(tmp_path).iterdir()) == []
+
+
+def test_a_trash_symlinked_to_another_disk_is_emptied_through_the_link(tmp_path: Path) -> None:
+    # Stage writes through it; emptying refused it as "Not a directory", every hour.
+    elsewhere = tmp_path / "bigger-disk" / "trash"
+    elsewhere.mkdir(parents=True)
+    state = tmp_path / "state"
+    state.mkdir()
+    trash.trash_root(state).symlink_to(elsewhere)
+    [old] = _runs_in(state, "20200101T000000Z")
+    assert [r.name for r in trash.empty(state, 1)] == [old]
+    assert list(elsewhere.iterdir()) == []
+    assert trash.trash_root(state).is_symlink()
 
 
 @_SQLITE_ONLY
@@ -209,3 +235,32 @@ async def test_a_trash_that_is_no_directory_is_one_line(make_site: MakeSite) -> 
         proc = env.cli(*args)
         assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
         assert "the trash" in proc.stderr and "Not a directory" in proc.stderr
+
+
+@_SQLITE_ONLY
+async def test_a_daemon_leaves_a_trash_being_emptied_to_that_process_and_stops_at_once(
+    make_site: MakeSite,
+) -> None:
+    # Its emptying waited for the other's lock in a thread nothing could cancel: a SIGTERM
+    # left it running (and answering "ready") until the other one ended.
+    env = await make_site("site-b", api={"listen": f"127.0.0.1:{free_port()}", "trash_days": 7})
+    [old] = _runs_in(env.state, "20200101T000000Z")
+    holder = os.open(trash.trash_root(env.state), os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(holder, fcntl.LOCK_EX)  # a cron job's `trash --empty`, under way
+    daemon = start_daemon(env)
+    try:
+        deadline = time.monotonic() + 30
+        while "is being emptied by another process" not in daemon.log():
+            assert time.monotonic() < deadline, daemon.log()
+            await asyncio.sleep(0.1)
+        proc = env.cli("trash", "--empty", "--older-than", "1")
+        assert proc.returncode == 4 and proc.stderr.count("\n") == 1, proc.stderr
+        assert "is being emptied by another process" in proc.stderr
+        started = time.monotonic()
+        assert daemon.stop(timeout=15) == 0
+        assert time.monotonic() - started < 10
+        assert (trash.trash_root(env.state) / old).is_dir()  # left to the other process
+    finally:
+        os.close(holder)
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()

@@ -6,17 +6,20 @@ The trash holds users' changes, so nothing empties it unless asked: `[api] trash
 the default: never) or `datamover trash --empty`. A run of the last day is never removed
 (its stage may still be writing into it). A trash that cannot be emptied (a directory of
 another user's the daemon may not change) is one warning line, tried again at the next
-round, not an error every few seconds.
+round, not an error every few seconds; a trash another process is emptying (a cron job's
+`datamover trash --empty`) is left to it for this round. A daemon that drains stops an
+emptying under way between two entries (`TrashRetention.stop`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from pathlib import Path
 
 from datamover.console import human_bytes
-from datamover.errors import DatamoverError
+from datamover.errors import Busy, DatamoverError
 from datamover.metrics import Metrics
 from datamover.transfer import trash
 
@@ -35,11 +38,20 @@ class TrashRetention:
         self.days = days
         self.metrics = metrics
         self.every = every
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        """Make an emptying under way return between two entries (the daemon drains; the
+        thread it runs in cannot be cancelled, and the process waits for it at exit)."""
+        self._stop.set()
 
     async def run_once(self) -> bool:
         """Empty what is due; always False (the next round is `every` seconds away)."""
         try:
-            removed = await asyncio.to_thread(trash.empty, self.state_dir, self.days)
+            removed = await asyncio.to_thread(trash.empty, self.state_dir, self.days, self._stop)
+        except Busy as exc:  # a cron job's `trash --empty`: it does the work
+            log.info("trash: %s; trying again in %.0f minutes", exc, self.every / 60)
+            return False
         except DatamoverError as exc:
             log.warning("trash: %s; trying again in %.0f minutes", exc, self.every / 60)
             return False

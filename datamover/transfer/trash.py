@@ -4,12 +4,12 @@
 something, named `<UTC time>-<6 hex>` (`stage.trash_dir`). It holds what users changed: only
 `datamover trash --empty` and a daemon with `[api] trash_days` empty it. `runs` lists the
 runs; `empty` removes those older than a number of days (one `empty` at a time: it holds an
-exclusive `flock` on the trash directory), one run at a time: renamed first to
-`.emptying-<run>` (so a run half removed, by a crash or a failure, is no longer listed as
-one, and the next `empty` finishes it), then removed from the bottom up through directory
-descriptors (never following a symlink a user trashed; a tree deeper than PATH_MAX goes as a
-shallow one does). A directory a user left without its owner's write or search bits (a
-read-only tree trashed whole) gets them first.
+exclusive `flock` on the trash directory, and another finding it taken is `Busy`), one run
+at a time: renamed first to `.emptying-<run>` (so a run half removed, by a crash or a
+failure, is no longer listed as one, and the next `empty` finishes it), then removed from
+the bottom up through directory descriptors (never following a symlink a user trashed; a
+tree deeper than PATH_MAX goes as a shallow one does). A directory a user left without its
+owner's write or search bits (a read-only tree trashed whole) gets them first.
 
 A run of the last day is never removed, whatever the age asked: its stage may still be
 writing into it (a stage holds no lock a run could be told by).
@@ -21,12 +21,13 @@ import fcntl
 import os
 import re
 import stat
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from datamover.errors import InvalidInput, PermanentError
+from datamover.errors import Busy, InvalidInput, PermanentError
 
 #: A run's directory: the stage's start, to the second, and 6 random hex digits.
 _RUN = re.compile(r"\A(\d{8}T\d{6}Z)-[0-9a-f]{6}\Z")
@@ -86,34 +87,50 @@ def runs(
         yield run
 
 
-def empty(state_dir: Path, older_than_days: int) -> list[TrashRun]:
+def empty(
+    state_dir: Path, older_than_days: int, stop: threading.Event | None = None
+) -> list[TrashRun]:
     """Remove the runs that started more than `older_than_days` days ago (at least
     `MIN_AGE`), and the remains of any run an earlier `empty` did not finish; return the
-    runs removed, with what they held. `InvalidInput` for fewer than one day."""
+    runs removed, with what they held. `InvalidInput` for fewer than one day; `Busy` if
+    another `empty` is under way (it holds the trash directory's `flock`; this one does not
+    wait for it). Once `stop` is set, it returns between two entries with the runs removed
+    so far: a run it was removing is left renamed, and the next `empty` finishes it.
+
+    The trash directory itself is followed if it is a symlink (an operator may put it on
+    another disk; stage writes through it too); nothing below it is."""
     if older_than_days < 1:
         raise InvalidInput(
             f"--older-than {older_than_days}: at least 1 day (a stage of the last day may "
             "still be writing into its trash)"
         )
     root = trash_root(state_dir)
-    removed = []
+    removed: list[TrashRun] = []
     try:
-        root_fd = os.open(root, _DIR_FLAGS)
+        root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
         return []
-    except OSError as exc:  # not a directory, a symlink (ELOOP), no permission
+    except OSError as exc:  # not a directory, no permission
         raise PermanentError(f"cannot empty the trash {str(root)!r}: {exc.strerror}") from None
     try:
-        fcntl.flock(root_fd, fcntl.LOCK_EX)  # one `empty` at a time (a daemon's, a cron job's)
+        try:
+            fcntl.flock(root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(
+                f"the trash {str(root)!r} is being emptied by another process (a site "
+                "daemon's [api] trash_days, or another `datamover trash --empty`)"
+            ) from None
         for name in _names(root_fd):
             if name.startswith(_EMPTYING):
-                _remove_tree(root_fd, name)
+                _remove_tree(root_fd, name, stop)
         age = max(timedelta(days=older_than_days), MIN_AGE)
         for run in list(runs(state_dir, age, measure=False)):
             aside = _EMPTYING + run.name
             os.rename(run.name, aside, src_dir_fd=root_fd, dst_dir_fd=root_fd)
-            run.files, run.bytes = _remove_tree(root_fd, aside)
+            run.files, run.bytes = _remove_tree(root_fd, aside, stop)
             removed.append(run)
+    except _Stopped:
+        pass
     except OSError as exc:
         where = exc.filename or root
         raise PermanentError(
@@ -122,6 +139,10 @@ def empty(state_dir: Path, older_than_days: int) -> list[TrashRun]:
     finally:
         os.close(root_fd)
     return removed
+
+
+class _Stopped(Exception):
+    """`empty` was asked to stop (its `stop` event was set)."""
 
 
 def _started(name: str) -> datetime | None:
@@ -169,10 +190,11 @@ def _open_dir(parent_fd: int, name: str) -> int:
     return fd
 
 
-def _remove_tree(parent_fd: int, name: str) -> tuple[int, int]:
+def _remove_tree(parent_fd: int, name: str, stop: threading.Event | None = None) -> tuple[int, int]:
     """Remove directory `name` of `parent_fd` and everything below it, bottom up, with one
     descriptor and one directory's names held per level (no recursion: a trashed tree may
-    be thousands of levels deep); return the regular files removed and their bytes."""
+    be thousands of levels deep); return the regular files removed and their bytes.
+    `_Stopped` once `stop` is set (checked before each entry)."""
     files = size = 0
     fd = _open_dir(parent_fd, name)
     stack = [(fd, iter(_names(fd)), parent_fd, name)]
@@ -180,6 +202,8 @@ def _remove_tree(parent_fd: int, name: str) -> tuple[int, int]:
         while stack:
             fd, names, up, here = stack[-1]
             for child in names:
+                if stop is not None and stop.is_set():
+                    raise _Stopped
                 st = os.stat(child, dir_fd=fd, follow_symlinks=False)
                 if stat.S_ISDIR(st.st_mode):
                     inner = _open_dir(fd, child)
