@@ -28,6 +28,7 @@ from datamover.errors import (
     DatamoverError,
     InvalidInput,
     TransientError,
+    Unauthorized,
     error_class,
 )
 
@@ -342,6 +343,13 @@ class DaemonClient:
         handed to a caller that would fail on it. `path` is sent as it is (already encoded):
         build its variable parts with `segment`."""
         status, data = self.request(method, path, body, params, headers)
+        if status == 401 and not self.token and isinstance(data, dict) and "error" in data:
+            # The daemon's own "a bearer token is required" speaks of an HTTP header.
+            raise Unauthorized(
+                f"the daemon at {self.base_url} needs a token and this command has none: "
+                "write one `datamover token create` printed to the file [api] token_file "
+                "names (or set DATAMOVER_TOKEN)"
+            )
         if not 200 <= status < 300:
             raise error_from(status, data, self.base_url)
         if not isinstance(data, dict):

@@ -365,3 +365,18 @@ def test_a_name_that_resolved_before_and_now_does_not_is_waited_out() -> None:
     )
     with pytest.raises(InvalidInput, match="unknown host"):
         fresh.request("GET", "/healthz")  # never reached: the URL's to check
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)
+async def test_a_command_without_a_token_says_which_setting_gives_it_one(
+    served_site: StartSite,
+) -> None:
+    # Before: "a bearer token is required (Authorization: Bearer <token>)", an HTTP header
+    # a CLI user never writes, from a stage that had worked until the daemon started.
+    d = await served_site("site-a")
+    for args in (["stage", "/proj/x"], ["transfer", "list"]):
+        proc = d.env.cli(*args)
+        assert proc.returncode == 9, proc.stderr
+        assert proc.stderr.count("\n") == 1
+        assert "needs a token and this command has none" in proc.stderr
+        assert "[api] token_file" in proc.stderr and "Authorization" not in proc.stderr
