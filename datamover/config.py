@@ -513,6 +513,13 @@ def parse_config(
         elif env.get(fallback):
             check_key_setting(env[fallback], f"environment: {fallback}")
             store = dataclasses.replace(store, **{key: env[fallback]})
+    if bool(store.access_key) != bool(store.secret_key):  # botocore: "Partial credentials"
+        have, lack = ("access_key", "secret_key")[:: 1 if store.access_key else -1]
+        variable = dict(fallbacks[:2])[lack]
+        raise InvalidInput(
+            f"{source}: [store] {have} is set but {lack} is not (nor {variable}): give "
+            "both, or neither to use AWS's own credential chain (a profile, a role)"
+        )
     for key in ("connect_timeout", "read_timeout"):
         if getattr(store, key) <= 0:
             raise InvalidInput(f"{origin('store', key)} must be more than 0 seconds")

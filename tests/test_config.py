@@ -675,6 +675,34 @@ def test_an_unsupported_catalog_url_is_named_without_its_password(tmp_path: Path
     )
 
 
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        # Before: "the driver 'aiosqlite' cannot be used (Invalid SQLite URL ...); give
+        # sqlite://... and datamover picks its own", to a user who had given sqlite://.
+        (
+            "sqlite://relative.db",
+            "catalog URL 'sqlite://relative.db': an SQLite catalog is sqlite:/// followed by "
+            "the file's path",
+        ),
+        # Before: "only sqlite and postgresql are supported", to a user of PostgreSQL.
+        (
+            "postgres://dm:s3cret@db.example.org/dm",
+            "catalog URL 'postgres://dm:***@db.example.org/dm': write postgresql://, not "
+            "postgres://",
+        ),
+    ],
+)
+def test_a_misspelt_catalog_url_is_told_how_to_write_it(
+    tmp_path: Path, url: str, said: str
+) -> None:
+    path = _site(tmp_path)
+    proc = _cli(path, {"DATAMOVER_SITE_CATALOG": url}, "db", "upgrade")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert said in proc.stderr
+    assert not (tmp_path / "relative.db").exists()
+
+
 #: Catalog URLs SQLAlchemy cannot parse, and how each is shown: from `[scheme://]user:` to
 #: the last `@` hidden. Before: the first four were echoed whole, password and all; the
 #: others were "internal error (ValueError: invalid literal for int() ...)", exit 70.
@@ -839,3 +867,25 @@ def test_trash_days_below_0_is_refused(tmp_path: Path) -> None:
         load_config(path, env={})
     path.write_text(GOOD + "[api]\ntrash_days = 7\n")
     assert load_config(path, env={}).api.trash_days == 7
+
+
+@pytest.mark.parametrize(
+    ("drop", "env", "said"),
+    [
+        ('secret_key = "s"\n', {}, "access_key is set but secret_key is not (nor AWS_SECRET"),
+        ('access_key = "k"\n', {}, "secret_key is set but access_key is not (nor AWS_ACCESS"),
+        ('access_key = "k"\nsecret_key = "s"\n', {"AWS_ACCESS_KEY_ID": "k"}, "secret_key is"),
+    ],
+)
+def test_half_a_key_pair_is_named(
+    tmp_path: Path, drop: str, env: dict[str, str], said: str
+) -> None:
+    # Before: botocore's "Partial credentials found in explicit, missing:
+    # aws_secret_access_key", at the first request.
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD.replace(drop, ""))
+    with pytest.raises(InvalidInput, match=re.escape(said)):
+        load_config(path, env=env)
+    path.write_text(GOOD.replace(drop, ""))
+    both = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    assert load_config(path, env=both).store.secret_key  # the environment completes it

@@ -146,9 +146,18 @@ def create_engine_for(url: str) -> AsyncEngine:
     except (ArgumentError, ValueError):  # ValueError: a port that is not a number
         raise InvalidInput(f"catalog URL {_describe(url)!r} is not a valid database URL") from None
     backend = parsed.get_backend_name()
+    if backend == "postgres":  # the libpq spelling SQLAlchemy dropped
+        raise InvalidInput(f"catalog URL {_describe(url)!r}: write postgresql://, not postgres://")
     if backend not in _DRIVERS:
         raise InvalidInput(
             f"catalog URL {_describe(url)!r}: only sqlite and postgresql are supported"
+        )
+    if backend == "sqlite" and (parsed.host or parsed.username or parsed.port):
+        # `sqlite://site.db`: the file name parsed as a host, which the driver then refused.
+        raise InvalidInput(
+            f"catalog URL {_describe(url)!r}: an SQLite catalog is sqlite:/// followed by the "
+            "file's path (sqlite:////var/lib/datamover/site.db, or sqlite:///site.db beside "
+            "the config file)"
         )
     try:
         port = parsed.port
