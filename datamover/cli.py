@@ -24,11 +24,16 @@ from datamover.errors import Corrupt, DatamoverError, Interrupted
 T = TypeVar("T")
 
 
-def common(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Add `--config` and `--json` to a command."""
-    fn = click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")(
-        fn
-    )
+def common(fn: Callable[..., Any], json_help: str | None = None) -> Callable[..., Any]:
+    """Add `--config` and `--json` to a command (`json_help` None: one JSON object on
+    stdout; "" hides the option, for a command that prints no result)."""
+    fn = click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        hidden=json_help == "",
+        help=json_help or "Print one JSON object on stdout.",
+    )(fn)
     return click.option(
         "--config",
         "config_path",
@@ -169,8 +174,9 @@ def push(
         return
     state = "unchanged, still" if result["unchanged"] else "published"
     click.echo(
-        f"{result['dataset']}: {state} version {result['version']}: {result['files']} files, "
-        f"{human_bytes(result['bytes'])}; read {result['files_read']} files, uploaded "
+        f"{result['dataset']}: {state} version {result['version']}: "
+        f"{counted(result['files'], 'file')}, {human_bytes(result['bytes'])}; read "
+        f"{counted(result['files_read'], 'file')}, uploaded "
         f"{human_bytes(result['uploaded_bytes'])} in {result['seconds']:.2f} s"
     )
     _name_skipped(result.get("skipped_special", []), result.get("skipped_special_count", 0))
@@ -258,14 +264,17 @@ def stage(
         click.echo(f"submitted transfer {result['transfer']}")
         return
     click.echo(
-        f"{result['dataset']}: version {result['version']} ready: {result['files']} files, "
-        f"{human_bytes(result['bytes'])}; fetched {result['fetched_files']} files, downloaded "
+        f"{result['dataset']}: version {result['version']} ready: "
+        f"{counted(result['files'], 'file')}, {human_bytes(result['bytes'])}; fetched "
+        f"{counted(result['fetched_files'], 'file')}, downloaded "
         f"{human_bytes(result['downloaded_bytes'])} in {result['seconds']:.2f} s"
         + (f"; pinned as {pin}" if pin else "")
     )
     if result.get("trashed_count"):
         click.echo(
-            f"  moved {result['trashed_count']} locally changed entries to {result['trash_dir']}",
+            f"  moved {result['trashed_count']} local "
+            f"{'entry' if result['trashed_count'] == 1 else 'entries'} (changed here, or "
+            f"not in the version) to {result['trash_dir']}",
             err=True,
         )
 

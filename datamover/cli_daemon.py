@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 import secrets
 import sys
+from functools import partial
 from typing import Any
 
 import click
 
-from datamover.cli import Bar, cli, common, emit_json, human_bytes, run_with_site
+from datamover.cli import Bar, cli, common, counted, emit_json, human_bytes, run_with_site
 from datamover.config import Config, load_config
 from datamover.errors import Interrupted, InvalidInput, TransientError
 
@@ -163,9 +164,10 @@ def stage_locally(config: Config, request: dict[str, Any], as_json: bool) -> dic
 
 
 @cli.command()
-@common
+@partial(common, json_help="")  # its log lines are JSON on stderr whatever is given
 def serve(config_path: str | None, as_json: bool) -> None:
-    """Run the site daemon: REST API, transfer workers, metrics (until SIGTERM)."""
+    """Run the site daemon: REST API, transfer workers, metrics (until SIGTERM). It logs
+    one JSON object a line on stderr."""
     import asyncio
 
     from datamover.daemon import serve as run_daemon
@@ -479,4 +481,4 @@ def release(
     if as_json:
         emit_json({"pin": pin, "released": released})
     else:
-        click.echo(f"released {released} replicas held by {pin}")
+        click.echo(f"released {counted(released, 'replica')} held by {pin}")

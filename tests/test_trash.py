@@ -264,3 +264,20 @@ async def test_a_daemon_leaves_a_trash_being_emptied_to_that_process_and_stops_a
         os.close(holder)
         if daemon.proc.poll() is None:
             daemon.proc.kill()
+
+
+@_SQLITE_ONLY
+async def test_one_file_and_one_entry_are_said_in_the_singular(make_site: MakeSite) -> None:
+    # Before: "read 1 files", "fetched 1 files", "moved 1 locally changed entries".
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("version\n")
+    pushed = a.cli("push", "/proj/ds")
+    assert ": 1 file, " in pushed.stdout and "read 1 file, " in pushed.stdout, pushed.stdout
+    staged = b.cli("stage", "/proj/ds")
+    assert "ready: 1 file, " in staged.stdout and "fetched 1 file, " in staged.stdout
+    (b.data / "ds" / "f").write_text("mine\n")
+    (a.data / "ds" / "f").write_text("version two\n")
+    assert a.cli("push", "/proj/ds").returncode == 0
+    again = b.cli("stage", "/proj/ds")
+    assert "moved 1 local entry (changed here, or not in the version) to " in again.stderr
