@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import blake3
+import pytest
 
 from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.transfer.fsops import content_problem
@@ -100,3 +101,23 @@ async def test_a_file_verify_cannot_read_is_reported_as_unreadable(make_site: Ma
         "secret: mode 0, expected 644",
         "secret: cannot be read to compare it: permission denied",
     ]
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)
+async def test_verify_names_an_interrupted_stages_partial_file_as_such(
+    make_site: MakeSite,
+) -> None:
+    # Before: ".dm-0123456789abcdef.part: not in the version", a name the user never made.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds" / "sub").mkdir(parents=True)
+    (a.data / "ds" / "sub" / "f").write_text("version\n")
+    assert a.cli("push", "/proj/ds").returncode == 0
+    assert b.cli("stage", "/proj/ds").returncode == 0
+    (b.data / "ds" / "sub" / ".dm-0123456789abcdef.part").write_text("vers")
+    proc = b.cli("verify", "/proj/ds")
+    assert proc.returncode != 0
+    assert (
+        "sub/.dm-0123456789abcdef.part: a partial file of an interrupted stage (stage again "
+        "to finish it)"
+    ) in proc.stdout + proc.stderr
+    assert b.cli("verify", "/proj/ds", "--allow-extra").returncode == 0

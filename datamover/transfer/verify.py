@@ -30,7 +30,7 @@ from typing import Any
 
 from datamover.domain.manifest import Entry, Kind, without_setid
 from datamover.domain.namespace import Namespace
-from datamover.domain.paths import check_logical_path, printable, sort_key
+from datamover.domain.paths import PARTIAL_RE, check_logical_path, printable, sort_key
 from datamover.errors import InvalidInput, NotFound
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
@@ -166,7 +166,14 @@ def _merge(
         elif local is not None and (ekey is None or (lkey is not None and lkey < ekey)):
             if local.kind is None:
                 result.skip_special(local.path)
-            elif not allow_extra:
+            elif allow_extra:
+                pass
+            elif PARTIAL_RE.match(local.path.rpartition("/")[2]):
+                result.add(
+                    f"{printable(local.path)}: a partial file of an interrupted stage (stage "
+                    "again to finish it)"
+                )
+            else:
                 result.add(f"{printable(local.path)}: not in the version")
             if local.kind == Kind.DIR:
                 walker.prune()
