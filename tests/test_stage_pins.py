@@ -32,7 +32,7 @@ async def test_a_replica_pinned_by_another_job_keeps_its_version(make_site: Make
         v2 = (await push(site_a, "/proj/ds")).version
         with pytest.raises(Pinned, match=f"held at version {v1} by pin 'slurm-101'"):
             await stage(site_b, "/proj/ds", pin=("slurm-104", "t"))
-        with pytest.raises(Pinned, match="by a pin:"):
+        with pytest.raises(Pinned, match="by pin 'slurm-101' \\(tenant 't'\\):"):
             await stage(site_b, "/proj/ds")  # no pin of its own: every pin is another's
         with pytest.raises(Pinned, match="by another tenant's pin:"):
             await stage(site_b, "/proj/ds", pin=("slurm-101", "other-tenant"))
@@ -170,8 +170,13 @@ async def test_a_refusal_counts_only_the_callers_tenants_pins(make_site: MakeSit
         await pins.add_pin("m2", "/proj/ds", "t", v1)
         with pytest.raises(Pinned, match="by pin 'm1' and 1 more and other tenants' pins: "):
             await stage(site_b, "/proj/ds", pin=("mine", "t"))
-        with pytest.raises(Pinned, match="by a pin and 4 more: "):  # the site's operator
+        with pytest.raises(Pinned) as caught:  # the site's operator, who may see them all
             await stage(site_b, "/proj/ds")
+        # Before: "by a pin and 4 more", and no command listed them for `release --pin`.
+        assert (
+            "by pins 'm1' (tenant 't'), 'm2' (tenant 't'), 'x1' (tenant 'other') and 2 more: "
+            in str(caught.value)
+        )
         assert (b.data / "ds" / "f").read_text() == "version 1\n"
     finally:
         await site_a.close()

@@ -43,11 +43,15 @@ def counted(pins: list[PinRow], keep: tuple[str, str] | None, others_only: bool)
 def holders(pins: list[PinRow], keep: tuple[str, str] | None) -> tuple[str, str]:
     """`(who, how)` for a refusal over `pins` (non-empty): who holds the files, as the
     caller may be told, and how to stage anyway. Other tenants' pin ids are neither named
-    nor counted, and no pin is named to a caller without `keep` (the site's operator, who
-    may count them all)."""
+    nor counted to a tenant; a caller without `keep` (a command run here without a token:
+    the site's operator, who holds the catalog) is told the first three pins and their
+    tenants, which `datamover release --pin ID --tenant T` takes."""
     foreign = keep is not None and any(p.tenant != keep[1] for p in pins)
     if keep is None:
-        who = "a pin" + (f" and {len(pins) - 1} more" if len(pins) > 1 else "")
+        named = ", ".join(f"{p.pin!r} (tenant {p.tenant!r})" for p in pins[:3])
+        who = ("pin " if len(pins) == 1 else "pins ") + named
+        if len(pins) > 3:
+            who += f" and {len(pins) - 3} more"
     else:
         mine = [p for p in pins if p.tenant == keep[1]]
         who = f"pin {mine[0].pin!r}" if mine else "another tenant's pin"
