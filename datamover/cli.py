@@ -324,7 +324,8 @@ def verify(
 def ls(prefix: str, config_path: str | None, as_json: bool) -> None:
     """List datasets under PREFIX and their versions.
 
-    Printed one dataset at a time as the store lists them. A corrupt version document is
+    Printed one dataset at a time as the store lists them; none is one line on stderr
+    ("no datasets under PREFIX"), exit 0. A corrupt version document is
     one warning line on stderr (and an entry of "errors" with --json); the others are still
     listed, and the command then exits 5.
     """
@@ -339,10 +340,10 @@ def ls(prefix: str, config_path: str | None, as_json: bool) -> None:
         sys.stdout.write("], " + json.dumps(tail, sort_keys=True)[1:] + "\n")
         sys.stdout.flush()
 
-    started = False
+    started = listed = False  # JSON begun; a dataset printed as text
 
     async def work(site: Any) -> None:
-        nonlocal started
+        nonlocal started, listed
         async for info in iter_datasets(site, prefix):
             for b in info.bad:
                 bad.append(b)
@@ -356,6 +357,7 @@ def ls(prefix: str, config_path: str | None, as_json: bool) -> None:
                 sys.stdout.write(json.dumps(info.to_json(), sort_keys=True))
                 started = True
                 continue
+            listed = True
             click.echo(info.path)
             for v in info.versions:
                 click.echo(
@@ -382,6 +384,8 @@ def ls(prefix: str, config_path: str | None, as_json: bool) -> None:
         if not started:
             sys.stdout.write('{"datasets": [')
         close_json()
+    elif not listed:  # a typo'd prefix listed nothing, silently
+        click.echo(f"no datasets under {prefix}", err=True)
     if bad:
         sys.exit(Corrupt.exit_code)
 
