@@ -281,7 +281,12 @@ def stage(
 
 @cli.command()
 @click.argument("logical_path")
-@click.option("--version", "version", metavar="ID", help="Version to compare with.")
+@click.option(
+    "--version",
+    "version",
+    metavar="ID",
+    help="Version to compare with (default: the version staged here, else the latest).",
+)
 @click.option("--allow-extra", is_flag=True, help="Ignore local files the version lacks.")
 @common
 def verify(
