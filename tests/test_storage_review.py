@@ -19,7 +19,13 @@ import pytest
 from aiohttp import web
 
 from datamover.embedded import EmbeddedSeaweed
-from datamover.errors import InvalidInput, ObjectNotFound, PermanentError, StoreUnavailable
+from datamover.errors import (
+    InvalidInput,
+    ObjectNotFound,
+    PermanentError,
+    StoreAccessDenied,
+    StoreUnavailable,
+)
 from datamover.storage.bandwidth import ThrottledStore
 from datamover.storage.base import Store
 from datamover.storage.memory import MemoryStore
@@ -411,3 +417,53 @@ async def test_an_endpoint_that_is_not_s3_is_named_not_an_internal_error() -> No
         await store.close()
         server.shutdown()
         server.server_close()
+
+
+@pytest.mark.parametrize(
+    ("status", "kind", "body"),
+    [
+        (401, "application/json", b'{"error": {"code": "unauthorized"}}'),  # an API's login
+        (403, "text/html", b"<html><body>Forbidden</body></html>"),  # a web server's page
+        (401, "text/plain", b""),
+    ],
+)
+async def test_a_refusal_that_is_not_s3s_names_the_endpoint_not_the_credentials(
+    status: int, kind: str, body: bytes
+) -> None:
+    # Before: "the credentials were refused or lack permission for ListObjectsV2 (401)",
+    # for [store] endpoint set to another service's port (the site daemon's).
+    import http.server
+    import threading
+
+    class Refusing(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", kind)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    store = S3Store(
+        f"http://127.0.0.1:{server.server_port}", "bucket", access_key="k", secret_key="s"
+    )
+    try:
+        with pytest.raises(PermanentError, match=rf"HTTP {status} but no S3 error: .*S3 port"):
+            [o async for o in store.list("datasets/")]  # as `ls` asks
+    finally:
+        await store.close()
+        server.shutdown()
+        server.server_close()
+
+
+async def test_a_real_s3_refusal_still_names_the_credentials(seaweed: EmbeddedSeaweed) -> None:
+    store = S3Store(seaweed.endpoint, "bucket", access_key="wrong", secret_key="wrong")
+    try:
+        with pytest.raises(StoreAccessDenied, match="credentials were refused"):
+            [o async for o in store.list("datasets/")]
+    finally:
+        await store.close()

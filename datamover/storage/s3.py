@@ -515,6 +515,13 @@ class S3Store:
                 raise InvalidInput(
                     f"bad store key {(key or '')[:60]!r}...: too long for {self.description}"
                 ) from exc
+            if status in (401, 403) and code in ("", str(status)) and not op.startswith("Head"):
+                # No S3 error document (a HEAD's answer has none; every other S3 error
+                # does): another server answered, such as a web app asking for its login.
+                raise PermanentError(
+                    f"S3 endpoint {self.where} answered {op} with HTTP {status} but no S3 "
+                    "error: is [store] endpoint the server's S3 port?"
+                ) from exc
             if code in _DENIED or status in (401, 403):
                 raise StoreAccessDenied(
                     f"access to bucket {self.bucket!r} {where} refused: the credentials were "
