@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -560,6 +561,32 @@ def demo(files: int, as_json: bool) -> None:
     summary = run_demo(files, quiet=as_json)
     if as_json:
         emit_json(summary)
+
+
+@cli.command()
+@click.option(
+    "--dir",
+    "data_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where its data lives (kept between runs). Default: "
+    "$XDG_DATA_HOME/datamover/sandbox or ~/.local/share/datamover/sandbox.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(1024, 55535),
+    default=8333,
+    show_default=True,
+    help="S3 port on 127.0.0.1 (its gRPC port is 10000 above).",
+)
+@click.option("--bucket", default="datamover", show_default=True, help="Bucket to create.")
+def sandbox(data_dir: Path | None, port: int, bucket: str) -> None:
+    """Run a local S3 server (SeaweedFS) until Ctrl-C, to try datamover with your own site
+    config: config/workstation.toml works with it as it is. Loopback only, fixed keys: not
+    a store for data that matters."""
+    from datamover.sandbox import default_dir, run_sandbox
+
+    run_sandbox(data_dir or default_dir(), port, bucket, click.echo)
 
 
 import datamover.cli_daemon  # noqa: E402, F401  (registers the daemon commands)

@@ -62,7 +62,8 @@ class EmbeddedSeaweed:
     """One `weed server` with an S3 gateway at `endpoint`, owned by this object.
 
     `data_dir` holds the server's data, its identity file and `weed.log`; when None, a temporary
-    directory is made and removed by `stop`. Keys default to random ones. `start` blocks until
+    directory is made and removed by `stop`. Keys default to random ones, the S3 port
+    (`s3_port`, below 55536: its gRPC port is 10000 above) to a free one. `start` blocks until
     S3 answers (at most `startup_timeout` seconds) and raises `PermanentError` with the end of
     the log if it does not. Use as a context manager, or call `start` and `stop`.
     """
@@ -74,6 +75,7 @@ class EmbeddedSeaweed:
         secret_key: str | None = None,
         *,
         startup_timeout: float = 60.0,
+        s3_port: int | None = None,
         volume_size_limit_mb: int = 256,
         max_volumes: int = 1000,
         volumes_per_bucket: int = 1,
@@ -87,6 +89,7 @@ class EmbeddedSeaweed:
         self.access_key = access_key or "dm" + secrets.token_hex(8)
         self.secret_key = secret_key or secrets.token_hex(20)
         self.startup_timeout = startup_timeout
+        self.s3_port = s3_port  # None: a free one
         self.volume_size_limit_mb = volume_size_limit_mb
         self.max_volumes = max_volumes
         self.volumes_per_bucket = volumes_per_bucket
@@ -116,7 +119,16 @@ class EmbeddedSeaweed:
         config = self._write_identity()
         # Another process may take a port between our check and weed's bind; then try anew.
         for attempt in range(3):
-            self.ports = dict(zip(("master", "volume", "filer", "s3"), _free_ports(4), strict=True))
+            free = _free_ports(4 if self.s3_port is None else 3)
+            if self.s3_port is not None:
+                if not (_port_free(self.s3_port) and _port_free(self.s3_port + GRPC_OFFSET)):
+                    self.stop()
+                    raise PermanentError(
+                        f"port {self.s3_port} or {self.s3_port + GRPC_OFFSET} (its gRPC port) on "
+                        "127.0.0.1 is taken: give another"
+                    )
+                free.append(self.s3_port)
+            self.ports = dict(zip(("master", "volume", "filer", "s3"), free, strict=True))
             self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"
             self._spawn(weed, config)
             atexit.register(self.stop)
