@@ -151,6 +151,7 @@ def stage_locally(config: Config, request: dict[str, Any], as_json: bool) -> dic
                 progress=bar,
                 pin=(request["pin"], tenant) if tenant is not None else None,
                 force=bool(request.get("force")),
+                operator=True,
             )
         done = result.to_json()
         if tenant is not None:

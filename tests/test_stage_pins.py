@@ -207,3 +207,28 @@ async def test_pins_of_nested_datasets_do_not_stop_a_stage(make_site: MakeSite) 
     finally:
         await site_a.close()
         await site_b.close()
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)
+async def test_a_stage_run_here_with_a_pin_of_its_own_is_told_the_pins_and_plain_force(
+    make_site: MakeSite,
+) -> None:
+    # Before: with `--pin`, "another tenant's pin ... or with an admin token's --force", to
+    # an operator with no token at all, whose run here takes a plain --force.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("version 1\n")
+    v1 = a.cli_json("push", "/proj/ds")["version"]
+    assert b.cli("stage", "/proj/ds").returncode == 0
+    site_b = await b.open()
+    try:
+        await Access(site_b.catalog.engine).add_pin("job-of-t2", "/proj/ds", "t2", v1)
+    finally:
+        await site_b.close()
+    (a.data / "ds" / "f").write_text("version 2\n")
+    assert a.cli("push", "/proj/ds").returncode == 0
+    proc = b.cli("stage", "/proj/ds", "--pin", "job-9")
+    assert proc.returncode == 11, proc.stderr
+    assert "by pin 'job-of-t2' (tenant 't2'): " in proc.stderr
+    assert proc.stderr.rstrip().endswith("or with --force") and "admin" not in proc.stderr
+    assert b.cli("stage", "/proj/ds", "--pin", "job-9", "--force").returncode == 0

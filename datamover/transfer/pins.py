@@ -40,27 +40,30 @@ def counted(pins: list[PinRow], keep: tuple[str, str] | None, others_only: bool)
     ]
 
 
-def holders(pins: list[PinRow], keep: tuple[str, str] | None) -> tuple[str, str]:
+def holders(
+    pins: list[PinRow], keep: tuple[str, str] | None, operator: bool = False
+) -> tuple[str, str]:
     """`(who, how)` for a refusal over `pins` (non-empty): who holds the files, as the
-    caller may be told, and how to stage anyway. Other tenants' pin ids are neither named
-    nor counted to a tenant; a caller without `keep` (a command run here without a token:
-    the site's operator, who holds the catalog) is told the first three pins and their
-    tenants, which `datamover release --pin ID --tenant T` takes."""
-    foreign = keep is not None and any(p.tenant != keep[1] for p in pins)
-    if keep is None:
+    caller may be told, and how to stage anyway. Through the daemon (`keep` given, not
+    `operator`), other tenants' pin ids are neither named nor counted to a tenant. A stage
+    run in this process (`operator`, or no `keep`: the CLI without the daemon, which holds
+    the catalog and its pins) is told the first three pins and their tenants, which
+    `datamover release --pin ID --tenant T` takes, and `--force`, which it may give."""
+    if operator or keep is None:
         named = ", ".join(f"{p.pin!r} (tenant {p.tenant!r})" for p in pins[:3])
         who = ("pin " if len(pins) == 1 else "pins ") + named
         if len(pins) > 3:
             who += f" and {len(pins) - 3} more"
-    else:
-        mine = [p for p in pins if p.tenant == keep[1]]
-        who = f"pin {mine[0].pin!r}" if mine else "another tenant's pin"
-        if len(mine) > 1:
-            who += f" and {len(mine) - 1} more"
-        if mine and foreign:
-            who += " and other tenants' pins"
-        elif not mine and len(pins) > 1:
-            who += " and others"
+        return who, "--force"
+    foreign = any(p.tenant != keep[1] for p in pins)
+    mine = [p for p in pins if p.tenant == keep[1]]
+    who = f"pin {mine[0].pin!r}" if mine else "another tenant's pin"
+    if len(mine) > 1:
+        who += f" and {len(mine) - 1} more"
+    if mine and foreign:
+        who += " and other tenants' pins"
+    elif not mine and len(pins) > 1:
+        who += " and others"
     return who, "an admin token's --force" if foreign else "--force"
 
 
@@ -70,6 +73,7 @@ async def check_pins(
     root: Path,
     keep: tuple[str, str] | None,
     others_only: bool = False,
+    operator: bool = False,
 ) -> None:
     """Raise `Pinned` if the replica at `root` is recorded at another version than `doc`'s
     while pins other than `keep` hold it (`counted`): a pin is a job reading the tree, and
@@ -81,7 +85,7 @@ async def check_pins(
     others = counted(await Access(site.catalog.engine).pins(dataset=doc.dataset), keep, others_only)
     if not others:
         return
-    who, how = holders(others, keep)
+    who, how = holders(others, keep, operator)
     raise Pinned(
         f"{doc.dataset!r} is held at version {replica.version} by {who}: staging "
         f"version {doc.version} would change files under the jobs reading them; stage it "
@@ -110,6 +114,7 @@ async def check_nested_pins(
     keep: tuple[str, str] | None,
     others_only: bool = False,
     delete: bool = False,
+    operator: bool = False,
 ) -> None:
     """Raise `Pinned` if staging `doc` (its manifest list `refs`, prefetched) at `root`
     would change files that jobs pinning a nested dataset read, pins other than `keep`
@@ -140,7 +145,7 @@ async def check_nested_pins(
             changed = posixpath.normpath(f"{held.inner}/{changed}") if changed else held.inner
         if changed is None:
             continue
-        who, how = holders(held.pins, keep)
+        who, how = holders(held.pins, keep, operator)
         raise Pinned(
             f"{held.dataset!r} is held at version {held.version} by {who}: staging "
             f"{doc.dataset!r} version {doc.version} would change {printable(changed)!r} "

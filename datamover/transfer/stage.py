@@ -933,6 +933,7 @@ async def stage(
     progress: Progress | None = None,
     pin: tuple[str, str] | None = None,
     force: bool | Literal["tenant"] = False,
+    operator: bool = False,
 ) -> StageResult:
     """Stage `logical` (the latest version, or `version`) at this site's mapped path.
 
@@ -942,7 +943,9 @@ async def stage(
     (`pins.check_pins`), or would change files that jobs pinning a dataset nested with it
     read (`pins.check_nested_pins`). `force` overrides every pin; `"tenant"` only those of
     `pin`'s tenant (a token without `admin` scope cannot change the files under another
-    tenant's jobs, as it cannot release their pins). Waits for pushes and verifies of it on
+    tenant's jobs, as it cannot release their pins). `operator`: run in this process by
+    the CLI, which holds the catalog: a refusal names every pin (`pins.holders`). Waits
+    for pushes and verifies of it on
     this host to end, and for stages of datasets above or below it (`locks.take_nested`)."""
     started = time.monotonic()
     dataset = check_logical_path(logical)
@@ -954,7 +957,9 @@ async def stage(
             os.close(lock)
         raise
     try:
-        return await _stage(site, dataset, version, delete, checksum, progress, started, pin, force)
+        return await _stage(
+            site, dataset, version, delete, checksum, progress, started, pin, force, operator
+        )
     finally:
         for fd in nested:
             os.close(fd)
@@ -972,6 +977,7 @@ async def _stage(
     started: float,
     pin: tuple[str, str] | None = None,
     force: bool | Literal["tenant"] = False,
+    operator: bool = False,
 ) -> StageResult:
     """`stage`, holding the dataset's stage lock."""
     progress = progress or NoProgress()
@@ -981,7 +987,7 @@ async def _stage(
     fetched_before = site.repo.fetched_bytes
     doc = await site.repo.resolve(dataset, version)
     if force is not True:
-        await check_pins(site, doc, root, pin, others_only=force == "tenant")
+        await check_pins(site, doc, root, pin, force == "tenant", operator)
     workers = _write_workers(site.config.transfer, doc.files)
     # Started now, they boot while the manifest is fetched and checked (0.15-0.2 s).
     procs = asyncio.ensure_future(asyncio.to_thread(_start_procs, workers)) if workers else None
@@ -989,7 +995,7 @@ async def _stage(
         refs = await site.repo.prefetch(doc)
         checked = await asyncio.to_thread(_check_manifest, site, refs)
         if force is not True:  # before anything is written: jobs reading nested datasets
-            await check_nested_pins(site, doc, root, refs, pin, force == "tenant", delete)
+            await check_nested_pins(site, doc, root, refs, pin, force == "tenant", delete, operator)
         me = owner_id()
         base_version, base_refs, interrupted_refs = await _base(site, doc, root, refs, me)
         below = await overwritten_below(site, doc, root, refs, delete)
