@@ -315,7 +315,8 @@ def verify(
         )
         click.echo(
             f"{result.dataset}: local tree {verdict} version {result.version} "
-            f"({result.files_checked} files, {human_bytes(result.bytes_checked)} checked)"
+            f"({counted(result.files_checked, 'file')}, "
+            f"{human_bytes(result.bytes_checked)} checked)"
         )
         for problem in result.problems:
             click.echo(f"  {problem}")
@@ -390,7 +391,7 @@ def ls(prefix: str, config_path: str | None, as_json: bool) -> None:
         if not started:
             sys.stdout.write('{"datasets": [')
         close_json()
-    elif not listed:  # a typo'd prefix listed nothing, silently
+    elif not listed and not bad:  # a typo'd prefix listed nothing, silently
         click.echo(f"no datasets under {prefix}", err=True)
     if bad:
         sys.exit(Corrupt.exit_code)

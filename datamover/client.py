@@ -113,6 +113,12 @@ def error_from(status: int, body: Any, where: str = "the daemon") -> DatamoverEr
     return exc
 
 
+def _daemons(body: dict[str, Any]) -> bool:
+    """Whether an error answer carries datamover's error object (not a proxy's)."""
+    error = body.get("error")
+    return isinstance(error, dict) and error.get("code") == "unauthorized"
+
+
 def not_the_daemon(where: str, status: int, without: str) -> InvalidInput:
     """The error for an answer no datamover daemon gives (an HTML page, a redirect, another
     service's JSON): `[api] url` leads elsewhere, which no retry or local run mends."""
@@ -343,7 +349,7 @@ class DaemonClient:
         handed to a caller that would fail on it. `path` is sent as it is (already encoded):
         build its variable parts with `segment`."""
         status, data = self.request(method, path, body, params, headers)
-        if status == 401 and not self.token and isinstance(data, dict) and "error" in data:
+        if status == 401 and not self.token and isinstance(data, dict) and _daemons(data):
             # The daemon's own "a bearer token is required" speaks of an HTTP header.
             raise Unauthorized(
                 f"the daemon at {self.base_url} needs a token and this command has none: "

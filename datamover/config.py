@@ -507,18 +507,23 @@ def parse_config(
     fallbacks = [("access_key", "AWS_ACCESS_KEY_ID"), ("secret_key", "AWS_SECRET_ACCESS_KEY")]
     if env_key:
         fallbacks.append(("session_token", "AWS_SESSION_TOKEN"))
+    came: dict[str, str] = {}  # where each key was found, for the message below
     for key, fallback in fallbacks:
         if getattr(store, key):
-            check_key_setting(getattr(store, key), origin("store", key))
+            came[key] = origin("store", key)
+            check_key_setting(getattr(store, key), came[key])
         elif env.get(fallback):
-            check_key_setting(env[fallback], f"environment: {fallback}")
+            came[key] = f"environment: {fallback}"
+            check_key_setting(env[fallback], came[key])
             store = dataclasses.replace(store, **{key: env[fallback]})
     if bool(store.access_key) != bool(store.secret_key):  # botocore: "Partial credentials"
         have, lack = ("access_key", "secret_key")[:: 1 if store.access_key else -1]
         variable = dict(fallbacks[:2])[lack]
         raise InvalidInput(
-            f"{source}: [store] {have} is set but {lack} is not (nor {variable}): give "
-            "both, or neither to use AWS's own credential chain (a profile, a role)"
+            f"{came[have]} gives an S3 {have.replace('_', ' ')} but no {lack.replace('_', ' ')} "
+            f"is set ([store] {lack} in {source}, DATAMOVER_STORE_{lack.upper()} or "
+            f"{variable}): give both, or neither to use AWS's own credential chain (a "
+            "profile, a role)"
         )
     for key in ("connect_timeout", "read_timeout"):
         if getattr(store, key) <= 0:

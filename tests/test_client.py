@@ -380,3 +380,34 @@ async def test_a_command_without_a_token_says_which_setting_gives_it_one(
         assert proc.stderr.count("\n") == 1
         assert "needs a token and this command has none" in proc.stderr
         assert "[api] token_file" in proc.stderr and "Authorization" not in proc.stderr
+
+
+def test_a_proxys_401_is_not_taken_for_the_daemons_want_of_a_token() -> None:
+    # An OAuth gateway's {"error": "invalid_token"} was "the daemon needs a token".
+    import http.server
+    import threading
+
+    class Gateway(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b'{"error": "invalid_token"}'
+            self.send_response(401)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Gateway)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}"
+        with (
+            DaemonClient(url, None) as client,
+            pytest.raises(InvalidInput, match=r"is \[api\] url the address of a"),
+        ):
+            client.call("GET", "/v1/transfers")
+    finally:
+        server.shutdown()
+        server.server_close()

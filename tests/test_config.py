@@ -872,9 +872,19 @@ def test_trash_days_below_0_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("drop", "env", "said"),
     [
-        ('secret_key = "s"\n', {}, "access_key is set but secret_key is not (nor AWS_SECRET"),
-        ('access_key = "k"\n', {}, "secret_key is set but access_key is not (nor AWS_ACCESS"),
-        ('access_key = "k"\nsecret_key = "s"\n', {"AWS_ACCESS_KEY_ID": "k"}, "secret_key is"),
+        ('secret_key = "s"\n', {}, "[store] access_key gives an S3 access key but no secret"),
+        ('access_key = "k"\n', {}, "secret_key gives an S3 secret key but no access key is set"),
+        (
+            'access_key = "k"\nsecret_key = "s"\n',
+            {"AWS_ACCESS_KEY_ID": "k"},
+            "environment: AWS_ACCESS_KEY_ID gives an S3 access key but no secret key is set "
+            "([store] secret_key in ",
+        ),
+        (
+            'access_key = "k"\nsecret_key = "s"\n',
+            {"DATAMOVER_STORE_SECRET_KEY": "s"},
+            "DATAMOVER_STORE_SECRET_KEY",
+        ),
     ],
 )
 def test_half_a_key_pair_is_named(

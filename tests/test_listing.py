@@ -183,6 +183,9 @@ async def test_ls_lists_the_rest_and_names_a_corrupt_version_document(
     assert "/proj/w" not in r.stdout and len(r.stderr.splitlines()) == 2
     r = b.cli("ls", "/proj/y", "--json")  # nothing corrupt there: as before
     assert r.returncode == 0 and json.loads(r.stdout)["errors"] == []
+    r = b.cli("ls", "/proj/w")  # its one version is corrupt: the warning says it all
+    assert r.returncode == 5 and r.stdout == "" and len(r.stderr.splitlines()) == 1
+    assert "no datasets" not in r.stderr
     # A prefix with no dataset (a typo) listed nothing, silently.
     r = b.cli("ls", "/proj/yy")
     assert (r.returncode, r.stdout, r.stderr) == (0, "", "no datasets under /proj/yy\n")

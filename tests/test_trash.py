@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import generate_latest
 
-from datamover.errors import Busy
+from datamover.errors import Busy, PermanentError
 from datamover.metrics import Metrics
 from datamover.scheduler.trash_retention import TrashRetention
 from datamover.transfer import trash
@@ -276,8 +276,35 @@ async def test_one_file_and_one_entry_are_said_in_the_singular(make_site: MakeSi
     assert ": 1 file, " in pushed.stdout and "read 1 file, " in pushed.stdout, pushed.stdout
     staged = b.cli("stage", "/proj/ds")
     assert "ready: 1 file, " in staged.stdout and "fetched 1 file, " in staged.stdout
+    assert "(1 file, " in b.cli("verify", "/proj/ds").stdout
     (b.data / "ds" / "f").write_text("mine\n")
     (a.data / "ds" / "f").write_text("version two\n")
     assert a.cli("push", "/proj/ds").returncode == 0
     again = b.cli("stage", "/proj/ds")
     assert "moved 1 local entry (changed here, or not in the version) to " in again.stderr
+
+
+def test_a_trash_linked_to_a_disk_not_mounted_is_named_not_empty(tmp_path: Path) -> None:
+    # Before: "0 runs removed", as if the trash were empty.
+    state = tmp_path / "state"
+    state.mkdir()
+    trash.trash_root(state).symlink_to(tmp_path / "unmounted" / "trash")
+    for call in (lambda: list(trash.runs(state)), lambda: trash.empty(state, 1)):
+        with pytest.raises(PermanentError, match=r"is a symbolic link to .*which does not exist"):
+            call()
+
+
+def test_a_run_emptied_while_the_trash_is_listed_is_left_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the listing failed, exit 1, "No such file or directory".
+    first, second = _runs_in(tmp_path, "20200101T000000Z", "20200102T000000Z")
+    measure = trash._measure
+
+    def emptied_meanwhile(path: Path) -> tuple[int, int]:
+        if path.name == first:
+            raise FileNotFoundError(2, "No such file or directory", str(path))
+        return measure(path)
+
+    monkeypatch.setattr(trash, "_measure", emptied_meanwhile)
+    assert [r.name for r in trash.runs(tmp_path)] == [second]

@@ -55,6 +55,8 @@ class TrashRetention:
         except DatamoverError as exc:
             log.warning("trash: %s; trying again in %.0f minutes", exc, self.every / 60)
             return False
+        if self._stop.is_set():
+            log.info("trash: emptying stopped for the drain; the next start goes on with it")
         if removed:
             files = sum(r.files for r in removed)
             size = sum(r.bytes for r in removed)

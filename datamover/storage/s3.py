@@ -515,9 +515,12 @@ class S3Store:
                 raise InvalidInput(
                     f"bad store key {(key or '')[:60]!r}...: too long for {self.description}"
                 ) from exc
-            if status in (401, 403) and code in ("", str(status)) and not op.startswith("Head"):
+            if code in ("", str(status)) and (
+                status == 401 or (status == 403 and not op.startswith("Head"))
+            ):
                 # No S3 error document (a HEAD's answer has none; every other S3 error
-                # does): another server answered, such as a web app asking for its login.
+                # does), or a bare 401, which S3 servers do not send (they refuse with 403):
+                # another server answered, such as a web app asking for its login.
                 raise PermanentError(
                     f"S3 endpoint {self.where} answered {op} with HTTP {status} but no S3 "
                     "error: is [store] endpoint the server's S3 port?"

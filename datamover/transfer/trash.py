@@ -73,6 +73,7 @@ def runs(
     try:
         names = sorted(p.name for p in root.iterdir())
     except FileNotFoundError:
+        _no_dangling_link(root)
         return
     except OSError as exc:  # not a directory, no permission
         raise PermanentError(f"cannot read the trash {str(root)!r}: {exc.strerror}") from None
@@ -83,7 +84,10 @@ def runs(
             continue
         run = TrashRun(name, started)
         if measure:
-            run.files, run.bytes = _measure(root / name)
+            try:
+                run.files, run.bytes = _measure(root / name)
+            except FileNotFoundError:  # an `empty` took it since the names were read
+                continue
         yield run
 
 
@@ -109,6 +113,7 @@ def empty(
     try:
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except FileNotFoundError:
+        _no_dangling_link(root)
         return []
     except OSError as exc:  # not a directory, no permission
         raise PermanentError(f"cannot empty the trash {str(root)!r}: {exc.strerror}") from None
@@ -139,6 +144,16 @@ def empty(
     finally:
         os.close(root_fd)
     return removed
+
+
+def _no_dangling_link(root: Path) -> None:
+    """`PermanentError` if `root` is a symlink to nothing (a trash moved to a disk that is
+    not mounted), which would otherwise read as an empty trash."""
+    if root.is_symlink():
+        raise PermanentError(
+            f"the trash {str(root)!r} is a symbolic link to {os.readlink(root)!r}, which does "
+            "not exist (a disk not mounted?)"
+        )
 
 
 class _Stopped(Exception):
