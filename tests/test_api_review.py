@@ -264,7 +264,8 @@ async def test_serve_binds_a_bracketed_ipv6_listen_address(served_site: StartSit
     assert d.url == f"http://[::1]:{port}"
     assert d.request("GET", "/healthz") == (200, {"status": "ok"})
     r = d.env.cli("transfer", "list")  # the CLI reaches it at http://[::1]:port too
-    assert "a bearer token is required" in r.stderr, r.stderr  # the daemon's answer
+    # The daemon's answer: it wants a token this command does not have.
+    assert f"the daemon at http://[::1]:{port} needs a token" in r.stderr, r.stderr
 
 
 @SQLITE_ONLY  # no catalog question

@@ -46,7 +46,21 @@ def test_a_dead_process_of_this_host_is_dead() -> None:
 def test_two_containers_with_one_host_name_have_two_owner_ids() -> None:
     # Before: both were `host:1`, so a daemon starting in one took the other's running
     # transfers for its own dead predecessor's (`daemon._dead_owner`) and ran them again.
-    first, second = _in_a_container(_PRINT_OWNER), _in_a_container(_PRINT_OWNER)
+    # The two run at once, as two daemons do: a namespace made after another one ended may
+    # get its number again (the first run of this test saw that once).
+    waits = _PRINT_OWNER + "; import sys; sys.stdout.flush(); sys.stdin.read()"
+    first_proc = subprocess.Popen(
+        [*_IN_NEW_NAMESPACE, sys.executable, "-c", waits],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert first_proc.stdout is not None
+        first = first_proc.stdout.readline().strip()
+        second = _in_a_container(_PRINT_OWNER)
+    finally:
+        first_proc.communicate(timeout=60)
     host = socket.gethostname()
     assert first.startswith(f"{host}:1@") and second.startswith(f"{host}:1@")
     assert first != second
