@@ -7,12 +7,15 @@ answered short) come from `FaultProxy` (tests/fixtures_store.py), in front of Se
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -385,38 +388,50 @@ def test_embedded_seaweed_keeps_its_log_files_with_its_data(seaweed: EmbeddedSea
     assert not any(p.name.startswith("weed.") and p.name.endswith(mine) for p in temp)
 
 
-async def test_an_endpoint_that_is_not_s3_is_named_not_an_internal_error() -> None:
-    # The filer's port for the S3 port (8888 for 8333): its HTML or JSON answers failed
-    # botocore's XML parser, which reached the user as "internal error (ResponseParserError".
-    import http.server
-    import threading
+class _Answering(http.server.BaseHTTPRequestHandler):
+    """Answers every request with the class's `status`, `kind` and `body` (a HEAD without
+    the body): a server that is not S3 at the store's endpoint."""
 
-    class NotS3(http.server.BaseHTTPRequestHandler):
-        def _page(self) -> None:
-            body = b'{"name": "config", "size": 2}'  # a SeaweedFS filer's answer to a write
-            self.send_response(201)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    status, kind, body = 200, "text/plain", b""
 
-        do_GET = do_PUT = _page
+    def _answer(self) -> None:
+        self.send_response(self.status)
+        self.send_header("Content-Type", self.kind)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(self.body)
 
-        def log_message(self, *args: object) -> None:
-            pass
+    do_GET = do_PUT = do_HEAD = _answer
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotS3)
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.asynccontextmanager
+async def _store_at_a_server(status: int, kind: str, body: bytes) -> AsyncIterator[S3Store]:
+    """An `S3Store` whose endpoint is an HTTP server answering `status`, `kind`, `body`."""
+    handler = type("Answering", (_Answering,), {"status": status, "kind": kind, "body": body})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     store = S3Store(
         f"http://127.0.0.1:{server.server_port}", "bucket", access_key="k", secret_key="s"
     )
     try:
-        with pytest.raises(PermanentError, match=r"not S3 .*S3 port"):
-            await store.put("config", b"{}")
+        yield store
     finally:
         await store.close()
         server.shutdown()
         server.server_close()
+
+
+async def test_an_endpoint_that_is_not_s3_is_named_not_an_internal_error() -> None:
+    # The filer's port for the S3 port (8888 for 8333): its HTML or JSON answers failed
+    # botocore's XML parser, which reached the user as "internal error (ResponseParserError".
+    filer = b'{"name": "config", "size": 2}'  # a SeaweedFS filer's answer to a write
+    async with _store_at_a_server(201, "application/json", filer) as store:
+        with pytest.raises(PermanentError, match=r"not S3 .*S3 port"):
+            await store.put("config", b"{}")
 
 
 @pytest.mark.parametrize(
@@ -432,38 +447,12 @@ async def test_a_refusal_that_is_not_s3s_names_the_endpoint_not_the_credentials(
 ) -> None:
     # Before: "the credentials were refused or lack permission for ListObjectsV2 (401)",
     # for [store] endpoint set to another service's port (the site daemon's).
-    import http.server
-    import threading
-
-    class Refusing(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", kind)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            if self.command != "HEAD":
-                self.wfile.write(body)
-
-        do_HEAD = do_GET
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    store = S3Store(
-        f"http://127.0.0.1:{server.server_port}", "bucket", access_key="k", secret_key="s"
-    )
-    try:
+    async with _store_at_a_server(status, kind, body) as store:
         with pytest.raises(PermanentError, match=rf"HTTP {status} but no S3 error: .*S3 port"):
             [o async for o in store.list("datasets/")]  # as `ls` asks
         if status == 401:  # S3 refuses with 403, a HEAD too: a 401 is another server's
             with pytest.raises(PermanentError, match=r"HTTP 401 but no S3 error"):
                 await store.check()  # HeadBucket: the daemon's readiness and warm-up
-    finally:
-        await store.close()
-        server.shutdown()
-        server.server_close()
 
 
 async def test_a_real_s3_refusal_still_names_the_credentials(seaweed: EmbeddedSeaweed) -> None:
