@@ -675,9 +675,16 @@ def main() -> None:
     except click.exceptions.Exit as exc:
         _leave(exc.exit_code)
     except click.ClickException as exc:
-        error_line(exc.format_message())
+        message = exc.format_message()
+        if isinstance(exc, click.NoSuchOption) and exc.option_name == "--config":
+            # Given between a group and its command (`datamover db --config F upgrade`).
+            message += (
+                " Give it before the command or at its end: datamover --config FILE db "
+                "upgrade, or datamover db upgrade --config FILE."
+            )
+        error_line(message)
         if as_json:
-            emit_json({"error": {"code": "usage", "message": exc.format_message()}})
+            emit_json({"error": {"code": "usage", "message": message}})
         _leave(2)
     except (click.exceptions.Abort, KeyboardInterrupt):
         _fail(Interrupted("interrupted"), as_json)  # one JSON object with --json, as ever

@@ -899,3 +899,15 @@ def test_half_a_key_pair_is_named(
     path.write_text(GOOD.replace(drop, ""))
     both = {"AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
     assert load_config(path, env=both).store.secret_key  # the environment completes it
+
+
+def test_config_between_a_group_and_its_command_says_where_it_goes(tmp_path: Path) -> None:
+    # Before: "No such option '--config'." and nothing more.
+    proc = subprocess.run(
+        [sys.executable, "-m", "datamover", "db", "--config", str(tmp_path / "x"), "upgrade"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "Give it before the command or at its end: datamover --config FILE db" in proc.stderr
