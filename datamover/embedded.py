@@ -61,11 +61,14 @@ def find_weed() -> str:
 class EmbeddedSeaweed:
     """One `weed server` with an S3 gateway at `endpoint`, owned by this object.
 
-    `data_dir` holds the server's data, its identity file and `weed.log`; when None, a temporary
-    directory is made and removed by `stop`. Keys default to random ones, the S3 port
-    (`s3_port`, below 55536: its gRPC port is 10000 above) to a free one. `start` blocks until
-    S3 answers (at most `startup_timeout` seconds) and raises `PermanentError` with the end of
-    the log if it does not. Use as a context manager, or call `start` and `stop`.
+    `data_dir` holds the server's data, its identity file and `weed.log`; when None, a
+    temporary directory is made and removed by `stop`. Keys default to random ones, the S3
+    port (`s3_port`, below 55536: its gRPC port is 10000 above) to a free one. With
+    `die_with_parent` (Linux), the server gets SIGTERM when the thread that started it ends,
+    however it ends (a SIGKILL, a closed terminal): start it from the main thread. `start`
+    blocks until S3 answers (at most `startup_timeout` seconds) and raises `PermanentError`
+    with the end of the log if it does not. Use as a context manager, or call `start` and
+    `stop`.
     """
 
     def __init__(
@@ -76,13 +79,14 @@ class EmbeddedSeaweed:
         *,
         startup_timeout: float = 60.0,
         s3_port: int | None = None,
+        die_with_parent: bool = False,
         volume_size_limit_mb: int = 256,
         max_volumes: int = 1000,
         volumes_per_bucket: int = 1,
     ) -> None:
         self._owns_dir = data_dir is None
         self.data_dir = (
-            Path(data_dir)
+            Path(data_dir).absolute()  # weed runs in it: a relative path would be below it
             if data_dir is not None
             else Path(tempfile.gettempdir()) / f"datamover-seaweed-{secrets.token_hex(6)}"
         )
@@ -90,6 +94,7 @@ class EmbeddedSeaweed:
         self.secret_key = secret_key or secrets.token_hex(20)
         self.startup_timeout = startup_timeout
         self.s3_port = s3_port  # None: a free one
+        self.die_with_parent = die_with_parent
         self.volume_size_limit_mb = volume_size_limit_mb
         self.max_volumes = max_volumes
         self.volumes_per_bucket = volumes_per_bucket
@@ -115,7 +120,7 @@ class EmbeddedSeaweed:
         if self._proc is not None:
             return self
         weed = find_weed()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "master").mkdir(parents=True, exist_ok=True)
         config = self._write_identity()
         # Another process may take a port between our check and weed's bind; then try anew.
         for attempt in range(3):
@@ -285,6 +290,8 @@ class EmbeddedSeaweed:
             f"-logdir={self.data_dir}",
             "server",
             f"-dir={self.data_dir}",
+            # One master directory for every start (its default is named by the port).
+            f"-master.dir={self.data_dir / 'master'}",
             "-ip=127.0.0.1",
             "-ip.bind=127.0.0.1",
             f"-master.port={p['master']}",
@@ -328,6 +335,7 @@ class EmbeddedSeaweed:
             cwd=self.data_dir,
             env=env,
             start_new_session=True,
+            preexec_fn=_term_with_parent if self.die_with_parent else None,
         )
 
     def _wait_ready(self) -> None:
@@ -374,6 +382,13 @@ class EmbeddedSeaweed:
         except OSError as exc:
             return f"(log unreadable: {exc})"
         return "\n".join(text.splitlines()[-lines:])
+
+
+def _term_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent ends (prctl PR_SET_PDEATHSIG)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class _PortTaken(Exception):

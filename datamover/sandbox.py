@@ -1,25 +1,37 @@
 """`datamover sandbox`: a local S3 server to try datamover with a site config of one's own.
 
 It runs the SeaweedFS the `embedded` extra installs (as `datamover demo` does), in the
-foreground until Ctrl-C or SIGTERM, on 127.0.0.1 only, with the keys and bucket that
-`config/workstation.toml` names, so that file works against it as it is. The data stays in
-its directory between runs. The keys are fixed and known: a sandbox, not a store to keep
-anything in that matters.
+foreground until Ctrl-C, SIGTERM or SIGHUP (a closed terminal), on 127.0.0.1 only, with
+the keys and bucket that `config/workstation.toml` names, so that file works against it as
+it is. The data stays in its directory between runs; one sandbox at a time uses a
+directory (`sandbox.lock`), and the server ends with the sandbox however it ends (a
+SIGKILL too: `EmbeddedSeaweed(die_with_parent=True)`). The keys are fixed and known: a
+sandbox, not a store to keep anything in that matters.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+import re
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from datamover.embedded import EmbeddedSeaweed
+from datamover.errors import Busy, InvalidInput, PermanentError
 
 PORT = 8333
 ACCESS_KEY = "datamover"
 SECRET_KEY = "datamover-secret"
 BUCKET = "datamover"
+
+#: S3's rules for a new bucket's name (what SeaweedFS enforces too): 3-63 characters of
+#: lower-case letters, digits, dots and hyphens, a letter or digit at each end.
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+_IP = re.compile(r"\d+\.\d+\.\d+\.\d+")
+_STOPS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 def default_dir() -> Path:
@@ -30,22 +42,71 @@ def default_dir() -> Path:
     return Path.home() / ".local" / "share" / "datamover" / "sandbox"
 
 
-def run_sandbox(data_dir: Path, port: int, bucket: str, say: Callable[[str], None]) -> None:
-    """Serve until SIGINT or SIGTERM; `say` gets the lines telling how to reach it (the
-    last one once it is ready)."""
-    stops = {signal.SIGINT, signal.SIGTERM}
-    signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # taken by sigwait below, not raised
+def check_bucket(name: str) -> str:
+    """`name` if S3 takes it for a new bucket, else `InvalidInput` saying what it takes."""
+    if not _BUCKET.fullmatch(name) or ".." in name or _IP.fullmatch(name):
+        raise InvalidInput(
+            f"--bucket {name!r}: an S3 bucket name is 3-63 characters of a-z, 0-9, '.' and "
+            "'-', beginning and ending with a letter or digit, and not an IP address"
+        )
+    return name
+
+
+@contextlib.contextmanager
+def _only_sandbox(data_dir: Path) -> Iterator[None]:
+    """Hold `data_dir/sandbox.lock` (made with the directory): `Busy` if another sandbox
+    holds it."""
     try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(data_dir / "sandbox.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise PermanentError(f"cannot use {str(data_dir)!r}: {exc.strerror}") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise Busy(f"{str(data_dir)!r} is in use by another datamover sandbox") from None
+        yield
+    finally:
+        os.close(fd)
+
+
+def _prune_logs(data_dir: Path) -> None:
+    """Remove the glog files earlier runs left (`weed.<host>.<user>.log.<level>...`)."""
+    for path in data_dir.glob("weed.*.log.*"):
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def run_sandbox(data_dir: Path, port: int, bucket: str, say: Callable[[str], None]) -> None:
+    """Serve until SIGINT, SIGTERM or SIGHUP; `say` gets the lines telling how to reach it
+    (the last one once it is ready). A stop asked while it starts stops the start."""
+    data_dir = data_dir.absolute()
+    check_bucket(bucket)
+    for stop in (signal.SIGHUP, signal.SIGTERM):  # while it starts: as Ctrl-C, cleaned up
+        signal.signal(stop, signal.default_int_handler)
+    with _only_sandbox(data_dir):
+        _prune_logs(data_dir)
         with EmbeddedSeaweed(
-            data_dir=data_dir, access_key=ACCESS_KEY, secret_key=SECRET_KEY, s3_port=port
+            data_dir=data_dir,
+            access_key=ACCESS_KEY,
+            secret_key=SECRET_KEY,
+            s3_port=port,
+            die_with_parent=True,
         ) as seaweed:
             seaweed.create_bucket(bucket)
-            say(f"data:       {data_dir}")
-            say(
-                f"[store] endpoint = {seaweed.endpoint!r}, bucket = {bucket!r}, "
-                f"access_key = {ACCESS_KEY!r}, secret_key = {SECRET_KEY!r}"
-            )
-            say("ready: Ctrl-C stops it")
-            signal.sigwait(stops)
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
+            signal.pthread_sigmask(signal.SIG_BLOCK, _STOPS)  # taken by sigwait, not raised
+            try:
+                say(f"data in {data_dir}; for a site config:")
+                say("[store]")
+                for key, value in (
+                    ("endpoint", seaweed.endpoint),
+                    ("bucket", bucket),
+                    ("access_key", ACCESS_KEY),
+                    ("secret_key", SECRET_KEY),
+                ):
+                    say(f'{key} = "{value}"')
+                say("ready: Ctrl-C stops it")
+                signal.sigwait(_STOPS)
+            finally:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)

@@ -68,7 +68,31 @@ def test_the_workstation_example_works_against_the_sandbox_across_restarts(
     proc = _start(data, port)
     try:
         said = _ready(proc)
-        assert f"'http://127.0.0.1:{port}'" in "".join(said)
+        assert f'endpoint = "http://127.0.0.1:{port}"\n' in said  # TOML to paste
+        other = subprocess.run(  # a second sandbox on its directory
+            [sys.executable, "-m", "datamover", "sandbox", "--dir", str(data), "--port", "9"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert other.returncode == 2  # --port 9: refused before anything
+        other = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "datamover",
+                "sandbox",
+                "--dir",
+                str(data),
+                "--port",
+                str(_free_ports(1)[0]),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert other.returncode == 4 and other.stderr.count("\n") == 1, other.stderr
+        assert "is in use by another datamover sandbox" in other.stderr
         pushed = _cli(config, "push", "/proj/t")
         assert pushed.returncode == 0, pushed.stderr
         proc.send_signal(signal.SIGTERM)
@@ -97,3 +121,63 @@ def test_the_workstation_example_works_against_the_sandbox_across_restarts(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_bucket_s3_refuses_is_one_line_before_anything_starts(tmp_path: Path) -> None:
+    # Before: "internal error (ClientError ... InvalidBucketName)", exit 70, once weed ran.
+    for bucket in ("ab", "Bad_Name", "192.168.1.1", "a..b"):
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "datamover",
+                "sandbox",
+                "--dir",
+                str(tmp_path / "sb"),
+                "--bucket",
+                bucket,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert f"--bucket {bucket!r}: an S3 bucket name is 3-63 characters" in proc.stderr
+    assert not (tmp_path / "sb").exists()
+
+
+def test_a_killed_sandbox_takes_its_server_with_it_and_a_relative_dir_works(
+    tmp_path: Path,
+) -> None:
+    # Before: a SIGKILL (or a closed terminal) left weed running on the port, with the
+    # fixed keys; and `--dir sb` failed (weed, running inside it, looked for sb/sb).
+    [port] = _free_ports(1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "datamover", "sandbox", "--dir", "sb", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        _ready(proc)
+        assert (tmp_path / "sb" / "sandbox.lock").exists()
+        proc.kill()
+        proc.wait(timeout=20)
+        deadline = time.monotonic() + 20
+        while not _free(port):
+            assert time.monotonic() < deadline, "weed still holds the port"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
