@@ -483,3 +483,36 @@ def release(
         emit_json({"pin": pin, "released": released})
     else:
         click.echo(f"released {counted(released, 'replica')} held by {pin}")
+
+
+@cli.command()
+@click.argument("prefix", default="/", metavar="[PREFIX]")
+@click.option("--tenant", metavar="TENANT", help="Only this tenant's pins.")
+@common
+def pins(prefix: str, tenant: str | None, config_path: str | None, as_json: bool) -> None:
+    """List the pins held in this site's catalog on datasets under PREFIX: which job (pin
+    id) of which tenant holds which dataset at which version, for `datamover release --pin
+    ID --tenant TENANT`. Read from the catalog here (its operator's view: every tenant's)."""
+    import dataclasses
+
+    from datamover.catalog.access import Access
+    from datamover.domain.paths import check_logical_path, is_under
+
+    prefix = "/" if prefix == "/" else check_logical_path(prefix)
+    config = load_config(config_path)
+
+    async def work(site: Any) -> list[Any]:
+        found = await Access(site.catalog.engine).pins(tenant=tenant)
+        return [p for p in found if is_under(p.dataset, prefix)]
+
+    held = run_with_site(config, work)
+    if as_json:
+        emit_json({"prefix": prefix, "pins": [dataclasses.asdict(p) for p in held]})
+        return
+    for p in held:
+        click.echo(
+            f"{p.pin}  {p.dataset}  tenant {p.tenant}  version {p.version or '(as staged)'}  "
+            f"since {p.created_at}"
+        )
+    if not held:
+        click.echo(f"no pins under {prefix}", err=True)

@@ -232,3 +232,29 @@ async def test_a_stage_run_here_with_a_pin_of_its_own_is_told_the_pins_and_plain
     assert "by pin 'job-of-t2' (tenant 't2'): " in proc.stderr
     assert proc.stderr.rstrip().endswith("or with --force") and "admin" not in proc.stderr
     assert b.cli("stage", "/proj/ds", "--pin", "job-9", "--force").returncode == 0
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)
+async def test_pins_lists_the_pins_held_here_under_a_prefix(make_site: MakeSite) -> None:
+    # Before: only GET /v1/replicas showed pins, with a token; a refusal said to release
+    # them, by ids nothing listed.
+    b = await make_site("site-b")
+    site = await b.open()
+    try:
+        access = Access(site.catalog.engine)
+        await access.add_pin("job-1", "/proj/ds", "t1", "20261206T000000.000000Z-a-00000001")
+        await access.add_pin("job-2", "/proj/dsx/sub", "t2", None)
+    finally:
+        await site.close()
+    under = b.cli_json("pins", "/proj/ds")
+    assert [(p["pin"], p["dataset"], p["tenant"]) for p in under["pins"]] == [
+        ("job-1", "/proj/ds", "t1")  # not /proj/dsx/sub: a prefix is a path, not a string
+    ]
+    assert [p["pin"] for p in b.cli_json("pins")["pins"]] == ["job-1", "job-2"]
+    assert [p["pin"] for p in b.cli_json("pins", "--tenant", "t2")["pins"]] == ["job-2"]
+    text = b.cli("pins", "/proj")
+    assert "job-2  /proj/dsx/sub  tenant t2  version (as staged)  since " in text.stdout
+    none = b.cli("pins", "/proj/other")
+    assert (none.returncode, none.stdout, none.stderr) == (0, "", "no pins under /proj/other\n")
+    bad = b.cli("pins", "relative/path")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
