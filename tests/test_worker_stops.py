@@ -43,14 +43,12 @@ def _slow_to_stop(timeline: list[str], name: str, cleanup: float) -> Any:
     return run
 
 
-async def test_a_run_stopped_for_a_lapsing_lease_holds_it_until_it_is_over(
-    queue: Transfers, catalog_url: str
-) -> None:
-    """Before: the heartbeat that stopped a run because the catalog did not renew its lease
-    returned at once; the stopped run's cleanup went on unrenewed, its lease lapsed, and
-    `requeue_expired` and a claim started a second run on the tree while the first still
-    wrote. Now it keeps renewing until the run is over: a catalog back meanwhile holds the
-    lease, and the transfer goes back in the queue (a retry) only once the run has ended."""
+async def _run1_started(
+    queue: Transfers,
+) -> tuple[Any, list[str], Worker, asyncio.Task[bool], float]:
+    """A transfer of /p/x that worker h1 (a 1.5 s lease) runs as `run1`, slow to stop
+    (2.5 s of cleanup), once it has started; worker h2 (a 30 s lease) ready to claim. Gives
+    the transfer, the timeline, h2, h1's `run_once` task and when it was started."""
     t, _ = await queue.submit(sub("/p/x"))
     timeline: list[str] = []
     w1 = Worker(None, queue, None, "h1:1/w0", Metrics("s"), lease=1.5)  # type: ignore[arg-type]
@@ -61,6 +59,18 @@ async def test_a_run_stopped_for_a_lapsing_lease_holds_it_until_it_is_over(
     one = asyncio.create_task(w1.run_once())
     while "run1 start" not in timeline:
         await asyncio.sleep(0.02)
+    return t, timeline, w2, one, started
+
+
+async def test_a_run_stopped_for_a_lapsing_lease_holds_it_until_it_is_over(
+    queue: Transfers, catalog_url: str
+) -> None:
+    """Before: the heartbeat that stopped a run because the catalog did not renew its lease
+    returned at once; the stopped run's cleanup went on unrenewed, its lease lapsed, and
+    `requeue_expired` and a claim started a second run on the tree while the first still
+    wrote. Now it keeps renewing until the run is over: a catalog back meanwhile holds the
+    lease, and the transfer goes back in the queue (a retry) only once the run has ended."""
+    t, timeline, w2, one, started = await _run1_started(queue)
     async with _catalog_locked(catalog_url, t.id):  # no heartbeat gets through: stopped
         while "run1 cancelled" not in timeline:
             assert time.monotonic() - started < 1.5, timeline  # stopped before the lapse
@@ -83,16 +93,7 @@ async def test_a_run_stopped_by_a_cancel_holds_its_lease_until_it_is_over(
     """Before: the heartbeat that stopped a run for a cancel returned at once; the run's
     cleanup outlived the lease, `requeue_expired` ended the transfer, and a new transfer of
     the same path was claimed and ran on the tree while the first still wrote to it."""
-    t, _ = await queue.submit(sub("/p/x"))
-    timeline: list[str] = []
-    w1 = Worker(None, queue, None, "h1:1/w0", Metrics("s"), lease=1.5)  # type: ignore[arg-type]
-    w2 = Worker(None, queue, None, "h2:1/w0", Metrics("s"), lease=30)  # type: ignore[arg-type]
-    w1._run = _slow_to_stop(timeline, "run1", cleanup=2.5)  # type: ignore[method-assign]
-    w2._run = _slow_to_stop(timeline, "run2", cleanup=0)  # type: ignore[method-assign]
-    started = time.monotonic()
-    one = asyncio.create_task(w1.run_once())
-    while "run1 start" not in timeline:
-        await asyncio.sleep(0.02)
+    t, timeline, w2, one, started = await _run1_started(queue)
     await queue.cancel(t.id)
     while "run1 cancelled" not in timeline:
         await asyncio.sleep(0.02)
