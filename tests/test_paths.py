@@ -16,6 +16,8 @@ from datamover.domain.paths import (
     check_relpath,
     check_symlink_target,
     is_under,
+    nfc,
+    plain_names,
     sort_key,
 )
 from datamover.errors import InvalidInput
@@ -229,3 +231,29 @@ def test_a_name_that_is_not_utf8_is_shown_as_its_bytes() -> None:
     message = str(caught.value)
     assert r"'bad\xff.txt'" in message and r"'d/e\x80'" in message
     assert "udc" not in message
+
+
+_ASCII_OR_ANY = st.one_of(st.text(st.characters(max_codepoint=127), max_size=300), st.text())
+
+
+@given(st.lists(_ASCII_OR_ANY, max_size=8))
+def test_plain_names_only_vouches_for_names_check_name_accepts(names: list[str]) -> None:
+    """`plain_names` is the walk's shortcut for a whole listing: when it says yes, every
+    name passes `check_name` and is its own NFC form (so none collide)."""
+    if plain_names(names):
+        for name in names:
+            assert check_name(name) == name
+            assert nfc(name) == name
+
+
+@pytest.mark.parametrize(
+    "names",
+    [["a", "b/c"], ["a", ""], ["."], [".."], ["x" * 256], ["ok", "tab\there"], ["caf\u00e9"]],
+)
+def test_plain_names_refuses_what_needs_a_closer_look(names: list[str]) -> None:
+    assert not plain_names(names)
+
+
+def test_plain_names_takes_ordinary_listings() -> None:
+    assert plain_names([])
+    assert plain_names(["lig0001.pdbqt", "run 2", "x" * 255, ".hidden", "a-b_c.d~"])

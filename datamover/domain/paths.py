@@ -67,17 +67,41 @@ def check_name(name: str, where: str = "") -> str:
     Valid: non-empty, not `.`/`..`, no `/`, no control characters, valid UTF-8 (no surrogate
     escapes from undecodable bytes), at most 255 bytes encoded.
     """
-    context = f" in {shown(where)}" if where else ""
     if name in ("", ".", ".."):
-        raise InvalidInput(f"invalid name {name!r}{context}: empty, '.' or '..'")
+        raise InvalidInput(f"invalid name {name!r}{_in(where)}: empty, '.' or '..'")
     if "/" in name:
-        raise InvalidInput(f"invalid name {shown(name)}{context}: contains '/'")
+        raise InvalidInput(f"invalid name {shown(name)}{_in(where)}: contains '/'")
     problem = _bad_char(name)
     if problem:
-        raise InvalidInput(f"invalid name {shown(name)}{context}: {problem}")
+        raise InvalidInput(f"invalid name {shown(name)}{_in(where)}: {problem}")
     if len(name.encode("utf-8")) > NAME_MAX_BYTES:
-        raise InvalidInput(f"invalid name {name[:40]!r}...{context}: longer than 255 bytes")
+        raise InvalidInput(f"invalid name {name[:40]!r}...{_in(where)}: longer than 255 bytes")
     return name
+
+
+def _in(where: str) -> str:
+    return f" in {shown(where)}" if where else ""
+
+
+def plain_names(names: list[str]) -> bool:
+    """True if every one of `names` is a valid name (`check_name`) in ASCII, so that none
+    can collide with another under Unicode normalisation; False says nothing (check each).
+
+    A few C-level passes over the listing instead of a Python call per name: the walk of
+    a directory of 4 KiB files spent about a tenth of a no-op push's time checking names.
+    """
+    if not names:
+        return True
+    joined = "/".join(names)
+    return (
+        joined.isascii()
+        and joined.count("/") == len(names) - 1
+        and _BAD.search(joined) is None
+        and len(max(names, key=len)) <= NAME_MAX_BYTES
+        and "" not in names
+        and "." not in names
+        and ".." not in names
+    )
 
 
 def check_relpath(rel: str) -> str:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datamover.domain.manifest import Kind
-from datamover.domain.paths import PARTIAL_RE, check_name, nfc
+from datamover.domain.paths import PARTIAL_RE, check_name, nfc, plain_names
 from datamover.errors import Conflict, DatamoverError, InvalidInput
 from datamover.transfer.fsops import denied
 
@@ -421,6 +421,8 @@ def _check_names(rel: str, names: list[str], kinds: dict[str, str]) -> None:
     normalise alike are equal), so only names not in NFC form are looked up, their NFC form
     in the listing and among each other: memory grows with those, not with the directory.
     """
+    if plain_names(names):
+        return  # the common case, in one pass
     where = rel or "."
     odd: dict[str, str] = {}  # NFC form -> the name not in NFC form that had it
     for name in names:
