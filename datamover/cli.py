@@ -321,6 +321,11 @@ def verify(
         for problem in result.problems:
             click.echo(f"  {problem}")
         _name_skipped(result.skipped_special, result.skipped_special_count)
+        if result.newer is not None:
+            click.echo(
+                f"note: a newer version, {result.newer}, is published; "
+                f"`datamover stage {result.dataset}` brings this tree to it"
+            )
     if not result.ok:
         sys.exit(1)
 

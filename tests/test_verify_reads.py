@@ -121,3 +121,28 @@ async def test_verify_names_an_interrupted_stages_partial_file_as_such(
         "to finish it)"
     ) in proc.stdout + proc.stderr
     assert b.cli("verify", "/proj/ds", "--allow-extra").returncode == 0
+
+
+async def test_verify_of_the_staged_version_says_when_a_newer_one_is_published(
+    make_site: MakeSite,
+) -> None:
+    # Before: "matches version <old>", exit 0, and nothing said the tree was out of date.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("one\n")
+    first = a.cli_json("push", "/proj/ds")["version"]
+    assert b.cli("stage", "/proj/ds").returncode == 0
+    (a.data / "ds" / "f").write_text("two\n")
+    second = a.cli_json("push", "/proj/ds")["version"]
+
+    report = b.cli_json("verify", "/proj/ds")
+    assert (report["ok"], report["version"], report["newer"]) == (True, first, second)
+    proc = b.cli("verify", "/proj/ds")
+    assert proc.returncode == 0
+    assert f"local tree matches version {first}" in proc.stdout
+    assert f"note: a newer version, {second}, is published" in proc.stdout
+    # Asked for a version by name, or staged at the latest: no note.
+    assert b.cli_json("verify", "/proj/ds", "--version", first)["newer"] is None
+    assert b.cli("stage", "/proj/ds").returncode == 0
+    report = b.cli_json("verify", "/proj/ds")
+    assert (report["ok"], report["version"], report["newer"]) == (True, second, None)

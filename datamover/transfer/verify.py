@@ -57,6 +57,10 @@ class VerifyResult:
     skipped_special: list[str] = field(default_factory=list)
     skipped_special_count: int = 0
     seconds: float = 0.0
+    #: When the version compared with was the one staged here (no version asked for): the
+    #: latest version published, if that is another one, so a tree that matches what was
+    #: staged is not taken for up to date. None otherwise.
+    newer: str | None = None
 
     def add(self, problem: str) -> None:
         """Record one difference (only the first 100 are kept verbatim)."""
@@ -208,13 +212,18 @@ async def verify(
     dataset = check_logical_path(logical)
     base, parts = site.config.namespace.split(dataset)
     root = base.joinpath(*parts)
+    staged = False
     if version is None:
         replica = await site.catalog.replica(dataset)
         if replica is not None and replica.state == "ready":
-            version = replica.version
+            version, staged = replica.version, True
     doc = await site.repo.resolve(dataset, version)
     refs = await site.repo.prefetch(doc)
     result = VerifyResult(dataset, doc.version)
+    if staged:
+        latest = await site.repo.latest(dataset)
+        if latest is not None and latest > doc.version:
+            result.newer = latest
     lock = await take_lock(site.state_dir, dataset, reader="verify")
     try:
         problem = await asyncio.to_thread(_root_problem, base, parts)
