@@ -43,7 +43,7 @@ def test_a_cache_write_that_fails_leaves_no_temporary_file(tmp_path: Path) -> No
         [sys.executable, "-c", _FULL_DISK, str(tmp_path)], capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stderr
-    left = [p for p in tmp_path.rglob("*") if p.is_file()]
+    left = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != ".legacy-tmp-swept"]
     assert left == []
 
 
@@ -82,7 +82,34 @@ def test_a_killed_writers_temporary_file_is_swept_by_a_later_process(tmp_path: P
     digest = blake3.blake3(good).digest()
     later._write_cache(digest, good)
     assert later.read_cached(digest) == good
-    assert sorted(p.name for p in tmp_dir.iterdir()) == ["cd.0002.tmp"]
+    assert sorted(p.name for p in tmp_dir.glob("*.tmp")) == ["cd.0002.tmp"]
+
+
+def test_temporary_files_of_the_old_layout_are_swept_once(tmp_path: Path) -> None:
+    # Before: builds that wrote temporaries beside the objects (`manifests/xx/.<digest>.<8
+    # hex>.tmp`) left a killed writer's there for good; the sweep of `manifests/tmp/`
+    # never looked at them.
+    h = "ab" * 32
+    objects = tmp_path / "manifests" / "ab"
+    objects.mkdir(parents=True)
+    cached, stale, fresh = objects / h, objects / f".{h}.0badcafe.tmp", objects / f".{h}.1.tmp"
+    mine = objects / f".{h}.12345678.tmp"
+    for path in (cached, stale, fresh, mine):
+        path.write_bytes(b"data")
+    old = time.time() - 2 * 3600
+    for path in (cached, stale, fresh):
+        os.utime(path, (old, old))
+    os.utime(mine, (time.time(), time.time()))
+    Repository(MemoryStore(), tmp_path)._write_cache(b"\1" * 32, b"first")
+    # the stale temporary goes; the cached object, a name that is not such a temporary
+    # and a writer's fresh file stay
+    assert sorted(p.name for p in objects.iterdir()) == sorted([h, fresh.name, mine.name])
+    assert (tmp_path / "manifests" / "tmp" / ".legacy-tmp-swept").exists()
+    # once: a later process does not list the object directories again
+    stale.write_bytes(b"data")
+    os.utime(stale, (old, old))
+    Repository(MemoryStore(), tmp_path)._write_cache(b"\2" * 32, b"second")
+    assert stale.exists()
 
 
 def test_a_damaged_copy_replaced_while_it_was_read_keeps_the_good_one(

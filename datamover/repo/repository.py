@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Coroutine, Iterable, Iterator
@@ -248,6 +249,7 @@ class Repository:
         if not self._swept:
             self._swept = True
             _sweep_tmp(tmp_dir)
+            _sweep_legacy_tmp(tmp_dir.parent)
         tmp = tmp_dir / f"{path.name}.{secrets.token_hex(4)}.tmp"
         try:
             tmp.write_bytes(data)
@@ -441,6 +443,33 @@ class Repository:
                 or size != ref.bytes
             ):
                 raise Corrupt(f"{what} does not match its line in the manifest list")
+
+
+_LEGACY_TMP = re.compile(r"\A\.[0-9a-f]{64}\.[0-9a-f]{8}\.tmp\Z")
+_LEGACY_SWEPT = ".legacy-tmp-swept"
+
+
+def _sweep_legacy_tmp(manifests: Path) -> None:
+    """Once per cache: remove the stale temporary files that builds before `manifests/tmp/`
+    left beside the cached objects (`manifests/xx/.<digest>.<8 hex>.tmp`), then mark the
+    cache swept (`tmp/.legacy-tmp-swept`) so no later process lists its 256 directories
+    again. Nothing writes there any more; a sweep that fails part-way is done again."""
+    marker = manifests / "tmp" / _LEGACY_SWEPT
+    if marker.exists():
+        return
+    now = time.time()
+    try:
+        for sub in os.scandir(manifests):
+            if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
+                continue
+            for entry in os.scandir(sub.path):
+                if _LEGACY_TMP.match(entry.name):
+                    with contextlib.suppress(OSError):
+                        if now - entry.stat().st_mtime > _STALE_TMP_SECONDS:
+                            os.unlink(entry.path)
+        marker.touch()
+    except OSError:
+        return
 
 
 #: A temporary file of the manifest cache older than this is a killed writer's (a write
