@@ -102,13 +102,19 @@ def test_temporary_files_of_the_old_layout_are_swept_once(tmp_path: Path) -> Non
     os.utime(mine, (time.time(), time.time()))
     Repository(MemoryStore(), tmp_path)._write_cache(b"\1" * 32, b"first")
     # the stale temporary goes; the cached object, a name that is not such a temporary
-    # and a writer's fresh file stay
+    # and a writer's fresh file stay, and so the cache is not yet marked swept
     assert sorted(p.name for p in objects.iterdir()) == sorted([h, fresh.name, mine.name])
-    assert (tmp_path / "manifests" / "tmp" / ".legacy-tmp-swept").exists()
-    # once: a later process does not list the object directories again
+    marker = tmp_path / "manifests" / "tmp" / ".legacy-tmp-swept"
+    assert not marker.exists()
+    # a later process, once that file is stale too, removes it and marks the cache swept
+    os.utime(mine, (old, old))
+    Repository(MemoryStore(), tmp_path)._write_cache(b"\2" * 32, b"second")
+    assert sorted(p.name for p in objects.iterdir()) == sorted([h, fresh.name])
+    assert marker.exists()
+    # and the next one does not list the object directories again
     stale.write_bytes(b"data")
     os.utime(stale, (old, old))
-    Repository(MemoryStore(), tmp_path)._write_cache(b"\2" * 32, b"second")
+    Repository(MemoryStore(), tmp_path)._write_cache(b"\3" * 32, b"third")
     assert stale.exists()
 
 

@@ -7,9 +7,11 @@ swapped in for a directory of the tree is not followed out of it.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -19,6 +21,7 @@ from datamover.transfer.fsops import content_problem
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from tests.fixtures_sites import MakeSite, cli_unprivileged
+from tests.fixtures_store import FaultProxy, s3_error
 
 MISMATCH = "content differs from the version (digest mismatch)"
 
@@ -146,3 +149,29 @@ async def test_verify_of_the_staged_version_says_when_a_newer_one_is_published(
     assert b.cli("stage", "/proj/ds").returncode == 0
     report = b.cli_json("verify", "/proj/ds")
     assert (report["ok"], report["version"], report["newer"]) == (True, second, None)
+
+
+async def test_verify_is_not_failed_by_a_store_that_refuses_the_look_for_newer_versions(
+    make_site: MakeSite, seaweed: Any, proxy: FaultProxy
+) -> None:
+    # The note is best effort: a key that may read but not list (or a listing that keeps
+    # failing) still gets its verdict, with a warning instead of the note.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("one\n")
+    first = a.cli_json("push", "/proj/ds")["version"]
+    assert b.cli("stage", "/proj/ds").returncode == 0
+    b.config_path.write_text(b.config_path.read_text().replace(seaweed.endpoint, proxy.endpoint))
+
+    async def no_listing(request: Any, body: bytes) -> Any:
+        if request.method == "GET" and "list-type" in request.query:
+            return s3_error(403, "AccessDenied")
+        return None
+
+    proxy.rule = no_listing
+    proc = await asyncio.to_thread(b.cli, "verify", "/proj/ds", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert (report["ok"], report["version"], report["newer"]) == (True, first, None)
+    assert "could not look for versions newer than" in proc.stderr
+    assert any("list-type" in path for _, path in proxy.seen)  # the refusal did happen

@@ -450,26 +450,43 @@ _LEGACY_SWEPT = ".legacy-tmp-swept"
 
 
 def _sweep_legacy_tmp(manifests: Path) -> None:
-    """Once per cache: remove the stale temporary files that builds before `manifests/tmp/`
-    left beside the cached objects (`manifests/xx/.<digest>.<8 hex>.tmp`), then mark the
-    cache swept (`tmp/.legacy-tmp-swept`) so no later process lists its 256 directories
-    again. Nothing writes there any more; a sweep that fails part-way is done again."""
+    """Remove the stale temporary files that builds before `manifests/tmp/` left beside the
+    cached objects (`manifests/xx/.<digest>.<8 hex>.tmp`, more than an hour old, as
+    `_sweep_tmp`); once a pass leaves none of them, mark the cache swept
+    (`tmp/.legacy-tmp-swept`) so that no later process lists its 256 directories again. A
+    pass that leaves one (too recent: an older build may still be writing; not removable)
+    or cannot list a directory is done again by the next process."""
     marker = manifests / "tmp" / _LEGACY_SWEPT
     if marker.exists():
         return
     now = time.time()
+    left = 0
     try:
-        for sub in os.scandir(manifests):
-            if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
-                continue
-            for entry in os.scandir(sub.path):
-                if _LEGACY_TMP.match(entry.name):
-                    with contextlib.suppress(OSError):
-                        if now - entry.stat().st_mtime > _STALE_TMP_SECONDS:
-                            os.unlink(entry.path)
-        marker.touch()
+        with os.scandir(manifests) as subs:
+            for sub in subs:
+                if len(sub.name) != 2 or not sub.is_dir(follow_symlinks=False):
+                    continue
+                with os.scandir(sub.path) as entries:
+                    for entry in entries:
+                        if _LEGACY_TMP.match(entry.name):
+                            left += not _removed_if_stale(entry, now)
+        if not left:
+            marker.touch()
     except OSError:
         return
+
+
+def _removed_if_stale(entry: os.DirEntry[str], now: float) -> bool:
+    """Remove `entry` if it is more than `_STALE_TMP_SECONDS` old; whether it is gone."""
+    try:
+        if now - entry.stat().st_mtime <= _STALE_TMP_SECONDS:
+            return False
+        os.unlink(entry.path)
+    except FileNotFoundError:
+        pass  # another process removed it first
+    except OSError:
+        return False
+    return True
 
 
 #: A temporary file of the manifest cache older than this is a killed writer's (a write

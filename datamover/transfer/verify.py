@@ -20,6 +20,7 @@ verify walks.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -31,12 +32,14 @@ from typing import Any
 from datamover.domain.manifest import Entry, Kind, without_setid
 from datamover.domain.namespace import Namespace
 from datamover.domain.paths import PARTIAL_RE, check_logical_path, printable, sort_key
-from datamover.errors import InvalidInput, NotFound
+from datamover.errors import DatamoverError, InvalidInput, NotFound
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
 from datamover.transfer.fsops import check_root, content_problem, lazy_stored_mtime, same_mtime
 from datamover.transfer.locks import take_lock
 from datamover.transfer.walk import SKIPPED_SAMPLE, LocalEntry, Walker
+
+log = logging.getLogger(__name__)
 
 _MAX_LISTED = 100  # problems named
 
@@ -221,9 +224,7 @@ async def verify(
     refs = await site.repo.prefetch(doc)
     result = VerifyResult(dataset, doc.version)
     if staged:
-        latest = await site.repo.latest(dataset)
-        if latest is not None and latest > doc.version:
-            result.newer = latest
+        result.newer = await _newer(site, dataset, doc.version)
     lock = await take_lock(site.state_dir, dataset, reader="verify")
     try:
         problem = await asyncio.to_thread(_root_problem, base, parts)
@@ -236,6 +237,18 @@ async def verify(
             os.close(lock)
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+async def _newer(site: Site, dataset: str, version: str) -> str | None:
+    """The latest version of `dataset` if it is newer than `version`. Best effort: the
+    note is not worth failing the verify for, so a listing the store refuses or fails (a
+    key that may read but not list) is a warning and no note."""
+    try:
+        latest = await site.repo.latest(dataset)
+    except DatamoverError as exc:
+        log.warning("could not look for versions newer than %s: %s", version, exc)
+        return None
+    return latest if latest is not None and latest > version else None
 
 
 async def _walk(
