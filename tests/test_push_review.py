@@ -322,6 +322,33 @@ def test_a_file_is_read_a_clock_tick_after_its_granule(
     assert clock.slept == [SECOND // 2 + readers.FINE_NS]
 
 
+def test_an_mtime_a_little_ahead_of_this_clock_is_waited_out_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file server running ahead of this host stamps a same-size rewrite later in its
+    second 51 with the same mtime; read at 50.9 s by this clock it would be published
+    torn for good. Before, an mtime in the future was read at once."""
+    path = tmp_path / "f"
+    _stamped(path, b"a" * 100, 51 * SECOND)
+    clock = _Clock(50 * SECOND + 9 * SECOND // 10)
+    monkeypatch.setattr(readers, "time", clock)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        readers.settled(fd, os.fstat(fd))
+    finally:
+        os.close(fd)
+    assert clock.slept == [SECOND // 10 + SECOND + readers.FINE_NS]
+    # far ahead (a clock set wrong): waiting cannot help, it is read at once
+    _stamped(path, b"a" * 100, 500 * SECOND)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        before = os.fstat(fd)
+        assert readers.settled(fd, before) is before
+    finally:
+        os.close(fd)
+    assert len(clock.slept) == 1
+
+
 def test_a_file_with_an_old_mtime_costs_no_wait(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -254,6 +254,10 @@ COARSE_NS, FINE_NS = 1_000_000_000, 20_000_000
 #: How far the clock the kernel stamps file times from may lag `time.time_ns()`: it is the
 #: coarse clock, moved on once a tick (at most 10 ms at HZ=100); `FINE_NS` covers that.
 LAG_NS = FINE_NS
+#: How far ahead of this host's clock a file server's may run for `settled` still to wait
+#: out a file's granule by this clock (NFS and Lustre servers a second or so ahead are
+#: common). An mtime further ahead is read at once: waiting minutes could not help.
+AHEAD_NS = 2 * COARSE_NS
 
 
 def _changed(a: os.stat_result, b: os.stat_result) -> bool:
@@ -279,12 +283,15 @@ def settled(fd: int, st: os.stat_result) -> os.stat_result:
     clock, up to a tick behind `time_ns` (`LAG_NS`): a write in the first milliseconds
     after the granule by `time_ns` still got the old second, so the wait is a granule and
     `LAG_NS`. A file whose mtime is older costs one `time_ns` and no wait. A file
-    server's clock may differ from this host's by more than that, which this cannot see;
-    an mtime in the future is read at once.
+    server's clock may run ahead of this host's: an mtime up to `AHEAD_NS` in the future
+    is waited out too (by this clock, then its granule and `LAG_NS`), so that a write
+    stamped later in the server's same second is not missed; one further ahead is read at
+    once. The wait is per clock, not per file: files stamped in the same second as one
+    waited for need none. A server behind this host's clock is not seen.
     """
     grain = COARSE_NS if st.st_mtime_ns % COARSE_NS == 0 else FINE_NS
     wait = st.st_mtime_ns + grain + LAG_NS - time.time_ns()
-    if wait <= 0 or wait > grain + LAG_NS:  # in the future: another clock's, waiting cannot help
+    if wait <= 0 or wait > grain + LAG_NS + AHEAD_NS:
         return st
     time.sleep(wait / 1e9)
     fresh = os.fstat(fd)
