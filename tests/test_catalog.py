@@ -24,7 +24,7 @@ from datamover.catalog.engine import (
 )
 from datamover.catalog.queries import Catalog
 from datamover.domain.manifest import ChunkRef
-from datamover.errors import CatalogError, CatalogUnavailable, InvalidInput
+from datamover.errors import CatalogError, CatalogUnavailable, Conflict, InvalidInput
 from datamover.repo.layout import VersionDoc
 from datamover.repo.manifest import SegmentRef
 from tests.fixtures_catalog import PG_ENV
@@ -264,6 +264,34 @@ async def test_replica_and_checkpoint_records(catalog_url: str) -> None:
         await catalog.start_checkpoint("/p/x", "v1", "host:3", keep_segments=False, found=found)
         assert await catalog.checkpoint_segments("/p/x") == []
         await catalog.clear_checkpoint("/p/x")
+        assert await catalog.checkpoint("/p/x") is None
+    finally:
+        await catalog.close()
+
+
+async def test_a_push_whose_checkpoint_was_taken_over_writes_into_it_no_more(
+    catalog_url: str,
+) -> None:
+    # Before: a push stopped past the holder timeout (SIGSTOP, a paused VM) went on after
+    # another push had taken its checkpoint over, replaced that push's rows from its own
+    # seq on and cleared the checkpoint after publishing: a later kill could resume from
+    # a list mixed from two runs.
+    catalog = Catalog(await open_engine(catalog_url))
+    try:
+        await catalog.start_checkpoint("/p/x", "v1", "host:1", keep_segments=False)
+        stale = [SegmentRef(os.urandom(32), 90, 4, f"a{i}", f"b{i}", 40) for i in range(2)]
+        await catalog.add_checkpoint_segments("/p/x", [(0, stale[0])], "host:1")
+        found = await catalog.checkpoint("/p/x")
+        await catalog.start_checkpoint("/p/x", "v1", "host:2", keep_segments=False, found=found)
+        current = SegmentRef(os.urandom(32), 80, 3, "a0", "c0", 30)
+        await catalog.add_checkpoint_segments("/p/x", [(0, current)], "host:2")
+        with pytest.raises(Conflict, match="taken over by another push"):
+            await catalog.add_checkpoint_segments("/p/x", [(0, stale[1])], "host:1")
+        await catalog.clear_checkpoint("/p/x", "host:1")  # not its own any more: left
+        assert await catalog.checkpoint_segments("/p/x") == [current]
+        found = await catalog.checkpoint("/p/x")
+        assert found is not None and found.owner == "host:2"
+        await catalog.clear_checkpoint("/p/x", "host:2")
         assert await catalog.checkpoint("/p/x") is None
     finally:
         await catalog.close()

@@ -35,8 +35,8 @@ def die_after(site: Site, when: Any) -> None:
     """Make the push die once right after committing a batch of rows for which `when(rows)`."""
     original = site.catalog.add_checkpoint_segments
 
-    async def add(dataset: str, rows: Any) -> None:
-        await original(dataset, rows)
+    async def add(dataset: str, rows: Any, owner: str | None = None) -> None:
+        await original(dataset, rows, owner)
         if when(rows):
             site.catalog.add_checkpoint_segments = original  # type: ignore[method-assign]
             raise Killed(f"after rows {[seq for seq, _ in rows]}")

@@ -167,9 +167,11 @@ async def test_reused_segments_are_checkpointed_with_the_next_new_one(
     calls: list[list[int]] = []
     record = site_a.catalog.add_checkpoint_segments
 
-    async def spy(dataset: str, rows: list[tuple[int, SegmentRef]]) -> None:
+    async def spy(
+        dataset: str, rows: list[tuple[int, SegmentRef]], owner: str | None = None
+    ) -> None:
         calls.append([seq for seq, _ in rows])
-        await record(dataset, rows)
+        await record(dataset, rows, owner)
 
     monkeypatch.setattr(site_a.catalog, "add_checkpoint_segments", spy)
     try:

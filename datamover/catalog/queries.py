@@ -603,7 +603,7 @@ class Catalog:
             await conn.execute(stmt)
 
     async def add_checkpoint_segments(
-        self, dataset: str, segments: Sequence[tuple[int, SegmentRef]]
+        self, dataset: str, segments: Sequence[tuple[int, SegmentRef]], owner: str | None = None
     ) -> None:
         """Record that segments `(seq, ref)` of the running push are uploaded, in one
         transaction.
@@ -612,7 +612,10 @@ class Catalog:
         has written are an interrupted run's, whose segments no longer follow this run's
         (files removed or added in between shift the cuts), and a rerun must see one run's
         list, never a mix (a stale segment with the bounds of a current one would be reused
-        and publish old content)."""
+        and publish old content). For the same reason, with `owner` the rows are written
+        only while the checkpoint is still `owner`'s: a push stopped longer than a holder
+        is waited for (SIGSTOP, a paused VM) whose checkpoint another push took over gets
+        `Conflict` instead of writing into the other's list."""
         if not segments:
             return
         rows = [
@@ -636,14 +639,34 @@ class Catalog:
         first = min(seq for seq, _ in segments)
         table = PushSegment
         async with self.engine.begin() as conn:
+            if owner is not None and not await _still_held(conn, dataset, owner):
+                raise Conflict(
+                    f"the push of {dataset!r} was taken over by another push while this one "
+                    "was stopped; that push goes on"
+                )
             await conn.execute(
                 delete(table).where(table.c.dataset == dataset, table.c.seq >= first)
             )
             await conn.execute(stmt)
 
-    async def clear_checkpoint(self, dataset: str) -> None:
-        """Forget the checkpoint once the version is published."""
+    async def clear_checkpoint(self, dataset: str, owner: str | None = None) -> None:
+        """Forget the checkpoint once the version is published; with `owner`, only while it
+        is still `owner`'s (another push that took it over keeps its own)."""
         cps, segs = PushCheckpoint, PushSegment
         async with self.engine.begin() as conn:
+            if owner is not None and not await _still_held(conn, dataset, owner):
+                return
             await conn.execute(delete(segs).where(segs.c.dataset == dataset))
             await conn.execute(delete(cps).where(cps.c.dataset == dataset))
+
+
+async def _still_held(conn: Any, dataset: str, owner: str) -> bool:
+    """Whether the checkpoint of `dataset` is `owner`'s, noting that it is still running
+    (its `updated_at`, as `touch_checkpoint`), within the transaction of `conn`."""
+    table = PushCheckpoint
+    stmt = (
+        update(table)
+        .where(table.c.dataset == dataset, table.c.owner == owner)
+        .values(updated_at=_now())
+    )
+    return bool((await conn.execute(stmt)).rowcount == 1)

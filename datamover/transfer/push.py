@@ -487,7 +487,7 @@ async def _push_tree(
                 result.uploaded_bytes += await _restore_manifest_object(
                     site.repo, parent.manifest_digest
                 )
-            await site.catalog.clear_checkpoint(dataset)
+            await site.catalog.clear_checkpoint(dataset, owner_id())
             await site.catalog.pushed_replica(
                 dataset, str(tree), parent.version, result.files, result.bytes
             )
@@ -519,7 +519,7 @@ async def _push_tree(
         result.uploaded_bytes += len(listing) + len(body)
         result.version = doc.version
         await site.catalog.record_versions([doc])
-        await site.catalog.clear_checkpoint(dataset)
+        await site.catalog.clear_checkpoint(dataset, owner_id())
         await site.catalog.pushed_replica(dataset, str(tree), doc.version, doc.files, doc.bytes)
         result.seconds = round(time.monotonic() - started, 3)
         return result
@@ -638,7 +638,7 @@ async def _build(
             return
         rows = unrecorded.copy()
         unrecorded.clear()
-        await site.catalog.add_checkpoint_segments(dataset, rows)
+        await site.catalog.add_checkpoint_segments(dataset, rows, owner_id())
 
     known = {r.digest for r in parent_refs} | {r.digest for r in resumed}
     reusable = [] if lost else _reusable(resumed, parent_refs)
