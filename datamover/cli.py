@@ -506,7 +506,7 @@ def _catalog_call(url: str, call: Callable[[], T]) -> T:
     type=click.IntRange(min=0),
     default=None,
     metavar="DAYS",
-    help="Only runs that started more than DAYS days ago (with --empty: required, >= 1).",
+    help="Only runs last moved into more than DAYS days ago (with --empty: required, >= 1).",
 )
 @click.option("--empty", is_flag=True, help="Remove those runs (what stage moved aside).")
 @common
@@ -514,8 +514,8 @@ def trash(older_than: int | None, empty: bool, config_path: str | None, as_json:
     """List the trash: what stage runs moved aside (users' changes), by run; or empty it.
 
     Only this command and a daemon with `[api] trash_days` empty the trash. `--empty
-    --older-than DAYS` removes the runs older than DAYS days (at least 1: a stage of the last
-    day may still write into its run).
+    --older-than DAYS` removes the runs whose last move was more than DAYS days ago (at
+    least 1: a stage that moved something in the last day may still write into its run).
     """
     from datetime import timedelta
 

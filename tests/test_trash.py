@@ -20,7 +20,7 @@ from prometheus_client import generate_latest
 from datamover.errors import Busy, PermanentError
 from datamover.metrics import Metrics
 from datamover.scheduler.trash_retention import TrashRetention
-from datamover.transfer import trash
+from datamover.transfer import fsops, trash
 from tests.fixtures_daemon import free_port, start_daemon
 from tests.fixtures_sites import MakeSite, SiteEnv, cli_unprivileged
 
@@ -48,11 +48,19 @@ async def _trashed_once(make_site: MakeSite) -> SiteEnv:
     return b
 
 
+def _backdate(run: Path, stamp: str) -> None:
+    """Give run directory `run` the mtime of `stamp`: its last move (`trash.runs`)."""
+    when = datetime.strptime(stamp, "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC).timestamp()
+    os.utime(run, (when, when))
+
+
 def _age(env: SiteEnv, name: str, stamp: str) -> str:
-    """Rename run `name` as if it had started at `stamp` (`YYYYmmddTHHMMSSZ`)."""
+    """Rename run `name` as if it had started, and last moved something, at `stamp`
+    (`YYYYmmddTHHMMSSZ`)."""
     old = f"{stamp}-{name.rpartition('-')[2]}"
     root = trash.trash_root(env.state)
     (root / name).rename(root / old)
+    _backdate(root / old, stamp)
     return old
 
 
@@ -111,6 +119,7 @@ async def test_an_old_run_is_emptied_read_only_deep_and_linked_parts_too(
     outside.mkdir()
     (outside / "keep").write_text("keep\n")
     (run / "link").symlink_to(outside)
+    _backdate(run, "20200101T000000Z")  # the entries made above were its last moves
     (trash.trash_root(b.state) / "not-a-run").mkdir()
     # A run a killed `trash --empty` began to remove.
     (trash.trash_root(b.state) / ".emptying-20200101T000000Z-abcdef" / "x").mkdir(parents=True)
@@ -121,6 +130,29 @@ async def test_an_old_run_is_emptied_read_only_deep_and_linked_parts_too(
     assert emptied["files"] == 4  # f, g, h, deep
     assert _run_dirs(b) == ["not-a-run"]
     assert (outside / "keep").read_text() == "keep\n"
+
+
+@_SQLITE_ONLY
+async def test_a_run_is_aged_by_its_last_move_not_by_its_start(make_site: MakeSite) -> None:
+    # Before: aged by its name, the stage's start, what a stage running for two days moved
+    # at its end was removed by the next hourly pass of a `trash_days = 1` daemon.
+    b = await _trashed_once(make_site)
+    [fresh] = _run_dirs(b)
+    root = trash.trash_root(b.state)
+    moved_at = (root / fresh).stat().st_mtime
+    assert time.time() - moved_at < 60  # the stage set it as it moved the file
+    started_long_ago = f"20200101T000000Z-{fresh.rpartition('-')[2]}"
+    (root / fresh).rename(root / started_long_ago)  # keeps its mtime: the last move
+    assert trash.empty(b.state, 1) == []
+    assert _run_dirs(b) == [started_long_ago]
+    [listed] = b.cli_json("trash")["runs"]
+    assert listed["started"] == "2020-01-01T00:00:00Z"
+    assert listed["last_moved"] == datetime.fromtimestamp(moved_at, UTC).strftime(
+        "%Y-%m-%dT%H:%M:%SZ"
+    )
+    _backdate(root / started_long_ago, "20200103T000000Z")  # moved into two days after
+    [emptied] = trash.empty(b.state, 1)
+    assert emptied.name == started_long_ago and _run_dirs(b) == []
 
 
 def test_emptying_a_site_without_a_trash_removes_nothing(tmp_path: Path) -> None:
@@ -135,6 +167,7 @@ def _runs_in(state: Path, *stamps: str) -> list[str]:
         name = f"{stamp}-{i:06x}"
         (trash.trash_root(state) / name / "proj").mkdir(parents=True)
         (trash.trash_root(state) / name / "proj" / "f").write_text("ab\n")
+        _backdate(trash.trash_root(state) / name, stamp)
         names.append(name)
     return names
 
@@ -308,3 +341,23 @@ def test_a_run_emptied_while_the_trash_is_listed_is_left_out(
 
     monkeypatch.setattr(trash, "_measure", emptied_meanwhile)
     assert [r.name for r in trash.runs(tmp_path)] == [second]
+
+
+def test_every_move_into_the_trash_sets_its_runs_mtime(tmp_path: Path) -> None:
+    # What a long stage moves late must age from then: each move refreshes the run's mtime.
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "a").write_text("user's a\n")
+    (tmp_path / "ds" / "sub").mkdir()
+    (tmp_path / "ds" / "sub" / "b").write_text("user's b\n")
+    run = trash.trash_root(tmp_path / "state") / "20200101T000000Z-abcdef"
+    root_fd = fsops.open_root(tmp_path, ("ds",), create=False)
+    writer = fsops.TreeWriter(root_fd, tmp_path / "ds", run / "proj" / "ds", trash_run=run)
+    try:
+        writer.trash("a")
+        _backdate(run, "20200101T000000Z")
+        writer.trash("sub/b")  # below a directory the run already has: only `sub` changes
+    finally:
+        writer.close()
+        os.close(root_fd)
+    assert (run / "proj" / "ds" / "sub" / "b").read_text() == "user's b\n"
+    assert time.time() - run.stat().st_mtime < 60

@@ -468,10 +468,15 @@ class TreeWriter:
         *,
         sparse: bool = False,
         stored_mtime: Callable[[int], int] | None = None,
+        trash_run: Path | None = None,
     ) -> None:
         self.root_fd = root_fd
         self.root_path = root_path
         self.trash_dir = trash_dir
+        #: The stage run's directory in the trash (`trash_dir` is below it): its mtime is
+        #: set to now after every move, as the trash ages a run by its last move
+        #: (`trash.runs`), not by the start a long stage had a day before.
+        self.trash_run = trash_run
         self.sparse = sparse
         self.stored_mtime = stored_mtime or lazy_stored_mtime(root_fd)
         self.trashed: list[str] = []
@@ -770,6 +775,9 @@ class TreeWriter:
         finally:
             if out >= 0:
                 os.close(out)
+        if self.trash_run is not None:
+            with contextlib.suppress(OSError):  # made by `_trash_dest`, 0o700, ours
+                os.utime(self.trash_run)
         self.note_trashed([rel])
 
     @staticmethod

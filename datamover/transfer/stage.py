@@ -250,7 +250,9 @@ class _Stager:
             self.batch_files, self.batch_bytes = _POOL_BATCH_FILES, self.large
         self.fetcher = Fetcher(site.store, t.download_concurrency)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        self.trash_dir = trash_dir(site.state_dir, f"{stamp}-{secrets.token_hex(3)}", doc.dataset)
+        run = f"{stamp}-{secrets.token_hex(3)}"
+        self.trash_dir = trash_dir(site.state_dir, run, doc.dataset)
+        self.trash_run = site.state_dir / "trash" / run
         self.result = StageResult.of(doc)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dm-writer")
         # Ranges of large files are verified and written at their own offsets, so several
@@ -476,6 +478,7 @@ class _Stager:
                 files,
                 str(self.trash_dir),
                 self.writer.sparse,  # every write path takes the one setting
+                str(self.trash_run),
             )
             job.add_done_callback(self._worker_done)  # before the wait's: it runs first
             written = await asyncio.wrap_future(job)
@@ -801,7 +804,11 @@ class _Stager:
             await self._settle()
             raise
         self.writer = fsops.TreeWriter(
-            root_fd, self.root, self.trash_dir, sparse=self.site.config.transfer.sparse
+            root_fd,
+            self.root,
+            self.trash_dir,
+            sparse=self.site.config.transfer.sparse,
+            trash_run=self.trash_run,
         )
         self._root_mode = stat.S_IMODE(os.fstat(root_fd).st_mode)
         # Probed in the directory the walk lists first, so it never sees the probe's file.

@@ -11,8 +11,11 @@ the bottom up through directory descriptors (never following a symlink a user tr
 tree deeper than PATH_MAX goes as a shallow one does). A directory a user left without its
 owner's write or search bits (a read-only tree trashed whole) gets them first.
 
-A run of the last day is never removed, whatever the age asked: its stage may still be
-writing into it (a stage holds no lock a run could be told by).
+A run is aged by its last move, not by its stage's start: a stage sets the mtime of its
+run's directory to now after every move (`fsops.TreeWriter.trash_run`), so what a stage
+that ran for two days moved at its end is kept as long as what a short one moved. A run
+moved into within the last day is never removed, whatever the age asked: its stage may
+still be writing into it (a stage holds no lock a run could be told by).
 """
 
 from __future__ import annotations
@@ -40,18 +43,21 @@ _OWNER_RWX = stat.S_IRWXU
 
 @dataclass
 class TrashRun:
-    """One stage run's trash: its directory name, when the run started, and what it holds
-    (regular files counted, with their bytes; directories and symlinks not)."""
+    """One stage run's trash: its directory name, when the run started, its last move (the
+    run directory's mtime, never before the start) and what it holds (regular files
+    counted, with their bytes; directories and symlinks not)."""
 
     name: str
     started: datetime
     files: int = 0
     bytes: int = 0
+    last_moved: datetime | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
             "run": self.name,
             "started": self.started.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "last_moved": (self.last_moved or self.started).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "files": self.files,
             "bytes": self.bytes,
         }
@@ -65,10 +71,10 @@ def trash_root(state_dir: Path) -> Path:
 def runs(
     state_dir: Path, older_than: timedelta = timedelta(0), measure: bool = True
 ) -> Iterator[TrashRun]:
-    """The runs in the trash that started more than `older_than` ago, oldest first, with
-    what each holds where `measure` (each run walked once, one directory's names at a time;
-    a directory its owner may not read is not counted). Names that are not runs' are left
-    out (and never removed)."""
+    """The runs in the trash whose last move was more than `older_than` ago (see the module
+    docstring), in order of their start, with what each holds where `measure` (each run
+    walked once, one directory's names at a time; a directory its owner may not read is
+    not counted). Names that are not runs' are left out (and never removed)."""
     root = trash_root(state_dir)
     try:
         names = sorted(p.name for p in root.iterdir())
@@ -82,7 +88,16 @@ def runs(
         started = _started(name)
         if started is None or now - started <= older_than:
             continue
-        run = TrashRun(name, started)
+        try:
+            mtime = os.stat(root / name, follow_symlinks=False).st_mtime
+        except FileNotFoundError:  # an `empty` took it since the names were read
+            continue
+        except OSError:
+            mtime = 0.0
+        moved = max(started, datetime.fromtimestamp(mtime, UTC))
+        if now - moved <= older_than:
+            continue
+        run = TrashRun(name, started, last_moved=moved)
         if measure:
             try:
                 run.files, run.bytes = _measure(root / name)

@@ -57,11 +57,13 @@ def write_batch(
     files: list[WireFile],
     trash: str | None = None,
     sparse: bool = False,
+    trash_run: str | None = None,
 ) -> Written:
     """Worker-process entry point: verify every chunk of `ranges` and write `files` (each
     under a temporary name, renamed into place with its mode and mtime; a file a user
-    changed since the walk is moved into the directory `trash` first). Return the
-    directories made writable to do so (`TreeWriter.unlocked`: path -> mode before), which
+    changed since the walk is moved into the directory `trash` first, and the mtime of
+    `trash_run`, the run's directory above it, set to now). Return the directories made
+    writable to do so (`TreeWriter.unlocked`: path -> mode before), which
     the stage process gives their mode back at the end, after every batch; and the paths
     moved to the trash, a sample of them with their count (`Written`). `sparse`: all-zero
     chunks become holes (`fsops.is_hole`).
@@ -77,7 +79,11 @@ def write_batch(
     # The stage process created the root; opened again here, never created.
     root_fd = fsops.open_root(Path(base), parts, create=False)
     writer = fsops.TreeWriter(
-        root_fd, Path(base, *parts), Path(trash) if trash else None, sparse=sparse
+        root_fd,
+        Path(base, *parts),
+        Path(trash) if trash else None,
+        sparse=sparse,
+        trash_run=Path(trash_run) if trash_run else None,
     )
     try:
         for path, mode, mtime_ns, chunks, replaces in files:
