@@ -242,3 +242,47 @@ def test_a_file_a_user_changed_after_the_look_goes_to_the_trash(
     assert (tmp_path / "ds" / "f").read_text() == "new\n"
     assert (tmp_path / "trash" / "f").read_text() == "a user's newer save\n"
     assert writer.trashed == ["f"]
+
+
+@pytest.mark.parametrize("saves", [1, 5])
+def test_a_user_saving_again_at_a_new_files_path_after_its_move_keeps_every_save(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saves: int
+) -> None:
+    """Where the walk saw nothing, a user's file found at the rename goes to the trash;
+    before, one saved again between that move and the rename was taken out by an exchange
+    and unlinked. Now the rename is tried again without replacing, and each save goes to
+    the trash (`f`, `f~1`, ...); a path saved again at every try is left as it is."""
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    root_fd = open_root(tmp_path, ("ds",), create=False)
+    writer = TreeWriter(root_fd, ds, tmp_path / "trash")
+    real = TreeWriter.trash
+    later = iter(f"save {i}\n" for i in range(2, saves + 2))
+
+    def trash_then_user_saves(self: TreeWriter, rel: str) -> None:
+        real(self, rel)
+        for text in later:
+            (ds / rel).write_text(text)
+            break
+
+    monkeypatch.setattr(TreeWriter, "trash", trash_then_user_saves)
+    (ds / "f").write_text("save 1\n")
+    (ds / ".new").write_text("version\n")
+    dfd = os.open(ds, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        if saves == 1:
+            writer.rename_into_place(".new", "f", dfd, None)
+        else:
+            with pytest.raises(Conflict, match="saved again each time"):
+                writer.rename_into_place(".new", "f", dfd, None)
+    finally:
+        os.close(dfd)
+        writer.close()
+        os.close(root_fd)
+    kept = sorted(p.read_text() for p in (tmp_path / "trash").iterdir())
+    if saves == 1:
+        assert (ds / "f").read_text() == "version\n"
+        assert kept == ["save 1\n", "save 2\n"]
+    else:
+        assert (ds / "f").read_text() == "save 4\n"  # the last save, left in place
+        assert kept == ["save 1\n", "save 2\n", "save 3\n"]

@@ -59,6 +59,9 @@ _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
 #: What `renameat2` fails with where the file system does not take a flag (NFS, Lustre).
 _UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
+#: Moves to the trash of what a user keeps saving at a new file's path before stage gives
+#: up on it (`rename_into_place`).
+_PLACE_ATTEMPTS = 3
 
 
 def _rename2(dfd: int, src: str, dst: str, flag: int) -> int:
@@ -629,15 +632,27 @@ class TreeWriter:
         EINVAL), it is looked for first (`fstatat`), for every new file of this writer."""
         name = split(rel)[1]
         if replaces is None and self._noreplace:
-            err = _rename2(dfd, tmp, name, _RENAME_NOREPLACE)
-            if err == 0:
-                return
-            if err == errno.EEXIST:
-                self.trash(rel)
-            elif err in _UNSUPPORTED:
-                self._noreplace = False
-            else:
+            # Renamed without replacing until it goes in: what a user saves there again
+            # between a move to the trash and the rename goes to the trash too (an
+            # exchange here would take it out and unlink it, unchecked).
+            for _ in range(_PLACE_ATTEMPTS):
+                err = _rename2(dfd, tmp, name, _RENAME_NOREPLACE)
+                if err == 0:
+                    return
+                if err == errno.EEXIST:
+                    self.trash(rel)
+                    continue
+                if err in _UNSUPPORTED:
+                    self._noreplace = False
+                    break
                 raise OSError(err, os.strerror(err), rel)
+            else:
+                raise Conflict(
+                    f"{clipped(rel)!r} was saved again each time stage moved it to the trash "
+                    f"({_PLACE_ATTEMPTS} times); it was left as it is: stage again once "
+                    "nothing writes there",
+                    [rel],
+                )
         if replaces is None and not self._noreplace:
             replaces = _NOTHING
         self.make_way(rel, dfd, replaces)
