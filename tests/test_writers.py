@@ -286,3 +286,23 @@ def test_a_user_saving_again_at_a_new_files_path_after_its_move_keeps_every_save
     else:
         assert (ds / "f").read_text() == "save 4\n"  # the last save, left in place
         assert kept == ["save 1\n", "save 2\n", "save 3\n"]
+
+
+def test_a_batch_for_a_dataset_directory_put_in_the_stages_ones_place_is_refused(
+    tmp_path: Path,
+) -> None:
+    """A worker opens the dataset's directory again by path: one renamed away and replaced
+    by another directory since the stage opened it got the worker's files, the stage's own
+    writes the old one, and the stage ended "ready" over a tree missing files."""
+    (tmp_path / "ds").mkdir()
+    st = os.stat(tmp_path / "ds")
+    (tmp_path / "ds").rename(tmp_path / "ds.old")
+    (tmp_path / "ds").mkdir()
+    ranges, blobs, files = _batch({"f": b"data\n"})
+    with pytest.raises(Conflict, match="was replaced while stage wrote it"):
+        write_batch(str(tmp_path), ("ds",), ranges, blobs, files, root_id=(st.st_dev, st.st_ino))
+    assert list((tmp_path / "ds").iterdir()) == []
+    # the directory it opened: written
+    st = os.stat(tmp_path / "ds")
+    write_batch(str(tmp_path), ("ds",), *_batch({"f": b"data\n"}), root_id=(st.st_dev, st.st_ino))
+    assert (tmp_path / "ds" / "f").read_bytes() == b"data\n"

@@ -295,6 +295,7 @@ class _Stager:
         # The dataset directory's mode before the run: given back after a worker process
         # was lost, which may have made it writable and told no one.
         self._root_mode: int | None = None
+        self._root_id: tuple[int, int] | None = None  # the dataset directory's (dev, ino)
 
     @property
     def untouched(self) -> bool:
@@ -479,6 +480,7 @@ class _Stager:
                 str(self.trash_dir),
                 self.writer.sparse,  # every write path takes the one setting
                 str(self.trash_run),
+                self._root_id,
             )
             job.add_done_callback(self._worker_done)  # before the wait's: it runs first
             written = await asyncio.wrap_future(job)
@@ -810,7 +812,9 @@ class _Stager:
             sparse=self.site.config.transfer.sparse,
             trash_run=self.trash_run,
         )
-        self._root_mode = stat.S_IMODE(os.fstat(root_fd).st_mode)
+        root_st = os.fstat(root_fd)
+        self._root_mode = stat.S_IMODE(root_st.st_mode)
+        self._root_id = (root_st.st_dev, root_st.st_ino)
         # Probed in the directory the walk lists first, so it never sees the probe's file.
         plan = self._planner(fsops.lazy_stored_mtime(root_fd))
         failed = False

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from datamover.domain.manifest import ChunkRef, Entry, Kind
+from datamover.errors import Conflict
 from datamover.transfer import fsops
 from datamover.transfer.fetch import Range, decode_ranges
 
@@ -58,11 +59,13 @@ def write_batch(
     trash: str | None = None,
     sparse: bool = False,
     trash_run: str | None = None,
+    root_id: tuple[int, int] | None = None,
 ) -> Written:
     """Worker-process entry point: verify every chunk of `ranges` and write `files` (each
     under a temporary name, renamed into place with its mode and mtime; a file a user
     changed since the walk is moved into the directory `trash` first, and the mtime of
-    `trash_run`, the run's directory above it, set to now). Return the directories made
+    `trash_run`, the run's directory above it, set to now; `Conflict` if the dataset's
+    directory is not `root_id` any more). Return the directories made
     writable to do so (`TreeWriter.unlocked`: path -> mode before), which
     the stage process gives their mode back at the end, after every batch; and the paths
     moved to the trash, a sample of them with their count (`Written`). `sparse`: all-zero
@@ -76,8 +79,19 @@ def write_batch(
     owners = {c.digest: f[0] for f in files for c in f[3]}
     decoded = decode_ranges(ranges, blobs, owners)
     blobs.clear()
-    # The stage process created the root; opened again here, never created.
+    # The stage process created the root; opened again here, never created, and refused
+    # unless it is still the directory the stage process holds (`root_id`: its device and
+    # inode): one put in its place meanwhile would get this batch, the stage's own writes
+    # the other, and the stage would end "ready" over a tree missing files.
     root_fd = fsops.open_root(Path(base), parts, create=False)
+    if root_id is not None:
+        st = os.fstat(root_fd)
+        if (st.st_dev, st.st_ino) != root_id:
+            os.close(root_fd)
+            raise Conflict(
+                f"the dataset's directory {str(Path(base, *parts))!r} was replaced while "
+                "stage wrote it; nothing more was written there: stage again"
+            )
     writer = fsops.TreeWriter(
         root_fd,
         Path(base, *parts),
