@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -119,3 +120,12 @@ def cli_unprivileged(env: SiteEnv, *args: str) -> subprocess.CompletedProcess[st
         timeout=120,
         env=env_vars,
     )
+
+
+def sigint_as_from_a_terminal() -> None:
+    """`preexec_fn` of a child a test sends SIGINT to: SIGINT at its default and not
+    blocked, whatever this process inherited or set, as a shell's Ctrl-C reaches a command.
+    A test run started in the background of a non-interactive shell (`.ci/run &`) inherits
+    SIGINT ignored, and so would every child: the interrupt then never arrives."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})

@@ -30,7 +30,7 @@ from tests.fixtures_daemon import (
     until_running,
     with_token,
 )
-from tests.fixtures_sites import MakeSite
+from tests.fixtures_sites import MakeSite, sigint_as_from_a_terminal
 from tests.treegen import make_tree, snapshot
 
 MiB = 1 << 20
@@ -392,13 +392,6 @@ async def test_a_post_resent_after_its_pin_was_released_is_the_same_request(
     assert again["pin"] is None and again["options"] == {}
 
 
-def _sigint_as_a_terminal_gives_it() -> None:
-    """In the child, before exec: SIGINT at its default and not blocked, whatever the test
-    process inherited or set (a shell's Ctrl-C reaches a command so)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
-
-
 async def test_ctrl_c_while_waiting_says_the_transfer_goes_on(
     served_site: StartSite, make_site: MakeSite
 ) -> None:
@@ -414,7 +407,7 @@ async def test_ctrl_c_while_waiting_says_the_transfer_goes_on(
         stderr=subprocess.PIPE,
         text=True,
         env=env,
-        preexec_fn=_sigint_as_a_terminal_gives_it,
+        preexec_fn=sigint_as_from_a_terminal,
     )
     try:
         deadline = time.monotonic() + 30

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from datamover.transfer import procpool
-from tests.fixtures_sites import MakeSite
+from tests.fixtures_sites import MakeSite, sigint_as_from_a_terminal
 
 
 def test_worker_processes_ignore_sigint() -> None:
@@ -79,6 +79,7 @@ async def test_an_interrupted_command_with_json_prints_one_error_object(
         stderr=subprocess.PIPE,
         text=True,
         env={**env, "DATAMOVER_TRANSFER_BANDWIDTH_LIMIT": str(1 << 20)},  # 40 s for 40 MiB
+        preexec_fn=sigint_as_from_a_terminal,
     )
     time.sleep(3)
     assert proc.poll() is None

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from datamover.embedded import _free_ports
+from tests.fixtures_sites import sigint_as_from_a_terminal
 
 WORKSTATION = Path(__file__).parent.parent / "config" / "workstation.toml"
 
@@ -22,6 +23,7 @@ def _start(data: Path, port: int) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=sigint_as_from_a_terminal,
     )
 
 
