@@ -20,7 +20,7 @@ from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.transfer.fsops import content_problem
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
-from tests.fixtures_sites import MakeSite, cli_unprivileged
+from tests.fixtures_sites import MakeSite, SiteEnv, cli_unprivileged
 from tests.fixtures_store import FaultProxy, s3_error
 
 MISMATCH = "content differs from the version (digest mismatch)"
@@ -126,15 +126,21 @@ async def test_verify_names_an_interrupted_stages_partial_file_as_such(
     assert b.cli("verify", "/proj/ds", "--allow-extra").returncode == 0
 
 
-async def test_verify_of_the_staged_version_says_when_a_newer_one_is_published(
-    make_site: MakeSite,
-) -> None:
-    # Before: "matches version <old>", exit 0, and nothing said the tree was out of date.
+async def _staged_at_b(make_site: MakeSite) -> tuple[SiteEnv, SiteEnv, str]:
+    """Sites A and B, /proj/ds pushed at A and staged at B; the version."""
     a, b = await make_site("site-a"), await make_site("site-b")
     (a.data / "ds").mkdir()
     (a.data / "ds" / "f").write_text("one\n")
     first = a.cli_json("push", "/proj/ds")["version"]
     assert b.cli("stage", "/proj/ds").returncode == 0
+    return a, b, first
+
+
+async def test_verify_of_the_staged_version_says_when_a_newer_one_is_published(
+    make_site: MakeSite,
+) -> None:
+    # Before: "matches version <old>", exit 0, and nothing said the tree was out of date.
+    a, b, first = await _staged_at_b(make_site)
     (a.data / "ds" / "f").write_text("two\n")
     second = a.cli_json("push", "/proj/ds")["version"]
 
@@ -156,11 +162,7 @@ async def test_verify_is_not_failed_by_a_store_that_refuses_the_look_for_newer_v
 ) -> None:
     # The note is best effort: a key that may read but not list (or a listing that keeps
     # failing) still gets its verdict, with a warning instead of the note.
-    a, b = await make_site("site-a"), await make_site("site-b")
-    (a.data / "ds").mkdir()
-    (a.data / "ds" / "f").write_text("one\n")
-    first = a.cli_json("push", "/proj/ds")["version"]
-    assert b.cli("stage", "/proj/ds").returncode == 0
+    _, b, first = await _staged_at_b(make_site)
     b.config_path.write_text(b.config_path.read_text().replace(seaweed.endpoint, proxy.endpoint))
 
     async def no_listing(request: Any, body: bytes) -> Any:
