@@ -579,14 +579,8 @@ class Catalog:
 
     async def touch_checkpoint(self, dataset: str, owner: str) -> None:
         """Note that `owner` is still running the push of `dataset` (see `checkpoint`)."""
-        table = PushCheckpoint
-        stmt = (
-            update(table)
-            .where(table.c.dataset == dataset, table.c.owner == owner)
-            .values(updated_at=_now())
-        )
         async with self.engine.begin() as conn:
-            await conn.execute(stmt)
+            await _still_held(conn, dataset, owner)
 
     async def release_checkpoint(self, dataset: str, owner: str) -> None:
         """Give up `owner`'s claim on the unfinished push of `dataset` (a push that failed):
@@ -662,7 +656,7 @@ class Catalog:
 
 async def _still_held(conn: Any, dataset: str, owner: str) -> bool:
     """Whether the checkpoint of `dataset` is `owner`'s, noting that it is still running
-    (its `updated_at`, as `touch_checkpoint`), within the transaction of `conn`."""
+    (its `updated_at`), within the transaction of `conn`."""
     table = PushCheckpoint
     stmt = (
         update(table)
