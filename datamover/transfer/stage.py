@@ -60,6 +60,7 @@ from datamover.transfer.locks import take_lock, take_nested
 from datamover.transfer.pins import check_nested_pins, check_pins, overwritten_below
 from datamover.transfer.plan import Op, StagePlanner, children_first
 from datamover.transfer.progress import NoProgress, Progress
+from datamover.transfer.trash import trash_root
 from datamover.transfer.walk import Walker
 
 _PLAN_BATCH = 2048
@@ -179,11 +180,12 @@ class StageResult:
         return data
 
 
-def trash_dir(state_dir: Path, run: str, dataset: str) -> Path:
-    """Where one stage run's trash for `dataset` goes: `<state_dir>/trash/<run>/` and then
-    the dataset's own path, one directory per component (each a valid name, at most 255
-    bytes, so no component of the trash path can be too long), then the entry's path."""
-    return state_dir.joinpath("trash", run, *dataset.strip("/").split("/"))
+def trash_dir(run_dir: Path, dataset: str) -> Path:
+    """Where one stage run's trash for `dataset` goes: the run's directory
+    (`<state_dir>/trash/<run>/`) and then the dataset's own path, one directory per
+    component (each a valid name, at most 255 bytes, so no component of the trash path can
+    be too long), then the entry's path."""
+    return run_dir.joinpath(*dataset.strip("/").split("/"))
 
 
 def _check_manifest(site: Site, refs: list[SegmentRef]) -> list[Entry] | None:
@@ -250,9 +252,8 @@ class _Stager:
             self.batch_files, self.batch_bytes = _POOL_BATCH_FILES, self.large
         self.fetcher = Fetcher(site.store, t.download_concurrency)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        run = f"{stamp}-{secrets.token_hex(3)}"
-        self.trash_dir = trash_dir(site.state_dir, run, doc.dataset)
-        self.trash_run = site.state_dir / "trash" / run
+        self.trash_run = trash_root(site.state_dir) / f"{stamp}-{secrets.token_hex(3)}"
+        self.trash_dir = trash_dir(self.trash_run, doc.dataset)
         self.result = StageResult.of(doc)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dm-writer")
         # Ranges of large files are verified and written at their own offsets, so several
