@@ -302,6 +302,17 @@ def _stamped(path: Path, data: bytes, mtime_ns: int) -> None:
     os.utime(path, ns=(mtime_ns, mtime_ns))
 
 
+def _settled(path: Path) -> bool:
+    """Open `path` and let `readers.settled` wait for it; True if it waited for nothing
+    (returned the very `fstat` it was given)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        before = os.fstat(fd)
+        return readers.settled(fd, before) is before
+    finally:
+        os.close(fd)
+
+
 def test_a_file_is_read_a_clock_tick_after_its_granule(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -313,11 +324,7 @@ def test_a_file_is_read_a_clock_tick_after_its_granule(
     _stamped(path, b"a" * 100, 50 * SECOND)
     clock = _Clock(50 * SECOND + SECOND // 2)
     monkeypatch.setattr(readers, "time", clock)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        readers.settled(fd, os.fstat(fd))
-    finally:
-        os.close(fd)
+    _settled(path)
     assert clock.now >= 51 * SECOND + readers.FINE_NS
     assert clock.slept == [SECOND // 2 + readers.FINE_NS]
 
@@ -332,20 +339,11 @@ def test_an_mtime_a_little_ahead_of_this_clock_is_waited_out_too(
     _stamped(path, b"a" * 100, 51 * SECOND)
     clock = _Clock(50 * SECOND + 9 * SECOND // 10)
     monkeypatch.setattr(readers, "time", clock)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        readers.settled(fd, os.fstat(fd))
-    finally:
-        os.close(fd)
+    _settled(path)
     assert clock.slept == [SECOND // 10 + SECOND + readers.FINE_NS]
     # far ahead (a clock set wrong): waiting cannot help, it is read at once
     _stamped(path, b"a" * 100, 500 * SECOND)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        before = os.fstat(fd)
-        assert readers.settled(fd, before) is before
-    finally:
-        os.close(fd)
+    assert _settled(path)  # read at once
     assert len(clock.slept) == 1
 
 
@@ -356,12 +354,7 @@ def test_a_file_with_an_old_mtime_costs_no_wait(
     _stamped(path, b"a" * 100, 50 * SECOND)
     clock = _Clock(51 * SECOND + readers.FINE_NS)  # granule and tick over
     monkeypatch.setattr(readers, "time", clock)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        before = os.fstat(fd)
-        assert readers.settled(fd, before) is before
-    finally:
-        os.close(fd)
+    assert _settled(path)  # read at once
     assert clock.slept == []
 
 
