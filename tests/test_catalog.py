@@ -247,14 +247,15 @@ async def test_replica_and_checkpoint_records(catalog_url: str) -> None:
         assert row is not None and (row.state, row.base_version, row.files) == ("ready", "v2", 3)
 
         assert await catalog.checkpoint("/p/x") is None
-        await catalog.start_checkpoint("/p/x", "v1", "host:2", keep_segments=False)
+        await catalog.start_checkpoint("/p/x", "v1", "host:2", keep_segments=False, root="/d/x")
         seg = SegmentRef(os.urandom(32), 100, 5, "a", "e", 50)
         more = [SegmentRef(os.urandom(32), 90, 4, f"f{i}", f"g{i}", 40) for i in range(3)]
         await catalog.add_checkpoint_segments("/p/x", [(0, seg)])
         await catalog.add_checkpoint_segments("/p/x", [(0, seg)])  # idempotent
         await catalog.add_checkpoint_segments("/p/x", [])
         found = await catalog.checkpoint("/p/x")
-        assert found is not None and (found.parent, found.owner) == ("v1", "host:2")
+        assert found is not None
+        assert (found.parent, found.owner, found.root) == ("v1", "host:2", "/d/x")
         assert await catalog.checkpoint_segments("/p/x") == [seg]
         await catalog.add_checkpoint_segments("/p/x", [(2, more[1]), (1, more[0]), (3, more[2])])
         assert await catalog.checkpoint_segments("/p/x") == [seg, *more]
@@ -263,6 +264,8 @@ async def test_replica_and_checkpoint_records(catalog_url: str) -> None:
         assert await catalog.checkpoint_segments("/p/x") == [seg, more[2]]
         await catalog.start_checkpoint("/p/x", "v1", "host:3", keep_segments=False, found=found)
         assert await catalog.checkpoint_segments("/p/x") == []
+        taken = await catalog.checkpoint("/p/x")
+        assert taken is not None and (taken.owner, taken.root) == ("host:3", None)
         await catalog.clear_checkpoint("/p/x")
         assert await catalog.checkpoint("/p/x") is None
     finally:

@@ -92,6 +92,38 @@ async def test_rerun_never_mixes_two_interrupted_runs(make_site: MakeSite) -> No
     assert await stage_elsewhere(make_site) == files(root)
 
 
+async def test_a_rerun_over_another_tree_starts_over(make_site: MakeSite) -> None:
+    # A first push dies; the namespace is then mapped to another directory whose files have
+    # the same names, sizes and mtimes but other bytes (a copy made with `cp -p`). The rerun
+    # used to take the checkpointed files as unchanged and publish the first tree's bytes.
+    a = await make_site("site-a", segment_entries=8)
+    first, other = a.data / "x", a.data.parent / "other"
+    first.mkdir()
+    (other / "x").mkdir(parents=True)
+    for i in range(100):
+        (first / f"f{i:03d}").write_bytes(f"version 1 of file {i}\n".encode())
+        copy = other / "x" / f"f{i:03d}"
+        copy.write_bytes(f"VERSION 1 OF FILE {i}\n".encode())
+        st = (first / f"f{i:03d}").stat()
+        os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    site = await a.open()
+    try:
+        await push_killed(site, lambda rows: any(r.last_path >= "f050" for _, r in rows))
+        found = await site.catalog.checkpoint("/proj/x")
+        assert found is not None and found.root == str(first)
+        assert await site.catalog.checkpoint_segments("/proj/x")
+    finally:
+        await site.close()
+    a.config_path.write_text(a.config_path.read_text().replace(str(a.data), str(other)))
+    site = await a.open()
+    try:
+        result = await push(site, "/proj/x")
+    finally:
+        await site.close()
+    assert result.files_read == 100  # nothing taken from the other tree's checkpoint
+    assert await stage_elsewhere(make_site) == files(other / "x")
+
+
 async def test_rerun_checks_the_store_not_only_the_cache(make_site: MakeSite) -> None:
     # The interrupted run's segments sit in the local manifest cache; the bucket lost them
     # and their packs (restored from an older copy). The rerun must upload them again.

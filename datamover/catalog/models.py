@@ -96,7 +96,8 @@ Replica = Table(
 )
 
 
-#: An unfinished push: who runs it and from which parent.
+#: An unfinished push: who runs it, from which parent, and which local tree it reads (`root`;
+#: NULL from before migration 0007: not resumed).
 PushCheckpoint = Table(
     "push_checkpoints",
     metadata,
@@ -104,6 +105,7 @@ PushCheckpoint = Table(
     Column("parent", String(128)),
     Column("owner", String(128)),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("root", Text),
 )
 
 

@@ -88,12 +88,13 @@ def _now() -> datetime:
 
 @dataclass(frozen=True)
 class CheckpointRow:
-    """An unfinished push: its parent version, who runs it (`host:pid`) and when that
-    process last said so."""
+    """An unfinished push: its parent version, who runs it (`host:pid`), when that process
+    last said so, and the local tree it reads (None: recorded before migration 0007)."""
 
     parent: str | None
     owner: str | None
     touched: datetime
+    root: str | None = None
 
 
 @dataclass(frozen=True)
@@ -536,7 +537,7 @@ class Catalog:
         if r is None:
             return None
         touched = r.updated_at if r.updated_at.tzinfo else r.updated_at.replace(tzinfo=UTC)
-        return CheckpointRow(r.parent, r.owner, touched)
+        return CheckpointRow(r.parent, r.owner, touched, r.root)
 
     async def checkpoint_segments(self, dataset: str) -> list[SegmentRef]:
         """Segments an unfinished push of `dataset` uploaded, in order."""
@@ -555,15 +556,17 @@ class Catalog:
         owner: str,
         keep_segments: bool,
         found: CheckpointRow | None = None,
+        root: str | None = None,
     ) -> None:
-        """Claim the push of `dataset` for `owner`; keep or drop earlier segments.
+        """Claim the push of `dataset` for `owner`, reading the local tree at `root`; keep or
+        drop earlier segments.
 
         `found` is the checkpoint the caller read and decided to take over (None: it saw
         none). The claim is a compare-and-set on that row's owner, so of two pushes that
         both decided to start, one gets `Conflict`.
         """
         table = PushCheckpoint
-        values = {"parent": parent, "owner": owner, "updated_at": _now()}
+        values = {"parent": parent, "owner": owner, "updated_at": _now(), "root": root}
         if found is None:
             stmt: Any = self._insert(table).values(dataset=dataset, **values)
             stmt = stmt.on_conflict_do_nothing(index_elements=["dataset"])

@@ -144,20 +144,32 @@ def _holder_alive(checkpoint: CheckpointRow, now: datetime) -> bool:
 
 
 async def _resumable_segments(
-    site: Site, dataset: str
+    site: Site, dataset: str, tree: Path
 ) -> tuple[CheckpointRow | None, list[SegmentRef]]:
     """The unfinished push of `dataset` to take over (None: there is none) and the segments
-    it stored, or `Conflict` if its process is still running it.
+    it stored, or `Busy` if its process is still running it.
 
-    The segments are checked in the store, not only in the local cache: a bucket restored
-    from an older copy, or objects deleted by hand, must not let a rerun reuse chunks that
-    are gone. If any is missing, the run starts over (its packs still deduplicate).
+    Only a checkpoint of the tree at `tree` is resumed: its segments say which files were
+    unchanged by name, size and mtime, which another directory (the namespace mapped
+    elsewhere since) may match with other bytes. One of another tree, or recorded before
+    trees were (migration 0007), starts the run over. The segments are checked in the store,
+    not only in the local cache: a bucket restored from an older copy, or objects deleted by
+    hand, must not let a rerun reuse chunks that are gone. If any is missing, the run starts
+    over (its packs still deduplicate).
     """
     found = await site.catalog.checkpoint(dataset)
     if found is None:
         return None, []
     if found.owner != owner_id() and _holder_alive(found, datetime.now(UTC)):
         raise Busy(f"a push of {dataset!r} is already running ({found.owner})")
+    if found.root != str(tree):
+        log.warning(
+            "push of %s: the interrupted run read %s, not %s; starting over",
+            dataset,
+            found.root or "a tree it did not record",
+            tree,
+        )
+        return found, []
     segments = await site.catalog.checkpoint_segments(dataset)
     if segments and not await site.repo.all_stored(segments):
         log.warning("push of %s: an interrupted run's objects are gone; starting over", dataset)
@@ -425,8 +437,10 @@ async def _push_tree(
             parent.version,
         )
         checksum = True
-    found, resumed = await _resumable_segments(site, dataset)
-    await site.catalog.start_checkpoint(dataset, parent_id, owner_id(), bool(resumed), found)
+    found, resumed = await _resumable_segments(site, dataset, tree)
+    await site.catalog.start_checkpoint(
+        dataset, parent_id, owner_id(), bool(resumed), found, root=str(tree)
+    )
     async with _holding(site, dataset):
         parent_refs = await _parent_manifest(site, parent) if parent else None
         parent_read = parent_refs is not None

@@ -1,0 +1,36 @@
+"""Record which local tree an unfinished push read (`push_checkpoints.root`).
+
+A rerun takes the files its interrupted run checkpointed as unchanged when their names,
+sizes and mtimes match. That holds only for the same tree: a first push killed, the
+namespace then mapped to another directory with the same names, sizes and mtimes (a copy
+made with `cp -p`, `rsync -a`), and the rerun would publish the first tree's bytes for the
+second's. A rerun now resumes only a checkpoint of the tree it reads; a checkpoint of
+another tree, or one written before this revision (NULL), starts the push over.
+
+A nullable column only: daemons of the previous release may keep running while it is
+applied; the checkpoints they start record no root, and a rerun of the new release starts
+those over.
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-12-06
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0007"
+down_revision = "0006"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.add_column("push_checkpoints", sa.Column("root", sa.Text(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("push_checkpoints") as batch:
+        batch.drop_column("root")
