@@ -6,6 +6,8 @@ import errno
 import os
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -242,9 +244,23 @@ async def test_replica_and_checkpoint_records(catalog_url: str) -> None:
             "v2",
             "v1",
         )
+        assert row.held_since_ns is None  # a tree being staged holds no version
+        before = time.time_ns()
         await catalog.finish_replica("/p/x", "v2", "ready", 3, 30)
         row = await catalog.replica("/p/x")
         assert row is not None and (row.state, row.base_version, row.files) == ("ready", "v2", 3)
+        assert (
+            row.held_since_ns is not None and before - 1000 <= row.held_since_ns <= time.time_ns()
+        )
+        pushed_at = datetime(2026, 12, 6, 10, 0, 0, 123456, tzinfo=UTC)
+        await catalog.pushed_replica("/p/x", "/data/x", "v3", 3, 30, pushed_at)
+        row = await catalog.replica("/p/x")
+        assert row is not None and row.held_since_ns == 1796551200_123456_000
+        again = await catalog.begin_replica("/p/x", "/data/x", "v4", "v3", "host:1")
+        assert again is not None and again.held_since_ns == 1796551200_123456_000
+        await catalog.restore_replica("/p/x", "v4", "host:1", again)
+        row = await catalog.replica("/p/x")
+        assert row is not None and (row.version, row.held_since_ns) == ("v3", 1796551200_123456_000)
 
         assert await catalog.checkpoint("/p/x") is None
         await catalog.start_checkpoint("/p/x", "v1", "host:2", keep_segments=False, root="/d/x")

@@ -175,6 +175,36 @@ def test_a_file_rewritten_within_one_second_is_fetched_on_a_one_second_file_syst
     assert actions([same_bytes]) == [(Op.KEEP, "status")]  # only the mtime changed
 
 
+def test_a_file_changed_under_its_old_size_and_mtime_is_fetched(tmp_path: Path) -> None:
+    # Version 2 holds other bytes of the file under version 1's size and mtime (pushed from
+    # a `cp -p` of another file): the tree holds version 1's bytes, which datamover wrote,
+    # and the stage of version 2 used to keep them, as only mtimes cut by the file system
+    # were compared with the base.
+    t = 1_764_583_200_123_456_789
+    write(tmp_path, "status", b"state=AAAA\n", t)
+    v1 = Entry("status", Kind.FILE, 0o644, t, 11, None, (ChunkRef(D, D, 0, 11, 11, 0),))
+    v2 = Entry("status", Kind.FILE, 0o644, t, 11, None, (ChunkRef(b"\x01" * 32, D, 0, 11, 11, 0),))
+
+    def actions(
+        base: list[Entry] | None, changed_base: list[Entry] | None = None
+    ) -> list[tuple[Op, str]]:
+        planner = StagePlanner(
+            Walker(str(tmp_path), strict=False),
+            iter([v2]),
+            iter(base) if base is not None else None,
+            False,
+            changed_base=iter(changed_base) if changed_base is not None else None,
+        )
+        return [(a.op, a.path) for a in planner]
+
+    assert actions([v1]) == [(Op.FETCH, "status")]
+    assert actions([v1], [v1]) == [(Op.FETCH, "status")]
+    # The stage gives only the base's entries outside the segments the target shares: none
+    # of them is at this path, so nothing is told apart (the target's entry is the base's).
+    assert actions([v1], []) == [(Op.KEEP, "status")]
+    assert actions([v2]) == [(Op.KEEP, "status")]  # a restage of the version it holds
+
+
 def test_a_symlink_left_under_a_temporary_name_is_removed(tmp_path: Path) -> None:
     # A stage killed between making a link under its temporary name and renaming it left
     # the link there: verify then failed on every later run, and --delete trashed it as a

@@ -1,9 +1,11 @@
 """`stage --checksum`: a file is judged by its bytes, also when deciding whose it is.
 
-Without `--checksum` a local file with the size and mtime datamover gave it is datamover's.
-With it, a user's edit that kept both (an editor restoring the mtime, `cp -p`, `rsync -t`)
-is found by its content; it must then go to the trash like any local change, never be
-replaced or removed.
+Without `--checksum` a local file with the size and mtime datamover gave it is datamover's,
+unless its ctime says it changed since the site's record of the tree (`held_since`); where
+the record has no time (one from before migration 0007), size and mtime decide alone. With
+`--checksum`, a user's edit that kept both (an editor restoring the mtime, `cp -p`,
+`rsync -t`) is found by its content; it must then go to the trash like any local change,
+never be replaced or removed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from sqlalchemy import update
+
+from datamover.catalog.models import Replica
+from datamover.site import Site
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from tests.fixtures_sites import MakeSite, SiteEnv
@@ -40,6 +46,14 @@ async def _staged(make_site: MakeSite, files: dict[str, str]) -> tuple[SiteEnv, 
     return a, b
 
 
+async def _forget_when(site: Site, dataset: str) -> None:
+    """Make `dataset`'s replica record one without `held_since`, as from before 0007."""
+    async with site.catalog.engine.begin() as conn:
+        await conn.execute(
+            update(Replica).where(Replica.c.dataset == dataset).values(held_since=None)
+        )
+
+
 def _trashed(trash_dir: str | None, name: str) -> str:
     assert trash_dir is not None, "nothing went to the trash"
     return (Path(trash_dir) / name).read_text()
@@ -52,6 +66,7 @@ async def test_a_restage_with_checksum_trashes_an_edit_that_kept_size_and_mtime(
     _edit_keeping_stat(b.data / "ck" / "f", "USER-EDIT!\n")
     site_b = await b.open()
     try:
+        await _forget_when(site_b, "/proj/ck")  # else the edit's ctime gives it away
         plain = await stage(site_b, "/proj/ck")  # size and mtime are trusted: nothing to do
         assert plain.fetched_files == 0 and plain.trashed_count == 0
         checked = await stage(site_b, "/proj/ck", checksum=True)

@@ -80,6 +80,9 @@ Version = Table(
 #: `version` is what the tree holds or is being brought to; `base_version` is the last
 #: version that was complete here, so a stage can tell files datamover wrote from files a
 #: user changed. `owner` is `host:pid` of a running stage, for crash detection.
+#: `held_since` (migration 0007) is when the tree was last known to hold `version` (`ready`):
+#: a file changed after it has a later ctime, so a push reads it whatever its size and mtime;
+#: NULL when unknown (a record from before, or not `ready`): size and mtime decide.
 Replica = Table(
     "replicas",
     metadata,
@@ -93,6 +96,7 @@ Replica = Table(
     Column("owner", String(128)),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("last_access", DateTime(timezone=True), nullable=False),
+    Column("held_since", DateTime(timezone=True)),
 )
 
 

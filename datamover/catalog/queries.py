@@ -12,7 +12,7 @@ import os
 import socket
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, false, func, or_, select, update
@@ -111,6 +111,22 @@ class ReplicaRow:
     owner: str | None
     updated_at: datetime | None = None
     last_access: datetime | None = None
+    held_since: datetime | None = None
+
+    @property
+    def held_since_ns(self) -> int | None:
+        """`held_since` in nanoseconds since the epoch, as ctimes are (None: unknown). A
+        file whose ctime is not before it changed since the tree was known to hold
+        `version` (only a `ready` record says it held it)."""
+        at = self.held_since
+        if at is None or self.state != "ready":
+            return None
+        if at.tzinfo is None:  # SQLite gives it back naive: it is UTC
+            at = at.replace(tzinfo=UTC)
+        return (at - _EPOCH) // timedelta(microseconds=1) * 1000
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _replica_row(r: Any) -> ReplicaRow:
@@ -125,6 +141,7 @@ def _replica_row(r: Any) -> ReplicaRow:
         r.owner,
         r.updated_at,
         r.last_access,
+        r.held_since,
     )
 
 
@@ -440,6 +457,7 @@ class Catalog:
                     owner=before.owner,
                     updated_at=before.updated_at or _now(),
                     last_access=before.last_access or _now(),
+                    held_since=before.held_since,
                 )
             )
         async with self.engine.begin() as conn:
@@ -470,12 +488,21 @@ class Catalog:
             await conn.execute(stmt)
 
     async def pushed_replica(
-        self, dataset: str, root: str, version: str, files: int, nbytes: int
+        self,
+        dataset: str,
+        root: str,
+        version: str,
+        files: int,
+        nbytes: int,
+        held_since: datetime | None = None,
     ) -> None:
         """Record that the tree at `root` is `version`, just pushed from it (upsert,
-        `ready`): a later push from it is checked against the latest version as one from
-        a staged tree is, and a stage into it starts from that version."""
-        stmt = self._replica_upsert(dataset, root, version, version, "ready", files, nbytes, None)
+        `ready`), as it was when the push began to walk it (`held_since`): a later push from
+        it is checked against the latest version as one from a staged tree is, and a stage
+        into it starts from that version."""
+        stmt = self._replica_upsert(
+            dataset, root, version, version, "ready", files, nbytes, None, held_since
+        )
         async with self.engine.begin() as conn:
             await conn.execute(stmt)
 
@@ -489,10 +516,12 @@ class Catalog:
         files: int,
         nbytes: int,
         owner: str | None,
+        held_since: datetime | None = None,
     ) -> Any:
         """The statement that makes `dataset`'s replica record these values, touched now."""
         now = _now()
         values = {
+            "held_since": held_since,
             "dataset": dataset,
             "root": root,
             "version": version,
@@ -513,13 +542,16 @@ class Catalog:
     async def finish_replica(
         self, dataset: str, version: str, state: str, files: int, nbytes: int
     ) -> None:
-        """Record the outcome of a stage (`ready` makes `version` the new base)."""
+        """Record the outcome of a stage (`ready` makes `version` the new base, held by the
+        tree from now on: `held_since`)."""
+        now = _now()
         values: dict[str, Any] = {
             "state": state,
             "files": files,
             "bytes": nbytes,
             "owner": None,
-            "updated_at": _now(),
+            "updated_at": now,
+            "held_since": now if state == "ready" else None,
         }
         if state == "ready":
             values["base_version"] = version

@@ -122,7 +122,13 @@ class StagePlanner:
     is the version a stage since the base was bringing the tree to when it stopped: a local
     entry equal to its entry was written by datamover too. `stored_mtime(mtime_ns)` is what
     the local file system stores for an mtime (`fsops.stored_mtime`; default: itself): a
-    file with that mtime has the entry's.
+    file with that mtime has the entry's. `changed_base` and `changed_interrupted`, when
+    given, are the base's and the interrupted version's entries outside the segments they
+    share with the target (whose entries are the target's): what `_ambiguous` must look at,
+    decoded instead of the whole of each. `changed_since`, when given, is `(ns, read_ok)`:
+    a file whose ctime is not before `ns` (changed since the tree was known to hold its
+    base) is taken for an entry only if `read_ok(local, entry)` says its bytes are the
+    entry's, as every file is with `content_ok`.
     """
 
     def __init__(
@@ -135,21 +141,31 @@ class StagePlanner:
         same_link: Callable[[str, str], bool] = str.__eq__,
         interrupted: Iterator[Entry] | None = None,
         stored_mtime: Callable[[int], int] = int,
+        changed_base: Iterator[Entry] | None = None,
+        changed_interrupted: Iterator[Entry] | None = None,
+        changed_since: tuple[int, Callable[[LocalEntry, Entry], bool]] | None = None,
     ) -> None:
         self.walker = walker
         self.target = target
         self.base = _Cursor(base)
         self.interrupted = _Cursor(interrupted)
+        # A cursor is asked for keys in order only: `_ambiguous` may share the full ones.
+        self._alike = (
+            self.base if changed_base is None else _Cursor(changed_base),
+            self.interrupted if changed_interrupted is None else _Cursor(changed_interrupted),
+        )
         self.delete = delete
         self.content_ok = content_ok
         self.same_link = same_link
         self.stored_mtime = stored_mtime
+        self.changed_since = changed_since
         self._last: tuple[tuple[str, tuple[ChunkRef, ...]], bool] | None = None
 
     def _ours(self, local: LocalEntry, key: tuple[str, ...]) -> bool:
         """Whether `local` is what datamover wrote at `key` (the base's or the interrupted
-        version's entry). With `content_ok` (`--checksum`) a file must also hold that entry's
-        bytes: one a user edited keeping its size and mtime is theirs, for the trash."""
+        version's entry). With `content_ok` (`--checksum`), or changed since the tree was
+        known to hold its base (`changed_since`), a file must also hold that entry's bytes:
+        one a user edited keeping its size and mtime is theirs, for the trash."""
         return self._written(local, self.base.at(key)) or self._written(
             local, self.interrupted.at(key)
         )
@@ -160,14 +176,26 @@ class StagePlanner:
         assert entry is not None
         return local.kind != Kind.FILE or self._content(local, entry)
 
+    def _reader(self, local: LocalEntry) -> Callable[[LocalEntry, Entry], bool] | None:
+        """What tells whether file `local` holds an entry's bytes: `content_ok`, or for a
+        file changed since the tree was known to hold its base `changed_since`'s; None
+        where size and mtime tell."""
+        if self.content_ok is not None:
+            return self.content_ok
+        if self.changed_since is not None and local.ctime_ns >= self.changed_since[0]:
+            return self.changed_since[1]
+        return None
+
     def _content(self, local: LocalEntry, entry: Entry) -> bool:
-        """`content_ok(local, entry)`, True without it; the last answer is kept, so a file
-        compared with the target and then with an equal base entry is read once."""
-        if self.content_ok is None:
+        """Whether file `local` holds `entry`'s bytes, read only where `_reader` says so
+        (True otherwise); the last answer is kept, so a file compared with the target and
+        then with an equal base entry is read once."""
+        reader = self._reader(local)
+        if reader is None:
             return True
         asked = (local.path, entry.chunks)
         if self._last is None or self._last[0] != asked:
-            self._last = (asked, self.content_ok(local, entry))
+            self._last = (asked, reader(local, entry))
         return self._last[1]
 
     def _interrupted_dir(self, key: tuple[str, ...]) -> bool:
@@ -179,14 +207,15 @@ class StagePlanner:
     def _ambiguous(self, local: LocalEntry, entry: Entry, key: tuple[str, ...]) -> bool:
         """Whether file `local`, which looks like the target's `entry` (size, stored mtime),
         looks as much like the base's or the interrupted version's entry at `key` with
-        other bytes. On a file system with coarse timestamps (1 s: ext4 with 128-byte
-        inodes, FAT, some Lustre and NFS servers) two versions of a file rewritten within
-        one second, of one size, are alike there: the file may hold the older version's
-        bytes, which datamover wrote, so it is fetched again rather than kept. Asked only
-        where the likeness to `entry` comes through the file system's model (mtimes that
-        differ): elsewhere a restage of many unchanged files would read the base's manifest
-        for nothing."""
-        for e in (self.base.at(key), self.interrupted.at(key)):
+        other bytes: the file may hold that older version's bytes, which datamover wrote,
+        so it is fetched again rather than kept. Two versions of a file are alike so when
+        the second kept the first's size and mtime (`cp -p` or `rsync -a` of another file,
+        archives with fixed times: a push reads such a file by its ctime), or, on a file
+        system with coarse timestamps (1 s: ext4 with 128-byte inodes, FAT, some Lustre
+        and NFS servers), when it was rewritten within one second. Only the entries
+        outside the segments the target shares are looked at (`changed_base`): a restage
+        of many unchanged files decodes nothing more for it."""
+        for e in (self._alike[0].at(key), self._alike[1].at(key)):
             if e is None or e.kind != Kind.FILE or e.chunks == entry.chunks:
                 continue  # the common case, a restage of the base: nothing to tell apart
             if self._same(local, e) and [c.digest for c in e.chunks] != [
@@ -242,13 +271,9 @@ class StagePlanner:
         if (
             local.kind == entry.kind == Kind.FILE
             and self._same(local, entry)
-            and (self.content_ok is None or self._content(local, entry))
+            and self._content(local, entry)
         ):
-            if (
-                self.content_ok is None
-                and local.mtime_ns != entry.mtime_ns  # alike only as the file system stores it
-                and self._ambiguous(local, entry, key)
-            ):
+            if self._reader(local) is None and self._ambiguous(local, entry, key):
                 yield self._create(entry, local)  # maybe datamover's older write: fetched
                 return
             if local.mode == entry.mode:

@@ -58,6 +58,12 @@ _CHECKPOINT_BATCH = 256
 #: enough unless packs keep vanishing while the push runs.
 _HEAL_PASSES = 2
 
+#: How much earlier than the start of its walk a push records its tree as holding the
+#: version it publishes (`held_since`): a file system stamps ctimes from a clock that may lag
+#: the one read here by a tick (up to 10 ms at 100 Hz), and a file changed just after the
+#: walk began must not look older than that.
+_CTIME_SLACK = timedelta(milliseconds=20)
+
 #: Replica states of a tree no stage is writing: `overwritten` is a nested dataset's whose
 #: files a stage of one above it changed (that one's record says what the tree holds).
 _SETTLED = ("ready", "overwritten")
@@ -437,6 +443,10 @@ async def _push_tree(
             parent.version,
         )
         checksum = True
+    # Files changed since the tree was known to hold the version have a later ctime: read
+    # whatever their size and mtime (a file replaced under its old mtime, `cp -p`).
+    changed_since = None if checksum or replica is None else replica.held_since_ns
+    walk_started = datetime.now(UTC) - _CTIME_SLACK
     found, resumed = await _resumable_segments(site, dataset, tree)
     await site.catalog.start_checkpoint(
         dataset, parent_id, owner_id(), bool(resumed), found, root=str(tree)
@@ -468,6 +478,7 @@ async def _push_tree(
                     check=check,
                     checksum=checksum,
                     progress=counted,
+                    changed_since_ns=changed_since,
                 )
                 lost_packs, lost_objects = await check.missing()
             finally:
@@ -503,7 +514,7 @@ async def _push_tree(
                 )
             await site.catalog.clear_checkpoint(dataset, owner_id())
             await site.catalog.pushed_replica(
-                dataset, str(tree), parent.version, result.files, result.bytes
+                dataset, str(tree), parent.version, result.files, result.bytes, walk_started
             )
             result.version, result.unchanged = parent.version, True
             result.seconds = round(time.monotonic() - started, 3)
@@ -534,7 +545,9 @@ async def _push_tree(
         result.version = doc.version
         await site.catalog.record_versions([doc])
         await site.catalog.clear_checkpoint(dataset, owner_id())
-        await site.catalog.pushed_replica(dataset, str(tree), doc.version, doc.files, doc.bytes)
+        await site.catalog.pushed_replica(
+            dataset, str(tree), doc.version, doc.files, doc.bytes, walk_started
+        )
         result.seconds = round(time.monotonic() - started, 3)
         return result
 
@@ -622,8 +635,10 @@ async def _build(
     check: ReuseCheck,
     checksum: bool,
     progress: Progress,
+    changed_since_ns: int | None = None,
 ) -> tuple[PushResult, list[SegmentRef]]:
     """Walk, read what changed, upload packs and segments; the counts and the manifest list.
+    Files whose ctime is not before `changed_since_ns` are read (`Scanner`).
 
     Previous entries with a chunk in a `lost` pack are not reused (their files are read
     again), nor is any segment taken whole then. Every reused chunk reference goes to
@@ -637,7 +652,7 @@ async def _build(
     # Two readers per core: reading a cold tree waits on the disk as much as it computes.
     workers = t.read_workers if t.read_workers > 0 else 2 * (os.cpu_count() or 1)
     links = site.config.namespace.link_to_logical
-    scanner = Scanner(root, previous, params, checksum, level, workers, links)
+    scanner = Scanner(root, previous, params, checksum, level, workers, links, changed_since_ns)
     packer = Packer(site.store, site.catalog, t.pack_size, t.upload_concurrency)
 
     # Checkpoint rows let a rerun skip what this run uploaded. A reused segment uploaded

@@ -4,8 +4,11 @@ Runs in a worker thread. Produces a stream of *pieces* in tree order: `NewChunk`
 encoded chunk of the file being read, `Done` closes an entry. A file's `NewChunk`s come
 before its `Done`, so a multi-GiB file flows through in chunk-sized pieces.
 
-A file is "unchanged" when size and mtime equal the previous entry's (unless `checksum`), and
-is then not opened at all. An mtime that is the previous one as a file system of coarser
+A file is "unchanged" when size and mtime equal the previous entry's (unless `checksum`) and,
+where the site knows since when its tree held that version (`changed_since_ns`), its ctime is
+earlier: it is then not opened at all. The ctime catches what size and mtime cannot, a file
+replaced by other bytes of its size under its old mtime (`cp -p`, `rsync -a`, archives with
+fixed times, a rename over it). An mtime that is the previous one as a file system of coarser
 timestamps stores it counts as equal (`coarsened`), and the entry, a directory's or a
 symlink's too, keeps the previous mtime. Files to read are batched; once a push has read
 enough of them to be worth it, batches go to a pool of worker processes
@@ -216,7 +219,10 @@ class Scanner:
 
     `workers` is the number of reader processes to use for many small files (0: none).
     `links` turns a symlink target read from disk into its stored form
-    (`Namespace.link_to_logical`). Call `close` when done.
+    (`Namespace.link_to_logical`). `changed_since_ns`: the time (ns since the epoch) from
+    which the tree is known to hold the previous version; a file whose ctime is not before
+    it is read, whatever its size and mtime (None: size and mtime decide). Call `close`
+    when done.
     """
 
     def __init__(
@@ -228,9 +234,11 @@ class Scanner:
         zstd_level: int | None = 3,
         workers: int = 0,
         links: Callable[[str], str] = str,
+        changed_since_ns: int | None = None,
     ) -> None:
         self.root = root
         self.links = links
+        self.changed_since_ns = changed_since_ns
         self.walker = Walker(root.path, strict=True, stat_files=False, open_root=self._open_root)
         self.previous = previous
         self.params = params
@@ -350,6 +358,7 @@ class Scanner:
                 and self.walker.fill(local)
                 and prev.size == local.size
                 and (prev.mtime_ns == local.mtime_ns or coarsened(local.mtime_ns, prev.mtime_ns))
+                and (self.changed_since_ns is None or local.ctime_ns < self.changed_since_ns)
             ):
                 self.stats.files_unchanged += 1
                 yield Done(

@@ -61,7 +61,7 @@ from datamover.transfer.pins import check_nested_pins, check_pins, overwritten_b
 from datamover.transfer.plan import Op, StagePlanner, children_first
 from datamover.transfer.progress import NoProgress, Progress
 from datamover.transfer.trash import trash_root
-from datamover.transfer.walk import Walker
+from datamover.transfer.walk import LocalEntry, Walker
 
 _PLAN_BATCH = 2048
 _BATCH_FILES = 4096
@@ -237,8 +237,10 @@ class _Stager:
         progress: Progress,
         procs: Procs | None,
         checked: list[Entry] | None,
+        changed_since_ns: int | None = None,
     ) -> None:
         t = site.config.transfer
+        self.changed_since_ns = changed_since_ns
         self.site, self.doc, self.refs, self.base_refs = site, doc, refs, base_refs
         self.interrupted_refs = interrupted_refs
         self.root, self.base_path, self.parts = root, base_path, parts
@@ -667,7 +669,15 @@ class _Stager:
         assert self.writer is not None
         via_fd = f"/proc/self/fd/{self.writer.root_fd}"
         root = via_fd if os.path.isdir(via_fd) else str(self.root)
-        content_ok = (lambda _local, e: fsops.content_matches(root, e)) if self.checksum else None
+
+        def read_ok(_local: LocalEntry, e: Entry) -> bool:
+            return fsops.content_matches(root, e)
+
+        content_ok = read_ok if self.checksum else None
+        # Files changed since the tree was known to hold its base are read before they are
+        # taken for an entry: size and mtime do not tell a file replaced under them.
+        since = self.changed_since_ns
+        changed_since = None if since is None else (since, read_ok)
         # A directory whose mode from a version denies the stage's user reading or searching
         # it (0o600) is given those bits for the run; `_finish_tree` sets its mode again.
         self._walker = Walker(root, strict=False, keep_unlocked=True)
@@ -683,8 +693,17 @@ class _Stager:
             self.site.config.namespace.same_link,
             self._entries(self.interrupted_refs) if self.interrupted_refs else None,
             stored_mtime,
+            self._changed_entries(self.base_refs),
+            self._changed_entries(self.interrupted_refs),
+            changed_since,
         )
         return iter(planner)
+
+    def _changed_entries(self, refs: list[SegmentRef] | None) -> Iterator[Entry]:
+        """The entries of the segments of `refs` the target does not have (for
+        `StagePlanner._ambiguous`): a segment both have holds the target's entries."""
+        target = {r.digest for r in self.refs}
+        return self._entries([r for r in refs or () if r.digest not in target])
 
     def _keep_dir(self, entry: Entry) -> None:
         if len(self._dirs) < _MAX_DIRS_IN_MEMORY:
@@ -1030,6 +1049,8 @@ async def _stage(
                 progress,
                 procs,
                 checked,
+                # Only a record of this tree that is `ready` says since when it held its base.
+                before.held_since_ns if before is not None and before.root == str(root) else None,
             )
             # Touched, so that a stage silent for long is known dead (`_silent`).
             touch = functools.partial(site.catalog.touch_replica, dataset, me)

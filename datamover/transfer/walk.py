@@ -49,8 +49,8 @@ OWNER_RX = stat.S_IRUSR | stat.S_IXUSR
 
 @dataclass(slots=True)
 class LocalEntry:
-    """A node found on disk. `mode`, `size` and `mtime_ns` come from `lstat`, or are
-    `UNKNOWN` for a regular file walked with `stat_files=False` until `Walker.fill`."""
+    """A node found on disk. `mode`, `size`, `mtime_ns` and `ctime_ns` come from `lstat`,
+    or are `UNKNOWN` for a regular file walked with `stat_files=False` until `Walker.fill`."""
 
     path: str
     kind: Kind | None  # None: a special file (fifo, socket, device)
@@ -59,6 +59,7 @@ class LocalEntry:
     size: int
     ino: int
     target: str | None = None
+    ctime_ns: int = UNKNOWN
 
 
 class Walker:
@@ -325,6 +326,7 @@ class Walker:
                 0 if kind == Kind.DIR else st.st_size,
                 st.st_ino,
                 target,
+                st.st_ctime_ns,
             )
 
     def fill(self, entry: LocalEntry) -> bool:
@@ -346,7 +348,7 @@ class Walker:
             st.st_mtime_ns,
             st.st_size,
         )
-        entry.ino = st.st_ino
+        entry.ino, entry.ctime_ns = st.st_ino, st.st_ctime_ns
         return True
 
     def __next__(self) -> LocalEntry:
