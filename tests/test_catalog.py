@@ -261,9 +261,23 @@ async def test_replica_and_checkpoint_records(catalog_url: str) -> None:
         await catalog.restore_replica("/p/x", "v4", "host:1", again)
         row = await catalog.replica("/p/x")
         assert row is not None and (row.version, row.held_since_ns) == ("v3", 1796551200_123456_000)
+        # A stage of the same tree keeps the time until it ends ready, also when it fails.
+        await catalog.begin_replica("/p/x", "/data/x", "v4", "v3", "host:1")
+        await catalog.finish_replica("/p/x", "v4", "failed", 0, 0)
+        row = await catalog.replica("/p/x")
+        assert row is not None and (row.state, row.held_since_ns) == (
+            "failed",
+            1796551200_123456_000,
+        )
+        await catalog.begin_replica("/p/x", "/elsewhere/x", "v4", None, "host:1")
+        row = await catalog.replica("/p/x")  # another tree: nothing is known of it
+        assert row is not None and (row.root, row.held_since_ns) == ("/elsewhere/x", None)
 
         assert await catalog.checkpoint("/p/x") is None
-        await catalog.start_checkpoint("/p/x", "v1", "host:2", keep_segments=False, root="/d/x")
+        began = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)
+        await catalog.start_checkpoint(
+            "/p/x", "v1", "host:2", keep_segments=False, root="/d/x", started_at=began
+        )
         seg = SegmentRef(os.urandom(32), 100, 5, "a", "e", 50)
         more = [SegmentRef(os.urandom(32), 90, 4, f"f{i}", f"g{i}", 40) for i in range(3)]
         await catalog.add_checkpoint_segments("/p/x", [(0, seg)])
@@ -272,6 +286,12 @@ async def test_replica_and_checkpoint_records(catalog_url: str) -> None:
         found = await catalog.checkpoint("/p/x")
         assert found is not None
         assert (found.parent, found.owner, found.root) == ("v1", "host:2", "/d/x")
+        assert found.started_ns == 1796547600 * 10**9
+        later = datetime(2026, 12, 6, 9, 30, tzinfo=UTC)
+        await catalog.start_checkpoint("/p/x", "v1", "host:2", True, found, "/d/x", later)
+        resumed = await catalog.checkpoint("/p/x")  # its segments keep their run's time
+        assert resumed is not None and resumed.started_ns == 1796547600 * 10**9
+        found = resumed
         assert await catalog.checkpoint_segments("/p/x") == [seg]
         await catalog.add_checkpoint_segments("/p/x", [(2, more[1]), (1, more[0]), (3, more[2])])
         assert await catalog.checkpoint_segments("/p/x") == [seg, *more]

@@ -13,10 +13,15 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from tests.fixtures_sites import MakeSite, SiteEnv
+from tests.test_push_resume import Killed, push_killed
+from tests.test_stage_coarse_fs import coarse_ext4
 
 
 def _replace_keeping_mtime(path: Path, data: bytes) -> None:
@@ -62,7 +67,7 @@ async def test_a_file_replaced_under_its_old_mtime_is_read_by_the_next_push(
             root / "f3", ns=((root / "f3").stat().st_atime_ns, (root / "f0").stat().st_mtime_ns)
         )
         # A push takes its tree as holding what it publishes from a little before its walk
-        # (`push._CTIME_SLACK`): files changed just before are read once more by the next.
+        # (`ctimes.SLACK`): files changed just before are read once more by the next.
         time.sleep(0.05)
         second = await push(site, "/proj/x")
         third = await push(site, "/proj/x")
@@ -74,6 +79,7 @@ async def test_a_file_replaced_under_its_old_mtime_is_read_by_the_next_push(
     assert await _stage_at(b) == _files(root)
 
 
+@pytest.mark.usefixtures("stages_end_after_a_tick")
 async def test_a_push_after_a_stage_reads_only_what_changed_since(make_site: MakeSite) -> None:
     a, b = await make_site("site-a"), await make_site("site-b")
     root = a.data / "x"
@@ -131,3 +137,140 @@ async def test_a_stage_reads_a_file_changed_under_its_old_size_and_mtime(
 
 def _trashed(trash: Path, name: str) -> list[bytes]:
     return [p.read_bytes() for p in trash.rglob(name + "*") if p.is_file()]
+
+
+async def test_a_rerun_reads_only_what_changed_since_the_interrupted_run_walked_it(
+    make_site: MakeSite,
+) -> None:
+    # The checkpoint keeps when its run began to walk the tree: a rerun takes what that run
+    # read from the checkpoint (not read again, as before the record of ctimes), and reads
+    # a file replaced since under its old size and mtime, also in a first push, which has
+    # no record of the tree to tell that by.
+    a = await make_site("site-a", segment_entries=8)
+    root = a.data / "x"
+    root.mkdir()
+    (root / "a").write_bytes(b"first\n")
+    site = await a.open()
+    try:
+        await push(site, "/proj/x")
+        time.sleep(0.05)
+        for i in range(100):
+            (root / f"f{i:03d}").write_bytes(f"new file {i}\n".encode())
+        time.sleep(0.05)
+        await push_killed(site, lambda rows: any(r.last_path >= "f080" for _, r in rows))
+        _replace_keeping_mtime(root / "f010", b"NEW FILE 10\n")
+        rerun = await push(site, "/proj/x")
+    finally:
+        await site.close()
+    assert 1 <= rerun.files_read < 40  # f010, and what lies beyond the checkpoint
+    assert await _stage_at(await make_site("site-b")) == _files(root)
+
+
+async def test_a_first_push_rerun_reads_a_file_replaced_since_the_interrupted_run(
+    make_site: MakeSite,
+) -> None:
+    a = await make_site("site-a", segment_entries=8)
+    root = a.data / "x"
+    root.mkdir()
+    for i in range(100):
+        (root / f"f{i:03d}").write_bytes(f"version 1 of file {i}\n".encode())
+    time.sleep(0.05)
+    site = await a.open()
+    try:
+        await push_killed(site, lambda rows: any(r.last_path >= "f050" for _, r in rows))
+        _replace_keeping_mtime(root / "f010", b"VERSION 1 OF FILE 10\n")
+        rerun = await push(site, "/proj/x")
+    finally:
+        await site.close()
+    assert rerun.files_read < 60  # the checkpoint spared the rest
+    assert await _stage_at(await make_site("site-b")) == _files(root)
+
+
+async def test_an_interrupted_stage_keeps_the_time_and_its_rerun_reads_what_it_wrote(
+    make_site: MakeSite,
+) -> None:
+    # A stage killed after writing used to leave the record without its time: its rerun
+    # took a user's edit (size and mtime kept) for the version's file, and recorded a new
+    # time that every later push trusted.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    root = a.data / "x"
+    root.mkdir()
+    for i in range(4):
+        (root / f"f{i}").write_bytes(f"file {i} as site a wrote it\n".encode())
+    site = await a.open()
+    try:
+        await push(site, "/proj/x")
+    finally:
+        await site.close()
+    await _stage_at(b)
+    (root / "f0").write_bytes(b"file 0 version two\n")
+    site = await a.open()
+    try:
+        await push(site, "/proj/x")  # a version where f0 differs
+    finally:
+        await site.close()
+    site = await b.open()
+    real = site.catalog.finish_replica
+
+    async def dies_at_the_end(
+        dataset: str, version: str, state: str, *rest: Any, **kw: Any
+    ) -> None:
+        if state == "ready":
+            raise Killed("after its writes")
+        await real(dataset, version, state, *rest, **kw)
+
+    site.catalog.finish_replica = dies_at_the_end  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Killed):
+            await stage(site, "/proj/x")
+        site.catalog.finish_replica = real  # type: ignore[method-assign]
+        record = await site.catalog.replica("/proj/x")  # as a killed stage leaves it
+        assert record is not None and record.state == "staging" and record.held_since_ns
+        edited = b"file 1 AS SITE B WROTE IT\n"
+        _replace_keeping_mtime(b.data / "x" / "f1", edited)
+        again = await stage(site, "/proj/x")
+    finally:
+        await site.close()
+    assert again.trashed_count == 1 and again.fetched_files == 1  # f1: the user's, aside
+    assert again.trash_dir is not None
+    assert _trashed(Path(again.trash_dir), "f1") == [edited]
+    assert _files(b.data / "x") == _files(root)
+
+
+async def test_on_whole_second_ctimes_a_change_in_the_pushs_second_is_read_later(
+    make_site: MakeSite,
+) -> None:
+    # ext4 of 128-byte inodes stamps ctimes in whole seconds: a change made after the walk
+    # began, in the same second, got a ctime before the recorded time and was never pushed.
+    a = await make_site("site-a")
+    with coarse_ext4(a.data):
+        root = a.data / "x"
+        root.mkdir()
+        for i in range(5):
+            (root / f"f{i}").write_bytes(f"first version of file {i}\n".encode())
+        site = await a.open()
+        try:
+            await push(site, "/proj/x")
+            time.sleep(1.1)
+            while not 0.05 < time.time() % 1 < 0.3:  # the push begins early in a second
+                time.sleep(0.01)
+            real = site.catalog.clear_checkpoint
+
+            async def replaced_after_the_walk(*args: Any) -> None:
+                _replace_keeping_mtime(root / "f2", b"OTHER VERSION OF FILE 2\n")
+                await real(*args)
+
+            site.catalog.clear_checkpoint = replaced_after_the_walk  # type: ignore[method-assign]
+            second = await push(site, "/proj/x")
+            site.catalog.clear_checkpoint = real  # type: ignore[method-assign]
+            assert second.unchanged  # the walk was over before f2 was replaced
+            record = await site.catalog.replica("/proj/x")
+            assert record is not None and record.held_since_ns is not None
+            assert record.held_since_ns % 1_000_000_000 == 0  # floored to the second
+            time.sleep(1.1)
+            third = await push(site, "/proj/x")
+            staged = await _stage_at(await make_site("site-b"))
+        finally:
+            await site.close()
+        assert not third.unchanged and third.files_read >= 1
+        assert staged == _files(root)

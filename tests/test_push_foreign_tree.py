@@ -76,6 +76,7 @@ async def test_the_same_tree_at_another_site_is_read_once_and_uploads_nothing(
         await site_b.close()
 
 
+@pytest.mark.usefixtures("stages_end_after_a_tick")
 async def test_a_staging_site_reading_its_tree_again_uploads_nothing(
     make_site: MakeSite,
 ) -> None:

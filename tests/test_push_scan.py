@@ -17,7 +17,7 @@ from tests.treegen import make_tree
 
 _S = 10**9
 #: A push takes its tree as holding its version from a little before its walk
-#: (`push._CTIME_SLACK`): a file changed just before it is read again by the next push.
+#: (`ctimes.SLACK`): a file changed just before it is read again by the next push.
 _SLACK = 0.05
 
 

@@ -80,9 +80,10 @@ Version = Table(
 #: `version` is what the tree holds or is being brought to; `base_version` is the last
 #: version that was complete here, so a stage can tell files datamover wrote from files a
 #: user changed. `owner` is `host:pid` of a running stage, for crash detection.
-#: `held_since` (migration 0007) is when the tree was last known to hold `version` (`ready`):
-#: a file changed after it has a later ctime, so a push reads it whatever its size and mtime;
-#: NULL when unknown (a record from before, or not `ready`): size and mtime decide.
+#: `held_since` (migration 0007) is since when the tree holds `base_version`, but for files
+#: with a later ctime: a push reads those whatever their size and mtime, a stage before it
+#: keeps them. A stage leaves it as it is until it ends `ready` (files an interrupted one
+#: wrote are newer). NULL when unknown (a record from before): size and mtime decide.
 Replica = Table(
     "replicas",
     metadata,
@@ -100,8 +101,9 @@ Replica = Table(
 )
 
 
-#: An unfinished push: who runs it, from which parent, and which local tree it reads (`root`;
-#: NULL from before migration 0007: not resumed).
+#: An unfinished push: who runs it, from which parent, which local tree it reads (`root`;
+#: NULL from before migration 0007: not resumed), and when the run whose segments it keeps
+#: began to walk it (`started_at`): a file whose ctime is later is read by a rerun.
 PushCheckpoint = Table(
     "push_checkpoints",
     metadata,
@@ -110,6 +112,7 @@ PushCheckpoint = Table(
     Column("owner", String(128)),
     Column("updated_at", DateTime(timezone=True), nullable=False),
     Column("root", Text),
+    Column("started_at", DateTime(timezone=True)),
 )
 
 

@@ -89,12 +89,19 @@ def _now() -> datetime:
 @dataclass(frozen=True)
 class CheckpointRow:
     """An unfinished push: its parent version, who runs it (`host:pid`), when that process
-    last said so, and the local tree it reads (None: recorded before migration 0007)."""
+    last said so, the local tree it reads and when the run whose segments it keeps began to
+    walk it (None: recorded before migration 0007)."""
 
     parent: str | None
     owner: str | None
     touched: datetime
     root: str | None = None
+    started_at: datetime | None = None
+
+    @property
+    def started_ns(self) -> int | None:
+        """`started_at` in nanoseconds since the epoch, as ctimes are (None: unknown)."""
+        return _epoch_ns(self.started_at)
 
 
 @dataclass(frozen=True)
@@ -117,16 +124,21 @@ class ReplicaRow:
     def held_since_ns(self) -> int | None:
         """`held_since` in nanoseconds since the epoch, as ctimes are (None: unknown). A
         file whose ctime is not before it changed since the tree was known to hold
-        `version` (only a `ready` record says it held it)."""
-        at = self.held_since
-        if at is None or self.state != "ready":
-            return None
-        if at.tzinfo is None:  # SQLite gives it back naive: it is UTC
-            at = at.replace(tzinfo=UTC)
-        return (at - _EPOCH) // timedelta(microseconds=1) * 1000
+        `base_version`."""
+        return _epoch_ns(self.held_since)
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _epoch_ns(at: datetime | None) -> int | None:
+    """`at` in nanoseconds since the epoch (None stays None); naive is UTC, as SQLite gives
+    back what was stored aware."""
+    if at is None:
+        return None
+    if at.tzinfo is None:
+        at = at.replace(tzinfo=UTC)
+    return (at - _EPOCH) // timedelta(microseconds=1) * 1000
 
 
 def _replica_row(r: Any) -> ReplicaRow:
@@ -403,8 +415,9 @@ class Catalog:
     async def begin_replica(
         self, dataset: str, root: str, version: str, base_version: str | None, owner: str
     ) -> ReplicaRow | None:
-        """Mark `dataset` as being staged to `version` by `owner` (upsert); return its record
-        as it was before (None: there was none), for `restore_replica`."""
+        """Mark `dataset` as being staged to `version` by `owner` (upsert, keeping
+        `held_since` for the tree at `root`, dropping it for another); return its record as
+        it was before (None: there was none), for `restore_replica`."""
         stmt = self._replica_upsert(dataset, root, version, base_version, "staging", 0, 0, owner)
         table = Replica
         # FOR UPDATE (PostgreSQL; SQLite has no such clause): the row read is the one replaced.
@@ -412,6 +425,9 @@ class Catalog:
         async with self.engine.begin() as conn:
             before = (await conn.execute(read)).first()
             await conn.execute(stmt)
+            if before is not None and before.root != root:
+                forget = update(table).where(table.c.dataset == dataset).values(held_since=None)
+                await conn.execute(forget)
         return None if before is None else _replica_row(before)
 
     async def touch_replica(self, dataset: str, owner: str) -> None:
@@ -518,7 +534,8 @@ class Catalog:
         owner: str | None,
         held_since: datetime | None = None,
     ) -> Any:
-        """The statement that makes `dataset`'s replica record these values, touched now."""
+        """The statement that makes `dataset`'s replica record these values, touched now;
+        `held_since` None keeps the record's (a new record has none)."""
         now = _now()
         values = {
             "held_since": held_since,
@@ -536,14 +553,25 @@ class Catalog:
         stmt = self._insert(Replica).values(**values)
         return stmt.on_conflict_do_update(
             index_elements=["dataset"],
-            set_={k: v for k, v in values.items() if k != "dataset"},
+            set_={
+                k: v
+                for k, v in values.items()
+                if k != "dataset" and (k != "held_since" or v is not None)
+            },
         )
 
     async def finish_replica(
-        self, dataset: str, version: str, state: str, files: int, nbytes: int
+        self,
+        dataset: str,
+        version: str,
+        state: str,
+        files: int,
+        nbytes: int,
+        held_since: datetime | None = None,
     ) -> None:
-        """Record the outcome of a stage (`ready` makes `version` the new base, held by the
-        tree from now on: `held_since`)."""
+        """Record the outcome of a stage: `ready` makes `version` the new base, held by the
+        tree since `held_since` (default: now); another state keeps the base and its time,
+        so files the stage wrote, newer, are read before a rerun keeps them."""
         now = _now()
         values: dict[str, Any] = {
             "state": state,
@@ -551,10 +579,10 @@ class Catalog:
             "bytes": nbytes,
             "owner": None,
             "updated_at": now,
-            "held_since": now if state == "ready" else None,
         }
         if state == "ready":
             values["base_version"] = version
+            values["held_since"] = held_since or now
         table = Replica
         async with self.engine.begin() as conn:
             await conn.execute(update(table).where(table.c.dataset == dataset).values(**values))
@@ -569,7 +597,7 @@ class Catalog:
         if r is None:
             return None
         touched = r.updated_at if r.updated_at.tzinfo else r.updated_at.replace(tzinfo=UTC)
-        return CheckpointRow(r.parent, r.owner, touched, r.root)
+        return CheckpointRow(r.parent, r.owner, touched, r.root, r.started_at)
 
     async def checkpoint_segments(self, dataset: str) -> list[SegmentRef]:
         """Segments an unfinished push of `dataset` uploaded, in order."""
@@ -589,9 +617,11 @@ class Catalog:
         keep_segments: bool,
         found: CheckpointRow | None = None,
         root: str | None = None,
+        started_at: datetime | None = None,
     ) -> None:
-        """Claim the push of `dataset` for `owner`, reading the local tree at `root`; keep or
-        drop earlier segments.
+        """Claim the push of `dataset` for `owner`, reading the local tree at `root` from
+        `started_at` on; keep or drop earlier segments (kept, they keep the time of the run
+        that began them: their files were walked then).
 
         `found` is the checkpoint the caller read and decided to take over (None: it saw
         none). The claim is a compare-and-set on that row's owner, so of two pushes that
@@ -599,6 +629,8 @@ class Catalog:
         """
         table = PushCheckpoint
         values = {"parent": parent, "owner": owner, "updated_at": _now(), "root": root}
+        if not keep_segments:
+            values["started_at"] = started_at
         if found is None:
             stmt: Any = self._insert(table).values(dataset=dataset, **values)
             stmt = stmt.on_conflict_do_nothing(index_elements=["dataset"])

@@ -36,6 +36,7 @@ from datamover.repo.layout import VersionDoc, check_key_length
 from datamover.repo.manifest import SegmentRef, encode_list
 from datamover.repo.repository import Repository, utc_now
 from datamover.site import Site
+from datamover.transfer import ctimes
 from datamover.transfer.fsops import check_root, check_state_outside
 from datamover.transfer.locks import take_lock
 from datamover.transfer.manifest_writer import ManifestWriter
@@ -57,12 +58,6 @@ _CHECKPOINT_BATCH = 256
 #: Passes that read again the files whose packs the store lost (`ReuseCheck`); one is
 #: enough unless packs keep vanishing while the push runs.
 _HEAL_PASSES = 2
-
-#: How much earlier than the start of its walk a push records its tree as holding the
-#: version it publishes (`held_since`): a file system stamps ctimes from a clock that may lag
-#: the one read here by a tick (up to 10 ms at 100 Hz), and a file changed just after the
-#: walk began must not look older than that.
-_CTIME_SLACK = timedelta(milliseconds=20)
 
 #: Replica states of a tree no stage is writing: `overwritten` is a nested dataset's whose
 #: files a stage of one above it changed (that one's record says what the tree holds).
@@ -168,7 +163,7 @@ async def _resumable_segments(
         return None, []
     if found.owner != owner_id() and _holder_alive(found, datetime.now(UTC)):
         raise Busy(f"a push of {dataset!r} is already running ({found.owner})")
-    if found.root != str(tree):
+    if found.root != str(tree) or found.started_at is None:
         log.warning(
             "push of %s: the interrupted run read %s, not %s; starting over",
             dataset,
@@ -446,11 +441,14 @@ async def _push_tree(
     # Files changed since the tree was known to hold the version have a later ctime: read
     # whatever their size and mtime (a file replaced under its old mtime, `cp -p`).
     changed_since = None if checksum or replica is None else replica.held_since_ns
-    walk_started = datetime.now(UTC) - _CTIME_SLACK
+    walk_started = ctimes.held_since(str(tree), datetime.now(UTC))
     found, resumed = await _resumable_segments(site, dataset, tree)
     await site.catalog.start_checkpoint(
-        dataset, parent_id, owner_id(), bool(resumed), found, root=str(tree)
+        dataset, parent_id, owner_id(), bool(resumed), found, str(tree), walk_started
     )
+    # A file the interrupted run took from its checkpoint is read if replaced since that run
+    # walked it (a first push has no record of the tree to tell that by).
+    resumed_since = found.started_ns if resumed and found is not None else None
     async with _holding(site, dataset):
         parent_refs = await _parent_manifest(site, parent) if parent else None
         parent_read = parent_refs is not None
@@ -479,6 +477,7 @@ async def _push_tree(
                     checksum=checksum,
                     progress=counted,
                     changed_since_ns=changed_since,
+                    resumed_since_ns=resumed_since,
                 )
                 lost_packs, lost_objects = await check.missing()
             finally:
@@ -492,7 +491,7 @@ async def _push_tree(
                 len(lost_packs),
             )
             lost |= lost_packs
-            resumed = []  # the heal pass compares with the parent only
+            resumed, resumed_since = [], None  # the heal pass compares with the parent only
             counted.next_pass()
             _add_sent(spent, result)
         else:
@@ -636,9 +635,11 @@ async def _build(
     checksum: bool,
     progress: Progress,
     changed_since_ns: int | None = None,
+    resumed_since_ns: int | None = None,
 ) -> tuple[PushResult, list[SegmentRef]]:
     """Walk, read what changed, upload packs and segments; the counts and the manifest list.
-    Files whose ctime is not before `changed_since_ns` are read (`Scanner`).
+    Files whose ctime is not before `changed_since_ns` (`resumed_since_ns` for those the
+    `resumed` segments hold) are read (`Scanner`).
 
     Previous entries with a chunk in a `lost` pack are not reused (their files are read
     again), nor is any segment taken whole then. Every reused chunk reference goes to
@@ -653,6 +654,8 @@ async def _build(
     workers = t.read_workers if t.read_workers > 0 else 2 * (os.cpu_count() or 1)
     links = site.config.namespace.link_to_logical
     scanner = Scanner(root, previous, params, checksum, level, workers, links, changed_since_ns)
+    if resumed and resumed_since_ns is not None:
+        scanner.resume_cutoff(sort_key(resumed[-1].last_path), resumed_since_ns)
     packer = Packer(site.store, site.catalog, t.pack_size, t.upload_concurrency)
 
     # Checkpoint rows let a rerun skip what this run uploaded. A reused segment uploaded

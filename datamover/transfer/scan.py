@@ -210,6 +210,11 @@ def _read_mtime(mtime_ns: int, size: int, digests: list[bytes], prev: Entry | No
     return prev.mtime_ns
 
 
+def _unchanged_since(ctime_ns: int, since_ns: int | None) -> bool:
+    """Whether a file of ctime `ctime_ns` is unchanged since `since_ns` (None: not known)."""
+    return since_ns is None or ctime_ns < since_ns
+
+
 class Scanner:
     """Produces pieces for the tree at `root`, merged with `previous` (sorted entries).
 
@@ -239,6 +244,8 @@ class Scanner:
         self.root = root
         self.links = links
         self.changed_since_ns = changed_since_ns
+        self._resumed_until: tuple[str, ...] | None = None
+        self._resumed_since_ns = 0
         self.walker = Walker(root.path, strict=True, stat_files=False, open_root=self._open_root)
         self.previous = previous
         self.params = params
@@ -305,6 +312,19 @@ class Scanner:
         self.stats.skipped_special_count = self.walker.skipped_special_count
         return batch
 
+    def resume_cutoff(self, until: tuple[str, ...], since_ns: int) -> None:
+        """The previous entries up to sort key `until` are an interrupted run's, which
+        walked the tree from `since_ns` on: a file among them is read if its ctime is not
+        before that, instead of `changed_since_ns`."""
+        self._resumed_until, self._resumed_since_ns = until, since_ns
+
+    def _changed_since(self, path: str) -> int | None:
+        """The ctime from which the file at `path` counts as changed since its previous
+        entry was made (None: size and mtime tell)."""
+        if self._resumed_until is not None and sort_key(path) <= self._resumed_until:
+            return self._resumed_since_ns
+        return self.changed_since_ns
+
     # -- merge ------------------------------------------------------------------------
 
     def _previous_for(self, path: str) -> Entry | None:
@@ -358,7 +378,7 @@ class Scanner:
                 and self.walker.fill(local)
                 and prev.size == local.size
                 and (prev.mtime_ns == local.mtime_ns or coarsened(local.mtime_ns, prev.mtime_ns))
-                and (self.changed_since_ns is None or local.ctime_ns < self.changed_since_ns)
+                and _unchanged_since(local.ctime_ns, self._changed_since(local.path))
             ):
                 self.stats.files_unchanged += 1
                 yield Done(

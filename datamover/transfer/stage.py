@@ -54,7 +54,7 @@ from datamover.errors import (
 from datamover.repo.layout import VersionDoc
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
-from datamover.transfer import fsops, procpool, writers
+from datamover.transfer import ctimes, fsops, procpool, writers
 from datamover.transfer.fetch import Fetcher, Range, decode_ranges, plan_ranges
 from datamover.transfer.locks import take_lock, take_nested
 from datamover.transfer.pins import check_nested_pins, check_pins, overwritten_below
@@ -1049,7 +1049,8 @@ async def _stage(
                 progress,
                 procs,
                 checked,
-                # Only a record of this tree that is `ready` says since when it held its base.
+                # Since when this tree held its base (kept while a stage of it was interrupted:
+                # what that stage wrote is newer, and read before it is kept).
                 before.held_since_ns if before is not None and before.root == str(root) else None,
             )
             # Touched, so that a stage silent for long is known dead (`_silent`).
@@ -1064,7 +1065,10 @@ async def _stage(
             except Exception:  # the original error is the one to report
                 pass
             raise
-        await site.catalog.finish_replica(dataset, doc.version, "ready", doc.files, doc.bytes)
+        # The tree holds the version from now on; a change during the stage to a file it
+        # had already passed, keeping size and mtime, is not seen (docs/design.md).
+        held = ctimes.held_since(str(root), datetime.now(UTC))
+        await site.catalog.finish_replica(dataset, doc.version, "ready", doc.files, doc.bytes, held)
     finally:
         await _stop_procs(procs)
     result.downloaded_bytes += site.repo.fetched_bytes - fetched_before

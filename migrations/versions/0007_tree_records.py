@@ -1,5 +1,6 @@
-"""Record which local tree an unfinished push read (`push_checkpoints.root`) and since when a
-replica's tree is known to hold its version (`replicas.held_since`).
+"""Record which local tree an unfinished push read and when its run began to walk it
+(`push_checkpoints.root`, `started_at`), and since when a replica's tree is known to hold
+its version (`replicas.held_since`).
 
 `push_checkpoints.root`: a rerun takes the files its interrupted run checkpointed as
 unchanged when their names, sizes and mtimes match. That holds only for the same tree: a
@@ -8,6 +9,9 @@ sizes and mtimes (a copy made with `cp -p`, `rsync -a`), and the rerun would pub
 first tree's bytes for the second's. A rerun now resumes only a checkpoint of the tree it
 reads; a checkpoint of another tree, or one written before this revision (NULL), starts the
 push over.
+
+`push_checkpoints.started_at`: a rerun reads a file the interrupted run took from its
+checkpoint if its ctime is later (replaced since the run walked it).
 
 `replicas.held_since`: a file replaced by other bytes of its size under its old mtime has a
 newer ctime; a push reads every file whose ctime is not before this time, whatever its size
@@ -36,6 +40,9 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("push_checkpoints", sa.Column("root", sa.Text(), nullable=True))
+    op.add_column(
+        "push_checkpoints", sa.Column("started_at", sa.DateTime(timezone=True), nullable=True)
+    )
     op.add_column("replicas", sa.Column("held_since", sa.DateTime(timezone=True), nullable=True))
 
 
@@ -43,4 +50,5 @@ def downgrade() -> None:
     with op.batch_alter_table("replicas") as batch:
         batch.drop_column("held_since")
     with op.batch_alter_table("push_checkpoints") as batch:
+        batch.drop_column("started_at")
         batch.drop_column("root")
