@@ -269,9 +269,11 @@ async def test_replica_and_checkpoint_records(catalog_url: str) -> None:
             "failed",
             1796551200_123456_000,
         )
-        await catalog.begin_replica("/p/x", "/elsewhere/x", "v4", None, "host:1")
-        row = await catalog.replica("/p/x")  # another tree: nothing is known of it
-        assert row is not None and (row.root, row.held_since_ns) == ("/elsewhere/x", None)
+        began = datetime(2026, 12, 6, 11, 0, tzinfo=UTC)
+        await catalog.begin_replica("/p/x", "/elsewhere/x", "v4", None, "host:1", began)
+        row = await catalog.replica("/p/x")  # another tree: known from the stage's start
+        assert row is not None and row.root == "/elsewhere/x"
+        assert row.held_since_ns == 1796554800 * 10**9
 
         assert await catalog.checkpoint("/p/x") is None
         began = datetime(2026, 12, 6, 9, 0, tzinfo=UTC)

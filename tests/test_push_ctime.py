@@ -266,7 +266,9 @@ async def test_on_whole_second_ctimes_a_change_in_the_pushs_second_is_read_later
             assert second.unchanged  # the walk was over before f2 was replaced
             record = await site.catalog.replica("/proj/x")
             assert record is not None and record.held_since_ns is not None
-            assert record.held_since_ns % 1_000_000_000 == 0  # floored to the second
+            # Its ctime is the whole second the push began in, before the recorded time:
+            # compared with that time floored to its second, it is read.
+            assert (root / "f2").stat().st_ctime_ns < record.held_since_ns
             time.sleep(1.1)
             third = await push(site, "/proj/x")
             staged = await _stage_at(await make_site("site-b"))
@@ -274,3 +276,123 @@ async def test_on_whole_second_ctimes_a_change_in_the_pushs_second_is_read_later
             await site.close()
         assert not third.unchanged and third.files_read >= 1
         assert staged == _files(root)
+
+
+async def test_a_first_stage_killed_keeps_its_start_and_its_rerun_reads_what_it_wrote(
+    make_site: MakeSite,
+) -> None:
+    # The tree had no record: a killed first stage left none with a time, and its rerun
+    # kept a user's edit (size and mtime kept) as the version's file.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    root = a.data / "x"
+    root.mkdir()
+    for i in range(4):
+        (root / f"f{i}").write_bytes(f"file {i} as site a wrote it\n".encode())
+    site = await a.open()
+    try:
+        await push(site, "/proj/x")
+    finally:
+        await site.close()
+    site = await b.open()
+    real = site.catalog.finish_replica
+
+    async def dies_at_the_end(
+        dataset: str, version: str, state: str, *rest: Any, **kw: Any
+    ) -> None:
+        if state == "ready":
+            raise Killed("after its writes")
+        await real(dataset, version, state, *rest, **kw)
+
+    site.catalog.finish_replica = dies_at_the_end  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Killed):
+            await stage(site, "/proj/x")
+        site.catalog.finish_replica = real  # type: ignore[method-assign]
+        record = await site.catalog.replica("/proj/x")
+        assert record is not None and record.held_since_ns is not None
+        edited = b"file 1 AS SITE B WROTE IT\n"
+        _replace_keeping_mtime(b.data / "x" / "f1", edited)
+        again = await stage(site, "/proj/x")
+    finally:
+        await site.close()
+    assert again.trashed_count == 1 and again.fetched_files == 1
+    assert _files(b.data / "x") == _files(root)
+
+
+def _regular(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and "lost+found" not in p.parts and p.suffix != ".img"
+    }
+
+
+async def test_whole_second_ctimes_of_a_mount_below_the_root_are_noticed(
+    make_site: MakeSite,
+) -> None:
+    # The tree's root keeps nanoseconds; a file system of whole-second ctimes is mounted
+    # below it. A change there, in the second the push began, was never pushed.
+    a = await make_site("site-a")
+    root = a.data / "x"
+    root.mkdir()
+    (root / "top").write_bytes(b"top file\n")
+    with coarse_ext4(root / "sub"):
+        for i in range(3):
+            (root / "sub" / f"f{i}").write_bytes(f"first version of file {i}\n".encode())
+        site = await a.open()
+        try:
+            await push(site, "/proj/x")
+            time.sleep(1.1)
+            while not 0.05 < time.time() % 1 < 0.3:  # the push begins early in a second
+                time.sleep(0.01)
+            real = site.catalog.clear_checkpoint
+
+            async def replaced_after_the_walk(*args: Any) -> None:
+                _replace_keeping_mtime(root / "sub" / "f1", b"OTHER version of file 1\n")
+                await real(*args)
+
+            site.catalog.clear_checkpoint = replaced_after_the_walk  # type: ignore[method-assign]
+            await push(site, "/proj/x")
+            site.catalog.clear_checkpoint = real  # type: ignore[method-assign]
+            record = await site.catalog.replica("/proj/x")
+            assert record is not None and record.held_since_ns is not None
+            assert (root / "sub" / "f1").stat().st_ctime_ns < record.held_since_ns
+            time.sleep(1.1)
+            third = await push(site, "/proj/x")
+            b = await make_site("site-b")
+            site_b = await b.open()
+            try:
+                await stage(site_b, "/proj/x")
+            finally:
+                await site_b.close()
+            staged, local = _regular(b.data / "x"), _regular(root)
+        finally:
+            await site.close()
+    assert not third.unchanged
+    assert staged["sub/f1"] == b"OTHER version of file 1\n" and staged == local
+
+
+async def test_on_whole_second_ctimes_a_push_after_a_stage_reads_nothing_it_wrote(
+    make_site: MakeSite,
+) -> None:
+    # Floored to the second, the stage's time came no later than its own last writes: a
+    # push after a short stage read every file again. The stage now lets the second pass.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    root = a.data / "x"
+    root.mkdir()
+    for i in range(50):
+        (root / f"f{i:02d}").write_bytes(f"file {i}\n".encode())
+    site = await a.open()
+    try:
+        await push(site, "/proj/x")
+    finally:
+        await site.close()
+    with coarse_ext4(b.data):
+        staged = await _stage_at(b)
+        site = await b.open()
+        try:
+            after = await push(site, "/proj/x")
+        finally:
+            await site.close()
+    assert staged == _files(root)
+    assert after.unchanged and after.files_read == 0

@@ -413,11 +413,18 @@ class Catalog:
             return int((await conn.execute(select(func.sum(table.c.bytes)))).scalar() or 0)
 
     async def begin_replica(
-        self, dataset: str, root: str, version: str, base_version: str | None, owner: str
+        self,
+        dataset: str,
+        root: str,
+        version: str,
+        base_version: str | None,
+        owner: str,
+        began: datetime | None = None,
     ) -> ReplicaRow | None:
-        """Mark `dataset` as being staged to `version` by `owner` (upsert, keeping
-        `held_since` for the tree at `root`, dropping it for another); return its record as
-        it was before (None: there was none), for `restore_replica`."""
+        """Mark `dataset` as being staged to `version` by `owner` (upsert), keeping
+        `held_since` where the record has one for the tree at `root`, else making it
+        `began` (a tree with no time holds nothing known since the stage began); return its
+        record as it was before (None: there was none), for `restore_replica`."""
         stmt = self._replica_upsert(dataset, root, version, base_version, "staging", 0, 0, owner)
         table = Replica
         # FOR UPDATE (PostgreSQL; SQLite has no such clause): the row read is the one replaced.
@@ -425,9 +432,9 @@ class Catalog:
         async with self.engine.begin() as conn:
             before = (await conn.execute(read)).first()
             await conn.execute(stmt)
-            if before is not None and before.root != root:
-                forget = update(table).where(table.c.dataset == dataset).values(held_since=None)
-                await conn.execute(forget)
+            if before is None or before.root != root or before.held_since is None:
+                since = update(table).where(table.c.dataset == dataset).values(held_since=began)
+                await conn.execute(since)
         return None if before is None else _replica_row(before)
 
     async def touch_replica(self, dataset: str, owner: str) -> None:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.domain.paths import sort_key
+from datamover.transfer import ctimes
 from datamover.transfer.fsops import same_mtime
 from datamover.transfer.walk import OWNER_RX, PARTIAL_RE, LocalEntry, Walker
 
@@ -182,7 +183,9 @@ class StagePlanner:
         where size and mtime tell."""
         if self.content_ok is not None:
             return self.content_ok
-        if self.changed_since is not None and local.ctime_ns >= self.changed_since[0]:
+        if self.changed_since is not None and not ctimes.unchanged_since(
+            local.ctime_ns, self.changed_since[0]
+        ):
             return self.changed_since[1]
         return None
 

@@ -441,10 +441,10 @@ async def _push_tree(
     # Files changed since the tree was known to hold the version have a later ctime: read
     # whatever their size and mtime (a file replaced under its old mtime, `cp -p`).
     changed_since = None if checksum or replica is None else replica.held_since_ns
-    walk_started = ctimes.held_since(str(tree), datetime.now(UTC))
+    walk_began = datetime.now(UTC)
     found, resumed = await _resumable_segments(site, dataset, tree)
     await site.catalog.start_checkpoint(
-        dataset, parent_id, owner_id(), bool(resumed), found, str(tree), walk_started
+        dataset, parent_id, owner_id(), bool(resumed), found, str(tree), ctimes.moment(walk_began)
     )
     # A file the interrupted run took from its checkpoint is read if replaced since that run
     # walked it (a first push has no record of the tree to tell that by).
@@ -500,6 +500,7 @@ async def _push_tree(
         for digest in lost_objects & {r.digest for r in segments}:
             result.uploaded_bytes += await _restore_manifest_object(site.repo, digest)
         result.parent = parent_id
+        held = ctimes.moment(walk_began)  # the tree held what it publishes from then on
 
         if (
             parent is not None
@@ -513,7 +514,7 @@ async def _push_tree(
                 )
             await site.catalog.clear_checkpoint(dataset, owner_id())
             await site.catalog.pushed_replica(
-                dataset, str(tree), parent.version, result.files, result.bytes, walk_started
+                dataset, str(tree), parent.version, result.files, result.bytes, held
             )
             result.version, result.unchanged = parent.version, True
             result.seconds = round(time.monotonic() - started, 3)
@@ -545,7 +546,7 @@ async def _push_tree(
         await site.catalog.record_versions([doc])
         await site.catalog.clear_checkpoint(dataset, owner_id())
         await site.catalog.pushed_replica(
-            dataset, str(tree), doc.version, doc.files, doc.bytes, walk_started
+            dataset, str(tree), doc.version, doc.files, doc.bytes, held
         )
         result.seconds = round(time.monotonic() - started, 3)
         return result
@@ -638,8 +639,8 @@ async def _build(
     resumed_since_ns: int | None = None,
 ) -> tuple[PushResult, list[SegmentRef]]:
     """Walk, read what changed, upload packs and segments; the counts and the manifest list.
-    Files whose ctime is not before `changed_since_ns` (`resumed_since_ns` for those the
-    `resumed` segments hold) are read (`Scanner`).
+    Files changed since `changed_since_ns` (`resumed_since_ns` for those the `resumed`
+    segments hold) by their ctime are read (`Scanner`).
 
     Previous entries with a chunk in a `lost` pack are not reused (their files are read
     again), nor is any segment taken whole then. Every reused chunk reference goes to

@@ -33,7 +33,7 @@ from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.domain.paths import check_symlink_target, shown, sort_key
 from datamover.errors import Conflict, InvalidInput
 from datamover.repo.manifest import MAX_FILE_CHUNKS, MAX_STR, MTIME_MAX, MTIME_MIN
-from datamover.transfer import procpool, readers
+from datamover.transfer import ctimes, procpool, readers
 from datamover.transfer.readers import FileRead, NewChunk, ReadProblem, TreeRoot
 from datamover.transfer.walk import LocalEntry, Walker
 
@@ -210,11 +210,6 @@ def _read_mtime(mtime_ns: int, size: int, digests: list[bytes], prev: Entry | No
     return prev.mtime_ns
 
 
-def _unchanged_since(ctime_ns: int, since_ns: int | None) -> bool:
-    """Whether a file of ctime `ctime_ns` is unchanged since `since_ns` (None: not known)."""
-    return since_ns is None or ctime_ns < since_ns
-
-
 class Scanner:
     """Produces pieces for the tree at `root`, merged with `previous` (sorted entries).
 
@@ -378,7 +373,7 @@ class Scanner:
                 and self.walker.fill(local)
                 and prev.size == local.size
                 and (prev.mtime_ns == local.mtime_ns or coarsened(local.mtime_ns, prev.mtime_ns))
-                and _unchanged_since(local.ctime_ns, self._changed_since(local.path))
+                and ctimes.unchanged_since(local.ctime_ns, self._changed_since(local.path))
             ):
                 self.stats.files_unchanged += 1
                 yield Done(

@@ -307,6 +307,11 @@ class _Stager:
         second cancel cut its cleanup short; or while a partial file it made is left)."""
         return self._settled and not self.changed and not self._fresh
 
+    @property
+    def whole_second_ctimes(self) -> bool:
+        """Whether the walk saw a ctime of a whole second (`ctimes`)."""
+        return self._walker is not None and self._walker.whole_second_ctimes
+
     # -- writer thread ----------------------------------------------------------------------
 
     def _on_writer(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
@@ -1030,7 +1035,12 @@ async def _stage(
         me = owner_id()
         base_version, base_refs, interrupted_refs = await _base(site, doc, root, refs, me)
         below = await overwritten_below(site, doc, root, refs, delete)
-        before = await site.catalog.begin_replica(dataset, str(root), doc.version, base_version, me)
+        # A tree with no time yet holds nothing known from now on: what this stage writes,
+        # newer, is read before a rerun keeps it, should it not end.
+        began = ctimes.moment(datetime.now(UTC))
+        before = await site.catalog.begin_replica(
+            dataset, str(root), doc.version, base_version, me, began
+        )
         await site.catalog.mark_overwritten(below)  # before anything is written: crash-safe
         stager: _Stager | None = None
         try:
@@ -1067,7 +1077,9 @@ async def _stage(
             raise
         # The tree holds the version from now on; a change during the stage to a file it
         # had already passed, keeping size and mtime, is not seen (docs/design.md).
-        held = ctimes.held_since(str(root), datetime.now(UTC))
+        held = await ctimes.after_writes(
+            str(root), stager.whole_second_ctimes, wrote=not stager.untouched
+        )
         await site.catalog.finish_replica(dataset, doc.version, "ready", doc.files, doc.bytes, held)
     finally:
         await _stop_procs(procs)
