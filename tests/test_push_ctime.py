@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from datamover.transfer.push import push
-from datamover.transfer.stage import stage
+from datamover.catalog.queries import ReplicaRow
+from datamover.transfer.push import PushResult, push
+from datamover.transfer.stage import StageResult, stage
 from tests.fixtures_sites import MakeSite, SiteEnv
 from tests.test_push_resume import Killed, push_killed
 from tests.test_stage_coarse_fs import coarse_ext4
@@ -82,15 +83,7 @@ async def test_a_file_replaced_under_its_old_mtime_is_read_by_the_next_push(
 @pytest.mark.usefixtures("stages_end_after_a_tick")
 async def test_a_push_after_a_stage_reads_only_what_changed_since(make_site: MakeSite) -> None:
     a, b = await make_site("site-a"), await make_site("site-b")
-    root = a.data / "x"
-    root.mkdir()
-    for i in range(5):
-        (root / f"f{i}").write_bytes(f"file {i} as site a wrote it\n".encode())
-    site = await a.open()
-    try:
-        await push(site, "/proj/x")
-    finally:
-        await site.close()
+    await _pushed_tree(a, 5)
     staged = await _stage_at(b)
     site = await b.open()
     try:
@@ -111,15 +104,7 @@ async def test_a_stage_reads_a_file_changed_under_its_old_size_and_mtime(
     make_site: MakeSite,
 ) -> None:
     a, b = await make_site("site-a"), await make_site("site-b")
-    root = a.data / "x"
-    root.mkdir()
-    for i in range(4):
-        (root / f"f{i}").write_bytes(f"file {i} as site a wrote it\n".encode())
-    site = await a.open()
-    try:
-        await push(site, "/proj/x")
-    finally:
-        await site.close()
+    await _pushed_tree(a)
     staged = await _stage_at(b)
     edited = b"file 1 AS SITE B WROTE IT\n"
     _replace_keeping_mtime(b.data / "x" / "f1", edited)
@@ -193,23 +178,44 @@ async def test_an_interrupted_stage_keeps_the_time_and_its_rerun_reads_what_it_w
     # took a user's edit (size and mtime kept) for the version's file, and recorded a new
     # time that every later push trusted.
     a, b = await make_site("site-a"), await make_site("site-b")
-    root = a.data / "x"
-    root.mkdir()
-    for i in range(4):
-        (root / f"f{i}").write_bytes(f"file {i} as site a wrote it\n".encode())
-    site = await a.open()
-    try:
-        await push(site, "/proj/x")
-    finally:
-        await site.close()
+    root = await _pushed_tree(a)
     await _stage_at(b)
     (root / "f0").write_bytes(b"file 0 version two\n")
-    site = await a.open()
+    await _push_at(a)  # a version where f0 differs
+    record, again = await _killed_stage_rerun_after_an_edit(b)
+    assert record.state == "staging" and record.held_since_ns  # as a killed stage leaves it
+    assert again.trashed_count == 1 and again.fetched_files == 1  # f1: the user's, aside
+    assert again.trash_dir is not None
+    assert _trashed(Path(again.trash_dir), "f1") == [_EDITED]
+    assert _files(b.data / "x") == _files(root)
+
+
+async def _pushed_tree(env: SiteEnv, count: int = 4) -> Path:
+    """`/proj/x` of `count` small files (`f0`...) at site `env`, pushed; its directory."""
+    root = env.data / "x"
+    root.mkdir()
+    for i in range(count):
+        (root / f"f{i}").write_bytes(f"file {i} as site a wrote it\n".encode())
+    await _push_at(env)
+    return root
+
+
+async def _push_at(env: SiteEnv) -> PushResult:
+    site = await env.open()
     try:
-        await push(site, "/proj/x")  # a version where f0 differs
+        return await push(site, "/proj/x")
     finally:
         await site.close()
-    site = await b.open()
+
+
+_EDITED = b"file 1 AS SITE B WROTE IT\n"
+
+
+async def _killed_stage_rerun_after_an_edit(env: SiteEnv) -> tuple[ReplicaRow, StageResult]:
+    """A stage of `/proj/x` at `env` killed once its writes are over (before it records
+    `ready`), a user's edit of f1 keeping its size and mtime, and the stage run again: the
+    record the killed stage left, and the rerun's result."""
+    site = await env.open()
     real = site.catalog.finish_replica
 
     async def dies_at_the_end(
@@ -224,17 +230,12 @@ async def test_an_interrupted_stage_keeps_the_time_and_its_rerun_reads_what_it_w
         with pytest.raises(Killed):
             await stage(site, "/proj/x")
         site.catalog.finish_replica = real  # type: ignore[method-assign]
-        record = await site.catalog.replica("/proj/x")  # as a killed stage leaves it
-        assert record is not None and record.state == "staging" and record.held_since_ns
-        edited = b"file 1 AS SITE B WROTE IT\n"
-        _replace_keeping_mtime(b.data / "x" / "f1", edited)
-        again = await stage(site, "/proj/x")
+        record = await site.catalog.replica("/proj/x")
+        assert record is not None
+        _replace_keeping_mtime(env.data / "x" / "f1", _EDITED)
+        return record, await stage(site, "/proj/x")
     finally:
         await site.close()
-    assert again.trashed_count == 1 and again.fetched_files == 1  # f1: the user's, aside
-    assert again.trash_dir is not None
-    assert _trashed(Path(again.trash_dir), "f1") == [edited]
-    assert _files(b.data / "x") == _files(root)
 
 
 async def test_on_whole_second_ctimes_a_change_in_the_pushs_second_is_read_later(
@@ -284,37 +285,9 @@ async def test_a_first_stage_killed_keeps_its_start_and_its_rerun_reads_what_it_
     # The tree had no record: a killed first stage left none with a time, and its rerun
     # kept a user's edit (size and mtime kept) as the version's file.
     a, b = await make_site("site-a"), await make_site("site-b")
-    root = a.data / "x"
-    root.mkdir()
-    for i in range(4):
-        (root / f"f{i}").write_bytes(f"file {i} as site a wrote it\n".encode())
-    site = await a.open()
-    try:
-        await push(site, "/proj/x")
-    finally:
-        await site.close()
-    site = await b.open()
-    real = site.catalog.finish_replica
-
-    async def dies_at_the_end(
-        dataset: str, version: str, state: str, *rest: Any, **kw: Any
-    ) -> None:
-        if state == "ready":
-            raise Killed("after its writes")
-        await real(dataset, version, state, *rest, **kw)
-
-    site.catalog.finish_replica = dies_at_the_end  # type: ignore[method-assign]
-    try:
-        with pytest.raises(Killed):
-            await stage(site, "/proj/x")
-        site.catalog.finish_replica = real  # type: ignore[method-assign]
-        record = await site.catalog.replica("/proj/x")
-        assert record is not None and record.held_since_ns is not None
-        edited = b"file 1 AS SITE B WROTE IT\n"
-        _replace_keeping_mtime(b.data / "x" / "f1", edited)
-        again = await stage(site, "/proj/x")
-    finally:
-        await site.close()
+    root = await _pushed_tree(a)
+    record, again = await _killed_stage_rerun_after_an_edit(b)
+    assert record.held_since_ns is not None
     assert again.trashed_count == 1 and again.fetched_files == 1
     assert _files(b.data / "x") == _files(root)
 
@@ -378,15 +351,7 @@ async def test_on_whole_second_ctimes_a_push_after_a_stage_reads_nothing_it_wrot
     # Floored to the second, the stage's time came no later than its own last writes: a
     # push after a short stage read every file again. The stage now lets the second pass.
     a, b = await make_site("site-a"), await make_site("site-b")
-    root = a.data / "x"
-    root.mkdir()
-    for i in range(50):
-        (root / f"f{i:02d}").write_bytes(f"file {i}\n".encode())
-    site = await a.open()
-    try:
-        await push(site, "/proj/x")
-    finally:
-        await site.close()
+    root = await _pushed_tree(a, 50)
     with coarse_ext4(b.data):
         staged = await _stage_at(b)
         site = await b.open()
