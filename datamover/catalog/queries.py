@@ -425,16 +425,17 @@ class Catalog:
         `held_since` where the record has one for the tree at `root`, else making it
         `began` (a tree with no time holds nothing known since the stage began); return its
         record as it was before (None: there was none), for `restore_replica`."""
-        stmt = self._replica_upsert(dataset, root, version, base_version, "staging", 0, 0, owner)
         table = Replica
         # FOR UPDATE (PostgreSQL; SQLite has no such clause): the row read is the one replaced.
         read = select(table).where(table.c.dataset == dataset).with_for_update()
         async with self.engine.begin() as conn:
             before = (await conn.execute(read)).first()
+            kept = before is not None and before.root == root and before.held_since is not None
+            since = before.held_since if kept else began
+            stmt = self._replica_upsert(
+                dataset, root, version, base_version, "staging", 0, 0, owner, since
+            )
             await conn.execute(stmt)
-            if before is None or before.root != root or before.held_since is None:
-                since = update(table).where(table.c.dataset == dataset).values(held_since=began)
-                await conn.execute(since)
         return None if before is None else _replica_row(before)
 
     async def touch_replica(self, dataset: str, owner: str) -> None:
@@ -541,8 +542,7 @@ class Catalog:
         owner: str | None,
         held_since: datetime | None = None,
     ) -> Any:
-        """The statement that makes `dataset`'s replica record these values, touched now;
-        `held_since` None keeps the record's (a new record has none)."""
+        """The statement that makes `dataset`'s replica record these values, touched now."""
         now = _now()
         values = {
             "held_since": held_since,
@@ -560,11 +560,7 @@ class Catalog:
         stmt = self._insert(Replica).values(**values)
         return stmt.on_conflict_do_update(
             index_elements=["dataset"],
-            set_={
-                k: v
-                for k, v in values.items()
-                if k != "dataset" and (k != "held_since" or v is not None)
-            },
+            set_={k: v for k, v in values.items() if k != "dataset"},
         )
 
     async def finish_replica(

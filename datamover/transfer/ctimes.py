@@ -9,6 +9,7 @@ NFS servers), a change later in a second gets that second's start: a file whose 
 whole second is compared with the moment floored to its second. That is told per file, so
 a mount of such a file system below a tree of finer ctimes is no exception; on a file
 system of nanosecond ctimes one file in a billion is compared so, which only reads it.
+The clock's lag and the granule are those `readers.settled` waits out for mtimes.
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import asyncio
 import os
 from datetime import UTC, datetime, timedelta
 
+from datamover.transfer.readers import COARSE_NS, LAG_NS
+
 #: The kernel stamps ctimes from its coarse clock, up to a tick behind the one `datetime.now`
-#: reads (10 ms at 100 Hz): a change just after the moment must not look older than it.
-SLACK = timedelta(milliseconds=20)
-SECOND_NS = 1_000_000_000
+#: reads (`readers.LAG_NS`): a change just after the moment must not look older than it.
+SLACK = timedelta(microseconds=LAG_NS // 1000)
+SECOND_NS = COARSE_NS
 
 
 def whole_seconds(path: str) -> bool:
@@ -50,14 +53,15 @@ def unchanged_since(ctime_ns: int, since_ns: int | None) -> bool:
     return ctime_ns < since_ns
 
 
-async def after_writes(path: str, coarse: bool, wrote: bool) -> datetime:
+async def after_writes(path: str, wrote: bool) -> datetime:
     """The time to record for the tree at `path` once a stage's writes are over, now. Where
-    ctimes are whole seconds (`coarse`, or `path`'s own), and the stage wrote anything,
-    first wait for the next second (at most one): its own writes of this second would
-    otherwise be no older than the time, and a short stage's every file read again by
-    the next push. A change made while it waits is one made during the stage."""
+    ctimes are whole seconds (as `path`'s own shows) and the stage wrote anything, first
+    wait for the next second (at most one): its own writes of this second would otherwise
+    be no older than the time, and a short stage's every file read again by the next push
+    (on a mount of such a file system below `path`, only what the stage wrote in its last
+    second is). A change made while it waits is one made during the stage."""
     now = datetime.now(UTC)
-    if wrote and (coarse or whole_seconds(path)):
+    if wrote and whole_seconds(path):
         await asyncio.sleep(1 - now.microsecond / 1e6 + SLACK.total_seconds())
         now = datetime.now(UTC)
     return moment(now)

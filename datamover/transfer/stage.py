@@ -307,11 +307,6 @@ class _Stager:
         second cancel cut its cleanup short; or while a partial file it made is left)."""
         return self._settled and not self.changed and not self._fresh
 
-    @property
-    def whole_second_ctimes(self) -> bool:
-        """Whether the walk saw a ctime of a whole second (`ctimes`)."""
-        return self._walker is not None and self._walker.whole_second_ctimes
-
     # -- writer thread ----------------------------------------------------------------------
 
     def _on_writer(self, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
@@ -698,17 +693,18 @@ class _Stager:
             self.site.config.namespace.same_link,
             self._entries(self.interrupted_refs) if self.interrupted_refs else None,
             stored_mtime,
-            self._changed_entries(self.base_refs),
-            self._changed_entries(self.interrupted_refs),
+            *self._changed_entries(self.base_refs, self.interrupted_refs),
             changed_since,
         )
         return iter(planner)
 
-    def _changed_entries(self, refs: list[SegmentRef] | None) -> Iterator[Entry]:
-        """The entries of the segments of `refs` the target does not have (for
+    def _changed_entries(self, *versions: list[SegmentRef] | None) -> list[Iterator[Entry]]:
+        """For each of `versions`, the entries of its segments the target does not have (for
         `StagePlanner._ambiguous`): a segment both have holds the target's entries."""
         target = {r.digest for r in self.refs}
-        return self._entries([r for r in refs or () if r.digest not in target])
+        return [
+            self._entries([r for r in refs or () if r.digest not in target]) for refs in versions
+        ]
 
     def _keep_dir(self, entry: Entry) -> None:
         if len(self._dirs) < _MAX_DIRS_IN_MEMORY:
@@ -1077,9 +1073,7 @@ async def _stage(
             raise
         # The tree holds the version from now on; a change during the stage to a file it
         # had already passed, keeping size and mtime, is not seen (docs/design.md).
-        held = await ctimes.after_writes(
-            str(root), stager.whole_second_ctimes, wrote=not stager.untouched
-        )
+        held = await ctimes.after_writes(str(root), wrote=not stager.untouched)
         await site.catalog.finish_replica(dataset, doc.version, "ready", doc.files, doc.bytes, held)
     finally:
         await _stop_procs(procs)

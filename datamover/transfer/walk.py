@@ -97,9 +97,6 @@ class Walker:
         #: counted.
         self.skipped_special: list[str] = []
         self.skipped_special_count = 0
-        #: Whether an entry the walk `lstat`ed had a ctime of a whole second: the tree (a
-        #: mount in it, maybe) has a file system of whole-second ctimes (`ctimes`).
-        self.whole_second_ctimes = False
         # One (entries, directory descriptor, directory path) per level being walked.
         self._stack: list[tuple[Iterator[LocalEntry], int, str]] = []
         self._pending_dir: str | None = None
@@ -293,8 +290,6 @@ class Walker:
                 continue
             except PermissionError as exc:
                 raise self._unreadable(rel, exc) from None
-            if st.st_ctime_ns % 1_000_000_000 == 0:
-                self.whole_second_ctimes = True
             mode = st.st_mode
             target = None
             if stat.S_ISREG(mode):
@@ -354,8 +349,6 @@ class Walker:
             st.st_size,
         )
         entry.ino, entry.ctime_ns = st.st_ino, st.st_ctime_ns
-        if st.st_ctime_ns % 1_000_000_000 == 0:
-            self.whole_second_ctimes = True
         return True
 
     def __next__(self) -> LocalEntry:
