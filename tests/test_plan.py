@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.transfer.fetch import plan_ranges
@@ -157,15 +159,9 @@ def test_a_file_rewritten_within_one_second_is_fetched_on_a_one_second_file_syst
     def actions(
         base: list[Entry] | None, interrupted: list[Entry] | None = None
     ) -> list[tuple[Op, str]]:
-        planner = StagePlanner(
-            Walker(str(tmp_path), strict=False),
-            iter([v2]),
-            iter(base) if base is not None else None,
-            False,
-            interrupted=iter(interrupted) if interrupted is not None else None,
-            stored_mtime=_seconds,
+        return _actions(
+            tmp_path, v2, base, interrupted=_maybe_iter(interrupted), stored_mtime=_seconds
         )
-        return [(a.op, a.path) for a in planner]
 
     assert actions([v1]) == [(Op.FETCH, "status")]
     assert actions(None, [v1]) == [(Op.FETCH, "status")]  # a killed stage of version 1
@@ -188,14 +184,7 @@ def test_a_file_changed_under_its_old_size_and_mtime_is_fetched(tmp_path: Path) 
     def actions(
         base: list[Entry] | None, changed_base: list[Entry] | None = None
     ) -> list[tuple[Op, str]]:
-        planner = StagePlanner(
-            Walker(str(tmp_path), strict=False),
-            iter([v2]),
-            iter(base) if base is not None else None,
-            False,
-            changed_base=iter(changed_base) if changed_base is not None else None,
-        )
-        return [(a.op, a.path) for a in planner]
+        return _actions(tmp_path, v2, base, changed_base=_maybe_iter(changed_base))
 
     assert actions([v1]) == [(Op.FETCH, "status")]
     assert actions([v1], [v1]) == [(Op.FETCH, "status")]
@@ -203,6 +192,20 @@ def test_a_file_changed_under_its_old_size_and_mtime_is_fetched(tmp_path: Path) 
     # of them is at this path, so nothing is told apart (the target's entry is the base's).
     assert actions([v1], []) == [(Op.KEEP, "status")]
     assert actions([v2]) == [(Op.KEEP, "status")]  # a restage of the version it holds
+
+
+def _maybe_iter(entries: list[Entry] | None) -> Iterator[Entry] | None:
+    return iter(entries) if entries is not None else None
+
+
+def _actions(
+    root: Path, target: Entry, base: list[Entry] | None, **options: Any
+) -> list[tuple[Op, str]]:
+    """The actions a planner gives for a target of the one `target` entry over `base`."""
+    planner = StagePlanner(
+        Walker(str(root), strict=False), iter([target]), _maybe_iter(base), False, **options
+    )
+    return [(a.op, a.path) for a in planner]
 
 
 def test_a_symlink_left_under_a_temporary_name_is_removed(tmp_path: Path) -> None:
