@@ -44,7 +44,7 @@ from datamover.transfer.packer import Packer, Ref
 from datamover.transfer.progress import NoProgress, Progress
 from datamover.transfer.readers import RootMoved, TreeRoot, anchor
 from datamover.transfer.reuse import ReuseCheck
-from datamover.transfer.scan import Done, NewChunk, Previous, Scanner, root_moved
+from datamover.transfer.scan import Done, NewChunk, Previous, SameSegment, Scanner, root_moved
 
 #: A push touches its checkpoint this often; one untouched for `_STALE_AFTER` belongs to a
 #: process that is gone (`_holder_alive`), with room for clocks that disagree by minutes.
@@ -98,7 +98,7 @@ def _unfinished(batch: list[object], current: dict[bytes, Ref]) -> dict[bytes, R
     come (a batch ends after about 8 MiB of data, in the middle of a file more often than
     not), and nothing of the files it completed, so the map holds one file's chunks at most."""
     i = len(batch) - 1
-    while i >= 0 and not isinstance(batch[i], Done):
+    while i >= 0 and not isinstance(batch[i], (Done, SameSegment)):
         i -= 1
     if i == len(batch) - 1:
         return {}
@@ -108,17 +108,27 @@ def _unfinished(batch: list[object], current: dict[bytes, Ref]) -> dict[bytes, R
 
 
 def _previous(
-    repo: Repository, resumed: list[SegmentRef], parent: list[SegmentRef]
-) -> Iterator[Entry]:
+    repo: Repository, resumed: list[SegmentRef], parent: list[SegmentRef], marked: bool
+) -> Iterator[Entry | SegmentRef]:
     """Sorted entries to compare the walk with: what an interrupted run already stored, then
-    the parent's entries beyond it."""
+    the parent's entries beyond it. With `marked`, each segment streamed whole
+    (`_reusable`) comes after its `SegmentRef`, for the scanner to find it unchanged as a
+    whole (`SameSegment`)."""
     cutoff: tuple[str, ...] | None = None
+    for ref in resumed:
+        if marked:
+            yield ref
+        yield from repo.iter_cached([ref], check=False)
     if resumed:
-        yield from repo.iter_cached(resumed, check=False)
         cutoff = sort_key(resumed[-1].last_path)
-    for entry in repo.iter_cached(parent, check=False):
-        if cutoff is None or sort_key(entry.path) > cutoff:
-            yield entry
+    for ref in parent:
+        if cutoff is None or sort_key(ref.first_path) > cutoff:
+            if marked:
+                yield ref
+            yield from repo.iter_cached([ref], check=False)
+        elif sort_key(ref.last_path) > cutoff:  # straddles the cut-off: what is beyond it
+            beyond = repo.iter_cached([ref], check=False)
+            yield from (e for e in beyond if sort_key(e.path) > cutoff)
 
 
 def _reusable(resumed: list[SegmentRef], parent: list[SegmentRef]) -> list[SegmentRef]:
@@ -615,11 +625,12 @@ class _PassProgress:
             self.progress.advance(more_files, more_bytes)
 
 
-def _without(entries: Iterator[Entry], lost: set[bytes]) -> Iterator[Entry]:
+def _without(entries: Iterator[Entry | SegmentRef], lost: set[bytes]) -> Iterator[Entry]:
     """`entries` minus those with a chunk in a `lost` pack: the scanner then finds no
-    previous entry for those files and reads them again."""
+    previous entry for those files and reads them again. Segment marks are left out (no
+    segment is taken whole then)."""
     for entry in entries:
-        if not any(c.pack in lost for c in entry.chunks):
+        if isinstance(entry, Entry) and not any(c.pack in lost for c in entry.chunks):
             yield entry
 
 
@@ -648,7 +659,7 @@ async def _build(
     """
     t = site.config.transfer
     level = None if t.compression == "never" else t.zstd_level
-    previous = _previous(site.repo, resumed, parent_refs)
+    previous = _previous(site.repo, resumed, parent_refs, marked=not lost)
     if lost:
         previous = _without(previous, lost)
     # Two readers per core: reading a cold tree waits on the disk as much as it computes.
@@ -704,6 +715,19 @@ async def _build(
                 current.update(refs)
             files = nbytes = 0
             for piece in batch:
+                if isinstance(piece, SameSegment):
+                    check.entries(piece.entries)
+                    if check.full():
+                        await check.flush()
+                    n_files, n_dirs, n_links = piece.counts()
+                    result.files += n_files
+                    result.bytes += piece.ref.bytes
+                    result.dirs += n_dirs
+                    result.symlinks += n_links
+                    files += n_files
+                    nbytes += piece.ref.bytes
+                    await writer.append_segment(piece.ref, piece.entries)
+                    continue
                 if not isinstance(piece, Done):
                     continue
                 entry = piece.entry

@@ -15,12 +15,12 @@ against its digest.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any
 
 from datamover.aio import gather_or_cancel
 from datamover.chunking.pack import pack_key, whole_size
-from datamover.domain.manifest import ChunkRef
+from datamover.domain.manifest import ChunkRef, Entry
 from datamover.repo.layout import manifest_key
 from datamover.repo.repository import Repository
 
@@ -61,8 +61,16 @@ class ReuseCheck:
     def chunks(self, chunks: Sequence[ChunkRef]) -> None:
         """Check the packs of `chunks` (an unchanged file's reused references); `flush` when
         `full`."""
-        for c in chunks:
-            pack, least = c.pack, whole_size(c.offset + c.stored_length)
+        self._packs(_furthest((chunks,)))
+
+    def entries(self, entries: Iterable[Entry]) -> None:
+        """`chunks` of every entry of `entries` (a segment's, taken whole)."""
+        self._packs(_furthest(e.chunks for e in entries))
+
+    def _packs(self, ends: dict[bytes, int]) -> None:
+        """Check each pack of `ends` holds at least what ends there (its chunks' end)."""
+        for pack, end in ends.items():
+            least = whole_size(end)
             size = self._sizes.get(pack)
             if size is not None:
                 if size < least:
@@ -136,3 +144,14 @@ class ReuseCheck:
                         del self._sizes[next(iter(self._sizes))]
         finally:
             self._slots.release()
+
+
+def _furthest(chunk_lists: Iterable[Sequence[ChunkRef]]) -> dict[bytes, int]:
+    """The furthest end of a chunk of `chunk_lists` in each pack they name."""
+    ends: dict[bytes, int] = {}
+    for chunks in chunk_lists:
+        for c in chunks:
+            end = c.offset + c.stored_length
+            if ends.get(c.pack, -1) < end:
+                ends[c.pack] = end
+    return ends

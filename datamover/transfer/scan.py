@@ -2,7 +2,11 @@
 
 Runs in a worker thread. Produces a stream of *pieces* in tree order: `NewChunk` carries one
 encoded chunk of the file being read, `Done` closes an entry. A file's `NewChunk`s come
-before its `Done`, so a multi-GiB file flows through in chunk-sized pieces.
+before its `Done`, so a multi-GiB file flows through in chunk-sized pieces. Where the walk
+finds every entry of a previous segment the stream marks (a `SegmentRef` before its
+entries) unchanged, and nothing between them, the segment comes as one `SameSegment`
+instead of a `Done` each: a re-push of a tree that changed little handles most of it a
+segment, not an entry, at a time.
 
 A file is "unchanged" when size and mtime equal the previous entry's (unless `checksum`) and,
 where the site knows since when its tree held that version (`changed_since_ns`), its ctime is
@@ -32,12 +36,12 @@ from datamover.chunking.chunker import Chunker, ChunkerParams
 from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.domain.paths import check_symlink_target, shown, sort_key
 from datamover.errors import Conflict, InvalidInput
-from datamover.repo.manifest import MAX_FILE_CHUNKS, MAX_STR, MTIME_MAX, MTIME_MIN
+from datamover.repo.manifest import MAX_FILE_CHUNKS, MAX_STR, MTIME_MAX, MTIME_MIN, SegmentRef
 from datamover.transfer import ctimes, procpool, readers
 from datamover.transfer.readers import FileRead, NewChunk, ReadProblem, TreeRoot
 from datamover.transfer.walk import LocalEntry, Walker
 
-__all__ = ["Done", "NewChunk", "Previous", "ScanStats", "Scanner"]
+__all__ = ["Done", "NewChunk", "Previous", "SameSegment", "ScanStats", "Scanner"]
 
 _BATCH_FILES = 256
 _BATCH_BYTES = 4 << 20
@@ -58,6 +62,26 @@ class Done:
     entry: Entry
     digests: list[bytes] | None = None
     same: bool = False
+
+
+@dataclass(slots=True)
+class SameSegment:
+    """Every entry of previous segment `ref`, in order, found unchanged: equal to its
+    entry in every field, with no entry of the walk between them that the segment lacks.
+    `entries` are the previous entries themselves."""
+
+    ref: SegmentRef
+    entries: list[Entry]
+
+    def counts(self) -> tuple[int, int, int]:
+        """How many of the entries are files, directories and symlinks."""
+        files = dirs = 0
+        for e in self.entries:
+            if e.kind == Kind.FILE:
+                files += 1
+            elif e.kind == Kind.DIR:
+                dirs += 1
+        return files, dirs, len(self.entries) - files - dirs
 
 
 @dataclass(slots=True)
@@ -211,7 +235,9 @@ def _read_mtime(mtime_ns: int, size: int, digests: list[bytes], prev: Entry | No
 
 
 class Scanner:
-    """Produces pieces for the tree at `root`, merged with `previous` (sorted entries).
+    """Produces pieces for the tree at `root`, merged with `previous` (sorted entries; a
+    `SegmentRef` before the entries of a segment marks them as all of that segment, which
+    lets them come as one `SameSegment` when the walk finds them unchanged).
 
     The walk and every reader open `root` with `readers.open_root`: a directory there that
     is not the one the push started with is `Conflict` (`root_moved`), and nothing of it is
@@ -228,7 +254,7 @@ class Scanner:
     def __init__(
         self,
         root: TreeRoot,
-        previous: Iterator[Entry],
+        previous: Iterator[Entry | SegmentRef],
         params: ChunkerParams,
         checksum: bool = False,
         zstd_level: int | None = 3,
@@ -251,6 +277,7 @@ class Scanner:
         self.stats = ScanStats()
         self._prev: Entry | None = None
         self._prev_key: tuple[str, ...] = ()
+        self._segment: SegmentRef | None = None  # the marked segment `_prev` is in, if any
         self._pool: ProcessPoolExecutor | None = None
         self._queued_reads = 0
         self._window = 2 * workers + 1  # read batches in flight at most
@@ -289,17 +316,21 @@ class Scanner:
                 self._pool = None
 
     def next_batch(self, max_pieces: int = 4096, max_bytes: int = 8 << 20) -> list[object]:
-        """Up to `max_pieces` pieces or about `max_bytes` of chunk data; [] at the end."""
+        """Up to `max_pieces` pieces (a `SameSegment` counting as its entries) or about
+        `max_bytes` of chunk data; [] at the end."""
         batch: list[object] = []
-        size = 0
+        size = held = 0
         try:
             for piece in self._pieces:
                 batch.append(piece)
+                held += 1
                 if isinstance(piece, NewChunk):
                     size += piece.raw_length
                 elif isinstance(piece, Done):  # every entry of the tree, of every kind
                     check_storable(piece.entry)
-                if len(batch) >= max_pieces or size >= max_bytes:
+                elif isinstance(piece, SameSegment):  # stored before: storable
+                    held += len(piece.entries) - 1
+                if held >= max_pieces or size >= max_bytes:
                     break
         except BrokenProcessPool:
             raise procpool.lost("reader") from None
@@ -328,9 +359,13 @@ class Scanner:
         while True:
             prev = self._prev
             if prev is None:
-                prev = self._prev = next(self.previous, None)
-                if prev is None:
+                got = next(self.previous, None)
+                if isinstance(got, SegmentRef):
+                    self._segment = got
+                    continue
+                if got is None:
                     return None
+                prev = self._prev = got
                 self._prev_key = ()
             if prev.path == path:  # the common case in a re-push: no sort keys needed
                 self._prev = None
@@ -342,14 +377,50 @@ class Scanner:
                 continue
             return None
 
-    def _plan(self) -> Iterator[Done | LocalEntry]:
-        """Entries needing no read as `Done`, files to read as their `LocalEntry`."""
+    def _plan(self) -> Iterator[Done | SameSegment | LocalEntry]:
+        """Entries needing no read as `Done`, or as `SameSegment` where they are a marked
+        previous segment, unchanged; files to read as their `LocalEntry`.
+
+        The entries of a segment are held until its last one (at most a segment's worth,
+        as the reader of the previous stream holds): a segment is whole when the run of
+        unchanged entries starts at its first path, ends at its last and counts its
+        entries (the previous stream is sorted and has no duplicates)."""
+        run: list[Entry] | None = None  # unchanged entries from the first of `segment`
+        segment: SegmentRef | None = None
+        for piece in self._compare():
+            if not isinstance(piece, Entry):  # a change: what was held goes out as it was
+                if run:
+                    yield from (Done(e, None, True) for e in run)
+                run = None
+                yield piece
+                continue
+            if run is None:
+                segment = self._segment
+                if segment is None or piece.path != segment.first_path:
+                    yield Done(piece, None, True)
+                    continue
+                run = []
+            run.append(piece)
+            assert segment is not None
+            if piece.path == segment.last_path:
+                if len(run) == segment.entries:
+                    yield SameSegment(segment, run)
+                else:  # an entry of the segment is gone
+                    yield from (Done(e, None, True) for e in run)
+                run = None
+        if run:
+            yield from (Done(e, None, True) for e in run)
+
+    def _compare(self) -> Iterator[Entry | Done | LocalEntry]:
+        """The walk merged with the previous stream: an entry equal to its previous entry
+        in every field as that previous `Entry`, any other needing no read as `Done`, a
+        file to read as its `LocalEntry`."""
         for local in self.walker:
             if local.kind == Kind.DIR:
                 prev = self._previous_for(local.path)
                 mtime = _mtime(local.mtime_ns, prev, Kind.DIR)
                 entry = Entry(local.path, Kind.DIR, local.mode, mtime)
-                yield Done(entry, None, entry == prev)
+                yield prev if prev is not None and entry == prev else Done(entry)
                 continue
             if local.kind == Kind.SYMLINK:
                 target = self.links(local.target or "")
@@ -363,7 +434,7 @@ class Scanner:
                     len(target.encode()),
                     target,
                 )
-                yield Done(entry, None, entry == prev)
+                yield prev if prev is not None and entry == prev else Done(entry)
                 continue
             prev = self._previous_for(local.path)
             if (
@@ -376,19 +447,20 @@ class Scanner:
                 and ctimes.unchanged_since(local.ctime_ns, self._changed_since(local.path))
             ):
                 self.stats.files_unchanged += 1
-                yield Done(
-                    Entry(
-                        local.path,
-                        Kind.FILE,
-                        local.mode,
-                        prev.mtime_ns,
-                        local.size,
-                        None,
-                        prev.chunks,
-                    ),
-                    None,
-                    local.mode == prev.mode,
-                )
+                if local.mode == prev.mode:
+                    yield prev
+                else:
+                    yield Done(
+                        Entry(
+                            local.path,
+                            Kind.FILE,
+                            local.mode,
+                            prev.mtime_ns,
+                            local.size,
+                            None,
+                            prev.chunks,
+                        )
+                    )
             else:
                 if prev is not None and prev.kind == Kind.FILE:
                     self._previous_files[local.path] = prev
@@ -436,7 +508,7 @@ class Scanner:
         results = iter(future.result()) if future is not None else None
         got = held = 0
         for at, item in enumerate(items):
-            if isinstance(item, Done):
+            if not isinstance(item, LocalEntry):  # `Done`, `SameSegment`
                 yield item
             elif results is not None:
                 result = next(results, None)
@@ -528,7 +600,7 @@ class Scanner:
     def _generate(self) -> Iterator[object]:
         queue: deque[tuple[str, Any, Any]] = deque()
         items: list[Any] = []
-        jobs = nbytes = 0
+        jobs = nbytes = held = 0  # `held`: entries in `items`
         window = self._window
         small = self.params.small_file_limit
 
@@ -541,16 +613,17 @@ class Scanner:
             if isinstance(item, LocalEntry) and item.size > small:
                 if items:
                     queue.append(self._submit(items))
-                    items, jobs, nbytes = [], 0, 0
+                    items, jobs, nbytes, held = [], 0, 0, 0
                 queue.append(("large", item, None))
             else:
                 items.append(item)
+                held += len(item.entries) if isinstance(item, SameSegment) else 1
                 if isinstance(item, LocalEntry):
                     jobs += 1
                     nbytes += item.size if item.size >= 0 else self._typical
-                if jobs >= _BATCH_FILES or nbytes >= _BATCH_BYTES or len(items) >= 4096:
+                if jobs >= _BATCH_FILES or nbytes >= _BATCH_BYTES or held >= 4096:
                     queue.append(self._submit(items))
-                    items, jobs, nbytes = [], 0, 0
+                    items, jobs, nbytes, held = [], 0, 0, 0
             # Keep the pool busy: wait on the head only when enough batches are in flight.
             while queue and ready():
                 yield from self._consume(queue.popleft())
