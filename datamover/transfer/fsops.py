@@ -1,9 +1,11 @@
 """Safe writes into a local tree: never through a symlink, never a partial file at a final path.
 
 Every operation works relative to directory file descriptors opened with `O_NOFOLLOW` from
-the dataset root, so a planted `lig0000 -> /etc` cannot redirect a write. Files are written
-under a temporary name (`.dm-<16 hex>.part`) in their destination directory, given their mode
-and mtime, and renamed into place. `TreeWriter` is used from one thread only.
+the dataset root, so a planted `lig0000 -> /etc` cannot redirect a write. A new file is
+written without a name (`O_TMPFILE`) in its destination directory, given its mode and mtime,
+and then linked at its path, which it never replaces; where the file system has no unnamed
+files (NFS, Lustre), and for a file that replaces another, it is written under a temporary
+name (`.dm-<16 hex>.part`) and renamed into place. `TreeWriter` is used from one thread only.
 
 Sparse files: with `sparse` (`[transfer] sparse`, the default), an all-zero chunk of at least
 `MIN_HOLE` bytes is not written but skipped over, and the file's size set at the end, so a
@@ -62,6 +64,29 @@ _UNSUPPORTED = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP)
 #: Moves to the trash of what a user keeps saving at a new file's path before stage gives
 #: up on it (`rename_into_place`).
 _PLACE_ATTEMPTS = 3
+
+
+#: A new file without a name (`TreeWriter._write_unnamed`), where the kernel has them and
+#: `/proc/self/fd` can give them one (`linkat` through it needs no privilege, unlike
+#: `AT_EMPTY_PATH` before Linux 6.10).
+_UNNAMED_FILE = os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC if hasattr(os, "O_TMPFILE") else 0
+_PROC_FD = "/proc/self/fd"
+_HAS_UNNAMED = bool(_UNNAMED_FILE) and os.path.isdir(_PROC_FD)
+#: What opening one fails with where the file system has none: EISDIR before Linux 3.11.
+_NO_UNNAMED = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS)
+
+
+def _umask() -> int | None:
+    """The process's umask, read without changing it (`/proc/self/status`, Linux 4.7+);
+    None where it cannot be read."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return None
 
 
 def _rename2(dfd: int, src: str, dst: str, flag: int) -> int:
@@ -487,6 +512,11 @@ class TreeWriter:
         self.removed = 0
         self.unlocked: dict[str, int] = {}
         self._fds: OrderedDict[str, int] = OrderedDict()
+        #: Whether a new file is written unnamed and then linked (`_write_unnamed`).
+        self._unnamed = _HAS_UNNAMED
+        #: The umask new files are created under: one created with a mode it leaves whole
+        #: needs no `fchmod` (None: always `fchmod`).
+        self._umask = _umask()
         #: Whether a new file is renamed into place without replacing (`rename_into_place`).
         self._noreplace = _renameat2 is not None
         #: Whether a file replaces another by exchanging names (`_exchange_into_place`).
@@ -851,6 +881,8 @@ class TreeWriter:
         (`is_hole`) are skipped over instead of written."""
         parent = split(entry.path)[0]
         dfd = self.dir_fd(parent)
+        if replaces is None and self._unnamed and self._write_unnamed(entry, parts, dfd):
+            return
         tmp = temp_name()
         try:
             fd = os.open(tmp, _NEW_FILE, 0o600, dir_fd=dfd)
@@ -860,22 +892,7 @@ class TreeWriter:
             )
         try:
             try:
-                size, holes = 0, False
-                for part in parts:
-                    view = memoryview(part).cast("B")
-                    size += len(view)
-                    if self.sparse and is_hole(view):
-                        os.lseek(fd, len(view), os.SEEK_CUR)
-                        holes = True
-                        continue
-                    while view:
-                        view = view[os.write(fd, view) :]
-                if holes:
-                    os.ftruncate(fd, size)  # a hole at the end, too, is part of the file
-                os.fchmod(fd, entry.mode)
-                os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
-            except OSError as exc:
-                raise named(exc, self.root_path / entry.path) from None
+                self._fill(fd, entry, parts, created=0o600)
             finally:
                 os.close(fd)
             self.rename_into_place(tmp, entry.path, dfd, replaces)
@@ -885,6 +902,79 @@ class TreeWriter:
             except FileNotFoundError:
                 pass
             raise
+
+    def _fill(
+        self, fd: int, entry: Entry, parts: Sequence[bytes | memoryview], created: int
+    ) -> None:
+        """Write `parts` to the new file `fd`, created with mode `created` (before the
+        umask), and give it the entry's mode and mtime; an `OSError` is raised naming the
+        file (`named`)."""
+        try:
+            size, holes = 0, False
+            for part in parts:
+                view = memoryview(part).cast("B")
+                size += len(view)
+                if self.sparse and is_hole(view):
+                    os.lseek(fd, len(view), os.SEEK_CUR)
+                    holes = True
+                    continue
+                while view:
+                    view = view[os.write(fd, view) :]
+            if holes:
+                os.ftruncate(fd, size)  # a hole at the end, too, is part of the file
+            if entry.mode != created or self._umask is None or created & self._umask:
+                os.fchmod(fd, entry.mode)
+            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+        except OSError as exc:
+            raise named(exc, self.root_path / entry.path) from None
+
+    def _write_unnamed(self, entry: Entry, parts: Sequence[bytes | memoryview], dfd: int) -> bool:
+        """Write a new file as an unnamed one in directory `dfd` (`O_TMPFILE`), complete
+        with its mode and mtime, then give it its name (`linkat` of `/proc/self/fd/N`,
+        which never replaces: what a user put there since the walk goes to the trash
+        first). Until then no name shows it, and a stage killed before leaves nothing
+        behind. False, with nothing written, where this cannot be done: the file system
+        has no unnamed files (NFS, Lustre; this writer stops trying), the directory
+        refuses a new file (the caller's path unlocks it), or the link is refused for a
+        reason other than a full disk (the caller writes the file again, named)."""
+        try:
+            fd = os.open(".", _UNNAMED_FILE, entry.mode & 0o777, dir_fd=dfd)
+        except PermissionError:
+            return False
+        except OSError as exc:
+            if exc.errno not in _NO_UNNAMED:
+                raise named(exc, self.root_path / entry.path) from None
+            self._unnamed = False
+            return False
+        try:
+            self._fill(fd, entry, parts, created=entry.mode & 0o777)
+            return self._link_into_place(fd, entry.path, dfd)
+        finally:
+            os.close(fd)
+
+    def _link_into_place(self, fd: int, rel: str, dfd: int) -> bool:
+        """Name the unnamed file `fd` `rel` (in directory `dfd`), never over anything: what
+        a user put there since the walk goes to the trash first. False where the link is
+        refused (this writer stops trying)."""
+        name = split(rel)[1]
+        for _ in range(_PLACE_ATTEMPTS):
+            try:
+                os.link(f"{_PROC_FD}/{fd}", name, dst_dir_fd=dfd, follow_symlinks=True)
+                return True
+            except FileExistsError:
+                self.trash(rel)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+                    raise named(exc, self.root_path / rel) from None
+                log.info("cannot name unnamed files here (%s); writing under temporary names", exc)
+                self._unnamed = False
+                return False
+        raise Conflict(
+            f"{clipped(rel)!r} was saved again each time stage moved it to the trash "
+            f"({_PLACE_ATTEMPTS} times); it was left as it is: stage again once nothing "
+            "writes there",
+            [rel],
+        )
 
     def open_partial(self, entry: Entry) -> tuple[int, int]:
         """Open the stable partial file of a large entry; return `(fd, valid_chunks)`; the

@@ -1,0 +1,169 @@
+"""Stage writes a new file without a name (`O_TMPFILE`) and links it at its path once it is
+complete: no temporary name, no rename; the named way where the file system cannot."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from datamover.domain.manifest import Entry, Kind
+from datamover.errors import Conflict
+from datamover.transfer import fsops
+from datamover.transfer.fsops import TreeWriter, open_root
+
+MTIME = 1_600_000_000_123_456_789
+
+
+@pytest.fixture
+def ds(tmp_path: Path) -> Iterator[Path]:
+    (tmp_path / "ds" / "d").mkdir(parents=True)
+    yield tmp_path / "ds"
+
+
+def _writer(ds: Path) -> TreeWriter:
+    return TreeWriter(open_root(ds.parent, (ds.name,), create=False), ds, ds.parent / "trash")
+
+
+def _close(writer: TreeWriter) -> None:
+    writer.close()
+    os.close(writer.root_fd)
+
+
+def _names(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir())
+
+
+def _entry(path: str, mode: int = 0o640) -> Entry:
+    return Entry(path, Kind.FILE, mode, MTIME, 0)
+
+
+def test_a_new_file_has_no_name_until_it_is_complete(
+    ds: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[list[str]] = []
+    real = TreeWriter._link_into_place
+
+    def looking(self: TreeWriter, fd: int, rel: str, dfd: int) -> bool:
+        st = os.fstat(fd)
+        seen.append((_names(ds / "d"), st.st_size, st.st_mtime_ns, st.st_nlink))
+        return real(self, fd, rel, dfd)
+
+    monkeypatch.setattr(TreeWriter, "_link_into_place", looking)
+    renamed: list[str] = []
+    monkeypatch.setattr(TreeWriter, "rename_into_place", lambda *a: renamed.append(a[2]))
+    writer = _writer(ds)
+    try:
+        writer.write_file(_entry("d/f"), [b"complete\n"])
+        writer.write_file(_entry("d/g", 0o755), [b"abc", b"def"])
+    finally:
+        _close(writer)
+    # Complete, with its mtime, and at no name while it was written.
+    assert seen == [([], 9, MTIME, 0), (["f"], 6, MTIME, 0)]
+    assert renamed == []
+    assert _names(ds / "d") == ["f", "g"]
+    assert (ds / "d" / "f").read_bytes() == b"complete\n"
+    assert (ds / "d" / "g").read_bytes() == b"abcdef"
+    st = os.stat(ds / "d" / "g")
+    assert (st.st_mode & 0o7777, st.st_mtime_ns, st.st_nlink) == (0o755, MTIME, 1)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o000, 0o777])
+@pytest.mark.parametrize("mode", [0o644, 0o755, 0o600, 0o000, 0o444, 0o1755, 0o2750, 0o4755])
+def test_every_mode_is_kept_whatever_the_umask(ds: Path, umask: int, mode: int) -> None:
+    """A file created with a mode the umask leaves whole is not `fchmod`ed; any other is."""
+    before = os.umask(umask)
+    try:
+        writer = _writer(ds)
+    finally:
+        os.umask(before)
+    try:
+        writer.write_file(_entry("d/f", mode), [b"data\n"])
+    finally:
+        _close(writer)
+    st = os.stat(ds / "d" / "f")
+    assert st.st_mode & 0o7777 == mode
+    assert (ds / "d" / "f").read_bytes() == b"data\n"
+
+
+@pytest.mark.parametrize("saves", [1, 5])
+def test_a_users_file_at_the_path_goes_to_the_trash_first(
+    ds: Path, monkeypatch: pytest.MonkeyPatch, saves: int
+) -> None:
+    """Where the walk saw nothing, what a user put at the path since is not replaced: it
+    goes to the trash and the link is tried again; a path saved again each time is left."""
+    real = TreeWriter.trash
+    later = iter(f"save {i}\n" for i in range(2, saves + 2))
+
+    def trash_then_user_saves(self: TreeWriter, rel: str) -> None:
+        real(self, rel)
+        for text in later:
+            (ds / rel).write_text(text)
+            break
+
+    monkeypatch.setattr(TreeWriter, "trash", trash_then_user_saves)
+    (ds / "d" / "f").write_text("save 1\n")
+    writer = _writer(ds)
+    try:
+        if saves == 1:
+            writer.write_file(_entry("d/f"), [b"version\n"])
+        else:
+            with pytest.raises(Conflict, match="saved again each time"):
+                writer.write_file(_entry("d/f"), [b"version\n"])
+    finally:
+        _close(writer)
+    kept = sorted(p.read_text() for p in (ds.parent / "trash" / "d").iterdir())
+    if saves == 1:
+        assert (ds / "d" / "f").read_text() == "version\n"
+        assert kept == ["save 1\n", "save 2\n"]
+    else:
+        assert (ds / "d" / "f").read_text() == "save 4\n"
+        assert kept == ["save 1\n", "save 2\n", "save 3\n"]
+    assert _names(ds / "d") == ["f"]  # no temporary name left
+
+
+def test_a_file_system_without_unnamed_files_gets_temporary_names(
+    ds: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel refuses the unnamed open (as NFS and Lustre do with EOPNOTSUPP; here
+    EINVAL, for `O_TMPFILE` without write access): the file is written under a temporary
+    name and renamed, and the writer does not try again."""
+    monkeypatch.setattr(fsops, "_UNNAMED_FILE", os.O_TMPFILE | os.O_RDONLY | os.O_CLOEXEC)
+    renamed: list[str] = []
+    real = TreeWriter.rename_into_place
+
+    def spy(self: TreeWriter, tmp: str, rel: str, dfd: int, replaces: object) -> None:
+        renamed.append(rel)
+        real(self, tmp, rel, dfd, replaces)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(TreeWriter, "rename_into_place", spy)
+    writer = _writer(ds)
+    try:
+        writer.write_file(_entry("d/f"), [b"one\n"])
+        assert not writer._unnamed
+        writer.write_file(_entry("d/g"), [b"two\n"])
+    finally:
+        _close(writer)
+    assert renamed == ["d/f", "d/g"]
+    assert (ds / "d" / "f").read_text() == "one\n" and (ds / "d" / "g").read_text() == "two\n"
+    assert _names(ds / "d") == ["f", "g"]
+
+
+def test_a_refused_link_writes_the_file_again_named(
+    ds: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No `/proc` to name the file through (a container without it): the link fails, the
+    file is written again under a temporary name, and the writer stops trying."""
+    monkeypatch.setattr(fsops, "_PROC_FD", str(ds.parent / "no-proc"))
+    writer = _writer(ds)
+    try:
+        writer.write_file(_entry("d/f", 0o600), [b"content\n"])
+        assert not writer._unnamed
+    finally:
+        _close(writer)
+    assert _names(ds / "d") == ["f"]
+    st = os.stat(ds / "d" / "f")
+    assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o600, MTIME)
+    assert (ds / "d" / "f").read_text() == "content\n"
