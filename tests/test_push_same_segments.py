@@ -12,6 +12,7 @@ import pytest
 
 from datamover.chunking.chunker import ChunkerParams
 from datamover.domain.manifest import Kind
+from datamover.domain.paths import sort_key
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
 from datamover.transfer import manifest_writer, readers
@@ -80,8 +81,9 @@ async def test_the_scan_gives_each_unchanged_segment_whole(make_site: MakeSite) 
         assert _whole(unmarked) == [] and _paths(unmarked) == paths
         assert all(isinstance(p, Done) and p.same for p in unmarked)
 
-        # Three segments of files: one with a file rewritten inside it, one whose first
-        # entry is gone, and one after which a file is added before the next segment.
+        # Four segments of files: one with a file rewritten inside it, one whose first
+        # entry is gone, one whose last entry is gone, and one after which a file is added
+        # before the next segment.
         files = [
             i
             for i, r in enumerate(refs[:-1])
@@ -90,26 +92,33 @@ async def test_the_scan_gives_each_unchanged_segment_whole(make_site: MakeSite) 
             and r.last_path.endswith(".pdbqt")
             and r.last_path.split("/")[0] == refs[i + 1].first_path.split("/")[0]
         ]
-        changed, emptied, followed = files[1], files[4], files[7]
+        assert len(files) > 10
+        changed, emptied, followed, ended = files[1], files[4], files[7], files[10]
         inside = [p for p in paths if refs[changed].first_path < p < refs[changed].last_path]
         (src / inside[0]).write_text("rewritten\n")
         (src / refs[emptied].first_path).unlink()
+        (src / refs[ended].last_path).unlink()
         (src / _after(refs[followed].last_path)).write_text("added\n")
-        for d in {refs[emptied].first_path.split("/")[0], refs[followed].last_path.split("/")[0]}:
-            os.utime(src / d, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
-        dirs = {p for p in paths if "/" not in p and (src / p).is_dir()}
+        touched_dirs = {
+            refs[i].first_path.split("/")[0] for i in (emptied, followed, ended)
+        }  # their mtimes moved
+        for d in touched_dirs:
+            os.utime(src / d, ns=(1_500_000_000_000_000_001, 1_500_000_000_000_000_001))
 
         after = _scan(site, src, refs)
         whole = _whole(after)
-        lost = [r for r in refs if r not in whole]
-        assert refs[changed] in lost and refs[emptied] in lost
+        touched = {
+            r
+            for r in refs
+            if any(
+                sort_key(r.first_path) <= sort_key(d) <= sort_key(r.last_path) for d in touched_dirs
+            )
+        }
+        # Every other segment comes whole, those after a segment's last entry went too.
+        assert set(refs) - set(whole) == {refs[changed], refs[emptied], refs[ended]} | touched
         assert refs[followed] in whole and refs[followed + 1] in whole
-        # The segments lost are those three changes touched: the two above and those
-        # holding the two directories whose mtime moved (unless they are the same).
-        touched = {r for r in lost if any(r.first_path <= d <= r.last_path for d in dirs)}
-        assert set(lost) - {refs[changed], refs[emptied]} <= touched
-        assert len(lost) <= 4
-        assert len(_paths(after)) == 227  # one file gone, one added
+        assert refs[ended + 1] in whole
+        assert len(_paths(after)) == 226  # two files gone, one added
     finally:
         await site.close()
 

@@ -719,13 +719,13 @@ async def _build(
                     check.entries(piece.entries)
                     if check.full():
                         await check.flush()
-                    n_files, n_dirs, n_links = piece.counts()
+                    n_files, n_dirs, n_links, n_bytes = piece.counts()
                     result.files += n_files
-                    result.bytes += piece.ref.bytes
+                    result.bytes += n_bytes
                     result.dirs += n_dirs
                     result.symlinks += n_links
                     files += n_files
-                    nbytes += piece.ref.bytes
+                    nbytes += n_bytes
                     await writer.append_segment(piece.ref, piece.entries)
                     continue
                 if not isinstance(piece, Done):

@@ -73,15 +73,18 @@ class SameSegment:
     ref: SegmentRef
     entries: list[Entry]
 
-    def counts(self) -> tuple[int, int, int]:
-        """How many of the entries are files, directories and symlinks."""
-        files = dirs = 0
+    def counts(self) -> tuple[int, int, int, int]:
+        """How many of the entries are files, directories and symlinks, and the files'
+        bytes (from the entries: the list line of the tree's last segment is never checked
+        against it, as the walk ends first)."""
+        files = dirs = nbytes = 0
         for e in self.entries:
             if e.kind == Kind.FILE:
                 files += 1
+                nbytes += e.size
             elif e.kind == Kind.DIR:
                 dirs += 1
-        return files, dirs, len(self.entries) - files - dirs
+        return files, dirs, len(self.entries) - files - dirs, nbytes
 
 
 @dataclass(slots=True)
@@ -278,6 +281,7 @@ class Scanner:
         self._prev: Entry | None = None
         self._prev_key: tuple[str, ...] = ()
         self._segment: SegmentRef | None = None  # the marked segment `_prev` is in, if any
+        self._taken = 0  # previous entries taken from the stream since its last mark
         self._pool: ProcessPoolExecutor | None = None
         self._queued_reads = 0
         self._window = 2 * workers + 1  # read batches in flight at most
@@ -361,11 +365,12 @@ class Scanner:
             if prev is None:
                 got = next(self.previous, None)
                 if isinstance(got, SegmentRef):
-                    self._segment = got
+                    self._segment, self._taken = got, 0
                     continue
                 if got is None:
                     return None
                 prev = self._prev = got
+                self._taken += 1
                 self._prev_key = ()
             if prev.path == path:  # the common case in a re-push: no sort keys needed
                 self._prev = None
@@ -381,10 +386,11 @@ class Scanner:
         """Entries needing no read as `Done`, or as `SameSegment` where they are a marked
         previous segment, unchanged; files to read as their `LocalEntry`.
 
-        The entries of a segment are held until its last one (at most a segment's worth,
-        as the reader of the previous stream holds): a segment is whole when the run of
-        unchanged entries starts at its first path, ends at its last and counts its
-        entries (the previous stream is sorted and has no duplicates)."""
+        The entries of a segment are held until its last one, and no longer than the
+        previous stream is in it (at most a segment's worth, as its reader holds): a
+        segment is whole when the run of unchanged entries starts at its first path, ends
+        at its last and counts its entries (the previous stream is sorted and has no
+        duplicates)."""
         run: list[Entry] | None = None  # unchanged entries from the first of `segment`
         segment: SegmentRef | None = None
         for piece in self._compare():
@@ -394,6 +400,11 @@ class Scanner:
                 run = None
                 yield piece
                 continue
+            if run is not None and (
+                self._segment is not segment or self._taken > len(run) + 1
+            ):  # the stream left the segment or skipped an entry of it: one is gone
+                yield from (Done(e, None, True) for e in run)
+                run = None
             if run is None:
                 segment = self._segment
                 if segment is None or piece.path != segment.first_path:
