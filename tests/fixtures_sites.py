@@ -149,3 +149,20 @@ def stages_end_after_a_tick(monkeypatch: pytest.MonkeyPatch) -> None:
         return result
 
     monkeypatch.setattr(_Stager, "run", ends_later)
+
+
+@pytest.fixture
+def segment_encodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The entry count of every manifest segment pushes in this test encode, in order (a
+    segment reused whole is not encoded)."""
+    from datamover.transfer import manifest_writer
+
+    encoded: list[int] = []
+    real_encode = manifest_writer.encode_segment
+
+    def counting_encode(entries: list[Any]) -> bytes:
+        encoded.append(len(entries))
+        return real_encode(entries)
+
+    monkeypatch.setattr(manifest_writer, "encode_segment", counting_encode)
+    return encoded

@@ -6,16 +6,13 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
-
-import pytest
 
 from datamover.chunking.chunker import ChunkerParams
 from datamover.domain.manifest import Kind
 from datamover.domain.paths import sort_key
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
-from datamover.transfer import manifest_writer, readers
+from datamover.transfer import readers
 from datamover.transfer.push import _parent_manifest, _previous, push
 from datamover.transfer.scan import Done, SameSegment, Scanner
 from datamover.transfer.stage import stage
@@ -124,19 +121,12 @@ async def test_the_scan_gives_each_unchanged_segment_whole(make_site: MakeSite) 
 
 
 async def test_an_unchanged_tree_is_its_version_whatever_segment_size_is_set(
-    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+    make_site: MakeSite, segment_encodes: list[int]
 ) -> None:
     """Segments of the parent are taken whole as it cut them: a site whose
     `segment_entries` changed (or a tree pushed elsewhere with another) publishes nothing
     for a tree that did not change, and encodes no segment."""
-    encoded: list[int] = []
-    real_encode = manifest_writer.encode_segment
-
-    def counting_encode(entries: list[Any]) -> bytes:
-        encoded.append(len(entries))
-        return real_encode(entries)
-
-    monkeypatch.setattr(manifest_writer, "encode_segment", counting_encode)
+    encoded = segment_encodes
     a, b = await make_site("site-a", segment_entries=8), await make_site("site-b")
     src = a.data / "run1"
     make_tree(src, files=200)

@@ -15,7 +15,7 @@ import pytest
 
 from datamover.errors import TransientError
 from datamover.repo.manifest import SegmentRef
-from datamover.transfer import manifest_writer, procpool
+from datamover.transfer import procpool
 from datamover.transfer import stage as stage_module
 from datamover.transfer.manifest_writer import SegmentCuts
 from datamover.transfer.push import _reusable, push
@@ -106,16 +106,9 @@ async def test_same_tree_under_another_path_uploads_no_chunks(make_site: MakeSit
 
 
 async def test_unchanged_segments_are_reused_not_encoded(
-    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+    make_site: MakeSite, segment_encodes: list[int]
 ) -> None:
-    encoded: list[int] = []
-    real_encode = manifest_writer.encode_segment
-
-    def counting_encode(entries: list[Any]) -> bytes:
-        encoded.append(len(entries))
-        return real_encode(entries)
-
-    monkeypatch.setattr(manifest_writer, "encode_segment", counting_encode)
+    encoded = segment_encodes
     a, b = await make_site("site-a", segment_entries=8), await make_site("site-b")
     src = a.data / "run1"
     make_tree(src, files=200)  # 227 entries in 20 directories

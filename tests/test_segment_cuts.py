@@ -7,7 +7,7 @@ import hashlib
 import json
 import random
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import blake3
 import pytest
@@ -215,21 +215,14 @@ _SMALL_CHUNKS = ChunkerParams(
 
 
 async def test_a_tree_of_files_of_many_chunks_is_pushed_in_bounded_segments(
-    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, segment_encodes: list[int]
 ) -> None:
     # The bound and what a reader takes, scaled down together: 256 references are ~22 KB
     # decoded, the tree's ~1,200 in one segment ~100 KB, which the push used to refuse.
     bound = 256
     monkeypatch.setattr(manifest_writer, "SEGMENT_CHUNKS", bound)
     monkeypatch.setattr(manifest, "MAX_DECODED", 64 << 10)
-    encoded: list[int] = []
-    real_encode = manifest_writer.encode_segment
-
-    def counting_encode(entries: list[Any]) -> bytes:
-        encoded.append(len(entries))
-        return real_encode(entries)
-
-    monkeypatch.setattr(manifest_writer, "encode_segment", counting_encode)
+    encoded = segment_encodes
     a, b = await make_site("site-a"), await make_site("site-b")
     src = a.data / "run1"
     _many_chunk_tree(src)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from datamover.domain.manifest import Entry, Kind
-from datamover.errors import Conflict
 from datamover.transfer import fsops
 from datamover.transfer.fsops import TreeWriter, open_root
 
@@ -86,42 +85,6 @@ def test_every_mode_is_kept_whatever_the_umask(ds: Path, umask: int, mode: int) 
     st = os.stat(ds / "d" / "f")
     assert st.st_mode & 0o7777 == mode
     assert (ds / "d" / "f").read_bytes() == b"data\n"
-
-
-@pytest.mark.parametrize("saves", [1, 5])
-def test_a_users_file_at_the_path_goes_to_the_trash_first(
-    ds: Path, monkeypatch: pytest.MonkeyPatch, saves: int
-) -> None:
-    """Where the walk saw nothing, what a user put at the path since is not replaced: it
-    goes to the trash and the link is tried again; a path saved again each time is left."""
-    real = TreeWriter.trash
-    later = iter(f"save {i}\n" for i in range(2, saves + 2))
-
-    def trash_then_user_saves(self: TreeWriter, rel: str) -> None:
-        real(self, rel)
-        for text in later:
-            (ds / rel).write_text(text)
-            break
-
-    monkeypatch.setattr(TreeWriter, "trash", trash_then_user_saves)
-    (ds / "d" / "f").write_text("save 1\n")
-    writer = _writer(ds)
-    try:
-        if saves == 1:
-            writer.write_file(_entry("d/f"), [b"version\n"])
-        else:
-            with pytest.raises(Conflict, match="saved again each time"):
-                writer.write_file(_entry("d/f"), [b"version\n"])
-    finally:
-        _close(writer)
-    kept = sorted(p.read_text() for p in (ds.parent / "trash" / "d").iterdir())
-    if saves == 1:
-        assert (ds / "d" / "f").read_text() == "version\n"
-        assert kept == ["save 1\n", "save 2\n"]
-    else:
-        assert (ds / "d" / "f").read_text() == "save 4\n"
-        assert kept == ["save 1\n", "save 2\n", "save 3\n"]
-    assert _names(ds / "d") == ["f"]  # no temporary name left
 
 
 def test_a_file_system_without_unnamed_files_gets_temporary_names(

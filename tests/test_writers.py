@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from datamover.chunking import codec
-from datamover.domain.manifest import ChunkRef
+from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.errors import Conflict, Corrupt
 from datamover.transfer.fetch import plan_ranges
 from datamover.transfer.fsops import TreeWriter, open_root
@@ -245,13 +245,16 @@ def test_a_file_a_user_changed_after_the_look_goes_to_the_trash(
 
 
 @pytest.mark.parametrize("saves", [1, 5])
+@pytest.mark.parametrize("how", ["renamed", "linked"])
 def test_a_user_saving_again_at_a_new_files_path_after_its_move_keeps_every_save(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saves: int
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, saves: int, how: str
 ) -> None:
     """Where the walk saw nothing, a user's file found at the rename goes to the trash;
     before, one saved again between that move and the rename was taken out by an exchange
     and unlinked. Now the rename is tried again without replacing, and each save goes to
-    the trash (`f`, `f~1`, ...); a path saved again at every try is left as it is."""
+    the trash (`f`, `f~1`, ...); a path saved again at every try is left as it is. The
+    same for a file written unnamed and linked at its path (`write_file`), which leaves no
+    temporary name either way."""
     ds = tmp_path / "ds"
     ds.mkdir()
     root_fd = open_root(tmp_path, ("ds",), create=False)
@@ -269,12 +272,20 @@ def test_a_user_saving_again_at_a_new_files_path_after_its_move_keeps_every_save
     (ds / "f").write_text("save 1\n")
     (ds / ".new").write_text("version\n")
     dfd = os.open(ds, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        if saves == 1:
+
+    def place() -> None:
+        if how == "renamed":
             writer.rename_into_place(".new", "f", dfd, None)
         else:
+            (ds / ".new").unlink()
+            writer.write_file(Entry("f", Kind.FILE, 0o644, 0), [b"version\n"])
+
+    try:
+        if saves == 1:
+            place()
+        else:
             with pytest.raises(Conflict, match="saved again each time"):
-                writer.rename_into_place(".new", "f", dfd, None)
+                place()
     finally:
         os.close(dfd)
         writer.close()
@@ -286,6 +297,8 @@ def test_a_user_saving_again_at_a_new_files_path_after_its_move_keeps_every_save
     else:
         assert (ds / "f").read_text() == "save 4\n"  # the last save, left in place
         assert kept == ["save 1\n", "save 2\n", "save 3\n"]
+    if how == "linked":
+        assert [p.name for p in ds.iterdir()] == ["f"]
 
 
 def test_a_batch_for_a_dataset_directory_put_in_the_stages_ones_place_is_refused(

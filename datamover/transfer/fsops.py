@@ -89,6 +89,17 @@ def _umask() -> int | None:
     return None
 
 
+def _saved_again(rel: str) -> Conflict:
+    """A new file's path a user saved at again each time stage moved what was there to the
+    trash (`_PLACE_ATTEMPTS` times)."""
+    return Conflict(
+        f"{clipped(rel)!r} was saved again each time stage moved it to the trash "
+        f"({_PLACE_ATTEMPTS} times); it was left as it is: stage again once nothing writes "
+        "there",
+        [rel],
+    )
+
+
 def _rename2(dfd: int, src: str, dst: str, flag: int) -> int:
     """`renameat2(2)` of `src` to `dst`, both in directory `dfd`: 0, or the errno."""
     if _renameat2(dfd, os.fsencode(src), dfd, os.fsencode(dst), flag) == 0:
@@ -677,12 +688,7 @@ class TreeWriter:
                     break
                 raise OSError(err, os.strerror(err), rel)
             else:
-                raise Conflict(
-                    f"{clipped(rel)!r} was saved again each time stage moved it to the trash "
-                    f"({_PLACE_ATTEMPTS} times); it was left as it is: stage again once "
-                    "nothing writes there",
-                    [rel],
-                )
+                raise _saved_again(rel)
         if replaces is None and not self._noreplace:
             replaces = _NOTHING
         self.make_way(rel, dfd, replaces)
@@ -969,12 +975,7 @@ class TreeWriter:
                 log.info("cannot name unnamed files here (%s); writing under temporary names", exc)
                 self._unnamed = False
                 return False
-        raise Conflict(
-            f"{clipped(rel)!r} was saved again each time stage moved it to the trash "
-            f"({_PLACE_ATTEMPTS} times); it was left as it is: stage again once nothing "
-            "writes there",
-            [rel],
-        )
+        raise _saved_again(rel)
 
     def open_partial(self, entry: Entry) -> tuple[int, int]:
         """Open the stable partial file of a large entry; return `(fd, valid_chunks)`; the
