@@ -4,6 +4,7 @@ complete: no temporary name, no rename; the named way where the file system cann
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -72,19 +73,47 @@ def test_a_new_file_has_no_name_until_it_is_complete(
 @pytest.mark.parametrize("umask", [0o022, 0o077, 0o000, 0o777])
 @pytest.mark.parametrize("mode", [0o644, 0o755, 0o600, 0o000, 0o444, 0o1755, 0o2750, 0o4755])
 def test_every_mode_is_kept_whatever_the_umask(ds: Path, umask: int, mode: int) -> None:
-    """A file created with a mode the umask leaves whole is not `fchmod`ed; any other is."""
-    before = os.umask(umask)
+    """Whatever umask the writer was made under, or the process has by the time it writes."""
+    before = os.umask(0o022)
     try:
         writer = _writer(ds)
-    finally:
-        os.umask(before)
-    try:
+        os.umask(umask)
         writer.write_file(_entry("d/f", mode), [b"data\n"])
     finally:
+        os.umask(before)
         _close(writer)
     st = os.stat(ds / "d" / "f")
     assert st.st_mode & 0o7777 == mode
     assert (ds / "d" / "f").read_bytes() == b"data\n"
+
+
+def _default_acl(*entries: tuple[int, int]) -> bytes:
+    """A POSIX ACL as the kernel's xattr holds it: version 2, then (tag, permissions, id)."""
+    return struct.pack("<I", 2) + b"".join(
+        struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in entries
+    )
+
+
+def test_a_default_acl_does_not_change_the_modes(ds: Path) -> None:
+    """A directory with a default ACL masks a new file's mode with it instead of the umask
+    (`other::---` takes 0o644 to 0o640): the mode is set after the file is made."""
+    user_obj, group_obj, other = 0x01, 0x04, 0x20
+    try:
+        os.setxattr(
+            ds / "d",
+            "system.posix_acl_default",
+            _default_acl((user_obj, 7), (group_obj, 5), (other, 0)),
+        )
+    except OSError as exc:
+        pytest.skip(f"no POSIX ACLs on the test directory's file system: {exc}")
+    writer = _writer(ds)
+    try:
+        writer.write_file(_entry("d/f", 0o644), [b"data\n"])
+        writer.write_file(_entry("d/x", 0o755), [b"data\n"])
+    finally:
+        _close(writer)
+    modes = {p.name: p.stat().st_mode & 0o7777 for p in (ds / "d").iterdir()}
+    assert modes == {"f": 0o644, "x": 0o755}
 
 
 def test_a_file_system_without_unnamed_files_gets_temporary_names(

@@ -76,19 +76,6 @@ _HAS_UNNAMED = bool(_UNNAMED_FILE) and os.path.isdir(_PROC_FD)
 _NO_UNNAMED = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOSYS)
 
 
-def _umask() -> int | None:
-    """The process's umask, read without changing it (`/proc/self/status`, Linux 4.7+);
-    None where it cannot be read."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return None
-
-
 def _saved_again(rel: str) -> Conflict:
     """A new file's path a user saved at again each time stage moved what was there to the
     trash (`_PLACE_ATTEMPTS` times)."""
@@ -525,9 +512,6 @@ class TreeWriter:
         self._fds: OrderedDict[str, int] = OrderedDict()
         #: Whether a new file is written unnamed and then linked (`_write_unnamed`).
         self._unnamed = _HAS_UNNAMED
-        #: The umask new files are created under: one created with a mode it leaves whole
-        #: needs no `fchmod` (None: always `fchmod`).
-        self._umask = _umask()
         #: Whether a new file is renamed into place without replacing (`rename_into_place`).
         self._noreplace = _renameat2 is not None
         #: Whether a file replaces another by exchanging names (`_exchange_into_place`).
@@ -898,7 +882,7 @@ class TreeWriter:
             )
         try:
             try:
-                self._fill(fd, entry, parts, created=0o600)
+                self._fill(fd, entry, parts)
             finally:
                 os.close(fd)
             self.rename_into_place(tmp, entry.path, dfd, replaces)
@@ -909,12 +893,11 @@ class TreeWriter:
                 pass
             raise
 
-    def _fill(
-        self, fd: int, entry: Entry, parts: Sequence[bytes | memoryview], created: int
-    ) -> None:
-        """Write `parts` to the new file `fd`, created with mode `created` (before the
-        umask), and give it the entry's mode and mtime; an `OSError` is raised naming the
-        file (`named`)."""
+    def _fill(self, fd: int, entry: Entry, parts: Sequence[bytes | memoryview]) -> None:
+        """Write `parts` to the new file `fd` and give it the entry's mode and mtime; an
+        `OSError` is raised naming the file (`named`). The mode is set whatever the file
+        was created with: the umask, or a directory's default ACL instead, may have taken
+        bits from that."""
         try:
             size, holes = 0, False
             for part in parts:
@@ -928,8 +911,7 @@ class TreeWriter:
                     view = view[os.write(fd, view) :]
             if holes:
                 os.ftruncate(fd, size)  # a hole at the end, too, is part of the file
-            if entry.mode != created or self._umask is None or created & self._umask:
-                os.fchmod(fd, entry.mode)
+            os.fchmod(fd, entry.mode)
             os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
         except OSError as exc:
             raise named(exc, self.root_path / entry.path) from None
@@ -944,7 +926,7 @@ class TreeWriter:
         refuses a new file (the caller's path unlocks it), or the link is refused for a
         reason other than a full disk (the caller writes the file again, named)."""
         try:
-            fd = os.open(".", _UNNAMED_FILE, entry.mode & 0o777, dir_fd=dfd)
+            fd = os.open(".", _UNNAMED_FILE, 0o600, dir_fd=dfd)
         except PermissionError:
             return False
         except OSError as exc:
@@ -953,7 +935,7 @@ class TreeWriter:
             self._unnamed = False
             return False
         try:
-            self._fill(fd, entry, parts, created=entry.mode & 0o777)
+            self._fill(fd, entry, parts)
             return self._link_into_place(fd, entry.path, dfd)
         finally:
             os.close(fd)
