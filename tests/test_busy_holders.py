@@ -140,3 +140,43 @@ async def test_a_held_dataset_is_waited_for_past_max_attempts(make_site: MakeSit
         assert row.state == State.FAILED and row.error["code"] == "conflict", row
     finally:
         await site.close()
+
+
+async def test_a_stage_whose_record_was_taken_over_does_not_record_its_tree_ready(
+    make_site: MakeSite, monkeypatch: Any
+) -> None:
+    """A stage silent for 15 minutes (a stalled host) is taken over by another; when the
+    first comes back and ends, both may have written the tree: it records it failed, not
+    ready at its version, and says so."""
+    import pytest
+
+    from datamover.errors import Conflict
+    from datamover.transfer import ctimes
+    from datamover.transfer import stage as stage_module
+    from datamover.transfer.push import push
+
+    a, b = await make_site("site-a"), await make_site("site-b")
+    make_tree(a.data / "x", files=3)
+    site_a, site_b = await a.open(), await b.open()
+    real = ctimes.after_writes
+
+    async def taken_over_meanwhile(path: str, wrote: bool) -> Any:
+        await site_b.catalog.begin_replica("/proj/x", path, version, None, _ELSEWHERE)
+        return await real(path, wrote)
+
+    try:
+        version = (await push(site_a, "/proj/x")).version
+        monkeypatch.setattr(stage_module.ctimes, "after_writes", taken_over_meanwhile)
+        with pytest.raises(Conflict, match="took this stage's record over while it ran"):
+            await stage_module.stage(site_b, "/proj/x")
+        record = await site_b.catalog.replica("/proj/x")
+        assert record is not None and (record.state, record.version) == ("failed", version)
+        assert record.base_version is None  # not the version: the tree holds no known one
+        monkeypatch.setattr(stage_module.ctimes, "after_writes", real)
+        again = await stage_module.stage(site_b, "/proj/x")  # after the other's claim is stale
+        assert again.version == version and again.fetched_files == 0
+        record = await site_b.catalog.replica("/proj/x")
+        assert record is not None and (record.state, record.base_version) == ("ready", version)
+    finally:
+        await site_a.close()
+        await site_b.close()

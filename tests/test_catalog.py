@@ -211,7 +211,7 @@ async def test_a_replica_record_is_given_back_as_it_was(catalog_url: str) -> Non
         await catalog.restore_replica("/p/x", "v1", "host:1", None)
         assert await catalog.replica("/p/x") is None  # there was none
         await catalog.begin_replica("/p/x", "/data/x", "v1", None, "host:1")
-        await catalog.finish_replica("/p/x", "v1", "ready", 3, 30)
+        assert await catalog.finish_replica("/p/x", "v1", "ready", 3, 30, owner="host:1")
         ready = await catalog.replica("/p/x")
         assert ready is not None and ready.updated_at is not None
         before = await catalog.begin_replica("/p/x", "/data/x", "v2", "v1", "host:2")
@@ -223,6 +223,11 @@ async def test_a_replica_record_is_given_back_as_it_was(catalog_url: str) -> Non
         await catalog.begin_replica("/p/x", "/data/x", "v2", "v1", "host:3")
         await catalog.restore_replica("/p/x", "v2", "host:2", before)
         await catalog.restore_replica("/p/x", "v3", "host:3", before)
+        row = await catalog.replica("/p/x")
+        assert row is not None and (row.state, row.owner) == ("staging", "host:3")
+        # Ending ready only while the record is still that stage's.
+        assert not await catalog.finish_replica("/p/x", "v2", "ready", 3, 30, owner="host:2")
+        assert not await catalog.finish_replica("/p/x", "v1", "ready", 3, 30, owner="host:3")
         row = await catalog.replica("/p/x")
         assert row is not None and (row.state, row.owner) == ("staging", "host:3")
         await catalog.finish_replica("/p/x", "v2", "failed", 0, 0)

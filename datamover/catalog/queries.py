@@ -571,10 +571,14 @@ class Catalog:
         files: int,
         nbytes: int,
         held_since: datetime | None = None,
-    ) -> None:
+        owner: str | None = None,
+    ) -> bool:
         """Record the outcome of a stage: `ready` makes `version` the new base, held by the
         tree since `held_since` (default: now); another state keeps the base and its time,
-        so files the stage wrote, newer, are read before a rerun keeps them."""
+        so files the stage wrote, newer, are read before a rerun keeps them. With `owner`,
+        only while the record is still that stage's (`staging` to `version` by `owner`: no
+        other stage took it over since, `transfer.stage._base`). Whether a record was
+        changed."""
         now = _now()
         values: dict[str, Any] = {
             "state": state,
@@ -587,8 +591,16 @@ class Catalog:
             values["base_version"] = version
             values["held_since"] = held_since or now
         table = Replica
+        which = [table.c.dataset == dataset]
+        if owner is not None:
+            which += [
+                table.c.owner == owner,
+                table.c.state == "staging",
+                table.c.version == version,
+            ]
         async with self.engine.begin() as conn:
-            await conn.execute(update(table).where(table.c.dataset == dataset).values(**values))
+            done = await conn.execute(update(table).where(*which).values(**values))
+        return bool(done.rowcount)
 
     # -- push checkpoints ----------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from datamover.domain.manifest import ChunkRef, Entry, Kind, without_setid
 from datamover.domain.paths import MAX_LINK_TARGET, check_logical_path, printable
 from datamover.errors import (
     Busy,
+    Conflict,
     Corrupt,
     DatamoverError,
     InvalidInput,
@@ -1074,12 +1075,27 @@ async def _stage(
         # The tree holds the version from now on; a change during the stage to a file it
         # had already passed, keeping size and mtime, is not seen (docs/design.md).
         held = await ctimes.after_writes(str(root), wrote=not stager.untouched)
-        await site.catalog.finish_replica(dataset, doc.version, "ready", doc.files, doc.bytes, held)
+        if not await site.catalog.finish_replica(
+            dataset, doc.version, "ready", doc.files, doc.bytes, held, owner=me
+        ):
+            await site.catalog.finish_replica(dataset, doc.version, "failed", 0, 0)
+            raise _taken_over(dataset)
     finally:
         await _stop_procs(procs)
     result.downloaded_bytes += site.repo.fetched_bytes - fetched_before
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+def _taken_over(dataset: str) -> Conflict:
+    """The error of a stage whose record another stage took over while it ran (it had not
+    touched it for `_STALE_AFTER`: a host that stalled, or its clock): both may have
+    written the tree, so neither records it ready."""
+    return Conflict(
+        f"another stage of {dataset!r} took this stage's record over while it ran (it had "
+        f"not touched it for {int(_STALE_AFTER.total_seconds() // 60)} minutes); the tree "
+        "may hold files of both, so it is recorded failed: stage again"
+    )
 
 
 def _silent(replica: ReplicaRow) -> bool:
