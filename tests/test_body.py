@@ -1,12 +1,11 @@
-"""Upload bodies (storage/body.py): file-like for botocore, checksummed like botocore."""
+"""Upload bodies (storage/body.py): file-like for botocore, checksummed as S3 defines it."""
 
 from __future__ import annotations
 
+import base64
 import os
 
-from botocore.httpchecksum import Crc32Checksum
-
-from datamover.storage.body import SLICE, Body, BodyPayload, crc32
+from datamover.storage.body import SLICE, Body, BodyPayload, crc32c
 
 
 def test_body_reads_seeks_and_tells_like_a_file() -> None:
@@ -23,12 +22,24 @@ def test_body_reads_seeks_and_tells_like_a_file() -> None:
     assert body.seek(10**6) == 1000
 
 
-def test_checksum_matches_botocore() -> None:
-    data = os.urandom(3 * SLICE + 17)
-    reference = Crc32Checksum()
-    reference.update(data)
-    assert crc32(data) == reference.b64digest()
-    assert crc32(memoryview(data)) == reference.b64digest()
+def _crc32c_bitwise(data: bytes) -> int:
+    """CRC32C (Castagnoli, reflected polynomial 0x82F63B78) one bit at a time: what S3's
+    `x-amz-checksum-crc32c` holds, written from its definition."""
+    crc = 0xFFFFFFFF
+    for byte in data:
+        crc ^= byte
+        for _ in range(8):
+            crc = (crc >> 1) ^ (0x82F63B78 if crc & 1 else 0)
+    return crc ^ 0xFFFFFFFF
+
+
+def test_checksum_is_s3s_crc32c() -> None:
+    # The check value of CRC-32C (RFC 3720, appendix B.4): base64 of 0xE3069283.
+    assert crc32c(b"123456789") == base64.b64encode(bytes.fromhex("e3069283")).decode()
+    data = os.urandom(3 * 4096 + 17)
+    want = base64.b64encode(_crc32c_bitwise(data).to_bytes(4, "big")).decode()
+    assert crc32c(data) == want
+    assert crc32c(memoryview(bytearray(data))) == want  # a pack's buffer, not copied
 
 
 class _Writer:

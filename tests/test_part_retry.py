@@ -29,7 +29,7 @@ from datamover.errors import (
 )
 from datamover.site import make_store
 from datamover.storage.base import Store
-from datamover.storage.body import crc32
+from datamover.storage.body import crc32c
 from datamover.storage.retry import RetryPolicy
 from tests.fixtures_store import FaultProxy, StoreFactory, s3_error
 
@@ -70,7 +70,7 @@ class Uploads:
     aborts: int = 0
     sent: Counter[int] = field(default_factory=Counter)  # UploadPart requests by part number
     sent_bytes: int = 0  # UploadPart bodies
-    bad_checksums: list[int] = field(default_factory=list)  # parts whose CRC32 header lied
+    bad_checksums: list[int] = field(default_factory=list)  # parts whose CRC32C header lied
 
     def __post_init__(self) -> None:
         self.proxy.rule = self.rule
@@ -88,7 +88,7 @@ class Uploads:
         number = int(request.query["partNumber"])
         self.sent[number] += 1
         self.sent_bytes += len(body)
-        if request.headers.get("x-amz-checksum-crc32") != crc32(body):
+        if request.headers.get("x-amz-checksum-crc32c") != crc32c(body):
             self.bad_checksums.append(number)
         return await self.fault(request, body, number, self.sent[number])
 

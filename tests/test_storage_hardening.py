@@ -13,6 +13,7 @@ from datamover.errors import ObjectNotFound, StoreAccessDenied
 from datamover.storage.bandwidth import Pacer, ThrottledStore
 from datamover.storage.memory import MemoryStore
 from datamover.storage.posix import PosixStore
+from datamover.storage.s3 import S3Store
 
 MiB = 1 << 20
 
@@ -166,3 +167,28 @@ async def test_a_call_cancelled_as_its_turn_comes_stays_cancelled() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert went == [] and not pacer._line
+
+
+async def test_a_body_damaged_on_the_way_is_refused_not_stored(
+    s3_store: S3Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server checks the body against its `x-amz-checksum-crc32c` header: bytes that
+    are not those the header was computed over (damaged in transit) are refused, and no
+    object is left at the key."""
+    from datamover.errors import DatamoverError
+    from datamover.storage import s3 as s3_module
+
+    real = s3_module.checksum
+
+    async def of_other_bytes(view: memoryview) -> str:
+        return await real(memoryview(b"the bytes the header was computed over"))
+
+    monkeypatch.setattr(s3_module, "checksum", of_other_bytes)
+    with pytest.raises(DatamoverError, match=r"BadDigest|checksum|digest") as refused:
+        await s3_store.put("damaged", b"payload " * 1000)
+    monkeypatch.undo()
+    with pytest.raises(ObjectNotFound):
+        await s3_store.head("damaged")
+    await s3_store.put("damaged", b"payload " * 1000)  # the same bytes, checked: stored
+    assert (await s3_store.head("damaged")).size == 8000
+    assert "damaged" in str(refused.value)

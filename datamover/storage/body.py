@@ -5,19 +5,21 @@ A 32 MiB pack handed to botocore as `bytes` is copied three to four times on its
 Python 3.11), about a second of CPU per GiB on the event loop, the one thread every transfer
 shares. `Body` wraps the buffer; `BodyPayload` (registered with aiohttp) writes it in 1 MiB
 memoryview slices, so only what the socket does not take at once is ever copied, and
-aiohttp's flow control keeps that small. `crc32` is the upload checksum (`checksum` computes
-it off the loop for large bodies), sent by the caller as `ChecksumCRC32`, so botocore does not
-read the body either.
+aiohttp's flow control keeps that small. `crc32c` is the upload checksum (`checksum`
+computes it off the loop for large bodies), sent by the caller as `ChecksumCRC32C`, so
+botocore does not read the body either. CRC32C, not CRC32: the `crc32c` package computes it
+with the CPU's CRC instruction at about 12 GB/s here, against 3.9 GB/s for `zlib.crc32`
+(docs/design.md, "A CRC32C checksum header on every upload").
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import zlib
 from typing import Any
 
 import aiohttp.payload
+import crc32c as _crc32c
 from aiohttp.abc import AbstractStreamWriter
 
 SLICE = 1 << 20
@@ -57,16 +59,17 @@ class Body:
         return self._pos
 
 
-def crc32(data: bytes | bytearray | memoryview) -> str:
-    """The `x-amz-checksum-crc32` value of `data` (base64 of the big-endian CRC32)."""
-    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+def crc32c(data: bytes | bytearray | memoryview) -> str:
+    """The `x-amz-checksum-crc32c` value of `data` (base64 of the big-endian CRC32C)."""
+    return base64.b64encode(_crc32c.crc32c(data).to_bytes(4, "big")).decode()
 
 
 async def checksum(view: memoryview) -> str:
-    """CRC32 for the upload header; off the event loop for large bodies (zlib drops the GIL)."""
+    """CRC32C for the upload header; off the event loop for large bodies (`crc32c` drops
+    the GIL)."""
     if len(view) >= 1 << 20:
-        return await asyncio.to_thread(crc32, view)
-    return crc32(view)
+        return await asyncio.to_thread(crc32c, view)
+    return crc32c(view)
 
 
 class BodyPayload(aiohttp.payload.Payload):

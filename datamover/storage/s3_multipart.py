@@ -7,7 +7,7 @@ requests needs on top of that:
 
 - Retries. A part that fails transiently is sent again on its own by `retry_part` (the
   stack's `RetryStep`), into the same upload under the same number, which overwrites, with
-  the same bytes and CRC32; so is a failed completion, with the same part list. A fault
+  the same bytes and CRC32C; so is a failed completion, with the same part list. A fault
   costs that step again, not every part of the object. With `retry_part` None either fails
   the put. A part or completion that fails every try raises `StoreRetriesExhausted`; an
   upload that vanished raises `UploadLost` (a new put starts afresh).
@@ -114,7 +114,7 @@ class MultipartUploader:
                             UploadId=upload_id,
                             PartNumber=number,
                             Body=Body(part),  # a fresh one: a try may have read the last
-                            ChecksumCRC32=crc,
+                            ChecksumCRC32C=crc,
                         )
 
                     resp = await self._step(send, f"part {number} of {key!r}", "part")
