@@ -159,3 +159,26 @@ def test_a_refused_link_writes_the_file_again_named(
     st = os.stat(ds / "d" / "f")
     assert (st.st_mode & 0o7777, st.st_mtime_ns) == (0o600, MTIME)
     assert (ds / "d" / "f").read_text() == "content\n"
+
+
+def test_a_full_disk_at_the_link_is_named_and_leaves_nothing(
+    ds: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No room for the directory entry: the error names the file, and the unnamed file
+    goes with its descriptor (not written again under a temporary name)."""
+    import errno
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    writer = _writer(ds)
+    monkeypatch.setattr(fsops.os, "link", full)
+    try:
+        with pytest.raises(OSError) as caught:
+            writer.write_file(_entry("d/f"), [b"content\n"])
+    finally:
+        monkeypatch.undo()
+        _close(writer)
+    assert caught.value.errno == errno.ENOSPC
+    assert caught.value.filename == str(ds / "d" / "f")
+    assert writer._unnamed and _names(ds / "d") == []

@@ -660,19 +660,12 @@ class TreeWriter:
             # Renamed without replacing until it goes in: what a user saves there again
             # between a move to the trash and the rename goes to the trash too (an
             # exchange here would take it out and unlink it, unchecked).
-            for _ in range(_PLACE_ATTEMPTS):
-                err = _rename2(dfd, tmp, name, _RENAME_NOREPLACE)
-                if err == 0:
-                    return
-                if err == errno.EEXIST:
-                    self.trash(rel)
-                    continue
-                if err in _UNSUPPORTED:
-                    self._noreplace = False
-                    break
+            err = self._without_replacing(rel, lambda: _rename2(dfd, tmp, name, _RENAME_NOREPLACE))
+            if err == 0:
+                return
+            if err not in _UNSUPPORTED:
                 raise OSError(err, os.strerror(err), rel)
-            else:
-                raise _saved_again(rel)
+            self._noreplace = False
         if replaces is None and not self._noreplace:
             replaces = _NOTHING
         self.make_way(rel, dfd, replaces)
@@ -945,18 +938,34 @@ class TreeWriter:
         a user put there since the walk goes to the trash first. False where the link is
         refused (this writer stops trying)."""
         name = split(rel)[1]
-        for _ in range(_PLACE_ATTEMPTS):
+
+        def link() -> int:
             try:
                 os.link(f"{_PROC_FD}/{fd}", name, dst_dir_fd=dfd, follow_symlinks=True)
-                return True
-            except FileExistsError:
-                self.trash(rel)
             except OSError as exc:
-                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
-                    raise named(exc, self.root_path / rel) from None
-                log.info("cannot name unnamed files here (%s); writing under temporary names", exc)
-                self._unnamed = False
-                return False
+                return exc.errno or errno.EIO
+            return 0
+
+        err = self._without_replacing(rel, link)
+        if err in (0, errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO):
+            if err:
+                raise named(OSError(err, os.strerror(err)), self.root_path / rel)
+            return True
+        why = os.strerror(err)
+        log.info("cannot name unnamed files here (%s); writing under temporary names", why)
+        self._unnamed = False
+        return False
+
+    def _without_replacing(self, rel: str, place: Callable[[], int]) -> int:
+        """`place()` (0 or an errno) until what it puts at `rel` goes in: each time it
+        finds something there (EEXIST), what a user put there since the walk goes to the
+        trash first. Its first other answer; `Conflict` when something is there again at
+        each of `_PLACE_ATTEMPTS` tries."""
+        for _ in range(_PLACE_ATTEMPTS):
+            err = place()
+            if err != errno.EEXIST:
+                return err
+            self.trash(rel)
         raise _saved_again(rel)
 
     def open_partial(self, entry: Entry) -> tuple[int, int]:

@@ -61,15 +61,22 @@ class ReuseCheck:
     def chunks(self, chunks: Sequence[ChunkRef]) -> None:
         """Check the packs of `chunks` (an unchanged file's reused references); `flush` when
         `full`."""
-        self._packs(_furthest((chunks,)))
+        self._packs((c.pack, c.offset + c.stored_length) for c in chunks)
 
     def entries(self, entries: Iterable[Entry]) -> None:
-        """`chunks` of every entry of `entries` (a segment's, taken whole)."""
-        self._packs(_furthest(e.chunks for e in entries))
+        """`chunks` of every entry of `entries` (a segment's, taken whole), each pack once."""
+        ends: dict[bytes, int] = {}  # the furthest end of a chunk in each pack
+        for entry in entries:
+            for c in entry.chunks:
+                end = c.offset + c.stored_length
+                if ends.get(c.pack, -1) < end:
+                    ends[c.pack] = end
+        self._packs(ends.items())
 
-    def _packs(self, ends: dict[bytes, int]) -> None:
-        """Check each pack of `ends` holds at least what ends there (its chunks' end)."""
-        for pack, end in ends.items():
+    def _packs(self, ends: Iterable[tuple[bytes, int]]) -> None:
+        """Check each pack of `ends` holds at least what ends there (a chunk's end; a pack
+        may come more than once)."""
+        for pack, end in ends:
             least = whole_size(end)
             size = self._sizes.get(pack)
             if size is not None:
@@ -144,14 +151,3 @@ class ReuseCheck:
                         del self._sizes[next(iter(self._sizes))]
         finally:
             self._slots.release()
-
-
-def _furthest(chunk_lists: Iterable[Sequence[ChunkRef]]) -> dict[bytes, int]:
-    """The furthest end of a chunk of `chunk_lists` in each pack they name."""
-    ends: dict[bytes, int] = {}
-    for chunks in chunk_lists:
-        for c in chunks:
-            end = c.offset + c.stored_length
-            if ends.get(c.pack, -1) < end:
-                ends[c.pack] = end
-    return ends
