@@ -77,6 +77,7 @@ LIMITS: dict[tuple[str, str], tuple[int, str]] = {
     ("transfer", "max_request"): (1024 * MiB, "1 GiB; each ranged read is held in memory"),
     ("transfer", "coalesce_gap"): (1024 * MiB, "1 GiB of unwanted bytes read to save a request"),
     ("transfer", "bandwidth_limit"): (1 << 40, "bytes per second, 1 TiB/s; 0: unlimited"),
+    ("transfer", "lookup_threads"): (256, "threads looking names up on a slow file system"),
     # Not a resource either: keeping them longer is keeping them for ever, which 0 says; and
     # a typo of a million days reaches back before the year 1, so every prune would fail.
     ("api", "history_days"): (3650, "ten years; 0 keeps finished transfers for ever"),
@@ -135,6 +136,9 @@ class TransferSettings:
     bandwidth_limit: int = 0  # bytes per second, each direction; 0: unlimited
     fsync: bool = False  # stage: syncfs() the cache before a replica is marked ready
     sparse: bool = True  # stage: all-zero chunks of 64 KiB or more are left as holes
+    # Threads a walk uses to look up names ahead once `lstat` proves slow (a network or
+    # parallel file system: `transfer.statahead`); 1: never.
+    lookup_threads: int = 16
 
 
 @dataclass(frozen=True)
@@ -542,6 +546,7 @@ def parse_config(
         "segment_entries",
         "max_request",
         "batch_bytes",
+        "lookup_threads",
     ):
         if getattr(transfer, key) < 1:
             raise InvalidInput(f"{origin('transfer', key)} must be at least 1")

@@ -90,6 +90,8 @@ _T = "[site]\nname='a'\n[store]\nbucket='b'\n[transfer]\n"
         (_T + "write_workers = 257\n", "write_workers must be at most 256"),
         (_T + "bandwidth_limit = -5\n", "bandwidth_limit must not be negative"),
         (_T + "batch_bytes = 0\n", "batch_bytes must be at least 1"),
+        (_T + "lookup_threads = 0\n", "lookup_threads must be at least 1"),
+        (_T + "lookup_threads = 257\n", "lookup_threads must be at most 256"),
         (_T + "pack_size = 1024\n", "pack_size must be between 1 MiB and 1 GiB"),
     ],
 )

@@ -665,7 +665,17 @@ async def _build(
     # Two readers per core: reading a cold tree waits on the disk as much as it computes.
     workers = t.read_workers if t.read_workers > 0 else 2 * (os.cpu_count() or 1)
     links = site.config.namespace.link_to_logical
-    scanner = Scanner(root, previous, params, checksum, level, workers, links, changed_since_ns)
+    scanner = Scanner(
+        root,
+        previous,
+        params,
+        checksum,
+        level,
+        workers,
+        links,
+        changed_since_ns,
+        t.lookup_threads,
+    )
     if resumed and resumed_since_ns is not None:
         scanner.resume_cutoff(sort_key(resumed[-1].last_path), resumed_since_ns)
     packer = Packer(site.store, site.catalog, t.pack_size, t.upload_concurrency)

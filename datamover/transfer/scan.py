@@ -39,6 +39,7 @@ from datamover.errors import Conflict, InvalidInput
 from datamover.repo.manifest import MAX_FILE_CHUNKS, MAX_STR, MTIME_MAX, MTIME_MIN, SegmentRef
 from datamover.transfer import ctimes, procpool, readers
 from datamover.transfer.readers import FileRead, NewChunk, ReadProblem, TreeRoot
+from datamover.transfer.statahead import THREADS
 from datamover.transfer.walk import LocalEntry, Walker
 
 __all__ = ["Done", "NewChunk", "Previous", "SameSegment", "ScanStats", "Scanner"]
@@ -264,13 +265,20 @@ class Scanner:
         workers: int = 0,
         links: Callable[[str], str] = str,
         changed_since_ns: int | None = None,
+        lookup_threads: int = THREADS,
     ) -> None:
         self.root = root
         self.links = links
         self.changed_since_ns = changed_since_ns
         self._resumed_until: tuple[str, ...] | None = None
         self._resumed_since_ns = 0
-        self.walker = Walker(root.path, strict=True, stat_files=False, open_root=self._open_root)
+        self.walker = Walker(
+            root.path,
+            strict=True,
+            stat_files=False,
+            open_root=self._open_root,
+            lookup_threads=lookup_threads,
+        )
         self.previous = previous
         self.params = params
         self.checksum = checksum

@@ -681,7 +681,12 @@ class _Stager:
         changed_since = None if since is None else (since, read_ok)
         # A directory whose mode from a version denies the stage's user reading or searching
         # it (0o600) is given those bits for the run; `_finish_tree` sets its mode again.
-        self._walker = Walker(root, strict=False, keep_unlocked=True)
+        self._walker = Walker(
+            root,
+            strict=False,
+            keep_unlocked=True,
+            lookup_threads=self.site.config.transfer.lookup_threads,
+        )
         planner = StagePlanner(
             self._walker,
             self._entries(self.refs),

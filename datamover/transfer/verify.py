@@ -138,7 +138,7 @@ def _verify(
         root_fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         root_fd = -1  # the walk reports why
-    walker = Walker(root, strict=False)
+    walker = Walker(root, strict=False, lookup_threads=site.config.transfer.lookup_threads)
     try:
         stored = lazy_stored_mtime(root_fd) if root_fd >= 0 else int
         _merge(walker, site, root, refs, allow_extra, result, stored, stop)

@@ -34,6 +34,7 @@ from datamover.domain.manifest import Kind
 from datamover.domain.paths import PARTIAL_RE, check_name, nfc, plain_names
 from datamover.errors import Conflict, DatamoverError, InvalidInput
 from datamover.transfer.fsops import denied
+from datamover.transfer.statahead import THREADS, Ahead, Lookups
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,10 @@ class Walker:
 
     `open_root`, if given, opens `root` (a new descriptor each call) instead of opening it
     by path: push's opens it as the directory the push started with, or raises `Conflict`.
+
+    Where `lstat` proves slow (a network or parallel file system), the next names of each
+    directory are looked up ahead on `lookup_threads` threads (`statahead`; 1: never); the
+    entries are the same.
     """
 
     def __init__(
@@ -86,6 +91,7 @@ class Walker:
         stat_files: bool = True,
         keep_unlocked: bool = False,
         open_root: Callable[[], int] | None = None,
+        lookup_threads: int = THREADS,
     ) -> None:
         self.root = root
         self.open_root = open_root
@@ -102,14 +108,32 @@ class Walker:
         self._pending_dir: str | None = None
         self._unlockable = False  # `allow_unlock` was called for `_pending_dir`
         self._started = False
+        self._lookups = Lookups(threads=lookup_threads)
+        self._ahead: dict[int, Ahead] = {}  # by directory descriptor, once `_lookups.on`
+        self._filling = False  # `fill` was called: regular files are looked up ahead too
 
     def close(self) -> None:
         """Close the directory descriptors still held (the walk was not finished), giving
         the directories it unlocked their modes back (unless `keep_unlocked`)."""
         while self._stack:
             _, fd, rel = self._stack.pop()
-            self._relock(rel, fd)
-            os.close(fd)
+            self._leave(rel, fd)
+        self._lookups.close()
+
+    def _leave(self, rel: str, fd: int) -> None:
+        """Done with directory `rel`: end its lookups ahead, give its mode back, close it."""
+        ahead = self._ahead.pop(fd, None)
+        if ahead is not None:
+            ahead.close()  # before the descriptor they use is closed
+        self._relock(rel, fd)
+        os.close(fd)
+
+    def _stat(self, name: str, fd: int) -> os.stat_result:
+        """`lstat` of `name` in directory `fd`: looked up ahead, if it was."""
+        ahead = self._ahead.get(fd)
+        if ahead is not None:
+            return ahead.stat(name)
+        return self._lookups.stat(name, fd)
 
     def __del__(self) -> None:
         self.close()
@@ -270,8 +294,19 @@ class Walker:
         empties as it goes: each `lstat` result lives only until its entry is yielded."""
         prefix = rel + "/" if rel else ""
         names.reverse()
+
+        def wanted(name: str) -> bool:  # whether the walk (or `fill`) will `lstat` `name`
+            if self.strict and PARTIAL_RE.match(name):
+                return False
+            return kinds is None or self.stat_files or self._filling or name in kinds
+
+        ahead: Ahead | None = None
         while names:
             name = names.pop()
+            if ahead is None and self._lookups.on:
+                ahead = self._ahead[fd] = self._lookups.ahead(fd, names, wanted)
+            if ahead is not None:
+                ahead.advance()
             if PARTIAL_RE.match(name) and self.strict:
                 continue
             if kinds is not None and not self.stat_files and name not in kinds:
@@ -279,7 +314,7 @@ class Walker:
                 continue
             try:
                 try:
-                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    st = self._stat(name, fd)
                 except PermissionError:  # a directory that can be listed, not searched
                     if not (unlock and self._unlock_open(rel, fd)):
                         raise
@@ -335,8 +370,9 @@ class Walker:
         parent, _, name = entry.path.rpartition("/")
         if not self._stack or self._stack[-1][2] != parent:
             return False  # the walk has left its directory: only the last entry can be filled
+        self._filling = True
         try:
-            st = os.stat(name, dir_fd=self._stack[-1][1], follow_symlinks=False)
+            st = self._stat(name, self._stack[-1][1])
         except FileNotFoundError:
             return False
         except PermissionError as exc:  # a directory that may be read but not searched
@@ -363,13 +399,13 @@ class Walker:
                 entry = next(self._stack[-1][0])
             except StopIteration:
                 _, fd, rel = self._stack.pop()
-                self._relock(rel, fd)
-                os.close(fd)
+                self._leave(rel, fd)
                 continue
             if entry.kind == Kind.DIR:
                 self._pending_dir = entry.path
             self._unlockable = False
             return entry
+        self._lookups.close()
         raise StopIteration
 
 

@@ -1,0 +1,343 @@
+"""Names looked up ahead of the walk where `lstat` is slow (`transfer.statahead`): the walk
+gives the same entries, holds a bounded number of answers, closes nothing under a lookup,
+and turns the lookups on only when most `lstat`s are slow.
+
+A slow file system cannot be had in a test here (the benchmark mounts one through FUSE:
+bench/README.md); the lookups are forced on instead, by taking every `lstat` for slow."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from datamover.errors import Conflict
+from datamover.transfer import statahead
+from datamover.transfer.push import push
+from datamover.transfer.stage import stage
+from datamover.transfer.statahead import Lookups
+from datamover.transfer.verify import verify
+from datamover.transfer.walk import LocalEntry, Walker
+from tests.fixtures_sites import MakeSite
+from tests.treegen import make_tree, snapshot
+
+_WIDE = statahead.WINDOW * 3 + 5  # files in the wide directory: more than the window
+
+
+@pytest.fixture
+def always_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every walk looks names up ahead from its first `lstat` on."""
+    monkeypatch.setattr(statahead, "SLOW_NS", -1)
+    monkeypatch.setattr(statahead, "SAMPLE", 1)
+
+
+def _open_fds() -> int:
+    return sum(1 for _ in Path("/proc/self/fd").iterdir())
+
+
+def _lookup_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("datamover-lstat")]
+
+
+def _tree(root: Path) -> None:
+    """Nested directories, a directory wider than the window, symlinks, a FIFO and a
+    name the strict walk leaves out (a stage's partial file)."""
+    (root / "wide").mkdir(parents=True)
+    for i in range(_WIDE):
+        (root / "wide" / f"f{i:05d}").write_bytes(b"x" * (i % 7))
+    (root / "a" / "b" / "c").mkdir(parents=True)
+    (root / "a" / "b" / "c" / "deep").write_bytes(b"deep")
+    (root / "a" / "file").write_bytes(b"file")
+    (root / "a" / "link").symlink_to("file")
+    (root / "a" / "dangling").symlink_to("nowhere")
+    os.mkfifo(root / "a" / "fifo")
+    (root / "a" / ".dm-0123456789abcdef.part").write_bytes(b"partial")
+    (root / "z").write_bytes(b"z")
+
+
+def _walk(root: Path, strict: bool, stat_files: bool, threads: int) -> list[LocalEntry]:
+    """Every entry of a walk; a strict walk without stats fills each file, as push does."""
+    walker = Walker(str(root), strict=strict, stat_files=stat_files, lookup_threads=threads)
+    out: list[LocalEntry] = []
+    try:
+        for entry in walker:
+            if entry.kind is not None and entry.mode == -1:
+                assert walker.fill(entry)
+            out.append(entry)
+    finally:
+        walker.close()
+    return out
+
+
+@pytest.mark.parametrize(("strict", "stat_files"), [(True, False), (False, True), (True, True)])
+def test_the_walk_gives_the_same_entries_with_names_looked_up_ahead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, strict: bool, stat_files: bool
+) -> None:
+    _tree(tmp_path)
+    serial = _walk(tmp_path, strict, stat_files, threads=1)
+    fds = _open_fds()
+    monkeypatch.setattr(statahead, "SLOW_NS", -1)
+    monkeypatch.setattr(statahead, "SAMPLE", 1)
+    ahead = _walk(tmp_path, strict, stat_files, threads=8)
+    assert ahead == serial
+    assert len(serial) == _WIDE + (9 if strict else 11)  # the FIFO and partial file: not strict
+    # Every directory descriptor is closed and every lookup thread is gone once it ends.
+    assert _open_fds() == fds
+    assert _lookup_threads() == []
+
+
+def test_a_walk_left_early_stops_its_lookups(tmp_path: Path, always_slow: None) -> None:
+    _tree(tmp_path)
+    fds = _open_fds()
+    walker = Walker(str(tmp_path), strict=False, lookup_threads=8)
+    for entry in walker:
+        if entry.path == "wide/f00010":
+            break
+    assert _lookup_threads()  # on, and looking up the rest of `wide`
+    walker.close()
+    assert _lookup_threads() == []
+    assert _open_fds() == fds
+
+
+def test_the_answers_held_stay_within_the_window(tmp_path: Path) -> None:
+    for i in range(_WIDE):
+        (tmp_path / f"n{i:05d}").touch()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    lookups = Lookups(threads=4, slow_ns=-1)
+    try:
+        for _ in range(statahead.SAMPLE):
+            lookups.stat(".", fd)
+        assert lookups.on
+        names = sorted((p.name for p in tmp_path.iterdir()), reverse=True)  # popped from the end
+        ahead = lookups.ahead(fd, names, lambda name: True)
+        seen = 0
+        while names:
+            name = names.pop()
+            ahead.advance()
+            assert len(ahead._answers) <= statahead.WINDOW + 1  # and the name the walk is at
+            st = ahead.stat(name)
+            assert st.st_ino == os.lstat(tmp_path / name).st_ino
+            seen += 1
+        assert seen == _WIDE and not ahead._answers
+        ahead.close()
+    finally:
+        lookups.close()
+        os.close(fd)
+
+
+def test_an_error_answer_is_looked_up_again(tmp_path: Path) -> None:
+    # Asked ahead, "late" was not there yet (a stage may create or unlock things as it
+    # walks): the walk's own look finds it. "gone" is missing both times: its error.
+    (tmp_path / "early").touch()
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    pool = Lookups(threads=2, slow_ns=-1)
+    try:
+        for _ in range(statahead.SAMPLE):
+            pool.stat(".", fd)
+        names = ["late", "gone", "early"]  # walk order: early, gone, late
+        ahead = pool.ahead(fd, names, lambda name: True)
+        assert names.pop() == "early"
+        ahead.advance()
+        for future in set(ahead._answers.values()):
+            future.result()  # the lookups of "gone" and "late" are done: both missing
+        (tmp_path / "late").write_bytes(b"123")
+        assert ahead.stat("early").st_size == 0
+        assert names.pop() == "gone"
+        with pytest.raises(FileNotFoundError):
+            ahead.stat("gone")
+        assert names.pop() == "late"
+        assert ahead.stat("late").st_size == 3
+        ahead.close()
+    finally:
+        pool.close()
+        os.close(fd)
+
+
+def test_close_waits_for_the_lookups_running(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(64):
+        (tmp_path / f"n{i:02d}").touch()
+    calls: list[str] = []
+    real = statahead._lstat
+
+    def slow_lstat(name: str, fd: int) -> os.stat_result:
+        time.sleep(0.005)
+        calls.append(name)
+        return real(name, fd)
+
+    monkeypatch.setattr(statahead, "_lstat", slow_lstat)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    pool = Lookups(threads=4, slow_ns=-1)
+    try:
+        for _ in range(statahead.SAMPLE):
+            pool.stat(".", fd)
+        calls.clear()
+        names = sorted((p.name for p in tmp_path.iterdir()), reverse=True)
+        ahead = pool.ahead(fd, names, lambda name: True)
+        names.pop()
+        ahead.advance()
+        ahead.close()
+        done = len(calls)
+        time.sleep(0.1)
+        assert len(calls) == done  # nothing looks anything up in `fd` any more
+        assert done < 64  # the pieces not started were cancelled
+    finally:
+        pool.close()
+        os.close(fd)
+
+
+def _slow_for(monkeypatch: pytest.MonkeyPatch, slow: Callable[[int], bool]) -> None:
+    """`lstat` number n (from 0) takes 2 ms where `slow(n)`."""
+    real = statahead._lstat
+    count = [0]
+
+    def lstat(name: str, fd: int) -> os.stat_result:
+        n, count[0] = count[0], count[0] + 1
+        if slow(n):
+            time.sleep(0.002)
+        return real(name, fd)
+
+    monkeypatch.setattr(statahead, "_lstat", lstat)
+
+
+@pytest.mark.parametrize(
+    ("slow", "on"),
+    [
+        (lambda n: True, True),
+        (lambda n: n % 2 == 0, False),  # half: not most
+        (lambda n: n % 4 != 0, True),  # three in four
+        (lambda n: n == 5, False),  # one (as an `lstat` waiting for the GIL)
+        (lambda n: False, False),
+    ],
+)
+def test_lookups_start_once_most_lstats_are_slow(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, slow: Callable[[int], bool], on: bool
+) -> None:
+    _slow_for(monkeypatch, slow)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    lookups = Lookups(threads=4, slow_ns=1_000_000)
+    try:
+        for _ in range(statahead.SAMPLE - 1):
+            lookups.stat(".", fd)
+        assert not lookups.on  # nothing decided before a whole sample
+        lookups.stat(".", fd)
+        assert lookups.on is on
+    finally:
+        lookups.close()
+        os.close(fd)
+    assert _lookup_threads() == []
+
+
+def test_one_lookup_thread_is_never_more(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _slow_for(monkeypatch, lambda n: True)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    lookups = Lookups(threads=1, slow_ns=1_000_000)
+    try:
+        for _ in range(2 * statahead.SAMPLE):
+            lookups.stat(".", fd)
+        assert not lookups.on
+    finally:
+        lookups.close()
+        os.close(fd)
+
+
+@pytest.mark.parametrize("strict", [True, False])
+def test_a_name_gone_when_looked_up_ahead_is_gone_for_the_walk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, always_slow: None, strict: bool
+) -> None:
+    # "d/b" is removed just before its lookup ahead (after the listing): the walk's own
+    # look finds it gone too. A push's walk refuses (the version would lack a file the tree
+    # had when it was listed); stage's and verify's leave it out.
+    (tmp_path / "d").mkdir()
+    for name in ("a", "b", "c"):
+        (tmp_path / "d" / name).touch()
+    real = statahead._look_up
+
+    def look_up(fd: int, names: list[str]) -> dict[str, statahead.Answer]:
+        if "b" in names:
+            os.unlink(tmp_path / "d" / "b")
+        return real(fd, names)
+
+    monkeypatch.setattr(statahead, "_look_up", look_up)
+    walker = Walker(str(tmp_path), strict=strict, stat_files=True, lookup_threads=4)
+    try:
+        if strict:
+            with pytest.raises(Conflict, match="'d/b' vanished"):
+                list(walker)
+        else:
+            assert [e.path for e in walker] == ["d", "d/a", "d/c"]
+    finally:
+        walker.close()
+
+
+def test_a_directory_unlocked_by_the_walk_is_looked_up_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, always_slow: None
+) -> None:
+    # Stage and verify give a 0o600 directory (a version's mode) its owner's search bit to
+    # look at its entries. Every answer asked ahead before that was EACCES (as for a user
+    # who is not root; root is emulated here): each is looked up again, so every entry is
+    # found, and the directory gets its mode back as the walk leaves it.
+    (tmp_path / "d").mkdir()
+    names = [f"n{i:03d}" for i in range(40)]
+    for name in names:
+        (tmp_path / "d" / name).write_bytes(b"12")
+    os.chmod(tmp_path / "d", 0o600)
+    searchable = lambda: os.stat(tmp_path / "d").st_mode & stat.S_IXUSR  # noqa: E731
+    monkeypatch.setattr(os, "stat", _search_checked(os.stat, tmp_path / "d", searchable))
+    walker = Walker(str(tmp_path), strict=False, lookup_threads=4)
+    try:
+        assert next(walker).path == "d"
+        walker.allow_unlock()
+        rest = list(walker)
+    finally:
+        walker.close()
+    assert [e.path for e in rest] == [f"d/{n}" for n in names]
+    assert all(e.size == 2 for e in rest)
+    assert stat.S_IMODE(os.stat(tmp_path / "d").st_mode) == 0o600
+
+
+def _search_checked(
+    real: Callable[..., os.stat_result], directory: Path, searchable: Callable[[], int]
+) -> Callable[..., os.stat_result]:
+    """`os.stat` refusing, as for a user who is not root, a name relative to `directory`
+    while it has no search bit (the walk's own look after it unlocked it goes through)."""
+    ino = real(directory).st_ino
+
+    def checked(path: object, *args: object, **kwargs: object) -> os.stat_result:
+        fd = kwargs.get("dir_fd")
+        if isinstance(fd, int) and real(fd).st_ino == ino and not searchable():
+            raise PermissionError(13, "Permission denied")
+        return real(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    return checked
+
+
+async def test_push_stage_and_verify_with_names_looked_up_ahead(
+    make_site: MakeSite, always_slow: None
+) -> None:
+    a = await make_site("site-a", segment_entries=64)
+    b = await make_site("site-b", segment_entries=64)
+    src = a.data / "run"
+    make_tree(src, files=300)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        first = await push(site_a, "/proj/run")
+        again = await push(site_a, "/proj/run")
+        assert again.unchanged and again.version == first.version
+        (src / sorted(p.name for p in src.iterdir() if p.is_file())[0]).write_bytes(b"new")
+        changed = await push(site_a, "/proj/run")
+        assert not changed.unchanged and changed.version != first.version
+        await stage(site_b, "/proj/run")
+        assert snapshot(b.data / "run") == snapshot(src)
+        result = await verify(site_b, "/proj/run")
+        assert result.ok
+        assert _lookup_threads() == []
+    finally:
+        await site_a.close()
+        await site_b.close()
