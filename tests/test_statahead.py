@@ -234,6 +234,24 @@ def test_lookups_start_once_most_lstats_are_slow(
     assert _lookup_threads() == []
 
 
+def test_a_walk_that_turns_slow_starts_lookups_at_its_next_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fast at first (a local tree), slow from the second sample on (a mount below it).
+    _slow_for(monkeypatch, lambda n: n >= statahead.SAMPLE)
+    fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+    lookups = Lookups(threads=4, slow_ns=1_000_000)
+    try:
+        for _ in range(2 * statahead.SAMPLE + statahead.UNTIMED - 1):
+            lookups.stat(".", fd)
+        assert not lookups.on  # the lstats after a fast sample are not timed
+        lookups.stat(".", fd)
+        assert lookups.on
+    finally:
+        lookups.close()
+        os.close(fd)
+
+
 def test_one_lookup_thread_is_never_more(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _slow_for(monkeypatch, lambda n: True)
     fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)

@@ -7,11 +7,11 @@ a few milliseconds, and a tree of hundreds of millions of files is walked in hou
 of minutes: the walk waits, the server and the network idle. Asked many at a time, the
 server answers them together.
 
-`Lookups` (one per walk) times the walk's own `lstat`s; once more than half of `SAMPLE`
-in a row took more than `SLOW_NS` each (the median, not the mean: a single `lstat` that
-waited for the GIL held by another thread of the process, as during a push, takes a
-switch interval of 5 ms, which a mean would take for a slow file system), it starts
-`THREADS` threads, and each directory listing walked
+`Lookups` (one per walk) times samples of the walk's own `lstat`s (`SAMPLE` in a row,
+then `UNTIMED` not). Once more than half of a sample took over `SLOW_NS` each, it starts
+`THREADS` threads. The median decides, not the mean: an `lstat` that waited for the GIL,
+held by another thread of the process (a push's event loop), takes the 5 ms switch
+interval, and a mean takes one such for a slow file system. Each directory listing walked
 from then on gets an `Ahead`: the `lstat`s of the next `WINDOW` names the walk will look
 at are asked for in pieces of `PIECE` names, and the walk takes each answer when it gets
 there. Nothing else changes: an answer is the `lstat` of the same name relative to the same
@@ -36,8 +36,10 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 #: Median `lstat` time, in nanoseconds, above which a walk looks names up ahead: local file
 #: systems answer in 1-5 us (measured here: 1.7 us on ext4), network ones in 100 us or more.
 SLOW_NS = 50_000
-#: `lstat`s timed to decide; the decision is taken again after every `SAMPLE` of them.
+#: `lstat`s timed to decide, and how many are not timed after a sample found them fast
+#: (timing costs a tenth of a local `lstat`); then a sample decides again.
 SAMPLE = 64
+UNTIMED = 7 * SAMPLE
 #: Lookups in flight at most (threads), names per lookup, and names looked up ahead.
 THREADS = 16
 PIECE = 8
@@ -131,6 +133,7 @@ class Lookups:
         self._pool: ThreadPoolExecutor | None = None
         self._timed = 0  # `lstat`s timed in the current sample
         self._slow = 0  # of those, how many took more than `slow_ns`
+        self._untimed = 0  # `lstat`s left before the next sample
 
     @property
     def on(self) -> bool:
@@ -140,6 +143,9 @@ class Lookups:
     def stat(self, name: str, fd: int) -> os.stat_result:
         """`lstat` `name` in directory `fd` now, timing it while the decision is open."""
         if self._pool is not None or self.threads <= 1:
+            return _lstat(name, fd)
+        if self._untimed:
+            self._untimed -= 1
             return _lstat(name, fd)
         start = time.perf_counter_ns()
         try:
@@ -159,6 +165,7 @@ class Lookups:
                     )
                     self._pool = ThreadPoolExecutor(self.threads, "datamover-lstat")
                 self._timed = self._slow = 0
+                self._untimed = UNTIMED
 
     def ahead(self, fd: int, names: list[str], wanted: Callable[[str], bool]) -> Ahead:
         """Lookups for the listing of directory `fd` whose names still to come are `names`
