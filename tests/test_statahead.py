@@ -7,17 +7,21 @@ bench/README.md); the lookups are forced on instead, by taking every `lstat` for
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from datamover.domain.manifest import Kind
 from datamover.errors import Conflict
 from datamover.transfer import statahead
+from datamover.transfer.plan import StagePlanner
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from datamover.transfer.statahead import Lookups
@@ -114,7 +118,7 @@ def test_the_answers_held_stay_within_the_window(tmp_path: Path) -> None:
             lookups.stat(".", fd)
         assert lookups.on
         names = sorted((p.name for p in tmp_path.iterdir()), reverse=True)  # popped from the end
-        ahead = lookups.ahead(fd, names, lambda name: True)
+        ahead = lookups.ahead(fd, names, lambda name: True, lambda name: False)
         seen = 0
         while names:
             name = names.pop()
@@ -140,7 +144,7 @@ def test_an_error_answer_is_looked_up_again(tmp_path: Path) -> None:
         for _ in range(statahead.SAMPLE):
             pool.stat(".", fd)
         names = ["late", "gone", "early"]  # walk order: early, gone, late
-        ahead = pool.ahead(fd, names, lambda name: True)
+        ahead = pool.ahead(fd, names, lambda name: True, lambda name: False)
         assert names.pop() == "early"
         ahead.advance()
         for future in set(ahead._answers.values()):
@@ -179,7 +183,7 @@ def test_close_waits_for_the_lookups_running(
             pool.stat(".", fd)
         calls.clear()
         names = sorted((p.name for p in tmp_path.iterdir()), reverse=True)
-        ahead = pool.ahead(fd, names, lambda name: True)
+        ahead = pool.ahead(fd, names, lambda name: True, lambda name: False)
         names.pop()
         ahead.advance()
         ahead.close()
@@ -359,3 +363,204 @@ async def test_push_stage_and_verify_with_names_looked_up_ahead(
     finally:
         await site_a.close()
         await site_b.close()
+
+
+def _run_tree(root: Path) -> None:
+    """A file, a subdirectory, then a file after it: the walk is below `a_dir` a while
+    before it gets to `b_file`."""
+    root.mkdir()
+    (root / "a0").write_bytes(b"a0")
+    (root / "a_dir").mkdir()
+    for i in range(20):
+        (root / "a_dir" / f"f{i:02d}").write_bytes(b"f")
+    (root / "b_file").write_bytes(b"old")
+    (root / "c").write_bytes(b"c")
+
+
+def _while_below_a_dir(monkeypatch: pytest.MonkeyPatch, act: Callable[[], None]) -> None:
+    """Run `act` when push's walk, below `a_dir`, compares its eleventh file."""
+    real = Walker.fill
+
+    def fill(self: Walker, entry: LocalEntry) -> bool:
+        if entry.path == "a_dir/f10":
+            act()
+        return real(self, entry)
+
+    monkeypatch.setattr(Walker, "fill", fill)
+
+
+async def test_a_file_changed_while_the_walk_is_below_a_directory_before_it_is_pushed(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, always_slow: None
+) -> None:
+    # Answers asked for before the walk went down into `a_dir` would be as old as the
+    # subtree's walk when taken (hours on a big one): `b_file`, rewritten meanwhile with
+    # the same size, would be taken for unchanged by its old mtime. The parent's lookups
+    # stop at the directory and begin again as the walk comes back up.
+    a = await make_site("site-a", segment_entries=64)
+    b = await make_site("site-b", segment_entries=64)
+    src = a.data / "run"
+    _run_tree(src)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/run")
+        _while_below_a_dir(monkeypatch, lambda: (src / "b_file").write_bytes(b"new"))
+        again = await push(site_a, "/proj/run")
+        assert not again.unchanged
+        await stage(site_b, "/proj/run")
+        assert (b.data / "run" / "b_file").read_bytes() == b"new"
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_file_removed_while_the_walk_is_below_a_directory_is_gone_for_the_push(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, always_slow: None
+) -> None:
+    a = await make_site("site-a", segment_entries=64)
+    src = a.data / "run"
+    _run_tree(src)
+    site_a = await a.open()
+    try:
+        first = await push(site_a, "/proj/run")
+        (src / "c").write_bytes(b"cc")  # so that a push would publish
+        _while_below_a_dir(monkeypatch, lambda: (src / "b_file").unlink())
+        with pytest.raises(Conflict, match="'b_file' vanished"):
+            await push(site_a, "/proj/run")
+        assert await site_a.repo.latest("/proj/run") == first.version
+    finally:
+        await site_a.close()
+
+
+def test_lookups_stop_at_the_next_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, always_slow: None
+) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "m").mkdir()
+    for name in ("a/1", "a/2", "m/1", "m/2", "b", "c", "x", "y", "z"):
+        (tmp_path / name).write_bytes(b"1")
+    asked: list[str] = []
+    real = statahead._look_up
+
+    def look_up(fd: int, names: list[str]) -> dict[str, statahead.Answer]:
+        asked.extend(names)
+        return real(fd, names)
+
+    monkeypatch.setattr(statahead, "_look_up", look_up)
+    for strict, stat_files in ((True, False), (False, True)):
+        asked.clear()
+        walker = Walker(str(tmp_path), strict=strict, stat_files=stat_files, lookup_threads=4)
+        try:
+            seen = {}
+            for entry in walker:
+                if entry.kind == Kind.FILE and entry.mode == -1:
+                    assert walker.fill(entry)
+                seen[entry.path] = set(asked)
+        finally:
+            walker.close()
+        # Below `m`, none of the root's names after it had been asked for.
+        assert not {"x", "y", "z"} & seen["m/2"], (strict, seen["m/2"])
+        assert {"y", "z"} <= set(asked)  # asked for again once back (`x`: by the walk)
+
+
+def test_answers_of_files_the_push_never_compares_are_dropped(
+    tmp_path: Path, always_slow: None
+) -> None:
+    # A re-push compares (`fill`s) only files its parent version had; the answers of the
+    # others are dropped as the walk passes them, not held to the directory's end.
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a").write_bytes(b"a")
+    for i in range(3 * statahead.WINDOW):
+        (tmp_path / "d" / f"new{i:05d}").touch()
+    walker = Walker(str(tmp_path), strict=True, stat_files=False, lookup_threads=4)
+    held = 0
+    try:
+        for entry in walker:
+            if entry.path == "d/a":
+                assert walker.fill(entry)
+            for ahead in walker._ahead.values():
+                held = max(held, len(ahead._answers))
+    finally:
+        walker.close()
+    assert 0 < held <= statahead.WINDOW + 1
+
+
+def test_a_walk_closed_on_one_of_its_lookup_threads_does_not_wait_for_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, always_slow: None
+) -> None:
+    # A walk left without `close` is closed by the garbage collector, which may run on
+    # one of the walk's own lookup threads: waiting there for its lookups waited for
+    # itself, for ever (and the interpreter for that thread at exit).
+    (tmp_path / "wide").mkdir()
+    for i in range(200):
+        (tmp_path / "wide" / f"f{i:05d}").touch()
+    walker = Walker(str(tmp_path), strict=False, lookup_threads=2)
+    closing = threading.Event()
+    closed = threading.Event()
+    real = statahead._lstat
+
+    def lstat(name: str, fd: int) -> os.stat_result:
+        if name == "f00100" and closing.wait(5):  # a lookup still running
+            walker.__del__()  # as the collector would, here
+            closed.set()
+        return real(name, fd)
+
+    monkeypatch.setattr(statahead, "_lstat", lstat)
+    for entry in walker:
+        if entry.path == "wide/f00010":
+            break
+    closing.set()
+    assert closed.wait(5)
+    deadline = time.monotonic() + 5
+    while _lookup_threads() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _lookup_threads() == []
+
+
+async def test_a_failed_stage_stops_its_walk(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, always_slow: None
+) -> None:
+    # The walk of a stage that failed half-way was never closed: its lookup threads and
+    # its directory descriptors stayed until a garbage collection (rare in a daemon).
+    a = await make_site("site-a", segment_entries=64)
+    b = await make_site("site-b", segment_entries=64)
+    src = a.data / "run"
+    (src / "wide").mkdir(parents=True)
+    for i in range(600):
+        (src / "wide" / f"f{i:05d}").write_bytes(b"x")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/run")
+        await stage(site_b, "/proj/run")
+        real = StagePlanner._both
+
+        def both(self: StagePlanner, local: Any, entry: Any, key: Any) -> Any:
+            if local.path == "wide/f00300":
+                raise RuntimeError("a failure half-way")
+            return real(self, local, entry, key)
+
+        monkeypatch.setattr(StagePlanner, "_both", both)
+        gc.disable()  # what a daemon's rare collections leave
+        try:
+            with pytest.raises(RuntimeError, match="half-way"):
+                await stage(site_b, "/proj/run")
+            threads = _lookup_threads()
+            held = _held_below(b.data)
+        finally:
+            gc.enable()
+        assert threads == [] and held == []
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+def _held_below(root: Path) -> list[str]:
+    """What this process's descriptors below `root` lead to."""
+    held = []
+    for fd in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith(str(root)):
+            held.append(target)
+    return held

@@ -881,6 +881,8 @@ class _Stager:
             if failed:  # directories made writable get their mode back, as on success
                 with contextlib.suppress(OSError, DatamoverError):
                     await self._on_writer(self._restore_modes)
+            if self._walker is not None:  # a walk cut short holds descriptors and threads
+                await self._on_writer(self._walker.close)
             await self._on_writer(self.writer.close)
             await self._on_writer(os.close, root_fd)
             await self._settle()

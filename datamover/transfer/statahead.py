@@ -17,8 +17,9 @@ at are asked for in pieces of `PIECE` names, and the walk takes each answer when
 there. Nothing else changes: an answer is the `lstat` of the same name relative to the same
 directory descriptor, taken a little earlier. An answer that was an error is not trusted,
 as the walk may have changed something since (given a directory its owner's search bit):
-the name is looked up again, by the walk itself. Memory: at most `WINDOW` answers per
-directory being walked, whatever its size.
+the name is looked up again, by the walk itself. Nothing past the next subdirectory is
+looked up before the walk has been through it (`Ahead`). Memory: at most `WINDOW` answers
+per directory being walked, whatever its size.
 
 A directory's descriptor must stay open while lookups in it may run: `Ahead.close` cancels
 those not started and waits for the others, and the walk calls it before closing the
@@ -30,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 
@@ -67,7 +69,17 @@ def _look_up(fd: int, names: list[str]) -> dict[str, Answer]:
 class Ahead:
     """The lookups of one directory listing. `names` is the walk's list of the names still
     to come, last first (the walk `pop`s them); `wanted(name)` says whether the walk will
-    `lstat` a name (it is asked when the name's turn to be looked up comes)."""
+    `lstat` a name, `is_dir(name)` whether it is a directory the walk may go down into
+    (both asked when the name's turn to be looked up comes).
+
+    Nothing past the next directory is looked up until the walk is past it: the walk goes
+    down into it first, which may take hours, and an answer is meant to be a little
+    earlier than the walk's own look, not older than the subtree below it. The walk drops
+    a directory's `Ahead` as it goes down (`close`) and makes a new one as it comes back.
+    The answer of a name the walk passed without looking at it (a file push has no parent
+    entry for) is dropped as the walk moves on: at most `WINDOW` answers are held, and the
+    name the walk is at.
+    """
 
     def __init__(
         self,
@@ -75,32 +87,50 @@ class Ahead:
         fd: int,
         names: list[str],
         wanted: Callable[[str], bool],
+        is_dir: Callable[[str], bool],
     ) -> None:
         self._pool = pool
         self._fd = fd
         self._names = names
         self._wanted = wanted
+        self._is_dir = is_dir
         self._total = len(names)  # the names left when the lookups began
         self._sent = 0  # of those, how many were considered for a lookup, in walk order
+        self._wall: int | None = None  # past a directory at `_wall - 1`: nothing sent beyond
         self._answers: dict[str, Future[dict[str, Answer]]] = {}
+        self._asked: deque[tuple[int, str]] = deque()  # (position, name) of `_answers`
+        self._futures: deque[Future[dict[str, Answer]]] = deque()  # not known to be done
 
     def advance(self) -> None:
-        """Ask for the names up to `WINDOW` past the walk's position (call it as the walk
-        moves on: after each `pop`)."""
+        """Ask for the names up to `WINDOW` past the walk's position, and no further than
+        the next directory; drop the answers of names the walk passed. Call it as the walk
+        moves on: after each `pop`."""
         taken = self._total - len(self._names)  # names the walk has popped
+        while self._asked and self._asked[0][0] < taken - 1:  # passed, never looked at
+            self._answers.pop(self._asked.popleft()[1], None)
+        while self._futures and self._futures[0].done():
+            self._futures.popleft()
+        if self._wall is not None and taken > self._wall:
+            self._wall = None  # the walk came past the directory without going down
         self._sent = max(self._sent, taken)
         end = min(self._total, taken + WINDOW)
+        if self._wall is not None:
+            end = min(end, self._wall)
         while self._sent < end:
+            piece: list[str] = []
             stop = min(end, self._sent + PIECE)
-            # walk position i is names[total - 1 - i] while the walk has not popped it
-            piece = [
-                name
-                for name in (self._names[self._total - 1 - i] for i in range(self._sent, stop))
-                if self._wanted(name)
-            ]
-            self._sent = stop
+            while self._sent < stop:
+                # walk position i is names[total - 1 - i] while the walk has not popped it
+                position, name = self._sent, self._names[self._total - 1 - self._sent]
+                self._sent += 1
+                if self._wanted(name):
+                    piece.append(name)
+                    self._asked.append((position, name))
+                if self._is_dir(name):
+                    self._wall = end = stop = self._sent
             if piece:
                 future = self._pool.submit(_look_up, self._fd, piece)
+                self._futures.append(future)
                 for name in piece:
                     self._answers[name] = future
 
@@ -114,14 +144,19 @@ class Ahead:
                 return answer
         return _lstat(name, self._fd)
 
-    def close(self) -> None:
-        """Cancel the lookups not started and wait for those running: the descriptor may be
-        closed once this returns."""
-        futures = set(self._answers.values())
+    def close(self, wait_running: bool = True) -> None:
+        """Cancel the lookups not started and (`wait_running`) wait for those running: the
+        descriptor may be closed once this returns. Without waiting, a lookup may still
+        look a name up in the descriptor after it is closed, or in another directory that
+        got its number: for a walk being thrown away only, whose answers nobody takes."""
+        futures = list(self._futures)
+        self._futures.clear()
         self._answers.clear()
+        self._asked.clear()
         for future in futures:
             future.cancel()
-        wait(futures)
+        if wait_running:
+            wait(futures)
 
 
 class Lookups:
@@ -167,15 +202,23 @@ class Lookups:
                 self._timed = self._slow = 0
                 self._untimed = UNTIMED
 
-    def ahead(self, fd: int, names: list[str], wanted: Callable[[str], bool]) -> Ahead:
+    def ahead(
+        self,
+        fd: int,
+        names: list[str],
+        wanted: Callable[[str], bool],
+        is_dir: Callable[[str], bool],
+    ) -> Ahead:
         """Lookups for the listing of directory `fd` whose names still to come are `names`
-        (last first). Only when `on`."""
+        (last first); see `Ahead`. Only when `on`."""
         if self._pool is None:
             raise RuntimeError("names are not looked up ahead")
-        return Ahead(self._pool, fd, names, wanted)
+        return Ahead(self._pool, fd, names, wanted, is_dir)
 
-    def close(self) -> None:
-        """Stop the threads (every `Ahead` must be closed first)."""
+    def close(self, wait_running: bool = True) -> None:
+        """Stop the threads (every `Ahead` must be closed first). Without `wait_running`,
+        for a walk closed by the garbage collector, which may run on one of these threads:
+        it would wait for itself."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=wait_running, cancel_futures=True)
             self._pool = None

@@ -112,21 +112,27 @@ class Walker:
         self._ahead: dict[int, Ahead] = {}  # by directory descriptor, once `_lookups.on`
         self._filling = False  # `fill` was called: regular files are looked up ahead too
 
-    def close(self) -> None:
+    def close(self, wait_lookups: bool = True) -> None:
         """Close the directory descriptors still held (the walk was not finished), giving
-        the directories it unlocked their modes back (unless `keep_unlocked`)."""
+        the directories it unlocked their modes back (unless `keep_unlocked`), and stop
+        the lookups ahead (`wait_lookups`: see `statahead.Ahead.close`)."""
         while self._stack:
             _, fd, rel = self._stack.pop()
-            self._leave(rel, fd)
-        self._lookups.close()
+            self._leave(rel, fd, wait_lookups)
+        self._lookups.close(wait_lookups)
 
-    def _leave(self, rel: str, fd: int) -> None:
+    def _leave(self, rel: str, fd: int, wait_lookups: bool = True) -> None:
         """Done with directory `rel`: end its lookups ahead, give its mode back, close it."""
+        try:
+            self._drop_ahead(fd, wait_lookups)  # before the descriptor they use is closed
+        finally:
+            self._relock(rel, fd)
+            os.close(fd)
+
+    def _drop_ahead(self, fd: int, wait_lookups: bool = True) -> None:
         ahead = self._ahead.pop(fd, None)
         if ahead is not None:
-            ahead.close()  # before the descriptor they use is closed
-        self._relock(rel, fd)
-        os.close(fd)
+            ahead.close(wait_lookups)
 
     def _stat(self, name: str, fd: int) -> os.stat_result:
         """`lstat` of `name` in directory `fd`: looked up ahead, if it was."""
@@ -136,7 +142,9 @@ class Walker:
         return self._lookups.stat(name, fd)
 
     def __del__(self) -> None:
-        self.close()
+        # Maybe on a lookup thread of this walk (a collection run there): it must not wait
+        # for itself. Answers of a walk thrown away are never taken.
+        self.close(wait_lookups=False)
 
     def __iter__(self) -> Walker:
         return self
@@ -274,8 +282,8 @@ class Walker:
             with os.scandir(fd) as it:
                 # The type is read only where it is used: where a file system leaves it
                 # unknown in the listing, each `is_*` is an `lstat` of its own.
-                if self.strict or not self.stat_files:
-                    names, kinds = _typed(it)
+                if self.strict or not self.stat_files or self._lookups.on:
+                    names, kinds = _typed(it)  # lookups stop at directories (`Ahead`)
                 else:
                     names, kinds = sorted(e.name for e in it), None
             if self.strict:
@@ -300,11 +308,16 @@ class Walker:
                 return False
             return kinds is None or self.stat_files or self._filling or name in kinds
 
-        ahead: Ahead | None = None
+        def is_dir(name: str) -> bool:
+            return kinds is not None and kinds.get(name) == _DIR
+
         while names:
             name = names.pop()
+            ahead = self._ahead.get(fd)  # dropped while the walk was below a subdirectory
             if ahead is None and self._lookups.on:
-                ahead = self._ahead[fd] = self._lookups.ahead(fd, names, wanted)
+                if kinds is None:  # listed before the lookups began: where they must stop
+                    kinds = _kinds(fd)
+                ahead = self._ahead[fd] = self._lookups.ahead(fd, names, wanted, is_dir)
             if ahead is not None:
                 ahead.advance()
             if PARTIAL_RE.match(name) and self.strict:
@@ -393,6 +406,9 @@ class Walker:
             self._list("")
         if self._pending_dir is not None:
             pending, self._pending_dir = self._pending_dir, None
+            # Answers asked before the walk goes down would be as old as the subtree's walk
+            # when taken: the parent's lookups begin again when the walk comes back up.
+            self._drop_ahead(self._stack[-1][1])
             self._list(pending, self._unlockable)
         while self._stack:
             try:
@@ -448,6 +464,13 @@ def _typed(entries: Iterator[os.DirEntry[str]]) -> tuple[list[str], dict[str, st
             kinds[name] = _OTHER
     names.sort()
     return names, kinds
+
+
+def _kinds(fd: int) -> dict[str, str]:
+    """`_typed`'s kinds of directory `fd`'s entries, listed again: for a listing made
+    without them, once names are looked up ahead in it (they stop at its directories)."""
+    with os.scandir(fd) as it:
+        return _typed(it)[1]
 
 
 def _check_names(rel: str, names: list[str], kinds: dict[str, str]) -> None:
