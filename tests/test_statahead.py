@@ -12,7 +12,7 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import pytest
 
 from datamover.domain.manifest import Kind
 from datamover.errors import Conflict
-from datamover.transfer import statahead
+from datamover.transfer import statahead, walk
 from datamover.transfer.plan import StagePlanner
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
@@ -564,3 +564,157 @@ def _held_below(root: Path) -> list[str]:
         if target.startswith(str(root)):
             held.append(target)
     return held
+
+
+def _asked_paths(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Every path looked up ahead, in the order asked (recorded as `_look_up` starts)."""
+    asked: list[str] = []
+    real = statahead._look_up
+
+    def look_up(fd: int, names: list[str]) -> dict[str, statahead.Answer]:
+        where = os.readlink(f"/proc/self/fd/{fd}")
+        asked.extend(f"{where}/{name}" for name in names)
+        return real(fd, names)
+
+    monkeypatch.setattr(statahead, "_look_up", look_up)
+    return asked
+
+
+@pytest.mark.parametrize(("strict", "stat_files"), [(True, False), (False, True)])
+def test_nothing_past_a_directory_is_asked_for_before_the_walk_has_been_through_it(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    always_slow: None,
+    strict: bool,
+    stat_files: bool,
+) -> None:
+    # Directories first in a listing, two in a row, last, and a listing begun at one: each
+    # time the walk goes down, none of the names after that directory was asked for yet.
+    (tmp_path / "0").write_bytes(b"1")  # the lookups are on from the first lstat
+    for d in ("p/a", "p/b", "q/x/deep", "r"):
+        (tmp_path / d).mkdir(parents=True)
+        (tmp_path / d / "1").write_bytes(b"1")
+    for f in ("p/f1", "p/f2", "p/f3", "q/y", "q/z", "s", "t"):
+        (tmp_path / f).write_bytes(b"1")
+    asked = _asked_paths(monkeypatch)
+    walker = Walker(str(tmp_path), strict=strict, stat_files=stat_files, lookup_threads=4)
+    entries: list[LocalEntry] = []
+    asked_then: dict[str, set[str]] = {}
+    try:
+        for entry in walker:
+            if entry.kind == Kind.FILE and entry.mode == -1:
+                assert walker.fill(entry)
+            entries.append(entry)
+            asked_then[entry.path] = set(asked)
+    finally:
+        walker.close()
+    paths = [e.path for e in entries]
+    for i, entry in enumerate(entries):
+        if entry.kind != Kind.DIR:
+            continue
+        parent = entry.path.rpartition("/")[0]
+        later = {
+            str(tmp_path / p)
+            for p in paths[i + 1 :]
+            if p.rpartition("/")[0] == parent and not p.startswith(entry.path + "/")
+        }
+        first_below = next(p for p in paths[i + 1 :] if p.startswith(entry.path + "/"))
+        assert not later & asked_then[first_below], (entry.path, later & asked_then[first_below])
+
+
+def test_listings_without_file_types_are_not_typed_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Where a listing leaves the kinds out, each is an lstat on the walk's own thread:
+    # reading them where lookups stop (at directories) cost stage's and verify's walks an
+    # lstat a name, serially, as without lookups. The first `PROBE` names show it.
+    monkeypatch.setattr(statahead, "SLOW_NS", 100_000)
+    (tmp_path / "d").mkdir()
+    for i in range(1000):
+        (tmp_path / "d" / f"f{i:05d}").touch()
+    walk_thread = threading.get_ident()
+    serial = [0]
+    real = statahead._lstat
+
+    def lstat(name: str, fd: int) -> os.stat_result:
+        serial[0] += threading.get_ident() == walk_thread
+        time.sleep(0.0005)  # over SLOW_NS
+        return real(name, fd)
+
+    monkeypatch.setattr(statahead, "_lstat", lstat)
+    monkeypatch.setattr(walk.os, "scandir", _untyped_scandir(os.scandir))
+    walker = Walker(str(tmp_path), strict=False, lookup_threads=8)
+    try:
+        assert sum(1 for _ in walker) == 1001
+    finally:
+        walker.close()
+    # The walk's own: the sample that turned the lookups on, the probe, and a few answers
+    # asked for after the walk had passed the lookups' window.
+    assert serial[0] < statahead.SAMPLE + walk.PROBE + 40, serial[0]
+
+
+def _untyped_scandir(real: Callable[..., Any]) -> Callable[..., Any]:
+    """`os.scandir` of a file system whose listings carry no types: each `DirEntry.is_*`
+    asks `statahead._lstat` (the emulated slow `lstat`)."""
+
+    class Entry:
+        def __init__(self, name: str, fd: int) -> None:
+            self.name, self._fd = name, fd
+
+        def _mode(self) -> int:
+            return statahead._lstat(self.name, self._fd).st_mode
+
+        def is_file(self, follow_symlinks: bool = True) -> bool:
+            return stat.S_ISREG(self._mode())
+
+        def is_dir(self, follow_symlinks: bool = True) -> bool:
+            return stat.S_ISDIR(self._mode())
+
+        def is_symlink(self) -> bool:
+            return stat.S_ISLNK(self._mode())
+
+    class Listing:
+        def __init__(self, fd: int) -> None:
+            self._it, self._fd = real(fd), fd
+
+        def __enter__(self) -> Iterator[Entry]:
+            return (Entry(e.name, self._fd) for e in self._it)
+
+        def __exit__(self, *exc: object) -> None:
+            self._it.close()
+
+    return Listing
+
+
+def test_lookups_of_names_passed_unlooked_at_are_cancelled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, always_slow: None
+) -> None:
+    # A re-push passes its new files without a look; where the lookups are slower than
+    # that pace, those not started are cancelled, not left queued before what the walk
+    # needs next.
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a").write_bytes(b"a")
+    for i in range(3000):
+        (tmp_path / "d" / f"new{i:05d}").touch()
+    (tmp_path / "d" / "zdir").mkdir()
+    real = statahead._lstat
+    looked_up = [0]
+
+    def lstat(name: str, fd: int) -> os.stat_result:
+        time.sleep(0.0005)
+        looked_up[0] += name.startswith("new")
+        return real(name, fd)
+
+    monkeypatch.setattr(statahead, "_lstat", lstat)
+    walker = Walker(str(tmp_path), strict=True, stat_files=False, lookup_threads=8)
+    pending = 0
+    try:
+        for entry in walker:
+            if entry.path == "d/a":
+                assert walker.fill(entry)
+            for ahead in walker._ahead.values():
+                pending = max(pending, sum(not f.done() for _, f in ahead._futures))
+    finally:
+        walker.close()
+    assert pending <= statahead.WINDOW // statahead.PIECE + 8 + 1  # the window, the running
+    assert looked_up[0] < 1500

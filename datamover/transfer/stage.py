@@ -881,8 +881,11 @@ class _Stager:
             if failed:  # directories made writable get their mode back, as on success
                 with contextlib.suppress(OSError, DatamoverError):
                     await self._on_writer(self._restore_modes)
-            if self._walker is not None:  # a walk cut short holds descriptors and threads
-                await self._on_writer(self._walker.close)
+            # A walk cut short holds descriptors and threads; not one still running in its
+            # thread (a second cancel ended the wait for it above): the collector's then.
+            if self._walker is not None and reading.done():
+                with contextlib.suppress(OSError, DatamoverError):
+                    await self._on_writer(self._walker.close)
             await self._on_writer(self.writer.close)
             await self._on_writer(os.close, root_fd)
             await self._settle()

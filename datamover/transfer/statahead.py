@@ -88,7 +88,10 @@ class Ahead:
         names: list[str],
         wanted: Callable[[str], bool],
         is_dir: Callable[[str], bool],
+        at_dir: bool = False,
     ) -> None:
+        """`at_dir`: the name the walk is at (popped last) is a directory, which it may
+        go down into next: nothing is asked for until the walk is past it."""
         self._pool = pool
         self._fd = fd
         self._names = names
@@ -96,26 +99,40 @@ class Ahead:
         self._is_dir = is_dir
         self._total = len(names)  # the names left when the lookups began
         self._sent = 0  # of those, how many were considered for a lookup, in walk order
-        self._wall: int | None = None  # past a directory at `_wall - 1`: nothing sent beyond
+        # Past a directory at position `_wall - 1` (-1: the name the walk is at), nothing
+        # is sent until the walk is past it.
+        self._wall: int | None = 0 if at_dir else None
         self._answers: dict[str, Future[dict[str, Answer]]] = {}
         self._asked: deque[tuple[int, str]] = deque()  # (position, name) of `_answers`
-        self._futures: deque[Future[dict[str, Answer]]] = deque()  # not known to be done
+        # (last position, lookup) of the lookups not known to be done, in walk order
+        self._futures: deque[tuple[int, Future[dict[str, Answer]]]] = deque()
 
     def advance(self) -> None:
         """Ask for the names up to `WINDOW` past the walk's position, and no further than
-        the next directory; drop the answers of names the walk passed. Call it as the walk
-        moves on: after each `pop`."""
+        the next directory, a piece of `PIECE` names at a time; drop the answers of names
+        the walk passed, and cancel lookups of those alone. Call it as the walk moves on:
+        after each `pop`."""
         taken = self._total - len(self._names)  # names the walk has popped
-        while self._asked and self._asked[0][0] < taken - 1:  # passed, never looked at
+        passed = taken - 1  # positions below it the walk passed (it is at `passed`)
+        while self._asked and self._asked[0][0] < passed:  # passed, never looked at
             self._answers.pop(self._asked.popleft()[1], None)
-        while self._futures and self._futures[0].done():
-            self._futures.popleft()
+        while self._futures and self._futures[0][1].done():
+            self._futures.popleft()  # their answers are in `_answers`, or not wanted
         if self._wall is not None and taken > self._wall:
             self._wall = None  # the walk came past the directory without going down
         self._sent = max(self._sent, taken)
         end = min(self._total, taken + WINDOW)
         if self._wall is not None:
             end = min(end, self._wall)
+        elif end - self._sent < PIECE and end < self._total:
+            return  # less than a piece free in the window: wait for the walk to move on
+        # Kept: the lookups still running or wanted (`close` waits for them); those of
+        # names the walk passed alone are cancelled if not started.
+        self._futures = deque(
+            (last, future)
+            for last, future in self._futures
+            if not (future.done() or (last < passed and future.cancel()))
+        )
         while self._sent < end:
             piece: list[str] = []
             stop = min(end, self._sent + PIECE)
@@ -130,7 +147,7 @@ class Ahead:
                     self._wall = end = stop = self._sent
             if piece:
                 future = self._pool.submit(_look_up, self._fd, piece)
-                self._futures.append(future)
+                self._futures.append((self._sent - 1, future))
                 for name in piece:
                     self._answers[name] = future
 
@@ -149,7 +166,7 @@ class Ahead:
         descriptor may be closed once this returns. Without waiting, a lookup may still
         look a name up in the descriptor after it is closed, or in another directory that
         got its number: for a walk being thrown away only, whose answers nobody takes."""
-        futures = list(self._futures)
+        futures = [future for _, future in self._futures]
         self._futures.clear()
         self._answers.clear()
         self._asked.clear()
@@ -208,12 +225,13 @@ class Lookups:
         names: list[str],
         wanted: Callable[[str], bool],
         is_dir: Callable[[str], bool],
+        at_dir: bool = False,
     ) -> Ahead:
         """Lookups for the listing of directory `fd` whose names still to come are `names`
         (last first); see `Ahead`. Only when `on`."""
         if self._pool is None:
             raise RuntimeError("names are not looked up ahead")
-        return Ahead(self._pool, fd, names, wanted, is_dir)
+        return Ahead(self._pool, fd, names, wanted, is_dir, at_dir)
 
     def close(self, wait_running: bool = True) -> None:
         """Stop the threads (every `Ahead` must be closed first). Without `wait_running`,

@@ -26,6 +26,7 @@ import errno
 import logging
 import os
 import stat
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,12 @@ log = logging.getLogger(__name__)
 #: How many skipped special files a walk names (the rest are only counted).
 SKIPPED_SAMPLE = 100
 UNKNOWN = -1  # a stat field not read yet (see `Walker(stat_files=False)`)
+
+#: Time a typed listing takes an entry, above which its kinds were not in it but each
+#: an `lstat` (`Walker._typed_timed`): a few hundred nanoseconds where they are. `PROBE`:
+#: the entries timed.
+UNTYPED_NS = 10_000
+PROBE = 32
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Owner read and search: what the walk needs to list a directory and look at its entries.
@@ -111,6 +118,7 @@ class Walker:
         self._lookups = Lookups(threads=lookup_threads)
         self._ahead: dict[int, Ahead] = {}  # by directory descriptor, once `_lookups.on`
         self._filling = False  # `fill` was called: regular files are looked up ahead too
+        self._typed_listings = True  # listings carry file types (`_typed_timed`)
 
     def close(self, wait_lookups: bool = True) -> None:
         """Close the directory descriptors still held (the walk was not finished), giving
@@ -133,6 +141,31 @@ class Walker:
         ahead = self._ahead.pop(fd, None)
         if ahead is not None:
             ahead.close(wait_lookups)
+
+    def _typed_timed(
+        self, entries: Iterator[os.DirEntry[str]]
+    ) -> tuple[list[str], dict[str, str] | None]:
+        """`_typed`, for stage's and verify's walks once names are looked up ahead (which
+        stop at directories), or the names alone (kinds None). Where a listing leaves the
+        kinds out (NFS without READDIRPLUS, some FUSE file systems), each is a slow
+        `lstat` on the walk's own thread: the first `PROBE` entries show it, and then no
+        listing of this walk is typed again."""
+        names: list[str] = []
+        kinds: dict[str, str] | None = {}
+        start = time.perf_counter_ns()
+        for item in entries:
+            names.append(item.name)
+            if kinds is None:
+                continue
+            kind = _kind(item)
+            if kind is not None:
+                kinds[item.name] = kind
+            if len(names) == PROBE and time.perf_counter_ns() - start > PROBE * UNTYPED_NS:
+                log.debug("%s: listings here carry no file types; not reading them", self.root)
+                self._typed_listings = False
+                kinds = None
+        names.sort()
+        return names, kinds
 
     def _stat(self, name: str, fd: int) -> os.stat_result:
         """`lstat` of `name` in directory `fd`: looked up ahead, if it was."""
@@ -282,8 +315,10 @@ class Walker:
             with os.scandir(fd) as it:
                 # The type is read only where it is used: where a file system leaves it
                 # unknown in the listing, each `is_*` is an `lstat` of its own.
-                if self.strict or not self.stat_files or self._lookups.on:
-                    names, kinds = _typed(it)  # lookups stop at directories (`Ahead`)
+                if self.strict or not self.stat_files:
+                    names, kinds = _typed(it)
+                elif self._lookups.on and self._typed_listings:
+                    names, kinds = self._typed_timed(it)  # lookups stop at directories
                 else:
                     names, kinds = sorted(e.name for e in it), None
             if self.strict:
@@ -315,9 +350,13 @@ class Walker:
             name = names.pop()
             ahead = self._ahead.get(fd)  # dropped while the walk was below a subdirectory
             if ahead is None and self._lookups.on:
-                if kinds is None:  # listed before the lookups began: where they must stop
-                    kinds = _kinds(fd)
-                ahead = self._ahead[fd] = self._lookups.ahead(fd, names, wanted, is_dir)
+                if kinds is None and self._typed_listings:
+                    # Listed before the lookups began: where they are to stop.
+                    with os.scandir(fd) as again:
+                        kinds = self._typed_timed(again)[1]
+                ahead = self._ahead[fd] = self._lookups.ahead(
+                    fd, names, wanted, is_dir, at_dir=is_dir(name)
+                )
             if ahead is not None:
                 ahead.advance()
             if PARTIAL_RE.match(name) and self.strict:
@@ -449,28 +488,24 @@ def _typed(entries: Iterator[os.DirEntry[str]]) -> tuple[list[str], dict[str, st
     names: list[str] = []
     kinds: dict[str, str] = {}
     for item in entries:
-        name = item.name
-        names.append(name)
-        try:
-            if item.is_file(follow_symlinks=False):
-                continue
-            if item.is_dir(follow_symlinks=False):
-                kinds[name] = _DIR
-            elif item.is_symlink():
-                kinds[name] = _LINK
-            else:
-                kinds[name] = _OTHER
-        except OSError:
-            kinds[name] = _OTHER
+        names.append(item.name)
+        kind = _kind(item)
+        if kind is not None:
+            kinds[item.name] = kind
     names.sort()
     return names, kinds
 
 
-def _kinds(fd: int) -> dict[str, str]:
-    """`_typed`'s kinds of directory `fd`'s entries, listed again: for a listing made
-    without them, once names are looked up ahead in it (they stop at its directories)."""
-    with os.scandir(fd) as it:
-        return _typed(it)[1]
+def _kind(item: os.DirEntry[str]) -> str | None:
+    """The kind of a listed entry that is not a regular file (None for one that is)."""
+    try:
+        if item.is_file(follow_symlinks=False):
+            return None
+        if item.is_dir(follow_symlinks=False):
+            return _DIR
+        return _LINK if item.is_symlink() else _OTHER
+    except OSError:
+        return _OTHER
 
 
 def _check_names(rel: str, names: list[str], kinds: dict[str, str]) -> None:
