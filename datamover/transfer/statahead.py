@@ -18,12 +18,13 @@ there. Nothing else changes: an answer is the `lstat` of the same name relative 
 directory descriptor, taken a little earlier. An answer that was an error is not trusted,
 as the walk may have changed something since (given a directory its owner's search bit):
 the name is looked up again, by the walk itself. Nothing past the next subdirectory is
-looked up before the walk has been through it (`Ahead`). Memory: at most `WINDOW` answers
-per directory being walked, whatever its size.
+looked up before the walk has been through it, and lookups of names the walk passed
+without a look are cancelled (`Ahead`). Memory: about `WINDOW` answers per directory level
+being walked, whatever its size.
 
 A directory's descriptor must stay open while lookups in it may run: `Ahead.close` cancels
 those not started and waits for the others, and the walk calls it before closing the
-descriptor.
+descriptor (but for a walk the garbage collector closes: see `Ahead.close`).
 """
 
 from __future__ import annotations
