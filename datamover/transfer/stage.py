@@ -846,14 +846,18 @@ class _Stager:
         plan = self._planner(fsops.lazy_stored_mtime(root_fd))
         failed = False
         stopping = threading.Event()
+        walking = threading.Lock()  # held while a thread walks (`next_actions`)
 
         def next_actions() -> list[Any]:
             """The next group of planned actions (in a thread); cut short once stopping."""
             group = []
-            for action in itertools.islice(plan, _PLAN_BATCH):
-                group.append(action)
+            with walking:
                 if stopping.is_set():
-                    break
+                    return group
+                for action in itertools.islice(plan, _PLAN_BATCH):
+                    group.append(action)
+                    if stopping.is_set():
+                        break
             return group
 
         reading = asyncio.ensure_future(asyncio.to_thread(next_actions))
@@ -881,11 +885,15 @@ class _Stager:
             if failed:  # directories made writable get their mode back, as on success
                 with contextlib.suppress(OSError, DatamoverError):
                     await self._on_writer(self._restore_modes)
-            # A walk cut short holds descriptors and threads; not one still running in its
-            # thread (a second cancel ended the wait for it above): the collector's then.
-            if self._walker is not None and reading.done():
-                with contextlib.suppress(OSError, DatamoverError):
-                    await self._on_writer(self._walker.close)
+            # A walk cut short holds descriptors and threads. Not one still running in its
+            # thread (a second cancel ended the wait for it above, and cancelled the task
+            # but not the thread): the collector's then. Once stopping, no walk starts.
+            if self._walker is not None and walking.acquire(blocking=False):
+                try:
+                    with contextlib.suppress(OSError, DatamoverError):
+                        await self._on_writer(self._walker.close)
+                finally:
+                    walking.release()
             await self._on_writer(self.writer.close)
             await self._on_writer(os.close, root_fd)
             await self._settle()

@@ -44,9 +44,9 @@ log = logging.getLogger(__name__)
 SKIPPED_SAMPLE = 100
 UNKNOWN = -1  # a stat field not read yet (see `Walker(stat_files=False)`)
 
-#: Time a typed listing takes an entry, above which its kinds were not in it but each
-#: an `lstat` (`Walker._typed_timed`): a few hundred nanoseconds where they are. `PROBE`:
-#: the entries timed.
+#: Time an entry of a typed listing takes, above which its kind was not in the listing but
+#: an `lstat` (`Walker._typed_timed`): a few hundred nanoseconds where it is. `PROBE`: the
+#: entries timed.
 UNTYPED_NS = 10_000
 PROBE = 32
 
@@ -148,24 +148,36 @@ class Walker:
         """`_typed`, for stage's and verify's walks once names are looked up ahead (which
         stop at directories), or the names alone (kinds None). Where a listing leaves the
         kinds out (NFS without READDIRPLUS, some FUSE file systems), each is a slow
-        `lstat` on the walk's own thread: the first `PROBE` entries show it, and then no
-        listing of this walk is typed again."""
+        `lstat` on the walk's own thread: once more than half of the first `PROBE` entries
+        (or of all, in a listing of 8 or more but fewer) took over `UNTYPED_NS` each, no
+        listing of this walk is typed again. Each is timed alone, and the median decides:
+        one that waited for the GIL takes milliseconds where types are in the listing."""
         names: list[str] = []
         kinds: dict[str, str] | None = {}
-        start = time.perf_counter_ns()
+        slow = 0
         for item in entries:
             names.append(item.name)
             if kinds is None:
                 continue
+            start = time.perf_counter_ns()
             kind = _kind(item)
+            if len(names) <= PROBE:
+                slow += time.perf_counter_ns() - start > UNTYPED_NS
             if kind is not None:
                 kinds[item.name] = kind
-            if len(names) == PROBE and time.perf_counter_ns() - start > PROBE * UNTYPED_NS:
-                log.debug("%s: listings here carry no file types; not reading them", self.root)
-                self._typed_listings = False
+            if len(names) == PROBE and slow > PROBE // 2:
+                self._untyped()
                 kinds = None
+        if kinds is not None and 8 <= len(names) < PROBE and slow > len(names) // 2:
+            self._untyped()
+            kinds = None
         names.sort()
         return names, kinds
+
+    def _untyped(self) -> None:
+        """This walk's listings carry no file types: stop reading them (`_typed_timed`)."""
+        log.debug("%s: listings here carry no file types; not reading them", self.root)
+        self._typed_listings = False
 
     def _stat(self, name: str, fd: int) -> os.stat_result:
         """`lstat` of `name` in directory `fd`: looked up ahead, if it was."""
