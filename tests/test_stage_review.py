@@ -440,12 +440,8 @@ async def test_a_stage_cancelled_while_its_lock_file_hangs_leaks_no_descriptor(
         await site_b.close()
 
 
-async def test_a_stage_cancelled_while_it_plans_ends_after_its_walk(
-    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The walk runs in a thread and may give a directory its owner's read and search bits
-    # (Walker.allow_unlock); a cancel while the stage waited for it gave modes back while
-    # the walk went on, so what it unlocked after that kept those bits.
+async def _five_files_pushed(make_site: MakeSite) -> tuple[SiteEnv, SiteEnv]:
+    """Sites A and B, with `/proj/ds` (five small files) pushed from A."""
     a, b = await make_site("site-a"), await make_site("site-b")
     (a.data / "ds").mkdir()
     for i in range(5):
@@ -455,6 +451,14 @@ async def test_a_stage_cancelled_while_it_plans_ends_after_its_walk(
         await push(site_a, "/proj/ds")
     finally:
         await site_a.close()
+    return a, b
+
+
+def _planning_held(
+    monkeypatch: pytest.MonkeyPatch,
+) -> tuple[threading.Event, threading.Event, threading.Event]:
+    """Stages plan (walk) only once `go` is set: `(planning, go, walked)`, `planning` set
+    when a stage's walk, in its thread, waits for `go`; `walked` once it planned an action."""
     planning, go, walked = threading.Event(), threading.Event(), threading.Event()
     real = stage_module._Stager._planner
 
@@ -471,6 +475,17 @@ async def test_a_stage_cancelled_while_it_plans_ends_after_its_walk(
         return slowly()
 
     monkeypatch.setattr(stage_module._Stager, "_planner", slow_planner)
+    return planning, go, walked
+
+
+async def test_a_stage_cancelled_while_it_plans_ends_after_its_walk(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The walk runs in a thread and may give a directory its owner's read and search bits
+    # (Walker.allow_unlock); a cancel while the stage waited for it gave modes back while
+    # the walk went on, so what it unlocked after that kept those bits.
+    _, b = await _five_files_pushed(make_site)
+    planning, go, walked = _planning_held(monkeypatch)
     site_b = await b.open()
     try:
         task = asyncio.create_task(stage(site_b, "/proj/ds"))
@@ -484,6 +499,39 @@ async def test_a_stage_cancelled_while_it_plans_ends_after_its_walk(
         assert await asyncio.to_thread(walked.wait, 10)
         assert ended_after_walk, "the stage ended while its walk went on"
     finally:
+        await site_b.close()
+
+
+async def test_a_stage_cancelled_twice_leaves_the_walk_running_in_its_thread_alone(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The second cancel ends the stage's wait for its walk, which goes on in its thread:
+    # closing the walk then (as a failed stage does) closed the directory descriptors the
+    # walk was using, and their numbers could be another file's by its next look.
+    _, b = await _five_files_pushed(make_site)
+    planning, go, _ = _planning_held(monkeypatch)
+    closed_while_walking: list[bool] = []
+    real_close = Walker.close
+
+    def close(self: Walker, wait_lookups: bool = True) -> None:
+        closed_while_walking.append(planning.is_set() and not go.is_set())
+        real_close(self, wait_lookups)
+
+    monkeypatch.setattr(Walker, "close", close)
+    site_b = await b.open()
+    try:
+        task = asyncio.create_task(stage(site_b, "/proj/ds"))
+        assert await asyncio.to_thread(planning.wait, 10)
+        task.cancel()
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        go.set()
+        await asyncio.sleep(0.2)
+        assert True not in closed_while_walking
+    finally:
+        go.set()
         await site_b.close()
 
 

@@ -7,7 +7,6 @@ bench/README.md); the lookups are forced on instead, by taking every `lstat` for
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import os
 import stat
@@ -24,7 +23,7 @@ from datamover.errors import Conflict
 from datamover.transfer import statahead, walk
 from datamover.transfer.plan import StagePlanner
 from datamover.transfer.push import push
-from datamover.transfer.stage import _Stager, stage
+from datamover.transfer.stage import stage
 from datamover.transfer.statahead import Lookups
 from datamover.transfer.verify import verify
 from datamover.transfer.walk import LocalEntry, Walker
@@ -745,57 +744,3 @@ def test_one_slow_entry_does_not_stop_a_walk_typing_its_listings(
         assert walker._typed_listings
     finally:
         walker.close()
-
-
-async def test_a_stage_cancelled_twice_leaves_the_walk_running_in_its_thread_alone(
-    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # The second cancel ends the stage's wait for its walk, which goes on in its thread:
-    # closing the walk then closed the directory descriptors the walk was using.
-    a, b = await make_site("site-a"), await make_site("site-b")
-    (a.data / "ds").mkdir()
-    for i in range(5):
-        (a.data / "ds" / f"f{i}").write_text(f"{i}\n")
-    site_a = await a.open()
-    try:
-        await push(site_a, "/proj/ds")
-    finally:
-        await site_a.close()
-    planning, go, in_walk = threading.Event(), threading.Event(), threading.Event()
-    closed_while_walking: list[bool] = []
-    real_planner = _Stager._planner
-    real_close = Walker.close
-
-    def slow_planner(self: _Stager, stored_mtime: Callable[[int], int]) -> Iterator[Any]:
-        actions = real_planner(self, stored_mtime)
-
-        def slowly() -> Iterator[Any]:
-            in_walk.set()
-            planning.set()
-            go.wait(10)
-            in_walk.clear()
-            yield from actions
-
-        return slowly()
-
-    def close(self: Walker, wait_lookups: bool = True) -> None:
-        closed_while_walking.append(in_walk.is_set())
-        real_close(self, wait_lookups)
-
-    monkeypatch.setattr(_Stager, "_planner", slow_planner)
-    monkeypatch.setattr(Walker, "close", close)
-    site_b = await b.open()
-    try:
-        task = asyncio.create_task(stage(site_b, "/proj/ds"))
-        assert await asyncio.to_thread(planning.wait, 10)
-        task.cancel()
-        await asyncio.sleep(0.1)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        go.set()
-        await asyncio.sleep(0.2)
-        assert True not in closed_while_walking
-    finally:
-        go.set()
-        await site_b.close()
