@@ -122,7 +122,9 @@ class TransferSettings:
 
     pack_size: int = 32 * MiB
     upload_concurrency: int = 4
-    read_workers: int = 0  # processes reading and hashing small files on push; 0: two per core
+    # processes reading and hashing small files on push, and finding a re-push's unchanged
+    # segments ahead of its walk (`segcheck`); 0: two per core
+    read_workers: int = 0
     write_workers: int = 0  # processes writing small files on stage; 0: one per core; -1: none
     download_concurrency: int = 8
     zstd_level: int = 3

@@ -237,6 +237,11 @@ class Repository:
         h = digest.hex()
         return self.cache_dir / "manifests" / h[:2] / h
 
+    def cache_file(self, digest: bytes) -> str:
+        """Where manifest object `digest` is cached (it may not be): for a worker process
+        to read and verify it itself."""
+        return str(self._cache_path(digest))
+
     def _write_cache(self, digest: bytes, data: bytes) -> None:
         """Cache manifest object `data` under a temporary name in `manifests/tmp/`, renamed
         into place; a write that fails (a full disk, a quota) removes its temporary file and

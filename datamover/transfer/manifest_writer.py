@@ -161,13 +161,18 @@ class ManifestWriter:
         if self.cuts.after(len(self._entries), self._chunks, entry.path, chunks):
             await self.cut()
 
+    def takes_whole(self, ref: SegmentRef) -> bool:
+        """Whether `append_segment` takes previous segment `ref` whole now, without its
+        entries."""
+        return not self._entries and (ref.first_path, ref.last_path, ref.entries) in self._reusable
+
     async def append_segment(self, ref: SegmentRef, entries: list[Entry]) -> None:
         """Add `entries`, every entry of previous segment `ref` and equal to it (the
         scanner's `SameSegment`). Where no segment is open and `ref` is one of the
         `reusable`, it is taken whole without looking at the entries, as the parent cut
         it (readers do not depend on the cutting rule); otherwise they are appended one
         by one, and cut where `SegmentCuts` says."""
-        if not self._entries and (ref.first_path, ref.last_path, ref.entries) in self._reusable:
+        if self.takes_whole(ref):
             self.reused += 1
             await self._take_slot()
             self._start(self._record(ref, self._last, reused=True))

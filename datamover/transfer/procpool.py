@@ -31,7 +31,11 @@ from datamover import gctune
 from datamover.errors import TransientError
 
 #: Imported once by the fork server, so a worker starts with them loaded.
-PRELOAD = ["datamover.transfer.readers", "datamover.transfer.writers"]
+PRELOAD = [
+    "datamover.transfer.readers",
+    "datamover.transfer.segcheck",
+    "datamover.transfer.writers",
+]
 
 
 def _ready() -> None:
@@ -72,12 +76,23 @@ def _context() -> multiprocessing.context.ForkServerContext:
     return ctx
 
 
+_warm = False  # whether this process started the fork server (`warm`, `start`)
+
+
 def warm() -> None:
     """Start the fork server now, with `PRELOAD` imported (blocks ~0.2 s; idempotent): a
     long-lived process (the site daemon) calls it at start-up so that its first big push or
     stage does not wait for it. Raises `OSError` where no fork server can run."""
+    global _warm
     _context()
     forkserver.ensure_running()
+    _warm = True
+
+
+def is_warm() -> bool:
+    """Whether workers start without the fork server's start-up (`warm`): this process
+    started it already."""
+    return _warm
 
 
 def _end_with(parent: int) -> None:
@@ -117,6 +132,7 @@ def start(workers: int) -> ProcessPoolExecutor:
     worker would do everything; starting all now is what lets them run side by side. Each
     worker ends when this process does (`_end_with`).
     """
+    warm()
     pool = ProcessPoolExecutor(
         workers, mp_context=_context(), initializer=_end_with, initargs=(os.getpid(),)
     )

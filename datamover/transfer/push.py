@@ -108,12 +108,19 @@ def _unfinished(batch: list[object], current: dict[bytes, Ref]) -> dict[bytes, R
 
 
 def _previous(
-    repo: Repository, resumed: list[SegmentRef], parent: list[SegmentRef], marked: bool
+    repo: Repository,
+    resumed: list[SegmentRef],
+    parent: list[SegmentRef],
+    marked: bool,
+    passed: set[bytes] | None = None,
 ) -> Iterator[Entry | SegmentRef]:
     """Sorted entries to compare the walk with: what an interrupted run already stored, then
     the parent's entries beyond it. With `marked`, each segment streamed whole
     (`_reusable`) comes after its `SegmentRef`, for the scanner to find it unchanged as a
-    whole (`SameSegment`)."""
+    whole (`SameSegment`). The entries of a marked segment whose digest is in `passed`
+    (the walk passed over it: `Scanner.check_ahead`) are skipped, from where the stream is
+    when it is added; they are not decoded."""
+    passed = passed if passed is not None else set()
     cutoff: tuple[str, ...] | None = None
     for ref in resumed:
         if marked:
@@ -125,10 +132,23 @@ def _previous(
         if cutoff is None or sort_key(ref.first_path) > cutoff:
             if marked:
                 yield ref
-            yield from repo.iter_cached([ref], check=False)
+                yield from _unless_passed(repo, ref, passed)
+            else:
+                yield from repo.iter_cached([ref], check=False)
         elif sort_key(ref.last_path) > cutoff:  # straddles the cut-off: what is beyond it
             beyond = repo.iter_cached([ref], check=False)
             yield from (e for e in beyond if sort_key(e.path) > cutoff)
+
+
+def _unless_passed(repo: Repository, ref: SegmentRef, passed: set[bytes]) -> Iterator[Entry]:
+    """The entries of segment `ref` until its digest is in `passed`."""
+    digest = ref.digest
+    if digest in passed:
+        return
+    for entry in repo.iter_cached([ref], check=False):
+        if digest in passed:
+            return
+        yield entry
 
 
 def _reusable(resumed: list[SegmentRef], parent: list[SegmentRef]) -> list[SegmentRef]:
@@ -625,6 +645,11 @@ class _PassProgress:
             self.progress.advance(more_files, more_bytes)
 
 
+def _entries_of(repo: Repository, ref: SegmentRef) -> list[Entry]:
+    """The entries of segment `ref`, from the manifest cache (blocking)."""
+    return list(repo.iter_cached([ref], check=False))
+
+
 def _without(entries: Iterator[Entry | SegmentRef], lost: set[bytes]) -> Iterator[Entry]:
     """`entries` minus those with a chunk in a `lost` pack: the scanner then finds no
     previous entry for those files and reads them again. Segment marks are left out (no
@@ -659,7 +684,8 @@ async def _build(
     """
     t = site.config.transfer
     level = None if t.compression == "never" else t.zstd_level
-    previous = _previous(site.repo, resumed, parent_refs, marked=not lost)
+    passed: set[bytes] = set()  # segments the walk passed over (`Scanner.check_ahead`)
+    previous = _previous(site.repo, resumed, parent_refs, marked=not lost, passed=passed)
     if lost:
         previous = _without(previous, lost)
     # Two readers per core: reading a cold tree waits on the disk as much as it computes.
@@ -678,6 +704,8 @@ async def _build(
     )
     if resumed and resumed_since_ns is not None:
         scanner.resume_cutoff(sort_key(resumed[-1].last_path), resumed_since_ns)
+    if not resumed and not lost:
+        scanner.check_ahead(parent_refs, site.repo.cache_file, passed)
     packer = Packer(site.store, site.catalog, t.pack_size, t.upload_concurrency)
 
     # Checkpoint rows let a rerun skip what this run uploaded. A reused segment uploaded
@@ -726,7 +754,10 @@ async def _build(
             files = nbytes = 0
             for piece in batch:
                 if isinstance(piece, SameSegment):
-                    check.entries(piece.entries)
+                    if piece.found is not None:
+                        check.ends(piece.found.ends)
+                    else:
+                        check.entries(piece.entries or [])
                     if check.full():
                         await check.flush()
                     n_files, n_dirs, n_links, n_bytes = piece.counts()
@@ -736,7 +767,10 @@ async def _build(
                     result.symlinks += n_links
                     files += n_files
                     nbytes += n_bytes
-                    await writer.append_segment(piece.ref, piece.entries)
+                    entries = piece.entries
+                    if entries is None and not writer.takes_whole(piece.ref):
+                        entries = await asyncio.to_thread(_entries_of, site.repo, piece.ref)
+                    await writer.append_segment(piece.ref, entries or [])
                     continue
                 if not isinstance(piece, Done):
                     continue

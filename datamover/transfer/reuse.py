@@ -73,6 +73,11 @@ class ReuseCheck:
                     ends[c.pack] = end
         self._packs(ends.items())
 
+    def ends(self, ends: Iterable[tuple[bytes, int]]) -> None:
+        """Check each pack of `ends` holds at least the chunk ending furthest in it (a
+        segment's, taken whole without its entries: `scan.Unchanged.ends`)."""
+        self._packs(ends)
+
     def _packs(self, ends: Iterable[tuple[bytes, int]]) -> None:
         """Check each pack of `ends` holds at least what ends there (a chunk's end; a pack
         may come more than once)."""

@@ -47,6 +47,10 @@ __all__ = ["Done", "NewChunk", "Previous", "SameSegment", "ScanStats", "Scanner"
 _BATCH_FILES = 256
 _BATCH_BYTES = 4 << 20
 _POOL_AFTER = 256  # files read in-process before reader processes are worth starting
+#: Previous segments (of up to 8,192 entries each, by default) a re-push needs before the
+#: fork server is worth starting for `Scanner.check_ahead` (0.2-0.3 s here, about as long as
+#: two segments take to walk, or a no-op push of 20,000 files).
+_CHECKS_COLD = 8
 
 #: Timestamp granularities of file systems in use, in nanoseconds: NTFS and SMB 100 ns, NFS
 #: servers of microsecond times 1 µs, exFAT 10 ms, Lustre, ext3 and ext4 with 128-byte
@@ -69,15 +73,21 @@ class Done:
 class SameSegment:
     """Every entry of previous segment `ref`, in order, found unchanged: equal to its
     entry in every field, with no entry of the walk between them that the segment lacks.
-    `entries` are the previous entries themselves."""
+    `entries` are the previous entries themselves, or None where a worker process found
+    the segment unchanged (`segcheck`): `found` then says what they hold, and the entries
+    are in the manifest cache."""
 
     ref: SegmentRef
-    entries: list[Entry]
+    entries: list[Entry] | None
+    found: Unchanged | None = None
 
     def counts(self) -> tuple[int, int, int, int]:
         """How many of the entries are files, directories and symlinks, and the files'
         bytes (from the entries: the list line of the tree's last segment is never checked
         against it, as the walk ends first)."""
+        if self.entries is None:
+            assert self.found is not None
+            return self.found.files, self.found.dirs, self.found.symlinks, self.found.bytes
         files = dirs = nbytes = 0
         for e in self.entries:
             if e.kind == Kind.FILE:
@@ -86,6 +96,19 @@ class SameSegment:
             elif e.kind == Kind.DIR:
                 dirs += 1
         return files, dirs, len(self.entries) - files - dirs, nbytes
+
+
+@dataclass(frozen=True, slots=True)
+class Unchanged:
+    """What a push needs of a previous segment a worker process found unchanged
+    (`segcheck.check`) without its entries: their counts (`SameSegment.counts`), and the
+    furthest end of a chunk in each pack they use (`ReuseCheck.ends`)."""
+
+    files: int
+    dirs: int
+    symlinks: int
+    bytes: int
+    ends: tuple[tuple[bytes, int], ...]
 
 
 @dataclass(slots=True)
@@ -279,6 +302,7 @@ class Scanner:
             open_root=self._open_root,
             lookup_threads=lookup_threads,
         )
+        self._lookup_threads = lookup_threads
         self.previous = previous
         self.params = params
         self.checksum = checksum
@@ -300,6 +324,13 @@ class Scanner:
         # The previous entry of each file planned for a read that the previous version
         # had as a file, until read: at most the files `_generate` holds in flight.
         self._previous_files: dict[str, Entry] = {}
+        # `check_ahead`: the segments still to hand to a worker, those being checked by
+        # their first path, how to find one in the manifest cache, and the digests of those
+        # the walk passed over (the previous stream's to skip).
+        self._to_check: deque[SegmentRef] = deque()
+        self._checking: dict[str, tuple[SegmentRef, Future[Unchanged | None]]] = {}
+        self._cache_file: Callable[[bytes], str] = str
+        self._passed: set[bytes] = set()
         self._pieces = self._generate()
 
     def _open_root(self) -> int:
@@ -341,7 +372,7 @@ class Scanner:
                 elif isinstance(piece, Done):  # every entry of the tree, of every kind
                     check_storable(piece.entry)
                 elif isinstance(piece, SameSegment):  # stored before: storable
-                    held += len(piece.entries) - 1
+                    held += piece.ref.entries - 1
                 if held >= max_pieces or size >= max_bytes:
                     break
         except BrokenProcessPool:
@@ -349,6 +380,76 @@ class Scanner:
         self.stats.skipped_special = self.walker.skipped_special
         self.stats.skipped_special_count = self.walker.skipped_special_count
         return batch
+
+    def check_ahead(
+        self, refs: list[SegmentRef], cache_file: Callable[[bytes], str], passed: set[bytes]
+    ) -> None:
+        """Have the worker processes look ahead of the walk for previous segments found
+        unchanged (`segcheck.check`): `refs` are the segments the previous stream marks,
+        all of them, in order, each to be found in the manifest cache at
+        `cache_file(digest)`. The walk passes over a segment a worker found unchanged
+        without looking at its entries, and adds its digest to `passed`: the previous
+        stream must then skip its entries (`push._previous`). One the walk reaches before
+        a worker took it is walked here. Not with `checksum` (every file is read), nor
+        without workers, nor for fewer than two segments (the walk is at the first), nor,
+        where the fork server is not running yet (a command, not a daemon), for fewer than
+        `_CHECKS_COLD` (its start-up takes longer than walking them here)."""
+        if self.checksum or self.workers < 1 or len(refs) < 2:
+            return
+        if len(refs) < _CHECKS_COLD and not procpool.is_warm():
+            return
+        self._to_check = deque(refs[1:])
+        self._cache_file = cache_file
+        self._passed = passed
+        self._top_up()
+
+    def _top_up(self) -> None:
+        """Hand segments to the workers until two for each are being checked."""
+        from datamover.transfer import segcheck  # it builds on this module
+
+        while self._to_check and len(self._checking) < 2 * self.workers:
+            ref = self._to_check.popleft()
+            if self._pool is None:
+                self._pool = procpool.start(self.workers)
+            future = self._pool.submit(
+                segcheck.check,
+                self.root,
+                self._cache_file(ref.digest),
+                ref,
+                self.params,
+                self.links,
+                self.changed_since_ns,
+                self._lookup_threads,
+            )
+            self._checking[ref.first_path] = (ref, future)
+
+    def _checked(self, path: str) -> SameSegment | None:
+        """The walk is at `path`, the first of a segment handed to a worker: the segment
+        as one `SameSegment` if the worker found it unchanged, the walk and the previous
+        stream moved past it; None to walk it here (not unchanged, or not begun)."""
+        ref, future = self._checking.pop(path)
+        self._top_up()
+        if future.cancel():  # no worker took it yet: no sooner done there than here
+            return None
+        try:
+            found = future.result()
+        except BrokenProcessPool:
+            raise procpool.lost("reader") from None
+        if found is None:
+            return None
+        self.walker.skip(sort_key(ref.last_path), inclusive=True)
+        self._passed.add(ref.digest)
+        self.stats.files_unchanged += found.files
+        return SameSegment(ref, None, found)
+
+    def whole(self) -> SameSegment | None:
+        """The pieces of this scan if they are one `SameSegment`, else None (at the first
+        piece that shows they are not). For `segcheck`, whose scan is of one segment."""
+        pieces = self._plan()
+        first = next(pieces, None)
+        if not isinstance(first, SameSegment) or next(pieces, None) is not None:
+            return None
+        return first
 
     def resume_cutoff(self, until: tuple[str, ...], since_ns: int) -> None:
         """The previous entries up to sort key `until` are an interrupted run's, which
@@ -430,11 +531,17 @@ class Scanner:
         if run:
             yield from (Done(e, None, True) for e in run)
 
-    def _compare(self) -> Iterator[Entry | Done | LocalEntry]:
+    def _compare(self) -> Iterator[Entry | Done | LocalEntry | SameSegment]:
         """The walk merged with the previous stream: an entry equal to its previous entry
         in every field as that previous `Entry`, any other needing no read as `Done`, a
-        file to read as its `LocalEntry`."""
+        file to read as its `LocalEntry`, a segment a worker found unchanged as one
+        `SameSegment` (`check_ahead`)."""
         for local in self.walker:
+            if self._checking and local.path in self._checking:
+                same = self._checked(local.path)
+                if same is not None:
+                    yield same
+                    continue
             if local.kind == Kind.DIR:
                 prev = self._previous_for(local.path)
                 mtime = _mtime(local.mtime_ns, prev, Kind.DIR)
@@ -636,7 +743,7 @@ class Scanner:
                 queue.append(("large", item, None))
             else:
                 items.append(item)
-                held += len(item.entries) if isinstance(item, SameSegment) else 1
+                held += item.ref.entries if isinstance(item, SameSegment) else 1
                 if isinstance(item, LocalEntry):
                     jobs += 1
                     nbytes += item.size if item.size >= 0 else self._typical

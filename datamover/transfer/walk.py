@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datamover.domain.manifest import Kind
-from datamover.domain.paths import PARTIAL_RE, check_name, nfc, plain_names
+from datamover.domain.paths import PARTIAL_RE, check_name, nfc, plain_names, sort_key
 from datamover.errors import Conflict, DatamoverError, InvalidInput
 from datamover.transfer.fsops import denied
 from datamover.transfer.statahead import THREADS, Ahead, Lookups
@@ -119,6 +119,9 @@ class Walker:
         self._ahead: dict[int, Ahead] = {}  # by directory descriptor, once `_lookups.on`
         self._filling = False  # `fill` was called: regular files are looked up ahead too
         self._typed_listings = True  # listings carry file types (`_typed_timed`)
+        self._skip: tuple[str, ...] | None = None  # `skip`: the bound of the entries passed
+        self._skip_last = False  # whether the entry at that bound is passed too
+        self._stop: tuple[str, ...] | None = None  # `stop_after`
 
     def close(self, wait_lookups: bool = True) -> None:
         """Close the directory descriptors still held (the walk was not finished), giving
@@ -197,6 +200,34 @@ class Walker:
     def prune(self) -> None:
         """Do not descend into the directory yielded last."""
         self._pending_dir = None
+
+    def skip(self, key: tuple[str, ...], inclusive: bool) -> None:
+        """Pass over the entries not yet yielded that sort before `key` (a sort key; with
+        `inclusive`, the one at `key` too) without looking at them: none is yielded, and a
+        directory among them is listed only if `key` is its own or lies below it. The
+        entries after `key` come as usual. `key` must not sort before the entry yielded last."""
+        self._skip, self._skip_last = key, inclusive
+        pending = self._pending_dir
+        if pending is not None and key[: pending.count("/") + 1] != sort_key(pending):
+            self._pending_dir = None  # all of it sorts before `key`: not listed
+
+    def stop_after(self, key: tuple[str, ...]) -> None:
+        """End the walk at the first entry that sorts after `key` (a sort key), which is
+        not yielded."""
+        self._stop = key
+
+    def _skipping(self, key: tuple[str, ...], is_dir: Callable[[], bool]) -> int:
+        """Whether the entry at sort key `key` is walked (`_WALK`, which ends the skip),
+        passed (`_PASS`) or, a directory at or above the skip's bound, entered unseen
+        (`_ENTER`); `is_dir` tells whether it is a directory."""
+        bound = self._skip
+        assert bound is not None
+        if key < bound or (self._skip_last and key == bound):
+            if bound[: len(key)] == key and is_dir():  # its entries may follow the bound
+                return _ENTER
+            return _PASS
+        self._skip = None
+        return _WALK
 
     def allow_unlock(self) -> None:
         """Should the walk be refused in the directory yielded last, give it its owner's
@@ -348,6 +379,7 @@ class Walker:
         `kinds` of those that are not regular files (`_typed`; None: not read), which it
         empties as it goes: each `lstat` result lives only until its entry is yielded."""
         prefix = rel + "/" if rel else ""
+        base = sort_key(rel) if rel else ()
         names.reverse()
 
         def wanted(name: str) -> bool:  # whether the walk (or `fill`) will `lstat` `name`
@@ -373,6 +405,14 @@ class Walker:
                 ahead.advance()
             if PARTIAL_RE.match(name) and self.strict:
                 continue
+            if self._skip is not None:
+                how = self._skipping((*base, name), lambda n=name, k=kinds: self._is_dir(n, fd, k))
+                if how == _PASS:
+                    continue
+                if how == _ENTER:
+                    self._pending_dir, self._unlockable = prefix + name, False
+                    yield _UNSEEN
+                    continue
             if kinds is not None and not self.stat_files and name not in kinds:
                 yield LocalEntry(prefix + name, Kind.FILE, UNKNOWN, UNKNOWN, UNKNOWN, 0)
                 continue
@@ -428,6 +468,17 @@ class Walker:
                 st.st_ctime_ns,
             )
 
+    @staticmethod
+    def _is_dir(name: str, fd: int, kinds: dict[str, str] | None) -> bool:
+        """Whether `name` in directory `fd` is a directory: from its listing's `kinds`,
+        else by `lstat`."""
+        if kinds is not None:
+            return kinds.get(name) == _DIR
+        try:
+            return stat.S_ISDIR(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode)
+        except OSError:
+            return False
+
     def fill(self, entry: LocalEntry) -> bool:
         """Read the stat fields of a file walked without them; False if it is gone or no
         longer a regular file (the reader will then report what happened)."""
@@ -451,16 +502,21 @@ class Walker:
         entry.ino, entry.ctime_ns = st.st_ino, st.st_ctime_ns
         return True
 
+    def _descend(self) -> None:
+        """List the pending directory, below the one on top of the stack."""
+        pending, self._pending_dir = self._pending_dir, None
+        assert pending is not None
+        # Answers asked before the walk goes down would be as old as the subtree's walk
+        # when taken: the parent's lookups begin again when the walk comes back up.
+        self._drop_ahead(self._stack[-1][1])
+        self._list(pending, self._unlockable)
+
     def __next__(self) -> LocalEntry:
         if not self._started:
             self._started = True
             self._list("")
         if self._pending_dir is not None:
-            pending, self._pending_dir = self._pending_dir, None
-            # Answers asked before the walk goes down would be as old as the subtree's walk
-            # when taken: the parent's lookups begin again when the walk comes back up.
-            self._drop_ahead(self._stack[-1][1])
-            self._list(pending, self._unlockable)
+            self._descend()
         while self._stack:
             try:
                 entry = next(self._stack[-1][0])
@@ -468,6 +524,12 @@ class Walker:
                 _, fd, rel = self._stack.pop()
                 self._leave(rel, fd)
                 continue
+            if entry is _UNSEEN:  # a directory at or above the skip's bound
+                self._descend()
+                continue
+            if self._stop is not None and sort_key(entry.path) > self._stop:
+                self.close()
+                break
             if entry.kind == Kind.DIR:
                 self._pending_dir = entry.path
             self._unlockable = False
@@ -491,6 +553,11 @@ def _vanished(path: str) -> Conflict:
 #: directory entry, with no `lstat` unless the file system leaves it unknown. `_OTHER`: a
 #: socket, FIFO or device, or an entry gone before its kind could be read.
 _DIR, _LINK, _OTHER = "d", "l", "s"
+
+#: What `Walker._skipping` says of an entry. `_UNSEEN`: the marker an entries generator
+#: yields for a directory the walk enters without yielding it.
+_WALK, _PASS, _ENTER = 0, 1, 2
+_UNSEEN = LocalEntry("", Kind.DIR, 0, 0, 0, 0)
 
 
 def _typed(entries: Iterator[os.DirEntry[str]]) -> tuple[list[str], dict[str, str]]:
