@@ -3,22 +3,26 @@ the walk passes over them, and the pieces are those of a walk without workers.""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
 import time
+from collections.abc import Iterator
+from multiprocessing import forkserver
 from pathlib import Path
 
 import pytest
 
 from datamover.chunking.chunker import ChunkerParams
+from datamover.domain.manifest import Entry
 from datamover.domain.paths import sort_key
-from datamover.errors import InvalidInput
+from datamover.errors import Corrupt, InvalidInput
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
 from datamover.transfer import procpool, readers, scan, segcheck
 from datamover.transfer.push import _parent_manifest, _previous, push
-from datamover.transfer.scan import Done, SameSegment, Scanner, Unchanged
+from datamover.transfer.scan import Done, Passed, SameSegment, Scanner, Unchanged
 from datamover.transfer.stage import stage
 from datamover.transfer.walk import Walker
 from tests.fixtures_sites import MakeSite
@@ -115,11 +119,13 @@ async def _parent_refs(site: Site, dataset: str) -> list[SegmentRef]:
     return refs
 
 
-def _scan(site: Site, tree: Path, refs: list[SegmentRef], ahead: bool) -> tuple[list[object], int]:
+def _scan(
+    site: Site, tree: Path, refs: list[SegmentRef], ahead: bool
+) -> tuple[list[object], list[SegmentRef]]:
     """What a push's scan of `tree` against `refs` gives, chunks left out, each piece as a
-    comparable value, and how many segments workers found unchanged."""
+    comparable value, and the segments workers found unchanged."""
     root, held = readers.anchor(str(tree.parent), (tree.name,))
-    passed: set[bytes] = set()
+    passed = Passed()
     scanner = Scanner(
         root,
         _previous(site.repo, [], refs, True, passed),
@@ -130,15 +136,15 @@ def _scan(site: Site, tree: Path, refs: list[SegmentRef], ahead: bool) -> tuple[
         scanner.check_ahead(refs, site.repo.cache_file, passed)
     try:
         pieces: list[object] = []
-        found = 0
+        found: list[SegmentRef] = []
         while batch := scanner.next_batch():
             for p in batch:
                 if isinstance(p, SameSegment):
-                    found += p.entries is None
+                    if p.entries is None:
+                        found.append(p.ref)
                     pieces.append(("same", p.ref, p.counts()))
                 elif isinstance(p, Done):
                     pieces.append(("done", p.entry, p.digests, p.same))
-        assert found == len(passed)
         stats = scanner.stats
         pieces.append(
             ("stats", stats.files_unchanged, stats.skipped_special, stats.skipped_special_count)
@@ -147,6 +153,20 @@ def _scan(site: Site, tree: Path, refs: list[SegmentRef], ahead: bool) -> tuple[
     finally:
         scanner.close()
         os.close(held)
+
+
+def _counting_decodes(site: Site) -> list[int]:
+    """Count the entries the site's manifest cache decodes from now on (in this process)."""
+    count = [0]
+    iter_cached = site.repo.iter_cached
+
+    def counted(refs: list[SegmentRef], check: bool = True) -> Iterator[Entry]:
+        for entry in iter_cached(refs, check):
+            count[0] += 1
+            yield entry
+
+    site.repo.iter_cached = counted  # type: ignore[method-assign]
+    return count
 
 
 def _damaged(good: Path, copy: Path) -> Path:
@@ -210,11 +230,17 @@ async def test_workers_give_the_pieces_a_walk_without_them_gives(
         await push(site, "/proj/run1")
         refs = await _parent_refs(site, "/proj/run1")
         assert len(refs) >= 15
+        decoded = _counting_decodes(site)
         serial, none = _scan(site, src, refs, ahead=False)
+        walked, decoded[0] = decoded[0], 0
         parallel, found = _scan(site, src, refs, ahead=True)
-        assert none == 0
+        assert none == []
         assert parallel == serial
-        assert found >= 1  # the workers did find some: not all walked here
+        assert len(found) >= 1  # the workers did find some: not all walked here
+        # The entries of the segments passed over are not decoded here.
+        assert walked == sum(r.entries for r in refs)
+        taken = walked - sum(r.entries for r in found)
+        assert decoded[0] <= taken + len(found)  # a first one may be taken before a pass
 
         time.sleep(0.01)
         done = _mutate(src, refs, random.Random(seed))
@@ -224,9 +250,11 @@ async def test_workers_give_the_pieces_a_walk_without_them_gives(
             with pytest.raises(InvalidInput):
                 _scan(site, src, refs, ahead=True)
             return
+        decoded[0] = 0
         parallel, found = _scan(site, src, refs, ahead=True)
         assert parallel == serial, done
-        assert found >= 1
+        assert len(found) >= 1
+        assert decoded[0] <= walked - sum(r.entries for r in found) + len(found)
     finally:
         await site.close()
 
@@ -250,6 +278,8 @@ async def test_a_worker_answers_only_for_the_segment_it_was_given(make_site: Mak
         assert found.bytes == ref.bytes and found.ends
         assert check(site.repo.cache_file(refs[4].digest)) is None  # another segment's bytes
         assert check(str(src / "missing")) is None
+        longer = dataclasses.replace(ref, stored_size=ref.stored_size + 1)  # its line is wrong
+        assert check(site.repo.cache_file(ref.digest), longer) is None
         damaged = _damaged(Path(site.repo.cache_file(ref.digest)), src.parent / "damaged")
         assert check(str(damaged)) is None
         # A change at its last entry, or past it, is the segment's or not.
@@ -322,10 +352,77 @@ async def test_a_command_walks_a_few_segments_itself(
             monkeypatch.setattr(procpool, "_warm", warm)
             scanner = Scanner(root, iter(()), ChunkerParams(), workers=2)
             try:
-                scanner.check_ahead(segments, site.repo.cache_file, set())
-                assert bool(scanner._checking) == checked, (warm, len(segments))
+                scanner.check_ahead(segments, site.repo.cache_file, Passed())
+                assert bool(scanner._to_check) == checked, (warm, len(segments))
+                assert scanner._pool is None  # not on the caller's (the event loop's) thread
             finally:
                 scanner.close()
     finally:
         os.close(held)
+        await site.close()
+
+
+async def test_a_line_of_another_size_than_its_segment_is_corrupt_either_way(
+    make_site: MakeSite,
+) -> None:
+    a = await make_site("site-a", segment_entries=8)
+    src = a.data / "run1"
+    make_tree(src, files=120)
+    site = await a.open()
+    try:
+        await push(site, "/proj/run1")
+        refs = await _parent_refs(site, "/proj/run1")
+        refs[5] = dataclasses.replace(refs[5], stored_size=refs[5].stored_size + 1)
+        for ahead in (False, True):
+            with pytest.raises(Corrupt, match="its line in the manifest list"):
+                _scan(site, src, refs, ahead)
+    finally:
+        await site.close()
+
+
+async def test_segments_whose_first_path_is_gone_make_room_for_others(
+    make_site: MakeSite,
+) -> None:
+    """A segment handed to a worker whose first path the walk never meets (removed) is
+    dropped once the walk is past it: the workers go on finding later ones."""
+    a = await make_site("site-a", segment_entries=8)
+    src = a.data / "run1"
+    make_tree(src, files=400, big=1 << 20)
+    site = await a.open()
+    try:
+        await push(site, "/proj/run1")
+        refs = await _parent_refs(site, "/proj/run1")
+        for ref in refs[1:9]:  # more than the four handed out at first (two workers)
+            if (src / ref.first_path).is_file():
+                (src / ref.first_path).unlink()
+        serial, _ = _scan(site, src, refs, ahead=False)
+        parallel, found = _scan(site, src, refs, ahead=True)
+        assert parallel == serial
+        unchanged = sum(1 for p in serial if p[0] == "same")
+        assert unchanged > 30 and len(found) > unchanged // 4  # not all walked here
+    finally:
+        await site.close()
+
+
+async def test_a_re_push_without_a_fork_server_walks_every_segment(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where no fork server can run (a locked-down container), a re-push walks every
+    segment itself instead of failing."""
+    a = await make_site("site-a", segment_entries=8)
+    src = a.data / "run1"
+    make_tree(src, files=120)
+    site = await a.open()
+    try:
+        first = await push(site, "/proj/run1")
+
+        def refuse() -> None:
+            raise PermissionError(1, "Operation not permitted")
+
+        monkeypatch.setattr(forkserver, "ensure_running", refuse)
+        monkeypatch.setattr(procpool, "_warm", False)
+        again = await push(site, "/proj/run1")
+        assert again.unchanged and again.version == first.version
+        assert again.files == first.files
+    finally:
         await site.close()

@@ -44,7 +44,15 @@ from datamover.transfer.packer import Packer, Ref
 from datamover.transfer.progress import NoProgress, Progress
 from datamover.transfer.readers import RootMoved, TreeRoot, anchor
 from datamover.transfer.reuse import ReuseCheck
-from datamover.transfer.scan import Done, NewChunk, Previous, SameSegment, Scanner, root_moved
+from datamover.transfer.scan import (
+    Done,
+    NewChunk,
+    Passed,
+    Previous,
+    SameSegment,
+    Scanner,
+    root_moved,
+)
 
 #: A push touches its checkpoint this often; one untouched for `_STALE_AFTER` belongs to a
 #: process that is gone (`_holder_alive`), with room for clocks that disagree by minutes.
@@ -112,15 +120,15 @@ def _previous(
     resumed: list[SegmentRef],
     parent: list[SegmentRef],
     marked: bool,
-    passed: set[bytes] | None = None,
+    passed: Passed | None = None,
 ) -> Iterator[Entry | SegmentRef]:
     """Sorted entries to compare the walk with: what an interrupted run already stored, then
     the parent's entries beyond it. With `marked`, each segment streamed whole
     (`_reusable`) comes after its `SegmentRef`, for the scanner to find it unchanged as a
-    whole (`SameSegment`). The entries of a marked segment whose digest is in `passed`
-    (the walk passed over it: `Scanner.check_ahead`) are skipped, from where the stream is
-    when it is added; they are not decoded."""
-    passed = passed if passed is not None else set()
+    whole (`SameSegment`). The entries of a marked segment the walk has passed over
+    (`passed`: `Scanner.check_ahead`) are skipped, from where the stream is when it does;
+    they are not decoded."""
+    passed = passed if passed is not None else Passed()
     cutoff: tuple[str, ...] | None = None
     for ref in resumed:
         if marked:
@@ -140,14 +148,17 @@ def _previous(
             yield from (e for e in beyond if sort_key(e.path) > cutoff)
 
 
-def _unless_passed(repo: Repository, ref: SegmentRef, passed: set[bytes]) -> Iterator[Entry]:
-    """The entries of segment `ref` until its digest is in `passed`."""
-    digest = ref.digest
-    if digest in passed:
+def _unless_passed(repo: Repository, ref: SegmentRef, passed: Passed) -> Iterator[Entry]:
+    """The entries of segment `ref` until the walk has passed over it (`passed`)."""
+    last = sort_key(ref.last_path)
+    if passed.past(last):
         return
+    moves = passed.moves
     for entry in repo.iter_cached([ref], check=False):
-        if digest in passed:
-            return
+        if passed.moves != moves:
+            if passed.past(last):
+                return
+            moves = passed.moves
         yield entry
 
 
@@ -684,7 +695,7 @@ async def _build(
     """
     t = site.config.transfer
     level = None if t.compression == "never" else t.zstd_level
-    passed: set[bytes] = set()  # segments the walk passed over (`Scanner.check_ahead`)
+    passed = Passed()  # how far the walk passed over segments (`Scanner.check_ahead`)
     previous = _previous(site.repo, resumed, parent_refs, marked=not lost, passed=passed)
     if lost:
         previous = _without(previous, lost)

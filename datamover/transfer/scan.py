@@ -22,6 +22,7 @@ are read here, streaming.
 
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from collections import deque
@@ -42,7 +43,18 @@ from datamover.transfer.readers import FileRead, NewChunk, ReadProblem, TreeRoot
 from datamover.transfer.statahead import THREADS
 from datamover.transfer.walk import LocalEntry, Walker
 
-__all__ = ["Done", "NewChunk", "Previous", "SameSegment", "ScanStats", "Scanner"]
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Done",
+    "NewChunk",
+    "Passed",
+    "Previous",
+    "SameSegment",
+    "ScanStats",
+    "Scanner",
+    "Unchanged",
+]
 
 _BATCH_FILES = 256
 _BATCH_BYTES = 4 << 20
@@ -96,6 +108,28 @@ class SameSegment:
             elif e.kind == Kind.DIR:
                 dirs += 1
         return files, dirs, len(self.entries) - files - dirs, nbytes
+
+
+class Passed:
+    """How far the walk has passed over previous segments found unchanged
+    (`Scanner.check_ahead`): the previous stream (`push._previous`) skips every marked
+    segment that ends at or before sort key `until`, the rest of one it is in too (the walk
+    is past them: what is left of them would only be dropped as gone). `moves` counts the
+    passes, for the stream to look at `until` only when it moved."""
+
+    def __init__(self) -> None:
+        self.until: tuple[str, ...] | None = None
+        self.moves = 0
+
+    def move(self, last: tuple[str, ...]) -> None:
+        """The walk passed over a segment ending at sort key `last`."""
+        if self.until is None or last > self.until:
+            self.until = last
+        self.moves += 1
+
+    def past(self, last: tuple[str, ...]) -> bool:
+        """Whether a segment ending at sort key `last` is to be skipped."""
+        return self.until is not None and last <= self.until
 
 
 @dataclass(frozen=True, slots=True)
@@ -325,12 +359,12 @@ class Scanner:
         # had as a file, until read: at most the files `_generate` holds in flight.
         self._previous_files: dict[str, Entry] = {}
         # `check_ahead`: the segments still to hand to a worker, those being checked by
-        # their first path, how to find one in the manifest cache, and the digests of those
-        # the walk passed over (the previous stream's to skip).
+        # their first path, how to find one in the manifest cache, and how far the walk
+        # passed over them (the previous stream's to skip).
         self._to_check: deque[SegmentRef] = deque()
         self._checking: dict[str, tuple[SegmentRef, Future[Unchanged | None]]] = {}
         self._cache_file: Callable[[bytes], str] = str
-        self._passed: set[bytes] = set()
+        self._passed = Passed()
         self._pieces = self._generate()
 
     def _open_root(self) -> int:
@@ -382,14 +416,14 @@ class Scanner:
         return batch
 
     def check_ahead(
-        self, refs: list[SegmentRef], cache_file: Callable[[bytes], str], passed: set[bytes]
+        self, refs: list[SegmentRef], cache_file: Callable[[bytes], str], passed: Passed
     ) -> None:
         """Have the worker processes look ahead of the walk for previous segments found
         unchanged (`segcheck.check`): `refs` are the segments the previous stream marks,
         all of them, in order, each to be found in the manifest cache at
         `cache_file(digest)`. The walk passes over a segment a worker found unchanged
-        without looking at its entries, and adds its digest to `passed`: the previous
-        stream must then skip its entries (`push._previous`). One the walk reaches before
+        without looking at its entries, and moves `passed` past it: the previous stream
+        must then skip its entries (`push._previous`). One the walk reaches before
         a worker took it is walked here. Not with `checksum` (every file is read), nor
         without workers, nor for fewer than two segments (the walk is at the first), nor,
         where the fork server is not running yet (a command, not a daemon), for fewer than
@@ -398,10 +432,20 @@ class Scanner:
             return
         if len(refs) < _CHECKS_COLD and not procpool.is_warm():
             return
-        self._to_check = deque(refs[1:])
+        self._to_check = deque(refs[1:])  # handed out once the walk begins, in its thread
         self._cache_file = cache_file
         self._passed = passed
-        self._top_up()
+
+    def _start_checks(self) -> None:
+        """Hand the first segments to the workers (`check_ahead`), starting them: where no
+        fork server can run, the walk goes through every segment itself."""
+        if not self._to_check:
+            return
+        try:
+            self._top_up()
+        except OSError as exc:
+            log.info("%s: no worker processes (%s); walking every segment", self.root.path, exc)
+            self._to_check.clear()
 
     def _top_up(self) -> None:
         """Hand segments to the workers until two for each are being checked."""
@@ -423,10 +467,23 @@ class Scanner:
             )
             self._checking[ref.first_path] = (ref, future)
 
+    def _passed_over(self, first: tuple[str, ...]) -> None:
+        """The walk is past every path before sort key `first`: a segment handed out
+        whose first path sorts before it will never be met (gone, or no longer what the
+        walk yields), and makes room for another."""
+        while self._checking:
+            path = next(iter(self._checking))
+            if sort_key(path) >= first:
+                break
+            self._checking.pop(path)[1].cancel()
+        self._top_up()
+
     def _checked(self, path: str) -> SameSegment | None:
         """The walk is at `path`, the first of a segment handed to a worker: the segment
         as one `SameSegment` if the worker found it unchanged, the walk and the previous
-        stream moved past it; None to walk it here (not unchanged, or not begun)."""
+        stream moved past it; None to walk it here (not unchanged, or still waiting for a
+        worker)."""
+        self._passed_over(sort_key(path))
         ref, future = self._checking.pop(path)
         self._top_up()
         if future.cancel():  # no worker took it yet: no sooner done there than here
@@ -438,7 +495,7 @@ class Scanner:
         if found is None:
             return None
         self.walker.skip(sort_key(ref.last_path), inclusive=True)
-        self._passed.add(ref.digest)
+        self._passed.move(sort_key(ref.last_path))
         self.stats.files_unchanged += found.files
         return SameSegment(ref, None, found)
 
@@ -475,6 +532,8 @@ class Scanner:
                 got = next(self.previous, None)
                 if isinstance(got, SegmentRef):
                     self._segment, self._taken = got, 0
+                    if self._checking:  # the walk is past the segments before this one
+                        self._passed_over(sort_key(got.first_path))
                     continue
                 if got is None:
                     return None
@@ -536,6 +595,7 @@ class Scanner:
         in every field as that previous `Entry`, any other needing no read as `Done`, a
         file to read as its `LocalEntry`, a segment a worker found unchanged as one
         `SameSegment` (`check_ahead`)."""
+        self._start_checks()
         for local in self.walker:
             if self._checking and local.path in self._checking:
                 same = self._checked(local.path)
