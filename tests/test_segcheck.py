@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from multiprocessing import forkserver
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -424,5 +425,79 @@ async def test_a_re_push_without_a_fork_server_walks_every_segment(
         again = await push(site, "/proj/run1")
         assert again.unchanged and again.version == first.version
         assert again.files == first.files
+    finally:
+        await site.close()
+
+
+async def test_a_check_that_fails_is_walked_here(make_site: MakeSite) -> None:
+    """A check that raises (here: its arguments cannot be sent to a worker) is no answer:
+    the walk goes through the segment itself."""
+    a = await make_site("site-a", segment_entries=8)
+    src = a.data / "run1"
+    make_tree(src, files=80)
+    site = await a.open()
+    root, held = readers.anchor(str(src.parent), (src.name,))
+    try:
+        await push(site, "/proj/run1")
+        refs = await _parent_refs(site, "/proj/run1")
+        serial, _ = _scan(site, src, refs, ahead=False)
+        passed = Passed()
+        previous = _previous(site.repo, [], refs, True, passed)
+        scanner = Scanner(root, previous, ChunkerParams(), workers=2, links=lambda t: t)
+        scanner.check_ahead(refs, site.repo.cache_file, passed)
+        try:
+            pieces: list[object] = []
+            while batch := scanner.next_batch():
+                for p in batch:
+                    assert not isinstance(p, SameSegment) or p.entries is not None
+                    if isinstance(p, SameSegment):
+                        pieces.append(("same", p.ref, p.counts()))
+                    elif isinstance(p, Done):
+                        pieces.append(("done", p.entry, p.digests, p.same))
+            stats = scanner.stats
+            pieces.append(
+                ("stats", stats.files_unchanged, stats.skipped_special, stats.skipped_special_count)
+            )
+        finally:
+            scanner.close()
+        assert pieces == serial
+    finally:
+        os.close(held)
+        await site.close()
+
+
+async def test_no_worker_starts_while_every_segment_has_a_change(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The workers start once the walk found a segment unchanged itself: where changes are
+    spread over the whole tree, they would find none."""
+    a = await make_site("site-a", segment_entries=8)
+    src = a.data / "run1"
+    make_tree(src, files=120, big=1 << 20)
+    site = await a.open()
+    started: list[int] = []
+    real_start = procpool.start
+
+    def counting_start(workers: int) -> Any:
+        started.append(workers)
+        return real_start(workers)
+
+    monkeypatch.setattr(procpool, "start", counting_start)
+    try:
+        await push(site, "/proj/run1")
+        refs = await _parent_refs(site, "/proj/run1")
+        time.sleep(0.01)
+        for ref in refs:  # a change in every segment
+            _later(src / ref.first_path)
+        serial, _ = _scan(site, src, refs, ahead=False)
+        assert started == []
+        parallel, found = _scan(site, src, refs, ahead=True)
+        assert parallel == serial and found == [] and started == []
+        # Pushed as they are, nothing changed: the walk finds the first segment unchanged,
+        # and the workers start.
+        await push(site, "/proj/run1")
+        refs = await _parent_refs(site, "/proj/run1")
+        parallel, found = _scan(site, src, refs, ahead=True)
+        assert started == [2] and found
     finally:
         await site.close()

@@ -365,6 +365,7 @@ class Scanner:
         self._checking: dict[str, tuple[SegmentRef, Future[Unchanged | None]]] = {}
         self._cache_file: Callable[[bytes], str] = str
         self._passed = Passed()
+        self._checks_started = False
         self._pieces = self._generate()
 
     def _open_root(self) -> int:
@@ -424,23 +425,33 @@ class Scanner:
         `cache_file(digest)`. The walk passes over a segment a worker found unchanged
         without looking at its entries, and moves `passed` past it: the previous stream
         must then skip its entries (`push._previous`). One the walk reaches before
-        a worker took it is walked here. Not with `checksum` (every file is read), nor
-        without workers, nor for fewer than two segments (the walk is at the first), nor,
+        a worker took it is walked here. The workers start once the walk has found a
+        segment unchanged itself (`_start_checks`). Not with `checksum` (every file is
+        read), nor without workers, nor for fewer than two segments, nor,
         where the fork server is not running yet (a command, not a daemon), for fewer than
         `_CHECKS_COLD` (its start-up takes longer than walking them here)."""
         if self.checksum or self.workers < 1 or len(refs) < 2:
             return
         if len(refs) < _CHECKS_COLD and not procpool.is_warm():
             return
-        self._to_check = deque(refs[1:])  # handed out once the walk begins, in its thread
+        self._to_check = deque(refs)  # handed out from `_start_checks`, in the walk's thread
         self._cache_file = cache_file
         self._passed = passed
 
-    def _start_checks(self) -> None:
-        """Hand the first segments to the workers (`check_ahead`), starting them: where no
-        fork server can run, the walk goes through every segment itself."""
-        if not self._to_check:
+    def _start_checks(self, found: SegmentRef) -> None:
+        """The walk found segment `found` unchanged itself: if it is the first, hand the
+        segments after the next one to the workers (`check_ahead`), starting them. Not
+        before: where every segment has a change (1% of a tree's files rewritten, spread
+        over it), starting workers that find none unchanged only costs. Where no fork
+        server can run, the walk goes through every segment itself."""
+        if not self._to_check or self._checks_started:
             return
+        self._checks_started = True
+        last = sort_key(found.last_path)
+        while self._to_check and sort_key(self._to_check[0].first_path) <= last:
+            self._to_check.popleft()
+        if self._to_check:
+            self._to_check.popleft()  # the walk is at it next: no worker would be sooner
         try:
             self._top_up()
         except OSError as exc:
@@ -492,6 +503,9 @@ class Scanner:
             found = future.result()
         except BrokenProcessPool:
             raise procpool.lost("reader") from None
+        except Exception as exc:  # a bug of the check's: the walk here knows what is there
+            log.warning("checking a segment from %s failed (%r); walking it", path, exc)
+            return None
         if found is None:
             return None
         self.walker.skip(sort_key(ref.last_path), inclusive=True)
@@ -583,6 +597,7 @@ class Scanner:
             assert segment is not None
             if piece.path == segment.last_path:
                 if len(run) == segment.entries:
+                    self._start_checks(segment)
                     yield SameSegment(segment, run)
                 else:  # an entry of the segment is gone
                     yield from (Done(e, None, True) for e in run)
@@ -595,7 +610,6 @@ class Scanner:
         in every field as that previous `Entry`, any other needing no read as `Done`, a
         file to read as its `LocalEntry`, a segment a worker found unchanged as one
         `SameSegment` (`check_ahead`)."""
-        self._start_checks()
         for local in self.walker:
             if self._checking and local.path in self._checking:
                 same = self._checked(local.path)
