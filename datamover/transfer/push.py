@@ -125,9 +125,9 @@ def _previous(
     """Sorted entries to compare the walk with: what an interrupted run already stored, then
     the parent's entries beyond it. With `marked`, each segment streamed whole
     (`_reusable`) comes after its `SegmentRef`, for the scanner to find it unchanged as a
-    whole (`SameSegment`). The entries of a marked segment the walk has passed over
-    (`passed`: `Scanner.check_ahead`) are skipped, from where the stream is when it does;
-    they are not decoded."""
+    whole (`SameSegment`). The entries of a marked parent segment the walk has passed over
+    (`passed`, by its place in `parent`: `Scanner.check_ahead`) are skipped, from where the
+    stream is when it does; they are not decoded."""
     passed = passed if passed is not None else Passed()
     cutoff: tuple[str, ...] | None = None
     for ref in resumed:
@@ -136,11 +136,11 @@ def _previous(
         yield from repo.iter_cached([ref], check=False)
     if resumed:
         cutoff = sort_key(resumed[-1].last_path)
-    for ref in parent:
+    for place, ref in enumerate(parent):
         if cutoff is None or sort_key(ref.first_path) > cutoff:
             if marked:
                 yield ref
-                yield from _unless_passed(repo, ref, passed)
+                yield from _unless_passed(repo, ref, place, passed)
             else:
                 yield from repo.iter_cached([ref], check=False)
         elif sort_key(ref.last_path) > cutoff:  # straddles the cut-off: what is beyond it
@@ -148,15 +148,17 @@ def _previous(
             yield from (e for e in beyond if sort_key(e.path) > cutoff)
 
 
-def _unless_passed(repo: Repository, ref: SegmentRef, passed: Passed) -> Iterator[Entry]:
-    """The entries of segment `ref` until the walk has passed over it (`passed`)."""
-    last = sort_key(ref.last_path)
-    if passed.past(last):
+def _unless_passed(
+    repo: Repository, ref: SegmentRef, place: int, passed: Passed
+) -> Iterator[Entry]:
+    """The entries of segment `ref`, at `place` in the parent's list, until the walk has
+    passed over it (`passed`)."""
+    if passed.covers(place):
         return
     moves = passed.moves
     for entry in repo.iter_cached([ref], check=False):
         if passed.moves != moves:
-            if passed.past(last):
+            if passed.covers(place):
                 return
             moves = passed.moves
         yield entry

@@ -111,25 +111,33 @@ class SameSegment:
 
 
 class Passed:
-    """How far the walk has passed over previous segments found unchanged
-    (`Scanner.check_ahead`): the previous stream (`push._previous`) skips every marked
-    segment that ends at or before sort key `until`, the rest of one it is in too (the walk
-    is past them: what is left of them would only be dropped as gone). `moves` counts the
-    passes, for the stream to look at `until` only when it moved."""
+    """The previous segments the walk passed over, found unchanged by workers
+    (`Scanner.check_ahead`), by their place in the previous version's list: the previous
+    stream (`push._previous`) skips their entries, the rest of one it is in too, and reads
+    every other segment to its end as a walk without workers does (which checks it against
+    its line in the list). Held as runs of consecutive places, those the stream is past
+    dropped: a no-op re-push passes over every segment without the stream moving, one run.
+    `moves` counts the passes, for the stream to look again only when it moved."""
 
     def __init__(self) -> None:
-        self.until: tuple[str, ...] | None = None
+        self._runs: deque[list[int]] = deque()  # [first, last] places, ascending
         self.moves = 0
 
-    def move(self, last: tuple[str, ...]) -> None:
-        """The walk passed over a segment ending at sort key `last`."""
-        if self.until is None or last > self.until:
-            self.until = last
+    def move(self, place: int) -> None:
+        """The walk passed over the segment at `place` (after every one it passed before)."""
+        if self._runs and self._runs[-1][1] == place - 1:
+            self._runs[-1][1] = place
+        else:
+            self._runs.append([place, place])
         self.moves += 1
 
-    def past(self, last: tuple[str, ...]) -> bool:
-        """Whether a segment ending at sort key `last` is to be skipped."""
-        return self.until is not None and last <= self.until
+    def covers(self, place: int) -> bool:
+        """Whether the segment at `place` was passed over; the stream asks in ascending
+        order, and what it is past is dropped."""
+        runs = self._runs
+        while runs and runs[0][1] < place:
+            runs.popleft()
+        return bool(runs) and runs[0][0] <= place
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,8 +369,8 @@ class Scanner:
         # `check_ahead`: the segments still to hand to a worker, those being checked by
         # their first path, how to find one in the manifest cache, and how far the walk
         # passed over them (the previous stream's to skip).
-        self._to_check: deque[SegmentRef] = deque()
-        self._checking: dict[str, tuple[SegmentRef, Future[Unchanged | None]]] = {}
+        self._to_check: deque[tuple[int, SegmentRef]] = deque()  # (place in the list, ref)
+        self._checking: dict[str, tuple[int, SegmentRef, Future[Unchanged | None]]] = {}
         self._cache_file: Callable[[bytes], str] = str
         self._passed = Passed()
         self._checks_started = False
@@ -423,8 +431,8 @@ class Scanner:
         unchanged (`segcheck.check`): `refs` are the segments the previous stream marks,
         all of them, in order, each to be found in the manifest cache at
         `cache_file(digest)`. The walk passes over a segment a worker found unchanged
-        without looking at its entries, and moves `passed` past it: the previous stream
-        must then skip its entries (`push._previous`). One the walk reaches before
+        without looking at its entries, and adds its place in `refs` to `passed`: the
+        previous stream must then skip its entries (`push._previous`). One the walk reaches before
         a worker took it is walked here. The workers start once the walk has found a
         segment unchanged itself (`_start_checks`). Not with `checksum` (every file is
         read), nor without workers, nor for fewer than two segments, nor,
@@ -434,7 +442,7 @@ class Scanner:
             return
         if len(refs) < _CHECKS_COLD and not procpool.is_warm():
             return
-        self._to_check = deque(refs)  # handed out from `_start_checks`, in the walk's thread
+        self._to_check = deque(enumerate(refs))  # handed out by `_start_checks`, on the walk
         self._cache_file = cache_file
         self._passed = passed
 
@@ -448,22 +456,26 @@ class Scanner:
             return
         self._checks_started = True
         last = sort_key(found.last_path)
-        while self._to_check and sort_key(self._to_check[0].first_path) <= last:
+        while self._to_check and sort_key(self._to_check[0][1].first_path) <= last:
             self._to_check.popleft()
         if self._to_check:
             self._to_check.popleft()  # the walk is at it next: no worker would be sooner
         try:
             self._top_up()
-        except OSError as exc:
-            log.info("%s: no worker processes (%s); walking every segment", self.root.path, exc)
+        except Exception as exc:  # no fork server, or it cannot fork (EAGAIN, ENOMEM)
+            log.info("%s: no worker processes (%r); walking every segment", self.root.path, exc)
             self._to_check.clear()
+            self._checking.clear()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                self._pool = None
 
     def _top_up(self) -> None:
         """Hand segments to the workers until two for each are being checked."""
         from datamover.transfer import segcheck  # it builds on this module
 
         while self._to_check and len(self._checking) < 2 * self.workers:
-            ref = self._to_check.popleft()
+            place, ref = self._to_check.popleft()
             if self._pool is None:
                 self._pool = procpool.start(self.workers)
             future = self._pool.submit(
@@ -476,7 +488,7 @@ class Scanner:
                 self.changed_since_ns,
                 self._lookup_threads,
             )
-            self._checking[ref.first_path] = (ref, future)
+            self._checking[ref.first_path] = (place, ref, future)
 
     def _passed_over(self, first: tuple[str, ...]) -> None:
         """The walk is past every path before sort key `first`: a segment handed out
@@ -486,7 +498,7 @@ class Scanner:
             path = next(iter(self._checking))
             if sort_key(path) >= first:
                 break
-            self._checking.pop(path)[1].cancel()
+            self._checking.pop(path)[2].cancel()
         self._top_up()
 
     def _checked(self, path: str) -> SameSegment | None:
@@ -494,8 +506,7 @@ class Scanner:
         as one `SameSegment` if the worker found it unchanged, the walk and the previous
         stream moved past it; None to walk it here (not unchanged, or still waiting for a
         worker)."""
-        self._passed_over(sort_key(path))
-        ref, future = self._checking.pop(path)
+        place, ref, future = self._checking.pop(path)
         self._top_up()
         if future.cancel():  # no worker took it yet: no sooner done there than here
             return None
@@ -508,10 +519,28 @@ class Scanner:
             return None
         if found is None:
             return None
+        self._stream_to(ref)
         self.walker.skip(sort_key(ref.last_path), inclusive=True)
-        self._passed.move(sort_key(ref.last_path))
+        self._passed.move(place)
         self.stats.files_unchanged += found.files
         return SameSegment(ref, None, found)
+
+    def _stream_to(self, ref: SegmentRef) -> None:
+        """Take from the previous stream what comes before segment `ref`, whose first
+        path the walk is at, as the walk would on its way there: each segment before it
+        that no worker passed over is read to its end (where it is checked against its
+        line in the list, `Repository.iter_cached`), up to `ref`'s mark."""
+        if self._segment is not None and self._segment.digest == ref.digest:
+            return  # in it already (its first entry is `_prev`)
+        self._prev = None  # whatever is held sorts before the walk: gone from the tree
+        while (got := next(self.previous, None)) is not None:
+            if isinstance(got, SegmentRef):
+                self._segment, self._taken = got, 0
+                if got.digest == ref.digest:
+                    return
+                if self._checking:
+                    self._passed_over(sort_key(got.first_path))
+            # an entry before `ref`: gone from the walk, dropped as `_previous_for` does
 
     def whole(self) -> SameSegment | None:
         """The pieces of this scan if they are one `SameSegment`, else None (at the first
