@@ -9,7 +9,7 @@ import os
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any
@@ -122,10 +122,14 @@ async def _parent_refs(site: Site, dataset: str) -> list[SegmentRef]:
 
 
 def _scan(
-    site: Site, tree: Path, refs: list[SegmentRef], ahead: bool
+    site: Site,
+    tree: Path,
+    refs: list[SegmentRef],
+    ahead: bool,
+    links: Callable[[str], str] = str,
 ) -> tuple[list[object], list[SegmentRef]]:
     """What a push's scan of `tree` against `refs` gives, chunks left out, each piece as a
-    comparable value, and the segments workers found unchanged."""
+    comparable value, and the segments workers found unchanged (`links`: the scanner's)."""
     root, held = readers.anchor(str(tree.parent), (tree.name,))
     passed = Passed()
     scanner = Scanner(
@@ -133,6 +137,7 @@ def _scan(
         _previous(site.repo, [], refs, True, passed),
         ChunkerParams(),
         workers=2 if ahead else 0,
+        links=links,
     )
     if ahead:
         scanner.check_ahead(refs, site.repo.cache_file, passed)
@@ -450,40 +455,23 @@ async def test_a_re_push_without_a_fork_server_walks_every_segment(
         await site.close()
 
 
-async def test_a_check_that_fails_is_walked_here(make_site: MakeSite) -> None:
+async def test_a_check_that_fails_is_walked_here(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A check that raises (here: its arguments cannot be sent to a worker) is no answer:
     the walk goes through the segment itself."""
     a = await make_site("site-a", segment_entries=8)
     src = a.data / "run1"
     make_tree(src, files=80)
     site = await a.open()
-    root, held = readers.anchor(str(src.parent), (src.name,))
     try:
         await push(site, "/proj/run1")
         refs = await _parent_refs(site, "/proj/run1")
         serial, _ = _scan(site, src, refs, ahead=False)
-        passed = Passed()
-        previous = _previous(site.repo, [], refs, True, passed)
-        scanner = Scanner(root, previous, ChunkerParams(), workers=2, links=lambda t: t)
-        scanner.check_ahead(refs, site.repo.cache_file, passed)
-        try:
-            pieces: list[object] = []
-            while batch := scanner.next_batch():
-                for p in batch:
-                    assert not isinstance(p, SameSegment) or p.entries is not None
-                    if isinstance(p, SameSegment):
-                        pieces.append(("same", p.ref, p.counts()))
-                    elif isinstance(p, Done):
-                        pieces.append(("done", p.entry, p.digests, p.same))
-            stats = scanner.stats
-            pieces.append(
-                ("stats", stats.files_unchanged, stats.skipped_special, stats.skipped_special_count)
-            )
-        finally:
-            scanner.close()
-        assert pieces == serial
+        _wait_for_workers(monkeypatch)
+        parallel, found = _scan(site, src, refs, ahead=True, links=lambda t: t)
+        assert parallel == serial and found == []
     finally:
-        os.close(held)
         await site.close()
 
 
