@@ -29,6 +29,17 @@ _IN_FLIGHT = 4  # batches of packs checked at once; the walk waits (`flush`) for
 _WINDOW = 1 << 16  # packs remembered as checked; an older one seen again is checked again
 
 
+def pack_ends(entries: Iterable[Entry]) -> dict[bytes, int]:
+    """The furthest end of a chunk of `entries` in each pack they use."""
+    ends: dict[bytes, int] = {}
+    for entry in entries:
+        for c in entry.chunks:
+            end = c.offset + c.stored_length
+            if ends.get(c.pack, -1) < end:
+                ends[c.pack] = end
+    return ends
+
+
 class ReuseCheck:
     """HEADs reused packs and manifest objects in the background; `missing` waits for the
     answers.
@@ -65,13 +76,7 @@ class ReuseCheck:
 
     def entries(self, entries: Iterable[Entry]) -> None:
         """`chunks` of every entry of `entries` (a segment's, taken whole), each pack once."""
-        ends: dict[bytes, int] = {}  # the furthest end of a chunk in each pack
-        for entry in entries:
-            for c in entry.chunks:
-                end = c.offset + c.stored_length
-                if ends.get(c.pack, -1) < end:
-                    ends[c.pack] = end
-        self._packs(ends.items())
+        self._packs(pack_ends(entries).items())
 
     def ends(self, ends: Iterable[tuple[bytes, int]]) -> None:
         """Check each pack of `ends` holds at least the chunk ending furthest in it (a

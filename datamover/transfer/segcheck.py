@@ -33,11 +33,11 @@ from pathlib import Path
 import blake3
 
 from datamover.chunking.chunker import ChunkerParams
-from datamover.domain.manifest import Entry, Kind
 from datamover.errors import DatamoverError
 from datamover.repo.manifest import SegmentRef, decode_segment
 from datamover.transfer.readers import TreeRoot
-from datamover.transfer.scan import Scanner, Unchanged
+from datamover.transfer.reuse import pack_ends
+from datamover.transfer.scan import SameSegment, Scanner, Unchanged
 
 __all__ = ["check"]
 
@@ -77,28 +77,20 @@ def check(
         same = scanner.whole()
         if same is None or same.entries is None or scanner.walker.skipped_special_count:
             return None
-        return _unchanged(ref, same.entries)
+        return _unchanged(ref, same)
     except (DatamoverError, OSError):
         return None
     finally:
         scanner.close()
 
 
-def _unchanged(ref: SegmentRef, entries: list[Entry]) -> Unchanged | None:
-    """`entries`' counts and packs' furthest ends; None unless they add up to the
-    segment's line in the manifest list (the walk without workers fails there)."""
-    files = dirs = nbytes = 0
-    ends: dict[bytes, int] = {}
-    for entry in entries:
-        if entry.kind == Kind.FILE:
-            files += 1
-            nbytes += entry.size
-            for c in entry.chunks:
-                end = c.offset + c.stored_length
-                if ends.get(c.pack, -1) < end:
-                    ends[c.pack] = end
-        elif entry.kind == Kind.DIR:
-            dirs += 1
+def _unchanged(ref: SegmentRef, same: SameSegment) -> Unchanged | None:
+    """What the push needs of `same`, the segment found unchanged; None unless its entries
+    add up to the segment's line in the manifest list (the walk without workers fails
+    there)."""
+    entries = same.entries
+    assert entries is not None
+    files, dirs, symlinks, nbytes = same.counts()
     if (
         len(entries) != ref.entries
         or entries[0].path != ref.first_path
@@ -106,4 +98,4 @@ def _unchanged(ref: SegmentRef, entries: list[Entry]) -> Unchanged | None:
         or nbytes != ref.bytes
     ):
         return None
-    return Unchanged(files, dirs, len(entries) - files - dirs, nbytes, tuple(ends.items()))
+    return Unchanged(files, dirs, symlinks, nbytes, tuple(pack_ends(entries).items()))
