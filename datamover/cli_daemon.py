@@ -11,7 +11,16 @@ from typing import Any
 
 import click
 
-from datamover.cli import Bar, cli, common, counted, emit_json, human_bytes, run_with_site
+from datamover.cli import (
+    Bar,
+    cli,
+    common,
+    counted,
+    emit_json,
+    human_bytes,
+    run_with_catalog,
+    run_with_site,
+)
 from datamover.config import Config, load_config
 from datamover.errors import Interrupted, InvalidInput, TransientError
 
@@ -102,7 +111,7 @@ def through_daemon(
     return result
 
 
-async def _local_tenant(config: Config, site: Any, *, strict: bool = False) -> str | None:
+async def _local_tenant(config: Config, engine: Any, *, strict: bool = False) -> str | None:
     """The tenant a command run without the daemon acts for: that of the CLI's token
     (`DATAMOVER_TOKEN` or `[api] token_file`) when this site's catalog knows it, so a pin a
     prolog recorded locally, the daemon being down, is the one its epilog releases through
@@ -122,7 +131,7 @@ async def _local_tenant(config: Config, site: Any, *, strict: bool = False) -> s
         return None
     if token is None:
         return None
-    who = await Access(site.catalog.engine).identify(token)
+    who = await Access(engine).identify(token)
     if who is None:
         problem = "the CLI's token is not a valid token of this catalog"
         if strict:
@@ -140,7 +149,7 @@ def stage_locally(config: Config, request: dict[str, Any], as_json: bool) -> dic
     async def work(site: Any) -> dict[str, Any]:
         tenant = None
         if request.get("pin"):
-            tenant = await _local_tenant(config, site) or "local"
+            tenant = await _local_tenant(config, site.catalog.engine) or "local"
         with Bar(f"stage {request['path']}", not as_json) as bar:
             result = await stage(
                 site,
@@ -221,10 +230,10 @@ def token_create(
         raise InvalidInput("--tenant must not be blank")
     check_text(tenant, "--tenant", 128)
 
-    async def work(site: Any) -> tuple[str, Any]:
-        return await Access(site.catalog.engine).create_token(tenant, checked, list(scopes))
+    async def work(engine: Any) -> tuple[str, Any]:
+        return await Access(engine).create_token(tenant, checked, list(scopes))
 
-    secret, who = run_with_site(config_path, work)
+    secret, who = run_with_catalog(config_path, work)
     info = {
         "token": secret,
         "id": who.token_id,
@@ -251,10 +260,10 @@ def token_revoke(token_id: str, config_path: str | None, as_json: bool) -> None:
     from datamover.catalog.access import Access
     from datamover.errors import NotFound
 
-    async def work(site: Any) -> bool:
-        return await Access(site.catalog.engine).revoke_token(token_id)
+    async def work(engine: Any) -> bool:
+        return await Access(engine).revoke_token(token_id)
 
-    if not run_with_site(config_path, work):
+    if not run_with_catalog(config_path, work):
         raise NotFound(f"no active token {token_id!r}")
     if as_json:
         emit_json({"revoked": token_id})
@@ -400,7 +409,7 @@ def transfer_watch(transfer_id: str, config_path: str | None, as_json: bool) -> 
         sys.exit(exc.exit_code)
 
 
-async def _check_local_tenant(config: Config, site: Any, tenant: str) -> None:
+async def _check_local_tenant(config: Config, engine: Any, tenant: str) -> None:
     """Allow `release --tenant TENANT` without the daemon only as the API would: a CLI token
     must be valid in this catalog and be an admin token or one of `tenant`. Without a token
     (an operator on the daemon's host, who may drop the pin of every tenant) it is allowed."""
@@ -411,7 +420,7 @@ async def _check_local_tenant(config: Config, site: Any, tenant: str) -> None:
     token = load_token(config)
     if token is None:
         return
-    who = await Access(site.catalog.engine).identify(token)
+    who = await Access(engine).identify(token)
     if who is None:
         raise Unauthorized("--tenant: the CLI's token is not a valid token of this catalog")
     if who.tenant != tenant and not who.allows("admin"):
@@ -470,15 +479,15 @@ def release(
     if released is None:
         from datamover.catalog.access import Access
 
-        async def work(site: Any) -> int:
+        async def work(engine: Any) -> int:
             if tenant is None:
-                owner = await _local_tenant(config, site, strict=True)
+                owner = await _local_tenant(config, engine, strict=True)
             else:
-                await _check_local_tenant(config, site, tenant)
+                await _check_local_tenant(config, engine, tenant)
                 owner = tenant
-            return await Access(site.catalog.engine).release(pin, owner)
+            return await Access(engine).release(pin, owner)
 
-        released = run_with_site(config, work)
+        released = run_with_catalog(config, work)
     if as_json:
         emit_json({"pin": pin, "released": released})
     else:
@@ -501,11 +510,11 @@ def pins(prefix: str, tenant: str | None, config_path: str | None, as_json: bool
     prefix = "/" if prefix == "/" else check_logical_path(prefix)
     config = load_config(config_path)
 
-    async def work(site: Any) -> list[Any]:
-        found = await Access(site.catalog.engine).pins(tenant=tenant)
+    async def work(engine: Any) -> list[Any]:
+        found = await Access(engine).pins(tenant=tenant)
         return [p for p in found if is_under(p.dataset, prefix)]
 
-    held = run_with_site(config, work)
+    held = run_with_catalog(config, work)
     if as_json:
         emit_json({"prefix": prefix, "pins": [dataclasses.asdict(p) for p in held]})
         return

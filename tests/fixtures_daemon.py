@@ -12,7 +12,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -34,8 +34,18 @@ class Daemon:
     url: str
     proc: subprocess.Popen[str]
     log_path: str
+    tokens: dict[tuple[str, str, tuple[str, ...]], str] = field(default_factory=dict)
 
     def token(self, tenant: str = "t1", prefix: str = "/proj", *scopes: str) -> str:
+        """A token created by `datamover token create`; the same one again for the same
+        arguments (a command each time cost the suite a minute; a test that needs a token
+        of its own, to revoke it say, runs the command itself)."""
+        key = (tenant, prefix, scopes)
+        if key not in self.tokens:
+            self.tokens[key] = self._create_token(tenant, prefix, *scopes)
+        return self.tokens[key]
+
+    def _create_token(self, tenant: str, prefix: str, *scopes: str) -> str:
         proc = self.env.cli(
             "token",
             "create",

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -123,6 +124,43 @@ async def test_one_connection_survives_a_daemon_restart(served_site: StartSite) 
         for daemon in running:
             daemon.stop()
     assert not client.reachable()  # nobody listens any more
+
+
+async def test_catalog_commands_neither_load_nor_need_the_store(make_site: MakeSite) -> None:
+    # `token create`, `pins` and a local `release` opened the whole site: the store client
+    # (a third of a second of imports in each, a Slurm epilog's release among them) and its
+    # configuration, which they do not use.
+    a = await make_site("site-a")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    text = a.config_path.read_text()
+    a.config_path.write_text(
+        re.sub(r'endpoint = "[^"]*"', f'endpoint = "http://127.0.0.1:{closed}"', text)
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    argv = [sys.executable, "-X", "importtime", "-m", "datamover"]
+    outputs = []
+    for args in (
+        ["token", "create", "--tenant", "t1", "--prefix", "/proj", "--scope", "read"],
+        ["pins", "/proj"],
+        ["release", "--pin", "job-1", "--tenant", "t1", "--local"],
+    ):
+        proc = subprocess.run(
+            [*argv, *args, "--json", "--config", str(a.config_path)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=environ,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        imported = _imported(proc.stderr)
+        assert "sqlalchemy" in imported  # the report is what it seems
+        assert not imported & {"aiohttp", "botocore", "aiobotocore"}, args
+        outputs.append(json.loads(proc.stdout))
+    assert outputs[0]["token"] and outputs[0]["scopes"] == ["read"]
+    assert outputs[1] == {"prefix": "/proj", "pins": []}
+    assert outputs[2] == {"pin": "job-1", "released": 0}
 
 
 @pytest.mark.parametrize(
