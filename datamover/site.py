@@ -65,9 +65,10 @@ def make_store(config: Config, on_retry: Callable[[str], None] | None = None) ->
         read_timeout=s.read_timeout,
         # Every ranged GET on threads, whatever its size (docs/design.md, "Large GETs leave
         # the event loop"): a GET through botocore cost the event loop 1.6-3 ms of CPU, one
-        # of a kept presigned URL 0.4-0.9 ms. As many threads as GETs a transfer runs at once.
+        # of a kept presigned URL 0.4-0.9 ms. As many threads as the transfers a daemon runs
+        # at once send GETs (made as they are needed).
         direct_min=1,
-        direct_threads=max(8, config.transfer.download_concurrency),
+        direct_threads=_get_threads(config),
     )
     # The pacer sits under the retries, so each attempt waits for its turn: above them, a
     # call took one turn however often its bytes were sent (5 puts of 1 MB failing twice
@@ -75,6 +76,17 @@ def make_store(config: Config, on_retry: Callable[[str], None] | None = None) ->
     limit = config.transfer.bandwidth_limit
     paced: Store = ThrottledStore(inner, upload=limit, download=limit) if limit > 0 else inner
     return RetryingStore(paced, policy=retry)
+
+
+#: Most threads a store runs its ranged GETs on (each keeps one connection to the store).
+MAX_GET_THREADS = 256
+
+
+def _get_threads(config: Config) -> int:
+    """Threads for a store's ranged GETs: one for each GET that `[api] workers` transfers
+    at once send (`download_concurrency` each), 8 to `MAX_GET_THREADS`."""
+    wanted = config.transfer.download_concurrency * max(1, config.api.workers)
+    return max(8, min(MAX_GET_THREADS, wanted))
 
 
 @dataclass

@@ -9,10 +9,14 @@ connection closed by the server, a short body, a wrong `Content-Range`, a server
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import botocore.exceptions as bce
@@ -22,6 +26,7 @@ from datamover.errors import StoreUnavailable
 from datamover.storage.direct import DirectGetter, proxied
 from datamover.storage.s3 import S3Store, _verify
 from tests.fixtures_sites import MakeSite
+from tests.tls import self_signed
 
 DATA = bytes(range(256)) * 64  # 16 KiB
 
@@ -229,6 +234,77 @@ async def test_a_plain_http_client_builds_its_pool_without_the_ca_bundle(
     assert loaded == []
 
 
+@pytest.fixture
+def stalling(tmp_path: Path) -> Iterator[Callable[[bool], str]]:
+    """`url(tls)`: a server that takes each request and never answers (a stuck store); over
+    TLS with a self-signed certificate (the getter is given it) when `tls`. `url.held`
+    lists the connections whose request came."""
+    listeners: list[socket.socket] = []
+    held: list[socket.socket] = []
+    stop = threading.Event()
+    cert, key = self_signed(tmp_path)
+
+    def serve(listener: socket.socket, tls: bool) -> None:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert, key)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+                if tls:
+                    conn = context.wrap_socket(conn, server_side=True)
+                conn.recv(65536)  # the request, then silence
+            except OSError:
+                continue
+            held.append(conn)
+
+    def url(tls: bool) -> str:
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(0.2)
+        listeners.append(listener)
+        threading.Thread(target=serve, args=(listener, tls), daemon=True).start()
+        scheme = "https" if tls else "http"
+        return f"{scheme}://127.0.0.1:{listener.getsockname()[1]}/bucket/key?X-Amz-Signature=x"
+
+    url.held = held  # type: ignore[attr-defined]
+    yield url
+    stop.set()
+    for sock in listeners + held:
+        sock.close()
+
+
+@pytest.mark.parametrize("tls", [False, True])
+async def test_a_cancelled_get_ends_its_wait_and_close_does_not_wait(
+    stalling: Callable[[bool], str], tmp_path: Path, tls: bool
+) -> None:
+    # Before: the thread waited for the server until the read timeout, whatever happened to
+    # the task, and `close` (a command's or the daemon's end) waited for the thread: Ctrl-C
+    # on a stuck store took 28 s to end a command.
+    url = stalling(tls)
+    getter = DirectGetter(2, ca_bundle=str(tmp_path / "cert.pem"), read_timeout=30)
+    task = asyncio.create_task(getter.get(url, 0, 1000))
+    queued = asyncio.create_task(getter.get(url, 0, 1000))
+    late = asyncio.create_task(getter.get(url, 0, 1000))  # waits for a thread
+    held: list[socket.socket] = stalling.held  # type: ignore[attr-defined]
+    for _ in range(100):
+        if len(held) == 2:
+            break
+        await asyncio.sleep(0.05)
+    assert len(held) == 2 and not task.done()  # both threads wait for the server
+    started = time.monotonic()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    while len(held) < 3:  # the cancelled GET's thread is free: the waiting GET is sent
+        assert time.monotonic() - started < 2, "the cancelled GET still holds its thread"
+        await asyncio.sleep(0.02)
+    await asyncio.to_thread(getter.close)  # the rest: both running, abandoned
+    assert time.monotonic() - started < 3
+    for other in (queued, late):
+        with pytest.raises(StoreUnavailable):
+            await other
+    assert not getter._running
+
+
 async def test_a_sites_store_takes_every_ranged_get_to_the_threads(
     make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -253,6 +329,7 @@ async def test_a_sites_store_takes_every_ranged_get_to_the_threads(
         inner = site.store
         while not isinstance(inner, S3Store):
             inner = inner.inner
-        assert inner._direct is not None and inner._direct._pool._max_workers == 24
+        # one thread for each GET two transfers at once send (`[api] workers` = 2, by default)
+        assert inner._direct is not None and inner._direct._pool._max_workers == 48
     finally:
         await site.close()

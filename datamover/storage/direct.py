@@ -29,14 +29,18 @@ unread, and of a 200 (a server or proxy ignoring Range sends the whole object) t
 before `offset` are dropped as they arrive and the rest is left unread.
 Connections are kept alive and reused, except one whose body was not read to its end (it is
 closed: it cannot carry the next request); a reused connection that turns out to be closed by
-the server is replaced once, transparently.
+the server is replaced once, transparently. A GET whose task is cancelled, or that is still
+running or waiting for a thread when the getter is closed, is abandoned (`Abandoned`): its
+connection is shut down, so its thread does not wait for the server until the read timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import re
+import socket
 import ssl
 import threading
 import time
@@ -64,6 +68,11 @@ class UrlExpired(StoreUnavailable):
     new URL is needed, and a retry may sign one."""
 
 
+class Abandoned(StoreUnavailable):
+    """A GET abandoned by its caller (`DirectGetter.get` cancelled, or the getter closed)
+    before or while its thread ran it; no one waits for this error."""
+
+
 class UnknownEnd(StoreUnavailable):
     """A 200 answer to a range (the whole object: Range ignored) whose body has neither a
     Content-Length nor chunked encoding, so that only the connection's close ended it, and
@@ -89,6 +98,18 @@ def proxied(url: str) -> bool:
     return not urllib.request.proxy_bypass_environment(parts.hostname or "", proxies)
 
 
+class _Job:
+    """One GET on a thread, which the event loop may abandon (`abort`): its connection is
+    then shut down, so the thread's wait for the server ends at once instead of at the read
+    timeout, and no thread outlives the GET's task for long."""
+
+    __slots__ = ("aborted", "conn")
+
+    def __init__(self) -> None:
+        self.aborted = False
+        self.conn: http.client.HTTPConnection | None = None
+
+
 class DirectGetter:
     """Blocking ranged GETs of presigned URLs on `threads` threads; see the module docstring.
 
@@ -112,26 +133,80 @@ class DirectGetter:
         self._ssl: ssl.SSLContext | None = None
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._running: set[_Job] = set()
+        self._closed = False
 
     async def get(self, url: str, offset: int, length: int, deadline: float | None = None) -> bytes:
         """The `length` bytes at `offset` of the object at presigned `url`. With a
         `deadline` (wall-clock time, `time.time()`: the clock the server checks the URL's
         expiry by) the request is not sent once it has passed, as when the GET waited that
-        long for a thread: `UrlExpired`."""
+        long for a thread: `UrlExpired`. Cancelled, the GET is abandoned: one not started
+        never runs, one running has its connection shut down (`_Job`)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, self._get, url, offset, length, deadline)
+        job = _Job()
+        try:
+            return await loop.run_in_executor(
+                self._pool, self._get, job, url, offset, length, deadline
+            )
+        except BaseException:
+            self._abort(job)
+            raise
 
     def close(self) -> None:
-        """Close idle connections and stop the threads (waits for running GETs)."""
+        """Abandon the GETs still running or waiting for a thread (`Abandoned`; a running
+        one's connection is shut down), close idle connections and stop the threads, which
+        end at once."""
+        with self._lock:
+            self._closed = True
+            running = list(self._running)
+        for job in running:
+            self._abort(job)
         self._pool.shutdown(wait=True)
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
 
+    def _abort(self, job: _Job) -> None:
+        """Mark `job` abandoned and shut its connection down, waking its thread's wait."""
+        with self._lock:
+            job.aborted = True
+            conn = job.conn
+        sock = conn.sock if conn is not None else None
+        if sock is not None:
+            # The plain socket's shutdown, also under TLS: `SSLSocket.shutdown` would drop
+            # the TLS state another thread is reading with. The read then fails, and the
+            # thread closes the connection.
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+    def _hold(self, job: _Job, conn: http.client.HTTPConnection) -> None:
+        """On the thread: `conn` is `job`'s from now on (to be shut down if it is abandoned);
+        `Abandoned` if it was already."""
+        with self._lock:
+            if not job.aborted:
+                job.conn = conn
+                return
+        conn.close()
+        raise Abandoned("the GET was abandoned")
+
     # -- on a worker thread --------------------------------------------------------------
 
-    def _get(self, url: str, offset: int, length: int, deadline: float | None) -> bytes:
+    def _get(self, job: _Job, url: str, offset: int, length: int, deadline: float | None) -> bytes:
+        with self._lock:
+            if job.aborted or self._closed:
+                raise Abandoned("the GET was abandoned")
+            self._running.add(job)
+        try:
+            return self._get_running(job, url, offset, length, deadline)
+        finally:
+            with self._lock:
+                self._running.discard(job)
+                job.conn = None
+
+    def _get_running(
+        self, job: _Job, url: str, offset: int, length: int, deadline: float | None
+    ) -> bytes:
         parts = urlsplit(url)
         if deadline is not None and time.time() >= deadline:
             raise UrlExpired(
@@ -147,15 +222,17 @@ class DirectGetter:
         connecting = True
         try:
             conn, reused = self._connection(https, host, port)
+            self._hold(job, conn)
             connecting = False
             try:
                 resp = self._request(conn, target, headers)
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
-                if not reused:
+                if not reused or job.aborted:
                     raise
                 conn.close()  # the server closed an idle keep-alive connection: once more
                 connecting = True
                 conn, reused = self._connection(https, host, port, fresh=True)
+                self._hold(job, conn)
                 connecting = False
                 resp = self._request(conn, target, headers)
             data, received = self._body(resp, offset, length)
@@ -173,12 +250,14 @@ class DirectGetter:
             if conn is not None:
                 conn.close()
             raise
-        if resp.will_close or not resp.isclosed():
-            # A body left unread (a 200 cut at the range) would be read as the next answer.
-            conn.close()
-        else:
-            with self._lock:
+        with self._lock:
+            # A body left unread (a 200 cut at the range) would be read as the next answer;
+            # a connection shut down by `_abort` carries none.
+            keep = not (resp.will_close or not resp.isclosed() or job.aborted)
+            if keep:
                 self._idle.append(conn)
+        if not keep:
+            conn.close()
         if received is not None:
             raise UnknownEnd(
                 f"S3 endpoint {endpoint} {cut_or_ended(offset, length, len(data))} during "
