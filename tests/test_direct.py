@@ -23,7 +23,7 @@ import botocore.exceptions as bce
 import pytest
 
 from datamover.errors import StoreUnavailable
-from datamover.storage.direct import DirectGetter, proxied
+from datamover.storage.direct import DirectGetter, _Job, proxied
 from datamover.storage.s3 import S3Store, _verify
 from tests.fixtures_sites import MakeSite
 from tests.tls import self_signed
@@ -235,7 +235,7 @@ async def test_a_plain_http_client_builds_its_pool_without_the_ca_bundle(
 
 
 @pytest.fixture
-def stalling(tmp_path: Path) -> Iterator[Callable[[bool], str]]:
+def stalling(tmp_path: Path) -> Iterator[Callable[..., str]]:
     """`url(tls)`: a server that takes each request and never answers (a stuck store); over
     TLS with a self-signed certificate (the getter is given it) when `tls`. `url.held`
     lists the connections whose request came."""
@@ -244,7 +244,7 @@ def stalling(tmp_path: Path) -> Iterator[Callable[[bool], str]]:
     stop = threading.Event()
     cert, key = self_signed(tmp_path)
 
-    def serve(listener: socket.socket, tls: bool) -> None:
+    def serve(listener: socket.socket, tls: bool, begin: bool) -> None:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(cert, key)
         while not stop.is_set():
@@ -253,15 +253,21 @@ def stalling(tmp_path: Path) -> Iterator[Callable[[bool], str]]:
                 if tls:
                     conn = context.wrap_socket(conn, server_side=True)
                 conn.recv(65536)  # the request, then silence
+                if begin:  # or the start of an answer that its connection's close ends
+                    conn.sendall(
+                        b"HTTP/1.1 206 Partial Content\r\nConnection: close\r\n"
+                        b"Content-Range: bytes 0-999/16384\r\nContent-Length: 1000\r\n\r\n"
+                        + DATA[:500]
+                    )
             except OSError:
                 continue
             held.append(conn)
 
-    def url(tls: bool) -> str:
+    def url(tls: bool, begin: bool = False) -> str:
         listener = socket.create_server(("127.0.0.1", 0))
         listener.settimeout(0.2)
         listeners.append(listener)
-        threading.Thread(target=serve, args=(listener, tls), daemon=True).start()
+        threading.Thread(target=serve, args=(listener, tls, begin), daemon=True).start()
         scheme = "https" if tls else "http"
         return f"{scheme}://127.0.0.1:{listener.getsockname()[1]}/bucket/key?X-Amz-Signature=x"
 
@@ -272,14 +278,16 @@ def stalling(tmp_path: Path) -> Iterator[Callable[[bool], str]]:
         sock.close()
 
 
-@pytest.mark.parametrize("tls", [False, True])
+@pytest.mark.parametrize(("tls", "begin"), [(False, False), (True, False), (True, True)])
 async def test_a_cancelled_get_ends_its_wait_and_close_does_not_wait(
-    stalling: Callable[[bool], str], tmp_path: Path, tls: bool
+    stalling: Callable[..., str], tmp_path: Path, tls: bool, begin: bool
 ) -> None:
     # Before: the thread waited for the server until the read timeout, whatever happened to
     # the task, and `close` (a command's or the daemon's end) waited for the thread: Ctrl-C
-    # on a stuck store took 28 s to end a command.
-    url = stalling(tls)
+    # on a stuck store took 28 s to end a command. `begin`: the server stalls inside an
+    # answer its connection's close ends, which `http.client` reads after dropping the
+    # socket from the connection (the abort found no socket to shut down).
+    url = stalling(tls, begin)
     getter = DirectGetter(2, ca_bundle=str(tmp_path / "cert.pem"), read_timeout=30)
     task = asyncio.create_task(getter.get(url, 0, 1000))
     queued = asyncio.create_task(getter.get(url, 0, 1000))
@@ -303,6 +311,42 @@ async def test_a_cancelled_get_ends_its_wait_and_close_does_not_wait(
         with pytest.raises(StoreUnavailable):
             await other
     assert not getter._running
+
+
+async def test_a_get_after_close_is_abandoned(
+    server: tuple[str, dict[str, object]],
+) -> None:
+    # Before: RuntimeError ("cannot schedule new futures after shutdown"), which the store
+    # does not map, where a GET retried on a getter closed meanwhile.
+    url, _ = server
+    getter = DirectGetter(2)
+    assert await getter.get(url, 0, 10) == DATA[:10]
+    getter.close()
+    with pytest.raises(StoreUnavailable, match="its store was closed"):
+        await getter.get(url, 0, 10)
+
+
+async def test_a_connection_kept_for_the_next_get_is_no_longer_its_gets(
+    server: tuple[str, dict[str, object]], getter: DirectGetter
+) -> None:
+    # A cancel in the window between the connection going back to the idle ones and the
+    # thread's last step shut the kept connection down: the next GET, cancelled by no one,
+    # failed on it under TLS (SSLEOFError). Kept, a connection is one an abort cannot reach.
+    url, state = server
+    job = _Job()
+    reachable: list[object] = []
+
+    class Idle(list):  # type: ignore[type-arg]
+        def append(self, conn: object) -> None:
+            super().append(conn)
+            reachable.append(getattr(job, "sock", getattr(job, "conn", None)))
+
+    getter._idle = Idle()
+    assert await asyncio.to_thread(getter._get, job, url, 0, 10, None) == DATA[:10]
+    assert reachable == [None]
+    getter._abort(job)
+    assert await getter.get(url, 10, 10) == DATA[10:20]
+    assert state["served"] == 2 and len(state["connections"]) == 1  # type: ignore[arg-type]
 
 
 async def test_a_sites_store_takes_every_ranged_get_to_the_threads(

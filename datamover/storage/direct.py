@@ -103,11 +103,13 @@ class _Job:
     then shut down, so the thread's wait for the server ends at once instead of at the read
     timeout, and no thread outlives the GET's task for long."""
 
-    __slots__ = ("aborted", "conn")
+    __slots__ = ("aborted", "sock")
 
     def __init__(self) -> None:
         self.aborted = False
-        self.conn: http.client.HTTPConnection | None = None
+        # The connection's socket, not the connection: `http.client` drops the socket from
+        # a connection whose answer ends with its close, while the answer still reads it.
+        self.sock: socket.socket | None = None
 
 
 class DirectGetter:
@@ -144,10 +146,17 @@ class DirectGetter:
         never runs, one running has its connection shut down (`_Job`)."""
         loop = asyncio.get_running_loop()
         job = _Job()
+        closed = Abandoned("the GET was abandoned: its store was closed")
+        if self._closed:
+            raise closed
         try:
-            return await loop.run_in_executor(
+            running = loop.run_in_executor(
                 self._pool, self._get, job, url, offset, length, deadline
             )
+        except RuntimeError:  # closed meanwhile: the pool takes no more work
+            raise closed from None
+        try:
+            return await running
         except BaseException:
             self._abort(job)
             raise
@@ -171,8 +180,7 @@ class DirectGetter:
         """Mark `job` abandoned and shut its connection down, waking its thread's wait."""
         with self._lock:
             job.aborted = True
-            conn = job.conn
-        sock = conn.sock if conn is not None else None
+            sock = job.sock
         if sock is not None:
             # The plain socket's shutdown, also under TLS: `SSLSocket.shutdown` would drop
             # the TLS state another thread is reading with. The read then fails, and the
@@ -185,7 +193,7 @@ class DirectGetter:
         `Abandoned` if it was already."""
         with self._lock:
             if not job.aborted:
-                job.conn = conn
+                job.sock = conn.sock
                 return
         conn.close()
         raise Abandoned("the GET was abandoned")
@@ -202,7 +210,7 @@ class DirectGetter:
         finally:
             with self._lock:
                 self._running.discard(job)
-                job.conn = None
+                job.sock = None
 
     def _get_running(
         self, job: _Job, url: str, offset: int, length: int, deadline: float | None
@@ -252,8 +260,10 @@ class DirectGetter:
             raise
         with self._lock:
             # A body left unread (a 200 cut at the range) would be read as the next answer;
-            # a connection shut down by `_abort` carries none.
+            # a connection shut down by `_abort` carries none. Kept, it is no longer the
+            # job's: a cancel from now on must not shut down what the next GET uses.
             keep = not (resp.will_close or not resp.isclosed() or job.aborted)
+            job.sock = None
             if keep:
                 self._idle.append(conn)
         if not keep:
