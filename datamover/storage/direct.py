@@ -73,6 +73,10 @@ class Abandoned(StoreUnavailable):
     before or while its thread ran it; no one waits for this error."""
 
 
+def _closed() -> Abandoned:
+    return Abandoned("the GET was abandoned: its store was closed")
+
+
 class UnknownEnd(StoreUnavailable):
     """A 200 answer to a range (the whole object: Range ignored) whose body has neither a
     Content-Length nor chunked encoding, so that only the connection's close ended it, and
@@ -99,9 +103,9 @@ def proxied(url: str) -> bool:
 
 
 class _Job:
-    """One GET on a thread, which the event loop may abandon (`abort`): its connection is
-    then shut down, so the thread's wait for the server ends at once instead of at the read
-    timeout, and no thread outlives the GET's task for long."""
+    """One GET on a thread, which the event loop may abandon (`DirectGetter._abort`): its
+    connection is then shut down, so the thread's wait for the server ends at once instead
+    of at the read timeout, and no thread outlives the GET's task for long."""
 
     __slots__ = ("aborted", "sock")
 
@@ -146,15 +150,14 @@ class DirectGetter:
         never runs, one running has its connection shut down (`_Job`)."""
         loop = asyncio.get_running_loop()
         job = _Job()
-        closed = Abandoned("the GET was abandoned: its store was closed")
         if self._closed:
-            raise closed
+            raise _closed()
         try:
             running = loop.run_in_executor(
                 self._pool, self._get, job, url, offset, length, deadline
             )
         except RuntimeError:  # closed meanwhile: the pool takes no more work
-            raise closed from None
+            raise _closed() from None
         try:
             return await running
         except BaseException:
