@@ -4,12 +4,13 @@ the walk passes over them, and the pieces are those of a walk without workers.""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import os
 import random
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from multiprocessing import forkserver
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,23 @@ async def _parent_refs(site: Site, dataset: str) -> list[SegmentRef]:
     refs = await _parent_manifest(site, doc)
     assert refs is not None
     return refs
+
+
+@contextlib.asynccontextmanager
+async def _pushed(
+    make_site: MakeSite, **tree: Any
+) -> AsyncIterator[tuple[Site, Path, list[SegmentRef]]]:
+    """`/proj/run1` (`make_tree(**tree)`) pushed once at a site cutting segments of eight
+    entries: the open site (closed after), the tree, and the version's segment lines."""
+    a = await make_site("site-a", segment_entries=8)
+    src = a.data / "run1"
+    make_tree(src, **tree)
+    site = await a.open()
+    try:
+        await push(site, "/proj/run1")
+        yield site, src, await _parent_refs(site, "/proj/run1")
+    finally:
+        await site.close()
 
 
 def _scan(
@@ -392,19 +410,11 @@ async def test_a_command_walks_a_few_segments_itself(
 async def test_a_line_of_another_size_than_its_segment_is_corrupt_either_way(
     make_site: MakeSite,
 ) -> None:
-    a = await make_site("site-a", segment_entries=8)
-    src = a.data / "run1"
-    make_tree(src, files=120)
-    site = await a.open()
-    try:
-        await push(site, "/proj/run1")
-        refs = await _parent_refs(site, "/proj/run1")
+    async with _pushed(make_site, files=120) as (site, src, refs):
         refs[5] = dataclasses.replace(refs[5], stored_size=refs[5].stored_size + 1)
         for ahead in (False, True):
             with pytest.raises(Corrupt, match="its line in the manifest list"):
                 _scan(site, src, refs, ahead)
-    finally:
-        await site.close()
 
 
 async def test_segments_whose_first_path_is_gone_make_room_for_others(
@@ -412,13 +422,7 @@ async def test_segments_whose_first_path_is_gone_make_room_for_others(
 ) -> None:
     """A segment handed to a worker whose first path the walk never meets (removed) is
     dropped once the walk is past it: the workers go on finding later ones."""
-    a = await make_site("site-a", segment_entries=8)
-    src = a.data / "run1"
-    make_tree(src, files=400, big=1 << 20)
-    site = await a.open()
-    try:
-        await push(site, "/proj/run1")
-        refs = await _parent_refs(site, "/proj/run1")
+    async with _pushed(make_site, files=400, big=1 << 20) as (site, src, refs):
         for ref in refs[1:9]:  # more than the four handed out at first (two workers)
             if (src / ref.first_path).is_file():
                 (src / ref.first_path).unlink()
@@ -427,15 +431,15 @@ async def test_segments_whose_first_path_is_gone_make_room_for_others(
         assert parallel == serial
         unchanged = sum(1 for p in serial if p[0] == "same")
         assert unchanged > 30 and len(found) >= unchanged - 12  # all but a few around the gaps
-    finally:
-        await site.close()
 
 
-async def test_a_re_push_without_a_fork_server_walks_every_segment(
-    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("fails", ["no fork server", "no fork"])
+async def test_a_re_push_whose_workers_cannot_start_walks_every_segment(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch, fails: str
 ) -> None:
-    """Where no fork server can run (a locked-down container), a re-push walks every
-    segment itself instead of failing."""
+    """Where no fork server can run (a locked-down container), or one starts but cannot fork
+    (EAGAIN under RLIMIT_NPROC, ENOMEM) and its pool's start ends with whatever
+    multiprocessing raises, a re-push walks every segment itself instead of failing."""
     a = await make_site("site-a", segment_entries=8)
     src = a.data / "run1"
     make_tree(src, files=120)
@@ -446,8 +450,15 @@ async def test_a_re_push_without_a_fork_server_walks_every_segment(
         def refuse() -> None:
             raise PermissionError(1, "Operation not permitted")
 
-        monkeypatch.setattr(forkserver, "ensure_running", refuse)
-        monkeypatch.setattr(procpool, "_warm", False)
+        def broken(workers: int) -> Any:
+            raise EOFError("unexpected EOF")
+
+        if fails == "no fork server":
+            monkeypatch.setattr(forkserver, "ensure_running", refuse)
+            monkeypatch.setattr(procpool, "_warm", False)
+        else:
+            monkeypatch.setattr(procpool, "start", broken)
+            monkeypatch.setattr(procpool, "_warm", True)
         again = await push(site, "/proj/run1")
         assert again.unchanged and again.version == first.version
         assert again.files == first.files
@@ -460,19 +471,11 @@ async def test_a_check_that_fails_is_walked_here(
 ) -> None:
     """A check that raises (here: its arguments cannot be sent to a worker) is no answer:
     the walk goes through the segment itself."""
-    a = await make_site("site-a", segment_entries=8)
-    src = a.data / "run1"
-    make_tree(src, files=80)
-    site = await a.open()
-    try:
-        await push(site, "/proj/run1")
-        refs = await _parent_refs(site, "/proj/run1")
+    async with _pushed(make_site, files=80) as (site, src, refs):
         serial, _ = _scan(site, src, refs, ahead=False)
         _wait_for_workers(monkeypatch)
         parallel, found = _scan(site, src, refs, ahead=True, links=lambda t: t)
         assert parallel == serial and found == []
-    finally:
-        await site.close()
 
 
 async def test_no_worker_starts_while_every_segment_has_a_change(
@@ -526,13 +529,7 @@ async def test_a_wrong_line_of_a_segment_gone_from_the_tree_is_corrupt_either_wa
 ) -> None:
     """A segment no worker passed over is read to its end, where its line in the list is
     checked, even where its files are gone and workers passed over those after it."""
-    a = await make_site("site-a", segment_entries=8)
-    src = a.data / "run1"
-    make_tree(src, files=200)
-    site = await a.open()
-    try:
-        await push(site, "/proj/run1")
-        refs = await _parent_refs(site, "/proj/run1")
+    async with _pushed(make_site, files=200) as (site, src, refs):
         j = next(
             i
             for i in range(4, len(refs) - 2)
@@ -552,31 +549,6 @@ async def test_a_wrong_line_of_a_segment_gone_from_the_tree_is_corrupt_either_wa
         parallel, found = _scan(site, src, refs, ahead=True)
         assert parallel == serial
         assert any(r.first_path > refs[j].last_path for r in found)
-    finally:
-        await site.close()
-
-
-async def test_workers_that_cannot_start_leave_the_walk_to_do_it_all(
-    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A fork server that starts but cannot fork (EAGAIN under RLIMIT_NPROC, ENOMEM) ends
-    its pool's start with whatever multiprocessing raises: the re-push walks every segment."""
-    a = await make_site("site-a", segment_entries=8)
-    src = a.data / "run1"
-    make_tree(src, files=120)
-    site = await a.open()
-    try:
-        first = await push(site, "/proj/run1")
-
-        def broken(workers: int) -> Any:
-            raise EOFError("unexpected EOF")
-
-        monkeypatch.setattr(procpool, "start", broken)
-        monkeypatch.setattr(procpool, "_warm", True)
-        again = await push(site, "/proj/run1")
-        assert again.unchanged and again.version == first.version
-    finally:
-        await site.close()
 
 
 async def test_workers_go_on_after_every_segment_handed_out_lost_its_first_path(
