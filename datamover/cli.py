@@ -81,7 +81,7 @@ def run_with_catalog(config: Any, work: Callable[[Any], Awaitable[T]]) -> T:
 
     async def main() -> T:
         make_state_dir(config)
-        engine = await open_engine(config.catalog_url)
+        engine = await open_engine(config.catalog_url, config.site.name)
         try:
             return await work(engine)
         finally:
@@ -235,7 +235,11 @@ def _name_skipped(paths: list[str], count: int) -> None:
     help="Stage even while other jobs' pins hold the replica at another version (their "
     "files change under them).",
 )
-@click.option("--deadline", metavar="TIME", help="When the data is needed (RFC 3339).")
+@click.option(
+    "--deadline",
+    metavar="TIME",
+    help="When the data is needed (RFC 3339; without an offset, local time).",
+)
 @daemon_options
 @common
 def stage(
@@ -262,14 +266,14 @@ def stage(
     from datamover.cli_daemon import stage_locally, through_daemon
     from datamover.config import load_config
     from datamover.domain.ids import check_version_id
-    from datamover.domain.transfers import check_text, parse_time
+    from datamover.domain.transfers import check_text, with_offset
 
     if version is not None:
         check_version_id(version)
     if pin is not None:  # the same checks as the daemon's, also when staging locally
         check_text(pin, "--pin")
     if deadline is not None:
-        parse_time(deadline, "--deadline")
+        deadline = with_offset(deadline, "--deadline")
     if wait and no_wait:
         raise click.UsageError("--wait and --no-wait contradict each other")
     _local_or_no_wait(local, no_wait, wait, daemon_only)
@@ -398,9 +402,8 @@ def ls(prefix: str, config_path: str | None, as_json: bool) -> None:
             listed = True
             click.echo(info.path)
             for v in info.versions:
-                click.echo(
-                    f"  {v.version}  {v.files:>10} files  {human_bytes(v.bytes):>10}  from {v.site}"
-                )
+                files = f"{v.files:>10} {'file ' if v.files == 1 else 'files'}"
+                click.echo(f"  {v.version}  {files}  {human_bytes(v.bytes):>10}  from {v.site}")
 
     try:
         run_with_site(config_path, work)

@@ -33,7 +33,7 @@ def _client(config: Config) -> Any:
     url = config.api_url
     if url is None:
         raise InvalidInput(f"{config.source}: no [api] listen or url: there is no daemon to ask")
-    return DaemonClient(url, load_token(config))
+    return DaemonClient(url, load_token(config), site=config.site.name)
 
 
 def _follow(client: Any, transfer: dict[str, Any], as_json: bool) -> dict[str, Any]:
@@ -300,7 +300,7 @@ def _describe(t: dict[str, Any]) -> str:
     default="interactive",
     show_default=True,
 )
-@click.option("--deadline", metavar="TIME", help="RFC 3339")
+@click.option("--deadline", metavar="TIME", help="RFC 3339; without an offset, local time")
 @click.option("--pin", metavar="ID")
 @click.option("--delete", is_flag=True)
 @click.option("--checksum", is_flag=True)
@@ -323,12 +323,12 @@ def transfer_submit(
 ) -> None:
     """Queue a push or stage on the daemon; print the transfer."""
     from datamover.client import TRANSFER
-    from datamover.domain.transfers import check_idempotency_key, check_text, parse_time
+    from datamover.domain.transfers import check_idempotency_key, check_text, with_offset
 
     if pin is not None:
         check_text(pin, "--pin")
     if deadline is not None:
-        parse_time(deadline, "--deadline")
+        deadline = with_offset(deadline, "--deadline")
     if idempotency_key is not None:
         check_idempotency_key(idempotency_key)
     body: dict[str, Any] = {"kind": kind, "path": logical_path, "priority": priority}

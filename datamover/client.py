@@ -150,9 +150,12 @@ class DaemonClient:
     that is not an http(s) URL with a host.
     """
 
-    def __init__(self, base_url: str, token: str | None, timeout: float = 30.0) -> None:
+    def __init__(
+        self, base_url: str, token: str | None, timeout: float = 30.0, site: str | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.token = token
+        self.site = site
         self._seconds = timeout
         try:
             parts = urlsplit(self.base_url)
@@ -306,7 +309,8 @@ class DaemonClient:
 
     def reachable(self) -> bool:
         """True when the daemon answers `/healthz` within a second with its own answer, 200
-        `{"status": "ok"}`; False when nothing answers in time or the answer is a server
+        `{"status": "ok"}` (naming `site`, when given and the daemon names one, else
+        `InvalidInput`); False when nothing answers in time or the answer is a server
         error (a daemon starting or stopping), with the cause in `unreachable_because`. Any
         other answer (a redirect, a proxy's 401 or 404, a web server's page), a TLS
         certificate that fails verification and a host name that does not exist are
@@ -320,6 +324,13 @@ class DaemonClient:
             return False
         if status == 200:
             if isinstance(data, dict) and data.get("status") == "ok":
+                served = data.get("site")
+                if self.site is not None and isinstance(served, str) and served != self.site:
+                    # Its work would be done at that site's paths, from that site's tree.
+                    raise InvalidInput(
+                        f"[api] url {self.base_url} is the daemon of site {served!r}, not of "
+                        f"{self.site!r} ([site] name): check [api] url"
+                    )
                 return True
             raise not_the_daemon(
                 f"{self.base_url}/healthz", status, 'the daemon\'s {"status": "ok"}'

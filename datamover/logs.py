@@ -84,6 +84,6 @@ def setup_json_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("aiobotocore", "botocore", "aiohttp.access", "urllib3"):
+    for noisy in ("aiobotocore", "botocore", "aiohttp.access", "urllib3", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("aiohttp.server").addFilter(MalformedRequests())

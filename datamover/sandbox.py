@@ -19,7 +19,7 @@ import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from datamover.embedded import EmbeddedSeaweed
+from datamover.embedded import EmbeddedSeaweed, check_port_free
 from datamover.errors import Busy, InvalidInput, PermanentError
 
 PORT = 8333
@@ -85,6 +85,8 @@ def run_sandbox(data_dir: Path, port: int, bucket: str, say: Callable[[str], Non
     check_bucket(bucket)
     for stop in (signal.SIGHUP, signal.SIGTERM):  # while it starts: as Ctrl-C, cleaned up
         signal.signal(stop, signal.default_int_handler)
+    if not data_dir.exists():  # a taken port must not leave a new directory behind
+        check_port_free(port)
     with _only_sandbox(data_dir):
         _prune_logs(data_dir)
         with EmbeddedSeaweed(

@@ -118,7 +118,7 @@ class Site:
         """Open the catalog (creating it on first use) and the store (`make_store`, told
         `on_retry`, unless `store` is given)."""
         make_state_dir(config)
-        engine = await open_engine(config.catalog_url)
+        engine = await open_engine(config.catalog_url, config.site.name)
         store = store or make_store(config, on_retry)
         repo = Repository(store, config.state_dir, config.transfer.download_concurrency)
         return cls(config, store, repo, Catalog(engine))

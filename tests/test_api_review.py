@@ -262,7 +262,7 @@ async def test_serve_binds_a_bracketed_ipv6_listen_address(served_site: StartSit
         pytest.skip("no IPv6 loopback here (the parsing test above still runs)")
     d = await served_site("site-b", api={"listen": f"[::1]:{port}"})
     assert d.url == f"http://[::1]:{port}"
-    assert d.request("GET", "/healthz") == (200, {"status": "ok"})
+    assert d.request("GET", "/healthz") == (200, {"status": "ok", "site": "site-b"})
     r = d.env.cli("transfer", "list")  # the CLI reaches it at http://[::1]:port too
     # The daemon's answer: it wants a token this command does not have.
     assert f"the daemon at http://[::1]:{port} needs a token" in r.stderr, r.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -46,6 +47,72 @@ async def test_fresh_catalog_is_created_on_first_use(catalog_url: str) -> None:
         await engine.dispose()
     engine = await open_engine(catalog_url)  # and opened again as it is
     await engine.dispose()
+
+
+async def test_a_catalog_is_the_first_sites_to_open_it(catalog_url: str) -> None:
+    # Before, a second site's configuration naming the first one's catalog started a daemon
+    # that took the first site's queued stages and ran them at its own paths.
+    for site in ("hpc-a", "hpc-a", None):  # claimed, then its own again; unchecked
+        engine = await open_engine(catalog_url, site)
+        await engine.dispose()
+    with pytest.raises(CatalogError, match="belongs to site 'hpc-a', not to 'hpc-b'") as err:
+        await open_engine(catalog_url, "hpc-b")
+    assert "catalog of its own" in str(err.value) and "\n" not in str(err.value)
+    engine = await open_engine(catalog_url)
+    try:
+        async with engine.connect() as conn:
+            rows = (await conn.execute(text("SELECT id, name FROM catalog_site"))).all()
+        assert [tuple(r) for r in rows] == [(1, "hpc-a")]  # the refused site recorded nothing
+    finally:
+        await engine.dispose()
+
+
+def test_a_second_site_on_a_catalog_is_refused_by_every_command(tmp_path: Path) -> None:
+    catalog = f"sqlite:///{tmp_path / 'shared.db'}"
+
+    def config(name: str, api: str = "") -> Path:
+        path = tmp_path / f"{name}{'-api' if api else ''}.toml"
+        path.write_text(
+            api + f'[site]\nname = "{name}"\ncatalog = "{catalog}"\n'
+            f'state_dir = "{tmp_path / name / "state"}"\n'
+            '[store]\nendpoint = "http://127.0.0.1:1"\nbucket = "bkt"\n'
+            'access_key = "k"\nsecret_key = "s"\n'
+            f'[namespace]\n"/proj" = "{tmp_path / name / "data"}"\n'
+        )
+        return path
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "datamover", *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    made = run(
+        "token",
+        "create",
+        "--tenant",
+        "t",
+        "--prefix",
+        "/proj",
+        "--scope",
+        "read",
+        "--config",
+        str(config("site-a")),
+    )
+    assert made.returncode == 0, made.stderr
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        listen = f'[api]\nlisten = "127.0.0.1:{probe.getsockname()[1]}"\n'
+    for args in (["ls"], ["pins"], ["token", "revoke", "tok-x"], ["serve"]):
+        r = run(*args, "--config", str(config("site-b", listen if args == ["serve"] else "")))
+        assert r.returncode == 8, (args, r.stderr)
+        assert r.stderr.splitlines() == [
+            f"datamover: error: catalog {catalog} belongs to site 'site-a', not to 'site-b' "
+            "([site] name): each site needs a catalog of its own"
+        ], (args, r.stderr)
+    assert not (tmp_path / "site-b" / "data").exists()
 
 
 async def test_migrations_and_models_give_the_same_schema(catalog_url: str) -> None:
@@ -391,3 +458,28 @@ async def test_replica_records_are_read_a_page_at_a_time(catalog_url: str) -> No
         assert await catalog.replica_bytes() == 210
     finally:
         await catalog.close()
+
+
+def test_a_sqlite_catalog_that_cannot_be_opened_is_one_line_every_time(tmp_path: Path) -> None:
+    # aiosqlite answered the stop of the connection that failed to open on an event loop
+    # the CLI had closed: a traceback followed the error line in about one run in four.
+    config = tmp_path / "site.toml"
+    config.write_text(
+        '[site]\nname = "a"\ncatalog = "sqlite:////proc/catalog.db"\n'
+        f'state_dir = "{tmp_path / "state"}"\n'
+        '[store]\nendpoint = "http://127.0.0.1:1"\nbucket = "bkt"\n'
+        'access_key = "k"\nsecret_key = "s"\n'
+        f'[namespace]\n"/proj" = "{tmp_path / "data"}"\n'
+    )
+    for _ in range(10):
+        r = subprocess.run(
+            [sys.executable, "-m", "datamover", "pins", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 8, r.stderr
+        assert r.stderr.splitlines() == [
+            "datamover: error: catalog sqlite:////proc/catalog.db cannot be opened: "
+            "unable to open database file"
+        ]

@@ -21,7 +21,7 @@ from sqlalchemy import select
 from datamover.catalog.queue_sql import T
 from datamover.client import DaemonClient
 from datamover.errors import InvalidInput, TransientError
-from tests.fixtures_daemon import Daemon, StartSite, start_daemon
+from tests.fixtures_daemon import Daemon, StartSite, start_daemon, with_token
 from tests.fixtures_sites import MakeSite
 from tests.tls import self_signed
 
@@ -124,6 +124,32 @@ async def test_one_connection_survives_a_daemon_restart(served_site: StartSite) 
         for daemon in running:
             daemon.stop()
     assert not client.reachable()  # nobody listens any more
+
+
+async def test_a_daemon_of_another_site_is_refused_before_anything_is_sent(
+    served_site: StartSite, make_site: MakeSite
+) -> None:
+    # Before, a config whose [api] url named another site's daemon pushed that site's tree
+    # (published as that site's version) and exited 0.
+    d = await served_site("site-b")
+    token = d.token("t1", "/proj", "write")
+    a = await make_site("site-a", api={"url": d.url})
+    a.state.mkdir(parents=True, exist_ok=True)
+    with_token(a, token)
+    (a.data / "x").mkdir()
+    (a.data / "x" / "f").write_text("site a's own file\n")
+    for args in (("push", "/proj/x"), ("stage", "/proj/x", "--wait")):
+        proc = a.cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.splitlines() == [
+            f"datamover: error: [api] url {d.url} is the daemon of site 'site-b', not of "
+            "'site-a' ([site] name): check [api] url"
+        ]
+    assert d.request("GET", "/v1/transfers", token)[1]["transfers"] == []  # nothing sent
+    with DaemonClient(d.url, token, site="site-b") as client:  # its own site: as before
+        assert client.reachable()
+    with DaemonClient(d.url, token) as client:  # a client that names no site: as before
+        assert client.reachable()
 
 
 async def test_catalog_commands_neither_load_nor_need_the_store(make_site: MakeSite) -> None:

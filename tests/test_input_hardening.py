@@ -4,11 +4,14 @@ characters is refused, and environment problems end as one line, never "internal
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from datamover.catalog.access import Access
 from datamover.catalog.models import Token
 from datamover.domain.transfers import parse_time
 from datamover.errors import CatalogError, InvalidInput
-from tests.fixtures_daemon import StartSite, free_port, with_token
+from tests.fixtures_daemon import StartSite, free_port, start_daemon, with_token
 from tests.fixtures_sites import MakeSite, SiteEnv, cli_unprivileged
 from tests.test_bad_input import fails
 
@@ -457,3 +460,80 @@ async def test_no_wait_without_a_daemon_is_refused(make_site: MakeSite) -> None:
     (a.data / "x").mkdir()
     fails(a, "push", "/proj/x", "--no-wait", code=2, says="--no-wait, but no [api] url")
     fails(a, "stage", "/proj/x", "--no-wait", code=2, says="--no-wait, but no [api] url")
+
+
+async def test_a_repeated_idempotency_key_is_refused(served_site: StartSite) -> None:
+    # The first was taken silently, where a repeated query parameter is refused.
+    d = await served_site("site-b")
+    token = d.token("t1", "/proj", "write")
+    host, port = d.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    body = json.dumps({"kind": "stage", "path": "/proj/x"}).encode()
+    conn.putrequest("POST", "/v1/transfers")
+    for name, value in [
+        ("Authorization", f"Bearer {token}"),
+        ("Content-Type", "application/json"),
+        ("Content-Length", str(len(body))),
+        ("Idempotency-Key", "a"),
+        ("Idempotency-Key", "b"),
+    ]:
+        conn.putheader(name, value)
+    conn.endheaders(body)
+    resp = conn.getresponse()
+    answer = json.loads(resp.read())
+    conn.close()
+    assert resp.status == 400, answer
+    assert answer["error"]["message"] == "Idempotency-Key given more than once"
+    assert d.request("GET", "/v1/transfers", token)[1]["transfers"] == []
+
+
+async def test_a_probe_of_a_store_that_is_down_tries_once_and_logs_nothing(
+    make_site: MakeSite,
+) -> None:
+    # Each /readyz (open to anyone) ran the store check through every retry: 1-2 s and four
+    # warnings in the log per probe.
+    env = await make_site("site-b", api={"listen": f"127.0.0.1:{free_port()}"})
+    text = env.config_path.read_text()
+    down = f'endpoint = "http://127.0.0.1:{free_port()}"'
+    env.config_path.write_text(re.sub(r"^endpoint = .*$", down, text, flags=re.M))
+    d = start_daemon(env)
+    try:
+        assert d.request("GET", "/healthz") == (200, {"status": "ok", "site": "site-b"})
+        deadline = time.monotonic() + 60
+        while "the store does not answer yet" not in d.log():  # the daemon's own check
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.1)
+        before = d.log()
+        for _ in range(3):
+            started = time.monotonic()
+            status, ready = d.request("GET", "/readyz")
+            assert time.monotonic() - started < 1.5
+            assert status == 503 and ready["checks"]["catalog"] == "ok", ready
+            assert ready["checks"]["store"].startswith("error: "), ready
+        assert d.log()[len(before) :] == ""
+    finally:
+        d.stop()
+
+
+async def test_a_deadline_without_an_offset_is_the_users_local_time(
+    served_site: StartSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It was taken as UTC: 08:00 typed in Tokyo was 17:00 there.
+    d = await served_site("site-b")
+    token = d.token("t1", "/proj", "write")
+    with_token(d.env, token)
+    monkeypatch.setenv("TZ", "Asia/Tokyo")  # the CLI's, a subprocess
+
+    def deadline(when: str, *args: str) -> str:
+        out = d.env.cli_json(*args, "--deadline", when)
+        transfer_id = out.get("id") or out["transfer"]
+        status, transfer = d.request("GET", f"/v1/transfers/{transfer_id}", token)
+        assert status == 200, transfer
+        return str(transfer["deadline"])
+
+    tokyo = "2026-12-01T08:00:00"
+    for args in (("transfer", "submit", "stage", "/proj/x"), ("stage", "/proj/x", "--no-wait")):
+        assert deadline(tokyo, *args) == "2026-11-30T23:00:00.000000Z", args
+    # An offset given is kept.
+    utc = deadline("2026-12-01T08:00:00Z", "transfer", "submit", "stage", "/proj/x")
+    assert utc == "2026-12-01T08:00:00.000000Z"

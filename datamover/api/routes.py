@@ -40,6 +40,7 @@ from datamover.errors import Conflict, DatamoverError, Forbidden, InvalidInput, 
 from datamover.metrics import CONTENT_TYPE
 from datamover.repo.layout import VersionDoc, check_key_length
 from datamover.scheduler.endings import RECHECK, until
+from datamover.storage.retry import RetryingStore
 
 _OPENAPI = json.loads(resources.files("datamover.api").joinpath("openapi.json").read_text())
 _TRANSFER_FIELDS = {
@@ -67,22 +68,39 @@ def _json(data: object, status: int = 200) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """The process answers."""
-    return _json({"status": "ok"})
+    """The process answers, naming its site (a client configured for another site's daemon
+    learns it here: `DaemonClient.reachable`)."""
+    return _json({"status": "ok", "site": context(request).site.name})
+
+
+#: Seconds each readiness check may take: a probe has a timeout of its own (Kubernetes':
+#: 1 s by default), and an answer after it is lost anyway.
+PROBE_SECONDS = 2.0
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Catalog and store reachable: 200, else 503 naming what failed."""
+    """Catalog and store reachable: 200, else 503 naming what failed. Each is tried once,
+    for at most `PROBE_SECONDS`: the store without its retries, which took a probe of a
+    store that was down 1-2 s and logged four warnings each time (anyone may probe)."""
     ctx = context(request)
     checks: dict[str, str] = {}
     try:
-        await ctx.transfers.depth()
+        async with asyncio.timeout(PROBE_SECONDS):
+            await ctx.transfers.depth()
         checks["catalog"] = "ok"
+    except TimeoutError:
+        checks["catalog"] = f"error: no answer within {PROBE_SECONDS:g} s"
     except Exception as exc:
         checks["catalog"] = f"error: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+    store = ctx.site.store
+    while isinstance(store, RetryingStore):
+        store = store.inner
     try:
-        await ctx.site.store.check()
+        async with asyncio.timeout(PROBE_SECONDS):
+            await store.check()
         checks["store"] = "ok"
+    except TimeoutError:
+        checks["store"] = f"error: no answer within {PROBE_SECONDS:g} s"
     except DatamoverError as exc:
         checks["store"] = f"error: {exc.message}"
     ok = all(v == "ok" for v in checks.values())
@@ -134,7 +152,10 @@ async def submit_transfer(request: web.Request) -> web.Response:
         # Over its own tenant's pins only: a token that may not release another tenant's
         # pin may not change the files under that tenant's jobs either.
         options["force"] = "tenant"
-    key = request.headers.get("Idempotency-Key")
+    keys = request.headers.getall("Idempotency-Key", [])
+    if len(keys) > 1:  # as a repeated query parameter: which one was meant is not known
+        raise InvalidInput("Idempotency-Key given more than once")
+    key = keys[0] if keys else None
     if key is not None:
         check_idempotency_key(key)
     submission = Submission(

@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import threading
 import time
 import warnings
+from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import event, func, inspect, or_, text, true
+from sqlalchemy import event, func, inspect, or_, select, text, true
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -40,7 +42,7 @@ _DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg"}
 #: The newest migration in `migrations/versions`. Opening a catalog compares its revision
 #: with this constant instead of loading alembic (a fifth of the CLI's start-up time);
 #: `tests/test_catalog.py` checks it equals alembic's head.
-HEAD = "0007"
+HEAD = "0008"
 
 
 def upsert_for(dialect: str, table: Any) -> Any:
@@ -424,8 +426,9 @@ async def upgrade(engine: AsyncEngine, revision: str = "head") -> tuple[str | No
     return before, after
 
 
-async def open_engine(url: str) -> AsyncEngine:
-    """Open the catalog at `url`, creating it if empty; raise `CatalogError` if unusable."""
+async def open_engine(url: str, site: str | None = None) -> AsyncEngine:
+    """Open the catalog at `url`, creating it if empty; raise `CatalogError` if unusable,
+    or if it is another site's than `site` (`claim_site`; None: not checked)."""
     engine = create_engine_for(url)
     try:
         await _connect_once(engine)
@@ -434,6 +437,8 @@ async def open_engine(url: str) -> AsyncEngine:
         if current is None and not has_tables:
             current, has_tables = await create_fresh(engine)
         if current == head:
+            if site is not None:
+                await claim_site(engine, site)
             return engine
         if current is None:
             raise _foreign(url)
@@ -444,11 +449,52 @@ async def open_engine(url: str) -> AsyncEngine:
             )
         raise _newer(url, current)
     except (CatalogError, InvalidInput):
-        await engine.dispose()
+        await _dispose(engine)
         raise
     except (SQLAlchemyError, DBAPIError, OSError, OverflowError) as exc:
-        await engine.dispose()
+        await _dispose(engine)
         raise cannot_open(f"catalog {_describe(url)} cannot be opened", exc) from None
+
+
+#: aiosqlite's thread of one connection (`threading` names a thread by its target).
+_SQLITE_THREAD = "(_connection_worker_thread)"
+
+
+async def _dispose(engine: AsyncEngine) -> None:
+    """Dispose of the engine of a catalog that cannot be used, and wait (a second at most)
+    for aiosqlite's threads to end. A connection that failed to open is stopped by a job
+    queued to its thread, which hands its answer to the event loop: a CLI whose loop had
+    closed by then got a traceback on stderr after its one-line error, in a run of four."""
+    await engine.dispose()
+    if engine.dialect.name != "sqlite":
+        return
+    for _ in range(500):  # a thread's end sets no event to wait for: look every 2 ms
+        if not any(t.name.endswith(_SQLITE_THREAD) for t in threading.enumerate()):
+            return
+        await asyncio.sleep(0.002)
+
+
+async def claim_site(engine: AsyncEngine, site: str) -> None:
+    """Record `site` as the catalog's on its first use by a site; afterwards, `CatalogError`
+    unless it is the site recorded: a site's queue, replicas and tokens are its own, and
+    another site's daemon on them would run its transfers at the wrong paths. One read
+    (and one write, once)."""
+    from datamover.catalog.models import CatalogSite
+
+    async with engine.begin() as conn:
+        query = select(CatalogSite.c.name).where(CatalogSite.c.id == 1)
+        recorded = (await conn.execute(query)).scalar()
+        if recorded is None:
+            claim = upsert_for(conn.dialect.name, CatalogSite).values(
+                id=1, name=site, claimed_at=datetime.now(UTC)
+            )
+            await conn.execute(claim.on_conflict_do_nothing())
+            recorded = (await conn.execute(query)).scalar()
+    if recorded != site:
+        raise CatalogError(
+            f"catalog {_describe(engine.url)} belongs to site {recorded!r}, not to "
+            f"{site!r} ([site] name): each site needs a catalog of its own"
+        )
 
 
 #: SQLSTATEs of a PostgreSQL server that may take the connection later: shutting down or

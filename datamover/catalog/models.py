@@ -213,3 +213,15 @@ Pin = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     PrimaryKeyConstraint("tenant", "pin", "dataset", name="pins_pkey"),
 )
+
+
+#: The site whose catalog this is, recorded by the first site that opens it (one row, id 1).
+#: A second site's configuration pointed at the same catalog is refused, not run: its
+#: daemon would take this site's queued transfers and run them at its own paths.
+CatalogSite = Table(
+    "catalog_site",
+    metadata,
+    Column("id", SmallInteger, primary_key=True, autoincrement=False),
+    Column("name", Text, nullable=False),
+    Column("claimed_at", DateTime(timezone=True), nullable=False),
+)

@@ -136,6 +136,17 @@ _DATE_TIME = re.compile(
 )
 
 
+def with_offset(value: str, what: str) -> str:
+    """`value`, checked as `parse_time` checks it, with its offset made explicit: to a user
+    at a terminal a date-time without one is a local time (08:00 typed in Tokyo is 08:00
+    there), so it gets the local offset; the API takes such a time as UTC."""
+    parse_time(value, what)
+    match = _DATE_TIME.fullmatch(value.strip())
+    if match is None or match.group(2) is not None:
+        return value
+    return datetime.fromisoformat(value.strip()).astimezone().isoformat()
+
+
 def parse_time(value: object, what: str) -> datetime:
     """An RFC 3339 date-time string as an aware UTC datetime, else `InvalidInput` naming
     `what`. A time without an offset is taken as UTC; an offset is converted, not dropped;
