@@ -207,6 +207,24 @@ def push(
         f"{human_bytes(result['uploaded_bytes'])} in {result['seconds']:.2f} s"
     )
     _name_skipped(result.get("skipped_special", []), result.get("skipped_special_count", 0))
+    _name_partials(result.get("skipped_partial", []), result.get("skipped_partial_count", 0))
+
+
+def _name_partials(paths: list[str], count: int) -> None:
+    """Name the first ten files a push passed over because stage keeps its partial files
+    under such names (a killed stage's leftovers, or a user's file so named), and count
+    the rest."""
+    from datamover.domain.paths import printable
+
+    count = max(count, len(paths))
+    for path in paths[:10]:
+        click.echo(
+            f"  skipped {printable(path)}: named as stage's partial files "
+            "(.dm-<16 hex>.part), which no version holds",
+            err=True,
+        )
+    if count > 10:
+        click.echo(f"  and {count - 10} more named as stage's partial files", err=True)
 
 
 def _name_skipped(paths: list[str], count: int) -> None:

@@ -204,15 +204,24 @@ def token() -> None:
     type=click.Choice(["read", "write", "admin"]),
     help="Scope (repeat).",
 )
+@click.option(
+    "--expires-in",
+    metavar="DURATION",
+    help="Valid for this long only: minutes, hours or days, as 90m, 12h or 30d (default: "
+    "until revoked).",
+)
 @common
 def token_create(
     tenant: str,
     prefixes: tuple[str, ...],
     scopes: tuple[str, ...],
+    expires_in: str | None,
     config_path: str | None,
     as_json: bool,
 ) -> None:
     """Create a bearer token; the secret is printed once and stored only hashed."""
+    from datetime import UTC, datetime
+
     from datamover.catalog.access import Access
     from datamover.domain.paths import check_logical_path
     from datamover.domain.transfers import check_text
@@ -229,17 +238,21 @@ def token_create(
     if not tenant.strip():
         raise InvalidInput("--tenant must not be blank")
     check_text(tenant, "--tenant", 128)
+    lifetime = None if expires_in is None else _duration(expires_in, "--expires-in")
+    expires_at = None if lifetime is None else datetime.now(UTC) + lifetime
 
     async def work(engine: Any) -> tuple[str, Any]:
-        return await Access(engine).create_token(tenant, checked, list(scopes))
+        return await Access(engine).create_token(tenant, checked, list(scopes), expires_at)
 
     secret, who = run_with_catalog(config_path, work)
+    until = None if expires_at is None else expires_at.strftime("%Y-%m-%dT%H:%M:%SZ")
     info = {
         "token": secret,
         "id": who.token_id,
         "tenant": who.tenant,
         "prefixes": list(who.prefixes),
         "scopes": sorted(who.scopes),
+        "expires_at": until,
     }
     if as_json:
         emit_json(info)
@@ -247,9 +260,33 @@ def token_create(
         click.echo(secret)
         click.echo(
             f"(token {who.token_id} for tenant {tenant}: {', '.join(sorted(who.scopes))} "
-            f"on {', '.join(who.prefixes)}; shown once)",
+            f"on {', '.join(who.prefixes)}; {'expires ' + until if until else 'until revoked'}"
+            "; shown once)",
             err=True,
         )
+
+
+#: Units `--expires-in` takes, in seconds.
+_UNITS = {"m": 60, "h": 3600, "d": 86400}
+#: The longest lifetime a token may be given (ten years).
+_MAX_LIFETIME = 3650 * 86400
+
+
+def _duration(text: str, what: str) -> Any:
+    """`text` (a positive whole number of minutes, hours or days: `90m`, `12h`, `30d`) as a
+    `timedelta`, at most ten years, else `InvalidInput` naming `what`."""
+    from datetime import timedelta
+
+    value = text.strip()
+    number, unit = value[:-1], value[-1:].lower()
+    text = text if len(text) <= 20 else text[:20] + "..."  # as it is shown
+    if unit not in _UNITS or not (number.isascii() and number.isdigit()) or not number.strip("0"):
+        raise InvalidInput(
+            f"{what} {text!r}: give a whole number of minutes, hours or days, as 90m, 12h or 30d"
+        )
+    if len(number.lstrip("0")) > 8 or int(number) * _UNITS[unit] > _MAX_LIFETIME:
+        raise InvalidInput(f"{what} {text!r} is more than ten years")
+    return timedelta(seconds=int(number) * _UNITS[unit])
 
 
 @token.command("revoke")
@@ -350,24 +387,30 @@ def transfer_submit(
 @click.option("--kind", type=click.Choice(["push", "stage"]))
 @click.option("--prefix", metavar="PATH")
 @click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
+@click.option("--after", metavar="ID", help="Start after this transfer (a page's last).")
 @common
 def transfer_list(
     state: str | None,
     kind: str | None,
     prefix: str | None,
     limit: int,
+    after: str | None,
     config_path: str | None,
     as_json: bool,
 ) -> None:
-    """List transfers."""
+    """List transfers, oldest first, a page at a time (`--after` the last one shown)."""
     params = {k: v for k, v in (("state", state), ("kind", kind), ("prefix", prefix)) if v}
     params["limit"] = str(limit)
+    if after is not None:
+        params["after"] = after
     page = _call(config_path, "GET", "/v1/transfers", params=params, expect=("transfers",))
     if as_json:
         emit_json(page)
         return
     for t in page["transfers"]:
         click.echo(_describe(t))
+    if page.get("next"):  # the list had been cut at --limit without a word
+        click.echo(f"more: datamover transfer list --after {page['next']}", err=True)
 
 
 @transfer.command("show")

@@ -495,6 +495,16 @@ async def test_hook_pair_end_to_end(served_site: StartSite, make_site: MakeSite)
 
     listed = d.env.cli("transfer", "list", "--json")
     assert listed.returncode == 0 and len(json.loads(listed.stdout)["transfers"]) == 2
+    ids = [t["id"] for t in json.loads(listed.stdout)["transfers"]]
+    # A page cut at --limit says how to go on (it had stopped without a word).
+    first = d.env.cli("transfer", "list", "--limit", "1")
+    assert first.returncode == 0 and ids[0] in first.stdout and ids[1] not in first.stdout
+    assert first.stderr == f"more: datamover transfer list --after {ids[0]}\n"
+    rest = d.env.cli("transfer", "list", "--limit", "1", "--after", ids[0])
+    assert rest.returncode == 0 and ids[1] in rest.stdout and ids[0] not in rest.stdout
+    assert rest.stderr == f"more: datamover transfer list --after {ids[1]}\n"  # a full page
+    last = d.env.cli("transfer", "list", "--after", ids[1])
+    assert (last.returncode, last.stdout, last.stderr) == (0, "", "")
 
 
 async def test_a_pin_released_while_its_stage_runs_is_not_added_after(
@@ -1136,3 +1146,35 @@ async def test_a_submission_wakes_one_idle_worker() -> None:
     finally:
         stop.set()
         await asyncio.gather(*tasks)
+
+
+async def test_a_token_given_a_lifetime_is_refused_once_it_has_passed(
+    served_site: StartSite,
+) -> None:
+    # Tokens had no expiry at all: one handed to a job or a collaborator lasted until
+    # someone remembered to revoke it.
+    from datetime import UTC, datetime, timedelta
+
+    from datamover.catalog.access import Access
+    from datamover.catalog.engine import open_engine
+
+    d = await served_site("site-b")
+    create = ("token", "create", "--tenant", "t1", "--prefix", "/proj", "--scope", "read")
+    made = d.env.cli_json(*create, "--expires-in", "90m")
+    until = datetime.fromisoformat(made["expires_at"].replace("Z", "+00:00"))
+    assert timedelta(minutes=89) < until - datetime.now(UTC) <= timedelta(minutes=90)
+    assert d.request("GET", "/v1/transfers", made["token"])[0] == 200
+    assert d.env.cli_json(*create)["expires_at"] is None
+    engine = await open_engine(d.env.config.catalog_url)
+    try:
+        past, _ = await Access(engine).create_token(
+            "t1", ["/proj"], ["read"], datetime.now(UTC) - timedelta(seconds=1)
+        )
+    finally:
+        await engine.dispose()
+    status, answer = d.request("GET", "/v1/transfers", past)
+    assert status == 401 and answer["error"]["message"] == "the bearer token is not valid"
+    for bad, says in (("0d", "whole number"), ("2w", "whole number"), ("3651d", "ten years")):
+        proc = d.env.cli(*create, "--expires-in", bad)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+        assert len(proc.stderr.splitlines()) == 1

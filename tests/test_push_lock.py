@@ -392,9 +392,9 @@ async def test_a_cancel_while_the_partial_file_is_closed_keeps_the_record_true(
     failed = asyncio.Event()
     real_large = stage_module._Stager._large
 
-    async def large(self: Any, entry: Any, replaces: Any) -> None:
+    async def large(self: Any, entry: Any, *args: Any) -> None:
         stagers.append(self)
-        await real_large(self, entry, replaces)
+        await real_large(self, entry, *args)
 
     class Failing(stage_module.Fetcher):
         async def fetch(self, ranges: Any) -> list[bytes]:

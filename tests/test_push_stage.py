@@ -509,3 +509,119 @@ async def test_index_pointing_at_vanished_packs_is_not_trusted(make_site: MakeSi
     finally:
         await site_a.close()
         await site_b.close()
+
+
+def _change(path: Path, how: str) -> None:
+    with open(path, "r+b") as f:
+        if how == "edit":
+            f.seek(12_345_678)
+            f.write(b"hello world")
+        else:  # frames appended to a trajectory
+            f.seek(0, os.SEEK_END)
+            f.write(os.urandom(3 << 20))
+
+
+@pytest.mark.parametrize("change", ["edit", "append"])
+async def test_a_changed_large_file_fetches_only_its_changed_chunks(
+    make_site: MakeSite, change: str
+) -> None:
+    # An 11-byte edit of a 30 MiB file uploaded 1.3 MiB and downloaded all 30 MiB again.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "traj"
+    src.mkdir()
+    (src / "md.bin").write_bytes(os.urandom(30 << 20))
+    (src / "small.txt").write_text("x\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/traj")
+        first = await stage(site_b, "/proj/traj")
+        assert first.reused_bytes == 0 and first.downloaded_bytes >= 30 << 20
+        _change(src / "md.bin", change)
+        await push(site_a, "/proj/traj")
+        staged = await stage(site_b, "/proj/traj")
+        assert staged.fetched_files == 1
+        assert (b.data / "traj" / "md.bin").read_bytes() == (src / "md.bin").read_bytes()
+        # What changed (a chunk or two around the edit, up to 4 MiB each; or the new tail
+        # and the chunk it joins) and the manifests, not the 30 MiB.
+        assert staged.downloaded_bytes < (12 << 20 if change == "append" else 9 << 20)
+        assert staged.reused_bytes >= 21 << 20
+        assert staged.fetched_bytes + staged.reused_bytes == (src / "md.bin").stat().st_size
+        checked = await verify(site_b, "/proj/traj")
+        assert checked.ok, checked.problems
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+def test_only_chunks_the_old_copy_still_holds_are_copied_from_it(tmp_path: Path) -> None:
+    # The old copy is datamover's by size, mtime and ctime; its bytes are checked anyway.
+    import threading
+
+    import blake3
+
+    from datamover.domain.manifest import ChunkRef, Entry, Kind
+
+    pieces = [os.urandom(1000), os.urandom(2000), bytes(3000), os.urandom(500)]
+
+    def ref(data: bytes) -> ChunkRef:
+        return ChunkRef(blake3.blake3(data).digest(), b"p" * 32, 0, len(data), len(data), 0)
+
+    old = tmp_path / "old"
+    damaged = bytearray(b"".join(pieces))
+    damaged[1500] ^= 1  # the second chunk no longer holds what the old version said
+    old.write_bytes(bytes(damaged))
+    new_pieces = [pieces[3], pieces[1], os.urandom(700), pieces[0], pieces[2]]
+    entry = Entry(
+        "f", Kind.FILE, 0o644, 0, sum(map(len, new_pieces)), None, tuple(map(ref, new_pieces))
+    )
+    offsets = [sum(map(len, new_pieces[:i])) for i in range(len(new_pieces) + 1)]
+    old_at = {ref(p).digest: sum(map(len, pieces[:i])) for i, p in enumerate(pieces)}
+    fd = os.open(tmp_path / "partial", os.O_RDWR | os.O_CREAT, 0o600)
+    source = os.open(old, os.O_RDONLY)
+    writes: list[int] = []
+    try:
+        copied, nbytes = stage_module._copy_seeded(
+            fd,
+            source,
+            entry,
+            offsets,
+            0,
+            5,
+            old_at,
+            threading.Lock(),
+            True,
+            lambda: writes.append(1),
+        )
+        assert copied == {0, 3, 4} and nbytes == 500 + 1000 + 3000 and writes
+        got = os.pread(fd, offsets[-1], 0)
+        assert got[: offsets[1]] == pieces[3] and got[offsets[3] : offsets[4]] == pieces[0]
+        assert got[offsets[4] :] == bytes(3000)  # zeros under 64 KiB: written, no hole
+        # A window covers only its own chunks.
+        assert stage_module._copy_seeded(
+            fd, source, entry, offsets, 1, 3, old_at, threading.Lock(), True, lambda: None
+        ) == (set(), 0)
+    finally:
+        os.close(fd)
+        os.close(source)
+
+
+async def test_a_file_named_as_a_partial_file_goes_to_the_trash(make_site: MakeSite) -> None:
+    # A file of a user's named like stage's partial files was deleted, trash or not.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "x" / "sub").mkdir(parents=True)
+    (a.data / "x" / "sub" / "a").write_text("data\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/x")
+        await stage(site_b, "/proj/x")
+        theirs = b.data / "x" / "sub" / ".dm-0123456789abcdef.part"
+        theirs.write_text("my precious notes\n")
+        again = await stage(site_b, "/proj/x")
+        assert not theirs.exists()
+        assert again.trashed == ["sub/.dm-0123456789abcdef.part"] and again.trash_dir
+        kept = Path(again.trash_dir) / "sub" / ".dm-0123456789abcdef.part"
+        assert kept.read_text() == "my precious notes\n"
+        assert (b.data / "x" / "sub" / "a").read_text() == "data\n"
+    finally:
+        await site_a.close()
+        await site_b.close()

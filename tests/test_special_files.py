@@ -129,3 +129,23 @@ async def test_a_special_file_a_version_could_not_name_does_not_stop_push(
             await push(site, "/proj/run")
     finally:
         await site.close()
+
+
+async def test_files_named_as_partial_files_are_named_by_push(make_site: MakeSite) -> None:
+    # They were left out of the version without a word.
+    a = await make_site("site-a")
+    src = a.data / "run"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "data").write_bytes(b"results")
+    (src / "d" / ".dm-0123456789abcdef.part").write_text("my notes\n")
+    proc = a.cli("push", "/proj/run")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == [
+        "  skipped d/.dm-0123456789abcdef.part: named as stage's partial files "
+        "(.dm-<16 hex>.part), which no version holds"
+    ]
+    (src / "d" / "more").write_text("x\n")
+    pushed = a.cli_json("push", "/proj/run")
+    assert pushed["files"] == 2
+    assert pushed["skipped_partial"] == ["d/.dm-0123456789abcdef.part"]
+    assert pushed["skipped_partial_count"] == 1

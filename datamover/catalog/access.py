@@ -82,9 +82,14 @@ class Access:
         self.dialect = engine.dialect.name
 
     async def create_token(
-        self, tenant: str, prefixes: list[str], scopes: list[str]
+        self,
+        tenant: str,
+        prefixes: list[str],
+        scopes: list[str],
+        expires_at: datetime | None = None,
     ) -> tuple[str, Identity]:
-        """Create a token; return the secret (shown once) and what it grants."""
+        """Create a token (valid until `expires_at`, if given, or its revocation); return
+        the secret (shown once) and what it grants."""
         secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
         token_id = "tok-" + secrets.token_hex(6)
         async with self.engine.begin() as conn:
@@ -96,16 +101,21 @@ class Access:
                     prefixes=json.dumps(sorted(set(prefixes))),
                     scopes=json.dumps(sorted(set(scopes))),
                     created_at=_now(),
+                    expires_at=expires_at,
                 )
             )
         return secret, Identity(token_id, tenant, tuple(sorted(set(prefixes))), frozenset(scopes))
 
     async def identify(self, secret: str) -> Identity | None:
-        """The identity of a valid, unrevoked token, or None."""
+        """The identity of a valid token (neither revoked nor expired), or None."""
         if not secret.isascii():  # ours are; a header's other bytes arrive as surrogates,
             return None  # which cannot even be encoded to hash them
         t = Token
-        query = select(t).where(t.c.hash == token_hash(secret), t.c.revoked_at.is_(None))
+        query = select(t).where(
+            t.c.hash == token_hash(secret),
+            t.c.revoked_at.is_(None),
+            or_(t.c.expires_at.is_(None), t.c.expires_at > _now()),
+        )
         async with self.engine.connect() as conn:
             r = (await conn.execute(query)).first()
         if r is None:

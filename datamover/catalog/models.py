@@ -196,6 +196,7 @@ Token = Table(
     Column("scopes", Text, nullable=False),  # JSON list of read/write/admin
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("revoked_at", DateTime(timezone=True)),
+    Column("expires_at", DateTime(timezone=True)),  # None: until revoked
 )
 
 

@@ -1030,6 +1030,23 @@ class TreeWriter:
             raise
         return fd, good
 
+    def open_seed(self, path: str, seen: tuple[int, int, int]) -> int | None:
+        """A read-only descriptor of the file at `path` if it is still the regular file
+        `seen` = `(inode, size, mtime)` the plan saw there, else None: the old copy a large
+        file's new version takes the chunks it shares with it from (every one verified by
+        its digest as it is copied). Never follows a symlink, never waits on a FIFO."""
+        parent, name = split(path)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(name, flags, dir_fd=self.dir_fd(parent))
+        except OSError:
+            return None  # gone, a symlink now, or unreadable: everything is fetched
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_ino, st.st_size, st.st_mtime_ns) != seen:
+            os.close(fd)
+            return None
+        return fd
+
     def partial_missing(self, entry: Entry) -> tuple[int, int] | None:
         """The access and modification times (ns) of the directory of `entry`'s partial
         file while there is none (creating it moves them: `drop_partial` gives them back),

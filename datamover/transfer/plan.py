@@ -55,6 +55,10 @@ class Action:
     #: the walk saw it, so one a user changed since keeps its mode and mtime
     #: (`TreeWriter.set_attrs`).
     replaces: tuple[int, int, int] | None = None
+    #: For FETCH of a file over one datamover wrote: the chunks that file holds (the base's
+    #: or the interrupted version's entry); a large file's stage copies the target's chunks
+    #: it has from it, verified, instead of fetching them (`_Stager._large`).
+    seed: tuple[ChunkRef, ...] | None = None
 
 
 class _Cursor:
@@ -167,9 +171,14 @@ class StagePlanner:
         version's entry). With `content_ok` (`--checksum`), or changed since the tree was
         known to hold its base (`changed_since`), a file must also hold that entry's bytes:
         one a user edited keeping its size and mtime is theirs, for the trash."""
-        return self._written(local, self.base.at(key)) or self._written(
-            local, self.interrupted.at(key)
-        )
+        return self._our_entry(local, key) is not None
+
+    def _our_entry(self, local: LocalEntry, key: tuple[str, ...]) -> Entry | None:
+        """The entry `local` is datamover's write of (`_ours`), else None."""
+        for entry in (self.base.at(key), self.interrupted.at(key)):
+            if self._written(local, entry):
+                return entry
+        return None
 
     def _written(self, local: LocalEntry, entry: Entry | None) -> bool:
         if not self._same(local, entry):
@@ -240,13 +249,16 @@ class StagePlanner:
             return Action(Op.REMOVE, local.path, seen=seen)
         return Action(Op.TRASH, local.path)
 
-    def _create(self, entry: Entry, replaces: LocalEntry | None = None) -> Action:
+    def _create(
+        self, entry: Entry, replaces: LocalEntry | None = None, seed: Entry | None = None
+    ) -> Action:
         if entry.kind == Kind.DIR:
             return Action(Op.MKDIR, entry.path, entry)
         seen = None if replaces is None else (replaces.ino, replaces.size, replaces.mtime_ns)
         if entry.kind == Kind.SYMLINK:
             return Action(Op.LINK, entry.path, entry, replaces=seen)
-        return Action(Op.FETCH, entry.path, entry, replaces=seen)
+        chunks = seed.chunks if seed is not None and seed.kind == Kind.FILE else None
+        return Action(Op.FETCH, entry.path, entry, replaces=seen, seed=chunks or None)
 
     def _mode_is_ours(self, local: LocalEntry, key: tuple[str, ...], entry: Entry | None) -> bool:
         """Whether directory `local` has a mode datamover gave it: the target's (`entry`),
@@ -286,18 +298,18 @@ class StagePlanner:
                 yield Action(Op.ATTR, entry.path, entry, replaces=seen)
             return
         # Different: replace in place when datamover wrote what is there, else trash it.
-        replaceable = (
-            local.kind in (Kind.FILE, Kind.SYMLINK)
-            and entry.kind in (Kind.FILE, Kind.SYMLINK)
-            and self._ours(local, key)
+        ours = (
+            self._our_entry(local, key)
+            if local.kind in (Kind.FILE, Kind.SYMLINK) and entry.kind in (Kind.FILE, Kind.SYMLINK)
+            else None
         )
-        if not replaceable:
+        if ours is None:
             action = self._clear(local, key)
             if action is not None:
                 yield action
             yield self._create(entry)
             return
-        yield self._create(entry, local)
+        yield self._create(entry, local, ours if local.kind == Kind.FILE else None)
 
     def _local_only(self, local: LocalEntry, key: tuple[str, ...]) -> Iterator[Action]:
         name = local.path.rpartition("/")[2]

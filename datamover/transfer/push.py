@@ -95,6 +95,10 @@ class PushResult:
     seconds: float = 0.0
     skipped_special: list[str] = field(default_factory=list)  # the first 100 of them
     skipped_special_count: int = 0
+    #: Files named as stage's partial files (`.dm-<16 hex>.part`), which no version holds
+    #: (a stage would take them for its own leftovers); the first 100 of them.
+    skipped_partial: list[str] = field(default_factory=list)
+    skipped_partial_count: int = 0
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready dict."""
@@ -820,6 +824,8 @@ async def _build(
     result.files_read, result.bytes_read = stats.files_read, stats.bytes_read
     result.skipped_special = stats.skipped_special
     result.skipped_special_count = stats.skipped_special_count
+    result.skipped_partial = stats.skipped_partial
+    result.skipped_partial_count = stats.skipped_partial_count
     result.new_chunks, result.new_chunk_bytes = (
         packer.stats.new_chunks,
         packer.stats.new_chunk_bytes,

@@ -172,6 +172,8 @@ class ScanStats:
     files_unchanged: int = 0
     skipped_special: list[str] = field(default_factory=list)
     skipped_special_count: int = 0
+    skipped_partial: list[str] = field(default_factory=list)
+    skipped_partial_count: int = 0
 
 
 def root_moved(path: str) -> Conflict:
@@ -422,6 +424,8 @@ class Scanner:
             raise procpool.lost("reader") from None
         self.stats.skipped_special = self.walker.skipped_special
         self.stats.skipped_special_count = self.walker.skipped_special_count
+        self.stats.skipped_partial = self.walker.skipped_partial
+        self.stats.skipped_partial_count = self.walker.skipped_partial_count
         return batch
 
     def check_ahead(

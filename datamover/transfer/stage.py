@@ -39,6 +39,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import blake3
+
 from datamover.aio import every
 from datamover.catalog.queries import ReplicaRow, owner_alive, owner_id
 from datamover.config import TransferSettings
@@ -151,6 +153,8 @@ class StageResult:
     bytes: int = 0
     fetched_files: int = 0
     fetched_bytes: int = 0
+    #: Bytes of large files copied from their older copies here, not fetched (`_large`).
+    reused_bytes: int = 0
     downloaded_bytes: int = 0
     kept_files: int = 0
     removed: int = 0
@@ -277,6 +281,9 @@ class _Stager:
         self._dirs: list[Entry] = []
         self._dirs_overflow = False
         self._stale: list[str] = []
+        #: Where the target's large files keep their partial files (`fsops.partial_name`):
+        #: a leftover there is this stage's to remove; any other name like it, the trash's.
+        self._partials: set[str] = set()
         self.writer: fsops.TreeWriter | None = None
         self._walker: Walker | None = None
         # Whether the run may have changed the tree: set on the writer thread before its
@@ -555,8 +562,20 @@ class _Stager:
             raise
         self._pending.append(asyncio.ensure_future(self._process(batch, self._last_ops)))
 
-    async def _large(self, entry: Entry, replaces: tuple[int, int, int] | None) -> None:
+    async def _large(
+        self,
+        entry: Entry,
+        replaces: tuple[int, int, int] | None,
+        seed: tuple[ChunkRef, ...] | None = None,
+    ) -> None:
         """Stream one large file into its stable partial file.
+
+        Over a file datamover wrote (`replaces`) holding the chunks `seed` (an older version
+        of it), the chunks the new version shares with it are copied from it, each verified
+        by its digest as it is read (one that fails is fetched), and only the others are
+        fetched: an edit in the middle of a 30 GiB file, or frames appended to a trajectory,
+        cost the chunks that changed, not the file (`_copy_seeded`). Window by window, so a
+        cancel waits for one window's copy at most.
 
         Ranges are fetched `download_concurrency` at a time and each is verified and written
         (`pwrite` at its file offsets, so arrival order does not matter) as soon as it
@@ -588,9 +607,27 @@ class _Stager:
         sparse = self.writer.sparse  # as finish_partial's: one setting for both ends
         slots = asyncio.Semaphore(self.site.config.transfer.download_concurrency)
         tasks: set[asyncio.Task[None]] = set()
-        writes: list[Future[int]] = []  # every pwrite job, so none outlives the fd
+        writes: list[Future[Any]] = []  # every pwrite job, so none outlives the fd
         offsets = list(itertools.accumulate((c.raw_length for c in entry.chunks), initial=0))
         turn = threading.Lock()
+        source: int | None = None  # the old copy the seed's chunks are copied from
+        if seed and replaces is not None and good < len(entry.chunks):
+            seeding = self._on_writer(self.writer.open_seed, entry.path, replaces)
+            try:
+                source = await asyncio.shield(seeding)
+            except BaseException:
+                seeding.add_done_callback(_close_opened)  # cancelled: it opens on regardless
+                await asyncio.shield(self._on_writer(os.close, fd))
+                if made:
+                    await self._on_writer(self._drop_partial, entry)
+                raise
+        old_at: dict[bytes, int] = {}
+        if source is not None and seed is not None:
+            at = 0
+            for c in seed:
+                old_at.setdefault(c.digest, at)
+                at += c.raw_length
+        reused = 0
 
         async def one(rng: Range, positions: dict[ChunkRef, list[int]]) -> None:
             try:
@@ -622,10 +659,35 @@ class _Stager:
                 while end < len(entry.chunks) and (end == start or size < self.batch_bytes):
                     size += entry.chunks[end].raw_length
                     end += 1
+                copied: set[int] = set()
+                if source is not None:
+                    job = self._range_pool.submit(
+                        _copy_seeded,
+                        fd,
+                        source,
+                        entry,
+                        offsets,
+                        start,
+                        end,
+                        old_at,
+                        turn,
+                        sparse,
+                        writing,
+                    )
+                    writes.append(job)
+                    try:
+                        copied, nbytes = await asyncio.wrap_future(job)
+                    except OSError as exc:  # a full disk, say: name the file it was writing
+                        raise fsops.named(exc, self.root / entry.path) from None
+                    reused += nbytes
+                    self.progress.advance(0, nbytes)
                 positions: dict[ChunkRef, list[int]] = {}
+                wanted: list[ChunkRef] = []
                 for i in range(start, end):
-                    positions.setdefault(entry.chunks[i], []).append(offsets[i])
-                for rng in plan_ranges(entry.chunks[start:end], self.gap, self.max_request):
+                    if i not in copied:
+                        positions.setdefault(entry.chunks[i], []).append(offsets[i])
+                        wanted.append(entry.chunks[i])
+                for rng in plan_ranges(wanted, self.gap, self.max_request):
                     await slots.acquire()
                     for done in [t for t in tasks if t.done()]:
                         tasks.discard(done)
@@ -641,6 +703,9 @@ class _Stager:
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
         finally:
+            if source is not None:  # first: a cancel during an await below skips the rest
+                wait_futures(writes)  # every copy from it is over (a window's at most)
+                os.close(source)
             if fd >= 0:
                 # A cancelled task does not stop its thread: wait for every pwrite before the
                 # fd is closed, or a write could land in whatever file reuses its number.
@@ -651,7 +716,8 @@ class _Stager:
                 if made and not wrote:
                     await self._on_writer(self._drop_partial, entry)
         self.result.fetched_files += 1
-        self.result.fetched_bytes += entry.size - offsets[good]
+        self.result.fetched_bytes += entry.size - offsets[good] - reused
+        self.result.reused_bytes += reused
         self.progress.advance(1, 0)
 
     # -- the run ----------------------------------------------------------------------------
@@ -729,7 +795,8 @@ class _Stager:
                 # may give a chunk of a few bytes up to 16 MiB stored).
                 size = max(entry.size, sum(c.stored_length for c in entry.chunks))
                 if size > self.large:
-                    await self._large(entry, action.replaces)
+                    self._partials.add(_partial_path(entry))
+                    await self._large(entry, action.replaces, action.seed)
                     continue
                 self._batch.append((entry, action.replaces))
                 self._batch_size += size
@@ -741,6 +808,8 @@ class _Stager:
                 elif entry.kind == Kind.FILE:
                     kept += 1
                     kept_bytes += entry.size
+                    if entry.size > self.large:  # a run stopped before its rename left one
+                        self._partials.add(_partial_path(entry))
                     if op is Op.ATTR:
                         self._ops.append((w.set_attrs, (entry, action.replaces)))
             elif op is Op.MKDIR:
@@ -770,7 +839,12 @@ class _Stager:
         self.changed = True
         self._take_unlocked()
         for rel in self._stale:  # first: removing one changes its directory's mtime
-            w.remove(rel)
+            if rel in self._partials:
+                w.remove(rel)
+            else:
+                # A killed stage's temporary, or a file a user gave a name like it: as
+                # anything else the version does not have, never destroyed.
+                w.trash(rel)
         dirs: Iterator[Entry] = iter(self._dirs)
         if self._dirs_overflow:
             dirs = (
@@ -904,6 +978,61 @@ class _Stager:
             self.result.trash_dir = str(self.trash_dir)
         self.result.downloaded_bytes += self.fetcher.downloaded
         return self.result
+
+
+def _close_opened(done: asyncio.Future[Any]) -> None:
+    """Close the descriptor `done` (an `open_seed` nobody waits for any more) opened."""
+    if not done.cancelled() and done.exception() is None and done.result() is not None:
+        os.close(done.result())
+
+
+def _partial_path(entry: Entry) -> str:
+    """Where large `entry`'s partial file is, relative to the tree."""
+    parent, _, _ = entry.path.rpartition("/")
+    name = fsops.partial_name(entry)
+    return f"{parent}/{name}" if parent else name
+
+
+def _copy_seeded(
+    fd: int,
+    source: int,
+    entry: Entry,
+    offsets: list[int],
+    start: int,
+    end: int,
+    old_at: dict[bytes, int],
+    turn: threading.Lock,
+    sparse: bool,
+    writing: Callable[[], None],
+) -> tuple[set[int], int]:
+    """Copy into partial file `fd` the chunks `start:end` of `entry` that the old copy
+    `source` holds (at `old_at[digest]`), each only if what is read there has its digest;
+    return their indices and the bytes copied. A read that fails ends the copying (the rest
+    is fetched); a failed write raises, as `_verify_and_pwrite`'s does. All-zero chunks are
+    left as holes with `sparse`, as there."""
+    copied: set[int] = set()
+    nbytes = 0
+    for i in range(start, end):
+        chunk = entry.chunks[i]
+        at = old_at.get(chunk.digest)
+        if at is None:
+            continue
+        try:
+            data = os.pread(source, chunk.raw_length, at)
+        except OSError:
+            break
+        if len(data) != chunk.raw_length or blake3.blake3(data).digest() != chunk.digest:
+            continue  # not what the old version held there any more: fetched
+        if not (sparse and fsops.is_hole(data)):
+            with turn:
+                writing()
+                view, to = memoryview(data), offsets[i]
+                while view:
+                    n = os.pwrite(fd, view, to)
+                    view, to = view[n:], to + n
+        copied.add(i)
+        nbytes += chunk.raw_length
+    return copied, nbytes
 
 
 def _verify_and_pwrite(

@@ -110,6 +110,9 @@ class Walker:
         #: counted.
         self.skipped_special: list[str] = []
         self.skipped_special_count = 0
+        #: Names of stage's partial files (`PARTIAL_RE`) a strict walk passed over.
+        self.skipped_partial: list[str] = []
+        self.skipped_partial_count = 0
         # One (entries, directory descriptor, directory path) per level being walked.
         self._stack: list[tuple[Iterator[LocalEntry], int, str]] = []
         self._pending_dir: str | None = None
@@ -404,6 +407,9 @@ class Walker:
             if ahead is not None:
                 ahead.advance()
             if PARTIAL_RE.match(name) and self.strict:
+                self.skipped_partial_count += 1
+                if len(self.skipped_partial) < SKIPPED_SAMPLE:
+                    self.skipped_partial.append(prefix + name)
                 continue
             if self._skip is not None:
                 how = self._skipping((*base, name), lambda n=name, k=kinds: self._is_dir(n, fd, k))

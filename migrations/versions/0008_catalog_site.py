@@ -1,4 +1,5 @@
-"""Record which site a catalog belongs to (`catalog_site`, one row).
+"""Record which site a catalog belongs to (`catalog_site`, one row); tokens may expire
+(`tokens.expires_at`, nullable: a token made before never does).
 
 Nothing tied a catalog to its site: a second site whose configuration named the first one's
 PostgreSQL catalog started, took the first site's queued transfers and ran them at its own
@@ -29,7 +30,10 @@ def upgrade() -> None:
         sa.Column("claimed_at", sa.DateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id"),
     )
+    op.add_column("tokens", sa.Column("expires_at", sa.DateTime(timezone=True), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("tokens") as batch:
+        batch.drop_column("expires_at")
     op.drop_table("catalog_site")
