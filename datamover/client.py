@@ -156,6 +156,7 @@ class DaemonClient:
         self.base_url = base_url.rstrip("/")
         self.token = token
         self.site = site
+        self._site_checked = site is None  # `_same_site`, before the first `call`
         self._seconds = timeout
         try:
             parts = urlsplit(self.base_url)
@@ -324,13 +325,7 @@ class DaemonClient:
             return False
         if status == 200:
             if isinstance(data, dict) and data.get("status") == "ok":
-                served = data.get("site")
-                if self.site is not None and isinstance(served, str) and served != self.site:
-                    # Its work would be done at that site's paths, from that site's tree.
-                    raise InvalidInput(
-                        f"[api] url {self.base_url} is the daemon of site {served!r}, not of "
-                        f"{self.site!r} ([site] name): check [api] url"
-                    )
+                self._same_site(data)
                 return True
             raise not_the_daemon(
                 f"{self.base_url}/healthz", status, 'the daemon\'s {"status": "ok"}'
@@ -345,6 +340,17 @@ class DaemonClient:
             "check [api] url (a redirect or a proxy in between?)"
         )
 
+    def _same_site(self, health: dict[str, Any]) -> None:
+        """`InvalidInput` if `/healthz` answer `health` names another site than `site`: its
+        work would be done at that site's paths, from that site's tree."""
+        served = health.get("site")
+        if self.site is not None and isinstance(served, str) and served != self.site:
+            raise InvalidInput(
+                f"[api] url {self.base_url} is the daemon of site {served!r}, not of "
+                f"{self.site!r} ([site] name): check [api] url"
+            )
+        self._site_checked = True
+
     def call(
         self,
         method: str,
@@ -358,7 +364,13 @@ class DaemonClient:
         `expect`, or the mapped error of an error answer. Any other answer (a redirect, an
         HTML page, JSON without those keys) is `InvalidInput` (`not_the_daemon`), not
         handed to a caller that would fail on it. `path` is sent as it is (already encoded):
-        build its variable parts with `segment`."""
+        build its variable parts with `segment`. Before the first, unless `reachable`
+        has: the daemon's `/healthz` must not name another site than `site`."""
+        if not self._site_checked:
+            status, health = self.request("GET", "/healthz")
+            if status == 200 and isinstance(health, dict):
+                self._same_site(health)
+            self._site_checked = True  # another answer: the call below meets its cause
         status, data = self.request(method, path, body, params, headers)
         if status == 401 and not self.token and isinstance(data, dict) and _daemons(data):
             # The daemon's own "a bearer token is required" speaks of an HTTP header.

@@ -138,7 +138,12 @@ async def test_a_daemon_of_another_site_is_refused_before_anything_is_sent(
     with_token(a, token)
     (a.data / "x").mkdir()
     (a.data / "x" / "f").write_text("site a's own file\n")
-    for args in (("push", "/proj/x"), ("stage", "/proj/x", "--wait")):
+    for args in (
+        ("push", "/proj/x"),
+        ("stage", "/proj/x", "--wait"),
+        ("transfer", "submit", "push", "/proj/x"),  # through `DaemonClient.call` alone
+        ("transfer", "list"),
+    ):
         proc = a.cli(*args)
         assert proc.returncode == 2, (args, proc.stderr)
         assert proc.stderr.splitlines() == [

@@ -580,26 +580,31 @@ def test_only_chunks_the_old_copy_still_holds_are_copied_from_it(tmp_path: Path)
     source = os.open(old, os.O_RDONLY)
     writes: list[int] = []
     try:
-        copied, nbytes = stage_module._copy_seeded(
-            fd,
-            source,
-            entry,
-            offsets,
-            0,
-            5,
-            old_at,
-            threading.Lock(),
-            True,
-            lambda: writes.append(1),
-        )
-        assert copied == {0, 3, 4} and nbytes == 500 + 1000 + 3000 and writes
+
+        def copy(start: int, end: int) -> tuple[set[int], int, bool]:
+            return stage_module._copy_seeded(
+                fd,
+                source,
+                entry,
+                offsets,
+                start,
+                end,
+                old_at,
+                threading.Lock(),
+                True,
+                lambda: writes.append(1),
+            )
+
+        # The second chunk read fails its digest: the copy stops there, and says so (the
+        # old copy is not the old version's: a user's, for the trash).
+        assert copy(0, 5) == ({0}, 500, True) and writes
+        assert os.pread(fd, offsets[1], 0) == pieces[3]
+        # Past it, each chunk the old copy holds is copied at its own offset.
+        assert copy(2, 5) == ({3, 4}, 1000 + 3000, False)
         got = os.pread(fd, offsets[-1], 0)
-        assert got[: offsets[1]] == pieces[3] and got[offsets[3] : offsets[4]] == pieces[0]
+        assert got[offsets[3] : offsets[4]] == pieces[0]
         assert got[offsets[4] :] == bytes(3000)  # zeros under 64 KiB: written, no hole
-        # A window covers only its own chunks.
-        assert stage_module._copy_seeded(
-            fd, source, entry, offsets, 1, 3, old_at, threading.Lock(), True, lambda: None
-        ) == (set(), 0)
+        assert copy(2, 3) == (set(), 0, False)  # a window covers only its own chunks
     finally:
         os.close(fd)
         os.close(source)
@@ -622,6 +627,41 @@ async def test_a_file_named_as_a_partial_file_goes_to_the_trash(make_site: MakeS
         kept = Path(again.trash_dir) / "sub" / ".dm-0123456789abcdef.part"
         assert kept.read_text() == "my precious notes\n"
         assert (b.data / "x" / "sub" / "a").read_text() == "data\n"
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_large_partial_file_a_stopped_stage_left_is_removed_not_trashed(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It went to the trash as a stranger's file: a copy of GiBs on another file system,
+    # kept until the trash was emptied, or a stage failing at its end on every rerun.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "d"
+    src.mkdir()
+    first = os.urandom(20 << 20)
+    (src / "big").write_bytes(first)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        v1 = (await push(site_a, "/proj/d")).version
+        await stage(site_b, "/proj/d")
+        (src / "big").write_bytes(os.urandom(20 << 20))
+        await push(site_a, "/proj/d")
+
+        def stopped(self: Any, entry: Any, fd: int, replaces: Any) -> None:
+            os.close(fd)
+            raise OSError(5, "Input/output error")  # before the large file's rename
+
+        with monkeypatch.context() as patch:
+            patch.setattr(stage_module._Stager, "_finish", stopped)
+            with pytest.raises(OSError):
+                await stage(site_b, "/proj/d")
+        [left] = (b.data / "d").glob(".dm-*.part")
+        assert left.stat().st_size == 20 << 20
+        back = await stage(site_b, "/proj/d", version=v1)
+        assert back.trashed == [] and not left.exists()
+        assert (b.data / "d" / "big").read_bytes() == first
     finally:
         await site_a.close()
         await site_b.close()

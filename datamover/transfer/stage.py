@@ -45,7 +45,7 @@ from datamover.aio import every
 from datamover.catalog.queries import ReplicaRow, owner_alive, owner_id
 from datamover.config import TransferSettings
 from datamover.domain.manifest import ChunkRef, Entry, Kind, without_setid
-from datamover.domain.paths import MAX_LINK_TARGET, check_logical_path, printable
+from datamover.domain.paths import MAX_LINK_TARGET, check_logical_path, printable, sort_key
 from datamover.errors import (
     Busy,
     Conflict,
@@ -281,9 +281,6 @@ class _Stager:
         self._dirs: list[Entry] = []
         self._dirs_overflow = False
         self._stale: list[str] = []
-        #: Where the target's large files keep their partial files (`fsops.partial_name`):
-        #: a leftover there is this stage's to remove; any other name like it, the trash's.
-        self._partials: set[str] = set()
         self.writer: fsops.TreeWriter | None = None
         self._walker: Walker | None = None
         # Whether the run may have changed the tree: set on the writer thread before its
@@ -676,11 +673,18 @@ class _Stager:
                     )
                     writes.append(job)
                     try:
-                        copied, nbytes = await asyncio.wrap_future(job)
+                        copied, nbytes, odd = await asyncio.wrap_future(job)
                     except OSError as exc:  # a full disk, say: name the file it was writing
                         raise fsops.named(exc, self.root / entry.path) from None
                     reused += nbytes
                     self.progress.advance(0, nbytes)
+                    if odd:
+                        # Not the old version's bytes, whatever its size and mtime say: a
+                        # user's edit, for the trash at the rename (as over a file the walk
+                        # did not see), and nothing more is taken from it.
+                        replaces = None
+                        os.close(source)
+                        source = None
                 positions: dict[ChunkRef, list[int]] = {}
                 wanted: list[ChunkRef] = []
                 for i in range(start, end):
@@ -795,7 +799,6 @@ class _Stager:
                 # may give a chunk of a few bytes up to 16 MiB stored).
                 size = max(entry.size, sum(c.stored_length for c in entry.chunks))
                 if size > self.large:
-                    self._partials.add(_partial_path(entry))
                     await self._large(entry, action.replaces, action.seed)
                     continue
                 self._batch.append((entry, action.replaces))
@@ -808,8 +811,6 @@ class _Stager:
                 elif entry.kind == Kind.FILE:
                     kept += 1
                     kept_bytes += entry.size
-                    if entry.size > self.large:  # a run stopped before its rename left one
-                        self._partials.add(_partial_path(entry))
                     if op is Op.ATTR:
                         self._ops.append((w.set_attrs, (entry, action.replaces)))
             elif op is Op.MKDIR:
@@ -838,8 +839,9 @@ class _Stager:
         self._check_ops()
         self.changed = True
         self._take_unlocked()
+        ours = self._partials_of_versions(self._stale) if self._stale else set()
         for rel in self._stale:  # first: removing one changes its directory's mtime
-            if rel in self._partials:
+            if rel in ours:
                 w.remove(rel)
             else:
                 # A killed stage's temporary, or a file a user gave a name like it: as
@@ -855,6 +857,30 @@ class _Stager:
         w.restore_modes()  # directories made writable that the manifest gives no mode
         if self.site.config.transfer.fsync:
             _syncfs(w.root_fd)
+
+    def _partials_of_versions(self, stale: list[str]) -> set[str]:
+        """Which of `stale` are the partial files (`fsops.partial_name`, known for every file)
+        of a file of the target, the base or the interrupted version: datamover's, to remove;
+        the rest go to the trash. Reads again only the segments that may hold the files of
+        the directories `stale` names are in."""
+        names = set(stale)
+        dirs = {sort_key(rel)[:-1] for rel in names}
+        ours: set[str] = set()
+        seen: list[list[SegmentRef]] = []
+        for refs in (self.refs, self.base_refs, self.interrupted_refs):
+            if not refs or any(refs is other for other in seen):
+                continue
+            seen.append(refs)
+            near = [r for r in refs if any(_may_hold_children(r, d) for d in dirs)]
+            if not near:
+                continue
+            entries = self._entries(refs) if len(near) == len(refs) else self._entries(near)
+            for entry in entries:
+                if entry.kind == Kind.FILE and sort_key(entry.path)[:-1] in dirs:
+                    path = _partial_path(entry)
+                    if path in names:
+                        ours.add(path)
+        return ours
 
     def _take_unlocked(self) -> None:
         """On the writer thread, once the walk is over and no worker process writes: the
@@ -980,6 +1006,16 @@ class _Stager:
         return self.result
 
 
+#: Above every name a directory can hold (at most 255 bytes): the end of its children's keys.
+_AFTER_NAMES = (chr(0x10FFFF) * 256,)
+
+
+def _may_hold_children(ref: SegmentRef, parent: tuple[str, ...]) -> bool:
+    """Whether segment `ref` may hold entries of directory `parent` (its sort key): its
+    path range overlaps that of `parent`'s children."""
+    return sort_key(ref.first_path) <= parent + _AFTER_NAMES and sort_key(ref.last_path) > parent
+
+
 def _close_opened(done: asyncio.Future[Any]) -> None:
     """Close the descriptor `done` (an `open_seed` nobody waits for any more) opened."""
     if not done.cancelled() and done.exception() is None and done.result() is not None:
@@ -1004,12 +1040,13 @@ def _copy_seeded(
     turn: threading.Lock,
     sparse: bool,
     writing: Callable[[], None],
-) -> tuple[set[int], int]:
+) -> tuple[set[int], int, bool]:
     """Copy into partial file `fd` the chunks `start:end` of `entry` that the old copy
     `source` holds (at `old_at[digest]`), each only if what is read there has its digest;
-    return their indices and the bytes copied. A read that fails ends the copying (the rest
-    is fetched); a failed write raises, as `_verify_and_pwrite`'s does. All-zero chunks are
-    left as holes with `sparse`, as there."""
+    return their indices, the bytes copied, and whether a chunk read did not have its
+    digest (then it stops: the old copy is not the old version's). A read that fails ends
+    the copying (the rest is fetched); a failed write raises, as `_verify_and_pwrite`'s
+    does. All-zero chunks are left as holes with `sparse`, as there."""
     copied: set[int] = set()
     nbytes = 0
     for i in range(start, end):
@@ -1022,7 +1059,7 @@ def _copy_seeded(
         except OSError:
             break
         if len(data) != chunk.raw_length or blake3.blake3(data).digest() != chunk.digest:
-            continue  # not what the old version held there any more: fetched
+            return copied, nbytes, True  # not what the old version held there: fetched
         if not (sparse and fsops.is_hole(data)):
             with turn:
                 writing()
@@ -1032,7 +1069,7 @@ def _copy_seeded(
                     view, to = view[n:], to + n
         copied.add(i)
         nbytes += chunk.raw_length
-    return copied, nbytes
+    return copied, nbytes, False
 
 
 def _verify_and_pwrite(
