@@ -1023,8 +1023,8 @@ def _close_opened(done: asyncio.Future[Any]) -> None:
 
 
 def _partial_path(entry: Entry) -> str:
-    """Where large `entry`'s partial file is, relative to the tree."""
-    parent, _, _ = entry.path.rpartition("/")
+    """Where `entry`'s partial file is (if it is large), relative to the tree."""
+    parent, _ = fsops.split(entry.path)
     name = fsops.partial_name(entry)
     return f"{parent}/{name}" if parent else name
 
@@ -1063,10 +1063,7 @@ def _copy_seeded(
         if not (sparse and fsops.is_hole(data)):
             with turn:
                 writing()
-                view, to = memoryview(data), offsets[i]
-                while view:
-                    n = os.pwrite(fd, view, to)
-                    view, to = view[n:], to + n
+                _pwrite_all(fd, data, offsets[i])
         copied.add(i)
         nbytes += chunk.raw_length
     return copied, nbytes, False
@@ -1097,12 +1094,17 @@ def _verify_and_pwrite(
             writing()
         for ref, data in decoded.items():
             for at in positions[ref]:
-                view = memoryview(data)
-                while view:
-                    n = os.pwrite(fd, view, at)
-                    view, at = view[n:], at + n
-                    written += n
+                written += _pwrite_all(fd, data, at)
     return written
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, at: int) -> int:
+    """Write all of `data` at offset `at` of `fd` (`pwrite` may write less); its length."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, at)
+        view, at = view[n:], at + n
+    return len(data)
 
 
 Procs = asyncio.Future[ProcessPoolExecutor | None]
