@@ -397,7 +397,7 @@ async def test_a_cancel_while_the_partial_file_is_closed_keeps_the_record_true(
         await real_large(self, entry, *args)
 
     class Failing(stage_module.Fetcher):
-        async def fetch(self, ranges: Any) -> list[bytes]:
+        async def stream(self, rng: Any, sink: Any) -> None:  # a large file's ranges
             stagers[0]._pool.submit(busy.wait, 20)  # the writer thread busy with a batch
             failed.set()
             raise NotFound("pack gone")

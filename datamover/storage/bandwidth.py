@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from datamover.errors import InvalidInput
-from datamover.storage.base import ObjectInfo, Store
+from datamover.storage.base import ByteSink, ObjectInfo, Store, get_into
 
 # What a GET books before it is sent, at most. A GET's length may be a bound far above the
 # object (a version document: 1 MiB + 1 asked, a few hundred bytes there); booked whole,
@@ -147,6 +147,26 @@ class ThrottledStore:
         else:
             down.refund(booked - len(data))
         return data
+
+    async def get_into(self, key: str, offset: int, length: int, sink: ByteSink) -> int:
+        """`base.get_into` of `inner`, paced as `get`: up to `UPFRONT_GET` bytes booked
+        before, the rest paid after, what did not arrive given back (a failed stream pays
+        for none of it: its retry pays again)."""
+        down = self._down
+        if down is None:
+            return await get_into(self.inner, key, offset, length, sink)
+        booked = min(length, UPFRONT_GET)
+        await down.take(booked)
+        try:
+            got = await get_into(self.inner, key, offset, length, sink)
+        except BaseException:
+            down.refund(booked)
+            raise
+        if got > booked:
+            await down.pay(got - booked)
+        else:
+            down.refund(booked - got)
+        return got
 
     async def head(self, key: str) -> ObjectInfo:
         """`inner.head`."""

@@ -35,15 +35,23 @@ Contract, for every implementation:
 A driver whose call has steps worth retrying on their own (S3's multipart parts and their
 completion) takes a `RetryStep` from whoever builds the store stack; it never chooses a
 policy of its own.
+
+Streaming a range (`get_into`) is a capability a store may add, not part of the Protocol:
+`get_into(store, ...)` uses a store's own `get_into` where it has one (the S3 driver, and the
+wrappers, which pass it on) and `get` otherwise. A stream's bytes go into a `ByteSink` as
+they arrive, so a range of any size costs the sink's buffer, not the range, in memory: a
+large file's stage reads each pack in one request (docs/design.md, "A large file's packs
+are streamed").
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar, runtime_checkable
 
-from datamover.errors import InvalidInput
+from datamover.errors import DatamoverError, InvalidInput
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,3 +181,58 @@ def check_range(offset: int, length: int | None) -> None:
     """Reject negative ranges with `InvalidInput` (a programming or input error, never I/O)."""
     if offset < 0 or (length is not None and length < 0):
         raise InvalidInput(f"bad range offset={offset} length={length}")
+
+
+class ByteSink(Protocol):
+    """Takes a stream's bytes in order, on whatever thread reads them (blocking calls are
+    fine there; the event loop is never one). `view()` is where the next bytes go (a
+    non-empty writable view, valid until `took`); `took(n)` says its first `n` bytes (n > 0)
+    now hold the stream's next bytes. An exception from either stops the stream and reaches
+    the caller of `get_into` as it is (a full disk stays an `OSError`, a bad chunk `Corrupt`)."""
+
+    def view(self) -> memoryview:
+        """Where the next bytes go."""
+        ...
+
+    def took(self, n: int) -> None:
+        """The first `n` bytes of the last `view()` are the stream's next bytes."""
+        ...
+
+
+class SinkFailed(DatamoverError):
+    """A `ByteSink`'s own exception, carried through a driver's mapping of I/O errors (an
+    `OSError` of the sink's file is not the store's; a `DatamoverError` passes that mapping
+    as it is). Never raised out of `get_into`, which raises `error` itself."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def feed(sink: ByteSink, data: bytes | bytearray | memoryview) -> None:
+    """Hand all of `data` to `sink`, in the pieces its views take (blocking: on a thread)."""
+    src = memoryview(data)
+    while src:
+        dst = sink.view()
+        n = min(len(dst), len(src))
+        dst[:n] = src[:n]
+        sink.took(n)
+        src = src[n:]
+
+
+async def get_into(store: Store, key: str, offset: int, length: int, sink: ByteSink) -> int:
+    """Stream `length` bytes of `key` from `offset` into `sink`; how many came: `length`, or
+    fewer only where the object ends (as `get` cuts a range). Through `store.get_into` where
+    the store has it, else one `get` fed to the sink on a thread. Errors as `get`'s, and the
+    sink's own, unchanged; bytes the sink took before a failure stay taken (a retry resumes
+    after them: `RetryingStore`)."""
+    own = getattr(store, "get_into", None)
+    if own is not None:
+        got: int = await own(key, offset, length, sink)
+        return got
+    check_range(offset, length)
+    if length == 0:
+        return 0
+    data = await store.get(key, offset, length)
+    await asyncio.to_thread(feed, sink, data)
+    return len(data)

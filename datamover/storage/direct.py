@@ -47,12 +47,13 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import NoReturn
+from typing import Any, NoReturn
 from urllib.parse import urlsplit
 
 import botocore.exceptions as bce
 
 from datamover.errors import PermanentError, StoreUnavailable
+from datamover.storage.base import ByteSink, SinkFailed
 
 _CODE = re.compile(rb"<Code>([^<]{1,100})</Code>")
 _MESSAGE = re.compile(rb"<Message>([^<]{0,300})</Message>")
@@ -90,6 +91,39 @@ class UnknownEnd(StoreUnavailable):
         super().__init__(message)
         self.data = data
         self.received = received
+
+
+class Unstreamable(Exception):
+    """An answer `DirectGetter.stream` does not stream (see there); nothing of it reached
+    the sink and its connection is closed."""
+
+
+def _stream_body(resp: http.client.HTTPResponse, offset: int, length: int, sink: ByteSink) -> int:
+    """Read the body of `resp`, a 206 to the `length`-byte range at `offset`, into `sink`
+    (`DirectGetter.stream`); `length`."""
+    if resp.status != 206:
+        if resp.status >= 400 and resp.status != 416:
+            _raise_error(resp)
+        raise Unstreamable(f"HTTP {resp.status}")
+    if resp.length != length or range_mismatch(
+        resp.getheader("Content-Range"), offset, length, length
+    ):
+        raise Unstreamable("not exactly the range")
+    got = 0
+    while got < length:
+        try:
+            view = sink.view()
+        except Exception as exc:
+            raise SinkFailed(exc) from exc
+        n = resp.readinto(view[: length - got])
+        if not n:  # `readinto` returns 0 where the body ends early; `read` would raise this
+            raise http.client.IncompleteRead(b"", length - got)
+        try:
+            sink.took(n)
+        except Exception as exc:
+            raise SinkFailed(exc) from exc
+        got += n
+    return got
 
 
 def proxied(url: str) -> bool:
@@ -164,6 +198,34 @@ class DirectGetter:
             self._abort(job)
             raise
 
+    async def stream(
+        self, url: str, offset: int, length: int, sink: ByteSink, deadline: float | None = None
+    ) -> int:
+        """Stream the `length` bytes at `offset` of the object at presigned `url` into `sink`
+        as they arrive, on one of the threads; return `length`. Only a 206 whose
+        Content-Length and Content-Range are exactly the range is streamed: any other answer
+        but an S3 error (a server ignoring Range, a chunked body, a 416) raises `Unstreamable`
+        before a byte reaches the sink, and the caller takes the range with `get`, which
+        knows them all. A body that breaks off raises `StoreUnavailable` after the sink took
+        what came (the caller may resume after it); the sink's own exception is raised as
+        `SinkFailed`. Deadline and cancel as `get`'s."""
+        loop = asyncio.get_running_loop()
+        job = _Job()
+        if self._closed:
+            raise _closed()
+        try:
+            running = loop.run_in_executor(
+                self._pool, self._get, job, url, offset, length, deadline, sink
+            )
+        except RuntimeError:  # closed meanwhile: the pool takes no more work
+            raise _closed() from None
+        try:
+            got: int = await running
+            return got
+        except BaseException:
+            self._abort(job)
+            raise
+
     def close(self) -> None:
         """Abandon the GETs still running or waiting for a thread (`Abandoned`; a running
         one's connection is shut down), close idle connections and stop the threads, which
@@ -203,21 +265,35 @@ class DirectGetter:
 
     # -- on a worker thread --------------------------------------------------------------
 
-    def _get(self, job: _Job, url: str, offset: int, length: int, deadline: float | None) -> bytes:
+    def _get(
+        self,
+        job: _Job,
+        url: str,
+        offset: int,
+        length: int,
+        deadline: float | None,
+        sink: ByteSink | None = None,
+    ) -> Any:
         with self._lock:
             if job.aborted or self._closed:
                 raise Abandoned("the GET was abandoned")
             self._running.add(job)
         try:
-            return self._get_running(job, url, offset, length, deadline)
+            return self._get_running(job, url, offset, length, deadline, sink)
         finally:
             with self._lock:
                 self._running.discard(job)
                 job.sock = None
 
     def _get_running(
-        self, job: _Job, url: str, offset: int, length: int, deadline: float | None
-    ) -> bytes:
+        self,
+        job: _Job,
+        url: str,
+        offset: int,
+        length: int,
+        deadline: float | None,
+        sink: ByteSink | None,
+    ) -> Any:
         parts = urlsplit(url)
         if deadline is not None and time.time() >= deadline:
             raise UrlExpired(
@@ -246,7 +322,10 @@ class DirectGetter:
                 self._hold(job, conn)
                 connecting = False
                 resp = self._request(conn, target, headers)
-            data, received = self._body(resp, offset, length)
+            if sink is not None:
+                data, received = _stream_body(resp, offset, length, sink), None
+            else:
+                data, received = self._body(resp, offset, length)
         except (OSError, http.client.HTTPException) as exc:
             if conn is not None:
                 conn.close()

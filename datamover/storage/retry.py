@@ -27,7 +27,7 @@ from tenacity import (
 )
 
 from datamover.errors import InvalidInput, StoreRetriesExhausted, TransientError, UploadLost
-from datamover.storage.base import ObjectInfo, Store
+from datamover.storage.base import ByteSink, ObjectInfo, Store, get_into
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +142,35 @@ class RetryingStore:
         """`inner.get`, retried."""
         return await self._retry(self.inner.get, key, offset, length)
 
+    async def get_into(self, key: str, offset: int, length: int, sink: ByteSink) -> int:
+        """`base.get_into` of `inner`, resumed after a transient failure from the first byte
+        the sink has not taken (the bytes before it are not fetched again); its try counter
+        starts again whenever the stream made progress since the previous failure, as
+        `list`'s. How many bytes came in all."""
+        counted = _Counted(sink)
+        failures = 0
+        while True:
+            before = counted.n
+            try:
+                got = await get_into(self.inner, key, offset + before, length - before, counted)
+                return before + got
+            except TransientError as exc:
+                failures = 1 if counted.n > before else failures + 1
+                if failures >= self.policy.attempts or not _call_retryable(exc):
+                    raise
+                delay = self.policy.wait(failures)
+                log.warning(
+                    "GET of %r from %s failed after %d of %d bytes (%s); resuming in %.2f s",
+                    key,
+                    self.description,
+                    counted.n,
+                    length,
+                    exc,
+                    delay,
+                )
+                self.policy.retried("get")
+                await asyncio.sleep(delay)
+
     async def head(self, key: str) -> ObjectInfo:
         """`inner.head`, retried."""
         return await self._retry(self.inner.head, key)
@@ -194,6 +223,25 @@ class RetryingStore:
         op = getattr(fn, "__name__", "call")
         what = f"{op} on {self.description}"
         return await self.policy.retrying(_call_retryable, what, op)(fn, *args)
+
+
+class _Counted:
+    """A `ByteSink` passing everything to `sink`, counting the bytes it took (`n`)."""
+
+    __slots__ = ("n", "sink")
+
+    def __init__(self, sink: ByteSink) -> None:
+        self.sink = sink
+        self.n = 0
+
+    def view(self) -> memoryview:
+        """`sink.view()`."""
+        return self.sink.view()
+
+    def took(self, n: int) -> None:
+        """`sink.took(n)`, counted once it returns."""
+        self.sink.took(n)
+        self.n += n
 
 
 class LimitedStore:

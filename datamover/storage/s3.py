@@ -57,11 +57,14 @@ from datamover.errors import (
     UploadLost,
 )
 from datamover.storage.base import (
+    ByteSink,
     ObjectInfo,
     RetryStep,
+    SinkFailed,
     check_key,
     check_prefix,
     check_range,
+    feed,
     passed,
     start_key,
 )
@@ -69,6 +72,7 @@ from datamover.storage.body import Body, checksum
 from datamover.storage.direct import (
     DirectGetter,
     UnknownEnd,
+    Unstreamable,
     UrlExpired,
     cut_short,
     proxied,
@@ -426,7 +430,36 @@ class S3Store:
                         )
         return self._client
 
-    async def _direct_get(self, direct: DirectGetter, key: str, offset: int, length: int) -> bytes:
+    async def get_into(self, key: str, offset: int, length: int, sink: ByteSink) -> int:
+        """Stream the range into `sink` (`base.get_into`): a range of `direct_min` bytes or
+        more on the getter's threads as it arrives (`DirectGetter.stream`), anything else,
+        and any answer that getter does not stream, with `get` and fed to the sink.
+        `SinkFailed` from the stream is raised as the sink's own exception."""
+        check_key(key)
+        check_range(offset, length)
+        if length == 0:
+            return 0
+        if length >= self._direct_min:
+            try:
+                async with self._errors("GetObject", key):
+                    await self._get_client()
+                    if self._direct is not None:
+                        try:
+                            got: int = await self._direct_get(
+                                self._direct, key, offset, length, sink
+                            )
+                            return got
+                        except Unstreamable:
+                            pass
+            except SinkFailed as failed:
+                raise failed.error from None
+        data = await self.get(key, offset, length)
+        await asyncio.to_thread(feed, sink, data)
+        return len(data)
+
+    async def _direct_get(
+        self, direct: DirectGetter, key: str, offset: int, length: int, sink: ByteSink | None = None
+    ) -> Any:
         """A ranged GET of `key` on `direct`'s threads with a presigned URL (`_presigned`).
 
         A URL is not sent within `_URL_MARGIN` seconds of its expiry, by the wall clock
@@ -435,9 +468,15 @@ class S3Store:
         URL and is sent once more. So is one whose kept URL the server refused (403: its
         clock may run ahead of ours); a new URL refused is the refusal. A new URL that
         expires before it is sent too raises `UrlExpired` (`StoreUnavailable`)."""
+
+        def send(url: str, deadline: float) -> Awaitable[Any]:
+            if sink is None:
+                return direct.get(url, offset, length, deadline)
+            return direct.stream(url, offset, length, sink, deadline)
+
         url, deadline, kept = await self._presigned(key)
         try:
-            return await direct.get(url, offset, length, deadline)
+            return await send(url, deadline)
         except UrlExpired:
             self._forget_url(key, url)
         except bce.ClientError as exc:
@@ -447,7 +486,7 @@ class S3Store:
             log.info("a kept presigned URL of %r was refused (%s): signing a new one", key, exc)
         url, deadline, _ = await self._presigned(key)
         try:
-            return await direct.get(url, offset, length, deadline)
+            return await send(url, deadline)
         except UrlExpired:
             self._forget_url(key, url)
             raise

@@ -9,7 +9,7 @@ concurrency and returns verified raw chunks; a digest mismatch is `Corrupt`, nam
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from datamover.aio import gather_or_cancel
@@ -17,7 +17,7 @@ from datamover.chunking import codec
 from datamover.chunking.pack import pack_key
 from datamover.domain.manifest import ChunkRef
 from datamover.errors import Corrupt, ObjectNotFound
-from datamover.storage.base import Store
+from datamover.storage.base import ByteSink, Store, get_into
 
 
 @dataclass(slots=True)
@@ -89,6 +89,24 @@ class Fetcher:
             )
         return data
 
+    async def stream(self, rng: Range, sink: ByteSink) -> None:
+        """Stream `rng` into `sink` (`storage.base.get_into`): the sink sees its bytes as
+        they arrive, so the range is never held whole; a store fault is retried from the
+        first byte not taken by the retrying store. A pack shorter than the range, or
+        missing, is `Corrupt`; the sink's own exceptions pass unchanged."""
+        key = pack_key(rng.pack)
+        length = rng.end - rng.start
+        async with self._limit:
+            try:
+                got = await get_into(self.store, key, rng.start, length, sink)
+            except ObjectNotFound:
+                raise Corrupt(f"pack {key} is missing from the store") from None
+        self.downloaded += got
+        if got != length:
+            raise Corrupt(
+                f"pack {key} is shorter than the manifest says ({rng.start}+{got} of {rng.end})"
+            )
+
     async def fetch(self, ranges: Sequence[Range]) -> list[bytes]:
         """The bytes of each range, in order. The first failure cancels the GETs still
         running (they would hold slots and fetch for nothing) and is raised once they end."""
@@ -123,3 +141,69 @@ def decode_ranges(
                     [name],
                 ) from None
     return out
+
+
+class ChunkSink:
+    """A `ByteSink` for one range (`Fetcher.stream`): takes its bytes in order, and the
+    moment a chunk's last byte is in, decodes and verifies it and calls `chunk(ref, raw)` on
+    the thread that read it; the bytes between chunks (a coalesced gap) are dropped. It
+    holds one chunk's stored bytes at a time, in `buffer` (at least `buffer_size(rng)`
+    bytes; the caller may reuse it for another range once this one's stream has ended).
+    A chunk that fails its digest is `Corrupt`, naming `owner`; `raw` is valid only during
+    the call (it may be a view of `buffer`)."""
+
+    __slots__ = ("_buffer", "_chunk", "_filled", "_i", "_owner", "_pos", "_refs")
+
+    def __init__(
+        self,
+        rng: Range,
+        buffer: bytearray,
+        chunk: Callable[[ChunkRef, bytes | memoryview], None],
+        owner: str,
+    ) -> None:
+        if len(buffer) < buffer_size(rng):
+            raise ValueError("the buffer is smaller than the range's largest chunk")
+        self._refs = rng.refs
+        self._buffer = memoryview(buffer)
+        self._chunk = chunk
+        self._owner = owner
+        self._pos = rng.start  # the pack offset of the next byte
+        self._i = 0  # the chunk that byte belongs to, or precedes
+        self._filled = 0  # bytes of that chunk taken
+
+    def view(self) -> memoryview:
+        """The rest of the current chunk's place in the buffer, or a piece of the gap
+        before it."""
+        if self._i >= len(self._refs):
+            raise Corrupt(f"{self._owner!r}: more bytes than the range holds")
+        ref = self._refs[self._i]
+        if self._pos < ref.offset:
+            return self._buffer[: min(ref.offset - self._pos, len(self._buffer))]
+        return self._buffer[self._filled : ref.stored_length]
+
+    def took(self, n: int) -> None:
+        """Count `n` bytes in; hand on a chunk that is complete."""
+        ref = self._refs[self._i]
+        self._pos += n
+        if self._pos <= ref.offset:
+            return  # a gap's bytes
+        self._filled += n
+        if self._filled < ref.stored_length:
+            return
+        stored = self._buffer[: ref.stored_length]
+        try:
+            raw = codec.decode_verified(stored, ref.codec, ref.raw_length, ref.digest)
+        except Corrupt as exc:
+            raise Corrupt(
+                f"{self._owner!r}: chunk at {pack_key(ref.pack)} offset {ref.offset} failed "
+                f"verification ({exc}): the data is corrupt",
+                [self._owner],
+            ) from None
+        self._i += 1
+        self._filled = 0
+        self._chunk(ref, raw)
+
+
+def buffer_size(rng: Range) -> int:
+    """The buffer a `ChunkSink` of `rng` needs: its largest chunk's stored bytes."""
+    return max(ref.stored_length for ref in rng.refs)

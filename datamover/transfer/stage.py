@@ -58,7 +58,14 @@ from datamover.repo.layout import VersionDoc
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
 from datamover.transfer import ctimes, fsops, procpool, writers
-from datamover.transfer.fetch import Fetcher, Range, decode_ranges, plan_ranges
+from datamover.transfer.fetch import (
+    ChunkSink,
+    Fetcher,
+    Range,
+    buffer_size,
+    decode_ranges,
+    plan_ranges,
+)
 from datamover.transfer.locks import take_lock, take_nested
 from datamover.transfer.pins import check_nested_pins, check_pins, overwritten_below
 from datamover.transfer.plan import Op, StagePlanner, children_first
@@ -79,6 +86,10 @@ _MAX_DIRS_IN_MEMORY = 1 << 16
 #: with every entry of the version held in the queue.
 _OPS_AHEAD = 4
 _RANGE_WRITERS = 4
+#: The longest streamed range of a large file (at least `max_request`): a pack's whole run
+#: of the file's chunks is one request (32 MiB packs by default), and a pack of 1 GiB is
+#: still read by several streams at once.
+_STREAM_REQUEST = 64 << 20
 #: Manifests of at most this many entries are decoded once, not twice: at most about 20 MiB
 #: of entries held for the run (measured: 640 bytes per entry of a docking tree; decoding
 #: 20,000 entries takes 0.07-0.14 s).
@@ -252,6 +263,9 @@ class _Stager:
         self.delete, self.checksum, self.progress = delete, checksum, progress
         self.gap, self.max_request, self.batch_bytes = t.coalesce_gap, t.max_request, t.batch_bytes
         self.large = max(t.batch_bytes // 4, 1 << 20)
+        # A large file's ranges are streamed, not held (`_large`): as long as a pack's run
+        # of its chunks, within reason, so several still go at once on a file in few packs.
+        self.stream_request = max(self.max_request, _STREAM_REQUEST)
         self.workers = _write_workers(t, doc.files)
         self.batch_files = _BATCH_FILES
         if self.workers:
@@ -625,26 +639,35 @@ class _Stager:
                 old_at.setdefault(c.digest, at)
                 at += c.raw_length
         reused = 0
+        # One chunk's buffer per stream, reused by the next (a fresh one is cleared page by
+        # page): at most `download_concurrency` chunks of at most 16 MiB, whatever the
+        # file's or a range's size.
+        buffers: list[bytearray] = []
+
+        use = _FdUse()  # the streams' threads write to fd only while it is open
 
         async def one(rng: Range, positions: dict[ChunkRef, list[int]]) -> None:
+            written = 0
+
+            def chunk(ref: ChunkRef, raw: bytes | memoryview) -> None:  # a stream's thread
+                nonlocal written
+                with use:
+                    written += _write_chunk(fd, raw, positions[ref], turn, sparse, writing)
+
             try:
-                [blob] = await self.fetcher.fetch([rng])
-                job = self._range_pool.submit(
-                    _verify_and_pwrite,
-                    fd,
-                    rng,
-                    blob,
-                    positions,
-                    entry.path,
-                    turn,
-                    sparse,
-                    writing,
-                )
-                writes.append(job)
+                need = buffer_size(rng)
+                buffer = next((b for b in buffers if len(b) >= need), None)
+                if buffer is None:
+                    buffer = bytearray(need)
+                else:
+                    buffers.remove(buffer)
                 try:
-                    written = await asyncio.wrap_future(job)
+                    await self.fetcher.stream(rng, ChunkSink(rng, buffer, chunk, entry.path))
                 except OSError as exc:  # a full disk, say: name the file it was writing
                     raise fsops.named(exc, self.root / entry.path) from None
+                # Only a stream that ended hands its buffer on: a cancelled one's thread may
+                # still be filling it.
+                buffers.append(buffer)
                 self.progress.advance(0, written)
             finally:
                 slots.release()
@@ -652,8 +675,12 @@ class _Stager:
         try:
             start = good
             while start < len(entry.chunks):
+                # Windows only while chunks are copied from an old copy (a cancel waits
+                # for one window's copy); otherwise the whole rest, so that a range spans
+                # all the file holds of a pack.
+                window = self.batch_bytes if source is not None else entry.size
                 end, size = start, 0
-                while end < len(entry.chunks) and (end == start or size < self.batch_bytes):
+                while end < len(entry.chunks) and (end == start or size < window):
                     size += entry.chunks[end].raw_length
                     end += 1
                 copied: set[int] = set()
@@ -691,7 +718,7 @@ class _Stager:
                     if i not in copied:
                         positions.setdefault(entry.chunks[i], []).append(offsets[i])
                         wanted.append(entry.chunks[i])
-                for rng in plan_ranges(wanted, self.gap, self.max_request):
+                for rng in plan_ranges(wanted, self.gap, self.stream_request):
                     await slots.acquire()
                     for done in [t for t in tasks if t.done()]:
                         tasks.discard(done)
@@ -699,6 +726,7 @@ class _Stager:
                     tasks.add(asyncio.create_task(one(rng, positions)))
                 start = end
             await asyncio.gather(*tasks)
+            use.close()
             owned, fd = fd, -1  # closed by finish_partial, even when it fails, or here
             await self._on_writer(self._finish, entry, owned, replaces)
         except BaseException:
@@ -713,7 +741,8 @@ class _Stager:
             if fd >= 0:
                 # A cancelled task does not stop its thread: wait for every pwrite before the
                 # fd is closed, or a write could land in whatever file reuses its number.
-                # (Blocking the loop here is short: one range per writer thread at most.)
+                # (Blocking the loop here is short: one chunk per stream, one window's copy.)
+                use.close()
                 wait_futures(writes)
                 # Shielded: a cancel meanwhile must not leave the file open for good.
                 await asyncio.shield(self._on_writer(os.close, fd))
@@ -1069,33 +1098,62 @@ def _copy_seeded(
     return copied, nbytes, False
 
 
-def _verify_and_pwrite(
+def _write_chunk(
     fd: int,
-    rng: Range,
-    blob: bytes,
-    positions: dict[ChunkRef, list[int]],
-    path: str,
+    raw: bytes | memoryview,
+    ats: list[int],
     turn: threading.Lock,
     sparse: bool,
     writing: Callable[[], None],
 ) -> int:
-    """Verify every chunk of a fetched range, then, holding `turn`, write it wherever the
-    file has it; return the bytes written. With `sparse`, an all-zero chunk is not written
-    (`fsops.is_hole`): the partial file was cut before the first chunk this run fetches, so
-    the bytes there read as zeros, and `finish_partial` sets the size. It counts as
-    written. `writing()` is called before the first write."""
+    """Write a verified chunk `raw` at every offset in `ats` of `fd`, holding `turn`; return
+    the bytes written. With `sparse`, an all-zero chunk is not written (`fsops.is_hole`):
+    the partial file was cut before the first chunk this run fetches, so the bytes there
+    read as zeros, and `finish_partial` sets the size. It counts as written. `writing()` is
+    called before the first write."""
+    if sparse and fsops.is_hole(raw):  # compared before taking turns: it needs no lock
+        return len(raw) * len(ats)
     written = 0
-    decoded = decode_ranges([rng], [blob], {}, path)
-    if sparse:  # compared before taking turns: the compare needs no lock
-        for ref in [ref for ref, data in decoded.items() if fsops.is_hole(data)]:
-            written += len(decoded.pop(ref)) * len(positions[ref])
     with turn:
-        if decoded:
-            writing()
-        for ref, data in decoded.items():
-            for at in positions[ref]:
-                written += _pwrite_all(fd, data, at)
+        writing()
+        for at in ats:
+            written += _pwrite_all(fd, raw, at)
     return written
+
+
+class _FdClosed(Exception):
+    """A write refused by `_FdUse` after its `close()`: no one waits for it any more."""
+
+
+class _FdUse:
+    """Threads writing to one descriptor (`with use:` around each write) until `close()`:
+    from then on a write refuses to start (`_FdClosed`), and `close()` returns once those
+    running are over, so the descriptor can be closed with no thread left to write into
+    whatever file reuses its number (a cancelled stream's thread runs on for a moment)."""
+
+    __slots__ = ("_active", "_closed", "_cond")
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._active = 0
+        self._closed = False
+
+    def __enter__(self) -> None:
+        with self._cond:
+            if self._closed:
+                raise _FdClosed("the file was closed: its stage ended")
+            self._active += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._cond:
+            self._active -= 1
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """No write starts from now on; return when none runs."""
+        with self._cond:
+            self._closed = True
+            self._cond.wait_for(lambda: self._active == 0)
 
 
 def _pwrite_all(fd: int, data: bytes | memoryview, at: int) -> int:
