@@ -172,7 +172,7 @@ class Breaking(MemoryStore):
         self.cuts = cuts
         self.calls: list[tuple[int, int]] = []
 
-    async def get_into(self, key: str, offset: int, length: int, sink: Any) -> int:
+    async def get_into(self, key: str, offset: int, length: int, sink: Any, hold: int = 0) -> int:
         self.calls.append((offset, length))
         data = await self.get(key, offset, length)
         cut = self.cuts.pop(0) if self.cuts else None

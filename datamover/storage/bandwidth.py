@@ -31,7 +31,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 
 from datamover.errors import InvalidInput
-from datamover.storage.base import ByteSink, ObjectInfo, Store, get_into
+from datamover.storage.base import HOLD, ByteSink, Counted, ObjectInfo, Store, get_into
 
 # What a GET books before it is sent, at most. A GET's length may be a bound far above the
 # object (a version document: 1 MiB + 1 asked, a few hundred bytes there); booked whole,
@@ -95,6 +95,12 @@ class Pacer:
         if start > now:
             await asyncio.sleep(start - now)
 
+    def book(self, nbytes: int) -> None:
+        """Book `nbytes` already moved, ahead of the calls in line, without waiting (a call
+        that failed or was cancelled pays what came on its way out)."""
+        if nbytes > 0:
+            self._next = max(time.monotonic(), self._next) + nbytes / self.rate
+
     def refund(self, nbytes: int) -> None:
         """Give back the time of `nbytes` that were booked but not moved: the calls in line
         go that much earlier (the average stays within the rate: the unused time passed
@@ -148,24 +154,39 @@ class ThrottledStore:
             down.refund(booked - len(data))
         return data
 
-    async def get_into(self, key: str, offset: int, length: int, sink: ByteSink) -> int:
-        """`base.get_into` of `inner`, paced as `get`: up to `UPFRONT_GET` bytes booked
-        before, the rest paid after, what did not arrive given back (a failed stream pays
-        for none of it: its retry pays again)."""
+    async def get_into(
+        self, key: str, offset: int, length: int, sink: ByteSink, hold: int = HOLD
+    ) -> int:
+        """`base.get_into` of `inner`, in pieces of at most `hold` bytes each paced as a
+        `get` of it (a stream runs ahead of the budget by at most what a GET held whole
+        does). Of a piece that fails, the bytes the sink took are paid (a retry resumes
+        after them and never fetches them again) and the rest of its booking given back."""
         down = self._down
         if down is None:
-            return await get_into(self.inner, key, offset, length, sink)
-        booked = min(length, UPFRONT_GET)
-        await down.take(booked)
-        try:
-            got = await get_into(self.inner, key, offset, length, sink)
-        except BaseException:
-            down.refund(booked)
-            raise
-        if got > booked:
-            await down.pay(got - booked)
-        else:
-            down.refund(booked - got)
+            return await get_into(self.inner, key, offset, length, sink, hold)
+        counted = Counted(sink)
+        got = 0
+        while got < length:
+            want = min(hold, length - got)
+            booked = min(want, UPFRONT_GET)
+            await down.take(booked)
+            before = counted.n
+            try:
+                came = await get_into(self.inner, key, offset + got, want, counted, hold)
+            except BaseException:
+                taken = counted.n - before
+                if taken > booked:
+                    down.book(taken - booked)
+                else:
+                    down.refund(booked - taken)
+                raise
+            if came > booked:
+                await down.pay(came - booked)
+            else:
+                down.refund(booked - came)
+            got += came
+            if came < want:  # the object ends
+                break
         return got
 
     async def head(self, key: str) -> ObjectInfo:

@@ -219,21 +219,67 @@ def feed(sink: ByteSink, data: bytes | bytearray | memoryview) -> None:
         src = src[n:]
 
 
-async def get_into(store: Store, key: str, offset: int, length: int, sink: ByteSink) -> int:
+#: What `get_into` holds of a range at most when it has to read it with `get` (default).
+HOLD = 16 << 20
+
+
+class Counted:
+    """A `ByteSink` passing everything to `sink`, counting the bytes it took (`n`)."""
+
+    __slots__ = ("n", "sink")
+
+    def __init__(self, sink: ByteSink) -> None:
+        self.sink = sink
+        self.n = 0
+
+    def view(self) -> memoryview:
+        """`sink.view()`."""
+        return self.sink.view()
+
+    def took(self, n: int) -> None:
+        """`sink.took(n)`, counted once it returns."""
+        self.sink.took(n)
+        self.n += n
+
+
+async def get_into(
+    store: Store, key: str, offset: int, length: int, sink: ByteSink, hold: int = HOLD
+) -> int:
     """Stream `length` bytes of `key` from `offset` into `sink`; how many came: `length`, or
     fewer only where the object ends (as `get` cuts a range). Through `store.get_into` where
-    the store has it, else one `get` fed to the sink on a thread. Errors as `get`'s, and the
-    sink's own, unchanged; bytes the sink took before a failure stay taken (a retry resumes
-    after them: `RetryingStore`)."""
+    the store has it, else with `get`s of at most `hold` bytes (`read_into`), as a store
+    that has it does for an answer it does not stream. Errors as `get`'s, and the sink's
+    own, unchanged; bytes the sink took before a failure stay taken (a retry resumes after
+    them: `RetryingStore`)."""
     own = getattr(store, "get_into", None)
     if own is not None:
-        got: int = await own(key, offset, length, sink)
+        got: int = await own(key, offset, length, sink, hold)
         return got
+    check_range(offset, length)
+    return await read_into(store.get, key, offset, length, sink, hold)
+
+
+async def read_into(
+    get: Callable[[str, int, int], Awaitable[bytes]],
+    key: str,
+    offset: int,
+    length: int,
+    sink: ByteSink,
+    hold: int,
+) -> int:
+    """The range read with `get` (a store's) in pieces of at most `hold` bytes, each fed to
+    `sink` on a thread; how many bytes came (fewer than `length` only where the object
+    ends). So a range that cannot be streamed holds what a range held whole used to
+    (`[transfer] max_request`), not the range."""
     import asyncio  # here: the CLI's thin client imports this module, not asyncio (13 ms)
 
-    check_range(offset, length)
-    if length == 0:
-        return 0
-    data = await store.get(key, offset, length)
-    await asyncio.to_thread(feed, sink, data)
-    return len(data)
+    got = 0
+    while got < length:
+        want = min(hold, length - got)
+        data = await get(key, offset + got, want)
+        if data:
+            await asyncio.to_thread(feed, sink, data)
+        got += len(data)
+        if len(data) < want:  # the object ends
+            break
+    return got

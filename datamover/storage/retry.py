@@ -27,7 +27,7 @@ from tenacity import (
 )
 
 from datamover.errors import InvalidInput, StoreRetriesExhausted, TransientError, UploadLost
-from datamover.storage.base import ByteSink, ObjectInfo, Store, get_into
+from datamover.storage.base import HOLD, ByteSink, Counted, ObjectInfo, Store, get_into
 
 log = logging.getLogger(__name__)
 
@@ -142,17 +142,21 @@ class RetryingStore:
         """`inner.get`, retried."""
         return await self._retry(self.inner.get, key, offset, length)
 
-    async def get_into(self, key: str, offset: int, length: int, sink: ByteSink) -> int:
+    async def get_into(
+        self, key: str, offset: int, length: int, sink: ByteSink, hold: int = HOLD
+    ) -> int:
         """`base.get_into` of `inner`, resumed after a transient failure from the first byte
         the sink has not taken (the bytes before it are not fetched again); its try counter
         starts again whenever the stream made progress since the previous failure, as
         `list`'s. How many bytes came in all."""
-        counted = _Counted(sink)
+        counted = Counted(sink)
         failures = 0
         while True:
             before = counted.n
             try:
-                got = await get_into(self.inner, key, offset + before, length - before, counted)
+                got = await get_into(
+                    self.inner, key, offset + before, length - before, counted, hold
+                )
                 return before + got
             except TransientError as exc:
                 failures = 1 if counted.n > before else failures + 1
@@ -225,25 +229,6 @@ class RetryingStore:
         return await self.policy.retrying(_call_retryable, what, op)(fn, *args)
 
 
-class _Counted:
-    """A `ByteSink` passing everything to `sink`, counting the bytes it took (`n`)."""
-
-    __slots__ = ("n", "sink")
-
-    def __init__(self, sink: ByteSink) -> None:
-        self.sink = sink
-        self.n = 0
-
-    def view(self) -> memoryview:
-        """`sink.view()`."""
-        return self.sink.view()
-
-    def took(self, n: int) -> None:
-        """`sink.took(n)`, counted once it returns."""
-        self.sink.took(n)
-        self.n += n
-
-
 class LimitedStore:
     """Lets at most `max_concurrency` calls into `inner` at once; the others wait their turn.
 
@@ -272,6 +257,13 @@ class LimitedStore:
         """`inner.get` within a slot."""
         async with self._slots:
             return await self.inner.get(key, offset, length)
+
+    async def get_into(
+        self, key: str, offset: int, length: int, sink: ByteSink, hold: int = HOLD
+    ) -> int:
+        """`base.get_into` of `inner` within a slot."""
+        async with self._slots:
+            return await get_into(self.inner, key, offset, length, sink, hold)
 
     async def head(self, key: str) -> ObjectInfo:
         """`inner.head` within a slot."""

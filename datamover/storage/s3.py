@@ -57,6 +57,7 @@ from datamover.errors import (
     UploadLost,
 )
 from datamover.storage.base import (
+    HOLD,
     ByteSink,
     ObjectInfo,
     RetryStep,
@@ -64,8 +65,8 @@ from datamover.storage.base import (
     check_key,
     check_prefix,
     check_range,
-    feed,
     passed,
+    read_into,
     start_key,
 )
 from datamover.storage.body import Body, checksum
@@ -430,11 +431,13 @@ class S3Store:
                         )
         return self._client
 
-    async def get_into(self, key: str, offset: int, length: int, sink: ByteSink) -> int:
+    async def get_into(
+        self, key: str, offset: int, length: int, sink: ByteSink, hold: int = HOLD
+    ) -> int:
         """Stream the range into `sink` (`base.get_into`): a range of `direct_min` bytes or
         more on the getter's threads as it arrives (`DirectGetter.stream`), anything else,
-        and any answer that getter does not stream, with `get` and fed to the sink.
-        `SinkFailed` from the stream is raised as the sink's own exception."""
+        and any answer that getter does not stream, with `get`s of at most `hold` bytes
+        (`read_into`). `SinkFailed` from the stream is raised as the sink's own exception."""
         check_key(key)
         check_range(offset, length)
         if length == 0:
@@ -453,9 +456,7 @@ class S3Store:
                             pass
             except SinkFailed as failed:
                 raise failed.error from None
-        data = await self.get(key, offset, length)
-        await asyncio.to_thread(feed, sink, data)
-        return len(data)
+        return await read_into(self.get, key, offset, length, sink, hold)
 
     async def _direct_get(
         self, direct: DirectGetter, key: str, offset: int, length: int, sink: ByteSink | None = None

@@ -17,7 +17,7 @@ from datamover.chunking import codec
 from datamover.chunking.pack import pack_key
 from datamover.domain.manifest import ChunkRef
 from datamover.errors import Corrupt, ObjectNotFound
-from datamover.storage.base import ByteSink, Store, get_into
+from datamover.storage.base import HOLD, ByteSink, Store, get_into
 
 
 @dataclass(slots=True)
@@ -69,10 +69,11 @@ def plan_ranges(refs: Iterable[ChunkRef], gap: int, max_request: int) -> list[Ra
 class Fetcher:
     """Runs ranged GETs against `store` and verifies what comes back."""
 
-    def __init__(self, store: Store, concurrency: int) -> None:
+    def __init__(self, store: Store, concurrency: int, hold: int = HOLD) -> None:
         self.store = store
         self.downloaded = 0
         self._limit = asyncio.Semaphore(concurrency)
+        self._hold = hold
 
     async def _get(self, rng: Range) -> bytes:
         key = pack_key(rng.pack)
@@ -91,14 +92,15 @@ class Fetcher:
 
     async def stream(self, rng: Range, sink: ByteSink) -> None:
         """Stream `rng` into `sink` (`storage.base.get_into`): the sink sees its bytes as
-        they arrive, so the range is never held whole; a store fault is retried from the
-        first byte not taken by the retrying store. A pack shorter than the range, or
+        they arrive, so the range is never held whole (where the store cannot stream it, at
+        most `hold` bytes of it are); a store fault is retried from the first byte not
+        taken by the retrying store. A pack shorter than the range, or
         missing, is `Corrupt`; the sink's own exceptions pass unchanged."""
         key = pack_key(rng.pack)
         length = rng.end - rng.start
         async with self._limit:
             try:
-                got = await get_into(self.store, key, rng.start, length, sink)
+                got = await get_into(self.store, key, rng.start, length, sink, self._hold)
             except ObjectNotFound:
                 raise Corrupt(f"pack {key} is missing from the store") from None
         self.downloaded += got

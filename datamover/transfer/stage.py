@@ -271,7 +271,8 @@ class _Stager:
         if self.workers:
             # Batches in flight: one per worker and one being fetched, each at most `large`.
             self.batch_files, self.batch_bytes = _POOL_BATCH_FILES, self.large
-        self.fetcher = Fetcher(site.store, t.download_concurrency)
+        # A range the store cannot stream is read `max_request` at a time, as before.
+        self.fetcher = Fetcher(site.store, t.download_concurrency, t.max_request)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         self.trash_run = trash_root(site.state_dir) / f"{stamp}-{secrets.token_hex(3)}"
         self.trash_dir = trash_dir(self.trash_run, doc.dataset)
@@ -588,14 +589,15 @@ class _Stager:
         cost the chunks that changed, not the file (`_copy_seeded`). Window by window, so a
         cancel waits for one window's copy at most.
 
-        Ranges are fetched `download_concurrency` at a time and each is verified and written
-        (`pwrite` at its file offsets, so arrival order does not matter) as soon as it
-        arrives, by one of `_RANGE_WRITERS` threads, keeping the network busy while the disk
-        writes. The threads verify in parallel but take turns to write: writes to one file
-        serialise on its inode lock in the kernel anyway, where a waiting writer spins (in a
-        1 GiB stage, 6% of all CPU samples were that spin, and page-cache copies under
-        contention took twice as long); a lock of ours makes it sleep instead. Memory: the
-        ranges in flight.
+        Ranges, each a pack's run of the file's chunks (up to `stream_request` bytes), are
+        streamed `download_concurrency` at a time (`Fetcher.stream`): the thread receiving
+        one verifies each chunk as its last byte arrives and writes it (`pwrite` at its file
+        offsets, so arrival order does not matter). The threads verify in parallel but take
+        turns to write: writes to one file serialise on its inode lock in the kernel anyway,
+        where a waiting writer spins (in a 1 GiB stage, 6% of all CPU samples were that
+        spin, and page-cache copies under contention took twice as long); a lock of ours
+        makes it sleep instead. Memory: one chunk's buffer per stream, reused, whatever the
+        range's size.
         """
         self._check_done()
         self._submit_ops()
@@ -651,16 +653,19 @@ class _Stager:
 
             def chunk(ref: ChunkRef, raw: bytes | memoryview) -> None:  # a stream's thread
                 nonlocal written
-                with use:
-                    written += _write_chunk(fd, raw, positions[ref], turn, sparse, writing)
+                ats = positions[ref]
+                if sparse and fsops.is_hole(raw):  # (a compare: no turn, no use of fd)
+                    written += len(raw) * len(ats)
+                    return
+                for at in ats:  # one write at a time: a cancel waits for one at most
+                    with use:
+                        written += _write_chunk(fd, raw, at, turn, writing)
 
             try:
                 need = buffer_size(rng)
-                buffer = next((b for b in buffers if len(b) >= need), None)
-                if buffer is None:
+                buffer = buffers.pop() if buffers else None
+                if buffer is None or len(buffer) < need:  # a smaller one is dropped
                     buffer = bytearray(need)
-                else:
-                    buffers.remove(buffer)
                 try:
                     await self.fetcher.stream(rng, ChunkSink(rng, buffer, chunk, entry.path))
                 except OSError as exc:  # a full disk, say: name the file it was writing
@@ -1074,8 +1079,8 @@ def _copy_seeded(
     `source` holds (at `old_at[digest]`), each only if what is read there has its digest;
     return their indices, the bytes copied, and whether a chunk read did not have its
     digest (then it stops: the old copy is not the old version's). A read that fails ends
-    the copying (the rest is fetched); a failed write raises, as `_verify_and_pwrite`'s
-    does. All-zero chunks are left as holes with `sparse`, as there."""
+    the copying (the rest is fetched); a failed write raises, as `_write_chunk`'s
+    does. All-zero chunks are left as holes with `sparse`, as fetched ones are."""
     copied: set[int] = set()
     nbytes = 0
     for i in range(start, end):
@@ -1099,26 +1104,15 @@ def _copy_seeded(
 
 
 def _write_chunk(
-    fd: int,
-    raw: bytes | memoryview,
-    ats: list[int],
-    turn: threading.Lock,
-    sparse: bool,
-    writing: Callable[[], None],
+    fd: int, raw: bytes | memoryview, at: int, turn: threading.Lock, writing: Callable[[], None]
 ) -> int:
-    """Write a verified chunk `raw` at every offset in `ats` of `fd`, holding `turn`; return
-    the bytes written. With `sparse`, an all-zero chunk is not written (`fsops.is_hole`):
-    the partial file was cut before the first chunk this run fetches, so the bytes there
-    read as zeros, and `finish_partial` sets the size. It counts as written. `writing()` is
-    called before the first write."""
-    if sparse and fsops.is_hole(raw):  # compared before taking turns: it needs no lock
-        return len(raw) * len(ats)
-    written = 0
+    """Write a verified chunk `raw` at offset `at` of `fd`, holding `turn`, after calling
+    `writing()`; its length. (With `sparse`, the caller leaves an all-zero chunk unwritten,
+    `fsops.is_hole`: the partial file was cut before the first chunk this run fetches, so
+    the bytes there read as zeros, and `finish_partial` sets the size.)"""
     with turn:
         writing()
-        for at in ats:
-            written += _pwrite_all(fd, raw, at)
-    return written
+        return _pwrite_all(fd, raw, at)
 
 
 class _FdClosed(Exception):
