@@ -343,3 +343,34 @@ async def test_a_damaged_chunk_in_a_streamed_pack_fails_the_stage_naming_the_fil
     finally:
         await site_b.close()
     assert not (b.data / "ds" / "big.bin").exists()
+
+
+async def test_a_large_file_is_planned_window_by_window(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The chunks planned at once are bounded (a GiB's worth; 3 MiB here): a file of many
+    # windows comes out whole, no range crossing a window's end.
+    monkeypatch.setattr(stage_module, "_STREAM_WINDOW", 3 * MiB)
+    a = await make_site("site-a", pack_size=8 * MiB)
+    (a.data / "ds").mkdir()
+    source = os.urandom(20 * MiB + 12345)
+    (a.data / "ds" / "big.bin").write_bytes(source)
+    b = await make_site("site-b")
+    streams: list[Range] = []
+    real = Fetcher.stream
+
+    async def recording(self: Fetcher, rng: Range, sink: Any) -> None:
+        streams.append(rng)
+        await real(self, rng, sink)
+
+    monkeypatch.setattr(Fetcher, "stream", recording)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        await stage(site_b, "/proj/ds")
+    finally:
+        await site_a.close()
+        await site_b.close()
+    assert (b.data / "ds" / "big.bin").read_bytes() == source
+    assert len(streams) >= 6  # 20 MiB in windows of 3 MiB or a little more (whole chunks)
+    assert max(r.end - r.start for r in streams) < 8 * MiB

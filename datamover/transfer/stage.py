@@ -90,6 +90,8 @@ _RANGE_WRITERS = 4
 #: of the file's chunks is one request (32 MiB packs by default), and a pack of 1 GiB is
 #: still read by several streams at once.
 _STREAM_REQUEST = 64 << 20
+#: The bytes of a large file whose ranges are planned at once when none is copied.
+_STREAM_WINDOW = 1 << 30
 #: Manifests of at most this many entries are decoded once, not twice: at most about 20 MiB
 #: of entries held for the run (measured: 640 bytes per entry of a docking tree; decoding
 #: 20,000 entries takes 0.07-0.14 s).
@@ -680,10 +682,11 @@ class _Stager:
         try:
             start = good
             while start < len(entry.chunks):
-                # Windows only while chunks are copied from an old copy (a cancel waits
-                # for one window's copy); otherwise the whole rest, so that a range spans
-                # all the file holds of a pack.
-                window = self.batch_bytes if source is not None else entry.size
+                # Small windows only while chunks are copied from an old copy (a cancel
+                # waits for one window's copy); otherwise a GiB, so that a range spans all
+                # the file holds of a pack but for one cut a GiB, while the chunks planned
+                # at once stay bounded (a 1 TB file has a million).
+                window = self.batch_bytes if source is not None else _STREAM_WINDOW
                 end, size = start, 0
                 while end < len(entry.chunks) and (end == start or size < window):
                     size += entry.chunks[end].raw_length
