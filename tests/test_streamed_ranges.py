@@ -287,6 +287,19 @@ def test_writes_refuse_to_start_once_the_file_is_closed_and_close_waits() -> Non
 # -- a large file's stage -------------------------------------------------------------------
 
 
+def _record_streams(monkeypatch: pytest.MonkeyPatch) -> list[Range]:
+    """The ranges `Fetcher.stream` is asked for from now on, in order."""
+    streams: list[Range] = []
+    real = Fetcher.stream
+
+    async def recording(self: Fetcher, rng: Range, sink: Any) -> None:
+        streams.append(rng)
+        await real(self, rng, sink)
+
+    monkeypatch.setattr(Fetcher, "stream", recording)
+    return streams
+
+
 async def test_a_large_files_packs_are_read_in_one_request_each(
     make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -298,14 +311,7 @@ async def test_a_large_files_packs_are_read_in_one_request_each(
     source = os.urandom(24 * MiB)
     (a.data / "ds" / "big.bin").write_bytes(source)
     b = await make_site("site-b", max_request=1 * MiB)
-    streams: list[Range] = []
-    real = Fetcher.stream
-
-    async def recording(self: Fetcher, rng: Range, sink: Any) -> None:
-        streams.append(rng)
-        await real(self, rng, sink)
-
-    monkeypatch.setattr(Fetcher, "stream", recording)
+    streams = _record_streams(monkeypatch)
     site_a, site_b = await a.open(), await b.open()
     try:
         await push(site_a, "/proj/ds")
@@ -356,14 +362,7 @@ async def test_a_large_file_is_planned_window_by_window(
     source = os.urandom(20 * MiB + 12345)
     (a.data / "ds" / "big.bin").write_bytes(source)
     b = await make_site("site-b")
-    streams: list[Range] = []
-    real = Fetcher.stream
-
-    async def recording(self: Fetcher, rng: Range, sink: Any) -> None:
-        streams.append(rng)
-        await real(self, rng, sink)
-
-    monkeypatch.setattr(Fetcher, "stream", recording)
+    streams = _record_streams(monkeypatch)
     site_a, site_b = await a.open(), await b.open()
     try:
         await push(site_a, "/proj/ds")

@@ -182,21 +182,8 @@ class DirectGetter:
         expiry by) the request is not sent once it has passed, as when the GET waited that
         long for a thread: `UrlExpired`. Cancelled, the GET is abandoned: one not started
         never runs, one running has its connection shut down (`_Job`)."""
-        loop = asyncio.get_running_loop()
-        job = _Job()
-        if self._closed:
-            raise _closed()
-        try:
-            running = loop.run_in_executor(
-                self._pool, self._get, job, url, offset, length, deadline
-            )
-        except RuntimeError:  # closed meanwhile: the pool takes no more work
-            raise _closed() from None
-        try:
-            return await running
-        except BaseException:
-            self._abort(job)
-            raise
+        data: bytes = await self._run(url, offset, length, deadline, None)
+        return data
 
     async def stream(
         self, url: str, offset: int, length: int, sink: ByteSink, deadline: float | None = None
@@ -209,6 +196,13 @@ class DirectGetter:
         knows them all. A body that breaks off raises `StoreUnavailable` after the sink took
         what came (the caller may resume after it); the sink's own exception is raised as
         `SinkFailed`. Deadline and cancel as `get`'s."""
+        got: int = await self._run(url, offset, length, deadline, sink)
+        return got
+
+    async def _run(
+        self, url: str, offset: int, length: int, deadline: float | None, sink: ByteSink | None
+    ) -> Any:
+        """`_get` on a thread, abandoned (`_abort`) if the caller is cancelled."""
         loop = asyncio.get_running_loop()
         job = _Job()
         if self._closed:
@@ -220,8 +214,7 @@ class DirectGetter:
         except RuntimeError:  # closed meanwhile: the pool takes no more work
             raise _closed() from None
         try:
-            got: int = await running
-            return got
+            return await running
         except BaseException:
             self._abort(job)
             raise
