@@ -468,7 +468,9 @@ class S3Store:
         after the machine slept (the monotonic clock stands still in a suspend), gets a new
         URL and is sent once more. So is one whose kept URL the server refused (403: its
         clock may run ahead of ours); a new URL refused is the refusal. A new URL that
-        expires before it is sent too raises `UrlExpired` (`StoreUnavailable`)."""
+        expires before it is sent too raises `UrlExpired` (`StoreUnavailable`). With `sink`
+        the range is streamed into it (`DirectGetter.stream`): both reasons to send again
+        come before the body, so no byte reaches the sink twice."""
 
         def send(url: str, deadline: float) -> Awaitable[Any]:
             if sink is None:
