@@ -30,8 +30,8 @@ from datamover.storage.retry import RetryingStore, RetryPolicy
 from datamover.transfer import stage as stage_module
 from datamover.transfer.fetch import ChunkSink, Fetcher, Range
 from datamover.transfer.push import push
-from datamover.transfer.stage import stage
-from tests.fixtures_sites import MakeSite
+from datamover.transfer.stage import StageResult, stage
+from tests.fixtures_sites import MakeSite, SiteEnv
 from tests.test_direct import DATA, getter, partial, server  # noqa: F401 (fixtures)
 from tests.test_store_conformance import backend, store  # noqa: F401 (fixtures)
 
@@ -287,6 +287,17 @@ def test_writes_refuse_to_start_once_the_file_is_closed_and_close_waits() -> Non
 # -- a large file's stage -------------------------------------------------------------------
 
 
+async def push_then_stage(a: SiteEnv, b: SiteEnv) -> StageResult:
+    """Push `/proj/ds` at site `a`, stage it at site `b`; the stage's result."""
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/ds")
+        return await stage(site_b, "/proj/ds")
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
 def _record_streams(monkeypatch: pytest.MonkeyPatch) -> list[Range]:
     """The ranges `Fetcher.stream` is asked for from now on, in order."""
     streams: list[Range] = []
@@ -312,13 +323,7 @@ async def test_a_large_files_packs_are_read_in_one_request_each(
     (a.data / "ds" / "big.bin").write_bytes(source)
     b = await make_site("site-b", max_request=1 * MiB)
     streams = _record_streams(monkeypatch)
-    site_a, site_b = await a.open(), await b.open()
-    try:
-        await push(site_a, "/proj/ds")
-        result = await stage(site_b, "/proj/ds")
-    finally:
-        await site_a.close()
-        await site_b.close()
+    result = await push_then_stage(a, b)
     packs = {r.pack for r in streams}
     assert len(streams) == len(packs) >= 5, [(r.pack.hex()[:8], r.start, r.end) for r in streams]
     assert (b.data / "ds" / "big.bin").read_bytes() == source
@@ -363,13 +368,7 @@ async def test_a_large_file_is_planned_window_by_window(
     (a.data / "ds" / "big.bin").write_bytes(source)
     b = await make_site("site-b")
     streams = _record_streams(monkeypatch)
-    site_a, site_b = await a.open(), await b.open()
-    try:
-        await push(site_a, "/proj/ds")
-        await stage(site_b, "/proj/ds")
-    finally:
-        await site_a.close()
-        await site_b.close()
+    await push_then_stage(a, b)
     assert (b.data / "ds" / "big.bin").read_bytes() == source
     assert len(streams) >= 6  # 20 MiB in windows of 3 MiB or a little more (whole chunks)
     assert max(r.end - r.start for r in streams) < 8 * MiB

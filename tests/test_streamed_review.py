@@ -18,10 +18,9 @@ import pytest
 from datamover.chunking.codec import Codec
 from datamover.chunking.pack import pack_key
 from datamover.domain.manifest import ChunkRef
-from datamover.errors import Corrupt, StoreUnavailable
+from datamover.errors import Corrupt
 from datamover.storage.bandwidth import ThrottledStore
 from datamover.storage.base import Store
-from datamover.storage.memory import MemoryStore
 from datamover.storage.retry import RetryingStore, RetryPolicy
 from datamover.storage.s3 import S3Store
 from datamover.transfer import stage as stage_module
@@ -35,6 +34,7 @@ from tests.test_direct import (
     server,  # noqa: F401 (fixture)
 )
 from tests.test_store_conformance import backend, store  # noqa: F401 (fixtures)
+from tests.test_streamed_ranges import Breaking, Collect, push_then_stage
 
 MiB = 1 << 20
 
@@ -95,51 +95,15 @@ async def test_cancel_of_a_file_of_repeated_chunks_does_not_block_the_loop(
     )
 
 
-class _BreakingStream(MemoryStore):
-    """`get_into` that feeds `cut` bytes, then breaks (StoreUnavailable), once per call,
-    `breaks` times; then streams the rest."""
-
-    def __init__(self, cut: int, breaks: int) -> None:
-        super().__init__()
-        self.cut, self.breaks = cut, breaks
-
-    async def get_into(self, key: str, offset: int, length: int, sink: Any, hold: int = 0) -> int:
-        data = memoryview(await self.get(key, offset, length))
-        limit = len(data) if self.breaks <= 0 else min(self.cut, len(data))
-        fed = 0
-        while fed < limit:
-            dst = sink.view()
-            n = min(len(dst), limit - fed)
-            dst[:n] = data[fed : fed + n]
-            sink.took(n)
-            fed += n
-        if self.breaks > 0:
-            self.breaks -= 1
-            raise StoreUnavailable("connection reset")
-        return fed
-
-
-class _Sink:
-    def __init__(self) -> None:
-        self.buf = bytearray(65536)
-        self.n = 0
-
-    def view(self) -> memoryview:
-        return memoryview(self.buf)
-
-    def took(self, n: int) -> None:
-        self.n += n
-
-
 async def test_bytes_of_a_broken_off_stream_are_paid_to_the_download_pacer() -> None:
     # RetryingStore resumes after the bytes the sink took, so ThrottledStore, under it, must
     # pay for the bytes a failed attempt moved (it gave its whole booking back): 8 MiB moved
     # in 4 attempts of 2 MiB at 8 MiB/s book about 1 s on the pacer.
-    inner = _BreakingStream(cut=2 * MiB, breaks=3)
+    inner = Breaking([2 * MiB] * 3)
     await inner.put("k", os.urandom(8 * MiB))
     paced = ThrottledStore(inner, download=8 * MiB)
     retrying = RetryingStore(paced, RetryPolicy(attempts=3, initial=0.0, maximum=0.0))
-    sink = _Sink()
+    sink = Collect(piece=65536)
     began = time.monotonic()
     assert await retrying.get_into("k", 0, 8 * MiB, sink) == 8 * MiB
     assert paced._down is not None
@@ -198,13 +162,7 @@ async def test_a_store_that_cannot_stream_still_holds_at_most_max_request(
         return data
 
     monkeypatch.setattr(s3_module.S3Store, "get", recording)
-    site_a, site_b = await a.open(), await b.open()
-    try:
-        await push(site_a, "/proj/ds")
-        await stage(site_b, "/proj/ds")
-    finally:
-        await site_a.close()
-        await site_b.close()
+    await push_then_stage(a, b)
     assert (b.data / "ds" / "big.bin").read_bytes() == source
     assert max(held) <= 1 * MiB + 4 * MiB, f"one GET held {max(held) / MiB:.1f} MiB"
 
@@ -274,23 +232,13 @@ async def test_a_resumed_stream_answered_200_and_a_refused_kept_url_feed_each_by
     inner = S3Store(endpoint, "bucket", access_key="a", secret_key="b", direct_min=1)
     retrying = RetryingStore(inner, RetryPolicy(attempts=3, initial=0.0, maximum=0.0))
 
-    class Sink:
-        def __init__(self) -> None:
-            self.buf, self.data = bytearray(999), bytearray()
-
-        def view(self) -> memoryview:
-            return memoryview(self.buf)
-
-        def took(self, n: int) -> None:
-            self.data += self.buf[:n]
-
     try:
         answers[:] = ["cut", "whole"]
-        sink = Sink()
+        sink = Collect(piece=999)
         assert await retrying.get_into("key", 100, 9000, sink) == 9000
         assert bytes(sink.data) == DATA[100:9100] and not answers
         answers[:] = ["denied"]  # the kept URL refused: signed anew and sent once more
-        sink = Sink()
+        sink = Collect(piece=999)
         assert await retrying.get_into("key", 5, 7000, sink) == 7000
         assert bytes(sink.data) == DATA[5:7005] and not answers
     finally:

@@ -280,8 +280,9 @@ class _Stager:
         self.trash_dir = trash_dir(self.trash_run, doc.dataset)
         self.result = StageResult.of(doc)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="dm-writer")
-        # Ranges of large files are verified and written at their own offsets, so several
-        # can go at once: hashing and copying into the page cache both release the GIL.
+        # Chunks a large file's old copy still holds are read, verified and copied here
+        # (`_copy_seeded`), off the event loop; fetched ranges are written by the threads
+        # that receive them (`Fetcher.stream`).
         self._range_pool = ThreadPoolExecutor(_RANGE_WRITERS, thread_name_prefix="dm-range")
         self._ops: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
         self._pending: list[asyncio.Future[Any]] = []
@@ -1098,9 +1099,7 @@ def _copy_seeded(
         if len(data) != chunk.raw_length or blake3.blake3(data).digest() != chunk.digest:
             return copied, nbytes, True  # not what the old version held there: fetched
         if not (sparse and fsops.is_hole(data)):
-            with turn:
-                writing()
-                _pwrite_all(fd, data, offsets[i])
+            _write_chunk(fd, data, offsets[i], turn, writing)
         copied.add(i)
         nbytes += chunk.raw_length
     return copied, nbytes, False
