@@ -108,6 +108,41 @@ async def test_a_connection_closed_by_the_server_is_replaced_once(
     assert len(state["connections"]) == 4  # type: ignore[arg-type]
 
 
+async def test_a_connection_the_server_closed_while_idle_is_never_sent_a_request(
+    server: tuple[str, dict[str, object]], getter: DirectGetter, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle timeout on the server's side: the next GET notices the closed connection
+    before it sends anything, rather than sending, finding it dead and sending again."""
+    url, state = server
+
+    def then_close(handler: BaseHTTPRequestHandler, first: int, last: int) -> None:
+        partial(handler, first, last)
+        handler.close_connection = True  # without saying so, as an idle timeout does
+
+    state["behaviour"] = then_close
+    requests: list[str] = []
+    reused: list[bool] = []
+    request, connection = DirectGetter._request, DirectGetter._connection
+
+    def spy_request(self: DirectGetter, conn: Any, target: str, headers: dict[str, str]) -> Any:
+        requests.append(headers["Range"])
+        return request(self, conn, target, headers)
+
+    def spy_connection(self: DirectGetter, *args: Any, **kwargs: Any) -> Any:
+        conn, was_reused = connection(self, *args, **kwargs)
+        reused.append(was_reused)
+        return conn, was_reused
+
+    monkeypatch.setattr(DirectGetter, "_request", spy_request)
+    monkeypatch.setattr(DirectGetter, "_connection", spy_connection)
+    for i in range(4):
+        assert await getter.get(url, i, 100) == DATA[i : i + 100]
+        await asyncio.sleep(0.05)  # the server's close reaches the client meanwhile
+    assert state["served"] == 4
+    assert len(requests) == 4  # none sent twice
+    assert reused == [False] * 4  # each closed connection was noticed, none handed out
+
+
 @pytest.mark.parametrize(
     ("name", "behaviour", "match"),
     [
