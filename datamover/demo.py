@@ -73,6 +73,8 @@ async def _run(root: Path, seaweed: EmbeddedSeaweed, files: int, say: Any) -> di
 
     bucket = "datamover-demo"
     seaweed.create_bucket(bucket)
+    for name in ("site-a", "site-b"):  # each site's namespace directory, as an operator makes
+        (root / name / "proj").mkdir(parents=True, exist_ok=True)
     site_a = await Site.open(_site_config(root, "site-a", seaweed, bucket))
     site_b = await Site.open(_site_config(root, "site-b", seaweed, bucket))
     try:

@@ -13,7 +13,7 @@ import pytest
 
 from datamover.chunking import codec
 from datamover.domain.manifest import ChunkRef, Entry, Kind
-from datamover.errors import Corrupt, PermanentError
+from datamover.errors import Corrupt, NotFound, PermanentError
 from datamover.repo.layout import VersionDoc
 from datamover.transfer import crossfs, fsops
 from datamover.transfer import stage as stage_module
@@ -186,6 +186,35 @@ async def test_a_directory_of_another_user_is_a_one_line_error(make_site: MakeSi
     proc = cli_unprivileged(b, "stage", "/proj/ds")
     assert proc.returncode == PermanentError.exit_code, proc.stderr
     assert proc.stderr.count("\n") == 1 and "'sub/f'" in proc.stderr, proc.stderr
+
+
+async def test_a_missing_namespace_directory_is_refused_not_made(make_site: MakeSite) -> None:
+    """A mistyped `[namespace]` path, or one on a file system not mounted: stage names it
+    and makes nothing there (it used to make the whole chain), nor records a replica."""
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds" / "sub").mkdir(parents=True)
+    (a.data / "ds" / "sub" / "f").write_text("data\n")
+    assert a.cli("push", "/proj/ds").returncode == 0
+    mount = b.data.parent / "lustre"  # an empty mount point: the namespace lies below it
+    mount.mkdir()
+    text = b.config_path.read_text()
+    b.config_path.write_text(text.replace(str(b.data), str(mount / "proj")))
+    proc = b.cli("stage", "/proj/ds")
+    assert proc.returncode == NotFound.exit_code, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{mount / 'proj'}: the namespace's local directory does not exist" in proc.stderr
+    assert list(mount.iterdir()) == []
+    site = await b.open()
+    try:
+        assert await site.catalog.replica("/proj/ds") is None
+        with pytest.raises(NotFound, match="namespace's local directory"):
+            await stage(site, "/proj/ds")
+    finally:
+        await site.close()
+    assert list(mount.iterdir()) == []
+    (mount / "proj").mkdir()  # mounted: the dataset's own directories are made as before
+    assert b.cli("stage", "/proj/ds").returncode == 0
+    assert (mount / "proj" / "ds" / "sub" / "f").read_text() == "data\n"
 
 
 # -- 4. temporary names: per process, and a taken name is not an error ----------------------

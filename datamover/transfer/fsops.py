@@ -340,20 +340,22 @@ def open_root(base: Path, components: Sequence[str], create: bool = True) -> int
 
     `base` is the namespace's configured local directory (trusted, site configuration);
     every component below it comes from a logical path and is opened with `O_NOFOLLOW`.
-    Only the last directory is opened for reading; those above it are passed through
-    (`O_PATH`), which needs search permission only, as a lookup by path does (a 0o711
-    home or project directory above the dataset). A directory that cannot be created or
-    opened for lack of permission is `PermanentError`.
+    `base` itself is never made: missing, it is `NotFound` with `create` (`check_base`),
+    `FileNotFoundError` without. Only the last directory is opened for reading; those above
+    it are passed through (`O_PATH`), which needs search permission only, as a lookup by
+    path does (a 0o711 home or project directory above the dataset). A directory that
+    cannot be created or opened for lack of permission is `PermanentError`.
     """
     shown = str(base)
     try:
-        if create:
-            base.mkdir(parents=True, exist_ok=True)
         fd = os.open(base, (_PASS_FLAGS if components else _DIR_FLAGS) & ~os.O_NOFOLLOW)
+    except FileNotFoundError:
+        if create:
+            raise _missing_base(base) from None
+        raise
     except PermissionError as exc:
         raise denied(shown, exc) from None
-    except (FileExistsError, NotADirectoryError):
-        # mkdir's answer when `base`, or a directory it would be made in, is a file.
+    except NotADirectoryError:  # `base`, or a directory above it, is a file
         raise _not_a_directory(base) from None
     try:
         for i, name in enumerate(components, 1):
@@ -372,6 +374,29 @@ def open_root(base: Path, components: Sequence[str], create: bool = True) -> int
         os.close(fd)
         raise
     return fd
+
+
+def check_base(base: Path) -> None:
+    """`NotFound` if `base`, a namespace's configured local directory, does not exist.
+
+    Stage makes the directories of a dataset inside it, never the directory itself: a
+    mistyped `[namespace]` path would otherwise get a new tree made wherever it points,
+    and a path on a file system that is not mounted (`/lustre/proj` under an empty
+    `/lustre`) would fill the disk below the mount point."""
+    try:
+        os.stat(base)
+    except FileNotFoundError:
+        raise _missing_base(base) from None
+    except OSError:  # not a directory, no permission: named where it is opened
+        pass
+
+
+def _missing_base(base: Path) -> NotFound:
+    return NotFound(
+        f"{base}: the namespace's local directory does not exist; stage makes the "
+        "directories of datasets in it, never it (a mistyped [namespace] path, or a file "
+        "system not mounted?)"
+    )
 
 
 def _private_dirs(path: Path) -> None:

@@ -947,7 +947,8 @@ class _Stager:
 
     def _open_root(self) -> int:
         """On the writer thread: open the dataset's directory, made (with the directories
-        above it) if missing, which is a change: an empty tree where there was none."""
+        above it, up to the namespace's own) if missing, which is a change: an empty tree
+        where there was none."""
         try:
             return fsops.open_root(self.base_path, self.parts, create=False)
         except FileNotFoundError:
@@ -1257,6 +1258,7 @@ async def _stage(
     base_path, parts = site.config.namespace.split(dataset)
     root = base_path.joinpath(*parts)
     fsops.check_state_outside(site.state_dir, dataset, root)
+    fsops.check_base(base_path)
     fetched_before = site.repo.fetched_bytes
     doc = await site.repo.resolve(dataset, version)
     if force is not True:
