@@ -427,8 +427,8 @@ class DirectGetter:
 def _dropped(conn: http.client.HTTPConnection) -> bool:
     """Whether an idle kept-alive connection can no longer carry a request: its socket is
     gone, or readable. An idle connection has nothing to read unless the server closed it
-    (an idle timeout: SeaweedFS, nginx and S3 close connections idle for seconds to
-    minutes) or sent something unasked, which would be taken for the next answer.
+    (the idle timeout servers and proxies have; nginx's is 75 s unless set) or sent
+    something unasked, which would be taken for the next answer.
     Checked without waiting (`poll`, which takes any descriptor number, unlike `select`),
     so a daemon's first GETs after a pause are not sent on dead connections and sent again
     (seen with SeaweedFS: after two idle minutes, 7 of a stage's 8 first GETs were).
