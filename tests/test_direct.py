@@ -23,6 +23,7 @@ import botocore.exceptions as bce
 import pytest
 
 from datamover.errors import StoreUnavailable
+from datamover.storage import direct
 from datamover.storage.direct import DirectGetter, _Job, proxied
 from datamover.storage.s3 import S3Store, _verify
 from tests.fixtures_sites import MakeSite
@@ -92,9 +93,17 @@ async def test_ranges_come_back_on_one_kept_alive_connection(
     assert len(state["connections"]) == 1  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("noticed", [True, False], ids=["noticed-idle", "closed-as-sent"])
 async def test_a_connection_closed_by_the_server_is_replaced_once(
-    server: tuple[str, dict[str, object]], getter: DirectGetter
+    server: tuple[str, dict[str, object]],
+    getter: DirectGetter,
+    noticed: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Noticed while idle (`_dropped`), or closed just as the request goes out, which only
+    the request finds out (`_dropped` made to miss it): replaced either way."""
+    if not noticed:
+        monkeypatch.setattr(direct, "_dropped", lambda conn: False)
     url, state = server
 
     def then_close(handler: BaseHTTPRequestHandler, first: int, last: int) -> None:

@@ -187,6 +187,7 @@ async def test_a_nested_prefix_mapped_elsewhere_is_another_tree(make_site: MakeS
     a, b, site_a, site_b = await _two_sites(make_site)
     await site_b.close()
     elsewhere = b.data.parent / "elsewhere"
+    elsewhere.mkdir()  # a mapped directory is the operator's to make, stage makes none
     text = b.config_path.read_text()
     b.config_path.write_text(
         text.replace("[namespace]\n", f'[namespace]\n"/proj/ds/sub" = "{elsewhere}"\n')
