@@ -13,7 +13,7 @@ import pytest
 
 from datamover.chunking import codec
 from datamover.domain.manifest import ChunkRef, Entry, Kind
-from datamover.errors import Corrupt, NotFound, PermanentError
+from datamover.errors import Corrupt, InvalidInput, NotFound, PermanentError
 from datamover.repo.layout import VersionDoc
 from datamover.transfer import crossfs, fsops
 from datamover.transfer import stage as stage_module
@@ -215,6 +215,24 @@ async def test_a_missing_namespace_directory_is_refused_not_made(make_site: Make
     (mount / "proj").mkdir()  # mounted: the dataset's own directories are made as before
     assert b.cli("stage", "/proj/ds").returncode == 0
     assert (mount / "proj" / "ds" / "sub" / "f").read_text() == "data\n"
+
+
+async def test_a_namespace_directory_behind_a_symlink_loop_is_named(make_site: MakeSite) -> None:
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("data\n")
+    assert a.cli("push", "/proj/ds").returncode == 0
+    loop = b.data.parent / "loop"
+    loop.symlink_to(loop)
+    text = b.config_path.read_text()
+    b.config_path.write_text(text.replace(str(b.data), str(loop)))
+    proc = b.cli("stage", "/proj/ds")
+    assert proc.returncode == InvalidInput.exit_code, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{loop}: the namespace's local directory is reached through a loop" in proc.stderr
+    assert loop.is_symlink() and sorted(loop.parent.iterdir()) == sorted(
+        [loop, b.data, b.state, b.config_path]
+    )
 
 
 # -- 4. temporary names: per process, and a taken name is not an error ----------------------

@@ -382,13 +382,18 @@ def check_base(base: Path) -> None:
     Stage makes the directories of a dataset inside it, never the directory itself: a
     mistyped `[namespace]` path would otherwise get a new tree made wherever it points,
     and a path on a file system that is not mounted (`/lustre/proj` under an empty
-    `/lustre`) would fill the disk below the mount point."""
+    `/lustre`) would fill the disk below the mount point. A loop of symbolic links on
+    the way is `InvalidInput` naming it (the configuration's to mend, not the system's)."""
     try:
         os.stat(base)
     except FileNotFoundError:
         raise _missing_base(base) from None
-    except OSError:  # not a directory, no permission: named where it is opened
-        pass
+    except OSError as exc:  # not a directory, no permission: named where it is opened
+        if exc.errno == errno.ELOOP:
+            raise InvalidInput(
+                f"{base}: the namespace's local directory is reached through a loop of "
+                "symbolic links"
+            ) from None
 
 
 def _missing_base(base: Path) -> NotFound:
