@@ -49,6 +49,13 @@ def partial(handler: BaseHTTPRequestHandler, first: int, last: int) -> None:
     handler.wfile.write(body)
 
 
+def partial_then_close(handler: BaseHTTPRequestHandler, first: int, last: int) -> None:
+    """`partial`, then the connection closed without saying so, as an idle timeout does:
+    the client finds out when it next looks."""
+    partial(handler, first, last)
+    handler.close_connection = True
+
+
 @pytest.fixture
 def server() -> Iterator[tuple[str, dict[str, object]]]:
     """A local HTTP/1.1 server; `state["behaviour"]` answers each request, `state["served"]`
@@ -106,11 +113,7 @@ async def test_a_connection_closed_by_the_server_is_replaced_once(
         monkeypatch.setattr(direct, "_dropped", lambda conn: False)
     url, state = server
 
-    def then_close(handler: BaseHTTPRequestHandler, first: int, last: int) -> None:
-        partial(handler, first, last)
-        handler.close_connection = True  # without saying so: the client finds out next time
-
-    state["behaviour"] = then_close
+    state["behaviour"] = partial_then_close
     for i in range(4):
         assert await getter.get(url, i, 100) == DATA[i : i + 100]
     assert state["served"] == 4
@@ -124,11 +127,7 @@ async def test_a_connection_the_server_closed_while_idle_is_never_sent_a_request
     before it sends anything, rather than sending, finding it dead and sending again."""
     url, state = server
 
-    def then_close(handler: BaseHTTPRequestHandler, first: int, last: int) -> None:
-        partial(handler, first, last)
-        handler.close_connection = True  # without saying so, as an idle timeout does
-
-    state["behaviour"] = then_close
+    state["behaviour"] = partial_then_close
     requests: list[str] = []
     reused: list[bool] = []
     request, connection = DirectGetter._request, DirectGetter._connection

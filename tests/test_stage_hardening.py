@@ -188,17 +188,24 @@ async def test_a_directory_of_another_user_is_a_one_line_error(make_site: MakeSi
     assert proc.stderr.count("\n") == 1 and "'sub/f'" in proc.stderr, proc.stderr
 
 
-async def test_a_missing_namespace_directory_is_refused_not_made(make_site: MakeSite) -> None:
-    """A mistyped `[namespace]` path, or one on a file system not mounted: stage names it
-    and makes nothing there (it used to make the whole chain), nor records a replica."""
+async def _pushed_and_mapped_elsewhere(make_site: MakeSite, where: str) -> SiteEnv:
+    """Site B, its `/proj` mapped to `where` beside its data directory (made by no one),
+    after site A pushed `/proj/ds` (one file, `sub/f`)."""
     a, b = await make_site("site-a"), await make_site("site-b")
     (a.data / "ds" / "sub").mkdir(parents=True)
     (a.data / "ds" / "sub" / "f").write_text("data\n")
     assert a.cli("push", "/proj/ds").returncode == 0
+    text = b.config_path.read_text()
+    b.config_path.write_text(text.replace(str(b.data), str(b.data.parent / where)))
+    return b
+
+
+async def test_a_missing_namespace_directory_is_refused_not_made(make_site: MakeSite) -> None:
+    """A mistyped `[namespace]` path, or one on a file system not mounted: stage names it
+    and makes nothing there (it used to make the whole chain), nor records a replica."""
+    b = await _pushed_and_mapped_elsewhere(make_site, "lustre/proj")
     mount = b.data.parent / "lustre"  # an empty mount point: the namespace lies below it
     mount.mkdir()
-    text = b.config_path.read_text()
-    b.config_path.write_text(text.replace(str(b.data), str(mount / "proj")))
     proc = b.cli("stage", "/proj/ds")
     assert proc.returncode == NotFound.exit_code, proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
@@ -218,14 +225,9 @@ async def test_a_missing_namespace_directory_is_refused_not_made(make_site: Make
 
 
 async def test_a_namespace_directory_behind_a_symlink_loop_is_named(make_site: MakeSite) -> None:
-    a, b = await make_site("site-a"), await make_site("site-b")
-    (a.data / "ds").mkdir()
-    (a.data / "ds" / "f").write_text("data\n")
-    assert a.cli("push", "/proj/ds").returncode == 0
+    b = await _pushed_and_mapped_elsewhere(make_site, "loop")
     loop = b.data.parent / "loop"
     loop.symlink_to(loop)
-    text = b.config_path.read_text()
-    b.config_path.write_text(text.replace(str(b.data), str(loop)))
     proc = b.cli("stage", "/proj/ds")
     assert proc.returncode == InvalidInput.exit_code, proc.stderr
     assert proc.stderr.count("\n") == 1, proc.stderr
