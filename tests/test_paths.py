@@ -84,6 +84,20 @@ def test_symlink_targets(link: str, target: str, ok: bool) -> None:
             check_symlink_target(link, target)
 
 
+@pytest.mark.parametrize(
+    ("link", "target", "message"),
+    [
+        ("l", "a\nb", "symlink 'l' has a target with a control character U+000A"),
+        ("l", "bad\udcff", "symlink 'l' has a target with bytes that are not valid UTF-8"),
+        ("x\udcff", "\x01", "symlink 'x\\xff' has a target with a control character U+0001"),
+    ],
+)
+def test_a_bad_symlink_target_is_named_in_plain_words(link: str, target: str, message: str) -> None:
+    with pytest.raises(InvalidInput) as caught:
+        check_symlink_target(link, target)
+    assert str(caught.value) == message
+
+
 def test_component_order_differs_from_string_order() -> None:
     paths = ["a.b", "a/b", "a", "a-b", "a/b/c", "b"]
     assert sorted(paths, key=sort_key) == ["a", "a/b", "a/b/c", "a-b", "a.b", "b"]

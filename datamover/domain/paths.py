@@ -182,7 +182,8 @@ def check_symlink_target(link: str, target: str) -> str:
         raise InvalidInput(f"symlink {link!r} has an empty target")
     problem = _bad_char(target)
     if problem:
-        raise InvalidInput(f"symlink {link!r} has a target with a {problem}")
+        article = "a " if problem.startswith("control") else ""
+        raise InvalidInput(f"symlink {shown(link)} has a target with {article}{problem}")
     if len(target.encode()) > MAX_LINK_TARGET:
         raise InvalidInput(f"symlink {link!r} has a target longer than {MAX_LINK_TARGET} bytes")
     if target.startswith("/"):
