@@ -21,6 +21,7 @@ from datamover.transfer.fetch import plan_ranges
 from datamover.transfer.fsops import TreeWriter, open_root
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
+from datamover.transfer.verify import verify
 from datamover.transfer.writers import write_batch
 from tests.fixtures_sites import MakeSite, SiteEnv, cli_unprivileged
 from tests.test_bad_input import publish_manifest
@@ -576,6 +577,47 @@ async def test_a_file_a_user_saves_after_the_walk_is_trashed_not_replaced(
         trashed = Path(staged.trash_dir or "") / "results.csv"
         assert trashed.read_text() == "an hour of the user's work\n"
         assert mine.read_bytes() == new
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_mode_changed_on_one_name_of_a_shared_inode_leaves_the_others(
+    make_site: MakeSite, tmp_path: Path
+) -> None:
+    """Two files of the version that a user hard-linked together at the site, and a third
+    name of the inode outside the tree: a version that changes one file's mode gives it to
+    that name alone (a copy renamed over it), so the stage converges and verifies, and
+    the other names keep theirs. In place, the mode flipped between the two names at
+    every stage and `verify` failed after each."""
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "hl"
+    src.mkdir()
+    for name in ("f", "g"):
+        (src / name).write_text("same\n")
+        os.chmod(src / name, 0o644)
+    os.utime(src / "g", ns=(os.stat(src / "f").st_mtime_ns,) * 2)
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/hl")
+        await stage(site_b, "/proj/hl")
+        dst = b.data / "hl"
+        (dst / "g").unlink()
+        os.link(dst / "f", dst / "g")
+        os.link(dst / "f", tmp_path / "snapshot")  # a `cp -al` copy outside the tree
+        os.chmod(src / "f", 0o600)
+        await push(site_a, "/proj/hl")
+        for _ in range(2):
+            staged = await stage(site_b, "/proj/hl")
+            assert staged.kept_files == 2 and staged.trashed == []
+            checked = await verify(site_b, "/proj/hl")
+            assert checked.ok, checked.problems
+        f, g, outside = (os.stat(p) for p in (dst / "f", dst / "g", tmp_path / "snapshot"))
+        assert (stat.S_IMODE(f.st_mode), stat.S_IMODE(g.st_mode)) == (0o600, 0o644)
+        assert stat.S_IMODE(outside.st_mode) == 0o644 and outside.st_ino == g.st_ino
+        assert f.st_ino != g.st_ino and f.st_nlink == 1
+        assert (dst / "f").read_text() == "same\n"
+        assert f.st_mtime_ns == os.stat(src / "f").st_mtime_ns
     finally:
         await site_a.close()
         await site_b.close()

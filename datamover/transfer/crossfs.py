@@ -59,7 +59,7 @@ def changed(what: str = "it changed while it was copied") -> OSError:
     return OSError(errno.EAGAIN, what)
 
 
-def _copy_bytes(src: int, dst: int) -> None:
+def copy_bytes(src: int, dst: int) -> None:
     """Copy the whole content of regular file `src` to the new, empty file `dst`."""
     offset = 0
     try:
@@ -136,7 +136,7 @@ def copy_file(src: int, st: os.stat_result, dst_dir: int, name: str) -> None:
     in directory `dst_dir`, with its extended attributes, mode and times."""
     out = os.open(name, _NEW, 0o600, dir_fd=dst_dir)
     try:
-        _copy_bytes(src, out)
+        copy_bytes(src, out)
         _copy_xattrs(src, out)
         give_attrs(st, out)
     finally:

@@ -1195,6 +1195,9 @@ class TreeWriter:
             if seen is not None and _identity(st) != seen:
                 return
             if stat.S_IMODE(st.st_mode) != entry.mode:
+                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    self._unshare(fd, st, entry, dfd)
+                    return
                 os.fchmod(fd, entry.mode)
             if self._mtime_differs(fd, st, entry):
                 os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
@@ -1204,6 +1207,38 @@ class TreeWriter:
             raise denied(entry.path, exc) from None
         finally:
             os.close(fd)
+        self.unlocked.pop(entry.path, None)
+
+    def _unshare(self, fd: int, st: os.stat_result, entry: Entry, dfd: int) -> None:
+        """Give the file `fd` (`st` its stat), one of several names of its inode, the entry's
+        mode and mtime on a copy of it renamed over it, never on the inode: a change there
+        would show at every other name, and two names of one inode in the tree that the
+        version gives different modes would never both be right. The copy is local
+        (`crossfs.copy_bytes`); one the user saved into while it was copied is dropped and
+        the file left as it is, and what a user saved there after goes to the trash
+        (`make_way`)."""
+        parent = split(entry.path)[0]
+        out, tmp = self._new_temp(
+            parent, entry.path, lambda t: os.open(t, _NEW_FILE, 0o600, dir_fd=dfd)
+        )
+        placed = False
+        try:
+            try:
+                crossfs.copy_bytes(fd, out)
+                if _identity(os.fstat(fd)) != _identity(st):
+                    return  # saved into while copied: the user's, left as it is
+                os.fchmod(out, entry.mode)
+                os.utime(out, ns=(entry.mtime_ns, entry.mtime_ns))
+            except OSError as exc:
+                raise named(exc, self.root_path / entry.path) from None
+            finally:
+                os.close(out)
+            self.rename_into_place(tmp, entry.path, dfd, _identity(st))
+            placed = True
+        finally:
+            if not placed:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=dfd)
         self.unlocked.pop(entry.path, None)
 
     def _mtime_differs(self, fd: int, st: os.stat_result, entry: Entry) -> bool:
