@@ -5,7 +5,9 @@ A 32 MiB pack handed to botocore as `bytes` is copied three to four times on its
 Python 3.11), about a second of CPU per GiB on the event loop, the one thread every transfer
 shares. `Body` wraps the buffer; `BodyPayload` (registered with aiohttp) writes it in 1 MiB
 memoryview slices, so only what the socket does not take at once is ever copied, and
-aiohttp's flow control keeps that small. `crc32c` is the upload checksum (`checksum`
+aiohttp's flow control keeps that small. aiohttp times no part of sending a body (its read
+timeout starts once the body is out): `Body.moved` lets the store see a server that stopped
+taking it (`S3Store._watched`). `crc32c` is the upload checksum (`checksum`
 computes it off the loop for large bodies), sent by the caller as `ChecksumCRC32C`, so
 botocore does not read the body either. CRC32C, not CRC32: the `crc32c` package computes it
 with the CPU's CRC instruction at about 12 GB/s here, against 3.9 GB/s for `zlib.crc32`
@@ -32,11 +34,17 @@ class Body:
     `BodyPayload` without calling those.
     """
 
-    __slots__ = ("_pos", "view")
+    __slots__ = ("_pos", "moved", "sent", "view")
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self.view = memoryview(data).cast("B")
         self._pos = 0
+        #: The event loop's time when the socket last took a slice of the body (when its
+        #: sending began, before the first); None until then. For `S3Store`'s watch on a
+        #: stalled upload: nothing else times the sending of a body (below).
+        self.moved: float | None = None
+        #: Whether the whole body went out (then the read timeout of the answer applies).
+        self.sent = False
 
     def __len__(self) -> int:
         return len(self.view)
@@ -97,12 +105,18 @@ class BodyPayload(aiohttp.payload.Payload):
     async def write_with_length(
         self, writer: AbstractStreamWriter, content_length: int | None
     ) -> None:
-        """Write at most `content_length` bytes of the body, a slice at a time."""
-        view = self._value.view
+        """Write at most `content_length` bytes of the body, a slice at a time, noting when
+        each went (`Body.moved`) and when all had (`Body.sent`)."""
+        body = self._value
+        view = body.view
         if content_length is not None:
             view = view[:content_length]
+        clock = asyncio.get_running_loop().time
+        body.moved = clock()
         for start in range(0, len(view), SLICE):
             await writer.write(view[start : start + SLICE])
+            body.moved = clock()
+        body.sent = True
 
 
 aiohttp.payload.PAYLOAD_REGISTRY.register(BodyPayload, Body)

@@ -419,7 +419,7 @@ class S3Store:
                             f"(region {self.region!r}): {_first_line(exc)}"
                         ) from exc
                     self._stack = stack
-                    _pass_bodies_through(self._client)
+                    _customise(self._client)
                     # Large ranges go to threads (direct.py), except where the environment
                     # routes the endpoint through a proxy: botocore's stack honours that.
                     if self._direct_threads and not proxied(self._client.meta.endpoint_url):
@@ -522,12 +522,50 @@ class S3Store:
             del self._urls[key]
 
     async def _call(self, op: str, key: str | None, **kwargs: Any) -> dict[str, Any]:
-        """One request: `op` is the S3 operation name (`PutObject`), used in messages."""
+        """One request: `op` is the S3 operation name (`PutObject`), used in messages. One
+        that sends a `Body` is watched while it does (`_watched`)."""
         async with self._errors(op, key):
             client = await self._get_client()
             method: Callable[..., Awaitable[dict[str, Any]]] = getattr(client, _snake(op))
+            body = kwargs.get("Body")
+            if isinstance(body, Body):
+                return await self._watched(method(Bucket=self.bucket, **kwargs), body, op, key)
             return await method(Bucket=self.bucket, **kwargs)
         raise AssertionError("unreachable")  # _errors always raises or returns above
+
+    async def _watched(
+        self, request: Awaitable[dict[str, Any]], body: Body, op: str, key: str | None
+    ) -> dict[str, Any]:
+        """`await request`, a request sending `body`, but `StoreUnavailable` (transient:
+        the retry policy sends it again) once the socket has taken none of the body for
+        `read_timeout` seconds after its sending began. aiohttp times no part of sending a
+        body: a server that stops reading (stopped, hung, a full disk behind a proxy) would
+        hold the upload for ever. Before the sending begins the request waits for a
+        connection of the pool (behind other transfers' requests: not a stall) or for one
+        to connect (`connect_timeout`); once the body is out, for the answer (aiohttp's
+        read timeout). Botocore's `Expect: 100-continue` is not sent (`_customise`): its
+        wait, too, was timed by nothing."""
+        idle = float(self._config.read_timeout)
+        clock = asyncio.get_running_loop().time
+        task = asyncio.ensure_future(request)
+        try:
+            while True:
+                moved = body.moved
+                wait = idle if moved is None or body.sent else moved + idle - clock()
+                done, _ = await asyncio.wait((task,), timeout=max(wait, 0.0))
+                if done:
+                    return task.result()
+                moved = body.moved
+                if moved is not None and not body.sent and clock() - moved >= idle:
+                    task.cancel()
+                    await asyncio.wait((task,))
+                    raise StoreUnavailable(
+                        f"S3 endpoint {self.where} stalled during {op} of {key!r}: it took "
+                        f"none of the body for {idle:g} s ([store] read_timeout)"
+                    )
+        finally:
+            if not task.done():
+                task.cancel()
 
     @contextlib.asynccontextmanager
     async def _errors(self, op: str, key: str | None) -> AsyncIterator[None]:
@@ -770,13 +808,18 @@ def _verify(endpoint: str | None) -> bool | None:
     return None
 
 
-def _pass_bodies_through(client: Any) -> None:
+def _customise(client: Any) -> None:
     """Stop botocore from wrapping PutObject and UploadPart bodies in `BytesIO` (a copy that
-    aiohttp would then send in 64 KiB reads): `Body` goes to aiohttp as it is (body.py)."""
+    aiohttp would then send in 64 KiB reads): `Body` goes to aiohttp as it is (body.py).
+    And from asking for `Expect: 100-continue` on them: aiohttp waits for the server's
+    `100 Continue` with no timeout at all (a stopped server held a push for ever), and the
+    wait costs a round trip before every body; a server that refuses a PUT says so in
+    its answer all the same (docs/design.md, "No Expect: 100-continue")."""
     for op in ("PutObject", "UploadPart"):
         client.meta.events.unregister(
             f"before-parameter-build.s3.{op}", botocore.handlers.convert_body_to_file_like_object
         )
+    client.meta.events.unregister("before-call.s3", botocore.handlers.add_expect_header)
 
 
 def _first_line(exc: BaseException) -> str:

@@ -1,0 +1,222 @@
+"""An upload to a server that stops taking it: a stopped SeaweedFS (SIGSTOP), or one that
+accepts the connection and then neither reads nor answers. aiohttp times no part of sending
+a request body, and waited for botocore's `Expect: 100-continue` answer with no timeout, so
+such a PUT waited for ever: a push hung, silent, for as long as the server was stopped.
+Now a body the socket takes none of for `read_timeout` seconds is the store unavailable
+(retried, then exit 6), no `Expect` header is sent, and a body that went out whole waits
+for its answer under the read timeout as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from datamover.embedded import EmbeddedSeaweed
+from datamover.errors import StoreUnavailable
+from datamover.storage.s3 import S3Store
+from datamover.transfer.push import push
+from tests.fixtures_sites import SiteEnv
+
+MiB = 1 << 20
+
+
+@pytest.fixture
+def silent_server() -> Iterator[str]:
+    """A server that accepts connections and never reads from them nor answers."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        srv.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                held.append(srv.accept()[0])
+            except TimeoutError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{srv.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        srv.close()
+
+
+@pytest.fixture
+def stalling_parts_server() -> Iterator[tuple[str, list[dict[str, str]]]]:
+    """A server that starts multipart uploads and answers a small PutObject 200, but takes
+    no byte of an UploadPart's body (it sleeps until the client gives up); each request's
+    headers are kept in the list."""
+    headers: list[dict[str, str]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: object) -> None: ...
+
+        def do_POST(self) -> None:
+            headers.append(dict(self.headers))
+            body = (
+                b"<InitiateMultipartUploadResult><Bucket>b</Bucket><Key>k</Key>"
+                b"<UploadId>u1</UploadId></InitiateMultipartUploadResult>"
+            )
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_PUT(self) -> None:
+            headers.append(dict(self.headers))
+            if "partNumber" in self.path:
+                self.close_connection = True
+                time.sleep(5)  # not a byte read: the client's socket buffers fill
+                return
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("ETag", '"0"')
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_DELETE(self) -> None:  # the abort of the upload
+            self.send_response(204)
+            self.end_headers()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", headers
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def _store(url: str, **kw: int) -> S3Store:
+    return S3Store(
+        url, "b", access_key="a", secret_key="s", read_timeout=1, connect_timeout=1, **kw
+    )
+
+
+@pytest.mark.parametrize("size", [200, 2 * MiB, 40 * MiB], ids=["200B", "2MiB", "40MiB"])
+async def test_a_put_to_a_server_that_neither_reads_nor_answers_ends(
+    silent_server: str, size: int
+) -> None:
+    """200 bytes and 2 MiB fit the sockets' buffers (the answer's read timeout ends them);
+    40 MiB do not (nothing is taken for a second: stalled). Before: each waited for ever
+    (for `100 Continue`)."""
+    store = _store(silent_server, multipart_threshold=100 * MiB)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable) as caught:
+            await asyncio.wait_for(store.put("k", os.urandom(size)), 30)
+    finally:
+        await store.close()
+    assert time.monotonic() - started < 10
+    if size == 40 * MiB:
+        assert "stalled during PutObject of 'k': it took none of the body for 1 s" in str(
+            caught.value
+        )
+
+
+async def test_a_part_the_server_takes_nothing_of_ends_the_put(
+    stalling_parts_server: tuple[str, list[dict[str, str]]],
+) -> None:
+    url, headers = stalling_parts_server
+    store = _store(url, multipart_threshold=16 * MiB, multipart_chunk=16 * MiB)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable, match="stalled during UploadPart"):
+            await asyncio.wait_for(store.put("k", os.urandom(32 * MiB)), 30)
+    finally:
+        await store.close()
+    assert time.monotonic() - started < 10
+    parts = [h for h in headers if "Content-Length" in h and int(h["Content-Length"]) > MiB]
+    assert parts and not [h for h in headers if "Expect" in h or "expect" in h]
+
+
+async def test_a_put_sends_no_expect_header(
+    stalling_parts_server: tuple[str, list[dict[str, str]]],
+) -> None:
+    url, headers = stalling_parts_server
+    store = _store(url)
+    try:
+        await store.put("k", os.urandom(2 * MiB))
+    finally:
+        await store.close()
+    (put,) = headers
+    assert int(put["Content-Length"]) == 2 * MiB
+    assert not {name.lower() for name in put} & {"expect"}
+
+
+async def test_a_push_to_a_stopped_seaweedfs_fails_then_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A SeaweedFS of this test's own is stopped (SIGSTOP) as the push sends its first pack:
+    the push fails as the store unavailable within its retries' time instead of waiting
+    for the server; continued, the next push publishes the version."""
+    with EmbeddedSeaweed(tmp_path / "weed") as server:
+        server.create_bucket("stalled")
+        env = SiteEnv("site-a", tmp_path / "data", tmp_path / "state", tmp_path / "site.toml")
+        (env.data / "ds").mkdir(parents=True)
+        (env.data / "ds" / "big.bin").write_bytes(os.urandom(24 * MiB))
+        env.config_path.write_text(
+            "\n".join(
+                [
+                    "[site]",
+                    'name = "site-a"',
+                    f'catalog = "sqlite:///{tmp_path}/catalog.db"',
+                    f'state_dir = "{env.state}"',
+                    "[store]",
+                    f'endpoint = "{server.endpoint}"',
+                    'bucket = "stalled"',
+                    f'access_key = "{server.access_key}"',
+                    f'secret_key = "{server.secret_key}"',
+                    "read_timeout = 1",
+                    "retry_attempts = 2",
+                    "[namespace]",
+                    f'"/proj" = "{env.data}"',
+                ]
+            )
+            + "\n"
+        )
+        assert server._proc is not None
+        pid = server._proc.pid
+        real_put = S3Store.put
+        stopped: list[str] = []
+
+        async def stop_at_first_pack(self: S3Store, key: str, data: bytes | memoryview) -> None:
+            if key.startswith("packs/") and not stopped:
+                stopped.append(key)
+                os.kill(pid, signal.SIGSTOP)
+            await real_put(self, key, data)
+
+        monkeypatch.setattr(S3Store, "put", stop_at_first_pack)
+        site = await env.open()
+        try:
+            started = time.monotonic()
+            try:
+                with pytest.raises(StoreUnavailable):
+                    await asyncio.wait_for(push(site, "/proj/ds"), 60)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert stopped and time.monotonic() - started < 30
+            monkeypatch.setattr(S3Store, "put", real_put)
+            result = await push(site, "/proj/ds")
+            assert result.version and result.bytes == 24 * MiB
+        finally:
+            await site.close()
