@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import multiprocessing
 import os
@@ -13,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from datamover.errors import TransientError
+from datamover.errors import DatamoverError, TransientError
 from datamover.repo.manifest import SegmentRef
 from datamover.transfer import procpool
 from datamover.transfer import stage as stage_module
@@ -662,6 +663,94 @@ async def test_a_large_partial_file_a_stopped_stage_left_is_removed_not_trashed(
         back = await stage(site_b, "/proj/d", version=v1)
         assert back.trashed == [] and not left.exists()
         assert (b.data / "d" / "big").read_bytes() == first
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def _left_by_a_stopped_stage(
+    site_a: Any, site_b: Any, src: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stage what site A pushed of `src` at site B, stopped before its large file's rename:
+    the file's partial file stays, full."""
+
+    def stopped(self: Any, entry: Any, fd: int, replaces: Any) -> None:
+        os.close(fd)
+        raise OSError(5, "Input/output error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(stage_module._Stager, "_finish", stopped)
+        with pytest.raises(OSError):
+            await stage(site_b, "/proj/d")
+
+
+async def test_an_earlier_versions_partial_file_is_removed_before_the_next_write(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stage stopped (a full disk, say) while writing a large file the next version does
+    not have: its partial file is removed when the plan meets it, before the new version's
+    large file is opened, not at the end. At the end, a disk that partial file filled had
+    the new file's write fail first, at every run."""
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "d"
+    src.mkdir()
+    (src / "old.bin").write_bytes(os.urandom(20 << 20))
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/d")
+        await _left_by_a_stopped_stage(site_a, site_b, src, monkeypatch)
+        [left] = (b.data / "d").glob(".dm-*.part")
+        (src / "old.bin").unlink()
+        new = os.urandom(20 << 20)
+        (src / "zz-new.bin").write_bytes(new)  # after the partial file in tree order
+        await push(site_a, "/proj/d")
+        real = stage_module._Stager._open_partial
+        there_at_open: list[bool] = []
+
+        def opening(self: Any, entry: Any) -> Any:
+            there_at_open.append(left.exists())
+            return real(self, entry)
+
+        monkeypatch.setattr(stage_module._Stager, "_open_partial", opening)
+        staged = await stage(site_b, "/proj/d")
+        assert there_at_open == [False]
+        assert staged.trashed == [] and not left.exists()
+        assert (b.data / "d" / "zz-new.bin").read_bytes() == new
+        assert sorted(p.name for p in (b.data / "d").iterdir()) == ["zz-new.bin"]
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
+async def test_a_full_disk_names_the_leftover_files_it_cannot_remove(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files under a partial file's name that no version explains (left by a stage of a
+    version before the interrupted one, or a user's): kept, but a stage that runs out of
+    space names them and what they hold, instead of the file it was writing alone."""
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "d"
+    src.mkdir()
+    (src / "big.bin").write_bytes(os.urandom(20 << 20))
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        await push(site_a, "/proj/d")
+        dst = b.data / "d"
+        dst.mkdir()
+        (dst / ".dm-0123456789abcdef.part").write_bytes(os.urandom(3 << 20))
+
+        def full(self: Any, entry: Any, fd: int, replaces: Any) -> None:
+            os.close(fd)
+            raise OSError(errno.ENOSPC, "No space left on device", str(dst / entry.path))
+
+        monkeypatch.setattr(stage_module._Stager, "_finish", full)
+        with pytest.raises(DatamoverError) as caught:
+            await stage(site_b, "/proj/d")
+        message = str(caught.value)
+        assert message.startswith(f"No space left on device: '{dst / 'big.bin'}'; 1 file(s) ")
+        assert "hold 3.0 MiB: '.dm-0123456789abcdef.part'" in message
+        assert message.endswith("remove them to make room")
+        assert (dst / ".dm-0123456789abcdef.part").stat().st_size == 3 << 20
     finally:
         await site_a.close()
         await site_b.close()

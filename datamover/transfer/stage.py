@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import itertools
 import logging
@@ -44,6 +45,7 @@ import blake3
 from datamover.aio import every
 from datamover.catalog.queries import ReplicaRow, owner_alive, owner_id
 from datamover.config import TransferSettings
+from datamover.console import human_bytes
 from datamover.domain.manifest import ChunkRef, Entry, Kind, without_setid
 from datamover.domain.paths import MAX_LINK_TARGET, check_logical_path, printable, sort_key
 from datamover.errors import (
@@ -96,6 +98,8 @@ _STREAM_WINDOW = 1 << 30
 #: of entries held for the run (measured: 640 bytes per entry of a docking tree; decoding
 #: 20,000 entries takes 0.07-0.14 s).
 _KEEP_CHECKED = 1 << 15
+# Leftover files a full disk's error names and sums, at most (each one `lstat`).
+_HINT_FILES = 1000
 #: ... and of at most this many stored (compressed) segment bytes, which bounds the chunk
 #: references held too: each holds a 32-byte digest that does not compress, and takes about
 #: 320 bytes decoded, so at most about 40 MiB of them. Known before decoding: no per-entry
@@ -830,6 +834,8 @@ class _Stager:
         w = self.writer
         assert w is not None
         kept = kept_bytes = 0
+        stale = [action.path for action in actions if action.op is Op.STALE]
+        earlier = await asyncio.to_thread(self._earlier_partials, stale) if stale else set()
         for action in actions:
             op, entry = action.op, action.entry
             if op is Op.FETCH:
@@ -862,7 +868,12 @@ class _Stager:
             elif op is Op.REMOVE:
                 self._ops.append((w.remove, (action.path, action.seen)))
             elif op is Op.STALE:
-                self._stale.append(action.path)
+                if action.path in earlier:
+                    # Removed before the writes that follow it, not at the end: on a disk
+                    # it fills, they would fail first, at every run.
+                    self._ops.append((w.remove, (action.path,)))
+                else:
+                    self._stale.append(action.path)
         self.result.kept_files += kept
         if kept:
             self.progress.advance(kept, kept_bytes)
@@ -896,16 +907,34 @@ class _Stager:
         if self.site.config.transfer.fsync:
             _syncfs(w.root_fd)
 
-    def _partials_of_versions(self, stale: list[str]) -> set[str]:
+    def _earlier_partials(self, stale: list[str]) -> set[str]:
+        """Which of `stale` are partial files of the base's or the interrupted version's
+        files and of none of the target's: a large file an interrupted stage left that this
+        one will not resume (a newer version changed or dropped it), to remove as soon as
+        the plan meets it. A stage that ran out of space writing such a file left it
+        holding the space; the next version's stage would fail the same way before it
+        reached its end, where such files were removed."""
+        if self.base_refs is None and self.interrupted_refs is None:
+            return set()
+        earlier = self._partials_of_versions(stale, (self.base_refs, self.interrupted_refs))
+        return earlier - self._partials_of_versions(sorted(earlier), (self.refs,))
+
+    def _partials_of_versions(
+        self, stale: list[str], versions: tuple[list[SegmentRef] | None, ...] | None = None
+    ) -> set[str]:
         """Which of `stale` are the partial files (`fsops.partial_name`, known for every file)
-        of a file of the target, the base or the interrupted version: datamover's, to remove;
-        the rest go to the trash. Reads again only the segments that may hold the files of
-        the directories `stale` names are in."""
+        of a file of `versions` (default: the target, the base and the interrupted version):
+        datamover's, to remove; the rest go to the trash. Reads again only the segments that
+        may hold the files of the directories `stale` names are in."""
         names = set(stale)
+        if not names:
+            return set()
         dirs = {sort_key(rel)[:-1] for rel in names}
         ours: set[str] = set()
         seen: list[list[SegmentRef]] = []
-        for refs in (self.refs, self.base_refs, self.interrupted_refs):
+        if versions is None:
+            versions = (self.refs, self.base_refs, self.interrupted_refs)
+        for refs in versions:
             if not refs or any(refs is other for other in seen):
                 continue
             seen.append(refs)
@@ -1307,12 +1336,15 @@ async def _stage(
             failed_touch = f"stage of {dataset}: could not touch its record"
             async with every(_TOUCH_EVERY, touch, failed_touch):
                 result = await stager.run()
-        except BaseException:
+        except BaseException as exc:
             untouched = stager is None or stager.untouched
             try:
                 await asyncio.shield(_record_failure(site, doc, me, before, untouched, below))
             except Exception:  # the original error is the one to report
                 pass
+            full = _full_disk(exc, root, stager._stale if stager is not None else [])
+            if full is not None:
+                raise full from exc
             raise
         # The tree holds the version from now on; a change during the stage to a file it
         # had already passed, keeping size and mtime, is not seen (docs/design.md).
@@ -1348,6 +1380,31 @@ def _silent(replica: ReplicaRow) -> bool:
     if touched.tzinfo is None:  # SQLite keeps UTC without a zone
         touched = touched.replace(tzinfo=UTC)
     return datetime.now(UTC) - touched > _STALE_AFTER
+
+
+def _full_disk(exc: BaseException, root: Path, stale: list[str]) -> DatamoverError | None:
+    """For a stage that ran out of space (or quota) with files an interrupted stage left
+    in the tree that it could not prove datamover's (`_Stager._earlier_partials` removes
+    those it can): the error naming them and what they hold, so that a user knows what to
+    remove to make room. None otherwise (the error stands as it is)."""
+    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not stale:
+        return None
+    held, names = 0, []
+    for rel in stale[:_HINT_FILES]:
+        with contextlib.suppress(OSError):
+            held += os.lstat(root / rel).st_blocks * 512
+            names.append(rel)
+    if not names:
+        return None
+    reason = exc.strerror or str(exc)
+    where = f": {exc.filename!r}" if exc.filename is not None else ""
+    more = f" ({len(stale)} in all)" if len(stale) > len(names) else ""
+    shown = ", ".join(repr(n) for n in names[:3]) + (", ..." if len(names) > 3 else "")
+    return DatamoverError(
+        f"{reason}{where}; {len(names)} file(s) left in the tree by interrupted stages hold "
+        f"{human_bytes(held)}{more}: {shown}. They are kept, as not proven datamover's: "
+        "remove them to make room"
+    )
 
 
 async def _record_failure(
