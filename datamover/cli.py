@@ -550,10 +550,11 @@ def _catalog_call(url: str, call: Callable[[], T]) -> T:
 @click.option(
     "--older-than",
     "older_than",
-    type=click.IntRange(min=0),
+    type=click.IntRange(min=0, max=36500),  # a century; timedelta's own limit is a traceback
     default=None,
     metavar="DAYS",
-    help="Only runs last moved into more than DAYS days ago (with --empty: required, >= 1).",
+    help="Only runs last moved into more than DAYS days ago (with --empty: required, >= 1; "
+    "at most 36500).",
 )
 @click.option("--empty", is_flag=True, help="Remove those runs (what stage moved aside).")
 @common

@@ -318,6 +318,11 @@ def _namespace(source: str, table: Mapping[str, Any], env: Mapping[str, str]) ->
             logical, sep, local = item.partition("=")
             if not sep:
                 raise InvalidInput(f"{source}: {item!r} is not of the form /logical=/local/dir")
+            if logical.strip() in mapping:  # as a key twice in the file is a TOML error
+                raise InvalidInput(
+                    f"{source}: prefix {logical.strip()!r} is mapped twice "
+                    f"({mapping[logical.strip()]!r} and {local.strip()!r}); keep one"
+                )
             mapping[logical.strip()] = local.strip()
         if not mapping:  # "," or " ": not a map, and not the empty value that leaves the file's
             raise InvalidInput(

@@ -57,6 +57,18 @@ def test_values_and_environment_override(tmp_path: Path) -> None:
     assert cfg.namespace.resolve("/proj/x") == Path("/scratch/proj/x")
 
 
+def test_a_prefix_mapped_twice_in_the_environment_is_refused(tmp_path: Path) -> None:
+    """As a key twice in the file is a TOML error; the second mapping had won, silently."""
+    path = tmp_path / "site.toml"
+    path.write_text(GOOD)
+    env = {"DATAMOVER_NAMESPACE": "/proj=/a, /data=/d ,/proj =/b"}
+    with pytest.raises(InvalidInput) as caught:
+        load_config(path, env=env)
+    assert str(caught.value) == (
+        "environment DATAMOVER_NAMESPACE: prefix '/proj' is mapped twice ('/a' and '/b'); keep one"
+    )
+
+
 def test_credentials_fall_back_to_aws_environment(tmp_path: Path) -> None:
     text = GOOD.replace('access_key = "k"\n', "").replace('secret_key = "s"\n', "")
     cfg = parse_config(

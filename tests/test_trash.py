@@ -82,7 +82,8 @@ async def test_a_run_of_the_last_day_is_never_emptied(make_site: MakeSite) -> No
     [run] = _run_dirs(b)
     emptied = b.cli_json("trash", "--empty", "--older-than", "1")
     assert emptied["runs"] == [] and _run_dirs(b) == [run]
-    for bad in (["--empty"], ["--empty", "--older-than", "0"]):
+    huge = ["--older-than", "1000000000"]  # was an OverflowError, exit 70, once a run existed
+    for bad in (["--empty"], ["--empty", "--older-than", "0"], ["--empty", *huge], huge):
         proc = b.cli("trash", *bad)
         assert proc.returncode == 2, proc.stderr
         assert len(proc.stderr.splitlines()) == 1 and "older-than" in proc.stderr
