@@ -526,11 +526,13 @@ def rebuild(read_data: bool, config_path: str | None, as_json: bool) -> None:
             click.echo(
                 f"{counted(result.foreign_keys, 'object')} among the packs name no pack, ignored"
             )
-        for key, reason in result.corrupt:
-            click.echo(f"datamover: warning: {key}: corrupt, not indexed: {reason}", err=True)
-        more = result.corrupt_count - len(result.corrupt)
-        if more:
-            click.echo(f"datamover: warning: and {counted(more, 'more corrupt pack')}", err=True)
+    # On stderr with --json too, as every command's warnings are: a script that reads only
+    # the exit code (5) has the reason in its log.
+    for key, reason in result.corrupt:
+        click.echo(f"datamover: warning: {key}: corrupt, not indexed: {reason}", err=True)
+    more = result.corrupt_count - len(result.corrupt)
+    if more:
+        click.echo(f"datamover: warning: and {counted(more, 'more corrupt pack')}", err=True)
     if not result.ok:
         sys.exit(Corrupt.exit_code)
 

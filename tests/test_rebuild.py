@@ -353,7 +353,10 @@ async def test_corrupt_packs_are_named_and_not_indexed(make_site: MakeSite) -> N
         [line] = [ln for ln in lines if key in ln]
         assert "corrupt, not indexed" in line and why in line
 
-    again = _json_exit(a, "db", "rebuild", status=5)
+    proc = a.cli("db", "rebuild", "--json")
+    assert proc.returncode == 5, proc.stderr
+    again = json.loads(proc.stdout)
+    assert sorted(proc.stderr.splitlines()) == sorted(lines)  # the warnings with --json too
     assert again["packs_indexed"] == 0 and again["packs_known"] == 1
     assert again["corrupt_count"] == 3 and again["foreign_keys"] == 1
     assert {c["key"] for c in again["corrupt"]} == set(bad)
