@@ -265,6 +265,44 @@ async def test_corrupt_pack_under_a_large_file_is_detected(make_site: MakeSite) 
     assert not (b.data / "x" / "big.dat").exists()
 
 
+async def cut_the_pack(env: SiteEnv, keep: int | None) -> None:
+    """Cut the only pack in the bucket to its first `keep` bytes, or delete it (None)."""
+    site = await env.open()
+    try:
+        [pack_key] = [o.key async for o in site.store.list("packs/")]
+        if keep is None:
+            await site.store.delete(pack_key)
+        else:
+            await site.store.put(pack_key, (await site.store.get(pack_key))[:keep])
+    finally:
+        await site.close()
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+@pytest.mark.parametrize("keep", [None, 0, 5 * MiB])
+async def test_a_pack_cut_short_or_lost_names_the_file_and_says_corrupt(
+    make_site: MakeSite, size: str, keep: int | None
+) -> None:
+    """As a damaged chunk is: the file that needs the missing bytes, and that the data is
+    corrupt. It had been `pack packs/.. is shorter than the manifest says (0+5242880 of
+    ...)` or `... is missing from the store`, naming no file."""
+    a = await make_site("site-a")
+    b = await make_site("site-b", batch_bytes=MiB if size == "large" else 64 * MiB)
+    src = a.data / "x"
+    src.mkdir()
+    (src / "a-first.dat").write_bytes(os.urandom(MiB // 2))
+    (src / "needed.dat").write_bytes(os.urandom(8 * MiB))
+    a.cli_json("push", "/proj/x")
+    await cut_the_pack(a, keep)
+    error = fails(b, "stage", "/proj/x", code=5, says="the data is corrupt")
+    lost = "is missing from the store" if keep is None else "ends after"
+    assert lost in error["message"]
+    # The file whose bytes are gone: past 5 MiB only the large one's; with none, either.
+    named = ("'needed.dat'",) if keep else ("'a-first.dat'", "'needed.dat'")
+    assert error["message"].startswith(named), error["message"]
+    assert not (b.data / "x" / "needed.dat").exists()
+
+
 async def test_tampered_manifest_object_is_detected(make_site: MakeSite) -> None:
     a, b = await make_site("site-a"), await make_site("site-b")
     make_tree(a.data / "x", files=3)

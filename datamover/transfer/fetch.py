@@ -9,7 +9,7 @@ concurrency and returns verified raw chunks; a digest mismatch is `Corrupt`, nam
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from datamover.aio import gather_or_cancel
@@ -75,44 +75,65 @@ class Fetcher:
         self._limit = asyncio.Semaphore(concurrency)
         self._hold = hold
 
-    async def _get(self, rng: Range) -> bytes:
+    async def _get(self, rng: Range, owners: Mapping[bytes, str]) -> bytes:
         key = pack_key(rng.pack)
         async with self._limit:
             try:
                 data = await self.store.get(key, rng.start, rng.end - rng.start)
             except ObjectNotFound:
-                raise Corrupt(f"pack {key} is missing from the store") from None
+                raise _lacking(rng, None, owners) from None
         self.downloaded += len(data)
         if len(data) != rng.end - rng.start:
-            raise Corrupt(
-                f"pack {key} is shorter than the manifest says ({rng.start}+{len(data)} of "
-                f"{rng.end})"
-            )
+            raise _lacking(rng, len(data), owners)
         return data
 
-    async def stream(self, rng: Range, sink: ByteSink) -> None:
+    async def stream(self, rng: Range, sink: ByteSink, owner: str | None = None) -> None:
         """Stream `rng` into `sink` (`storage.base.get_into`): the sink sees its bytes as
         they arrive, so the range is never held whole (where the store cannot stream it, at
         most `hold` bytes of it are); a store fault is retried from the first byte not
-        taken by the retrying store. A pack shorter than the range, or
-        missing, is `Corrupt`; the sink's own exceptions pass unchanged."""
+        taken by the retrying store. A pack shorter than the range, or missing, is
+        `Corrupt` naming `owner`, the file the range is of; the sink's own exceptions pass
+        unchanged."""
         key = pack_key(rng.pack)
         length = rng.end - rng.start
+        owners = {ref.digest: owner for ref in rng.refs} if owner is not None else {}
         async with self._limit:
             try:
                 got = await get_into(self.store, key, rng.start, length, sink, self._hold)
             except ObjectNotFound:
-                raise Corrupt(f"pack {key} is missing from the store") from None
+                raise _lacking(rng, None, owners) from None
         self.downloaded += got
         if got != length:
-            raise Corrupt(
-                f"pack {key} is shorter than the manifest says ({rng.start}+{got} of {rng.end})"
-            )
+            raise _lacking(rng, got, owners)
 
-    async def fetch(self, ranges: Sequence[Range]) -> list[bytes]:
+    async def fetch(
+        self, ranges: Sequence[Range], owners: Mapping[bytes, str] | None = None
+    ) -> list[bytes]:
         """The bytes of each range, in order. The first failure cancels the GETs still
-        running (they would hold slots and fetch for nothing) and is raised once they end."""
-        return await gather_or_cancel([self._get(r) for r in ranges])
+        running (they would hold slots and fetch for nothing) and is raised once they end.
+        `owners` maps a chunk digest to a file that needs it, for the error of a pack
+        missing or shorter than the ranges."""
+        return await gather_or_cancel([self._get(r, owners or {}) for r in ranges])
+
+
+def _lacking(rng: Range, got: int | None, owners: Mapping[bytes, str]) -> Corrupt:
+    """The error of a range whose pack is missing (`got` None) or ends `got` bytes into
+    the range: naming the first file whose chunk it lacks, when `owners` knows it."""
+    key = pack_key(rng.pack)
+    if got is None:
+        what = f"pack {key} is missing from the store"
+        lacked = rng.refs
+    else:
+        end = rng.start + got
+        what = (
+            f"pack {key} ends after {end:,} bytes, where the manifest has chunks up to byte "
+            f"{rng.end:,}"
+        )
+        lacked = [r for r in rng.refs if r.offset + r.stored_length > end]
+    name = next((owners[r.digest] for r in lacked if r.digest in owners), None)
+    if name is None:
+        return Corrupt(f"{what}: the data is corrupt")
+    return Corrupt(f"{name!r}: {what}: the data is corrupt", [name])
 
 
 def decode_ranges(

@@ -556,7 +556,8 @@ class _Stager:
         data (`split_fetch`), one after another."""
         try:
             for part, ranges in split_fetch(batch, self.gap, self.max_request, self.batch_bytes):
-                blobs = await self.fetcher.fetch(ranges)
+                owners = {c.digest: e.path for e, _ in part for c in e.chunks}
+                blobs = await self.fetcher.fetch(ranges, owners)
                 if not await self._write_elsewhere(part, ranges, blobs, ops):
                     await self._on_writer(self._write_batch, part, ranges, blobs)
                 nbytes = sum(e.size for e, _ in part)
@@ -674,7 +675,8 @@ class _Stager:
                 if buffer is None or len(buffer) < need:  # a smaller one is dropped
                     buffer = bytearray(need)
                 try:
-                    await self.fetcher.stream(rng, ChunkSink(rng, buffer, chunk, entry.path))
+                    sink = ChunkSink(rng, buffer, chunk, entry.path)
+                    await self.fetcher.stream(rng, sink, entry.path)
                 except OSError as exc:  # a full disk, say: name the file it was writing
                     raise fsops.named(exc, self.root / entry.path) from None
                 # Only a stream that ended hands its buffer on: a cancelled one's thread may
