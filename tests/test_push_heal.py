@@ -3,7 +3,12 @@ files whose chunks were in a lost pack are read again, a lost segment is uploade
 
 from __future__ import annotations
 
-from datamover.repo.layout import manifest_key
+import logging
+
+import pytest
+
+from datamover.errors import Corrupt
+from datamover.repo.layout import manifest_key, version_key
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from datamover.transfer.verify import verify
@@ -109,3 +114,36 @@ async def test_a_push_heads_each_reused_pack_once(make_site: MakeSite) -> None:
         assert sorted(k for k in heads if k.startswith("packs/")) == sorted(packs)
     finally:
         await site_a.close()
+
+
+async def test_a_malformed_latest_version_document_is_passed_over_by_the_next_push(
+    make_site: MakeSite, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It had failed every push of the dataset, `--force` too (`version document ... is
+    malformed`), until someone deleted the object by hand. The next push warns, takes the
+    newest version that reads as its parent, and publishes; the damaged one stays corrupt
+    to a stage that asks for it by id."""
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "x"
+    src.mkdir()
+    (src / "keep.txt").write_text("one\n")
+    site_a, site_b = await a.open(), await b.open()
+    try:
+        first = await push(site_a, "/proj/x")
+        (src / "new.txt").write_text("two\n")
+        second = await push(site_a, "/proj/x")
+        await site_a.store.put(version_key("/proj/x", second.version), b"garbage")
+        (src / "third.txt").write_text("three\n")
+        with caplog.at_level(logging.WARNING):
+            third = await push(site_a, "/proj/x")
+        assert third.parent == first.version
+        assert f"version {second.version} cannot be read" in caplog.text
+        assert await site_a.repo.latest("/proj/x") == third.version
+        staged = await stage(site_b, "/proj/x")
+        assert staged.version == third.version
+        assert snapshot(b.data / "x") == snapshot(src)
+        with pytest.raises(Corrupt, match="malformed"):
+            await stage(site_b, "/proj/x", version=second.version)
+    finally:
+        await site_a.close()
+        await site_b.close()

@@ -70,6 +70,8 @@ _HEAL_PASSES = 2
 #: Replica states of a tree no stage is writing: `overwritten` is a nested dataset's whose
 #: files a stage of one above it changed (that one's record says what the tree holds).
 _SETTLED = ("ready", "overwritten")
+# Latest versions whose documents a push tries, newest first, for a readable parent.
+_PARENT_TRIES = 16
 
 log = logging.getLogger(__name__)
 
@@ -415,6 +417,35 @@ def _shares(site: Site, root: Path, replica: ReplicaRow) -> bool:
     return mapped.is_relative_to(root) or root.is_relative_to(mapped)
 
 
+async def _readable_parent(site: Site, dataset: str) -> tuple[str | None, VersionDoc | None]:
+    """The parent of a new version of `dataset`: its latest version, or where that one's
+    document is malformed (`Corrupt`: a damaged object, a writer's bug), the newest of the
+    `_PARENT_TRIES` latest that reads, with a warning; none when none does. A malformed
+    latest document had failed every push of the dataset, `--force` too, until someone
+    removed the object by hand; passed over, it stays where it is (a stage of it still
+    says it is corrupt) and is no longer the latest once this push publishes."""
+    ids = await site.repo.version_ids(dataset)
+    for version in reversed(ids[-_PARENT_TRIES:]):
+        try:
+            return version, await site.repo.read_version(dataset, version)
+        except Corrupt as exc:
+            log.warning(
+                "%s: version %s cannot be read (%s); it is passed over as the parent of the new "
+                "version",
+                dataset,
+                version,
+                exc,
+            )
+    if ids:
+        log.warning(
+            "%s: none of its %d latest versions can be read; the new version has no parent "
+            "and every file is read",
+            dataset,
+            min(len(ids), _PARENT_TRIES),
+        )
+    return None, None
+
+
 async def _parent_manifest(site: Site, parent: VersionDoc) -> list[SegmentRef] | None:
     """The parent version's manifest list, its segments in the local cache; None when the
     store lost part of it (and this site has no copy): the push then compares with nothing
@@ -470,8 +501,7 @@ async def _push_tree(
     if not force:
         _check_staged(dataset, replica, tree, nearby)
     params = await site.repo.chunker_params(create=True)
-    parent_id = await site.repo.latest(dataset)
-    parent = await site.repo.read_version(dataset, parent_id) if parent_id else None
+    parent_id, parent = await _readable_parent(site, dataset)
     if not force:
         _check_current(site, dataset, replica, tree, parent)
     if parent is not None and not checksum and not _holds_parent(site, replica, tree, parent):
