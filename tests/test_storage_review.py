@@ -29,6 +29,7 @@ from datamover.errors import (
     StoreAccessDenied,
     StoreUnavailable,
 )
+from datamover.repo.repository import Repository
 from datamover.storage.bandwidth import ThrottledStore
 from datamover.storage.base import Store
 from datamover.storage.memory import MemoryStore
@@ -453,6 +454,19 @@ async def test_a_refusal_that_is_not_s3s_names_the_endpoint_not_the_credentials(
         if status == 401:  # S3 refuses with 403, a HEAD too: a 401 is another server's
             with pytest.raises(PermanentError, match=r"HTTP 401 but no S3 error"):
                 await store.check()  # HeadBucket: the daemon's readiness and warm-up
+
+
+async def test_a_web_page_answered_200_is_no_empty_bucket(tmp_path: Path) -> None:
+    """A console or login portal at the endpoint's port answers 200 with HTML, which parses
+    as XML: the listing had no objects, so `ls` listed nothing and exited 0, a stage said
+    the dataset had no version, and a push called the repository config corrupt."""
+    page = b"<html><body>login portal</body></html>"
+    async with _store_at_a_server(200, "text/html", page) as store:
+        with pytest.raises(PermanentError, match=r"not an S3 listing: .*S3 port"):
+            [o async for o in store.list("datasets/")]
+        repo = Repository(store, tmp_path / "cache")
+        with pytest.raises(PermanentError, match=r"not an S3 listing"):
+            await repo.chunker_params(create=True)
 
 
 async def test_a_real_s3_refusal_still_names_the_credentials(seaweed: EmbeddedSeaweed) -> None:

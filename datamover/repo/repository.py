@@ -109,6 +109,10 @@ class Repository:
             doc = json.loads(raw)
             fmt, digest = doc["format"], doc["hash"]
         except (ValueError, KeyError, TypeError, RecursionError):
+            # Not the store's fault if something else answered (a web page at the endpoint):
+            # a listing says so (`S3Store` refuses one that is not S3's), not "corrupt".
+            async for _ in self.store.list(CONFIG_KEY):
+                break
             raise Corrupt(f"repository config in {self.store.description} is malformed") from None
         # `true == 1` in Python: the type is checked too, or a config no writer made passes.
         if type(fmt) is not int or fmt != FORMAT_VERSION or digest != "blake3":

@@ -530,7 +530,16 @@ class S3Store:
             body = kwargs.get("Body")
             if isinstance(body, Body):
                 return await self._watched(method(Bucket=self.bucket, **kwargs), body, op, key)
-            return await method(Bucket=self.bucket, **kwargs)
+            answer = await method(Bucket=self.bucket, **kwargs)
+            if op == "ListObjectsV2" and "IsTruncated" not in answer:
+                # Every S3 listing says whether it goes on. A web page answered 200 (a
+                # console or login portal at the endpoint's port) parses as XML too, and
+                # was an empty bucket: `ls` listed nothing, a stage found no version.
+                raise PermanentError(
+                    f"S3 endpoint {self.where} answered {op} with something that is not an "
+                    "S3 listing: is [store] endpoint the server's S3 port?"
+                )
+            return answer
         raise AssertionError("unreachable")  # _errors always raises or returns above
 
     async def _watched(
