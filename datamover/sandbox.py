@@ -109,6 +109,14 @@ def run_sandbox(data_dir: Path, port: int, bucket: str, say: Callable[[str], Non
                 ):
                     say(f'{key} = "{value}"')
                 say("ready: Ctrl-C stops it")
-                signal.sigwait(_STOPS)
+                # Woken once a second to look at the server: one that died (killed, out of
+                # memory, its disk full) ends the sandbox with an error, not a sandbox that
+                # runs on with nothing on its port.
+                while signal.sigtimedwait(_STOPS, 1.0) is None:
+                    if not seaweed.running:
+                        raise PermanentError(
+                            f"the sandbox's SeaweedFS stopped on its own; its log: "
+                            f"{seaweed.log_path}"
+                        )
             finally:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOPS)

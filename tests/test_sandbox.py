@@ -193,3 +193,35 @@ def _free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def test_a_sandbox_whose_server_dies_ends_with_an_error(tmp_path: Path) -> None:
+    """It ran on with nothing on its port, its server killed (`kill -9` of weed)."""
+    [port] = _free_ports(1)
+    proc = _start(tmp_path / "sb", port)
+    try:
+        _ready(proc)
+        flag = f"-s3.port={port}".encode()
+        weed = [
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit() and flag in _cmdline(p).split(b"\0")
+        ]
+        assert len(weed) == 1
+        os.kill(weed[0], signal.SIGKILL)
+        assert proc.wait(timeout=20) == 7
+        assert proc.stderr is not None
+        err = proc.stderr.read()
+        assert err.startswith("datamover: error: the sandbox's SeaweedFS stopped on its own")
+        assert len(err.splitlines()) == 1 and str(tmp_path / "sb") in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _cmdline(proc_dir: Path) -> bytes:
+    try:
+        return (proc_dir / "cmdline").read_bytes()
+    except OSError:  # a process that ended meanwhile
+        return b""
