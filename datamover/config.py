@@ -217,6 +217,9 @@ def _origin(source: str, overrides: Container[str], section: str, key: str) -> s
     return f"environment: {name}" if name in overrides else f"{source}: [{section}] {key}"
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+
+
 def _coerce(source: str, where: str, raw: Any, kind: Any) -> Any:
     """`raw` (a TOML value, or a string from the environment) as `kind`, else `InvalidInput`.
 
@@ -247,10 +250,17 @@ def _coerce(source: str, where: str, raw: Any, kind: Any) -> Any:
         if kind is str:
             if not isinstance(raw, str):
                 raise ValueError
-            if "\0" in raw:
-                # No setting can hold one (a path with it cannot be opened): say which, and
-                # not the value, which may be a secret.
-                raise InvalidInput(f"{source}: {where} contains a NUL character")
+            bad = _CONTROL.search(raw)
+            if bad is not None:
+                # No setting holds one (a path with NUL cannot be opened; a region with a
+                # newline was cut mid-string in botocore's message): say which setting and
+                # which character, not the value, which may be a secret.
+                what = (
+                    "a NUL character"
+                    if bad.group() == "\0"
+                    else f"a control character (U+{ord(bad.group()):04X})"
+                )
+                raise InvalidInput(f"{source}: {where} contains {what}")
             return raw
     except (TypeError, ValueError, OverflowError):
         pass

@@ -223,6 +223,27 @@ def test_a_nul_in_a_path_setting_is_named(tmp_path: Path, text: str, message: st
     assert str(info.value).startswith(f"{path}: ")
 
 
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DATAMOVER_STORE_REGION": "us\neast"}, "DATAMOVER_STORE_REGION"),
+        ({"DATAMOVER_SITE_NAME": "a\tb"}, "DATAMOVER_SITE_NAME"),
+        ({"DATAMOVER_STORE_BUCKET": "b\x7f"}, "DATAMOVER_STORE_BUCKET"),
+    ],
+)
+def test_a_control_character_in_any_setting_is_named(
+    tmp_path: Path, env: dict[str, str], message: str
+) -> None:
+    """The region's newline had reached botocore, whose message was cut at it."""
+    path = tmp_path / "site.toml"
+    path.write_text(_P)
+    with pytest.raises(InvalidInput) as info:
+        load_config(path, env=env)
+    text = str(info.value)
+    assert message in text and "contains a control character (U+00" in text
+    assert "\n" not in text and "east" not in text  # the value is not shown: it may be a secret
+
+
 _S = "[site]\nname='a'\n[store]\nbucket='b'\naccess_key='k'\nsecret_key='s'\n"
 
 
