@@ -397,7 +397,8 @@ async def test_a_cancel_while_the_partial_file_is_closed_keeps_the_record_true(
         await real_large(self, entry, *args)
 
     class Failing(stage_module.Fetcher):
-        async def stream(self, rng: Any, sink: Any) -> None:  # a large file's ranges
+        # A large file's ranges.
+        async def stream(self, rng: Any, sink: Any, owner: Any = None) -> None:
             stagers[0]._pool.submit(busy.wait, 20)  # the writer thread busy with a batch
             failed.set()
             raise NotFound("pack gone")
@@ -460,7 +461,7 @@ async def test_a_stage_cancelled_before_changing_the_tree_gives_its_record_back(
     fetching = asyncio.Event()
 
     class Stalled(stage_module.Fetcher):
-        async def fetch(self, ranges: Any) -> list[bytes]:
+        async def fetch(self, ranges: Any, owners: Any = None) -> list[bytes]:
             fetching.set()
             await asyncio.sleep(60)  # a store that stopped answering
             raise AssertionError("not cancelled")

@@ -106,6 +106,113 @@ def stalling_parts_server() -> Iterator[tuple[str, list[dict[str, str]]]]:
         server.server_close()
 
 
+def _read_request_head(conn: socket.socket) -> int:
+    """Read a request's head from `conn`; return its Content-Length."""
+    head = b""
+    while b"\r\n\r\n" not in head:
+        data = conn.recv(65536)
+        if not data:
+            return 0
+        head += data
+    lines = head.split(b"\r\n\r\n")[0].split(b"\r\n")
+    fields = dict(line.split(b": ", 1) for line in lines[1:] if b": " in line)
+    return int(fields.get(b"Content-Length", b"0")) - len(head.split(b"\r\n\r\n", 1)[1])
+
+
+@pytest.fixture
+def raw_server() -> Iterator[tuple[str, list]]:
+    """A server whose connections are served, in turn, by the functions the test puts in
+    the list (each takes the connection); a connection beyond them is held unread."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(0.1)
+    plan: list = []
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn = srv.accept()[0]
+            except TimeoutError:
+                continue
+            held.append(conn)
+            if plan:
+                threading.Thread(target=plan.pop(0), args=(conn,), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{srv.getsockname()[1]}", plan
+    finally:
+        stop.set()
+        thread.join()
+        for conn in held:
+            conn.close()
+        srv.close()
+
+
+async def test_a_body_sent_again_after_a_close_is_watched_again(
+    raw_server: tuple[str, list],
+) -> None:
+    """aiohttp sends a PUT's body again, the same payload, on a new connection when the
+    first closed before answering: the second send must be watched as the first was.
+    Before, the first send's end left the body marked sent, and the second, which the
+    server never read, waited for ever."""
+    url, plan = raw_server
+
+    def read_all_then_close(conn: socket.socket) -> None:
+        left = _read_request_head(conn)
+        while left > 0:
+            got = conn.recv(min(left, 1 << 20))
+            if not got:
+                break
+            left -= len(got)
+        conn.close()
+
+    plan.append(read_all_then_close)  # the second connection: held, never read
+    store = _store(url, multipart_threshold=100 * MiB)
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable, match="stalled during PutObject"):
+            await asyncio.wait_for(store.put("k", os.urandom(40 * MiB)), 30)
+    finally:
+        await store.close()
+    assert time.monotonic() - started < 10
+
+
+async def test_a_slow_server_that_keeps_reading_is_no_stall(raw_server: tuple[str, list]) -> None:
+    """A server taking 0.75 MiB a second for the body's first 4 MiB, less than one 1 MiB
+    slice of it per `read_timeout` (1 s), then the rest at once: the socket's send queue
+    goes down all the while, so the upload is not stalled, and it succeeds. Before, the
+    watch saw only whole slices go, and called it stalled after a second."""
+    url, plan = raw_server
+    size = 12 * MiB
+    got_all: list[int] = []
+
+    def slow_then_answer(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)
+        left = _read_request_head(conn)
+        total = 0
+        while left > 0:
+            data = conn.recv(min(left, 48 << 10))
+            if not data:
+                return
+            left -= len(data)
+            total += len(data)
+            if total < 4 * MiB:
+                time.sleep(len(data) / (0.75 * MiB))
+        got_all.append(total)
+        conn.sendall(b'HTTP/1.1 200 OK\r\nETag: "0"\r\nContent-Length: 0\r\n\r\n')
+
+    plan.append(slow_then_answer)
+    store = _store(url, multipart_threshold=100 * MiB)
+    try:
+        await asyncio.wait_for(store.put("k", os.urandom(size)), 60)
+    finally:
+        await store.close()
+    assert got_all and got_all[0] > 11 * MiB  # the head's share of the first read aside
+
+
 def _store(url: str, **kw: int) -> S3Store:
     return S3Store(
         url, "b", access_key="a", secret_key="s", read_timeout=1, connect_timeout=1, **kw

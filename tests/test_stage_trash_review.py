@@ -120,9 +120,11 @@ async def test_a_stage_of_scattered_missing_files_holds_at_most_batch_bytes(
         held: list[int] = []
         real = fetch.Fetcher.fetch
 
-        async def recording(self: fetch.Fetcher, ranges: Sequence[Range]) -> list[bytes]:
+        async def recording(
+            self: fetch.Fetcher, ranges: Sequence[Range], owners: Any = None
+        ) -> list[bytes]:
             held.append(_held(ranges))
-            return await real(self, ranges)
+            return await real(self, ranges, owners)
 
         monkeypatch.setattr(stage_module.Fetcher, "fetch", recording)
         result = await stage(site_b, "/proj/ds")

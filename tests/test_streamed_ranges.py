@@ -303,9 +303,9 @@ def _record_streams(monkeypatch: pytest.MonkeyPatch) -> list[Range]:
     streams: list[Range] = []
     real = Fetcher.stream
 
-    async def recording(self: Fetcher, rng: Range, sink: Any) -> None:
+    async def recording(self: Fetcher, rng: Range, sink: Any, owner: Any = None) -> None:
         streams.append(rng)
-        await real(self, rng, sink)
+        await real(self, rng, sink, owner)
 
     monkeypatch.setattr(Fetcher, "stream", recording)
     return streams

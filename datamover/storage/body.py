@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
+import fcntl
+import sys
+import termios
 from typing import Any
 
 import aiohttp.payload
@@ -34,7 +38,7 @@ class Body:
     `BodyPayload` without calling those.
     """
 
-    __slots__ = ("_pos", "moved", "sent", "view")
+    __slots__ = ("_pos", "moved", "sent", "transport", "view")
 
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self.view = memoryview(data).cast("B")
@@ -45,6 +49,25 @@ class Body:
         self.moved: float | None = None
         #: Whether the whole body went out (then the read timeout of the answer applies).
         self.sent = False
+        #: The connection's transport while the body is being sent: what it still holds
+        #: to send shows progress within a slice (`unsent`).
+        self.transport: asyncio.BaseTransport | None = None
+
+    def unsent(self) -> int | None:
+        """Bytes of the body's connection not yet taken by the server (None: unknown): what
+        the transport holds plus the socket's send queue (`SIOCOUTQ`). The queue is what
+        moves on a slow link: the kernel asks for more only once a third of its buffer
+        (megabytes) is free, so the transport's own count can stand still for seconds."""
+        transport = self.transport
+        if not isinstance(transport, asyncio.WriteTransport) or transport.is_closing():
+            return None
+        held = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                queued = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+                held += int.from_bytes(queued, sys.byteorder, signed=True)
+        return held
 
     def __len__(self) -> int:
         return len(self.view)
@@ -112,7 +135,9 @@ class BodyPayload(aiohttp.payload.Payload):
         if content_length is not None:
             view = view[:content_length]
         clock = asyncio.get_running_loop().time
-        body.moved = clock()
+        # Each send starts afresh: aiohttp sends a body again on a new connection when the
+        # first closed under it (a PUT is idempotent to it).
+        body.sent, body.moved, body.transport = False, clock(), writer.transport
         for start in range(0, len(view), SLICE):
             await writer.write(view[start : start + SLICE])
             body.moved = clock()

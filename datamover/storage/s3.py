@@ -558,17 +558,26 @@ class S3Store:
         read timeout). Botocore's `Expect: 100-continue` is not sent (`_customise`): its
         wait, too, was timed by nothing."""
         idle = float(self._config.read_timeout)
+        look = max(idle / 8, 0.05)  # how often what the connection holds is looked at
         clock = asyncio.get_running_loop().time
         task = asyncio.ensure_future(request)
+        unsent: int | None = None
         try:
             while True:
-                moved = body.moved
-                wait = idle if moved is None or body.sent else moved + idle - clock()
-                done, _ = await asyncio.wait((task,), timeout=max(wait, 0.0))
+                done, _ = await asyncio.wait((task,), timeout=look)
                 if done:
                     return task.result()
                 moved = body.moved
-                if moved is not None and not body.sent and clock() - moved >= idle:
+                if moved is None or body.sent:
+                    unsent = None
+                    continue
+                now_unsent = body.unsent()
+                if now_unsent is not None and now_unsent != unsent:
+                    # The socket took some of what a slice left queued: not stalled.
+                    if unsent is not None:
+                        body.moved = moved = clock()
+                    unsent = now_unsent
+                if clock() - moved >= idle:
                     task.cancel()
                     await asyncio.wait((task,))
                     raise StoreUnavailable(
@@ -576,8 +585,9 @@ class S3Store:
                         f"none of the body for {idle:g} s ([store] read_timeout)"
                     )
         finally:
-            if not task.done():
+            if not task.done():  # this call was cancelled: the request goes with it
                 task.cancel()
+                task.add_done_callback(_retrieved)
 
     @contextlib.asynccontextmanager
     async def _errors(self, op: str, key: str | None) -> AsyncIterator[None]:
@@ -818,6 +828,13 @@ def _verify(endpoint: str | None) -> bool | None:
     if endpoint is not None and endpoint.lower().startswith("http://") and not proxied(endpoint):
         return False
     return None
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    """Take a left task's outcome, so that an error it ends with while it is cancelled is
+    not logged as never retrieved (the caller has its own error: the cancellation)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _customise(client: Any) -> None:
