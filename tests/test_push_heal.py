@@ -4,9 +4,11 @@ files whose chunks were in a lost pack are read again, a lost segment is uploade
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from datamover.domain.ids import new_version_id
 from datamover.errors import Corrupt
 from datamover.repo.layout import manifest_key, version_key
 from datamover.transfer.push import push
@@ -144,6 +146,16 @@ async def test_a_malformed_latest_version_document_is_passed_over_by_the_next_pu
         assert snapshot(b.data / "x") == snapshot(src)
         with pytest.raises(Corrupt, match="malformed"):
             await stage(site_b, "/proj/x", version=second.version)
+
+        # One dated ahead of this clock (a site whose clock runs fast): the next version
+        # must still follow it, or it stays the latest and every stage says corrupt.
+        ahead = new_version_id("site-z", now=datetime.now(UTC) + timedelta(minutes=10))
+        await site_a.store.put(version_key("/proj/x", ahead), b"garbage")
+        (src / "fourth.txt").write_text("four\n")
+        fourth = await push(site_a, "/proj/x")
+        assert fourth.parent == third.version and fourth.version > ahead
+        assert await site_a.repo.latest("/proj/x") == fourth.version
+        assert (await stage(site_b, "/proj/x")).version == fourth.version
     finally:
         await site_a.close()
         await site_b.close()

@@ -65,7 +65,7 @@ def test_s3_malformed_endpoint_is_invalid_input(endpoint: str) -> None:
     assert repr(endpoint) in str(err.value)
 
 
-@pytest.mark.parametrize("bucket", ["b/c", "two words", "bücket", ".", "..", "-b", "b_"])
+@pytest.mark.parametrize("bucket", ["b/c", "two words", "bücket", ".", "..", "..."])
 def test_s3_malformed_bucket_name_is_invalid_input(bucket: str) -> None:
     # `.` and `..` passed, and failed at the server: "InvalidRequest (HTTP 400)", exit 7.
     # Before: a raw ParamValidationError (several lines, botocore's regexes) at each request.
@@ -73,7 +73,7 @@ def test_s3_malformed_bucket_name_is_invalid_input(bucket: str) -> None:
         S3Store("http://127.0.0.1:8333", bucket)
 
 
-@pytest.mark.parametrize("bucket", ["b", "my_bucket.2026", "A-b", "x" * 255])
+@pytest.mark.parametrize("bucket", ["b", "my_bucket.2026", "A-b", "x" * 255, "_archive", "a."])
 def test_bucket_names_some_server_takes_are_accepted(bucket: str) -> None:
     assert S3Store("http://127.0.0.1:8333", bucket).bucket == bucket
 

@@ -114,10 +114,10 @@ _TRANSIENT = {
     "BadDigest",
     "XAmzContentSHA256Mismatch",
 }
-#: What botocore accepts as a bucket name (servers are stricter, each in its own way), with
-#: a letter or digit at each end, as every server asks: `.` and `..` pass botocore, and
-#: then name the bucket's parent in a path-style URL.
-_BUCKET = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9.\-_]{0,253}[a-zA-Z0-9])?")
+#: What botocore accepts as a bucket name (servers are stricter, each in its own way: Ceph
+#: RGW with relaxed names takes `_archive`), but not one of dots only: `.` and `..` pass
+#: botocore, and then name the bucket's parent in a path-style URL.
+_BUCKET = re.compile(r"(?!\.+\Z)[a-zA-Z0-9.\-_]{1,255}")
 _CONNECTION = (
     bce.ConnectionError,  # refused, DNS, connect timeout, proxy
     bce.HTTPClientError,  # read timeout, connection closed, broken stream
@@ -173,7 +173,7 @@ class S3Store:
         if not _BUCKET.fullmatch(bucket):
             raise InvalidInput(
                 f"S3 bucket name {bucket!r} is not valid: use 1-255 letters, digits, '.', '-', "
-                "'_', a letter or digit at each end"
+                "'_', not dots alone"
             )
         if endpoint is not None:
             check_endpoint(endpoint, "S3 endpoint")

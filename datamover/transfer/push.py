@@ -417,17 +417,22 @@ def _shares(site: Site, root: Path, replica: ReplicaRow) -> bool:
     return mapped.is_relative_to(root) or root.is_relative_to(mapped)
 
 
-async def _readable_parent(site: Site, dataset: str) -> tuple[str | None, VersionDoc | None]:
-    """The parent of a new version of `dataset`: its latest version, or where that one's
+async def _readable_parent(
+    site: Site, dataset: str
+) -> tuple[str | None, VersionDoc | None, str | None]:
+    """`(id, document, newest id)`: the parent of a new version of `dataset` and the
+    greatest id listed, which the new one must follow. The parent is the latest version, or
+    where that one's
     document is malformed (`Corrupt`: a damaged object, a writer's bug), the newest of the
     `_PARENT_TRIES` latest that reads, with a warning; none when none does. A malformed
     latest document had failed every push of the dataset, `--force` too, until someone
     removed the object by hand; passed over, it stays where it is (a stage of it still
     says it is corrupt) and is no longer the latest once this push publishes."""
     ids = await site.repo.version_ids(dataset)
+    newest = ids[-1] if ids else None
     for version in reversed(ids[-_PARENT_TRIES:]):
         try:
-            return version, await site.repo.read_version(dataset, version)
+            return version, await site.repo.read_version(dataset, version), newest
         except Corrupt as exc:
             log.warning(
                 "%s: version %s cannot be read (%s); it is passed over as the parent of the new "
@@ -443,7 +448,7 @@ async def _readable_parent(site: Site, dataset: str) -> tuple[str | None, Versio
             dataset,
             min(len(ids), _PARENT_TRIES),
         )
-    return None, None
+    return None, None, newest
 
 
 async def _parent_manifest(site: Site, parent: VersionDoc) -> list[SegmentRef] | None:
@@ -501,7 +506,7 @@ async def _push_tree(
     if not force:
         _check_staged(dataset, replica, tree, nearby)
     params = await site.repo.chunker_params(create=True)
-    parent_id, parent = await _readable_parent(site, dataset)
+    parent_id, parent, newest = await _readable_parent(site, dataset)
     if not force:
         _check_current(site, dataset, replica, tree, parent)
     if parent is not None and not checksum and not _holds_parent(site, replica, tree, parent):
@@ -604,7 +609,9 @@ async def _push_tree(
         list_digest = await site.repo.put_manifest_object(listing)
         doc = VersionDoc(
             dataset=dataset,
-            version=new_version_id(site.name, after=parent_id),
+            # After every listed id, a passed-over malformed one too: it must not stay the
+            # latest (its id may be ahead of this clock, from a site whose clock runs fast).
+            version=new_version_id(site.name, after=newest),
             parent=parent_id,
             site=site.name,
             created=utc_now(),
