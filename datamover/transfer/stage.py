@@ -1344,9 +1344,14 @@ async def _stage(
                 await asyncio.shield(_record_failure(site, doc, me, before, untouched, below))
             except Exception:  # the original error is the one to report
                 pass
-            full = _full_disk(exc, root, stager._stale if stager is not None else [])
-            if full is not None:
-                raise full from exc
+            if _out_of_space(exc) and stager is not None and stager._stale:
+                stale = stager._stale
+                # Not the known ones: the target's own partial files are resumed by the
+                # next run; removing them would free nothing it does not write again.
+                ours = await asyncio.to_thread(stager._partials_of_versions, stale)
+                full = _full_disk(exc, root, [rel for rel in stale if rel not in ours])
+                if full is not None:
+                    raise full from exc
             raise
         # The tree holds the version from now on; a change during the stage to a file it
         # had already passed, keeping size and mtime, is not seen (docs/design.md).
@@ -1384,12 +1389,17 @@ def _silent(replica: ReplicaRow) -> bool:
     return datetime.now(UTC) - touched > _STALE_AFTER
 
 
+def _out_of_space(exc: BaseException) -> bool:
+    """Whether `exc` is a write refused for want of space or quota."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
 def _full_disk(exc: BaseException, root: Path, stale: list[str]) -> DatamoverError | None:
     """For a stage that ran out of space (or quota) with files an interrupted stage left
     in the tree that it could not prove datamover's (`_Stager._earlier_partials` removes
     those it can): the error naming them and what they hold, so that a user knows what to
     remove to make room. None otherwise (the error stands as it is)."""
-    if not isinstance(exc, OSError) or exc.errno not in (errno.ENOSPC, errno.EDQUOT) or not stale:
+    if not isinstance(exc, OSError) or not _out_of_space(exc) or not stale:
         return None
     held, names = 0, []
     for rel in stale[:_HINT_FILES]:
