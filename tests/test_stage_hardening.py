@@ -623,6 +623,69 @@ async def test_a_mode_changed_on_one_name_of_a_shared_inode_leaves_the_others(
         await site_b.close()
 
 
+async def _hard_linked_then_mode_changed(
+    make_site: MakeSite, content: bytes, mode: int = 0o644
+) -> tuple[SiteEnv, SiteEnv, Path]:
+    """Files f and g of one version, both `content` and `mode`, staged at site B, where g
+    is then made a second name of f; site A then pushes a version giving f mode 0o600."""
+    a, b = await make_site("site-a"), await make_site("site-b")
+    src = a.data / "hl"
+    src.mkdir()
+    for name in ("f", "g"):
+        (src / name).write_bytes(content)
+        os.chmod(src / name, mode)
+    os.utime(src / "g", ns=(os.stat(src / "f").st_mtime_ns,) * 2)
+    a.cli_json("push", "/proj/hl")
+    b.cli_json("stage", "/proj/hl")
+    dst = b.data / "hl"
+    (dst / "g").unlink()
+    os.link(dst / "f", dst / "g")
+    # Staged again as it is: the tree is held since after the link (whose ctime a later
+    # stage then does not take for a change to read the file for).
+    assert b.cli_json("stage", "/proj/hl")["kept_files"] == 2
+    os.chmod(src / "f", 0o600)
+    a.cli_json("push", "/proj/hl")
+    return a, b, dst
+
+
+async def test_a_copy_made_to_change_a_shared_files_mode_keeps_holes_owner_and_xattrs(
+    make_site: MakeSite,
+) -> None:
+    """The copy `_unshare` renames over the name keeps what the mode change in place kept:
+    the file's holes (a sparse 24 MiB file stayed sparse), its extended attributes and, as
+    root, its owner."""
+    content = os.urandom(1 << 20) + bytes(22 << 20) + os.urandom(1 << 20)
+    _, b, dst = await _hard_linked_then_mode_changed(make_site, content)
+    before = os.stat(dst / "f")
+    assert before.st_blocks * 512 < 12 << 20  # staged sparse
+    os.setxattr(dst / "f", "user.project", b"docking")
+    os.chown(dst / "f", 65534, 65534)
+    staged = b.cli_json("stage", "/proj/hl")
+    assert staged["kept_files"] == 2
+    f, g = os.stat(dst / "f"), os.stat(dst / "g")
+    assert (stat.S_IMODE(f.st_mode), stat.S_IMODE(g.st_mode)) == (0o600, 0o644)
+    assert f.st_ino != g.st_ino and f.st_blocks <= before.st_blocks + 256
+    assert (f.st_uid, f.st_gid) == (65534, 65534)
+    assert os.getxattr(dst / "f", "user.project") == b"docking"
+    assert (dst / "f").read_bytes() == content
+    assert b.cli("verify", "/proj/hl").returncode == 0
+
+
+async def test_a_shared_file_that_cannot_be_read_is_named_not_changed_for_every_name(
+    make_site: MakeSite,
+) -> None:
+    """Without the right to read it (no root's override), the file cannot be copied: its
+    mode was changed in place, for both names, at every stage, `verify` failing after each.
+    Now the stage stops with one line saying why, and neither name changes."""
+    _, b, dst = await _hard_linked_then_mode_changed(make_site, b"same\n", mode=0o200)
+    proc = cli_unprivileged(b, "stage", "/proj/hl")
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stderr.startswith("datamover: error: 'f' shares its file with 1 other name(s)")
+    assert len(proc.stderr.splitlines()) == 1
+    assert stat.S_IMODE(os.stat(dst / "g").st_mode) == 0o200
+    assert os.stat(dst / "f").st_ino == os.stat(dst / "g").st_ino
+
+
 def test_a_replacement_checks_what_it_replaces(tmp_path: Path) -> None:
     """`replaces` is what the walk saw: unchanged, it is replaced with nothing trashed; a
     file or symlink changed since goes to the trash first."""

@@ -76,7 +76,49 @@ def copy_bytes(src: int, dst: int) -> None:
         offset += len(data)
 
 
-def _copy_xattrs(src: int, dst: int) -> None:
+def copy_data(src: int, dst: int, size: int) -> None:
+    """Copy the `size` bytes of regular file `src` to the new, empty file `dst`, its holes
+    left holes: only the runs `SEEK_DATA`/`SEEK_HOLE` find are copied (`copy_file_range`,
+    else `pread`/`pwrite`), and the end is set by `ftruncate`. A file system that cannot
+    tell its holes reports the whole file as data."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but a hole from here on
+                break
+            raise
+        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        _copy_run(src, dst, start, end)
+        offset = end
+    os.ftruncate(dst, size)
+
+
+def _copy_run(src: int, dst: int, start: int, end: int) -> None:
+    """Copy bytes `[start, end)` of `src` to the same offsets of `dst`."""
+    at = start
+    try:
+        while at < end:
+            n = os.copy_file_range(src, dst, end - at, at, at)
+            if n == 0:
+                raise changed("it was cut short while it was copied")
+            at += n
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.EOPNOTSUPP):
+            raise
+    while at < end:
+        data = os.pread(src, min(end - at, 1 << 20), at)
+        if not data:
+            raise changed("it was cut short while it was copied")
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(dst, view, at)
+            view, at = view[written:], at + written
+
+
+def copy_xattrs(src: int, dst: int) -> None:
     """Copy the extended attributes of `src` to `dst` (both descriptors), as `shutil.copy2`
     does, but none of `security.*` (file capabilities, like a set-user-ID bit, are a
     privilege; a security label is the policy's to give). What cannot be set is skipped."""
@@ -137,7 +179,7 @@ def copy_file(src: int, st: os.stat_result, dst_dir: int, name: str) -> None:
     out = os.open(name, _NEW, 0o600, dir_fd=dst_dir)
     try:
         copy_bytes(src, out)
-        _copy_xattrs(src, out)
+        copy_xattrs(src, out)
         give_attrs(st, out)
     finally:
         os.close(out)
@@ -227,7 +269,7 @@ def copy_tree(src: int, dst: int) -> dict[str, Seen]:
                 frames.pop()
                 if top.st is not None:
                     try:
-                        _copy_xattrs(top.src, top.dst)
+                        copy_xattrs(top.src, top.dst)
                         give_attrs(top.st, top.dst)
                     finally:
                         top.close()
@@ -323,7 +365,7 @@ def move_across(src_dir: int, name: str, dst_dir: int, to: str) -> None:
             dst = os.open(to, _DIR, dir_fd=dst_dir)
             try:
                 copied = copy_tree(src, dst)
-                _copy_xattrs(src, dst)
+                copy_xattrs(src, dst)
                 give_attrs(st, dst)
             finally:
                 os.close(dst)

@@ -1213,10 +1213,14 @@ class TreeWriter:
         """Give the file `fd` (`st` its stat), one of several names of its inode, the entry's
         mode and mtime on a copy of it renamed over it, never on the inode: a change there
         would show at every other name, and two names of one inode in the tree that the
-        version gives different modes would never both be right. The copy is local
-        (`crossfs.copy_bytes`); one the user saved into while it was copied is dropped and
-        the file left as it is, and what a user saved there after goes to the trash
-        (`make_way`)."""
+        version gives different modes would never both be right. The copy is local, keeps
+        the file's holes (`crossfs.copy_data`), its extended attributes and, as root, its
+        owner; another user's file is refused as a change in place would be (`denied`).
+        One the user saved into while it was copied is dropped and the file left as it is,
+        and what a user saved there after goes to the trash (`make_way`)."""
+        euid = os.geteuid()
+        if st.st_uid != euid and euid != 0:
+            raise denied(entry.path, PermissionError(errno.EPERM, os.strerror(errno.EPERM)))
         parent = split(entry.path)[0]
         out, tmp = self._new_temp(
             parent, entry.path, lambda t: os.open(t, _NEW_FILE, 0o600, dir_fd=dfd)
@@ -1224,9 +1228,12 @@ class TreeWriter:
         placed = False
         try:
             try:
-                crossfs.copy_bytes(fd, out)
+                crossfs.copy_data(fd, out, st.st_size)
                 if _identity(os.fstat(fd)) != _identity(st):
                     return  # saved into while copied: the user's, left as it is
+                crossfs.copy_xattrs(fd, out)  # an ACL among them: before the mode
+                if st.st_uid != euid:
+                    os.fchown(out, st.st_uid, st.st_gid)
                 os.fchmod(out, entry.mode)
                 os.utime(out, ns=(entry.mtime_ns, entry.mtime_ns))
             except OSError as exc:
@@ -1268,6 +1275,15 @@ class TreeWriter:
             if seen is not None and _identity(st) != seen:
                 return
             via = f"/proc/self/fd/{fd}"
+            mode_differs = stat.S_IMODE(st.st_mode) != entry.mode
+            if stat.S_ISREG(st.st_mode) and st.st_nlink > 1 and mode_differs:
+                # Its other names would take the mode too (`_unshare`), and it cannot be
+                # read to be copied.
+                raise PermanentError(
+                    f"{entry.path!r} shares its file with {st.st_nlink - 1} other name(s) and "
+                    f"cannot be read: its mode cannot become {entry.mode:o} without theirs "
+                    "changing too; make it readable, or remove its other links"
+                )
             try:
                 if stat.S_IMODE(st.st_mode) != entry.mode:
                     os.chmod(via, entry.mode)
