@@ -43,6 +43,8 @@ def test_checksum_is_s3s_crc32c() -> None:
 
 
 class _Writer:
+    transport = None  # no connection: the upload watch sees no send queue
+
     def __init__(self) -> None:
         self.pieces: list[bytes] = []
 

@@ -156,6 +156,18 @@ async def test_a_malformed_latest_version_document_is_passed_over_by_the_next_pu
         assert fourth.parent == third.version and fourth.version > ahead
         assert await site_a.repo.latest("/proj/x") == fourth.version
         assert (await stage(site_b, "/proj/x")).version == fourth.version
+
+        # One dated at the last microsecond there is: nothing can follow it. The push
+        # follows the readable parent, says so, and publishes (it had uploaded everything
+        # and then failed: "dated at the end of time").
+        end = datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)
+        await site_a.store.put(version_key("/proj/x", new_version_id("site-z", now=end)), b"?")
+        (src / "fifth.txt").write_text("five\n")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            fifth = await push(site_a, "/proj/x")
+        assert fifth.parent == fourth.version and "stays the latest" in caplog.text
+        assert (await stage(site_b, "/proj/x", version=fifth.version)).files == 5
     finally:
         await site_a.close()
         await site_b.close()

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import stat
+import struct
 import tempfile
 from pathlib import Path
 
@@ -669,6 +670,54 @@ async def test_a_copy_made_to_change_a_shared_files_mode_keeps_holes_owner_and_x
     assert os.getxattr(dst / "f", "user.project") == b"docking"
     assert (dst / "f").read_bytes() == content
     assert b.cli("verify", "/proj/hl").returncode == 0
+
+
+def _acl(entries: list[tuple[int, int, int]]) -> bytes:
+    """A POSIX ACL as its extended attribute holds it: (tag, permissions, id) entries."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+async def test_a_shared_files_copy_keeps_its_group_and_gains_no_inherited_acl(
+    make_site: MakeSite,
+) -> None:
+    """The copy is a new file: it took this process's group, and the access ACL the
+    directory's default ACL gives new files (user 65534 could then read it), where a
+    change of mode in place changed neither."""
+    _, b, dst = await _hard_linked_then_mode_changed(make_site, b"shared\n")
+    os.chown(dst / "f", 0, 100)
+    anyone = 0xFFFFFFFF
+    os.setxattr(
+        dst,
+        "system.posix_acl_default",
+        _acl([(0x01, 6, anyone), (0x02, 6, 65534), (0x04, 4, anyone), (0x10, 6, anyone)])
+        + struct.pack("<HHI", 0x20, 0, anyone),
+    )
+    assert b.cli_json("stage", "/proj/hl")["kept_files"] == 2
+    f = os.stat(dst / "f")
+    assert (f.st_uid, f.st_gid, stat.S_IMODE(f.st_mode)) == (0, 100, 0o600)
+    assert "system.posix_acl_access" not in os.listxattr(dst / "f")
+    assert os.stat(dst / "f").st_ino != os.stat(dst / "g").st_ino
+
+
+def test_a_copy_of_a_file_cut_short_meanwhile_ends_where_its_data_does(tmp_path: Path) -> None:
+    """`copy_data` of a file shorter than the size it was seen at (a user's save cut it):
+    no error (the caller sees the file changed and drops the copy); holes stay holes."""
+    src = tmp_path / "src"
+    with open(src, "wb") as out:
+        out.write(b"a" * 4096)
+        out.seek(8 << 20)
+        out.write(b"b" * 4096)
+    size = os.path.getsize(src)
+    for seen in (size, size + (1 << 20)):  # as it is, and as it was before a cut
+        dst = tmp_path / f"dst{seen}"
+        fd, out_fd = os.open(src, os.O_RDONLY), os.open(dst, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            crossfs.copy_data(fd, out_fd, seen)
+        finally:
+            os.close(fd)
+            os.close(out_fd)
+        assert dst.read_bytes()[:size] == src.read_bytes()
+        assert os.stat(dst).st_blocks * 512 < 1 << 20  # the 8 MiB hole is a hole
 
 
 async def test_a_shared_file_that_cannot_be_read_is_named_not_changed_for_every_name(

@@ -579,6 +579,7 @@ class S3Store:
                     unsent = now_unsent
                 if clock() - moved >= idle:
                     task.cancel()
+                    task.add_done_callback(_retrieved)
                     await asyncio.wait((task,))
                     raise StoreUnavailable(
                         f"S3 endpoint {self.where} stalled during {op} of {key!r}: it took "

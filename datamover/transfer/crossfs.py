@@ -79,43 +79,49 @@ def copy_bytes(src: int, dst: int) -> None:
 def copy_data(src: int, dst: int, size: int) -> None:
     """Copy the `size` bytes of regular file `src` to the new, empty file `dst`, its holes
     left holes: only the runs `SEEK_DATA`/`SEEK_HOLE` find are copied (`copy_file_range`,
-    else `pread`/`pwrite`), and the end is set by `ftruncate`. A file system that cannot
-    tell its holes reports the whole file as data."""
+    else `pread`/`pwrite`), and the end is set by `ftruncate`. Where the file system
+    cannot tell its holes, the rest is copied as data. A file cut short meanwhile (a
+    user's save) ends the copy where its data does: the caller compares the file with
+    what it saw, and drops the copy."""
     offset = 0
     while offset < size:
         try:
             start = os.lseek(src, offset, os.SEEK_DATA)
+            end = min(os.lseek(src, start, os.SEEK_HOLE), size)
         except OSError as exc:
-            if exc.errno == errno.ENXIO:  # nothing but a hole from here on
+            if exc.errno == errno.ENXIO:  # nothing but a hole from here on (or cut short)
                 break
-            raise
-        end = min(os.lseek(src, start, os.SEEK_HOLE), size)
-        _copy_run(src, dst, start, end)
+            start, end = offset, size  # holes not told apart: the rest as data
+        if start >= size or not _copy_run(src, dst, start, end):
+            break
         offset = end
     os.ftruncate(dst, size)
 
 
-def _copy_run(src: int, dst: int, start: int, end: int) -> None:
-    """Copy bytes `[start, end)` of `src` to the same offsets of `dst`."""
+def _copy_run(src: int, dst: int, start: int, end: int) -> bool:
+    """Copy bytes `[start, end)` of `src` to the same offsets of `dst`; False where `src`
+    ended first (cut short meanwhile)."""
     at = start
     try:
         while at < end:
             n = os.copy_file_range(src, dst, end - at, at, at)
             if n == 0:
-                raise changed("it was cut short while it was copied")
+                break  # the end, or a file system that copies nothing so: read to know
             at += n
-        return
+        else:
+            return True
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EXDEV, errno.EOPNOTSUPP):
             raise
     while at < end:
         data = os.pread(src, min(end - at, 1 << 20), at)
         if not data:
-            raise changed("it was cut short while it was copied")
+            return False
         view = memoryview(data)
         while view:
             written = os.pwrite(dst, view, at)
             view, at = view[written:], at + written
+    return True
 
 
 def copy_xattrs(src: int, dst: int) -> None:

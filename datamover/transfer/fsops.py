@@ -1231,9 +1231,16 @@ class TreeWriter:
                 crossfs.copy_data(fd, out, st.st_size)
                 if _identity(os.fstat(fd)) != _identity(st):
                     return  # saved into while copied: the user's, left as it is
-                crossfs.copy_xattrs(fd, out)  # an ACL among them: before the mode
-                if st.st_uid != euid:
-                    os.fchown(out, st.st_uid, st.st_gid)
+                # An ACL among them, before the mode; and none the directory's default
+                # gave the copy that the file did not have.
+                crossfs.copy_xattrs(fd, out)
+                _drop_inherited_acl(fd, out)
+                made = os.fstat(out)
+                if (made.st_uid, made.st_gid) != (st.st_uid, st.st_gid):
+                    try:  # as root, both; else the group only (the owner is this user)
+                        os.fchown(out, st.st_uid if euid == 0 else -1, st.st_gid)
+                    except PermissionError as exc:
+                        raise denied(entry.path, exc) from None
                 os.fchmod(out, entry.mode)
                 os.utime(out, ns=(entry.mtime_ns, entry.mtime_ns))
             except OSError as exc:
@@ -1294,6 +1301,21 @@ class TreeWriter:
         finally:
             os.close(fd)
         self.unlocked.pop(entry.path, None)
+
+
+_ACL = "system.posix_acl_access"
+
+
+def _drop_inherited_acl(src: int, dst: int) -> None:
+    """Remove from new file `dst` the access ACL a directory's default ACL gave it, where
+    `src`, the file it copies, has none (a change of mode in place grants nothing new)."""
+    try:
+        os.getxattr(src, _ACL)
+        return
+    except OSError:
+        pass
+    with contextlib.suppress(OSError):
+        os.removexattr(dst, _ACL)
 
 
 def content_matches(root: str, entry: Entry) -> bool:

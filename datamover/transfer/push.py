@@ -432,7 +432,7 @@ async def _readable_parent(
     newest = ids[-1] if ids else None
     for version in reversed(ids[-_PARENT_TRIES:]):
         try:
-            return version, await site.repo.read_version(dataset, version), newest
+            doc = await site.repo.read_version(dataset, version)
         except Corrupt as exc:
             log.warning(
                 "%s: version %s cannot be read (%s); it is passed over as the parent of the new "
@@ -441,6 +441,19 @@ async def _readable_parent(
                 version,
                 exc,
             )
+            continue
+        if newest != version and not _followable(newest):
+            # Dated at the end of time: nothing can follow it, so it stays the latest.
+            log.warning(
+                "%s: version %s is dated where no version can follow it; the new version "
+                "follows %s, and %s stays the latest until it is removed from the store",
+                dataset,
+                newest,
+                version,
+                newest,
+            )
+            newest = version
+        return version, doc, newest
     if ids:
         log.warning(
             "%s: none of its %d latest versions can be read; the new version has no parent "
@@ -448,7 +461,17 @@ async def _readable_parent(
             dataset,
             min(len(ids), _PARENT_TRIES),
         )
-    return None, None, newest
+    return None, None, newest if _followable(newest) else None
+
+
+def _followable(version: str | None) -> bool:
+    """Whether a version id can follow `version` (`new_version_id` raises for one dated
+    at the last representable microsecond)."""
+    try:
+        new_version_id("x", after=version)
+    except Corrupt:
+        return False
+    return True
 
 
 async def _parent_manifest(site: Site, parent: VersionDoc) -> list[SegmentRef] | None:

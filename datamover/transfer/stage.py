@@ -1348,7 +1348,10 @@ async def _stage(
                 stale = stager._stale
                 # Not the known ones: the target's own partial files are resumed by the
                 # next run; removing them would free nothing it does not write again.
-                ours = await asyncio.to_thread(stager._partials_of_versions, stale)
+                try:
+                    ours = await asyncio.to_thread(stager._partials_of_versions, stale)
+                except Exception:  # the full disk is the error to report
+                    ours = set(stale)
                 full = _full_disk(exc, root, [rel for rel in stale if rel not in ours])
                 if full is not None:
                     raise full from exc
