@@ -170,14 +170,7 @@ async def test_a_body_sent_again_after_a_close_is_watched_again(
         conn.close()
 
     plan.append(read_all_then_close)  # the second connection: held, never read
-    store = _store(url, multipart_threshold=100 * MiB)
-    started = time.monotonic()
-    try:
-        with pytest.raises(StoreUnavailable, match="stalled during PutObject"):
-            await asyncio.wait_for(store.put("k", os.urandom(40 * MiB)), 30)
-    finally:
-        await store.close()
-    assert time.monotonic() - started < 10
+    await _ends_stalled(_store(url, multipart_threshold=100 * MiB), 40 * MiB, "PutObject")
 
 
 async def test_a_slow_server_that_keeps_reading_is_no_stall(raw_server: tuple[str, list]) -> None:
@@ -213,6 +206,17 @@ async def test_a_slow_server_that_keeps_reading_is_no_stall(raw_server: tuple[st
     assert got_all and got_all[0] > 11 * MiB  # the head's share of the first read aside
 
 
+async def _ends_stalled(store: S3Store, size: int, op: str) -> None:
+    """A put of `size` bytes through `store` ends, within seconds, as stalled during `op`."""
+    started = time.monotonic()
+    try:
+        with pytest.raises(StoreUnavailable, match=f"stalled during {op} of 'k'"):
+            await asyncio.wait_for(store.put("k", os.urandom(size)), 30)
+    finally:
+        await store.close()
+    assert time.monotonic() - started < 10
+
+
 def _store(url: str, **kw: int) -> S3Store:
     return S3Store(
         url, "b", access_key="a", secret_key="s", read_timeout=1, connect_timeout=1, **kw
@@ -245,13 +249,7 @@ async def test_a_part_the_server_takes_nothing_of_ends_the_put(
 ) -> None:
     url, headers = stalling_parts_server
     store = _store(url, multipart_threshold=16 * MiB, multipart_chunk=16 * MiB)
-    started = time.monotonic()
-    try:
-        with pytest.raises(StoreUnavailable, match="stalled during UploadPart"):
-            await asyncio.wait_for(store.put("k", os.urandom(32 * MiB)), 30)
-    finally:
-        await store.close()
-    assert time.monotonic() - started < 10
+    await _ends_stalled(store, 32 * MiB, "UploadPart")
     parts = [h for h in headers if "Content-Length" in h and int(h["Content-Length"]) > MiB]
     assert parts and not [h for h in headers if "Expect" in h or "expect" in h]
 
