@@ -467,7 +467,9 @@ def _planning_held(
 
         def slowly() -> Iterator[Any]:
             planning.set()
-            go.wait(10)
+            # Long enough for any machine: on a loaded one, 10 s ran out before the test set
+            # `go`, and the walk went on as though it had (a close then looked premature).
+            go.wait(120)
             for action in actions:
                 walked.set()
                 yield action
