@@ -66,6 +66,10 @@ def plan_ranges(refs: Iterable[ChunkRef], gap: int, max_request: int) -> list[Ra
     return ranges
 
 
+#: Builds, when an error needs it, the map of a chunk digest to a file that needs it.
+Owners = Callable[[], Mapping[bytes, str]]
+
+
 class Fetcher:
     """Runs ranged GETs against `store` and verifies what comes back."""
 
@@ -75,16 +79,16 @@ class Fetcher:
         self._limit = asyncio.Semaphore(concurrency)
         self._hold = hold
 
-    async def _get(self, rng: Range, owners: Mapping[bytes, str]) -> bytes:
+    async def _get(self, rng: Range, owners: Owners) -> bytes:
         key = pack_key(rng.pack)
         async with self._limit:
             try:
                 data = await self.store.get(key, rng.start, rng.end - rng.start)
             except ObjectNotFound:
-                raise _lacking(rng, None, owners) from None
+                raise _lacking(rng, None, owners()) from None
         self.downloaded += len(data)
         if len(data) != rng.end - rng.start:
-            raise _lacking(rng, len(data), owners)
+            raise _lacking(rng, len(data), owners())
         return data
 
     async def stream(self, rng: Range, sink: ByteSink, owner: str | None = None) -> None:
@@ -96,24 +100,25 @@ class Fetcher:
         unchanged."""
         key = pack_key(rng.pack)
         length = rng.end - rng.start
-        owners = {ref.digest: owner for ref in rng.refs} if owner is not None else {}
+
+        def owners() -> Mapping[bytes, str]:
+            return {ref.digest: owner for ref in rng.refs} if owner is not None else {}
+
         async with self._limit:
             try:
                 got = await get_into(self.store, key, rng.start, length, sink, self._hold)
             except ObjectNotFound:
-                raise _lacking(rng, None, owners) from None
+                raise _lacking(rng, None, owners()) from None
         self.downloaded += got
         if got != length:
-            raise _lacking(rng, got, owners)
+            raise _lacking(rng, got, owners())
 
-    async def fetch(
-        self, ranges: Sequence[Range], owners: Mapping[bytes, str] | None = None
-    ) -> list[bytes]:
+    async def fetch(self, ranges: Sequence[Range], owners: Owners | None = None) -> list[bytes]:
         """The bytes of each range, in order. The first failure cancels the GETs still
         running (they would hold slots and fetch for nothing) and is raised once they end.
-        `owners` maps a chunk digest to a file that needs it, for the error of a pack
-        missing or shorter than the ranges."""
-        return await gather_or_cancel([self._get(r, owners or {}) for r in ranges])
+        `owners()` maps a chunk digest to a file that needs it, for the error of a pack
+        missing or shorter than the ranges (called only then)."""
+        return await gather_or_cancel([self._get(r, owners or dict) for r in ranges])
 
 
 def _lacking(rng: Range, got: int | None, owners: Mapping[bytes, str]) -> Corrupt:

@@ -468,8 +468,7 @@ class _Stager:
         hop per batch and GIL contention between a decoder and the writer. Writes nothing if
         an operation queued before it failed."""
         self._check_ops()
-        owners = {c.digest: e.path for e, _ in batch for c in e.chunks}
-        decoded = decode_ranges(ranges, blobs, owners)
+        decoded = decode_ranges(ranges, blobs, _owners(batch))
         blobs.clear()
         self.changed = True  # every chunk verified: the first file is written now
         write = self.writer.write_file  # type: ignore[union-attr]
@@ -556,8 +555,7 @@ class _Stager:
         data (`split_fetch`), one after another."""
         try:
             for part, ranges in split_fetch(batch, self.gap, self.max_request, self.batch_bytes):
-                owners = {c.digest: e.path for e, _ in part for c in e.chunks}
-                blobs = await self.fetcher.fetch(ranges, owners)
+                blobs = await self.fetcher.fetch(ranges, functools.partial(_owners, part))
                 if not await self._write_elsewhere(part, ranges, blobs, ops):
                     await self._on_writer(self._write_batch, part, ranges, blobs)
                 nbytes = sum(e.size for e, _ in part)
@@ -1390,6 +1388,11 @@ def _silent(replica: ReplicaRow) -> bool:
     if touched.tzinfo is None:  # SQLite keeps UTC without a zone
         touched = touched.replace(tzinfo=UTC)
     return datetime.now(UTC) - touched > _STALE_AFTER
+
+
+def _owners(batch: list[_Fetch]) -> dict[bytes, str]:
+    """Each chunk digest of `batch` and a file that needs it (for an error's message)."""
+    return {c.digest: e.path for e, _ in batch for c in e.chunks}
 
 
 def _out_of_space(exc: BaseException) -> bool:
