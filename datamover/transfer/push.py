@@ -421,10 +421,10 @@ async def _readable_parent(
     site: Site, dataset: str
 ) -> tuple[str | None, VersionDoc | None, str | None]:
     """`(id, document, newest id)`: the parent of a new version of `dataset` and the
-    greatest id listed, which the new one must follow. The parent is the latest version, or
-    where that one's
-    document is malformed (`Corrupt`: a damaged object, a writer's bug), the newest of the
-    `_PARENT_TRIES` latest that reads, with a warning; none when none does. A malformed
+    greatest id listed, which the new one must follow. The parent is the latest version,
+    or where that one's document is malformed (`Corrupt`: a damaged object, a writer's
+    bug), the newest of the `_PARENT_TRIES` latest that reads, with a warning; none when
+    none does. A malformed
     latest document had failed every push of the dataset, `--force` too, until someone
     removed the object by hand; passed over, it stays where it is (a stage of it still
     says it is corrupt) and is no longer the latest once this push publishes."""
