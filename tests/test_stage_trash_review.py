@@ -287,6 +287,37 @@ def test_a_directory_moved_across_keeps_its_links_special_files_modes_and_times(
         shutil.rmtree(trash)
 
 
+def test_a_sparse_file_moved_across_keeps_its_holes(tmp_path: Path) -> None:
+    """A user's 4 GiB sparse file with two 1 MiB runs of data, trashed to another file
+    system, arrives with the same bytes and about its 2 MiB of data blocks, not 4 GiB."""
+    trash = _shm_trash(tmp_path)
+    try:
+        root = tmp_path / "ds"
+        (root / "d").mkdir(parents=True)
+        sparse, size = root / "d" / "sparse.img", 4 << 30
+        with open(sparse, "wb") as f:
+            f.write(b"a" * (1 << 20))
+            f.seek(3 << 30)
+            f.write(b"b" * (1 << 20))
+            f.truncate(size)
+        if os.stat(sparse).st_blocks * 512 > 64 << 20:
+            pytest.skip("the test's file system does not keep holes")
+        assert _trash_d(tmp_path, root, trash) is None
+        moved = trash / "d" / "sparse.img"
+        st = os.stat(moved)
+        assert st.st_size == size
+        assert st.st_blocks * 512 <= 16 << 20  # 2 MiB of data and the file system's slack
+        with open(moved, "rb") as f:
+            assert f.read(1 << 20) == b"a" * (1 << 20)
+            assert f.read(1 << 20) == bytes(1 << 20)
+            f.seek(3 << 30)
+            assert f.read(1 << 20) == b"b" * (1 << 20)
+            f.seek(size - 4096)
+            assert f.read() == bytes(4096)
+    finally:
+        shutil.rmtree(trash)
+
+
 # -- set-user-ID and set-group-ID bits and owners of copies in the trash ----------------------
 
 

@@ -34,7 +34,6 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Never blocks: a FIFO swapped in for a file must not wait for a writer.
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-_STEP = 1 << 30
 #: What `setxattr` fails with for an attribute this file system or user cannot set.
 _XATTR_SKIP = (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.ENODATA, errno.EINVAL)
 
@@ -57,23 +56,6 @@ def identity(st: os.stat_result) -> Identity:
 def changed(what: str = "it changed while it was copied") -> OSError:
     """The error for an entry that changed under the copy (the caller reports it)."""
     return OSError(errno.EAGAIN, what)
-
-
-def copy_bytes(src: int, dst: int) -> None:
-    """Copy the whole content of regular file `src` to the new, empty file `dst`."""
-    offset = 0
-    try:
-        while n := os.sendfile(dst, src, offset, _STEP):
-            offset += n
-        return
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOSYS):
-            raise
-    while data := os.pread(src, 1 << 20, offset):
-        view = memoryview(data)
-        while view:
-            view = view[os.write(dst, view) :]
-        offset += len(data)
 
 
 def copy_data(src: int, dst: int, size: int) -> None:
@@ -181,10 +163,12 @@ def give_attrs(st: os.stat_result, fd: int | None, dst_dir: int = -1, name: str 
 
 def copy_file(src: int, st: os.stat_result, dst_dir: int, name: str) -> None:
     """Copy regular file `src` (an open descriptor; `st` its `fstat`) to the new file `name`
-    in directory `dst_dir`, with its extended attributes, mode and times."""
+    in directory `dst_dir`, with its holes (`copy_data`: a sparse file written out as data
+    could fill the trash's file system), extended attributes, mode and times. The copy holds
+    the `st.st_size` bytes seen: the caller compares the file with `st` afterwards."""
     out = os.open(name, _NEW, 0o600, dir_fd=dst_dir)
     try:
-        copy_bytes(src, out)
+        copy_data(src, out, st.st_size)
         copy_xattrs(src, out)
         give_attrs(st, out)
     finally:
