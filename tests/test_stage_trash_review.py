@@ -318,6 +318,57 @@ def test_a_sparse_file_moved_across_keeps_its_holes(tmp_path: Path) -> None:
         shutil.rmtree(trash)
 
 
+def _killed_mid_copy(tmp_path: Path, root: Path, trash: Path, rel: str) -> None:
+    """Trash `rel` in a child process that dies (as by SIGKILL: no cleanup runs) once the
+    first MiB of a file's copy is written."""
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+
+            def die_mid_copy(src: int, dst: int, size: int) -> None:
+                os.pwrite(dst, os.pread(src, 1 << 20, 0), 0)
+                os._exit(9)
+
+            crossfs.copy_data = die_mid_copy  # type: ignore[assignment]
+            writer = TreeWriter(open_root(tmp_path, ("ds",)), root, trash)
+            writer.trash(rel)
+        finally:
+            os._exit(1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 9
+
+
+@pytest.mark.parametrize("rel", ["big.bin", "d"])
+def test_a_move_killed_mid_copy_leaves_no_partial_copy_under_the_entry_s_name(
+    tmp_path: Path, rel: str
+) -> None:
+    """Killed mid-copy, a cross-file-system move leaves the original whole and only a
+    `.dm-moving-` leftover in the trash, never a cut copy under the entry's own name; the
+    move run again puts the whole entry there."""
+    trash = _shm_trash(tmp_path)
+    try:
+        root = tmp_path / "ds"
+        (root / "d").mkdir(parents=True)
+        data = os.urandom(3 << 20)
+        (root / "big.bin").write_bytes(data)
+        (root / "d" / "big.bin").write_bytes(data)
+        _killed_mid_copy(tmp_path, root, trash, rel)
+        assert (root / rel).exists()
+        assert not (trash / rel).exists()
+        assert [p.name[:11] for p in trash.iterdir()] == [".dm-moving-"]
+        writer = TreeWriter(open_root(tmp_path, ("ds",)), root, trash)
+        try:
+            writer.trash(rel)
+        finally:
+            writer.close()
+            os.close(writer.root_fd)
+        assert not (root / rel).exists()
+        whole = trash / rel if rel == "big.bin" else trash / rel / "big.bin"
+        assert whole.read_bytes() == data
+    finally:
+        shutil.rmtree(trash)
+
+
 # -- set-user-ID and set-group-ID bits and owners of copies in the trash ----------------------
 
 

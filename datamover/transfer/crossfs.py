@@ -9,6 +9,10 @@ tree's top, so a directory a local user swaps for a symlink while the copy runs 
 followed: the copy cannot take in, nor the removal unlink, anything outside the entry.
 Symlinks inside are copied as symlinks; FIFOs, sockets and device nodes are made anew.
 
+The copy is made under a temporary name beside its destination (`.dm-moving-<hex>`) and
+renamed to it once whole, before anything of the original is removed: a move cut short (the
+stage killed mid-copy) never leaves a partial copy under the entry's name in the trash,
+where a user restoring it would take it for the whole. Such a leftover goes with its run.
 A copy that fails is removed again and the original left whole. Of a directory, only what
 did not change during the copy is removed (a file by inode, size and mtime as they were
 when it was copied, a symlink also by its target), a directory only once empty; a file
@@ -25,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import secrets
 import shutil
 import stat
 from dataclasses import dataclass, field
@@ -350,17 +355,19 @@ def move_across(src_dir: int, name: str, dst_dir: int, to: str) -> None:
         raise
     try:
         st = os.fstat(src)
-        os.mkdir(to, 0o700, dir_fd=dst_dir)
+        tmp = _moving_name()
+        os.mkdir(tmp, 0o700, dir_fd=dst_dir)
         try:
-            dst = os.open(to, _DIR, dir_fd=dst_dir)
+            dst = os.open(tmp, _DIR, dir_fd=dst_dir)
             try:
                 copied = copy_tree(src, dst)
                 copy_xattrs(src, dst)
                 give_attrs(st, dst)
             finally:
                 os.close(dst)
+            _publish(dst_dir, tmp, to)
         except BaseException:
-            shutil.rmtree(to, ignore_errors=True, dir_fd=dst_dir)
+            shutil.rmtree(tmp, ignore_errors=True, dir_fd=dst_dir)
             raise
         remove_copied(src, copied)
         removed = False
@@ -384,20 +391,38 @@ def move_across(src_dir: int, name: str, dst_dir: int, to: str) -> None:
 def _move_one(src_dir: int, name: str, dst_dir: int, to: str) -> None:
     """`move_across` of anything but a directory: copied, then unlinked only if it is
     still what was copied."""
+    tmp = _moving_name()
     try:
-        seen, opened = _copy_entry(src_dir, name, dst_dir, to)
+        seen, opened = _copy_entry(src_dir, name, dst_dir, tmp)
         if opened is not None:  # a directory now: it was swapped in after the look
             os.close(opened[0])
             os.close(opened[1])
-            os.rmdir(to, dir_fd=dst_dir)
+            os.rmdir(tmp, dir_fd=dst_dir)
             raise changed()
         assert seen is not None
         if not _unchanged(
             src_dir, name, os.stat(name, dir_fd=src_dir, follow_symlinks=False), seen
         ):
             raise changed()
+        _publish(dst_dir, tmp, to)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(to, dir_fd=dst_dir)
+            os.unlink(tmp, dir_fd=dst_dir)
         raise
     os.unlink(name, dir_fd=src_dir)
+
+
+def _moving_name() -> str:
+    """A fresh temporary name for a copy being made (see the module docstring)."""
+    return f".dm-moving-{secrets.token_hex(8)}"
+
+
+def _publish(dst_dir: int, tmp: str, to: str) -> None:
+    """Rename the whole copy `tmp` to `to` in `dst_dir`, never over something there (the
+    caller chose a free `to` in a trash directory only this stage writes into)."""
+    try:
+        os.stat(to, dir_fd=dst_dir, follow_symlinks=False)
+    except FileNotFoundError:
+        os.rename(tmp, to, src_dir_fd=dst_dir, dst_dir_fd=dst_dir)
+        return
+    raise OSError(errno.EEXIST, "its place in the trash was taken meanwhile")
