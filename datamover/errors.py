@@ -110,6 +110,14 @@ class RunsExhausted(PermanentError):
     code = "runs_exhausted"
 
 
+class InternalError(DatamoverError):
+    """A daemon's answer to an error it did not expect (a bug; its log holds the
+    traceback): exit 70 at its client, as for one in the CLI's own process."""
+
+    code = "internal"
+    exit_code = 70
+
+
 class Interrupted(DatamoverError):
     """The user interrupted the command (Ctrl-C); the message says what goes on without it."""
 

@@ -53,8 +53,14 @@ async def errors_middleware(
     except Exception as exc:
         from datamover.catalog.engine import catalog_outage
 
-        outage = catalog_outage(exc)
-        if outage is not None:  # a restart of the catalog's server is no bug: 503
+        # A restart of the catalog's server is no bug: 503. `catalog_only`: a handler
+        # reaches the store only through `Store`, which turns each of its failures into a
+        # `DatamoverError` (caught above), so a bare connection refused or reset here is
+        # the catalog's (asyncpg raises them unwrapped, as the token lookup that starts
+        # every authenticated request met a PostgreSQL server that was down: a 500, which
+        # a job's prolog took for a failure, not a later try).
+        outage = catalog_outage(exc, catalog_only=True)
+        if outage is not None:
             log.warning("%s %s: %s", request.method, request.path, outage.message)
             return error_response(http_status(outage), outage.code, outage.message)
         log.exception("unexpected error in %s %s", request.method, request.path)

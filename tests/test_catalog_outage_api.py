@@ -1,0 +1,114 @@
+"""A PostgreSQL catalog down under a running daemon: its API answers 503 (try again), which
+the CLI and the job hooks take as exit 6, not a 500 taken for a failure; and the daemon
+serves again once the server is back. The server is reached through a TCP forwarder the
+test closes, as a restart or failover looks to the daemon: connections reset, then
+refused."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import threading
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+from tests.fixtures_daemon import StartSite, with_token
+
+PG_ONLY = pytest.mark.parametrize("new_catalog", ["postgresql"], indirect=True)
+
+
+class Forwarder:
+    """Forwards TCP connections from a loopback port to `upstream` until `down()`, which
+    resets every connection and refuses new ones; `up()` listens on the same port again."""
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self.port = 0
+        self._listener: socket.socket | None = None
+        self._open: list[socket.socket] = []
+        self._lock = threading.Lock()
+
+    def up(self) -> None:
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        self.port = listener.getsockname()[1]
+        self._listener = listener
+        threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def down(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            with contextlib.suppress(OSError):
+                listener.shutdown(socket.SHUT_RDWR)
+            listener.close()
+        with self._lock:
+            conns, self._open = self._open, []
+        for conn in conns:
+            with contextlib.suppress(OSError):
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")
+                conn.close()  # with a zero linger: a reset, as a server killed mid-answer
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            with self._lock:
+                self._open += [client, server]
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+
+@PG_ONLY
+async def test_a_catalog_server_down_is_a_503_and_exit_6_not_an_internal_error(
+    served_site: StartSite, new_catalog: object
+) -> None:
+    url = await new_catalog()  # type: ignore[operator]
+    parts = urlsplit(url)
+    forwarder = Forwarder((parts.hostname or "127.0.0.1", parts.port or 5432))
+    forwarder.up()
+    try:
+        netloc = f"{parts.username}@127.0.0.1:{forwarder.port}"
+        d = await served_site("site-b", catalog=urlunsplit(parts._replace(netloc=netloc)))
+        token = d.token("t1", "/proj", "write")
+        assert d.request("GET", "/v1/transfers", token)[0] == 200
+        forwarder.down()
+        # Before: 500 {"code": "internal"} with a traceback in the log, and exit 1 at the
+        # client, which the Slurm prolog takes for a failure (the job not started).
+        status, body = d.request("GET", "/v1/transfers", token)
+        assert status == 503, body
+        assert body["error"]["code"] == "catalog_unavailable", body
+        assert body["error"]["message"].startswith("catalog unavailable: "), body
+        env = with_token(d.env, token)
+        proc = env.cli("stage", "/proj/ds", "--daemon", timeout=300)
+        assert proc.returncode == 6, (proc.returncode, proc.stderr)
+        assert "catalog unavailable" in proc.stderr, proc.stderr
+        assert "Traceback" not in d.log()
+        forwarder.up()
+        status, body = d.request("GET", "/v1/transfers", token)
+        assert status == 200, body
+    finally:
+        forwarder.down()
+
+
+def test_a_daemons_internal_error_is_exit_70_at_its_client() -> None:
+    """A daemon's 500 `internal` (a bug, its traceback in the daemon's log) had reached
+    scripts as exit 1, which the README gives to `verify` differences and refusals."""
+    from datamover.client import error_from
+    from datamover.errors import InternalError
+
+    exc = error_from(500, {"error": {"code": "internal", "message": "internal error"}})
+    assert isinstance(exc, InternalError) and exc.exit_code == 70
