@@ -43,6 +43,22 @@ def test_a_dead_process_of_this_host_is_dead() -> None:
     assert not owner_alive(f"{socket.gethostname()}:{done.stdout.strip()}/w1")
 
 
+def test_a_killed_process_its_parent_has_not_reaped_is_dead() -> None:
+    # Before: `os.kill(pid, 0)` succeeds on a zombie, so a push killed under a parent that
+    # reaps late (a shell's `timeout -s KILL`; a container whose first process never
+    # reaps) held its dataset against the rerun: "a push ... is already running".
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        assert owner_alive(f"{socket.gethostname()}:{proc.pid}")
+        proc.kill()
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not yet reaped
+        assert os.path.exists(f"/proc/{proc.pid}")
+        assert not owner_alive(f"{socket.gethostname()}:{proc.pid}")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_two_containers_with_one_host_name_have_two_owner_ids() -> None:
     # Before: both were `host:1`, so a daemon starting in one took the other's running
     # transfers for its own dead predecessor's (`daemon._dead_owner`) and ran them again.

@@ -66,7 +66,9 @@ def owner_id() -> str:
 def owner_alive(owner: str | None) -> bool:
     """False when `owner` (`owner_id`, maybe `/worker` after it) names a process of this
     host and PID namespace that no longer exists. One of another host or namespace cannot
-    be told from here: it counts as alive (its lease ends it)."""
+    be told from here: it counts as alive (its lease ends it). A zombie is dead: a killed
+    process its parent has not reaped yet (a shell's `timeout -s KILL`, a container whose
+    first process never reaps) had held its work against the rerun until reaped."""
     if not owner:
         return False
     who, _, namespace = owner.partition("/")[0].partition("@")
@@ -78,8 +80,20 @@ def owner_alive(owner: str | None) -> bool:
     except (ValueError, ProcessLookupError):
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    return not _exited(int(pid))
+
+
+def _exited(pid: int) -> bool:
+    """Whether process `pid` has exited and awaits its parent (state Z or X in
+    `/proc/PID/stat`); False where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(b")") + 1 :].split()  # the name in parentheses may hold spaces
+    return bool(fields) and fields[0] in (b"Z", b"X")
 
 
 def _now() -> datetime:
