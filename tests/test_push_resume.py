@@ -258,3 +258,48 @@ async def test_a_failed_push_lets_another_process_resume(
     finally:
         await site.close()
     assert await stage_elsewhere(make_site) == files(root)
+
+
+async def test_a_pack_stored_but_not_indexed_when_killed_is_not_sent_again(
+    make_site: MakeSite,
+) -> None:
+    """Killed between a pack's upload and its indexing (a window of 0.2-0.6 s after each,
+    up to `upload_concurrency` packs at once), a push had its rerun send the pack again:
+    the rerun asks the store for each pack first, and the same files make the same pack."""
+    a = await make_site("site-a", pack_size=1 << 20, upload_concurrency=1)
+    root = a.data / "x"
+    root.mkdir()
+    for i in range(12):
+        (root / f"f{i:03d}").write_bytes(os.urandom(300_000))
+    site = await a.open()
+    stored: list[str] = []
+    put = site.store.put
+    original = site.catalog.add_pack
+
+    async def recording_put(key: str, data: Any, *args: Any, **kw: Any) -> Any:
+        answer = await put(key, data, *args, **kw)
+        if key.startswith("packs/"):
+            stored.append(key)
+        return answer
+
+    async def killed_before_indexing(*args: Any, **kw: Any) -> None:
+        raise Killed("after a pack's upload, before its indexing")
+
+    site.store.put = recording_put  # type: ignore[method-assign]
+    site.catalog.add_pack = killed_before_indexing  # type: ignore[method-assign]
+    try:
+        with pytest.raises(Killed):
+            await push(site, "/proj/x")
+        killed = set(stored)  # its error reaches the push only at its next pack
+        assert killed
+        killed_size = sum([(await site.store.head(key)).size for key in killed])
+        site.catalog.add_pack = original  # type: ignore[method-assign]
+        stored.clear()
+        result = await push(site, "/proj/x")
+    finally:
+        await site.close()
+    assert not killed & set(stored), (killed, stored)
+    assert result.packs == len(stored) + len(killed)  # built by the rerun too, not sent
+    # Random bytes: the packs hold the files' bytes; the rest sent is the manifest.
+    assert result.uploaded_bytes <= result.bytes - killed_size + (64 << 10), result
+    assert await stage_elsewhere(make_site) == files(root)

@@ -83,10 +83,14 @@ class Packer:
         catalog: Catalog,
         pack_size: int,
         concurrency: int,
+        stored_first: bool = False,
     ) -> None:
         self.store = store
         self.catalog = catalog
         self.pack_size = pack_size
+        #: Ask the store for each pack before sending it (`_upload`): a push taking over an
+        #: interrupted one, whose last packs may be stored but not yet in the chunk index.
+        self.stored_first = stored_first
         self.stats = PackerStats()
         self._slots = asyncio.Semaphore(concurrency)
         self._pending: dict[bytes, PendingChunk] = {}
@@ -203,7 +207,9 @@ class Packer:
         assert pack.pack_id is not None
         size = len(data)
         try:
-            await self.store.put(pack_key(pack.pack_id), data)
+            if not (self.stored_first and await self._stored(pack.pack_id, size)):
+                await self.store.put(pack_key(pack.pack_id), data)
+                self.stats.pack_bytes += size
             del data
             self._buffers.append(buffer)  # only after a completed put: nothing reads it now
             refs = [
@@ -213,7 +219,6 @@ class Packer:
             await self.catalog.add_pack(pack.pack_id, size, refs)
             self._sizes[pack.pack_id] = size
             self.stats.packs += 1
-            self.stats.pack_bytes += size
             for e in entries:
                 if self._pending.get(e.digest) is not None and self._pending[e.digest].pack is pack:
                     del self._pending[e.digest]
@@ -225,6 +230,17 @@ class Packer:
             pack.done.exception()  # mark retrieved; the error surfaces through _check/close
         finally:
             self._slots.release()
+
+    async def _stored(self, pack_id: bytes, size: int) -> bool:
+        """Whether the store holds pack `pack_id` whole already (at its size: its name is
+        its content's digest). A run killed after a pack's upload and before its chunks
+        were indexed stored it; the run taking over builds the same pack from the same
+        files, and this spares sending it again (up to `upload_concurrency` packs a
+        kill)."""
+        try:
+            return (await self.store.head(pack_key(pack_id))).size == size
+        except ObjectNotFound:
+            return False
 
     async def flush(self) -> None:
         """Seal the open pack, if any."""

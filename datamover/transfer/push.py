@@ -9,6 +9,8 @@ writes the tree here while it is read.
 
 Crash safety: packs are indexed in the catalog only after they are stored, and segments are
 checkpointed only after theirs are; a rerun after SIGKILL finds both and sends neither again.
+A pack stored in the moment between its upload and its indexing is found too: a run taking
+over an interrupted one asks the store for each pack before sending it.
 """
 
 from __future__ import annotations
@@ -583,6 +585,7 @@ async def _push_tree(
                     progress=counted,
                     changed_since_ns=changed_since,
                     resumed_since_ns=resumed_since,
+                    after_interrupted=found is not None,
                 )
                 lost_packs, lost_objects = await check.missing()
             finally:
@@ -750,10 +753,13 @@ async def _build(
     progress: Progress,
     changed_since_ns: int | None = None,
     resumed_since_ns: int | None = None,
+    after_interrupted: bool = False,
 ) -> tuple[PushResult, list[SegmentRef]]:
     """Walk, read what changed, upload packs and segments; the counts and the manifest list.
     Files changed since `changed_since_ns` (`resumed_since_ns` for those the `resumed`
-    segments hold) by their ctime are read (`Scanner`).
+    segments hold) by their ctime are read (`Scanner`). `after_interrupted`: a push of the
+    dataset did not finish before this one, so each pack is looked for in the store before
+    it is sent (`Packer.stored_first`).
 
     Previous entries with a chunk in a `lost` pack are not reused (their files are read
     again), nor is any segment taken whole then. Every reused chunk reference goes to
@@ -783,7 +789,7 @@ async def _build(
         scanner.resume_cutoff(sort_key(resumed[-1].last_path), resumed_since_ns)
     if not resumed and not lost:
         scanner.check_ahead(parent_refs, site.repo.cache_file, passed)
-    packer = Packer(site.store, site.catalog, t.pack_size, t.upload_concurrency)
+    packer = Packer(site.store, site.catalog, t.pack_size, t.upload_concurrency, after_interrupted)
 
     # Checkpoint rows let a rerun skip what this run uploaded. A reused segment uploaded
     # nothing, so its row waits for the next new segment's (one transaction for both, so the
