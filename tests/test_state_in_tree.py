@@ -39,3 +39,31 @@ async def test_a_default_state_dir_in_a_datasets_tree_stops_its_push_and_stage_o
     assert staged.returncode == 2, staged.stderr
     assert (home / ".state").is_dir()  # nothing moved to any trash
     assert _cli(a.config_path, env, "ls").returncode == 0  # other commands are not refused
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_a_state_dir_reached_through_a_symlink_into_a_tree_stops_its_push_and_stage(
+    make_site: MakeSite,
+) -> None:
+    # Before: compared as written only, a state directory configured through a link into
+    # the tree was published with it (its lock files staged at other sites), and every
+    # `stage --delete` failed moving it into its own trash.
+    a = await make_site("site-a")
+    ds = a.data / "ds"
+    ds.mkdir()
+    (ds / "f").write_text("f\n")
+    link = a.state.parent / "link-to-ds"
+    link.symlink_to(ds)
+    text = a.config_path.read_text()
+    a.config_path.write_text(
+        re.sub(r"(?m)^state_dir = .*$", f'state_dir = "{link / ".state"}"', text)
+    )
+    env: dict[str, str] = {}
+    assert _cli(a.config_path, env, "db", "upgrade").returncode == 0
+    refused = _cli(a.config_path, env, "push", "/proj/ds")
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.count("\n") == 1
+    assert "the site's state directory" in refused.stderr and "lies in its tree" in refused.stderr
+    staged = _cli(a.config_path, env, "stage", "/proj/ds", "--delete")
+    assert staged.returncode == 2, staged.stderr
+    assert (ds / ".state").is_dir()  # nothing moved to any trash

@@ -285,10 +285,15 @@ def check_state_outside(state_dir: Path, dataset: str, root: Path) -> None:
     """`InvalidInput` if the site's state directory lies in the tree of `dataset` (its local
     directory `root`): a push would publish the catalog, caches and trash, and a stage with
     `--delete` would try to move the state directory into its own trash (failing for
-    ever). Compared as written, normalised, as the configuration compares them."""
+    ever). Compared as written, normalised, as the configuration compares them, and with
+    symlinks resolved: a state directory reached through a link into the tree had been
+    pushed with the tree (its lock files staged at other sites), and every `stage
+    --delete` failed moving it into its own trash."""
     state = Path(os.path.normpath(state_dir))
     tree = Path(os.path.normpath(root))
-    if state.is_relative_to(tree):
+    if state.is_relative_to(tree) or Path(os.path.realpath(state)).is_relative_to(
+        os.path.realpath(tree)
+    ):
         raise InvalidInput(
             f"{dataset!r}: the site's state directory {str(state)!r} lies in its tree "
             f"{str(tree)!r}; set [site] state_dir outside every dataset's tree"
