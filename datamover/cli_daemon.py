@@ -411,7 +411,19 @@ def transfer_list(
     for t in page["transfers"]:
         click.echo(_describe(t))
     if page.get("next"):  # the list had been cut at --limit without a word
-        click.echo(f"more: datamover transfer list --after {page['next']}", err=True)
+        import shlex
+
+        # The same filters again: the next page of what was asked, not of every transfer.
+        words = ["datamover", "transfer", "list"]
+        for option, value in (("--state", state), ("--kind", kind), ("--prefix", prefix)):
+            if value:
+                words += [option, value]
+        if limit != 100:
+            words += ["--limit", str(limit)]
+        if config_path:
+            words += ["--config", config_path]
+        words += ["--after", page["next"]]
+        click.echo(f"more: {shlex.join(words)}", err=True)
 
 
 @transfer.command("show")

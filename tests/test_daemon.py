@@ -499,10 +499,22 @@ async def test_hook_pair_end_to_end(served_site: StartSite, make_site: MakeSite)
     # A page cut at --limit says how to go on (it had stopped without a word).
     first = d.env.cli("transfer", "list", "--limit", "1")
     assert first.returncode == 0 and ids[0] in first.stdout and ids[1] not in first.stdout
-    assert first.stderr == f"more: datamover transfer list --after {ids[0]}\n"
+    # The next page of what was asked: the filters, the limit and the config again (it had
+    # named --after alone, the next page of every transfer).
+    config = d.env.config_path
+    assert first.stderr == (
+        f"more: datamover transfer list --limit 1 --config {config} --after {ids[0]}\n"
+    )
     rest = d.env.cli("transfer", "list", "--limit", "1", "--after", ids[0])
     assert rest.returncode == 0 and ids[1] in rest.stdout and ids[0] not in rest.stdout
-    assert rest.stderr == f"more: datamover transfer list --after {ids[1]}\n"  # a full page
+    assert rest.stderr == (  # a full page
+        f"more: datamover transfer list --limit 1 --config {config} --after {ids[1]}\n"
+    )
+    filtered = d.env.cli("transfer", "list", "--state", "succeeded", "--limit", "1")
+    hint = filtered.stderr.removeprefix("more: ").split()
+    assert hint[:7] == ["datamover", "transfer", "list", "--state", "succeeded", "--limit", "1"]
+    follow = d.env.cli(*hint[1:-4], "--after", hint[-1])  # the hint's command, as given
+    assert follow.returncode == 0 and ids[0] not in follow.stdout, follow
     last = d.env.cli("transfer", "list", "--after", ids[1])
     assert (last.returncode, last.stdout, last.stderr) == (0, "", "")
 
