@@ -37,6 +37,13 @@ class InvalidInput(DatamoverError):
     exit_code = 2
 
 
+class NoRoute(InvalidInput):
+    """The daemon has no API route at the path asked (404): its client's `[api] url` holds
+    a path the daemon does not serve under, which no dataset or transfer id explains."""
+
+    code = "no_route"
+
+
 class NotFound(DatamoverError):
     """A dataset, version or object named by the caller does not exist."""
 

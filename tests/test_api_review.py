@@ -21,7 +21,7 @@ import pytest
 
 from datamover.config import listen_address, load_config
 from datamover.errors import InvalidInput
-from tests.fixtures_daemon import StartSite, free_port
+from tests.fixtures_daemon import StartSite, free_port, with_token
 from tests.fixtures_sites import MakeSite
 
 SQLITE_ONLY = pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)
@@ -311,3 +311,32 @@ async def test_a_datasets_versions_come_in_pages(
     for bad in ("after=x", "limit=0", "limit=10001"):
         s, body = d.request("GET", f"{target}?{bad}", token)
         assert s == 400, (bad, body)
+
+
+@SQLITE_ONLY  # no catalog question
+async def test_a_path_in_api_url_the_daemon_does_not_serve_is_named_not_taken_for_a_missing_id(
+    served_site: StartSite,
+) -> None:
+    # Before: with `[api] url` at `/api` (the daemon serves at `/`), `transfer show`,
+    # `cancel`, `submit` and `list` said "Not Found" (exit 3), as for a missing transfer.
+    d = await served_site("site-b")
+    token = d.token("t1", "/proj", "write")
+    status, body = d.request("GET", "/v1/nowhere", token)
+    assert status == 404 and body["error"]["code"] == "no_route", body
+    assert "no API route GET /v1/nowhere" in body["error"]["message"], body
+    status, body = d.request("GET", "/v1/transfers/tr-20240101T000000000000-00000000", token)
+    assert status == 404 and body["error"]["code"] == "not_found", body  # a missing id still
+    env = with_token(d.env, token)
+    env.config_path.write_text(
+        env.config_path.read_text().replace("[api]\n", f'[api]\nurl = "{d.url}/api"\n', 1)
+    )
+    for args in (
+        ("transfer", "show", "tr-20240101T000000000000-00000000"),
+        ("transfer", "cancel", "tr-20240101T000000000000-00000000"),
+        ("transfer", "submit", "stage", "/proj/x"),
+        ("transfer", "list"),
+    ):
+        r = env.cli(*args)
+        assert r.returncode == 2, (args, r.returncode, r.stderr)
+        assert "[api] url is the daemon's address without a path" in r.stderr, (args, r.stderr)
+        assert r.stderr.count("\n") == 1, (args, r.stderr)

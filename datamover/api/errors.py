@@ -13,12 +13,11 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from datamover.errors import DatamoverError, http_status
+from datamover.errors import DatamoverError, NoRoute, http_status
 
 log = logging.getLogger(__name__)
 
 _HTTP_CODES = {
-    404: "not_found",
     405: "method_not_allowed",
     413: "too_large",
     415: "unsupported_media_type",
@@ -48,6 +47,15 @@ async def errors_middleware(
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        if isinstance(exc, web.HTTPNotFound):  # only the router raises it: no such route
+            # Its own code: to a client whose `[api] url` has a path the daemon does not
+            # serve under, a "not found" read as a missing transfer or dataset (exit 3).
+            return error_response(
+                404,
+                NoRoute.code,
+                f"the daemon has no API route {request.method} {request.path}: check that "
+                "[api] url is the daemon's address without a path",
+            )
         code = _HTTP_CODES.get(exc.status, f"http_{exc.status}")
         return error_response(exc.status, code, exc.reason)
     except Exception as exc:
