@@ -67,9 +67,15 @@ async def test_the_cli_names_the_pin_and_takes_force(make_site: MakeSite) -> Non
     assert proc.returncode == 11, proc.stderr
     assert "pin 'slurm-101'" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert (b.data / "ds" / "f").read_text() == "version 1\n"
-    done = json.loads(b.cli("stage", "/proj/ds", "--pin", "slurm-104", "--force", "--json").stdout)
+    forced = b.cli("stage", "/proj/ds", "--pin", "slurm-104", "--force", "--json")
+    done = json.loads(forced.stdout)
     assert done["pin"] == "slurm-104"
     assert (b.data / "ds" / "f").read_text() == "version 2\n"
+    # The pin it overrode is recorded at the version its job now reads (it had kept
+    # version 1, so `pins` named a version the tree no longer held), and the stage says so.
+    assert "'slurm-101'" in forced.stderr and "recorded at" in forced.stderr, forced.stderr
+    pins = {p["pin"]: p["version"] for p in b.cli_json("pins", "/proj")["pins"]}
+    assert pins == {"slurm-101": done["version"], "slurm-104": done["version"]}
 
 
 async def _pushed_and_served(make_site: MakeSite, served_site: StartSite) -> tuple[SiteEnv, Daemon]:

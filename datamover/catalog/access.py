@@ -154,6 +154,18 @@ class Access:
             await conn.execute(stmt)
             return _pin_row((await conn.execute(held)).one())
 
+    async def move_pins(self, dataset: str, version: str) -> list[PinRow]:
+        """Record the pins of `dataset` at another version than `version` (not those with
+        none) as at `version`, and return them as they were: a forced stage changed the
+        files under their jobs, which now read `version`."""
+        p = Pin
+        moved = (p.c.dataset == dataset, p.c.version.is_not(None), p.c.version != version)
+        async with self.engine.begin() as conn:
+            rows = [_pin_row(r) for r in await conn.execute(select(p).where(*moved))]
+            if rows:
+                await conn.execute(update(p).where(*moved).values(version=version))
+        return rows
+
     async def pin_for_transfer(self, transfer_id: str, dataset: str, version: str | None) -> bool:
         """Pin `dataset` under the pin transfer `transfer_id` still carries, if it carries
         one, as a pin of the transfer's tenant; False when it does not (it had none, or

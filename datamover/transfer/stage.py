@@ -43,6 +43,7 @@ from typing import Any, Literal
 import blake3
 
 from datamover.aio import every
+from datamover.catalog.access import Access
 from datamover.catalog.queries import ReplicaRow, owner_alive, owner_id
 from datamover.config import TransferSettings
 from datamover.console import human_bytes
@@ -1362,11 +1363,32 @@ async def _stage(
         ):
             await site.catalog.finish_replica(dataset, doc.version, "failed", 0, 0)
             raise _taken_over(dataset)
+        if force:
+            await _move_overridden_pins(site, dataset, doc.version)
     finally:
         await _stop_procs(procs)
     result.downloaded_bytes += site.repo.fetched_bytes - fetched_before
     result.seconds = round(time.monotonic() - started, 3)
     return result
+
+
+async def _move_overridden_pins(site: Site, dataset: str, version: str) -> None:
+    """After a forced stage of `dataset` to `version`: the pins it overrode are recorded at
+    `version`, which their jobs now read (a warning names them). They had kept the version
+    they were taken at, so `datamover pins` named a version the tree no longer held, and
+    a later refusal another one."""
+    moved = await Access(site.catalog.engine).move_pins(dataset, version)
+    if moved:
+        named = ", ".join(f"{p.pin!r} (tenant {p.tenant!r}, was {p.version})" for p in moved[:3])
+        more = f" and {len(moved) - 3} more" if len(moved) > 3 else ""
+        log.warning(
+            "stage of %s: --force changed the files under pins %s%s; they are recorded at "
+            "version %s now",
+            dataset,
+            named,
+            more,
+            version,
+        )
 
 
 def _taken_over(dataset: str) -> Conflict:
