@@ -730,7 +730,8 @@ def main() -> None:
     except click.exceptions.Exit as exc:
         _leave(exc.exit_code)
     except click.ClickException as exc:
-        message = exc.format_message()
+        # One line: Click lists a choice's values one to a line ("Choose from:\n\tread,").
+        message = " ".join(exc.format_message().split())
         if isinstance(exc, click.NoSuchOption) and exc.option_name == "--config":
             # Given between a group and its command (`datamover db --config F upgrade`).
             message += (

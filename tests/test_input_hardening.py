@@ -537,3 +537,21 @@ async def test_a_deadline_without_an_offset_is_the_users_local_time(
     # An offset given is kept.
     utc = deadline("2026-12-01T08:00:00Z", "transfer", "submit", "stage", "/proj/x")
     assert utc == "2026-12-01T08:00:00.000000Z"
+
+
+def test_a_usage_error_listing_choices_is_one_line() -> None:
+    # Before: Click's "Missing option '--scope'. Choose from:" listed the choices one to a
+    # line, four lines on stderr and a message with newlines in the JSON error.
+    base = [sys.executable, "-m", "datamover", "token", "create", "--tenant", "t"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DATAMOVER_")}
+    for extra in ((), ("--json",)):
+        r = subprocess.run(
+            [*base, "--prefix", "/proj", *extra], capture_output=True, text=True, env=env
+        )
+        assert r.returncode == 2, r.stderr
+        assert r.stderr == (
+            "datamover: error: Missing option '--scope'. Choose from: read, write, admin\n"
+        ), r.stderr
+        if extra:
+            message = json.loads(r.stdout)["error"]["message"]
+            assert message == "Missing option '--scope'. Choose from: read, write, admin"
