@@ -64,8 +64,12 @@ def segment(value: str) -> str:
 
 def _checked_token(token: str, source: str) -> str | None:
     token = token.strip()
+    if token.lower().startswith("bearer "):
+        raise InvalidInput(f"{source}: give the token alone, without 'Bearer '")
     if any(not 0x21 <= ord(c) <= 0x7E for c in token):
-        raise InvalidInput(f"{source}: the token may hold only printable ASCII characters")
+        raise InvalidInput(
+            f"{source}: the token may hold only printable ASCII characters, no spaces"
+        )
     return token or None
 
 

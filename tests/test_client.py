@@ -480,3 +480,31 @@ def test_a_proxys_401_is_not_taken_for_the_daemons_want_of_a_token() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_a_token_with_its_header_word_or_a_space_is_told_what_is_wrong(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A token file holding `Bearer dm_...` had been told "the token may hold only
+    printable ASCII characters", which a space is."""
+    monkeypatch.delenv("DATAMOVER_TOKEN", raising=False)
+    from datamover.client import load_token
+    from datamover.config import load_config
+    from datamover.errors import InvalidInput
+
+    token_file = tmp_path / "token"
+    config_path = tmp_path / "site.toml"
+    config_path.write_text(
+        '[site]\nname = "s"\n[store]\nbucket = "bkt"\n'
+        f'[api]\nurl = "http://127.0.0.1:1"\ntoken_file = "{token_file}"\n'
+    )
+    config = load_config(config_path, env={})
+    for text, says in (
+        ("Bearer dm_abc\n", "give the token alone, without 'Bearer '"),
+        ("dm_a b\n", "printable ASCII characters, no spaces"),
+    ):
+        token_file.write_text(text)
+        with pytest.raises(InvalidInput, match=says):
+            load_token(config)
+    token_file.write_text("dm_abc\n")
+    assert load_token(config) == "dm_abc"

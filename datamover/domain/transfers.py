@@ -122,7 +122,7 @@ def check_idempotency_key(key: str) -> str:
     """Return `key` if it is 1-200 printable ASCII characters (it travels as an HTTP header),
     else raise `InvalidInput`."""
     if not 0 < len(key) <= 200 or any(not 0x21 <= ord(c) <= 0x7E for c in key):
-        raise InvalidInput("Idempotency-Key must be 1-200 printable ASCII characters")
+        raise InvalidInput("Idempotency-Key must be 1-200 printable ASCII characters, no spaces")
     return key
 
 
