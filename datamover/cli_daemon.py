@@ -562,8 +562,13 @@ def pins(prefix: str, tenant: str | None, config_path: str | None, as_json: bool
 
     from datamover.catalog.access import Access
     from datamover.domain.paths import check_logical_path, is_under
+    from datamover.domain.transfers import check_text
 
     prefix = "/" if prefix == "/" else check_logical_path(prefix)
+    if tenant is not None:  # as `release` takes it: a typo is named, not an empty list
+        if not tenant.strip():
+            raise InvalidInput("--tenant must not be blank")
+        check_text(tenant, "--tenant", 128)
     config = load_config(config_path)
 
     async def work(engine: Any) -> list[Any]:

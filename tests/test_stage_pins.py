@@ -264,3 +264,12 @@ async def test_pins_lists_the_pins_held_here_under_a_prefix(make_site: MakeSite)
     assert (none.returncode, none.stdout, none.stderr) == (0, "", "no pins under /proj/other\n")
     bad = b.cli("pins", "relative/path")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr
+    # A tenant no pin could have is named, as `release` names it (it listed no pins).
+    for tenant, says in (
+        ("", "must not be blank"),
+        ("t\x01", "control character"),
+        ("t" * 300, "longer than 128"),
+    ):
+        bad = b.cli("pins", "--tenant", tenant)
+        assert bad.returncode == 2 and says in bad.stderr, bad.stderr
+        assert bad.stderr.count("\n") == 1, bad.stderr
