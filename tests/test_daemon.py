@@ -296,6 +296,23 @@ async def test_a_body_that_is_no_json_object_is_a_json_4xx(served_site: StartSit
     assert "unexpected error" not in d.log() and "Traceback" not in d.log()
 
 
+async def test_a_body_declared_too_large_is_a_413_at_once(served_site: StartSite) -> None:
+    # Before: the daemon waited for the 99,999,999,999 bytes to arrive (the client, sending
+    # none, timed out) before it answered.
+    d = await served_site("site-b")
+    token = d.token("t1", "/", "admin")
+    host, port = d.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            b"POST /v1/transfers HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Authorization: Bearer {token}\r\n".encode()
+            + b"Content-Length: 99999999999\r\n\r\n{"
+        )
+        answer = sock.recv(65536)  # a timeout here (10 s) is the old wait
+    assert answer.startswith(b"HTTP/1.1 413 "), answer
+    assert f"request body is larger than {MAX_BODY} bytes".encode() in answer, answer
+
+
 async def test_a_body_cut_short_is_no_internal_error(served_site: StartSite) -> None:
     # Before: "unexpected error in POST /v1/transfers" with a traceback (ConnectionResetError:
     # Connection lost) in the daemon's log, and a 500 for no one, each time a client closed

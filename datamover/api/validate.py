@@ -26,12 +26,15 @@ async def json_body(request: web.Request, allowed: set[str], required: set[str])
     """The request's JSON object, with only `allowed` keys and every `required` one."""
     if request.content_type != "application/json":
         raise web.HTTPUnsupportedMediaType(reason="send the request body as application/json")
+    too_large = web.HTTPRequestEntityTooLarge(
+        MAX_BODY, reason=f"request body is larger than {MAX_BODY} bytes"
+    )
+    if (request.content_length or 0) > MAX_BODY:
+        raise too_large  # at once, by its length: it had waited for the body to arrive
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:  # `client_max_size`; aiohttp's reason names no size
-        raise web.HTTPRequestEntityTooLarge(
-            MAX_BODY, reason=f"request body is larger than {MAX_BODY} bytes"
-        ) from None
+        raise too_large from None
     except web.RequestPayloadError:  # `Content-Encoding: gzip` on a body that is not
         raise InvalidInput(
             "request body could not be decoded as its Content-Encoding says"
