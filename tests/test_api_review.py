@@ -340,3 +340,27 @@ async def test_a_path_in_api_url_the_daemon_does_not_serve_is_named_not_taken_fo
         assert r.returncode == 2, (args, r.returncode, r.stderr)
         assert "[api] url is the daemon's address without a path" in r.stderr, (args, r.stderr)
         assert r.stderr.count("\n") == 1, (args, r.stderr)
+
+
+@SQLITE_ONLY  # no catalog question
+async def test_an_authorization_header_given_twice_is_refused(served_site: StartSite) -> None:
+    # Before: the first was taken silently, as a repeated query parameter no longer is.
+    import http.client
+
+    d = await served_site("site-b")
+    token = d.token("t1", "/proj", "write")
+    host, port = d.url.removeprefix("http://").rsplit(":", 1)
+    for second in (token, "dm_other"):
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        try:
+            conn.putrequest("GET", "/v1/transfers")
+            conn.putheader("Authorization", f"Bearer {token}")
+            conn.putheader("Authorization", f"Bearer {second}")
+            conn.endheaders()
+            resp = conn.getresponse()
+            body = json.loads(resp.read())
+        finally:
+            conn.close()
+        assert resp.status == 401, body
+        assert body["error"]["message"] == "the Authorization header is given more than once"
+    assert d.request("GET", "/v1/transfers", token)[0] == 200

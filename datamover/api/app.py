@@ -29,7 +29,10 @@ async def auth_middleware(
     ctx = context(request)
     if request.path in ctx.open_paths:
         return await handler(request)
-    header = request.headers.get("Authorization", "")
+    given = request.headers.getall("Authorization", [])
+    if len(given) > 1:  # which one counts is anyone's guess, as for a repeated parameter
+        raise Unauthorized("the Authorization header is given more than once")
+    header = given[0] if given else ""
     scheme, _, secret = header.partition(" ")
     if scheme.lower() != "bearer" or not secret.strip():
         raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
