@@ -184,6 +184,44 @@ def test_one_dataset_named_with_two_versions_fails(hooks: Hooks, comment: str) -
     assert hooks.staged() == []
 
 
+@pytest.mark.parametrize(
+    ("comment", "says"),
+    [
+        ("datamover:/proj/ds*", "holds a quote or '*'"),
+        ('datamover:/proj/"ds1"', "holds a quote or '*'"),
+        ("datamover:/proj/d's1", "holds a quote or '*'"),
+        ("datamover:/proj/ds1@bogus", "'@' must be followed by a version id"),
+        ("datamover:/proj/ds1@v2", "'@' must be followed by a version id"),
+    ],
+)
+def test_a_word_a_shell_would_read_otherwise_or_a_bad_version_fails(
+    hooks: Hooks, comment: str, says: str
+) -> None:
+    # Before: passed to datamover as paths ("/proj/ds*", "/proj/ds1@bogus"), which failed
+    # the job with a misleading "no published version"; the README said they are refused.
+    r = hooks.run(PROLOG, comment)
+    assert r.returncode == 1, r.stderr
+    assert says in r.stderr, r.stderr
+    assert hooks.staged() == []
+
+
+def test_the_comment_word_is_read_in_any_case(hooks: Hooks) -> None:
+    # Before: "DATAMOVER:/proj/a" was taken for a note, and the job started without its data.
+    r = hooks.run(PROLOG, "DATAMOVER:/proj/a Datamover:/proj/b")
+    assert r.returncode == 0, r.stderr
+    assert hooks.staged() == [["/proj/a"], ["/proj/b"]]
+
+
+@pytest.mark.parametrize("script", [PROLOG, EPILOG])
+def test_a_job_id_that_is_not_digits_is_refused(hooks: Hooks, script: Path) -> None:
+    # It names the pin and the mark file: "../../etc/x" had the mark written outside its
+    # directory, as root.
+    r = hooks.run(script, "datamover:/proj/a", env={"SLURM_JOB_ID": "../../etc/x"})
+    assert r.returncode == (1 if script == PROLOG else 0), r.stderr
+    assert "is not a job id" in r.stderr, r.stderr
+    assert hooks.calls() == []
+
+
 def test_the_same_dataset_twice_is_staged_once(hooks: Hooks) -> None:
     r = hooks.run(PROLOG, f"datamover:/proj/a@{V1},/proj/b datamover:/proj/a/@{V1},/proj/b/")
     assert r.returncode == 0, r.stderr

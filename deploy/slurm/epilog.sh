@@ -54,6 +54,10 @@ if [[ -z $JOB ]]; then
     echo "$TAG: SLURM_JOB_ID is not set: not started by Slurm" >&2
     exit 0
 fi
+if [[ ! $JOB =~ ^[0-9]+$ ]]; then  # it names the pin and the mark file: digits only
+    echo "$TAG: SLURM_JOB_ID '$JOB' is not a job id (digits); nothing released" >&2
+    exit 0
+fi
 PIN="slurm-$JOB"
 
 log() {  # log PRIORITY MESSAGE...

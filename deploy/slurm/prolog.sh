@@ -14,8 +14,9 @@
 # How a job declares its data: in the job comment, one word starting with "datamover:"
 # followed by comma-separated logical paths, each optionally "@<version id>":
 #   sbatch --comment="datamover:/proj/docking/run42,/ref/pdb@20261129T181500.123456Z-hpc-a-3f9a1c0b" job.sh
-# Other words in the comment are ignored, so it can carry other notes too. Paths cannot
-# contain whitespace, ',' or ';'. Spaces around the commas or after "datamover:" are allowed
+# Other words in the comment are ignored, so it can carry other notes too ("datamover:" in
+# any case is not). Paths cannot contain whitespace, ',' or ';'; one with a quote, a '*' or
+# an '@' not followed by a version id fails the job. Spaces around the commas or after "datamover:" are allowed
 # ("datamover: /a, /b"): a list left open goes on in the next word.
 # A path named with two versions (or with and without one) is refused: it holds one replica.
 # Why the comment: a prolog runs without the job's environment, so `--export=DATAMOVER_...`
@@ -121,6 +122,10 @@ daemon_only=(--daemon)
 TAG=datamover-prolog
 as_user=()  # the command prefix that runs the CLI as DM_HOOK_RUN_AS (set below)
 JOB=${SLURM_JOB_ID:?SLURM_JOB_ID is not set: not started by Slurm}
+if [[ ! $JOB =~ ^[0-9]+$ ]]; then  # it names the pin and the mark file: digits only
+    echo "$TAG: SLURM_JOB_ID '$JOB' is not a job id (digits); the job is not started" >&2
+    exit 1
+fi
 PIN="slurm-$JOB"
 
 log() {  # log PRIORITY MESSAGE...
@@ -263,8 +268,8 @@ read -r -d '' -a words < <(printf '%s' "$comment" | tr ';[:space:]' ' ') || true
 open=0  # the last word left the list open
 in_list=0  # the last word was part of the list
 for word in ${words[@]+"${words[@]}"}; do  # bash < 4.4 calls an empty "${a[@]}" unbound under set -u
-    if [[ $word == datamover:* ]]; then
-        word=${word#datamover:}
+    if [[ ${word,,} == datamover:* ]]; then  # DATAMOVER: too: a job must not start without its data
+        word=${word:10}
     elif ! ((open)) && ! { ((in_list)) && [[ $word == ,* ]]; }; then
         in_list=0
         continue
@@ -294,10 +299,17 @@ IFS=, read -r -a items <<<"$spec"
 for item in "${items[@]}"; do
     [[ -n $item ]] || continue
     version=""
+    # Never evaluated, but a word a shell would have read otherwise is refused: the job's
+    # owner meant something else than what would be staged.
+    [[ $item != *[\'\"*]* ]] ||
+        fail "'$item' in the job comment holds a quote or '*'; stage such a dataset from the job script"
     if [[ $item =~ ^(/.+)@([0-9]{8}T[^@/]+)$ ]]; then
         item=${BASH_REMATCH[1]}
         version=${BASH_REMATCH[2]}
     fi
+    [[ $item != *@* ]] ||
+        fail "'$item' in the job comment: '@' must be followed by a version id (as" \
+            "20261129T181500.123456Z-site-3f9a1c0b); a path holding '@' cannot be named there"
     # A logical path is absolute; datamover itself rejects '..', bad names and unmapped
     # prefixes. Starting with '/' also means it can never be taken for an option.
     [[ $item == /?* ]] || fail "'$item' in the job comment is not a dataset path (/prefix/...)"
