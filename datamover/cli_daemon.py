@@ -290,6 +290,46 @@ def _duration(text: str, what: str) -> Any:
     return timedelta(seconds=int(number) * _UNITS[unit])
 
 
+@token.command("list")
+@click.option("--tenant", metavar="TENANT", help="Only this tenant's tokens.")
+@click.option("--all", "everyone", is_flag=True, help="Revoked and expired tokens too.")
+@common
+def token_list(tenant: str | None, everyone: bool, config_path: str | None, as_json: bool) -> None:
+    """List the tokens still valid (id, tenant, scopes, prefixes, expiry), oldest first, for
+    `datamover token revoke ID`. Secrets are never shown: the catalog holds them hashed."""
+    import dataclasses
+
+    from datamover.catalog.access import Access
+    from datamover.domain.transfers import check_text
+
+    if tenant is not None:
+        if not tenant.strip():
+            raise InvalidInput("--tenant must not be blank")
+        check_text(tenant, "--tenant", 128)
+
+    async def work(engine: Any) -> list[Any]:
+        return await Access(engine).tokens(tenant, everyone)
+
+    found = run_with_catalog(config_path, work)
+    if as_json:
+        emit_json({"tokens": [dataclasses.asdict(t) for t in found]})
+        return
+    for t in found:
+        state = (
+            f"revoked {t.revoked_at}"
+            if t.revoked_at
+            else f"expires {t.expires_at}"
+            if t.expires_at
+            else "until revoked"
+        )
+        click.echo(
+            f"{t.id}  tenant {t.tenant}  {','.join(t.scopes)} on {','.join(t.prefixes)}  "
+            f"created {t.created_at}  {state}"
+        )
+    if not found:
+        click.echo("no tokens", err=True)
+
+
 @token.command("revoke")
 @click.argument("token_id")
 @common

@@ -380,3 +380,40 @@ def test_a_misspelt_environment_override_is_an_error(tmp_path: Path) -> None:
         "DATAMOVER_STORE_ENDPOINT": "http://other:8333",
     }
     assert load_config(path, env=others).store.endpoint == "http://other:8333"
+
+
+async def test_token_list_shows_what_each_token_grants_never_its_secret(
+    make_site: MakeSite,
+) -> None:
+    # Before there was no way to find a token's id once its creation's output was lost, so
+    # it could not be revoked.
+    a = await make_site("site-a")
+    create = ("token", "create", "--prefix", "/proj", "--scope", "read")
+    first = a.cli_json(*create, "--tenant", "t1")
+    second = a.cli_json(*create, "--tenant", "t2", "--expires-in", "1h")
+    gone = a.cli_json(*create, "--tenant", "t1")
+    assert a.cli("token", "revoke", gone["id"]).returncode == 0
+    listed = a.cli_json("token", "list")["tokens"]
+    assert [t["id"] for t in listed] == [first["id"], second["id"]]
+    assert listed[0] == {
+        "id": first["id"],
+        "tenant": "t1",
+        "prefixes": ["/proj"],
+        "scopes": ["read"],
+        "created_at": listed[0]["created_at"],
+        "expires_at": None,
+        "revoked_at": None,
+    }
+    assert listed[1]["expires_at"] == second["expires_at"]
+    everyone = a.cli_json("token", "list", "--all")["tokens"]
+    assert [t["id"] for t in everyone] == [first["id"], second["id"], gone["id"]]
+    assert everyone[2]["revoked_at"] is not None
+    assert [t["id"] for t in a.cli_json("token", "list", "--tenant", "t2")["tokens"]] == [
+        second["id"]
+    ]
+    text = a.cli("token", "list")
+    assert text.returncode == 0 and first["id"] in text.stdout and "until revoked" in text.stdout
+    for made in (first, second, gone):
+        assert made["token"] not in text.stdout
+    bad = a.cli("token", "list", "--tenant", "")
+    assert bad.returncode == 2 and bad.stderr == "datamover: error: --tenant must not be blank\n"

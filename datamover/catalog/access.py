@@ -68,6 +68,27 @@ class PinRow:
     created_at: str
 
 
+@dataclass(frozen=True)
+class TokenRow:
+    """One token as `datamover token list` shows it: what it grants, not its secret."""
+
+    id: str
+    tenant: str
+    prefixes: list[str]
+    scopes: list[str]
+    created_at: str
+    expires_at: str | None
+    revoked_at: str | None
+
+
+def _iso(moment: datetime | None) -> str | None:
+    """A catalog time as RFC 3339 in UTC to the second (SQLite hands back naive UTC)."""
+    if moment is None:
+        return None
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _pin_row(r: Any) -> PinRow:
     """A `pins` row as a `PinRow` (SQLite hands back naive datetimes, written as UTC)."""
     created = r.created_at if r.created_at.tzinfo else r.created_at.replace(tzinfo=UTC)
@@ -123,6 +144,31 @@ class Access:
         return Identity(
             r.id, r.tenant, tuple(json.loads(r.prefixes)), frozenset(json.loads(r.scopes))
         )
+
+    async def tokens(self, tenant: str | None = None, everyone: bool = False) -> list[TokenRow]:
+        """The tokens still valid (with `everyone`, revoked and expired ones too), oldest
+        first, optionally one tenant's: what each grants, never its secret or hash."""
+        t = Token
+        query = select(t).order_by(t.c.created_at, t.c.id)
+        if tenant is not None:
+            query = query.where(t.c.tenant == tenant)
+        if not everyone:
+            query = query.where(
+                t.c.revoked_at.is_(None), or_(t.c.expires_at.is_(None), t.c.expires_at > _now())
+            )
+        async with self.engine.connect() as conn:
+            return [
+                TokenRow(
+                    r.id,
+                    r.tenant,
+                    json.loads(r.prefixes),
+                    json.loads(r.scopes),
+                    _iso(r.created_at),
+                    _iso(r.expires_at),
+                    _iso(r.revoked_at),
+                )
+                for r in await conn.execute(query)
+            ]
 
     async def revoke_token(self, token_id: str) -> bool:
         """Revoke a token by id; False if there was no such active token."""
