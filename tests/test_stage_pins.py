@@ -55,6 +55,43 @@ async def test_a_replica_pinned_by_another_job_keeps_its_version(make_site: Make
         await site_b.close()
 
 
+async def test_force_moves_only_the_pins_it_went_past(make_site: MakeSite) -> None:
+    # A first version moved every pin of the dataset not at the staged version, also where
+    # the stage changed no file (the tree at that version already) and other tenants' pins
+    # a tenant's force cannot go past.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "f").write_text("version 1\n")
+    site_a, site_b = await a.open(), await b.open()
+    access = Access(site_b.catalog.engine)
+    try:
+        v1 = (await push(site_a, "/proj/ds")).version
+        (a.data / "ds" / "f").write_text("version 2\n")
+        v2 = (await push(site_a, "/proj/ds")).version
+        await stage(site_b, "/proj/ds", version=v2)
+        await access.add_pin("old-job", "/proj/ds", "t2", v1)  # a pin asked at v1
+        assert (await stage(site_b, "/proj/ds", version=v2, force=True)).version == v2
+        assert {p.pin: p.version for p in await access.pins(dataset="/proj/ds")} == {
+            "old-job": v1  # the tree did not change under it: nothing to record
+        }
+        await access.release("old-job", "t2")
+        await stage(site_b, "/proj/ds", version=v1)
+        await access.add_pin("mine", "/proj/ds", "t1", v1)
+        await access.add_pin("theirs", "/proj/ds", "t2", v1)
+        with pytest.raises(Pinned):  # a tenant's force goes past its own tenant's pins only
+            await stage(site_b, "/proj/ds", version=v2, pin=("me", "t1"), force="tenant")
+        await access.release("theirs", "t2")
+        await access.add_pin("untouched", "/proj/other", "t2", v1)
+        await stage(site_b, "/proj/ds", version=v2, pin=("me", "t1"), force="tenant")
+        assert {p.pin: p.version for p in await access.pins()} == {
+            "mine": v2,
+            "untouched": v1,
+        }
+    finally:
+        await site_a.close()
+        await site_b.close()
+
+
 async def test_the_cli_names_the_pin_and_takes_force(make_site: MakeSite) -> None:
     a, b = await make_site("site-a"), await make_site("site-b")
     (a.data / "ds").mkdir()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Executable, delete, false, literal, or_, select, update
+from sqlalchemy import Executable, delete, false, literal, or_, select, tuple_, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from datamover.catalog.engine import path_under, upsert_for
@@ -200,12 +200,21 @@ class Access:
             await conn.execute(stmt)
             return _pin_row((await conn.execute(held)).one())
 
-    async def move_pins(self, dataset: str, version: str) -> list[PinRow]:
-        """Record the pins of `dataset` at another version than `version` (not those with
-        none) as at `version`, and return them as they were: a forced stage changed the
-        files under their jobs, which now read `version`."""
+    async def move_pins(
+        self, dataset: str, version: str, keys: Sequence[tuple[str, str]]
+    ) -> list[PinRow]:
+        """Record the pins `keys` (`(pin, tenant)`) of `dataset` that are at another version
+        than `version` (not those with none) as at `version`, and return them as they were:
+        a forced stage changed the files under their jobs, which now read `version`."""
+        if not keys:
+            return []
         p = Pin
-        moved = (p.c.dataset == dataset, p.c.version.is_not(None), p.c.version != version)
+        moved = (
+            p.c.dataset == dataset,
+            tuple_(p.c.pin, p.c.tenant).in_(list(keys)),
+            p.c.version.is_not(None),
+            p.c.version != version,
+        )
         async with self.engine.begin() as conn:
             rows = [_pin_row(r) for r in await conn.execute(select(p).where(*moved))]
             if rows:

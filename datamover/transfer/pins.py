@@ -74,17 +74,24 @@ async def check_pins(
     keep: tuple[str, str] | None,
     others_only: bool = False,
     operator: bool = False,
-) -> None:
+    forced: bool = False,
+) -> list[PinRow]:
     """Raise `Pinned` if the replica at `root` is recorded at another version than `doc`'s
     while pins other than `keep` hold it (`counted`): a pin is a job reading the tree, and
     a stage of another version would change its files under it (and, without `--delete`,
-    leave the older version's extra files beside the newer's)."""
+    leave the older version's extra files beside the newer's). `forced` (`--force` of an
+    admin or of the CLI here) raises nothing.
+
+    Returns the pins the stage goes past, whose jobs' files it changes (with `others_only`,
+    only `keep`'s tenant's can be: any other tenant's raised); none where the version does
+    not change."""
     replica = await site.catalog.replica(doc.dataset)
     if replica is None or replica.root != str(root) or replica.version == doc.version:
-        return  # no tree recorded here (or mapped elsewhere now), or no change of version
-    others = counted(await Access(site.catalog.engine).pins(dataset=doc.dataset), keep, others_only)
+        return []  # no tree recorded here (or mapped elsewhere now), or no change of version
+    pins = await Access(site.catalog.engine).pins(dataset=doc.dataset)
+    others = [] if forced else counted(pins, keep, others_only)
     if not others:
-        return
+        return counted(pins, keep, False)
     who, how = holders(others, keep, operator)
     raise Pinned(
         f"{doc.dataset!r} is held at version {replica.version} by {who}: staging "

@@ -43,7 +43,7 @@ from typing import Any, Literal
 import blake3
 
 from datamover.aio import every
-from datamover.catalog.access import Access
+from datamover.catalog.access import Access, PinRow
 from datamover.catalog.queries import ReplicaRow, owner_alive, owner_id
 from datamover.config import TransferSettings
 from datamover.console import human_bytes
@@ -1291,8 +1291,9 @@ async def _stage(
     fsops.check_base(base_path)
     fetched_before = site.repo.fetched_bytes
     doc = await site.repo.resolve(dataset, version)
-    if force is not True:
-        await check_pins(site, doc, root, pin, force == "tenant", operator)
+    overridden = await check_pins(
+        site, doc, root, pin, force == "tenant", operator, forced=force is True
+    )
     workers = _write_workers(site.config.transfer, doc.files)
     # Started now, they boot while the manifest is fetched and checked (0.15-0.2 s).
     procs = asyncio.ensure_future(asyncio.to_thread(_start_procs, workers)) if workers else None
@@ -1363,8 +1364,8 @@ async def _stage(
         ):
             await site.catalog.finish_replica(dataset, doc.version, "failed", 0, 0)
             raise _taken_over(dataset)
-        if force:
-            await _move_overridden_pins(site, dataset, doc.version)
+        if overridden:
+            await _move_overridden_pins(site, dataset, doc.version, overridden)
     finally:
         await _stop_procs(procs)
     result.downloaded_bytes += site.repo.fetched_bytes - fetched_before
@@ -1372,12 +1373,15 @@ async def _stage(
     return result
 
 
-async def _move_overridden_pins(site: Site, dataset: str, version: str) -> None:
-    """After a forced stage of `dataset` to `version`: the pins it overrode are recorded at
-    `version`, which their jobs now read (a warning names them). They had kept the version
-    they were taken at, so `datamover pins` named a version the tree no longer held, and
-    a later refusal another one."""
-    moved = await Access(site.catalog.engine).move_pins(dataset, version)
+async def _move_overridden_pins(
+    site: Site, dataset: str, version: str, overridden: list[PinRow]
+) -> None:
+    """After a forced stage of `dataset` to `version`: the pins it went past (`overridden`,
+    from `check_pins`) are recorded at `version`, which their jobs now read (a warning
+    names them). They had kept the version they were taken at, so `datamover pins` named a
+    version the tree no longer held, and a later refusal another one."""
+    keys = [(p.pin, p.tenant) for p in overridden]
+    moved = await Access(site.catalog.engine).move_pins(dataset, version, keys)
     if moved:
         named = ", ".join(f"{p.pin!r} (tenant {p.tenant!r}, was {p.version})" for p in moved[:3])
         more = f" and {len(moved) - 3} more" if len(moved) > 3 else ""
