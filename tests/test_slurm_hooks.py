@@ -205,11 +205,27 @@ def test_a_word_a_shell_would_read_otherwise_or_a_bad_version_fails(
     assert hooks.staged() == []
 
 
+def test_an_at_sign_above_the_last_component_is_part_of_the_path(hooks: Hooks) -> None:
+    r = hooks.run(PROLOG, f"datamover:/proj/user@host/run1,/proj/u@h/r2@{V1}")
+    assert r.returncode == 0, r.stderr
+    assert hooks.staged() == [["/proj/user@host/run1"], ["/proj/u@h/r2", V1]]
+
+
 def test_the_comment_word_is_read_in_any_case(hooks: Hooks) -> None:
     # Before: "DATAMOVER:/proj/a" was taken for a note, and the job started without its data.
     r = hooks.run(PROLOG, "DATAMOVER:/proj/a Datamover:/proj/b")
     assert r.returncode == 0, r.stderr
     assert hooks.staged() == [["/proj/a"], ["/proj/b"]]
+
+
+def test_the_epilog_releases_for_the_comment_word_in_any_case_without_a_mark(
+    hooks: Hooks,
+) -> None:
+    # Before: the prolog staged for "DATAMOVER:" but the epilog, finding no mark (the prolog
+    # could not write one), took the comment for one asking for nothing: the pin stayed.
+    r = hooks.run(EPILOG, "DATAMOVER:/proj/a")
+    assert r.returncode == 0, r.stderr
+    assert [c[1:2] for c in hooks.calls()] == [["release"]], hooks.calls()
 
 
 @pytest.mark.parametrize("script", [PROLOG, EPILOG])

@@ -84,7 +84,7 @@ done
 # (it marks every job it stages for: the user may have edited the comment since). When
 # Slurm does not pass the comment (older releases), release anyway: one cheap request, and
 # no query to slurmctld.
-if [[ -z $settings_error && -n ${SLURM_JOB_COMMENT+set} && $SLURM_JOB_COMMENT != *datamover:* &&
+if [[ -z $settings_error && -n ${SLURM_JOB_COMMENT+set} && ${SLURM_JOB_COMMENT,,} != *datamover:* &&
     ${#marks[@]} -eq 0 ]]; then
     exit 0
 fi

@@ -15,8 +15,8 @@
 # followed by comma-separated logical paths, each optionally "@<version id>":
 #   sbatch --comment="datamover:/proj/docking/run42,/ref/pdb@20261129T181500.123456Z-hpc-a-3f9a1c0b" job.sh
 # Other words in the comment are ignored, so it can carry other notes too ("datamover:" in
-# any case is not). Paths cannot contain whitespace, ',' or ';'; one with a quote, a '*' or
-# an '@' not followed by a version id fails the job. Spaces around the commas or after "datamover:" are allowed
+# any case is not). Paths cannot contain whitespace, ',' or ';'; one with a quote or a '*',
+# or an '@' in its last component not followed by a version id, fails the job. Spaces around the commas or after "datamover:" are allowed
 # ("datamover: /a, /b"): a list left open goes on in the next word.
 # A path named with two versions (or with and without one) is refused: it holds one replica.
 # Why the comment: a prolog runs without the job's environment, so `--export=DATAMOVER_...`
@@ -307,9 +307,12 @@ for item in "${items[@]}"; do
         item=${BASH_REMATCH[1]}
         version=${BASH_REMATCH[2]}
     fi
-    [[ $item != *@* ]] ||
+    # "@" in the last component is a version asked for: one that is no version id is a
+    # mistake (/proj/ds@v2), not a dataset's name. An "@" above it is a path's
+    # (/proj/user@host/run1).
+    [[ ${item##*/} != *@* ]] ||
         fail "'$item' in the job comment: '@' must be followed by a version id (as" \
-            "20261129T181500.123456Z-site-3f9a1c0b); a path holding '@' cannot be named there"
+            "20261129T181500.123456Z-site-3f9a1c0b)"
     # A logical path is absolute; datamover itself rejects '..', bad names and unmapped
     # prefixes. Starting with '/' also means it can never be taken for an option.
     [[ $item == /?* ]] || fail "'$item' in the job comment is not a dataset path (/prefix/...)"
