@@ -112,3 +112,9 @@ def test_a_daemons_internal_error_is_exit_70_at_its_client() -> None:
 
     exc = error_from(500, {"error": {"code": "internal", "message": "internal error"}})
     assert isinstance(exc, InternalError) and exc.exit_code == 70
+    # A transfer a worker's bug ended (recorded with `InternalError`'s code): the same at a
+    # `--wait`ing client (a job's prolog), not exit 1.
+    from datamover.client import transfer_error
+
+    ended = {"id": "tr-1", "state": "failed", "error": {"code": "internal", "message": "x"}}
+    assert transfer_error(ended).exit_code == 70

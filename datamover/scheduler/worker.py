@@ -43,7 +43,14 @@ from datamover.catalog.engine import catalog_outage, first_line, unreachable
 from datamover.catalog.transfer_rows import TransferRow, succeeded_values
 from datamover.catalog.transfers import Transfers
 from datamover.domain.transfers import Kind, State, retry_delay
-from datamover.errors import Busy, CatalogUnavailable, Conflict, DatamoverError, TransientError
+from datamover.errors import (
+    Busy,
+    CatalogUnavailable,
+    Conflict,
+    DatamoverError,
+    InternalError,
+    TransientError,
+)
 from datamover.logs import transfer_context
 from datamover.metrics import Metrics
 from datamover.scheduler.endings import Endings
@@ -275,7 +282,7 @@ class Worker:
                     "transfer %s failed unexpectedly (cancelled inside)", row.id, exc_info=exc
                 )
                 problem = "internal error: an operation it awaited was cancelled"
-                await self._failed(row, progress, DatamoverError(problem))
+                await self._failed(row, progress, InternalError(problem))
                 return
             await self._stopped(row, progress)
             if self._stop.reason is None:
@@ -295,7 +302,7 @@ class Worker:
                 await self._failed(row, progress, outage)
                 return
             log.exception("transfer %s failed unexpectedly", row.id)
-            await self._failed(row, progress, DatamoverError(f"internal error: {exc}"))
+            await self._failed(row, progress, InternalError(f"internal error: {exc}"))
             return
         finally:
             beat.cancel()
