@@ -338,7 +338,10 @@ async def test_a_path_in_api_url_the_daemon_does_not_serve_is_named_not_taken_fo
     ):
         r = env.cli(*args)
         assert r.returncode == 2, (args, r.returncode, r.stderr)
-        assert "[api] url is the daemon's address without a path" in r.stderr, (args, r.stderr)
+        assert "check [api] url (a path in it must be one a proxy strips" in r.stderr, (
+            args,
+            r.stderr,
+        )
         assert r.stderr.count("\n") == 1, (args, r.stderr)
 
 

@@ -53,8 +53,8 @@ async def errors_middleware(
             return error_response(
                 404,
                 NoRoute.code,
-                f"the daemon has no API route {request.method} {request.path}: check that "
-                "[api] url is the daemon's address without a path",
+                f"the daemon has no API route {request.method} {request.path}: check [api] "
+                "url (a path in it must be one a proxy strips before the daemon)",
             )
         code = _HTTP_CODES.get(exc.status, f"http_{exc.status}")
         return error_response(exc.status, code, exc.reason)
