@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -20,7 +21,7 @@ import click
 
 from datamover import gctune, proclimits
 from datamover.console import Bar, counted, emit_json, error_line, human_bytes
-from datamover.errors import Corrupt, DatamoverError, Interrupted
+from datamover.errors import Corrupt, DatamoverError, Interrupted, PermanentError
 
 T = TypeVar("T")
 
@@ -692,7 +693,12 @@ def _expected(exc: Exception) -> DatamoverError | None:
     if isinstance(exc, OSError):
         reason = exc.strerror or str(exc) or type(exc).__name__
         files = [repr(f) for f in (exc.filename, exc.filename2) if f is not None]
-        return DatamoverError(f"{reason}: {' -> '.join(files)}" if files else reason)
+        said = f"{reason}: {' -> '.join(files)}" if files else reason
+        if isinstance(exc, PermissionError):
+            # Exit 7, as the README gives a local directory this user may not write (it
+            # had been exit 1, which `verify` gives to a tree that differs).
+            return PermanentError(f"{said} (check its owner and mode)")
+        return DatamoverError(said)
     return None
 
 
@@ -731,7 +737,8 @@ def main() -> None:
         _leave(exc.exit_code)
     except click.ClickException as exc:
         # One line: Click lists a choice's values one to a line ("Choose from:\n\tread,").
-        message = " ".join(exc.format_message().split())
+        # Only the line breaks go: a value the user gave keeps its spaces.
+        message = re.sub(r"\s*\n\s*", " ", exc.format_message().strip())
         if isinstance(exc, click.NoSuchOption) and exc.option_name == "--config":
             # Given between a group and its command (`datamover db --config F upgrade`).
             message += (

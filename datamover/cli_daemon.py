@@ -298,6 +298,7 @@ def token_list(tenant: str | None, everyone: bool, config_path: str | None, as_j
     """List the tokens still valid (id, tenant, scopes, prefixes, expiry), oldest first, for
     `datamover token revoke ID`. Secrets are never shown: the catalog holds them hashed."""
     import dataclasses
+    from datetime import UTC, datetime
 
     from datamover.catalog.access import Access
     from datamover.domain.transfers import check_text
@@ -314,14 +315,14 @@ def token_list(tenant: str | None, everyone: bool, config_path: str | None, as_j
     if as_json:
         emit_json({"tokens": [dataclasses.asdict(t) for t in found]})
         return
+    now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     for t in found:
-        state = (
-            f"revoked {t.revoked_at}"
-            if t.revoked_at
-            else f"expires {t.expires_at}"
-            if t.expires_at
-            else "until revoked"
-        )
+        if t.revoked_at:
+            state = f"revoked {t.revoked_at}"
+        elif t.expires_at:
+            state = f"{'expired' if t.expires_at <= now else 'expires'} {t.expires_at}"
+        else:
+            state = "until revoked"
         click.echo(
             f"{t.id}  tenant {t.tenant}  {','.join(t.scopes)} on {','.join(t.prefixes)}  "
             f"created {t.created_at}  {state}"

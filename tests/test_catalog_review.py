@@ -415,5 +415,15 @@ async def test_token_list_shows_what_each_token_grants_never_its_secret(
     assert text.returncode == 0 and first["id"] in text.stdout and "until revoked" in text.stdout
     for made in (first, second, gone):
         assert made["token"] not in text.stdout
+    site = await a.open()
+    try:  # one that expired is told so in the text, not "expires" at a time gone by
+        past = datetime(2020, 1, 1, tzinfo=UTC)
+        _, expired = await Access(site.catalog.engine).create_token("t3", ["/proj"], ["read"], past)
+    finally:
+        await site.close()
+    text = a.cli("token", "list", "--all", "--tenant", "t3")
+    assert expired.token_id in text.stdout, text.stdout
+    assert "expired 2020-01-01T00:00:00Z" in text.stdout, text.stdout
+    assert a.cli_json("token", "list", "--tenant", "t3")["tokens"] == []
     bad = a.cli("token", "list", "--tenant", "")
     assert bad.returncode == 2 and bad.stderr == "datamover: error: --tenant must not be blank\n"

@@ -555,3 +555,9 @@ def test_a_usage_error_listing_choices_is_one_line() -> None:
         if extra:
             message = json.loads(r.stdout)["error"]["message"]
             assert message == "Missing option '--scope'. Choose from: read, write, admin"
+    # A value the user gave keeps its spaces: only the line breaks go.
+    r = subprocess.run(
+        [*base, "--prefix", "/proj", "--scope", "re  ad"], capture_output=True, text=True, env=env
+    )
+    assert r.returncode == 2 and "'re  ad' is not one of" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
