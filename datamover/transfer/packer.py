@@ -88,9 +88,13 @@ class Packer:
         self.store = store
         self.catalog = catalog
         self.pack_size = pack_size
-        #: Ask the store for each pack before sending it (`_upload`): a push taking over an
-        #: interrupted one, whose last packs may be stored but not yet in the chunk index.
-        self.stored_first = stored_first
+        #: Ask the store for each of the first packs before sending it (`_upload`): a push
+        #: taking over an interrupted one, whose last packs may be stored but not yet in the
+        #: chunk index. Those were the ones in flight, at most `concurrency`, and the rerun
+        #: builds them first (it finds the packs indexed before them in the chunk index, so
+        #: it starts its first pack where they began): twice that many are asked about.
+        self.stored_first = 2 * concurrency if stored_first else 0
+        self._sealed = 0
         self.stats = PackerStats()
         self._slots = asyncio.Semaphore(concurrency)
         self._pending: dict[bytes, PendingChunk] = {}
@@ -197,17 +201,19 @@ class Packer:
             self._slots.release()
             raise
         pack.pack_id = pack_id
-        task = asyncio.create_task(self._upload(pack, data, entries, buffer))
+        self._sealed += 1
+        ask = self._sealed <= self.stored_first
+        task = asyncio.create_task(self._upload(pack, data, entries, buffer, ask))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _upload(
-        self, pack: OpenPack, data: memoryview, entries: list, buffer: bytearray
+        self, pack: OpenPack, data: memoryview, entries: list, buffer: bytearray, ask: bool
     ) -> None:
         assert pack.pack_id is not None
         size = len(data)
         try:
-            if not (self.stored_first and await self._stored(pack.pack_id, size)):
+            if not (ask and await self._stored(pack.pack_id, size)):
                 await self.store.put(pack_key(pack.pack_id), data)
                 self.stats.pack_bytes += size
             del data

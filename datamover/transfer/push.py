@@ -10,7 +10,7 @@ writes the tree here while it is read.
 Crash safety: packs are indexed in the catalog only after they are stored, and segments are
 checkpointed only after theirs are; a rerun after SIGKILL finds both and sends neither again.
 A pack stored in the moment between its upload and its indexing is found too: a run taking
-over an interrupted one asks the store for each pack before sending it.
+over an interrupted one asks the store for its first packs before sending them.
 """
 
 from __future__ import annotations
@@ -758,8 +758,8 @@ async def _build(
     """Walk, read what changed, upload packs and segments; the counts and the manifest list.
     Files changed since `changed_since_ns` (`resumed_since_ns` for those the `resumed`
     segments hold) by their ctime are read (`Scanner`). `after_interrupted`: a push of the
-    dataset did not finish before this one, so each pack is looked for in the store before
-    it is sent (`Packer.stored_first`).
+    dataset did not finish before this one, so its first packs are looked for in the store
+    before they are sent (`Packer.stored_first`).
 
     Previous entries with a chunk in a `lost` pack are not reused (their files are read
     again), nor is any segment taken whole then. Every reused chunk reference goes to
