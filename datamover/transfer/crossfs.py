@@ -30,7 +30,6 @@ import contextlib
 import errno
 import os
 import secrets
-import shutil
 import stat
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -234,6 +233,7 @@ class _Frame:
     rel: str
     todo: list[str] = field(default_factory=list)
     st: os.stat_result | None = None
+    mode: int | None = None  # its mode before `remove_copied` made it writable
 
     def path(self, name: str) -> str:
         return f"{self.rel}/{name}" if self.rel else name
@@ -312,9 +312,14 @@ def remove_copied(top: int, copied: dict[str, Seen]) -> None:
                 frames.pop()
                 parent, name = parents.pop()
                 if here.st is not None:
+                    gone = False
                     with contextlib.suppress(OSError):  # not empty: something stays
                         if _same_dir(parent, name, here.src):
                             os.rmdir(name, dir_fd=parent)
+                            gone = True
+                    if not gone and here.mode is not None:  # it stays with its mode
+                        with contextlib.suppress(OSError):
+                            os.fchmod(here.src, here.mode)
                     here.close()
                 continue
             name = here.todo.pop()
@@ -325,6 +330,7 @@ def remove_copied(top: int, copied: dict[str, Seen]) -> None:
                     frames.append(_Frame(child, -1, here.path(name), st=os.fstat(child)))
                     parents.append((here.src, name))
                     frames[-1].todo = _names(child)
+                    frames[-1].mode = _writable(child)
                 elif _unchanged(here.src, name, st, copied.get(here.path(name))):
                     os.unlink(name, dir_fd=here.src)
             except OSError:
@@ -367,8 +373,11 @@ def move_across(src_dir: int, name: str, dst_dir: int, to: str) -> None:
                 os.close(dst)
             _publish(dst_dir, tmp, to)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True, dir_fd=dst_dir)
+            _remove_copy(dst_dir, tmp)
             raise
+        # Its entries go, so it must be writable (a read-only tree a user trashed whole):
+        # its own mode is given back if it stays.
+        mode = _writable(src)
         remove_copied(src, copied)
         removed = False
         with contextlib.suppress(OSError):
@@ -379,6 +388,9 @@ def move_across(src_dir: int, name: str, dst_dir: int, to: str) -> None:
         # `rmdir`, not by the link count of the open directory, which overlayfs (a lower
         # layer's directory) still shows above zero after it.
         if not removed:
+            if mode is not None:
+                with contextlib.suppress(OSError):
+                    os.fchmod(src, mode)
             raise OSError(
                 errno.ENOTEMPTY,
                 "it changed while it was copied (what changed is still in place, the rest in "
@@ -410,6 +422,29 @@ def _move_one(src_dir: int, name: str, dst_dir: int, to: str) -> None:
             os.unlink(tmp, dir_fd=dst_dir)
         raise
     os.unlink(name, dir_fd=src_dir)
+
+
+def _writable(fd: int) -> int | None:
+    """Give directory `fd` its owner's write and search bits where this process may not
+    change it otherwise (it owns it, or is root); return the mode it had then, or None if
+    it was changed not (writable already, or not this user's: the removal is refused)."""
+    if os.access(".", os.W_OK | os.X_OK, dir_fd=fd):
+        return None
+    mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    try:
+        os.fchmod(fd, mode | stat.S_IWUSR | stat.S_IXUSR)
+    except PermissionError:
+        return None
+    return mode
+
+
+def _remove_copy(dst_dir: int, name: str) -> None:
+    """Remove the copy `name` of `dst_dir` a failed move made, read-only directories in it
+    too (its copied modes: `trash.remove_tree` gives them their owner's bits first)."""
+    from datamover.transfer.trash import remove_tree
+
+    with contextlib.suppress(OSError):
+        remove_tree(dst_dir, name)
 
 
 def _moving_name() -> str:

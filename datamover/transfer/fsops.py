@@ -817,7 +817,13 @@ class TreeWriter:
                     # the entry or a directory inside it, meanwhile cannot send the copy or
                     # the removal elsewhere. A failed copy is removed again and the original
                     # left whole; so is a copy of a file that changed while it was copied;
-                    # of a directory, only what did not change is removed.
+                    # of a directory, only what did not change is removed. A parent this
+                    # user may not change is unlocked first, as for a rename: the copy
+                    # had been made, then the original could not be removed, at every
+                    # stage, each leaving one more copy in the trash.
+                    if not os.access(".", os.W_OK | os.X_OK, dir_fd=dfd):
+                        refused = PermissionError(errno.EACCES, "Permission denied")
+                        self._unlock(parent, refused, rel)
                     crossfs.move_across(dfd, name, out, to)
                     break
             if self.unlocked:

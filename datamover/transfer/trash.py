@@ -140,15 +140,21 @@ def empty(
                 f"the trash {str(root)!r} is being emptied by another process (a site "
                 "daemon's [api] trash_days, or another `datamover trash --empty`)"
             ) from None
+        # A run that cannot be removed whole (a directory of another user's that a stage
+        # moved in, which this user may not empty) is named, and the others are emptied:
+        # one such run had stopped every later `empty`, for good.
+        failed: list[str] = []
         for name in _names(root_fd):
             if name.startswith(_EMPTYING):
-                _remove_tree(root_fd, name, stop)
+                _try_removing(root_fd, name, stop, root, failed)
         age = max(timedelta(days=older_than_days), MIN_AGE)
         for run in list(runs(state_dir, age, measure=False)):
             aside = _EMPTYING + run.name
             os.rename(run.name, aside, src_dir_fd=root_fd, dst_dir_fd=root_fd)
-            run.files, run.bytes = _remove_tree(root_fd, aside, stop)
-            removed.append(run)
+            counted = _try_removing(root_fd, aside, stop, root, failed)
+            if counted is not None:
+                run.files, run.bytes = counted
+                removed.append(run)
     except _Stopped:
         pass
     except OSError as exc:
@@ -158,7 +164,28 @@ def empty(
         ) from None
     finally:
         os.close(root_fd)
+    if failed:
+        emptied = f"; {len(removed)} other run(s) were emptied" if removed else ""
+        raise PermanentError(
+            f"cannot empty the trash {str(root)!r}: {failed[0]}"
+            + (f" (and {len(failed) - 1} more run(s))" if len(failed) > 1 else "")
+            + emptied
+        )
     return removed
+
+
+def _try_removing(
+    root_fd: int, name: str, stop: threading.Event | None, root: Path, failed: list[str]
+) -> tuple[int, int] | None:
+    """`remove_tree` of run directory `name`; None, and what stopped it added to `failed`,
+    where something in it cannot be removed (what could be is gone; the rest stays under
+    its `.emptying-` name, tried again by the next `empty`)."""
+    try:
+        return remove_tree(root_fd, name, stop)
+    except OSError as exc:
+        entry = f", at {exc.filename!r}" if exc.filename else ""
+        failed.append(f"{str(root / name)!r}: {exc.strerror or exc}{entry}")
+        return None
 
 
 def _no_dangling_link(root: Path) -> None:
@@ -220,7 +247,7 @@ def _open_dir(parent_fd: int, name: str) -> int:
     return fd
 
 
-def _remove_tree(parent_fd: int, name: str, stop: threading.Event | None = None) -> tuple[int, int]:
+def remove_tree(parent_fd: int, name: str, stop: threading.Event | None = None) -> tuple[int, int]:
     """Remove directory `name` of `parent_fd` and everything below it, bottom up, with one
     descriptor and one directory's names held per level (no recursion: a trashed tree may
     be thousands of levels deep); return the regular files removed and their bytes.
