@@ -8,6 +8,7 @@ with `--json` the same error is also printed as `{"error": {"code", "message"}}`
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -694,9 +695,10 @@ def _expected(exc: Exception) -> DatamoverError | None:
         reason = exc.strerror or str(exc) or type(exc).__name__
         files = [repr(f) for f in (exc.filename, exc.filename2) if f is not None]
         said = f"{reason}: {' -> '.join(files)}" if files else reason
-        if isinstance(exc, PermissionError):
+        if exc.errno == errno.EACCES and exc.filename is not None:
             # Exit 7, as the README gives a local directory this user may not write (it
-            # had been exit 1, which `verify` gives to a tree that differs).
+            # had been exit 1, which `verify` gives to a tree that differs). Not EPERM:
+            # an immutable file is the system refusing, exit 1.
             return PermanentError(f"{said} (check its owner and mode)")
         return DatamoverError(said)
     return None

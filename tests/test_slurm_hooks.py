@@ -192,6 +192,7 @@ def test_one_dataset_named_with_two_versions_fails(hooks: Hooks, comment: str) -
         ("datamover:/proj/d's1", "holds a quote or '*'"),
         ("datamover:/proj/ds1@bogus", "'@' must be followed by a version id"),
         ("datamover:/proj/ds1@v2", "'@' must be followed by a version id"),
+        ("datamover:/proj/ds1@v2/", "'@' must be followed by a version id"),
     ],
 )
 def test_a_word_a_shell_would_read_otherwise_or_a_bad_version_fails(
@@ -206,9 +207,9 @@ def test_a_word_a_shell_would_read_otherwise_or_a_bad_version_fails(
 
 
 def test_an_at_sign_above_the_last_component_is_part_of_the_path(hooks: Hooks) -> None:
-    r = hooks.run(PROLOG, f"datamover:/proj/user@host/run1,/proj/u@h/r2@{V1}")
+    r = hooks.run(PROLOG, f"datamover:/proj/user@host/run1,/proj/u@h/r2@{V1}/,/proj/c@{V1}/")
     assert r.returncode == 0, r.stderr
-    assert hooks.staged() == [["/proj/user@host/run1"], ["/proj/u@h/r2", V1]]
+    assert hooks.staged() == [["/proj/user@host/run1"], ["/proj/u@h/r2", V1], ["/proj/c", V1]]
 
 
 def test_the_comment_word_is_read_in_any_case(hooks: Hooks) -> None:

@@ -82,8 +82,10 @@ async def test_force_moves_only_the_pins_it_went_past(make_site: MakeSite) -> No
             await stage(site_b, "/proj/ds", version=v2, pin=("me", "t1"), force="tenant")
         await access.release("theirs", "t2")
         await access.add_pin("untouched", "/proj/other", "t2", v1)
+        await access.add_pin("me", "/proj/ds", "t1", v1)  # the stage's own: its caller's
         await stage(site_b, "/proj/ds", version=v2, pin=("me", "t1"), force="tenant")
         assert {p.pin: p.version for p in await access.pins()} == {
+            "me": v1,  # not gone past: the stage's caller pins it at what it staged
             "mine": v2,
             "untouched": v1,
         }

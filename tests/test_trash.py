@@ -362,3 +362,28 @@ def test_every_move_into_the_trash_sets_its_runs_mtime(tmp_path: Path) -> None:
         os.close(root_fd)
     assert (run / "proj" / "ds" / "sub" / "b").read_text() == "user's b\n"
     assert time.time() - run.stat().st_mtime < 60
+
+
+async def test_the_daemon_counts_the_runs_it_emptied_past_one_it_could_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A run that cannot be removed ends `empty` with an error naming it; the runs it did
+    # remove are still counted and logged (they had gone unreported).
+    today = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    stuck, other, _ = _runs_in(tmp_path, "20200101T000000Z", "20200102T000000Z", today)
+    real = trash.remove_tree
+
+    def refusing(parent_fd: int, name: str, stop: object = None) -> tuple[int, int]:
+        if name.endswith(stuck):
+            raise PermissionError(13, "Permission denied", "b")
+        return real(parent_fd, name, stop)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(trash, "remove_tree", refusing)
+    metrics = Metrics("site-b")
+    with caplog.at_level(logging.WARNING, logger="datamover.scheduler.trash_retention"):
+        assert await TrashRetention(tmp_path, 30, metrics).run_once() is False
+    [record] = caplog.records
+    assert stuck in record.getMessage() and "1 other run(s) were emptied" in record.getMessage()
+    scraped = generate_latest(metrics.registry).decode()
+    assert 'datamover_trash_runs_emptied_total{site="site-b"} 1.0' in scraped
+    assert other not in {p.name for p in trash.trash_root(tmp_path).iterdir()}

@@ -183,3 +183,39 @@ async def test_a_state_directory_this_user_may_not_write_is_exit_7(make_site: Ma
             assert "Permission denied" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     finally:
         os.chmod(b.state, 0o755)
+
+
+@SQLITE_ONLY
+async def test_another_users_entry_or_directory_is_refused_before_any_copy(
+    make_site: MakeSite,
+) -> None:
+    # Before: the copy was published in the trash, then the original could not be removed
+    # (an entry in another user's directory; another user's directory whole): "left in
+    # place", yet each stage added one more copy to the trash.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds" / "shared").mkdir(parents=True)
+    (a.data / "ds" / "shared" / "f").write_text("f\n")
+    assert a.cli("push", "/proj/ds").returncode == 0
+    state = _state_on_shm(b)
+    nobody = pwd.getpwnam("nobody")
+    try:
+        assert cli_unprivileged(b, "stage", "/proj/ds").returncode == 0
+        shared = b.data / "ds" / "shared"
+        (shared / "extra").write_text("in another user's directory\n")
+        theirs = b.data / "ds" / "theirs"
+        theirs.mkdir()
+        (theirs / "g").write_text("another user's\n")
+        for path in (shared, theirs):
+            os.chown(path, nobody.pw_uid, nobody.pw_gid)
+        for _ in range(2):
+            staged = cli_unprivileged(b, "stage", "/proj/ds", "--delete")
+            assert staged.returncode == 7, staged.stderr
+            assert staged.stderr.count("\n") == 1, staged.stderr
+            assert (shared / "extra").read_text() == "in another user's directory\n"
+            assert (theirs / "g").read_text() == "another user's\n"
+            trash = state / "trash"
+            held = [p for p in trash.rglob("*") if p.is_file()] if trash.exists() else []
+            assert held == [], held
+    finally:
+        _unlock_all(b.data)
+        shutil.rmtree(state)

@@ -52,6 +52,9 @@ class TrashRetention:
         except Busy as exc:  # a cron job's `trash --empty`: it does the work
             log.info("trash: %s; trying again in %.0f minutes", exc, self.every / 60)
             return False
+        except trash.TrashStuck as exc:  # the other runs were emptied: counted below
+            log.warning("trash: %s; trying again in %.0f minutes", exc, self.every / 60)
+            removed = exc.removed
         except DatamoverError as exc:
             log.warning("trash: %s; trying again in %.0f minutes", exc, self.every / 60)
             return False

@@ -203,6 +203,7 @@ def _copy_entry(
         src = os.open(name, _DIR, dir_fd=src_dir)  # a symlink swapped in: ELOOP
         try:
             st = os.fstat(src)
+            _removable(src, name)
             os.mkdir(to, 0o700, dir_fd=dst_dir)
             dst = os.open(to, _DIR, dir_fd=dst_dir)
         except BaseException:
@@ -361,6 +362,7 @@ def move_across(src_dir: int, name: str, dst_dir: int, to: str) -> None:
         raise
     try:
         st = os.fstat(src)
+        _removable(src, name)
         tmp = _moving_name()
         os.mkdir(tmp, 0o700, dir_fd=dst_dir)
         try:
@@ -421,7 +423,22 @@ def _move_one(src_dir: int, name: str, dst_dir: int, to: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=dst_dir)
         raise
-    os.unlink(name, dir_fd=src_dir)
+    try:
+        os.unlink(name, dir_fd=src_dir)
+    except BaseException:  # the original stays whole: so must the trash not hold a copy
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(to, dir_fd=dst_dir)
+        raise
+
+
+def _removable(fd: int, name: str) -> None:
+    """Raise `PermissionError` before anything is copied if the entries of directory `fd`
+    (`name`) could not be removed after: neither writable by this process nor its own to
+    make writable (`_writable`). The copy had been made, the original then left, whole
+    or in part, and every later stage added one more copy to the trash."""
+    if os.access(".", os.W_OK | os.X_OK, dir_fd=fd) or os.fstat(fd).st_uid == os.geteuid():
+        return
+    raise PermissionError(errno.EACCES, "Permission denied (another user's directory)", name)
 
 
 def _writable(fd: int) -> int | None:

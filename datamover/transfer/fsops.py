@@ -824,6 +824,8 @@ class TreeWriter:
                     if not os.access(".", os.W_OK | os.X_OK, dir_fd=dfd):
                         refused = PermissionError(errno.EACCES, "Permission denied")
                         self._unlock(parent, refused, rel)
+                        if not os.access(".", os.W_OK | os.X_OK, dir_fd=dfd):
+                            raise refused from None  # another user's: unlocking cannot help
                     crossfs.move_across(dfd, name, out, to)
                     break
             if self.unlocked:

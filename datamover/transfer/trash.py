@@ -166,10 +166,11 @@ def empty(
         os.close(root_fd)
     if failed:
         emptied = f"; {len(removed)} other run(s) were emptied" if removed else ""
-        raise PermanentError(
+        raise TrashStuck(
             f"cannot empty the trash {str(root)!r}: {failed[0]}"
             + (f" (and {len(failed) - 1} more run(s))" if len(failed) > 1 else "")
-            + emptied
+            + emptied,
+            removed,
         )
     return removed
 
@@ -196,6 +197,18 @@ def _no_dangling_link(root: Path) -> None:
             f"the trash {str(root)!r} is a symbolic link to {os.readlink(root)!r}, which does "
             "not exist (a disk not mounted?)"
         )
+
+
+class TrashStuck(PermanentError):
+    """`empty` could not remove some runs (named in the message); `removed` holds the runs
+    it did remove, for its caller to report."""
+
+    def __init__(self, message: str, removed: list[TrashRun]) -> None:
+        super().__init__(message)
+        self.removed = removed
+
+    def __reduce__(self) -> tuple[type[TrashStuck], tuple[str, list[TrashRun]]]:
+        return (type(self), (self.message, self.removed))
 
 
 class _Stopped(Exception):

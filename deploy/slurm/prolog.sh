@@ -303,6 +303,7 @@ for item in "${items[@]}"; do
     # owner meant something else than what would be staged.
     [[ $item != *[\'\"*]* ]] ||
         fail "'$item' in the job comment holds a quote or '*'; stage such a dataset from the job script"
+    item=${item%/}  # /proj/a/ is /proj/a (as datamover reads it), so stage it once
     if [[ $item =~ ^(/.+)@([0-9]{8}T[^@/]+)$ ]]; then
         item=${BASH_REMATCH[1]}
         version=${BASH_REMATCH[2]}
@@ -316,7 +317,7 @@ for item in "${items[@]}"; do
     # A logical path is absolute; datamover itself rejects '..', bad names and unmapped
     # prefixes. Starting with '/' also means it can never be taken for an option.
     [[ $item == /?* ]] || fail "'$item' in the job comment is not a dataset path (/prefix/...)"
-    item=${item%/}  # /proj/a/ is /proj/a (as datamover reads it), so stage it once
+    item=${item%/}  # /proj/a@V/ is /proj/a at V
     if [[ -n ${seen[$item]+x} ]]; then
         # One replica per path: staging a second version would replace the first.
         [[ ${seen[$item]} == "$version" ]] ||
