@@ -32,6 +32,21 @@ def _state_on_shm(env: SiteEnv) -> Path:
     return state
 
 
+async def _staged_with_state_on_shm(make_site: MakeSite) -> tuple[SiteEnv, Path]:
+    """Site B with `/proj/ds` (one file, `keep`) pushed at site A and staged here by the
+    CLI without root's privileges, its state on /dev/shm; and that state directory."""
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "keep").write_text("k\n")
+    assert a.cli("push", "/proj/ds").returncode == 0
+    state = _state_on_shm(b)
+    staged = cli_unprivileged(b, "stage", "/proj/ds")
+    if staged.returncode != 0:
+        shutil.rmtree(state)
+    assert staged.returncode == 0, staged.stderr
+    return b, state
+
+
 def _unlock_all(top: Path) -> None:
     for p in [top, *top.rglob("*")]:
         if p.is_dir() and not p.is_symlink():
@@ -82,13 +97,8 @@ async def test_a_read_only_directory_is_unlocked_for_a_move_across(make_site: Ma
 async def test_a_read_only_extra_tree_is_moved_across_whole(make_site: MakeSite) -> None:
     # Before: "it changed while it was copied": its entries could not be removed from the
     # read-only directories; the whole original stayed and each stage added a copy.
-    a, b = await make_site("site-a"), await make_site("site-b")
-    (a.data / "ds").mkdir()
-    (a.data / "ds" / "keep").write_text("k\n")
-    assert a.cli("push", "/proj/ds").returncode == 0
-    state = _state_on_shm(b)
+    b, state = await _staged_with_state_on_shm(make_site)
     try:
-        assert cli_unprivileged(b, "stage", "/proj/ds").returncode == 0
         extra = b.data / "ds" / "e1"
         (extra / "sub").mkdir(parents=True)
         (extra / "sub" / "x").write_text("x\n")
@@ -112,13 +122,8 @@ async def test_a_read_only_extra_tree_is_moved_across_whole(make_site: MakeSite)
 async def test_a_copy_that_fails_leaves_nothing_in_the_trash(make_site: MakeSite) -> None:
     # Before: `.dm-moving-<hex>/a_ro/one` stayed, the read-only copy not removable by
     # `shutil.rmtree`; the README says such an entry comes only from a killed stage.
-    a, b = await make_site("site-a"), await make_site("site-b")
-    (a.data / "ds").mkdir()
-    (a.data / "ds" / "keep").write_text("k\n")
-    assert a.cli("push", "/proj/ds").returncode == 0
-    state = _state_on_shm(b)
+    b, state = await _staged_with_state_on_shm(make_site)
     try:
-        assert cli_unprivileged(b, "stage", "/proj/ds").returncode == 0
         extra = b.data / "ds" / "e2"
         (extra / "a_ro").mkdir(parents=True)
         (extra / "a_ro" / "one").write_text("1\n")
