@@ -303,3 +303,36 @@ async def test_a_pack_stored_but_not_indexed_when_killed_is_not_sent_again(
     # Random bytes: the packs hold the files' bytes; the rest sent is the manifest.
     assert result.uploaded_bytes <= result.bytes - killed_size + (64 << 10), result
     assert await stage_elsewhere(make_site) == files(root)
+
+
+async def test_a_push_after_an_interrupted_one_asks_about_its_first_packs_only(
+    make_site: MakeSite,
+) -> None:
+    """Only the packs in flight when a push was killed can be stored unindexed, and the run
+    taking over builds them first: it HEADs twice `upload_concurrency` packs, not every one
+    (a HEAD for each of the tens of thousands of packs of a large resumed push)."""
+    import blake3
+
+    from datamover.transfer.packer import Packer
+
+    a = await make_site("site-a")
+    site = await a.open()
+    asked: list[str] = []
+    head = site.store.head
+
+    async def counting_head(key: str, *args: Any, **kw: Any) -> Any:
+        asked.append(key)
+        return await head(key, *args, **kw)
+
+    site.store.head = counting_head  # type: ignore[method-assign]
+    try:
+        packer = Packer(site.store, site.catalog, 64 << 10, 1, stored_first=True)
+        for _ in range(5):  # each chunk fills a pack of its own
+            data = os.urandom(70_000)
+            await packer.add([NewChunk(blake3.blake3(data).digest(), len(data), 0, data)])
+        await packer.close()
+        packs = [info.key async for info in site.store.list("packs/")]
+    finally:
+        await site.close()
+    assert packer.stats.packs == 5 and len(packs) == 5
+    assert len(asked) == 2 and all(key in packs for key in asked), asked

@@ -117,6 +117,7 @@ async def test_a_cancelled_error_from_inside_a_run_fails_it_and_the_worker_goes_
     from datamover.scheduler.runner import run_loop
 
     bad, _ = await queue.submit(sub("/p/x"))
+    buggy, _ = await queue.submit(sub("/p/z"))
     good, _ = await queue.submit(sub("/p/y"))
     worker = Worker(None, queue, None, "w1", Metrics("s"))  # type: ignore[arg-type]
 
@@ -125,6 +126,8 @@ async def test_a_cancelled_error_from_inside_a_run_fails_it_and_the_worker_goes_
             future = asyncio.get_running_loop().create_future()
             future.cancel()
             return await future
+        if row.id == buggy.id:
+            raise KeyError("a bug")
         return {"version": "v"}
 
     worker._run = run  # type: ignore[method-assign]
@@ -142,9 +145,14 @@ async def test_a_cancelled_error_from_inside_a_run_fails_it_and_the_worker_goes_
     failed = await queue.get(bad.id)
     assert failed.state == "failed" and failed.attempts == 1, failed
     assert failed.error and failed.error["message"].startswith("internal error"), failed.error
+    # Both recorded with the internal code, which a waiting client exits 70 for (they had
+    # the base code, exit 1: what `verify` gives to a tree that differs).
+    assert failed.error["code"] == "internal", failed.error
+    bug = await queue.get(buggy.id)
+    assert bug.state == "failed" and bug.error and bug.error["code"] == "internal", bug.error
     assert (await queue.get(good.id)).state == "succeeded"
     logged = [r for r in caplog.records if "failed unexpectedly" in r.getMessage()]
-    assert len(logged) == 1 and logged[0].exc_info, caplog.text
+    assert len(logged) == 2 and all(r.exc_info for r in logged), caplog.text
 
 
 async def test_a_worker_task_cancelled_from_outside_still_puts_its_transfer_back(
