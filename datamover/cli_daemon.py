@@ -225,7 +225,6 @@ def token_create(
 
     from datamover.catalog.access import Access
     from datamover.domain.paths import check_logical_path
-    from datamover.domain.transfers import check_text
 
     checked = ["/" if p == "/" else check_logical_path(p) for p in prefixes]
     narrow = sorted({p for p in checked if p != "/"})
@@ -236,9 +235,7 @@ def token_create(
             f"--scope admin covers every path, not only {', '.join(narrow)}: "
             "give it --prefix / alone, or a narrower --scope"
         )
-    if not tenant.strip():
-        raise InvalidInput("--tenant must not be blank")
-    check_text(tenant, "--tenant", 128)
+    _check_tenant(tenant)
     lifetime = None if expires_in is None else _duration(expires_in, "--expires-in")
     expires_at = None if lifetime is None else datetime.now(UTC) + lifetime
 
@@ -265,6 +262,17 @@ def token_create(
             "; shown once)",
             err=True,
         )
+
+
+def _check_tenant(tenant: str) -> None:
+    """`InvalidInput` unless `--tenant` is a tenant a token could have: not blank, at most
+    128 characters, no control characters (`check_text`); every command taking it checks
+    it so."""
+    from datamover.domain.transfers import check_text
+
+    if not tenant.strip():
+        raise InvalidInput("--tenant must not be blank")
+    check_text(tenant, "--tenant", 128)
 
 
 #: Units `--expires-in` takes, in seconds.
@@ -301,12 +309,9 @@ def token_list(tenant: str | None, everyone: bool, config_path: str | None, as_j
     from datetime import UTC, datetime
 
     from datamover.catalog.access import Access
-    from datamover.domain.transfers import check_text
 
     if tenant is not None:
-        if not tenant.strip():
-            raise InvalidInput("--tenant must not be blank")
-        check_text(tenant, "--tenant", 128)
+        _check_tenant(tenant)
 
     async def work(engine: Any) -> list[Any]:
         return await Access(engine).tokens(tenant, everyone)
@@ -552,10 +557,8 @@ def release(
     from datamover.domain.transfers import check_text
 
     check_text(pin, "--pin")
-    if tenant is not None:  # as `token create` takes it; blank would mean "mine" to the API
-        if not tenant.strip():
-            raise InvalidInput("--tenant must not be blank")
-        check_text(tenant, "--tenant", 128)
+    if tenant is not None:  # blank would mean "mine" to the API
+        _check_tenant(tenant)
     if local and daemon_only:
         raise click.UsageError("--local releases here and --daemon only through the daemon")
     config = load_config(config_path)
@@ -603,13 +606,10 @@ def pins(prefix: str, tenant: str | None, config_path: str | None, as_json: bool
 
     from datamover.catalog.access import Access
     from datamover.domain.paths import check_logical_path, is_under
-    from datamover.domain.transfers import check_text
 
     prefix = "/" if prefix == "/" else check_logical_path(prefix)
-    if tenant is not None:  # as `release` takes it: a typo is named, not an empty list
-        if not tenant.strip():
-            raise InvalidInput("--tenant must not be blank")
-        check_text(tenant, "--tenant", 128)
+    if tenant is not None:  # a typo is named, not answered with an empty list
+        _check_tenant(tenant)
     config = load_config(config_path)
 
     async def work(engine: Any) -> list[Any]:
