@@ -34,6 +34,8 @@ import stat
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from datamover.transfer.trash import remove_tree
+
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: Never blocks: a FIFO swapped in for a file must not wait for a writer.
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -443,8 +445,8 @@ def _removable(fd: int, name: str) -> None:
 
 def _writable(fd: int) -> int | None:
     """Give directory `fd` its owner's write and search bits where this process may not
-    change it otherwise (it owns it, or is root); return the mode it had then, or None if
-    it was changed not (writable already, or not this user's: the removal is refused)."""
+    change it otherwise (it owns it, or is root); return the mode it had then, or None
+    if it was not changed (writable already, or not this user's: the removal is refused)."""
     if os.access(".", os.W_OK | os.X_OK, dir_fd=fd):
         return None
     mode = stat.S_IMODE(os.fstat(fd).st_mode)
@@ -458,8 +460,6 @@ def _writable(fd: int) -> int | None:
 def _remove_copy(dst_dir: int, name: str) -> None:
     """Remove the copy `name` of `dst_dir` a failed move made, read-only directories in it
     too (its copied modes: `trash.remove_tree` gives them their owner's bits first)."""
-    from datamover.transfer.trash import remove_tree
-
     with contextlib.suppress(OSError):
         remove_tree(dst_dir, name)
 

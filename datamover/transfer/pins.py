@@ -7,12 +7,14 @@ hold it. `check_nested_pins` looks, once the manifest is fetched and before anyt
 written, at pins on datasets nested with it (`/proj/ds` and `/proj/ds/sub` share a tree
 where their prefixes map together): the stage is `Pinned` only if it would change what such
 a job reads, so a job asking for `/proj/ds/sub` does not wait for one reading `/proj/ds`
-when both hold the same files there.
+when both hold the same files there. `record_overridden` records the pins a forced stage
+went past at the version it staged.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +28,8 @@ from datamover.errors import Corrupt, InvalidInput, NotFound, Pinned
 from datamover.repo.layout import VersionDoc
 from datamover.repo.manifest import SegmentRef
 from datamover.site import Site
+
+log = logging.getLogger(__name__)
 
 
 def counted(pins: list[PinRow], keep: tuple[str, str] | None, others_only: bool) -> list[PinRow]:
@@ -98,6 +102,28 @@ async def check_pins(
         f"version {doc.version} would change files under the jobs reading them; stage it "
         f"once they are released (`datamover release`), or with {how}"
     )
+
+
+async def record_overridden(
+    site: Site, dataset: str, version: str, overridden: list[PinRow]
+) -> None:
+    """After a forced stage of `dataset` to `version`: the pins it went past (`overridden`,
+    from `check_pins`) are recorded at `version`, which their jobs now read (a warning
+    names them). They had kept the version they were taken at, so `datamover pins` named a
+    version the tree no longer held, and a later refusal another one."""
+    keys = [(p.pin, p.tenant) for p in overridden]
+    moved = await Access(site.catalog.engine).move_pins(dataset, version, keys)
+    if moved:
+        named = ", ".join(f"{p.pin!r} (tenant {p.tenant!r}, was {p.version})" for p in moved[:3])
+        more = f" and {len(moved) - 3} more" if len(moved) > 3 else ""
+        log.warning(
+            "stage of %s: --force changed the files under pins %s%s; they are recorded at "
+            "version %s now",
+            dataset,
+            named,
+            more,
+            version,
+        )
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,6 @@ from typing import Any, Literal
 import blake3
 
 from datamover.aio import every
-from datamover.catalog.access import Access, PinRow
 from datamover.catalog.queries import ReplicaRow, owner_alive, owner_id
 from datamover.config import TransferSettings
 from datamover.console import human_bytes
@@ -70,7 +69,12 @@ from datamover.transfer.fetch import (
     plan_ranges,
 )
 from datamover.transfer.locks import take_lock, take_nested
-from datamover.transfer.pins import check_nested_pins, check_pins, overwritten_below
+from datamover.transfer.pins import (
+    check_nested_pins,
+    check_pins,
+    overwritten_below,
+    record_overridden,
+)
 from datamover.transfer.plan import Op, StagePlanner, children_first
 from datamover.transfer.progress import NoProgress, Progress
 from datamover.transfer.trash import trash_root
@@ -1365,34 +1369,12 @@ async def _stage(
             await site.catalog.finish_replica(dataset, doc.version, "failed", 0, 0)
             raise _taken_over(dataset)
         if overridden:
-            await _move_overridden_pins(site, dataset, doc.version, overridden)
+            await record_overridden(site, dataset, doc.version, overridden)
     finally:
         await _stop_procs(procs)
     result.downloaded_bytes += site.repo.fetched_bytes - fetched_before
     result.seconds = round(time.monotonic() - started, 3)
     return result
-
-
-async def _move_overridden_pins(
-    site: Site, dataset: str, version: str, overridden: list[PinRow]
-) -> None:
-    """After a forced stage of `dataset` to `version`: the pins it went past (`overridden`,
-    from `check_pins`) are recorded at `version`, which their jobs now read (a warning
-    names them). They had kept the version they were taken at, so `datamover pins` named a
-    version the tree no longer held, and a later refusal another one."""
-    keys = [(p.pin, p.tenant) for p in overridden]
-    moved = await Access(site.catalog.engine).move_pins(dataset, version, keys)
-    if moved:
-        named = ", ".join(f"{p.pin!r} (tenant {p.tenant!r}, was {p.version})" for p in moved[:3])
-        more = f" and {len(moved) - 3} more" if len(moved) > 3 else ""
-        log.warning(
-            "stage of %s: --force changed the files under pins %s%s; they are recorded at "
-            "version %s now",
-            dataset,
-            named,
-            more,
-            version,
-        )
 
 
 def _taken_over(dataset: str) -> Conflict:
