@@ -105,6 +105,46 @@ async def test_a_partial_file_of_another_user_that_cannot_be_opened_is_replaced(
     assert [p.name for p in (b.data / "ds").iterdir()] == ["big"]
 
 
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_another_users_partial_file_in_a_sticky_directory_is_in_no_ones_way(
+    make_site: MakeSite,
+) -> None:
+    # Before: a partial file had one name for every user, and in a directory with the
+    # sticky bit another user's could be neither opened nor removed: every stage of the
+    # large file failed (exit 7), naming `big`, which did not exist. The dataset's root is
+    # the shared directory (no entry of the version: its owner keeps its mode and mtime).
+    a, b = await make_site("site-a"), await make_site("site-b", batch_bytes=4 << 20)
+    (a.data / "ds").mkdir()
+    content = os.urandom(3 << 20)
+    (a.data / "ds" / "big").write_bytes(content)
+    site_a = await a.open()
+    try:
+        await push(site_a, "/proj/ds")
+        [entry] = [e for e in await _entries(site_a, "/proj/ds") if e.path == "big"]
+    finally:
+        await site_a.close()
+    shared = b.data / "ds"
+    shared.mkdir()
+    os.chown(shared, 65533, 65533)  # a third user's: only it and a file's owner may remove
+    os.chmod(shared, 0o1777)
+    leftover = shared / fsops.partial_name(entry, 65534)
+    leftover.write_bytes(content[:4096])  # a killed stage of user 65534
+    os.chown(leftover, 65534, 65534)
+    os.chmod(leftover, 0o600)
+    assert fsops.partial_name(entry) != leftover.name
+
+    proc = cli_unprivileged(b, "stage", "/proj/ds")
+    assert proc.returncode == 0, proc.stderr
+    assert (shared / "big").read_bytes() == content
+    assert sorted(p.name for p in shared.iterdir()) == sorted(["big", leftover.name])
+    assert f"left '{leftover.name}'" in proc.stderr and "user 65534" in proc.stderr
+    # Verify still names it; once its owner's leftover is gone, the tree is the version.
+    proc = cli_unprivileged(b, "verify", "/proj/ds")
+    assert proc.returncode == 1 and leftover.name in proc.stdout + proc.stderr
+    leftover.unlink()
+    assert cli_unprivileged(b, "verify", "/proj/ds").returncode == 0
+
+
 async def _entries(site: Site, dataset: str) -> list[Entry]:
     """The entries of the latest version of `dataset` at `site`."""
     doc = await site.repo.resolve(dataset, None)

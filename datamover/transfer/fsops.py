@@ -147,9 +147,13 @@ class FreshPartial(NamedTuple):
     ident: tuple[int, int] | None
 
 
-def partial_name(entry: Entry) -> str:
-    """The stable temporary name of a large file, so a rerun can resume it."""
+def partial_name(entry: Entry, uid: int | None = None) -> str:
+    """The stable temporary name of a large file, so a rerun can resume it: one per user
+    (`uid`, default this process's effective one). In a directory with the sticky bit
+    (/tmp, a shared scratch) a user may not remove another's file: a partial file a
+    killed stage of one user left there would otherwise hold the name for every other."""
     h = blake3.blake3(entry.path.encode())
+    h.update(b"\0%d\0" % (os.geteuid() if uid is None else uid))
     for c in entry.chunks:
         h.update(c.digest)
     return f".dm-{h.hexdigest()[:16]}.part"
@@ -681,6 +685,33 @@ class TreeWriter:
                 os.unlink(name, dir_fd=dfd)
 
         self._unlocking(parent, rel, unlink)
+
+    def drop_leftover(self, rel: str, ours: bool) -> None:
+        """A killed stage's leftover partial file or temporary `rel`: removed when `ours`
+        (a partial file of a file the stage knows, `partial_name`), else moved to the trash
+        (it might be a user's file with such a name). One of another user that this user
+        may neither remove nor move (a directory with the sticky bit) is left where it is,
+        with a warning: every user's partial files have names of their own, so it stands
+        in the way of no stage."""
+        try:
+            if ours:
+                self.remove(rel)
+            else:
+                self.trash(rel)
+        except PermanentError:
+            parent, name = split(rel)
+            try:
+                owner = os.lstat(name, dir_fd=self.dir_fd(parent)).st_uid
+            except FileNotFoundError:
+                return
+            if owner == os.geteuid():
+                raise
+            log.warning(
+                "left %r: a partial file of an interrupted stage of user %d, which this "
+                "user may not remove",
+                clipped(rel),
+                owner,
+            )
 
     def rename_into_place(
         self, tmp: str, rel: str, dfd: int, replaces: tuple[int, int, int] | None

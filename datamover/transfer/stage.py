@@ -876,7 +876,7 @@ class _Stager:
                 if action.path in earlier:
                     # Removed before the writes that follow it, not at the end: on a disk
                     # it fills, they would fail first, at every run.
-                    self._ops.append((w.remove, (action.path,)))
+                    self._ops.append((w.drop_leftover, (action.path, True)))
                 else:
                     self._stale.append(action.path)
         self.result.kept_files += kept
@@ -895,12 +895,9 @@ class _Stager:
         self._take_unlocked()
         ours = self._partials_of_versions(self._stale) if self._stale else set()
         for rel in self._stale:  # first: removing one changes its directory's mtime
-            if rel in ours:
-                w.remove(rel)
-            else:
-                # A killed stage's temporary, or a file a user gave a name like it: as
-                # anything else the version does not have, never destroyed.
-                w.trash(rel)
+            # Not ours: a killed stage's temporary, or a file a user gave a name like it:
+            # as anything else the version does not have, never destroyed.
+            w.drop_leftover(rel, rel in ours)
         dirs: Iterator[Entry] = iter(self._dirs)
         if self._dirs_overflow:
             dirs = (
@@ -935,6 +932,7 @@ class _Stager:
         if not names:
             return set()
         dirs = {sort_key(rel)[:-1] for rel in names}
+        uids = {self._owner(rel) for rel in names}  # each user's have their own names
         ours: set[str] = set()
         seen: list[list[SegmentRef]] = []
         if versions is None:
@@ -949,10 +947,18 @@ class _Stager:
             entries = self._entries(refs) if len(near) == len(refs) else self._entries(near)
             for entry in entries:
                 if entry.kind == Kind.FILE and sort_key(entry.path)[:-1] in dirs:
-                    path = _partial_path(entry)
-                    if path in names:
-                        ours.add(path)
+                    for uid in uids:
+                        path = _partial_path(entry, uid)
+                        if path in names:
+                            ours.add(path)
         return ours
+
+    def _owner(self, rel: str) -> int:
+        """The owner of the file at `rel` (this process's user if it cannot be looked at)."""
+        try:
+            return os.lstat(self.root / rel).st_uid
+        except OSError:
+            return os.geteuid()
 
     def _take_unlocked(self) -> None:
         """On the writer thread, once the walk is over and no worker process writes: the
@@ -1095,10 +1101,11 @@ def _close_opened(done: asyncio.Future[Any]) -> None:
         os.close(done.result())
 
 
-def _partial_path(entry: Entry) -> str:
-    """Where `entry`'s partial file is (if it is large), relative to the tree."""
+def _partial_path(entry: Entry, uid: int | None = None) -> str:
+    """Where `entry`'s partial file (of user `uid`, default this process's) is, if it is
+    large, relative to the tree."""
     parent, _ = fsops.split(entry.path)
-    name = fsops.partial_name(entry)
+    name = fsops.partial_name(entry, uid)
     return f"{parent}/{name}" if parent else name
 
 
