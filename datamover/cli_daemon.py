@@ -435,6 +435,7 @@ def transfer_submit(
 @click.option("--prefix", metavar="PATH")
 @click.option("--limit", type=click.IntRange(1, 1000), default=100, show_default=True)
 @click.option("--after", metavar="ID", help="Start after this transfer (a page's last).")
+@click.option("--newest", is_flag=True, help="Newest first (default: oldest, queue order).")
 @common
 def transfer_list(
     state: str | None,
@@ -442,14 +443,18 @@ def transfer_list(
     prefix: str | None,
     limit: int,
     after: str | None,
+    newest: bool,
     config_path: str | None,
     as_json: bool,
 ) -> None:
-    """List transfers, oldest first, a page at a time (`--after` the last one shown)."""
+    """List transfers, oldest first (`--newest`: newest first), a page at a time (`--after`
+    the last one shown)."""
     params = {k: v for k, v in (("state", state), ("kind", kind), ("prefix", prefix)) if v}
     params["limit"] = str(limit)
     if after is not None:
         params["after"] = after
+    if newest:
+        params["order"] = "newest"
     page = _call(config_path, "GET", "/v1/transfers", params=params, expect=("transfers",))
     if as_json:
         emit_json(page)
@@ -466,6 +471,8 @@ def transfer_list(
                 words += [option, value]
         if limit != 100:
             words += ["--limit", str(limit)]
+        if newest:
+            words.append("--newest")
         if config_path:
             words += ["--config", config_path]
         words += ["--after", page["next"]]

@@ -534,6 +534,16 @@ async def test_hook_pair_end_to_end(served_site: StartSite, make_site: MakeSite)
     assert follow.returncode == 0 and ids[0] not in follow.stdout, follow
     last = d.env.cli("transfer", "list", "--after", ids[1])
     assert (last.returncode, last.stdout, last.stderr) == (0, "", "")
+    # Newest first: the latest transfer on the first page, the hint keeps the order.
+    latest = d.env.cli("transfer", "list", "--newest", "--limit", "1")
+    assert latest.returncode == 0 and ids[1] in latest.stdout and ids[0] not in latest.stdout
+    assert latest.stderr == (
+        f"more: datamover transfer list --limit 1 --newest --config {config} --after {ids[1]}\n"
+    )
+    older = d.env.cli("transfer", "list", "--newest", "--after", ids[1], "--json")
+    assert [t["id"] for t in json.loads(older.stdout)["transfers"]] == ids[:1]
+    _, body = d.request("GET", "/v1/transfers?order=latest", token_file.read_text())
+    assert body["error"]["code"] == "invalid_input" and "'order'" in body["error"]["message"]
 
 
 async def test_a_pin_released_while_its_stage_runs_is_not_added_after(

@@ -378,6 +378,11 @@ async def test_listing_filters_and_pages(queue: Transfers) -> None:
     assert [r.id for r in rest] == ids[3:]
     assert [r.path for r in await queue.list(path_prefix="/q")] == ["/q/other"]
     assert await queue.list(prefixes=[]) == []
+    # Newest first, paged the same way: past the cursor in that order.
+    page = await queue.list(prefixes=["/p"], limit=3, newest=True)
+    assert [r.id for r in page] == ids[:1:-1]
+    rest = await queue.list(prefixes=["/p"], after=page[-1].id, limit=3, newest=True)
+    assert [r.id for r in rest] == ids[1::-1]
     depth = await queue.depth()
     assert depth[("queued", "interactive")] == 6
 

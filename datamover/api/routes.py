@@ -55,7 +55,7 @@ _TRANSFER_FIELDS = {
     "force",
 }
 _PAGE = frozenset({"prefix", "after", "limit"})  # the query of a listing by dataset
-_LIST_TRANSFERS = _PAGE | {"state", "kind"}
+_LIST_TRANSFERS = _PAGE | {"state", "kind", "order"}
 _STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 MAX_WAIT = 60.0  # longest long poll; clients' own time-outs must be longer
 
@@ -181,7 +181,9 @@ async def submit_transfer(request: web.Request) -> web.Response:
 
 
 async def list_transfers(request: web.Request) -> web.Response:
-    """GET /v1/transfers."""
+    """GET /v1/transfers?state=&kind=&prefix=&order=&after=&limit=: a page of the transfers
+    the caller may see, oldest first (`order=newest`: newest first), and `next`, the cursor
+    to pass as `after` for the following page in the same order."""
     check_query(request, _LIST_TRANSFERS)
     ctx = context(request)
     who = require(request, "read")
@@ -198,6 +200,7 @@ async def list_transfers(request: web.Request) -> web.Response:
         path_prefix=prefix,
         after=query_transfer_id(request, "after"),
         limit=limit,
+        newest=query_choice(request, "order", ("oldest", "newest")) == "newest",
     )
     next_cursor = rows[-1].id if len(rows) == limit else None
     return _json({"transfers": [r.to_json() for r in rows], "next": next_cursor})

@@ -222,8 +222,10 @@ class Transfers:
         path_prefix: str | None = None,
         after: str | None = None,
         limit: int = 100,
+        newest: bool = False,
     ) -> list[TransferRow]:
-        """Transfers in id (creation) order, newest last, filtered; `after` is the cursor."""
+        """Transfers in id (creation) order, newest last (with `newest`, first), filtered;
+        `after` is the cursor: the listing goes on past that id, in its order."""
         query = select(T)
         if tenant is not None:
             query = query.where(T.c.tenant == tenant)
@@ -236,8 +238,8 @@ class Transfers:
         if path_prefix:
             query = query.where(under(path_prefix))
         if after:
-            query = query.where(T.c.id > after)
-        query = query.order_by(T.c.id).limit(limit)
+            query = query.where(T.c.id < after if newest else T.c.id > after)
+        query = query.order_by(T.c.id.desc() if newest else T.c.id).limit(limit)
         async with self.engine.connect() as conn:
             return [TransferRow.from_row(r) for r in await conn.execute(query)]
 
