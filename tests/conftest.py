@@ -1,6 +1,7 @@
 """Shared fixtures: a real SeaweedFS per session, fresh buckets, catalogs on both engines,
 configured sites and running daemons."""
 
+import asyncio
 import compileall
 import os
 from pathlib import Path
@@ -34,3 +35,11 @@ def pytest_configure(config: pytest.Config) -> None:
     """
     if not hasattr(config, "workerinput"):
         compileall.compile_dir(Path(datamover.__file__).parent, quiet=2)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Drop the PostgreSQL test databases left to drop (`fixtures_catalog._UNDROPPED`)."""
+    from tests.fixtures_catalog import _UNDROPPED, drop_undropped
+
+    if _UNDROPPED:
+        asyncio.run(drop_undropped())

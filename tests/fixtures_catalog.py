@@ -56,8 +56,26 @@ async def new_catalog(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIt
         return make_url(server).set(database=name).render_as_string(hide_password=False)
 
     yield make
-    for name in created:
+    if created:
         assert server is not None
+        _UNDROPPED.extend((server, name) for name in created)
+        if len(_UNDROPPED) >= _DROP_EVERY:
+            await drop_undropped()
+
+
+#: Test databases not dropped yet, `(server URL, name)`: dropped `_DROP_EVERY` at a time and
+#: at the end of the session (`drop_undropped`). Each DROP DATABASE makes the server write
+#: out every dirty buffer first (a checkpoint): under the suite's load one drop per test took
+#: 0.6 s on average and up to 6 s, a tenth of the suite's time, where a drop right after
+#: another has little to write.
+_UNDROPPED: list[tuple[str, str]] = []
+_DROP_EVERY = 25
+
+
+async def drop_undropped() -> None:
+    """Drop every test database still in `_UNDROPPED`."""
+    while _UNDROPPED:
+        server, name = _UNDROPPED.pop()
         await _pg_admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
