@@ -11,6 +11,7 @@ never be replaced or removed.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from sqlalchemy import update
@@ -117,3 +118,34 @@ async def test_delete_with_checksum_trashes_an_edit_instead_of_removing_it(
     assert _trashed(checked.trash_dir, "f") == "USER-EDIT!\n"
     assert not (b.data / "ck" / "gone").exists()  # the base's bytes: removed, as datamover's
     assert checked.removed == 1 and checked.trashed_count == 1
+
+
+async def test_a_tree_this_site_has_no_record_of_is_read_before_its_files_are_kept(
+    make_site: MakeSite,
+) -> None:
+    # Before: the first stage into a tree filled another way (`cp -a`, `rsync -a`, a backup
+    # restored, a catalog lost) kept every file whose size and mtime matched, unread: a
+    # wrong one stayed, the replica was recorded as the version, and every later stage
+    # kept it too. A push reads every file of such a tree; so does this stage now.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ck" / "sub").mkdir(parents=True)
+    files = {"f": "original-1\n", "g": "untouched\n", "sub/h": "deeper\n"}
+    for name, text in files.items():
+        (a.data / "ck" / name).write_text(text)
+    site_a = await a.open()
+    try:
+        await push(site_a, "/proj/ck")
+    finally:
+        await site_a.close()
+    shutil.copytree(a.data / "ck", b.data / "ck", copy_function=shutil.copy2)
+    _edit_keeping_stat(b.data / "ck" / "sub" / "h", "DAMAGE\n")
+    site_b = await b.open()
+    try:
+        first = await stage(site_b, "/proj/ck")
+        again = await stage(site_b, "/proj/ck")  # now recorded: size and mtime tell
+    finally:
+        await site_b.close()
+    assert {n: (b.data / "ck" / n).read_text() for n in files} == files
+    assert _trashed(first.trash_dir, "sub/h") == "DAMAGE\n"  # not ours: kept in the trash
+    assert first.fetched_files == 1 and first.kept_files == 2
+    assert again.fetched_files == 0 and again.trashed_count == 0

@@ -42,6 +42,12 @@ def moment(at: datetime) -> datetime:
     return at - SLACK
 
 
+#: The moment since which every file of a tree never recorded here counts as changed: no
+#: record says what it holds (copied in with `cp -a` or `rsync -a`, restored from a backup,
+#: a catalog lost), so size and mtime do not tell a file holds an entry's bytes.
+NEVER_NS = -(1 << 63)
+
+
 def unchanged_since(ctime_ns: int, since_ns: int | None) -> bool:
     """Whether a file of ctime `ctime_ns` is unchanged since the recorded moment `since_ns`
     (None: not known, so it is): its ctime is before it, or before its second where the

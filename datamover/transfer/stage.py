@@ -1341,8 +1341,12 @@ async def _stage(
                 procs,
                 checked,
                 # Since when this tree held its base (kept while a stage of it was interrupted:
-                # what that stage wrote is newer, and read before it is kept).
-                before.held_since_ns if before is not None and before.root == str(root) else None,
+                # what that stage wrote is newer, and read before it is kept). A tree with no
+                # record here: every file that looks like its entry is read before it is kept,
+                # as a push reads every file of such a tree.
+                before.held_since_ns
+                if before is not None and before.root == str(root)
+                else ctimes.NEVER_NS,
             )
             # Touched, so that a stage silent for long is known dead (`_silent`).
             touch = functools.partial(site.catalog.touch_replica, dataset, me)
