@@ -39,7 +39,7 @@ import blake3
 from datamover.chunking.codec import MAX_RAW_CHUNK
 from datamover.domain.manifest import Entry
 from datamover.errors import Conflict, InvalidInput, NotFound, PermanentError
-from datamover.transfer import crossfs
+from datamover.transfer import crossfs, mounts
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 #: A directory only passed through on the way to the dataset's: search permission suffices.
@@ -713,6 +713,28 @@ class TreeWriter:
                 owner,
             )
 
+    def _refuse_mounts(self, rel: str) -> None:
+        """`PermanentError` if `rel` is a directory with a mount point at or below it
+        (`mounts`): renamed into the trash the mounted file system would go with it, and
+        emptying the trash would delete its files (copied to a trash on another file
+        system, they were copied and removed). Nothing is moved."""
+        parent, name = split(rel)
+        flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(name, flags, dir_fd=self.dir_fd(parent))
+        except OSError:
+            return  # no directory (a file, a symlink, gone): the move says what it finds
+        try:
+            point = mounts.mounted_in(fd)
+        finally:
+            os.close(fd)
+        if point is not None:
+            raise PermanentError(
+                f"{clipped(rel)!r} holds a mount point ({point}); it was left in place, not "
+                "moved to the trash: unmount it, or move it out of the tree, and stage again",
+                [rel],
+            )
+
     def rename_into_place(
         self, tmp: str, rel: str, dfd: int, replaces: tuple[int, int, int] | None
     ) -> None:
@@ -820,6 +842,7 @@ class TreeWriter:
         if self.trash_dir is None:
             raise ValueError("this TreeWriter has no trash directory")
         parent, name = split(rel)
+        self._refuse_mounts(rel)
         self._forget(rel)
         dest = str(self.trash_dir / rel)
         out = -1

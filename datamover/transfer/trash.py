@@ -20,6 +20,7 @@ still be writing into it (a stage holds no lock a run could be told by).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -31,6 +32,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from datamover.errors import Busy, InvalidInput, PermanentError
+from datamover.transfer import mounts
 
 #: A run's directory: the stage's start, to the second, and 6 random hex digits.
 _RUN = re.compile(r"\A(\d{8}T\d{6}Z)-[0-9a-f]{6}\Z")
@@ -149,6 +151,10 @@ def empty(
                 _try_removing(root_fd, name, stop, root, failed)
         age = max(timedelta(days=older_than_days), MIN_AGE)
         for run in list(runs(state_dir, age, measure=False)):
+            point = _mount_in(root_fd, run.name)
+            if point is not None:  # renamed aside, the mount would go with it
+                failed.append(f"{str(root / run.name)!r}: a file system is mounted at {point!r}")
+                continue
             aside = _EMPTYING + run.name
             os.rename(run.name, aside, src_dir_fd=root_fd, dst_dir_fd=root_fd)
             counted = _try_removing(root_fd, aside, stop, root, failed)
@@ -173,6 +179,21 @@ def empty(
             removed,
         )
     return removed
+
+
+_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _mount_in(root_fd: int, name: str) -> str | None:
+    """A mount point at or below run directory `name` (`mounts.mounted_in`), else None."""
+    try:
+        fd = os.open(name, _PATH_FLAGS, dir_fd=root_fd)
+    except OSError:
+        return None  # gone, or no directory: the rename and removal say what they find
+    try:
+        return mounts.mounted_in(fd)
+    finally:
+        os.close(fd)
 
 
 def _try_removing(
@@ -264,9 +285,19 @@ def remove_tree(parent_fd: int, name: str, stop: threading.Event | None = None) 
     """Remove directory `name` of `parent_fd` and everything below it, bottom up, with one
     descriptor and one directory's names held per level (no recursion: a trashed tree may
     be thousands of levels deep); return the regular files removed and their bytes.
-    `_Stopped` once `stop` is set (checked before each entry)."""
+    `_Stopped` once `stop` is set (checked before each entry).
+
+    Never reaches into another file system: a directory holding a mount point (`mounts`,
+    a bind mount of the same file system included) is refused before anything is removed,
+    and a directory on another device than `name`'s met on the way (mounted since) stops
+    the removal there (`OSError`, EBUSY or EXDEV), as `rm --one-file-system` does."""
     files = size = 0
     fd = _open_dir(parent_fd, name)
+    point = mounts.mounted_in(fd)
+    if point is not None:
+        os.close(fd)
+        raise OSError(errno.EBUSY, f"a file system is mounted at {point!r} in it", name)
+    device = os.fstat(fd).st_dev
     stack = [(fd, iter(_names(fd)), parent_fd, name)]
     try:
         while stack:
@@ -276,6 +307,9 @@ def remove_tree(parent_fd: int, name: str, stop: threading.Event | None = None) 
                     raise _Stopped
                 st = os.stat(child, dir_fd=fd, follow_symlinks=False)
                 if stat.S_ISDIR(st.st_mode):
+                    # Directories only: overlayfs gives files their layer's device.
+                    if st.st_dev != device:
+                        raise OSError(errno.EXDEV, "another file system is mounted there", child)
                     inner = _open_dir(fd, child)
                     stack.append((inner, iter(_names(inner)), fd, child))
                     break
