@@ -449,6 +449,10 @@ def transfer_list(
 ) -> None:
     """List transfers, oldest first (`--newest`: newest first), a page at a time (`--after`
     the last one shown)."""
+    if prefix is not None and prefix != "/":  # as the daemon checks it, before it is sent:
+        from datamover.domain.paths import check_logical_path  # a long one was cut at 8 KiB
+
+        check_logical_path(prefix)
     params = {k: v for k, v in (("state", state), ("kind", kind), ("prefix", prefix)) if v}
     params["limit"] = str(limit)
     if after is not None:

@@ -614,8 +614,9 @@ def parse_config(
         _check_outside_trees(
             namespace, state_dir, origin("site", "state_dir"), source, env, holds=True
         )
-    database = _sqlite_file(catalog)
+    database = _sqlite_file(catalog) if site_given.catalog else None
     if database is not None:
+        # The default lies in the default state directory: as that, left to push and stage.
         _check_outside_trees(namespace, database, origin("site", "catalog"), source, env)
     if api.token_file:  # a secret: published with a tree, every site's store would hold it
         _check_outside_trees(namespace, api.token_file, origin("api", "token_file"), source, env)

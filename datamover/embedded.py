@@ -38,7 +38,7 @@ import botocore.config
 import botocore.exceptions
 import botocore.session
 
-from datamover.errors import PermanentError
+from datamover.errors import Conflict, PermanentError
 
 # SeaweedFS serves gRPC on each HTTP port + 10000. Ports come from below the usual ephemeral
 # range (32768+), so outgoing connections cannot grab one between our check and the bind.
@@ -59,9 +59,10 @@ def find_weed() -> str:
 
 
 def check_port_free(port: int) -> None:
-    """`PermanentError` naming them unless S3 port `port` and its gRPC port are free."""
+    """`Conflict` (exit 4, as `serve` on a taken address) naming them unless S3 port `port`
+    and its gRPC port are free."""
     if not (_port_free(port) and _port_free(port + GRPC_OFFSET)):
-        raise PermanentError(
+        raise Conflict(
             f"port {port} or {port + GRPC_OFFSET} (its gRPC port) on 127.0.0.1 is taken: "
             "give another"
         )
@@ -137,7 +138,7 @@ class EmbeddedSeaweed:
             if self.s3_port is not None:
                 try:
                     check_port_free(self.s3_port)
-                except PermanentError:
+                except Conflict:
                     self.stop()
                     raise
                 free.append(self.s3_port)

@@ -7,12 +7,14 @@ refused."""
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 import threading
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
+from tests.fixtures_catalog import PG_ENV, _pg_admin
 from tests.fixtures_daemon import StartSite, with_token
 
 PG_ONLY = pytest.mark.parametrize("new_catalog", ["postgresql"], indirect=True)
@@ -102,6 +104,26 @@ async def test_a_catalog_server_down_is_a_503_and_exit_6_not_an_internal_error(
         assert status == 200, body
     finally:
         forwarder.down()
+
+
+@PG_ONLY
+async def test_a_catalog_database_dropped_under_the_daemon_is_exit_8_not_a_bug(
+    served_site: StartSite, new_catalog: object
+) -> None:
+    url = await new_catalog()  # type: ignore[operator]
+    d = await served_site("site-b", catalog=url)
+    token = d.token("t1", "/proj", "write")
+    assert d.request("GET", "/v1/transfers", token)[0] == 200
+    name = urlsplit(url).path.lstrip("/")
+    await _pg_admin(os.environ[PG_ENV], f'DROP DATABASE "{name}" WITH (FORCE)')
+    # Before: 500 {"code": "internal"}, exit 70 ("a bug; see the daemon's log").
+    status, body = d.request("GET", "/v1/transfers", token)
+    assert status == 503 and body["error"]["code"] == "catalog", body
+    assert f'database "{name}" does not exist' in body["error"]["message"], body
+    proc = with_token(d.env, token).cli("transfer", "list")
+    assert proc.returncode == 8, (proc.returncode, proc.stderr)
+    assert proc.stderr.count("\n") == 1 and "does not exist" in proc.stderr
+    assert "Traceback" not in d.log()
 
 
 def test_a_daemons_internal_error_is_exit_70_at_its_client() -> None:

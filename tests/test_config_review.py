@@ -362,6 +362,18 @@ _INSIDE = (
 )
 
 
+def test_the_default_catalog_under_a_mapped_home_directory_is_accepted(tmp_path: Path) -> None:
+    # Before: the default state directory was let be in a mapped tree (push and stage refuse
+    # a dataset whose tree holds it), but the default catalog in it was refused, naming a
+    # `[site] catalog` never set: every command failed where `/home` is mapped.
+    home = tmp_path / "proj" / "me"
+    cfg = load_config(_mapped(tmp_path, ""), env={"XDG_STATE_HOME": f"{home}/.local/state"})
+    assert cfg.catalog_url == f"sqlite:///{home}/.local/state/datamover/a/catalog.db"
+    # One set by hand is refused there, as before.
+    with pytest.raises(InvalidInput, match=r"\[site\] catalog .* is inside the tree"):
+        load_config(_mapped(tmp_path, f"catalog = 'sqlite:///{home}/c.db'"), env={})
+
+
 def test_a_state_dir_inside_a_mapped_tree_is_refused(tmp_path: Path) -> None:
     # Before: accepted; every `stage --delete` of /proj then failed for ever ("cannot move
     # '.dmstate' to the trash ... Invalid argument") and a push published the state files.

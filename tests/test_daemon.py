@@ -542,6 +542,11 @@ async def test_hook_pair_end_to_end(served_site: StartSite, make_site: MakeSite)
     )
     older = d.env.cli("transfer", "list", "--newest", "--after", ids[1], "--json")
     assert [t["id"] for t in json.loads(older.stdout)["transfers"]] == ids[:1]
+    # A prefix longer than a logical path may be is refused here, not sent: one of 9 KB had
+    # met the daemon's 8 KiB limit on a request line, a plain-text 400 the CLI took for a
+    # wrong [api] url.
+    long = d.env.cli("transfer", "list", "--prefix", "/proj" + "/abcdefgh" * 1000)
+    assert long.returncode == 2 and "logical path" in long.stderr, long.stderr
     _, body = d.request("GET", "/v1/transfers?order=latest", token_file.read_text())
     assert body["error"]["code"] == "invalid_input" and "'order'" in body["error"]["message"]
 

@@ -109,7 +109,7 @@ def test_the_workstation_example_works_against_the_sandbox_across_restarts(
                 text=True,
                 timeout=60,
             )
-            assert refused.returncode != 0 and refused.stderr.count("\n") == 1
+            assert refused.returncode == 4 and refused.stderr.count("\n") == 1
             assert f"port {port} " in refused.stderr and "is taken" in refused.stderr
             fresh = tmp_path / "fresh"  # a directory not made yet is not made for nothing
             args = ["sandbox", "--dir", str(fresh), "--port", str(port)]

@@ -428,3 +428,31 @@ async def test_a_manifest_holding_a_partial_files_name_is_refused_at_stage(
     assert proc.returncode == 5, proc.stderr
     assert "malformed" in proc.stderr and "partial files" in proc.stderr
     assert not (b.data / "evil").exists() or list((b.data / "evil").iterdir()) == []
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_a_file_that_may_not_be_replaced_is_named_with_the_hint_and_exit_7(
+    make_site: MakeSite,
+) -> None:
+    # Before: "datamover: error: Operation not permitted: 't.txt'", exit 1 (which `verify`
+    # gives a tree that differs), where the same refusal by its directory is exit 7 and
+    # names the path with a hint.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "t.txt").write_text("one\n")
+    assert a.cli("push", "/proj/ds").returncode == 0
+    assert b.cli("stage", "/proj/ds").returncode == 0
+    (a.data / "ds" / "t.txt").write_text("two\n")
+    assert a.cli("push", "/proj/ds").returncode == 0
+    target = b.data / "ds" / "t.txt"
+    subprocess.run(["chattr", "+i", str(target)], check=True)
+    try:
+        proc = b.cli("stage", "/proj/ds")
+    finally:
+        subprocess.run(["chattr", "-i", str(target)], check=True)
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
+    assert "t.txt': operation not permitted (check the owner and mode" in proc.stderr
+    assert target.read_text() == "one\n"
+    assert b.cli("stage", "/proj/ds").returncode == 0
+    assert target.read_text() == "two\n"

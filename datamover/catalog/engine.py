@@ -97,6 +97,11 @@ def catalog_outage(
         )
     if catalog_only and unreachable(exc):
         return CatalogUnavailable(f"catalog unavailable: {first_line(exc)}")
+    if _refused_login(exc):
+        return CatalogError(
+            f"catalog cannot be used: {first_line(getattr(exc, 'orig', None) or exc)} (check "
+            "[site] catalog: the database, its role and password)"
+        )
     read_only = _read_only(exc)
     if (
         read_only
@@ -113,6 +118,14 @@ def catalog_outage(
             )
         return CatalogUnavailable(f"catalog unavailable: {reason}")
     return None
+
+
+def _refused_login(exc: BaseException) -> bool:
+    """Whether PostgreSQL refused a new connection for what needs a person: no such
+    database (SQLSTATE 3D000: dropped under a running daemon) or role, a wrong password
+    (class 28). A running daemon's requests had answered 500 `internal` (exit 70, "a bug")."""
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    return isinstance(state, str) and (state.startswith("28") or state == "3D000")
 
 
 def _read_only(exc: BaseException) -> bool:

@@ -786,6 +786,10 @@ class TreeWriter:
         if err:
             if err in _UNSUPPORTED:
                 self._exchange = False
+            elif err in (errno.EPERM, errno.EACCES):
+                # An immutable file (`chattr +i`), or another user's in a directory with
+                # the sticky bit: named with the hint, exit 7, as a directory's refusal is.
+                raise denied(rel, OSError(err, os.strerror(err), rel))
             elif err != errno.ENOENT:
                 raise OSError(err, os.strerror(err), rel)
             return False
