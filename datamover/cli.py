@@ -374,7 +374,8 @@ def verify(
         if result.newer is not None:
             click.echo(
                 f"note: a newer version, {result.newer}, is published; "
-                f"`datamover stage {result.dataset}` brings this tree to it"
+                f"`datamover stage {result.dataset}` brings this tree to it once no job's "
+                "pin holds it (`datamover pins`)"
             )
     if not result.ok:
         sys.exit(1)

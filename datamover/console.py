@@ -21,9 +21,9 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def counted(n: int, noun: str) -> str:
-    """`1 pack`, `2 packs` (nouns whose plural adds an s)."""
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """`1 pack`, `2 packs`; `plural` where it is not the noun and an s (`directories`)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {plural or noun + 's'}"
 
 
 def emit_json(data: dict[str, Any]) -> None:

@@ -87,7 +87,7 @@ async def test_an_emptied_tree_is_not_published_over_a_full_one(make_site: MakeS
     src = a.data / "mnt"
     shutil.rmtree(src / "sub")
     line = _refused(a, "/proj/mnt", says="the tree is empty")
-    assert "1 files" in line and "mounted" in line
+    assert "holds 1 file and 1 directory;" in line and "mounted" in line
     assert _latest(a, "/proj/mnt") == v1
     emptied = a.cli_json("push", "/proj/mnt", "--force")
     assert emptied["files"] == 0 and emptied["version"] > v1

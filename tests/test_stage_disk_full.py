@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -62,3 +63,29 @@ async def test_a_large_file_that_does_not_fit_is_named(
         await site_b.close()
     assert caught.value.errno == errno.ENOSPC
     assert caught.value.filename == str(b.data / "ds" / "trajectory.bin")
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_a_full_trash_is_the_system_refusing_exit_1_not_a_refusal_exit_7(
+    make_site: MakeSite,
+) -> None:
+    # Before: "cannot move 'big' to the trash ...: No space left on device" was exit 7,
+    # which the README gives to credentials and permissions; "no space left" is exit 1.
+    a, b = await make_site("site-a"), await make_site("site-b")
+    (a.data / "ds").mkdir()
+    (a.data / "ds" / "big").write_bytes(b"v1" * (1 << 20))
+    assert a.cli("push", "/proj/ds").returncode == 0
+    assert b.cli("stage", "/proj/ds").returncode == 0
+    (b.data / "ds" / "big").write_bytes(b"user" * (1 << 20))  # a local edit: for the trash
+    (a.data / "ds" / "big").write_bytes(b"v2" * (1 << 20))
+    assert a.cli("push", "/proj/ds").returncode == 0
+    trash = b.state / "trash"
+    trash.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(trash)], check=True)
+    try:
+        proc = b.cli("stage", "/proj/ds")
+    finally:
+        subprocess.run(["umount", "-l", str(trash)], check=False)
+    assert proc.returncode == 1, proc.stderr
+    assert "to the trash" in proc.stderr and "No space left on device" in proc.stderr
+    assert (b.data / "ds" / "big").read_bytes() == b"user" * (1 << 20)  # left in place

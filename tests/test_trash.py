@@ -253,7 +253,7 @@ async def test_a_daemon_with_trash_days_empties_old_runs_as_it_starts(
             await asyncio.sleep(0.1)
         assert [p.name for p in trash.trash_root(env.state).iterdir()] == [fresh]
         assert daemon.stop() == 0
-        assert "emptied 1 trash runs older than 7 days: 1 files, 3 B" in daemon.log()
+        assert "emptied 1 trash run older than 7 days: 1 file, 3 B" in daemon.log()
     finally:
         if daemon.proc.poll() is None:
             daemon.proc.kill()

@@ -18,7 +18,7 @@ import logging
 import threading
 from pathlib import Path
 
-from datamover.console import human_bytes
+from datamover.console import counted, human_bytes
 from datamover.errors import Busy, DatamoverError
 from datamover.metrics import Metrics
 from datamover.transfer import trash
@@ -66,10 +66,10 @@ class TrashRetention:
             if self.metrics is not None:
                 self.metrics.trash_emptied(len(removed), size)
             log.info(
-                "emptied %d trash runs older than %d days: %d files, %s",
-                len(removed),
-                self.days,
-                files,
+                "emptied %s older than %s: %s, %s",
+                counted(len(removed), "trash run"),
+                counted(self.days, "day"),
+                counted(files, "file"),
                 human_bytes(size),
             )
         return False

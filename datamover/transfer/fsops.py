@@ -38,7 +38,7 @@ import blake3
 
 from datamover.chunking.codec import MAX_RAW_CHUNK
 from datamover.domain.manifest import Entry
-from datamover.errors import Conflict, InvalidInput, NotFound, PermanentError
+from datamover.errors import Conflict, DatamoverError, InvalidInput, NotFound, PermanentError
 from datamover.transfer import crossfs, mounts
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -896,7 +896,11 @@ class TreeWriter:
                     del self.unlocked[key]
         except OSError as exc:
             reason = exc.strerror or type(exc).__name__
-            raise PermanentError(
+            # A full or read-only trash is the system refusing (exit 1, as the README gives
+            # "no space left"), not a refusal to this user (exit 7): a script or hook tells
+            # "free some space" from "fix the permissions" by it.
+            system = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+            raise (DatamoverError if system else PermanentError)(
                 f"cannot move {clipped(rel)!r} to the trash ({clipped(dest)}): {reason}; it "
                 "was left in place and nothing was written over it",
                 [rel],

@@ -30,6 +30,7 @@ from typing import Any
 from datamover.aio import every
 from datamover.catalog.queries import CheckpointRow, ReplicaRow, owner_alive, owner_id
 from datamover.chunking.chunker import ChunkerParams
+from datamover.console import counted
 from datamover.domain.ids import new_version_id
 from datamover.domain.manifest import ChunkRef, Entry, Kind
 from datamover.domain.paths import check_logical_path, sort_key
@@ -330,8 +331,9 @@ def _check_current(
     raise Conflict(
         f"{dataset!r}: the tree here holds version {replica.version}, but site "
         f"{latest.site!r} has published {latest.version} since; pushed as it is, it would "
-        f"undo that version's changes. Stage the latest first (datamover stage {dataset}), "
-        "or publish this tree over it with --force"
+        f"undo that version's changes. Stage the latest first (datamover stage {dataset}: "
+        "files changed here since go to the trash, to take back from there), or publish "
+        "this tree over it with --force"
     )
 
 
@@ -672,8 +674,9 @@ def _check_not_emptied(dataset: str, result: PushResult, parent: VersionDoc | No
     if held:
         raise Conflict(
             f"{dataset!r}: the tree is empty, but the latest version {parent.version} holds "
-            f"{parent.files} files and {parent.dirs} directories; is its file system "
-            "mounted? Publish the empty tree with --force"
+            f"{counted(parent.files, 'file')} and "
+            f"{counted(parent.dirs, 'directory', 'directories')}; is its file system mounted? "
+            "Publish the empty tree with --force"
         )
 
 
