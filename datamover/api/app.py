@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from datamover.api import routes
-from datamover.api.context import CONTEXT, IDENTITY, SECRET, Context, context
+from datamover.api.context import CONTEXT, IDENTITY, INVALID_TOKEN, SECRET, Context, context
 from datamover.api.errors import errors_middleware
 from datamover.api.validate import MAX_BODY
 from datamover.errors import Unauthorized
@@ -38,7 +38,7 @@ async def auth_middleware(
         raise Unauthorized("a bearer token is required (Authorization: Bearer <token>)")
     who = await ctx.access.identify(secret.strip())
     if who is None:
-        raise Unauthorized("the bearer token is not valid")
+        raise Unauthorized(INVALID_TOKEN)
     request[IDENTITY] = who
     request[SECRET] = secret.strip()
     return await handler(request)

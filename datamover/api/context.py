@@ -29,6 +29,9 @@ class Context:
 
 
 CONTEXT = web.AppKey("context", Context)
+#: The answer to a token the catalog does not hold as valid: which of the three is not told
+#: (a secret guessed is not told it once existed), each named for the user who holds one.
+INVALID_TOKEN = "the bearer token is not valid (unknown, revoked or expired)"
 IDENTITY = web.RequestKey("identity", Identity)
 SECRET = web.RequestKey("secret", str)  # the bearer token as sent, for `reidentify`
 
@@ -47,7 +50,7 @@ async def reidentify(request: web.Request) -> None:
     """Check the caller's token again: a held request (a long poll) answers long after the
     auth middleware checked it, and must not answer a token revoked meanwhile."""
     if await context(request).access.identify(request[SECRET]) is None:
-        raise Unauthorized("the bearer token is not valid")
+        raise Unauthorized(INVALID_TOKEN)
 
 
 def require(request: web.Request, scope: str, path: str | None = None) -> Identity:
