@@ -13,13 +13,15 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy import update
 
 from datamover.catalog.models import Replica
 from datamover.site import Site
 from datamover.transfer.push import push
-from datamover.transfer.stage import stage
+from datamover.transfer.stage import _Stager, stage
 from tests.fixtures_sites import MakeSite, SiteEnv
 
 
@@ -149,3 +151,42 @@ async def test_a_tree_this_site_has_no_record_of_is_read_before_its_files_are_ke
     assert _trashed(first.trash_dir, "sub/h") == "DAMAGE\n"  # not ours: kept in the trash
     assert first.fetched_files == 1 and first.kept_files == 2
     assert again.fetched_files == 0 and again.trashed_count == 0
+
+
+async def test_the_rerun_of_a_failed_first_stage_into_such_a_tree_reads_it_too(
+    make_site: MakeSite, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the first stage recorded its own start as the time the tree held a version;
+    # cut off after it had written something, its rerun kept a damaged file copied in
+    # before that time, and not reached by the first run, unread.
+    a, b = await make_site("site-a"), await make_site("site-b", batch_bytes=4 << 20)
+    (a.data / "ck").mkdir()
+    big = os.urandom(3 << 20)
+    (a.data / "ck" / "a").write_bytes(big)  # large: written alone, before the rest
+    (a.data / "ck" / "z").write_text("original-1\n")
+    site_a = await a.open()
+    try:
+        await push(site_a, "/proj/ck")
+    finally:
+        await site_a.close()
+    (b.data / "ck").mkdir()
+    shutil.copy2(a.data / "ck" / "z", b.data / "ck" / "z")
+    _edit_keeping_stat(b.data / "ck" / "z", "DAMAGE-1!!\n")
+    real_large = _Stager._large
+
+    async def large_then_cut_off(self: _Stager, *args: Any) -> None:
+        await real_large(self, *args)
+        raise RuntimeError("cut off")  # as a stage killed right after writing `a`
+
+    site_b = await b.open()
+    try:
+        monkeypatch.setattr(_Stager, "_large", large_then_cut_off)
+        with pytest.raises(RuntimeError, match="cut off"):
+            await stage(site_b, "/proj/ck")
+        monkeypatch.setattr(_Stager, "_large", real_large)
+        assert (b.data / "ck" / "a").read_bytes() == big
+        rerun = await stage(site_b, "/proj/ck")
+    finally:
+        await site_b.close()
+    assert (b.data / "ck" / "z").read_text() == "original-1\n"
+    assert _trashed(rerun.trash_dir, "z") == "DAMAGE-1!!\n"

@@ -437,7 +437,7 @@ class Catalog:
     ) -> ReplicaRow | None:
         """Mark `dataset` as being staged to `version` by `owner` (upsert), keeping
         `held_since` where the record has one for the tree at `root`, else making it
-        `began` (a tree with no time holds nothing known since the stage began); return its
+        `began` (a tree with no time holds nothing known: `ctimes.NEVER`); return its
         record as it was before (None: there was none), for `restore_replica`."""
         table = Replica
         # FOR UPDATE (PostgreSQL; SQLite has no such clause): the row read is the one replaced.

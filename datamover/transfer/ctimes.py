@@ -42,10 +42,13 @@ def moment(at: datetime) -> datetime:
     return at - SLACK
 
 
-#: The moment since which every file of a tree never recorded here counts as changed: no
-#: record says what it holds (copied in with `cp -a` or `rsync -a`, restored from a backup,
-#: a catalog lost), so size and mtime do not tell a file holds an entry's bytes.
-NEVER_NS = -(1 << 63)
+#: The moment since which every file of a tree never recorded here counts as changed (the
+#: epoch: no file's ctime is before it): no record says what it holds (copied in with
+#: `cp -a` or `rsync -a`, restored from a backup, a catalog lost), so size and mtime do not
+#: tell a file holds an entry's bytes. A first stage records it as the time its tree held
+#: a version until it ends `ready`, so that its rerun reads every file too.
+NEVER = datetime(1970, 1, 1, tzinfo=UTC)
+NEVER_NS = 0
 
 
 def unchanged_since(ctime_ns: int, since_ns: int | None) -> bool:

@@ -1316,11 +1316,10 @@ async def _stage(
         me = owner_id()
         base_version, base_refs, interrupted_refs = await _base(site, doc, root, refs, me)
         below = await overwritten_below(site, doc, root, refs, delete)
-        # A tree with no time yet holds nothing known from now on: what this stage writes,
-        # newer, is read before a rerun keeps it, should it not end.
-        began = ctimes.moment(datetime.now(UTC))
+        # A tree with no time yet holds nothing known: should this stage not end, its rerun
+        # reads every file before keeping it (what this stage wrote, and what was there).
         before = await site.catalog.begin_replica(
-            dataset, str(root), doc.version, base_version, me, began
+            dataset, str(root), doc.version, base_version, me, ctimes.NEVER
         )
         await site.catalog.mark_overwritten(below)  # before anything is written: crash-safe
         stager: _Stager | None = None
