@@ -145,6 +145,37 @@ async def test_another_users_partial_file_in_a_sticky_directory_is_in_no_ones_wa
     assert cli_unprivileged(b, "verify", "/proj/ds").returncode == 0
 
 
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_a_partial_file_under_the_name_of_releases_before_is_removed_not_trashed(
+    make_site: MakeSite,
+) -> None:
+    # Partial names became one per user: a killed stage's partial file under the name of
+    # before (one for every user) had gone to the trash as a user's file, where a large
+    # one stayed (trash_days is 0 by default).
+    a, b = await make_site("site-a"), await make_site("site-b", batch_bytes=4 << 20)
+    (a.data / "ds").mkdir()
+    content = os.urandom(3 << 20)
+    (a.data / "ds" / "big").write_bytes(content)
+    site_a = await a.open()
+    try:
+        await push(site_a, "/proj/ds")
+        [entry] = [e for e in await _entries(site_a, "/proj/ds") if e.path == "big"]
+    finally:
+        await site_a.close()
+    (b.data / "ds").mkdir()
+    old = b.data / "ds" / fsops.partial_name(entry, -1)
+    old.write_bytes(content[: 1 << 20])
+    assert old.name != fsops.partial_name(entry)
+    site_b = await b.open()
+    try:
+        result = await stage(site_b, "/proj/ds")
+    finally:
+        await site_b.close()
+    assert result.trashed_count == 0
+    assert [p.name for p in (b.data / "ds").iterdir()] == ["big"]
+    assert (b.data / "ds" / "big").read_bytes() == content
+
+
 async def _entries(site: Site, dataset: str) -> list[Entry]:
     """The entries of the latest version of `dataset` at `site`."""
     doc = await site.repo.resolve(dataset, None)

@@ -149,3 +149,54 @@ async def test_the_cli_names_a_run_holding_a_mount_point_in_one_line(
         assert proc.returncode == 7, proc.stderr
         assert proc.stderr.count("\n") == 1 and f"mounted at {str(point)!r}" in proc.stderr
         assert (point / "precious").exists()
+
+
+def test_a_directory_on_another_device_that_is_no_mount_point_is_walked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A btrfs subvolume has a device of its own and is in no mount table: emptying the
+    # trash or moving such a directory across had stopped there ("another file system is
+    # mounted there"), at every try. Here a tmpfs left out of the table stands in for one.
+    top = tmp_path / "top"
+    top.mkdir()
+    with _mounted(top / "sub") as sub:
+        inner = os.open(sub, os.O_RDONLY | os.O_DIRECTORY)
+        parent = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            assert os.fstat(inner).st_dev != os.fstat(parent).st_dev
+            monkeypatch.setattr(mounts, "mount_points", lambda: [])
+            mounts.refuse_mount_point(inner, parent, "sub")  # walked: nothing raised
+            monkeypatch.undo()
+            with pytest.raises(OSError) as raised:  # in the table: a mount point
+                mounts.refuse_mount_point(inner, parent, "sub")
+            assert raised.value.errno == errno.EXDEV
+        finally:
+            os.close(inner)
+            os.close(parent)
+
+
+def test_a_directory_mounted_by_its_open_is_not_emptied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An automount, or an NFS server's submount, appears when the directory is opened, not
+    # when it is looked at: the device was compared before the open, and the walk deleted
+    # the mounted file system's files.
+    top = tmp_path / "top"
+    (top / "m").mkdir(parents=True)
+    real_open = trash._open_dir
+    with contextlib.ExitStack() as unmount:
+
+        def mounting_open(parent_fd: int, name: str) -> int:
+            if name == "m":
+                unmount.enter_context(_mounted(top / "m"))
+            return real_open(parent_fd, name)
+
+        monkeypatch.setattr(trash, "_open_dir", mounting_open)
+        fd = os.open(tmp_path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with pytest.raises(OSError) as raised:
+                trash.remove_tree(fd, "top")
+        finally:
+            os.close(fd)
+        assert raised.value.errno == errno.EXDEV
+        assert (top / "m" / "precious").read_text() == "not the dataset's\n"

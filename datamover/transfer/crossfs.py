@@ -206,7 +206,7 @@ def _copy_entry(
         src = os.open(name, _DIR, dir_fd=src_dir)  # a symlink swapped in: ELOOP
         try:
             st = os.fstat(src)
-            _same_device(st, src_dir, name)
+            mounts.refuse_mount_point(src, src_dir, name)
             _removable(src, name)
             os.mkdir(to, 0o700, dir_fd=dst_dir)
             dst = os.open(to, _DIR, dir_fd=dst_dir)
@@ -366,7 +366,7 @@ def move_across(src_dir: int, name: str, dst_dir: int, to: str) -> None:
         raise
     try:
         st = os.fstat(src)
-        _same_device(st, src_dir, name)
+        mounts.refuse_mount_point(src, src_dir, name)
         point = mounts.mounted_in(src)
         if point is not None:
             raise OSError(errno.EBUSY, f"a file system is mounted at {point!r} in it", name)
@@ -408,13 +408,6 @@ def move_across(src_dir: int, name: str, dst_dir: int, to: str) -> None:
             )
     finally:
         os.close(src)
-
-
-def _same_device(st: os.stat_result, parent: int, name: str) -> None:
-    """`OSError` (EXDEV) if directory `name` (`st`) is on another device than its `parent`:
-    a file system mounted there, never copied and removed (`mounts`)."""
-    if st.st_dev != os.fstat(parent).st_dev:
-        raise OSError(errno.EXDEV, "another file system is mounted there", name)
 
 
 def _move_one(src_dir: int, name: str, dst_dir: int, to: str) -> None:

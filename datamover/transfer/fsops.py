@@ -149,11 +149,13 @@ class FreshPartial(NamedTuple):
 
 def partial_name(entry: Entry, uid: int | None = None) -> str:
     """The stable temporary name of a large file, so a rerun can resume it: one per user
-    (`uid`, default this process's effective one). In a directory with the sticky bit
+    (`uid`, default this process's effective one; -1: the name of releases before that,
+    one for every user, recognised as a leftover). In a directory with the sticky bit
     (/tmp, a shared scratch) a user may not remove another's file: a partial file a
     killed stage of one user left there would otherwise hold the name for every other."""
     h = blake3.blake3(entry.path.encode())
-    h.update(b"\0%d\0" % (os.geteuid() if uid is None else uid))
+    if uid != -1:
+        h.update(b"\0%d\0" % (os.geteuid() if uid is None else uid))
     for c in entry.chunks:
         h.update(c.digest)
     return f".dm-{h.hexdigest()[:16]}.part"

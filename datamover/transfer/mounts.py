@@ -9,13 +9,16 @@ system's files; moved to a trash on another file system (copied, then removed), 
 would be copied and removed one by one. Such a directory is refused, whole.
 
 Mount points are read from `/proc/self/mountinfo` (this process's mount namespace: a bind
-mount of the same file system shows nowhere else, not even in `st_dev`). Where that
-cannot be read, `st_dev` checks in the walks that copy and remove (`crossfs.copy_tree`,
-`trash.remove_tree`) still stop at another file system.
+mount of the same file system shows nowhere else, not even in `st_dev`). The walks that
+copy and remove (`crossfs.copy_tree`, `trash.remove_tree`) look again at each directory
+they open on another device than its parent (`refuse_mount_point`): an open may mount one
+(an automount, an NFS server's submount). A device change alone is no mount point: every
+btrfs subvolume has a device of its own.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 
@@ -39,15 +42,32 @@ def mount_points() -> list[str]:
         return []
 
 
-def mounted_in(fd: int) -> str | None:
-    """A mount point at or below the directory open as `fd` (its path), else None. The
-    directory's path is the kernel's (`/proc/self/fd`), so neither a symlink on the way
-    nor a rename since the open misleads it."""
+def _path(fd: int) -> str | None:
+    """The path of what `fd` is open on, by the kernel (None: not reachable by a path)."""
     try:
         path = os.readlink(f"/proc/self/fd/{fd}")
     except OSError:
         return None
-    if not path.startswith("/"):
+    return path if path.startswith("/") else None
+
+
+def refuse_mount_point(fd: int, parent: int, name: str) -> None:
+    """`OSError` (EXDEV, naming `name`) if directory `name` of directory `parent`, open as
+    `fd`, is a mount point: on another device than `parent` and in the mount table (looked
+    at only then)."""
+    if os.fstat(fd).st_dev == os.fstat(parent).st_dev:
+        return
+    path = _path(fd)
+    if path is not None and path in mount_points():
+        raise OSError(errno.EXDEV, "a file system is mounted there", name)
+
+
+def mounted_in(fd: int) -> str | None:
+    """A mount point at or below the directory open as `fd` (its path), else None. The
+    directory's path is the kernel's (`/proc/self/fd`), so neither a symlink on the way
+    nor a rename since the open misleads it."""
+    path = _path(fd)
+    if path is None:
         return None  # not reachable by a path (deleted, another namespace's)
     below = path.rstrip("/") + "/"
     for point in mount_points():

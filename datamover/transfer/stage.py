@@ -932,7 +932,8 @@ class _Stager:
         if not names:
             return set()
         dirs = {sort_key(rel)[:-1] for rel in names}
-        uids = {self._owner(rel) for rel in names}  # each user's have their own names
+        # Each user's have their own names; -1: the one name of releases before that.
+        uids = {self._owner(rel) for rel in names} | {-1}
         ours: set[str] = set()
         seen: list[list[SegmentRef]] = []
         if versions is None:

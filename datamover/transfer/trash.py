@@ -289,15 +289,15 @@ def remove_tree(parent_fd: int, name: str, stop: threading.Event | None = None) 
 
     Never reaches into another file system: a directory holding a mount point (`mounts`,
     a bind mount of the same file system included) is refused before anything is removed,
-    and a directory on another device than `name`'s met on the way (mounted since) stops
-    the removal there (`OSError`, EBUSY or EXDEV), as `rm --one-file-system` does."""
+    and a directory met on the way that is a mount point once opened (mounted since, or by
+    the open: an automount) stops the removal there (`OSError`, EBUSY or EXDEV), before
+    anything in it is removed (`mounts.refuse_mount_point`)."""
     files = size = 0
     fd = _open_dir(parent_fd, name)
     point = mounts.mounted_in(fd)
     if point is not None:
         os.close(fd)
         raise OSError(errno.EBUSY, f"a file system is mounted at {point!r} in it", name)
-    device = os.fstat(fd).st_dev
     stack = [(fd, iter(_names(fd)), parent_fd, name)]
     try:
         while stack:
@@ -307,10 +307,12 @@ def remove_tree(parent_fd: int, name: str, stop: threading.Event | None = None) 
                     raise _Stopped
                 st = os.stat(child, dir_fd=fd, follow_symlinks=False)
                 if stat.S_ISDIR(st.st_mode):
-                    # Directories only: overlayfs gives files their layer's device.
-                    if st.st_dev != device:
-                        raise OSError(errno.EXDEV, "another file system is mounted there", child)
                     inner = _open_dir(fd, child)
+                    try:
+                        mounts.refuse_mount_point(inner, fd, child)
+                    except OSError:
+                        os.close(inner)
+                        raise
                     stack.append((inner, iter(_names(inner)), fd, child))
                     break
                 os.unlink(child, dir_fd=fd)
