@@ -2,8 +2,8 @@
 
 PostgreSQL runs need `DATAMOVER_TEST_POSTGRES_URL` (e.g.
 `postgresql://postgres@127.0.0.1:5432/test`, which `.ci/run` sets); each catalog a test asks
-for is a fresh database created on that server and dropped afterwards. Without the variable
-the PostgreSQL runs are reported as skipped, never silently passed.
+for is a fresh database created on that server, dropped with others later (`_UNDROPPED`).
+Without the variable the PostgreSQL runs are reported as skipped, never silently passed.
 """
 
 from __future__ import annotations

@@ -140,3 +140,62 @@ def test_a_daemons_internal_error_is_exit_70_at_its_client() -> None:
 
     ended = {"id": "tr-1", "state": "failed", "error": {"code": "internal", "message": "x"}}
     assert transfer_error(ended).exit_code == 70
+
+
+class _Refused(Exception):
+    """A PostgreSQL error as asyncpg's adaptation carries it: a SQLSTATE and a message."""
+
+    def __init__(self, sqlstate: str, message: str) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "message", "permanent"),
+    [
+        ("3D000", 'database "dm" does not exist', True),
+        ("28P01", 'password authentication failed for user "dm"', True),
+        ("28000", 'role "dm" does not exist', True),
+        ("28000", 'no pg_hba.conf entry for host "10.0.0.5", user "dm"', True),
+        ("28000", 'role "dm" is not permitted to log in', True),
+        # Its LDAP server down: PostgreSQL says 28000 too, and it passes.
+        ("28000", 'LDAP authentication failed for user "dm"', False),
+    ],
+)
+def test_a_refused_login_is_a_catalog_error_only_where_it_needs_a_person(
+    sqlstate: str, message: str, permanent: bool
+) -> None:
+    from sqlalchemy.exc import DBAPIError
+
+    from datamover.catalog.engine import catalog_outage
+    from datamover.errors import CatalogError, CatalogUnavailable
+
+    exc = DBAPIError("SELECT 1", None, _Refused(sqlstate, message))
+    found = catalog_outage(exc, catalog_only=True)
+    assert isinstance(found, CatalogError if permanent else CatalogUnavailable), found
+    assert message in found.message
+
+
+@PG_ONLY
+async def test_a_role_that_does_not_exist_is_a_catalog_error(new_catalog: object) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from datamover.catalog.engine import catalog_outage
+    from datamover.errors import CatalogError
+
+    url = urlsplit(await new_catalog())  # type: ignore[operator]
+    netloc = f"no_such_role_dm@{url.hostname}:{url.port or 5432}"
+    engine = create_async_engine(
+        urlunsplit(url._replace(netloc=netloc, scheme="postgresql+asyncpg"))
+    )
+    try:
+        async with engine.connect() as conn:
+            await conn.execute(text("SELECT 1"))
+    except Exception as exc:  # the error under test
+        found = catalog_outage(exc, catalog_only=True)
+    else:
+        raise AssertionError("a role that does not exist was let in")
+    finally:
+        await engine.dispose()
+    assert isinstance(found, CatalogError) and "no_such_role_dm" in found.message

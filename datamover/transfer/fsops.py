@@ -476,6 +476,16 @@ def _chmod_at(dfd: int, name: str, mode: int) -> None:
         os.close(fd)
 
 
+def _removal_refused(dfd: int, owner: int) -> bool:
+    """Whether this user may not unlink a file of user `owner` in directory `dfd`: it has
+    the sticky bit and neither it nor the file is this user's, or this user may not
+    write it."""
+    st = os.fstat(dfd)
+    me = os.geteuid()
+    sticky = bool(st.st_mode & stat.S_ISVTX) and me not in (st.st_uid, owner)
+    return sticky or not os.access(".", os.W_OK | os.X_OK, dir_fd=dfd)
+
+
 def _writable_partial(dfd: int, name: str) -> bool:
     """After opening the partial file `name` (in directory `dfd`) for writing was refused,
     make it so the open can be tried again; False where nothing here can help (there is
@@ -702,12 +712,13 @@ class TreeWriter:
                 self.trash(rel)
         except PermanentError:
             parent, name = split(rel)
+            dfd = self.dir_fd(parent)
             try:
-                owner = os.lstat(name, dir_fd=self.dir_fd(parent)).st_uid
+                owner = os.lstat(name, dir_fd=dfd).st_uid
             except FileNotFoundError:
                 return
-            if owner == os.geteuid():
-                raise
+            if owner == os.geteuid() or not _removal_refused(dfd, owner):
+                raise  # not the refusal to unlink another's file (a full trash, a mount)
             log.warning(
                 "left %r: a partial file of an interrupted stage of user %d, which this "
                 "user may not remove",
