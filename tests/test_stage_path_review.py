@@ -26,7 +26,7 @@ from datamover.transfer import fsops
 from datamover.transfer.push import push
 from datamover.transfer.stage import stage
 from datamover.transfer.walk import PARTIAL_RE
-from tests.fixtures_sites import MakeSite, cli_unprivileged
+from tests.fixtures_sites import MakeSite, SiteEnv, cli_unprivileged
 from tests.test_bad_input import publish_manifest
 
 
@@ -84,16 +84,7 @@ async def test_a_read_only_partial_file_left_by_a_stopped_run_is_resumed(
 async def test_a_partial_file_of_another_user_that_cannot_be_opened_is_replaced(
     make_site: MakeSite,
 ) -> None:
-    a, b = await make_site("site-a"), await make_site("site-b", batch_bytes=4 << 20)
-    (a.data / "ds").mkdir()
-    content = os.urandom(3 << 20)
-    (a.data / "ds" / "big").write_bytes(content)
-    site_a = await a.open()
-    try:
-        await push(site_a, "/proj/ds")
-        [entry] = [e for e in await _entries(site_a, "/proj/ds") if e.path == "big"]
-    finally:
-        await site_a.close()
+    b, content, entry = await _big_pushed(make_site)
     (b.data / "ds").mkdir()
     planted = b.data / "ds" / fsops.partial_name(entry)
     planted.write_bytes(b"not ours\n")
@@ -113,16 +104,7 @@ async def test_another_users_partial_file_in_a_sticky_directory_is_in_no_ones_wa
     # sticky bit another user's could be neither opened nor removed: every stage of the
     # large file failed (exit 7), naming `big`, which did not exist. The dataset's root is
     # the shared directory (no entry of the version: its owner keeps its mode and mtime).
-    a, b = await make_site("site-a"), await make_site("site-b", batch_bytes=4 << 20)
-    (a.data / "ds").mkdir()
-    content = os.urandom(3 << 20)
-    (a.data / "ds" / "big").write_bytes(content)
-    site_a = await a.open()
-    try:
-        await push(site_a, "/proj/ds")
-        [entry] = [e for e in await _entries(site_a, "/proj/ds") if e.path == "big"]
-    finally:
-        await site_a.close()
+    b, content, entry = await _big_pushed(make_site)
     shared = b.data / "ds"
     shared.mkdir()
     os.chown(shared, 65533, 65533)  # a third user's: only it and a file's owner may remove
@@ -152,16 +134,7 @@ async def test_a_partial_file_under_the_name_of_releases_before_is_removed_not_t
     # Partial names became one per user: a killed stage's partial file under the name of
     # before (one for every user) had gone to the trash as a user's file, where a large
     # one stayed (trash_days is 0 by default).
-    a, b = await make_site("site-a"), await make_site("site-b", batch_bytes=4 << 20)
-    (a.data / "ds").mkdir()
-    content = os.urandom(3 << 20)
-    (a.data / "ds" / "big").write_bytes(content)
-    site_a = await a.open()
-    try:
-        await push(site_a, "/proj/ds")
-        [entry] = [e for e in await _entries(site_a, "/proj/ds") if e.path == "big"]
-    finally:
-        await site_a.close()
+    b, content, entry = await _big_pushed(make_site)
     (b.data / "ds").mkdir()
     old = b.data / "ds" / fsops.partial_name(entry, -1)
     old.write_bytes(content[: 1 << 20])
@@ -174,6 +147,22 @@ async def test_a_partial_file_under_the_name_of_releases_before_is_removed_not_t
     assert result.trashed_count == 0
     assert [p.name for p in (b.data / "ds").iterdir()] == ["big"]
     assert (b.data / "ds" / "big").read_bytes() == content
+
+
+async def _big_pushed(make_site: MakeSite) -> tuple[SiteEnv, bytes, Entry]:
+    """Site B (whose stages take files above 1 MiB the large-file way), and `/proj/ds`
+    pushed at site A holding `big` (3 MiB of random bytes): its content and its entry."""
+    a, b = await make_site("site-a"), await make_site("site-b", batch_bytes=4 << 20)
+    (a.data / "ds").mkdir()
+    content = os.urandom(3 << 20)
+    (a.data / "ds" / "big").write_bytes(content)
+    site_a = await a.open()
+    try:
+        await push(site_a, "/proj/ds")
+        [entry] = [e for e in await _entries(site_a, "/proj/ds") if e.path == "big"]
+    finally:
+        await site_a.close()
+    return b, content, entry
 
 
 async def _entries(site: Site, dataset: str) -> list[Entry]:
