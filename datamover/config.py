@@ -664,7 +664,9 @@ def load_config(path: str | Path | None, env: Mapping[str, str] | None = None) -
         raise InvalidInput("no configuration: pass --config FILE or set DATAMOVER_CONFIG")
     file = Path(chosen)
     try:
-        data = tomllib.loads(read_regular_file(file, f"config file {str(file)!r}").decode())
+        # A byte-order mark (which Windows editors write) is no TOML: read past it.
+        raw = read_regular_file(file, f"config file {str(file)!r}").decode()
+        data = tomllib.loads(raw.removeprefix("\ufeff"))
     except FileNotFoundError:
         raise InvalidInput(f"config file {str(file)!r} does not exist") from None
     except PermissionError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -176,6 +177,16 @@ def test_good_numbers_from_the_environment(tmp_path: Path) -> None:
     assert (cfg.api.workers, cfg.api.lease_seconds) == (4, 12.5)
     path.write_text(GOOD + "[api]\nlease_seconds = 20\n")  # a TOML integer is a fine float
     assert load_config(path, env={}).api.lease_seconds == 20.0
+
+
+def test_a_config_saved_with_a_byte_order_mark_is_read(tmp_path: Path) -> None:
+    # Before: "is not valid TOML: Invalid statement (at line 1, column 1)", with no word of
+    # the mark a Windows editor had written first.
+    plain, marked = tmp_path / "plain.toml", tmp_path / "marked.toml"
+    plain.write_text(GOOD)
+    marked.write_bytes(b"\xef\xbb\xbf" + GOOD.encode())
+    read = load_config(marked, env={})
+    assert dataclasses.replace(read, source=str(plain)) == load_config(plain, env={})
 
 
 def test_unreadable_config_is_one_clear_error(tmp_path: Path) -> None:
