@@ -193,6 +193,7 @@ def test_one_dataset_named_with_two_versions_fails(hooks: Hooks, comment: str) -
         ("datamover:/proj/ds1@bogus", "'@' must be followed by a version id"),
         ("datamover:/proj/ds1@v2", "'@' must be followed by a version id"),
         ("datamover:/proj/ds1@v2/", "'@' must be followed by a version id"),
+        ("datamover:/", "'/' in the job comment is not a dataset path"),  # was "''"
     ],
 )
 def test_a_word_a_shell_would_read_otherwise_or_a_bad_version_fails(

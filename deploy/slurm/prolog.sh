@@ -299,6 +299,7 @@ IFS=, read -r -a items <<<"$spec"
 for item in "${items[@]}"; do
     [[ -n $item ]] || continue
     version=""
+    word=$item  # as written, for messages ('/' is '' once its slash is cut)
     # Never evaluated, but a word a shell would have read otherwise is refused: the job's
     # owner meant something else than what would be staged.
     [[ $item != *[\'\"*]* ]] ||
@@ -316,7 +317,7 @@ for item in "${items[@]}"; do
             "20261129T181500.123456Z-site-3f9a1c0b)"
     # A logical path is absolute; datamover itself rejects '..', bad names and unmapped
     # prefixes. Starting with '/' also means it can never be taken for an option.
-    [[ $item == /?* ]] || fail "'$item' in the job comment is not a dataset path (/prefix/...)"
+    [[ $item == /?* ]] || fail "'$word' in the job comment is not a dataset path (/prefix/...)"
     item=${item%/}  # /proj/a@V/ is /proj/a at V
     if [[ -n ${seen[$item]+x} ]]; then
         # One replica per path: staging a second version would replace the first.
