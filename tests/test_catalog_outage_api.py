@@ -158,6 +158,8 @@ class _Refused(Exception):
         ("28000", 'role "dm" does not exist', True),
         ("28000", 'no pg_hba.conf entry for host "10.0.0.5", user "dm"', True),
         ("28000", 'role "dm" is not permitted to log in', True),
+        ("28000", 'pg_hba.conf rejects connection for host "10.0.0.5", user "dm"', True),
+        ("28000", "Rolle »dm« existiert nicht", True),  # a server of lc_messages de_DE
         # Its LDAP server down: PostgreSQL says 28000 too, and it passes.
         ("28000", 'LDAP authentication failed for user "dm"', False),
     ],

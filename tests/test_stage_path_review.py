@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -28,6 +29,7 @@ from datamover.transfer.stage import stage
 from datamover.transfer.walk import PARTIAL_RE
 from tests.fixtures_sites import MakeSite, SiteEnv, cli_unprivileged
 from tests.test_bad_input import publish_manifest
+from tests.test_unprivileged_trash import _state_on_shm
 
 
 @contextlib.contextmanager
@@ -147,6 +149,47 @@ async def test_a_partial_file_under_the_name_of_releases_before_is_removed_not_t
     assert result.trashed_count == 0
     assert [p.name for p in (b.data / "ds").iterdir()] == ["big"]
     assert (b.data / "ds" / "big").read_bytes() == content
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_a_partial_name_of_releases_before_is_removed_before_the_writes(
+    make_site: MakeSite,
+) -> None:
+    # Counted as the target's own partial file, it was removed only at the end, and never
+    # resumed (this user's name is another): a disk it filled failed every stage, with a
+    # bare "No space left on device".
+    b, content, entry = await _big_pushed(make_site)
+    with _tmpfs(b.data / "ds", "5m") as ds:
+        (ds / fsops.partial_name(entry, -1)).write_bytes(content)  # 3 of the 5 MiB
+        proc = b.cli("stage", "/proj/ds")
+        assert proc.returncode == 0, proc.stderr
+        assert [p.name for p in ds.iterdir()] == ["big"]
+        assert (ds / "big").read_bytes() == content
+
+
+@pytest.mark.parametrize("new_catalog", ["sqlite"], indirect=True)  # no catalog question
+async def test_another_users_unreadable_leftover_is_left_when_the_trash_is_elsewhere(
+    make_site: MakeSite,
+) -> None:
+    # A leftover of another user that this one may unlink but not read (mode 0600) cannot
+    # be copied into a trash on another file system: it had failed every stage (exit 7).
+    b, content, _ = await _big_pushed(make_site)
+    state = _state_on_shm(b)
+    try:
+        shared = b.data / "ds"
+        shared.mkdir()
+        os.chown(shared, 65533, 65533)
+        os.chmod(shared, 0o777)  # group-shared, no sticky bit
+        leftover = shared / ".dm-0123456789abcdef.part"
+        leftover.write_bytes(b"theirs\n")
+        os.chown(leftover, 65534, 65534)
+        os.chmod(leftover, 0o600)
+        proc = cli_unprivileged(b, "stage", "/proj/ds")
+        assert proc.returncode == 0, proc.stderr
+        assert f"left '{leftover.name}'" in proc.stderr
+        assert leftover.exists() and (shared / "big").read_bytes() == content
+    finally:
+        shutil.rmtree(state)
 
 
 async def _big_pushed(make_site: MakeSite) -> tuple[SiteEnv, bytes, Entry]:

@@ -164,8 +164,12 @@ def test_a_directory_on_another_device_that_is_no_mount_point_is_walked(
         parent = os.open(top, os.O_RDONLY | os.O_DIRECTORY)
         try:
             assert os.fstat(inner).st_dev != os.fstat(parent).st_dev
-            monkeypatch.setattr(mounts, "mount_points", lambda: [])
+            monkeypatch.setattr(mounts, "mount_points", lambda: ["/"])
             mounts.refuse_mount_point(inner, parent, "sub")  # walked: nothing raised
+            # No table to read (no /proc): a device change counts as a mount point.
+            monkeypatch.setattr(mounts, "mount_points", lambda: [])
+            with pytest.raises(OSError):
+                mounts.refuse_mount_point(inner, parent, "sub")
             monkeypatch.undo()
             with pytest.raises(OSError) as raised:  # in the table: a mount point
                 mounts.refuse_mount_point(inner, parent, "sub")

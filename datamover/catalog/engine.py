@@ -102,8 +102,8 @@ def catalog_outage(
             f"catalog cannot be used: {first_line(getattr(exc, 'orig', None) or exc)} (check "
             "[site] catalog: the database, its role and password)"
         )
-    if str(getattr(getattr(exc, "orig", None), "sqlstate", "")).startswith("28"):
-        # Another refused login (LDAP, RADIUS, PAM, GSSAPI): its server may be down.
+    if _external_auth_failed(exc):
+        # A login its LDAP, RADIUS, PAM or Kerberos server did not answer: it may pass.
         return CatalogUnavailable(
             f"catalog unavailable: {first_line(getattr(exc, 'orig', None) or exc)} (its login "
             "was refused; if that lasts, check [site] catalog's role and password)"
@@ -126,21 +126,30 @@ def catalog_outage(
     return None
 
 
-#: SQLSTATE 28000's messages that need a person; the rest of that state (LDAP, RADIUS, PAM
-#: or GSSAPI authentication whose server did not answer) may pass.
-_LOGIN_REFUSED = ("does not exist", "no pg_hba.conf entry", "not permitted to log in")
+#: Authentication methods whose own server may be down, as SQLSTATE 28000's messages name
+#: them (in every language PostgreSQL speaks): such a refusal may pass.
+_EXTERNAL_AUTH = ("LDAP", "RADIUS", "PAM", "GSSAPI", "SSPI")
+
+
+def _external_auth_failed(exc: BaseException) -> bool:
+    """Whether `exc` is SQLSTATE 28000 naming an external authentication method."""
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) == "28000" and any(
+        m in str(orig) for m in _EXTERNAL_AUTH
+    )
 
 
 def _refused_login(exc: BaseException) -> bool:
     """Whether PostgreSQL refused a new connection for what needs a person: no such
-    database (3D000: dropped under a running daemon), a wrong password (28P01), no such
-    role, no `pg_hba.conf` entry or a role that may not log in (28000, by its message).
-    A running daemon's requests had answered 500 `internal` (exit 70, "a bug")."""
-    orig = getattr(exc, "orig", None)
-    state = getattr(orig, "sqlstate", None)
-    if state in ("3D000", "28P01"):
+    database (3D000: dropped under a running daemon), a wrong password (28P01), or class
+    28's other refusals (no such role, no `pg_hba.conf` entry or one that rejects, a role
+    that may not log in), but for an external method's (`_external_auth_failed`). Told
+    by SQLSTATE, not by messages, which the server's `lc_messages` translates. A running
+    daemon's requests had answered 500 `internal` (exit 70, "a bug")."""
+    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    if state == "3D000":
         return True
-    return state == "28000" and any(m in str(orig) for m in _LOGIN_REFUSED)
+    return isinstance(state, str) and state.startswith("28") and not _external_auth_failed(exc)
 
 
 def _read_only(exc: BaseException) -> bool:
@@ -550,7 +559,7 @@ def cannot_open(what: str, exc: BaseException) -> CatalogUnavailable | CatalogEr
         or (isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN)
         or (isinstance(state, str) and (state.startswith("08") or state in _RETRY_LATER))
         # A refused login that needs no person (its LDAP, RADIUS or Kerberos server down).
-        or (state == "28000" and not any(m in reason for m in _LOGIN_REFUSED))
+        or _external_auth_failed(exc)
         or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
         or "database is locked" in reason
     )

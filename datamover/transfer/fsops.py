@@ -476,16 +476,6 @@ def _chmod_at(dfd: int, name: str, mode: int) -> None:
         os.close(fd)
 
 
-def _removal_refused(dfd: int, owner: int) -> bool:
-    """Whether this user may not unlink a file of user `owner` in directory `dfd`: it has
-    the sticky bit and neither it nor the file is this user's, or this user may not
-    write it."""
-    st = os.fstat(dfd)
-    me = os.geteuid()
-    sticky = bool(st.st_mode & stat.S_ISVTX) and me not in (st.st_uid, owner)
-    return sticky or not os.access(".", os.W_OK | os.X_OK, dir_fd=dfd)
-
-
 def _writable_partial(dfd: int, name: str) -> bool:
     """After opening the partial file `name` (in directory `dfd`) for writing was refused,
     make it so the open can be tried again; False where nothing here can help (there is
@@ -702,9 +692,10 @@ class TreeWriter:
         """A killed stage's leftover partial file or temporary `rel`: removed when `ours`
         (a partial file of a file the stage knows, `partial_name`), else moved to the trash
         (it might be a user's file with such a name). One of another user that this user
-        may neither remove nor move (a directory with the sticky bit) is left where it is,
-        with a warning: every user's partial files have names of their own, so it stands
-        in the way of no stage."""
+        may not remove or move (a directory with the sticky bit; a file only its owner may
+        read, for a copy into a trash on another file system) is left where it is, with a
+        warning: every user's partial files have names of their own, so it stands in the
+        way of no stage; verify still names it."""
         try:
             if ours:
                 self.remove(rel)
@@ -717,11 +708,11 @@ class TreeWriter:
                 owner = os.lstat(name, dir_fd=dfd).st_uid
             except FileNotFoundError:
                 return
-            if owner == os.geteuid() or not _removal_refused(dfd, owner):
-                raise  # not the refusal to unlink another's file (a full trash, a mount)
+            if owner == os.geteuid():
+                raise  # (a full or read-only trash is no PermanentError: it stops the stage)
             log.warning(
                 "left %r: a partial file of an interrupted stage of user %d, which this "
-                "user may not remove",
+                "user may not remove or move to the trash",
                 clipped(rel),
                 owner,
             )

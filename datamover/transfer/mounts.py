@@ -12,8 +12,9 @@ Mount points are read from `/proc/self/mountinfo` (this process's mount namespac
 mount of the same file system shows nowhere else, not even in `st_dev`). The walks that
 copy and remove (`crossfs.copy_tree`, `trash.remove_tree`) look again at each directory
 they open on another device than its parent (`refuse_mount_point`): an open may mount one
-(an automount, an NFS server's submount). A device change alone is no mount point: every
-btrfs subvolume has a device of its own.
+(an automount, an NFS server's submount). A device change alone is no mount point where
+the table can be read (every btrfs subvolume has a device of its own); where it cannot
+(no /proc), it counts as one.
 """
 
 from __future__ import annotations
@@ -54,11 +55,12 @@ def _path(fd: int) -> str | None:
 def refuse_mount_point(fd: int, parent: int, name: str) -> None:
     """`OSError` (EXDEV, naming `name`) if directory `name` of directory `parent`, open as
     `fd`, is a mount point: on another device than `parent` and in the mount table (looked
-    at only then)."""
+    at only then), or, where the table or the directory's path cannot be read (no /proc),
+    on another device at all: refused, never walked into."""
     if os.fstat(fd).st_dev == os.fstat(parent).st_dev:
         return
-    path = _path(fd)
-    if path is not None and path in mount_points():
+    path, table = _path(fd), mount_points()
+    if path is None or not table or path in table:
         raise OSError(errno.EXDEV, "a file system is mounted there", name)
 
 

@@ -910,30 +910,33 @@ class _Stager:
             _syncfs(w.root_fd)
 
     def _earlier_partials(self, stale: list[str]) -> set[str]:
-        """Which of `stale` are partial files of the base's or the interrupted version's
-        files and of none of the target's: a large file an interrupted stage left that this
-        one will not resume (a newer version changed or dropped it), to remove as soon as
-        the plan meets it. A stage that ran out of space writing such a file left it
-        holding the space; the next version's stage would fail the same way before it
-        reached its end, where such files were removed."""
-        if self.base_refs is None and self.interrupted_refs is None:
-            return set()
-        earlier = self._partials_of_versions(stale, (self.base_refs, self.interrupted_refs))
-        return earlier - self._partials_of_versions(sorted(earlier), (self.refs,))
+        """Which of `stale` are partial files this stage will not resume, to remove as soon
+        as the plan meets them: of the base's or the interrupted version's files that the
+        target changed or dropped, and any of another user's or under the name of releases
+        before (one for every user) of a file of any of the three. A stage that ran out of
+        space writing such a file left it holding the space; the next stage would fail the
+        same way before it reached its end, where such files were removed."""
+        known = self._partials_of_versions(stale)
+        mine = self._partials_of_versions(sorted(known), (self.refs,), (os.geteuid(),))
+        return known - mine
 
     def _partials_of_versions(
-        self, stale: list[str], versions: tuple[list[SegmentRef] | None, ...] | None = None
+        self,
+        stale: list[str],
+        versions: tuple[list[SegmentRef] | None, ...] | None = None,
+        uids: tuple[int, ...] | None = None,
     ) -> set[str]:
         """Which of `stale` are the partial files (`fsops.partial_name`, known for every file)
-        of a file of `versions` (default: the target, the base and the interrupted version):
-        datamover's, to remove; the rest go to the trash. Reads again only the segments that
-        may hold the files of the directories `stale` names are in."""
+        of a file of `versions` (default: the target, the base and the interrupted version)
+        under the names of users `uids` (default: each file's owner's, and the one name of
+        releases before, -1): datamover's, to remove; the rest go to the trash. Reads again
+        only the segments that may hold the files of the directories `stale` names are in."""
         names = set(stale)
         if not names:
             return set()
         dirs = {sort_key(rel)[:-1] for rel in names}
-        # Each user's have their own names; -1: the one name of releases before that.
-        uids = {self._owner(rel) for rel in names} | {-1}
+        if uids is None:
+            uids = (*{self._owner(rel) for rel in names}, -1)
         ours: set[str] = set()
         seen: list[list[SegmentRef]] = []
         if versions is None:
