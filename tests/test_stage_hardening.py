@@ -14,7 +14,7 @@ import pytest
 
 from datamover.chunking import codec
 from datamover.domain.manifest import ChunkRef, Entry, Kind
-from datamover.errors import Corrupt, InvalidInput, NotFound, PermanentError
+from datamover.errors import Corrupt, DatamoverError, InvalidInput, NotFound, PermanentError
 from datamover.repo.layout import VersionDoc
 from datamover.transfer import crossfs, fsops
 from datamover.transfer import stage as stage_module
@@ -321,11 +321,13 @@ def test_a_failed_copy_to_the_trash_leaves_the_original_and_no_half_copy(
         monkeypatch.setattr(crossfs, "copy_file", failing)
         writer = TreeWriter(open_root(tmp_path, ("ds",)), tmp_path / "ds", trash)
         try:
-            with pytest.raises(PermanentError, match="cannot move 'scratch' to the trash"):
+            # A full trash: the system refusing (exit 1), not a refusal to this user (7).
+            with pytest.raises(DatamoverError, match="cannot move 'scratch' to the trash") as full:
                 writer.trash("scratch")
         finally:
             writer.close()
             os.close(writer.root_fd)
+        assert not isinstance(full.value, PermanentError) and full.value.exit_code == 1
         assert sorted(p.name for p in (tmp_path / "ds" / "scratch").iterdir()) == ["a", "b", "c"]
         assert not (trash / "scratch").exists()
         assert writer.trashed_count == 0

@@ -843,9 +843,9 @@ class TreeWriter:
         PATH_MAX goes to the trash as a short one does. A message shows a long path cut
         (`clipped`).
 
-        Raises a one-line `PermanentError` when it cannot be moved; then `rel` is where it
-        was (a partial copy into the trash is removed again), and the caller must not write
-        over it.
+        Raises a one-line `PermanentError` when it cannot be moved (a `DatamoverError`, exit
+        1, where the trash is full or read-only); then `rel` is where it was (a partial copy
+        into the trash is removed again), and the caller must not write over it.
         """
         if self.trash_dir is None:
             raise ValueError("this TreeWriter has no trash directory")
