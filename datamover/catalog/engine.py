@@ -131,11 +131,18 @@ def catalog_outage(
 _EXTERNAL_AUTH = ("LDAP", "RADIUS", "PAM", "GSSAPI", "SSPI")
 
 
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of the database error behind `exc` (asyncpg's `sqlstate`, psycopg's
+    `pgcode`), if any."""
+    orig = getattr(exc, "orig", None)
+    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    return state if isinstance(state, str) else None
+
+
 def _external_auth_failed(exc: BaseException) -> bool:
     """Whether `exc` is SQLSTATE 28000 naming an external authentication method."""
-    orig = getattr(exc, "orig", None)
-    return getattr(orig, "sqlstate", None) == "28000" and any(
-        m in str(orig) for m in _EXTERNAL_AUTH
+    return _sqlstate(exc) == "28000" and any(
+        m in str(getattr(exc, "orig", None)) for m in _EXTERNAL_AUTH
     )
 
 
@@ -146,18 +153,16 @@ def _refused_login(exc: BaseException) -> bool:
     that may not log in), but for an external method's (`_external_auth_failed`). Told
     by SQLSTATE, not by messages, which the server's `lc_messages` translates. A running
     daemon's requests had answered 500 `internal` (exit 70, "a bug")."""
-    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+    state = _sqlstate(exc) or ""
     if state == "3D000":
         return True
-    return isinstance(state, str) and state.startswith("28") and not _external_auth_failed(exc)
+    return state.startswith("28") and not _external_auth_failed(exc)
 
 
 def _read_only(exc: BaseException) -> bool:
     """Whether PostgreSQL refused a write as read-only (SQLSTATE 25006: a standby, or a
     database set `default_transaction_read_only`)."""
-    orig = getattr(exc, "orig", None)
-    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    return isinstance(exc, DBAPIError) and state == "25006"
+    return isinstance(exc, DBAPIError) and _sqlstate(exc) == "25006"
 
 
 def _alembic_config() -> AlembicConfig:
@@ -553,11 +558,12 @@ def cannot_open(what: str, exc: BaseException) -> CatalogUnavailable | CatalogEr
     password, an unknown host, a file that may not be written)."""
     orig = getattr(exc, "orig", None)
     reason = (str(orig or exc).strip().splitlines() or [type(exc).__name__])[0]
-    state = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    state = _sqlstate(exc) or ""
     later = (
         unreachable(exc)
         or (isinstance(exc, socket.gaierror) and exc.errno == socket.EAI_AGAIN)
-        or (isinstance(state, str) and (state.startswith("08") or state in _RETRY_LATER))
+        or state.startswith("08")
+        or state in _RETRY_LATER
         # A refused login that needs no person (its LDAP, RADIUS or Kerberos server down).
         or _external_auth_failed(exc)
         or (isinstance(exc, DBAPIError) and exc.connection_invalidated)

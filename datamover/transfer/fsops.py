@@ -723,15 +723,7 @@ class TreeWriter:
         emptying the trash would delete its files (copied to a trash on another file
         system, they were copied and removed). Nothing is moved."""
         parent, name = split(rel)
-        flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-        try:
-            fd = os.open(name, flags, dir_fd=self.dir_fd(parent))
-        except OSError:
-            return  # no directory (a file, a symlink, gone): the move says what it finds
-        try:
-            point = mounts.mounted_in(fd)
-        finally:
-            os.close(fd)
+        point = mounts.mounted_at(self.dir_fd(parent), name)
         if point is not None:
             raise PermanentError(
                 f"{clipped(rel)!r} holds a mount point ({point}); it was left in place, not "

@@ -64,6 +64,21 @@ def refuse_mount_point(fd: int, parent: int, name: str) -> None:
         raise OSError(errno.EXDEV, "a file system is mounted there", name)
 
 
+def mounted_at(dir_fd: int, name: str) -> str | None:
+    """`mounted_in` of entry `name` of directory `dir_fd`, opened without following a
+    symlink; None where it is no directory (or gone): nothing can be mounted in it, and the
+    caller's move or removal says what it finds."""
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        return mounted_in(fd)
+    finally:
+        os.close(fd)
+
+
 def mounted_in(fd: int) -> str | None:
     """A mount point at or below the directory open as `fd` (its path), else None. The
     directory's path is the kernel's (`/proc/self/fd`), so neither a symlink on the way

@@ -151,7 +151,7 @@ def empty(
                 _try_removing(root_fd, name, stop, root, failed)
         age = max(timedelta(days=older_than_days), MIN_AGE)
         for run in list(runs(state_dir, age, measure=False)):
-            point = _mount_in(root_fd, run.name)
+            point = mounts.mounted_at(root_fd, run.name)
             if point is not None:  # renamed aside, the mount would go with it
                 failed.append(f"{str(root / run.name)!r}: a file system is mounted at {point!r}")
                 continue
@@ -179,21 +179,6 @@ def empty(
             removed,
         )
     return removed
-
-
-_PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-
-
-def _mount_in(root_fd: int, name: str) -> str | None:
-    """A mount point at or below run directory `name` (`mounts.mounted_in`), else None."""
-    try:
-        fd = os.open(name, _PATH_FLAGS, dir_fd=root_fd)
-    except OSError:
-        return None  # gone, or no directory: the rename and removal say what they find
-    try:
-        return mounts.mounted_in(fd)
-    finally:
-        os.close(fd)
 
 
 def _try_removing(
